@@ -1,0 +1,90 @@
+"""Download the files of a Hugging Face model repo that conversion needs, and nothing else.
+
+    python scripts/download.py --repo_id meta-llama/Llama-2-7b-chat-hf   # -> checkpoints/meta-llama/Llama-2-7b-chat-hf/hf
+
+Gated repos (Llama) need an access token: set HF_TOKEN or run `huggingface-cli login` first.
+scripts/convert_hf_checkpoint.py then turns the raw files into a gpt-blitz checkpoint one folder up.
+"""
+import argparse
+import os
+import sys
+from pathlib import PurePosixPath
+
+CONFIG_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")  # newer transformers save the chat template on its own
+
+
+def choose_files(repo_files: list[str]) -> list[str]:
+    """The repo files to fetch, given every file name in the repo.
+
+    One copy of the weights: safetensors when the repo has them (faster and safe to load), else
+    PyTorch .bin shards, else Meta's original consolidated*.pth (some Llama-3 repos ship only those).
+    Only top-level files count as the HF-format model: subfolders hold other variants (original/, onnx/, ...).
+    """
+    top = [f for f in repo_files if "/" not in f]
+    safetensors = [f for f in top if f.endswith(".safetensors")]
+    # Mistral repos ship the same weights twice: HF shards and a consolidated.safetensors. Take the HF ones.
+    hf_format = [f for f in safetensors if not f.startswith("consolidated")]
+    bins = [f for f in top if f.endswith(".bin") and f.startswith(("pytorch_model", "model"))]
+    original = [f for f in repo_files if f.startswith("original/") and PurePosixPath(f).name.startswith("consolidated")
+                and f.endswith(".pth")]
+    if hf_format or safetensors:
+        weights = (hf_format or safetensors) + [f for f in top if f.endswith(".safetensors.index.json")]
+    elif bins:
+        weights = bins + [f for f in top if f.endswith(".bin.index.json")]
+    elif original:
+        # Meta's format: the checkpoint shards, their params.json and the tokenizer that goes with them.
+        weights = original + [f for f in ("original/params.json", "original/tokenizer.model") if f in repo_files]
+    else:
+        raise ValueError("the repo has no model weights (*.safetensors, pytorch_model*.bin or original/consolidated*.pth)")
+    return sorted(weights) + [f for f in CONFIG_FILES + TOKENIZER_FILES if f in top]
+
+
+def download(repo_id: str, out: str, token) -> list[str]:
+    from huggingface_hub import HfApi, snapshot_download
+    files = choose_files(HfApi(token=token).list_repo_files(repo_id))
+    print(f"downloading {len(files)} files of {repo_id} into {out}:", " ".join(files))
+    # allow_patterns are fnmatch patterns; exact names match only themselves.
+    snapshot_download(repo_id, allow_patterns=files, local_dir=out, token=token)
+    return files
+
+
+def explain(e: Exception, repo_id: str) -> str:
+    """One line saying what went wrong, for the errors a download realistically hits."""
+    from huggingface_hub import errors
+    if isinstance(e, errors.GatedRepoError):  # a subclass of RepositoryNotFoundError: check it first
+        return f"{repo_id} is gated: accept its license on huggingface.co, then set HF_TOKEN (or run `huggingface-cli login`)"
+    if isinstance(e, errors.RepositoryNotFoundError):
+        return f"repo {repo_id} not found (or private: set HF_TOKEN)"
+    if isinstance(e, (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError)):
+        return f"cannot download {repo_id}: offline (HF_HUB_OFFLINE is set, or the Hub is unreachable)"
+    if isinstance(e, errors.HfHubHTTPError):
+        return f"download of {repo_id} failed: {str(e).splitlines()[0]}"
+    if isinstance(e, ValueError):
+        return f"{repo_id}: {e}"
+    if isinstance(e, OSError) or "connect" in type(e).__name__.lower() or "timeout" in type(e).__name__.lower():
+        # Connection errors come from requests or httpx depending on the huggingface_hub version.
+        return f"cannot reach the Hugging Face Hub to download {repo_id} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    raise e
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repo_id", required=True, help="e.g. meta-llama/Llama-2-7b-chat-hf")
+    parser.add_argument("--out", help="folder for the raw HF files (default: checkpoints/REPO_ID/hf)")
+    args = parser.parse_args()
+    out = args.out or os.path.join("checkpoints", args.repo_id, "hf")
+
+    from huggingface_hub.utils import logging as hub_logging
+    hub_logging.set_verbosity_error()  # no per-retry warnings: a failure ends in the one line below
+    try:
+        download(args.repo_id, out, token=os.environ.get("HF_TOKEN"))
+    except Exception as e:
+        print(f"error: {explain(e, args.repo_id)}", file=sys.stderr)
+        sys.exit(1)
+    print(f"done: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""The GPU path: compiled decode with CUDA graphs gives the eager path's tokens. Runs where CUDA exists
+(the device runs recorded in BENCHMARKS.md); on CPU-only machines these are reported as skipped."""
+import pytest
+import torch
+
+from generate import Sampling, decode_one_token, generate, prefill
+from test_generate import tiny_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_compiled_cuda_graph_decode_matches_eager_for_a_mixed_batch():
+    model = tiny_model(attention_bias=True).cuda()
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (3, 11, 7)]
+    model.setup_caches(len(prompts), 11 + 40)
+    eager = generate(model, prompts, 40, Sampling(temperature=0)).tokens
+    decode = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+    pre = torch.compile(prefill, fullgraph=True, dynamic=True)
+    for _ in range(3):  # warm-up, graph recording, replay
+        compiled = generate(model, prompts, 40, Sampling(temperature=0), prefill_fn=pre, decode_fn=decode).tokens
+        assert compiled == eager
+
+
+def test_bf16_logits_match_float32_reference():
+    model = tiny_model()
+    idx = torch.randint(0, 97, (2, 30))
+    model.setup_caches(2, 30)
+    with torch.no_grad():
+        ref = model(idx, torch.arange(30)).double()
+        model = model.cuda().to(torch.bfloat16)
+        model.setup_caches(2, 30)
+        out = model(idx.cuda(), torch.arange(30, device="cuda")).double().cpu()
+    rel = (out - ref).norm() / ref.norm()
+    assert rel < 1e-2, f"bf16 relative error {rel:.2e}"

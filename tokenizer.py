@@ -1,0 +1,276 @@
+"""One small tokenizer interface over the three formats checkpoints ship with.
+
+load_tokenizer() looks at the files in a checkpoint folder and picks:
+  tokenizer.json                          -> HF `tokenizers`
+  tokenizer.model with "base64 rank" text -> Llama-3 style tiktoken
+  tokenizer.model as a protobuf           -> sentencepiece (Llama-2 style)
+Every backend exposes the same encode / decode / encode_chat, so generate.py
+never needs to know which one it got.
+"""
+import base64
+import json
+import re
+from datetime import datetime
+from pathlib import Path
+
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+# Llama-3 pre-tokenizer split (from Meta's reference tokenizer): contractions,
+# words with one leading non-letter, numbers in groups of <= 3, punctuation runs, whitespace.
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Llama-3.1 special tokens; the rest of the 256 slots are reserved_special_token_2, _3, ...
+LLAMA3_SPECIALS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+]
+LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(LLAMA3_SPECIALS))]
+
+# Matches the first line of a tiktoken ranks file, e.g. b"IQ== 0\n".
+TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+={0,2} \d+\r?$")
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _token_text(tok) -> str | None:
+    # tokenizer_config.json writes special tokens either as "<s>" or as {"content": "<s>", ...}
+    return tok.get("content") if isinstance(tok, dict) else tok
+
+
+def _read_chat_template(folder: Path, config: dict) -> str | None:
+    # Newer transformers save the template as its own file; older ones put it in the config,
+    # sometimes as a list of named templates of which "default" is the chat one.
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        template = {t["name"]: t["template"] for t in template}.get("default")
+    return template
+
+
+def render_chat_template(template: str, messages: list[dict], bos_token: str, eos_token: str) -> str:
+    """Render a HF chat template the way transformers does (sandboxed, trim/lstrip blocks)."""
+    def raise_exception(message):
+        raise ValueError(f"chat template error: {message}")
+
+    def tojson(x, indent=None, separators=None, sort_keys=False):
+        # HF's tojson keeps non-ASCII and does not HTML-escape, unlike jinja's built-in one.
+        return json.dumps(x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
+    return env.from_string(template).render(
+        messages=messages, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token)
+
+
+class Tokenizer:
+    """What generate.py sees. Subclasses fill in the fields and the _methods."""
+    bos_id: int | None = None
+    eos_ids: list[int]            # every id that should stop generation
+    vocab_size: int
+    chat_template: str | None = None
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Prompt ids for a conversation, ending with the assistant's generation prompt."""
+        if self.chat_template is None:
+            return self._builtin_chat(messages)
+        eos = self.eos_ids[0] if self.eos_ids else None
+        text = render_chat_template(self.chat_template, messages, self._token_str(self.bos_id), self._token_str(eos))
+        # The template already wrote BOS etc. as text, so encode without adding them again.
+        return self._encode_special_text(text)
+
+    def _token_str(self, token_id: int | None) -> str:
+        return "" if token_id is None else self.decode([token_id])
+
+    def _builtin_chat(self, messages: list[dict]) -> list[int]:
+        raise ValueError("this tokenizer has no chat template (no chat_template in tokenizer_config.json)")
+
+    def _encode_special_text(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+
+class HFTokenizer(Tokenizer):
+    def __init__(self, folder: Path):
+        from tokenizers import Tokenizer as HFTok
+        self.tok = HFTok.from_file(str(folder / "tokenizer.json"))
+        config = {**_read_json(folder / "special_tokens_map.json"), **_read_json(folder / "tokenizer_config.json")}
+        bos, eos = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
+        self.bos_id = self.tok.token_to_id(bos) if bos else None
+        self.eos_ids = [self.tok.token_to_id(eos)] if eos and self.tok.token_to_id(eos) is not None else []
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        self.chat_template = _read_chat_template(folder, config)
+
+    def encode(self, text: str) -> list[int]:
+        # add_special_tokens=True: the post-processor decides whether BOS goes in (Llama yes, SmolLM no).
+        return self.tok.encode(text, add_special_tokens=True).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def _token_str(self, token_id: int | None) -> str:
+        return "" if token_id is None else self.tok.id_to_token(token_id)
+
+    def _encode_special_text(self, text: str) -> list[int]:
+        # Added/special tokens written in the text are still matched to their ids.
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+
+class TiktokenTokenizer(Tokenizer):
+    """Llama-3 / 3.1 / 3.2 tokenizer.model: base64 token bytes and their BPE rank, one per line."""
+
+    def __init__(self, path: Path, chat_template: str | None):
+        import tiktoken
+        ranks = {}
+        for line in path.read_bytes().splitlines():
+            if line.strip():
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+        self.specials = {name: len(ranks) + i for i, name in enumerate(LLAMA3_SPECIALS)}
+        self.enc = tiktoken.Encoding("llama3", pat_str=LLAMA3_PATTERN,
+                                     mergeable_ranks=ranks, special_tokens=self.specials)
+        self.bos_id = self.specials["<|begin_of_text|>"]
+        self.eos_ids = [self.specials[t] for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")]
+        self.vocab_size = self.enc.n_vocab
+        self.chat_template = chat_template
+
+    def encode(self, text: str) -> list[int]:
+        # Special-token text typed by a user stays plain text, like Meta's reference encode().
+        return [self.bos_id] + self.enc.encode(text, disallowed_special=())
+
+    def decode(self, ids: list[int]) -> str:
+        return self.enc.decode([int(i) for i in ids])  # invalid UTF-8 becomes U+FFFD
+
+    def _encode_special_text(self, text: str) -> list[int]:
+        return self.enc.encode(text, allowed_special="all")
+
+    def _builtin_chat(self, messages: list[dict]) -> list[int]:
+        # Meta's Llama-3 format: <|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|> per
+        # message, then an open assistant header for the model to complete.
+        def header(role):
+            return ([self.specials["<|start_header_id|>"]] + self.enc.encode(role)
+                    + [self.specials["<|end_header_id|>"]] + self.enc.encode("\n\n"))
+        ids = [self.bos_id]
+        for m in messages:
+            ids += header(m["role"]) + self.enc.encode(m["content"].strip(), disallowed_special=())
+            ids.append(self.specials["<|eot_id|>"])
+        return ids + header("assistant")
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """Llama-2 / Mistral-v1 style tokenizer.model (sentencepiece protobuf)."""
+
+    def __init__(self, path: Path, chat_template: str | None):
+        import sentencepiece
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except Exception as e:  # sentencepiece raises a bare RuntimeError/OSError on junk files
+            raise ValueError(f"{path} is neither a tiktoken ranks file nor a sentencepiece model ({e})") from None
+        # sentencepiece reports a missing BOS/EOS as -1
+        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+        self.eos_ids = [self.sp.eos_id()] if self.sp.eos_id() >= 0 else []
+        self.vocab_size = self.sp.vocab_size()
+        self.chat_template = chat_template
+        self.controls = {self.sp.id_to_piece(i): i for i in range(self.vocab_size) if self.sp.is_control(i)}
+
+    def encode(self, text: str) -> list[int]:
+        return ([self.bos_id] if self.bos_id is not None else []) + self.sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])  # control tokens (BOS/EOS) decode to ""
+
+    def _token_str(self, token_id: int | None) -> str:
+        # decode() drops control tokens, but a template needs their text ("<s>", "</s>").
+        return "" if token_id is None else self.sp.id_to_piece(token_id)
+
+    def _encode_special_text(self, text: str) -> list[int]:
+        # sentencepiece can't see "<s>" inside text, so split on the control pieces ourselves.
+        ids = []
+        for part in re.split("(" + "|".join(map(re.escape, self.controls)) + ")", text):
+            ids += [self.controls[part]] if part in self.controls else self.sp.encode(part) if part else []
+        return ids
+
+    def _builtin_chat(self, messages: list[dict]) -> list[int]:
+        # Meta's Llama-2 format: a system prompt is folded into the first user turn inside
+        # <<SYS>> markers; each finished user/assistant pair is "<s>[INST] u [/INST] a </s>".
+        if messages and messages[0]["role"] == "system":
+            system, messages = messages[0]["content"].strip(), messages[1:]
+            if messages:
+                first = f"<<SYS>>\n{system}\n<</SYS>>\n\n{messages[0]['content'].strip()}"
+                messages = [{"role": messages[0]["role"], "content": first}] + messages[1:]
+        if not messages or messages[-1]["role"] != "user":
+            raise ValueError("Llama-2 chat format needs the conversation to end with a user message")
+        bos = [self.bos_id] if self.bos_id is not None else []
+        ids = []
+        for user, answer in zip(messages[0:-1:2], messages[1::2]):
+            ids += bos + self.sp.encode(f"[INST] {user['content'].strip()} [/INST] {answer['content'].strip()} ")
+            ids += self.eos_ids[:1]
+        return ids + bos + self.sp.encode(f"[INST] {messages[-1]['content'].strip()} [/INST]")
+
+
+def load_tokenizer(checkpoint_dir: Path) -> Tokenizer:
+    """Pick the backend from the tokenizer files in checkpoint_dir."""
+    folder = Path(checkpoint_dir)
+    config = _read_json(folder / "tokenizer_config.json")
+    if (folder / "tokenizer.json").is_file():
+        tok = HFTokenizer(folder)
+    elif (folder / "tokenizer.model").is_file():
+        path = folder / "tokenizer.model"
+        with open(path, "rb") as f:
+            first_line = f.readline(4096).rstrip(b"\n")
+        template = _read_chat_template(folder, config)
+        if TIKTOKEN_LINE.match(first_line):
+            tok = TiktokenTokenizer(path, template)
+        else:
+            tok = SentencePieceTokenizer(path, template)
+    else:
+        raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {folder}")
+    # Instruct models often stop on more ids than the tokenizer's own EOS (e.g. <|eot_id|>).
+    extra = _read_json(folder / "generation_config.json").get("eos_token_id")
+    for i in ([extra] if isinstance(extra, int) else extra or []):
+        if i not in tok.eos_ids:
+            tok.eos_ids.append(i)
+    return tok
+
+
+class TextStreamer:
+    """Turns generated ids into text one id at a time, never emitting half a character.
+
+    Byte-level tokenizers split multi-byte characters across tokens; decoding such a prefix
+    ends in U+FFFD, so that text is held back until the bytes that complete it arrive.
+    Only the last emitted id is kept as context: that keeps each decode short while still
+    letting sentencepiece render the leading space of the next piece.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []   # one id of context + ids whose text is not out yet
+        self.done = 0              # chars of decode(self.ids) already emitted
+
+    def put(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        new = text[self.done:]
+        self.ids = self.ids[-1:]
+        self.done = len(self.tokenizer.decode(self.ids))
+        return new
+
+    def flush(self) -> str:
+        """Whatever is still held back (e.g. truly invalid bytes at the end), then reset."""
+        new = self.tokenizer.decode(self.ids)[self.done:] if self.ids else ""
+        self.ids, self.done = [], 0
+        return new
