@@ -68,6 +68,7 @@ def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor, row_s
 @dataclass
 class Generation:
     tokens: list  # per row: the new tokens, up to and excluding the first end-of-sequence token
+    generated: int  # tokens sampled over all rows, each row's end-of-sequence token included
     prompt_tokens: int  # real (unpadded) prompt tokens over all rows
     ttft_s: float  # time to first token
     decode_s: float  # time for the remaining tokens
@@ -101,7 +102,8 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, sampling: S
              on_tokens: Optional[Callable] = None) -> Generation:
     """Generate up to max_new_tokens for each prompt (lists of ids, any lengths). Prompts are left-padded to a
     common length; `row_start` tells the model where each row's real tokens begin, so every row gets the
-    tokens it would get alone. on_tokens(list of one new id per row) is called as tokens reach the host."""
+    tokens it would get alone. on_tokens(one new id per row, None for rows that have ended) is called as
+    tokens reach the host."""
     device = model.tok_embeddings.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
     assert B <= model.max_batch_size and T + max_new_tokens <= model.max_seq_length, "setup_caches() too small"
@@ -111,12 +113,15 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, sampling: S
     rows = [[] for _ in range(B)]
     finished = [False] * B
     eos = set(eos_ids)
+    generated = 0
 
     def take(host_tokens: Tensor) -> bool:
         """Record one new token per row; True once every row has ended."""
-        new = host_tokens.view(-1).tolist()
+        nonlocal generated
+        new = [None if done else tok for done, tok in zip(finished, host_tokens.view(-1).tolist())]
         for b, tok in enumerate(new):
-            if not finished[b]:
+            if tok is not None:
+                generated += 1
                 finished[b] = tok in eos
                 if not finished[b]:
                     rows[b].append(tok)
@@ -146,7 +151,7 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, sampling: S
         take(host)
     synchronize(device)
     decode_s = time.perf_counter() - start - ttft
-    return Generation(rows, sum(len(p) for p in prompts), ttft, decode_s, steps)
+    return Generation(rows, generated, sum(len(p) for p in prompts), ttft, decode_s, steps)
 
 
 # ---- the command line -------------------------------------------------------------------------------
@@ -194,6 +199,17 @@ def check_args(args):
         raise ValueError("speculative decoding (--draft_checkpoint_path, --speculate_k) is not yet supported")
     if args.prompt and len(args.prompt) > 1 and args.batch_size > 1:
         raise ValueError("give either several --prompt flags or --batch_size, not both")
+    if args.interactive and args.random_weights:
+        raise ValueError("--interactive needs --checkpoint_path (a tokenizer), not --random_weights")
+    for flag, path in (("--json", args.json), ("--profile", args.profile)):
+        if path is not None and not path.resolve().parent.is_dir():
+            raise ValueError(f"{flag}: folder {path.resolve().parent} does not exist")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise ValueError(f"--device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this PyTorch build sees no CUDA GPU")
 
 
 def load_tokenizer_and_config(args):
@@ -220,6 +236,8 @@ def encode_prompts(args, tokenizer, vocab_size: int) -> list:
             prompts.append(tokenizer.encode_chat([{"role": "user", "content": text}]))
         else:
             prompts.append(tokenizer.encode(text))
+        if not prompts[-1]:
+            raise ValueError(f"prompt {text!r} has no tokens (the model needs at least one)")
     return prompts
 
 
@@ -240,50 +258,43 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def metrics(gen: Generation, model_bytes: int, device: torch.device) -> dict:
-    steps_per_s = gen.decode_steps / gen.decode_s if gen.decode_steps else 0.0
+    decode_s = max(gen.decode_s, 1e-9)
+    decode_tokens = gen.generated - len(gen.tokens)  # every row's first token came from the prefill
     return dict(
         new_tokens=[len(r) for r in gen.tokens],
         ttft_s=gen.ttft_s,
         prefill_tok_s=gen.prompt_tokens / gen.ttft_s,
-        decode_tok_s=steps_per_s * len(gen.tokens),  # every row of the batch gains one token per step
-        decode_tok_s_per_row=steps_per_s,
-        bandwidth_gb_s=model_bytes * steps_per_s / 1e9,  # weights are read once per step, whatever the batch
+        decode_tok_s=decode_tokens / decode_s,  # over the whole batch
+        # Weights are read once per forward pass, whatever the batch (also for the one step that may run
+        # past an end-of-sequence token before the host sees it).
+        bandwidth_gb_s=model_bytes * gen.decode_steps / decode_s / 1e9,
         peak_memory_gb=peak_memory_gb(device),
     )
 
 
 class Printer:
-    """Streams row 0 of the batch to the terminal as tokens arrive."""
+    """Streams row 0 of the batch to the terminal as tokens arrive (its end-of-sequence token excluded)."""
 
     def __init__(self, tokenizer, enabled: bool):
         from tokenizer import TextStreamer
         self.streamer = TextStreamer(tokenizer) if enabled and tokenizer is not None else None
         self.eos = set(tokenizer.eos_ids) if tokenizer is not None else set()
-        self.ended = False
 
     def __call__(self, new_tokens: list):
-        if self.streamer is None or self.ended:
-            return
-        self.ended = new_tokens[0] in self.eos
-        text = self.streamer.flush() if self.ended else self.streamer.put(new_tokens[0])
-        print(text, end="", flush=True)
+        token = new_tokens[0]
+        if self.streamer is not None and token is not None and token not in self.eos:
+            print(self.streamer.put(token), end="", flush=True)
 
     def close(self):
         if self.streamer is not None:
-            if not self.ended:
-                print(self.streamer.flush(), end="")
-            print(flush=True)
+            print(self.streamer.flush(), flush=True)
 
 
 def compile_functions(args):
     """The compiled prefill and decode step, kept as values rather than installed over module globals."""
-    if not args.compile:
-        return prefill, decode_one_token
     import torch._inductor.config as inductor_config
     inductor_config.coordinate_descent_tuning = True  # tunes the decode's reduction kernels; costs compile time once
-    inductor_config.triton.unique_kernel_names = True  # readable kernel names in --profile traces
-    inductor_config.fx_graph_cache = True  # later runs reuse compiled graphs
-    decode_fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+    decode_fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True) if args.compile else decode_one_token
     prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True) if args.compile_prefill else prefill
     return prefill_fn, decode_fn
 
@@ -320,7 +331,7 @@ def run(args):
     prefill_fn, decode_fn = compile_functions(args)
     eos_ids = tokenizer.eos_ids if tokenizer is not None else []
 
-    def one_sample(prompts, stream: bool):
+    def one_sample(prompts, stream: bool, max_new: int = max_new):
         printer = Printer(tokenizer, stream and len(prompts) == 1)
         gen = generate(model, prompts, max_new, sampling, eos_ids, prefill_fn, decode_fn, printer)
         printer.close()
@@ -334,7 +345,7 @@ def run(args):
 def run_samples(args, prompts: list, one_sample: Callable, tokenizer, model_bytes: int, device: torch.device):
     """--num_samples timed generations of the same prompts (after one untimed compiling run), with metrics."""
     compile_s = None
-    if args.compile:
+    if args.compile or args.compile_prefill:
         t0 = time.perf_counter()
         one_sample(prompts, stream=False)
         compile_s = time.perf_counter() - t0
@@ -364,8 +375,7 @@ def run_samples(args, prompts: list, one_sample: Callable, tokenizer, model_byte
 
 
 def interactive(args, tokenizer, one_sample, max_seq: int, max_new: int):
-    if tokenizer is None:
-        raise ValueError("--interactive needs --checkpoint_path (a tokenizer)")
+    """Answer prompts from the terminal until end of input; each turn gets what is left of the cache."""
     while True:
         try:
             text = input("Prompt> ")
@@ -373,10 +383,10 @@ def interactive(args, tokenizer, one_sample, max_seq: int, max_new: int):
             print()
             return
         ids = tokenizer.encode_chat([{"role": "user", "content": text}]) if args.chat else tokenizer.encode(text)
-        if len(ids) + max_new > max_seq:
-            print(f"error: prompt too long ({len(ids)} tokens)", file=sys.stderr)
+        if not ids or len(ids) >= max_seq:
+            print(f"(skipped: the prompt has {len(ids)} tokens; 1 to {max_seq - 1} fit)", file=sys.stderr)
             continue
-        one_sample([ids], stream=True)
+        one_sample([ids], stream=True, max_new=min(max_new, max_seq - len(ids)))
 
 
 def device_name(device: torch.device) -> str:

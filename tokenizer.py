@@ -8,11 +8,13 @@ Every backend exposes the same encode / decode / encode_chat, so generate.py
 never needs to know which one it got.
 """
 import base64
+from abc import ABC, abstractmethod
 import json
 import re
 from datetime import datetime
 from pathlib import Path
 
+from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -29,6 +31,11 @@ LLAMA3_SPECIALS = [
     "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
 ]
 LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(LLAMA3_SPECIALS))]
+
+# The files a checkpoint folder may carry for its tokenizer (chat_template.jinja: newer transformers save
+# the chat template there rather than in tokenizer_config.json).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json")
 
 # Matches the first line of a tiktoken ranks file, e.g. b"IQ== 0\n".
 TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+={0,2} \d+\r?$")
@@ -66,22 +73,27 @@ def render_chat_template(template: str, messages: list[dict], bos_token: str, eo
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
-    return env.from_string(template).render(
-        messages=messages, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token)
+    try:
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token)
+    except TemplateError as e:
+        raise ValueError(f"chat template error: {e}") from None
 
 
-class Tokenizer:
-    """What generate.py sees. Subclasses fill in the fields and the _methods."""
+class Tokenizer(ABC):
+    """What generate.py sees. Subclasses fill in the fields and the abstract methods."""
     bos_id: int | None = None
     eos_ids: list[int]            # every id that should stop generation
     vocab_size: int
     chat_template: str | None = None
 
+    @abstractmethod
     def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Token ids of text, with BOS when this model's tokenizer adds one."""
 
+    @abstractmethod
     def decode(self, ids: list[int]) -> str:
-        raise NotImplementedError
+        """Text of ids."""
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Prompt ids for a conversation, ending with the assistant's generation prompt."""
@@ -98,14 +110,18 @@ class Tokenizer:
     def _builtin_chat(self, messages: list[dict]) -> list[int]:
         raise ValueError("this tokenizer has no chat template (no chat_template in tokenizer_config.json)")
 
+    @abstractmethod
     def _encode_special_text(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Ids of rendered chat text: special-token text maps to its id, nothing is added."""
 
 
 class HFTokenizer(Tokenizer):
     def __init__(self, folder: Path):
         from tokenizers import Tokenizer as HFTok
-        self.tok = HFTok.from_file(str(folder / "tokenizer.json"))
+        try:
+            self.tok = HFTok.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # the Rust side raises a bare Exception for malformed files
+            raise ValueError(f"cannot read {folder / 'tokenizer.json'}: {e}") from None
         config = {**_read_json(folder / "special_tokens_map.json"), **_read_json(folder / "tokenizer_config.json")}
         bos, eos = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
         self.bos_id = self.tok.token_to_id(bos) if bos else None

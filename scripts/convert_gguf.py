@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from model import ModelArgs, atomic_path, llama3_scale, save_checkpoint
+from tokenizer import LLAMA3_PATTERN
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -30,12 +31,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # (A GPT-2 style vocabulary is trained on text cut this way; cutting it differently changes the ids.)
 GPT2_ONLY = dict(splits=[], gpt2_regex=True)
 DIGITS_THEN_GPT2 = dict(splits=[r"\p{N}"], gpt2_regex=True)  # StarCoder family: every digit on its own
-LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 # Llama-3 looks a whole piece up in the vocabulary before merging (ignore_merges) and adds BOS by default.
-LLAMA3 = dict(splits=[LLAMA3_SPLIT], gpt2_regex=False, ignore_merges=True, add_bos=True)
+LLAMA3 = dict(splits=[LLAMA3_PATTERN], gpt2_regex=False, ignore_merges=True, add_bos=True)
 PRE_TOKENIZERS = {
     "default": GPT2_ONLY, "gpt2": GPT2_ONLY,
     "smollm": DIGITS_THEN_GPT2, "starcoder": DIGITS_THEN_GPT2,

@@ -29,11 +29,9 @@ import torch
 from tqdm import tqdm
 
 from model import CheckpointError, ModelArgs, Transformer, atomic_path, save_checkpoint
+from tokenizer import TOKENIZER_FILES
 
 SUPPORTED = ("llama", "mistral", "qwen2")
-# chat_template.jinja: newer transformers save the chat template there instead of tokenizer_config.json.
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
-                   "special_tokens_map.json", "chat_template.jinja")
 
 
 class ConvertError(Exception):
@@ -251,7 +249,7 @@ def open_shard(path: Path) -> tuple[list[str], callable]:
     return list(f.keys()), f.get_tensor
 
 
-def read_config(hf_dir: Path, files: list[Path], layout: str) -> ModelArgs:
+def read_hf_config(hf_dir: Path, files: list[Path], layout: str) -> ModelArgs:
     if (hf_dir / "config.json").is_file():
         return hf_config_to_args(read_json(hf_dir / "config.json"), str(hf_dir / "config.json"))
     if layout == "meta" and (files[0].parent / "params.json").is_file():
@@ -340,11 +338,11 @@ def main(argv=None):
         if hf_dir.resolve() == checkpoint_dir.resolve():
             raise ConvertError("--hf_dir must differ from --checkpoint_dir (the output would overwrite config.json)")
         files, layout = find_weights(hf_dir)
-        args = read_config(hf_dir, files, layout)
+        args = read_hf_config(hf_dir, files, layout)
         state_dict = convert(files, layout, args)
         save_checkpoint(checkpoint_dir, args, state_dict)
         copied = copy_tokenizer_files(hf_dir, checkpoint_dir, layout)
-    except (ConvertError, CheckpointError) as e:
+    except (ConvertError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     n_bytes = sum(t.numel() * t.element_size() for t in state_dict.values())

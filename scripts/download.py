@@ -8,11 +8,10 @@ scripts/convert_hf_checkpoint.py then turns the raw files into a gpt-blitz check
 import argparse
 import os
 import sys
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
-CONFIG_FILES = ("config.json", "generation_config.json")
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja")  # newer transformers save the chat template on its own
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts run as `python scripts/x.py`
+from tokenizer import TOKENIZER_FILES  # noqa: E402
 
 
 def choose_files(repo_files: list[str]) -> list[str]:
@@ -23,22 +22,25 @@ def choose_files(repo_files: list[str]) -> list[str]:
     Only top-level files count as the HF-format model: subfolders hold other variants (original/, onnx/, ...).
     """
     top = [f for f in repo_files if "/" not in f]
-    safetensors = [f for f in top if f.endswith(".safetensors")]
-    # Mistral repos ship the same weights twice: HF shards and a consolidated.safetensors. Take the HF ones.
-    hf_format = [f for f in safetensors if not f.startswith("consolidated")]
+    # Mistral repos ship the same weights twice: HF shards and a consolidated.safetensors in Mistral's own
+    # naming, which the converter does not read. Take the HF ones.
+    safetensors = [f for f in top if f.endswith(".safetensors") and not f.startswith("consolidated")]
     bins = [f for f in top if f.endswith(".bin") and f.startswith(("pytorch_model", "model"))]
-    original = [f for f in repo_files if f.startswith("original/") and PurePosixPath(f).name.startswith("consolidated")
-                and f.endswith(".pth")]
-    if hf_format or safetensors:
-        weights = (hf_format or safetensors) + [f for f in top if f.endswith(".safetensors.index.json")]
+    # Meta's consolidated.*.pth: under original/ (Llama-3 repos) or at the top (older Meta repos).
+    original = [f for f in repo_files if f.count("/") <= 1 and f.startswith(("original/", "consolidated"))
+                and PurePosixPath(f).name.startswith("consolidated") and f.endswith(".pth")]
+    if safetensors:
+        weights = safetensors + [f for f in top if f.endswith(".safetensors.index.json")]
     elif bins:
         weights = bins + [f for f in top if f.endswith(".bin.index.json")]
     elif original:
         # Meta's format: the checkpoint shards, their params.json and the tokenizer that goes with them.
-        weights = original + [f for f in ("original/params.json", "original/tokenizer.model") if f in repo_files]
+        folder = PurePosixPath(original[0]).parent  # PurePosixPath(".") / name is just name
+        extras = [str(folder / name) for name in ("params.json", "tokenizer.model")]
+        weights = original + [f for f in extras if f in repo_files]
     else:
         raise ValueError("the repo has no model weights (*.safetensors, pytorch_model*.bin or original/consolidated*.pth)")
-    return sorted(weights) + [f for f in CONFIG_FILES + TOKENIZER_FILES if f in top]
+    return sorted(weights) + [f for f in ("config.json",) + TOKENIZER_FILES if f in top and f not in weights]
 
 
 def download(repo_id: str, out: str, token) -> list[str]:

@@ -59,10 +59,12 @@ def test_generation_stops_at_any_end_of_sequence_id_per_row():
     model.setup_caches(2, 3 + 30)
     free = generate(model, prompts, 30, Sampling(temperature=0)).tokens
     stop = {free[0][4], free[1][2]}  # two different ids, each the 5th / 3rd token of its row
-    stopped = generate(model, prompts, 30, Sampling(temperature=0), eos_ids=stop).tokens
-    for row_free, row_stopped in zip(free, stopped):
+    gen = generate(model, prompts, 30, Sampling(temperature=0), eos_ids=stop)
+    for row_free, row_stopped in zip(free, gen.tokens):
         first_stop = next(i for i, t in enumerate(row_free) if t in stop)
         assert row_stopped == row_free[:first_stop]
+    # Throughput counts each row's tokens up to and including its end token, nothing sampled after it.
+    assert gen.generated == sum(len(row) + 1 for row in gen.tokens)
 
 
 def test_max_new_tokens_is_exact():

@@ -184,27 +184,32 @@ def test_llama3_rope_scaling_from_divisors():
 # ---- download.py / prepare.sh ----------------------------------------------------------------------
 
 def test_download_file_choice():
-    choose = load_script("download").choose_files
+    choose = lambda files: sorted(load_script("download").choose_files(files))  # order is irrelevant
     tokenizer = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
     llama2 = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
               "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json",
               "config.json", "generation_config.json", "README.md", "LICENSE.txt", ".gitattributes", *tokenizer]
-    assert choose(llama2) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-                              "model.safetensors.index.json", "config.json", "generation_config.json", *tokenizer]
+    assert choose(llama2) == sorted(["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                                     "model.safetensors.index.json", "config.json", "generation_config.json", *tokenizer])
     bin_only = ["pytorch_model.bin", "training_args.bin", "config.json", "tokenizer.model", "README.md"]
-    assert choose(bin_only) == ["pytorch_model.bin", "config.json", "tokenizer.model"]
+    assert choose(bin_only) == sorted(["pytorch_model.bin", "config.json", "tokenizer.model"])
     mistral = ["consolidated.safetensors", "model-00001-of-00001.safetensors", "model.safetensors.index.json",
                "params.json", "tokenizer.model.v3", "config.json", "tokenizer.json"]
-    assert choose(mistral) == ["model-00001-of-00001.safetensors", "model.safetensors.index.json", "config.json", "tokenizer.json"]
+    assert choose(mistral) == sorted(["model-00001-of-00001.safetensors", "model.safetensors.index.json", "config.json",
+                                      "tokenizer.json"])
     llama3_original = ["original/consolidated.00.pth", "original/params.json", "original/tokenizer.model",
                        "config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
-    assert choose(llama3_original) == ["original/consolidated.00.pth", "original/params.json", "original/tokenizer.model",
-                                       "config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
+    assert choose(llama3_original) == sorted(llama3_original)
+    # Older Meta repos keep consolidated.00.pth at the top; the converter reads it there too.
+    meta_top = ["consolidated.00.pth", "params.json", "tokenizer.model", "README.md"]
+    assert choose(meta_top) == sorted(["consolidated.00.pth", "params.json", "tokenizer.model"])
     # Subfolder variants (onnx/, original/) never replace the top-level HF weights.
     assert choose(["model.safetensors", "onnx/model.safetensors", "original/consolidated.00.pth", "config.json"]) == [
-        "model.safetensors", "config.json"]
+        "config.json", "model.safetensors"]
     with pytest.raises(ValueError, match="no model weights"):
         choose(["README.md", "config.json"])
+    with pytest.raises(ValueError, match="no model weights"):  # Mistral's own naming only: not convertible
+        choose(["consolidated.safetensors", "params.json", "config.json"])
 
 
 def test_download_offline_is_one_line(tmp_path):

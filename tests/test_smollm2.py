@@ -68,8 +68,13 @@ def test_generate_cli_prints_the_answer_and_metrics(compile_flags, smollm2_check
     (["--random_weights", "stories15M", "--temperature", "-1"], ["--temperature"]),
     (["--random_weights", "stories15M", "--speculate_k", "4"], ["not yet supported"]),
     (["--random_weights", "stories15M", "--prompt", "hello"], ["needs a tokenizer"]),
+    (["--random_weights", "stories15M", "--prompt", "0"], ["no tokens"]),
+    (["--random_weights", "stories15M", "--json", "no/such/folder/m.json"], ["--json", "does not exist"]),
+    (["--random_weights", "stories15M", "--interactive"], ["--interactive needs --checkpoint_path"]),
+    (["--random_weights", "stories15M", "--device", "gpu0"], ["--device"]),
 ], ids=["missing-checkpoint", "unknown-name", "prompt-too-long", "top-p-zero", "top-p-above-one",
-        "negative-temperature", "speculative", "text-prompt-without-tokenizer"])
+        "negative-temperature", "speculative", "text-prompt-without-tokenizer", "empty-prompt", "json-folder-missing",
+        "interactive-without-tokenizer", "unknown-device"])
 def test_bad_input_gives_one_error_line(args, words):
     r = run_script("generate.py", "--device", "cpu", *args)
     assert r.returncode == 1
