@@ -281,30 +281,64 @@ def load_state_dict(weights: Path) -> dict:
         raise CheckpointError(f"cannot read weights {weights}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
 
+def config_file(path) -> Path:
+    """The config that describes a checkpoint's weights: the sidecar beside a quantized weights file
+    (model_int8.pth -> model_int8.json, written by quantize.py), else the folder's config.json."""
+    folder, weights = resolve_checkpoint(path)
+    sidecar = weights.with_suffix(".json")
+    return sidecar if sidecar.is_file() else folder / "config.json"
+
+
 def read_config(path) -> tuple[Path, ModelArgs]:
     """(folder, config) of a checkpoint, without touching its weights."""
     folder, _ = resolve_checkpoint(path)
-    if not (folder / "config.json").is_file():
+    config = config_file(path)
+    if not config.is_file():
         raise CheckpointError(f"no config.json in {folder}: convert the model with scripts/convert_hf_checkpoint.py first")
-    return folder, ModelArgs.from_json(folder / "config.json")
+    return folder, ModelArgs.from_json(config)
+
+
+def read_quantization(path) -> Optional[dict]:
+    """The quantization scheme a checkpoint's config records (see quantize.py), or None for float weights."""
+    config = config_file(path)
+    return json.loads(config.read_text()).get("quantization") if config.is_file() else None
 
 
 def load_checkpoint(path, device="cpu", dtype=None) -> tuple[Transformer, Path]:
-    """Build the model described by the checkpoint's config.json and load its weights. Returns (model, folder)."""
+    """Build the model described by the checkpoint's config and load its weights. Returns (model, folder)."""
     folder, args = read_config(path)
     _, weights = resolve_checkpoint(path)
+    quantization = read_quantization(path)
     state_dict = load_state_dict(weights)
+    model = build_model(args, state_dict, quantization, device, dtype,
+                        mismatch=f"{weights} does not match {config_file(path)}")
+    return model, folder
+
+
+def build_model(args: ModelArgs, state_dict: dict, quantization: Optional[dict] = None, device="cpu", dtype=None,
+                mismatch: str = "the weights do not match the config") -> Transformer:
+    """The model on the meta device (no memory), with quantized layers swapped in where `quantization` lists
+    them; the weights are assigned, not copied, then moved to device and dtype (quantized weights keep
+    their integer dtypes) and, last, repacked for the device's kernels."""
     with torch.device("meta"):
         model = Transformer(args)
+        if quantization is not None:
+            from quantize import swap_linears  # imported here: quantize.py imports this module
+            swap_linears(model, quantization)
     if args.tie_embeddings and "tok_embeddings.weight" in state_dict:
         state_dict["output.weight"] = state_dict["tok_embeddings.weight"]  # stored once, see save_checkpoint
     try:
         model.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{weights} does not match {folder / 'config.json'}: {str(e).splitlines()[1].strip()}") from e
+        lines = str(e).splitlines()
+        raise CheckpointError(f"{mismatch}: {(lines[1] if len(lines) > 1 else lines[0]).strip()}") from e
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight  # assign=True replaced the shared parameter
-    return model.to(device=device, dtype=dtype), folder
+    model = model.to(device=device, dtype=dtype)
+    if quantization is not None:
+        from quantize import prepare_for_device
+        prepare_for_device(model)
+    return model
 
 
 def save_checkpoint(folder, args: ModelArgs, state_dict: dict, extra_config: Optional[dict] = None):
