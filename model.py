@@ -7,7 +7,9 @@ PyTorch so `torch.compile` can fuse it; generate.py owns compilation.
 Checkpoint layout (what the scripts in scripts/ write and `load_checkpoint` reads): a folder holding
 `config.json` (the fields of ModelArgs), `model.safetensors` (or `model.pth`) and the tokenizer files.
 Weights are stored exactly as `Transformer.state_dict()` names them, with q/k rows in Meta's interleaved
-rotary order and the q/k/v and gate/up projections already fused.
+rotary order and the q/k/v and gate/up projections already fused. A quantized weights file written by
+quantize.py (model_int8.pth, ...) sits in the same folder with its own config beside it (model_int8.json),
+which records the quantization scheme; `read_config` prefers that sidecar.
 """
 import json
 import math
@@ -54,12 +56,18 @@ class ModelArgs:
 
     @classmethod
     def from_json(cls, path: Path) -> "ModelArgs":
-        data = json.loads(Path(path).read_text())
+        try:
+            data = json.loads(Path(path).read_text())
+        except ValueError as e:
+            raise CheckpointError(f"{path} is not valid JSON: {e}") from None
         known = {f.name for f in fields(cls)}
-        unknown = set(data) - known - {"quantization"}
+        unknown = set(data) - known - {"quantization"}  # the quantization record is read by quantize.py
         if unknown:
-            raise ValueError(f"{path}: unknown config keys {sorted(unknown)} (is this an HF config.json? convert the checkpoint first)")
-        return cls(**{k: v for k, v in data.items() if k in known})
+            raise CheckpointError(f"{path}: unknown config keys {sorted(unknown)} (is this an HF config.json? convert the checkpoint first)")
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (TypeError, AssertionError) as e:  # missing fields, heads that do not divide
+            raise CheckpointError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -218,11 +226,16 @@ class Transformer(nn.Module):
 
 def rope_table(args: ModelArgs, seq_len: int) -> Tensor:
     """cos and sin of every (position, frequency) pair, in float32: (seq_len, head_dim // 2, 2)."""
-    freqs = 1.0 / (args.rope_base ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
+    freqs = rope_freqs(args.rope_base, args.head_dim)
     if args.rope_scaling is not None:
         freqs = llama3_scale(freqs, **args.rope_scaling)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), freqs)  # (seq_len, head_dim // 2)
     return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
+
+
+def rope_freqs(base: float, head_dim: int) -> Tensor:
+    """The rotary frequency of each pair of dimensions, in float64: (head_dim // 2,)."""
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
 
 
 def llama3_scale(freqs: Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
@@ -253,6 +266,13 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete or unreadable; the scripts print it as one line."""
 
 
+def error_summary(e: Exception) -> str:
+    """An exception as one line (type and first line of its message), for `error:` messages about files
+    whose readers raise many different exception types."""
+    message = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {message}"
+
+
 WEIGHT_FILES = ("model.safetensors", "model.pth")
 
 
@@ -278,7 +298,7 @@ def load_state_dict(weights: Path) -> dict:
             return load_file(weights)
         return torch.load(weights, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # corrupt or truncated files raise many different errors
-        raise CheckpointError(f"cannot read weights {weights}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        raise CheckpointError(f"cannot read weights {weights}: {error_summary(e)}") from e
 
 
 def config_file(path) -> Path:

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts run a
 import numpy as np
 import torch
 
-from model import ModelArgs, atomic_path, llama3_scale, save_checkpoint
+from model import ModelArgs, atomic_path, error_summary, llama3_scale, rope_freqs, save_checkpoint
 from tokenizer import LLAMA3_PATTERN
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -66,7 +66,7 @@ def open_gguf(path: Path):
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # bad magic, truncated header, ... all mean the same thing to the user
-        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise ValueError(f"{path} is not a readable GGUF file ({error_summary(e)})") from None
 
 
 def read_metadata(reader) -> dict:
@@ -136,7 +136,7 @@ def llama3_scaling_from_divisors(divisors, head_dim: int, rope_base: float, orig
     """GGUF keeps only the result of Llama-3.1 scaling (freq / divisor), not its parameters. Every released
     Llama-3.1/3.2 uses low=1, high=4 with an 8192 original context, and the factor is the largest divisor;
     accept those parameters only if they reproduce the stored divisors."""
-    freqs = 1.0 / (rope_base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    freqs = rope_freqs(rope_base, head_dim)
     scaling = dict(factor=float32_value(divisors.max().item()), low_freq_factor=1.0, high_freq_factor=4.0,
                    original_max_position_embeddings=int(original_context))
     if divisors.shape != freqs.shape or not torch.allclose(freqs / llama3_scale(freqs, **scaling), divisors, rtol=1e-4):

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 import torch
 from tqdm import tqdm
 
-from model import CheckpointError, ModelArgs, Transformer, atomic_path, save_checkpoint
+from model import CheckpointError, ModelArgs, Transformer, atomic_path, error_summary, save_checkpoint
 from tokenizer import TOKENIZER_FILES
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -232,7 +232,7 @@ def load_torch(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # corrupt files raise many different error types
-        raise ConvertError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        raise ConvertError(f"cannot read {path}: {error_summary(e)}") from e
 
 
 def open_shard(path: Path) -> tuple[list[str], callable]:
@@ -245,7 +245,7 @@ def open_shard(path: Path) -> tuple[list[str], callable]:
     try:
         f = safe_open(str(path), framework="pt")
     except Exception as e:
-        raise ConvertError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        raise ConvertError(f"cannot read {path}: {error_summary(e)}") from e
     return list(f.keys()), f.get_tensor
 
 

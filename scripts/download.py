@@ -11,6 +11,7 @@ import sys
 from pathlib import Path, PurePosixPath
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts run as `python scripts/x.py`
+from model import error_summary  # noqa: E402
 from tokenizer import TOKENIZER_FILES  # noqa: E402
 
 
@@ -67,7 +68,7 @@ def explain(e: Exception, repo_id: str) -> str:
         return f"{repo_id}: {e}"
     if isinstance(e, OSError) or "connect" in type(e).__name__.lower() or "timeout" in type(e).__name__.lower():
         # Connection errors come from requests or httpx depending on the huggingface_hub version.
-        return f"cannot reach the Hugging Face Hub to download {repo_id} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        return f"cannot reach the Hugging Face Hub to download {repo_id} ({error_summary(e)})"
     raise e
 
 

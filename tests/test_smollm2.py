@@ -89,3 +89,17 @@ def test_corrupt_weights_give_one_error_line(smollm2_checkpoint, tmp_path):
     r = run_script("generate.py", "--checkpoint_path", tmp_path, "--device", "cpu")
     assert r.returncode == 1
     assert_one_error_line(r.stderr, "cannot read weights")
+
+
+@pytest.mark.parametrize("config, words", [
+    ("{}", ["missing"]),
+    ("{not json", ["not valid JSON"]),
+    ('{"dim": 64, "n_layer": 1, "n_head": 4, "n_kv_heads": 3, "vocab_size": 10, "intermediate_size": 8}', ["n_kv_heads"]),
+], ids=["empty", "not-json", "heads-do-not-divide"])
+def test_bad_config_gives_one_error_line(config, words, smollm2_checkpoint, tmp_path):
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).symlink_to(smollm2_checkpoint / name)
+    (tmp_path / "config.json").write_text(config)
+    r = run_script("generate.py", "--checkpoint_path", tmp_path, "--device", "cpu")
+    assert r.returncode == 1
+    assert_one_error_line(r.stderr, *words)
