@@ -53,7 +53,7 @@ def sample(logits: Tensor, s: Sampling) -> Tensor:
 
 def prefill(model: Transformer, idx: Tensor, input_pos: Tensor, row_start: Tensor, s: Sampling) -> Tensor:
     """Run the whole prompt idx (B, T) through the model, filling the cache; sample the first new token."""
-    logits = model(idx, input_pos, row_start)  # (B, T, vocab)
+    logits = model(idx, input_pos, row_start, last_only=True)  # (B, 1, vocab)
     return sample(logits[:, -1], s)
 
 

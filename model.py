@@ -201,10 +201,11 @@ class Transformer(nn.Module):
         rope = rope_table(self.args, max_seq_length).to(weight.device)
         self.register_buffer("rope", rope, persistent=False)  # (S, head_dim // 2, 2), float32
 
-    def forward(self, idx: Tensor, input_pos: Tensor, row_start: Optional[Tensor] = None) -> Tensor:
+    def forward(self, idx: Tensor, input_pos: Tensor, row_start: Optional[Tensor] = None, last_only: bool = False) -> Tensor:
         """idx (B, T) token ids at cache slots input_pos (T,). Row b's real tokens start at slot row_start[b]
         (left padding, so prompts of different lengths share one batch); its rotary positions count from there.
-        Returns logits (B, T, vocab_size)."""
+        Returns logits (B, T, vocab_size), or (B, 1, vocab_size) for the last position only with last_only
+        (a prefill needs no more: a 128k vocabulary times a long prompt is gigabytes of logits)."""
         assert self.max_seq_length > 0, "call setup_caches() first"
         B, T = idx.shape
         if row_start is None:
@@ -221,7 +222,9 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(idx)  # (B, T, dim)
         for layer in self.layers:
             x = layer(x, rope, mask, input_pos)
-        return self.output(self.norm(x))  # (B, T, vocab_size)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, dim)
+        return self.output(self.norm(x))  # (B, T or 1, vocab_size)
 
 
 def rope_table(args: ModelArgs, seq_len: int) -> Tensor:

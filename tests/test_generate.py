@@ -89,3 +89,14 @@ def test_sampling_draws_from_the_filtered_distribution():
     freq = torch.bincount(draws(Sampling(temperature=1.0, top_k=None, top_p=0.7)), minlength=4) / n
     torch.testing.assert_close(freq, torch.tensor([2 / 3, 1 / 3, 0, 0]), atol=0.015, rtol=0)
     assert sample(logits, Sampling(temperature=0)).item() == 0
+
+
+@torch.no_grad()
+def test_last_only_logits_equal_the_last_row_of_the_full_forward():
+    model = tiny_model()
+    idx = torch.randint(0, TINY["vocab_size"], (2, 12))
+    model.setup_caches(2, 12)
+    full = model(idx, torch.arange(12))  # (2, 12, vocab)
+    model.setup_caches(2, 12)
+    last = model(idx, torch.arange(12), last_only=True)  # (2, 1, vocab)
+    torch.testing.assert_close(last, full[:, -1:])
