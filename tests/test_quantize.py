@@ -260,7 +260,7 @@ def test_files_load_in_a_fresh_process_in_bfloat16_and_float32(tiny_checkpoint, 
     """)
     r = run_script("-c", script)
     assert r.returncode == 0, r.stderr[-3000:]
-    results = torch.load(tmp_path / "out.pt")
+    results = torch.load(tmp_path / "out.pt", weights_only=True)
     for mode, groupsize, _ in FILE_CASES:
         name = out_name(mode, groupsize)
         here = logits_of(load_checkpoint(folder / name, dtype=torch.float32)[0], IDX)
