@@ -103,3 +103,19 @@ def test_bad_config_gives_one_error_line(config, words, smollm2_checkpoint, tmp_
     r = run_script("generate.py", "--checkpoint_path", tmp_path, "--device", "cpu")
     assert r.returncode == 1
     assert_one_error_line(r.stderr, *words)
+
+
+@pytest.mark.parametrize("broken, flags, words", [
+    ("tokenizer.json", [], ["cannot read", "tokenizer.json"]),
+    ("tokenizer_config.json", ["--chat"], ["chat template error"]),
+], ids=["corrupt-tokenizer-json", "broken-chat-template"])
+def test_broken_tokenizer_files_give_one_error_line(broken, flags, words, smollm2_checkpoint, tmp_path):
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"):
+        if name != broken:
+            (tmp_path / name).symlink_to(smollm2_checkpoint / name)
+    config = json.loads((smollm2_checkpoint / "tokenizer_config.json").read_text())
+    (tmp_path / broken).write_text("{ not json" if broken == "tokenizer.json" else
+                                   json.dumps({**config, "chat_template": "{% if messages %}{{ messages[0]['content'] }"}))
+    r = run_script("generate.py", "--checkpoint_path", tmp_path, "--device", "cpu", "--prompt", "Hi", *flags)
+    assert r.returncode == 1
+    assert_one_error_line(r.stderr, *words)
