@@ -304,18 +304,17 @@ def load_state_dict(weights: Path) -> dict:
         raise CheckpointError(f"cannot read weights {weights}: {error_summary(e)}") from e
 
 
-def config_file(path) -> Path:
+def config_file(folder: Path, weights: Path) -> Path:
     """The config that describes a checkpoint's weights: the sidecar beside a quantized weights file
     (model_int8.pth -> model_int8.json, written by quantize.py), else the folder's config.json."""
-    folder, weights = resolve_checkpoint(path)
     sidecar = weights.with_suffix(".json")
     return sidecar if sidecar.is_file() else folder / "config.json"
 
 
 def read_config(path) -> tuple[Path, ModelArgs]:
     """(folder, config) of a checkpoint, without touching its weights."""
-    folder, _ = resolve_checkpoint(path)
-    config = config_file(path)
+    folder, weights = resolve_checkpoint(path)
+    config = config_file(folder, weights)
     if not config.is_file():
         raise CheckpointError(f"no config.json in {folder}: convert the model with scripts/convert_hf_checkpoint.py first")
     return folder, ModelArgs.from_json(config)
@@ -323,18 +322,17 @@ def read_config(path) -> tuple[Path, ModelArgs]:
 
 def read_quantization(path) -> Optional[dict]:
     """The quantization scheme a checkpoint's config records (see quantize.py), or None for float weights."""
-    config = config_file(path)
+    config = config_file(*resolve_checkpoint(path))
     return json.loads(config.read_text()).get("quantization") if config.is_file() else None
 
 
 def load_checkpoint(path, device="cpu", dtype=None) -> tuple[Transformer, Path]:
     """Build the model described by the checkpoint's config and load its weights. Returns (model, folder)."""
-    folder, args = read_config(path)
+    folder, args = read_config(path)  # validates the config before any weights are read
     _, weights = resolve_checkpoint(path)
-    quantization = read_quantization(path)
     state_dict = load_state_dict(weights)
-    model = build_model(args, state_dict, quantization, device, dtype,
-                        mismatch=f"{weights} does not match {config_file(path)}")
+    model = build_model(args, state_dict, read_quantization(path), device, dtype,
+                        mismatch=f"{weights} does not match {config_file(folder, weights)}")
     return model, folder
 
 
