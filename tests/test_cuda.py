@@ -34,13 +34,7 @@ def test_bf16_logits_match_float32_reference():
     assert rel < 1e-2, f"bf16 relative error {rel:.2e}"
 
 
-def test_int8_gemv_kernel_matches_reference_on_gpu():
-    from kernels import int8_gemv
-    for N, K in ((12288, 4096), (4096, 11008), (32000, 4096), (37, 300)):
-        w = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda")
-        scales = (torch.rand(N, device="cuda") / 127).to(torch.bfloat16)
-        x = torch.randn(1, 1, K, device="cuda", dtype=torch.bfloat16)
-        y = int8_gemv(x, w, scales)  # (1, 1, N)
-        reference = (x.double() @ w.double().T) * scales.double()
-        rel = ((y.double() - reference).norm() / reference.norm()).item()
-        assert y.shape == (1, 1, N) and rel < 1e-2, (N, K, rel)  # bf16 output rounding: ~4e-3
+def test_every_kernel_matches_its_reference_on_gpu():
+    from kernels import check_kernels
+    failures = [r for r in check_kernels("cuda") if not r["ok"]]
+    assert not failures, failures
