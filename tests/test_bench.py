@@ -1,18 +1,258 @@
-"""scripts/bench.py's code path on the CPU: every precision builds, quantizes in memory and decodes.
-(Speed is measured on GPUs only, into BENCHMARKS.md; nothing here asserts a speed.)"""
+"""scripts/bench.py's code paths on the CPU: every precision builds, quantizes in memory, decodes and
+prefills; rows get their bandwidth columns; results merge into one table and plot; bad input is one line.
+Speed is measured on GPUs only, into BENCHMARKS.md: nothing here asserts a speed. Decoding here is eager
+(compiling stories15M on 2 CPU cores would take minutes and prove nothing new), and the copy bandwidth,
+which only CUDA events measure, is a stand-in value."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
+import torch
 
 import generate
-from conftest import load_script
+from conftest import ROOT, assert_one_error_line, load_script, run_script
+
+STORIES_BF16_BYTES = 30_383_424  # stories15M in bf16, its untied embedding table not counted
+
+
+def cpu_bench(monkeypatch, copy_gb_s: float = 50.0):
+    bench = load_script("bench")
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(generate, "compile_functions", lambda _: (generate.prefill, generate.decode_one_token))
+    monkeypatch.setattr(bench, "copy_bandwidth_gb_s", lambda: copy_gb_s)
+    return bench
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    return cpu_bench(monkeypatch)
+
+
+def run_main(bench, argv, capsys) -> tuple[int, str, str]:
+    """bench.main in this process: (exit code, stdout, stderr)."""
+    try:
+        bench.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8", "int4.g32", "int4.g128", "fp8"])
-def test_bench_cell_runs_every_precision(precision, monkeypatch):
-    bench = load_script("bench")
-    monkeypatch.setattr(bench, "DEVICE", "cpu")
-    # Eager: compiling stories15M five times on 2 CPU cores would take minutes and prove nothing new.
-    monkeypatch.setattr(generate, "compile_functions", lambda _: (generate.prefill, generate.decode_one_token))
-    row = bench.bench_cell("stories15M", precision, batch_size=2, samples=1)
-    assert row["precision"] == precision and row["tok_s"] > 0 and row["gb_s"] > 0
-    bytes_bf16 = 30_383_424  # stories15M in bf16, its untied embedding table not counted
-    assert row["model_gb"] * 1e9 == bytes_bf16 if precision == "bf16" else row["model_gb"] * 1e9 < bytes_bf16
+def test_bench_cell_runs_every_precision(precision, bench):
+    cell = bench.Cell("stories15M", precision, batch_size=2, new_tokens=8)
+    row = bench.bench_cell(bench.build(cell.model, precision), cell, samples=2, prefill_tokens=16)
+    assert row["precision"] == precision and row["tok_s"] > 0 and row["gb_s"] > 0 and len(row["tok_s_samples"]) == 2
+    assert row["prefill_tokens"] == 16 and row["prefill_tok_s"] > 0 and row["compile_s"] > 0
+    weights = row["weights_gb"] * 1e9
+    assert weights == STORIES_BF16_BYTES if precision == "bf16" else weights < STORIES_BF16_BYTES
+
+
+def test_kv_bytes_are_the_filled_cache_averaged_over_the_generation(bench):
+    model = bench.build("stories15M", "bf16")
+    args = model.args
+    per_position_per_row = 2 * args.n_layer * args.n_kv_heads * args.head_dim * 2  # keys and values, bf16
+    prompt, new, batch = 5, 9, 2
+    # Decode step i writes slot prompt + i and attends over slots 0 .. prompt + i; the prefill made token 1.
+    positions = [prompt + i + 1 for i in range(new - 1)]
+    expected = per_position_per_row * batch * sum(positions) / len(positions)
+    assert bench.kv_bytes_per_step(model, batch, prompt, new) == pytest.approx(expected)
+
+
+def test_prefill_prompt_is_capped_to_the_context(bench):
+    cell = bench.Cell("stories15M", "bf16", 1, 4)
+    row = bench.bench_cell(bench.build(cell.model, "bf16"), cell, samples=1, prefill_tokens=2048)
+    assert row["prefill_tokens"] == bench.ModelArgs.from_name("stories15M").block_size - 1
+
+
+def test_benchmark_writes_a_row_per_cell_with_bandwidth_columns(bench, tmp_path, capsys, monkeypatch):
+    built = []
+    build = bench.build
+    monkeypatch.setattr(bench, "build", lambda name, precision: built.append((name, precision)) or build(name, precision))
+    cells = ["stories15M:bf16:1:6", "stories15M:bf16:2:4", "stories15M:int8:2:6", "stories15M:bf16:1:3"]
+    out, md = tmp_path / "r.json", tmp_path / "r.md"
+    code, stdout, err = run_main(bench, ["--cells", *cells, "--samples", "1", "--prefill_tokens", "8", "--out", out, "--markdown", md], capsys)
+    assert code == 0, err
+    assert built == [("stories15M", "bf16"), ("stories15M", "int8"), ("stories15M", "bf16")]  # consecutive cells share one
+    result = json.loads(out.read_text())
+    assert result["card"] == "cpu" and result["torch"] == torch.__version__ and result["copy_gb_s"] == 50.0
+    assert [bench.Cell(r["model"], r["precision"], r["batch_size"], r["new_tokens"]).spec for r in result["rows"]] == cells
+    for r in result["rows"]:
+        assert r["copy_gb_s"] == 50.0 and r["mbu"] == pytest.approx(r["gb_s"] / 50.0)
+        assert r["limit_tok_s"] == pytest.approx(50.0 / (r["weights_gb"] + r["kv_gb"]) * r["batch_size"])
+        assert r["second_compile_s"] is None and r["prefill_tokens"] == 8
+    table = md.read_text()
+    assert table in stdout
+    assert sum(line.startswith("| stories15M |") for line in table.splitlines()) == len(cells)
+    assert "copy bandwidth 50 GB/s" in table and "8 tokens (eager)" in table
+
+
+def test_second_compile_reruns_the_first_cell_in_a_fresh_process_sharing_the_caches(bench, tmp_path, capsys, monkeypatch):
+    children = []
+
+    def run_child_here(command, **_):
+        """The child process's own code path, run in this process (eager, on the CPU)."""
+        assert command[:2] == [sys.executable, bench.__file__]
+        argv = command[2:]
+        children.append(dict(cells=argv[argv.index("--cells") + 1], cache=argv[argv.index("--cache_dir") + 1],
+                             parent_cache=bench.os.environ["TORCHINDUCTOR_CACHE_DIR"]))
+        bench.main(argv)
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(bench.subprocess, "run", run_child_here)
+    out = tmp_path / "r.json"
+    code, _, err = run_main(bench, ["--cells", "stories15M:int8:1:4", "stories15M:bf16:1:4", "--second_compile",
+                                 "--samples", "1", "--prefill_tokens", "0", "--out", out], capsys)
+    assert code == 0, err
+    rows = json.loads(out.read_text())["rows"]
+    assert [c["cells"] for c in children] == ["stories15M:int8:1:4"]  # the first cell only
+    assert children[0]["cache"] == children[0]["parent_cache"]
+    assert rows[0]["second_compile_s"] > 0 and rows[1]["second_compile_s"] is None
+    assert not bench.Path(children[0]["cache"]).exists()  # the fresh cache folder is gone afterwards
+
+
+def test_failed_second_compile_is_a_warning_not_a_failed_benchmark(bench, capsys, monkeypatch):
+    monkeypatch.setattr(bench.subprocess, "run", lambda command, **_: subprocess.CompletedProcess(command, 1, "", "error: out of memory\n"))
+    assert bench.second_compile_s(bench.Cell("stories15M", "bf16"), "/nonexistent") is None
+    assert "warning: the second-compile run of stories15M:bf16:1:200 failed: error: out of memory" in capsys.readouterr().err
+
+
+def test_failed_kernel_check_stops_before_measuring_and_is_recorded(bench, tmp_path, capsys, monkeypatch):
+    checks = [dict(name="int8", shape=[4096, 4096], rows=1, rel_err=1e-3, ok=True),
+              dict(name="int4.g128", shape=[11008, 4096], rows=1, rel_err=0.9, ok=False)]
+    monkeypatch.setattr(bench, "kernel_checks", lambda: checks)
+    monkeypatch.setattr(bench, "build", lambda *_: pytest.fail("built a model after a failed kernel check"))
+    out = tmp_path / "r.json"
+    code, _, err = run_main(bench, ["--cells", "stories15M:bf16", "--out", out], capsys)
+    assert code == 1
+    assert_one_error_line(err, "kernel check failed (1 of 2)", "name=int4.g128 shape=[11008, 4096] rows=1 rel_err=0.9")
+    result = json.loads(out.read_text())
+    assert result["kernel_checks"] == checks and result["rows"] == []
+
+
+def test_kernel_checks_are_plain_json_values(bench):
+    check = bench.plain_check(dict(name="fp8", shape=torch.Size([32, 64]), rows=5, max_abs_err=torch.tensor(0.5),
+                                   rel_err=torch.tensor(0.25, dtype=torch.float64), ok=torch.tensor(True)))
+    assert json.loads(json.dumps(check)) == dict(name="fp8", shape=[32, 64], rows=5, max_abs_err=0.5, rel_err=0.25, ok=True)
+
+
+def test_no_gpu_is_one_error_line(tmp_path, capsys, monkeypatch):
+    bench = load_script("bench")  # DEVICE stays "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = run_main(bench, ["--cells", "stories15M:bf16", "--out", tmp_path / "r.json"], capsys)
+    assert code == 1
+    assert_one_error_line(err, "needs a CUDA GPU", "--merge")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--cells", "stories15M:int5"], ["unknown precision 'int5'"]),
+    (["--cells", "stories15M:int4.g48"], ["unknown precision 'int4.g48'"]),
+    (["--cells", "NoSuchModel:bf16"], ["unknown model name 'NoSuchModel'"]),
+    (["--cells", "stories15M:bf16:one"], ["not MODEL:PRECISION[:BATCH[:NEW_TOKENS]]"]),
+    (["--cells", "stories15M:bf16:1:300"], ["256-token context"]),
+    (["--cells", "stories15M:bf16:0"], ["must be >= 1"]),
+    (["--models", "stories15M", "--cells", "stories15M:bf16"], ["one way"]),
+    (["--suite", "all", "--part", "4"], ["--part must be in 0..3"]),
+    (["--samples", "0"], ["--samples"]),
+    (["--merge", "{tmp}/missing.json"], ["missing.json"]),
+    (["--merge", "{tmp}/other.json"], ["not a bench.py result", "kernel_checks"]),
+    (["--merge", "{tmp}/other.json", "--cells", "stories15M:bf16"], ["give it no cells"]),
+    (["--markdown", "{tmp}/no/such/folder/r.md"], ["--markdown: folder"]),
+])
+def test_bad_input_is_one_error_line(argv, words, bench, tmp_path, capsys):
+    (tmp_path / "other.json").write_text(json.dumps(dict(card="x", rows=[])))
+    code, _, err = run_main(bench, [a.format(tmp=tmp_path) for a in argv] + ["--out", tmp_path / "r.json"], capsys)
+    assert code == 1
+    assert_one_error_line(err, *words)
+
+
+# ---- merging several processes' results ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_results(tmp_path_factory):
+    """Two processes' results, as two GPUs of different copy bandwidths write them, each with the same
+    kernel check (worse on the second GPU)."""
+    folder = tmp_path_factory.mktemp("bench")
+    runs = (("a", 40.0, ["stories15M:int8:1:4", "stories15M:bf16:1:4"], dict(max_abs_err=1e-3, rel_err=1e-3, ok=True)),
+            ("b", 60.0, ["stories15M:bf16:2:4", "stories15M:fp8:1:4"], dict(max_abs_err=2.0, rel_err=0.5, ok=False)))
+    for name, copy_gb_s, cells, errors in runs:
+        with pytest.MonkeyPatch.context() as mp:
+            bench = cpu_bench(mp, copy_gb_s)
+            out = folder / f"{name}.json"
+            bench.main(["--cells", *cells, "--samples", "1", "--prefill_tokens", "8", "--out", str(out)])
+        result = json.loads(out.read_text())
+        result["kernel_checks"] = [dict(name="int8", shape=[4096, 4096], rows=1, **errors),
+                                   dict(name="int8", shape=[4096, 4096], rows=5, max_abs_err=1e-3, rel_err=1e-3, ok=True)]
+        out.write_text(json.dumps(result))
+    return folder / "a.json", folder / "b.json"
+
+
+def test_merge_makes_one_sorted_table_of_every_process(two_results, tmp_path):
+    out, md = tmp_path / "all.json", tmp_path / "all.md"
+    r = run_script("scripts/bench.py", "--merge", *two_results, "--out", out, "--markdown", md)
+    assert r.returncode == 0, r.stderr
+    merged = json.loads(out.read_text())
+    inputs = [json.loads(p.read_text()) for p in two_results]
+    assert sorted(map(json.dumps, merged["rows"])) == sorted(json.dumps(row) for i in inputs for row in i["rows"])
+    # Batch 1 first, precisions in the table's order; each row keeps its own GPU's copy bandwidth.
+    assert [(row["precision"], row["batch_size"], row["copy_gb_s"]) for row in merged["rows"]] == [
+        ("bf16", 1, 40.0), ("int8", 1, 40.0), ("fp8", 1, 60.0), ("bf16", 2, 60.0)]
+    assert merged["copy_gb_s"] == 50.0 and merged["card"] == "cpu"
+    # Per case (kernel, shape, rows): the largest errors of any GPU, failed if it failed on one.
+    assert merged["kernel_checks"] == [dict(name="int8", shape=[4096, 4096], rows=1, max_abs_err=2.0, rel_err=0.5, ok=False),
+                                       dict(name="int8", shape=[4096, 4096], rows=5, max_abs_err=1e-3, rel_err=1e-3, ok=True)]
+    table = md.read_text()
+    assert table in r.stdout and "copy bandwidth 40–60 GB/s (per GPU)" in table and "**NO**" in table
+    assert [line.split(" | ")[1] for line in table.splitlines() if line.startswith("| stories15M |")] == ["bf16", "int8", "fp8", "bf16"]
+
+
+def test_merging_a_merged_result_again_changes_nothing(two_results, tmp_path):
+    once, twice = tmp_path / "once.json", tmp_path / "twice.json"
+    assert run_script("scripts/bench.py", "--merge", *two_results, "--out", once).returncode == 0
+    assert run_script("scripts/bench.py", "--merge", once, "--out", twice).returncode == 0
+    assert json.loads(twice.read_text()) == json.loads(once.read_text())
+
+
+def test_plot_is_a_png_made_from_json_alone(two_results, tmp_path):
+    """The optional plot (matplotlib is a bench-only extra: skipped where it is not installed)."""
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "all.png"
+    r = run_script("scripts/bench.py", "--merge", *two_results, "--plot", png)
+    assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_is_one_error_line(two_results, bench, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    code, _, err = run_main(bench, ["--merge", two_results[0], "--plot", tmp_path / "p.png"], capsys)
+    assert code == 1
+    assert_one_error_line(err, "--plot needs matplotlib", "pip install matplotlib")
+    assert not (tmp_path / "p.png").exists()
+
+
+# ---- the whole matrix (scripts/bench_all.sh) ----------------------------------------------------------
+
+def test_suite_all_is_the_issue_matrix_in_four_parts(bench):
+    parts = bench.SUITES["all"]
+    specs = [spec for part in parts for spec in part]
+    cells = {bench.Cell.parse(s) for s in specs}
+    L2, L3, Cell = "Llama-2-7B", "Llama-3-8B", bench.Cell
+    every_precision = ("bf16", "int8", "int4.g128", "int4.g32", "fp8")
+    wanted = ({Cell(m, p, 1, 200) for m in (L2, L3) for p in every_precision}
+              | {Cell(L2, p, b, 200) for p in ("bf16", "int8") for b in (8, 32)}
+              | {Cell(L2, p, 1, 4000) for p in ("bf16", "int4.g128")})
+    assert len(parts) == 4 and len(specs) == len(cells) and cells == wanted
+    for spec in (spec for suite in bench.SUITES.values() for part in suite for spec in part):
+        bench.check_cell(bench.Cell.parse(spec))  # every suite's cells can run (bench_all.sh --quick's too)
+    assert parts[0][0] == f"{L2}:bf16:1:200"  # the second compile (bench_all.sh, part 0) times the issue's bf16 cell
+
+
+def test_bench_all_without_four_gpus_is_one_error_line(tmp_path):
+    # CUDA_VISIBLE_DEVICES="": no GPU even on a GPU machine, so this never starts the real benchmark.
+    r = subprocess.run(["bash", "scripts/bench_all.sh", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 1
+    assert_one_error_line(r.stderr, "4 GPUs", "--quick")
