@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from model import ModelArgs, Transformer, atomic_path, load_checkpoint, random_model, read_config
+import tp
+from model import ModelArgs, Transformer, atomic_path, exit_on_bad_input, load_checkpoint, random_model, read_config
 
 
 # ---- sampling (on the device, no host sync) ---------------------------------------------------------
@@ -35,6 +37,14 @@ def sample(logits: Tensor, s: Sampling) -> Tensor:
     """logits (B, vocab) -> next token ids (B, 1)."""
     if s.temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
+    return sample_from(probabilities(logits, s))
+
+
+def probabilities(logits: Tensor, s: Sampling) -> Tensor:
+    """logits (B, vocab) -> the distribution `sample` draws from, float32 (B, vocab), each row summing to 1;
+    greedy is all the mass on the argmax. Speculative decoding weighs target and draft by it."""
+    if s.temperature == 0:
+        return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
     logits = logits.float() / s.temperature
     if s.top_k is not None:
         kth = torch.topk(logits, min(s.top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
@@ -45,10 +55,16 @@ def sample(logits: Tensor, s: Sampling) -> Tensor:
         # Drop a token when the tokens more likely than it already cover top_p of the mass.
         drop = sorted_probs.cumsum(-1) - sorted_probs > s.top_p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-    # argmax(p / E) with E ~ Exp(1) draws from p exactly (an exponential race) and, unlike
-    # torch.multinomial, never synchronises with the host.
-    race = torch.empty_like(probs).exponential_(1)
-    return (probs / race).argmax(dim=-1, keepdim=True)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def sample_from(weights: Tensor) -> Tensor:
+    """weights (B, vocab), non-negative, not necessarily summing to 1 -> one id per row drawn in proportion
+    to them (B, 1). argmax(w / E) with E ~ Exp(1) is such a draw (an exponential race) and, unlike
+    torch.multinomial, never synchronises with the host. A one-hot row always gives its one id."""
+    race = torch.empty_like(weights).exponential_(1)
+    return (weights / race).argmax(dim=-1, keepdim=True)
 
 
 def prefill(model: Transformer, idx: Tensor, input_pos: Tensor, row_start: Tensor, s: Sampling) -> Tensor:
@@ -63,6 +79,14 @@ def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor, row_s
     return sample(logits[:, -1], s)
 
 
+def draft_one_token(model: Transformer, token: Tensor, input_pos: Tensor, row_start: Tensor, s: Sampling) -> tuple[Tensor, Tensor]:
+    """decode_one_token for a speculative draft model: also returns the distribution it drew from.
+    token (B, 1) at cache slot input_pos (1,) -> (next token (B, 1), its distribution (B, vocab))."""
+    logits = model(token, input_pos, row_start)  # (B, 1, vocab)
+    probs = probabilities(logits[:, -1], s)  # (B, vocab)
+    return sample_from(probs), probs
+
+
 # ---- the generation loop ----------------------------------------------------------------------------
 
 @dataclass
@@ -73,6 +97,7 @@ class Generation:
     ttft_s: float  # time to first token
     decode_s: float  # time for the remaining tokens
     decode_steps: int  # forward passes after the prefill (each serves every row of the batch)
+    accepted_lengths: Optional[list] = None  # speculative decoding: [n] = rounds in which the target kept n drafts
 
 
 def to_host_async(t: Tensor):
@@ -154,12 +179,174 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, sampling: S
     return Generation(rows, generated, sum(len(p) for p in prompts), ttft, decode_s, steps)
 
 
+# ---- speculative decoding ---------------------------------------------------------------------------
+#
+# A cheap proposer guesses k tokens; the target scores all of them in one forward (at batch 1 that costs
+# about one decode step: both read every weight once) and keeps a prefix of them plus one token of its own.
+# Rejection sampling (Leviathan et al. 2023, Chen et al. 2023) makes every kept token follow the target's
+# own distribution exactly, whatever the proposer; greedy, the output is the target's greedy output.
+
+DEFAULT_SPECULATE_K = 5
+# A draft must split text into the target's ids; this text touches words, digits, punctuation, code and accents.
+TOKENIZER_PROBE = "The quick brown fox, 1234567890 times: def f(x): return {'naïve': x[-1]} # café 東京"
+
+
+def accept_drafts(drafts: Tensor, draft_probs: Tensor, target_probs: Tensor) -> tuple[Tensor, Tensor]:
+    """drafts (k,) drawn from draft_probs (k, vocab); target_probs (k + 1, vocab): the target's distribution
+    at each draft's position and at the one after the last. Returns (n, new): n () drafts kept, and new
+    (k + 1,), the drafts with the target's own next token at index n (only new[:n + 1] means anything)."""
+    k = drafts.size(0)
+    p = target_probs[:k].gather(1, drafts[:, None])[:, 0]  # (k,) target probability of each draft
+    q = draft_probs.gather(1, drafts[:, None])[:, 0]  # (k,) draft probability of each draft
+    # Keep draft i with probability min(1, p / q); strictly below, so a token the target never picks is never kept.
+    kept = torch.rand_like(p) * q < p  # (k,)
+    n = kept.long().cumprod(0).sum()  # () drafts kept before the first rejection
+    # The token after a rejection comes from max(0, p - q): the mass the target puts on tokens beyond what the
+    # draft already offered. After k kept drafts it comes from p itself: a zero draft row at index k makes both
+    # one formula. (index_select, not [n]: indexing by a tensor's value would make the host read it.)
+    residual = (target_probs - F.pad(draft_probs, (0, 0, 0, 1))).clamp(min=0).index_select(0, n[None])  # (1, vocab)
+    # With p = q up to rounding nothing is left over (and a rejection is all but impossible): then use p.
+    residual = torch.where(residual.sum() > 0, residual, target_probs.index_select(0, n[None]))
+    token = sample_from(residual)[0]  # (1,)
+    slots = torch.arange(k + 1, device=drafts.device)
+    return n, torch.where(slots == n, token, F.pad(drafts, (0, 1)))
+
+
+def verify(model: Transformer, tokens: Tensor, input_pos: Tensor, row_start: Tensor, draft_probs: Tensor,
+           s: Sampling) -> tuple[Tensor, Tensor]:
+    """The target's check of k drafts in one forward. tokens (1, k + 1): the last token already chosen, then the
+    drafts, at cache slots input_pos (k + 1,); draft_probs (k, vocab) as in accept_drafts, which gives the result."""
+    logits = model(tokens, input_pos, row_start)  # (1, k + 1, vocab)
+    return accept_drafts(tokens[0, 1:], draft_probs, probabilities(logits[0], s))
+
+
+class DraftModel:
+    """Proposes k tokens by running a smaller model of the same vocabulary (or a quantized copy of the target) k
+    steps ahead. Its cache mirrors the target's: slots of rejected drafts are overwritten by the next round."""
+
+    def __init__(self, model: Transformer, k: int, sampling: Sampling, step_fn: Callable = draft_one_token,
+                 prefill_fn: Callable = prefill):
+        self.model, self.k, self.sampling, self.step_fn, self.prefill_fn = model, k, sampling, step_fn, prefill_fn
+
+    def prefill(self, idx: Tensor, input_pos: Tensor, row_start: Tensor):
+        self.prefill_fn(self.model, idx, input_pos, row_start, self.sampling)  # fills the cache; its token is unused
+
+    def propose(self, token: Tensor, input_pos: Tensor, row_start: Tensor, history: list) -> tuple[Tensor, Tensor]:
+        """token (1, 1), the last token chosen, at cache slot input_pos (1,) -> drafts (1, k), their distributions (k, vocab)."""
+        drafts, probs = [], []
+        for i in range(self.k):
+            token, p = self.step_fn(self.model, token, input_pos + i, row_start, self.sampling)
+            token = token.clone()  # clone: CUDA graphs reuse outputs
+            drafts.append(token)
+            probs.append(p.clone())
+        return torch.cat(drafts, dim=1), torch.cat(probs)
+
+    def accepted(self, n: int, drafts: Tensor, input_pos: Tensor, row_start: Tensor):
+        """The target kept n drafts of the round that began at slot input_pos."""
+        if n == self.k:  # the last draft was drawn but never fed back: its cache slot is still empty
+            self.step_fn(self.model, drafts[:, -1:], input_pos + self.k, row_start, self.sampling)
+
+
+class PromptLookup:
+    """Proposes the k tokens that followed the most recent earlier occurrence of the last n tokens of the prompt
+    and generated text, with no draft model: summaries, code edits and answers that quote the prompt repeat it."""
+
+    def __init__(self, n: int, k: int, vocab_size: int, device: torch.device):
+        self.n, self.k, self.vocab_size, self.device = n, k, vocab_size, device
+        self.latest, self.indexed = {}, 0
+
+    def prefill(self, *_):
+        self.latest = {}  # n-gram -> where its latest occurrence with a token after it starts
+        self.indexed = 0  # the n-grams starting before this index of the history are in `latest`
+
+    def lookup(self, history: list) -> list:
+        n = self.n
+        for i in range(self.indexed, len(history) - n):  # each n-gram that has a token after it, once
+            self.latest[tuple(history[i:i + n])] = i
+        self.indexed = max(self.indexed, len(history) - n)
+        start = self.latest.get(tuple(history[-n:]))
+        if start is None:
+            return history[-1:] * self.k  # nothing to copy: a guess that costs nothing
+        # What followed; copying on past its end repeats it, as the text has repeated so far.
+        follow = history[start + n:]
+        return [follow[i % len(follow)] for i in range(self.k)]
+
+    def propose(self, token: Tensor, input_pos: Tensor, row_start: Tensor, history: list) -> tuple[Tensor, Tensor]:
+        drafts = torch.tensor([self.lookup(history)], dtype=torch.long, device=self.device)  # (1, k)
+        return drafts, F.one_hot(drafts[0], self.vocab_size).float()  # a sure guess: all its mass on one token
+
+    def accepted(self, *_):
+        pass
+
+
+@torch.inference_mode()
+def speculative_generate(model: Transformer, proposer, prompt: list, max_new_tokens: int, sampling: Sampling,
+                         eos_ids=(), prefill_fn: Callable = prefill, verify_fn: Callable = verify,
+                         on_tokens: Optional[Callable] = None) -> Generation:
+    """generate() for one prompt, up to proposer.k + 1 tokens per target forward. Each round the proposer
+    (DraftModel or PromptLookup) guesses k tokens after the last chosen one, the target verifies them all at
+    once, and the host reads how many it kept (the round's one sync)."""
+    device = model.tok_embeddings.weight.device
+    k, T = proposer.k, len(prompt)
+    assert T + max_new_tokens + k - 1 <= model.max_seq_length, "setup_caches() too small: a round writes k slots ahead"
+    idx = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
+    row_start = torch.zeros(1, dtype=torch.long, device=device)
+    history, row, eos = list(prompt), [], set(eos_ids)
+    accepted_lengths = [0] * (k + 1)
+
+    def take(tokens: list) -> bool:
+        """Record new tokens up to an end-of-sequence token or max_new_tokens; True once generation is over."""
+        for tok in tokens:
+            history.append(tok)
+            if on_tokens is not None:
+                on_tokens([tok])
+            if tok in eos:
+                return True
+            row.append(tok)
+            if len(history) - T == max_new_tokens:
+                return True
+        return False
+
+    start = time.perf_counter()
+    positions = torch.arange(T, device=device)
+    token = prefill_fn(model, idx, positions, row_start, sampling)  # (1, 1)
+    done = take(token.view(-1).tolist())
+    ttft = time.perf_counter() - start
+    proposer.prefill(idx, positions, row_start)  # after the first token is out: the draft's prefill is decode time
+    input_pos = torch.tensor([T], dtype=torch.long, device=device)  # (1,) cache slot of `token`
+    offsets = torch.arange(k + 1, device=device)
+    while not done:
+        drafts, draft_probs = proposer.propose(token, input_pos, row_start, history)  # (1, k), (k, vocab)
+        n, new = verify_fn(model, torch.cat([token, drafts], dim=1), input_pos + offsets, row_start, draft_probs, sampling)
+        result = torch.cat([n[None], new])  # (k + 2,), a copy: CUDA graphs reuse their outputs
+        n, *new = result.tolist()  # the round's one sync
+        accepted_lengths[n] += 1
+        proposer.accepted(n, drafts, input_pos, row_start)
+        token = result[n + 1:n + 2].view(1, 1)  # the target's own token: the next round starts from it
+        input_pos += n + 1
+        done = take(new[:n + 1])
+    synchronize(device)
+    decode_s = time.perf_counter() - start - ttft
+    return Generation([row], len(history) - T, T, ttft, decode_s, sum(accepted_lengths), accepted_lengths)
+
+
+def speculation_metrics(accepted_lengths: list) -> dict:
+    """Acceptance statistics of speculative rounds; accepted_lengths[n] counts the rounds that kept n drafts."""
+    rounds, k = sum(accepted_lengths), len(accepted_lengths) - 1
+    kept = sum(n * count for n, count in enumerate(accepted_lengths))
+    return dict(acceptance_rate=kept / (k * rounds) if rounds else None,
+                tokens_per_verify=(kept + rounds) / rounds if rounds else None,  # kept drafts + the target's own token
+                accepted_lengths=accepted_lengths)
+
+
 # ---- the command line -------------------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Generate text with a gpt-blitz checkpoint (or random weights, to benchmark).")
     p.add_argument("--checkpoint_path", type=Path, help="checkpoint folder, or the weights file inside it")
     p.add_argument("--random_weights", metavar="NAME", help="build the named config (model.py CONFIGS) with random weights on the device")
+    p.add_argument("--random_quantization", choices=tp.RANDOM_QUANTIZATIONS, help="with --random_weights: quantize the random "
+                   "weights as quantize.py would (int4.g32: int4 in groups of 32), one layer at a time on the device")
     p.add_argument("--prompt", action="append", help="prompt text, or an integer N for a synthetic prompt of N tokens; "
                    "repeat the flag for a batch of different prompts (default: 'Hello, my name is', or 5 tokens with --random_weights)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
@@ -175,8 +362,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile_prefill", action="store_true", help="also compile the prefill (dynamic shapes)")
     p.add_argument("--profile", type=Path, help="write a torch.profiler trace of the last sample to this path")
     p.add_argument("--json", type=Path, help="write the metrics of every sample to this JSON file")
-    p.add_argument("--draft_checkpoint_path", type=Path, help="speculative decoding draft model (not yet supported)")
-    p.add_argument("--speculate_k", type=int, default=None, help="tokens the draft proposes per step (not yet supported)")
+    p.add_argument("--draft_checkpoint_path", type=Path, help="speculative decoding: a draft model sharing the target's tokenizer "
+                   "(a smaller model of the family, or a quantized copy of the target)")
+    p.add_argument("--speculate_ngram", type=int, metavar="N", help="speculative decoding without a draft model: propose the "
+                   "tokens that followed the last earlier occurrence of the last N tokens (prompt lookup)")
+    p.add_argument("--speculate_k", type=int, default=None, help=f"tokens proposed per target forward (default {DEFAULT_SPECULATE_K})")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                    help="weights and activations (default: bfloat16 on GPU, float32 on CPU)")
@@ -187,6 +377,8 @@ def check_args(args):
     """Reject bad combinations up front, each with one clear sentence (raised as ValueError)."""
     if (args.checkpoint_path is None) == (args.random_weights is None):
         raise ValueError("give exactly one of --checkpoint_path and --random_weights")
+    if args.random_quantization and not args.random_weights:
+        raise ValueError("--random_quantization goes with --random_weights (a checkpoint records its own quantization)")
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -195,8 +387,7 @@ def check_args(args):
         raise ValueError(f"--top_k must be >= 1, got {args.top_k}")
     if args.max_new_tokens < 1 or args.num_samples < 1 or args.batch_size < 1:
         raise ValueError("--max_new_tokens, --num_samples and --batch_size must be >= 1")
-    if args.draft_checkpoint_path is not None or args.speculate_k is not None:
-        raise ValueError("speculative decoding (--draft_checkpoint_path, --speculate_k) is not yet supported")
+    check_speculation_args(args)
     if args.prompt and len(args.prompt) > 1 and args.batch_size > 1:
         raise ValueError("give either several --prompt flags or --batch_size, not both")
     if args.interactive and args.random_weights:
@@ -210,6 +401,73 @@ def check_args(args):
         raise ValueError(f"--device: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: this PyTorch build sees no CUDA GPU")
+
+
+def speculating(args) -> bool:
+    return args.draft_checkpoint_path is not None or args.speculate_ngram is not None
+
+
+def speculate_k(args) -> int:
+    return DEFAULT_SPECULATE_K if args.speculate_k is None else args.speculate_k
+
+
+def check_speculation_args(args):
+    if args.draft_checkpoint_path is not None and args.speculate_ngram is not None:
+        raise ValueError("give --draft_checkpoint_path or --speculate_ngram, not both")
+    if args.speculate_k is not None and not speculating(args):
+        raise ValueError("--speculate_k needs a proposer: --draft_checkpoint_path or --speculate_ngram")
+    if args.speculate_k is not None and args.speculate_k < 1:
+        raise ValueError(f"--speculate_k must be >= 1, got {args.speculate_k}")
+    if args.speculate_ngram is not None and args.speculate_ngram < 1:
+        raise ValueError(f"--speculate_ngram must be >= 1, got {args.speculate_ngram}")
+    if speculating(args) and (args.batch_size > 1 or args.prompt and len(args.prompt) > 1):
+        raise ValueError("speculative decoding generates one sequence at a time: use --batch_size 1 and one --prompt")
+
+
+def check_draft(path: Path, tokenizer, config: ModelArgs) -> ModelArgs:
+    """The draft's config, once its vocabulary is known to be the target's (before any weights load)."""
+    from tokenizer import load_tokenizer
+    folder, draft_config = read_config(path)
+    if draft_config.vocab_size != config.vocab_size:
+        raise ValueError(f"the draft {path} has a vocabulary of {draft_config.vocab_size} tokens, the target "
+                         f"{config.vocab_size}: speculative decoding needs a draft with the target's tokenizer")
+    try:
+        draft_tokenizer = load_tokenizer(folder)
+    except FileNotFoundError:  # weights without tokenizer files: the vocabulary size is all there is to check
+        return draft_config
+    if tokenizer is not None and draft_tokenizer.encode(TOKENIZER_PROBE) != tokenizer.encode(TOKENIZER_PROBE):
+        raise ValueError(f"the draft {path} tokenizes text differently from the target: speculative decoding needs "
+                         "a draft with the target's tokenizer")
+    return draft_config
+
+
+def speculation_limits(args, tokenizer, config: ModelArgs) -> tuple[int, int]:
+    """(context, slack): the tokens a prompt and its generation may fill, and the cache slots beyond them
+    that a speculative round may write (k - 1: a round may start at the next-to-last token and write k slots
+    past it)."""
+    if not speculating(args):
+        return config.block_size, 0
+    context = config.block_size
+    if args.draft_checkpoint_path is not None:
+        context = min(context, check_draft(args.draft_checkpoint_path, tokenizer, config).block_size)
+    slack = speculate_k(args) - 1
+    return context - slack, slack
+
+
+def load_proposer(args, config: ModelArgs, device: torch.device, dtype, sampling: Sampling, prefill_fn: Callable,
+                  step_fn: Callable, cache_length: int):
+    """The proposer the flags ask for, with the draft model loaded and its cache allocated; None without speculation."""
+    k = speculate_k(args)
+    if args.speculate_ngram is not None:
+        return PromptLookup(args.speculate_ngram, k, config.vocab_size, device)
+    if args.draft_checkpoint_path is None:
+        return None
+    t0 = time.perf_counter()
+    draft, _ = load_checkpoint(args.draft_checkpoint_path, device, dtype)
+    draft.eval().setup_caches(max_batch_size=1, max_seq_length=cache_length)
+    synchronize(device)
+    print(f"Loaded draft {args.draft_checkpoint_path} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    return DraftModel(draft, k, sampling, step_fn, prefill_fn)
 
 
 def load_tokenizer_and_config(args):
@@ -267,9 +525,19 @@ def metrics(gen: Generation, model_bytes: int, device: torch.device) -> dict:
         decode_tok_s=decode_tokens / decode_s,  # over the whole batch
         # Weights are read once per forward pass, whatever the batch (also for the one step that may run
         # past an end-of-sequence token before the host sees it).
-        bandwidth_gb_s=model_bytes * gen.decode_steps / decode_s / 1e9,
+        bandwidth_gb_s=model_bytes * gen.decode_steps / decode_s / 1e9,  # speculative: the target's verifies only
         peak_memory_gb=peak_memory_gb(device),
+        **(speculation_metrics(gen.accepted_lengths) if gen.accepted_lengths is not None else {}),
     )
+
+
+def describe_speculation(m: dict) -> str:
+    if m["acceptance_rate"] is None:
+        return "speculative decoding: no rounds (the first token ended the sample)"
+    k = len(m["accepted_lengths"]) - 1
+    histogram = ", ".join(f"{n}: {count}" for n, count in enumerate(m["accepted_lengths"]))
+    return (f"speculative decoding: {m['acceptance_rate']:.1%} of {k} drafts accepted, {m['tokens_per_verify']:.2f} "
+            f"tokens per target forward, rounds by drafts kept {{{histogram}}}")
 
 
 class Printer:
@@ -299,6 +567,15 @@ def compile_functions(args):
     return prefill_fn, decode_fn
 
 
+def compile_speculation(args):
+    """The draft step and the target's verify, each compiled into one CUDA graph with --compile (the verify at
+    its fixed shape (1, k + 1)); call after compile_functions, which sets the compiler's options."""
+    if not args.compile:
+        return draft_one_token, verify
+    return (torch.compile(draft_one_token, mode="reduce-overhead", fullgraph=True),
+            torch.compile(verify, mode="reduce-overhead", fullgraph=True, dynamic=False))  # a graph per k, none symbolic
+
+
 def run(args):
     check_args(args)
     device = torch.device(args.device)
@@ -306,8 +583,11 @@ def run(args):
     torch.manual_seed(args.seed)
 
     tokenizer, config = load_tokenizer_and_config(args)
+    if tp.world_size() > 1:  # under torchrun: the model must split over the processes; this process's GPU
+        device = tp.start(args, config, device)
+    context, slack = speculation_limits(args, tokenizer, config)  # a draft's vocabulary is checked before any weights load
     prompts = encode_prompts(args, tokenizer, config.vocab_size) if not args.interactive else [[0]]
-    longest, context = max(len(p) for p in prompts), config.block_size
+    longest = max(len(p) for p in prompts)
     if longest >= context:
         raise ValueError(f"the prompt has {longest} tokens but the model's context is {context} tokens")
     max_new = min(args.max_new_tokens, context - longest)
@@ -315,7 +595,9 @@ def run(args):
         print(f"note: generating {max_new} tokens, all that fit the {context}-token context", file=sys.stderr)
 
     t0 = time.perf_counter()
-    if args.random_weights:
+    if tp.world_size() > 1 or args.random_quantization:
+        model = tp.load_model(args, device, dtype)  # this process's part of the model, read straight from its slices
+    elif args.random_weights:
         model = random_model(args.random_weights, device, dtype)
     else:
         model, _ = load_checkpoint(args.checkpoint_path, device, dtype)
@@ -325,15 +607,20 @@ def run(args):
     # Interactive prompts are unknown up front: size the cache for a generous conversation turn, not for the
     # whole context (131k positions for Llama-3.1 would cost gigabytes and slow every decode step).
     max_seq = min(context, 4096) if args.interactive else longest + max_new
-    model.setup_caches(max_batch_size=len(prompts), max_seq_length=max_seq)
+    model.setup_caches(max_batch_size=len(prompts), max_seq_length=max_seq + slack)
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     prefill_fn, decode_fn = compile_functions(args)
+    draft_fn, verify_fn = compile_speculation(args)
+    proposer = load_proposer(args, config, device, dtype, sampling, prefill_fn, draft_fn, max_seq + slack)
     eos_ids = tokenizer.eos_ids if tokenizer is not None else []
 
     def one_sample(prompts, stream: bool, max_new: int = max_new):
         printer = Printer(tokenizer, stream and len(prompts) == 1)
-        gen = generate(model, prompts, max_new, sampling, eos_ids, prefill_fn, decode_fn, printer)
+        if proposer is None:
+            gen = generate(model, prompts, max_new, sampling, eos_ids, prefill_fn, decode_fn, printer)
+        else:
+            gen = speculative_generate(model, proposer, prompts[0], max_new, sampling, eos_ids, prefill_fn, verify_fn, printer)
         printer.close()
         return gen
 
@@ -365,12 +652,19 @@ def run_samples(args, prompts: list, one_sample: Callable, tokenizer, model_byte
         print(f"Sample {i}: {sum(m['new_tokens'])} tokens, time to first token {m['ttft_s'] * 1000:.1f} ms, "
               f"prefill {m['prefill_tok_s']:.1f} tok/s, decode {m['decode_tok_s']:.2f} tok/s, "
               f"{m['bandwidth_gb_s']:.1f} GB/s, peak memory {m['peak_memory_gb']:.2f} GB", file=sys.stderr)
+        if "accepted_lengths" in m:
+            print(f"Sample {i}: {describe_speculation(m)}", file=sys.stderr)
     summary = {k: sum(r[k] for r in results) / len(results) for k in ("ttft_s", "decode_tok_s", "bandwidth_gb_s")}
+    per_gpu = f" per GPU, tensor parallel over {tp.world_size()}" if tp.world_size() > 1 else ""  # each rank's part
     print(f"Average over {len(results)} samples: decode {summary['decode_tok_s']:.2f} tok/s, "
-          f"{summary['bandwidth_gb_s']:.1f} GB/s, model {model_bytes / 1e9:.2f} GB", file=sys.stderr)
+          f"{summary['bandwidth_gb_s']:.1f} GB/s, model {model_bytes / 1e9:.2f} GB{per_gpu}", file=sys.stderr)
+    if "accepted_lengths" in results[0]:  # pooled over the rounds of every sample
+        summary.update(speculation_metrics([sum(n) for n in zip(*(r["accepted_lengths"] for r in results))]))
+        print(f"All {len(results)} samples: {describe_speculation(summary)}", file=sys.stderr)
     if args.json:
         write_json(args.json, dict(args={k: str(v) for k, v in vars(args).items()}, device=device_name(device),
                                    torch=torch.__version__, model_bytes=model_bytes, compile_s=compile_s,
+                                   tensor_parallel=tp.world_size(),  # model_bytes and GB/s are per GPU
                                    samples=results, average=summary))
 
 
@@ -400,11 +694,8 @@ def write_json(path: Path, data: dict):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        run(args)
-    except (OSError, ValueError) as e:  # bad input: one line, no traceback (CheckpointError is a ValueError)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    tp.quiet_other_ranks()  # under torchrun only rank 0 prints
+    exit_on_bad_input(run, args)
 
 
 if __name__ == "__main__":

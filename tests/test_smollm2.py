@@ -66,7 +66,7 @@ def test_generate_cli_prints_the_answer_and_metrics(compile_flags, smollm2_check
     (["--random_weights", "stories15M", "--top_p", "0"], ["--top_p"]),
     (["--random_weights", "stories15M", "--top_p", "1.5"], ["--top_p"]),
     (["--random_weights", "stories15M", "--temperature", "-1"], ["--temperature"]),
-    (["--random_weights", "stories15M", "--speculate_k", "4"], ["not yet supported"]),
+    (["--random_weights", "stories15M", "--speculate_k", "4"], ["--speculate_k needs"]),
     (["--random_weights", "stories15M", "--prompt", "hello"], ["needs a tokenizer"]),
     (["--random_weights", "stories15M", "--prompt", "0"], ["no tokens"]),
     (["--random_weights", "stories15M", "--json", "no/such/folder/m.json"], ["--json", "does not exist"]),

@@ -1,0 +1,284 @@
+"""tp.py: tensor parallelism. How each rank's part of a checkpoint is cut (in this process, no process group),
+quantize-then-split against split-then-quantize, and then the real thing: 2 or 3 processes under torchrun
+(gloo on the CPU) against one process, for logits, compiled greedy decoding and generate.py's text and errors.
+
+Run as a script (by torchrun, from the tests below) this file is the worker that computes logits under TP."""
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, assert_one_error_line, run_script
+from model import ModelArgs, Transformer, load_checkpoint, save_checkpoint
+
+TINY = dict(dim=64, n_layer=2, n_head=4, vocab_size=97, intermediate_size=128, block_size=64)
+# Multi-head and grouped-query attention, with and without q/k/v bias. The vocabularies of 97 do not divide by 2
+# (the last rank's output rows are padded); one config ties its output layer to the embedding.
+CONFIGS = {
+    "mha": dict(n_kv_heads=4),
+    "mha-bias": dict(n_kv_heads=4, attention_bias=True, vocab_size=96),
+    "gqa": dict(n_kv_heads=2, vocab_size=96),
+    "gqa-bias-tied": dict(n_kv_heads=2, attention_bias=True, tie_embeddings=True),
+}
+QUANTIZED = {"int8": ["--mode", "int8"], "int4": ["--mode", "int4", "--groupsize", "32"]}  # of gqa-bias-tied
+TORCHRUN = ("-m", "torch.distributed.run", "--standalone")
+QUIET = {"OMP_NUM_THREADS": "1"}  # else torchrun prints a note about it to stderr
+PROMPTS = [[5, 17, 3, 44, 9, 61, 2, 30], [8, 8, 70, 1, 13, 52, 6, 25]]  # (2, 8)
+DECODED = [[11, 12], [40, 41], [90, 3]]  # fed one position at a time after the prompts
+
+
+def save_tiny(folder, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    args = ModelArgs(**{**TINY, **overrides})
+    model = Transformer(args)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if "norm" in name else 0.0, 0.1)  # norms too, so that their (replicated) scales matter
+    save_checkpoint(folder, args, model.state_dict())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory) -> dict:
+    """{name: weights file} for every CONFIGS entry and the int8 / int4 copies of gqa-bias-tied."""
+    import quantize
+    root = tmp_path_factory.mktemp("tp")
+    paths = {name: save_tiny(root / name, i, **cfg) / "model.safetensors" for i, (name, cfg) in enumerate(CONFIGS.items())}
+    for mode, flags in QUANTIZED.items():
+        out = root / "gqa-bias-tied" / f"model_{mode}.pth"
+        quantize.main(["--checkpoint_path", str(paths["gqa-bias-tied"]), *flags, "--out", str(out)])
+        paths[mode] = out
+    return paths
+
+
+@torch.no_grad()
+def logits_of(model) -> torch.Tensor:
+    """Logits (2, 11, vocab) of PROMPTS prefilled at once, then DECODED one position at a time."""
+    device = model.tok_embeddings.weight.device
+    model.setup_caches(2, 16)
+    steps = [model(torch.tensor(PROMPTS, device=device), torch.arange(8, device=device))]
+    for t, tokens in enumerate(DECODED):
+        steps.append(model(torch.tensor(tokens, device=device)[:, None], torch.tensor([8 + t], device=device)))
+    return torch.cat(steps, dim=1).cpu()
+
+
+def greedy_tokens(model, decode_fn=None) -> torch.Tensor:
+    """6 greedy tokens after each of PROMPTS through generate.py's loop: (2, 6)."""
+    import generate
+    model.setup_caches(2, 8 + 6)
+    kwargs = {} if decode_fn is None else {"decode_fn": decode_fn}
+    return torch.tensor(generate.generate(model, PROMPTS, 6, generate.Sampling(temperature=0), **kwargs).tokens)
+
+
+# ---- cutting a checkpoint into parts (no processes needed) ---------------------------------------------------
+
+def test_each_rank_gets_a_share_of_the_heads_kv_heads_and_ffn_width():
+    import tp
+    args = ModelArgs(**{**TINY, "n_kv_heads": 2})
+    part = tp.shard_args(args, 2)
+    assert (part.n_head, part.n_kv_heads, part.intermediate_size) == (2, 1, 64)
+    assert (part.dim, part.head_dim, part.vocab_size) == (args.dim, args.head_dim, args.vocab_size)
+
+
+def test_heads_that_do_not_divide_are_refused_with_the_process_counts_that_fit():
+    import tp
+    smollm2 = ModelArgs.from_name("SmolLM2-135M")  # 9 heads, 3 KV heads
+    with pytest.raises(ValueError, match=r"attention heads \(9\), KV heads \(3\).* splits over 1, 3 processes"):
+        tp.shard_args(smollm2, 2)
+
+
+def test_the_ranks_parts_put_together_are_the_checkpoint(tiny_checkpoints):
+    import tp
+    path = tiny_checkpoints["gqa-bias-tied"]
+    whole, _ = load_checkpoint(path)
+    parts = [tp.load_shard(path, rank, 2, "cpu") for rank in range(2)]
+    a = whole.args
+    q, kv = a.n_head * a.head_dim, a.n_kv_heads * a.head_dim
+    for i in range(a.n_layer):
+        layer, halves = whole.layers[i], [p.layers[i] for p in parts]
+        for name in ("weight", "bias"):  # each rank: its heads' q rows, then its kv heads' k rows, then v rows
+            splits = [getattr(h.attention.wqkv, name).split([q // 2, kv // 2, kv // 2]) for h in halves]
+            full = getattr(layer.attention.wqkv, name).split([q, kv, kv])
+            for j in range(3):
+                assert torch.equal(torch.cat([s[j] for s in splits]), full[j])
+        gates_ups = [h.feed_forward.w13.weight.chunk(2) for h in halves]  # each rank: its gate rows, then its up rows
+        for j, full in enumerate(layer.feed_forward.w13.weight.chunk(2)):
+            assert torch.equal(torch.cat([g[j] for g in gates_ups]), full)
+        assert torch.equal(torch.cat([h.attention.wo.weight for h in halves], dim=1), layer.attention.wo.weight)
+        assert torch.equal(torch.cat([h.feed_forward.w2.weight for h in halves], dim=1), layer.feed_forward.w2.weight)
+        assert torch.equal(halves[1].ffn_norm.weight, layer.ffn_norm.weight)  # replicated
+    # The tied output layer: vocabulary rows 0-48 and 49-96, the second part padded with one zero row.
+    out = torch.cat([p.output.weight for p in parts])
+    assert out.shape == (98, a.dim) and torch.equal(out[:97], whole.tok_embeddings.weight) and not out[97].any()
+    assert torch.equal(parts[1].tok_embeddings.weight, whole.tok_embeddings.weight)
+
+
+def test_quantize_then_split_equals_split_then_quantize(tiny_checkpoints):
+    """Every int4 layer (groups fall on the split), and int8's column-parallel layers (scales are per row): the
+    stored tensors of a rank's part of the quantized file are those of its quantized float part. int8's
+    row-parallel layers keep the whole row's scale: they are the columns of the quantized file, exactly."""
+    import quantize
+    import tp
+    for mode, groupsize in (("int4", 32), ("int8", None)):
+        whole, _ = load_checkpoint(tiny_checkpoints[mode])
+        for rank in range(2):
+            float_part = tp.load_shard(tiny_checkpoints["gqa-bias-tied"], rank, 2, "cpu")
+            quantized_part = tp.load_shard(tiny_checkpoints[mode], rank, 2, "cpu")
+            for name in ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2"):
+                layer = quantized_part.layers[1].get_submodule(name)
+                if mode == "int8" and name in tp.ROW_PARALLEL:
+                    full = whole.layers[1].get_submodule(name)
+                    columns = full.weight.shape[1] // 2
+                    assert torch.equal(layer.weight, full.weight[:, rank * columns:(rank + 1) * columns])
+                    assert torch.equal(layer.scales, full.scales)
+                    continue
+                w = float_part.layers[1].get_submodule(name).weight
+                for key, expected in quantize.quantize_weight(mode, w, groupsize).items():
+                    assert torch.equal(getattr(layer, key), expected), f"{mode} {name}.{key}"
+
+
+def test_int4_groups_that_a_split_would_cut_are_refused():
+    import tp
+    args = ModelArgs(**{**TINY, "n_kv_heads": 2})  # wo: 64 input columns, 32 per rank
+    tp.check_quantization(args, {"groupsize": 32}, 2)
+    with pytest.raises(ValueError, match="attention.wo's 64 input columns into 32 per process, which is not whole int4 groups of 64"):
+        tp.check_quantization(args, {"groupsize": 64}, 2)
+    tp.check_quantization(args, {"groupsize": 128}, 1)  # one process pads K to whole groups instead
+
+
+def test_random_quantized_weights_are_quantize_pys_layers_on_each_rank():
+    import quantize
+    import tp
+    part = tp.random_shard("stories15M", "int8", 2, "cpu", torch.float32)
+    int8 = {name for name, m in part.named_modules() if isinstance(m, quantize.Int8Linear)}
+    assert int8 == set(quantize.linear_names(part.args, include_output=True))  # int8's default: the output layer too
+    assert part.layers[0].attention.wqkv.out_features == 3 * 288 // 2  # its half of the 6 heads' q, k and v
+    logits = logits_of(part)  # no collectives: this rank's partial sums, finite
+    assert logits.shape == (2, 11, 32000 // 2) and logits.isfinite().all()
+    with pytest.raises(ValueError, match="144 per process, which is not whole int4 groups of 32"):
+        tp.random_shard("stories15M", "int4.g32", 2, "cpu", torch.float32)  # as a real checkpoint would be
+
+
+def test_random_quantization_goes_with_random_weights(tmp_path, capsys):
+    import generate
+    with pytest.raises(SystemExit):  # refused before the checkpoint is even looked for
+        generate.main(["--checkpoint_path", str(tmp_path), "--random_quantization", "int8"])
+    assert_one_error_line(capsys.readouterr().err, "--random_quantization goes with --random_weights")
+
+
+# ---- under torchrun ---------------------------------------------------------------------------------------
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=two_gpus)])
+def test_two_processes_give_the_logits_and_greedy_tokens_of_one(tiny_checkpoints, tmp_path, device):
+    names = list(tiny_checkpoints)
+    r = run_script(*TORCHRUN, "--nproc_per_node=2", "tests/test_tp.py", tmp_path, device,
+                   *(tiny_checkpoints[name] for name in names), env=QUIET)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # float32 on the CPU: the split only sums in another order. A GPU's matmul kernels may reorder more.
+    atol = 1e-5 if device == "cpu" else 1e-4
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    for key, result in ranks[0].items():  # bit for bit: so every rank samples the same token
+        assert torch.equal(result, ranks[1][key]), key
+    for name in names:
+        one, _ = load_checkpoint(tiny_checkpoints[name], device)
+        for output in ("", "replicated output "):  # the output layer split by vocabulary, or whole on each rank
+            torch.testing.assert_close(ranks[0][f"{output}{tiny_checkpoints[name]}"], logits_of(one), atol=atol, rtol=0,
+                                       msg=f"{output}{name}")
+    # The decode step compiled as generate.py --compile does (one CUDA graph on a GPU) picks under TP the tokens that
+    # one process picks, eagerly; `one` is the last checkpoint, the one the worker compiled.
+    assert ranks[0]["compiled_tokens"].tolist() == greedy_tokens(one).tolist()
+
+
+def smollm2_run(checkpoint, *flags, processes: int = 1):
+    launch = (*TORCHRUN, f"--nproc_per_node={processes}") if processes > 1 else ()
+    return run_script(*launch, "generate.py", "--checkpoint_path", checkpoint, "--prompt", "The capital of France is",
+                      "--temperature", "0", "--max_new_tokens", "12", "--num_samples", "1", *flags, env=QUIET)
+
+
+@pytest.fixture(scope="module")
+def smollm2_text(smollm2_checkpoint) -> str:
+    """SmolLM2's greedy text in one process, without speculation."""
+    r = smollm2_run(smollm2_checkpoint)
+    assert r.returncode == 0 and "Paris" in r.stdout, r.stderr[-3000:]
+    return r.stdout
+
+
+@pytest.mark.parametrize("speculation", ["none", "draft"])
+def test_generate_under_torchrun_prints_the_greedy_text_of_one_process_once(smollm2_checkpoint, smollm2_text, speculation):
+    # SmolLM2-135M's 9 heads and 3 KV heads split over 3 processes. The draft (here the model itself, so that it
+    # is all the checkpoint there is) is replicated: every rank runs a whole copy of it.
+    flags = ["--draft_checkpoint_path", smollm2_checkpoint, "--speculate_k", "3"] if speculation == "draft" else []
+    r = smollm2_run(smollm2_checkpoint, *flags, processes=3)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout == smollm2_text  # rank 0 alone prints it
+    assert r.stderr.count("Sample 0: 12 tokens") == 1 and r.stderr.count("Loaded ") == 1 + (speculation == "draft")
+    assert "per GPU, tensor parallel over 3" in r.stderr
+
+
+def test_generate_under_torchrun_refuses_heads_that_do_not_divide_in_one_line(smollm2_checkpoint):
+    r = smollm2_run(smollm2_checkpoint, processes=2)
+    assert r.returncode == 1
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "attention heads (9), KV heads (3)" in errors[0] and "1, 3 processes" in errors[0], r.stderr
+    # It comes first, and no traceback of ours follows: the rest is torchrun's own report of a process that exited 1.
+    assert r.stderr.splitlines()[0] == errors[0]
+    assert str(ROOT / "generate.py") not in r.stderr and str(ROOT / "tp.py") not in r.stderr
+
+
+def test_random_weights_under_torchrun_report_the_bytes_each_gpu_reads(tmp_path):
+    import generate
+    from model import random_model
+    r = run_script(*TORCHRUN, "--nproc_per_node=2", "generate.py", "--random_weights", "stories15M", "--max_new_tokens", "4",
+                   "--num_samples", "1", "--json", tmp_path / "m.json", env=QUIET)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("Sample 0:") == 1
+    per_gpu = json.loads((tmp_path / "m.json").read_text())["model_bytes"]
+    whole = random_model("stories15M", "cpu", torch.float32)
+    norms = sum(p.numel() * p.element_size() for name, p in whole.named_parameters() if "norm" in name)
+    # Each GPU reads half of every split weight (the output layer's too) and a whole copy of the norms.
+    assert per_gpu == (generate.weight_bytes_per_step(whole) - norms) / 2 + norms
+
+
+# ---- the worker that the torchrun tests start -----------------------------------------------------------------
+
+def worker(out_dir: str, device_type: str, checkpoints: list):
+    """Each rank: TP logits of every checkpoint, then greedy tokens of the last one through the decode step
+    compiled as generate.py --compile compiles it; saved for the test to compare."""
+    import torch.distributed as dist
+    import generate
+    import tp
+    rank, world = tp.rank(), tp.world_size()
+    device = tp.init_process_group(torch.device(device_type))
+    results = {}
+    for path in checkpoints:
+        model = tp.parallelize(tp.load_shard(path, rank, world, device), rank, world, dist.group.WORLD)
+        results[path] = logits_of(model)
+    decode = torch.compile(generate.decode_one_token, mode="reduce-overhead", fullgraph=True)
+    results["compiled_tokens"] = greedy_tokens(model, decode)
+    tp.SHARD_OUTPUT = False  # what TP_OUTPUT=replicated sets: a whole output layer on every rank
+    for path in checkpoints:
+        model = tp.parallelize(tp.load_shard(path, rank, world, device), rank, world, dist.group.WORLD)
+        results[f"replicated output {path}"] = logits_of(model)
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1], sys.argv[2], sys.argv[3:])
+
+
+def test_eval_perplexity_under_torchrun_equals_one_process(smollm2_checkpoint, tmp_path):
+    # eval.py shards through the same tp.load_model; every rank scores the same windows, rank 0 reports.
+    def perplexity(processes: int) -> float:
+        launch = (*TORCHRUN, f"--nproc_per_node={processes}") if processes > 1 else ()
+        out = tmp_path / f"ppl{processes}.json"
+        r = run_script(*launch, "eval.py", "--checkpoint_path", smollm2_checkpoint, "--limit", "200",
+                       "--max_seq_length", "128", "--output", out, env=QUIET)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.count("perplexity") == 1  # printed by rank 0 only
+        return json.loads(out.read_text())["perplexity"]["perplexity"]
+
+    assert perplexity(3) == pytest.approx(perplexity(1), rel=1e-5)
