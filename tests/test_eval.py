@@ -1,0 +1,240 @@
+"""eval.py: perplexity against transformers on the same windows, the lm-eval model's loglikelihoods against
+transformers, a small local multiple-choice task end to end through `eval.py --tasks` (lm_eval's own evaluator
+and dataset loader), generate_until's stop strings, and one-line errors for bad input. The real model is
+SmolLM2-135M-Instruct."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT, assert_one_error_line, run_script
+from eval import EvalModel, default_text, harness_model, perplexity, rolling_windows
+from generate import Sampling, generate
+from model import load_checkpoint
+from tokenizer import load_tokenizer
+
+DATA = ROOT / "tests" / "data"  # capitals.yaml: lm-eval's local `json` dataset config for capitals.jsonl
+CAPITALS_CHOICES = 4
+
+
+@pytest.fixture(scope="module")
+def hf_smollm2(smollm2_gguf):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def smollm2_eval(smollm2_checkpoint):
+    model, folder = load_checkpoint(smollm2_checkpoint, dtype=torch.float32)
+    return EvalModel(model.eval(), load_tokenizer(folder), max_seq_length=256, batch_size=4)
+
+
+@torch.no_grad()
+def hf_logprob(hf, tokens: list, n_scored: int) -> tuple[float, bool]:
+    """log P(last n_scored tokens | the tokens before them) and whether each is the argmax, by transformers."""
+    logits = hf(torch.tensor([tokens])).logits[0, -n_scored - 1:-1]  # (n_scored, vocab)
+    logprobs = F.log_softmax(logits, dim=-1)
+    targets = torch.tensor(tokens[-n_scored:])
+    return logprobs.gather(-1, targets[:, None]).sum().item(), bool((logprobs.argmax(-1) == targets).all())
+
+
+# ---- 1. perplexity ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_tokens, max_seq_length, stride", [(1, 8, 4), (2, 8, 4), (9, 8, 4), (10, 8, 4),
+                                                              (50, 8, 3), (50, 8, 8), (50, 8, 1), (7, 16, 8)])
+def test_rolling_windows_score_every_token_once_with_enough_context(n_tokens, max_seq_length, stride):
+    windows = rolling_windows(n_tokens, max_seq_length, stride)
+    scored = []
+    for start, end, n in windows:
+        assert 0 <= start and end - 1 - start <= max_seq_length and 1 <= n <= end - start - 1
+        for target in range(end - n, end):
+            scored.append(target)
+            assert target - start >= min(target, max_seq_length - stride + 1)  # context before the target
+    assert scored == list(range(1, n_tokens))  # each token but the first, once, in order
+    assert len({end - start for start, end, _ in windows}) <= 1  # one shape: batches need no padding
+
+
+def test_perplexity_matches_transformers_on_the_same_windows(smollm2_checkpoint, hf_smollm2, tmp_path):
+    text = default_text()[1][:6000]
+    (tmp_path / "text.txt").write_text(text)
+    limit, max_seq_length, stride = 700, 256, 96
+    r = run_script("eval.py", "--checkpoint_path", smollm2_checkpoint, "--text_file", tmp_path / "text.txt",
+                   "--limit", limit, "--max_seq_length", max_seq_length, "--stride", stride, "--batch_size", 3,
+                   "--device", "cpu", "--output", tmp_path / "out.json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ours = json.loads((tmp_path / "out.json").read_text())["perplexity"]
+    assert f"perplexity {ours['perplexity']:.4f}" in r.stdout and "bits per byte" in r.stdout
+
+    ids = load_tokenizer(smollm2_checkpoint).encode(text)[:limit]
+    windows = rolling_windows(len(ids), max_seq_length, stride)
+    assert len(windows) == ours["windows"] == 6  # 256 scored, then 96 at a time, the last 59
+    nll = -sum(hf_logprob(hf_smollm2, ids[start:end], n)[0] for start, end, n in windows)
+    reference = math.exp(nll / (limit - 1))
+    print(f"perplexity: ours {ours['perplexity']:.4f}, transformers {reference:.4f}")
+    assert ours["tokens"] == limit and ours["scored_tokens"] == limit - 1
+    assert ours["perplexity"] == pytest.approx(reference, rel=5e-3)
+    assert 5 < reference < 50  # real English and Python text, not a broken model
+    predicted_text = load_tokenizer(smollm2_checkpoint).decode(ids[1:])
+    assert ours["bytes"] == len(predicted_text.encode("utf-8"))  # byte-level BPE: pieces decode independently
+    assert ours["bits_per_byte"] == pytest.approx(nll / math.log(2) / ours["bytes"], rel=5e-3)
+
+
+def test_perplexity_of_a_quantized_checkpoint_is_close_to_float(smollm2_eval, smollm2_checkpoint, tmp_path):
+    folder = tmp_path / "SmolLM2"  # links to the shared fixture's files, so the quantized file lands apart
+    folder.mkdir()
+    for source in smollm2_checkpoint.iterdir():
+        (folder / source.name).symlink_to(source)
+    r = run_script("quantize.py", "--checkpoint_path", folder, "--mode", "int8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_script("eval.py", "--checkpoint_path", folder / "model_int8.pth", "--limit", 600, "--max_seq_length", 256,
+                   "--device", "cpu", "--output", tmp_path / "out.json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    int8 = json.loads((tmp_path / "out.json").read_text())
+    assert int8["quantization"] == "int8"
+    ids = smollm2_eval.tokenizer.encode(default_text()[1])[:600]  # the same text, windows and stride (default 128)
+    float32 = perplexity(smollm2_eval, ids, stride=128)["perplexity"]
+    print(f"perplexity: float32 {float32:.4f}, int8 {int8['perplexity']['perplexity']:.4f}")
+    # Measured +0.79 % here (+0.27 % on 2048 tokens in one window); a broken layer or scale gives +100 % and more.
+    assert int8["perplexity"]["perplexity"] == pytest.approx(float32, rel=0.02)
+
+
+# ---- 2. the lm-eval model ---------------------------------------------------------------------------------
+
+PAIRS = [  # (context, continuation): word-boundary spaces belong to the continuation, as lm-eval asks
+    ("The capital of France is", " Paris"),
+    ("Question: What is the capital of Japan?\nAnswer:", " Tokyo"),
+    ("def add(a, b):\n", "    return a + b"),
+    ("I like to eat apples and", " bananas because they are sweet and cheap."),
+    ("The capital of Italy is ", "Rome"),  # a trailing space moves into the continuation
+    ("", "Hello world"),  # no context: the prefix token (BOS) stands in
+]
+
+
+def test_loglikelihoods_match_transformers(smollm2_eval, hf_smollm2):
+    from lm_eval.api.instance import Instance
+    lm = harness_model(smollm2_eval)
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(PAIRS)]
+    ours = lm.loglikelihood(requests)  # batches of 4 rows of different lengths: left padding
+    tokenizer = smollm2_eval.tokenizer
+    for (context, continuation), (logprob, greedy) in zip(PAIRS, ours):
+        if context:
+            tokens = tokenizer.encode(context + continuation)
+            n_scored = len(tokens) - len(tokenizer.encode(context.rstrip()))
+        else:
+            tokens = [tokenizer.bos_id] + tokenizer.encode(continuation)
+            n_scored = len(tokens) - 1
+        expected, expected_greedy = hf_logprob(hf_smollm2, tokens, n_scored)
+        print(f"{context!r:55} {continuation!r:45} ours {logprob:9.4f} transformers {expected:9.4f}")
+        assert logprob == pytest.approx(expected, abs=1e-3)
+        assert greedy == expected_greedy
+    assert ours[0][1], "' Paris' after 'The capital of France is' is the greedy continuation"
+
+
+def test_capitals_task_runs_through_eval_py_clearly_above_chance(smollm2_checkpoint, tmp_path):
+    """lm-eval reads the task's questions from tests/data/capitals.jsonl (its own `json` dataset loader, offline),
+    asks our model for the loglikelihood of each choice and scores the answers."""
+    r = run_script("eval.py", "--checkpoint_path", smollm2_checkpoint, "--tasks", "capitals", "--include_path",
+                   "tests/data", "--batch_size", 16, "--device", "cpu", "--output", tmp_path / "out.json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "capitals" in r.stdout and "acc" in r.stdout  # lm-eval's results table
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert "perplexity" not in report  # with --tasks, perplexity only runs when --text_file asks for it
+    capitals = report["tasks"]["results"]["capitals"]
+    print(f"capitals: acc {capitals['acc,none']:.3f} acc_norm {capitals['acc_norm,none']:.3f} "
+          f"over {capitals['sample_len']} questions, chance {1 / CAPITALS_CHOICES:.2f}")
+    assert capitals["sample_len"] == len((DATA / "capitals.jsonl").read_text().splitlines())
+    # Measured 0.630 (29 of 46); chance is 0.25. A model that ignored the question would sit near chance.
+    assert capitals["acc,none"] >= 1 / CAPITALS_CHOICES + 0.25
+
+
+def test_loglikelihood_rolling_scores_every_token_of_a_long_text(smollm2_eval, hf_smollm2):
+    """Longer than max_seq_length (256), so the text is cut into windows; the first token follows the prefix."""
+    from lm_eval.api.instance import Instance
+    import pydoc_data.topics
+    text = pydoc_data.topics.topics["assert"][:1500]
+    [ours] = harness_model(smollm2_eval).loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    tokenizer = smollm2_eval.tokenizer
+    tokens = [tokenizer.bos_id] + tokenizer.encode(text)
+    assert len(tokens) > 256 + 1
+    windows = rolling_windows(len(tokens), 256, 256)
+    expected = sum(hf_logprob(hf_smollm2, tokens[start:end], n)[0] for start, end, n in windows)
+    assert ours == pytest.approx(expected, abs=1e-3 * len(windows))
+
+
+# ---- 3. generate_until ------------------------------------------------------------------------------------
+
+def test_generate_until_stops_at_the_requested_stop_strings(smollm2_eval):
+    from lm_eval.api.instance import Instance
+    tokenizer = smollm2_eval.tokenizer
+    decode_steps = 0
+    decode_fn = smollm2_eval.decode_fn
+
+    def counting_decode(*args):
+        nonlocal decode_steps
+        decode_steps += 1
+        return decode_fn(*args)
+
+    def greedy_alone(prompt: str, max_new: int) -> str:
+        ids = tokenizer.encode(prompt)
+        smollm2_eval.fit_cache(len(ids) + max_new)
+        return tokenizer.decode(generate(smollm2_eval.model, [ids], max_new, Sampling(temperature=0),
+                                         tokenizer.eos_ids).tokens[0])
+
+    # Greedy, alone: " Paris.\n\nThe answer..." / " a single, unyielding thread.\n..." / " Madrid.\n\nThe Spanish..."
+    prompts = ["The capital of France is", "Water is made of", "The capital of Spain is"]
+    # "ing thr" starts inside one token and ends inside another: stops are matched on the decoded text.
+    stops, max_new = ["\n", "ing thr"], 24
+    requests = [Instance("generate_until", {}, (p, {"until": stops, "max_gen_toks": max_new}), i)
+                for i, p in enumerate(prompts)]
+    requests.append(Instance("generate_until", {}, (prompts[0], {"until": ["never appears"], "max_gen_toks": 12}), 3))
+    smollm2_eval.decode_fn = counting_decode
+    try:
+        outputs = harness_model(smollm2_eval).generate_until(requests)  # one batch per set of kwargs
+    finally:
+        smollm2_eval.decode_fn = decode_fn
+    stopped_by = set()
+    for prompt, output in zip(prompts, outputs):
+        alone = greedy_alone(prompt, max_new)
+        print(f"{prompt!r}: {output!r} (alone: {alone!r})")
+        cut = min(alone.index(s) for s in stops if s in alone)
+        assert output == alone[:cut] and output.strip()  # cut right before the first stop string
+        stopped_by |= {s for s in stops if alone[cut:].startswith(s)}
+    assert stopped_by == set(stops) and "Paris" in outputs[0]
+    assert outputs[3] == greedy_alone(prompts[0], 12)  # no stop string: all max_gen_toks tokens
+    # The first batch ended once every row had a stop string, long before its max_new tokens.
+    assert decode_steps < max_new - 1
+
+
+# ---- 4. bad input -----------------------------------------------------------------------------------------
+
+def test_bad_input_gives_one_error_line(smollm2_checkpoint, tmp_path):
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "missing_data.yaml").write_text((DATA / "capitals.yaml").read_text().replace(
+        "task: capitals", "task: capitals_missing").replace("tests/data/capitals.jsonl", str(tmp_path / "nowhere.jsonl")))
+    cases = [
+        (["--text_file", tmp_path / "nowhere.txt"], ["--text_file", "not found"]),
+        (["--text_file", tmp_path / "empty.txt"], ["--text_file", "empty"]),
+        (["--text_file", tmp_path / "latin1.txt"], ["not UTF-8"]),
+        (["--stride", 600, "--max_seq_length", 512], ["--stride"]),
+        (["--max_seq_length", 100000], ["--max_seq_length", "8192"]),
+        (["--output", tmp_path / "no/such/out.json"], ["--output", "does not exist"]),
+        (["--tasks", "no_such_task_xyz"], ["unknown task", "no_such_task_xyz"]),
+        (["--tasks", "capitals_missing", "--include_path", tmp_path], ["cannot load task capitals_missing"]),
+    ]
+    for args, words in cases:
+        r = run_script("eval.py", "--checkpoint_path", smollm2_checkpoint, "--device", "cpu", *args)
+        assert r.returncode == 1, (args, r.stderr[-2000:])
+        assert_one_error_line(r.stderr, *words)
+
+
+def test_missing_lm_eval_gives_one_error_line(smollm2_checkpoint, tmp_path):
+    blocked = tmp_path / "lm_eval"  # found first on PYTHONPATH: lm_eval as if it were not installed
+    blocked.mkdir()
+    (blocked / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'lm_eval'\", name='lm_eval')\n")
+    r = run_script("eval.py", "--checkpoint_path", smollm2_checkpoint, "--tasks", "hellaswag",
+                   env={"PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 1
+    assert_one_error_line(r.stderr, "pip install lm_eval")
