@@ -14,10 +14,11 @@ which records the quantization scheme; `read_config` prefers that sidecar.
 import json
 import math
 import os
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -277,6 +278,16 @@ def error_summary(e: Exception) -> str:
 
 
 WEIGHT_FILES = ("model.safetensors", "model.pth")
+
+
+def exit_on_bad_input(run: Callable, args):
+    """A script's run(args), where bad input (OSError, ValueError: CheckpointError is one) ends in one
+    `error: ...` line and exit status 1 instead of a traceback."""
+    try:
+        return run(args)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def resolve_checkpoint(path) -> tuple[Path, Path]:

@@ -68,7 +68,6 @@ time, after the move to the device, so a file quantized on one device loads on a
 import argparse
 import json
 import re
-import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -80,7 +79,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels import gemv_available, scaled_gemv
-from model import (CheckpointError, ModelArgs, Transformer, atomic_path, error_summary, load_state_dict, read_config,
+from model import (CheckpointError, ModelArgs, Transformer, atomic_path, error_summary, exit_on_bad_input, load_state_dict, read_config,
                    read_quantization, resolve_checkpoint)
 
 FORMAT = 1  # version of the file layout above; a loader refuses versions it does not know
@@ -756,11 +755,7 @@ def run(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        run(args)
-    except (OSError, ValueError) as e:  # bad input: one line, no traceback (CheckpointError is a ValueError)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    exit_on_bad_input(run, args)
 
 
 if __name__ == "__main__":
