@@ -180,13 +180,14 @@ class EvalModel:
 
     def _generate_batch(self, contexts: list, kwargs: dict) -> list:
         until = kwargs.get("until") or []
-        until = [until] if isinstance(until, str) else list(until)
+        until = [s for s in ([until] if isinstance(until, str) else until) if s]  # "" would stop at once
         max_new = min(int(kwargs.get("max_gen_toks", 256)), self.max_seq_length - 1)
         keep = self.max_seq_length - max_new  # contexts lose their beginning, never the end
         prompts = [(self.tokenizer.encode(c) or [self.prefix_token])[-keep:] for c in contexts]
         sampling = Sampling(temperature=0)
         if kwargs.get("do_sample") and kwargs.get("temperature", 1.0) > 0:
-            sampling = Sampling(kwargs.get("temperature", 1.0), kwargs.get("top_k"), kwargs.get("top_p"))
+            top_k = kwargs.get("top_k") or None  # Hugging Face's top_k=0 means no top-k
+            sampling = Sampling(kwargs.get("temperature", 1.0), top_k if top_k is None or top_k > 0 else None, kwargs.get("top_p"))
         rows = [[] for _ in prompts]
         done = [False] * len(prompts)
         eos = set(self.tokenizer.eos_ids)
@@ -213,7 +214,7 @@ class EvalModel:
 
 def cut_at_stop_strings(text: str, until: list) -> str:
     """text up to (not including) the earliest occurrence of any stop string."""
-    return text[:min([text.index(s) for s in until if s and s in text], default=len(text))]
+    return text[:min([text.index(s) for s in until if s in text], default=len(text))]
 
 
 # ---- perplexity -------------------------------------------------------------------------------------------

@@ -451,6 +451,8 @@ def speculation_limits(args, tokenizer, config: ModelArgs) -> tuple[int, int]:
     if args.draft_checkpoint_path is not None:
         context = min(context, check_draft(args.draft_checkpoint_path, tokenizer, config).block_size)
     slack = speculate_k(args) - 1
+    if slack >= context - 1:
+        raise ValueError(f"--speculate_k {speculate_k(args)} does not fit the model's {context}-token context")
     return context - slack, slack
 
 

@@ -37,8 +37,10 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
             x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + row_start[:, None] + k[None, :], mask=row_ok[:, None] & (k[None, :] < K))
-            acc += w.to(tl.float32) * x[None, :]  # (BLOCK_N, BLOCK_K): one reduction at the end, not per step
+            in_bounds = row_ok[:, None] & (k[None, :] < K)
+            # Masked-off lanes are undefined, and as fp8 bits could be NaN (NaN * 0 is NaN): zero them in registers.
+            w = tl.where(in_bounds, tl.load(w_ptr + row_start[:, None] + k[None, :], mask=in_bounds).to(tl.float32), 0.0)
+            acc += w * x[None, :]  # (BLOCK_N, BLOCK_K): one reduction at the end, not per step
         scales = tl.load(s_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + rows, (tl.sum(acc, axis=1) * scales).to(y_ptr.dtype.element_ty), mask=row_ok)
 

@@ -207,6 +207,20 @@ def test_generate_until_stops_at_the_requested_stop_strings(smollm2_eval):
     assert decode_steps < max_new - 1
 
 
+def test_generate_until_ignores_empty_stop_strings_and_hugging_faces_top_k_zero(smollm2_eval):
+    # Task configs write `until: [""]` or `top_k: 0` (Hugging Face's "no top-k"): neither may end or break generation.
+    from lm_eval.api.instance import Instance
+    prompt = "The capital of France is"
+    with_empty, without = ([Instance("generate_until", {}, (prompt, {"until": until, "max_gen_toks": 8}), 0)]
+                           for until in (["", "\n"], ["\n"]))
+    sampled = [Instance("generate_until", {}, (prompt, {"until": [], "max_gen_toks": 8, "do_sample": True,
+                                                        "temperature": 0.5, "top_k": 0}), 0)]
+    model = harness_model(smollm2_eval)
+    answer = model.generate_until(without)[0]
+    assert len(answer) > len(" Paris") and model.generate_until(with_empty)[0] == answer  # not cut after one token
+    assert model.generate_until(sampled)[0].strip()
+
+
 # ---- 4. bad input -----------------------------------------------------------------------------------------
 
 def test_bad_input_gives_one_error_line(smollm2_checkpoint, tmp_path):

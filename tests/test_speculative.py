@@ -323,11 +323,13 @@ RANDOM_TARGET = ["--random_weights", "stories15M"]  # no weights are made before
     (RANDOM_TARGET + ["--speculate_ngram", "3", "--batch_size", "2"], ["one sequence at a time"]),
     (RANDOM_TARGET + ["--speculate_ngram", "3", "--speculate_k", "0"], ["--speculate_k must be >= 1"]),
     (RANDOM_TARGET + ["--speculate_ngram", "0"], ["--speculate_ngram must be >= 1"]),
+    (RANDOM_TARGET + ["--speculate_ngram", "3", "--speculate_k", "300"], ["--speculate_k 300", "256-token context"]),
     (RANDOM_TARGET + ["--speculate_k", "4"], ["--speculate_k needs"]),
     (RANDOM_TARGET + ["--speculate_ngram", "3", "--draft_checkpoint_path", "SMOLLM2"], ["not both"]),
     (RANDOM_TARGET + ["--draft_checkpoint_path", "SMOLLM2"], ["vocabulary of 49152 tokens", "target 32000"]),
     (["--checkpoint_path", "SMOLLM2", "--draft_checkpoint_path", "PERMUTED"], ["tokenizes text differently"]),
-], ids=["batch", "k-zero", "ngram-zero", "k-without-proposer", "two-proposers", "other-vocabulary", "other-tokenizer"])
+], ids=["batch", "k-zero", "ngram-zero", "k-over-context", "k-without-proposer", "two-proposers", "other-vocabulary",
+        "other-tokenizer"])
 def test_bad_speculation_input_gives_one_error_line(args, words, smollm2_checkpoint, tmp_path):
     paths = {"SMOLLM2": smollm2_checkpoint, "PERMUTED": tmp_path / "permuted"}
     if "PERMUTED" in args:
