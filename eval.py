@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from generate import Sampling, compile_functions, device_name, generate, synchronize, write_json
+from generate import Sampling, compile_functions, device_name, generate, resolve_dtype, synchronize, write_json
 from model import Transformer, error_summary, exit_on_bad_input, load_checkpoint, read_config, read_quantization
 import tp
 
@@ -393,7 +393,7 @@ def run(args) -> dict:
     folder, config = read_config(args.checkpoint_path)
     check_args(args, config.block_size)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = resolve_dtype(args.dtype, device)
     if tp.world_size() > 1:  # under torchrun: check the model splits, join the process group (only rank 0 prints)
         device = tp.start(args, config, device)
     from tokenizer import load_tokenizer

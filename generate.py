@@ -578,10 +578,15 @@ def compile_speculation(args):
             torch.compile(verify, mode="reduce-overhead", fullgraph=True, dynamic=False))  # a graph per k, none symbolic
 
 
+def resolve_dtype(name: Optional[str], device: torch.device) -> torch.dtype:
+    """--dtype, or by default bfloat16 on a GPU and float32 on the CPU."""
+    return getattr(torch, name) if name else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
 def run(args):
     check_args(args)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = resolve_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
 
     tokenizer, config = load_tokenizer_and_config(args)

@@ -416,10 +416,16 @@ def random_model(name: str, device, dtype) -> Transformer:
     model = model.to_empty(device=device)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    with torch.no_grad():
-        for name_, p in model.named_parameters():
-            if name_.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02)
+    return randomize_(model)
+
+
+@torch.no_grad()
+def randomize_(model: nn.Module, skip_layers=()) -> nn.Module:
+    """Fill the parameters in place: norm weights 1, the rest N(0, 0.02), except the parameters of the layers
+    named in skip_layers (quantized ones, which their caller fills)."""
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name.rpartition(".")[0] not in skip_layers:
+            p.normal_(0.0, 0.02)
     return model

@@ -39,8 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from model import (CheckpointError, ModelArgs, Transformer, config_file, error_summary, read_config, read_quantization,
-                   resolve_checkpoint)
+from model import (CheckpointError, ModelArgs, Transformer, config_file, error_summary, randomize_, read_config,
+                   read_quantization, resolve_checkpoint)
 
 COLUMN_PARALLEL = ("attention.wqkv", "feed_forward.w13")  # and the output layer, when SHARD_OUTPUT
 ROW_PARALLEL = ("attention.wo", "feed_forward.w2")
@@ -285,11 +285,7 @@ def random_shard(name: str, precision: Optional[str], world: int, device, dtype)
     model = empty_shard(args, quantization, world).to(dtype)  # cast on meta: no float32 copy is ever allocated
     model = model.to_empty(device=device)
     quantized = quantization["layers"] if quantization is not None else []
-    for param_name, p in model.named_parameters():
-        if param_name.endswith("norm.weight"):
-            p.fill_(1.0)
-        elif param_name.rpartition(".")[0] not in quantized:
-            p.normal_(0.0, 0.02)
+    randomize_(model, skip_layers=quantized)
     for layer in quantized:
         module = model.get_submodule(layer)
         w = torch.empty(module.out_features, module.in_features, device=device, dtype=dtype).normal_(0.0, 0.02)
