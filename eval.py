@@ -85,7 +85,7 @@ class EvalModel:
         Attention reads every slot of the cache, so short requests in a 2048-slot cache would spend most of their
         time on empty slots. Requests come longest first, so a call reallocates only a few times."""
         size = min(self.max_seq_length, max(64, 1 << (length - 1).bit_length()))
-        if size != self.model.max_seq_length:
+        if not size <= self.model.max_seq_length < size + 8:  # setup_caches rounds up to a multiple of 8
             self.model.setup_caches(max_batch_size=self.batch_size, max_seq_length=size)
 
     def encode_plain(self, text: str) -> list:

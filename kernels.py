@@ -3,14 +3,16 @@
 At batch 1 a linear layer is a matrix-vector product: each weight is read once and used once, so the kernel's
 only job is to stream the weights at full memory bandwidth. torch.compile's fusion of
 `F.linear(x, w_int8.to(bf16)) * scales` reads int8 weights at under half the copy bandwidth on an H100
-(BENCHMARKS.md); this kernel reads a (BLOCK_N, BLOCK_K) tile of weights per step, converts it in registers,
-multiplies by the matching slice of x and accumulates in float32, reducing over K only once at the end.
-Autotuning picks the tile shape per layer shape on the first call. The weights are int8 (quantize.Int8Linear)
-or fp8 e4m3 (quantize.Fp8Linear), with one scale per output row.
+(BENCHMARKS.md). This kernel reads the one-byte weights as int32 words of four (wide loads), a (BLOCK_N rows,
+BLOCK_K4 words) tile per step, converts each byte in registers, multiplies by the matching x values and
+accumulates in float32, reducing over K once at the end. Autotuning picks the tile per layer shape on the first
+call. The weights are int8 (quantize.Int8Linear) or fp8 e4m3 (quantize.Fp8Linear), one scale per output row.
 
-Measured and not kept (BENCHMARKS.md, issue 4): a version of this kernel taking up to 8 rows of activations
-(slower at one row), a Triton int4 GEMV (slower than PyTorch's tinygemm), and a split-K attention over the
-filled part of the KV cache (no faster than F.scaled_dot_product_attention, even 4000 tokens in).
+Measured and not kept (BENCHMARKS.md, issue 4): reading one byte per lane (the previous version: 15 % slower
+end to end), converting int8 to float with exponent bit tricks instead of conversion instructions (no faster:
+the conversions are not the bottleneck), split-K on 4096 x 4096 layers, a version taking up to 8 rows of
+activations (slower at one row), a Triton int4 GEMV (slower than PyTorch's tinygemm), and a split-K attention
+over the filled part of the KV cache (no faster than F.scaled_dot_product_attention, even 4000 tokens in).
 
 The callers keep a plain PyTorch path (prefill, batches, CPU), which is also the reference the kernel is
 checked against: `check_kernels` on the GPU (scripts/bench.py runs it first), tests/test_kernels.py in
@@ -28,48 +30,92 @@ except ImportError:  # CPU-only installs: the callers then keep their PyTorch pa
 
 if triton is not None:
     @triton.jit
-    def scaled_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """y[n] = scales[n] * sum_k x[k] * w[n, k] for BLOCK_N rows n; w int8 or fp8 (N, K) row-major."""
+    def byte_to_float(words, j: tl.constexpr, FP8: tl.constexpr):
+        """Byte j of each int32 word as float32: an fp8 e4m3 bit pattern, or an int8 value."""
+        if FP8:
+            return ((words >> (8 * j)) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        return ((words << (24 - 8 * j)) >> 24).to(tl.float32)  # byte j to the top, then an arithmetic shift down
+
+    @triton.jit
+    def scaled_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K4, WORDS_PER_SPLIT, FP8: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K4: tl.constexpr):
+        """y[split, n] = scales[n] * sum over the split's columns k of x[k] * w[n, k], for BLOCK_N rows n. The
+        one-byte weights (int8 or fp8) are read as int32 words of four: w_ptr is (N, K4) row-major, K = 4 K4;
+        split s (program_id 1) takes words [s * WORDS_PER_SPLIT, (s + 1) * WORDS_PER_SPLIT)."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         row_ok = rows < N
-        row_start = rows.to(tl.int64) * K  # int64: N * K passes 2**31 in the largest models
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
-            x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-            in_bounds = row_ok[:, None] & (k[None, :] < K)
-            # Masked-off lanes are undefined, and as fp8 bits could be NaN (NaN * 0 is NaN): zero them in registers.
-            w = tl.where(in_bounds, tl.load(w_ptr + row_start[:, None] + k[None, :], mask=in_bounds).to(tl.float32), 0.0)
-            acc += w * x[None, :]  # (BLOCK_N, BLOCK_K): one reduction at the end, not per step
+        row_start = rows.to(tl.int64) * K4  # int64: N * K passes 2**31 in the largest models
+        first = tl.program_id(1) * WORDS_PER_SPLIT
+        last = tl.minimum(first + WORDS_PER_SPLIT, K4)
+        acc = tl.zeros((BLOCK_N, BLOCK_K4), dtype=tl.float32)
+        for c0 in range(0, WORDS_PER_SPLIT, BLOCK_K4):
+            c = first + c0 + tl.arange(0, BLOCK_K4)  # (BLOCK_K4,) word columns
+            c_ok = c < last
+            # Masked-off words read as 0: weight 0 (int8) or +0.0 (fp8), never an undefined NaN pattern.
+            words = tl.load(w_ptr + row_start[:, None] + c[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0)
+            for j in tl.static_range(4):  # byte j of word c is column 4c + j
+                w = byte_to_float(words, j, FP8)  # (BLOCK_N, BLOCK_K4)
+                x = tl.load(x_ptr + 4 * c + j, mask=c_ok, other=0.0).to(tl.float32)  # (BLOCK_K4,)
+                acc += w * x[None, :]  # one reduction over k at the end, not per step
         scales = tl.load(s_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + rows, (tl.sum(acc, axis=1) * scales).to(y_ptr.dtype.element_ty), mask=row_ok)
+        y = tl.sum(acc, axis=1) * scales  # (BLOCK_N,)
+        tl.store(y_ptr + tl.program_id(1) * N + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
-    # Few rows per program keep enough programs in flight to cover all SMs even for 4096-row layers. (A wider
-    # search, up to 64 rows by 1024 columns, picked no faster tiles on an H100: BENCHMARKS.md.)
-    GEMV_CONFIGS = [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=w)
-                    for n, k, w in ((8, 512, 4), (16, 256, 4), (16, 512, 4), (16, 1024, 8), (32, 256, 4), (32, 512, 8))]
-    scaled_gemv_tuned = triton.autotune(configs=GEMV_CONFIGS, key=["N", "K"])(scaled_gemv_kernel)
+    # The tiles that won a sweep of 48 (rows 2-16 x words 64-256 x 4/8 warps x 1/3 stages) on Llama-2-7B's
+    # layer shapes on an H100 (BENCHMARKS.md); autotuning picks among them per shape on the first call.
+    GEMV_CONFIGS = [triton.Config(dict(BLOCK_N=n, BLOCK_K4=k), num_warps=w, num_stages=3)
+                    for n in (4, 8, 16) for k in (128, 256) for w in (4, 8)]
+    scaled_gemv_tuned = triton.autotune(configs=GEMV_CONFIGS, key=["N", "K4", "WORDS_PER_SPLIT", "FP8"])(scaled_gemv_kernel)
+
+# A layer with few output rows and a long K (Llama-2-7B's down projection: 4096 x 11008) gives too few programs
+# to keep every SM's loads in flight, so its K is split into parts of at most SPLIT_COLUMNS, one program each
+# per row block, and the caller adds the partial sums: at most MAX_SPLIT terms, which torch.compile unrolls
+# into the next kernel. Measured on an H100: 4096 x 11008 split in 2 is 7 % faster than whole rows; 4096 x 4096
+# is fastest whole (splitting it in 4 cost 30 %), as are the layers of 12288 rows and more.
+SPLIT_MAX_ROWS, SPLIT_COLUMNS, MAX_SPLIT = 8192, 8192, 8
+SPLIT_ALIGN_WORDS = 256  # splits start on whole tiles of every config (BLOCK_K4 divides it)
 
 
-@torch.library.custom_op("blitz::scaled_gemv", mutates_args=())
+def split_k_for(n_rows: int, n_columns: int) -> int:
+    return 1 if n_rows > SPLIT_MAX_ROWS else min(MAX_SPLIT, -(-n_columns // SPLIT_COLUMNS))
+
+
+def words_per_split(n_columns: int, split_k: int) -> int:
+    words = -(-n_columns // 4 // split_k)
+    return words if split_k == 1 else -(-words // SPLIT_ALIGN_WORDS) * SPLIT_ALIGN_WORDS
+
+
+@torch.library.custom_op("blitz::scaled_gemv_partials", mutates_args=())
+def scaled_gemv_partials(x: Tensor, weight: Tensor, scales: Tensor, split_k: int) -> Tensor:
+    """x's K values times one-byte weights (N, K) (int8 or float8_e4m3fn, K a multiple of 4), scaled per row:
+    (split_k, N) partial sums, in x's dtype when split_k is 1, else in float32."""
+    N, K = weight.shape
+    y = torch.empty(split_k, N, dtype=x.dtype if split_k == 1 else torch.float32, device=x.device)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split_k)  # noqa: E731
+    scaled_gemv_tuned[grid](x.contiguous(), weight.view(torch.int32), scales, y, N, K // 4, words_per_split(K, split_k),
+                            FP8=weight.dtype == torch.float8_e4m3fn)
+    return y
+
+
+@scaled_gemv_partials.register_fake
+def _(x: Tensor, weight: Tensor, scales: Tensor, split_k: int) -> Tensor:
+    return x.new_empty(split_k, weight.shape[0], dtype=x.dtype if split_k == 1 else torch.float32)
+
+
 def scaled_gemv(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
     """x (K,) or (1, ..., K) times int8 or float8_e4m3fn weight (N, K), scaled per output row by scales (N,):
     (..., N) in x's dtype."""
     N, K = weight.shape
-    assert x.numel() == K, f"scaled_gemv takes one row of activations, got {tuple(x.shape)}"
-    y = torch.empty(N, dtype=x.dtype, device=x.device)
-    scaled_gemv_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](x.contiguous(), weight, scales, y, N, K)
+    assert x.numel() == K and K % 4 == 0, f"scaled_gemv takes one row of activations of a multiple of 4, got {tuple(x.shape)}"
+    split_k = split_k_for(N, K)
+    y = scaled_gemv_partials(x, weight, scales, split_k)  # (split_k, N)
+    y = y[0] if split_k == 1 else y.sum(0).to(x.dtype)  # (N,)
     return y.view(*x.shape[:-1], N)
 
 
-@scaled_gemv.register_fake
-def _(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
 def gemv_available(x: Tensor) -> bool:
-    """The kernel serves one row of activations on a CUDA device, when Triton is installed."""
-    return triton is not None and x.is_cuda and x.numel() == x.shape[-1]
+    """The kernel serves one row of activations (of a multiple of 4 values) on a CUDA device, when Triton is installed."""
+    return triton is not None and x.is_cuda and x.numel() == x.shape[-1] and x.shape[-1] % 4 == 0
 
 
 def scaled_gemv_reference(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:

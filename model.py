@@ -194,6 +194,10 @@ class Transformer(nn.Module):
     def setup_caches(self, max_batch_size: int, max_seq_length: int):
         """Allocate the KV cache and rotary table once; later forwards write into them in place."""
         assert max_seq_length <= self.args.block_size, f"max_seq_length {max_seq_length} > block_size {self.args.block_size}"
+        # A multiple of 8 slots keeps the attention mask's rows aligned as the fused attention kernels need them;
+        # otherwise torch.compile makes an aligned copy of the mask for every layer (32 small kernels a decode step).
+        # The slots past the requested length are never written and always masked.
+        max_seq_length = min(-(-max_seq_length // 8) * 8, self.args.block_size)
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
         weight = self.tok_embeddings.weight
         for layer in self.layers:
@@ -218,7 +222,10 @@ class Transformer(nn.Module):
         real = slots[None, None, :] >= row_start[:, None, None]  # (B, 1, S): not left padding
         # A padding query attends to itself only, so no softmax row is empty (an empty row gives NaN).
         own = slots[None, None, :] == input_pos[None, :, None]
-        mask = (causal & (real | own)).unsqueeze(1)  # (B, 1, T, S)
+        allowed = (causal & (real | own)).unsqueeze(1)  # (B, 1, T, S)
+        # Additive, in the activations' dtype, made once here rather than converted from booleans in every layer.
+        dtype = self.tok_embeddings.weight.dtype
+        mask = torch.zeros_like(allowed, dtype=dtype).masked_fill(~allowed, float("-inf"))  # (B, 1, T, S)
 
         x = self.tok_embeddings(idx)  # (B, T, dim)
         for layer in self.layers:
