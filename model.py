@@ -194,9 +194,9 @@ class Transformer(nn.Module):
     def setup_caches(self, max_batch_size: int, max_seq_length: int):
         """Allocate the KV cache and rotary table once; later forwards write into them in place."""
         assert max_seq_length <= self.args.block_size, f"max_seq_length {max_seq_length} > block_size {self.args.block_size}"
-        # A multiple of 8 slots keeps the attention mask's rows aligned as the fused attention kernels need them;
-        # otherwise torch.compile makes an aligned copy of the mask for every layer (32 small kernels a decode step).
-        # The slots past the requested length are never written and always masked.
+        # A multiple of 8 slots keeps the attention mask's rows aligned as inductor's attention lowering asks;
+        # with 205 slots the decode profiles show a mask kernel in every layer (BENCHMARKS.md: its removal is not
+        # yet profiled). The slots past the requested length are never written and always masked.
         max_seq_length = min(-(-max_seq_length // 8) * 8, self.args.block_size)
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
         weight = self.tok_embeddings.weight

@@ -18,8 +18,8 @@ if [[ "${1:-}" == "--quick" ]]; then
   SUITE=quick PARTS=1
   shift
 fi
-# inductor starts up to 32 compile workers per process; four processes compiling at once would oversubscribe the
-# host while the others time their decode loops (one such run measured an int8 cell 12 % below its rerun).
+# inductor starts up to 32 compile workers per process; four processes compiling at once oversubscribe the host
+# while the others time their decode loops (in one such run an int8 cell measured 12 % below its reruns).
 export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(( $(nproc) / PARTS ))}
 OUT=${1:-bench_out}
 
