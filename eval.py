@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from generate import Sampling, compile_functions, device_name, generate, resolve_dtype, synchronize, write_json
+from generate import (Sampling, check_device, check_output_folders, compile_functions, device_name, generate, left_pad,
+                      resolve_dtype, synchronize, write_json)
 from model import Transformer, error_summary, exit_on_bad_input, load_checkpoint, read_config, read_quantization
 import tp
 
@@ -85,7 +86,7 @@ class EvalModel:
         Attention reads every slot of the cache, so short requests in a 2048-slot cache would spend most of their
         time on empty slots. Requests come longest first, so a call reallocates only a few times."""
         size = min(self.max_seq_length, max(64, 1 << (length - 1).bit_length()))
-        if not size <= self.model.max_seq_length < size + 8:  # setup_caches rounds up to a multiple of 8
+        if self.model.cache_length(size) != self.model.max_seq_length:
             self.model.setup_caches(max_batch_size=self.batch_size, max_seq_length=size)
 
     def encode_plain(self, text: str) -> list:
@@ -113,8 +114,7 @@ class EvalModel:
         T = max(len(x) for x in inputs)
         assert T <= self.max_seq_length, f"{T} input tokens do not fit max_seq_length {self.max_seq_length}"
         self.fit_cache(T)
-        idx = torch.tensor([[0] * (T - len(x)) + x for x in inputs], device=self.device)  # (B, T), left-padded
-        row_start = torch.tensor([T - len(x) for x in inputs], device=self.device)  # (B,)
+        idx, row_start = left_pad(inputs, self.device)  # (B, T), (B,)
         logits = self.forward(self.model, idx, torch.arange(T, device=self.device), row_start)  # (B, T, vocab)
         results = []
         for row, (tokens, n) in enumerate(requests):
@@ -185,9 +185,10 @@ class EvalModel:
         keep = self.max_seq_length - max_new  # contexts lose their beginning, never the end
         prompts = [(self.tokenizer.encode(c) or [self.prefix_token])[-keep:] for c in contexts]
         sampling = Sampling(temperature=0)
-        if kwargs.get("do_sample") and kwargs.get("temperature", 1.0) > 0:
-            top_k = kwargs.get("top_k") or None  # Hugging Face's top_k=0 means no top-k
-            sampling = Sampling(kwargs.get("temperature", 1.0), top_k if top_k is None or top_k > 0 else None, kwargs.get("top_p"))
+        temperature = kwargs.get("temperature", 1.0)
+        if kwargs.get("do_sample") and temperature > 0:
+            top_k = kwargs.get("top_k")  # Hugging Face's top_k=0 means no top-k
+            sampling = Sampling(temperature, top_k if top_k and top_k > 0 else None, kwargs.get("top_p"))
         rows = [[] for _ in prompts]
         done = [False] * len(prompts)
         eos = set(self.tokenizer.eos_ids)
@@ -369,14 +370,8 @@ def check_args(args, block_size: int):
     for folder in args.include_path:
         if not folder.is_dir():
             raise ValueError(f"--include_path: folder {folder} does not exist")
-    if args.output is not None and not args.output.resolve().parent.is_dir():
-        raise ValueError(f"--output: folder {args.output.resolve().parent} does not exist")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        raise ValueError(f"--device: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: this PyTorch build sees no CUDA GPU")
+    check_output_folders({"--output": args.output})
+    check_device(args.device)
 
 
 def load_model(args, device: torch.device, dtype: torch.dtype) -> Transformer:

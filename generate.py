@@ -121,6 +121,15 @@ def synchronize(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+def left_pad(seqs: list, device) -> tuple[Tensor, Tensor]:
+    """Sequences of ids of any lengths as one batch: idx (B, T) padded on the left with id 0, and row_start (B,),
+    where each row's real tokens begin (the model masks the padding and counts rotary positions from there)."""
+    T = max(len(s) for s in seqs)
+    idx = torch.tensor([[0] * (T - len(s)) + list(s) for s in seqs], dtype=torch.long, device=device)  # (B, T)
+    row_start = torch.tensor([T - len(s) for s in seqs], dtype=torch.long, device=device)  # (B,)
+    return idx, row_start
+
+
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list, max_new_tokens: int, sampling: Sampling, eos_ids=(),
              prefill_fn: Callable = prefill, decode_fn: Callable = decode_one_token,
@@ -132,8 +141,7 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, sampling: S
     device = model.tok_embeddings.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
     assert B <= model.max_batch_size and T + max_new_tokens <= model.max_seq_length, "setup_caches() too small"
-    idx = torch.tensor([[0] * (T - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)  # (B, T)
-    row_start = torch.tensor([T - len(p) for p in prompts], dtype=torch.long, device=device)  # (B,)
+    idx, row_start = left_pad(prompts, device)  # (B, T), (B,)
 
     rows = [[] for _ in range(B)]
     finished = [False] * B
@@ -204,9 +212,10 @@ def accept_drafts(drafts: Tensor, draft_probs: Tensor, target_probs: Tensor) -> 
     # The token after a rejection comes from max(0, p - q): the mass the target puts on tokens beyond what the
     # draft already offered. After k kept drafts it comes from p itself: a zero draft row at index k makes both
     # one formula. (index_select, not [n]: indexing by a tensor's value would make the host read it.)
-    residual = (target_probs - F.pad(draft_probs, (0, 0, 0, 1))).clamp(min=0).index_select(0, n[None])  # (1, vocab)
+    target_n = target_probs.index_select(0, n[None])  # (1, vocab)
+    residual = (target_n - F.pad(draft_probs, (0, 0, 0, 1)).index_select(0, n[None])).clamp(min=0)  # (1, vocab)
     # With p = q up to rounding nothing is left over (and a rejection is all but impossible): then use p.
-    residual = torch.where(residual.sum() > 0, residual, target_probs.index_select(0, n[None]))
+    residual = torch.where(residual.sum() > 0, residual, target_n)
     token = sample_from(residual)[0]  # (1,)
     slots = torch.arange(k + 1, device=drafts.device)
     return n, torch.where(slots == n, token, F.pad(drafts, (0, 1)))
@@ -253,7 +262,7 @@ class PromptLookup:
 
     def __init__(self, n: int, k: int, vocab_size: int, device: torch.device):
         self.n, self.k, self.vocab_size, self.device = n, k, vocab_size, device
-        self.latest, self.indexed = {}, 0
+        self.prefill()
 
     def prefill(self, *_):
         self.latest = {}  # n-gram -> where its latest occurrence with a token after it starts
@@ -392,11 +401,20 @@ def check_args(args):
         raise ValueError("give either several --prompt flags or --batch_size, not both")
     if args.interactive and args.random_weights:
         raise ValueError("--interactive needs --checkpoint_path (a tokenizer), not --random_weights")
-    for flag, path in (("--json", args.json), ("--profile", args.profile)):
+    check_output_folders({"--json": args.json, "--profile": args.profile})
+    check_device(args.device)
+
+
+def check_output_folders(paths: dict):
+    """Each given {flag: path} must be a file in an existing folder: checked before any work, not at the end."""
+    for flag, path in paths.items():
         if path is not None and not path.resolve().parent.is_dir():
             raise ValueError(f"{flag}: folder {path.resolve().parent} does not exist")
+
+
+def check_device(name: str):
     try:
-        device = torch.device(args.device)
+        device = torch.device(name)
     except RuntimeError as e:
         raise ValueError(f"--device: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -614,12 +632,13 @@ def run(args):
     # Interactive prompts are unknown up front: size the cache for a generous conversation turn, not for the
     # whole context (131k positions for Llama-3.1 would cost gigabytes and slow every decode step).
     max_seq = min(context, 4096) if args.interactive else longest + max_new
-    model.setup_caches(max_batch_size=len(prompts), max_seq_length=max_seq + slack)
+    cache_length = max_seq + slack  # the target's and the draft's caches alike
+    model.setup_caches(max_batch_size=len(prompts), max_seq_length=cache_length)
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     prefill_fn, decode_fn = compile_functions(args)
     draft_fn, verify_fn = compile_speculation(args)
-    proposer = load_proposer(args, config, device, dtype, sampling, prefill_fn, draft_fn, max_seq + slack)
+    proposer = load_proposer(args, config, device, dtype, sampling, prefill_fn, draft_fn, cache_length)
     eos_ids = tokenizer.eos_ids if tokenizer is not None else []
 
     def one_sample(prompts, stream: bool, max_new: int = max_new):

@@ -191,13 +191,17 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.max_batch_size = self.max_seq_length = -1
 
+    def cache_length(self, max_seq_length: int) -> int:
+        """The slots setup_caches allocates for sequences of up to max_seq_length tokens: a multiple of 8 keeps the
+        attention mask's rows aligned as inductor's attention lowering asks (with 205 slots the decode profiles show
+        a mask kernel in every layer; BENCHMARKS.md: its removal is not yet profiled). The slots past the requested
+        length are never written and always masked."""
+        return min(-(-max_seq_length // 8) * 8, self.args.block_size)
+
     def setup_caches(self, max_batch_size: int, max_seq_length: int):
         """Allocate the KV cache and rotary table once; later forwards write into them in place."""
         assert max_seq_length <= self.args.block_size, f"max_seq_length {max_seq_length} > block_size {self.args.block_size}"
-        # A multiple of 8 slots keeps the attention mask's rows aligned as inductor's attention lowering asks;
-        # with 205 slots the decode profiles show a mask kernel in every layer (BENCHMARKS.md: its removal is not
-        # yet profiled). The slots past the requested length are never written and always masked.
-        max_seq_length = min(-(-max_seq_length // 8) * 8, self.args.block_size)
+        max_seq_length = self.cache_length(max_seq_length)
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
         weight = self.tok_embeddings.weight
         for layer in self.layers:
@@ -371,9 +375,18 @@ def build_model(args: ModelArgs, state_dict: dict, quantization: Optional[dict] 
     except RuntimeError as e:
         lines = str(e).splitlines()
         raise CheckpointError(f"{mismatch}: {(lines[1] if len(lines) > 1 else lines[0]).strip()}") from e
-    if args.tie_embeddings:
+    if args.tie_embeddings:  # before the move, so a shared table is converted once
         model.output.weight = model.tok_embeddings.weight  # assign=True replaced the shared parameter
+    return finish_model(model, device, dtype, quantization)
+
+
+def finish_model(model: Transformer, device, dtype, quantization: Optional[dict]) -> Transformer:
+    """The last steps of loading (build_model's, and tp.py's for a rank's part): device and dtype (quantized
+    weights keep their integer dtypes), a tied output layer tied again (assign=True and to_empty replace the
+    shared parameter), quantized weights repacked for the device's kernels."""
     model = model.to(device=device, dtype=dtype)
+    if model.args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
     if quantization is not None:
         from quantize import prepare_for_device
         prepare_for_device(model)

@@ -359,18 +359,28 @@ def quantize_state_dict(names: list, get: Callable[[str], Tensor], args: ModelAr
     # disable=None: the bar shows on a terminal only, never in logs or captured output.
     for layer in tqdm(layers, desc=f"quantizing to {mode}", unit="layer", disable=None if progress else True):
         source = "tok_embeddings.weight" if layer == "output" and args.tie_embeddings else f"{layer}.weight"
-        w = get(source)  # (N, K)
-        if not w.is_floating_point():
-            raise CheckpointError(f"{source} is {w.dtype}, not float: the checkpoint is quantized already")
+        w = require_float(source, get(source))  # (N, K)
         for key, t in quantize_weight(mode, w, groupsize).items():
             out[f"{layer}.{key}"] = t
         if mode == "int4":
             record_padding(padded, layer, w.shape[1], groupsize)
+    return (out, *quantized_config(args, mode, groupsize, include_output, layers, padded))
+
+
+def require_float(name: str, w: Tensor) -> Tensor:
+    if not w.is_floating_point():
+        raise CheckpointError(f"{name} is {w.dtype}, not float: the checkpoint is quantized already")
+    return w
+
+
+def quantized_config(args: ModelArgs, mode: str, groupsize: int, include_output: bool, layers: list,
+                     padded: dict) -> tuple[ModelArgs, dict]:
+    """The quantized checkpoint's ModelArgs and its config's quantization record (read back by build_model)."""
     untie = args.tie_embeddings and include_output  # the quantized output layer no longer shares the embedding
     qargs = ModelArgs(**{**args.to_dict(), "tie_embeddings": args.tie_embeddings and not untie})
     quantization = dict(format=FORMAT, mode=mode, groupsize=groupsize if mode in INT4_MODES else None,
                         include_output=include_output, layers=layers, padded=padded)
-    return out, qargs, quantization
+    return qargs, quantization
 
 
 def checked_float_names(names: list, args: ModelArgs) -> list:
@@ -569,8 +579,7 @@ def gptq_quantize_state_dict(names: list, get: Callable[[str], Tensor], args: Mo
             block = TransformerBlock(args)
         state = {k: out[prefix + k] if prefix + k in out else get(prefix + k) for k in block.state_dict()}
         for name in GPTQ_LINEARS:
-            if not state[f"{name}.weight"].is_floating_point():
-                raise CheckpointError(f"{prefix}{name}.weight is {state[f'{name}.weight'].dtype}, not float: the checkpoint is quantized already")
+            require_float(f"{prefix}{name}.weight", state[f"{name}.weight"])
         block.load_state_dict(state, strict=True, assign=True)
         del state
         block = block.to(device, torch.float32)
@@ -588,12 +597,9 @@ def gptq_quantize_state_dict(names: list, get: Callable[[str], Tensor], args: Mo
         for b in range(0, samples, batch):
             hessian.add(norm(x[b:b + batch]))  # (batch, seq_len, dim): the output layer's inputs
         quantize("output", out["tok_embeddings.weight"] if args.tie_embeddings else get("output.weight"), hessian.value())
-    untie = args.tie_embeddings and include_output  # the quantized output layer no longer shares the embedding
-    qargs = ModelArgs(**{**args.to_dict(), "tie_embeddings": args.tie_embeddings and not untie})
-    quantization = dict(format=FORMAT, mode="int4-gptq", groupsize=groupsize, include_output=include_output,
-                        layers=layers, padded=padded,
-                        gptq=dict(damp=damp, act_order=act_order, static_groups=act_order, blocksize=GPTQ_BLOCKSIZE,
-                                  samples=samples, seq_len=seq_len))
+    qargs, quantization = quantized_config(args, "int4-gptq", groupsize, include_output, layers, padded)
+    quantization["gptq"] = dict(damp=damp, act_order=act_order, static_groups=act_order, blocksize=GPTQ_BLOCKSIZE,
+                                samples=samples, seq_len=seq_len)
     return out, qargs, quantization
 
 

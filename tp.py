@@ -39,8 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from model import (CheckpointError, ModelArgs, Transformer, config_file, error_summary, randomize_, read_config,
-                   read_quantization, resolve_checkpoint)
+from model import (CheckpointError, ModelArgs, Transformer, config_file, error_summary, finish_model, load_state_dict,
+                   randomize_, read_config, read_quantization, resolve_checkpoint)
 
 COLUMN_PARALLEL = ("attention.wqkv", "feed_forward.w13")  # and the output layer, when SHARD_OUTPUT
 ROW_PARALLEL = ("attention.wo", "feed_forward.w2")
@@ -178,14 +178,14 @@ class CheckpointSlices:
     """A weights file opened for reading parts of its tensors: `part(name)[index]` reads just that part."""
 
     def __init__(self, weights: Path):
+        if weights.suffix != ".safetensors":  # memory-mapped: only the pages of the parts read are loaded
+            self.file = load_state_dict(weights)
+            self.shapes = {name: tuple(t.shape) for name, t in self.file.items()}
+            return
         try:
-            if weights.suffix == ".safetensors":
-                from safetensors import safe_open
-                self.file = safe_open(weights, "pt")  # checks the header and that the file covers every tensor
-                self.shapes = {name: tuple(self.file.get_slice(name).get_shape()) for name in self.file.keys()}
-            else:  # memory-mapped: only the pages of the parts read are loaded
-                self.file = torch.load(weights, map_location="cpu", mmap=True, weights_only=True)
-                self.shapes = {name: tuple(t.shape) for name, t in self.file.items()}
+            from safetensors import safe_open
+            self.file = safe_open(weights, "pt")  # checks the header and that the file covers every tensor
+            self.shapes = {name: tuple(self.file.get_slice(name).get_shape()) for name in self.file.keys()}
         except Exception as e:  # corrupt or truncated files raise many different errors
             raise CheckpointError(f"cannot read weights {weights}: {error_summary(e)}") from e
 
@@ -203,7 +203,7 @@ def empty_shard(args: ModelArgs, quantization: Optional[dict], world: int) -> Tr
         if SHARD_OUTPUT:
             model.output = nn.Linear(args.dim, vocab_per_rank(args, world), bias=False)
         if quantization is not None:
-            from quantize import swap_linears  # imported here: quantize.py imports model.py
+            from quantize import swap_linears  # imported when needed: quantize.py brings in Triton (kernels.py)
             swap_linears(model, quantization)
     return model
 
@@ -247,7 +247,7 @@ def load_shard(path, rank: int, world: int, device, dtype=None) -> Transformer:
         # Cast as it arrives: a float32 checkpoint never sits whole on the device in float32.
         state[name] = part.to(device, dtype if dtype is not None and part.is_floating_point() else part.dtype)
     model.load_state_dict(state, strict=True, assign=True)
-    return on_device(model, device, dtype, quantization)
+    return finish_model(model, device, dtype, quantization)
 
 
 RANDOM_QUANTIZATIONS = ("int8", "int4.g32", "int4.g64", "int4.g128", "int4.g256", "fp8")
@@ -259,7 +259,7 @@ def random_config(name: str, precision: Optional[str]) -> tuple[ModelArgs, Optio
     args = ModelArgs.from_name(name)
     if precision is None:
         return args, None
-    from quantize import FORMAT, OUTPUT_BY_DEFAULT, linear_names, record_padding
+    from quantize import OUTPUT_BY_DEFAULT, linear_names, quantized_config, record_padding
     mode, _, group = precision.partition(".g")
     groupsize = int(group) if group else None
     include_output = OUTPUT_BY_DEFAULT[mode]
@@ -269,8 +269,7 @@ def random_config(name: str, precision: Optional[str]) -> tuple[ModelArgs, Optio
             model = Transformer(args)
         for layer in layers:
             record_padding(padded, layer, model.get_submodule(layer).in_features, groupsize)
-    quantization = dict(format=FORMAT, mode=mode, groupsize=groupsize, include_output=include_output, layers=layers, padded=padded)
-    return replace(args, tie_embeddings=args.tie_embeddings and not include_output), quantization
+    return quantized_config(args, mode, groupsize, include_output, layers, padded)
 
 
 @torch.no_grad()
@@ -293,19 +292,9 @@ def random_shard(name: str, precision: Optional[str], world: int, device, dtype)
             getattr(module, key).copy_(t)
         if module.bias is not None:
             module.bias.normal_(0.0, 0.02)
-    return on_device(model, device, dtype, quantization)
+    return finish_model(model, device, dtype, quantization)
 
 
-def on_device(model: Transformer, device, dtype, quantization: Optional[dict]) -> Transformer:
-    """The last steps of loading, as model.build_model takes them: device and dtype (quantized weights keep their
-    integer dtypes), a tied output layer tied again, quantized weights repacked for the device's kernels."""
-    model = model.to(device=device, dtype=dtype)
-    if model.args.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight  # assign=True and to_empty replaced the shared parameter
-    if quantization is not None:
-        from quantize import prepare_for_device
-        prepare_for_device(model)
-    return model
 
 
 # ---- the layers that talk ------------------------------------------------------------------------------

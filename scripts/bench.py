@@ -63,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import generate  # noqa: E402
 import kernels  # noqa: E402
 import quantize  # noqa: E402
-from model import ModelArgs, atomic_path, build_model, random_model  # noqa: E402
+from model import ModelArgs, atomic_path, build_model, exit_on_bad_input, random_model  # noqa: E402
 
 DEVICE = "cuda"  # the benchmark is for GPUs; tests point it at the CPU to check the code path
 PROMPT_TOKENS = 5  # the decode samples' prompt, as in gpt-fast's numbers
@@ -560,23 +560,19 @@ def check_args(args):
         raise ValueError("give the cells one way: --models/--precisions/--batch_sizes/--max_new_tokens, --cells, or --suite")
     if min(args.samples, args.long_samples) < 1 or args.prefill_tokens < 0:
         raise ValueError("--samples and --long_samples must be >= 1, --prefill_tokens >= 0")
-    for flag in ("out", "markdown", "plot"):
-        path = getattr(args, flag)
-        if path is not None and not path.resolve().parent.is_dir():
-            raise ValueError(f"--{flag}: folder {path.resolve().parent} does not exist")
+    generate.check_output_folders({f"--{flag}": getattr(args, flag) for flag in ("out", "markdown", "plot")})
+
+
+def run(args):
+    check_args(args)
+    if args.merge:
+        run_merge(args)
+    else:
+        run_benchmark(args)
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        check_args(args)
-        if args.merge:
-            run_merge(args)
-        else:
-            run_benchmark(args)
-    except (OSError, ValueError) as e:  # bad input: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    exit_on_bad_input(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ plain decoding is E * decode / cost. Prompt lookup's drafts cost no GPU time. No
 per round (measure tok/s with generate.py for that).
 """
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -142,7 +141,7 @@ def main(argv=None):
     options = argparse.Namespace(compile=not args.eager, compile_prefill=False)
     _, decode_fn = generate.compile_functions(options)  # sets the compiler options generate.py uses
     draft_fn, verify_fn = generate.compile_speculation(options)
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    card = generate.device_name(device)
     print(f"{card}, torch {torch.__version__}", flush=True)
 
     rows = []
@@ -155,8 +154,8 @@ def main(argv=None):
                              **timed(call, device, args.repeats)))
             print(f"  {name} {precision} {step}: {rows[-1]['ms']:.3f} ms (first call, compiling: "
                   f"{rows[-1]['first_call_s']:.0f} s)", flush=True)
-            args.out.write_text(json.dumps(dict(card=card, torch=torch.__version__, rows=rows,
-                                                args=vars(args) | {"out": str(args.out)}), indent=2) + "\n")
+            generate.write_json(args.out, dict(card=card, torch=torch.__version__, rows=rows,
+                                               args=vars(args) | {"out": str(args.out)}))
     report(rows, args, card)
 
 
