@@ -1,22 +1,28 @@
-"""Triton kernel for decoding with int8 or fp8 weights: a weight-only GEMV (one row of activations).
+"""Triton kernels for decoding with int8 or fp8 weights: a weight-only GEMV (one row of activations) and a
+small matmul (2 to 64 rows: decode batches, speculative verifies).
 
 At batch 1 a linear layer is a matrix-vector product: each weight is read once and used once, so the kernel's
 only job is to stream the weights at full memory bandwidth. torch.compile's fusion of
 `F.linear(x, w_int8.to(bf16)) * scales` reads int8 weights at under half the copy bandwidth on an H100
-(BENCHMARKS.md). This kernel reads the one-byte weights as int32 words of four (wide loads), a (BLOCK_N rows,
+(BENCHMARKS.md). The GEMV reads the one-byte weights as int32 words of four (wide loads), a (BLOCK_N rows,
 BLOCK_K4 words) tile per step, converts each byte in registers, multiplies by the matching x values and
 accumulates in float32, reducing over K once at the end. Autotuning picks the tile per layer shape on the first
 call. The weights are int8 (quantize.Int8Linear) or fp8 e4m3 (quantize.Fp8Linear), one scale per output row.
+With a few rows, the matmul keeps all of them in one tile, so each weight is still read once, converts the
+weights exactly to bf16 in registers and multiplies on the tensor cores (`tl.dot`). It replaces what
+torch.compile made of the PyTorch path at batch 8: aten._weight_int8pack_mm, 53 against 1492 tok/s.
 
 Measured and not kept (BENCHMARKS.md, issue 4): reading one byte per lane (the previous version: 257.8 against
 290.8 tok/s for Llama-2-7B), converting int8 to float with exponent bit tricks instead of conversion instructions (no faster:
 the conversions are not the bottleneck), split-K on 4096 x 4096 layers, a version taking up to 8 rows of
-activations (slower at one row), a Triton int4 GEMV (slower than PyTorch's tinygemm), and a split-K attention
-over the filled part of the KV cache (no faster than F.scaled_dot_product_attention, even 4000 tokens in).
+activations (slower at one row), three Triton int4 GEMVs (the best, with whole groups per tile, int32 words and
+nibbles turned into floats by the magic-number trick, reached 0.73-0.85x the speed of PyTorch's tinygemm per layer shape),
+and a split-K attention over the filled part of the KV cache (no faster than F.scaled_dot_product_attention,
+even 4000 tokens in).
 
-The callers keep a plain PyTorch path (prefill, batches, CPU), which is also the reference the kernel is
-checked against: `check_kernels` on the GPU (scripts/bench.py runs it first), tests/test_kernels.py in
-Triton's CPU interpreter.
+The callers keep a plain PyTorch path (prefill, CPU), which is also the reference the kernels are checked
+against: `check_kernels` on the GPU (scripts/bench.py runs it first), tests/test_kernels.py in Triton's CPU
+interpreter.
 """
 import torch
 from torch import Tensor
@@ -67,6 +73,34 @@ if triton is not None:
                     for n in (4, 8, 16) for k in (128, 256) for w in (4, 8)]
     scaled_gemv_tuned = triton.autotune(configs=GEMV_CONFIGS, key=["N", "K4", "WORDS_PER_SPLIT", "FP8"])(scaled_gemv_kernel)
 
+    @triton.jit
+    def scaled_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+        """y[m, n] = scales[n] * sum_k x[m, k] * w[n, k] for all M rows (BLOCK_M >= M, so each weight is read once)
+        and BLOCK_N outputs n. x (M, K) bf16 or fp16; w (N, K) int8 or fp8, converted exactly to x's dtype."""
+        rows = tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
+        w_start = cols.to(tl.int64) * K
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+            x = tl.load(x_ptr + rows[:, None] * K + k[None, :], mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
+            w_ok = (cols[:, None] < N) & (k[None, :] < K)
+            # No `other=` (Triton can't cast one to fp8); masked lanes are undefined, and NaN * 0 is NaN: zero them.
+            w = tl.where(w_ok, tl.load(w_ptr + w_start[:, None] + k[None, :], mask=w_ok).to(x.dtype), 0.0)
+            acc = tl.dot(x, tl.trans(w), acc)  # (BLOCK_M, BLOCK_N) += (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_N)
+        scales = tl.load(s_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+        y = acc * scales[None, :]
+        tl.store(y_ptr + rows[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+    # Not swept (one GPU run verified them): at batch 8 and 32 Llama-2-7B int8 reads 44 and 39 % of copy bandwidth
+    # (BENCHMARKS.md), so a sweep, split-K or more warps may still pay.
+    MM_CONFIGS = [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=4, num_stages=s)
+                  for n in (16, 32, 64) for k in (128, 256) for s in (3, 4)]
+    # Tuned once per tile height, not per row count: a prompt of each new length would otherwise autotune again.
+    scaled_mm_tuned = triton.autotune(configs=MM_CONFIGS, key=["BLOCK_M", "N", "K"])(scaled_mm_kernel)
+
 # A layer with few output rows and a long K (Llama-2-7B's down projection: 4096 x 11008) gives too few programs
 # to keep every SM's loads in flight, so its K is split into parts of at most SPLIT_COLUMNS, one program each
 # per row block, and the caller adds the partial sums: at most MAX_SPLIT terms, which torch.compile unrolls
@@ -113,9 +147,44 @@ def scaled_gemv(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
     return y.view(*x.shape[:-1], N)
 
 
-def gemv_available(x: Tensor) -> bool:
-    """The kernel serves one row of activations (of a multiple of 4 values) on a CUDA device, when Triton is installed."""
-    return triton is not None and x.is_cuda and x.numel() == x.shape[-1] and x.shape[-1] % 4 == 0
+MAX_MM_ROWS = 64  # decode batches; longer inputs (prefills) go to PyTorch's matmul, compute-bound there
+
+
+def mm_block_rows(n_rows: int) -> int:
+    return max(16, triton.next_power_of_2(n_rows))  # tl.dot tiles are at least 16 rows
+
+
+@torch.library.custom_op("blitz::scaled_mm", mutates_args=())
+def scaled_mm(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
+    """x (..., K) of 2 to MAX_MM_ROWS rows, bf16 or fp16, times int8 or float8_e4m3fn weight (N, K), scaled per
+    output row by scales (N,): (..., N) in x's dtype."""
+    N, K = weight.shape
+    x2 = x.reshape(-1, K).contiguous()  # (M, K)
+    y = torch.empty(x2.shape[0], N, dtype=x.dtype, device=x.device)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    scaled_mm_tuned[grid](x2, weight, scales, y, x2.shape[0], N, K, BLOCK_M=mm_block_rows(x2.shape[0]))
+    return y.view(*x.shape[:-1], N)
+
+
+@scaled_mm.register_fake
+def _(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def kernel_available(x: Tensor) -> bool:
+    """A Triton kernel serves x (..., K) on a CUDA device, when Triton is installed: one row (the GEMV), or up
+    to MAX_MM_ROWS rows of bf16 or fp16 (the small matmul); K a multiple of 4."""
+    if triton is None or not x.is_cuda or x.shape[-1] % 4:
+        return False
+    rows = x.numel() // x.shape[-1]
+    return rows == 1 or (rows <= MAX_MM_ROWS and x.dtype in (torch.bfloat16, torch.float16))
+
+
+def scaled_matmul(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
+    """x (..., K) times one-byte weights (N, K) scaled per output row, by the kernel for x's number of rows
+    (see kernel_available): (..., N) in x's dtype."""
+    one_row = x.numel() == x.shape[-1]
+    return scaled_gemv(x, weight, scales) if one_row else scaled_mm(x, weight, scales)
 
 
 def scaled_gemv_reference(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
@@ -124,18 +193,21 @@ def scaled_gemv_reference(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
 
 
 def check_kernels(device="cuda") -> list:
-    """The kernel against its float64 reference on Llama-2-7B's layer shapes and a ragged one, for int8 and fp8
-    weights: a list of {name, shape, rel_err, ok}. scripts/bench.py runs this before timing anything."""
+    """The kernels against their float64 reference on Llama-2-7B's layer shapes and a ragged one, for int8 and
+    fp8 weights and 1 (the GEMV), 8 and 32 rows (the small matmul): a list of {name, rows, shape, rel_err, ok}.
+    scripts/bench.py runs this before timing anything."""
     torch.manual_seed(0)
     results = []
     for N, K in ((12288, 4096), (4096, 11008), (32000, 4096), (37, 300)):
-        x = torch.randn(1, 1, K, device=device, dtype=torch.bfloat16)
         int8 = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=device)
         fp8 = (torch.randn(N, K, device=device) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
-        for name, weight, scales in (("int8", int8, (torch.rand(N, device=device) / 127).to(torch.bfloat16)),
-                                     ("fp8", fp8, torch.rand(N, device=device) / 448)):
-            y = scaled_gemv(x, weight, scales)  # (1, 1, N)
-            reference = scaled_gemv_reference(x, weight.float() if name == "fp8" else weight, scales)
-            rel = ((y.double() - reference).norm() / reference.norm()).item()
-            results.append(dict(name=name, shape=[N, K], rel_err=rel, ok=y.shape == (1, 1, N) and rel < 1e-2))  # bf16 output: ~4e-3
+        for rows in (1, 8, 32):
+            x = torch.randn(rows, 1, K, device=device, dtype=torch.bfloat16)  # (rows, T = 1, K): a decode step
+            for name, weight, scales in (("int8", int8, (torch.rand(N, device=device) / 127).to(torch.bfloat16)),
+                                         ("fp8", fp8, torch.rand(N, device=device) / 448)):
+                y = scaled_matmul(x, weight, scales)  # (rows, 1, N)
+                reference = scaled_gemv_reference(x, weight.float() if name == "fp8" else weight, scales)
+                rel = ((y.double() - reference).norm() / reference.norm()).item()
+                ok = y.shape == (rows, 1, N) and rel < 1e-2  # bf16 output: ~4e-3
+                results.append(dict(name=name, rows=rows, shape=[N, K], rel_err=rel, ok=ok))
     return results

@@ -12,7 +12,8 @@ smaller: int8 and fp8 halve the bytes of bf16; int4 reads 5 bits a weight with g
 and zero per 32 weights), 4.25 with groups of 128.
 
 Modes (N output features, K input features; each weight row is one output channel):
-  int8  symmetric per channel: q = round(w / s), s = amax|w[n]| / 127. Forward: linear(x, q) * s.
+  int8  symmetric per channel: q = round(w / s), s = amax|w[n]| / 127. Forward: linear(x, q) * s (at decode on a
+        GPU, 1 to 64 rows, Triton kernels: kernels.py).
   int4  asymmetric per group of `groupsize` input columns, in the convention of PyTorch's int4 kernels
         (tinygemm on CUDA, the _for_cpu op on CPU): scale = (max - min) / 15, zero = min + 8 * scale,
         q = round((w - zero) / scale) + 8 in [0, 15], w ~ (q - 8) * scale + zero. On CUDA in bfloat16 the
@@ -23,8 +24,8 @@ Modes (N output features, K input features; each weight row is one output channe
         (int8 73-78 us, bfloat16 100-109 us).
         On SmolLM2-135M (perplexity 11.91 in float32): g32 11.93, g64 15.75, g128 18.23, g256 22.86; its
         weights came from a Q4_1 file (4-bit groups of 32), which exaggerates the gap.
-  fp8   e4m3 per channel: s = amax|w[n]| / 448. Forward: linear(x, w8) * s (at batch-1 decode on a GPU, int8's
-        Triton GEMV, kernels.py, with fp8 weights), or, with FP8_SCALED_MM set and a
+  fp8   e4m3 per channel: s = amax|w[n]| / 448. Forward: linear(x, w8) * s (at decode on a GPU, int8's
+        Triton kernels, kernels.py, with fp8 weights), or, with FP8_SCALED_MM set and a
         GPU of compute capability >= 9.0, the activations are quantized per token too and torch._scaled_mm
         runs one fp8 tensor-core matmul (slower at decode: see FP8_SCALED_MM). Refused at load on GPUs of
         compute capability < 8.9, which have no fp8 hardware (use int8 there); runs on the CPU. e4m3 keeps 3
@@ -78,7 +79,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import gemv_available, scaled_gemv
+from kernels import kernel_available, scaled_matmul
 from model import (CheckpointError, ModelArgs, Transformer, atomic_path, error_summary, exit_on_bad_input, load_state_dict, read_config,
                    read_quantization, resolve_checkpoint)
 
@@ -124,11 +125,13 @@ class Int8Linear(nn.Module):
         self.bias = frozen(torch.empty(out_features)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        if gemv_available(x):  # batch-1 decode on a GPU: a Triton GEMV streams the int8 weights
-            y = scaled_gemv(x, self.weight, self.scales)  # (..., N)
+        if kernel_available(x):  # decode on a GPU: Triton kernels stream the int8 weights (kernels.py)
+            y = scaled_matmul(x, self.weight, self.scales)  # (..., N)
         else:
-            # Under torch.compile the int8 -> x.dtype conversion fuses into the matmul: int8 bytes are read.
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scales  # (..., N)
+            # The scaling runs in float32, which also keeps torch.compile from matching inductor's weight-only
+            # int8 pattern (`F.linear(x, w.to(bf16)) * bf16 scales` -> aten._weight_int8pack_mm, whose CUDA
+            # kernel took 1.16 ms a layer for 8 rows on an H100: BENCHMARKS.md).
+            y = (F.linear(x, self.weight.to(x.dtype)).float() * self.scales).to(x.dtype)  # (..., N)
         return y if self.bias is None else y + self.bias
 
     def dequantize(self) -> Tensor:
@@ -281,8 +284,8 @@ class Fp8Linear(nn.Module):
         w8, scales = self.weight.view(torch.float8_e4m3fn), self.scale_bits.view(torch.float32)  # (N, K), (N,)
         if self.scaled_mm:
             y = fp8_scaled_mm(x, w8, scales)
-        elif gemv_available(x):  # batch-1 decode on a GPU: the same Triton GEMV streams the fp8 weights
-            y = scaled_gemv(x, w8, scales)  # (..., N)
+        elif kernel_available(x):  # decode on a GPU: the same Triton kernels stream the fp8 weights
+            y = scaled_matmul(x, w8, scales)  # (..., N)
         else:
             y = (F.linear(x, w8.to(x.dtype)) * scales).to(x.dtype)  # (..., N)
         return y if self.bias is None else y + self.bias

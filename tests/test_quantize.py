@@ -55,6 +55,22 @@ def quantized_linear(linear: nn.Linear, mode: str, groupsize=None) -> nn.Module:
 
 # ---- 1. each layer against its own dequantized weights and against the float layer -----------------------
 
+@torch.no_grad()
+def test_compiled_int8_layer_is_not_rewritten_into_weight_int8pack_mm():
+    """Inductor rewrites `F.linear(x, w_int8.to(bf16)) * bf16_scales` into aten._weight_int8pack_mm, whose CUDA
+    kernel is ~100x slower than reading the weights (BENCHMARKS.md). The pattern pass runs on the CPU too, so
+    this checks here that the PyTorch path Int8Linear keeps for prefills and CPUs doesn't match it."""
+    from torch._dynamo.utils import counters
+    layer = quantized_linear(float_linear(), "int8").to(torch.bfloat16)
+    x = torch.randn(2, 5, K, dtype=torch.bfloat16)  # (B, T, K)
+    torch._dynamo.reset()
+    counters.clear()
+    y = torch.compile(layer, fullgraph=True)(x)
+    assert counters["inductor"]["pattern_matcher_count"] > 0, "inductor's pattern passes did not run: the check means nothing"
+    assert counters["inductor"]["woq_matcher_count"] == 0, "Int8Linear was rewritten into aten._weight_int8pack_mm"
+    assert rel_err(y, layer(x)) < 1e-2  # bf16 rounding
+
+
 @pytest.mark.parametrize("mode, groupsize", list(LOOSE), ids=["int8", "int4-g32", "int4-g128-padded", "fp8"])
 @torch.no_grad()
 def test_layer_matches_its_dequantized_weights_and_approximates_the_float_layer(mode, groupsize):
