@@ -94,8 +94,9 @@ if triton is not None:
         tl.store(y_ptr + rows[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=(rows[:, None] < M) & (cols[None, :] < N))
 
-    # Not swept (one GPU run verified them): at batch 8 and 32 Llama-2-7B int8 reads 44 and 39 % of copy bandwidth
-    # (BENCHMARKS.md), so a sweep, split-K or more warps may still pay.
+    # At batch 8 and 32 Llama-2-7B int8 reads 44 and 39 % of copy bandwidth (BENCHMARKS.md). Wider tiles (up to 256
+    # columns, 8 warps) measured no faster per layer; the 4096-row layers are the slow ones (128 programs, each
+    # walking all of K), where split-K, as the GEMV has, is the next thing to try.
     MM_CONFIGS = [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=4, num_stages=s)
                   for n in (16, 32, 64) for k in (128, 256) for s in (3, 4)]
     # Tuned once per tile height, not per row count: a prompt of each new length would otherwise autotune again.
@@ -160,6 +161,7 @@ def scaled_mm(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
     output row by scales (N,): (..., N) in x's dtype."""
     N, K = weight.shape
     x2 = x.reshape(-1, K).contiguous()  # (M, K)
+    assert x2.shape[0] <= MAX_MM_ROWS and weight.is_contiguous(), "scaled_mm: at most MAX_MM_ROWS rows, a row-major weight"
     y = torch.empty(x2.shape[0], N, dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     scaled_mm_tuned[grid](x2, weight, scales, y, x2.shape[0], N, K, BLOCK_M=mm_block_rows(x2.shape[0]))
