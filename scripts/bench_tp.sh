@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Tensor-parallel decode speed (issue 7): random weights, batch 1, 5-token prompt, 200 new tokens, --compile (one
-# CUDA graph per decode step), one untimed compiling run then 3 timed samples, on 1, 2 or 4 GPUs of one host.
+# CUDA graph per decode step), one untimed compiling run then 3 timed samples, on 1, 2, 4 or 8 GPUs of one host.
 #
 #   bash scripts/bench_tp.sh 2                          # the default cells for 2 GPUs (below)
 #   bash scripts/bench_tp.sh 4 Llama-2-70B bf16 int8    # chosen cells: one model, its precisions
@@ -45,7 +45,8 @@ else case $GPUS in
        TP_OUTPUT=replicated cell Llama-2-7B bf16 ;;
     4) cell Llama-2-7B bf16; cell Llama-2-7B int8; cell Llama-2-70B bf16; cell Llama-2-70B int8
        TP_OUTPUT=replicated cell Llama-2-7B bf16; TP_OUTPUT=replicated cell Llama-2-70B bf16 ;;
-    *) echo "GPUS must be 1, 2 or 4" >&2; exit 1 ;;
+    8) cell Llama-2-70B bf16; cell Llama-2-70B int8; cell Llama-2-70B int4.g32; cell Llama-3.1-405B int8 ;;  # issue 8; not run yet
+    *) echo "GPUS must be 1, 2, 4 or 8" >&2; exit 1 ;;
 esac
 fi
 echo "| model | precision | GPUs | output layer | decode tok/s | GB/s per GPU | GB per GPU per step | compile | card |"
