@@ -95,7 +95,7 @@ if triton is not None:
                  mask=(rows[:, None] < M) & (cols[None, :] < N))
 
     # At batch 8 and 32 Llama-2-7B int8 reads 44 and 39 % of copy bandwidth (BENCHMARKS.md). Wider tiles (up to 256
-    # columns, 8 warps) measured no faster per layer; the 4096-row layers are the slow ones (128 programs, each
+    # columns, 8 warps) measured no faster per layer; the 4096-row layers are the slow ones (64-256 programs, each
     # walking all of K), where split-K, as the GEMV has, is the next thing to try.
     MM_CONFIGS = [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=4, num_stages=s)
                   for n in (16, 32, 64) for k in (128, 256) for s in (3, 4)]
