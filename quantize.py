@@ -116,6 +116,17 @@ def quantize_int8(w: Tensor) -> dict:
     return {"weight": q, "scales": scales}
 
 
+def one_byte_linear(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
+    """x (..., K) times one-byte weights (N, K), int8 or float8_e4m3fn, scaled per output row: (..., N) in x's
+    dtype. At decode on a GPU (1 to 64 rows) Triton kernels stream the weights (kernels.py); otherwise PyTorch,
+    scaling in float32, which also keeps torch.compile from matching inductor's weight-only int8 pattern
+    (`F.linear(x, w.to(bf16)) * bf16 scales` -> aten._weight_int8pack_mm, whose CUDA kernel took 1.16 ms a layer
+    for 8 rows on an H100: BENCHMARKS.md)."""
+    if kernel_available(x):
+        return scaled_matmul(x, weight, scales)
+    return (F.linear(x, weight.to(x.dtype)).float() * scales).to(x.dtype)
+
+
 class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, **_):
         super().__init__()
@@ -125,13 +136,7 @@ class Int8Linear(nn.Module):
         self.bias = frozen(torch.empty(out_features)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        if kernel_available(x):  # decode on a GPU: Triton kernels stream the int8 weights (kernels.py)
-            y = scaled_matmul(x, self.weight, self.scales)  # (..., N)
-        else:
-            # The scaling runs in float32, which also keeps torch.compile from matching inductor's weight-only
-            # int8 pattern (`F.linear(x, w.to(bf16)) * bf16 scales` -> aten._weight_int8pack_mm, whose CUDA
-            # kernel took 1.16 ms a layer for 8 rows on an H100: BENCHMARKS.md).
-            y = (F.linear(x, self.weight.to(x.dtype)).float() * self.scales).to(x.dtype)  # (..., N)
+        y = one_byte_linear(x, self.weight, self.scales)  # (..., N)
         return y if self.bias is None else y + self.bias
 
     def dequantize(self) -> Tensor:
@@ -282,12 +287,7 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         w8, scales = self.weight.view(torch.float8_e4m3fn), self.scale_bits.view(torch.float32)  # (N, K), (N,)
-        if self.scaled_mm:
-            y = fp8_scaled_mm(x, w8, scales)
-        elif kernel_available(x):  # decode on a GPU: the same Triton kernels stream the fp8 weights
-            y = scaled_matmul(x, w8, scales)  # (..., N)
-        else:
-            y = (F.linear(x, w8.to(x.dtype)) * scales).to(x.dtype)  # (..., N)
+        y = fp8_scaled_mm(x, w8, scales) if self.scaled_mm else one_byte_linear(x, w8, scales)  # (..., N)
         return y if self.bias is None else y + self.bias
 
     def dequantize(self) -> Tensor:
