@@ -1,30 +1,39 @@
 """Generate text: prefill the prompt, then decode one token at a time against the static KV cache.
 
     python generate.py --compile --checkpoint_path checkpoints/REPO --prompt "Hello, my name is"
-    python generate.py --compile --random_weights Llama-2-7B --prompt 5 --max_new_tokens 200
+    python generate.py --compile --random_weights Llama-2-7B --prompt_tokens 5 --max_new_tokens 200
 
-Decoding at batch 1 reads every weight once per token, so its speed is set by memory bandwidth; the work
-here is to keep the GPU busy: `decode_one_token` is compiled into one CUDA graph, sampling happens on the
-device, and the host reads each token one step late so that it never waits on the step in flight.
+Decoding at batch 1 reads every weight once per token, so its speed is set by memory bandwidth; the
+work here is to keep the GPU busy: `decode_one_token` is compiled into one CUDA graph, sampling happens
+on the device, and the host reads each token one step late so that it never waits on the step in
+flight. Read top to bottom: sampling, the generation loop, speculative decoding, the command line.
 """
 import argparse
 import json
+import math
+import os
+import resource
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
 import tp
-from model import ModelArgs, Transformer, atomic_path, exit_on_bad_input, load_checkpoint, random_model, read_config
+from checkpoint import (InputError, check_device, check_writable, load_model, random_model, read_checkpoint,
+                        write_files)
+from model import CONFIGS, ModelArgs, Transformer
+from tokenizer import TextStreamer, load_tokenizer
 
 
-# ---- sampling (on the device, no host sync) ---------------------------------------------------------
+# ---- sampling (on the device, no host sync) -------------------------------------------------------
 
 @dataclass(frozen=True)
 class Sampling:
@@ -41,8 +50,8 @@ def sample(logits: Tensor, s: Sampling) -> Tensor:
 
 
 def probabilities(logits: Tensor, s: Sampling) -> Tensor:
-    """logits (B, vocab) -> the distribution `sample` draws from, float32 (B, vocab), each row summing to 1;
-    greedy is all the mass on the argmax. Speculative decoding weighs target and draft by it."""
+    """logits (B, vocab) -> the distribution `sample` draws from, float32 (B, vocab), each row summing
+    to 1; greedy is all the mass on the argmax. Speculative decoding weighs target and draft by it."""
     if s.temperature == 0:
         return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
     logits = logits.float() / s.temperature
@@ -60,9 +69,9 @@ def probabilities(logits: Tensor, s: Sampling) -> Tensor:
 
 
 def sample_from(weights: Tensor) -> Tensor:
-    """weights (B, vocab), non-negative, not necessarily summing to 1 -> one id per row drawn in proportion
-    to them (B, 1). argmax(w / E) with E ~ Exp(1) is such a draw (an exponential race) and, unlike
-    torch.multinomial, never synchronises with the host. A one-hot row always gives its one id."""
+    """weights (B, vocab), non-negative, not necessarily summing to 1 -> one id per row drawn in
+    proportion to them (B, 1). argmax(w / E) with E ~ Exp(1) is such a draw (an exponential race) and,
+    unlike torch.multinomial, never synchronises with the host. A one-hot row always gives its id."""
     race = torch.empty_like(weights).exponential_(1)
     return (weights / race).argmax(dim=-1, keepdim=True)
 
@@ -73,35 +82,28 @@ def prefill(model: Transformer, idx: Tensor, input_pos: Tensor, row_start: Tenso
     return sample(logits[:, -1], s)
 
 
-def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor, row_start: Tensor, s: Sampling) -> Tensor:
+def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor, row_start: Tensor,
+                     s: Sampling) -> Tensor:
     """token (B, 1) at cache slot input_pos (1,) -> next token (B, 1)."""
     logits = model(token, input_pos, row_start)  # (B, 1, vocab)
     return sample(logits[:, -1], s)
 
 
-def draft_one_token(model: Transformer, token: Tensor, input_pos: Tensor, row_start: Tensor, s: Sampling) -> tuple[Tensor, Tensor]:
-    """decode_one_token for a speculative draft model: also returns the distribution it drew from.
-    token (B, 1) at cache slot input_pos (1,) -> (next token (B, 1), its distribution (B, vocab))."""
-    logits = model(token, input_pos, row_start)  # (B, 1, vocab)
-    probs = probabilities(logits[:, -1], s)  # (B, vocab)
-    return sample_from(probs), probs
-
-
-# ---- the generation loop ----------------------------------------------------------------------------
+# ---- the generation loop --------------------------------------------------------------------------
 
 @dataclass
 class Generation:
     tokens: list  # per row: the new tokens, up to and excluding the first end-of-sequence token
     generated: int  # tokens sampled over all rows, each row's end-of-sequence token included
-    prompt_tokens: int  # real (unpadded) prompt tokens over all rows
+    prompt_tokens: list  # per row: the prompt's tokens
     ttft_s: float  # time to first token
     decode_s: float  # time for the remaining tokens
     decode_steps: int  # forward passes after the prefill (each serves every row of the batch)
-    accepted_lengths: Optional[list] = None  # speculative decoding: [n] = rounds in which the target kept n drafts
+    accepted_lengths: Optional[list] = None  # speculative: [n] = rounds in which the target kept n drafts
 
 
 def to_host_async(t: Tensor):
-    """Start copying t to the host behind the work already queued; returns (host tensor, event to wait on)."""
+    """Start copying t to the host behind the work already queued: (host tensor, event to wait on)."""
     if t.device.type != "cuda":
         return t, None
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
@@ -111,36 +113,26 @@ def to_host_async(t: Tensor):
     return host, done
 
 
-def wait(event):
-    if event is not None:
-        event.synchronize()
-
-
-def synchronize(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def left_pad(seqs: list, device) -> tuple[Tensor, Tensor]:
-    """Sequences of ids of any lengths as one batch: idx (B, T) padded on the left with id 0, and row_start (B,),
-    where each row's real tokens begin (the model masks the padding and counts rotary positions from there)."""
+    """Sequences of ids of any lengths as one batch: idx (B, T) padded on the left with id 0, and
+    row_start (B,), where each row's real tokens begin (the model masks the padding and counts rotary
+    positions from there)."""
     T = max(len(s) for s in seqs)
-    idx = torch.tensor([[0] * (T - len(s)) + list(s) for s in seqs], dtype=torch.long, device=device)  # (B, T)
-    row_start = torch.tensor([T - len(s) for s in seqs], dtype=torch.long, device=device)  # (B,)
-    return idx, row_start
+    idx = torch.tensor([[0] * (T - len(s)) + list(s) for s in seqs], dtype=torch.long, device=device)
+    row_start = torch.tensor([T - len(s) for s in seqs], dtype=torch.long, device=device)
+    return idx, row_start  # (B, T), (B,)
 
 
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list, max_new_tokens: int, sampling: Sampling, eos_ids=(),
              prefill_fn: Callable = prefill, decode_fn: Callable = decode_one_token,
              on_tokens: Optional[Callable] = None) -> Generation:
-    """Generate up to max_new_tokens for each prompt (lists of ids, any lengths). Prompts are left-padded to a
-    common length; `row_start` tells the model where each row's real tokens begin, so every row gets the
-    tokens it would get alone. on_tokens(one new id per row, None for rows that have ended) is called as
-    tokens reach the host."""
+    """Generate up to max_new_tokens for each prompt (lists of ids, any lengths). Prompts are
+    left-padded to a common length; `row_start` tells the model where each row's real tokens begin, so
+    every row gets the tokens it would get alone. on_tokens(one new id per row, None for rows that have
+    ended) is called as tokens reach the host."""
     device = model.tok_embeddings.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
-    assert B <= model.max_batch_size and T + max_new_tokens <= model.max_seq_length, "setup_caches() too small"
     idx, row_start = left_pad(prompts, device)  # (B, T), (B,)
 
     rows = [[] for _ in range(B)]
@@ -170,21 +162,22 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, sampling: S
     input_pos = torch.tensor([T], dtype=torch.long, device=device)  # cache slot of `token`
     host, copied, steps = None, None, 0
     while not done and steps < max_new_tokens - 1:
-        token = decode_fn(model, token, input_pos, row_start, sampling).clone()  # clone: CUDA graphs reuse outputs
+        token = decode_fn(model, token, input_pos, row_start, sampling).clone()  # CUDA graphs reuse outputs
         input_pos += 1
         steps += 1
         if host is not None:
-            # The previous token's copy was queued before this step, so waiting for it leaves the GPU busy
-            # with this step while the host reads that token.
-            wait(copied)
+            # The previous token's copy was queued before this step, so waiting for it leaves the GPU
+            # busy with this step while the host reads that token.
+            if copied is not None:
+                copied.synchronize()
             done = take(host)
         host, copied = to_host_async(token)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the queue is drained: the last token's copy is complete too
     if not done and host is not None:
-        wait(copied)
         take(host)
-    synchronize(device)
     decode_s = time.perf_counter() - start - ttft
-    return Generation(rows, generated, sum(len(p) for p in prompts), ttft, decode_s, steps)
+    return Generation(rows, generated, [len(p) for p in prompts], ttft, decode_s, steps)
 
 
 # ---- speculative decoding ---------------------------------------------------------------------------
@@ -197,6 +190,15 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, sampling: S
 DEFAULT_SPECULATE_K = 5
 # A draft must split text into the target's ids; this text touches words, digits, punctuation, code and accents.
 TOKENIZER_PROBE = "The quick brown fox, 1234567890 times: def f(x): return {'naïve': x[-1]} # café 東京"
+
+
+def draft_one_token(model: Transformer, token: Tensor, input_pos: Tensor, row_start: Tensor,
+                    s: Sampling) -> tuple[Tensor, Tensor]:
+    """decode_one_token for a draft model: also returns the distribution it drew from.
+    token (B, 1) at cache slot input_pos (1,) -> (next token (B, 1), its distribution (B, vocab))."""
+    logits = model(token, input_pos, row_start)  # (B, 1, vocab)
+    probs = probabilities(logits[:, -1], s)  # (B, vocab)
+    return sample_from(probs), probs
 
 
 def accept_drafts(drafts: Tensor, draft_probs: Tensor, target_probs: Tensor) -> tuple[Tensor, Tensor]:
@@ -289,12 +291,14 @@ class PromptLookup:
 
 
 @torch.inference_mode()
-def speculative_generate(model: Transformer, proposer, prompt: list, max_new_tokens: int, sampling: Sampling,
-                         eos_ids=(), prefill_fn: Callable = prefill, verify_fn: Callable = verify,
-                         on_tokens: Optional[Callable] = None) -> Generation:
-    """generate() for one prompt, up to proposer.k + 1 tokens per target forward. Each round the proposer
-    (DraftModel or PromptLookup) guesses k tokens after the last chosen one, the target verifies them all at
-    once, and the host reads how many it kept (the round's one sync)."""
+def speculative_generate(model: Transformer, proposer, prompts: list, max_new_tokens: int,
+                         sampling: Sampling, eos_ids=(), prefill_fn: Callable = prefill,
+                         verify_fn: Callable = verify, on_tokens: Optional[Callable] = None) -> Generation:
+    """generate() for one prompt (prompts holds one list of ids), up to proposer.k + 1 tokens per target
+    forward. Each round the proposer (DraftModel or PromptLookup) guesses k tokens after the last chosen
+    one, the target verifies them all at once, and the host reads how many it kept (the round's one
+    sync)."""
+    (prompt,) = prompts
     device = model.tok_embeddings.weight.device
     k, T = proposer.k, len(prompt)
     assert T + max_new_tokens + k - 1 <= model.max_seq_length, "setup_caches() too small: a round writes k slots ahead"
@@ -334,9 +338,10 @@ def speculative_generate(model: Transformer, proposer, prompt: list, max_new_tok
         token = result[n + 1:n + 2].view(1, 1)  # the target's own token: the next round starts from it
         input_pos += n + 1
         done = take(new[:n + 1])
-    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     decode_s = time.perf_counter() - start - ttft
-    return Generation([row], len(history) - T, T, ttft, decode_s, sum(accepted_lengths), accepted_lengths)
+    return Generation([row], len(history) - T, [T], ttft, decode_s, sum(accepted_lengths), accepted_lengths)
 
 
 def speculation_metrics(accepted_lengths: list) -> dict:
@@ -348,326 +353,99 @@ def speculation_metrics(accepted_lengths: list) -> dict:
                 accepted_lengths=accepted_lengths)
 
 
-# ---- the command line -------------------------------------------------------------------------------
+# ---- the command line -----------------------------------------------------------------------------
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Generate text with a gpt-blitz checkpoint (or random weights, to benchmark).")
-    p.add_argument("--checkpoint_path", type=Path, help="checkpoint folder, or the weights file inside it")
-    p.add_argument("--random_weights", metavar="NAME", help="build the named config (model.py CONFIGS) with random weights on the device")
-    p.add_argument("--random_quantization", choices=tp.RANDOM_QUANTIZATIONS, help="with --random_weights: quantize the random "
-                   "weights as quantize.py would (int4.g32: int4 in groups of 32), one layer at a time on the device")
-    p.add_argument("--prompt", action="append", help="prompt text, or an integer N for a synthetic prompt of N tokens; "
-                   "repeat the flag for a batch of different prompts (default: 'Hello, my name is', or 5 tokens with --random_weights)")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
-    p.add_argument("--interactive", action="store_true", help="read prompts from the terminal and stream answers")
-    p.add_argument("--num_samples", type=int, default=5)
-    p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--batch_size", type=int, default=1, help="repeat a single prompt this many times")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 decodes greedily")
-    p.add_argument("--top_k", type=int, default=200)
-    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: keep the smallest set of tokens with this much probability")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--compile", action="store_true", help="compile decode_one_token into a CUDA graph")
-    p.add_argument("--compile_prefill", action="store_true", help="also compile the prefill (dynamic shapes)")
-    p.add_argument("--profile", type=Path, help="write a torch.profiler trace of the last sample to this path")
-    p.add_argument("--json", type=Path, help="write the metrics of every sample to this JSON file")
-    p.add_argument("--draft_checkpoint_path", type=Path, help="speculative decoding: a draft model sharing the target's tokenizer "
-                   "(a smaller model of the family, or a quantized copy of the target)")
-    p.add_argument("--speculate_ngram", type=int, metavar="N", help="speculative decoding without a draft model: propose the "
-                   "tokens that followed the last earlier occurrence of the last N tokens (prompt lookup)")
-    p.add_argument("--speculate_k", type=int, default=None, help=f"tokens proposed per target forward (default {DEFAULT_SPECULATE_K})")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
-                   help="weights and activations (default: bfloat16 on GPU, float32 on CPU)")
-    return p.parse_args(argv)
-
-
-def check_args(args):
-    """Reject bad combinations up front, each with one clear sentence (raised as ValueError)."""
-    if (args.checkpoint_path is None) == (args.random_weights is None):
-        raise ValueError("give exactly one of --checkpoint_path and --random_weights")
-    if args.random_quantization and not args.random_weights:
-        raise ValueError("--random_quantization goes with --random_weights (a checkpoint records its own quantization)")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise ValueError(f"--top_p must be in (0, 1], got {args.top_p}")
-    if args.top_k is not None and args.top_k < 1:
-        raise ValueError(f"--top_k must be >= 1, got {args.top_k}")
-    if args.max_new_tokens < 1 or args.num_samples < 1 or args.batch_size < 1:
-        raise ValueError("--max_new_tokens, --num_samples and --batch_size must be >= 1")
-    check_speculation_args(args)
-    if args.prompt and len(args.prompt) > 1 and args.batch_size > 1:
-        raise ValueError("give either several --prompt flags or --batch_size, not both")
-    if args.interactive and args.random_weights:
-        raise ValueError("--interactive needs --checkpoint_path (a tokenizer), not --random_weights")
-    check_output_folders({"--json": args.json, "--profile": args.profile})
-    check_device(args.device)
-
-
-def check_output_folders(paths: dict):
-    """Each given {flag: path} must be a file in an existing folder: checked before any work, not at the end."""
-    for flag, path in paths.items():
-        if path is not None and not path.resolve().parent.is_dir():
-            raise ValueError(f"{flag}: folder {path.resolve().parent} does not exist")
-
-
-def check_device(name: str):
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"--device: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: this PyTorch build sees no CUDA GPU")
-
-
-def speculating(args) -> bool:
-    return args.draft_checkpoint_path is not None or args.speculate_ngram is not None
-
-
-def speculate_k(args) -> int:
-    return DEFAULT_SPECULATE_K if args.speculate_k is None else args.speculate_k
-
-
-def check_speculation_args(args):
-    if args.draft_checkpoint_path is not None and args.speculate_ngram is not None:
-        raise ValueError("give --draft_checkpoint_path or --speculate_ngram, not both")
-    if args.speculate_k is not None and not speculating(args):
-        raise ValueError("--speculate_k needs a proposer: --draft_checkpoint_path or --speculate_ngram")
-    if args.speculate_k is not None and args.speculate_k < 1:
-        raise ValueError(f"--speculate_k must be >= 1, got {args.speculate_k}")
-    if args.speculate_ngram is not None and args.speculate_ngram < 1:
-        raise ValueError(f"--speculate_ngram must be >= 1, got {args.speculate_ngram}")
-    if speculating(args) and (args.batch_size > 1 or args.prompt and len(args.prompt) > 1):
-        raise ValueError("speculative decoding generates one sequence at a time: use --batch_size 1 and one --prompt")
-
-
-def check_draft(path: Path, tokenizer, config: ModelArgs) -> ModelArgs:
-    """The draft's config, once its vocabulary is known to be the target's (before any weights load)."""
-    from tokenizer import load_tokenizer
-    folder, draft_config = read_config(path)
-    if draft_config.vocab_size != config.vocab_size:
-        raise ValueError(f"the draft {path} has a vocabulary of {draft_config.vocab_size} tokens, the target "
-                         f"{config.vocab_size}: speculative decoding needs a draft with the target's tokenizer")
-    try:
-        draft_tokenizer = load_tokenizer(folder)
-    except FileNotFoundError:  # weights without tokenizer files: the vocabulary size is all there is to check
-        return draft_config
-    if tokenizer is not None and draft_tokenizer.encode(TOKENIZER_PROBE) != tokenizer.encode(TOKENIZER_PROBE):
-        raise ValueError(f"the draft {path} tokenizes text differently from the target: speculative decoding needs "
-                         "a draft with the target's tokenizer")
-    return draft_config
-
-
-def speculation_limits(args, tokenizer, config: ModelArgs) -> tuple[int, int]:
-    """(context, slack): the tokens a prompt and its generation may fill, and the cache slots beyond them
-    that a speculative round may write (k - 1: a round may start at the next-to-last token and write k slots
-    past it)."""
-    if not speculating(args):
-        return config.block_size, 0
-    context = config.block_size
-    if args.draft_checkpoint_path is not None:
-        context = min(context, check_draft(args.draft_checkpoint_path, tokenizer, config).block_size)
-    slack = speculate_k(args) - 1
-    if slack >= context - 1:
-        raise ValueError(f"--speculate_k {speculate_k(args)} does not fit the model's {context}-token context")
-    return context - slack, slack
-
-
-def load_proposer(args, config: ModelArgs, device: torch.device, dtype, sampling: Sampling, prefill_fn: Callable,
-                  step_fn: Callable, cache_length: int):
-    """The proposer the flags ask for, with the draft model loaded and its cache allocated; None without speculation."""
-    k = speculate_k(args)
-    if args.speculate_ngram is not None:
-        return PromptLookup(args.speculate_ngram, k, config.vocab_size, device)
-    if args.draft_checkpoint_path is None:
-        return None
-    t0 = time.perf_counter()
-    draft, _ = load_checkpoint(args.draft_checkpoint_path, device, dtype)
-    draft.eval().setup_caches(max_batch_size=1, max_seq_length=cache_length)
-    synchronize(device)
-    print(f"Loaded draft {args.draft_checkpoint_path} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
-    return DraftModel(draft, k, sampling, step_fn, prefill_fn)
-
-
-def load_tokenizer_and_config(args):
-    """The tokenizer and config come first, so bad prompts fail before gigabytes of weights load."""
-    if args.random_weights:
-        return None, ModelArgs.from_name(args.random_weights)
-    from tokenizer import load_tokenizer
-    folder, config = read_config(args.checkpoint_path)
-    return load_tokenizer(folder), config
-
-
-def encode_prompts(args, tokenizer, vocab_size: int) -> list:
-    """Token ids for each prompt of the batch; an integer prompt becomes that many random tokens."""
-    texts = args.prompt or (["5"] if tokenizer is None else ["Hello, my name is"])
-    if len(texts) == 1:
-        texts = texts * args.batch_size
-    prompts = []
-    for text in texts:
-        if text.isdigit():
-            prompts.append(torch.randint(0, vocab_size, (int(text),)).tolist())
-        elif tokenizer is None:
-            raise ValueError("a text prompt needs a tokenizer: use --checkpoint_path, or an integer --prompt with --random_weights")
-        elif args.chat:
-            prompts.append(tokenizer.encode_chat([{"role": "user", "content": text}]))
-        else:
-            prompts.append(tokenizer.encode(text))
-        if not prompts[-1]:
-            raise ValueError(f"prompt {text!r} has no tokens (the model needs at least one)")
-    return prompts
-
-
-def weight_bytes_per_step(model: Transformer) -> int:
-    """Bytes of weights one decode step reads: every parameter once, except an untied embedding table,
-    of which only the looked-up rows are read."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    if not model.args.tie_embeddings:
-        total -= model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
-    return total
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux -> GB
-
-
-def metrics(gen: Generation, model_bytes: int, device: torch.device) -> dict:
-    decode_s = max(gen.decode_s, 1e-9)
-    decode_tokens = gen.generated - len(gen.tokens)  # every row's first token came from the prefill
-    return dict(
-        new_tokens=[len(r) for r in gen.tokens],
-        ttft_s=gen.ttft_s,
-        prefill_tok_s=gen.prompt_tokens / gen.ttft_s,
-        decode_tok_s=decode_tokens / decode_s,  # over the whole batch
-        # Weights are read once per forward pass, whatever the batch (also for the one step that may run
-        # past an end-of-sequence token before the host sees it).
-        bandwidth_gb_s=model_bytes * gen.decode_steps / decode_s / 1e9,  # speculative: the target's verifies only
-        peak_memory_gb=peak_memory_gb(device),
-        **(speculation_metrics(gen.accepted_lengths) if gen.accepted_lengths is not None else {}),
-    )
-
-
-def describe_speculation(m: dict) -> str:
-    if m["acceptance_rate"] is None:
-        return "speculative decoding: no rounds (the first token ended the sample)"
-    k = len(m["accepted_lengths"]) - 1
-    histogram = ", ".join(f"{n}: {count}" for n, count in enumerate(m["accepted_lengths"]))
-    return (f"speculative decoding: {m['acceptance_rate']:.1%} of {k} drafts accepted, {m['tokens_per_verify']:.2f} "
-            f"tokens per target forward, rounds by drafts kept {{{histogram}}}")
-
-
-class Printer:
-    """Streams row 0 of the batch to the terminal as tokens arrive (its end-of-sequence token excluded)."""
-
-    def __init__(self, tokenizer, enabled: bool):
-        from tokenizer import TextStreamer
-        self.streamer = TextStreamer(tokenizer) if enabled and tokenizer is not None else None
-        self.eos = set(tokenizer.eos_ids) if tokenizer is not None else set()
-
-    def __call__(self, new_tokens: list):
-        token = new_tokens[0]
-        if self.streamer is not None and token is not None and token not in self.eos:
-            print(self.streamer.put(token), end="", flush=True)
-
-    def close(self):
-        if self.streamer is not None:
-            print(self.streamer.flush(), flush=True)
-
-
-def compile_functions(args):
-    """The compiled prefill and decode step, kept as values rather than installed over module globals."""
-    import torch._inductor.config as inductor_config
-    inductor_config.coordinate_descent_tuning = True  # tunes the decode's reduction kernels; costs compile time once
-    decode_fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True) if args.compile else decode_one_token
-    prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True) if args.compile_prefill else prefill
-    return prefill_fn, decode_fn
-
-
-def compile_speculation(args):
-    """The draft step and the target's verify, each compiled into one CUDA graph with --compile (the verify at
-    its fixed shape (1, k + 1)); call after compile_functions, which sets the compiler's options."""
-    if not args.compile:
-        return draft_one_token, verify
-    return (torch.compile(draft_one_token, mode="reduce-overhead", fullgraph=True),
-            torch.compile(verify, mode="reduce-overhead", fullgraph=True, dynamic=False))  # a graph per k, none symbolic
-
-
-def resolve_dtype(name: Optional[str], device: torch.device) -> torch.dtype:
-    """--dtype, or by default bfloat16 on a GPU and float32 on the CPU."""
-    return getattr(torch, name) if name else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-
-
-def run(args):
-    check_args(args)
-    device = torch.device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+def main(argv=None):
+    """One run of generate.py. Bad input raises InputError, which the script prints as one line."""
+    args = parse_args(argv)
     torch.manual_seed(args.seed)
-
-    tokenizer, config = load_tokenizer_and_config(args)
-    if tp.world_size() > 1:  # under torchrun: the model must split over the processes; this process's GPU
-        device = tp.start(args, config, device)
-    context, slack = speculation_limits(args, tokenizer, config)  # a draft's vocabulary is checked before any weights load
-    prompts = encode_prompts(args, tokenizer, config.vocab_size) if not args.interactive else [[0]]
+    distributed = dist.is_torchelastic_launched()  # under torchrun: split the model over the processes
+    if distributed:
+        tp.quiet_other_ranks()
+    # The config and tokenizer come first, so that bad input fails before gigabytes of weights load.
+    if args.random_weights:
+        ckpt, tokenizer, config = None, None, ModelArgs(**CONFIGS[args.random_weights])
+    else:
+        ckpt = read_checkpoint(args.checkpoint_path)
+        tokenizer, config = load_tokenizer(ckpt.folder), ckpt.args
+    device = tp.start(args, config, args.device) if distributed else args.device
+    speculative = args.draft_checkpoint_path is not None or args.speculate_ngram is not None
+    context, slack = speculation_limits(args, tokenizer, config) if speculative else (config.block_size, 0)
+    prompts = [[0]] if args.interactive else encode_prompts(args, tokenizer, config.vocab_size)
     longest = max(len(p) for p in prompts)
     if longest >= context:
-        raise ValueError(f"the prompt has {longest} tokens but the model's context is {context} tokens")
+        raise InputError(f"the prompt has {longest} tokens but the model's context is {context} tokens")
     max_new = min(args.max_new_tokens, context - longest)
     if max_new < args.max_new_tokens:
         print(f"note: generating {max_new} tokens, all that fit the {context}-token context", file=sys.stderr)
-
-    t0 = time.perf_counter()
-    if tp.world_size() > 1 or args.random_quantization:
-        model = tp.load_model(args, device, dtype)  # this process's part of the model, read straight from its slices
-    elif args.random_weights:
-        model = random_model(args.random_weights, device, dtype)
-    else:
-        model, _ = load_checkpoint(args.checkpoint_path, device, dtype)
-    model.eval()
-    synchronize(device)
-    print(f"Loaded {args.random_weights or args.checkpoint_path} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
-    # Interactive prompts are unknown up front: size the cache for a generous conversation turn, not for the
-    # whole context (131k positions for Llama-3.1 would cost gigabytes and slow every decode step).
+    # Interactive prompts are unknown up front: size the cache for a generous conversation turn, not for
+    # the whole context (131k positions for Llama-3.1 would cost gigabytes and slow every decode step).
     max_seq = min(context, 4096) if args.interactive else longest + max_new
     cache_length = max_seq + slack  # the target's and the draft's caches alike
+    kv_bytes = 2 * config.n_layer * len(prompts) * config.n_kv_heads * cache_length * config.head_dim
+    kv_bytes *= torch.empty(0, dtype=args.dtype).element_size()
+    free = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda"
+            else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    if kv_bytes > free:
+        raise InputError(f"the KV cache for {len(prompts)} rows of {cache_length} tokens needs "
+                         f"{kv_bytes / 1e9:.1f} GB, more than the {free / 1e9:.1f} GB of free memory on {device}")
+
+    t0 = time.perf_counter()
+    if distributed or args.random_quantization:
+        model = tp.load_model(args, device, args.dtype)  # this process's part, read from its slices
+    elif args.random_weights:
+        model = random_model(args.random_weights, device, args.dtype)
+    else:
+        model = load_model(ckpt, device, args.dtype)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    print(f"Loaded {args.random_weights or args.checkpoint_path} in {time.perf_counter() - t0:.2f} s",
+          file=sys.stderr)
     model.setup_caches(max_batch_size=len(prompts), max_seq_length=cache_length)
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    prefill_fn, decode_fn = compile_functions(args)
-    draft_fn, verify_fn = compile_speculation(args)
-    proposer = load_proposer(args, config, device, dtype, sampling, prefill_fn, draft_fn, cache_length)
+    compiled = args.compile or args.compile_prefill
+    prefill_fn, decode_fn = compile_functions(args) if compiled else (prefill, decode_one_token)
     eos_ids = tokenizer.eos_ids if tokenizer is not None else []
-
-    def one_sample(prompts, stream: bool, max_new: int = max_new):
-        printer = Printer(tokenizer, stream and len(prompts) == 1)
-        if proposer is None:
-            gen = generate(model, prompts, max_new, sampling, eos_ids, prefill_fn, decode_fn, printer)
-        else:
-            gen = speculative_generate(model, proposer, prompts[0], max_new, sampling, eos_ids, prefill_fn, verify_fn, printer)
-        printer.close()
-        return gen
-
+    if not speculative:
+        generate_fn = partial(generate, model, sampling=sampling, eos_ids=eos_ids, prefill_fn=prefill_fn,
+                              decode_fn=decode_fn)
+    else:
+        proposer = load_proposer(args, config, device, sampling, prefill_fn, cache_length)
+        generate_fn = partial(speculative_generate, model, proposer, sampling=sampling, eos_ids=eos_ids,
+                              prefill_fn=prefill_fn, verify_fn=compile_verify() if args.compile else verify)
+    # The bytes of weights one decode step reads: every parameter once, except an untied embedding
+    # table, of which only the looked-up rows are read.
+    model_bytes = sum(p.nbytes for p in model.parameters())
+    if not config.tie_embeddings:
+        model_bytes -= model.tok_embeddings.weight.nbytes
     if args.interactive:
-        return interactive(args, tokenizer, one_sample, max_seq, max_new)
-    run_samples(args, prompts, one_sample, tokenizer, weight_bytes_per_step(model), device)
+        return interactive(args, tokenizer, generate_fn, max_seq, max_new)
+    run_samples(args, prompts, generate_fn, tokenizer, max_new, model_bytes, device, compiled)
 
 
-def run_samples(args, prompts: list, one_sample: Callable, tokenizer, model_bytes: int, device: torch.device):
-    """--num_samples timed generations of the same prompts (after one untimed compiling run), with metrics."""
+def run_samples(args, prompts: list, generate_fn: Callable, tokenizer, max_new: int, model_bytes: int,
+                device: torch.device, compiled: bool):
+    """--num_samples timed generations of the same prompts (after one untimed compiling run), row 0
+    streamed to the terminal, with their metrics."""
     compile_s = None
-    if args.compile or args.compile_prefill:
+    if compiled:
         t0 = time.perf_counter()
-        one_sample(prompts, stream=False)
+        generate_fn(prompts, max_new)
         compile_s = time.perf_counter() - t0
         print(f"Compilation time: {compile_s:.2f} s", file=sys.stderr)
     results = []
     for i in range(args.num_samples):
+        streamer = TextStreamer(tokenizer) if tokenizer is not None and len(prompts) == 1 else None
+
+        def print_row0(new: list):
+            if streamer is not None and new[0] is not None and new[0] not in tokenizer.eos_ids:
+                print(streamer.put(new[0]), end="", flush=True)
         profiling = args.profile is not None and i == args.num_samples - 1
         with torch.profiler.profile() if profiling else nullcontext() as prof:
-            gen = one_sample(prompts, stream=True)
+            gen = generate_fn(prompts, max_new, on_tokens=print_row0)
+        if streamer is not None:
+            print(streamer.flush(), flush=True)
         if profiling:
             prof.export_chrome_trace(str(args.profile))
         if len(prompts) > 1 and tokenizer is not None:
@@ -681,7 +459,8 @@ def run_samples(args, prompts: list, one_sample: Callable, tokenizer, model_byte
         if "accepted_lengths" in m:
             print(f"Sample {i}: {describe_speculation(m)}", file=sys.stderr)
     summary = {k: sum(r[k] for r in results) / len(results) for k in ("ttft_s", "decode_tok_s", "bandwidth_gb_s")}
-    per_gpu = f" per GPU, tensor parallel over {tp.world_size()}" if tp.world_size() > 1 else ""  # each rank's part
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    per_gpu = f" per GPU, tensor parallel over {world}" if world > 1 else ""  # each rank's part
     print(f"Average over {len(results)} samples: decode {summary['decode_tok_s']:.2f} tok/s, "
           f"{summary['bandwidth_gb_s']:.1f} GB/s, model {model_bytes / 1e9:.2f} GB{per_gpu}", file=sys.stderr)
     if "accepted_lengths" in results[0]:  # pooled over the rounds of every sample
@@ -690,11 +469,39 @@ def run_samples(args, prompts: list, one_sample: Callable, tokenizer, model_byte
     if args.json:
         write_json(args.json, dict(args={k: str(v) for k, v in vars(args).items()}, device=device_name(device),
                                    torch=torch.__version__, model_bytes=model_bytes, compile_s=compile_s,
-                                   tensor_parallel=tp.world_size(),  # model_bytes and GB/s are per GPU
+                                   tensor_parallel=world,  # model_bytes and GB/s are per GPU
                                    samples=results, average=summary))
 
 
-def interactive(args, tokenizer, one_sample, max_seq: int, max_new: int):
+def metrics(gen: Generation, model_bytes: int, device: torch.device) -> dict:
+    decode_s = max(gen.decode_s, 1e-9)
+    decode_tokens = gen.generated - len(gen.tokens)  # every row's first token came from the prefill
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # KiB on Linux
+    return dict(
+        new_tokens=[len(r) for r in gen.tokens],
+        prompt_tokens=gen.prompt_tokens,
+        ttft_s=gen.ttft_s,
+        prefill_tok_s=sum(gen.prompt_tokens) / gen.ttft_s,
+        decode_tok_s=decode_tokens / decode_s,  # over the whole batch
+        # Weights are read once per forward pass, whatever the batch (also for the one step that may run
+        # past an end-of-sequence token before the host sees it).
+        bandwidth_gb_s=model_bytes * gen.decode_steps / decode_s / 1e9,  # speculative: the verifies only
+        peak_memory_gb=peak / 1e9,  # CPU: the process's peak resident memory
+        **(speculation_metrics(gen.accepted_lengths) if gen.accepted_lengths is not None else {}),
+    )
+
+
+def describe_speculation(m: dict) -> str:
+    if m["acceptance_rate"] is None:
+        return "speculative decoding: no rounds (the first token ended the sample)"
+    k = len(m["accepted_lengths"]) - 1
+    histogram = ", ".join(f"{n}: {count}" for n, count in enumerate(m["accepted_lengths"]))
+    return (f"speculative decoding: {m['acceptance_rate']:.1%} of {k} drafts accepted, "
+            f"{m['tokens_per_verify']:.2f} tokens per target forward, rounds by drafts kept {{{histogram}}}")
+
+
+def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: int):
     """Answer prompts from the terminal until end of input; each turn gets what is left of the cache."""
     while True:
         try:
@@ -702,11 +509,54 @@ def interactive(args, tokenizer, one_sample, max_seq: int, max_new: int):
         except (EOFError, KeyboardInterrupt):
             print()
             return
+        except UnicodeDecodeError as e:  # the terminal sent bytes that are not UTF-8: skip the line
+            print(f"error: the input is not UTF-8 text ({e.reason})", file=sys.stderr)
+            continue
         ids = tokenizer.encode_chat([{"role": "user", "content": text}]) if args.chat else tokenizer.encode(text)
         if not ids or len(ids) >= max_seq:
             print(f"(skipped: the prompt has {len(ids)} tokens; 1 to {max_seq - 1} fit)", file=sys.stderr)
             continue
-        one_sample([ids], stream=True, max_new=min(max_new, max_seq - len(ids)))
+        streamer = TextStreamer(tokenizer)
+
+        def print_answer(new: list):
+            if new[0] is not None and new[0] not in tokenizer.eos_ids:
+                print(streamer.put(new[0]), end="", flush=True)
+        generate_fn([ids], min(max_new, max_seq - len(ids)), on_tokens=print_answer)
+        print(streamer.flush(), flush=True)
+
+
+def compile_functions(args):
+    """The compiled prefill and decode step, kept as values rather than installed over module globals."""
+    import torch._inductor.config as inductor_config
+    inductor_config.coordinate_descent_tuning = True  # tunes the decode's reductions; costs compile time once
+    decode_fn = (torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True) if args.compile
+                 else decode_one_token)
+    prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True) if args.compile_prefill else prefill
+    return prefill_fn, decode_fn
+
+
+def compile_verify():
+    """The target's verify of k drafts, one CUDA graph at its fixed shape (1, k + 1)."""
+    return torch.compile(verify, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+
+def encode_prompts(args, tokenizer, vocab_size: int) -> list:
+    """Token ids for each prompt of the batch: the --prompt texts, or --prompt_tokens random ids."""
+    if args.prompt_tokens is not None or tokenizer is None:
+        n = args.prompt_tokens or 5
+        return [torch.randint(0, vocab_size, (n,)).tolist() for _ in range(args.batch_size)]
+    texts = args.prompt or ["Hello, my name is"]
+    prompts = []
+    for text in texts * args.batch_size if len(texts) == 1 else texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the terminal could not decode arrive as lone surrogates
+            raise InputError(f"--prompt {text!r} is not valid UTF-8 text") from None
+        prompts.append(tokenizer.encode_chat([{"role": "user", "content": text}]) if args.chat
+                       else tokenizer.encode(text))
+        if not prompts[-1]:
+            raise InputError(f"prompt {text!r} has no tokens (the model needs at least one)")
+    return prompts
 
 
 def device_name(device: torch.device) -> str:
@@ -714,15 +564,140 @@ def device_name(device: torch.device) -> str:
 
 
 def write_json(path: Path, data: dict):
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(data, indent=2) + "\n")
+    text = json.dumps(data, indent=2) + "\n"
+    write_files(path.parent, {path.name: lambda tmp: tmp.write_text(text)})
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    tp.quiet_other_ranks()  # under torchrun only rank 0 prints
-    exit_on_bad_input(run, args)
+# ---- speculative decoding's set-up ----------------------------------------------------------------
+
+def speculate_k(args) -> int:
+    return DEFAULT_SPECULATE_K if args.speculate_k is None else args.speculate_k
+
+
+def check_speculation_args(args):
+    if args.draft_checkpoint_path is not None and args.speculate_ngram is not None:
+        raise InputError("give --draft_checkpoint_path or --speculate_ngram, not both")
+    speculative = args.draft_checkpoint_path is not None or args.speculate_ngram is not None
+    if args.speculate_k is not None and not speculative:
+        raise InputError("--speculate_k needs a proposer: --draft_checkpoint_path or --speculate_ngram")
+    if args.speculate_k is not None and args.speculate_k < 1:
+        raise InputError(f"--speculate_k must be >= 1, got {args.speculate_k}")
+    if args.speculate_ngram is not None and args.speculate_ngram < 1:
+        raise InputError(f"--speculate_ngram must be >= 1, got {args.speculate_ngram}")
+    if speculative and (args.batch_size > 1 or args.prompt and len(args.prompt) > 1):
+        raise InputError("speculative decoding generates one sequence at a time: use --batch_size 1 and "
+                         "one --prompt")
+
+
+def check_draft(path: Path, tokenizer, config: ModelArgs) -> ModelArgs:
+    """The draft's config, once its vocabulary is known to be the target's (before any weights load)."""
+    draft = read_checkpoint(path)
+    if draft.args.vocab_size != config.vocab_size:
+        raise InputError(f"the draft {path} has a vocabulary of {draft.args.vocab_size} tokens, the target "
+                         f"{config.vocab_size}: speculative decoding needs a draft with the target's tokenizer")
+    if tokenizer is None or not any((draft.folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+        return draft.args  # weights without tokenizer files: the vocabulary size is all there is to check
+    if load_tokenizer(draft.folder).encode(TOKENIZER_PROBE) != tokenizer.encode(TOKENIZER_PROBE):
+        raise InputError(f"the draft {path} tokenizes text differently from the target: speculative "
+                         "decoding needs a draft with the target's tokenizer")
+    return draft.args
+
+
+def speculation_limits(args, tokenizer, config: ModelArgs) -> tuple[int, int]:
+    """(context, slack): the tokens a prompt and its generation may fill, and the cache slots beyond
+    them that a speculative round may write (k - 1: a round may start at the next-to-last token and
+    write k slots past it)."""
+    context = config.block_size
+    if args.draft_checkpoint_path is not None:
+        context = min(context, check_draft(args.draft_checkpoint_path, tokenizer, config).block_size)
+    slack = speculate_k(args) - 1
+    if slack >= context - 1:
+        raise InputError(f"--speculate_k {speculate_k(args)} does not fit the model's {context}-token context")
+    return context - slack, slack
+
+
+def load_proposer(args, config: ModelArgs, device: torch.device, sampling: Sampling, prefill_fn: Callable,
+                  cache_length: int):
+    """The proposer the flags ask for, with a draft model loaded and its cache allocated."""
+    k = speculate_k(args)
+    if args.speculate_ngram is not None:
+        return PromptLookup(args.speculate_ngram, k, config.vocab_size, device)
+    t0 = time.perf_counter()
+    draft = load_model(read_checkpoint(args.draft_checkpoint_path), device, args.dtype)
+    draft.setup_caches(max_batch_size=1, max_seq_length=cache_length)
+    step_fn = (torch.compile(draft_one_token, mode="reduce-overhead", fullgraph=True) if args.compile
+               else draft_one_token)
+    print(f"Loaded draft {args.draft_checkpoint_path} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    return DraftModel(draft, k, sampling, step_fn, prefill_fn)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Generate text with a gpt-blitz checkpoint (or random weights, "
+                                "to benchmark).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint_path", type=Path, help="checkpoint folder, or the weights file inside it")
+    p.add_argument("--random_weights", metavar="NAME", choices=CONFIGS,
+                   help="build the named config (model.py CONFIGS) with random weights on the device")
+    p.add_argument("--random_quantization", choices=tp.RANDOM_QUANTIZATIONS,
+                   help="with --random_weights: quantize the random weights as quantize.py would (int4.g32: "
+                   "int4 in groups of 32), one layer at a time on the device")
+    p.add_argument("--prompt", action="append", help="prompt text; repeat the flag for a batch of different "
+                   "prompts (default: 'Hello, my name is')")
+    p.add_argument("--prompt_tokens", type=int, metavar="N", help="a synthetic prompt of N random tokens "
+                   "instead of text (default with --random_weights: 5)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    p.add_argument("--interactive", action="store_true", help="read prompts from the terminal and stream answers")
+    p.add_argument("--num_samples", type=int, default=5, help="timed generations of the same prompts")
+    p.add_argument("--max_new_tokens", type=int, default=200, help="new tokens per row")
+    p.add_argument("--batch_size", type=int, default=1, help="repeat a single prompt this many times")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 decodes greedily")
+    p.add_argument("--top_k", type=int, default=200, help="sample among the k most likely tokens")
+    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: keep the smallest set of "
+                   "tokens with this much probability")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--compile", action="store_true", help="compile the decode step (on a GPU: one CUDA graph)")
+    p.add_argument("--compile_prefill", action="store_true", help="also compile the prefill (dynamic shapes)")
+    p.add_argument("--profile", type=Path, help="write a torch.profiler trace of the last sample to this path")
+    p.add_argument("--json", type=Path, help="write the metrics of every sample to this JSON file")
+    p.add_argument("--draft_checkpoint_path", type=Path, help="speculative decoding: a draft model sharing the "
+                   "target's tokenizer (a smaller model of the family, or a quantized copy of the target)")
+    p.add_argument("--speculate_ngram", type=int, metavar="N", help="speculative decoding without a draft "
+                   "model: propose the tokens that followed the last earlier occurrence of the last N tokens")
+    p.add_argument("--speculate_k", type=int, default=None,
+                   help=f"tokens proposed per target forward (default {DEFAULT_SPECULATE_K})")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                   help="weights and activations (default: bfloat16 on a GPU, float32 on a CPU)")
+    args = p.parse_args(argv)
+    if (args.checkpoint_path is None) == (args.random_weights is None):
+        raise InputError("give exactly one of --checkpoint_path and --random_weights")
+    if args.random_quantization and not args.random_weights:
+        raise InputError("--random_quantization goes with --random_weights (a checkpoint records its own)")
+    if not 0 <= args.temperature < math.inf:
+        raise InputError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise InputError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.top_k is not None and args.top_k < 1:
+        raise InputError(f"--top_k must be >= 1, got {args.top_k}")
+    if min(args.max_new_tokens, args.num_samples, args.batch_size, args.prompt_tokens or 1) < 1:
+        raise InputError("--max_new_tokens, --num_samples, --batch_size and --prompt_tokens must be >= 1")
+    if args.prompt and (args.prompt_tokens is not None or len(args.prompt) > 1 and args.batch_size > 1):
+        raise InputError("give --prompt or --prompt_tokens, and several --prompt flags or --batch_size, "
+                         "not both")
+    if args.interactive and args.random_weights:
+        raise InputError("--interactive needs --checkpoint_path (a tokenizer), not --random_weights")
+    if args.draft_checkpoint_path or args.speculate_ngram or args.speculate_k:
+        check_speculation_args(args)
+    for flag in ("json", "profile"):
+        if getattr(args, flag) is not None:
+            check_writable(getattr(args, flag), f"--{flag}")
+    args.device = check_device(args.device, "--device")
+    args.dtype = getattr(torch, args.dtype) if args.dtype else (
+        torch.bfloat16 if args.device.type == "cuda" else torch.float32)
+    return args
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as e:
+        tp.exit_with_error(e)

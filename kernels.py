@@ -24,7 +24,11 @@ The callers keep a plain PyTorch path (prefill, CPU), which is also the referenc
 against: `check_kernels` on the GPU (scripts/bench.py runs it first), tests/test_kernels.py in Triton's CPU
 interpreter.
 """
+from typing import Optional
+
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 try:
@@ -213,3 +217,186 @@ def check_kernels(device="cuda") -> list:
                 ok = y.shape == (rows, 1, N) and rel < 1e-2  # bf16 output: ~4e-3
                 results.append(dict(name=name, rows=rows, shape=[N, K], rel_err=rel, ok=ok))
     return results
+
+# ---- quantized linear layers ----------------------------------------------------------------------
+#
+# What quantize.py writes and checkpoint.py loads (N output features, K input features; each weight
+# row is one output channel). Integer storage keeps `model.to(dtype)` from ever casting quantized
+# values; only float layers and the int8/int4 scales follow the model's dtype. Layouts that depend
+# on the device (tinygemm's) are made at load time, so a file quantized on one device loads on any.
+#   int8  weight int8 (N, K), scales (N,) in the checkpoint's float dtype: w = weight * scales
+#   int4  weight uint8 (N, K_pad / 2) nibble pairs (column 2i in the high nibble, 2i + 1 in the low),
+#         scales and zeros bfloat16 (N, K_pad / groupsize): w = (q - 8) * scale + zero, the
+#         convention of PyTorch's int4 kernels; K_pad is K rounded up to whole groups, the extra
+#         columns are zeros and the input is zero-padded to meet them ("padded" in the record)
+#   fp8   weight uint8 (N, K) (e4m3 bit patterns), scale_bits int32 (N,) (float32 bit patterns)
+# A quantized file's sidecar config records {format, mode, groupsize, include_output, layers,
+# padded, ...}, so nothing is ever guessed from a file name.
+
+FORMAT = 1  # version of the layout above; checkpoint.py refuses versions it does not know
+INT4_MODES = ("int4", "int4-gptq")  # one file format, one layer
+GROUPSIZES = (32, 64, 128, 256)  # the group sizes tinygemm supports
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+# fp8 on CUDA (compute capability >= 9.0): True quantizes activations per token and calls
+# torch._scaled_mm (one fp8 tensor-core matmul); False converts the weight inside the compiled
+# matmul, which is faster at decode (BENCHMARKS.md).
+FP8_SCALED_MM = False
+
+
+def frozen(t: Tensor) -> nn.Parameter:
+    # Parameters rather than buffers: generate.py counts the bytes read per step over model.parameters().
+    return nn.Parameter(t, requires_grad=False)
+
+
+def one_byte_linear(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
+    """x (..., K) times one-byte weights (N, K), int8 or float8_e4m3fn, scaled per output row: (..., N) in x's
+    dtype. At decode on a GPU (1 to 64 rows) Triton kernels stream the weights (kernels.py); otherwise PyTorch,
+    scaling in float32, which also keeps torch.compile from matching inductor's weight-only int8 pattern
+    (`F.linear(x, w.to(bf16)) * bf16 scales` -> aten._weight_int8pack_mm, whose CUDA kernel took 1.16 ms a layer
+    for 8 rows on an H100: BENCHMARKS.md)."""
+    if kernel_available(x):
+        return scaled_matmul(x, weight, scales)
+    return (F.linear(x, weight.to(x.dtype)).float() * scales).to(x.dtype)
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, **_):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = frozen(torch.empty(out_features, in_features, dtype=torch.int8))
+        self.scales = frozen(torch.empty(out_features))
+        self.bias = frozen(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = one_byte_linear(x, self.weight, self.scales)  # (..., N)
+        return y if self.bias is None else y + self.bias
+
+    def dequantize(self) -> Tensor:
+        return self.weight.float() * self.scales.float()[:, None]  # (N, K)
+
+
+def int4_dequantize(q: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
+    """(q - 8) * scale + zero, in float32: the convention tinygemm and the CPU int4 op share."""
+    return (q.float() - 8) * scales + zeros
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """(N, K / 2) uint8 -> (N, K) nibbles."""
+    return torch.stack([packed >> 4, packed & 0xF], dim=-1).view(packed.shape[0], -1)
+
+
+INT4_KERNELS = {
+    "cuda": (lambda packed, tiles: torch.ops.aten._convert_weight_to_int4pack(packed.contiguous(), tiles),
+             torch.ops.aten._weight_int4pack_mm),
+    "cpu": (lambda packed, tiles: torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(packed).int(), tiles),
+            torch.ops.aten._weight_int4pack_mm_for_cpu),
+}
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, groupsize: int,
+                 padded_in_features: Optional[int] = None, **_):
+        super().__init__()
+        k_pad = padded_in_features or in_features
+        assert k_pad % groupsize == 0 and k_pad >= in_features, f"K {in_features} padded to {k_pad}: not whole groups of {groupsize}"
+        self.in_features, self.out_features, self.groupsize, self.padded_in_features = in_features, out_features, groupsize, k_pad
+        self.weight = frozen(torch.empty(out_features, k_pad // 2, dtype=torch.uint8))
+        self.scales = frozen(torch.empty(out_features, k_pad // groupsize, dtype=torch.bfloat16))
+        self.zeros = frozen(torch.empty(out_features, k_pad // groupsize, dtype=torch.bfloat16))
+        self.bias = frozen(torch.empty(out_features)) if bias else None
+        self.kernel = None  # the int4 matmul op, once use_kernel() has repacked the weights for it
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.kernel_forward(x) if self.kernel is not None else F.linear(x, self.dequantize().to(x.dtype))
+        return y if self.bias is None else y + self.bias
+
+    def dequantize(self) -> Tensor:
+        """The weights as float32 (N, K), padding dropped: the reference the kernels are compared with."""
+        q = unpack_int4(self.weight).view(self.out_features, -1, self.groupsize)  # (N, n_groups, G)
+        w = int4_dequantize(q, self.scales.float()[..., None], self.zeros.float()[..., None])
+        return w.view(self.out_features, -1)[:, :self.in_features]
+
+    def use_kernel(self, device_type: str):
+        """Repack the weights for the device's int4 matmul (once, after the move to the device). The kernel
+        takes scales and zeros in x's dtype (bfloat16 for tinygemm). The packed layout is device-specific, so
+        the module's state_dict is no longer a checkpoint afterwards."""
+        convert, self.kernel = INT4_KERNELS[device_type]
+        n_pad = -self.out_features % 16  # the CPU op needs N % 16 == 0, tinygemm N % 8 == 0
+        inner_k_tiles = next(t for t in (8, 4, 2) if self.padded_in_features % (16 * t) == 0)
+        weight = F.pad(self.weight, (0, 0, 0, n_pad))  # (N_pad, K_pad / 2)
+        scales_and_zeros = torch.stack([self.scales, self.zeros], dim=-1)  # (N, n_groups, 2)
+        scales_and_zeros = F.pad(scales_and_zeros, (0, 0, 0, 0, 0, n_pad)).transpose(0, 1).contiguous()  # (n_groups, N_pad, 2)
+        self.packed = frozen(convert(weight, inner_k_tiles))
+        self.scales_and_zeros = frozen(scales_and_zeros)
+        del self.weight, self.scales, self.zeros  # the packed copy replaces them: no second copy in memory
+
+    def kernel_forward(self, x: Tensor) -> Tensor:
+        K, N = self.in_features, self.out_features
+        x2 = x.reshape(-1, K)  # (M, K)
+        if self.padded_in_features != K:
+            x2 = F.pad(x2, (0, self.padded_in_features - K))  # (M, K_pad): zeros meet the zero weight columns
+        y = self.kernel(x2.contiguous(), self.packed, self.groupsize, self.scales_and_zeros)  # (M, N_pad)
+        return y[:, :N].reshape(*x.shape[:-1], N)
+
+
+def fp8_scaled_mm(x: Tensor, w8: Tensor, w_scales: Tensor) -> Tensor:
+    """x (..., K) -> (..., N) with one fp8 matmul: x is quantized to e4m3 per token (row) on the fly and
+    torch._scaled_mm applies both scales in its epilogue. w8 (N, K) e4m3, w_scales (N,) float32."""
+    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    x_scales = (x2.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)  # (M, 1); all-zero rows stay zero
+    x8 = (x2.float() / x_scales).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)  # (M, K)
+    # w8.t() is column-major (K, N), the layout _scaled_mm wants for its second operand.
+    y = torch._scaled_mm(x8, w8.t(), scale_a=x_scales, scale_b=w_scales[None, :], out_dtype=x.dtype)  # (M, N)
+    return y.reshape(*x.shape[:-1], -1)
+
+
+class Fp8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, **_):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = frozen(torch.empty(out_features, in_features, dtype=torch.uint8))  # e4m3 bit patterns
+        # float32 bit patterns: model.to(dtype) leaves integer tensors alone, and _scaled_mm takes float32 scales.
+        self.scale_bits = frozen(torch.empty(out_features, dtype=torch.int32))
+        self.bias = frozen(torch.empty(out_features)) if bias else None
+        self.scaled_mm = False  # set by prepare_for_device
+
+    def forward(self, x: Tensor) -> Tensor:
+        w8, scales = self.weight.view(torch.float8_e4m3fn), self.scale_bits.view(torch.float32)  # (N, K), (N,)
+        y = fp8_scaled_mm(x, w8, scales) if self.scaled_mm else one_byte_linear(x, w8, scales)  # (..., N)
+        return y if self.bias is None else y + self.bias
+
+    def dequantize(self) -> Tensor:
+        return self.weight.view(torch.float8_e4m3fn).float() * self.scale_bits.view(torch.float32)[:, None]
+
+
+# GPTQ writes int4's format: the same layer reads both.
+LINEARS = {"int8": Int8Linear, "int4": Int4Linear, "int4-gptq": Int4Linear, "fp8": Fp8Linear}
+
+
+def swap_linears(model: nn.Module, quantization: dict):
+    """Replace the nn.Linear layers that a (checked) quantization record lists by empty quantized
+    ones of the same shapes: call it on the meta device; load_state_dict(assign=True) then brings
+    the weights."""
+    padded = quantization.get("padded", {})
+    for name in quantization["layers"]:
+        linear = model.get_submodule(name)
+        parent, _, child = name.rpartition(".")
+        layer = LINEARS[quantization["mode"]](
+            linear.in_features, linear.out_features, linear.bias is not None,
+            groupsize=quantization["groupsize"], padded_in_features=padded.get(name, (None, None))[1])
+        setattr(model.get_submodule(parent), child, layer)
+
+
+def prepare_for_device(model: nn.Module):
+    """After the model reached its device and dtype: pack int4 weights for tinygemm (CUDA, bfloat16
+    only; other dtypes dequantize) and choose the fp8 matmul."""
+    dtype = model.tok_embeddings.weight.dtype  # the activations' dtype
+    for module in model.modules():
+        on_gpu = isinstance(module, (Int4Linear, Fp8Linear)) and module.weight.is_cuda
+        if isinstance(module, Int4Linear) and on_gpu and module.kernel is None and dtype == torch.bfloat16:
+            module.use_kernel("cuda")
+        elif isinstance(module, Fp8Linear) and on_gpu:
+            # _scaled_mm: both matrix dims of the weight % 16, row-wise scales on 9.0+, bf16 output.
+            capability = torch.cuda.get_device_capability(module.weight.device)
+            module.scaled_mm = (FP8_SCALED_MM and capability >= (9, 0) and dtype == torch.bfloat16
+                                and module.in_features % 16 == 0 and module.out_features % 16 == 0)

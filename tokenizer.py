@@ -11,12 +11,15 @@ import base64
 from abc import ABC, abstractmethod
 import json
 import re
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from checkpoint import InputError, read_json
 
 # Llama-3 pre-tokenizer split (from Meta's reference tokenizer): contractions,
 # words with one leading non-letter, numbers in groups of <= 3, punctuation runs, whitespace.
@@ -32,39 +35,36 @@ LLAMA3_SPECIALS = [
 ]
 LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(LLAMA3_SPECIALS))]
 
-# The files a checkpoint folder may carry for its tokenizer (chat_template.jinja: newer transformers save
-# the chat template there rather than in tokenizer_config.json).
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "generation_config.json")
-
 # Matches the first line of a tiktoken ranks file, e.g. b"IQ== 0\n".
 TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+={0,2} \d+\r?$")
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def _token_text(tok) -> str | None:
-    # tokenizer_config.json writes special tokens either as "<s>" or as {"content": "<s>", ...}
-    return tok.get("content") if isinstance(tok, dict) else tok
-
-
-def _read_chat_template(folder: Path, config: dict) -> str | None:
-    # Newer transformers save the template as its own file; older ones put it in the config,
-    # sometimes as a list of named templates of which "default" is the chat one.
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+def read_config(folder: Path, name: str) -> dict:
+    """An optional JSON config of the tokenizer ({} when absent), its special tokens checked: a token is
+    written as text or as {"content": text}; ids are integers."""
+    path = folder / name
+    config = read_json(path) if path.is_file() else {}
+    for key in ("bos_token", "eos_token"):
+        token = config.get(key)
+        if isinstance(token, dict):
+            token = config[key] = token.get("content")
+        if token is not None and not isinstance(token, str):
+            raise InputError(f"{path}: {key} must be a token's text, got {token!r}")
+    ids = config.get("eos_token_id")
+    if ids is not None and not all(type(i) is int for i in (ids if isinstance(ids, list) else [ids])):
+        raise InputError(f"{path}: eos_token_id must be an id or a list of ids, got {ids!r}")
     template = config.get("chat_template")
-    if isinstance(template, list):
-        template = {t["name"]: t["template"] for t in template}.get("default")
-    return template
+    if isinstance(template, list):  # a list of named templates, of which "default" is the chat one
+        config["chat_template"] = {t.get("name"): t.get("template") for t in template}.get("default")
+    if not isinstance(config.get("chat_template", ""), (str, type(None))):
+        raise InputError(f"{path}: chat_template must be text")
+    return config
 
 
 def render_chat_template(template: str, messages: list[dict], bos_token: str, eos_token: str) -> str:
     """Render a HF chat template the way transformers does (sandboxed, trim/lstrip blocks)."""
     def raise_exception(message):
-        raise ValueError(f"chat template error: {message}")
+        raise InputError(f"chat template error: {message}")
 
     def tojson(x, indent=None, separators=None, sort_keys=False):
         # HF's tojson keeps non-ASCII and does not HTML-escape, unlike jinja's built-in one.
@@ -77,7 +77,7 @@ def render_chat_template(template: str, messages: list[dict], bos_token: str, eo
         return env.from_string(template).render(
             messages=messages, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token)
     except TemplateError as e:
-        raise ValueError(f"chat template error: {e}") from None
+        raise InputError(f"chat template error: {e}") from None
 
 
 class Tokenizer(ABC):
@@ -108,7 +108,7 @@ class Tokenizer(ABC):
         return "" if token_id is None else self.decode([token_id])
 
     def _builtin_chat(self, messages: list[dict]) -> list[int]:
-        raise ValueError("this tokenizer has no chat template (no chat_template in tokenizer_config.json)")
+        raise InputError("this tokenizer has no chat template (no chat_template in tokenizer_config.json)")
 
     @abstractmethod
     def _encode_special_text(self, text: str) -> list[int]:
@@ -116,18 +116,17 @@ class Tokenizer(ABC):
 
 
 class HFTokenizer(Tokenizer):
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, config: dict, chat_template: str | None):
         from tokenizers import Tokenizer as HFTok
         try:
             self.tok = HFTok.from_file(str(folder / "tokenizer.json"))
         except Exception as e:  # the Rust side raises a bare Exception for malformed files
-            raise ValueError(f"cannot read {folder / 'tokenizer.json'}: {e}") from None
-        config = {**_read_json(folder / "special_tokens_map.json"), **_read_json(folder / "tokenizer_config.json")}
-        bos, eos = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
+            raise InputError(f"cannot read {folder / 'tokenizer.json'}: {e}") from None
+        bos, eos = config.get("bos_token"), config.get("eos_token")
         self.bos_id = self.tok.token_to_id(bos) if bos else None
         self.eos_ids = [self.tok.token_to_id(eos)] if eos and self.tok.token_to_id(eos) is not None else []
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
-        self.chat_template = _read_chat_template(folder, config)
+        self.chat_template = chat_template
 
     def encode(self, text: str) -> list[int]:
         # add_special_tokens=True: the post-processor decides whether BOS goes in (Llama yes, SmolLM no).
@@ -193,7 +192,7 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         except Exception as e:  # sentencepiece raises a bare RuntimeError/OSError on junk files
-            raise ValueError(f"{path} is neither a tiktoken ranks file nor a sentencepiece model ({e})") from None
+            raise InputError(f"{path} is neither a tiktoken ranks file nor a sentencepiece model ({e})") from None
         # sentencepiece reports a missing BOS/EOS as -1
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         self.eos_ids = [self.sp.eos_id()] if self.sp.eos_id() >= 0 else []
@@ -227,7 +226,7 @@ class SentencePieceTokenizer(Tokenizer):
                 first = f"<<SYS>>\n{system}\n<</SYS>>\n\n{messages[0]['content'].strip()}"
                 messages = [{"role": messages[0]["role"], "content": first}] + messages[1:]
         if not messages or messages[-1]["role"] != "user":
-            raise ValueError("Llama-2 chat format needs the conversation to end with a user message")
+            raise InputError("Llama-2 chat format needs the conversation to end with a user message")
         bos = [self.bos_id] if self.bos_id is not None else []
         ids = []
         for user, answer in zip(messages[0:-1:2], messages[1::2]):
@@ -239,41 +238,44 @@ class SentencePieceTokenizer(Tokenizer):
 def load_tokenizer(checkpoint_dir: Path) -> Tokenizer:
     """Pick the backend from the tokenizer files in checkpoint_dir."""
     folder = Path(checkpoint_dir)
-    config = _read_json(folder / "tokenizer_config.json")
+    config = {**read_config(folder, "special_tokens_map.json"), **read_config(folder, "tokenizer_config.json")}
+    # Newer transformers save the chat template as its own file; older ones put it in the config.
+    template_file = folder / "chat_template.jinja"
+    try:
+        template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {template_file}: {e}") from None
+    template = template or config.get("chat_template")
     if (folder / "tokenizer.json").is_file():
-        tok = HFTokenizer(folder)
+        tok = HFTokenizer(folder, config, template)
     elif (folder / "tokenizer.model").is_file():
         path = folder / "tokenizer.model"
         with open(path, "rb") as f:
             first_line = f.readline(4096).rstrip(b"\n")
-        template = _read_chat_template(folder, config)
-        if TIKTOKEN_LINE.match(first_line):
-            tok = TiktokenTokenizer(path, template)
-        else:
-            tok = SentencePieceTokenizer(path, template)
+        backend = TiktokenTokenizer if TIKTOKEN_LINE.match(first_line) else SentencePieceTokenizer
+        tok = backend(path, template)
     else:
-        raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {folder}")
+        raise InputError(f"no tokenizer.json or tokenizer.model in {folder}")
     # Instruct models often stop on more ids than the tokenizer's own EOS (e.g. <|eot_id|>).
-    extra = _read_json(folder / "generation_config.json").get("eos_token_id")
+    extra = read_config(folder, "generation_config.json").get("eos_token_id")
     for i in ([extra] if isinstance(extra, int) else extra or []):
         if i not in tok.eos_ids:
             tok.eos_ids.append(i)
     return tok
 
 
+@dataclass
 class TextStreamer:
     """Turns generated ids into text one id at a time, never emitting half a character.
 
-    Byte-level tokenizers split multi-byte characters across tokens; decoding such a prefix
-    ends in U+FFFD, so that text is held back until the bytes that complete it arrive.
-    Only the last emitted id is kept as context: that keeps each decode short while still
-    letting sentencepiece render the leading space of the next piece.
+    Byte-level tokenizers split multi-byte characters across tokens; decoding such a prefix ends in
+    U+FFFD, so that text is held back until the bytes that complete it arrive. Only the last emitted
+    id is kept as context: that keeps each decode short while still letting sentencepiece render the
+    leading space of the next piece.
     """
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []   # one id of context + ids whose text is not out yet
-        self.done = 0              # chars of decode(self.ids) already emitted
+    tokenizer: Tokenizer
+    ids: list = field(default_factory=list)  # one id of context + ids whose text is not out yet
+    done: int = 0  # chars of decode(self.ids) already emitted
 
     def put(self, token_id: int) -> str:
         self.ids.append(int(token_id))

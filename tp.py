@@ -38,9 +38,13 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm import tqdm
 
-from model import (CheckpointError, ModelArgs, Transformer, config_file, error_summary, finish_model, load_state_dict,
-                   randomize_, read_config, read_quantization, resolve_checkpoint)
+import kernels
+from checkpoint import (InputError, WeightsFile, check_tensors, empty_model, randomize_, read_checkpoint,
+                        to_device)
+from model import CONFIGS, ModelArgs, Transformer
+from quantize import OUTPUT_BY_DEFAULT, linear_names, quantize_weight, quantized_config, record_padding
 
 COLUMN_PARALLEL = ("attention.wqkv", "feed_forward.w13")  # and the output layer, when SHARD_OUTPUT
 ROW_PARALLEL = ("attention.wo", "feed_forward.w2")
@@ -59,12 +63,25 @@ def rank() -> int:
 
 
 def quiet_other_ranks():
-    """Under torchrun only rank 0 prints: text, metrics and `error:` lines, which every rank would print alike
-    (all ranks check the same input). A crash still shows its traceback, from whichever rank it happens on."""
+    """Under torchrun only rank 0 prints text and metrics, which every rank would print alike. A crash
+    still shows its traceback, from whichever rank it happens on; errors: see exit_with_error."""
     if rank() == 0:
         return
     sys.stdout = sys.stderr = open(os.devnull, "w")
     sys.excepthook = lambda *exc: traceback.print_exception(*exc, file=sys.__stderr__)
+
+
+STARTED = False  # set by start(): from then on a rank's errors may be its own
+
+
+def exit_with_error(e: InputError):
+    """One `error:` line and exit status 1. Before start() every rank checks the same input and fails
+    alike, so rank 0 speaks for all; after it (its GPU, its slices) each rank says what it met."""
+    if rank() == 0:
+        sys.exit(f"error: {e}")
+    if STARTED:
+        print(f"error: rank {rank()}: {e}", file=sys.__stderr__)
+    sys.exit(1)
 
 
 def init_process_group(device: torch.device) -> torch.device:
@@ -73,8 +90,8 @@ def init_process_group(device: torch.device) -> torch.device:
     if device.type == "cuda":
         local_rank = int(os.environ["LOCAL_RANK"])
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"local rank {local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
-                             "give torchrun at most that many --nproc_per_node")
+            raise InputError(f"local rank {local_rank} has no GPU: this machine has "
+                             f"{torch.cuda.device_count()}; give torchrun at most that many --nproc_per_node")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         # device_id creates the NCCL communicator now, not lazily inside the first collective (which may be
@@ -100,7 +117,7 @@ def shard_args(args: ModelArgs, world: int) -> ModelArgs:
     split = {"n_head": args.n_head, "n_kv_heads": args.n_kv_heads, "intermediate_size": args.intermediate_size}
     if any(value % world for value in split.values()):
         fits = [n for n in range(1, args.n_kv_heads + 1) if all(value % n == 0 for value in split.values())]
-        raise ValueError(f"tensor parallelism over {world} processes needs the attention heads ({args.n_head}), KV heads "
+        raise InputError(f"tensor parallelism over {world} processes needs the attention heads ({args.n_head}), KV heads "
                          f"({args.n_kv_heads}) and FFN width ({args.intermediate_size}) to divide by {world}; this model "
                          f"splits over {', '.join(map(str, fits))} processes (torchrun --nproc_per_node)")
     # The output layer of a rank is no longer the embedding table once it holds only some vocabulary rows.
@@ -121,7 +138,7 @@ def check_quantization(args: ModelArgs, quantization: Optional[dict], world: int
     groupsize = quantization["groupsize"]
     for layer, k in (("attention.wo", args.n_head * args.head_dim), ("feed_forward.w2", args.intermediate_size)):
         if (k // world) % groupsize:
-            raise ValueError(f"tensor parallelism over {world} processes splits {layer}'s {k} input columns into "
+            raise InputError(f"tensor parallelism over {world} processes splits {layer}'s {k} input columns into "
                              f"{k // world} per process, which is not whole int4 groups of {groupsize}: use a group "
                              f"size that divides {k // world}, or another number of processes")
 
@@ -174,80 +191,39 @@ def read_part(source, dim: int, ranges: list, length: int) -> Tensor:
     return torch.cat(pieces, dim=dim) if len(pieces) > 1 else pieces[0].contiguous()
 
 
-class CheckpointSlices:
-    """A weights file opened for reading parts of its tensors: `part(name)[index]` reads just that part."""
-
-    def __init__(self, weights: Path):
-        if weights.suffix != ".safetensors":  # memory-mapped: only the pages of the parts read are loaded
-            self.file = load_state_dict(weights)
-            self.shapes = {name: tuple(t.shape) for name, t in self.file.items()}
-            return
-        try:
-            from safetensors import safe_open
-            self.file = safe_open(weights, "pt")  # checks the header and that the file covers every tensor
-            self.shapes = {name: tuple(self.file.get_slice(name).get_shape()) for name in self.file.keys()}
-        except Exception as e:  # corrupt or truncated files raise many different errors
-            raise CheckpointError(f"cannot read weights {weights}: {error_summary(e)}") from e
-
-    def part(self, name: str):
-        return self.file[name] if isinstance(self.file, dict) else self.file.get_slice(name)
-
-
 # ---- building a rank's model ---------------------------------------------------------------------------
 
 def empty_shard(args: ModelArgs, quantization: Optional[dict], world: int) -> Transformer:
-    """A rank's model on the meta device (no memory), quantized layers swapped in where `quantization` lists them.
-    With world 1 it is the whole model, as its checkpoint stores it."""
+    """A rank's model on the meta device (no memory), quantized layers swapped in where `quantization`
+    lists them."""
     with torch.device("meta"):
         model = Transformer(shard_args(args, world))
         if SHARD_OUTPUT:
             model.output = nn.Linear(args.dim, vocab_per_rank(args, world), bias=False)
         if quantization is not None:
-            from quantize import swap_linears  # imported when needed: quantize.py brings in Triton (kernels.py)
-            swap_linears(model, quantization)
+            kernels.swap_linears(model, quantization)
     return model
-
-
-def stored_shapes(args: ModelArgs, quantization: Optional[dict]) -> dict:
-    """{name: shape} of what a checkpoint of the whole model stores (a tied output layer is the embedding)."""
-    state = empty_shard(args, quantization, world=1).state_dict()
-    return {name: tuple(t.shape) for name, t in state.items() if not (args.tie_embeddings and name == "output.weight")}
-
-
-def check_stored(found: dict, expected: dict, mismatch: str):
-    """A CheckpointError naming the first tensor that is missing, unexpected or of another shape."""
-    for name in sorted(expected.keys() | found.keys()):
-        if name not in expected and name == "output.weight":
-            continue  # a tied output layer: some writers store the copy too; the embedding is used
-        if name not in found:
-            raise CheckpointError(f"{mismatch}: {name} is missing")
-        if name not in expected:
-            raise CheckpointError(f"{mismatch}: unexpected tensor {name}")
-        if found[name] != expected[name]:
-            raise CheckpointError(f"{mismatch}: {name} has shape {list(found[name])}, expected {list(expected[name])}")
 
 
 def load_shard(path, rank: int, world: int, device, dtype=None) -> Transformer:
     """Rank's part of a checkpoint (float or quantized), read slice by slice straight onto the device."""
-    from tqdm import tqdm
-    folder, args = read_config(path)
-    _, weights = resolve_checkpoint(path)
-    quantization = read_quantization(path)
+    ckpt = read_checkpoint(path)
+    args, quantization = ckpt.args, ckpt.quantization
     check_quantization(args, quantization, world)
     model = empty_shard(args, quantization, world)
-    source = CheckpointSlices(weights)
-    stored = stored_shapes(args, quantization)
-    check_stored(source.shapes, stored, f"{weights} does not match {config_file(folder, weights)}")
+    source = WeightsFile(ckpt.weights)
+    check_tensors(source.shapes, empty_model(args, quantization), f"{ckpt.weights} does not match {ckpt.config}")
     state = {}
     # disable=None: the bar shows on a terminal only, never in logs or captured output.
     for name in tqdm(model.state_dict(), desc=f"loading part {rank + 1} of {world}", unit="tensor", disable=None):
-        stored_name = "tok_embeddings.weight" if name == "output.weight" and args.tie_embeddings else name
-        dim, ranges = rank_slice(name, stored[stored_name], args, rank, world)
-        part = read_part(source.part(stored_name), dim, ranges, stored[stored_name][dim])
+        stored = "tok_embeddings.weight" if name == "output.weight" and args.tie_embeddings else name
+        shape = source.shapes[stored]
+        dim, ranges = rank_slice(name, shape, args, rank, world)
+        part = read_part(source.part(stored), dim, ranges, shape[dim])
         # Cast as it arrives: a float32 checkpoint never sits whole on the device in float32.
         state[name] = part.to(device, dtype if dtype is not None and part.is_floating_point() else part.dtype)
     model.load_state_dict(state, strict=True, assign=True)
-    return finish_model(model, device, dtype, quantization)
+    return to_device(model, device, dtype, quantization)
 
 
 RANDOM_QUANTIZATIONS = ("int8", "int4.g32", "int4.g64", "int4.g128", "int4.g256", "fp8")
@@ -256,10 +232,9 @@ RANDOM_QUANTIZATIONS = ("int8", "int4.g32", "int4.g64", "int4.g128", "int4.g256"
 def random_config(name: str, precision: Optional[str]) -> tuple[ModelArgs, Optional[dict]]:
     """The named config and, for a precision of RANDOM_QUANTIZATIONS, the quantization record that quantize.py
     would write for it (same layers, same padding, the output layer by quantize.py's default)."""
-    args = ModelArgs.from_name(name)
+    args = ModelArgs(**CONFIGS[name])
     if precision is None:
         return args, None
-    from quantize import OUTPUT_BY_DEFAULT, linear_names, quantized_config, record_padding
     mode, _, group = precision.partition(".g")
     groupsize = int(group) if group else None
     include_output = OUTPUT_BY_DEFAULT[mode]
@@ -278,7 +253,6 @@ def random_shard(name: str, precision: Optional[str], world: int, device, dtype)
     layers get random float weights quantized by quantize.py one layer at a time, so memory never holds a float
     copy of the model. Every rank draws the same sequence (same seed, same shapes), so the replicated weights
     agree across ranks."""
-    from quantize import quantize_weight
     args, quantization = random_config(name, precision)
     check_quantization(args, quantization, world)
     model = empty_shard(args, quantization, world).to(dtype)  # cast on meta: no float32 copy is ever allocated
@@ -292,9 +266,7 @@ def random_shard(name: str, precision: Optional[str], world: int, device, dtype)
             getattr(module, key).copy_(t)
         if module.bias is not None:
             module.bias.normal_(0.0, 0.02)
-    return finish_model(model, device, dtype, quantization)
-
-
+    return to_device(model, device, dtype, quantization)
 
 
 # ---- the layers that talk ------------------------------------------------------------------------------
@@ -341,15 +313,17 @@ def parallelize(model: Transformer, rank: int, world: int, group: dist.ProcessGr
 # ---- generate.py's entry points ---------------------------------------------------------------------------
 
 def start(args, config: ModelArgs, device: torch.device) -> torch.device:
-    """Under torchrun, before any weights are read: check that the model splits over the processes (every rank
-    fails alike; quiet_other_ranks leaves rank 0 to say why), then join the process group. Returns this rank's
-    device. args: generate.py's or eval.py's command line, with checkpoint_path and, where the script has them,
-    random_weights, random_quantization, interactive, json, profile and output."""
+    """Under torchrun, before any weights are read: check that the model splits over the processes
+    (every rank fails alike, and rank 0 says why), then join the process group. Returns this rank's
+    device. args: generate.py's or eval.py's command line, with checkpoint_path and, where the script
+    has them, random_weights, random_quantization, interactive, json, profile and output."""
+    global STARTED
     if getattr(args, "interactive", False):
-        raise ValueError("--interactive is not supported under torchrun: every process would need the prompt")
+        raise InputError("--interactive is not supported under torchrun: every process would need the prompt")
     world = world_size()
     shard_args(config, world)
     check_quantization(config, requested_quantization(args), world)
+    STARTED = True
     if rank() != 0:
         for output in ("json", "profile", "output"):  # rank 0 writes them
             if hasattr(args, output):
@@ -360,7 +334,7 @@ def start(args, config: ModelArgs, device: torch.device) -> torch.device:
 def requested_quantization(args) -> Optional[dict]:
     if getattr(args, "random_weights", None):
         return random_config(args.random_weights, getattr(args, "random_quantization", None))[1]
-    return read_quantization(args.checkpoint_path)
+    return read_checkpoint(args.checkpoint_path).quantization
 
 
 def load_model(args, device: torch.device, dtype) -> Transformer:

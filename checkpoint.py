@@ -1,0 +1,400 @@
+"""Checkpoints: finding, checking, loading and writing them, and random weights for benchmarks.
+
+A checkpoint is a folder:
+    config.json           the fields of model.ModelArgs (the model never guesses its shape from a name)
+    model.safetensors     weights named as Transformer.state_dict() names them (model.pth also loads)
+    tokenizer files       tokenizer.json / tokenizer.model, tokenizer_config.json, ...
+    model_int8.pth        optional quantized copies (quantize.py), each with a sidecar config of the
+    model_int8.json       same stem: ModelArgs plus a "quantization" record (see kernels.py)
+q/k rows are in Meta's interleaved rotary order, q/k/v and gate/up already fused; a tied output layer
+is stored once, as the embedding. Weights are read with safetensors or torch.load(weights_only=True):
+a checkpoint never runs code.
+
+Every file is checked before any weights are read: configs field by field (types, ranges, sizes),
+weights tensor by tensor against the model built on the meta device, by name and shape. What a user
+got wrong ends as an InputError, which the scripts print as one `error:` line.
+
+Writes are sets: every file goes to a temp name first; once all are complete, a small journal lists
+the renames (and the stale files to remove), then they happen. A process killed mid-way leaves the
+previous checkpoint (temp files only, removed by the next write) or a journal that the next reader or
+writer finishes: never weights without their config.
+"""
+import json
+import math
+import os
+import signal
+import socket
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+import kernels
+from model import CONFIGS, ModelArgs, Transformer
+
+
+class InputError(Exception):
+    """Bad input from the user (a flag, a file, a prompt): printed as one `error:` line, exit 1.
+    Anything else that goes wrong is a bug and keeps its traceback."""
+
+
+WEIGHT_FILES = ("model.safetensors", "model.pth")  # float weights, described by config.json
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json")
+JOURNAL = ".checkpoint-write.json"
+MAX_PARAMETERS = 10 ** 13  # far above any released model; a config beyond it is a typo
+MAX_BLOCK_SIZE = 1 << 24
+
+
+@dataclass
+class Checkpoint:
+    folder: Path
+    weights: Path
+    config: Path  # config.json, or the sidecar of a quantized weights file
+    args: ModelArgs
+    quantization: Optional[dict]  # None for float weights
+
+
+# ---- reading --------------------------------------------------------------------------------------
+
+def read_checkpoint(path) -> Checkpoint:
+    """The checkpoint at a folder, or at a weights file inside one, with its config checked; no
+    weights are read. `checkpoints/REPO/model.pth` finds model.safetensors too (gpt-fast's paths)."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if (folder / JOURNAL).is_file():
+        finish_write(folder)  # a writer was killed between its renames: complete them
+    if path.is_file():
+        weights = path
+    elif path.is_dir() or path.name in WEIGHT_FILES and folder.is_dir():
+        found = [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
+        if not found:
+            raise InputError(f"no weights ({' or '.join(WEIGHT_FILES)}) in {folder}")
+        weights = found[0]
+    else:
+        raise InputError(f"checkpoint not found: {path}")
+    config = folder / "config.json" if weights.name in WEIGHT_FILES else weights.with_suffix(".json")
+    if not config.is_file():
+        raise InputError(f"no {config.name} in {folder}: convert the model with scripts/ first"
+                         if config.name == "config.json" else f"{weights} has no config {config.name}")
+    data = read_json(config)
+    quantization = data.pop("quantization", None)
+    args = parse_config(data, config)
+    if quantization is not None:
+        check_quantization(quantization, args, config)
+    return Checkpoint(folder, weights, config, args, quantization)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a file the user supplied, or an InputError naming the file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+INT_FIELDS = ("dim", "n_layer", "n_head", "vocab_size", "intermediate_size", "n_kv_heads", "head_dim",
+              "block_size")
+ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def parse_config(data: dict, where) -> ModelArgs:
+    """ModelArgs from a config's fields, each checked: a wrong type, a missing or unknown field, sizes
+    that cannot work or could never fit in memory are refused in one sentence naming the file."""
+    known = {f.name for f in fields(ModelArgs)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InputError(f"{where}: unknown fields {unknown} (is it a Hugging Face config.json? convert "
+                         "the checkpoint with scripts/convert_hf_checkpoint.py)")
+    missing = [name for name in ("dim", "n_layer", "n_head", "vocab_size", "intermediate_size")
+               if name not in data]
+    if missing:
+        raise InputError(f"{where}: missing fields {missing}")
+    for name in INT_FIELDS:
+        value = data.get(name)
+        if value is not None and (type(value) is not int or value < 1):
+            raise InputError(f"{where}: {name} must be a positive integer, got {value!r}")
+    for name in ("rope_base", "norm_eps"):
+        value = data.get(name, 1.0)
+        if type(value) not in (int, float) or not 0 < value < math.inf:
+            raise InputError(f"{where}: {name} must be a positive number, got {value!r}")
+    for name in ("attention_bias", "tie_embeddings"):
+        if type(data.get(name, False)) is not bool:
+            raise InputError(f"{where}: {name} must be true or false, got {data[name]!r}")
+    scaling = data.get("rope_scaling")
+    if scaling is not None and (not isinstance(scaling, dict) or sorted(scaling) != sorted(ROPE_SCALING_KEYS)
+                                or any(type(v) not in (int, float) or v <= 0 for v in scaling.values())):
+        raise InputError(f"{where}: rope_scaling must be null or Llama-3.1's positive "
+                         f"{', '.join(ROPE_SCALING_KEYS)}, got {scaling!r}")
+    args = ModelArgs(**data)
+    if args.n_head % args.n_kv_heads or args.head_dim % 2:
+        raise InputError(f"{where}: n_head {args.n_head} must be a multiple of n_kv_heads {args.n_kv_heads} "
+                         f"and head_dim {args.head_dim} even")
+    qkv = (args.n_head + 2 * args.n_kv_heads) * args.head_dim
+    per_layer = args.dim * (qkv + args.n_head * args.head_dim + 3 * args.intermediate_size)
+    parameters = args.n_layer * per_layer + 2 * args.vocab_size * args.dim
+    if parameters > MAX_PARAMETERS or args.block_size > MAX_BLOCK_SIZE:
+        raise InputError(f"{where}: {parameters:.3g} parameters and block_size {args.block_size}: "
+                         f"beyond any model (at most {MAX_PARAMETERS:.0e} and {MAX_BLOCK_SIZE})")
+    return args
+
+
+def check_quantization(record, args: ModelArgs, where):
+    """A sidecar's quantization record: the format, mode and group size this code reads, and layers
+    that are linear layers of this model."""
+    version = record.get("format") if isinstance(record, dict) else None
+    if version != kernels.FORMAT:
+        raise InputError(f"{where}: quantization format {version!r} is not {kernels.FORMAT}: quantize the "
+                         "checkpoint again with this quantize.py")
+    mode, groupsize = record.get("mode"), record.get("groupsize")
+    if mode not in kernels.LINEARS:
+        raise InputError(f"{where}: unknown quantization mode {mode!r}")
+    if (groupsize in kernels.GROUPSIZES) != (mode in kernels.INT4_MODES):
+        raise InputError(f"{where}: groupsize {groupsize!r} does not suit mode {mode}")
+    with torch.device("meta"):
+        linears = {name for name, m in Transformer(args).named_modules() if isinstance(m, nn.Linear)}
+    layers, padded = record.get("layers"), record.get("padded", {})
+    if not isinstance(layers, list) or not set(layers) <= linears:
+        raise InputError(f"{where}: quantized layers must be a list of this model's linear layers")
+    if not isinstance(padded, dict) or not all(isinstance(v, list) and len(v) == 2 and
+                                               all(type(k) is int and k > 0 for k in v)
+                                               for v in padded.values()):
+        raise InputError(f"{where}: 'padded' must map layers to [K, padded K]")
+
+
+def empty_model(args: ModelArgs, quantization: Optional[dict] = None) -> Transformer:
+    """The model on the meta device (no memory), with the quantized layers that `quantization`
+    lists swapped in: its state_dict is what a checkpoint of it must hold."""
+    with torch.device("meta"):
+        model = Transformer(args)
+        if quantization is not None:
+            kernels.swap_linears(model, quantization)
+    return model
+
+
+def check_tensors(found: dict, model: nn.Module, what: str):
+    """found {name: shape} must be exactly the tensors of model's state_dict (a tied output layer is
+    stored once, as the embedding; a stored copy is allowed), else an InputError naming the first
+    tensor that is missing, unexpected or of another shape."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if model.args.tie_embeddings:
+        del expected["output.weight"]
+        found = {name: shape for name, shape in found.items() if name != "output.weight"}
+    for name in sorted(expected.keys() | found.keys()):
+        if name not in found:
+            raise InputError(f"{what}: {name} is missing")
+        if name not in expected:
+            raise InputError(f"{what}: unexpected tensor {name}")
+        if tuple(found[name]) != expected[name]:
+            raise InputError(f"{what}: {name} has shape {list(found[name])}, expected {list(expected[name])}")
+
+
+def read_weights(weights: Path) -> dict:
+    """Every tensor of a weights file: safetensors, or a .pth through torch.load(weights_only=True),
+    memory-mapped so that pages are read as they are used."""
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(weights)
+        return torch.load(weights, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # corrupt files raise many types (SafetensorError, pickle, zip): all user input
+        raise InputError(f"cannot read weights {weights}: {type(e).__name__}: {e}") from None
+
+
+class WeightsFile:
+    """A weights file opened for reading parts of its tensors: `part(name)[index]` reads only that part
+    (safetensors slices, or a memory-mapped .pth). For quantize.py (a tensor at a time) and tp.py (each
+    rank its slices): no process holds a whole large model."""
+
+    def __init__(self, weights: Path):
+        self.path = weights
+        if weights.suffix != ".safetensors":
+            self.file = read_weights(weights)
+            self.shapes = {name: tuple(t.shape) for name, t in self.file.items()}
+            return
+        from safetensors import safe_open
+        try:
+            self.file = safe_open(weights, "pt")  # checks the header and that the file covers every tensor
+            self.shapes = {name: tuple(self.file.get_slice(name).get_shape()) for name in self.file.keys()}
+        except Exception as e:  # as in read_weights
+            raise InputError(f"cannot read weights {weights}: {type(e).__name__}: {e}") from None
+
+    def part(self, name: str):
+        return self.file[name] if isinstance(self.file, dict) else self.file.get_slice(name)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.part(name)[:]
+
+
+def check_device(name: str, flag: str) -> torch.device:
+    """A device this machine has, or an InputError naming the flag."""
+    try:
+        device = torch.device(name)
+        if device.type == "meta":
+            raise InputError(f"{flag} meta holds no data: choose cpu or a GPU")
+        torch.empty(1, device=device)  # the one question every backend answers: is it usable here?
+    except RuntimeError as e:
+        raise InputError(f"{flag} {name}: not usable on this machine ({str(e).splitlines()[0]})") from None
+    return device
+
+
+def load_model(ckpt: Checkpoint, device="cpu", dtype=None) -> Transformer:
+    """The checkpoint's model with its weights, on device in dtype (quantized weights keep theirs)."""
+    model = empty_model(ckpt.args, ckpt.quantization)
+    tensors = read_weights(ckpt.weights)
+    check_tensors({name: t.shape for name, t in tensors.items()}, model,
+                  f"{ckpt.weights} does not match {ckpt.config}")
+    if ckpt.args.tie_embeddings:
+        tensors["output.weight"] = tensors["tok_embeddings.weight"]
+    model.load_state_dict(tensors, strict=True, assign=True)  # the tensors themselves: no copy
+    return to_device(model, device, dtype, ckpt.quantization)
+
+
+def to_device(model: Transformer, device, dtype, quantization: Optional[dict]) -> Transformer:
+    """The last step of loading a model or a rank's part of it: device and dtype (integer weights
+    keep theirs), the tied output layer tied again (assign=True and to_empty replace the shared
+    parameter), quantized weights repacked for the device's kernels."""
+    model = model.to(device=device, dtype=dtype)
+    if model.args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    if quantization is not None:
+        kernels.prepare_for_device(model)
+    return model.eval()
+
+
+def random_model(name: str, device, dtype) -> Transformer:
+    """A named config of model.CONFIGS with random weights, made on the device: benchmarks need no
+    download, and random weights decode at the speed of real ones."""
+    with torch.device("meta"):
+        model = Transformer(ModelArgs(**CONFIGS[name])).to(dtype)  # cast on meta: no float32 copy
+    model = to_device(model.to_empty(device=device), device, dtype, None)
+    return randomize_(model)
+
+
+@torch.no_grad()
+def randomize_(model: nn.Module, skip_layers=()) -> nn.Module:
+    """Fill the parameters in place: norm weights 1, the rest N(0, 0.02), which keeps activations
+    finite through many layers; the layers named in skip_layers (quantized ones) are left alone."""
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name.rpartition(".")[0] not in skip_layers:
+            p.normal_(0.0, 0.02)
+    return model
+
+
+# ---- writing ----------------------------------------------------------------------------------------
+
+def check_writable(path: Path, flag: str):
+    """A file is to be written at path: fail now, before the work, if it cannot be."""
+    parent = path.resolve().parent
+    if path.is_dir():
+        raise InputError(f"{flag} {path} is a folder; name the file to write")
+    if not parent.is_dir():
+        raise InputError(f"{flag} {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path}: folder {parent} is not writable")
+
+
+def write_files(folder: Path, writers: dict, remove=()):
+    """Write a set of files into folder as one change. writers {name: write(path)}: each writes its
+    file to the temp path it is given; once every one is complete, a journal of the renames (and of
+    `remove`, stale files of an earlier set) is written, then carried out by finish_write. Killed
+    before the journal, the folder is as it was; after it, the next reader or writer completes it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / JOURNAL).is_file():
+        finish_write(folder)
+    remove_orphans(folder)
+    tag = f"{socket.gethostname()}-{os.getpid()}"
+    temps = {name: folder / f".{name}.{tag}.tmp" for name in writers}
+    # SIGTERM (kill, a scheduler's stop) ends the process through Python, so the cleanup below runs.
+    previous = signal.signal(signal.SIGTERM, exit_on_sigterm) if is_main_thread() else None
+    try:
+        for name, write in writers.items():
+            write(temps[name])
+        journal = {"rename": [[temps[name].name, name] for name in writers], "remove": list(remove)}
+        tmp_journal = folder / f".{JOURNAL}.{tag}.tmp"
+        tmp_journal.write_text(json.dumps(journal))
+        os.replace(tmp_journal, folder / JOURNAL)  # the moment the new set becomes the checkpoint
+    except BaseException as e:
+        for tmp in [*temps.values(), folder / f".{JOURNAL}.{tag}.tmp"]:
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == 28:  # ENOSPC
+            raise InputError(f"disk full while writing into {folder}: nothing was changed") from None
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    finish_write(folder)
+
+
+def finish_write(folder: Path):
+    """Carry out a written journal: rename the set's temp files into place, remove stale files."""
+    journal = read_json(folder / JOURNAL)
+    umask = os.umask(0)
+    os.umask(umask)
+    for tmp, name in journal["rename"]:
+        if (folder / tmp).exists():
+            os.chmod(folder / tmp, 0o666 & ~umask)  # temp files are private; a checkpoint is not
+            os.replace(folder / tmp, folder / name)
+    for name in journal["remove"]:
+        (folder / name).unlink(missing_ok=True)
+    (folder / JOURNAL).unlink()
+
+
+def remove_orphans(folder: Path):
+    """Temp files of writers on this machine that died without cleaning up (SIGKILL)."""
+    host = socket.gethostname()
+    for tmp in folder.glob(f".*.{host}-*.tmp"):
+        pid = tmp.name.rsplit("-", 1)[1].removesuffix(".tmp")
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            tmp.unlink(missing_ok=True)
+
+
+def exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def is_main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def checkpoint_files(folder: Path) -> list:
+    """The files of the checkpoint in folder (configs, weights and their sidecars, tokenizer files);
+    other files and sub-folders, such as a downloaded hf/ snapshot, are not part of it."""
+    if not folder.is_dir():
+        return []
+    weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".pth") and p.is_file()]
+    sidecars = [p.with_suffix(".json") for p in weights if p.name not in WEIGHT_FILES]
+    names = ["config.json", *TOKENIZER_FILES, *(p.name for p in weights + sidecars)]
+    return sorted({name for name in names if (folder / name).is_file()})
+
+
+def save_checkpoint(folder: Path, args: ModelArgs, tensors: dict, copies: dict = None, force=False):
+    """Write a converted checkpoint as one set: model.safetensors, config.json and copies
+    {name: source file} (the tokenizer files). A folder that holds a checkpoint already is replaced
+    whole with force (its files that this set does not write are removed), else refused."""
+    from safetensors.torch import save_file
+    copies = copies or {}
+    old = checkpoint_files(folder)
+    if old and not force:
+        raise InputError(f"{folder} holds a checkpoint already ({', '.join(old[:3])}, ...): pass --force "
+                         "to replace it")
+    check_tensors({name: t.shape for name, t in tensors.items()}, empty_model(args), "converted weights")
+    stored = {k: v.contiguous() for k, v in tensors.items()
+              if not (args.tie_embeddings and k == "output.weight")}
+    config = json.dumps({f.name: getattr(args, f.name) for f in fields(args)}, indent=2) + "\n"
+    writers = {"model.safetensors": lambda tmp: save_file(stored, tmp),
+               "config.json": lambda tmp: tmp.write_text(config),
+               **{name: copier(source) for name, source in copies.items()}}
+    write_files(folder, writers, remove=[name for name in old if name not in writers])
+
+
+def copier(source: Path) -> Callable[[Path], None]:
+    return lambda tmp: tmp.write_bytes(Path(source).read_bytes())

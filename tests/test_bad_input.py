@@ -1,0 +1,361 @@
+"""The scripts driven as a hostile user would: every bad input ends in exactly one `error: ...` line, exit
+status 1 and no traceback, found before any real work (no gigabytes allocated, no model run, nothing written),
+and the disk is left as it was. Most cases use a tiny random checkpoint with SmolLM2's real tokenizer."""
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, assert_one_error_line, load_script, run_script
+
+TINY = dict(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=49152, intermediate_size=128, block_size=256)
+GEN = ("--max_new_tokens", 2, "--num_samples", 1, "--temperature", 0, "--device", "cpu")
+FAST_S = 30  # a start-up and a refusal take a few seconds; the old code hung for hours on some of these
+UNWRITABLE = "/proc/self"  # an existing folder where no one, root included, may create a file (os.access says so too)
+
+
+def tiny_state(c: dict) -> dict:
+    """Random float weights named as Transformer.state_dict() names them."""
+    torch.manual_seed(0)
+    dim, hd, inter = c["dim"], c["dim"] // c["n_head"], c["intermediate_size"]
+    r = lambda *shape: torch.randn(*shape) * 0.02  # noqa: E731
+    state = {"tok_embeddings.weight": r(c["vocab_size"], dim), "norm.weight": torch.ones(dim),
+             "output.weight": r(c["vocab_size"], dim)}
+    for i in range(c["n_layer"]):
+        state.update({f"layers.{i}.attention_norm.weight": torch.ones(dim), f"layers.{i}.ffn_norm.weight": torch.ones(dim),
+                      f"layers.{i}.attention.wqkv.weight": r((c["n_head"] + 2 * c["n_kv_heads"]) * hd, dim),
+                      f"layers.{i}.attention.wo.weight": r(dim, c["n_head"] * hd),
+                      f"layers.{i}.feed_forward.w13.weight": r(2 * inter, dim),
+                      f"layers.{i}.feed_forward.w2.weight": r(dim, inter)})
+    return state
+
+
+@pytest.fixture(scope="module")
+def tiny_base(smollm2_checkpoint, tmp_path_factory) -> Path:
+    from safetensors.torch import save_file
+    folder = tmp_path_factory.mktemp("tiny_base")
+    (folder / "config.json").write_text(json.dumps(TINY))
+    save_file(tiny_state(TINY), folder / "model.safetensors")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_checkpoint / name, folder / name)
+    return folder
+
+
+@pytest.fixture
+def tiny(tiny_base, tmp_path) -> Path:
+    """This test's own copy of the tiny checkpoint, free to edit."""
+    return Path(shutil.copytree(tiny_base, tmp_path / "tiny"))
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    folder = tmp_path_factory.mktemp("tiny_hf")
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def snapshot(folder: Path) -> dict:
+    """Every entry under folder with its size, inode, mtime and (for files under 16 MB) content hash: any write,
+    replacement, new or removed file changes it."""
+    out = {}
+    for p in sorted(Path(folder).rglob("*")):
+        st = p.stat()
+        small = p.is_file() and st.st_size < 2**24
+        out[str(p.relative_to(folder))] = (p.is_dir(), st.st_size, st.st_ino, st.st_mtime_ns,
+                                           hashlib.sha256(p.read_bytes()).hexdigest() if small else None)
+    return out
+
+
+def run(*args, timeout=FAST_S, **kw) -> subprocess.CompletedProcess:
+    try:
+        return run_script(*args, timeout=timeout, **kw)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{args[0]} still running after {timeout} s: the check must come before the work")
+
+
+def refused(*args, words=(), timeout=FAST_S) -> str:
+    r = run(*args, timeout=timeout)
+    assert r.returncode == 1, r.stderr[-2000:]
+    return assert_one_error_line(r.stderr, *words)
+
+
+def succeeds(*args, timeout=120) -> subprocess.CompletedProcess:
+    r = run(*args, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+def edit_json(path: Path, **changes):
+    """Set keys of a JSON object file; a change to None removes the key."""
+    data = {**json.loads(path.read_text()), **changes}
+    path.write_text(json.dumps({k: v for k, v in data.items() if v is not None or k not in changes}))
+
+
+def in_process(main, argv: list, monkeypatch, capsys) -> tuple[str, float]:
+    """Run a script's main() in this process (no start-up cost, so a refusal takes milliseconds and any real work
+    shows); it must exit with status 1. Returns (its one error line, seconds taken)."""
+    monkeypatch.setattr(sys, "argv", [str(a) for a in argv])
+    capsys.readouterr()
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    elapsed = time.perf_counter() - start
+    assert exit_.value.code == 1
+    return assert_one_error_line(capsys.readouterr().err), elapsed
+
+
+# ---- generate.py: prompts ---------------------------------------------------------------------------
+
+def test_number_prompt_is_text_not_random_tokens(tiny, tmp_path):
+    succeeds("generate.py", "--checkpoint_path", tiny, "--prompt", "2024", *GEN, "--json", tmp_path / "m.json")
+    prompt_tokens = json.loads((tmp_path / "m.json").read_text())["samples"][0]["prompt_tokens"]
+    assert len(prompt_tokens) == 1 and 0 < prompt_tokens[0] < 10, prompt_tokens
+
+
+def test_synthetic_prompt_has_its_own_flag(tmp_path):
+    succeeds("generate.py", "--random_weights", "stories15M", "--prompt_tokens", 7, "--max_new_tokens", 2,
+             "--num_samples", 1, "--device", "cpu", "--json", tmp_path / "m.json")
+    sample = json.loads((tmp_path / "m.json").read_text())["samples"][0]
+    assert sample["prompt_tokens"] == [7] and len(sample["new_tokens"]) == 1
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
+def test_non_utf8_prompt_argument_is_refused(tiny, chat):
+    argv = [sys.executable, "generate.py", "--checkpoint_path", str(tiny), "--prompt", b"caf\xe9",
+            *(["--chat"] if chat else []), *map(str, GEN)]
+    r = subprocess.run(argv, cwd=ROOT, capture_output=True, timeout=FAST_S)
+    assert r.returncode == 1
+    assert_one_error_line(r.stderr.decode(errors="replace"), "UTF-8")
+
+
+def test_interactive_non_utf8_line_is_reported_and_the_session_goes_on(tiny):
+    r = subprocess.run([sys.executable, "generate.py", "--checkpoint_path", str(tiny), "--interactive", *map(str, GEN)],
+                       cwd=ROOT, input=b"caf\xe9\nhello\n", capture_output=True, timeout=120)
+    stderr = r.stderr.decode(errors="replace")
+    assert r.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "UTF-8" in errors[0], stderr  # one for the bad line, none for "hello"
+
+
+# ---- generate.py: flags -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", ["mps", "meta"])
+def test_device_this_machine_cannot_run_is_refused(tiny, device):
+    refused("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN[:-2], "--device", device, words=[device])
+
+
+def test_batch_too_big_for_memory_is_refused_before_allocating(tiny):
+    refused("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN, "--batch_size", 10_000_000,
+            words=["KV cache", "memory"], timeout=60)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_temperature_is_refused(tiny, value):
+    refused("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN[:4], "--temperature", value,
+            words=["--temperature"])
+
+
+@pytest.mark.parametrize("flag, where", [
+    ("--profile", "/proc/nonexistent/trace.json"),
+    ("--profile", f"{UNWRITABLE}/trace.json"),
+    ("--profile", "FILE/trace.json"),  # a folder that is a regular file
+    ("--json", "DIR"),  # an existing directory
+    ("--json", f"{UNWRITABLE}/m.json"),
+])
+def test_unwritable_output_is_refused_before_generating(tiny, tmp_path, flag, where):
+    (tmp_path / "FILE").write_text("not a folder")
+    (tmp_path / "DIR").mkdir()
+    before = snapshot(tmp_path)
+    path = where if where.startswith("/") else tmp_path / where
+    refused("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN, flag, path, words=[flag])
+    assert snapshot(tmp_path) == before
+
+
+def test_bug_keeps_its_traceback(tiny, monkeypatch):
+    """Only bad input becomes an `error:` line; a bug inside the program (here, a ValueError where none is
+    expected) must surface with its traceback, not be passed off as the user's mistake."""
+    import generate
+
+    def broken(*args, **kwargs):
+        raise ValueError("not enough values to unpack")
+    monkeypatch.setattr(generate, "encode_prompts", broken)
+    with pytest.raises(ValueError, match="not enough values to unpack"):
+        generate.main(["--checkpoint_path", str(tiny), "--prompt", "hi", *map(str, GEN)])
+
+
+# ---- quantize.py: where the output goes -------------------------------------------------------------
+
+def test_quantize_refuses_output_over_base_checkpoint(tiny):
+    before = snapshot(tiny)
+    refused("quantize.py", "--checkpoint_path", tiny, "--mode", "int8", "--out", tiny / "model.pth")
+    assert snapshot(tiny) == before
+    succeeds("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN)
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors", "model.pth"])
+def test_quantize_refuses_output_over_its_source_weights(tiny, weights):
+    if weights == "model.pth":
+        from safetensors.torch import load_file
+        torch.save(load_file(tiny / "model.safetensors"), tiny / "model.pth")
+        (tiny / "model.safetensors").unlink()
+    before = snapshot(tiny)
+    refused("quantize.py", "--checkpoint_path", tiny, "--mode", "int8", "--out", tiny / weights)
+    assert snapshot(tiny) == before
+
+
+def test_quantize_default_output_leaves_float_checkpoint_loadable(tiny):
+    succeeds("quantize.py", "--checkpoint_path", tiny, "--mode", "int8")
+    assert (tiny / "model_int8.pth").is_file() and (tiny / "model_int8.json").is_file()
+    for path in (tiny, tiny / "model_int8.pth"):
+        succeeds("generate.py", "--checkpoint_path", path, "--prompt", "hi", *GEN)
+
+
+@pytest.mark.parametrize("where", ["missing/q.pth", f"{UNWRITABLE}/q.pth", "DIR.pth"])
+def test_quantize_refuses_unusable_output_before_working(smollm2_checkpoint, tmp_path, monkeypatch, capsys, where):
+    """In-process on the real model, whose int4 quantization takes seconds: a refusal must take milliseconds."""
+    import quantize
+    (tmp_path / "DIR.pth").mkdir()
+    before, source = snapshot(tmp_path), snapshot(smollm2_checkpoint)
+    out = where if where.startswith("/") else tmp_path / where
+    _, elapsed = in_process(quantize.main, ["quantize.py", "--checkpoint_path", smollm2_checkpoint, "--mode", "int4",
+                                            "--out", out], monkeypatch, capsys)
+    assert elapsed < 1.5, f"refused only after {elapsed:.1f} s: the output was checked after quantizing"
+    assert snapshot(tmp_path) == before and snapshot(smollm2_checkpoint) == source
+
+
+@pytest.mark.parametrize("when", ["at-first-write", "at-random"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_quantize_killed_leaves_complete_output_or_none(smollm2_checkpoint, tmp_path, sig, when):
+    folder = Path(shutil.copytree(smollm2_checkpoint, tmp_path / "ckpt"))
+    before = set(os.listdir(folder))
+    p = subprocess.Popen([sys.executable, "quantize.py", "--checkpoint_path", folder, "--mode", "int4"], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + (60 if when == "at-first-write" else random.uniform(1.0, 3.0))
+    while p.poll() is None and time.monotonic() < deadline:
+        if when == "at-first-write" and set(os.listdir(folder)) - before:
+            break  # the output is being written (a temp file, or the first finished file)
+        time.sleep(0.005)
+    if p.poll() is None:
+        p.send_signal(sig)
+    p.wait(timeout=60)
+    new = set(os.listdir(folder)) - before
+    assert new in (set(), {"model_int4.g32.pth", "model_int4.g32.json"}), new  # no temp files, no half a pair
+    if new:
+        json.loads((folder / "model_int4.g32.json").read_text())
+
+
+# ---- config files: absurd values are refused before anything is built --------------------------------
+
+ABSURD = {"n_layer-1e9": {"n_layer": 1_000_000_000}, "dim-1e9": {"dim": 1_000_000_000},
+          "vocab-1e12": {"vocab_size": 1_000_000_000_000}, "n_kv_heads-0": {"n_kv_heads": 0},
+          "n_head-negative": {"n_head": -4}, "dim-float": {"dim": 1e9}, "n_layer-string": {"n_layer": "2"},
+          "intermediate-bool": {"intermediate_size": True}}
+
+
+@pytest.mark.parametrize("change", ABSURD.values(), ids=ABSURD.keys())
+@pytest.mark.parametrize("script", ["generate.py", "quantize.py"])
+def test_absurd_config_is_refused_naming_the_file(tiny, script, change):
+    edit_json(tiny / "config.json", **change)
+    before = snapshot(tiny)
+    more = ["--prompt", "hi", *GEN] if script == "generate.py" else ["--mode", "int8"]
+    refused(script, "--checkpoint_path", tiny, *more, words=["config.json"])
+    assert snapshot(tiny) == before
+
+
+def test_absurd_quantized_sidecar_is_refused_naming_the_file(tiny):
+    succeeds("quantize.py", "--checkpoint_path", tiny, "--mode", "int8")
+    good = (tiny / "model_int8.json").read_text()
+    for change in ({"n_layer": 1_000_000_000}, {"n_kv_heads": 0}, {"dim": 1e9}):
+        (tiny / "model_int8.json").write_text(good)
+        edit_json(tiny / "model_int8.json", **change)
+        refused("generate.py", "--checkpoint_path", tiny / "model_int8.pth", "--prompt", "hi", *GEN,
+                words=["model_int8.json"])
+
+
+@pytest.mark.parametrize("name, content", [
+    ("tokenizer_config.json", ["not", "an", "object"]),
+    ("tokenizer_config.json", {"eos_token": 5}),
+    ("generation_config.json", {"eos_token_id": "x"}),
+], ids=["tokenizer-config-list", "eos-token-int", "generation-eos-string"])
+def test_malformed_tokenizer_files_are_refused_naming_the_file(tiny, name, content):
+    (tiny / name).write_text(json.dumps(content))
+    refused("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN, words=[name])
+
+
+# ---- converters -------------------------------------------------------------------------------------
+
+def hf_source(tiny_hf, out: Path, **config_changes) -> Path:
+    """A copy of the tiny HF model at out/hf (the converter's default source), its config.json edited."""
+    hf = Path(shutil.copytree(tiny_hf, out / "hf"))
+    edit_json(hf / "config.json", **config_changes)
+    return hf
+
+
+@pytest.mark.parametrize("rope_type", ["yarn", "dynamic", "longrope"])
+def test_hf_converter_refuses_unsupported_rope_type(tiny_hf, tmp_path, rope_type):
+    scaling = {"rope_type": rope_type, "factor": 4.0, "original_max_position_embeddings": 64}
+    if rope_type == "longrope":
+        scaling.update(short_factor=[1.0] * 8, long_factor=[4.0] * 8)
+    hf_source(tiny_hf, tmp_path, rope_parameters=None, rope_theta=10000.0, rope_scaling=scaling)
+    before = snapshot(tmp_path)
+    refused("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path, words=[rope_type])
+    assert snapshot(tmp_path) == before
+
+
+def test_hf_converter_refuses_absurd_config(tiny_hf, tmp_path):
+    hf_source(tiny_hf, tmp_path, num_hidden_layers=1_000_000_000)
+    before = snapshot(tmp_path)
+    refused("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path, words=["config.json"])
+    assert snapshot(tmp_path) == before
+
+
+def test_hf_converter_needs_force_to_overwrite_and_force_leaves_exactly_its_files(tiny_hf, tmp_path):
+    hf = hf_source(tiny_hf, tmp_path)
+    source = snapshot(hf)
+    succeeds("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path)
+    converted = snapshot(tmp_path)
+    refused("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path, words=["--force"])
+    assert snapshot(tmp_path) == converted
+    (tmp_path / "chat_template.jinja").write_text("{{ stale }}")  # the source has none
+    succeeds("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path, "--force")
+    assert set(snapshot(tmp_path)) == set(converted)  # the stale template is gone
+    assert snapshot(hf) == source  # the source folder inside the output is left alone
+
+
+def test_gguf_converter_needs_force_to_overwrite_and_force_leaves_exactly_its_files(smollm2_gguf, smollm2_checkpoint, tmp_path):
+    out = Path(shutil.copytree(smollm2_checkpoint, tmp_path / "out"))  # what converting into out writes
+    converted = snapshot(out)
+    refused("scripts/convert_gguf.py", "--gguf", smollm2_gguf, "--out", out, words=["--force"])
+    assert snapshot(out) == converted
+    (out / "chat_template.jinja").write_text("{{ stale }}")  # the GGUF conversion writes none
+    succeeds("scripts/convert_gguf.py", "--gguf", smollm2_gguf, "--out", out, "--force")
+    assert set(snapshot(out)) == set(converted)
+
+
+def test_gguf_converter_refuses_output_that_is_a_file_before_working(smollm2_gguf, tmp_path, monkeypatch, capsys):
+    """In-process: dequantizing SmolLM2 takes seconds, a refusal milliseconds."""
+    convert_gguf = load_script("convert_gguf")
+    (tmp_path / "out").write_text("a file, not a folder")
+    _, elapsed = in_process(convert_gguf.main, ["convert_gguf.py", "--gguf", smollm2_gguf, "--out", tmp_path / "out"],
+                            monkeypatch, capsys)
+    assert elapsed < 1.5, f"refused only after {elapsed:.1f} s: the output was checked after converting"
+    assert (tmp_path / "out").read_text() == "a file, not a folder"
+
+
+def test_hf_converter_refuses_output_that_is_a_file(tiny_hf, tmp_path):
+    (tmp_path / "out").write_text("a file, not a folder")
+    refused("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path / "out", "--hf_dir", tiny_hf)
+    assert (tmp_path / "out").read_text() == "a file, not a folder"
