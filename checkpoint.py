@@ -1,23 +1,25 @@
 """Checkpoints: finding, checking, loading and writing them, and random weights for benchmarks.
 
 A checkpoint is a folder:
-    config.json           the fields of model.ModelArgs (the model never guesses its shape from a name)
-    model.safetensors     weights named as Transformer.state_dict() names them (model.pth also loads)
+    config.json           the fields of model.ModelArgs (the model never guesses its shape from a
+                          name)
+    model.safetensors     weights named as Transformer.state_dict() names them (model.pth also
+                          loads)
     tokenizer files       tokenizer.json / tokenizer.model, tokenizer_config.json, ...
     model_int8.pth        optional quantized copies (quantize.py), each with a sidecar config of the
     model_int8.json       same stem: ModelArgs plus a "quantization" record (see kernels.py)
-q/k rows are in Meta's interleaved rotary order, q/k/v and gate/up already fused; a tied output layer
-is stored once, as the embedding. Weights are read with safetensors or torch.load(weights_only=True):
-a checkpoint never runs code.
+q/k rows are in Meta's interleaved rotary order, q/k/v and gate/up already fused; a tied output
+layer is stored once, as the embedding. Weights are read with safetensors or
+torch.load(weights_only=True): a checkpoint never runs code.
 
 Every file is checked before any weights are read: configs field by field (types, ranges, sizes),
 weights tensor by tensor against the model built on the meta device, by name and shape. What a user
 got wrong ends as an InputError, which the scripts print as one `error:` line.
 
-Writes are sets: every file goes to a temp name first; once all are complete, a small journal lists
-the renames (and the stale files to remove), then they happen. A process killed mid-way leaves the
-previous checkpoint (temp files only, removed by the next write) or a journal that the next reader or
-writer finishes: never weights without their config.
+Writes are sets: every file goes to a temp name first; once all are complete, a small journal
+lists the renames (and the stale files to remove), then they happen. A process killed mid-way
+leaves the previous checkpoint (temp files only, removed by the next write) or a journal that the
+next reader or writer finishes: never weights without their config.
 """
 import json
 import math
@@ -41,8 +43,8 @@ class InputError(Exception):
 
 
 WEIGHT_FILES = ("model.safetensors", "model.pth")  # float weights, described by config.json
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
 JOURNAL = ".checkpoint-write.json"
 MAX_PARAMETERS = 10 ** 13  # far above any released model; a config beyond it is a typo
 MAX_BLOCK_SIZE = 1 << 24
@@ -57,11 +59,12 @@ class Checkpoint:
     quantization: Optional[dict]  # None for float weights
 
 
-# ---- reading --------------------------------------------------------------------------------------
+# ---- reading -------------------------------------------------------------------------------------
 
 def read_checkpoint(path) -> Checkpoint:
     """The checkpoint at a folder, or at a weights file inside one, with its config checked; no
-    weights are read. `checkpoints/REPO/model.pth` finds model.safetensors too (gpt-fast's paths)."""
+    weights are read. `checkpoints/REPO/model.pth` finds model.safetensors too (gpt-fast's
+    paths)."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     if (folder / JOURNAL).is_file():
@@ -75,10 +78,12 @@ def read_checkpoint(path) -> Checkpoint:
         weights = found[0]
     else:
         raise InputError(f"checkpoint not found: {path}")
-    config = folder / "config.json" if weights.name in WEIGHT_FILES else weights.with_suffix(".json")
+    config = (folder / "config.json" if weights.name in WEIGHT_FILES
+              else weights.with_suffix(".json"))
     if not config.is_file():
         raise InputError(f"no {config.name} in {folder}: convert the model with scripts/ first"
-                         if config.name == "config.json" else f"{weights} has no config {config.name}")
+                         if config.name == "config.json"
+                         else f"{weights} has no config {config.name}")
     data = read_json(config)
     quantization = data.pop("quantization", None)
     args = parse_config(data, config)
@@ -90,27 +95,33 @@ def read_checkpoint(path) -> Checkpoint:
 def read_json(path: Path) -> dict:
     """A JSON object from a file the user supplied, or an InputError naming the file."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read {path}: {e}") from None
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise InputError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise InputError(f"{path} holds a JSON {type(data).__name__}, not an object")
     return data
 
 
-INT_FIELDS = ("dim", "n_layer", "n_head", "vocab_size", "intermediate_size", "n_kv_heads", "head_dim",
-              "block_size")
-ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+INT_FIELDS = ("dim", "n_layer", "n_head", "vocab_size", "intermediate_size", "n_kv_heads",
+              "head_dim", "block_size")
+ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
+                     "original_max_position_embeddings")
 
 
 def parse_config(data: dict, where) -> ModelArgs:
-    """ModelArgs from a config's fields, each checked: a wrong type, a missing or unknown field, sizes
-    that cannot work or could never fit in memory are refused in one sentence naming the file."""
+    """ModelArgs from a config's fields, each checked: a wrong type, a missing or unknown field,
+    sizes that cannot work or could never fit in memory are refused in one sentence naming the
+    file."""
     known = {f.name for f in fields(ModelArgs)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise InputError(f"{where}: unknown fields {unknown} (is it a Hugging Face config.json? convert "
-                         "the checkpoint with scripts/convert_hf_checkpoint.py)")
+        raise InputError(f"{where}: unknown fields {unknown} (is it a Hugging Face config.json? "
+                         "convert the checkpoint with scripts/convert_hf_checkpoint.py)")
     missing = [name for name in ("dim", "n_layer", "n_head", "vocab_size", "intermediate_size")
                if name not in data]
     if missing:
@@ -127,14 +138,15 @@ def parse_config(data: dict, where) -> ModelArgs:
         if type(data.get(name, False)) is not bool:
             raise InputError(f"{where}: {name} must be true or false, got {data[name]!r}")
     scaling = data.get("rope_scaling")
-    if scaling is not None and (not isinstance(scaling, dict) or sorted(scaling) != sorted(ROPE_SCALING_KEYS)
-                                or any(type(v) not in (int, float) or v <= 0 for v in scaling.values())):
+    if scaling is not None and (
+            not isinstance(scaling, dict) or sorted(scaling) != sorted(ROPE_SCALING_KEYS)
+            or any(type(v) not in (int, float) or v <= 0 for v in scaling.values())):
         raise InputError(f"{where}: rope_scaling must be null or Llama-3.1's positive "
                          f"{', '.join(ROPE_SCALING_KEYS)}, got {scaling!r}")
     args = ModelArgs(**data)
     if args.n_head % args.n_kv_heads or args.head_dim % 2:
-        raise InputError(f"{where}: n_head {args.n_head} must be a multiple of n_kv_heads {args.n_kv_heads} "
-                         f"and head_dim {args.head_dim} even")
+        raise InputError(f"{where}: n_head {args.n_head} must be a multiple of n_kv_heads "
+                         f"{args.n_kv_heads} and head_dim {args.head_dim} even")
     qkv = (args.n_head + 2 * args.n_kv_heads) * args.head_dim
     per_layer = args.dim * (qkv + args.n_head * args.head_dim + 3 * args.intermediate_size)
     parameters = args.n_layer * per_layer + 2 * args.vocab_size * args.dim
@@ -149,15 +161,16 @@ def check_quantization(record, args: ModelArgs, where):
     that are linear layers of this model."""
     version = record.get("format") if isinstance(record, dict) else None
     if version != kernels.FORMAT:
-        raise InputError(f"{where}: quantization format {version!r} is not {kernels.FORMAT}: quantize the "
-                         "checkpoint again with this quantize.py")
+        raise InputError(f"{where}: quantization format {version!r} is not {kernels.FORMAT}: "
+                         "quantize the checkpoint again with this quantize.py")
     mode, groupsize = record.get("mode"), record.get("groupsize")
     if mode not in kernels.LINEARS:
         raise InputError(f"{where}: unknown quantization mode {mode!r}")
     if (groupsize in kernels.GROUPSIZES) != (mode in kernels.INT4_MODES):
         raise InputError(f"{where}: groupsize {groupsize!r} does not suit mode {mode}")
     with torch.device("meta"):
-        linears = {name for name, m in Transformer(args).named_modules() if isinstance(m, nn.Linear)}
+        linears = {name for name,
+                   m in Transformer(args).named_modules() if isinstance(m, nn.Linear)}
     layers, padded = record.get("layers"), record.get("padded", {})
     if not isinstance(layers, list) or not set(layers) <= linears:
         raise InputError(f"{where}: quantized layers must be a list of this model's linear layers")
@@ -191,7 +204,8 @@ def check_tensors(found: dict, model: nn.Module, what: str):
         if name not in expected:
             raise InputError(f"{what}: unexpected tensor {name}")
         if tuple(found[name]) != expected[name]:
-            raise InputError(f"{what}: {name} has shape {list(found[name])}, expected {list(expected[name])}")
+            raise InputError(f"{what}: {name} has shape {list(found[name])}, expected "
+                             f"{list(expected[name])}")
 
 
 def read_weights(weights: Path) -> dict:
@@ -202,14 +216,15 @@ def read_weights(weights: Path) -> dict:
             from safetensors.torch import load_file
             return load_file(weights)
         return torch.load(weights, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # corrupt files raise many types (SafetensorError, pickle, zip): all user input
+    # corrupt files raise many types (SafetensorError, pickle, zip): all user input
+    except Exception as e:
         raise InputError(f"cannot read weights {weights}: {type(e).__name__}: {e}") from None
 
 
 class WeightsFile:
-    """A weights file opened for reading parts of its tensors: `part(name)[index]` reads only that part
-    (safetensors slices, or a memory-mapped .pth). For quantize.py (a tensor at a time) and tp.py (each
-    rank its slices): no process holds a whole large model."""
+    """A weights file opened for reading parts of its tensors: `part(name)[index]` reads only that
+    part (safetensors slices, or a memory-mapped .pth). For quantize.py (a tensor at a time) and
+    tp.py (each rank its slices): no process holds a whole large model."""
 
     def __init__(self, weights: Path):
         self.path = weights
@@ -219,8 +234,10 @@ class WeightsFile:
             return
         from safetensors import safe_open
         try:
-            self.file = safe_open(weights, "pt")  # checks the header and that the file covers every tensor
-            self.shapes = {name: tuple(self.file.get_slice(name).get_shape()) for name in self.file.keys()}
+            # checks the header and that the file covers every tensor
+            self.file = safe_open(weights, "pt")
+            self.shapes = {name: tuple(self.file.get_slice(name).get_shape())
+                           for name in self.file.keys()}
         except Exception as e:  # as in read_weights
             raise InputError(f"cannot read weights {weights}: {type(e).__name__}: {e}") from None
 
@@ -239,12 +256,14 @@ def check_device(name: str, flag: str) -> torch.device:
             raise InputError(f"{flag} meta holds no data: choose cpu or a GPU")
         torch.empty(1, device=device)  # the one question every backend answers: is it usable here?
     except RuntimeError as e:
-        raise InputError(f"{flag} {name}: not usable on this machine ({str(e).splitlines()[0]})") from None
+        raise InputError(f"{flag} {name}: not usable on this machine "
+                         f"({str(e).splitlines()[0]})") from None
     return device
 
 
 def load_model(ckpt: Checkpoint, device="cpu", dtype=None) -> Transformer:
-    """The checkpoint's model with its weights, on device in dtype (quantized weights keep theirs)."""
+    """The checkpoint's model with its weights, on device in dtype (quantized weights keep
+    theirs)."""
     model = empty_model(ckpt.args, ckpt.quantization)
     tensors = read_weights(ckpt.weights)
     check_tensors({name: t.shape for name, t in tensors.items()}, model,
@@ -288,7 +307,7 @@ def randomize_(model: nn.Module, skip_layers=()) -> nn.Module:
     return model
 
 
-# ---- writing ----------------------------------------------------------------------------------------
+# ---- writing -------------------------------------------------------------------------------------
 
 def check_writable(path: Path, flag: str):
     """A file is to be written at path: fail now, before the work, if it cannot be."""
@@ -305,7 +324,8 @@ def write_files(folder: Path, writers: dict, remove=()):
     """Write a set of files into folder as one change. writers {name: write(path)}: each writes its
     file to the temp path it is given; once every one is complete, a journal of the renames (and of
     `remove`, stale files of an earlier set) is written, then carried out by finish_write. Killed
-    before the journal, the folder is as it was; after it, the next reader or writer completes it."""
+    before the journal, the folder is as it was; after it, the next reader or writer completes
+    it."""
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / JOURNAL).is_file():
         finish_write(folder)
@@ -325,7 +345,8 @@ def write_files(folder: Path, writers: dict, remove=()):
         for tmp in [*temps.values(), folder / f".{JOURNAL}.{tag}.tmp"]:
             tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno == 28:  # ENOSPC
-            raise InputError(f"disk full while writing into {folder}: nothing was changed") from None
+            raise InputError(f"disk full while writing into {folder}: "
+                             "nothing was changed") from None
         raise
     finally:
         if previous is not None:
@@ -384,9 +405,10 @@ def save_checkpoint(folder: Path, args: ModelArgs, tensors: dict, copies: dict =
     copies = copies or {}
     old = checkpoint_files(folder)
     if old and not force:
-        raise InputError(f"{folder} holds a checkpoint already ({', '.join(old[:3])}, ...): pass --force "
-                         "to replace it")
-    check_tensors({name: t.shape for name, t in tensors.items()}, empty_model(args), "converted weights")
+        raise InputError(f"{folder} holds a checkpoint already ({', '.join(old[:3])}, ...): pass "
+                         "--force to replace it")
+    check_tensors({name: t.shape for name, t in tensors.items()}, empty_model(args),
+                  "converted weights")
     stored = {k: v.contiguous() for k, v in tensors.items()
               if not (args.tie_embeddings and k == "output.weight")}
     config = json.dumps({f.name: getattr(args, f.name) for f in fields(args)}, indent=2) + "\n"

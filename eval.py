@@ -1,16 +1,17 @@
 """Check that a checkpoint still works: perplexity on any text, and lm-evaluation-harness tasks.
 
-    python eval.py --checkpoint_path checkpoints/REPO/model_int8.pth                      # perplexity, pydoc text
+    python eval.py --checkpoint_path checkpoints/REPO/model_int8.pth        # perplexity, pydoc text
     python eval.py --checkpoint_path checkpoints/REPO --text_file notes.txt --limit 4096
-    python eval.py --checkpoint_path checkpoints/REPO --compile --tasks hellaswag winogrande   # pip install lm_eval
+    python eval.py --checkpoint_path checkpoints/REPO --compile --tasks hellaswag winogrande
     python eval.py --checkpoint_path checkpoints/REPO --tasks capitals --include_path tests/data
 
-Everything is scored by one batched loop over the static-KV-cache model: a request is a token sequence of
-which the last few tokens are scored, given all the tokens before them. Rows of similar length share a
-forward pass, left-padded (model.forward's `row_start`), and one full-sequence forward returns every
-position's logits. Perplexity cuts long texts into overlapping windows of the model's context; lm-eval's
-loglikelihood requests are (context, continuation) pairs; its generate_until requests run generate.py's
-greedy loop and stop at the task's stop strings.
+--tasks needs lm-evaluation-harness (pip install lm_eval). Everything is scored by one batched loop
+over the static-KV-cache model: a request is a token sequence of which the last few tokens are
+scored, given all the tokens before them. Rows of similar length share a forward pass, left-padded
+(model.forward's `row_start`), and one full-sequence forward returns every position's logits.
+Perplexity cuts long texts into overlapping windows of the model's context; lm-eval's loglikelihood
+requests are (context, continuation) pairs; its generate_until requests run generate.py's greedy
+loop and stop at the task's stop strings.
 """
 import argparse
 import math
@@ -26,24 +27,26 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from generate import (Sampling, check_device, check_output_folders, compile_functions, device_name, generate, left_pad,
-                      resolve_dtype, synchronize, write_json)
-from model import Transformer, error_summary, exit_on_bad_input, load_checkpoint, read_config, read_quantization
 import tp
+from checkpoint import InputError, check_device, check_writable, load_model, read_checkpoint
+from generate import Sampling, compile_functions, device_name, generate, left_pad, write_json
+from model import Transformer
+from tokenizer import load_tokenizer
 
 LM_EVAL_VERSION = "0.4.13"  # the version eval.py is tested with (requirements-test.txt)
 
 
-# ---- scoring: batches of token sequences, the last tokens of each scored --------------------------------
+# ---- scoring: batches of token sequences, the last tokens of each scored -------------------------
 
 def rolling_windows(n_tokens: int, max_seq_length: int, stride: int) -> list:
-    """Cut a sequence of n_tokens into windows the model can read, so that every token but the first (which
-    has no context) is scored exactly once. Returns (start, end, n_scored) per window: the model reads
-    tokens[start:end - 1] (at most max_seq_length tokens) and scores the last n_scored of tokens[start + 1:end].
-    After the first window each one scores `stride` new tokens (fewer at the end) and reads as much context
-    before them as fits, so every scored token sees at least max_seq_length - stride + 1 tokens of context
-    (all of them in the first window)."""
-    assert 1 <= stride <= max_seq_length, f"stride {stride} must be in 1..max_seq_length {max_seq_length}"
+    """Cut a sequence of n_tokens into windows the model can read, so that every token but the
+    first (which has no context) is scored exactly once. Returns (start, end, n_scored) per window:
+    the model reads tokens[start:end - 1] (at most max_seq_length tokens) and scores the last
+    n_scored of tokens[start + 1:end]. After the first window each one scores `stride` new tokens
+    (fewer at the end) and reads as much context before them as fits, so every scored token sees
+    at least max_seq_length - stride + 1 tokens of context (all of them in the first window)."""
+    if not 1 <= stride <= max_seq_length:  # check_args keeps --stride in range: a caller's bug
+        raise ValueError(f"stride {stride} must be in 1..max_seq_length {max_seq_length}")
     windows, scored_until = [], 1  # token 0 is context only
     while scored_until < n_tokens:
         step = stride if windows else max_seq_length
@@ -55,39 +58,48 @@ def rolling_windows(n_tokens: int, max_seq_length: int, stride: int) -> list:
 
 
 def forward_logits(model: Transformer, idx: Tensor, input_pos: Tensor, row_start: Tensor) -> Tensor:
-    """Logits at every position: idx (B, T) -> (B, T, vocab_size). A function so that --compile can wrap it."""
+    """Logits at every position: idx (B, T) -> (B, T, vocab_size); --compile wraps this."""
     return model(idx, input_pos, row_start)
 
 
 class StopGeneration(Exception):
-    """Raised from generate()'s token callback once every row has hit a stop string or its end of sequence:
-    generate() itself only knows end-of-sequence ids, and decoding the rest would only be thrown away."""
+    """Raised from generate()'s token callback once every row has hit a stop string or its end
+    of sequence: generate() itself only knows end-of-sequence ids, and the rest would be thrown
+    away."""
 
 
 class EvalModel:
-    """A model and its tokenizer answering the three kinds of request lm-evaluation-harness makes, as plain
-    Python (lm_eval is only needed to wrap this, see harness_model)."""
+    """A model and its tokenizer answering the three kinds of request lm-evaluation-harness
+    makes, as plain Python (lm_eval is only needed to wrap this, see harness_model)."""
 
-    def __init__(self, model: Transformer, tokenizer, max_seq_length: int, batch_size: int, compiled: bool = False):
+    def __init__(self, model: Transformer, tokenizer, max_seq_length: int, batch_size: int,
+                 compiled: bool = False):
         self.model, self.tokenizer = model, tokenizer
         self.max_seq_length, self.batch_size = max_seq_length, batch_size
         self.device = model.tok_embeddings.weight.device
-        model.setup_caches(max_batch_size=batch_size, max_seq_length=max_seq_length)
-        # Dynamic shapes: rows and lengths change from batch to batch, and one graph serves them all.
+        self.cache_request = None  # the length fit_cache last sized the cache for
+        self.fit_cache(max_seq_length)
+        # Dynamic shapes: rows and lengths change from batch to batch; one graph serves them all.
         self.forward = torch.compile(forward_logits, dynamic=True) if compiled else forward_logits
-        self.prefill_fn, self.decode_fn = compile_functions(argparse.Namespace(compile=compiled, compile_prefill=compiled))
-        # What encode() puts before every text (BOS for Llama, nothing for SmolLM2), and the token that stands
-        # for an empty context: BOS when the model has one, else its end of sequence, as lm-eval's HF model does.
+        self.prefill_fn, self.decode_fn = compile_functions(
+            argparse.Namespace(compile=compiled, compile_prefill=compiled))
+        # What encode() puts before every text (BOS for Llama, nothing for SmolLM2), and the token
+        # that stands for an empty context: BOS when the model has one, else its end of sequence, as
+        # lm-eval's HF model does.
         self.special_prefix = tokenizer.encode("")
-        self.prefix_token = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_ids[0]
+        bos = tokenizer.bos_id
+        self.prefix_token = bos if bos is not None else tokenizer.eos_ids[0]
 
     def fit_cache(self, length: int):
-        """Size the KV cache for sequences of up to `length` tokens: the next power of two, at most max_seq_length.
-        Attention reads every slot of the cache, so short requests in a 2048-slot cache would spend most of their
-        time on empty slots. Requests come longest first, so a call reallocates only a few times."""
+        """Size the KV cache for sequences of up to `length` tokens: the next power of two, at most
+        max_seq_length (setup_caches rounds it up to whole 8s; model.max_seq_length is the result).
+        Attention reads every slot of the cache, so short requests in a 2048-slot cache would spend
+        most of their time on empty slots. Requests come longest first, so a call reallocates only a
+        few times."""
         size = min(self.max_seq_length, max(64, 1 << (length - 1).bit_length()))
-        if self.model.cache_length(size) != self.model.max_seq_length:
+        if size != self.cache_request:
             self.model.setup_caches(max_batch_size=self.batch_size, max_seq_length=size)
+            self.cache_request = size
 
     def encode_plain(self, text: str) -> list:
         """Token ids of text without the BOS that encode() adds for some tokenizers."""
@@ -97,11 +109,13 @@ class EvalModel:
 
     @torch.inference_mode()
     def score(self, requests: list, desc: str = "scoring", progress: bool = True) -> list:
-        """requests: (tokens, n_scored) pairs. Returns, for each, (sum of the log-probabilities of the last
-        n_scored tokens given all the tokens before them, whether each was the model's greedy choice)."""
+        """requests: (tokens, n_scored) pairs. Returns, for each, (sum of the log-probabilities of
+        the last n_scored tokens given all the tokens before them, whether each was the greedy
+        choice)."""
         results = [None] * len(requests)
         longest_first = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]))
-        with tqdm(total=sum(n for _, n in requests), desc=desc, unit="tok", disable=not progress) as bar:
+        total = sum(n for _, n in requests)
+        with tqdm(total=total, desc=desc, unit="tok", disable=not progress) as bar:
             for b in range(0, len(requests), self.batch_size):
                 batch = longest_first[b:b + self.batch_size]
                 for i, result in zip(batch, self._score_batch([requests[i] for i in batch])):
@@ -112,13 +126,15 @@ class EvalModel:
     def _score_batch(self, requests: list) -> list:
         inputs = [tokens[:-1] for tokens, _ in requests]  # the last token is only ever a target
         T = max(len(x) for x in inputs)
-        assert T <= self.max_seq_length, f"{T} input tokens do not fit max_seq_length {self.max_seq_length}"
+        if T > self.max_seq_length:  # every request is cut to fit before it gets here: a bug
+            raise ValueError(f"{T} input tokens do not fit max_seq_length {self.max_seq_length}")
         self.fit_cache(T)
         idx, row_start = left_pad(inputs, self.device)  # (B, T), (B,)
-        logits = self.forward(self.model, idx, torch.arange(T, device=self.device), row_start)  # (B, T, vocab)
+        positions = torch.arange(T, device=self.device)
+        logits = self.forward(self.model, idx, positions, row_start)  # (B, T, vocab)
         results = []
         for row, (tokens, n) in enumerate(requests):
-            # Rows end at position T - 1, so the logits that predict the last n tokens are the last n.
+            # Rows end at position T - 1, so the logits predicting the last n tokens are the last n.
             logprobs = F.log_softmax(logits[row, T - n:].float(), dim=-1)  # (n, vocab)
             targets = torch.tensor(tokens[len(tokens) - n:], device=self.device)  # (n,)
             total = logprobs.gather(-1, targets[:, None]).sum().item()
@@ -126,31 +142,36 @@ class EvalModel:
         return results
 
     def loglikelihood(self, pairs: list, progress: bool = True) -> list:
-        """(context, continuation) text pairs -> (log P(continuation | context), whether it is the greedy one)."""
-        return self.score([self.encode_pair(context, continuation) for context, continuation in pairs],
-                          "loglikelihood", progress)
+        """(context, continuation) text pairs -> (log P(continuation | context), whether it is the
+        greedy one)."""
+        requests = [self.encode_pair(context, continuation) for context, continuation in pairs]
+        return self.score(requests, "loglikelihood", progress)
 
     def encode_pair(self, context: str, continuation: str) -> tuple:
-        """(tokens, n_scored) for a continuation after its context, cut to the longest that fits the context."""
+        """(tokens, n_scored) for a continuation after its context, the context cut to what fits."""
         if context.strip():
-            # Spaces at the end of the context go with the continuation (" Paris", not "Paris" after "is "), and
-            # the whole text is encoded at once, so the continuation's tokens are the ones the model would read.
+            # Spaces at the end of the context go with the continuation (" Paris", not "Paris"
+            # after "is "), and the whole text is encoded at once, so the continuation's tokens are
+            # the ones the model would read.
             tokens = self.tokenizer.encode(context + continuation)
             n = len(tokens) - len(self.tokenizer.encode(context.rstrip()))
         else:  # nothing to condition on: the prefix token stands in
             tokens = [self.prefix_token] + self.encode_plain(context + continuation)
             n = len(tokens) - 1
         if n > self.max_seq_length:
-            raise ValueError(f"a continuation of {n} tokens does not fit --max_seq_length {self.max_seq_length}")
+            raise InputError(f"a task's continuation of {n} tokens does not fit --max_seq_length "
+                             f"{self.max_seq_length}")
         return tokens[-self.max_seq_length - 1:], n
 
     def loglikelihood_rolling(self, texts: list, progress: bool = True) -> list:
-        """log P(text) of whole texts, every token scored, the first one after the prefix token. Windows do not
-        overlap (stride = max_seq_length), as in lm-eval's own models, so that its numbers compare."""
+        """log P(text) of whole texts, every token scored, the first one after the prefix token.
+        Windows do not overlap (stride = max_seq_length), as in lm-eval's own models, so that its
+        numbers compare."""
         requests, owner = [], []
         for i, text in enumerate(texts):
             tokens = [self.prefix_token] + self.encode_plain(text)
-            for start, end, n in rolling_windows(len(tokens), self.max_seq_length, self.max_seq_length):
+            n_ctx = self.max_seq_length
+            for start, end, n in rolling_windows(len(tokens), n_ctx, n_ctx):
                 requests.append((tokens[start:end], n))
                 owner.append(i)
         totals = [0.0] * len(texts)
@@ -159,8 +180,9 @@ class EvalModel:
         return totals
 
     def generate_until(self, requests: list, progress: bool = True) -> list:
-        """(context, generation kwargs) pairs -> generated text, cut before the first of the kwargs' `until`
-        strings. Greedy unless the kwargs ask for sampling; rows with the same kwargs share a batch."""
+        """(context, generation kwargs) pairs -> generated text, cut before the first of the
+        kwargs' `until` strings. Greedy unless the kwargs ask for sampling; rows with the same
+        kwargs share a batch."""
         outputs = [None] * len(requests)
 
         def same_kwargs(i: int) -> str:
@@ -172,7 +194,8 @@ class EvalModel:
                 group = list(group)
                 for b in range(0, len(group), self.batch_size):
                     batch = group[b:b + self.batch_size]
-                    texts = self._generate_batch([requests[i][0] for i in batch], requests[batch[0]][1])
+                    kwargs = requests[batch[0]][1]
+                    texts = self._generate_batch([requests[i][0] for i in batch], kwargs)
                     for i, text in zip(batch, texts):
                         outputs[i] = text
                     bar.update(len(batch))
@@ -180,7 +203,8 @@ class EvalModel:
 
     def _generate_batch(self, contexts: list, kwargs: dict) -> list:
         until = kwargs.get("until") or []
-        until = [s for s in ([until] if isinstance(until, str) else until) if s]  # "" would stop at once
+        # Empty stop strings are dropped: "" would stop at once.
+        until = [s for s in ([until] if isinstance(until, str) else until) if s]
         max_new = min(int(kwargs.get("max_gen_toks", 256)), self.max_seq_length - 1)
         keep = self.max_seq_length - max_new  # contexts lose their beginning, never the end
         prompts = [(self.tokenizer.encode(c) or [self.prefix_token])[-keep:] for c in contexts]
@@ -188,7 +212,8 @@ class EvalModel:
         temperature = kwargs.get("temperature", 1.0)
         if kwargs.get("do_sample") and temperature > 0:
             top_k = kwargs.get("top_k")  # Hugging Face's top_k=0 means no top-k
-            sampling = Sampling(temperature, top_k if top_k and top_k > 0 else None, kwargs.get("top_p"))
+            sampling = Sampling(temperature, top_k if top_k and top_k > 0 else None,
+                                kwargs.get("top_p"))
         rows = [[] for _ in prompts]
         done = [False] * len(prompts)
         eos = set(self.tokenizer.eos_ids)
@@ -206,8 +231,8 @@ class EvalModel:
 
         self.fit_cache(max(len(p) for p in prompts) + max_new)
         try:
-            generate(self.model, prompts, max_new, sampling, self.tokenizer.eos_ids, self.prefill_fn,
-                     self.decode_fn, on_tokens)
+            generate(self.model, prompts, max_new, sampling, self.tokenizer.eos_ids,
+                     self.prefill_fn, self.decode_fn, on_tokens)
         except StopGeneration:
             pass
         return [cut_at_stop_strings(self.tokenizer.decode(row), until) for row in rows]
@@ -218,10 +243,11 @@ def cut_at_stop_strings(text: str, until: list) -> str:
     return text[:min([text.index(s) for s in until if s in text], default=len(text))]
 
 
-# ---- perplexity -------------------------------------------------------------------------------------------
+# ---- perplexity ----------------------------------------------------------------------------------
 
 def default_text() -> tuple[str, str]:
-    """(name, text) of the standard library's pydoc topics: real English prose and code, on every machine."""
+    """(name, text) of the standard library's pydoc topics: English prose and code, on every
+    machine."""
     import pydoc_data.topics
     return "pydoc_data.topics", "\n".join(pydoc_data.topics.topics.values())
 
@@ -230,26 +256,31 @@ def read_text(path: Optional[Path]) -> tuple[str, str]:
     if path is None:
         return default_text()
     if not path.is_file():
-        raise ValueError(f"--text_file: {path} not found")
+        raise InputError(f"--text_file: {path} {'is a folder' if path.is_dir() else 'not found'}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"--text_file: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise InputError(f"--text_file: {path} is not UTF-8 text ({e.reason} at byte "
+                         f"{e.start})") from None
+    except OSError as e:  # e.g. no permission to read it
+        raise InputError(f"--text_file: cannot read {path}: {e.strerror or e}") from None
     if not text.strip():
-        raise ValueError(f"--text_file: {path} is empty")
+        raise InputError(f"--text_file: {path} is empty")
     return str(path), text
 
 
 def perplexity(em: EvalModel, ids: list, stride: int) -> dict:
-    """Perplexity of the token ids (the first is context only) and bits per byte of the text they predict."""
+    """Perplexity of the token ids (the first is context only) and bits per byte of the text they
+    predict."""
     windows = rolling_windows(len(ids), em.max_seq_length, stride)
     results = em.score([(ids[start:end], n) for start, end, n in windows], "perplexity")
     nll = -sum(logprob for logprob, _ in results)  # nats, summed in float64
     scored = len(ids) - 1
     decode = em.tokenizer.decode
     predicted_bytes = len(decode(ids).encode("utf-8")) - len(decode(ids[:1]).encode("utf-8"))
-    return dict(tokens=len(ids), scored_tokens=scored, windows=len(windows), max_seq_length=em.max_seq_length,
-                stride=stride, nll=nll, perplexity=math.exp(nll / scored),
+    return dict(tokens=len(ids), scored_tokens=scored, windows=len(windows),
+                max_seq_length=em.max_seq_length, stride=stride, nll=nll,
+                perplexity=math.exp(nll / scored),
                 bits_per_byte=nll / math.log(2) / max(predicted_bytes, 1), bytes=predicted_bytes)
 
 
@@ -258,47 +289,62 @@ def text_ids(args, tokenizer) -> tuple[str, list]:
     name, text = read_text(args.text_file)
     ids = tokenizer.encode(text)[:args.limit]
     if len(ids) < 2:
-        raise ValueError(f"--text_file: {name} has {len(ids)} token(s); perplexity needs at least 2")
+        raise InputError(f"--text_file: {name} has {len(ids)} token(s); perplexity needs at "
+                         "least 2")
     return name, ids
 
 
-# ---- lm-evaluation-harness -------------------------------------------------------------------------------
+# ---- lm-evaluation-harness -----------------------------------------------------------------------
 
 def import_lm_eval(download: bool):
-    """lm_eval is optional: imported only for --tasks. Task data is read offline (local files and the Hugging
-    Face cache) unless --download: without network, datasets would retry the hub for ~25 s before failing."""
+    """lm_eval is optional: imported only for --tasks. Task data is read offline (local files and
+    the Hugging Face cache) unless --download: without network, datasets would retry the hub for
+    ~25 s before failing."""
     if not download:
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # set before datasets is imported: it reads them once
+        # Set before datasets is imported: it reads them once.
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError as e:
-        raise ValueError(f"--tasks needs lm-evaluation-harness: pip install lm_eval=={LM_EVAL_VERSION} ({e})") from None
+        raise InputError(f"--tasks needs lm-evaluation-harness: pip install "
+                         f"lm_eval=={LM_EVAL_VERSION} ({e})") from None
     return lm_eval, TaskManager
 
 
+def one_line(e: Exception) -> str:
+    """An exception as one line (its type and the first line of its message), for errors from
+    libraries that raise many different types."""
+    message = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {message}"
+
+
 def load_tasks(task_manager, names: list) -> list:
-    """The tasks, groups and tags named, built with their data: an unknown name or unreachable data fails here,
-    before the model loads. Returns the objects lm_eval.simple_evaluate takes in place of names."""
+    """The tasks, groups and tags named, built with their data: an unknown name or unreachable
+    data fails here, before the model loads. Returns the objects lm_eval.simple_evaluate takes in
+    place of names."""
     unknown = [n for n in names if n not in task_manager.all_tasks and not Path(n).is_file()]
     if unknown:
-        raise ValueError(f"--tasks: unknown task {', '.join(unknown)} (not an lm-eval task, group, tag or task "
-                         f"YAML file; `lm_eval ls tasks` lists them, --include_path adds a folder of your own)")
+        raise InputError(f"--tasks: unknown task {', '.join(unknown)} (not an lm-eval task, "
+                         "group, tag or task YAML file; `lm_eval ls tasks` lists them, "
+                         "--include_path adds a folder of your own)")
     built = []
     for name in names:
         try:
             loaded = task_manager.load([name])
         except Exception as e:  # datasets raises many kinds: offline, missing files, bad configs
-            raise ValueError(f"--tasks: cannot load task {name}: {error_summary(e)} (data is read offline from "
-                             f"local files and the Hugging Face cache; --download allows the hub)") from None
+            raise InputError(f"--tasks: cannot load task {name}: {one_line(e)} (data is read "
+                             "offline from local files and the Hugging Face cache; --download "
+                             "allows the hub)") from None
         top = loaded["groups"].get(name) or loaded["tasks"].get(name)
-        built += [top] if top is not None else list(loaded["tasks"].values())  # a tag stands for its tasks
+        # A tag stands for its tasks.
+        built += [top] if top is not None else list(loaded["tasks"].values())
     return built
 
 
 def harness_model(em: EvalModel):
-    """em as an lm-evaluation-harness model (LM subclass), built here because lm_eval is optional."""
+    """em as an lm-evaluation-harness model (LM subclass), built here: lm_eval is optional."""
     from lm_eval.api.model import LM
 
     class GptBlitzLM(LM):
@@ -306,7 +352,8 @@ def harness_model(em: EvalModel):
             return em.loglikelihood([r.args for r in requests], progress=not disable_tqdm)
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-            return em.loglikelihood_rolling([r.args[0] for r in requests], progress=not disable_tqdm)
+            texts = [r.args[0] for r in requests]
+            return em.loglikelihood_rolling(texts, progress=not disable_tqdm)
 
         def generate_until(self, requests, disable_tqdm: bool = False):
             return em.generate_until([r.args for r in requests], progress=not disable_tqdm)
@@ -315,8 +362,9 @@ def harness_model(em: EvalModel):
 
 
 def run_tasks(em: EvalModel, lm_eval, task_manager, tasks: list, args) -> dict:
-    results = lm_eval.simple_evaluate(model=harness_model(em), tasks=tasks, task_manager=task_manager,
-                                      num_fewshot=args.num_fewshot, limit=args.limit, log_samples=False)
+    results = lm_eval.simple_evaluate(model=harness_model(em), tasks=tasks,
+                                      task_manager=task_manager, num_fewshot=args.num_fewshot,
+                                      limit=args.limit, log_samples=False)
     if results is None:  # not the reporting rank under torchrun
         return {}
     print(lm_eval.utils.make_table(results))
@@ -325,27 +373,36 @@ def run_tasks(em: EvalModel, lm_eval, task_manager, tasks: list, args) -> dict:
     return {k: results[k] for k in ("results", "groups", "n-shot", "versions") if k in results}
 
 
-# ---- the command line -------------------------------------------------------------------------------------
+# ---- the command line ----------------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Perplexity and lm-evaluation-harness tasks for a gpt-blitz checkpoint.")
-    p.add_argument("--checkpoint_path", type=Path, required=True, help="checkpoint folder, or a weights file in it "
-                   "(model_int8.pth etc. from quantize.py)")
-    p.add_argument("--text_file", type=Path, help="UTF-8 text to measure perplexity on (default: Python's pydoc "
-                   "topics text; with --tasks, perplexity runs only when this is given)")
-    p.add_argument("--tasks", nargs="+", help="lm-eval tasks, groups or tags (needs pip install lm_eval)")
+    p = argparse.ArgumentParser(
+        description="Perplexity and lm-evaluation-harness tasks for a gpt-blitz checkpoint.")
+    p.add_argument("--checkpoint_path", type=Path, required=True, help="checkpoint folder, or a "
+                   "weights file in it (model_int8.pth etc. from quantize.py)")
+    p.add_argument("--text_file", type=Path, help="UTF-8 text to measure perplexity on (default: "
+                   "Python's pydoc topics text; with --tasks, perplexity runs only when this is "
+                   "given)")
+    p.add_argument("--tasks", nargs="+",
+                   help="lm-eval tasks, groups or tags (needs pip install lm_eval)")
     p.add_argument("--include_path", action="append", default=[], type=Path,
-                   help="a folder of lm-eval task YAML files (e.g. local `dataset_path: json` tasks); repeatable")
-    p.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples per task (default: the task's)")
-    p.add_argument("--limit", type=int, default=None, help="perplexity: the first N tokens of the text only; "
-                   "--tasks: the first N examples of each task only (a quick check, not a comparable score)")
-    p.add_argument("--download", action="store_true", help="let lm-eval fetch task data from the Hugging Face hub")
-    p.add_argument("--max_seq_length", type=int, default=None, help="tokens the model reads at once "
-                   "(default: the model's context, at most 2048)")
-    p.add_argument("--stride", type=int, default=None, help="perplexity: new tokens scored per window after the "
-                   "first (default: half of --max_seq_length, so every token sees at least half a context)")
+                   help="a folder of lm-eval task YAML files (e.g. local `dataset_path: json` "
+                   "tasks); repeatable")
+    p.add_argument("--num_fewshot", type=int, default=None,
+                   help="few-shot examples per task (default: the task's)")
+    p.add_argument("--limit", type=int, default=None, help="perplexity: the first N tokens of the "
+                   "text only; --tasks: the first N examples of each task only (a quick check, not "
+                   "a comparable score)")
+    p.add_argument("--download", action="store_true",
+                   help="let lm-eval fetch task data from the Hugging Face hub")
+    p.add_argument("--max_seq_length", type=int, default=None, help="tokens the model reads at "
+                   "once (default: the model's context, at most 2048)")
+    p.add_argument("--stride", type=int, default=None, help="perplexity: new tokens scored per "
+                   "window after the first (default: half of --max_seq_length, so every token sees "
+                   "at least half a context)")
     p.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass")
-    p.add_argument("--compile", action="store_true", help="compile the forward pass (dynamic shapes) and the decode step")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the forward pass (dynamic shapes) and the decode step")
     p.add_argument("--output", type=Path, help="write the results to this JSON file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
@@ -354,45 +411,49 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_args(args, block_size: int):
-    """Fill in the defaults that depend on the model and reject bad values, each with one sentence."""
+    """Fill in the defaults that depend on the model and reject bad values, each with one sentence.
+    Afterwards args.device is a torch.device and args.dtype a torch.dtype."""
     args.max_seq_length = args.max_seq_length or min(block_size, 2048)
     if not 2 <= args.max_seq_length <= block_size:
-        raise ValueError(f"--max_seq_length must be in 2..{block_size} (the model's context), got {args.max_seq_length}")
+        raise InputError(f"--max_seq_length must be in 2..{block_size} (the model's context), got "
+                         f"{args.max_seq_length}")
     args.stride = args.stride or max(1, args.max_seq_length // 2)
     if not 1 <= args.stride <= args.max_seq_length:
-        raise ValueError(f"--stride must be in 1..{args.max_seq_length} (--max_seq_length), got {args.stride}")
+        raise InputError(f"--stride must be in 1..{args.max_seq_length} (--max_seq_length), got "
+                         f"{args.stride}")
     for flag in ("limit", "batch_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
-            raise ValueError(f"--{flag} must be >= 1, got {value}")
+            raise InputError(f"--{flag} must be >= 1, got {value}")
     if args.num_fewshot is not None and args.num_fewshot < 0:
-        raise ValueError(f"--num_fewshot must be >= 0, got {args.num_fewshot}")
+        raise InputError(f"--num_fewshot must be >= 0, got {args.num_fewshot}")
     for folder in args.include_path:
         if not folder.is_dir():
-            raise ValueError(f"--include_path: folder {folder} does not exist")
-    check_output_folders({"--output": args.output})
-    check_device(args.device)
+            raise InputError(f"--include_path: folder {folder} does not exist")
+    if args.output is not None:
+        check_writable(args.output, "--output")
+    args.device = check_device(args.device, "--device")
+    args.dtype = getattr(torch, args.dtype) if args.dtype else (
+        torch.bfloat16 if args.device.type == "cuda" else torch.float32)
 
 
-def load_model(args, device: torch.device, dtype: torch.dtype) -> Transformer:
-    """The checkpoint's model on the device, of any kind load_checkpoint reads (float, int8, int4, GPTQ, fp8);
-    under torchrun, this process's part of it (tp.py): every rank scores the same requests with its share of
-    the weights and ends each forward with the whole logits, so the scoring code is the same."""
+def load_eval_model(args, ckpt, device: torch.device) -> Transformer:
+    """The checkpoint's model on the device, of any kind checkpoint.load_model reads (float, int8,
+    int4, GPTQ, fp8); under torchrun, this process's part of it (tp.py): every rank scores the same
+    requests with its share of the weights and ends each forward with the whole logits, so the
+    scoring code is the same."""
     if tp.world_size() > 1:
-        return tp.load_model(args, device, dtype).eval()
-    model, _ = load_checkpoint(args.checkpoint_path, device, dtype)
-    return model.eval()
+        return tp.load_model(args, device, args.dtype).eval()
+    return load_model(ckpt, device, args.dtype)
 
 
 def run(args) -> dict:
-    folder, config = read_config(args.checkpoint_path)
-    check_args(args, config.block_size)
-    device = torch.device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    if tp.world_size() > 1:  # under torchrun: check the model splits, join the process group (only rank 0 prints)
-        device = tp.start(args, config, device)
-    from tokenizer import load_tokenizer
-    tokenizer = load_tokenizer(folder)
+    ckpt = read_checkpoint(args.checkpoint_path)
+    check_args(args, ckpt.args.block_size)
+    device = args.device
+    if tp.world_size() > 1:  # under torchrun: check the model splits, join the process group
+        device = tp.start(args, ckpt.args, device)
+    tokenizer = load_tokenizer(ckpt.folder)
 
     # Everything that can fail on bad input is read before the weights.
     text_name, ids = text_ids(args, tokenizer) if args.text_file or not args.tasks else (None, None)
@@ -402,22 +463,23 @@ def run(args) -> dict:
         tasks = load_tasks(task_manager, args.tasks)
 
     t0 = time.perf_counter()
-    model = load_model(args, device, dtype)
-    synchronize(device)
+    model = load_eval_model(args, ckpt, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     print(f"Loaded {args.checkpoint_path} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     em = EvalModel(model, tokenizer, args.max_seq_length, args.batch_size, args.compile)
 
-    quantization = read_quantization(args.checkpoint_path) or {}
-    report = dict(checkpoint=str(args.checkpoint_path), quantization=quantization.get("mode"), device=device_name(device),
-                  dtype=str(dtype).removeprefix("torch."), torch=torch.__version__)
+    report = dict(checkpoint=str(args.checkpoint_path),
+                  quantization=(ckpt.quantization or {}).get("mode"), device=device_name(device),
+                  dtype=str(args.dtype).removeprefix("torch."), torch=torch.__version__)
     if ids is not None:
         t0 = time.perf_counter()
         result = perplexity(em, ids, args.stride)
         report["perplexity"] = dict(text=text_name, seconds=time.perf_counter() - t0, **result)
         windows = f"{result['windows']} window{'s' if result['windows'] > 1 else ''}"
-        print(f"{text_name}: {result['tokens']} tokens ({result['scored_tokens']} scored, {windows} of "
-              f"{args.max_seq_length}, stride {args.stride}): perplexity {result['perplexity']:.4f}, "
-              f"bits per byte {result['bits_per_byte']:.4f}")
+        print(f"{text_name}: {result['tokens']} tokens ({result['scored_tokens']} scored, "
+              f"{windows} of {args.max_seq_length}, stride {args.stride}): perplexity "
+              f"{result['perplexity']:.4f}, bits per byte {result['bits_per_byte']:.4f}")
     if args.tasks:
         report["tasks"] = run_tasks(em, lm_eval, task_manager, tasks, args)
     if args.output:
@@ -426,9 +488,13 @@ def run(args) -> dict:
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    tp.quiet_other_ranks()  # under torchrun only rank 0 prints
-    exit_on_bad_input(run, args)
+    """One run of eval.py: bad input ends in one `error:` line (rank 0's under torchrun), exit 1."""
+    if tp.world_size() > 1:
+        tp.quiet_other_ranks()  # under torchrun only rank 0 prints
+    try:
+        run(parse_args(argv))
+    except InputError as e:
+        tp.exit_with_error(e)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,11 @@
     python generate.py --compile --checkpoint_path checkpoints/REPO --prompt "Hello, my name is"
     python generate.py --compile --random_weights Llama-2-7B --prompt_tokens 5 --max_new_tokens 200
 
-Decoding at batch 1 reads every weight once per token, so its speed is set by memory bandwidth; the
-work here is to keep the GPU busy: `decode_one_token` is compiled into one CUDA graph, sampling happens
-on the device, and the host reads each token one step late so that it never waits on the step in
-flight. Read top to bottom: sampling, the generation loop, speculative decoding, the command line.
+Decoding at batch 1 reads every weight once per token, so its speed is set by memory bandwidth;
+the work here is to keep the GPU busy: `decode_one_token` is compiled into one CUDA graph, sampling
+happens on the device, and the host reads each token one step late so that it never waits on the
+step in flight. Read top to bottom: sampling, the generation loop, speculative decoding, the
+command line.
 """
 import argparse
 import json
@@ -27,13 +28,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import tp
-from checkpoint import (InputError, check_device, check_writable, load_model, random_model, read_checkpoint,
-                        write_files)
+from checkpoint import (InputError, check_device, check_writable, load_model, random_model,
+                        read_checkpoint, write_files)
 from model import CONFIGS, ModelArgs, Transformer
 from tokenizer import TextStreamer, load_tokenizer
 
 
-# ---- sampling (on the device, no host sync) -------------------------------------------------------
+# ---- sampling (on the device, no host sync) ------------------------------------------------------
 
 @dataclass(frozen=True)
 class Sampling:
@@ -50,8 +51,9 @@ def sample(logits: Tensor, s: Sampling) -> Tensor:
 
 
 def probabilities(logits: Tensor, s: Sampling) -> Tensor:
-    """logits (B, vocab) -> the distribution `sample` draws from, float32 (B, vocab), each row summing
-    to 1; greedy is all the mass on the argmax. Speculative decoding weighs target and draft by it."""
+    """logits (B, vocab) -> the distribution `sample` draws from, float32 (B, vocab), each row
+    summing to 1; greedy is all the mass on the argmax. Speculative decoding weighs target and draft
+    by it."""
     if s.temperature == 0:
         return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
     logits = logits.float() / s.temperature
@@ -70,14 +72,17 @@ def probabilities(logits: Tensor, s: Sampling) -> Tensor:
 
 def sample_from(weights: Tensor) -> Tensor:
     """weights (B, vocab), non-negative, not necessarily summing to 1 -> one id per row drawn in
-    proportion to them (B, 1). argmax(w / E) with E ~ Exp(1) is such a draw (an exponential race) and,
-    unlike torch.multinomial, never synchronises with the host. A one-hot row always gives its id."""
+    proportion to them (B, 1). argmax(w / E) with E ~ Exp(1) is such a draw (an exponential race)
+    and, unlike torch.multinomial, never synchronises with the host. A one-hot row always gives its
+    id."""
     race = torch.empty_like(weights).exponential_(1)
     return (weights / race).argmax(dim=-1, keepdim=True)
 
 
-def prefill(model: Transformer, idx: Tensor, input_pos: Tensor, row_start: Tensor, s: Sampling) -> Tensor:
-    """Run the whole prompt idx (B, T) through the model, filling the cache; sample the first new token."""
+def prefill(model: Transformer, idx: Tensor, input_pos: Tensor, row_start: Tensor,
+            s: Sampling) -> Tensor:
+    """Run the whole prompt idx (B, T) through the model, filling the cache; sample the first new
+    token."""
     logits = model(idx, input_pos, row_start, last_only=True)  # (B, 1, vocab)
     return sample(logits[:, -1], s)
 
@@ -89,7 +94,7 @@ def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor, row_s
     return sample(logits[:, -1], s)
 
 
-# ---- the generation loop --------------------------------------------------------------------------
+# ---- the generation loop -------------------------------------------------------------------------
 
 @dataclass
 class Generation:
@@ -99,26 +104,17 @@ class Generation:
     ttft_s: float  # time to first token
     decode_s: float  # time for the remaining tokens
     decode_steps: int  # forward passes after the prefill (each serves every row of the batch)
-    accepted_lengths: Optional[list] = None  # speculative: [n] = rounds in which the target kept n drafts
-
-
-def to_host_async(t: Tensor):
-    """Start copying t to the host behind the work already queued: (host tensor, event to wait on)."""
-    if t.device.type != "cuda":
-        return t, None
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record()
-    return host, done
+    # speculative: [n] = rounds in which the target kept n drafts
+    accepted_lengths: Optional[list] = None
 
 
 def left_pad(seqs: list, device) -> tuple[Tensor, Tensor]:
     """Sequences of ids of any lengths as one batch: idx (B, T) padded on the left with id 0, and
-    row_start (B,), where each row's real tokens begin (the model masks the padding and counts rotary
-    positions from there)."""
+    row_start (B,), where each row's real tokens begin (the model masks the padding and counts
+    rotary positions from there)."""
     T = max(len(s) for s in seqs)
-    idx = torch.tensor([[0] * (T - len(s)) + list(s) for s in seqs], dtype=torch.long, device=device)
+    idx = torch.tensor([[0] * (T - len(s)) + list(s) for s in seqs], dtype=torch.long,
+                       device=device)
     row_start = torch.tensor([T - len(s) for s in seqs], dtype=torch.long, device=device)
     return idx, row_start  # (B, T), (B,)
 
@@ -128,9 +124,9 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, sampling: S
              prefill_fn: Callable = prefill, decode_fn: Callable = decode_one_token,
              on_tokens: Optional[Callable] = None) -> Generation:
     """Generate up to max_new_tokens for each prompt (lists of ids, any lengths). Prompts are
-    left-padded to a common length; `row_start` tells the model where each row's real tokens begin, so
-    every row gets the tokens it would get alone. on_tokens(one new id per row, None for rows that have
-    ended) is called as tokens reach the host."""
+    left-padded to a common length; `row_start` tells the model where each row's real tokens begin,
+    so every row gets the tokens it would get alone. on_tokens(one new id per row, None for rows
+    that have ended) is called as tokens reach the host."""
     device = model.tok_embeddings.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
     idx, row_start = left_pad(prompts, device)  # (B, T), (B,)
@@ -162,88 +158,110 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, sampling: S
     input_pos = torch.tensor([T], dtype=torch.long, device=device)  # cache slot of `token`
     host, copied, steps = None, None, 0
     while not done and steps < max_new_tokens - 1:
-        token = decode_fn(model, token, input_pos, row_start, sampling).clone()  # CUDA graphs reuse outputs
+        # CUDA graphs reuse outputs
+        token = decode_fn(model, token, input_pos, row_start, sampling).clone()
         input_pos += 1
         steps += 1
         if host is not None:
-            # The previous token's copy was queued before this step, so waiting for it leaves the GPU
-            # busy with this step while the host reads that token.
+            # The previous token's copy was queued before this step, so waiting for it leaves the
+            # GPU busy with this step while the host reads that token.
             if copied is not None:
                 copied.synchronize()
             done = take(host)
-        host, copied = to_host_async(token)
+        host, copied = token, None
+        if device.type == "cuda":  # copy the token to the host behind the work already queued
+            host = torch.empty(token.shape, dtype=token.dtype, pin_memory=True)
+            host.copy_(token, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
     if device.type == "cuda":
-        torch.cuda.synchronize(device)  # the queue is drained: the last token's copy is complete too
+        # the queue is drained: the last token's copy is complete too
+        torch.cuda.synchronize(device)
     if not done and host is not None:
         take(host)
     decode_s = time.perf_counter() - start - ttft
     return Generation(rows, generated, [len(p) for p in prompts], ttft, decode_s, steps)
 
 
-# ---- speculative decoding ---------------------------------------------------------------------------
+# ---- speculative decoding ------------------------------------------------------------------------
 #
-# A cheap proposer guesses k tokens; the target scores all of them in one forward (at batch 1 that costs
-# about one decode step: both read every weight once) and keeps a prefix of them plus one token of its own.
-# Rejection sampling (Leviathan et al. 2023, Chen et al. 2023) makes every kept token follow the target's
-# own distribution exactly, whatever the proposer; greedy, the output is the target's greedy output.
+# A cheap proposer guesses k tokens; the target scores all of them in one forward (at batch 1 that
+# costs about one decode step: both read every weight once) and keeps a prefix of them plus one
+# token of its own. Rejection sampling (Leviathan et al. 2023, Chen et al. 2023) makes every kept
+# token follow the target's own distribution exactly, whatever the proposer; greedy, the output is
+# the target's greedy output.
 
 DEFAULT_SPECULATE_K = 5
-# A draft must split text into the target's ids; this text touches words, digits, punctuation, code and accents.
-TOKENIZER_PROBE = "The quick brown fox, 1234567890 times: def f(x): return {'naïve': x[-1]} # café 東京"
+# A draft must split text into the target's ids; this text touches words, digits, punctuation, code
+# and accents.
+TOKENIZER_PROBE = ("The quick brown fox, 1234567890 times: def f(x): "
+                   "return {'naïve': x[-1]} # café 東京")
 
 
 def draft_one_token(model: Transformer, token: Tensor, input_pos: Tensor, row_start: Tensor,
                     s: Sampling) -> tuple[Tensor, Tensor]:
-    """decode_one_token for a draft model: also returns the distribution it drew from.
-    token (B, 1) at cache slot input_pos (1,) -> (next token (B, 1), its distribution (B, vocab))."""
+    """decode_one_token for a draft model: also returns the distribution it drew from. token (B, 1)
+    at cache slot input_pos (1,) -> (next token (B, 1), its distribution (B, vocab))."""
     logits = model(token, input_pos, row_start)  # (B, 1, vocab)
     probs = probabilities(logits[:, -1], s)  # (B, vocab)
     return sample_from(probs), probs
 
 
-def accept_drafts(drafts: Tensor, draft_probs: Tensor, target_probs: Tensor) -> tuple[Tensor, Tensor]:
-    """drafts (k,) drawn from draft_probs (k, vocab); target_probs (k + 1, vocab): the target's distribution
-    at each draft's position and at the one after the last. Returns (n, new): n () drafts kept, and new
-    (k + 1,), the drafts with the target's own next token at index n (only new[:n + 1] means anything)."""
+def accept_drafts(drafts: Tensor, draft_probs: Tensor,
+                  target_probs: Tensor) -> tuple[Tensor, Tensor]:
+    """drafts (k,) drawn from draft_probs (k, vocab); target_probs (k + 1, vocab): the target's
+    distribution at each draft's position and at the one after the last. Returns (n, new): n ()
+    drafts kept, and new (k + 1,), the drafts with the target's own next token at index n (only
+    new[:n + 1] means anything)."""
     k = drafts.size(0)
     p = target_probs[:k].gather(1, drafts[:, None])[:, 0]  # (k,) target probability of each draft
     q = draft_probs.gather(1, drafts[:, None])[:, 0]  # (k,) draft probability of each draft
-    # Keep draft i with probability min(1, p / q); strictly below, so a token the target never picks is never kept.
+    # Keep draft i with probability min(1, p / q); strictly below, so a token the target never picks
+    # is never kept.
     kept = torch.rand_like(p) * q < p  # (k,)
     n = kept.long().cumprod(0).sum()  # () drafts kept before the first rejection
-    # The token after a rejection comes from max(0, p - q): the mass the target puts on tokens beyond what the
-    # draft already offered. After k kept drafts it comes from p itself: a zero draft row at index k makes both
-    # one formula. (index_select, not [n]: indexing by a tensor's value would make the host read it.)
+    # The token after a rejection comes from max(0, p - q): the mass the target puts on tokens
+    # beyond what the draft already offered. After k kept drafts it comes from p itself: a zero
+    # draft row at index k makes both one formula. (index_select, not [n]: indexing by a tensor's
+    # value would make the host read it.)
     target_n = target_probs.index_select(0, n[None])  # (1, vocab)
-    residual = (target_n - F.pad(draft_probs, (0, 0, 0, 1)).index_select(0, n[None])).clamp(min=0)  # (1, vocab)
-    # With p = q up to rounding nothing is left over (and a rejection is all but impossible): then use p.
+    # (1, vocab)
+    residual = (target_n - F.pad(draft_probs, (0, 0, 0, 1)).index_select(0, n[None])).clamp(min=0)
+    # With p = q up to rounding nothing is left over (and a rejection is all but impossible): then
+    # use p.
     residual = torch.where(residual.sum() > 0, residual, target_n)
     token = sample_from(residual)[0]  # (1,)
     slots = torch.arange(k + 1, device=drafts.device)
     return n, torch.where(slots == n, token, F.pad(drafts, (0, 1)))
 
 
-def verify(model: Transformer, tokens: Tensor, input_pos: Tensor, row_start: Tensor, draft_probs: Tensor,
-           s: Sampling) -> tuple[Tensor, Tensor]:
-    """The target's check of k drafts in one forward. tokens (1, k + 1): the last token already chosen, then the
-    drafts, at cache slots input_pos (k + 1,); draft_probs (k, vocab) as in accept_drafts, which gives the result."""
+def verify(model: Transformer, tokens: Tensor, input_pos: Tensor, row_start: Tensor,
+           draft_probs: Tensor, s: Sampling) -> tuple[Tensor, Tensor]:
+    """The target's check of k drafts in one forward. tokens (1, k + 1): the last token already
+    chosen, then the drafts, at cache slots input_pos (k + 1,); draft_probs (k, vocab) as in
+    accept_drafts, which gives the result."""
     logits = model(tokens, input_pos, row_start)  # (1, k + 1, vocab)
     return accept_drafts(tokens[0, 1:], draft_probs, probabilities(logits[0], s))
 
 
 class DraftModel:
-    """Proposes k tokens by running a smaller model of the same vocabulary (or a quantized copy of the target) k
-    steps ahead. Its cache mirrors the target's: slots of rejected drafts are overwritten by the next round."""
+    """Proposes k tokens by running a smaller model of the same vocabulary (or a quantized copy of
+    the target) k steps ahead. Its cache mirrors the target's: slots of rejected drafts are
+    overwritten by the next round."""
 
-    def __init__(self, model: Transformer, k: int, sampling: Sampling, step_fn: Callable = draft_one_token,
-                 prefill_fn: Callable = prefill):
-        self.model, self.k, self.sampling, self.step_fn, self.prefill_fn = model, k, sampling, step_fn, prefill_fn
+    def __init__(self, model: Transformer, k: int, sampling: Sampling,
+                 step_fn: Callable = draft_one_token, prefill_fn: Callable = prefill):
+        (self.model, self.k, self.sampling, self.step_fn,
+         self.prefill_fn) = model, k, sampling, step_fn, prefill_fn
 
     def prefill(self, idx: Tensor, input_pos: Tensor, row_start: Tensor):
-        self.prefill_fn(self.model, idx, input_pos, row_start, self.sampling)  # fills the cache; its token is unused
+        # fills the cache; its token is unused
+        self.prefill_fn(self.model, idx, input_pos, row_start, self.sampling)
 
-    def propose(self, token: Tensor, input_pos: Tensor, row_start: Tensor, history: list) -> tuple[Tensor, Tensor]:
-        """token (1, 1), the last token chosen, at cache slot input_pos (1,) -> drafts (1, k), their distributions (k, vocab)."""
+    def propose(self, token: Tensor, input_pos: Tensor, row_start: Tensor,
+                history: list) -> tuple[Tensor, Tensor]:
+        """token (1, 1), the last token chosen, at cache slot input_pos (1,) -> drafts (1, k), their
+        distributions (k, vocab)."""
         drafts, probs = [], []
         for i in range(self.k):
             token, p = self.step_fn(self.model, token, input_pos + i, row_start, self.sampling)
@@ -254,13 +272,15 @@ class DraftModel:
 
     def accepted(self, n: int, drafts: Tensor, input_pos: Tensor, row_start: Tensor):
         """The target kept n drafts of the round that began at slot input_pos."""
-        if n == self.k:  # the last draft was drawn but never fed back: its cache slot is still empty
+        # the last draft was drawn but never fed back: its cache slot is still empty
+        if n == self.k:
             self.step_fn(self.model, drafts[:, -1:], input_pos + self.k, row_start, self.sampling)
 
 
 class PromptLookup:
-    """Proposes the k tokens that followed the most recent earlier occurrence of the last n tokens of the prompt
-    and generated text, with no draft model: summaries, code edits and answers that quote the prompt repeat it."""
+    """Proposes the k tokens that followed the most recent earlier occurrence of the last n tokens
+    of the prompt and generated text, with no draft model: summaries, code edits and answers that
+    quote the prompt repeat it."""
 
     def __init__(self, n: int, k: int, vocab_size: int, device: torch.device):
         self.n, self.k, self.vocab_size, self.device = n, k, vocab_size, device
@@ -272,7 +292,8 @@ class PromptLookup:
 
     def lookup(self, history: list) -> list:
         n = self.n
-        for i in range(self.indexed, len(history) - n):  # each n-gram that has a token after it, once
+        # each n-gram that has a token after it, once
+        for i in range(self.indexed, len(history) - n):
             self.latest[tuple(history[i:i + n])] = i
         self.indexed = max(self.indexed, len(history) - n)
         start = self.latest.get(tuple(history[-n:]))
@@ -282,9 +303,12 @@ class PromptLookup:
         follow = history[start + n:]
         return [follow[i % len(follow)] for i in range(self.k)]
 
-    def propose(self, token: Tensor, input_pos: Tensor, row_start: Tensor, history: list) -> tuple[Tensor, Tensor]:
-        drafts = torch.tensor([self.lookup(history)], dtype=torch.long, device=self.device)  # (1, k)
-        return drafts, F.one_hot(drafts[0], self.vocab_size).float()  # a sure guess: all its mass on one token
+    def propose(self, token: Tensor, input_pos: Tensor, row_start: Tensor,
+                history: list) -> tuple[Tensor, Tensor]:
+        # (1, k)
+        drafts = torch.tensor([self.lookup(history)], dtype=torch.long, device=self.device)
+        # a sure guess: all its mass on one token
+        return drafts, F.one_hot(drafts[0], self.vocab_size).float()
 
     def accepted(self, *_):
         pass
@@ -293,22 +317,25 @@ class PromptLookup:
 @torch.inference_mode()
 def speculative_generate(model: Transformer, proposer, prompts: list, max_new_tokens: int,
                          sampling: Sampling, eos_ids=(), prefill_fn: Callable = prefill,
-                         verify_fn: Callable = verify, on_tokens: Optional[Callable] = None) -> Generation:
-    """generate() for one prompt (prompts holds one list of ids), up to proposer.k + 1 tokens per target
-    forward. Each round the proposer (DraftModel or PromptLookup) guesses k tokens after the last chosen
-    one, the target verifies them all at once, and the host reads how many it kept (the round's one
-    sync)."""
+                         verify_fn: Callable = verify,
+                         on_tokens: Optional[Callable] = None) -> Generation:
+    """generate() for one prompt (prompts holds one list of ids), up to proposer.k + 1 tokens per
+    target forward. Each round the proposer (DraftModel or PromptLookup) guesses k tokens after the
+    last chosen one, the target verifies them all at once, and the host reads how many it kept (the
+    round's one sync)."""
     (prompt,) = prompts
     device = model.tok_embeddings.weight.device
     k, T = proposer.k, len(prompt)
-    assert T + max_new_tokens + k - 1 <= model.max_seq_length, "setup_caches() too small: a round writes k slots ahead"
+    assert T + max_new_tokens + k - 1 <= model.max_seq_length, (
+        "setup_caches() too small: a round writes k slots ahead")
     idx = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
     row_start = torch.zeros(1, dtype=torch.long, device=device)
     history, row, eos = list(prompt), [], set(eos_ids)
     accepted_lengths = [0] * (k + 1)
 
     def take(tokens: list) -> bool:
-        """Record new tokens up to an end-of-sequence token or max_new_tokens; True once generation is over."""
+        """Record new tokens up to an end-of-sequence token or max_new_tokens; True once generation
+        is over."""
         for tok in tokens:
             history.append(tok)
             if on_tokens is not None:
@@ -325,41 +352,49 @@ def speculative_generate(model: Transformer, proposer, prompts: list, max_new_to
     token = prefill_fn(model, idx, positions, row_start, sampling)  # (1, 1)
     done = take(token.view(-1).tolist())
     ttft = time.perf_counter() - start
-    proposer.prefill(idx, positions, row_start)  # after the first token is out: the draft's prefill is decode time
+    # after the first token is out: the draft's prefill is decode time
+    proposer.prefill(idx, positions, row_start)
     input_pos = torch.tensor([T], dtype=torch.long, device=device)  # (1,) cache slot of `token`
     offsets = torch.arange(k + 1, device=device)
     while not done:
-        drafts, draft_probs = proposer.propose(token, input_pos, row_start, history)  # (1, k), (k, vocab)
-        n, new = verify_fn(model, torch.cat([token, drafts], dim=1), input_pos + offsets, row_start, draft_probs, sampling)
+        # (1, k), (k, vocab)
+        drafts, draft_probs = proposer.propose(token, input_pos, row_start, history)
+        n, new = verify_fn(model, torch.cat([token, drafts], dim=1), input_pos + offsets, row_start,
+                           draft_probs, sampling)
         result = torch.cat([n[None], new])  # (k + 2,), a copy: CUDA graphs reuse their outputs
         n, *new = result.tolist()  # the round's one sync
         accepted_lengths[n] += 1
         proposer.accepted(n, drafts, input_pos, row_start)
-        token = result[n + 1:n + 2].view(1, 1)  # the target's own token: the next round starts from it
+        # the target's own token: the next round starts from it
+        token = result[n + 1:n + 2].view(1, 1)
         input_pos += n + 1
         done = take(new[:n + 1])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     decode_s = time.perf_counter() - start - ttft
-    return Generation([row], len(history) - T, [T], ttft, decode_s, sum(accepted_lengths), accepted_lengths)
+    return Generation([row], len(history) - T, [T], ttft, decode_s, sum(accepted_lengths),
+                      accepted_lengths)
 
 
 def speculation_metrics(accepted_lengths: list) -> dict:
-    """Acceptance statistics of speculative rounds; accepted_lengths[n] counts the rounds that kept n drafts."""
+    """Acceptance statistics of speculative rounds; accepted_lengths[n] counts the rounds that kept
+    n drafts."""
     rounds, k = sum(accepted_lengths), len(accepted_lengths) - 1
     kept = sum(n * count for n, count in enumerate(accepted_lengths))
     return dict(acceptance_rate=kept / (k * rounds) if rounds else None,
-                tokens_per_verify=(kept + rounds) / rounds if rounds else None,  # kept drafts + the target's own token
+                # kept drafts + the target's own token
+                tokens_per_verify=(kept + rounds) / rounds if rounds else None,
                 accepted_lengths=accepted_lengths)
 
 
-# ---- the command line -----------------------------------------------------------------------------
+# ---- the command line ----------------------------------------------------------------------------
 
 def main(argv=None):
     """One run of generate.py. Bad input raises InputError, which the script prints as one line."""
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    distributed = dist.is_torchelastic_launched()  # under torchrun: split the model over the processes
+    # under torchrun: split the model over the processes
+    distributed = dist.is_torchelastic_launched()
     if distributed:
         tp.quiet_other_ranks()
     # The config and tokenizer come first, so that bad input fails before gigabytes of weights load.
@@ -370,25 +405,32 @@ def main(argv=None):
         tokenizer, config = load_tokenizer(ckpt.folder), ckpt.args
     device = tp.start(args, config, args.device) if distributed else args.device
     speculative = args.draft_checkpoint_path is not None or args.speculate_ngram is not None
-    context, slack = speculation_limits(args, tokenizer, config) if speculative else (config.block_size, 0)
+    context, slack = speculation_limits(args, tokenizer,
+                                        config) if speculative else (config.block_size, 0)
     prompts = [[0]] if args.interactive else encode_prompts(args, tokenizer, config.vocab_size)
     longest = max(len(p) for p in prompts)
     if longest >= context:
-        raise InputError(f"the prompt has {longest} tokens but the model's context is {context} tokens")
+        raise InputError(f"the prompt has {longest} tokens but the model's context is {context} "
+                         "tokens")
     max_new = min(args.max_new_tokens, context - longest)
     if max_new < args.max_new_tokens:
-        print(f"note: generating {max_new} tokens, all that fit the {context}-token context", file=sys.stderr)
-    # Interactive prompts are unknown up front: size the cache for a generous conversation turn, not for
-    # the whole context (131k positions for Llama-3.1 would cost gigabytes and slow every decode step).
+        print(f"note: generating {max_new} tokens, all that fit the {context}-token context",
+              file=sys.stderr)
+    # Interactive prompts are unknown up front: size the cache for a generous conversation turn, not
+    # for the whole context (131k positions for Llama-3.1 would cost gigabytes and slow every decode
+    # step).
     max_seq = min(context, 4096) if args.interactive else longest + max_new
     cache_length = max_seq + slack  # the target's and the draft's caches alike
-    kv_bytes = 2 * config.n_layer * len(prompts) * config.n_kv_heads * cache_length * config.head_dim
+    batch_size = len(prompts) * args.batch_size  # several --prompt flags, or one repeated
+    kv_bytes = 2 * config.n_layer * batch_size * config.n_kv_heads * cache_length * config.head_dim
     kv_bytes *= torch.empty(0, dtype=args.dtype).element_size()
     free = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda"
             else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     if kv_bytes > free:
-        raise InputError(f"the KV cache for {len(prompts)} rows of {cache_length} tokens needs "
-                         f"{kv_bytes / 1e9:.1f} GB, more than the {free / 1e9:.1f} GB of free memory on {device}")
+        raise InputError(f"the KV cache for {batch_size} rows of {cache_length} tokens needs "
+                         f"{kv_bytes / 1e9:.1f} GB, more than the {free / 1e9:.1f} GB of free "
+                         f"memory on {device}")
+    prompts = prompts * args.batch_size
 
     t0 = time.perf_counter()
     if distributed or args.random_quantization:
@@ -399,8 +441,8 @@ def main(argv=None):
         model = load_model(ckpt, device, args.dtype)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    print(f"Loaded {args.random_weights or args.checkpoint_path} in {time.perf_counter() - t0:.2f} s",
-          file=sys.stderr)
+    print(f"Loaded {args.random_weights or args.checkpoint_path} in "
+          f"{time.perf_counter() - t0:.2f} s", file=sys.stderr)
     model.setup_caches(max_batch_size=len(prompts), max_seq_length=cache_length)
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
@@ -408,12 +450,13 @@ def main(argv=None):
     prefill_fn, decode_fn = compile_functions(args) if compiled else (prefill, decode_one_token)
     eos_ids = tokenizer.eos_ids if tokenizer is not None else []
     if not speculative:
-        generate_fn = partial(generate, model, sampling=sampling, eos_ids=eos_ids, prefill_fn=prefill_fn,
-                              decode_fn=decode_fn)
+        generate_fn = partial(generate, model, sampling=sampling, eos_ids=eos_ids,
+                              prefill_fn=prefill_fn, decode_fn=decode_fn)
     else:
         proposer = load_proposer(args, config, device, sampling, prefill_fn, cache_length)
-        generate_fn = partial(speculative_generate, model, proposer, sampling=sampling, eos_ids=eos_ids,
-                              prefill_fn=prefill_fn, verify_fn=compile_verify() if args.compile else verify)
+        generate_fn = partial(speculative_generate, model, proposer, sampling=sampling,
+                              eos_ids=eos_ids, prefill_fn=prefill_fn,
+                              verify_fn=compile_verify() if args.compile else verify)
     # The bytes of weights one decode step reads: every parameter once, except an untied embedding
     # table, of which only the looked-up rows are read.
     model_bytes = sum(p.nbytes for p in model.parameters())
@@ -424,8 +467,8 @@ def main(argv=None):
     run_samples(args, prompts, generate_fn, tokenizer, max_new, model_bytes, device, compiled)
 
 
-def run_samples(args, prompts: list, generate_fn: Callable, tokenizer, max_new: int, model_bytes: int,
-                device: torch.device, compiled: bool):
+def run_samples(args, prompts: list, generate_fn: Callable, tokenizer, max_new: int,
+                model_bytes: int, device: torch.device, compiled: bool):
     """--num_samples timed generations of the same prompts (after one untimed compiling run), row 0
     streamed to the terminal, with their metrics."""
     compile_s = None
@@ -453,22 +496,27 @@ def run_samples(args, prompts: list, generate_fn: Callable, tokenizer, max_new: 
                 print(f"[{b}] {tokenizer.decode(row)}")
         m = metrics(gen, model_bytes, device)
         results.append(m)
-        print(f"Sample {i}: {sum(m['new_tokens'])} tokens, time to first token {m['ttft_s'] * 1000:.1f} ms, "
-              f"prefill {m['prefill_tok_s']:.1f} tok/s, decode {m['decode_tok_s']:.2f} tok/s, "
-              f"{m['bandwidth_gb_s']:.1f} GB/s, peak memory {m['peak_memory_gb']:.2f} GB", file=sys.stderr)
+        print(f"Sample {i}: {sum(m['new_tokens'])} tokens, time to first token "
+              f"{m['ttft_s'] * 1000:.1f} ms, prefill {m['prefill_tok_s']:.1f} tok/s, decode "
+              f"{m['decode_tok_s']:.2f} tok/s, {m['bandwidth_gb_s']:.1f} GB/s, peak memory "
+              f"{m['peak_memory_gb']:.2f} GB", file=sys.stderr)
         if "accepted_lengths" in m:
             print(f"Sample {i}: {describe_speculation(m)}", file=sys.stderr)
-    summary = {k: sum(r[k] for r in results) / len(results) for k in ("ttft_s", "decode_tok_s", "bandwidth_gb_s")}
+    summary = {k: sum(r[k] for r in results) / len(results) for k in ("ttft_s", "decode_tok_s",
+                                                                      "bandwidth_gb_s")}
     world = dist.get_world_size() if dist.is_initialized() else 1
     per_gpu = f" per GPU, tensor parallel over {world}" if world > 1 else ""  # each rank's part
     print(f"Average over {len(results)} samples: decode {summary['decode_tok_s']:.2f} tok/s, "
-          f"{summary['bandwidth_gb_s']:.1f} GB/s, model {model_bytes / 1e9:.2f} GB{per_gpu}", file=sys.stderr)
+          f"{summary['bandwidth_gb_s']:.1f} GB/s, model {model_bytes / 1e9:.2f} GB{per_gpu}",
+          file=sys.stderr)
     if "accepted_lengths" in results[0]:  # pooled over the rounds of every sample
-        summary.update(speculation_metrics([sum(n) for n in zip(*(r["accepted_lengths"] for r in results))]))
+        summary.update(speculation_metrics(
+            [sum(n) for n in zip(*(r["accepted_lengths"] for r in results))]))
         print(f"All {len(results)} samples: {describe_speculation(summary)}", file=sys.stderr)
     if args.json:
-        write_json(args.json, dict(args={k: str(v) for k, v in vars(args).items()}, device=device_name(device),
-                                   torch=torch.__version__, model_bytes=model_bytes, compile_s=compile_s,
+        write_json(args.json, dict(args={k: str(v) for k, v in vars(args).items()},
+                                   device=device_name(device), torch=torch.__version__,
+                                   model_bytes=model_bytes, compile_s=compile_s,
                                    tensor_parallel=world,  # model_bytes and GB/s are per GPU
                                    samples=results, average=summary))
 
@@ -484,9 +532,10 @@ def metrics(gen: Generation, model_bytes: int, device: torch.device) -> dict:
         ttft_s=gen.ttft_s,
         prefill_tok_s=sum(gen.prompt_tokens) / gen.ttft_s,
         decode_tok_s=decode_tokens / decode_s,  # over the whole batch
-        # Weights are read once per forward pass, whatever the batch (also for the one step that may run
-        # past an end-of-sequence token before the host sees it).
-        bandwidth_gb_s=model_bytes * gen.decode_steps / decode_s / 1e9,  # speculative: the verifies only
+        # Weights are read once per forward pass, whatever the batch (also for the one step that may
+        # run past an end-of-sequence token before the host sees it).
+        # speculative: the verifies only
+        bandwidth_gb_s=model_bytes * gen.decode_steps / decode_s / 1e9,
         peak_memory_gb=peak / 1e9,  # CPU: the process's peak resident memory
         **(speculation_metrics(gen.accepted_lengths) if gen.accepted_lengths is not None else {}),
     )
@@ -498,23 +547,28 @@ def describe_speculation(m: dict) -> str:
     k = len(m["accepted_lengths"]) - 1
     histogram = ", ".join(f"{n}: {count}" for n, count in enumerate(m["accepted_lengths"]))
     return (f"speculative decoding: {m['acceptance_rate']:.1%} of {k} drafts accepted, "
-            f"{m['tokens_per_verify']:.2f} tokens per target forward, rounds by drafts kept {{{histogram}}}")
+            f"{m['tokens_per_verify']:.2f} tokens per target forward, rounds by drafts kept "
+            f"{{{histogram}}}")
 
 
 def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: int):
-    """Answer prompts from the terminal until end of input; each turn gets what is left of the cache."""
+    """Answer prompts from the terminal until end of input; each turn gets what is left of the
+    cache."""
     while True:
         try:
             text = input("Prompt> ")
+            text.encode("utf-8")  # bytes that are not UTF-8 arrive as lone surrogates
         except (EOFError, KeyboardInterrupt):
             print()
             return
-        except UnicodeDecodeError as e:  # the terminal sent bytes that are not UTF-8: skip the line
-            print(f"error: the input is not UTF-8 text ({e.reason})", file=sys.stderr)
+        except (UnicodeDecodeError, UnicodeEncodeError):  # skip the line, keep the conversation
+            print("error: the input is not UTF-8 text", file=sys.stderr)
             continue
-        ids = tokenizer.encode_chat([{"role": "user", "content": text}]) if args.chat else tokenizer.encode(text)
+        ids = tokenizer.encode_chat([{"role": "user",
+                                      "content": text}]) if args.chat else tokenizer.encode(text)
         if not ids or len(ids) >= max_seq:
-            print(f"(skipped: the prompt has {len(ids)} tokens; 1 to {max_seq - 1} fit)", file=sys.stderr)
+            print(f"(skipped: the prompt has {len(ids)} tokens; 1 to {max_seq - 1} fit)",
+                  file=sys.stderr)
             continue
         streamer = TextStreamer(tokenizer)
 
@@ -526,12 +580,15 @@ def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: i
 
 
 def compile_functions(args):
-    """The compiled prefill and decode step, kept as values rather than installed over module globals."""
+    """The compiled prefill and decode step, kept as values rather than installed over module
+    globals."""
     import torch._inductor.config as inductor_config
-    inductor_config.coordinate_descent_tuning = True  # tunes the decode's reductions; costs compile time once
-    decode_fn = (torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True) if args.compile
-                 else decode_one_token)
-    prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True) if args.compile_prefill else prefill
+    # tunes the decode's reductions; costs compile time once
+    inductor_config.coordinate_descent_tuning = True
+    decode_fn = (torch.compile(decode_one_token, mode="reduce-overhead",
+                               fullgraph=True) if args.compile else decode_one_token)
+    prefill_fn = torch.compile(prefill, fullgraph=True,
+                               dynamic=True) if args.compile_prefill else prefill
     return prefill_fn, decode_fn
 
 
@@ -541,13 +598,15 @@ def compile_verify():
 
 
 def encode_prompts(args, tokenizer, vocab_size: int) -> list:
-    """Token ids for each prompt of the batch: the --prompt texts, or --prompt_tokens random ids."""
+    """Token ids for each distinct prompt: the --prompt texts, or --prompt_tokens random ids
+    (main repeats a single prompt --batch_size times)."""
+    if args.prompt and tokenizer is None:
+        raise InputError("a text prompt needs a tokenizer: use --checkpoint_path, or "
+                         "--prompt_tokens N with --random_weights")
     if args.prompt_tokens is not None or tokenizer is None:
-        n = args.prompt_tokens or 5
-        return [torch.randint(0, vocab_size, (n,)).tolist() for _ in range(args.batch_size)]
-    texts = args.prompt or ["Hello, my name is"]
+        return [torch.randint(0, vocab_size, (args.prompt_tokens or 5,)).tolist()]
     prompts = []
-    for text in texts * args.batch_size if len(texts) == 1 else texts:
+    for text in args.prompt or ["Hello, my name is"]:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:  # bytes the terminal could not decode arrive as lone surrogates
@@ -568,7 +627,7 @@ def write_json(path: Path, data: dict):
     write_files(path.parent, {path.name: lambda tmp: tmp.write_text(text)})
 
 
-# ---- speculative decoding's set-up ----------------------------------------------------------------
+# ---- speculative decoding's set-up ---------------------------------------------------------------
 
 def speculate_k(args) -> int:
     return DEFAULT_SPECULATE_K if args.speculate_k is None else args.speculate_k
@@ -579,27 +638,32 @@ def check_speculation_args(args):
         raise InputError("give --draft_checkpoint_path or --speculate_ngram, not both")
     speculative = args.draft_checkpoint_path is not None or args.speculate_ngram is not None
     if args.speculate_k is not None and not speculative:
-        raise InputError("--speculate_k needs a proposer: --draft_checkpoint_path or --speculate_ngram")
+        raise InputError("--speculate_k needs a proposer: --draft_checkpoint_path or "
+                         "--speculate_ngram")
     if args.speculate_k is not None and args.speculate_k < 1:
         raise InputError(f"--speculate_k must be >= 1, got {args.speculate_k}")
     if args.speculate_ngram is not None and args.speculate_ngram < 1:
         raise InputError(f"--speculate_ngram must be >= 1, got {args.speculate_ngram}")
     if speculative and (args.batch_size > 1 or args.prompt and len(args.prompt) > 1):
-        raise InputError("speculative decoding generates one sequence at a time: use --batch_size 1 and "
-                         "one --prompt")
+        raise InputError("speculative decoding generates one sequence at a time: use "
+                         "--batch_size 1 and one --prompt")
 
 
 def check_draft(path: Path, tokenizer, config: ModelArgs) -> ModelArgs:
-    """The draft's config, once its vocabulary is known to be the target's (before any weights load)."""
+    """The draft's config, once its vocabulary is known to be the target's (before any weights
+    load)."""
     draft = read_checkpoint(path)
     if draft.args.vocab_size != config.vocab_size:
-        raise InputError(f"the draft {path} has a vocabulary of {draft.args.vocab_size} tokens, the target "
-                         f"{config.vocab_size}: speculative decoding needs a draft with the target's tokenizer")
-    if tokenizer is None or not any((draft.folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
-        return draft.args  # weights without tokenizer files: the vocabulary size is all there is to check
+        raise InputError(f"the draft {path} has a vocabulary of {draft.args.vocab_size} tokens, "
+                         f"the target {config.vocab_size}: speculative decoding needs a draft "
+                         "with the target's tokenizer")
+    if tokenizer is None or not any((draft.folder / n).is_file() for n in ("tokenizer.json",
+                                                                           "tokenizer.model")):
+        # weights without tokenizer files: the vocabulary size is all there is to check
+        return draft.args
     if load_tokenizer(draft.folder).encode(TOKENIZER_PROBE) != tokenizer.encode(TOKENIZER_PROBE):
-        raise InputError(f"the draft {path} tokenizes text differently from the target: speculative "
-                         "decoding needs a draft with the target's tokenizer")
+        raise InputError(f"the draft {path} tokenizes text differently from the target: "
+                         "speculative decoding needs a draft with the target's tokenizer")
     return draft.args
 
 
@@ -609,15 +673,17 @@ def speculation_limits(args, tokenizer, config: ModelArgs) -> tuple[int, int]:
     write k slots past it)."""
     context = config.block_size
     if args.draft_checkpoint_path is not None:
-        context = min(context, check_draft(args.draft_checkpoint_path, tokenizer, config).block_size)
+        context = min(context,
+                      check_draft(args.draft_checkpoint_path, tokenizer, config).block_size)
     slack = speculate_k(args) - 1
     if slack >= context - 1:
-        raise InputError(f"--speculate_k {speculate_k(args)} does not fit the model's {context}-token context")
+        raise InputError(f"--speculate_k {speculate_k(args)} does not fit the model's "
+                         f"{context}-token context")
     return context - slack, slack
 
 
-def load_proposer(args, config: ModelArgs, device: torch.device, sampling: Sampling, prefill_fn: Callable,
-                  cache_length: int):
+def load_proposer(args, config: ModelArgs, device: torch.device, sampling: Sampling,
+                  prefill_fn: Callable, cache_length: int):
     """The proposer the flags ask for, with a draft model loaded and its cache allocated."""
     k = speculate_k(args)
     if args.speculate_ngram is not None:
@@ -625,43 +691,59 @@ def load_proposer(args, config: ModelArgs, device: torch.device, sampling: Sampl
     t0 = time.perf_counter()
     draft = load_model(read_checkpoint(args.draft_checkpoint_path), device, args.dtype)
     draft.setup_caches(max_batch_size=1, max_seq_length=cache_length)
-    step_fn = (torch.compile(draft_one_token, mode="reduce-overhead", fullgraph=True) if args.compile
-               else draft_one_token)
-    print(f"Loaded draft {args.draft_checkpoint_path} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    step_fn = (torch.compile(draft_one_token, mode="reduce-overhead",
+                             fullgraph=True) if args.compile else draft_one_token)
+    print(f"Loaded draft {args.draft_checkpoint_path} in {time.perf_counter() - t0:.2f} s",
+          file=sys.stderr)
     return DraftModel(draft, k, sampling, step_fn, prefill_fn)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Generate text with a gpt-blitz checkpoint (or random weights, "
-                                "to benchmark).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint_path", type=Path, help="checkpoint folder, or the weights file inside it")
-    p.add_argument("--random_weights", metavar="NAME", choices=CONFIGS,
-                   help="build the named config (model.py CONFIGS) with random weights on the device")
+    p = argparse.ArgumentParser(description="Generate text with a gpt-blitz checkpoint (or "
+                                "random weights, to benchmark).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint_path", type=Path,
+                   help="checkpoint folder, or the weights file inside it")
+    p.add_argument("--random_weights", metavar="NAME",
+                   help="build the named config (model.py CONFIGS) with random weights on the "
+                   "device")
     p.add_argument("--random_quantization", choices=tp.RANDOM_QUANTIZATIONS,
-                   help="with --random_weights: quantize the random weights as quantize.py would (int4.g32: "
-                   "int4 in groups of 32), one layer at a time on the device")
-    p.add_argument("--prompt", action="append", help="prompt text; repeat the flag for a batch of different "
-                   "prompts (default: 'Hello, my name is')")
-    p.add_argument("--prompt_tokens", type=int, metavar="N", help="a synthetic prompt of N random tokens "
-                   "instead of text (default with --random_weights: 5)")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
-    p.add_argument("--interactive", action="store_true", help="read prompts from the terminal and stream answers")
-    p.add_argument("--num_samples", type=int, default=5, help="timed generations of the same prompts")
+                   help="with --random_weights: quantize the random weights as quantize.py would "
+                   "(int4.g32: int4 in groups of 32), one layer at a time on the device")
+    p.add_argument("--prompt", action="append",
+                   help="prompt text; repeat the flag for a batch of different prompts (default: "
+                   "'Hello, my name is')")
+    p.add_argument("--prompt_tokens", type=int, metavar="N",
+                   help="a synthetic prompt of N random tokens instead of text (default with "
+                   "--random_weights: 5)")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each prompt in the model's chat template")
+    p.add_argument("--interactive", action="store_true",
+                   help="read prompts from the terminal and stream answers")
+    p.add_argument("--num_samples", type=int, default=5,
+                   help="timed generations of the same prompts")
     p.add_argument("--max_new_tokens", type=int, default=200, help="new tokens per row")
-    p.add_argument("--batch_size", type=int, default=1, help="repeat a single prompt this many times")
+    p.add_argument("--batch_size", type=int, default=1,
+                   help="repeat a single prompt this many times")
     p.add_argument("--temperature", type=float, default=0.8, help="0 decodes greedily")
     p.add_argument("--top_k", type=int, default=200, help="sample among the k most likely tokens")
-    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: keep the smallest set of "
-                   "tokens with this much probability")
+    p.add_argument("--top_p", type=float, default=None,
+                   help="nucleus sampling: keep the smallest set of tokens with this much "
+                   "probability")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--compile", action="store_true", help="compile the decode step (on a GPU: one CUDA graph)")
-    p.add_argument("--compile_prefill", action="store_true", help="also compile the prefill (dynamic shapes)")
-    p.add_argument("--profile", type=Path, help="write a torch.profiler trace of the last sample to this path")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step (on a GPU: one CUDA graph)")
+    p.add_argument("--compile_prefill", action="store_true",
+                   help="also compile the prefill (dynamic shapes)")
+    p.add_argument("--profile", type=Path,
+                   help="write a torch.profiler trace of the last sample to this path")
     p.add_argument("--json", type=Path, help="write the metrics of every sample to this JSON file")
-    p.add_argument("--draft_checkpoint_path", type=Path, help="speculative decoding: a draft model sharing the "
-                   "target's tokenizer (a smaller model of the family, or a quantized copy of the target)")
-    p.add_argument("--speculate_ngram", type=int, metavar="N", help="speculative decoding without a draft "
-                   "model: propose the tokens that followed the last earlier occurrence of the last N tokens")
+    p.add_argument("--draft_checkpoint_path", type=Path,
+                   help="speculative decoding: a draft model sharing the target's tokenizer (a "
+                   "smaller model of the family, or a quantized copy of the target)")
+    p.add_argument("--speculate_ngram", type=int, metavar="N",
+                   help="speculative decoding without a draft model: propose the tokens that "
+                   "followed the last earlier occurrence of the last N tokens")
     p.add_argument("--speculate_k", type=int, default=None,
                    help=f"tokens proposed per target forward (default {DEFAULT_SPECULATE_K})")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -670,8 +752,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.checkpoint_path is None) == (args.random_weights is None):
         raise InputError("give exactly one of --checkpoint_path and --random_weights")
+    if args.random_weights is not None and args.random_weights not in CONFIGS:
+        raise InputError(f"unknown model name {args.random_weights!r}; known: {', '.join(CONFIGS)}")
     if args.random_quantization and not args.random_weights:
-        raise InputError("--random_quantization goes with --random_weights (a checkpoint records its own)")
+        raise InputError("--random_quantization goes with --random_weights (a checkpoint records "
+                         "its own)")
     if not 0 <= args.temperature < math.inf:
         raise InputError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -679,12 +764,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.top_k is not None and args.top_k < 1:
         raise InputError(f"--top_k must be >= 1, got {args.top_k}")
     if min(args.max_new_tokens, args.num_samples, args.batch_size, args.prompt_tokens or 1) < 1:
-        raise InputError("--max_new_tokens, --num_samples, --batch_size and --prompt_tokens must be >= 1")
-    if args.prompt and (args.prompt_tokens is not None or len(args.prompt) > 1 and args.batch_size > 1):
-        raise InputError("give --prompt or --prompt_tokens, and several --prompt flags or --batch_size, "
-                         "not both")
+        raise InputError("--max_new_tokens, --num_samples, --batch_size and --prompt_tokens must "
+                         "be >= 1")
+    if args.prompt and (args.prompt_tokens is not None
+                        or len(args.prompt) > 1 and args.batch_size > 1):
+        raise InputError("give --prompt or --prompt_tokens, and several --prompt flags or "
+                         "--batch_size, not both")
     if args.interactive and args.random_weights:
-        raise InputError("--interactive needs --checkpoint_path (a tokenizer), not --random_weights")
+        raise InputError("--interactive needs --checkpoint_path (a tokenizer), not "
+                         "--random_weights")
     if args.draft_checkpoint_path or args.speculate_ngram or args.speculate_k:
         check_speculation_args(args)
     for flag in ("json", "profile"):

@@ -1,28 +1,24 @@
-"""Triton kernels for decoding with int8 or fp8 weights: a weight-only GEMV (one row of activations) and a
-small matmul (2 to 64 rows: decode batches, speculative verifies).
+"""Triton kernels for decoding with int8 or fp8 weights, and the quantized linear layers: a
+weight-only GEMV (one row of activations) and a small matmul (2 to 64 rows: decode batches,
+speculative verifies).
 
-At batch 1 a linear layer is a matrix-vector product: each weight is read once and used once, so the kernel's
-only job is to stream the weights at full memory bandwidth. torch.compile's fusion of
-`F.linear(x, w_int8.to(bf16)) * scales` reads int8 weights at under half the copy bandwidth on an H100
-(BENCHMARKS.md). The GEMV reads the one-byte weights as int32 words of four (wide loads), a (BLOCK_N rows,
-BLOCK_K4 words) tile per step, converts each byte in registers, multiplies by the matching x values and
-accumulates in float32, reducing over K once at the end. Autotuning picks the tile per layer shape on the first
-call. The weights are int8 (quantize.Int8Linear) or fp8 e4m3 (quantize.Fp8Linear), one scale per output row.
-With a few rows, the matmul keeps all of them in one tile, so each weight is still read once, converts the
-weights exactly to bf16 in registers and multiplies on the tensor cores (`tl.dot`). It replaces what
-torch.compile made of the PyTorch path at batch 8: aten._weight_int8pack_mm, 53 against 1492 tok/s.
+At batch 1 a linear layer is a matrix-vector product: each weight is read once and used once, so
+the kernel's only job is to stream the weights at full memory bandwidth, which torch.compile's
+fusion of `F.linear(x, w_int8.to(bf16)) * scales` falls well short of (BENCHMARKS.md has the
+measurements). The GEMV reads the one-byte weights as int32 words of four (wide loads), a
+(BLOCK_N rows, BLOCK_K4 words) tile per step, converts each byte in registers, multiplies by the
+matching x values and accumulates in float32, reducing over K once at the end. Autotuning picks
+the tile per layer shape on the first call. The weights are int8 (Int8Linear) or fp8 e4m3
+(Fp8Linear), one scale per output row.
 
-Measured and not kept (BENCHMARKS.md, issue 4): reading one byte per lane (the previous version: 257.8 against
-290.8 tok/s for Llama-2-7B), converting int8 to float with exponent bit tricks instead of conversion instructions (no faster:
-the conversions are not the bottleneck), split-K on 4096 x 4096 layers, a version taking up to 8 rows of
-activations (slower at one row), three Triton int4 GEMVs (the best, with whole groups per tile, int32 words and
-nibbles turned into floats by the magic-number trick, reached 0.73-0.85x the speed of PyTorch's tinygemm per layer shape),
-and a split-K attention over the filled part of the KV cache (no faster than F.scaled_dot_product_attention,
-even 4000 tokens in).
+With a few rows, the matmul keeps all of them in one tile, so each weight is still read once,
+converts the weights exactly to bf16 in registers and multiplies on the tensor cores (`tl.dot`).
+It replaces what torch.compile makes of the PyTorch path for a decode batch,
+aten._weight_int8pack_mm, whose CUDA kernel is far slower at a few rows.
 
-The callers keep a plain PyTorch path (prefill, CPU), which is also the reference the kernels are checked
-against: `check_kernels` on the GPU (scripts/bench.py runs it first), tests/test_kernels.py in Triton's CPU
-interpreter.
+The layers keep a plain PyTorch path (prefill, CPU), which is also the reference the kernels are
+checked against: `check_kernels` on the GPU (scripts/bench.py runs it first), tests/test_kernels.py
+in Triton's CPU interpreter.
 """
 from typing import Optional
 
@@ -43,15 +39,18 @@ if triton is not None:
     def byte_to_float(words, j: tl.constexpr, FP8: tl.constexpr):
         """Byte j of each int32 word as float32: an fp8 e4m3 bit pattern, or an int8 value."""
         if FP8:
-            return ((words >> (8 * j)) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        return ((words << (24 - 8 * j)) >> 24).to(tl.float32)  # byte j to the top, then an arithmetic shift down
+            return (((words >> (8 * j)) & 0xFF).to(tl.uint8)
+                    .to(tl.float8e4nv, bitcast=True).to(tl.float32))
+        # Byte j to the top, then an arithmetic shift down.
+        return ((words << (24 - 8 * j)) >> 24).to(tl.float32)
 
     @triton.jit
     def scaled_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K4, WORDS_PER_SPLIT, FP8: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K4: tl.constexpr):
-        """y[split, n] = scales[n] * sum over the split's columns k of x[k] * w[n, k], for BLOCK_N rows n. The
-        one-byte weights (int8 or fp8) are read as int32 words of four: w_ptr is (N, K4) row-major, K = 4 K4;
-        split s (program_id 1) takes words [s * WORDS_PER_SPLIT, (s + 1) * WORDS_PER_SPLIT)."""
+        """y[split, n] = scales[n] * sum over the split's columns k of x[k] * w[n, k], for BLOCK_N
+        rows n. The one-byte weights (int8 or fp8) are read as int32 words of four: w_ptr is
+        (N, K4) row-major, K = 4 K4; split s (program_id 1) takes words
+        [s * WORDS_PER_SPLIT, (s + 1) * WORDS_PER_SPLIT)."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         row_ok = rows < N
         row_start = rows.to(tl.int64) * K4  # int64: N * K passes 2**31 in the largest models
@@ -61,8 +60,10 @@ if triton is not None:
         for c0 in range(0, WORDS_PER_SPLIT, BLOCK_K4):
             c = first + c0 + tl.arange(0, BLOCK_K4)  # (BLOCK_K4,) word columns
             c_ok = c < last
-            # Masked-off words read as 0: weight 0 (int8) or +0.0 (fp8), never an undefined NaN pattern.
-            words = tl.load(w_ptr + row_start[:, None] + c[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0)
+            # Masked-off words read as 0: weight 0 (int8) or +0.0 (fp8), never an undefined NaN
+            # pattern.
+            words = tl.load(w_ptr + row_start[:, None] + c[None, :],
+                            mask=row_ok[:, None] & c_ok[None, :], other=0)
             for j in tl.static_range(4):  # byte j of word c is column 4c + j
                 w = byte_to_float(words, j, FP8)  # (BLOCK_N, BLOCK_K4)
                 x = tl.load(x_ptr + 4 * c + j, mask=c_ok, other=0.0).to(tl.float32)  # (BLOCK_K4,)
@@ -71,46 +72,53 @@ if triton is not None:
         y = tl.sum(acc, axis=1) * scales  # (BLOCK_N,)
         tl.store(y_ptr + tl.program_id(1) * N + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
-    # The tiles that won a sweep of 48 (rows 2-16 x words 64-256 x 4/8 warps x 1/3 stages) on Llama-2-7B's
-    # layer shapes on an H100 (BENCHMARKS.md); autotuning picks among them per shape on the first call.
+    # The tiles that won a sweep of tile sizes, warps and stages on Llama-2-7B's layer shapes
+    # (BENCHMARKS.md); autotuning picks among them per shape on the first call.
     GEMV_CONFIGS = [triton.Config(dict(BLOCK_N=n, BLOCK_K4=k), num_warps=w, num_stages=3)
                     for n in (4, 8, 16) for k in (128, 256) for w in (4, 8)]
-    scaled_gemv_tuned = triton.autotune(configs=GEMV_CONFIGS, key=["N", "K4", "WORDS_PER_SPLIT", "FP8"])(scaled_gemv_kernel)
+    scaled_gemv_tuned = triton.autotune(
+        configs=GEMV_CONFIGS, key=["N", "K4", "WORDS_PER_SPLIT", "FP8"])(scaled_gemv_kernel)
 
     @triton.jit
-    def scaled_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr):
-        """y[m, n] = scales[n] * sum_k x[m, k] * w[n, k] for all M rows (BLOCK_M >= M, so each weight is read once)
-        and BLOCK_N outputs n. x (M, K) bf16 or fp16; w (N, K) int8 or fp8, converted exactly to x's dtype."""
+    def scaled_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """y[m, n] = scales[n] * sum_k x[m, k] * w[n, k] for all M rows (BLOCK_M >= M, so each
+        weight is read once) and BLOCK_N outputs n. x (M, K) bf16 or fp16; w (N, K) int8 or fp8,
+        converted exactly to x's dtype."""
         rows = tl.arange(0, BLOCK_M)  # (BLOCK_M,)
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
         w_start = cols.to(tl.int64) * K
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
-            x = tl.load(x_ptr + rows[:, None] * K + k[None, :], mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
+            x = tl.load(x_ptr + rows[:, None] * K + k[None, :],
+                        mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
             w_ok = (cols[:, None] < N) & (k[None, :] < K)
-            # No `other=` (Triton can't cast one to fp8); masked lanes are undefined, and NaN * 0 is NaN: zero them.
-            w = tl.where(w_ok, tl.load(w_ptr + w_start[:, None] + k[None, :], mask=w_ok).to(x.dtype), 0.0)
-            acc = tl.dot(x, tl.trans(w), acc)  # (BLOCK_M, BLOCK_N) += (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_N)
+            # No `other=` (Triton can't cast one to fp8); masked lanes are undefined, and
+            # NaN * 0 is NaN: zero them.
+            w = tl.where(w_ok,
+                         tl.load(w_ptr + w_start[:, None] + k[None, :], mask=w_ok).to(x.dtype), 0.0)
+            # (BLOCK_M, BLOCK_N) += (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_N)
+            acc = tl.dot(x, tl.trans(w), acc)
         scales = tl.load(s_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
         y = acc * scales[None, :]
         tl.store(y_ptr + rows[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=(rows[:, None] < M) & (cols[None, :] < N))
 
-    # At batch 8 and 32 Llama-2-7B int8 reads 44 and 39 % of copy bandwidth (BENCHMARKS.md). Wider tiles (up to 256
-    # columns, 8 warps) measured no faster per layer; the 4096-row layers are the slow ones (64-256 programs, each
-    # walking all of K), where split-K, as the GEMV has, is the next thing to try.
+    # Wider tiles (up to 256 columns, 8 warps) are no faster per layer (BENCHMARKS.md).
     MM_CONFIGS = [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=4, num_stages=s)
                   for n in (16, 32, 64) for k in (128, 256) for s in (3, 4)]
-    # Tuned once per tile height, not per row count: a prompt of each new length would otherwise autotune again.
-    scaled_mm_tuned = triton.autotune(configs=MM_CONFIGS, key=["BLOCK_M", "N", "K"])(scaled_mm_kernel)
+    # Tuned once per tile height, not per row count: a prompt of each new length would otherwise
+    # autotune again.
+    scaled_mm_tuned = triton.autotune(configs=MM_CONFIGS,
+                                      key=["BLOCK_M", "N", "K"])(scaled_mm_kernel)
 
-# A layer with few output rows and a long K (Llama-2-7B's down projection: 4096 x 11008) gives too few programs
-# to keep every SM's loads in flight, so its K is split into parts of at most SPLIT_COLUMNS, one program each
-# per row block, and the caller adds the partial sums: at most MAX_SPLIT terms, which torch.compile unrolls
-# into the next kernel. Measured on an H100: 4096 x 11008 split in 2 is 7 % faster than whole rows; 4096 x 4096
-# is fastest whole (split in 2, 4 or 8 it is 6-34 % slower), as are the layers of 12288 rows and more.
+# A layer with few output rows and a long K (Llama-2-7B's down projection: 4096 x 11008) gives too
+# few programs to keep every SM's loads in flight, so its K is split into parts of at most
+# SPLIT_COLUMNS, one program each per row block, and the caller adds the partial sums: at most
+# MAX_SPLIT terms, which torch.compile unrolls into the next kernel. Layers with K up to
+# SPLIT_COLUMNS (4096 x 4096) and those of more than SPLIT_MAX_ROWS rows are fastest whole
+# (BENCHMARKS.md has the measurements).
 SPLIT_MAX_ROWS, SPLIT_COLUMNS, MAX_SPLIT = 8192, 8192, 8
 SPLIT_ALIGN_WORDS = 256  # splits start on whole tiles of every config (BLOCK_K4 divides it)
 
@@ -126,13 +134,13 @@ def words_per_split(n_columns: int, split_k: int) -> int:
 
 @torch.library.custom_op("blitz::scaled_gemv_partials", mutates_args=())
 def scaled_gemv_partials(x: Tensor, weight: Tensor, scales: Tensor, split_k: int) -> Tensor:
-    """x's K values times one-byte weights (N, K) (int8 or float8_e4m3fn, K a multiple of 4), scaled per row:
-    (split_k, N) partial sums, in x's dtype when split_k is 1, else in float32."""
+    """x's K values times one-byte weights (N, K) (int8 or float8_e4m3fn, K a multiple of 4),
+    scaled per row: (split_k, N) partial sums, in x's dtype when split_k is 1, else in float32."""
     N, K = weight.shape
     y = torch.empty(split_k, N, dtype=x.dtype if split_k == 1 else torch.float32, device=x.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split_k)  # noqa: E731
-    scaled_gemv_tuned[grid](x.contiguous(), weight.view(torch.int32), scales, y, N, K // 4, words_per_split(K, split_k),
-                            FP8=weight.dtype == torch.float8_e4m3fn)
+    scaled_gemv_tuned[grid](x.contiguous(), weight.view(torch.int32), scales, y, N, K // 4,
+                            words_per_split(K, split_k), FP8=weight.dtype == torch.float8_e4m3fn)
     return y
 
 
@@ -142,17 +150,19 @@ def _(x: Tensor, weight: Tensor, scales: Tensor, split_k: int) -> Tensor:
 
 
 def scaled_gemv(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
-    """x (K,) or (1, ..., K) times int8 or float8_e4m3fn weight (N, K), scaled per output row by scales (N,):
-    (..., N) in x's dtype."""
+    """x (K,) or (1, ..., K) times int8 or float8_e4m3fn weight (N, K), scaled per output row by
+    scales (N,): (..., N) in x's dtype."""
     N, K = weight.shape
-    assert x.numel() == K and K % 4 == 0, f"scaled_gemv takes one row of activations of a multiple of 4, got {tuple(x.shape)}"
+    assert x.numel() == K and K % 4 == 0, (
+        f"scaled_gemv takes one row of activations of a multiple of 4, got {tuple(x.shape)}")
     split_k = split_k_for(N, K)
     y = scaled_gemv_partials(x, weight, scales, split_k)  # (split_k, N)
     y = y[0] if split_k == 1 else y.sum(0).to(x.dtype)  # (N,)
     return y.view(*x.shape[:-1], N)
 
 
-MAX_MM_ROWS = 64  # decode batches; longer inputs (prefills) go to PyTorch's matmul, compute-bound there
+# Decode batches; longer inputs (prefills) go to PyTorch's matmul, compute-bound there.
+MAX_MM_ROWS = 64
 
 
 def mm_block_rows(n_rows: int) -> int:
@@ -161,14 +171,16 @@ def mm_block_rows(n_rows: int) -> int:
 
 @torch.library.custom_op("blitz::scaled_mm", mutates_args=())
 def scaled_mm(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
-    """x (..., K) of 2 to MAX_MM_ROWS rows, bf16 or fp16, times int8 or float8_e4m3fn weight (N, K), scaled per
-    output row by scales (N,): (..., N) in x's dtype."""
+    """x (..., K) of 2 to MAX_MM_ROWS rows, bf16 or fp16, times int8 or float8_e4m3fn weight
+    (N, K), scaled per output row by scales (N,): (..., N) in x's dtype."""
     N, K = weight.shape
     x2 = x.reshape(-1, K).contiguous()  # (M, K)
-    assert x2.shape[0] <= MAX_MM_ROWS and weight.is_contiguous(), "scaled_mm: at most MAX_MM_ROWS rows, a row-major weight"
+    assert x2.shape[0] <= MAX_MM_ROWS and weight.is_contiguous(), (
+        "scaled_mm: at most MAX_MM_ROWS rows, a row-major weight")
     y = torch.empty(x2.shape[0], N, dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    scaled_mm_tuned[grid](x2, weight, scales, y, x2.shape[0], N, K, BLOCK_M=mm_block_rows(x2.shape[0]))
+    scaled_mm_tuned[grid](x2, weight, scales, y, x2.shape[0], N, K,
+                          BLOCK_M=mm_block_rows(x2.shape[0]))
     return y.view(*x.shape[:-1], N)
 
 
@@ -178,8 +190,8 @@ def _(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
 
 
 def kernel_available(x: Tensor) -> bool:
-    """A Triton kernel serves x (..., K) on a CUDA device, when Triton is installed: one row (the GEMV), or up
-    to MAX_MM_ROWS rows of bf16 or fp16 (the small matmul); K a multiple of 4."""
+    """A Triton kernel serves x (..., K) on a CUDA device, when Triton is installed: one row (the
+    GEMV), or up to MAX_MM_ROWS rows of bf16 or fp16 (the small matmul); K a multiple of 4."""
     if triton is None or not x.is_cuda or x.shape[-1] % 4:
         return False
     rows = x.numel() // x.shape[-1]
@@ -187,8 +199,8 @@ def kernel_available(x: Tensor) -> bool:
 
 
 def scaled_matmul(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
-    """x (..., K) times one-byte weights (N, K) scaled per output row, by the kernel for x's number of rows
-    (see kernel_available): (..., N) in x's dtype."""
+    """x (..., K) times one-byte weights (N, K) scaled per output row, by the kernel for x's number
+    of rows (see kernel_available): (..., N) in x's dtype."""
     one_row = x.numel() == x.shape[-1]
     return scaled_gemv(x, weight, scales) if one_row else scaled_mm(x, weight, scales)
 
@@ -199,36 +211,41 @@ def scaled_gemv_reference(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
 
 
 def check_kernels(device="cuda") -> list:
-    """The kernels against their float64 reference on Llama-2-7B's layer shapes and a ragged one, for int8 and
-    fp8 weights and 1 (the GEMV), 8 and 32 rows (the small matmul): a list of {name, rows, shape, rel_err, ok}.
-    scripts/bench.py runs this before timing anything."""
+    """The kernels against their float64 reference on Llama-2-7B's layer shapes and a ragged one,
+    for int8 and fp8 weights and 1 (the GEMV), 8 and 32 rows (the small matmul): a list of
+    {name, rows, shape, rel_err, ok}. scripts/bench.py runs this before timing anything."""
     torch.manual_seed(0)
     results = []
     for N, K in ((12288, 4096), (4096, 11008), (32000, 4096), (37, 300)):
         int8 = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=device)
         fp8 = (torch.randn(N, K, device=device) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
         for rows in (1, 8, 32):
-            x = torch.randn(rows, 1, K, device=device, dtype=torch.bfloat16)  # (rows, T = 1, K): a decode step
-            for name, weight, scales in (("int8", int8, (torch.rand(N, device=device) / 127).to(torch.bfloat16)),
-                                         ("fp8", fp8, torch.rand(N, device=device) / 448)):
+            # (rows, T = 1, K): a decode step
+            x = torch.randn(rows, 1, K, device=device, dtype=torch.bfloat16)
+            for name, weight, scales in (
+                    ("int8", int8, (torch.rand(N, device=device) / 127).to(torch.bfloat16)),
+                    ("fp8", fp8, torch.rand(N, device=device) / 448)):
                 y = scaled_matmul(x, weight, scales)  # (rows, 1, N)
-                reference = scaled_gemv_reference(x, weight.float() if name == "fp8" else weight, scales)
+                reference = scaled_gemv_reference(x, weight.float() if name == "fp8" else weight,
+                                                  scales)
                 rel = ((y.double() - reference).norm() / reference.norm()).item()
-                ok = y.shape == (rows, 1, N) and rel < 1e-2  # bf16 output: ~4e-3
+                ok = y.shape == (rows, 1, N) and rel < 1e-2  # bf16 output rounding: ~4e-3
                 results.append(dict(name=name, rows=rows, shape=[N, K], rel_err=rel, ok=ok))
     return results
 
-# ---- quantized linear layers ----------------------------------------------------------------------
+
+# ---- quantized linear layers ---------------------------------------------------------------------
 #
 # What quantize.py writes and checkpoint.py loads (N output features, K input features; each weight
 # row is one output channel). Integer storage keeps `model.to(dtype)` from ever casting quantized
 # values; only float layers and the int8/int4 scales follow the model's dtype. Layouts that depend
 # on the device (tinygemm's) are made at load time, so a file quantized on one device loads on any.
 #   int8  weight int8 (N, K), scales (N,) in the checkpoint's float dtype: w = weight * scales
-#   int4  weight uint8 (N, K_pad / 2) nibble pairs (column 2i in the high nibble, 2i + 1 in the low),
-#         scales and zeros bfloat16 (N, K_pad / groupsize): w = (q - 8) * scale + zero, the
-#         convention of PyTorch's int4 kernels; K_pad is K rounded up to whole groups, the extra
-#         columns are zeros and the input is zero-padded to meet them ("padded" in the record)
+#   int4  weight uint8 (N, K_pad / 2) nibble pairs (column 2i in the high nibble, 2i + 1 in
+#         the low), scales and zeros bfloat16 (N, K_pad / groupsize):
+#         w = (q - 8) * scale + zero, the convention of PyTorch's int4 kernels; K_pad is K rounded
+#         up to whole groups, the extra columns are zeros and the input is zero-padded to meet
+#         them ("padded" in the record)
 #   fp8   weight uint8 (N, K) (e4m3 bit patterns), scale_bits int32 (N,) (float32 bit patterns)
 # A quantized file's sidecar config records {format, mode, groupsize, include_output, layers,
 # padded, ...}, so nothing is ever guessed from a file name.
@@ -244,16 +261,17 @@ FP8_SCALED_MM = False
 
 
 def frozen(t: Tensor) -> nn.Parameter:
-    # Parameters rather than buffers: generate.py counts the bytes read per step over model.parameters().
+    # Parameters rather than buffers: generate.py counts the bytes read per step over
+    # model.parameters().
     return nn.Parameter(t, requires_grad=False)
 
 
 def one_byte_linear(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
-    """x (..., K) times one-byte weights (N, K), int8 or float8_e4m3fn, scaled per output row: (..., N) in x's
-    dtype. At decode on a GPU (1 to 64 rows) Triton kernels stream the weights (kernels.py); otherwise PyTorch,
-    scaling in float32, which also keeps torch.compile from matching inductor's weight-only int8 pattern
-    (`F.linear(x, w.to(bf16)) * bf16 scales` -> aten._weight_int8pack_mm, whose CUDA kernel took 1.16 ms a layer
-    for 8 rows on an H100: BENCHMARKS.md)."""
+    """x (..., K) times one-byte weights (N, K), int8 or float8_e4m3fn, scaled per output row:
+    (..., N) in x's dtype. At decode on a GPU (1 to 64 rows) the Triton kernels above stream the
+    weights; otherwise PyTorch, scaling in float32, which also keeps torch.compile from matching
+    inductor's weight-only int8 pattern (`F.linear(x, w.to(bf16)) * bf16 scales` ->
+    aten._weight_int8pack_mm, whose CUDA kernel is slow at a few rows: BENCHMARKS.md)."""
     if kernel_available(x):
         return scaled_matmul(x, weight, scales)
     return (F.linear(x, weight.to(x.dtype)).float() * scales).to(x.dtype)
@@ -286,9 +304,11 @@ def unpack_int4(packed: Tensor) -> Tensor:
 
 
 INT4_KERNELS = {
-    "cuda": (lambda packed, tiles: torch.ops.aten._convert_weight_to_int4pack(packed.contiguous(), tiles),
+    "cuda": (lambda packed, tiles: torch.ops.aten._convert_weight_to_int4pack(
+                packed.contiguous(), tiles),
              torch.ops.aten._weight_int4pack_mm),
-    "cpu": (lambda packed, tiles: torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(packed).int(), tiles),
+    "cpu": (lambda packed, tiles: torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                unpack_int4(packed).int(), tiles),
             torch.ops.aten._weight_int4pack_mm_for_cpu),
 }
 
@@ -298,8 +318,10 @@ class Int4Linear(nn.Module):
                  padded_in_features: Optional[int] = None, **_):
         super().__init__()
         k_pad = padded_in_features or in_features
-        assert k_pad % groupsize == 0 and k_pad >= in_features, f"K {in_features} padded to {k_pad}: not whole groups of {groupsize}"
-        self.in_features, self.out_features, self.groupsize, self.padded_in_features = in_features, out_features, groupsize, k_pad
+        assert k_pad % groupsize == 0 and k_pad >= in_features, (
+            f"K {in_features} padded to {k_pad}: not whole groups of {groupsize}")
+        self.in_features, self.out_features = in_features, out_features
+        self.groupsize, self.padded_in_features = groupsize, k_pad
         self.weight = frozen(torch.empty(out_features, k_pad // 2, dtype=torch.uint8))
         self.scales = frozen(torch.empty(out_features, k_pad // groupsize, dtype=torch.bfloat16))
         self.zeros = frozen(torch.empty(out_features, k_pad // groupsize, dtype=torch.bfloat16))
@@ -307,46 +329,54 @@ class Int4Linear(nn.Module):
         self.kernel = None  # the int4 matmul op, once use_kernel() has repacked the weights for it
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.kernel_forward(x) if self.kernel is not None else F.linear(x, self.dequantize().to(x.dtype))
+        y = (self.kernel_forward(x) if self.kernel is not None
+             else F.linear(x, self.dequantize().to(x.dtype)))
         return y if self.bias is None else y + self.bias
 
     def dequantize(self) -> Tensor:
-        """The weights as float32 (N, K), padding dropped: the reference the kernels are compared with."""
+        """The weights as float32 (N, K), padding dropped: the reference for the kernels."""
         q = unpack_int4(self.weight).view(self.out_features, -1, self.groupsize)  # (N, n_groups, G)
         w = int4_dequantize(q, self.scales.float()[..., None], self.zeros.float()[..., None])
         return w.view(self.out_features, -1)[:, :self.in_features]
 
     def use_kernel(self, device_type: str):
-        """Repack the weights for the device's int4 matmul (once, after the move to the device). The kernel
-        takes scales and zeros in x's dtype (bfloat16 for tinygemm). The packed layout is device-specific, so
-        the module's state_dict is no longer a checkpoint afterwards."""
+        """Repack the weights for the device's int4 matmul (once, after the move to the device).
+        The kernel takes scales and zeros in x's dtype (bfloat16 for tinygemm). The packed layout
+        is device-specific, so the module's state_dict is no longer a checkpoint afterwards."""
         convert, self.kernel = INT4_KERNELS[device_type]
         n_pad = -self.out_features % 16  # the CPU op needs N % 16 == 0, tinygemm N % 8 == 0
         inner_k_tiles = next(t for t in (8, 4, 2) if self.padded_in_features % (16 * t) == 0)
         weight = F.pad(self.weight, (0, 0, 0, n_pad))  # (N_pad, K_pad / 2)
         scales_and_zeros = torch.stack([self.scales, self.zeros], dim=-1)  # (N, n_groups, 2)
-        scales_and_zeros = F.pad(scales_and_zeros, (0, 0, 0, 0, 0, n_pad)).transpose(0, 1).contiguous()  # (n_groups, N_pad, 2)
+        scales_and_zeros = (F.pad(scales_and_zeros, (0, 0, 0, 0, 0, n_pad))
+                            .transpose(0, 1).contiguous())  # (n_groups, N_pad, 2)
         self.packed = frozen(convert(weight, inner_k_tiles))
         self.scales_and_zeros = frozen(scales_and_zeros)
-        del self.weight, self.scales, self.zeros  # the packed copy replaces them: no second copy in memory
+        # The packed copy replaces them: no second copy in memory.
+        del self.weight, self.scales, self.zeros
 
     def kernel_forward(self, x: Tensor) -> Tensor:
         K, N = self.in_features, self.out_features
         x2 = x.reshape(-1, K)  # (M, K)
         if self.padded_in_features != K:
-            x2 = F.pad(x2, (0, self.padded_in_features - K))  # (M, K_pad): zeros meet the zero weight columns
-        y = self.kernel(x2.contiguous(), self.packed, self.groupsize, self.scales_and_zeros)  # (M, N_pad)
+            # (M, K_pad): zeros meet the zero weight columns
+            x2 = F.pad(x2, (0, self.padded_in_features - K))
+        # (M, N_pad)
+        y = self.kernel(x2.contiguous(), self.packed, self.groupsize, self.scales_and_zeros)
         return y[:, :N].reshape(*x.shape[:-1], N)
 
 
 def fp8_scaled_mm(x: Tensor, w8: Tensor, w_scales: Tensor) -> Tensor:
-    """x (..., K) -> (..., N) with one fp8 matmul: x is quantized to e4m3 per token (row) on the fly and
-    torch._scaled_mm applies both scales in its epilogue. w8 (N, K) e4m3, w_scales (N,) float32."""
+    """x (..., K) -> (..., N) with one fp8 matmul: x is quantized to e4m3 per token (row) on the
+    fly and torch._scaled_mm applies both scales in its epilogue. w8 (N, K) e4m3, w_scales (N,)
+    float32."""
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-    x_scales = (x2.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)  # (M, 1); all-zero rows stay zero
+    # (M, 1); all-zero rows stay zero
+    x_scales = (x2.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
     x8 = (x2.float() / x_scales).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)  # (M, K)
     # w8.t() is column-major (K, N), the layout _scaled_mm wants for its second operand.
-    y = torch._scaled_mm(x8, w8.t(), scale_a=x_scales, scale_b=w_scales[None, :], out_dtype=x.dtype)  # (M, N)
+    y = torch._scaled_mm(x8, w8.t(), scale_a=x_scales, scale_b=w_scales[None, :],
+                         out_dtype=x.dtype)  # (M, N)
     return y.reshape(*x.shape[:-1], -1)
 
 
@@ -354,19 +384,24 @@ class Fp8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, **_):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = frozen(torch.empty(out_features, in_features, dtype=torch.uint8))  # e4m3 bit patterns
-        # float32 bit patterns: model.to(dtype) leaves integer tensors alone, and _scaled_mm takes float32 scales.
+        self.weight = frozen(torch.empty(out_features, in_features,
+                                         dtype=torch.uint8))  # e4m3 bit patterns
+        # float32 bit patterns: model.to(dtype) leaves integer tensors alone, and _scaled_mm takes
+        # float32 scales.
         self.scale_bits = frozen(torch.empty(out_features, dtype=torch.int32))
         self.bias = frozen(torch.empty(out_features)) if bias else None
         self.scaled_mm = False  # set by prepare_for_device
 
     def forward(self, x: Tensor) -> Tensor:
-        w8, scales = self.weight.view(torch.float8_e4m3fn), self.scale_bits.view(torch.float32)  # (N, K), (N,)
-        y = fp8_scaled_mm(x, w8, scales) if self.scaled_mm else one_byte_linear(x, w8, scales)  # (..., N)
+        # (N, K), (N,)
+        w8, scales = self.weight.view(torch.float8_e4m3fn), self.scale_bits.view(torch.float32)
+        y = (fp8_scaled_mm(x, w8, scales) if self.scaled_mm
+             else one_byte_linear(x, w8, scales))  # (..., N)
         return y if self.bias is None else y + self.bias
 
     def dequantize(self) -> Tensor:
-        return self.weight.view(torch.float8_e4m3fn).float() * self.scale_bits.view(torch.float32)[:, None]
+        return (self.weight.view(torch.float8_e4m3fn).float()
+                * self.scale_bits.view(torch.float32)[:, None])
 
 
 # GPTQ writes int4's format: the same layer reads both.
@@ -383,7 +418,8 @@ def swap_linears(model: nn.Module, quantization: dict):
         parent, _, child = name.rpartition(".")
         layer = LINEARS[quantization["mode"]](
             linear.in_features, linear.out_features, linear.bias is not None,
-            groupsize=quantization["groupsize"], padded_in_features=padded.get(name, (None, None))[1])
+            groupsize=quantization["groupsize"],
+            padded_in_features=padded.get(name, (None, None))[1])
         setattr(model.get_submodule(parent), child, layer)
 
 
@@ -393,7 +429,8 @@ def prepare_for_device(model: nn.Module):
     dtype = model.tok_embeddings.weight.dtype  # the activations' dtype
     for module in model.modules():
         on_gpu = isinstance(module, (Int4Linear, Fp8Linear)) and module.weight.is_cuda
-        if isinstance(module, Int4Linear) and on_gpu and module.kernel is None and dtype == torch.bfloat16:
+        if (isinstance(module, Int4Linear) and on_gpu and module.kernel is None
+                and dtype == torch.bfloat16):
             module.use_kernel("cuda")
         elif isinstance(module, Fp8Linear) and on_gpu:
             # _scaled_mm: both matrix dims of the weight % 16, row-wise scales on 9.0+, bf16 output.

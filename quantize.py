@@ -3,31 +3,34 @@ activations stay in the model's dtype.
 
     python quantize.py --checkpoint_path checkpoints/REPO --mode int8
     python quantize.py --checkpoint_path checkpoints/REPO --mode int4 --groupsize 32
-    python quantize.py --checkpoint_path checkpoints/REPO --mode int4-gptq --calibration_file text.txt
+    python quantize.py --checkpoint_path checkpoints/REPO --mode int4-gptq --calibration_file a.txt
     python generate.py --checkpoint_path checkpoints/REPO/model_int4.g32.pth --prompt "Hello"
 
-Decoding at batch 1 reads every weight once per token, so it runs about as much faster as the weights
-get smaller: int8 and fp8 halve the bytes of bf16; int4 reads 5 bits a weight with groups of 32 (a
-bfloat16 scale and zero per 32 weights), 4.25 with groups of 128.
+Decoding at batch 1 reads every weight once per token, so it runs about as much faster as the
+weights get smaller: int8 and fp8 halve the bytes of bf16; int4 reads 5 bits a weight with groups
+of 32 (a bfloat16 scale and zero per 32 weights), 4.25 with groups of 128.
 
 Modes (N output features, K input features; each weight row is one output channel); the stored
 layouts and the layers that multiply by them are in kernels.py:
   int8  symmetric per channel: q = round(w / s), s = amax|w[n]| / 127.
-  int4  asymmetric per group of `groupsize` input columns, in the convention of PyTorch's int4 kernels:
-        scale = (max - min) / 15, zero = min + 8 * scale, q = round((w - zero) / scale) + 8 in [0, 15].
+  int4  asymmetric per group of `groupsize` input columns, in the convention of PyTorch's int4
+        kernels: scale = (max - min) / 15, zero = min + 8 * scale,
+        q = round((w - zero) / scale) + 8 in [0, 15].
         Rounding to nearest has no error compensation, so small groups are where its accuracy comes
         from (default 32); 128 reads 15 % fewer bytes and suits GPTQ, which compensates.
   fp8   e4m3 per channel: s = amax|w[n]| / 448. e4m3 keeps 3 mantissa bits: for the same bytes its
-        rounding error is larger than int8's. Loads on GPUs of compute capability >= 8.9 and on CPUs.
-  int4-gptq  int4's format, with the nibbles and group parameters chosen by GPTQ (Frantar et al. 2022):
-        each layer is quantized column by column, every column's rounding error pushed onto the
-        columns still to come through the inverse Hessian of the layer's inputs, H = 2/n sum x^T x over
-        calibration text. Blocks are done one at a time, the calibration activations flowing on through
-        each quantized block, so memory holds one block's float weights plus the activations.
+        rounding error is larger than int8's. Loads on GPUs of compute capability >= 8.9 and on
+        CPUs.
+  int4-gptq  int4's format, with the nibbles and group parameters chosen by GPTQ (Frantar et al.
+        2022): each layer is quantized column by column, every column's rounding error pushed onto
+        the columns still to come through the inverse Hessian of the layer's inputs,
+        H = 2/n sum x^T x over calibration text. Blocks are done one at a time, the calibration
+        activations flowing on through each quantized block, so memory holds one block's float
+        weights plus the activations.
 
-The output layer is a few percent of the bytes read per token in large models (a fifth in
-SmolLM2-135M), but the layer that picks the token is the most sensitive to rounding: it is quantized
-by default for int8 only (README's Accuracy table has the perplexities behind that).
+The output layer is a few percent of the bytes read per token in large models (more in small ones),
+but the layer that picks the token is the most sensitive to rounding: it is quantized by default
+for int8 only, where that costs next to nothing in accuracy.
 
 Files go next to the input unless --out says otherwise: model_int8.pth, model_int4.g32.pth,
 model_int4-gptq.g128.pth, model_fp8.pth (plain tensors, torch.save; loaded with weights_only=True),
@@ -51,23 +54,28 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from checkpoint import (WEIGHT_FILES, Checkpoint, InputError, WeightsFile, check_device, check_tensors,
-                        check_writable, empty_model, read_checkpoint, write_files)
+from checkpoint import (WEIGHT_FILES, Checkpoint, InputError, WeightsFile, check_device,
+                        check_tensors, check_writable, empty_model, read_checkpoint, write_files)
 from kernels import FORMAT, FP8_MAX, GROUPSIZES, INT4_MODES, int4_dequantize
-from model import KVCache, ModelArgs, Transformer, TransformerBlock, attention_mask, rope_table
+from model import (KVCache, ModelArgs, RMSNorm, Transformer, TransformerBlock, attention_mask,
+                   rope_table)
 from tokenizer import load_tokenizer
 
 MODES = ("int8", "int4", "int4-gptq", "fp8")
 DEFAULT_GROUPSIZE = 32
-GPTQ_DEFAULT_GROUPSIZE = 128  # GPTQ compensates its rounding error: large groups keep most of g32's accuracy
-OUTPUT_BY_DEFAULT = {"int8": True, "int4": False, "int4-gptq": False, "fp8": False}  # see --include_output
-ROWS_PER_CHUNK = 4096  # weights are quantized this many rows at a time: float32 temporaries stay small
+# GPTQ compensates its rounding error: large groups keep most of g32's accuracy
+GPTQ_DEFAULT_GROUPSIZE = 128
+# see --include_output
+OUTPUT_BY_DEFAULT = {"int8": True, "int4": False, "int4-gptq": False, "fp8": False}
+# weights are quantized this many rows at a time: float32 temporaries stay small
+ROWS_PER_CHUNK = 4096
 
 
-# ---- int8 ---------------------------------------------------------------------------------------------
+# ---- int8 ----------------------------------------------------------------------------------------
 
 def quantize_int8(w: Tensor) -> dict:
-    """w (N, K) -> weight int8 (N, K) and per-channel scales (N,) in w's dtype: w ~ weight * scales[:, None]."""
+    """w (N, K) -> weight int8 (N, K) and per-channel scales (N,) in w's dtype: w ~ weight *
+    scales[:, None]."""
     w32 = w.float()
     amax = w32.abs().amax(dim=1)  # (N,)
     # q is rounded against the scale as stored (w's dtype), the value the model will multiply by.
@@ -76,41 +84,49 @@ def quantize_int8(w: Tensor) -> dict:
     return {"weight": q, "scales": scales}
 
 
-# ---- int4 (the pieces GPTQ reuses: it quantizes column by column with group parameters set as it goes) ----
+# ---- int4 ----------------------------------------------------------------------------------------
+# The pieces GPTQ reuses: it quantizes column by column with group parameters set as it goes.
 
 def int4_padded_k(in_features: int, groupsize: int) -> int:
-    """K rounded up to a whole number of groups (which also meets tinygemm's K % (16 * inner_k_tiles))."""
+    """K rounded up to a whole number of groups (which also meets tinygemm's K % (16 *
+    inner_k_tiles))."""
     return -(-in_features // groupsize) * groupsize
 
 
 def int4_group_params(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Scale and zero of each group of weights along the last dim of w (..., G), float32 (...,) holding
-    bfloat16 values: they are stored as bfloat16, and q must be rounded against the stored values."""
+    """Scale and zero of each group of weights along the last dim of w (..., G), float32 (...,)
+    holding bfloat16 values: they are stored as bfloat16, and q must be rounded against the stored
+    values."""
     lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-    scales = ((hi - lo) / 15).clamp(min=1e-8).to(torch.bfloat16).float()  # the clamp keeps constant groups finite
+    # the clamp keeps constant groups finite
+    scales = ((hi - lo) / 15).clamp(min=1e-8).to(torch.bfloat16).float()
     zeros = (lo + 8 * scales).to(torch.bfloat16).float()
     return scales, zeros
 
 
 def int4_quantize(w: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
-    """Nibbles (uint8 in [0, 15]) of w given broadcastable scales and zeros: round((w - zero) / scale) + 8."""
+    """Nibbles (uint8 in [0, 15]) of w given broadcastable scales and zeros: round((w - zero) /
+    scale) + 8."""
     return ((w - zeros) / scales + 8).round().clamp(0, 15).to(torch.uint8)
 
 
 def pack_int4(q: Tensor) -> Tensor:
-    """(N, K) nibbles -> (N, K / 2) uint8, column 2i in the high nibble: the order _convert_weight_to_int4pack
-    (CUDA) reads its uint8 input in."""
+    """(N, K) nibbles -> (N, K / 2) uint8, column 2i in the high nibble: the order
+    _convert_weight_to_int4pack (CUDA) reads its uint8 input in."""
     return q[:, 0::2] << 4 | q[:, 1::2]
 
 
 def int4_tensors(q: Tensor, scales: Tensor, zeros: Tensor) -> dict:
-    """What a file stores per int4 layer (RTN and GPTQ alike): nibbles (N, K_pad) packed two to a byte,
-    scales and zeros (N, n_groups) as bfloat16 (exact: int4_group_params made them bfloat16 values)."""
-    return {"weight": pack_int4(q), "scales": scales.to(torch.bfloat16), "zeros": zeros.to(torch.bfloat16)}
+    """What a file stores per int4 layer (RTN and GPTQ alike): nibbles (N, K_pad) packed two to a
+    byte, scales and zeros (N, n_groups) as bfloat16 (exact: int4_group_params made them bfloat16
+    values)."""
+    return {"weight": pack_int4(q), "scales": scales.to(torch.bfloat16),
+            "zeros": zeros.to(torch.bfloat16)}
 
 
 def quantize_int4(w: Tensor, groupsize: int) -> dict:
-    """w (N, K) -> packed weight (N, K_pad / 2), scales and zeros bfloat16 (N, K_pad / groupsize)."""
+    """w (N, K) -> packed weight (N, K_pad / 2), scales and zeros bfloat16 (N, K_pad /
+    groupsize)."""
     N, K = w.shape
     k_pad = int4_padded_k(K, groupsize)
     w32 = F.pad(w.float(), (0, k_pad - K))  # (N, K_pad): zero columns, met by a zero-padded input
@@ -120,20 +136,23 @@ def quantize_int4(w: Tensor, groupsize: int) -> dict:
     return int4_tensors(q, scales, zeros)
 
 
-# Per device type: (convert the stored (N, K / 2) nibble pairs to the kernel's layout, the matmul op).
-# tinygemm on CUDA; the CPU op shares its (q - 8) * scale + zero convention and stands in for it in CPU tests.
-# ---- fp8 ----------------------------------------------------------------------------------------------
+# Per device type: (convert the stored (N, K / 2) nibble pairs to the kernel's layout, the matmul
+# op). tinygemm on CUDA; the CPU op shares its (q - 8) * scale + zero convention and stands in for
+# it in CPU tests.
+# ---- fp8 -----------------------------------------------------------------------------------------
 
 def quantize_fp8(w: Tensor) -> dict:
-    """w (N, K) -> e4m3 bit patterns uint8 (N, K) and float32 per-channel scales (N,) as int32 bit patterns."""
+    """w (N, K) -> e4m3 bit patterns uint8 (N, K) and float32 per-channel scales (N,) as int32 bit
+    patterns."""
     w32 = w.float()
     amax = w32.abs().amax(dim=1)  # (N,)
     scales = torch.where(amax > 0, amax / FP8_MAX, 1.0)  # (N,) float32
-    w8 = (w32 / scales[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)  # e4m3 has no inf: clamp, never NaN
+    # e4m3 has no inf: clamp, never NaN
+    w8 = (w32 / scales[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return {"weight": w8.view(torch.uint8), "scale_bits": scales.view(torch.int32)}
 
 
-# ---- a checkpoint's weights --------------------------------------------------------------------------
+# ---- a checkpoint's weights ----------------------------------------------------------------------
 
 QUANTIZERS = {"int8": lambda w, g: quantize_int8(w), "int4": quantize_int4,
               "fp8": lambda w, g: quantize_fp8(w)}
@@ -154,8 +173,8 @@ def quantize_weight(mode: str, w: Tensor, groupsize: Optional[int]) -> dict:
 
 
 def float_weights(source: WeightsFile, args: ModelArgs) -> Callable[[str], Tensor]:
-    """get(name) -> one tensor of a float checkpoint whose every tensor was checked, by name and shape,
-    against the config's model; a tied output layer reads the embedding."""
+    """get(name) -> one tensor of a float checkpoint whose every tensor was checked, by name and
+    shape, against the config's model; a tied output layer reads the embedding."""
     check_tensors(source.shapes, empty_model(args), f"{source.path} does not match its config")
 
     def get(name: str) -> Tensor:
@@ -163,7 +182,8 @@ def float_weights(source: WeightsFile, args: ModelArgs) -> Callable[[str], Tenso
             name = "tok_embeddings.weight"
         t = source.tensor(name)
         if not t.is_floating_point():
-            raise InputError(f"{source.path}: {name} is {t.dtype}, not float: quantize a float checkpoint")
+            raise InputError(f"{source.path}: {name} is {t.dtype}, not float: quantize a float "
+                             "checkpoint")
         return t
     return get
 
@@ -180,7 +200,8 @@ def quantize_state_dict(source: WeightsFile, args: ModelArgs, mode: str, groupsi
     out = {name: get(name) for name in kept}
     padded = {}
     # disable=None: the bar shows on a terminal only, never in logs or captured output.
-    for layer in tqdm(layers, desc=f"quantizing to {mode}", unit="layer", disable=None if progress else True):
+    for layer in tqdm(layers, desc=f"quantizing to {mode}", unit="layer",
+                      disable=None if progress else True):
         w = get(f"{layer}.weight")  # (N, K)
         for key, t in quantize_weight(mode, w, groupsize).items():
             out[f"{layer}.{key}"] = t
@@ -191,71 +212,87 @@ def quantize_state_dict(source: WeightsFile, args: ModelArgs, mode: str, groupsi
 
 def quantized_config(args: ModelArgs, mode: str, groupsize: Optional[int], include_output: bool,
                      layers: list, padded: dict) -> tuple[ModelArgs, dict]:
-    """The quantized checkpoint's ModelArgs and its sidecar's quantization record. A quantized output
-    layer no longer shares the embedding (which is only looked up, and stays in the model's dtype)."""
+    """The quantized checkpoint's ModelArgs and its sidecar's quantization record. A quantized
+    output layer no longer shares the embedding (which is only looked up, and stays in the model's
+    dtype)."""
     qargs = replace(args, tie_embeddings=args.tie_embeddings and not include_output)
-    quantization = dict(format=FORMAT, mode=mode, groupsize=groupsize if mode in INT4_MODES else None,
+    quantization = dict(format=FORMAT, mode=mode,
+                        groupsize=groupsize if mode in INT4_MODES else None,
                         include_output=include_output, layers=layers, padded=padded)
     return qargs, quantization
 
 
 def record_padding(padded: dict, layer: str, k: int, groupsize: int):
-    """Note in `padded` (the sidecar's record) an int4 layer whose K is no whole number of groups."""
+    """Note in `padded` (the sidecar's record) an int4 layer whose K is no whole number of
+    groups."""
     if int4_padded_k(k, groupsize) != k:
         padded[layer] = [k, int4_padded_k(k, groupsize)]
 
 
-# ---- GPTQ: int4 with error compensation (Frantar et al. 2022) ----------------------------------------------
+# ---- GPTQ: int4 with error compensation (Frantar et al. 2022) ------------------------------------
 
-GPTQ_BLOCKSIZE = 128  # columns quantized between two updates of the rest of the matrix (the paper's lazy batches)
-GPTQ_TOKENS_PER_FORWARD = 4096  # calibration tokens per block forward: bounds the attention and FFN temporaries
-GPTQ_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")  # of each block
+# columns quantized between two updates of the rest of the matrix (the paper's lazy batches)
+GPTQ_BLOCKSIZE = 128
+# calibration tokens per block forward: bounds the attention and FFN temporaries
+GPTQ_TOKENS_PER_FORWARD = 4096
+# the layers GPTQ quantizes in each block
+GPTQ_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
 DEFAULT_DAMP = 0.01
 DEFAULT_CALIBRATION_SAMPLES = 128
 DEFAULT_CALIBRATION_SEQ_LEN = 512
 
 
 @torch.no_grad()
-def gptq_int4(w: Tensor, hessian: Tensor, groupsize: int, damp: float = DEFAULT_DAMP, act_order: bool = False,
-              blocksize: int = GPTQ_BLOCKSIZE) -> tuple[dict, Tensor]:
+def gptq_int4(w: Tensor, hessian: Tensor, groupsize: int, damp: float = DEFAULT_DAMP,
+              act_order: bool = False, blocksize: int = GPTQ_BLOCKSIZE) -> tuple[dict, Tensor]:
     """GPTQ one weight w (N, K) given the Hessian of its layer's inputs H = 2/n sum x^T x (K, K).
-    Returns the int4 tensors (quantize_int4's layout) and the float32 weights (N, K) they dequantize to, bit for
-    bit what Int4Linear.dequantize() computes from them.
+    Returns the int4 tensors (quantize_int4's layout) and the float32 weights (N, K) they dequantize
+    to, bit for bit what Int4Linear.dequantize() computes from them.
 
-    Columns are rounded one at a time; each one's error is pushed onto the columns not yet rounded, weighted by
-    the inverse Hessian, so that correlated inputs cancel it. The weights come from the upper Cholesky factor U
-    of H^-1: column j's error is (w_j - dq_j) / U_jj and row j of U holds the updates of the later columns."""
+    Columns are rounded one at a time; each one's error is pushed onto the columns not yet rounded,
+    weighted by the inverse Hessian, so that correlated inputs cancel it. The weights come from the
+    upper Cholesky factor U of H^-1: column j's error is (w_j - dq_j) / U_jj and row j of U holds
+    the updates of the later columns."""
     N, K = w.shape
-    assert hessian.shape == (K, K), f"Hessian {tuple(hessian.shape)} does not match weight {tuple(w.shape)}"
-    assert blocksize % groupsize == 0 or groupsize % blocksize == 0, f"blocksize {blocksize} and groupsize {groupsize}: one must divide the other"
+    assert hessian.shape == (K, K), (
+        f"Hessian {tuple(hessian.shape)} does not match weight {tuple(w.shape)}")
+    assert blocksize % groupsize == 0 or groupsize % blocksize == 0, (
+        f"blocksize {blocksize} and groupsize {groupsize}: one must divide the other")
     k_pad = int4_padded_k(K, groupsize)
-    # W is updated in place and ends up holding the dequantized weights, column by column: no second copy.
-    W = F.pad(w.float(), (0, k_pad - K))  # (N, K_pad): padding columns are zero, as in quantize_int4
-    H = F.pad(hessian.float(), (0, k_pad - K, 0, k_pad - K))  # (K_pad, K_pad): padding inputs are zero
-    # Dead inputs (always zero, padding included): a unit diagonal keeps H invertible and leaves their rows and
-    # columns of H, hence of U, empty, so their error reaches no other column. Their weights never matter: zero.
+    # W is updated in place and ends up holding the dequantized weights, column by column: no second
+    # copy. (N, K_pad): padding columns are zero, as in quantize_int4
+    W = F.pad(w.float(), (0, k_pad - K))
+    # (K_pad, K_pad): padding inputs are zero
+    H = F.pad(hessian.float(), (0, k_pad - K, 0, k_pad - K))
+    # Dead inputs (always zero, padding included): a unit diagonal keeps H invertible and leaves
+    # their rows and columns of H, hence of U, empty, so their error reaches no other column. Their
+    # weights never matter: zero.
     dead = H.diagonal() == 0
     H.diagonal()[dead] = 1
     W[:, dead] = 0
     n_groups = k_pad // groupsize
     if act_order:
-        # Largest inputs first, while many columns are left to absorb their error. The kernels need each group
-        # to be its contiguous columns, whose members are now processed at scattered times, so each group's
-        # scale and zero are fixed up front from the weights as they are ("static groups").
+        # Largest inputs first, while many columns are left to absorb their error. The kernels need
+        # each group to be its contiguous columns, whose members are now processed at scattered
+        # times, so each group's scale and zero are fixed up front from the weights as they are
+        # ("static groups").
         scales, zeros = int4_group_params(W.view(N, n_groups, groupsize))  # (N, n_groups)
-        perm = torch.argsort(H.diagonal(), descending=True, stable=True)  # (K_pad,) processing order
+        # (K_pad,) processing order
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
     else:
         scales, zeros = W.new_zeros(N, n_groups), W.new_zeros(N, n_groups)
         perm = torch.arange(k_pad, device=W.device)
     group = (perm // groupsize).tolist()  # the file's group of each column, in processing order
-    H.diagonal().add_(damp * H.diagonal().mean())  # dampening: a well-conditioned inverse for few samples
+    # dampening: a well-conditioned inverse for few samples
+    H.diagonal().add_(damp * H.diagonal().mean())
     L, info = torch.linalg.cholesky_ex(H)
     if info.item() == 0:
-        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)  # H^-1 = U^T U, (K_pad, K_pad)
+        # H^-1 = U^T U, (K_pad, K_pad)
+        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
     if info.item() != 0:
-        raise InputError(f"GPTQ: the Hessian of the layer's inputs is not positive definite with --damp "
-                         f"{damp}: raise it")
+        raise InputError("GPTQ: the Hessian of the layer's inputs is not positive definite with "
+                         f"--damp {damp}: raise it")
     q = torch.empty(N, k_pad, dtype=torch.uint8, device=W.device)  # nibbles, processing order
     for i1 in range(0, k_pad, blocksize):
         i2 = min(i1 + blocksize, k_pad)
@@ -264,16 +301,19 @@ def gptq_int4(w: Tensor, hessian: Tensor, groupsize: int, damp: float = DEFAULT_
         for c in range(i2 - i1):
             j, g = i1 + c, group[i1 + c]
             if not act_order and j % groupsize == 0:
-                # Standard GPTQ groups: the parameters of the weights as every earlier column left them. All of
-                # the group is current: it lies inside this block, or starts it (blocksize divides groupsize).
+                # Standard GPTQ groups: the parameters of the weights as every earlier column left
+                # them. All of the group is current: it lies inside this block, or starts it
+                # (blocksize divides groupsize).
                 scales[:, g], zeros[:, g] = int4_group_params(W[:, j:j + groupsize])
             s, z = scales[:, g], zeros[:, g]  # (N,)
             q[:, j] = int4_quantize(block[:, c], s, z)
             dq = int4_dequantize(q[:, j], s, z)  # (N,)
             err[:, c] = (block[:, c] - dq) / U_block[c, c]
             block[:, c] = dq
-            block[:, c + 1:] -= err[:, c, None] * U_block[None, c, c + 1:]  # (N, B - c - 1): the block, at once
-        W[:, i2:] -= err @ U[i1:i2, i2:]  # the columns after the block, lazily: one matmul per block
+            # (N, B - c - 1): the block, at once
+            block[:, c + 1:] -= err[:, c, None] * U_block[None, c, c + 1:]
+        # the columns after the block, lazily: one matmul per block
+        W[:, i2:] -= err @ U[i1:i2, i2:]
     if act_order:
         inverse = torch.argsort(perm)
         q, W = q[:, inverse], W[:, inverse]
@@ -296,9 +336,11 @@ class Hessian:
 
 
 def collect_hessians(linears: dict, run: Callable[[], None]) -> dict:
-    """{name: Hessian of the inputs of linears[name]} over what run() feeds them (forward hooks, removed after)."""
+    """{name: Hessian of the inputs of linears[name]} over what run() feeds them (forward hooks,
+    removed after)."""
     hessians = {name: Hessian() for name in linears}
-    handles = [linear.register_forward_hook(lambda module, inputs, output, h=hessians[name]: h.add(inputs[0]))
+    handles = [linear.register_forward_hook(
+                   lambda module, inputs, output, h=hessians[name]: h.add(inputs[0]))
                for name, linear in linears.items()]
     try:
         run()
@@ -309,9 +351,9 @@ def collect_hessians(linears: dict, run: Callable[[], None]) -> dict:
 
 
 def calibration_tokens(tokenizer, text: str, samples: int, seq_len: int) -> Tensor:
-    """(n, seq_len) token ids: up to `samples` windows spread evenly over the text, apart from each other (fewer if
-    the text is short; a ValueError if it holds less than one). Each window starts with BOS where the tokenizer
-    adds one, as a prompt does."""
+    """(n, seq_len) token ids: up to `samples` windows spread evenly over the text, apart from each
+    other (fewer if the text is short; a ValueError if it holds less than one). Each window starts
+    with BOS where the tokenizer adds one, as a prompt does."""
     ids = tokenizer.encode(text)
     bos = ids[:1] if ids and tokenizer.bos_id is not None and ids[0] == tokenizer.bos_id else []
     ids = ids[len(bos):]
@@ -325,18 +367,20 @@ def calibration_tokens(tokenizer, text: str, samples: int, seq_len: int) -> Tens
 
 
 @torch.no_grad()
-def gptq_quantize_state_dict(source: WeightsFile, args: ModelArgs, groupsize: int, include_output: bool,
-                             tokens: Tensor, damp: float = DEFAULT_DAMP, act_order: bool = False,
-                             device="cpu", progress: bool = False):
-    """GPTQ int4 of a float checkpoint read tensor by tensor through get(name), one transformer block at a time:
-    memory holds one block's float weights (float32), the calibration activations (samples, seq_len, dim) and
-    the output built so far, never the float model. Returns what quantize_state_dict returns.
+def gptq_quantize_state_dict(source: WeightsFile, args: ModelArgs, groupsize: int,
+                             include_output: bool, tokens: Tensor, damp: float = DEFAULT_DAMP,
+                             act_order: bool = False, device="cpu", progress: bool = False):
+    """GPTQ int4 of a float checkpoint read tensor by tensor through get(name), one transformer
+    block at a time: memory holds one block's float weights (float32), the calibration activations
+    (samples, seq_len, dim) and the output built so far, never the float model. Returns what
+    quantize_state_dict returns.
 
-    The calibration tokens (samples, seq_len) are embedded, then for each block: its float weights are read;
-    a forward over the activations collects each linear layer's Hessian; GPTQ quantizes the four linears; and a
-    forward through the block with its dequantized weights makes the next block's inputs, so that each block
-    compensates the errors of those before it. The output layer (include_output) gets GPTQ too, on the final
-    norm's output. Everything is computed in float32 on `device`; the files hold what RTN's hold."""
+    The calibration tokens (samples, seq_len) are embedded, then for each block: its float weights
+    are read; a forward over the activations collects each linear layer's Hessian; GPTQ quantizes
+    the four linears; and a forward through the block with its dequantized weights makes the next
+    block's inputs, so that each block compensates the errors of those before it. The output layer
+    (include_output) gets GPTQ too, on the final norm's output. Everything is computed in float32 on
+    `device`; the files hold what RTN's hold."""
     get = float_weights(source, args)
     layers = linear_names(args, include_output)
     quantized = {f"{layer}.weight" for layer in layers}
@@ -351,7 +395,8 @@ def gptq_quantize_state_dict(source: WeightsFile, args: ModelArgs, groupsize: in
     input_pos = torch.arange(seq_len, device=device)
     mask = attention_mask(input_pos, torch.zeros(1, dtype=torch.long, device=device), seq_len,
                           torch.float32)  # (1, 1, T, S): causal
-    kv_cache = KVCache(batch, args.n_kv_heads, seq_len, args.head_dim, torch.float32, device)  # shared by the blocks
+    # shared by the blocks
+    kv_cache = KVCache(batch, args.n_kv_heads, seq_len, args.head_dim, torch.float32, device)
 
     def forward(module: nn.Module, write: bool):
         for b in range(0, samples, batch):
@@ -371,11 +416,13 @@ def gptq_quantize_state_dict(source: WeightsFile, args: ModelArgs, groupsize: in
 
     padded = {}
     # disable=None: the bar shows on a terminal only, never in logs or captured output.
-    for i in tqdm(range(args.n_layer), desc=f"GPTQ int4 g{groupsize}", unit="block", disable=None if progress else True):
+    for i in tqdm(range(args.n_layer), desc=f"GPTQ int4 g{groupsize}", unit="block",
+                  disable=None if progress else True):
         prefix = f"layers.{i}."
         with torch.device("meta"):
             block = TransformerBlock(args)
-        state = {k: out[prefix + k] if prefix + k in out else get(prefix + k) for k in block.state_dict()}
+        state = {k: out[prefix + k] if prefix + k in out else get(prefix + k)
+                 for k in block.state_dict()}
         block.load_state_dict(state, strict=True, assign=True)
         del state
         block = block.to(device, torch.float32)
@@ -383,66 +430,76 @@ def gptq_quantize_state_dict(source: WeightsFile, args: ModelArgs, groupsize: in
         linears = {name: block.get_submodule(name) for name in GPTQ_LINEARS}
         hessians = collect_hessians(linears, partial(forward, block, write=False))
         for name, linear in linears.items():
-            linear.weight = nn.Parameter(quantize(prefix + name, linear.weight, hessians.pop(name)), requires_grad=False)
+            linear.weight = nn.Parameter(quantize(prefix + name, linear.weight, hessians.pop(name)),
+                                         requires_grad=False)
         forward(block, write=True)  # through the quantized block: the next block's inputs
         del block, linears
     if include_output:
-        norm = nn.RMSNorm(args.dim, args.norm_eps).to(device)
-        norm.weight = nn.Parameter(out["norm.weight"].to(device, torch.float32), requires_grad=False)
+        norm = RMSNorm(args.dim, args.norm_eps).to(device)
+        norm.weight = nn.Parameter(out["norm.weight"].to(device, torch.float32),
+                                   requires_grad=False)
         hessian = Hessian()
         for b in range(0, samples, batch):
             hessian.add(norm(x[b:b + batch]))  # (batch, seq_len, dim): the output layer's inputs
-        quantize("output", out["tok_embeddings.weight"] if args.tie_embeddings else get("output.weight"), hessian.value())
-    qargs, quantization = quantized_config(args, "int4-gptq", groupsize, include_output, layers, padded)
-    quantization["gptq"] = dict(damp=damp, act_order=act_order, static_groups=act_order, blocksize=GPTQ_BLOCKSIZE,
-                                samples=samples, seq_len=seq_len)
+        quantize("output",
+                 out["tok_embeddings.weight"] if args.tie_embeddings else get("output.weight"),
+                 hessian.value())
+    qargs, quantization = quantized_config(args, "int4-gptq", groupsize, include_output, layers,
+                                           padded)
+    quantization["gptq"] = dict(damp=damp, act_order=act_order, static_groups=act_order,
+                                blocksize=GPTQ_BLOCKSIZE, samples=samples, seq_len=seq_len)
     return out, qargs, quantization
 
 
 # ---- the command line ----------------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Quantize a checkpoint's linear layers (weight-only); generate.py loads the result "
-        "like any checkpoint. The top of quantize.py and kernels.py describe the formats.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Quantize a checkpoint's linear layers "
+                                "(weight-only); generate.py loads the result like "
+                                "any checkpoint. The top of quantize.py and "
+                                "kernels.py describe the formats.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint_path", type=Path, required=True,
                    help="float checkpoint folder, or the weights file inside it")
     p.add_argument("--mode", default="int8",
-                   help="int8 (per channel), int4 (groups, rounded to nearest), int4-gptq (the int4 "
-                   "format, GPTQ's error compensation from calibration text) or fp8 (e4m3 per channel; "
-                   "GPUs of compute capability >= 8.9 and CPUs)")
+                   help="int8 (per channel), int4 (groups, rounded to nearest), int4-gptq (the "
+                   "int4 format, GPTQ's error compensation from calibration text) or fp8 "
+                   "(e4m3 per channel; GPUs of compute capability >= 8.9 and CPUs)")
     p.add_argument("--groupsize", type=int, default=None,
-                   help=f"int4 and int4-gptq: input columns per scale and zero (default "
-                   f"{DEFAULT_GROUPSIZE} for int4: rounding to nearest has no error compensation, so "
-                   f"small groups are its accuracy; {GPTQ_DEFAULT_GROUPSIZE} for int4-gptq, which "
-                   "compensates)")
+                   help="int4 and int4-gptq: input columns per scale and zero (default "
+                   f"{DEFAULT_GROUPSIZE} for int4: rounding to nearest has no error "
+                   "compensation, so small groups are its accuracy; "
+                   f"{GPTQ_DEFAULT_GROUPSIZE} for int4-gptq, which compensates)")
     p.add_argument("--include_output", action=argparse.BooleanOptionalAction, default=None,
-                   help="quantize the output layer too (default: for int8 only, where it costs next to "
-                   "nothing in perplexity; the layer that picks the token is the most sensitive to "
-                   "rounding). A tied output layer is untied; the embedding stays in the model's dtype")
-    p.add_argument("--out", type=Path, help="output weights file, a .pth (default: model_MODE.pth or "
-                   "model_MODE.gSIZE.pth beside the input); its config goes beside it with the same "
-                   "stem and .json. Keep it in the checkpoint folder, where the tokenizer is")
+                   help="quantize the output layer too (default: for int8 only, where it costs "
+                   "next to nothing in perplexity; the layer that picks the token is the "
+                   "most sensitive to rounding). A tied output layer is untied; the "
+                   "embedding stays in the model's dtype")
+    p.add_argument("--out", type=Path,
+                   help="output weights file, a .pth (default: model_MODE.pth or "
+                   "model_MODE.gSIZE.pth beside the input); its config goes beside it with "
+                   "the same stem and .json. Keep it in the checkpoint folder, where the "
+                   "tokenizer is")
     gptq = p.add_argument_group("int4-gptq", "GPTQ (Frantar et al. 2022) quantizes one transformer "
                                 "block at a time: memory holds one block's float weights and the "
                                 "calibration activations, never the whole float model")
     gptq.add_argument("--calibration_file", type=Path, default=None,
-                      help="UTF-8 text whose inputs the quantized layers should reproduce (default: "
-                      "Python's own documentation, pydoc_data.topics)")
+                      help="UTF-8 text whose inputs the quantized layers should reproduce "
+                      "(default: Python's own documentation, pydoc_data.topics)")
     gptq.add_argument("--calibration_samples", type=int, default=None,
                       help=f"sequences taken from the text, spread evenly over it (default "
                       f"{DEFAULT_CALIBRATION_SAMPLES}; fewer if the text is short)")
     gptq.add_argument("--calibration_seq_len", type=int, default=None,
-                      help=f"tokens per sequence (default {DEFAULT_CALIBRATION_SEQ_LEN}: with the default "
-                      "samples, several times the widest layer input of a 7B-8B model, so every "
-                      "Hessian is well determined)")
+                      help=f"tokens per sequence (default {DEFAULT_CALIBRATION_SEQ_LEN}: with "
+                      "the default samples, several times the widest layer input of a "
+                      "7B-8B model, so every Hessian is well determined)")
     gptq.add_argument("--damp", type=float, default=None,
-                      help=f"added to the Hessian's diagonal, as a fraction of its mean (default {DEFAULT_DAMP})")
+                      help="added to the Hessian's diagonal, as a fraction of its mean (default "
+                      f"{DEFAULT_DAMP})")
     gptq.add_argument("--act_order", action="store_true", default=None,
-                      help="quantize columns in order of decreasing input energy (diag H); each group's "
-                      "scale and zero are fixed up front (static groups) so groups stay contiguous for "
-                      "the int4 kernels (default off)")
+                      help="quantize columns in order of decreasing input energy (diag H); each "
+                      "group's scale and zero are fixed up front (static groups) so groups "
+                      "stay contiguous for the int4 kernels (default off)")
     gptq.add_argument("--device", default=None,
                       help="where GPTQ computes, in float32 (default: cuda if available, else cpu)")
     args = p.parse_args(argv)
@@ -450,8 +507,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-GPTQ_OPTIONS = ("calibration_file", "calibration_samples", "calibration_seq_len", "damp", "act_order",
-                "device")
+GPTQ_OPTIONS = ("calibration_file", "calibration_samples", "calibration_seq_len", "damp",
+                "act_order", "device")
 
 
 def check_args(args):
@@ -459,7 +516,8 @@ def check_args(args):
     if args.mode not in MODES:
         raise InputError(f"unknown --mode {args.mode!r}: choose one of {', '.join(MODES)}")
     if args.groupsize is not None and args.groupsize not in GROUPSIZES:
-        raise InputError(f"--groupsize must be one of {', '.join(map(str, GROUPSIZES))}, got {args.groupsize}")
+        raise InputError(f"--groupsize must be one of {', '.join(map(str, GROUPSIZES))}, got "
+                         f"{args.groupsize}")
     if args.mode not in INT4_MODES and args.groupsize is not None:
         raise InputError(f"--groupsize is for --mode int4 and int4-gptq, not {args.mode}")
     if args.mode in INT4_MODES and args.groupsize is None:
@@ -470,8 +528,10 @@ def check_args(args):
     if args.mode != "int4-gptq" and given:
         raise InputError(f"{', '.join(given)}: for --mode int4-gptq, not {args.mode}")
     if args.mode == "int4-gptq":
-        for name, default in (("calibration_samples", DEFAULT_CALIBRATION_SAMPLES), ("damp", DEFAULT_DAMP),
-                              ("calibration_seq_len", DEFAULT_CALIBRATION_SEQ_LEN), ("act_order", False)):
+        for name, default in (("calibration_samples", DEFAULT_CALIBRATION_SAMPLES),
+                              ("damp", DEFAULT_DAMP),
+                              ("calibration_seq_len", DEFAULT_CALIBRATION_SEQ_LEN),
+                              ("act_order", False)):
             if getattr(args, name) is None:
                 setattr(args, name, default)
         if args.calibration_samples < 1 or args.calibration_seq_len < 1:
@@ -481,8 +541,8 @@ def check_args(args):
         args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         check_device(args.device, "--device")
     if args.out is not None and args.out.suffix != ".pth":
-        raise InputError(f"--out {args.out}: name the weights file, ending in .pth (its config goes "
-                         "beside it as .json)")
+        raise InputError(f"--out {args.out}: name the weights file, ending in .pth (its config "
+                         "goes beside it as .json)")
 
 
 def output_path(args, ckpt: Checkpoint) -> Path:
@@ -493,8 +553,8 @@ def output_path(args, ckpt: Checkpoint) -> Path:
             else f"model_{args.mode}.pth")
     out = args.out or ckpt.weights.parent / name
     if out.name in WEIGHT_FILES or out.stem == "config" or out.resolve() == ckpt.weights.resolve():
-        raise InputError(f"--out {out} would overwrite the source checkpoint's files; choose another "
-                         "name, e.g. the default " + name)
+        raise InputError(f"--out {out} would overwrite the source checkpoint's files; choose "
+                         "another name, e.g. the default " + name)
     check_writable(out, "--out")
     check_writable(out.with_suffix(".json"), "--out's config")
     return out
@@ -507,7 +567,8 @@ def read_calibration(args, folder: Path) -> tuple[Tensor, str]:
         text, source = "\n".join(pydoc_data.topics.topics.values()), "pydoc_data.topics"
     else:
         try:
-            text, source = args.calibration_file.read_text(encoding="utf-8"), args.calibration_file.name
+            text, source = (args.calibration_file.read_text(encoding="utf-8"),
+                            args.calibration_file.name)
         except (OSError, UnicodeDecodeError) as e:
             raise InputError(f"cannot read calibration file {args.calibration_file}: {e}") from None
     tokens = calibration_tokens(load_tokenizer(folder), text, args.calibration_samples,
@@ -518,21 +579,25 @@ def read_calibration(args, folder: Path) -> tuple[Tensor, str]:
 def run(args):
     ckpt = read_checkpoint(args.checkpoint_path)
     if ckpt.quantization is not None:
-        raise InputError(f"{ckpt.weights} is quantized already: quantize the float checkpoint instead")
+        raise InputError(f"{ckpt.weights} is quantized already: quantize the float checkpoint "
+                         "instead")
     out = output_path(args, ckpt)
     source = WeightsFile(ckpt.weights)
     if args.mode == "int4-gptq":
         if args.calibration_seq_len > ckpt.args.block_size:
             raise InputError(f"--calibration_seq_len {args.calibration_seq_len} is longer than the "
                              f"model's block_size {ckpt.args.block_size}")
-        tokens, calibration = read_calibration(args, ckpt.folder)  # before the weights: fail at once
+        # before the weights: fail at once
+        tokens, calibration = read_calibration(args, ckpt.folder)
         if len(tokens) < args.calibration_samples:
-            print(f"calibration: the text holds {len(tokens)} samples of {args.calibration_seq_len} "
-                  f"tokens, not {args.calibration_samples}")
+            print(f"calibration: the text holds {len(tokens)} samples of "
+                  f"{args.calibration_seq_len} tokens, not {args.calibration_samples}")
         started = time.perf_counter()
-        state_dict, qconfig, quantization = gptq_quantize_state_dict(
-            source, ckpt.args, args.groupsize, args.include_output, tokens, args.damp, args.act_order,
-            args.device, progress=True)
+        state_dict, qconfig, quantization = gptq_quantize_state_dict(source, ckpt.args,
+                                                                     args.groupsize,
+                                                                     args.include_output, tokens,
+                                                                     args.damp, args.act_order,
+                                                                     args.device, progress=True)
         quantization["gptq"]["calibration"] = calibration
         print(f"GPTQ: {len(tokens)} x {tokens.shape[1]} tokens of {calibration}, damp {args.damp}"
               f"{', act_order (static groups)' if args.act_order else ''}, on {args.device}: "
@@ -548,16 +613,18 @@ def run(args):
                                 for name, ks in quantization["padded"].items()}.items():
         print(f"padded: {pattern} K {k} -> {k_pad}")
     size = f"{ckpt.weights.stat().st_size / 1e6:.1f} MB -> {out.stat().st_size / 1e6:.1f} MB"
-    print(f"{args.mode}{f' g{args.groupsize}' if args.groupsize else ''}: {len(quantization['layers'])} "
-          f"linear layers, output layer {'included' if args.include_output else 'kept in float'}; "
-          f"{size}; wrote {out} and {out.with_suffix('.json').name}")
+    print(f"{args.mode}{f' g{args.groupsize}' if args.groupsize else ''}: "
+          f"{len(quantization['layers'])} linear layers, output layer "
+          f"{'included' if args.include_output else 'kept in float'}; {size}; wrote {out} and "
+          f"{out.with_suffix('.json').name}")
 
 
 def main(argv=None):
     try:
         run(parse_args(argv))
     except InputError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -33,15 +33,16 @@ LLAMA3_SPECIALS = [
     "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
     "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
 ]
-LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(LLAMA3_SPECIALS))]
+LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>"
+                    for i in range(2, 2 + 256 - len(LLAMA3_SPECIALS))]
 
 # Matches the first line of a tiktoken ranks file, e.g. b"IQ== 0\n".
 TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+={0,2} \d+\r?$")
 
 
 def read_config(folder: Path, name: str) -> dict:
-    """An optional JSON config of the tokenizer ({} when absent), its special tokens checked: a token is
-    written as text or as {"content": text}; ids are integers."""
+    """An optional JSON config of the tokenizer ({} when absent), its special tokens checked: a
+    token is written as text or as {"content": text}; ids are integers."""
     path = folder / name
     config = read_json(path) if path.is_file() else {}
     for key in ("bos_token", "eos_token"):
@@ -51,28 +52,34 @@ def read_config(folder: Path, name: str) -> dict:
         if token is not None and not isinstance(token, str):
             raise InputError(f"{path}: {key} must be a token's text, got {token!r}")
     ids = config.get("eos_token_id")
-    if ids is not None and not all(type(i) is int for i in (ids if isinstance(ids, list) else [ids])):
+    if ids is not None and not all(type(i) is int
+                                   for i in (ids if isinstance(ids, list) else [ids])):
         raise InputError(f"{path}: eos_token_id must be an id or a list of ids, got {ids!r}")
     template = config.get("chat_template")
     if isinstance(template, list):  # a list of named templates, of which "default" is the chat one
-        config["chat_template"] = {t.get("name"): t.get("template") for t in template}.get("default")
+        config["chat_template"] = {t.get("name"): t.get("template")
+                                   for t in template}.get("default")
     if not isinstance(config.get("chat_template", ""), (str, type(None))):
         raise InputError(f"{path}: chat_template must be text")
     return config
 
 
-def render_chat_template(template: str, messages: list[dict], bos_token: str, eos_token: str) -> str:
+def render_chat_template(template: str, messages: list[dict], bos_token: str,
+                         eos_token: str) -> str:
     """Render a HF chat template the way transformers does (sandboxed, trim/lstrip blocks)."""
     def raise_exception(message):
         raise InputError(f"chat template error: {message}")
 
     def tojson(x, indent=None, separators=None, sort_keys=False):
         # HF's tojson keeps non-ASCII and does not HTML-escape, unlike jinja's built-in one.
-        return json.dumps(x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+        return json.dumps(x, ensure_ascii=False, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols])
     env.filters["tojson"] = tojson
-    env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
+    env.globals.update(raise_exception=raise_exception,
+                       strftime_now=lambda f: datetime.now().strftime(f))
     try:
         return env.from_string(template).render(
             messages=messages, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token)
@@ -100,7 +107,8 @@ class Tokenizer(ABC):
         if self.chat_template is None:
             return self._builtin_chat(messages)
         eos = self.eos_ids[0] if self.eos_ids else None
-        text = render_chat_template(self.chat_template, messages, self._token_str(self.bos_id), self._token_str(eos))
+        text = render_chat_template(self.chat_template, messages, self._token_str(self.bos_id),
+                                    self._token_str(eos))
         # The template already wrote BOS etc. as text, so encode without adding them again.
         return self._encode_special_text(text)
 
@@ -108,7 +116,8 @@ class Tokenizer(ABC):
         return "" if token_id is None else self.decode([token_id])
 
     def _builtin_chat(self, messages: list[dict]) -> list[int]:
-        raise InputError("this tokenizer has no chat template (no chat_template in tokenizer_config.json)")
+        raise InputError("this tokenizer has no chat template "
+                         "(no chat_template in tokenizer_config.json)")
 
     @abstractmethod
     def _encode_special_text(self, text: str) -> list[int]:
@@ -124,12 +133,14 @@ class HFTokenizer(Tokenizer):
             raise InputError(f"cannot read {folder / 'tokenizer.json'}: {e}") from None
         bos, eos = config.get("bos_token"), config.get("eos_token")
         self.bos_id = self.tok.token_to_id(bos) if bos else None
-        self.eos_ids = [self.tok.token_to_id(eos)] if eos and self.tok.token_to_id(eos) is not None else []
+        self.eos_ids = ([self.tok.token_to_id(eos)]
+                        if eos and self.tok.token_to_id(eos) is not None else [])
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         self.chat_template = chat_template
 
     def encode(self, text: str) -> list[int]:
-        # add_special_tokens=True: the post-processor decides whether BOS goes in (Llama yes, SmolLM no).
+        # add_special_tokens=True: the post-processor decides whether BOS goes in (Llama yes,
+        # SmolLM no).
         return self.tok.encode(text, add_special_tokens=True).ids
 
     def decode(self, ids: list[int]) -> str:
@@ -192,13 +203,15 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         except Exception as e:  # sentencepiece raises a bare RuntimeError/OSError on junk files
-            raise InputError(f"{path} is neither a tiktoken ranks file nor a sentencepiece model ({e})") from None
+            raise InputError(f"{path} is neither a tiktoken ranks file nor a sentencepiece model "
+                             f"({e})") from None
         # sentencepiece reports a missing BOS/EOS as -1
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         self.eos_ids = [self.sp.eos_id()] if self.sp.eos_id() >= 0 else []
         self.vocab_size = self.sp.vocab_size()
         self.chat_template = chat_template
-        self.controls = {self.sp.id_to_piece(i): i for i in range(self.vocab_size) if self.sp.is_control(i)}
+        self.controls = {self.sp.id_to_piece(i): i for i in range(self.vocab_size)
+                         if self.sp.is_control(i)}
 
     def encode(self, text: str) -> list[int]:
         return ([self.bos_id] if self.bos_id is not None else []) + self.sp.encode(text)
@@ -214,7 +227,8 @@ class SentencePieceTokenizer(Tokenizer):
         # sentencepiece can't see "<s>" inside text, so split on the control pieces ourselves.
         ids = []
         for part in re.split("(" + "|".join(map(re.escape, self.controls)) + ")", text):
-            ids += [self.controls[part]] if part in self.controls else self.sp.encode(part) if part else []
+            ids += ([self.controls[part]] if part in self.controls
+                    else self.sp.encode(part) if part else [])
         return ids
 
     def _builtin_chat(self, messages: list[dict]) -> list[int]:
@@ -226,11 +240,13 @@ class SentencePieceTokenizer(Tokenizer):
                 first = f"<<SYS>>\n{system}\n<</SYS>>\n\n{messages[0]['content'].strip()}"
                 messages = [{"role": messages[0]["role"], "content": first}] + messages[1:]
         if not messages or messages[-1]["role"] != "user":
-            raise InputError("Llama-2 chat format needs the conversation to end with a user message")
+            raise InputError("Llama-2 chat format needs the conversation to end with a user "
+                             "message")
         bos = [self.bos_id] if self.bos_id is not None else []
         ids = []
         for user, answer in zip(messages[0:-1:2], messages[1::2]):
-            ids += bos + self.sp.encode(f"[INST] {user['content'].strip()} [/INST] {answer['content'].strip()} ")
+            ids += bos + self.sp.encode(f"[INST] {user['content'].strip()} [/INST] "
+                                        f"{answer['content'].strip()} ")
             ids += self.eos_ids[:1]
         return ids + bos + self.sp.encode(f"[INST] {messages[-1]['content'].strip()} [/INST]")
 
@@ -238,7 +254,8 @@ class SentencePieceTokenizer(Tokenizer):
 def load_tokenizer(checkpoint_dir: Path) -> Tokenizer:
     """Pick the backend from the tokenizer files in checkpoint_dir."""
     folder = Path(checkpoint_dir)
-    config = {**read_config(folder, "special_tokens_map.json"), **read_config(folder, "tokenizer_config.json")}
+    config = {**read_config(folder, "special_tokens_map.json"),
+              **read_config(folder, "tokenizer_config.json")}
     # Newer transformers save the chat template as its own file; older ones put it in the config.
     template_file = folder / "chat_template.jinja"
     try:

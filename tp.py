@@ -1,28 +1,34 @@
-"""Tensor parallelism: one model split over the processes that torchrun starts, one GPU each (gloo on CPU).
+"""Tensor parallelism: one model split over the processes that torchrun starts, one GPU each (gloo
+on CPU).
 
-    torchrun --standalone --nproc_per_node=4 generate.py --compile --checkpoint_path checkpoints/REPO
-    torchrun --standalone --nproc_per_node=4 generate.py --compile --random_weights Llama-2-70B --random_quantization int8
+    torchrun --standalone --nproc_per_node=4 generate.py --compile WEIGHTS
 
-Each transformer block is split the Megatron way, so that a block costs two all-reduces and nothing else:
-  column-parallel (each rank holds some output rows; no communication): attention.wqkv, each rank computing its
-      own heads' q, k and v (and its own KV heads' cache), and feed_forward.w13, each rank its own gate and up rows;
-  row-parallel (each rank holds the matching input columns, its partial products are summed): attention.wo and
-      feed_forward.w2, each followed by one all-reduce (RowParallel).
-The token embedding is replicated: a step reads only the looked-up rows, so copies cost memory, not bandwidth.
-The output layer is split by vocabulary rows and its logits gathered (VocabParallel), so that each rank reads
-1/world of it per token. Sharding saves this share of the bytes each rank reads per token: Llama-2-70B 1.1 % on 4
-GPUs, Llama-2-7B 5.6 % on 4, Llama-3-70B (128k vocabulary) 4.3 % on 4 and 9.6 % on 8, for one more small
-collective per step. TP_OUTPUT=replicated in the environment keeps a whole copy on every rank instead, to
-measure the difference (scripts/bench_tp.sh).
+where WEIGHTS is `--checkpoint_path checkpoints/REPO`, or random weights for benchmarks:
+`--random_weights Llama-2-70B --random_quantization int8`.
 
-Every rank ends each step with the same logits, bit for bit (an all-reduce hands every rank the same
-result: NVIDIA/nccl#855), and every rank seeds its generator alike, so all ranks sample the same token without
-talking. Each rank reads only its own slices of the checkpoint (safetensors slices, or a memory-mapped .pth),
-so no process ever holds the whole model.
+Each transformer block is split the Megatron way, so that a block costs two all-reduces and nothing
+else:
+  column-parallel (each rank holds some output rows; no communication): attention.wqkv, each rank
+      computing its own heads' q, k and v (and its own KV heads' cache), and feed_forward.w13, each
+      rank its own gate and up rows;
+  row-parallel (each rank holds the matching input columns, its partial products are summed):
+      attention.wo and feed_forward.w2, each followed by one all-reduce (RowParallel).
+The token embedding is replicated: a step reads only the looked-up rows, so copies cost memory, not
+bandwidth. The output layer is split by vocabulary rows and its logits gathered (VocabParallel), so
+that each rank reads 1/world of it per token: of the bytes each rank reads per token, that saves
+about 1 % for Llama-2-70B on 4 GPUs and up to about 10 % for Llama-3-70B (128k vocabulary) on 8,
+for one more small collective per step. TP_OUTPUT=replicated in the environment keeps a whole copy
+on every rank instead, to measure the difference (scripts/bench_tp.sh).
 
-Quantized checkpoints (quantize.py) are split in their stored form: column-parallel layers by rows (the per-row
-scales and int4 groups go with their rows), row-parallel layers by input columns, which for int4 must fall on
-group boundaries (else a clear error), while per-output-channel scales (int8, fp8) are copied to every rank.
+Every rank ends each step with the same logits, bit for bit (an all-reduce hands every rank the
+same result: NVIDIA/nccl#855), and every rank seeds its generator alike, so all ranks sample the
+same token without talking. Each rank reads only its own slices of the checkpoint (safetensors
+slices, or a memory-mapped .pth), so no process ever holds the whole model.
+
+Quantized checkpoints (quantize.py) are split in their stored form: column-parallel layers by rows
+(the per-row scales and int4 groups go with their rows), row-parallel layers by input columns,
+which for int4 must fall on group boundaries (else a clear error), while per-output-channel scales
+(int8, fp8) are copied to every rank.
 """
 import atexit
 import os
@@ -41,17 +47,18 @@ from torch import Tensor
 from tqdm import tqdm
 
 import kernels
-from checkpoint import (InputError, WeightsFile, check_tensors, empty_model, randomize_, read_checkpoint,
-                        to_device)
+from checkpoint import (InputError, WeightsFile, check_tensors, empty_model, randomize_,
+                        read_checkpoint, to_device)
 from model import CONFIGS, ModelArgs, Transformer
-from quantize import OUTPUT_BY_DEFAULT, linear_names, quantize_weight, quantized_config, record_padding
+from quantize import (OUTPUT_BY_DEFAULT, linear_names, quantize_weight, quantized_config,
+                      record_padding)
 
 COLUMN_PARALLEL = ("attention.wqkv", "feed_forward.w13")  # and the output layer, when SHARD_OUTPUT
 ROW_PARALLEL = ("attention.wo", "feed_forward.w2")
 SHARD_OUTPUT = os.environ.get("TP_OUTPUT", "sharded") != "replicated"
 
 
-# ---- the processes ------------------------------------------------------------------------------------
+# ---- the processes -------------------------------------------------------------------------------
 
 def world_size() -> int:
     """Processes torchrun started (1 outside torchrun)."""
@@ -63,8 +70,9 @@ def rank() -> int:
 
 
 def quiet_other_ranks():
-    """Under torchrun only rank 0 prints text and metrics, which every rank would print alike. A crash
-    still shows its traceback, from whichever rank it happens on; errors: see exit_with_error."""
+    """Under torchrun only rank 0 prints text and metrics, which every rank would print alike. A
+    crash still shows its traceback, from whichever rank it happens on; errors: see
+    exit_with_error."""
     if rank() == 0:
         return
     sys.stdout = sys.stderr = open(os.devnull, "w")
@@ -75,11 +83,12 @@ STARTED = False  # set by start(): from then on a rank's errors may be its own
 
 
 def exit_with_error(e: InputError):
-    """One `error:` line and exit status 1. Before start() every rank checks the same input and fails
-    alike, so rank 0 speaks for all; after it (its GPU, its slices) each rank says what it met."""
+    """One `error:` line and exit status 1. Before start() every rank checks the same input and
+    fails alike, so rank 0 speaks for all; after it (its GPU, its slices) each rank says what it
+    met."""
     if rank() == 0:
-        sys.exit(f"error: {e}")
-    if STARTED:
+        print(f"error: {e}", file=sys.stderr)
+    elif STARTED:
         print(f"error: rank {rank()}: {e}", file=sys.__stderr__)
     sys.exit(1)
 
@@ -91,11 +100,12 @@ def init_process_group(device: torch.device) -> torch.device:
         local_rank = int(os.environ["LOCAL_RANK"])
         if local_rank >= torch.cuda.device_count():
             raise InputError(f"local rank {local_rank} has no GPU: this machine has "
-                             f"{torch.cuda.device_count()}; give torchrun at most that many --nproc_per_node")
+                             f"{torch.cuda.device_count()}; give torchrun at most that many "
+                             f"--nproc_per_node")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        # device_id creates the NCCL communicator now, not lazily inside the first collective (which may be
-        # one that a CUDA graph is capturing).
+        # device_id creates the NCCL communicator now, not lazily inside the first collective
+        # (which may be one that a CUDA graph is capturing).
         dist.init_process_group("nccl", device_id=device)
     else:
         dist.init_process_group("gloo")
@@ -104,46 +114,54 @@ def init_process_group(device: torch.device) -> torch.device:
 
 
 def shutdown():
-    """Leave the process group at exit. CUDA graphs that captured NCCL collectives must go first, or destroying
-    the communicator hangs (pytorch/pytorch#115388: seen here as a 2-GPU run that never exited)."""
+    """Leave the process group at exit. CUDA graphs that captured NCCL collectives must go first,
+    or destroying the communicator hangs (pytorch/pytorch#115388)."""
     torch._dynamo.reset()  # frees the compiled functions and their CUDA graphs
     dist.destroy_process_group()
 
 
-# ---- shapes -------------------------------------------------------------------------------------------
+# ---- shapes --------------------------------------------------------------------------------------
 
 def shard_args(args: ModelArgs, world: int) -> ModelArgs:
     """The shape of each rank's part of the model: 1/world of the heads, KV heads and FFN width."""
-    split = {"n_head": args.n_head, "n_kv_heads": args.n_kv_heads, "intermediate_size": args.intermediate_size}
+    split = {"n_head": args.n_head, "n_kv_heads": args.n_kv_heads,
+             "intermediate_size": args.intermediate_size}
     if any(value % world for value in split.values()):
-        fits = [n for n in range(1, args.n_kv_heads + 1) if all(value % n == 0 for value in split.values())]
-        raise InputError(f"tensor parallelism over {world} processes needs the attention heads ({args.n_head}), KV heads "
-                         f"({args.n_kv_heads}) and FFN width ({args.intermediate_size}) to divide by {world}; this model "
-                         f"splits over {', '.join(map(str, fits))} processes (torchrun --nproc_per_node)")
-    # The output layer of a rank is no longer the embedding table once it holds only some vocabulary rows.
+        fits = [n for n in range(1, args.n_kv_heads + 1)
+                if all(value % n == 0 for value in split.values())]
+        raise InputError(f"tensor parallelism over {world} processes needs the attention heads "
+                         f"({args.n_head}), KV heads ({args.n_kv_heads}) and FFN width "
+                         f"({args.intermediate_size}) to divide by {world}; this model splits over "
+                         f"{', '.join(map(str, fits))} processes (torchrun --nproc_per_node)")
+    # The output layer of a rank is no longer the embedding table once it holds only some
+    # vocabulary rows.
     return replace(args, **{name: value // world for name, value in split.items()},
                    tie_embeddings=args.tie_embeddings and not SHARD_OUTPUT)
 
 
 def vocab_per_rank(args: ModelArgs, world: int) -> int:
-    """Output rows of each rank: the vocabulary split evenly, the last rank's share padded with zero rows."""
+    """Output rows of each rank: the vocabulary split evenly, the last rank's share padded with
+    zero rows."""
     return -(-args.vocab_size // world) if SHARD_OUTPUT else args.vocab_size
 
 
 def check_quantization(args: ModelArgs, quantization: Optional[dict], world: int):
-    """int4 row-parallel layers are split along their input columns: each rank's share must be whole groups
-    (one process may pad the columns to whole groups, as quantize.py does; a split cannot)."""
+    """int4 row-parallel layers are split along their input columns: each rank's share must be
+    whole groups (one process may pad the columns to whole groups, as quantize.py does; a split
+    cannot)."""
     if world == 1 or quantization is None or quantization.get("groupsize") is None:
         return
     groupsize = quantization["groupsize"]
-    for layer, k in (("attention.wo", args.n_head * args.head_dim), ("feed_forward.w2", args.intermediate_size)):
+    for layer, k in (("attention.wo", args.n_head * args.head_dim),
+                     ("feed_forward.w2", args.intermediate_size)):
         if (k // world) % groupsize:
-            raise InputError(f"tensor parallelism over {world} processes splits {layer}'s {k} input columns into "
-                             f"{k // world} per process, which is not whole int4 groups of {groupsize}: use a group "
-                             f"size that divides {k // world}, or another number of processes")
+            raise InputError(f"tensor parallelism over {world} processes splits {layer}'s {k} "
+                             f"input columns into {k // world} per process, which is not whole "
+                             f"int4 groups of {groupsize}: use a group size that divides "
+                             f"{k // world}, or another number of processes")
 
 
-# ---- which part of each checkpoint tensor a rank holds --------------------------------------------------
+# ---- which part of each checkpoint tensor a rank holds -------------------------------------------
 
 def layer_kind(name: str) -> str:
     """'column', 'row' or 'replicated': how a parameter (by its state_dict name) is split."""
@@ -154,17 +172,20 @@ def layer_kind(name: str) -> str:
 
 
 def stacked_parts(layer: str, args: ModelArgs, world: int) -> list:
-    """The row counts of the parts stacked in a column-parallel layer; each part is split evenly over the ranks."""
+    """The row counts of the parts stacked in a column-parallel layer; each part is split evenly
+    over the ranks."""
     if layer.endswith("attention.wqkv"):
-        return [args.n_head * args.head_dim, args.n_kv_heads * args.head_dim, args.n_kv_heads * args.head_dim]
+        return [args.n_head * args.head_dim, args.n_kv_heads * args.head_dim,
+                args.n_kv_heads * args.head_dim]
     if layer.endswith("feed_forward.w13"):
         return [args.intermediate_size, args.intermediate_size]  # gate, up
     return [vocab_per_rank(args, world) * world]  # the output layer, padded
 
 
-def rank_slice(name: str, shape: tuple, args: ModelArgs, rank: int, world: int) -> tuple[int, list]:
-    """Where rank's part of checkpoint tensor `name` of `shape` lies: (dim, [(start, stop), ...]), ranges along
-    dim to concatenate; a stop past the end means zero rows (padding)."""
+def rank_slice(name: str, shape: tuple, args: ModelArgs, rank: int,
+               world: int) -> tuple[int, list]:
+    """Where rank's part of checkpoint tensor `name` of `shape` lies: (dim, [(start, stop), ...]),
+    ranges along dim to concatenate; a stop past the end means zero rows (padding)."""
     kind = layer_kind(name)
     if kind == "column":
         ranges, offset = [], 0
@@ -173,15 +194,17 @@ def rank_slice(name: str, shape: tuple, args: ModelArgs, rank: int, world: int) 
             ranges.append((offset + rank * share, offset + (rank + 1) * share))
             offset += rows
         return 0, ranges
-    if kind == "row" and len(shape) == 2:  # weight (N, K), or int4's (N, K / 2) and (N, K / groupsize)
+    # weight (N, K), or int4's (N, K / 2) and (N, K / groupsize)
+    if kind == "row" and len(shape) == 2:
         share = shape[1] // world
         return 1, [(rank * share, (rank + 1) * share)]
     return 0, [(0, shape[0])]  # replicated, and the row-parallel layers' per-output-channel scales
 
 
 def read_part(source, dim: int, ranges: list, length: int) -> Tensor:
-    """Concatenate ranges of a tensor along dim, reading only them (`source[index]` is a safetensors slice or a
-    memory-mapped tensor). A range past `length`, the tensor's size along dim, reads as zeros."""
+    """Concatenate ranges of a tensor along dim, reading only them (`source[index]` is a
+    safetensors slice or a memory-mapped tensor). A range past `length`, the tensor's size along
+    dim, reads as zeros."""
     pieces = []
     for start, stop in ranges:
         piece = source[(slice(None),) * dim + (slice(start, min(stop, length)),)]
@@ -191,11 +214,11 @@ def read_part(source, dim: int, ranges: list, length: int) -> Tensor:
     return torch.cat(pieces, dim=dim) if len(pieces) > 1 else pieces[0].contiguous()
 
 
-# ---- building a rank's model ---------------------------------------------------------------------------
+# ---- building a rank's model ---------------------------------------------------------------------
 
 def empty_shard(args: ModelArgs, quantization: Optional[dict], world: int) -> Transformer:
-    """A rank's model on the meta device (no memory), quantized layers swapped in where `quantization`
-    lists them."""
+    """A rank's model on the meta device (no memory), quantized layers swapped in where
+    `quantization` lists them."""
     with torch.device("meta"):
         model = Transformer(shard_args(args, world))
         if SHARD_OUTPUT:
@@ -206,22 +229,27 @@ def empty_shard(args: ModelArgs, quantization: Optional[dict], world: int) -> Tr
 
 
 def load_shard(path, rank: int, world: int, device, dtype=None) -> Transformer:
-    """Rank's part of a checkpoint (float or quantized), read slice by slice straight onto the device."""
+    """Rank's part of a checkpoint (float or quantized), read slice by slice straight onto the
+    device."""
     ckpt = read_checkpoint(path)
     args, quantization = ckpt.args, ckpt.quantization
     check_quantization(args, quantization, world)
     model = empty_shard(args, quantization, world)
     source = WeightsFile(ckpt.weights)
-    check_tensors(source.shapes, empty_model(args, quantization), f"{ckpt.weights} does not match {ckpt.config}")
+    check_tensors(source.shapes, empty_model(args, quantization),
+                  f"{ckpt.weights} does not match {ckpt.config}")
     state = {}
     # disable=None: the bar shows on a terminal only, never in logs or captured output.
-    for name in tqdm(model.state_dict(), desc=f"loading part {rank + 1} of {world}", unit="tensor", disable=None):
-        stored = "tok_embeddings.weight" if name == "output.weight" and args.tie_embeddings else name
+    for name in tqdm(model.state_dict(), desc=f"loading part {rank + 1} of {world}", unit="tensor",
+                     disable=None):
+        stored = ("tok_embeddings.weight" if name == "output.weight" and args.tie_embeddings
+                  else name)
         shape = source.shapes[stored]
         dim, ranges = rank_slice(name, shape, args, rank, world)
         part = read_part(source.part(stored), dim, ranges, shape[dim])
         # Cast as it arrives: a float32 checkpoint never sits whole on the device in float32.
-        state[name] = part.to(device, dtype if dtype is not None and part.is_floating_point() else part.dtype)
+        state[name] = part.to(device, dtype if dtype is not None and part.is_floating_point()
+                              else part.dtype)
     model.load_state_dict(state, strict=True, assign=True)
     return to_device(model, device, dtype, quantization)
 
@@ -230,8 +258,9 @@ RANDOM_QUANTIZATIONS = ("int8", "int4.g32", "int4.g64", "int4.g128", "int4.g256"
 
 
 def random_config(name: str, precision: Optional[str]) -> tuple[ModelArgs, Optional[dict]]:
-    """The named config and, for a precision of RANDOM_QUANTIZATIONS, the quantization record that quantize.py
-    would write for it (same layers, same padding, the output layer by quantize.py's default)."""
+    """The named config and, for a precision of RANDOM_QUANTIZATIONS, the quantization record that
+    quantize.py would write for it (same layers, same padding, the output layer by quantize.py's
+    default)."""
     args = ModelArgs(**CONFIGS[name])
     if precision is None:
         return args, None
@@ -249,19 +278,21 @@ def random_config(name: str, precision: Optional[str]) -> tuple[ModelArgs, Optio
 
 @torch.no_grad()
 def random_shard(name: str, precision: Optional[str], world: int, device, dtype) -> Transformer:
-    """Rank's part of a named config with random weights, made on the device (benchmarks need no file). Quantized
-    layers get random float weights quantized by quantize.py one layer at a time, so memory never holds a float
-    copy of the model. Every rank draws the same sequence (same seed, same shapes), so the replicated weights
-    agree across ranks."""
+    """Rank's part of a named config with random weights, made on the device (benchmarks need no
+    file). Quantized layers get random float weights quantized by quantize.py one layer at a time,
+    so memory never holds a float copy of the model. Every rank draws the same sequence (same seed,
+    same shapes), so the replicated weights agree across ranks."""
     args, quantization = random_config(name, precision)
     check_quantization(args, quantization, world)
-    model = empty_shard(args, quantization, world).to(dtype)  # cast on meta: no float32 copy is ever allocated
+    # Cast on meta: no float32 copy is ever allocated.
+    model = empty_shard(args, quantization, world).to(dtype)
     model = model.to_empty(device=device)
     quantized = quantization["layers"] if quantization is not None else []
     randomize_(model, skip_layers=quantized)
     for layer in quantized:
         module = model.get_submodule(layer)
-        w = torch.empty(module.out_features, module.in_features, device=device, dtype=dtype).normal_(0.0, 0.02)
+        w = torch.empty(module.out_features, module.in_features, device=device,
+                        dtype=dtype).normal_(0.0, 0.02)
         for key, t in quantize_weight(quantization["mode"], w, quantization["groupsize"]).items():
             getattr(module, key).copy_(t)
         if module.bias is not None:
@@ -269,15 +300,17 @@ def random_shard(name: str, precision: Optional[str], world: int, device, dtype)
     return to_device(model, device, dtype, quantization)
 
 
-# ---- the layers that talk ------------------------------------------------------------------------------
+# ---- the layers that talk ------------------------------------------------------------------------
 
 class RowParallel(nn.Module):
     """A row-parallel linear layer: this rank's partial product x_r @ W_r^T, summed over the ranks.
-    A functional collective, so torch.compile traces it into the graph (and the CUDA graph) of the decode step."""
+    A functional collective, so torch.compile traces it into the graph (and the CUDA graph) of the
+    decode step."""
 
     def __init__(self, linear: nn.Module, group: dist.ProcessGroup):
         super().__init__()
-        assert getattr(linear, "bias", None) is None, "a row-parallel bias would be added once per rank"
+        assert getattr(linear, "bias", None) is None, (
+            "a row-parallel bias would be added once per rank")
         self.linear, self.group = linear, group
 
     def forward(self, x: Tensor) -> Tensor:
@@ -285,23 +318,29 @@ class RowParallel(nn.Module):
 
 
 class VocabParallel(nn.Module):
-    """The output layer split by vocabulary rows: each rank's logits placed at its rows of a zero row of the whole
-    vocabulary, then one all-reduce, the collective RowParallel uses too (adding zeros is exact). At decode a
-    row of logits is a few hundred kilobytes: the collective's latency, not its bytes, is what it costs."""
+    """The output layer split by vocabulary rows: each rank's logits placed at its rows of a zero
+    row of the whole vocabulary, then one all-reduce, the collective RowParallel uses too (adding
+    zeros is exact). At decode a row of logits is a few hundred kilobytes: the collective's
+    latency, not its bytes, is what it costs."""
 
-    def __init__(self, linear: nn.Module, vocab_size: int, rank: int, world: int, group: dist.ProcessGroup):
+    def __init__(self, linear: nn.Module, vocab_size: int, rank: int, world: int,
+                 group: dist.ProcessGroup):
         super().__init__()
-        self.linear, self.vocab_size, self.rank, self.world, self.group = linear, vocab_size, rank, world, group
+        self.linear, self.vocab_size, self.group = linear, vocab_size, group
+        self.rank, self.world = rank, world
 
     def forward(self, x: Tensor) -> Tensor:
         logits = self.linear(x)  # (B, T, vocab_per_rank)
         share = logits.size(-1)
-        logits = F.pad(logits, (self.rank * share, (self.world - 1 - self.rank) * share))  # (B, T, world * vocab_per_rank)
-        return funcol.all_reduce(logits, "sum", self.group)[..., :self.vocab_size]  # the last rank's padding dropped
+        # (B, T, world * vocab_per_rank)
+        logits = F.pad(logits, (self.rank * share, (self.world - 1 - self.rank) * share))
+        # The last rank's padding dropped.
+        return funcol.all_reduce(logits, "sum", self.group)[..., :self.vocab_size]
 
 
 def parallelize(model: Transformer, rank: int, world: int, group: dist.ProcessGroup) -> Transformer:
-    """Put the collectives in: after each row-parallel layer, and after a vocabulary-split output layer."""
+    """Put the collectives in: after each row-parallel layer, and after a vocabulary-split output
+    layer."""
     for layer in model.layers:
         layer.attention.wo = RowParallel(layer.attention.wo, group)
         layer.feed_forward.w2 = RowParallel(layer.feed_forward.w2, group)
@@ -310,16 +349,18 @@ def parallelize(model: Transformer, rank: int, world: int, group: dist.ProcessGr
     return model
 
 
-# ---- generate.py's entry points ---------------------------------------------------------------------------
+# ---- generate.py's entry points ------------------------------------------------------------------
 
 def start(args, config: ModelArgs, device: torch.device) -> torch.device:
-    """Under torchrun, before any weights are read: check that the model splits over the processes
-    (every rank fails alike, and rank 0 says why), then join the process group. Returns this rank's
-    device. args: generate.py's or eval.py's command line, with checkpoint_path and, where the script
-    has them, random_weights, random_quantization, interactive, json, profile and output."""
+    """Under torchrun, before any weights are read: check that the model splits over the
+    processes (every rank fails alike, and rank 0 says why), then join the process group. Returns
+    this rank's device. args: generate.py's or eval.py's command line, with checkpoint_path and,
+    where the script has them, random_weights, random_quantization, interactive, json, profile and
+    output."""
     global STARTED
     if getattr(args, "interactive", False):
-        raise InputError("--interactive is not supported under torchrun: every process would need the prompt")
+        raise InputError("--interactive is not supported under torchrun: every process would need "
+                         "the prompt")
     world = world_size()
     shard_args(config, world)
     check_quantization(config, requested_quantization(args), world)
@@ -338,11 +379,13 @@ def requested_quantization(args) -> Optional[dict]:
 
 
 def load_model(args, device: torch.device, dtype) -> Transformer:
-    """This rank's part of the model that args (as for start) asks for, its collectives in place; the whole model
-    when there is one process (generate.py --random_quantization without torchrun)."""
+    """This rank's part of the model that args (as for start) asks for, its collectives in place;
+    the whole model when there is one process (generate.py --random_quantization without
+    torchrun)."""
     world = world_size()
     if getattr(args, "random_weights", None):
-        model = random_shard(args.random_weights, getattr(args, "random_quantization", None), world, device, dtype)
+        model = random_shard(args.random_weights, getattr(args, "random_quantization", None), world,
+                             device, dtype)
     else:
         model = load_shard(args.checkpoint_path, rank(), world, device, dtype)
     return parallelize(model, rank(), world, dist.group.WORLD) if world > 1 else model

@@ -1,4 +1,4 @@
-"""Benchmark decode and prefill speed against the card's own memory bandwidth (issue 4's matrix).
+"""Benchmark decode and prefill speed against the card's own memory bandwidth.
 
     python scripts/bench.py --models Llama-2-7B Llama-3-8B --precisions bf16 int8 int4.g128 --out bench.json
     python scripts/bench.py --cells Llama-2-7B:bf16:1:200 Llama-2-7B:bf16:1:4000 --second_compile --out gpu0.json
@@ -13,7 +13,8 @@ on a CUDA GPU:
    ceiling of a memory-bound decode;
 3. runs the cells in the order given: builds the cell's config with random weights on the GPU (they decode
    at exactly the speed of real ones; consecutive cells of one model and precision share the build),
-   quantizes it in memory with quantize.py's own code, and runs generate.py's loop with the compiled decode
+   quantized layer by layer with quantize.py's own code as generate.py --random_quantization builds them
+   (tp.random_shard on one process), and runs generate.py's loop with the compiled decode
    step: one untimed run (its time is the compile time), then --samples timed ones of a 5-token prompt
    (--long_samples for cells of over 1000 new tokens), then a prefill of one --prefill_tokens prompt.
 
@@ -62,8 +63,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import generate  # noqa: E402
 import kernels  # noqa: E402
-import quantize  # noqa: E402
-from model import ModelArgs, atomic_path, build_model, exit_on_bad_input, random_model  # noqa: E402
+import tp  # noqa: E402
+from checkpoint import InputError, check_writable, random_model, read_json, write_files  # noqa: E402
+from model import CONFIGS, ModelArgs  # noqa: E402
 
 DEVICE = "cuda"  # the benchmark is for GPUs; tests point it at the CPU to check the code path
 PROMPT_TOKENS = 5  # the decode samples' prompt, as in gpt-fast's numbers
@@ -75,7 +77,7 @@ BYTES_PER_GB = 1e9
 # scripts/bench_all.sh runs SUITES["all"] as four parallel processes, one per GPU, part 0 with --second_compile.
 # Balanced by estimate (a cell: ~70 s compile + ~15-30 s of runs; a 4000-token cell ~100-125 s; the second
 # compile ~60 s; a process ~30 s to start and check kernels): ~410-480 s a part, under bench_all.sh's 550 s
-# limit. The issue's targets (Llama-2-7B, batch 1) run first in their parts, so an overrun costs the extras.
+# limit. The headline cells (Llama-2-7B, batch 1) run first in their parts, so an overrun costs the extras.
 # Each row records its wall_s: rebalance from those.
 L2, L3 = "Llama-2-7B", "Llama-3-8B"
 SUITES = {
@@ -104,7 +106,7 @@ class Cell:
         """MODEL:PRECISION[:BATCH[:NEW_TOKENS]], e.g. Llama-2-7B:int4.g128:1:4000."""
         parts = spec.split(":")
         if not 2 <= len(parts) <= 4 or not all(p.isdigit() for p in parts[2:]):
-            raise ValueError(f"cell {spec!r} is not MODEL:PRECISION[:BATCH[:NEW_TOKENS]]")
+            raise InputError(f"cell {spec!r} is not MODEL:PRECISION[:BATCH[:NEW_TOKENS]]")
         return cls(parts[0], parts[1], *map(int, parts[2:]))
 
     @property
@@ -117,26 +119,28 @@ def parse_precision(precision: str) -> tuple[str, Optional[int]]:
     mode, dot_g, group = precision.partition(".g")
     if mode in ("bf16", "int8", "fp8", "fp8-scaled_mm") and not dot_g:
         return mode, None
-    if mode == "int4" and group.isdigit() and int(group) in quantize.GROUPSIZES:
+    if mode == "int4" and group.isdigit() and int(group) in kernels.GROUPSIZES:
         return mode, int(group)
-    raise ValueError(f"unknown precision {precision!r}: bf16, int8, int4.gG (G one of {quantize.GROUPSIZES}), fp8, fp8-scaled_mm")
+    raise InputError(f"unknown precision {precision!r}: bf16, int8, int4.gG (G one of {kernels.GROUPSIZES}), fp8, fp8-scaled_mm")
 
 
 def check_cell(cell: Cell):
-    """A ValueError naming the problem for a cell that cannot run, before anything is built."""
-    args = ModelArgs.from_name(cell.model)  # its ValueError lists the known names
+    """An InputError naming the problem for a cell that cannot run, before anything is built."""
+    if cell.model not in CONFIGS:
+        raise InputError(f"unknown model name {cell.model!r}; known: {', '.join(CONFIGS)}")
+    args = ModelArgs(**CONFIGS[cell.model])
     parse_precision(cell.precision)
     if cell.batch_size < 1 or cell.new_tokens < 1:
-        raise ValueError(f"cell {cell.spec}: batch size and new tokens must be >= 1")
+        raise InputError(f"cell {cell.spec}: batch size and new tokens must be >= 1")
     if PROMPT_TOKENS + cell.new_tokens > args.block_size:
-        raise ValueError(f"cell {cell.spec}: {PROMPT_TOKENS} + {cell.new_tokens} tokens exceed {cell.model}'s {args.block_size}-token context")
+        raise InputError(f"cell {cell.spec}: {PROMPT_TOKENS} + {cell.new_tokens} tokens exceed {cell.model}'s {args.block_size}-token context")
 
 
 def cells_from_args(args) -> list:
     if args.suite is not None:
         parts = SUITES[args.suite]
         if not 0 <= args.part < len(parts):
-            raise ValueError(f"--part must be in 0..{len(parts) - 1} for suite {args.suite!r}")
+            raise InputError(f"--part must be in 0..{len(parts) - 1} for suite {args.suite!r}")
         specs = parts[args.part]
     elif args.cells is not None:
         specs = args.cells
@@ -170,19 +174,15 @@ def copy_bandwidth_gb_s(n_bytes: int = 4 << 30, repeats: int = 20) -> float:
 
 
 def build(name: str, precision: str):
-    """Random-weight model of the named config in bf16 on the device, quantized as `precision` says."""
-    model = random_model(name, DEVICE, torch.bfloat16)
-    mode, groupsize = parse_precision(precision)
+    """Random-weight model of the named config in bf16 on the device, quantized as `precision` says:
+    each quantized layer's random float weight is quantized by quantize.py's code as it is made, so
+    no float copy of the model is ever held (generate.py --random_quantization builds the same)."""
+    mode, _ = parse_precision(precision)
     if mode == "bf16":
-        return model
-    quantize.FP8_SCALED_MM = mode == "fp8-scaled_mm"
-    mode = mode.removesuffix("-scaled_mm")
-    args, state_dict = model.args, model.state_dict()
-    names = [k for k in state_dict if not (args.tie_embeddings and k == "output.weight")]
-    qsd, qargs, quantization = quantize.quantize_state_dict(
-        names, state_dict.__getitem__, args, mode, groupsize, quantize.OUTPUT_BY_DEFAULT[mode])
-    del model, state_dict
-    return build_model(qargs, qsd, quantization, DEVICE, torch.bfloat16)
+        return random_model(name, DEVICE, torch.bfloat16)
+    kernels.FP8_SCALED_MM = mode == "fp8-scaled_mm"  # read when the model reaches its device
+    return tp.random_shard(name, precision.replace("-scaled_mm", ""), 1, torch.device(DEVICE),
+                           torch.bfloat16)
 
 
 def kv_bytes_per_step(model, batch_size: int, prompt_tokens: int, new_tokens: int) -> float:
@@ -198,7 +198,8 @@ def measure_decode(model, cell: Cell, samples: int, prefill_fn, decode_fn) -> di
     """One untimed compiling run, then `samples` timed generations of cell.new_tokens tokens per row."""
     device = torch.device(DEVICE)
     prompts = [torch.randint(0, model.args.vocab_size, (PROMPT_TOKENS,)).tolist()] * cell.batch_size
-    # Sized for this generation exactly: today's attention reads the whole static cache every step.
+    # Sized for this generation (setup_caches rounds up to whole 8s): attention reads every slot of the
+    # static cache at every step.
     model.setup_caches(cell.batch_size, PROMPT_TOKENS + cell.new_tokens)
 
     def run(new_tokens: int):
@@ -207,7 +208,10 @@ def measure_decode(model, cell: Cell, samples: int, prefill_fn, decode_fn) -> di
     t0 = time.perf_counter()
     run(min(cell.new_tokens, WARMUP_TOKENS))
     compile_s = time.perf_counter() - t0
-    weight_bytes = generate.weight_bytes_per_step(model)
+    # A step reads every weight once, except an untied embedding table, of which it reads the looked-up rows.
+    weight_bytes = sum(p.nbytes for p in model.parameters())
+    if not model.args.tie_embeddings:
+        weight_bytes -= model.tok_embeddings.weight.nbytes
     kv_bytes = kv_bytes_per_step(model, cell.batch_size, PROMPT_TOKENS, cell.new_tokens)
     # generate.metrics turns "bytes read per step" into GB/s: here the weights and the filled KV cache.
     results = [generate.metrics(run(cell.new_tokens), weight_bytes + kv_bytes, device) for _ in range(samples)]
@@ -321,7 +325,7 @@ def run_benchmark(args):
     if args.plot:
         require_matplotlib()  # before minutes of GPU work, not after
     if DEVICE == "cuda" and not torch.cuda.is_available():
-        raise ValueError("the benchmark needs a CUDA GPU, and this PyTorch sees none (--merge works anywhere)")
+        raise InputError("the benchmark needs a CUDA GPU, and this PyTorch sees none (--merge works anywhere)")
     card = generate.device_name(torch.device(DEVICE))
     result = dict(card=card, torch=torch.__version__, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   copy_gb_s=None, kernel_checks=[], rows=[])
@@ -332,7 +336,7 @@ def run_benchmark(args):
             print(checks_markdown(result["kernel_checks"]), flush=True)
         if failed:
             generate.write_json(args.out, result)
-            raise ValueError(f"kernel check failed ({len(failed)} of {len(result['kernel_checks'])}): "
+            raise InputError(f"kernel check failed ({len(failed)} of {len(result['kernel_checks'])}): "
                              + "; ".join(describe_check(c) for c in failed))
         result["copy_gb_s"] = copy_bandwidth_gb_s()
         print(f"{card}, torch {torch.__version__}, copy bandwidth {result['copy_gb_s']:.0f} GB/s", flush=True)
@@ -370,13 +374,10 @@ RESULT_KEYS = ("card", "torch", "date", "copy_gb_s", "kernel_checks", "rows")
 
 
 def read_result(path: Path) -> dict:
-    try:
-        result = json.loads(path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    missing = [k for k in RESULT_KEYS if not isinstance(result, dict) or k not in result]
+    result = read_json(path)  # an InputError naming the file if it is missing or not a JSON object
+    missing = [k for k in RESULT_KEYS if k not in result]
     if missing:
-        raise ValueError(f"{path} is not a bench.py result (no {', '.join(missing)})")
+        raise InputError(f"{path} is not a bench.py result (no {', '.join(missing)})")
     return result
 
 
@@ -459,7 +460,7 @@ def require_matplotlib():
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise ValueError("--plot needs matplotlib, a bench-only extra (pip install matplotlib), "
+        raise InputError("--plot needs matplotlib, a bench-only extra (pip install matplotlib), "
                          "or plot elsewhere later: bench.py --merge RESULT.json --plot FILE.png") from None
 
 
@@ -471,7 +472,7 @@ def plot(result: dict, path: Path):
     import matplotlib.pyplot as plt
     rows = [r for r in result["rows"] if r["batch_size"] == 1]
     if not rows:
-        raise ValueError("--plot: no batch-1 rows to plot")
+        raise InputError("--plot: no batch-1 rows to plot")
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for ax, name in zip(axes[0], models):
@@ -479,8 +480,7 @@ def plot(result: dict, path: Path):
         ax.set_title(f"{name}, batch 1")
     fig.suptitle(f"{result['card']}, torch {result['torch']}, {result['date'][:10]}")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+    write_files(path.parent, {path.name: lambda tmp: fig.savefig(tmp, format="png", dpi=120)})
     plt.close(fig)
 
 
@@ -507,8 +507,7 @@ def report(result: dict, args):
     text = markdown(result)
     print("\n" + text)
     if args.markdown:
-        with atomic_path(args.markdown) as tmp:
-            Path(tmp).write_text(text)
+        write_files(args.markdown.parent, {args.markdown.name: lambda tmp: tmp.write_text(text)})
     if args.plot:
         plot(result, args.plot)
 
@@ -552,16 +551,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_args(args):
-    """Reject bad combinations up front, each with one clear sentence (raised as ValueError)."""
+    """Reject bad combinations up front, each with one clear sentence (raised as InputError)."""
     lists = [flag for flag in ("models", "precisions", "batch_sizes", "max_new_tokens") if getattr(args, flag)]
     ways = bool(lists) + (args.cells is not None) + (args.suite is not None)
     if args.merge and ways:
-        raise ValueError("--merge combines finished results: give it no cells")
+        raise InputError("--merge combines finished results: give it no cells")
     if ways > 1:
-        raise ValueError("give the cells one way: --models/--precisions/--batch_sizes/--max_new_tokens, --cells, or --suite")
+        raise InputError("give the cells one way: --models/--precisions/--batch_sizes/--max_new_tokens, --cells, or --suite")
     if min(args.samples, args.long_samples) < 1 or args.prefill_tokens < 0:
-        raise ValueError("--samples and --long_samples must be >= 1, --prefill_tokens >= 0")
-    generate.check_output_folders({f"--{flag}": getattr(args, flag) for flag in ("out", "markdown", "plot")})
+        raise InputError("--samples and --long_samples must be >= 1, --prefill_tokens >= 0")
+    for flag in ("out", "markdown", "plot"):
+        if getattr(args, flag) is not None:
+            check_writable(getattr(args, flag), f"--{flag}")
 
 
 def run(args):
@@ -573,7 +574,11 @@ def run(args):
 
 
 def main(argv=None):
-    exit_on_bad_input(run, parse_args(argv))
+    """One run of bench.py: bad input ends in one `error:` line and exit status 1."""
+    try:
+        run(parse_args(argv))
+    except InputError as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

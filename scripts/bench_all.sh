@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 4's whole speed matrix on a 4-GPU machine in about 8 minutes: scripts/bench.py's SUITES["all"] as four
+# The whole speed matrix on a 4-GPU machine in about 8 minutes: scripts/bench.py's SUITES["all"] as four
 # processes in parallel, one per GPU (part i on GPU i; part 0 also times a second, warm-cache compile of its
 # first cell), then one merged JSON and markdown table, and the PNG plot where matplotlib is installed.
 #

@@ -4,7 +4,7 @@ and one draft step, from which the expected speedup at any acceptance rate follo
     python scripts/bench_speculative.py --out bench_speculative.json
 
 Target: the Llama-2-7B shape in bfloat16 with random weights (they run at the speed of real ones). Drafts: the
-same shape in int4 g128 (a quantized copy of the target, quantized in memory by bench.py's `build`) and the
+same shape in int4 g128 (the cost of a quantized copy of the target, built by bench.py's `build`) and the
 TinyLlama-1.1B shape in bfloat16 (a smaller model of the family). Each step is generate.py's own function,
 compiled as generate.py compiles it (one CUDA graph each; the verify at its fixed shape (1, k + 1)), and timed
 with CUDA events: the median of --repeats calls after a warm-up, at cache position --position of a
@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's mo
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench.py beside this file
 import bench  # noqa: E402
 import generate  # noqa: E402
+from checkpoint import InputError, check_device, check_writable  # noqa: E402
 
 ACCEPTANCE_RATES = (0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -58,7 +59,8 @@ def timed(fn, device: torch.device, repeats: int) -> dict:
     """Time fn; its first call (which compiles) is timed separately."""
     t0 = time.perf_counter()
     fn()
-    generate.synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return dict(first_call_s=time.perf_counter() - t0, ms=time_ms(fn, device, repeats))
 
 
@@ -135,12 +137,27 @@ def main(argv=None):
     p.add_argument("--eager", action="store_true", help="no torch.compile (to check the script on a CPU)")
     p.add_argument("--out", type=Path, default=Path("bench_speculative.json"))
     args = p.parse_args(argv)
-    assert args.position + max(args.ks) + 1 <= args.cache_length, "--cache_length too small for --position and --ks"
-    started, device = time.perf_counter(), torch.device(args.device)
+    if min(args.ks) < 1 or args.position < 0 or args.repeats < 1:
+        raise InputError("--ks and --repeats must be >= 1, --position >= 0")
+    if args.position + max(args.ks) + 1 > args.cache_length:
+        raise InputError(f"--cache_length {args.cache_length} is too small for --position {args.position} and "
+                         f"--ks up to {max(args.ks)}: a verify writes k + 1 slots from --position")
+    check_writable(args.out, "--out")
+    for spec in [f"{args.target}:bf16", *args.drafts]:
+        name, _, precision = spec.partition(":")
+        bench.check_cell(bench.Cell(name, precision or "bf16", 1, 1))  # a known config and precision
+        block_size = bench.ModelArgs(**bench.CONFIGS[name]).block_size
+        if args.cache_length > block_size:
+            raise InputError(f"--cache_length {args.cache_length} exceeds {name}'s {block_size}-token context")
+    started, device = time.perf_counter(), check_device(args.device, "--device")
     bench.DEVICE = args.device  # bench.build makes its models there
-    options = argparse.Namespace(compile=not args.eager, compile_prefill=False)
-    _, decode_fn = generate.compile_functions(options)  # sets the compiler options generate.py uses
-    draft_fn, verify_fn = generate.compile_speculation(options)
+    compiled = not args.eager
+    # compile_functions also sets the compiler options generate.py uses; the draft step and the verify are
+    # compiled as generate.py's load_proposer and compile_verify compile them.
+    _, decode_fn = generate.compile_functions(argparse.Namespace(compile=compiled, compile_prefill=False))
+    draft_fn = (torch.compile(generate.draft_one_token, mode="reduce-overhead", fullgraph=True) if compiled
+                else generate.draft_one_token)
+    verify_fn = generate.compile_verify() if compiled else generate.verify
     card = generate.device_name(device)
     print(f"{card}, torch {torch.__version__}", flush=True)
 
@@ -176,4 +193,7 @@ def report(rows: list, args, card: str):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as e:
+        sys.exit(f"error: {e}")

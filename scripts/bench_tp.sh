@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Tensor-parallel decode speed (issue 7): random weights, batch 1, 5-token prompt, 200 new tokens, --compile (one
+# Tensor-parallel decode speed: random weights, batch 1, 5-token prompt, 200 new tokens, --compile (one
 # CUDA graph per decode step), one untimed compiling run then 3 timed samples, on 1, 2, 4 or 8 GPUs of one host.
 #
 #   bash scripts/bench_tp.sh 2                          # the default cells for 2 GPUs (below)
@@ -14,7 +14,8 @@
 #   python -m pytest tests/test_tp.py -q -k cuda
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The lent machines' GPUs must not use NVLink multicast (NVLS): see the device notes.
+# NVLink multicast (NVLS) stays off in NCCL, PyTorch and NVSHMEM: on a shared host a program that uses it can
+# put the GPUs out of service.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=1
 GPUS=${1:?usage: bench_tp.sh GPUS [MODEL PRECISION...]}
 OUT=${OUT:-bench_tp}
@@ -25,7 +26,7 @@ cell() {  # MODEL PRECISION: one run under torchrun, then its row
     local quantization=()
     [ "$precision" != bf16 ] && quantization=(--random_quantization "$precision")
     python -m torch.distributed.run --standalone --nproc_per_node="$GPUS" generate.py --compile --random_weights "$model" "${quantization[@]}" \
-        --prompt 5 --max_new_tokens 200 --num_samples 3 --json "$OUT/$tag.json" >/dev/null
+        --prompt_tokens 5 --max_new_tokens 200 --num_samples 3 --json "$OUT/$tag.json" >/dev/null
     python - "$OUT/$tag.json" "$model" "$precision" "$GPUS" "${TP_OUTPUT:-sharded}" <<'EOF'
 import json, sys
 path, model, precision, gpus, output = sys.argv[1:]
@@ -37,6 +38,8 @@ open(path.rsplit("/", 1)[0] + "/table.md", "a").write(row + "\n")
 EOF
 }
 
+# The chosen cells, or the default cells for the GPU count (on 8: Llama-2-70B in three precisions, and
+# Llama-3.1-405B in int8 only, its bf16 weights being 810 GB).
 if [ $# -gt 1 ]; then
     for precision in "${@:3}"; do cell "$2" "$precision"; done
 else case $GPUS in
@@ -45,7 +48,7 @@ else case $GPUS in
        TP_OUTPUT=replicated cell Llama-2-7B bf16 ;;
     4) cell Llama-2-7B bf16; cell Llama-2-7B int8; cell Llama-2-70B bf16; cell Llama-2-70B int8
        TP_OUTPUT=replicated cell Llama-2-7B bf16; TP_OUTPUT=replicated cell Llama-2-70B bf16 ;;
-    8) cell Llama-2-70B bf16; cell Llama-2-70B int8; cell Llama-2-70B int4.g32; cell Llama-3.1-405B int8 ;;  # issue 8; not run yet
+    8) cell Llama-2-70B bf16; cell Llama-2-70B int8; cell Llama-2-70B int4.g32; cell Llama-3.1-405B int8 ;;
     *) echo "GPUS must be 1, 2, 4 or 8" >&2; exit 1 ;;
 esac
 fi

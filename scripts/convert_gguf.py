@@ -1,37 +1,47 @@
 """Convert a llama.cpp GGUF file into a gpt-blitz checkpoint folder.
 
-    python scripts/convert_gguf.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --out checkpoints/SmolLM2-135M-Instruct
+    python scripts/convert_gguf.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf \
+        --out checkpoints/SmolLM2-135M-Instruct [--force]
 
 Quantized tensors are dequantized (their exact values, stored as floats); the config comes from the
-GGUF metadata and the tokenizer is rebuilt from it as tokenizer.json + tokenizer_config.json. Only the
-`llama` architecture with a byte-level BPE ("gpt2") vocabulary is supported so far.
+GGUF metadata and the tokenizer is rebuilt from it as tokenizer.json + tokenizer_config.json +
+generation_config.json. All of them are written as one set (see checkpoint.save_checkpoint); a
+folder that holds a checkpoint already is replaced only with --force. Only the `llama` architecture
+with a byte-level BPE ("gpt2") vocabulary is supported so far.
 
-Layout facts this relies on: GGUF lists a tensor's dims fastest-first, so numpy's shape is the reverse,
-(out_features, in_features), which is exactly nn.Linear's weight; and llama.cpp stores llama q/k rows in
-Meta's interleaved rotary order, which is this repo's layout too, so q/k need no permutation.
+Layout facts this relies on: GGUF lists a tensor's dims fastest-first, so numpy's shape is the
+reverse, (out_features, in_features), which is exactly nn.Linear's weight; and llama.cpp stores
+llama q/k rows in Meta's interleaved rotary order, which is this repo's layout too, so q/k need no
+permutation.
 """
 import argparse
 import json
+import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts run as `python scripts/x.py`
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
-import numpy as np
-import torch
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
-from model import ModelArgs, atomic_path, error_summary, llama3_scale, rope_freqs, save_checkpoint
-from tokenizer import LLAMA3_PATTERN
+from checkpoint import (InputError, check_tensors, checkpoint_files, empty_model,  # noqa: E402
+                        parse_config, save_checkpoint)
+from model import ModelArgs, llama3_scale  # noqa: E402
+from tokenizer import LLAMA3_PATTERN  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Pre-tokenizer splits, by the name llama.cpp writes as `tokenizer.ggml.pre`. Each entry: regexes that
-# isolate pieces before the byte-level step, and whether ByteLevel then applies GPT-2's own split regex.
-# (A GPT-2 style vocabulary is trained on text cut this way; cutting it differently changes the ids.)
+# Pre-tokenizer splits, by the name llama.cpp writes as `tokenizer.ggml.pre`. Each entry: regexes
+# that isolate pieces before the byte-level step, and whether ByteLevel then applies GPT-2's own
+# split regex. (A GPT-2 style vocabulary is trained on text cut this way; cutting it differently
+# changes the ids.)
 GPT2_ONLY = dict(splits=[], gpt2_regex=True)
-DIGITS_THEN_GPT2 = dict(splits=[r"\p{N}"], gpt2_regex=True)  # StarCoder family: every digit on its own
-# Llama-3 looks a whole piece up in the vocabulary before merging (ignore_merges) and adds BOS by default.
+DIGITS_THEN_GPT2 = dict(splits=[r"\p{N}"], gpt2_regex=True)  # StarCoder family: every digit alone
+# Llama-3 looks a whole piece up in the vocabulary before merging (ignore_merges) and adds BOS by
+# default.
 LLAMA3 = dict(splits=[LLAMA3_PATTERN], gpt2_regex=False, ignore_merges=True, add_bos=True)
 PRE_TOKENIZERS = {
     "default": GPT2_ONLY, "gpt2": GPT2_ONLY,
@@ -43,122 +53,143 @@ CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 # GGUF tensor name (inside blk.N.) -> (our name inside layers.N., fused group or None)
 LAYER_TENSORS = {
     "attn_norm.weight": ("attention_norm.weight", None),
-    "attn_q.weight": ("attention.wqkv.weight", "q"), "attn_k.weight": ("attention.wqkv.weight", "k"),
+    "attn_q.weight": ("attention.wqkv.weight", "q"),
+    "attn_k.weight": ("attention.wqkv.weight", "k"),
     "attn_v.weight": ("attention.wqkv.weight", "v"),
     "attn_q.bias": ("attention.wqkv.bias", "q"), "attn_k.bias": ("attention.wqkv.bias", "k"),
     "attn_v.bias": ("attention.wqkv.bias", "v"),
     "attn_output.weight": ("attention.wo.weight", None),
     "ffn_norm.weight": ("ffn_norm.weight", None),
-    "ffn_gate.weight": ("feed_forward.w13.weight", "gate"), "ffn_up.weight": ("feed_forward.w13.weight", "up"),
+    "ffn_gate.weight": ("feed_forward.w13.weight", "gate"),
+    "ffn_up.weight": ("feed_forward.w13.weight", "up"),
     "ffn_down.weight": ("feed_forward.w2.weight", None),
 }
 FUSE_ORDER = {"attention.wqkv.weight": ("q", "k", "v"), "attention.wqkv.bias": ("q", "k", "v"),
               "feed_forward.w13.weight": ("gate", "up")}
-TOP_TENSORS = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight", "output.weight": "output.weight"}
+TOP_TENSORS = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
+               "output.weight": "output.weight"}
+REQUIRED = object()  # get()'s default for metadata a file must have
+INT_KEYS = ("embedding_length", "block_count", "attention.head_count", "attention.head_count_kv",
+            "attention.key_length", "feed_forward_length", "context_length")
 
 
-# ---- metadata -------------------------------------------------------------------------------------
+# ---- metadata -----------------------------------------------------------------------------------
 
 def open_gguf(path: Path):
     import gguf
     if not path.is_file():
-        raise ValueError(f"no such file: {path}")
+        raise InputError(f"no such file: {path}")
     try:
         return gguf.GGUFReader(path)
-    except Exception as e:  # bad magic, truncated header, ... all mean the same thing to the user
-        raise ValueError(f"{path} is not a readable GGUF file ({error_summary(e)})") from None
+    except Exception as e:  # bad magic, truncated header, no permission: all bad input
+        raise InputError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
 def read_metadata(reader) -> dict:
-    """Every key -> value, except the three big tokenizer arrays, which build_tokenizer() reads itself."""
-    big = {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"}
-    return {k: f.contents() for k, f in reader.fields.items() if k not in big and not k.startswith("GGUF.")}
+    """Every key -> value, except the big tokenizer arrays, which build_tokenizer() reads itself."""
+    big = {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+           "tokenizer.ggml.scores"}
+    return {k: f.contents() for k, f in reader.fields.items()
+            if k not in big and not k.startswith("GGUF.")}
 
 
-def float32_value(x: float) -> float:
-    # GGUF stores float32: 1e-5 arrives as 9.99999974e-06. The shortest decimal that rounds to the
-    # same float32 is the number the model's authors wrote.
+def float32_value(x):
+    """GGUF stores float32: 1e-5 arrives as 9.99999974e-06. The shortest decimal that rounds to the
+    same float32 is the number the model's authors wrote. Anything that is not a finite float32
+    (a string, inf) is passed on for parse_config to refuse."""
+    if type(x) not in (int, float) or not abs(x) < 3e38:
+        return x
     return float(str(np.float32(x)))
 
 
 def model_args(meta: dict, reader, path: Path) -> ModelArgs:
+    """ModelArgs from the metadata, every field checked by parse_config before any tensor is
+    read."""
     arch = meta.get("general.architecture")
     if arch != "llama":
-        raise ValueError(f"unsupported architecture {arch!r} in {path.name}: only 'llama' GGUF files can be converted")
+        raise InputError(f"unsupported architecture {arch!r} in {path.name}: only 'llama' GGUF "
+                         "files can be converted")
     if meta.get("llama.expert_count", 0):
-        raise ValueError(f"{path.name} is a mixture-of-experts model ({meta['llama.expert_count']} experts): not supported")
+        raise InputError(f"{path.name} is a mixture-of-experts model ({meta['llama.expert_count']} "
+                         "experts): not supported")
 
-    def get(key, default=None):
+    def get(key, default=REQUIRED):
         value = meta.get(f"llama.{key}", default)
-        if value is None:
-            raise ValueError(f"{path.name} lacks metadata llama.{key}")
+        if value is REQUIRED:
+            raise InputError(f"{path.name} lacks metadata llama.{key}")
         if isinstance(value, list):
-            raise ValueError(f"{path.name}: per-layer llama.{key} is not supported")
+            raise InputError(f"{path.name}: per-layer llama.{key} is not supported")
         return value
 
-    dim, n_head = get("embedding_length"), get("attention.head_count")
-    head_dim = get("attention.key_length", dim // n_head)
-    if get("attention.value_length", head_dim) != head_dim:
-        raise ValueError(f"{path.name}: key and value head sizes differ, which this model does not support")
-    if get("rope.dimension_count", head_dim) != head_dim:
-        raise ValueError(f"{path.name}: rotary embedding on {get('rope.dimension_count')} of {head_dim} head dims "
-                         "(partial rotary) is not supported")
     if "tokenizer.ggml.tokens" not in reader.fields:
-        raise ValueError(f"{path.name} has no vocabulary (tokenizer.ggml.tokens)")
+        raise InputError(f"{path.name} has no vocabulary (tokenizer.ggml.tokens)")
+    for key in INT_KEYS:
+        value = get(key, None)  # checked here too so that the error names the key as the file does
+        if value is not None and (type(value) is not int or value < 1):
+            raise InputError(f"{path.name}: llama.{key} must be a positive integer, got {value!r}")
     tensors = {t.name: t for t in reader.tensors}
-    rope_base = float32_value(get("rope.freq_base", 10000.0))
-    return ModelArgs(
-        dim=dim, n_layer=get("block_count"), n_head=n_head, n_kv_heads=get("attention.head_count_kv", n_head),
-        head_dim=head_dim, vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data),
+    fields = dict(
+        dim=get("embedding_length"), n_layer=get("block_count"), n_head=get("attention.head_count"),
+        n_kv_heads=get("attention.head_count_kv", None),  # None: as many as query heads
+        head_dim=get("attention.key_length", None),  # None: dim // n_head
+        vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data),
         intermediate_size=get("feed_forward_length"), block_size=get("context_length", 2048),
-        rope_base=rope_base, rope_scaling=rope_scaling(meta, tensors, head_dim, rope_base, path),
+        rope_base=float32_value(get("rope.freq_base", 10000.0)),
         norm_eps=float32_value(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        attention_bias="blk.0.attn_q.bias" in tensors, tie_embeddings="output.weight" not in tensors,
-    )
+        attention_bias="blk.0.attn_q.bias" in tensors,
+        tie_embeddings="output.weight" not in tensors)
+    args = parse_config(fields, path.name)
+    if get("attention.value_length", args.head_dim) != args.head_dim:
+        raise InputError(f"{path.name}: key and value head sizes differ, which this model does not "
+                         "support")
+    rotary = get("rope.dimension_count", args.head_dim)
+    if rotary != args.head_dim:
+        raise InputError(f"{path.name}: rotary embedding on {rotary!r} of {args.head_dim} head "
+                         "dims (partial rotary) is not supported")
+    scaling = rope_scaling(meta, tensors, args.head_dim, args.rope_base, path)
+    return parse_config({**fields, "rope_scaling": scaling}, path.name)
 
 
 def rope_scaling(meta: dict, tensors: dict, head_dim: int, rope_base: float, path: Path):
     """None, or the Llama-3.1 scaling dict ModelArgs takes. Anything else is refused, not ignored:
     a model run with the wrong rotary frequencies still talks, just worse."""
     kind = meta.get("llama.rope.scaling.type", "none")
-    if "rope_freqs.weight" in tensors:  # llama.cpp stores Llama-3.1 scaling as one divisor per frequency
-        from gguf.quants import dequantize
-        t = tensors["rope_freqs.weight"]
-        divisors = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float64)).flatten()
-        original = meta.get("llama.rope.scaling.original_context_length", 8192)
-        return llama3_scaling_from_divisors(divisors, head_dim, rope_base, original, path.name)
-    if kind != "none":
-        raise ValueError(f"{path.name}: rope scaling {kind!r} is not supported (only Llama-3.1 style rope_freqs)")
-    return None
+    if kind != "none":  # linear, yarn, longrope: llama.cpp writes no type for Llama-3.1's scaling
+        raise InputError(f"{path.name}: rope scaling type {kind!r} is not supported (gpt-blitz "
+                         "implements plain rotary embeddings and Llama-3.1 scaling)")
+    if "rope_freqs.weight" not in tensors:
+        return None
+    # llama.cpp stores Llama-3.1 scaling as one divisor per frequency
+    from gguf.quants import dequantize
+    t = tensors["rope_freqs.weight"]
+    divisors = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float64))
+    original = meta.get("llama.rope.scaling.original_context_length", 8192)
+    if type(original) is not int or original < 1:
+        raise InputError(f"{path.name}: llama.rope.scaling.original_context_length must be a "
+                         f"positive integer, got {original!r}")
+    return llama3_scaling_from_divisors(divisors.flatten(), head_dim, rope_base, original,
+                                        path.name)
 
 
-def llama3_scaling_from_divisors(divisors, head_dim: int, rope_base: float, original_context: int, name: str) -> dict:
-    """GGUF keeps only the result of Llama-3.1 scaling (freq / divisor), not its parameters. Every released
-    Llama-3.1/3.2 uses low=1, high=4 with an 8192 original context, and the factor is the largest divisor;
-    accept those parameters only if they reproduce the stored divisors."""
-    freqs = rope_freqs(rope_base, head_dim)
-    scaling = dict(factor=float32_value(divisors.max().item()), low_freq_factor=1.0, high_freq_factor=4.0,
-                   original_max_position_embeddings=int(original_context))
-    if divisors.shape != freqs.shape or not torch.allclose(freqs / llama3_scale(freqs, **scaling), divisors, rtol=1e-4):
-        raise ValueError(f"{name}: rope_freqs is not Llama-3.1 rope scaling with {scaling}; not supported")
+def llama3_scaling_from_divisors(divisors, head_dim: int, rope_base: float, original_context: int,
+                                 name: str) -> dict:
+    """GGUF keeps only the result of Llama-3.1 scaling (freq / divisor), not its parameters. Every
+    released Llama-3.1/3.2 uses low=1, high=4 with an 8192 original context, and the factor is the
+    largest divisor; accept those parameters only if they reproduce the stored divisors."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
+    freqs = 1.0 / rope_base ** exponents  # (head_dim // 2,): rope_table's unscaled frequencies
+    if divisors.shape != freqs.shape:
+        raise InputError(f"{name}: rope_freqs holds {divisors.numel()} values for "
+                         f"{freqs.numel()} rotary frequencies")
+    scaling = dict(factor=float32_value(divisors.max().item()), low_freq_factor=1.0,
+                   high_freq_factor=4.0, original_max_position_embeddings=int(original_context))
+    if not torch.allclose(freqs / llama3_scale(freqs, **scaling), divisors, rtol=1e-4):
+        raise InputError(f"{name}: rope_freqs is not Llama-3.1 rope scaling with {scaling}; not "
+                         "supported")
     return scaling
 
 
-# ---- weights ----------------------------------------------------------------------------------------
-
-def expected_shapes(args: ModelArgs) -> dict:
-    q, kv = args.n_head * args.head_dim, args.n_kv_heads * args.head_dim
-    shapes = {"tok_embeddings.weight": (args.vocab_size, args.dim), "norm.weight": (args.dim,),
-              "output.weight": (args.vocab_size, args.dim)}
-    for i in range(args.n_layer):
-        p = f"layers.{i}."
-        shapes |= {p + "attention_norm.weight": (args.dim,), p + "ffn_norm.weight": (args.dim,),
-                   p + "attention.wqkv.weight": (q + 2 * kv, args.dim), p + "attention.wqkv.bias": (q + 2 * kv,),
-                   p + "attention.wo.weight": (args.dim, q),
-                   p + "feed_forward.w13.weight": (2 * args.intermediate_size, args.dim),
-                   p + "feed_forward.w2.weight": (args.dim, args.intermediate_size)}
-    return shapes
-
+# ---- weights ------------------------------------------------------------------------------------
 
 def our_name(gguf_name: str):
     """(our state-dict name, fused group or None) for a GGUF tensor name."""
@@ -168,137 +199,215 @@ def our_name(gguf_name: str):
         return f"layers.{m.group(1)}.{ours}", group
     if gguf_name in TOP_TENSORS:
         return TOP_TENSORS[gguf_name], None
-    raise ValueError(f"unexpected tensor {gguf_name!r} for a llama model")
+    raise InputError(f"unexpected tensor {gguf_name!r} for a llama model")
 
 
-def convert_weights(reader, args: ModelArgs, dtype: torch.dtype) -> dict:
+def plan_tensors(reader, args: ModelArgs, path: Path) -> list:
+    """(GGUF tensor, our name, fused group) for every tensor to convert. The shapes they will have
+    are checked against the model first, from the header alone: a file that does not match its
+    metadata fails before anything is dequantized. rope_freqs is already folded into
+    args.rope_scaling."""
+    plan = [(t, *our_name(t.name)) for t in reader.tensors if t.name != "rope_freqs.weight"]
+    # Counted first: a block_count far beyond the file's blocks is refused before a model of that
+    # many layers is built to compare with.
+    blocks = {name.split(".")[1] for _, name, _ in plan if name.startswith("layers.")}
+    if len(blocks) != args.n_layer:
+        raise InputError(f"{path.name}: llama.block_count is {args.n_layer} but the file holds "
+                         f"tensors of {len(blocks)} blocks")
+    shapes, parts = {}, {}  # parts: our fused name -> {group: shape}
+    for t, name, group in plan:
+        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first
+        if group is None:
+            shapes[name] = shape
+        else:
+            parts.setdefault(name, {})[group] = shape
+    for name, groups in parts.items():
+        order = FUSE_ORDER[name.split(".", 2)[2]]
+        if set(groups) != set(order):
+            raise InputError(f"{path.name}: {name}: found {sorted(groups)} of {list(order)}; the "
+                             "GGUF file is incomplete")
+        if len({groups[g][1:] for g in order}) != 1:
+            raise InputError(f"{path.name}: the parts of {name} have shapes "
+                             f"{[list(groups[g]) for g in order]}, which do not stack")
+        shapes[name] = (sum(groups[g][0] for g in order), *groups[order[0]][1:])  # rows stacked
+    check_tensors(shapes, empty_model(args), f"{path.name} does not match its metadata")
+    return plan
+
+
+def convert_weights(plan: list, dtype: torch.dtype) -> dict:
     from gguf.quants import dequantize
     from tqdm import tqdm
-    # rope_freqs is already folded into args.rope_scaling. Names are mapped up front so that an odd
-    # file fails before the slow part.
-    plan = [(t, *our_name(t.name)) for t in reader.tensors if t.name != "rope_freqs.weight"]
     state_dict, parts = {}, {}  # parts: our fused name -> {group: tensor}
-    for t, name, group in tqdm(plan, desc="dequantizing", unit="tensor"):
-        # dequantize gives numpy's shape: GGUF's dims reversed = (out_features, in_features). np.array
-        # copies, since unquantized tensors come back as read-only views of the memory-mapped file.
-        weight = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)).to(dtype)
+    # disable=None: a bar only on a terminal, so logs and error output stay clean.
+    for t, name, group in tqdm(plan, desc="dequantizing", unit="tensor", disable=None):
+        # dequantize gives numpy's shape: GGUF's dims reversed = (out_features, in_features).
+        # np.array copies, since unquantized tensors come back as read-only views of the
+        # memory-mapped file.
+        array = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        weight = torch.from_numpy(array).to(dtype)
         if group is None:
             state_dict[name] = weight
         else:
             parts.setdefault(name, {})[group] = weight
     for name, groups in parts.items():
         order = FUSE_ORDER[name.split(".", 2)[2]]
-        if set(groups) != set(order):
-            raise ValueError(f"{name}: found {sorted(groups)} of {list(order)}; the GGUF file is incomplete")
         state_dict[name] = torch.cat([groups[g] for g in order])  # rows: q, k, v / gate, up
-    check_shapes(state_dict, args)
     return state_dict
 
 
-def check_shapes(state_dict: dict, args: ModelArgs):
-    shapes = expected_shapes(args)
-    for name, tensor in state_dict.items():
-        if tuple(tensor.shape) != shapes[name]:
-            raise ValueError(f"{name} has shape {tuple(tensor.shape)} but the metadata implies {shapes[name]}")
-    optional = {"output.weight"} if args.tie_embeddings else set()
-    optional |= {n for n in shapes if n.endswith(".bias")} if not args.attention_bias else set()
-    missing = sorted(set(shapes) - set(state_dict) - optional, key=len)
-    if missing:
-        raise ValueError(f"the GGUF file lacks the tensor for {missing[0]} (and {len(missing) - 1} more)")
-
-
-# ---- tokenizer --------------------------------------------------------------------------------------
+# ---- tokenizer ----------------------------------------------------------------------------------
 
 def build_tokenizer(meta: dict, reader, path: Path):
-    """(tokenizers.Tokenizer, tokenizer_config dict, generation_config dict) from the GGUF vocabulary."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    """(tokenizers.Tokenizer, tokenizer_config dict, generation_config dict) from the GGUF
+    vocabulary."""
+    from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers,
+                            processors)
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise ValueError(f"{path.name}: tokenizer model {kind!r} is not supported yet (only byte-level BPE 'gpt2')")
+        raise InputError(f"{path.name}: tokenizer model {kind!r} is not supported yet (only "
+                         "byte-level BPE 'gpt2')")
     pre_name = meta.get("tokenizer.ggml.pre", "default")
     if pre_name not in PRE_TOKENIZERS:
-        raise ValueError(f"{path.name}: unknown pre-tokenizer {pre_name!r}; known: {', '.join(PRE_TOKENIZERS)}")
+        raise InputError(f"{path.name}: unknown pre-tokenizer {pre_name!r}; known: "
+                         f"{', '.join(PRE_TOKENIZERS)}")
     pre = PRE_TOKENIZERS[pre_name]
 
     fields = reader.fields
-    tokens = fields["tokenizer.ggml.tokens"].contents()  # already spelled in GPT-2's byte alphabet (Ġ = space)
-    types = fields["tokenizer.ggml.token_type"].contents() if "tokenizer.ggml.token_type" in fields else []
+    # already spelled in GPT-2's byte alphabet (Ġ = space)
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    types = fields["tokenizer.ggml.token_type"].contents() \
+        if "tokenizer.ggml.token_type" in fields else []
     if "tokenizer.ggml.merges" not in fields:
-        raise ValueError(f"{path.name}: a BPE vocabulary without tokenizer.ggml.merges is not supported")
-    merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"].contents()]
+        raise InputError(f"{path.name}: a BPE vocabulary without tokenizer.ggml.merges is not "
+                         "supported")
+    merges = fields["tokenizer.ggml.merges"].contents()
+    if not all(isinstance(t, str) for t in tokens) or not all(isinstance(m, str) for m in merges):
+        raise InputError(f"{path.name}: tokenizer.ggml.tokens and merges must be lists of strings")
     vocab = {tok: i for i, tok in enumerate(tokens)}
     if len(vocab) != len(tokens):
-        raise ValueError(f"{path.name}: the vocabulary has duplicate tokens")
+        raise InputError(f"{path.name}: the vocabulary has duplicate tokens")
 
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre.get("ignore_merges", False)))
+    try:
+        bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges],
+                         ignore_merges=pre.get("ignore_merges", False))
+    except Exception as e:  # tokenizers raises a plain Exception for merges it cannot use
+        raise InputError(f"{path.name}: the BPE vocabulary does not load ({e})") from None
+    tok = Tokenizer(bpe)
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in pre["splits"]]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre["gpt2_regex"])])
     tok.decoder = decoders.ByteLevel()
-    # Control tokens (<|im_start|>, ...) and user-defined ones are matched whole in text, never merged into.
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == CONTROL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED])
+    # Control tokens (<|im_start|>, ...) and user-defined ones are matched whole in text, never
+    # merged into.
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, ty in zip(tokens, types) if ty == USER_DEFINED])
+
+    def token_id(key):
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return i if type(i) is int and 0 <= i < len(tokens) else None
 
     def token(key):
-        i = meta.get(f"tokenizer.ggml.{key}_token_id")
-        return None if i is None or not 0 <= i < len(tokens) else tokens[i]
+        i = token_id(key)
+        return None if i is None else tokens[i]
 
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", pre.get("add_bos", False)))
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
     bos, eos = token("bos"), token("eos")
     if (add_bos and bos is None) or (add_eos and eos is None):
-        raise ValueError(f"{path.name}: the tokenizer adds BOS/EOS but the file gives no valid id for it")
+        raise InputError(f"{path.name}: the tokenizer adds BOS/EOS but the file gives no valid id "
+                         "for it")
     if add_bos or add_eos:
-        # The post-processor, not the caller, decides on BOS/EOS: encode(add_special_tokens=True) does the right thing.
+        # The post-processor, not the caller, decides on BOS/EOS: encode(add_special_tokens=True)
+        # does the right thing.
         before, after = ([f"{bos}:0"] if add_bos else []), ([f"{eos}:0"] if add_eos else [])
+        specials = {*([bos] if add_bos else []), *([eos] if add_eos else [])}
         tok.post_processor = processors.TemplateProcessing(
-            single=before + ["$A:0"] + after, pair=before + ["$A:0"] + after + before + ["$B:1"] + after,
-            special_tokens=[(t, vocab[t]) for t in {*([bos] if add_bos else []), *([eos] if add_eos else [])}])
+            single=before + ["$A:0"] + after,
+            pair=before + ["$A:0"] + after + before + ["$B:1"] + after,
+            special_tokens=[(t, vocab[t]) for t in specials])
 
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": add_bos, "add_eos_token": add_eos,
-              "bos_token": bos, "eos_token": eos, "unk_token": token("unknown"), "pad_token": token("padding"),
-              "model_max_length": meta.get("llama.context_length"), "chat_template": meta.get("tokenizer.chat_template")}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": add_bos,
+              "add_eos_token": add_eos, "bos_token": bos, "eos_token": eos,
+              "unk_token": token("unknown"), "pad_token": token("padding"),
+              "model_max_length": meta.get("llama.context_length"),
+              "chat_template": meta.get("tokenizer.chat_template")}
     config = {k: v for k, v in config.items() if v is not None}
-    # Instruct models often end a turn with a token other than EOS (Llama-3's <|eot_id|>): stop on all of them.
-    stop_ids = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    # Instruct models often end a turn with a token other than EOS (Llama-3's <|eot_id|>): stop on
+    # all of them.
+    stop_ids = [token_id(k) for k in ("eos", "eot", "eom")]
     stop_ids = list(dict.fromkeys(i for i in stop_ids if i is not None))
-    generation = {"bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+    generation = {"bos_token_id": token_id("bos"),
                   "eos_token_id": stop_ids[0] if len(stop_ids) == 1 else stop_ids or None}
     return tok, config, {k: v for k, v in generation.items() if v is not None}
 
 
-# ---- main -------------------------------------------------------------------------------------------
+# ---- main ---------------------------------------------------------------------------------------
 
-def convert(gguf_path: Path, out: Path, dtype: torch.dtype):
+def check_output_folder(folder: Path, flag: str, force: bool):
+    """Refuse now, before any conversion work, an output folder that could not be created or
+    written, or that holds a checkpoint already and --force is not given (save_checkpoint refuses
+    that too, but only once the work is done)."""
+    if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
+        raise InputError(f"{flag} {folder} is a file, not a folder")
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{flag} {folder}: cannot create it, {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {folder}: {existing} is not writable")
+    old = checkpoint_files(folder)
+    if old and not force:
+        raise InputError(f"{folder} holds a checkpoint already ({', '.join(old[:3])}, ...): pass "
+                         "--force to replace it")
+
+
+def write_json(path: Path, data: dict):
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def convert(gguf_path: Path, out: Path, dtype: torch.dtype, force: bool = False):
+    check_output_folder(out, "--out", force)
     reader = open_gguf(gguf_path)
     meta = read_metadata(reader)
     args = model_args(meta, reader, gguf_path)
-    tokenizer, tok_config, gen_config = build_tokenizer(meta, reader, gguf_path)  # cheap: fail before dequantizing
-    print(f"{gguf_path.name}: llama, {args.n_layer} layers, dim {args.dim}, {args.n_head}/{args.n_kv_heads} heads, "
-          f"vocab {args.vocab_size}, tokenizer pre={meta.get('tokenizer.ggml.pre', 'default')!r}")
-    state_dict = convert_weights(reader, args, dtype)
-
-    out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out, args, state_dict)
-    with atomic_path(out / "tokenizer.json") as tmp:
-        tokenizer.save(tmp)
-    for name, data in (("tokenizer_config.json", tok_config), ("generation_config.json", gen_config)):
-        with atomic_path(out / name) as tmp:
-            Path(tmp).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    # cheap, so before dequantizing: a file that cannot be converted fails fast
+    tokenizer, tok_config, gen_config = build_tokenizer(meta, reader, gguf_path)
+    plan = plan_tensors(reader, args, gguf_path)
+    print(f"{gguf_path.name}: llama, {args.n_layer} layers, dim {args.dim}, "
+          f"{args.n_head}/{args.n_kv_heads} heads, vocab {args.vocab_size}, tokenizer "
+          f"pre={meta.get('tokenizer.ggml.pre', 'default')!r}")
+    state_dict = convert_weights(plan, dtype)
+    # The tokenizer files go to a temporary folder first, then into out with the weights as one set.
+    with tempfile.TemporaryDirectory(prefix="convert_gguf-") as tmp:
+        copies = {name: Path(tmp) / name for name in
+                  ("tokenizer.json", "tokenizer_config.json", "generation_config.json")}
+        tokenizer.save(str(copies["tokenizer.json"]))
+        write_json(copies["tokenizer_config.json"], tok_config)
+        write_json(copies["generation_config.json"], gen_config)
+        save_checkpoint(out, args, state_dict, copies=copies, force=force)
     print(f"wrote {out}")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gguf", type=Path, required=True, help="the .gguf file")
-    parser.add_argument("--out", type=Path, required=True, help="checkpoint folder to write, e.g. checkpoints/NAME")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="checkpoint folder to write, e.g. checkpoints/NAME")
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
-                        help="weight dtype (default float32: dequantized Q4/Q8 values are exact in float32, "
-                             "and GGUF models are usually small enough to afford it; bfloat16 rounds them)")
-    args = parser.parse_args()
+                        help="weight dtype (default float32: dequantized Q4/Q8 values are exact in "
+                             "float32, and GGUF models are usually small enough to afford it; "
+                             "bfloat16 rounds them)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the checkpoint OUT holds already: its files that this "
+                             "conversion does not write (quantized copies too) are removed")
+    args = parser.parse_args(argv)
     try:
-        convert(args.gguf, args.out, DTYPES[args.dtype])
-    except (ValueError, OSError) as e:
+        convert(args.gguf, args.out, DTYPES[args.dtype], args.force)
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

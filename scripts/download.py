@@ -1,52 +1,75 @@
 """Download the files of a Hugging Face model repo that conversion needs, and nothing else.
 
-    python scripts/download.py --repo_id meta-llama/Llama-2-7b-chat-hf   # -> checkpoints/meta-llama/Llama-2-7b-chat-hf/hf
+    python scripts/download.py --repo_id meta-llama/Llama-2-7b-chat-hf
+        # -> checkpoints/meta-llama/Llama-2-7b-chat-hf/hf
 
 Gated repos (Llama) need an access token: set HF_TOKEN or run `huggingface-cli login` first.
-scripts/convert_hf_checkpoint.py then turns the raw files into a gpt-blitz checkpoint one folder up.
+scripts/convert_hf_checkpoint.py then turns the raw files into a gpt-blitz checkpoint one folder
+up.
 """
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path, PurePosixPath
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts run as `python scripts/x.py`
-from model import error_summary  # noqa: E402
-from tokenizer import TOKENIZER_FILES  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
+from checkpoint import TOKENIZER_FILES, InputError  # noqa: E402
 
 
 def choose_files(repo_files: list[str]) -> list[str]:
     """The repo files to fetch, given every file name in the repo.
 
     One copy of the weights: safetensors when the repo has them (faster and safe to load), else
-    PyTorch .bin shards, else Meta's original consolidated*.pth (some Llama-3 repos ship only those).
-    Only top-level files count as the HF-format model: subfolders hold other variants (original/, onnx/, ...).
+    PyTorch .bin shards, else Meta's original consolidated*.pth (some Llama-3 repos ship only
+    those).
+    Only top-level files count as the HF-format model: subfolders hold other variants (original/,
+    onnx/, ...).
     """
     top = [f for f in repo_files if "/" not in f]
-    # Mistral repos ship the same weights twice: HF shards and a consolidated.safetensors in Mistral's own
-    # naming, which the converter does not read. Take the HF ones.
-    safetensors = [f for f in top if f.endswith(".safetensors") and not f.startswith("consolidated")]
+    # Mistral repos ship the same weights twice: HF shards and a consolidated.safetensors in
+    # Mistral's own naming, which the converter does not read. Take the HF ones.
+    safetensors = [f for f in top
+                   if f.endswith(".safetensors") and not f.startswith("consolidated")]
     bins = [f for f in top if f.endswith(".bin") and f.startswith(("pytorch_model", "model"))]
     # Meta's consolidated.*.pth: under original/ (Llama-3 repos) or at the top (older Meta repos).
-    original = [f for f in repo_files if f.count("/") <= 1 and f.startswith(("original/", "consolidated"))
+    original = [f for f in repo_files
+                if f.count("/") <= 1 and f.startswith(("original/", "consolidated"))
                 and PurePosixPath(f).name.startswith("consolidated") and f.endswith(".pth")]
     if safetensors:
         weights = safetensors + [f for f in top if f.endswith(".safetensors.index.json")]
     elif bins:
         weights = bins + [f for f in top if f.endswith(".bin.index.json")]
     elif original:
-        # Meta's format: the checkpoint shards, their params.json and the tokenizer that goes with them.
+        # Meta's format: the checkpoint shards, their params.json and the tokenizer that goes with
+        # them.
         folder = PurePosixPath(original[0]).parent  # PurePosixPath(".") / name is just name
         extras = [str(folder / name) for name in ("params.json", "tokenizer.model")]
         weights = original + [f for f in extras if f in repo_files]
     else:
-        raise ValueError("the repo has no model weights (*.safetensors, pytorch_model*.bin or original/consolidated*.pth)")
-    return sorted(weights) + [f for f in ("config.json",) + TOKENIZER_FILES if f in top and f not in weights]
+        raise InputError("the repo has no model weights (*.safetensors, pytorch_model*.bin or "
+                         "original/consolidated*.pth)")
+    extras = ("config.json",) + TOKENIZER_FILES
+    return sorted(weights) + [f for f in extras if f in top and f not in weights]
+
+
+def check_out(out: Path):
+    """Refuse now, before downloading, an --out that could not be created or written."""
+    if (out.exists() or out.is_symlink()) and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder")
+    existing = out.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: cannot create or write into {existing}")
 
 
 def download(repo_id: str, out: str, token) -> list[str]:
     from huggingface_hub import HfApi, snapshot_download
-    files = choose_files(HfApi(token=token).list_repo_files(repo_id))
+    try:
+        files = choose_files(HfApi(token=token).list_repo_files(repo_id))
+    except InputError as e:
+        raise InputError(f"{repo_id}: {e}") from None
     print(f"downloading {len(files)} files of {repo_id} into {out}:", " ".join(files))
     # allow_patterns are fnmatch patterns; exact names match only themselves.
     snapshot_download(repo_id, allow_patterns=files, local_dir=out, token=token)
@@ -56,34 +79,45 @@ def download(repo_id: str, out: str, token) -> list[str]:
 def explain(e: Exception, repo_id: str) -> str:
     """One line saying what went wrong, for the errors a download realistically hits."""
     from huggingface_hub import errors
-    if isinstance(e, errors.GatedRepoError):  # a subclass of RepositoryNotFoundError: check it first
-        return f"{repo_id} is gated: accept its license on huggingface.co, then set HF_TOKEN (or run `huggingface-cli login`)"
+    if isinstance(e, errors.GatedRepoError):  # a subclass of RepositoryNotFoundError: first
+        return (f"{repo_id} is gated: accept its license on huggingface.co, then set HF_TOKEN (or "
+                "run `huggingface-cli login`)")
     if isinstance(e, errors.RepositoryNotFoundError):
         return f"repo {repo_id} not found (or private: set HF_TOKEN)"
     if isinstance(e, (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError)):
-        return f"cannot download {repo_id}: offline (HF_HUB_OFFLINE is set, or the Hub is unreachable)"
+        return (f"cannot download {repo_id}: offline (HF_HUB_OFFLINE is set, or the Hub is "
+                "unreachable)")
     if isinstance(e, errors.HfHubHTTPError):
         return f"download of {repo_id} failed: {str(e).splitlines()[0]}"
-    if isinstance(e, ValueError):
+    if isinstance(e, errors.HFValidationError):  # a malformed repo id
         return f"{repo_id}: {e}"
-    if isinstance(e, OSError) or "connect" in type(e).__name__.lower() or "timeout" in type(e).__name__.lower():
-        # Connection errors come from requests or httpx depending on the huggingface_hub version.
-        return f"cannot reach the Hugging Face Hub to download {repo_id} ({error_summary(e)})"
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return f"disk full while downloading {repo_id}"
+    # Network errors come from httpx or requests depending on the huggingface_hub version.
+    network = type(e).__module__.split(".")[0] in ("httpx", "httpcore", "requests", "urllib3")
+    if network or isinstance(e, (ConnectionError, TimeoutError)):
+        return (f"cannot reach the Hugging Face Hub to download {repo_id} "
+                f"({type(e).__name__}: {e})")
     raise e
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repo_id", required=True, help="e.g. meta-llama/Llama-2-7b-chat-hf")
-    parser.add_argument("--out", help="folder for the raw HF files (default: checkpoints/REPO_ID/hf)")
+    parser.add_argument("--out", help="folder for the raw HF files "
+                                      "(default: checkpoints/REPO_ID/hf)")
     args = parser.parse_args()
     out = args.out or os.path.join("checkpoints", args.repo_id, "hf")
 
     from huggingface_hub.utils import logging as hub_logging
     hub_logging.set_verbosity_error()  # no per-retry warnings: a failure ends in the one line below
     try:
+        check_out(Path(out))
         download(args.repo_id, out, token=os.environ.get("HF_TOKEN"))
-    except Exception as e:
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except Exception as e:  # explain() turns the failures a download can meet into one line
         print(f"error: {explain(e, args.repo_id)}", file=sys.stderr)
         sys.exit(1)
     print(f"done: {out}")

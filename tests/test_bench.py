@@ -31,12 +31,16 @@ def bench(monkeypatch):
 
 
 def run_main(bench, argv, capsys) -> tuple[int, str, str]:
-    """bench.main in this process: (exit code, stdout, stderr)."""
+    """bench.main in this process: (exit code, stdout, stderr), as the interpreter would end it:
+    sys.exit("message") prints the message to stderr and exits with status 1."""
     try:
         bench.main([str(a) for a in argv])
         code = 0
     except SystemExit as e:
         code = e.code
+        if isinstance(code, str):
+            print(code, file=sys.stderr)
+            code = 1
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -65,7 +69,7 @@ def test_kv_bytes_are_the_filled_cache_averaged_over_the_generation(bench):
 def test_prefill_prompt_is_capped_to_the_context(bench):
     cell = bench.Cell("stories15M", "bf16", 1, 4)
     row = bench.bench_cell(bench.build(cell.model, "bf16"), cell, samples=1, prefill_tokens=2048)
-    assert row["prefill_tokens"] == bench.ModelArgs.from_name("stories15M").block_size - 1
+    assert row["prefill_tokens"] == bench.ModelArgs(**bench.CONFIGS["stories15M"]).block_size - 1
 
 
 def test_benchmark_writes_a_row_per_cell_with_bandwidth_columns(bench, tmp_path, capsys, monkeypatch):
@@ -160,7 +164,7 @@ def test_no_gpu_is_one_error_line(tmp_path, capsys, monkeypatch):
     (["--merge", "{tmp}/missing.json"], ["missing.json"]),
     (["--merge", "{tmp}/other.json"], ["not a bench.py result", "kernel_checks"]),
     (["--merge", "{tmp}/other.json", "--cells", "stories15M:bf16"], ["give it no cells"]),
-    (["--markdown", "{tmp}/no/such/folder/r.md"], ["--markdown: folder"]),
+    (["--markdown", "{tmp}/no/such/folder/r.md"], ["--markdown", "folder", "does not exist"]),
 ])
 def test_bad_input_is_one_error_line(argv, words, bench, tmp_path, capsys):
     (tmp_path / "other.json").write_text(json.dumps(dict(card="x", rows=[])))

@@ -1,5 +1,6 @@
-"""The GPU path: compiled decode with CUDA graphs gives the eager path's tokens. Runs where CUDA exists
-(the device runs recorded in BENCHMARKS.md); on CPU-only machines these are reported as skipped."""
+"""The GPU path: compiled decode with CUDA graphs gives the eager path's tokens. Runs where CUDA
+exists (the device runs recorded in BENCHMARKS.md); on CPU-only machines these are reported as
+skipped."""
 import pytest
 import torch
 
@@ -17,7 +18,8 @@ def test_compiled_cuda_graph_decode_matches_eager_for_a_mixed_batch():
     decode = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
     pre = torch.compile(prefill, fullgraph=True, dynamic=True)
     for _ in range(3):  # warm-up, graph recording, replay
-        compiled = generate(model, prompts, 40, Sampling(temperature=0), prefill_fn=pre, decode_fn=decode).tokens
+        compiled = generate(model, prompts, 40, Sampling(temperature=0), prefill_fn=pre,
+                            decode_fn=decode).tokens
         assert compiled == eager
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from checkpoint import load_model, read_checkpoint
 from conftest import ROOT, assert_one_error_line, run_script
 from eval import EvalModel, default_text, harness_model, perplexity, rolling_windows
 from generate import Sampling, generate
-from model import load_checkpoint
 from tokenizer import load_tokenizer
 
 DATA = ROOT / "tests" / "data"  # capitals.yaml: lm-eval's local `json` dataset config for capitals.jsonl
@@ -27,8 +27,10 @@ def hf_smollm2(smollm2_gguf):
 
 @pytest.fixture(scope="module")
 def smollm2_eval(smollm2_checkpoint):
-    model, folder = load_checkpoint(smollm2_checkpoint, dtype=torch.float32)
-    return EvalModel(model.eval(), load_tokenizer(folder), max_seq_length=256, batch_size=4)
+    ckpt = read_checkpoint(smollm2_checkpoint)
+    model = load_model(ckpt, dtype=torch.float32)
+    assert not model.training  # load_model returns the model in eval mode
+    return EvalModel(model, load_tokenizer(ckpt.folder), max_seq_length=256, batch_size=4)
 
 
 @torch.no_grad()

@@ -1,19 +1,24 @@
-"""scripts/convert_gguf.py against transformers' own GGUF loader, on the real SmolLM2-135M-Instruct Q4_1 file,
-plus the download/prepare scripts' offline behaviour. About 40 s on 2 CPU cores (the conversion and
-transformers' GGUF load are most of it)."""
+"""scripts/convert_gguf.py against transformers' own GGUF loader, on the real SmolLM2-135M-Instruct
+Q4_1 file; the converter's handling of existing output and bad metadata on tiny GGUF files written
+here; the download/prepare scripts' offline behaviour. The conversion and transformers' GGUF load
+take most of the time."""
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import ROOT, assert_one_error_line, load_script, run_script
+from checkpoint import InputError, load_model, read_checkpoint
 import model
 
-# Texts the tokenizers must agree on. Non-ASCII numerals are left out on purpose: see test_digits_split_alone.
+# Texts the tokenizers must agree on. Non-ASCII numerals are left out on purpose: see
+# test_digits_split_alone.
 TEXTS = [
     "Hello world! How are you today?",
     "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # slow\n\n\tprint(fib(30))",
@@ -25,15 +30,17 @@ TEXTS = [
     "don't I'll we've they're it's",
     "<|im_start|>user\nHi there<|im_end|>\n<|endoftext|>",
 ]
-MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer in one short sentence."}]
+MESSAGES = [{"role": "user",
+             "content": "What is the capital of France? Answer in one short sentence."}]
 
 
 @pytest.fixture(scope="module")
 def gguf_meta(smollm2_gguf):
     import gguf
     fields = gguf.GGUFReader(smollm2_gguf).fields
-    return {k: fields[k].contents() for k in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
-                                               "tokenizer.ggml.add_bos_token", "tokenizer.chat_template")}
+    keys = ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.add_bos_token", "tokenizer.chat_template")
+    return {k: fields[k].contents() for k in keys}
 
 
 @pytest.fixture(scope="module")
@@ -48,22 +55,25 @@ def our_tokenizer(smollm2_checkpoint):
     return Tokenizer.from_file(str(smollm2_checkpoint / "tokenizer.json"))
 
 
-# ---- (a) weights and config ------------------------------------------------------------------------
+# ---- (a) weights and config ----------------------------------------------------------------------
 
 def test_logits_match_transformers(smollm2_checkpoint, smollm2_gguf, hf_tokenizer, our_tokenizer):
     from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
-    ours, _ = model.load_checkpoint(smollm2_checkpoint, "cpu", torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                              dtype=torch.float32).eval()
+    ours = load_model(read_checkpoint(smollm2_checkpoint), "cpu", torch.float32)
     args = ours.args
 
     # Same architecture read from the same metadata.
     c = hf.config
-    assert (args.dim, args.n_layer, args.n_head, args.n_kv_heads, args.head_dim, args.intermediate_size, args.vocab_size) == (
-        c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-        c.intermediate_size, c.vocab_size)
+    assert (args.dim, args.n_layer, args.n_head, args.n_kv_heads, args.head_dim,
+            args.intermediate_size, args.vocab_size) == (
+        c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
+        c.head_dim, c.intermediate_size, c.vocab_size)
     assert args.rope_base == c.rope_parameters["rope_theta"] == 1e5 and args.rope_scaling is None
     assert args.block_size == c.max_position_embeddings == 8192
-    assert args.norm_eps == pytest.approx(c.rms_norm_eps, rel=1e-6)  # 1e-5; the GGUF float32 is 9.9999997e-06
+    # 1e-5; the GGUF float32 is 9.9999997e-06
+    assert args.norm_eps == pytest.approx(c.rms_norm_eps, rel=1e-6)
     assert args.tie_embeddings and c.tie_word_embeddings and not args.attention_bias
 
     prompt = hf_tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
@@ -76,14 +86,14 @@ def test_logits_match_transformers(smollm2_checkpoint, smollm2_gguf, hf_tokenize
         b = hf(idx).logits  # (1, T, vocab)
     diff = (a - b).abs().max().item()
     print(f"max |logits delta| = {diff:.2e} (max |logit| {b.abs().max().item():.1f}, T={T})")
-    # Both run the same dequantized weights in float32, so only summation order differs: measured 6.6e-5
-    # on logits up to ~38 (2-core CPU). 1e-3 leaves room for other BLAS builds / thread counts while
-    # still catching any real mistake (a wrong q/k order or fused-row order moves logits by whole units).
+    # Both run the same dequantized weights in float32, so only summation order differs. 1e-3 leaves
+    # room for other BLAS builds / thread counts while still catching any real mistake (a wrong q/k
+    # order or fused-row order moves logits by whole units).
     assert diff < 1e-3, diff
     assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
-# ---- (d) tokenizer ---------------------------------------------------------------------------------
+# ---- (d) tokenizer -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text", TEXTS)
 def test_tokenizer_matches_transformers(our_tokenizer, hf_tokenizer, text):
@@ -94,59 +104,93 @@ def test_tokenizer_matches_transformers(our_tokenizer, hf_tokenizer, text):
 def test_chat_prompt_matches_transformers(our_tokenizer, hf_tokenizer):
     prompt = hf_tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     ids = our_tokenizer.encode(prompt).ids
-    assert ids == hf_tokenizer.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=True, return_dict=False)
-    assert ids.count(our_tokenizer.token_to_id("<|im_start|>")) == 3  # specials stay whole, never split into text
+    assert ids == hf_tokenizer.apply_chat_template(MESSAGES, tokenize=True,
+                                                   add_generation_prompt=True, return_dict=False)
+    # specials stay whole, never split into text
+    assert ids.count(our_tokenizer.token_to_id("<|im_start|>")) == 3
 
 
 def test_digits_split_alone(our_tokenizer):
-    # tokenizer.ggml.pre = "smollm": llama.cpp isolates every \p{N} character before the GPT-2 split, as
-    # SmolLM2's own tokenizer does (individual digits). transformers' GGUF loader doesn't know "smollm" and
-    # uses the plain GPT-2 split, so on a space before a non-ASCII numeral ("x² 3½ ٣٤") its ids differ.
+    # tokenizer.ggml.pre = "smollm": llama.cpp isolates every \p{N} character before the GPT-2
+    # split, as SmolLM2's own tokenizer does (individual digits). transformers' GGUF loader doesn't
+    # know "smollm" and uses the plain GPT-2 split, so on a space before a non-ASCII numeral
+    # ("x² 3½ ٣٤") its ids differ.
     pieces = [p for p, _ in our_tokenizer.pre_tokenizer.pre_tokenize_str("a 123 x² ٣٤")]
     assert pieces == ["a", "Ġ", "1", "2", "3", "Ġx", "Â²", "Ġ", "Ù£", "Ù¤"]
 
 
 def test_special_tokens_and_template(smollm2_checkpoint, gguf_meta, our_tokenizer, hf_tokenizer):
     config = json.loads((smollm2_checkpoint / "tokenizer_config.json").read_text())
-    assert our_tokenizer.token_to_id(config["bos_token"]) == gguf_meta["tokenizer.ggml.bos_token_id"] == 1
-    assert our_tokenizer.token_to_id(config["eos_token"]) == gguf_meta["tokenizer.ggml.eos_token_id"] == 2
-    assert (config["bos_token"], config["eos_token"]) == (hf_tokenizer.bos_token, hf_tokenizer.eos_token)
-    assert config["chat_template"] == gguf_meta["tokenizer.chat_template"] == hf_tokenizer.chat_template
+    bos, eos = gguf_meta["tokenizer.ggml.bos_token_id"], gguf_meta["tokenizer.ggml.eos_token_id"]
+    assert our_tokenizer.token_to_id(config["bos_token"]) == bos == 1
+    assert our_tokenizer.token_to_id(config["eos_token"]) == eos == 2
+    assert (config["bos_token"], config["eos_token"]) == (hf_tokenizer.bos_token,
+                                                          hf_tokenizer.eos_token)
+    assert config["chat_template"] == gguf_meta["tokenizer.chat_template"] \
+        == hf_tokenizer.chat_template
     # SmolLM2 adds no BOS: the post-processor must not either.
     assert config["add_bos_token"] is gguf_meta["tokenizer.ggml.add_bos_token"] is False
-    assert our_tokenizer.encode("Hello", add_special_tokens=True).ids == hf_tokenizer("Hello")["input_ids"] == [19556]
-    assert json.loads((smollm2_checkpoint / "generation_config.json").read_text())["eos_token_id"] == 2
-    assert our_tokenizer.get_vocab_size(with_added_tokens=True) == 49152  # specials reuse their vocab ids
+    assert our_tokenizer.encode("Hello", add_special_tokens=True).ids \
+        == hf_tokenizer("Hello")["input_ids"] == [19556]
+    generation = json.loads((smollm2_checkpoint / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == 2
+    # specials reuse their vocab ids
+    assert our_tokenizer.get_vocab_size(with_added_tokens=True) == 49152
 
 
-# ---- (e) bad input ---------------------------------------------------------------------------------
+# ---- (e) output folder and bad input -------------------------------------------------------------
 
 def assert_fails_with_one_line(r) -> str:
-    assert r.returncode == 1
+    assert r.returncode == 1, r.stderr[-2000:]
     return assert_one_error_line(r.stderr)
+
+
+def convert_cli(gguf_file: Path, out: Path, *flags):
+    return run_script("scripts/convert_gguf.py", "--gguf", gguf_file, "--out", out, *flags)
 
 
 def test_not_a_gguf_file(tmp_path):
     bad = tmp_path / "junk.gguf"
     bad.write_text("this is not a GGUF file\n")
-    line = assert_fails_with_one_line(run_script("scripts/convert_gguf.py", "--gguf", str(bad), "--out", str(tmp_path / "out")))
+    line = assert_fails_with_one_line(convert_cli(bad, tmp_path / "out"))
     assert "not a readable GGUF" in line
     assert not (tmp_path / "out").exists()
 
 
-def write_tiny_gguf(path: Path, arch: str, **tokenizer):
-    """A GGUF holding metadata only: enough to reach the architecture and tokenizer checks."""
+TINY_TOKENS = ["a", "b", "ab"]
+TINY_DIM, TINY_FFN = 8, 16
+
+
+def write_tiny_gguf(path: Path, arch: str, tensors=False, **settings):
+    """A tiny GGUF: metadata enough to reach the architecture and tokenizer checks and, with
+    tensors=True, random float32 weights of one tied layer, enough to convert and load. settings:
+    model / pre (tokenizer), block_count, head_count, rope_scaling (a gguf.RopeScalingType)."""
     import gguf
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(1)
-    w.add_embedding_length(8)
-    w.add_feed_forward_length(16)
-    w.add_head_count(2)
+    w.add_block_count(settings.get("block_count", 1))
+    w.add_embedding_length(TINY_DIM)
+    w.add_feed_forward_length(TINY_FFN)
+    w.add_head_count(settings.get("head_count", 2))
     w.add_context_length(32)
-    w.add_token_list(["a", "b", "ab"])
-    w.add_tokenizer_model(tokenizer.get("model", "gpt2"))
-    if "pre" in tokenizer:
-        w.add_tokenizer_pre(tokenizer["pre"])
+    w.add_token_list(TINY_TOKENS)
+    w.add_tokenizer_model(settings.get("model", "gpt2"))
+    w.add_token_merges(["a b"])
+    if "pre" in settings:
+        w.add_tokenizer_pre(settings["pre"])
+    if "rope_scaling" in settings:
+        w.add_rope_scaling_type(settings["rope_scaling"])
+    if tensors:
+        rng = np.random.default_rng(0)
+        shapes = {"token_embd.weight": (len(TINY_TOKENS), TINY_DIM),
+                  "output_norm.weight": (TINY_DIM,), "blk.0.attn_norm.weight": (TINY_DIM,),
+                  "blk.0.ffn_norm.weight": (TINY_DIM,),
+                  "blk.0.ffn_down.weight": (TINY_DIM, TINY_FFN),
+                  "blk.0.ffn_gate.weight": (TINY_FFN, TINY_DIM),
+                  "blk.0.ffn_up.weight": (TINY_FFN, TINY_DIM),
+                  **{f"blk.0.attn_{p}.weight": (TINY_DIM, TINY_DIM)
+                     for p in ("q", "k", "v", "output")}}
+        for name, shape in shapes.items():  # numpy's shape: (out_features, in_features)
+            w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -156,7 +200,7 @@ def write_tiny_gguf(path: Path, arch: str, **tokenizer):
 
 def test_unsupported_architecture(tmp_path):
     path = write_tiny_gguf(tmp_path / "qwen.gguf", "qwen2")
-    line = assert_fails_with_one_line(run_script("scripts/convert_gguf.py", "--gguf", str(path), "--out", str(tmp_path / "out")))
+    line = assert_fails_with_one_line(convert_cli(path, tmp_path / "out"))
     assert "unsupported architecture 'qwen2'" in line
 
 
@@ -166,62 +210,128 @@ def test_unsupported_architecture(tmp_path):
 ])
 def test_unsupported_tokenizer(tmp_path, tokenizer, message):
     convert_gguf = load_script("convert_gguf")
-    path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", **tokenizer)
-    with pytest.raises(ValueError, match=message):
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", tensors=True, **tokenizer)
+    with pytest.raises(InputError, match=message):
         convert_gguf.convert(path, tmp_path / "out", torch.float32)
+
+
+def test_unsupported_rope_scaling_type(tmp_path):
+    import gguf
+    path = write_tiny_gguf(tmp_path / "yarn.gguf", "llama", tensors=True,
+                           rope_scaling=gguf.RopeScalingType.YARN)
+    line = assert_fails_with_one_line(convert_cli(path, tmp_path / "out"))
+    assert "'yarn'" in line and "yarn.gguf" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("metadata", [dict(head_count=0), dict(block_count=10 ** 9)],
+                         ids=["zero-heads", "1e9-blocks"])
+def test_absurd_metadata_is_refused_before_any_work(tmp_path, monkeypatch, metadata):
+    """Refused from the header alone, before any model is built: zero heads by parse_config; 10**9
+    blocks of this tiny size would fit its limits, but the file holds tensors of one."""
+    convert_gguf = load_script("convert_gguf")
+    path = write_tiny_gguf(tmp_path / "huge.gguf", "llama", tensors=True, **metadata)
+    monkeypatch.setattr(convert_gguf, "empty_model", None)  # building the model would fail here
+    start = time.perf_counter()
+    with pytest.raises(InputError, match="huge.gguf"):
+        convert_gguf.convert(path, tmp_path / "out", torch.float32)
+    assert time.perf_counter() - start < 5
+
+
+def test_converting_again_needs_force_and_replaces_the_whole_set(tmp_path):
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", tensors=True)
+    out = tmp_path / "out"
+    assert convert_cli(path, out).returncode == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["config.json", "generation_config.json", "model.safetensors",
+                       "tokenizer.json", "tokenizer_config.json"]
+    ckpt = read_checkpoint(out)
+    assert ckpt.args.n_layer == 1 and ckpt.args.tie_embeddings and ckpt.args.vocab_size == 3
+    load_model(ckpt)  # every tensor present and of the right shape
+
+    before = {name: (out / name).read_bytes() for name in written}
+    line = assert_fails_with_one_line(convert_cli(path, out))
+    assert "--force" in line
+    assert {name: (out / name).read_bytes() for name in written} == before
+
+    (out / "chat_template.jinja").write_text("{{ stale }}")  # a file this conversion does not write
+    assert convert_cli(path, out, "--force").returncode == 0
+    assert sorted(p.name for p in out.iterdir()) == written
+    assert not list(out.glob(".*"))  # no temp files or journal left behind
+
+
+def test_output_that_is_a_file_is_refused(tmp_path):
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", tensors=True)
+    (tmp_path / "out").write_text("a file")
+    assert "is a file" in assert_fails_with_one_line(convert_cli(path, tmp_path / "out"))
+    line = assert_fails_with_one_line(convert_cli(path, tmp_path / "out" / "sub"))
+    assert "out" in line
+    assert (tmp_path / "out").read_text() == "a file"
 
 
 def test_llama3_rope_scaling_from_divisors():
     convert_gguf = load_script("convert_gguf")
-    scaling = dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+    scaling = dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8192)
     freqs = 1.0 / (5e5 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64))
     divisors = (freqs / model.llama3_scale(freqs, **scaling)).float().double()  # as stored: float32
     assert convert_gguf.llama3_scaling_from_divisors(divisors, 64, 5e5, 8192, "x") == scaling
-    with pytest.raises(ValueError, match="not Llama-3.1 rope scaling"):
+    with pytest.raises(InputError, match="not Llama-3.1 rope scaling"):
         convert_gguf.llama3_scaling_from_divisors(divisors.flip(0), 64, 5e5, 8192, "x")
 
 
-# ---- download.py / prepare.sh ----------------------------------------------------------------------
+# ---- download.py / prepare.sh --------------------------------------------------------------------
 
 def test_download_file_choice():
-    choose = lambda files: sorted(load_script("download").choose_files(files))  # order is irrelevant
-    tokenizer = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
-    llama2 = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
-              "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json",
-              "config.json", "generation_config.json", "README.md", "LICENSE.txt", ".gitattributes", *tokenizer]
-    assert choose(llama2) == sorted(["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-                                     "model.safetensors.index.json", "config.json", "generation_config.json", *tokenizer])
-    bin_only = ["pytorch_model.bin", "training_args.bin", "config.json", "tokenizer.model", "README.md"]
+    def choose(files):
+        return sorted(load_script("download").choose_files(files))  # order is irrelevant
+    tokenizer = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json"]
+    llama2 = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+              "model.safetensors.index.json", "pytorch_model-00001-of-00002.bin",
+              "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json", "config.json",
+              "generation_config.json", "README.md", "LICENSE.txt", ".gitattributes", *tokenizer]
+    assert choose(llama2) == sorted(["model-00001-of-00002.safetensors",
+                                     "model-00002-of-00002.safetensors",
+                                     "model.safetensors.index.json", "config.json",
+                                     "generation_config.json", *tokenizer])
+    bin_only = ["pytorch_model.bin", "training_args.bin", "config.json", "tokenizer.model",
+                "README.md"]
     assert choose(bin_only) == sorted(["pytorch_model.bin", "config.json", "tokenizer.model"])
-    mistral = ["consolidated.safetensors", "model-00001-of-00001.safetensors", "model.safetensors.index.json",
-               "params.json", "tokenizer.model.v3", "config.json", "tokenizer.json"]
-    assert choose(mistral) == sorted(["model-00001-of-00001.safetensors", "model.safetensors.index.json", "config.json",
+    mistral = ["consolidated.safetensors", "model-00001-of-00001.safetensors",
+               "model.safetensors.index.json", "params.json", "tokenizer.model.v3", "config.json",
+               "tokenizer.json"]
+    assert choose(mistral) == sorted(["model-00001-of-00001.safetensors",
+                                      "model.safetensors.index.json", "config.json",
                                       "tokenizer.json"])
-    llama3_original = ["original/consolidated.00.pth", "original/params.json", "original/tokenizer.model",
-                       "config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
+    llama3_original = ["original/consolidated.00.pth", "original/params.json",
+                       "original/tokenizer.model", "config.json", "tokenizer.json",
+                       "tokenizer_config.json", "chat_template.jinja"]
     assert choose(llama3_original) == sorted(llama3_original)
     # Older Meta repos keep consolidated.00.pth at the top; the converter reads it there too.
     meta_top = ["consolidated.00.pth", "params.json", "tokenizer.model", "README.md"]
     assert choose(meta_top) == sorted(["consolidated.00.pth", "params.json", "tokenizer.model"])
     # Subfolder variants (onnx/, original/) never replace the top-level HF weights.
-    assert choose(["model.safetensors", "onnx/model.safetensors", "original/consolidated.00.pth", "config.json"]) == [
-        "config.json", "model.safetensors"]
-    with pytest.raises(ValueError, match="no model weights"):
+    assert choose(["model.safetensors", "onnx/model.safetensors", "original/consolidated.00.pth",
+                   "config.json"]) == ["config.json", "model.safetensors"]
+    with pytest.raises(InputError, match="no model weights"):
         choose(["README.md", "config.json"])
-    with pytest.raises(ValueError, match="no model weights"):  # Mistral's own naming only: not convertible
+    with pytest.raises(InputError, match="no model weights"):  # Mistral's own naming only
         choose(["consolidated.safetensors", "params.json", "config.json"])
 
 
 def test_download_offline_is_one_line(tmp_path):
-    r = run_script("scripts/download.py", "--repo_id", "meta-llama/Llama-2-7b-chat-hf", "--out", str(tmp_path / "hf"),
-                   env={"HF_HUB_OFFLINE": "1"}, timeout=60)
+    r = run_script("scripts/download.py", "--repo_id", "meta-llama/Llama-2-7b-chat-hf", "--out",
+                   tmp_path / "hf", env={"HF_HUB_OFFLINE": "1"}, timeout=60)
     assert "offline" in assert_fails_with_one_line(r)
     assert not (tmp_path / "hf").exists()
 
 
 def test_prepare_stops_when_download_fails():
-    r = subprocess.run(["bash", str(ROOT / "scripts/prepare.sh"), "no-such-org/no-such-model"], capture_output=True,
-                       text=True, timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable})
+    r = subprocess.run(["bash", str(ROOT / "scripts/prepare.sh"), "no-such-org/no-such-model"],
+                       capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable})
     assert_fails_with_one_line(r)  # set -e: the converter never ran after the failed download
-    usage = subprocess.run(["bash", str(ROOT / "scripts/prepare.sh")], capture_output=True, text=True, timeout=60)
+    usage = subprocess.run(["bash", str(ROOT / "scripts/prepare.sh")], capture_output=True,
+                           text=True, timeout=60)
     assert usage.returncode != 0 and "usage:" in usage.stderr

@@ -1,20 +1,22 @@
 """scripts/convert_hf_checkpoint.py + model.py against transformers as the independent reference.
 
-Tiny random Llama / Mistral / Qwen2 models are saved the way the HF hub ships them, converted, loaded with
-model.load_checkpoint and must give the same float32 logits. The other tests check that every input
-format (sharded safetensors, pytorch_model.bin, Meta's consolidated.pth) converts to identical tensors,
-and that bad inputs end in one `error:` line.
+Tiny random Llama / Mistral / Qwen2 models are saved the way the HF hub ships them, converted,
+loaded with checkpoint.read_checkpoint + load_model and must give the same float32 logits. The other
+tests check that every input format (sharded safetensors, pytorch_model.bin, Meta's
+consolidated.pth) converts to identical tensors, that an existing checkpoint is replaced only with
+--force, and that bad inputs end in one `error:` line.
 """
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from checkpoint import InputError, load_model, read_checkpoint
 from conftest import ROOT, assert_one_error_line, load_script, run_script
-from model import load_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,16 +25,20 @@ convert_hf = load_script("convert_hf_checkpoint")
 
 TOL = 1e-4
 B, T = 2, 128  # T > 100 so the llama3 case runs far past its original_max_position_embeddings of 32
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=256)
-# head_dim 16 gives wavelengths 6.3, 20, 63, ... tokens: with original_max_position_embeddings 32 (low/high
-# thresholds 32 and 8 tokens) llama3 scaling keeps the first, blends the second and slows the rest.
-LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                   original_max_position_embeddings=32)
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=256)
+# head_dim 16 gives wavelengths 6.3, 20, 63, ... tokens: with original_max_position_embeddings 32
+# (low/high thresholds 32 and 8 tokens) llama3 scaling keeps the first, blends the second and slows
+# the rest.
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+                   high_freq_factor=4.0, original_max_position_embeddings=32)
+HF_CONFIG = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 vocab_size=256, intermediate_size=128, max_position_embeddings=256)  # config.json
 FAMILIES = {  # id -> (transformers config class, overrides of TINY)
     "llama-mha": ("LlamaConfig", dict(num_key_value_heads=4)),
     "llama-gqa": ("LlamaConfig", dict(num_key_value_heads=2)),
-    "llama3.1-rope-scaling": ("LlamaConfig", dict(num_key_value_heads=2, rope_parameters=LLAMA3_ROPE)),
+    "llama3.1-rope-scaling": ("LlamaConfig",
+                              dict(num_key_value_heads=2, rope_parameters=LLAMA3_ROPE)),
     "mistral-gqa": ("MistralConfig", dict(num_key_value_heads=1, sliding_window=None)),
     "qwen2-bias": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=False)),
     "llama-tied": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=True)),
@@ -45,9 +51,11 @@ def make_hf_model(family: str):
     config = getattr(transformers, cls_name)(**{**TINY, **overrides})
     torch.manual_seed(0)
     # eager attention: a reference that shares no attention code with model.py's SDPA path.
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
-    # HF's init (std 0.02, unit norms, zero biases) gives near-uniform attention, under which a wrong rotary
-    # layout or a lost bias barely moves the logits; larger random values make every weight matter.
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model = model.float().eval()
+    # HF's init (std 0.02, unit norms, zero biases) gives near-uniform attention, under which a
+    # wrong rotary layout or a lost bias barely moves the logits; larger random values make every
+    # weight matter.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -74,13 +82,17 @@ def hf_models(tmp_path_factory):
     return get
 
 
-def run_converter(hf_dir: Path, out: Path) -> Path:
-    convert_hf.main(["--checkpoint_dir", str(out), "--hf_dir", str(hf_dir)])
+def run_converter(hf_dir: Path, out: Path, *flags) -> Path:
+    convert_hf.main(["--checkpoint_dir", str(out), "--hf_dir", str(hf_dir), *flags])
     return out
 
 
+def load(checkpoint: Path, dtype=None):
+    return load_model(read_checkpoint(checkpoint), "cpu", dtype)
+
+
 def our_logits(checkpoint: Path, idx: torch.Tensor) -> torch.Tensor:
-    model, _ = load_checkpoint(checkpoint, dtype=torch.float32)
+    model = load(checkpoint, torch.float32)
     with torch.no_grad():
         model.setup_caches(idx.shape[0], idx.shape[1])
         return model(idx, torch.arange(idx.shape[1]))  # (B, T, vocab_size)
@@ -92,14 +104,15 @@ def hf_logits(model, idx: torch.Tensor) -> torch.Tensor:
 
 
 def assert_same_checkpoint(a: Path, b: Path):
-    assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+    ca, cb = (json.loads((folder / "config.json").read_text()) for folder in (a, b))
+    assert ca == cb
     sa, sb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert sa.keys() == sb.keys()
     for name in sa:
         assert torch.equal(sa[name], sb[name]), name
 
 
-# ---- logits parity ---------------------------------------------------------------------------------------
+# ---- logits parity -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_match_transformers(family, hf_models, tmp_path):
@@ -113,21 +126,23 @@ def test_logits_match_transformers(family, hf_models, tmp_path):
 
 
 def test_parity_check_would_catch_rotate_half_rows(hf_models, tmp_path):
-    """Guard on the test itself: loading HF's q/k rows without un-permuting them must fail the tolerance."""
+    """Guard on the test itself: loading HF's q/k rows without un-permuting them must fail the
+    tolerance."""
     hf, hf_dir = hf_models("llama-gqa")
     out = run_converter(hf_dir, tmp_path / "ckpt")
     sd = load_file(out / "model.safetensors")
     q_dim, kv_dim = 4 * 16, 2 * 16
     for i in range(TINY["num_hidden_layers"]):
         attn = hf.model.layers[i].self_attn
-        sd[f"layers.{i}.attention.wqkv.weight"] = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
+        rows = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+        sd[f"layers.{i}.attention.wqkv.weight"] = torch.cat(rows).detach()
         assert sd[f"layers.{i}.attention.wqkv.weight"].shape[0] == q_dim + 2 * kv_dim
     save_file(sd, out / "model.safetensors")
     idx = torch.randint(0, TINY["vocab_size"], (B, 32), generator=torch.Generator().manual_seed(1))
     assert (our_logits(out, idx) - hf_logits(hf, idx)).abs().max() > 1e-2
 
 
-# ---- input formats convert identically -----------------------------------------------------------------
+# ---- input formats convert identically -----------------------------------------------------------
 
 @pytest.mark.parametrize("family", ["llama-gqa", "qwen2-bias"])
 def test_sharded_safetensors(family, hf_models, tmp_path):
@@ -137,7 +152,8 @@ def test_sharded_safetensors(family, hf_models, tmp_path):
     weight_map = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
     qkv = {weight_map[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv"}
     assert len(qkv) > 1, "q/k/v of layer 0 should be split across shards"
-    assert_same_checkpoint(run_converter(hf_dir, tmp_path / "a"), run_converter(sharded, tmp_path / "b"))
+    assert_same_checkpoint(run_converter(hf_dir, tmp_path / "a"),
+                           run_converter(sharded, tmp_path / "b"))
 
 
 @pytest.mark.parametrize("n_files", [1, 2], ids=["single-bin", "sharded-bin"])
@@ -156,31 +172,38 @@ def test_pytorch_model_bin(n_files, hf_models, tmp_path):
         for file, keys in shards.items():
             torch.save({k: state_dict[k] for k in keys}, bin_dir / file)
         weight_map = {k: file for file, keys in shards.items() for k in keys}
-        (bin_dir / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    assert_same_checkpoint(run_converter(hf_dir, tmp_path / "a"), run_converter(bin_dir, tmp_path / "b"))
+        index = json.dumps({"weight_map": weight_map})
+        (bin_dir / "pytorch_model.bin.index.json").write_text(index)
+    assert_same_checkpoint(run_converter(hf_dir, tmp_path / "a"),
+                           run_converter(bin_dir, tmp_path / "b"))
 
 
 def hf_rows_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo HF's rotate-half permutation by explicit indices: Meta row 2i + r of a head is HF row r * half + i."""
+    """Undo HF's rotate-half permutation by explicit indices: Meta row 2i + r of a head is HF row
+    r * half + i."""
     head_dim = w.shape[0] // n_heads
     half = head_dim // 2
-    order = [h * head_dim + r * half + i for h in range(n_heads) for i in range(half) for r in range(2)]
+    order = [h * head_dim + r * half + i
+             for h in range(n_heads) for i in range(half) for r in range(2)]
     return w[order]
 
 
 def write_meta_checkpoint(hf, folder: Path):
-    """Meta's original/ layout (consolidated.00.pth, params.json, tokenizer.model) from the HF model's weights."""
+    """Meta's original/ layout (consolidated.00.pth, params.json, tokenizer.model) from the HF
+    model's weights."""
     cfg = hf.config
     original = folder / "original"
     original.mkdir(parents=True)
     sd = {k: v.detach().clone() for k, v in hf.state_dict().items()}
-    meta = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
-            "output.weight": sd["lm_head.weight"], "rope.freqs": torch.rand(8)}
+    meta = {"tok_embeddings.weight": sd["model.embed_tokens.weight"],
+            "norm.weight": sd["model.norm.weight"], "output.weight": sd["lm_head.weight"],
+            "rope.freqs": torch.rand(8)}
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
+        q, k = sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"]
         meta.update({
-            f"layers.{i}.attention.wq.weight": hf_rows_to_meta(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads),
-            f"layers.{i}.attention.wk.weight": hf_rows_to_meta(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads),
+            f"layers.{i}.attention.wq.weight": hf_rows_to_meta(q, cfg.num_attention_heads),
+            f"layers.{i}.attention.wk.weight": hf_rows_to_meta(k, cfg.num_key_value_heads),
             f"layers.{i}.attention.wv.weight": sd[p + "self_attn.v_proj.weight"],
             f"layers.{i}.attention.wo.weight": sd[p + "self_attn.o_proj.weight"],
             f"layers.{i}.feed_forward.w1.weight": sd[p + "mlp.gate_proj.weight"],
@@ -190,14 +213,16 @@ def write_meta_checkpoint(hf, folder: Path):
             f"layers.{i}.ffn_norm.weight": sd[p + "post_attention_layernorm.weight"],
         })
     torch.save(meta, original / "consolidated.00.pth")
-    params = dict(dim=cfg.hidden_size, n_layers=cfg.num_hidden_layers, n_heads=cfg.num_attention_heads,
-                  n_kv_heads=cfg.num_key_value_heads, vocab_size=cfg.vocab_size, multiple_of=32,
-                  norm_eps=cfg.rms_norm_eps, rope_theta=10000.0)
+    params = dict(dim=cfg.hidden_size, n_layers=cfg.num_hidden_layers,
+                  n_heads=cfg.num_attention_heads, n_kv_heads=cfg.num_key_value_heads,
+                  vocab_size=cfg.vocab_size, multiple_of=32, norm_eps=cfg.rms_norm_eps,
+                  rope_theta=10000.0)
     (original / "params.json").write_text(json.dumps(params))
     (original / "tokenizer.model").write_text("IQ== 0\n")
 
 
-@pytest.mark.parametrize("with_hf_config", [True, False], ids=["with-config.json", "params.json-only"])
+@pytest.mark.parametrize("with_hf_config", [True, False],
+                         ids=["with-config.json", "params.json-only"])
 def test_meta_consolidated(with_hf_config, hf_models, tmp_path):
     hf, hf_dir = hf_models("llama-gqa")
     meta_dir = tmp_path / "hf_meta"
@@ -211,35 +236,37 @@ def test_meta_consolidated(with_hf_config, hf_models, tmp_path):
         return
     sa, sb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    ca, cb = json.loads((a / "config.json").read_text()), json.loads((b / "config.json").read_text())
-    for key in ("dim", "n_layer", "n_head", "n_kv_heads", "head_dim", "vocab_size", "intermediate_size",
-                "rope_base", "rope_scaling", "norm_eps", "tie_embeddings"):
+    ca, cb = (json.loads((c / "config.json").read_text()) for c in (a, b))
+    for key in ("dim", "n_layer", "n_head", "n_kv_heads", "head_dim", "vocab_size",
+                "intermediate_size", "rope_base", "rope_scaling", "norm_eps", "tie_embeddings"):
         assert ca[key] == cb[key], key
 
 
-# ---- config reading ------------------------------------------------------------------------------------
+# ---- config reading ------------------------------------------------------------------------------
 
 def test_old_and_new_rope_config_styles_agree():
-    base = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
-                intermediate_size=128, max_position_embeddings=256)
     scaling = {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
-    old = convert_hf.hf_config_to_args({**base, "rope_theta": 5e5, "rope_scaling": {**scaling, "type": "llama3"}})
-    new = convert_hf.hf_config_to_args({**base, "rope_parameters": {**scaling, "rope_theta": 5e5}})
-    assert old == new and old.rope_base == 5e5 and old.rope_scaling["original_max_position_embeddings"] == 32
-    with pytest.raises(convert_hf.ConvertError, match="yarn"):
-        convert_hf.hf_config_to_args({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    old = convert_hf.hf_config_to_args({**HF_CONFIG, "rope_theta": 5e5,
+                                        "rope_scaling": {**scaling, "type": "llama3"}})
+    new = convert_hf.hf_config_to_args({**HF_CONFIG,
+                                        "rope_parameters": {**scaling, "rope_theta": 5e5}})
+    assert old == new and old.rope_base == 5e5
+    assert old.rope_scaling["original_max_position_embeddings"] == 32
+    with pytest.raises(InputError, match="yarn"):
+        convert_hf.hf_config_to_args({**HF_CONFIG, "rope_scaling": {"rope_type": "yarn"}})
 
 
 def test_sliding_window_caps_block_size(capsys):
-    base = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=256, intermediate_size=128,
-                max_position_embeddings=32768, sliding_window=4096)
+    base = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
+                intermediate_size=128, max_position_embeddings=32768, sliding_window=4096)
     assert convert_hf.hf_config_to_args({**base, "model_type": "mistral"}).block_size == 4096
     assert "sliding-window" in capsys.readouterr().out
-    qwen = convert_hf.hf_config_to_args({**base, "model_type": "qwen2", "use_sliding_window": False})
+    qwen = convert_hf.hf_config_to_args({**base, "model_type": "qwen2",
+                                         "use_sliding_window": False})
     assert qwen.block_size == 32768 and qwen.attention_bias
 
 
-# ---- bad inputs ----------------------------------------------------------------------------------------
+# ---- bad inputs ----------------------------------------------------------------------------------
 
 def test_missing_dir_fails_cleanly(tmp_path):
     result = run_script(SCRIPT, "--checkpoint_dir", tmp_path / "nope")
@@ -260,6 +287,7 @@ def test_unsupported_model_type_fails_cleanly(hf_models, tmp_path):
 
 
 def run_main_expect_error(capsys, hf_dir: Path, out: Path) -> str:
+    capsys.readouterr()  # earlier output, such as a fixture saving an HF model
     with pytest.raises(SystemExit) as exit_info:
         run_converter(hf_dir, out)
     assert exit_info.value.code == 1
@@ -276,7 +304,8 @@ def test_missing_tensor_fails_cleanly(hf_models, tmp_path, capsys):
     sd = load_file(bad / "model.safetensors")
     del sd["model.layers.1.self_attn.v_proj.bias"]
     save_file(sd, bad / "model.safetensors")
-    assert "model.layers.1.self_attn.v_proj.bias" in run_main_expect_error(capsys, bad, tmp_path / "out")
+    line = run_main_expect_error(capsys, bad, tmp_path / "out")
+    assert "model.layers.1.self_attn.v_proj.bias" in line
 
 
 def test_no_weights_fails_cleanly(hf_models, tmp_path, capsys):
@@ -290,14 +319,91 @@ def test_no_weights_fails_cleanly(hf_models, tmp_path, capsys):
 def test_model_parallel_consolidated_shards_refused(hf_models, tmp_path, capsys):
     hf, _ = hf_models("llama-gqa")
     write_meta_checkpoint(hf, tmp_path / "hf")
-    shutil.copy(tmp_path / "hf/original/consolidated.00.pth", tmp_path / "hf/original/consolidated.01.pth")
+    original = tmp_path / "hf/original"
+    shutil.copy(original / "consolidated.00.pth", original / "consolidated.01.pth")
     assert "model-parallel" in run_main_expect_error(capsys, tmp_path / "hf", tmp_path / "out")
 
 
+def config_only_source(folder: Path, **changes) -> Path:
+    """An HF snapshot with the tiny config.json, changed, and a junk weights file: a refusal of the
+    config must come before any tensor is read, or the junk would give another error."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({**HF_CONFIG, **changes}))
+    (folder / "model.safetensors").write_bytes(b"not weights")
+    return folder
+
+
+@pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])
+@pytest.mark.parametrize("rope_type", ["yarn", "dynamic", "longrope"])
+def test_unsupported_rope_type_is_refused(key, rope_type, tmp_path, capsys):
+    # transformers < 5 writes rope_scaling, older files with "type"; transformers 5 rope_parameters
+    rope = {"type" if key == "rope_scaling" else "rope_type": rope_type, "factor": 4.0,
+            "original_max_position_embeddings": 64}
+    if rope_type == "longrope":
+        rope.update(short_factor=[1.0] * 8, long_factor=[4.0] * 8)
+    source = config_only_source(tmp_path / "hf", **{key: rope})
+    line = run_main_expect_error(capsys, source, tmp_path / "out")
+    assert f"{rope_type!r}" in line and "config.json" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_absurd_config_is_refused_before_any_tensor(tmp_path):
+    source = config_only_source(tmp_path / "hf", num_hidden_layers=1_000_000_000)
+    start = time.perf_counter()
+    result = run_script(SCRIPT, "--checkpoint_dir", tmp_path / "out", "--hf_dir", source,
+                        timeout=60)
+    assert result.returncode == 1
+    assert_one_error_line(result.stderr, str(source / "config.json"))
+    print(f"refused in {time.perf_counter() - start:.1f} s, interpreter start included")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("config, word", [
+    (dict(num_attention_heads=0), "num_attention_heads"),
+    (dict(hidden_size="64"), "hidden_size"),
+    (dict(tie_word_embeddings="yes"), "tie_embeddings"),
+    (dict(rope_scaling="llama3"), "rope_scaling"),
+    (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0}), "low_freq_factor"),
+], ids=["zero-heads", "string-size", "string-bool", "rope-not-object", "llama3-incomplete"])
+def test_bad_config_values_are_one_line(config, word, tmp_path, capsys):
+    source = config_only_source(tmp_path / "hf", **config)
+    line = run_main_expect_error(capsys, source, tmp_path / "out")
+    assert word in line and "config.json" in line
+
+
+def test_converting_again_needs_force_and_replaces_the_whole_set(hf_models, tmp_path, capsys):
+    _, hf_dir = hf_models("llama-tied")
+    out = tmp_path / "ckpt"
+    source = Path(shutil.copytree(hf_dir, out / "hf"))  # the default --hf_dir, inside the output
+
+    def contents(folder: Path) -> dict:
+        return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+    source_files = contents(source)
+    convert_hf.main(["--checkpoint_dir", str(out)])
+    converted = contents(out)
+    assert {"config.json", "model.safetensors"} <= set(converted)
+
+    capsys.readouterr()  # what saving the HF model printed
+    with pytest.raises(SystemExit) as exit_info:
+        convert_hf.main(["--checkpoint_dir", str(out)])
+    assert exit_info.value.code == 1
+    assert_one_error_line(capsys.readouterr().err, "--force")
+    assert contents(out) == converted
+
+    (out / "chat_template.jinja").write_text("{{ stale }}")  # the source has none
+    (out / "model_int8.pth").write_bytes(b"a quantized copy of the old weights")
+    convert_hf.main(["--checkpoint_dir", str(out), "--force"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*converted, "hf"])
+    assert contents(out) == converted and contents(source) == source_files
+    load(out)
+
+
 def test_prefill_then_decode_matches_transformers(hf_models, tmp_path):
-    """The KV-cache path generation uses: prefill part of the sequence, then one token per forward."""
+    """The KV-cache path generation uses: prefill part of the sequence, then one token per
+    forward."""
     hf, hf_dir = hf_models("qwen2-bias")
-    model, _ = load_checkpoint(run_converter(hf_dir, tmp_path / "ckpt"))
+    model = load(run_converter(hf_dir, tmp_path / "ckpt"))
     idx = torch.randint(0, TINY["vocab_size"], (B, T), generator=torch.Generator().manual_seed(2))
     prefill = 100
     with torch.no_grad():
@@ -312,14 +418,15 @@ def test_prefill_then_decode_matches_transformers(hf_models, tmp_path):
 def test_greedy_generation_matches_transformers_generate(family, hf_models, tmp_path):
     from generate import Sampling, generate
     hf, hf_dir = hf_models(family)
-    model, _ = load_checkpoint(run_converter(hf_dir, tmp_path / "ckpt"), dtype=torch.float32)
-    prompt = torch.randint(0, TINY["vocab_size"], (1, 9), generator=torch.Generator().manual_seed(2))
-    # No end-of-sequence id on either side: both must run all 32 steps (min_new_tokens would instead make HF
-    # suppress its EOS id, changing its argmax wherever that id wins).
+    model = load(run_converter(hf_dir, tmp_path / "ckpt"), torch.float32)
+    generator = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, TINY["vocab_size"], (1, 9), generator=generator)
+    # No end-of-sequence id on either side: both must run all 32 steps (min_new_tokens would instead
+    # make HF suppress its EOS id, changing its argmax wherever that id wins).
     hf.generation_config.eos_token_id = None
     with torch.no_grad():
-        ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, do_sample=False,
-                          pad_token_id=0)[0, 9:].tolist()
+        ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32,
+                          do_sample=False, pad_token_id=0)[0, 9:].tolist()
     model.setup_caches(1, 9 + 32)
     ours = generate(model, [prompt[0].tolist()], 32, Sampling(temperature=0)).tokens[0]
     assert len(ref) == 32

@@ -1,11 +1,15 @@
-"""quantize.py: each scheme's layer against its own dequantized weights and against the float layer, the int4
-convention against PyTorch's int4 CPU kernel, files that describe themselves and load anywhere, the CLI and
-its errors, and perplexity on the real SmolLM2-135M; GPTQ against RTN, against a slow sequential form of itself, its
-Hessians and its one-block-at-a-time memory. The CUDA tests at the end run where a GPU exists."""
+"""quantize.py: each scheme's layer against its own dequantized weights and against the float layer,
+the int4 convention against PyTorch's int4 CPU kernel, files that describe themselves and load
+anywhere, the CLI and its errors, and perplexity on the real SmolLM2-135M; GPTQ against RTN, against
+a slow sequential form of itself, its Hessians and its one-block-at-a-time memory. The CUDA tests at
+the end run where a GPU exists."""
+import dataclasses
 import json
 import math
+import re
 import shutil
 import textwrap
+import time
 import weakref
 
 import pytest
@@ -13,21 +17,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
+import model as M
 import quantize as Q
+from checkpoint import (InputError, WeightsFile, empty_model, load_model, read_checkpoint,
+                        read_weights, save_checkpoint, to_device)
 from conftest import ROOT, assert_one_error_line, run_script
-from model import ModelArgs, Transformer, build_model, load_checkpoint, read_config, read_quantization, save_checkpoint
+from model import ModelArgs, Transformer
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-# K = 200 is no multiple of 64, 128 or 256: those group sizes pad it. N = 40 is no multiple of 16 (the CPU int4 op's
-# N granularity), so the kernel path pads N too.
+# K = 200 is no multiple of 64, 128 or 256: those group sizes pad it. N = 40 is no multiple of 16
+# (the CPU int4 op's N granularity), so the kernel path pads N too.
 N, K = 40, 200
-# (mode, groupsize) -> bound on the output's relative error against the float layer, for Gaussian weights.
-# The rms rounding error is step / sqrt(12) per weight, and the output's relative error is about the weights':
-#   int8: step = 2 amax / 254 per row, amax ~ 2.8 sigma for K = 200           -> 0.64 %  (measured 0.66 %)
-#   int4: step = range / 15 per group, range ~ 4.1 sigma for 32 values         -> 7.9 %   (measured 7.6 %)
-#         and ~ 5.1 sigma for 128 values                                       -> 9.8 %   (measured 9.5 %)
-#   fp8:  e4m3 keeps 3 mantissa bits: relative steps of 1/8 to 1/16            -> ~2.6 % (measured 2.6 %)
+# (mode, groupsize) -> bound on the output's relative error against the float layer, for Gaussian
+# weights. The rms rounding error is step / sqrt(12) per weight, and the output's relative error is
+# about the weights':
+#   int8: step = 2 amax / 254 per row, amax ~ 2.8 sigma for K = 200    -> 0.64 %  (measured 0.66 %)
+#   int4: step = range / 15 per group, range ~ 4.1 sigma for 32 values  -> 7.9 %   (measured 7.6 %)
+#         and ~ 5.1 sigma for 128 values                                -> 9.8 %   (measured 9.5 %)
+#   fp8:  e4m3 keeps 3 mantissa bits: relative steps of 1/8 to 1/16     -> ~2.6 %  (measured 2.6 %)
 LOOSE = {("int8", None): 1e-2, ("int4", 32): 0.1, ("int4", 128): 0.12, ("fp8", None): 0.04}
 
 
@@ -44,22 +53,38 @@ def float_linear(seed=0, n=N, k=K) -> nn.Linear:
     return linear
 
 
+def build_model(args: ModelArgs, state_dict: dict, quantization=None, device="cpu",
+                dtype=None) -> Transformer:
+    """A model from tensors in memory, the way checkpoint.load_model builds one from a file (a tied
+    output layer is stored once, as the embedding)."""
+    model = empty_model(args, quantization)
+    if args.tie_embeddings:
+        state_dict = {**state_dict, "output.weight": state_dict["tok_embeddings.weight"]}
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return to_device(model, device, dtype, quantization)
+
+
+def load_checkpoint(path, device="cpu", dtype=None) -> Transformer:
+    return load_model(read_checkpoint(path), device, dtype)
+
+
 def quantized_linear(linear: nn.Linear, mode: str, groupsize=None) -> nn.Module:
     k = linear.in_features
-    layer = Q.LINEARS[mode](k, linear.out_features, True, groupsize=groupsize,
+    layer = kernels.LINEARS[mode](k, linear.out_features, True, groupsize=groupsize,
                             padded_in_features=Q.int4_padded_k(k, groupsize) if groupsize else None)
     tensors = Q.quantize_weight(mode, linear.weight.detach(), groupsize)
     layer.load_state_dict({**tensors, "bias": linear.bias.detach()}, strict=True, assign=True)
     return layer
 
 
-# ---- 1. each layer against its own dequantized weights and against the float layer -----------------------
+# ---- 1. each layer against its own dequantized weights and against the float layer -------------
 
 @torch.no_grad()
 def test_compiled_int8_layer_is_not_rewritten_into_weight_int8pack_mm():
-    """Inductor rewrites `F.linear(x, w_int8.to(bf16)) * bf16_scales` into aten._weight_int8pack_mm, whose CUDA
-    kernel is ~100x slower than reading the weights (BENCHMARKS.md). The pattern pass runs on the CPU too, so
-    this checks here that the PyTorch path Int8Linear keeps for long inputs and CPUs doesn't match it."""
+    """Inductor rewrites `F.linear(x, w_int8.to(bf16)) * bf16_scales` into aten._weight_int8pack_mm,
+    whose CUDA kernel is ~100x slower than reading the weights (BENCHMARKS.md). The pattern pass
+    runs on the CPU too, so this checks here that the PyTorch path Int8Linear keeps for long inputs
+    and CPUs doesn't match it."""
     from torch._dynamo.utils import counters
     layer = quantized_linear(float_linear(k=256), "int8").to(torch.bfloat16)
     x = torch.randn(2, 5, 256, dtype=torch.bfloat16)  # (B, T, K)
@@ -70,15 +95,20 @@ def test_compiled_int8_layer_is_not_rewritten_into_weight_int8pack_mm():
         y = torch.compile(fn, fullgraph=True)(x)
         return counters["inductor"]["woq_matcher_count"], y
 
-    # The control: the form the pattern is written for is rewritten in this torch build, so a 0 below means something.
-    pattern_form = lambda x: F.linear(x, layer.weight.to(x.dtype)) * layer.scales + layer.bias  # noqa: E731
-    assert compiled_rewrites(pattern_form)[0] >= 1, "inductor's int8 pattern did not fire on its own form here"
+    # The control: the form the pattern is written for is rewritten in this torch build, so a 0
+    # below means something.
+    def pattern_form(x):
+        return F.linear(x, layer.weight.to(x.dtype)) * layer.scales + layer.bias
+
+    assert compiled_rewrites(pattern_form)[0] >= 1, \
+        "inductor's int8 pattern did not fire on its own form here"
     rewrites, y = compiled_rewrites(layer)
     assert rewrites == 0, "Int8Linear was rewritten into aten._weight_int8pack_mm"
     assert rel_err(y, layer(x)) < 1e-2  # bf16 rounding
 
 
-@pytest.mark.parametrize("mode, groupsize", list(LOOSE), ids=["int8", "int4-g32", "int4-g128-padded", "fp8"])
+@pytest.mark.parametrize("mode, groupsize", list(LOOSE),
+                         ids=["int8", "int4-g32", "int4-g128-padded", "fp8"])
 @torch.no_grad()
 def test_layer_matches_its_dequantized_weights_and_approximates_the_float_layer(mode, groupsize):
     linear = float_linear()
@@ -86,7 +116,8 @@ def test_layer_matches_its_dequantized_weights_and_approximates_the_float_layer(
     x = torch.randn(3, 5, K)  # (B, T, K)
     y = layer(x)  # (B, T, N)
     assert y.shape == (3, 5, N) and y.dtype == torch.float32
-    # Tight: the forward computes exactly linear(x, dequantized weights) + bias, up to float32 rounding.
+    # Tight: the forward computes exactly linear(x, dequantized weights) + bias, up to float32
+    # rounding.
     assert rel_err(y, F.linear(x, layer.dequantize(), linear.bias)) < 1e-5
     # Loose: quantization error, bounded by the rounding step of each scheme (see LOOSE).
     err = rel_err(y, linear(x))
@@ -97,16 +128,17 @@ def test_int4_nibbles_pack_two_to_a_byte_even_column_high():
     q = torch.tensor([[1, 2, 15, 0], [7, 8, 9, 10]], dtype=torch.uint8)
     packed = Q.pack_int4(q)
     assert packed.tolist() == [[0x12, 0xF0], [0x78, 0x9A]]
-    assert torch.equal(Q.unpack_int4(packed), q)
+    assert torch.equal(kernels.unpack_int4(packed), q)
 
 
 def test_int4_rounds_against_the_stored_bfloat16_scale_and_zero():
     torch.manual_seed(0)
     w = torch.randn(8, 64)
     t = Q.quantize_int4(w, 32)
-    q = Q.unpack_int4(t["weight"]).view(8, 2, 32)
+    q = kernels.unpack_int4(t["weight"]).view(8, 2, 32)
     s, z = t["scales"].float()[..., None], t["zeros"].float()[..., None]
-    # Each nibble is the nearest of the 16 levels (q - 8) * scale + zero that the kernels will compute.
+    # Each nibble is the nearest of the 16 levels (q - 8) * scale + zero that the kernels will
+    # compute.
     levels = (torch.arange(16).float() - 8) * s[..., None] + z[..., None]  # (8, 2, 1, 16)
     nearest = (w.view(8, 2, 32, 1) - levels).abs().argmin(dim=-1)
     assert torch.equal(q.long(), nearest)
@@ -114,10 +146,12 @@ def test_int4_rounds_against_the_stored_bfloat16_scale_and_zero():
 
 
 def cpu_has_rowwise_scaled_mm() -> bool:
-    """torch._scaled_mm on the CPU takes per-row scales from torch 2.13 on (per-tensor ones only before)."""
+    """torch._scaled_mm on the CPU takes per-row scales from torch 2.13 on (per-tensor ones only
+    before)."""
     a = torch.zeros(16, 16, dtype=torch.float8_e4m3fn)
     try:
-        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.float32)
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16),
+                         out_dtype=torch.float32)
         return True
     except RuntimeError:
         return False
@@ -125,11 +159,13 @@ def cpu_has_rowwise_scaled_mm() -> bool:
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
 def test_fp8_scaled_mm_path_matches_its_quantized_inputs(device):
-    """The _scaled_mm forward (CUDA, compute capability >= 9.0; the CPU too): per-token e4m3 activations times
-    e4m3 weights, both scales applied, equals a float matmul of the same dequantized operands."""
+    """The _scaled_mm forward (CUDA, compute capability >= 9.0; the CPU too): per-token e4m3
+    activations times e4m3 weights, both scales applied, equals a float matmul of the same
+    dequantized operands."""
     if device == "cpu" and not cpu_has_rowwise_scaled_mm():
         pytest.skip(f"torch {torch.__version__}: the CPU _scaled_mm takes per-tensor scales only")
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16  # on CUDA row-wise scales want bfloat16 output
+    # On CUDA row-wise scales want bfloat16 output.
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
     k = 208  # _scaled_mm on CUDA needs K and N multiples of 16 (prepare_for_device checks them)
     linear = float_linear(n=48, k=k).to(device)
     layer = quantized_linear(linear, "fp8").to(device, dtype)
@@ -138,13 +174,15 @@ def test_fp8_scaled_mm_path_matches_its_quantized_inputs(device):
     with torch.no_grad():
         y = layer(x)
         assert y.dtype == dtype
-        x_scales = x.float().abs().amax(dim=1, keepdim=True) / Q.FP8_MAX  # (M, 1)
+        x_scales = x.float().abs().amax(dim=1, keepdim=True) / kernels.FP8_MAX  # (M, 1)
         x8 = (x.float() / x_scales).to(torch.float8_e4m3fn).float() * x_scales
-        assert rel_err(y, F.linear(x8, layer.dequantize(), linear.bias)) < (1e-5 if dtype == torch.float32 else 1e-2)
-        assert rel_err(y, linear(x.float())) < 0.06  # weights and activations each ~2.6 %, independent
+        tight = 1e-5 if dtype == torch.float32 else 1e-2
+        assert rel_err(y, F.linear(x8, layer.dequantize(), linear.bias)) < tight
+        # Weights and activations each ~2.6 %, independent.
+        assert rel_err(y, linear(x.float())) < 0.06
 
 
-# ---- 2. the int4 convention, pinned by PyTorch's own int4 kernel (CPU twin of CUDA's tinygemm) ------------
+# ---- 2. the int4 convention, pinned by PyTorch's own int4 kernel (CPU twin of CUDA's tinygemm) --
 
 def test_int4_cpu_kernel_computes_q_minus_8_times_scale_plus_zero():
     torch.manual_seed(0)
@@ -152,38 +190,43 @@ def test_int4_cpu_kernel_computes_q_minus_8_times_scale_plus_zero():
     q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
     scales, zeros = torch.rand(n, k // g) * 0.1 + 0.01, torch.randn(n, k // g) * 0.1
     scales, zeros = scales.bfloat16().float(), zeros.bfloat16().float()
-    w = Q.int4_dequantize(q.view(n, -1, g), scales[..., None], zeros[..., None]).view(n, k)
+    w = kernels.int4_dequantize(q.view(n, -1, g), scales[..., None], zeros[..., None]).view(n, k)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 2)
-    scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # (k / g, n, 2)
+    # (k / g, n, 2)
+    scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
     x = torch.randn(5, k)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, g, scales_and_zeros)
     assert rel_err(y, x @ w.t()) < 1e-6
-    wrong = q.float().view(n, -1, g) * scales[..., None] + zeros[..., None]  # the other common convention
+    # The other common convention.
+    wrong = q.float().view(n, -1, g) * scales[..., None] + zeros[..., None]
     assert rel_err(y, x @ wrong.view(n, k).t()) > 0.1
 
 
-@pytest.mark.parametrize("groupsize, k", [(32, 256), (128, K), (256, K)], ids=["g32", "g128-padded", "g256-padded"])
+@pytest.mark.parametrize("groupsize, k", [(32, 256), (128, K), (256, K)],
+                         ids=["g32", "g128-padded", "g256-padded"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.no_grad()
 def test_int4_kernel_path_matches_the_dequantized_reference(groupsize, k, dtype):
-    """use_kernel() repacks for PyTorch's int4 matmul, pads K (input) and N (output) and slices the padding off:
-    the code CUDA runs with tinygemm, here with the CPU op of the same convention."""
+    """use_kernel() repacks for PyTorch's int4 matmul, pads K (input) and N (output) and slices the
+    padding off: the code CUDA runs with tinygemm, here with the CPU op of the same convention."""
     linear = float_linear(n=N, k=k)
     reference = quantized_linear(linear, "int4", groupsize).to(dtype)
     layer = quantized_linear(linear, "int4", groupsize).to(dtype)
     layer.use_kernel("cpu")
-    assert not hasattr(layer, "weight") and layer.packed.dtype == torch.uint8  # the unpacked copy is gone
+    # The unpacked copy is gone.
+    assert not hasattr(layer, "weight") and layer.packed.dtype == torch.uint8
     x = torch.randn(2, 3, k, dtype=dtype)
     y, y_ref = layer(x), reference(x)  # (2, 3, N)
     assert y.shape == y_ref.shape == (2, 3, N) and y.dtype == dtype
     assert rel_err(y, y_ref) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
-# ---- 3 + 4. files: save, load, sidecar config, loading in another dtype, generate.py -------------------------
+# ---- 3 + 4. files: save, load, sidecar config, loading in another dtype, generate.py -----------
 
-TINY = dict(dim=96, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=100, intermediate_size=160, block_size=64,
-            attention_bias=True, tie_embeddings=True)
-# (mode, groupsize, include_output): every mode with its defaults, and int4 with a quantized (untied) output layer.
+TINY = dict(dim=96, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=100, intermediate_size=160,
+            block_size=64, attention_bias=True, tie_embeddings=True)
+# (mode, groupsize, include_output): every mode with its defaults, and int4 with a quantized
+# (untied) output layer.
 FILE_CASES = [("int8", None, None), ("int4", 32, None), ("int4", 64, True), ("fp8", None, None)]
 FILE_IDS = ["int8", "int4-g32", "int4-g64-output", "fp8"]
 
@@ -194,7 +237,8 @@ def out_name(mode, groupsize) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    """A float32 tiny checkpoint (tied embeddings, q/k/v bias) and its quantized files, one per FILE_CASES."""
+    """A float32 tiny checkpoint (tied embeddings, q/k/v bias) and its quantized files, one per
+    FILE_CASES."""
     torch.manual_seed(0)
     args = ModelArgs(**TINY)
     model = Transformer(args)
@@ -202,7 +246,7 @@ def tiny_checkpoint(tmp_path_factory):
         for name, p in model.named_parameters():
             p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p))
     folder = tmp_path_factory.mktemp("tiny")
-    save_checkpoint(folder, args, model.state_dict())
+    save_checkpoint(folder, args, model.state_dict(), force=True)
     for mode, groupsize, include_output in FILE_CASES:
         Q.main(["--checkpoint_path", str(folder / "model.safetensors"), "--mode", mode]
                + (["--groupsize", str(groupsize)] if groupsize else [])
@@ -223,21 +267,26 @@ IDX = torch.randint(0, TINY["vocab_size"], (1, 20), generator=torch.Generator().
 def test_saved_file_loads_to_the_same_logits(tiny_checkpoint, mode, groupsize, include_output):
     folder, float_model = tiny_checkpoint
     path = folder / out_name(mode, groupsize)
-    loaded, loaded_folder = load_checkpoint(path, dtype=torch.float32)
-    assert loaded_folder == folder
-    # The same quantization done in memory, without any file, gives the same logits bit for bit.
+    ckpt = read_checkpoint(path)
+    assert ckpt.folder == folder and ckpt.weights == path
+    assert ckpt.config == path.with_suffix(".json")
+    loaded = load_model(ckpt, dtype=torch.float32)
+    # The same quantization done in memory, without the quantized file, gives the same logits bit
+    # for bit.
     args = ModelArgs(**TINY)
-    state = {k: v for k, v in float_model.state_dict().items() if k != "output.weight"}
     output = mode == "int8" if include_output is None else include_output
-    sd, qargs, quantization = Q.quantize_state_dict(list(state), state.__getitem__, args, mode, groupsize, output)
+    source = WeightsFile(folder / "model.safetensors")
+    sd, qargs, quantization = Q.quantize_state_dict(source, args, mode, groupsize, output)
     in_memory = build_model(qargs, sd, quantization, dtype=torch.float32)
     torch.testing.assert_close(logits_of(loaded, IDX), logits_of(in_memory, IDX), rtol=0, atol=0)
     # ... and near the float model's (a broken layer or lost bias would be far off).
     assert rel_err(logits_of(loaded, IDX), logits_of(float_model, IDX)) < 0.2
-    quantized = {name for name, m in loaded.named_modules() if isinstance(m, Q.LINEARS[mode])}
+    quantized = {name for name, m in loaded.named_modules() if isinstance(m, kernels.LINEARS[mode])}
     assert quantized == set(quantization["layers"]) and ("output" in quantized) == output
-    assert isinstance(loaded.tok_embeddings, nn.Embedding) and loaded.tok_embeddings.weight.dtype == torch.float32
-    assert (loaded.output.weight is loaded.tok_embeddings.weight) == (not output)  # a quantized output is untied
+    assert isinstance(loaded.tok_embeddings, nn.Embedding)
+    assert loaded.tok_embeddings.weight.dtype == torch.float32
+    # A quantized output is untied.
+    assert (loaded.output.weight is loaded.tok_embeddings.weight) == (not output)
 
 
 @pytest.mark.parametrize("mode, groupsize, include_output", FILE_CASES, ids=FILE_IDS)
@@ -245,35 +294,35 @@ def test_sidecar_config_records_the_scheme(tiny_checkpoint, mode, groupsize, inc
     folder, _ = tiny_checkpoint
     path = folder / out_name(mode, groupsize)
     sidecar = json.loads(path.with_suffix(".json").read_text())
-    q = read_quantization(path)
-    assert q == sidecar["quantization"] and read_quantization(folder) is None
+    q = read_checkpoint(path).quantization
+    assert q == sidecar["quantization"] and read_checkpoint(folder).quantization is None
     output = mode == "int8" if include_output is None else include_output
-    assert q["format"] == Q.FORMAT and q["mode"] == mode and q["groupsize"] == groupsize
+    assert q["format"] == kernels.FORMAT and q["mode"] == mode and q["groupsize"] == groupsize
     assert q["include_output"] == output and q["source"] == "model.safetensors"
     assert len(q["layers"]) == 4 * TINY["n_layer"] + output
     # The padding is recorded per layer: dim 96 pads to 128 for g64; intermediate 160 pads to 192.
     expected_pad = {} if groupsize != 64 else {
-        **{f"layers.{i}.{name}": [96, 128] for i in range(2) for name in ("attention.wqkv", "attention.wo", "feed_forward.w13")},
+        **{f"layers.{i}.{name}": [96, 128] for i in range(2)
+           for name in ("attention.wqkv", "attention.wo", "feed_forward.w13")},
         **{f"layers.{i}.feed_forward.w2": [160, 192] for i in range(2)}, "output": [96, 128]}
     assert q["padded"] == expected_pad
-    _, args = read_config(path)
-    assert args == ModelArgs(**{**TINY, "tie_embeddings": not output})
-    assert read_config(folder)[1] == ModelArgs(**TINY)  # config.json is untouched
+    assert read_checkpoint(path).args == ModelArgs(**{**TINY, "tie_embeddings": not output})
+    assert read_checkpoint(folder).args == ModelArgs(**TINY)  # config.json is untouched
 
 
 def test_files_load_in_a_fresh_process_in_bfloat16_and_float32(tiny_checkpoint, tmp_path):
-    """A simulated move: the files quantized (in float32) above load in a new process, in float32 and bfloat16.
-    Quantized tensors keep their storage dtypes, only floating tensors follow the model dtype, and the float32
-    logits equal this process's."""
+    """A simulated move: the files quantized (in float32) above load in a new process, in float32
+    and bfloat16. Quantized tensors keep their storage dtypes, only floating tensors follow the
+    model dtype, and the float32 logits equal this process's."""
     folder, _ = tiny_checkpoint
     script = textwrap.dedent(f"""
         import sys, torch
         sys.path.insert(0, {str(ROOT)!r})
-        from model import load_checkpoint
+        from checkpoint import load_model, read_checkpoint
         out = {{}}
         for name in {[out_name(m, g) for m, g, _ in FILE_CASES]!r}:
             for dtype in (torch.float32, torch.bfloat16):
-                model, _ = load_checkpoint({str(folder)!r} + "/" + name, "cpu", dtype)
+                model = load_model(read_checkpoint({str(folder)!r} + "/" + name), "cpu", dtype)
                 model.setup_caches(1, 20)
                 with torch.no_grad():
                     logits = model(torch.tensor({IDX.tolist()!r}), torch.arange(20)).float()
@@ -286,13 +335,14 @@ def test_files_load_in_a_fresh_process_in_bfloat16_and_float32(tiny_checkpoint, 
     results = torch.load(tmp_path / "out.pt", weights_only=True)
     for mode, groupsize, _ in FILE_CASES:
         name = out_name(mode, groupsize)
-        here = logits_of(load_checkpoint(folder / name, dtype=torch.float32)[0], IDX)
-        (f32, dtypes32), (bf16, dtypes16) = results[name, "torch.float32"], results[name, "torch.bfloat16"]
+        here = logits_of(load_checkpoint(folder / name, dtype=torch.float32), IDX)
+        f32, dtypes32 = results[name, "torch.float32"]
+        bf16, dtypes16 = results[name, "torch.bfloat16"]
         torch.testing.assert_close(f32, here, rtol=0, atol=0)
         assert rel_err(bf16, f32) < 2e-2, name
         stored = {"int8": {"weight": "torch.int8"}, "int4": {"weight": "torch.uint8"},
                   "fp8": {"weight": "torch.uint8", "scale_bits": "torch.int32"}}[mode]
-        layers = set(read_quantization(folder / name)["layers"])
+        layers = set(read_checkpoint(folder / name).quantization["layers"])
         for key, dtype in dtypes16.items():
             layer, _, suffix = key.rpartition(".")
             if layer in layers and suffix in stored:
@@ -301,7 +351,18 @@ def test_files_load_in_a_fresh_process_in_bfloat16_and_float32(tiny_checkpoint, 
                 assert dtype == "torch.bfloat16" and dtypes32[key] == "torch.float32", (name, key)
 
 
-# ---- 5. the command line's errors --------------------------------------------------------------------------
+# ---- 5. the command line's errors --------------------------------------------------------------
+
+def quantize_error(argv: list, capsys, *words) -> str:
+    """quantize.main in this process: it must end in sys.exit with one `error:` line naming the
+    problem (the interpreter prints it and exits with status 1) and nothing else on stderr. Returns
+    the line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        Q.main([str(a) for a in argv])
+    assert capsys.readouterr().err == ""
+    return assert_one_error_line(str(exit_.value.code), *words)
+
 
 @pytest.mark.parametrize("args, words", [
     (["--checkpoint_path", "checkpoints/does-not-exist"], ["not found"]),
@@ -326,42 +387,112 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(args, words, tiny_che
     r = run_script("quantize.py", *args)
     assert r.returncode == 1
     assert_one_error_line(r.stderr, *words)
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no temp files left behind
+    # No output, no temp files left behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--mode", "int8", "--groupsize", "32"], "--groupsize is for --mode int4 and int4-gptq, not int8"),
+    (["--mode", "int8", "--groupsize", "32"],
+     "--groupsize is for --mode int4 and int4-gptq, not int8"),
     (["--out", "model.json"], "name the weights file, ending in .pth"),
     (["--mode", "int4", "--act_order"], "--act_order: for --mode int4-gptq, not int4"),
-    (["--damp", "0.1", "--calibration_samples", "8"], "--calibration_samples, --damp: for --mode int4-gptq, not int8"),
+    (["--damp", "0.1", "--calibration_samples", "8"],
+     "--calibration_samples, --damp: for --mode int4-gptq, not int8"),
     (["--mode", "int4-gptq", "--groupsize", "48"], "--groupsize must be one of 32, 64, 128, 256"),
-    (["--mode", "int4-gptq", "--damp", "-0.1"], "--damp must be >= 0"),
+    (["--mode", "int4-gptq", "--damp", "-0.1"], "--damp must be a finite number >= 0, got -0.1"),
     (["--mode", "int4-gptq", "--calibration_seq_len", "0"], "must be at least 1"),
-    (["--mode", "int4-gptq", "--calibration_file", "missing.txt"], "calibration file not found: missing.txt"),
-    (["--mode", "int4-gptq", "--device", "gpu"], "--device 'gpu' is not a device"),
+    (["--mode", "int4-gptq", "--device", "gpu"], "--device gpu: not usable on this machine"),
 ])
 def test_more_bad_arguments(args, message):
-    """Checked before any file is read (the same check_args the command line runs, without a process each)."""
-    with pytest.raises(ValueError, match=message):
+    """Checked before any file is read (the same check_args the command line runs, without a
+    process each)."""
+    with pytest.raises(InputError, match=re.escape(message)):
         Q.run(Q.parse_args(["--checkpoint_path", str(ROOT / "does-not-matter"), *args]))
 
 
-# ---- 4 + 6. the real model: generate.py on a quantized file, perplexity per mode -----------------------------
+def snapshot(folder) -> dict:
+    """Each entry of folder with its bytes (a link: its target) and mtime: any write, replacement,
+    new or removed file changes it."""
+    out = {}
+    for p in sorted(folder.iterdir()):
+        st = p.lstat()
+        out[p.name] = (str(p.readlink()) if p.is_symlink() else p.read_bytes(), st.st_mtime_ns)
+    return out
+
+
+# (source, --out, words): names that would hijack the float checkpoint (read_checkpoint reads
+# model.pth and model.safetensors with config.json), a sidecar that would be config.json, and the
+# source itself, also through a link.
+OVER_THE_SOURCE = [
+    ("model.safetensors", "model.pth",
+     ["would overwrite the source checkpoint's files", "the default model_int8.pth"]),
+    ("model.safetensors", "model.safetensors", ["ending in .pth"]),
+    ("model.safetensors", "config.pth", ["would overwrite the source checkpoint's files"]),
+    ("float.pth", "float.pth", ["would overwrite the source checkpoint's files"]),
+    ("float.pth", "alias.pth", ["would overwrite the source checkpoint's files"]),
+]
+
+
+def test_quantize_refuses_an_output_over_the_source_checkpoint(tiny_checkpoint, tmp_path, capsys):
+    """Each case ends in one error line with the folder unchanged; the control quantizes the same
+    source to another name beside it. float.pth is a float checkpoint under another name (its
+    sidecar float.json holds no quantization record), alias.pth a link to it."""
+    folder, _ = tiny_checkpoint
+    shutil.copy(folder / "config.json", tmp_path / "config.json")
+    shutil.copy(folder / "config.json", tmp_path / "float.json")
+    shutil.copy(folder / "model.safetensors", tmp_path / "model.safetensors")
+    torch.save(read_weights(folder / "model.safetensors"), tmp_path / "float.pth")
+    (tmp_path / "alias.pth").symlink_to(tmp_path / "float.pth")
+    before = snapshot(tmp_path)
+    for source, out, words in OVER_THE_SOURCE:
+        quantize_error(["--checkpoint_path", tmp_path / source, "--mode", "int8",
+                        "--out", tmp_path / out], capsys, f"--out {tmp_path / out}", *words)
+        assert snapshot(tmp_path) == before, (source, out)
+    Q.main(["--checkpoint_path", str(tmp_path / "float.pth"), "--mode", "int8",
+            "--out", str(tmp_path / "float_int8.pth")])
+    assert snapshot(tmp_path).items() >= before.items()
+    assert set(snapshot(tmp_path)) - set(before) == {"float_int8.pth", "float_int8.json"}
+    assert read_checkpoint(tmp_path / "float_int8.pth").quantization["source"] == "float.pth"
+
+
+@pytest.mark.parametrize("field", ["dim", "n_layer"])
+def test_quantize_refuses_a_config_beyond_any_model_at_once(tiny_checkpoint, tmp_path, capsys,
+                                                            field):
+    """SmolLM2-135M's config.json with a size typo (10^9) is refused in one line naming the file,
+    before any weights are read or anything is built from it: a model of 10^9 layers would take days
+    to build even on the meta device. (The weights file beside it, the tiny model's, is never
+    opened.)"""
+    folder, _ = tiny_checkpoint
+    config = dataclasses.asdict(ModelArgs(**M.CONFIGS["SmolLM2-135M"]))
+    (tmp_path / "config.json").write_text(json.dumps({**config, field: 1_000_000_000}))
+    (tmp_path / "model.safetensors").symlink_to(folder / "model.safetensors")
+    before = snapshot(tmp_path)
+    start = time.perf_counter()
+    quantize_error(["--checkpoint_path", tmp_path, "--mode", "int4"], capsys,
+                   f"{tmp_path / 'config.json'}: ", "parameters", "beyond any model")
+    elapsed = time.perf_counter() - start
+    assert elapsed < 2, f"refused only after {elapsed:.1f} s"
+    assert snapshot(tmp_path) == before
+
+
+# ---- 4 + 6. the real model: generate.py on a quantized file, perplexity per mode ---------------
 
 def test_generate_answers_from_a_quantized_checkpoint(smollm2_checkpoint, tmp_path, capsys):
-    folder = tmp_path / "SmolLM2"  # links to the shared fixture's files, so the quantized file lands apart
+    # Links to the shared fixture's files, so that the quantized file lands apart.
+    folder = tmp_path / "SmolLM2"
     folder.mkdir()
     for source in smollm2_checkpoint.iterdir():
         (folder / source.name).symlink_to(source)
-    Q.main(["--checkpoint_path", str(folder / "model.safetensors"), "--mode", "int4", "--groupsize", "128"])
+    Q.main(["--checkpoint_path", str(folder / "model.safetensors"), "--mode", "int4",
+            "--groupsize", "128"])
     # SmolLM2's dim 576 is no multiple of 128: three of its four layer kinds are padded, and say so.
     printed = capsys.readouterr().out
     for layer in ("attention.wqkv", "attention.wo", "feed_forward.w13"):
         assert f"padded: layers.*.{layer} K 576 -> 640" in printed
     assert "feed_forward.w2" not in printed  # intermediate 1536 = 12 groups of 128
-    r = run_script("generate.py", "--checkpoint_path", folder / "model_int4.g128.pth", "--chat", "--prompt",
-                   "What is the capital of France?", "--temperature", "0", "--max_new_tokens", "10",
-                   "--num_samples", "1", "--device", "cpu")
+    r = run_script("generate.py", "--checkpoint_path", folder / "model_int4.g128.pth", "--chat",
+                   "--prompt", "What is the capital of France?", "--temperature", "0",
+                   "--max_new_tokens", "10", "--num_samples", "1", "--device", "cpu")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Paris" in r.stdout, r.stdout
 
@@ -373,11 +504,10 @@ PPL_TOKENS = 2048
 def smollm2_float(smollm2_checkpoint):
     import pydoc_data.topics
     from tokenizer import load_tokenizer
-    folder, args = read_config(smollm2_checkpoint)
-    names, get = Q.open_weights(folder / "model.safetensors")
+    ckpt = read_checkpoint(smollm2_checkpoint)
     text = "\n".join(pydoc_data.topics.topics.values())
-    ids = torch.tensor([load_tokenizer(folder).encode(text)[:PPL_TOKENS]])  # (1, T)
-    return args, names, get, ids
+    ids = torch.tensor([load_tokenizer(ckpt.folder).encode(text)[:PPL_TOKENS]])  # (1, T)
+    return ckpt, ids
 
 
 def perplexity(model, ids) -> float:
@@ -390,9 +520,10 @@ GPTQ_CALIBRATION = ("16", "256")  # samples, seq_len: 4096 tokens, ~35 s of GPTQ
 
 @pytest.fixture(scope="module")
 def smollm2_gptq(smollm2_checkpoint, tmp_path_factory):
-    """SmolLM2-135M quantized by the command line, int4-gptq g128 with the other defaults, calibrated on 16 x 256
-    tokens of the pydoc topics text that follows the 2048 tokens the perplexity is measured on: the same kind of
-    text, none of the evaluated text. Returns (weights file, what the command printed)."""
+    """SmolLM2-135M quantized by the command line, int4-gptq g128 with the other defaults,
+    calibrated on 16 x 256 tokens of the pydoc topics text that follows the 2048 tokens the
+    perplexity is measured on: the same kind of text, none of the evaluated text. Returns (weights
+    file, what the command printed)."""
     import pydoc_data.topics
     from tokenizer import load_tokenizer
     folder = tmp_path_factory.mktemp("gptq") / "SmolLM2"  # links to the shared fixture's files
@@ -402,9 +533,11 @@ def smollm2_gptq(smollm2_checkpoint, tmp_path_factory):
     tokenizer = load_tokenizer(folder)
     ids = tokenizer.encode("\n".join(pydoc_data.topics.topics.values()))
     (folder / "calibration.txt").write_text(tokenizer.decode(ids[PPL_TOKENS:]))
-    r = run_script("quantize.py", "--checkpoint_path", folder / "model.safetensors", "--mode", "int4-gptq",
-                   "--groupsize", "128", "--calibration_file", folder / "calibration.txt", "--calibration_samples",
-                   GPTQ_CALIBRATION[0], "--calibration_seq_len", GPTQ_CALIBRATION[1], "--device", "cpu")
+    r = run_script("quantize.py", "--checkpoint_path", folder / "model.safetensors",
+                   "--mode", "int4-gptq", "--groupsize", "128",
+                   "--calibration_file", folder / "calibration.txt",
+                   "--calibration_samples", GPTQ_CALIBRATION[0],
+                   "--calibration_seq_len", GPTQ_CALIBRATION[1], "--device", "cpu")
     assert r.returncode == 0, r.stderr[-3000:]
     return folder / "model_int4-gptq.g128.pth", r.stdout
 
@@ -416,28 +549,32 @@ def test_perplexity_per_mode_on_smollm2(smollm2_float, smollm2_gptq):
         int4 g32        output quantized 12.54 (+5.3 %)    kept 11.93 (+0.15 %)
         int4 g64 / 128 / 256 (output kept)  15.75 (+32 %) / 18.23 (+53 %) / 22.86 (+92 %)
         int4-gptq g128 (output kept, 16 x 256 calibration tokens)  13.98 (+17 %)
-    Hence the defaults: the output layer is quantized for int8 only, and int4 groups are 32 (128 with GPTQ).
-    SmolLM2's weights come from a Q4_1 GGUF file (4-bit asymmetric groups of 32, the same scheme), so int4 g32
-    lands on the very grid they were stored on and is nearly lossless here, while larger groups re-round them
-    coarsely. Neither is a general result: RTN int4 costs a few percent on models trained in bfloat16."""
-    args, names, get, ids = smollm2_float
-    base = perplexity(build_model(args, {n: get(n) for n in names}, dtype=torch.float32), ids)
-    # mode, groupsize, bound on the relative increase over float32. Measured +0.27 %, +0.15 %, +53 %, +1.9 %: the
-    # bounds leave room for other torch builds' rounding, and a broken layer or convention gives +100 % and more.
+    Hence the defaults: the output layer is quantized for int8 only, and int4 groups are 32 (128
+    with GPTQ). SmolLM2's weights come from a Q4_1 GGUF file (4-bit asymmetric groups of 32, the
+    same scheme), so int4 g32 lands on the very grid they were stored on and is nearly lossless
+    here, while larger groups re-round them coarsely. Neither is a general result: RTN int4 costs a
+    few percent on models trained in bfloat16."""
+    ckpt, ids = smollm2_float
+    base = perplexity(load_model(ckpt, dtype=torch.float32), ids)
+    # mode, groupsize, bound on the relative increase over float32. Measured +0.27 %, +0.15 %,
+    # +53 %, +1.9 %: the bounds leave room for other torch builds' rounding, and a broken layer or
+    # convention gives +100 % and more.
     cases = [("int8", None, 0.01), ("int4", 32, 0.01), ("int4", 128, 0.7), ("fp8", None, 0.04)]
     rows = [f"{'float32':14} {'':8} {base:8.3f}"]
     for mode, groupsize, bound in cases:
         include_output = mode == "int8"
-        sd, qargs, quantization = Q.quantize_state_dict(names, get, args, mode, groupsize, include_output)
+        sd, qargs, quantization = Q.quantize_state_dict(WeightsFile(ckpt.weights), ckpt.args, mode,
+                                                        groupsize, include_output)
         ppl = perplexity(build_model(qargs, sd, quantization, dtype=torch.float32), ids)
-        rows.append(f"{mode + (f' g{groupsize}' if groupsize else ''):14} {'output' if include_output else '':8} "
+        label = mode + (f" g{groupsize}" if groupsize else "")
+        rows.append(f"{label:14} {'output' if include_output else '':8} "
                     f"{ppl:8.3f} {100 * (ppl / base - 1):+7.2f} %")
         assert ppl < base * (1 + bound), "\n".join(rows)
         if (mode, groupsize) == ("int4", 128):
             rtn_g128 = ppl
-    # GPTQ at g128 recovers most of what RTN g128 loses (measured 13.98 against RTN's 18.23; 14.18 with 32 samples,
-    # 13.21 with --act_order): the bound is well above 13.98 and well below 18.23.
-    ppl = perplexity(load_checkpoint(smollm2_gptq[0], dtype=torch.float32)[0], ids)
+    # GPTQ at g128 recovers most of what RTN g128 loses (measured 13.98 against RTN's 18.23; 14.18
+    # with 32 samples, 13.21 with --act_order): the bound is well above 13.98 and well below 18.23.
+    ppl = perplexity(load_checkpoint(smollm2_gptq[0], dtype=torch.float32), ids)
     rows.append(f"{'int4-gptq g128':14} {'':8} {ppl:8.3f} {100 * (ppl / base - 1):+7.2f} %")
     print(f"\nperplexity, first {ids.shape[1]} tokens of pydoc topics\n" + "\n".join(rows))
     assert ppl < 15 and ppl < 0.85 * rtn_g128, "\n".join(rows)
@@ -446,12 +583,14 @@ def test_perplexity_per_mode_on_smollm2(smollm2_float, smollm2_gptq):
 
 def test_gptq_file_of_smollm2_records_its_scheme(smollm2_gptq):
     path, printed = smollm2_gptq
-    q = read_quantization(path)
-    assert q["mode"] == "int4-gptq" and q["groupsize"] == 128 and q["format"] == Q.FORMAT and not q["include_output"]
-    assert q["gptq"] == dict(damp=0.01, act_order=False, static_groups=False, blocksize=128, samples=16, seq_len=256,
-                             calibration="calibration.txt")
+    q = read_checkpoint(path).quantization
+    assert q["mode"] == "int4-gptq" and q["groupsize"] == 128 and q["format"] == kernels.FORMAT
+    assert not q["include_output"]
+    assert q["gptq"] == dict(damp=0.01, act_order=False, static_groups=False, blocksize=128,
+                             samples=16, seq_len=256, calibration="calibration.txt")
     assert len(q["layers"]) == 4 * 30 and "output" not in q["layers"]
-    # The same padding as int4's (see test_generate_answers_from_a_quantized_checkpoint), said the same way.
+    # The same padding as int4's (see test_generate_answers_from_a_quantized_checkpoint), said the
+    # same way.
     assert q["padded"] == {f"layers.{i}.{name}": [576, 640] for i in range(30)
                            for name in ("attention.wqkv", "attention.wo", "feed_forward.w13")}
     assert "padded: layers.*.attention.wqkv K 576 -> 640" in printed
@@ -460,8 +599,10 @@ def test_gptq_file_of_smollm2_records_its_scheme(smollm2_gptq):
 
 
 @pytest.mark.parametrize("case, words", [
-    ("short", ["the calibration text has 3 tokens, fewer than one sample of --calibration_seq_len 256"]),
-    ("binary", ["calibration file", "is not UTF-8 text"]),
+    ("short",
+     ["the calibration text has 3 tokens, fewer than one sample of --calibration_seq_len 256"]),
+    ("binary", ["cannot read calibration file", "calibration.txt", "'utf-8' codec can't decode"]),
+    ("missing", ["cannot read calibration file", "missing.txt", "No such file"]),
     ("long", ["--calibration_seq_len 9000 is longer than the model's block_size 8192"]),
 ])
 def test_gptq_calibration_errors(case, words, smollm2_checkpoint, tmp_path, capsys):
@@ -470,35 +611,38 @@ def test_gptq_calibration_errors(case, words, smollm2_checkpoint, tmp_path, caps
     folder.mkdir()
     for source in smollm2_checkpoint.iterdir():
         (folder / source.name).symlink_to(source)
-    (tmp_path / "calibration.txt").write_bytes(b"\xff\xfe\x00binary" if case == "binary" else b"A few words")
-    with pytest.raises(SystemExit) as exit_:
-        Q.main(["--checkpoint_path", str(folder), "--mode", "int4-gptq", "--calibration_file", str(tmp_path / "calibration.txt"),
-                "--calibration_seq_len", "9000" if case == "long" else "256"])
-    assert exit_.value.code == 1
-    assert_one_error_line(capsys.readouterr().err, *words)
-    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in smollm2_checkpoint.iterdir())
+    text = b"\xff\xfe\x00binary" if case == "binary" else b"A few words"
+    (tmp_path / "calibration.txt").write_bytes(text)
+    calibration = tmp_path / ("missing.txt" if case == "missing" else "calibration.txt")
+    quantize_error(["--checkpoint_path", folder, "--mode", "int4-gptq", "--calibration_file",
+                    calibration, "--calibration_seq_len", "9000" if case == "long" else "256"],
+                   capsys, *words)
+    assert sorted(p.name for p in folder.iterdir()) == \
+        sorted(p.name for p in smollm2_checkpoint.iterdir())
 
 
 def test_generate_answers_from_a_gptq_checkpoint(smollm2_gptq):
-    r = run_script("generate.py", "--checkpoint_path", smollm2_gptq[0], "--chat", "--prompt",
-                   "What is the capital of France?", "--temperature", "0", "--max_new_tokens", "10",
-                   "--num_samples", "1", "--device", "cpu")
+    r = run_script("generate.py", "--checkpoint_path", smollm2_gptq[0], "--chat",
+                   "--prompt", "What is the capital of France?", "--temperature", "0",
+                   "--max_new_tokens", "10", "--num_samples", "1", "--device", "cpu")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Paris" in r.stdout, r.stdout
 
 
-# ---- 7. GPTQ: one layer, the column and group bookkeeping, block-at-a-time memory --------------------------
+# ---- 7. GPTQ: one layer, the column and group bookkeeping, block-at-a-time memory --------------
 
-def lowrank_inputs(n: int, k: int, seed: int, rows_seed: int, channel_scales: bool = False, dead: int = 3) -> torch.Tensor:
-    """(n, k) inputs driven by k / 4 latent factors plus 10 % noise: strongly correlated, like an LLM's hidden
-    states. seed picks the distribution, rows_seed the rows drawn from it (calibration and held-out rows differ).
-    channel_scales multiplies each input channel by e^N(0, 1) (LLMs' uneven channel magnitudes); the last `dead`
-    channels are always zero (dead inputs)."""
+def lowrank_inputs(n: int, k: int, seed: int, rows_seed: int, channel_scales: bool = False,
+                   dead: int = 3) -> torch.Tensor:
+    """(n, k) inputs driven by k / 4 latent factors plus 10 % noise: strongly correlated, like an
+    LLM's hidden states. seed picks the distribution, rows_seed the rows drawn from it (calibration
+    and held-out rows differ). channel_scales multiplies each input channel by e^N(0, 1) (LLMs'
+    uneven channel magnitudes); the last `dead` channels are always zero (dead inputs)."""
     g = torch.Generator().manual_seed(seed)
     mixing = torch.randn(k // 4, k, generator=g)  # (k / 4, k)
     scales = torch.randn(k, generator=g).exp() if channel_scales else torch.ones(k)
     rows = torch.Generator().manual_seed(rows_seed)
-    x = torch.randn(n, k // 4, generator=rows) @ mixing + 0.1 * mixing.std() * torch.randn(n, k, generator=rows)
+    noise = 0.1 * mixing.std() * torch.randn(n, k, generator=rows)
+    x = torch.randn(n, k // 4, generator=rows) @ mixing + noise
     x = x * scales
     x[:, k - dead:] = 0
     return x
@@ -512,8 +656,9 @@ def output_err(w_hat, w, x) -> float:
     return (x @ w.t() - x @ w_hat.t()).norm().item()
 
 
-def int4_layer(tensors: dict, k: int, n: int, groupsize: int) -> Q.Int4Linear:
-    layer = Q.Int4Linear(k, n, False, groupsize=groupsize, padded_in_features=Q.int4_padded_k(k, groupsize))
+def int4_layer(tensors: dict, k: int, n: int, groupsize: int) -> kernels.Int4Linear:
+    layer = kernels.Int4Linear(k, n, False, groupsize=groupsize,
+                               padded_in_features=Q.int4_padded_k(k, groupsize))
     layer.load_state_dict(tensors, strict=True, assign=True)
     return layer
 
@@ -521,21 +666,26 @@ def int4_layer(tensors: dict, k: int, n: int, groupsize: int) -> Q.Int4Linear:
 @pytest.mark.parametrize("act_order", [False, True], ids=["", "act_order"])
 @pytest.mark.parametrize("groupsize", [32, 128], ids=["g32", "g128-padded"])
 @torch.no_grad()
-def test_gptq_beats_rtn_on_correlated_inputs_and_stores_exactly_what_it_computed(groupsize, act_order):
-    """GPTQ calibrated on 2048 rows, judged on 2048 other rows of the same distribution. Measured over seeds 0-2
-    (weights and inputs): GPTQ's output error is 0.34-0.37 of RTN's for g32 and g128, 0.32-0.36 with act_order.
-    Inputs of rank ~K/4 leave most directions of weight space unseen, and GPTQ moves its rounding error there."""
+def test_gptq_beats_rtn_on_correlated_inputs_and_stores_exactly_what_it_computed(groupsize,
+                                                                                 act_order):
+    """GPTQ calibrated on 2048 rows, judged on 2048 other rows of the same distribution. Measured
+    over seeds 0-2 (weights and inputs): GPTQ's output error is 0.34-0.37 of RTN's for g32 and g128,
+    0.32-0.36 with act_order. Inputs of rank ~K/4 leave most directions of weight space unseen, and
+    GPTQ moves its rounding error there."""
     n, k = 64, K  # K = 200: g128 pads it to 256 (and 3 dead inputs)
     w = float_linear(n=n, k=k).weight.detach()
-    calibration, held_out = lowrank_inputs(2048, k, 0, rows_seed=1), lowrank_inputs(2048, k, 0, rows_seed=2)
+    calibration = lowrank_inputs(2048, k, 0, rows_seed=1)
+    held_out = lowrank_inputs(2048, k, 0, rows_seed=2)
     tensors, dq = Q.gptq_int4(w, hessian_of(calibration), groupsize, act_order=act_order)
     rtn = int4_layer(Q.quantize_int4(w, groupsize), k, n, groupsize).dequantize()
     ratio = output_err(dq, w, held_out) / output_err(rtn, w, held_out)
     assert ratio < 0.5, f"GPTQ / RTN output error {ratio:.3f}"
-    # The file holds exactly the weights GPTQ computed with: packed, unpacked and dequantized, bit for bit.
+    # The file holds exactly the weights GPTQ computed with: packed, unpacked and dequantized, bit
+    # for bit.
     layer = int4_layer(tensors, k, n, groupsize)
     assert torch.equal(layer.dequantize(), dq)
-    assert set(tensors) == {"weight", "scales", "zeros"} and tensors["weight"].shape == (n, Q.int4_padded_k(k, groupsize) // 2)
+    assert set(tensors) == {"weight", "scales", "zeros"}
+    assert tensors["weight"].shape == (n, Q.int4_padded_k(k, groupsize) // 2)
     # ... and PyTorch's int4 kernel (tinygemm's CPU twin) computes with them.
     x = torch.randn(3, k)
     reference = F.linear(x, dq)
@@ -545,22 +695,27 @@ def test_gptq_beats_rtn_on_correlated_inputs_and_stores_exactly_what_it_computed
 
 @torch.no_grad()
 def test_gptq_act_order_wins_when_input_channels_differ_in_scale():
-    """With channel magnitudes spread by e^N(0, 1) (measured, seeds 0-2): plain GPTQ 0.42-0.54 of RTN's output error,
-    act_order 0.093-0.095: the loud channels go first, while the most columns are left to absorb their error."""
+    """With channel magnitudes spread by e^N(0, 1) (measured, seeds 0-2): plain GPTQ 0.42-0.54 of
+    RTN's output error, act_order 0.093-0.095: the loud channels go first, while the most columns
+    are left to absorb their error."""
     n, k, groupsize = 64, 256, 128
     w = float_linear(n=n, k=k).weight.detach()
     calibration = lowrank_inputs(2048, k, 0, rows_seed=1, channel_scales=True)
     held_out = lowrank_inputs(2048, k, 0, rows_seed=2, channel_scales=True)
-    rtn = output_err(int4_layer(Q.quantize_int4(w, groupsize), k, n, groupsize).dequantize(), w, held_out)
-    plain = output_err(Q.gptq_int4(w, hessian_of(calibration), groupsize)[1], w, held_out) / rtn
-    ordered = output_err(Q.gptq_int4(w, hessian_of(calibration), groupsize, act_order=True)[1], w, held_out) / rtn
-    assert ordered < 0.2 and ordered < 0.6 * plain, f"act_order {ordered:.3f}, plain {plain:.3f} of RTN"
+    rtn_weights = int4_layer(Q.quantize_int4(w, groupsize), k, n, groupsize).dequantize()
+    rtn = output_err(rtn_weights, w, held_out)
+    hessian = hessian_of(calibration)
+    plain = output_err(Q.gptq_int4(w, hessian, groupsize)[1], w, held_out) / rtn
+    ordered = output_err(Q.gptq_int4(w, hessian, groupsize, act_order=True)[1], w, held_out) / rtn
+    assert ordered < 0.2 and ordered < 0.6 * plain, \
+        f"act_order {ordered:.3f}, plain {plain:.3f} of RTN"
 
 
 def sequential_gptq(w, hessian, groupsize, damp, act_order) -> torch.Tensor:
-    """GPTQ's nibbles (N, K_pad) the slow way, in float64: the paper's sequential optimal-brain-surgeon form, one
-    column at a time, with the inverse Hessian itself updated after each column (no Cholesky factor, no blocks,
-    no lazy updates) and the columns addressed in file order throughout."""
+    """GPTQ's nibbles (N, K_pad) the slow way, in float64: the paper's sequential
+    optimal-brain-surgeon form, one column at a time, with the inverse Hessian itself updated after
+    each column (no Cholesky factor, no blocks, no lazy updates) and the columns addressed in file
+    order throughout."""
     n, k = w.shape
     k_pad = Q.int4_padded_k(k, groupsize)
     W = F.pad(w.double(), (0, k_pad - k))
@@ -568,7 +723,8 @@ def sequential_gptq(w, hessian, groupsize, damp, act_order) -> torch.Tensor:
     dead = H.diagonal() == 0
     H.diagonal()[dead] = 1
     W[:, dead] = 0
-    order = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(k_pad)
+    order = (torch.argsort(H.diagonal(), descending=True, stable=True) if act_order
+             else torch.arange(k_pad))
     if act_order:  # static groups: the parameters of the weights as they are
         scales, zeros = (t.double() for t in Q.int4_group_params(W.float().view(n, -1, groupsize)))
     else:
@@ -578,12 +734,16 @@ def sequential_gptq(w, hessian, groupsize, damp, act_order) -> torch.Tensor:
     q = torch.empty(n, k_pad, dtype=torch.uint8)
     for j in order.tolist():
         g = j // groupsize
-        if not act_order and j % groupsize == 0:  # the group's weights as the earlier columns left them
-            scales[:, g], zeros[:, g] = (t.double() for t in Q.int4_group_params(W[:, j:j + groupsize].float()))
+        if not act_order and j % groupsize == 0:  # the group's weights as earlier columns left them
+            params = Q.int4_group_params(W[:, j:j + groupsize].float())
+            scales[:, g], zeros[:, g] = (t.double() for t in params)
         q[:, j] = Q.int4_quantize(W[:, j], scales[:, g], zeros[:, g])
-        err = (W[:, j] - Q.int4_dequantize(q[:, j], scales[:, g], zeros[:, g]).double()) / h_inv[j, j]
-        W -= err[:, None] * h_inv[j][None, :]  # column j lands on its level; done columns have zero entries in h_inv
-        h_inv -= torch.outer(h_inv[:, j], h_inv[j]) / h_inv[j, j]  # remove column j from the problem
+        dq = kernels.int4_dequantize(q[:, j], scales[:, g], zeros[:, g]).double()
+        err = (W[:, j] - dq) / h_inv[j, j]
+        # Column j lands on its level; done columns have zero entries in h_inv. Then column j is
+        # removed from the problem.
+        W -= err[:, None] * h_inv[j][None, :]
+        h_inv -= torch.outer(h_inv[:, j], h_inv[j]) / h_inv[j, j]
     return q
 
 
@@ -592,46 +752,53 @@ def sequential_gptq(w, hessian, groupsize, damp, act_order) -> torch.Tensor:
                          ids=["g32-b16", "g32-b128", "g128-b16", "g128-b128"])
 @torch.no_grad()
 def test_gptq_blocked_float32_matches_the_sequential_float64_form(groupsize, blocksize, act_order):
-    """Pins the bookkeeping of the fast form (Cholesky rows, blocks with lazy updates, groups set inside or at the
-    start of a block, the act_order permutation and its undoing, padding) against an independent slow one.
-    Rows are independent given H, and a single flipped rounding changes the rest of its row, so the measure is
-    identical rows. Measured over seeds 0-2 and these 8 cases: all 64 rows in 22 of 24, else 62 and 61 (a value
-    within float32's rounding of a tie); wrong bookkeeping leaves next to no row identical."""
+    """Pins the bookkeeping of the fast form (Cholesky rows, blocks with lazy updates, groups set
+    inside or at the start of a block, the act_order permutation and its undoing, padding) against
+    an independent slow one. Rows are independent given H, and a single flipped rounding changes the
+    rest of its row, so the measure is identical rows. Measured over seeds 0-2 and these 8 cases:
+    all 64 rows in 22 of 24, else 62 and 61 (a value within float32's rounding of a tie); wrong
+    bookkeeping leaves next to no row identical."""
     n, k = 64, K
     w = float_linear(n=n, k=k).weight.detach()
     hessian = hessian_of(lowrank_inputs(2048, k, 1, rows_seed=1))
     tensors, _ = Q.gptq_int4(w, hessian, groupsize, 0.01, act_order, blocksize=blocksize)
     expected = sequential_gptq(w, hessian, groupsize, 0.01, act_order)
-    same_rows = (Q.unpack_int4(tensors["weight"]) == expected).all(dim=1).float().mean().item()
+    same = (kernels.unpack_int4(tensors["weight"]) == expected).all(dim=1)
+    same_rows = same.float().mean().item()
     assert same_rows >= 0.9, f"{100 * same_rows:.1f} % of rows identical"
 
 
 def test_gptq_refuses_a_hessian_it_cannot_invert():
-    """H = ones: rank 1, every input alive (no dead-input rescue), Cholesky's second pivot exactly zero."""
-    with pytest.raises(ValueError, match="not positive definite with --damp 0.0: raise it"):
+    """H = ones: rank 1, every input alive (no dead-input rescue), Cholesky's second pivot exactly
+    zero."""
+    with pytest.raises(InputError, match="not positive definite with --damp 0.0: raise it"):
         Q.gptq_int4(torch.randn(8, 64), torch.ones(64, 64), 32, damp=0.0)
 
 
-def tiny_float_state(tiny_checkpoint) -> tuple[ModelArgs, dict]:
-    _, model = tiny_checkpoint
-    return ModelArgs(**TINY), {k: v for k, v in model.state_dict().items() if k != "output.weight"}
+def tiny_float(tiny_checkpoint) -> tuple[ModelArgs, WeightsFile]:
+    """The tiny float checkpoint's config and weights file (the tied output layer stored as the
+    embedding)."""
+    folder, _ = tiny_checkpoint
+    return read_checkpoint(folder).args, WeightsFile(folder / "model.safetensors")
 
 
-CALIBRATION = torch.randint(0, TINY["vocab_size"], (6, 24), generator=torch.Generator().manual_seed(2))  # (samples, seq_len)
+CALIBRATION = torch.randint(0, TINY["vocab_size"], (6, 24),  # (samples, seq_len)
+                            generator=torch.Generator().manual_seed(2))
 
 
 @pytest.mark.parametrize("act_order", [False, True], ids=["", "act_order"])
 @pytest.mark.parametrize("groupsize", [32, 64, 128])
 def test_gptq_with_overwhelming_damping_is_rtn(tiny_checkpoint, groupsize, act_order):
-    """With damp 1e10, H ~ lambda I: U's off-diagonal entries are ~1e-10 of its diagonal, so an error moves later
-    weights by ~1e-10 of itself, below float32's resolution: every weight stays as it was and GPTQ must be RTN,
-    bit for bit, in every tensor of the file, through the whole machinery (blocks, Hessians, padding of 96 to
-    128 and 160 to 192, the output layer). A wrong group index, column offset, permutation or padding breaks it.
-    (Measured: identical from damp 1e8 up; at 1e6 one nibble and one zero of 100k values differ.)"""
-    args, state = tiny_float_state(tiny_checkpoint)
-    rtn, rtn_args, rtn_q = Q.quantize_state_dict(list(state), state.__getitem__, args, "int4", groupsize, True)
-    gptq, gptq_args, gptq_q = Q.gptq_quantize_state_dict(list(state), state.__getitem__, args, groupsize, True,
-                                                         CALIBRATION, damp=1e10, act_order=act_order)
+    """With damp 1e10, H ~ lambda I: U's off-diagonal entries are ~1e-10 of its diagonal, so an
+    error moves later weights by ~1e-10 of itself, below float32's resolution: every weight stays as
+    it was and GPTQ must be RTN, bit for bit, in every tensor of the file, through the whole
+    machinery (blocks, Hessians, padding of 96 to 128 and 160 to 192, the output layer). A wrong
+    group index, column offset, permutation or padding breaks it. (Measured: identical from damp 1e8
+    up; at 1e6 one nibble and one zero of 100k values differ.)"""
+    args, source = tiny_float(tiny_checkpoint)
+    rtn, rtn_args, rtn_q = Q.quantize_state_dict(source, args, "int4", groupsize, True)
+    gptq, gptq_args, gptq_q = Q.gptq_quantize_state_dict(source, args, groupsize, True, CALIBRATION,
+                                                         damp=1e10, act_order=act_order)
     assert set(gptq) == set(rtn)
     for key in rtn:
         assert gptq[key].dtype == rtn[key].dtype and torch.equal(gptq[key], rtn[key]), key
@@ -642,17 +809,20 @@ def test_gptq_with_overwhelming_damping_is_rtn(tiny_checkpoint, groupsize, act_o
 
 @torch.no_grad()
 def test_gptq_hessians_are_those_of_the_model_with_the_earlier_blocks_quantized(tiny_checkpoint, monkeypatch):
-    """Pins the block-to-block flow: the Hessian GPTQ gets for each linear of block i is 2/n X^T X of that layer's
-    inputs in the plain Transformer.forward over the calibration tokens, with blocks 0..i-1 holding the weights
-    GPTQ gave them (the file's, dequantized) and block i its float weights; the output layer's is that of the
-    final norm's outputs with every block quantized. Embedding lookup, rope, mask, cache and the hooks included."""
-    args, state = tiny_float_state(tiny_checkpoint)
+    """Pins the block-to-block flow: the Hessian GPTQ gets for each linear of block i is 2/n X^T X
+    of that layer's inputs in the plain Transformer.forward over the calibration tokens, with blocks
+    0..i-1 holding the weights GPTQ gave them (the file's, dequantized) and block i its float
+    weights; the output layer's is that of the final norm's outputs with every block quantized.
+    Embedding lookup, rope, mask (model.attention_mask, which GPTQ's block forwards use too), cache
+    and the hooks included."""
+    assert Q.attention_mask is M.attention_mask  # one causal mask, the model's: no copy of its own to drift
+    args, source = tiny_float(tiny_checkpoint)
     hessians = []  # in the order GPTQ gets them
     gptq_int4 = Q.gptq_int4
     monkeypatch.setattr(Q, "gptq_int4", lambda w, hessian, *rest, **kw: (hessians.append(hessian), gptq_int4(w, hessian, *rest, **kw))[1])
-    sd, qargs, quantization = Q.gptq_quantize_state_dict(list(state), state.__getitem__, args, 32, True, CALIBRATION)
+    sd, qargs, quantization = Q.gptq_quantize_state_dict(source, args, 32, True, CALIBRATION)
     quantized = build_model(qargs, sd, quantization)  # Int4Linear layers
-    model = build_model(args, dict(state))  # float; its blocks get quantized one by one below
+    model = build_model(args, read_weights(source.path))  # float; its blocks get quantized one by one below
     samples, seq_len = CALIBRATION.shape
     model.setup_caches(samples, seq_len)
     inputs = {}
@@ -672,15 +842,18 @@ def test_gptq_hessians_are_those_of_the_model_with_the_earlier_blocks_quantized(
 
 
 class TrackedWeights:
-    """get(name) of a float state dict that logs its reads and knows which of the tensors it handed out are alive
-    anywhere: each owns a fresh numpy buffer, and a weak reference to it dies with the tensor's last user."""
+    """A WeightsFile (path, shapes, tensor(name)) that logs its reads and knows which of the tensors
+    it handed out are alive anywhere: each owns a fresh numpy buffer, and a weak reference to it
+    dies with the tensor's last user."""
 
-    def __init__(self, state: dict):
-        self.state, self.reads, self.buffers = state, [], {}
+    def __init__(self, source: WeightsFile, on_read):
+        self.source, self.on_read, self.reads, self.buffers = source, on_read, [], {}
+        self.path, self.shapes = source.path, source.shapes
 
-    def get(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str) -> torch.Tensor:
+        self.on_read(name)
         self.reads.append(name)
-        buffer = self.state[name].numpy().copy()
+        buffer = self.source.tensor(name).numpy().copy()
         self.buffers[name] = weakref.ref(buffer)
         return torch.from_numpy(buffer)
 
@@ -692,27 +865,24 @@ GPTQ_LINEARS = Q.GPTQ_LINEARS  # each block's four linear layers
 
 
 def test_gptq_reads_each_float_weight_once_and_holds_one_block_at_a_time(tiny_checkpoint, monkeypatch):
-    """The claim that memory holds one block's float weights, never the model: every float tensor is read once;
-    a block's linear weights are read only once the blocks before it are quantized; and whenever GPTQ runs on a
-    layer, the only float linear weights alive anywhere in the process are its own block's. Reading the model up
-    front, or keeping any block's float weights around, fails this."""
-    args, state = tiny_float_state(tiny_checkpoint)
-    weights = TrackedWeights(state)
-    linear_weights = {f"layers.{i}.{name}.weight" for i in range(TINY["n_layer"]) for name in GPTQ_LINEARS}
+    """The claim that memory holds one block's float weights, never the model: every float tensor is
+    read once; a block's linear weights are read only once the blocks before it are quantized; and
+    whenever GPTQ runs on a layer, the only float linear weights alive anywhere in the process are
+    its own block's. Reading the model up front, or keeping any block's float weights around, fails
+    this."""
+    args, source = tiny_float(tiny_checkpoint)
     alive_at_call, read_after = [], {}  # float linear weights alive at each GPTQ call; layers done before each read
+    weights = TrackedWeights(source, on_read=lambda name: read_after.__setitem__(name, len(alive_at_call)))
+    linear_weights = {f"layers.{i}.{name}.weight" for i in range(TINY["n_layer"]) for name in GPTQ_LINEARS}
     gptq_int4 = Q.gptq_int4
 
     def tracked_gptq_int4(*args, **kwargs):
         alive_at_call.append(weights.alive() & linear_weights)
         return gptq_int4(*args, **kwargs)
 
-    def tracked_get(name: str) -> torch.Tensor:
-        read_after[name] = len(alive_at_call)
-        return weights.get(name)
-
     monkeypatch.setattr(Q, "gptq_int4", tracked_gptq_int4)
-    Q.gptq_quantize_state_dict(list(state), tracked_get, args, 32, True, CALIBRATION)
-    assert sorted(weights.reads) == sorted(state)  # each once (the tied output layer reuses the embedding read)
+    Q.gptq_quantize_state_dict(weights, args, 32, True, CALIBRATION)
+    assert sorted(weights.reads) == sorted(source.shapes)  # each once (the tied output layer reuses the embedding read)
     for i in range(TINY["n_layer"]):
         assert all(read_after[f"layers.{i}.{name}.weight"] == 4 * i for name in GPTQ_LINEARS), read_after
     assert len(alive_at_call) == 4 * TINY["n_layer"] + 1  # the four linears of each block and the output layer
@@ -740,20 +910,21 @@ def test_tinygemm_matches_the_dequantized_reference(groupsize, k):
 @pytest.mark.parametrize("mode, groupsize, include_output", FILE_CASES, ids=FILE_IDS)
 @pytest.mark.parametrize("scaled_mm", [False, True], ids=["", "scaled_mm"])
 def test_cpu_quantized_file_runs_on_cuda_in_bfloat16(tiny_checkpoint, mode, groupsize, include_output, scaled_mm, monkeypatch):
-    """The files quantized on the CPU load on the GPU (int4 repacked for tinygemm, fp8 with either matmul)
-    and give the CPU's float32 logits, eager and compiled with CUDA graphs."""
+    """The files quantized on the CPU load on the GPU (int4 repacked for tinygemm, fp8 with either
+    matmul) and give the CPU's float32 logits, eager and compiled with CUDA graphs."""
     if scaled_mm and mode != "fp8":
         pytest.skip("FP8_SCALED_MM concerns fp8 only")
-    monkeypatch.setattr(Q, "FP8_SCALED_MM", scaled_mm)
+    monkeypatch.setattr(kernels, "FP8_SCALED_MM", scaled_mm)
     folder, _ = tiny_checkpoint
     path = folder / out_name(mode, groupsize)
-    cpu = logits_of(load_checkpoint(path, "cpu", torch.float32)[0], IDX)
-    model, _ = load_checkpoint(path, "cuda", torch.bfloat16)
+    cpu = logits_of(load_checkpoint(path, "cpu", torch.float32), IDX)
+    model = load_checkpoint(path, "cuda", torch.bfloat16)
     if mode == "int4":
-        assert all(m.kernel is not None for m in model.modules() if isinstance(m, Q.Int4Linear))
+        assert all(m.kernel is not None for m in model.modules() if isinstance(m, kernels.Int4Linear))
     if mode == "fp8":
-        assert all(m.scaled_mm == scaled_mm for m in model.modules() if isinstance(m, Q.Fp8Linear))
-    # bfloat16 activations and (with _scaled_mm) e4m3 activations add their rounding to the CPU's float32 logits.
+        assert all(m.scaled_mm == scaled_mm for m in model.modules() if isinstance(m, kernels.Fp8Linear))
+    # bfloat16 activations and (with _scaled_mm) e4m3 activations add their rounding to the CPU's
+    # float32 logits.
     bound = 0.08 if scaled_mm else 3e-2
     assert rel_err(logits_of(model, IDX.cuda()).cpu(), cpu) < bound
     compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)

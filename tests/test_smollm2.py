@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from conftest import assert_one_error_line, run_script
 from generate import Sampling, generate
-from model import load_checkpoint
+from checkpoint import load_model, read_checkpoint
 from tokenizer import load_tokenizer
 
 QUESTION = "What is the capital of France?"
@@ -17,8 +17,8 @@ QUESTION = "What is the capital of France?"
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_checkpoint):
-    model, folder = load_checkpoint(smollm2_checkpoint, dtype=torch.float32)
-    return model.eval(), load_tokenizer(folder)
+    ckpt = read_checkpoint(smollm2_checkpoint)
+    return load_model(ckpt, dtype=torch.float32), load_tokenizer(ckpt.folder)
 
 
 def test_chat_answer_names_paris(smollm2):
@@ -62,18 +62,18 @@ def test_generate_cli_prints_the_answer_and_metrics(compile_flags, smollm2_check
 @pytest.mark.parametrize("args, words", [
     (["--checkpoint_path", "checkpoints/does-not-exist"], ["not found"]),
     (["--random_weights", "Llama-9-1T"], ["unknown model name"]),
-    (["--random_weights", "stories15M", "--prompt", "300"], ["context is 256 tokens"]),
+    (["--random_weights", "stories15M", "--prompt_tokens", "300"], ["context is 256 tokens"]),
     (["--random_weights", "stories15M", "--top_p", "0"], ["--top_p"]),
     (["--random_weights", "stories15M", "--top_p", "1.5"], ["--top_p"]),
     (["--random_weights", "stories15M", "--temperature", "-1"], ["--temperature"]),
     (["--random_weights", "stories15M", "--speculate_k", "4"], ["--speculate_k needs"]),
     (["--random_weights", "stories15M", "--prompt", "hello"], ["needs a tokenizer"]),
-    (["--random_weights", "stories15M", "--prompt", "0"], ["no tokens"]),
+    (["--random_weights", "stories15M", "--prompt_tokens", "0"], ["--prompt_tokens"]),
     (["--random_weights", "stories15M", "--json", "no/such/folder/m.json"], ["--json", "does not exist"]),
     (["--random_weights", "stories15M", "--interactive"], ["--interactive needs --checkpoint_path"]),
     (["--random_weights", "stories15M", "--device", "gpu0"], ["--device"]),
 ], ids=["missing-checkpoint", "unknown-name", "prompt-too-long", "top-p-zero", "top-p-above-one",
-        "negative-temperature", "speculative", "text-prompt-without-tokenizer", "empty-prompt", "json-folder-missing",
+        "negative-temperature", "speculative", "text-prompt-without-tokenizer", "zero-prompt-tokens", "json-folder-missing",
         "interactive-without-tokenizer", "unknown-device"])
 def test_bad_input_gives_one_error_line(args, words):
     r = run_script("generate.py", "--device", "cpu", *args)

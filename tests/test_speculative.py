@@ -11,9 +11,11 @@ import torch
 
 import quantize
 from conftest import assert_one_error_line, load_script, run_script
-from generate import (DraftModel, PromptLookup, Sampling, accept_drafts, compile_speculation, generate,
-                      speculation_metrics, speculative_generate)
-from model import ModelArgs, Transformer, load_checkpoint
+from checkpoint import load_model, read_checkpoint, save_checkpoint
+from generate import (DraftModel, PromptLookup, Sampling, accept_drafts, compile_verify,
+                      draft_one_token, generate, load_proposer, prefill, speculation_metrics,
+                      speculative_generate, verify)
+from model import ModelArgs, Transformer
 from tokenizer import load_tokenizer
 
 GREEDY = Sampling(temperature=0)
@@ -70,7 +72,8 @@ def speculate(target: Transformer, proposer, prompt: list, max_new_tokens: int, 
     target.setup_caches(1, length)
     if isinstance(proposer, DraftModel):
         proposer.model.setup_caches(1, length)
-    return speculative_generate(target, proposer, prompt, max_new_tokens, sampling, eos_ids, **fns)
+    return speculative_generate(target, proposer, [prompt], max_new_tokens, sampling, eos_ids,
+                                **fns)
 
 
 def ended_mid_round(gen) -> bool:
@@ -140,14 +143,24 @@ def test_generation_ends_mid_round_at_max_new_tokens_and_at_an_end_of_sequence_t
     assert ended_mid_round(gen)
 
 
-def test_compiled_speculation_matches_eager_and_plain_greedy():
+def test_compiled_speculation_matches_eager_and_plain_greedy(tmp_path):
+    """generate.py --compile's speculation: the draft step that load_proposer compiles, and
+    compile_verify()."""
     target = peaked_model(seed=0, vocab_size=97)
     draft = noisy_copy(target, noise=0.01)
     prompt, k = [5, 6, 7], 3
-    draft_fn, verify_fn = compile_speculation(argparse.Namespace(compile=True))
+    save_checkpoint(tmp_path / "draft", draft.args, draft.state_dict(), force=True)
+    flags = argparse.Namespace(speculate_ngram=None, speculate_k=k, compile=True,
+                               draft_checkpoint_path=tmp_path / "draft", dtype=torch.float32)
+    compiled_draft = load_proposer(flags, target.args, torch.device("cpu"), GREEDY, prefill,
+                                   cache_length=len(prompt) + 20 + k - 1)
+    assert isinstance(compiled_draft, DraftModel) and compiled_draft.k == k
+    assert compiled_draft.step_fn is not draft_one_token  # compiled, as --compile asks
+    verify_fn = compile_verify()
+    assert verify_fn is not verify
     plain = greedy(target, prompt, 20)
     eager = speculate(target, DraftModel(draft, k, GREEDY), prompt, 20)
-    compiled = speculate(target, DraftModel(draft, k, GREEDY, draft_fn), prompt, 20, verify_fn=verify_fn)
+    compiled = speculate(target, compiled_draft, prompt, 20, verify_fn=verify_fn)
     assert compiled.tokens[0] == eager.tokens[0] == plain
     assert compiled.accepted_lengths == eager.accepted_lengths
     assert 0 < sum(eager.accepted_lengths[1:]) and eager.accepted_lengths[0] > 0  # some rounds kept drafts, some none
@@ -174,12 +187,13 @@ def smollm2(smollm2_checkpoint, tmp_path_factory):
         (folder / source.name).symlink_to(source)
     quantize.main(["--checkpoint_path", str(folder / "model.safetensors"), "--mode", "int8"])
     quantize.main(["--checkpoint_path", str(folder / "model.safetensors"), "--mode", "int4", "--groupsize", "128"])
-    model, _ = load_checkpoint(folder, dtype=torch.float32)
+    model = load_model(read_checkpoint(folder), dtype=torch.float32)
     tokenizer = load_tokenizer(folder)
     prompts = {name: tokenizer.encode_chat([{"role": "user", "content": p["chat"]}]) if "chat" in p
                else tokenizer.encode(p["text"]) for name, p in PROMPTS.items()}
-    answers = {name: greedy(model.eval(), ids, MAX_NEW, tokenizer.eos_ids) for name, ids in prompts.items()}
-    drafts = {mode: load_checkpoint(folder / f"model_{mode}.pth", dtype=torch.float32)[0].eval()
+    answers = {name: greedy(model, ids, MAX_NEW, tokenizer.eos_ids)
+               for name, ids in prompts.items()}
+    drafts = {mode: load_model(read_checkpoint(folder / f"model_{mode}.pth"), dtype=torch.float32)
               for mode in ("int8", "int4.g128")}
     return dict(model=model, tokenizer=tokenizer, prompts=prompts, answers=answers, drafts=drafts, folder=folder)
 
@@ -325,11 +339,12 @@ RANDOM_TARGET = ["--random_weights", "stories15M"]  # no weights are made before
     (RANDOM_TARGET + ["--speculate_ngram", "0"], ["--speculate_ngram must be >= 1"]),
     (RANDOM_TARGET + ["--speculate_ngram", "3", "--speculate_k", "300"], ["--speculate_k 300", "256-token context"]),
     (RANDOM_TARGET + ["--speculate_k", "4"], ["--speculate_k needs"]),
+    (RANDOM_TARGET + ["--speculate_k", "0"], ["--speculate_k needs"]),  # 0 is given, not None
     (RANDOM_TARGET + ["--speculate_ngram", "3", "--draft_checkpoint_path", "SMOLLM2"], ["not both"]),
     (RANDOM_TARGET + ["--draft_checkpoint_path", "SMOLLM2"], ["vocabulary of 49152 tokens", "target 32000"]),
     (["--checkpoint_path", "SMOLLM2", "--draft_checkpoint_path", "PERMUTED"], ["tokenizes text differently"]),
-], ids=["batch", "k-zero", "ngram-zero", "k-over-context", "k-without-proposer", "two-proposers", "other-vocabulary",
-        "other-tokenizer"])
+], ids=["batch", "k-zero", "ngram-zero", "k-over-context", "k-without-proposer",
+        "k-zero-without-proposer", "two-proposers", "other-vocabulary", "other-tokenizer"])
 def test_bad_speculation_input_gives_one_error_line(args, words, smollm2_checkpoint, tmp_path):
     paths = {"SMOLLM2": smollm2_checkpoint, "PERMUTED": tmp_path / "permuted"}
     if "PERMUTED" in args:

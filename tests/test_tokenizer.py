@@ -16,6 +16,7 @@ import pytest
 import sentencepiece
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from checkpoint import InputError  # noqa: E402
 from tokenizer import (HFTokenizer, SentencePieceTokenizer, TextStreamer,  # noqa: E402
                        TiktokenTokenizer, load_tokenizer)
 
@@ -111,7 +112,7 @@ def test_sentencepiece_llama2_chat(sp_dir):
                 + [1] + sp.encode("[INST] Bye [/INST]"))
     assert tok.encode_chat(messages) == expected
     assert tok.encode_chat(messages[1:2]) == [1] + sp.encode("[INST] Hi [/INST]")
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError):
         tok.encode_chat(messages[:3])  # must end with a user turn
 
 
@@ -130,7 +131,7 @@ def test_config_template_and_generation_config(sp_dir, tmp_path):
     assert "<s>" not in tok.decode(ids) and tok.decode(ids).startswith("[INST] a [/INST]")
 
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ raise_exception('nope') }}"}))
-    with pytest.raises(ValueError, match="nope"):
+    with pytest.raises(InputError, match="nope"):
         load_tokenizer(tmp_path).encode_chat(CHATS[0])
 
 
@@ -208,8 +209,8 @@ def test_streamer_never_breaks_characters(backend, request):
 # --- errors ------------------------------------------------------------------------------------
 
 def test_missing_or_bad_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+    with pytest.raises(InputError, match=str(tmp_path)):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.model").write_bytes(b"\x00\x01 not a tokenizer")
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError):
         load_tokenizer(tmp_path)

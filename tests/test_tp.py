@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_one_error_line, run_script
-from model import ModelArgs, Transformer, load_checkpoint, save_checkpoint
+from checkpoint import InputError, load_model, random_model, read_checkpoint, save_checkpoint
+from model import CONFIGS as NAMED_CONFIGS, ModelArgs, Transformer
 
 TINY = dict(dim=64, n_layer=2, n_head=4, vocab_size=97, intermediate_size=128, block_size=64)
 # Multi-head and grouped-query attention, with and without q/k/v bias. The vocabularies of 97 do not divide by 2
@@ -35,7 +36,7 @@ def save_tiny(folder, seed: int = 0, **overrides):
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(1.0 if "norm" in name else 0.0, 0.1)  # norms too, so that their (replicated) scales matter
-    save_checkpoint(folder, args, model.state_dict())
+    save_checkpoint(folder, args, model.state_dict(), force=True)
     return folder
 
 
@@ -83,15 +84,16 @@ def test_each_rank_gets_a_share_of_the_heads_kv_heads_and_ffn_width():
 
 def test_heads_that_do_not_divide_are_refused_with_the_process_counts_that_fit():
     import tp
-    smollm2 = ModelArgs.from_name("SmolLM2-135M")  # 9 heads, 3 KV heads
-    with pytest.raises(ValueError, match=r"attention heads \(9\), KV heads \(3\).* splits over 1, 3 processes"):
+    smollm2 = ModelArgs(**NAMED_CONFIGS["SmolLM2-135M"])  # 9 heads, 3 KV heads
+    with pytest.raises(InputError,
+                       match=r"attention heads \(9\), KV heads \(3\).* splits over 1, 3 processes"):
         tp.shard_args(smollm2, 2)
 
 
 def test_the_ranks_parts_put_together_are_the_checkpoint(tiny_checkpoints):
     import tp
     path = tiny_checkpoints["gqa-bias-tied"]
-    whole, _ = load_checkpoint(path)
+    whole = load_model(read_checkpoint(path))
     parts = [tp.load_shard(path, rank, 2, "cpu") for rank in range(2)]
     a = whole.args
     q, kv = a.n_head * a.head_dim, a.n_kv_heads * a.head_dim
@@ -121,7 +123,7 @@ def test_quantize_then_split_equals_split_then_quantize(tiny_checkpoints):
     import quantize
     import tp
     for mode, groupsize in (("int4", 32), ("int8", None)):
-        whole, _ = load_checkpoint(tiny_checkpoints[mode])
+        whole = load_model(read_checkpoint(tiny_checkpoints[mode]))
         for rank in range(2):
             float_part = tp.load_shard(tiny_checkpoints["gqa-bias-tied"], rank, 2, "cpu")
             quantized_part = tp.load_shard(tiny_checkpoints[mode], rank, 2, "cpu")
@@ -142,29 +144,63 @@ def test_int4_groups_that_a_split_would_cut_are_refused():
     import tp
     args = ModelArgs(**{**TINY, "n_kv_heads": 2})  # wo: 64 input columns, 32 per rank
     tp.check_quantization(args, {"groupsize": 32}, 2)
-    with pytest.raises(ValueError, match="attention.wo's 64 input columns into 32 per process, which is not whole int4 groups of 64"):
+    with pytest.raises(InputError, match="attention.wo's 64 input columns into 32 per process, "
+                                         "which is not whole int4 groups of 64"):
         tp.check_quantization(args, {"groupsize": 64}, 2)
     tp.check_quantization(args, {"groupsize": 128}, 1)  # one process pads K to whole groups instead
 
 
 def test_random_quantized_weights_are_quantize_pys_layers_on_each_rank():
+    import kernels
     import quantize
     import tp
     part = tp.random_shard("stories15M", "int8", 2, "cpu", torch.float32)
-    int8 = {name for name, m in part.named_modules() if isinstance(m, quantize.Int8Linear)}
+    int8 = {name for name, m in part.named_modules() if isinstance(m, kernels.Int8Linear)}
     assert int8 == set(quantize.linear_names(part.args, include_output=True))  # int8's default: the output layer too
     assert part.layers[0].attention.wqkv.out_features == 3 * 288 // 2  # its half of the 6 heads' q, k and v
     logits = logits_of(part)  # no collectives: this rank's partial sums, finite
     assert logits.shape == (2, 11, 32000 // 2) and logits.isfinite().all()
-    with pytest.raises(ValueError, match="144 per process, which is not whole int4 groups of 32"):
+    with pytest.raises(InputError, match="144 per process, which is not whole int4 groups of 32"):
         tp.random_shard("stories15M", "int4.g32", 2, "cpu", torch.float32)  # as a real checkpoint would be
 
 
 def test_random_quantization_goes_with_random_weights(tmp_path, capsys):
     import generate
-    with pytest.raises(SystemExit):  # refused before the checkpoint is even looked for
+    # Refused before the checkpoint (an empty folder: no weights) is even looked for.
+    with pytest.raises(InputError, match="^--random_quantization goes with --random_weights"):
         generate.main(["--checkpoint_path", str(tmp_path), "--random_quantization", "int8"])
-    assert_one_error_line(capsys.readouterr().err, "--random_quantization goes with --random_weights")
+    assert capsys.readouterr() == ("", "")  # main raises; printing the one line is the script's job
+    r = run_script("generate.py", "--checkpoint_path", tmp_path, "--random_quantization", "int8",
+                   env=QUIET)
+    assert r.returncode == 1 and r.stdout == ""
+    assert_one_error_line(r.stderr, "--random_quantization goes with --random_weights")
+
+
+def exits_with(monkeypatch, capfd, error, started: bool) -> tuple[int, str, str]:
+    """tp.exit_with_error(error) as a process would end: (exit status, stdout, stderr). A message
+    given to sys.exit is printed to stderr by the interpreter, which then exits 1."""
+    import tp
+    monkeypatch.setattr(tp, "STARTED", started)
+    with pytest.raises(SystemExit) as exited:
+        tp.exit_with_error(error)
+    out, err = capfd.readouterr()
+    code = exited.value.code
+    return (1, out, f"{err}{code}\n") if isinstance(code, str) else (code, out, err)
+
+
+def test_exit_with_error_speaks_for_every_rank_from_rank_0_then_for_each_rank(monkeypatch, capfd):
+    """Before tp.start every rank checks the same input: rank 0 prints the one line, the others
+    exit 1 in silence (under torchrun their sys.stderr is /dev/null, so they would print to
+    sys.__stderr__). After it each rank prints its own line, naming itself."""
+    error = InputError("no GPU for local rank 1")
+    monkeypatch.setenv("RANK", "1")
+    assert exits_with(monkeypatch, capfd, error, started=False) == (1, "", "")
+    assert exits_with(monkeypatch, capfd, error, started=True) == (
+        1, "", "error: rank 1: no GPU for local rank 1\n")
+    monkeypatch.setenv("RANK", "0")
+    for started in (False, True):
+        assert exits_with(monkeypatch, capfd, error, started) == (
+            1, "", "error: no GPU for local rank 1\n")
 
 
 # ---- under torchrun ---------------------------------------------------------------------------------------
@@ -184,7 +220,7 @@ def test_two_processes_give_the_logits_and_greedy_tokens_of_one(tiny_checkpoints
     for key, result in ranks[0].items():  # bit for bit: so every rank samples the same token
         assert torch.equal(result, ranks[1][key]), key
     for name in names:
-        one, _ = load_checkpoint(tiny_checkpoints[name], device)
+        one = load_model(read_checkpoint(tiny_checkpoints[name]), device)
         for output in ("", "replicated output "):  # the output layer split by vocabulary, or whole on each rank
             torch.testing.assert_close(ranks[0][f"{output}{tiny_checkpoints[name]}"], logits_of(one), atol=atol, rtol=0,
                                        msg=f"{output}{name}")
@@ -230,17 +266,17 @@ def test_generate_under_torchrun_refuses_heads_that_do_not_divide_in_one_line(sm
 
 
 def test_random_weights_under_torchrun_report_the_bytes_each_gpu_reads(tmp_path):
-    import generate
-    from model import random_model
     r = run_script(*TORCHRUN, "--nproc_per_node=2", "generate.py", "--random_weights", "stories15M", "--max_new_tokens", "4",
                    "--num_samples", "1", "--json", tmp_path / "m.json", env=QUIET)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("Sample 0:") == 1
     per_gpu = json.loads((tmp_path / "m.json").read_text())["model_bytes"]
     whole = random_model("stories15M", "cpu", torch.float32)
+    assert not whole.args.tie_embeddings  # a step reads only the looked-up rows of the embedding
+    per_step = sum(p.nbytes for p in whole.parameters()) - whole.tok_embeddings.weight.nbytes
     norms = sum(p.numel() * p.element_size() for name, p in whole.named_parameters() if "norm" in name)
     # Each GPU reads half of every split weight (the output layer's too) and a whole copy of the norms.
-    assert per_gpu == (generate.weight_bytes_per_step(whole) - norms) / 2 + norms
+    assert per_gpu == (per_step - norms) / 2 + norms
 
 
 # ---- the worker that the torchrun tests start -----------------------------------------------------------------
