@@ -48,6 +48,7 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 JOURNAL = ".checkpoint-write.json"
 MAX_PARAMETERS = 10 ** 13  # far above any released model; a config beyond it is a typo
 MAX_BLOCK_SIZE = 1 << 24
+MAX_LAYERS = 10_000
 
 
 @dataclass
@@ -128,7 +129,8 @@ def parse_config(data: dict, where) -> ModelArgs:
         raise InputError(f"{where}: missing fields {missing}")
     for name in INT_FIELDS:
         value = data.get(name)
-        if value is not None and (type(value) is not int or value < 1):
+        optional = name in ("n_kv_heads", "head_dim", "block_size")
+        if (value is not None or not optional) and (type(value) is not int or value < 1):
             raise InputError(f"{where}: {name} must be a positive integer, got {value!r}")
     for name in ("rope_base", "norm_eps"):
         value = data.get(name, 1.0)
@@ -140,11 +142,15 @@ def parse_config(data: dict, where) -> ModelArgs:
     scaling = data.get("rope_scaling")
     if scaling is not None and (
             not isinstance(scaling, dict) or sorted(scaling) != sorted(ROPE_SCALING_KEYS)
-            or any(type(v) not in (int, float) or v <= 0 for v in scaling.values())):
+            or any(type(v) not in (int, float) or not 0 < v < math.inf for v in scaling.values())
+            or scaling["high_freq_factor"] <= scaling["low_freq_factor"]):
         raise InputError(f"{where}: rope_scaling must be null or Llama-3.1's positive "
                          f"{', '.join(ROPE_SCALING_KEYS)}, got {scaling!r}")
     args = ModelArgs(**data)
-    if args.n_head % args.n_kv_heads or args.head_dim % 2:
+    if args.n_layer > MAX_LAYERS:
+        raise InputError(f"{where}: n_layer {args.n_layer} is beyond any model (at most "
+                         f"{MAX_LAYERS})")
+    if args.n_head % args.n_kv_heads or args.head_dim % 2 or args.head_dim < 2:
         raise InputError(f"{where}: n_head {args.n_head} must be a multiple of n_kv_heads "
                          f"{args.n_kv_heads} and head_dim {args.head_dim} even")
     qkv = (args.n_head + 2 * args.n_kv_heads) * args.head_dim

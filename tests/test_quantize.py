@@ -354,14 +354,16 @@ def test_files_load_in_a_fresh_process_in_bfloat16_and_float32(tiny_checkpoint, 
 # ---- 5. the command line's errors --------------------------------------------------------------
 
 def quantize_error(argv: list, capsys, *words) -> str:
-    """quantize.main in this process: it must end in sys.exit with one `error:` line naming the
-    problem (the interpreter prints it and exits with status 1) and nothing else on stderr. Returns
-    the line."""
+    """quantize.main in this process: what the command would show must be one `error:` line naming
+    the problem on stderr, and exit status 1. Returns the line."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         Q.main([str(a) for a in argv])
-    assert capsys.readouterr().err == ""
-    return assert_one_error_line(str(exit_.value.code), *words)
+    code, stderr = exit_.value.code, capsys.readouterr().err
+    if isinstance(code, str):  # sys.exit(message): the interpreter prints it and exits with 1
+        code, stderr = 1, stderr + code + "\n"
+    assert code == 1
+    return assert_one_error_line(stderr, *words)
 
 
 @pytest.mark.parametrize("args, words", [
@@ -803,37 +805,49 @@ def test_gptq_with_overwhelming_damping_is_rtn(tiny_checkpoint, groupsize, act_o
     for key in rtn:
         assert gptq[key].dtype == rtn[key].dtype and torch.equal(gptq[key], rtn[key]), key
     assert gptq_args == rtn_args
-    assert gptq_q.pop("gptq") == dict(damp=1e10, act_order=act_order, static_groups=act_order, blocksize=128, samples=6, seq_len=24)
+    assert gptq_q.pop("gptq") == dict(damp=1e10, act_order=act_order, static_groups=act_order,
+                                      blocksize=128, samples=6, seq_len=24)
     assert gptq_q == {**rtn_q, "mode": "int4-gptq"}
 
 
 @torch.no_grad()
-def test_gptq_hessians_are_those_of_the_model_with_the_earlier_blocks_quantized(tiny_checkpoint, monkeypatch):
+def test_gptq_hessians_are_those_of_the_model_with_the_earlier_blocks_quantized(tiny_checkpoint,
+                                                                               monkeypatch):
     """Pins the block-to-block flow: the Hessian GPTQ gets for each linear of block i is 2/n X^T X
     of that layer's inputs in the plain Transformer.forward over the calibration tokens, with blocks
     0..i-1 holding the weights GPTQ gave them (the file's, dequantized) and block i its float
     weights; the output layer's is that of the final norm's outputs with every block quantized.
     Embedding lookup, rope, mask (model.attention_mask, which GPTQ's block forwards use too), cache
     and the hooks included."""
-    assert Q.attention_mask is M.attention_mask  # one causal mask, the model's: no copy of its own to drift
+    # One causal mask, the model's: no copy of its own to drift.
+    assert Q.attention_mask is M.attention_mask
     args, source = tiny_float(tiny_checkpoint)
     hessians = []  # in the order GPTQ gets them
     gptq_int4 = Q.gptq_int4
-    monkeypatch.setattr(Q, "gptq_int4", lambda w, hessian, *rest, **kw: (hessians.append(hessian), gptq_int4(w, hessian, *rest, **kw))[1])
+
+    def logged_gptq_int4(w, hessian, *rest, **kwargs):
+        hessians.append(hessian)
+        return gptq_int4(w, hessian, *rest, **kwargs)
+
+    monkeypatch.setattr(Q, "gptq_int4", logged_gptq_int4)
     sd, qargs, quantization = Q.gptq_quantize_state_dict(source, args, 32, True, CALIBRATION)
     quantized = build_model(qargs, sd, quantization)  # Int4Linear layers
-    model = build_model(args, read_weights(source.path))  # float; its blocks get quantized one by one below
+    # Float; its blocks get quantized one by one below.
+    model = build_model(args, read_weights(source.path))
     samples, seq_len = CALIBRATION.shape
     model.setup_caches(samples, seq_len)
     inputs = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
-            module.register_forward_hook(lambda m, x, y, name=name: inputs.__setitem__(name, x[0].reshape(-1, m.in_features)))
+            module.register_forward_hook(lambda m, x, y, name=name: inputs.__setitem__(
+                name, x[0].reshape(-1, m.in_features)))
     expected = []
     for i in range(TINY["n_layer"] + 1):
         model(CALIBRATION, torch.arange(seq_len))
-        names = [f"layers.{i}.{name}" for name in GPTQ_LINEARS] if i < TINY["n_layer"] else ["output"]
-        expected += [2 / len(inputs[name]) * inputs[name].double().t() @ inputs[name].double() for name in names]
+        names = ([f"layers.{i}.{name}" for name in GPTQ_LINEARS] if i < TINY["n_layer"]
+                 else ["output"])
+        expected += [2 / len(inputs[name]) * inputs[name].double().t() @ inputs[name].double()
+                     for name in names]
         for name in names[:4 * (i < TINY["n_layer"])]:
             model.get_submodule(name).weight.copy_(quantized.get_submodule(name).dequantize())
     assert len(hessians) == len(expected) == 4 * TINY["n_layer"] + 1
@@ -864,16 +878,20 @@ class TrackedWeights:
 GPTQ_LINEARS = Q.GPTQ_LINEARS  # each block's four linear layers
 
 
-def test_gptq_reads_each_float_weight_once_and_holds_one_block_at_a_time(tiny_checkpoint, monkeypatch):
+def test_gptq_reads_each_float_weight_once_and_holds_one_block_at_a_time(tiny_checkpoint,
+                                                                         monkeypatch):
     """The claim that memory holds one block's float weights, never the model: every float tensor is
     read once; a block's linear weights are read only once the blocks before it are quantized; and
     whenever GPTQ runs on a layer, the only float linear weights alive anywhere in the process are
     its own block's. Reading the model up front, or keeping any block's float weights around, fails
     this."""
     args, source = tiny_float(tiny_checkpoint)
-    alive_at_call, read_after = [], {}  # float linear weights alive at each GPTQ call; layers done before each read
-    weights = TrackedWeights(source, on_read=lambda name: read_after.__setitem__(name, len(alive_at_call)))
-    linear_weights = {f"layers.{i}.{name}.weight" for i in range(TINY["n_layer"]) for name in GPTQ_LINEARS}
+    # The float linear weights alive at each GPTQ call; the layers done before each read.
+    alive_at_call, read_after = [], {}
+    weights = TrackedWeights(
+        source, on_read=lambda name: read_after.__setitem__(name, len(alive_at_call)))
+    linear_weights = {f"layers.{i}.{name}.weight" for i in range(TINY["n_layer"])
+                      for name in GPTQ_LINEARS}
     gptq_int4 = Q.gptq_int4
 
     def tracked_gptq_int4(*args, **kwargs):
@@ -882,21 +900,29 @@ def test_gptq_reads_each_float_weight_once_and_holds_one_block_at_a_time(tiny_ch
 
     monkeypatch.setattr(Q, "gptq_int4", tracked_gptq_int4)
     Q.gptq_quantize_state_dict(weights, args, 32, True, CALIBRATION)
-    assert sorted(weights.reads) == sorted(source.shapes)  # each once (the tied output layer reuses the embedding read)
+    # Each once (the tied output layer reuses the embedding read).
+    assert sorted(weights.reads) == sorted(source.shapes)
     for i in range(TINY["n_layer"]):
-        assert all(read_after[f"layers.{i}.{name}.weight"] == 4 * i for name in GPTQ_LINEARS), read_after
-    assert len(alive_at_call) == 4 * TINY["n_layer"] + 1  # the four linears of each block and the output layer
+        assert all(read_after[f"layers.{i}.{name}.weight"] == 4 * i for name in GPTQ_LINEARS), \
+            read_after
+    # The four linears of each block and the output layer.
+    assert len(alive_at_call) == 4 * TINY["n_layer"] + 1
     for call, alive in enumerate(alive_at_call[:-1]):
-        assert alive <= {f"layers.{call // 4}.{name}.weight" for name in GPTQ_LINEARS}, (call, alive)
-    assert alive_at_call[-1] == set() and weights.alive() & linear_weights == set()  # none survives the run
+        assert alive <= {f"layers.{call // 4}.{name}.weight" for name in GPTQ_LINEARS}, \
+            (call, alive)
+    # None survives the run.
+    assert alive_at_call[-1] == set() and weights.alive() & linear_weights == set()
 
-# ---- CUDA (run where a GPU exists) -----------------------------------------------------------------------
+
+# ---- CUDA (run where a GPU exists) -------------------------------------------------------------
 
 @cuda
-@pytest.mark.parametrize("groupsize, k", [(32, 256), (128, K), (256, 1024)], ids=["g32", "g128-padded", "g256"])
+@pytest.mark.parametrize("groupsize, k", [(32, 256), (128, K), (256, 1024)],
+                         ids=["g32", "g128-padded", "g256"])
 @torch.no_grad()
 def test_tinygemm_matches_the_dequantized_reference(groupsize, k):
-    """Pins the nibble order of _convert_weight_to_int4pack's uint8 input and tinygemm's convention."""
+    """Pins the nibble order of _convert_weight_to_int4pack's uint8 input and tinygemm's
+    convention."""
     linear = float_linear(n=48, k=k).cuda()
     reference = quantized_linear(linear, "int4", groupsize).cuda().bfloat16()
     layer = quantized_linear(linear, "int4", groupsize).cuda().bfloat16()
@@ -909,7 +935,8 @@ def test_tinygemm_matches_the_dequantized_reference(groupsize, k):
 @cuda
 @pytest.mark.parametrize("mode, groupsize, include_output", FILE_CASES, ids=FILE_IDS)
 @pytest.mark.parametrize("scaled_mm", [False, True], ids=["", "scaled_mm"])
-def test_cpu_quantized_file_runs_on_cuda_in_bfloat16(tiny_checkpoint, mode, groupsize, include_output, scaled_mm, monkeypatch):
+def test_cpu_quantized_file_runs_on_cuda_in_bfloat16(tiny_checkpoint, mode, groupsize,
+                                                     include_output, scaled_mm, monkeypatch):
     """The files quantized on the CPU load on the GPU (int4 repacked for tinygemm, fp8 with either
     matmul) and give the CPU's float32 logits, eager and compiled with CUDA graphs."""
     if scaled_mm and mode != "fp8":
@@ -920,9 +947,11 @@ def test_cpu_quantized_file_runs_on_cuda_in_bfloat16(tiny_checkpoint, mode, grou
     cpu = logits_of(load_checkpoint(path, "cpu", torch.float32), IDX)
     model = load_checkpoint(path, "cuda", torch.bfloat16)
     if mode == "int4":
-        assert all(m.kernel is not None for m in model.modules() if isinstance(m, kernels.Int4Linear))
+        assert all(m.kernel is not None for m in model.modules()
+                   if isinstance(m, kernels.Int4Linear))
     if mode == "fp8":
-        assert all(m.scaled_mm == scaled_mm for m in model.modules() if isinstance(m, kernels.Fp8Linear))
+        assert all(m.scaled_mm == scaled_mm for m in model.modules()
+                   if isinstance(m, kernels.Fp8Linear))
     # bfloat16 activations and (with _scaled_mm) e4m3 activations add their rounding to the CPU's
     # float32 logits.
     bound = 0.08 if scaled_mm else 3e-2
