@@ -422,7 +422,8 @@ def main(argv=None):
     max_seq = min(context, 4096) if args.interactive else longest + max_new
     cache_length = max_seq + slack  # the target's and the draft's caches alike
     batch_size = len(prompts) * args.batch_size  # several --prompt flags, or one repeated
-    kv_bytes = 2 * config.n_layer * batch_size * config.n_kv_heads * cache_length * config.head_dim
+    slots = -(-cache_length // 8) * 8  # setup_caches rounds up to a multiple of 8
+    kv_bytes = 2 * config.n_layer * batch_size * config.n_kv_heads * slots * config.head_dim
     kv_bytes *= torch.empty(0, dtype=args.dtype).element_size()
     free = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda"
             else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
