@@ -774,7 +774,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.interactive and args.random_weights:
         raise InputError("--interactive needs --checkpoint_path (a tokenizer), not "
                          "--random_weights")
-    if args.draft_checkpoint_path or args.speculate_ngram or args.speculate_k:
+    if (args.draft_checkpoint_path, args.speculate_ngram, args.speculate_k) != (None, None, None):
         check_speculation_args(args)
     for flag in ("json", "profile"):
         if getattr(args, flag) is not None:
