@@ -48,7 +48,7 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 JOURNAL = ".checkpoint-write.json"
 MAX_PARAMETERS = 10 ** 13  # far above any released model; a config beyond it is a typo
 MAX_BLOCK_SIZE = 1 << 24
-MAX_LAYERS = 10_000
+MAX_LAYERS = 1_000  # the largest models have about 130
 
 
 @dataclass
@@ -255,13 +255,23 @@ class WeightsFile:
 
 
 def check_device(name: str, flag: str) -> torch.device:
-    """A device this machine has, or an InputError naming the flag."""
+    """A device this machine has, or an InputError naming the flag. CUDA is asked without touching a
+    GPU (under torchrun every process checks before it picks its own)."""
     try:
         device = torch.device(name)
-        if device.type == "meta":
-            raise InputError(f"{flag} meta holds no data: choose cpu or a GPU")
-        torch.empty(1, device=device)  # the one question every backend answers: is it usable here?
     except RuntimeError as e:
+        raise InputError(f"{flag} {name}: {e}") from None
+    if device.type == "meta":
+        raise InputError(f"{flag} meta holds no data: choose cpu or a GPU")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"{flag} {name}: this PyTorch build sees no CUDA GPU")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise InputError(f"{flag} {name}: this machine has {torch.cuda.device_count()} GPUs")
+        return device
+    try:
+        torch.empty(1, device=device)  # other backends (mps, xpu, ...): is it usable here?
+    except (RuntimeError, AssertionError) as e:  # a backend missing from the build asserts
         raise InputError(f"{flag} {name}: not usable on this machine "
                          f"({str(e).splitlines()[0]})") from None
     return device
@@ -397,9 +407,11 @@ def checkpoint_files(folder: Path) -> list:
     other files and sub-folders, such as a downloaded hf/ snapshot, are not part of it."""
     if not folder.is_dir():
         return []
-    weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".pth") and p.is_file()]
-    sidecars = [p.with_suffix(".json") for p in weights if p.name not in WEIGHT_FILES]
-    names = ["config.json", *TOKENIZER_FILES, *(p.name for p in weights + sidecars)]
+    # Other weights belong to it when a sidecar config describes them (quantize.py's outputs); a
+    # file of the user's own, such as a draft model's weights, is left alone.
+    quantized = [p.name for p in folder.glob("*.pth") if p.with_suffix(".json").is_file()]
+    sidecars = [name.removesuffix(".pth") + ".json" for name in quantized]
+    names = ["config.json", *WEIGHT_FILES, *TOKENIZER_FILES, *quantized, *sidecars]
     return sorted({name for name in names if (folder / name).is_file()})
 
 

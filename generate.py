@@ -764,7 +764,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise InputError(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.top_k is not None and args.top_k < 1:
         raise InputError(f"--top_k must be >= 1, got {args.top_k}")
-    if min(args.max_new_tokens, args.num_samples, args.batch_size, args.prompt_tokens or 1) < 1:
+    if min(args.max_new_tokens, args.num_samples, args.batch_size,
+           1 if args.prompt_tokens is None else args.prompt_tokens) < 1:
         raise InputError("--max_new_tokens, --num_samples, --batch_size and --prompt_tokens must "
                          "be >= 1")
     if args.prompt and (args.prompt_tokens is not None

@@ -54,8 +54,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from checkpoint import (WEIGHT_FILES, Checkpoint, InputError, WeightsFile, check_device,
-                        check_tensors, check_writable, empty_model, read_checkpoint, write_files)
+from checkpoint import (TOKENIZER_FILES, WEIGHT_FILES, Checkpoint, InputError, WeightsFile,
+                        check_device, check_tensors, check_writable, empty_model, read_checkpoint,
+                        write_files)
 from kernels import FORMAT, FP8_MAX, GROUPSIZES, INT4_MODES, int4_dequantize
 from model import (KVCache, ModelArgs, RMSNorm, Transformer, TransformerBlock, attention_mask,
                    rope_table)
@@ -548,11 +549,14 @@ def check_args(args):
 def output_path(args, ckpt: Checkpoint) -> Path:
     """Where the quantized weights go, checked before any work: never over the source checkpoint's
     files (model.pth / model.safetensors are float weights described by config.json, so a
-    quantized file of that name would hijack it), in a folder that exists and is writable."""
+    quantized file of that name would hijack it; its sidecar must not replace config.json or a
+    tokenizer file), in a folder that exists and is writable."""
     name = (f"model_{args.mode}.g{args.groupsize}.pth" if args.mode in INT4_MODES
             else f"model_{args.mode}.pth")
     out = args.out or ckpt.weights.parent / name
-    if out.name in WEIGHT_FILES or out.stem == "config" or out.resolve() == ckpt.weights.resolve():
+    sidecar = out.with_suffix(".json").name
+    if (out.name in WEIGHT_FILES or sidecar == "config.json" or sidecar in TOKENIZER_FILES
+            or out.resolve() == ckpt.weights.resolve()):
         raise InputError(f"--out {out} would overwrite the source checkpoint's files; choose "
                          "another name, e.g. the default " + name)
     check_writable(out, "--out")
@@ -569,7 +573,10 @@ def read_calibration(args, folder: Path) -> tuple[Tensor, str]:
         try:
             text, source = (args.calibration_file.read_text(encoding="utf-8"),
                             args.calibration_file.name)
-        except (OSError, UnicodeDecodeError) as e:
+        except UnicodeDecodeError as e:
+            raise InputError(f"calibration file {args.calibration_file} is not UTF-8 text "
+                             f"({e.reason} at byte {e.start})") from None
+        except OSError as e:
             raise InputError(f"cannot read calibration file {args.calibration_file}: {e}") from None
     tokens = calibration_tokens(load_tokenizer(folder), text, args.calibration_samples,
                                 args.calibration_seq_len)

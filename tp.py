@@ -136,7 +136,7 @@ def shard_args(args: ModelArgs, world: int) -> ModelArgs:
     # The output layer of a rank is no longer the embedding table once it holds only some
     # vocabulary rows.
     return replace(args, **{name: value // world for name, value in split.items()},
-                   tie_embeddings=args.tie_embeddings and not SHARD_OUTPUT)
+                   tie_embeddings=args.tie_embeddings and not (SHARD_OUTPUT and world > 1))
 
 
 def vocab_per_rank(args: ModelArgs, world: int) -> int:
@@ -221,7 +221,7 @@ def empty_shard(args: ModelArgs, quantization: Optional[dict], world: int) -> Tr
     `quantization` lists them."""
     with torch.device("meta"):
         model = Transformer(shard_args(args, world))
-        if SHARD_OUTPUT:
+        if SHARD_OUTPUT and world > 1:
             model.output = nn.Linear(args.dim, vocab_per_rank(args, world), bias=False)
         if quantization is not None:
             kernels.swap_linears(model, quantization)

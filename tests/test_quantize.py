@@ -430,6 +430,7 @@ OVER_THE_SOURCE = [
      ["would overwrite the source checkpoint's files", "the default model_int8.pth"]),
     ("model.safetensors", "model.safetensors", ["ending in .pth"]),
     ("model.safetensors", "config.pth", ["would overwrite the source checkpoint's files"]),
+    ("model.safetensors", "tokenizer_config.pth", ["would overwrite the source checkpoint's files"]),
     ("float.pth", "float.pth", ["would overwrite the source checkpoint's files"]),
     ("float.pth", "alias.pth", ["would overwrite the source checkpoint's files"]),
 ]
@@ -603,7 +604,7 @@ def test_gptq_file_of_smollm2_records_its_scheme(smollm2_gptq):
 @pytest.mark.parametrize("case, words", [
     ("short",
      ["the calibration text has 3 tokens, fewer than one sample of --calibration_seq_len 256"]),
-    ("binary", ["cannot read calibration file", "calibration.txt", "'utf-8' codec can't decode"]),
+    ("binary", ["calibration file", "calibration.txt", "is not UTF-8 text"]),
     ("missing", ["cannot read calibration file", "missing.txt", "No such file"]),
     ("long", ["--calibration_seq_len 9000 is longer than the model's block_size 8192"]),
 ])
