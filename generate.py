@@ -100,7 +100,7 @@ def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor, row_s
 class Generation:
     tokens: list  # per row: the new tokens, up to and excluding the first end-of-sequence token
     generated: int  # tokens sampled over all rows, each row's end-of-sequence token included
-    prompt_tokens: list  # per row: the prompt's tokens
+    prompt_tokens: list  # per row: the prompt's tokens that were prefilled
     ttft_s: float  # time to first token
     decode_s: float  # time for the remaining tokens
     decode_steps: int  # forward passes after the prefill (each serves every row of the batch)
@@ -122,11 +122,13 @@ def left_pad(seqs: list, device) -> tuple[Tensor, Tensor]:
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list, max_new_tokens: int, sampling: Sampling, eos_ids=(),
              prefill_fn: Callable = prefill, decode_fn: Callable = decode_one_token,
-             on_tokens: Optional[Callable] = None) -> Generation:
+             on_tokens: Optional[Callable] = None, cached: int = 0) -> Generation:
     """Generate up to max_new_tokens for each prompt (lists of ids, any lengths). Prompts are
     left-padded to a common length; `row_start` tells the model where each row's real tokens begin,
     so every row gets the tokens it would get alone. on_tokens(one new id per row, None for rows
-    that have ended) is called as tokens reach the host."""
+    that have ended) is called as tokens reach the host. cached: the first tokens of a single
+    prompt that the KV cache holds already (a conversation's earlier turns): only the rest is
+    prefilled."""
     device = model.tok_embeddings.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
     idx, row_start = left_pad(prompts, device)  # (B, T), (B,)
@@ -151,7 +153,8 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, sampling: S
         return all(finished)
 
     start = time.perf_counter()
-    token = prefill_fn(model, idx, torch.arange(T, device=device), row_start, sampling)  # (B, 1)
+    positions = torch.arange(cached, T, device=device)
+    token = prefill_fn(model, idx[:, cached:], positions, row_start, sampling)  # (B, 1)
     first = token.cpu()  # the one deliberate sync: it times the first token
     ttft = time.perf_counter() - start
     done = take(first)
@@ -180,7 +183,7 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, sampling: S
     if not done and host is not None:
         take(host)
     decode_s = time.perf_counter() - start - ttft
-    return Generation(rows, generated, [len(p) for p in prompts], ttft, decode_s, steps)
+    return Generation(rows, generated, [len(p) - cached for p in prompts], ttft, decode_s, steps)
 
 
 # ---- speculative decoding ------------------------------------------------------------------------
@@ -317,12 +320,13 @@ class PromptLookup:
 @torch.inference_mode()
 def speculative_generate(model: Transformer, proposer, prompts: list, max_new_tokens: int,
                          sampling: Sampling, eos_ids=(), prefill_fn: Callable = prefill,
-                         verify_fn: Callable = verify,
-                         on_tokens: Optional[Callable] = None) -> Generation:
+                         verify_fn: Callable = verify, on_tokens: Optional[Callable] = None,
+                         cached: int = 0) -> Generation:
     """generate() for one prompt (prompts holds one list of ids), up to proposer.k + 1 tokens per
     target forward. Each round the proposer (DraftModel or PromptLookup) guesses k tokens after the
     last chosen one, the target verifies them all at once, and the host reads how many it kept (the
-    round's one sync)."""
+    round's one sync). `cached` is accepted and ignored: the whole prompt is prefilled, so that a
+    draft model's cache holds it too."""
     (prompt,) = prompts
     device = model.tok_embeddings.weight.device
     k, T = proposer.k, len(prompt)
@@ -464,7 +468,7 @@ def main(argv=None):
     if not config.tie_embeddings:
         model_bytes -= model.tok_embeddings.weight.nbytes
     if args.interactive:
-        return interactive(args, tokenizer, generate_fn, max_seq, max_new)
+        return interactive(args, tokenizer, generate_fn, max_seq, max_new, model_bytes, device)
     run_samples(args, prompts, generate_fn, tokenizer, max_new, model_bytes, device, compiled)
 
 
@@ -481,6 +485,8 @@ def run_samples(args, prompts: list, generate_fn: Callable, tokenizer, max_new: 
     results = []
     for i in range(args.num_samples):
         streamer = TextStreamer(tokenizer) if tokenizer is not None and len(prompts) == 1 else None
+        if streamer is not None and args.prompt and not args.chat:
+            print(args.prompt[0], end="", flush=True)  # the answer continues the prompt's text
 
         def print_row0(new: list):
             if streamer is not None and new[0] is not None and new[0] not in tokenizer.eos_ids:
@@ -497,19 +503,16 @@ def run_samples(args, prompts: list, generate_fn: Callable, tokenizer, max_new: 
                 print(f"[{b}] {tokenizer.decode(row)}")
         m = metrics(gen, model_bytes, device)
         results.append(m)
-        print(f"Sample {i}: {sum(m['new_tokens'])} tokens, time to first token "
-              f"{m['ttft_s'] * 1000:.1f} ms, prefill {m['prefill_tok_s']:.1f} tok/s, decode "
-              f"{m['decode_tok_s']:.2f} tok/s, {m['bandwidth_gb_s']:.1f} GB/s, peak memory "
-              f"{m['peak_memory_gb']:.2f} GB", file=sys.stderr)
-        if "accepted_lengths" in m:
-            print(f"Sample {i}: {describe_speculation(m)}", file=sys.stderr)
+        print(f"Sample {i}: {describe(m)}", file=sys.stderr)
     summary = {k: sum(r[k] for r in results) / len(results) for k in ("ttft_s", "decode_tok_s",
                                                                       "bandwidth_gb_s")}
     world = dist.get_world_size() if dist.is_initialized() else 1
-    per_gpu = f" per GPU, tensor parallel over {world}" if world > 1 else ""  # each rank's part
+    # Under torchrun each process holds and reads its own part of the weights.
+    where = (f"per {'GPU' if device.type == 'cuda' else 'process'}, tensor parallel over {world}"
+             if world > 1 else f"on {device.type}")
     print(f"Average over {len(results)} samples: decode {summary['decode_tok_s']:.2f} tok/s, "
-          f"{summary['bandwidth_gb_s']:.1f} GB/s, model {model_bytes / 1e9:.2f} GB{per_gpu}",
-          file=sys.stderr)
+          f"weights read {summary['bandwidth_gb_s']:.1f} GB/s; a decode step reads "
+          f"{model_bytes / 1e9:.3f} GB of weights {where}", file=sys.stderr)
     if "accepted_lengths" in results[0]:  # pooled over the rounds of every sample
         summary.update(speculation_metrics(
             [sum(n) for n in zip(*(r["accepted_lengths"] for r in results))]))
@@ -537,9 +540,23 @@ def metrics(gen: Generation, model_bytes: int, device: torch.device) -> dict:
         # run past an end-of-sequence token before the host sees it).
         # speculative: the verifies only
         bandwidth_gb_s=model_bytes * gen.decode_steps / decode_s / 1e9,
-        peak_memory_gb=peak / 1e9,  # CPU: the process's peak resident memory
+        # GPU: allocated by PyTorch; CPU: the process's peak resident set
+        peak_memory_gb=peak / 1e9,
         **(speculation_metrics(gen.accepted_lengths) if gen.accepted_lengths is not None else {}),
     )
+
+
+def describe(m: dict) -> str:
+    """One sample's metrics as a line, each figure naming what it counts."""
+    rows = m["new_tokens"]
+    tokens = f"{rows[0]} new tokens" if len(rows) == 1 else (
+        f"{sum(rows)} new tokens over {len(rows)} rows ({min(rows)} to {max(rows)} per row)")
+    per_row = m["decode_tok_s"] / len(rows)
+    batch = "" if len(rows) == 1 else f" over the batch ({per_row:.2f} per row)"
+    line = (f"{tokens}, time to first token {m['ttft_s'] * 1000:.1f} ms, prefill "
+            f"{m['prefill_tok_s']:.1f} tok/s, decode {m['decode_tok_s']:.2f} tok/s{batch}, weights "
+            f"read {m['bandwidth_gb_s']:.1f} GB/s, peak memory {m['peak_memory_gb']:.2f} GB")
+    return line + (f"; {describe_speculation(m)}" if "accepted_lengths" in m else "")
 
 
 def describe_speculation(m: dict) -> str:
@@ -552,12 +569,17 @@ def describe_speculation(m: dict) -> str:
             f"{{{histogram}}}")
 
 
-def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: int):
-    """Answer prompts from the terminal until end of input; each turn gets what is left of the
-    cache."""
+def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: int,
+                model_bytes: int, device: torch.device):
+    """A conversation from the terminal until end of input. With --chat the chat template is
+    rendered over every turn so far and the KV cache keeps what it already holds: only the new part
+    of the conversation is prefilled. When the conversation outgrows the cache, its oldest turns are
+    dropped (a note says so). /clear starts over. Without --chat each line is a prompt of its
+    own."""
+    messages, in_cache = [], []  # the conversation; the token ids the KV cache holds, in order
     while True:
         try:
-            text = input("Prompt> ")
+            text = input("> ")
             text.encode("utf-8")  # bytes that are not UTF-8 arrive as lone surrogates
         except (EOFError, KeyboardInterrupt):
             print()
@@ -565,19 +587,43 @@ def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: i
         except (UnicodeDecodeError, UnicodeEncodeError):  # skip the line, keep the conversation
             print("error: the input is not UTF-8 text", file=sys.stderr)
             continue
-        ids = tokenizer.encode_chat([{"role": "user",
-                                      "content": text}]) if args.chat else tokenizer.encode(text)
+        if text.strip() == "/clear":
+            messages, in_cache = [], []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": text})
+        ids = tokenizer.encode_chat(messages) if args.chat else tokenizer.encode(text)
+        while args.chat and len(ids) >= max_seq and len(messages) > 2:
+            messages = messages[2:]  # the oldest question and its answer
+            ids = tokenizer.encode_chat(messages)
+            print(f"(dropped the oldest turn: the conversation outgrew the {max_seq}-token cache)",
+                  file=sys.stderr)
         if not ids or len(ids) >= max_seq:
             print(f"(skipped: the prompt has {len(ids)} tokens; 1 to {max_seq - 1} fit)",
                   file=sys.stderr)
+            messages.pop()
             continue
+        cached = 0  # the longest prefix the cache holds already; at least one token is prefilled
+        while cached < min(len(in_cache), len(ids) - 1) and in_cache[cached] == ids[cached]:
+            cached += 1
         streamer = TextStreamer(tokenizer)
 
         def print_answer(new: list):
             if new[0] is not None and new[0] not in tokenizer.eos_ids:
                 print(streamer.put(new[0]), end="", flush=True)
-        generate_fn([ids], min(max_new, max_seq - len(ids)), on_tokens=print_answer)
+        gen = generate_fn([ids], min(max_new, max_seq - len(ids)), on_tokens=print_answer,
+                          cached=cached if args.chat else 0)
         print(streamer.flush(), flush=True)
+        answer = gen.tokens[0]
+        # The cache holds every token fed to the model: the prompt and each sampled token but the
+        # last (an end-of-sequence token, when the answer ended with one, is not in `answer`).
+        in_cache = ids + (answer if gen.generated > len(answer) else answer[:-1])
+        if args.chat:
+            messages.append({"role": "assistant", "content": tokenizer.decode(answer)})
+        else:
+            messages = []
+        if args.metrics:
+            print(describe(metrics(gen, model_bytes, device)), file=sys.stderr)
 
 
 def compile_functions(args):
@@ -719,9 +765,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "--random_weights: 5)")
     p.add_argument("--chat", action="store_true",
                    help="wrap each prompt in the model's chat template")
+    p.add_argument("--metrics", action="store_true",
+                   help="with --interactive: print each answer's metrics (timed runs always do)")
     p.add_argument("--interactive", action="store_true",
-                   help="read prompts from the terminal and stream answers")
-    p.add_argument("--num_samples", type=int, default=5,
+                   help="read prompts from the terminal and stream answers; with --chat a "
+                   "conversation that remembers its turns (/clear starts over)")
+    p.add_argument("--num_samples", type=int, default=1,
                    help="timed generations of the same prompts")
     p.add_argument("--max_new_tokens", type=int, default=200, help="new tokens per row")
     p.add_argument("--batch_size", type=int, default=1,

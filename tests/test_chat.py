@@ -1,0 +1,119 @@
+"""--chat --interactive: a conversation that remembers its turns, reusing the KV cache for them."""
+import builtins
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import generate
+from checkpoint import load_model, read_checkpoint
+from conftest import ROOT
+from generate import Sampling
+from tokenizer import load_tokenizer
+
+TURNS = ["My name is Bob.", "What is my name?", "Say it again."]
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_checkpoint):
+    ckpt = read_checkpoint(smollm2_checkpoint)
+    return load_model(ckpt, dtype=torch.float32), load_tokenizer(ckpt.folder)
+
+
+def converse(tokenizer, lines: list, monkeypatch, max_seq=4096, chat=True):
+    """Run generate.interactive on `lines` of input with a stand-in model that answers "Fine." and
+    records what it was asked: [(prompt ids, cached)] per turn."""
+    asked = []
+    answer = tokenizer.encode("Fine.")[-2:]
+
+    def fake_generate(prompts, max_new, on_tokens=None, cached=0):
+        asked.append((prompts[0], cached))
+        return generate.Generation([answer], len(answer) + 1, [len(prompts[0]) - cached], 0.1, 0.1,
+                                   len(answer))
+    feed = iter(lines)
+
+    def fake_input(prompt=""):
+        try:
+            return next(feed)
+        except StopIteration:
+            raise EOFError from None
+    monkeypatch.setattr(builtins, "input", fake_input)
+    args = type("Args", (), dict(chat=chat, metrics=False))()
+    generate.interactive(args, tokenizer, fake_generate, max_seq, 32, 1, torch.device("cpu"))
+    return asked
+
+
+def test_each_turn_runs_the_whole_conversation_and_reuses_the_cache(smollm2, monkeypatch):
+    _, tokenizer = smollm2
+    asked = converse(tokenizer, TURNS, monkeypatch)
+    assert len(asked) == 3
+    third = tokenizer.decode(asked[2][0])
+    for turn in TURNS:
+        assert turn in third  # the model sees every earlier question ...
+    assert third.count("Fine.") == 2  # ... and its own answers
+    assert asked[0][1] == 0
+    for (previous, _), (prompt, cached) in zip(asked, asked[1:]):
+        assert 0 < cached < len(prompt)  # only the new part is prefilled
+        assert prompt[:len(previous)] == previous  # the cached tokens are what the cache holds
+
+
+def test_clear_starts_the_conversation_over(smollm2, monkeypatch):
+    _, tokenizer = smollm2
+    asked = converse(tokenizer, [TURNS[0], "/clear", TURNS[1]], monkeypatch)
+    assert len(asked) == 2
+    assert TURNS[0] not in tokenizer.decode(asked[1][0])
+    assert asked[1][0] == tokenizer.encode_chat([{"role": "user", "content": TURNS[1]}])
+
+
+def test_oldest_turns_are_dropped_when_the_conversation_outgrows_the_cache(smollm2, monkeypatch,
+                                                                            capsys):
+    _, tokenizer = smollm2
+    two_turns = [{"role": "user", "content": TURNS[0]}, {"role": "assistant", "content": "Fine."},
+                 {"role": "user", "content": TURNS[1]}]
+    max_seq = len(tokenizer.encode_chat(two_turns))  # the second question no longer fits
+    asked = converse(tokenizer, TURNS, monkeypatch, max_seq=max_seq)
+    assert len(asked) == 3
+    for prompt, _ in asked[1:]:
+        assert TURNS[0] not in tokenizer.decode(prompt)
+    assert TURNS[2] in tokenizer.decode(asked[2][0])
+    assert all(len(prompt) < max_seq for prompt, _ in asked)
+    assert "dropped the oldest turn" in capsys.readouterr().err
+
+
+def test_without_chat_each_line_stands_alone(smollm2, monkeypatch):
+    _, tokenizer = smollm2
+    asked = converse(tokenizer, TURNS, monkeypatch, chat=False)
+    assert [prompt for prompt, _ in asked] == [tokenizer.encode(t) for t in TURNS]
+    assert all(cached == 0 for _, cached in asked)
+
+
+def test_cache_reuse_gives_the_tokens_of_a_fresh_prefill(smollm2):
+    model, tokenizer = smollm2
+    greedy = Sampling(temperature=0)
+    model.setup_caches(1, 512)
+    messages = [{"role": "user", "content": TURNS[0]}]
+    first_ids = tokenizer.encode_chat(messages)
+    first = generate.generate(model, [first_ids], 12, greedy, tokenizer.eos_ids)
+    answer = first.tokens[0]
+    in_cache = first_ids + (answer if first.generated > len(answer) else answer[:-1])
+    messages += [{"role": "assistant", "content": tokenizer.decode(answer)},
+                 {"role": "user", "content": TURNS[1]}]
+    ids = tokenizer.encode_chat(messages)
+    cached = next(i for i in range(len(ids)) if i >= len(in_cache) or in_cache[i] != ids[i])
+    assert cached > len(first_ids) // 2
+    reused = generate.generate(model, [ids], 12, greedy, tokenizer.eos_ids, cached=cached)
+    assert reused.prompt_tokens == [len(ids) - cached]
+    fresh = generate.generate(model, [ids], 12, greedy, tokenizer.eos_ids)
+    assert reused.tokens == fresh.tokens
+
+
+def test_interactive_chat_cli_answers_three_turns(smollm2_checkpoint):
+    r = subprocess.run([sys.executable, "generate.py", "--checkpoint_path", str(smollm2_checkpoint),
+                        "--chat", "--interactive", "--temperature", "0", "--max_new_tokens", "8",
+                        "--device", "cpu", "--metrics"], cwd=ROOT, capture_output=True, text=True,
+                       input="\n".join(TURNS) + "\n/clear\n", timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("> ") == 5  # three answers, /clear, end of input
+    assert r.stderr.count("new tokens, time to first token") == 3
+    assert "(conversation cleared)" in r.stderr
