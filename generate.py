@@ -747,8 +747,7 @@ def load_proposer(args, config: ModelArgs, device: torch.device, sampling: Sampl
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Generate text with a gpt-blitz checkpoint (or "
-                                "random weights, to benchmark).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                "random weights, to benchmark).")
     p.add_argument("--checkpoint_path", type=Path,
                    help="checkpoint folder, or the weights file inside it")
     p.add_argument("--random_weights", metavar="NAME",
@@ -771,16 +770,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="read prompts from the terminal and stream answers; with --chat a "
                    "conversation that remembers its turns (/clear starts over)")
     p.add_argument("--num_samples", type=int, default=1,
-                   help="timed generations of the same prompts")
-    p.add_argument("--max_new_tokens", type=int, default=200, help="new tokens per row")
+                   help="timed generations of the same prompts (default 1)")
+    p.add_argument("--max_new_tokens", type=int, default=200,
+                   help="new tokens per row (default 200)")
     p.add_argument("--batch_size", type=int, default=1,
-                   help="repeat a single prompt this many times")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 decodes greedily")
-    p.add_argument("--top_k", type=int, default=200, help="sample among the k most likely tokens")
+                   help="repeat a single prompt this many times (default 1)")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="0 decodes greedily (default 0.8)")
+    p.add_argument("--top_k", type=int, default=200,
+                   help="sample among the k most likely tokens (default 200)")
     p.add_argument("--top_p", type=float, default=None,
                    help="nucleus sampling: keep the smallest set of tokens with this much "
                    "probability")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", type=int, default=1234, help="random seed (default 1234)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (on a GPU: one CUDA graph)")
     p.add_argument("--compile_prefill", action="store_true",
@@ -796,7 +798,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "followed the last earlier occurrence of the last N tokens")
     p.add_argument("--speculate_k", type=int, default=None,
                    help=f"tokens proposed per target forward (default {DEFAULT_SPECULATE_K})")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the model runs (default: cuda when there is a GPU, else cpu)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                    help="weights and activations (default: bfloat16 on a GPU, float32 on a CPU)")
     args = p.parse_args(argv)

@@ -458,14 +458,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Quantize a checkpoint's linear layers "
                                 "(weight-only); generate.py loads the result like "
                                 "any checkpoint. The top of quantize.py and "
-                                "kernels.py describe the formats.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                "kernels.py describe the formats.")
     p.add_argument("--checkpoint_path", type=Path, required=True,
                    help="float checkpoint folder, or the weights file inside it")
     p.add_argument("--mode", default="int8",
                    help="int8 (per channel), int4 (groups, rounded to nearest), int4-gptq (the "
                    "int4 format, GPTQ's error compensation from calibration text) or fp8 "
-                   "(e4m3 per channel; GPUs of compute capability >= 8.9 and CPUs)")
+                   "(e4m3 per channel; GPUs of compute capability >= 8.9 and CPUs); default int8")
     p.add_argument("--groupsize", type=int, default=None,
                    help="int4 and int4-gptq: input columns per scale and zero (default "
                    f"{DEFAULT_GROUPSIZE} for int4: rounding to nearest has no error "
