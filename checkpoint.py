@@ -415,16 +415,32 @@ def checkpoint_files(folder: Path) -> list:
     return sorted({name for name in names if (folder / name).is_file()})
 
 
+def check_output_folder(folder: Path, flag: str, force: bool):
+    """A checkpoint is to be written into folder: refuse now, before the work, a folder that could
+    not be created or written, or that holds a checkpoint already and --force is not given."""
+    if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
+        raise InputError(f"{flag} {folder} is a file, not a folder")
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{flag} {folder}: cannot create it, {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {folder}: {existing} is not writable")
+    old = checkpoint_files(folder)
+    if old and not force:
+        raise InputError(f"{folder} holds a checkpoint already ({', '.join(old[:3])}, ...): pass "
+                         "--force to replace it")
+
+
 def save_checkpoint(folder: Path, args: ModelArgs, tensors: dict, copies: dict = None, force=False):
     """Write a converted checkpoint as one set: model.safetensors, config.json and copies
     {name: source file} (the tokenizer files). A folder that holds a checkpoint already is replaced
     whole with force (its files that this set does not write are removed), else refused."""
     from safetensors.torch import save_file
     copies = copies or {}
+    check_output_folder(folder, "output", force)
     old = checkpoint_files(folder)
-    if old and not force:
-        raise InputError(f"{folder} holds a checkpoint already ({', '.join(old[:3])}, ...): pass "
-                         "--force to replace it")
     check_tensors({name: t.shape for name, t in tensors.items()}, empty_model(args),
                   "converted weights")
     stored = {k: v.contiguous() for k, v in tensors.items()

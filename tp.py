@@ -35,7 +35,6 @@ import os
 import sys
 import traceback
 from dataclasses import replace
-from pathlib import Path
 from typing import Optional
 
 import torch

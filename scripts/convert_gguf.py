@@ -16,7 +16,6 @@ permutation.
 """
 import argparse
 import json
-import os
 import re
 import sys
 import tempfile
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from checkpoint import (InputError, check_tensors, checkpoint_files, empty_model,  # noqa: E402
+from checkpoint import (InputError, check_output_folder, check_tensors, empty_model,  # noqa: E402
                         parse_config, save_checkpoint)
 from model import ModelArgs, llama3_scale  # noqa: E402
 from tokenizer import LLAMA3_PATTERN  # noqa: E402
@@ -344,25 +343,6 @@ def build_tokenizer(meta: dict, reader, path: Path):
 
 
 # ---- main ---------------------------------------------------------------------------------------
-
-def check_output_folder(folder: Path, flag: str, force: bool):
-    """Refuse now, before any conversion work, an output folder that could not be created or
-    written, or that holds a checkpoint already and --force is not given (save_checkpoint refuses
-    that too, but only once the work is done)."""
-    if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
-        raise InputError(f"{flag} {folder} is a file, not a folder")
-    existing = folder.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise InputError(f"{flag} {folder}: cannot create it, {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"{flag} {folder}: {existing} is not writable")
-    old = checkpoint_files(folder)
-    if old and not force:
-        raise InputError(f"{folder} holds a checkpoint already ({', '.join(old[:3])}, ...): pass "
-                         "--force to replace it")
-
 
 def write_json(path: Path, data: dict):
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from checkpoint import (TOKENIZER_FILES, InputError, checkpoint_files, empty_model,  # noqa: E402
-                        parse_config, read_json, save_checkpoint)
+from checkpoint import (TOKENIZER_FILES, InputError, check_output_folder,  # noqa: E402
+                        empty_model, parse_config, read_json, save_checkpoint)
 from model import ModelArgs  # noqa: E402
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -381,25 +381,6 @@ def convert(files: list[Path], layout: str, args: ModelArgs) -> dict:
 
 
 # ---- main ----------------------------------------------------------------------------------------
-
-def check_output_folder(folder: Path, flag: str, force: bool):
-    """Refuse now, before any conversion work, an output folder that could not be created or
-    written, or that holds a checkpoint already and --force is not given (save_checkpoint refuses
-    that too, but only once the work is done)."""
-    if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
-        raise InputError(f"{flag} {folder} is a file, not a folder")
-    existing = folder.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise InputError(f"{flag} {folder}: cannot create it, {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"{flag} {folder}: {existing} is not writable")
-    old = checkpoint_files(folder)
-    if old and not force:
-        raise InputError(f"{folder} holds a checkpoint already ({', '.join(old[:3])}, ...): pass "
-                         "--force to replace it")
-
 
 def run(opts) -> tuple[dict, list]:
     """Convert as opts say; returns (the converted tensors, the tokenizer files copied)."""

@@ -393,8 +393,11 @@ def test_converting_again_needs_force_and_replaces_the_whole_set(hf_models, tmp_
 
     (out / "chat_template.jinja").write_text("{{ stale }}")  # the source has none
     (out / "model_int8.pth").write_bytes(b"a quantized copy of the old weights")
+    (out / "model_int8.json").write_text("{}")  # its sidecar: quantize.py's output, part of the set
+    (out / "draft.pth").write_bytes(b"the user's own file, which no sidecar describes")
     convert_hf.main(["--checkpoint_dir", str(out), "--force"])
-    assert sorted(p.name for p in out.iterdir()) == sorted([*converted, "hf"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*converted, "hf", "draft.pth"])
+    (out / "draft.pth").unlink()
     assert contents(out) == converted and contents(source) == source_files
     load(out)
 
