@@ -1,0 +1,66 @@
+"""checkpoint.write_files: a set of files appears whole or not at all."""
+import errno
+import json
+import socket
+
+import pytest
+
+from checkpoint import JOURNAL, InputError, read_checkpoint, write_files
+
+CONFIG = {"dim": 8, "n_layer": 1, "n_head": 2, "vocab_size": 16, "intermediate_size": 8}
+
+
+def names(folder) -> list:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_a_set_replaces_the_old_files_and_removes_the_stale_ones(tmp_path):
+    (tmp_path / "a.txt").write_text("old a")
+    (tmp_path / "stale.txt").write_text("old")
+    write_files(tmp_path, {"a.txt": lambda p: p.write_text("new a"),
+                           "b.txt": lambda p: p.write_text("b")}, remove=["stale.txt"])
+    assert names(tmp_path) == ["a.txt", "b.txt"]
+    assert (tmp_path / "a.txt").read_text() == "new a"
+
+
+def test_a_full_disk_says_so_and_changes_nothing(tmp_path):
+    (tmp_path / "a.txt").write_text("old a")
+
+    def full(path):
+        path.write_text("half of it")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(InputError, match="disk full"):
+        write_files(tmp_path, {"b.txt": lambda p: p.write_text("b"), "a.txt": full})
+    assert names(tmp_path) == ["a.txt"]  # no temp files, no half of the set
+    assert (tmp_path / "a.txt").read_text() == "old a"
+
+
+def test_a_bug_in_a_writer_keeps_its_traceback_and_leaves_no_temp_files(tmp_path):
+    def broken(path):
+        path.write_text("x")
+        raise ValueError("a bug")
+    with pytest.raises(ValueError, match="a bug"):
+        write_files(tmp_path, {"a.txt": broken})
+    assert names(tmp_path) == []
+
+
+def test_a_write_killed_between_its_renames_is_completed_by_the_next_reader(tmp_path):
+    """The journal is written once every temp file is complete: a process killed after it, while
+    renaming, leaves a journal that read_checkpoint carries out before reading."""
+    (tmp_path / ".config.json.x.tmp").write_text(json.dumps(CONFIG))
+    (tmp_path / "model.safetensors").write_bytes(b"")  # an earlier rename already happened
+    (tmp_path / "stale.json").write_text("{}")
+    (tmp_path / JOURNAL).write_text(json.dumps({"rename": [[".config.json.x.tmp", "config.json"]],
+                                                "remove": ["stale.json"]}))
+    ckpt = read_checkpoint(tmp_path)
+    assert ckpt.args.dim == 8
+    assert names(tmp_path) == ["config.json", "model.safetensors"]
+    assert not (tmp_path / JOURNAL).exists()
+
+
+def test_temp_files_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
+    dead = 2 ** 22 + 12345  # above Linux's default pid_max: no such process
+    orphan = tmp_path / f".model.safetensors.{socket.gethostname()}-{dead}.tmp"
+    orphan.write_bytes(b"half a checkpoint")
+    write_files(tmp_path, {"a.txt": lambda p: p.write_text("a")})
+    assert names(tmp_path) == ["a.txt"]
