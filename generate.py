@@ -397,8 +397,7 @@ def main(argv=None):
     """One run of generate.py. Bad input raises InputError, which the script prints as one line."""
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    # under torchrun: split the model over the processes
-    distributed = dist.is_torchelastic_launched()
+    distributed = dist.is_torchelastic_launched()  # under torchrun: split the model
     if distributed:
         tp.quiet_other_ranks()
     # The config and tokenizer come first, so that bad input fails before gigabytes of weights load.
@@ -409,8 +408,9 @@ def main(argv=None):
         tokenizer, config = load_tokenizer(ckpt.folder), ckpt.args
     device = tp.start(args, config, args.device) if distributed else args.device
     speculative = args.draft_checkpoint_path is not None or args.speculate_ngram is not None
-    context, slack = speculation_limits(args, tokenizer,
-                                        config) if speculative else (config.block_size, 0)
+    context, slack = (config.block_size, 0)
+    if speculative:
+        context, slack = speculation_limits(args, tokenizer, config)
     prompts = [[0]] if args.interactive else encode_prompts(args, tokenizer, config.vocab_size)
     longest = max(len(p) for p in prompts)
     if longest >= context:
@@ -465,7 +465,7 @@ def main(argv=None):
     # The bytes of weights one decode step reads: every parameter once, except an untied embedding
     # table, of which only the looked-up rows are read.
     model_bytes = sum(p.nbytes for p in model.parameters())
-    if not config.tie_embeddings:
+    if not model.args.tie_embeddings:
         model_bytes -= model.tok_embeddings.weight.nbytes
     if args.interactive:
         return interactive(args, tokenizer, generate_fn, max_seq, max_new, model_bytes, device)
