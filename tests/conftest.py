@@ -1,8 +1,13 @@
-"""Shared fixtures: the real SmolLM2-135M-Instruct model, converted once per test session."""
+"""Shared fixtures: the real SmolLM2-135M-Instruct model, converted once per test session, and its
+transformers twin; the slow, self-contained commands that collected tests will need, started in the
+background when the session begins."""
 import importlib.util
 import os
+import queue
+import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,10 +18,18 @@ sys.path.insert(0, str(ROOT))  # the top-level scripts are the modules under tes
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def command(args, env=None) -> tuple[list, dict]:
+    """A repo script's command line and environment, as a user would run it from the repo root."""
+    return [sys.executable, *map(str, args)], {**os.environ, **(env or {})}
+
+
 def run_script(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
     """Run one of the repo's scripts as a user would, from the repo root."""
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    if "--compile" in map(str, args):
+        BACKGROUND.wait_for_compile_caches()  # a run compiling the same graphs: ready soon
+    argv, environ = command(args, env)
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=environ)
 
 
 def assert_one_error_line(stderr: str, *words) -> str:
@@ -36,6 +49,126 @@ def load_script(name: str):
     return module
 
 
+# ---- slow commands in the background ----------------------------------------------------------
+
+class Job:
+    def __init__(self, args, env, timeout):
+        self.args, self.env, self.timeout = args, env, timeout
+        self.done = threading.Event()
+        self.result = self.error = None
+
+    def wait(self) -> subprocess.CompletedProcess:
+        import time as _t
+        with open("/tmp/me/bg.log", "a") as f:
+            f.write(f"{_t.strftime('%T')} wait {self.args[0]} done={self.done.is_set()}\n")
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class Background:
+    """Slow, self-contained commands (a script run as a user runs it) that the selected tests will
+    need, run one after another in a thread of this process at the lowest CPU priority (nice 19).
+    The tests mostly run one process on one core at a time, so on a 2-core machine these use the
+    core left idle and the tests hardly slow down; by the time a test needs a result it is ready.
+    Results are the same as in the foreground: priority changes when a process runs, not what it
+    computes."""
+
+    def __init__(self):
+        self.queue = queue.Queue()
+        self.thread = None
+        self.lock = threading.Lock()
+        self.process = None
+        self.closed = False
+        self.compile_caches = None  # the job warming torch.compile's caches, if one was started
+
+    def submit(self, *args, env=None, timeout=1800) -> Job:
+        job = Job(args, env, timeout)
+        if self.thread is None:
+            self.thread = threading.Thread(target=self.work, name="background commands",
+                                           daemon=True)
+            self.thread.start()
+        self.queue.put(job)
+        return job
+
+    def work(self):
+        while (job := self.queue.get()) is not None:
+            try:
+                argv, environ = command(job.args, job.env)
+                nice = shutil.which("nice")
+                with self.lock:
+                    if self.closed:
+                        raise RuntimeError("the test session ended first")
+                    self.process = subprocess.Popen(
+                        [nice, "-n", "19", *argv] if nice else argv, cwd=ROOT, env=environ,
+                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        text=True)
+                try:
+                    out, err = self.process.communicate(timeout=job.timeout)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.communicate()
+                    raise
+                job.result = subprocess.CompletedProcess(argv, self.process.returncode, out, err)
+            except BaseException as e:  # handed to the test that waits for the job
+                job.error = e
+            finally:
+                import time as _t
+                with open("/tmp/me/bg.log", "a") as f:
+                    f.write(f"{_t.strftime('%T')} done {job.args[0]} {job.args[-1]} rc={getattr(job.result, 'returncode', None)} err={job.error!r}\n")
+                job.done.set()
+
+    def wait_for_compile_caches(self):
+        if self.compile_caches is not None:
+            import time as _t
+            with open("/tmp/me/bg.log", "a") as f:
+                f.write(f"{_t.strftime('%T')} wait compile done={self.compile_caches.done.is_set()}\n")
+            self.compile_caches.done.wait()
+
+    def close(self):
+        """End of the session: stop what is still running (only a subset of tests was run)."""
+        with self.lock:
+            self.closed = True
+            if self.process is not None and self.process.poll() is None:
+                self.process.kill()
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join(timeout=60)
+
+
+BACKGROUND = Background()
+
+
+def compiles_smollm2(item) -> bool:
+    """Is this tests/test_smollm2.py's compiled command line (a case with --compile flags)?"""
+    callspec = getattr(item, "callspec", None)
+    return (callspec is not None and "smollm2_checkpoint" in item.fixturenames
+            and "--compile" in callspec.params.get("compile_flags", ()))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background_commands(request):
+    """Starts, at the beginning of the session, the slow commands that selected tests will need:
+    GPTQ on SmolLM2 (tests/test_quantize.py's smollm2_gptq), then a compile of generate.py's
+    SmolLM2 graphs that fills torch.compile's on-disk caches for the compiled command line of
+    tests/test_smollm2.py (its own run then finds them there, as a second run by a user does)."""
+    items = request.session.items
+    if any("smollm2_gptq" in item.fixturenames for item in items):
+        request.getfixturevalue("smollm2_gptq_job")
+    if any(compiles_smollm2(item) for item in items):
+        checkpoint = request.getfixturevalue("smollm2_checkpoint")
+        BACKGROUND.compile_caches = BACKGROUND.submit(  # test_smollm2.py's command, one sample
+            "generate.py", "--checkpoint_path", checkpoint / "model.pth", "--chat",
+            "--prompt", "What is the capital of France?", "--temperature", "0",
+            "--max_new_tokens", "16", "--num_samples", "1", "--device", "cpu",
+            "--compile", "--compile_prefill")
+    yield BACKGROUND
+    BACKGROUND.close()
+
+
+# ---- the real model ---------------------------------------------------------------------------
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     # Located without importing: the package's __init__ needs the `llm` CLI, which is not installed.
@@ -50,3 +183,48 @@ def smollm2_checkpoint(smollm2_gguf, tmp_path_factory) -> Path:
     r = run_script("scripts/convert_gguf.py", "--gguf", smollm2_gguf, "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_gguf):
+    """transformers' own model of the GGUF file, float32: the reference, loaded once."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2_tokenizer(smollm2_gguf):
+    """transformers' tokenizer rebuilt from the GGUF file's metadata, loaded once."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+
+
+PPL_TOKENS = 2048  # tests/test_quantize.py measures perplexity on the first 2048 tokens of pydoc's topics
+GPTQ_CALIBRATION = ("16", "256")  # samples, seq_len: 4096 tokens
+
+
+@pytest.fixture(scope="session")
+def smollm2_gptq_job(smollm2_checkpoint, tmp_path_factory) -> tuple[Path, Job]:
+    """quantize.py --mode int4-gptq --groupsize 128 on SmolLM2, started in the background (about a
+    minute of one core), calibrated on 16 x 256 tokens of the pydoc topics text that follows the
+    PPL_TOKENS tokens that tests/test_quantize.py measures perplexity on: the same kind of text,
+    none of the evaluated text. Returns (the checkpoint folder, the job)."""
+    import pydoc_data.topics
+    from tokenizer import load_tokenizer
+    folder = tmp_path_factory.mktemp("gptq") / "SmolLM2"  # links to the shared fixture's files
+    folder.mkdir()
+    for source in smollm2_checkpoint.iterdir():
+        (folder / source.name).symlink_to(source)
+    tokenizer = load_tokenizer(folder)
+    ids = tokenizer.encode("\n".join(pydoc_data.topics.topics.values()))
+    (folder / "calibration.txt").write_text(tokenizer.decode(ids[PPL_TOKENS:]))
+    # One thread: in the background it shares the machine with the tests.
+    job = BACKGROUND.submit("quantize.py", "--checkpoint_path", folder / "model.safetensors",
+                            "--mode", "int4-gptq", "--groupsize", "128",
+                            "--calibration_file", folder / "calibration.txt",
+                            "--calibration_samples", GPTQ_CALIBRATION[0],
+                            "--calibration_seq_len", GPTQ_CALIBRATION[1], "--device", "cpu",
+                            env={"OMP_NUM_THREADS": "1"})
+    return folder, job

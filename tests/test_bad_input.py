@@ -217,6 +217,7 @@ def test_bug_keeps_its_traceback(tiny, monkeypatch):
 
 # ---- quantize.py: where the output goes -------------------------------------------------------------
 
+@pytest.mark.slow
 def test_quantize_refuses_output_over_base_checkpoint(tiny):
     before = snapshot(tiny)
     refused("quantize.py", "--checkpoint_path", tiny, "--mode", "int8", "--out", tiny / "model.pth")
@@ -235,6 +236,7 @@ def test_quantize_refuses_output_over_its_source_weights(tiny, weights):
     assert snapshot(tiny) == before
 
 
+@pytest.mark.slow
 def test_quantize_default_output_leaves_float_checkpoint_loadable(tiny):
     succeeds("quantize.py", "--checkpoint_path", tiny, "--mode", "int8")
     assert (tiny / "model_int8.pth").is_file() and (tiny / "model_int8.json").is_file()
@@ -255,6 +257,7 @@ def test_quantize_refuses_unusable_output_before_working(smollm2_checkpoint, tmp
     assert snapshot(tmp_path) == before and snapshot(smollm2_checkpoint) == source
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["at-first-write", "at-random"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_quantize_killed_leaves_complete_output_or_none(smollm2_checkpoint, tmp_path, sig, when):
@@ -294,6 +297,7 @@ def test_absurd_config_is_refused_naming_the_file(tiny, script, change):
     assert snapshot(tiny) == before
 
 
+@pytest.mark.slow
 def test_absurd_quantized_sidecar_is_refused_naming_the_file(tiny):
     succeeds("quantize.py", "--checkpoint_path", tiny, "--mode", "int8")
     good = (tiny / "model_int8.json").read_text()
@@ -341,6 +345,7 @@ def test_hf_converter_refuses_absurd_config(tiny_hf, tmp_path):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_hf_converter_needs_force_to_overwrite_and_force_leaves_exactly_its_files(tiny_hf, tmp_path):
     hf = hf_source(tiny_hf, tmp_path)
     source = snapshot(hf)
@@ -354,6 +359,7 @@ def test_hf_converter_needs_force_to_overwrite_and_force_leaves_exactly_its_file
     assert snapshot(hf) == source  # the source folder inside the output is left alone
 
 
+@pytest.mark.slow
 def test_gguf_converter_needs_force_to_overwrite_and_force_leaves_exactly_its_files(smollm2_gguf, smollm2_checkpoint, tmp_path):
     out = Path(shutil.copytree(smollm2_checkpoint, tmp_path / "out"))  # what converting into out writes
     converted = snapshot(out)

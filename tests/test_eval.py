@@ -20,12 +20,6 @@ CAPITALS_CHOICES = 4
 
 
 @pytest.fixture(scope="module")
-def hf_smollm2(smollm2_gguf):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
 def smollm2_eval(smollm2_checkpoint):
     ckpt = read_checkpoint(smollm2_checkpoint)
     model = load_model(ckpt, dtype=torch.float32)
@@ -58,6 +52,7 @@ def test_rolling_windows_score_every_token_once_with_enough_context(n_tokens, ma
     assert len({end - start for start, end, _ in windows}) <= 1  # one shape: batches need no padding
 
 
+@pytest.mark.slow
 def test_perplexity_matches_transformers_on_the_same_windows(smollm2_checkpoint, hf_smollm2, tmp_path):
     text = default_text()[1][:6000]
     (tmp_path / "text.txt").write_text(text)
@@ -83,6 +78,7 @@ def test_perplexity_matches_transformers_on_the_same_windows(smollm2_checkpoint,
     assert ours["bits_per_byte"] == pytest.approx(nll / math.log(2) / ours["bytes"], rel=5e-3)
 
 
+@pytest.mark.slow
 def test_perplexity_of_a_quantized_checkpoint_is_close_to_float(smollm2_eval, smollm2_checkpoint, tmp_path):
     folder = tmp_path / "SmolLM2"  # links to the shared fixture's files, so the quantized file lands apart
     folder.mkdir()
@@ -134,6 +130,7 @@ def test_loglikelihoods_match_transformers(smollm2_eval, hf_smollm2):
     assert ours[0][1], "' Paris' after 'The capital of France is' is the greedy continuation"
 
 
+@pytest.mark.slow
 def test_capitals_task_runs_through_eval_py_clearly_above_chance(smollm2_checkpoint, tmp_path):
     """lm-eval reads the task's questions from tests/data/capitals.jsonl (its own `json` dataset loader, offline),
     asks our model for the loglikelihood of each choice and scores the answers."""
@@ -151,6 +148,7 @@ def test_capitals_task_runs_through_eval_py_clearly_above_chance(smollm2_checkpo
     assert capitals["acc,none"] >= 1 / CAPITALS_CHOICES + 0.25
 
 
+@pytest.mark.slow
 def test_loglikelihood_rolling_scores_every_token_of_a_long_text(smollm2_eval, hf_smollm2):
     """Longer than max_seq_length (256), so the text is cut into windows; the first token follows the prefix."""
     from lm_eval.api.instance import Instance
@@ -167,6 +165,7 @@ def test_loglikelihood_rolling_scores_every_token_of_a_long_text(smollm2_eval, h
 
 # ---- 3. generate_until ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_generate_until_stops_at_the_requested_stop_strings(smollm2_eval):
     from lm_eval.api.instance import Instance
     tokenizer = smollm2_eval.tokenizer
@@ -209,6 +208,7 @@ def test_generate_until_stops_at_the_requested_stop_strings(smollm2_eval):
     assert decode_steps < max_new - 1
 
 
+@pytest.mark.slow
 def test_generate_until_ignores_empty_stop_strings_and_hugging_faces_top_k_zero(smollm2_eval):
     # Task configs write `until: [""]` or `top_k: 0` (Hugging Face's "no top-k"): neither may end or break generation.
     from lm_eval.api.instance import Instance
@@ -225,6 +225,7 @@ def test_generate_until_ignores_empty_stop_strings_and_hugging_faces_top_k_zero(
 
 # ---- 4. bad input -----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_bad_input_gives_one_error_line(smollm2_checkpoint, tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))

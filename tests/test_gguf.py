@@ -44,9 +44,8 @@ def gguf_meta(smollm2_gguf):
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer(smollm2_gguf):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+def hf_tokenizer(hf_smollm2_tokenizer):
+    return hf_smollm2_tokenizer  # conftest.py: transformers' tokenizer from the GGUF file
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +56,8 @@ def our_tokenizer(smollm2_checkpoint):
 
 # ---- (a) weights and config ----------------------------------------------------------------------
 
-def test_logits_match_transformers(smollm2_checkpoint, smollm2_gguf, hf_tokenizer, our_tokenizer):
-    from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                              dtype=torch.float32).eval()
+def test_logits_match_transformers(smollm2_checkpoint, hf_smollm2, hf_tokenizer, our_tokenizer):
+    hf = hf_smollm2  # conftest.py: transformers' model from the GGUF file, float32
     ours = load_model(read_checkpoint(smollm2_checkpoint), "cpu", torch.float32)
     args = ours.args
 
@@ -238,6 +235,7 @@ def test_absurd_metadata_is_refused_before_any_work(tmp_path, monkeypatch, metad
     assert time.perf_counter() - start < 5
 
 
+@pytest.mark.slow
 def test_converting_again_needs_force_and_replaces_the_whole_set(tmp_path):
     path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", tensors=True)
     out = tmp_path / "out"

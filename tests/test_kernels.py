@@ -70,9 +70,11 @@ def run_in_interpreter(check: str):
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_scaled_gemv_kernel_matches_reference_for_every_config():
     run_in_interpreter(SCALED_GEMV_CHECK)
 
 
+@pytest.mark.slow
 def test_scaled_mm_kernel_matches_reference_for_decode_batches():
     run_in_interpreter(SCALED_MM_CHECK)

@@ -22,7 +22,7 @@ import model as M
 import quantize as Q
 from checkpoint import (InputError, WeightsFile, empty_model, load_model, read_checkpoint,
                         read_weights, save_checkpoint, to_device)
-from conftest import ROOT, assert_one_error_line, run_script
+from conftest import PPL_TOKENS, ROOT, assert_one_error_line, run_script
 from model import ModelArgs, Transformer
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -480,6 +480,7 @@ def test_quantize_refuses_a_config_beyond_any_model_at_once(tiny_checkpoint, tmp
 
 # ---- 4 + 6. the real model: generate.py on a quantized file, perplexity per mode ---------------
 
+@pytest.mark.slow
 def test_generate_answers_from_a_quantized_checkpoint(smollm2_checkpoint, tmp_path, capsys):
     # Links to the shared fixture's files, so that the quantized file lands apart.
     folder = tmp_path / "SmolLM2"
@@ -500,9 +501,6 @@ def test_generate_answers_from_a_quantized_checkpoint(smollm2_checkpoint, tmp_pa
     assert "Paris" in r.stdout, r.stdout
 
 
-PPL_TOKENS = 2048
-
-
 @pytest.fixture(scope="module")
 def smollm2_float(smollm2_checkpoint):
     import pydoc_data.topics
@@ -518,33 +516,20 @@ def perplexity(model, ids) -> float:
     return math.exp(F.cross_entropy(logits[0, :-1], ids[0, 1:]).item())
 
 
-GPTQ_CALIBRATION = ("16", "256")  # samples, seq_len: 4096 tokens, ~35 s of GPTQ on 2 CPU cores
-
-
 @pytest.fixture(scope="module")
-def smollm2_gptq(smollm2_checkpoint, tmp_path_factory):
+def smollm2_gptq(smollm2_gptq_job):
     """SmolLM2-135M quantized by the command line, int4-gptq g128 with the other defaults,
     calibrated on 16 x 256 tokens of the pydoc topics text that follows the 2048 tokens the
-    perplexity is measured on: the same kind of text, none of the evaluated text. Returns (weights
-    file, what the command printed)."""
-    import pydoc_data.topics
-    from tokenizer import load_tokenizer
-    folder = tmp_path_factory.mktemp("gptq") / "SmolLM2"  # links to the shared fixture's files
-    folder.mkdir()
-    for source in smollm2_checkpoint.iterdir():
-        (folder / source.name).symlink_to(source)
-    tokenizer = load_tokenizer(folder)
-    ids = tokenizer.encode("\n".join(pydoc_data.topics.topics.values()))
-    (folder / "calibration.txt").write_text(tokenizer.decode(ids[PPL_TOKENS:]))
-    r = run_script("quantize.py", "--checkpoint_path", folder / "model.safetensors",
-                   "--mode", "int4-gptq", "--groupsize", "128",
-                   "--calibration_file", folder / "calibration.txt",
-                   "--calibration_samples", GPTQ_CALIBRATION[0],
-                   "--calibration_seq_len", GPTQ_CALIBRATION[1], "--device", "cpu")
+    perplexity is measured on: the same kind of text, none of the evaluated text (the command
+    starts in the background when the session begins: conftest.py's smollm2_gptq_job). Returns
+    (weights file, what the command printed)."""
+    folder, job = smollm2_gptq_job
+    r = job.wait()
     assert r.returncode == 0, r.stderr[-3000:]
     return folder / "model_int4-gptq.g128.pth", r.stdout
 
 
+@pytest.mark.slow
 def test_perplexity_per_mode_on_smollm2(smollm2_float, smollm2_gptq):
     """Measured on the first 2048 tokens (float32 11.91):
         int8            output quantized 11.94 (+0.27 %)   kept 11.93 (+0.21 %)
@@ -584,6 +569,7 @@ def test_perplexity_per_mode_on_smollm2(smollm2_float, smollm2_gptq):
     assert 11 < base < 13
 
 
+@pytest.mark.slow
 def test_gptq_file_of_smollm2_records_its_scheme(smollm2_gptq):
     path, printed = smollm2_gptq
     q = read_checkpoint(path).quantization
@@ -624,6 +610,7 @@ def test_gptq_calibration_errors(case, words, smollm2_checkpoint, tmp_path, caps
         sorted(p.name for p in smollm2_checkpoint.iterdir())
 
 
+@pytest.mark.slow
 def test_generate_answers_from_a_gptq_checkpoint(smollm2_gptq):
     r = run_script("generate.py", "--checkpoint_path", smollm2_gptq[0], "--chat",
                    "--prompt", "What is the capital of France?", "--temperature", "0",

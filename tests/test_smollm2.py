@@ -43,7 +43,8 @@ def test_perplexity_on_real_english_text(smollm2):
     assert ppl < 15
 
 
-@pytest.mark.parametrize("compile_flags", [[], ["--compile", "--compile_prefill"]], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compile_flags", [[], pytest.param(["--compile", "--compile_prefill"], marks=pytest.mark.slow)],
+                         ids=["eager", "compiled"])
 def test_generate_cli_prints_the_answer_and_metrics(compile_flags, smollm2_checkpoint, tmp_path):
     metrics = tmp_path / "metrics.json"
     r = run_script("generate.py", "--checkpoint_path", smollm2_checkpoint / "model.pth", "--chat", "--prompt", QUESTION,

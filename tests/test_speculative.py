@@ -143,6 +143,7 @@ def test_generation_ends_mid_round_at_max_new_tokens_and_at_an_end_of_sequence_t
     assert ended_mid_round(gen)
 
 
+@pytest.mark.slow
 def test_compiled_speculation_matches_eager_and_plain_greedy(tmp_path):
     """generate.py --compile's speculation: the draft step that load_proposer compiles, and
     compile_verify()."""
@@ -207,6 +208,7 @@ RUNS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("proposer", list(RUNS))
 def test_speculative_greedy_matches_plain_greedy(proposer, smollm2):
     model, eos_ids, answers = smollm2["model"], smollm2["tokenizer"].eos_ids, smollm2["answers"]
@@ -260,6 +262,7 @@ def chi_squared_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
 SAMPLES = 1000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("proposer", ["bad-draft", "prompt-lookup"])
 def test_speculative_sampling_follows_the_target_distribution(proposer):
     """Tokens 2 to 4 of many samples with speculation (token 1 comes from the prefill): with k = 2 they come from kept
@@ -304,6 +307,7 @@ def test_bench_speculative_times_each_step_and_prints_the_expected_speedups(tmp_
     assert "| stories15M int4.g32 | 2 |" in printed and "| prompt lookup (no GPU draft) | 2 |" in printed
 
 
+@pytest.mark.slow
 def test_generate_cli_speculates_with_a_quantized_draft(smollm2, tmp_path):
     metrics = tmp_path / "metrics.json"
     r = run_script("generate.py", "--checkpoint_path", smollm2["folder"], "--draft_checkpoint_path",

