@@ -260,7 +260,7 @@ def check_device(name: str, flag: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise InputError(f"{flag} {name}: {e}") from None
+        raise InputError(f"{flag} {name}: not usable on this machine ({e})") from None
     if device.type == "meta":
         raise InputError(f"{flag} meta holds no data: choose cpu or a GPU")
     if device.type == "cuda":

@@ -287,6 +287,7 @@ ABSURD = {"n_layer-1e9": {"n_layer": 1_000_000_000}, "dim-1e9": {"dim": 1_000_00
           "intermediate-bool": {"intermediate_size": True}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", ABSURD.values(), ids=ABSURD.keys())
 @pytest.mark.parametrize("script", ["generate.py", "quantize.py"])
 def test_absurd_config_is_refused_naming_the_file(tiny, script, change):

@@ -110,6 +110,7 @@ PAIRS = [  # (context, continuation): word-boundary spaces belong to the continu
 ]
 
 
+@pytest.mark.slow
 def test_loglikelihoods_match_transformers(smollm2_eval, hf_smollm2):
     from lm_eval.api.instance import Instance
     lm = harness_model(smollm2_eval)

@@ -56,6 +56,7 @@ def our_tokenizer(smollm2_checkpoint):
 
 # ---- (a) weights and config ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_logits_match_transformers(smollm2_checkpoint, hf_smollm2, hf_tokenizer, our_tokenizer):
     hf = hf_smollm2  # conftest.py: transformers' model from the GGUF file, float32
     ours = load_model(read_checkpoint(smollm2_checkpoint), "cpu", torch.float32)

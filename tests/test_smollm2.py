@@ -30,6 +30,7 @@ def test_chat_answer_names_paris(smollm2):
     assert "Paris" in answer
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_perplexity_on_real_english_text(smollm2):
     """transformers gives 11.9 on this text; a broken layer, norm or rotary layout gives hundreds."""
