@@ -254,7 +254,7 @@ def test_generate_under_torchrun_prints_the_greedy_text_of_one_process_once(smol
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout == smollm2_text  # rank 0 alone prints it
     assert r.stderr.count("Sample 0: 12 new tokens") == 1 and r.stderr.count("Loaded ") == 1 + (speculation == "draft")
-    assert "per GPU, tensor parallel over 3" in r.stderr
+    assert "per process, tensor parallel over 3" in r.stderr
 
 
 @pytest.mark.slow
