@@ -337,6 +337,7 @@ def permuted_tokenizer(source, folder, a: str = "Ġquick", b: str = "Ġbrown"):
 RANDOM_TARGET = ["--random_weights", "stories15M"]  # no weights are made before these errors
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, words", [
     (RANDOM_TARGET + ["--speculate_ngram", "3", "--batch_size", "2"], ["one sequence at a time"]),
     (RANDOM_TARGET + ["--speculate_ngram", "3", "--speculate_k", "0"], ["--speculate_k must be >= 1"]),
