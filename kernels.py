@@ -16,9 +16,10 @@ converts the weights exactly to bf16 in registers and multiplies on the tensor c
 It replaces what torch.compile makes of the PyTorch path for a decode batch,
 aten._weight_int8pack_mm, whose CUDA kernel is far slower at a few rows.
 
-The layers keep a plain PyTorch path (prefill, CPU), which is also the reference the kernels are
+The layers keep a plain PyTorch path (prefill), which is also the reference the kernels are
 checked against: `check_kernels` on the GPU (scripts/bench.py runs it first), tests/test_kernels.py
-in Triton's CPU interpreter.
+in Triton's CPU interpreter. On the CPU, decode goes to PyTorch's own weight-only int8 and int4
+kernels (see "CPU kernels" below; tests/test_cpu_kernels.py).
 """
 from typing import Optional
 
@@ -284,10 +285,23 @@ class Int8Linear(nn.Module):
         self.weight = frozen(torch.empty(out_features, in_features, dtype=torch.int8))
         self.scales = frozen(torch.empty(out_features))
         self.bias = frozen(torch.empty(out_features)) if bias else None
+        self.cpu_kernel = False  # set by use_cpu_kernel (prepare_for_device)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = one_byte_linear(x, self.weight, self.scales)  # (..., N)
+        if self.cpu_kernel and cpu_kernel_serves(x, CPU_INT8_MAX_ROWS):
+            y = int8_cpu_linear(x, self.weight, self.unit_scales, self.scales)
+        else:
+            y = one_byte_linear(x, self.weight, self.scales)  # (..., N)
         return y if self.bias is None else y + self.bias
+
+    def use_cpu_kernel(self):
+        """Route inputs of up to CPU_INT8_MAX_ROWS rows to aten._weight_int8pack_mm (CPU tensors,
+        K a multiple of 16: see int8_cpu_kernel_fits)."""
+        if self.weight.data_ptr() % CPU_ALIGNMENT:  # e.g. a tensor inside a memory-mapped file
+            self.weight = frozen(self.weight.clone())  # at the allocator's alignment
+        # The op scales by ones (exact in bfloat16); the float scales follow in x's dtype.
+        self.unit_scales = torch.ones(self.out_features, dtype=torch.bfloat16)
+        self.cpu_kernel = True
 
     def dequantize(self) -> Tensor:
         return self.weight.float() * self.scales.float()[:, None]  # (N, K)
@@ -327,9 +341,13 @@ class Int4Linear(nn.Module):
         self.zeros = frozen(torch.empty(out_features, k_pad // groupsize, dtype=torch.bfloat16))
         self.bias = frozen(torch.empty(out_features)) if bias else None
         self.kernel = None  # the int4 matmul op, once use_kernel() has repacked the weights for it
+        self.kernel_dtype = None  # the dtype the kernel computes in, when not x's
+        self.kernel_max_rows = None  # inputs of more rows take the dequantized path (CPU)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = (self.kernel_forward(x) if self.kernel is not None
+        use_kernel = self.kernel is not None and (
+            self.kernel_max_rows is None or x.numel() <= self.kernel_max_rows * x.shape[-1])
+        y = (self.kernel_forward(x) if use_kernel
              else F.linear(x, self.dequantize().to(x.dtype)))
         return y if self.bias is None else y + self.bias
 
@@ -339,31 +357,48 @@ class Int4Linear(nn.Module):
         w = int4_dequantize(q, self.scales.float()[..., None], self.zeros.float()[..., None])
         return w.view(self.out_features, -1)[:, :self.in_features]
 
-    def use_kernel(self, device_type: str):
+    def use_kernel(self, device_type: str, dtype: Optional[torch.dtype] = None,
+                   max_rows: Optional[int] = None):
         """Repack the weights for the device's int4 matmul (once, after the move to the device).
-        The kernel takes scales and zeros in x's dtype (bfloat16 for tinygemm). The packed layout
-        is device-specific, so the module's state_dict is no longer a checkpoint afterwards."""
-        convert, self.kernel = INT4_KERNELS[device_type]
+        The kernel takes x, scales and zeros in one dtype: `dtype` (x is converted to it and the
+        result back), else x's (bfloat16 for tinygemm). The packed layout is device-specific.
+        Without max_rows the packed copy replaces the file's tensors (no second copy in memory)
+        and the module's state_dict is no longer a checkpoint. With max_rows (the CPU) they stay,
+        the packed copy is a buffer outside the state_dict, and inputs of more rows (prefills)
+        take the dequantized path: faster there, and exact."""
+        convert, kernel = INT4_KERNELS[device_type]
         n_pad = -self.out_features % 16  # the CPU op needs N % 16 == 0, tinygemm N % 8 == 0
         inner_k_tiles = next(t for t in (8, 4, 2) if self.padded_in_features % (16 * t) == 0)
         weight = F.pad(self.weight, (0, 0, 0, n_pad))  # (N_pad, K_pad / 2)
         scales_and_zeros = torch.stack([self.scales, self.zeros], dim=-1)  # (N, n_groups, 2)
         scales_and_zeros = (F.pad(scales_and_zeros, (0, 0, 0, 0, 0, n_pad))
                             .transpose(0, 1).contiguous())  # (n_groups, N_pad, 2)
-        self.packed = frozen(convert(weight, inner_k_tiles))
-        self.scales_and_zeros = frozen(scales_and_zeros)
-        # The packed copy replaces them: no second copy in memory.
-        del self.weight, self.scales, self.zeros
+        if dtype is not None:
+            # Exact for bfloat16: the file stores bfloat16 scales and zeros.
+            scales_and_zeros = scales_and_zeros.to(dtype)
+        packed = convert(weight, inner_k_tiles)
+        if max_rows is None:
+            self.packed = frozen(packed)
+            self.scales_and_zeros = frozen(scales_and_zeros)
+            del self.weight, self.scales, self.zeros
+        else:
+            self.register_buffer("packed", packed, persistent=False)
+            self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
+        self.kernel, self.kernel_dtype, self.kernel_max_rows = kernel, dtype, max_rows
 
     def kernel_forward(self, x: Tensor) -> Tensor:
         K, N = self.in_features, self.out_features
         x2 = x.reshape(-1, K)  # (M, K)
+        if self.kernel_dtype is not None:
+            x2 = x2.to(self.kernel_dtype)
         if self.padded_in_features != K:
             # (M, K_pad): zeros meet the zero weight columns
             x2 = F.pad(x2, (0, self.padded_in_features - K))
         # (M, N_pad)
         y = self.kernel(x2.contiguous(), self.packed, self.groupsize, self.scales_and_zeros)
-        return y[:, :N].reshape(*x.shape[:-1], N)
+        if y.shape[1] != N:
+            y = y[:, :N]
+        return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
 
 def fp8_scaled_mm(x: Tensor, w8: Tensor, w_scales: Tensor) -> Tensor:
@@ -404,6 +439,57 @@ class Fp8Linear(nn.Module):
                 * self.scale_bits.view(torch.float32)[:, None])
 
 
+# ---- CPU kernels ---------------------------------------------------------------------------------
+#
+# aten._weight_int8pack_mm (int8 weights (N, K), one scale per row) and
+# aten._weight_int4pack_mm_for_cpu (int4 in the layout of _convert_weight_to_int4pack_for_cpu, made
+# at load time by Int4Linear.use_kernel) convert the weights in registers, so a decode step reads
+# the one-byte or half-byte weights once instead of writing a float copy of them first. On x86 their
+# vectorized code (AVX2, AVX-512) takes bfloat16 activations only: float32 ones run a scalar loop,
+# several times slower than reading float32 weights. So these layers round x to bfloat16 for the
+# op, which sums in float32 and rounds its output to bfloat16, and convert back to x's dtype: about
+# 2e-3 of relative error next to the plain path, far below the quantization's own (int8's scales
+# are applied afterwards, in x's dtype: exact). What the vectorized code does not check, and the
+# routing does:
+#   int8: K a multiple of 16. It steps over K 8 (AVX2) or 16 (AVX-512) columns at a time with no
+#         remainder and reads rows of x (AVX-512: also of the weight) with aligned loads: another
+#         K gives wrong sums or a segmentation fault. x is copied to a fresh (aligned) tensor, and
+#         a weight off the allocator's alignment is copied at load time.
+#   int4: N padded to a multiple of 16 and K to whole groups (use_kernel does both).
+# Prefills of more rows than CPU_INT8_MAX_ROWS / CPU_INT4_MAX_ROWS are faster on the plain path
+# (MKL's float32 matmul on dequantized weights), which is also exact; the int4 layers keep the
+# file's tensors for it. Other CPUs (aarch64, x86 without AVX2) keep the plain path: untested there.
+# False keeps every CPU model on the plain path: float32-exact, and slower at decode than float32.
+CPU_KERNELS = True
+CPU_KERNEL_CAPABILITIES = ("AVX2", "AVX512")
+CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+CPU_INT8_MAX_ROWS, CPU_INT4_MAX_ROWS = 32, 128
+CPU_ALIGNMENT = 64  # bytes: PyTorch's CPU allocator's, enough for any vector load
+
+
+def cpu_kernels_usable(dtype: torch.dtype) -> bool:
+    """PyTorch's vectorized int8 and int4 CPU kernels serve a model in dtype on this CPU."""
+    return (CPU_KERNELS and dtype in CPU_KERNEL_DTYPES
+            and torch.backends.cpu.get_cpu_capability() in CPU_KERNEL_CAPABILITIES)
+
+
+def int8_cpu_kernel_fits(in_features: int) -> bool:
+    return in_features % 16 == 0
+
+
+def cpu_kernel_serves(x: Tensor, max_rows: int) -> bool:
+    return x.dtype in CPU_KERNEL_DTYPES and x.numel() <= max_rows * x.shape[-1]
+
+
+def int8_cpu_linear(x: Tensor, weight: Tensor, unit_scales: Tensor, scales: Tensor) -> Tensor:
+    """x (..., K) float32 or bfloat16 times int8 weight (N, K) (K a multiple of 16), scaled per
+    output row: (..., N) in x's dtype, by aten._weight_int8pack_mm in bfloat16."""
+    N, K = weight.shape
+    x16 = x.reshape(-1, K).to(torch.bfloat16, copy=True)  # (M, K), fresh: aligned rows
+    y = torch.ops.aten._weight_int8pack_mm(x16, weight, unit_scales)  # (M, N) bfloat16 sums
+    return (y * scales).to(x.dtype).view(*x.shape[:-1], N)
+
+
 # GPTQ writes int4's format: the same layer reads both.
 LINEARS = {"int8": Int8Linear, "int4": Int4Linear, "int4-gptq": Int4Linear, "fp8": Fp8Linear}
 
@@ -425,12 +511,21 @@ def swap_linears(model: nn.Module, quantization: dict):
 
 def prepare_for_device(model: nn.Module):
     """After the model reached its device and dtype: pack int4 weights for tinygemm (CUDA, bfloat16
-    only; other dtypes dequantize) and choose the fp8 matmul."""
+    only; other dtypes dequantize), choose the fp8 matmul, and on the CPU route decode-sized inputs
+    of the int8 and int4 layers to PyTorch's CPU kernels (where cpu_kernels_usable)."""
     dtype = model.tok_embeddings.weight.dtype  # the activations' dtype
+    cpu_kernels = cpu_kernels_usable(dtype)
     for module in model.modules():
         on_gpu = isinstance(module, (Int4Linear, Fp8Linear)) and module.weight.is_cuda
-        if (isinstance(module, Int4Linear) and on_gpu and module.kernel is None
-                and dtype == torch.bfloat16):
+        on_cpu = (cpu_kernels and isinstance(module, (Int8Linear, Int4Linear))
+                  and module.weight.device.type == "cpu")
+        if (isinstance(module, Int8Linear) and on_cpu and not module.cpu_kernel
+                and int8_cpu_kernel_fits(module.in_features)):
+            module.use_cpu_kernel()
+        elif isinstance(module, Int4Linear) and on_cpu and module.kernel is None:
+            module.use_kernel("cpu", torch.bfloat16, CPU_INT4_MAX_ROWS)
+        elif (isinstance(module, Int4Linear) and on_gpu and module.kernel is None
+              and dtype == torch.bfloat16):
             module.use_kernel("cuda")
         elif isinstance(module, Fp8Linear) and on_gpu:
             # _scaled_mm: both matrix dims of the weight % 16, row-wise scales on 9.0+, bf16 output.

@@ -554,10 +554,16 @@ def output_path(args, ckpt: Checkpoint) -> Path:
             else f"model_{args.mode}.pth")
     out = args.out or ckpt.weights.parent / name
     sidecar = out.with_suffix(".json").name
-    if (out.name in WEIGHT_FILES or sidecar == "config.json" or sidecar in TOKENIZER_FILES
-            or out.resolve() == ckpt.weights.resolve()):
-        raise InputError(f"--out {out} would overwrite the source checkpoint's files; choose "
-                         "another name, e.g. the default " + name)
+    if out.resolve() == ckpt.weights.resolve():
+        problem = "is the source checkpoint's weights"
+    elif out.name in WEIGHT_FILES:
+        problem = "is named as a folder's float weights (the ones config.json describes)"
+    elif sidecar == "config.json" or sidecar in TOKENIZER_FILES:
+        problem = f"would have its config written to {sidecar}, a file of the folder's own"
+    else:
+        problem = None
+    if problem is not None:
+        raise InputError(f"--out {out} {problem}; choose another name, e.g. the default {name}")
     check_writable(out, "--out")
     check_writable(out.with_suffix(".json"), "--out's config")
     return out

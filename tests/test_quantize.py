@@ -427,12 +427,13 @@ def snapshot(folder) -> dict:
 # source itself, also through a link.
 OVER_THE_SOURCE = [
     ("model.safetensors", "model.pth",
-     ["would overwrite the source checkpoint's files", "the default model_int8.pth"]),
+     ["is named as a folder's float weights", "the default model_int8.pth"]),
     ("model.safetensors", "model.safetensors", ["ending in .pth"]),
-    ("model.safetensors", "config.pth", ["would overwrite the source checkpoint's files"]),
-    ("model.safetensors", "tokenizer_config.pth", ["would overwrite the source checkpoint's files"]),
-    ("float.pth", "float.pth", ["would overwrite the source checkpoint's files"]),
-    ("float.pth", "alias.pth", ["would overwrite the source checkpoint's files"]),
+    ("model.safetensors", "config.pth", ["would have its config written to config.json"]),
+    ("model.safetensors", "tokenizer_config.pth",
+     ["would have its config written to tokenizer_config.json"]),
+    ("float.pth", "float.pth", ["is the source checkpoint's weights"]),
+    ("float.pth", "alias.pth", ["is the source checkpoint's weights"]),
 ]
 
 
