@@ -136,7 +136,7 @@ def parse_config(data: dict, where) -> ModelArgs:
         value = data.get(name, 1.0)
         if type(value) not in (int, float) or not 0 < value < math.inf:
             raise InputError(f"{where}: {name} must be a positive number, got {value!r}")
-    for name in ("attention_bias", "tie_embeddings"):
+    for name in ("attention_bias", "tie_embeddings", "qk_norm"):
         if type(data.get(name, False)) is not bool:
             raise InputError(f"{where}: {name} must be true or false, got {data[name]!r}")
     scaling = data.get("rope_scaling")

@@ -1,4 +1,4 @@
-"""A plain decoder-only Transformer (Llama / Mistral / Qwen2 / SmolLM2) with a static KV cache.
+"""A plain decoder-only Transformer with a static KV cache: Llama, Mistral, Qwen2, Qwen3, SmolLM2.
 
 One forward serves prefill (many positions) and decode (one position): both write their keys and
 values into the preallocated cache at `input_pos` and attend over it with a mask. Everything here is
@@ -31,6 +31,7 @@ class ModelArgs:
     rope_scaling: Optional[dict] = None
     norm_eps: float = 1e-5
     attention_bias: bool = False  # bias on the q/k/v projection (Qwen2)
+    qk_norm: bool = False  # RMSNorm on each head's q and k before rotary (Qwen3)
     tie_embeddings: bool = False  # output layer shares the token embedding matrix
 
     def __post_init__(self):
@@ -47,6 +48,8 @@ LLAMA3 = dict(vocab_size=128256, rope_base=5e5, n_kv_heads=8)
 LLAMA31 = dict(LLAMA3, block_size=131072, rope_scaling=LLAMA3_SCALING)
 QWEN25 = dict(rope_base=1e6, norm_eps=1e-6, attention_bias=True, block_size=32768)
 SMOLLM2 = dict(vocab_size=49152, block_size=8192, tie_embeddings=True)
+QWEN3 = dict(vocab_size=151936, head_dim=128, rope_base=1e6, norm_eps=1e-6, qk_norm=True,
+             block_size=40960)
 CONFIGS = {  # named shapes for --random_weights; real checkpoints carry their own config.json
     "stories15M": dict(dim=288, n_layer=6, n_head=6, vocab_size=32000, intermediate_size=768,
                        block_size=256),
@@ -89,6 +92,10 @@ CONFIGS = {  # named shapes for --random_weights; real checkpoints carry their o
                          intermediate_size=8960, tie_embeddings=True),
     "Qwen2.5-7B": dict(QWEN25, dim=3584, n_layer=28, n_head=28, n_kv_heads=4, vocab_size=152064,
                        intermediate_size=18944),
+    "Qwen3-0.6B": dict(QWEN3, dim=1024, n_layer=28, n_head=16, n_kv_heads=8,
+                       intermediate_size=3072, tie_embeddings=True),
+    "Qwen3-8B": dict(QWEN3, dim=4096, n_layer=36, n_head=32, n_kv_heads=8,
+                     intermediate_size=12288),
 }
 
 
@@ -127,14 +134,21 @@ class Attention(nn.Module):
         # q, k and v in one matmul
         self.wqkv = nn.Linear(args.dim, qkv_dim, bias=args.attention_bias)
         self.wo = nn.Linear(args.n_head * args.head_dim, args.dim, bias=False)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
+        self.qk_norm = args.qk_norm
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
         B, T, _ = x.shape
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
-        q = apply_rope(q.view(B, T, self.n_head, self.head_dim), rope)  # (B, T, n_head, head_dim)
-        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), rope)  # (B, T, n_kv, head_dim)
+        q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, n_head, head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
         k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, S, head_dim)

@@ -1,4 +1,4 @@
-"""Convert a Hugging Face Llama / Mistral / Qwen2 checkpoint into gpt-blitz's format.
+"""Convert a Hugging Face Llama / Mistral / Qwen2 / Qwen3 checkpoint into gpt-blitz's format.
 
     python scripts/convert_hf_checkpoint.py --checkpoint_dir checkpoints/REPO [--hf_dir DIR] \
         [--force]
@@ -15,8 +15,8 @@ kept.
 Two layout changes happen on the way:
   * HF stores q/k rows in "rotate-half" order (its conversion permuted Meta's rows so that each
     head's first half pairs with its second half); model.py rotates adjacent pairs (Meta's
-    interleaved order), so q and k rows (and Qwen2's q/k bias) are permuted back per head. Meta's
-    own files need nothing.
+    interleaved order), so q and k rows (and Qwen2's q/k bias, Qwen3's per-head q/k norm weights)
+    are permuted back per head. Meta's own files need nothing.
   * q, k, v become one wqkv matrix and gate, up one w13 matrix. The pieces of one layer may live in
     different shards, so they wait in `pending` until the set is complete.
 """
@@ -35,7 +35,7 @@ from checkpoint import (TOKENIZER_FILES, InputError, check_output_folder,  # noq
                         empty_model, parse_config, read_json, save_checkpoint)
 from model import ModelArgs  # noqa: E402
 
-SUPPORTED = ("llama", "mistral", "qwen2")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "llama3")  # the rotary embeddings model.py implements
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
@@ -59,6 +59,8 @@ HF_LAYER_NAMES = {
     "self_attn.k_proj.bias": ("attention.wqkv.bias", "k"),
     "self_attn.v_proj.bias": ("attention.wqkv.bias", "v"),
     "self_attn.o_proj.weight": ("attention.wo.weight", None),
+    "self_attn.q_norm.weight": ("attention.q_norm.weight", None),
+    "self_attn.k_norm.weight": ("attention.k_norm.weight", None),
     "mlp.gate_proj.weight": ("feed_forward.w13.weight", "gate"),
     "mlp.up_proj.weight": ("feed_forward.w13.weight", "up"),
     "mlp.down_proj.weight": ("feed_forward.w2.weight", None),
@@ -157,7 +159,8 @@ def hf_config_to_args(cfg: dict, where="config.json") -> ModelArgs:
         raise InputError(f"unsupported hidden_act {cfg['hidden_act']!r} in {where} "
                          "(gpt-blitz uses silu)")
     if (model_type != "qwen2" and cfg.get("attention_bias")) or cfg.get("mlp_bias"):
-        # Llama's attention_bias also puts a bias on o_proj, which model.py does not have.
+        # Llama's (and Qwen3's) attention_bias also puts a bias on o_proj, which model.py does not
+        # have.
         raise InputError(f"{where}: attention_bias / mlp_bias on a {model_type} model is not "
                          "supported")
     missing = [key for key in REQUIRED if key not in cfg]
@@ -181,6 +184,7 @@ def hf_config_to_args(cfg: dict, where="config.json") -> ModelArgs:
         rope_scaling=rope_scaling,
         norm_eps=cfg.get("rms_norm_eps", 1e-6),
         attention_bias=model_type == "qwen2",  # Qwen2 always has q/k/v bias
+        qk_norm=model_type == "qwen3",
         tie_embeddings=cfg.get("tie_word_embeddings", False),
     ), where)
     # Mistral v0.1 (and Qwen2 with use_sliding_window) attend to a sliding window only; model.py
@@ -355,6 +359,8 @@ def convert(files: list[Path], layout: str, args: ModelArgs) -> dict:
                     raise InputError(f"{name} has {tensor.shape[0]} rows; config.json says "
                                      f"{heads[part]} heads of {args.head_dim}")
                 tensor = unpermute(tensor, heads[part], args.head_dim)
+            if dest.endswith(("q_norm.weight", "k_norm.weight")) and layout == "hf":
+                tensor = unpermute(tensor, 1, args.head_dim)  # one head's dims, rotary order
             if part is not None:
                 pieces = pending.setdefault(dest, {})
                 pieces[part] = tensor

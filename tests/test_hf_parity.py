@@ -1,6 +1,6 @@
 """scripts/convert_hf_checkpoint.py + model.py against transformers as the independent reference.
 
-Tiny random Llama / Mistral / Qwen2 models are saved the way the HF hub ships them, converted,
+Tiny random Llama / Mistral / Qwen2 / Qwen3 models are saved the way the HF hub ships them, converted,
 loaded with checkpoint.read_checkpoint + load_model and must give the same float32 logits. The other
 tests check that every input format (sharded safetensors, pytorch_model.bin, Meta's
 consolidated.pth) converts to identical tensors, that an existing checkpoint is replaced only with
@@ -43,6 +43,9 @@ FAMILIES = {  # id -> (transformers config class, overrides of TINY)
     "qwen2-bias": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=False)),
     "llama-tied": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen2-tied": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    # head_dim 32, not hidden_size / heads = 16: q/k/o are wider than the model
+    "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)),
+    "qwen3-tied": ("Qwen3Config", dict(num_key_value_heads=1, tie_word_embeddings=True)),
 }
 
 
@@ -137,6 +140,22 @@ def test_parity_check_would_catch_rotate_half_rows(hf_models, tmp_path):
         rows = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
         sd[f"layers.{i}.attention.wqkv.weight"] = torch.cat(rows).detach()
         assert sd[f"layers.{i}.attention.wqkv.weight"].shape[0] == q_dim + 2 * kv_dim
+    save_file(sd, out / "model.safetensors")
+    idx = torch.randint(0, TINY["vocab_size"], (B, 32), generator=torch.Generator().manual_seed(1))
+    assert (our_logits(out, idx) - hf_logits(hf, idx)).abs().max() > 1e-2
+
+
+def test_parity_check_would_catch_qk_norm_weights_in_hf_order(hf_models, tmp_path):
+    """Guard on the test itself: Qwen3's per-head q/k norm weights scale each dimension before the
+    rotation, so they must follow the q/k rows into the interleaved order; left in HF's order the
+    logits must fail the tolerance."""
+    hf, hf_dir = hf_models("qwen3")
+    out = run_converter(hf_dir, tmp_path / "ckpt")
+    sd = load_file(out / "model.safetensors")
+    for i in range(TINY["num_hidden_layers"]):
+        attn = hf.model.layers[i].self_attn
+        sd[f"layers.{i}.attention.q_norm.weight"] = attn.q_norm.weight.detach().clone()
+        sd[f"layers.{i}.attention.k_norm.weight"] = attn.k_norm.weight.detach().clone()
     save_file(sd, out / "model.safetensors")
     idx = torch.randint(0, TINY["vocab_size"], (B, 32), generator=torch.Generator().manual_seed(1))
     assert (our_logits(out, idx) - hf_logits(hf, idx)).abs().max() > 1e-2
@@ -417,7 +436,7 @@ def test_prefill_then_decode_matches_transformers(hf_models, tmp_path):
     assert delta <= TOL, f"max |delta| {delta:.2e}"
 
 
-@pytest.mark.parametrize("family", ["llama-gqa", "qwen2-bias", "llama3.1-rope-scaling"])
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen2-bias", "llama3.1-rope-scaling", "qwen3"])
 def test_greedy_generation_matches_transformers_generate(family, hf_models, tmp_path):
     from generate import Sampling, generate
     hf, hf_dir = hf_models(family)
