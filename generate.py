@@ -30,7 +30,7 @@ from torch import Tensor
 import tp
 from checkpoint import (InputError, check_device, check_writable, load_model, random_model,
                         read_checkpoint, write_files)
-from model import CONFIGS, ModelArgs, Transformer
+from model import CONFIGS, ModelArgs, MoEFeedForward, Transformer
 from tokenizer import TextStreamer, load_tokenizer
 
 
@@ -462,11 +462,7 @@ def main(argv=None):
         generate_fn = partial(speculative_generate, model, proposer, sampling=sampling,
                               eos_ids=eos_ids, prefill_fn=prefill_fn,
                               verify_fn=compile_verify() if args.compile else verify)
-    # The bytes of weights one decode step reads: every parameter once, except an untied embedding
-    # table, of which only the looked-up rows are read.
-    model_bytes = sum(p.nbytes for p in model.parameters())
-    if not model.args.tie_embeddings:
-        model_bytes -= model.tok_embeddings.weight.nbytes
+    model_bytes = weight_bytes_per_step(model, len(prompts))
     if args.interactive:
         return interactive(args, tokenizer, generate_fn, max_seq, max_new, model_bytes, device)
     run_samples(args, prompts, generate_fn, tokenizer, max_new, model_bytes, device, compiled)
@@ -523,6 +519,23 @@ def run_samples(args, prompts: list, generate_fn: Callable, tokenizer, max_new: 
                                    model_bytes=model_bytes, compile_s=compile_s,
                                    tensor_parallel=world,  # model_bytes and GB/s are per GPU
                                    samples=results, average=summary))
+
+
+def weight_bytes_per_step(model: Transformer, batch_size: int) -> float:
+    """The bytes of weights one decode step reads: every parameter once, except an untied embedding
+    table, of which only the looked-up rows are read, and a mixture's experts, of which only the
+    chosen ones are: n_active_experts of n_experts at batch 1; at batch B the number of distinct
+    experts that B tokens routed uniformly would choose, on average."""
+    total = sum(p.nbytes for p in model.parameters())
+    if not model.args.tie_embeddings:
+        total -= model.tok_embeddings.weight.nbytes
+    args = model.args
+    if args.n_experts:
+        experts = sum(p.nbytes for m in model.modules() if isinstance(m, MoEFeedForward)
+                      for p in [*m.w13.parameters(), *m.w2.parameters()])
+        chosen = 1 - (1 - args.n_active_experts / args.n_experts) ** batch_size
+        total -= experts * (1 - chosen)
+    return total
 
 
 def metrics(gen: Generation, model_bytes: int, device: torch.device) -> dict:

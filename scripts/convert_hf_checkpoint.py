@@ -1,4 +1,5 @@
-"""Convert a Hugging Face Llama / Mistral / Qwen2 / Qwen3 checkpoint into gpt-blitz's format.
+"""Convert a Hugging Face Llama / Mistral / Mixtral / Qwen2 / Qwen3 / Qwen3-MoE checkpoint into
+gpt-blitz's format.
 
     python scripts/convert_hf_checkpoint.py --checkpoint_dir checkpoints/REPO [--hf_dir DIR] \
         [--force]
@@ -17,7 +18,8 @@ Two layout changes happen on the way:
     head's first half pairs with its second half); model.py rotates adjacent pairs (Meta's
     interleaved order), so q and k rows (and Qwen2's q/k bias, Qwen3's per-head q/k norm weights)
     are permuted back per head. Meta's own files need nothing.
-  * q, k, v become one wqkv matrix and gate, up one w13 matrix. The pieces of one layer may live in
+  * q, k, v become one wqkv matrix and gate, up one w13 matrix; a mixture of experts' per-expert
+    matrices are stacked, (n_experts, rows, columns). The pieces of one layer may live in
     different shards, so they wait in `pending` until the set is complete.
 """
 import argparse
@@ -35,7 +37,7 @@ from checkpoint import (TOKENIZER_FILES, InputError, check_output_folder,  # noq
                         empty_model, parse_config, read_json, save_checkpoint)
 from model import ModelArgs  # noqa: E402
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe")
 ROPE_TYPES = ("default", "llama3")  # the rotary embeddings model.py implements
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
@@ -64,6 +66,16 @@ HF_LAYER_NAMES = {
     "mlp.gate_proj.weight": ("feed_forward.w13.weight", "gate"),
     "mlp.up_proj.weight": ("feed_forward.w13.weight", "up"),
     "mlp.down_proj.weight": ("feed_forward.w2.weight", None),
+    "block_sparse_moe.gate.weight": ("feed_forward.gate.weight", None),  # Mixtral's router
+    "mlp.gate.weight": ("feed_forward.gate.weight", None),  # Qwen3-MoE's router
+}
+# One expert's matrices: Mixtral's block_sparse_moe.experts.N.w1, Qwen3-MoE's
+# mlp.experts.N.gate_proj, ...; their part is "gate.N", "up.N" or "down.N".
+HF_EXPERT = re.compile(r"(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight")
+HF_EXPERT_NAMES = {
+    **dict.fromkeys(("w1", "gate_proj"), ("feed_forward.w13.weight", "gate")),
+    **dict.fromkeys(("w3", "up_proj"), ("feed_forward.w13.weight", "up")),
+    **dict.fromkeys(("w2", "down_proj"), ("feed_forward.w2.weight", "down")),
 }
 META_NAMES = {name: (name, None)
               for name in ("tok_embeddings.weight", "norm.weight", "output.weight")}
@@ -81,6 +93,18 @@ META_LAYER_NAMES = {
 LAYOUTS = {"hf": (HF_NAMES, "model.layers.", HF_LAYER_NAMES),
            "meta": (META_NAMES, "layers.", META_LAYER_NAMES)}
 FUSED_PARTS = {"wqkv": ("q", "k", "v"), "w13": ("gate", "up")}  # row order inside each fused tensor
+
+
+def fused_parts(dest: str, args: ModelArgs) -> list:
+    """The parts of fused tensor dest in row order. A mixture of experts' w13 and w2 hold every
+    expert's, expert by expert; they are then stacked, (n_experts, rows, columns)."""
+    kind = dest.split(".")[-2]
+    if args.n_experts and kind in ("w13", "w2"):
+        pieces = FUSED_PARTS[kind] if kind == "w13" else ("down",)
+        return [f"{piece}.{e}" for e in range(args.n_experts) for piece in pieces]
+    return FUSED_PARTS[kind]
+
+
 # precomputed rotary tables some files carry: model.py computes its own
 IGNORED = re.compile(r"(rotary_emb\.inv_freq|^rope\.freqs)$")
 
@@ -96,11 +120,18 @@ def target_name(name: str, layout: str) -> tuple[str, str | None] | None:
     if m and m.group(2) in layer_names:
         dest, part = layer_names[m.group(2)]
         return f"layers.{m.group(1)}.{dest}", part
+    expert = m and layout == "hf" and HF_EXPERT.fullmatch(m.group(2))
+    if expert and expert.group(2) in HF_EXPERT_NAMES:
+        dest, part = HF_EXPERT_NAMES[expert.group(2)]
+        return f"layers.{m.group(1)}.{dest}", f"{part}.{int(expert.group(1))}"
     raise InputError(f"unexpected tensor {name}: not a weight gpt-blitz's model has")
 
 
 def source_name(dest: str, part: str | None, layout: str) -> str:
     """The inverse of target_name, for error messages that name what the input lacks."""
+    if part is not None and "." in part:  # an expert's matrix
+        piece, expert = part.split(".")
+        return f"{dest.removesuffix('.weight')} {piece} of expert {expert}"
     top, layer_prefix, layer_names = LAYOUTS[layout]
     m = re.fullmatch(r"layers\.(\d+)\.(.+)", dest)
     table, prefix = (layer_names, f"{layer_prefix}{m.group(1)}.") if m else (top, "")
@@ -172,19 +203,19 @@ def hf_config_to_args(cfg: dict, where="config.json") -> ModelArgs:
             raise InputError(f"{where}: {key} must be a positive integer, got {value!r}")
     rope_base, rope_scaling = rope_settings(cfg, where)
     args = parse_config(dict(
+        **experts_config(cfg, model_type, where),
         dim=cfg["hidden_size"],
         n_layer=cfg["num_hidden_layers"],
         n_head=cfg["num_attention_heads"],
         n_kv_heads=cfg.get("num_key_value_heads"),  # None: as many as query heads
         head_dim=cfg.get("head_dim"),  # None: hidden_size // num_attention_heads, as transformers
         vocab_size=cfg["vocab_size"],
-        intermediate_size=cfg["intermediate_size"],
         block_size=cfg.get("max_position_embeddings", 2048),
         rope_base=rope_base,
         rope_scaling=rope_scaling,
         norm_eps=cfg.get("rms_norm_eps", 1e-6),
         attention_bias=model_type == "qwen2",  # Qwen2 always has q/k/v bias
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
         tie_embeddings=cfg.get("tie_word_embeddings", False),
     ), where)
     # Mistral v0.1 (and Qwen2 with use_sliding_window) attend to a sliding window only; model.py
@@ -204,6 +235,24 @@ def hf_config_to_args(cfg: dict, where="config.json") -> ModelArgs:
               "agree exactly")
         args.block_size = window
     return args
+
+
+def experts_config(cfg: dict, model_type: str, where) -> dict:
+    """The feed-forward fields of ModelArgs: one dense FFN, or Mixtral's / Qwen3-MoE's experts
+    (every layer's: Qwen3-MoE configs that keep some layers dense are refused)."""
+    if model_type == "mixtral":
+        return dict(intermediate_size=cfg["intermediate_size"],
+                    n_experts=cfg.get("num_local_experts"),
+                    n_active_experts=cfg.get("num_experts_per_tok"), norm_topk_prob=True)
+    if model_type != "qwen3_moe":
+        return dict(intermediate_size=cfg["intermediate_size"])
+    if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
+        raise InputError(f"{where}: dense layers among the experts' (mlp_only_layers, "
+                         "decoder_sparse_step) are not supported")
+    return dict(intermediate_size=cfg.get("moe_intermediate_size"),
+                n_experts=cfg.get("num_experts", cfg.get("num_local_experts")),
+                n_active_experts=cfg.get("num_experts_per_tok"),
+                norm_topk_prob=cfg.get("norm_topk_prob", False))
 
 
 def meta_params_to_args(params: dict, shapes: dict, where) -> ModelArgs:
@@ -364,12 +413,14 @@ def convert(files: list[Path], layout: str, args: ModelArgs) -> dict:
             if part is not None:
                 pieces = pending.setdefault(dest, {})
                 pieces[part] = tensor
-                order = FUSED_PARTS[dest.split(".")[-2]]
+                order = fused_parts(dest, args)
                 if len(pieces) < len(order):
                     continue
                 del pending[dest]
                 # (sum of the parts' rows, in_features) or (rows,)
                 tensor = torch.cat([pieces[p] for p in order])
+                if len(expected[dest]) == 3:  # experts: (n_experts, rows, in_features)
+                    tensor = tensor.unflatten(0, (args.n_experts, -1))
                 del pieces
             if tensor.shape != expected[dest]:
                 raise InputError(f"{dest} (from {name}) has shape {tuple(tensor.shape)}; the "
@@ -378,7 +429,7 @@ def convert(files: list[Path], layout: str, args: ModelArgs) -> dict:
         del get  # drop the shard's file handle / mapping before opening the next
     bar.close()
     for dest, pieces in pending.items():
-        part = next(p for p in FUSED_PARTS[dest.split(".")[-2]] if p not in pieces)
+        part = next(p for p in fused_parts(dest, args) if p not in pieces)
         raise InputError(f"missing tensor {source_name(dest, part, layout)}")
     for dest in expected:
         if dest not in out:

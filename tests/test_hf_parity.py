@@ -1,8 +1,8 @@
 """scripts/convert_hf_checkpoint.py + model.py against transformers as the independent reference.
 
-Tiny random Llama / Mistral / Qwen2 / Qwen3 models are saved the way the HF hub ships them, converted,
-loaded with checkpoint.read_checkpoint + load_model and must give the same float32 logits. The other
-tests check that every input format (sharded safetensors, pytorch_model.bin, Meta's
+Tiny random Llama / Mistral / Mixtral / Qwen2 / Qwen3 / Qwen3-MoE models are saved the way the HF
+hub ships them, converted, loaded with checkpoint.read_checkpoint + load_model and must give the same
+float32 logits. The other tests check that every input format (sharded safetensors, pytorch_model.bin, Meta's
 consolidated.pth) converts to identical tensors, that an existing checkpoint is replaced only with
 --force, and that bad inputs end in one `error:` line.
 """
@@ -46,6 +46,16 @@ FAMILIES = {  # id -> (transformers config class, overrides of TINY)
     # head_dim 32, not hidden_size / heads = 16: q/k/o are wider than the model
     "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)),
     "qwen3-tied": ("Qwen3Config", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    "mixtral": ("MixtralConfig", dict(num_key_value_heads=2, num_local_experts=4,
+                                      num_experts_per_tok=2, sliding_window=None)),
+    # Qwen3-MoE: the experts' width is moe_intermediate_size; the dense intermediate_size is unused
+    "qwen3-moe": ("Qwen3MoeConfig", dict(num_key_value_heads=2, head_dim=16, num_experts=8,
+                                         num_experts_per_tok=3, moe_intermediate_size=48,
+                                         norm_topk_prob=True)),
+    "qwen3-moe-unnormed": ("Qwen3MoeConfig", dict(num_key_value_heads=2, head_dim=16,
+                                                  num_experts=8, num_experts_per_tok=3,
+                                                  moe_intermediate_size=48,
+                                                  norm_topk_prob=False)),
 }
 
 
@@ -157,6 +167,18 @@ def test_parity_check_would_catch_qk_norm_weights_in_hf_order(hf_models, tmp_pat
         sd[f"layers.{i}.attention.q_norm.weight"] = attn.q_norm.weight.detach().clone()
         sd[f"layers.{i}.attention.k_norm.weight"] = attn.k_norm.weight.detach().clone()
     save_file(sd, out / "model.safetensors")
+    idx = torch.randint(0, TINY["vocab_size"], (B, 32), generator=torch.Generator().manual_seed(1))
+    assert (our_logits(out, idx) - hf_logits(hf, idx)).abs().max() > 1e-2
+
+
+def test_parity_check_would_catch_a_wrong_router_normalisation(hf_models, tmp_path):
+    """Guard on the test itself: the same Qwen3-MoE weights with the chosen experts' probabilities
+    renormalised (norm_topk_prob ignored) must fail the tolerance."""
+    hf, hf_dir = hf_models("qwen3-moe-unnormed")
+    out = run_converter(hf_dir, tmp_path / "ckpt")
+    config = json.loads((out / "config.json").read_text())
+    assert config["norm_topk_prob"] is False
+    (out / "config.json").write_text(json.dumps({**config, "norm_topk_prob": True}))
     idx = torch.randint(0, TINY["vocab_size"], (B, 32), generator=torch.Generator().manual_seed(1))
     assert (our_logits(out, idx) - hf_logits(hf, idx)).abs().max() > 1e-2
 
@@ -421,10 +443,11 @@ def test_converting_again_needs_force_and_replaces_the_whole_set(hf_models, tmp_
     load(out)
 
 
-def test_prefill_then_decode_matches_transformers(hf_models, tmp_path):
+@pytest.mark.parametrize("family", ["qwen2-bias", "mixtral", "qwen3-moe"])
+def test_prefill_then_decode_matches_transformers(family, hf_models, tmp_path):
     """The KV-cache path generation uses: prefill part of the sequence, then one token per
-    forward."""
-    hf, hf_dir = hf_models("qwen2-bias")
+    forward (for a mixture of experts: the grouped form, then the gathered one)."""
+    hf, hf_dir = hf_models(family)
     model = load(run_converter(hf_dir, tmp_path / "ckpt"))
     idx = torch.randint(0, TINY["vocab_size"], (B, T), generator=torch.Generator().manual_seed(2))
     prefill = 100
@@ -436,7 +459,8 @@ def test_prefill_then_decode_matches_transformers(hf_models, tmp_path):
     assert delta <= TOL, f"max |delta| {delta:.2e}"
 
 
-@pytest.mark.parametrize("family", ["llama-gqa", "qwen2-bias", "llama3.1-rope-scaling", "qwen3"])
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen2-bias", "llama3.1-rope-scaling", "qwen3",
+                                    "mixtral", "qwen3-moe"])
 def test_greedy_generation_matches_transformers_generate(family, hf_models, tmp_path):
     from generate import Sampling, generate
     hf, hf_dir = hf_models(family)

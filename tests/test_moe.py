@@ -1,0 +1,106 @@
+"""The mixture-of-experts feed-forward on tiny random models (transformers parity is in
+test_hf_parity.py): its two forms agree, it decodes and batches like the dense model, it traces as
+one graph, and the named configs have their published sizes."""
+import pytest
+import torch
+
+from generate import Sampling, generate, weight_bytes_per_step
+from model import CONFIGS, ModelArgs, MoEFeedForward, Transformer
+
+TINY = dict(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=97, intermediate_size=48,
+            block_size=128, n_experts=8, n_active_experts=2)
+
+
+def tiny_model(seed=0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(**{**TINY, **overrides}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if "norm" in name else 0.0, 0.2 if "norm" in name else 0.1)
+    return model.eval()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_gathered_and_grouped_forms_agree(norm_topk_prob):
+    moe = tiny_model(norm_topk_prob=norm_topk_prob).layers[0].feed_forward
+    assert isinstance(moe, MoEFeedForward)
+    x = torch.randn(3, 5, TINY["dim"])  # 15 tokens: more pairs than experts, the grouped form
+    experts = moe.gate(x.view(15, -1)).topk(2).indices  # (15, 2)
+    gathered = moe.gathered(x.view(15, -1), experts)  # (15, 2, dim)
+    torch.testing.assert_close(moe.grouped(x.view(15, -1), experts), gathered)
+    # ...and forward, which takes the gathered form token by token, the grouped one for all
+    one_by_one = torch.cat([moe(x[:, t:t + 1]) for t in range(5)], dim=1)
+    torch.testing.assert_close(moe(x), one_by_one, atol=1e-6, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_cached_decode_matches_full_forward():
+    model = tiny_model()
+    idx = torch.randint(0, TINY["vocab_size"], (2, 40))
+    model.setup_caches(2, 64)
+    full = model(idx, torch.arange(40))  # (2, 40, vocab)
+    model.setup_caches(2, 48)  # fresh cache
+    steps = [model(idx[:, :25], torch.arange(25))]
+    steps += [model(idx[:, t:t + 1], torch.tensor([t])) for t in range(25, 40)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_of_different_prompts_matches_each_prompt_alone():
+    model = tiny_model(qk_norm=True)
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (3, 11, 7, 1)]
+    alone = []
+    for prompt in prompts:
+        model.setup_caches(1, len(prompt) + 12)
+        alone.append(generate(model, [prompt], 12, Sampling(temperature=0)).tokens[0])
+    model.setup_caches(len(prompts), 11 + 12)
+    # 4 rows x 2 experts = 8 pairs: the gathered form; alone, too; the prefills: grouped
+    assert generate(model, prompts, 12, Sampling(temperature=0)).tokens == alone
+
+
+def test_decode_step_and_prefill_trace_as_one_graph_each():
+    """No data-dependent control flow or host sync: the decode step compiles fullgraph (one CUDA
+    graph on a GPU), and so does a prefill of any length (the grouped form; torch._grouped_mm
+    traces in bfloat16)."""
+    model = tiny_model().to(torch.bfloat16)
+    model.setup_caches(1, 32)
+
+    def step(idx, input_pos):
+        return model(idx, input_pos)
+    decode = torch.compile(step, backend="eager", fullgraph=True)
+    prefill = torch.compile(step, backend="eager", fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        prefill(torch.randint(0, 97, (1, 9)), torch.arange(9))
+        prefill(torch.randint(0, 97, (1, 13)), torch.arange(13))
+        decode(torch.tensor([[5]]), torch.tensor([13]))
+
+
+# published sizes (model cards): total parameters, and those a token uses (its experts only)
+PUBLISHED = {"Mixtral-8x7B": (46.7e9, 12.9e9), "Mixtral-8x22B": (141e9, 39e9),
+             "Qwen3-30B-A3B": (30.5e9, 3.3e9), "Qwen3-235B-A22B": (235e9, 22e9),
+             "Qwen3-8B": (8.2e9, 8.2e9), "Qwen3-0.6B": (0.6e9, 0.6e9)}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_named_configs_have_their_published_sizes(name):
+    args = ModelArgs(**CONFIGS[name])
+    with torch.device("meta"):
+        model = Transformer(args)
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".feed_forward.w" in n)
+    active = total - (experts * (1 - args.n_active_experts / args.n_experts) if args.n_experts
+                      else 0)
+    published_total, published_active = PUBLISHED[name]
+    assert abs(total / published_total - 1) < 0.02, f"{total / 1e9:.2f}B parameters"
+    assert abs(active / published_active - 1) < 0.05, f"{active / 1e9:.2f}B active"
+
+
+def test_a_decode_step_reads_the_chosen_experts_only():
+    model = tiny_model()  # float32: 8 experts of which 2 per token
+    a = model.args
+    expert_bytes = 4 * 3 * a.intermediate_size * a.dim  # one expert's w1, w2 and w3
+    others = sum(p.nbytes for n, p in model.named_parameters() if ".feed_forward.w" not in n)
+    others -= model.tok_embeddings.weight.nbytes  # untied: a step reads the looked-up rows only
+    assert weight_bytes_per_step(model, 1) == others + a.n_layer * 2 * expert_bytes
+    # 3 tokens choose on average 8 (1 - (6/8)^3) = 4.625 distinct experts, far fewer than 3 x 2
+    assert weight_bytes_per_step(model, 3) == pytest.approx(others + a.n_layer * 4.625 * expert_bytes)
