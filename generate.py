@@ -462,7 +462,13 @@ def main(argv=None):
         generate_fn = partial(speculative_generate, model, proposer, sampling=sampling,
                               eos_ids=eos_ids, prefill_fn=prefill_fn,
                               verify_fn=compile_verify() if args.compile else verify)
-    model_bytes = weight_bytes_per_step(model, len(prompts))
+    # The bytes of weights one decode step reads: every parameter once, except an untied embedding
+    # table, of which only the looked-up rows are read, and the experts no token chose.
+    model_bytes = sum(p.nbytes for p in model.parameters())
+    if not model.args.tie_embeddings:
+        model_bytes -= model.tok_embeddings.weight.nbytes
+    if model.args.n_experts:
+        model_bytes -= unchosen_expert_bytes(model, len(prompts))
     if args.interactive:
         return interactive(args, tokenizer, generate_fn, max_seq, max_new, model_bytes, device)
     run_samples(args, prompts, generate_fn, tokenizer, max_new, model_bytes, device, compiled)
@@ -521,21 +527,15 @@ def run_samples(args, prompts: list, generate_fn: Callable, tokenizer, max_new: 
                                    samples=results, average=summary))
 
 
-def weight_bytes_per_step(model: Transformer, batch_size: int) -> float:
-    """The bytes of weights one decode step reads: every parameter once, except an untied embedding
-    table, of which only the looked-up rows are read, and a mixture's experts, of which only the
-    chosen ones are: n_active_experts of n_experts at batch 1; at batch B the number of distinct
-    experts that B tokens routed uniformly would choose, on average."""
-    total = sum(p.nbytes for p in model.parameters())
-    if not model.args.tie_embeddings:
-        total -= model.tok_embeddings.weight.nbytes
+def unchosen_expert_bytes(model: Transformer, batch_size: int) -> float:
+    """The bytes of a mixture's experts that a decode step does not read: all but n_active_experts
+    of n_experts at batch 1; at batch B all but the distinct experts that B tokens routed uniformly
+    would choose, on average."""
     args = model.args
-    if args.n_experts:
-        experts = sum(p.nbytes for m in model.modules() if isinstance(m, MoEFeedForward)
-                      for p in [*m.w13.parameters(), *m.w2.parameters()])
-        chosen = 1 - (1 - args.n_active_experts / args.n_experts) ** batch_size
-        total -= experts * (1 - chosen)
-    return total
+    experts = sum(p.nbytes for m in model.modules() if isinstance(m, MoEFeedForward)
+                  for p in [*m.w13.parameters(), *m.w2.parameters()])
+    chosen = 1 - (1 - args.n_active_experts / args.n_experts) ** batch_size
+    return experts * (1 - chosen)
 
 
 def metrics(gen: Generation, model_bytes: int, device: torch.device) -> dict:
