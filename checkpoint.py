@@ -223,6 +223,13 @@ def check_tensors(found: dict, model: nn.Module, what: str):
                              f"{list(expected[name])}")
 
 
+def unpermute(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """Rotate-half row order (HF's, and llama.cpp's for Qwen) -> Meta interleaved, per head. Row
+    r * head_dim/2 + i of a head holds Meta row 2i + r (r = 0, 1), so split rows as (head, r, i) and
+    swap r and i. Works on weights and biases: (n_heads * head_dim, ...)."""
+    return w.unflatten(0, (n_heads, 2, head_dim // 2)).transpose(1, 2).reshape(w.shape)
+
+
 def read_weights(weights: Path) -> dict:
     """Every tensor of a weights file: safetensors, or a .pth through torch.load(weights_only=True),
     memory-mapped so that pages are read as they are used."""

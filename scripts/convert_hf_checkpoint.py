@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from checkpoint import (TOKENIZER_FILES, InputError, check_output_folder,  # noqa: E402
-                        empty_model, parse_config, read_json, save_checkpoint)
+                        empty_model, parse_config, read_json, save_checkpoint, unpermute)
 from model import ModelArgs  # noqa: E402
 
 SUPPORTED = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe")
@@ -372,13 +372,6 @@ def tokenizer_sources(hf_dir: Path, layout: str) -> dict:
 
 
 # ---- converting ----------------------------------------------------------------------------------
-
-def unpermute(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
-    """HF rotate-half row order -> Meta interleaved, per head. HF row r * head_dim/2 + i of a head
-    holds Meta row 2i + r (r = 0, 1), so split rows as (head, r, i) and swap r and i. Works on
-    weights and biases: (n_heads * head_dim, ...)."""
-    return w.unflatten(0, (n_heads, 2, head_dim // 2)).transpose(1, 2).reshape(w.shape)
-
 
 def convert(files: list[Path], layout: str, args: ModelArgs) -> dict:
     expected = {name: t.shape for name, t in empty_model(args).state_dict().items()}
