@@ -1,14 +1,27 @@
 """The mixture-of-experts feed-forward on tiny random models (transformers parity is in
 test_hf_parity.py): its two forms agree, it decodes and batches like the dense model, it traces as
-one graph, and the named configs have their published sizes."""
+one graph, speculative decoding and eval.py take it unchanged, and the named configs have their
+published sizes."""
+import copy
+
 import pytest
 import torch
 
-from generate import Sampling, generate, unchosen_expert_bytes
+from generate import (DraftModel, Sampling, generate, speculative_generate,
+                      unchosen_expert_bytes)
 from model import CONFIGS, ModelArgs, MoEFeedForward, Transformer
 
 TINY = dict(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=97, intermediate_size=48,
             block_size=128, n_experts=8, n_active_experts=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Many small forwards: on a busy 2-core machine two threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_model(seed=0, **overrides) -> Transformer:
@@ -56,6 +69,49 @@ def test_batch_of_different_prompts_matches_each_prompt_alone():
     model.setup_caches(len(prompts), 11 + 12)
     # 4 rows x 2 experts = 8 pairs: the gathered form; alone, too; the prefills: grouped
     assert generate(model, prompts, 12, Sampling(temperature=0)).tokens == alone
+
+
+def test_speculative_greedy_matches_plain_greedy():
+    """The target verifies k + 1 = 5 tokens per round (10 pairs: the grouped form) and decodes one
+    (the gathered form); a noisy copy drafts."""
+    target = tiny_model()
+    draft = copy.deepcopy(target)
+    with torch.no_grad():
+        for name, p in draft.named_parameters():
+            if "norm" not in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    prompt, n, k = [5, 6, 7], 24, 4
+    target.setup_caches(1, len(prompt) + n)
+    plain = generate(target, [prompt], n, Sampling(temperature=0)).tokens[0]
+    for model in (target, draft):
+        model.setup_caches(1, len(prompt) + n + k - 1)
+    gen = speculative_generate(target, DraftModel(draft, k, Sampling(temperature=0)), [prompt], n,
+                               Sampling(temperature=0))
+    assert gen.tokens[0] == plain
+    assert max(gen.accepted_lengths) > 1 and min(gen.accepted_lengths) < k + 1
+
+
+class IdTokenizer:
+    """Token ids as text, enough for eval.EvalModel's scoring."""
+    bos_id, eos_ids = 1, [2]
+
+    def encode(self, text: str) -> list:
+        return [self.bos_id] + [int(t) for t in text.split()]
+
+
+def test_eval_scores_are_the_models_own_log_probabilities():
+    """eval.py's batched scoring (left-padded rows of different lengths) on a mixture of experts."""
+    from eval import EvalModel
+    model = tiny_model()
+    em = EvalModel(model, IdTokenizer(), max_seq_length=32, batch_size=2)
+    requests = [([1, 5, 9, 14, 3, 7], 2), ([1, 8, 2], 1), ([1, 4, 4, 60, 11, 30, 5, 9, 3], 4)]
+    scores = em.score(requests, progress=False)
+    for (tokens, n), (logprob, _) in zip(requests, scores):
+        model.setup_caches(1, len(tokens))
+        with torch.no_grad():
+            logits = model(torch.tensor([tokens[:-1]]), torch.arange(len(tokens) - 1))[0]
+        expected = logits.log_softmax(-1)[torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])]
+        assert logprob == pytest.approx(expected[-n:].sum().item(), abs=1e-4)
 
 
 def test_decode_step_and_prefill_trace_as_one_graph_each():
