@@ -241,6 +241,8 @@ class MoEFeedForward(nn.Module):
     def grouped(self, x: Tensor, experts: Tensor) -> Tensor:
         """The (token, expert) pairs sorted by expert, then one grouped matmul per weight: each
         expert's weights are read once and multiply only its own tokens. (M, k, dim)"""
+        if x.dtype != torch.bfloat16:  # torch._grouped_mm's only dtype on CUDA and when compiled
+            return self.looped(x, experts)
         M, k = experts.shape
         order = experts.flatten().argsort(stable=True)  # (M * k,): pairs, expert by expert
         ids = torch.arange(self.w13.n_experts, device=x.device)
@@ -252,6 +254,16 @@ class MoEFeedForward(nn.Module):
         w2 = self.w2.weights(..., x.dtype).transpose(1, 2)  # (n_experts, inter, dim)
         ys = torch._grouped_mm(F.silu(gate) * up, w2, offs=ends)  # (M * k, dim), sorted
         return torch.empty_like(ys).index_copy_(0, order, ys).view(M, k, -1)
+
+    def looped(self, x: Tensor, experts: Tensor) -> Tensor:
+        """grouped's result, one expert at a time over every token, kept where it was chosen: each
+        expert read once, n_experts / k times the arithmetic. (M, k, dim)"""
+        y = x.new_zeros(*experts.shape, x.shape[-1])  # (M, k, dim)
+        for e in range(self.w13.n_experts):
+            gate, up = F.linear(x, self.w13.weights(e, x.dtype)).chunk(2, dim=-1)  # (M, inter)
+            h = F.linear(F.silu(gate) * up, self.w2.weights(e, x.dtype))  # (M, dim)
+            y = torch.where((experts == e)[..., None], h[:, None, :], y)
+        return y
 
 
 class TransformerBlock(nn.Module):

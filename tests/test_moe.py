@@ -34,17 +34,21 @@ def tiny_model(seed=0, **overrides) -> Transformer:
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("norm_topk_prob", [True, False])
-def test_gathered_and_grouped_forms_agree(norm_topk_prob):
-    moe = tiny_model(norm_topk_prob=norm_topk_prob).layers[0].feed_forward
+def test_gathered_grouped_and_looped_forms_agree(norm_topk_prob, dtype):
+    """bfloat16 prefills take torch._grouped_mm, other dtypes the loop over experts."""
+    moe = tiny_model(norm_topk_prob=norm_topk_prob).layers[0].feed_forward.to(dtype)
     assert isinstance(moe, MoEFeedForward)
-    x = torch.randn(3, 5, TINY["dim"])  # 15 tokens: more pairs than experts, the grouped form
+    x = torch.randn(3, 5, TINY["dim"], dtype=dtype)  # 15 tokens: more pairs than experts, grouped
     experts = moe.gate(x.view(15, -1)).topk(2).indices  # (15, 2)
     gathered = moe.gathered(x.view(15, -1), experts)  # (15, 2, dim)
-    torch.testing.assert_close(moe.grouped(x.view(15, -1), experts), gathered)
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(moe.grouped(x.view(15, -1), experts), gathered, **tol)
+    torch.testing.assert_close(moe.looped(x.view(15, -1), experts), gathered, **tol)
     # ...and forward, which takes the gathered form token by token, the grouped one for all
     one_by_one = torch.cat([moe(x[:, t:t + 1]) for t in range(5)], dim=1)
-    torch.testing.assert_close(moe(x), one_by_one, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(moe(x), one_by_one, **tol)
 
 
 @torch.no_grad()
