@@ -162,3 +162,18 @@ def test_a_decode_step_reads_the_chosen_experts_only():
     assert unchosen_expert_bytes(model, 1) == a.n_layer * 6 * expert_bytes
     # 3 tokens choose on average 8 (1 - (6/8)^3) = 4.625 distinct experts, far fewer than 3 x 2
     assert unchosen_expert_bytes(model, 3) == pytest.approx(a.n_layer * 3.375 * expert_bytes)
+
+
+@pytest.mark.parametrize("fields, word", [
+    (dict(n_experts=4, n_active_experts=0), "n_active_experts 0 must be between 1 and n_experts 4"),
+    (dict(n_experts=4, n_active_experts=5), "n_active_experts 5 must be between 1"),
+    (dict(n_experts=0, n_active_experts=2), "n_active_experts 2 must be between 1 and n_experts 0"),
+    (dict(n_experts=-1), "n_experts must be an integer >= 0"),
+    (dict(n_experts=4.0, n_active_experts=2), "n_experts must be an integer >= 0"),
+    (dict(norm_topk_prob="yes"), "norm_topk_prob must be true or false"),
+    (dict(qk_norm=1), "qk_norm must be true or false"),
+])
+def test_bad_expert_and_qk_norm_fields_are_refused_in_one_sentence(fields, word):
+    from checkpoint import InputError, parse_config
+    with pytest.raises(InputError, match=f"^config.json: {word}"):
+        parse_config({**TINY, **fields}, "config.json")
