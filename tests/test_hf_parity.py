@@ -171,6 +171,28 @@ def test_parity_check_would_catch_qk_norm_weights_in_hf_order(hf_models, tmp_pat
     assert (our_logits(out, idx) - hf_logits(hf, idx)).abs().max() > 1e-2
 
 
+def test_parity_check_would_catch_qk_norm_after_rotary(hf_models, tmp_path, monkeypatch):
+    """Guard on the test itself: Qwen3 normalises q and k before the rotation; normalising after
+    it (the norm weights scale the dimensions that the rotation mixes) must fail the tolerance."""
+    import model as model_py
+    hf, hf_dir = hf_models("qwen3")
+    model = load(run_converter(hf_dir, tmp_path / "ckpt"), torch.float32)
+    rotary, current = model_py.apply_rope, {}
+    monkeypatch.setattr(model_py, "apply_rope", lambda x, rope: x)  # rotated inside the norms
+    for layer in model.layers:
+        attention = layer.attention
+        attention.register_forward_pre_hook(lambda m, args: current.update(rope=args[1]))
+        for name in ("q_norm", "k_norm"):
+            norm = getattr(attention, name)
+            delattr(attention, name)
+            setattr(attention, name, lambda x, norm=norm: norm(rotary(x, current["rope"])))
+    idx = torch.randint(0, TINY["vocab_size"], (B, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.setup_caches(B, 32)
+        mutated = model(idx, torch.arange(32))
+    assert (mutated - hf_logits(hf, idx)).abs().max() > 1e-2
+
+
 def test_parity_check_would_catch_a_wrong_router_normalisation(hf_models, tmp_path):
     """Guard on the test itself: the same Qwen3-MoE weights with the chosen experts' probabilities
     renormalised (norm_topk_prob ignored) must fail the tolerance."""
