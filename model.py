@@ -220,14 +220,15 @@ class MoEFeedForward(nn.Module):
         B, T, dim = x.shape
         x = x.view(B * T, dim)  # (M, dim): tokens
         probs = F.softmax(self.gate(x).float(), dim=-1)  # (M, n_experts)
-        weights, experts = probs.topk(self.n_active, dim=-1)  # (M, n_active)
+        weights, experts = probs.topk(self.n_active, dim=-1)  # (M, k), k = n_active_experts
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         # Static shapes decide (no host sync): a few tokens (decode) read only the experts they
         # chose, more (prefill, large batches) every expert once.
         few = experts.numel() <= self.w13.n_experts
-        y = self.gathered(x, experts) if few else self.grouped(x, experts)  # (M, n_active, dim)
-        return (y * weights[..., None].to(x.dtype)).sum(dim=1).view(B, T, dim)
+        y = self.gathered(x, experts) if few else self.grouped(x, experts)  # (M, k, dim)
+        # weighted in float32, as the router's probabilities are
+        return (y * weights[..., None]).sum(dim=1).to(x.dtype).view(B, T, dim)
 
     def gathered(self, x: Tensor, experts: Tensor) -> Tensor:
         """Each token through its chosen experts, their weights gathered by index: (M, k, dim).
