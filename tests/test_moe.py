@@ -1,6 +1,6 @@
 """The mixture-of-experts feed-forward on tiny random models (transformers parity is in
-test_hf_parity.py): its two forms agree, it decodes and batches like the dense model, it traces as
-one graph, speculative decoding and eval.py take it unchanged, and the named configs have their
+test_hf_parity.py, decoding and batching in test_generate.py): its forms agree, it traces as one
+graph, speculative decoding and eval.py take it unchanged, and the named configs have their
 published sizes."""
 import copy
 
@@ -49,30 +49,6 @@ def test_gathered_grouped_and_looped_forms_agree(norm_topk_prob, dtype):
     # ...and forward, which takes the gathered form token by token, the grouped one for all
     one_by_one = torch.cat([moe(x[:, t:t + 1]) for t in range(5)], dim=1)
     torch.testing.assert_close(moe(x), one_by_one, **tol)
-
-
-@torch.no_grad()
-def test_cached_decode_matches_full_forward():
-    model = tiny_model()
-    idx = torch.randint(0, TINY["vocab_size"], (2, 40))
-    model.setup_caches(2, 64)
-    full = model(idx, torch.arange(40))  # (2, 40, vocab)
-    model.setup_caches(2, 48)  # fresh cache
-    steps = [model(idx[:, :25], torch.arange(25))]
-    steps += [model(idx[:, t:t + 1], torch.tensor([t])) for t in range(25, 40)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
-
-
-def test_batch_of_different_prompts_matches_each_prompt_alone():
-    model = tiny_model(qk_norm=True)
-    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (3, 11, 7, 1)]
-    alone = []
-    for prompt in prompts:
-        model.setup_caches(1, len(prompt) + 12)
-        alone.append(generate(model, [prompt], 12, Sampling(temperature=0)).tokens[0])
-    model.setup_caches(len(prompts), 11 + 12)
-    # 4 rows x 2 experts = 8 pairs: the gathered form; alone, too; the prefills: grouped
-    assert generate(model, prompts, 12, Sampling(temperature=0)).tokens == alone
 
 
 def test_speculative_greedy_matches_plain_greedy():

@@ -275,23 +275,29 @@ def out_name(mode, groupsize) -> str:
     return f"model_int4.g{groupsize}.pth" if mode == "int4" else f"model_{mode}.pth"
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """A float32 tiny checkpoint (tied embeddings, q/k/v bias) and its quantized files, one per
-    FILE_CASES."""
+def save_random_checkpoint(folder, config: dict) -> Transformer:
+    """A float32 checkpoint of random weights in folder; returns its model."""
     torch.manual_seed(0)
-    args = ModelArgs(**TINY)
+    args = ModelArgs(**config)
     model = Transformer(args)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p))
-    folder = tmp_path_factory.mktemp("tiny")
     save_checkpoint(folder, args, model.state_dict(), force=True)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A float32 tiny checkpoint (tied embeddings, q/k/v bias) and its quantized files, one per
+    FILE_CASES."""
+    folder = tmp_path_factory.mktemp("tiny")
+    model = save_random_checkpoint(folder, TINY)
     for mode, groupsize, include_output in FILE_CASES:
         Q.main(["--checkpoint_path", str(folder / "model.safetensors"), "--mode", mode]
                + (["--groupsize", str(groupsize)] if groupsize else [])
                + (["--include_output"] if include_output else []))
-    return folder, model.eval()
+    return folder, model
 
 
 def logits_of(model, idx):
@@ -397,15 +403,8 @@ MOE = dict(TINY, intermediate_size=64, n_experts=4, n_active_experts=2, qk_norm=
 @pytest.fixture(scope="module")
 def moe_checkpoint(tmp_path_factory):
     """A float32 tiny mixture of experts and its float model."""
-    torch.manual_seed(0)
-    args = ModelArgs(**MOE)
-    model = Transformer(args)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p))
     folder = tmp_path_factory.mktemp("moe")
-    save_checkpoint(folder, args, model.state_dict(), force=True)
-    return folder, model.eval()
+    return folder, save_random_checkpoint(folder, MOE)
 
 
 @pytest.mark.parametrize("mode, groupsize", [("int8", None), ("int4", 32), ("fp8", None)])
