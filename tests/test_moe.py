@@ -114,7 +114,9 @@ def test_decode_step_and_prefill_trace_as_one_graph_each():
 # published sizes (model cards): total parameters, and those a token uses (its experts only)
 PUBLISHED = {"Mixtral-8x7B": (46.7e9, 12.9e9), "Mixtral-8x22B": (141e9, 39e9),
              "Qwen3-30B-A3B": (30.5e9, 3.3e9), "Qwen3-235B-A22B": (235e9, 22e9),
-             "Qwen3-8B": (8.2e9, 8.2e9), "Qwen3-0.6B": (0.6e9, 0.6e9)}
+             "Qwen3-0.6B": (0.6e9, 0.6e9), "Qwen3-1.7B": (1.7e9, 1.7e9),
+             "Qwen3-4B": (4.0e9, 4.0e9), "Qwen3-8B": (8.2e9, 8.2e9), "Qwen3-14B": (14.8e9, 14.8e9),
+             "Qwen3-32B": (32.8e9, 32.8e9)}
 
 
 @pytest.mark.parametrize("name", PUBLISHED)
