@@ -4,8 +4,7 @@ Tiny random Llama / Mistral / Mixtral / Qwen2 / Qwen3 / Qwen3-MoE models are sav
 hub ships them, converted, loaded with checkpoint.read_checkpoint + load_model and must give the
 same float32 logits. The other tests check that every input format (sharded safetensors,
 pytorch_model.bin, Meta's consolidated.pth) converts to identical tensors, that an existing
-checkpoint is replaced only with
---force, and that bad inputs end in one `error:` line.
+checkpoint is replaced only with --force, and that bad inputs end in one `error:` line.
 """
 import json
 import shutil
