@@ -391,9 +391,10 @@ def convert(files: list[Path], layout: str, args: ModelArgs) -> dict:
             if target is None:
                 continue
             dest, part = target
-            if dest not in expected:
-                if dest == "output.weight":  # a tied model's copy of its embedding
-                    continue
+            if dest == "output.weight" and dest not in expected:  # a tied model's embedding copy
+                continue
+            # (a part: an expert's matrix in a dense model, or a dense FFN's in a mixture)
+            if dest not in expected or part is not None and part not in fused_parts(dest, args):
                 raise InputError(f"unexpected tensor {name}: the config describes no such weight")
             tensor = get(name)
             if part in heads and layout == "hf":

@@ -499,3 +499,14 @@ def test_greedy_generation_matches_transformers_generate(family, hf_models, tmp_
     ours = generate(model, [prompt[0].tolist()], 32, Sampling(temperature=0)).tokens[0]
     assert len(ref) == 32
     assert ours == ref
+
+
+def test_experts_that_the_config_does_not_describe_are_refused(hf_models, tmp_path, capsys):
+    """A Mixtral checkpoint whose config.json says llama: its experts are not a dense FFN."""
+    _, hf_dir = hf_models("mixtral")
+    bad = tmp_path / "hf"
+    shutil.copytree(hf_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    line = run_main_expect_error(capsys, bad, tmp_path / "out")
+    assert "unexpected tensor model.layers.0." in line and "no such weight" in line
