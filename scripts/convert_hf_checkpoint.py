@@ -68,6 +68,9 @@ HF_LAYER_NAMES = {
     "mlp.down_proj.weight": ("feed_forward.w2.weight", None),
     "block_sparse_moe.gate.weight": ("feed_forward.gate.weight", None),  # Mixtral's router
     "mlp.gate.weight": ("feed_forward.gate.weight", None),  # Qwen3-MoE's router
+    # transformers 5 holds a layer's experts stacked, gate and up fused, as model.py does
+    "mlp.experts.gate_up_proj": ("feed_forward.w13.weight", None),
+    "mlp.experts.down_proj": ("feed_forward.w2.weight", None),
 }
 # One expert's matrices: Mixtral's block_sparse_moe.experts.N.w1, Qwen3-MoE's
 # mlp.experts.N.gate_proj, ...; their part is "gate.N", "up.N" or "down.N".

@@ -219,6 +219,21 @@ def test_sharded_safetensors(family, hf_models, tmp_path):
                            run_converter(sharded, tmp_path / "b"))
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen3-moe"])
+def test_experts_stacked_as_transformers_5_holds_them(family, hf_models, tmp_path):
+    """The same weights named as transformers 5's modules hold them (mlp.experts.gate_up_proj
+    (n_experts, 2 * inter, dim), mlp.experts.down_proj, mlp.gate) rather than per expert."""
+    hf, hf_dir = hf_models(family)
+    fused = tmp_path / "hf_fused"
+    fused.mkdir()
+    shutil.copy(hf_dir / "config.json", fused / "config.json")
+    state_dict = {name: t.detach().contiguous() for name, t in hf.state_dict().items()}
+    assert any(name.endswith("mlp.experts.gate_up_proj") for name in state_dict)
+    save_file(state_dict, fused / "model.safetensors")
+    assert_same_checkpoint(run_converter(hf_dir, tmp_path / "a"),
+                           run_converter(fused, tmp_path / "b"))
+
+
 @pytest.mark.parametrize("n_files", [1, 2], ids=["single-bin", "sharded-bin"])
 def test_pytorch_model_bin(n_files, hf_models, tmp_path):
     hf, hf_dir = hf_models("llama-gqa")
