@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 import kernels
-from model import CONFIGS, ModelArgs, Transformer
+from model import CONFIGS, Experts, ModelArgs, Transformer
 
 
 class InputError(Exception):
@@ -136,7 +136,11 @@ def parse_config(data: dict, where) -> ModelArgs:
         value = data.get(name, 1.0)
         if type(value) not in (int, float) or not 0 < value < math.inf:
             raise InputError(f"{where}: {name} must be a positive number, got {value!r}")
-    for name in ("attention_bias", "tie_embeddings"):
+    for name in ("n_experts", "n_active_experts"):
+        value = data.get(name, 0)
+        if type(value) is not int or value < 0:
+            raise InputError(f"{where}: {name} must be an integer >= 0, got {value!r}")
+    for name in ("attention_bias", "tie_embeddings", "qk_norm", "norm_topk_prob"):
         if type(data.get(name, False)) is not bool:
             raise InputError(f"{where}: {name} must be true or false, got {data[name]!r}")
     scaling = data.get("rope_scaling")
@@ -153,8 +157,13 @@ def parse_config(data: dict, where) -> ModelArgs:
     if args.n_head % args.n_kv_heads or args.head_dim % 2 or args.head_dim < 2:
         raise InputError(f"{where}: n_head {args.n_head} must be a multiple of n_kv_heads "
                          f"{args.n_kv_heads} and head_dim {args.head_dim} even")
+    if not (0 < args.n_active_experts <= args.n_experts if args.n_experts
+            else args.n_active_experts == 0):
+        raise InputError(f"{where}: n_active_experts {args.n_active_experts} must be between 1 and "
+                         f"n_experts {args.n_experts} (0 for a dense feed-forward)")
     qkv = (args.n_head + 2 * args.n_kv_heads) * args.head_dim
-    per_layer = args.dim * (qkv + args.n_head * args.head_dim + 3 * args.intermediate_size)
+    ffn = 3 * args.intermediate_size * max(args.n_experts, 1) + args.n_experts  # router row
+    per_layer = args.dim * (qkv + args.n_head * args.head_dim + ffn)
     parameters = args.n_layer * per_layer + 2 * args.vocab_size * args.dim
     if parameters > MAX_PARAMETERS or args.block_size > MAX_BLOCK_SIZE:
         raise InputError(f"{where}: {parameters:.3g} parameters and block_size {args.block_size}: "
@@ -175,8 +184,8 @@ def check_quantization(record, args: ModelArgs, where):
     if (groupsize in kernels.GROUPSIZES) != (mode in kernels.INT4_MODES):
         raise InputError(f"{where}: groupsize {groupsize!r} does not suit mode {mode}")
     with torch.device("meta"):
-        linears = {name for name,
-                   m in Transformer(args).named_modules() if isinstance(m, nn.Linear)}
+        linears = {name for name, m in Transformer(args).named_modules()
+                   if isinstance(m, (nn.Linear, Experts))}
     layers, padded = record.get("layers"), record.get("padded", {})
     if not isinstance(layers, list) or not set(layers) <= linears:
         raise InputError(f"{where}: quantized layers must be a list of this model's linear layers")
@@ -212,6 +221,13 @@ def check_tensors(found: dict, model: nn.Module, what: str):
         if tuple(found[name]) != expected[name]:
             raise InputError(f"{what}: {name} has shape {list(found[name])}, expected "
                              f"{list(expected[name])}")
+
+
+def unpermute(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """Rotate-half row order (HF's, and llama.cpp's for Qwen) -> Meta interleaved, per head. Row
+    r * head_dim/2 + i of a head holds Meta row 2i + r (r = 0, 1), so split rows as (head, r, i) and
+    swap r and i. Works on weights and biases: (n_heads * head_dim, ...)."""
+    return w.unflatten(0, (n_heads, 2, head_dim // 2)).transpose(1, 2).reshape(w.shape)
 
 
 def read_weights(weights: Path) -> dict:

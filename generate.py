@@ -30,7 +30,7 @@ from torch import Tensor
 import tp
 from checkpoint import (InputError, check_device, check_writable, load_model, random_model,
                         read_checkpoint, write_files)
-from model import CONFIGS, ModelArgs, Transformer
+from model import CONFIGS, ModelArgs, MoEFeedForward, Transformer
 from tokenizer import TextStreamer, load_tokenizer
 
 
@@ -463,10 +463,12 @@ def main(argv=None):
                               eos_ids=eos_ids, prefill_fn=prefill_fn,
                               verify_fn=compile_verify() if args.compile else verify)
     # The bytes of weights one decode step reads: every parameter once, except an untied embedding
-    # table, of which only the looked-up rows are read.
+    # table, of which only the looked-up rows are read, and the experts no token chose.
     model_bytes = sum(p.nbytes for p in model.parameters())
     if not model.args.tie_embeddings:
         model_bytes -= model.tok_embeddings.weight.nbytes
+    if model.args.n_experts:
+        model_bytes -= unchosen_expert_bytes(model, len(prompts))
     if args.interactive:
         return interactive(args, tokenizer, generate_fn, max_seq, max_new, model_bytes, device)
     run_samples(args, prompts, generate_fn, tokenizer, max_new, model_bytes, device, compiled)
@@ -523,6 +525,17 @@ def run_samples(args, prompts: list, generate_fn: Callable, tokenizer, max_new: 
                                    model_bytes=model_bytes, compile_s=compile_s,
                                    tensor_parallel=world,  # model_bytes and GB/s are per GPU
                                    samples=results, average=summary))
+
+
+def unchosen_expert_bytes(model: Transformer, batch_size: int) -> float:
+    """The bytes of a mixture's experts that a decode step does not read: all but n_active_experts
+    of n_experts at batch 1; at batch B all but the distinct experts that B tokens routed uniformly
+    would choose, on average."""
+    args = model.args
+    experts = sum(p.nbytes for m in model.modules() if isinstance(m, MoEFeedForward)
+                  for p in [*m.w13.parameters(), *m.w2.parameters()])
+    chosen = 1 - (1 - args.n_active_experts / args.n_experts) ** batch_size
+    return experts * (1 - chosen)
 
 
 def metrics(gen: Generation, model_bytes: int, device: torch.device) -> dict:

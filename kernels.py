@@ -28,6 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from model import Experts
+
 try:
     import triton
     import triton.language as tl
@@ -248,6 +250,8 @@ def check_kernels(device="cuda") -> list:
 #         up to whole groups, the extra columns are zeros and the input is zero-padded to meet
 #         them ("padded" in the record)
 #   fp8   weight uint8 (N, K) (e4m3 bit patterns), scale_bits int32 (N,) (float32 bit patterns)
+# A mixture's stacked experts (model.Experts) are quantized expert by expert: the same tensors with
+# a leading n_experts dim, read by the model's own gathered and grouped forms (no kernels here).
 # A quantized file's sidecar config records {format, mode, groupsize, include_output, layers,
 # padded, ...}, so nothing is ever guessed from a file name.
 
@@ -494,18 +498,76 @@ def int8_cpu_linear(x: Tensor, weight: Tensor, unit_scales: Tensor, scales: Tens
 LINEARS = {"int8": Int8Linear, "int4": Int4Linear, "int4-gptq": Int4Linear, "fp8": Fp8Linear}
 
 
+# ---- quantized experts ---------------------------------------------------------------------------
+# Each gives weights(idx, dtype) as model.Experts does: the dequantized weights of experts idx,
+# written as plain tensor operations so that inductor fuses them into the model's reductions.
+
+class QuantizedExperts(nn.Module):
+    def __init__(self, n_experts: int, in_features: int, out_features: int):
+        super().__init__()
+        self.n_experts, self.in_features, self.out_features = n_experts, in_features, out_features
+
+
+class Int8Experts(QuantizedExperts):
+    def __init__(self, n_experts: int, in_features: int, out_features: int, **_):
+        super().__init__(n_experts, in_features, out_features)
+        self.weight = frozen(torch.empty(n_experts, out_features, in_features, dtype=torch.int8))
+        self.scales = frozen(torch.empty(n_experts, out_features))
+
+    def weights(self, idx, dtype) -> Tensor:
+        return (self.weight[idx].float() * self.scales[idx].float()[..., None]).to(dtype)
+
+
+class Int4Experts(QuantizedExperts):
+    def __init__(self, n_experts: int, in_features: int, out_features: int, groupsize: int,
+                 padded_in_features: Optional[int] = None, **_):
+        super().__init__(n_experts, in_features, out_features)
+        k_pad = padded_in_features or in_features
+        self.groupsize = groupsize
+        shape = (n_experts, out_features)
+        self.weight = frozen(torch.empty(*shape, k_pad // 2, dtype=torch.uint8))
+        self.scales = frozen(torch.empty(*shape, k_pad // groupsize, dtype=torch.bfloat16))
+        self.zeros = frozen(torch.empty(*shape, k_pad // groupsize, dtype=torch.bfloat16))
+
+    def weights(self, idx, dtype) -> Tensor:
+        packed = self.weight[idx]  # (..., N, K_pad / 2)
+        q = torch.stack([packed >> 4, packed & 0xF], dim=-1).flatten(-2)  # (..., N, K_pad)
+        q = q.unflatten(-1, (-1, self.groupsize))  # (..., N, n_groups, G)
+        scales, zeros = self.scales[idx].float()[..., None], self.zeros[idx].float()[..., None]
+        return int4_dequantize(q, scales, zeros).flatten(-2)[..., :self.in_features].to(dtype)
+
+
+class Fp8Experts(QuantizedExperts):
+    def __init__(self, n_experts: int, in_features: int, out_features: int, **_):
+        super().__init__(n_experts, in_features, out_features)
+        self.weight = frozen(torch.empty(n_experts, out_features, in_features, dtype=torch.uint8))
+        self.scale_bits = frozen(torch.empty(n_experts, out_features, dtype=torch.int32))
+
+    def weights(self, idx, dtype) -> Tensor:
+        w8 = self.weight[idx].view(torch.float8_e4m3fn)  # (..., N, K)
+        scales = self.scale_bits[idx].view(torch.float32)[..., None]  # (..., N, 1)
+        return (w8.float() * scales).to(dtype)
+
+
+EXPERTS = {"int8": Int8Experts, "int4": Int4Experts, "int4-gptq": Int4Experts, "fp8": Fp8Experts}
+
+
 def swap_linears(model: nn.Module, quantization: dict):
-    """Replace the nn.Linear layers that a (checked) quantization record lists by empty quantized
-    ones of the same shapes: call it on the meta device; load_state_dict(assign=True) then brings
-    the weights."""
+    """Replace the nn.Linear layers (and stacked experts) that a (checked) quantization record lists
+    by empty quantized ones of the same shapes: call it on the meta device;
+    load_state_dict(assign=True) then brings the weights."""
     padded = quantization.get("padded", {})
     for name in quantization["layers"]:
         linear = model.get_submodule(name)
         parent, _, child = name.rpartition(".")
-        layer = LINEARS[quantization["mode"]](
-            linear.in_features, linear.out_features, linear.bias is not None,
-            groupsize=quantization["groupsize"],
-            padded_in_features=padded.get(name, (None, None))[1])
+        shape = dict(groupsize=quantization["groupsize"],
+                     padded_in_features=padded.get(name, (None, None))[1])
+        if isinstance(linear, Experts):
+            layer = EXPERTS[quantization["mode"]](linear.n_experts, linear.in_features,
+                                                  linear.out_features, **shape)
+        else:
+            layer = LINEARS[quantization["mode"]](linear.in_features, linear.out_features,
+                                                  linear.bias is not None, **shape)
         setattr(model.get_submodule(parent), child, layer)
 
 

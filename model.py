@@ -1,4 +1,5 @@
-"""A plain decoder-only Transformer (Llama / Mistral / Qwen2 / SmolLM2) with a static KV cache.
+"""A plain decoder-only Transformer with a static KV cache: Llama, Mistral, Qwen2, Qwen3, SmolLM2,
+and with a mixture-of-experts feed-forward Mixtral and Qwen3-MoE.
 
 One forward serves prefill (many positions) and decode (one position): both write their keys and
 values into the preallocated cache at `input_pos` and attend over it with a mask. Everything here is
@@ -31,7 +32,13 @@ class ModelArgs:
     rope_scaling: Optional[dict] = None
     norm_eps: float = 1e-5
     attention_bias: bool = False  # bias on the q/k/v projection (Qwen2)
+    qk_norm: bool = False  # RMSNorm on each head's q and k before rotary (Qwen3)
     tie_embeddings: bool = False  # output layer shares the token embedding matrix
+    # Mixture of experts (Mixtral, Qwen3-MoE): n_experts SwiGLU FFNs of intermediate_size each, of
+    # which a router picks n_active_experts per token. 0: one dense FFN.
+    n_experts: int = 0
+    n_active_experts: int = 0
+    norm_topk_prob: bool = True  # the chosen experts' probabilities rescaled to sum to 1
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -47,6 +54,10 @@ LLAMA3 = dict(vocab_size=128256, rope_base=5e5, n_kv_heads=8)
 LLAMA31 = dict(LLAMA3, block_size=131072, rope_scaling=LLAMA3_SCALING)
 QWEN25 = dict(rope_base=1e6, norm_eps=1e-6, attention_bias=True, block_size=32768)
 SMOLLM2 = dict(vocab_size=49152, block_size=8192, tie_embeddings=True)
+QWEN3 = dict(vocab_size=151936, head_dim=128, rope_base=1e6, norm_eps=1e-6, qk_norm=True,
+             block_size=40960)
+QWEN3_MOE = dict(QWEN3, n_experts=128, n_active_experts=8, tie_embeddings=False)
+MIXTRAL = dict(n_kv_heads=8, n_experts=8, n_active_experts=2, rope_base=1e6)
 CONFIGS = {  # named shapes for --random_weights; real checkpoints carry their own config.json
     "stories15M": dict(dim=288, n_layer=6, n_head=6, vocab_size=32000, intermediate_size=768,
                        block_size=256),
@@ -89,6 +100,26 @@ CONFIGS = {  # named shapes for --random_weights; real checkpoints carry their o
                          intermediate_size=8960, tie_embeddings=True),
     "Qwen2.5-7B": dict(QWEN25, dim=3584, n_layer=28, n_head=28, n_kv_heads=4, vocab_size=152064,
                        intermediate_size=18944),
+    "Qwen3-0.6B": dict(QWEN3, dim=1024, n_layer=28, n_head=16, n_kv_heads=8,
+                       intermediate_size=3072, tie_embeddings=True),
+    "Qwen3-1.7B": dict(QWEN3, dim=2048, n_layer=28, n_head=16, n_kv_heads=8,
+                       intermediate_size=6144, tie_embeddings=True),
+    "Qwen3-4B": dict(QWEN3, dim=2560, n_layer=36, n_head=32, n_kv_heads=8,
+                     intermediate_size=9728, tie_embeddings=True),
+    "Qwen3-8B": dict(QWEN3, dim=4096, n_layer=36, n_head=32, n_kv_heads=8,
+                     intermediate_size=12288),
+    "Qwen3-14B": dict(QWEN3, dim=5120, n_layer=40, n_head=40, n_kv_heads=8,
+                      intermediate_size=17408),
+    "Qwen3-32B": dict(QWEN3, dim=5120, n_layer=64, n_head=64, n_kv_heads=8,
+                      intermediate_size=25600),
+    "Qwen3-30B-A3B": dict(QWEN3_MOE, dim=2048, n_layer=48, n_head=32, n_kv_heads=4,
+                          intermediate_size=768),
+    "Qwen3-235B-A22B": dict(QWEN3_MOE, dim=4096, n_layer=94, n_head=64, n_kv_heads=4,
+                            intermediate_size=1536),
+    "Mixtral-8x7B": dict(MIXTRAL, dim=4096, n_layer=32, n_head=32, vocab_size=32000,
+                         intermediate_size=14336, block_size=32768),
+    "Mixtral-8x22B": dict(MIXTRAL, dim=6144, n_layer=56, n_head=48, vocab_size=32768,
+                          intermediate_size=16384, block_size=65536),
 }
 
 
@@ -127,14 +158,21 @@ class Attention(nn.Module):
         # q, k and v in one matmul
         self.wqkv = nn.Linear(args.dim, qkv_dim, bias=args.attention_bias)
         self.wo = nn.Linear(args.n_head * args.head_dim, args.dim, bias=False)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
+        self.qk_norm = args.qk_norm
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
         B, T, _ = x.shape
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
-        q = apply_rope(q.view(B, T, self.n_head, self.head_dim), rope)  # (B, T, n_head, head_dim)
-        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), rope)  # (B, T, n_kv, head_dim)
+        q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, n_head, head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
         k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, S, head_dim)
@@ -157,13 +195,93 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(gate) * up)
 
 
+class Experts(nn.Module):
+    """n_experts linear layers of one shape, stacked: weight (n_experts, out_features, in_features),
+    so that a decode step can read the rows of the experts it chose, by index. kernels.py has the
+    quantized kinds, which give weights() alike."""
+
+    def __init__(self, n_experts: int, in_features: int, out_features: int):
+        super().__init__()
+        self.n_experts, self.in_features, self.out_features = n_experts, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(n_experts, out_features, in_features))
+
+    def weights(self, idx, dtype) -> Tensor:
+        """The weights of experts idx (a tensor of expert ids, or ... for all) in dtype:
+        (*idx.shape, out_features, in_features)."""
+        return self.weight[idx].to(dtype)
+
+
+class MoEFeedForward(nn.Module):
+    """A router picks n_active_experts of n_experts SwiGLU FFNs for each token; the token's output
+    is theirs, weighted by the router's probabilities. Mixtral renormalises the chosen experts'
+    probabilities (a softmax over their logits), Qwen3-MoE where norm_topk_prob says so."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate = nn.Linear(args.dim, args.n_experts, bias=False)  # the router
+        # gate (w1) and up (w3) fused, per expert
+        self.w13 = Experts(args.n_experts, args.dim, 2 * args.intermediate_size)
+        self.w2 = Experts(args.n_experts, args.intermediate_size, args.dim)
+        self.n_active, self.norm_topk_prob = args.n_active_experts, args.norm_topk_prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, dim = x.shape
+        x = x.view(B * T, dim)  # (M, dim): tokens
+        probs = F.softmax(self.gate(x).float(), dim=-1)  # (M, n_experts)
+        weights, experts = probs.topk(self.n_active, dim=-1)  # (M, k), k = n_active_experts
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        # Static shapes decide (no host sync): a few tokens (decode) read only the experts they
+        # chose, more (prefill, large batches) every expert once.
+        few = experts.numel() <= self.w13.n_experts
+        y = self.gathered(x, experts) if few else self.grouped(x, experts)  # (M, k, dim)
+        # weighted in float32, as the router's probabilities are
+        return (y * weights[..., None]).sum(dim=1).to(x.dtype).view(B, T, dim)
+
+    def gathered(self, x: Tensor, experts: Tensor) -> Tensor:
+        """Each token through its chosen experts, their weights gathered by index: (M, k, dim).
+        Written as multiply and sum, which inductor compiles into one reduction reading the chosen
+        rows where they lie (`w[experts] @ x` would copy them first)."""
+        w13 = self.w13.weights(experts, x.dtype)  # (M, k, 2 * inter, dim)
+        gate, up = (w13 * x[:, None, None, :]).sum(dim=-1).chunk(2, dim=-1)  # (M, k, inter)
+        w2 = self.w2.weights(experts, x.dtype)  # (M, k, dim, inter)
+        return (w2 * (F.silu(gate) * up)[..., None, :]).sum(dim=-1)  # (M, k, dim)
+
+    def grouped(self, x: Tensor, experts: Tensor) -> Tensor:
+        """The (token, expert) pairs sorted by expert, then one grouped matmul per weight: each
+        expert's weights are read once and multiply only its own tokens. (M, k, dim)"""
+        if x.dtype != torch.bfloat16:  # torch._grouped_mm's only dtype on CUDA and when compiled
+            return self.looped(x, experts)
+        M, k = experts.shape
+        order = experts.flatten().argsort(stable=True)  # (M * k,): pairs, expert by expert
+        ids = torch.arange(self.w13.n_experts, device=x.device)
+        # where each expert's pairs end, (n_experts,)
+        ends = torch.searchsorted(experts.flatten()[order], ids, right=True).int()
+        xs = x[order // k]  # (M * k, dim)
+        w13 = self.w13.weights(..., x.dtype).transpose(1, 2)  # (n_experts, dim, 2 * inter)
+        gate, up = torch._grouped_mm(xs, w13, offs=ends).chunk(2, dim=-1)  # (M * k, inter)
+        w2 = self.w2.weights(..., x.dtype).transpose(1, 2)  # (n_experts, inter, dim)
+        ys = torch._grouped_mm(F.silu(gate) * up, w2, offs=ends)  # (M * k, dim), sorted
+        return torch.empty_like(ys).index_copy_(0, order, ys).view(M, k, -1)
+
+    def looped(self, x: Tensor, experts: Tensor) -> Tensor:
+        """grouped's result, one expert at a time over every token, kept where it was chosen: each
+        expert read once, n_experts / k times the arithmetic. (M, k, dim)"""
+        y = x.new_zeros(*experts.shape, x.shape[-1])  # (M, k, dim)
+        for e in range(self.w13.n_experts):
+            gate, up = F.linear(x, self.w13.weights(e, x.dtype)).chunk(2, dim=-1)  # (M, inter)
+            h = F.linear(F.silu(gate) * up, self.w2.weights(e, x.dtype))  # (M, dim)
+            y = torch.where((experts == e)[..., None], h[:, None, :], y)
+        return y
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.attention = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.feed_forward = FeedForward(args)
+        self.feed_forward = MoEFeedForward(args) if args.n_experts else FeedForward(args)
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
         h = x + self.attention(self.attention_norm(x), rope, mask, input_pos)

@@ -58,8 +58,8 @@ from checkpoint import (TOKENIZER_FILES, WEIGHT_FILES, Checkpoint, InputError, W
                         check_device, check_tensors, check_writable, empty_model, read_checkpoint,
                         write_files)
 from kernels import FORMAT, FP8_MAX, GROUPSIZES, INT4_MODES, int4_dequantize
-from model import (KVCache, ModelArgs, RMSNorm, Transformer, TransformerBlock, attention_mask,
-                   rope_table)
+from model import (Experts, KVCache, ModelArgs, RMSNorm, Transformer, TransformerBlock,
+                   attention_mask, rope_table)
 from tokenizer import load_tokenizer
 
 MODES = ("int8", "int4", "int4-gptq", "fp8")
@@ -160,15 +160,23 @@ QUANTIZERS = {"int8": lambda w, g: quantize_int8(w), "int4": quantize_int4,
 
 
 def linear_names(args: ModelArgs, include_output: bool) -> list:
+    """The layers to quantize: the linear layers and stacked experts. A mixture's router
+    (feed_forward.gate) stays in float: it is a few kilobytes, and a rounding there picks other
+    experts."""
     with torch.device("meta"):
         model = Transformer(args)
     return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and (include_output or name != "output")]
+            if isinstance(m, (nn.Linear, Experts)) and (include_output or name != "output")
+            and not name.endswith("feed_forward.gate")]
 
 
 def quantize_weight(mode: str, w: Tensor, groupsize: Optional[int]) -> dict:
     """One weight (N, K) -> its quantized tensors, ROWS_PER_CHUNK rows at a time (every scheme is
-    per row, and float32 temporaries stay small)."""
+    per row, and float32 temporaries stay small); stacked experts (n_experts, N, K) one expert at a
+    time, their tensors stacked alike."""
+    if w.dim() == 3:
+        experts = [quantize_weight(mode, e, groupsize) for e in w]
+        return {k: torch.stack([e[k] for e in experts]) for k in experts[0]}
     parts = [QUANTIZERS[mode](rows, groupsize) for rows in w.split(ROWS_PER_CHUNK)]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
@@ -207,7 +215,7 @@ def quantize_state_dict(source: WeightsFile, args: ModelArgs, mode: str, groupsi
         for key, t in quantize_weight(mode, w, groupsize).items():
             out[f"{layer}.{key}"] = t
         if mode == "int4":
-            record_padding(padded, layer, w.shape[1], groupsize)
+            record_padding(padded, layer, w.shape[-1], groupsize)
     return (out, *quantized_config(args, mode, groupsize, include_output, layers, padded))
 
 
@@ -593,6 +601,9 @@ def run(args):
     if ckpt.quantization is not None:
         raise InputError(f"{ckpt.weights} is quantized already: quantize the float checkpoint "
                          "instead")
+    if args.mode == "int4-gptq" and ckpt.args.n_experts:
+        raise InputError("int4-gptq does not calibrate a mixture of experts (each expert would "
+                         "need the tokens routed to it): use --mode int4, int8 or fp8")
     out = output_path(args, ckpt)
     source = WeightsFile(ckpt.weights)
     if args.mode == "int4-gptq":

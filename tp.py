@@ -13,6 +13,11 @@ else:
       rank its own gate and up rows;
   row-parallel (each rank holds the matching input columns, its partial products are summed):
       attention.wo and feed_forward.w2, each followed by one all-reduce (RowParallel).
+A mixture of experts is split the same way inside every expert (each rank holds its slice of every
+expert's w13 rows and w2 columns, so a step reads 1/world of the chosen experts' bytes per rank);
+the router is replicated, so every rank picks the same experts, and the one all-reduce follows the
+weighted sum of the experts' partial outputs.
+
 The token embedding is replicated: a step reads only the looked-up rows, so copies cost memory, not
 bandwidth. The output layer is split by vocabulary rows and its logits gathered (VocabParallel), so
 that each rank reads 1/world of it per token: of the bytes each rank reads per token, that saves
@@ -186,17 +191,18 @@ def rank_slice(name: str, shape: tuple, args: ModelArgs, rank: int,
     """Where rank's part of checkpoint tensor `name` of `shape` lies: (dim, [(start, stop), ...]),
     ranges along dim to concatenate; a stop past the end means zero rows (padding)."""
     kind = layer_kind(name)
+    experts = int(args.n_experts > 0 and ".feed_forward.w" in name)  # 1: a leading n_experts dim
     if kind == "column":
         ranges, offset = [], 0
         for rows in stacked_parts(name.rpartition(".")[0], args, world):
             share = rows // world
             ranges.append((offset + rank * share, offset + (rank + 1) * share))
             offset += rows
-        return 0, ranges
-    # weight (N, K), or int4's (N, K / 2) and (N, K / groupsize)
-    if kind == "row" and len(shape) == 2:
-        share = shape[1] // world
-        return 1, [(rank * share, (rank + 1) * share)]
+        return experts, ranges
+    # weight (N, K), or int4's (N, K / 2) and (N, K / groupsize); experts': (n_experts, ...)
+    if kind == "row" and len(shape) == 2 + experts:
+        share = shape[-1] // world
+        return len(shape) - 1, [(rank * share, (rank + 1) * share)]
     return 0, [(0, shape[0])]  # replicated, and the row-parallel layers' per-output-channel scales
 
 
@@ -290,11 +296,12 @@ def random_shard(name: str, precision: Optional[str], world: int, device, dtype)
     randomize_(model, skip_layers=quantized)
     for layer in quantized:
         module = model.get_submodule(layer)
-        w = torch.empty(module.out_features, module.in_features, device=device,
+        experts = (module.n_experts,) if hasattr(module, "n_experts") else ()
+        w = torch.empty(*experts, module.out_features, module.in_features, device=device,
                         dtype=dtype).normal_(0.0, 0.02)
         for key, t in quantize_weight(quantization["mode"], w, quantization["groupsize"]).items():
             getattr(module, key).copy_(t)
-        if module.bias is not None:
+        if getattr(module, "bias", None) is not None:
             module.bias.normal_(0.0, 0.02)
     return to_device(model, device, dtype, quantization)
 
@@ -342,7 +349,10 @@ def parallelize(model: Transformer, rank: int, world: int, group: dist.ProcessGr
     layer."""
     for layer in model.layers:
         layer.attention.wo = RowParallel(layer.attention.wo, group)
-        layer.feed_forward.w2 = RowParallel(layer.feed_forward.w2, group)
+        if model.args.n_experts:  # the experts' partial outputs, weighted and summed, then reduced
+            layer.feed_forward = RowParallel(layer.feed_forward, group)
+        else:
+            layer.feed_forward.w2 = RowParallel(layer.feed_forward.w2, group)
     if SHARD_OUTPUT:
         model.output = VocabParallel(model.output, model.args.vocab_size, rank, world, group)
     return model

@@ -208,10 +208,13 @@ def measure_decode(model, cell: Cell, samples: int, prefill_fn, decode_fn) -> di
     t0 = time.perf_counter()
     run(min(cell.new_tokens, WARMUP_TOKENS))
     compile_s = time.perf_counter() - t0
-    # A step reads every weight once, except an untied embedding table, of which it reads the looked-up rows.
+    # A step reads every weight once, except an untied embedding table, of which it reads the looked-up rows,
+    # and the experts no token chose.
     weight_bytes = sum(p.nbytes for p in model.parameters())
     if not model.args.tie_embeddings:
         weight_bytes -= model.tok_embeddings.weight.nbytes
+    if model.args.n_experts:
+        weight_bytes -= generate.unchosen_expert_bytes(model, cell.batch_size)
     kv_bytes = kv_bytes_per_step(model, cell.batch_size, PROMPT_TOKENS, cell.new_tokens)
     # generate.metrics turns "bytes read per step" into GB/s: here the weights and the filled KV cache.
     results = [generate.metrics(run(cell.new_tokens), weight_bytes + kv_bytes, device) for _ in range(samples)]

@@ -6,13 +6,16 @@
 Quantized tensors are dequantized (their exact values, stored as floats); the config comes from the
 GGUF metadata and the tokenizer is rebuilt from it as tokenizer.json + tokenizer_config.json +
 generation_config.json. All of them are written as one set (see checkpoint.save_checkpoint); a
-folder that holds a checkpoint already is replaced only with --force. Only the `llama` architecture
-with a byte-level BPE ("gpt2") vocabulary is supported so far.
+folder that holds a checkpoint already is replaced only with --force. The `llama` (Mixtral's
+experts too), `qwen3` and `qwen3moe` architectures with a byte-level BPE ("gpt2") vocabulary are
+supported so far.
 
 Layout facts this relies on: GGUF lists a tensor's dims fastest-first, so numpy's shape is the
-reverse, (out_features, in_features), which is exactly nn.Linear's weight; and llama.cpp stores
-llama q/k rows in Meta's interleaved rotary order, which is this repo's layout too, so q/k need no
-permutation.
+reverse, (out_features, in_features), which is exactly nn.Linear's weight, and (n_experts,
+out_features, in_features) for stacked experts, exactly model.Experts'; llama.cpp stores llama q/k
+rows in Meta's interleaved rotary order, which is this repo's layout too, but Qwen's in HF's
+rotate-half order (llama.cpp rotates them "neox"-style), so those are permuted as the HF converter
+does, Qwen3's q/k norm weights with them.
 """
 import argparse
 import json
@@ -27,9 +30,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from checkpoint import (InputError, check_output_folder, check_tensors, empty_model,  # noqa: E402
-                        parse_config, save_checkpoint)
+                        parse_config, save_checkpoint, unpermute)
 from model import ModelArgs, llama3_scale  # noqa: E402
 from tokenizer import LLAMA3_PATTERN  # noqa: E402
+
+ARCHITECTURES = ("llama", "qwen3", "qwen3moe")
+ROTATE_HALF = ("qwen3", "qwen3moe")  # q/k rows in HF's order: see the top
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,6 +52,8 @@ PRE_TOKENIZERS = {
     "default": GPT2_ONLY, "gpt2": GPT2_ONLY,
     "smollm": DIGITS_THEN_GPT2, "starcoder": DIGITS_THEN_GPT2,
     "llama-bpe": LLAMA3, "llama3": LLAMA3, "llama-v3": LLAMA3,
+    # Qwen2 / Qwen3: Llama-3's split, but every digit alone
+    "qwen2": dict(splits=[LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")], gpt2_regex=False),
 }
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 
@@ -62,14 +70,22 @@ LAYER_TENSORS = {
     "ffn_gate.weight": ("feed_forward.w13.weight", "gate"),
     "ffn_up.weight": ("feed_forward.w13.weight", "up"),
     "ffn_down.weight": ("feed_forward.w2.weight", None),
+    "attn_q_norm.weight": ("attention.q_norm.weight", None),  # Qwen3
+    "attn_k_norm.weight": ("attention.k_norm.weight", None),
+    # a mixture of experts: the router, and every expert's matrices stacked
+    "ffn_gate_inp.weight": ("feed_forward.gate.weight", None),
+    "ffn_gate_exps.weight": ("feed_forward.w13.weight", "gate"),
+    "ffn_up_exps.weight": ("feed_forward.w13.weight", "up"),
+    "ffn_down_exps.weight": ("feed_forward.w2.weight", None),
 }
 FUSE_ORDER = {"attention.wqkv.weight": ("q", "k", "v"), "attention.wqkv.bias": ("q", "k", "v"),
-              "feed_forward.w13.weight": ("gate", "up")}
+              "feed_forward.w13.weight": ("gate", "up")}  # along the rows: dim 1 of experts
 TOP_TENSORS = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
                "output.weight": "output.weight"}
 REQUIRED = object()  # get()'s default for metadata a file must have
 INT_KEYS = ("embedding_length", "block_count", "attention.head_count", "attention.head_count_kv",
-            "attention.key_length", "feed_forward_length", "context_length")
+            "attention.key_length", "feed_forward_length", "context_length", "expert_count",
+            "expert_used_count", "expert_feed_forward_length")
 
 
 # ---- metadata -----------------------------------------------------------------------------------
@@ -105,19 +121,16 @@ def model_args(meta: dict, reader, path: Path) -> ModelArgs:
     """ModelArgs from the metadata, every field checked by parse_config before any tensor is
     read."""
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise InputError(f"unsupported architecture {arch!r} in {path.name}: only 'llama' GGUF "
-                         "files can be converted")
-    if meta.get("llama.expert_count", 0):
-        raise InputError(f"{path.name} is a mixture-of-experts model ({meta['llama.expert_count']} "
-                         "experts): not supported")
+    if arch not in ARCHITECTURES:
+        raise InputError(f"unsupported architecture {arch!r} in {path.name}: only "
+                         f"{', '.join(map(repr, ARCHITECTURES))} GGUF files can be converted")
 
     def get(key, default=REQUIRED):
-        value = meta.get(f"llama.{key}", default)
+        value = meta.get(f"{arch}.{key}", default)
         if value is REQUIRED:
-            raise InputError(f"{path.name} lacks metadata llama.{key}")
+            raise InputError(f"{path.name} lacks metadata {arch}.{key}")
         if isinstance(value, list):
-            raise InputError(f"{path.name}: per-layer llama.{key} is not supported")
+            raise InputError(f"{path.name}: per-layer {arch}.{key} is not supported")
         return value
 
     if "tokenizer.ggml.tokens" not in reader.fields:
@@ -125,8 +138,13 @@ def model_args(meta: dict, reader, path: Path) -> ModelArgs:
     for key in INT_KEYS:
         value = get(key, None)  # checked here too so that the error names the key as the file does
         if value is not None and (type(value) is not int or value < 1):
-            raise InputError(f"{path.name}: llama.{key} must be a positive integer, got {value!r}")
+            raise InputError(f"{path.name}: {arch}.{key} must be a positive integer, got {value!r}")
     tensors = {t.name: t for t in reader.tensors}
+    # experts: llama.cpp normalises the chosen experts' weights for Mixtral and Qwen3-MoE alike
+    experts = dict(n_experts=get("expert_count"), n_active_experts=get("expert_used_count"),
+                   intermediate_size=get("expert_feed_forward_length", None)
+                   or get("feed_forward_length"),
+                   norm_topk_prob=True) if get("expert_count", 0) else {}
     fields = dict(
         dim=get("embedding_length"), n_layer=get("block_count"), n_head=get("attention.head_count"),
         n_kv_heads=get("attention.head_count_kv", None),  # None: as many as query heads
@@ -136,7 +154,9 @@ def model_args(meta: dict, reader, path: Path) -> ModelArgs:
         rope_base=float32_value(get("rope.freq_base", 10000.0)),
         norm_eps=float32_value(get("attention.layer_norm_rms_epsilon", 1e-5)),
         attention_bias="blk.0.attn_q.bias" in tensors,
+        qk_norm="blk.0.attn_q_norm.weight" in tensors,
         tie_embeddings="output.weight" not in tensors)
+    fields.update(experts)
     args = parse_config(fields, path.name)
     if get("attention.value_length", args.head_dim) != args.head_dim:
         raise InputError(f"{path.name}: key and value head sizes differ, which this model does not "
@@ -145,14 +165,15 @@ def model_args(meta: dict, reader, path: Path) -> ModelArgs:
     if rotary != args.head_dim:
         raise InputError(f"{path.name}: rotary embedding on {rotary!r} of {args.head_dim} head "
                          "dims (partial rotary) is not supported")
-    scaling = rope_scaling(meta, tensors, args.head_dim, args.rope_base, path)
+    scaling = rope_scaling(meta, arch, tensors, args.head_dim, args.rope_base, path)
     return parse_config({**fields, "rope_scaling": scaling}, path.name)
 
 
-def rope_scaling(meta: dict, tensors: dict, head_dim: int, rope_base: float, path: Path):
+def rope_scaling(meta: dict, arch: str, tensors: dict, head_dim: int, rope_base: float,
+                 path: Path):
     """None, or the Llama-3.1 scaling dict ModelArgs takes. Anything else is refused, not ignored:
     a model run with the wrong rotary frequencies still talks, just worse."""
-    kind = meta.get("llama.rope.scaling.type", "none")
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
     if kind != "none":  # linear, yarn, longrope: llama.cpp writes no type for Llama-3.1's scaling
         raise InputError(f"{path.name}: rope scaling type {kind!r} is not supported (gpt-blitz "
                          "implements plain rotary embeddings and Llama-3.1 scaling)")
@@ -162,9 +183,9 @@ def rope_scaling(meta: dict, tensors: dict, head_dim: int, rope_base: float, pat
     from gguf.quants import dequantize
     t = tensors["rope_freqs.weight"]
     divisors = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float64))
-    original = meta.get("llama.rope.scaling.original_context_length", 8192)
+    original = meta.get(f"{arch}.rope.scaling.original_context_length", 8192)
     if type(original) is not int or original < 1:
-        raise InputError(f"{path.name}: llama.rope.scaling.original_context_length must be a "
+        raise InputError(f"{path.name}: {arch}.rope.scaling.original_context_length must be a "
                          f"positive integer, got {original!r}")
     return llama3_scaling_from_divisors(divisors.flatten(), head_dim, rope_base, original,
                                         path.name)
@@ -198,7 +219,7 @@ def our_name(gguf_name: str):
         return f"layers.{m.group(1)}.{ours}", group
     if gguf_name in TOP_TENSORS:
         return TOP_TENSORS[gguf_name], None
-    raise InputError(f"unexpected tensor {gguf_name!r} for a llama model")
+    raise InputError(f"unexpected tensor {gguf_name!r} for this architecture")
 
 
 def plan_tensors(reader, args: ModelArgs, path: Path) -> list:
@@ -211,7 +232,7 @@ def plan_tensors(reader, args: ModelArgs, path: Path) -> list:
     # many layers is built to compare with.
     blocks = {name.split(".")[1] for _, name, _ in plan if name.startswith("layers.")}
     if len(blocks) != args.n_layer:
-        raise InputError(f"{path.name}: llama.block_count is {args.n_layer} but the file holds "
+        raise InputError(f"{path.name}: block_count is {args.n_layer} but the file holds "
                          f"tensors of {len(blocks)} blocks")
     shapes, parts = {}, {}  # parts: our fused name -> {group: shape}
     for t, name, group in plan:
@@ -225,15 +246,23 @@ def plan_tensors(reader, args: ModelArgs, path: Path) -> list:
         if set(groups) != set(order):
             raise InputError(f"{path.name}: {name}: found {sorted(groups)} of {list(order)}; the "
                              "GGUF file is incomplete")
-        if len({groups[g][1:] for g in order}) != 1:
+        shape = groups[order[0]]
+        dim = rows_dim(shape)
+        if len({groups[g][:dim] + groups[g][dim + 1:] for g in order}) != 1:
             raise InputError(f"{path.name}: the parts of {name} have shapes "
                              f"{[list(groups[g]) for g in order]}, which do not stack")
-        shapes[name] = (sum(groups[g][0] for g in order), *groups[order[0]][1:])  # rows stacked
+        # rows stacked
+        shapes[name] = (*shape[:dim], sum(groups[g][dim] for g in order), *shape[dim + 1:])
     check_tensors(shapes, empty_model(args), f"{path.name} does not match its metadata")
     return plan
 
 
-def convert_weights(plan: list, dtype: torch.dtype) -> dict:
+def rows_dim(shape) -> int:
+    """The dim of a weight's rows (output features): 0, or 1 for stacked experts."""
+    return max(0, len(shape) - 2)
+
+
+def convert_weights(plan: list, args: ModelArgs, arch: str, dtype: torch.dtype) -> dict:
     from gguf.quants import dequantize
     from tqdm import tqdm
     state_dict, parts = {}, {}  # parts: our fused name -> {group: tensor}
@@ -244,13 +273,20 @@ def convert_weights(plan: list, dtype: torch.dtype) -> dict:
         # memory-mapped file.
         array = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)
         weight = torch.from_numpy(array).to(dtype)
+        if arch in ROTATE_HALF and group in ("q", "k"):
+            weight = unpermute(weight, args.n_head if group == "q" else args.n_kv_heads,
+                               args.head_dim)
+        if arch in ROTATE_HALF and name.endswith(("q_norm.weight", "k_norm.weight")):
+            weight = unpermute(weight, 1, args.head_dim)
         if group is None:
             state_dict[name] = weight
         else:
             parts.setdefault(name, {})[group] = weight
     for name, groups in parts.items():
         order = FUSE_ORDER[name.split(".", 2)[2]]
-        state_dict[name] = torch.cat([groups[g] for g in order])  # rows: q, k, v / gate, up
+        # rows: q, k, v / gate, up
+        parts = [groups[g] for g in order]
+        state_dict[name] = torch.cat(parts, dim=rows_dim(parts[0].shape))
     return state_dict
 
 
@@ -330,7 +366,7 @@ def build_tokenizer(meta: dict, reader, path: Path):
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": add_bos,
               "add_eos_token": add_eos, "bos_token": bos, "eos_token": eos,
               "unk_token": token("unknown"), "pad_token": token("padding"),
-              "model_max_length": meta.get("llama.context_length"),
+              "model_max_length": meta.get(f"{meta.get('general.architecture')}.context_length"),
               "chat_template": meta.get("tokenizer.chat_template")}
     config = {k: v for k, v in config.items() if v is not None}
     # Instruct models often end a turn with a token other than EOS (Llama-3's <|eot_id|>): stop on
@@ -356,10 +392,11 @@ def convert(gguf_path: Path, out: Path, dtype: torch.dtype, force: bool = False)
     # cheap, so before dequantizing: a file that cannot be converted fails fast
     tokenizer, tok_config, gen_config = build_tokenizer(meta, reader, gguf_path)
     plan = plan_tensors(reader, args, gguf_path)
-    print(f"{gguf_path.name}: llama, {args.n_layer} layers, dim {args.dim}, "
+    print(f"{gguf_path.name}: {meta['general.architecture']}, {args.n_layer} layers, "
+          f"dim {args.dim}, "
           f"{args.n_head}/{args.n_kv_heads} heads, vocab {args.vocab_size}, tokenizer "
           f"pre={meta.get('tokenizer.ggml.pre', 'default')!r}")
-    state_dict = convert_weights(plan, dtype)
+    state_dict = convert_weights(plan, args, meta["general.architecture"], dtype)
     # The tokenizer files go to a temporary folder first, then into out with the weights as one set.
     with tempfile.TemporaryDirectory(prefix="convert_gguf-") as tmp:
         copies = {name: Path(tmp) / name for name in

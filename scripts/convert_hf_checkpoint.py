@@ -1,4 +1,5 @@
-"""Convert a Hugging Face Llama / Mistral / Qwen2 checkpoint into gpt-blitz's format.
+"""Convert a Hugging Face Llama / Mistral / Mixtral / Qwen2 / Qwen3 / Qwen3-MoE checkpoint into
+gpt-blitz's format.
 
     python scripts/convert_hf_checkpoint.py --checkpoint_dir checkpoints/REPO [--hf_dir DIR] \
         [--force]
@@ -15,9 +16,10 @@ kept.
 Two layout changes happen on the way:
   * HF stores q/k rows in "rotate-half" order (its conversion permuted Meta's rows so that each
     head's first half pairs with its second half); model.py rotates adjacent pairs (Meta's
-    interleaved order), so q and k rows (and Qwen2's q/k bias) are permuted back per head. Meta's
-    own files need nothing.
-  * q, k, v become one wqkv matrix and gate, up one w13 matrix. The pieces of one layer may live in
+    interleaved order), so q and k rows (and Qwen2's q/k bias, Qwen3's per-head q/k norm weights)
+    are permuted back per head. Meta's own files need nothing.
+  * q, k, v become one wqkv matrix and gate, up one w13 matrix; a mixture of experts' per-expert
+    matrices are stacked, (n_experts, rows, columns). The pieces of one layer may live in
     different shards, so they wait in `pending` until the set is complete.
 """
 import argparse
@@ -32,10 +34,10 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from checkpoint import (TOKENIZER_FILES, InputError, check_output_folder,  # noqa: E402
-                        empty_model, parse_config, read_json, save_checkpoint)
+                        empty_model, parse_config, read_json, save_checkpoint, unpermute)
 from model import ModelArgs  # noqa: E402
 
-SUPPORTED = ("llama", "mistral", "qwen2")
+SUPPORTED = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe")
 ROPE_TYPES = ("default", "llama3")  # the rotary embeddings model.py implements
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
@@ -59,9 +61,24 @@ HF_LAYER_NAMES = {
     "self_attn.k_proj.bias": ("attention.wqkv.bias", "k"),
     "self_attn.v_proj.bias": ("attention.wqkv.bias", "v"),
     "self_attn.o_proj.weight": ("attention.wo.weight", None),
+    "self_attn.q_norm.weight": ("attention.q_norm.weight", None),
+    "self_attn.k_norm.weight": ("attention.k_norm.weight", None),
     "mlp.gate_proj.weight": ("feed_forward.w13.weight", "gate"),
     "mlp.up_proj.weight": ("feed_forward.w13.weight", "up"),
     "mlp.down_proj.weight": ("feed_forward.w2.weight", None),
+    "block_sparse_moe.gate.weight": ("feed_forward.gate.weight", None),  # Mixtral's router
+    "mlp.gate.weight": ("feed_forward.gate.weight", None),  # Qwen3-MoE's router
+    # transformers 5 holds a layer's experts stacked, gate and up fused, as model.py does
+    "mlp.experts.gate_up_proj": ("feed_forward.w13.weight", None),
+    "mlp.experts.down_proj": ("feed_forward.w2.weight", None),
+}
+# One expert's matrices: Mixtral's block_sparse_moe.experts.N.w1, Qwen3-MoE's
+# mlp.experts.N.gate_proj, ...; their part is "gate.N", "up.N" or "down.N".
+HF_EXPERT = re.compile(r"(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight")
+HF_EXPERT_NAMES = {
+    **dict.fromkeys(("w1", "gate_proj"), ("feed_forward.w13.weight", "gate")),
+    **dict.fromkeys(("w3", "up_proj"), ("feed_forward.w13.weight", "up")),
+    **dict.fromkeys(("w2", "down_proj"), ("feed_forward.w2.weight", "down")),
 }
 META_NAMES = {name: (name, None)
               for name in ("tok_embeddings.weight", "norm.weight", "output.weight")}
@@ -79,6 +96,18 @@ META_LAYER_NAMES = {
 LAYOUTS = {"hf": (HF_NAMES, "model.layers.", HF_LAYER_NAMES),
            "meta": (META_NAMES, "layers.", META_LAYER_NAMES)}
 FUSED_PARTS = {"wqkv": ("q", "k", "v"), "w13": ("gate", "up")}  # row order inside each fused tensor
+
+
+def fused_parts(dest: str, args: ModelArgs) -> list:
+    """The parts of fused tensor dest in row order. A mixture of experts' w13 and w2 hold every
+    expert's, expert by expert; they are then stacked, (n_experts, rows, columns)."""
+    kind = dest.split(".")[-2]
+    if args.n_experts and kind in ("w13", "w2"):
+        pieces = FUSED_PARTS[kind] if kind == "w13" else ("down",)
+        return [f"{piece}.{e}" for e in range(args.n_experts) for piece in pieces]
+    return FUSED_PARTS[kind]
+
+
 # precomputed rotary tables some files carry: model.py computes its own
 IGNORED = re.compile(r"(rotary_emb\.inv_freq|^rope\.freqs)$")
 
@@ -94,11 +123,18 @@ def target_name(name: str, layout: str) -> tuple[str, str | None] | None:
     if m and m.group(2) in layer_names:
         dest, part = layer_names[m.group(2)]
         return f"layers.{m.group(1)}.{dest}", part
+    expert = m and layout == "hf" and HF_EXPERT.fullmatch(m.group(2))
+    if expert and expert.group(2) in HF_EXPERT_NAMES:
+        dest, part = HF_EXPERT_NAMES[expert.group(2)]
+        return f"layers.{m.group(1)}.{dest}", f"{part}.{int(expert.group(1))}"
     raise InputError(f"unexpected tensor {name}: not a weight gpt-blitz's model has")
 
 
 def source_name(dest: str, part: str | None, layout: str) -> str:
     """The inverse of target_name, for error messages that name what the input lacks."""
+    if part is not None and "." in part:  # an expert's matrix
+        piece, expert = part.split(".")
+        return f"{dest.removesuffix('.weight')} {piece} of expert {expert}"
     top, layer_prefix, layer_names = LAYOUTS[layout]
     m = re.fullmatch(r"layers\.(\d+)\.(.+)", dest)
     table, prefix = (layer_names, f"{layer_prefix}{m.group(1)}.") if m else (top, "")
@@ -157,7 +193,8 @@ def hf_config_to_args(cfg: dict, where="config.json") -> ModelArgs:
         raise InputError(f"unsupported hidden_act {cfg['hidden_act']!r} in {where} "
                          "(gpt-blitz uses silu)")
     if (model_type != "qwen2" and cfg.get("attention_bias")) or cfg.get("mlp_bias"):
-        # Llama's attention_bias also puts a bias on o_proj, which model.py does not have.
+        # Llama's (and Qwen3's) attention_bias also puts a bias on o_proj, which model.py does not
+        # have.
         raise InputError(f"{where}: attention_bias / mlp_bias on a {model_type} model is not "
                          "supported")
     missing = [key for key in REQUIRED if key not in cfg]
@@ -169,18 +206,19 @@ def hf_config_to_args(cfg: dict, where="config.json") -> ModelArgs:
             raise InputError(f"{where}: {key} must be a positive integer, got {value!r}")
     rope_base, rope_scaling = rope_settings(cfg, where)
     args = parse_config(dict(
+        **experts_config(cfg, model_type, where),
         dim=cfg["hidden_size"],
         n_layer=cfg["num_hidden_layers"],
         n_head=cfg["num_attention_heads"],
         n_kv_heads=cfg.get("num_key_value_heads"),  # None: as many as query heads
         head_dim=cfg.get("head_dim"),  # None: hidden_size // num_attention_heads, as transformers
         vocab_size=cfg["vocab_size"],
-        intermediate_size=cfg["intermediate_size"],
         block_size=cfg.get("max_position_embeddings", 2048),
         rope_base=rope_base,
         rope_scaling=rope_scaling,
         norm_eps=cfg.get("rms_norm_eps", 1e-6),
         attention_bias=model_type == "qwen2",  # Qwen2 always has q/k/v bias
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
         tie_embeddings=cfg.get("tie_word_embeddings", False),
     ), where)
     # Mistral v0.1 (and Qwen2 with use_sliding_window) attend to a sliding window only; model.py
@@ -200,6 +238,24 @@ def hf_config_to_args(cfg: dict, where="config.json") -> ModelArgs:
               "agree exactly")
         args.block_size = window
     return args
+
+
+def experts_config(cfg: dict, model_type: str, where) -> dict:
+    """The feed-forward fields of ModelArgs: one dense FFN, or Mixtral's / Qwen3-MoE's experts
+    (every layer's: Qwen3-MoE configs that keep some layers dense are refused)."""
+    if model_type == "mixtral":
+        return dict(intermediate_size=cfg["intermediate_size"],
+                    n_experts=cfg.get("num_local_experts"),
+                    n_active_experts=cfg.get("num_experts_per_tok"), norm_topk_prob=True)
+    if model_type != "qwen3_moe":
+        return dict(intermediate_size=cfg["intermediate_size"])
+    if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
+        raise InputError(f"{where}: dense layers among the experts' (mlp_only_layers, "
+                         "decoder_sparse_step) are not supported")
+    return dict(intermediate_size=cfg.get("moe_intermediate_size"),
+                n_experts=cfg.get("num_experts", cfg.get("num_local_experts")),
+                n_active_experts=cfg.get("num_experts_per_tok"),
+                norm_topk_prob=cfg.get("norm_topk_prob", False))
 
 
 def meta_params_to_args(params: dict, shapes: dict, where) -> ModelArgs:
@@ -320,13 +376,6 @@ def tokenizer_sources(hf_dir: Path, layout: str) -> dict:
 
 # ---- converting ----------------------------------------------------------------------------------
 
-def unpermute(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
-    """HF rotate-half row order -> Meta interleaved, per head. HF row r * head_dim/2 + i of a head
-    holds Meta row 2i + r (r = 0, 1), so split rows as (head, r, i) and swap r and i. Works on
-    weights and biases: (n_heads * head_dim, ...)."""
-    return w.unflatten(0, (n_heads, 2, head_dim // 2)).transpose(1, 2).reshape(w.shape)
-
-
 def convert(files: list[Path], layout: str, args: ModelArgs) -> dict:
     expected = {name: t.shape for name, t in empty_model(args).state_dict().items()}
     if args.tie_embeddings:
@@ -345,9 +394,10 @@ def convert(files: list[Path], layout: str, args: ModelArgs) -> dict:
             if target is None:
                 continue
             dest, part = target
-            if dest not in expected:
-                if dest == "output.weight":  # a tied model's copy of its embedding
-                    continue
+            if dest == "output.weight" and dest not in expected:  # a tied model's embedding copy
+                continue
+            # (a part: an expert's matrix in a dense model, or a dense FFN's in a mixture)
+            if dest not in expected or part is not None and part not in fused_parts(dest, args):
                 raise InputError(f"unexpected tensor {name}: the config describes no such weight")
             tensor = get(name)
             if part in heads and layout == "hf":
@@ -355,15 +405,19 @@ def convert(files: list[Path], layout: str, args: ModelArgs) -> dict:
                     raise InputError(f"{name} has {tensor.shape[0]} rows; config.json says "
                                      f"{heads[part]} heads of {args.head_dim}")
                 tensor = unpermute(tensor, heads[part], args.head_dim)
+            if dest.endswith(("q_norm.weight", "k_norm.weight")) and layout == "hf":
+                tensor = unpermute(tensor, 1, args.head_dim)  # one head's dims, rotary order
             if part is not None:
                 pieces = pending.setdefault(dest, {})
                 pieces[part] = tensor
-                order = FUSED_PARTS[dest.split(".")[-2]]
+                order = fused_parts(dest, args)
                 if len(pieces) < len(order):
                     continue
                 del pending[dest]
                 # (sum of the parts' rows, in_features) or (rows,)
                 tensor = torch.cat([pieces[p] for p in order])
+                if len(expected[dest]) == 3:  # experts: (n_experts, rows, in_features)
+                    tensor = tensor.unflatten(0, (args.n_experts, -1))
                 del pieces
             if tensor.shape != expected[dest]:
                 raise InputError(f"{dest} (from {name}) has shape {tuple(tensor.shape)}; the "
@@ -372,7 +426,7 @@ def convert(files: list[Path], layout: str, args: ModelArgs) -> dict:
         del get  # drop the shard's file handle / mapping before opening the next
     bar.close()
     for dest, pieces in pending.items():
-        part = next(p for p in FUSED_PARTS[dest.split(".")[-2]] if p not in pieces)
+        part = next(p for p in fused_parts(dest, args) if p not in pieces)
         raise InputError(f"missing tensor {source_name(dest, part, layout)}")
     for dest in expected:
         if dest not in out:

@@ -40,3 +40,27 @@ def test_every_kernel_matches_its_reference_on_gpu():
     from kernels import check_kernels
     failures = [r for r in check_kernels("cuda") if not r["ok"]]
     assert not failures, failures
+
+
+def test_mixture_of_experts_compiled_decode_matches_eager_and_grouped_mm_the_gathered_form():
+    from test_moe import tiny_model as tiny_moe
+    model = tiny_moe().cuda()  # float32: 8 experts, 2 per token
+    for n_rows in (3, 5):  # 6 pairs: the gathered form at decode; 10: the grouped (looped) one
+        prompts = [torch.randint(0, 97, (n,)).tolist() for n in (3, 11, 7, 2, 9)[:n_rows]]
+        model.setup_caches(n_rows, 11 + 24)
+        eager = generate(model, prompts, 24, Sampling(temperature=0)).tokens
+        decode = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+        for _ in range(3):  # warm-up, graph recording, replay
+            compiled = generate(model, prompts, 24, Sampling(temperature=0),
+                                decode_fn=decode).tokens
+            assert compiled == eager
+        torch._dynamo.reset()
+    moe = model.layers[0].feed_forward.to(torch.bfloat16)  # bfloat16: torch._grouped_mm on CUDA
+    x = torch.randn(64, moe.w13.in_features, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        experts = moe.gate(x).topk(2).indices  # (64, 2)
+        torch.testing.assert_close(moe.grouped(x, experts), moe.gathered(x, experts),
+                                   atol=2e-2, rtol=2e-2)
+        compiled = torch.compile(moe.grouped, fullgraph=True, dynamic=True)
+        torch.testing.assert_close(compiled(x, experts), moe.grouped(x, experts),
+                                   atol=2e-2, rtol=2e-2)

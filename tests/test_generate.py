@@ -1,10 +1,13 @@
 """The model's cache and the generation loop, on tiny random models (no files needed)."""
+import pytest
 import torch
 
 from generate import Sampling, generate, sample
 from model import ModelArgs, Transformer
 
 TINY = dict(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=97, intermediate_size=96, block_size=128)
+# the feed-forward: dense, or a mixture of 8 experts of which 2 per token (with Qwen3's q/k norm)
+FFN = {"dense": {}, "moe": dict(n_experts=8, n_active_experts=2, qk_norm=True)}
 
 
 def tiny_model(seed=0, **overrides) -> Transformer:
@@ -17,8 +20,9 @@ def tiny_model(seed=0, **overrides) -> Transformer:
 
 
 @torch.no_grad()
-def test_cached_decode_matches_full_forward():
-    model = tiny_model()
+@pytest.mark.parametrize("ffn", FFN)
+def test_cached_decode_matches_full_forward(ffn):
+    model = tiny_model(**FFN[ffn])
     idx = torch.randint(0, TINY["vocab_size"], (2, 40))
     model.setup_caches(2, 64)
     full = model(idx, torch.arange(40))  # (2, 40, vocab)
@@ -44,8 +48,9 @@ def greedy_alone(model, prompt, n):
     return generate(model, [prompt], n, Sampling(temperature=0)).tokens[0]
 
 
-def test_batch_of_different_lengths_matches_each_prompt_alone():
-    model = tiny_model(attention_bias=True)
+@pytest.mark.parametrize("ffn", FFN)
+def test_batch_of_different_lengths_matches_each_prompt_alone(ffn):
+    model = tiny_model(attention_bias=True, **FFN[ffn])
     prompts = [torch.randint(0, 97, (n,)).tolist() for n in (3, 11, 7, 1)]
     alone = [greedy_alone(model, p, 20) for p in prompts]
     model.setup_caches(len(prompts), 11 + 20)

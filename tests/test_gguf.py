@@ -334,3 +334,83 @@ def test_prepare_stops_when_download_fails():
     usage = subprocess.run(["bash", str(ROOT / "scripts/prepare.sh")], capture_output=True,
                            text=True, timeout=60)
     assert usage.returncode != 0 and "usage:" in usage.stderr
+
+
+# ---- Qwen3, Qwen3-MoE and Mixtral, written in llama.cpp's layout -----------------------------
+
+def write_gguf_like_llama_cpp(hf, path: Path, arch: str) -> Path:
+    """The tiny transformers model as llama.cpp's converter writes it: Qwen3's q/k rows left in
+    HF's rotate-half order (llama.cpp rotates Qwen "neox"-style, as transformers' GGUF loader, which
+    permutes only llama's q/k, also assumes), llama's (Mixtral's) permuted to Meta's interleaved
+    order; experts stacked (n_experts, rows, columns) with gate and up apart."""
+    import gguf
+    from test_hf_parity import hf_rows_to_meta
+    cfg = hf.config
+    head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_context_length(256)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    tokens = ["a", "b", "ab"] + [f"<t{i}>" for i in range(cfg.vocab_size - 3)]
+    w.add_token_list(tokens)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_merges(["a b"])
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight":
+             "output_norm.weight", "lm_head.weight": "output.weight"}
+    layer_names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                   "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                   "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                   "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+                   "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                   "mlp.down_proj": "ffn_down",
+                   "mlp.gate": "ffn_gate_inp", "mlp.experts.down_proj": "ffn_down_exps"}
+    if arch == "qwen3moe":
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    if hasattr(cfg, "num_experts_per_tok"):
+        w.add_expert_count(cfg.num_local_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+    heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
+    for name, t in hf.state_dict().items():
+        projection = name.split(".")[-2]
+        if arch == "llama" and projection in heads:
+            t = hf_rows_to_meta(t, heads[projection])
+        t = t.detach().float().numpy()
+        if name in names:
+            w.add_tensor(names[name], t)
+            continue
+        i, rest = name.removeprefix("model.layers.").split(".", 1)
+        if rest == "mlp.experts.gate_up_proj":  # (n_experts, 2 * inter, dim): gate rows, then up
+            gate, up = np.split(t, 2, axis=1)
+            w.add_tensor(f"blk.{i}.ffn_gate_exps.weight", np.ascontiguousarray(gate))
+            w.add_tensor(f"blk.{i}.ffn_up_exps.weight", np.ascontiguousarray(up))
+        else:
+            w.add_tensor(f"blk.{i}.{layer_names[rest.removesuffix('.weight')]}.weight", t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("family, arch", [("qwen3", "qwen3"), ("qwen3-moe", "qwen3moe"),
+                                          ("mixtral", "llama")])
+def test_qwen3_and_mixtral_gguf_logits_match_transformers(family, arch, tmp_path):
+    from test_hf_parity import make_hf_model
+    hf = make_hf_model(family)
+    path = write_gguf_like_llama_cpp(hf, tmp_path / f"{family}.gguf", arch)
+    load_script("convert_gguf").convert(path, tmp_path / "out", torch.float32)
+    ours = load_model(read_checkpoint(tmp_path / "out"))
+    idx = torch.randint(0, hf.config.vocab_size, (2, 64),
+                        generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours.setup_caches(2, 64)
+        delta = (ours(idx, torch.arange(64)) - hf(idx).logits).abs().max().item()
+    assert delta <= 1e-4, f"{family}: max |delta| {delta:.2e}"

@@ -1,10 +1,10 @@
 """scripts/convert_hf_checkpoint.py + model.py against transformers as the independent reference.
 
-Tiny random Llama / Mistral / Qwen2 models are saved the way the HF hub ships them, converted,
-loaded with checkpoint.read_checkpoint + load_model and must give the same float32 logits. The other
-tests check that every input format (sharded safetensors, pytorch_model.bin, Meta's
-consolidated.pth) converts to identical tensors, that an existing checkpoint is replaced only with
---force, and that bad inputs end in one `error:` line.
+Tiny random Llama / Mistral / Mixtral / Qwen2 / Qwen3 / Qwen3-MoE models are saved the way the HF
+hub ships them, converted, loaded with checkpoint.read_checkpoint + load_model and must give the
+same float32 logits. The other tests check that every input format (sharded safetensors,
+pytorch_model.bin, Meta's consolidated.pth) converts to identical tensors, that an existing
+checkpoint is replaced only with --force, and that bad inputs end in one `error:` line.
 """
 import json
 import shutil
@@ -43,6 +43,19 @@ FAMILIES = {  # id -> (transformers config class, overrides of TINY)
     "qwen2-bias": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=False)),
     "llama-tied": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen2-tied": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    # head_dim 32, not hidden_size / heads = 16: q/k/o are wider than the model
+    "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)),
+    "qwen3-tied": ("Qwen3Config", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    "mixtral": ("MixtralConfig", dict(num_key_value_heads=2, num_local_experts=4,
+                                      num_experts_per_tok=2, sliding_window=None)),
+    # Qwen3-MoE: the experts' width is moe_intermediate_size; the dense intermediate_size is unused
+    "qwen3-moe": ("Qwen3MoeConfig", dict(num_key_value_heads=2, head_dim=16, num_experts=8,
+                                         num_experts_per_tok=3, moe_intermediate_size=48,
+                                         norm_topk_prob=True)),
+    "qwen3-moe-unnormed": ("Qwen3MoeConfig", dict(num_key_value_heads=2, head_dim=16,
+                                                  num_experts=8, num_experts_per_tok=3,
+                                                  moe_intermediate_size=48,
+                                                  norm_topk_prob=False)),
 }
 
 
@@ -142,6 +155,56 @@ def test_parity_check_would_catch_rotate_half_rows(hf_models, tmp_path):
     assert (our_logits(out, idx) - hf_logits(hf, idx)).abs().max() > 1e-2
 
 
+def test_parity_check_would_catch_qk_norm_weights_in_hf_order(hf_models, tmp_path):
+    """Guard on the test itself: Qwen3's per-head q/k norm weights scale each dimension before the
+    rotation, so they must follow the q/k rows into the interleaved order; left in HF's order the
+    logits must fail the tolerance."""
+    hf, hf_dir = hf_models("qwen3")
+    out = run_converter(hf_dir, tmp_path / "ckpt")
+    sd = load_file(out / "model.safetensors")
+    for i in range(TINY["num_hidden_layers"]):
+        attn = hf.model.layers[i].self_attn
+        sd[f"layers.{i}.attention.q_norm.weight"] = attn.q_norm.weight.detach().clone()
+        sd[f"layers.{i}.attention.k_norm.weight"] = attn.k_norm.weight.detach().clone()
+    save_file(sd, out / "model.safetensors")
+    idx = torch.randint(0, TINY["vocab_size"], (B, 32), generator=torch.Generator().manual_seed(1))
+    assert (our_logits(out, idx) - hf_logits(hf, idx)).abs().max() > 1e-2
+
+
+def test_parity_check_would_catch_qk_norm_after_rotary(hf_models, tmp_path, monkeypatch):
+    """Guard on the test itself: Qwen3 normalises q and k before the rotation; normalising after
+    it (the norm weights scale the dimensions that the rotation mixes) must fail the tolerance."""
+    import model as model_py
+    hf, hf_dir = hf_models("qwen3")
+    model = load(run_converter(hf_dir, tmp_path / "ckpt"), torch.float32)
+    rotary, current = model_py.apply_rope, {}
+    monkeypatch.setattr(model_py, "apply_rope", lambda x, rope: x)  # rotated inside the norms
+    for layer in model.layers:
+        attention = layer.attention
+        attention.register_forward_pre_hook(lambda m, args: current.update(rope=args[1]))
+        for name in ("q_norm", "k_norm"):
+            norm = getattr(attention, name)
+            delattr(attention, name)
+            setattr(attention, name, lambda x, norm=norm: norm(rotary(x, current["rope"])))
+    idx = torch.randint(0, TINY["vocab_size"], (B, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.setup_caches(B, 32)
+        mutated = model(idx, torch.arange(32))
+    assert (mutated - hf_logits(hf, idx)).abs().max() > 1e-2
+
+
+def test_parity_check_would_catch_a_wrong_router_normalisation(hf_models, tmp_path):
+    """Guard on the test itself: the same Qwen3-MoE weights with the chosen experts' probabilities
+    renormalised (norm_topk_prob ignored) must fail the tolerance."""
+    hf, hf_dir = hf_models("qwen3-moe-unnormed")
+    out = run_converter(hf_dir, tmp_path / "ckpt")
+    config = json.loads((out / "config.json").read_text())
+    assert config["norm_topk_prob"] is False
+    (out / "config.json").write_text(json.dumps({**config, "norm_topk_prob": True}))
+    idx = torch.randint(0, TINY["vocab_size"], (B, 32), generator=torch.Generator().manual_seed(1))
+    assert (our_logits(out, idx) - hf_logits(hf, idx)).abs().max() > 1e-2
+
+
 # ---- input formats convert identically -----------------------------------------------------------
 
 @pytest.mark.parametrize("family", ["llama-gqa", "qwen2-bias"])
@@ -154,6 +217,21 @@ def test_sharded_safetensors(family, hf_models, tmp_path):
     assert len(qkv) > 1, "q/k/v of layer 0 should be split across shards"
     assert_same_checkpoint(run_converter(hf_dir, tmp_path / "a"),
                            run_converter(sharded, tmp_path / "b"))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3-moe"])
+def test_experts_stacked_as_transformers_5_holds_them(family, hf_models, tmp_path):
+    """The same weights named as transformers 5's modules hold them (mlp.experts.gate_up_proj
+    (n_experts, 2 * inter, dim), mlp.experts.down_proj, mlp.gate) rather than per expert."""
+    hf, hf_dir = hf_models(family)
+    fused = tmp_path / "hf_fused"
+    fused.mkdir()
+    shutil.copy(hf_dir / "config.json", fused / "config.json")
+    state_dict = {name: t.detach().contiguous() for name, t in hf.state_dict().items()}
+    assert any(name.endswith("mlp.experts.gate_up_proj") for name in state_dict)
+    save_file(state_dict, fused / "model.safetensors")
+    assert_same_checkpoint(run_converter(hf_dir, tmp_path / "a"),
+                           run_converter(fused, tmp_path / "b"))
 
 
 @pytest.mark.parametrize("n_files", [1, 2], ids=["single-bin", "sharded-bin"])
@@ -402,10 +480,11 @@ def test_converting_again_needs_force_and_replaces_the_whole_set(hf_models, tmp_
     load(out)
 
 
-def test_prefill_then_decode_matches_transformers(hf_models, tmp_path):
+@pytest.mark.parametrize("family", ["qwen2-bias", "mixtral", "qwen3-moe"])
+def test_prefill_then_decode_matches_transformers(family, hf_models, tmp_path):
     """The KV-cache path generation uses: prefill part of the sequence, then one token per
-    forward."""
-    hf, hf_dir = hf_models("qwen2-bias")
+    forward (for a mixture of experts: the grouped form, then the gathered one)."""
+    hf, hf_dir = hf_models(family)
     model = load(run_converter(hf_dir, tmp_path / "ckpt"))
     idx = torch.randint(0, TINY["vocab_size"], (B, T), generator=torch.Generator().manual_seed(2))
     prefill = 100
@@ -417,7 +496,8 @@ def test_prefill_then_decode_matches_transformers(hf_models, tmp_path):
     assert delta <= TOL, f"max |delta| {delta:.2e}"
 
 
-@pytest.mark.parametrize("family", ["llama-gqa", "qwen2-bias", "llama3.1-rope-scaling"])
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen2-bias", "llama3.1-rope-scaling", "qwen3",
+                                    "mixtral", "qwen3-moe"])
 def test_greedy_generation_matches_transformers_generate(family, hf_models, tmp_path):
     from generate import Sampling, generate
     hf, hf_dir = hf_models(family)
@@ -434,3 +514,14 @@ def test_greedy_generation_matches_transformers_generate(family, hf_models, tmp_
     ours = generate(model, [prompt[0].tolist()], 32, Sampling(temperature=0)).tokens[0]
     assert len(ref) == 32
     assert ours == ref
+
+
+def test_experts_that_the_config_does_not_describe_are_refused(hf_models, tmp_path, capsys):
+    """A Mixtral checkpoint whose config.json says llama: its experts are not a dense FFN."""
+    _, hf_dir = hf_models("mixtral")
+    bad = tmp_path / "hf"
+    shutil.copytree(hf_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    line = run_main_expect_error(capsys, bad, tmp_path / "out")
+    assert "unexpected tensor model.layers.0." in line and "no such weight" in line

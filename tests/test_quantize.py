@@ -124,6 +124,46 @@ def test_layer_matches_its_dequantized_weights_and_approximates_the_float_layer(
     assert err < LOOSE[mode, groupsize], f"{mode} g{groupsize}: relative error {err:.4f}"
 
 
+@pytest.mark.parametrize("mode, groupsize", list(LOOSE),
+                         ids=["int8", "int4-g32", "int4-g128-padded", "fp8"])
+@torch.no_grad()
+def test_quantized_experts_match_their_dequantized_reference(mode, groupsize):
+    """Stacked experts quantized expert by expert: each expert's weights are what the one-layer
+    scheme's dequantize() gives for that expert's tensors, and a mixture computes with them in
+    both of its forms."""
+    torch.manual_seed(0)
+    n_experts = 4
+    w = torch.randn(n_experts, N, K) * 0.02  # (n_experts, N, K)
+    tensors = Q.quantize_weight(mode, w, groupsize)
+    padded = Q.int4_padded_k(K, groupsize) if groupsize else None
+    experts = kernels.EXPERTS[mode](n_experts, K, N, groupsize=groupsize, padded_in_features=padded)
+    experts.load_state_dict(tensors, strict=True, assign=True)
+    reference = []
+    for e in range(n_experts):
+        layer = kernels.LINEARS[mode](K, N, False, groupsize=groupsize, padded_in_features=padded)
+        layer.load_state_dict({k: t[e] for k, t in tensors.items()}, strict=True, assign=True)
+        reference.append(layer.dequantize())  # (N, K) float32
+    reference = torch.stack(reference)  # (n_experts, N, K)
+    torch.testing.assert_close(experts.weights(..., torch.float32), reference, rtol=0, atol=0)
+    idx = torch.tensor([[3, 1], [0, 3]])
+    torch.testing.assert_close(experts.weights(idx, torch.float32), reference[idx], rtol=0, atol=0)
+    assert rel_err(reference, w) < LOOSE[mode, groupsize]
+    # A mixture whose w2 (intermediate K -> dim N) are these experts, against the same mixture
+    # holding their dequantized weights, in the grouped form (12 pairs > 4 experts) and gathered
+    args = ModelArgs(dim=N, n_layer=1, n_head=1, vocab_size=8, intermediate_size=K,
+                     n_experts=n_experts, n_active_experts=2)
+    moe = M.MoEFeedForward(args)
+    nn.init.normal_(moe.gate.weight)
+    nn.init.normal_(moe.w13.weight, std=0.1)
+    moe.w2.weight = nn.Parameter(reference)
+    quantized = M.MoEFeedForward(args)
+    quantized.load_state_dict(moe.state_dict())
+    quantized.w2 = experts
+    x = torch.randn(1, 6, N)
+    torch.testing.assert_close(quantized(x), moe(x))
+    torch.testing.assert_close(quantized(x[:, :1]), moe(x[:, :1]))
+
+
 def test_int4_nibbles_pack_two_to_a_byte_even_column_high():
     q = torch.tensor([[1, 2, 15, 0], [7, 8, 9, 10]], dtype=torch.uint8)
     packed = Q.pack_int4(q)
@@ -235,23 +275,29 @@ def out_name(mode, groupsize) -> str:
     return f"model_int4.g{groupsize}.pth" if mode == "int4" else f"model_{mode}.pth"
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """A float32 tiny checkpoint (tied embeddings, q/k/v bias) and its quantized files, one per
-    FILE_CASES."""
+def save_random_checkpoint(folder, config: dict) -> Transformer:
+    """A float32 checkpoint of random weights in folder; returns its model."""
     torch.manual_seed(0)
-    args = ModelArgs(**TINY)
+    args = ModelArgs(**config)
     model = Transformer(args)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p))
-    folder = tmp_path_factory.mktemp("tiny")
     save_checkpoint(folder, args, model.state_dict(), force=True)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A float32 tiny checkpoint (tied embeddings, q/k/v bias) and its quantized files, one per
+    FILE_CASES."""
+    folder = tmp_path_factory.mktemp("tiny")
+    model = save_random_checkpoint(folder, TINY)
     for mode, groupsize, include_output in FILE_CASES:
         Q.main(["--checkpoint_path", str(folder / "model.safetensors"), "--mode", mode]
                + (["--groupsize", str(groupsize)] if groupsize else [])
                + (["--include_output"] if include_output else []))
-    return folder, model.eval()
+    return folder, model
 
 
 def logits_of(model, idx):
@@ -349,6 +395,40 @@ def test_files_load_in_a_fresh_process_in_bfloat16_and_float32(tiny_checkpoint, 
                 assert dtype == dtypes32[key] == stored[suffix], (name, key)
             else:  # embeddings, norms, biases, int8 and int4 scales and zeros
                 assert dtype == "torch.bfloat16" and dtypes32[key] == "torch.float32", (name, key)
+
+
+MOE = dict(TINY, intermediate_size=64, n_experts=4, n_active_experts=2, qk_norm=True)
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoint(tmp_path_factory):
+    """A float32 tiny mixture of experts and its float model."""
+    folder = tmp_path_factory.mktemp("moe")
+    return folder, save_random_checkpoint(folder, MOE)
+
+
+@pytest.mark.parametrize("mode, groupsize", [("int8", None), ("int4", 32), ("fp8", None)])
+def test_a_mixture_of_experts_quantizes_per_expert_and_keeps_its_router(moe_checkpoint, mode,
+                                                                         groupsize):
+    folder, float_model = moe_checkpoint
+    Q.main(["--checkpoint_path", str(folder), "--mode", mode]
+           + (["--groupsize", str(groupsize)] if groupsize else []))
+    ckpt = read_checkpoint(folder / out_name(mode, groupsize))
+    loaded = load_model(ckpt, dtype=torch.float32)
+    moe = loaded.layers[0].feed_forward
+    assert isinstance(moe.w13, kernels.EXPERTS[mode]) and isinstance(moe.w2, kernels.EXPERTS[mode])
+    assert type(moe.gate) is nn.Linear and moe.gate.weight.dtype == torch.float32
+    assert "layers.0.feed_forward.gate" not in ckpt.quantization["layers"]
+    assert rel_err(logits_of(loaded, IDX), logits_of(float_model, IDX)) < 0.2
+
+
+def test_gptq_refuses_a_mixture_of_experts_in_one_line(moe_checkpoint, capsys):
+    folder, _ = moe_checkpoint
+    with pytest.raises(SystemExit) as exit_info:
+        Q.main(["--checkpoint_path", str(folder), "--mode", "int4-gptq"])
+    assert exit_info.value.code == 1
+    assert_one_error_line(capsys.readouterr().err, "int4-gptq", "experts")
+    assert not list(folder.glob("model_int4-gptq*"))
 
 
 # ---- 5. the command line's errors --------------------------------------------------------------

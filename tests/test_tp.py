@@ -21,6 +21,8 @@ CONFIGS = {
     "mha-bias": dict(n_kv_heads=4, attention_bias=True, vocab_size=96),
     "gqa": dict(n_kv_heads=2, vocab_size=96),
     "gqa-bias-tied": dict(n_kv_heads=2, attention_bias=True, tie_embeddings=True),
+    # a mixture of experts (Qwen3-MoE's shape: q/k norm, 4 experts of which 2 per token)
+    "moe": dict(n_kv_heads=2, intermediate_size=64, n_experts=4, n_active_experts=2, qk_norm=True),
 }
 QUANTIZED = {"int8": ["--mode", "int8"], "int4": ["--mode", "int4", "--groupsize", "32"]}  # of gqa-bias-tied
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone")
@@ -42,10 +44,14 @@ def save_tiny(folder, seed: int = 0, **overrides):
 
 @pytest.fixture(scope="module")
 def tiny_checkpoints(tmp_path_factory) -> dict:
-    """{name: weights file} for every CONFIGS entry and the int8 / int4 copies of gqa-bias-tied."""
+    """{name: weights file} for every CONFIGS entry, the int4 copy of moe and the int8 / int4 copies of
+    gqa-bias-tied."""
     import quantize
     root = tmp_path_factory.mktemp("tp")
     paths = {name: save_tiny(root / name, i, **cfg) / "model.safetensors" for i, (name, cfg) in enumerate(CONFIGS.items())}
+    paths["moe-int4"] = root / "moe" / "model_int4.pth"
+    quantize.main(["--checkpoint_path", str(paths["moe"]), "--mode", "int4", "--groupsize", "32",
+                   "--out", str(paths["moe-int4"])])
     for mode, flags in QUANTIZED.items():
         out = root / "gqa-bias-tied" / f"model_{mode}.pth"
         quantize.main(["--checkpoint_path", str(paths["gqa-bias-tied"]), *flags, "--out", str(out)])
@@ -116,6 +122,25 @@ def test_the_ranks_parts_put_together_are_the_checkpoint(tiny_checkpoints):
     assert torch.equal(parts[1].tok_embeddings.weight, whole.tok_embeddings.weight)
 
 
+def test_each_rank_holds_its_slice_of_every_expert_and_the_whole_router(tiny_checkpoints):
+    import tp
+    path = tiny_checkpoints["moe"]
+    whole = load_model(read_checkpoint(path))
+    parts = [tp.load_shard(path, rank, 2, "cpu") for rank in range(2)]
+    for i in range(whole.args.n_layer):
+        moe, halves = whole.layers[i].feed_forward, [p.layers[i].feed_forward for p in parts]
+        gates_ups = [h.w13.weight.chunk(2, dim=1) for h in halves]  # (experts, inter / 2, dim) each
+        for j, full in enumerate(moe.w13.weight.chunk(2, dim=1)):
+            assert torch.equal(torch.cat([g[j] for g in gates_ups], dim=1), full)
+        assert torch.equal(torch.cat([h.w2.weight for h in halves], dim=2), moe.w2.weight)
+        assert all(torch.equal(h.gate.weight, moe.gate.weight) for h in halves)
+    int4 = [tp.load_shard(tiny_checkpoints["moe-int4"], rank, 2, "cpu") for rank in range(2)]
+    whole = load_model(read_checkpoint(tiny_checkpoints["moe-int4"]))
+    w2 = [p.layers[0].feed_forward.w2.weights(..., torch.float32) for p in int4]
+    torch.testing.assert_close(torch.cat(w2, dim=2),
+                               whole.layers[0].feed_forward.w2.weights(..., torch.float32))
+
+
 def test_quantize_then_split_equals_split_then_quantize(tiny_checkpoints):
     """Every int4 layer (groups fall on the split), and int8's column-parallel layers (scales are per row): the
     stored tensors of a rank's part of the quantized file are those of its quantized float part. int8's
@@ -162,6 +187,19 @@ def test_random_quantized_weights_are_quantize_pys_layers_on_each_rank():
     assert logits.shape == (2, 11, 32000 // 2) and logits.isfinite().all()
     with pytest.raises(InputError, match="144 per process, which is not whole int4 groups of 32"):
         tp.random_shard("stories15M", "int4.g32", 2, "cpu", torch.float32)  # as a real checkpoint would be
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4.g32", "fp8"])
+def test_random_quantized_experts_on_each_rank(monkeypatch, precision):
+    import kernels
+    import tp
+    monkeypatch.setitem(NAMED_CONFIGS, "tiny-moe", {**TINY, **CONFIGS["moe"]})
+    part = tp.random_shard("tiny-moe", precision, 2, "cpu", torch.float32)
+    moe = part.layers[0].feed_forward
+    assert type(moe.w13) is type(moe.w2) is kernels.EXPERTS[precision.partition(".")[0]]
+    assert moe.w13.weights(..., torch.float32).shape == (4, 2 * 64 // 2, TINY["dim"])
+    assert type(moe.gate) is torch.nn.Linear  # the router stays in float
+    assert logits_of(part).isfinite().all()
 
 
 def test_random_quantization_goes_with_random_weights(tmp_path, capsys):

@@ -1,0 +1,157 @@
+"""The mixture-of-experts feed-forward on tiny random models (transformers parity is in
+test_hf_parity.py, decoding and batching in test_generate.py): its forms agree, it traces as one
+graph, speculative decoding and eval.py take it unchanged, and the named configs have their
+published sizes."""
+import copy
+
+import pytest
+import torch
+
+from generate import (DraftModel, Sampling, generate, speculative_generate,
+                      unchosen_expert_bytes)
+from model import CONFIGS, ModelArgs, MoEFeedForward, Transformer
+
+TINY = dict(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=97, intermediate_size=48,
+            block_size=128, n_experts=8, n_active_experts=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Many small forwards: on a busy 2-core machine two threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(seed=0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(**{**TINY, **overrides}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if "norm" in name else 0.0, 0.2 if "norm" in name else 0.1)
+    return model.eval()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_gathered_grouped_and_looped_forms_agree(norm_topk_prob, dtype):
+    """bfloat16 prefills take torch._grouped_mm, other dtypes the loop over experts."""
+    moe = tiny_model(norm_topk_prob=norm_topk_prob).layers[0].feed_forward.to(dtype)
+    assert isinstance(moe, MoEFeedForward)
+    x = torch.randn(3, 5, TINY["dim"], dtype=dtype)  # 15 tokens: more pairs than experts, grouped
+    experts = moe.gate(x.view(15, -1)).topk(2).indices  # (15, 2)
+    gathered = moe.gathered(x.view(15, -1), experts)  # (15, 2, dim)
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(moe.grouped(x.view(15, -1), experts), gathered, **tol)
+    torch.testing.assert_close(moe.looped(x.view(15, -1), experts), gathered, **tol)
+    # ...and forward, which takes the gathered form token by token, the grouped one for all
+    one_by_one = torch.cat([moe(x[:, t:t + 1]) for t in range(5)], dim=1)
+    torch.testing.assert_close(moe(x), one_by_one, **tol)
+
+
+def test_speculative_greedy_matches_plain_greedy():
+    """The target verifies k + 1 = 5 tokens per round (10 pairs: the grouped form) and decodes one
+    (the gathered form); a noisy copy drafts."""
+    target = tiny_model()
+    draft = copy.deepcopy(target)
+    with torch.no_grad():
+        for name, p in draft.named_parameters():
+            if "norm" not in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    prompt, n, k = [5, 6, 7], 24, 4
+    target.setup_caches(1, len(prompt) + n)
+    plain = generate(target, [prompt], n, Sampling(temperature=0)).tokens[0]
+    for model in (target, draft):
+        model.setup_caches(1, len(prompt) + n + k - 1)
+    gen = speculative_generate(target, DraftModel(draft, k, Sampling(temperature=0)), [prompt], n,
+                               Sampling(temperature=0))
+    assert gen.tokens[0] == plain
+    assert max(gen.accepted_lengths) > 1 and min(gen.accepted_lengths) < k + 1
+
+
+class IdTokenizer:
+    """Token ids as text, enough for eval.EvalModel's scoring."""
+    bos_id, eos_ids = 1, [2]
+
+    def encode(self, text: str) -> list:
+        return [self.bos_id] + [int(t) for t in text.split()]
+
+
+def test_eval_scores_are_the_models_own_log_probabilities():
+    """eval.py's batched scoring (left-padded rows of different lengths) on a mixture of experts."""
+    from eval import EvalModel
+    model = tiny_model()
+    em = EvalModel(model, IdTokenizer(), max_seq_length=32, batch_size=2)
+    requests = [([1, 5, 9, 14, 3, 7], 2), ([1, 8, 2], 1), ([1, 4, 4, 60, 11, 30, 5, 9, 3], 4)]
+    scores = em.score(requests, progress=False)
+    for (tokens, n), (logprob, _) in zip(requests, scores):
+        model.setup_caches(1, len(tokens))
+        with torch.no_grad():
+            logits = model(torch.tensor([tokens[:-1]]), torch.arange(len(tokens) - 1))[0]
+        expected = logits.log_softmax(-1)[torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])]
+        assert logprob == pytest.approx(expected[-n:].sum().item(), abs=1e-4)
+
+
+def test_decode_step_and_prefill_trace_as_one_graph_each():
+    """No data-dependent control flow or host sync: the decode step compiles fullgraph (one CUDA
+    graph on a GPU), and so does a prefill of any length (the grouped form; torch._grouped_mm
+    traces in bfloat16)."""
+    model = tiny_model().to(torch.bfloat16)
+    model.setup_caches(1, 32)
+
+    def step(idx, input_pos):
+        return model(idx, input_pos)
+    decode = torch.compile(step, backend="eager", fullgraph=True)
+    prefill = torch.compile(step, backend="eager", fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        prefill(torch.randint(0, 97, (1, 9)), torch.arange(9))
+        prefill(torch.randint(0, 97, (1, 13)), torch.arange(13))
+        decode(torch.tensor([[5]]), torch.tensor([13]))
+
+
+# published sizes (model cards): total parameters, and those a token uses (its experts only)
+PUBLISHED = {"Mixtral-8x7B": (46.7e9, 12.9e9), "Mixtral-8x22B": (141e9, 39e9),
+             "Qwen3-30B-A3B": (30.5e9, 3.3e9), "Qwen3-235B-A22B": (235e9, 22e9),
+             "Qwen3-0.6B": (0.6e9, 0.6e9), "Qwen3-1.7B": (1.7e9, 1.7e9),
+             "Qwen3-4B": (4.0e9, 4.0e9), "Qwen3-8B": (8.2e9, 8.2e9), "Qwen3-14B": (14.8e9, 14.8e9),
+             "Qwen3-32B": (32.8e9, 32.8e9)}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_named_configs_have_their_published_sizes(name):
+    args = ModelArgs(**CONFIGS[name])
+    with torch.device("meta"):
+        model = Transformer(args)
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".feed_forward.w" in n)
+    active = total - (experts * (1 - args.n_active_experts / args.n_experts) if args.n_experts
+                      else 0)
+    published_total, published_active = PUBLISHED[name]
+    assert abs(total / published_total - 1) < 0.02, f"{total / 1e9:.2f}B parameters"
+    assert abs(active / published_active - 1) < 0.05, f"{active / 1e9:.2f}B active"
+
+
+def test_a_decode_step_reads_the_chosen_experts_only():
+    model = tiny_model()  # float32: 8 experts of which 2 per token
+    a = model.args
+    expert_bytes = 4 * 3 * a.intermediate_size * a.dim  # one expert's w1, w2 and w3
+    assert unchosen_expert_bytes(model, 1) == a.n_layer * 6 * expert_bytes
+    # 3 tokens choose on average 8 (1 - (6/8)^3) = 4.625 distinct experts, far fewer than 3 x 2
+    assert unchosen_expert_bytes(model, 3) == pytest.approx(a.n_layer * 3.375 * expert_bytes)
+
+
+@pytest.mark.parametrize("fields, word", [
+    (dict(n_experts=4, n_active_experts=0), "n_active_experts 0 must be between 1 and n_experts 4"),
+    (dict(n_experts=4, n_active_experts=5), "n_active_experts 5 must be between 1"),
+    (dict(n_experts=0, n_active_experts=2), "n_active_experts 2 must be between 1 and n_experts 0"),
+    (dict(n_experts=-1), "n_experts must be an integer >= 0"),
+    (dict(n_experts=4.0, n_active_experts=2), "n_experts must be an integer >= 0"),
+    (dict(norm_topk_prob="yes"), "norm_topk_prob must be true or false"),
+    (dict(qk_norm=1), "qk_norm must be true or false"),
+])
+def test_bad_expert_and_qk_norm_fields_are_refused_in_one_sentence(fields, word):
+    from checkpoint import InputError, parse_config
+    with pytest.raises(InputError, match=f"^config.json: {word}"):
+        parse_config({**TINY, **fields}, "config.json")
