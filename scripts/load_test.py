@@ -9,11 +9,11 @@ POST /v1/completions after another, until --requests have been sent or --duratio
 passed (requests in flight then are waited for and counted). The model is the first one that
 GET /v1/models lists.
 
-The prompt is one sentence repeated to about --prompt_tokens tokens: two short requests first
-measure the server's token count of one and two sentences (they also warm it up), so no tokenizer
-is needed here. A model continues such a text by repeating it, greedily (temperature 0), so answers
-run to --max_tokens; those that end earlier show in finish_reasons. Every request starts with its
-own number, so a server's prefix cache cannot share prompts between requests.
+The prompt counts up, "10001, 10002, 10003, ...", to about --prompt_tokens tokens: two short
+requests first measure the server's token count of 8 and of 16 numbers (they also warm it up), so
+no tokenizer is needed here. A model, base or chat, continues the count greedily (temperature 0), so
+answers run to --max_tokens; those that end earlier show in finish_reasons. Each request's count
+starts at its own number, so a server's prefix cache cannot share prompts between requests.
 
 Reported (and written to --out as JSON):
 - requests/s and output tok/s: finished requests and their completion tokens (the server's usage
@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoint import InputError, check_writable  # noqa: E402
 from generate import write_json  # noqa: E402
 
-SENTENCE = "The quick brown fox jumps over the lazy dog. "
+CALIBRATION = (8, 16)  # prompts of this many numbers measure the tokens of one
 
 
 @dataclass
@@ -64,8 +64,9 @@ def percentile(values: list, q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def prompt(number: int, sentences: int) -> str:
-    return f"{number}. " + SENTENCE * sentences
+def prompt(request: int, numbers: int) -> str:
+    """Five-digit numbers, so that each has as many tokens as the next (in any tokenizer)."""
+    return "".join(f"{10000 + request + i}, " for i in range(numbers)).rstrip()
 
 
 async def stream_request(client, model: str, text: str, max_tokens: int) -> Result:
@@ -86,16 +87,16 @@ async def stream_request(client, model: str, text: str, max_tokens: int) -> Resu
 
 
 async def first_contact(client) -> tuple[str, int, int]:
-    """The model's name and the server's token counts of a one- and a two-sentence prompt. A server
-    that cannot be reached or refuses these requests is bad input (a wrong --url or --api_key)."""
+    """The model's name and the server's token counts of the CALIBRATION prompts. A server that
+    cannot be reached or refuses these requests is bad input (a wrong --url or --api_key)."""
     try:
         models = (await client.models.list()).data
         if not models:
             raise InputError(f"the server at {client.base_url} lists no models")
         model = models[0].id
         counts = []
-        for sentences in (1, 2):
-            response = await client.completions.create(model=model, prompt=prompt(0, sentences),
+        for numbers in CALIBRATION:
+            response = await client.completions.create(model=model, prompt=prompt(0, numbers),
                                                        max_tokens=1, temperature=0)
             counts.append(response.usage.prompt_tokens)
     except openai.APIConnectionError as e:
@@ -103,14 +104,15 @@ async def first_contact(client) -> tuple[str, int, int]:
     except openai.APIStatusError as e:
         raise InputError(f"the server at {client.base_url} answered {e.status_code}: "
                          f"{e.message}") from None
-    return model, counts[0], counts[1] - counts[0]
+    return model, counts[0], counts[1]
 
 
 async def load(args) -> dict:
     client = openai.AsyncOpenAI(base_url=args.url, api_key=args.api_key or "none", max_retries=0,
                                 timeout=600)
-    model, first, per_sentence = await first_contact(client)
-    sentences = max(1, round((args.prompt_tokens - first) / per_sentence) + 1)
+    model, short, long = await first_contact(client)
+    per_number = (long - short) / (CALIBRATION[1] - CALIBRATION[0])
+    numbers = max(1, round(CALIBRATION[0] + (args.prompt_tokens - short) / per_number))
     results, errors = [], Counter()
     sent = 0
     progress = tqdm(total=args.requests, unit="req", desc="requests", file=sys.stderr)
@@ -122,7 +124,7 @@ async def load(args) -> dict:
         while (args.requests is None or sent < args.requests) and time.perf_counter() < deadline:
             sent += 1
             try:
-                results.append(await stream_request(client, model, prompt(sent, sentences),
+                results.append(await stream_request(client, model, prompt(sent, numbers),
                                                     args.max_tokens))
             except openai.APIError as e:  # e.g. 429 (the queue is full), a dropped connection
                 errors[str(e.status_code) if isinstance(e, openai.APIStatusError)
