@@ -1,0 +1,136 @@
+"""scripts/load_test.py against a real server.py (SmolLM2-135M on the CPU, on 127.0.0.1) for a few
+seconds: its JSON result counts every request once, its percentiles are ordered, its token counts
+are the server's. Bad input is one line. Nothing here asserts a speed."""
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, assert_one_error_line, load_script, run_script
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve(checkpoint: Path, log: Path, *flags, timeout: float = 300):
+    """server.py on a free port of 127.0.0.1, as a user starts it; yields its base URL
+    (http://127.0.0.1:PORT) once GET /health answers, and stops it with SIGTERM at the end."""
+    port = free_port()
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "server.py", "--checkpoint_path", str(checkpoint), "--device", "cpu",
+             "--host", "127.0.0.1", "--port", str(port), *map(str, flags)],
+            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            tail = log.read_text()[-3000:]
+            assert process.poll() is None, f"server.py exited:\n{tail}"
+            assert time.monotonic() < deadline, f"no answer from /health in {timeout} s:\n{tail}"
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5):  # raises unless 2xx
+                    break
+            except OSError:  # not listening yet, or not ready: URLError and HTTPError are OSErrors
+                pass
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_checkpoint, tmp_path_factory) -> str:
+    with serve(smollm2_checkpoint, tmp_path_factory.mktemp("server") / "server.log") as url:
+        yield url
+
+
+def test_load_test_reports_every_request_and_ordered_percentiles(server, tmp_path):
+    out = tmp_path / "load.json"
+    r = run_script("scripts/load_test.py", "--url", f"{server}/v1", "--concurrency", "3",
+                   "--duration", "3", "--prompt_tokens", "40", "--max_tokens", "6", "--out", out,
+                   timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["model"] and result["concurrency"] == 3 and result["max_tokens"] == 6
+    # Every client sent at least one request, each finished and was counted once.
+    assert result["sent"] >= 3 and result["finished"] == result["sent"] and result["failed"] == 0
+    assert result["errors"] == {}
+    assert sum(result["finish_reasons"].values()) == result["finished"]
+    # Counting on, the model writes answers that run to max_tokens: the server's usage counts them.
+    assert result["finish_reasons"] == {"length": result["finished"]}
+    assert result["output_tokens"] == 6 * result["finished"]
+    assert abs(result["prompt_tokens"] - 40) <= 4  # whole numbers, of 7 tokens in SmolLM2
+    assert result["requests_per_s"] == pytest.approx(result["finished"] / result["wall_s"])
+    assert result["output_tok_s"] == pytest.approx(result["output_tokens"] / result["wall_s"])
+    assert result["wall_s"] >= 3
+    for stats in (result["ttft_ms"], result["itl_ms"]):
+        assert 0 < stats["p50"] <= stats["p99"]
+    # A gap between each two streamed chunks of an answer, at most one per token after the first.
+    gaps = result["output_tokens"] - result["finished"]
+    assert result["finished"] <= result["itl_samples"] <= gaps
+    assert "requests/s" in r.stdout and "ITL" in r.stdout
+
+
+def run_main(argv, capsys) -> tuple[int, str, str]:
+    """load_test.main in this process: (exit status, stdout, stderr), as the interpreter would end
+    it: sys.exit("message") prints the message to stderr and exits with status 1."""
+    try:
+        load_script("load_test").main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+        if isinstance(code, str):
+            print(code, file=sys.stderr)
+            code = 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_load_test_with_a_request_count_sends_exactly_that_many(server, tmp_path, capsys):
+    out = tmp_path / "load.json"
+    code, _, err = run_main(["--url", f"{server}/v1", "--concurrency", "2", "--requests", "3",
+                             "--prompt_tokens", "12", "--max_tokens", "2", "--out", out], capsys)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert result["sent"] == result["finished"] == 3 and result["output_tokens"] == 6
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--requests", "0"], "--requests"),
+    (["--requests", "2", "--duration", "5"], "not both"),
+    (["--url", "127.0.0.1:8000/v1"], "URL"),
+])
+def test_load_test_bad_flags_are_one_error_line(flags, words, capsys):
+    code, _, err = run_main(flags, capsys)
+    assert code == 1
+    assert_one_error_line(err, words)
+
+
+def test_load_test_names_a_server_that_refuses_it(server, capsys):
+    code, _, err = run_main(["--url", f"{server}/no/such/api", "--requests", "1"], capsys)
+    assert code == 1
+    assert_one_error_line(err, "404", f"{server}/no/such/api")
+
+
+def test_load_test_names_a_server_it_cannot_reach(capsys):
+    code, _, err = run_main(["--url", f"http://127.0.0.1:{free_port()}/v1", "--requests", "1"],
+                            capsys)
+    assert code == 1
+    assert_one_error_line(err, "cannot reach")
