@@ -88,26 +88,24 @@ def test_load_test_reports_every_request_and_ordered_percentiles(server, tmp_pat
     assert "requests/s" in r.stdout and "ITL" in r.stdout
 
 
-def run_main(argv, capsys) -> tuple[int, str, str]:
-    """load_test.main in this process: (exit status, stdout, stderr), as the interpreter would end
-    it: sys.exit("message") prints the message to stderr and exits with status 1."""
-    try:
-        load_script("load_test").main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-        if isinstance(code, str):
-            print(code, file=sys.stderr)
-            code = 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+@pytest.fixture(scope="module")
+def load_test():
+    return load_script("load_test")
 
 
-def test_load_test_with_a_request_count_sends_exactly_that_many(server, tmp_path, capsys):
+def refusal(load_test, *flags) -> str:
+    """The message load_test.main exits with: sys.exit("error: ...") prints it to stderr as the
+    program's last words, exit status 1."""
+    with pytest.raises(SystemExit) as exit:
+        load_test.main([str(flag) for flag in flags])
+    assert isinstance(exit.value.code, str), exit.value.code
+    return exit.value.code
+
+
+def test_load_test_with_a_request_count_sends_exactly_that_many(server, load_test, tmp_path):
     out = tmp_path / "load.json"
-    code, _, err = run_main(["--url", f"{server}/v1", "--concurrency", "2", "--requests", "3",
-                             "--prompt_tokens", "12", "--max_tokens", "2", "--out", out], capsys)
-    assert code == 0, err
+    load_test.main(["--url", f"{server}/v1", "--concurrency", "2", "--requests", "3",
+                    "--prompt_tokens", "12", "--max_tokens", "2", "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["sent"] == result["finished"] == 3 and result["output_tokens"] == 6
 
@@ -117,20 +115,15 @@ def test_load_test_with_a_request_count_sends_exactly_that_many(server, tmp_path
     (["--requests", "2", "--duration", "5"], "not both"),
     (["--url", "127.0.0.1:8000/v1"], "URL"),
 ])
-def test_load_test_bad_flags_are_one_error_line(flags, words, capsys):
-    code, _, err = run_main(flags, capsys)
-    assert code == 1
-    assert_one_error_line(err, words)
+def test_load_test_bad_flags_are_one_error_line(load_test, flags, words):
+    assert_one_error_line(refusal(load_test, *flags), words)
 
 
-def test_load_test_names_a_server_that_refuses_it(server, capsys):
-    code, _, err = run_main(["--url", f"{server}/no/such/api", "--requests", "1"], capsys)
-    assert code == 1
-    assert_one_error_line(err, "404", f"{server}/no/such/api")
+def test_load_test_names_a_server_that_refuses_it(server, load_test):
+    url = f"{server}/no/such/api"
+    assert_one_error_line(refusal(load_test, "--url", url, "--requests", 1), "404", url)
 
 
-def test_load_test_names_a_server_it_cannot_reach(capsys):
-    code, _, err = run_main(["--url", f"http://127.0.0.1:{free_port()}/v1", "--requests", "1"],
-                            capsys)
-    assert code == 1
-    assert_one_error_line(err, "cannot reach")
+def test_load_test_names_a_server_it_cannot_reach(load_test):
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    assert_one_error_line(refusal(load_test, "--url", url, "--requests", 1), "cannot reach")
