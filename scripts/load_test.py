@@ -53,7 +53,6 @@ class Result:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: Optional[str] = None
-    done: float = 0.0
 
 
 def percentile(values: list, q: float) -> float:
@@ -65,7 +64,7 @@ def percentile(values: list, q: float) -> float:
 
 
 def prompt(request: int, numbers: int) -> str:
-    """Five-digit numbers, so that each has as many tokens as the next (in any tokenizer)."""
+    """Five-digit numbers: in the usual tokenizers, each has as many tokens as the next."""
     return "".join(f"{10000 + request + i}, " for i in range(numbers)).rstrip()
 
 
@@ -82,7 +81,6 @@ async def stream_request(client, model: str, text: str, max_tokens: int) -> Resu
         if chunk.usage:  # the last chunk, asked for by include_usage
             result.prompt_tokens = chunk.usage.prompt_tokens
             result.completion_tokens = chunk.usage.completion_tokens
-    result.done = time.perf_counter()
     return result
 
 
