@@ -10,8 +10,10 @@ from playwright.sync_api import expect, sync_playwright
 
 from test_load_test import serve
 
+pytestmark = pytest.mark.slow  # a browser and a server, end to end (CI installs the browser)
+
 API_KEY = "test-key"
-ANSWER_MS = 120_000  # ms: a streamed answer of a few tokens on a busy 2-core CPU
+ANSWER_MS = 120_000  # a streamed answer of a few tokens on a busy 2-core CPU
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +63,10 @@ def test_chat_page_streams_the_answer_to_a_question(page, tmp_path):
     expect(page.locator(".assistant").last).to_contain_text("Paris", timeout=ANSWER_MS)
     expect(page.locator("#send")).to_be_visible(timeout=ANSWER_MS)  # the stream has ended
     expect(page.locator("#input")).to_have_value("")
-    page.screenshot(path=tmp_path / "chat.png")
+    page.screenshot(path=tmp_path / "chat.png")  # for a person to look at
 
 
-def test_chat_page_stops_an_answer_and_keeps_the_conversation(page):
+def test_chat_page_stops_an_answer_and_keeps_the_conversation_until_a_new_chat(page):
     ask(page, "Write a long story about a dragon.", 200)
     answer = page.locator(".assistant").last
     expect(answer).not_to_be_empty(timeout=ANSWER_MS)
@@ -81,6 +83,13 @@ def test_chat_page_stops_an_answer_and_keeps_the_conversation(page):
     assert sent["messages"][1]["content"] == stopped
     assert sent["model"] == page.locator("#model").text_content().removeprefix("· ")
     expect(page.locator(".assistant")).to_have_count(2)
+    expect(page.locator("#send")).to_be_visible(timeout=ANSWER_MS)
+    # A new chat starts from an empty conversation.
+    page.click("#clear")
+    expect(page.locator(".message")).to_have_count(0)
+    with page.expect_request("**/v1/chat/completions") as request:
+        ask(page, "Hello!", 1)
+    assert [m["role"] for m in json.loads(request.value.post_data)["messages"]] == ["user"]
     expect(page.locator("#send")).to_be_visible(timeout=ANSWER_MS)
 
 
