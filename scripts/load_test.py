@@ -161,9 +161,9 @@ def summary(args, model: str, results: list, errors: Counter, sent: int, wall: f
 def report(result: dict):
     def ms(stats):
         return f"{stats['p50']:.1f} / {stats['p99']:.1f} ms" if stats else "-"
+    errors = f" {result['errors']}" if result["errors"] else ""
     print(f"{result['model']} at {result['url']}: {result['concurrency']} clients, "
-          f"{result['finished']} requests finished, {result['failed']} failed "
-          f"{result['errors'] or ''}")
+          f"{result['finished']} requests finished, {result['failed']} failed{errors}")
     print(f"requests/s     {result['requests_per_s']:.2f}")
     print(f"output tok/s   {result['output_tok_s']:.1f}")
     print(f"TTFT p50 / p99 {ms(result['ttft_ms'])}")
