@@ -55,9 +55,13 @@ def serve(checkpoint: Path, log: Path, *flags, timeout: float = 300):
             process.wait()
 
 
+ROWS, QUEUE = 2, 1  # the server takes 3 requests at a time: 3 clients never hear 429
+
+
 @pytest.fixture(scope="module")
 def server(smollm2_checkpoint, tmp_path_factory) -> str:
-    with serve(smollm2_checkpoint, tmp_path_factory.mktemp("server") / "server.log") as url:
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with serve(smollm2_checkpoint, log, "--max_batch_size", ROWS, "--max_queue", QUEUE) as url:
         yield url
 
 
@@ -108,6 +112,19 @@ def test_load_test_with_a_request_count_sends_exactly_that_many(server, load_tes
                     "--prompt_tokens", "12", "--max_tokens", "2", "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["sent"] == result["finished"] == 3 and result["output_tokens"] == 6
+
+
+def test_load_test_counts_the_requests_the_server_refuses(server, load_test, tmp_path):
+    out = tmp_path / "load.json"
+    load_test.main(["--url", f"{server}/v1", "--concurrency", "5", "--requests", "8",
+                    "--prompt_tokens", "12", "--max_tokens", "8", "--out", str(out)])
+    result = json.loads(out.read_text())
+    # The first 3 requests take the rows and the queue's place; the other clients hear 429 at
+    # once, and send their next requests, until 8 have been sent.
+    assert result["sent"] == 8 and result["finished"] >= ROWS + QUEUE and result["failed"] >= 1
+    assert result["finished"] + result["failed"] == 8
+    assert result["errors"] == {"429": result["failed"]}
+    assert result["output_tokens"] == 8 * result["finished"]  # refused requests count no tokens
 
 
 @pytest.mark.parametrize("flags, words", [
