@@ -1,6 +1,7 @@
 """scripts/load_test.py against a real server.py (SmolLM2-135M on the CPU, on 127.0.0.1) for a few
-seconds: its JSON result counts every request once, its percentiles are ordered, its token counts
-are the server's. Bad input is one line. Nothing here asserts a speed."""
+seconds: its JSON result counts every request once (those the server refuses as failed, by
+status), its percentiles are ordered, its token counts are the server's. Bad input is one line.
+Nothing here asserts a speed."""
 import json
 import signal
 import socket
@@ -55,7 +56,7 @@ def serve(checkpoint: Path, log: Path, *flags, timeout: float = 300):
             process.wait()
 
 
-ROWS, QUEUE = 2, 1  # the server takes 3 requests at a time: 3 clients never hear 429
+ROWS, QUEUE = 2, 3  # the server takes 5 requests at a time; 3 clients never hear 429
 
 
 @pytest.fixture(scope="module")
@@ -116,12 +117,12 @@ def test_load_test_with_a_request_count_sends_exactly_that_many(server, load_tes
 
 def test_load_test_counts_the_requests_the_server_refuses(server, load_test, tmp_path):
     out = tmp_path / "load.json"
-    load_test.main(["--url", f"{server}/v1", "--concurrency", "5", "--requests", "8",
+    load_test.main(["--url", f"{server}/v1", "--concurrency", "8", "--requests", "8",
                     "--prompt_tokens", "12", "--max_tokens", "8", "--out", str(out)])
     result = json.loads(out.read_text())
-    # The first 3 requests take the rows and the queue's place; the other clients hear 429 at
-    # once, and send their next requests, until 8 have been sent.
-    assert result["sent"] == 8 and result["finished"] >= ROWS + QUEUE and result["failed"] >= 1
+    # 8 requests at once: 5 at most take the rows and the queue's places, the others hear 429
+    # (unless answers end before all have arrived: 8 tokens each make that unlikely).
+    assert result["sent"] == 8 and result["finished"] >= 1 and result["failed"] >= 1
     assert result["finished"] + result["failed"] == 8
     assert result["errors"] == {"429": result["failed"]}
     assert result["output_tokens"] == 8 * result["finished"]  # refused requests count no tokens
