@@ -174,13 +174,17 @@ def report(result: dict):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--url", default="http://127.0.0.1:8000/v1", help="the server's API base URL")
+    p.add_argument("--url", default="http://127.0.0.1:8000/v1",
+                   help="the server's API base URL (default http://127.0.0.1:8000/v1)")
     p.add_argument("--api_key", help="the server's --api_key, if it was started with one")
-    p.add_argument("--concurrency", type=int, default=8, help="clients sending at the same time")
+    p.add_argument("--concurrency", type=int, default=8,
+                   help="clients sending at the same time (default 8)")
     p.add_argument("--requests", type=int, help="requests in all (default 100 without --duration)")
     p.add_argument("--duration", type=float, help="send requests for this many seconds instead")
-    p.add_argument("--prompt_tokens", type=int, default=128, help="about this many prompt tokens")
-    p.add_argument("--max_tokens", type=int, default=200, help="output tokens asked per request")
+    p.add_argument("--prompt_tokens", type=int, default=128,
+                   help="about this many prompt tokens (default 128)")
+    p.add_argument("--max_tokens", type=int, default=200,
+                   help="output tokens asked per request (default 200)")
     p.add_argument("--out", type=Path, help="write the result here as JSON")
     args = p.parse_args(argv)
     if args.requests is None and args.duration is None:
