@@ -435,7 +435,9 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        running = len(scheduler.rows) - scheduler.rows.count(None)
+        return {"status": "ok", "requests_running": running,
+                "requests_waiting": len(scheduler.waiting)}
 
     @app.get("/", response_class=HTMLResponse)
     async def chat_page():

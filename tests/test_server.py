@@ -50,12 +50,12 @@ def start_server(launch: list, log, *flags) -> tuple[str, subprocess.Popen]:
 
 @pytest.fixture(scope="module")
 def server(smollm2_checkpoint, tmp_path_factory):
-    """(base URL, process, log path): the server, prefilling in chunks of 16 tokens so that every
-    chat prompt takes several."""
+    """(base URL, process, log path): the server, prefilling in chunks of 32 tokens, so that the
+    chat prompts here (32 tokens or more) mostly take two."""
     log = tmp_path_factory.mktemp("server") / "server.log"
     url, proc = start_server([], log, "--checkpoint_path", smollm2_checkpoint, "--api_key", KEY,
                              "--max_batch_size", ROWS, "--max_queue", QUEUE, "--max_seq_length",
-                             CONTEXT, "--prefill_chunk", 16)
+                             CONTEXT, "--prefill_chunk", 32)
     yield url, proc, log
     if proc.poll() is None:
         proc.kill()
@@ -267,18 +267,31 @@ def test_a_full_queue_answers_429_with_retry_after(server):
     assert "Paris" in ask(server, max_tokens=12, temperature=0).choices[0].message.content
 
 
+def busy(server) -> int:
+    health = httpx.get(server[0] + "/health").json()
+    return health["requests_running"] + health["requests_waiting"]
+
+
 def test_a_client_that_disconnects_frees_its_row_for_the_next_request(server):
+    """Every row busy for 200 tokens: a request can only be answered once a client that left has
+    freed its row, a non-streaming one (it timed out) and then a streaming one. The long answers
+    are alike, so had a row been freed by one ending, the others would have ended too."""
     with httpx.Client(base_url=server[0], headers={"Authorization": f"Bearer {KEY}"},
                       timeout=60) as http:
-        streams = long_streams(server, ROWS, http)  # every row busy for 200 tokens
+        streams = long_streams(server, ROWS - 1, http)
         try:
             for _, lines in streams:
                 next_token(lines)  # each has its row
+            with pytest.raises(httpx.ReadTimeout):  # the last row's client gives up
+                http.post("/v1/chat/completions", timeout=3, json={
+                    "messages": STORY, "max_tokens": 200, "temperature": 0})
+            assert ask(server, max_tokens=3, temperature=0).choices[0].finish_reason == "length"
+            assert busy(server) == ROWS - 1  # the streams, still decoding
+            streams += long_streams(server, 1, http)
+            next_token(streams[-1][1])  # every row busy again
             close(streams[:1])
-            answer = ask(server, max_tokens=3, temperature=0)  # without a free row it would wait
-            assert answer.choices[0].finish_reason == "length"
-            for _, lines in streams[1:]:  # the others are still decoding
-                next_token(lines)
+            assert ask(server, max_tokens=3, temperature=0).choices[0].finish_reason == "length"
+            assert busy(server) == ROWS - 1
         finally:
             close(streams[1:])
 
