@@ -480,7 +480,8 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
         prompt = encode()
         if not prompt:
             raise APIError(400, "the prompt has no tokens", "empty_prompt")
-        max_tokens = max_tokens or context - len(prompt)
+        if max_tokens is None:
+            max_tokens = max(context - len(prompt), 1)  # all that fits
         if len(prompt) + max_tokens > context:
             raise APIError(400, f"this server's context is {context} tokens, but {len(prompt)} "
                            f"prompt tokens + {max_tokens} max_tokens = "

@@ -203,6 +203,8 @@ def test_errors_answer_with_openai_error_json_and_status(server):
     long = "word " * 300
     error = error_of(post("/v1/completions", json={"prompt": long, "max_tokens": 10}), 400)
     assert error["code"] == "context_length_exceeded" and f"{CONTEXT} tokens" in error["message"]
+    error = error_of(post("/v1/completions", json={"prompt": long}), 400)  # no max_tokens
+    assert error["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError, match="context"):
         ask(server, max_tokens=CONTEXT)
     assert "JSON" in error_of(post("/v1/chat/completions", content=b"{\"messages\": ["), 400)[
