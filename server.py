@@ -7,11 +7,12 @@
 Endpoints: POST /v1/chat/completions (the checkpoint's chat template), POST /v1/completions,
 GET /v1/models, GET /health, and GET / (a chat page, chat.html).
 
-One scheduler thread owns the model. The KV cache has --max_batch_size rows; each request takes a
-free row (its slot) and keeps it until it ends. Every row has its own cache position, so a new
-request's prompt is prefilled into its row, --prefill_chunk tokens between two decode steps, while
-the other rows keep decoding; a finished or cancelled request frees its row at once. The decode step
-runs all rows as one forward (one CUDA graph with --compile) and samples each row with its own
+One scheduler thread owns the model. The KV cache has --max_batch_size rows; each request takes the
+lowest free row (its slot) and keeps it until it ends. Every row has its own cache position, so a
+new request's prompt is prefilled into its row, --prefill_chunk tokens between two decode steps,
+while the other rows keep decoding; a finished or cancelled request frees its row at once. The
+decode step runs the first rows up to the last decoding one, rounded up to a power of two, as one
+forward (one CUDA graph per such count with --compile) and samples each row with its own
 settings: a greedy request gets exactly generate.py --temperature 0's tokens, whatever shares the
 batch, and a seeded one the same tokens on every run (its noise is a hash of its seed and position,
 not a draw from a shared generator).
@@ -197,16 +198,18 @@ class Scheduler:
             send_step(0, torch.zeros(0, 0, dtype=torch.long, device=self.seed.device), None)
 
     def warm_up(self):
-        """Compile (and capture the CUDA graph of) the decode step before the first request."""
-        B, device = len(self.rows), self.temperature.device
-        for _ in range(3):  # CUDA graph trees: warm-up, capture, replay
-            token = torch.zeros(B, 1, dtype=torch.long, device=device)
-            self.forward(None, token, torch.zeros_like(token))
+        """Compile (and capture the CUDA graphs of) the decode step for every number of rows it
+        runs, before the first request."""
+        for n in sorted({min(1 << i, len(self.rows)) for i in range(len(self.rows).bit_length())}):
+            for _ in range(3):  # CUDA graph trees: warm-up, capture, replay
+                token = torch.zeros(n, 1, dtype=torch.long, device=self.temperature.device)
+                self.forward(None, token, torch.zeros_like(token))
 
     def forward(self, row: Optional[int], idx: Tensor, input_pos: Tensor) -> Tensor:
-        """A prefill chunk idx (1, T) into cache row `row`, or (row None) the decode step of every
-        row, idx (B, 1); with each row's sampling settings. Under torchrun every rank runs it."""
-        rows = slice(None) if row is None else slice(row, row + 1)
+        """A prefill chunk idx (1, T) into cache row `row`, or (row None) the decode step of the
+        first n rows, idx (n, 1); with each row's sampling settings. Under torchrun every rank runs
+        it."""
+        rows = slice(0, idx.shape[0]) if row is None else slice(row, row + 1)
         settings = [t[rows] for t in (self.temperature, self.top_k, self.top_p, self.seed)]
         if dist.is_initialized():
             send_step(-1 if row is None else row, idx, input_pos, *settings)
@@ -221,19 +224,22 @@ class Scheduler:
         self.top_p[r], self.seed[r] = job.top_p, job.seed
 
     def step(self):
-        """One chunk of the earliest admitted prompt, then one decode step over every row."""
+        """One chunk of the earliest admitted prompt, then a decode step over the decoding rows."""
         prefilling = [r for r, j in enumerate(self.rows) if j and j.filled < len(j.prompt)]
         if prefilling:
             self.prefill(min(prefilling, key=lambda r: self.rows[r].admitted))
         decoding = [r for r, j in enumerate(self.rows) if j and j.filled == len(j.prompt)]
         if not decoding:
             return
-        # Rows that are not decoding still run (one graph for all rows): each writes a slot that
-        # its next prefill chunk or decode step overwrites before anything reads it.
+        # The step runs the first n rows, n the power of two (or B) that covers every decoding row
+        # (one CUDA graph each; a request takes the lowest free row): alone, it decodes at batch 1.
+        # Rows in it that are not decoding still run: each writes a slot that its next prefill
+        # chunk or decode step overwrites before anything reads it.
+        rows = self.rows[:min(1 << max(decoding).bit_length(), len(self.rows))]
         device = self.temperature.device
-        token = torch.tensor([[j.token if j else 0] for j in self.rows], device=device)  # (B, 1)
+        token = torch.tensor([[j.token if j else 0] for j in rows], device=device)  # (n, 1)
         slots = [[len(j.prompt) + j.generated - 1 if r in decoding else j.filled if j else 0]
-                 for r, j in enumerate(self.rows)]
+                 for r, j in enumerate(rows)]
         new = self.forward(None, token, torch.tensor(slots, device=device)).tolist()
         for r in decoding:
             self.take(r, new[r][0])
@@ -633,6 +639,9 @@ def main(argv=None):
                          f"{config.block_size} tokens")
     device = tp.start(args, config, args.device) if distributed else args.device
     model = load_weights(args, ckpt, config, device, args.max_batch_size, context)
+    # A decode graph of static shapes for each row count that warm_up compiles (log2 B + 1 of them,
+    # within dynamo's recompile limit of 8 up to B = 128), as generate.py's, not one dynamic graph.
+    torch._dynamo.config.automatic_dynamic_shapes = False
     prefill_fn, decode_fn = compile_functions(args, prefill_rows, decode_rows)
     if tp.rank() != 0:
         return follow(model, prefill_fn, decode_fn)
