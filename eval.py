@@ -7,8 +7,9 @@
 
 --tasks needs lm-evaluation-harness (pip install lm_eval). Everything is scored by one batched loop
 over the static-KV-cache model: a request is a token sequence of which the last few tokens are
-scored, given all the tokens before them. Rows of similar length share a forward pass, left-padded
-(model.forward's `row_start`), and one full-sequence forward returns every position's logits.
+scored, given all the tokens before them. Rows of similar length share a forward pass, padded on
+the right (a row never attends to the slots after it), and one full-sequence forward returns every
+position's logits.
 Perplexity cuts long texts into overlapping windows of the model's context; lm-eval's loglikelihood
 requests are (context, continuation) pairs; its generate_until requests run generate.py's greedy
 loop and stop at the task's stop strings.
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 import tp
 from checkpoint import InputError, check_device, check_writable, load_model, read_checkpoint
-from generate import Sampling, compile_functions, device_name, generate, left_pad, write_json
+from generate import Sampling, compile_functions, device_name, generate, write_json
 from model import Transformer
 from tokenizer import load_tokenizer
 
@@ -57,9 +58,9 @@ def rolling_windows(n_tokens: int, max_seq_length: int, stride: int) -> list:
     return windows
 
 
-def forward_logits(model: Transformer, idx: Tensor, input_pos: Tensor, row_start: Tensor) -> Tensor:
+def forward_logits(model: Transformer, idx: Tensor, input_pos: Tensor) -> Tensor:
     """Logits at every position: idx (B, T) -> (B, T, vocab_size); --compile wraps this."""
-    return model(idx, input_pos, row_start)
+    return model(idx, input_pos)
 
 
 class StopGeneration(Exception):
@@ -129,13 +130,15 @@ class EvalModel:
         if T > self.max_seq_length:  # every request is cut to fit before it gets here: a bug
             raise ValueError(f"{T} input tokens do not fit max_seq_length {self.max_seq_length}")
         self.fit_cache(T)
-        idx, row_start = left_pad(inputs, self.device)  # (B, T), (B,)
+        idx = torch.tensor([x + [0] * (T - len(x)) for x in inputs], device=self.device)  # (B, T)
         positions = torch.arange(T, device=self.device)
-        logits = self.forward(self.model, idx, positions, row_start)  # (B, T, vocab)
+        logits = self.forward(self.model, idx, positions)  # (B, T, vocab)
         results = []
         for row, (tokens, n) in enumerate(requests):
-            # Rows end at position T - 1, so the logits predicting the last n tokens are the last n.
-            logprobs = F.log_softmax(logits[row, T - n:].float(), dim=-1)  # (n, vocab)
+            # The row's inputs end at column L - 1: the logits predicting its last n tokens are the
+            # n before column L.
+            L = len(tokens) - 1
+            logprobs = F.log_softmax(logits[row, L - n:L].float(), dim=-1)  # (n, vocab)
             targets = torch.tensor(tokens[len(tokens) - n:], device=self.device)  # (n,)
             total = logprobs.gather(-1, targets[:, None]).sum().item()
             results.append((total, bool((logprobs.argmax(-1) == targets).all())))

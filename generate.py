@@ -79,18 +79,17 @@ def sample_from(weights: Tensor) -> Tensor:
     return (weights / race).argmax(dim=-1, keepdim=True)
 
 
-def prefill(model: Transformer, idx: Tensor, input_pos: Tensor, row_start: Tensor,
-            s: Sampling) -> Tensor:
-    """Run the whole prompt idx (B, T) through the model, filling the cache; sample the first new
-    token."""
-    logits = model(idx, input_pos, row_start, last_only=True)  # (B, 1, vocab)
+def prefill(model: Transformer, idx: Tensor, input_pos: Tensor, last: Tensor, s: Sampling,
+            row: int = 0) -> Tensor:
+    """Run the prompts idx (B, T) through the model into cache rows row.., filling the cache; sample
+    each row's first new token from its logits at column last[b], its last real token."""
+    logits = model(idx, input_pos, last, row)  # (B, 1, vocab)
     return sample(logits[:, -1], s)
 
 
-def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor, row_start: Tensor,
-                     s: Sampling) -> Tensor:
-    """token (B, 1) at cache slot input_pos (1,) -> next token (B, 1)."""
-    logits = model(token, input_pos, row_start)  # (B, 1, vocab)
+def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor, s: Sampling) -> Tensor:
+    """token (B, 1) at cache slots input_pos (B, 1), each row its own -> next token (B, 1)."""
+    logits = model(token, input_pos)  # (B, 1, vocab)
     return sample(logits[:, -1], s)
 
 
@@ -108,40 +107,50 @@ class Generation:
     accepted_lengths: Optional[list] = None
 
 
-def left_pad(seqs: list, device) -> tuple[Tensor, Tensor]:
-    """Sequences of ids of any lengths as one batch: idx (B, T) padded on the left with id 0, and
-    row_start (B,), where each row's real tokens begin (the model masks the padding and counts
-    rotary positions from there)."""
-    T = max(len(s) for s in seqs)
-    idx = torch.tensor([[0] * (T - len(s)) + list(s) for s in seqs], dtype=torch.long,
-                       device=device)
-    row_start = torch.tensor([T - len(s) for s in seqs], dtype=torch.long, device=device)
-    return idx, row_start  # (B, T), (B,)
-
-
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list, max_new_tokens: int, sampling: Sampling, eos_ids=(),
              prefill_fn: Callable = prefill, decode_fn: Callable = decode_one_token,
              on_tokens: Optional[Callable] = None, cached: int = 0) -> Generation:
-    """Generate up to max_new_tokens for each prompt (lists of ids, any lengths). Prompts are
-    left-padded to a common length; `row_start` tells the model where each row's real tokens begin,
-    so every row gets the tokens it would get alone. on_tokens(one new id per row, None for rows
-    that have ended) is called as tokens reach the host. cached: the first tokens of a single
-    prompt that the KV cache holds already (a conversation's earlier turns): only the rest is
-    prefilled."""
+    """Generate up to max_new_tokens for each prompt (lists of ids, any lengths). Every row starts
+    at cache slot 0 and moves on at its own position, so prompts of different lengths are padded on
+    the right (the padding sits after a row's real tokens, where they never look) and every row gets
+    the tokens it would get alone. on_tokens(one new id per row, None for rows that have ended) is
+    called as tokens reach the host. cached: the first tokens of a single prompt that the KV cache
+    holds already (a conversation's earlier turns): only the rest is prefilled."""
     device = model.tok_embeddings.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
-    idx, row_start = left_pad(prompts, device)  # (B, T), (B,)
+    idx = torch.tensor([p + [0] * (T - len(p)) for p in prompts], device=device)  # (B, T)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
 
     rows = [[] for _ in range(B)]
     finished = [False] * B
     eos = set(eos_ids)
-    generated = 0
+    generated = steps = 0
 
-    def take(host_tokens: Tensor) -> bool:
-        """Record one new token per row; True once every row has ended."""
-        nonlocal generated
-        new = [None if done else tok for done, tok in zip(finished, host_tokens.view(-1).tolist())]
+    start = time.perf_counter()
+    positions = torch.arange(cached, T, device=device)
+    token = prefill_fn(model, idx[:, cached:], positions, lengths - 1 - cached, sampling)  # (B, 1)
+    host, copied = token.cpu(), None  # the one deliberate sync: it times the first token
+    ttft = time.perf_counter() - start
+    input_pos = lengths[:, None].clone()  # (B, 1): each row's cache slot of `token`
+    while host is not None:
+        # Queue the next step before reading `host`: the GPU computes it while the host reads.
+        following, following_copied = None, None
+        if steps < max_new_tokens - 1:
+            # CUDA graphs reuse outputs
+            token = decode_fn(model, token, input_pos, sampling).clone()
+            input_pos += 1
+            steps += 1
+            following = token
+            if device.type == "cuda":  # copy the token to the host behind the work already queued
+                following = torch.empty(token.shape, dtype=token.dtype, pin_memory=True)
+                following.copy_(token, non_blocking=True)
+                following_copied = torch.cuda.Event()
+                following_copied.record()
+        if copied is not None:
+            copied.synchronize()
+        # One new token per row, None for the rows that have ended.
+        new = [None if done else tok for done, tok in zip(finished, host.view(-1).tolist())]
         for b, tok in enumerate(new):
             if tok is not None:
                 generated += 1
@@ -150,38 +159,9 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, sampling: S
                     rows[b].append(tok)
         if on_tokens is not None:
             on_tokens(new)
-        return all(finished)
-
-    start = time.perf_counter()
-    positions = torch.arange(cached, T, device=device)
-    token = prefill_fn(model, idx[:, cached:], positions, row_start, sampling)  # (B, 1)
-    first = token.cpu()  # the one deliberate sync: it times the first token
-    ttft = time.perf_counter() - start
-    done = take(first)
-    input_pos = torch.tensor([T], dtype=torch.long, device=device)  # cache slot of `token`
-    host, copied, steps = None, None, 0
-    while not done and steps < max_new_tokens - 1:
-        # CUDA graphs reuse outputs
-        token = decode_fn(model, token, input_pos, row_start, sampling).clone()
-        input_pos += 1
-        steps += 1
-        if host is not None:
-            # The previous token's copy was queued before this step, so waiting for it leaves the
-            # GPU busy with this step while the host reads that token.
-            if copied is not None:
-                copied.synchronize()
-            done = take(host)
-        host, copied = token, None
-        if device.type == "cuda":  # copy the token to the host behind the work already queued
-            host = torch.empty(token.shape, dtype=token.dtype, pin_memory=True)
-            host.copy_(token, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record()
+        host, copied = (None, None) if all(finished) else (following, following_copied)
     if device.type == "cuda":
-        # the queue is drained: the last token's copy is complete too
-        torch.cuda.synchronize(device)
-    if not done and host is not None:
-        take(host)
+        torch.cuda.synchronize(device)  # a step queued after the end may still run
     decode_s = time.perf_counter() - start - ttft
     return Generation(rows, generated, [len(p) - cached for p in prompts], ttft, decode_s, steps)
 
@@ -201,11 +181,11 @@ TOKENIZER_PROBE = ("The quick brown fox, 1234567890 times: def f(x): "
                    "return {'naïve': x[-1]} # café 東京")
 
 
-def draft_one_token(model: Transformer, token: Tensor, input_pos: Tensor, row_start: Tensor,
+def draft_one_token(model: Transformer, token: Tensor, input_pos: Tensor,
                     s: Sampling) -> tuple[Tensor, Tensor]:
     """decode_one_token for a draft model: also returns the distribution it drew from. token (B, 1)
-    at cache slot input_pos (1,) -> (next token (B, 1), its distribution (B, vocab))."""
-    logits = model(token, input_pos, row_start)  # (B, 1, vocab)
+    at cache slots input_pos (B, 1) -> (next token (B, 1), its distribution (B, vocab))."""
+    logits = model(token, input_pos)  # (B, 1, vocab)
     probs = probabilities(logits[:, -1], s)  # (B, vocab)
     return sample_from(probs), probs
 
@@ -238,12 +218,12 @@ def accept_drafts(drafts: Tensor, draft_probs: Tensor,
     return n, torch.where(slots == n, token, F.pad(drafts, (0, 1)))
 
 
-def verify(model: Transformer, tokens: Tensor, input_pos: Tensor, row_start: Tensor,
-           draft_probs: Tensor, s: Sampling) -> tuple[Tensor, Tensor]:
+def verify(model: Transformer, tokens: Tensor, input_pos: Tensor, draft_probs: Tensor,
+           s: Sampling) -> tuple[Tensor, Tensor]:
     """The target's check of k drafts in one forward. tokens (1, k + 1): the last token already
     chosen, then the drafts, at cache slots input_pos (k + 1,); draft_probs (k, vocab) as in
     accept_drafts, which gives the result."""
-    logits = model(tokens, input_pos, row_start)  # (1, k + 1, vocab)
+    logits = model(tokens, input_pos)  # (1, k + 1, vocab)
     return accept_drafts(tokens[0, 1:], draft_probs, probabilities(logits[0], s))
 
 
@@ -257,27 +237,26 @@ class DraftModel:
         (self.model, self.k, self.sampling, self.step_fn,
          self.prefill_fn) = model, k, sampling, step_fn, prefill_fn
 
-    def prefill(self, idx: Tensor, input_pos: Tensor, row_start: Tensor):
+    def prefill(self, idx: Tensor, input_pos: Tensor, last: Tensor):
         # fills the cache; its token is unused
-        self.prefill_fn(self.model, idx, input_pos, row_start, self.sampling)
+        self.prefill_fn(self.model, idx, input_pos, last, self.sampling)
 
-    def propose(self, token: Tensor, input_pos: Tensor, row_start: Tensor,
-                history: list) -> tuple[Tensor, Tensor]:
-        """token (1, 1), the last token chosen, at cache slot input_pos (1,) -> drafts (1, k), their
-        distributions (k, vocab)."""
+    def propose(self, token: Tensor, input_pos: Tensor, history: list) -> tuple[Tensor, Tensor]:
+        """token (1, 1), the last token chosen, at cache slot input_pos (1, 1) -> drafts (1, k),
+        their distributions (k, vocab)."""
         drafts, probs = [], []
         for i in range(self.k):
-            token, p = self.step_fn(self.model, token, input_pos + i, row_start, self.sampling)
+            token, p = self.step_fn(self.model, token, input_pos + i, self.sampling)
             token = token.clone()  # clone: CUDA graphs reuse outputs
             drafts.append(token)
             probs.append(p.clone())
         return torch.cat(drafts, dim=1), torch.cat(probs)
 
-    def accepted(self, n: int, drafts: Tensor, input_pos: Tensor, row_start: Tensor):
+    def accepted(self, n: int, drafts: Tensor, input_pos: Tensor):
         """The target kept n drafts of the round that began at slot input_pos."""
         # the last draft was drawn but never fed back: its cache slot is still empty
         if n == self.k:
-            self.step_fn(self.model, drafts[:, -1:], input_pos + self.k, row_start, self.sampling)
+            self.step_fn(self.model, drafts[:, -1:], input_pos + self.k, self.sampling)
 
 
 class PromptLookup:
@@ -306,8 +285,7 @@ class PromptLookup:
         follow = history[start + n:]
         return [follow[i % len(follow)] for i in range(self.k)]
 
-    def propose(self, token: Tensor, input_pos: Tensor, row_start: Tensor,
-                history: list) -> tuple[Tensor, Tensor]:
+    def propose(self, token: Tensor, input_pos: Tensor, history: list) -> tuple[Tensor, Tensor]:
         # (1, k)
         drafts = torch.tensor([self.lookup(history)], dtype=torch.long, device=self.device)
         # a sure guess: all its mass on one token
@@ -333,7 +311,7 @@ def speculative_generate(model: Transformer, proposer, prompts: list, max_new_to
     assert T + max_new_tokens + k - 1 <= model.max_seq_length, (
         "setup_caches() too small: a round writes k slots ahead")
     idx = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
-    row_start = torch.zeros(1, dtype=torch.long, device=device)
+    last = torch.tensor([T - 1], device=device)  # (1,) the prefill's logits at the prompt's end
     history, row, eos = list(prompt), [], set(eos_ids)
     accepted_lengths = [0] * (k + 1)
 
@@ -353,22 +331,22 @@ def speculative_generate(model: Transformer, proposer, prompts: list, max_new_to
 
     start = time.perf_counter()
     positions = torch.arange(T, device=device)
-    token = prefill_fn(model, idx, positions, row_start, sampling)  # (1, 1)
+    token = prefill_fn(model, idx, positions, last, sampling)  # (1, 1)
     done = take(token.view(-1).tolist())
     ttft = time.perf_counter() - start
     # after the first token is out: the draft's prefill is decode time
-    proposer.prefill(idx, positions, row_start)
-    input_pos = torch.tensor([T], dtype=torch.long, device=device)  # (1,) cache slot of `token`
+    proposer.prefill(idx, positions, last)
+    input_pos = torch.tensor([[T]], device=device)  # (1, 1) cache slot of `token`
     offsets = torch.arange(k + 1, device=device)
     while not done:
         # (1, k), (k, vocab)
-        drafts, draft_probs = proposer.propose(token, input_pos, row_start, history)
-        n, new = verify_fn(model, torch.cat([token, drafts], dim=1), input_pos + offsets, row_start,
+        drafts, draft_probs = proposer.propose(token, input_pos, history)
+        n, new = verify_fn(model, torch.cat([token, drafts], dim=1), input_pos + offsets,
                            draft_probs, sampling)
         result = torch.cat([n[None], new])  # (k + 2,), a copy: CUDA graphs reuse their outputs
         n, *new = result.tolist()  # the round's one sync
         accepted_lengths[n] += 1
-        proposer.accepted(n, drafts, input_pos, row_start)
+        proposer.accepted(n, drafts, input_pos)
         # the target's own token: the next round starts from it
         token = result[n + 1:n + 2].view(1, 1)
         input_pos += n + 1
@@ -426,29 +404,8 @@ def main(argv=None):
     max_seq = min(context, 4096) if args.interactive else longest + max_new
     cache_length = max_seq + slack  # the target's and the draft's caches alike
     batch_size = len(prompts) * args.batch_size  # several --prompt flags, or one repeated
-    slots = -(-cache_length // 8) * 8  # setup_caches rounds up to a multiple of 8
-    kv_bytes = 2 * config.n_layer * batch_size * config.n_kv_heads * slots * config.head_dim
-    kv_bytes *= torch.empty(0, dtype=args.dtype).element_size()
-    free = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda"
-            else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    if kv_bytes > free:
-        raise InputError(f"the KV cache for {batch_size} rows of {cache_length} tokens needs "
-                         f"{kv_bytes / 1e9:.1f} GB, more than the {free / 1e9:.1f} GB of free "
-                         f"memory on {device}")
+    model = load_weights(args, ckpt, config, device, batch_size, cache_length)
     prompts = prompts * args.batch_size
-
-    t0 = time.perf_counter()
-    if distributed or args.random_quantization:
-        model = tp.load_model(args, device, args.dtype)  # this process's part, read from its slices
-    elif args.random_weights:
-        model = random_model(args.random_weights, device, args.dtype)
-    else:
-        model = load_model(ckpt, device, args.dtype)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    print(f"Loaded {args.random_weights or args.checkpoint_path} in "
-          f"{time.perf_counter() - t0:.2f} s", file=sys.stderr)
-    model.setup_caches(max_batch_size=len(prompts), max_seq_length=cache_length)
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     compiled = args.compile or args.compile_prefill
@@ -472,6 +429,35 @@ def main(argv=None):
     if args.interactive:
         return interactive(args, tokenizer, generate_fn, max_seq, max_new, model_bytes, device)
     run_samples(args, prompts, generate_fn, tokenizer, max_new, model_bytes, device, compiled)
+
+
+def load_weights(args, ckpt, config: ModelArgs, device: torch.device, batch_size: int,
+                 cache_length: int) -> Transformer:
+    """The model the flags name (under torchrun this process's part, read from its slices) on its
+    device, with a KV cache of batch_size rows of cache_length slots; a cache that would not fit the
+    free memory is refused before any weight loads."""
+    slots = -(-cache_length // 8) * 8  # setup_caches rounds up to a multiple of 8
+    kv_bytes = 2 * config.n_layer * batch_size * config.n_kv_heads * slots * config.head_dim
+    kv_bytes *= torch.empty(0, dtype=args.dtype).element_size()
+    free = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda"
+            else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    if kv_bytes > free:
+        raise InputError(f"the KV cache for {batch_size} rows of {cache_length} tokens needs "
+                         f"{kv_bytes / 1e9:.1f} GB, more than the {free / 1e9:.1f} GB of free "
+                         f"memory on {device}")
+    t0 = time.perf_counter()
+    if dist.is_torchelastic_launched() or args.random_quantization:
+        model = tp.load_model(args, device, args.dtype)
+    elif args.random_weights:
+        model = random_model(args.random_weights, device, args.dtype)
+    else:
+        model = load_model(ckpt, device, args.dtype)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    print(f"Loaded {args.random_weights or args.checkpoint_path} in "
+          f"{time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    model.setup_caches(max_batch_size=batch_size, max_seq_length=cache_length)
+    return model
 
 
 def run_samples(args, prompts: list, generate_fn: Callable, tokenizer, max_new: int,
@@ -639,16 +625,17 @@ def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: i
             print(describe(metrics(gen, model_bytes, device)), file=sys.stderr)
 
 
-def compile_functions(args):
-    """The compiled prefill and decode step, kept as values rather than installed over module
-    globals."""
+def compile_functions(args, prefill_step: Callable = prefill,
+                      decode_step: Callable = decode_one_token):
+    """The compiled prefill and decode step (server.py passes its own), kept as values rather than
+    installed over module globals."""
     import torch._inductor.config as inductor_config
     # tunes the decode's reductions; costs compile time once
     inductor_config.coordinate_descent_tuning = True
-    decode_fn = (torch.compile(decode_one_token, mode="reduce-overhead",
-                               fullgraph=True) if args.compile else decode_one_token)
-    prefill_fn = torch.compile(prefill, fullgraph=True,
-                               dynamic=True) if args.compile_prefill else prefill
+    decode_fn = (torch.compile(decode_step, mode="reduce-overhead",
+                               fullgraph=True) if args.compile else decode_step)
+    prefill_fn = torch.compile(prefill_step, fullgraph=True,
+                               dynamic=True) if args.compile_prefill else prefill_step
     return prefill_fn, decode_fn
 
 
@@ -758,17 +745,45 @@ def load_proposer(args, config: ModelArgs, device: torch.device, sampling: Sampl
     return DraftModel(draft, k, sampling, step_fn, prefill_fn)
 
 
+# The flags that choose the model and how it runs: generate.py's, and server.py's through
+# argparse's `parents`.
+MODEL_FLAGS = argparse.ArgumentParser(add_help=False)
+MODEL_FLAGS.add_argument("--checkpoint_path", type=Path,
+                         help="checkpoint folder, or the weights file inside it")
+MODEL_FLAGS.add_argument("--random_weights", metavar="NAME",
+                         help="build the named config (model.py CONFIGS) with random weights on "
+                         "the device")
+MODEL_FLAGS.add_argument("--random_quantization", choices=tp.RANDOM_QUANTIZATIONS,
+                         help="with --random_weights: quantize the random weights as quantize.py "
+                         "would (int4.g32: int4 in groups of 32), one layer at a time on the "
+                         "device")
+MODEL_FLAGS.add_argument("--compile", action="store_true",
+                         help="compile the decode step (on a GPU: one CUDA graph)")
+MODEL_FLAGS.add_argument("--compile_prefill", action="store_true",
+                         help="also compile the prefill (dynamic shapes)")
+MODEL_FLAGS.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                         help="where the model runs (default: cuda when there is a GPU, else cpu)")
+MODEL_FLAGS.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                         help="weights and activations (default: bfloat16 on a GPU, float32 on a "
+                         "CPU)")
+
+def check_model_flags(args):
+    """Check the MODEL_FLAGS of parsed args; resolve --device and --dtype in place."""
+    if (args.checkpoint_path is None) == (args.random_weights is None):
+        raise InputError("give exactly one of --checkpoint_path and --random_weights")
+    if args.random_weights is not None and args.random_weights not in CONFIGS:
+        raise InputError(f"unknown model name {args.random_weights!r}; known: {', '.join(CONFIGS)}")
+    if args.random_quantization and not args.random_weights:
+        raise InputError("--random_quantization goes with --random_weights (a checkpoint records "
+                         "its own)")
+    args.device = check_device(args.device, "--device")
+    args.dtype = getattr(torch, args.dtype) if args.dtype else (
+        torch.bfloat16 if args.device.type == "cuda" else torch.float32)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Generate text with a gpt-blitz checkpoint (or "
-                                "random weights, to benchmark).")
-    p.add_argument("--checkpoint_path", type=Path,
-                   help="checkpoint folder, or the weights file inside it")
-    p.add_argument("--random_weights", metavar="NAME",
-                   help="build the named config (model.py CONFIGS) with random weights on the "
-                   "device")
-    p.add_argument("--random_quantization", choices=tp.RANDOM_QUANTIZATIONS,
-                   help="with --random_weights: quantize the random weights as quantize.py would "
-                   "(int4.g32: int4 in groups of 32), one layer at a time on the device")
+                                "random weights, to benchmark).", parents=[MODEL_FLAGS])
     p.add_argument("--prompt", action="append",
                    help="prompt text; repeat the flag for a batch of different prompts (default: "
                    "'Hello, my name is')")
@@ -796,10 +811,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="nucleus sampling: keep the smallest set of tokens with this much "
                    "probability")
     p.add_argument("--seed", type=int, default=1234, help="random seed (default 1234)")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the decode step (on a GPU: one CUDA graph)")
-    p.add_argument("--compile_prefill", action="store_true",
-                   help="also compile the prefill (dynamic shapes)")
     p.add_argument("--profile", type=Path,
                    help="write a torch.profiler trace of the last sample to this path")
     p.add_argument("--json", type=Path, help="write the metrics of every sample to this JSON file")
@@ -811,18 +822,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "followed the last earlier occurrence of the last N tokens")
     p.add_argument("--speculate_k", type=int, default=None,
                    help=f"tokens proposed per target forward (default {DEFAULT_SPECULATE_K})")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where the model runs (default: cuda when there is a GPU, else cpu)")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
-                   help="weights and activations (default: bfloat16 on a GPU, float32 on a CPU)")
     args = p.parse_args(argv)
-    if (args.checkpoint_path is None) == (args.random_weights is None):
-        raise InputError("give exactly one of --checkpoint_path and --random_weights")
-    if args.random_weights is not None and args.random_weights not in CONFIGS:
-        raise InputError(f"unknown model name {args.random_weights!r}; known: {', '.join(CONFIGS)}")
-    if args.random_quantization and not args.random_weights:
-        raise InputError("--random_quantization goes with --random_weights (a checkpoint records "
-                         "its own)")
+    check_model_flags(args)
     if not 0 <= args.temperature < math.inf:
         raise InputError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -845,9 +846,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("json", "profile"):
         if getattr(args, flag) is not None:
             check_writable(getattr(args, flag), f"--{flag}")
-    args.device = check_device(args.device, "--device")
-    args.dtype = getattr(torch, args.dtype) if args.dtype else (
-        torch.bfloat16 if args.device.type == "cuda" else torch.float32)
     return args
 
 

@@ -133,12 +133,17 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        # k, v: (B, n_kv_heads, T, head_dim); input_pos: (T,) cache slots shared by every row.
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor,
+               row: int = 0) -> tuple[Tensor, Tensor]:
+        # k, v: (B, n_kv_heads, T, head_dim) for cache rows row..row + B - 1; input_pos (B, T): each
+        # row's own slots. Slicing the rows is a view: nothing is copied.
         B = k.shape[0]
-        self.k[:B, :, input_pos] = k
-        self.v[:B, :, input_pos] = v
-        return self.k[:B], self.v[:B]  # (B, n_kv_heads, S, head_dim)
+        k_rows, v_rows = self.k[row:row + B], self.v[row:row + B]  # (B, n_kv_heads, S, head_dim)
+        b = torch.arange(B, device=k.device)[:, None]  # (B, 1)
+        # Index tensors at dims 0 and 2 put their (B, T) first: values (B, T, heads, head_dim).
+        k_rows[b, :, input_pos] = k.transpose(1, 2)
+        v_rows[b, :, input_pos] = v.transpose(1, 2)
+        return k_rows, v_rows
 
 
 class RMSNorm(nn.RMSNorm):
@@ -164,7 +169,8 @@ class Attention(nn.Module):
         self.qk_norm = args.qk_norm
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor,
+                row: int = 0) -> Tensor:
         B, T, _ = x.shape
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
@@ -175,7 +181,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
-        k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, S, head_dim)
+        k, v = self.kv_cache.update(input_pos, k, v, row)  # (B, n_kv_heads, S, head_dim)
         # enable_gqa: each group of query heads reads its shared kv head without copying the cache.
         gqa = self.n_head != self.n_kv_heads
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, nh, T, d)
@@ -283,8 +289,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = MoEFeedForward(args) if args.n_experts else FeedForward(args)
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos)
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor,
+                row: int = 0) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos, row)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -315,38 +322,35 @@ class Transformer(nn.Module):
         rope = rope_table(self.args, max_seq_length).to(device)  # (S, head_dim // 2, 2), float32
         self.register_buffer("rope", rope, persistent=False)
 
-    def forward(self, idx: Tensor, input_pos: Tensor, row_start: Optional[Tensor] = None,
-                last_only: bool = False) -> Tensor:
-        """idx (B, T) token ids at cache slots input_pos (T,). Row b's real tokens start at slot
-        row_start[b] (left padding lets prompts of different lengths share a batch; None: all at
-        slot 0); its rotary positions count from there. Returns logits (B, T, vocab_size), or
-        (B, 1, vocab_size) for the last position only with last_only (all a prefill needs: a 128k
-        vocabulary times a long prompt is gigabytes of logits)."""
+    def forward(self, idx: Tensor, input_pos: Tensor, last: Optional[Tensor] = None,
+                row: int = 0) -> Tensor:
+        """idx (B, T) token ids at cache slots input_pos: (B, T), each row its own slots, or (T,)
+        shared by every row. Row b writes cache row `row + b` (a slice of the cache: the server
+        prefills one request into its row while the others decode). A row's rotary positions are its
+        slots, so every row starts at slot 0: prompts of different lengths share a batch padded on
+        the right, and a padding key is never visible to the row's real tokens (it sits after them)
+        and is overwritten by its decode steps. Returns logits (B, T, vocab_size), or with `last`
+        (B,) only those at column last[b] of each row (B, 1, vocab_size): all a prefill needs (a
+        128k vocabulary times a long prompt is gigabytes of logits)."""
         B, T = idx.shape
-        if row_start is None:
-            row_start = torch.zeros(B, dtype=input_pos.dtype, device=idx.device)
-        positions = (input_pos[None, :] - row_start[:, None]).clamp(min=0)  # (B, T) for rotary
-        rope = self.rope[positions]  # (B, T, head_dim // 2, 2)
+        input_pos = input_pos.expand(B, T)
+        rope = self.rope[input_pos]  # (B, T, head_dim // 2, 2)
         dtype = self.tok_embeddings.weight.dtype
-        mask = attention_mask(input_pos, row_start, self.max_seq_length, dtype)  # (B, 1, T, S)
+        mask = attention_mask(input_pos, self.max_seq_length, dtype)  # (B, 1, T, S)
         x = self.tok_embeddings(idx)  # (B, T, dim)
         for layer in self.layers:
-            x = layer(x, rope, mask, input_pos)
-        if last_only:
-            x = x[:, -1:]  # (B, 1, dim)
+            x = layer(x, rope, mask, input_pos, row)
+        if last is not None:
+            x = x.gather(1, last.view(B, 1, 1).expand(B, 1, x.size(-1)))  # (B, 1, dim)
         return self.output(self.norm(x))  # (B, T or 1, vocab_size)
 
 
-def attention_mask(input_pos: Tensor, row_start: Tensor, n_slots: int, dtype) -> Tensor:
+def attention_mask(input_pos: Tensor, n_slots: int, dtype) -> Tensor:
     """The one place that decides which cache slots a query sees: an additive mask (B, 1, T, S) in
-    the activations' dtype, made once per forward rather than converted in every layer. The plain
-    case is causal: the query at slot p sees slots 0..p. With left padding, row b also skips the
-    slots before row_start[b]; a padding query sees itself, so no softmax row is empty (NaN)."""
+    the activations' dtype, made once per forward rather than converted in every layer. Causal per
+    row: the query at slot input_pos[b, t] sees that row's slots 0..input_pos[b, t]."""
     slots = torch.arange(n_slots, device=input_pos.device)  # (S,)
-    causal = slots[None, :] <= input_pos[:, None]  # (T, S)
-    real = slots[None, :] >= row_start[:, None]  # (B, S): not left padding
-    own = slots[None, :] == input_pos[:, None]  # (T, S)
-    allowed = causal[None] & (real[:, None, :] | own[None])  # (B, T, S)
+    allowed = slots <= input_pos[:, :, None]  # (B, T, S)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     return mask.masked_fill(~allowed, float("-inf"))[:, None]  # (B, 1, T, S)
 

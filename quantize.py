@@ -402,8 +402,7 @@ def gptq_quantize_state_dict(source: WeightsFile, args: ModelArgs, groupsize: in
     # What Transformer.forward gives its blocks for a prefill of seq_len tokens from position 0.
     rope = rope_table(args, seq_len).to(device)[None]  # (1, seq_len, head_dim // 2, 2)
     input_pos = torch.arange(seq_len, device=device)
-    mask = attention_mask(input_pos, torch.zeros(1, dtype=torch.long, device=device), seq_len,
-                          torch.float32)  # (1, 1, T, S): causal
+    mask = attention_mask(input_pos[None], seq_len, torch.float32)  # (1, 1, T, S): causal
     # shared by the blocks
     kv_cache = KVCache(batch, args.n_kv_heads, seq_len, args.head_dim, torch.float32, device)
 

@@ -67,17 +67,17 @@ def timed(fn, device: torch.device, repeats: int) -> dict:
 def step_call(fn, model, args, device: torch.device):
     """fn(model, token, ...) at cache slot args.position: the decode step or the draft step."""
     token = torch.randint(0, model.args.vocab_size, (1, 1), device=device)
-    position, row_start = torch.tensor([args.position], device=device), torch.zeros(1, dtype=torch.long, device=device)
-    return lambda: fn(model, token, position, row_start, generate.Sampling())
+    position = torch.tensor([[args.position]], device=device)  # (1, 1)
+    return lambda: fn(model, token, position, generate.Sampling())
 
 
 def verify_call(fn, model, k: int, args, device: torch.device):
     """fn(model, k + 1 tokens, ...) at cache slots args.position onwards, with a random draft distribution."""
     vocab = model.args.vocab_size
     tokens = torch.randint(0, vocab, (1, k + 1), device=device)
-    positions, row_start = args.position + torch.arange(k + 1, device=device), torch.zeros(1, dtype=torch.long, device=device)
+    positions = args.position + torch.arange(k + 1, device=device)[None]  # (1, k + 1)
     draft_probs = torch.softmax(torch.randn(k, vocab, device=device), dim=-1)  # (k, vocab)
-    return lambda: fn(model, tokens, positions, row_start, draft_probs, generate.Sampling())
+    return lambda: fn(model, tokens, positions, draft_probs, generate.Sampling())
 
 
 def build(spec: str, args):

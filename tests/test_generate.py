@@ -97,11 +97,28 @@ def test_sampling_draws_from_the_filtered_distribution():
 
 
 @torch.no_grad()
-def test_last_only_logits_equal_the_last_row_of_the_full_forward():
+def test_last_logits_are_each_rows_column_of_the_full_forward():
     model = tiny_model()
     idx = torch.randint(0, TINY["vocab_size"], (2, 12))
     model.setup_caches(2, 12)
     full = model(idx, torch.arange(12))  # (2, 12, vocab)
     model.setup_caches(2, 12)
-    last = model(idx, torch.arange(12), last_only=True)  # (2, 1, vocab)
-    torch.testing.assert_close(last, full[:, -1:])
+    last = model(idx, torch.arange(12), last=torch.tensor([11, 4]))  # (2, 1, vocab)
+    torch.testing.assert_close(last, torch.stack([full[0, 11:], full[1, 4:5]]))
+
+
+@torch.no_grad()
+def test_rows_at_their_own_positions_match_each_row_alone():
+    """Per-row cache slots: row 0 decodes at slot 9 while row 1, prefilled into its own cache row by
+    a batch-1 forward (`row`), decodes at slot 4; each gets the logits of its sequence alone."""
+    model = tiny_model()
+    seqs = torch.randint(0, TINY["vocab_size"], (2, 10))
+    model.setup_caches(1, 16)
+    alone = [model(seqs[b:b + 1], torch.arange(10))[0] for b in range(2)]  # each (10, vocab)
+    model.setup_caches(2, 16)
+    model(seqs[:1, :9], torch.arange(9))  # row 0's prompt, cache row 0
+    first = model(seqs[1:, :4], torch.arange(4), row=1)  # row 1's prompt, cache row 1
+    torch.testing.assert_close(first[0], alone[1][:4], atol=1e-5, rtol=1e-5)
+    step = model(torch.stack([seqs[0, 9:], seqs[1, 4:5]]), torch.tensor([[9], [4]]))  # (2, 1, vocab)
+    torch.testing.assert_close(step[0, 0], alone[0][9], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step[1, 0], alone[1][4], atol=1e-5, rtol=1e-5)

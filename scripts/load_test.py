@@ -1,0 +1,225 @@
+"""Load test: concurrent clients against a running OpenAI-compatible server (server.py).
+
+    python server.py --checkpoint_path checkpoints/REPO --compile --max_batch_size 32 &
+    python scripts/load_test.py --concurrency 32 --requests 256 --prompt_tokens 128 --max_tokens 200
+    python scripts/load_test.py --concurrency 8 --duration 60 --out load.json
+
+Each of --concurrency clients (the official `openai` async client) sends one streamed request to
+POST /v1/completions after another, until --requests have been sent or --duration seconds have
+passed (requests in flight then are waited for and counted). The model is the first one that
+GET /v1/models lists.
+
+The prompt counts up, "10001, 10002, 10003, ...", to about --prompt_tokens tokens: two short
+requests first measure the server's token count of 8 and of 16 numbers (they also warm it up), so
+no tokenizer is needed here. A model, base or chat, continues the count greedily (temperature 0), so
+answers run to --max_tokens; those that end earlier show in finish_reasons. Each request's count
+starts at its own number, so a server's prefix cache cannot share prompts between requests.
+
+Reported (and written to --out as JSON):
+- requests/s and output tok/s: finished requests and their completion tokens (the server's usage
+  counts) over the wall time from the first request sent to the last one finished;
+- time to first token (TTFT): from sending a request to its first streamed text;
+- inter-token latency (ITL): the gaps between consecutive streamed text chunks of one answer (one
+  chunk a token, as server.py streams, except where a stop string holds text back);
+- p50 and p99 of each, in milliseconds. Requests the server refused (e.g. 429: queue full) or that
+  failed are counted in `failed` and `errors`, and left out of the statistics.
+"""
+import argparse
+import asyncio
+import math
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import openai
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from checkpoint import InputError, check_writable  # noqa: E402
+from generate import write_json  # noqa: E402
+
+CALIBRATION = (8, 16)  # prompts of this many numbers measure the tokens of one
+
+
+@dataclass
+class Result:
+    """One request: its timings (perf_counter seconds) and the server's token counts."""
+    sent: float
+    chunk_times: list = field(default_factory=list)  # arrival of each chunk that carried text
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: Optional[str] = None
+
+
+def percentile(values: list, q: float) -> float:
+    """The q-th percentile (0..100) of values, interpolated between the two nearest ranks."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def prompt(request: int, numbers: int) -> str:
+    """Five-digit numbers: in the usual tokenizers, each has as many tokens as the next."""
+    return "".join(f"{10000 + request + i}, " for i in range(numbers)).rstrip()
+
+
+async def stream_request(client, model: str, text: str, max_tokens: int) -> Result:
+    result = Result(sent=time.perf_counter())
+    stream = await client.completions.create(
+        model=model, prompt=text, max_tokens=max_tokens, temperature=0, stream=True,
+        stream_options={"include_usage": True})
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            result.chunk_times.append(time.perf_counter())
+        if chunk.choices and chunk.choices[0].finish_reason:
+            result.finish_reason = chunk.choices[0].finish_reason
+        if chunk.usage:  # the last chunk, asked for by include_usage
+            result.prompt_tokens = chunk.usage.prompt_tokens
+            result.completion_tokens = chunk.usage.completion_tokens
+    return result
+
+
+async def first_contact(client) -> tuple[str, int, int]:
+    """The model's name and the server's token counts of the CALIBRATION prompts. A server that
+    cannot be reached or refuses these requests is bad input (a wrong --url or --api_key)."""
+    try:
+        models = (await client.models.list()).data
+        if not models:
+            raise InputError(f"the server at {client.base_url} lists no models")
+        model = models[0].id
+        counts = []
+        for numbers in CALIBRATION:
+            response = await client.completions.create(model=model, prompt=prompt(0, numbers),
+                                                       max_tokens=1, temperature=0)
+            counts.append(response.usage.prompt_tokens)
+    except openai.APIConnectionError as e:
+        raise InputError(f"cannot reach the server at {client.base_url}: {e}") from None
+    except openai.APIStatusError as e:
+        raise InputError(f"the server at {client.base_url} answered {e.status_code}: "
+                         f"{e.message}") from None
+    return model, counts[0], counts[1]
+
+
+async def load(args) -> dict:
+    client = openai.AsyncOpenAI(base_url=args.url, api_key=args.api_key or "none", max_retries=0,
+                                timeout=600)
+    model, short, long = await first_contact(client)
+    per_number = (long - short) / (CALIBRATION[1] - CALIBRATION[0])
+    numbers = max(1, round(CALIBRATION[0] + (args.prompt_tokens - short) / per_number))
+    results, errors = [], Counter()
+    sent = 0
+    progress = tqdm(total=args.requests, unit="req", desc="requests", file=sys.stderr)
+    start = time.perf_counter()
+    deadline = start + args.duration if args.duration else math.inf
+
+    async def client_loop():
+        nonlocal sent
+        while (args.requests is None or sent < args.requests) and time.perf_counter() < deadline:
+            sent += 1
+            try:
+                results.append(await stream_request(client, model, prompt(sent, numbers),
+                                                    args.max_tokens))
+            except openai.APIError as e:  # e.g. 429 (the queue is full), a dropped connection
+                errors[str(e.status_code) if isinstance(e, openai.APIStatusError)
+                       else type(e).__name__] += 1
+            progress.update()
+
+    await asyncio.gather(*(client_loop() for _ in range(args.concurrency)))
+    wall = time.perf_counter() - start
+    progress.close()
+    await client.close()
+    return summary(args, model, results, errors, sent, wall)
+
+
+def summary(args, model: str, results: list, errors: Counter, sent: int, wall: float) -> dict:
+    answered = [r for r in results if r.chunk_times]
+    ttft = [(r.chunk_times[0] - r.sent) * 1e3 for r in answered]
+    itl = [(b - a) * 1e3 for r in answered for a, b in zip(r.chunk_times, r.chunk_times[1:])]
+    output_tokens = sum(r.completion_tokens for r in results)
+
+    def p50_p99(values):
+        return {"p50": percentile(values, 50), "p99": percentile(values, 99)} if values else None
+
+    return {
+        "url": args.url, "model": model, "date": datetime.now(timezone.utc).isoformat(),
+        "concurrency": args.concurrency, "max_tokens": args.max_tokens,
+        "prompt_tokens": (sum(r.prompt_tokens for r in results) / len(results)
+                          if results else None),  # the mean over requests, counted by the server
+        "sent": sent, "finished": len(results), "failed": sent - len(results),
+        "errors": dict(errors), "finish_reasons": dict(Counter(r.finish_reason for r in results)),
+        "wall_s": wall, "output_tokens": output_tokens,
+        "requests_per_s": len(results) / wall, "output_tok_s": output_tokens / wall,
+        "ttft_ms": p50_p99(ttft), "itl_ms": p50_p99(itl), "itl_samples": len(itl),
+    }
+
+
+def report(result: dict):
+    def ms(stats):
+        return f"{stats['p50']:.1f} / {stats['p99']:.1f} ms" if stats else "-"
+    errors = f" {result['errors']}" if result["errors"] else ""
+    print(f"{result['model']} at {result['url']}: {result['concurrency']} clients, "
+          f"{result['finished']} requests finished, {result['failed']} failed{errors}")
+    print(f"requests/s     {result['requests_per_s']:.2f}")
+    print(f"output tok/s   {result['output_tok_s']:.1f}")
+    print(f"TTFT p50 / p99 {ms(result['ttft_ms'])}")
+    print(f"ITL  p50 / p99 {ms(result['itl_ms'])}")
+
+
+# ---- the command line ---------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--url", default="http://127.0.0.1:8000/v1",
+                   help="the server's API base URL (default http://127.0.0.1:8000/v1)")
+    p.add_argument("--api_key", help="the server's --api_key, if it was started with one")
+    p.add_argument("--concurrency", type=int, default=8,
+                   help="clients sending at the same time (default 8)")
+    p.add_argument("--requests", type=int, help="requests in all (default 100 without --duration)")
+    p.add_argument("--duration", type=float, help="send requests for this many seconds instead")
+    p.add_argument("--prompt_tokens", type=int, default=128,
+                   help="about this many prompt tokens (default 128)")
+    p.add_argument("--max_tokens", type=int, default=200,
+                   help="output tokens asked per request (default 200)")
+    p.add_argument("--out", type=Path, help="write the result here as JSON")
+    args = p.parse_args(argv)
+    if args.requests is None and args.duration is None:
+        args.requests = 100
+    return args
+
+
+def check_args(args):
+    """Reject bad input up front, each with one clear sentence (raised as InputError)."""
+    if not args.url.startswith(("http://", "https://")):
+        raise InputError(f"--url {args.url!r} is not an http:// or https:// URL")
+    if args.requests is not None and args.duration is not None:
+        raise InputError("give --requests or --duration, not both")
+    counts = [args.concurrency, args.prompt_tokens, args.max_tokens]
+    if min(counts + ([args.requests] if args.requests is not None else [])) < 1:
+        raise InputError("--concurrency, --requests, --prompt_tokens and --max_tokens must be >= 1")
+    if args.duration is not None and not 0 < args.duration < math.inf:
+        raise InputError(f"--duration must be a positive number of seconds, got {args.duration}")
+    if args.out is not None:
+        check_writable(args.out, "--out")
+
+
+def main(argv=None):
+    """One load test: bad input ends in one `error:` line and exit status 1."""
+    try:
+        args = parse_args(argv)
+        check_args(args)
+        result = asyncio.run(load(args))
+    except InputError as e:
+        sys.exit(f"error: {e}")
+    report(result)
+    if args.out is not None:
+        write_json(args.out, result)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

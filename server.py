@@ -1,0 +1,662 @@
+"""An OpenAI-compatible HTTP server with continuous batching over the static KV cache.
+
+    python server.py --checkpoint_path checkpoints/REPO --compile --max_batch_size 8
+    curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 50}'
+
+Endpoints: POST /v1/chat/completions (the checkpoint's chat template), POST /v1/completions,
+GET /v1/models, GET /health, and GET / (a chat page, chat.html).
+
+One scheduler thread owns the model. The KV cache has --max_batch_size rows; each request takes the
+lowest free row (its slot) and keeps it until it ends. Every row has its own cache position, so a
+new request's prompt is prefilled into its row, --prefill_chunk tokens between two decode steps,
+while the other rows keep decoding; a finished or cancelled request frees its row at once. The
+decode step runs the first rows up to the last decoding one, rounded up to a power of two, as one
+forward (one CUDA graph per such count with --compile) and samples each row with its own
+settings: a greedy request gets exactly generate.py --temperature 0's tokens, whatever shares the
+batch, and a seeded one the same tokens on every run (its noise is a hash of its seed and position,
+not a draw from a shared generator).
+
+Under torchrun (tp.py) rank 0 serves HTTP and schedules; before each forward it broadcasts the
+step's inputs, and every rank runs the same forward. Not served: speculative decoding (it proposes
+for one sequence; here the batch is many users).
+"""
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+import torch.distributed as dist
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+from torch import Tensor
+
+import tp
+from checkpoint import InputError, read_checkpoint
+from generate import MODEL_FLAGS, check_model_flags, compile_functions, load_weights
+from model import CONFIGS, ModelArgs, Transformer
+from tokenizer import TextStreamer, load_tokenizer
+
+
+# ---- sampling each row with its own settings (on the device, no host sync) ----------------------
+
+def mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash of int64 values in [0, 2**32): products stay below 2**63."""
+    m = 0xFFFFFFFF
+    x = ((x >> 16) ^ x) * 0x45D9F3B & m
+    x = ((x >> 16) ^ x) * 0x45D9F3B & m
+    return (x >> 16) ^ x
+
+
+def seeded_race(seed: Tensor, position: Tensor, vocab_size: int) -> Tensor:
+    """Exp(1) noise (B, vocab) for the exponential race of generate.sample_from, a function of each
+    row's seed (B,), the cache slot it samples at (B,) and the token id: a seeded request draws
+    the same tokens whatever else is in the batch."""
+    ids = torch.arange(vocab_size, device=seed.device)  # (V,)
+    row = mix32(mix32(seed) ^ position)  # (B,)
+    bits = mix32((row[:, None] + ids * 0x9E3779B1) & 0xFFFFFFFF) >> 8  # (B, V), 24 random bits
+    uniform = (bits.float() + 0.5) / 2**24  # in (0, 1)
+    return -torch.log(uniform)
+
+
+def sample_rows(logits: Tensor, position: Tensor, temperature: Tensor, top_k: Tensor,
+                top_p: Tensor, seed: Tensor) -> Tensor:
+    """logits (B, vocab) -> next token ids (B, 1), each row with its own temperature (0: greedy,
+    the argmax as in generate.sample), top_k (vocab: all) and top_p (1: all) (B,)."""
+    B, V = logits.shape
+    scaled = logits.float() / torch.where(temperature > 0, temperature, 1.0)[:, None]
+    ranked, order = scaled.sort(dim=-1, descending=True)  # (B, V)
+    ranks = torch.arange(V, device=logits.device)
+    probs = torch.softmax(ranked.masked_fill(ranks >= top_k[:, None], -float("inf")), dim=-1)
+    # Drop a token when the tokens more likely than it already cover top_p of the mass.
+    probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p[:, None], 0.0)
+    drawn = order.gather(1, (probs / seeded_race(seed, position, V)).argmax(-1, keepdim=True))
+    return torch.where(temperature[:, None] > 0, drawn, logits.argmax(dim=-1, keepdim=True))
+
+
+def prefill_rows(model: Transformer, idx: Tensor, input_pos: Tensor, row: int, temperature: Tensor,
+                 top_k: Tensor, top_p: Tensor, seed: Tensor) -> Tensor:
+    """One chunk of one prompt, idx (1, T) at slots input_pos (1, T), into cache row `row`; the
+    token sampled after its last position (1, 1) (meaningful after the prompt's last chunk)."""
+    last = torch.full((1,), idx.shape[1] - 1, device=idx.device)
+    logits = model(idx, input_pos, last, row)  # (1, 1, vocab)
+    return sample_rows(logits[:, -1], input_pos[:, -1], temperature, top_k, top_p, seed)
+
+
+def decode_rows(model: Transformer, token: Tensor, input_pos: Tensor, temperature: Tensor,
+                top_k: Tensor, top_p: Tensor, seed: Tensor) -> Tensor:
+    """token (B, 1) at cache slots input_pos (B, 1), one per row -> next token (B, 1)."""
+    logits = model(token, input_pos)  # (B, 1, vocab)
+    return sample_rows(logits[:, -1], input_pos[:, 0], temperature, top_k, top_p, seed)
+
+
+# ---- the scheduler -------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """One request as the scheduler sees it. `emit` hands the HTTP side each new token id, then one
+    finish reason ("stop" or "length"); it is called from the scheduler thread."""
+    prompt: list
+    max_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    emit: Callable
+    cancelled: bool = False  # set by the HTTP side: a stop string, a client gone
+    filled: int = 0  # prompt tokens in the cache
+    generated: int = 0  # tokens emitted
+    token: int = 0  # the last token emitted: the next decode step's input
+    admitted: float = 0.0  # when it took its row: prompts are prefilled in that order
+
+
+class Scheduler:
+    """Owns the model and its B cache rows. HTTP handlers submit and cancel jobs from the event
+    loop's thread; everything else happens on the scheduler's own thread."""
+
+    def __init__(self, model: Transformer, eos_ids, max_queue: int, prefill_chunk: int,
+                 prefill_fn: Callable, decode_fn: Callable):
+        self.model, self.eos = model, set(eos_ids)
+        self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
+        self.prefill_fn, self.decode_fn = prefill_fn, decode_fn
+        B, device = model.max_batch_size, model.tok_embeddings.weight.device
+        self.rows: list[Optional[Job]] = [None] * B
+        self.waiting: deque = deque()
+        self.changed = threading.Condition()  # guards waiting and stopping
+        self.stopping = False
+        # Each row's sampling settings, written when a job takes the row.
+        self.temperature = torch.zeros(B, device=device)
+        self.top_k = torch.full((B,), model.args.vocab_size, device=device)
+        self.top_p = torch.ones(B, device=device)
+        self.seed = torch.zeros(B, dtype=torch.long, device=device)
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="scheduler", daemon=True)
+
+    def submit(self, job: Job) -> bool:
+        """Queue a job; False when --max_queue jobs wait already (beyond those about to take a free
+        row)."""
+        with self.changed:
+            if len(self.waiting) >= self.max_queue + self.rows.count(None):
+                return False
+            self.waiting.append(job)
+            self.changed.notify()
+            return True
+
+    def cancel(self, job: Job):
+        """End a job: a waiting one leaves the queue, a running one frees its row next step."""
+        job.cancelled = True
+        with self.changed:
+            if job in self.waiting:
+                self.waiting.remove(job)
+
+    def stop(self):
+        with self.changed:
+            self.stopping = True
+            self.changed.notify()
+        self.thread.join()
+
+    def run(self):
+        try:
+            self.serve()
+        except BaseException:
+            traceback.print_exc()
+            os._exit(1)  # a bug: without this thread every request would wait forever
+
+    @torch.inference_mode()
+    def serve(self):
+        self.warm_up()
+        self.ready.set()
+        while True:
+            with self.changed:
+                while not (self.stopping or self.waiting or any(self.rows)):
+                    self.changed.wait()
+                if self.stopping:
+                    break
+                for r in range(len(self.rows)):
+                    if self.rows[r] is not None and self.rows[r].cancelled:
+                        self.rows[r] = None
+                    if self.rows[r] is None and self.waiting:
+                        self.admit(r, self.waiting.popleft())
+            self.step()
+        if dist.is_initialized():  # the other ranks stop too
+            send_step(0, torch.zeros(0, 0, dtype=torch.long, device=self.seed.device), None)
+
+    def warm_up(self):
+        """Compile (and capture the CUDA graphs of) the decode step for every number of rows it
+        runs, before the first request."""
+        for n in sorted({min(1 << i, len(self.rows)) for i in range(len(self.rows).bit_length())}):
+            for _ in range(3):  # CUDA graph trees: warm-up, capture, replay
+                token = torch.zeros(n, 1, dtype=torch.long, device=self.temperature.device)
+                self.forward(None, token, torch.zeros_like(token))
+
+    def forward(self, row: Optional[int], idx: Tensor, input_pos: Tensor) -> Tensor:
+        """A prefill chunk idx (1, T) into cache row `row`, or (row None) the decode step of the
+        first n rows, idx (n, 1); with each row's sampling settings. Under torchrun every rank runs
+        it."""
+        rows = slice(0, idx.shape[0]) if row is None else slice(row, row + 1)
+        settings = [t[rows] for t in (self.temperature, self.top_k, self.top_p, self.seed)]
+        if dist.is_initialized():
+            send_step(-1 if row is None else row, idx, input_pos, *settings)
+        if row is None:
+            return self.decode_fn(self.model, idx, input_pos, *settings)
+        return self.prefill_fn(self.model, idx, input_pos, row, *settings)
+
+    def admit(self, r: int, job: Job):
+        self.rows[r] = job
+        job.admitted = time.perf_counter()
+        self.temperature[r], self.top_k[r] = job.temperature, job.top_k
+        self.top_p[r], self.seed[r] = job.top_p, job.seed
+
+    def step(self):
+        """One chunk of the earliest admitted prompt, then a decode step over the decoding rows."""
+        prefilling = [r for r, j in enumerate(self.rows) if j and j.filled < len(j.prompt)]
+        if prefilling:
+            self.prefill(min(prefilling, key=lambda r: self.rows[r].admitted))
+        decoding = [r for r, j in enumerate(self.rows) if j and j.filled == len(j.prompt)]
+        if not decoding:
+            return
+        # The step runs the first n rows, n the power of two (or B) that covers every decoding row
+        # (one CUDA graph each; a request takes the lowest free row): alone, it decodes at batch 1.
+        # Rows in it that are not decoding still run: each writes a slot that its next prefill
+        # chunk or decode step overwrites before anything reads it.
+        rows = self.rows[:min(1 << max(decoding).bit_length(), len(self.rows))]
+        device = self.temperature.device
+        token = torch.tensor([[j.token if j else 0] for j in rows], device=device)  # (n, 1)
+        slots = [[len(j.prompt) + j.generated - 1 if r in decoding else j.filled if j else 0]
+                 for r, j in enumerate(rows)]
+        new = self.forward(None, token, torch.tensor(slots, device=device)).tolist()
+        for r in decoding:
+            self.take(r, new[r][0])
+
+    def prefill(self, r: int):
+        job, device = self.rows[r], self.temperature.device
+        start = job.filled
+        ids = job.prompt[start:start + self.prefill_chunk]
+        token = self.forward(r, torch.tensor([ids], device=device),
+                             torch.arange(start, start + len(ids), device=device)[None])
+        job.filled += len(ids)
+        if job.filled == len(job.prompt):
+            self.take(r, token.item())
+
+    def take(self, r: int, token: int):
+        """Hand a row's new token to its job; free the row when the job ends."""
+        job = self.rows[r]
+        if job.cancelled:
+            self.rows[r] = None
+        elif token in self.eos:
+            job.emit("stop")
+            self.rows[r] = None
+        else:
+            job.emit(token)
+            job.generated += 1
+            job.token = token
+            if job.generated == job.max_tokens:
+                job.emit("length")
+                self.rows[r] = None
+
+
+# ---- under torchrun: rank 0 schedules, every rank runs the same forwards -------------------------
+
+def send_step(row: int, idx: Tensor, input_pos: Optional[Tensor], *settings: Tensor):
+    """Rank 0: broadcast one forward of the scheduler (row -1: the decode step; no rows: stop)."""
+    b, T = idx.shape
+    dist.broadcast(torch.tensor([row, b, T], device=idx.device), 0)
+    if b:
+        temperature, top_k, top_p, seed = settings
+        dist.broadcast(torch.cat([idx, input_pos, top_k[:, None], seed[:, None]], dim=1), 0)
+        dist.broadcast(torch.stack([temperature, top_p], dim=1), 0)
+
+
+def follow(model: Transformer, prefill_fn: Callable, decode_fn: Callable):
+    """Ranks other than 0: run the forwards rank 0's scheduler sends, until it stops."""
+    device = model.tok_embeddings.weight.device
+    while True:
+        header = torch.empty(3, dtype=torch.long, device=device)
+        dist.broadcast(header, 0)
+        row, b, T = header.tolist()
+        if b == 0:
+            return
+        ints = torch.empty(b, 2 * T + 2, dtype=torch.long, device=device)  # idx, input_pos, k, seed
+        floats = torch.empty(b, 2, device=device)  # temperature, top_p
+        dist.broadcast(ints, 0)
+        dist.broadcast(floats, 0)
+        idx, input_pos = ints[:, :T], ints[:, T:2 * T]
+        settings = floats[:, 0], ints[:, 2 * T], floats[:, 1], ints[:, 2 * T + 1]
+        with torch.inference_mode():
+            if row < 0:
+                decode_fn(model, idx, input_pos, *settings)
+            else:
+                prefill_fn(model, idx, input_pos, row, *settings)
+
+
+# ---- the HTTP side: OpenAI's requests, responses and errors --------------------------------------
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, code: Optional[str] = None,
+                 param: Optional[str] = None, headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        kind = {401: "authentication_error", 404: "not_found_error",
+                429: "rate_limit_error"}.get(self.status, "invalid_request_error")
+        error = dict(message=self.message, type=kind, param=self.param, code=self.code)
+        return JSONResponse({"error": error}, self.status, headers=self.headers)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class CommonFields(BaseModel):
+    """The fields /v1/completions and /v1/chat/completions share. Unknown fields are accepted and
+    ignored, except those in UNSUPPORTED, which would change the answer."""
+    model_config = ConfigDict(extra="allow")
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0, le=2)  # None: 1
+    top_p: Optional[float] = Field(None, gt=0, le=1)  # None: 1
+    top_k: Optional[int] = Field(None, ge=1)  # an extension: the k most likely tokens only
+    seed: Optional[int] = None
+    stop: Union[str, list[str], None] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+
+
+class Message(BaseModel):
+    role: str
+    content: Union[str, list[dict], None] = None  # text, or parts {"type": "text", "text": ...}
+
+
+class ChatRequest(CommonFields):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+
+
+class CompletionRequest(CommonFields):
+    prompt: Union[str, list[str]]
+
+
+# field -> the values that leave the answer as this server gives it
+UNSUPPORTED = {"n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,),
+               "echo": (False,), "tools": ([],), "functions": ([],), "tool_choice": ("none",),
+               "function_call": ("none",), "presence_penalty": (0,), "frequency_penalty": (0,),
+               "logit_bias": ({},), "suffix": ("",), "response_format": ({"type": "text"},)}
+
+
+def check_supported(body: CommonFields):
+    for name, value in (body.model_extra or {}).items():
+        if name in UNSUPPORTED and value is not None and value not in UNSUPPORTED[name]:
+            raise APIError(400, f"{name}={json.dumps(value)} is not supported by this server",
+                           "unsupported_parameter", name)
+
+
+def message_text(message: Message) -> str:
+    if message.content is None or isinstance(message.content, str):
+        return message.content or ""
+    if any(part.get("type") != "text" for part in message.content):
+        raise APIError(400, "only text content parts are supported", "unsupported_content",
+                       "messages")
+    return "".join(str(part.get("text", "")) for part in message.content)
+
+
+def held_back(text: str, stops: list) -> int:
+    """How many characters at the end of text could be the start of a stop string: they wait for
+    the next token before going out."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+class RandomWeightsTokenizer:
+    """Text for a --random_weights model (benchmarks): each UTF-8 byte of a prompt is a token, and
+    each generated id reads as one printable character. No end of sequence: answers run to
+    max_tokens."""
+    eos_ids: list = []
+
+    def encode(self, text: str) -> list:
+        return list(text.encode("utf-8"))
+
+    def encode_chat(self, messages: list) -> list:
+        return self.encode("\n".join(m["content"] for m in messages))
+
+    def decode(self, ids: list) -> str:
+        return "".join(chr(33 + i % 94) for i in ids)
+
+
+def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
+             api_key: Optional[str], page: Optional[str]) -> FastAPI:
+    """The routes, over a running scheduler (started and stopped with the app)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        scheduler.thread.start()
+        await asyncio.to_thread(scheduler.ready.wait)  # the port opens once the step is compiled
+        yield  # after uvicorn's graceful shutdown: every response is complete
+        scheduler.stop()
+
+    app = FastAPI(title="gpt-blitz", lifespan=lifespan)
+    created, vocab_size = int(time.time()), scheduler.model.args.vocab_size
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        errors = e.errors()
+        if errors[0]["type"] == "json_invalid":
+            return APIError(400, f"the body is not valid JSON ({errors[0]['ctx']['error']})",
+                            "invalid_json").response()
+        where = [".".join(str(x) for x in err["loc"][1:]) for err in errors]
+        message = "; ".join(f"{w or 'body'}: {err['msg']}" for w, err in zip(where, errors))
+        return APIError(400, message, "invalid_request", where[0] or None).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        return APIError(e.status_code, str(e.detail), headers=e.headers).response()
+
+    async def authorize(request: Request):
+        given = request.headers.get("authorization", "").encode()
+        if api_key is not None and not secrets.compare_digest(given, f"Bearer {api_key}".encode()):
+            raise APIError(401, "invalid or missing API key (send the header Authorization: "
+                           "Bearer KEY)", "invalid_api_key")
+
+    @app.get("/health")
+    async def health():
+        running = len(scheduler.rows) - scheduler.rows.count(None)
+        return {"status": "ok", "requests_running": running,
+                "requests_waiting": len(scheduler.waiting)}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page():
+        if page is None:
+            raise APIError(404, "no chat page: chat.html is missing beside server.py")
+        return page
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models():
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
+                                            "owned_by": "gpt-blitz"}]}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(body: ChatRequest, request: Request):
+        check_supported(body)
+        messages = [{"role": m.role, "content": message_text(m)} for m in body.messages]
+        return await complete(request, body, lambda: tokenizer.encode_chat(messages), True,
+                              body.max_completion_tokens or body.max_tokens)
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(body: CompletionRequest, request: Request):
+        check_supported(body)
+        prompt = body.prompt
+        if not isinstance(prompt, str):
+            if len(prompt) != 1:
+                raise APIError(400, "one prompt per request (a list of prompts is n > 1)",
+                               "unsupported_parameter", "prompt")
+            prompt = prompt[0]
+        return await complete(request, body, lambda: tokenizer.encode(prompt), False,
+                              body.max_tokens)
+
+    async def complete(request: Request, body: CommonFields, encode: Callable, chat: bool,
+                       max_tokens: Optional[int]):
+        if body.model is not None and body.model != model_id:
+            raise APIError(404, f"the model {body.model!r} does not exist: this server serves "
+                           f"{model_id!r}", "model_not_found", "model")
+        stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
+        if "" in stops:
+            raise APIError(400, "a stop string cannot be empty", "invalid_stop", "stop")
+        prompt = encode()
+        if not prompt:
+            raise APIError(400, "the prompt has no tokens", "empty_prompt")
+        if max_tokens is None:
+            max_tokens = max(context - len(prompt), 1)  # all that fits
+        if len(prompt) + max_tokens > context:
+            raise APIError(400, f"this server's context is {context} tokens, but {len(prompt)} "
+                           f"prompt tokens + {max_tokens} max_tokens = "
+                           f"{len(prompt) + max_tokens}", "context_length_exceeded")
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        job = Job(prompt, max_tokens, 1.0 if body.temperature is None else body.temperature,
+                  body.top_k or vocab_size, 1.0 if body.top_p is None else body.top_p,
+                  (secrets.randbits(32) if body.seed is None else body.seed) & 0xFFFFFFFF,
+                  emit=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+        if not scheduler.submit(job):
+            raise APIError(429, f"the server is busy: {scheduler.max_queue} requests are waiting "
+                           "already", "queue_full", headers={"Retry-After": "1"})
+        head = dict(id=f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}",
+                    object="chat.completion" if chat else "text_completion",
+                    created=int(time.time()), model=model_id)
+
+        def usage(n: int) -> dict:
+            return dict(prompt_tokens=len(prompt), completion_tokens=n,
+                        total_tokens=len(prompt) + n)
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(stream(answer(job, queue, stops), head, chat, usage,
+                                            include_usage), media_type="text/event-stream")
+        gone = asyncio.create_task(cancel_when_gone(request, job))
+        text, n = "", 0
+        try:
+            async for piece, reason, n in answer(job, queue, stops):
+                text += piece
+        finally:
+            gone.cancel()
+        choice = dict(index=0, finish_reason=reason, logprobs=None)
+        message = dict(role="assistant", content=text)
+        choice.update(dict(message=message) if chat else dict(text=text))
+        return dict(head, choices=[choice], usage=usage(n))
+
+    async def answer(job: Job, queue: asyncio.Queue, stops: list):
+        """(text, finish reason or None, tokens so far) as the job's tokens arrive. A stop string
+        ends the answer just before it, also when it spans tokens; the job ends with the answer."""
+        streamer, pending, n = TextStreamer(tokenizer), "", 0
+        try:
+            while True:
+                item = await queue.get()
+                done = isinstance(item, str)
+                n += not done
+                pending += streamer.flush() if done else streamer.put(item)
+                cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
+                if cut >= 0:
+                    yield pending[:cut], "stop", n
+                    return
+                if done:
+                    yield pending, item, n
+                    return
+                ready = len(pending) - held_back(pending, stops)
+                if ready > 0:
+                    yield pending[:ready], None, n
+                    pending = pending[ready:]
+        finally:
+            scheduler.cancel(job)  # a no-op for a job that has ended
+
+    async def cancel_when_gone(request: Request, job: Job):
+        """A non-streaming client that leaves frees its row (a streaming one is cancelled by the
+        response itself)."""
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.5)
+        scheduler.cancel(job)
+        job.emit("stop")  # ends the answer nobody reads
+
+    async def stream(events, head: dict, chat: bool, usage: Callable, include_usage: bool):
+        """Server-sent events in OpenAI's chunk format, ending with data: [DONE]."""
+        head = dict(head, object="chat.completion.chunk" if chat else "text_completion")
+        extra = {"usage": None} if include_usage else {}
+
+        def chunk(delta: dict, reason: Optional[str] = None) -> str:
+            choice = dict(index=0, finish_reason=reason, logprobs=None)
+            choice.update(delta=delta) if chat else choice.update(text=delta.get("content", ""))
+            return f"data: {json.dumps(dict(head, choices=[choice], **extra))}\n\n"
+
+        if chat:
+            yield chunk(dict(role="assistant", content=""))
+        n = 0
+        async for text, reason, n in events:
+            if text:
+                yield chunk(dict(content=text))
+            if reason is not None:
+                yield chunk({}, reason)
+        if include_usage:
+            yield f"data: {json.dumps(dict(head, choices=[], usage=usage(n)))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return app
+
+
+# ---- the command line ----------------------------------------------------------------------------
+
+SPECULATION_FLAGS = ("--draft_checkpoint_path", "--speculate_ngram", "--speculate_k")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Serve a gpt-blitz checkpoint over an OpenAI-compatible HTTP API, many "
+        "requests batched at once; under torchrun the model is split over the processes. "
+        "Speculative decoding is not served (its flags are refused).",
+        parents=[MODEL_FLAGS])
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api_key", help="require the header Authorization: Bearer API_KEY")
+    p.add_argument("--max_batch_size", type=int, default=8,
+                   help="requests decoded at once: rows of the KV cache (default 8)")
+    p.add_argument("--max_queue", type=int, default=64,
+                   help="requests that may wait for a row; beyond, 429 (default 64)")
+    p.add_argument("--max_seq_length", type=int,
+                   help="cache slots per row: the longest prompt + max_tokens served (default: "
+                   "the model's context, at most 4096). Every decode step reads every slot: size "
+                   "it for the workload")
+    p.add_argument("--prefill_chunk", type=int, default=256,
+                   help="prompt tokens prefilled between two decode steps: bounds the pause a new "
+                   "request causes the others (default 256)")
+    args, unknown = p.parse_known_args(argv)
+    if any(a.split("=")[0] in SPECULATION_FLAGS for a in unknown):
+        raise InputError("the server does not do speculative decoding (it proposes tokens for one "
+                         "sequence; the server's batch is many users): drop "
+                         f"{', '.join(SPECULATION_FLAGS)}")
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    check_model_flags(args)
+    if min(args.max_batch_size, args.max_queue, args.prefill_chunk,
+           args.max_seq_length or 1) < 1:
+        raise InputError("--max_batch_size, --max_queue, --prefill_chunk and --max_seq_length "
+                         "must be >= 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    distributed = dist.is_torchelastic_launched()  # under torchrun: split the model
+    if distributed:
+        tp.quiet_other_ranks()
+    if args.random_weights:
+        ckpt, tokenizer, config = None, RandomWeightsTokenizer(), ModelArgs(**CONFIGS[
+            args.random_weights])
+        model_id = args.random_weights
+    else:
+        ckpt = read_checkpoint(args.checkpoint_path)
+        tokenizer, config = load_tokenizer(ckpt.folder), ckpt.args
+        model_id = ckpt.folder.name
+    context = args.max_seq_length or min(config.block_size, 4096)
+    if context > config.block_size:
+        raise InputError(f"--max_seq_length {context} is beyond the model's context of "
+                         f"{config.block_size} tokens")
+    device = tp.start(args, config, args.device) if distributed else args.device
+    model = load_weights(args, ckpt, config, device, args.max_batch_size, context)
+    # A decode graph of static shapes for each row count that warm_up compiles (log2 B + 1 of them,
+    # within dynamo's recompile limit of 8 up to B = 128), as generate.py's, not one dynamic graph.
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    prefill_fn, decode_fn = compile_functions(args, prefill_rows, decode_rows)
+    if tp.rank() != 0:
+        return follow(model, prefill_fn, decode_fn)
+    scheduler = Scheduler(model, tokenizer.eos_ids, args.max_queue, args.prefill_chunk,
+                          prefill_fn, decode_fn)
+    page_path = Path(__file__).with_name("chat.html")
+    page = page_path.read_text() if page_path.is_file() else None
+    app = make_app(scheduler, tokenizer, model_id, context, args.api_key, page)
+    # uvicorn finishes the open responses on SIGTERM, then raises the signal again: exit 0 then.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except InputError as e:
+        tp.exit_with_error(e)

@@ -1,0 +1,100 @@
+"""The chat page (chat.html, GET /) in a real browser: Debian's chromium, headless, driven by
+Playwright, against a real server.py (SmolLM2-135M on the CPU, on 127.0.0.1, started with an API
+key). The page asks for the key, streams an answer to a question, stops one mid-stream, keeps the
+conversation, and shows the server's error JSON as one line."""
+import json
+import shutil
+
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from test_load_test import serve
+
+pytestmark = pytest.mark.slow  # a browser and a server, end to end (CI installs the browser)
+
+API_KEY = "test-key"
+ANSWER_MS = 120_000  # a streamed answer of a few tokens on a busy 2-core CPU
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_checkpoint, tmp_path_factory) -> str:
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with serve(smollm2_checkpoint, log, "--api_key", API_KEY) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "no chromium on PATH: apt-get install chromium (Debian), as .ci/run does"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    """The chat page, opened with the API key typed in; fails the test on any script error."""
+    page = browser.new_page(viewport={"width": 900, "height": 640})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server)
+    # Without the key the server refuses to list the models, and the page says so.
+    expect(page.locator("#error")).to_contain_text("401")
+    page.fill("#api_key", API_KEY)
+    page.dispatch_event("#api_key", "change")
+    expect(page.locator("#error")).to_be_empty()
+    expect(page.locator("#model")).not_to_have_text("…")
+    yield page
+    page.close()
+    assert not errors, errors
+
+
+def ask(page, question: str, max_tokens: int):
+    page.fill("#temperature", "0")
+    page.fill("#max_tokens", str(max_tokens))
+    page.fill("#input", question)
+    page.keyboard.press("Enter")
+
+
+def test_chat_page_streams_the_answer_to_a_question(page, tmp_path):
+    ask(page, "What is the capital of France?", 16)
+    expect(page.locator(".assistant").last).to_contain_text("Paris", timeout=ANSWER_MS)
+    expect(page.locator("#send")).to_be_visible(timeout=ANSWER_MS)  # the stream has ended
+    expect(page.locator("#input")).to_have_value("")
+    page.screenshot(path=tmp_path / "chat.png")  # for a person to look at
+
+
+def test_chat_page_stops_an_answer_and_keeps_the_conversation_until_a_new_chat(page):
+    ask(page, "Write a long story about a dragon.", 200)
+    answer = page.locator(".assistant").last
+    expect(answer).not_to_be_empty(timeout=ANSWER_MS)
+    page.click("#stop")
+    expect(page.locator("#send")).to_be_visible()
+    stopped = answer.text_content()
+    page.wait_for_timeout(1000)
+    assert answer.text_content() == stopped  # nothing arrives after the stop
+    # The next question is sent with the whole conversation, the stopped answer included.
+    with page.expect_request("**/v1/chat/completions") as request:
+        ask(page, "What is the capital of France?", 4)
+    sent = json.loads(request.value.post_data)
+    assert [m["role"] for m in sent["messages"]] == ["user", "assistant", "user"]
+    assert sent["messages"][1]["content"] == stopped
+    assert sent["model"] == page.locator("#model").text_content().removeprefix("· ")
+    expect(page.locator(".assistant")).to_have_count(2)
+    expect(page.locator("#send")).to_be_visible(timeout=ANSWER_MS)
+    # A new chat starts from an empty conversation.
+    page.click("#clear")
+    expect(page.locator(".message")).to_have_count(0)
+    with page.expect_request("**/v1/chat/completions") as request:
+        ask(page, "Hello!", 1)
+    assert [m["role"] for m in json.loads(request.value.post_data)["messages"]] == ["user"]
+    expect(page.locator("#send")).to_be_visible(timeout=ANSWER_MS)
+
+
+def test_chat_page_shows_the_servers_error_and_gives_the_question_back(page):
+    ask(page, "What is the capital of France?", 10 ** 7)  # beyond the model's context
+    expect(page.locator("#error")).to_contain_text("400", timeout=ANSWER_MS)
+    expect(page.locator("#input")).to_have_value("What is the capital of France?")
+    expect(page.locator(".message")).to_have_count(0)

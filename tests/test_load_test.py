@@ -1,0 +1,147 @@
+"""scripts/load_test.py against a real server.py (SmolLM2-135M on the CPU, on 127.0.0.1) for a few
+seconds: its JSON result counts every request once (those the server refuses as failed, by
+status), its percentiles are ordered, its token counts are the server's. Bad input is one line.
+Nothing here asserts a speed."""
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, assert_one_error_line, load_script, run_script
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve(checkpoint: Path, log: Path, *flags, timeout: float = 300):
+    """server.py on a free port of 127.0.0.1, as a user starts it; yields its base URL
+    (http://127.0.0.1:PORT) once GET /health answers, and stops it with SIGTERM at the end."""
+    port = free_port()
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "server.py", "--checkpoint_path", str(checkpoint), "--device", "cpu",
+             "--host", "127.0.0.1", "--port", str(port), *map(str, flags)],
+            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            tail = log.read_text()[-3000:]
+            assert process.poll() is None, f"server.py exited:\n{tail}"
+            assert time.monotonic() < deadline, f"no answer from /health in {timeout} s:\n{tail}"
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5):  # raises unless 2xx
+                    break
+            except OSError:  # not listening yet, or not ready: URLError and HTTPError are OSErrors
+                pass
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+ROWS, QUEUE = 2, 3  # the server takes 5 requests at a time; 3 clients never hear 429
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_checkpoint, tmp_path_factory) -> str:
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with serve(smollm2_checkpoint, log, "--max_batch_size", ROWS, "--max_queue", QUEUE) as url:
+        yield url
+
+
+def test_load_test_reports_every_request_and_ordered_percentiles(server, tmp_path):
+    out = tmp_path / "load.json"
+    r = run_script("scripts/load_test.py", "--url", f"{server}/v1", "--concurrency", "3",
+                   "--duration", "3", "--prompt_tokens", "40", "--max_tokens", "6", "--out", out,
+                   timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["model"] and result["concurrency"] == 3 and result["max_tokens"] == 6
+    # Every client sent at least one request, each finished and was counted once.
+    assert result["sent"] >= 3 and result["finished"] == result["sent"] and result["failed"] == 0
+    assert result["errors"] == {}
+    assert sum(result["finish_reasons"].values()) == result["finished"]
+    # Counting on, the model writes answers that run to max_tokens: the server's usage counts them.
+    assert result["finish_reasons"] == {"length": result["finished"]}
+    assert result["output_tokens"] == 6 * result["finished"]
+    assert abs(result["prompt_tokens"] - 40) <= 4  # whole numbers, of 7 tokens in SmolLM2
+    assert result["requests_per_s"] == pytest.approx(result["finished"] / result["wall_s"])
+    assert result["output_tok_s"] == pytest.approx(result["output_tokens"] / result["wall_s"])
+    assert result["wall_s"] >= 3
+    for stats in (result["ttft_ms"], result["itl_ms"]):
+        assert 0 < stats["p50"] <= stats["p99"]
+    # A gap between each two streamed chunks of an answer, at most one per token after the first.
+    gaps = result["output_tokens"] - result["finished"]
+    assert result["finished"] <= result["itl_samples"] <= gaps
+    assert "requests/s" in r.stdout and "ITL" in r.stdout
+
+
+@pytest.fixture(scope="module")
+def load_test():
+    return load_script("load_test")
+
+
+def refusal(load_test, *flags) -> str:
+    """The message load_test.main exits with: sys.exit("error: ...") prints it to stderr as the
+    program's last words, exit status 1."""
+    with pytest.raises(SystemExit) as exit:
+        load_test.main([str(flag) for flag in flags])
+    assert isinstance(exit.value.code, str), exit.value.code
+    return exit.value.code
+
+
+def test_load_test_with_a_request_count_sends_exactly_that_many(server, load_test, tmp_path):
+    out = tmp_path / "load.json"
+    load_test.main(["--url", f"{server}/v1", "--concurrency", "2", "--requests", "3",
+                    "--prompt_tokens", "12", "--max_tokens", "2", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["sent"] == result["finished"] == 3 and result["output_tokens"] == 6
+
+
+def test_load_test_counts_the_requests_the_server_refuses(server, load_test, tmp_path):
+    out = tmp_path / "load.json"
+    load_test.main(["--url", f"{server}/v1", "--concurrency", "8", "--requests", "8",
+                    "--prompt_tokens", "12", "--max_tokens", "8", "--out", str(out)])
+    result = json.loads(out.read_text())
+    # 8 requests at once: 5 at most take the rows and the queue's places, the others hear 429
+    # (unless answers end before all have arrived: 8 tokens each make that unlikely).
+    assert result["sent"] == 8 and result["finished"] >= 1 and result["failed"] >= 1
+    assert result["finished"] + result["failed"] == 8
+    assert result["errors"] == {"429": result["failed"]}
+    assert result["output_tokens"] == 8 * result["finished"]  # refused requests count no tokens
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--requests", "0"], "--requests"),
+    (["--requests", "2", "--duration", "5"], "not both"),
+    (["--url", "127.0.0.1:8000/v1"], "URL"),
+])
+def test_load_test_bad_flags_are_one_error_line(load_test, flags, words):
+    assert_one_error_line(refusal(load_test, *flags), words)
+
+
+def test_load_test_names_a_server_that_refuses_it(server, load_test):
+    url = f"{server}/no/such/api"
+    assert_one_error_line(refusal(load_test, "--url", url, "--requests", 1), "404", url)
+
+
+def test_load_test_names_a_server_it_cannot_reach(load_test):
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    assert_one_error_line(refusal(load_test, "--url", url, "--requests", 1), "cannot reach")

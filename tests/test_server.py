@@ -1,0 +1,368 @@
+"""server.py end to end: the real `openai` client against a real uvicorn server on 127.0.0.1 serving
+SmolLM2-135M (one server process for the module; its last test shuts it down with SIGTERM). Greedy
+answers are checked against generate.generate run in this process on the same model."""
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from checkpoint import load_model, read_checkpoint, save_checkpoint
+from conftest import ROOT, assert_one_error_line, command, run_script
+from generate import Sampling, generate
+from model import ModelArgs, Transformer
+from server import held_back
+from tokenizer import load_tokenizer
+
+KEY = "test-key"
+ROWS, QUEUE, CONTEXT = 4, 4, 256
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+STORY = [{"role": "user", "content": "Write a long story about a dragon."}]  # a long answer
+
+
+def start_server(launch: list, log, *flags) -> tuple[str, subprocess.Popen]:
+    """(base URL, process) of `launch` + server.py + flags, once it answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd, env = command([*launch, "server.py", "--device", "cpu", "--port", port, *flags],
+                       env={"OMP_NUM_THREADS": "1"})
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "the server did not start"
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return url, proc
+        except httpx.TransportError:
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_checkpoint, tmp_path_factory):
+    """(base URL, process, log path): the server, prefilling in chunks of 32 tokens, so that the
+    chat prompts here (32 tokens or more) mostly take two."""
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    url, proc = start_server([], log, "--checkpoint_path", smollm2_checkpoint, "--api_key", KEY,
+                             "--max_batch_size", ROWS, "--max_queue", QUEUE, "--max_seq_length",
+                             CONTEXT, "--prefill_chunk", 32)
+    yield url, proc, log
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_checkpoint):
+    """greedy(messages, max_tokens) -> (text, token count): generate.generate alone, float32."""
+    ckpt = read_checkpoint(smollm2_checkpoint)
+    model, tokenizer = load_model(ckpt, dtype=torch.float32), load_tokenizer(ckpt.folder)
+
+    def greedy(messages: list, max_tokens: int) -> tuple[str, int]:
+        ids = tokenizer.encode_chat(messages)
+        model.setup_caches(1, len(ids) + max_tokens)
+        tokens = generate(model, [ids], max_tokens, Sampling(temperature=0),
+                          tokenizer.eos_ids).tokens[0]
+        return tokenizer.decode(tokens), len(tokens)
+    greedy.tokenizer = tokenizer
+    return greedy
+
+
+def client(server, key=KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=key, max_retries=0)
+
+
+def async_client(server) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0)
+
+
+def ask(server, messages=QUESTION, **fields):
+    return client(server).chat.completions.create(model="SmolLM2-135M-Instruct",
+                                                  messages=messages, **fields)
+
+
+def streamed(server, messages=QUESTION, **fields) -> tuple[str, str, list]:
+    """(text, finish_reason, chunks) of a streamed chat answer."""
+    chunks = list(ask(server, messages, stream=True, **fields))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert reasons[:-1] == [None] * (len(reasons) - 1)
+    return text, reasons[-1], chunks
+
+
+def test_chat_answers_paris_streamed_and_not_the_same_with_usage(server, reference):
+    answer = ask(server, max_tokens=20, temperature=0)
+    text = answer.choices[0].message.content
+    assert "Paris" in text
+    assert answer.choices[0].finish_reason == "stop"  # the model ended its answer
+    ref_text, ref_tokens = reference(QUESTION, 20)
+    assert text == ref_text
+    prompt_tokens = len(reference.tokenizer.encode_chat(QUESTION))
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens,
+            answer.usage.total_tokens) == (prompt_tokens, ref_tokens, prompt_tokens + ref_tokens)
+    text, reason, chunks = streamed(server, max_tokens=20, temperature=0,
+                                    stream_options={"include_usage": True})
+    assert (text, reason) == (answer.choices[0].message.content, "stop")
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == [] and chunks[-1].usage == answer.usage
+
+
+def test_max_tokens_ends_with_length_and_completions_continue_the_prompt(server, reference):
+    answer = ask(server, max_tokens=3, temperature=0)
+    assert answer.choices[0].finish_reason == "length"
+    assert answer.usage.completion_tokens == 3
+    assert answer.choices[0].message.content == reference(QUESTION, 3)[0]
+    done = client(server).completions.create(model="SmolLM2-135M-Instruct", prompt="The capital "
+                                             "of France is", max_tokens=4, temperature=0)
+    assert "Paris" in done.choices[0].text and done.usage.completion_tokens == 4
+    assert done.usage.prompt_tokens == len(reference.tokenizer.encode("The capital of France is"))
+
+
+def test_stop_strings_cut_the_answer_also_across_tokens(server, reference):
+    full = reference(QUESTION, 20)[0]  # "The capital of France is Paris."
+    ids = reference.tokenizer.encode(full)
+    # a stop string that begins inside one token and ends inside the next
+    first, second = (reference.tokenizer.decode(ids[:i]) for i in (2, 3))
+    stop = first[-2:] + second[len(first):][:2]
+    assert len(stop) == 4 and stop in full
+    expected = full[:full.index(stop)]
+    answer = ask(server, max_tokens=20, temperature=0, stop=[stop, "never appears"])
+    assert (answer.choices[0].message.content, answer.choices[0].finish_reason) == (expected,
+                                                                                    "stop")
+    assert streamed(server, max_tokens=20, temperature=0, stop=stop)[:2] == (expected, "stop")
+    assert held_back("The cap", ["apital", "x"]) == 2  # "ap" may begin "apital": held back
+
+
+def test_staggered_concurrent_greedy_requests_each_get_their_alone_answer(server, reference):
+    """Eight requests of different prompts and lengths arrive 0.1 s apart into four rows (four wait
+    for a row): each answer is generate.py's for its prompt alone. The first runs longest; the last
+    one's first token arrives before the first ends: it joined while the others were decoding."""
+    questions = ["Write a long story about a dragon.", "What is 2 + 2?",
+                 "Write a haiku about the sea.",
+                 "Who wrote Hamlet?", "Describe a cat in one sentence.", "What is the capital of "
+                 "Italy? Answer with one word, then explain how you know it in detail.", "Hi!",
+                 "List the planets of the solar system in order from the sun."]
+    lengths = [24, 4, 8, 3, 6, 5, 3, 6]
+    conversations = [[{"role": "user", "content": q}] for q in questions]
+
+    async def one(i: int) -> tuple[str, float, float]:
+        await asyncio.sleep(0.1 * i)
+        stream = await async_client(server).chat.completions.create(
+            model="SmolLM2-135M-Instruct", messages=conversations[i], max_tokens=lengths[i],
+            temperature=0, stream=True)
+        text, first = "", None
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first or time.monotonic()
+                text += chunk.choices[0].delta.content
+        return text, first, time.monotonic()
+
+    async def all_of_them():
+        return await asyncio.gather(*(one(i) for i in range(len(questions))))
+    results = asyncio.run(all_of_them())
+    assert [text for text, _, _ in results] == [reference(c, n)[0]
+                                                for c, n in zip(conversations, lengths)]
+    assert results[-1][1] < results[0][2]
+
+
+def test_a_seeded_sampled_request_is_reproducible_whatever_runs_beside_it(server):
+    fields = dict(max_tokens=12, temperature=1.0, top_p=0.95, seed=7)
+    alone = ask(server, **fields).choices[0].message.content
+
+    async def beside_others():
+        c = async_client(server)
+        return await asyncio.gather(*(c.chat.completions.create(
+            model="SmolLM2-135M-Instruct", messages=QUESTION, **dict(fields, seed=seed))
+            for seed in (7, 8, 9)))
+    results = [r.choices[0].message.content for r in asyncio.run(beside_others())]
+    assert results[0] == alone
+    assert len(set(results)) > 1  # the seed matters
+
+
+def error_of(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+def test_errors_answer_with_openai_error_json_and_status(server):
+    url = server[0]
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    post = lambda path, **kw: httpx.post(url + path, headers=headers, **kw)  # noqa: E731
+    long = "word " * 300
+    error = error_of(post("/v1/completions", json={"prompt": long, "max_tokens": 10}), 400)
+    assert error["code"] == "context_length_exceeded" and f"{CONTEXT} tokens" in error["message"]
+    error = error_of(post("/v1/completions", json={"prompt": long}), 400)  # no max_tokens
+    assert error["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError, match="context"):
+        ask(server, max_tokens=CONTEXT)
+    assert "JSON" in error_of(post("/v1/chat/completions", content=b"{\"messages\": ["), 400)[
+        "message"]
+    error = error_of(post("/v1/chat/completions", json={"messages": QUESTION,
+                                                        "max_tokens": "many"}), 400)
+    assert error["param"] == "max_tokens"
+    error_of(post("/v1/chat/completions", json={"messages": "hello"}), 400)
+    for field, value in [("n", 2), ("logprobs", True), ("tools", [{"type": "function", "function":
+                                                                    {"name": "f"}}])]:
+        error = error_of(post("/v1/chat/completions", json={"messages": QUESTION, field: value}),
+                         400)
+        assert error["param"] == field and "not supported" in error["message"]
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client(server).chat.completions.create(model="gpt-4", messages=QUESTION)
+    with pytest.raises(openai.AuthenticationError):
+        client(server, key="wrong").models.list()
+    error_of(httpx.get(url + "/v1/models"), 401)
+    assert [m.id for m in client(server).models.list()] == ["SmolLM2-135M-Instruct"]
+
+
+def long_streams(server, n: int, http: httpx.Client) -> list:
+    """n streaming requests that would run for a long time, each submitted (headers received):
+    (stream, its lines). The line iterators are kept: dropping one closes its connection."""
+    body = {"model": "SmolLM2-135M-Instruct", "messages": STORY, "max_tokens": 200,
+            "temperature": 0, "stream": True}
+    streams = []
+    for _ in range(n):
+        stream = http.stream("POST", "/v1/chat/completions", json=body)
+        response = stream.__enter__()
+        assert response.status_code == 200
+        streams.append((stream, response.iter_lines()))
+    return streams
+
+
+def next_token(lines):
+    """Read a streamed answer up to its next token; fail if it ends first."""
+    for line in lines:
+        assert '"finish_reason": null' in line or not line, line
+        if '"delta": {"content": ' in line:
+            return
+
+
+def close(streams: list):
+    for stream, _ in streams:
+        stream.__exit__(None, None, None)
+
+
+def test_a_full_queue_answers_429_with_retry_after(server):
+    with httpx.Client(base_url=server[0], headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=60) as http:
+        streams = long_streams(server, ROWS, http)
+        try:
+            for _, lines in streams:
+                next_token(lines)  # every row busy
+            streams += long_streams(server, QUEUE, http)  # the queue full
+            response = http.post("/v1/chat/completions", json={"messages": QUESTION})
+            assert error_of(response, 429)["code"] == "queue_full"
+            assert response.headers["Retry-After"] == "1"
+        finally:
+            close(streams)
+    assert "Paris" in ask(server, max_tokens=12, temperature=0).choices[0].message.content
+
+
+def busy(server) -> int:
+    health = httpx.get(server[0] + "/health").json()
+    return health["requests_running"] + health["requests_waiting"]
+
+
+def test_a_client_that_disconnects_frees_its_row_for_the_next_request(server):
+    """Every row busy for 200 tokens: a request can only be answered once a client that left has
+    freed its row, a non-streaming one (it timed out) and then a streaming one. The long answers
+    are alike, so had a row been freed by one ending, the others would have ended too."""
+    with httpx.Client(base_url=server[0], headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=60) as http:
+        streams = long_streams(server, ROWS - 1, http)
+        try:
+            for _, lines in streams:
+                next_token(lines)  # each has its row
+            with pytest.raises(httpx.ReadTimeout):  # the last row's client gives up
+                http.post("/v1/chat/completions", timeout=3, json={
+                    "messages": STORY, "max_tokens": 200, "temperature": 0})
+            assert ask(server, max_tokens=3, temperature=0).choices[0].finish_reason == "length"
+            assert busy(server) == ROWS - 1  # the streams, still decoding
+            streams += long_streams(server, 1, http)
+            next_token(streams[-1][1])  # every row busy again
+            close(streams[:1])
+            assert ask(server, max_tokens=3, temperature=0).choices[0].finish_reason == "length"
+            assert busy(server) == ROWS - 1
+        finally:
+            close(streams[1:])
+
+
+def test_the_chat_page_is_served_at_the_root(server):
+    page = ROOT / "chat.html"
+    response = httpx.get(server[0] + "/")
+    assert response.status_code == 200 and response.text == page.read_text()
+    assert response.headers["content-type"].startswith("text/html")
+
+
+def test_sigterm_finishes_open_answers_and_exits_cleanly(server):
+    """The module's last test: it shuts the server down."""
+    url, proc, log = server
+    stream = ask(server, max_tokens=24, temperature=0, stream=True)
+    next(iter(stream))
+    proc.send_signal(signal.SIGTERM)
+    chunks = list(stream)
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert proc.wait(timeout=60) == 0
+    assert "Traceback" not in log.read_text()
+
+
+def test_speculative_flags_are_refused_with_one_error_line(smollm2_checkpoint):
+    r = run_script("server.py", "--checkpoint_path", smollm2_checkpoint, "--speculate_ngram", 3)
+    assert r.returncode == 1
+    assert_one_error_line(r.stderr, "speculative decoding")
+
+
+@pytest.mark.slow
+def test_under_torchrun_two_processes_serve_the_greedy_answers_of_one(smollm2_checkpoint,
+                                                                       tmp_path):
+    """A tiny model with SmolLM2's tokenizer split over 2 gloo processes: rank 0 schedules and
+    serves, both ranks run every forward; answers arriving together equal generate.py's alone."""
+    args = ModelArgs(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=49152,
+                     intermediate_size=128, block_size=128)
+    torch.manual_seed(0)
+    tiny = Transformer(args)
+    with torch.no_grad():
+        for name, p in tiny.named_parameters():
+            p.normal_(1.0 if "norm" in name else 0.0, 0.3)  # peaked logits: no near-ties
+    names = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+    save_checkpoint(tmp_path / "tiny", args, tiny.state_dict(),
+                    {n: smollm2_checkpoint / n for n in names if (smollm2_checkpoint / n).exists()})
+    url, proc = start_server(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+                             tmp_path / "server.log", "--checkpoint_path", tmp_path / "tiny",
+                             "--max_seq_length", 64, "--prefill_chunk", 8)
+    try:
+        prompts = ["Hello there", "What is the capital of France?", "Tell me a joke"]
+        c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+
+        async def together():
+            return await asyncio.gather(*(c.completions.create(
+                model="tiny", prompt=p, max_tokens=8, temperature=0) for p in prompts))
+        served = [r.choices[0].text for r in asyncio.run(together())]
+        ckpt = read_checkpoint(tmp_path / "tiny")
+        model, tokenizer = load_model(ckpt, dtype=torch.float32), load_tokenizer(ckpt.folder)
+        alone = []
+        for p in prompts:
+            ids = tokenizer.encode(p)
+            model.setup_caches(1, len(ids) + 8)
+            tokens = generate(model, [ids], 8, Sampling(temperature=0), tokenizer.eos_ids).tokens[0]
+            alone.append(tokenizer.decode(tokens))
+        assert served == alone
+        # SIGTERM to rank 0 (uvicorn logs its id): it stops serving, then tells rank 1 to stop.
+        log = (tmp_path / "server.log").read_text()
+        os.kill(int(re.search(r"Started server process \[(\d+)\]", log).group(1)), signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, (tmp_path / "server.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
