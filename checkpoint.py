@@ -309,11 +309,12 @@ def load_model(ckpt: Checkpoint, device="cpu", dtype=None) -> Transformer:
 def to_device(model: Transformer, device, dtype, quantization: Optional[dict]) -> Transformer:
     """The last step of loading a model or a rank's part of it: device and dtype (integer weights
     keep theirs), the tied output layer tied again (assign=True and to_empty replace the shared
-    parameter), quantized weights repacked for the device's kernels."""
+    parameter), the device's kernels chosen for quantized weights (repacked for them) and
+    experts."""
     model = model.to(device=device, dtype=dtype)
     if model.args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    if quantization is not None:
+    if quantization is not None or model.args.n_experts:
         kernels.prepare_for_device(model)
     return model.eval()
 

@@ -6,7 +6,7 @@ At batch 1 a linear layer is a matrix-vector product: each weight is read once a
 the kernel's only job is to stream the weights at full memory bandwidth, which torch.compile's
 fusion of `F.linear(x, w_int8.to(bf16)) * scales` falls well short of (BENCHMARKS.md has the
 measurements). The GEMV reads the one-byte weights as int32 words of four (wide loads), a
-(BLOCK_N rows, BLOCK_K4 words) tile per step, converts each byte in registers, multiplies by the
+(BLOCK_N rows, BLOCK_WORDS words) tile per step, converts each byte in registers, multiplies by the
 matching x values and accumulates in float32, reducing over K once at the end. Autotuning picks
 the tile per layer shape on the first call. The weights are int8 (Int8Linear) or fp8 e4m3
 (Fp8Linear), one scale per output row.
@@ -15,6 +15,11 @@ With a few rows, the matmul keeps all of them in one tile, so each weight is sti
 converts the weights exactly to bf16 in registers and multiplies on the tensor cores (`tl.dot`).
 It replaces what torch.compile makes of the PyTorch path for a decode batch,
 aten._weight_int8pack_mm, whose CUDA kernel is far slower at a few rows.
+
+A mixture of experts decodes with the same GEMV indexed by expert: each (token, chosen expert)
+pair times that expert's weights (bf16, fp16 and float32 too, read as they are), one program per
+(row block, part of K, pair), so that even a few small experts (Qwen3-30B-A3B's 768 x 2048) give
+every SM weights to stream, and only the chosen experts' rows are read.
 
 The layers keep a plain PyTorch path (prefill), which is also the reference the kernels are
 checked against: `check_kernels` on the GPU (scripts/bench.py runs it first), tests/test_kernels.py
@@ -39,48 +44,73 @@ except ImportError:  # CPU-only installs: the callers then keep their PyTorch pa
 
 if triton is not None:
     @triton.jit
-    def byte_to_float(words, j: tl.constexpr, FP8: tl.constexpr):
-        """Byte j of each int32 word as float32: an fp8 e4m3 bit pattern, or an int8 value."""
-        if FP8:
-            return (((words >> (8 * j)) & 0xFF).to(tl.uint8)
-                    .to(tl.float8e4nv, bitcast=True).to(tl.float32))
-        # Byte j to the top, then an arithmetic shift down.
-        return ((words << (24 - 8 * j)) >> 24).to(tl.float32)
+    def word_to_float(words, j: tl.constexpr, PER_WORD: tl.constexpr, FP8: tl.constexpr):
+        """Weight j of each loaded word as float32: a float weight itself (PER_WORD 1), or byte j
+        of an int32 word (PER_WORD 4): an fp8 e4m3 bit pattern, or an int8 value."""
+        if PER_WORD == 1:
+            value = words.to(tl.float32)
+        elif FP8:
+            value = (((words >> (8 * j)) & 0xFF).to(tl.uint8)
+                     .to(tl.float8e4nv, bitcast=True).to(tl.float32))
+        else:  # byte j to the top, then an arithmetic shift down
+            value = ((words << (24 - 8 * j)) >> 24).to(tl.float32)
+        return value
 
     @triton.jit
-    def scaled_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K4, WORDS_PER_SPLIT, FP8: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K4: tl.constexpr):
-        """y[split, n] = scales[n] * sum over the split's columns k of x[k] * w[n, k], for BLOCK_N
-        rows n. The one-byte weights (int8 or fp8) are read as int32 words of four: w_ptr is
-        (N, K4) row-major, K = 4 K4; split s (program_id 1) takes words
-        [s * WORDS_PER_SPLIT, (s + 1) * WORDS_PER_SPLIT)."""
+    def scaled_gemv_kernel(x_ptr, w_ptr, s_ptr, ids_ptr, y_ptr, N, K_WORDS, WORDS_PER_SPLIT,
+                           PAIRS_PER_ROW, PER_WORD: tl.constexpr, FP8: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_WORDS: tl.constexpr):
+        """y[split, p, n] = scales[e, n] * sum over the split's columns k of x[r, k] * w[e, n, k]
+        for BLOCK_N rows n (program_id 0) of pair p (program_id 2): expert e = ids[p] and x row
+        r = p // PAIRS_PER_ROW (ids None: a plain GEMV, e = 0; scales None: no scaling).
+        w_ptr is (n_experts, N, K_WORDS) row-major words of PER_WORD weights: one-byte weights
+        (int8 or fp8) read as int32 words of four (wide loads), or float weights one a word
+        (bf16, fp16: 8 to a 128-bit load); K = PER_WORD K_WORDS. Split s (program_id 1) takes
+        words [s * WORDS_PER_SPLIT, (s + 1) * WORDS_PER_SPLIT)."""
+        pair = tl.program_id(2)
+        expert = 0
+        if ids_ptr is not None:
+            expert = tl.load(ids_ptr + pair).to(tl.int64)
+        x_row = x_ptr + (pair // PAIRS_PER_ROW).to(tl.int64) * (PER_WORD * K_WORDS)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         row_ok = rows < N
-        row_start = rows.to(tl.int64) * K4  # int64: N * K passes 2**31 in the largest models
+        # int64: N * K passes 2**31 in the largest models
+        row_start = (rows + expert * N).to(tl.int64) * K_WORDS
         first = tl.program_id(1) * WORDS_PER_SPLIT
-        last = tl.minimum(first + WORDS_PER_SPLIT, K4)
-        acc = tl.zeros((BLOCK_N, BLOCK_K4), dtype=tl.float32)
-        for c0 in range(0, WORDS_PER_SPLIT, BLOCK_K4):
-            c = first + c0 + tl.arange(0, BLOCK_K4)  # (BLOCK_K4,) word columns
+        last = tl.minimum(first + WORDS_PER_SPLIT, K_WORDS)
+        acc = tl.zeros((BLOCK_N, BLOCK_WORDS), dtype=tl.float32)
+        for c0 in range(0, WORDS_PER_SPLIT, BLOCK_WORDS):
+            c = first + c0 + tl.arange(0, BLOCK_WORDS)  # (BLOCK_WORDS,) word columns
             c_ok = c < last
             # Masked-off words read as 0: weight 0 (int8) or +0.0 (fp8), never an undefined NaN
             # pattern.
             words = tl.load(w_ptr + row_start[:, None] + c[None, :],
                             mask=row_ok[:, None] & c_ok[None, :], other=0)
-            for j in tl.static_range(4):  # byte j of word c is column 4c + j
-                w = byte_to_float(words, j, FP8)  # (BLOCK_N, BLOCK_K4)
-                x = tl.load(x_ptr + 4 * c + j, mask=c_ok, other=0.0).to(tl.float32)  # (BLOCK_K4,)
-                acc += w * x[None, :]  # one reduction over k at the end, not per step
-        scales = tl.load(s_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        y = tl.sum(acc, axis=1) * scales  # (BLOCK_N,)
-        tl.store(y_ptr + tl.program_id(1) * N + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+            for j in tl.static_range(PER_WORD):  # weight j of word c is column PER_WORD c + j
+                w = word_to_float(words, j, PER_WORD, FP8)  # (BLOCK_N, BLOCK_WORDS)
+                x = tl.load(x_row + PER_WORD * c + j, mask=c_ok, other=0.0)  # (BLOCK_WORDS,)
+                acc += w * x.to(tl.float32)[None, :]  # one reduction over k at the end
+        y = tl.sum(acc, axis=1)  # (BLOCK_N,)
+        if s_ptr is not None:
+            y *= tl.load(s_ptr + expert * N + rows, mask=row_ok, other=0.0).to(tl.float32)
+        out = (tl.program_id(1) * tl.num_programs(2) + pair) * N + rows
+        tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
     # The tiles that won a sweep of tile sizes, warps and stages on Llama-2-7B's layer shapes
     # (BENCHMARKS.md); autotuning picks among them per shape on the first call.
-    GEMV_CONFIGS = [triton.Config(dict(BLOCK_N=n, BLOCK_K4=k), num_warps=w, num_stages=3)
+    GEMV_CONFIGS = [triton.Config(dict(BLOCK_N=n, BLOCK_WORDS=k), num_warps=w, num_stages=3)
                     for n in (4, 8, 16) for k in (128, 256) for w in (4, 8)]
     scaled_gemv_tuned = triton.autotune(
-        configs=GEMV_CONFIGS, key=["N", "K4", "WORDS_PER_SPLIT", "FP8"])(scaled_gemv_kernel)
+        configs=GEMV_CONFIGS, key=["N", "K_WORDS", "WORDS_PER_SPLIT", "FP8"])(scaled_gemv_kernel)
+    # A mixture's experts: one warp count per tile, as each new expert shape (two per model)
+    # autotunes during the compile; 512 words too, as a bf16 word is half an int32 one. At most
+    # 32 accumulators a thread.
+    EXPERT_CONFIGS = [triton.Config(dict(BLOCK_N=n, BLOCK_WORDS=k), num_stages=3,
+                                    num_warps=4 if n * k <= 2048 else 8)
+                      for n in (4, 8, 16) for k in (128, 256, 512)]
+    expert_gemv_tuned = triton.autotune(
+        configs=EXPERT_CONFIGS,
+        key=["N", "K_WORDS", "WORDS_PER_SPLIT", "PER_WORD", "FP8"])(scaled_gemv_kernel)
 
     @triton.jit
     def scaled_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr,
@@ -123,7 +153,7 @@ if triton is not None:
 # SPLIT_COLUMNS (4096 x 4096) and those of more than SPLIT_MAX_ROWS rows are fastest whole
 # (BENCHMARKS.md has the measurements).
 SPLIT_MAX_ROWS, SPLIT_COLUMNS, MAX_SPLIT = 8192, 8192, 8
-SPLIT_ALIGN_WORDS = 256  # splits start on whole tiles of every config (BLOCK_K4 divides it)
+SPLIT_ALIGN_WORDS = 256  # splits start on whole tiles of every config (BLOCK_WORDS divides it)
 
 
 def split_k_for(n_rows: int, n_columns: int) -> int:
@@ -142,8 +172,9 @@ def scaled_gemv_partials(x: Tensor, weight: Tensor, scales: Tensor, split_k: int
     N, K = weight.shape
     y = torch.empty(split_k, N, dtype=x.dtype if split_k == 1 else torch.float32, device=x.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split_k)  # noqa: E731
-    scaled_gemv_tuned[grid](x.contiguous(), weight.view(torch.int32), scales, y, N, K // 4,
-                            words_per_split(K, split_k), FP8=weight.dtype == torch.float8_e4m3fn)
+    scaled_gemv_tuned[grid](x.contiguous(), weight.view(torch.int32), scales, None, y, N, K // 4,
+                            words_per_split(K, split_k), 1, PER_WORD=4,
+                            FP8=weight.dtype == torch.float8_e4m3fn)
     return y
 
 
@@ -208,6 +239,50 @@ def scaled_matmul(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
     return scaled_gemv(x, weight, scales) if one_row else scaled_mm(x, weight, scales)
 
 
+@torch.library.custom_op("blitz::expert_gemv_partials", mutates_args=())
+def expert_gemv_partials(x: Tensor, experts: Tensor, weight: Tensor, scales: Optional[Tensor],
+                         split_k: int) -> Tensor:
+    """Rows x (R, K) through experts (P,) (ids, P a multiple of R: pair p takes row p // (P / R)),
+    weight (n_experts, N, K) bf16, fp16, float32, or int8 / float8_e4m3fn (K a multiple of 4) with
+    scales (n_experts, N): (split_k, P, N) float32 partial sums."""
+    P, (_, N, K) = experts.numel(), weight.shape
+    assert weight.is_contiguous() and P % x.shape[0] == 0, "expert_gemv: row-major weights"
+    per_word = 4 if weight.element_size() == 1 else 1
+    y = torch.empty(split_k, P, N, dtype=torch.float32, device=x.device)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split_k, P)  # noqa: E731
+    expert_gemv_tuned[grid](x.contiguous(), weight.view(torch.int32) if per_word == 4 else weight,
+                            scales, experts.contiguous(), y, N, K // per_word,
+                            words_per_split(K, split_k) * 4 // per_word, P // x.shape[0],
+                            PER_WORD=per_word, FP8=weight.dtype == torch.float8_e4m3fn)
+    return y
+
+
+@expert_gemv_partials.register_fake
+def _(x: Tensor, experts: Tensor, weight: Tensor, scales: Optional[Tensor],
+      split_k: int) -> Tensor:
+    return x.new_empty(split_k, experts.numel(), weight.shape[1], dtype=torch.float32)
+
+
+def expert_matmul(x: Tensor, experts: Tensor, weight: Tensor,
+                  scales: Optional[Tensor] = None) -> Tensor:
+    """x (M, 1 or k, K) through the experts (M, k) chosen for each row: weight (n_experts, N, K),
+    float or one-byte with scales (n_experts, N). (M, k, N) in float32; the split-K partial sums
+    are added here, which torch.compile fuses into the next operation."""
+    N, K = weight.shape[1:]
+    y = expert_gemv_partials(x.reshape(-1, K), experts.flatten(), weight, scales,
+                             split_k_for(N, K))  # (split_k, M * k, N)
+    return y.sum(0).view(*experts.shape, N)
+
+
+def expert_matmul_reference(x: Tensor, experts: Tensor, weight: Tensor,
+                            scales: Optional[Tensor] = None) -> Tensor:
+    """The same product in float64 with PyTorch."""
+    w = weight.float()[experts].double()  # (M, k, N, K); float() first: fp8 converts to float
+    if scales is not None:
+        w = w * scales[experts].double()[..., None]
+    return (w @ x.double()[..., None])[..., 0]  # (M, k, N)
+
+
 def scaled_gemv_reference(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
     """The same product in float64 with PyTorch."""
     return (x.double() @ weight.double().T) * scales.double()
@@ -234,6 +309,33 @@ def check_kernels(device="cuda") -> list:
                 rel = ((y.double() - reference).norm() / reference.norm()).item()
                 ok = y.shape == (rows, 1, N) and rel < 1e-2  # bf16 output rounding: ~4e-3
                 results.append(dict(name=name, rows=rows, shape=[N, K], rel_err=rel, ok=ok))
+    return results + check_expert_kernel(device)
+
+
+def check_expert_kernel(device="cuda") -> list:
+    """The expert GEMV against its float64 reference on Qwen3-30B-A3B's expert shapes (w13, w2),
+    Mixtral-8x7B's w2 (split K) and a ragged one, for bf16, int8 and fp8 weights, a token's
+    pairs (x one row) and their hidden rows (x a row per pair), 1 and 4 tokens."""
+    torch.manual_seed(0)
+    results = []
+    for E, N, K in ((16, 1536, 2048), (16, 2048, 768), (4, 4096, 14336), (5, 37, 300)):
+        bf16 = torch.randn(E, N, K, device=device, dtype=torch.bfloat16)
+        int8 = torch.randint(-127, 128, (E, N, K), dtype=torch.int8, device=device)
+        fp8 = (torch.randn(E, N, K, device=device) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+        for M, k in ((1, 2), (4, 2), (1, 8)):
+            experts = torch.randint(0, E, (M, k), device=device)
+            for name, weight, scales in (
+                    ("experts bf16", bf16, None),
+                    ("experts int8", int8, torch.rand(E, N, device=device) / 127),
+                    ("experts fp8", fp8, torch.rand(E, N, device=device) / 448)):
+                for rows in (1, k):  # w13's input: the token; w2's: a hidden row per pair
+                    x = torch.randn(M, rows, K, device=device, dtype=torch.bfloat16)
+                    y = expert_matmul(x, experts, weight, scales)  # (M, k, N)
+                    reference = expert_matmul_reference(x, experts, weight, scales)
+                    rel = ((y.double() - reference).norm() / reference.norm()).item()
+                    ok = y.shape == (M, k, N) and rel < 1e-4  # float32 sums
+                    results.append(dict(name=name, rows=M * k, shape=[E, N, K], rel_err=rel,
+                                        ok=ok))
     return results
 
 
@@ -251,7 +353,8 @@ def check_kernels(device="cuda") -> list:
 #         them ("padded" in the record)
 #   fp8   weight uint8 (N, K) (e4m3 bit patterns), scale_bits int32 (N,) (float32 bit patterns)
 # A mixture's stacked experts (model.Experts) are quantized expert by expert: the same tensors with
-# a leading n_experts dim, read by the model's own gathered and grouped forms (no kernels here).
+# a leading n_experts dim, read by the model's gathered and grouped forms (int8 and fp8 experts
+# decode with the expert GEMV on CUDA).
 # A quantized file's sidecar config records {format, mode, groupsize, include_output, layers,
 # padded, ...}, so nothing is ever guessed from a file name.
 
@@ -500,22 +603,41 @@ LINEARS = {"int8": Int8Linear, "int4": Int4Linear, "int4-gptq": Int4Linear, "fp8
 
 # ---- quantized experts ---------------------------------------------------------------------------
 # Each gives weights(idx, dtype) as model.Experts does: the dequantized weights of experts idx,
-# written as plain tensor operations so that inductor fuses them into the model's reductions.
+# written as plain tensor operations so that inductor fuses them into the model's reductions; and
+# gathered(x, experts) as model.Experts does, by the expert GEMV where prepare_for_device set
+# `kernel` (int8 and fp8 on CUDA; int4 keeps the PyTorch form).
 
 class QuantizedExperts(nn.Module):
     def __init__(self, n_experts: int, in_features: int, out_features: int):
         super().__init__()
         self.n_experts, self.in_features, self.out_features = n_experts, in_features, out_features
+        self.kernel = None
+
+    gathered = Experts.gathered
 
 
-class Int8Experts(QuantizedExperts):
+class OneByteExperts(QuantizedExperts):
+    """int8 or fp8 experts, one scale per row: one_byte() gives (weight, scales) as the kernels
+    take them."""
+
+    def weights(self, idx, dtype) -> Tensor:
+        weight, scales = self.one_byte()  # (n_experts, N, K), (n_experts, N)
+        return (weight[idx].float() * scales[idx].float()[..., None]).to(dtype)
+
+    def gathered(self, x: Tensor, experts: Tensor) -> Tensor:
+        if self.kernel is not None:
+            return self.kernel(x, experts, *self.one_byte())
+        return super().gathered(x, experts)
+
+
+class Int8Experts(OneByteExperts):
     def __init__(self, n_experts: int, in_features: int, out_features: int, **_):
         super().__init__(n_experts, in_features, out_features)
         self.weight = frozen(torch.empty(n_experts, out_features, in_features, dtype=torch.int8))
         self.scales = frozen(torch.empty(n_experts, out_features))
 
-    def weights(self, idx, dtype) -> Tensor:
-        return (self.weight[idx].float() * self.scales[idx].float()[..., None]).to(dtype)
+    def one_byte(self) -> tuple[Tensor, Tensor]:
+        return self.weight, self.scales
 
 
 class Int4Experts(QuantizedExperts):
@@ -537,16 +659,14 @@ class Int4Experts(QuantizedExperts):
         return int4_dequantize(q, scales, zeros).flatten(-2)[..., :self.in_features].to(dtype)
 
 
-class Fp8Experts(QuantizedExperts):
+class Fp8Experts(OneByteExperts):
     def __init__(self, n_experts: int, in_features: int, out_features: int, **_):
         super().__init__(n_experts, in_features, out_features)
         self.weight = frozen(torch.empty(n_experts, out_features, in_features, dtype=torch.uint8))
         self.scale_bits = frozen(torch.empty(n_experts, out_features, dtype=torch.int32))
 
-    def weights(self, idx, dtype) -> Tensor:
-        w8 = self.weight[idx].view(torch.float8_e4m3fn)  # (..., N, K)
-        scales = self.scale_bits[idx].view(torch.float32)[..., None]  # (..., N, 1)
-        return (w8.float() * scales).to(dtype)
+    def one_byte(self) -> tuple[Tensor, Tensor]:
+        return self.weight.view(torch.float8_e4m3fn), self.scale_bits.view(torch.float32)
 
 
 EXPERTS = {"int8": Int8Experts, "int4": Int4Experts, "int4-gptq": Int4Experts, "fp8": Fp8Experts}
@@ -573,11 +693,15 @@ def swap_linears(model: nn.Module, quantization: dict):
 
 def prepare_for_device(model: nn.Module):
     """After the model reached its device and dtype: pack int4 weights for tinygemm (CUDA, bfloat16
-    only; other dtypes dequantize), choose the fp8 matmul, and on the CPU route decode-sized inputs
-    of the int8 and int4 layers to PyTorch's CPU kernels (where cpu_kernels_usable)."""
+    only; other dtypes dequantize), choose the fp8 matmul, give float, int8 and fp8 experts on CUDA
+    the expert GEMV, and on the CPU route decode-sized inputs of the int8 and int4 layers to
+    PyTorch's CPU kernels (where cpu_kernels_usable)."""
     dtype = model.tok_embeddings.weight.dtype  # the activations' dtype
     cpu_kernels = cpu_kernels_usable(dtype)
     for module in model.modules():
+        if (isinstance(module, (Experts, OneByteExperts)) and module.weight.is_cuda
+                and triton is not None and module.in_features % 4 == 0):  # int32 words
+            module.kernel = expert_matmul
         on_gpu = isinstance(module, (Int4Linear, Fp8Linear)) and module.weight.is_cuda
         on_cpu = (cpu_kernels and isinstance(module, (Int8Linear, Int4Linear))
                   and module.weight.device.type == "cpu")

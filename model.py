@@ -204,17 +204,27 @@ class FeedForward(nn.Module):
 class Experts(nn.Module):
     """n_experts linear layers of one shape, stacked: weight (n_experts, out_features, in_features),
     so that a decode step can read the rows of the experts it chose, by index. kernels.py has the
-    quantized kinds, which give weights() alike."""
+    quantized kinds, which give weights() and gathered() alike."""
 
     def __init__(self, n_experts: int, in_features: int, out_features: int):
         super().__init__()
         self.n_experts, self.in_features, self.out_features = n_experts, in_features, out_features
         self.weight = nn.Parameter(torch.empty(n_experts, out_features, in_features))
+        self.kernel = None  # kernels.expert_matmul, where kernels.prepare_for_device gives one
 
     def weights(self, idx, dtype) -> Tensor:
         """The weights of experts idx (a tensor of expert ids, or ... for all) in dtype:
         (*idx.shape, out_features, in_features)."""
         return self.weight[idx].to(dtype)
+
+    def gathered(self, x: Tensor, experts: Tensor) -> Tensor:
+        """x (M, 1 or k, in_features) through the experts (M, k) chosen for each token:
+        (M, k, out_features), reading only their weights. Without a kernel, multiply and sum,
+        which inductor compiles into one reduction reading the chosen rows where they lie
+        (`w[experts] @ x` would copy them first)."""
+        if self.kernel is not None:  # float32
+            return self.kernel(x, experts, self.weight)
+        return (self.weights(experts, x.dtype) * x[..., None, :]).sum(dim=-1)
 
 
 class MoEFeedForward(nn.Module):
@@ -245,13 +255,9 @@ class MoEFeedForward(nn.Module):
         return (y * weights[..., None]).sum(dim=1).to(x.dtype).view(B, T, dim)
 
     def gathered(self, x: Tensor, experts: Tensor) -> Tensor:
-        """Each token through its chosen experts, their weights gathered by index: (M, k, dim).
-        Written as multiply and sum, which inductor compiles into one reduction reading the chosen
-        rows where they lie (`w[experts] @ x` would copy them first)."""
-        w13 = self.w13.weights(experts, x.dtype)  # (M, k, 2 * inter, dim)
-        gate, up = (w13 * x[:, None, None, :]).sum(dim=-1).chunk(2, dim=-1)  # (M, k, inter)
-        w2 = self.w2.weights(experts, x.dtype)  # (M, k, dim, inter)
-        return (w2 * (F.silu(gate) * up)[..., None, :]).sum(dim=-1)  # (M, k, dim)
+        """Each token through its chosen experts, their weights read by index: (M, k, dim)."""
+        gate, up = self.w13.gathered(x[:, None, :], experts).chunk(2, dim=-1)  # (M, k, inter)
+        return self.w2.gathered((F.silu(gate) * up).to(x.dtype), experts)  # (M, k, dim)
 
     def grouped(self, x: Tensor, experts: Tensor) -> Tensor:
         """The (token, expert) pairs sorted by expert, then one grouped matmul per weight: each

@@ -64,15 +64,21 @@ def mix32(x: Tensor) -> Tensor:
     return (x >> 16) ^ x
 
 
-def seeded_race(seed: Tensor, position: Tensor, vocab_size: int) -> Tensor:
-    """Exp(1) noise (B, vocab) for the exponential race of generate.sample_from, a function of each
-    row's seed (B,), the cache slot it samples at (B,) and the token id: a seeded request draws
-    the same tokens whatever else is in the batch."""
-    ids = torch.arange(vocab_size, device=seed.device)  # (V,)
+def seeded_race(seed: Tensor, position: Tensor, n: int) -> Tensor:
+    """Exp(1) noise (B, n) for the exponential race of generate.sample_from, a function of each
+    row's seed (B,), the cache slot it samples at (B,) and the candidate's rank: a seeded request
+    draws the same tokens whatever else is in the batch."""
+    ids = torch.arange(n, device=seed.device)  # (n,)
     row = mix32(mix32(seed) ^ position)  # (B,)
-    bits = mix32((row[:, None] + ids * 0x9E3779B1) & 0xFFFFFFFF) >> 8  # (B, V), 24 random bits
+    bits = mix32((row[:, None] + ids * 0x9E3779B1) & 0xFFFFFFFF) >> 8  # (B, n), 24 random bits
     uniform = (bits.float() + 0.5) / 2**24  # in (0, 1)
     return -torch.log(uniform)
+
+
+# A sampled request draws from the CANDIDATES most likely tokens at most (top_k caps at it): their
+# mass is all but the whole distribution at temperatures people use, and a top-k of fixed size is
+# cheaper than sorting a 128k vocabulary for every row at every step.
+CANDIDATES = 1024
 
 
 def sample_rows(logits: Tensor, position: Tensor, temperature: Tensor, top_k: Tensor,
@@ -81,12 +87,16 @@ def sample_rows(logits: Tensor, position: Tensor, temperature: Tensor, top_k: Te
     the argmax as in generate.sample), top_k (vocab: all) and top_p (1: all) (B,)."""
     B, V = logits.shape
     scaled = logits.float() / torch.where(temperature > 0, temperature, 1.0)[:, None]
-    ranked, order = scaled.sort(dim=-1, descending=True)  # (B, V)
-    ranks = torch.arange(V, device=logits.device)
+    ranked, order = scaled.topk(min(V, CANDIDATES), dim=-1)  # (B, k), most likely first
+    k = ranked.shape[-1]
+    ranks = torch.arange(k, device=logits.device)
     probs = torch.softmax(ranked.masked_fill(ranks >= top_k[:, None], -float("inf")), dim=-1)
-    # Drop a token when the tokens more likely than it already cover top_p of the mass.
-    probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p[:, None], 0.0)
-    drawn = order.gather(1, (probs / seeded_race(seed, position, V)).argmax(-1, keepdim=True))
+    # Drop a token when the tokens more likely than it already cover top_p of the mass. That mass
+    # is an exclusive prefix sum, taken as a matmul with a strictly upper-triangular matrix: on a
+    # GPU, inductor cannot fuse the argmax below into the split scan kernel a cumsum becomes.
+    before = probs @ torch.ones(k, k, device=logits.device).triu(1)  # (B, k)
+    probs = probs.masked_fill(before > top_p[:, None], 0.0)
+    drawn = order.gather(1, (probs / seeded_race(seed, position, k)).argmax(-1, keepdim=True))
     return torch.where(temperature[:, None] > 0, drawn, logits.argmax(dim=-1, keepdim=True))
 
 
@@ -335,7 +345,7 @@ class CommonFields(BaseModel):
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0, le=2)  # None: 1
     top_p: Optional[float] = Field(None, gt=0, le=1)  # None: 1
-    top_k: Optional[int] = Field(None, ge=1)  # an extension: the k most likely tokens only
+    top_k: Optional[int] = Field(None, ge=1)  # extension: the k most likely tokens (<= CANDIDATES)
     seed: Optional[int] = None
     stop: Union[str, list[str], None] = None
     stream: bool = False

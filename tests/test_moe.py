@@ -51,6 +51,35 @@ def test_gathered_grouped_and_looped_forms_agree(norm_topk_prob, dtype):
     torch.testing.assert_close(moe(x), one_by_one, **tol)
 
 
+def moe_with_experts(mode: str) -> MoEFeedForward:
+    """tiny_model's first feed-forward, its experts quantized as mode says ("float": kept)."""
+    from kernels import EXPERTS
+    from quantize import quantize_weight
+    moe = tiny_model().layers[0].feed_forward
+    for name in ("w13", "w2") if mode != "float" else ():
+        experts = getattr(moe, name)
+        quantized = EXPERTS[mode](experts.n_experts, experts.in_features, experts.out_features)
+        with torch.no_grad():
+            quantized.load_state_dict(quantize_weight(mode, experts.weight, None), assign=True)
+        setattr(moe, name, quantized)
+    return moe
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["float", "int8", "fp8"])
+def test_gathered_form_through_an_expert_kernel_matches_the_pytorch_form(mode):
+    """On CUDA the experts' `kernel` (kernels.expert_matmul) computes the gathered form; here its
+    float64 reference stands in for it, which checks what each kind of experts hands a kernel."""
+    from kernels import expert_matmul_reference
+    moe = moe_with_experts(mode)
+    x = torch.randn(3, TINY["dim"])
+    experts = moe.gate(x).topk(2).indices  # (3, 2)
+    pytorch_form = moe.gathered(x, experts)  # (3, 2, dim)
+    moe.w13.kernel = moe.w2.kernel = expert_matmul_reference
+    torch.testing.assert_close(moe.gathered(x, experts).float(), pytorch_form, atol=1e-5,
+                               rtol=1e-5)
+
+
 def test_speculative_greedy_matches_plain_greedy():
     """The target verifies k + 1 = 5 tokens per round (10 pairs: the grouped form) and decodes one
     (the gathered form); a noisy copy drafts."""
