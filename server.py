@@ -64,11 +64,12 @@ def mix32(x: Tensor) -> Tensor:
     return (x >> 16) ^ x
 
 
-def seeded_race(seed: Tensor, position: Tensor, n: int) -> Tensor:
-    """Exp(1) noise (B, n) for the exponential race of generate.sample_from, a function of each
-    row's seed (B,), the cache slot it samples at (B,) and the candidate's rank: a seeded request
-    draws the same tokens whatever else is in the batch."""
-    ids = torch.arange(n, device=seed.device)  # (n,)
+def seeded_race(seed: Tensor, position: Tensor, ids: Tensor) -> Tensor:
+    """Exp(1) noise for the exponential race of generate.sample_from, shaped like the token ids
+    (B, n) it is for: a function of each row's seed (B,), the cache slot it samples at (B,) and the
+    token id, so a seeded request draws the same tokens whatever else is in the batch. (The ids are
+    data, not an arange: inductor computes an arange's arithmetic in int32, where these constants
+    overflow.)"""
     row = mix32(mix32(seed) ^ position)  # (B,)
     bits = mix32((row[:, None] + ids * 0x9E3779B1) & 0xFFFFFFFF) >> 8  # (B, n), 24 random bits
     uniform = (bits.float() + 0.5) / 2**24  # in (0, 1)
@@ -96,7 +97,7 @@ def sample_rows(logits: Tensor, position: Tensor, temperature: Tensor, top_k: Te
     # GPU, inductor cannot fuse the argmax below into the split scan kernel a cumsum becomes.
     before = probs @ torch.ones(k, k, device=logits.device).triu(1)  # (B, k)
     probs = probs.masked_fill(before > top_p[:, None], 0.0)
-    drawn = order.gather(1, (probs / seeded_race(seed, position, k)).argmax(-1, keepdim=True))
+    drawn = order.gather(1, (probs / seeded_race(seed, position, order)).argmax(-1, keepdim=True))
     return torch.where(temperature[:, None] > 0, drawn, logits.argmax(dim=-1, keepdim=True))
 
 
