@@ -12,9 +12,9 @@ table gives each one's median over --rounds rounds and its ratio to float32's me
 
 Columns: decode tok/s (new tokens after the first / time after the first token, batch 1); GB read
 per step (the weights, an untied embedding table aside, of which a step reads the looked-up rows;
-the KV cache is a few MB here and left out); GB/s (those bytes x steps per second) and its share of the
-machine's copy bandwidth (a 1 GiB memory copy, bytes read + written per second, in the same process
-and the same threads).
+the KV cache is a few MB here and left out); GB/s (those bytes x steps per second) and its share of
+the machine's copy bandwidth (a 1 GiB memory copy, bytes read + written per second, in the same
+process and the same threads).
 """
 import argparse
 import gc
