@@ -42,6 +42,17 @@ def assert_one_error_line(stderr: str, *words) -> str:
     return lines[0]
 
 
+def main_error(main, argv, capsys, *words) -> str:
+    """A script's main(argv) on bad input, run in this process (no interpreter, torch or lm_eval
+    start-up per case): it must exit with status 1 after exactly one `error:` line naming the
+    problem. Returns the line. Each script keeps one real command line checking the same."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in argv])
+    assert exit_.value.code == 1
+    return assert_one_error_line(capsys.readouterr().err, *words)
+
+
 def load_script(name: str):
     """Import scripts/NAME.py as a module (scripts/ is a folder of programs, not a package)."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
@@ -216,16 +227,55 @@ def hf_smollm2_tokenizer(smollm2_gguf):
     return AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
 
 
-PPL_TOKENS = 2048  # tests/test_quantize.py measures perplexity on the first 2048 tokens of pydoc's topics
+# Perplexity of SmolLM2 is measured on the first PPL_TOKENS tokens of pydoc's topics text (a forward
+# pass of 1024 tokens costs half the CPU of 2048, and the modes' ranking and margins hold there);
+# GPTQ calibrates on the text after the first CALIBRATION_START tokens: none of the evaluated text.
+PPL_TOKENS = 1024
+CALIBRATION_START = 2048
 GPTQ_CALIBRATION = ("16", "256")  # samples, seq_len: 4096 tokens
+
+
+@pytest.fixture(scope="session")
+def smollm2_pydoc(smollm2_checkpoint) -> tuple:
+    """(checkpoint, the first PPL_TOKENS tokens of pydoc's topics text (1, T), float32 SmolLM2's
+    perplexity on them), computed once: tests/test_smollm2.py checks the perplexity, and
+    tests/test_quantize.py compares each quantized mode against it."""
+    import math
+    import pydoc_data.topics
+    import torch
+    import torch.nn.functional as F
+    from checkpoint import load_model, read_checkpoint
+    from tokenizer import load_tokenizer
+    ckpt = read_checkpoint(smollm2_checkpoint)
+    text = "\n".join(pydoc_data.topics.topics.values())
+    ids = torch.tensor([load_tokenizer(ckpt.folder).encode(text)[:PPL_TOKENS]])  # (1, T)
+    model = load_model(ckpt, dtype=torch.float32)
+    model.setup_caches(1, ids.shape[1])
+    with torch.no_grad():
+        logits = model(ids, torch.arange(ids.shape[1]))  # (1, T, vocab)
+    return ckpt, ids, math.exp(F.cross_entropy(logits[0, :-1], ids[0, 1:]).item())
+
+
+@pytest.fixture(scope="session")
+def smollm2_quantized(smollm2_checkpoint, tmp_path_factory) -> Path:
+    """SmolLM2 quantized once by quantize.py's main() to int8 and int4 (g32, the defaults), next to
+    links to the shared checkpoint's files: tests/test_eval.py and tests/test_metrics.py read it."""
+    import quantize
+    folder = tmp_path_factory.mktemp("quantized") / "SmolLM2"
+    folder.mkdir()
+    for source in smollm2_checkpoint.iterdir():
+        (folder / source.name).symlink_to(source)
+    for mode in ("int8", "int4"):
+        quantize.main(["--checkpoint_path", str(folder), "--mode", mode])
+    return folder
 
 
 @pytest.fixture(scope="session")
 def smollm2_gptq_job(smollm2_checkpoint, tmp_path_factory) -> tuple[Path, Job]:
     """quantize.py --mode int4-gptq --groupsize 128 on SmolLM2, started in the background (about a
-    minute of one core), calibrated on 16 x 256 tokens of the pydoc topics text that follows the
-    PPL_TOKENS tokens that tests/test_quantize.py measures perplexity on: the same kind of text,
-    none of the evaluated text. Returns (the checkpoint folder, the job)."""
+    minute of one core), calibrated on 16 x 256 tokens of the pydoc topics text that follows its
+    first CALIBRATION_START tokens (tests/test_quantize.py measures perplexity on the first
+    PPL_TOKENS of them): the same kind of text, none of the evaluated text. Returns (the checkpoint folder, the job)."""
     import pydoc_data.topics
     from tokenizer import load_tokenizer
     folder = tmp_path_factory.mktemp("gptq") / "SmolLM2"  # links to the shared fixture's files
@@ -234,7 +284,7 @@ def smollm2_gptq_job(smollm2_checkpoint, tmp_path_factory) -> tuple[Path, Job]:
         (folder / source.name).symlink_to(source)
     tokenizer = load_tokenizer(folder)
     ids = tokenizer.encode("\n".join(pydoc_data.topics.topics.values()))
-    (folder / "calibration.txt").write_text(tokenizer.decode(ids[PPL_TOKENS:]))
+    (folder / "calibration.txt").write_text(tokenizer.decode(ids[CALIBRATION_START:]))
     # One thread: in the background it shares the machine with the tests.
     job = BACKGROUND.submit("quantize.py", "--checkpoint_path", folder / "model.safetensors",
                             "--mode", "int4-gptq", "--groupsize", "128",
