@@ -17,7 +17,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from conftest import ROOT, assert_one_error_line, load_script, run_script
+from checkpoint import InputError
+from conftest import ROOT, assert_one_error_line, load_script, main_error, run_script
 
 TINY = dict(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=49152, intermediate_size=128, block_size=256)
 GEN = ("--max_new_tokens", 2, "--num_samples", 1, "--temperature", 0, "--device", "cpu")
@@ -91,6 +92,25 @@ def refused(*args, words=(), timeout=FAST_S) -> str:
     r = run(*args, timeout=timeout)
     assert r.returncode == 1, r.stderr[-2000:]
     return assert_one_error_line(r.stderr, *words)
+
+
+def refused_here(script: str, *args, words=(), capsys) -> str:
+    """A refusal run in this process (no interpreter and torch start-up per case), for cases about what is
+    refused rather than about the command line: the one error line the script prints. generate.py's
+    `__main__` prints the InputError its main() raises; quantize.py's and the converters' main() print it
+    and exit 1. The real command lines give the same line: the subprocess cases of each script here."""
+    argv = [str(a) for a in args]
+    if script == "generate.py":
+        import generate
+        with pytest.raises(InputError) as e:
+            generate.main(argv)
+        return assert_one_error_line(f"error: {e.value}", *words)
+    if script == "quantize.py":
+        import quantize
+        main = quantize.main
+    else:  # scripts/NAME.py
+        main = load_script(Path(script).stem).main
+    return main_error(main, argv, capsys, *words)
 
 
 def succeeds(*args, timeout=120) -> subprocess.CompletedProcess:
@@ -172,8 +192,9 @@ def test_interactive_non_utf8_line_is_reported_and_the_session_goes_on(tiny):
 # ---- generate.py: flags -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", ["mps", "meta"])
-def test_device_this_machine_cannot_run_is_refused(tiny, device):
-    refused("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN[:-2], "--device", device, words=[device])
+def test_device_this_machine_cannot_run_is_refused(tiny, device, capsys):
+    refused_here("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN[:-2], "--device", device,
+                 words=[device], capsys=capsys)
 
 
 def test_batch_too_big_for_memory_is_refused_before_allocating(tiny):
@@ -182,9 +203,9 @@ def test_batch_too_big_for_memory_is_refused_before_allocating(tiny):
 
 
 @pytest.mark.parametrize("value", ["nan", "inf"])
-def test_non_finite_temperature_is_refused(tiny, value):
-    refused("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN[:4], "--temperature", value,
-            words=["--temperature"])
+def test_non_finite_temperature_is_refused(tiny, value, capsys):
+    refused_here("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN[:4], "--temperature", value,
+                 words=["--temperature"], capsys=capsys)
 
 
 @pytest.mark.parametrize("flag, where", [
@@ -194,12 +215,13 @@ def test_non_finite_temperature_is_refused(tiny, value):
     ("--json", "DIR"),  # an existing directory
     ("--json", f"{UNWRITABLE}/m.json"),
 ])
-def test_unwritable_output_is_refused_before_generating(tiny, tmp_path, flag, where):
+def test_unwritable_output_is_refused_before_generating(tiny, tmp_path, flag, where, capsys):
     (tmp_path / "FILE").write_text("not a folder")
     (tmp_path / "DIR").mkdir()
     before = snapshot(tmp_path)
     path = where if where.startswith("/") else tmp_path / where
-    refused("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN, flag, path, words=[flag])
+    refused_here("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN, flag, path, words=[flag],
+                 capsys=capsys)
     assert snapshot(tmp_path) == before
 
 
@@ -290,23 +312,24 @@ ABSURD = {"n_layer-1e9": {"n_layer": 1_000_000_000}, "dim-1e9": {"dim": 1_000_00
 @pytest.mark.slow
 @pytest.mark.parametrize("change", ABSURD.values(), ids=ABSURD.keys())
 @pytest.mark.parametrize("script", ["generate.py", "quantize.py"])
-def test_absurd_config_is_refused_naming_the_file(tiny, script, change):
+def test_absurd_config_is_refused_naming_the_file(tiny, script, change, capsys):
     edit_json(tiny / "config.json", **change)
     before = snapshot(tiny)
     more = ["--prompt", "hi", *GEN] if script == "generate.py" else ["--mode", "int8"]
-    refused(script, "--checkpoint_path", tiny, *more, words=["config.json"])
+    refused_here(script, "--checkpoint_path", tiny, *more, words=["config.json"], capsys=capsys)
     assert snapshot(tiny) == before
 
 
 @pytest.mark.slow
-def test_absurd_quantized_sidecar_is_refused_naming_the_file(tiny):
-    succeeds("quantize.py", "--checkpoint_path", tiny, "--mode", "int8")
+def test_absurd_quantized_sidecar_is_refused_naming_the_file(tiny, capsys):
+    import quantize
+    quantize.main(["--checkpoint_path", str(tiny), "--mode", "int8"])
     good = (tiny / "model_int8.json").read_text()
     for change in ({"n_layer": 1_000_000_000}, {"n_kv_heads": 0}, {"dim": 1e9}):
         (tiny / "model_int8.json").write_text(good)
         edit_json(tiny / "model_int8.json", **change)
-        refused("generate.py", "--checkpoint_path", tiny / "model_int8.pth", "--prompt", "hi", *GEN,
-                words=["model_int8.json"])
+        refused_here("generate.py", "--checkpoint_path", tiny / "model_int8.pth", "--prompt", "hi", *GEN,
+                     words=["model_int8.json"], capsys=capsys)
 
 
 @pytest.mark.parametrize("name, content", [
@@ -314,9 +337,9 @@ def test_absurd_quantized_sidecar_is_refused_naming_the_file(tiny):
     ("tokenizer_config.json", {"eos_token": 5}),
     ("generation_config.json", {"eos_token_id": "x"}),
 ], ids=["tokenizer-config-list", "eos-token-int", "generation-eos-string"])
-def test_malformed_tokenizer_files_are_refused_naming_the_file(tiny, name, content):
+def test_malformed_tokenizer_files_are_refused_naming_the_file(tiny, name, content, capsys):
     (tiny / name).write_text(json.dumps(content))
-    refused("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN, words=[name])
+    refused_here("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN, words=[name], capsys=capsys)
 
 
 # ---- converters -------------------------------------------------------------------------------------
@@ -329,20 +352,21 @@ def hf_source(tiny_hf, out: Path, **config_changes) -> Path:
 
 
 @pytest.mark.parametrize("rope_type", ["yarn", "dynamic", "longrope"])
-def test_hf_converter_refuses_unsupported_rope_type(tiny_hf, tmp_path, rope_type):
+def test_hf_converter_refuses_unsupported_rope_type(tiny_hf, tmp_path, rope_type, capsys):
     scaling = {"rope_type": rope_type, "factor": 4.0, "original_max_position_embeddings": 64}
     if rope_type == "longrope":
         scaling.update(short_factor=[1.0] * 8, long_factor=[4.0] * 8)
     hf_source(tiny_hf, tmp_path, rope_parameters=None, rope_theta=10000.0, rope_scaling=scaling)
     before = snapshot(tmp_path)
-    refused("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path, words=[rope_type])
+    refused_here("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path, words=[rope_type], capsys=capsys)
     assert snapshot(tmp_path) == before
 
 
-def test_hf_converter_refuses_absurd_config(tiny_hf, tmp_path):
+def test_hf_converter_refuses_absurd_config(tiny_hf, tmp_path, capsys):
     hf_source(tiny_hf, tmp_path, num_hidden_layers=1_000_000_000)
     before = snapshot(tmp_path)
-    refused("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path, words=["config.json"])
+    refused_here("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path, words=["config.json"],
+                 capsys=capsys)
     assert snapshot(tmp_path) == before
 
 

@@ -453,7 +453,10 @@ def quantize_error(argv: list, capsys, *words) -> str:
     (["--quantized"], ["quantized already"]),
     (["--corrupt"], ["cannot read weights"]),
 ], ids=["missing", "unknown-mode", "bad-groupsize", "already-quantized", "corrupt"])
-def test_bad_input_gives_one_error_line_and_writes_nothing(args, words, tiny_checkpoint, tmp_path):
+def test_bad_input_gives_one_error_line_and_writes_nothing(args, words, tiny_checkpoint, tmp_path,
+                                                           capsys):
+    """quantize.main in this process (the command line's own error line and exit status:
+    tests/test_bad_input.py's test_quantize_refuses_output_over_its_source_weights)."""
     folder, _ = tiny_checkpoint
     for name in ("config.json", "model.safetensors", "model_int8.pth", "model_int8.json"):
         shutil.copy(folder / name, tmp_path / name)
@@ -466,9 +469,7 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(args, words, tiny_che
     elif "--checkpoint_path" not in args:
         args = ["--checkpoint_path", tmp_path, *args]
     before = sorted(p.name for p in tmp_path.iterdir())
-    r = run_script("quantize.py", *args)
-    assert r.returncode == 1
-    assert_one_error_line(r.stderr, *words)
+    quantize_error(args, capsys, *words)
     # No output, no temp files left behind.
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
