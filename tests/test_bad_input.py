@@ -101,22 +101,23 @@ def refused_here(script: str, *args, words=(), capsys) -> str:
     and exit 1. The real command lines give the same line: the subprocess cases of each script here."""
     argv = [str(a) for a in args]
     if script == "generate.py":
-        import generate
         with pytest.raises(InputError) as e:
-            generate.main(argv)
+            main_of(script)(argv)
         return assert_one_error_line(f"error: {e.value}", *words)
-    if script == "quantize.py":
-        import quantize
-        main = quantize.main
-    else:  # scripts/NAME.py
-        main = load_script(Path(script).stem).main
-    return main_error(main, argv, capsys, *words)
+    return main_error(main_of(script), argv, capsys, *words)
 
 
-def succeeds(*args, timeout=120) -> subprocess.CompletedProcess:
-    r = run(*args, timeout=timeout)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return r
+def main_of(script: str):
+    """The main(argv) of generate.py, quantize.py or scripts/NAME.py."""
+    if script in ("generate.py", "quantize.py"):
+        return __import__(script.removesuffix(".py")).main
+    return load_script(Path(script).stem).main
+
+
+def succeeds_here(script: str, *args):
+    """A run that must succeed, through the script's main() in this process (no interpreter and torch
+    start-up; a failure is the exception itself)."""
+    main_of(script)([str(a) for a in args])
 
 
 def edit_json(path: Path, **changes):
@@ -158,14 +159,14 @@ def in_process(main, argv: list, monkeypatch, capsys) -> tuple[str, float]:
 # ---- generate.py: prompts ---------------------------------------------------------------------------
 
 def test_number_prompt_is_text_not_random_tokens(tiny, tmp_path):
-    succeeds("generate.py", "--checkpoint_path", tiny, "--prompt", "2024", *GEN, "--json", tmp_path / "m.json")
+    succeeds_here("generate.py", "--checkpoint_path", tiny, "--prompt", "2024", *GEN, "--json", tmp_path / "m.json")
     prompt_tokens = json.loads((tmp_path / "m.json").read_text())["samples"][0]["prompt_tokens"]
     assert len(prompt_tokens) == 1 and 0 < prompt_tokens[0] < 10, prompt_tokens
 
 
 def test_synthetic_prompt_has_its_own_flag(tmp_path):
-    succeeds("generate.py", "--random_weights", "stories15M", "--prompt_tokens", 7, "--max_new_tokens", 2,
-             "--num_samples", 1, "--device", "cpu", "--json", tmp_path / "m.json")
+    succeeds_here("generate.py", "--random_weights", "stories15M", "--prompt_tokens", 7, "--max_new_tokens", 2,
+                  "--num_samples", 1, "--device", "cpu", "--json", tmp_path / "m.json")
     sample = json.loads((tmp_path / "m.json").read_text())["samples"][0]
     assert sample["prompt_tokens"] == [7] and len(sample["new_tokens"]) == 1
 
@@ -240,11 +241,12 @@ def test_bug_keeps_its_traceback(tiny, monkeypatch):
 # ---- quantize.py: where the output goes -------------------------------------------------------------
 
 @pytest.mark.slow
-def test_quantize_refuses_output_over_base_checkpoint(tiny):
+def test_quantize_refuses_output_over_base_checkpoint(tiny, capsys):
     before = snapshot(tiny)
-    refused("quantize.py", "--checkpoint_path", tiny, "--mode", "int8", "--out", tiny / "model.pth")
+    refused_here("quantize.py", "--checkpoint_path", tiny, "--mode", "int8", "--out", tiny / "model.pth",
+                 capsys=capsys)
     assert snapshot(tiny) == before
-    succeeds("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN)
+    succeeds_here("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN)
 
 
 @pytest.mark.parametrize("weights", ["model.safetensors", "model.pth"])
@@ -260,10 +262,10 @@ def test_quantize_refuses_output_over_its_source_weights(tiny, weights):
 
 @pytest.mark.slow
 def test_quantize_default_output_leaves_float_checkpoint_loadable(tiny):
-    succeeds("quantize.py", "--checkpoint_path", tiny, "--mode", "int8")
+    succeeds_here("quantize.py", "--checkpoint_path", tiny, "--mode", "int8")
     assert (tiny / "model_int8.pth").is_file() and (tiny / "model_int8.json").is_file()
     for path in (tiny, tiny / "model_int8.pth"):
-        succeeds("generate.py", "--checkpoint_path", path, "--prompt", "hi", *GEN)
+        succeeds_here("generate.py", "--checkpoint_path", path, "--prompt", "hi", *GEN)
 
 
 @pytest.mark.parametrize("where", ["missing/q.pth", f"{UNWRITABLE}/q.pth", "DIR.pth"])
@@ -322,8 +324,7 @@ def test_absurd_config_is_refused_naming_the_file(tiny, script, change, capsys):
 
 @pytest.mark.slow
 def test_absurd_quantized_sidecar_is_refused_naming_the_file(tiny, capsys):
-    import quantize
-    quantize.main(["--checkpoint_path", str(tiny), "--mode", "int8"])
+    succeeds_here("quantize.py", "--checkpoint_path", tiny, "--mode", "int8")
     good = (tiny / "model_int8.json").read_text()
     for change in ({"n_layer": 1_000_000_000}, {"n_kv_heads": 0}, {"dim": 1e9}):
         (tiny / "model_int8.json").write_text(good)
@@ -371,27 +372,28 @@ def test_hf_converter_refuses_absurd_config(tiny_hf, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_hf_converter_needs_force_to_overwrite_and_force_leaves_exactly_its_files(tiny_hf, tmp_path):
+def test_hf_converter_needs_force_to_overwrite_and_force_leaves_exactly_its_files(tiny_hf, tmp_path, capsys):
     hf = hf_source(tiny_hf, tmp_path)
     source = snapshot(hf)
-    succeeds("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path)
+    succeeds_here("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path)
     converted = snapshot(tmp_path)
-    refused("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path, words=["--force"])
+    refused_here("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path, words=["--force"], capsys=capsys)
     assert snapshot(tmp_path) == converted
     (tmp_path / "chat_template.jinja").write_text("{{ stale }}")  # the source has none
-    succeeds("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path, "--force")
+    succeeds_here("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path, "--force")
     assert set(snapshot(tmp_path)) == set(converted)  # the stale template is gone
     assert snapshot(hf) == source  # the source folder inside the output is left alone
 
 
 @pytest.mark.slow
-def test_gguf_converter_needs_force_to_overwrite_and_force_leaves_exactly_its_files(smollm2_gguf, smollm2_checkpoint, tmp_path):
+def test_gguf_converter_needs_force_to_overwrite_and_force_leaves_exactly_its_files(smollm2_gguf, smollm2_checkpoint,
+                                                                                    tmp_path, capsys):
     out = Path(shutil.copytree(smollm2_checkpoint, tmp_path / "out"))  # what converting into out writes
     converted = snapshot(out)
-    refused("scripts/convert_gguf.py", "--gguf", smollm2_gguf, "--out", out, words=["--force"])
+    refused_here("scripts/convert_gguf.py", "--gguf", smollm2_gguf, "--out", out, words=["--force"], capsys=capsys)
     assert snapshot(out) == converted
     (out / "chat_template.jinja").write_text("{{ stale }}")  # the GGUF conversion writes none
-    succeeds("scripts/convert_gguf.py", "--gguf", smollm2_gguf, "--out", out, "--force")
+    succeeds_here("scripts/convert_gguf.py", "--gguf", smollm2_gguf, "--out", out, "--force")
     assert set(snapshot(out)) == set(converted)
 
 
