@@ -26,8 +26,6 @@ def command(args, env=None) -> tuple[list, dict]:
 
 def run_script(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
     """Run one of the repo's scripts as a user would, from the repo root."""
-    if "--compile" in map(str, args):
-        BACKGROUND.wait_for_compile_caches()  # a run compiling the same graphs: ready soon
     argv, environ = command(args, env)
     return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env=environ)
@@ -96,7 +94,6 @@ class Background:
         self.thread = None
         self.lock = threading.Lock()
         self.closed = False
-        self.compile_caches = None  # the job warming torch.compile's caches, if one was started
 
     def submit(self, *args, env=None, timeout=1800) -> Job:
         job = Job(self, args, env, timeout)
@@ -144,13 +141,6 @@ class Background:
                     except OSError:  # only root may lower a nice value
                         pass
 
-    def wait_for_compile_caches(self):
-        if self.compile_caches is not None:
-            try:
-                self.compile_caches.wait()
-            except Exception:  # a failure shows again, and in full, in the test's own compile
-                pass
-
     def close(self):
         """End of the session: stop what is still running (when only some tests ran)."""
         with self.lock:
@@ -176,21 +166,32 @@ def compiles_smollm2(item) -> bool:
 @pytest.fixture(scope="session", autouse=True)
 def background_commands(request):
     """Starts, at the beginning of the session, the slow commands that selected tests will need:
-    GPTQ on SmolLM2 (tests/test_quantize.py's smollm2_gptq), then a compile of generate.py's
-    SmolLM2 graphs that fills torch.compile's on-disk caches for the compiled command line of
-    tests/test_smollm2.py (its own run then finds them there, as a second run by a user does)."""
+    GPTQ on SmolLM2 (tests/test_quantize.py's smollm2_gptq), then generate.py --compile on SmolLM2
+    (tests/test_smollm2.py's compiled command line, whose result that test checks)."""
     items = request.session.items
     if any("smollm2_gptq" in item.fixturenames for item in items):
         request.getfixturevalue("smollm2_gptq_job")
     if any(compiles_smollm2(item) for item in items):
-        checkpoint = request.getfixturevalue("smollm2_checkpoint")
-        BACKGROUND.compile_caches = BACKGROUND.submit(  # test_smollm2.py's command, one sample
-            "generate.py", "--checkpoint_path", checkpoint / "model.pth", "--chat",
-            "--prompt", "What is the capital of France?", "--temperature", "0",
-            "--max_new_tokens", "16", "--num_samples", "1", "--device", "cpu",
-            "--compile", "--compile_prefill")
+        request.getfixturevalue("smollm2_compiled_job")
     yield BACKGROUND
     BACKGROUND.close()
+
+
+def smollm2_cli_args(checkpoint: Path, metrics: Path, *flags) -> tuple:
+    """tests/test_smollm2.py's command line: two greedy answers to a chat question, with metrics."""
+    return ("generate.py", "--checkpoint_path", checkpoint / "model.pth", "--chat", "--prompt",
+            "What is the capital of France?", "--temperature", "0", "--max_new_tokens", "16",
+            "--num_samples", "2", "--device", "cpu", "--json", metrics, *flags)
+
+
+@pytest.fixture(scope="session")
+def smollm2_compiled_job(smollm2_checkpoint, tmp_path_factory) -> tuple[Path, Job]:
+    """tests/test_smollm2.py's command line with --compile --compile_prefill (minutes of one core),
+    started in the background when the session begins. Returns (its metrics file, the job)."""
+    metrics = tmp_path_factory.mktemp("compiled") / "metrics.json"
+    job = BACKGROUND.submit(*smollm2_cli_args(smollm2_checkpoint, metrics, "--compile",
+                                              "--compile_prefill"))
+    return metrics, job
 
 
 # ---- the real model ---------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import generate as G
-from conftest import assert_one_error_line, run_script
+from conftest import assert_one_error_line, run_script, smollm2_cli_args
 from generate import Sampling, generate
 from checkpoint import InputError, load_model, read_checkpoint
 from tokenizer import load_tokenizer
@@ -41,11 +41,15 @@ def test_perplexity_on_real_english_text(smollm2_pydoc):
 
 @pytest.mark.parametrize("compile_flags", [[], pytest.param(["--compile", "--compile_prefill"], marks=pytest.mark.slow)],
                          ids=["eager", "compiled"])
-def test_generate_cli_prints_the_answer_and_metrics(compile_flags, smollm2_checkpoint, tmp_path):
-    metrics = tmp_path / "metrics.json"
-    r = run_script("generate.py", "--checkpoint_path", smollm2_checkpoint / "model.pth", "--chat", "--prompt", QUESTION,
-                   "--temperature", "0", "--max_new_tokens", "16", "--num_samples", "2", "--device", "cpu",
-                   "--json", metrics, *compile_flags)
+def test_generate_cli_prints_the_answer_and_metrics(compile_flags, smollm2_checkpoint, tmp_path, request):
+    if compile_flags:
+        # The very same command line, started in the background when the session began (compiling takes
+        # minutes of one core): conftest.py's smollm2_compiled_job.
+        metrics, job = request.getfixturevalue("smollm2_compiled_job")
+        r = job.wait()
+    else:
+        metrics = tmp_path / "metrics.json"
+        r = run_script(*smollm2_cli_args(smollm2_checkpoint, metrics))
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("Paris") == 2, r.stdout  # streamed once per sample
     assert "time to first token" in r.stderr and "tok/s" in r.stderr and "GB/s" in r.stderr
