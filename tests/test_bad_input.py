@@ -240,7 +240,6 @@ def test_bug_keeps_its_traceback(tiny, monkeypatch):
 
 # ---- quantize.py: where the output goes -------------------------------------------------------------
 
-@pytest.mark.slow
 def test_quantize_refuses_output_over_base_checkpoint(tiny, capsys):
     before = snapshot(tiny)
     refused_here("quantize.py", "--checkpoint_path", tiny, "--mode", "int8", "--out", tiny / "model.pth",
@@ -260,7 +259,6 @@ def test_quantize_refuses_output_over_its_source_weights(tiny, weights):
     assert snapshot(tiny) == before
 
 
-@pytest.mark.slow
 def test_quantize_default_output_leaves_float_checkpoint_loadable(tiny):
     succeeds_here("quantize.py", "--checkpoint_path", tiny, "--mode", "int8")
     assert (tiny / "model_int8.pth").is_file() and (tiny / "model_int8.json").is_file()
@@ -311,7 +309,6 @@ ABSURD = {"n_layer-1e9": {"n_layer": 1_000_000_000}, "dim-1e9": {"dim": 1_000_00
           "intermediate-bool": {"intermediate_size": True}}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("change", ABSURD.values(), ids=ABSURD.keys())
 @pytest.mark.parametrize("script", ["generate.py", "quantize.py"])
 def test_absurd_config_is_refused_naming_the_file(tiny, script, change, capsys):
@@ -322,7 +319,6 @@ def test_absurd_config_is_refused_naming_the_file(tiny, script, change, capsys):
     assert snapshot(tiny) == before
 
 
-@pytest.mark.slow
 def test_absurd_quantized_sidecar_is_refused_naming_the_file(tiny, capsys):
     succeeds_here("quantize.py", "--checkpoint_path", tiny, "--mode", "int8")
     good = (tiny / "model_int8.json").read_text()
@@ -371,7 +367,6 @@ def test_hf_converter_refuses_absurd_config(tiny_hf, tmp_path, capsys):
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.slow
 def test_hf_converter_needs_force_to_overwrite_and_force_leaves_exactly_its_files(tiny_hf, tmp_path, capsys):
     hf = hf_source(tiny_hf, tmp_path)
     source = snapshot(hf)

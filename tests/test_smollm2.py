@@ -60,7 +60,6 @@ def test_generate_cli_prints_the_answer_and_metrics(compile_flags, smollm2_check
     assert (data["compile_s"] is not None) == bool(compile_flags)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("args, words", [
     (["--checkpoint_path", "checkpoints/does-not-exist"], ["not found"]),
     (["--random_weights", "Llama-9-1T"], ["unknown model name"]),
