@@ -621,7 +621,7 @@ def test_perplexity_per_mode_on_smollm2(smollm2_pydoc, smollm2_gptq):
     same scheme), so int4 g32 lands on the very grid they were stored on and is nearly lossless
     here, while larger groups re-round them coarsely. Neither is a general result: RTN int4 costs a
     few percent on models trained in bfloat16. The test measures the first PPL_TOKENS = 1024 tokens
-    (half the CPU of 2048; float32 12.72), where the same ranking holds (below)."""
+    (half the CPU of 2048; float32 12.72), where the same ranking holds (below; GPTQ 14.55)."""
     ckpt, ids, base = smollm2_pydoc
     # mode, groupsize, bound on the relative increase over float32. Measured on 1024 tokens +0.61 %,
     # +0.09 %, +53 %, +1.8 %: the bounds leave room for other torch builds' rounding, and a broken
@@ -639,12 +639,13 @@ def test_perplexity_per_mode_on_smollm2(smollm2_pydoc, smollm2_gptq):
         assert ppl < base * (1 + bound), "\n".join(rows)
         if (mode, groupsize) == ("int4", 128):
             rtn_g128 = ppl
-    # GPTQ at g128 recovers most of what RTN g128 loses (measured 13.98 against RTN's 18.23; 14.18
-    # with 32 samples, 13.21 with --act_order): the bound is well above 13.98 and well below 18.23.
+    # GPTQ at g128 recovers most of what RTN g128 loses (measured on 1024 tokens 14.55 against RTN's
+    # 19.53; on 2048, 13.98 against 18.23, 14.18 with 32 samples, 13.21 with --act_order): the bound
+    # 16 (+26 % over float32, as 15 was on 2048 tokens) is above 14.55 and well below 19.53.
     ppl = perplexity(load_checkpoint(smollm2_gptq[0], dtype=torch.float32), ids)
     rows.append(f"{'int4-gptq g128':14} {'':8} {ppl:8.3f} {100 * (ppl / base - 1):+7.2f} %")
     print(f"\nperplexity, first {ids.shape[1]} tokens of pydoc topics\n" + "\n".join(rows))
-    assert ppl < 15 and ppl < 0.85 * rtn_g128, "\n".join(rows)
+    assert ppl < 16 and ppl < 0.85 * rtn_g128, "\n".join(rows)
     assert 11 < base < 13
 
 
