@@ -26,8 +26,6 @@ def command(args, env=None) -> tuple[list, dict]:
 
 def run_script(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
     """Run one of the repo's scripts as a user would, from the repo root."""
-    if "--compile" in map(str, args):
-        BACKGROUND.wait_for_compile_caches()  # a run compiling the same graphs: ready soon
     argv, environ = command(args, env)
     return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env=environ)
@@ -40,6 +38,17 @@ def assert_one_error_line(stderr: str, *words) -> str:
     for word in words:
         assert word in lines[0], lines[0]
     return lines[0]
+
+
+def main_error(main, argv, capsys, *words) -> str:
+    """A script's main(argv) on bad input, run in this process (no interpreter, torch or lm_eval
+    start-up per case): it must exit with status 1 after exactly one `error:` line naming the
+    problem. Returns the line. Each script keeps one real command line checking the same."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in argv])
+    assert exit_.value.code == 1
+    return assert_one_error_line(capsys.readouterr().err, *words)
 
 
 def load_script(name: str):
@@ -85,7 +94,6 @@ class Background:
         self.thread = None
         self.lock = threading.Lock()
         self.closed = False
-        self.compile_caches = None  # the job warming torch.compile's caches, if one was started
 
     def submit(self, *args, env=None, timeout=1800) -> Job:
         job = Job(self, args, env, timeout)
@@ -133,13 +141,6 @@ class Background:
                     except OSError:  # only root may lower a nice value
                         pass
 
-    def wait_for_compile_caches(self):
-        if self.compile_caches is not None:
-            try:
-                self.compile_caches.wait()
-            except Exception:  # a failure shows again, and in full, in the test's own compile
-                pass
-
     def close(self):
         """End of the session: stop what is still running (when only some tests ran)."""
         with self.lock:
@@ -165,21 +166,32 @@ def compiles_smollm2(item) -> bool:
 @pytest.fixture(scope="session", autouse=True)
 def background_commands(request):
     """Starts, at the beginning of the session, the slow commands that selected tests will need:
-    GPTQ on SmolLM2 (tests/test_quantize.py's smollm2_gptq), then a compile of generate.py's
-    SmolLM2 graphs that fills torch.compile's on-disk caches for the compiled command line of
-    tests/test_smollm2.py (its own run then finds them there, as a second run by a user does)."""
+    GPTQ on SmolLM2 (tests/test_quantize.py's smollm2_gptq), then generate.py --compile on SmolLM2
+    (tests/test_smollm2.py's compiled command line, whose result that test checks)."""
     items = request.session.items
     if any("smollm2_gptq" in item.fixturenames for item in items):
         request.getfixturevalue("smollm2_gptq_job")
     if any(compiles_smollm2(item) for item in items):
-        checkpoint = request.getfixturevalue("smollm2_checkpoint")
-        BACKGROUND.compile_caches = BACKGROUND.submit(  # test_smollm2.py's command, one sample
-            "generate.py", "--checkpoint_path", checkpoint / "model.pth", "--chat",
-            "--prompt", "What is the capital of France?", "--temperature", "0",
-            "--max_new_tokens", "16", "--num_samples", "1", "--device", "cpu",
-            "--compile", "--compile_prefill")
+        request.getfixturevalue("smollm2_compiled_job")
     yield BACKGROUND
     BACKGROUND.close()
+
+
+def smollm2_cli_args(checkpoint: Path, metrics: Path, *flags) -> tuple:
+    """tests/test_smollm2.py's command line: two greedy answers to a chat question, with metrics."""
+    return ("generate.py", "--checkpoint_path", checkpoint / "model.pth", "--chat", "--prompt",
+            "What is the capital of France?", "--temperature", "0", "--max_new_tokens", "16",
+            "--num_samples", "2", "--device", "cpu", "--json", metrics, *flags)
+
+
+@pytest.fixture(scope="session")
+def smollm2_compiled_job(smollm2_checkpoint, tmp_path_factory) -> tuple[Path, Job]:
+    """tests/test_smollm2.py's command line with --compile --compile_prefill (minutes of one core),
+    started in the background when the session begins. Returns (its metrics file, the job)."""
+    metrics = tmp_path_factory.mktemp("compiled") / "metrics.json"
+    job = BACKGROUND.submit(*smollm2_cli_args(smollm2_checkpoint, metrics, "--compile",
+                                              "--compile_prefill"))
+    return metrics, job
 
 
 # ---- the real model ---------------------------------------------------------------------------
@@ -216,16 +228,55 @@ def hf_smollm2_tokenizer(smollm2_gguf):
     return AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
 
 
-PPL_TOKENS = 2048  # tests/test_quantize.py measures perplexity on the first 2048 tokens of pydoc's topics
+# Perplexity of SmolLM2 is measured on the first PPL_TOKENS tokens of pydoc's topics text (a forward
+# pass of 1024 tokens costs half the CPU of 2048, and the modes' ranking and margins hold there);
+# GPTQ calibrates on the text after the first CALIBRATION_START tokens: none of the evaluated text.
+PPL_TOKENS = 1024
+CALIBRATION_START = 2048
 GPTQ_CALIBRATION = ("16", "256")  # samples, seq_len: 4096 tokens
+
+
+@pytest.fixture(scope="session")
+def smollm2_pydoc(smollm2_checkpoint) -> tuple:
+    """(checkpoint, the first PPL_TOKENS tokens of pydoc's topics text (1, T), float32 SmolLM2's
+    perplexity on them), computed once: tests/test_smollm2.py checks the perplexity, and
+    tests/test_quantize.py compares each quantized mode against it."""
+    import math
+    import pydoc_data.topics
+    import torch
+    import torch.nn.functional as F
+    from checkpoint import load_model, read_checkpoint
+    from tokenizer import load_tokenizer
+    ckpt = read_checkpoint(smollm2_checkpoint)
+    text = "\n".join(pydoc_data.topics.topics.values())
+    ids = torch.tensor([load_tokenizer(ckpt.folder).encode(text)[:PPL_TOKENS]])  # (1, T)
+    model = load_model(ckpt, dtype=torch.float32)
+    model.setup_caches(1, ids.shape[1])
+    with torch.no_grad():
+        logits = model(ids, torch.arange(ids.shape[1]))  # (1, T, vocab)
+    return ckpt, ids, math.exp(F.cross_entropy(logits[0, :-1], ids[0, 1:]).item())
+
+
+@pytest.fixture(scope="session")
+def smollm2_quantized(smollm2_checkpoint, tmp_path_factory) -> Path:
+    """SmolLM2 quantized once by quantize.py's main() to int8 and int4 (g32, the defaults), next to
+    links to the shared checkpoint's files: tests/test_eval.py and tests/test_metrics.py read it."""
+    import quantize
+    folder = tmp_path_factory.mktemp("quantized") / "SmolLM2"
+    folder.mkdir()
+    for source in smollm2_checkpoint.iterdir():
+        (folder / source.name).symlink_to(source)
+    for mode in ("int8", "int4"):
+        quantize.main(["--checkpoint_path", str(folder), "--mode", mode])
+    return folder
 
 
 @pytest.fixture(scope="session")
 def smollm2_gptq_job(smollm2_checkpoint, tmp_path_factory) -> tuple[Path, Job]:
     """quantize.py --mode int4-gptq --groupsize 128 on SmolLM2, started in the background (about a
-    minute of one core), calibrated on 16 x 256 tokens of the pydoc topics text that follows the
-    PPL_TOKENS tokens that tests/test_quantize.py measures perplexity on: the same kind of text,
-    none of the evaluated text. Returns (the checkpoint folder, the job)."""
+    minute of one core), calibrated on 16 x 256 tokens of the pydoc topics text that follows its
+    first CALIBRATION_START tokens (tests/test_quantize.py measures perplexity on the first
+    PPL_TOKENS of them): the same kind of text, none of the evaluated text. Returns (the checkpoint folder, the job)."""
     import pydoc_data.topics
     from tokenizer import load_tokenizer
     folder = tmp_path_factory.mktemp("gptq") / "SmolLM2"  # links to the shared fixture's files
@@ -234,7 +285,7 @@ def smollm2_gptq_job(smollm2_checkpoint, tmp_path_factory) -> tuple[Path, Job]:
         (folder / source.name).symlink_to(source)
     tokenizer = load_tokenizer(folder)
     ids = tokenizer.encode("\n".join(pydoc_data.topics.topics.values()))
-    (folder / "calibration.txt").write_text(tokenizer.decode(ids[PPL_TOKENS:]))
+    (folder / "calibration.txt").write_text(tokenizer.decode(ids[CALIBRATION_START:]))
     # One thread: in the background it shares the machine with the tests.
     job = BACKGROUND.submit("quantize.py", "--checkpoint_path", folder / "model.safetensors",
                             "--mode", "int4-gptq", "--groupsize", "128",

@@ -17,7 +17,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from conftest import ROOT, assert_one_error_line, load_script, run_script
+from checkpoint import InputError
+from conftest import ROOT, assert_one_error_line, load_script, main_error, run_script
 
 TINY = dict(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=49152, intermediate_size=128, block_size=256)
 GEN = ("--max_new_tokens", 2, "--num_samples", 1, "--temperature", 0, "--device", "cpu")
@@ -93,10 +94,30 @@ def refused(*args, words=(), timeout=FAST_S) -> str:
     return assert_one_error_line(r.stderr, *words)
 
 
-def succeeds(*args, timeout=120) -> subprocess.CompletedProcess:
-    r = run(*args, timeout=timeout)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return r
+def refused_here(script: str, *args, words=(), capsys) -> str:
+    """A refusal run in this process (no interpreter and torch start-up per case), for cases about what is
+    refused rather than about the command line: the one error line the script prints. generate.py's
+    `__main__` prints the InputError its main() raises; quantize.py's and the converters' main() print it
+    and exit 1. The real command lines give the same line: the subprocess cases of each script here."""
+    argv = [str(a) for a in args]
+    if script == "generate.py":
+        with pytest.raises(InputError) as e:
+            main_of(script)(argv)
+        return assert_one_error_line(f"error: {e.value}", *words)
+    return main_error(main_of(script), argv, capsys, *words)
+
+
+def main_of(script: str):
+    """The main(argv) of generate.py, quantize.py or scripts/NAME.py."""
+    if script in ("generate.py", "quantize.py"):
+        return __import__(script.removesuffix(".py")).main
+    return load_script(Path(script).stem).main
+
+
+def succeeds_here(script: str, *args):
+    """A run that must succeed, through the script's main() in this process (no interpreter and torch
+    start-up; a failure is the exception itself)."""
+    main_of(script)([str(a) for a in args])
 
 
 def edit_json(path: Path, **changes):
@@ -138,14 +159,14 @@ def in_process(main, argv: list, monkeypatch, capsys) -> tuple[str, float]:
 # ---- generate.py: prompts ---------------------------------------------------------------------------
 
 def test_number_prompt_is_text_not_random_tokens(tiny, tmp_path):
-    succeeds("generate.py", "--checkpoint_path", tiny, "--prompt", "2024", *GEN, "--json", tmp_path / "m.json")
+    succeeds_here("generate.py", "--checkpoint_path", tiny, "--prompt", "2024", *GEN, "--json", tmp_path / "m.json")
     prompt_tokens = json.loads((tmp_path / "m.json").read_text())["samples"][0]["prompt_tokens"]
     assert len(prompt_tokens) == 1 and 0 < prompt_tokens[0] < 10, prompt_tokens
 
 
 def test_synthetic_prompt_has_its_own_flag(tmp_path):
-    succeeds("generate.py", "--random_weights", "stories15M", "--prompt_tokens", 7, "--max_new_tokens", 2,
-             "--num_samples", 1, "--device", "cpu", "--json", tmp_path / "m.json")
+    succeeds_here("generate.py", "--random_weights", "stories15M", "--prompt_tokens", 7, "--max_new_tokens", 2,
+                  "--num_samples", 1, "--device", "cpu", "--json", tmp_path / "m.json")
     sample = json.loads((tmp_path / "m.json").read_text())["samples"][0]
     assert sample["prompt_tokens"] == [7] and len(sample["new_tokens"]) == 1
 
@@ -172,8 +193,9 @@ def test_interactive_non_utf8_line_is_reported_and_the_session_goes_on(tiny):
 # ---- generate.py: flags -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", ["mps", "meta"])
-def test_device_this_machine_cannot_run_is_refused(tiny, device):
-    refused("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN[:-2], "--device", device, words=[device])
+def test_device_this_machine_cannot_run_is_refused(tiny, device, capsys):
+    refused_here("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN[:-2], "--device", device,
+                 words=[device], capsys=capsys)
 
 
 def test_batch_too_big_for_memory_is_refused_before_allocating(tiny):
@@ -182,9 +204,9 @@ def test_batch_too_big_for_memory_is_refused_before_allocating(tiny):
 
 
 @pytest.mark.parametrize("value", ["nan", "inf"])
-def test_non_finite_temperature_is_refused(tiny, value):
-    refused("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN[:4], "--temperature", value,
-            words=["--temperature"])
+def test_non_finite_temperature_is_refused(tiny, value, capsys):
+    refused_here("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN[:4], "--temperature", value,
+                 words=["--temperature"], capsys=capsys)
 
 
 @pytest.mark.parametrize("flag, where", [
@@ -194,12 +216,13 @@ def test_non_finite_temperature_is_refused(tiny, value):
     ("--json", "DIR"),  # an existing directory
     ("--json", f"{UNWRITABLE}/m.json"),
 ])
-def test_unwritable_output_is_refused_before_generating(tiny, tmp_path, flag, where):
+def test_unwritable_output_is_refused_before_generating(tiny, tmp_path, flag, where, capsys):
     (tmp_path / "FILE").write_text("not a folder")
     (tmp_path / "DIR").mkdir()
     before = snapshot(tmp_path)
     path = where if where.startswith("/") else tmp_path / where
-    refused("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN, flag, path, words=[flag])
+    refused_here("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN, flag, path, words=[flag],
+                 capsys=capsys)
     assert snapshot(tmp_path) == before
 
 
@@ -217,12 +240,12 @@ def test_bug_keeps_its_traceback(tiny, monkeypatch):
 
 # ---- quantize.py: where the output goes -------------------------------------------------------------
 
-@pytest.mark.slow
-def test_quantize_refuses_output_over_base_checkpoint(tiny):
+def test_quantize_refuses_output_over_base_checkpoint(tiny, capsys):
     before = snapshot(tiny)
-    refused("quantize.py", "--checkpoint_path", tiny, "--mode", "int8", "--out", tiny / "model.pth")
+    refused_here("quantize.py", "--checkpoint_path", tiny, "--mode", "int8", "--out", tiny / "model.pth",
+                 capsys=capsys)
     assert snapshot(tiny) == before
-    succeeds("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN)
+    succeeds_here("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN)
 
 
 @pytest.mark.parametrize("weights", ["model.safetensors", "model.pth"])
@@ -236,12 +259,11 @@ def test_quantize_refuses_output_over_its_source_weights(tiny, weights):
     assert snapshot(tiny) == before
 
 
-@pytest.mark.slow
 def test_quantize_default_output_leaves_float_checkpoint_loadable(tiny):
-    succeeds("quantize.py", "--checkpoint_path", tiny, "--mode", "int8")
+    succeeds_here("quantize.py", "--checkpoint_path", tiny, "--mode", "int8")
     assert (tiny / "model_int8.pth").is_file() and (tiny / "model_int8.json").is_file()
     for path in (tiny, tiny / "model_int8.pth"):
-        succeeds("generate.py", "--checkpoint_path", path, "--prompt", "hi", *GEN)
+        succeeds_here("generate.py", "--checkpoint_path", path, "--prompt", "hi", *GEN)
 
 
 @pytest.mark.parametrize("where", ["missing/q.pth", f"{UNWRITABLE}/q.pth", "DIR.pth"])
@@ -287,26 +309,24 @@ ABSURD = {"n_layer-1e9": {"n_layer": 1_000_000_000}, "dim-1e9": {"dim": 1_000_00
           "intermediate-bool": {"intermediate_size": True}}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("change", ABSURD.values(), ids=ABSURD.keys())
 @pytest.mark.parametrize("script", ["generate.py", "quantize.py"])
-def test_absurd_config_is_refused_naming_the_file(tiny, script, change):
+def test_absurd_config_is_refused_naming_the_file(tiny, script, change, capsys):
     edit_json(tiny / "config.json", **change)
     before = snapshot(tiny)
     more = ["--prompt", "hi", *GEN] if script == "generate.py" else ["--mode", "int8"]
-    refused(script, "--checkpoint_path", tiny, *more, words=["config.json"])
+    refused_here(script, "--checkpoint_path", tiny, *more, words=["config.json"], capsys=capsys)
     assert snapshot(tiny) == before
 
 
-@pytest.mark.slow
-def test_absurd_quantized_sidecar_is_refused_naming_the_file(tiny):
-    succeeds("quantize.py", "--checkpoint_path", tiny, "--mode", "int8")
+def test_absurd_quantized_sidecar_is_refused_naming_the_file(tiny, capsys):
+    succeeds_here("quantize.py", "--checkpoint_path", tiny, "--mode", "int8")
     good = (tiny / "model_int8.json").read_text()
     for change in ({"n_layer": 1_000_000_000}, {"n_kv_heads": 0}, {"dim": 1e9}):
         (tiny / "model_int8.json").write_text(good)
         edit_json(tiny / "model_int8.json", **change)
-        refused("generate.py", "--checkpoint_path", tiny / "model_int8.pth", "--prompt", "hi", *GEN,
-                words=["model_int8.json"])
+        refused_here("generate.py", "--checkpoint_path", tiny / "model_int8.pth", "--prompt", "hi", *GEN,
+                     words=["model_int8.json"], capsys=capsys)
 
 
 @pytest.mark.parametrize("name, content", [
@@ -314,9 +334,9 @@ def test_absurd_quantized_sidecar_is_refused_naming_the_file(tiny):
     ("tokenizer_config.json", {"eos_token": 5}),
     ("generation_config.json", {"eos_token_id": "x"}),
 ], ids=["tokenizer-config-list", "eos-token-int", "generation-eos-string"])
-def test_malformed_tokenizer_files_are_refused_naming_the_file(tiny, name, content):
+def test_malformed_tokenizer_files_are_refused_naming_the_file(tiny, name, content, capsys):
     (tiny / name).write_text(json.dumps(content))
-    refused("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN, words=[name])
+    refused_here("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN, words=[name], capsys=capsys)
 
 
 # ---- converters -------------------------------------------------------------------------------------
@@ -329,45 +349,46 @@ def hf_source(tiny_hf, out: Path, **config_changes) -> Path:
 
 
 @pytest.mark.parametrize("rope_type", ["yarn", "dynamic", "longrope"])
-def test_hf_converter_refuses_unsupported_rope_type(tiny_hf, tmp_path, rope_type):
+def test_hf_converter_refuses_unsupported_rope_type(tiny_hf, tmp_path, rope_type, capsys):
     scaling = {"rope_type": rope_type, "factor": 4.0, "original_max_position_embeddings": 64}
     if rope_type == "longrope":
         scaling.update(short_factor=[1.0] * 8, long_factor=[4.0] * 8)
     hf_source(tiny_hf, tmp_path, rope_parameters=None, rope_theta=10000.0, rope_scaling=scaling)
     before = snapshot(tmp_path)
-    refused("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path, words=[rope_type])
+    refused_here("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path, words=[rope_type], capsys=capsys)
     assert snapshot(tmp_path) == before
 
 
-def test_hf_converter_refuses_absurd_config(tiny_hf, tmp_path):
+def test_hf_converter_refuses_absurd_config(tiny_hf, tmp_path, capsys):
     hf_source(tiny_hf, tmp_path, num_hidden_layers=1_000_000_000)
     before = snapshot(tmp_path)
-    refused("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path, words=["config.json"])
+    refused_here("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path, words=["config.json"],
+                 capsys=capsys)
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.slow
-def test_hf_converter_needs_force_to_overwrite_and_force_leaves_exactly_its_files(tiny_hf, tmp_path):
+def test_hf_converter_needs_force_to_overwrite_and_force_leaves_exactly_its_files(tiny_hf, tmp_path, capsys):
     hf = hf_source(tiny_hf, tmp_path)
     source = snapshot(hf)
-    succeeds("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path)
+    succeeds_here("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path)
     converted = snapshot(tmp_path)
-    refused("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path, words=["--force"])
+    refused_here("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path, words=["--force"], capsys=capsys)
     assert snapshot(tmp_path) == converted
     (tmp_path / "chat_template.jinja").write_text("{{ stale }}")  # the source has none
-    succeeds("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path, "--force")
+    succeeds_here("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path, "--force")
     assert set(snapshot(tmp_path)) == set(converted)  # the stale template is gone
     assert snapshot(hf) == source  # the source folder inside the output is left alone
 
 
 @pytest.mark.slow
-def test_gguf_converter_needs_force_to_overwrite_and_force_leaves_exactly_its_files(smollm2_gguf, smollm2_checkpoint, tmp_path):
+def test_gguf_converter_needs_force_to_overwrite_and_force_leaves_exactly_its_files(smollm2_gguf, smollm2_checkpoint,
+                                                                                    tmp_path, capsys):
     out = Path(shutil.copytree(smollm2_checkpoint, tmp_path / "out"))  # what converting into out writes
     converted = snapshot(out)
-    refused("scripts/convert_gguf.py", "--gguf", smollm2_gguf, "--out", out, words=["--force"])
+    refused_here("scripts/convert_gguf.py", "--gguf", smollm2_gguf, "--out", out, words=["--force"], capsys=capsys)
     assert snapshot(out) == converted
     (out / "chat_template.jinja").write_text("{{ stale }}")  # the GGUF conversion writes none
-    succeeds("scripts/convert_gguf.py", "--gguf", smollm2_gguf, "--out", out, "--force")
+    succeeds_here("scripts/convert_gguf.py", "--gguf", smollm2_gguf, "--out", out, "--force")
     assert set(snapshot(out)) == set(converted)
 
 

@@ -194,10 +194,17 @@ def two_results(tmp_path_factory):
     return folder / "a.json", folder / "b.json"
 
 
-def test_merge_makes_one_sorted_table_of_every_process(two_results, tmp_path):
+def merge(argv, capsys) -> str:
+    """scripts/bench.py --merge ... through its main() in this process, as it is (no CPU stand-ins: merging
+    runs nothing); returns what it printed. The command line itself: test_plot_is_a_png_made_from_json_alone."""
+    code, stdout, err = run_main(load_script("bench"), argv, capsys)
+    assert code == 0, err
+    return stdout
+
+
+def test_merge_makes_one_sorted_table_of_every_process(two_results, tmp_path, capsys):
     out, md = tmp_path / "all.json", tmp_path / "all.md"
-    r = run_script("scripts/bench.py", "--merge", *two_results, "--out", out, "--markdown", md)
-    assert r.returncode == 0, r.stderr
+    stdout = merge(["--merge", *two_results, "--out", out, "--markdown", md], capsys)
     merged = json.loads(out.read_text())
     inputs = [json.loads(p.read_text()) for p in two_results]
     assert sorted(map(json.dumps, merged["rows"])) == sorted(json.dumps(row) for i in inputs for row in i["rows"])
@@ -209,14 +216,14 @@ def test_merge_makes_one_sorted_table_of_every_process(two_results, tmp_path):
     assert merged["kernel_checks"] == [dict(name="int8", shape=[4096, 4096], rows=1, max_abs_err=2.0, rel_err=0.5, ok=False),
                                        dict(name="int8", shape=[4096, 4096], rows=5, max_abs_err=1e-3, rel_err=1e-3, ok=True)]
     table = md.read_text()
-    assert table in r.stdout and "copy bandwidth 40–60 GB/s (per GPU)" in table and "**NO**" in table
+    assert table in stdout and "copy bandwidth 40–60 GB/s (per GPU)" in table and "**NO**" in table
     assert [line.split(" | ")[1] for line in table.splitlines() if line.startswith("| stories15M |")] == ["bf16", "int8", "fp8", "bf16"]
 
 
-def test_merging_a_merged_result_again_changes_nothing(two_results, tmp_path):
+def test_merging_a_merged_result_again_changes_nothing(two_results, tmp_path, capsys):
     once, twice = tmp_path / "once.json", tmp_path / "twice.json"
-    assert run_script("scripts/bench.py", "--merge", *two_results, "--out", once).returncode == 0
-    assert run_script("scripts/bench.py", "--merge", once, "--out", twice).returncode == 0
+    merge(["--merge", *two_results, "--out", once], capsys)
+    merge(["--merge", once, "--out", twice], capsys)
     assert json.loads(twice.read_text()) == json.loads(once.read_text())
 
 

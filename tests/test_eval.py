@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import load_model, read_checkpoint
-from conftest import ROOT, assert_one_error_line, run_script
-from eval import EvalModel, default_text, harness_model, perplexity, rolling_windows
+from conftest import ROOT, assert_one_error_line, main_error, run_script
+from eval import EvalModel, default_text, harness_model, main, perplexity, rolling_windows
 from generate import Sampling, generate
 from tokenizer import load_tokenizer
 
@@ -53,20 +53,22 @@ def test_rolling_windows_score_every_token_once_with_enough_context(n_tokens, ma
 
 
 @pytest.mark.slow
-def test_perplexity_matches_transformers_on_the_same_windows(smollm2_checkpoint, hf_smollm2, tmp_path):
-    text = default_text()[1][:6000]
+def test_perplexity_matches_transformers_on_the_same_windows(smollm2_checkpoint, hf_smollm2, tmp_path, capsys):
+    text = default_text()[1][:3000]
     (tmp_path / "text.txt").write_text(text)
-    limit, max_seq_length, stride = 700, 256, 96
-    r = run_script("eval.py", "--checkpoint_path", smollm2_checkpoint, "--text_file", tmp_path / "text.txt",
-                   "--limit", limit, "--max_seq_length", max_seq_length, "--stride", stride, "--batch_size", 3,
-                   "--device", "cpu", "--output", tmp_path / "out.json")
-    assert r.returncode == 0, r.stderr[-3000:]
+    # Windows of 128 (half the CPU of 256 per token) still give a full first window, strided ones and a
+    # shorter last one.
+    limit, max_seq_length, stride = 352, 128, 48
+    eval_main(["--checkpoint_path", smollm2_checkpoint, "--text_file", tmp_path / "text.txt", "--limit", limit,
+               "--max_seq_length", max_seq_length, "--stride", stride, "--batch_size", 3, "--device", "cpu",
+               "--output", tmp_path / "out.json"])
+    stdout = capsys.readouterr().out
     ours = json.loads((tmp_path / "out.json").read_text())["perplexity"]
-    assert f"perplexity {ours['perplexity']:.4f}" in r.stdout and "bits per byte" in r.stdout
+    assert f"perplexity {ours['perplexity']:.4f}" in stdout and "bits per byte" in stdout
 
     ids = load_tokenizer(smollm2_checkpoint).encode(text)[:limit]
     windows = rolling_windows(len(ids), max_seq_length, stride)
-    assert len(windows) == ours["windows"] == 6  # 256 scored, then 96 at a time, the last 59
+    assert len(windows) == ours["windows"] == 6  # 128 scored, then 48 at a time, the last 31
     nll = -sum(hf_logprob(hf_smollm2, ids[start:end], n)[0] for start, end, n in windows)
     reference = math.exp(nll / (limit - 1))
     print(f"perplexity: ours {ours['perplexity']:.4f}, transformers {reference:.4f}")
@@ -78,17 +80,17 @@ def test_perplexity_matches_transformers_on_the_same_windows(smollm2_checkpoint,
     assert ours["bits_per_byte"] == pytest.approx(nll / math.log(2) / ours["bytes"], rel=5e-3)
 
 
+def eval_main(argv: list):
+    """eval.py's main() in this process: no interpreter, torch and lm_eval start-up per test (the command line
+    itself: test_missing_lm_eval_gives_one_error_line)."""
+    main([str(a) for a in argv])
+
+
 @pytest.mark.slow
-def test_perplexity_of_a_quantized_checkpoint_is_close_to_float(smollm2_eval, smollm2_checkpoint, tmp_path):
-    folder = tmp_path / "SmolLM2"  # links to the shared fixture's files, so the quantized file lands apart
-    folder.mkdir()
-    for source in smollm2_checkpoint.iterdir():
-        (folder / source.name).symlink_to(source)
-    r = run_script("quantize.py", "--checkpoint_path", folder, "--mode", "int8")
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = run_script("eval.py", "--checkpoint_path", folder / "model_int8.pth", "--limit", 600, "--max_seq_length", 256,
-                   "--device", "cpu", "--output", tmp_path / "out.json")
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_perplexity_of_a_quantized_checkpoint_is_close_to_float(smollm2_eval, smollm2_quantized, tmp_path):
+    # smollm2_quantized: quantize.py's int8 file of SmolLM2, made once for the session (conftest.py).
+    eval_main(["--checkpoint_path", smollm2_quantized / "model_int8.pth", "--limit", 600, "--max_seq_length", 256,
+               "--device", "cpu", "--output", tmp_path / "out.json"])
     int8 = json.loads((tmp_path / "out.json").read_text())
     assert int8["quantization"] == "int8"
     ids = smollm2_eval.tokenizer.encode(default_text()[1])[:600]  # the same text, windows and stride (default 128)
@@ -132,13 +134,17 @@ def test_loglikelihoods_match_transformers(smollm2_eval, hf_smollm2):
 
 
 @pytest.mark.slow
-def test_capitals_task_runs_through_eval_py_clearly_above_chance(smollm2_checkpoint, tmp_path):
+def test_capitals_task_runs_through_eval_py_clearly_above_chance(smollm2_checkpoint, tmp_path, monkeypatch,
+                                                                 capsys):
     """lm-eval reads the task's questions from tests/data/capitals.jsonl (its own `json` dataset loader, offline),
     asks our model for the loglikelihood of each choice and scores the answers."""
-    r = run_script("eval.py", "--checkpoint_path", smollm2_checkpoint, "--tasks", "capitals", "--include_path",
-                   "tests/data", "--batch_size", 16, "--device", "cpu", "--output", tmp_path / "out.json")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "capitals" in r.stdout and "acc" in r.stdout  # lm-eval's results table
+    monkeypatch.chdir(ROOT)  # the task's data_files path is relative to the repository root
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(name, "1")  # what eval.py sets for itself; restored afterwards
+    eval_main(["--checkpoint_path", smollm2_checkpoint, "--tasks", "capitals", "--include_path", "tests/data",
+               "--batch_size", 16, "--device", "cpu", "--output", tmp_path / "out.json"])
+    stdout = capsys.readouterr().out
+    assert "capitals" in stdout and "acc" in stdout  # lm-eval's results table
     report = json.loads((tmp_path / "out.json").read_text())
     assert "perplexity" not in report  # with --tasks, perplexity only runs when --text_file asks for it
     capitals = report["tasks"]["results"]["capitals"]
@@ -187,10 +193,11 @@ def test_generate_until_stops_at_the_requested_stop_strings(smollm2_eval):
     # Greedy, alone: " Paris.\n\nThe answer..." / " a single, unyielding thread.\n..." / " Madrid.\n\nThe Spanish..."
     prompts = ["The capital of France is", "Water is made of", "The capital of Spain is"]
     # "ing thr" starts inside one token and ends inside another: stops are matched on the decoded text.
-    stops, max_new = ["\n", "ing thr"], 24
+    # 16 new tokens reach both stop strings (" thread" is the 7th); each one is a decode step of every row.
+    stops, max_new = ["\n", "ing thr"], 16
     requests = [Instance("generate_until", {}, (p, {"until": stops, "max_gen_toks": max_new}), i)
                 for i, p in enumerate(prompts)]
-    requests.append(Instance("generate_until", {}, (prompts[0], {"until": ["never appears"], "max_gen_toks": 12}), 3))
+    requests.append(Instance("generate_until", {}, (prompts[0], {"until": ["never appears"], "max_gen_toks": 6}), 3))
     smollm2_eval.decode_fn = counting_decode
     try:
         outputs = harness_model(smollm2_eval).generate_until(requests)  # one batch per set of kwargs
@@ -204,8 +211,9 @@ def test_generate_until_stops_at_the_requested_stop_strings(smollm2_eval):
         assert output == alone[:cut] and output.strip()  # cut right before the first stop string
         stopped_by |= {s for s in stops if alone[cut:].startswith(s)}
     assert stopped_by == set(stops) and "Paris" in outputs[0]
-    assert outputs[3] == greedy_alone(prompts[0], 12)  # no stop string: all max_gen_toks tokens
-    # The first batch ended once every row had a stop string, long before its max_new tokens.
+    assert outputs[3] == greedy_alone(prompts[0], 6)  # no stop string: all max_gen_toks tokens
+    # The first batch ended once every row had a stop string, long before its max_new tokens (the steps of the
+    # second batch, 5, are counted too).
     assert decode_steps < max_new - 1
 
 
@@ -227,7 +235,7 @@ def test_generate_until_ignores_empty_stop_strings_and_hugging_faces_top_k_zero(
 # ---- 4. bad input -----------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_bad_input_gives_one_error_line(smollm2_checkpoint, tmp_path):
+def test_bad_input_gives_one_error_line(smollm2_checkpoint, tmp_path, monkeypatch, capsys):
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     (tmp_path / "missing_data.yaml").write_text((DATA / "capitals.yaml").read_text().replace(
@@ -242,10 +250,10 @@ def test_bad_input_gives_one_error_line(smollm2_checkpoint, tmp_path):
         (["--tasks", "no_such_task_xyz"], ["unknown task", "no_such_task_xyz"]),
         (["--tasks", "capitals_missing", "--include_path", tmp_path], ["cannot load task capitals_missing"]),
     ]
-    for args, words in cases:
-        r = run_script("eval.py", "--checkpoint_path", smollm2_checkpoint, "--device", "cpu", *args)
-        assert r.returncode == 1, (args, r.stderr[-2000:])
-        assert_one_error_line(r.stderr, *words)
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(name, "1")  # what eval.py sets for itself; restored afterwards
+    for args, words in cases:  # in this process; the command line's own error line: the test below
+        main_error(main, ["--checkpoint_path", smollm2_checkpoint, "--device", "cpu", *args], capsys, *words)
 
 
 def test_missing_lm_eval_gives_one_error_line(smollm2_checkpoint, tmp_path):

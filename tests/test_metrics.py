@@ -1,13 +1,12 @@
 """The figures generate.py prints say what they count: bytes of weights read per decode step,
 tokens per row and over the batch."""
 import json
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_script
+import generate
 
 
 def stored_tensors(weights) -> dict:
@@ -25,36 +24,35 @@ def bytes_read_per_step(weights, tied: bool) -> int:
                for name, t in tensors.items() if tied or name != "tok_embeddings.weight")
 
 
-@pytest.fixture(scope="module")
-def quantized(smollm2_checkpoint, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("metrics") / "SmolLM2"
-    shutil.copytree(smollm2_checkpoint, folder)
-    for mode in ("int8", "int4"):
-        r = run_script("quantize.py", "--checkpoint_path", folder, "--mode", mode)
-        assert r.returncode == 0, r.stderr[-2000:]
-    return folder
+def run_generate(argv: list, capsys) -> str:
+    """generate.py's main() in this process (the command line's own start-up is tested elsewhere):
+    what it printed to stderr, where the figures go."""
+    capsys.readouterr()
+    generate.main([str(a) for a in argv])
+    return capsys.readouterr().err
 
 
 @pytest.mark.parametrize("weights, tied", [("model.safetensors", True), ("model_int8.pth", False),
                                            ("model_int4.g32.pth", True)])
-def test_reported_bytes_per_step_are_the_weights_a_step_reads(quantized, weights, tied, tmp_path):
+def test_reported_bytes_per_step_are_the_weights_a_step_reads(smollm2_quantized, weights, tied,
+                                                               tmp_path, capsys):
+    # smollm2_quantized: quantize.py's int8 and int4 files of SmolLM2, made once (conftest.py).
     out = tmp_path / "m.json"
-    r = run_script("generate.py", "--checkpoint_path", quantized / weights, "--prompt", "Hi",
-                   "--max_new_tokens", "4", "--temperature", "0", "--device", "cpu", "--json", out)
-    assert r.returncode == 0, r.stderr[-2000:]
+    stderr = run_generate(["--checkpoint_path", smollm2_quantized / weights, "--prompt", "Hi",
+                           "--max_new_tokens", "4", "--temperature", "0", "--device", "cpu",
+                           "--json", out], capsys)
     reported = json.loads(out.read_text())["model_bytes"]
-    assert reported == bytes_read_per_step(quantized / weights, tied)
-    assert f"a decode step reads {reported / 1e9:.3f} GB of weights on cpu" in r.stderr
+    assert reported == bytes_read_per_step(smollm2_quantized / weights, tied)
+    assert f"a decode step reads {reported / 1e9:.3f} GB of weights on cpu" in stderr
 
 
-def test_batch_metrics_count_rows_and_the_whole_batch(smollm2_checkpoint, tmp_path):
+def test_batch_metrics_count_rows_and_the_whole_batch(smollm2_checkpoint, tmp_path, capsys):
     out = tmp_path / "m.json"
-    r = run_script("generate.py", "--checkpoint_path", smollm2_checkpoint, "--prompt", "Hi",
-                   "--prompt", "Tell me a story", "--max_new_tokens", "5", "--temperature", "0",
-                   "--device", "cpu", "--json", out)
-    assert r.returncode == 0, r.stderr[-2000:]
+    stderr = run_generate(["--checkpoint_path", smollm2_checkpoint, "--prompt", "Hi", "--prompt",
+                           "Tell me a story", "--max_new_tokens", "5", "--temperature", "0",
+                           "--device", "cpu", "--json", out], capsys)
     sample = json.loads(out.read_text())["samples"][0]
     assert len(sample["new_tokens"]) == 2 and len(sample["prompt_tokens"]) == 2
     total = sum(sample["new_tokens"])
-    assert f"{total} new tokens over 2 rows" in r.stderr
-    assert "tok/s over the batch" in r.stderr and "per row)" in r.stderr
+    assert f"{total} new tokens over 2 rows" in stderr
+    assert "tok/s over the batch" in stderr and "per row)" in stderr

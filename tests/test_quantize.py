@@ -22,7 +22,7 @@ import model as M
 import quantize as Q
 from checkpoint import (InputError, WeightsFile, empty_model, load_model, read_checkpoint,
                         read_weights, save_checkpoint, to_device)
-from conftest import PPL_TOKENS, ROOT, assert_one_error_line, run_script
+from conftest import ROOT, assert_one_error_line, run_script
 from model import ModelArgs, Transformer
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -453,7 +453,10 @@ def quantize_error(argv: list, capsys, *words) -> str:
     (["--quantized"], ["quantized already"]),
     (["--corrupt"], ["cannot read weights"]),
 ], ids=["missing", "unknown-mode", "bad-groupsize", "already-quantized", "corrupt"])
-def test_bad_input_gives_one_error_line_and_writes_nothing(args, words, tiny_checkpoint, tmp_path):
+def test_bad_input_gives_one_error_line_and_writes_nothing(args, words, tiny_checkpoint, tmp_path,
+                                                           capsys):
+    """quantize.main in this process (the command line's own error line and exit status:
+    tests/test_bad_input.py's test_quantize_refuses_output_over_its_source_weights)."""
     folder, _ = tiny_checkpoint
     for name in ("config.json", "model.safetensors", "model_int8.pth", "model_int8.json"):
         shutil.copy(folder / name, tmp_path / name)
@@ -466,9 +469,7 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(args, words, tiny_che
     elif "--checkpoint_path" not in args:
         args = ["--checkpoint_path", tmp_path, *args]
     before = sorted(p.name for p in tmp_path.iterdir())
-    r = run_script("quantize.py", *args)
-    assert r.returncode == 1
-    assert_one_error_line(r.stderr, *words)
+    quantize_error(args, capsys, *words)
     # No output, no temp files left behind.
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
@@ -575,21 +576,18 @@ def test_generate_answers_from_a_quantized_checkpoint(smollm2_checkpoint, tmp_pa
     for layer in ("attention.wqkv", "attention.wo", "feed_forward.w13"):
         assert f"padded: layers.*.{layer} K 576 -> 640" in printed
     assert "feed_forward.w2" not in printed  # intermediate 1536 = 12 groups of 128
-    r = run_script("generate.py", "--checkpoint_path", folder / "model_int4.g128.pth", "--chat",
-                   "--prompt", "What is the capital of France?", "--temperature", "0",
-                   "--max_new_tokens", "10", "--num_samples", "1", "--device", "cpu")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "Paris" in r.stdout, r.stdout
+    assert "Paris" in generate_answer(folder / "model_int4.g128.pth", capsys)
 
 
-@pytest.fixture(scope="module")
-def smollm2_float(smollm2_checkpoint):
-    import pydoc_data.topics
-    from tokenizer import load_tokenizer
-    ckpt = read_checkpoint(smollm2_checkpoint)
-    text = "\n".join(pydoc_data.topics.topics.values())
-    ids = torch.tensor([load_tokenizer(ckpt.folder).encode(text)[:PPL_TOKENS]])  # (1, T)
-    return ckpt, ids
+def generate_answer(weights, capsys) -> str:
+    """What generate.py prints for the question, run in this process (the command line itself is
+    tested in tests/test_smollm2.py)."""
+    import generate
+    capsys.readouterr()
+    generate.main(["--checkpoint_path", str(weights), "--chat", "--prompt",
+                   "What is the capital of France?", "--temperature", "0", "--max_new_tokens", "10",
+                   "--num_samples", "1", "--device", "cpu"])
+    return capsys.readouterr().out
 
 
 def perplexity(model, ids) -> float:
@@ -611,7 +609,7 @@ def smollm2_gptq(smollm2_gptq_job):
 
 
 @pytest.mark.slow
-def test_perplexity_per_mode_on_smollm2(smollm2_float, smollm2_gptq):
+def test_perplexity_per_mode_on_smollm2(smollm2_pydoc, smollm2_gptq):
     """Measured on the first 2048 tokens (float32 11.91):
         int8            output quantized 11.94 (+0.27 %)   kept 11.93 (+0.21 %)
         fp8             output quantized 12.47 (+4.7 %)    kept 12.13 (+1.9 %)
@@ -622,12 +620,12 @@ def test_perplexity_per_mode_on_smollm2(smollm2_float, smollm2_gptq):
     with GPTQ). SmolLM2's weights come from a Q4_1 GGUF file (4-bit asymmetric groups of 32, the
     same scheme), so int4 g32 lands on the very grid they were stored on and is nearly lossless
     here, while larger groups re-round them coarsely. Neither is a general result: RTN int4 costs a
-    few percent on models trained in bfloat16."""
-    ckpt, ids = smollm2_float
-    base = perplexity(load_model(ckpt, dtype=torch.float32), ids)
-    # mode, groupsize, bound on the relative increase over float32. Measured +0.27 %, +0.15 %,
-    # +53 %, +1.9 %: the bounds leave room for other torch builds' rounding, and a broken layer or
-    # convention gives +100 % and more.
+    few percent on models trained in bfloat16. The test measures the first PPL_TOKENS = 1024 tokens
+    (half the CPU of 2048; float32 12.72), where the same ranking holds (below; GPTQ 14.55)."""
+    ckpt, ids, base = smollm2_pydoc
+    # mode, groupsize, bound on the relative increase over float32. Measured on 1024 tokens +0.61 %,
+    # +0.09 %, +53 %, +1.8 %: the bounds leave room for other torch builds' rounding, and a broken
+    # layer or convention gives +100 % and more.
     cases = [("int8", None, 0.01), ("int4", 32, 0.01), ("int4", 128, 0.7), ("fp8", None, 0.04)]
     rows = [f"{'float32':14} {'':8} {base:8.3f}"]
     for mode, groupsize, bound in cases:
@@ -641,12 +639,13 @@ def test_perplexity_per_mode_on_smollm2(smollm2_float, smollm2_gptq):
         assert ppl < base * (1 + bound), "\n".join(rows)
         if (mode, groupsize) == ("int4", 128):
             rtn_g128 = ppl
-    # GPTQ at g128 recovers most of what RTN g128 loses (measured 13.98 against RTN's 18.23; 14.18
-    # with 32 samples, 13.21 with --act_order): the bound is well above 13.98 and well below 18.23.
+    # GPTQ at g128 recovers most of what RTN g128 loses (measured on 1024 tokens 14.55 against RTN's
+    # 19.53; on 2048, 13.98 against 18.23, 14.18 with 32 samples, 13.21 with --act_order): the bound
+    # 16 (+26 % over float32, as 15 was on 2048 tokens) is above 14.55 and well below 19.53.
     ppl = perplexity(load_checkpoint(smollm2_gptq[0], dtype=torch.float32), ids)
     rows.append(f"{'int4-gptq g128':14} {'':8} {ppl:8.3f} {100 * (ppl / base - 1):+7.2f} %")
     print(f"\nperplexity, first {ids.shape[1]} tokens of pydoc topics\n" + "\n".join(rows))
-    assert ppl < 15 and ppl < 0.85 * rtn_g128, "\n".join(rows)
+    assert ppl < 16 and ppl < 0.85 * rtn_g128, "\n".join(rows)
     assert 11 < base < 13
 
 
@@ -692,12 +691,8 @@ def test_gptq_calibration_errors(case, words, smollm2_checkpoint, tmp_path, caps
 
 
 @pytest.mark.slow
-def test_generate_answers_from_a_gptq_checkpoint(smollm2_gptq):
-    r = run_script("generate.py", "--checkpoint_path", smollm2_gptq[0], "--chat",
-                   "--prompt", "What is the capital of France?", "--temperature", "0",
-                   "--max_new_tokens", "10", "--num_samples", "1", "--device", "cpu")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "Paris" in r.stdout, r.stdout
+def test_generate_answers_from_a_gptq_checkpoint(smollm2_gptq, capsys):
+    assert "Paris" in generate_answer(smollm2_gptq[0], capsys)
 
 
 # ---- 7. GPTQ: one layer, the column and group bookkeeping, block-at-a-time memory --------------
