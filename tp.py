@@ -38,6 +38,7 @@ which for int4 must fall on group boundaries (else a clear error), while per-out
 import atexit
 import os
 import sys
+import time
 import traceback
 from dataclasses import replace
 from typing import Optional
@@ -94,6 +95,10 @@ def exit_with_error(e: InputError):
         print(f"error: {e}", file=sys.stderr)
     elif STARTED:
         print(f"error: rank {rank()}: {e}", file=sys.__stderr__)
+    else:
+        # torchrun stops every process once one exits with an error: let rank 0, which met the
+        # same error, print it and exit first.
+        time.sleep(5)
     sys.exit(1)
 
 

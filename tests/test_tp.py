@@ -261,9 +261,10 @@ def test_two_processes_give_the_logits_and_greedy_tokens_of_one(tiny_checkpoints
     for key, result in ranks[0].items():  # bit for bit: so every rank samples the same token
         assert torch.equal(result, ranks[1][key]), key
     for name in names:
-        one = load_model(read_checkpoint(tiny_checkpoints[name]), device)
+        ckpt = read_checkpoint(tiny_checkpoints[name])
+        one = load_model(ckpt, device)
+        kind = f"{device} quantized" if ckpt.quantization is not None else device
         for output in ("", "replicated output "):  # the output layer split by vocabulary, or whole on each rank
-            kind = f"{device} quantized" if name in QUANTIZED else device
             torch.testing.assert_close(ranks[0][f"{output}{tiny_checkpoints[name]}"], logits_of(one), atol=atol[kind],
                                        rtol=0, msg=f"{output}{name}")
     # The decode step compiled as generate.py --compile does (one CUDA graph on a GPU) picks under TP the tokens that
