@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from conftest import run_script
 import kernels
 import quantize as Q
-from checkpoint import empty_model, to_device
+from checkpoint import empty_model, randomize_, to_device
 from model import ModelArgs, Transformer
 
 pytestmark = pytest.mark.skipif(
@@ -204,11 +204,8 @@ def quantized_model(mode: str, groupsize, dtype=torch.float32):
     checkpoint.load_model does (to_device, hence prepare_for_device)."""
     torch.manual_seed(0)
     args = ModelArgs(**TINY)
-    float_model = Transformer(args)
     with torch.no_grad():
-        for name, p in float_model.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p))
-    float_tensors = float_model.state_dict()
+        float_tensors = randomize_(Transformer(args)).state_dict()
     include_output = Q.OUTPUT_BY_DEFAULT[mode]
     layers, padded = Q.linear_names(args, include_output), {}
     tensors = {name: t for name, t in float_tensors.items()

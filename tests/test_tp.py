@@ -229,10 +229,15 @@ def exits_with(monkeypatch, capfd, error, started: bool) -> tuple[int, str, str]
 def test_exit_with_error_speaks_for_every_rank_from_rank_0_then_for_each_rank(monkeypatch, capfd):
     """Before tp.start every rank checks the same input: rank 0 prints the one line, the others
     exit 1 in silence (under torchrun their sys.stderr is /dev/null, so they would print to
-    sys.__stderr__). After it each rank prints its own line, naming itself."""
+    sys.__stderr__), once they have given rank 0 time to print it. After it each rank prints its own
+    line, naming itself."""
+    import tp
+    waits = []
+    monkeypatch.setattr(tp.time, "sleep", waits.append)
     error = InputError("no GPU for local rank 1")
     monkeypatch.setenv("RANK", "1")
     assert exits_with(monkeypatch, capfd, error, started=False) == (1, "", "")
+    assert len(waits) == 1 and waits[0] > 0
     assert exits_with(monkeypatch, capfd, error, started=True) == (
         1, "", "error: rank 1: no GPU for local rank 1\n")
     monkeypatch.setenv("RANK", "0")
