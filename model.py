@@ -222,7 +222,7 @@ class Experts(nn.Module):
         (M, k, out_features), reading only their weights. Without a kernel, multiply and sum,
         which inductor compiles into one reduction reading the chosen rows where they lie
         (`w[experts] @ x` would copy them first)."""
-        if self.kernel is not None:  # float32
+        if self.kernel is not None:  # its sums come back in float32
             return self.kernel(x, experts, self.weight)
         return (self.weights(experts, x.dtype) * x[..., None, :]).sum(dim=-1)
 
