@@ -13,9 +13,10 @@ new request's prompt is prefilled into its row, --prefill_chunk tokens between t
 while the other rows keep decoding; a finished or cancelled request frees its row at once. The
 decode step runs the first rows up to the last decoding one, rounded up to a power of two, as one
 forward (one CUDA graph per such count with --compile) and samples each row with its own
-settings: a greedy request gets exactly generate.py --temperature 0's tokens, whatever shares the
-batch, and a seeded one the same tokens on every run (its noise is a hash of its seed and position,
-not a draw from a shared generator).
+settings: a greedy request gets generate.py --temperature 0's tokens whatever shares the batch, and
+a seeded one the same tokens on every run (its noise is a hash of its seed, position and token ids,
+not a draw from a shared generator), up to rounding: a row's logits are computed within batches of
+other sizes, and in bfloat16 another batch size can round a near-tie the other way.
 
 Under torchrun (tp.py) rank 0 serves HTTP and schedules; before each forward it broadcasts the
 step's inputs, and every rank runs the same forward. Not served: speculative decoding (it proposes
@@ -119,7 +120,7 @@ def decode_rows(model: Transformer, token: Tensor, input_pos: Tensor, temperatur
 
 # ---- the scheduler -------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: found in the waiting queue by identity
 class Job:
     """One request as the scheduler sees it. `emit` hands the HTTP side each new token id, then one
     finish reason ("stop" or "length"); it is called from the scheduler thread."""
@@ -211,7 +212,8 @@ class Scheduler:
     def warm_up(self):
         """Compile (and capture the CUDA graphs of) the decode step for every number of rows it
         runs, before the first request."""
-        for n in sorted({min(1 << i, len(self.rows)) for i in range(len(self.rows).bit_length())}):
+        B = len(self.rows)
+        for n in sorted({min(1 << i, B) for i in range((B - 1).bit_length() + 1)}):
             for _ in range(3):  # CUDA graph trees: warm-up, capture, replay
                 token = torch.zeros(n, 1, dtype=torch.long, device=self.temperature.device)
                 self.forward(None, token, torch.zeros_like(token))
@@ -346,7 +348,7 @@ class CommonFields(BaseModel):
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0, le=2)  # None: 1
     top_p: Optional[float] = Field(None, gt=0, le=1)  # None: 1
-    top_k: Optional[int] = Field(None, ge=1)  # extension: the k most likely tokens (<= CANDIDATES)
+    top_k: Optional[int] = Field(None, ge=1, le=CANDIDATES)  # extension: the k most likely
     seed: Optional[int] = None
     stop: Union[str, list[str], None] = None
     stream: bool = False
@@ -440,6 +442,11 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
         message = "; ".join(f"{w or 'body'}: {err['msg']}" for w, err in zip(where, errors))
         return APIError(400, message, "invalid_request", where[0] or None).response()
 
+    @app.exception_handler(InputError)
+    async def input_error(request: Request, e: InputError):
+        # The request's own content, e.g. messages that the chat template refuses.
+        return APIError(400, str(e), "invalid_request").response()
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
         return APIError(e.status_code, str(e.detail), headers=e.headers).response()
@@ -518,11 +525,12 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
         def usage(n: int) -> dict:
             return dict(prompt_tokens=len(prompt), completion_tokens=n,
                         total_tokens=len(prompt) + n)
+        # A client that leaves frees its row, also one that leaves before its stream starts.
+        gone = asyncio.create_task(cancel_when_gone(request, job))
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(stream(answer(job, queue, stops), head, chat, usage,
-                                            include_usage), media_type="text/event-stream")
-        gone = asyncio.create_task(cancel_when_gone(request, job))
+                                            include_usage, gone), media_type="text/event-stream")
         text, n = "", 0
         try:
             async for piece, reason, n in answer(job, queue, stops):
@@ -559,15 +567,22 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
             scheduler.cancel(job)  # a no-op for a job that has ended
 
     async def cancel_when_gone(request: Request, job: Job):
-        """A non-streaming client that leaves frees its row (a streaming one is cancelled by the
-        response itself)."""
+        """A client that leaves frees its row (the answer cancels this watch when it ends)."""
         while not await request.is_disconnected():
             await asyncio.sleep(0.5)
         scheduler.cancel(job)
         job.emit("stop")  # ends the answer nobody reads
 
-    async def stream(events, head: dict, chat: bool, usage: Callable, include_usage: bool):
+    async def stream(events, head: dict, chat: bool, usage: Callable, include_usage: bool,
+                     gone: asyncio.Task):
         """Server-sent events in OpenAI's chunk format, ending with data: [DONE]."""
+        try:
+            async for event in chunks(events, head, chat, usage, include_usage):
+                yield event
+        finally:
+            gone.cancel()
+
+    async def chunks(events, head: dict, chat: bool, usage: Callable, include_usage: bool):
         head = dict(head, object="chat.completion.chunk" if chat else "text_completion")
         extra = {"usage": None} if include_usage else {}
 

@@ -213,6 +213,10 @@ def test_errors_answer_with_openai_error_json_and_status(server):
                                                         "max_tokens": "many"}), 400)
     assert error["param"] == "max_tokens"
     error_of(post("/v1/chat/completions", json={"messages": "hello"}), 400)
+    # Beyond the sampling candidates (and beyond an int64, which once killed the scheduler).
+    for top_k in (1025, 10**20):
+        error = error_of(post("/v1/completions", json={"prompt": "a", "top_k": top_k}), 400)
+        assert error["param"] == "top_k"
     for field, value in [("n", 2), ("logprobs", True), ("tools", [{"type": "function", "function":
                                                                     {"name": "f"}}])]:
         error = error_of(post("/v1/chat/completions", json={"messages": QUESTION, field: value}),
