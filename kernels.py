@@ -420,8 +420,17 @@ def int4_dequantize(q: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
 
 
 def unpack_int4(packed: Tensor) -> Tensor:
-    """(N, K / 2) uint8 -> (N, K) nibbles."""
-    return torch.stack([packed >> 4, packed & 0xF], dim=-1).view(packed.shape[0], -1)
+    """(..., N, K / 2) uint8 -> (..., N, K) nibbles."""
+    return torch.stack([packed >> 4, packed & 0xF], dim=-1).flatten(-2)
+
+
+def int4_weights(packed: Tensor, scales: Tensor, zeros: Tensor, groupsize: int,
+                 in_features: int) -> Tensor:
+    """Packed int4 weights (..., N, K_pad / 2) with their group scales and zeros (..., N, n_groups)
+    as float32 (..., N, in_features), the padding dropped."""
+    q = unpack_int4(packed).unflatten(-1, (-1, groupsize))  # (..., N, n_groups, G)
+    w = int4_dequantize(q, scales.float()[..., None], zeros.float()[..., None])
+    return w.flatten(-2)[..., :in_features]
 
 
 INT4_KERNELS = {
@@ -460,9 +469,7 @@ class Int4Linear(nn.Module):
 
     def dequantize(self) -> Tensor:
         """The weights as float32 (N, K), padding dropped: the reference for the kernels."""
-        q = unpack_int4(self.weight).view(self.out_features, -1, self.groupsize)  # (N, n_groups, G)
-        w = int4_dequantize(q, self.scales.float()[..., None], self.zeros.float()[..., None])
-        return w.view(self.out_features, -1)[:, :self.in_features]
+        return int4_weights(self.weight, self.scales, self.zeros, self.groupsize, self.in_features)
 
     def use_kernel(self, device_type: str, dtype: Optional[torch.dtype] = None,
                    max_rows: Optional[int] = None):
@@ -652,11 +659,8 @@ class Int4Experts(QuantizedExperts):
         self.zeros = frozen(torch.empty(*shape, k_pad // groupsize, dtype=torch.bfloat16))
 
     def weights(self, idx, dtype) -> Tensor:
-        packed = self.weight[idx]  # (..., N, K_pad / 2)
-        q = torch.stack([packed >> 4, packed & 0xF], dim=-1).flatten(-2)  # (..., N, K_pad)
-        q = q.unflatten(-1, (-1, self.groupsize))  # (..., N, n_groups, G)
-        scales, zeros = self.scales[idx].float()[..., None], self.zeros[idx].float()[..., None]
-        return int4_dequantize(q, scales, zeros).flatten(-2)[..., :self.in_features].to(dtype)
+        return int4_weights(self.weight[idx], self.scales[idx], self.zeros[idx], self.groupsize,
+                            self.in_features).to(dtype)
 
 
 class Fp8Experts(OneByteExperts):
