@@ -6,9 +6,13 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -49,6 +53,46 @@ def main_error(main, argv, capsys, *words) -> str:
         main([str(a) for a in argv])
     assert exit_.value.code == 1
     return assert_one_error_line(capsys.readouterr().err, *words)
+
+
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve(log: Path, *args, launch=(), env=None, timeout: float = 300):
+    """server.py with args (after `launch`, e.g. torchrun's module and flags) on the CPU and a free
+    port of 127.0.0.1, as a user starts it, its output in log; yields (base URL, process) once GET
+    /health answers, and stops it at the end if it still runs (SIGTERM, then SIGKILL)."""
+    port = free_port()
+    argv, environ = command([*launch, "server.py", "--device", "cpu", "--port", port, *args], env)
+    with open(log, "w") as out:
+        process = subprocess.Popen(argv, cwd=ROOT, env=environ, stdin=subprocess.DEVNULL,
+                                   stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            tail = log.read_text()[-3000:]
+            assert process.poll() is None, f"server.py exited:\n{tail}"
+            assert time.monotonic() < deadline, f"no answer from /health in {timeout} s:\n{tail}"
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5):  # raises unless 2xx
+                    break
+            except OSError:  # not listening yet, or not ready: URLError and HTTPError are OSErrors
+                time.sleep(0.5)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def load_script(name: str):

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from test_load_test import serve
+from conftest import serve
 
 pytestmark = pytest.mark.slow  # a browser and a server, end to end (CI installs the browser)
 
@@ -19,7 +19,7 @@ ANSWER_MS = 120_000  # a streamed answer of a few tokens on a busy 2-core CPU
 @pytest.fixture(scope="module")
 def server(smollm2_checkpoint, tmp_path_factory) -> str:
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with serve(smollm2_checkpoint, log, "--api_key", API_KEY) as url:
+    with serve(log, "--checkpoint_path", smollm2_checkpoint, "--api_key", API_KEY) as (url, _):
         yield url
 
 

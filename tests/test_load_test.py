@@ -3,57 +3,10 @@ seconds: its JSON result counts every request once (those the server refuses as 
 status), its percentiles are ordered, its token counts are the server's. Bad input is one line.
 Nothing here asserts a speed."""
 import json
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, assert_one_error_line, load_script, run_script
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def serve(checkpoint: Path, log: Path, *flags, timeout: float = 300):
-    """server.py on a free port of 127.0.0.1, as a user starts it; yields its base URL
-    (http://127.0.0.1:PORT) once GET /health answers, and stops it with SIGTERM at the end."""
-    port = free_port()
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "server.py", "--checkpoint_path", str(checkpoint), "--device", "cpu",
-             "--host", "127.0.0.1", "--port", str(port), *map(str, flags)],
-            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            tail = log.read_text()[-3000:]
-            assert process.poll() is None, f"server.py exited:\n{tail}"
-            assert time.monotonic() < deadline, f"no answer from /health in {timeout} s:\n{tail}"
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5):  # raises unless 2xx
-                    break
-            except OSError:  # not listening yet, or not ready: URLError and HTTPError are OSErrors
-                pass
-            time.sleep(0.5)
-        yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+from conftest import assert_one_error_line, free_port, load_script, run_script, serve
 
 
 ROWS, QUEUE = 2, 3  # the server takes 5 requests at a time; 3 clients never hear 429
@@ -62,7 +15,8 @@ ROWS, QUEUE = 2, 3  # the server takes 5 requests at a time; 3 clients never hea
 @pytest.fixture(scope="module")
 def server(smollm2_checkpoint, tmp_path_factory) -> str:
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with serve(smollm2_checkpoint, log, "--max_batch_size", ROWS, "--max_queue", QUEUE) as url:
+    with serve(log, "--checkpoint_path", smollm2_checkpoint, "--max_batch_size", ROWS,
+               "--max_queue", QUEUE) as (url, _):
         yield url
 
 

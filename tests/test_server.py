@@ -5,8 +5,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
-import subprocess
 import time
 
 import httpx
@@ -15,37 +13,17 @@ import pytest
 import torch
 
 from checkpoint import load_model, read_checkpoint, save_checkpoint
-from conftest import ROOT, assert_one_error_line, command, run_script
+from conftest import ROOT, assert_one_error_line, run_script, serve
 from generate import Sampling, generate
 from model import ModelArgs, Transformer
 from server import held_back
 from tokenizer import load_tokenizer
 
 KEY = "test-key"
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # torchrun prints a note without it
 ROWS, QUEUE, CONTEXT = 4, 4, 256
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 STORY = [{"role": "user", "content": "Write a long story about a dragon."}]  # a long answer
-
-
-def start_server(launch: list, log, *flags) -> tuple[str, subprocess.Popen]:
-    """(base URL, process) of `launch` + server.py + flags, once it answers."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd, env = command([*launch, "server.py", "--device", "cpu", "--port", port, *flags],
-                       env={"OMP_NUM_THREADS": "1"})
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, "the server did not start"
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                return url, proc
-        except httpx.TransportError:
-            time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +31,10 @@ def server(smollm2_checkpoint, tmp_path_factory):
     """(base URL, process, log path): the server, prefilling in chunks of 32 tokens, so that the
     chat prompts here (32 tokens or more) mostly take two."""
     log = tmp_path_factory.mktemp("server") / "server.log"
-    url, proc = start_server([], log, "--checkpoint_path", smollm2_checkpoint, "--api_key", KEY,
-                             "--max_batch_size", ROWS, "--max_queue", QUEUE, "--max_seq_length",
-                             CONTEXT, "--prefill_chunk", 32)
-    yield url, proc, log
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    with serve(log, "--checkpoint_path", smollm2_checkpoint, "--api_key", KEY, "--max_batch_size",
+               ROWS, "--max_queue", QUEUE, "--max_seq_length", CONTEXT, "--prefill_chunk", 32,
+               env=ONE_THREAD) as (url, proc):
+        yield url, proc, log
 
 
 @pytest.fixture(scope="module")
@@ -342,10 +317,9 @@ def test_under_torchrun_two_processes_serve_the_greedy_answers_of_one(smollm2_ch
     names = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
     save_checkpoint(tmp_path / "tiny", args, tiny.state_dict(),
                     {n: smollm2_checkpoint / n for n in names if (smollm2_checkpoint / n).exists()})
-    url, proc = start_server(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
-                             tmp_path / "server.log", "--checkpoint_path", tmp_path / "tiny",
-                             "--max_seq_length", 64, "--prefill_chunk", 8)
-    try:
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    with serve(tmp_path / "server.log", "--checkpoint_path", tmp_path / "tiny", "--max_seq_length",
+               64, "--prefill_chunk", 8, launch=torchrun, env=ONE_THREAD) as (url, proc):
         prompts = ["Hello there", "What is the capital of France?", "Tell me a joke"]
         c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
 
@@ -366,7 +340,3 @@ def test_under_torchrun_two_processes_serve_the_greedy_answers_of_one(smollm2_ch
         log = (tmp_path / "server.log").read_text()
         os.kill(int(re.search(r"Started server process \[(\d+)\]", log).group(1)), signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, (tmp_path / "server.log").read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
