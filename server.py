@@ -212,11 +212,14 @@ class Scheduler:
     def warm_up(self):
         """Compile (and capture the CUDA graphs of) the decode step for every number of rows it
         runs, before the first request."""
-        B = len(self.rows)
-        for n in sorted({min(1 << i, B) for i in range((B - 1).bit_length() + 1)}):
+        for n in sorted({self.rows_run(last) for last in range(len(self.rows))}):
             for _ in range(3):  # CUDA graph trees: warm-up, capture, replay
                 token = torch.zeros(n, 1, dtype=torch.long, device=self.temperature.device)
                 self.forward(None, token, torch.zeros_like(token))
+
+    def rows_run(self, last: int) -> int:
+        """How many rows the decode step runs when `last` is the highest decoding row."""
+        return min(1 << last.bit_length(), len(self.rows))
 
     def forward(self, row: Optional[int], idx: Tensor, input_pos: Tensor) -> Tensor:
         """A prefill chunk idx (1, T) into cache row `row`, or (row None) the decode step of the
@@ -248,7 +251,7 @@ class Scheduler:
         # (one CUDA graph each; a request takes the lowest free row): alone, it decodes at batch 1.
         # Rows in it that are not decoding still run: each writes a slot that its next prefill
         # chunk or decode step overwrites before anything reads it.
-        rows = self.rows[:min(1 << max(decoding).bit_length(), len(self.rows))]
+        rows = self.rows[:self.rows_run(max(decoding))]
         device = self.temperature.device
         token = torch.tensor([[j.token if j else 0] for j in rows], device=device)  # (n, 1)
         slots = [[len(j.prompt) + j.generated - 1 if r in decoding else j.filled if j else 0]
