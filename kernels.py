@@ -113,38 +113,90 @@ if triton is not None:
         key=["N", "K_WORDS", "WORDS_PER_SPLIT", "PER_WORD", "FP8"])(scaled_gemv_kernel)
 
     @triton.jit
-    def scaled_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """y[m, n] = scales[n] * sum_k x[m, k] * w[n, k] for all M rows (BLOCK_M >= M, so each
-        weight is read once) and BLOCK_N outputs n. x (M, K) bf16 or fp16; w (N, K) int8 or fp8,
-        converted exactly to x's dtype."""
+    def weight_tile(w_ptr, s_ptr, z_ptr, cols, k0, N, K, GROUP: tl.constexpr, INT4: tl.constexpr,
+                    SCALED: tl.constexpr, BLOCK_K: tl.constexpr, dtype: tl.constexpr):
+        """Columns [k0, k0 + BLOCK_K) of weight rows `cols` (BLOCK_N,), (BLOCK_N, BLOCK_K) in dtype.
+        One-byte weights (int8 or fp8, (N, K)) convert exactly, times their row's scale first
+        where SCALED (in float32). int4 weights are nibble pairs (N, K / 2) (column 2i high, 2i + 1
+        low) dequantized as (q - 8) * scale + zero in float32 with their group's scale and zero
+        (N, K / GROUP); k0 is a multiple of BLOCK_K, and BLOCK_K and GROUP are powers of two.
+        Rows past N and columns past K come back as zeros."""
+        k = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+        col_ok = cols < N
+        if INT4:
+            half = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # (BLOCK_K / 2,) bytes of nibble pairs
+            ok = col_ok[:, None] & (half[None, :] < K // 2)
+            packed = tl.load(w_ptr + cols.to(tl.int64)[:, None] * (K // 2) + half[None, :],
+                             mask=ok, other=0)  # (BLOCK_N, BLOCK_K / 2) uint8
+            # (BLOCK_N, BLOCK_K / 2, 2) -> (BLOCK_N, BLOCK_K): column 2i, then 2i + 1
+            q = tl.join(packed >> 4, packed & 0xF).reshape(packed.shape[0], BLOCK_K)
+            # the tile's groups: (BLOCK_N, n) scales and zeros, n = 1 when a group spans the tile
+            n: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
+            g = k0 // GROUP + tl.arange(0, n)  # (n,)
+            group = cols[:, None] * (K // GROUP) + g[None, :]  # (BLOCK_N, n)
+            g_ok = col_ok[:, None] & (g[None, :] < K // GROUP)
+            scale = tl.load(s_ptr + group, mask=g_ok, other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + group, mask=g_ok, other=0.0).to(tl.float32)
+            w = ((q.to(tl.float32) - 8).reshape(packed.shape[0], n, BLOCK_K // n)
+                 * scale[:, :, None] + zero[:, :, None]).reshape(packed.shape[0], BLOCK_K)
+        else:
+            ok = col_ok[:, None] & (k[None, :] < K)
+            # No `other=` (Triton can't cast one to fp8); masked lanes are undefined, and
+            # NaN * 0 is NaN: zero them.
+            w = tl.where(ok, tl.load(w_ptr + cols.to(tl.int64)[:, None] * K + k[None, :],
+                                     mask=ok).to(tl.float32), 0.0)
+            if SCALED:
+                w *= tl.load(s_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+        return w.to(dtype)
+
+    @triton.jit
+    def quantized_mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_PER_SPLIT,
+                            GROUP: tl.constexpr, INT4: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """y[s, m, n] = sum over split s's columns k of x[m, k] * w[n, k], for all M rows
+        (BLOCK_M >= M, so each weight is read once) and BLOCK_N outputs n (program_id 0); split s
+        (program_id 1) takes columns [s K_PER_SPLIT, (s + 1) K_PER_SPLIT). x (M, K) bf16 or fp16;
+        w as weight_tile reads it, converted to x's dtype in registers for the tensor cores
+        (`tl.dot`); one-byte weights' row scales multiply the sums. y float32 partial sums."""
         rows = tl.arange(0, BLOCK_M)  # (BLOCK_M,)
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
-        w_start = cols.to(tl.int64) * K
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        first = tl.program_id(1) * K_PER_SPLIT
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # transposed: y^T = w x^T
+        for k0 in range(first, tl.minimum(first + K_PER_SPLIT, K), BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
             x = tl.load(x_ptr + rows[:, None] * K + k[None, :],
                         mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
-            w_ok = (cols[:, None] < N) & (k[None, :] < K)
-            # No `other=` (Triton can't cast one to fp8); masked lanes are undefined, and
-            # NaN * 0 is NaN: zero them.
-            w = tl.where(w_ok,
-                         tl.load(w_ptr + w_start[:, None] + k[None, :], mask=w_ok).to(x.dtype), 0.0)
-            # (BLOCK_M, BLOCK_N) += (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_N)
-            acc = tl.dot(x, tl.trans(w), acc)
-        scales = tl.load(s_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-        y = acc * scales[None, :]
-        tl.store(y_ptr + rows[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=(rows[:, None] < M) & (cols[None, :] < N))
+            w = weight_tile(w_ptr, s_ptr, z_ptr, cols, k0, N, K, GROUP, INT4, False, BLOCK_K,
+                            x.dtype)  # (BLOCK_N, BLOCK_K)
+            # The converted weights are the left operand, which the tensor cores take from
+            # registers where they already are; the few rows of x go through shared memory.
+            # (BLOCK_N, BLOCK_M) += (BLOCK_N, BLOCK_K) @ (BLOCK_K, BLOCK_M)
+            acc = tl.dot(w, tl.trans(x), acc)
+        if not INT4:
+            acc *= tl.load(s_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[:, None]
+        out = (tl.program_id(1) * M + rows[None, :]) * N + cols[:, None]  # (BLOCK_N, BLOCK_M)
+        tl.store(y_ptr + out, acc, mask=(rows[None, :] < M) & (cols[:, None] < N))
 
-    # Wider tiles (up to 256 columns, 8 warps) are no faster per layer (BENCHMARKS.md).
+    @triton.jit
+    def dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, GROUP: tl.constexpr,
+                          INT4: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out (N, K) = the weights as weight_tile gives them, scaled, in out's dtype."""
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) weight rows
+        k0 = tl.program_id(1) * BLOCK_K
+        w = weight_tile(w_ptr, s_ptr, z_ptr, cols, k0, N, K, GROUP, INT4, True, BLOCK_K,
+                        out_ptr.dtype.element_ty)
+        k = k0 + tl.arange(0, BLOCK_K)
+        tl.store(out_ptr + cols.to(tl.int64)[:, None] * K + k[None, :], w,
+                 mask=(cols[:, None] < N) & (k[None, :] < K))
+
     MM_CONFIGS = [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=4, num_stages=s)
-                  for n in (16, 32, 64) for k in (128, 256) for s in (3, 4)]
+                  for n in (16, 32, 64, 128) for k in (128, 256) for s in (3, 4)]
     # Tuned once per tile height, not per row count: a prompt of each new length would otherwise
     # autotune again.
-    scaled_mm_tuned = triton.autotune(configs=MM_CONFIGS,
-                                      key=["BLOCK_M", "N", "K"])(scaled_mm_kernel)
+    quantized_mm_tuned = triton.autotune(
+        configs=MM_CONFIGS, key=["BLOCK_M", "N", "K", "K_PER_SPLIT", "GROUP", "INT4"])(
+        quantized_mm_kernel)
 
 # A layer with few output rows and a long K (Llama-2-7B's down projection: 4096 x 11008) gives too
 # few programs to keep every SM's loads in flight, so its K is split into parts of at most
@@ -195,48 +247,88 @@ def scaled_gemv(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
     return y.view(*x.shape[:-1], N)
 
 
-# Decode batches; longer inputs (prefills) go to PyTorch's matmul, compute-bound there.
+# Decode batches of 2 to MAX_MM_ROWS rows go to the small matmul. Longer inputs (prefills) are
+# compute-bound: a dequantized copy of the layer's weights in x's dtype (one pass over them) feeds
+# PyTorch's matmul. The small matmul splits K into parts of at least MM_SPLIT_COLUMNS (whole tiles
+# of every config), so that a layer of few output rows still gives every SM weights to stream.
 MAX_MM_ROWS = 64
+MM_SPLIT_COLUMNS, MM_SPLIT_ALIGN = 1024, 256
 
 
 def mm_block_rows(n_rows: int) -> int:
     return max(16, triton.next_power_of_2(n_rows))  # tl.dot tiles are at least 16 rows
 
 
-@torch.library.custom_op("blitz::scaled_mm", mutates_args=())
-def scaled_mm(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
-    """x (..., K) of 2 to MAX_MM_ROWS rows, bf16 or fp16, times int8 or float8_e4m3fn weight
-    (N, K), scaled per output row by scales (N,): (..., N) in x's dtype."""
-    N, K = weight.shape
-    x2 = x.reshape(-1, K).contiguous()  # (M, K)
-    assert x2.shape[0] <= MAX_MM_ROWS and weight.is_contiguous(), (
-        "scaled_mm: at most MAX_MM_ROWS rows, a row-major weight")
-    y = torch.empty(x2.shape[0], N, dtype=x.dtype, device=x.device)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    scaled_mm_tuned[grid](x2, weight, scales, y, x2.shape[0], N, K,
-                          BLOCK_M=mm_block_rows(x2.shape[0]))
-    return y.view(*x.shape[:-1], N)
+def mm_split(n_columns: int) -> tuple[int, int]:
+    """(number of K splits, columns per split) of the small matmul."""
+    split_k = max(1, min(MAX_SPLIT, n_columns // MM_SPLIT_COLUMNS))
+    return split_k, -(-n_columns // split_k // MM_SPLIT_ALIGN) * MM_SPLIT_ALIGN
 
 
-@scaled_mm.register_fake
-def _(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+@torch.library.custom_op("blitz::quantized_mm_partials", mutates_args=())
+def quantized_mm_partials(x: Tensor, weight: Tensor, scales: Tensor, zeros: Optional[Tensor],
+                          groupsize: int, split_k: int, columns_per_split: int) -> Tensor:
+    """x (M, K), M <= MAX_MM_ROWS, bf16 or fp16, times weight (N, K) int8 or float8_e4m3fn with
+    scales (N,), or (zeros given) int4 nibble pairs (N, K / 2) with group scales and zeros
+    (N, K / groupsize): (split_k, M, N) float32 partial sums."""
+    M, K, N = *x.shape, weight.shape[0]
+    assert M <= MAX_MM_ROWS and weight.is_contiguous(), "quantized_mm: a row-major weight"
+    y = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split_k)  # noqa: E731
+    quantized_mm_tuned[grid](x.contiguous(), weight, scales, zeros, y, M, N, K, columns_per_split,
+                             groupsize, INT4=zeros is not None, BLOCK_M=mm_block_rows(M))
+    return y
 
 
-def kernel_available(x: Tensor) -> bool:
-    """A Triton kernel serves x (..., K) on a CUDA device, when Triton is installed: one row (the
-    GEMV), or up to MAX_MM_ROWS rows of bf16 or fp16 (the small matmul); K a multiple of 4."""
+@quantized_mm_partials.register_fake
+def _(x: Tensor, weight: Tensor, scales: Tensor, zeros: Optional[Tensor], groupsize: int,
+      split_k: int, columns_per_split: int) -> Tensor:
+    return x.new_empty(split_k, x.shape[0], weight.shape[0], dtype=torch.float32)
+
+
+def quantized_mm(x: Tensor, weight: Tensor, scales: Tensor, zeros: Optional[Tensor] = None,
+                 groupsize: int = 1) -> Tensor:
+    """x (..., K) of up to MAX_MM_ROWS rows (bf16 or fp16) times quantized weights as
+    quantized_mm_partials takes them: (..., N) in x's dtype. The split-K partial sums are added
+    here, which torch.compile fuses into the next operation."""
+    K = x.shape[-1]
+    y = quantized_mm_partials(x.reshape(-1, K), weight, scales, zeros, groupsize,
+                              *mm_split(K))  # (split_k, M, N)
+    return y.sum(0).to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("blitz::dequantize", mutates_args=())
+def dequantize(weight: Tensor, scales: Tensor, zeros: Optional[Tensor], groupsize: int,
+               dtype: torch.dtype) -> Tensor:
+    """The weights, as quantized_mm_partials takes them, dequantized to dtype: (N, K)."""
+    N = weight.shape[0]
+    K = weight.shape[1] * (2 if zeros is not None else 1)
+    out = torch.empty(N, K, dtype=dtype, device=weight.device)
+    dequantize_kernel[(triton.cdiv(N, 32), triton.cdiv(K, 128))](
+        weight, scales, zeros, out, N, K, groupsize, INT4=zeros is not None, BLOCK_N=32,
+        BLOCK_K=128)
+    return out
+
+
+@dequantize.register_fake
+def _(weight: Tensor, scales: Tensor, zeros: Optional[Tensor], groupsize: int,
+      dtype: torch.dtype) -> Tensor:
+    K = weight.shape[1] * (2 if zeros is not None else 1)
+    return weight.new_empty(weight.shape[0], K, dtype=dtype)
+
+
+def kernel_route(x: Tensor) -> Optional[str]:
+    """Which Triton kernel serves a quantized layer's input x (..., K), on a CUDA device with
+    Triton installed and K a multiple of 4: "gemv" (one row), "mm" (up to MAX_MM_ROWS rows of bf16
+    or fp16), "dequantize" (more rows); None: PyTorch's path."""
     if triton is None or not x.is_cuda or x.shape[-1] % 4:
-        return False
+        return None
     rows = x.numel() // x.shape[-1]
-    return rows == 1 or (rows <= MAX_MM_ROWS and x.dtype in (torch.bfloat16, torch.float16))
-
-
-def scaled_matmul(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
-    """x (..., K) times one-byte weights (N, K) scaled per output row, by the kernel for x's number
-    of rows (see kernel_available): (..., N) in x's dtype."""
-    one_row = x.numel() == x.shape[-1]
-    return scaled_gemv(x, weight, scales) if one_row else scaled_mm(x, weight, scales)
+    if rows == 1:
+        return "gemv"
+    if rows <= MAX_MM_ROWS:
+        return "mm" if x.dtype in (torch.bfloat16, torch.float16) else None
+    return "dequantize"
 
 
 @torch.library.custom_op("blitz::expert_gemv_partials", mutates_args=())
@@ -288,26 +380,41 @@ def scaled_gemv_reference(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
     return (x.double() @ weight.double().T) * scales.double()
 
 
+def quantized_cases(N: int, K: int, device) -> list:
+    """(name, weights as the layer's forward takes them, the same weights as float64 (N, K)) for
+    random int8, fp8 and int4 (groups of 32 and 128, where they divide K) weights."""
+    int8 = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=device)
+    int8_scales = (torch.rand(N, device=device) / 127).to(torch.bfloat16)
+    fp8 = (torch.randn(N, K, device=device) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    fp8_scales = torch.rand(N, device=device) / 448
+    cases = [("int8", (int8, int8_scales), int8.double() * int8_scales.double()[:, None]),
+             ("fp8", (fp8, fp8_scales), fp8.double() * fp8_scales.double()[:, None])]
+    packed = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, device=device)
+    for groupsize in (32, 128):
+        if K % groupsize == 0:
+            scales, zeros = (torch.rand(2, N, K // groupsize, device=device) / 8).to(torch.bfloat16)
+            weights = int4_weights(packed, scales, zeros, groupsize, K).double()
+            cases.append((f"int4 g{groupsize}", (packed, scales, zeros, groupsize), weights))
+    return cases
+
+
 def check_kernels(device="cuda") -> list:
     """The kernels against their float64 reference on Llama-2-7B's layer shapes and a ragged one,
-    for int8 and fp8 weights and 1 (the GEMV), 8 and 32 rows (the small matmul): a list of
+    for int8, fp8 and int4 weights at 1 row (the GEMV; int4: the small matmul), 8 and 33 rows (the
+    small matmul) and 200 (a dequantized copy into PyTorch's matmul): a list of
     {name, rows, shape, rel_err, ok}. scripts/bench.py runs this before timing anything."""
     torch.manual_seed(0)
     results = []
     for N, K in ((12288, 4096), (4096, 11008), (32000, 4096), (37, 300)):
-        int8 = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=device)
-        fp8 = (torch.randn(N, K, device=device) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
-        for rows in (1, 8, 32):
-            # (rows, T = 1, K): a decode step
-            x = torch.randn(rows, 1, K, device=device, dtype=torch.bfloat16)
-            for name, weight, scales in (
-                    ("int8", int8, (torch.rand(N, device=device) / 127).to(torch.bfloat16)),
-                    ("fp8", fp8, torch.rand(N, device=device) / 448)):
-                y = scaled_matmul(x, weight, scales)  # (rows, 1, N)
-                reference = scaled_gemv_reference(x, weight.float() if name == "fp8" else weight,
-                                                  scales)
+        for name, weights, reference_weights in quantized_cases(N, K, device):
+            for rows in (1, 8, 33, 200):
+                x = torch.randn(rows, 1, K, device=device, dtype=torch.bfloat16)  # (rows, T, K)
+                linear = int4_triton_linear if name.startswith("int4") else one_byte_linear
+                y = linear(x, *weights)  # (rows, 1, N)
+                reference = x.double() @ reference_weights.T
                 rel = ((y.double() - reference).norm() / reference.norm()).item()
-                ok = y.shape == (rows, 1, N) and rel < 1e-2  # bf16 output rounding: ~4e-3
+                # bf16 rounding of the output, and of int4's and the copy's weights: ~4e-3
+                ok = y.shape == (rows, 1, N) and rel < 1e-2
                 results.append(dict(name=name, rows=rows, shape=[N, K], rel_err=rel, ok=ok))
     return results + check_expert_kernel(device)
 
@@ -376,12 +483,17 @@ def frozen(t: Tensor) -> nn.Parameter:
 
 def one_byte_linear(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
     """x (..., K) times one-byte weights (N, K), int8 or float8_e4m3fn, scaled per output row:
-    (..., N) in x's dtype. At decode on a GPU (1 to 64 rows) the Triton kernels above stream the
-    weights; otherwise PyTorch, scaling in float32, which also keeps torch.compile from matching
-    inductor's weight-only int8 pattern (`F.linear(x, w.to(bf16)) * bf16 scales` ->
-    aten._weight_int8pack_mm, whose CUDA kernel is slow at a few rows: BENCHMARKS.md)."""
-    if kernel_available(x):
-        return scaled_matmul(x, weight, scales)
+    (..., N) in x's dtype. On a GPU the Triton kernels above (kernel_route); otherwise PyTorch,
+    scaling in float32, which also keeps torch.compile from matching inductor's weight-only int8
+    pattern (`F.linear(x, w.to(bf16)) * bf16 scales` -> aten._weight_int8pack_mm, whose CUDA
+    kernel is slow at a few rows: BENCHMARKS.md)."""
+    route = kernel_route(x)
+    if route == "gemv":
+        return scaled_gemv(x, weight, scales)
+    if route == "mm":
+        return quantized_mm(x, weight, scales)
+    if route == "dequantize":
+        return F.linear(x, dequantize(weight, scales, None, 1, x.dtype))
     return (F.linear(x, weight.to(x.dtype)).float() * scales).to(x.dtype)
 
 
@@ -433,6 +545,10 @@ def int4_weights(packed: Tensor, scales: Tensor, zeros: Tensor, groupsize: int,
     return w.flatten(-2)[..., :in_features]
 
 
+# On CUDA, tinygemm (aten._weight_int4pack_mm, on its own packed copy of the weights made at load
+# time) serves int4 inputs of up to TINYGEMM_MAX_ROWS rows, and the Triton kernels the rest (without
+# Triton, tinygemm every input). 0: the Triton kernels alone, and no second copy in memory.
+TINYGEMM_MAX_ROWS = 1
 INT4_KERNELS = {
     "cuda": (lambda packed, tiles: torch.ops.aten._convert_weight_to_int4pack(
                 packed.contiguous(), tiles),
@@ -441,6 +557,16 @@ INT4_KERNELS = {
                 unpack_int4(packed).int(), tiles),
             torch.ops.aten._weight_int4pack_mm_for_cpu),
 }
+
+
+def int4_triton_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor,
+                       groupsize: int) -> Tensor:
+    """x (..., K_pad) bf16 or fp16 on a GPU times int4 weights as the file stores them (packed
+    (N, K_pad / 2), group scales and zeros): the small matmul up to MAX_MM_ROWS rows, else a
+    dequantized copy into PyTorch's matmul. (..., N) in x's dtype."""
+    if x.numel() <= MAX_MM_ROWS * x.shape[-1]:
+        return quantized_mm(x, packed, scales, zeros, groupsize)
+    return F.linear(x, dequantize(packed, scales, zeros, groupsize, x.dtype))
 
 
 class Int4Linear(nn.Module):
@@ -461,10 +587,15 @@ class Int4Linear(nn.Module):
         self.kernel_max_rows = None  # inputs of more rows take the dequantized path (CPU)
 
     def forward(self, x: Tensor) -> Tensor:
-        use_kernel = self.kernel is not None and (
-            self.kernel_max_rows is None or x.numel() <= self.kernel_max_rows * x.shape[-1])
-        y = (self.kernel_forward(x) if use_kernel
-             else F.linear(x, self.dequantize().to(x.dtype)))
+        if self.kernel is not None and (
+                self.kernel_max_rows is None or x.numel() <= self.kernel_max_rows * x.shape[-1]):
+            y = self.kernel_forward(x)
+        elif kernel_route(x) is not None and x.dtype in (torch.bfloat16, torch.float16):
+            # (..., K_pad): zeros meet the zero weight columns
+            x_pad = F.pad(x, (0, self.padded_in_features - self.in_features))
+            y = int4_triton_linear(x_pad, self.weight, self.scales, self.zeros, self.groupsize)
+        else:
+            y = F.linear(x, self.dequantize().to(x.dtype))
         return y if self.bias is None else y + self.bias
 
     def dequantize(self) -> Tensor:
@@ -477,9 +608,9 @@ class Int4Linear(nn.Module):
         The kernel takes x, scales and zeros in one dtype: `dtype` (x is converted to it and the
         result back), else x's (bfloat16 for tinygemm). The packed layout is device-specific.
         Without max_rows the packed copy replaces the file's tensors (no second copy in memory)
-        and the module's state_dict is no longer a checkpoint. With max_rows (the CPU) they stay,
-        the packed copy is a buffer outside the state_dict, and inputs of more rows (prefills)
-        take the dequantized path: faster there, and exact."""
+        and the module's state_dict is no longer a checkpoint. With max_rows they stay, the
+        packed copy is a buffer outside the state_dict, and inputs of more rows (prefills, and
+        batches on a GPU) take the file's tensors: the Triton kernels, or the dequantized path."""
         convert, kernel = INT4_KERNELS[device_type]
         n_pad = -self.out_features % 16  # the CPU op needs N % 16 == 0, tinygemm N % 8 == 0
         inner_k_tiles = next(t for t in (8, 4, 2) if self.padded_in_features % (16 * t) == 0)
@@ -696,8 +827,8 @@ def swap_linears(model: nn.Module, quantization: dict):
 
 
 def prepare_for_device(model: nn.Module):
-    """After the model reached its device and dtype: pack int4 weights for tinygemm (CUDA, bfloat16
-    only; other dtypes dequantize), choose the fp8 matmul, give float, int8 and fp8 experts on CUDA
+    """After the model reached its device and dtype: pack int4 weights for tinygemm (CUDA, bfloat16,
+    see TINYGEMM_MAX_ROWS), choose the fp8 matmul, give float, int8 and fp8 experts on CUDA
     the expert GEMV, and on the CPU route decode-sized inputs of the int8 and int4 layers to
     PyTorch's CPU kernels (where cpu_kernels_usable)."""
     dtype = model.tok_embeddings.weight.dtype  # the activations' dtype
@@ -715,8 +846,8 @@ def prepare_for_device(model: nn.Module):
         elif isinstance(module, Int4Linear) and on_cpu and module.kernel is None:
             module.use_kernel("cpu", torch.bfloat16, CPU_INT4_MAX_ROWS)
         elif (isinstance(module, Int4Linear) and on_gpu and module.kernel is None
-              and dtype == torch.bfloat16):
-            module.use_kernel("cuda")
+              and dtype == torch.bfloat16 and (triton is None or TINYGEMM_MAX_ROWS)):
+            module.use_kernel("cuda", max_rows=TINYGEMM_MAX_ROWS if triton else None)
         elif isinstance(module, Fp8Linear) and on_gpu:
             # _scaled_mm: both matrix dims of the weight % 16, row-wise scales on 9.0+, bf16 output.
             capability = torch.cuda.get_device_capability(module.weight.device)

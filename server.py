@@ -12,11 +12,12 @@ lowest free row (its slot) and keeps it until it ends. Every row has its own cac
 new request's prompt is prefilled into its row, --prefill_chunk tokens between two decode steps,
 while the other rows keep decoding; a finished or cancelled request frees its row at once. The
 decode step runs the first rows up to the last decoding one, rounded up to a power of two, as one
-forward (one CUDA graph per such count with --compile) and samples each row with its own
-settings: a greedy request gets generate.py --temperature 0's tokens whatever shares the batch, and
-a seeded one the same tokens on every run (its noise is a hash of its seed, position and token ids,
-not a draw from a shared generator), up to rounding: a row's logits are computed within batches of
-other sizes, and in bfloat16 another batch size can round a near-tie the other way.
+forward (one CUDA graph per such count with --compile, which compiles the prefill too) and samples
+each row with its own settings: a greedy request gets generate.py --temperature 0's tokens whatever
+shares the batch, and a seeded one the same tokens on every run (its noise is a hash of its seed,
+position and token ids, not a draw from a shared generator), up to rounding: a row's logits are
+computed within batches of other sizes, and in bfloat16 another batch size can round a near-tie the
+other way.
 
 Under torchrun (tp.py) rank 0 serves HTTP and schedules; before each forward it broadcasts the
 step's inputs, and every rank runs the same forward. Not served: speculative decoding (it proposes
@@ -210,11 +211,17 @@ class Scheduler:
             send_step(0, torch.zeros(0, 0, dtype=torch.long, device=self.seed.device), None)
 
     def warm_up(self):
-        """Compile (and capture the CUDA graphs of) the decode step for every number of rows it
-        runs, before the first request."""
+        """Compile the prefill (a chunk of one token is compiled on its own: dynamo specializes a
+        size of 1) and the decode step for every number of rows it runs, and capture the decode's
+        CUDA graphs, before the first request. The chunks write row 0's first slots, which its
+        first request's prefill overwrites."""
+        device = self.temperature.device
+        for length in (1, 2):
+            self.forward(0, torch.zeros(1, length, dtype=torch.long, device=device),
+                         torch.arange(length, device=device)[None])
         for n in sorted({self.rows_run(last) for last in range(len(self.rows))}):
             for _ in range(3):  # CUDA graph trees: warm-up, capture, replay
-                token = torch.zeros(n, 1, dtype=torch.long, device=self.temperature.device)
+                token = torch.zeros(n, 1, dtype=torch.long, device=device)
                 self.forward(None, token, torch.zeros_like(token))
 
     def rows_run(self, last: int) -> int:
@@ -668,9 +675,12 @@ def main(argv=None):
                          f"{config.block_size} tokens")
     device = tp.start(args, config, args.device) if distributed else args.device
     model = load_weights(args, ckpt, config, device, args.max_batch_size, context)
-    # A decode graph of static shapes for each row count that warm_up compiles (log2 B + 1 of them,
-    # within dynamo's recompile limit of 8 up to B = 128), as generate.py's, not one dynamic graph.
-    torch._dynamo.config.automatic_dynamic_shapes = False
+    # Two compiles serve every row count: one row (static, as generate.py's), then a second count
+    # makes dynamo recompile with the row count symbolic. CUDA graph trees still capture one graph
+    # per count; a static compile per count took ~80 s each on an H200 (8 min at B = 32).
+    # --compile compiles the prefill too: every new request's prompt runs it between two decode
+    # steps, and an eager 7B prefill chunk takes ~10 decode steps of everyone's time.
+    args.compile_prefill = args.compile_prefill or args.compile
     prefill_fn, decode_fn = compile_functions(args, prefill_rows, decode_rows)
     if tp.rank() != 0:
         return follow(model, prefill_fn, decode_fn)

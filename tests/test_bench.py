@@ -267,3 +267,16 @@ def test_bench_all_without_four_gpus_is_one_error_line(tmp_path):
                        timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert r.returncode == 1
     assert_one_error_line(r.stderr, "4 GPUs", "--quick")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--precisions", "bf16", "int5"], ["unknown precision 'int5'"]),
+    (["--rows", "1", "0"], ["--rows", ">= 1"]),
+    ([], ["needs a CUDA GPU"]),
+])
+def test_layer_benchmark_bad_input_is_one_error_line(argv, words, capsys, monkeypatch):
+    bench_layers = load_script("bench_layers")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = run_main(bench_layers, argv, capsys)
+    assert code == 1
+    assert_one_error_line(err, *words)

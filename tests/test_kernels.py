@@ -43,24 +43,60 @@ print("ok")
 
 # The interpreter's tl.dot mishandles bfloat16 (NumPy has no such type), so x is float32 here;
 # kernels.check_kernels checks the bf16 path on the GPU.
-SCALED_MM_CHECK = """
+QUANTIZED_MM_CHECK = """
 import torch, triton
-from kernels import MM_CONFIGS, mm_block_rows, scaled_mm_kernel, scaled_gemv_reference
+from kernels import MM_CONFIGS, int4_weights, mm_block_rows, quantized_mm_kernel
 torch.manual_seed(0)
-# A decode batch of M rows in one tile, padded to 16, 64 and exactly 64 rows.
-for M in (2, 8, 33, 64):
-    for N, K in ((64, 1024), (100, 1000), (37, 300)):  # whole tiles, ragged outputs and columns
-        w = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+checked = {1: 0, 32: 0, 128: 0}  # by group size (int8: 1)
+# A decode batch of M rows in one tile, padded to 16, 64 and exactly 64 rows; int8 and int4
+# (groups of 32 and 128) weights, K whole or split over 3 programs (each column counted once).
+for M in (1, 2, 33, 64):
+    for N, K in ((64, 1024), (100, 768), (37, 384)):  # whole tiles, ragged outputs
+        int8 = torch.randint(-128, 128, (N, K), dtype=torch.int8)
         scales = torch.rand(N) / 127
+        packed = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
+        kinds = [(int8, scales, None, 1, int8.double() * scales.double()[:, None])]
+        for g in (32, 128):
+            s, z = (torch.rand(2, N, K // g) / 8).to(torch.bfloat16)
+            kinds.append((packed, s, z, g, int4_weights(packed, s, z, g, K).double()))
         x = torch.randn(M, K)
-        reference = scaled_gemv_reference(x, w, scales)  # (M, N)
-        for config in MM_CONFIGS[::5] if N != 37 else MM_CONFIGS:
-            y = torch.full((M, N), float("nan"))  # poisoned: every element must be written
-            grid = (triton.cdiv(N, config.kwargs["BLOCK_N"]),)
-            scaled_mm_kernel[grid](x, w, scales, y, M, N, K, BLOCK_M=mm_block_rows(M),
-                                   **config.kwargs)
-            error = ((y.double() - reference).norm() / reference.norm()).item()
-            assert error < 1e-6, (M, N, K, config, error)
+        for c, config in enumerate(MM_CONFIGS if N == 37 else MM_CONFIGS[::5]):
+            w, s, z, g, reference_weights = kinds[c % 3]
+            split_k = 1 + 2 * (c % 2)
+            y = torch.full((split_k, M, N), float("nan"))  # poisoned: every element written
+            grid = (triton.cdiv(N, config.kwargs["BLOCK_N"]), split_k)
+            quantized_mm_kernel[grid](x, w, s, z, y, M, N, K, -(-K // split_k // 256) * 256, g,
+                                      INT4=z is not None, BLOCK_M=mm_block_rows(M),
+                                      **config.kwargs)
+            reference = x.double() @ reference_weights.T  # (M, N)
+            error = ((y.sum(0).double() - reference).norm() / reference.norm()).item()
+            assert error < 1e-6, (M, N, K, g, config, split_k, error)
+            checked[g] += 1
+assert min(checked.values()) >= 12, checked
+print("ok")
+"""
+
+# The copy a prefill multiplies by: scaled one-byte weights and dequantized int4 ones, in float32
+# (exact) and float16 (rounded once; the interpreter's bfloat16 truncates, so kernels.check_kernels
+# checks bfloat16 on the GPU).
+DEQUANTIZE_CHECK = """
+import torch, triton
+from kernels import dequantize_kernel, int4_weights
+torch.manual_seed(0)
+for N, K in ((64, 256), (37, 96)):
+    int8 = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+    scales = torch.rand(N) / 127
+    packed = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
+    s, z = (torch.rand(2, N, K // 32) / 8).to(torch.bfloat16)
+    for w, s_, z_, g, reference in (
+            (int8, scales, None, 1, int8.float() * scales[:, None]),
+            (packed, s, z, 32, int4_weights(packed, s, z, 32, K))):
+        for dtype in (torch.float32, torch.float16):
+            out = torch.full((N, K), float("nan"), dtype=dtype)
+            grid = (triton.cdiv(N, 16), triton.cdiv(K, 32))
+            dequantize_kernel[grid](w, s_, z_, out, N, K, g, INT4=z_ is not None, BLOCK_N=16,
+                                    BLOCK_K=32)
+            assert torch.equal(out, reference.to(dtype)), (N, K, g, dtype)
 print("ok")
 """
 
@@ -105,8 +141,12 @@ def test_scaled_gemv_kernel_matches_reference_for_every_config():
 
 
 @pytest.mark.slow
-def test_scaled_mm_kernel_matches_reference_for_decode_batches():
-    run_in_interpreter(SCALED_MM_CHECK)
+def test_quantized_mm_kernel_matches_reference_for_decode_batches_of_int8_and_int4():
+    run_in_interpreter(QUANTIZED_MM_CHECK)
+
+
+def test_dequantized_weights_equal_the_reference_dequantization():
+    run_in_interpreter(DEQUANTIZE_CHECK)
 
 
 @pytest.mark.slow
