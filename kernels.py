@@ -1,6 +1,6 @@
-"""Triton kernels for decoding with int8 or fp8 weights, and the quantized linear layers: a
-weight-only GEMV (one row of activations) and a small matmul (2 to 64 rows: decode batches,
-speculative verifies).
+"""Triton kernels for quantized weights (int8, fp8, int4), and the quantized linear layers: a
+weight-only GEMV (one row of activations), a small matmul (2 to 64 rows: decode batches,
+speculative verifies) and a dequantized copy of the weights for longer inputs (prefills).
 
 At batch 1 a linear layer is a matrix-vector product: each weight is read once and used once, so
 the kernel's only job is to stream the weights at full memory bandwidth, which torch.compile's
@@ -12,19 +12,21 @@ the tile per layer shape on the first call. The weights are int8 (Int8Linear) or
 (Fp8Linear), one scale per output row.
 
 With a few rows, the matmul keeps all of them in one tile, so each weight is still read once,
-converts the weights exactly to bf16 in registers and multiplies on the tensor cores (`tl.dot`).
-It replaces what torch.compile makes of the PyTorch path for a decode batch,
-aten._weight_int8pack_mm, whose CUDA kernel is far slower at a few rows.
+converts the weights to bf16 in registers (int8 and fp8 exactly, int4 with its group's scale and
+zero) and multiplies on the tensor cores (`tl.dot`). It replaces what torch.compile makes of the
+PyTorch path for a decode batch, aten._weight_int8pack_mm, whose CUDA kernel is far slower at a
+few rows. Longer inputs are compute-bound: one pass writes the layer's weights in bf16, and
+cuBLAS multiplies.
 
 A mixture of experts decodes with the same GEMV indexed by expert: each (token, chosen expert)
 pair times that expert's weights (bf16, fp16 and float32 too, read as they are), one program per
 (row block, part of K, pair), so that even a few small experts (Qwen3-30B-A3B's 768 x 2048) give
 every SM weights to stream, and only the chosen experts' rows are read.
 
-The layers keep a plain PyTorch path (prefill), which is also the reference the kernels are
-checked against: `check_kernels` on the GPU (scripts/bench.py runs it first), tests/test_kernels.py
-in Triton's CPU interpreter. On the CPU, decode goes to PyTorch's own weight-only int8 and int4
-kernels (see "CPU kernels" below; tests/test_cpu_kernels.py).
+The layers keep a plain PyTorch path (CPUs, GPUs without Triton), which is also the reference the
+kernels are checked against: `check_kernels` on the GPU (scripts/bench.py runs it first),
+tests/test_kernels.py in Triton's CPU interpreter. On the CPU, decode goes to PyTorch's own
+weight-only int8 and int4 kernels (see "CPU kernels" below; tests/test_cpu_kernels.py).
 """
 from typing import Optional
 
@@ -190,6 +192,8 @@ if triton is not None:
         tl.store(out_ptr + cols.to(tl.int64)[:, None] * K + k[None, :], w,
                  mask=(cols[:, None] < N) & (k[None, :] < K))
 
+    # BLOCK_N is the tensor cores' M dimension (the weights are the left operand): up to 128, two
+    # of Hopper's 64-row warpgroup tiles.
     MM_CONFIGS = [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=4, num_stages=s)
                   for n in (16, 32, 64, 128) for k in (128, 256) for s in (3, 4)]
     # Tuned once per tile height, not per row count: a prompt of each new length would otherwise
@@ -260,9 +264,10 @@ def mm_block_rows(n_rows: int) -> int:
 
 
 def mm_split(n_columns: int) -> tuple[int, int]:
-    """(number of K splits, columns per split) of the small matmul."""
+    """(number of K splits, columns per split) of the small matmul; no split is empty."""
     split_k = max(1, min(MAX_SPLIT, n_columns // MM_SPLIT_COLUMNS))
-    return split_k, -(-n_columns // split_k // MM_SPLIT_ALIGN) * MM_SPLIT_ALIGN
+    per_split = -(-n_columns // split_k // MM_SPLIT_ALIGN) * MM_SPLIT_ALIGN
+    return -(-n_columns // per_split), per_split
 
 
 @torch.library.custom_op("blitz::quantized_mm_partials", mutates_args=())
@@ -272,7 +277,8 @@ def quantized_mm_partials(x: Tensor, weight: Tensor, scales: Tensor, zeros: Opti
     scales (N,), or (zeros given) int4 nibble pairs (N, K / 2) with group scales and zeros
     (N, K / groupsize): (split_k, M, N) float32 partial sums."""
     M, K, N = *x.shape, weight.shape[0]
-    assert M <= MAX_MM_ROWS and weight.is_contiguous(), "quantized_mm: a row-major weight"
+    assert M <= MAX_MM_ROWS and weight.is_contiguous() and scales.is_contiguous(), (
+        "quantized_mm: at most MAX_MM_ROWS rows, row-major weights and scales")
     y = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split_k)  # noqa: E731
     quantized_mm_tuned[grid](x.contiguous(), weight, scales, zeros, y, M, N, K, columns_per_split,
@@ -297,9 +303,9 @@ def quantized_mm(x: Tensor, weight: Tensor, scales: Tensor, zeros: Optional[Tens
     return y.sum(0).to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
 
-@torch.library.custom_op("blitz::dequantize", mutates_args=())
-def dequantize(weight: Tensor, scales: Tensor, zeros: Optional[Tensor], groupsize: int,
-               dtype: torch.dtype) -> Tensor:
+@torch.library.custom_op("blitz::dequantized_copy", mutates_args=())
+def dequantized_copy(weight: Tensor, scales: Tensor, zeros: Optional[Tensor], groupsize: int,
+                     dtype: torch.dtype) -> Tensor:
     """The weights, as quantized_mm_partials takes them, dequantized to dtype: (N, K)."""
     N = weight.shape[0]
     K = weight.shape[1] * (2 if zeros is not None else 1)
@@ -310,7 +316,7 @@ def dequantize(weight: Tensor, scales: Tensor, zeros: Optional[Tensor], groupsiz
     return out
 
 
-@dequantize.register_fake
+@dequantized_copy.register_fake
 def _(weight: Tensor, scales: Tensor, zeros: Optional[Tensor], groupsize: int,
       dtype: torch.dtype) -> Tensor:
     K = weight.shape[1] * (2 if zeros is not None else 1)
@@ -405,7 +411,7 @@ def check_kernels(device="cuda") -> list:
     {name, rows, shape, rel_err, ok}. scripts/bench.py runs this before timing anything."""
     torch.manual_seed(0)
     results = []
-    for N, K in ((12288, 4096), (4096, 11008), (32000, 4096), (37, 300)):
+    for N, K in ((12288, 4096), (4096, 11008), (32000, 4096), (37, 320)):
         for name, weights, reference_weights in quantized_cases(N, K, device):
             for rows in (1, 8, 33, 200):
                 x = torch.randn(rows, 1, K, device=device, dtype=torch.bfloat16)  # (rows, T, K)
@@ -493,7 +499,7 @@ def one_byte_linear(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
     if route == "mm":
         return quantized_mm(x, weight, scales)
     if route == "dequantize":
-        return F.linear(x, dequantize(weight, scales, None, 1, x.dtype))
+        return F.linear(x, dequantized_copy(weight, scales, None, 1, x.dtype))
     return (F.linear(x, weight.to(x.dtype)).float() * scales).to(x.dtype)
 
 
@@ -566,7 +572,7 @@ def int4_triton_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor,
     dequantized copy into PyTorch's matmul. (..., N) in x's dtype."""
     if x.numel() <= MAX_MM_ROWS * x.shape[-1]:
         return quantized_mm(x, packed, scales, zeros, groupsize)
-    return F.linear(x, dequantize(packed, scales, zeros, groupsize, x.dtype))
+    return F.linear(x, dequantized_copy(packed, scales, zeros, groupsize, x.dtype))
 
 
 class Int4Linear(nn.Module):
@@ -584,16 +590,17 @@ class Int4Linear(nn.Module):
         self.bias = frozen(torch.empty(out_features)) if bias else None
         self.kernel = None  # the int4 matmul op, once use_kernel() has repacked the weights for it
         self.kernel_dtype = None  # the dtype the kernel computes in, when not x's
-        self.kernel_max_rows = None  # inputs of more rows take the dequantized path (CPU)
+        self.kernel_max_rows = None  # inputs of more rows take the file's tensors
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kernel is not None and (
                 self.kernel_max_rows is None or x.numel() <= self.kernel_max_rows * x.shape[-1]):
             y = self.kernel_forward(x)
-        elif kernel_route(x) is not None and x.dtype in (torch.bfloat16, torch.float16):
-            # (..., K_pad): zeros meet the zero weight columns
-            x_pad = F.pad(x, (0, self.padded_in_features - self.in_features))
-            y = int4_triton_linear(x_pad, self.weight, self.scales, self.zeros, self.groupsize)
+        elif triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+            if self.padded_in_features != self.in_features:
+                # (..., K_pad): zeros meet the zero weight columns
+                x = F.pad(x, (0, self.padded_in_features - self.in_features))
+            y = int4_triton_linear(x, self.weight, self.scales, self.zeros, self.groupsize)
         else:
             y = F.linear(x, self.dequantize().to(x.dtype))
         return y if self.bias is None else y + self.bias

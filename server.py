@@ -211,12 +211,13 @@ class Scheduler:
             send_step(0, torch.zeros(0, 0, dtype=torch.long, device=self.seed.device), None)
 
     def warm_up(self):
-        """Compile the prefill (a chunk of one token is compiled on its own: dynamo specializes a
-        size of 1) and the decode step for every number of rows it runs, and capture the decode's
-        CUDA graphs, before the first request. The chunks write row 0's first slots, which its
-        first request's prefill overwrites."""
-        device = self.temperature.device
-        for length in (1, 2):
+        """Compile the prefill and the decode step for every length and number of rows they take
+        a branch on, and capture the decode's CUDA graphs, before the first request: a chunk of
+        one token (dynamo specializes a size of 1), of two, and of a whole --prefill_chunk (the
+        quantized layers take another kernel above 64 rows); every row count the step runs. The
+        chunks write row 0's first slots, which its first request's prefill overwrites."""
+        device, context = self.temperature.device, self.model.max_seq_length
+        for length in sorted({min(n, context) for n in (1, 2, self.prefill_chunk)}):
             self.forward(0, torch.zeros(1, length, dtype=torch.long, device=device),
                          torch.arange(length, device=device)[None])
         for n in sorted({self.rows_run(last) for last in range(len(self.rows))}):
@@ -675,9 +676,11 @@ def main(argv=None):
                          f"{config.block_size} tokens")
     device = tp.start(args, config, args.device) if distributed else args.device
     model = load_weights(args, ckpt, config, device, args.max_batch_size, context)
-    # Two compiles serve every row count: one row (static, as generate.py's), then a second count
-    # makes dynamo recompile with the row count symbolic. CUDA graph trees still capture one graph
-    # per count; a static compile per count took ~80 s each on an H200 (8 min at B = 32).
+    # One compile for one row (static, as generate.py's); a second count makes dynamo recompile
+    # with the row count symbolic, and that graph serves every count up to the next branch the
+    # model takes on it (quantized layers: 64 rows; a mixture: gathered or grouped experts). CUDA
+    # graph trees still capture one graph per count; a static compile per count took ~80 s each on
+    # an H200 (8 min at B = 32).
     # --compile compiles the prefill too: every new request's prompt runs it between two decode
     # steps, and an eager 7B prefill chunk takes ~10 decode steps of everyone's time.
     args.compile_prefill = args.compile_prefill or args.compile

@@ -9,7 +9,7 @@ own kernels, no attention, no compile), as the median of --repeats passes. A pas
 model's linear weights, far more than the L2 cache holds, as a decode step does. Columns: ms a
 pass; GB/s = the layers' weight bytes / time, and that as a share of the copy bandwidth measured in
 this process (the ceiling of a memory-bound pass); rows/s = R / time; and against bf16 at the same
-R. int4 at R = 1 is timed twice: by tinygemm and by the Triton small matmul (the `path` column).
+R. int4 up to 64 rows is timed twice: by tinygemm and by the Triton small matmul (`path`).
 The Triton kernels are checked against their reference first (kernels.check_kernels), as bench.py
 does: speeds of wrong kernels mean nothing.
 """
@@ -59,15 +59,16 @@ def time_pass(layers: list, rows: int, repeats: int) -> float:
 
 
 def paths(layers: list, rows: int):
-    """(name, set-up) of each way the layers serve `rows` rows: int4's single row both ways."""
+    """(name, set-up) of each way the layers serve `rows` rows: int4 up to the small matmul's
+    MAX_MM_ROWS both by tinygemm and by Triton, whatever kernels.TINYGEMM_MAX_ROWS chooses."""
     int4 = [layer for layer in layers if isinstance(layer, kernels.Int4Linear)]
-    if not int4 or rows != 1 or int4[0].kernel is None:
+    if not int4 or rows > kernels.MAX_MM_ROWS or int4[0].kernel is None:
         return [("", lambda: None)]
 
     def tinygemm_rows(n):
         for layer in int4:
             layer.kernel_max_rows = n
-    return [("tinygemm", lambda: tinygemm_rows(1)), ("triton", lambda: tinygemm_rows(0))]
+    return [("tinygemm", lambda: tinygemm_rows(rows)), ("triton", lambda: tinygemm_rows(0))]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -106,9 +107,10 @@ def measure(args):
             for path, set_up in paths(layers, rows):
                 set_up()
                 ms = time_pass(layers, rows, args.repeats)
-                bf16_ms.setdefault(rows, ms if precision == "bf16" else None)
+                if precision == "bf16":
+                    bf16_ms[rows] = ms
                 gb_s = n_bytes / BYTES_PER_GB / (ms / 1e3)
-                versus = f"{bf16_ms[rows] / ms:.2f}x" if bf16_ms[rows] else ""
+                versus = f"{bf16_ms[rows] / ms:.2f}x" if rows in bf16_ms else ""
                 print(f"| {precision} | {path} | {rows} | {ms:.3f} | {gb_s:.0f} | "
                       f"{100 * gb_s / copy:.1f} | {rows / ms * 1e3:.0f} | {versus} |", flush=True)
         del model, layers

@@ -63,7 +63,7 @@ def test_mixture_of_experts_compiled_decode_matches_eager_and_grouped_mm_the_gat
     x = torch.randn(64, moe.w13.in_features, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         experts = moe.gate(x).topk(2).indices  # (64, 2)
-        # the expert GEMV sums in float32 and returns its sums so
+        # the expert GEMV returns float32 sums: compare in float32
         torch.testing.assert_close(moe.grouped(x, experts).float(), moe.gathered(x, experts),
                                    atol=2e-2, rtol=2e-2)
         compiled = torch.compile(moe.grouped, fullgraph=True, dynamic=True)
