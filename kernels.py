@@ -552,8 +552,10 @@ def int4_weights(packed: Tensor, scales: Tensor, zeros: Tensor, groupsize: int,
 
 
 # On CUDA, tinygemm (aten._weight_int4pack_mm, on its own packed copy of the weights made at load
-# time) serves int4 inputs of up to TINYGEMM_MAX_ROWS rows, and the Triton kernels the rest (without
-# Triton, tinygemm every input). 0: the Triton kernels alone, and no second copy in memory.
+# time) serves int4 inputs of up to TINYGEMM_MAX_ROWS rows, and the Triton kernels the rest, from
+# the file's tensors: two copies of the weights in memory. One copy: None, tinygemm for every input
+# (a long prompt ~10x slower: BENCHMARKS.md), what happens without Triton; or 0, the Triton kernels
+# alone (a single row ~2x slower).
 TINYGEMM_MAX_ROWS = 1
 INT4_KERNELS = {
     "cuda": (lambda packed, tiles: torch.ops.aten._convert_weight_to_int4pack(
@@ -853,7 +855,7 @@ def prepare_for_device(model: nn.Module):
         elif isinstance(module, Int4Linear) and on_cpu and module.kernel is None:
             module.use_kernel("cpu", torch.bfloat16, CPU_INT4_MAX_ROWS)
         elif (isinstance(module, Int4Linear) and on_gpu and module.kernel is None
-              and dtype == torch.bfloat16 and (triton is None or TINYGEMM_MAX_ROWS)):
+              and dtype == torch.bfloat16 and TINYGEMM_MAX_ROWS != 0):
             module.use_kernel("cuda", max_rows=TINYGEMM_MAX_ROWS if triton else None)
         elif isinstance(module, Fp8Linear) and on_gpu:
             # _scaled_mm: both matrix dims of the weight % 16, row-wise scales on 9.0+, bf16 output.

@@ -62,7 +62,8 @@ def paths(layers: list, rows: int):
     """(name, set-up) of each way the layers serve `rows` rows: int4 up to the small matmul's
     MAX_MM_ROWS both by tinygemm and by Triton, whatever kernels.TINYGEMM_MAX_ROWS chooses."""
     int4 = [layer for layer in layers if isinstance(layer, kernels.Int4Linear)]
-    if not int4 or rows > kernels.MAX_MM_ROWS or int4[0].kernel is None:
+    # both ways only where both are loaded (no tinygemm copy, or tinygemm's alone: one way)
+    if not int4 or rows > kernels.MAX_MM_ROWS or int4[0].kernel_max_rows is None:
         return [("", lambda: None)]
 
     def tinygemm_rows(n):
