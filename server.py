@@ -134,8 +134,8 @@ class Job:
     emit: Callable
     cancelled: bool = False  # set by the HTTP side: a stop string, a client gone
     filled: int = 0  # prompt tokens in the cache
+    computed: int = 0  # tokens sampled on the device: emitted, or in the step in flight
     generated: int = 0  # tokens emitted
-    token: int = 0  # the last token emitted: the next decode step's input
     admitted: float = 0.0  # when it took its row: prompts are prefilled in that order
 
 
@@ -158,6 +158,9 @@ class Scheduler:
         self.top_k = torch.full((B,), model.args.vocab_size, device=device)
         self.top_p = torch.ones(B, device=device)
         self.seed = torch.zeros(B, dtype=torch.long, device=device)
+        # Each row's last sampled token, the next decode step's input: it stays on the device.
+        self.next_token = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.in_flight = None  # the decode step whose tokens are not yet emitted (see step)
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self.run, name="scheduler", daemon=True)
 
@@ -248,25 +251,50 @@ class Scheduler:
         self.top_p[r], self.seed[r] = job.top_p, job.seed
 
     def step(self):
-        """One chunk of the earliest admitted prompt, then a decode step over the decoding rows."""
+        """One chunk of the earliest admitted prompt; a decode step over the decoding rows; then
+        the tokens of the step before it. Each step's inputs are the last one's tokens where they
+        lie, on the device, so the step is queued before the host reads them: the GPU works on
+        one step while the host emits the last one's tokens. A job that ends costs one step more
+        of its row (its token is dropped) but none past its max_tokens."""
         prefilling = [r for r, j in enumerate(self.rows) if j and j.filled < len(j.prompt)]
         if prefilling:
             self.prefill(min(prefilling, key=lambda r: self.rows[r].admitted))
-        decoding = [r for r, j in enumerate(self.rows) if j and j.filled == len(j.prompt)]
-        if not decoding:
-            return
+        decoding = [r for r, j in enumerate(self.rows)
+                    if j and j.filled == len(j.prompt) and j.computed < j.max_tokens]
+        launched = self.decode(decoding) if decoding else None
+        if self.in_flight is not None:
+            jobs, tokens, copied = self.in_flight
+            if copied is not None:
+                copied.synchronize()
+            tokens = tokens.tolist()
+            for r, job in jobs.items():
+                if self.rows[r] is job:  # not ended (or replaced) since
+                    self.take(r, tokens[r][0])
+        self.in_flight = launched
+
+    def decode(self, decoding: list) -> tuple:
+        """Queue one decode step: ({row: job} of the decoding rows, the step's new tokens (n, 1)
+        in host memory, and on CUDA the event after which they are there)."""
         # The step runs the first n rows, n the power of two (or B) that covers every decoding row
         # (one CUDA graph each; a request takes the lowest free row): alone, it decodes at batch 1.
         # Rows in it that are not decoding still run: each writes a slot that its next prefill
-        # chunk or decode step overwrites before anything reads it.
-        rows = self.rows[:self.rows_run(max(decoding))]
-        device = self.temperature.device
-        token = torch.tensor([[j.token if j else 0] for j in rows], device=device)  # (n, 1)
-        slots = [[len(j.prompt) + j.generated - 1 if r in decoding else j.filled if j else 0]
-                 for r, j in enumerate(rows)]
-        new = self.forward(None, token, torch.tensor(slots, device=device)).tolist()
+        # chunk or decode step overwrites before anything reads it, and a token that its prefill
+        # or this step's row in the next one replaces.
+        n = self.rows_run(max(decoding))
+        slots = [[len(j.prompt) + j.computed - 1 if r in decoding else j.filled if j else 0]
+                 for r, j in enumerate(self.rows[:n])]
+        new = self.forward(None, self.next_token[:n],
+                           torch.tensor(slots, device=self.next_token.device))  # (n, 1)
+        # Copied out before the next step reuses the CUDA graph's output memory.
+        self.next_token[:n] = new
+        tokens = new.to("cpu", non_blocking=True)  # into pinned memory: the host does not wait
+        copied = None
+        if new.is_cuda:
+            copied = torch.cuda.Event()
+            copied.record()
         for r in decoding:
-            self.take(r, new[r][0])
+            self.rows[r].computed += 1
+        return {r: self.rows[r] for r in decoding}, tokens, copied
 
     def prefill(self, r: int):
         job, device = self.rows[r], self.temperature.device
@@ -276,6 +304,8 @@ class Scheduler:
                              torch.arange(start, start + len(ids), device=device)[None])
         job.filled += len(ids)
         if job.filled == len(job.prompt):
+            self.next_token[r] = token[0]
+            job.computed = 1
             self.take(r, token.item())
 
     def take(self, r: int, token: int):
@@ -289,7 +319,6 @@ class Scheduler:
         else:
             job.emit(token)
             job.generated += 1
-            job.token = token
             if job.generated == job.max_tokens:
                 job.emit("length")
                 self.rows[r] = None
