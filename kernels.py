@@ -170,8 +170,9 @@ if triton is not None:
                         mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
             w = weight_tile(w_ptr, s_ptr, z_ptr, cols, k0, N, K, GROUP, INT4, False, BLOCK_K,
                             x.dtype)  # (BLOCK_N, BLOCK_K)
-            # The converted weights are the left operand, which the tensor cores take from
-            # registers where they already are; the few rows of x go through shared memory.
+            # The converted weights are the left operand, which the tensor cores can take from
+            # the registers the conversion left them in; the few rows of x go through shared
+            # memory (8 rows of int8 on an H200: 41 % of copy, against 36 % the other way round).
             # (BLOCK_N, BLOCK_M) += (BLOCK_N, BLOCK_K) @ (BLOCK_K, BLOCK_M)
             acc = tl.dot(w, tl.trans(x), acc)
         if not INT4:
