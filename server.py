@@ -121,6 +121,16 @@ def decode_rows(model: Transformer, token: Tensor, input_pos: Tensor, temperatur
 
 # ---- the scheduler -------------------------------------------------------------------------------
 
+def to_device(values: list, device) -> Tensor:
+    """Host integers as a tensor on device, without waiting for the work queued there: a CUDA copy
+    from pageable memory (`torch.tensor(values, device=...)`) first waits for the stream to drain,
+    one from pinned memory does not."""
+    t = torch.tensor(values)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 @dataclass(eq=False)  # a job is itself: found in the waiting queue by identity
 class Job:
     """One request as the scheduler sees it. `emit` hands the HTTP side each new token id, then one
@@ -214,19 +224,22 @@ class Scheduler:
             send_step(0, torch.zeros(0, 0, dtype=torch.long, device=self.seed.device), None)
 
     def warm_up(self):
-        """Compile the prefill and the decode step for every length and number of rows they take
-        a branch on, and capture the decode's CUDA graphs, before the first request: a chunk of
-        one token (dynamo specializes a size of 1), of two, and of a whole --prefill_chunk (the
-        quantized layers take another kernel above 64 rows); every row count the step runs. The
-        chunks write row 0's first slots, which its first request's prefill overwrites."""
+        """Compile the prefill and the decode step for every length, row and number of rows they
+        take a branch on, and capture the decode's CUDA graphs, before the first request: chunks
+        of one token, of two, and of a whole --prefill_chunk (dynamo specializes a size of 1, the
+        quantized layers take another kernel above 64 rows) into rows 0 and 1 (dynamo specializes
+        an int argument of 0 or 1, then makes it symbolic); every row count the step runs. The
+        chunks write their rows' first slots, which the rows' first requests overwrite."""
         device, context = self.temperature.device, self.model.max_seq_length
-        for length in sorted({min(n, context) for n in (1, 2, self.prefill_chunk)}):
-            self.forward(0, torch.zeros(1, length, dtype=torch.long, device=device),
-                         torch.arange(length, device=device)[None])
+        for row in range(min(2, len(self.rows))):
+            for length in sorted({min(n, context) for n in (1, 2, self.prefill_chunk)}):
+                self.forward(row, torch.zeros(1, length, dtype=torch.long, device=device),
+                             torch.arange(length, device=device)[None])
         for n in sorted({self.rows_run(last) for last in range(len(self.rows))}):
             for _ in range(3):  # CUDA graph trees: warm-up, capture, replay
-                token = torch.zeros(n, 1, dtype=torch.long, device=device)
-                self.forward(None, token, torch.zeros_like(token))
+                # the live step's own input: a fresh tensor made in inference mode would differ
+                # from it in kind, and the step would compile again at the first request
+                self.forward(None, self.next_token[:n], to_device([[0]] * n, device))
 
     def rows_run(self, last: int) -> int:
         """How many rows the decode step runs when `last` is the highest decoding row."""
@@ -284,12 +297,13 @@ class Scheduler:
         slots = [[len(j.prompt) + j.computed - 1 if r in decoding else j.filled if j else 0]
                  for r, j in enumerate(self.rows[:n])]
         new = self.forward(None, self.next_token[:n],
-                           torch.tensor(slots, device=self.next_token.device))  # (n, 1)
+                           to_device(slots, self.next_token.device))  # (n, 1)
         # Copied out before the next step reuses the CUDA graph's output memory.
         self.next_token[:n] = new
-        tokens = new.to("cpu", non_blocking=True)  # into pinned memory: the host does not wait
-        copied = None
-        if new.is_cuda:
+        tokens, copied = new, None
+        if new.is_cuda:  # into pinned memory, so that the copy does not hold the host up
+            tokens = torch.empty(new.shape, dtype=new.dtype, pin_memory=True)
+            tokens.copy_(new, non_blocking=True)
             copied = torch.cuda.Event()
             copied.record()
         for r in decoding:
@@ -300,7 +314,7 @@ class Scheduler:
         job, device = self.rows[r], self.temperature.device
         start = job.filled
         ids = job.prompt[start:start + self.prefill_chunk]
-        token = self.forward(r, torch.tensor([ids], device=device),
+        token = self.forward(r, to_device([ids], device),
                              torch.arange(start, start + len(ids), device=device)[None])
         job.filled += len(ids)
         if job.filled == len(job.prompt):
@@ -329,7 +343,7 @@ class Scheduler:
 def send_step(row: int, idx: Tensor, input_pos: Optional[Tensor], *settings: Tensor):
     """Rank 0: broadcast one forward of the scheduler (row -1: the decode step; no rows: stop)."""
     b, T = idx.shape
-    dist.broadcast(torch.tensor([row, b, T], device=idx.device), 0)
+    dist.broadcast(to_device([row, b, T], idx.device), 0)
     if b:
         temperature, top_k, top_p, seed = settings
         dist.broadcast(torch.cat([idx, input_pos, top_k[:, None], seed[:, None]], dim=1), 0)

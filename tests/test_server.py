@@ -340,3 +340,36 @@ def test_under_torchrun_two_processes_serve_the_greedy_answers_of_one(smollm2_ch
         log = (tmp_path / "server.log").read_text()
         os.kill(int(re.search(r"Started server process \[(\d+)\]", log).group(1)), signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, (tmp_path / "server.log").read_text()[-3000:]
+
+
+@pytest.mark.slow
+def test_the_warm_up_compiles_everything_the_first_requests_run():
+    """The compiled prefill and decode step (CPU inductor here) meet no new shape, row or input kind
+    once warm_up has run: one-token and longer prompts into rows 0, 1 and 2, decoded together."""
+    import types
+    from torch._dynamo.utils import counters
+    import server
+    from generate import compile_functions
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=97,
+                                  intermediate_size=128, block_size=64)).eval()
+    model.setup_caches(4, 64)
+    torch._dynamo.reset()
+    compiled = compile_functions(types.SimpleNamespace(compile=True, compile_prefill=True),
+                                 server.prefill_rows, server.decode_rows)
+    scheduler = server.Scheduler(model, [96], 8, 8, *compiled)
+    emitted = []
+    with torch.inference_mode():
+        scheduler.warm_up()
+        graphs = counters["stats"]["unique_graphs"]
+        for n in (3, 12, 1, 1, 20):  # 12 and 20: chunks of 8 and the rest
+            scheduler.submit(server.Job(list(range(1, 1 + n)), 6, 0.0, 97, 1.0, 0,
+                                        emit=emitted.append))
+        for _ in range(60):
+            for r in range(len(scheduler.rows)):
+                if scheduler.rows[r] is None and scheduler.waiting:
+                    scheduler.admit(r, scheduler.waiting.popleft())
+            scheduler.step()
+    torch._dynamo.reset()
+    assert emitted.count("length") == 5  # every request ran to its max_tokens
+    assert counters["stats"]["unique_graphs"] == graphs
