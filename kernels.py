@@ -257,6 +257,7 @@ def scaled_gemv(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
 # PyTorch's matmul. The small matmul splits K into parts of at least MM_SPLIT_COLUMNS (whole tiles
 # of every config), so that a layer of few output rows still gives every SM weights to stream.
 MAX_MM_ROWS = 64
+MM_DTYPES = (torch.bfloat16, torch.float16)  # the activations the small matmul's tl.dot takes
 MM_SPLIT_COLUMNS, MM_SPLIT_ALIGN = 1024, 256
 
 
@@ -334,7 +335,7 @@ def kernel_route(x: Tensor) -> Optional[str]:
     if rows == 1:
         return "gemv"
     if rows <= MAX_MM_ROWS:
-        return "mm" if x.dtype in (torch.bfloat16, torch.float16) else None
+        return "mm" if x.dtype in MM_DTYPES else None
     return "dequantize"
 
 
@@ -599,7 +600,7 @@ class Int4Linear(nn.Module):
         if self.kernel is not None and (
                 self.kernel_max_rows is None or x.numel() <= self.kernel_max_rows * x.shape[-1]):
             y = self.kernel_forward(x)
-        elif triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        elif triton is not None and x.is_cuda and x.dtype in MM_DTYPES:
             if self.padded_in_features != self.in_features:
                 # (..., K_pad): zeros meet the zero weight columns
                 x = F.pad(x, (0, self.padded_in_features - self.in_features))
