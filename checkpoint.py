@@ -183,6 +183,9 @@ def check_quantization(record, args: ModelArgs, where):
         raise InputError(f"{where}: unknown quantization mode {mode!r}")
     if (groupsize in kernels.GROUPSIZES) != (mode in kernels.INT4_MODES):
         raise InputError(f"{where}: groupsize {groupsize!r} does not suit mode {mode}")
+    if record.get("output_mode") not in (None, "int8", mode):
+        raise InputError(f"{where}: output layer mode {record['output_mode']!r} is neither int8 "
+                         f"nor the mode {mode}")
     with torch.device("meta"):
         linears = {name for name, m in Transformer(args).named_modules()
                    if isinstance(m, (nn.Linear, Experts))}

@@ -470,8 +470,9 @@ def check_expert_kernel(device="cuda") -> list:
 # A mixture's stacked experts (model.Experts) are quantized expert by expert: the same tensors with
 # a leading n_experts dim, read by the model's gathered and grouped forms (int8 and fp8 experts
 # decode with the expert GEMV on CUDA).
-# A quantized file's sidecar config records {format, mode, groupsize, include_output, layers,
-# padded, ...}, so nothing is ever guessed from a file name.
+# A quantized file's sidecar config records {format, mode, groupsize, output_mode, layers, padded,
+# ...}, so nothing is ever guessed from a file name: the listed layers are of `mode`, but for the
+# output layer, of output_mode (int8 by default).
 
 FORMAT = 1  # version of the layout above; checkpoint.py refuses versions it does not know
 INT4_MODES = ("int4", "int4-gptq")  # one file format, one layer
@@ -818,6 +819,14 @@ class Fp8Experts(OneByteExperts):
 EXPERTS = {"int8": Int8Experts, "int4": Int4Experts, "int4-gptq": Int4Experts, "fp8": Fp8Experts}
 
 
+def layer_mode(quantization: dict, layer: str) -> str:
+    """The mode of a layer the record lists. (Files written before output_mode existed quantized
+    the output layer, when they did, in the mode of the others.)"""
+    if layer == "output" and quantization.get("output_mode"):
+        return quantization["output_mode"]
+    return quantization["mode"]
+
+
 def swap_linears(model: nn.Module, quantization: dict):
     """Replace the nn.Linear layers (and stacked experts) that a (checked) quantization record lists
     by empty quantized ones of the same shapes: call it on the meta device;
@@ -832,8 +841,9 @@ def swap_linears(model: nn.Module, quantization: dict):
             layer = EXPERTS[quantization["mode"]](linear.n_experts, linear.in_features,
                                                   linear.out_features, **shape)
         else:
-            layer = LINEARS[quantization["mode"]](linear.in_features, linear.out_features,
-                                                  linear.bias is not None, **shape)
+            layer = LINEARS[layer_mode(quantization, name)](linear.in_features,
+                                                            linear.out_features,
+                                                            linear.bias is not None, **shape)
         setattr(model.get_submodule(parent), child, layer)
 
 

@@ -28,9 +28,10 @@ layouts and the layers that multiply by them are in kernels.py:
         activations flowing on through each quantized block, so memory holds one block's float
         weights plus the activations.
 
-The output layer is a few percent of the bytes read per token in large models (more in small ones),
-but the layer that picks the token is the most sensitive to rounding: it is quantized by default
-for int8 only, where that costs next to nothing in accuracy.
+The output layer is a few percent of the bytes read per token in large models (a third or more in
+small ones), and the layer that picks the token is the most sensitive to rounding: every mode
+quantizes it to int8 per channel by default (--output_layer), which costs next to nothing in
+accuracy; it can also stay in float or take the mode of the other layers.
 
 Files go next to the input unless --out says otherwise: model_int8.pth, model_int4.g32.pth,
 model_int4-gptq.g128.pth, model_fp8.pth (plain tensors, torch.save; loaded with weights_only=True),
@@ -57,7 +58,7 @@ from tqdm import tqdm
 from checkpoint import (TOKENIZER_FILES, WEIGHT_FILES, Checkpoint, InputError, WeightsFile,
                         check_device, check_tensors, check_writable, empty_model, read_checkpoint,
                         write_files)
-from kernels import FORMAT, FP8_MAX, GROUPSIZES, INT4_MODES, int4_dequantize
+from kernels import FORMAT, FP8_MAX, GROUPSIZES, INT4_MODES, int4_dequantize, layer_mode
 from model import (Experts, KVCache, ModelArgs, RMSNorm, Transformer, TransformerBlock,
                    attention_mask, rope_table)
 from tokenizer import load_tokenizer
@@ -66,8 +67,8 @@ MODES = ("int8", "int4", "int4-gptq", "fp8")
 DEFAULT_GROUPSIZE = 32
 # GPTQ compensates its rounding error: large groups keep most of g32's accuracy
 GPTQ_DEFAULT_GROUPSIZE = 128
-# see --include_output
-OUTPUT_BY_DEFAULT = {"int8": True, "int4": False, "int4-gptq": False, "fp8": False}
+# see --output_layer
+DEFAULT_OUTPUT_MODE = "int8"
 # weights are quantized this many rows at a time: float32 temporaries stay small
 ROWS_PER_CHUNK = 4096
 
@@ -198,36 +199,39 @@ def float_weights(source: WeightsFile, args: ModelArgs) -> Callable[[str], Tenso
 
 
 def quantize_state_dict(source: WeightsFile, args: ModelArgs, mode: str, groupsize: Optional[int],
-                        include_output: bool, progress: bool = False):
-    """Quantize a float checkpoint read a tensor at a time, so no second float copy exists.
-    Returns (state_dict, config of the quantized model, its "quantization" record)."""
+                        output_mode: Optional[str], progress: bool = False):
+    """Quantize a float checkpoint read a tensor at a time, so no second float copy exists; the
+    output layer to output_mode (None: kept in float). Returns (state_dict, config of the
+    quantized model, its "quantization" record)."""
     get = float_weights(source, args)
-    layers = linear_names(args, include_output)
+    layers = linear_names(args, include_output=output_mode is not None)
+    qargs, quantization = quantized_config(args, mode, groupsize, output_mode, layers, {})
     quantized = {f"{layer}.weight" for layer in layers}
     kept = [name for name in empty_model(args).state_dict()  # embedding, norms, biases: as they are
             if name not in quantized and not (name == "output.weight" and args.tie_embeddings)]
     out = {name: get(name) for name in kept}
-    padded = {}
     # disable=None: the bar shows on a terminal only, never in logs or captured output.
     for layer in tqdm(layers, desc=f"quantizing to {mode}", unit="layer",
                       disable=None if progress else True):
         w = get(f"{layer}.weight")  # (N, K)
-        for key, t in quantize_weight(mode, w, groupsize).items():
+        this_mode = layer_mode(quantization, layer)
+        for key, t in quantize_weight(this_mode, w, groupsize).items():
             out[f"{layer}.{key}"] = t
-        if mode == "int4":
-            record_padding(padded, layer, w.shape[-1], groupsize)
-    return (out, *quantized_config(args, mode, groupsize, include_output, layers, padded))
+        if this_mode == "int4":
+            record_padding(quantization["padded"], layer, w.shape[-1], groupsize)
+    return out, qargs, quantization
 
 
-def quantized_config(args: ModelArgs, mode: str, groupsize: Optional[int], include_output: bool,
-                     layers: list, padded: dict) -> tuple[ModelArgs, dict]:
+def quantized_config(args: ModelArgs, mode: str, groupsize: Optional[int],
+                     output_mode: Optional[str], layers: list,
+                     padded: dict) -> tuple[ModelArgs, dict]:
     """The quantized checkpoint's ModelArgs and its sidecar's quantization record. A quantized
     output layer no longer shares the embedding (which is only looked up, and stays in the model's
     dtype)."""
-    qargs = replace(args, tie_embeddings=args.tie_embeddings and not include_output)
+    qargs = replace(args, tie_embeddings=args.tie_embeddings and output_mode is None)
     quantization = dict(format=FORMAT, mode=mode,
                         groupsize=groupsize if mode in INT4_MODES else None,
-                        include_output=include_output, layers=layers, padded=padded)
+                        output_mode=output_mode, layers=layers, padded=padded)
     return qargs, quantization
 
 
@@ -377,7 +381,7 @@ def calibration_tokens(tokenizer, text: str, samples: int, seq_len: int) -> Tens
 
 @torch.no_grad()
 def gptq_quantize_state_dict(source: WeightsFile, args: ModelArgs, groupsize: int,
-                             include_output: bool, tokens: Tensor, damp: float = DEFAULT_DAMP,
+                             output_mode: Optional[str], tokens: Tensor, damp: float = DEFAULT_DAMP,
                              act_order: bool = False, device="cpu", progress: bool = False):
     """GPTQ int4 of a float checkpoint read tensor by tensor through get(name), one transformer
     block at a time: memory holds one block's float weights (float32), the calibration activations
@@ -387,11 +391,11 @@ def gptq_quantize_state_dict(source: WeightsFile, args: ModelArgs, groupsize: in
     The calibration tokens (samples, seq_len) are embedded, then for each block: its float weights
     are read; a forward over the activations collects each linear layer's Hessian; GPTQ quantizes
     the four linears; and a forward through the block with its dequantized weights makes the next
-    block's inputs, so that each block compensates the errors of those before it. The output layer
-    (include_output) gets GPTQ too, on the final norm's output. Everything is computed in float32 on
-    `device`; the files hold what RTN's hold."""
+    block's inputs, so that each block compensates the errors of those before it. An output layer
+    of mode int4-gptq gets GPTQ too, on the final norm's output; one of int8 is rounded per
+    channel. Everything is computed in float32 on `device`; the files hold what RTN's hold."""
     get = float_weights(source, args)
-    layers = linear_names(args, include_output)
+    layers = linear_names(args, include_output=output_mode is not None)
     quantized = {f"{layer}.weight" for layer in layers}
     kept = [name for name in empty_model(args).state_dict()  # embedding, norms, biases: as they are
             if name not in quantized and not (name == "output.weight" and args.tie_embeddings)]
@@ -442,17 +446,19 @@ def gptq_quantize_state_dict(source: WeightsFile, args: ModelArgs, groupsize: in
                                          requires_grad=False)
         forward(block, write=True)  # through the quantized block: the next block's inputs
         del block, linears
-    if include_output:
+    if output_mode is not None:  # a tied output layer is the embedding
+        w = out["tok_embeddings.weight"] if args.tie_embeddings else get("output.weight")
+    if output_mode == "int8":
+        out.update({f"output.{key}": t for key, t in quantize_weight("int8", w, None).items()})
+    elif output_mode == "int4-gptq":
         norm = RMSNorm(args.dim, args.norm_eps).to(device)
         norm.weight = nn.Parameter(out["norm.weight"].to(device, torch.float32),
                                    requires_grad=False)
         hessian = Hessian()
         for b in range(0, samples, batch):
             hessian.add(norm(x[b:b + batch]))  # (batch, seq_len, dim): the output layer's inputs
-        quantize("output",
-                 out["tok_embeddings.weight"] if args.tie_embeddings else get("output.weight"),
-                 hessian.value())
-    qargs, quantization = quantized_config(args, "int4-gptq", groupsize, include_output, layers,
+        quantize("output", w, hessian.value())
+    qargs, quantization = quantized_config(args, "int4-gptq", groupsize, output_mode, layers,
                                            padded)
     quantization["gptq"] = dict(damp=damp, act_order=act_order, static_groups=act_order,
                                 blocksize=GPTQ_BLOCKSIZE, samples=samples, seq_len=seq_len)
@@ -477,10 +483,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    f"{DEFAULT_GROUPSIZE} for int4: rounding to nearest has no error "
                    "compensation, so small groups are its accuracy; "
                    f"{GPTQ_DEFAULT_GROUPSIZE} for int4-gptq, which compensates)")
-    p.add_argument("--include_output", action=argparse.BooleanOptionalAction, default=None,
-                   help="quantize the output layer too (default: for int8 only, where it costs "
-                   "next to nothing in perplexity; the layer that picks the token is the "
-                   "most sensitive to rounding). A tied output layer is untied; the "
+    p.add_argument("--output_layer", default=DEFAULT_OUTPUT_MODE,
+                   help="the output layer's format: int8 (per channel: it picks the token, the "
+                   "layer most sensitive to rounding, and int8 costs it next to nothing), "
+                   "float (kept as it is), or the --mode of the other layers (default "
+                   f"{DEFAULT_OUTPUT_MODE}). A tied output layer is untied when quantized; the "
                    "embedding stays in the model's dtype")
     p.add_argument("--out", type=Path,
                    help="output weights file, a .pth (default: model_MODE.pth or "
@@ -529,8 +536,10 @@ def check_args(args):
         raise InputError(f"--groupsize is for --mode int4 and int4-gptq, not {args.mode}")
     if args.mode in INT4_MODES and args.groupsize is None:
         args.groupsize = GPTQ_DEFAULT_GROUPSIZE if args.mode == "int4-gptq" else DEFAULT_GROUPSIZE
-    if args.include_output is None:
-        args.include_output = OUTPUT_BY_DEFAULT[args.mode]
+    if args.output_layer not in ("float", "int8", args.mode):
+        raise InputError(f"--output_layer {args.output_layer!r}: choose int8, float or "
+                         f"{args.mode} (the --mode)")
+    args.output_mode = None if args.output_layer == "float" else args.output_layer
     given = [f"--{name}" for name in GPTQ_OPTIONS if getattr(args, name) is not None]
     if args.mode != "int4-gptq" and given:
         raise InputError(f"{', '.join(given)}: for --mode int4-gptq, not {args.mode}")
@@ -617,7 +626,7 @@ def run(args):
         started = time.perf_counter()
         state_dict, qconfig, quantization = gptq_quantize_state_dict(source, ckpt.args,
                                                                      args.groupsize,
-                                                                     args.include_output, tokens,
+                                                                     args.output_mode, tokens,
                                                                      args.damp, args.act_order,
                                                                      args.device, progress=True)
         quantization["gptq"]["calibration"] = calibration
@@ -626,7 +635,7 @@ def run(args):
               f"{time.perf_counter() - started:.0f} s")
     else:
         state_dict, qconfig, quantization = quantize_state_dict(
-            source, ckpt.args, args.mode, args.groupsize, args.include_output, progress=True)
+            source, ckpt.args, args.mode, args.groupsize, args.output_mode, progress=True)
     quantization["source"] = ckpt.weights.name
     config = json.dumps({**asdict(qconfig), "quantization": quantization}, indent=2) + "\n"
     write_files(out.parent, {out.name: lambda tmp: torch.save(state_dict, tmp),
@@ -637,7 +646,7 @@ def run(args):
     size = f"{ckpt.weights.stat().st_size / 1e6:.1f} MB -> {out.stat().st_size / 1e6:.1f} MB"
     print(f"{args.mode}{f' g{args.groupsize}' if args.groupsize else ''}: "
           f"{len(quantization['layers'])} linear layers, output layer "
-          f"{'included' if args.include_output else 'kept in float'}; {size}; wrote {out} and "
+          f"{args.output_mode or 'kept in float'}; {size}; wrote {out} and "
           f"{out.with_suffix('.json').name}")
 
 

@@ -55,7 +55,7 @@ import kernels
 from checkpoint import (InputError, WeightsFile, check_tensors, empty_model, randomize_,
                         read_checkpoint, to_device)
 from model import CONFIGS, ModelArgs, Transformer
-from quantize import (OUTPUT_BY_DEFAULT, linear_names, quantize_weight, quantized_config,
+from quantize import (DEFAULT_OUTPUT_MODE, linear_names, quantize_weight, quantized_config,
                       record_padding)
 
 COLUMN_PARALLEL = ("attention.wqkv", "feed_forward.w13")  # and the output layer, when SHARD_OUTPUT
@@ -276,14 +276,15 @@ def random_config(name: str, precision: Optional[str]) -> tuple[ModelArgs, Optio
         return args, None
     mode, _, group = precision.partition(".g")
     groupsize = int(group) if group else None
-    include_output = OUTPUT_BY_DEFAULT[mode]
-    layers, padded = linear_names(args, include_output), {}
-    if groupsize is not None:
-        with torch.device("meta"):
-            model = Transformer(args)
-        for layer in layers:
-            record_padding(padded, layer, model.get_submodule(layer).in_features, groupsize)
-    return quantized_config(args, mode, groupsize, include_output, layers, padded)
+    layers = linear_names(args, include_output=True)
+    qargs, quantization = quantized_config(args, mode, groupsize, DEFAULT_OUTPUT_MODE, layers, {})
+    with torch.device("meta"):
+        model = Transformer(args)
+    for layer in layers:
+        if kernels.layer_mode(quantization, layer) in kernels.INT4_MODES:
+            record_padding(quantization["padded"], layer, model.get_submodule(layer).in_features,
+                           groupsize)
+    return qargs, quantization
 
 
 @torch.no_grad()
@@ -304,7 +305,8 @@ def random_shard(name: str, precision: Optional[str], world: int, device, dtype)
         experts = (module.n_experts,) if hasattr(module, "n_experts") else ()
         w = torch.empty(*experts, module.out_features, module.in_features, device=device,
                         dtype=dtype).normal_(0.0, 0.02)
-        for key, t in quantize_weight(quantization["mode"], w, quantization["groupsize"]).items():
+        for key, t in quantize_weight(kernels.layer_mode(quantization, layer), w,
+                                      quantization["groupsize"]).items():
             getattr(module, key).copy_(t)
         if getattr(module, "bias", None) is not None:
             module.bias.normal_(0.0, 0.02)

@@ -3,8 +3,9 @@
     python scripts/bench_cpu.py --models SmolLM2-135M Llama-3.2-1B --threads 2 --out cpu.json
 
 On a CPU, decode is memory-bound as on a GPU: a step reads every weight once. generate.py runs a
-CPU model eagerly in float32 by default, and so does this benchmark: for each named config it builds
-random-weight models (they decode at exactly the speed of real ones) in float32 and in each of
+CPU model eagerly in float32 by default, and so does this benchmark (--compile: as generate.py
+--compile does, which takes out most of an eager step's fixed cost of small ops): for each named
+config it builds random-weight models (they decode at exactly the speed of real ones) in float32 and in each of
 --precisions, quantized by quantize.py's code (generate.py --random_quantization builds the same),
 and times generate.py's loop on a 5-token prompt. The precisions take turns, one sample each per
 round, so that a machine whose speed drifts (other work, clock changes) slows them alike; the
@@ -59,17 +60,25 @@ def bytes_per_step(model) -> int:
     return weights if model.args.tie_embeddings else weights - model.tok_embeddings.weight.nbytes
 
 
-def bench_model(name: str, precisions: list, rounds: int, new_tokens: int, bar) -> list:
+def bench_model(name: str, precisions: list, rounds: int, new_tokens: int, compiled: bool,
+                bar) -> list:
     """Rows of one named config: float32 first, then each precision."""
     models = {p: build(name, p) for p in ["float32", *precisions]}
     prompt = [torch.randint(0, models["float32"].args.vocab_size, (PROMPT_TOKENS,)).tolist()]
     samples = {p: [] for p in models}
-    for model in models.values():
+    # generate.py --compile's decode step, compiled once per model (dynamo's cache of compiled
+    # variants is per function and bounded: emptied for each config)
+    torch._dynamo.reset()
+    flags = argparse.Namespace(compile=compiled, compile_prefill=False)
+    decode = {p: generate.compile_functions(flags)[1] for p in models}
+    for precision, model in models.items():
         model.setup_caches(1, PROMPT_TOKENS + new_tokens)
-        generate.generate(model, prompt, 4, generate.Sampling())  # untimed: first-call costs
+        # untimed: first-call costs, and the compile
+        generate.generate(model, prompt, 4, generate.Sampling(), decode_fn=decode[precision])
     for _ in range(rounds):
         for precision, model in models.items():
-            gen = generate.generate(model, prompt, new_tokens, generate.Sampling())
+            gen = generate.generate(model, prompt, new_tokens, generate.Sampling(),
+                                    decode_fn=decode[precision])
             samples[precision].append(gen.decode_steps / gen.decode_s)
             bar.update(1)
     base = statistics.median(samples["float32"])
@@ -104,6 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     p.add_argument("--rounds", type=int, default=5, help="samples per precision (default: 5)")
     p.add_argument("--new_tokens", type=int, default=64, help="tokens per sample (default: 64)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile each model's decode step, as generate.py --compile does (about "
+                   "a minute per model on 2 cores)")
     p.add_argument("--out", type=Path, help="also write the result as JSON here")
     return p.parse_args(argv)
 
@@ -118,13 +130,16 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     from tqdm import tqdm
     result = dict(cpu=torch.backends.cpu.get_cpu_capability(), threads=args.threads,
-                  torch=torch.__version__, copy_gb_s=copy_bandwidth_gb_s(), rows=[])
+                  torch=torch.__version__, compiled=args.compile,
+                  copy_gb_s=copy_bandwidth_gb_s(), rows=[])
     with tqdm(total=len(args.models) * (1 + len(args.precisions)) * args.rounds, desc="samples",
               disable=None) as bar:
         for name in args.models:
-            result["rows"] += bench_model(name, args.precisions, args.rounds, args.new_tokens, bar)
+            result["rows"] += bench_model(name, args.precisions, args.rounds, args.new_tokens,
+                                          args.compile, bar)
     print(f"CPU ({result['cpu']}), {args.threads} threads, torch {torch.__version__}, "
-          f"copy bandwidth {result['copy_gb_s']:.1f} GB/s")
+          f"{'compiled' if args.compile else 'eager'}, copy bandwidth "
+          f"{result['copy_gb_s']:.1f} GB/s")
     print(markdown(result))
     if args.out is not None:
         generate.write_json(args.out, result)

@@ -22,11 +22,14 @@ Reported (and written to --out as JSON):
 - inter-token latency (ITL): the gaps between consecutive streamed text chunks of one answer (one
   chunk a token, as server.py streams, except where a stop string holds text back);
 - p50 and p99 of each, in milliseconds. Requests the server refused (e.g. 429: queue full) or that
-  failed are counted in `failed` and `errors`, and left out of the statistics.
+  failed are counted in `failed` and `errors`, and left out of the statistics;
+- client CPU: this process's CPU seconds over the wall time. All clients share one Python thread:
+  near 100 %, the client, not the server, may be what limits the figures above.
 """
 import argparse
 import asyncio
 import math
+import resource
 import sys
 import time
 from collections import Counter
@@ -114,7 +117,7 @@ async def load(args) -> dict:
     results, errors = [], Counter()
     sent = 0
     progress = tqdm(total=args.requests, unit="req", desc="requests", file=sys.stderr)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     deadline = start + args.duration if args.duration else math.inf
 
     async def client_loop():
@@ -130,10 +133,15 @@ async def load(args) -> dict:
             progress.update()
 
     await asyncio.gather(*(client_loop() for _ in range(args.concurrency)))
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
     progress.close()
     await client.close()
-    return summary(args, model, results, errors, sent, wall)
+    return dict(summary(args, model, results, errors, sent, wall), client_cpu=cpu / wall)
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def summary(args, model: str, results: list, errors: Counter, sent: int, wall: float) -> dict:
@@ -168,6 +176,7 @@ def report(result: dict):
     print(f"output tok/s   {result['output_tok_s']:.1f}")
     print(f"TTFT p50 / p99 {ms(result['ttft_ms'])}")
     print(f"ITL  p50 / p99 {ms(result['itl_ms'])}")
+    print(f"client CPU     {result['client_cpu']:.0%} of one core")
 
 
 # ---- the command line ---------------------------------------------------------------------------

@@ -206,17 +206,17 @@ def quantized_model(mode: str, groupsize, dtype=torch.float32):
     args = ModelArgs(**TINY)
     with torch.no_grad():
         float_tensors = randomize_(Transformer(args)).state_dict()
-    include_output = Q.OUTPUT_BY_DEFAULT[mode]
-    layers, padded = Q.linear_names(args, include_output), {}
+    layers = Q.linear_names(args, include_output=True)
+    qargs, quantization = Q.quantized_config(args, mode, groupsize, Q.DEFAULT_OUTPUT_MODE, layers,
+                                             {})
     tensors = {name: t for name, t in float_tensors.items()
                if name.removesuffix(".weight") not in layers}
     for layer in layers:
-        w = float_tensors[f"{layer}.weight"]
+        w, layer_mode = float_tensors[f"{layer}.weight"], kernels.layer_mode(quantization, layer)
         tensors.update({f"{layer}.{key}": t
-                        for key, t in Q.quantize_weight(mode, w, groupsize).items()})
-        if groupsize:
-            Q.record_padding(padded, layer, w.shape[1], groupsize)
-    qargs, quantization = Q.quantized_config(args, mode, groupsize, include_output, layers, padded)
+                        for key, t in Q.quantize_weight(layer_mode, w, groupsize).items()})
+        if layer_mode == "int4":
+            Q.record_padding(quantization["padded"], layer, w.shape[1], groupsize)
     model = empty_model(qargs, quantization)
     if qargs.tie_embeddings:
         tensors["output.weight"] = tensors["tok_embeddings.weight"]
@@ -243,9 +243,9 @@ def test_prepare_for_device_selects_the_cpu_kernels(mode, groupsize, monkeypatch
     model = quantized_model(mode, groupsize)
     layers = {name: m for name, m in model.named_modules()
               if isinstance(m, (kernels.Int8Linear, kernels.Int4Linear))}
-    assert len(layers) == 4 * TINY["n_layer"] + (mode == "int8")
+    assert len(layers) == 4 * TINY["n_layer"] + 1  # the output layer: int8 in every mode
     for name, layer in layers.items():
-        if mode == "int8":
+        if mode == "int8" or name == "output":
             assert layer.cpu_kernel == (not name.endswith("w2")), name  # w2's K = 200
         else:
             assert layer.kernel is torch.ops.aten._weight_int4pack_mm_for_cpu, name

@@ -44,7 +44,8 @@ def test_load_test_reports_every_request_and_ordered_percentiles(server, tmp_pat
     # A gap between each two streamed chunks of an answer, at most one per token after the first.
     gaps = result["output_tokens"] - result["finished"]
     assert result["finished"] <= result["itl_samples"] <= gaps
-    assert "requests/s" in r.stdout and "ITL" in r.stdout
+    assert result["client_cpu"] > 0  # the client's own CPU seconds over the wall time
+    assert "requests/s" in r.stdout and "ITL" in r.stdout and "client CPU" in r.stdout
 
 
 @pytest.fixture(scope="module")

@@ -181,7 +181,7 @@ def test_random_quantized_weights_are_quantize_pys_layers_on_each_rank():
     import tp
     part = tp.random_shard("stories15M", "int8", 2, "cpu", torch.float32)
     int8 = {name for name, m in part.named_modules() if isinstance(m, kernels.Int8Linear)}
-    assert int8 == set(quantize.linear_names(part.args, include_output=True))  # int8's default: the output layer too
+    assert int8 == set(quantize.linear_names(part.args, include_output=True))  # the output layer too
     assert part.layers[0].attention.wqkv.out_features == 3 * 288 // 2  # its half of the 6 heads' q, k and v
     logits = logits_of(part)  # no collectives: this rank's partial sums, finite
     assert logits.shape == (2, 11, 32000 // 2) and logits.isfinite().all()
