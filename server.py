@@ -46,6 +46,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from torch import Tensor
 
@@ -134,7 +135,7 @@ def to_device(values: list, device) -> Tensor:
 @dataclass(eq=False)  # a job is itself: found in the waiting queue by identity
 class Job:
     """One request as the scheduler sees it. `emit` hands the HTTP side each new token id, then one
-    finish reason ("stop" or "length"); it is called from the scheduler thread."""
+    finish reason ("stop" or "length"), through the scheduler's deliver."""
     prompt: list
     max_tokens: int
     temperature: float
@@ -171,8 +172,17 @@ class Scheduler:
         # Each row's last sampled token, the next decode step's input: it stays on the device.
         self.next_token = torch.zeros(B, 1, dtype=torch.long, device=device)
         self.in_flight = None  # the decode step whose tokens are not yet emitted (see step)
+        # A step's (job, token id or finish reason) go out together: one hand-over between threads
+        # a step, not one a token (start() sets how).
+        self.outbox: list = []
+        self.deliver: Callable[[list], None] = hand_out
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self.run, name="scheduler", daemon=True)
+
+    def start(self, deliver: Callable[[list], None]):
+        """Run the scheduler thread; deliver(events) then gets each step's events."""
+        self.deliver = deliver
+        self.thread.start()
 
     def submit(self, job: Job) -> bool:
         """Queue a job; False when --max_queue jobs wait already (beyond those about to take a free
@@ -284,6 +294,9 @@ class Scheduler:
                 if self.rows[r] is job:  # not ended (or replaced) since
                     self.take(r, tokens[r][0])
         self.in_flight = launched
+        if self.outbox:
+            self.deliver(self.outbox)
+            self.outbox = []
 
     def decode(self, decoding: list) -> tuple:
         """Queue one decode step: ({row: job} of the decoding rows, the step's new tokens (n, 1)
@@ -323,19 +336,26 @@ class Scheduler:
             self.take(r, token.item())
 
     def take(self, r: int, token: int):
-        """Hand a row's new token to its job; free the row when the job ends."""
+        """Hand a row's new token to its job (at the end of the step); free the row when the job
+        ends."""
         job = self.rows[r]
         if job.cancelled:
             self.rows[r] = None
         elif token in self.eos:
-            job.emit("stop")
+            self.outbox.append((job, "stop"))
             self.rows[r] = None
         else:
-            job.emit(token)
+            self.outbox.append((job, token))
             job.generated += 1
             if job.generated == job.max_tokens:
-                job.emit("length")
+                self.outbox.append((job, "length"))
                 self.rows[r] = None
+
+
+def hand_out(events: list):
+    """Each (job, item) of a step to its job's emit, in order."""
+    for job, item in events:
+        job.emit(item)
 
 
 # ---- under torchrun: rank 0 schedules, every rank runs the same forwards -------------------------
@@ -474,7 +494,9 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        scheduler.thread.start()
+        loop = asyncio.get_running_loop()
+        # each step's tokens reach the event loop's thread in one callback
+        scheduler.start(lambda events: loop.call_soon_threadsafe(hand_out, events))
         await asyncio.to_thread(scheduler.ready.wait)  # the port opens once the step is compiled
         yield  # after uvicorn's graceful shutdown: every response is complete
         scheduler.stop()
@@ -564,11 +586,11 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
             raise APIError(400, f"this server's context is {context} tokens, but {len(prompt)} "
                            f"prompt tokens + {max_tokens} max_tokens = "
                            f"{len(prompt) + max_tokens}", "context_length_exceeded")
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        queue = asyncio.Queue()
         job = Job(prompt, max_tokens, 1.0 if body.temperature is None else body.temperature,
                   body.top_k or vocab_size, 1.0 if body.top_p is None else body.top_p,
                   (secrets.randbits(32) if body.seed is None else body.seed) & 0xFFFFFFFF,
-                  emit=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+                  emit=queue.put_nowait)
         if not scheduler.submit(job):
             raise APIError(429, f"the server is busy: {scheduler.max_queue} requests are waiting "
                            "already", "queue_full", headers={"Retry-After": "1"})
@@ -579,12 +601,15 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
         def usage(n: int) -> dict:
             return dict(prompt_tokens=len(prompt), completion_tokens=n,
                         total_tokens=len(prompt) + n)
-        # A client that leaves frees its row, also one that leaves before its stream starts.
-        gone = asyncio.create_task(cancel_when_gone(request, job))
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(stream(answer(job, queue, stops), head, chat, usage,
-                                            include_usage, gone), media_type="text/event-stream")
+            # A client that leaves ends the stream (Starlette listens for it), and the answer's end
+            # cancels the job; the background task, run however the response ends, cancels one
+            # whose stream never started.
+            return StreamingResponse(chunks(answer(job, queue, stops), head, chat, usage,
+                                            include_usage), media_type="text/event-stream",
+                                     background=BackgroundTask(scheduler.cancel, job))
+        gone = asyncio.create_task(cancel_when_gone(request, job))  # a client that leaves
         text, n = "", 0
         try:
             async for piece, reason, n in answer(job, queue, stops):
@@ -621,22 +646,15 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
             scheduler.cancel(job)  # a no-op for a job that has ended
 
     async def cancel_when_gone(request: Request, job: Job):
-        """A client that leaves frees its row (the answer cancels this watch when it ends)."""
+        """A client that leaves before its (not streamed) answer frees its row (the answer cancels
+        this watch when it ends)."""
         while not await request.is_disconnected():
             await asyncio.sleep(0.5)
         scheduler.cancel(job)
         job.emit("stop")  # ends the answer nobody reads
 
-    async def stream(events, head: dict, chat: bool, usage: Callable, include_usage: bool,
-                     gone: asyncio.Task):
-        """Server-sent events in OpenAI's chunk format, ending with data: [DONE]."""
-        try:
-            async for event in chunks(events, head, chat, usage, include_usage):
-                yield event
-        finally:
-            gone.cancel()
-
     async def chunks(events, head: dict, chat: bool, usage: Callable, include_usage: bool):
+        """Server-sent events in OpenAI's chunk format, ending with data: [DONE]."""
         head = dict(head, object="chat.completion.chunk" if chat else "text_completion")
         extra = {"usage": None} if include_usage else {}
 
