@@ -626,14 +626,15 @@ def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: i
 
 
 def compile_functions(args, prefill_step: Callable = prefill,
-                      decode_step: Callable = decode_one_token):
-    """The compiled prefill and decode step (server.py passes its own), kept as values rather than
-    installed over module globals."""
+                      decode_step: Callable = decode_one_token,
+                      decode_dynamic: Optional[bool] = None):
+    """The compiled prefill and decode step (server.py passes its own, and decode_dynamic=False: a
+    static graph for each row count), kept as values rather than installed over module globals."""
     import torch._inductor.config as inductor_config
     # tunes the decode's reductions; costs compile time once
     inductor_config.coordinate_descent_tuning = True
-    decode_fn = (torch.compile(decode_step, mode="reduce-overhead",
-                               fullgraph=True) if args.compile else decode_step)
+    decode_fn = (torch.compile(decode_step, mode="reduce-overhead", fullgraph=True,
+                               dynamic=decode_dynamic) if args.compile else decode_step)
     prefill_fn = torch.compile(prefill_step, fullgraph=True,
                                dynamic=True) if args.compile_prefill else prefill_step
     return prefill_fn, decode_fn

@@ -356,7 +356,7 @@ def test_the_warm_up_compiles_everything_the_first_requests_run():
     model.setup_caches(4, 64)
     torch._dynamo.reset()
     compiled = compile_functions(types.SimpleNamespace(compile=True, compile_prefill=True),
-                                 server.prefill_rows, server.decode_rows)
+                                 server.prefill_rows, server.decode_rows, decode_dynamic=False)
     scheduler = server.Scheduler(model, [96], 8, 8, *compiled)
     emitted = []
     with torch.inference_mode():
