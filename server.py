@@ -12,11 +12,11 @@ lowest free row (its slot) and keeps it until it ends. Every row has its own cac
 new request's prompt is prefilled into its row, --prefill_chunk tokens between two decode steps,
 while the other rows keep decoding; a finished or cancelled request frees its row at once. The
 decode step runs row 0 alone when only it decodes, else every row, as one forward (with --compile,
-which compiles the prefill too, one CUDA graph each) and samples each row with its own settings: a greedy request gets generate.py --temperature 0's tokens whatever
-shares the batch, and a seeded one the same tokens on every run (its noise is a hash of its seed,
-position and token ids, not a draw from a shared generator), up to rounding: a row's logits are
-computed within batches of other sizes, and in bfloat16 another batch size can round a near-tie the
-other way.
+which compiles the prefill too, one CUDA graph each) and samples each row with its own settings: a
+greedy request gets generate.py --temperature 0's tokens whatever shares the batch, and a seeded
+one the same tokens on every run (its noise is a hash of its seed, position and token ids, not a
+draw from a shared generator), up to rounding: a row's logits are computed within batches of other
+sizes, and in bfloat16 another batch size can round a near-tie the other way.
 
 Under torchrun (tp.py) rank 0 serves HTTP and schedules; before each forward it broadcasts the
 step's inputs, and every rank runs the same forward. Not served: speculative decoding (it proposes
@@ -303,9 +303,9 @@ class Scheduler:
         """Queue one decode step: ({row: job} of the decoding rows, the step's new tokens (n, 1)
         in host memory, and on CUDA the event after which they are there)."""
         # The step runs row 0 alone or every row (a request takes the lowest free row: alone, it
-        # decodes at batch 1). Rows in it that are not decoding still run: each writes a slot that its next prefill
-        # chunk or decode step overwrites before anything reads it, and a token that its prefill
-        # or this step's row in the next one replaces.
+        # decodes at batch 1). Rows in it that are not decoding still run: each writes a slot that
+        # its next prefill chunk or decode step overwrites before anything reads it, and a token
+        # that its prefill or this step's row in the next one replaces.
         n = self.rows_run(max(decoding))
         slots = [[len(j.prompt) + j.computed - 1 if r in decoding else j.filled if j else 0]
                  for r, j in enumerate(self.rows[:n])]
