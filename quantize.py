@@ -536,9 +536,10 @@ def check_args(args):
         raise InputError(f"--groupsize is for --mode int4 and int4-gptq, not {args.mode}")
     if args.mode in INT4_MODES and args.groupsize is None:
         args.groupsize = GPTQ_DEFAULT_GROUPSIZE if args.mode == "int4-gptq" else DEFAULT_GROUPSIZE
-    if args.output_layer not in ("float", "int8", args.mode):
-        raise InputError(f"--output_layer {args.output_layer!r}: choose int8, float or "
-                         f"{args.mode} (the --mode)")
+    choices = list(dict.fromkeys(["int8", "float", args.mode]))  # the --mode's own, if not int8
+    if args.output_layer not in choices:
+        raise InputError(f"--output_layer {args.output_layer!r}: choose one of "
+                         f"{', '.join(choices)} (with --mode {args.mode})")
     args.output_mode = None if args.output_layer == "float" else args.output_layer
     given = [f"--{name}" for name in GPTQ_OPTIONS if getattr(args, name) is not None]
     if args.mode != "int4-gptq" and given:

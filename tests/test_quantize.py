@@ -496,6 +496,9 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(args, words, tiny_che
     (["--mode", "int4-gptq", "--damp", "-0.1"], "--damp must be a finite number >= 0, got -0.1"),
     (["--mode", "int4-gptq", "--calibration_seq_len", "0"], "must be at least 1"),
     (["--mode", "int4-gptq", "--device", "gpu"], "--device gpu: not usable on this machine"),
+    (["--output_layer", "int4"], "--output_layer 'int4': choose one of int8, float (with --mode "
+                                 "int8)"),
+    (["--mode", "fp8", "--output_layer", "fp16"], "choose one of int8, float, fp8"),
 ])
 def test_more_bad_arguments(args, message):
     """Checked before any file is read (the same check_args the command line runs, without a
