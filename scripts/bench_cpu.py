@@ -5,11 +5,12 @@
 On a CPU, decode is memory-bound as on a GPU: a step reads every weight once. generate.py runs a
 CPU model eagerly in float32 by default, and so does this benchmark (--compile: as generate.py
 --compile does, which takes out most of an eager step's fixed cost of small ops): for each named
-config it builds random-weight models (they decode at exactly the speed of real ones) in float32 and in each of
---precisions, quantized by quantize.py's code (generate.py --random_quantization builds the same),
-and times generate.py's loop on a 5-token prompt. The precisions take turns, one sample each per
-round, so that a machine whose speed drifts (other work, clock changes) slows them alike; the
-table gives each one's median over --rounds rounds and its ratio to float32's median.
+config it builds random-weight models (they decode at exactly the speed of real ones) in float32
+and in each of --precisions, quantized by quantize.py's code (generate.py --random_quantization
+builds the same), and times generate.py's loop on a 5-token prompt. The precisions take turns,
+one sample each per round, so that a machine whose speed drifts (other work, clock changes) slows
+them alike; the table gives each one's median over --rounds rounds and its ratio to float32's
+median.
 
 Columns: decode tok/s (new tokens after the first / time after the first token, batch 1); GB read
 per step (the weights, an untied embedding table aside, of which a step reads the looked-up rows;

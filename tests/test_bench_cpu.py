@@ -28,7 +28,8 @@ def test_rows_compare_each_precision_with_float32_of_the_same_run(tmp_path, caps
         assert r["gb_s"] == pytest.approx(r["gb_per_step"] * r["tok_s"])
     # stories15M's untied embedding is not read per step; int8 stores a byte a weight (plus scales),
     # int4 half a byte (plus a scale and zero per 32) with its output layer in int8.
-    assert rows["int4.g32"]["gb_per_step"] < rows["int8"]["gb_per_step"] < rows["float32"]["gb_per_step"]
+    gb = {precision: r["gb_per_step"] for precision, r in rows.items()}
+    assert gb["int4.g32"] < gb["int8"] < gb["float32"]
     assert rows["int8"]["gb_per_step"] == pytest.approx(rows["float32"]["gb_per_step"] / 4, rel=0.02)
     assert "| stories15M | int8 |" in capsys.readouterr().out
 

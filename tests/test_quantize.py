@@ -633,8 +633,8 @@ def test_perplexity_per_mode_on_smollm2(smollm2_pydoc, smollm2_gptq):
         int4-gptq g128 (16 x 256 calibration tokens)  13.98 (+17 %) / 14.37 (+21 %)
     Hence the defaults: an int8 output layer (next to nothing in perplexity, a quarter of float32's
     bytes), and int4 groups of 32 (128 with GPTQ). SmolLM2's weights come from a Q4_1 GGUF file
-    (4-bit asymmetric groups of 32, the same scheme), so int4 g32 lands on the very grid they were stored on and is nearly lossless
-    here, while larger groups re-round them coarsely. Neither is a general result: RTN int4 costs a
+    (4-bit asymmetric groups of 32, the same scheme), so int4 g32 lands on the very grid they were
+    stored on and is nearly lossless here, while larger groups re-round them coarsely. Neither is a general result: RTN int4 costs a
     few percent on models trained in bfloat16. The test measures the first PPL_TOKENS = 1024 tokens
     (half the CPU of 2048; float32 12.72), where the same ranking holds (below; GPTQ 14.57)."""
     ckpt, ids, base = smollm2_pydoc
