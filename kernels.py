@@ -574,10 +574,11 @@ def int4_triton_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor,
                        groupsize: int) -> Tensor:
     """x (..., K_pad) bf16 or fp16 on a GPU times int4 weights as the file stores them (packed
     (N, K_pad / 2), group scales and zeros): the small matmul up to MAX_MM_ROWS rows, else a
-    dequantized copy into PyTorch's matmul. (..., N) in x's dtype."""
-    if x.numel() <= MAX_MM_ROWS * x.shape[-1]:
-        return quantized_mm(x, packed, scales, zeros, groupsize)
-    return F.linear(x, dequantized_copy(packed, scales, zeros, groupsize, x.dtype))
+    dequantized copy into PyTorch's matmul, as kernel_route chooses (one row included: int4 has no
+    GEMV of its own). (..., N) in x's dtype."""
+    if kernel_route(x) == "dequantize":
+        return F.linear(x, dequantized_copy(packed, scales, zeros, groupsize, x.dtype))
+    return quantized_mm(x, packed, scales, zeros, groupsize)
 
 
 class Int4Linear(nn.Module):
