@@ -272,8 +272,11 @@ class Scheduler:
     def admit(self, r: int, job: Job):
         self.rows[r] = job
         job.admitted = time.perf_counter()
-        self.temperature[r], self.top_k[r] = job.temperature, job.top_k
-        self.top_p[r], self.seed[r] = job.top_p, job.seed
+        # Through pinned memory (to_device): a host number assigned to a CUDA tensor is copied
+        # from pageable memory, which waits for every queued step first.
+        device = self.temperature.device
+        self.temperature[r], self.top_p[r] = to_device([job.temperature, job.top_p], device)
+        self.top_k[r], self.seed[r] = to_device([job.top_k, job.seed], device)
 
     def step(self):
         """One chunk of the earliest admitted prompt; a decode step over the decoding rows; then
