@@ -136,14 +136,14 @@ class KVCache(nn.Module):
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor,
                row: int = 0) -> tuple[Tensor, Tensor]:
         # k, v: (B, n_kv_heads, T, head_dim) for cache rows row..row + B - 1; input_pos (B, T): each
-        # row's own slots. Slicing the rows is a view: nothing is copied.
+        # row's own slots. Written into the whole cache, not into a slice of its rows: inductor
+        # copies a slice that is written through and copies it back (the whole cache, every step).
         B = k.shape[0]
-        k_rows, v_rows = self.k[row:row + B], self.v[row:row + B]  # (B, n_kv_heads, S, head_dim)
-        b = torch.arange(B, device=k.device)[:, None]  # (B, 1)
+        b = torch.arange(row, row + B, device=k.device)[:, None]  # (B, 1)
         # Index tensors at dims 0 and 2 put their (B, T) first: values (B, T, heads, head_dim).
-        k_rows[b, :, input_pos] = k.transpose(1, 2)
-        v_rows[b, :, input_pos] = v.transpose(1, 2)
-        return k_rows, v_rows
+        self.k[b, :, input_pos] = k.transpose(1, 2)
+        self.v[b, :, input_pos] = v.transpose(1, 2)
+        return self.k[row:row + B], self.v[row:row + B]  # (B, n_kv_heads, S, head_dim), views
 
 
 class RMSNorm(nn.RMSNorm):
