@@ -633,10 +633,15 @@ def compile_functions(args, prefill_step: Callable = prefill,
     import torch._inductor.config as inductor_config
     # tunes the decode's reductions; costs compile time once
     inductor_config.coordinate_descent_tuning = True
+    # The model's float constants (the norms' eps) as constants from the start: traced as symbols,
+    # as a dynamic compile does by default, they fail a later pass, which traces the prefill again.
+    torch._dynamo.config.specialize_float = True
     decode_fn = (torch.compile(decode_step, mode="reduce-overhead", fullgraph=True,
                                dynamic=decode_dynamic) if args.compile else decode_step)
-    prefill_fn = torch.compile(prefill_step, fullgraph=True,
-                               dynamic=True) if args.compile_prefill else prefill_step
+    # not the prefill's: its time is in matrix multiplies, which the tuning does not touch
+    prefill_fn = torch.compile(prefill_step, fullgraph=True, dynamic=True,
+                               options={"coordinate_descent_tuning": False}
+                               ) if args.compile_prefill else prefill_step
     return prefill_fn, decode_fn
 
 
