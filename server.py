@@ -10,13 +10,14 @@ GET /v1/models, GET /health, and GET / (a chat page, chat.html).
 One scheduler thread owns the model. The KV cache has --max_batch_size rows; each request takes the
 lowest free row (its slot) and keeps it until it ends. Every row has its own cache position, so a
 new request's prompt is prefilled into its row, --prefill_chunk tokens between two decode steps,
-while the other rows keep decoding; a finished or cancelled request frees its row at once. The
-decode step runs row 0 alone when only it decodes, else every row, as one forward (with --compile,
-which compiles the prefill too, one CUDA graph each) and samples each row with its own settings: a
-greedy request gets generate.py --temperature 0's tokens whatever shares the batch, and a seeded
-one the same tokens on every run (its noise is a hash of its seed, position and token ids, not a
-draw from a shared generator), up to rounding: a row's logits are computed within batches of other
-sizes, and in bfloat16 another batch size can round a near-tie the other way.
+while the other rows keep decoding; its last token is its first decode step's input. A finished or
+cancelled request frees its row at once. The decode step runs row 0 alone when only it decodes,
+else every row, as one forward (with --compile, which compiles the prefill too, one CUDA graph
+each) and samples each row with its own settings: a greedy request gets generate.py
+--temperature 0's tokens whatever shares the batch, and a seeded one the same tokens on every run
+(its noise is a hash of its seed, position and token ids, not a draw from a shared generator), up
+to rounding: a row's logits are computed within batches of other sizes, and in bfloat16 another
+batch size can round a near-tie the other way.
 
 Under torchrun (tp.py) rank 0 serves HTTP and schedules; before each forward it broadcasts the
 step's inputs, and every rank runs the same forward. Not served: speculative decoding (it proposes
@@ -48,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from torch import Tensor
+from tqdm import tqdm
 
 import tp
 from checkpoint import InputError, read_checkpoint
@@ -103,13 +105,19 @@ def sample_rows(logits: Tensor, position: Tensor, temperature: Tensor, top_k: Te
     return torch.where(temperature[:, None] > 0, drawn, logits.argmax(dim=-1, keepdim=True))
 
 
-def prefill_rows(model: Transformer, idx: Tensor, input_pos: Tensor, row: int, temperature: Tensor,
-                 top_k: Tensor, top_p: Tensor, seed: Tensor) -> Tensor:
-    """One chunk of one prompt, idx (1, T) at slots input_pos (1, T), into cache row `row`; the
-    token sampled after its last position (1, 1) (meaningful after the prompt's last chunk)."""
-    last = torch.full((1,), idx.shape[1] - 1, device=idx.device)
-    logits = model(idx, input_pos, last, row)  # (1, 1, vocab)
-    return sample_rows(logits[:, -1], input_pos[:, -1], temperature, top_k, top_p, seed)
+def prefill_rows(model: Transformer, idx: Tensor, input_pos: Tensor, row: Tensor):
+    """One chunk of one prompt, idx (1, T) at slots input_pos (1, T), into cache row row[0]. The
+    chunk runs in the cache's last row, which only prompts use, and its keys and values are then
+    copied into the request's row: the row is an index tensor, not an int (which dynamo would
+    specialize, one compile for row 0, one for row 1, one for the others). Nothing is sampled:
+    the decode step feeds a prompt's last token, and the compiled graph drops the unused logits."""
+    staging = model.max_batch_size - 1
+    model(idx, input_pos, torch.zeros(1, dtype=torch.long, device=idx.device), staging)
+    slots, source = input_pos[0], torch.full_like(row, staging)  # (T,), (1,)
+    for layer in model.layers:
+        cache = layer.attention.kv_cache
+        cache.k[row, :, slots] = cache.k[source, :, slots]  # (T, n_kv_heads, head_dim)
+        cache.v[row, :, slots] = cache.v[source, :, slots]
 
 
 def decode_rows(model: Transformer, token: Tensor, input_pos: Tensor, temperature: Tensor,
@@ -143,22 +151,23 @@ class Job:
     seed: int
     emit: Callable
     cancelled: bool = False  # set by the HTTP side: a stop string, a client gone
-    filled: int = 0  # prompt tokens in the cache
+    filled: int = 0  # prompt tokens prefilled: all but the last, the first decode step's input
     computed: int = 0  # tokens sampled on the device: emitted, or in the step in flight
     generated: int = 0  # tokens emitted
     admitted: float = 0.0  # when it took its row: prompts are prefilled in that order
 
 
 class Scheduler:
-    """Owns the model and its B cache rows. HTTP handlers submit and cancel jobs from the event
-    loop's thread; everything else happens on the scheduler's own thread."""
+    """Owns the model and its cache: B rows for B requests, and one more in which prompts are
+    prefilled (prefill_rows). HTTP handlers submit and cancel jobs from the event loop's thread;
+    everything else happens on the scheduler's own thread."""
 
     def __init__(self, model: Transformer, eos_ids, max_queue: int, prefill_chunk: int,
                  prefill_fn: Callable, decode_fn: Callable):
         self.model, self.eos = model, set(eos_ids)
         self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
         self.prefill_fn, self.decode_fn = prefill_fn, decode_fn
-        B, device = model.max_batch_size, model.tok_embeddings.weight.device
+        B, device = model.max_batch_size - 1, model.tok_embeddings.weight.device
         self.rows: list[Optional[Job]] = [None] * B
         self.waiting: deque = deque()
         self.changed = threading.Condition()  # guards waiting and stopping
@@ -233,22 +242,27 @@ class Scheduler:
             send_step(0, torch.zeros(0, 0, dtype=torch.long, device=self.seed.device), None)
 
     def warm_up(self):
-        """Compile the prefill and the decode step for every length, row and number of rows they
-        take a branch on, and capture the decode's CUDA graphs, before the first request: chunks
-        of one token, of two, and of a whole --prefill_chunk (dynamo specializes a size of 1, the
-        quantized layers take another kernel above 64 rows) into rows 0 and 1 (dynamo specializes
-        an int argument of 0 or 1, then makes it symbolic); both row counts the step runs. The
-        chunks write their rows' first slots, which the rows' first requests overwrite."""
+        """Compile the prefill and the decode step for every length and number of rows they take
+        a branch on, and capture the decode's CUDA graphs, before the first request: chunks of two
+        tokens and of a whole --prefill_chunk (a chunk is never one token, which dynamo would
+        specialize; the quantized layers take another kernel above 64 rows), and both row counts
+        the step runs. The chunks write row 0's first slots, which its first request overwrites."""
         device, context = self.temperature.device, self.model.max_seq_length
-        for row in range(min(2, len(self.rows))):
-            for length in sorted({min(n, context) for n in (1, 2, self.prefill_chunk)}):
-                self.forward(row, torch.zeros(1, length, dtype=torch.long, device=device),
+        lengths = sorted({min(n, context) for n in (2, max(2, self.prefill_chunk))})
+        counts = sorted({self.rows_run(last) for last in range(len(self.rows))})
+        with tqdm(total=len(lengths) + len(counts), desc="warm-up", unit="step") as bar:
+            for length in lengths:
+                bar.set_postfix_str(f"prefill of {length} tokens")
+                self.forward(0, torch.zeros(1, length, dtype=torch.long, device=device),
                              torch.arange(length, device=device)[None])
-        for n in sorted({self.rows_run(last) for last in range(len(self.rows))}):
-            for _ in range(3):  # CUDA graph trees: warm-up, capture, replay
-                # the live step's own input: a fresh tensor made in inference mode would differ
-                # from it in kind, and the step would compile again at the first request
-                self.forward(None, self.next_token[:n], to_device([[0]] * n, device))
+                bar.update()
+            for n in counts:
+                bar.set_postfix_str(f"decode of {n} rows")
+                for _ in range(3):  # CUDA graph trees: warm-up, capture, replay
+                    # the live step's own input: a fresh tensor made in inference mode would
+                    # differ from it in kind, and the step would compile again at the first request
+                    self.forward(None, self.next_token[:n], to_device([[0]] * n, device))
+                bar.update()
 
     def rows_run(self, last: int) -> int:
         """How many rows the decode step runs when `last` is the highest decoding row: one, or all.
@@ -259,15 +273,16 @@ class Scheduler:
 
     def forward(self, row: Optional[int], idx: Tensor, input_pos: Tensor) -> Tensor:
         """A prefill chunk idx (1, T) into cache row `row`, or (row None) the decode step of the
-        first n rows, idx (n, 1); with each row's sampling settings. Under torchrun every rank runs
+        first n rows, idx (n, 1), with each row's sampling settings. Under torchrun every rank runs
         it."""
-        rows = slice(0, idx.shape[0]) if row is None else slice(row, row + 1)
-        settings = [t[rows] for t in (self.temperature, self.top_k, self.top_p, self.seed)]
+        if row is not None:
+            if dist.is_initialized():
+                send_step(row, idx, input_pos)
+            return self.prefill_fn(self.model, idx, input_pos, to_device([row], idx.device))
+        settings = [t[:idx.shape[0]] for t in (self.temperature, self.top_k, self.top_p, self.seed)]
         if dist.is_initialized():
-            send_step(-1 if row is None else row, idx, input_pos, *settings)
-        if row is None:
-            return self.decode_fn(self.model, idx, input_pos, *settings)
-        return self.prefill_fn(self.model, idx, input_pos, row, *settings)
+            send_step(-1, idx, input_pos, *settings)
+        return self.decode_fn(self.model, idx, input_pos, *settings)
 
     def admit(self, r: int, job: Job):
         self.rows[r] = job
@@ -284,11 +299,11 @@ class Scheduler:
         lie, on the device, so the step is queued before the host reads them: the GPU works on
         one step while the host emits the last one's tokens. A job that ends costs one step more
         of its row (its token is dropped) but none past its max_tokens."""
-        prefilling = [r for r, j in enumerate(self.rows) if j and j.filled < len(j.prompt)]
+        prefilling = [r for r, j in enumerate(self.rows) if j and j.filled < len(j.prompt) - 1]
         if prefilling:
             self.prefill(min(prefilling, key=lambda r: self.rows[r].admitted))
         decoding = [r for r, j in enumerate(self.rows)
-                    if j and j.filled == len(j.prompt) and j.computed < j.max_tokens]
+                    if j and j.filled == len(j.prompt) - 1 and j.computed < j.max_tokens]
         launched = self.decode(decoding) if decoding else None
         if self.in_flight is not None:
             jobs, tokens, copied = self.in_flight
@@ -310,11 +325,15 @@ class Scheduler:
         # decodes at batch 1). Rows in it that are not decoding still run: each writes a slot that
         # its next prefill chunk or decode step overwrites before anything reads it, and a token
         # that its prefill or this step's row in the next one replaces.
-        n = self.rows_run(max(decoding))
-        slots = [[len(j.prompt) + j.computed - 1 if r in decoding else j.filled if j else 0]
+        n, device = self.rows_run(max(decoding)), self.next_token.device
+        starting = [r for r in decoding if self.rows[r].computed == 0]
+        if starting:  # a prompt's last token is its first decode step's input
+            firsts = to_device([self.rows[r].prompt[-1] for r in starting], device)
+            for i, r in enumerate(starting):
+                self.next_token[r, 0] = firsts[i]
+        slots = [[len(j.prompt) - 1 + j.computed if r in decoding else j.filled if j else 0]
                  for r, j in enumerate(self.rows[:n])]
-        new = self.forward(None, self.next_token[:n],
-                           to_device(slots, self.next_token.device))  # (n, 1)
+        new = self.forward(None, self.next_token[:n], to_device(slots, device))  # (n, 1)
         # Copied out before the next step reuses the CUDA graph's output memory.
         self.next_token[:n] = new
         tokens, copied = new, None
@@ -328,16 +347,16 @@ class Scheduler:
         return {r: self.rows[r] for r in decoding}, tokens, copied
 
     def prefill(self, r: int):
+        """The next chunk of row r's prompt, but its last token. A chunk of one token takes the
+        next prompt token along (whose slot the next chunk or decode step writes again): dynamo
+        would compile one-token chunks apart."""
         job, device = self.rows[r], self.temperature.device
         start = job.filled
-        ids = job.prompt[start:start + self.prefill_chunk]
-        token = self.forward(r, to_device([ids], device),
-                             torch.arange(start, start + len(ids), device=device)[None])
-        job.filled += len(ids)
-        if job.filled == len(job.prompt):
-            self.next_token[r] = token[0]
-            job.computed = 1
-            self.take(r, token.item())
+        n = min(self.prefill_chunk, len(job.prompt) - 1 - start)
+        ids = job.prompt[start:start + max(n, 2)]
+        self.forward(r, to_device([ids], device),
+                     torch.arange(start, start + len(ids), device=device)[None])
+        job.filled += n
 
     def take(self, r: int, token: int):
         """Hand a row's new token to its job (at the end of the step); free the row when the job
@@ -365,12 +384,15 @@ def hand_out(events: list):
 # ---- under torchrun: rank 0 schedules, every rank runs the same forwards -------------------------
 
 def send_step(row: int, idx: Tensor, input_pos: Optional[Tensor], *settings: Tensor):
-    """Rank 0: broadcast one forward of the scheduler (row -1: the decode step; no rows: stop)."""
+    """Rank 0: broadcast one forward of the scheduler: a prefill chunk into `row`, the decode step
+    (row -1, with the rows' sampling settings), or the end (no rows)."""
     b, T = idx.shape
     dist.broadcast(to_device([row, b, T], idx.device), 0)
     if b:
+        dist.broadcast(torch.cat([idx, input_pos], dim=1), 0)
+    if settings:
         temperature, top_k, top_p, seed = settings
-        dist.broadcast(torch.cat([idx, input_pos, top_k[:, None], seed[:, None]], dim=1), 0)
+        dist.broadcast(torch.stack([top_k, seed], dim=1), 0)
         dist.broadcast(torch.stack([temperature, top_p], dim=1), 0)
 
 
@@ -383,17 +405,18 @@ def follow(model: Transformer, prefill_fn: Callable, decode_fn: Callable):
         row, b, T = header.tolist()
         if b == 0:
             return
-        ints = torch.empty(b, 2 * T + 2, dtype=torch.long, device=device)  # idx, input_pos, k, seed
-        floats = torch.empty(b, 2, device=device)  # temperature, top_p
-        dist.broadcast(ints, 0)
-        dist.broadcast(floats, 0)
-        idx, input_pos = ints[:, :T], ints[:, T:2 * T]
-        settings = floats[:, 0], ints[:, 2 * T], floats[:, 1], ints[:, 2 * T + 1]
+        tokens = torch.empty(b, 2 * T, dtype=torch.long, device=device)  # idx, input_pos
+        dist.broadcast(tokens, 0)
+        idx, input_pos = tokens[:, :T], tokens[:, T:]
         with torch.inference_mode():
-            if row < 0:
-                decode_fn(model, idx, input_pos, *settings)
-            else:
-                prefill_fn(model, idx, input_pos, row, *settings)
+            if row >= 0:
+                prefill_fn(model, idx, input_pos, to_device([row], device))
+                continue
+            ints = torch.empty(b, 2, dtype=torch.long, device=device)  # top_k, seed
+            floats = torch.empty(b, 2, device=device)  # temperature, top_p
+            dist.broadcast(ints, 0)
+            dist.broadcast(floats, 0)
+            decode_fn(model, idx, input_pos, floats[:, 0], ints[:, 0], floats[:, 1], ints[:, 1])
 
 
 # ---- the HTTP side: OpenAI's requests, responses and errors --------------------------------------
@@ -740,7 +763,8 @@ def main(argv=None):
         raise InputError(f"--max_seq_length {context} is beyond the model's context of "
                          f"{config.block_size} tokens")
     device = tp.start(args, config, args.device) if distributed else args.device
-    model = load_weights(args, ckpt, config, device, args.max_batch_size, context)
+    # one cache row more than requests: the row prompts are prefilled in (prefill_rows)
+    model = load_weights(args, ckpt, config, device, args.max_batch_size + 1, context)
     # The decode step compiles for one row and for B rows, each with static shapes: with the row
     # count symbolic, a 7B step of 32 rows took 14.7 ms on an H200, against 5.8 ms compiled for 32.
     # --compile compiles the prefill too: every new request's prompt runs it between two decode

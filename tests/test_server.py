@@ -345,7 +345,8 @@ def test_under_torchrun_two_processes_serve_the_greedy_answers_of_one(smollm2_ch
 @pytest.mark.slow
 def test_the_warm_up_compiles_everything_the_first_requests_run():
     """The compiled prefill and decode step (CPU inductor here) meet no new shape, row or input kind
-    once warm_up has run: one-token and longer prompts into rows 0, 1 and 2, decoded together."""
+    once warm_up has run: prompts of many lengths into rows 0, 1 and 2 (and the staging row),
+    decoded together."""
     import types
     from torch._dynamo.utils import counters
     import server
@@ -362,7 +363,9 @@ def test_the_warm_up_compiles_everything_the_first_requests_run():
     with torch.inference_mode():
         scheduler.warm_up()
         graphs = counters["stats"]["unique_graphs"]
-        for n in (3, 12, 1, 1, 20):  # 12 and 20: chunks of 8 and the rest
+        # 2 and 10 leave a one-token chunk (taken along with the last token); 12 and 20: chunks
+        # of 8 and the rest; 1: no prefill at all
+        for n in (3, 12, 1, 2, 10, 20):
             scheduler.submit(server.Job(list(range(1, 1 + n)), 6, 0.0, 97, 1.0, 0,
                                         emit=emitted.append))
         for _ in range(60):
@@ -371,5 +374,5 @@ def test_the_warm_up_compiles_everything_the_first_requests_run():
                     scheduler.admit(r, scheduler.waiting.popleft())
             scheduler.step()
     torch._dynamo.reset()
-    assert emitted.count("length") == 5  # every request ran to its max_tokens
+    assert emitted.count("length") == 6  # every request ran to its max_tokens
     assert counters["stats"]["unique_graphs"] == graphs
