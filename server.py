@@ -323,8 +323,8 @@ class Scheduler:
         in host memory, and on CUDA the event after which they are there)."""
         # The step runs row 0 alone or every row (a request takes the lowest free row: alone, it
         # decodes at batch 1). Rows in it that are not decoding still run: each writes a slot that
-        # its next prefill chunk or decode step overwrites before anything reads it, and a token
-        # that its prefill or this step's row in the next one replaces.
+        # its next prefill chunk or decode step overwrites before anything reads it, and a next
+        # input that its first decode step replaces with its prompt's last token.
         n, device = self.rows_run(max(decoding)), self.next_token.device
         starting = [r for r in decoding if self.rows[r].computed == 0]
         if starting:  # a prompt's last token is its first decode step's input
