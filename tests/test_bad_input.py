@@ -283,7 +283,8 @@ def test_quantize_refuses_unusable_output_before_working(smollm2_checkpoint, tmp
 @pytest.mark.parametrize("when", ["at-first-write", "at-random"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_quantize_killed_leaves_complete_output_or_none(smollm2_checkpoint, tmp_path, sig, when):
-    folder = Path(shutil.copytree(smollm2_checkpoint, tmp_path / "ckpt"))
+    # hard links: quantize.py only reads the source files (and writes new ones beside them)
+    folder = Path(shutil.copytree(smollm2_checkpoint, tmp_path / "ckpt", copy_function=os.link))
     before = set(os.listdir(folder))
     p = subprocess.Popen([sys.executable, "quantize.py", "--checkpoint_path", folder, "--mode", "int4"], cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -122,3 +122,27 @@ def test_rows_at_their_own_positions_match_each_row_alone():
     step = model(torch.stack([seqs[0, 9:], seqs[1, 4:5]]), torch.tensor([[9], [4]]))  # (2, 1, vocab)
     torch.testing.assert_close(step[0, 0], alone[0][9], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(step[1, 0], alone[1][4], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_compiled_prefill_fills_the_cache_as_eager_for_every_prompt_length():
+    """--compile_prefill: one dynamic compile serves prompts of several lengths, writing the cache and
+    choosing the first token as the eager prefill does."""
+    import types
+    from torch._dynamo.utils import counters
+    from generate import compile_functions, prefill
+    model = tiny_model()
+    torch._dynamo.reset()
+    graphs = counters["stats"]["unique_graphs"]  # counted over the whole process
+    compiled, _ = compile_functions(types.SimpleNamespace(compile=False, compile_prefill=True))
+    for T in (3, 11):
+        idx = torch.randint(0, TINY["vocab_size"], (2, T))
+        last = torch.tensor([T - 1, T - 2])  # each row's last real token
+        results = []
+        for fn in (prefill, compiled):
+            model.setup_caches(2, 16)
+            token = fn(model, idx, torch.arange(T), last, Sampling(temperature=0))  # (2, 1)
+            results.append((token, [layer.attention.kv_cache.v.clone() for layer in model.layers]))
+        torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+    torch._dynamo.reset()

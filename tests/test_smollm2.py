@@ -39,7 +39,7 @@ def test_perplexity_on_real_english_text(smollm2_pydoc):
     assert ppl < 15
 
 
-@pytest.mark.parametrize("compile_flags", [[], pytest.param(["--compile", "--compile_prefill"], marks=pytest.mark.slow)],
+@pytest.mark.parametrize("compile_flags", [[], pytest.param(["--compile"], marks=pytest.mark.slow)],
                          ids=["eager", "compiled"])
 def test_generate_cli_prints_the_answer_and_metrics(compile_flags, smollm2_checkpoint, tmp_path, request):
     if compile_flags:
