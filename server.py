@@ -720,7 +720,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api_key", help="require the header Authorization: Bearer API_KEY")
     p.add_argument("--max_batch_size", type=int, default=8,
-                   help="requests decoded at once: rows of the KV cache (default 8)")
+                   help="requests decoded at once: rows of the KV cache, which has one more for "
+                   "prompts being prefilled (default 8)")
     p.add_argument("--max_queue", type=int, default=64,
                    help="requests that may wait for a row; beyond, 429 (default 64)")
     p.add_argument("--max_seq_length", type=int,
