@@ -142,7 +142,9 @@ def test_compiled_prefill_fills_the_cache_as_eager_for_every_prompt_length():
         for fn in (prefill, compiled):
             model.setup_caches(2, 16)
             token = fn(model, idx, torch.arange(T), last, Sampling(temperature=0))  # (2, 1)
-            results.append((token, [layer.attention.kv_cache.v.clone() for layer in model.layers]))
+            caches = [c.clone() for layer in model.layers
+                      for c in (layer.attention.kv_cache.k, layer.attention.kv_cache.v)]
+            results.append((token, caches))
         torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=1e-5)
     assert counters["stats"]["unique_graphs"] == graphs + 1
     torch._dynamo.reset()
