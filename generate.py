@@ -79,11 +79,11 @@ def sample_from(weights: Tensor) -> Tensor:
     return (weights / race).argmax(dim=-1, keepdim=True)
 
 
-def prefill(model: Transformer, idx: Tensor, input_pos: Tensor, last: Tensor, s: Sampling,
-            row: int = 0) -> Tensor:
-    """Run the prompts idx (B, T) through the model into cache rows row.., filling the cache; sample
-    each row's first new token from its logits at column last[b], its last real token."""
-    logits = model(idx, input_pos, last, row)  # (B, 1, vocab)
+def prefill(model: Transformer, idx: Tensor, input_pos: Tensor, last: Tensor, s: Sampling
+            ) -> Tensor:
+    """Run the prompts idx (B, T) through the model, filling the cache; sample each row's first new
+    token from its logits at column last[b], its last real token."""
+    logits = model(idx, input_pos, last)  # (B, 1, vocab)
     return sample(logits[:, -1], s)
 
 

@@ -8,7 +8,7 @@ owns files.
 """
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -146,6 +146,16 @@ class KVCache(nn.Module):
         return self.k[row:row + B], self.v[row:row + B]  # (B, n_kv_heads, S, head_dim), views
 
 
+class Rows(NamedTuple):
+    """A group of B rows of T tokens as attention sees them: token t of row b writes cache row
+    `row + b` at slot input_pos[b, t] (B, T) and reads that row through its mask (B, 1, T, S); its
+    rotary angles rope (B, T, head_dim // 2, 2). Made once per forward, shared by the layers."""
+    input_pos: Tensor
+    rope: Tensor
+    mask: Tensor
+    row: int = 0
+
+
 class RMSNorm(nn.RMSNorm):
     def forward(self, x: Tensor) -> Tensor:
         # Normalise in float32 (bf16 squares lose too much), then scale in the model's dtype as HF's
@@ -169,24 +179,32 @@ class Attention(nn.Module):
         self.qk_norm = args.qk_norm
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor,
-                row: int = 0) -> Tensor:
-        B, T, _ = x.shape
+    def forward(self, x: Tensor, groups: list) -> Tensor:
+        """x (..., dim): the tokens of every group of rows in `groups`, in order. They share each
+        matmul (one read of the weights); each group attends in its own cache rows."""
+        qkv = self.wqkv(x).flatten(0, -2)  # (N, qkv_dim), N tokens
+        parts = qkv.split([g.input_pos.numel() for g in groups])
+        ys = [self.attend(part, g) for part, g in zip(parts, groups)]
+        y = ys[0] if len(ys) == 1 else torch.cat(ys)  # (N, n_head * head_dim)
+        return self.wo(y.view(*x.shape[:-1], -1))
+
+    def attend(self, qkv: Tensor, g: "Rows") -> Tensor:
+        """One group's q, k and v (B * T, qkv_dim) -> its attention output (B * T, q_dim)."""
+        B, T = g.input_pos.shape
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        q, k, v = qkv.view(B, T, -1).split([q_dim, kv_dim, kv_dim], dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, n_head, head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k = apply_rope(q, g.rope), apply_rope(k, g.rope)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
-        k, v = self.kv_cache.update(input_pos, k, v, row)  # (B, n_kv_heads, S, head_dim)
+        k, v = self.kv_cache.update(g.input_pos, k, v, g.row)  # (B, n_kv_heads, S, head_dim)
         # enable_gqa: each group of query heads reads its shared kv head without copying the cache.
         gqa = self.n_head != self.n_kv_heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, nh, T, d)
-        y = y.transpose(1, 2).reshape(B, T, q_dim)  # (B, T, n_head * head_dim)
-        return self.wo(y)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, enable_gqa=gqa)  # (B,nh,T,d)
+        return y.transpose(1, 2).reshape(B * T, q_dim)
 
 
 class FeedForward(nn.Module):
@@ -295,9 +313,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = MoEFeedForward(args) if args.n_experts else FeedForward(args)
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor,
-                row: int = 0) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos, row)
+    def forward(self, x: Tensor, groups: list) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), groups)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -329,26 +346,38 @@ class Transformer(nn.Module):
         self.register_buffer("rope", rope, persistent=False)
 
     def forward(self, idx: Tensor, input_pos: Tensor, last: Optional[Tensor] = None,
-                row: int = 0) -> Tensor:
+                chunk: Optional[tuple] = None) -> Tensor:
         """idx (B, T) token ids at cache slots input_pos: (B, T), each row its own slots, or (T,)
-        shared by every row. Row b writes cache row `row + b` (a slice of the cache: the server
-        prefills one request into its row while the others decode). A row's rotary positions are its
+        shared by every row. Row b writes cache row b. A row's rotary positions are its
         slots, so every row starts at slot 0: prompts of different lengths share a batch padded on
         the right, and a padding key is never visible to the row's real tokens (it sits after them)
         and is overwritten by its decode steps. Returns logits (B, T, vocab_size), or with `last`
         (B,) only those at column last[b] of each row (B, 1, vocab_size): all a prefill needs (a
-        128k vocabulary times a long prompt is gigabytes of logits)."""
+        128k vocabulary times a long prompt is gigabytes of logits).
+
+        chunk: (ids (1, C), slots (1, C), cache row), a piece of a prompt riding along (the server's
+        decode steps): its tokens share every matmul with idx's, one read of the weights for both,
+        attend in their own cache row, and give no logits."""
         B, T = idx.shape
-        input_pos = input_pos.expand(B, T)
-        rope = self.rope[input_pos]  # (B, T, head_dim // 2, 2)
-        dtype = self.tok_embeddings.weight.dtype
-        mask = attention_mask(input_pos, self.max_seq_length, dtype)  # (B, 1, T, S)
         x = self.tok_embeddings(idx)  # (B, T, dim)
+        groups = [self.rows(input_pos.expand(B, T), 0)]
+        if chunk is not None:
+            chunk_idx, chunk_pos, chunk_row = chunk
+            # (1, B * T + C, dim)
+            x = torch.cat([x.view(1, B * T, -1), self.tok_embeddings(chunk_idx)], dim=1)
+            groups.append(self.rows(chunk_pos, chunk_row))
         for layer in self.layers:
-            x = layer(x, rope, mask, input_pos, row)
+            x = layer(x, groups)
+        if chunk is not None:
+            x = x[0, :B * T].view(B, T, -1)  # (B, T, dim)
         if last is not None:
             x = x.gather(1, last.view(B, 1, 1).expand(B, 1, x.size(-1)))  # (B, 1, dim)
         return self.output(self.norm(x))  # (B, T or 1, vocab_size)
+
+    def rows(self, input_pos: Tensor, row: int) -> Rows:
+        rope = self.rope[input_pos]  # (B, T, head_dim // 2, 2)
+        mask = attention_mask(input_pos, self.max_seq_length, self.tok_embeddings.weight.dtype)
+        return Rows(input_pos, rope, mask, row)
 
 
 def attention_mask(input_pos: Tensor, n_slots: int, dtype) -> Tensor:

@@ -60,7 +60,7 @@ from checkpoint import (TOKENIZER_FILES, WEIGHT_FILES, Checkpoint, InputError, W
                         check_device, check_tensors, check_writable, empty_model, read_checkpoint,
                         write_files)
 from kernels import FORMAT, FP8_MAX, GROUPSIZES, INT4_MODES, int4_dequantize, layer_mode
-from model import (Experts, KVCache, ModelArgs, RMSNorm, Transformer, TransformerBlock,
+from model import (Experts, KVCache, ModelArgs, RMSNorm, Rows, Transformer, TransformerBlock,
                    attention_mask, rope_table)
 from tokenizer import load_tokenizer
 
@@ -413,7 +413,8 @@ def gptq_quantize_state_dict(source: WeightsFile, args: ModelArgs, groupsize: in
 
     def forward(module: nn.Module, write: bool):
         for b in range(0, samples, batch):
-            y = module(x[b:b + batch], rope, mask, input_pos)  # (batch, seq_len, dim)
+            rows = Rows(input_pos.expand(len(x[b:b + batch]), seq_len), rope, mask)
+            y = module(x[b:b + batch], [rows])  # (batch, seq_len, dim)
             if write:
                 x[b:b + batch] = y
 

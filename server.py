@@ -9,11 +9,12 @@ GET /v1/models, GET /health, and GET / (a chat page, chat.html).
 
 One scheduler thread owns the model. The KV cache has --max_batch_size rows; each request takes the
 lowest free row (its slot) and keeps it until it ends. Every row has its own cache position, so a
-new request's prompt is prefilled into its row, --prefill_chunk tokens between two decode steps,
-while the other rows keep decoding; its last token is its first decode step's input. A finished or
-cancelled request frees its row at once. The decode step runs row 0 alone when only it decodes,
-else every row, as one forward (with --compile, which compiles the prefill too, one CUDA graph
-each) and samples each row with its own settings: a greedy request gets generate.py
+new request's prompt is prefilled into its row while the other rows keep decoding: each decode
+step carries --prefill_chunk tokens of it through the same forward, which reads the weights once
+for both. Its last token is its first decode step's input. A finished or cancelled request frees
+its row at once. The step runs row 0 alone when only it decodes and no prompt waits, else every
+row (with --compile, one CUDA graph for each kind of step), and samples each row with its own
+settings: a greedy request gets generate.py
 --temperature 0's tokens whatever shares the batch, and a seeded one the same tokens on every run
 (its noise is a hash of its seed, position and token ids, not a draw from a shared generator), up
 to rounding: a row's logits are computed within batches of other sizes, and in bfloat16 another
@@ -105,25 +106,26 @@ def sample_rows(logits: Tensor, position: Tensor, temperature: Tensor, top_k: Te
     return torch.where(temperature[:, None] > 0, drawn, logits.argmax(dim=-1, keepdim=True))
 
 
-def prefill_rows(model: Transformer, idx: Tensor, input_pos: Tensor, row: Tensor):
-    """One chunk of one prompt, idx (1, T) at slots input_pos (1, T), into cache row row[0]. The
-    chunk runs in the cache's last row, which only prompts use, and its keys and values are then
-    copied into the request's row: the row is an index tensor, not an int (which dynamo would
-    specialize, one compile for row 0, one for row 1, one for the others). Nothing is sampled:
-    the decode step feeds a prompt's last token, and the compiled graph drops the unused logits."""
-    staging = model.max_batch_size - 1
-    model(idx, input_pos, torch.zeros(1, dtype=torch.long, device=idx.device), staging)
-    slots, source = input_pos[0], torch.full_like(row, staging)  # (T,), (1,)
-    for layer in model.layers:
-        cache = layer.attention.kv_cache
-        cache.k[row, :, slots] = cache.k[source, :, slots]  # (T, n_kv_heads, head_dim)
-        cache.v[row, :, slots] = cache.v[source, :, slots]
-
-
 def decode_rows(model: Transformer, token: Tensor, input_pos: Tensor, temperature: Tensor,
-                top_k: Tensor, top_p: Tensor, seed: Tensor) -> Tensor:
-    """token (B, 1) at cache slots input_pos (B, 1), one per row -> next token (B, 1)."""
-    logits = model(token, input_pos)  # (B, 1, vocab)
+                top_k: Tensor, top_p: Tensor, seed: Tensor,
+                chunk: Optional[tuple] = None) -> Tensor:
+    """token (B, 1) at cache slots input_pos (B, 1), one per row -> next token (B, 1).
+
+    chunk: (ids (1, C), slots (1, C), row (1,)), the next piece of one prompt, prefilled by the same
+    forward: every matmul reads the weights once for both. It runs in the cache's last row, which
+    only prompts use, and its keys and values are then copied into the request's row; the row is
+    an index tensor, not an int (which dynamo would specialize: a compile for each row)."""
+    if chunk is None:
+        logits = model(token, input_pos)  # (B, 1, vocab)
+    else:
+        ids, slots, row = chunk
+        staging = model.max_batch_size - 1
+        logits = model(token, input_pos, chunk=(ids, slots, staging))
+        source = torch.full_like(row, staging)  # (1,)
+        for layer in model.layers:
+            cache = layer.attention.kv_cache
+            cache.k[row, :, slots[0]] = cache.k[source, :, slots[0]]  # (C, n_kv_heads, head_dim)
+            cache.v[row, :, slots[0]] = cache.v[source, :, slots[0]]
     return sample_rows(logits[:, -1], input_pos[:, 0], temperature, top_k, top_p, seed)
 
 
@@ -159,14 +161,15 @@ class Job:
 
 class Scheduler:
     """Owns the model and its cache: B rows for B requests, and one more in which prompts are
-    prefilled (prefill_rows). HTTP handlers submit and cancel jobs from the event loop's thread;
-    everything else happens on the scheduler's own thread."""
+    prefilled (decode_rows). HTTP handlers submit and cancel jobs from the event loop's thread;
+    everything else happens on the scheduler's own thread. step_fn is decode_rows, compiled or
+    not; compiled, every chunk is padded to --prefill_chunk tokens (static_chunks): one shape."""
 
     def __init__(self, model: Transformer, eos_ids, max_queue: int, prefill_chunk: int,
-                 prefill_fn: Callable, decode_fn: Callable):
+                 step_fn: Callable, static_chunks: bool):
         self.model, self.eos = model, set(eos_ids)
         self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
-        self.prefill_fn, self.decode_fn = prefill_fn, decode_fn
+        self.step_fn, self.static_chunks = step_fn, static_chunks
         B, device = model.max_batch_size - 1, model.tok_embeddings.weight.device
         self.rows: list[Optional[Job]] = [None] * B
         self.waiting: deque = deque()
@@ -239,50 +242,38 @@ class Scheduler:
                         self.admit(r, self.waiting.popleft())
             self.step()
         if dist.is_initialized():  # the other ranks stop too
-            send_step(0, torch.zeros(0, 0, dtype=torch.long, device=self.seed.device), None)
+            send_step(self.next_token[:0], self.next_token[:0], [], None)
 
     def warm_up(self):
-        """Compile the prefill and the decode step for every length and number of rows they take
-        a branch on, and capture the decode's CUDA graphs, before the first request: chunks of two
-        tokens and of a whole --prefill_chunk (a chunk is never one token, which dynamo would
-        specialize; the quantized layers take another kernel above 64 rows), and both row counts
-        the step runs. The chunks write row 0's first slots, which its first request overwrites."""
-        device, context = self.temperature.device, self.model.max_seq_length
-        lengths = sorted({min(n, context) for n in (2, max(2, self.prefill_chunk))})
-        counts = sorted({self.rows_run(last) for last in range(len(self.rows))})
-        with tqdm(total=len(lengths) + len(counts), desc="warm-up", unit="step") as bar:
-            for length in lengths:
-                bar.set_postfix_str(f"prefill of {length} tokens")
-                self.forward(0, torch.zeros(1, length, dtype=torch.long, device=device),
-                             torch.arange(length, device=device)[None])
-                bar.update()
-            for n in counts:
-                bar.set_postfix_str(f"decode of {n} rows")
+        """Compile the step for every number of rows it runs, with and without a prompt's chunk,
+        and capture their CUDA graphs, before the first request. The chunk writes row 0's first
+        slots, which its first request overwrites."""
+        device, B = self.temperature.device, len(self.rows)
+        shapes = [(n, None) for n in sorted({self.rows_run(last) for last in range(B)})]
+        shapes.append((B, self.chunk_at(0, [0, 0])))
+        with tqdm(shapes, desc="warm-up", unit="step") as bar:
+            for n, chunk in bar:
+                bar.set_postfix_str(f"{n} rows" + (" and a prompt" if chunk else ""))
                 for _ in range(3):  # CUDA graph trees: warm-up, capture, replay
                     # the live step's own input: a fresh tensor made in inference mode would
                     # differ from it in kind, and the step would compile again at the first request
-                    self.forward(None, self.next_token[:n], to_device([[0]] * n, device))
-                bar.update()
+                    self.forward(self.next_token[:n], to_device([[0]] * n, device), chunk)
 
     def rows_run(self, last: int) -> int:
-        """How many rows the decode step runs when `last` is the highest decoding row: one, or all.
-        Each count is a compile of its own; a step is memory-bound, so a few rows cost nearly what
-        all do (a 7B model on an H200: 5.8 ms for 32 rows, 5.8 ms for one), except in a mixture of
-        experts, where more rows choose more experts to read."""
+        """How many rows a decode step without a prompt's chunk runs when `last` is the highest
+        decoding row: one, or all (a step with a chunk runs all). Each count is a compile of its
+        own; a step is memory-bound, so a few rows cost nearly what all do (a 7B model on an H200:
+        4.8 ms for one row, 5.5 ms for 32), except in a mixture of experts, where more rows choose
+        more experts to read."""
         return 1 if last == 0 else len(self.rows)
 
-    def forward(self, row: Optional[int], idx: Tensor, input_pos: Tensor) -> Tensor:
-        """A prefill chunk idx (1, T) into cache row `row`, or (row None) the decode step of the
-        first n rows, idx (n, 1), with each row's sampling settings. Under torchrun every rank runs
-        it."""
-        if row is not None:
-            if dist.is_initialized():
-                send_step(row, idx, input_pos)
-            return self.prefill_fn(self.model, idx, input_pos, to_device([row], idx.device))
+    def forward(self, idx: Tensor, input_pos: Tensor, chunk: Optional[tuple]) -> Tensor:
+        """The step of the first n rows, idx (n, 1), with each row's sampling settings, and a
+        prompt's chunk or None. Under torchrun every rank runs it."""
         settings = [t[:idx.shape[0]] for t in (self.temperature, self.top_k, self.top_p, self.seed)]
         if dist.is_initialized():
-            send_step(-1, idx, input_pos, *settings)
-        return self.decode_fn(self.model, idx, input_pos, *settings)
+            send_step(idx, input_pos, settings, chunk)
+        return self.step_fn(self.model, idx, input_pos, *settings, chunk)
 
     def admit(self, r: int, job: Job):
         self.rows[r] = job
@@ -294,17 +285,17 @@ class Scheduler:
         self.top_k[r], self.seed[r] = to_device([job.top_k, job.seed], device)
 
     def step(self):
-        """One chunk of the earliest admitted prompt; a decode step over the decoding rows; then
-        the tokens of the step before it. Each step's inputs are the last one's tokens where they
-        lie, on the device, so the step is queued before the host reads them: the GPU works on
-        one step while the host emits the last one's tokens. A job that ends costs one step more
-        of its row (its token is dropped) but none past its max_tokens."""
-        prefilling = [r for r, j in enumerate(self.rows) if j and j.filled < len(j.prompt) - 1]
-        if prefilling:
-            self.prefill(min(prefilling, key=lambda r: self.rows[r].admitted))
+        """A decode step over the decoding rows, carrying the next chunk of the earliest admitted
+        prompt; then the tokens of the step before it. Each step's inputs are the last one's tokens
+        where they lie, on the device, so the step is queued before the host reads them: the GPU
+        works on one step while the host emits the last one's tokens. A job that ends costs one
+        step more of its row (its token is dropped) but none past its max_tokens."""
         decoding = [r for r, j in enumerate(self.rows)
                     if j and j.filled == len(j.prompt) - 1 and j.computed < j.max_tokens]
-        launched = self.decode(decoding) if decoding else None
+        prefilling = [r for r, j in enumerate(self.rows) if j and j.filled < len(j.prompt) - 1]
+        chunk = self.next_chunk(min(prefilling, key=lambda r: self.rows[r].admitted)
+                                ) if prefilling else None
+        launched = self.decode(decoding, chunk) if decoding or chunk else None
         if self.in_flight is not None:
             jobs, tokens, copied = self.in_flight
             if copied is not None:
@@ -318,14 +309,15 @@ class Scheduler:
             self.deliver(self.outbox)
             self.outbox = []
 
-    def decode(self, decoding: list) -> tuple:
-        """Queue one decode step: ({row: job} of the decoding rows, the step's new tokens (n, 1)
-        in host memory, and on CUDA the event after which they are there)."""
+    def decode(self, decoding: list, chunk: Optional[tuple]) -> tuple:
+        """Queue one step: ({row: job} of the decoding rows, the step's new tokens (n, 1) in host
+        memory, and on CUDA the event after which they are there)."""
         # The step runs row 0 alone or every row (a request takes the lowest free row: alone, it
         # decodes at batch 1). Rows in it that are not decoding still run: each writes a slot that
         # its next prefill chunk or decode step overwrites before anything reads it, and a next
         # input that its first decode step replaces with its prompt's last token.
-        n, device = self.rows_run(max(decoding)), self.next_token.device
+        device = self.next_token.device
+        n = len(self.rows) if chunk or not decoding else self.rows_run(max(decoding))
         starting = [r for r in decoding if self.rows[r].computed == 0]
         if starting:  # a prompt's last token is its first decode step's input
             firsts = to_device([self.rows[r].prompt[-1] for r in starting], device)
@@ -333,7 +325,7 @@ class Scheduler:
                 self.next_token[r, 0] = firsts[i]
         slots = [[len(j.prompt) - 1 + j.computed if r in decoding else j.filled if j else 0]
                  for r, j in enumerate(self.rows[:n])]
-        new = self.forward(None, self.next_token[:n], to_device(slots, device))  # (n, 1)
+        new = self.forward(self.next_token[:n], to_device(slots, device), chunk)  # (n, 1)
         # Copied out before the next step reuses the CUDA graph's output memory.
         self.next_token[:n] = new
         tokens, copied = new, None
@@ -346,17 +338,24 @@ class Scheduler:
             self.rows[r].computed += 1
         return {r: self.rows[r] for r in decoding}, tokens, copied
 
-    def prefill(self, r: int):
-        """The next chunk of row r's prompt, but its last token. A chunk of one token takes the
-        next prompt token along (whose slot the next chunk or decode step writes again): dynamo
-        would compile one-token chunks apart."""
-        job, device = self.rows[r], self.temperature.device
-        start = job.filled
-        n = min(self.prefill_chunk, len(job.prompt) - 1 - start)
-        ids = job.prompt[start:start + max(n, 2)]
-        self.forward(r, to_device([ids], device),
-                     torch.arange(start, start + len(ids), device=device)[None])
+    def next_chunk(self, r: int) -> tuple:
+        """The next --prefill_chunk tokens of row r's prompt, but its last (the first decode
+        step's input), for decode_rows: (ids (1, C), slots (1, C), row (1,))."""
+        job = self.rows[r]
+        n = min(self.prefill_chunk, len(job.prompt) - 1 - job.filled)
+        chunk = self.chunk_at(r, job.prompt[job.filled:job.filled + n], job.filled)
         job.filled += n
+        return chunk
+
+    def chunk_at(self, r: int, ids: list, start: int = 0) -> tuple:
+        """ids at slots start.. of row r. Padded to --prefill_chunk tokens where the step is
+        compiled (static_chunks): the padding's slots follow the prompt's (the cache's last slot
+        past its end), where nothing reads before the row writes them again."""
+        C = self.prefill_chunk if self.static_chunks else len(ids)
+        last_slot = self.model.max_seq_length - 1
+        slots = [min(start + i, last_slot) for i in range(C)]
+        both = to_device([ids + [0] * (C - len(ids)), slots], self.temperature.device)  # (2, C)
+        return both[:1], both[1:], to_device([r], self.temperature.device)
 
     def take(self, r: int, token: int):
         """Hand a row's new token to its job (at the end of the step); free the row when the job
@@ -383,40 +382,41 @@ def hand_out(events: list):
 
 # ---- under torchrun: rank 0 schedules, every rank runs the same forwards -------------------------
 
-def send_step(row: int, idx: Tensor, input_pos: Optional[Tensor], *settings: Tensor):
-    """Rank 0: broadcast one forward of the scheduler: a prefill chunk into `row`, the decode step
-    (row -1, with the rows' sampling settings), or the end (no rows)."""
-    b, T = idx.shape
-    dist.broadcast(to_device([row, b, T], idx.device), 0)
-    if b:
-        dist.broadcast(torch.cat([idx, input_pos], dim=1), 0)
-    if settings:
-        temperature, top_k, top_p, seed = settings
-        dist.broadcast(torch.stack([top_k, seed], dim=1), 0)
-        dist.broadcast(torch.stack([temperature, top_p], dim=1), 0)
+def send_step(idx: Tensor, input_pos: Tensor, settings: list, chunk: Optional[tuple]):
+    """Rank 0: broadcast one step of the scheduler (its rows, their sampling settings and a prompt's
+    chunk), or the end (no rows)."""
+    b, C = idx.shape[0], 0 if chunk is None else chunk[0].shape[1]
+    dist.broadcast(to_device([b, C], idx.device), 0)
+    if not b:
+        return
+    temperature, top_k, top_p, seed = settings
+    dist.broadcast(torch.cat([idx, input_pos, top_k[:, None], seed[:, None]], dim=1), 0)
+    dist.broadcast(torch.stack([temperature, top_p], dim=1), 0)
+    if C:
+        dist.broadcast(torch.cat([chunk[0][0], chunk[1][0], chunk[2]]), 0)  # (2C + 1,)
 
 
-def follow(model: Transformer, prefill_fn: Callable, decode_fn: Callable):
-    """Ranks other than 0: run the forwards rank 0's scheduler sends, until it stops."""
+def follow(model: Transformer, step_fn: Callable):
+    """Ranks other than 0: run the steps rank 0's scheduler sends, until it stops."""
     device = model.tok_embeddings.weight.device
     while True:
-        header = torch.empty(3, dtype=torch.long, device=device)
+        header = torch.empty(2, dtype=torch.long, device=device)
         dist.broadcast(header, 0)
-        row, b, T = header.tolist()
+        b, C = header.tolist()
         if b == 0:
             return
-        tokens = torch.empty(b, 2 * T, dtype=torch.long, device=device)  # idx, input_pos
-        dist.broadcast(tokens, 0)
-        idx, input_pos = tokens[:, :T], tokens[:, T:]
+        ints = torch.empty(b, 4, dtype=torch.long, device=device)  # idx, input_pos, top_k, seed
+        floats = torch.empty(b, 2, device=device)  # temperature, top_p
+        dist.broadcast(ints, 0)
+        dist.broadcast(floats, 0)
+        chunk = None
+        if C:
+            sent = torch.empty(2 * C + 1, dtype=torch.long, device=device)
+            dist.broadcast(sent, 0)
+            chunk = (sent[None, :C], sent[None, C:2 * C], sent[2 * C:])
         with torch.inference_mode():
-            if row >= 0:
-                prefill_fn(model, idx, input_pos, to_device([row], device))
-                continue
-            ints = torch.empty(b, 2, dtype=torch.long, device=device)  # top_k, seed
-            floats = torch.empty(b, 2, device=device)  # temperature, top_p
-            dist.broadcast(ints, 0)
-            dist.broadcast(floats, 0)
-            decode_fn(model, idx, input_pos, floats[:, 0], ints[:, 0], floats[:, 1], ints[:, 1])
+            step_fn(model, ints[:, :1], ints[:, 1:2], floats[:, 0], ints[:, 2], floats[:, 1],
+                    ints[:, 3], chunk)
 
 
 # ---- the HTTP side: OpenAI's requests, responses and errors --------------------------------------
@@ -728,9 +728,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="cache slots per row: the longest prompt + max_tokens served (default: "
                    "the model's context, at most 4096). Every decode step reads every slot: size "
                    "it for the workload")
-    p.add_argument("--prefill_chunk", type=int, default=256,
-                   help="prompt tokens prefilled between two decode steps: bounds the pause a new "
-                   "request causes the others (default 256)")
+    p.add_argument("--prefill_chunk", type=int, default=128,
+                   help="prompt tokens prefilled with each decode step (with --compile every "
+                   "step that carries a prompt computes this many): bounds how much a new "
+                   "request slows the others' steps (default 128)")
     args, unknown = p.parse_known_args(argv)
     if any(a.split("=")[0] in SPECULATION_FLAGS for a in unknown):
         raise InputError("the server does not do speculative decoding (it proposes tokens for one "
@@ -764,18 +765,16 @@ def main(argv=None):
         raise InputError(f"--max_seq_length {context} is beyond the model's context of "
                          f"{config.block_size} tokens")
     device = tp.start(args, config, args.device) if distributed else args.device
-    # one cache row more than requests: the row prompts are prefilled in (prefill_rows)
+    # one cache row more than requests: the row prompts are prefilled in (decode_rows)
     model = load_weights(args, ckpt, config, device, args.max_batch_size + 1, context)
-    # The decode step compiles for one row and for B rows, each with static shapes: with the row
-    # count symbolic, a 7B step of 32 rows took 14.7 ms on an H200, against 5.8 ms compiled for 32.
-    # --compile compiles the prefill too: every new request's prompt runs it between two decode
-    # steps, and an eager 7B prefill chunk takes ~10 decode steps of everyone's time.
-    args.compile_prefill = args.compile_prefill or args.compile
-    prefill_fn, decode_fn = compile_functions(args, prefill_rows, decode_rows, decode_dynamic=False)
+    # The step compiles for one row and for B rows, and for B rows with a prompt's chunk, each
+    # with static shapes: with the row count symbolic, a 7B step of 32 rows took 14.7 ms on an
+    # H200, against 5.8 ms compiled for 32.
+    _, step_fn = compile_functions(args, decode_step=decode_rows, decode_dynamic=False)
     if tp.rank() != 0:
-        return follow(model, prefill_fn, decode_fn)
-    scheduler = Scheduler(model, tokenizer.eos_ids, args.max_queue, args.prefill_chunk,
-                          prefill_fn, decode_fn)
+        return follow(model, step_fn)
+    scheduler = Scheduler(model, tokenizer.eos_ids, args.max_queue, args.prefill_chunk, step_fn,
+                          static_chunks=args.compile)
     page_path = Path(__file__).with_name("chat.html")
     page = page_path.read_text() if page_path.is_file() else None
     app = make_app(scheduler, tokenizer, model_id, context, args.api_key, page)

@@ -108,19 +108,22 @@ def test_last_logits_are_each_rows_column_of_the_full_forward():
 
 
 @torch.no_grad()
-def test_rows_at_their_own_positions_match_each_row_alone():
-    """Per-row cache slots: row 0 decodes at slot 9 while row 1, prefilled into its own cache row by
-    a batch-1 forward (`row`), decodes at slot 4; each gets the logits of its sequence alone."""
+def test_a_prompt_chunk_riding_a_decode_step_leaves_each_row_its_alone_logits():
+    """Per-row cache slots: row 0 decodes at slot 9 while row 1's prompt rides along in the same
+    forward (`chunk`, into cache row 1); then row 0 decodes at slot 10 and row 1 at slot 4. Each
+    gets the logits of its sequence alone."""
     model = tiny_model()
-    seqs = torch.randint(0, TINY["vocab_size"], (2, 10))
+    seqs = torch.randint(0, TINY["vocab_size"], (2, 11))
     model.setup_caches(1, 16)
-    alone = [model(seqs[b:b + 1], torch.arange(10))[0] for b in range(2)]  # each (10, vocab)
+    alone = [model(seqs[b:b + 1], torch.arange(11))[0] for b in range(2)]  # each (11, vocab)
     model.setup_caches(2, 16)
     model(seqs[:1, :9], torch.arange(9))  # row 0's prompt, cache row 0
-    first = model(seqs[1:, :4], torch.arange(4), row=1)  # row 1's prompt, cache row 1
-    torch.testing.assert_close(first[0], alone[1][:4], atol=1e-5, rtol=1e-5)
-    step = model(torch.stack([seqs[0, 9:], seqs[1, 4:5]]), torch.tensor([[9], [4]]))  # (2, 1, vocab)
-    torch.testing.assert_close(step[0, 0], alone[0][9], atol=1e-5, rtol=1e-5)
+    # row 0's step, with row 1's prompt into cache row 1: (1, 1, vocab), row 0's logits only
+    chunk = (seqs[1:, :4], torch.arange(4)[None], 1)
+    first = model(seqs[:1, 9:10], torch.tensor([[9]]), chunk=chunk)
+    torch.testing.assert_close(first[0, 0], alone[0][9], atol=1e-5, rtol=1e-5)
+    step = model(torch.stack([seqs[0, 10:], seqs[1, 4:5]]), torch.tensor([[10], [4]]))  # (2, 1, V)
+    torch.testing.assert_close(step[0, 0], alone[0][10], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(step[1, 0], alone[1][4], atol=1e-5, rtol=1e-5)
 
 

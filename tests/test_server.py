@@ -342,11 +342,66 @@ def test_under_torchrun_two_processes_serve_the_greedy_answers_of_one(smollm2_ch
         assert proc.wait(timeout=60) == 0, (tmp_path / "server.log").read_text()[-3000:]
 
 
+def run_jobs(scheduler, jobs: list, arrivals: list):
+    """Submit each job at its step (arrivals), admit jobs into free rows as serve() does, and step
+    until every job has ended."""
+    step = 0
+    while any(not job.ended for job in jobs):
+        for job, at in zip(jobs, arrivals):
+            if at == step:
+                assert scheduler.submit(job)
+        for r in range(len(scheduler.rows)):
+            if scheduler.rows[r] is None and scheduler.waiting:
+                scheduler.admit(r, scheduler.waiting.popleft())
+        scheduler.step()
+        step += 1
+        assert step < 500
+
+
+def greedy_job(prompt: list, max_tokens: int) -> "server.Job":
+    import server
+    job = server.Job(prompt, max_tokens, 0.0, 10**6, 1.0, 0, emit=None)
+    job.tokens, job.ended = [], False
+
+    def emit(item):
+        if isinstance(item, str):
+            job.ended = True
+        else:
+            job.tokens.append(item)
+    job.emit = emit
+    return job
+
+
+@pytest.mark.parametrize("static_chunks", [False, True], ids=["exact", "padded"])
+def test_prompts_prefilled_inside_decode_steps_give_each_request_its_alone_tokens(static_chunks):
+    """Prompts of 1 to 30 tokens arrive while three rows decode; each is prefilled in chunks of 8
+    that ride along the decode steps (exact, or padded to 8 as a compiled server pads them), through
+    the staging row, into whichever row it got: every request's greedy tokens are generate's for
+    its prompt alone."""
+    import copy
+    import server
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=97,
+                                  intermediate_size=128, block_size=64)).eval()
+    alone = copy.deepcopy(model)
+    alone.setup_caches(1, 64)
+    model.setup_caches(4, 64)  # three rows and the staging row
+    prompts = [torch.randint(1, 97, (n,)).tolist() for n in (3, 12, 1, 2, 10, 20, 30, 9)]
+    jobs = [greedy_job(p, 6 + i) for i, p in enumerate(prompts)]
+    scheduler = server.Scheduler(model, [], 16, 8, server.decode_rows, static_chunks)
+    with torch.inference_mode():
+        run_jobs(scheduler, jobs, arrivals=[0, 0, 1, 3, 4, 4, 9, 12])
+    for job in jobs:
+        assert job.tokens == generate(alone, [job.prompt], job.max_tokens,
+                                      Sampling(temperature=0)).tokens[0]
+
+
 @pytest.mark.slow
 def test_the_warm_up_compiles_everything_the_first_requests_run():
-    """The compiled prefill and decode step (CPU inductor here) meet no new shape, row or input kind
-    once warm_up has run: prompts of many lengths into rows 0, 1 and 2 (and the staging row),
-    decoded together."""
+    """The compiled step (CPU inductor here), with and without a prompt's chunk, meets no new shape,
+    row or input kind once warm_up has run, and gives each request its alone tokens: prompts of
+    many lengths into rows 0, 1 and 2 (through the staging row), decoded together."""
+    import copy
     import types
     from torch._dynamo.utils import counters
     import server
@@ -354,25 +409,20 @@ def test_the_warm_up_compiles_everything_the_first_requests_run():
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=97,
                                   intermediate_size=128, block_size=64)).eval()
+    alone = copy.deepcopy(model)
+    alone.setup_caches(1, 64)
     model.setup_caches(4, 64)
     torch._dynamo.reset()
-    compiled = compile_functions(types.SimpleNamespace(compile=True, compile_prefill=True),
-                                 server.prefill_rows, server.decode_rows, decode_dynamic=False)
-    scheduler = server.Scheduler(model, [96], 8, 8, *compiled)
-    emitted = []
+    _, step_fn = compile_functions(types.SimpleNamespace(compile=True, compile_prefill=False),
+                                   decode_step=server.decode_rows, decode_dynamic=False)
+    scheduler = server.Scheduler(model, [], 8, 8, step_fn, static_chunks=True)
+    # 1: no prefill; 2 and 10 leave a one-token chunk; 12 and 20: chunks of 8 and the rest
+    jobs = [greedy_job(torch.randint(1, 97, (n,)).tolist(), 6) for n in (3, 12, 1, 2, 10, 20)]
     with torch.inference_mode():
         scheduler.warm_up()
         graphs = counters["stats"]["unique_graphs"]
-        # 2 and 10 leave a one-token chunk (taken along with the last token); 12 and 20: chunks
-        # of 8 and the rest; 1: no prefill at all
-        for n in (3, 12, 1, 2, 10, 20):
-            scheduler.submit(server.Job(list(range(1, 1 + n)), 6, 0.0, 97, 1.0, 0,
-                                        emit=emitted.append))
-        for _ in range(60):
-            for r in range(len(scheduler.rows)):
-                if scheduler.rows[r] is None and scheduler.waiting:
-                    scheduler.admit(r, scheduler.waiting.popleft())
-            scheduler.step()
+        run_jobs(scheduler, jobs, arrivals=[0] * len(jobs))
     torch._dynamo.reset()
-    assert emitted.count("length") == 6  # every request ran to its max_tokens
     assert counters["stats"]["unique_graphs"] == graphs
+    for job in jobs:
+        assert job.tokens == generate(alone, [job.prompt], 6, Sampling(temperature=0)).tokens[0]
