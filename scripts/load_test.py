@@ -6,8 +6,8 @@
 
 Each of --concurrency clients (the official `openai` async client) sends one streamed request to
 POST /v1/completions after another, until --requests have been sent or --duration seconds have
-passed (requests in flight then are waited for and counted). The model is the first one that
-GET /v1/models lists.
+passed (requests in flight then are waited for and counted). The clients are split over
+--processes processes, which start together. The model is the first one that GET /v1/models lists.
 
 The prompt counts up, "10001, 10002, 10003, ...", to about --prompt_tokens tokens: two short
 requests first measure the server's token count of 8 and of 16 numbers (they also warm it up), so
@@ -23,12 +23,16 @@ Reported (and written to --out as JSON):
   chunk a token, as server.py streams, except where a stop string holds text back);
 - p50 and p99 of each, in milliseconds. Requests the server refused (e.g. 429: queue full) or that
   failed are counted in `failed` and `errors`, and left out of the statistics;
-- client CPU: this process's CPU seconds over the wall time. All clients share one Python thread:
-  near 100 %, the client, not the server, may be what limits the figures above.
+- client CPU: the busiest client process's CPU seconds over the wall time. Each process's clients
+  share one Python thread: near 100 %, the client, not the server, may be what limits the figures
+  above (give more --processes).
 """
 import argparse
 import asyncio
 import math
+import multiprocessing
+import os
+import queue
 import resource
 import sys
 import time
@@ -46,6 +50,9 @@ from checkpoint import InputError, check_writable  # noqa: E402
 from generate import write_json  # noqa: E402
 
 CALIBRATION = (8, 16)  # prompts of this many numbers measure the tokens of one
+# One Python process parses a few thousand streamed chunks a second (the openai client's parsing is
+# most of it): 32 clients of a fast server would saturate it and measure the client.
+CLIENTS_PER_PROCESS = 8
 
 
 @dataclass
@@ -87,9 +94,12 @@ async def stream_request(client, model: str, text: str, max_tokens: int) -> Resu
     return result
 
 
-async def first_contact(client) -> tuple[str, int, int]:
-    """The model's name and the server's token counts of the CALIBRATION prompts. A server that
-    cannot be reached or refuses these requests is bad input (a wrong --url or --api_key)."""
+async def calibrate(args) -> tuple[str, int]:
+    """The model's name, and how many numbers make a prompt of about --prompt_tokens tokens: the
+    server's token counts of the CALIBRATION prompts. A server that cannot be reached or refuses
+    these requests is bad input (a wrong --url or --api_key)."""
+    client = openai.AsyncOpenAI(base_url=args.url, api_key=args.api_key or "none", max_retries=0,
+                                timeout=600)
     try:
         models = (await client.models.list()).data
         if not models:
@@ -105,38 +115,93 @@ async def first_contact(client) -> tuple[str, int, int]:
     except openai.APIStatusError as e:
         raise InputError(f"the server at {client.base_url} answered {e.status_code}: "
                          f"{e.message}") from None
-    return model, counts[0], counts[1]
+    finally:
+        await client.close()
+    short, long = counts
+    per_number = (long - short) / (CALIBRATION[1] - CALIBRATION[0])
+    return model, max(1, round(CALIBRATION[0] + (args.prompt_tokens - short) / per_number))
 
 
-async def load(args) -> dict:
+def load(args) -> dict:
+    """Run the clients in --processes processes (forked: they share this one's arguments), start
+    them together once each is connected, and merge what they measured."""
+    model, numbers = asyncio.run(calibrate(args))
+    context = multiprocessing.get_context("fork")
+    events, go = context.Queue(), context.Event()
+    sent = context.Value("i", 0)  # requests sent by all processes: each one's prompt number
+    shares = [args.concurrency // args.processes + (i < args.concurrency % args.processes)
+              for i in range(args.processes)]
+    workers = [context.Process(target=worker, args=(args, model, numbers, clients, sent, go, events),
+                               daemon=True) for clients in shares]
+    for w in workers:
+        w.start()
+    for _ in workers:
+        wait_for(events, workers)
+    start = time.perf_counter()
+    go.set()
+    results, errors, cpu = [], Counter(), []
+    with tqdm(total=args.requests, unit="req", desc="requests", file=sys.stderr) as progress:
+        while len(cpu) < len(workers):
+            kind, payload = wait_for(events, workers)
+            if kind == "request":
+                progress.update()
+            else:  # a process's results, when all its clients are done
+                results += [Result(**r) for r in payload["results"]]
+                errors.update(payload["errors"])
+                cpu.append(payload["cpu_s"])
+    wall = time.perf_counter() - start
+    return dict(summary(args, model, results, errors, sent.value, wall),
+                client_processes=len(workers), client_cpu=max(cpu) / wall)
+
+
+def wait_for(events, workers: list) -> tuple:
+    """The next (kind, payload) a client process sends; a process that died is a bug there (its
+    traceback is on stderr)."""
+    while True:
+        try:
+            return events.get(timeout=1)
+        except queue.Empty:
+            dead = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"a client process exited with status {dead[0]}")
+
+
+def worker(args, model: str, numbers: int, clients: int, sent, go, events):
+    asyncio.run(drive(args, model, numbers, clients, sent, go, events))
+
+
+async def drive(args, model: str, numbers: int, clients: int, sent, go, events):
+    """One process's clients: each sends one request after another until --requests have been
+    sent (by every process) or --duration has passed. All requests are streamed."""
     client = openai.AsyncOpenAI(base_url=args.url, api_key=args.api_key or "none", max_retries=0,
                                 timeout=600)
-    model, short, long = await first_contact(client)
-    per_number = (long - short) / (CALIBRATION[1] - CALIBRATION[0])
-    numbers = max(1, round(CALIBRATION[0] + (args.prompt_tokens - short) / per_number))
+    events.put(("ready", None))
+    await asyncio.to_thread(go.wait)
+    cpu_start = cpu_seconds()
+    deadline = time.perf_counter() + args.duration if args.duration else math.inf
     results, errors = [], Counter()
-    sent = 0
-    progress = tqdm(total=args.requests, unit="req", desc="requests", file=sys.stderr)
-    start, cpu_start = time.perf_counter(), cpu_seconds()
-    deadline = start + args.duration if args.duration else math.inf
+
+    def next_request() -> Optional[int]:
+        with sent.get_lock():
+            if args.requests is not None and sent.value >= args.requests:
+                return None
+            sent.value += 1
+            return sent.value
 
     async def client_loop():
-        nonlocal sent
-        while (args.requests is None or sent < args.requests) and time.perf_counter() < deadline:
-            sent += 1
+        while time.perf_counter() < deadline and (n := next_request()) is not None:
             try:
-                results.append(await stream_request(client, model, prompt(sent, numbers),
+                results.append(await stream_request(client, model, prompt(n, numbers),
                                                     args.max_tokens))
             except openai.APIError as e:  # e.g. 429 (the queue is full), a dropped connection
                 errors[str(e.status_code) if isinstance(e, openai.APIStatusError)
                        else type(e).__name__] += 1
-            progress.update()
+            events.put(("request", None))
 
-    await asyncio.gather(*(client_loop() for _ in range(args.concurrency)))
-    wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
-    progress.close()
+    await asyncio.gather(*(client_loop() for _ in range(clients)))
+    events.put(("done", dict(results=[vars(r) for r in results], errors=dict(errors),
+                             cpu_s=cpu_seconds() - cpu_start)))
     await client.close()
-    return dict(summary(args, model, results, errors, sent, wall), client_cpu=cpu / wall)
 
 
 def cpu_seconds() -> float:
@@ -176,7 +241,8 @@ def report(result: dict):
     print(f"output tok/s   {result['output_tok_s']:.1f}")
     print(f"TTFT p50 / p99 {ms(result['ttft_ms'])}")
     print(f"ITL  p50 / p99 {ms(result['itl_ms'])}")
-    print(f"client CPU     {result['client_cpu']:.0%} of one core")
+    print(f"client CPU     {result['client_cpu']:.0%} of one core, the busiest of "
+          f"{result['client_processes']} client processes")
 
 
 # ---- the command line ---------------------------------------------------------------------------
@@ -194,10 +260,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="about this many prompt tokens (default 128)")
     p.add_argument("--max_tokens", type=int, default=200,
                    help="output tokens asked per request (default 200)")
+    p.add_argument("--processes", type=int,
+                   help="client processes, the clients split among them (default: one for each "
+                   f"{CLIENTS_PER_PROCESS} clients, at most one per CPU core)")
     p.add_argument("--out", type=Path, help="write the result here as JSON")
     args = p.parse_args(argv)
     if args.requests is None and args.duration is None:
         args.requests = 100
+    if args.processes is None:
+        args.processes = min(-(-args.concurrency // CLIENTS_PER_PROCESS), os.cpu_count() or 1)
     return args
 
 
@@ -207,9 +278,13 @@ def check_args(args):
         raise InputError(f"--url {args.url!r} is not an http:// or https:// URL")
     if args.requests is not None and args.duration is not None:
         raise InputError("give --requests or --duration, not both")
-    counts = [args.concurrency, args.prompt_tokens, args.max_tokens]
+    counts = [args.concurrency, args.prompt_tokens, args.max_tokens, args.processes]
     if min(counts + ([args.requests] if args.requests is not None else [])) < 1:
-        raise InputError("--concurrency, --requests, --prompt_tokens and --max_tokens must be >= 1")
+        raise InputError("--concurrency, --requests, --prompt_tokens, --max_tokens and "
+                         "--processes must be >= 1")
+    if args.processes > args.concurrency:
+        raise InputError(f"--processes {args.processes} is more than the --concurrency "
+                         f"{args.concurrency} clients to split among them")
     if args.duration is not None and not 0 < args.duration < math.inf:
         raise InputError(f"--duration must be a positive number of seconds, got {args.duration}")
     if args.out is not None:
@@ -221,7 +296,7 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         check_args(args)
-        result = asyncio.run(load(args))
+        result = load(args)
     except InputError as e:
         sys.exit(f"error: {e}")
     report(result)

@@ -62,12 +62,14 @@ def refusal(load_test, *flags) -> str:
     return exit.value.code
 
 
-def test_load_test_with_a_request_count_sends_exactly_that_many(server, load_test, tmp_path):
+def test_load_test_over_processes_sends_exactly_the_requests_asked(server, load_test, tmp_path):
     out = tmp_path / "load.json"
-    load_test.main(["--url", f"{server}/v1", "--concurrency", "2", "--requests", "3",
-                    "--prompt_tokens", "12", "--max_tokens", "2", "--out", str(out)])
+    load_test.main(["--url", f"{server}/v1", "--concurrency", "3", "--processes", "2",
+                    "--requests", "5", "--prompt_tokens", "12", "--max_tokens", "2",
+                    "--out", str(out)])
     result = json.loads(out.read_text())
-    assert result["sent"] == result["finished"] == 3 and result["output_tokens"] == 6
+    assert result["client_processes"] == 2
+    assert result["sent"] == result["finished"] == 5 and result["output_tokens"] == 10
 
 
 def test_load_test_counts_the_requests_the_server_refuses(server, load_test, tmp_path):
@@ -87,6 +89,7 @@ def test_load_test_counts_the_requests_the_server_refuses(server, load_test, tmp
     (["--requests", "0"], "--requests"),
     (["--requests", "2", "--duration", "5"], "not both"),
     (["--url", "127.0.0.1:8000/v1"], "URL"),
+    (["--concurrency", "2", "--processes", "3"], "--processes 3"),
 ])
 def test_load_test_bad_flags_are_one_error_line(load_test, flags, words):
     assert_one_error_line(refusal(load_test, *flags), words)
