@@ -739,6 +739,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          f"{', '.join(SPECULATION_FLAGS)}")
     if unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.compile_prefill:
+        raise InputError("--compile_prefill has nothing to compile here: prompts are prefilled "
+                         "inside the decode steps, which --compile compiles")
     check_model_flags(args)
     if min(args.max_batch_size, args.max_queue, args.prefill_chunk,
            args.max_seq_length or 1) < 1:

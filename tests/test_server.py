@@ -12,11 +12,11 @@ import openai
 import pytest
 import torch
 
-from checkpoint import load_model, read_checkpoint, save_checkpoint
+from checkpoint import InputError, load_model, read_checkpoint, save_checkpoint
 from conftest import ROOT, assert_one_error_line, run_script, serve
 from generate import Sampling, generate
 from model import ModelArgs, Transformer
-from server import held_back
+from server import held_back, parse_args
 from tokenizer import load_tokenizer
 
 KEY = "test-key"
@@ -300,6 +300,11 @@ def test_speculative_flags_are_refused_with_one_error_line(smollm2_checkpoint):
     r = run_script("server.py", "--checkpoint_path", smollm2_checkpoint, "--speculate_ngram", 3)
     assert r.returncode == 1
     assert_one_error_line(r.stderr, "speculative decoding")
+
+
+def test_compile_prefill_is_refused_since_prompts_ride_the_decode_steps(smollm2_checkpoint):
+    with pytest.raises(InputError, match="--compile_prefill"):
+        parse_args(["--checkpoint_path", str(smollm2_checkpoint), "--compile_prefill"])
 
 
 @pytest.mark.slow
