@@ -158,11 +158,13 @@ class Background:
                     if self.closed:
                         raise RuntimeError("the test session ended first")
                     # A process group of its own, reniced and stopped as a whole (torch.compile's
-                    # workers included).
+                    # workers included), in this session: where the kernel groups processes by
+                    # session (autogroup), a new session would get an equal share of the CPU
+                    # whatever its nice value, and slow the tests down by as much.
                     job.process = subprocess.Popen(
                         argv if job.urgent or not nice else [nice, "-n", "19", *argv],
                         cwd=ROOT, env=environ, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE, text=True, start_new_session=True)
+                        stderr=subprocess.PIPE, text=True, process_group=0)
                 try:
                     out, err = job.process.communicate(timeout=job.timeout)
                 except subprocess.TimeoutExpired:

@@ -181,7 +181,8 @@ def test_parity_check_would_catch_qk_norm_after_rotary(hf_models, tmp_path, monk
     monkeypatch.setattr(model_py, "apply_rope", lambda x, rope: x)  # rotated inside the norms
     for layer in model.layers:
         attention = layer.attention
-        attention.register_forward_pre_hook(lambda m, args: current.update(rope=args[1]))
+        # one group of rows (model.Rows): its rotary angles
+        attention.register_forward_pre_hook(lambda m, args: current.update(rope=args[1][0].rope))
         for name in ("q_norm", "k_norm"):
             norm = getattr(attention, name)
             delattr(attention, name)
