@@ -213,12 +213,15 @@ def compiles_smollm2(item) -> bool:
 def background_commands(request):
     """Starts, at the beginning of the session, the slow commands that selected tests will need:
     GPTQ on SmolLM2 (tests/test_quantize.py's smollm2_gptq), then generate.py --compile on SmolLM2
-    (tests/test_smollm2.py's compiled command line, whose result that test checks)."""
+    (tests/test_smollm2.py's compiled command line, whose result that test checks), then the
+    command lines of tests/test_tp.py (torchrun_jobs)."""
     items = request.session.items
     if any("smollm2_gptq" in item.fixturenames for item in items):
         request.getfixturevalue("smollm2_gptq_job")
     if any(compiles_smollm2(item) for item in items):
         request.getfixturevalue("smollm2_compiled_job")
+    if any("torchrun_jobs" in item.fixturenames for item in items):
+        request.getfixturevalue("torchrun_jobs")
     yield BACKGROUND
     BACKGROUND.close()
 
@@ -238,6 +241,46 @@ def smollm2_compiled_job(smollm2_checkpoint, tmp_path_factory) -> tuple[Path, Jo
     metrics = tmp_path_factory.mktemp("compiled") / "metrics.json"
     job = BACKGROUND.submit(*smollm2_cli_args(smollm2_checkpoint, metrics, "--compile"))
     return metrics, job
+
+
+TORCHRUN = ("-m", "torch.distributed.run", "--standalone")
+QUIET = {"OMP_NUM_THREADS": "1"}  # else torchrun prints a note about it to stderr
+
+
+def torchrun_args(processes: int, *args) -> tuple:
+    """A script's command line, under torchrun with more than one process."""
+    return (*TORCHRUN, f"--nproc_per_node={processes}", *args) if processes > 1 else args
+
+
+def smollm2_greedy_args(checkpoint: Path, *flags, processes: int = 1) -> tuple:
+    """SmolLM2's greedy answer to a short prompt from generate.py, in `processes` processes."""
+    return torchrun_args(processes, "generate.py", "--checkpoint_path", checkpoint, "--prompt",
+                         "The capital of France is", "--temperature", "0", "--max_new_tokens",
+                         "12", "--num_samples", "1", *flags)
+
+
+@pytest.fixture(scope="session")
+def torchrun_jobs(smollm2_checkpoint, tmp_path_factory) -> tuple[Path, dict]:
+    """tests/test_tp.py's command lines (torchrun's, and the one-process runs they are compared
+    with: seconds of start-up each), started in the background when the session begins. Returns
+    (the folder they write into, {name: job})."""
+    folder = tmp_path_factory.mktemp("torchrun")
+    ckpt = smollm2_checkpoint
+    draft = ("--draft_checkpoint_path", ckpt, "--speculate_k", "3")
+    commands = {
+        "one process": smollm2_greedy_args(ckpt),
+        "3 processes": smollm2_greedy_args(ckpt, processes=3),
+        "3 processes, draft": smollm2_greedy_args(ckpt, *draft, processes=3),
+        "2 processes": smollm2_greedy_args(ckpt, processes=2),  # 9 heads: refused
+        "random weights, 2 processes": torchrun_args(
+            2, "generate.py", "--random_weights", "stories15M", "--max_new_tokens", "4",
+            "--num_samples", "1", "--json", folder / "random.json"),
+    }
+    for n in (1, 3):
+        commands[f"eval, {n} processes"] = torchrun_args(
+            n, "eval.py", "--checkpoint_path", ckpt, "--limit", "200", "--max_seq_length", "128",
+            "--output", folder / f"ppl{n}.json")
+    return folder, {name: BACKGROUND.submit(*args, env=QUIET) for name, args in commands.items()}
 
 
 # ---- the real model ---------------------------------------------------------------------------

@@ -402,10 +402,12 @@ def test_prompts_prefilled_inside_decode_steps_give_each_request_its_alone_token
 
 
 @pytest.mark.slow
-def test_the_warm_up_compiles_everything_the_first_requests_run():
-    """The compiled step (CPU inductor here), with and without a prompt's chunk, meets no new shape,
-    row or input kind once warm_up has run, and gives each request its alone tokens: prompts of
-    many lengths into rows 0, 1 and 2 (through the staging row), decoded together."""
+def test_the_warm_up_compiles_everything_the_first_requests_run(monkeypatch):
+    """The compiled step, with and without a prompt's chunk, meets no new shape, row or input kind
+    once warm_up has run, and gives each request its alone tokens: prompts of many lengths into
+    rows 0, 1 and 2 (through the staging row), decoded together. Dynamo decides what compiles and
+    when (its guards); the backend only what each graph becomes, so the graphs here are run by
+    dynamo's eager backend: the same graphs, without inductor's half a minute of building them."""
     import copy
     import types
     from torch._dynamo.utils import counters
@@ -418,6 +420,9 @@ def test_the_warm_up_compiles_everything_the_first_requests_run():
     alone.setup_caches(1, 64)
     model.setup_caches(4, 64)
     torch._dynamo.reset()
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode, **kwargs: compile(fn, backend="eager",
+                                                                             **kwargs))
     _, step_fn = compile_functions(types.SimpleNamespace(compile=True, compile_prefill=False),
                                    decode_step=server.decode_rows, decode_dynamic=False)
     scheduler = server.Scheduler(model, [], 8, 8, step_fn, static_chunks=True)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, assert_one_error_line, run_script
+from conftest import QUIET, ROOT, TORCHRUN, assert_one_error_line, run_script
 from checkpoint import InputError, load_model, random_model, read_checkpoint, save_checkpoint
 from model import CONFIGS as NAMED_CONFIGS, ModelArgs, Transformer
 
@@ -25,8 +25,6 @@ CONFIGS = {
     "moe": dict(n_kv_heads=2, intermediate_size=64, n_experts=4, n_active_experts=2, qk_norm=True),
 }
 QUANTIZED = {"int8": ["--mode", "int8"], "int4": ["--mode", "int4", "--groupsize", "32"]}  # of gqa-bias-tied
-TORCHRUN = ("-m", "torch.distributed.run", "--standalone")
-QUIET = {"OMP_NUM_THREADS": "1"}  # else torchrun prints a note about it to stderr
 PROMPTS = [[5, 17, 3, 44, 9, 61, 2, 30], [8, 8, 70, 1, 13, 52, 6, 25]]  # (2, 8)
 DECODED = [[11, 12], [40, 41], [90, 3]]  # fed one position at a time after the prompts
 
@@ -277,27 +275,22 @@ def test_two_processes_give_the_logits_and_greedy_tokens_of_one(tiny_checkpoints
     assert ranks[0]["compiled_tokens"].tolist() == greedy_tokens(one).tolist()
 
 
-def smollm2_run(checkpoint, *flags, processes: int = 1):
-    launch = (*TORCHRUN, f"--nproc_per_node={processes}") if processes > 1 else ()
-    return run_script(*launch, "generate.py", "--checkpoint_path", checkpoint, "--prompt", "The capital of France is",
-                      "--temperature", "0", "--max_new_tokens", "12", "--num_samples", "1", *flags, env=QUIET)
-
+# The SmolLM2 command lines run in the background from the session's start: conftest.py's torchrun_jobs.
 
 @pytest.fixture(scope="module")
-def smollm2_text(smollm2_checkpoint) -> str:
+def smollm2_text(torchrun_jobs) -> str:
     """SmolLM2's greedy text in one process, without speculation."""
-    r = smollm2_run(smollm2_checkpoint)
+    r = torchrun_jobs[1]["one process"].wait()
     assert r.returncode == 0 and "Paris" in r.stdout, r.stderr[-3000:]
     return r.stdout
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("speculation", ["none", "draft"])
-def test_generate_under_torchrun_prints_the_greedy_text_of_one_process_once(smollm2_checkpoint, smollm2_text, speculation):
+def test_generate_under_torchrun_prints_the_greedy_text_of_one_process_once(torchrun_jobs, smollm2_text, speculation):
     # SmolLM2-135M's 9 heads and 3 KV heads split over 3 processes. The draft (here the model itself, so that it
     # is all the checkpoint there is) is replicated: every rank runs a whole copy of it.
-    flags = ["--draft_checkpoint_path", smollm2_checkpoint, "--speculate_k", "3"] if speculation == "draft" else []
-    r = smollm2_run(smollm2_checkpoint, *flags, processes=3)
+    r = torchrun_jobs[1]["3 processes, draft" if speculation == "draft" else "3 processes"].wait()
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout == smollm2_text  # rank 0 alone prints it
     assert r.stderr.count("Sample 0: 12 new tokens") == 1 and r.stderr.count("Loaded ") == 1 + (speculation == "draft")
@@ -305,8 +298,8 @@ def test_generate_under_torchrun_prints_the_greedy_text_of_one_process_once(smol
 
 
 @pytest.mark.slow
-def test_generate_under_torchrun_refuses_heads_that_do_not_divide_in_one_line(smollm2_checkpoint):
-    r = smollm2_run(smollm2_checkpoint, processes=2)
+def test_generate_under_torchrun_refuses_heads_that_do_not_divide_in_one_line(torchrun_jobs):
+    r = torchrun_jobs[1]["2 processes"].wait()
     assert r.returncode == 1
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "attention heads (9), KV heads (3)" in errors[0] and "1, 3 processes" in errors[0], r.stderr
@@ -316,12 +309,12 @@ def test_generate_under_torchrun_refuses_heads_that_do_not_divide_in_one_line(sm
 
 
 @pytest.mark.slow
-def test_random_weights_under_torchrun_report_the_bytes_each_gpu_reads(tmp_path):
-    r = run_script(*TORCHRUN, "--nproc_per_node=2", "generate.py", "--random_weights", "stories15M", "--max_new_tokens", "4",
-                   "--num_samples", "1", "--json", tmp_path / "m.json", env=QUIET)
+def test_random_weights_under_torchrun_report_the_bytes_each_gpu_reads(torchrun_jobs):
+    folder, jobs = torchrun_jobs
+    r = jobs["random weights, 2 processes"].wait()
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("Sample 0:") == 1
-    per_gpu = json.loads((tmp_path / "m.json").read_text())["model_bytes"]
+    per_gpu = json.loads((folder / "random.json").read_text())["model_bytes"]
     whole = random_model("stories15M", "cpu", torch.float32)
     assert not whole.args.tie_embeddings  # a step reads only the looked-up rows of the embedding
     per_step = sum(p.nbytes for p in whole.parameters()) - whole.tok_embeddings.weight.nbytes
@@ -358,15 +351,14 @@ if __name__ == "__main__":
 
 
 @pytest.mark.slow
-def test_eval_perplexity_under_torchrun_equals_one_process(smollm2_checkpoint, tmp_path):
+def test_eval_perplexity_under_torchrun_equals_one_process(torchrun_jobs):
     # eval.py shards through the same tp.load_model; every rank scores the same windows, rank 0 reports.
+    folder, jobs = torchrun_jobs
+
     def perplexity(processes: int) -> float:
-        launch = (*TORCHRUN, f"--nproc_per_node={processes}") if processes > 1 else ()
-        out = tmp_path / f"ppl{processes}.json"
-        r = run_script(*launch, "eval.py", "--checkpoint_path", smollm2_checkpoint, "--limit", "200",
-                       "--max_seq_length", "128", "--output", out, env=QUIET)
+        r = jobs[f"eval, {processes} processes"].wait()
         assert r.returncode == 0, r.stderr[-3000:]
         assert r.stdout.count("perplexity") == 1  # printed by rank 0 only
-        return json.loads(out.read_text())["perplexity"]["perplexity"]
+        return json.loads((folder / f"ppl{processes}.json").read_text())["perplexity"]["perplexity"]
 
     assert perplexity(3) == pytest.approx(perplexity(1), rel=1e-5)
