@@ -15,6 +15,7 @@ requests are (context, continuation) pairs; its generate_until requests run gene
 loop and stop at the task's stop strings.
 """
 import argparse
+import functools
 import math
 import os
 import sys
@@ -316,6 +317,14 @@ def import_lm_eval(download: bool):
     return lm_eval, TaskManager
 
 
+@functools.cache
+def task_index(TaskManager, include_paths: tuple):
+    """lm-eval's index of its tasks and those under include_paths: some 15,000 task files read (8 s
+    on 2 cores), so made once per process for each set of folders (main may run more than once in
+    one process: a notebook, the tests)."""
+    return TaskManager(include_path=list(include_paths) or None)
+
+
 def one_line(e: Exception) -> str:
     """An exception as one line (its type and the first line of its message), for errors from
     libraries that raise many different types."""
@@ -462,7 +471,7 @@ def run(args) -> dict:
     text_name, ids = text_ids(args, tokenizer) if args.text_file or not args.tasks else (None, None)
     if args.tasks:
         lm_eval, TaskManager = import_lm_eval(args.download)
-        task_manager = TaskManager(include_path=[str(p) for p in args.include_path] or None)
+        task_manager = task_index(TaskManager, tuple(str(p.resolve()) for p in args.include_path))
         tasks = load_tasks(task_manager, args.tasks)
 
     t0 = time.perf_counter()

@@ -238,8 +238,6 @@ def test_generate_until_ignores_empty_stop_strings_and_hugging_faces_top_k_zero(
 def test_bad_input_gives_one_error_line(smollm2_checkpoint, tmp_path, monkeypatch, capsys):
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    (tmp_path / "missing_data.yaml").write_text((DATA / "capitals.yaml").read_text().replace(
-        "task: capitals", "task: capitals_missing").replace("tests/data/capitals.jsonl", str(tmp_path / "nowhere.jsonl")))
     cases = [
         (["--text_file", tmp_path / "nowhere.txt"], ["--text_file", "not found"]),
         (["--text_file", tmp_path / "empty.txt"], ["--text_file", "empty"]),
@@ -247,9 +245,11 @@ def test_bad_input_gives_one_error_line(smollm2_checkpoint, tmp_path, monkeypatc
         (["--stride", 600, "--max_seq_length", 512], ["--stride"]),
         (["--max_seq_length", 100000], ["--max_seq_length", "8192"]),
         (["--output", tmp_path / "no/such/out.json"], ["--output", "does not exist"]),
-        (["--tasks", "no_such_task_xyz"], ["unknown task", "no_such_task_xyz"]),
-        (["--tasks", "capitals_missing", "--include_path", tmp_path], ["cannot load task capitals_missing"]),
+        # tests/data: the folder the capitals test reads, so that lm-eval's index of it is made once
+        (["--tasks", "no_such_task_xyz", "--include_path", "tests/data"], ["unknown task", "no_such_task_xyz"]),
+        (["--tasks", "capitals_missing", "--include_path", "tests/data"], ["cannot load task capitals_missing"]),
     ]
+    monkeypatch.chdir(ROOT)
     for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
         monkeypatch.setenv(name, "1")  # what eval.py sets for itself; restored afterwards
     for args, words in cases:  # in this process; the command line's own error line: the test below
