@@ -182,29 +182,26 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, groups: list) -> Tensor:
         """x (..., dim): the tokens of every group of rows in `groups`, in order. They share each
         matmul (one read of the weights); each group attends in its own cache rows."""
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_heads * self.head_dim
         qkv = self.wqkv(x).flatten(0, -2)  # (N, qkv_dim), N tokens
-        parts = qkv.split([g.input_pos.numel() for g in groups])
-        ys = [self.attend(part, g) for part, g in zip(parts, groups)]
+        ys = []
+        for part, g in zip(qkv.split([g.input_pos.numel() for g in groups]), groups):
+            B, T = g.input_pos.shape
+            q, k, v = part.view(B, T, -1).split([q_dim, kv_dim, kv_dim], dim=-1)
+            q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, n_head, head_dim)
+            k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, g.rope), apply_rope(k, g.rope)
+            v = v.view(B, T, self.n_kv_heads, self.head_dim)
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
+            k, v = self.kv_cache.update(g.input_pos, k, v, g.row)  # (B, n_kv_heads, S, head_dim)
+            # enable_gqa: each group of query heads reads its shared kv head without copying it.
+            gqa = self.n_head != self.n_kv_heads
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, enable_gqa=gqa)
+            ys.append(y.transpose(1, 2).reshape(B * T, q_dim))  # (B * T, n_head * head_dim)
         y = ys[0] if len(ys) == 1 else torch.cat(ys)  # (N, n_head * head_dim)
         return self.wo(y.view(*x.shape[:-1], -1))
-
-    def attend(self, qkv: Tensor, g: "Rows") -> Tensor:
-        """One group's q, k and v (B * T, qkv_dim) -> its attention output (B * T, q_dim)."""
-        B, T = g.input_pos.shape
-        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = qkv.view(B, T, -1).split([q_dim, kv_dim, kv_dim], dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, n_head, head_dim)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, g.rope), apply_rope(k, g.rope)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
-        k, v = self.kv_cache.update(g.input_pos, k, v, g.row)  # (B, n_kv_heads, S, head_dim)
-        # enable_gqa: each group of query heads reads its shared kv head without copying the cache.
-        gqa = self.n_head != self.n_kv_heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, enable_gqa=gqa)  # (B,nh,T,d)
-        return y.transpose(1, 2).reshape(B * T, q_dim)
 
 
 class FeedForward(nn.Module):
@@ -360,12 +357,16 @@ class Transformer(nn.Module):
         attend in their own cache row, and give no logits."""
         B, T = idx.shape
         x = self.tok_embeddings(idx)  # (B, T, dim)
-        groups = [self.rows(input_pos.expand(B, T), 0)]
+        places = [(input_pos.expand(B, T), 0)]  # each group's slots (B, T) and first cache row
         if chunk is not None:
             chunk_idx, chunk_pos, chunk_row = chunk
             # (1, B * T + C, dim)
             x = torch.cat([x.view(1, B * T, -1), self.tok_embeddings(chunk_idx)], dim=1)
-            groups.append(self.rows(chunk_pos, chunk_row))
+            places.append((chunk_pos, chunk_row))
+        dtype = self.tok_embeddings.weight.dtype
+        # rope (B, T, head_dim // 2, 2), mask (B, 1, T, S)
+        groups = [Rows(pos, self.rope[pos], attention_mask(pos, self.max_seq_length, dtype), row)
+                  for pos, row in places]
         for layer in self.layers:
             x = layer(x, groups)
         if chunk is not None:
@@ -373,11 +374,6 @@ class Transformer(nn.Module):
         if last is not None:
             x = x.gather(1, last.view(B, 1, 1).expand(B, 1, x.size(-1)))  # (B, 1, dim)
         return self.output(self.norm(x))  # (B, T or 1, vocab_size)
-
-    def rows(self, input_pos: Tensor, row: int) -> Rows:
-        rope = self.rope[input_pos]  # (B, T, head_dim // 2, 2)
-        mask = attention_mask(input_pos, self.max_seq_length, self.tok_embeddings.weight.dtype)
-        return Rows(input_pos, rope, mask, row)
 
 
 def attention_mask(input_pos: Tensor, n_slots: int, dtype) -> Tensor:

@@ -413,7 +413,7 @@ def gptq_quantize_state_dict(source: WeightsFile, args: ModelArgs, groupsize: in
 
     def forward(module: nn.Module, write: bool):
         for b in range(0, samples, batch):
-            rows = Rows(input_pos.expand(len(x[b:b + batch]), seq_len), rope, mask)
+            rows = Rows(input_pos.expand(min(batch, samples - b), seq_len), rope, mask)
             y = module(x[b:b + batch], [rows])  # (batch, seq_len, dim)
             if write:
                 x[b:b + batch] = y
