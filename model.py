@@ -149,7 +149,7 @@ class KVCache(nn.Module):
 class Rows(NamedTuple):
     """A group of B rows of T tokens as attention sees them: token t of row b writes cache row
     `row + b` at slot input_pos[b, t] (B, T) and reads that row through its mask (B, 1, T, S); its
-    rotary angles rope (B, T, head_dim // 2, 2). Made once per forward, shared by the layers."""
+    rotary cos and sin rope (B, T, 2, 1, head_dim). Made once per forward, shared by the layers."""
     input_pos: Tensor
     rope: Tensor
     mask: Tensor
@@ -339,7 +339,7 @@ class Transformer(nn.Module):
             a = layer.attention
             a.kv_cache = KVCache(max_batch_size, a.n_kv_heads, max_seq_length, a.head_dim, dtype,
                                  device)
-        rope = rope_table(self.args, max_seq_length).to(device)  # (S, head_dim // 2, 2), float32
+        rope = rope_table(self.args, max_seq_length).to(device)  # (S, 2, 1, head_dim), float32
         self.register_buffer("rope", rope, persistent=False)
 
     def forward(self, idx: Tensor, input_pos: Tensor, last: Optional[Tensor] = None,
@@ -364,7 +364,7 @@ class Transformer(nn.Module):
             x = torch.cat([x.view(1, B * T, -1), self.tok_embeddings(chunk_idx)], dim=1)
             places.append((chunk_pos, chunk_row))
         dtype = self.tok_embeddings.weight.dtype
-        # rope (B, T, head_dim // 2, 2), mask (B, 1, T, S)
+        # rope (B, T, 2, 1, head_dim), mask (B, 1, T, S)
         groups = [Rows(pos, self.rope[pos], attention_mask(pos, self.max_seq_length, dtype), row)
                   for pos, row in places]
         for layer in self.layers:
@@ -387,14 +387,18 @@ def attention_mask(input_pos: Tensor, n_slots: int, dtype) -> Tensor:
 
 
 def rope_table(args: ModelArgs, seq_len: int) -> Tensor:
-    """cos and sin of every (position, frequency) pair, in float32: (seq_len, head_dim // 2, 2)."""
+    """Each position's cos and signed sin per query/key column, float32 (seq_len, 2, 1, head_dim):
+    pair i (columns 2i, 2i + 1) turns by angle position * freq_i, so [p, 0] = (c0, c0, c1, c1, ...)
+    and [p, 1] = (-s0, s0, -s1, s1, ...); the 1 broadcasts over heads."""
     exponents = torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim
     freqs = 1.0 / (args.rope_base ** exponents)  # (head_dim // 2,) in float64
     if args.rope_scaling is not None:
         freqs = llama3_scale(freqs, **args.rope_scaling)
     positions = torch.arange(seq_len, dtype=torch.float64)
     angles = torch.outer(positions, freqs)  # (seq_len, head_dim // 2)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
+    cos = angles.cos().repeat_interleave(2, dim=-1)  # (seq_len, head_dim)
+    sin = torch.stack([-angles.sin(), angles.sin()], dim=-1).flatten(1)  # (seq_len, head_dim)
+    return torch.stack([cos, sin], dim=1)[:, :, None].float()
 
 
 def llama3_scale(freqs: Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
@@ -410,10 +414,11 @@ def llama3_scale(freqs: Tensor, factor: float, low_freq_factor: float, high_freq
 
 
 def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) by position-dependent angles (Meta's interleaved
-    layout). x (B, T, heads, head_dim), rope (B, T, head_dim // 2, 2)."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, heads, head_dim // 2, 2)
-    cos, sin = rope[:, :, None, :, 0], rope[:, :, None, :, 1]  # (B, T, 1, head_dim // 2)
-    a, b = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    """Rotate adjacent pairs (a, b) = (x[2i], x[2i+1]) by position-dependent angles (Meta's
+    interleaved layout) to (a cos - b sin, b cos + a sin), as x * cos + (b, a) * signed sin: the same
+    float32 products and sums, and half the operations of rotating the pairs apart (eager decode on
+    a CPU pays per operation). x (B, T, heads, head_dim), rope (B, T, 2, 1, head_dim)."""
+    cos, sin = rope.unbind(2)  # (B, T, 1, head_dim) each
+    x32 = x.float()
+    swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
+    return (x32 * cos + swapped * sin).type_as(x)

@@ -405,7 +405,7 @@ def gptq_quantize_state_dict(source: WeightsFile, args: ModelArgs, groupsize: in
     batch = max(1, GPTQ_TOKENS_PER_FORWARD // seq_len)  # samples per forward
     x = out["tok_embeddings.weight"][tokens].to(device, torch.float32)  # (samples, seq_len, dim)
     # What Transformer.forward gives its blocks for a prefill of seq_len tokens from position 0.
-    rope = rope_table(args, seq_len).to(device)[None]  # (1, seq_len, head_dim // 2, 2)
+    rope = rope_table(args, seq_len).to(device)[None]  # (1, seq_len, 2, 1, head_dim)
     input_pos = torch.arange(seq_len, device=device)
     mask = attention_mask(input_pos[None], seq_len, torch.float32)  # (1, 1, T, S): causal
     # shared by the blocks

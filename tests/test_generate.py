@@ -39,8 +39,9 @@ def test_rope_scaling_changes_only_long_wavelengths():
     from model import rope_table
     plain = rope_table(ModelArgs(**TINY), 100)
     scaled = rope_table(args, 100)
-    torch.testing.assert_close(scaled[:, 0], plain[:, 0])  # the fastest frequency is kept
-    assert not torch.allclose(scaled[:, -1], plain[:, -1])  # the slowest is stretched
+    # (positions, cos and sin, 1, head_dim): the first pair of columns turns fastest
+    torch.testing.assert_close(scaled[..., :2], plain[..., :2])  # the fastest frequency is kept
+    assert not torch.allclose(scaled[..., -2:], plain[..., -2:])  # the slowest is stretched
 
 
 def greedy_alone(model, prompt, n):
