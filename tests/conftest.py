@@ -214,12 +214,15 @@ def background_commands(request):
     """Starts, at the beginning of the session, the slow commands that selected tests will need:
     GPTQ on SmolLM2 (tests/test_quantize.py's smollm2_gptq), then generate.py --compile on SmolLM2
     (tests/test_smollm2.py's compiled command line, whose result that test checks), then the
-    command lines of tests/test_tp.py (torchrun_jobs)."""
+    Triton interpreter's checks (interpreter_jobs), then the command lines of tests/test_tp.py
+    (torchrun_jobs)."""
     items = request.session.items
     if any("smollm2_gptq" in item.fixturenames for item in items):
         request.getfixturevalue("smollm2_gptq_job")
     if any(compiles_smollm2(item) for item in items):
         request.getfixturevalue("smollm2_compiled_job")
+    if any("interpreter_jobs" in item.fixturenames for item in items):
+        request.getfixturevalue("interpreter_jobs")
     if any("torchrun_jobs" in item.fixturenames for item in items):
         request.getfixturevalue("torchrun_jobs")
     yield BACKGROUND
@@ -241,6 +244,14 @@ def smollm2_compiled_job(smollm2_checkpoint, tmp_path_factory) -> tuple[Path, Jo
     metrics = tmp_path_factory.mktemp("compiled") / "metrics.json"
     job = BACKGROUND.submit(*smollm2_cli_args(smollm2_checkpoint, metrics, "--compile"))
     return metrics, job
+
+
+@pytest.fixture(scope="session")
+def interpreter_jobs() -> dict:
+    """tests/test_kernels.py's checks of the Triton kernels in Triton's interpreter (10-15 s each),
+    each that file run as a script, started in the background when the session begins."""
+    return {name: BACKGROUND.submit("tests/test_kernels.py", name, env={"TRITON_INTERPRET": "1"})
+            for name in ("scaled_gemv", "quantized_mm", "dequantize", "expert_gemv")}
 
 
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, assert_one_error_line, load_script, run_script
+from conftest import ROOT, assert_one_error_line, load_script, main_error, run_script
 from checkpoint import InputError, load_model, read_checkpoint
 import model
 
@@ -147,6 +147,12 @@ def convert_cli(gguf_file: Path, out: Path, *flags):
     return run_script("scripts/convert_gguf.py", "--gguf", gguf_file, "--out", out, *flags)
 
 
+def convert_error(gguf_file: Path, out: Path, capsys) -> str:
+    """The one error line of convert_gguf.py's main, run in this process (test_not_a_gguf_file
+    runs the real command line)."""
+    return main_error(load_script("convert_gguf").main, ["--gguf", gguf_file, "--out", out], capsys)
+
+
 def test_not_a_gguf_file(tmp_path):
     bad = tmp_path / "junk.gguf"
     bad.write_text("this is not a GGUF file\n")
@@ -196,9 +202,9 @@ def write_tiny_gguf(path: Path, arch: str, tensors=False, **settings):
     return path
 
 
-def test_unsupported_architecture(tmp_path):
+def test_unsupported_architecture(tmp_path, capsys):
     path = write_tiny_gguf(tmp_path / "qwen.gguf", "qwen2")
-    line = assert_fails_with_one_line(convert_cli(path, tmp_path / "out"))
+    line = convert_error(path, tmp_path / "out", capsys)
     assert "unsupported architecture 'qwen2'" in line
 
 
@@ -213,11 +219,11 @@ def test_unsupported_tokenizer(tmp_path, tokenizer, message):
         convert_gguf.convert(path, tmp_path / "out", torch.float32)
 
 
-def test_unsupported_rope_scaling_type(tmp_path):
+def test_unsupported_rope_scaling_type(tmp_path, capsys):
     import gguf
     path = write_tiny_gguf(tmp_path / "yarn.gguf", "llama", tensors=True,
                            rope_scaling=gguf.RopeScalingType.YARN)
-    line = assert_fails_with_one_line(convert_cli(path, tmp_path / "out"))
+    line = convert_error(path, tmp_path / "out", capsys)
     assert "'yarn'" in line and "yarn.gguf" in line
     assert not (tmp_path / "out").exists()
 
@@ -236,34 +242,11 @@ def test_absurd_metadata_is_refused_before_any_work(tmp_path, monkeypatch, metad
     assert time.perf_counter() - start < 5
 
 
-@pytest.mark.slow
-def test_converting_again_needs_force_and_replaces_the_whole_set(tmp_path):
-    path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", tensors=True)
-    out = tmp_path / "out"
-    assert convert_cli(path, out).returncode == 0
-    written = sorted(p.name for p in out.iterdir())
-    assert written == ["config.json", "generation_config.json", "model.safetensors",
-                       "tokenizer.json", "tokenizer_config.json"]
-    ckpt = read_checkpoint(out)
-    assert ckpt.args.n_layer == 1 and ckpt.args.tie_embeddings and ckpt.args.vocab_size == 3
-    load_model(ckpt)  # every tensor present and of the right shape
-
-    before = {name: (out / name).read_bytes() for name in written}
-    line = assert_fails_with_one_line(convert_cli(path, out))
-    assert "--force" in line
-    assert {name: (out / name).read_bytes() for name in written} == before
-
-    (out / "chat_template.jinja").write_text("{{ stale }}")  # a file this conversion does not write
-    assert convert_cli(path, out, "--force").returncode == 0
-    assert sorted(p.name for p in out.iterdir()) == written
-    assert not list(out.glob(".*"))  # no temp files or journal left behind
-
-
-def test_output_that_is_a_file_is_refused(tmp_path):
+def test_output_that_is_a_file_is_refused(tmp_path, capsys):
     path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", tensors=True)
     (tmp_path / "out").write_text("a file")
-    assert "is a file" in assert_fails_with_one_line(convert_cli(path, tmp_path / "out"))
-    line = assert_fails_with_one_line(convert_cli(path, tmp_path / "out" / "sub"))
+    assert "is a file" in convert_error(path, tmp_path / "out", capsys)
+    line = convert_error(path, tmp_path / "out" / "sub", capsys)
     assert "out" in line
     assert (tmp_path / "out").read_text() == "a file"
 

@@ -1,14 +1,17 @@
 """kernels.py's Triton kernels against their PyTorch reference, run by Triton's CPU interpreter
 (the same kernel source the GPU compiles; the interpreter has no fp8, so fp8 weights are checked on
-the GPU by kernels.check_kernels, which scripts/bench.py runs first; speeds: BENCHMARKS.md)."""
-import subprocess
+the GPU by kernels.check_kernels, which scripts/bench.py runs first; speeds: BENCHMARKS.md).
+
+Each check runs as `TRITON_INTERPRET=1 python tests/test_kernels.py NAME` (the variable must be set
+before Triton is imported); conftest.py's interpreter_jobs starts them in the background when the
+session begins, and the tests below check their results."""
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
-from conftest import ROOT
-
-pytest.importorskip("triton", reason="Triton is installed with requirements-test.txt")
+triton = pytest.importorskip("triton", reason="Triton is installed with requirements-test.txt")
 numpy = pytest.importorskip("numpy")
 # Triton 3.6's interpreter passes scalar arguments as 1-element arrays, and NumPy 2.4 refuses int()
 # of those, so no kernel looping up to an argument runs in it there (requirements-test.txt's
@@ -17,144 +20,143 @@ pytestmark = pytest.mark.skipif(
     tuple(map(int, numpy.__version__.split(".")[:2])) >= (2, 4),
     reason="Triton's interpreter fails on NumPy >= 2.4 (int() of a 1-element array)")
 
-SCALED_GEMV_CHECK = """
-import torch, triton
-from kernels import GEMV_CONFIGS, scaled_gemv_kernel, scaled_gemv_reference, words_per_split
-torch.manual_seed(0)
-# Whole tiles, ragged rows and columns.
-for N, K in ((64, 1024), (100, 1000), (8, 4096), (37, 300), (16, 8192)):
-    # -128 too: every byte pattern is converted exactly.
-    w = torch.randint(-128, 128, (N, K), dtype=torch.int8)
-    scales = torch.rand(N) / 127
-    x = torch.randn(K)
-    reference = scaled_gemv_reference(x, w, scales)  # (N,)
-    for config in GEMV_CONFIGS[::5] if N != 37 else GEMV_CONFIGS:
-        # K split over 3 programs (or fewer, then some add nothing): each word counted once.
-        for split_k in (1, 3):
-            y = torch.full((split_k, N), float("nan"))  # poisoned: every element must be written
-            grid = (triton.cdiv(N, config.kwargs["BLOCK_N"]), split_k)
-            scaled_gemv_kernel[grid](x, w.view(torch.int32), scales, None, y, N, K // 4,
-                                     words_per_split(K, split_k), 1, PER_WORD=4, FP8=False,
-                                     **config.kwargs)
-            error = ((y.sum(0).double() - reference).norm() / reference.norm()).item()
-            assert error < 1e-6, (N, K, config, split_k, error)
-print("ok")
-"""
+
+def check_scaled_gemv():
+    from kernels import GEMV_CONFIGS, scaled_gemv_kernel, scaled_gemv_reference, words_per_split
+    torch.manual_seed(0)
+    # Whole tiles, ragged rows and columns.
+    for N, K in ((64, 1024), (100, 1000), (8, 4096), (37, 300), (16, 8192)):
+        # -128 too: every byte pattern is converted exactly.
+        w = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+        scales = torch.rand(N) / 127
+        x = torch.randn(K)
+        reference = scaled_gemv_reference(x, w, scales)  # (N,)
+        for config in GEMV_CONFIGS[::5] if N != 37 else GEMV_CONFIGS:
+            # K split over 3 programs (or fewer, then some add nothing): each word counted once.
+            for split_k in (1, 3):
+                y = torch.full((split_k, N), float("nan"))  # poisoned: every element must be written
+                grid = (triton.cdiv(N, config.kwargs["BLOCK_N"]), split_k)
+                scaled_gemv_kernel[grid](x, w.view(torch.int32), scales, None, y, N, K // 4,
+                                         words_per_split(K, split_k), 1, PER_WORD=4, FP8=False,
+                                         **config.kwargs)
+                error = ((y.sum(0).double() - reference).norm() / reference.norm()).item()
+                assert error < 1e-6, (N, K, config, split_k, error)
 
 # The interpreter's tl.dot mishandles bfloat16 (NumPy has no such type), so x is float32 here;
 # kernels.check_kernels checks the bf16 path on the GPU.
-QUANTIZED_MM_CHECK = """
-import torch, triton
-from kernels import MM_CONFIGS, int4_weights, mm_block_rows, quantized_mm_kernel
-torch.manual_seed(0)
-checked = {1: 0, 32: 0, 128: 0, 256: 0}  # by group size (int8: 1)
-# A decode batch of M rows in one tile, padded to 16, 64 and exactly 64 rows; int8 and int4
-# (groups of 32, 128 and 256) weights, K whole or split over 3 programs (each column counted once).
-for M in (1, 2, 33, 64):
-    # whole tiles; ragged outputs; K ragged against 256-column tiles
-    for N, K in ((64, 1024), (100, 768), (37, 384)):
-        int8 = torch.randint(-128, 128, (N, K), dtype=torch.int8)
-        scales = torch.rand(N) / 127
-        packed = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
-        kinds = [(int8, scales, None, 1, int8.double() * scales.double()[:, None])]
-        for g in (32, 128, 256):  # tiles of several groups, one, part of one
-            if K % g == 0:
-                s, z = (torch.rand(2, N, K // g) / 8).to(torch.bfloat16)
-                kinds.append((packed, s, z, g, int4_weights(packed, s, z, g, K).double()))
-        x = torch.randn(M, K)
-        for c, config in enumerate(MM_CONFIGS if N == 37 else MM_CONFIGS[::5]):
-            w, s, z, g, reference_weights = kinds[c % len(kinds)]
-            split_k = 1 + 2 * (c % 2)
-            y = torch.full((split_k, M, N), float("nan"))  # poisoned: every element written
-            grid = (triton.cdiv(N, config.kwargs["BLOCK_N"]), split_k)
-            quantized_mm_kernel[grid](x, w, s, z, y, M, N, K, -(-K // split_k // 256) * 256, g,
-                                      INT4=z is not None, BLOCK_M=mm_block_rows(M),
-                                      **config.kwargs)
-            reference = x.double() @ reference_weights.T  # (M, N)
-            error = ((y.sum(0).double() - reference).norm() / reference.norm()).item()
-            assert error < 1e-6, (M, N, K, g, config, split_k, error)
-            checked[g] += 1
-assert min(checked.values()) >= 8, checked
-print("ok")
-"""
+def check_quantized_mm():
+    from kernels import MM_CONFIGS, int4_weights, mm_block_rows, quantized_mm_kernel
+    torch.manual_seed(0)
+    checked = {1: 0, 32: 0, 128: 0, 256: 0}  # by group size (int8: 1)
+    # A decode batch of M rows in one tile, padded to 16, 64 and exactly 64 rows; int8 and int4
+    # (groups of 32, 128 and 256) weights, K whole or split over 3 programs (each column counted once).
+    for M in (1, 2, 33, 64):
+        # whole tiles; ragged outputs; K ragged against 256-column tiles
+        for N, K in ((64, 1024), (100, 768), (37, 384)):
+            int8 = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+            scales = torch.rand(N) / 127
+            packed = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
+            kinds = [(int8, scales, None, 1, int8.double() * scales.double()[:, None])]
+            for g in (32, 128, 256):  # tiles of several groups, one, part of one
+                if K % g == 0:
+                    s, z = (torch.rand(2, N, K // g) / 8).to(torch.bfloat16)
+                    kinds.append((packed, s, z, g, int4_weights(packed, s, z, g, K).double()))
+            x = torch.randn(M, K)
+            for c, config in enumerate(MM_CONFIGS if N == 37 else MM_CONFIGS[::5]):
+                w, s, z, g, reference_weights = kinds[c % len(kinds)]
+                split_k = 1 + 2 * (c % 2)
+                y = torch.full((split_k, M, N), float("nan"))  # poisoned: every element written
+                grid = (triton.cdiv(N, config.kwargs["BLOCK_N"]), split_k)
+                quantized_mm_kernel[grid](x, w, s, z, y, M, N, K, -(-K // split_k // 256) * 256, g,
+                                          INT4=z is not None, BLOCK_M=mm_block_rows(M),
+                                          **config.kwargs)
+                reference = x.double() @ reference_weights.T  # (M, N)
+                error = ((y.sum(0).double() - reference).norm() / reference.norm()).item()
+                assert error < 1e-6, (M, N, K, g, config, split_k, error)
+                checked[g] += 1
+    assert min(checked.values()) >= 8, checked
 
 # The copy a prefill multiplies by: scaled one-byte weights and dequantized int4 ones, in float32
 # (exact) and float16 (rounded once; the interpreter's bfloat16 truncates, so kernels.check_kernels
 # checks bfloat16 on the GPU).
-DEQUANTIZE_CHECK = """
-import torch, triton
-from kernels import dequantize_kernel, int4_weights
-torch.manual_seed(0)
-# Tiles narrower and wider than a group, and wider than K.
-for N, K in ((64, 512), (37, 96)):
-    int8 = torch.randint(-128, 128, (N, K), dtype=torch.int8)
-    scales = torch.rand(N) / 127
-    kinds = [(int8, scales, None, 1, int8.float() * scales[:, None])]
-    packed = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
-    for g in (32, 64, 128, 256):
-        if K % g == 0:
-            s, z = (torch.rand(2, N, K // g) / 8).to(torch.bfloat16)
-            kinds.append((packed, s, z, g, int4_weights(packed, s, z, g, K)))
-    for w, s, z, g, reference in kinds:
-        for block_k in (32, 128):
-            for dtype in (torch.float32, torch.float16):
-                out = torch.full((N, K), float("nan"), dtype=dtype)
-                grid = (triton.cdiv(N, 16), triton.cdiv(K, block_k))
-                dequantize_kernel[grid](w, s, z, out, N, K, g, INT4=z is not None, BLOCK_N=16,
-                                        BLOCK_K=block_k)
-                assert torch.equal(out, reference.to(dtype)), (N, K, g, block_k, dtype)
-print("ok")
-"""
+def check_dequantize():
+    from kernels import dequantize_kernel, int4_weights
+    torch.manual_seed(0)
+    # Tiles narrower and wider than a group, and wider than K.
+    for N, K in ((64, 512), (37, 96)):
+        int8 = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+        scales = torch.rand(N) / 127
+        kinds = [(int8, scales, None, 1, int8.float() * scales[:, None])]
+        packed = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
+        for g in (32, 64, 128, 256):
+            if K % g == 0:
+                s, z = (torch.rand(2, N, K // g) / 8).to(torch.bfloat16)
+                kinds.append((packed, s, z, g, int4_weights(packed, s, z, g, K)))
+        for w, s, z, g, reference in kinds:
+            for block_k in (32, 128):
+                for dtype in (torch.float32, torch.float16):
+                    out = torch.full((N, K), float("nan"), dtype=dtype)
+                    grid = (triton.cdiv(N, 16), triton.cdiv(K, block_k))
+                    dequantize_kernel[grid](w, s, z, out, N, K, g, INT4=z is not None, BLOCK_N=16,
+                                            BLOCK_K=block_k)
+                    assert torch.equal(out, reference.to(dtype)), (N, K, g, block_k, dtype)
 
 # The GEMV indexed by expert: float weights (PER_WORD 1; the interpreter has bf16 loads) and int8
 # words with scales. Each config takes one kind, input (x a row per token or per pair) and K split
 # in turn.
-EXPERT_GEMV_CHECK = """
-import torch, triton
-from kernels import EXPERT_CONFIGS, scaled_gemv_kernel, expert_matmul_reference, words_per_split
-torch.manual_seed(0)
-for E, N, K in ((4, 32, 512), (5, 37, 300)):  # whole tiles (some configs); ragged ones
-    kinds = [(torch.randn(E, N, K, dtype=dtype), None) for dtype in (torch.bfloat16, torch.float16)]
-    kinds.append((torch.randint(-128, 128, (E, N, K), dtype=torch.int8), torch.rand(E, N) / 127))
-    experts = torch.tensor([[3, 1], [1, 1]]) % E  # 2 tokens, top-2, one expert twice
-    for c, config in enumerate(EXPERT_CONFIGS):
-        (weight, scales), rows = kinds[c % 3], 1 + c // 3 % 2  # rows 1: w13's input, 2: w2's
-        split_k = 1 + 2 * (c % 2)  # 3: K over 3 programs, each column counted once
-        per_word = 4 if scales is not None else 1
-        x = torch.randn(2, rows, K)
-        reference = expert_matmul_reference(x, experts, weight, scales)  # (2, 2, N)
-        y = torch.full((split_k, 4, N), float("nan"))  # poisoned: every element must be written
-        grid = (triton.cdiv(N, config.kwargs["BLOCK_N"]), split_k, 4)
-        scaled_gemv_kernel[grid](x, weight.view(torch.int32) if per_word == 4 else weight, scales,
-                                 experts, y, N, K // per_word,
-                                 words_per_split(K, split_k) * 4 // per_word, 2 // rows,
-                                 PER_WORD=per_word, FP8=False, **config.kwargs)
-        error = ((y.sum(0).view(2, 2, N).double() - reference).norm() / reference.norm()).item()
-        assert error < 1e-6, (weight.dtype, N, K, rows, config, split_k, error)
-print("ok")
-"""
+def check_expert_gemv():
+    from kernels import EXPERT_CONFIGS, scaled_gemv_kernel, expert_matmul_reference, words_per_split
+    torch.manual_seed(0)
+    for E, N, K in ((4, 32, 512), (5, 37, 300)):  # whole tiles (some configs); ragged ones
+        kinds = [(torch.randn(E, N, K, dtype=dtype), None) for dtype in (torch.bfloat16, torch.float16)]
+        kinds.append((torch.randint(-128, 128, (E, N, K), dtype=torch.int8), torch.rand(E, N) / 127))
+        experts = torch.tensor([[3, 1], [1, 1]]) % E  # 2 tokens, top-2, one expert twice
+        for c, config in enumerate(EXPERT_CONFIGS):
+            (weight, scales), rows = kinds[c % 3], 1 + c // 3 % 2  # rows 1: w13's input, 2: w2's
+            split_k = 1 + 2 * (c % 2)  # 3: K over 3 programs, each column counted once
+            per_word = 4 if scales is not None else 1
+            x = torch.randn(2, rows, K)
+            reference = expert_matmul_reference(x, experts, weight, scales)  # (2, 2, N)
+            y = torch.full((split_k, 4, N), float("nan"))  # poisoned: every element must be written
+            grid = (triton.cdiv(N, config.kwargs["BLOCK_N"]), split_k, 4)
+            scaled_gemv_kernel[grid](x, weight.view(torch.int32) if per_word == 4 else weight, scales,
+                                     experts, y, N, K // per_word,
+                                     words_per_split(K, split_k) * 4 // per_word, 2 // rows,
+                                     PER_WORD=per_word, FP8=False, **config.kwargs)
+            error = ((y.sum(0).view(2, 2, N).double() - reference).norm() / reference.norm()).item()
+            assert error < 1e-6, (weight.dtype, N, K, rows, config, split_k, error)
 
 
-def run_in_interpreter(check: str):
-    r = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600, env={"TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin"})
+INTERPRETER_CHECKS = {"scaled_gemv": check_scaled_gemv, "quantized_mm": check_quantized_mm,
+                      "dequantize": check_dequantize, "expert_gemv": check_expert_gemv}
+
+
+def passed(interpreter_jobs, name: str):
+    r = interpreter_jobs[name].wait()
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
 @pytest.mark.slow
-def test_scaled_gemv_kernel_matches_reference_for_every_config():
-    run_in_interpreter(SCALED_GEMV_CHECK)
+def test_scaled_gemv_kernel_matches_reference_for_every_config(interpreter_jobs):
+    passed(interpreter_jobs, "scaled_gemv")
 
 
 @pytest.mark.slow
-def test_quantized_mm_kernel_matches_reference_for_decode_batches_of_int8_and_int4():
-    run_in_interpreter(QUANTIZED_MM_CHECK)
+def test_quantized_mm_kernel_matches_reference_for_decode_batches_of_int8_and_int4(interpreter_jobs):
+    passed(interpreter_jobs, "quantized_mm")
 
 
-def test_dequantized_weights_equal_the_reference_dequantization():
-    run_in_interpreter(DEQUANTIZE_CHECK)
+def test_dequantized_weights_equal_the_reference_dequantization(interpreter_jobs):
+    passed(interpreter_jobs, "dequantize")
 
 
 @pytest.mark.slow
-def test_expert_gemv_kernel_matches_reference_for_each_weight_kind():
-    run_in_interpreter(EXPERT_GEMV_CHECK)
+def test_expert_gemv_kernel_matches_reference_for_each_weight_kind(interpreter_jobs):
+    passed(interpreter_jobs, "expert_gemv")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # kernels.py's folder
+    assert sys.argv[1] in INTERPRETER_CHECKS, sys.argv[1]
+    INTERPRETER_CHECKS[sys.argv[1]]()
+    print("ok")
