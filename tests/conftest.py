@@ -211,18 +211,18 @@ def compiles_smollm2(item) -> bool:
 
 @pytest.fixture(scope="session", autouse=True)
 def background_commands(request):
-    """Starts, at the beginning of the session, the slow commands that selected tests will need:
-    GPTQ on SmolLM2 (tests/test_quantize.py's smollm2_gptq), then generate.py --compile on SmolLM2
+    """Starts, at the beginning of the session, the slow commands that selected tests will need, in
+    the order the tests need them: the Triton interpreter's checks (interpreter_jobs), GPTQ on
+    SmolLM2 (tests/test_quantize.py's smollm2_gptq), generate.py --compile on SmolLM2
     (tests/test_smollm2.py's compiled command line, whose result that test checks), then the
-    Triton interpreter's checks (interpreter_jobs), then the command lines of tests/test_tp.py
-    (torchrun_jobs)."""
+    command lines of tests/test_tp.py (torchrun_jobs)."""
     items = request.session.items
+    if any("interpreter_jobs" in item.fixturenames for item in items):
+        request.getfixturevalue("interpreter_jobs")
     if any("smollm2_gptq" in item.fixturenames for item in items):
         request.getfixturevalue("smollm2_gptq_job")
     if any(compiles_smollm2(item) for item in items):
         request.getfixturevalue("smollm2_compiled_job")
-    if any("interpreter_jobs" in item.fixturenames for item in items):
-        request.getfixturevalue("interpreter_jobs")
     if any("torchrun_jobs" in item.fixturenames for item in items):
         request.getfixturevalue("torchrun_jobs")
     yield BACKGROUND
