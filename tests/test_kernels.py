@@ -42,6 +42,7 @@ def check_scaled_gemv():
                 error = ((y.sum(0).double() - reference).norm() / reference.norm()).item()
                 assert error < 1e-6, (N, K, config, split_k, error)
 
+
 # The interpreter's tl.dot mishandles bfloat16 (NumPy has no such type), so x is float32 here;
 # kernels.check_kernels checks the bf16 path on the GPU.
 def check_quantized_mm():
@@ -76,6 +77,7 @@ def check_quantized_mm():
                 checked[g] += 1
     assert min(checked.values()) >= 8, checked
 
+
 # The copy a prefill multiplies by: scaled one-byte weights and dequantized int4 ones, in float32
 # (exact) and float16 (rounded once; the interpreter's bfloat16 truncates, so kernels.check_kernels
 # checks bfloat16 on the GPU).
@@ -100,6 +102,7 @@ def check_dequantize():
                     dequantize_kernel[grid](w, s, z, out, N, K, g, INT4=z is not None, BLOCK_N=16,
                                             BLOCK_K=block_k)
                     assert torch.equal(out, reference.to(dtype)), (N, K, g, block_k, dtype)
+
 
 # The GEMV indexed by expert: float weights (PER_WORD 1; the interpreter has bf16 loads) and int8
 # words with scales. Each config takes one kind, input (x a row per token or per pair) and K split
@@ -146,6 +149,7 @@ def test_quantized_mm_kernel_matches_reference_for_decode_batches_of_int8_and_in
     passed(interpreter_jobs, "quantized_mm")
 
 
+@pytest.mark.slow
 def test_dequantized_weights_equal_the_reference_dequantization(interpreter_jobs):
     passed(interpreter_jobs, "dequantize")
 
