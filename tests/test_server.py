@@ -2,6 +2,7 @@
 SmolLM2-135M (one server process for the module; its last test shuts it down with SIGTERM). Greedy
 answers are checked against generate.generate run in this process on the same model."""
 import asyncio
+import gc
 import os
 import re
 import signal
@@ -436,3 +437,26 @@ def test_the_warm_up_compiles_everything_the_first_requests_run(monkeypatch):
     assert counters["stats"]["unique_graphs"] == graphs
     for job in jobs:
         assert job.tokens == generate(alone, [job.prompt], 6, Sampling(temperature=0)).tokens[0]
+
+
+def test_what_the_warm_up_leaves_alive_is_out_of_the_collectors_view_before_the_first_request():
+    """The model and the compiled steps live as long as the server: a full collection must not
+    walk them (it holds the GIL, a stall in every stream), nor must the one at exit."""
+    import types
+    import server
+    from generate import compile_functions
+    model = Transformer(ModelArgs(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=97,
+                                  intermediate_size=128, block_size=64)).eval()
+    model.setup_caches(3, 64)
+    _, step_fn = compile_functions(types.SimpleNamespace(compile=False, compile_prefill=False),
+                                   decode_step=server.decode_rows, decode_dynamic=False)
+    scheduler = server.Scheduler(model, [], 8, 8, step_fn, static_chunks=False)
+    assert gc.get_freeze_count() == 0
+    try:
+        scheduler.start(lambda events: None)
+        assert scheduler.ready.wait(timeout=120)
+        assert gc.get_freeze_count() > 0
+        assert not any(o is model for o in gc.get_objects())  # frozen: outside every generation
+    finally:
+        scheduler.stop()
+        gc.unfreeze()  # this test process goes on collecting as before
