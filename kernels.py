@@ -625,10 +625,22 @@ class Int4Linear(nn.Module):
         packed copy is a buffer outside the state_dict, and inputs of more rows (prefills, and
         batches on a GPU) take the file's tensors: the Triton kernels, or the dequantized path."""
         convert, kernel = INT4_KERNELS[device_type]
+        weight, scales, zeros = self.weight, self.scales, self.zeros
+        groupsize, k = self.groupsize, self.padded_in_features
+        # K padded to whole groups costs the kernel the padded columns (SmolLM2's 576 in groups of
+        # 128: 640) and x a copy a call. Where half or a quarter of a group ends at K (the ops take
+        # groups of 32 and more), the group's scale and zero serve each part: the same weights.
+        parts = next((p for p in (2, 4) if k != self.in_features and self.groupsize // p >= 32
+                      and self.in_features % (self.groupsize // p) == 0), 1)
+        if parts > 1:
+            groupsize, k = self.groupsize // parts, self.in_features
+            weight = weight[:, :k // 2]  # (N, K / 2)
+            scales, zeros = (t.repeat_interleave(parts, dim=1) for t in (scales, zeros))
+            scales, zeros = scales[:, :k // groupsize], zeros[:, :k // groupsize]
         n_pad = -self.out_features % 16  # the CPU op needs N % 16 == 0, tinygemm N % 8 == 0
-        inner_k_tiles = next(t for t in (8, 4, 2) if self.padded_in_features % (16 * t) == 0)
-        weight = F.pad(self.weight, (0, 0, 0, n_pad))  # (N_pad, K_pad / 2)
-        scales_and_zeros = torch.stack([self.scales, self.zeros], dim=-1)  # (N, n_groups, 2)
+        inner_k_tiles = next(t for t in (8, 4, 2) if k % (16 * t) == 0)
+        weight = F.pad(weight, (0, 0, 0, n_pad))  # (N_pad, K / 2)
+        scales_and_zeros = torch.stack([scales, zeros], dim=-1)  # (N, n_groups, 2)
         scales_and_zeros = (F.pad(scales_and_zeros, (0, 0, 0, 0, 0, n_pad))
                             .transpose(0, 1).contiguous())  # (n_groups, N_pad, 2)
         if dtype is not None:
@@ -643,17 +655,18 @@ class Int4Linear(nn.Module):
             self.register_buffer("packed", packed, persistent=False)
             self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
         self.kernel, self.kernel_dtype, self.kernel_max_rows = kernel, dtype, max_rows
+        self.kernel_groupsize, self.kernel_in_features = groupsize, k
 
     def kernel_forward(self, x: Tensor) -> Tensor:
         K, N = self.in_features, self.out_features
         x2 = x.reshape(-1, K)  # (M, K)
         if self.kernel_dtype is not None:
             x2 = x2.to(self.kernel_dtype)
-        if self.padded_in_features != K:
+        if self.kernel_in_features != K:
             # (M, K_pad): zeros meet the zero weight columns
-            x2 = F.pad(x2, (0, self.padded_in_features - K))
+            x2 = F.pad(x2, (0, self.kernel_in_features - K))
         # (M, N_pad)
-        y = self.kernel(x2.contiguous(), self.packed, self.groupsize, self.scales_and_zeros)
+        y = self.kernel(x2.contiguous(), self.packed, self.kernel_groupsize, self.scales_and_zeros)
         if y.shape[1] != N:
             y = y[:, :N]
         return y.to(x.dtype).reshape(*x.shape[:-1], N)

@@ -140,7 +140,7 @@ def test_int8_cpu_kernel_matches_the_dequantized_reference(n, k, rows, plain_pat
 @pytest.mark.parametrize("n, k, groupsize", [
     (37, 208, 32),  # K padded to 224, N to 48
     (48, 64, 32),  # whole groups, N a multiple of 16
-    (1, 96, 64),  # one output, K padded to 128
+    (1, 96, 64),  # one output, K padded to 128 in the file; 3 groups of 32 for the kernel
     (100, 200, 128),  # K padded to 256
     (20, 256, 256),
 ], ids=["ragged", "whole", "one-output", "g128-padded", "g256"])
@@ -157,6 +157,23 @@ def test_int4_cpu_kernel_matches_the_dequantized_reference(n, k, groupsize, rows
     assert y.shape == exact.shape and y.dtype == torch.float32
     assert rel_err(y, rounded_x) < OUTPUT_ROUNDING
     assert rel_err(y, exact) < AGAINST_FLOAT32
+
+
+@pytest.mark.parametrize("k, groupsize, kernel_k, kernel_groupsize", [
+    (576, 128, 576, 64),  # SmolLM2's width: 4.5 groups, halves end at K
+    (96, 128, 96, 32),  # quarters
+    (208, 32, 224, 32),  # no group of 32 or more ends at 208: padded
+])
+@torch.no_grad()
+def test_int4_kernel_multiplies_no_padding_where_smaller_groups_end_at_k(k, groupsize, kernel_k,
+                                                                          kernel_groupsize):
+    """Each file group's scale and zero serve its parts: the same weights, without the padding."""
+    layer = int4_layer(16, k, groupsize)
+    x = inputs(5, k)
+    _, rounded_x = reference(layer, x)
+    layer.use_kernel("cpu", torch.bfloat16, kernels.CPU_INT4_MAX_ROWS)
+    assert (layer.kernel_in_features, layer.kernel_groupsize) == (kernel_k, kernel_groupsize)
+    assert rel_err(layer(x), rounded_x) < OUTPUT_ROUNDING
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
