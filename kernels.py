@@ -13,7 +13,8 @@ the tile per layer shape on the first call. The weights are int8 (Int8Linear) or
 
 With a few rows, the matmul keeps all of them in one tile, so each weight is still read once,
 converts the weights to bf16 in registers (int8 and fp8 exactly, int4 with its group's scale and
-zero) and multiplies on the tensor cores (`tl.dot`). It replaces what torch.compile makes of the
+zero) and multiplies on the tensor cores (`tl.dot`); on Hopper and later GPUs the weight tiles
+arrive by asynchronous copies (TMA), a few tiles ahead. It replaces what torch.compile makes of the
 PyTorch path for a decode batch, aten._weight_int8pack_mm, whose CUDA kernel is far slower at a
 few rows. Longer inputs are compute-bound: one pass writes the layer's weights in bf16, and
 cuBLAS multiplies.
@@ -42,6 +43,10 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: the callers then keep their PyTorch path
     triton = None
+try:  # host-made tensor descriptors (recent Triton), for the small matmul's weight loads
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 
 if triton is not None:
@@ -115,21 +120,27 @@ if triton is not None:
         key=["N", "K_WORDS", "WORDS_PER_SPLIT", "PER_WORD", "FP8"])(scaled_gemv_kernel)
 
     @triton.jit
-    def weight_tile(w_ptr, s_ptr, z_ptr, cols, k0, N, K, GROUP: tl.constexpr, INT4: tl.constexpr,
-                    SCALED: tl.constexpr, BLOCK_K: tl.constexpr, dtype: tl.constexpr):
-        """Columns [k0, k0 + BLOCK_K) of weight rows `cols` (BLOCK_N,), (BLOCK_N, BLOCK_K) in dtype.
-        One-byte weights (int8 or fp8, (N, K)) convert exactly, times their row's scale first
-        where SCALED (in float32). int4 weights are nibble pairs (N, K / 2) (column 2i high, 2i + 1
-        low) dequantized as (q - 8) * scale + zero in float32 with their group's scale and zero
-        (N, K / GROUP); k0 is a multiple of BLOCK_K, and BLOCK_K and GROUP are powers of two.
-        Rows past N and columns past K come back as zeros."""
+    def weight_tile(w_ptr, s_ptr, z_ptr, n0, k0, N, K, GROUP: tl.constexpr, INT4: tl.constexpr,
+                    SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    dtype: tl.constexpr, TMA: tl.constexpr = False):
+        """Columns [k0, k0 + BLOCK_K) of weight rows [n0, n0 + BLOCK_N), (BLOCK_N, BLOCK_K) in
+        dtype; w_ptr points at the weights, or (TMA) is a tensor descriptor of them whose block is
+        that tile (weight_block). One-byte weights (int8 or fp8, (N, K)) convert exactly, times
+        their row's scale first where SCALED (in float32). int4 weights are nibble pairs (N, K / 2)
+        (column 2i high, 2i + 1 low) dequantized as (q - 8) * scale + zero in float32 with their
+        group's scale and zero (N, K / GROUP); k0 is a multiple of BLOCK_K, and BLOCK_K and GROUP
+        are powers of two. Rows past N and columns past K come back as zeros."""
+        cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         k = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
         col_ok = cols < N
         if INT4:
-            half = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # (BLOCK_K / 2,) bytes of nibble pairs
-            ok = col_ok[:, None] & (half[None, :] < K // 2)
-            packed = tl.load(w_ptr + cols.to(tl.int64)[:, None] * (K // 2) + half[None, :],
-                             mask=ok, other=0)  # (BLOCK_N, BLOCK_K / 2) uint8
+            if TMA:  # w_ptr a tensor descriptor: out-of-bounds bytes read as zeros
+                packed = w_ptr.load([n0, k0 // 2])
+            else:
+                half = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # (BLOCK_K / 2,) nibble-pair bytes
+                ok = col_ok[:, None] & (half[None, :] < K // 2)
+                packed = tl.load(w_ptr + cols.to(tl.int64)[:, None] * (K // 2) + half[None, :],
+                                 mask=ok, other=0)  # (BLOCK_N, BLOCK_K / 2) uint8
             # (BLOCK_N, BLOCK_K / 2, 2) -> (BLOCK_N, BLOCK_K): column 2i, then 2i + 1
             q = tl.join(packed >> 4, packed & 0xF).reshape(packed.shape[0], BLOCK_K)
             # the tile's groups: (BLOCK_N, n) scales and zeros, n = 1 when a group spans the tile
@@ -141,6 +152,8 @@ if triton is not None:
             zero = tl.load(z_ptr + group, mask=g_ok, other=0.0).to(tl.float32)
             w = ((q.to(tl.float32) - 8).reshape(packed.shape[0], n, BLOCK_K // n)
                  * scale[:, :, None] + zero[:, :, None]).reshape(packed.shape[0], BLOCK_K)
+        elif TMA:
+            w = w_ptr.load([n0, k0]).to(tl.float32)
         else:
             ok = col_ok[:, None] & (k[None, :] < K)
             # No `other=` (Triton can't cast one to fp8); masked lanes are undefined, and
@@ -154,7 +167,8 @@ if triton is not None:
     @triton.jit
     def quantized_mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_PER_SPLIT,
                             GROUP: tl.constexpr, INT4: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            TMA: tl.constexpr = False):
         """y[s, m, n] = sum over split s's columns k of x[m, k] * w[n, k], for all M rows
         (BLOCK_M >= M, so each weight is read once) and BLOCK_N outputs n (program_id 0); split s
         (program_id 1) takes columns [s K_PER_SPLIT, (s + 1) K_PER_SPLIT). x (M, K) bf16 or fp16;
@@ -168,8 +182,8 @@ if triton is not None:
             k = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
             x = tl.load(x_ptr + rows[:, None] * K + k[None, :],
                         mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
-            w = weight_tile(w_ptr, s_ptr, z_ptr, cols, k0, N, K, GROUP, INT4, False, BLOCK_K,
-                            x.dtype)  # (BLOCK_N, BLOCK_K)
+            w = weight_tile(w_ptr, s_ptr, z_ptr, tl.program_id(0) * BLOCK_N, k0, N, K, GROUP,
+                            INT4, False, BLOCK_N, BLOCK_K, x.dtype, TMA)  # (BLOCK_N, BLOCK_K)
             # The converted weights are the left operand, which the tensor cores can take from
             # the registers the conversion left them in; the few rows of x go through shared
             # memory (8 rows of int8 on an H200: 41 % of copy, against 36 % the other way round).
@@ -187,20 +201,26 @@ if triton is not None:
         """out (N, K) = the weights as weight_tile gives them, scaled, in out's dtype."""
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) weight rows
         k0 = tl.program_id(1) * BLOCK_K
-        w = weight_tile(w_ptr, s_ptr, z_ptr, cols, k0, N, K, GROUP, INT4, True, BLOCK_K,
-                        out_ptr.dtype.element_ty)
+        w = weight_tile(w_ptr, s_ptr, z_ptr, tl.program_id(0) * BLOCK_N, k0, N, K, GROUP, INT4,
+                        True, BLOCK_N, BLOCK_K, out_ptr.dtype.element_ty)
         k = k0 + tl.arange(0, BLOCK_K)
         tl.store(out_ptr + cols.to(tl.int64)[:, None] * K + k[None, :], w,
                  mask=(cols[:, None] < N) & (k[None, :] < K))
 
     # BLOCK_N is the tensor cores' M dimension (the weights are the left operand): up to 128, two
     # of Hopper's 64-row warpgroup tiles.
-    MM_CONFIGS = [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=4, num_stages=s)
+    def weight_block(nargs):
+        """A tensor descriptor's block: the config's tile of weights."""
+        if nargs.get("TMA"):
+            nargs["w_ptr"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"] // (1 + nargs["INT4"])]
+
+    MM_CONFIGS = [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=4, num_stages=s,
+                                pre_hook=weight_block)
                   for n in (16, 32, 64, 128) for k in (128, 256) for s in (3, 4)]
     # Tuned once per tile height, not per row count: a prompt of each new length would otherwise
     # autotune again.
     quantized_mm_tuned = triton.autotune(
-        configs=MM_CONFIGS, key=["BLOCK_M", "N", "K", "K_PER_SPLIT", "GROUP", "INT4"])(
+        configs=MM_CONFIGS, key=["BLOCK_M", "N", "K", "K_PER_SPLIT", "GROUP", "INT4", "TMA"])(
         quantized_mm_kernel)
 
 # A layer with few output rows and a long K (Llama-2-7B's down projection: 4096 x 11008) gives too
@@ -272,6 +292,20 @@ def mm_split(n_columns: int) -> tuple[int, int]:
     return -(-n_columns // per_split), per_split
 
 
+# On Hopper and later GPUs the small matmul takes its weight tiles through a tensor descriptor:
+# the tensor memory accelerator (TMA) copies each tile into shared memory asynchronously, a few
+# tiles ahead of the tensor cores (num_stages), which plain loads, issued by the threads
+# themselves, do not (Llama-2-7B at 8 and 32 rows on an H200: int8 9-15 % less time a pass,
+# fp8 16-27 %; BENCHMARKS.md). A descriptor needs 16-byte aligned rows. False: plain loads.
+MM_TMA = True
+
+
+def tma_loads(weight: Tensor) -> bool:
+    return (MM_TMA and TensorDescriptor is not None and weight.is_cuda
+            and torch.cuda.get_device_capability(weight.device)[0] >= 9
+            and weight.data_ptr() % 16 == 0 and weight.stride(0) * weight.element_size() % 16 == 0)
+
+
 @torch.library.custom_op("blitz::quantized_mm_partials", mutates_args=())
 def quantized_mm_partials(x: Tensor, weight: Tensor, scales: Tensor, zeros: Optional[Tensor],
                           groupsize: int, split_k: int, columns_per_split: int) -> Tensor:
@@ -283,8 +317,11 @@ def quantized_mm_partials(x: Tensor, weight: Tensor, scales: Tensor, zeros: Opti
         "quantized_mm: at most MAX_MM_ROWS rows, row-major weights and scales")
     y = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split_k)  # noqa: E731
+    tma = tma_loads(weight)
+    if tma:  # the block shape is set per config (weight_block)
+        weight = TensorDescriptor.from_tensor(weight, [16, 16])
     quantized_mm_tuned[grid](x.contiguous(), weight, scales, zeros, y, M, N, K, columns_per_split,
-                             groupsize, INT4=zeros is not None, BLOCK_M=mm_block_rows(M))
+                             groupsize, INT4=zeros is not None, BLOCK_M=mm_block_rows(M), TMA=tma)
     return y
 
 

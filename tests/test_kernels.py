@@ -46,11 +46,14 @@ def check_scaled_gemv():
 # The interpreter's tl.dot mishandles bfloat16 (NumPy has no such type), so x is float32 here;
 # kernels.check_kernels checks the bf16 path on the GPU.
 def check_quantized_mm():
-    from kernels import MM_CONFIGS, int4_weights, mm_block_rows, quantized_mm_kernel
+    from kernels import (MM_CONFIGS, TensorDescriptor, int4_weights, mm_block_rows,
+                         quantized_mm_kernel)
     torch.manual_seed(0)
-    checked = {1: 0, 32: 0, 128: 0, 256: 0}  # by group size (int8: 1)
+    checked = {1: 0, 32: 0, 128: 0, 256: 0, "TMA": 0}  # by group size (int8: 1)
     # A decode batch of M rows in one tile, padded to 16, 64 and exactly 64 rows; int8 and int4
-    # (groups of 32, 128 and 256) weights, K whole or split over 3 programs (each column counted once).
+    # (groups of 32, 128 and 256) weights, K whole or split over 3 programs (each column counted
+    # once), the weights read by plain loads or through a tensor descriptor (TMA: a tile past N
+    # or K reads zeros).
     for M in (1, 2, 33, 64):
         # whole tiles; ragged outputs; K ragged against 256-column tiles
         for N, K in ((64, 1024), (100, 768), (37, 384)):
@@ -66,14 +69,19 @@ def check_quantized_mm():
             for c, config in enumerate(MM_CONFIGS if N == 37 else MM_CONFIGS[::5]):
                 w, s, z, g, reference_weights = kinds[c % len(kinds)]
                 split_k = 1 + 2 * (c % 2)
+                tma = c // 2 % 2 == 1
+                if tma:  # the tile as weight_block sets it
+                    tile = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"] // (1 + (z is not None))
+                    w = TensorDescriptor.from_tensor(w, list(tile))
+                    checked["TMA"] += 1
                 y = torch.full((split_k, M, N), float("nan"))  # poisoned: every element written
                 grid = (triton.cdiv(N, config.kwargs["BLOCK_N"]), split_k)
                 quantized_mm_kernel[grid](x, w, s, z, y, M, N, K, -(-K // split_k // 256) * 256, g,
-                                          INT4=z is not None, BLOCK_M=mm_block_rows(M),
+                                          INT4=z is not None, BLOCK_M=mm_block_rows(M), TMA=tma,
                                           **config.kwargs)
                 reference = x.double() @ reference_weights.T  # (M, N)
                 error = ((y.sum(0).double() - reference).norm() / reference.norm()).item()
-                assert error < 1e-6, (M, N, K, g, config, split_k, error)
+                assert error < 1e-6, (M, N, K, g, config, split_k, tma, error)
                 checked[g] += 1
     assert min(checked.values()) >= 8, checked
 
