@@ -152,14 +152,15 @@ if triton is not None:
             zero = tl.load(z_ptr + group, mask=g_ok, other=0.0).to(tl.float32)
             w = ((q.to(tl.float32) - 8).reshape(packed.shape[0], n, BLOCK_K // n)
                  * scale[:, :, None] + zero[:, :, None]).reshape(packed.shape[0], BLOCK_K)
-        elif TMA:
-            w = w_ptr.load([n0, k0]).to(tl.float32)
         else:
-            ok = col_ok[:, None] & (k[None, :] < K)
-            # No `other=` (Triton can't cast one to fp8); masked lanes are undefined, and
-            # NaN * 0 is NaN: zero them.
-            w = tl.where(ok, tl.load(w_ptr + cols.to(tl.int64)[:, None] * K + k[None, :],
-                                     mask=ok).to(tl.float32), 0.0)
+            if TMA:  # out-of-bounds bytes read as zeros: 0 in int8, +0.0 in fp8
+                w = w_ptr.load([n0, k0]).to(tl.float32)
+            else:
+                ok = col_ok[:, None] & (k[None, :] < K)
+                # No `other=` (Triton can't cast one to fp8); masked lanes are undefined, and
+                # NaN * 0 is NaN: zero them.
+                w = tl.where(ok, tl.load(w_ptr + cols.to(tl.int64)[:, None] * K + k[None, :],
+                                         mask=ok).to(tl.float32), 0.0)
             if SCALED:
                 w *= tl.load(s_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
         return w.to(dtype)
@@ -175,15 +176,16 @@ if triton is not None:
         w as weight_tile reads it, converted to x's dtype in registers for the tensor cores
         (`tl.dot`); one-byte weights' row scales multiply the sums. y float32 partial sums."""
         rows = tl.arange(0, BLOCK_M)  # (BLOCK_M,)
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
+        n0 = tl.program_id(0) * BLOCK_N
+        cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
         first = tl.program_id(1) * K_PER_SPLIT
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # transposed: y^T = w x^T
         for k0 in range(first, tl.minimum(first + K_PER_SPLIT, K), BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
             x = tl.load(x_ptr + rows[:, None] * K + k[None, :],
                         mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
-            w = weight_tile(w_ptr, s_ptr, z_ptr, tl.program_id(0) * BLOCK_N, k0, N, K, GROUP,
-                            INT4, False, BLOCK_N, BLOCK_K, x.dtype, TMA)  # (BLOCK_N, BLOCK_K)
+            w = weight_tile(w_ptr, s_ptr, z_ptr, n0, k0, N, K, GROUP, INT4, False, BLOCK_N,
+                            BLOCK_K, x.dtype, TMA)  # (BLOCK_N, BLOCK_K)
             # The converted weights are the left operand, which the tensor cores can take from
             # the registers the conversion left them in; the few rows of x go through shared
             # memory (8 rows of int8 on an H200: 41 % of copy, against 36 % the other way round).
@@ -199,20 +201,22 @@ if triton is not None:
                           INT4: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """out (N, K) = the weights as weight_tile gives them, scaled, in out's dtype."""
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) weight rows
-        k0 = tl.program_id(1) * BLOCK_K
-        w = weight_tile(w_ptr, s_ptr, z_ptr, tl.program_id(0) * BLOCK_N, k0, N, K, GROUP, INT4,
-                        True, BLOCK_N, BLOCK_K, out_ptr.dtype.element_ty)
+        n0, k0 = tl.program_id(0) * BLOCK_N, tl.program_id(1) * BLOCK_K
+        cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) weight rows
+        w = weight_tile(w_ptr, s_ptr, z_ptr, n0, k0, N, K, GROUP, INT4, True, BLOCK_N, BLOCK_K,
+                        out_ptr.dtype.element_ty)
         k = k0 + tl.arange(0, BLOCK_K)
         tl.store(out_ptr + cols.to(tl.int64)[:, None] * K + k[None, :], w,
                  mask=(cols[:, None] < N) & (k[None, :] < K))
 
-    # BLOCK_N is the tensor cores' M dimension (the weights are the left operand): up to 128, two
-    # of Hopper's 64-row warpgroup tiles.
     def weight_block(nargs):
-        """A tensor descriptor's block: the config's tile of weights."""
+        """Before each launch: a tensor descriptor's block is the config's tile of weights (bytes
+        of nibble pairs for int4)."""
         if nargs.get("TMA"):
             nargs["w_ptr"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"] // (1 + nargs["INT4"])]
+
+    # BLOCK_N is the tensor cores' M dimension (the weights are the left operand): up to 128, two
+    # of Hopper's 64-row warpgroup tiles.
 
     MM_CONFIGS = [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=4, num_stages=s,
                                 pre_hook=weight_block)
@@ -318,9 +322,9 @@ def quantized_mm_partials(x: Tensor, weight: Tensor, scales: Tensor, zeros: Opti
     y = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split_k)  # noqa: E731
     tma = tma_loads(weight)
-    if tma:  # the block shape is set per config (weight_block)
-        weight = TensorDescriptor.from_tensor(weight, [16, 16])
-    quantized_mm_tuned[grid](x.contiguous(), weight, scales, zeros, y, M, N, K, columns_per_split,
+    # A descriptor's block shape is set per config (weight_block).
+    w = TensorDescriptor.from_tensor(weight, [16, 16]) if tma else weight
+    quantized_mm_tuned[grid](x.contiguous(), w, scales, zeros, y, M, N, K, columns_per_split,
                              groupsize, INT4=zeros is not None, BLOCK_M=mm_block_rows(M), TMA=tma)
     return y
 

@@ -47,7 +47,7 @@ def check_scaled_gemv():
 # kernels.check_kernels checks the bf16 path on the GPU.
 def check_quantized_mm():
     from kernels import (MM_CONFIGS, TensorDescriptor, int4_weights, mm_block_rows,
-                         quantized_mm_kernel)
+                         quantized_mm_kernel, weight_block)
     torch.manual_seed(0)
     checked = {1: 0, 32: 0, 128: 0, 256: 0, "TMA": 0}  # by group size (int8: 1)
     # A decode batch of M rows in one tile, padded to 16, 64 and exactly 64 rows; int8 and int4
@@ -70,9 +70,9 @@ def check_quantized_mm():
                 w, s, z, g, reference_weights = kinds[c % len(kinds)]
                 split_k = 1 + 2 * (c % 2)
                 tma = c // 2 % 2 == 1
-                if tma:  # the tile as weight_block sets it
-                    tile = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"] // (1 + (z is not None))
-                    w = TensorDescriptor.from_tensor(w, list(tile))
+                if tma:  # its block set as the autotuner's hook sets it before a launch
+                    w = TensorDescriptor.from_tensor(w, [16, 16])
+                    weight_block(dict(w_ptr=w, TMA=True, INT4=z is not None, **config.kwargs))
                     checked["TMA"] += 1
                 y = torch.full((split_k, M, N), float("nan"))  # poisoned: every element written
                 grid = (triton.cdiv(N, config.kwargs["BLOCK_N"]), split_k)
