@@ -306,6 +306,7 @@ MM_TMA = True
 
 def tma_loads(weight: Tensor) -> bool:
     return (MM_TMA and TensorDescriptor is not None and weight.is_cuda
+            and torch.version.hip is None  # (ROCm numbers its GPUs' capabilities otherwise)
             and torch.cuda.get_device_capability(weight.device)[0] >= 9
             and weight.data_ptr() % 16 == 0 and weight.stride(0) * weight.element_size() % 16 == 0)
 
