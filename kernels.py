@@ -217,7 +217,6 @@ if triton is not None:
 
     # BLOCK_N is the tensor cores' M dimension (the weights are the left operand): up to 128, two
     # of Hopper's 64-row warpgroup tiles.
-
     MM_CONFIGS = [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=4, num_stages=s,
                                 pre_hook=weight_block)
                   for n in (16, 32, 64, 128) for k in (128, 256) for s in (3, 4)]
