@@ -131,7 +131,6 @@ if triton is not None:
         group's scale and zero (N, K / GROUP); k0 is a multiple of BLOCK_K, and BLOCK_K and GROUP
         are powers of two. Rows past N and columns past K come back as zeros."""
         cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-        k = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
         col_ok = cols < N
         if INT4:
             if TMA:  # w_ptr a tensor descriptor: out-of-bounds bytes read as zeros
@@ -156,6 +155,7 @@ if triton is not None:
             if TMA:  # out-of-bounds bytes read as zeros: 0 in int8, +0.0 in fp8
                 w = w_ptr.load([n0, k0]).to(tl.float32)
             else:
+                k = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
                 ok = col_ok[:, None] & (k[None, :] < K)
                 # No `other=` (Triton can't cast one to fp8); masked lanes are undefined, and
                 # NaN * 0 is NaN: zero them.
