@@ -259,7 +259,8 @@ class MoEFeedForward(nn.Module):
         B, T, dim = x.shape
         x = x.view(B * T, dim)  # (M, dim): tokens
         probs = F.softmax(self.gate(x).float(), dim=-1)  # (M, n_experts)
-        weights, experts = probs.topk(self.n_active, dim=-1)  # (M, k), k = n_active_experts
+        # unsorted: the weighted sum below does not care, and sorting is a kernel of its own
+        weights, experts = probs.topk(self.n_active, dim=-1, sorted=False)  # (M, k)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         # Static shapes decide (no host sync): a few tokens (decode) read only the experts they
