@@ -356,6 +356,16 @@ def check_writable(path: Path, flag: str):
         raise InputError(f"{flag} {path}: folder {parent} is not writable")
 
 
+def check_output(path: Path, flag: str):
+    """A report (metrics, a trace, scores) is to be written at path: fail now if it cannot be, or
+    if it would replace a file of a checkpoint (say the config.json of the one being read)."""
+    check_writable(path, flag)
+    folder = path.resolve().parent
+    if path.name in checkpoint_files(folder):
+        raise InputError(f"{flag} {path} would replace a file of the checkpoint in {folder}; "
+                         "name another file")
+
+
 def write_files(folder: Path, writers: dict, remove=()):
     """Write a set of files into folder as one change. writers {name: write(path)}: each writes its
     file to the temp path it is given; once every one is complete, a journal of the renames (and of

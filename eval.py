@@ -30,8 +30,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 import tp
-from checkpoint import InputError, check_device, check_writable, load_model, read_checkpoint
-from generate import Sampling, compile_functions, device_name, generate, write_json
+from checkpoint import InputError, check_device, check_output, load_model, read_checkpoint
+from generate import (Sampling, check_cache_fits, compile_functions, device_name, generate,
+                      write_json)
 from model import Transformer
 from tokenizer import load_tokenizer
 
@@ -291,10 +292,11 @@ def perplexity(em: EvalModel, ids: list, stride: int) -> dict:
 def text_ids(args, tokenizer) -> tuple[str, list]:
     """The text to measure, as token ids cut to --limit; fails before any weights are loaded."""
     name, text = read_text(args.text_file)
-    ids = tokenizer.encode(text)[:args.limit]
+    every = tokenizer.encode(text)
+    ids = every[:args.limit]
     if len(ids) < 2:
-        raise InputError(f"--text_file: {name} has {len(ids)} token(s); perplexity needs at "
-                         "least 2")
+        cause = f"--limit {args.limit} leaves" if len(every) >= 2 else f"--text_file: {name} has"
+        raise InputError(f"{cause} {len(ids)} token(s); perplexity needs at least 2")
     return name, ids
 
 
@@ -425,11 +427,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_args(args, block_size: int):
     """Fill in the defaults that depend on the model and reject bad values, each with one sentence.
     Afterwards args.device is a torch.device and args.dtype a torch.dtype."""
-    args.max_seq_length = args.max_seq_length or min(block_size, 2048)
+    if args.max_seq_length is None:
+        args.max_seq_length = min(block_size, 2048)
     if not 2 <= args.max_seq_length <= block_size:
         raise InputError(f"--max_seq_length must be in 2..{block_size} (the model's context), got "
                          f"{args.max_seq_length}")
-    args.stride = args.stride or max(1, args.max_seq_length // 2)
+    if args.stride is None:
+        args.stride = max(1, args.max_seq_length // 2)
     if not 1 <= args.stride <= args.max_seq_length:
         raise InputError(f"--stride must be in 1..{args.max_seq_length} (--max_seq_length), got "
                          f"{args.stride}")
@@ -443,7 +447,7 @@ def check_args(args, block_size: int):
         if not folder.is_dir():
             raise InputError(f"--include_path: folder {folder} does not exist")
     if args.output is not None:
-        check_writable(args.output, "--output")
+        check_output(args.output, "--output")
     args.device = check_device(args.device, "--device")
     args.dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.bfloat16 if args.device.type == "cuda" else torch.float32)
@@ -474,6 +478,7 @@ def run(args) -> dict:
         task_manager = task_index(TaskManager, tuple(str(p.resolve()) for p in args.include_path))
         tasks = load_tasks(task_manager, args.tasks)
 
+    check_cache_fits(ckpt.args, args.batch_size, args.max_seq_length, args.dtype, device)
     t0 = time.perf_counter()
     model = load_eval_model(args, ckpt, device)
     if device.type == "cuda":
@@ -488,9 +493,10 @@ def run(args) -> dict:
         t0 = time.perf_counter()
         result = perplexity(em, ids, args.stride)
         report["perplexity"] = dict(text=text_name, seconds=time.perf_counter() - t0, **result)
-        windows = f"{result['windows']} window{'s' if result['windows'] > 1 else ''}"
-        print(f"{text_name}: {result['tokens']} tokens ({result['scored_tokens']} scored, "
-              f"{windows} of {args.max_seq_length}, stride {args.stride}): perplexity "
+        windows = ("one window" if result["windows"] == 1 else
+                   f"{result['windows']} windows of {args.max_seq_length}, stride {args.stride}")
+        print(f"{text_name}: {result['tokens']} tokens ({result['scored_tokens']} scored in "
+              f"{windows}): perplexity "
               f"{result['perplexity']:.4f}, bits per byte {result['bits_per_byte']:.4f}")
     if args.tasks:
         report["tasks"] = run_tasks(em, lm_eval, task_manager, tasks, args)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import tp
-from checkpoint import (InputError, check_device, check_writable, load_model, random_model,
+from checkpoint import (InputError, check_device, check_output, load_model, random_model,
                         read_checkpoint, write_files)
 from model import CONFIGS, ModelArgs, MoEFeedForward, Transformer
 from tokenizer import TextStreamer, load_tokenizer
@@ -56,7 +56,9 @@ def probabilities(logits: Tensor, s: Sampling) -> Tensor:
     by it."""
     if s.temperature == 0:
         return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
-    logits = logits.float() / s.temperature
+    # the row's maximum subtracted first: a tiny temperature then gives near-greedy, not inf / inf
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / s.temperature
     if s.top_k is not None:
         kth = torch.topk(logits, min(s.top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, -float("inf"))
@@ -432,20 +434,26 @@ def main(argv=None):
     run_samples(args, prompts, generate_fn, tokenizer, max_new, model_bytes, device, compiled)
 
 
-def load_weights(args, ckpt, config: ModelArgs, device: torch.device, batch_size: int,
-                 cache_length: int) -> Transformer:
-    """The model the flags name (under torchrun this process's part, read from its slices) on its
-    device, with a KV cache of batch_size rows of cache_length slots; a cache that would not fit the
-    free memory is refused before any weight loads."""
+def check_cache_fits(config: ModelArgs, batch_size: int, cache_length: int, dtype: torch.dtype,
+                     device: torch.device):
+    """Refuse a KV cache larger than the device's free memory, before any weight loads."""
     slots = -(-cache_length // 8) * 8  # setup_caches rounds up to a multiple of 8
     kv_bytes = 2 * config.n_layer * batch_size * config.n_kv_heads * slots * config.head_dim
-    kv_bytes *= torch.empty(0, dtype=args.dtype).element_size()
+    kv_bytes *= torch.empty(0, dtype=dtype).element_size()
     free = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda"
             else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     if kv_bytes > free:
         raise InputError(f"the KV cache for {batch_size} rows of {cache_length} tokens needs "
                          f"{kv_bytes / 1e9:.1f} GB, more than the {free / 1e9:.1f} GB of free "
                          f"memory on {device}")
+
+
+def load_weights(args, ckpt, config: ModelArgs, device: torch.device, batch_size: int,
+                 cache_length: int) -> Transformer:
+    """The model the flags name (under torchrun this process's part, read from its slices) on its
+    device, with a KV cache of batch_size rows of cache_length slots; a cache that would not fit the
+    free memory is refused before any weight loads."""
+    check_cache_fits(config, batch_size, cache_length, args.dtype, device)
     t0 = time.perf_counter()
     if dist.is_torchelastic_launched() or args.random_quantization:
         model = tp.load_model(args, device, args.dtype)
@@ -576,6 +584,11 @@ def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: i
     of the conversation is prefilled. When the conversation outgrows the cache, its oldest turns are
     dropped (a note says so). /clear starts over. Without --chat each line is a prompt of its
     own."""
+    if args.compile or args.compile_prefill:
+        # one untimed run first, as run_samples makes: no answer's metrics count the compiling
+        t0 = time.perf_counter()
+        generate_fn([[0]], min(max_new, 8))
+        print(f"Compilation time: {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     messages, in_cache = [], []  # the conversation; the token ids the KV cache holds, in order
     while True:
         try:
@@ -845,14 +858,25 @@ def parse_args(argv=None) -> argparse.Namespace:
                         or len(args.prompt) > 1 and args.batch_size > 1):
         raise InputError("give --prompt or --prompt_tokens, and several --prompt flags or "
                          "--batch_size, not both")
+    if not -2**63 <= args.seed < 2**64:  # what torch.manual_seed takes
+        raise InputError(f"--seed must fit in 64 bits, got {args.seed}")
     if args.interactive and args.random_weights:
         raise InputError("--interactive needs --checkpoint_path (a tokenizer), not "
                          "--random_weights")
+    given_prompt_flags = (args.prompt, args.prompt_tokens is not None, args.json, args.profile,
+                          args.num_samples > 1, args.batch_size > 1)
+    if args.interactive and any(given_prompt_flags):
+        raise InputError("--interactive reads its prompts from the terminal and answers them one "
+                         "at a time: not with --prompt, --prompt_tokens, --num_samples, "
+                         "--batch_size, --json or --profile")
+    if args.chat and (args.prompt_tokens is not None or args.random_weights):
+        raise InputError("--chat puts prompt text in the checkpoint's chat template: not with "
+                         "--prompt_tokens or --random_weights")
     if (args.draft_checkpoint_path, args.speculate_ngram, args.speculate_k) != (None, None, None):
         check_speculation_args(args)
     for flag in ("json", "profile"):
         if getattr(args, flag) is not None:
-            check_writable(getattr(args, flag), f"--{flag}")
+            check_output(getattr(args, flag), f"--{flag}")
     return args
 
 

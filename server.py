@@ -93,8 +93,10 @@ def sample_rows(logits: Tensor, position: Tensor, temperature: Tensor, top_k: Te
     """logits (B, vocab) -> next token ids (B, 1), each row with its own temperature (0: greedy,
     the argmax as in generate.sample), top_k (vocab: all) and top_p (1: all) (B,)."""
     B, V = logits.shape
-    scaled = logits.float() / torch.where(temperature > 0, temperature, 1.0)[:, None]
-    ranked, order = scaled.topk(min(V, CANDIDATES), dim=-1)  # (B, k), most likely first
+    ranked, order = logits.float().topk(min(V, CANDIDATES), dim=-1)  # (B, k), most likely first
+    # Scaled after subtracting the row's maximum: a tiny temperature then sends the others to -inf
+    # (near-greedy), where dividing the logits themselves overflows to inf and samples noise.
+    ranked = (ranked - ranked[:, :1]) / torch.where(temperature > 0, temperature, 1.0)[:, None]
     k = ranked.shape[-1]
     ranks = torch.arange(k, device=logits.device)
     probs = torch.softmax(ranked.masked_fill(ranks >= top_k[:, None], -float("inf")), dim=-1)
@@ -469,7 +471,7 @@ class CommonFields(BaseModel):
     top_k: Optional[int] = Field(None, ge=1, le=CANDIDATES)  # extension: the k most likely
     seed: Optional[int] = None
     stop: Union[str, list[str], None] = None
-    stream: bool = False
+    stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
 
 
@@ -508,6 +510,17 @@ def message_text(message: Message) -> str:
         raise APIError(400, "only text content parts are supported", "unsupported_content",
                        "messages")
     return "".join(str(part.get("text", "")) for part in message.content)
+
+
+def unicode_text(text: str, param: str) -> str:
+    """text, refused if it holds a lone surrogate: JSON can escape one ("\\ud800"), but it is not
+    Unicode text and no tokenizer takes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, "the text holds a lone surrogate (half of a UTF-16 pair), which is not "
+                       "Unicode text", "invalid_text", param) from None
+    return text
 
 
 def held_back(text: str, stops: list) -> int:
@@ -554,6 +567,10 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
+        try:  # the key first: FastAPI validates the body before the route's dependencies run
+            await authorize(request)
+        except APIError as refused:
+            return refused.response()
         errors = e.errors()
         if errors[0]["type"] == "json_invalid":
             return APIError(400, f"the body is not valid JSON ({errors[0]['ctx']['error']})",
@@ -597,7 +614,8 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatRequest, request: Request):
         check_supported(body)
-        messages = [{"role": m.role, "content": message_text(m)} for m in body.messages]
+        messages = [{"role": unicode_text(m.role, "messages"),
+                     "content": unicode_text(message_text(m), "messages")} for m in body.messages]
         return await complete(request, body, lambda: tokenizer.encode_chat(messages), True,
                               body.max_completion_tokens or body.max_tokens)
 
@@ -610,6 +628,7 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
                 raise APIError(400, "one prompt per request (a list of prompts is n > 1)",
                                "unsupported_parameter", "prompt")
             prompt = prompt[0]
+        prompt = unicode_text(prompt, "prompt")
         return await complete(request, body, lambda: tokenizer.encode(prompt), False,
                               body.max_tokens)
 

@@ -226,6 +226,33 @@ def test_unwritable_output_is_refused_before_generating(tiny, tmp_path, flag, wh
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("flags, words", [
+    (["--seed", 2**64], ["--seed"]),
+    (["--seed", -2**63 - 1], ["--seed"]),
+    (["--interactive", "--prompt", "hi"], ["--interactive", "--prompt"]),
+    (["--interactive", "--num_samples", 2], ["--interactive", "--num_samples"]),
+    (["--interactive", "--json", "m.json"], ["--interactive", "--json"]),
+    (["--chat", "--prompt_tokens", 5], ["--chat", "--prompt_tokens"]),
+], ids=["seed-2**64", "seed-below-int64", "interactive-prompt", "interactive-samples", "interactive-json",
+        "chat-prompt-tokens"])
+def test_flags_that_would_overflow_or_be_ignored_are_refused(tiny, flags, words, capsys):
+    refused_here("generate.py", "--checkpoint_path", tiny, *flags, "--max_new_tokens", 2, "--device", "cpu",
+                 words=words, capsys=capsys)
+
+
+def test_chat_with_random_weights_is_refused(capsys):
+    refused_here("generate.py", "--random_weights", "stories15M", "--chat", "--max_new_tokens", 2, "--device", "cpu",
+                 words=["--chat", "--random_weights"], capsys=capsys)
+
+
+@pytest.mark.parametrize("flag", ["--json", "--profile"])
+def test_output_over_a_checkpoint_file_is_refused(tiny, flag, capsys):
+    before = snapshot(tiny)
+    refused_here("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN, flag, tiny / "config.json",
+                 words=[flag, "checkpoint"], capsys=capsys)
+    assert snapshot(tiny) == before
+
+
 def test_bug_keeps_its_traceback(tiny, monkeypatch):
     """Only bad input becomes an `error:` line; a bug inside the program (here, a ValueError where none is
     expected) must surface with its traceback, not be passed off as the user's mistake."""

@@ -21,7 +21,7 @@ def smollm2(smollm2_checkpoint):
     return load_model(ckpt, dtype=torch.float32), load_tokenizer(ckpt.folder)
 
 
-def converse(tokenizer, lines: list, monkeypatch, max_seq=4096, chat=True):
+def converse(tokenizer, lines: list, monkeypatch, max_seq=4096, chat=True, compiled=False):
     """Run generate.interactive on `lines` of input with a stand-in model that answers "Fine." and
     records what it was asked: [(prompt ids, cached)] per turn."""
     asked = []
@@ -39,7 +39,8 @@ def converse(tokenizer, lines: list, monkeypatch, max_seq=4096, chat=True):
         except StopIteration:
             raise EOFError from None
     monkeypatch.setattr(builtins, "input", fake_input)
-    args = type("Args", (), dict(chat=chat, metrics=False))()
+    args = type("Args", (), dict(chat=chat, metrics=False, compile=compiled,
+                                 compile_prefill=False))()
     generate.interactive(args, tokenizer, fake_generate, max_seq, 32, 1, torch.device("cpu"))
     return asked
 
@@ -79,6 +80,15 @@ def test_oldest_turns_are_dropped_when_the_conversation_outgrows_the_cache(smoll
     assert TURNS[2] in tokenizer.decode(asked[2][0])
     assert all(len(prompt) < max_seq for prompt, _ in asked)
     assert "dropped the oldest turn" in capsys.readouterr().err
+
+
+def test_a_compiled_session_compiles_before_the_first_answer(smollm2, monkeypatch, capsys):
+    """--compile: one untimed warm-up first, so that no answer's metrics count the compiling."""
+    _, tokenizer = smollm2
+    asked = converse(tokenizer, TURNS[:1], monkeypatch, compiled=True)
+    question = tokenizer.encode_chat([{"role": "user", "content": TURNS[0]}])
+    assert len(asked) == 2 and asked[0][0] != question and asked[1] == (question, 0)
+    assert "Compilation time" in capsys.readouterr().err
 
 
 def test_without_chat_each_line_stands_alone(smollm2, monkeypatch):

@@ -245,6 +245,11 @@ def test_bad_input_gives_one_error_line(smollm2_checkpoint, tmp_path, monkeypatc
         (["--stride", 600, "--max_seq_length", 512], ["--stride"]),
         (["--max_seq_length", 100000], ["--max_seq_length", "8192"]),
         (["--output", tmp_path / "no/such/out.json"], ["--output", "does not exist"]),
+        (["--output", smollm2_checkpoint / "config.json"], ["--output", "checkpoint"]),
+        (["--max_seq_length", 0], ["--max_seq_length"]),  # not the default
+        (["--max_seq_length", 8, "--stride", 0], ["--stride"]),
+        (["--limit", 1], ["--limit 1"]),  # the text has tokens enough: the limit leaves one
+        (["--limit", 20, "--batch_size", 10**8], ["KV cache", "memory"]),
         # tests/data: the folder the capitals test reads, so that lm-eval's index of it is made once
         (["--tasks", "no_such_task_xyz", "--include_path", "tests/data"], ["unknown task", "no_such_task_xyz"]),
         (["--tasks", "capitals_missing", "--include_path", "tests/data"], ["cannot load task capitals_missing"]),

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from generate import Sampling, generate, sample
+from generate import Sampling, generate, probabilities, sample
 from model import ModelArgs, Transformer
 
 TINY = dict(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=97, intermediate_size=96, block_size=128)
@@ -95,6 +95,15 @@ def test_sampling_draws_from_the_filtered_distribution():
     freq = torch.bincount(draws(Sampling(temperature=1.0, top_k=None, top_p=0.7)), minlength=4) / n
     torch.testing.assert_close(freq, torch.tensor([2 / 3, 1 / 3, 0, 0]), atol=0.015, rtol=0)
     assert sample(logits, Sampling(temperature=0)).item() == 0
+
+
+@pytest.mark.parametrize("top_k", [None, 200])
+def test_a_tiny_temperature_samples_the_argmax_not_noise(top_k):
+    """Logits divided by 1e-40 overflow to ±inf; the sampler must still put the mass on the argmax."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 1000) * 5
+    probs = probabilities(logits, Sampling(temperature=1e-40, top_k=top_k))
+    assert torch.equal(probs, torch.nn.functional.one_hot(logits.argmax(-1), 1000).float())
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@ SmolLM2-135M (one server process for the module; its last test shuts it down wit
 answers are checked against generate.generate run in this process on the same model."""
 import asyncio
 import gc
+import json
 import os
 import re
 import signal
@@ -17,7 +18,7 @@ from checkpoint import InputError, load_model, read_checkpoint, save_checkpoint
 from conftest import ROOT, assert_one_error_line, run_script, serve
 from generate import Sampling, generate
 from model import ModelArgs, Transformer
-from server import held_back, parse_args
+from server import held_back, parse_args, sample_rows
 from tokenizer import load_tokenizer
 
 KEY = "test-key"
@@ -172,6 +173,17 @@ def error_of(response: httpx.Response, status: int) -> dict:
     return error
 
 
+def test_a_tiny_temperature_samples_each_rows_argmax_not_noise():
+    """Logits divided by 1e-40 overflow to ±inf; each row's argmax must still win, as at 0."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5000) * 5
+    temperature = torch.tensor([1e-40, 1e-38, 0])
+    tokens = sample_rows(logits, position=torch.arange(3), temperature=temperature,
+                         top_k=torch.full((3,), 5000), top_p=torch.ones(3),
+                         seed=torch.arange(3))  # (3, 1)
+    assert torch.equal(tokens, logits.argmax(-1, keepdim=True))
+
+
 def test_errors_answer_with_openai_error_json_and_status(server):
     url = server[0]
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
@@ -189,6 +201,15 @@ def test_errors_answer_with_openai_error_json_and_status(server):
                                                         "max_tokens": "many"}), 400)
     assert error["param"] == "max_tokens"
     error_of(post("/v1/chat/completions", json={"messages": "hello"}), 400)
+    # A lone surrogate is valid JSON ("\ud800") but not Unicode text: no tokenizer takes it.
+    for path, body in [("/v1/completions", {"prompt": "Hi \ud800"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user",
+                                                               "content": "Hi \ud83d"}]})]:
+        escaped = json.dumps({**body, "max_tokens": 2}).encode()  # ASCII: the surrogate escaped
+        assert error_of(post(path, content=escaped), 400)["code"] == "invalid_text"
+    # OpenAI's API takes null for stream, as for the other optional fields.
+    assert post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 1,
+                                              "stream": None}).status_code == 200
     # Beyond the sampling candidates (and beyond an int64, which once killed the scheduler).
     for top_k in (1025, 10**20):
         error = error_of(post("/v1/completions", json={"prompt": "a", "top_k": top_k}), 400)
@@ -203,6 +224,9 @@ def test_errors_answer_with_openai_error_json_and_status(server):
     with pytest.raises(openai.AuthenticationError):
         client(server, key="wrong").models.list()
     error_of(httpx.get(url + "/v1/models"), 401)
+    # without the key, a malformed body says nothing but that
+    error_of(httpx.post(url + "/v1/chat/completions", content=b"{\"messages\": [",
+                        headers={"Content-Type": "application/json"}), 401)
     assert [m.id for m in client(server).models.list()] == ["SmolLM2-135M-Instruct"]
 
 
