@@ -56,13 +56,16 @@ def probabilities(logits: Tensor, s: Sampling) -> Tensor:
     by it."""
     if s.temperature == 0:
         return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
-    # the row's maximum subtracted first: a tiny temperature then gives near-greedy, not inf / inf
     logits = logits.float()
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / s.temperature
     if s.top_k is not None:
-        kth = torch.topk(logits, min(s.top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, -float("inf"))
-    probs = torch.softmax(logits, dim=-1)
+        top = torch.topk(logits, min(s.top_k, logits.size(-1))).values  # (B, k), largest first
+        logits = logits.masked_fill(logits < top[:, -1:], -float("inf"))
+        peak = top[:, :1]  # (B, 1)
+    else:
+        peak = logits.amax(dim=-1, keepdim=True)  # (B, 1)
+    # Scaled after subtracting the row's maximum: a tiny temperature then sends the others to -inf
+    # (near-greedy), where dividing the logits themselves overflows to inf / inf.
+    probs = torch.softmax((logits - peak) / s.temperature, dim=-1)
     if s.top_p is not None:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Drop a token when the tokens more likely than it already cover top_p of the mass.
