@@ -128,8 +128,8 @@ def parse_config(data: dict, where) -> ModelArgs:
     if missing:
         raise InputError(f"{where}: missing fields {missing}")
     for name in INT_FIELDS:
-        value = data.get(name)
-        optional = name in ("n_kv_heads", "head_dim", "block_size")
+        value = data.get(name, ModelArgs.block_size if name == "block_size" else None)
+        optional = name in ("n_kv_heads", "head_dim")  # None: derived from the other fields
         if (value is not None or not optional) and (type(value) is not int or value < 1):
             raise InputError(f"{where}: {name} must be a positive integer, got {value!r}")
     for name in ("rope_base", "norm_eps"):
@@ -372,6 +372,7 @@ def write_files(folder: Path, writers: dict, remove=()):
     `remove`, stale files of an earlier set) is written, then carried out by finish_write. Killed
     before the journal, the folder is as it was; after it, the next reader or writer completes
     it."""
+    created = not folder.exists()  # a folder made here goes again if nothing is written into it
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / JOURNAL).is_file():
         finish_write(folder)
@@ -390,6 +391,8 @@ def write_files(folder: Path, writers: dict, remove=()):
     except BaseException as e:
         for tmp in [*temps.values(), folder / f".{JOURNAL}.{tag}.tmp"]:
             tmp.unlink(missing_ok=True)
+        if created and not any(folder.iterdir()):
+            folder.rmdir()
         if isinstance(e, OSError) and e.errno == 28:  # ENOSPC
             raise InputError(f"disk full while writing into {folder}: "
                              "nothing was changed") from None

@@ -8,6 +8,7 @@ Every backend exposes the same encode / decode / encode_chat, so generate.py
 never needs to know which one it got.
 """
 import base64
+import binascii
 from abc import ABC, abstractmethod
 import json
 import re
@@ -57,6 +58,9 @@ def read_config(folder: Path, name: str) -> dict:
         raise InputError(f"{path}: eos_token_id must be an id or a list of ids, got {ids!r}")
     template = config.get("chat_template")
     if isinstance(template, list):  # a list of named templates, of which "default" is the chat one
+        if not all(isinstance(t, dict) for t in template):
+            raise InputError(f"{path}: chat_template must be text or a list of {{name, template}} "
+                             "objects")
         config["chat_template"] = {t.get("name"): t.get("template")
                                    for t in template}.get("default")
     if not isinstance(config.get("chat_template", ""), (str, type(None))):
@@ -160,10 +164,19 @@ class TiktokenTokenizer(Tokenizer):
     def __init__(self, path: Path, chat_template: str | None):
         import tiktoken
         ranks = {}
-        for line in path.read_bytes().splitlines():
-            if line.strip():
-                token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
+        for n, line in enumerate(path.read_bytes().splitlines(), 1):
+            if not line.strip():
+                continue
+            if not TIKTOKEN_LINE.match(line):
+                raise InputError(f"{path}: line {n} is not '<base64 token> <rank>'")
+            token, rank = line.split()
+            try:
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except binascii.Error:
+                raise InputError(f"{path}: line {n}: {token.decode()} is not base64") from None
+        # the special tokens follow the ranks; tiktoken panics on a rank given twice
+        if sorted(ranks.values()) != list(range(len(ranks))):
+            raise InputError(f"{path}: the ranks must be 0 to {len(ranks) - 1}, one token each")
         self.specials = {name: len(ranks) + i for i, name in enumerate(LLAMA3_SPECIALS)}
         self.enc = tiktoken.Encoding("llama3", pat_str=LLAMA3_PATTERN,
                                      mergeable_ranks=ranks, special_tokens=self.specials)

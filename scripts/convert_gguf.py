@@ -222,6 +222,10 @@ def our_name(gguf_name: str):
     raise InputError(f"unexpected tensor {gguf_name!r} for this architecture")
 
 
+# Tensor types gguf cannot dequantize: integers, float64, the blocks llama.cpp keeps for activations.
+UNCONVERTIBLE_TYPES = ("F64", "I8", "I16", "I32", "I64", "Q8_1", "Q8_K", "Q1_0")
+
+
 def plan_tensors(reader, args: ModelArgs, path: Path) -> list:
     """(GGUF tensor, our name, fused group) for every tensor to convert. The shapes they will have
     are checked against the model first, from the header alone: a file that does not match its
@@ -236,6 +240,9 @@ def plan_tensors(reader, args: ModelArgs, path: Path) -> list:
                          f"tensors of {len(blocks)} blocks")
     shapes, parts = {}, {}  # parts: our fused name -> {group: shape}
     for t, name, group in plan:
+        if t.tensor_type.name in UNCONVERTIBLE_TYPES:
+            raise InputError(f"{path.name}: {t.name} is of type {t.tensor_type.name}, which cannot "
+                             "be converted")
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first
         if group is None:
             shapes[name] = shape
@@ -302,7 +309,7 @@ def build_tokenizer(meta: dict, reader, path: Path):
         raise InputError(f"{path.name}: tokenizer model {kind!r} is not supported yet (only "
                          "byte-level BPE 'gpt2')")
     pre_name = meta.get("tokenizer.ggml.pre", "default")
-    if pre_name not in PRE_TOKENIZERS:
+    if not isinstance(pre_name, str) or pre_name not in PRE_TOKENIZERS:
         raise InputError(f"{path.name}: unknown pre-tokenizer {pre_name!r}; known: "
                          f"{', '.join(PRE_TOKENIZERS)}")
     pre = PRE_TOKENIZERS[pre_name]

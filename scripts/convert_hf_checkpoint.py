@@ -213,7 +213,7 @@ def hf_config_to_args(cfg: dict, where="config.json") -> ModelArgs:
         n_kv_heads=cfg.get("num_key_value_heads"),  # None: as many as query heads
         head_dim=cfg.get("head_dim"),  # None: hidden_size // num_attention_heads, as transformers
         vocab_size=cfg["vocab_size"],
-        block_size=cfg.get("max_position_embeddings", 2048),
+        block_size=cfg.get("max_position_embeddings") or 2048,
         rope_base=rope_base,
         rope_scaling=rope_scaling,
         norm_eps=cfg.get("rms_norm_eps", 1e-6),
@@ -400,6 +400,13 @@ def convert(files: list[Path], layout: str, args: ModelArgs) -> dict:
             if dest not in expected or part is not None and part not in fused_parts(dest, args):
                 raise InputError(f"unexpected tensor {name}: the config describes no such weight")
             tensor = get(name)
+            # Shapes checked before any reshaping, which would fail on a wrong one with its own error
+            # (a part: a block of rows of dest, or a norm's or bias's piece).
+            if not (tensor.shape == expected[dest] if part is None else
+                    tensor.dim() == 1 if len(expected[dest]) == 1 else
+                    tensor.dim() >= 2 and tensor.shape[-1] == expected[dest][-1]):
+                raise InputError(f"{name} has shape {tuple(tensor.shape)}, which cannot be "
+                                 f"{'part of ' if part else ''}{dest} {tuple(expected[dest])}")
             if part in heads and layout == "hf":
                 if tensor.shape[0] != heads[part] * args.head_dim:
                     raise InputError(f"{name} has {tensor.shape[0]} rows; config.json says "

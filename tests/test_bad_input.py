@@ -347,6 +347,13 @@ def test_absurd_config_is_refused_naming_the_file(tiny, script, change, capsys):
     assert snapshot(tiny) == before
 
 
+def test_null_block_size_is_refused_naming_the_file(tiny, capsys):
+    config = json.loads((tiny / "config.json").read_text())
+    (tiny / "config.json").write_text(json.dumps({**config, "block_size": None}))
+    refused_here("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN, words=["config.json", "block_size"],
+                 capsys=capsys)
+
+
 def test_absurd_quantized_sidecar_is_refused_naming_the_file(tiny, capsys):
     succeeds_here("quantize.py", "--checkpoint_path", tiny, "--mode", "int8")
     good = (tiny / "model_int8.json").read_text()
@@ -393,6 +400,21 @@ def test_hf_converter_refuses_absurd_config(tiny_hf, tmp_path, capsys):
     refused_here("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path, words=["config.json"],
                  capsys=capsys)
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("name, shape", [("model.layers.0.self_attn.k_proj.weight", (32, 63)),
+                                         ("model.layers.0.self_attn.v_proj.weight", (32,)),
+                                         ("model.layers.0.self_attn.q_proj.weight", ())],
+                         ids=["columns", "one-dimensional", "scalar"])
+def test_hf_converter_refuses_a_tensor_of_the_wrong_shape_naming_it(tiny_hf, tmp_path, name, shape, capsys):
+    """Checked before the pieces are reshaped or stacked, which would fail with errors of their own."""
+    from safetensors.torch import load_file, save_file
+    hf = hf_source(tiny_hf, tmp_path)
+    tensors = load_file(hf / "model.safetensors")
+    tensors[name] = torch.zeros(shape)
+    save_file(tensors, hf / "model.safetensors")
+    refused_here("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path, words=[name], capsys=capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
 def test_hf_converter_needs_force_to_overwrite_and_force_leaves_exactly_its_files(tiny_hf, tmp_path, capsys):

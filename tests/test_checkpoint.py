@@ -64,3 +64,12 @@ def test_temp_files_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
     orphan.write_bytes(b"half a checkpoint")
     write_files(tmp_path, {"a.txt": lambda p: p.write_text("a")})
     assert names(tmp_path) == ["a.txt"]
+
+
+def test_a_write_that_fails_into_a_new_folder_leaves_no_folder(tmp_path):
+    def interrupted(path):
+        path.write_text("half")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        write_files(tmp_path / "new", {"a.txt": interrupted})
+    assert names(tmp_path) == []

@@ -168,7 +168,8 @@ TINY_DIM, TINY_FFN = 8, 16
 def write_tiny_gguf(path: Path, arch: str, tensors=False, **settings):
     """A tiny GGUF: metadata enough to reach the architecture and tokenizer checks and, with
     tensors=True, random float32 weights of one tied layer, enough to convert and load. settings:
-    model / pre (tokenizer), block_count, head_count, rope_scaling (a gguf.RopeScalingType)."""
+    model / pre (tokenizer; a list: stored as an array), block_count, head_count, rope_scaling (a
+    gguf.RopeScalingType), dtype (numpy's, of blk.0.attn_q.weight)."""
     import gguf
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(settings.get("block_count", 1))
@@ -179,7 +180,9 @@ def write_tiny_gguf(path: Path, arch: str, tensors=False, **settings):
     w.add_token_list(TINY_TOKENS)
     w.add_tokenizer_model(settings.get("model", "gpt2"))
     w.add_token_merges(["a b"])
-    if "pre" in settings:
+    if isinstance(settings.get("pre"), list):
+        w.add_array("tokenizer.ggml.pre", settings["pre"])
+    elif "pre" in settings:
         w.add_tokenizer_pre(settings["pre"])
     if "rope_scaling" in settings:
         w.add_rope_scaling_type(settings["rope_scaling"])
@@ -194,7 +197,8 @@ def write_tiny_gguf(path: Path, arch: str, tensors=False, **settings):
                   **{f"blk.0.attn_{p}.weight": (TINY_DIM, TINY_DIM)
                      for p in ("q", "k", "v", "output")}}
         for name, shape in shapes.items():  # numpy's shape: (out_features, in_features)
-            w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+            dtype = settings.get("dtype", np.float32) if name == "blk.0.attn_q.weight" else np.float32
+            w.add_tensor(name, rng.standard_normal(shape).astype(dtype))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -211,12 +215,20 @@ def test_unsupported_architecture(tmp_path, capsys):
 @pytest.mark.parametrize("tokenizer, message", [
     (dict(model="llama"), "tokenizer model 'llama' is not supported yet"),
     (dict(pre="some-new-model"), "unknown pre-tokenizer 'some-new-model'"),
+    (dict(pre=["gpt2"]), "unknown pre-tokenizer \\['gpt2'\\]"),
 ])
 def test_unsupported_tokenizer(tmp_path, tokenizer, message):
     convert_gguf = load_script("convert_gguf")
     path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", tensors=True, **tokenizer)
     with pytest.raises(InputError, match=message):
         convert_gguf.convert(path, tmp_path / "out", torch.float32)
+
+
+def test_a_tensor_type_gguf_cannot_dequantize_is_refused_naming_it(tmp_path, capsys):
+    path = write_tiny_gguf(tmp_path / "f64.gguf", "llama", tensors=True, dtype=np.float64)
+    line = convert_error(path, tmp_path / "out", capsys)
+    assert "blk.0.attn_q.weight is of type F64" in line
+    assert not (tmp_path / "out").exists()
 
 
 def test_unsupported_rope_scaling_type(tmp_path, capsys):

@@ -213,3 +213,21 @@ def test_missing_or_bad_files(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"\x00\x01 not a tokenizer")
     with pytest.raises(InputError):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"IQ== 0\nthis line is junk\n", "line 2 is not"),
+    (b"IQ== 0\nIg 1\n", "line 2: Ig is not base64"),
+    (b"IQ== 0\nIg== 0\n", "ranks must be 0 to 1"),  # tiktoken itself would panic
+], ids=["junk", "bad-base64", "rank-twice"])
+def test_malformed_tiktoken_file_is_refused_naming_the_line(tmp_path, content, message):
+    (tmp_path / "tokenizer.model").write_bytes(content)
+    with pytest.raises(InputError, match=message):
+        load_tokenizer(tmp_path)
+
+
+def test_chat_template_list_of_non_objects_is_refused(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(b"IQ== 0\n")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": ["x"]}))
+    with pytest.raises(InputError, match="chat_template"):
+        load_tokenizer(tmp_path)
