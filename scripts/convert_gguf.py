@@ -222,7 +222,7 @@ def our_name(gguf_name: str):
     raise InputError(f"unexpected tensor {gguf_name!r} for this architecture")
 
 
-# Tensor types gguf cannot dequantize: integers, float64, the blocks llama.cpp keeps for activations.
+# Tensor types gguf cannot dequantize: integers, float64, blocks llama.cpp keeps for activations.
 UNCONVERTIBLE_TYPES = ("F64", "I8", "I16", "I32", "I64", "Q8_1", "Q8_K", "Q1_0")
 
 

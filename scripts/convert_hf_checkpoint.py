@@ -400,8 +400,8 @@ def convert(files: list[Path], layout: str, args: ModelArgs) -> dict:
             if dest not in expected or part is not None and part not in fused_parts(dest, args):
                 raise InputError(f"unexpected tensor {name}: the config describes no such weight")
             tensor = get(name)
-            # Shapes checked before any reshaping, which would fail on a wrong one with its own error
-            # (a part: a block of rows of dest, or a norm's or bias's piece).
+            # Shapes checked before any reshaping, which would fail on a wrong one with an error of
+            # its own (a part: a block of rows of dest, or a piece of a norm's or a bias's).
             if not (tensor.shape == expected[dest] if part is None else
                     tensor.dim() == 1 if len(expected[dest]) == 1 else
                     tensor.dim() >= 2 and tensor.shape[-1] == expected[dest][-1]):
