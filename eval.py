@@ -466,9 +466,6 @@ def load_eval_model(args, ckpt, device: torch.device) -> Transformer:
 def run(args) -> dict:
     ckpt = read_checkpoint(args.checkpoint_path)
     check_args(args, ckpt.args.block_size)
-    device = args.device
-    if tp.world_size() > 1:  # under torchrun: check the model splits, join the process group
-        device = tp.start(args, ckpt.args, device)
     tokenizer = load_tokenizer(ckpt.folder)
 
     # Everything that can fail on bad input is read before the weights.
@@ -478,6 +475,9 @@ def run(args) -> dict:
         task_manager = task_index(TaskManager, tuple(str(p.resolve()) for p in args.include_path))
         tasks = load_tasks(task_manager, args.tasks)
 
+    device = args.device
+    if tp.world_size() > 1:  # under torchrun: check the model splits, join the process group
+        device = tp.start(args, ckpt.args, device)
     check_cache_fits(ckpt.args, args.batch_size, args.max_seq_length, args.dtype, device)
     t0 = time.perf_counter()
     model = load_eval_model(args, ckpt, device)

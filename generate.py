@@ -390,7 +390,6 @@ def main(argv=None):
     else:
         ckpt = read_checkpoint(args.checkpoint_path)
         tokenizer, config = load_tokenizer(ckpt.folder), ckpt.args
-    device = tp.start(args, config, args.device) if distributed else args.device
     speculative = args.draft_checkpoint_path is not None or args.speculate_ngram is not None
     context, slack = (config.block_size, 0)
     if speculative:
@@ -410,6 +409,9 @@ def main(argv=None):
     max_seq = min(context, 4096) if args.interactive else longest + max_new
     cache_length = max_seq + slack  # the target's and the draft's caches alike
     batch_size = len(prompts) * args.batch_size  # several --prompt flags, or one repeated
+    # Under torchrun the processes join here, after every check all ranks make alike (one error
+    # line, rank 0's) and before what each meets on its own.
+    device = tp.start(args, config, args.device) if distributed else args.device
     model = load_weights(args, ckpt, config, device, batch_size, cache_length)
     prompts = prompts * args.batch_size
 
@@ -476,6 +478,10 @@ def run_samples(args, prompts: list, generate_fn: Callable, tokenizer, max_new: 
                 model_bytes: int, device: torch.device, compiled: bool):
     """--num_samples timed generations of the same prompts (after one untimed compiling run), row 0
     streamed to the terminal, with their metrics."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    # Under torchrun each process holds and reads its own part of the weights.
+    where = (f"per {'GPU' if device.type == 'cuda' else 'process'}, tensor parallel over {world}"
+             if world > 1 else f"on {device.type}")
     compile_s = None
     if compiled:
         t0 = time.perf_counter()
@@ -503,13 +509,9 @@ def run_samples(args, prompts: list, generate_fn: Callable, tokenizer, max_new: 
                 print(f"[{b}] {tokenizer.decode(row)}")
         m = metrics(gen, model_bytes, device)
         results.append(m)
-        print(f"Sample {i}: {describe(m)}", file=sys.stderr)
+        print(f"Sample {i}: {describe(m, f' ({where})' if world > 1 else '')}", file=sys.stderr)
     summary = {k: sum(r[k] for r in results) / len(results) for k in ("ttft_s", "decode_tok_s",
                                                                       "bandwidth_gb_s")}
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    # Under torchrun each process holds and reads its own part of the weights.
-    where = (f"per {'GPU' if device.type == 'cuda' else 'process'}, tensor parallel over {world}"
-             if world > 1 else f"on {device.type}")
     print(f"Average over {len(results)} samples: decode {summary['decode_tok_s']:.2f} tok/s, "
           f"weights read {summary['bandwidth_gb_s']:.1f} GB/s; a decode step reads "
           f"{model_bytes / 1e9:.3f} GB of weights {where}", file=sys.stderr)
@@ -557,8 +559,9 @@ def metrics(gen: Generation, model_bytes: int, device: torch.device) -> dict:
     )
 
 
-def describe(m: dict) -> str:
-    """One sample's metrics as a line, each figure naming what it counts."""
+def describe(m: dict, scope: str = "") -> str:
+    """One sample's metrics as a line, each figure naming what it counts (scope: whose bandwidth
+    and memory they are, under torchrun)."""
     rows = m["new_tokens"]
     tokens = f"{rows[0]} new tokens" if len(rows) == 1 else (
         f"{sum(rows)} new tokens over {len(rows)} rows ({min(rows)} to {max(rows)} per row)")
@@ -566,7 +569,7 @@ def describe(m: dict) -> str:
     batch = "" if len(rows) == 1 else f" over the batch ({per_row:.2f} per row)"
     line = (f"{tokens}, time to first token {m['ttft_s'] * 1000:.1f} ms, prefill "
             f"{m['prefill_tok_s']:.1f} tok/s, decode {m['decode_tok_s']:.2f} tok/s{batch}, weights "
-            f"read {m['bandwidth_gb_s']:.1f} GB/s, peak memory {m['peak_memory_gb']:.2f} GB")
+            f"read {m['bandwidth_gb_s']:.1f} GB/s, peak memory {m['peak_memory_gb']:.2f} GB{scope}")
     return line + (f"; {describe_speculation(m)}" if "accepted_lengths" in m else "")
 
 

@@ -238,7 +238,9 @@ class Scheduler:
         while True:
             with self.changed:
                 while not (self.stopping or self.waiting or any(self.rows)):
-                    self.changed.wait()
+                    if not self.changed.wait(KEEP_ALIVE_S) and dist.is_initialized():
+                        # idle: the other ranks, waiting in a broadcast, would time out
+                        dist.broadcast(to_device([0, 2], self.next_token.device), 0)
                 if self.stopping:
                     break
                 for r in range(len(self.rows)):
@@ -388,6 +390,11 @@ def hand_out(events: list):
 
 # ---- under torchrun: rank 0 schedules, every rank runs the same forwards -------------------------
 
+# An idle rank 0 tells the others it is alive this often: they wait for its next step in a
+# broadcast, which gives up after the process group's timeout (10 minutes for NCCL).
+KEEP_ALIVE_S = 60
+
+
 def send_step(idx: Tensor, input_pos: Tensor, settings: list, chunk: Optional[tuple]):
     """Rank 0: broadcast one step of the scheduler (its rows, their sampling settings and a prompt's
     chunk), or the end (no rows)."""
@@ -413,14 +420,15 @@ def freeze_long_lived():
 
 def follow(model: Transformer, step_fn: Callable):
     """Ranks other than 0: run the steps rank 0's scheduler sends (after the warm-up's, a header
-    of no rows and C = 1), until it stops."""
+    of no rows and C = 1; while idle, no rows and C = 2 now and then), until it stops."""
     device = model.tok_embeddings.weight.device
     while True:
         header = torch.empty(2, dtype=torch.long, device=device)
         dist.broadcast(header, 0)
         b, C = header.tolist()
-        if b == 0 and C:
-            freeze_long_lived()
+        if b == 0 and C:  # C = 1: rank 0's warm-up is over; 2: rank 0 is idle, and alive
+            if C == 1:
+                freeze_long_lived()
             continue
         if b == 0:
             return

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import generate  # noqa: E402
 import tp  # noqa: E402
 from checkpoint import InputError, random_model  # noqa: E402
-from model import CONFIGS  # noqa: E402
+from model import CONFIGS, ModelArgs  # noqa: E402
 
 PROMPT_TOKENS = 5
 PRECISIONS = ("int8", "int4.g32", "int4.g128")
@@ -128,6 +128,12 @@ def main(argv=None):
         raise InputError(f"unknown model name {unknown[0]!r}; known: {', '.join(CONFIGS)}")
     if args.threads < 1 or args.rounds < 1 or args.new_tokens < 2:
         raise InputError("--threads and --rounds must be >= 1, --new_tokens >= 2")
+    for name in args.models:
+        context = ModelArgs(**CONFIGS[name]).block_size
+        if PROMPT_TOKENS + args.new_tokens > context:
+            raise InputError(f"--new_tokens {args.new_tokens} and the {PROMPT_TOKENS}-token prompt "
+                             f"do not fit {name}'s context of {context} tokens")
+    args.precisions = list(dict.fromkeys(args.precisions))  # each once: a table row each
     torch.set_num_threads(args.threads)
     from tqdm import tqdm
     result = dict(cpu=torch.backends.cpu.get_cpu_capability(), threads=args.threads,

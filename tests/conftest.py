@@ -283,6 +283,9 @@ def torchrun_jobs(smollm2_checkpoint, tmp_path_factory) -> tuple[Path, dict]:
         "3 processes": smollm2_greedy_args(ckpt, processes=3),
         "3 processes, draft": smollm2_greedy_args(ckpt, *draft, processes=3),
         "2 processes": smollm2_greedy_args(ckpt, processes=2),  # 9 heads: refused
+        "prompt past the context, 2 processes": torchrun_args(  # refused, by rank 0 alone
+            2, "generate.py", "--random_weights", "stories15M", "--prompt_tokens", "300",
+            "--max_new_tokens", "2"),
         "random weights, 2 processes": torchrun_args(
             2, "generate.py", "--random_weights", "stories15M", "--max_new_tokens", "4",
             "--num_samples", "1", "--json", folder / "random.json"),

@@ -37,6 +37,7 @@ def test_rows_compare_each_precision_with_float32_of_the_same_run(tmp_path, caps
 @pytest.mark.parametrize("flags, words", [
     (["--models", "GPT-5"], "unknown model name 'GPT-5'"),
     (["--rounds", "0"], "--rounds must be >= 1"),
+    (["--models", "stories15M", "--new_tokens", "300"], "context of 256 tokens"),
 ])
 def test_bad_input_is_refused_before_any_model_is_built(flags, words):
     with pytest.raises(InputError, match=words):

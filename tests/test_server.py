@@ -332,6 +332,32 @@ def test_compile_prefill_is_refused_since_prompts_ride_the_decode_steps(smollm2_
         parse_args(["--checkpoint_path", str(smollm2_checkpoint), "--compile_prefill"])
 
 
+KEEP_ALIVE_WRAPPER = """import datetime, sys
+import torch.distributed.distributed_c10d as c10d
+c10d.default_pg_timeout = datetime.timedelta(seconds=4)  # a broadcast gives up after 4 s
+sys.path.insert(0, {root!r})
+import server
+server.KEEP_ALIVE_S = 1
+server.main(sys.argv[2:])  # sys.argv[1] is server.py
+"""
+
+
+@pytest.mark.slow
+def test_under_torchrun_an_idle_server_outlives_the_collectives_timeout(tmp_path):
+    """While no request comes, the other ranks wait for rank 0 in a broadcast, which gives up after
+    the process group's timeout (here shortened to 4 s): rank 0 must keep them alive."""
+    wrapper = tmp_path / "short_timeout.py"
+    wrapper.write_text(KEEP_ALIVE_WRAPPER.format(root=str(ROOT)))
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", wrapper)
+    with serve(tmp_path / "server.log", "--random_weights", "stories15M", "--max_seq_length", 32,
+               launch=torchrun, env=ONE_THREAD) as (url, proc):
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        for _ in range(2):
+            assert c.completions.create(model="stories15M", prompt="a", max_tokens=2).usage
+            time.sleep(7)  # idle past the timeout
+        assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+
+
 @pytest.mark.slow
 def test_under_torchrun_two_processes_serve_the_greedy_answers_of_one(smollm2_checkpoint,
                                                                        tmp_path):

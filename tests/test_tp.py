@@ -309,11 +309,21 @@ def test_generate_under_torchrun_refuses_heads_that_do_not_divide_in_one_line(to
 
 
 @pytest.mark.slow
+def test_input_every_rank_checks_alike_is_refused_in_one_line_under_torchrun(torchrun_jobs):
+    r = torchrun_jobs[1]["prompt past the context, 2 processes"].wait()
+    assert r.returncode == 1
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "context is 256 tokens" in errors[0], r.stderr
+
+
+@pytest.mark.slow
 def test_random_weights_under_torchrun_report_the_bytes_each_gpu_reads(torchrun_jobs):
     folder, jobs = torchrun_jobs
     r = jobs["random weights, 2 processes"].wait()
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("Sample 0:") == 1
+    sample = next(line for line in r.stderr.splitlines() if line.startswith("Sample 0:"))
+    assert sample.endswith("GB (per process, tensor parallel over 2)"), sample  # whose GB/s and memory
     per_gpu = json.loads((folder / "random.json").read_text())["model_bytes"]
     whole = random_model("stories15M", "cpu", torch.float32)
     assert not whole.args.tie_embeddings  # a step reads only the looked-up rows of the embedding
