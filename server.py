@@ -31,6 +31,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import sys
 import threading
 import time
@@ -794,6 +795,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads: a port in use is refused at once, not
+    after minutes of warm-up."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's own does
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
 def main(argv=None):
     args = parse_args(argv)
     distributed = dist.is_torchelastic_launched()  # under torchrun: split the model
@@ -811,6 +825,7 @@ def main(argv=None):
     if context > config.block_size:
         raise InputError(f"--max_seq_length {context} is beyond the model's context of "
                          f"{config.block_size} tokens")
+    listener = listen(args.host, args.port) if tp.rank() == 0 else None  # rank 0 serves HTTP
     device = tp.start(args, config, args.device) if distributed else args.device
     # one cache row more than requests: the row prompts are prefilled in (decode_rows)
     model = load_weights(args, ckpt, config, device, args.max_batch_size + 1, context)
@@ -827,7 +842,7 @@ def main(argv=None):
     app = make_app(scheduler, tokenizer, model_id, context, args.api_key, page)
     # uvicorn finishes the open responses on SIGTERM, then raises the signal again: exit 0 then.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[listener])
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import time
 
 import httpx
@@ -325,6 +326,16 @@ def test_speculative_flags_are_refused_with_one_error_line(smollm2_checkpoint):
     r = run_script("server.py", "--checkpoint_path", smollm2_checkpoint, "--speculate_ngram", 3)
     assert r.returncode == 1
     assert_one_error_line(r.stderr, "speculative decoding")
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads(smollm2_checkpoint):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        r = run_script("server.py", "--checkpoint_path", smollm2_checkpoint, "--device", "cpu",
+                       "--port", busy.getsockname()[1], timeout=60)
+    assert r.returncode == 1
+    assert_one_error_line(r.stderr, "cannot listen", "in use")
 
 
 def test_compile_prefill_is_refused_since_prompts_ride_the_decode_steps(smollm2_checkpoint):
