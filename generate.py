@@ -441,9 +441,13 @@ def main(argv=None):
 
 def check_cache_fits(config: ModelArgs, batch_size: int, cache_length: int, dtype: torch.dtype,
                      device: torch.device):
-    """Refuse a KV cache larger than the device's free memory, before any weight loads."""
+    """Refuse a KV cache larger than the device's free memory, before any weight loads (under
+    torchrun, after the processes joined: each GPU holds its rank's share of the KV heads, where
+    processes on a CPU share one memory)."""
     slots = -(-cache_length // 8) * 8  # setup_caches rounds up to a multiple of 8
-    kv_bytes = 2 * config.n_layer * batch_size * config.n_kv_heads * slots * config.head_dim
+    share = dist.get_world_size() if dist.is_initialized() and device.type == "cuda" else 1
+    kv_heads = config.n_kv_heads // share
+    kv_bytes = 2 * config.n_layer * batch_size * kv_heads * slots * config.head_dim
     kv_bytes *= torch.empty(0, dtype=dtype).element_size()
     free = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda"
             else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))

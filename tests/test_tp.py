@@ -308,6 +308,21 @@ def test_generate_under_torchrun_refuses_heads_that_do_not_divide_in_one_line(to
     assert str(ROOT / "generate.py") not in r.stderr and str(ROOT / "tp.py") not in r.stderr
 
 
+def test_a_gpu_rank_needs_room_for_its_share_of_the_kv_cache_only(monkeypatch):
+    """Under N-way tensor parallelism each GPU holds 1/N of the KV heads (processes on a CPU share
+    one memory: they need room for all of it)."""
+    import generate
+    args = ModelArgs(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=32, intermediate_size=64)
+    whole = 2 * 2 * 1 * 2 * 64 * 16 * 2  # K and V, layers, rows, KV heads, slots, head_dim, bf16 bytes
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (whole * 3 // 4, 0))
+    gpu = torch.device("cuda", 0)
+    with pytest.raises(InputError, match="KV cache"):
+        generate.check_cache_fits(args, 1, 64, torch.bfloat16, gpu)  # one process: all of it
+    monkeypatch.setattr(generate.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(generate.dist, "get_world_size", lambda: 2)
+    generate.check_cache_fits(args, 1, 64, torch.bfloat16, gpu)  # two: half of it on each GPU
+
+
 @pytest.mark.slow
 def test_input_every_rank_checks_alike_is_refused_in_one_line_under_torchrun(torchrun_jobs):
     r = torchrun_jobs[1]["prompt past the context, 2 processes"].wait()
