@@ -478,6 +478,15 @@ def load_weights(args, ckpt, config: ModelArgs, device: torch.device, batch_size
     return model
 
 
+def compiling_run(generate_fn: Callable, prompts: list, max_new: int) -> float:
+    """One untimed run that compiles what the timed ones will run; its seconds, printed."""
+    t0 = time.perf_counter()
+    generate_fn(prompts, max_new)
+    compile_s = time.perf_counter() - t0
+    print(f"Compilation time: {compile_s:.2f} s", file=sys.stderr)
+    return compile_s
+
+
 def run_samples(args, prompts: list, generate_fn: Callable, tokenizer, max_new: int,
                 model_bytes: int, device: torch.device, compiled: bool):
     """--num_samples timed generations of the same prompts (after one untimed compiling run), row 0
@@ -486,12 +495,7 @@ def run_samples(args, prompts: list, generate_fn: Callable, tokenizer, max_new: 
     # Under torchrun each process holds and reads its own part of the weights.
     where = (f"per {'GPU' if device.type == 'cuda' else 'process'}, tensor parallel over {world}"
              if world > 1 else f"on {device.type}")
-    compile_s = None
-    if compiled:
-        t0 = time.perf_counter()
-        generate_fn(prompts, max_new)
-        compile_s = time.perf_counter() - t0
-        print(f"Compilation time: {compile_s:.2f} s", file=sys.stderr)
+    compile_s = compiling_run(generate_fn, prompts, max_new) if compiled else None
     results = []
     for i in range(args.num_samples):
         streamer = TextStreamer(tokenizer) if tokenizer is not None and len(prompts) == 1 else None
@@ -594,11 +598,8 @@ def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: i
     of the conversation is prefilled. When the conversation outgrows the cache, its oldest turns are
     dropped (a note says so). /clear starts over. Without --chat each line is a prompt of its
     own."""
-    if args.compile or args.compile_prefill:
-        # one untimed run first, as run_samples makes: no answer's metrics count the compiling
-        t0 = time.perf_counter()
-        generate_fn([[0]], min(max_new, 8))
-        print(f"Compilation time: {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    if args.compile or args.compile_prefill:  # no answer's metrics count the compiling
+        compiling_run(generate_fn, [[0]], min(max_new, 8))
     messages, in_cache = [], []  # the conversation; the token ids the KV cache holds, in order
     while True:
         try:

@@ -401,12 +401,17 @@ def convert(files: list[Path], layout: str, args: ModelArgs) -> dict:
                 raise InputError(f"unexpected tensor {name}: the config describes no such weight")
             tensor = get(name)
             # Shapes checked before any reshaping, which would fail on a wrong one with an error of
-            # its own (a part: a block of rows of dest, or a piece of a norm's or a bias's).
-            if not (tensor.shape == expected[dest] if part is None else
-                    tensor.dim() == 1 if len(expected[dest]) == 1 else
-                    tensor.dim() >= 2 and tensor.shape[-1] == expected[dest][-1]):
+            # its own.
+            shape = expected[dest]
+            if part is None:
+                fits = tensor.shape == shape
+            elif len(shape) == 1:  # a piece of a norm or a bias
+                fits = tensor.dim() == 1
+            else:  # a block of dest's rows
+                fits = tensor.dim() >= 2 and tensor.shape[-1] == shape[-1]
+            if not fits:
                 raise InputError(f"{name} has shape {tuple(tensor.shape)}, which cannot be "
-                                 f"{'part of ' if part else ''}{dest} {tuple(expected[dest])}")
+                                 f"{'part of ' if part else ''}{dest} {tuple(shape)}")
             if part in heads and layout == "hf":
                 if tensor.shape[0] != heads[part] * args.head_dim:
                     raise InputError(f"{name} has {tensor.shape[0]} rows; config.json says "
