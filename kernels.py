@@ -7,7 +7,9 @@ the kernel's only job is to stream the weights at full memory bandwidth, which t
 fusion of `F.linear(x, w_int8.to(bf16)) * scales` falls well short of (BENCHMARKS.md has the
 measurements). The GEMV reads the one-byte weights as int32 words of four (wide loads), a
 (BLOCK_N rows, BLOCK_WORDS words) tile per step, converts each byte in registers, multiplies by the
-matching x values and accumulates in float32, reducing over K once at the end. Autotuning picks
+matching x values and accumulates in float32, reducing over K once at the end. bf16 and fp16 x are
+read alike, as int64 words of four values in the weights' tile layout, so that no exchange through
+shared memory (with its barriers) comes between a load and its multiplies. Autotuning picks
 the tile per layer shape on the first call. The weights are int8 (Int8Linear) or fp8 e4m3
 (Fp8Linear), one scale per output row.
 
@@ -64,21 +66,30 @@ if triton is not None:
         return value
 
     @triton.jit
+    def half_to_float(x_words, j: tl.constexpr, X16: tl.constexpr):
+        """Value j of each int64 word of four 16-bit activations of type X16 (tl.bfloat16 or
+        tl.float16), as float32."""
+        return ((x_words >> (16 * j)) & 0xFFFF).to(tl.int16).to(X16, bitcast=True).to(tl.float32)
+
+    @triton.jit
     def scaled_gemv_kernel(x_ptr, w_ptr, s_ptr, ids_ptr, y_ptr, N, K_WORDS, WORDS_PER_SPLIT,
                            PAIRS_PER_ROW, PER_WORD: tl.constexpr, FP8: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_WORDS: tl.constexpr):
+                           X16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_WORDS: tl.constexpr):
         """y[split, p, n] = scales[e, n] * sum over the split's columns k of x[r, k] * w[e, n, k]
         for BLOCK_N rows n (program_id 0) of pair p (program_id 2): expert e = ids[p] and x row
         r = p // PAIRS_PER_ROW (ids None: a plain GEMV, e = 0; scales None: no scaling).
         w_ptr is (n_experts, N, K_WORDS) row-major words of PER_WORD weights: one-byte weights
         (int8 or fp8) read as int32 words of four (wide loads), or float weights one a word
         (bf16, fp16: 8 to a 128-bit load); K = PER_WORD K_WORDS. Split s (program_id 1) takes
-        words [s * WORDS_PER_SPLIT, (s + 1) * WORDS_PER_SPLIT)."""
+        words [s * WORDS_PER_SPLIT, (s + 1) * WORDS_PER_SPLIT). x_ptr is x's rows as they are, or
+        (X16 given, PER_WORD 4) 16-bit activations of type X16 read as int64 words of four, a
+        word of x for a word of weights."""
         pair = tl.program_id(2)
         expert = 0
         if ids_ptr is not None:
             expert = tl.load(ids_ptr + pair).to(tl.int64)
-        x_row = x_ptr + (pair // PAIRS_PER_ROW).to(tl.int64) * (PER_WORD * K_WORDS)
+        x_per_word: tl.constexpr = 1 if X16 is not None else PER_WORD
+        x_row = x_ptr + (pair // PAIRS_PER_ROW).to(tl.int64) * (x_per_word * K_WORDS)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         row_ok = rows < N
         # int64: N * K passes 2**31 in the largest models
@@ -88,15 +99,23 @@ if triton is not None:
         acc = tl.zeros((BLOCK_N, BLOCK_WORDS), dtype=tl.float32)
         for c0 in range(0, WORDS_PER_SPLIT, BLOCK_WORDS):
             c = first + c0 + tl.arange(0, BLOCK_WORDS)  # (BLOCK_WORDS,) word columns
-            c_ok = c < last
+            ok = row_ok[:, None] & (c < last)[None, :]
             # Masked-off words read as 0: weight 0 (int8) or +0.0 (fp8), never an undefined NaN
             # pattern.
-            words = tl.load(w_ptr + row_start[:, None] + c[None, :],
-                            mask=row_ok[:, None] & c_ok[None, :], other=0)
+            words = tl.load(w_ptr + row_start[:, None] + c[None, :], mask=ok, other=0)
+            if X16 is not None:
+                # x's words as a tile shaped like the weights' (each column repeated down the
+                # rows; the cache serves the repeats): loaded as rows, x would reach the weights'
+                # layout through shared memory, two barriers a load (int8: 5-10 % slower a
+                # pass; float experts keep the row load, which is faster for them: BENCHMARKS.md).
+                x_words = tl.load(x_row + c[None, :], mask=ok, other=0)  # (BLOCK_N, BLOCK_WORDS)
             for j in tl.static_range(PER_WORD):  # weight j of word c is column PER_WORD c + j
                 w = word_to_float(words, j, PER_WORD, FP8)  # (BLOCK_N, BLOCK_WORDS)
-                x = tl.load(x_row + PER_WORD * c + j, mask=c_ok, other=0.0)  # (BLOCK_WORDS,)
-                acc += w * x.to(tl.float32)[None, :]  # one reduction over k at the end
+                if X16 is not None:
+                    x = half_to_float(x_words, j, X16)
+                else:
+                    x = tl.load(x_row + PER_WORD * c + j, mask=c < last, other=0.0)[None, :]
+                acc += w * x.to(tl.float32)  # one reduction over k at the end
         y = tl.sum(acc, axis=1)  # (BLOCK_N,)
         if s_ptr is not None:
             y *= tl.load(s_ptr + expert * N + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -236,6 +255,18 @@ SPLIT_MAX_ROWS, SPLIT_COLUMNS, MAX_SPLIT = 8192, 8192, 8
 SPLIT_ALIGN_WORDS = 256  # splits start on whole tiles of every config (BLOCK_WORDS divides it)
 
 
+def gemv_input(x: Tensor, per_word: int) -> tuple:
+    """(x as the GEMV kernel reads it, its X16): bf16 or fp16 activations of one-byte weights
+    (PER_WORD 4) as int64 words of four values, a word for each word of weights; any other x as
+    it is (X16 None)."""
+    x = x.contiguous().view(-1)  # one run of rows (any stride a row of one had is gone)
+    if per_word == 1 or x.dtype not in (torch.bfloat16, torch.float16):
+        return x, None
+    if x.data_ptr() % 8:  # a view that starts inside a word
+        x = x.clone()
+    return x.view(torch.int64), tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16
+
+
 def split_k_for(n_rows: int, n_columns: int) -> int:
     return 1 if n_rows > SPLIT_MAX_ROWS else min(MAX_SPLIT, -(-n_columns // SPLIT_COLUMNS))
 
@@ -252,9 +283,10 @@ def scaled_gemv_partials(x: Tensor, weight: Tensor, scales: Tensor, split_k: int
     N, K = weight.shape
     y = torch.empty(split_k, N, dtype=x.dtype if split_k == 1 else torch.float32, device=x.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split_k)  # noqa: E731
-    scaled_gemv_tuned[grid](x.contiguous(), weight.view(torch.int32), scales, None, y, N, K // 4,
+    x, x16 = gemv_input(x, 4)
+    scaled_gemv_tuned[grid](x, weight.view(torch.int32), scales, None, y, N, K // 4,
                             words_per_split(K, split_k), 1, PER_WORD=4,
-                            FP8=weight.dtype == torch.float8_e4m3fn)
+                            FP8=weight.dtype == torch.float8_e4m3fn, X16=x16)
     return y
 
 
@@ -391,10 +423,11 @@ def expert_gemv_partials(x: Tensor, experts: Tensor, weight: Tensor, scales: Opt
     per_word = 4 if weight.element_size() == 1 else 1
     y = torch.empty(split_k, P, N, dtype=torch.float32, device=x.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split_k, P)  # noqa: E731
-    expert_gemv_tuned[grid](x.contiguous(), weight.view(torch.int32) if per_word == 4 else weight,
+    rows, (x, x16) = x.shape[0], gemv_input(x, per_word)
+    expert_gemv_tuned[grid](x, weight.view(torch.int32) if per_word == 4 else weight,
                             scales, experts.contiguous(), y, N, K // per_word,
-                            words_per_split(K, split_k) * 4 // per_word, P // x.shape[0],
-                            PER_WORD=per_word, FP8=weight.dtype == torch.float8_e4m3fn)
+                            words_per_split(K, split_k) * 4 // per_word, P // rows,
+                            PER_WORD=per_word, FP8=weight.dtype == torch.float8_e4m3fn, X16=x16)
     return y
 
 

@@ -42,6 +42,20 @@ def test_every_kernel_matches_its_reference_on_gpu():
     assert not failures, failures
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_one_byte_gemv_takes_each_activation_dtype_and_a_view_inside_a_word(dtype):
+    from kernels import kernel_route, one_byte_linear, quantized_cases
+    torch.manual_seed(0)
+    for name, weights, reference_weights in quantized_cases(96, 320, "cuda")[:2]:  # int8, fp8
+        for start in (0, 1):  # 1: x starts one value into its buffer
+            x = torch.randn(1, 1, 321, device="cuda", dtype=dtype)[..., start:start + 320]
+            assert kernel_route(x) == "gemv"
+            y = one_byte_linear(x, *weights)  # (1, 1, 96)
+            reference = x.double() @ reference_weights.T
+            rel = ((y.double() - reference).norm() / reference.norm()).item()
+            assert y.dtype == dtype and rel < 1e-2, (name, start, rel)
+
+
 def test_mixture_of_experts_compiled_decode_matches_eager_and_grouped_mm_the_gathered_form():
     """Decode takes the gathered form through the expert GEMV (checkpoint.to_device gives it)."""
     from kernels import expert_matmul, prepare_for_device

@@ -21,26 +21,37 @@ pytestmark = pytest.mark.skipif(
     reason="Triton's interpreter fails on NumPy >= 2.4 (int() of a 1-element array)")
 
 
+# x in float32 as it is, and in bf16 and fp16 as int64 words of four values (kernels.gemv_input).
+X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def check_scaled_gemv():
-    from kernels import GEMV_CONFIGS, scaled_gemv_kernel, scaled_gemv_reference, words_per_split
+    from kernels import (GEMV_CONFIGS, gemv_input, scaled_gemv_kernel, scaled_gemv_reference,
+                         words_per_split)
     torch.manual_seed(0)
+    checked = dict.fromkeys(X_DTYPES, 0)
     # Whole tiles, ragged rows and columns.
     for N, K in ((64, 1024), (100, 1000), (8, 4096), (37, 300), (16, 8192)):
         # -128 too: every byte pattern is converted exactly.
         w = torch.randint(-128, 128, (N, K), dtype=torch.int8)
         scales = torch.rand(N) / 127
-        x = torch.randn(K)
-        reference = scaled_gemv_reference(x, w, scales)  # (N,)
-        for config in GEMV_CONFIGS[::5] if N != 37 else GEMV_CONFIGS:
+        for c, config in enumerate(GEMV_CONFIGS[::5] if N != 37 else GEMV_CONFIGS):
             # K split over 3 programs (or fewer, then some add nothing): each word counted once.
             for split_k in (1, 3):
+                # every other x a view one value into its buffer (gemv_input copies a 16-bit
+                # one to whole words)
+                x = torch.randn(K + 1, dtype=X_DTYPES[(c + split_k) % 3])[c % 2:][:K]
+                reference = scaled_gemv_reference(x, w, scales)  # (N,)
                 y = torch.full((split_k, N), float("nan"))  # poisoned: every element must be written
                 grid = (triton.cdiv(N, config.kwargs["BLOCK_N"]), split_k)
-                scaled_gemv_kernel[grid](x, w.view(torch.int32), scales, None, y, N, K // 4,
+                x_read, x16 = gemv_input(x, 4)
+                scaled_gemv_kernel[grid](x_read, w.view(torch.int32), scales, None, y, N, K // 4,
                                          words_per_split(K, split_k), 1, PER_WORD=4, FP8=False,
-                                         **config.kwargs)
+                                         X16=x16, **config.kwargs)
                 error = ((y.sum(0).double() - reference).norm() / reference.norm()).item()
-                assert error < 1e-6, (N, K, config, split_k, error)
+                assert error < 1e-6, (N, K, config, split_k, x.dtype, error)
+                checked[x.dtype] += 1
+    assert min(checked.values()) >= 3, checked
 
 
 # The interpreter's tl.dot mishandles bfloat16 (NumPy has no such type), so x is float32 here;
@@ -116,7 +127,8 @@ def check_dequantize():
 # words with scales. Each config takes one kind, input (x a row per token or per pair) and K split
 # in turn.
 def check_expert_gemv():
-    from kernels import EXPERT_CONFIGS, scaled_gemv_kernel, expert_matmul_reference, words_per_split
+    from kernels import (EXPERT_CONFIGS, expert_matmul_reference, gemv_input, scaled_gemv_kernel,
+                         words_per_split)
     torch.manual_seed(0)
     for E, N, K in ((4, 32, 512), (5, 37, 300)):  # whole tiles (some configs); ragged ones
         kinds = [(torch.randn(E, N, K, dtype=dtype), None) for dtype in (torch.bfloat16, torch.float16)]
@@ -126,16 +138,27 @@ def check_expert_gemv():
             (weight, scales), rows = kinds[c % 3], 1 + c // 3 % 2  # rows 1: w13's input, 2: w2's
             split_k = 1 + 2 * (c % 2)  # 3: K over 3 programs, each column counted once
             per_word = 4 if scales is not None else 1
-            x = torch.randn(2, rows, K)
+            x = torch.randn(2, rows, K, dtype=X_DTYPES[c // 3 % 3])
             reference = expert_matmul_reference(x, experts, weight, scales)  # (2, 2, N)
             y = torch.full((split_k, 4, N), float("nan"))  # poisoned: every element must be written
             grid = (triton.cdiv(N, config.kwargs["BLOCK_N"]), split_k, 4)
-            scaled_gemv_kernel[grid](x, weight.view(torch.int32) if per_word == 4 else weight, scales,
-                                     experts, y, N, K // per_word,
+            x_read, x16 = gemv_input(x.view(-1, K), per_word)
+            scaled_gemv_kernel[grid](x_read, weight.view(torch.int32) if per_word == 4 else weight,
+                                     scales, experts, y, N, K // per_word,
                                      words_per_split(K, split_k) * 4 // per_word, 2 // rows,
-                                     PER_WORD=per_word, FP8=False, **config.kwargs)
+                                     PER_WORD=per_word, FP8=False, X16=x16, **config.kwargs)
             error = ((y.sum(0).view(2, 2, N).double() - reference).norm() / reference.norm()).item()
-            assert error < 1e-6, (weight.dtype, N, K, rows, config, split_k, error)
+            assert error < 1e-6, (weight.dtype, x.dtype, N, K, rows, config, split_k, error)
+
+
+def test_gemv_input_gives_aligned_words_of_any_one_row_view():
+    from kernels import gemv_input
+    for dtype in (torch.bfloat16, torch.float16):
+        for start in (0, 1):  # 1: the row starts inside a word of its buffer
+            x = torch.randn(1, 1, 321, dtype=dtype)[..., start:start + 320]  # row stride 321
+            words, _ = gemv_input(x, 4)
+            assert words.dtype == torch.int64 and words.data_ptr() % 8 == 0
+            assert torch.equal(words.view(dtype), x.reshape(-1))
 
 
 INTERPRETER_CHECKS = {"scaled_gemv": check_scaled_gemv, "quantized_mm": check_quantized_mm,
