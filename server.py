@@ -498,6 +498,10 @@ class CompletionRequest(CommonFields):
     prompt: Union[str, list[str]]
 
 
+# OpenAI's API takes up to 4 stop strings; each is looked for at every token, on the event loop
+# that serves every stream, so their length is bounded too.
+MAX_STOPS, MAX_STOP_CHARS = 4, 1000
+
 # field -> the values that leave the answer as this server gives it
 UNSUPPORTED = {"n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,),
                "echo": (False,), "tools": ([],), "functions": ([],), "tool_choice": ("none",),
@@ -647,8 +651,9 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
             raise APIError(404, f"the model {body.model!r} does not exist: this server serves "
                            f"{model_id!r}", "model_not_found", "model")
         stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
-        if "" in stops:
-            raise APIError(400, "a stop string cannot be empty", "invalid_stop", "stop")
+        if len(stops) > MAX_STOPS or not all(0 < len(stop) <= MAX_STOP_CHARS for stop in stops):
+            raise APIError(400, f"stop takes up to {MAX_STOPS} strings of 1 to {MAX_STOP_CHARS} "
+                           "characters", "invalid_stop", "stop")
         prompt = encode()
         if not prompt:
             raise APIError(400, "the prompt has no tokens", "empty_prompt")

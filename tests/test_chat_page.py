@@ -98,3 +98,15 @@ def test_chat_page_shows_the_servers_error_and_gives_the_question_back(page):
     expect(page.locator("#error")).to_contain_text("400", timeout=ANSWER_MS)
     expect(page.locator("#input")).to_have_value("What is the capital of France?")
     expect(page.locator(".message")).to_have_count(0)
+
+
+def test_chat_page_says_so_when_the_answer_is_empty_and_gives_the_question_back(page):
+    def stop_at_once(route):  # the real server's answer, with a stop string it begins with
+        body = json.loads(route.request.post_data)
+        body["stop"] = ["The"]  # SmolLM2's greedy answer begins "The capital of France"
+        route.fulfill(response=route.fetch(post_data=json.dumps(body)))
+    page.route("**/v1/chat/completions", stop_at_once)
+    ask(page, "What is the capital of France?", 16)
+    expect(page.locator("#error")).to_contain_text("empty", timeout=ANSWER_MS)
+    expect(page.locator("#input")).to_have_value("What is the capital of France?")
+    expect(page.locator(".message")).to_have_count(0)

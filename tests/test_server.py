@@ -208,6 +208,9 @@ def test_errors_answer_with_openai_error_json_and_status(server):
                                                                "content": "Hi \ud83d"}]})]:
         escaped = json.dumps({**body, "max_tokens": 2}).encode()  # ASCII: the surrogate escaped
         assert error_of(post(path, content=escaped), 400)["code"] == "invalid_text"
+    for stop in ["", ["a", ""], ["a", "b", "c", "d", "e"], "x" * 1001]:  # empty, 5, too long
+        error = error_of(post("/v1/completions", json={"prompt": "a", "stop": stop}), 400)
+        assert error["code"] == "invalid_stop" and error["param"] == "stop"
     # OpenAI's API takes null for stream, as for the other optional fields.
     assert post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 1,
                                               "stream": None}).status_code == 200
