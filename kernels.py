@@ -262,7 +262,7 @@ def gemv_input(x: Tensor, per_word: int) -> tuple:
     x = x.contiguous().view(-1)  # one run of rows (any stride a row of one had is gone)
     if per_word == 1 or x.dtype not in (torch.bfloat16, torch.float16):
         return x, None
-    if x.data_ptr() % 8:  # a view that starts inside a word
+    if x.storage_offset() % 4 or x.data_ptr() % 8:  # a view that starts inside a word
         x = x.clone()
     return x.view(torch.int64), tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16
 

@@ -498,9 +498,10 @@ class CompletionRequest(CommonFields):
     prompt: Union[str, list[str]]
 
 
-# OpenAI's API takes up to 4 stop strings; each is looked for at every token, on the event loop
-# that serves every stream, so their length is bounded too.
-MAX_STOPS, MAX_STOP_CHARS = 4, 1000
+# OpenAI's API takes up to 4 stop strings. Each is looked for at every token, on the event loop
+# that serves every stream, in time that can grow with the square of its length (held_back):
+# 100 characters keep that to microseconds.
+MAX_STOPS, MAX_STOP_CHARS = 4, 100
 
 # field -> the values that leave the answer as this server gives it
 UNSUPPORTED = {"n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,),
@@ -538,8 +539,17 @@ def unicode_text(text: str, param: str) -> str:
 
 def held_back(text: str, stops: list) -> int:
     """How many characters at the end of text could be the start of a stop string: they wait for
-    the next token before going out."""
-    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    the next token before going out. Only the last len(stop) - 1 characters can; a start is
+    tried only where the stop's first character is, which is one search for most text."""
+    held = 0
+    for stop in stops:
+        tail = text[max(0, len(text) - len(stop) + 1):]
+        start = tail.find(stop[0])
+        while start >= 0 and not stop.startswith(tail[start:]):
+            start = tail.find(stop[0], start + 1)
+        if start >= 0:
+            held = max(held, len(tail) - start)
+    return held
 
 
 class RandomWeightsTokenizer:
