@@ -222,6 +222,8 @@ def test_errors_answer_with_openai_error_json_and_status(server):
     for stop in ["", ["a", ""], ["a", "b", "c", "d", "e"], "x" * 101]:  # empty, 5, too long
         error = error_of(post("/v1/completions", json={"prompt": "a", "stop": stop}), 400)
         assert error["code"] == "invalid_stop" and error["param"] == "stop"
+    assert post("/v1/completions", json={"prompt": "a", "max_tokens": 1,
+                                         "stop": ["a", "b", "c", "x" * 100]}).status_code == 200
     # OpenAI's API takes null for stream, as for the other optional fields.
     assert post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 1,
                                               "stream": None}).status_code == 200
