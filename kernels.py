@@ -423,10 +423,11 @@ def expert_gemv_partials(x: Tensor, experts: Tensor, weight: Tensor, scales: Opt
     per_word = 4 if weight.element_size() == 1 else 1
     y = torch.empty(split_k, P, N, dtype=torch.float32, device=x.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split_k, P)  # noqa: E731
-    rows, (x, x16) = x.shape[0], gemv_input(x, per_word)
+    pairs_per_row = P // x.shape[0]
+    x, x16 = gemv_input(x, per_word)
     expert_gemv_tuned[grid](x, weight.view(torch.int32) if per_word == 4 else weight,
                             scales, experts.contiguous(), y, N, K // per_word,
-                            words_per_split(K, split_k) * 4 // per_word, P // rows,
+                            words_per_split(K, split_k) * 4 // per_word, pairs_per_row,
                             PER_WORD=per_word, FP8=weight.dtype == torch.float8_e4m3fn, X16=x16)
     return y
 

@@ -142,7 +142,7 @@ def check_expert_gemv():
             reference = expert_matmul_reference(x, experts, weight, scales)  # (2, 2, N)
             y = torch.full((split_k, 4, N), float("nan"))  # poisoned: every element must be written
             grid = (triton.cdiv(N, config.kwargs["BLOCK_N"]), split_k, 4)
-            x_read, x16 = gemv_input(x.view(-1, K), per_word)
+            x_read, x16 = gemv_input(x, per_word)
             scaled_gemv_kernel[grid](x_read, weight.view(torch.int32) if per_word == 4 else weight,
                                      scales, experts, y, N, K // per_word,
                                      words_per_split(K, split_k) * 4 // per_word, 2 // rows,
