@@ -306,19 +306,18 @@ def load_model(ckpt: Checkpoint, device="cpu", dtype=None) -> Transformer:
     if ckpt.args.tie_embeddings:
         tensors["output.weight"] = tensors["tok_embeddings.weight"]
     model.load_state_dict(tensors, strict=True, assign=True)  # the tensors themselves: no copy
-    return to_device(model, device, dtype, ckpt.quantization)
+    return to_device(model, device, dtype)
 
 
-def to_device(model: Transformer, device, dtype, quantization: Optional[dict]) -> Transformer:
+def to_device(model: Transformer, device, dtype) -> Transformer:
     """The last step of loading a model or a rank's part of it: device and dtype (integer weights
     keep theirs), the tied output layer tied again (assign=True and to_empty replace the shared
-    parameter), the device's kernels chosen for quantized weights (repacked for them) and
-    experts."""
+    parameter), the device's kernels chosen for quantized weights (repacked for them), experts
+    and decode attention."""
     model = model.to(device=device, dtype=dtype)
     if model.args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    if quantization is not None or model.args.n_experts:
-        kernels.prepare_for_device(model)
+    kernels.prepare_for_device(model)
     return model.eval()
 
 
@@ -327,7 +326,7 @@ def random_model(name: str, device, dtype) -> Transformer:
     download, and random weights decode at the speed of real ones."""
     with torch.device("meta"):
         model = Transformer(ModelArgs(**CONFIGS[name])).to(dtype)  # cast on meta: no float32 copy
-    model = to_device(model.to_empty(device=device), device, dtype, None)
+    model = to_device(model.to_empty(device=device), device, dtype)
     return randomize_(model)
 
 

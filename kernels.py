@@ -26,11 +26,16 @@ pair times that expert's weights (bf16, fp16 and float32 too, read as they are),
 (row block, part of K, pair), so that even a few small experts (Qwen3-30B-A3B's 768 x 2048) give
 every SM weights to stream, and only the chosen experts' rows are read.
 
+One kernel is about attention, not weights: a decode token's rotary embedding, KV cache write and
+attention over its row's filled slots, one launch a layer where the compiled PyTorch path makes five
+(model.Attention uses it on CUDA in bf16 and fp16, prepare_for_device gives it; prefills keep SDPA).
+
 The layers keep a plain PyTorch path (CPUs, GPUs without Triton), which is also the reference the
 kernels are checked against: `check_kernels` on the GPU (scripts/bench.py runs it first),
 tests/test_kernels.py in Triton's CPU interpreter. On the CPU, decode goes to PyTorch's own
 weight-only int8 and int4 kernels (see "CPU kernels" below; tests/test_cpu_kernels.py).
 """
+import copy
 from typing import Optional
 
 import torch
@@ -38,7 +43,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from model import Experts
+from model import (Attention, Experts, KVCache, ModelArgs, Rows, attention_mask,
+                   rope_table)
 
 try:
     import triton
@@ -227,6 +233,98 @@ if triton is not None:
         k = k0 + tl.arange(0, BLOCK_K)
         tl.store(out_ptr + cols.to(tl.int64)[:, None] * K + k[None, :], w,
                  mask=(cols[:, None] < N) & (k[None, :] < K))
+
+    @triton.jit
+    def rotated(ptr, d, mask, cos, sin):
+        """Values ptr[d] (mask: which exist) turned by the rotary cos and signed sin as
+        model.apply_rope turns them (pairs 2i, 2i + 1 rotate together), in float32."""
+        x = tl.load(ptr + d, mask=mask, other=0.0).to(tl.float32)
+        partner = tl.load(ptr + (d ^ 1), mask=mask, other=0.0).to(tl.float32)
+        return x * cos + partner * sin
+
+    @triton.jit
+    def decode_attention_kernel(q_ptr, k_ptr, v_ptr, rope_ptr, pos_ptr, kc_ptr, vc_ptr, y_ptr,
+                                m_ptr, l_ptr, q_stride, k_stride, v_stride, pos_stride, row0,
+                                n_kv_heads, S, scale, G: tl.constexpr, D: tl.constexpr,
+                                G_PAD: tl.constexpr, D_PAD: tl.constexpr,
+                                SPLIT_SLOTS: tl.constexpr, SPLITS: tl.constexpr,
+                                BLOCK_S: tl.constexpr):
+        """One decode token of row b (program_id 0 // n_kv_heads) for kv head h and its G query
+        heads: rotate q and the new k, write k and v at the row's slot pos in cache row row0 + b,
+        and attend over slots 0..pos of part program_id 1 of the cache (SPLIT_SLOTS slots each).
+        q (B, n_head, D), k and v (B, n_kv_heads, D), rope (B, 2, D) cos and signed sin, caches
+        (rows, n_kv_heads, S, D). SPLITS 1: y (B, n_head, D) is the attention; else the part's
+        unnormalised sums (B, n_head, SPLITS, D_PAD), maxima m and sums l (B, n_head, SPLITS) for
+        attention_splits_kernel."""
+        b, h = tl.program_id(0) // n_kv_heads, tl.program_id(0) % n_kv_heads
+        split = tl.program_id(1)
+        pos = tl.load(pos_ptr + b * pos_stride)
+        d = tl.arange(0, D_PAD)  # (D_PAD,)
+        g = tl.arange(0, G_PAD)  # (G_PAD,) query heads h G + g; tl.dot takes at least 16 rows
+        d_ok, g_ok = d < D, g < G
+        cos = tl.load(rope_ptr + b * 2 * D + d, mask=d_ok, other=0.0)
+        sin = tl.load(rope_ptr + b * 2 * D + D + d, mask=d_ok, other=0.0)
+        q_ok = g_ok[:, None] & d_ok[None, :]
+        q_rows = q_ptr + b * q_stride + (h * G + g)[:, None] * D  # (G_PAD, 1)
+        # (G_PAD, D_PAD), rounded to the cache's dtype as the model's rotary output is
+        q = rotated(q_rows, d[None, :], q_ok, cos, sin).to(kc_ptr.dtype.element_ty)
+        k_new = rotated(k_ptr + b * k_stride + h * D, d, d_ok, cos, sin).to(kc_ptr.dtype.element_ty)
+        v_new = tl.load(v_ptr + b * v_stride + h * D + d, mask=d_ok, other=0.0)
+        # int64: rows * heads * S * D passes 2**31 in a long, wide cache
+        cache = ((row0 + b).to(tl.int64) * n_kv_heads + h) * S * D
+        first = split * SPLIT_SLOTS
+        # Online softmax over the part's visible slots (those attention_mask allows: 0..pos).
+        m = tl.full((G_PAD,), float("-inf"), tl.float32)
+        l = tl.zeros((G_PAD,), tl.float32)
+        acc = tl.zeros((G_PAD, D_PAD), tl.float32)
+        for s0 in range(first, tl.minimum(first + SPLIT_SLOTS, pos + 1), BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)  # (BLOCK_S,)
+            seen = s <= pos
+            tile = cache + s[:, None] * D + d[None, :]  # (BLOCK_S, D_PAD)
+            tile_ok = seen[:, None] & d_ok[None, :]
+            # The new slot's k and v from registers (the cache gets them after the loop).
+            is_new = (s == pos)[:, None]
+            k = tl.where(is_new, k_new[None, :], tl.load(kc_ptr + tile, mask=tile_ok, other=0.0))
+            scores = tl.dot(q, tl.trans(k)) * scale  # (G_PAD, BLOCK_S)
+            scores = tl.where(seen[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))  # finite: slot s0 <= pos is seen
+            p = tl.exp(scores - m_new[:, None])
+            correction = tl.exp(m - m_new)
+            l = l * correction + tl.sum(p, axis=1)
+            v = tl.where(is_new, v_new[None, :].to(vc_ptr.dtype.element_ty),
+                         tl.load(vc_ptr + tile, mask=tile_ok, other=0.0))
+            acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v)  # (G_PAD, D_PAD)
+            m = m_new
+        if (first <= pos) & (pos < first + SPLIT_SLOTS):  # this part holds the new slot
+            tl.store(kc_ptr + cache + pos * D + d, k_new, mask=d_ok)
+            tl.store(vc_ptr + cache + pos * D + d, v_new.to(vc_ptr.dtype.element_ty), mask=d_ok)
+        heads = b * G * n_kv_heads + h * G + g  # (G_PAD,) rows of y
+        if SPLITS == 1:
+            y = acc / l[:, None]
+            tl.store(y_ptr + heads[:, None] * D + d[None, :], y.to(y_ptr.dtype.element_ty),
+                     mask=q_ok)
+        else:  # a part after pos stores m -inf and l 0: it weighs nothing
+            part = heads * SPLITS + split
+            tl.store(y_ptr + part[:, None] * D_PAD + d[None, :], acc, mask=g_ok[:, None])
+            tl.store(m_ptr + part, m, mask=g_ok)
+            tl.store(l_ptr + part, l, mask=g_ok)
+
+    @triton.jit
+    def attention_splits_kernel(part_ptr, m_ptr, l_ptr, y_ptr, D: tl.constexpr,
+                                SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                                D_PAD: tl.constexpr):
+        """y[head] (program_id 0, a row of (B, n_head)) from decode_attention_kernel's parts:
+        each part's sums weighed by exp(its max - the overall max)."""
+        head = tl.program_id(0)
+        i = tl.arange(0, SPLITS_PAD)
+        d = tl.arange(0, D_PAD)
+        m = tl.load(m_ptr + head * SPLITS + i, mask=i < SPLITS, other=float("-inf"))
+        l = tl.load(l_ptr + head * SPLITS + i, mask=i < SPLITS, other=0.0)
+        weight = tl.exp(m - tl.max(m, axis=0))  # (SPLITS_PAD,); part 0 always saw slot 0
+        acc = tl.load(part_ptr + (head * SPLITS + i)[:, None] * D_PAD + d[None, :],
+                      mask=(i < SPLITS)[:, None], other=0.0)  # (SPLITS_PAD, D_PAD)
+        y = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
+        tl.store(y_ptr + head * D + d, y.to(y_ptr.dtype.element_ty), mask=d < D)
 
     def weight_block(nargs):
         """Before each launch: a tensor descriptor's block is the config's tile of weights (bytes
@@ -458,6 +556,67 @@ def expert_matmul_reference(x: Tensor, experts: Tensor, weight: Tensor,
     return (w @ x.double()[..., None])[..., 0]  # (M, k, N)
 
 
+# A decode token's attention, its rotary embedding and cache write in one kernel (inductor makes
+# five launches of them: RoPE of q, of k with k's cache write, v's cache write, the mask, cuDNN's
+# attention). Programs are (row, kv head) pairs, each reading only the slots its row has filled,
+# and a long cache is cut into parts of SPLIT_SLOTS slots, one program each, whose results a second
+# kernel combines. The parts depend on the cache's length only, never on the batch: a row's
+# result is the same whatever rows share its batch.
+SPLIT_SLOTS, ATTENTION_BLOCK_S = 256, 64
+# False keeps the compiled PyTorch path (SDPA) for decode too: the kernel is faster at the lengths
+# generate.py and the server mostly see, slower with thousands of filled slots (BENCHMARKS.md).
+DECODE_ATTENTION = True
+
+
+def heads_rows(t: Tensor) -> Tensor:
+    """t (B, heads, D) with each row's heads side by side (any stride between rows)."""
+    return t if t.stride(2) == 1 and t.stride(1) == t.shape[2] else t.contiguous()
+
+
+@torch.library.custom_op("blitz::decode_attention", mutates_args=("k_cache", "v_cache"))
+def decode_attention_op(q: Tensor, k: Tensor, v: Tensor, rope: Tensor, input_pos: Tensor,
+                        k_cache: Tensor, v_cache: Tensor, row: int) -> Tensor:
+    """q (B, n_head, D), k and v (B, n_kv_heads, D) of one token a row at slots input_pos (B,),
+    before rotary; rope (B, 2, D) their cos and signed sin; caches (rows, n_kv_heads, S, D), row b
+    in cache row row + b. Writes the rotated k and v into the caches; returns the attention
+    (B, n_head, D)."""
+    (B, n_head, D), (n_kv_heads, S) = q.shape, k_cache.shape[1:3]
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and n_head % n_kv_heads == 0
+    q, k, v = heads_rows(q), heads_rows(k), heads_rows(v)
+    y = q.new_empty(B, n_head, D)
+    splits, D_PAD = triton.cdiv(S, SPLIT_SLOTS), triton.next_power_of_2(D)
+    parts = m = l = None
+    if splits > 1:
+        parts = torch.empty(B, n_head, splits, D_PAD, dtype=torch.float32, device=q.device)
+        m, l = torch.empty(2, B, n_head, splits, dtype=torch.float32, device=q.device)
+    G = n_head // n_kv_heads
+    decode_attention_kernel[(B * n_kv_heads, splits)](
+        q, k, v, rope.contiguous(), input_pos, k_cache, v_cache, y if splits == 1 else parts, m,
+        l, q.stride(0), k.stride(0), v.stride(0), input_pos.stride(0), row, n_kv_heads, S,
+        D ** -0.5, G=G, D=D, G_PAD=max(16, triton.next_power_of_2(G)), D_PAD=D_PAD,
+        SPLIT_SLOTS=SPLIT_SLOTS, SPLITS=splits, BLOCK_S=ATTENTION_BLOCK_S)
+    if splits > 1:
+        attention_splits_kernel[(B * n_head,)](parts, m, l, y, D=D, SPLITS=splits,
+                                               SPLITS_PAD=triton.next_power_of_2(splits),
+                                               D_PAD=D_PAD)
+    return y
+
+
+@decode_attention_op.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, rope: Tensor, input_pos: Tensor, k_cache: Tensor,
+      v_cache: Tensor, row: int) -> Tensor:
+    return q.new_empty(q.shape)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, rows: Rows, cache: KVCache) -> Tensor:
+    """model.Attention's decode step in one kernel: q (B, 1, n_head, D), k and v
+    (B, 1, n_kv_heads, D) before rotary, rows' one slot each: (B, 1, n_head, D)."""
+    B = q.shape[0]
+    y = decode_attention_op(q[:, 0], k[:, 0], v[:, 0], rows.rope.view(B, 2, -1),
+                            rows.input_pos.view(B), cache.k, cache.v, rows.row)
+    return y.view(B, 1, *y.shape[1:])
+
+
 def scaled_gemv_reference(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
     """The same product in float64 with PyTorch."""
     return (x.double() @ weight.double().T) * scales.double()
@@ -499,7 +658,7 @@ def check_kernels(device="cuda") -> list:
                 # bf16 rounding of the output, and of int4's and the copy's weights: ~4e-3
                 ok = y.shape == (rows, 1, N) and rel < 1e-2
                 results.append(dict(name=name, rows=rows, shape=[N, K], rel_err=rel, ok=ok))
-    return results + check_expert_kernel(device)
+    return results + check_expert_kernel(device) + check_decode_attention(device)
 
 
 def check_expert_kernel(device="cuda") -> list:
@@ -528,6 +687,39 @@ def check_expert_kernel(device="cuda") -> list:
                                         ok=ok))
     return results
 
+
+
+def check_decode_attention(device="cuda", dtype=torch.bfloat16) -> list:
+    """The decode attention kernel against model.Attention's own path (rotary, cache write, SDPA
+    under attention_mask) from the same cache: 4 rows (cache rows 1 to 4) at the first slot, the
+    last, and either side of a part boundary; plain multi-head attention, 4 and 7 query heads a kv
+    head, head_dim 32, 64 and 80, q/k norm, one part and several. A list of {name, rows, shape,
+    rel_err, ok}: the output, and each cache after the write."""
+    torch.manual_seed(0)
+    results = []
+    for H, KV, D, S, qk_norm in ((4, 4, 64, 40, False), (8, 2, 32, 300, True),
+                                 (14, 2, 80, 520, False)):
+        args = ModelArgs(dim=H * D, n_layer=1, n_head=H, n_kv_heads=KV, head_dim=D,
+                         vocab_size=1, intermediate_size=1, qk_norm=qk_norm)
+        attention = Attention(args).to(device, dtype)
+        pos = torch.tensor([0, SPLIT_SLOTS - 1, SPLIT_SLOTS, S - 1], device=device).clamp(max=S - 1)
+        pos = pos[:, None]  # (B, 1)
+        B = pos.shape[0]
+        rows = Rows(pos, rope_table(args, S).to(device)[pos], attention_mask(pos, S, dtype), row=1)
+        x = torch.randn(B, 1, args.dim, device=device, dtype=dtype)
+        cache = KVCache(B + 1, KV, S, D, dtype, device)
+        cache.k.normal_(), cache.v.normal_()  # earlier tokens (and garbage past each row's slot)
+        outputs = []
+        for kernel in (None, decode_attention):
+            attention.kv_cache, attention.decode_kernel = copy.deepcopy(cache), kernel
+            y = attention(x, [rows])  # (B, 1, dim)
+            outputs.append((y, attention.kv_cache.k, attention.kv_cache.v))
+        for name, reference, y in zip(("output", "k cache", "v cache"), *outputs):
+            rel = ((y.double() - reference.double()).norm() / reference.double().norm()).item()
+            ok = rel < (1e-5 if dtype == torch.float32 else 1e-2)  # bf16: the rounding of p
+            results.append(dict(name=f"decode attention {name}", rows=B, shape=[H, KV, D, S],
+                                rel_err=rel, ok=ok))
+    return results
 
 # ---- quantized linear layers ---------------------------------------------------------------------
 #
@@ -939,11 +1131,15 @@ def swap_linears(model: nn.Module, quantization: dict):
 def prepare_for_device(model: nn.Module):
     """After the model reached its device and dtype: pack int4 weights for tinygemm (CUDA, bfloat16,
     see TINYGEMM_MAX_ROWS), choose the fp8 matmul, give float, int8 and fp8 experts on CUDA
-    the expert GEMV, and on the CPU route decode-sized inputs of the int8 and int4 layers to
-    PyTorch's CPU kernels (where cpu_kernels_usable)."""
+    the expert GEMV and bf16 and fp16 attention the decode attention kernel, and on the CPU route
+    decode-sized inputs of the int8 and int4 layers to PyTorch's CPU kernels (where
+    cpu_kernels_usable)."""
     dtype = model.tok_embeddings.weight.dtype  # the activations' dtype
     cpu_kernels = cpu_kernels_usable(dtype)
     for module in model.modules():
+        if (isinstance(module, Attention) and DECODE_ATTENTION and triton is not None
+                and model.tok_embeddings.weight.is_cuda and dtype in MM_DTYPES):
+            module.decode_kernel = decode_attention
         if (isinstance(module, (Experts, OneByteExperts)) and module.weight.is_cuda
                 and triton is not None and module.in_features % 4 == 0):  # int32 words
             module.kernel = expert_matmul

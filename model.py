@@ -178,6 +178,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
         self.qk_norm = args.qk_norm
         self.kv_cache: Optional[KVCache] = None
+        self.decode_kernel = None  # kernels.decode_attention, where prepare_for_device gives one
 
     def forward(self, x: Tensor, groups: list) -> Tensor:
         """x (..., dim): the tokens of every group of rows in `groups`, in order. They share each
@@ -192,14 +193,19 @@ class Attention(nn.Module):
             k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
             if self.qk_norm:
                 q, k = self.q_norm(q), self.k_norm(k)
-            q, k = apply_rope(q, g.rope), apply_rope(k, g.rope)
             v = v.view(B, T, self.n_kv_heads, self.head_dim)
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
-            k, v = self.kv_cache.update(g.input_pos, k, v, g.row)  # (B, n_kv_heads, S, head_dim)
-            # enable_gqa: each group of query heads reads its shared kv head without copying it.
-            gqa = self.n_head != self.n_kv_heads
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, enable_gqa=gqa)
-            ys.append(y.transpose(1, 2).reshape(B * T, q_dim))  # (B * T, n_head * head_dim)
+            if T == 1 and self.decode_kernel is not None:  # rotary, cache write and attention
+                y = self.decode_kernel(q, k, v, g, self.kv_cache)  # (B, 1, n_head, head_dim)
+            else:
+                q, k = apply_rope(q, g.rope), apply_rope(k, g.rope)
+                q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
+                # (B, n_kv_heads, S, head_dim)
+                k, v = self.kv_cache.update(g.input_pos, k, v, g.row)
+                # enable_gqa: each group of query heads reads its shared kv head without copying.
+                gqa = self.n_head != self.n_kv_heads
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, enable_gqa=gqa)
+                y = y.transpose(1, 2)  # (B, T, n_head, head_dim)
+            ys.append(y.reshape(B * T, q_dim))  # (B * T, n_head * head_dim)
         y = ys[0] if len(ys) == 1 else torch.cat(ys)  # (N, n_head * head_dim)
         return self.wo(y.view(*x.shape[:-1], -1))
 

@@ -261,7 +261,7 @@ def load_shard(path, rank: int, world: int, device, dtype=None) -> Transformer:
         state[name] = part.to(device, dtype if dtype is not None and part.is_floating_point()
                               else part.dtype)
     model.load_state_dict(state, strict=True, assign=True)
-    return to_device(model, device, dtype, quantization)
+    return to_device(model, device, dtype)
 
 
 RANDOM_QUANTIZATIONS = ("int8", "int4.g32", "int4.g64", "int4.g128", "int4.g256", "fp8")
@@ -310,7 +310,7 @@ def random_shard(name: str, precision: Optional[str], world: int, device, dtype)
             getattr(module, key).copy_(t)
         if getattr(module, "bias", None) is not None:
             module.bias.normal_(0.0, 0.02)
-    return to_device(model, device, dtype, quantization)
+    return to_device(model, device, dtype)
 
 
 # ---- the layers that talk ------------------------------------------------------------------------

@@ -238,7 +238,7 @@ def quantized_model(mode: str, groupsize, dtype=torch.float32):
     if qargs.tie_embeddings:
         tensors["output.weight"] = tensors["tok_embeddings.weight"]
     model.load_state_dict(tensors, strict=True, assign=True)
-    return to_device(model, "cpu", dtype, quantization)
+    return to_device(model, "cpu", dtype)
 
 
 @torch.no_grad()

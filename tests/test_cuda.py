@@ -42,6 +42,32 @@ def test_every_kernel_matches_its_reference_on_gpu():
     assert not failures, failures
 
 
+def test_decode_attention_kernel_in_a_compiled_cuda_graph_matches_sdpa_at_each_rows_slot():
+    """Rows decoding at different slots, with keys past each row's slot left over from a longer
+    prefill: the compiled step with the decode attention kernel (checkpoint.to_device gives it)
+    against the eager step through SDPA, 20 steps (warm-up, recording, replays)."""
+    import copy
+    from kernels import decode_attention, prepare_for_device
+    model = tiny_model().cuda().to(torch.bfloat16)  # 4 query heads, 2 kv heads
+    reference = copy.deepcopy(model)
+    prepare_for_device(model)
+    assert all(layer.attention.decode_kernel is decode_attention for layer in model.layers)
+    ids = torch.randint(0, 97, (3, 32), device="cuda")
+    starts = torch.tensor([[3], [11], [7]], device="cuda")  # (B, 1) each row's first decode slot
+    step = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        for m in (model, reference):
+            m.setup_caches(3, 32)
+            m(ids[:, :11], torch.arange(11, device="cuda"))  # prefill: SDPA in both
+        for t in range(20):
+            pos = starts + t
+            token = ids.gather(1, pos)  # (B, 1)
+            expected = reference(token, pos).double()
+            logits = step(token, pos).double()  # read before the next replay overwrites it
+            rel = ((logits - expected).norm() / expected.norm()).item()
+            assert rel < 2e-2, f"step {t}: relative error {rel:.2e}"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_one_byte_gemv_takes_each_activation_dtype_and_a_view_inside_a_word(dtype):
     from kernels import kernel_route, one_byte_linear, quantized_cases

@@ -151,6 +151,14 @@ def check_expert_gemv():
             assert error < 1e-6, (weight.dtype, x.dtype, N, K, rows, config, split_k, error)
 
 
+# The decode attention kernel in float32 (the interpreter's tl.dot, above) against the model's
+# own attention path; kernels.check_kernels runs the same comparison in bf16 on the GPU.
+def check_decode_attention():
+    from kernels import check_decode_attention
+    results = check_decode_attention("cpu", torch.float32)
+    assert len(results) == 9 and all(r["ok"] for r in results), results
+
+
 def test_gemv_input_gives_aligned_words_of_any_one_row_view():
     from kernels import gemv_input
     for dtype in (torch.bfloat16, torch.float16):
@@ -162,7 +170,8 @@ def test_gemv_input_gives_aligned_words_of_any_one_row_view():
 
 
 INTERPRETER_CHECKS = {"scaled_gemv": check_scaled_gemv, "quantized_mm": check_quantized_mm,
-                      "dequantize": check_dequantize, "expert_gemv": check_expert_gemv}
+                      "dequantize": check_dequantize, "expert_gemv": check_expert_gemv,
+                      "decode_attention": check_decode_attention}
 
 
 def passed(interpreter_jobs, name: str):
@@ -188,6 +197,11 @@ def test_dequantized_weights_equal_the_reference_dequantization(interpreter_jobs
 @pytest.mark.slow
 def test_expert_gemv_kernel_matches_reference_for_each_weight_kind(interpreter_jobs):
     passed(interpreter_jobs, "expert_gemv")
+
+
+@pytest.mark.slow
+def test_decode_attention_kernel_equals_the_models_attention_and_cache_write(interpreter_jobs):
+    passed(interpreter_jobs, "decode_attention")
 
 
 if __name__ == "__main__":

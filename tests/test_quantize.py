@@ -61,7 +61,7 @@ def build_model(args: ModelArgs, state_dict: dict, quantization=None, device="cp
     if args.tie_embeddings:
         state_dict = {**state_dict, "output.weight": state_dict["tok_embeddings.weight"]}
     model.load_state_dict(state_dict, strict=True, assign=True)
-    return to_device(model, device, dtype, quantization)
+    return to_device(model, device, dtype)
 
 
 def load_checkpoint(path, device="cpu", dtype=None) -> Transformer:
