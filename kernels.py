@@ -580,11 +580,16 @@ def decode_attention_op(q: Tensor, k: Tensor, v: Tensor, rope: Tensor, input_pos
     before rotary; rope (B, 2, D) their cos and signed sin; caches (rows, n_kv_heads, S, D), row b
     in cache row row + b. Writes the rotated k and v into the caches; returns the attention
     (B, n_head, D)."""
-    (B, n_head, D), (n_kv_heads, S) = q.shape, k_cache.shape[1:3]
-    assert k_cache.is_contiguous() and v_cache.is_contiguous() and n_head % n_kv_heads == 0
+    (B, n_head, D), (rows, n_kv_heads, S) = q.shape, k_cache.shape[:3]
+    # The kernel writes where these say: a mismatch would land outside the cache, unreported.
+    assert k.shape == v.shape == (B, n_kv_heads, D) and k_cache.shape == v_cache.shape == (
+        rows, n_kv_heads, S, D), (q.shape, k.shape, v.shape, k_cache.shape, v_cache.shape)
+    assert 0 <= row and row + B <= rows and n_head % n_kv_heads == 0, (row, B, rows)
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and input_pos.shape == (B,)
     q, k, v = heads_rows(q), heads_rows(k), heads_rows(v)
     y = q.new_empty(B, n_head, D)
-    splits, D_PAD = triton.cdiv(S, SPLIT_SLOTS), triton.next_power_of_2(D)
+    # tl.dot's inner dimension is at least 16 on NVIDIA GPUs (the padding is masked off)
+    splits, D_PAD = triton.cdiv(S, SPLIT_SLOTS), max(16, triton.next_power_of_2(D))
     parts = m = l = None
     if splits > 1:
         parts = torch.empty(B, n_head, splits, D_PAD, dtype=torch.float32, device=q.device)
@@ -692,13 +697,13 @@ def check_expert_kernel(device="cuda") -> list:
 def check_decode_attention(device="cuda", dtype=torch.bfloat16) -> list:
     """The decode attention kernel against model.Attention's own path (rotary, cache write, SDPA
     under attention_mask) from the same cache: 4 rows (cache rows 1 to 4) at the first slot, the
-    last, and either side of a part boundary; plain multi-head attention, 4 and 7 query heads a kv
-    head, head_dim 32, 64 and 80, q/k norm, one part and several. A list of {name, rows, shape,
-    rel_err, ok}: the output, and each cache after the write."""
+    last, and either side of a part boundary; plain multi-head attention, 2, 4 and 7 query heads a
+    kv head, head_dim 8 (below tl.dot's 16), 32, 64 and 80, q/k norm, one part and several. A list
+    of {name, rows, shape, rel_err, ok}: the output, and each cache after the write."""
     torch.manual_seed(0)
     results = []
-    for H, KV, D, S, qk_norm in ((4, 4, 64, 40, False), (8, 2, 32, 300, True),
-                                 (14, 2, 80, 520, False)):
+    for H, KV, D, S, qk_norm in ((4, 4, 64, 40, False), (4, 2, 8, 24, False),
+                                 (8, 2, 32, 300, True), (14, 2, 80, 520, False)):
         args = ModelArgs(dim=H * D, n_layer=1, n_head=H, n_kv_heads=KV, head_dim=D,
                          vocab_size=1, intermediate_size=1, qk_norm=qk_norm)
         attention = Attention(args).to(device, dtype)

@@ -384,9 +384,10 @@ class Transformer(nn.Module):
 
 
 def attention_mask(input_pos: Tensor, n_slots: int, dtype) -> Tensor:
-    """The one place that decides which cache slots a query sees: an additive mask (B, 1, T, S) in
-    the activations' dtype, made once per forward rather than converted in every layer. Causal per
-    row: the query at slot input_pos[b, t] sees that row's slots 0..input_pos[b, t]."""
+    """Which cache slots a query sees: an additive mask (B, 1, T, S) in the activations' dtype,
+    made once per forward rather than converted in every layer. Causal per row: the query at slot
+    input_pos[b, t] sees that row's slots 0..input_pos[b, t]. The decode attention kernel
+    (kernels.decode_attention, CUDA decode steps) applies the same rule itself."""
     slots = torch.arange(n_slots, device=input_pos.device)  # (S,)
     allowed = slots <= input_pos[:, :, None]  # (B, T, S)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
