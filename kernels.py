@@ -260,7 +260,7 @@ if triton is not None:
         split = tl.program_id(1)
         pos = tl.load(pos_ptr + b * pos_stride)
         d = tl.arange(0, D_PAD)  # (D_PAD,)
-        g = tl.arange(0, G_PAD)  # (G_PAD,) query heads h G + g; tl.dot takes at least 16 rows
+        g = tl.arange(0, G_PAD)  # (G_PAD,) query heads h G + g, at least the MMA's 16 rows
         d_ok, g_ok = d < D, g < G
         cos = tl.load(rope_ptr + b * 2 * D + d, mask=d_ok, other=0.0)
         sin = tl.load(rope_ptr + b * 2 * D + D + d, mask=d_ok, other=0.0)
@@ -586,6 +586,7 @@ def decode_attention_op(q: Tensor, k: Tensor, v: Tensor, rope: Tensor, input_pos
         rows, n_kv_heads, S, D), (q.shape, k.shape, v.shape, k_cache.shape, v_cache.shape)
     assert 0 <= row and row + B <= rows and n_head % n_kv_heads == 0, (row, B, rows)
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and input_pos.shape == (B,)
+    assert rope.shape == (B, 2, D), rope.shape
     q, k, v = heads_rows(q), heads_rows(k), heads_rows(v)
     y = q.new_empty(B, n_head, D)
     # tl.dot's inner dimension is at least 16 on NVIDIA GPUs (the padding is masked off)
