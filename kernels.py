@@ -649,8 +649,9 @@ def quantized_cases(N: int, K: int, device) -> list:
 def check_kernels(device="cuda") -> list:
     """The kernels against their float64 reference on Llama-2-7B's layer shapes and a ragged one,
     for int8, fp8 and int4 weights at 1 row (the GEMV; int4: the small matmul), 8 and 33 rows (the
-    small matmul) and 200 (a dequantized copy into PyTorch's matmul): a list of
-    {name, rows, shape, rel_err, ok}. scripts/bench.py runs this before timing anything."""
+    small matmul) and 200 (a dequantized copy into PyTorch's matmul), then the expert GEMV and the
+    decode attention kernel: a list of {name, rows, shape, rel_err, ok}. scripts/bench.py runs this
+    before timing anything."""
     torch.manual_seed(0)
     results = []
     for N, K in ((12288, 4096), (4096, 11008), (32000, 4096), (37, 320)):
