@@ -257,10 +257,12 @@ if triton is not None:
         unnormalised sums (B, n_head, SPLITS, D_PAD), maxima m and sums l (B, n_head, SPLITS) for
         attention_splits_kernel."""
         b, h = tl.program_id(0) // n_kv_heads, tl.program_id(0) % n_kv_heads
-        split = tl.program_id(1)
         pos = tl.load(pos_ptr + b * pos_stride)
+        first = tl.program_id(1) * SPLIT_SLOTS
+        if first > pos:  # a part after the row's slots: attention_splits_kernel skips it
+            return
         d = tl.arange(0, D_PAD)  # (D_PAD,)
-        g = tl.arange(0, G_PAD)  # (G_PAD,) query heads h G + g, at least the MMA's 16 rows
+        g = tl.arange(0, G_PAD)  # (G_PAD,) query heads h G + g
         d_ok, g_ok = d < D, g < G
         cos = tl.load(rope_ptr + b * 2 * D + d, mask=d_ok, other=0.0)
         sin = tl.load(rope_ptr + b * 2 * D + D + d, mask=d_ok, other=0.0)
@@ -272,7 +274,6 @@ if triton is not None:
         v_new = tl.load(v_ptr + b * v_stride + h * D + d, mask=d_ok, other=0.0)
         # int64: rows * heads * S * D passes 2**31 in a long, wide cache
         cache = ((row0 + b).to(tl.int64) * n_kv_heads + h) * S * D
-        first = split * SPLIT_SLOTS
         # Online softmax over the part's visible slots (those attention_mask allows: 0..pos).
         m = tl.full((G_PAD,), float("-inf"), tl.float32)
         l = tl.zeros((G_PAD,), tl.float32)
@@ -295,7 +296,7 @@ if triton is not None:
                          tl.load(vc_ptr + tile, mask=tile_ok, other=0.0))
             acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v)  # (G_PAD, D_PAD)
             m = m_new
-        if (first <= pos) & (pos < first + SPLIT_SLOTS):  # this part holds the new slot
+        if pos < first + SPLIT_SLOTS:  # this part holds the new slot
             tl.store(kc_ptr + cache + pos * D + d, k_new, mask=d_ok)
             tl.store(vc_ptr + cache + pos * D + d, v_new.to(vc_ptr.dtype.element_ty), mask=d_ok)
         heads = b * G * n_kv_heads + h * G + g  # (G_PAD,) rows of y
@@ -303,26 +304,28 @@ if triton is not None:
             y = acc / l[:, None]
             tl.store(y_ptr + heads[:, None] * D + d[None, :], y.to(y_ptr.dtype.element_ty),
                      mask=q_ok)
-        else:  # a part after pos stores m -inf and l 0: it weighs nothing
-            part = heads * SPLITS + split
+        else:
+            part = heads * SPLITS + tl.program_id(1)
             tl.store(y_ptr + part[:, None] * D_PAD + d[None, :], acc, mask=g_ok[:, None])
             tl.store(m_ptr + part, m, mask=g_ok)
             tl.store(l_ptr + part, l, mask=g_ok)
 
     @triton.jit
-    def attention_splits_kernel(part_ptr, m_ptr, l_ptr, y_ptr, D: tl.constexpr,
-                                SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                                D_PAD: tl.constexpr):
-        """y[head] (program_id 0, a row of (B, n_head)) from decode_attention_kernel's parts:
-        each part's sums weighed by exp(its max - the overall max)."""
+    def attention_splits_kernel(part_ptr, m_ptr, l_ptr, y_ptr, pos_ptr, pos_stride, n_head,
+                                D: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                                SPLIT_SLOTS: tl.constexpr, D_PAD: tl.constexpr):
+        """y[head] (program_id 0, a row of (B, n_head)) from decode_attention_kernel's parts up to
+        the one holding the row's slot: each part's sums weighed by exp(its max - the overall max)."""
         head = tl.program_id(0)
+        pos = tl.load(pos_ptr + (head // n_head) * pos_stride)
         i = tl.arange(0, SPLITS_PAD)
         d = tl.arange(0, D_PAD)
-        m = tl.load(m_ptr + head * SPLITS + i, mask=i < SPLITS, other=float("-inf"))
-        l = tl.load(l_ptr + head * SPLITS + i, mask=i < SPLITS, other=0.0)
+        live = i <= pos // SPLIT_SLOTS  # (SPLITS_PAD,) the parts that ran; never more than SPLITS
+        m = tl.load(m_ptr + head * SPLITS + i, mask=live, other=float("-inf"))
+        l = tl.load(l_ptr + head * SPLITS + i, mask=live, other=0.0)
         weight = tl.exp(m - tl.max(m, axis=0))  # (SPLITS_PAD,); part 0 always saw slot 0
         acc = tl.load(part_ptr + (head * SPLITS + i)[:, None] * D_PAD + d[None, :],
-                      mask=(i < SPLITS)[:, None], other=0.0)  # (SPLITS_PAD, D_PAD)
+                      mask=live[:, None], other=0.0)  # (SPLITS_PAD, D_PAD)
         y = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
         tl.store(y_ptr + head * D + d, y.to(y_ptr.dtype.element_ty), mask=d < D)
 
@@ -558,13 +561,11 @@ def expert_matmul_reference(x: Tensor, experts: Tensor, weight: Tensor,
 
 # A decode token's attention, its rotary embedding and cache write in one kernel (inductor makes
 # five launches of them: RoPE of q, of k with k's cache write, v's cache write, the mask, cuDNN's
-# attention). Programs are (row, kv head) pairs, each reading only the slots its row has filled,
-# and a long cache is cut into parts of SPLIT_SLOTS slots, one program each, whose results a second
-# kernel combines. The parts depend on the cache's length only, never on the batch: a row's
-# result is the same whatever rows share its batch.
-SPLIT_SLOTS, ATTENTION_BLOCK_S = 256, 64
-# False keeps the compiled PyTorch path (SDPA) for decode too: the kernel is faster at the lengths
-# generate.py and the server mostly see, slower with thousands of filled slots (BENCHMARKS.md).
+# attention). Programs are (row, kv head, part of SPLIT_SLOTS slots), each reading only the slots
+# its row has filled; a second kernel combines the parts. The parts depend on the cache's length
+# only, never on the batch: a row's result is the same whatever rows share its batch.
+SPLIT_SLOTS, ATTENTION_BLOCK_S = 256, 32
+# False keeps the compiled PyTorch path (SDPA) for decode too.
 DECODE_ATTENTION = True
 
 
@@ -599,12 +600,13 @@ def decode_attention_op(q: Tensor, k: Tensor, v: Tensor, rope: Tensor, input_pos
     decode_attention_kernel[(B * n_kv_heads, splits)](
         q, k, v, rope.contiguous(), input_pos, k_cache, v_cache, y if splits == 1 else parts, m,
         l, q.stride(0), k.stride(0), v.stride(0), input_pos.stride(0), row, n_kv_heads, S,
-        D ** -0.5, G=G, D=D, G_PAD=max(16, triton.next_power_of_2(G)), D_PAD=D_PAD,
+        D ** -0.5, G=G, D=D, G_PAD=triton.next_power_of_2(G), D_PAD=D_PAD,
         SPLIT_SLOTS=SPLIT_SLOTS, SPLITS=splits, BLOCK_S=ATTENTION_BLOCK_S)
     if splits > 1:
-        attention_splits_kernel[(B * n_head,)](parts, m, l, y, D=D, SPLITS=splits,
-                                               SPLITS_PAD=triton.next_power_of_2(splits),
-                                               D_PAD=D_PAD)
+        attention_splits_kernel[(B * n_head,)](
+            parts, m, l, y, input_pos, input_pos.stride(0), n_head, D=D, SPLITS=splits,
+            SPLITS_PAD=triton.next_power_of_2(splits), SPLIT_SLOTS=SPLIT_SLOTS,
+            D_PAD=D_PAD)
     return y
 
 
@@ -693,7 +695,6 @@ def check_expert_kernel(device="cuda") -> list:
                     results.append(dict(name=name, rows=M * k, shape=[E, N, K], rel_err=rel,
                                         ok=ok))
     return results
-
 
 
 def check_decode_attention(device="cuda", dtype=torch.bfloat16) -> list:
