@@ -58,10 +58,12 @@ def probabilities(logits: Tensor, s: Sampling) -> Tensor:
         return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
     logits = logits.float()
     if s.top_k is not None:
-        # (B, k) unsorted: only the smallest of them matters, and sorting is a kernel of its own
+        # (B, k) unsorted: only their least and greatest matter, and sorting is a kernel of its own
         top = torch.topk(logits, min(s.top_k, logits.size(-1)), sorted=False).values
         logits = logits.masked_fill(logits < top.amin(dim=-1, keepdim=True), -float("inf"))
-    peak = logits.amax(dim=-1, keepdim=True)  # (B, 1)
+        peak = top.amax(dim=-1, keepdim=True)  # (B, 1)
+    else:
+        peak = logits.amax(dim=-1, keepdim=True)  # (B, 1)
     # Scaled after subtracting the row's maximum: a tiny temperature then sends the others to -inf
     # (near-greedy), where dividing the logits themselves overflows to inf / inf.
     probs = torch.softmax((logits - peak) / s.temperature, dim=-1)

@@ -565,6 +565,9 @@ def expert_matmul_reference(x: Tensor, experts: Tensor, weight: Tensor,
 # its row has filled; a second kernel combines the parts. The parts depend on the cache's length
 # only, never on the batch: a row's result is the same whatever rows share its batch.
 SPLIT_SLOTS, ATTENTION_BLOCK_S = 256, 32
+# tl.dot takes fewer than 16 rows (a kv head's few query heads) from Triton 3.5 on; before, pad to 16.
+DOT_MIN_ROWS = 16 if triton is None or tuple(
+    int(part) for part in triton.__version__.split(".")[:2]) < (3, 5) else 1
 # False keeps the compiled PyTorch path (SDPA) for decode too.
 DECODE_ATTENTION = True
 
@@ -600,8 +603,9 @@ def decode_attention_op(q: Tensor, k: Tensor, v: Tensor, rope: Tensor, input_pos
     decode_attention_kernel[(B * n_kv_heads, splits)](
         q, k, v, rope.contiguous(), input_pos, k_cache, v_cache, y if splits == 1 else parts, m,
         l, q.stride(0), k.stride(0), v.stride(0), input_pos.stride(0), row, n_kv_heads, S,
-        D ** -0.5, G=G, D=D, G_PAD=triton.next_power_of_2(G), D_PAD=D_PAD,
-        SPLIT_SLOTS=SPLIT_SLOTS, SPLITS=splits, BLOCK_S=ATTENTION_BLOCK_S)
+        D ** -0.5, G=G, D=D, G_PAD=max(DOT_MIN_ROWS, triton.next_power_of_2(G)), D_PAD=D_PAD,
+        SPLIT_SLOTS=SPLIT_SLOTS, SPLITS=splits, BLOCK_S=ATTENTION_BLOCK_S, num_warps=4,
+        num_stages=3)
     if splits > 1:
         attention_splits_kernel[(B * n_head,)](
             parts, m, l, y, input_pos, input_pos.stride(0), n_head, D=D, SPLITS=splits,
