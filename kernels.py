@@ -315,7 +315,7 @@ if triton is not None:
                                 D: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
                                 SPLIT_SLOTS: tl.constexpr, D_PAD: tl.constexpr):
         """y[head] (program_id 0, a row of (B, n_head)) from decode_attention_kernel's parts up to
-        the one holding the row's slot: each part's sums weighed by exp(its max - the overall max)."""
+        the one holding the row's slot: each part's sums weighed by exp(its max - the max)."""
         head = tl.program_id(0)
         pos = tl.load(pos_ptr + (head // n_head) * pos_stride)
         i = tl.arange(0, SPLITS_PAD)
@@ -565,7 +565,7 @@ def expert_matmul_reference(x: Tensor, experts: Tensor, weight: Tensor,
 # its row has filled; a second kernel combines the parts. The parts depend on the cache's length
 # only, never on the batch: a row's result is the same whatever rows share its batch.
 SPLIT_SLOTS, ATTENTION_BLOCK_S = 256, 32
-# tl.dot takes fewer than 16 rows (a kv head's few query heads) from Triton 3.5 on; before, pad to 16.
+# tl.dot takes fewer than 16 rows (a kv head's few query heads) from Triton 3.5 on; before, 16.
 DOT_MIN_ROWS = 16 if triton is None or tuple(
     int(part) for part in triton.__version__.split(".")[:2]) < (3, 5) else 1
 # False keeps the compiled PyTorch path (SDPA) for decode too.
@@ -609,8 +609,7 @@ def decode_attention_op(q: Tensor, k: Tensor, v: Tensor, rope: Tensor, input_pos
     if splits > 1:
         attention_splits_kernel[(B * n_head,)](
             parts, m, l, y, input_pos, input_pos.stride(0), n_head, D=D, SPLITS=splits,
-            SPLITS_PAD=triton.next_power_of_2(splits), SPLIT_SLOTS=SPLIT_SLOTS,
-            D_PAD=D_PAD)
+            SPLITS_PAD=triton.next_power_of_2(splits), SPLIT_SLOTS=SPLIT_SLOTS, D_PAD=D_PAD)
     return y
 
 
@@ -627,6 +626,11 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, rows: Rows, cache: KVCache
     y = decode_attention_op(q[:, 0], k[:, 0], v[:, 0], rows.rope.view(B, 2, -1),
                             rows.input_pos.view(B), cache.k, cache.v, rows.row)
     return y.view(B, 1, *y.shape[1:])
+
+
+def relative_error(y: Tensor, reference: Tensor) -> float:
+    """|y - reference| / |reference| over all elements, in float64."""
+    return ((y.double() - reference.double()).norm() / reference.double().norm()).item()
 
 
 def scaled_gemv_reference(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
@@ -667,7 +671,7 @@ def check_kernels(device="cuda") -> list:
                 linear = int4_triton_linear if name.startswith("int4") else one_byte_linear
                 y = linear(x, *weights)  # (rows, 1, N)
                 reference = x.double() @ reference_weights.T
-                rel = ((y.double() - reference).norm() / reference.norm()).item()
+                rel = relative_error(y, reference)
                 # bf16 rounding of the output, and of int4's and the copy's weights: ~4e-3
                 ok = y.shape == (rows, 1, N) and rel < 1e-2
                 results.append(dict(name=name, rows=rows, shape=[N, K], rel_err=rel, ok=ok))
@@ -694,7 +698,7 @@ def check_expert_kernel(device="cuda") -> list:
                     x = torch.randn(M, rows, K, device=device, dtype=torch.bfloat16)
                     y = expert_matmul(x, experts, weight, scales)  # (M, k, N)
                     reference = expert_matmul_reference(x, experts, weight, scales)
-                    rel = ((y.double() - reference).norm() / reference.norm()).item()
+                    rel = relative_error(y, reference)
                     ok = y.shape == (M, k, N) and rel < 1e-4  # float32 sums
                     results.append(dict(name=name, rows=M * k, shape=[E, N, K], rel_err=rel,
                                         ok=ok))
@@ -727,7 +731,7 @@ def check_decode_attention(device="cuda", dtype=torch.bfloat16) -> list:
             y = attention(x, [rows])  # (B, 1, dim)
             outputs.append((y, attention.kv_cache.k, attention.kv_cache.v))
         for name, reference, y in zip(("output", "k cache", "v cache"), *outputs):
-            rel = ((y.double() - reference.double()).norm() / reference.double().norm()).item()
+            rel = relative_error(y, reference)
             ok = rel < (1e-5 if dtype == torch.float32 else 1e-2)  # bf16: the rounding of p
             results.append(dict(name=f"decode attention {name}", rows=B, shape=[H, KV, D, S],
                                 rel_err=rel, ok=ok))

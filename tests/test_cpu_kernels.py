@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from conftest import run_script
 import kernels
+from kernels import relative_error
 import quantize as Q
 from checkpoint import empty_model, randomize_, to_device
 from model import ModelArgs, Transformer
@@ -25,10 +26,6 @@ pytestmark = pytest.mark.skipif(
 
 OUTPUT_ROUNDING = 4e-3  # bfloat16 rounds to 2 ** -8 = 3.9e-3 relative at most, plus float32 sums
 AGAINST_FLOAT32 = 1e-2  # ... and x's own rounding to bfloat16
-
-
-def rel_err(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def float_linear(n: int, k: int, seed: int = 0) -> torch.nn.Linear:
@@ -81,6 +78,7 @@ def plain_path_refused(monkeypatch):
 ROUTED_SHAPES_CHECK = """
 import torch
 import kernels
+from kernels import relative_error
 # Every int8 shape the routing lets through (K a multiple of 16), with ragged N and any rows,
 # against the float64 product of the same bfloat16 inputs.
 for K in (16, 48, 208, 576):
@@ -91,7 +89,7 @@ for K in (16, 48, 208, 576):
             x = torch.randn(M, K).bfloat16()
             y = torch.ops.aten._weight_int8pack_mm(x, w, torch.ones(N, dtype=torch.bfloat16))
             exact = x.double() @ w.double().T
-            err = ((y.double() - exact).norm() / exact.norm()).item()
+            err = relative_error(y, exact)
             assert y.shape == (M, N) and err < 4e-3, (M, N, K, err)
 # The layer's own guards: a weight off the allocator's alignment (inside a memory-mapped file, say)
 # is copied at load time, and x is copied to fresh memory (aligned vector loads of its rows).
@@ -105,7 +103,7 @@ for dtype in (torch.float32, torch.bfloat16):
     x = torch.randn(3 * 64 + 1).to(dtype)[1:].view(3, 64)  # 2 or 4 bytes past an aligned address
     y = layer(x)
     exact = x.double() @ layer.dequantize().double().T
-    err = ((y.double() - exact).norm() / exact.norm()).item()
+    err = relative_error(y, exact)
     assert y.dtype == dtype and err < 1e-2, (dtype, err)
 print("ok")
 """
@@ -133,8 +131,8 @@ def test_int8_cpu_kernel_matches_the_dequantized_reference(n, k, rows, plain_pat
     y = layer(x)
     exact, rounded_x = reference(layer, x)
     assert y.shape == exact.shape and y.dtype == torch.float32
-    assert rel_err(y, rounded_x) < OUTPUT_ROUNDING
-    assert rel_err(y, exact) < AGAINST_FLOAT32
+    assert relative_error(y, rounded_x) < OUTPUT_ROUNDING
+    assert relative_error(y, exact) < AGAINST_FLOAT32
 
 
 @pytest.mark.parametrize("n, k, groupsize", [
@@ -155,8 +153,8 @@ def test_int4_cpu_kernel_matches_the_dequantized_reference(n, k, groupsize, rows
         m.setattr(kernels.Int4Linear, "dequantize", lambda self: pytest.fail("dequantized"))
         y = layer(x)
     assert y.shape == exact.shape and y.dtype == torch.float32
-    assert rel_err(y, rounded_x) < OUTPUT_ROUNDING
-    assert rel_err(y, exact) < AGAINST_FLOAT32
+    assert relative_error(y, rounded_x) < OUTPUT_ROUNDING
+    assert relative_error(y, exact) < AGAINST_FLOAT32
 
 
 @pytest.mark.parametrize("k, groupsize, kernel_k, kernel_groupsize", [
@@ -173,7 +171,7 @@ def test_int4_kernel_multiplies_no_padding_where_smaller_groups_end_at_k(k, grou
     _, rounded_x = reference(layer, x)
     layer.use_kernel("cpu", torch.bfloat16, kernels.CPU_INT4_MAX_ROWS)
     assert (layer.kernel_in_features, layer.kernel_groupsize) == (kernel_k, kernel_groupsize)
-    assert rel_err(layer(x), rounded_x) < OUTPUT_ROUNDING
+    assert relative_error(layer(x), rounded_x) < OUTPUT_ROUNDING
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -187,7 +185,7 @@ def test_more_rows_than_the_limit_take_the_exact_plain_path(mode):
         layer, rows = int4_layer(37, 208, 32), kernels.CPU_INT4_MAX_ROWS + 1
         layer.use_kernel("cpu", torch.bfloat16, kernels.CPU_INT4_MAX_ROWS)
     x = inputs(rows, 208)
-    assert rel_err(layer(x), reference(layer, x)[0]) < 1e-5
+    assert relative_error(layer(x), reference(layer, x)[0]) < 1e-5
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -204,7 +202,7 @@ def test_bfloat16_layers_use_the_kernel_too(mode, monkeypatch):
     monkeypatch.setattr(kernels, "one_byte_linear", lambda *a: pytest.fail("plain int8 path"))
     monkeypatch.setattr(kernels.Int4Linear, "dequantize", lambda self: pytest.fail("dequantized"))
     y = layer(x)
-    assert y.dtype == torch.bfloat16 and rel_err(y, exact) < AGAINST_FLOAT32
+    assert y.dtype == torch.bfloat16 and relative_error(y, exact) < AGAINST_FLOAT32
 
 
 # ---- prepare_for_device on a model --------------------------------------------------------------
@@ -282,7 +280,7 @@ def test_prepare_for_device_selects_the_cpu_kernels(mode, groupsize, monkeypatch
     plain_model = quantized_model(mode, groupsize)
     assert not any(getattr(m, "cpu_kernel", False) or getattr(m, "kernel", None) is not None
                    for m in plain_model.modules())
-    assert rel_err(routed, logits_of(plain_model)) < AGAINST_FLOAT32
+    assert relative_error(routed, logits_of(plain_model)) < AGAINST_FLOAT32
     # The int4 layers keep the file's tensors (the packed copy is no part of the state_dict): it is
     # still a checkpoint.
     routed_tensors, plain_tensors = model.state_dict(), plain_model.state_dict()

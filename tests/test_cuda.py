@@ -47,7 +47,7 @@ def test_decode_attention_kernel_in_a_compiled_cuda_graph_matches_sdpa_at_each_r
     prefill: the compiled step with the decode attention kernel (checkpoint.to_device gives it)
     against the eager step through SDPA, 20 steps (warm-up, recording, replays)."""
     import copy
-    from kernels import decode_attention, prepare_for_device
+    from kernels import decode_attention, prepare_for_device, relative_error
     model = tiny_model().cuda().to(torch.bfloat16)  # 4 query heads, 2 kv heads
     reference = copy.deepcopy(model)
     prepare_for_device(model)
@@ -64,13 +64,13 @@ def test_decode_attention_kernel_in_a_compiled_cuda_graph_matches_sdpa_at_each_r
             token = ids.gather(1, pos)  # (B, 1)
             expected = reference(token, pos).double()
             logits = step(token, pos).double()  # read before the next replay overwrites it
-            rel = ((logits - expected).norm() / expected.norm()).item()
+            rel = relative_error(logits, expected)
             assert rel < 2e-2, f"step {t}: relative error {rel:.2e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_one_byte_gemv_takes_each_activation_dtype_and_a_view_inside_a_word(dtype):
-    from kernels import kernel_route, one_byte_linear, quantized_cases
+    from kernels import kernel_route, one_byte_linear, quantized_cases, relative_error
     torch.manual_seed(0)
     for name, weights, reference_weights in quantized_cases(96, 320, "cuda")[:2]:  # int8, fp8
         for start in (0, 1):  # 1: x starts one value into its buffer
@@ -78,7 +78,7 @@ def test_one_byte_gemv_takes_each_activation_dtype_and_a_view_inside_a_word(dtyp
             assert kernel_route(x) == "gemv"
             y = one_byte_linear(x, *weights)  # (1, 1, 96)
             reference = x.double() @ reference_weights.T
-            rel = ((y.double() - reference).norm() / reference.norm()).item()
+            rel = relative_error(y, reference)
             assert y.dtype == dtype and rel < 1e-2, (name, start, rel)
 
 
@@ -113,7 +113,7 @@ def test_mixture_of_experts_compiled_decode_matches_eager_and_grouped_mm_the_gat
 
 @pytest.mark.parametrize("mode", ["float", "int8", "fp8"])
 def test_expert_gemv_in_a_compiled_cuda_graph_matches_the_pytorch_form(mode):
-    from kernels import expert_matmul
+    from kernels import expert_matmul, relative_error
     from test_moe import moe_with_experts
     moe = moe_with_experts(mode).cuda().to(torch.bfloat16)
     x = torch.randn(3, 1, moe.w13.in_features, device="cuda", dtype=torch.bfloat16)  # 6 pairs
@@ -122,5 +122,5 @@ def test_expert_gemv_in_a_compiled_cuda_graph_matches_the_pytorch_form(mode):
         moe.w13.kernel = moe.w2.kernel = expert_matmul
         compiled = torch.compile(moe, mode="reduce-overhead", fullgraph=True)
         for _ in range(3):  # warm-up, graph recording, replay
-            rel = ((compiled(x).double() - pytorch_form).norm() / pytorch_form.norm()).item()
+            rel = relative_error(compiled(x), pytorch_form)
             assert rel < 1e-2, f"{mode}: relative error {rel:.2e}"

@@ -26,8 +26,8 @@ X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_scaled_gemv():
-    from kernels import (GEMV_CONFIGS, gemv_input, scaled_gemv_kernel, scaled_gemv_reference,
-                         words_per_split)
+    from kernels import (GEMV_CONFIGS, gemv_input, relative_error, scaled_gemv_kernel,
+                         scaled_gemv_reference, words_per_split)
     torch.manual_seed(0)
     checked = dict.fromkeys(X_DTYPES, 0)
     # Whole tiles, ragged rows and columns.
@@ -48,7 +48,7 @@ def check_scaled_gemv():
                 scaled_gemv_kernel[grid](x_read, w.view(torch.int32), scales, None, y, N, K // 4,
                                          words_per_split(K, split_k), 1, PER_WORD=4, FP8=False,
                                          X16=x16, **config.kwargs)
-                error = ((y.sum(0).double() - reference).norm() / reference.norm()).item()
+                error = relative_error(y.sum(0), reference)
                 assert error < 1e-6, (N, K, config, split_k, x.dtype, error)
                 checked[x.dtype] += 1
     assert min(checked.values()) >= 3, checked
@@ -58,7 +58,7 @@ def check_scaled_gemv():
 # kernels.check_kernels checks the bf16 path on the GPU.
 def check_quantized_mm():
     from kernels import (MM_CONFIGS, TensorDescriptor, int4_weights, mm_block_rows,
-                         quantized_mm_kernel, weight_block)
+                         quantized_mm_kernel, relative_error, weight_block)
     torch.manual_seed(0)
     checked = {1: 0, 32: 0, 128: 0, 256: 0, "TMA": 0}  # by group size (int8: 1)
     # A decode batch of M rows in one tile, padded to 16, 64 and exactly 64 rows; int8 and int4
@@ -91,7 +91,7 @@ def check_quantized_mm():
                                           INT4=z is not None, BLOCK_M=mm_block_rows(M), TMA=tma,
                                           **config.kwargs)
                 reference = x.double() @ reference_weights.T  # (M, N)
-                error = ((y.sum(0).double() - reference).norm() / reference.norm()).item()
+                error = relative_error(y.sum(0), reference)
                 assert error < 1e-6, (M, N, K, g, config, split_k, tma, error)
                 checked[g] += 1
     assert min(checked.values()) >= 8, checked
@@ -127,8 +127,8 @@ def check_dequantize():
 # words with scales. Each config takes one kind, input (x a row per token or per pair) and K split
 # in turn.
 def check_expert_gemv():
-    from kernels import (EXPERT_CONFIGS, expert_matmul_reference, gemv_input, scaled_gemv_kernel,
-                         words_per_split)
+    from kernels import (EXPERT_CONFIGS, expert_matmul_reference, gemv_input, relative_error,
+                         scaled_gemv_kernel, words_per_split)
     torch.manual_seed(0)
     for E, N, K in ((4, 32, 512), (5, 37, 300)):  # whole tiles (some configs); ragged ones
         kinds = [(torch.randn(E, N, K, dtype=dtype), None) for dtype in (torch.bfloat16, torch.float16)]
@@ -147,16 +147,38 @@ def check_expert_gemv():
                                      scales, experts, y, N, K // per_word,
                                      words_per_split(K, split_k) * 4 // per_word, 2 // rows,
                                      PER_WORD=per_word, FP8=False, X16=x16, **config.kwargs)
-            error = ((y.sum(0).view(2, 2, N).double() - reference).norm() / reference.norm()).item()
+            error = relative_error(y.sum(0).view(2, 2, N), reference)
             assert error < 1e-6, (weight.dtype, x.dtype, N, K, rows, config, split_k, error)
 
 
 # The decode attention kernel in float32 (the interpreter's tl.dot, above) against the model's
-# own attention path; kernels.check_kernels runs the same comparison in bf16 on the GPU.
+# own attention path, with a kv head's query heads padded to 16 rows (Triton before 3.5) and not;
+# kernels.check_kernels runs the same comparison in bf16 on the GPU. Then each row of a batch
+# against the same row decoded alone, bit for bit.
 def check_decode_attention():
-    from kernels import check_decode_attention
-    results = check_decode_attention("cpu", torch.float32)
-    assert len(results) == 12 and all(r["ok"] for r in results), results
+    import kernels
+    for min_rows in (1, 16):
+        kernels.DOT_MIN_ROWS = min_rows
+        results = kernels.check_decode_attention("cpu", torch.float32)
+        assert len(results) == 12 and all(r["ok"] for r in results), (min_rows, results)
+    check_decode_attention_rows_are_independent(kernels.decode_attention_op)
+
+
+def check_decode_attention_rows_are_independent(attention):
+    torch.manual_seed(0)
+    B, H, KV, D, S = 4, 6, 2, 16, 600  # three parts of 256 slots
+    q, k, v = torch.randn(B, H, D), torch.randn(B, KV, D), torch.randn(B, KV, D)
+    rope = torch.randn(B, 2, D)
+    pos = torch.tensor([0, 255, 256, 599])  # each row in another part, or at its edge
+    caches = torch.randn(2, B + 1, KV, S, D)  # rows 1..B used, row 0 another request's
+    batch = caches.clone()
+    y = attention(q, k, v, rope, pos, batch[0], batch[1], 1)  # (B, H, D)
+    for b in range(B):
+        alone = caches.clone()
+        one = slice(b, b + 1)
+        y_b = attention(q[one], k[one], v[one], rope[one], pos[one], alone[0], alone[1], 1 + b)
+        assert torch.equal(y_b[0], y[b]), b
+        assert torch.equal(alone[:, 1 + b], batch[:, 1 + b]), b
 
 
 def test_gemv_input_gives_aligned_words_of_any_one_row_view():

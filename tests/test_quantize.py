@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from kernels import relative_error
 import model as M
 import quantize as Q
 from checkpoint import (InputError, WeightsFile, empty_model, load_model, read_checkpoint,
@@ -38,10 +39,6 @@ N, K = 40, 200
 #         and ~ 5.1 sigma for 128 values                                -> 9.8 %   (measured 9.5 %)
 #   fp8:  e4m3 keeps 3 mantissa bits: relative steps of 1/8 to 1/16     -> ~2.6 %  (measured 2.6 %)
 LOOSE = {("int8", None): 1e-2, ("int4", 32): 0.1, ("int4", 128): 0.12, ("fp8", None): 0.04}
-
-
-def rel_err(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def float_linear(seed=0, n=N, k=K) -> nn.Linear:
@@ -104,7 +101,7 @@ def test_compiled_int8_layer_is_not_rewritten_into_weight_int8pack_mm():
         "inductor's int8 pattern did not fire on its own form here"
     rewrites, y = compiled_rewrites(layer)
     assert rewrites == 0, "Int8Linear was rewritten into aten._weight_int8pack_mm"
-    assert rel_err(y, layer(x)) < 1e-2  # bf16 rounding
+    assert relative_error(y, layer(x)) < 1e-2  # bf16 rounding
 
 
 @pytest.mark.parametrize("mode, groupsize", list(LOOSE),
@@ -118,9 +115,9 @@ def test_layer_matches_its_dequantized_weights_and_approximates_the_float_layer(
     assert y.shape == (3, 5, N) and y.dtype == torch.float32
     # Tight: the forward computes exactly linear(x, dequantized weights) + bias, up to float32
     # rounding.
-    assert rel_err(y, F.linear(x, layer.dequantize(), linear.bias)) < 1e-5
+    assert relative_error(y, F.linear(x, layer.dequantize(), linear.bias)) < 1e-5
     # Loose: quantization error, bounded by the rounding step of each scheme (see LOOSE).
-    err = rel_err(y, linear(x))
+    err = relative_error(y, linear(x))
     assert err < LOOSE[mode, groupsize], f"{mode} g{groupsize}: relative error {err:.4f}"
 
 
@@ -147,7 +144,7 @@ def test_quantized_experts_match_their_dequantized_reference(mode, groupsize):
     torch.testing.assert_close(experts.weights(..., torch.float32), reference, rtol=0, atol=0)
     idx = torch.tensor([[3, 1], [0, 3]])
     torch.testing.assert_close(experts.weights(idx, torch.float32), reference[idx], rtol=0, atol=0)
-    assert rel_err(reference, w) < LOOSE[mode, groupsize]
+    assert relative_error(reference, w) < LOOSE[mode, groupsize]
     # A mixture whose w2 (intermediate K -> dim N) are these experts, against the same mixture
     # holding their dequantized weights, in the grouped form (12 pairs > 4 experts) and gathered
     args = ModelArgs(dim=N, n_layer=1, n_head=1, vocab_size=8, intermediate_size=K,
@@ -217,9 +214,9 @@ def test_fp8_scaled_mm_path_matches_its_quantized_inputs(device):
         x_scales = x.float().abs().amax(dim=1, keepdim=True) / kernels.FP8_MAX  # (M, 1)
         x8 = (x.float() / x_scales).to(torch.float8_e4m3fn).float() * x_scales
         tight = 1e-5 if dtype == torch.float32 else 1e-2
-        assert rel_err(y, F.linear(x8, layer.dequantize(), linear.bias)) < tight
+        assert relative_error(y, F.linear(x8, layer.dequantize(), linear.bias)) < tight
         # Weights and activations each ~2.6 %, independent.
-        assert rel_err(y, linear(x.float())) < 0.06
+        assert relative_error(y, linear(x.float())) < 0.06
 
 
 # ---- 2. the int4 convention, pinned by PyTorch's own int4 kernel (CPU twin of CUDA's tinygemm) --
@@ -236,10 +233,10 @@ def test_int4_cpu_kernel_computes_q_minus_8_times_scale_plus_zero():
     scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
     x = torch.randn(5, k)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, g, scales_and_zeros)
-    assert rel_err(y, x @ w.t()) < 1e-6
+    assert relative_error(y, x @ w.t()) < 1e-6
     # The other common convention.
     wrong = q.float().view(n, -1, g) * scales[..., None] + zeros[..., None]
-    assert rel_err(y, x @ wrong.view(n, k).t()) > 0.1
+    assert relative_error(y, x @ wrong.view(n, k).t()) > 0.1
 
 
 @pytest.mark.parametrize("groupsize, k", [(32, 256), (128, K), (256, K)],
@@ -258,7 +255,7 @@ def test_int4_kernel_path_matches_the_dequantized_reference(groupsize, k, dtype)
     x = torch.randn(2, 3, k, dtype=dtype)
     y, y_ref = layer(x), reference(x)  # (2, 3, N)
     assert y.shape == y_ref.shape == (2, 3, N) and y.dtype == dtype
-    assert rel_err(y, y_ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert relative_error(y, y_ref) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
 # ---- 3 + 4. files: save, load, sidecar config, loading in another dtype, generate.py -----------
@@ -332,7 +329,7 @@ def test_saved_file_loads_to_the_same_logits(tiny_checkpoint, mode, groupsize, o
     in_memory = build_model(qargs, sd, quantization, dtype=torch.float32)
     torch.testing.assert_close(logits_of(loaded, IDX), logits_of(in_memory, IDX), rtol=0, atol=0)
     # ... and near the float model's (a broken layer or lost bias would be far off).
-    assert rel_err(logits_of(loaded, IDX), logits_of(float_model, IDX)) < 0.2
+    assert relative_error(logits_of(loaded, IDX), logits_of(float_model, IDX)) < 0.2
     quantized = {name: type(m) for name, m in loaded.named_modules()
                  if isinstance(m, tuple(kernels.LINEARS.values()))}
     assert quantized == {name: kernels.LINEARS[mode] for name in quantization["layers"]
@@ -394,7 +391,7 @@ def test_files_load_in_a_fresh_process_in_bfloat16_and_float32(tiny_checkpoint, 
         f32, dtypes32 = results[name, "torch.float32"]
         bf16, dtypes16 = results[name, "torch.bfloat16"]
         torch.testing.assert_close(f32, here, rtol=0, atol=0)
-        assert rel_err(bf16, f32) < 2e-2, name
+        assert relative_error(bf16, f32) < 2e-2, name
         stored = {"int8": {"weight": "torch.int8"}, "int4": {"weight": "torch.uint8"},
                   "fp8": {"weight": "torch.uint8", "scale_bits": "torch.int32"}}
         quantization = read_checkpoint(folder / name).quantization
@@ -430,7 +427,7 @@ def test_a_mixture_of_experts_quantizes_per_expert_and_keeps_its_router(moe_chec
     assert isinstance(moe.w13, kernels.EXPERTS[mode]) and isinstance(moe.w2, kernels.EXPERTS[mode])
     assert type(moe.gate) is nn.Linear and moe.gate.weight.dtype == torch.float32
     assert "layers.0.feed_forward.gate" not in ckpt.quantization["layers"]
-    assert rel_err(logits_of(loaded, IDX), logits_of(float_model, IDX)) < 0.2
+    assert relative_error(logits_of(loaded, IDX), logits_of(float_model, IDX)) < 0.2
 
 
 def test_gptq_refuses_a_mixture_of_experts_in_one_line(moe_checkpoint, capsys):
@@ -769,7 +766,7 @@ def test_gptq_beats_rtn_on_correlated_inputs_and_stores_exactly_what_it_computed
     x = torch.randn(3, k)
     reference = F.linear(x, dq)
     layer.float().use_kernel("cpu")  # the kernel takes its scales and zeros in x's dtype
-    assert rel_err(layer(x), reference) < 1e-5
+    assert relative_error(layer(x), reference) < 1e-5
 
 
 @torch.no_grad()
@@ -931,7 +928,7 @@ def test_gptq_hessians_are_those_of_the_model_with_the_earlier_blocks_quantized(
             model.get_submodule(name).weight.copy_(quantized.get_submodule(name).dequantize())
     assert len(hessians) == len(expected) == 4 * TINY["n_layer"] + 1
     for call, (got, want) in enumerate(zip(hessians, expected)):
-        assert rel_err(got, want) < 1e-5, call
+        assert relative_error(got, want) < 1e-5, call
 
 
 class TrackedWeights:
@@ -1008,7 +1005,7 @@ def test_tinygemm_matches_the_dequantized_reference(groupsize, k):
     layer.use_kernel("cuda")
     for m in (1, 7, 33):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        assert rel_err(layer(x), reference(x)) < 1e-2
+        assert relative_error(layer(x), reference(x)) < 1e-2
 
 
 @cuda
@@ -1034,10 +1031,10 @@ def test_cpu_quantized_file_runs_on_cuda_in_bfloat16(tiny_checkpoint, mode, grou
     # bfloat16 activations and (with _scaled_mm) e4m3 activations add their rounding to the CPU's
     # float32 logits.
     bound = 0.08 if scaled_mm else 3e-2
-    assert rel_err(logits_of(model, IDX.cuda()).cpu(), cpu) < bound
+    assert relative_error(logits_of(model, IDX.cuda()).cpu(), cpu) < bound
     compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
     model.setup_caches(1, IDX.shape[1])
     idx, input_pos = IDX.cuda(), torch.arange(IDX.shape[1], device="cuda")
     for _ in range(3):  # warm-up, graph recording, replay
         with torch.no_grad():
-            assert rel_err(compiled(idx, input_pos).cpu(), cpu) < bound
+            assert relative_error(compiled(idx, input_pos).cpu(), cpu) < bound
