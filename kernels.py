@@ -737,6 +737,7 @@ def check_decode_attention(device="cuda", dtype=torch.bfloat16) -> list:
                                 rel_err=rel, ok=ok))
     return results
 
+
 # ---- quantized linear layers ---------------------------------------------------------------------
 #
 # What quantize.py writes and checkpoint.py loads (N output features, K input features; each weight
