@@ -9,9 +9,9 @@ measurements). The GEMV reads the one-byte weights as int32 words of four (wide 
 (BLOCK_N rows, BLOCK_WORDS words) tile per step, converts each byte in registers, multiplies by the
 matching x values and accumulates in float32, reducing over K once at the end. bf16 and fp16 x are
 read alike, as int64 words of four values in the weights' tile layout, so that no exchange through
-shared memory (with its barriers) comes between a load and its multiplies. Autotuning picks
-the tile per layer shape on the first call. The weights are int8 (Int8Linear) or fp8 e4m3
-(Fp8Linear), one scale per output row.
+shared memory (with its barriers) comes between a load and its multiplies. One tile serves every
+layer shape (GEMV_TILE). The weights are int8 (Int8Linear) or fp8 e4m3 (Fp8Linear), one scale per
+output row.
 
 With a few rows, the matmul keeps all of them in one tile, so each weight is still read once,
 converts the weights to bf16 in registers (int8 and fp8 exactly, int4 with its group's scale and
@@ -107,8 +107,10 @@ if triton is not None:
             c = first + c0 + tl.arange(0, BLOCK_WORDS)  # (BLOCK_WORDS,) word columns
             ok = row_ok[:, None] & (c < last)[None, :]
             # Masked-off words read as 0: weight 0 (int8) or +0.0 (fp8), never an undefined NaN
-            # pattern.
-            words = tl.load(w_ptr + row_start[:, None] + c[None, :], mask=ok, other=0)
+            # pattern. The weights stream through once a step (experts that a batch's tokens
+            # share aside): first out of the L2 cache, before x and what the next kernels read.
+            words = tl.load(w_ptr + row_start[:, None] + c[None, :], mask=ok, other=0,
+                            eviction_policy="evict_first")
             if X16 is not None:
                 # x's words as a tile shaped like the weights' (each column repeated down the
                 # rows; the cache serves the repeats): loaded as rows, x would reach the weights'
@@ -128,12 +130,6 @@ if triton is not None:
         out = (tl.program_id(1) * tl.num_programs(2) + pair) * N + rows
         tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
-    # The tiles that won a sweep of tile sizes, warps and stages on Llama-2-7B's layer shapes
-    # (BENCHMARKS.md); autotuning picks among them per shape on the first call.
-    GEMV_CONFIGS = [triton.Config(dict(BLOCK_N=n, BLOCK_WORDS=k), num_warps=w, num_stages=3)
-                    for n in (4, 8, 16) for k in (128, 256) for w in (4, 8)]
-    scaled_gemv_tuned = triton.autotune(
-        configs=GEMV_CONFIGS, key=["N", "K_WORDS", "WORDS_PER_SPLIT", "FP8"])(scaled_gemv_kernel)
     # A mixture's experts: one warp count per tile, as each new expert shape (two per model)
     # autotunes during the compile; 512 words too, as a bf16 word is half an int32 one. At most
     # 32 accumulators a thread.
@@ -346,14 +342,22 @@ if triton is not None:
         configs=MM_CONFIGS, key=["BLOCK_M", "N", "K", "K_PER_SPLIT", "GROUP", "INT4", "TMA"])(
         quantized_mm_kernel)
 
+# The GEMV's tile: of 15 (8 to 32 rows x 64 to 256 words x 4 or 8 warps), one of the two fastest
+# over Llama-2-7B's five layer shapes together on an H200 (BENCHMARKS.md). One tile, not autotuned
+# per shape: timing single calls of a kernel this short picked a tile 23 % slower than the best for
+# one layer in one process, and a tile that changes from process to process changes the order of
+# the sums, so the outputs' last bits.
+GEMV_TILE = dict(BLOCK_N=8, BLOCK_WORDS=256, num_warps=4, num_stages=1)
 # A layer with few output rows and a long K (Llama-2-7B's down projection: 4096 x 11008) gives too
 # few programs to keep every SM's loads in flight, so its K is split into parts of at most
 # SPLIT_COLUMNS, one program each per row block, and the caller adds the partial sums: at most
-# MAX_SPLIT terms, which torch.compile unrolls into the next kernel. Layers with K up to
-# SPLIT_COLUMNS (4096 x 4096) and those of more than SPLIT_MAX_ROWS rows are fastest whole
+# MAX_SPLIT terms, which torch.compile fuses into the next kernel. Layers with K up to
+# SPLIT_COLUMNS (4096 x 4096) and those of more than SPLIT_MAX_ROWS rows stay whole: split, they
+# are faster alone, but their parts slow the next kernel (a residual add and RMSNorm runs in one
+# block) or need one of their own, and no split of them was clearly faster end to end
 # (BENCHMARKS.md has the measurements).
 SPLIT_MAX_ROWS, SPLIT_COLUMNS, MAX_SPLIT = 8192, 8192, 8
-SPLIT_ALIGN_WORDS = 256  # splits start on whole tiles of every config (BLOCK_WORDS divides it)
+SPLIT_ALIGN_WORDS = 256  # the GEMV's splits start on whole tiles (GEMV_TILE's BLOCK_WORDS divides it)
 
 
 def gemv_input(x: Tensor, per_word: int) -> tuple:
@@ -383,11 +387,10 @@ def scaled_gemv_partials(x: Tensor, weight: Tensor, scales: Tensor, split_k: int
     scaled per row: (split_k, N) partial sums, in x's dtype when split_k is 1, else in float32."""
     N, K = weight.shape
     y = torch.empty(split_k, N, dtype=x.dtype if split_k == 1 else torch.float32, device=x.device)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split_k)  # noqa: E731
     x, x16 = gemv_input(x, 4)
-    scaled_gemv_tuned[grid](x, weight.view(torch.int32), scales, None, y, N, K // 4,
-                            words_per_split(K, split_k), 1, PER_WORD=4,
-                            FP8=weight.dtype == torch.float8_e4m3fn, X16=x16)
+    scaled_gemv_kernel[(triton.cdiv(N, GEMV_TILE["BLOCK_N"]), split_k)](
+        x, weight.view(torch.int32), scales, None, y, N, K // 4, words_per_split(K, split_k), 1,
+        PER_WORD=4, FP8=weight.dtype == torch.float8_e4m3fn, X16=x16, **GEMV_TILE)
     return y
 
 
