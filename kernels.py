@@ -1156,9 +1156,10 @@ def prepare_for_device(model: nn.Module):
     cpu_kernels_usable)."""
     dtype = model.tok_embeddings.weight.dtype  # the activations' dtype
     cpu_kernels = cpu_kernels_usable(dtype)
+    attention_kernel = (DECODE_ATTENTION and triton is not None
+                        and model.tok_embeddings.weight.is_cuda and dtype in MM_DTYPES)
     for module in model.modules():
-        if (isinstance(module, Attention) and DECODE_ATTENTION and triton is not None
-                and model.tok_embeddings.weight.is_cuda and dtype in MM_DTYPES):
+        if isinstance(module, Attention) and attention_kernel:
             module.decode_kernel = decode_attention
         if (isinstance(module, (Experts, OneByteExperts)) and module.weight.is_cuda
                 and triton is not None and module.in_features % 4 == 0):  # int32 words
