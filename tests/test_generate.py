@@ -83,18 +83,22 @@ def test_max_new_tokens_is_exact():
 
 
 def test_sampling_draws_from_the_filtered_distribution():
-    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]]))
+    # the likeliest tokens are not ids 0 and 1: a draw must come back as an id, not as a rank
+    logits = torch.log(torch.tensor([[0.15, 0.5, 0.1, 0.25]]))
     torch.manual_seed(0)
     n = 20000
     draws = lambda s: sample(logits.expand(n, -1), s).view(-1)  # n independent rows
     freq = torch.bincount(draws(Sampling(temperature=1.0, top_k=None)), minlength=4) / n
-    torch.testing.assert_close(freq, torch.tensor([0.5, 0.25, 0.15, 0.1]), atol=0.015, rtol=0)
+    torch.testing.assert_close(freq, torch.tensor([0.15, 0.5, 0.1, 0.25]), atol=0.015, rtol=0)
+    two = torch.tensor([0, 2 / 3, 0, 1 / 3])
     freq = torch.bincount(draws(Sampling(temperature=1.0, top_k=2)), minlength=4) / n
-    torch.testing.assert_close(freq, torch.tensor([2 / 3, 1 / 3, 0, 0]), atol=0.015, rtol=0)
+    torch.testing.assert_close(freq, two, atol=0.015, rtol=0)
+    # the distribution speculative decoding weighs drafts by is the one `sample` draws from
+    torch.testing.assert_close(probabilities(logits, Sampling(temperature=1.0, top_k=2)), two[None])
     # top_p 0.7: 0.5 alone is short of 0.7, 0.5 + 0.25 reaches it, so two tokens stay.
     freq = torch.bincount(draws(Sampling(temperature=1.0, top_k=None, top_p=0.7)), minlength=4) / n
-    torch.testing.assert_close(freq, torch.tensor([2 / 3, 1 / 3, 0, 0]), atol=0.015, rtol=0)
-    assert sample(logits, Sampling(temperature=0)).item() == 0
+    torch.testing.assert_close(freq, two, atol=0.015, rtol=0)
+    assert sample(logits, Sampling(temperature=0)).item() == 1
 
 
 @pytest.mark.parametrize("top_k", [None, 200])
