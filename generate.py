@@ -430,7 +430,7 @@ def main(argv=None):
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     compiled = args.compile or args.compile_prefill
-    prefill_fn, decode_fn = compile_functions(args) if compiled else (prefill, decode_one_token)
+    prefill_fn, decode_fn = compile_functions(args, config) if compiled else (prefill, decode_one_token)
     eos_ids = tokenizer.eos_ids if tokenizer is not None else []
     if not speculative:
         generate_fn = partial(generate, model, sampling=sampling, eos_ids=eos_ids,
@@ -663,14 +663,17 @@ def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: i
             print(describe(metrics(gen, model_bytes, device)), file=sys.stderr)
 
 
-def compile_functions(args, prefill_step: Callable = prefill,
+def compile_functions(args, config: ModelArgs, prefill_step: Callable = prefill,
                       decode_step: Callable = decode_one_token,
                       decode_dynamic: Optional[bool] = None):
     """The compiled prefill and decode step (server.py passes its own, and decode_dynamic=False: a
-    static graph for each row count), kept as values rather than installed over module globals."""
+    static graph for each row count) for a model of this config, kept as values rather than
+    installed over module globals."""
     import torch._inductor.config as inductor_config
-    # tunes the decode's reductions; costs compile time once
-    inductor_config.coordinate_descent_tuning = True
+    # Coordinate-descent tuning (inductor re-times its kernels' tiles around its first choice) for
+    # mixtures of experts only: on an H200 it made Mixtral-8x7B int8 decode 4 % faster, and dense
+    # Llama-2-7B bf16 13 % slower and int8 no faster, its compile slower (BENCHMARKS.md).
+    inductor_config.coordinate_descent_tuning = config.n_experts > 0
     # The model's float constants (the norms' eps) as constants from the start: traced as symbols,
     # as a dynamic compile does by default, they fail a later pass, which traces the prefill again.
     torch._dynamo.config.specialize_float = True

@@ -20,7 +20,7 @@ STORIES_BF16_BYTES = 30_383_424  # stories15M in bf16, its untied embedding tabl
 def cpu_bench(monkeypatch, copy_gb_s: float = 50.0):
     bench = load_script("bench")
     monkeypatch.setattr(bench, "DEVICE", "cpu")
-    monkeypatch.setattr(generate, "compile_functions", lambda _: (generate.prefill, generate.decode_one_token))
+    monkeypatch.setattr(generate, "compile_functions", lambda *_: (generate.prefill, generate.decode_one_token))
     monkeypatch.setattr(bench, "copy_bandwidth_gb_s", lambda: copy_gb_s)
     return bench
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from generate import Sampling, generate, probabilities, sample
-from model import ModelArgs, Transformer
+from model import CONFIGS, ModelArgs, Transformer
 
 TINY = dict(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=97, intermediate_size=96, block_size=128)
 # the feed-forward: dense, or a mixture of 8 experts of which 2 per token (with Qwen3's q/k norm)
@@ -142,6 +142,17 @@ def test_a_prompt_chunk_riding_a_decode_step_leaves_each_row_its_alone_logits():
 
 
 @torch.no_grad()
+def test_only_a_mixture_of_experts_compiles_with_coordinate_descent_tuning():
+    import types
+    import torch._inductor.config as inductor_config
+    from generate import compile_functions
+    flags = types.SimpleNamespace(compile=False, compile_prefill=False)
+    for config, tuned in ((ModelArgs(**CONFIGS["Llama-2-7B"]), False),
+                          (ModelArgs(**CONFIGS["Mixtral-8x7B"]), True)):
+        compile_functions(flags, config)
+        assert inductor_config.coordinate_descent_tuning is tuned
+
+
 def test_compiled_prefill_fills_the_cache_as_eager_for_every_prompt_length():
     """--compile_prefill: one dynamic compile serves prompts of several lengths, writing the cache and
     choosing the first token as the eager prefill does."""
@@ -151,7 +162,8 @@ def test_compiled_prefill_fills_the_cache_as_eager_for_every_prompt_length():
     model = tiny_model()
     torch._dynamo.reset()
     graphs = counters["stats"]["unique_graphs"]  # counted over the whole process
-    compiled, _ = compile_functions(types.SimpleNamespace(compile=False, compile_prefill=True))
+    compiled, _ = compile_functions(types.SimpleNamespace(compile=False, compile_prefill=True),
+                                    model.args)
     for T in (3, 11):
         idx = torch.randint(0, TINY["vocab_size"], (2, T))
         last = torch.tensor([T - 1, T - 2])  # each row's last real token
