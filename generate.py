@@ -48,8 +48,8 @@ def sample(logits: Tensor, s: Sampling) -> Tensor:
     if s.temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     if s.top_k is not None and s.top_p is None:
-        # Only the top k can be drawn: race among them, not the whole vocabulary (a third of the
-        # sampling time for Llama-2's 32k tokens, 60 % for a 152k vocabulary; BENCHMARKS.md).
+        # Only the top k can be drawn: race among them, not the whole vocabulary (which took half as
+        # long again for Llama-2's 32k tokens, 2.6 times as long for a 152k vocabulary; BENCHMARKS.md).
         probs, ids = top_k_probabilities(logits, s)  # (B, k) each
         return ids.gather(-1, sample_from(probs))
     return sample_from(probabilities(logits, s))
@@ -671,8 +671,9 @@ def compile_functions(args, config: ModelArgs, prefill_step: Callable = prefill,
     installed over module globals."""
     import torch._inductor.config as inductor_config
     # Coordinate-descent tuning (inductor re-times its kernels' tiles around its first choice) for
-    # mixtures of experts only: on an H200 it made Mixtral-8x7B int8 decode 4 % faster, and dense
-    # Llama-2-7B bf16 13 % slower and int8 no faster, its compile slower (BENCHMARKS.md).
+    # mixtures of experts only: on an H200, Mixtral-8x7B int8 decoded 4 % faster with it, dense
+    # Llama-2-7B bf16 4-13 % slower and int8 no faster (BENCHMARKS.md). The setting is the
+    # process's: what compiles later (a draft's step, the verify) takes it too.
     inductor_config.coordinate_descent_tuning = config.n_experts > 0
     # The model's float constants (the norms' eps) as constants from the start: traced as symbols,
     # as a dynamic compile does by default, they fail a later pass, which traces the prefill again.

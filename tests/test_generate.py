@@ -141,11 +141,12 @@ def test_a_prompt_chunk_riding_a_decode_step_leaves_each_row_its_alone_logits():
     torch.testing.assert_close(step[1, 0], alone[1][4], atol=1e-5, rtol=1e-5)
 
 
-@torch.no_grad()
-def test_only_a_mixture_of_experts_compiles_with_coordinate_descent_tuning():
+def test_only_a_mixture_of_experts_compiles_with_coordinate_descent_tuning(monkeypatch):
     import types
     import torch._inductor.config as inductor_config
     from generate import compile_functions
+    # restored after the test: the setting is the process's
+    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", None)
     flags = types.SimpleNamespace(compile=False, compile_prefill=False)
     for config, tuned in ((ModelArgs(**CONFIGS["Llama-2-7B"]), False),
                           (ModelArgs(**CONFIGS["Mixtral-8x7B"]), True)):
@@ -153,6 +154,7 @@ def test_only_a_mixture_of_experts_compiles_with_coordinate_descent_tuning():
         assert inductor_config.coordinate_descent_tuning is tuned
 
 
+@torch.no_grad()
 def test_compiled_prefill_fills_the_cache_as_eager_for_every_prompt_length():
     """--compile_prefill: one dynamic compile serves prompts of several lengths, writing the cache and
     choosing the first token as the eager prefill does."""
