@@ -48,8 +48,8 @@ def sample(logits: Tensor, s: Sampling) -> Tensor:
     if s.temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     if s.top_k is not None and s.top_p is None:
-        # Only the top k can be drawn: race among them, not the whole vocabulary (which took half as
-        # long again for Llama-2's 32k tokens, 2.6 times as long for a 152k vocabulary; BENCHMARKS.md).
+        # Only the top k can be drawn: race among them alone. Over the whole vocabulary, sampling
+        # took 1.5x as long for Llama-2's 32k tokens, 2.6x for a 152k vocabulary (BENCHMARKS.md).
         probs, ids = top_k_probabilities(logits, s)  # (B, k) each
         return ids.gather(-1, sample_from(probs))
     return sample_from(probabilities(logits, s))
