@@ -47,9 +47,10 @@ def sample(logits: Tensor, s: Sampling) -> Tensor:
     """logits (B, vocab) -> next token ids (B, 1)."""
     if s.temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    if s.top_k is not None and s.top_p is None:
-        # Only the top k can be drawn: race among them alone. Over the whole vocabulary, sampling
-        # took 1.5x as long for Llama-2's 32k tokens, 2.6x for a 152k vocabulary (BENCHMARKS.md).
+    if s.top_k is not None and s == Sampling(s.temperature, s.top_k):
+        # Top-k and no other filter (any field left at its default): only the top k can be drawn,
+        # so race among them alone. Over the whole vocabulary, sampling took 1.5x as long for
+        # Llama-2's 32k tokens, 2.6x for a 152k vocabulary (BENCHMARKS.md).
         probs, ids = top_k_probabilities(logits, s)  # (B, k) each
         return ids.gather(-1, sample_from(probs))
     return sample_from(probabilities(logits, s))

@@ -98,6 +98,9 @@ def test_sampling_draws_from_the_filtered_distribution():
     # top_p 0.7: 0.5 alone is short of 0.7, 0.5 + 0.25 reaches it, so two tokens stay.
     freq = torch.bincount(draws(Sampling(temperature=1.0, top_k=None, top_p=0.7)), minlength=4) / n
     torch.testing.assert_close(freq, two, atol=0.015, rtol=0)
+    # both filters: the top 3 (0.5, 0.25, 0.15 renormalised), of which top_p 0.7 keeps two
+    freq = torch.bincount(draws(Sampling(temperature=1.0, top_k=3, top_p=0.7)), minlength=4) / n
+    torch.testing.assert_close(freq, two, atol=0.015, rtol=0)
     assert sample(logits, Sampling(temperature=0)).item() == 1
 
 
