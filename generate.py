@@ -48,7 +48,7 @@ def sample(logits: Tensor, s: Sampling) -> Tensor:
     if s.temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     if s.top_k is not None and s == Sampling(s.temperature, s.top_k):
-        # Top-k and no other filter (any field left at its default): only the top k can be drawn,
+        # Top-k and no other filter (every other field at its default): only the top k can be drawn,
         # so race among them alone. Over the whole vocabulary, sampling took 1.5x as long for
         # Llama-2's 32k tokens, 2.6x for a 152k vocabulary (BENCHMARKS.md).
         probs, ids = top_k_probabilities(logits, s)  # (B, k) each
