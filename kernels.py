@@ -60,11 +60,12 @@ except ImportError:
 if triton is not None:
     @triton.jit
     def small_int_to_float(i, offset: tl.constexpr = 0):
-        """int32 values i in [-2**22, 2**22) as float32 i - offset, exactly, without a conversion
-        instruction: the bits of 1.5 * 2**23 plus i are the float 1.5 * 2**23 + i (a float of that
-        size counts in units of 1), so an integer add and a float subtract give the value. A
-        Hopper SM converts integers at a quarter of the rate it adds floats, and the small matmul
-        converts every weight it reads (int8 5-6 % and int4 11-18 % less time: BENCHMARKS.md)."""
+        """int32 values i in [-2**22, 2**22) as float32 i - offset, exactly, by an integer add and a
+        float subtract: the bits of 1.5 * 2**23 plus i are the float 1.5 * 2**23 + i (a float of
+        that size counts in units of 1). The small matmul converts every weight it reads for the
+        tensor cores, and `.to(tl.float32)` compiled there to I2F for int4 (which a Hopper SM runs
+        at a quarter of the rate of float adds) and to byte permutes and half-precision adds for
+        int8: this form takes int4 11-18 % and int8 5-6 % less time a pass (BENCHMARKS.md)."""
         return (i + 0x4B400000).to(tl.float32, bitcast=True) - (12582912.0 + offset)
 
     @triton.jit
@@ -76,8 +77,9 @@ if triton is not None:
         elif FP8:
             value = (((words >> (8 * j)) & 0xFF).to(tl.uint8)
                      .to(tl.float8e4nv, bitcast=True).to(tl.float32))
-        else:  # byte j to the top, then an arithmetic shift down
-            value = small_int_to_float((words << (24 - 8 * j)) >> 24)
+        else:  # byte j to the top, then an arithmetic shift down: one conversion instruction
+            # (small_int_to_float's two were no faster here: the GEMV waits on memory)
+            value = ((words << (24 - 8 * j)) >> 24).to(tl.float32)
         return value
 
     @triton.jit
