@@ -14,9 +14,10 @@ layer shape (GEMV_TILE). The weights are int8 (Int8Linear) or fp8 e4m3 (Fp8Linea
 output row.
 
 With a few rows, the matmul keeps all of them in one tile, so each weight is still read once,
-converts the weights to bf16 in registers (int8 and fp8 exactly, int4 with its group's scale and
-zero) and multiplies on the tensor cores (`tl.dot`); on Hopper and later GPUs the weight tiles
-arrive by asynchronous copies (TMA), a few tiles ahead. It replaces what torch.compile makes of the
+converts the weights to bf16 in registers (int8 and fp8 exactly; int4, laid out at load as words
+of eight nibbles, by bit operations, its groups' scales and zeros applied to the sums) and
+multiplies on the tensor cores (`tl.dot`); on Hopper and later GPUs the weight tiles arrive by
+asynchronous copies (TMA), a few tiles ahead. It replaces what torch.compile makes of the
 PyTorch path for a decode batch, aten._weight_int8pack_mm, whose CUDA kernel is far slower at a
 few rows. Longer inputs are compute-bound: one pass writes the layer's weights in bf16, and
 cuBLAS multiplies.
@@ -59,14 +60,13 @@ except ImportError:
 
 if triton is not None:
     @triton.jit
-    def small_int_to_float(i, offset: tl.constexpr = 0):
-        """int32 values i in [-2**22, 2**22) as float32 i - offset, exactly, by an integer add and a
-        float subtract: the bits of 1.5 * 2**23 plus i are the float 1.5 * 2**23 + i (a float of
-        that size counts in units of 1). The small matmul converts every weight it reads for the
-        tensor cores, and `.to(tl.float32)` compiled there to I2F for int4 (which a Hopper SM runs
-        at a quarter of the rate of float adds) and to byte permutes and half-precision adds for
-        int8: this form takes int4 11-18 % and int8 5-6 % less time a pass (BENCHMARKS.md)."""
-        return (i + 0x4B400000).to(tl.float32, bitcast=True) - (12582912.0 + offset)
+    def small_int_to_float(i):
+        """int32 values i in [-2**22, 2**22) as float32, exactly, by an integer add and a float
+        subtract: the bits of 1.5 * 2**23 plus i are the float 1.5 * 2**23 + i (a float of that
+        size counts in units of 1). The small matmul converts every int8 weight it reads for the
+        tensor cores, and `.to(tl.float32)` compiled there to byte permutes and half-precision
+        adds: this form takes 5-6 % less time a pass (BENCHMARKS.md)."""
+        return (i + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
 
     @triton.jit
     def word_to_float(words, j: tl.constexpr, PER_WORD: tl.constexpr, FP8: tl.constexpr):
@@ -152,66 +152,43 @@ if triton is not None:
         key=["N", "K_WORDS", "WORDS_PER_SPLIT", "PER_WORD", "FP8"])(scaled_gemv_kernel)
 
     @triton.jit
-    def weight_tile(w_ptr, s_ptr, z_ptr, n0, k0, N, K, GROUP: tl.constexpr, INT4: tl.constexpr,
-                    SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    dtype: tl.constexpr, TMA: tl.constexpr = False):
-        """Columns [k0, k0 + BLOCK_K) of weight rows [n0, n0 + BLOCK_N), (BLOCK_N, BLOCK_K) in
-        dtype; w_ptr points at the weights, or (TMA) is a tensor descriptor of them whose block is
-        that tile (weight_block). One-byte weights (int8 or fp8, (N, K)) convert exactly, times
-        their row's scale first where SCALED (in float32). int4 weights are nibble pairs (N, K / 2)
-        (column 2i high, 2i + 1 low) dequantized as (q - 8) * scale + zero in float32 with their
-        group's scale and zero (N, K / GROUP); k0 is a multiple of BLOCK_K, and BLOCK_K and GROUP
-        are powers of two. Rows past N and columns past K come back as zeros."""
+    def weight_tile(w_ptr, s_ptr, n0, k0, N, K, SCALED: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, dtype: tl.constexpr, TMA: tl.constexpr = False):
+        """Columns [k0, k0 + BLOCK_K) of one-byte weight rows [n0, n0 + BLOCK_N) (int8 or fp8,
+        (N, K)), (BLOCK_N, BLOCK_K) in dtype, converted exactly, times their row's scale first
+        where SCALED (in float32); w_ptr points at the weights, or (TMA) is a tensor descriptor of
+        them whose block is that tile (weight_block). Rows past N and columns past K come back as
+        zeros."""
         cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         col_ok = cols < N
-        if INT4:
-            if TMA:  # w_ptr a tensor descriptor: out-of-bounds bytes read as zeros
-                packed = w_ptr.load([n0, k0 // 2])
-            else:
-                half = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # (BLOCK_K / 2,) nibble-pair bytes
-                ok = col_ok[:, None] & (half[None, :] < K // 2)
-                packed = tl.load(w_ptr + cols.to(tl.int64)[:, None] * (K // 2) + half[None, :],
-                                 mask=ok, other=0)  # (BLOCK_N, BLOCK_K / 2) uint8
-            # (BLOCK_N, BLOCK_K / 2, 2) -> (BLOCK_N, BLOCK_K): column 2i, then 2i + 1
-            q = tl.join(packed >> 4, packed & 0xF).reshape(packed.shape[0], BLOCK_K)
-            # the tile's groups: (BLOCK_N, n) scales and zeros, n = 1 when a group spans the tile
-            n: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
-            g = k0 // GROUP + tl.arange(0, n)  # (n,)
-            group = cols[:, None] * (K // GROUP) + g[None, :]  # (BLOCK_N, n)
-            g_ok = col_ok[:, None] & (g[None, :] < K // GROUP)
-            scale = tl.load(s_ptr + group, mask=g_ok, other=0.0).to(tl.float32)
-            zero = tl.load(z_ptr + group, mask=g_ok, other=0.0).to(tl.float32)
-            w = (small_int_to_float(q.to(tl.int32), 8).reshape(packed.shape[0], n, BLOCK_K // n)
-                 * scale[:, :, None] + zero[:, :, None]).reshape(packed.shape[0], BLOCK_K)
+        if TMA:  # out-of-bounds bytes read as zeros: 0 in int8, +0.0 in fp8
+            w = w_ptr.load([n0, k0])
         else:
-            if TMA:  # out-of-bounds bytes read as zeros: 0 in int8, +0.0 in fp8
-                w = w_ptr.load([n0, k0])
-            else:
-                k = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
-                ok = col_ok[:, None] & (k[None, :] < K)
-                # No `other=` (Triton can't cast one to fp8); masked lanes are undefined, and
-                # NaN * 0 is NaN: zero them (below).
-                w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * K + k[None, :], mask=ok)
-            if w.dtype == tl.int8:
-                w = small_int_to_float(w.to(tl.int32))
-            else:
-                w = w.to(tl.float32)
-            if not TMA:
-                w = tl.where(ok, w, 0.0)
-            if SCALED:
-                w *= tl.load(s_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+            k = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+            ok = col_ok[:, None] & (k[None, :] < K)
+            # No `other=` (Triton can't cast one to fp8); masked lanes are undefined, and
+            # NaN * 0 is NaN: zero them (below).
+            w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * K + k[None, :], mask=ok)
+        if w.dtype == tl.int8:
+            w = small_int_to_float(w.to(tl.int32))
+        else:
+            w = w.to(tl.float32)
+        if not TMA:
+            w = tl.where(ok, w, 0.0)
+        if SCALED:
+            w *= tl.load(s_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
         return w.to(dtype)
 
     @triton.jit
-    def quantized_mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_PER_SPLIT,
-                            GROUP: tl.constexpr, INT4: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    def quantized_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, K_PER_SPLIT,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             TMA: tl.constexpr = False):
-        """y[s, m, n] = sum over split s's columns k of x[m, k] * w[n, k], for all M rows
-        (BLOCK_M >= M, so each weight is read once) and BLOCK_N outputs n (program_id 0); split s
-        (program_id 1) takes columns [s K_PER_SPLIT, (s + 1) K_PER_SPLIT). x (M, K) bf16 or fp16;
-        w as weight_tile reads it, converted to x's dtype in registers for the tensor cores
-        (`tl.dot`); one-byte weights' row scales multiply the sums. y float32 partial sums."""
+        """y[s, m, n] = sum over split s's columns k of x[m, k] * w[n, k] * scales[n], for all M
+        rows (BLOCK_M >= M, so each weight is read once) and BLOCK_N outputs n (program_id 0);
+        split s (program_id 1) takes columns [s K_PER_SPLIT, (s + 1) K_PER_SPLIT). x (M, K) bf16
+        or fp16; w one-byte weights as weight_tile reads them, converted to x's dtype in registers
+        for the tensor cores (`tl.dot`); the row scales multiply the sums. y float32 partial
+        sums."""
         rows = tl.arange(0, BLOCK_M)  # (BLOCK_M,)
         n0 = tl.program_id(0) * BLOCK_N
         cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
@@ -221,30 +198,159 @@ if triton is not None:
             k = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
             x = tl.load(x_ptr + rows[:, None] * K + k[None, :],
                         mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
-            w = weight_tile(w_ptr, s_ptr, z_ptr, n0, k0, N, K, GROUP, INT4, False, BLOCK_N,
-                            BLOCK_K, x.dtype, TMA)  # (BLOCK_N, BLOCK_K)
+            w = weight_tile(w_ptr, s_ptr, n0, k0, N, K, False, BLOCK_N, BLOCK_K, x.dtype,
+                            TMA)  # (BLOCK_N, BLOCK_K)
             # The converted weights are the left operand, which the tensor cores can take from
             # the registers the conversion left them in; the few rows of x go through shared
             # memory (8 rows of int8 on an H200: 41 % of copy, against 36 % the other way round).
             # (BLOCK_N, BLOCK_M) += (BLOCK_N, BLOCK_K) @ (BLOCK_K, BLOCK_M)
             acc = tl.dot(w, tl.trans(x), acc)
-        if not INT4:
-            acc *= tl.load(s_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[:, None]
+        acc *= tl.load(s_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[:, None]
         out = (tl.program_id(1) * M + rows[None, :]) * N + cols[:, None]  # (BLOCK_N, BLOCK_M)
         tl.store(y_ptr + out, acc, mask=(rows[None, :] < M) & (cols[:, None] < N))
 
+    # nibbles_as_bf16's PTX for two words ($8, $9): their low halves side by side in t0, their high
+    # halves in t1; nibble j of both (j of t0, j - 4 of t1) shifted to bits 0-3 and 16-19, masked
+    # and ORed with the bf16 bits of 128 by one lop3 into $j.
+    NIBBLES_PTX = tl.constexpr("""{
+        .reg .b32 t0, t1, u;
+        prmt.b32 t0, $8, $9, 0x5410;
+        prmt.b32 t1, $8, $9, 0x7632;
+        lop3.b32 $0, t0, 0x000F000F, 0x43004300, 0xEA;
+        shr.b32 u, t0, 4;  lop3.b32 $1, u, 0x000F000F, 0x43004300, 0xEA;
+        shr.b32 u, t0, 8;  lop3.b32 $2, u, 0x000F000F, 0x43004300, 0xEA;
+        shr.b32 u, t0, 12; lop3.b32 $3, u, 0x000F000F, 0x43004300, 0xEA;
+        lop3.b32 $4, t1, 0x000F000F, 0x43004300, 0xEA;
+        shr.b32 u, t1, 4;  lop3.b32 $5, u, 0x000F000F, 0x43004300, 0xEA;
+        shr.b32 u, t1, 8;  lop3.b32 $6, u, 0x000F000F, 0x43004300, 0xEA;
+        shr.b32 u, t1, 12; lop3.b32 $7, u, 0x000F000F, 0x43004300, 0xEA;
+        }""")
+
     @triton.jit
-    def dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, GROUP: tl.constexpr,
-                          INT4: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """out (N, K) = the weights as weight_tile gives them, scaled, in out's dtype."""
+    def nibble_as_bf16(words, j: tl.constexpr):
+        return ((words >> (4 * j)) & 0xF | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+    @triton.jit
+    def nibbles_as_bf16(words, PTX: tl.constexpr):
+        """Nibble j (bits 4j to 4j + 3) of each int32 word as the bf16 128 + q, exactly: 0x4300 | q
+        is that bf16's bit pattern. A tuple of 8 tensors shaped like words. With PTX (NIBBLES_PTX),
+        two words at a time, both words' bf16s in one register, the pair the tensor cores take:
+        about one instruction a weight, where a conversion through float32 takes four or more.
+        Else the same bits by Triton's arithmetic (its CPU interpreter runs no PTX)."""
+        if PTX:
+            return tl.inline_asm_elementwise(
+                asm=NIBBLES_PTX, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r", args=[words],
+                dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
+        else:
+            return (nibble_as_bf16(words, 0), nibble_as_bf16(words, 1), nibble_as_bf16(words, 2),
+                    nibble_as_bf16(words, 3), nibble_as_bf16(words, 4), nibble_as_bf16(words, 5),
+                    nibble_as_bf16(words, 6), nibble_as_bf16(words, 7))
+
+    @triton.jit
+    def side_by_side(w, first: tl.constexpr, n: tl.constexpr):
+        """Tiles w[first] to w[first + n - 1] (each (BLOCK_N, 16)) as one (BLOCK_N, 16 n), tile i
+        in columns 16 i to 16 i + 15; n is 2, 4 or 8. A thread holds the same values before and
+        after (tl.join and the permute only rename registers)."""
+        if n == 2:
+            t = tl.permute(tl.join(w[first], w[first + 1]), (0, 2, 1))
+        elif n == 4:
+            t = tl.permute(tl.join(tl.join(w[first], w[first + 1]),
+                                   tl.join(w[first + 2], w[first + 3])), (0, 3, 2, 1))
+        else:
+            t = tl.permute(tl.join(tl.join(tl.join(w[first], w[first + 1]),
+                                           tl.join(w[first + 2], w[first + 3])),
+                                   tl.join(tl.join(w[first + 4], w[first + 5]),
+                                           tl.join(w[first + 6], w[first + 7]))),
+                           (0, 4, 3, 2, 1))
+        return t.reshape(w[first].shape[0], 16 * n)
+
+    @triton.jit
+    def int4_mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_PER_SPLIT,
+                       GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       TMA: tl.constexpr, PTX: tl.constexpr):
+        """y[s, m, n] = sum over split s's columns k of x[m, k] * w[n, k], as quantized_mm_kernel,
+        for int4 weights as int4_words lays them out ((N, K_128 / 8) words, K_128 = K padded to
+        whole 128-column chunks; w_ptr a tensor descriptor of them with blocks (BLOCK_N, 16) where
+        TMA) with group scales and zeros (N, K / GROUP): w = (q - 8) scale + zero. K_PER_SPLIT is
+        a multiple of 128. A chunk's words hold its 128 columns in 8 tiles of 16 (nibble j of word
+        c: column 16 j + c), so the tiles of a group (up to 128 columns) side by side are its
+        columns in order, the left operand of one dot. That dot multiplies the bits as they come,
+        128 + q; one dot of ones gives sum x, and scale (sum (128 + q) x - 136 sum x)
+        + zero sum x is the group's sum of w x, in float32 (no weight rounded to bf16)."""
+        SUB: tl.constexpr = GROUP if GROUP < 128 else 128  # columns of a group within a chunk
+        rows = tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+        n0 = tl.program_id(0) * BLOCK_N
+        cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
+        col_ok = cols < N
+        k_words = tl.cdiv(K, 128) * 16
+        first = tl.program_id(1) * K_PER_SPLIT
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # transposed: y^T = w x^T
+        ones = tl.full((BLOCK_N, SUB), 1.0, x_ptr.dtype.element_ty)
+        for k0 in range(first, tl.minimum(first + K_PER_SPLIT, K), 128):
+            if TMA:  # out-of-bounds words read as zeros
+                words = w_ptr.load([n0, k0 // 8])
+            else:
+                c = k0 // 8 + tl.arange(0, 16)  # (16,) word columns
+                words = tl.load(w_ptr + cols.to(tl.int64)[:, None] * k_words + c[None, :],
+                                mask=col_ok[:, None] & (c[None, :] < k_words), other=0)
+            w = nibbles_as_bf16(words, PTX)  # 8 x (BLOCK_N, 16): chunk columns 16 j + c
+            for i in tl.static_range(128 // SUB):  # the chunk's groups
+                a = side_by_side(w, i * SUB // 16, SUB // 16)  # (BLOCK_N, SUB) bits 128 + q
+                k = k0 + i * SUB + tl.arange(0, SUB)  # (SUB,)
+                # (BLOCK_M, SUB); columns past K read 0, so their weights' bits count nothing
+                x = tl.load(x_ptr + rows[:, None] * K + k[None, :],
+                            mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
+                wx = tl.dot(a.to(x.dtype), tl.trans(x))  # (BLOCK_N, BLOCK_M) sum (128 + q) x
+                x_sum = tl.dot(ones, tl.trans(x))  # (BLOCK_N, BLOCK_M), each row sum x
+                g = (k0 + i * SUB) // GROUP
+                g_ok = col_ok & (g < K // GROUP)
+                group = cols * (K // GROUP) + g  # (BLOCK_N,)
+                scale = tl.load(s_ptr + group, mask=g_ok, other=0.0).to(tl.float32)
+                zero = tl.load(z_ptr + group, mask=g_ok, other=0.0).to(tl.float32)
+                acc += scale[:, None] * wx
+                acc += (zero - 136.0 * scale)[:, None] * x_sum
+        out = (tl.program_id(1) * M + rows[None, :]) * N + cols[:, None]  # (BLOCK_N, BLOCK_M)
+        tl.store(y_ptr + out, acc, mask=(rows[None, :] < M) & col_ok[:, None])
+
+    @triton.jit
+    def dequantize_kernel(w_ptr, s_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+        """out (N, K) = one-byte weights as weight_tile gives them, scaled, in out's dtype."""
         n0, k0 = tl.program_id(0) * BLOCK_N, tl.program_id(1) * BLOCK_K
         cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) weight rows
-        w = weight_tile(w_ptr, s_ptr, z_ptr, n0, k0, N, K, GROUP, INT4, True, BLOCK_N, BLOCK_K,
+        w = weight_tile(w_ptr, s_ptr, n0, k0, N, K, True, BLOCK_N, BLOCK_K,
                         out_ptr.dtype.element_ty)
         k = k0 + tl.arange(0, BLOCK_K)
         tl.store(out_ptr + cols.to(tl.int64)[:, None] * K + k[None, :], w,
                  mask=(cols[:, None] < N) & (k[None, :] < K))
+
+    @triton.jit
+    def int4_dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, GROUP: tl.constexpr,
+                               BLOCK_N: tl.constexpr, PTX: tl.constexpr):
+        """out (N, K) = int4 weights as int4_words lays them out, (q - 8) scale + zero in float32
+        (as int4_weights computes them), in out's dtype: rows [n0, n0 + BLOCK_N) (program_id 0)
+        of a 128-column chunk (program_id 1)."""
+        n0, k0 = tl.program_id(0) * BLOCK_N, tl.program_id(1) * 128
+        cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) weight rows
+        col_ok = cols < N
+        k_words = tl.cdiv(K, 128) * 16
+        c = k0 // 8 + tl.arange(0, 16)  # (16,) word columns
+        words = tl.load(w_ptr + cols.to(tl.int64)[:, None] * k_words + c[None, :],
+                        mask=col_ok[:, None], other=0)  # (BLOCK_N, 16)
+        # (BLOCK_N, 128) bits 128 + q, the chunk's columns in order; q - 8 exactly in float32
+        q = side_by_side(nibbles_as_bf16(words, PTX), 0, 8).to(tl.float32) - 136.0
+        # the chunk's groups: (BLOCK_N, n) scales and zeros, n = 1 when a group spans the chunk
+        n: tl.constexpr = 128 // GROUP if GROUP < 128 else 1
+        g = k0 // GROUP + tl.arange(0, n)  # (n,)
+        group = cols[:, None] * (K // GROUP) + g[None, :]  # (BLOCK_N, n)
+        g_ok = col_ok[:, None] & (g[None, :] < K // GROUP)
+        scale = tl.load(s_ptr + group, mask=g_ok, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + group, mask=g_ok, other=0.0).to(tl.float32)
+        w = (q.reshape(BLOCK_N, n, 128 // n) * scale[:, :, None]
+             + zero[:, :, None]).reshape(BLOCK_N, 128)
+        k = k0 + tl.arange(0, 128)
+        tl.store(out_ptr + cols.to(tl.int64)[:, None] * K + k[None, :],
+                 w.to(out_ptr.dtype.element_ty), mask=col_ok[:, None] & (k[None, :] < K))
 
     @triton.jit
     def rotated(ptr, d, mask, cos, sin):
@@ -342,10 +448,9 @@ if triton is not None:
         tl.store(y_ptr + head * D + d, y.to(y_ptr.dtype.element_ty), mask=d < D)
 
     def weight_block(nargs):
-        """Before each launch: a tensor descriptor's block is the config's tile of weights (bytes
-        of nibble pairs for int4)."""
+        """Before each launch: a tensor descriptor's block is the config's tile of weights."""
         if nargs.get("TMA"):
-            nargs["w_ptr"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"] // (1 + nargs["INT4"])]
+            nargs["w_ptr"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
     # BLOCK_N is the tensor cores' M dimension (the weights are the left operand): up to 128, two
     # of Hopper's 64-row warpgroup tiles.
@@ -355,7 +460,7 @@ if triton is not None:
     # Tuned once per tile height, not per row count: a prompt of each new length would otherwise
     # autotune again.
     quantized_mm_tuned = triton.autotune(
-        configs=MM_CONFIGS, key=["BLOCK_M", "N", "K", "K_PER_SPLIT", "GROUP", "INT4", "TMA"])(
+        configs=MM_CONFIGS, key=["BLOCK_M", "N", "K", "K_PER_SPLIT", "TMA"])(
         quantized_mm_kernel)
 
 # The GEMV's tile: of 15 (8 to 32 rows x 64 to 256 words x 4 or 8 warps), one of the two fastest
@@ -434,6 +539,10 @@ def scaled_gemv(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
 MAX_MM_ROWS = 64
 MM_DTYPES = (torch.bfloat16, torch.float16)  # the activations the small matmul's tl.dot takes
 MM_SPLIT_COLUMNS, MM_SPLIT_ALIGN = 1024, 256
+# int4's small matmul: one tile, the fastest of 36 configs (64 rows with 4 warps, 128 with 4 or 8;
+# 2, 3, 4 or 6 stages; 1, 2 or 4 times mm_split's parts) on each of Llama-2-7B's layer shapes at 1,
+# 8 and 32 rows on an H200 (BENCHMARKS.md).
+INT4_MM_TILE = dict(BLOCK_N=64, num_warps=4, num_stages=3)
 
 
 def mm_block_rows(n_rows: int) -> int:
@@ -466,18 +575,24 @@ def tma_loads(weight: Tensor) -> bool:
 def quantized_mm_partials(x: Tensor, weight: Tensor, scales: Tensor, zeros: Optional[Tensor],
                           groupsize: int, split_k: int, columns_per_split: int) -> Tensor:
     """x (M, K), M <= MAX_MM_ROWS, bf16 or fp16, times weight (N, K) int8 or float8_e4m3fn with
-    scales (N,), or (zeros given) int4 nibble pairs (N, K / 2) with group scales and zeros
-    (N, K / groupsize): (split_k, M, N) float32 partial sums."""
+    scales (N,), or (zeros given) int4 words as int4_words lays them out with group scales and
+    zeros (N, K / groupsize): (split_k, M, N) float32 partial sums."""
     M, K, N = *x.shape, weight.shape[0]
     assert M <= MAX_MM_ROWS and weight.is_contiguous() and scales.is_contiguous(), (
         "quantized_mm: at most MAX_MM_ROWS rows, row-major weights and scales")
     y = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split_k)  # noqa: E731
     tma = tma_loads(weight)
+    if zeros is not None:
+        w = TensorDescriptor.from_tensor(weight, [INT4_MM_TILE["BLOCK_N"], 16]) if tma else weight
+        int4_mm_kernel[(triton.cdiv(N, INT4_MM_TILE["BLOCK_N"]), split_k)](
+            x.contiguous(), w, scales, zeros, y, M, N, K, columns_per_split, groupsize,
+            BLOCK_M=mm_block_rows(M), TMA=tma, PTX=torch.version.hip is None, **INT4_MM_TILE)
+        return y
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split_k)  # noqa: E731
     # A descriptor's block shape is set per config (weight_block).
     w = TensorDescriptor.from_tensor(weight, [16, 16]) if tma else weight
-    quantized_mm_tuned[grid](x.contiguous(), w, scales, zeros, y, M, N, K, columns_per_split,
-                             groupsize, INT4=zeros is not None, BLOCK_M=mm_block_rows(M), TMA=tma)
+    quantized_mm_tuned[grid](x.contiguous(), w, scales, y, M, N, K, columns_per_split,
+                             BLOCK_M=mm_block_rows(M), TMA=tma)
     return y
 
 
@@ -501,20 +616,24 @@ def quantized_mm(x: Tensor, weight: Tensor, scales: Tensor, zeros: Optional[Tens
 @torch.library.custom_op("blitz::dequantized_copy", mutates_args=())
 def dequantized_copy(weight: Tensor, scales: Tensor, zeros: Optional[Tensor], groupsize: int,
                      dtype: torch.dtype) -> Tensor:
-    """The weights, as quantized_mm_partials takes them, dequantized to dtype: (N, K)."""
+    """The weights, as quantized_mm_partials takes them, dequantized to dtype: (N, K); int4's K
+    is its groups' columns."""
     N = weight.shape[0]
-    K = weight.shape[1] * (2 if zeros is not None else 1)
+    K = scales.shape[1] * groupsize if zeros is not None else weight.shape[1]
     out = torch.empty(N, K, dtype=dtype, device=weight.device)
-    dequantize_kernel[(triton.cdiv(N, 32), triton.cdiv(K, 128))](
-        weight, scales, zeros, out, N, K, groupsize, INT4=zeros is not None, BLOCK_N=32,
-        BLOCK_K=128)
+    if zeros is not None:
+        int4_dequantize_kernel[(triton.cdiv(N, 32), triton.cdiv(K, 128))](
+            weight, scales, zeros, out, N, K, groupsize, BLOCK_N=32, PTX=torch.version.hip is None)
+    else:
+        dequantize_kernel[(triton.cdiv(N, 32), triton.cdiv(K, 128))](
+            weight, scales, out, N, K, BLOCK_N=32, BLOCK_K=128)
     return out
 
 
 @dequantized_copy.register_fake
 def _(weight: Tensor, scales: Tensor, zeros: Optional[Tensor], groupsize: int,
       dtype: torch.dtype) -> Tensor:
-    K = weight.shape[1] * (2 if zeros is not None else 1)
+    K = scales.shape[1] * groupsize if zeros is not None else weight.shape[1]
     return weight.new_empty(weight.shape[0], K, dtype=dtype)
 
 
@@ -685,6 +804,9 @@ def check_kernels(device="cuda") -> list:
     results = []
     for N, K in ((12288, 4096), (4096, 11008), (32000, 4096), (37, 320)):
         for name, weights, reference_weights in quantized_cases(N, K, device):
+            if name.startswith("int4"):
+                packed, *group = weights
+                weights = (int4_words(packed), *group)
             for rows in (1, 8, 33, 200):
                 x = torch.randn(rows, 1, K, device=device, dtype=torch.bfloat16)  # (rows, T, K)
                 linear = int4_triton_linear if name.startswith("int4") else one_byte_linear
@@ -848,6 +970,26 @@ def unpack_int4(packed: Tensor) -> Tensor:
     return torch.stack([packed >> 4, packed & 0xF], dim=-1).flatten(-2)
 
 
+def int4_words(packed: Tensor) -> Tensor:
+    """Nibble pairs (N, K / 2) as int4_mm_kernel reads them: int32 words (N, K_128 / 8), K padded
+    with zero nibbles to K_128, whole chunks of 128 columns; in each chunk, word c holds column
+    16 j + c in bits 4 j to 4 j + 3 (j = 0 to 7), so that nibble j of 16 words is a run of 16
+    columns. Made once, on the device, when a model is prepared for it."""
+    N = packed.shape[0]
+    q = unpack_int4(F.pad(packed, (0, -packed.shape[1] % 64))).int()  # (N, K_128)
+    q = q.view(N, -1, 8, 16)  # (N, chunks, j, c)
+    words = sum(q[:, :, j] << (4 * j) for j in range(8))  # (N, chunks, 16); j = 7 wraps the sign
+    return words.view(N, -1)
+
+
+def int4_pairs(words: Tensor, k_pad: int) -> Tensor:
+    """int4_words' layout back to the file's nibble pairs (N, k_pad / 2)."""
+    N = words.shape[0]
+    q = torch.stack([words.view(N, -1, 16) >> (4 * j) & 0xF for j in range(8)], dim=2)
+    q = q.view(N, -1)[:, :k_pad]  # (N, k_pad) nibbles
+    return (q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8)
+
+
 def int4_weights(packed: Tensor, scales: Tensor, zeros: Tensor, groupsize: int,
                  in_features: int) -> Tensor:
     """Packed int4 weights (..., N, K_pad / 2) with their group scales and zeros (..., N, n_groups)
@@ -859,9 +1001,10 @@ def int4_weights(packed: Tensor, scales: Tensor, zeros: Tensor, groupsize: int,
 
 # On CUDA, tinygemm (aten._weight_int4pack_mm, on its own packed copy of the weights made at load
 # time) serves int4 inputs of up to TINYGEMM_MAX_ROWS rows, and the Triton kernels the rest, from
-# the file's tensors: two copies of the weights in memory. One copy: None, tinygemm for every input
-# (a long prompt ~10x slower: BENCHMARKS.md), what happens without Triton; or 0, the Triton kernels
-# alone (a single row ~2x slower).
+# the weights as int4_words lays them out (in place of the file's): two copies of the weights in
+# memory. One copy: None, tinygemm for every input (a long prompt ~10x slower: BENCHMARKS.md), what
+# happens without Triton; or 0, the Triton kernels alone (Llama-2-7B's batch-1 decode on an H200
+# 7 % slower in groups of 128, 30 % in groups of 32).
 TINYGEMM_MAX_ROWS = 1
 INT4_KERNELS = {
     "cuda": (lambda packed, tiles: torch.ops.aten._convert_weight_to_int4pack(
@@ -873,15 +1016,15 @@ INT4_KERNELS = {
 }
 
 
-def int4_triton_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor,
+def int4_triton_linear(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor,
                        groupsize: int) -> Tensor:
-    """x (..., K_pad) bf16 or fp16 on a GPU times int4 weights as the file stores them (packed
-    (N, K_pad / 2), group scales and zeros): the small matmul up to MAX_MM_ROWS rows, else a
-    dequantized copy into PyTorch's matmul, as kernel_route chooses (one row included: int4 has no
-    GEMV of its own). (..., N) in x's dtype."""
+    """x (..., K_pad) bf16 or fp16 on a GPU times int4 weights as int4_words lays them out, with
+    their group scales and zeros (N, K_pad / groupsize): the small matmul up to MAX_MM_ROWS rows,
+    else a dequantized copy into PyTorch's matmul, as kernel_route chooses (one row included:
+    int4 has no GEMV of its own). (..., N) in x's dtype."""
     if kernel_route(x) == "dequantize":
-        return F.linear(x, dequantized_copy(packed, scales, zeros, groupsize, x.dtype))
-    return quantized_mm(x, packed, scales, zeros, groupsize)
+        return F.linear(x, dequantized_copy(words, scales, zeros, groupsize, x.dtype))
+    return quantized_mm(x, words, scales, zeros, groupsize)
 
 
 class Int4Linear(nn.Module):
@@ -897,26 +1040,36 @@ class Int4Linear(nn.Module):
         self.scales = frozen(torch.empty(out_features, k_pad // groupsize, dtype=torch.bfloat16))
         self.zeros = frozen(torch.empty(out_features, k_pad // groupsize, dtype=torch.bfloat16))
         self.bias = frozen(torch.empty(out_features)) if bias else None
+        # on a GPU with Triton, the weights as int4_words lays them out in place of `weight`
+        self.register_parameter("words", None)
         self.kernel = None  # the int4 matmul op, once use_kernel() has repacked the weights for it
         self.kernel_dtype = None  # the dtype the kernel computes in, when not x's
-        self.kernel_max_rows = None  # inputs of more rows take the file's tensors
+        self.kernel_max_rows = None  # inputs of more rows take the other path
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kernel is not None and (
                 self.kernel_max_rows is None or x.numel() <= self.kernel_max_rows * x.shape[-1]):
             y = self.kernel_forward(x)
-        elif triton is not None and x.is_cuda and x.dtype in MM_DTYPES:
+        elif self.words is not None and x.is_cuda and x.dtype in MM_DTYPES:
             if self.padded_in_features != self.in_features:
                 # (..., K_pad): zeros meet the zero weight columns
                 x = F.pad(x, (0, self.padded_in_features - self.in_features))
-            y = int4_triton_linear(x, self.weight, self.scales, self.zeros, self.groupsize)
+            y = int4_triton_linear(x, self.words, self.scales, self.zeros, self.groupsize)
         else:
             y = F.linear(x, self.dequantize().to(x.dtype))
         return y if self.bias is None else y + self.bias
 
     def dequantize(self) -> Tensor:
         """The weights as float32 (N, K), padding dropped: the reference for the kernels."""
-        return int4_weights(self.weight, self.scales, self.zeros, self.groupsize, self.in_features)
+        packed = (self.weight if self.words is None
+                  else int4_pairs(self.words, self.padded_in_features))
+        return int4_weights(packed, self.scales, self.zeros, self.groupsize, self.in_features)
+
+    def use_triton(self):
+        """Lay the weights out for the Triton kernels (int4_words, once, on the device). They
+        replace the file's nibble pairs, so the module's state_dict is no longer a checkpoint."""
+        self.words = frozen(int4_words(self.weight))
+        del self.weight
 
     def use_kernel(self, device_type: str, dtype: Optional[torch.dtype] = None,
                    max_rows: Optional[int] = None):
@@ -926,7 +1079,7 @@ class Int4Linear(nn.Module):
         Without max_rows the packed copy replaces the file's tensors (no second copy in memory)
         and the module's state_dict is no longer a checkpoint. With max_rows they stay, the
         packed copy is a buffer outside the state_dict, and inputs of more rows (prefills, and
-        batches on a GPU) take the file's tensors: the Triton kernels, or the dequantized path."""
+        batches on a GPU) take the other path: the Triton kernels (use_triton), or PyTorch's."""
         convert, kernel = INT4_KERNELS[device_type]
         weight, scales, zeros = self.weight, self.scales, self.zeros
         groupsize, k = self.groupsize, self.padded_in_features
@@ -1166,10 +1319,10 @@ def swap_linears(model: nn.Module, quantization: dict):
 
 def prepare_for_device(model: nn.Module):
     """After the model reached its device and dtype: pack int4 weights for tinygemm (CUDA, bfloat16,
-    see TINYGEMM_MAX_ROWS), choose the fp8 matmul, give float, int8 and fp8 experts on CUDA
-    the expert GEMV and bf16 and fp16 attention the decode attention kernel, and on the CPU route
-    decode-sized inputs of the int8 and int4 layers to PyTorch's CPU kernels (where
-    cpu_kernels_usable)."""
+    see TINYGEMM_MAX_ROWS) and lay them out for the Triton kernels (Int4Linear.use_triton), choose
+    the fp8 matmul, give float, int8 and fp8 experts on CUDA the expert GEMV and bf16 and fp16
+    attention the decode attention kernel, and on the CPU route decode-sized inputs of the int8 and
+    int4 layers to PyTorch's CPU kernels (where cpu_kernels_usable)."""
     dtype = model.tok_embeddings.weight.dtype  # the activations' dtype
     cpu_kernels = cpu_kernels_usable(dtype)
     attention_kernel = (DECODE_ATTENTION and triton is not None
@@ -1180,17 +1333,22 @@ def prepare_for_device(model: nn.Module):
         if (isinstance(module, (Experts, OneByteExperts)) and module.weight.is_cuda
                 and triton is not None and module.in_features % 4 == 0):  # int32 words
             module.kernel = expert_matmul
-        on_gpu = isinstance(module, (Int4Linear, Fp8Linear)) and module.weight.is_cuda
+        # (an int4 layer's `weight` gives way to the words or tinygemm's copy: ask any parameter)
+        on_gpu = (isinstance(module, (Int4Linear, Fp8Linear))
+                  and next(module.parameters()).is_cuda)
         on_cpu = (cpu_kernels and isinstance(module, (Int8Linear, Int4Linear))
-                  and module.weight.device.type == "cpu")
+                  and next(module.parameters()).device.type == "cpu")
         if (isinstance(module, Int8Linear) and on_cpu and not module.cpu_kernel
                 and int8_cpu_kernel_fits(module.in_features)):
             module.use_cpu_kernel()
         elif isinstance(module, Int4Linear) and on_cpu and module.kernel is None:
             module.use_kernel("cpu", torch.bfloat16, CPU_INT4_MAX_ROWS)
-        elif (isinstance(module, Int4Linear) and on_gpu and module.kernel is None
-              and dtype == torch.bfloat16 and TINYGEMM_MAX_ROWS != 0):
-            module.use_kernel("cuda", max_rows=TINYGEMM_MAX_ROWS if triton else None)
+        elif isinstance(module, Int4Linear) and on_gpu and module.words is None:
+            tinygemm_rows = TINYGEMM_MAX_ROWS if triton else None  # None: every input
+            if module.kernel is None and dtype == torch.bfloat16 and tinygemm_rows != 0:
+                module.use_kernel("cuda", max_rows=tinygemm_rows)
+            if triton is not None and (module.kernel is None or module.kernel_max_rows is not None):
+                module.use_triton()
         elif isinstance(module, Fp8Linear) and on_gpu:
             # _scaled_mm: both matrix dims of the weight % 16, row-wise scales on 9.0+, bf16 output.
             capability = torch.cuda.get_device_capability(module.weight.device)

@@ -251,7 +251,7 @@ def interpreter_jobs() -> dict:
     """tests/test_kernels.py's checks of the Triton kernels in Triton's interpreter (10-15 s each),
     each that file run as a script, started in the background when the session begins."""
     return {name: BACKGROUND.submit("tests/test_kernels.py", name, env={"TRITON_INTERPRET": "1"})
-            for name in ("scaled_gemv", "quantized_mm", "dequantize", "expert_gemv",
+            for name in ("scaled_gemv", "quantized_mm", "int4_mm", "dequantize", "expert_gemv",
                          "decode_attention")}
 
 

@@ -59,70 +59,100 @@ def check_scaled_gemv():
 # The interpreter's tl.dot mishandles bfloat16 (NumPy has no such type), so x is float32 here;
 # kernels.check_kernels checks the bf16 path on the GPU.
 def check_quantized_mm():
-    from kernels import (MM_CONFIGS, TensorDescriptor, int4_weights, mm_block_rows,
-                         quantized_mm_kernel, relative_error, weight_block)
+    from kernels import (MM_CONFIGS, TensorDescriptor, mm_block_rows, quantized_mm_kernel,
+                         relative_error, weight_block)
     torch.manual_seed(0)
-    checked = {1: 0, 32: 0, 128: 0, 256: 0, "TMA": 0}  # by group size (int8: 1)
-    # A decode batch of M rows in one tile, padded to 16, 64 and exactly 64 rows; int8 and int4
-    # (groups of 32, 128 and 256) weights, K whole or split over 3 programs (each column counted
-    # once), the weights read by plain loads or through a tensor descriptor (TMA: a tile past N
-    # or K reads zeros).
+    checked = {"plain": 0, "TMA": 0}
+    # A decode batch of M rows in one tile, padded to 16, 64 and exactly 64 rows; int8 weights, K
+    # whole or split over 3 programs (each column counted once), the weights read by plain loads
+    # or through a tensor descriptor (TMA: a tile past N or K reads zeros).
     for M in (1, 2, 33, 64):
         # whole tiles; ragged outputs; K ragged against 256-column tiles
         for N, K in ((64, 1024), (100, 768), (37, 384)):
-            int8 = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+            w = torch.randint(-128, 128, (N, K), dtype=torch.int8)
             scales = torch.rand(N) / 127
-            packed = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
-            kinds = [(int8, scales, None, 1, int8.double() * scales.double()[:, None])]
-            for g in (32, 128, 256):  # tiles of several groups, one, part of one
-                if K % g == 0:
-                    s, z = (torch.rand(2, N, K // g) / 8).to(torch.bfloat16)
-                    kinds.append((packed, s, z, g, int4_weights(packed, s, z, g, K).double()))
             x = torch.randn(M, K)
+            reference = x.double() @ (w.double() * scales.double()[:, None]).T  # (M, N)
             for c, config in enumerate(MM_CONFIGS if N == 37 else MM_CONFIGS[::5]):
-                w, s, z, g, reference_weights = kinds[c % len(kinds)]
                 split_k = 1 + 2 * (c % 2)
                 tma = c // 2 % 2 == 1
+                w_arg = w
                 if tma:  # its block set as the autotuner's hook sets it before a launch
-                    w = TensorDescriptor.from_tensor(w, [16, 16])
-                    weight_block(dict(w_ptr=w, TMA=True, INT4=z is not None, **config.kwargs))
-                    checked["TMA"] += 1
+                    w_arg = TensorDescriptor.from_tensor(w, [16, 16])
+                    weight_block(dict(w_ptr=w_arg, TMA=True, **config.kwargs))
                 y = torch.full((split_k, M, N), float("nan"))  # poisoned: every element written
                 grid = (triton.cdiv(N, config.kwargs["BLOCK_N"]), split_k)
-                quantized_mm_kernel[grid](x, w, s, z, y, M, N, K, -(-K // split_k // 256) * 256, g,
-                                          INT4=z is not None, BLOCK_M=mm_block_rows(M), TMA=tma,
-                                          **config.kwargs)
-                reference = x.double() @ reference_weights.T  # (M, N)
+                quantized_mm_kernel[grid](x, w_arg, scales, y, M, N, K,
+                                          -(-K // split_k // 256) * 256, BLOCK_M=mm_block_rows(M),
+                                          TMA=tma, **config.kwargs)
                 error = relative_error(y.sum(0), reference)
-                assert error < 1e-6, (M, N, K, g, config, split_k, tma, error)
-                checked[g] += 1
+                assert error < 1e-6, (M, N, K, config, split_k, tma, error)
+                checked["TMA" if tma else "plain"] += 1
     assert min(checked.values()) >= 8, checked
 
 
-# The copy a prefill multiplies by: scaled one-byte weights and dequantized int4 ones, in float32
-# (exact) and float16 (rounded once; the interpreter's bfloat16 truncates, so kernels.check_kernels
-# checks bfloat16 on the GPU).
+# int4 in int4_words' layout, groups of 32 to 256 (several groups in a 128-column chunk, one,
+# part of one), K whole chunks or not, split over 3 programs or not, plain loads or a tensor
+# descriptor; the bits by Triton's arithmetic (the interpreter runs no PTX, which
+# kernels.check_kernels checks on the GPU). The kernel sums (128 + q) x and x in float32 and
+# subtracts 136 times the second: a relative error of a few 1e-6 against float64.
+def check_int4_mm():
+    from kernels import (INT4_MM_TILE, TensorDescriptor, int4_mm_kernel, int4_weights,
+                         int4_words, mm_block_rows, relative_error)
+    torch.manual_seed(0)
+    checked = dict.fromkeys((32, 64, 128, 256, "TMA"), 0)
+    for M in (1, 2, 33):
+        for N, K in ((64, 1024), (100, 768), (37, 576)):
+            packed = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
+            words = int4_words(packed)
+            x = torch.randn(M, K)
+            for g in (32, 64, 128, 256):
+                if K % g:
+                    continue
+                s, z = (torch.rand(2, N, K // g) / 8).to(torch.bfloat16)
+                reference = x.double() @ int4_weights(packed, s, z, g, K).double().T  # (M, N)
+                for block_n, split_k, tma in ((32, 1, False), (64, 3, True), (16, 3, False)):
+                    w = TensorDescriptor.from_tensor(words, [block_n, 16]) if tma else words
+                    y = torch.full((split_k, M, N), float("nan"))  # poisoned: all written
+                    grid = (triton.cdiv(N, block_n), split_k)
+                    int4_mm_kernel[grid](x, w, s, z, y, M, N, K, -(-K // split_k // 128) * 128, g,
+                                         BLOCK_M=mm_block_rows(M), BLOCK_N=block_n, TMA=tma,
+                                         PTX=False, num_warps=INT4_MM_TILE["num_warps"])
+                    error = relative_error(y.sum(0), reference)
+                    assert error < 1e-5, (M, N, K, g, block_n, split_k, tma, error)
+                    checked[g] += 1
+                    checked["TMA"] += tma
+    assert min(checked.values()) >= 6, checked
+
+
+# The copy a prefill multiplies by: scaled one-byte weights and dequantized int4 ones (from
+# int4_words' layout), in float32 (exact) and float16 (rounded once; the interpreter's bfloat16
+# truncates, so kernels.check_kernels checks bfloat16 on the GPU).
 def check_dequantize():
-    from kernels import dequantize_kernel, int4_weights
+    from kernels import dequantize_kernel, int4_dequantize_kernel, int4_weights, int4_words
     torch.manual_seed(0)
     # Tiles narrower and wider than a group, and wider than K.
     for N, K in ((64, 512), (37, 96)):
         int8 = torch.randint(-128, 128, (N, K), dtype=torch.int8)
         scales = torch.rand(N) / 127
-        kinds = [(int8, scales, None, 1, int8.float() * scales[:, None])]
+        for block_k in (32, 128):
+            for dtype in (torch.float32, torch.float16):
+                out = torch.full((N, K), float("nan"), dtype=dtype)
+                grid = (triton.cdiv(N, 16), triton.cdiv(K, block_k))
+                dequantize_kernel[grid](int8, scales, out, N, K, BLOCK_N=16, BLOCK_K=block_k)
+                reference = int8.float() * scales[:, None]
+                assert torch.equal(out, reference.to(dtype)), (N, K, block_k, dtype)
         packed = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
         for g in (32, 64, 128, 256):
-            if K % g == 0:
-                s, z = (torch.rand(2, N, K // g) / 8).to(torch.bfloat16)
-                kinds.append((packed, s, z, g, int4_weights(packed, s, z, g, K)))
-        for w, s, z, g, reference in kinds:
-            for block_k in (32, 128):
-                for dtype in (torch.float32, torch.float16):
-                    out = torch.full((N, K), float("nan"), dtype=dtype)
-                    grid = (triton.cdiv(N, 16), triton.cdiv(K, block_k))
-                    dequantize_kernel[grid](w, s, z, out, N, K, g, INT4=z is not None, BLOCK_N=16,
-                                            BLOCK_K=block_k)
-                    assert torch.equal(out, reference.to(dtype)), (N, K, g, block_k, dtype)
+            if K % g:
+                continue
+            s, z = (torch.rand(2, N, K // g) / 8).to(torch.bfloat16)
+            reference = int4_weights(packed, s, z, g, K)
+            for dtype in (torch.float32, torch.float16):
+                out = torch.full((N, K), float("nan"), dtype=dtype)
+                int4_dequantize_kernel[(triton.cdiv(N, 16), triton.cdiv(K, 128))](
+                    int4_words(packed), s, z, out, N, K, g, BLOCK_N=16, PTX=False)
+                assert torch.equal(out, reference.to(dtype)), (N, K, g, dtype)
 
 
 # The GEMV indexed by expert: float weights (PER_WORD 1; the interpreter has bf16 loads) and int8
@@ -183,6 +213,33 @@ def check_decode_attention_rows_are_independent(attention):
         assert torch.equal(alone[:, 1 + b], batch[:, 1 + b]), b
 
 
+def test_int4_words_put_column_16j_plus_c_in_nibble_j_of_word_c_and_give_the_pairs_back():
+    from kernels import int4_pairs, int4_words, unpack_int4
+    torch.manual_seed(0)
+    packed = torch.randint(0, 256, (5, 288), dtype=torch.uint8)  # K = 576: 4.5 chunks of 128
+    words = int4_words(packed)
+    assert words.dtype == torch.int32 and words.shape == (5, 5 * 16)
+    q = unpack_int4(packed).int()  # (5, 576) the columns in order
+    for column in (0, 1, 17, 127, 128, 200, 575):
+        chunk, j, c = column // 128, column % 128 // 16, column % 16
+        assert torch.equal(words[:, 16 * chunk + c] >> (4 * j) & 0xF, q[:, column]), column
+    # the last chunk's columns 64 to 127 (nibbles 4 to 7 of its words) are padding: zeros
+    assert torch.equal(words.view(5, -1, 16)[:, 4] >> 16, torch.zeros(5, 16, dtype=torch.int32))
+    assert torch.equal(int4_pairs(words, 576), packed)
+
+
+def test_int4_layer_laid_out_for_triton_dequantizes_to_the_same_weights():
+    from kernels import Int4Linear
+    layer = Int4Linear(300, 7, False, groupsize=32, padded_in_features=320)
+    layer.weight.random_(0, 256)
+    layer.scales.uniform_(0.01, 0.1)
+    layer.zeros.uniform_(-0.1, 0.1)
+    before = layer.dequantize()
+    layer.use_triton()
+    assert not hasattr(layer, "weight") and layer.words.shape == (7, 48)
+    assert torch.equal(layer.dequantize(), before)
+
+
 def test_gemv_input_gives_aligned_words_of_any_one_row_view():
     from kernels import gemv_input
     for dtype in (torch.bfloat16, torch.float16):
@@ -194,8 +251,8 @@ def test_gemv_input_gives_aligned_words_of_any_one_row_view():
 
 
 INTERPRETER_CHECKS = {"scaled_gemv": check_scaled_gemv, "quantized_mm": check_quantized_mm,
-                      "dequantize": check_dequantize, "expert_gemv": check_expert_gemv,
-                      "decode_attention": check_decode_attention}
+                      "int4_mm": check_int4_mm, "dequantize": check_dequantize,
+                      "expert_gemv": check_expert_gemv, "decode_attention": check_decode_attention}
 
 
 def passed(interpreter_jobs, name: str):
@@ -209,8 +266,13 @@ def test_scaled_gemv_kernel_matches_reference_for_every_config(interpreter_jobs)
 
 
 @pytest.mark.slow
-def test_quantized_mm_kernel_matches_reference_for_decode_batches_of_int8_and_int4(interpreter_jobs):
+def test_quantized_mm_kernel_matches_reference_for_decode_batches_of_int8(interpreter_jobs):
     passed(interpreter_jobs, "quantized_mm")
+
+
+@pytest.mark.slow
+def test_int4_mm_kernel_matches_reference_for_every_group_size(interpreter_jobs):
+    passed(interpreter_jobs, "int4_mm")
 
 
 @pytest.mark.slow

@@ -1022,8 +1022,8 @@ def test_cpu_quantized_file_runs_on_cuda_in_bfloat16(tiny_checkpoint, mode, grou
     path = folder / out_name(mode, groupsize)
     cpu = logits_of(load_checkpoint(path, "cpu", torch.float32), IDX)
     model = load_checkpoint(path, "cuda", torch.bfloat16)
-    if mode == "int4":
-        assert all(m.kernel is not None for m in model.modules()
+    if mode == "int4":  # tinygemm for one row, the Triton kernels' layout for the rest
+        assert all(m.kernel is not None and m.words is not None for m in model.modules()
                    if isinstance(m, kernels.Int4Linear))
     if mode == "fp8":
         assert all(m.scaled_mm == scaled_mm for m in model.modules()
