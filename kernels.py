@@ -247,6 +247,19 @@ if triton is not None:
                     nibble_as_bf16(words, 6), nibble_as_bf16(words, 7))
 
     @triton.jit
+    def int4_word_tile(w_ptr, n0, k0, N, K, BLOCK_N: tl.constexpr, TMA: tl.constexpr = False):
+        """The 16 words of int4_words' layout (N, K_128 / 8) that hold columns [k0, k0 + 128) of
+        rows [n0, n0 + BLOCK_N), (BLOCK_N, 16); k0 a multiple of 128 below K. w_ptr points at the
+        words, or (TMA) is a tensor descriptor of them with that block. Rows past N read zeros."""
+        if TMA:  # out-of-bounds words read as zeros
+            return w_ptr.load([n0, k0 // 8])
+        else:
+            cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+            c = k0 // 8 + tl.arange(0, 16)  # (16,) word columns
+            return tl.load(w_ptr + cols.to(tl.int64)[:, None] * (tl.cdiv(K, 128) * 16) + c[None, :],
+                           mask=(cols < N)[:, None], other=0)
+
+    @triton.jit
     def side_by_side(w, first: tl.constexpr, n: tl.constexpr):
         """Tiles w[first] to w[first + n - 1] (each (BLOCK_N, 16)) as one (BLOCK_N, 16 n), tile i
         in columns 16 i to 16 i + 15; n is 2, 4 or 8. A thread holds the same values before and
@@ -282,17 +295,11 @@ if triton is not None:
         n0 = tl.program_id(0) * BLOCK_N
         cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
         col_ok = cols < N
-        k_words = tl.cdiv(K, 128) * 16
         first = tl.program_id(1) * K_PER_SPLIT
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # transposed: y^T = w x^T
         ones = tl.full((BLOCK_N, SUB), 1.0, x_ptr.dtype.element_ty)
         for k0 in range(first, tl.minimum(first + K_PER_SPLIT, K), 128):
-            if TMA:  # out-of-bounds words read as zeros
-                words = w_ptr.load([n0, k0 // 8])
-            else:
-                c = k0 // 8 + tl.arange(0, 16)  # (16,) word columns
-                words = tl.load(w_ptr + cols.to(tl.int64)[:, None] * k_words + c[None, :],
-                                mask=col_ok[:, None] & (c[None, :] < k_words), other=0)
+            words = int4_word_tile(w_ptr, n0, k0, N, K, BLOCK_N, TMA)  # (BLOCK_N, 16)
             w = nibbles_as_bf16(words, PTX)  # 8 x (BLOCK_N, 16): chunk columns 16 j + c
             for i in tl.static_range(128 // SUB):  # the chunk's groups
                 a = side_by_side(w, i * SUB // 16, SUB // 16)  # (BLOCK_N, SUB) bits 128 + q
@@ -304,9 +311,10 @@ if triton is not None:
                 x_sum = tl.dot(ones, tl.trans(x))  # (BLOCK_N, BLOCK_M), each row sum x
                 g = (k0 + i * SUB) // GROUP
                 g_ok = col_ok & (g < K // GROUP)
-                group = cols * (K // GROUP) + g  # (BLOCK_N,)
-                scale = tl.load(s_ptr + group, mask=g_ok, other=0.0).to(tl.float32)
-                zero = tl.load(z_ptr + group, mask=g_ok, other=0.0).to(tl.float32)
+                scale = tl.load(s_ptr + cols * (K // GROUP) + g, mask=g_ok,
+                                other=0.0).to(tl.float32)
+                zero = tl.load(z_ptr + cols * (K // GROUP) + g, mask=g_ok,
+                               other=0.0).to(tl.float32)
                 acc += scale[:, None] * wx
                 acc += (zero - 136.0 * scale)[:, None] * x_sum
         out = (tl.program_id(1) * M + rows[None, :]) * N + cols[:, None]  # (BLOCK_N, BLOCK_M)
@@ -333,10 +341,7 @@ if triton is not None:
         n0, k0 = tl.program_id(0) * BLOCK_N, tl.program_id(1) * 128
         cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) weight rows
         col_ok = cols < N
-        k_words = tl.cdiv(K, 128) * 16
-        c = k0 // 8 + tl.arange(0, 16)  # (16,) word columns
-        words = tl.load(w_ptr + cols.to(tl.int64)[:, None] * k_words + c[None, :],
-                        mask=col_ok[:, None], other=0)  # (BLOCK_N, 16)
+        words = int4_word_tile(w_ptr, n0, k0, N, K, BLOCK_N)  # (BLOCK_N, 16)
         # (BLOCK_N, 128) bits 128 + q, the chunk's columns in order; q - 8 exactly in float32
         q = side_by_side(nibbles_as_bf16(words, PTX), 0, 8).to(tl.float32) - 136.0
         # the chunk's groups: (BLOCK_N, n) scales and zeros, n = 1 when a group spans the chunk
