@@ -157,7 +157,7 @@ if triton is not None:
         """Columns [k0, k0 + BLOCK_K) of one-byte weight rows [n0, n0 + BLOCK_N) (int8 or fp8,
         (N, K)), (BLOCK_N, BLOCK_K) in dtype, converted exactly, times their row's scale first
         where SCALED (in float32); w_ptr points at the weights, or (TMA) is a tensor descriptor of
-        them whose block is that tile (weight_block). Rows past N and columns past K come back as
+        them whose block is that tile. Rows past N and columns past K come back as
         zeros."""
         cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         col_ok = cols < N
@@ -452,22 +452,6 @@ if triton is not None:
         y = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
         tl.store(y_ptr + head * D + d, y.to(y_ptr.dtype.element_ty), mask=d < D)
 
-    def weight_block(nargs):
-        """Before each launch: a tensor descriptor's block is the config's tile of weights."""
-        if nargs.get("TMA"):
-            nargs["w_ptr"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
-
-    # BLOCK_N is the tensor cores' M dimension (the weights are the left operand): up to 128, two
-    # of Hopper's 64-row warpgroup tiles.
-    MM_CONFIGS = [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=4, num_stages=s,
-                                pre_hook=weight_block)
-                  for n in (16, 32, 64, 128) for k in (128, 256) for s in (3, 4)]
-    # Tuned once per tile height, not per row count: a prompt of each new length would otherwise
-    # autotune again.
-    quantized_mm_tuned = triton.autotune(
-        configs=MM_CONFIGS, key=["BLOCK_M", "N", "K", "K_PER_SPLIT", "TMA"])(
-        quantized_mm_kernel)
-
 # The GEMV's tile: of 15 (8 to 32 rows x 64 to 256 words x 4 or 8 warps), one of the two fastest
 # over Llama-2-7B's five layer shapes together on an H200 (BENCHMARKS.md). One tile, not autotuned
 # per shape: timing single calls of a kernel this short picked a tile 23 % slower than the best for
@@ -540,10 +524,16 @@ def scaled_gemv(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
 # Decode batches of 2 to MAX_MM_ROWS rows go to the small matmul. Longer inputs (prefills) are
 # compute-bound: a dequantized copy of the layer's weights in x's dtype (one pass over them) feeds
 # PyTorch's matmul. The small matmul splits K into parts of at least MM_SPLIT_COLUMNS (whole tiles
-# of every config), so that a layer of few output rows still gives every SM weights to stream.
+# of both small matmuls), so that a layer of few output rows still gives every SM weights to stream.
 MAX_MM_ROWS = 64
 MM_DTYPES = (torch.bfloat16, torch.float16)  # the activations the small matmul's tl.dot takes
 MM_SPLIT_COLUMNS, MM_SPLIT_ALIGN = 1024, 256
+# The one-byte small matmul's tile, not autotuned: of 16 (BLOCK_N, the tensor cores' M dimension,
+# 16 to 128; 128 or 256 columns deep; 3 or 4 stages; 4 warps), the fastest over Llama-2-7B's four
+# layer shapes together for int8 and for fp8 at 8 and at 32 rows on an H200. Autotuned per shape,
+# the pick changed from process to process, and with it a batch's speed (int8 at 8 rows: 1963 to
+# 2357 tok/s) and the order of the sums (BENCHMARKS.md).
+MM_TILE = dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
 # int4's small matmul: one tile, the fastest of 36 configs (64 rows with 4 warps, 128 with 4 or 8;
 # 2, 3, 4 or 6 stages; 1, 2 or 4 times mm_split's parts) on each of Llama-2-7B's layer shapes at 1,
 # 8 and 32 rows on an H200 (BENCHMARKS.md).
@@ -593,11 +583,11 @@ def quantized_mm_partials(x: Tensor, weight: Tensor, scales: Tensor, zeros: Opti
             x.contiguous(), w, scales, zeros, y, M, N, K, columns_per_split, groupsize,
             BLOCK_M=mm_block_rows(M), TMA=tma, PTX=torch.version.hip is None, **INT4_MM_TILE)
         return y
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split_k)  # noqa: E731
-    # A descriptor's block shape is set per config (weight_block).
-    w = TensorDescriptor.from_tensor(weight, [16, 16]) if tma else weight
-    quantized_mm_tuned[grid](x.contiguous(), w, scales, y, M, N, K, columns_per_split,
-                             BLOCK_M=mm_block_rows(M), TMA=tma)
+    w = (TensorDescriptor.from_tensor(weight, [MM_TILE["BLOCK_N"], MM_TILE["BLOCK_K"]]) if tma
+         else weight)
+    quantized_mm_kernel[(triton.cdiv(N, MM_TILE["BLOCK_N"]), split_k)](
+        x.contiguous(), w, scales, y, M, N, K, columns_per_split, BLOCK_M=mm_block_rows(M),
+        TMA=tma, **MM_TILE)
     return y
 
 

@@ -59,10 +59,11 @@ def check_scaled_gemv():
 # The interpreter's tl.dot mishandles bfloat16 (NumPy has no such type), so x is float32 here;
 # kernels.check_kernels checks the bf16 path on the GPU.
 def check_quantized_mm():
-    from kernels import (MM_CONFIGS, TensorDescriptor, mm_block_rows, quantized_mm_kernel,
-                         relative_error, weight_block)
+    from kernels import MM_TILE, TensorDescriptor, mm_block_rows, quantized_mm_kernel, relative_error
     torch.manual_seed(0)
     checked = {"plain": 0, "TMA": 0}
+    # the project's tile and two others: narrow and deep, wide
+    tiles = [MM_TILE, dict(BLOCK_N=16, BLOCK_K=256), dict(BLOCK_N=128, BLOCK_K=128)]
     # A decode batch of M rows in one tile, padded to 16, 64 and exactly 64 rows; int8 weights, K
     # whole or split over 3 programs (each column counted once), the weights read by plain loads
     # or through a tensor descriptor (TMA: a tile past N or K reads zeros).
@@ -73,21 +74,18 @@ def check_quantized_mm():
             scales = torch.rand(N) / 127
             x = torch.randn(M, K)
             reference = x.double() @ (w.double() * scales.double()[:, None]).T  # (M, N)
-            for c, config in enumerate(MM_CONFIGS if N == 37 else MM_CONFIGS[::5]):
-                split_k = 1 + 2 * (c % 2)
-                tma = c // 2 % 2 == 1
-                w_arg = w
-                if tma:  # its block set as the autotuner's hook sets it before a launch
-                    w_arg = TensorDescriptor.from_tensor(w, [16, 16])
-                    weight_block(dict(w_ptr=w_arg, TMA=True, **config.kwargs))
-                y = torch.full((split_k, M, N), float("nan"))  # poisoned: every element written
-                grid = (triton.cdiv(N, config.kwargs["BLOCK_N"]), split_k)
-                quantized_mm_kernel[grid](x, w_arg, scales, y, M, N, K,
-                                          -(-K // split_k // 256) * 256, BLOCK_M=mm_block_rows(M),
-                                          TMA=tma, **config.kwargs)
-                error = relative_error(y.sum(0), reference)
-                assert error < 1e-6, (M, N, K, config, split_k, tma, error)
-                checked["TMA" if tma else "plain"] += 1
+            for c, tile in enumerate(tiles):
+                for split_k, tma in ((1, c % 2 == 1), (3, c % 2 == 0)):
+                    block = [tile["BLOCK_N"], tile["BLOCK_K"]]
+                    w_arg = TensorDescriptor.from_tensor(w, block) if tma else w
+                    y = torch.full((split_k, M, N), float("nan"))  # poisoned: all written
+                    grid = (triton.cdiv(N, tile["BLOCK_N"]), split_k)
+                    quantized_mm_kernel[grid](x, w_arg, scales, y, M, N, K,
+                                              -(-K // split_k // 256) * 256,
+                                              BLOCK_M=mm_block_rows(M), TMA=tma, **tile)
+                    error = relative_error(y.sum(0), reference)
+                    assert error < 1e-6, (M, N, K, tile, split_k, tma, error)
+                    checked["TMA" if tma else "plain"] += 1
     assert min(checked.values()) >= 8, checked
 
 
