@@ -35,7 +35,7 @@ LINEARS = (nn.Linear, kernels.Int8Linear, kernels.Int4Linear, kernels.Fp8Linear)
 def time_pass(layers: list, rows: int, repeats: int) -> float:
     """Median ms of one pass of `rows` random bf16 rows through every layer, replayed as a CUDA
     graph (as the compiled decode step runs: no launch overhead) after two eager passes (in which
-    Triton autotunes)."""
+    Triton compiles)."""
     inputs = {layer.in_features: torch.randn(rows, layer.in_features, device="cuda",
                                              dtype=torch.bfloat16) for layer in layers}
 
