@@ -1,4 +1,5 @@
-"""Checkpoints: finding, checking, loading and writing them, and random weights for benchmarks.
+"""Checkpoints: finding, checking, loading and writing them, and random weights of named configs
+(CONFIGS: published models' shapes) for benchmarks.
 
 A checkpoint is a folder:
     config.json           the fields of model.ModelArgs (the model never guesses its shape from a
@@ -34,7 +35,7 @@ import torch
 import torch.nn as nn
 
 import kernels
-from model import CONFIGS, Experts, ModelArgs, Transformer
+from model import Experts, ModelArgs, Transformer
 
 
 class InputError(Exception):
@@ -321,8 +322,85 @@ def to_device(model: Transformer, device, dtype) -> Transformer:
     return model.eval()
 
 
+# Shared fields of a family's configs, then the named configs themselves.
+LLAMA3_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=8192)
+LLAMA32_SCALING = {**LLAMA3_SCALING, "factor": 32.0}
+LLAMA3 = dict(vocab_size=128256, rope_base=5e5, n_kv_heads=8)
+LLAMA31 = dict(LLAMA3, block_size=131072, rope_scaling=LLAMA3_SCALING)
+QWEN25 = dict(rope_base=1e6, norm_eps=1e-6, attention_bias=True, block_size=32768)
+SMOLLM2 = dict(vocab_size=49152, block_size=8192, tie_embeddings=True)
+QWEN3 = dict(vocab_size=151936, head_dim=128, rope_base=1e6, norm_eps=1e-6, qk_norm=True,
+             block_size=40960)
+QWEN3_MOE = dict(QWEN3, n_experts=128, n_active_experts=8, tie_embeddings=False)
+MIXTRAL = dict(n_kv_heads=8, n_experts=8, n_active_experts=2, rope_base=1e6)
+CONFIGS = {  # named shapes for --random_weights; real checkpoints carry their own config.json
+    "stories15M": dict(dim=288, n_layer=6, n_head=6, vocab_size=32000, intermediate_size=768,
+                       block_size=256),
+    "stories110M": dict(dim=768, n_layer=12, n_head=12, vocab_size=32000, intermediate_size=2048,
+                        block_size=1024),
+    "TinyLlama-1.1B": dict(dim=2048, n_layer=22, n_head=32, n_kv_heads=4, vocab_size=32000,
+                           intermediate_size=5632),
+    "Llama-2-7B": dict(dim=4096, n_layer=32, n_head=32, vocab_size=32000, intermediate_size=11008,
+                       block_size=4096),
+    "Llama-2-13B": dict(dim=5120, n_layer=40, n_head=40, vocab_size=32000, intermediate_size=13824,
+                        block_size=4096),
+    "Llama-2-70B": dict(dim=8192, n_layer=80, n_head=64, n_kv_heads=8, vocab_size=32000,
+                        intermediate_size=28672, block_size=4096),
+    "CodeLlama-7B": dict(dim=4096, n_layer=32, n_head=32, vocab_size=32016, intermediate_size=11008,
+                         block_size=16384, rope_base=1e6),
+    "CodeLlama-34B": dict(dim=8192, n_layer=48, n_head=64, n_kv_heads=8, vocab_size=32000,
+                          intermediate_size=22016, block_size=16384, rope_base=1e6),
+    "Mistral-7B": dict(dim=4096, n_layer=32, n_head=32, n_kv_heads=8, vocab_size=32000,
+                       intermediate_size=14336, block_size=4096),
+    "Llama-3-8B": dict(LLAMA3, dim=4096, n_layer=32, n_head=32, intermediate_size=14336,
+                       block_size=8192),
+    "Llama-3-70B": dict(LLAMA3, dim=8192, n_layer=80, n_head=64, intermediate_size=28672,
+                        block_size=8192),
+    "Llama-3.1-8B": dict(LLAMA31, dim=4096, n_layer=32, n_head=32, intermediate_size=14336),
+    "Llama-3.1-70B": dict(LLAMA31, dim=8192, n_layer=80, n_head=64, intermediate_size=28672),
+    "Llama-3.1-405B": dict(LLAMA31, dim=16384, n_layer=126, n_head=128, intermediate_size=53248),
+    "Llama-3.2-1B": dict(LLAMA31, dim=2048, n_layer=16, n_head=32, intermediate_size=8192,
+                         rope_scaling=LLAMA32_SCALING, tie_embeddings=True),
+    "Llama-3.2-3B": dict(LLAMA31, dim=3072, n_layer=28, n_head=24, intermediate_size=8192,
+                         rope_scaling=LLAMA32_SCALING, tie_embeddings=True),
+    "SmolLM2-135M": dict(SMOLLM2, dim=576, n_layer=30, n_head=9, n_kv_heads=3,
+                         intermediate_size=1536, rope_base=1e5),
+    "SmolLM2-360M": dict(SMOLLM2, dim=960, n_layer=32, n_head=15, n_kv_heads=5,
+                         intermediate_size=2560, rope_base=1e5),
+    "SmolLM2-1.7B": dict(SMOLLM2, dim=2048, n_layer=24, n_head=32, intermediate_size=8192,
+                         rope_base=130000),
+    "Qwen2.5-0.5B": dict(QWEN25, dim=896, n_layer=24, n_head=14, n_kv_heads=2, vocab_size=151936,
+                         intermediate_size=4864, tie_embeddings=True),
+    "Qwen2.5-1.5B": dict(QWEN25, dim=1536, n_layer=28, n_head=12, n_kv_heads=2, vocab_size=151936,
+                         intermediate_size=8960, tie_embeddings=True),
+    "Qwen2.5-7B": dict(QWEN25, dim=3584, n_layer=28, n_head=28, n_kv_heads=4, vocab_size=152064,
+                       intermediate_size=18944),
+    "Qwen3-0.6B": dict(QWEN3, dim=1024, n_layer=28, n_head=16, n_kv_heads=8,
+                       intermediate_size=3072, tie_embeddings=True),
+    "Qwen3-1.7B": dict(QWEN3, dim=2048, n_layer=28, n_head=16, n_kv_heads=8,
+                       intermediate_size=6144, tie_embeddings=True),
+    "Qwen3-4B": dict(QWEN3, dim=2560, n_layer=36, n_head=32, n_kv_heads=8,
+                     intermediate_size=9728, tie_embeddings=True),
+    "Qwen3-8B": dict(QWEN3, dim=4096, n_layer=36, n_head=32, n_kv_heads=8,
+                     intermediate_size=12288),
+    "Qwen3-14B": dict(QWEN3, dim=5120, n_layer=40, n_head=40, n_kv_heads=8,
+                      intermediate_size=17408),
+    "Qwen3-32B": dict(QWEN3, dim=5120, n_layer=64, n_head=64, n_kv_heads=8,
+                      intermediate_size=25600),
+    "Qwen3-30B-A3B": dict(QWEN3_MOE, dim=2048, n_layer=48, n_head=32, n_kv_heads=4,
+                          intermediate_size=768),
+    "Qwen3-235B-A22B": dict(QWEN3_MOE, dim=4096, n_layer=94, n_head=64, n_kv_heads=4,
+                            intermediate_size=1536),
+    "Mixtral-8x7B": dict(MIXTRAL, dim=4096, n_layer=32, n_head=32, vocab_size=32000,
+                         intermediate_size=14336, block_size=32768),
+    "Mixtral-8x22B": dict(MIXTRAL, dim=6144, n_layer=56, n_head=48, vocab_size=32768,
+                          intermediate_size=16384, block_size=65536),
+}
+
+
 def random_model(name: str, device, dtype) -> Transformer:
-    """A named config of model.CONFIGS with random weights, made on the device: benchmarks need no
+    """A named config of CONFIGS with random weights, made on the device: benchmarks need no
     download, and random weights decode at the speed of real ones."""
     with torch.device("meta"):
         model = Transformer(ModelArgs(**CONFIGS[name])).to(dtype)  # cast on meta: no float32 copy

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import tp
-from checkpoint import (InputError, check_device, check_output, load_model, random_model,
-                        read_checkpoint, write_files)
-from model import CONFIGS, ModelArgs, MoEFeedForward, Transformer
+from checkpoint import (CONFIGS, InputError, check_device, check_output, load_model,
+                        random_model, read_checkpoint, write_files)
+from model import ModelArgs, MoEFeedForward, Transformer
 from tokenizer import TextStreamer, load_tokenizer
 
 
@@ -801,8 +801,8 @@ MODEL_FLAGS = argparse.ArgumentParser(add_help=False)
 MODEL_FLAGS.add_argument("--checkpoint_path", type=Path,
                          help="checkpoint folder, or the weights file inside it")
 MODEL_FLAGS.add_argument("--random_weights", metavar="NAME",
-                         help="build the named config (model.py CONFIGS) with random weights on "
-                         "the device")
+                         help="build the named config (checkpoint.py CONFIGS) with random weights "
+                         "on the device")
 MODEL_FLAGS.add_argument("--random_quantization", choices=tp.RANDOM_QUANTIZATIONS,
                          help="with --random_weights: quantize the random weights as quantize.py "
                          "would (int4.g32: int4 in groups of 32), one layer at a time on the "

@@ -55,9 +55,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 import tp
-from checkpoint import InputError, read_checkpoint
+from checkpoint import CONFIGS, InputError, read_checkpoint
 from generate import MODEL_FLAGS, check_model_flags, compile_functions, load_weights
-from model import CONFIGS, ModelArgs, Transformer
+from model import ModelArgs, Transformer
 from tokenizer import TextStreamer, load_tokenizer
 
 

@@ -52,9 +52,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 import kernels
-from checkpoint import (InputError, WeightsFile, check_tensors, empty_model, randomize_,
+from checkpoint import (CONFIGS, InputError, WeightsFile, check_tensors, empty_model, randomize_,
                         read_checkpoint, to_device)
-from model import CONFIGS, ModelArgs, Transformer
+from model import ModelArgs, Transformer
 from quantize import (DEFAULT_OUTPUT_MODE, linear_names, quantize_weight, quantized_config,
                       record_padding)
 

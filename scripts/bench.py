@@ -64,8 +64,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import generate  # noqa: E402
 import kernels  # noqa: E402
 import tp  # noqa: E402
-from checkpoint import InputError, check_writable, random_model, read_json, write_files  # noqa: E402
-from model import CONFIGS, ModelArgs  # noqa: E402
+from checkpoint import (CONFIGS, InputError, check_writable, random_model, read_json,  # noqa: E402
+                        write_files)
+from model import ModelArgs  # noqa: E402
 
 DEVICE = "cuda"  # the benchmark is for GPUs; tests point it at the CPU to check the code path
 PROMPT_TOKENS = 5  # the decode samples' prompt, as in gpt-fast's numbers
@@ -530,7 +531,7 @@ def run_merge(args):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cells = p.add_argument_group("cells: a cross product of these four lists, or --cells, or --suite")
-    cells.add_argument("--models", nargs="+", help="named configs of model.py (default Llama-2-7B)")
+    cells.add_argument("--models", nargs="+", help="named configs of checkpoint.py (default Llama-2-7B)")
     cells.add_argument("--precisions", nargs="+", help="bf16 (default), int8, int4.gG, fp8, fp8-scaled_mm")
     cells.add_argument("--batch_sizes", nargs="+", type=int, help="default 1")
     cells.add_argument("--max_new_tokens", nargs="+", type=int, help="tokens generated per row (default 200; e.g. 200 4000)")

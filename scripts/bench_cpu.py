@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import generate  # noqa: E402
 import tp  # noqa: E402
-from checkpoint import InputError, random_model  # noqa: E402
-from model import CONFIGS, ModelArgs  # noqa: E402
+from checkpoint import CONFIGS, InputError, random_model  # noqa: E402
+from model import ModelArgs  # noqa: E402
 
 PROMPT_TOKENS = 5
 PRECISIONS = ("int8", "int4.g32", "int4.g128")
@@ -107,7 +107,7 @@ def markdown(result: dict) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="CPU decode speed of int8 / int4 against float32")
     p.add_argument("--models", nargs="+", default=["SmolLM2-135M"],
-                   help="named configs of model.py (default: SmolLM2-135M)")
+                   help="named configs of checkpoint.py (default: SmolLM2-135M)")
     p.add_argument("--precisions", nargs="+", default=list(PRECISIONS),
                    choices=tp.RANDOM_QUANTIZATIONS,
                    help=f"compared with float32 (default: {' '.join(PRECISIONS)})")

@@ -26,8 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench.py beside this
 import kernels  # noqa: E402
 from bench import (BYTES_PER_GB, build, copy_bandwidth_gb_s, describe_check,  # noqa: E402
                    kernel_checks, parse_precision)
-from checkpoint import InputError  # noqa: E402
-from model import CONFIGS  # noqa: E402
+from checkpoint import CONFIGS, InputError  # noqa: E402
 
 LINEARS = (nn.Linear, kernels.Int8Linear, kernels.Int4Linear, kernels.Fp8Linear)
 

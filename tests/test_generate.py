@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from generate import Sampling, generate, probabilities, sample
-from model import CONFIGS, ModelArgs, Transformer
+from checkpoint import CONFIGS
+from model import ModelArgs, Transformer
 
 TINY = dict(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=97, intermediate_size=96, block_size=128)
 # the feed-forward: dense, or a mixture of 8 experts of which 2 per token (with Qwen3's q/k norm)

@@ -9,7 +9,8 @@ import torch
 
 from generate import (DraftModel, Sampling, generate, speculative_generate,
                       unchosen_expert_bytes)
-from model import CONFIGS, ModelArgs, MoEFeedForward, Transformer, top_k
+from checkpoint import CONFIGS
+from model import ModelArgs, MoEFeedForward, Transformer, top_k
 
 TINY = dict(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=97, intermediate_size=48,
             block_size=128, n_experts=8, n_active_experts=2)

@@ -21,8 +21,8 @@ import kernels
 from kernels import relative_error
 import model as M
 import quantize as Q
-from checkpoint import (InputError, WeightsFile, empty_model, load_model, read_checkpoint,
-                        read_weights, save_checkpoint, to_device)
+from checkpoint import (CONFIGS, InputError, WeightsFile, empty_model, load_model,
+                        read_checkpoint, read_weights, save_checkpoint, to_device)
 from conftest import ROOT, assert_one_error_line, run_script
 from model import ModelArgs, Transformer
 
@@ -559,7 +559,7 @@ def test_quantize_refuses_a_config_beyond_any_model_at_once(tiny_checkpoint, tmp
     to build even on the meta device. (The weights file beside it, the tiny model's, is never
     opened.)"""
     folder, _ = tiny_checkpoint
-    config = dataclasses.asdict(ModelArgs(**M.CONFIGS["SmolLM2-135M"]))
+    config = dataclasses.asdict(ModelArgs(**CONFIGS["SmolLM2-135M"]))
     (tmp_path / "config.json").write_text(json.dumps({**config, field: 1_000_000_000}))
     (tmp_path / "model.safetensors").symlink_to(folder / "model.safetensors")
     before = snapshot(tmp_path)

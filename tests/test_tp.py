@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from conftest import QUIET, ROOT, TORCHRUN, assert_one_error_line, run_script
+from checkpoint import CONFIGS as NAMED_CONFIGS
 from checkpoint import InputError, load_model, random_model, read_checkpoint, save_checkpoint
-from model import CONFIGS as NAMED_CONFIGS, ModelArgs, Transformer
+from model import ModelArgs, Transformer
 
 TINY = dict(dim=64, n_layer=2, n_head=4, vocab_size=97, intermediate_size=128, block_size=64)
 # Multi-head and grouped-query attention, with and without q/k/v bias. The vocabularies of 97 do not divide by 2
