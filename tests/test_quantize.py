@@ -104,6 +104,19 @@ def test_compiled_int8_layer_is_not_rewritten_into_weight_int8pack_mm():
     assert relative_error(y, layer(x)) < 1e-2  # bf16 rounding
 
 
+def test_split_k_parts_are_added_one_at_a_time_not_by_a_reduction():
+    """The GPU kernels return a long K's partial sums in parts (up to 8) for the next operation to
+    add. As pointwise adds, torch.compile fuses them into the next kernel; a sum over the parts'
+    dimension of 8 terms would be a reduction kernel of its own (BENCHMARKS.md)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    parts = torch.randn(8, 3, 40)  # (split_k, M, N)
+    ops = {node.target for node in make_fx(kernels.added_parts)(parts).graph.nodes
+           if node.op == "call_function"}
+    assert torch.ops.aten.add.Tensor in ops and torch.ops.aten.sum.dim_IntList not in ops, ops
+    torch.testing.assert_close(kernels.added_parts(parts), parts.sum(0))
+    assert torch.equal(kernels.added_parts(parts[:1]), parts[0])
+
+
 @pytest.mark.parametrize("mode, groupsize", list(LOOSE),
                          ids=["int8", "int4-g32", "int4-g128-padded", "fp8"])
 @torch.no_grad()
