@@ -492,10 +492,13 @@ def words_per_split(n_columns: int, split_k: int) -> int:
 
 
 def added_parts(parts: Tensor) -> Tensor:
-    """The split-K partial sums (split_k, ...) added into one (...), in float32: one part at a time,
-    which torch.compile fuses into the next kernel as pointwise adds. Summed over the first
-    dimension, 8 parts (the small matmul's split of a long K) would be a reduction kernel of its
-    own, as inductor unrolls only shorter ones: 3.5 us a layer at 8 rows on an H200."""
+    """The split-K partial sums (split_k, ...) added into one (...), in float32. Compiled, one part
+    at a time, which torch.compile fuses into the next kernel as pointwise adds: summed over the
+    first dimension, 8 parts (the small matmul's split of a long K) would be a reduction kernel of
+    its own, as inductor unrolls only shorter ones (3.5 us a layer at 8 rows on an H200). Eager
+    (generate.py's prefill), one sum: one launch rather than one a part."""
+    if parts.shape[0] > 1 and not torch.compiler.is_compiling():
+        return parts.sum(0)
     y = parts[0]
     for i in range(1, parts.shape[0]):
         y = y + parts[i]
