@@ -358,26 +358,35 @@ if triton is not None:
                  w.to(out_ptr.dtype.element_ty), mask=col_ok[:, None] & (k[None, :] < K))
 
     @triton.jit
-    def rotated(ptr, d, mask, cos, sin):
-        """Values ptr[d] (mask: which exist) turned by the rotary cos and signed sin as
-        model.apply_rope turns them (pairs 2i, 2i + 1 rotate together), in float32."""
-        x = tl.load(ptr + d, mask=mask, other=0.0).to(tl.float32)
-        partner = tl.load(ptr + (d ^ 1), mask=mask, other=0.0).to(tl.float32)
-        return x * cos + partner * sin
+    def rotated(ptr, d, mask, cos, sin, norm_ptr, eps, D: tl.constexpr, NORM: tl.constexpr):
+        """Values ptr[d] (one head's, or a head a row; mask: which exist), RMS-normalised over
+        the head with the weights at norm_ptr where NORM, then turned by the rotary cos and
+        signed sin as model.apply_rope turns them (pairs 2i, 2i + 1 rotate together), in float32."""
+        x = tl.load(ptr + d, mask=mask, other=0.0)
+        partner = tl.load(ptr + (d ^ 1), mask=mask, other=0.0)
+        if NORM:  # as model.RMSNorm: normalised in float32, rounded, scaled in x's dtype
+            x32 = x.to(tl.float32)
+            r = tl.math.rsqrt(tl.sum(x32 * x32, axis=-1, keep_dims=True) / D + eps)
+            w = tl.load(norm_ptr + d, mask=d < D, other=0.0)
+            w_partner = tl.load(norm_ptr + (d ^ 1), mask=d < D, other=0.0)
+            x = w * (x32 * r).to(x.dtype)
+            partner = w_partner * (partner.to(tl.float32) * r).to(x.dtype)
+        return x.to(tl.float32) * cos + partner.to(tl.float32) * sin
 
     @triton.jit
-    def decode_attention_kernel(q_ptr, k_ptr, v_ptr, rope_ptr, pos_ptr, kc_ptr, vc_ptr, y_ptr,
-                                m_ptr, l_ptr, q_stride, k_stride, v_stride, pos_stride, row0,
+    def decode_attention_kernel(qkv_ptr, q_norm_ptr, k_norm_ptr, eps, rope_ptr, pos_ptr, kc_ptr,
+                                vc_ptr, y_ptr, m_ptr, l_ptr, qkv_stride, pos_stride, row0,
                                 n_kv_heads, S, scale, G: tl.constexpr, D: tl.constexpr,
-                                G_PAD: tl.constexpr, D_PAD: tl.constexpr,
+                                G_PAD: tl.constexpr, D_PAD: tl.constexpr, NORM: tl.constexpr,
                                 SPLIT_SLOTS: tl.constexpr, SPLITS: tl.constexpr,
                                 BLOCK_S: tl.constexpr):
         """One decode token of row b (program_id 0 // n_kv_heads) for kv head h and its G query
-        heads: rotate q and the new k, write k and v at the row's slot pos in cache row row0 + b,
-        and attend over slots 0..pos of part program_id 1 of the cache (SPLIT_SLOTS slots each).
-        q (B, n_head, D), k and v (B, n_kv_heads, D), rope (B, 2, D) cos and signed sin, caches
-        (rows, n_kv_heads, S, D). SPLITS 1: y (B, n_head, D) is the attention; else the part's
-        unnormalised sums (B, n_head, SPLITS, D_PAD), maxima m and sums l (B, n_head, SPLITS) for
+        heads: q/k-normalise (NORM) and rotate q and the new k, write k and v at the row's slot pos
+        in cache row row0 + b, and attend over slots 0..pos of part program_id 1 of the cache
+        (SPLIT_SLOTS slots each). qkv (B, (n_head + 2 n_kv_heads) D) each row's q, k and v heads
+        side by side, rope (B, 2, D) cos and signed sin, caches (rows, n_kv_heads, S, D). SPLITS
+        1: y (B, n_head, D) is the attention; else the part's unnormalised sums
+        (B, n_head, SPLITS, D_PAD), maxima m and sums l (B, n_head, SPLITS) for
         attention_splits_kernel."""
         b, h = tl.program_id(0) // n_kv_heads, tl.program_id(0) % n_kv_heads
         pos = tl.load(pos_ptr + b * pos_stride)
@@ -390,11 +399,16 @@ if triton is not None:
         cos = tl.load(rope_ptr + b * 2 * D + d, mask=d_ok, other=0.0)
         sin = tl.load(rope_ptr + b * 2 * D + D + d, mask=d_ok, other=0.0)
         q_ok = g_ok[:, None] & d_ok[None, :]
-        q_rows = q_ptr + b * q_stride + (h * G + g)[:, None] * D  # (G_PAD, 1)
-        # (G_PAD, D_PAD), rounded to the cache's dtype as the model's rotary output is
-        q = rotated(q_rows, d[None, :], q_ok, cos, sin).to(kc_ptr.dtype.element_ty)
-        k_new = rotated(k_ptr + b * k_stride + h * D, d, d_ok, cos, sin).to(kc_ptr.dtype.element_ty)
-        v_new = tl.load(v_ptr + b * v_stride + h * D + d, mask=d_ok, other=0.0)
+        n_head = n_kv_heads * G
+        row = qkv_ptr + b * qkv_stride
+        q_rows = row + (h * G + g)[:, None] * D  # (G_PAD, 1)
+        k_row, v_row = row + (n_head + h) * D, row + (n_head + n_kv_heads + h) * D
+        # (G_PAD, D_PAD) and (D_PAD,), rounded to the cache's dtype as the model's rotary output is
+        q = rotated(q_rows, d[None, :], q_ok, cos, sin, q_norm_ptr, eps, D, NORM).to(
+            kc_ptr.dtype.element_ty)
+        k_new = rotated(k_row, d, d_ok, cos, sin, k_norm_ptr, eps, D, NORM).to(
+            kc_ptr.dtype.element_ty)
+        v_new = tl.load(v_row + d, mask=d_ok, other=0.0)
         # int64: rows * heads * S * D passes 2**31 in a long, wide cache
         cache = ((row0 + b).to(tl.int64) * n_kv_heads + h) * S * D
         # Online softmax over the part's visible slots (those attention_mask allows: 0..pos).
@@ -422,7 +436,7 @@ if triton is not None:
         if pos < first + SPLIT_SLOTS:  # this part holds the new slot
             tl.store(kc_ptr + cache + pos * D + d, k_new, mask=d_ok)
             tl.store(vc_ptr + cache + pos * D + d, v_new.to(vc_ptr.dtype.element_ty), mask=d_ok)
-        heads = b * G * n_kv_heads + h * G + g  # (G_PAD,) rows of y
+        heads = b * n_head + h * G + g  # (G_PAD,) rows of y
         if SPLITS == 1:
             y = acc / l[:, None]
             tl.store(y_ptr + heads[:, None] * D + d[None, :], y.to(y_ptr.dtype.element_ty),
@@ -719,40 +733,38 @@ DOT_MIN_ROWS = 16 if triton is None or tuple(
 DECODE_ATTENTION = True
 
 
-def heads_rows(t: Tensor) -> Tensor:
-    """t (B, heads, D) with each row's heads side by side (any stride between rows)."""
-    return t if t.stride(2) == 1 and t.stride(1) == t.shape[2] else t.contiguous()
-
-
 @torch.library.custom_op("blitz::decode_attention", mutates_args=("k_cache", "v_cache"))
-def decode_attention_op(q: Tensor, k: Tensor, v: Tensor, rope: Tensor, input_pos: Tensor,
-                        k_cache: Tensor, v_cache: Tensor, row: int) -> Tensor:
-    """q (B, n_head, D), k and v (B, n_kv_heads, D) of one token a row at slots input_pos (B,),
-    before rotary; rope (B, 2, D) their cos and signed sin; caches (rows, n_kv_heads, S, D), row b
-    in cache row row + b. Writes the rotated k and v into the caches; returns the attention
-    (B, n_head, D)."""
-    (B, n_head, D), (rows, n_kv_heads, S) = q.shape, k_cache.shape[:3]
+def decode_attention_op(qkv: Tensor, q_norm: Optional[Tensor], k_norm: Optional[Tensor],
+                        eps: float, rope: Tensor, input_pos: Tensor, k_cache: Tensor,
+                        v_cache: Tensor, row: int) -> Tensor:
+    """qkv (B, (n_head + 2 n_kv_heads) D): one token a row at slots input_pos (B,), its q, k and
+    v heads side by side as wqkv gives them; q_norm and k_norm the weights (D,) of the RMSNorms
+    of q and k heads (eps theirs), or None; rope (B, 2, D) cos and signed sin; caches
+    (rows, n_kv_heads, S, D), row b in cache row row + b. Writes the new k and v (normalised,
+    rotated) into the caches; returns the attention (B, n_head * D)."""
+    (rows, n_kv_heads, S, D), B = k_cache.shape, qkv.shape[0]
+    n_head = qkv.shape[1] // D - 2 * n_kv_heads
     # The kernel writes where these say: a mismatch would land outside the cache, unreported.
-    assert k.shape == v.shape == (B, n_kv_heads, D) and k_cache.shape == v_cache.shape == (
-        rows, n_kv_heads, S, D), (q.shape, k.shape, v.shape, k_cache.shape, v_cache.shape)
-    assert 0 <= row and row + B <= rows and n_head % n_kv_heads == 0, (row, B, rows)
+    assert qkv.shape == (B, (n_head + 2 * n_kv_heads) * D) and k_cache.shape == v_cache.shape, (
+        qkv.shape, k_cache.shape, v_cache.shape)
+    assert 0 <= row and row + B <= rows and n_head % n_kv_heads == 0, (row, B, rows, n_head)
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and input_pos.shape == (B,)
-    assert rope.shape == (B, 2, D), rope.shape
-    q, k, v = heads_rows(q), heads_rows(k), heads_rows(v)
-    y = q.new_empty(B, n_head, D)
+    assert rope.shape == (B, 2, D) and (q_norm is None) == (k_norm is None), rope.shape
+    qkv = qkv if qkv.stride(1) == 1 else qkv.contiguous()
+    y = qkv.new_empty(B, n_head * D)
     # tl.dot's inner dimension is at least 16 on NVIDIA GPUs (the padding is masked off)
     splits, D_PAD = triton.cdiv(S, SPLIT_SLOTS), max(16, triton.next_power_of_2(D))
     parts = m = l = None
     if splits > 1:
-        parts = torch.empty(B, n_head, splits, D_PAD, dtype=torch.float32, device=q.device)
-        m, l = torch.empty(2, B, n_head, splits, dtype=torch.float32, device=q.device)
+        parts = torch.empty(B, n_head, splits, D_PAD, dtype=torch.float32, device=qkv.device)
+        m, l = torch.empty(2, B, n_head, splits, dtype=torch.float32, device=qkv.device)
     G = n_head // n_kv_heads
     decode_attention_kernel[(B * n_kv_heads, splits)](
-        q, k, v, rope.contiguous(), input_pos, k_cache, v_cache, y if splits == 1 else parts, m,
-        l, q.stride(0), k.stride(0), v.stride(0), input_pos.stride(0), row, n_kv_heads, S,
-        D ** -0.5, G=G, D=D, G_PAD=max(DOT_MIN_ROWS, triton.next_power_of_2(G)), D_PAD=D_PAD,
-        SPLIT_SLOTS=SPLIT_SLOTS, SPLITS=splits, BLOCK_S=ATTENTION_BLOCK_S, num_warps=4,
-        num_stages=3)
+        qkv, q_norm, k_norm, eps, rope.contiguous(), input_pos, k_cache, v_cache,
+        y if splits == 1 else parts, m, l, qkv.stride(0), input_pos.stride(0), row, n_kv_heads,
+        S, D ** -0.5, G=G, D=D, G_PAD=max(DOT_MIN_ROWS, triton.next_power_of_2(G)), D_PAD=D_PAD,
+        NORM=q_norm is not None, SPLIT_SLOTS=SPLIT_SLOTS, SPLITS=splits,
+        BLOCK_S=ATTENTION_BLOCK_S, num_warps=4, num_stages=3)
     if splits > 1:
         attention_splits_kernel[(B * n_head,)](
             parts, m, l, y, input_pos, input_pos.stride(0), n_head, D=D, SPLITS=splits,
@@ -761,18 +773,21 @@ def decode_attention_op(q: Tensor, k: Tensor, v: Tensor, rope: Tensor, input_pos
 
 
 @decode_attention_op.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, rope: Tensor, input_pos: Tensor, k_cache: Tensor,
-      v_cache: Tensor, row: int) -> Tensor:
-    return q.new_empty(q.shape)
+def _(qkv: Tensor, q_norm: Optional[Tensor], k_norm: Optional[Tensor], eps: float, rope: Tensor,
+      input_pos: Tensor, k_cache: Tensor, v_cache: Tensor, row: int) -> Tensor:
+    n_kv_heads, D = k_cache.shape[1], k_cache.shape[3]
+    return qkv.new_empty(qkv.shape[0], qkv.shape[1] - 2 * n_kv_heads * D)
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, rows: Rows, cache: KVCache) -> Tensor:
-    """model.Attention's decode step in one kernel: q (B, 1, n_head, D), k and v
-    (B, 1, n_kv_heads, D) before rotary, rows' one slot each: (B, 1, n_head, D)."""
-    B = q.shape[0]
-    y = decode_attention_op(q[:, 0], k[:, 0], v[:, 0], rows.rope.view(B, 2, -1),
-                            rows.input_pos.view(B), cache.k, cache.v, rows.row)
-    return y.view(B, 1, *y.shape[1:])
+def decode_attention(attention: Attention, qkv: Tensor, rows: Rows) -> Tensor:
+    """model.Attention's decode step in one kernel: qkv (B, qkv_dim), wqkv's output for rows' one
+    slot each, taken whole (passed as q, k and v apart, a compiled step would give each a copy of
+    its own): (B, n_head * head_dim)."""
+    B, cache = qkv.shape[0], attention.kv_cache
+    norms = ((attention.q_norm.weight, attention.k_norm.weight, attention.q_norm.eps)
+             if attention.qk_norm else (None, None, 0.0))
+    return decode_attention_op(qkv, *norms, rows.rope.view(B, 2, -1), rows.input_pos.view(B),
+                               cache.k, cache.v, rows.row)
 
 
 def relative_error(y: Tensor, reference: Tensor) -> float:
@@ -868,6 +883,8 @@ def check_decode_attention(device="cuda", dtype=torch.bfloat16) -> list:
         args = ModelArgs(dim=H * D, n_layer=1, n_head=H, n_kv_heads=KV, head_dim=D,
                          vocab_size=1, intermediate_size=1, qk_norm=qk_norm)
         attention = Attention(args).to(device, dtype)
+        if qk_norm:  # weights other than RMSNorm's ones, each its own
+            attention.q_norm.weight.data.uniform_(0.5, 1.5), attention.k_norm.weight.data.normal_()
         pos = torch.tensor([0, SPLIT_SLOTS - 1, SPLIT_SLOTS, S - 1], device=device).clamp(max=S - 1)
         pos = pos[:, None]  # (B, 1)
         B = pos.shape[0]

@@ -112,23 +112,23 @@ class Attention(nn.Module):
         ys = []
         for part, g in zip(qkv.split([g.input_pos.numel() for g in groups]), groups):
             B, T = g.input_pos.shape
+            if T == 1 and self.decode_kernel is not None:
+                # q/k norm, rotary, cache write and attention in one kernel, reading qkv whole
+                ys.append(self.decode_kernel(self, part, g))  # (B, n_head * head_dim)
+                continue
             q, k, v = part.view(B, T, -1).split([q_dim, kv_dim, kv_dim], dim=-1)
             q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, n_head, head_dim)
             k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
             if self.qk_norm:
                 q, k = self.q_norm(q), self.k_norm(k)
             v = v.view(B, T, self.n_kv_heads, self.head_dim)
-            if T == 1 and self.decode_kernel is not None:  # rotary, cache write and attention
-                y = self.decode_kernel(q, k, v, g, self.kv_cache)  # (B, 1, n_head, head_dim)
-            else:
-                q, k = apply_rope(q, g.rope), apply_rope(k, g.rope)
-                q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
-                # (B, n_kv_heads, S, head_dim)
-                k, v = self.kv_cache.update(g.input_pos, k, v, g.row)
-                # enable_gqa: each group of query heads reads its shared kv head without copying.
-                gqa = self.n_head != self.n_kv_heads
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, enable_gqa=gqa)
-                y = y.transpose(1, 2)  # (B, T, n_head, head_dim)
+            q, k = apply_rope(q, g.rope), apply_rope(k, g.rope)
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
+            k, v = self.kv_cache.update(g.input_pos, k, v, g.row)  # (B, n_kv_heads, S, head_dim)
+            # enable_gqa: each group of query heads reads its shared kv head without copying.
+            gqa = self.n_head != self.n_kv_heads
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, enable_gqa=gqa)
+            y = y.transpose(1, 2)  # (B, T, n_head, head_dim)
             ys.append(y.reshape(B * T, q_dim))  # (B * T, n_head * head_dim)
         y = ys[0] if len(ys) == 1 else torch.cat(ys)  # (N, n_head * head_dim)
         return self.wo(y.view(*x.shape[:-1], -1))

@@ -197,16 +197,16 @@ def check_decode_attention():
 def check_decode_attention_rows_are_independent(attention):
     torch.manual_seed(0)
     B, H, KV, D, S = 4, 6, 2, 16, 600  # three parts of 256 slots
-    q, k, v = torch.randn(B, H, D), torch.randn(B, KV, D), torch.randn(B, KV, D)
+    qkv, norms = torch.randn(B, (H + 2 * KV) * D), torch.randn(2, D)  # q/k norm on
     rope = torch.randn(B, 2, D)
     pos = torch.tensor([0, 255, 256, 599])  # each row in another part, or at its edge
     caches = torch.randn(2, B + 1, KV, S, D)  # rows 1..B used, row 0 another request's
     batch = caches.clone()
-    y = attention(q, k, v, rope, pos, batch[0], batch[1], 1)  # (B, H, D)
+    y = attention(qkv, *norms, 1e-6, rope, pos, batch[0], batch[1], 1)  # (B, H * D)
     for b in range(B):
         alone = caches.clone()
         one = slice(b, b + 1)
-        y_b = attention(q[one], k[one], v[one], rope[one], pos[one], alone[0], alone[1], 1 + b)
+        y_b = attention(qkv[one], *norms, 1e-6, rope[one], pos[one], alone[0], alone[1], 1 + b)
         assert torch.equal(y_b[0], y[b]), b
         assert torch.equal(alone[:, 1 + b], batch[:, 1 + b]), b
 
