@@ -43,13 +43,15 @@ def test_every_kernel_matches_its_reference_on_gpu():
     assert not failures, failures
 
 
-def test_decode_attention_kernel_in_a_compiled_cuda_graph_matches_sdpa_at_each_rows_slot():
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_decode_attention_kernel_in_a_compiled_cuda_graph_matches_sdpa_at_each_rows_slot(qk_norm):
     """Rows decoding at different slots, with keys past each row's slot left over from a longer
-    prefill: the compiled step with the decode attention kernel (checkpoint.to_device gives it)
-    against the eager step through SDPA, 20 steps (warm-up, recording, replays)."""
+    prefill: the compiled step with the decode attention kernel (checkpoint.to_device gives it;
+    with q/k norm, the kernel applies it) against the eager step through SDPA, 20 steps (warm-up,
+    recording, replays)."""
     import copy
     from kernels import decode_attention, prepare_for_device, relative_error
-    model = tiny_model().cuda().to(torch.bfloat16)  # 4 query heads, 2 kv heads
+    model = tiny_model(qk_norm=qk_norm).cuda().to(torch.bfloat16)  # 4 query heads, 2 kv heads
     reference = copy.deepcopy(model)
     prepare_for_device(model)
     assert all(layer.attention.decode_kernel is decode_attention for layer in model.layers)
