@@ -1029,8 +1029,8 @@ def int4_weights(packed: Tensor, scales: Tensor, zeros: Tensor, groupsize: int,
 # time) serves int4 inputs of up to TINYGEMM_MAX_ROWS rows, and the Triton kernels the rest, from
 # the weights as int4_words lays them out (in place of the file's): two copies of the weights in
 # memory. One copy: None, tinygemm for every input (a long prompt ~10x slower: BENCHMARKS.md), what
-# happens without Triton; or 0, the Triton kernels alone (Llama-2-7B's batch-1 decode on an H200
-# 7 % slower in groups of 128, 30 % in groups of 32).
+# happens without Triton; or 0, the Triton kernels alone (Llama-2-7B's batch-1 decode on an H200:
+# as fast in groups of 128, 30 % slower in groups of 32 when last measured; BENCHMARKS.md).
 TINYGEMM_MAX_ROWS = 1
 INT4_KERNELS = {
     "cuda": (lambda packed, tiles: torch.ops.aten._convert_weight_to_int4pack(
