@@ -1,6 +1,7 @@
 """Triton kernels for quantized weights (int8, fp8, int4), and the quantized linear layers: a
 weight-only GEMV (one row of activations), a small matmul (2 to 64 rows: decode batches,
-speculative verifies) and a dequantized copy of the weights for longer inputs (prefills).
+speculative verifies; one-byte weights up to 256 rows, in blocks: a server's prompt chunks, short
+prompts) and a dequantized copy of the weights for longer inputs (prefills).
 
 At batch 1 a linear layer is a matrix-vector product: each weight is read once and used once, so
 the kernel's only job is to stream the weights at full memory bandwidth, which torch.compile's
@@ -182,31 +183,36 @@ if triton is not None:
     @triton.jit
     def quantized_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, K_PER_SPLIT,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            TMA: tl.constexpr = False):
-        """y[s, m, n] = sum over split s's columns k of x[m, k] * w[n, k] * scales[n], for all M
-        rows (BLOCK_M >= M, so each weight is read once) and BLOCK_N outputs n (program_id 0);
-        split s (program_id 1) takes columns [s K_PER_SPLIT, (s + 1) K_PER_SPLIT). x (M, K) bf16
-        or fp16; w one-byte weights as weight_tile reads them, converted to x's dtype in registers
-        for the tensor cores (`tl.dot`); the row scales multiply the sums. y float32 partial
-        sums."""
-        rows = tl.arange(0, BLOCK_M)  # (BLOCK_M,)
-        n0 = tl.program_id(0) * BLOCK_N
+                            TMA: tl.constexpr = False, X_TMA: tl.constexpr = False):
+        """y[s, m, n] = sum over split s's columns k of x[m, k] * w[n, k] * scales[n], for the
+        BLOCK_M rows of block program_id(0) and BLOCK_N outputs n (program_id 1); split s
+        (program_id 2) takes columns [s K_PER_SPLIT, (s + 1) K_PER_SPLIT). x (M, K) bf16 or fp16,
+        or (X_TMA) a tensor descriptor of it with blocks (BLOCK_M, BLOCK_K); w one-byte weights as
+        weight_tile reads them, converted to x's dtype in registers for the tensor cores
+        (`tl.dot`); the row scales multiply the sums. y float32 partial sums. The row blocks of a
+        weight tile are neighbours in the grid, so they run side by side and read it from L2."""
+        m0 = tl.program_id(0) * BLOCK_M
+        rows = m0 + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+        n0 = tl.program_id(1) * BLOCK_N
         cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
-        first = tl.program_id(1) * K_PER_SPLIT
+        first = tl.program_id(2) * K_PER_SPLIT
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # transposed: y^T = w x^T
         for k0 in range(first, tl.minimum(first + K_PER_SPLIT, K), BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
-            x = tl.load(x_ptr + rows[:, None] * K + k[None, :],
-                        mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
+            if X_TMA:
+                x = x_ptr.load([m0, k0])  # (BLOCK_M, BLOCK_K); past M or K: zeros
+            else:
+                k = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+                x = tl.load(x_ptr + rows[:, None] * K + k[None, :],
+                            mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
             w = weight_tile(w_ptr, s_ptr, n0, k0, N, K, False, BLOCK_N, BLOCK_K, x.dtype,
                             TMA)  # (BLOCK_N, BLOCK_K)
             # The converted weights are the left operand, which the tensor cores can take from
-            # the registers the conversion left them in; the few rows of x go through shared
-            # memory (8 rows of int8 on an H200: 41 % of copy, against 36 % the other way round).
+            # the registers the conversion left them in; the rows of x go through shared memory
+            # (8 rows of int8 on an H200: 41 % of copy, against 36 % the other way round).
             # (BLOCK_N, BLOCK_M) += (BLOCK_N, BLOCK_K) @ (BLOCK_K, BLOCK_M)
             acc = tl.dot(w, tl.trans(x), acc)
         acc *= tl.load(s_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[:, None]
-        out = (tl.program_id(1) * M + rows[None, :]) * N + cols[:, None]  # (BLOCK_N, BLOCK_M)
+        out = (tl.program_id(2) * M + rows[None, :]) * N + cols[:, None]  # (BLOCK_N, BLOCK_M)
         tl.store(y_ptr + out, acc, mask=(rows[None, :] < M) & (cols[:, None] < N))
 
     # nibbles_as_bf16's PTX for two words ($8, $9): their low halves side by side in t0, their high
@@ -549,11 +555,15 @@ def scaled_gemv(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
     return y.view(*x.shape[:-1], N)
 
 
-# Decode batches of 2 to MAX_MM_ROWS rows go to the small matmul. Longer inputs (prefills) are
-# compute-bound: a dequantized copy of the layer's weights in x's dtype (one pass over them) feeds
-# PyTorch's matmul. The small matmul splits K into parts of at least MM_SPLIT_COLUMNS (whole tiles
-# of both small matmuls), so that a layer of few output rows still gives every SM weights to stream.
+# Decode batches of 2 to MAX_MM_ROWS rows go to the small matmul, all rows in one block: each
+# weight is read once. Up to MAX_WIDE_ROWS rows (a prompt's chunk beside a server's decoding rows,
+# a short prompt), one-byte weights go through the same kernel in blocks of WIDE_MM_TILE's rows.
+# Longer inputs (prefills) are compute-bound: a dequantized copy of the layer's weights in x's
+# dtype (one pass over them) feeds PyTorch's matmul. The small matmul splits K into parts of at
+# least MM_SPLIT_COLUMNS (whole tiles of both small matmuls), so that a layer of few output rows
+# still gives every SM weights to stream.
 MAX_MM_ROWS = 64
+MAX_WIDE_ROWS = 256
 MM_DTYPES = (torch.bfloat16, torch.float16)  # the activations the small matmul's tl.dot takes
 MM_SPLIT_COLUMNS, MM_SPLIT_ALIGN = 1024, 256
 # The one-byte small matmul's tile, not autotuned: of 16 (BLOCK_N, the tensor cores' M dimension,
@@ -566,6 +576,11 @@ MM_TILE = dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
 # 2, 3, 4 or 6 stages; 1, 2 or 4 times mm_split's parts) on each of Llama-2-7B's layer shapes at 1,
 # 8 and 32 rows on an H200 (BENCHMARKS.md).
 INT4_MM_TILE = dict(BLOCK_N=64, num_warps=4, num_stages=3)
+# Wider inputs of one-byte weights: blocks of 128 rows side by side, K whole, x through a tensor
+# descriptor as well, in whole blocks (x padded with zero rows): of 44 tiles (blocks of 64 to 256
+# rows), the fastest at 96 rows and within 0.5 % of the fastest at 160 and 256 on an H200. Split K,
+# x by plain loads, or a part-filled last block were up to 1.6x slower (BENCHMARKS.md).
+WIDE_MM_TILE = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
 
 
 def mm_block_rows(n_rows: int) -> int:
@@ -597,25 +612,31 @@ def tma_loads(weight: Tensor) -> bool:
 @torch.library.custom_op("blitz::quantized_mm_partials", mutates_args=())
 def quantized_mm_partials(x: Tensor, weight: Tensor, scales: Tensor, zeros: Optional[Tensor],
                           groupsize: int, split_k: int, columns_per_split: int) -> Tensor:
-    """x (M, K), M <= MAX_MM_ROWS, bf16 or fp16, times weight (N, K) int8 or float8_e4m3fn with
-    scales (N,), or (zeros given) int4 words as int4_words lays them out with group scales and
-    zeros (N, K / groupsize): (split_k, M, N) float32 partial sums."""
+    """x (M, K) bf16 or fp16 times weight (N, K) int8 or float8_e4m3fn with scales (N,), M up to
+    MAX_WIDE_ROWS, or (zeros given) int4 words as int4_words lays them out with group scales and
+    zeros (N, K / groupsize), M up to MAX_MM_ROWS: (split_k, M, N) float32 partial sums."""
     M, K, N = *x.shape, weight.shape[0]
-    assert M <= MAX_MM_ROWS and weight.is_contiguous() and scales.is_contiguous(), (
-        "quantized_mm: at most MAX_MM_ROWS rows, row-major weights and scales")
+    assert M <= (MAX_MM_ROWS if zeros is not None else MAX_WIDE_ROWS), "quantized_mm: too many rows"
+    assert weight.is_contiguous() and scales.is_contiguous(), "quantized_mm: row-major weights"
+    x = x.contiguous()
     y = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
     tma = tma_loads(weight)
     if zeros is not None:
         w = TensorDescriptor.from_tensor(weight, [INT4_MM_TILE["BLOCK_N"], 16]) if tma else weight
         int4_mm_kernel[(triton.cdiv(N, INT4_MM_TILE["BLOCK_N"]), split_k)](
-            x.contiguous(), w, scales, zeros, y, M, N, K, columns_per_split, groupsize,
+            x, w, scales, zeros, y, M, N, K, columns_per_split, groupsize,
             BLOCK_M=mm_block_rows(M), TMA=tma, PTX=torch.version.hip is None, **INT4_MM_TILE)
         return y
-    w = (TensorDescriptor.from_tensor(weight, [MM_TILE["BLOCK_N"], MM_TILE["BLOCK_K"]]) if tma
+    tile = dict(MM_TILE, BLOCK_M=mm_block_rows(M)) if M <= MAX_MM_ROWS else WIDE_MM_TILE
+    w = (TensorDescriptor.from_tensor(weight, [tile["BLOCK_N"], tile["BLOCK_K"]]) if tma
          else weight)
-    quantized_mm_kernel[(triton.cdiv(N, MM_TILE["BLOCK_N"]), split_k)](
-        x.contiguous(), w, scales, y, M, N, K, columns_per_split, BLOCK_M=mm_block_rows(M),
-        TMA=tma, **MM_TILE)
+    x_tma = (M > MAX_MM_ROWS and tma and x.data_ptr() % 16 == 0
+             and K * x.element_size() % 16 == 0)
+    if x_tma:
+        x = TensorDescriptor.from_tensor(x, [tile["BLOCK_M"], tile["BLOCK_K"]])
+    grid = (triton.cdiv(M, tile["BLOCK_M"]), triton.cdiv(N, tile["BLOCK_N"]), split_k)
+    quantized_mm_kernel[grid](x, w, scales, y, M, N, K, columns_per_split, TMA=tma,
+                              X_TMA=x_tma, **tile)
     return y
 
 
@@ -627,13 +648,19 @@ def _(x: Tensor, weight: Tensor, scales: Tensor, zeros: Optional[Tensor], groups
 
 def quantized_mm(x: Tensor, weight: Tensor, scales: Tensor, zeros: Optional[Tensor] = None,
                  groupsize: int = 1) -> Tensor:
-    """x (..., K) of up to MAX_MM_ROWS rows (bf16 or fp16) times quantized weights as
-    quantized_mm_partials takes them: (..., N) in x's dtype. The split-K partial sums are added
-    here, which torch.compile fuses into the next operation."""
-    K = x.shape[-1]
-    y = quantized_mm_partials(x.reshape(-1, K), weight, scales, zeros, groupsize,
-                              *mm_split(K))  # (split_k, M, N)
-    return added_parts(y).to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+    """x (..., K) (bf16 or fp16) times quantized weights as quantized_mm_partials takes them:
+    (..., N) in x's dtype. The split-K partial sums are added here, which torch.compile fuses into
+    the next operation."""
+    K, N = x.shape[-1], weight.shape[0]
+    rows = x.reshape(-1, K)
+    M = rows.shape[0]
+    if M <= MAX_MM_ROWS:
+        y = quantized_mm_partials(rows, weight, scales, zeros, groupsize, *mm_split(K))
+    else:
+        if M % WIDE_MM_TILE["BLOCK_M"]:  # whole blocks of rows
+            rows = F.pad(rows, (0, 0, 0, -M % WIDE_MM_TILE["BLOCK_M"]))
+        y = quantized_mm_partials(rows, weight, scales, zeros, groupsize, 1, K)[:, :M]
+    return added_parts(y).to(x.dtype).view(*x.shape[:-1], N)
 
 
 @torch.library.custom_op("blitz::dequantized_copy", mutates_args=())
@@ -660,18 +687,19 @@ def _(weight: Tensor, scales: Tensor, zeros: Optional[Tensor], groupsize: int,
     return weight.new_empty(weight.shape[0], K, dtype=dtype)
 
 
-def kernel_route(x: Tensor) -> Optional[str]:
+def kernel_route(x: Tensor, mm_rows: int = MAX_MM_ROWS) -> Optional[str]:
     """Which Triton kernel serves a quantized layer's input x (..., K), on a CUDA device with
-    Triton installed and K a multiple of 4: "gemv" (one row), "mm" (up to MAX_MM_ROWS rows of bf16
-    or fp16), "dequantize" (more rows); None: PyTorch's path."""
+    Triton installed and K a multiple of 4: "gemv" (one row), "mm" (up to mm_rows rows of bf16 or
+    fp16: MAX_MM_ROWS, or MAX_WIDE_ROWS for one-byte weights), "dequantize" (more rows); None:
+    PyTorch's path."""
     if triton is None or not x.is_cuda or x.shape[-1] % 4:
         return None
     rows = x.numel() // x.shape[-1]
     if rows == 1:
         return "gemv"
-    if rows <= MAX_MM_ROWS:
-        return "mm" if x.dtype in MM_DTYPES else None
-    return "dequantize"
+    if rows <= mm_rows and x.dtype in MM_DTYPES:
+        return "mm"
+    return None if rows <= MAX_MM_ROWS else "dequantize"
 
 
 @torch.library.custom_op("blitz::expert_gemv_partials", mutates_args=())
@@ -821,7 +849,8 @@ def quantized_cases(N: int, K: int, device) -> list:
 def check_kernels(device="cuda") -> list:
     """The kernels against their float64 reference on Llama-2-7B's layer shapes and a ragged one,
     for int8, fp8 and int4 weights at 1 row (the GEMV; int4: the small matmul), 8 and 33 rows (the
-    small matmul) and 200 (a dequantized copy into PyTorch's matmul), then the expert GEMV and the
+    small matmul), 200 (one-byte weights: the small matmul in blocks of rows; int4: a dequantized
+    copy into PyTorch's matmul) and 300 (a dequantized copy), then the expert GEMV and the
     decode attention kernel: a list of {name, rows, shape, rel_err, ok}. scripts/bench.py runs this
     before timing anything."""
     torch.manual_seed(0)
@@ -831,7 +860,7 @@ def check_kernels(device="cuda") -> list:
             if name.startswith("int4"):
                 packed, *group = weights
                 weights = (int4_words(packed), *group)
-            for rows in (1, 8, 33, 200):
+            for rows in (1, 8, 33, 200, 300):
                 x = torch.randn(rows, 1, K, device=device, dtype=torch.bfloat16)  # (rows, T, K)
                 linear = int4_triton_linear if name.startswith("int4") else one_byte_linear
                 y = linear(x, *weights)  # (rows, 1, N)
@@ -947,7 +976,7 @@ def one_byte_linear(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
     scaling in float32, which also keeps torch.compile from matching inductor's weight-only int8
     pattern (`F.linear(x, w.to(bf16)) * bf16 scales` -> aten._weight_int8pack_mm, whose CUDA
     kernel is slow at a few rows: BENCHMARKS.md)."""
-    route = kernel_route(x)
+    route = kernel_route(x, MAX_WIDE_ROWS)
     if route == "gemv":
         return scaled_gemv(x, weight, scales)
     if route == "mm":

@@ -59,15 +59,21 @@ def check_scaled_gemv():
 # The interpreter's tl.dot mishandles bfloat16 (NumPy has no such type), so x is float32 here;
 # kernels.check_kernels checks the bf16 path on the GPU.
 def check_quantized_mm():
-    from kernels import MM_TILE, TensorDescriptor, mm_block_rows, quantized_mm_kernel, relative_error
+    from kernels import (MM_TILE, WIDE_MM_TILE, TensorDescriptor, mm_block_rows,
+                         quantized_mm_kernel, relative_error)
     torch.manual_seed(0)
-    checked = {"plain": 0, "TMA": 0}
-    # the project's tile and two others: narrow and deep, wide
-    tiles = [MM_TILE, dict(BLOCK_N=16, BLOCK_K=256), dict(BLOCK_N=128, BLOCK_K=128)]
-    # A decode batch of M rows in one tile, padded to 16, 64 and exactly 64 rows; int8 weights, K
-    # whole or split over 3 programs (each column counted once), the weights read by plain loads
-    # or through a tensor descriptor (TMA: a tile past N or K reads zeros).
-    for M in (1, 2, 33, 64):
+    checked = {"plain": 0, "TMA": 0, "blocks": 0, "x TMA": 0}
+    # A decode batch of M rows in one block, padded to 16, 64 and exactly 64 rows, with the
+    # project's tile and two others (narrow and deep, wide); and wider inputs in blocks of rows,
+    # the last one part-filled, with the wide tile's shape and a smaller block. int8 weights, K
+    # whole or split over 3 programs (each column counted once); weights and x read by plain
+    # loads or through a tensor descriptor (TMA: a tile past N, K or M reads zeros).
+    small = [dict(MM_TILE, BLOCK_M=None), dict(BLOCK_N=16, BLOCK_K=256, BLOCK_M=None),
+             dict(BLOCK_N=128, BLOCK_K=128, BLOCK_M=None)]
+    wide = [WIDE_MM_TILE, dict(BLOCK_N=32, BLOCK_K=64, BLOCK_M=32)]
+    cases = [(M, tiles) for M in (1, 2, 33, 64) for tiles in [small]] + [
+        (M, tiles) for M in (65, 130) for tiles in [wide]]
+    for M, tiles in cases:
         # whole tiles; ragged outputs; K ragged against 256-column tiles
         for N, K in ((64, 1024), (100, 768), (37, 384)):
             w = torch.randint(-128, 128, (N, K), dtype=torch.int8)
@@ -75,17 +81,25 @@ def check_quantized_mm():
             x = torch.randn(M, K)
             reference = x.double() @ (w.double() * scales.double()[:, None]).T  # (M, N)
             for c, tile in enumerate(tiles):
+                tile = {k: v for k, v in tile.items() if k not in ("num_warps", "num_stages")}
+                tile["BLOCK_M"] = tile["BLOCK_M"] or mm_block_rows(M)
                 for split_k, tma in ((1, c % 2 == 1), (3, c % 2 == 0)):
-                    block = [tile["BLOCK_N"], tile["BLOCK_K"]]
-                    w_arg = TensorDescriptor.from_tensor(w, block) if tma else w
+                    x_tma = tma and M > 64
+                    w_arg = (TensorDescriptor.from_tensor(w, [tile["BLOCK_N"], tile["BLOCK_K"]])
+                             if tma else w)
+                    x_arg = (TensorDescriptor.from_tensor(x, [tile["BLOCK_M"], tile["BLOCK_K"]])
+                             if x_tma else x)
                     y = torch.full((split_k, M, N), float("nan"))  # poisoned: all written
-                    grid = (triton.cdiv(N, tile["BLOCK_N"]), split_k)
-                    quantized_mm_kernel[grid](x, w_arg, scales, y, M, N, K,
-                                              -(-K // split_k // 256) * 256,
-                                              BLOCK_M=mm_block_rows(M), TMA=tma, **tile)
+                    grid = (triton.cdiv(M, tile["BLOCK_M"]), triton.cdiv(N, tile["BLOCK_N"]),
+                            split_k)
+                    quantized_mm_kernel[grid](x_arg, w_arg, scales, y, M, N, K,
+                                              -(-K // split_k // 256) * 256, TMA=tma,
+                                              X_TMA=x_tma, **tile)
                     error = relative_error(y.sum(0), reference)
                     assert error < 1e-6, (M, N, K, tile, split_k, tma, error)
                     checked["TMA" if tma else "plain"] += 1
+                    checked["blocks"] += grid[0] > 1
+                    checked["x TMA"] += x_tma
     assert min(checked.values()) >= 8, checked
 
 
