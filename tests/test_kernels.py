@@ -59,7 +59,7 @@ def check_scaled_gemv():
 # The interpreter's tl.dot mishandles bfloat16 (NumPy has no such type), so x is float32 here;
 # kernels.check_kernels checks the bf16 path on the GPU.
 def check_quantized_mm():
-    from kernels import (MM_TILE, WIDE_MM_TILE, TensorDescriptor, mm_block_rows,
+    from kernels import (MM_TILE, WIDE_MM_TILE, TensorDescriptor, mm_block_rows, quantized_mm,
                          quantized_mm_kernel, relative_error)
     torch.manual_seed(0)
     checked = {"plain": 0, "TMA": 0, "blocks": 0, "x TMA": 0}
@@ -101,6 +101,15 @@ def check_quantized_mm():
                     checked["blocks"] += grid[0] > 1
                     checked["x TMA"] += x_tma
     assert min(checked.values()) >= 8, checked
+    # As the layers call it (kernels.quantized_mm): past MAX_MM_ROWS rows, x padded to whole
+    # blocks, K whole, the padding's rows dropped from the result.
+    for M in (65, 128, 130):
+        w = torch.randint(-128, 128, (100, 768), dtype=torch.int8)
+        scales = torch.rand(100) / 127
+        x = torch.randn(M, 1, 768)  # (rows, T, K)
+        reference = x.double() @ (w.double() * scales.double()[:, None]).T  # (M, 1, N)
+        y = quantized_mm(x, w, scales)
+        assert y.shape == (M, 1, 100) and relative_error(y, reference) < 1e-6, (M, y.shape)
 
 
 # int4 in int4_words' layout, groups of 32 to 256 (several groups in a 128-column chunk, one,
