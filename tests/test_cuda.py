@@ -85,6 +85,25 @@ def test_one_byte_gemv_takes_each_activation_dtype_and_a_view_inside_a_word(dtyp
             assert y.dtype == dtype and rel < 1e-2, (name, start, rel)
 
 
+@pytest.mark.parametrize("rows", [65, 160, 256])
+def test_one_byte_layer_compiled_past_the_small_matmul_rows_matches_eager(rows):
+    """Past MAX_MM_ROWS the layer pads x to whole blocks of rows and drops the padding's results:
+    compiled (the pad fused into x's producer, as in server.py's mixed steps) as eager."""
+    from kernels import kernel_route, one_byte_linear, quantized_cases, relative_error
+    torch.manual_seed(0)
+    for name, weights, reference_weights in quantized_cases(4096, 1024, "cuda")[:2]:  # int8, fp8
+        x = torch.randn(rows, 1, 1024, device="cuda", dtype=torch.bfloat16)
+        assert kernel_route(x, 256) == "mm" and kernel_route(x) == "dequantize"
+        layer = torch.compile(lambda x: one_byte_linear(torch.relu(x), *weights), fullgraph=True)
+        eager = one_byte_linear(torch.relu(x), *weights)  # (rows, 1, 4096)
+        compiled = layer(x)
+        reference = torch.relu(x).double() @ reference_weights.T
+        assert compiled.shape == eager.shape == (rows, 1, 4096)
+        assert torch.equal(compiled, eager), name
+        assert relative_error(eager, reference) < 1e-2, name
+        torch._dynamo.reset()
+
+
 def test_mixture_of_experts_compiled_decode_matches_eager_and_grouped_mm_the_gathered_form():
     """Decode takes the gathered form through the expert GEMV (checkpoint.to_device gives it)."""
     from kernels import expert_matmul, prepare_for_device
