@@ -657,8 +657,8 @@ def quantized_mm(x: Tensor, weight: Tensor, scales: Tensor, zeros: Optional[Tens
     if M <= MAX_MM_ROWS:
         y = quantized_mm_partials(rows, weight, scales, zeros, groupsize, *mm_split(K))
     else:
-        if M % WIDE_MM_TILE["BLOCK_M"]:  # whole blocks of rows
-            rows = F.pad(rows, (0, 0, 0, -M % WIDE_MM_TILE["BLOCK_M"]))
+        if M % WIDE_MM_TILE["BLOCK_M"]:  # whole blocks: a part-filled one ran slower
+            rows = F.pad(rows, (0, 0, 0, -M % WIDE_MM_TILE["BLOCK_M"]))  # zero rows
         y = quantized_mm_partials(rows, weight, scales, zeros, groupsize, 1, K)[:, :M]
     return added_parts(y).to(x.dtype).view(*x.shape[:-1], N)
 
