@@ -627,11 +627,11 @@ def quantized_mm_partials(x: Tensor, weight: Tensor, scales: Tensor, zeros: Opti
             x, w, scales, zeros, y, M, N, K, columns_per_split, groupsize,
             BLOCK_M=mm_block_rows(M), TMA=tma, PTX=torch.version.hip is None, **INT4_MM_TILE)
         return y
-    tile = dict(MM_TILE, BLOCK_M=mm_block_rows(M)) if M <= MAX_MM_ROWS else WIDE_MM_TILE
+    wide = M > MAX_MM_ROWS
+    tile = WIDE_MM_TILE if wide else dict(MM_TILE, BLOCK_M=mm_block_rows(M))
     w = (TensorDescriptor.from_tensor(weight, [tile["BLOCK_N"], tile["BLOCK_K"]]) if tma
          else weight)
-    x_tma = (M > MAX_MM_ROWS and tma and x.data_ptr() % 16 == 0
-             and K * x.element_size() % 16 == 0)
+    x_tma = wide and tma and x.data_ptr() % 16 == 0 and K * x.element_size() % 16 == 0
     if x_tma:
         x = TensorDescriptor.from_tensor(x, [tile["BLOCK_M"], tile["BLOCK_K"]])
     grid = (triton.cdiv(M, tile["BLOCK_M"]), triton.cdiv(N, tile["BLOCK_N"]), split_k)
@@ -657,8 +657,9 @@ def quantized_mm(x: Tensor, weight: Tensor, scales: Tensor, zeros: Optional[Tens
     if M <= MAX_MM_ROWS:
         y = quantized_mm_partials(rows, weight, scales, zeros, groupsize, *mm_split(K))
     else:
-        if M % WIDE_MM_TILE["BLOCK_M"]:  # whole blocks: a part-filled one ran slower
-            rows = F.pad(rows, (0, 0, 0, -M % WIDE_MM_TILE["BLOCK_M"]))  # zero rows
+        padding = -M % WIDE_MM_TILE["BLOCK_M"]
+        if padding:  # zero rows to whole blocks: a part-filled one ran slower
+            rows = F.pad(rows, (0, 0, 0, padding))
         y = quantized_mm_partials(rows, weight, scales, zeros, groupsize, 1, K)[:, :M]
     return added_parts(y).to(x.dtype).view(*x.shape[:-1], N)
 

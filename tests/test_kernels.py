@@ -68,12 +68,9 @@ def check_quantized_mm():
     # the last one part-filled, with the wide tile's shape and a smaller block. int8 weights, K
     # whole or split over 3 programs (each column counted once); weights and x read by plain
     # loads or through a tensor descriptor (TMA: a tile past N, K or M reads zeros).
-    small = [dict(MM_TILE, BLOCK_M=None), dict(BLOCK_N=16, BLOCK_K=256, BLOCK_M=None),
-             dict(BLOCK_N=128, BLOCK_K=128, BLOCK_M=None)]
+    small = [MM_TILE, dict(BLOCK_N=16, BLOCK_K=256), dict(BLOCK_N=128, BLOCK_K=128)]
     wide = [WIDE_MM_TILE, dict(BLOCK_N=32, BLOCK_K=64, BLOCK_M=32)]
-    cases = [(M, tiles) for M in (1, 2, 33, 64) for tiles in [small]] + [
-        (M, tiles) for M in (65, 130) for tiles in [wide]]
-    for M, tiles in cases:
+    for M, tiles in [(M, small) for M in (1, 2, 33, 64)] + [(M, wide) for M in (65, 130)]:
         # whole tiles; ragged outputs; K ragged against 256-column tiles
         for N, K in ((64, 1024), (100, 768), (37, 384)):
             w = torch.randint(-128, 128, (N, K), dtype=torch.int8)
@@ -81,8 +78,7 @@ def check_quantized_mm():
             x = torch.randn(M, K)
             reference = x.double() @ (w.double() * scales.double()[:, None]).T  # (M, N)
             for c, tile in enumerate(tiles):
-                tile = {k: v for k, v in tile.items() if k not in ("num_warps", "num_stages")}
-                tile["BLOCK_M"] = tile["BLOCK_M"] or mm_block_rows(M)
+                tile = {"BLOCK_M": mm_block_rows(M), **tile}  # a small tile: all rows in one block
                 for split_k, tma in ((1, c % 2 == 1), (3, c % 2 == 0)):
                     x_tma = tma and M > 64
                     w_arg = (TensorDescriptor.from_tensor(w, [tile["BLOCK_N"], tile["BLOCK_K"]])
