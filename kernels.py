@@ -576,11 +576,36 @@ MM_TILE = dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
 # 2, 3, 4 or 6 stages; 1, 2 or 4 times mm_split's parts) on each of Llama-2-7B's layer shapes at 1,
 # 8 and 32 rows on an H200 (BENCHMARKS.md).
 INT4_MM_TILE = dict(BLOCK_N=64, num_warps=4, num_stages=3)
-# Wider inputs of one-byte weights: blocks of 128 rows side by side, K whole, x through a tensor
-# descriptor as well, in whole blocks (x padded with zero rows): of 44 tiles (blocks of 64 to 256
-# rows), the fastest at 96 rows and within 0.5 % of the fastest at 160 and 256 on an H200. Split K,
-# x by plain loads, or a part-filled last block were up to 1.6x slower (BENCHMARKS.md).
-WIDE_MM_TILE = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
+# Wider inputs of one-byte weights: blocks of 128 rows side by side, x through a tensor descriptor
+# as well, in whole blocks (x padded with zero rows). x by plain loads, a part-filled last block,
+# or K split in mm_split's parts were up to 1.6x slower (BENCHMARKS.md). 64 columns deep: with both
+# operands through descriptors, Triton 3.6 compiles the 128-deep tile in 3 stages to a kernel whose
+# results change from call to call once a grid outlasts one wave of programs (fp8 on every call,
+# int8 now and then, a NaN; 4 stages or 64 deep gave the same bits on every call), and of those
+# this is the fastest (H200: 0-5 % slower than the faulty tile, K split alike, at 65-256 rows).
+WIDE_MM_TILE = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+# Such a tile holds an SM (its shared memory) while it walks K, so a layer of few tiles leaves SMs
+# idle: Llama-2-7B's 4096-row layers make 64 tiles a block of rows for 132 SMs. Their K is split
+# until the grid holds about two programs an SM, in at most WIDE_MAX_SPLIT parts (H200: a pass of
+# Llama-2-7B's layers at 128 rows 7.35 -> 5.14 ms; BENCHMARKS.md); the wider layers stay whole,
+# where parts cost more in partial sums than they gain.
+WIDE_MAX_SPLIT = 4
+
+
+def wide_split(n_rows: int, n_out: int, n_columns: int, n_sms: int) -> tuple[int, int]:
+    """(number of K splits, columns per split) of the small matmul in blocks of rows."""
+    tiles = -(-n_rows // WIDE_MM_TILE["BLOCK_M"]) * -(-n_out // WIDE_MM_TILE["BLOCK_N"])
+    split_k = max(1, min(WIDE_MAX_SPLIT, 2 * n_sms // tiles))
+    per_split = -(-n_columns // split_k // WIDE_MM_TILE["BLOCK_K"]) * WIDE_MM_TILE["BLOCK_K"]
+    return -(-n_columns // per_split), per_split
+
+
+@torch.compiler.assume_constant_result  # a number for torch.compile, not a graph break
+def sm_count(cuda_index: Optional[int]) -> int:
+    """The GPU's multiprocessor count; 1 off a GPU (Triton's interpreter)."""
+    if cuda_index is None:
+        return 1
+    return torch.cuda.get_device_properties(cuda_index).multi_processor_count
 
 
 def mm_block_rows(n_rows: int) -> int:
@@ -660,7 +685,8 @@ def quantized_mm(x: Tensor, weight: Tensor, scales: Tensor, zeros: Optional[Tens
         padding = -M % WIDE_MM_TILE["BLOCK_M"]
         if padding:  # zero rows to whole blocks: a part-filled one ran slower
             rows = F.pad(rows, (0, 0, 0, padding))
-        y = quantized_mm_partials(rows, weight, scales, zeros, groupsize, 1, K)[:, :M]
+        split = wide_split(rows.shape[0], N, K, sm_count(x.device.index))
+        y = quantized_mm_partials(rows, weight, scales, zeros, groupsize, *split)[:, :M]
     return added_parts(y).to(x.dtype).view(*x.shape[:-1], N)
 
 
@@ -852,8 +878,8 @@ def check_kernels(device="cuda") -> list:
     for int8, fp8 and int4 weights at 1 row (the GEMV; int4: the small matmul), 8 and 33 rows (the
     small matmul), 200 (one-byte weights: the small matmul in blocks of rows; int4: a dequantized
     copy into PyTorch's matmul) and 300 (a dequantized copy), then the expert GEMV and the
-    decode attention kernel: a list of {name, rows, shape, rel_err, ok}. scripts/bench.py runs this
-    before timing anything."""
+    decode attention kernel: a list of {name, rows, shape, rel_err, ok}; a layer's ok also needs
+    the same bits from a second call. scripts/bench.py runs this before timing anything."""
     torch.manual_seed(0)
     results = []
     for N, K in ((12288, 4096), (4096, 11008), (32000, 4096), (37, 320)):
@@ -867,8 +893,9 @@ def check_kernels(device="cuda") -> list:
                 y = linear(x, *weights)  # (rows, 1, N)
                 reference = x.double() @ reference_weights.T
                 rel = relative_error(y, reference)
-                # bf16 rounding of the output, and of int4's and the copy's weights: ~4e-3
-                ok = y.shape == (rows, 1, N) and rel < 1e-2
+                # bf16 rounding of the output, and of int4's and the copy's weights: ~4e-3; and
+                # the same bits again (a race between a kernel's stages can stay under that)
+                ok = y.shape == (rows, 1, N) and rel < 1e-2 and torch.equal(linear(x, *weights), y)
                 results.append(dict(name=name, rows=rows, shape=[N, K], rel_err=rel, ok=ok))
     return results + check_expert_kernel(device) + check_decode_attention(device)
 

@@ -104,6 +104,21 @@ def test_one_byte_layer_compiled_past_the_small_matmul_rows_matches_eager(rows):
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("rows", [65, 256])
+def test_one_byte_layer_past_the_small_matmul_rows_is_right_and_the_same_on_every_call(rows):
+    """A layer of more tiles than the GPU holds at once (12288 outputs: 192 a block of rows, for
+    ~132 SMs), so its programs run in waves: right, and the same bits on every call (the
+    pipeline's stages must not race, whichever programs share an SM)."""
+    from kernels import one_byte_linear, quantized_cases, relative_error
+    torch.manual_seed(0)
+    for name, weights, reference_weights in quantized_cases(12288, 4096, "cuda")[:2]:  # int8, fp8
+        x = torch.randn(rows, 1, 4096, device="cuda", dtype=torch.bfloat16)
+        first = one_byte_linear(x, *weights)  # (rows, 1, 12288)
+        assert relative_error(first, x.double() @ reference_weights.T) < 2.5e-3, name  # ~1.7e-3
+        for _ in range(10):
+            assert torch.equal(one_byte_linear(x, *weights), first), name
+
+
 def test_mixture_of_experts_compiled_decode_matches_eager_and_grouped_mm_the_gathered_form():
     """Decode takes the gathered form through the expert GEMV (checkpoint.to_device gives it)."""
     from kernels import expert_matmul, prepare_for_device

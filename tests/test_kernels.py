@@ -98,14 +98,21 @@ def check_quantized_mm():
                     checked["x TMA"] += x_tma
     assert min(checked.values()) >= 8, checked
     # As the layers call it (kernels.quantized_mm): past MAX_MM_ROWS rows, x padded to whole
-    # blocks, K whole, the padding's rows dropped from the result.
-    for M in (65, 128, 130):
-        w = torch.randint(-128, 128, (100, 768), dtype=torch.int8)
-        scales = torch.rand(100) / 127
-        x = torch.randn(M, 1, 768)  # (rows, T, K)
-        reference = x.double() @ (w.double() * scales.double()[:, None]).T  # (M, 1, N)
-        y = quantized_mm(x, w, scales)
-        assert y.shape == (M, 1, 100) and relative_error(y, reference) < 1e-6, (M, y.shape)
+    # blocks, the padding's rows dropped from the result; K whole (one SM, as off a GPU) or, for
+    # a GPU of 4 SMs, split for this layer of 2 tiles a block: 3 parts at 1 block, 2 at 2.
+    import kernels
+    sm_count = kernels.sm_count
+    try:
+        for M, sms in ((65, 1), (128, 1), (130, 1), (65, 4), (130, 4)):
+            kernels.sm_count = lambda index: sms
+            w = torch.randint(-128, 128, (100, 768), dtype=torch.int8)
+            scales = torch.rand(100) / 127
+            x = torch.randn(M, 1, 768)  # (rows, T, K)
+            reference = x.double() @ (w.double() * scales.double()[:, None]).T  # (M, 1, N)
+            y = quantized_mm(x, w, scales)
+            assert y.shape == (M, 1, 100) and relative_error(y, reference) < 1e-6, (M, y.shape)
+    finally:
+        kernels.sm_count = sm_count
 
 
 # int4 in int4_words' layout, groups of 32 to 256 (several groups in a 128-column chunk, one,
@@ -255,6 +262,21 @@ def test_int4_layer_laid_out_for_triton_dequantizes_to_the_same_weights():
     layer.use_triton()
     assert not hasattr(layer, "weight") and layer.words.shape == (7, 48)
     assert torch.equal(layer.dequantize(), before)
+
+
+def test_wide_small_matmul_splits_k_only_for_layers_of_too_few_tiles_to_fill_the_gpu():
+    from kernels import wide_split
+    # Llama-2-7B's layers on 132 SMs, one block of rows (65-128) and two (129-256): the 4096-row
+    # layers (64 tiles a block) split into about two programs an SM; the wider ones stay whole.
+    for rows, wo_parts in ((128, 4), (256, 2)):
+        assert wide_split(rows, 4096, 4096, 132) == (wo_parts, 4096 // wo_parts)
+        assert wide_split(rows, 4096, 11008, 132)[0] == wo_parts
+        assert wide_split(rows, 12288, 4096, 132) == (1, 4096)
+        assert wide_split(rows, 22016, 4096, 132) == (1, 4096)
+    # parts of whole tiles (64 columns) that cover K once, none empty
+    assert wide_split(128, 4096, 11008, 132) == (4, 2752)
+    assert wide_split(128, 64, 300, 132) == (3, 128)  # 128 + 128 + 44
+    assert wide_split(128, 100, 768, 1) == (1, 768)  # off a GPU (one "SM"), 2 tiles: K whole
 
 
 def test_gemv_input_gives_aligned_words_of_any_one_row_view():
