@@ -582,7 +582,7 @@ INT4_MM_TILE = dict(BLOCK_N=64, num_warps=4, num_stages=3)
 # operands through descriptors, Triton 3.6 compiles the 128-deep tile in 3 stages to a kernel whose
 # results change from call to call once a grid outlasts one wave of programs (fp8 on every call,
 # int8 now and then, a NaN; 4 stages or 64 deep gave the same bits on every call), and of those
-# this is the fastest (H200: 0-5 % slower than the faulty tile, K split alike, at 65-256 rows).
+# this is the fastest (H200: 2-5 % slower than the faulty tile, K split alike, at 65-256 rows).
 WIDE_MM_TILE = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
 # Such a tile holds an SM (its shared memory) while it walks K, so a layer of few tiles leaves SMs
 # idle: Llama-2-7B's 4096-row layers make 64 tiles a block of rows for 132 SMs. Their K is split
