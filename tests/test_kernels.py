@@ -99,7 +99,7 @@ def check_quantized_mm():
     assert min(checked.values()) >= 8, checked
     # As the layers call it (kernels.quantized_mm): past MAX_MM_ROWS rows, x padded to whole
     # blocks, the padding's rows dropped from the result; K whole (one SM, as off a GPU) or, for
-    # a GPU of 4 SMs, split for this layer of 2 tiles a block: 3 parts at 1 block, 2 at 2.
+    # a GPU of 4 SMs, split for this layer of 2 tiles a block: 4 parts at 1 block, 2 at 2.
     import kernels
     sm_count = kernels.sm_count
     try:
