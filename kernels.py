@@ -592,12 +592,17 @@ WIDE_MM_TILE = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages
 WIDE_MAX_SPLIT = 4
 
 
+def whole_parts(n_columns: int, split_k: int, align: int) -> tuple[int, int]:
+    """(number of parts, columns per part) of K in about split_k (at least 1) parts of whole
+    `align` columns; no part is empty."""
+    per_split = -(-n_columns // max(1, split_k) // align) * align
+    return -(-n_columns // per_split), per_split
+
+
 def wide_split(n_rows: int, n_out: int, n_columns: int, n_sms: int) -> tuple[int, int]:
     """(number of K splits, columns per split) of the small matmul in blocks of rows."""
     tiles = -(-n_rows // WIDE_MM_TILE["BLOCK_M"]) * -(-n_out // WIDE_MM_TILE["BLOCK_N"])
-    split_k = max(1, min(WIDE_MAX_SPLIT, 2 * n_sms // tiles))
-    per_split = -(-n_columns // split_k // WIDE_MM_TILE["BLOCK_K"]) * WIDE_MM_TILE["BLOCK_K"]
-    return -(-n_columns // per_split), per_split
+    return whole_parts(n_columns, min(WIDE_MAX_SPLIT, 2 * n_sms // tiles), WIDE_MM_TILE["BLOCK_K"])
 
 
 @torch.compiler.assume_constant_result  # a number for torch.compile, not a graph break
@@ -613,10 +618,8 @@ def mm_block_rows(n_rows: int) -> int:
 
 
 def mm_split(n_columns: int) -> tuple[int, int]:
-    """(number of K splits, columns per split) of the small matmul; no split is empty."""
-    split_k = max(1, min(MAX_SPLIT, n_columns // MM_SPLIT_COLUMNS))
-    per_split = -(-n_columns // split_k // MM_SPLIT_ALIGN) * MM_SPLIT_ALIGN
-    return -(-n_columns // per_split), per_split
+    """(number of K splits, columns per split) of the small matmul in one block of rows."""
+    return whole_parts(n_columns, min(MAX_SPLIT, n_columns // MM_SPLIT_COLUMNS), MM_SPLIT_ALIGN)
 
 
 # On Hopper and later GPUs the small matmul takes its weight tiles through a tensor descriptor:
