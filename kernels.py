@@ -559,13 +559,17 @@ def scaled_gemv(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
 # weight is read once. Up to MAX_WIDE_ROWS rows (a prompt's chunk beside a server's decoding rows,
 # a short prompt), one-byte weights go through the same kernel in blocks of WIDE_MM_TILE's rows.
 # Longer inputs (prefills) are compute-bound: a dequantized copy of the layer's weights in x's
-# dtype (one pass over them) feeds PyTorch's matmul. The small matmul splits K into parts of at
-# least MM_SPLIT_COLUMNS (whole tiles of both small matmuls), so that a layer of few output rows
-# still gives every SM weights to stream.
+# dtype (one pass over them) feeds PyTorch's matmul. A layer of few output rows makes few tiles,
+# too few to keep every SM streaming weights, so the small matmul splits K into parts of at least
+# MM_SPLIT_COLUMNS (whole tiles of both small matmuls); one-byte weights from MM_FILL_ROWS rows
+# until the grid holds about MM_PROGRAMS_PER_SM programs an SM instead, so that the wider layers,
+# whose partial sums grow with the rows, take fewer parts (H200, Llama-2-7B at 32 rows: int8 +1.4 %
+# tok/s, fp8 +4.3 %; at 8 rows int8 -2.7 %, so fewer rows keep the parts; BENCHMARKS.md).
 MAX_MM_ROWS = 64
 MAX_WIDE_ROWS = 256
 MM_DTYPES = (torch.bfloat16, torch.float16)  # the activations the small matmul's tl.dot takes
 MM_SPLIT_COLUMNS, MM_SPLIT_ALIGN = 1024, 256
+MM_FILL_ROWS, MM_PROGRAMS_PER_SM = 32, 4
 # The one-byte small matmul's tile, not autotuned: of 16 (BLOCK_N, the tensor cores' M dimension,
 # 16 to 128; 128 or 256 columns deep; 3 or 4 stages; 4 warps), the fastest over Llama-2-7B's four
 # layer shapes together for int8 and for fp8 at 8 and at 32 rows on an H200. Autotuned per shape,
@@ -599,8 +603,20 @@ def whole_parts(n_columns: int, split_k: int, align: int) -> tuple[int, int]:
     return -(-n_columns // per_split), per_split
 
 
-def wide_split(n_rows: int, n_out: int, n_columns: int, n_sms: int) -> tuple[int, int]:
-    """(number of K splits, columns per split) of the small matmul in blocks of rows."""
+def mm_split(n_columns: int) -> tuple[int, int]:
+    """(number of K splits, columns per split) of the small matmul in parts of MM_SPLIT_COLUMNS."""
+    return whole_parts(n_columns, min(MAX_SPLIT, n_columns // MM_SPLIT_COLUMNS), MM_SPLIT_ALIGN)
+
+
+def one_byte_split(n_rows: int, n_out: int, n_columns: int, n_sms: int) -> tuple[int, int]:
+    """(number of K splits, columns per split) of the one-byte small matmul, n_rows rows of x (in
+    whole blocks past MAX_MM_ROWS) by weights (n_out, n_columns), on a GPU of n_sms SMs."""
+    if n_rows < MM_FILL_ROWS:
+        return mm_split(n_columns)
+    if n_rows <= MAX_MM_ROWS:  # one block of rows: about MM_PROGRAMS_PER_SM programs an SM
+        tiles = -(-n_out // MM_TILE["BLOCK_N"])
+        return whole_parts(n_columns, min(MAX_SPLIT, MM_PROGRAMS_PER_SM * n_sms // tiles),
+                           MM_SPLIT_ALIGN)
     tiles = -(-n_rows // WIDE_MM_TILE["BLOCK_M"]) * -(-n_out // WIDE_MM_TILE["BLOCK_N"])
     return whole_parts(n_columns, min(WIDE_MAX_SPLIT, 2 * n_sms // tiles), WIDE_MM_TILE["BLOCK_K"])
 
@@ -615,11 +631,6 @@ def sm_count(cuda_index: Optional[int]) -> int:
 
 def mm_block_rows(n_rows: int) -> int:
     return max(16, triton.next_power_of_2(n_rows))  # tl.dot tiles are at least 16 rows
-
-
-def mm_split(n_columns: int) -> tuple[int, int]:
-    """(number of K splits, columns per split) of the small matmul in one block of rows."""
-    return whole_parts(n_columns, min(MAX_SPLIT, n_columns // MM_SPLIT_COLUMNS), MM_SPLIT_ALIGN)
 
 
 # On Hopper and later GPUs the small matmul takes its weight tiles through a tensor descriptor:
@@ -682,14 +693,12 @@ def quantized_mm(x: Tensor, weight: Tensor, scales: Tensor, zeros: Optional[Tens
     K, N = x.shape[-1], weight.shape[0]
     rows = x.reshape(-1, K)
     M = rows.shape[0]
-    if M <= MAX_MM_ROWS:
-        y = quantized_mm_partials(rows, weight, scales, zeros, groupsize, *mm_split(K))
-    else:
-        padding = -M % WIDE_MM_TILE["BLOCK_M"]
-        if padding:  # zero rows to whole blocks: a part-filled one ran slower
-            rows = F.pad(rows, (0, 0, 0, padding))
-        split = wide_split(rows.shape[0], N, K, sm_count(x.device.index))
-        y = quantized_mm_partials(rows, weight, scales, zeros, groupsize, *split)[:, :M]
+    if M > MAX_MM_ROWS and M % WIDE_MM_TILE["BLOCK_M"]:
+        # zero rows to whole blocks: a part-filled one ran slower
+        rows = F.pad(rows, (0, 0, 0, -M % WIDE_MM_TILE["BLOCK_M"]))
+    split = (mm_split(K) if zeros is not None
+             else one_byte_split(rows.shape[0], N, K, sm_count(x.device.index)))
+    y = quantized_mm_partials(rows, weight, scales, zeros, groupsize, *split)[:, :M]
     return added_parts(y).to(x.dtype).view(*x.shape[:-1], N)
 
 

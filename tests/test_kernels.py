@@ -99,11 +99,13 @@ def check_quantized_mm():
     assert min(checked.values()) >= 8, checked
     # As the layers call it (kernels.quantized_mm): past MAX_MM_ROWS rows, x padded to whole
     # blocks, the padding's rows dropped from the result; K whole (one SM, as off a GPU) or, for
-    # a GPU of 4 SMs, split for this layer of 2 tiles a block: 4 parts at 1 block, 2 at 2.
+    # a GPU of 4 SMs, split for this layer of 2 tiles a block: 4 parts at 1 block, 2 at 2; and
+    # decode batches in one block, K whole (M = 2: 768 columns, less than two parts of 1024) or,
+    # from 32 rows, in 2 parts (512 + 256 columns) on 1 SM and 3 on 4.
     import kernels
     sm_count = kernels.sm_count
     try:
-        for M, sms in ((65, 1), (128, 1), (130, 1), (65, 4), (130, 4)):
+        for M, sms in ((65, 1), (128, 1), (130, 1), (65, 4), (130, 4), (2, 4), (33, 1), (33, 4)):
             kernels.sm_count = lambda index: sms
             w = torch.randint(-128, 128, (100, 768), dtype=torch.int8)
             scales = torch.rand(100) / 127
@@ -264,19 +266,27 @@ def test_int4_layer_laid_out_for_triton_dequantizes_to_the_same_weights():
     assert torch.equal(layer.dequantize(), before)
 
 
-def test_wide_small_matmul_splits_k_only_for_layers_of_too_few_tiles_to_fill_the_gpu():
-    from kernels import wide_split
-    # Llama-2-7B's layers on 132 SMs, one block of rows (65-128) and two (129-256): the 4096-row
-    # layers (64 tiles a block) split into about two programs an SM; the wider ones stay whole.
+def test_small_matmul_splits_k_until_the_grid_fills_the_gpu_and_wide_layers_stay_whole():
+    from kernels import mm_split, one_byte_split
+    # Llama-2-7B's layers on 132 SMs. One-byte weights, a decode batch of 32 to 64 rows (one block):
+    # about 4 programs an SM, at most 8 parts of whole 256 columns; fewer rows: parts of 1024.
+    assert one_byte_split(31, 12288, 4096, 132) == mm_split(4096) == (4, 1024)
+    assert one_byte_split(32, 12288, 4096, 132) == (2, 2048)
+    assert one_byte_split(32, 4096, 4096, 132) == (8, 512)
+    assert one_byte_split(32, 22016, 4096, 132) == (1, 4096)
+    assert one_byte_split(32, 4096, 11008, 132) == (8, 1536)  # 7 x 1536 + 256
+    # Blocks of rows (65-128 rows: one, 129-256: two): about 2 programs an SM, at most 4 parts.
     for rows, wo_parts in ((128, 4), (256, 2)):
-        assert wide_split(rows, 4096, 4096, 132) == (wo_parts, 4096 // wo_parts)
-        assert wide_split(rows, 4096, 11008, 132)[0] == wo_parts
-        assert wide_split(rows, 12288, 4096, 132) == (1, 4096)
-        assert wide_split(rows, 22016, 4096, 132) == (1, 4096)
+        assert one_byte_split(rows, 4096, 4096, 132) == (wo_parts, 4096 // wo_parts)
+        assert one_byte_split(rows, 4096, 11008, 132)[0] == wo_parts
+        assert one_byte_split(rows, 12288, 4096, 132) == (1, 4096)
+        assert one_byte_split(rows, 22016, 4096, 132) == (1, 4096)
     # parts of whole tiles (64 columns) that cover K once, none empty
-    assert wide_split(128, 4096, 11008, 132) == (4, 2752)
-    assert wide_split(128, 64, 300, 132) == (3, 128)  # 128 + 128 + 44
-    assert wide_split(128, 100, 768, 1) == (1, 768)  # off a GPU (one "SM"), 2 tiles: K whole
+    assert one_byte_split(128, 4096, 11008, 132) == (4, 2752)
+    assert one_byte_split(128, 64, 300, 132) == (3, 128)  # 128 + 128 + 44
+    assert one_byte_split(128, 100, 768, 1) == (1, 768)  # off a GPU (one "SM"), 2 tiles: K whole
+    # int4: parts of at least 1024 columns, whatever the layer
+    assert mm_split(11008) == (8, 1536)
 
 
 def test_gemv_input_gives_aligned_words_of_any_one_row_view():
