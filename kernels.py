@@ -45,8 +45,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from model import (Attention, Experts, KVCache, ModelArgs, Rows, attention_mask,
-                   rope_table)
+from model import (Attention, Experts, KVCache, ModelArgs, MoEFeedForward, Rows,
+                   attention_mask, rope_table)
 
 try:
     import triton
@@ -472,6 +472,31 @@ if triton is not None:
         y = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
         tl.store(y_ptr + head * D + d, y.to(y_ptr.dtype.element_ty), mask=d < D)
 
+    @triton.jit
+    def router_kernel(logits_ptr, weights_ptr, experts_ptr, N_EXPERTS, K: tl.constexpr,
+                      BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr):
+        """Token program_id(0) of the router's logits (M, N_EXPERTS): the K largest probabilities
+        of their softmax, largest first, and their experts, (M, K) each; NORM: rescaled to sum
+        to 1. K rounds of max over the row held in registers, each taking its winner out."""
+        row = tl.program_id(0).to(tl.int64)
+        e = tl.arange(0, BLOCK_E)  # (BLOCK_E,) experts
+        z = tl.load(logits_ptr + row * N_EXPERTS + e, mask=e < N_EXPERTS,
+                    other=float("-inf")).to(tl.float32)
+        p = tl.exp(z - tl.max(z, axis=0))
+        p = tl.where(e < N_EXPERTS, p / tl.sum(p, axis=0), -1.0)  # padding never wins
+        j = tl.arange(0, BLOCK_K)  # (BLOCK_K,) the choices
+        chosen = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        ids = tl.zeros((BLOCK_K,), dtype=tl.int64)
+        for i in tl.static_range(K):
+            best, at = tl.max(p, axis=0), tl.argmax(p, axis=0)
+            chosen = tl.where(j == i, best, chosen)
+            ids = tl.where(j == i, at.to(tl.int64), ids)
+            p = tl.where(e == at, -1.0, p)
+        if NORM:
+            chosen = chosen / tl.sum(chosen, axis=0)
+        tl.store(weights_ptr + row * K + j, chosen, mask=j < K)
+        tl.store(experts_ptr + row * K + j, ids, mask=j < K)
+
 # The GEMV's tile: of 15 (8 to 32 rows x 64 to 256 words x 4 or 8 warps), one of the two fastest
 # over Llama-2-7B's five layer shapes together on an H200 (BENCHMARKS.md). One tile, not autotuned
 # per shape: timing single calls of a kernel this short picked a tile 23 % slower than the best for
@@ -787,6 +812,35 @@ def expert_matmul_reference(x: Tensor, experts: Tensor, weight: Tensor,
     return (w @ x.double()[..., None])[..., 0]  # (M, k, N)
 
 
+# The router's softmax, top k and rescaling in one launch, where compiled PyTorch makes two or three
+# (top k of 128 experts alone is torch.topk's 5 us kernel; BENCHMARKS.md).
+@torch.library.custom_op("blitz::router_top_k", mutates_args=())
+def router_top_k(logits: Tensor, k: int, normalize: bool) -> tuple[Tensor, Tensor]:
+    """logits (M, n_experts) -> the k largest softmax probabilities of each row, largest first,
+    rescaled to sum to 1 where `normalize` says so, (M, k) float32, and their experts (M, k)
+    int64: model.MoEFeedForward's routing."""
+    M, n_experts = logits.shape
+    weights = torch.empty(M, k, dtype=torch.float32, device=logits.device)
+    experts = torch.empty(M, k, dtype=torch.int64, device=logits.device)
+    router_kernel[(M,)](logits.contiguous(), weights, experts, n_experts, K=k,
+                        BLOCK_E=triton.next_power_of_2(n_experts),
+                        BLOCK_K=triton.next_power_of_2(k), NORM=normalize, num_warps=1)
+    return weights, experts
+
+
+@router_top_k.register_fake
+def _(logits: Tensor, k: int, normalize: bool) -> tuple[Tensor, Tensor]:
+    M = logits.shape[0]
+    return (logits.new_empty(M, k, dtype=torch.float32),
+            logits.new_empty(M, k, dtype=torch.int64))
+
+
+def router_reference(logits: Tensor, k: int, normalize: bool) -> tuple[Tensor, Tensor]:
+    """router_top_k's result with PyTorch, as model.MoEFeedForward routes without the kernel."""
+    weights, experts = F.softmax(logits.float(), dim=-1).topk(k, dim=-1)  # largest first
+    return weights / weights.sum(dim=-1, keepdim=True) if normalize else weights, experts
+
+
 # A decode token's attention, its rotary embedding and cache write in one kernel (inductor makes
 # five launches of them: RoPE of q, of k with k's cache write, v's cache write, the mask, cuDNN's
 # attention). Programs are (row, kv head, part of SPLIT_SLOTS slots), each reading only the slots
@@ -889,8 +943,8 @@ def check_kernels(device="cuda") -> list:
     """The kernels against their float64 reference on Llama-2-7B's layer shapes and a ragged one,
     for int8, fp8 and int4 weights at 1 row (the GEMV; int4: the small matmul), 8 and 33 rows (the
     small matmul), 200 (one-byte weights: the small matmul in blocks of rows; int4: a dequantized
-    copy into PyTorch's matmul) and 300 (a dequantized copy), then the expert GEMV and the
-    decode attention kernel: a list of {name, rows, shape, rel_err, ok}; a layer's ok also needs
+    copy into PyTorch's matmul) and 300 (a dequantized copy), then the expert GEMV, the router
+    and the decode attention kernel: a list of {name, rows, shape, rel_err, ok}; a layer's ok also needs
     the same bits from a second call. scripts/bench.py runs this before timing anything."""
     torch.manual_seed(0)
     results = []
@@ -909,7 +963,8 @@ def check_kernels(device="cuda") -> list:
                 # the same bits again (a race between a kernel's stages can stay under that)
                 ok = y.shape == (rows, 1, N) and rel < 1e-2 and torch.equal(linear(x, *weights), y)
                 results.append(dict(name=name, rows=rows, shape=[N, K], rel_err=rel, ok=ok))
-    return results + check_expert_kernel(device) + check_decode_attention(device)
+    return (results + check_expert_kernel(device) + check_router(device)
+            + check_decode_attention(device))
 
 
 def check_expert_kernel(device="cuda") -> list:
@@ -936,6 +991,31 @@ def check_expert_kernel(device="cuda") -> list:
                     ok = y.shape == (M, k, N) and rel < 1e-4  # float32 sums
                     results.append(dict(name=name, rows=M * k, shape=[E, N, K], rel_err=rel,
                                         ok=ok))
+    return results
+
+
+def distinct_logits(M: int, n_experts: int, device) -> Tensor:
+    """Router logits (M, n_experts) in bf16, a row's values all different (no ties to break)."""
+    return torch.stack([(torch.randperm(n_experts) - n_experts / 2) / 8
+                        for _ in range(M)]).to(device, torch.bfloat16)
+
+
+def check_router(device="cuda", tokens=(1, 5, 300)) -> list:
+    """The router kernel against its reference on Mixtral's top 2 of 8, Qwen3-MoE's 8 of 128 and
+    a ragged 6 of 60, rescaled and not, for each number of tokens: the same experts in the same
+    order, and their weights."""
+    torch.manual_seed(0)
+    results = []
+    for n_experts, k in ((8, 2), (128, 8), (60, 6)):
+        for M in tokens:
+            for normalize in (True, False):
+                logits = distinct_logits(M, n_experts, device)
+                weights, experts = router_top_k(logits, k, normalize)
+                reference, reference_experts = router_reference(logits, k, normalize)
+                rel = relative_error(weights, reference)
+                ok = torch.equal(experts, reference_experts) and rel < 1e-6
+                results.append(dict(name="router" + " rescaled" * normalize, rows=M,
+                                    shape=[n_experts, k], rel_err=rel, ok=ok))
     return results
 
 
@@ -1415,8 +1495,8 @@ def swap_linears(model: nn.Module, quantization: dict):
 def prepare_for_device(model: nn.Module):
     """After the model reached its device and dtype: pack int4 weights for tinygemm (CUDA, bfloat16,
     see TINYGEMM_MAX_ROWS) and lay them out for the Triton kernels (Int4Linear.use_triton), choose
-    the fp8 matmul, give float, int8 and fp8 experts on CUDA the expert GEMV and bf16 and fp16
-    attention the decode attention kernel, and on the CPU route decode-sized inputs of the int8 and
+    the fp8 matmul, give float, int8 and fp8 experts on CUDA the expert GEMV, their routers the
+    router kernel and bf16 and fp16 attention the decode attention kernel, and on the CPU route decode-sized inputs of the int8 and
     int4 layers to PyTorch's CPU kernels (where cpu_kernels_usable)."""
     dtype = model.tok_embeddings.weight.dtype  # the activations' dtype
     cpu_kernels = cpu_kernels_usable(dtype)
@@ -1425,6 +1505,8 @@ def prepare_for_device(model: nn.Module):
     for module in model.modules():
         if isinstance(module, Attention) and attention_kernel:
             module.decode_kernel = decode_attention
+        if isinstance(module, MoEFeedForward) and module.gate.weight.is_cuda and triton is not None:
+            module.router_kernel = router_top_k
         if (isinstance(module, (Experts, OneByteExperts)) and module.weight.is_cuda
                 and triton is not None and module.in_features % 4 == 0):  # int32 words
             module.kernel = expert_matmul

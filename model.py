@@ -184,14 +184,19 @@ class MoEFeedForward(nn.Module):
         self.w13 = Experts(args.n_experts, args.dim, 2 * args.intermediate_size)
         self.w2 = Experts(args.n_experts, args.intermediate_size, args.dim)
         self.n_active, self.norm_topk_prob = args.n_active_experts, args.norm_topk_prob
+        self.router_kernel = None  # kernels.router_top_k, where prepare_for_device gives one
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, dim = x.shape
         x = x.view(B * T, dim)  # (M, dim): tokens
-        probs = F.softmax(self.gate(x).float(), dim=-1)  # (M, n_experts)
-        weights, experts = top_k(probs, self.n_active)  # (M, k)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        logits = self.gate(x)  # (M, n_experts)
+        if self.router_kernel is not None:  # the same choice in one launch
+            weights, experts = self.router_kernel(logits, self.n_active, self.norm_topk_prob)
+        else:
+            probs = F.softmax(logits.float(), dim=-1)  # (M, n_experts)
+            weights, experts = probs.topk(self.n_active, dim=-1, sorted=False)  # (M, k)
+            if self.norm_topk_prob:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
         # Static shapes decide (no host sync): a few tokens (decode) read only the experts they
         # chose, more (prefill, large batches) every expert once.
         few = experts.numel() <= self.w13.n_experts
@@ -230,24 +235,6 @@ class MoEFeedForward(nn.Module):
             h = F.linear(F.silu(gate) * up, self.w2.weights(e, x.dtype))  # (M, dim)
             y = torch.where((experts == e)[..., None], h[:, None, :], y)
         return y
-
-
-def top_k(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The k largest values of each row of x (M, n), rows of finite values such as the router's
-    probabilities, and their columns, (M, k) each, unordered. Up to k = 2 (Mixtral's top 2 of 8) in
-    rounds of max, cheaper there than torch.topk, a launch of its own: Mixtral-8x7B int8 decoded
-    228.9 tok/s against 220.3 with topk in one process on an H200. Eight rounds cost more than topk
-    (Qwen3-MoE's softmax and top 8 of 128, compiled: 14.8 µs a layer against 5.9), so larger k take
-    topk."""
-    if k > 2:
-        return x.topk(k, dim=-1, sorted=False)
-    values, columns = [], []
-    for _ in range(k):
-        value, column = x.max(dim=-1, keepdim=True)  # (M, 1)
-        values.append(value)
-        columns.append(column)
-        x = x.scatter(-1, column, -float("inf"))  # out of the next round
-    return torch.cat(values, dim=-1), torch.cat(columns, dim=-1)
 
 
 class TransformerBlock(nn.Module):

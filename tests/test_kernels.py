@@ -209,6 +209,35 @@ def check_expert_gemv():
             assert error < 1e-6, (weight.dtype, x.dtype, N, K, rows, config, split_k, error)
 
 
+# The router kernel against its reference (kernels.check_router's cases); on rows of ties at the
+# edge of the top k, where any of the tied experts is right; then in the layer it serves: an MoE
+# feed-forward gives the same output with the kernel as with its PyTorch routing, Mixtral's way
+# (top 2 of 8, rescaled) and Qwen3-MoE's without norm_topk_prob (top 4 of 16).
+def check_router():
+    import kernels
+    from model import ModelArgs, MoEFeedForward
+    for check in kernels.check_router("cpu", tokens=(1, 5)):
+        assert check["ok"], check
+    torch.manual_seed(0)
+    for n_experts, k in ((2, 2), (16, 4), (128, 8)):
+        logits = torch.randint(0, 3, (8, n_experts)).to(torch.bfloat16)  # ties everywhere
+        weights, experts = kernels.router_top_k(logits, k, False)
+        probs = torch.softmax(logits.float(), dim=-1)
+        torch.testing.assert_close(weights, probs.topk(k).values)  # largest first
+        torch.testing.assert_close(probs.gather(-1, experts), weights)  # the experts hold them
+        assert all(len(set(row.tolist())) == k for row in experts), experts  # none twice
+    for n_experts, k, normalize in ((8, 2, True), (16, 4, False)):
+        args = ModelArgs(dim=64, n_layer=1, n_head=4, vocab_size=32, intermediate_size=48,
+                         n_experts=n_experts, n_active_experts=k, norm_topk_prob=normalize)
+        ffn = MoEFeedForward(args)
+        for experts in (ffn.w13, ffn.w2):
+            torch.nn.init.normal_(experts.weight, std=0.1)
+        x = torch.randn(3, 2, 64)  # (B, T, dim): 6 tokens
+        routed_by_pytorch = ffn(x)
+        ffn.router_kernel = kernels.router_top_k
+        assert torch.allclose(ffn(x), routed_by_pytorch, rtol=1e-5, atol=1e-6), (n_experts, k)
+
+
 # The decode attention kernel in float32 (the interpreter's tl.dot, above) against the model's
 # own attention path, with a kv head's query heads padded to 16 rows (Triton before 3.5) and not;
 # kernels.check_kernels runs the same comparison in bf16 on the GPU. Then each row of a batch
@@ -301,7 +330,8 @@ def test_gemv_input_gives_aligned_words_of_any_one_row_view():
 
 INTERPRETER_CHECKS = {"scaled_gemv": check_scaled_gemv, "quantized_mm": check_quantized_mm,
                       "int4_mm": check_int4_mm, "dequantize": check_dequantize,
-                      "expert_gemv": check_expert_gemv, "decode_attention": check_decode_attention}
+                      "expert_gemv": check_expert_gemv, "router": check_router,
+                      "decode_attention": check_decode_attention}
 
 
 def passed(interpreter_jobs, name: str):
@@ -332,6 +362,11 @@ def test_dequantized_weights_equal_the_reference_dequantization(interpreter_jobs
 @pytest.mark.slow
 def test_expert_gemv_kernel_matches_reference_for_each_weight_kind(interpreter_jobs):
     passed(interpreter_jobs, "expert_gemv")
+
+
+@pytest.mark.slow
+def test_router_kernel_chooses_the_experts_and_weights_of_the_pytorch_routing(interpreter_jobs):
+    passed(interpreter_jobs, "router")
 
 
 @pytest.mark.slow
