@@ -813,7 +813,8 @@ def expert_matmul_reference(x: Tensor, experts: Tensor, weight: Tensor,
 
 
 # The router's softmax, top k and rescaling in one launch, where compiled PyTorch makes two or three
-# (top k of 128 experts alone is torch.topk's 5 us kernel; BENCHMARKS.md).
+# (top k of 128 experts alone is torch.topk's 5 us kernel). H200, batch 1: Qwen3-30B-A3B bf16 +17 %
+# tok/s, int8 +11 %; Mixtral-8x7B int8 +1 % (BENCHMARKS.md).
 @torch.library.custom_op("blitz::router_top_k", mutates_args=())
 def router_top_k(logits: Tensor, k: int, normalize: bool) -> tuple[Tensor, Tensor]:
     """logits (M, n_experts) -> the k largest softmax probabilities of each row, largest first,
