@@ -120,12 +120,14 @@ def test_one_byte_layer_past_the_small_matmul_rows_is_right_and_the_same_on_ever
 
 
 def test_mixture_of_experts_compiled_decode_matches_eager_and_grouped_mm_the_gathered_form():
-    """Decode takes the gathered form through the expert GEMV (checkpoint.to_device gives it)."""
-    from kernels import expert_matmul, prepare_for_device
+    """Decode takes the gathered form through the expert GEMV, the router its kernel
+    (checkpoint.to_device gives both)."""
+    from kernels import expert_matmul, prepare_for_device, router_top_k
     from test_moe import tiny_model as tiny_moe
     model = tiny_moe().cuda()  # float32: 8 experts, 2 per token
     prepare_for_device(model)
     assert model.layers[0].feed_forward.w13.kernel is expert_matmul
+    assert model.layers[0].feed_forward.router_kernel is router_top_k
     for n_rows in (3, 5):  # 6 pairs: the gathered form at decode; 10: the grouped (looped) one
         prompts = [torch.randint(0, 97, (n,)).tolist() for n in (3, 11, 7, 2, 9)[:n_rows]]
         model.setup_caches(n_rows, 11 + 24)
@@ -149,14 +151,15 @@ def test_mixture_of_experts_compiled_decode_matches_eager_and_grouped_mm_the_gat
 
 
 @pytest.mark.parametrize("mode", ["float", "int8", "fp8"])
-def test_expert_gemv_in_a_compiled_cuda_graph_matches_the_pytorch_form(mode):
-    from kernels import expert_matmul, relative_error
+def test_expert_gemv_and_router_in_a_compiled_cuda_graph_match_the_pytorch_form(mode):
+    from kernels import expert_matmul, relative_error, router_top_k
     from test_moe import moe_with_experts
     moe = moe_with_experts(mode).cuda().to(torch.bfloat16)
     x = torch.randn(3, 1, moe.w13.in_features, device="cuda", dtype=torch.bfloat16)  # 6 pairs
     with torch.no_grad():
         pytorch_form = moe(x).double()
         moe.w13.kernel = moe.w2.kernel = expert_matmul
+        moe.router_kernel = router_top_k
         compiled = torch.compile(moe, mode="reduce-overhead", fullgraph=True)
         for _ in range(3):  # warm-up, graph recording, replay
             rel = relative_error(compiled(x), pytorch_form)
