@@ -589,7 +589,7 @@ def scaled_gemv(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
 # MM_SPLIT_COLUMNS (whole tiles of both small matmuls); one-byte weights from MM_FILL_ROWS rows
 # until the grid holds about MM_PROGRAMS_PER_SM programs an SM instead, so that the wider layers,
 # whose partial sums grow with the rows, take fewer parts (H200, Llama-2-7B at 32 rows: int8 +1.4 %
-# tok/s, fp8 +4.3 %; at 8 rows int8 -2.7 %, so fewer rows keep the parts; BENCHMARKS.md).
+# tok/s, fp8 +4.3 %; at 8 rows int8 -2.7 to -3.0 %, so fewer rows keep the parts; BENCHMARKS.md).
 MAX_MM_ROWS = 64
 MAX_WIDE_ROWS = 256
 MM_DTYPES = (torch.bfloat16, torch.float16)  # the activations the small matmul's tl.dot takes
@@ -945,8 +945,9 @@ def check_kernels(device="cuda") -> list:
     for int8, fp8 and int4 weights at 1 row (the GEMV; int4: the small matmul), 8 and 33 rows (the
     small matmul), 200 (one-byte weights: the small matmul in blocks of rows; int4: a dequantized
     copy into PyTorch's matmul) and 300 (a dequantized copy), then the expert GEMV, the router
-    and the decode attention kernel: a list of {name, rows, shape, rel_err, ok}; a layer's ok also needs
-    the same bits from a second call. scripts/bench.py runs this before timing anything."""
+    and the decode attention kernel: a list of {name, rows, shape, rel_err, ok}; a layer's ok
+    also needs the same bits from a second call. scripts/bench.py runs this before timing
+    anything."""
     torch.manual_seed(0)
     results = []
     for N, K in ((12288, 4096), (4096, 11008), (32000, 4096), (37, 320)):
