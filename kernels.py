@@ -1498,8 +1498,9 @@ def prepare_for_device(model: nn.Module):
     """After the model reached its device and dtype: pack int4 weights for tinygemm (CUDA, bfloat16,
     see TINYGEMM_MAX_ROWS) and lay them out for the Triton kernels (Int4Linear.use_triton), choose
     the fp8 matmul, give float, int8 and fp8 experts on CUDA the expert GEMV, their routers the
-    router kernel and bf16 and fp16 attention the decode attention kernel, and on the CPU route decode-sized inputs of the int8 and
-    int4 layers to PyTorch's CPU kernels (where cpu_kernels_usable)."""
+    router kernel and bf16 and fp16 attention the decode attention kernel, and on the CPU route
+    decode-sized inputs of the int8 and int4 layers to PyTorch's CPU kernels (where
+    cpu_kernels_usable)."""
     dtype = model.tok_embeddings.weight.dtype  # the activations' dtype
     cpu_kernels = cpu_kernels_usable(dtype)
     attention_kernel = (DECODE_ATTENTION and triton is not None
