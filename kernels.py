@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model import (Attention, Experts, KVCache, ModelArgs, MoEFeedForward, Rows,
-                   attention_mask, rope_table)
+                   attention_mask, rope_table, route)
 
 try:
     import triton
@@ -819,7 +819,7 @@ def expert_matmul_reference(x: Tensor, experts: Tensor, weight: Tensor,
 def router_top_k(logits: Tensor, k: int, normalize: bool) -> tuple[Tensor, Tensor]:
     """logits (M, n_experts) -> the k largest softmax probabilities of each row, largest first,
     rescaled to sum to 1 where `normalize` says so, (M, k) float32, and their experts (M, k)
-    int64: model.MoEFeedForward's routing."""
+    int64: model.route's choice, in that order."""
     M, n_experts = logits.shape
     weights = torch.empty(M, k, dtype=torch.float32, device=logits.device)
     experts = torch.empty(M, k, dtype=torch.int64, device=logits.device)
@@ -834,12 +834,6 @@ def _(logits: Tensor, k: int, normalize: bool) -> tuple[Tensor, Tensor]:
     M = logits.shape[0]
     return (logits.new_empty(M, k, dtype=torch.float32),
             logits.new_empty(M, k, dtype=torch.int64))
-
-
-def router_reference(logits: Tensor, k: int, normalize: bool) -> tuple[Tensor, Tensor]:
-    """router_top_k's result with PyTorch, as model.MoEFeedForward routes without the kernel."""
-    weights, experts = F.softmax(logits.float(), dim=-1).topk(k, dim=-1)  # largest first
-    return weights / weights.sum(dim=-1, keepdim=True) if normalize else weights, experts
 
 
 # A decode token's attention, its rotary embedding and cache write in one kernel (inductor makes
@@ -1003,9 +997,9 @@ def distinct_logits(M: int, n_experts: int, device) -> Tensor:
 
 
 def check_router(device="cuda", tokens=(1, 5, 300)) -> list:
-    """The router kernel against its reference on Mixtral's top 2 of 8, Qwen3-MoE's 8 of 128 and
-    a ragged 6 of 60, rescaled and not, for each number of tokens: the same experts in the same
-    order, and their weights."""
+    """The router kernel against model.route, its reference, on Mixtral's top 2 of 8, Qwen3-MoE's
+    8 of 128 and a ragged 6 of 60, rescaled and not, for each number of tokens: the same experts
+    in the same order (route's put largest first), and their weights."""
     torch.manual_seed(0)
     results = []
     for n_experts, k in ((8, 2), (128, 8), (60, 6)):
@@ -1013,7 +1007,9 @@ def check_router(device="cuda", tokens=(1, 5, 300)) -> list:
             for normalize in (True, False):
                 logits = distinct_logits(M, n_experts, device)
                 weights, experts = router_top_k(logits, k, normalize)
-                reference, reference_experts = router_reference(logits, k, normalize)
+                reference, reference_experts = route(logits, k, normalize)
+                reference, order = reference.sort(dim=-1, descending=True)
+                reference_experts = reference_experts.gather(-1, order)
                 rel = relative_error(weights, reference)
                 ok = torch.equal(experts, reference_experts) and rel < 1e-6
                 results.append(dict(name="router" + " rescaled" * normalize, rows=M,

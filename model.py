@@ -189,14 +189,8 @@ class MoEFeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, T, dim = x.shape
         x = x.view(B * T, dim)  # (M, dim): tokens
-        logits = self.gate(x)  # (M, n_experts)
-        if self.router_kernel is not None:  # the same choice in one launch
-            weights, experts = self.router_kernel(logits, self.n_active, self.norm_topk_prob)
-        else:
-            probs = F.softmax(logits.float(), dim=-1)  # (M, n_experts)
-            weights, experts = probs.topk(self.n_active, dim=-1, sorted=False)  # (M, k)
-            if self.norm_topk_prob:
-                weights = weights / weights.sum(dim=-1, keepdim=True)
+        router = route if self.router_kernel is None else self.router_kernel  # same choice
+        weights, experts = router(self.gate(x), self.n_active, self.norm_topk_prob)  # (M, k)
         # Static shapes decide (no host sync): a few tokens (decode) read only the experts they
         # chose, more (prefill, large batches) every expert once.
         few = experts.numel() <= self.w13.n_experts
@@ -235,6 +229,14 @@ class MoEFeedForward(nn.Module):
             h = F.linear(F.silu(gate) * up, self.w2.weights(e, x.dtype))  # (M, dim)
             y = torch.where((experts == e)[..., None], h[:, None, :], y)
         return y
+
+
+def route(logits: Tensor, k: int, normalize: bool) -> tuple[Tensor, Tensor]:
+    """The router's choice for logits (M, n_experts): each token's k largest softmax probabilities
+    in float32, rescaled to sum to 1 where `normalize` says so, and their experts; (M, k) each,
+    unordered."""
+    weights, experts = F.softmax(logits.float(), dim=-1).topk(k, dim=-1, sorted=False)
+    return (weights / weights.sum(dim=-1, keepdim=True) if normalize else weights), experts
 
 
 class TransformerBlock(nn.Module):
