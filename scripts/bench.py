@@ -15,8 +15,8 @@ on a CUDA GPU:
    at exactly the speed of real ones; consecutive cells of one model and precision share the build),
    quantized layer by layer with quantize.py's own code as generate.py --random_quantization builds them
    (tp.random_shard on one process), and runs generate.py's loop with the compiled decode
-   step: one untimed run (its time is the compile time), then --samples timed ones of a 5-token prompt
-   (--long_samples for cells of over 1000 new tokens), then a prefill of one --prefill_tokens prompt.
+   step: one untimed run (its time is the compile time), then --samples timed ones of a --prompt_tokens
+   prompt (--long_samples for cells of over 1000 new tokens), then a prefill of one --prefill_tokens prompt.
 
 Columns (medians over the samples):
 - decode tok/s: new tokens after the first / time after the first token, over the whole batch.
@@ -26,7 +26,8 @@ Columns (medians over the samples):
   limit tok/s: copy bandwidth / bytes per step x batch size.
 - prefill tok/s: one prompt of --prefill_tokens (2048) tokens through generate.prefill, eager as generate.py
   runs it by default (--compile_prefill: compiled), the cache sized for exactly that prompt.
-- time to first token: of the 5-token prompt of the decode samples.
+- time to first token: of the decode samples' prompt (--prompt_tokens, 5: gpt-fast's figures; a server's
+  prompt length makes its static-batch counterpart, every row attending over as many positions).
 - compile: the untimed first run (compile + up to 200 tokens). 2nd compile (--second_compile, the first
   cell only): the same cell again in a fresh process sharing this one's compile caches.
 - peak memory: allocated during the decode samples, counted from after the build.
@@ -69,7 +70,7 @@ from checkpoint import (CONFIGS, InputError, check_writable, random_model, read_
 from model import ModelArgs  # noqa: E402
 
 DEVICE = "cuda"  # the benchmark is for GPUs; tests point it at the CPU to check the code path
-PROMPT_TOKENS = 5  # the decode samples' prompt, as in gpt-fast's numbers
+PROMPT_TOKENS = 5  # the decode samples' prompt by default, as in gpt-fast's numbers
 WARMUP_TOKENS = 200  # the compiling run: the decode graph is the same at every position, a long cell needn't repeat 4000
 LONG_CELL = 1000  # cells generating more new tokens than this take --long_samples samples
 PRECISION_ORDER = ("bf16", "int8", "int4.g128", "int4.g32", "fp8")  # table and plot order; others follow
@@ -125,7 +126,7 @@ def parse_precision(precision: str) -> tuple[str, Optional[int]]:
     raise InputError(f"unknown precision {precision!r}: bf16, int8, int4.gG (G one of {kernels.GROUPSIZES}), fp8, fp8-scaled_mm")
 
 
-def check_cell(cell: Cell):
+def check_cell(cell: Cell, prompt_tokens: int = PROMPT_TOKENS):
     """An InputError naming the problem for a cell that cannot run, before anything is built."""
     if cell.model not in CONFIGS:
         raise InputError(f"unknown model name {cell.model!r}; known: {', '.join(CONFIGS)}")
@@ -133,8 +134,9 @@ def check_cell(cell: Cell):
     parse_precision(cell.precision)
     if cell.batch_size < 1 or cell.new_tokens < 1:
         raise InputError(f"cell {cell.spec}: batch size and new tokens must be >= 1")
-    if PROMPT_TOKENS + cell.new_tokens > args.block_size:
-        raise InputError(f"cell {cell.spec}: {PROMPT_TOKENS} + {cell.new_tokens} tokens exceed {cell.model}'s {args.block_size}-token context")
+    if prompt_tokens + cell.new_tokens > args.block_size:
+        raise InputError(f"cell {cell.spec}: {prompt_tokens} + {cell.new_tokens} tokens exceed "
+                         f"{cell.model}'s {args.block_size}-token context")
 
 
 def cells_from_args(args) -> list:
@@ -150,7 +152,7 @@ def cells_from_args(args) -> list:
                  for b in args.batch_sizes or [1] for n in args.max_new_tokens or [200]]
     cells = [Cell.parse(s) for s in specs]
     for cell in cells:
-        check_cell(cell)
+        check_cell(cell, args.prompt_tokens)
     return cells
 
 
@@ -195,13 +197,14 @@ def kv_bytes_per_step(model, batch_size: int, prompt_tokens: int, new_tokens: in
     return per_position * batch_size * (prompt_tokens + (steps + 1) / 2)
 
 
-def measure_decode(model, cell: Cell, samples: int, prefill_fn, decode_fn) -> dict:
-    """One untimed compiling run, then `samples` timed generations of cell.new_tokens tokens per row."""
+def measure_decode(model, cell: Cell, samples: int, prefill_fn, decode_fn, prompt_tokens: int) -> dict:
+    """One untimed compiling run, then `samples` timed generations of cell.new_tokens tokens per row,
+    each row from the same prompt of prompt_tokens random tokens."""
     device = torch.device(DEVICE)
-    prompts = [torch.randint(0, model.args.vocab_size, (PROMPT_TOKENS,)).tolist()] * cell.batch_size
+    prompts = [torch.randint(0, model.args.vocab_size, (prompt_tokens,)).tolist()] * cell.batch_size
     # Sized for this generation (setup_caches rounds up to whole 8s): attention reads every slot of the
     # static cache at every step.
-    model.setup_caches(cell.batch_size, PROMPT_TOKENS + cell.new_tokens)
+    model.setup_caches(cell.batch_size, prompt_tokens + cell.new_tokens)
 
     def run(new_tokens: int):
         return generate.generate(model, prompts, new_tokens, generate.Sampling(), (), prefill_fn, decode_fn)
@@ -216,10 +219,11 @@ def measure_decode(model, cell: Cell, samples: int, prefill_fn, decode_fn) -> di
         weight_bytes -= model.tok_embeddings.weight.nbytes
     if model.args.n_experts:
         weight_bytes -= generate.unchosen_expert_bytes(model, cell.batch_size)
-    kv_bytes = kv_bytes_per_step(model, cell.batch_size, PROMPT_TOKENS, cell.new_tokens)
+    kv_bytes = kv_bytes_per_step(model, cell.batch_size, prompt_tokens, cell.new_tokens)
     # generate.metrics turns "bytes read per step" into GB/s: here the weights and the filled KV cache.
     results = [generate.metrics(run(cell.new_tokens), weight_bytes + kv_bytes, device) for _ in range(samples)]
-    return dict(samples=samples, weights_gb=weight_bytes / BYTES_PER_GB, kv_gb=kv_bytes / BYTES_PER_GB,
+    return dict(samples=samples, prompt_tokens=prompt_tokens,
+                weights_gb=weight_bytes / BYTES_PER_GB, kv_gb=kv_bytes / BYTES_PER_GB,
                 tok_s=statistics.median(r["decode_tok_s"] for r in results),
                 tok_s_samples=[r["decode_tok_s"] for r in results],
                 gb_s=statistics.median(r["bandwidth_gb_s"] for r in results),
@@ -240,7 +244,8 @@ def measure_prefill(model, prompt_tokens: int, samples: int, prefill_fn) -> dict
     return dict(prefill_tokens=prompt_tokens, prefill_ms=median_s * 1e3, prefill_tok_s=prompt_tokens / median_s)
 
 
-def bench_cell(model, cell: Cell, samples: int, prefill_tokens: int, compile_prefill: bool = False) -> dict:
+def bench_cell(model, cell: Cell, samples: int, prefill_tokens: int, compile_prefill: bool = False,
+               prompt_tokens: int = PROMPT_TOKENS) -> dict:
     """Every measurement of one cell on its built model (no bandwidth-derived columns yet: see with_bandwidth)."""
     t0 = time.perf_counter()
     if DEVICE == "cuda":
@@ -248,7 +253,7 @@ def bench_cell(model, cell: Cell, samples: int, prefill_tokens: int, compile_pre
     prefill_fn, decode_fn = generate.compile_functions(argparse.Namespace(compile=True, compile_prefill=compile_prefill),
                                                        model.args)
     row = dict(model=cell.model, precision=cell.precision, batch_size=cell.batch_size, new_tokens=cell.new_tokens,
-               **measure_decode(model, cell, samples, prefill_fn, decode_fn), second_compile_s=None,
+               **measure_decode(model, cell, samples, prefill_fn, decode_fn, prompt_tokens), second_compile_s=None,
                prefill_compiled=compile_prefill, prefill_tokens=None, prefill_ms=None, prefill_tok_s=None)
     if prefill_tokens:
         row.update(measure_prefill(model, min(prefill_tokens, model.args.block_size - 1), samples, prefill_fn))
@@ -264,13 +269,14 @@ def with_bandwidth(row: dict, card: str, copy_gb_s: float) -> dict:
                 mbu=row["gb_s"] / copy_gb_s, limit_tok_s=copy_gb_s / bytes_per_step_gb * row["batch_size"])
 
 
-def second_compile_s(cell: Cell, cache_dir: str) -> Optional[float]:
+def second_compile_s(cell: Cell, cache_dir: str, prompt_tokens: int = PROMPT_TOKENS) -> Optional[float]:
     """Compile time of `cell` in a fresh process that shares this one's compile caches (warm FX-graph,
     autotune and Triton caches): what a user's second run pays. None, with a warning, if that run fails."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "second_compile.json"
         command = [sys.executable, str(Path(__file__).resolve()), "--cells", cell.spec, "--samples", "1",
-                   "--prefill_tokens", "0", "--skip_kernel_checks", "--cache_dir", cache_dir, "--out", str(out)]
+                   "--prompt_tokens", str(prompt_tokens), "--prefill_tokens", "0", "--skip_kernel_checks",
+                   "--cache_dir", cache_dir, "--out", str(out)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0 or not out.is_file():
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -361,9 +367,9 @@ def bench_rows(cells: list, args, cache_dir: str):
         model = build(name, precision)
         for cell in group:
             samples = args.long_samples if cell.new_tokens > LONG_CELL else args.samples
-            row = bench_cell(model, cell, samples, args.prefill_tokens, args.compile_prefill)
+            row = bench_cell(model, cell, samples, args.prefill_tokens, args.compile_prefill, args.prompt_tokens)
             if args.second_compile and cell is cells[0]:
-                row["second_compile_s"] = second_compile_s(cell, cache_dir)
+                row["second_compile_s"] = second_compile_s(cell, cache_dir, args.prompt_tokens)
             bar.update(1)
             yield row
         del model
@@ -440,7 +446,10 @@ def markdown(result: dict) -> str:
     lines = [f"{result['card']}, torch {result['torch']}, {result['date']}, copy bandwidth {copy}", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(table_cells(r)) + " |" for r in rows]
-    lines += ["", f"Decode: {PROMPT_TOKENS}-token prompt, medians of the timed samples (JSON: samples, tok_s_samples); "
+    # a result without prompt_tokens was measured with the default
+    prompts = sorted({r.get("prompt_tokens", PROMPT_TOKENS) for r in rows})
+    lines += ["", f"Decode: {' / '.join(map(str, prompts or [PROMPT_TOKENS]))}-token prompt, "
+              "medians of the timed samples (JSON: samples, tok_s_samples); "
               "time to first token is the decode prompt's. KV: the filled cache averaged over the generation. "
               "MBU: GB/s / the row's own GPU's copy bandwidth."]
     if prefill:
@@ -540,6 +549,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     cells.add_argument("--part", type=int, default=0, help="which part of --suite this process runs")
     p.add_argument("--samples", type=int, default=5, help="timed samples per cell (after one untimed compiling run)")
     p.add_argument("--long_samples", type=int, default=2, help=f"timed samples of cells of more than {LONG_CELL} new tokens")
+    p.add_argument("--prompt_tokens", type=int, default=PROMPT_TOKENS,
+                   help=f"prompt length of the decode samples (default {PROMPT_TOKENS}; a server's "
+                        "prompt length: a static batch doing its rows' work)")
     p.add_argument("--prefill_tokens", type=int, default=2048, help="prompt length of the prefill measurement (0: skip it)")
     p.add_argument("--compile_prefill", action="store_true", help="compile the prefill (default: eager, as generate.py)")
     p.add_argument("--second_compile", action="store_true", help="also time the first cell's compile in a fresh process with warm caches")
@@ -563,8 +575,8 @@ def check_args(args):
         raise InputError("--merge combines finished results: give it no cells")
     if ways > 1:
         raise InputError("give the cells one way: --models/--precisions/--batch_sizes/--max_new_tokens, --cells, or --suite")
-    if min(args.samples, args.long_samples) < 1 or args.prefill_tokens < 0:
-        raise InputError("--samples and --long_samples must be >= 1, --prefill_tokens >= 0")
+    if min(args.samples, args.long_samples, args.prompt_tokens) < 1 or args.prefill_tokens < 0:
+        raise InputError("--samples, --long_samples and --prompt_tokens must be >= 1, --prefill_tokens >= 0")
     for flag in ("out", "markdown", "plot"):
         if getattr(args, flag) is not None:
             check_writable(getattr(args, flag), f"--{flag}")

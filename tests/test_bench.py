@@ -66,6 +66,18 @@ def test_kv_bytes_are_the_filled_cache_averaged_over_the_generation(bench):
     assert bench.kv_bytes_per_step(model, batch, prompt, new) == pytest.approx(expected)
 
 
+def test_decode_prompt_length_sets_the_cache_read_and_is_recorded(bench, tmp_path, capsys):
+    out, md = tmp_path / "r.json", tmp_path / "r.md"
+    code, _, err = run_main(bench, ["--cells", "stories15M:bf16:2:6", "--prompt_tokens", "40", "--samples", "1",
+                                    "--prefill_tokens", "0", "--out", out, "--markdown", md], capsys)
+    assert code == 0, err
+    row = json.loads(out.read_text())["rows"][0]
+    kv_bytes = bench.kv_bytes_per_step(bench.build("stories15M", "bf16"), 2, 40, 6)
+    assert row["prompt_tokens"] == 40 and row["kv_gb"] * 1e9 == pytest.approx(kv_bytes)
+    assert kv_bytes > bench.kv_bytes_per_step(bench.build("stories15M", "bf16"), 2, bench.PROMPT_TOKENS, 6)
+    assert "Decode: 40-token prompt" in md.read_text()
+
+
 def test_prefill_prompt_is_capped_to_the_context(bench):
     cell = bench.Cell("stories15M", "bf16", 1, 4)
     row = bench.bench_cell(bench.build(cell.model, "bf16"), cell, samples=1, prefill_tokens=2048)
@@ -157,6 +169,8 @@ def test_no_gpu_is_one_error_line(tmp_path, capsys, monkeypatch):
     (["--cells", "NoSuchModel:bf16"], ["unknown model name 'NoSuchModel'"]),
     (["--cells", "stories15M:bf16:one"], ["not MODEL:PRECISION[:BATCH[:NEW_TOKENS]]"]),
     (["--cells", "stories15M:bf16:1:300"], ["256-token context"]),
+    (["--cells", "stories15M:bf16:1:200", "--prompt_tokens", "60"], ["60 + 200 tokens", "256-token context"]),
+    (["--prompt_tokens", "0"], ["--prompt_tokens must be >= 1"]),
     (["--cells", "stories15M:bf16:0"], ["must be >= 1"]),
     (["--models", "stories15M", "--cells", "stories15M:bf16"], ["one way"]),
     (["--suite", "all", "--part", "4"], ["--part must be in 0..3"]),
