@@ -939,9 +939,9 @@ def check_kernels(device="cuda") -> list:
     for int8, fp8 and int4 weights at 1 row (the GEMV; int4: the small matmul), 8 and 33 rows (the
     small matmul), 200 (one-byte weights: the small matmul in blocks of rows; int4: a dequantized
     copy into PyTorch's matmul) and 300 (a dequantized copy), then the expert GEMV, the router
-    and the decode attention kernel: a list of {name, rows, shape, rel_err, ok}; a layer's ok
-    also needs the same bits from a second call. scripts/bench.py runs this before timing
-    anything."""
+    and the decode attention kernel: a list of {name, rows, shape, rel_err, ok} (the expert GEMV's
+    also tokens and k); a layer's ok also needs the same bits from a second call.
+    scripts/bench.py runs this before timing anything."""
     torch.manual_seed(0)
     results = []
     for N, K in ((12288, 4096), (4096, 11008), (32000, 4096), (37, 320)):
@@ -963,13 +963,17 @@ def check_kernels(device="cuda") -> list:
             + check_decode_attention(device))
 
 
-def check_expert_kernel(device="cuda") -> list:
+def check_expert_kernel(device="cuda",
+                        shapes=((16, 1536, 2048), (16, 2048, 768), (4, 4096, 14336), (5, 37, 300))
+                        ) -> list:
     """The expert GEMV against its float64 reference on Qwen3-30B-A3B's expert shapes (w13, w2),
-    Mixtral-8x7B's w2 (split K) and a ragged one, for bf16, int8 and fp8 weights, a token's
-    pairs (x one row) and their hidden rows (x a row per pair), 1 and 4 tokens."""
+    Mixtral-8x7B's w2 (split K) and a ragged one (experts, N, K), for bf16, int8 and fp8 weights,
+    a token's pairs (x one row) and their hidden rows (x a row per pair), 1 and 4 tokens. Each
+    case is described apart (x's rows, tokens, experts a token): results merged from several
+    GPUs keep every case."""
     torch.manual_seed(0)
     results = []
-    for E, N, K in ((16, 1536, 2048), (16, 2048, 768), (4, 4096, 14336), (5, 37, 300)):
+    for E, N, K in shapes:
         bf16 = torch.randn(E, N, K, device=device, dtype=torch.bfloat16)
         int8 = torch.randint(-127, 128, (E, N, K), dtype=torch.int8, device=device)
         fp8 = (torch.randn(E, N, K, device=device) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
@@ -985,8 +989,8 @@ def check_expert_kernel(device="cuda") -> list:
                     reference = expert_matmul_reference(x, experts, weight, scales)
                     rel = relative_error(y, reference)
                     ok = y.shape == (M, k, N) and rel < 1e-4  # float32 sums
-                    results.append(dict(name=name, rows=M * k, shape=[E, N, K], rel_err=rel,
-                                        ok=ok))
+                    results.append(dict(name=name, rows=M * rows, shape=[E, N, K], tokens=M,
+                                        k=k, rel_err=rel, ok=ok))
     return results
 
 

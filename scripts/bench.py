@@ -461,6 +461,7 @@ def markdown(result: dict) -> str:
 
 def checks_markdown(checks: list) -> str:
     keys = list(dict.fromkeys(k for c in checks for k in c if k != "ok"))  # name, shape, ..., in kernels.py's order
+    keys = [k for k in keys if not is_error(k)] + [k for k in keys if is_error(k)]  # what the case is, then its errors
 
     def cell(value) -> str:
         return "" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)

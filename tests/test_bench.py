@@ -149,6 +149,15 @@ def test_failed_kernel_check_stops_before_measuring_and_is_recorded(bench, tmp_p
     assert result["kernel_checks"] == checks and result["rows"] == []
 
 
+def test_merging_keeps_every_kernel_check_case_apart(bench, monkeypatch):
+    import kernels
+    # the expert GEMV's cases on the CPU: its float64 reference stands in for the Triton kernel
+    monkeypatch.setattr(kernels, "expert_matmul", lambda *a: kernels.expert_matmul_reference(*a).float())
+    checks = kernels.check_expert_kernel("cpu", shapes=((5, 37, 300), (3, 16, 64)))
+    assert len(checks) == 2 * 3 * 3 * 2 and all(c["ok"] for c in checks)  # shapes, (tokens, k), dtypes, x
+    assert bench.merge_checks(checks) == checks  # one GPU's checks: no case taken for another
+
+
 def test_kernel_checks_are_plain_json_values(bench):
     check = bench.plain_check(dict(name="fp8", shape=torch.Size([32, 64]), rows=5, max_abs_err=torch.tensor(0.5),
                                    rel_err=torch.tensor(0.25, dtype=torch.float64), ok=torch.tensor(True)))
