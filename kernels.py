@@ -819,7 +819,7 @@ def expert_matmul_reference(x: Tensor, experts: Tensor, weight: Tensor,
 def router_top_k(logits: Tensor, k: int, normalize: bool) -> tuple[Tensor, Tensor]:
     """logits (M, n_experts) -> the k largest softmax probabilities of each row, largest first,
     rescaled to sum to 1 where `normalize` says so, (M, k) float32, and their experts (M, k)
-    int64: model.route's choice, in that order."""
+    int64: model.route's choice, sorted largest first."""
     M, n_experts = logits.shape
     weights = torch.empty(M, k, dtype=torch.float32, device=logits.device)
     experts = torch.empty(M, k, dtype=torch.int64, device=logits.device)
@@ -963,11 +963,12 @@ def check_kernels(device="cuda") -> list:
             + check_decode_attention(device))
 
 
-def check_expert_kernel(device="cuda",
-                        shapes=((16, 1536, 2048), (16, 2048, 768), (4, 4096, 14336), (5, 37, 300))
-                        ) -> list:
-    """The expert GEMV against its float64 reference on Qwen3-30B-A3B's expert shapes (w13, w2),
-    Mixtral-8x7B's w2 (split K) and a ragged one (experts, N, K), for bf16, int8 and fp8 weights,
+# (experts, N, K): Qwen3-30B-A3B's w13 and w2, Mixtral-8x7B's w2 (split K) and a ragged one
+EXPERT_CHECK_SHAPES = ((16, 1536, 2048), (16, 2048, 768), (4, 4096, 14336), (5, 37, 300))
+
+
+def check_expert_kernel(device="cuda", shapes=EXPERT_CHECK_SHAPES) -> list:
+    """The expert GEMV against its float64 reference on `shapes`, for bf16, int8 and fp8 weights,
     a token's pairs (x one row) and their hidden rows (x a row per pair), 1 and 4 tokens. Each
     case is described apart (x's rows, tokens, experts a token): results merged from several
     GPUs keep every case."""
@@ -1003,7 +1004,7 @@ def distinct_logits(M: int, n_experts: int, device) -> Tensor:
 def check_router(device="cuda", tokens=(1, 5, 300)) -> list:
     """The router kernel against model.route, its reference, on Mixtral's top 2 of 8, Qwen3-MoE's
     8 of 128 and a ragged 6 of 60, rescaled and not, for each number of tokens: the same experts
-    in the same order (route's put largest first), and their weights."""
+    in the same order (route's result sorted largest first here), and their weights."""
     torch.manual_seed(0)
     results = []
     for n_experts, k in ((8, 2), (128, 8), (60, 6)):

@@ -189,7 +189,7 @@ class MoEFeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, T, dim = x.shape
         x = x.view(B * T, dim)  # (M, dim): tokens
-        router = route if self.router_kernel is None else self.router_kernel  # same choice
+        router = route if self.router_kernel is None else self.router_kernel  # one launch on a GPU
         weights, experts = router(self.gate(x), self.n_active, self.norm_topk_prob)  # (M, k)
         # Static shapes decide (no host sync): a few tokens (decode) read only the experts they
         # chose, more (prefill, large batches) every expert once.

@@ -19,6 +19,8 @@ on a CUDA GPU:
    prompt (--long_samples for cells of over 1000 new tokens), then a prefill of one --prefill_tokens prompt.
 
 Columns (medians over the samples):
+- prompt: the decode samples' prompt length (--prompt_tokens; 5, as gpt-fast's figures; a server's prompt
+  length makes its static-batch counterpart, every row attending over as many positions).
 - decode tok/s: new tokens after the first / time after the first token, over the whole batch.
 - GB read per step: the weights (an untied embedding table aside: a step reads only the looked-up rows)
   + the filled part of the KV cache averaged over the generation (the least an attention must read).
@@ -26,8 +28,7 @@ Columns (medians over the samples):
   limit tok/s: copy bandwidth / bytes per step x batch size.
 - prefill tok/s: one prompt of --prefill_tokens (2048) tokens through generate.prefill, eager as generate.py
   runs it by default (--compile_prefill: compiled), the cache sized for exactly that prompt.
-- time to first token: of the decode samples' prompt (--prompt_tokens, 5: gpt-fast's figures; a server's
-  prompt length makes its static-batch counterpart, every row attending over as many positions).
+- time to first token: of the decode samples' prompt.
 - compile: the untimed first run (compile + up to 200 tokens). 2nd compile (--second_compile, the first
   cell only): the same cell again in a fresh process sharing this one's compile caches.
 - peak memory: allocated during the decode samples, counted from after the build.
@@ -420,18 +421,23 @@ def merge_checks(checks: list) -> list:
 
 def row_order(row: dict):
     rank = PRECISION_ORDER.index(row["precision"]) if row["precision"] in PRECISION_ORDER else len(PRECISION_ORDER)
-    return row["model"], row["batch_size"], row["new_tokens"], rank, row["precision"]
+    return (row["model"], row["batch_size"], prompt_tokens(row), row["new_tokens"], rank,
+            row["precision"])
 
 
-COLUMNS = ("model", "precision", "batch", "new tokens", "GB read per step (weights + KV)", "decode tok/s", "GB/s",
-           "MBU", "limit tok/s", "prefill tok/s", "time to first token", "compile", "2nd compile", "peak memory")
+def prompt_tokens(row: dict) -> int:
+    return row.get("prompt_tokens", PROMPT_TOKENS)  # a row without it was measured with the default
+
+
+COLUMNS = ("model", "precision", "batch", "prompt", "new tokens", "GB read per step (weights + KV)", "decode tok/s",
+           "GB/s", "MBU", "limit tok/s", "prefill tok/s", "time to first token", "compile", "2nd compile", "peak memory")
 
 
 def table_cells(r: dict) -> list:
     def maybe(value, fmt):
         return "—" if value is None else fmt.format(value)
 
-    return [r["model"], r["precision"], str(r["batch_size"]), str(r["new_tokens"]),
+    return [r["model"], r["precision"], str(r["batch_size"]), str(prompt_tokens(r)), str(r["new_tokens"]),
             f"{r['weights_gb']:.2f} + {r['kv_gb']:.2f}", f"{r['tok_s']:.1f}", f"{r['gb_s']:.0f}", f"{r['mbu']:.1%}",
             f"{r['limit_tok_s']:.0f}", maybe(r["prefill_tok_s"], "{:.0f}"), f"{r['ttft_ms']:.1f} ms",
             f"{r['compile_s']:.0f} s", maybe(r["second_compile_s"], "{:.0f} s"), f"{r['peak_memory_gb']:.1f} GB"]
@@ -446,9 +452,7 @@ def markdown(result: dict) -> str:
     lines = [f"{result['card']}, torch {result['torch']}, {result['date']}, copy bandwidth {copy}", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(table_cells(r)) + " |" for r in rows]
-    # a result without prompt_tokens was measured with the default
-    prompts = sorted({r.get("prompt_tokens", PROMPT_TOKENS) for r in rows})
-    lines += ["", f"Decode: {' / '.join(map(str, prompts or [PROMPT_TOKENS]))}-token prompt, "
+    lines += ["", "Decode: a prompt of the prompt column's random tokens, "
               "medians of the timed samples (JSON: samples, tok_s_samples); "
               "time to first token is the decode prompt's. KV: the filled cache averaged over the generation. "
               "MBU: GB/s / the row's own GPU's copy bandwidth."]

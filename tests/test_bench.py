@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import generate
+from model import Transformer
 from conftest import ROOT, assert_one_error_line, load_script, run_script
 
 STORIES_BF16_BYTES = 30_383_424  # stories15M in bf16, its untied embedding table not counted
@@ -66,16 +67,27 @@ def test_kv_bytes_are_the_filled_cache_averaged_over_the_generation(bench):
     assert bench.kv_bytes_per_step(model, batch, prompt, new) == pytest.approx(expected)
 
 
-def test_decode_prompt_length_sets_the_cache_read_and_is_recorded(bench, tmp_path, capsys):
+def test_decode_prompt_length_sets_the_prompt_decoded_and_the_cache_read(bench, tmp_path, capsys, monkeypatch):
+    decoded, caches = [], []
+    generate_ = generate.generate
+    def generate_recorded(model, prompts, *args):
+        decoded.append([len(p) for p in prompts])
+        return generate_(model, prompts, *args)
+
+    monkeypatch.setattr(generate, "generate", generate_recorded)
+    setup = Transformer.setup_caches
+    monkeypatch.setattr(Transformer, "setup_caches",
+                        lambda self, batch, length: caches.append((batch, length)) or setup(self, batch, length))
     out, md = tmp_path / "r.json", tmp_path / "r.md"
     code, _, err = run_main(bench, ["--cells", "stories15M:bf16:2:6", "--prompt_tokens", "40", "--samples", "1",
                                     "--prefill_tokens", "0", "--out", out, "--markdown", md], capsys)
     assert code == 0, err
+    assert decoded and all(lengths == [40, 40] for lengths in decoded)  # every run, every row
+    assert caches and all(c == (2, 40 + 6) for c in caches)
     row = json.loads(out.read_text())["rows"][0]
     kv_bytes = bench.kv_bytes_per_step(bench.build("stories15M", "bf16"), 2, 40, 6)
     assert row["prompt_tokens"] == 40 and row["kv_gb"] * 1e9 == pytest.approx(kv_bytes)
-    assert kv_bytes > bench.kv_bytes_per_step(bench.build("stories15M", "bf16"), 2, bench.PROMPT_TOKENS, 6)
-    assert "Decode: 40-token prompt" in md.read_text()
+    assert "| stories15M | bf16 | 2 | 40 | 6 |" in md.read_text()
 
 
 def test_prefill_prompt_is_capped_to_the_context(bench):

@@ -100,7 +100,7 @@ def check_quantized_mm():
     # As the layers call it (kernels.quantized_mm): past MAX_MM_ROWS rows, x padded to whole
     # blocks, the padding's rows dropped from the result; K whole (one SM, as off a GPU) or, for
     # a GPU of 4 SMs, split for this layer of 2 tiles a block: 4 parts at 1 block, 2 at 2; and
-    # decode batches in one block, K whole below 32 rows (768 columns: under one part of 1024)
+    # decode batches in one block, K whole below 32 rows (768 columns: under two parts of 1024)
     # or, from 32 rows, in 2 parts (512 + 256 columns) on 1 SM and 3 on 4.
     import kernels
     sm_count = kernels.sm_count
