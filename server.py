@@ -775,7 +775,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Serve a gpt-blitz checkpoint over an OpenAI-compatible HTTP API, many "
         "requests batched at once; under torchrun the model is split over the processes. "
         "Speculative decoding is not served (its flags are refused).",
-        parents=[MODEL_FLAGS])
+        parents=[MODEL_FLAGS], conflict_handler="resolve")
+    # generate.py's flag, kept out of --help: it is refused below (the decode step prefills)
+    p.add_argument("--compile_prefill", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api_key", help="require the header Authorization: Bearer API_KEY")

@@ -354,9 +354,13 @@ def test_a_port_in_use_is_refused_before_the_model_loads(smollm2_checkpoint):
     assert_one_error_line(r.stderr, "cannot listen", "in use")
 
 
-def test_compile_prefill_is_refused_since_prompts_ride_the_decode_steps(smollm2_checkpoint):
+def test_compile_prefill_is_refused_since_prompts_ride_the_decode_steps(smollm2_checkpoint, capsys):
     with pytest.raises(InputError, match="--compile_prefill"):
         parse_args(["--checkpoint_path", str(smollm2_checkpoint), "--compile_prefill"])
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    offered = capsys.readouterr().out
+    assert "--compile " in offered and "--compile_prefill" not in offered  # not offered, then refused
 
 
 KEEP_ALIVE_WRAPPER = """import datetime, sys
