@@ -421,11 +421,11 @@ def merge_checks(checks: list) -> list:
 
 def row_order(row: dict):
     rank = PRECISION_ORDER.index(row["precision"]) if row["precision"] in PRECISION_ORDER else len(PRECISION_ORDER)
-    return (row["model"], row["batch_size"], prompt_tokens(row), row["new_tokens"], rank,
+    return (row["model"], row["batch_size"], row_prompt_tokens(row), row["new_tokens"], rank,
             row["precision"])
 
 
-def prompt_tokens(row: dict) -> int:
+def row_prompt_tokens(row: dict) -> int:
     return row.get("prompt_tokens", PROMPT_TOKENS)  # a row without it was measured with the default
 
 
@@ -437,7 +437,7 @@ def table_cells(r: dict) -> list:
     def maybe(value, fmt):
         return "—" if value is None else fmt.format(value)
 
-    return [r["model"], r["precision"], str(r["batch_size"]), str(prompt_tokens(r)), str(r["new_tokens"]),
+    return [r["model"], r["precision"], str(r["batch_size"]), str(row_prompt_tokens(r)), str(r["new_tokens"]),
             f"{r['weights_gb']:.2f} + {r['kv_gb']:.2f}", f"{r['tok_s']:.1f}", f"{r['gb_s']:.0f}", f"{r['mbu']:.1%}",
             f"{r['limit_tok_s']:.0f}", maybe(r["prefill_tok_s"], "{:.0f}"), f"{r['ttft_ms']:.1f} ms",
             f"{r['compile_s']:.0f} s", maybe(r["second_compile_s"], "{:.0f} s"), f"{r['peak_memory_gb']:.1f} GB"]

@@ -70,6 +70,7 @@ def test_kv_bytes_are_the_filled_cache_averaged_over_the_generation(bench):
 def test_decode_prompt_length_sets_the_prompt_decoded_and_the_cache_read(bench, tmp_path, capsys, monkeypatch):
     decoded, caches = [], []
     generate_ = generate.generate
+
     def generate_recorded(model, prompts, *args):
         decoded.append([len(p) for p in prompts])
         return generate_(model, prompts, *args)
