@@ -473,6 +473,51 @@ if triton is not None:
         tl.store(y_ptr + head * D + d, y.to(y_ptr.dtype.element_ty), mask=d < D)
 
     @triton.jit
+    def chunk_attention_kernel(q_ptr, kc_ptr, vc_ptr, y_ptr, row_ptr, pos_ptr, C, n_kv_heads, S,
+                               scale, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                               D_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                               BLOCK_S: tl.constexpr):
+        """The queries of BLOCK_T tokens of a prompt's chunk (block program_id 1) for kv head h
+        (program_id 0) and its G query heads, one tile row a (token, head): each attends over
+        slots 0..pos[token] of cache row row_ptr[0], which already holds the chunk's keys and
+        values. q (C, n_head, D) normalised and rotated, caches (rows, n_kv_heads, S, D), y as q."""
+        h = tl.program_id(0)
+        i = tl.arange(0, BLOCK_T * G_PAD)  # tile rows
+        t = tl.program_id(1) * BLOCK_T + i // G_PAD  # (BLOCK_T * G_PAD,) tokens
+        head = h * G + i % G_PAD
+        row_ok = (t < C) & (i % G_PAD < G)
+        # a padding row attends to slot 0 alone: finite, and never stored
+        pos = tl.load(pos_ptr + t, mask=row_ok, other=0)
+        d = tl.arange(0, D_PAD)
+        d_ok = d < D
+        n_head = n_kv_heads * G
+        q_tile = (t * n_head + head)[:, None] * D + d[None, :]  # (BLOCK_T * G_PAD, D_PAD)
+        q_ok = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_ptr + q_tile, mask=q_ok, other=0.0)
+        # int64: rows * heads * S * D passes 2**31 in a long, wide cache
+        cache = (tl.load(row_ptr).to(tl.int64) * n_kv_heads + h) * S * D
+        m = tl.full((BLOCK_T * G_PAD,), float("-inf"), tl.float32)
+        l = tl.zeros((BLOCK_T * G_PAD,), tl.float32)
+        acc = tl.zeros((BLOCK_T * G_PAD, D_PAD), tl.float32)
+        last = tl.max(pos, axis=0)
+        for s0 in range(0, last + 1, BLOCK_S):  # online softmax over the slots the block sees
+            s = s0 + tl.arange(0, BLOCK_S)  # (BLOCK_S,)
+            tile = cache + s[:, None] * D + d[None, :]  # (BLOCK_S, D_PAD)
+            tile_ok = (s <= last)[:, None] & d_ok[None, :]
+            k = tl.load(kc_ptr + tile, mask=tile_ok, other=0.0)
+            scores = tl.dot(q, tl.trans(k)) * scale  # (BLOCK_T * G_PAD, BLOCK_S)
+            scores = tl.where(s[None, :] <= pos[:, None], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))  # finite: every row sees slot 0
+            p = tl.exp(scores - m_new[:, None])
+            correction = tl.exp(m - m_new)
+            l = l * correction + tl.sum(p, axis=1)
+            v = tl.load(vc_ptr + tile, mask=tile_ok, other=0.0)
+            acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        y = acc / l[:, None]
+        tl.store(y_ptr + q_tile, y.to(y_ptr.dtype.element_ty), mask=q_ok)
+
+    @triton.jit
     def router_kernel(logits_ptr, weights_ptr, experts_ptr, N_EXPERTS, K: tl.constexpr,
                       BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr):
         """Token program_id(0) of the router's logits (M, N_EXPERTS): the K largest probabilities
@@ -906,6 +951,33 @@ def decode_attention(attention: Attention, qkv: Tensor, rows: Rows) -> Tensor:
                                cache.k, cache.v, rows.row)
 
 
+@torch.library.custom_op("blitz::chunk_attention", mutates_args=())
+def chunk_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, row: Tensor,
+                       input_pos: Tensor) -> Tensor:
+    """q (C, n_head, D), a prompt chunk's queries (normalised, rotated) at slots input_pos (C,) of
+    cache row row (1,), whose caches (rows, n_kv_heads, S, D) already hold the chunk's keys and
+    values: the attention (C, n_head, D), each query over slots 0..its own."""
+    (C, n_head, D), (_, n_kv_heads, S, _) = q.shape, k_cache.shape
+    assert k_cache.shape == v_cache.shape and k_cache.shape[3] == D and n_head % n_kv_heads == 0
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and input_pos.shape == (C,)
+    q = q.contiguous()
+    y = torch.empty_like(q)
+    G = n_head // n_kv_heads
+    G_PAD = triton.next_power_of_2(G)
+    # a tile of about 64 (token, head) rows, at least DOT_MIN_ROWS: tl.dot's smallest
+    BLOCK_T = max(1, max(64, DOT_MIN_ROWS) // G_PAD)
+    chunk_attention_kernel[(n_kv_heads, triton.cdiv(C, BLOCK_T))](
+        q, k_cache, v_cache, y, row, input_pos.contiguous(), C, n_kv_heads, S, D ** -0.5, G=G,
+        G_PAD=G_PAD, D=D, D_PAD=max(16, triton.next_power_of_2(D)), BLOCK_T=BLOCK_T,
+        BLOCK_S=ATTENTION_BLOCK_S, num_warps=4, num_stages=3)
+    return y
+
+
+@chunk_attention_op.register_fake
+def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, row: Tensor, input_pos: Tensor) -> Tensor:
+    return torch.empty_like(q)
+
+
 def relative_error(y: Tensor, reference: Tensor) -> float:
     """|y - reference| / |reference| over all elements, in float64."""
     return ((y.double() - reference.double()).norm() / reference.double().norm()).item()
@@ -939,8 +1011,8 @@ def check_kernels(device="cuda") -> list:
     for int8, fp8 and int4 weights at 1 row (the GEMV; int4: the small matmul), 8 and 33 rows (the
     small matmul), 200 (one-byte weights: the small matmul in blocks of rows; int4: a dequantized
     copy into PyTorch's matmul) and 300 (a dequantized copy), then the expert GEMV, the router
-    and the decode attention kernel: a list of {name, rows, shape, rel_err, ok} (the expert GEMV's
-    also tokens and k); a layer's ok also needs the same bits from a second call.
+    and the decode and chunk attention kernels: a list of {name, rows, shape, rel_err, ok} (the
+    expert GEMV's also tokens and k); a layer's ok also needs the same bits from a second call.
     scripts/bench.py runs this before timing anything."""
     torch.manual_seed(0)
     results = []
@@ -960,7 +1032,7 @@ def check_kernels(device="cuda") -> list:
                 ok = y.shape == (rows, 1, N) and rel < 1e-2 and torch.equal(linear(x, *weights), y)
                 results.append(dict(name=name, rows=rows, shape=[N, K], rel_err=rel, ok=ok))
     return (results + check_expert_kernel(device) + check_router(device)
-            + check_decode_attention(device))
+            + check_decode_attention(device) + check_chunk_attention(device))
 
 
 # (experts, N, K): Qwen3-30B-A3B's w13 and w2, Mixtral-8x7B's w2 (split K) and a ragged one
@@ -1053,6 +1125,42 @@ def check_decode_attention(device="cuda", dtype=torch.bfloat16) -> list:
             rel = relative_error(y, reference)
             ok = rel < (1e-5 if dtype == torch.float32 else 1e-2)  # bf16: the rounding of p
             results.append(dict(name=f"decode attention {name}", rows=B, shape=[H, KV, D, S],
+                                rel_err=rel, ok=ok))
+    return results
+
+
+def check_chunk_attention(device="cuda", dtype=torch.bfloat16) -> list:
+    """The chunk attention kernel against model.Attention's own path (cache write, SDPA under
+    attention_mask over the row) from the same cache: a prompt's chunk in cache row 1 of 3, its
+    first or a later piece, padded past the prompt up to the cache's last slot as the server pads
+    it; 1, 2 and 7 query heads a kv head, head_dim 8 (below tl.dot's 16), 64 and 80, q/k norm. A
+    list of {name, rows, shape, rel_err, ok}: the output, and each cache after the write."""
+    torch.manual_seed(0)
+    results = []
+    for H, KV, D, S, qk_norm, start, C in ((4, 4, 64, 40, False, 0, 24),
+                                            (4, 2, 8, 24, False, 9, 16),
+                                            (8, 4, 64, 300, True, 150, 96),
+                                            (14, 2, 80, 136, False, 100, 70)):
+        args = ModelArgs(dim=H * D, n_layer=1, n_head=H, n_kv_heads=KV, head_dim=D,
+                         vocab_size=1, intermediate_size=1, qk_norm=qk_norm)
+        attention = Attention(args).to(device, dtype)
+        if qk_norm:  # weights other than RMSNorm's ones, each its own
+            attention.q_norm.weight.data.uniform_(0.5, 1.5), attention.k_norm.weight.data.normal_()
+        pos = torch.arange(start, start + C, device=device).clamp(max=S - 1)[None]  # (1, C)
+        rows = Rows(pos, rope_table(args, S).to(device)[pos], attention_mask(pos, S, dtype),
+                    row=torch.tensor([1], device=device))
+        x = torch.randn(1, C, args.dim, device=device, dtype=dtype)
+        cache = KVCache(3, KV, S, D, dtype, device)
+        cache.k.normal_(), cache.v.normal_()  # earlier pieces (and garbage past the prompt)
+        outputs = []
+        for kernel in (None, chunk_attention_op):
+            attention.kv_cache, attention.chunk_kernel = copy.deepcopy(cache), kernel
+            y = attention(x, [rows])  # (1, C, dim)
+            outputs.append((y, attention.kv_cache.k, attention.kv_cache.v))
+        for name, reference, y in zip(("output", "k cache", "v cache"), *outputs):
+            rel = relative_error(y, reference)
+            ok = rel < (1e-5 if dtype == torch.float32 else 1e-2)  # bf16: the rounding of p
+            results.append(dict(name=f"chunk attention {name}", rows=C, shape=[H, KV, D, S],
                                 rel_err=rel, ok=ok))
     return results
 
@@ -1499,8 +1607,8 @@ def prepare_for_device(model: nn.Module):
     """After the model reached its device and dtype: pack int4 weights for tinygemm (CUDA, bfloat16,
     see TINYGEMM_MAX_ROWS) and lay them out for the Triton kernels (Int4Linear.use_triton), choose
     the fp8 matmul, give float, int8 and fp8 experts on CUDA the expert GEMV, their routers the
-    router kernel and bf16 and fp16 attention the decode attention kernel, and on the CPU route
-    decode-sized inputs of the int8 and int4 layers to PyTorch's CPU kernels (where
+    router kernel and bf16 and fp16 attention the decode and chunk attention kernels, and on the
+    CPU route decode-sized inputs of the int8 and int4 layers to PyTorch's CPU kernels (where
     cpu_kernels_usable)."""
     dtype = model.tok_embeddings.weight.dtype  # the activations' dtype
     cpu_kernels = cpu_kernels_usable(dtype)
@@ -1508,7 +1616,7 @@ def prepare_for_device(model: nn.Module):
                         and model.tok_embeddings.weight.is_cuda and dtype in MM_DTYPES)
     for module in model.modules():
         if isinstance(module, Attention) and attention_kernel:
-            module.decode_kernel = decode_attention
+            module.decode_kernel, module.chunk_kernel = decode_attention, chunk_attention_op
         if isinstance(module, MoEFeedForward) and module.gate.weight.is_cuda and triton is not None:
             module.router_kernel = router_top_k
         if (isinstance(module, (Experts, OneByteExperts)) and module.weight.is_cuda

@@ -57,27 +57,36 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor,
-               row: int = 0) -> tuple[Tensor, Tensor]:
-        # k, v: (B, n_kv_heads, T, head_dim) for cache rows row..row + B - 1; input_pos (B, T): each
+    def write(self, input_pos: Tensor, k: Tensor, v: Tensor, rows: Tensor):
+        # k, v: (B, T, n_kv_heads, head_dim) for cache rows rows (B,); input_pos (B, T): each
         # row's own slots. Written into the whole cache, not into a slice of its rows: inductor
         # copies a slice that is written through and copies it back (the whole cache, every step).
-        B = k.shape[0]
-        b = torch.arange(row, row + B, device=k.device)[:, None]  # (B, 1)
         # Index tensors at dims 0 and 2 put their (B, T) first: values (B, T, heads, head_dim).
-        self.k[b, :, input_pos] = k.transpose(1, 2)
-        self.v[b, :, input_pos] = v.transpose(1, 2)
-        return self.k[row:row + B], self.v[row:row + B]  # (B, n_kv_heads, S, head_dim), views
+        self.k[rows[:, None], :, input_pos] = k
+        self.v[rows[:, None], :, input_pos] = v
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor,
+               row: int | Tensor = 0) -> tuple[Tensor, Tensor]:
+        """k, v (B, n_kv_heads, T, head_dim) written for cache rows row..row + B - 1, or the one
+        row a tensor (1,) names; then those rows' caches (B, n_kv_heads, S, head_dim): views, or
+        for a tensor row a copy."""
+        B = k.shape[0]
+        rows = row if isinstance(row, Tensor) else torch.arange(row, row + B, device=k.device)
+        self.write(input_pos, k.transpose(1, 2), v.transpose(1, 2), rows)
+        if isinstance(row, Tensor):
+            return self.k[row], self.v[row]
+        return self.k[row:row + B], self.v[row:row + B]
 
 
 class Rows(NamedTuple):
     """A group of B rows of T tokens as attention sees them: token t of row b writes cache row
     `row + b` at slot input_pos[b, t] (B, T) and reads that row through its mask (B, 1, T, S); its
-    rotary cos and sin rope (B, T, 2, 1, head_dim). Made once per forward, shared by the layers."""
+    rotary cos and sin rope (B, T, 2, 1, head_dim). Made once per forward, shared by the layers.
+    A tensor row (1,) holds a server's prompt chunk (B = 1): a cache row chosen at run time."""
     input_pos: Tensor
     rope: Tensor
     mask: Tensor
-    row: int = 0
+    row: int | Tensor = 0
 
 
 class RMSNorm(nn.RMSNorm):
@@ -103,6 +112,7 @@ class Attention(nn.Module):
         self.qk_norm = args.qk_norm
         self.kv_cache: Optional[KVCache] = None
         self.decode_kernel = None  # kernels.decode_attention, where prepare_for_device gives one
+        self.chunk_kernel = None  # kernels.chunk_attention_op, likewise
 
     def forward(self, x: Tensor, groups: list) -> Tensor:
         """x (..., dim): the tokens of every group of rows in `groups`, in order. They share each
@@ -123,6 +133,13 @@ class Attention(nn.Module):
                 q, k = self.q_norm(q), self.k_norm(k)
             v = v.view(B, T, self.n_kv_heads, self.head_dim)
             q, k = apply_rope(q, g.rope), apply_rope(k, g.rope)
+            if isinstance(g.row, Tensor) and self.chunk_kernel is not None:
+                # a prompt's chunk attends in its request's cache row where it lies (no copy of it)
+                self.kv_cache.write(g.input_pos, k, v, g.row)
+                y = self.chunk_kernel(q[0], self.kv_cache.k, self.kv_cache.v, g.row,
+                                      g.input_pos[0])  # (T, n_head, head_dim)
+                ys.append(y.view(T, q_dim))
+                continue
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
             k, v = self.kv_cache.update(g.input_pos, k, v, g.row)  # (B, n_kv_heads, S, head_dim)
             # enable_gqa: each group of query heads reads its shared kv head without copying.
@@ -289,9 +306,9 @@ class Transformer(nn.Module):
         (B,) only those at column last[b] of each row (B, 1, vocab_size): all a prefill needs (a
         128k vocabulary times a long prompt is gigabytes of logits).
 
-        chunk: (ids (1, C), slots (1, C), cache row), a piece of a prompt riding along (the server's
-        decode steps): its tokens share every matmul with idx's, one read of the weights for both,
-        attend in their own cache row, and give no logits."""
+        chunk: (ids (1, C), slots (1, C), cache row (1,)), a piece of a prompt riding along (the
+        server's decode steps): its tokens share every matmul with idx's, one read of the weights
+        for both, attend in their request's cache row, and give no logits."""
         B, T = idx.shape
         x = self.tok_embeddings(idx)  # (B, T, dim)
         places = [(input_pos.expand(B, T), 0)]  # each group's slots (B, T) and first cache row

@@ -116,20 +116,9 @@ def decode_rows(model: Transformer, token: Tensor, input_pos: Tensor, temperatur
     """token (B, 1) at cache slots input_pos (B, 1), one per row -> next token (B, 1).
 
     chunk: (ids (1, C), slots (1, C), row (1,)), the next piece of one prompt, prefilled by the same
-    forward: every matmul reads the weights once for both. It runs in the cache's last row, which
-    only prompts use, and its keys and values are then copied into the request's row; the row is
+    forward in the request's cache row: every matmul reads the weights once for both. The row is
     an index tensor, not an int (which dynamo would specialize: a compile for each row)."""
-    if chunk is None:
-        logits = model(token, input_pos)  # (B, 1, vocab)
-    else:
-        ids, slots, row = chunk
-        staging = model.max_batch_size - 1
-        logits = model(token, input_pos, chunk=(ids, slots, staging))
-        source = torch.full_like(row, staging)  # (1,)
-        for layer in model.layers:
-            cache = layer.attention.kv_cache
-            cache.k[row, :, slots[0]] = cache.k[source, :, slots[0]]  # (C, n_kv_heads, head_dim)
-            cache.v[row, :, slots[0]] = cache.v[source, :, slots[0]]
+    logits = model(token, input_pos, chunk=chunk)  # (B, 1, vocab)
     return sample_rows(logits[:, -1], input_pos[:, 0], temperature, top_k, top_p, seed)
 
 
@@ -164,17 +153,17 @@ class Job:
 
 
 class Scheduler:
-    """Owns the model and its cache: B rows for B requests, and one more in which prompts are
-    prefilled (decode_rows). HTTP handlers submit and cancel jobs from the event loop's thread;
-    everything else happens on the scheduler's own thread. step_fn is decode_rows, compiled or
-    not; compiled, every chunk is padded to --prefill_chunk tokens (static_chunks): one shape."""
+    """Owns the model and its cache: B rows for B requests. HTTP handlers submit and cancel jobs
+    from the event loop's thread; everything else happens on the scheduler's own thread. step_fn
+    is decode_rows, compiled or not; compiled, every chunk is padded to --prefill_chunk tokens
+    (static_chunks): one shape."""
 
     def __init__(self, model: Transformer, eos_ids, max_queue: int, prefill_chunk: int,
                  step_fn: Callable, static_chunks: bool):
         self.model, self.eos = model, set(eos_ids)
         self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
         self.step_fn, self.static_chunks = step_fn, static_chunks
-        B, device = model.max_batch_size - 1, model.tok_embeddings.weight.device
+        B, device = model.max_batch_size, model.tok_embeddings.weight.device
         self.rows: list[Optional[Job]] = [None] * B
         self.waiting: deque = deque()
         self.changed = threading.Condition()  # guards waiting and stopping
@@ -782,8 +771,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api_key", help="require the header Authorization: Bearer API_KEY")
     p.add_argument("--max_batch_size", type=int, default=8,
-                   help="requests decoded at once: rows of the KV cache, which has one more for "
-                   "prompts being prefilled (default 8)")
+                   help="requests decoded at once: rows of the KV cache (default 8)")
     p.add_argument("--max_queue", type=int, default=64,
                    help="requests that may wait for a row; beyond, 429 (default 64)")
     p.add_argument("--max_seq_length", type=int,
@@ -844,8 +832,7 @@ def main(argv=None):
                          f"{config.block_size} tokens")
     listener = listen(args.host, args.port) if tp.rank() == 0 else None  # rank 0 serves HTTP
     device = tp.start(args, config, args.device) if distributed else args.device
-    # one cache row more than requests: the row prompts are prefilled in (decode_rows)
-    model = load_weights(args, ckpt, config, device, args.max_batch_size + 1, context)
+    model = load_weights(args, ckpt, config, device, args.max_batch_size, context)
     # The step compiles for one row and for B rows, and for B rows with a prompt's chunk, each
     # with static shapes: with the row count symbolic, a 7B step of 32 rows took 14.7 ms on an
     # H200, against 5.8 ms compiled for 32.

@@ -251,6 +251,18 @@ def check_decode_attention():
     check_decode_attention_rows_are_independent(kernels.decode_attention_op)
 
 
+# The chunk attention kernel in float32 against the model's own attention path over the request's
+# cache row (kernels.check_chunk_attention); then in the server's steps, prompts prefilled in
+# chunks through it while other rows decode.
+def check_chunk_attention():
+    import kernels
+    from test_server import check_prompts_prefilled_inside_decode_steps
+    results = kernels.check_chunk_attention("cpu", torch.float32)
+    assert len(results) == 12 and all(r["ok"] for r in results), results
+    for static_chunks in (False, True):
+        check_prompts_prefilled_inside_decode_steps(static_chunks, kernels.chunk_attention_op)
+
+
 def check_decode_attention_rows_are_independent(attention):
     torch.manual_seed(0)
     B, H, KV, D, S = 4, 6, 2, 16, 600  # three parts of 256 slots
@@ -331,7 +343,8 @@ def test_gemv_input_gives_aligned_words_of_any_one_row_view():
 INTERPRETER_CHECKS = {"scaled_gemv": check_scaled_gemv, "quantized_mm": check_quantized_mm,
                       "int4_mm": check_int4_mm, "dequantize": check_dequantize,
                       "expert_gemv": check_expert_gemv, "router": check_router,
-                      "decode_attention": check_decode_attention}
+                      "decode_attention": check_decode_attention,
+                      "chunk_attention": check_chunk_attention}
 
 
 def passed(interpreter_jobs, name: str):
@@ -373,6 +386,12 @@ def test_router_kernel_chooses_the_experts_and_weights_of_the_pytorch_routing(in
 def test_decode_attention_kernel_equals_the_models_attention_and_each_row_its_alone_result(
         interpreter_jobs):
     passed(interpreter_jobs, "decode_attention")
+
+
+@pytest.mark.slow
+def test_chunk_attention_kernel_equals_the_models_attention_and_prompts_their_alone_tokens(
+        interpreter_jobs):
+    passed(interpreter_jobs, "chunk_attention")
 
 
 if __name__ == "__main__":

@@ -461,9 +461,14 @@ def greedy_job(prompt: list, max_tokens: int) -> "server.Job":
 
 @pytest.mark.parametrize("static_chunks", [False, True], ids=["exact", "padded"])
 def test_prompts_prefilled_inside_decode_steps_give_each_request_its_alone_tokens(static_chunks):
+    check_prompts_prefilled_inside_decode_steps(static_chunks)
+
+
+def check_prompts_prefilled_inside_decode_steps(static_chunks: bool, chunk_kernel=None):
     """Prompts of 1 to 30 tokens arrive while three rows decode; each is prefilled in chunks of 8
-    that ride along the decode steps (exact, or padded to 8 as a compiled server pads them), through
-    the staging row, into whichever row it got: every request's greedy tokens are generate's for
+    that ride along the decode steps (exact, or padded to 8 as a compiled server pads them), in
+    whichever row it got, through the model's attention or chunk_kernel (tests/test_kernels.py
+    runs the Triton kernel in the interpreter): every request's greedy tokens are generate's for
     its prompt alone."""
     import copy
     import server
@@ -471,8 +476,10 @@ def test_prompts_prefilled_inside_decode_steps_give_each_request_its_alone_token
     model = Transformer(ModelArgs(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=97,
                                   intermediate_size=128, block_size=64)).eval()
     alone = copy.deepcopy(model)
+    for layer in model.layers:
+        layer.attention.chunk_kernel = chunk_kernel
     alone.setup_caches(1, 64)
-    model.setup_caches(4, 64)  # three rows and the staging row
+    model.setup_caches(3, 64)  # three rows
     prompts = [torch.randint(1, 97, (n,)).tolist() for n in (3, 12, 1, 2, 10, 20, 30, 9)]
     jobs = [greedy_job(p, 6 + i) for i, p in enumerate(prompts)]
     scheduler = server.Scheduler(model, [], 16, 8, server.decode_rows, static_chunks)
@@ -487,7 +494,7 @@ def test_prompts_prefilled_inside_decode_steps_give_each_request_its_alone_token
 def test_the_warm_up_compiles_everything_the_first_requests_run(monkeypatch):
     """The compiled step, with and without a prompt's chunk, meets no new shape, row or input kind
     once warm_up has run, and gives each request its alone tokens: prompts of many lengths into
-    rows 0, 1 and 2 (through the staging row), decoded together. Dynamo decides what compiles and
+    rows 0, 1 and 2, decoded together. Dynamo decides what compiles and
     when (its guards); the backend only what each graph becomes, so the graphs here are run by
     dynamo's eager backend: the same graphs, without inductor's half a minute of building them."""
     import copy
@@ -500,7 +507,7 @@ def test_the_warm_up_compiles_everything_the_first_requests_run(monkeypatch):
                                   intermediate_size=128, block_size=64)).eval()
     alone = copy.deepcopy(model)
     alone.setup_caches(1, 64)
-    model.setup_caches(4, 64)
+    model.setup_caches(3, 64)
     torch._dynamo.reset()
     compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, mode, **kwargs: compile(fn, backend="eager",
