@@ -57,25 +57,21 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def write(self, input_pos: Tensor, k: Tensor, v: Tensor, rows: Tensor):
-        # k, v: (B, T, n_kv_heads, head_dim) for cache rows rows (B,); input_pos (B, T): each
-        # row's own slots. Written into the whole cache, not into a slice of its rows: inductor
-        # copies a slice that is written through and copies it back (the whole cache, every step).
-        # Index tensors at dims 0 and 2 put their (B, T) first: values (B, T, heads, head_dim).
-        self.k[rows[:, None], :, input_pos] = k
-        self.v[rows[:, None], :, input_pos] = v
-
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor,
                row: int | Tensor = 0) -> tuple[Tensor, Tensor]:
-        """k, v (B, n_kv_heads, T, head_dim) written for cache rows row..row + B - 1, or the one
-        row a tensor (1,) names; then those rows' caches (B, n_kv_heads, S, head_dim): views, or
-        for a tensor row a copy."""
+        # k, v: (B, n_kv_heads, T, head_dim) for cache rows row..row + B - 1, or the one row a
+        # tensor (1,) names; input_pos (B, T): each row's own slots. Written into the whole cache,
+        # not into a slice of its rows: inductor copies a slice that is written through and copies
+        # it back (the whole cache, every step).
         B = k.shape[0]
         rows = row if isinstance(row, Tensor) else torch.arange(row, row + B, device=k.device)
-        self.write(input_pos, k.transpose(1, 2), v.transpose(1, 2), rows)
+        b = rows[:, None]  # (B, 1)
+        # Index tensors at dims 0 and 2 put their (B, T) first: values (B, T, heads, head_dim).
+        self.k[b, :, input_pos] = k.transpose(1, 2)
+        self.v[b, :, input_pos] = v.transpose(1, 2)
         if isinstance(row, Tensor):
-            return self.k[row], self.v[row]
-        return self.k[row:row + B], self.v[row:row + B]
+            return self.k[row], self.v[row]  # (1, n_kv_heads, S, head_dim), a copy
+        return self.k[row:row + B], self.v[row:row + B]  # (B, n_kv_heads, S, head_dim), views
 
 
 class Rows(NamedTuple):
@@ -133,15 +129,15 @@ class Attention(nn.Module):
                 q, k = self.q_norm(q), self.k_norm(k)
             v = v.view(B, T, self.n_kv_heads, self.head_dim)
             q, k = apply_rope(q, g.rope), apply_rope(k, g.rope)
-            if isinstance(g.row, Tensor) and self.chunk_kernel is not None:
-                # a prompt's chunk attends in its request's cache row where it lies (no copy of it)
-                self.kv_cache.write(g.input_pos, k, v, g.row)
-                y = self.chunk_kernel(q[0], self.kv_cache.k, self.kv_cache.v, g.row,
-                                      g.input_pos[0])  # (T, n_head, head_dim)
-                ys.append(y.view(T, q_dim))
-                continue
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
             k, v = self.kv_cache.update(g.input_pos, k, v, g.row)  # (B, n_kv_heads, S, head_dim)
+            if isinstance(g.row, Tensor) and self.chunk_kernel is not None:
+                # a prompt's chunk attends in its request's cache row where it lies (compiled, the
+                # row's copy above goes unused and is never made)
+                y = self.chunk_kernel(q[0].transpose(0, 1), self.kv_cache.k, self.kv_cache.v,
+                                      g.row, g.input_pos[0])  # (T, n_head, head_dim)
+                ys.append(y.reshape(T, q_dim))
+                continue
             # enable_gqa: each group of query heads reads its shared kv head without copying.
             gqa = self.n_head != self.n_kv_heads
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, enable_gqa=gqa)
