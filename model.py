@@ -132,8 +132,8 @@ class Attention(nn.Module):
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
             k, v = self.kv_cache.update(g.input_pos, k, v, g.row)  # (B, n_kv_heads, S, head_dim)
             if isinstance(g.row, Tensor) and self.chunk_kernel is not None:
-                # a prompt's chunk attends in its request's cache row where it lies (compiled, the
-                # row's copy above goes unused and is never made)
+                # a prompt's chunk attends in its request's cache row where it lies; the copy of
+                # the row update returns goes unused (compiled, it is never made)
                 y = self.chunk_kernel(q[0].transpose(0, 1), self.kv_cache.k, self.kv_cache.v,
                                       g.row, g.input_pos[0])  # (T, n_head, head_dim)
                 ys.append(y.reshape(T, q_dim))

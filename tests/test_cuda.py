@@ -72,34 +72,39 @@ def test_decode_attention_kernel_in_a_compiled_cuda_graph_matches_sdpa_at_each_r
 
 
 def test_server_steps_with_the_chunk_attention_kernel_in_a_compiled_cuda_graph_match_sdpa():
-    """A server's steps with a prompt's chunk: two rows decoding, and a prompt prefilled into row 2
-    in three pieces of 16 tokens; the compiled step with the chunk and decode attention kernels
-    (prepare_for_device gives them) against the eager step through SDPA: the decoding rows'
-    logits at each step (warm-up, recording, replay), then row 2's cache."""
+    """A server's steps: rows 0 and 1 decoding, a prompt prefilled into row 2 in three pieces of 16
+    tokens riding along, and row 2 decoding too, at the slot after its piece, as the server runs a
+    prefilling row (its token dropped). The compiled step with the chunk and decode attention
+    kernels (prepare_for_device gives them), recorded as a CUDA graph, against the eager step
+    through SDPA: every row's logits at each step (warm-up, recording, replay; row 2's attend over
+    the pieces before), then row 2's cache."""
     import copy
+    from torch._dynamo.utils import counters
     from kernels import chunk_attention_op, prepare_for_device, relative_error
     model = tiny_model(qk_norm=True).cuda().to(torch.bfloat16)  # 4 query heads, 2 kv heads
     reference = copy.deepcopy(model)
     prepare_for_device(model)
     assert all(layer.attention.chunk_kernel is chunk_attention_op for layer in model.layers)
-    ids = torch.randint(0, 97, (3, 40), device="cuda")
+    ids = torch.randint(0, 97, (3, 64), device="cuda")
+    counters.clear()
     step = torch.compile(model, mode="reduce-overhead", fullgraph=True)
     row = torch.tensor([2], device="cuda")
     with torch.no_grad():
         for m in (model, reference):
-            m.setup_caches(3, 40)
+            m.setup_caches(3, 64)
             m(ids[:2, :11], torch.arange(11, device="cuda"))  # rows 0 and 1: SDPA in both
-        for t, start in enumerate((0, 16, 24)):
-            pos = torch.full((2, 1), 11 + t, device="cuda")
+        for t, start in enumerate((0, 16, 32)):
+            pos = torch.tensor([[11 + t], [11 + t], [start + 16]], device="cuda")  # (3, 1)
             slots = torch.arange(start, start + 16, device="cuda")[None]  # (1, 16)
             chunk = (ids[2:, start:start + 16], slots, row)
-            expected = reference(ids[:2, 11 + t:12 + t], pos, chunk=chunk).double()
-            logits = step(ids[:2, 11 + t:12 + t], pos, chunk=chunk).double()
+            expected = reference(ids[:, 11 + t:12 + t], pos, chunk=chunk).double()
+            logits = step(ids[:, 11 + t:12 + t], pos, chunk=chunk).double()
             assert relative_error(logits, expected) < 2e-2, t
+    assert counters["inductor"]["cudagraph_skips"] == 0  # the step ran as a CUDA graph
     for layer, wanted in zip(model.layers, reference.layers):
         cache, expected_cache = layer.attention.kv_cache, wanted.attention.kv_cache
-        assert relative_error(cache.k[2], expected_cache.k[2]) < 1e-2
-        assert relative_error(cache.v[2], expected_cache.v[2]) < 1e-2
+        assert relative_error(cache.k[2], expected_cache.k[2]) < 2e-2
+        assert relative_error(cache.v[2], expected_cache.v[2]) < 2e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
