@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model import (Attention, Experts, KVCache, ModelArgs, MoEFeedForward, Rows,
-                   attention_mask, rope_table, route)
+                   attention_mask, rope_table, route, swiglu)
 
 try:
     import triton
@@ -92,7 +92,8 @@ if triton is not None:
     @triton.jit
     def scaled_gemv_kernel(x_ptr, w_ptr, s_ptr, ids_ptr, y_ptr, N, K_WORDS, WORDS_PER_SPLIT,
                            PAIRS_PER_ROW, PER_WORD: tl.constexpr, FP8: tl.constexpr,
-                           X16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_WORDS: tl.constexpr):
+                           X16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_WORDS: tl.constexpr,
+                           SWIGLU: tl.constexpr = False):
         """y[split, p, n] = scales[e, n] * sum over the split's columns k of x[r, k] * w[e, n, k]
         for BLOCK_N rows n (program_id 0) of pair p (program_id 2): expert e = ids[p] and x row
         r = p // PAIRS_PER_ROW (ids None: a plain GEMV, e = 0; scales None: no scaling).
@@ -101,7 +102,9 @@ if triton is not None:
         (bf16, fp16: 8 to a 128-bit load); K = PER_WORD K_WORDS. Split s (program_id 1) takes
         words [s * WORDS_PER_SPLIT, (s + 1) * WORDS_PER_SPLIT). x_ptr is x's rows as they are, or
         (X16 given, PER_WORD 4) 16-bit activations of type X16 read as int64 words of four, a
-        word of x for a word of weights."""
+        word of x for a word of weights. SWIGLU (one split): an expert's 2 N rows are a gate
+        projection and then an up projection, and y[0, p, n] = SiLU(gate n) * up n, its two sums
+        scaled first: the feed-forward's activation in the GEMV, one launch less a layer."""
         pair = tl.program_id(2)
         expert = 0
         if ids_ptr is not None:
@@ -111,10 +114,12 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         row_ok = rows < N
         # int64: N * K passes 2**31 in the largest models
-        row_start = (rows + expert * N).to(tl.int64) * K_WORDS
+        expert_rows = 2 * N if SWIGLU else N
+        row_start = (rows + expert * expert_rows).to(tl.int64) * K_WORDS
         first = tl.program_id(1) * WORDS_PER_SPLIT
         last = tl.minimum(first + WORDS_PER_SPLIT, K_WORDS)
         acc = tl.zeros((BLOCK_N, BLOCK_WORDS), dtype=tl.float32)
+        up_acc = tl.zeros((BLOCK_N, BLOCK_WORDS), dtype=tl.float32)  # SWIGLU's up rows
         for c0 in range(0, WORDS_PER_SPLIT, BLOCK_WORDS):
             c = first + c0 + tl.arange(0, BLOCK_WORDS)  # (BLOCK_WORDS,) word columns
             ok = row_ok[:, None] & (c < last)[None, :]
@@ -123,6 +128,10 @@ if triton is not None:
             # share aside): first out of the L2 cache, before x and what the next kernels read.
             words = tl.load(w_ptr + row_start[:, None] + c[None, :], mask=ok, other=0,
                             eviction_policy="evict_first")
+            up_words = words
+            if SWIGLU:  # the up rows, N rows below the gate rows
+                up_words = tl.load(w_ptr + N * K_WORDS + row_start[:, None] + c[None, :],
+                                   mask=ok, other=0, eviction_policy="evict_first")
             if X16 is not None:
                 # x's words as a tile shaped like the weights' (each column repeated down the
                 # rows; the cache serves the repeats): loaded as rows, x would reach the weights'
@@ -136,9 +145,18 @@ if triton is not None:
                 else:
                     x = tl.load(x_row + PER_WORD * c + j, mask=c < last, other=0.0)[None, :]
                 acc += w * x.to(tl.float32)  # one reduction over k at the end
+                if SWIGLU:
+                    up_acc += word_to_float(up_words, j, PER_WORD, FP8) * x.to(tl.float32)
         y = tl.sum(acc, axis=1)  # (BLOCK_N,)
         if s_ptr is not None:
-            y *= tl.load(s_ptr + expert * N + rows, mask=row_ok, other=0.0).to(tl.float32)
+            y *= tl.load(s_ptr + expert * expert_rows + rows, mask=row_ok,
+                         other=0.0).to(tl.float32)
+        if SWIGLU:
+            up = tl.sum(up_acc, axis=1)  # (BLOCK_N,)
+            if s_ptr is not None:
+                up *= tl.load(s_ptr + expert * expert_rows + N + rows, mask=row_ok,
+                              other=0.0).to(tl.float32)
+            y = y * tl.sigmoid(y) * up
         out = (tl.program_id(1) * tl.num_programs(2) + pair) * N + rows
         tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
@@ -150,7 +168,7 @@ if triton is not None:
                       for n in (4, 8, 16) for k in (128, 256, 512)]
     expert_gemv_tuned = triton.autotune(
         configs=EXPERT_CONFIGS,
-        key=["N", "K_WORDS", "WORDS_PER_SPLIT", "PER_WORD", "FP8"])(scaled_gemv_kernel)
+        key=["N", "K_WORDS", "WORDS_PER_SPLIT", "PER_WORD", "FP8", "SWIGLU"])(scaled_gemv_kernel)
 
     @triton.jit
     def weight_tile(w_ptr, s_ptr, n0, k0, N, K, SCALED: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -813,48 +831,61 @@ def kernel_route(x: Tensor, mm_rows: int = MAX_MM_ROWS) -> Optional[str]:
 
 @torch.library.custom_op("blitz::expert_gemv_partials", mutates_args=())
 def expert_gemv_partials(x: Tensor, experts: Tensor, weight: Tensor, scales: Optional[Tensor],
-                         split_k: int) -> Tensor:
+                         split_k: int, swiglu_out: bool = False) -> Tensor:
     """Rows x (R, K) through experts (P,) (ids, P a multiple of R: pair p takes row p // (P / R)),
     weight (n_experts, N, K) bf16, fp16, float32, or int8 / float8_e4m3fn (K a multiple of 4) with
-    scales (n_experts, N): (split_k, P, N) float32 partial sums."""
+    scales (n_experts, N): (split_k, P, N) float32 partial sums. swiglu_out (split_k 1): the
+    weight's rows are gate then up projections, and the result model.swiglu of the sums,
+    (1, P, N / 2) in x's dtype."""
     P, (_, N, K) = experts.numel(), weight.shape
     assert weight.is_contiguous() and P % x.shape[0] == 0, "expert_gemv: row-major weights"
+    assert not swiglu_out or (split_k == 1 and N % 2 == 0), "expert_gemv: SwiGLU takes whole sums"
     per_word = 4 if weight.element_size() == 1 else 1
-    y = torch.empty(split_k, P, N, dtype=torch.float32, device=x.device)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split_k, P)  # noqa: E731
+    n_out = N // 2 if swiglu_out else N
+    y = torch.empty(split_k, P, n_out, dtype=x.dtype if swiglu_out else torch.float32,
+                    device=x.device)
+    grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]), split_k, P)  # noqa: E731
     pairs_per_row = P // x.shape[0]
     x, x16 = gemv_input(x, per_word)
     expert_gemv_tuned[grid](x, weight.view(torch.int32) if per_word == 4 else weight,
-                            scales, experts.contiguous(), y, N, K // per_word,
+                            scales, experts.contiguous(), y, n_out, K // per_word,
                             words_per_split(K, split_k) * 4 // per_word, pairs_per_row,
-                            PER_WORD=per_word, FP8=weight.dtype == torch.float8_e4m3fn, X16=x16)
+                            PER_WORD=per_word, FP8=weight.dtype == torch.float8_e4m3fn, X16=x16,
+                            SWIGLU=swiglu_out)
     return y
 
 
 @expert_gemv_partials.register_fake
 def _(x: Tensor, experts: Tensor, weight: Tensor, scales: Optional[Tensor],
-      split_k: int) -> Tensor:
-    return x.new_empty(split_k, experts.numel(), weight.shape[1], dtype=torch.float32)
+      split_k: int, swiglu_out: bool = False) -> Tensor:
+    N = weight.shape[1] // 2 if swiglu_out else weight.shape[1]
+    dtype = x.dtype if swiglu_out else torch.float32
+    return x.new_empty(split_k, experts.numel(), N, dtype=dtype)
 
 
 def expert_matmul(x: Tensor, experts: Tensor, weight: Tensor,
-                  scales: Optional[Tensor] = None) -> Tensor:
+                  scales: Optional[Tensor] = None, swiglu_out: bool = False) -> Tensor:
     """x (M, 1 or k, K) through the experts (M, k) chosen for each row: weight (n_experts, N, K),
     float or one-byte with scales (n_experts, N). (M, k, N) in float32; the split-K partial sums
-    are added here, which torch.compile fuses into the next operation."""
+    are added here, which torch.compile fuses into the next operation. swiglu_out: model.swiglu
+    of that, (M, k, N / 2) in x's dtype, from the one launch (K whole)."""
     N, K = weight.shape[1:]
+    if swiglu_out:
+        y = expert_gemv_partials(x.reshape(-1, K), experts.flatten(), weight, scales, 1, True)
+        return y.view(*experts.shape, N // 2)
     y = expert_gemv_partials(x.reshape(-1, K), experts.flatten(), weight, scales,
                              split_k_for(N, K))  # (split_k, M * k, N)
     return added_parts(y).view(*experts.shape, N)
 
 
 def expert_matmul_reference(x: Tensor, experts: Tensor, weight: Tensor,
-                            scales: Optional[Tensor] = None) -> Tensor:
+                            scales: Optional[Tensor] = None, swiglu_out: bool = False) -> Tensor:
     """The same product in float64 with PyTorch."""
     w = weight.float()[experts].double()  # (M, k, N, K); float() first: fp8 converts to float
     if scales is not None:
         w = w * scales[experts].double()[..., None]
-    return (w @ x.double()[..., None])[..., 0]  # (M, k, N)
+    y = (w @ x.double()[..., None])[..., 0]  # (M, k, N)
+    return swiglu(y) if swiglu_out else y
 
 
 # The router's softmax, top k and rescaling in one launch, where compiled PyTorch makes two or three
@@ -1041,9 +1072,9 @@ EXPERT_CHECK_SHAPES = ((16, 1536, 2048), (16, 2048, 768), (4, 4096, 14336), (5, 
 
 def check_expert_kernel(device="cuda", shapes=EXPERT_CHECK_SHAPES) -> list:
     """The expert GEMV against its float64 reference on `shapes`, for bf16, int8 and fp8 weights,
-    a token's pairs (x one row) and their hidden rows (x a row per pair), 1 and 4 tokens. Each
-    case is described apart (x's rows, tokens, experts a token): results merged from several
-    GPUs keep every case."""
+    a token's pairs (x one row; with SwiGLU too, N even) and their hidden rows (x a row per pair),
+    1 and 4 tokens. Each case is described apart (x's rows, tokens, experts a token): results
+    merged from several GPUs keep every case."""
     torch.manual_seed(0)
     results = []
     for E, N, K in shapes:
@@ -1056,14 +1087,18 @@ def check_expert_kernel(device="cuda", shapes=EXPERT_CHECK_SHAPES) -> list:
                     ("experts bf16", bf16, None),
                     ("experts int8", int8, torch.rand(E, N, device=device) / 127),
                     ("experts fp8", fp8, torch.rand(E, N, device=device) / 448)):
-                for rows in (1, k):  # w13's input: the token; w2's: a hidden row per pair
+                # w13's input: the token (and w13 with its activation, SwiGLU); w2's: a hidden
+                # row per pair
+                for rows, swiglu_out in [(1, False), (k, False)] + [(1, True)] * (N % 2 == 0):
                     x = torch.randn(M, rows, K, device=device, dtype=torch.bfloat16)
-                    y = expert_matmul(x, experts, weight, scales)  # (M, k, N)
-                    reference = expert_matmul_reference(x, experts, weight, scales)
+                    y = expert_matmul(x, experts, weight, scales, swiglu_out)  # (M, k, N or N/2)
+                    reference = expert_matmul_reference(x, experts, weight, scales, swiglu_out)
                     rel = relative_error(y, reference)
-                    ok = y.shape == (M, k, N) and rel < 1e-4  # float32 sums
-                    results.append(dict(name=name, rows=M * rows, shape=[E, N, K], tokens=M,
-                                        k=k, rel_err=rel, ok=ok))
+                    # float32 sums; SwiGLU's output rounded to bf16
+                    ok = (y.shape == reference.shape == (M, k, N // (1 + swiglu_out))
+                          and rel < (1e-2 if swiglu_out else 1e-4))
+                    results.append(dict(name=name + " swiglu" * swiglu_out, rows=M * rows,
+                                        shape=[E, N, K], tokens=M, k=k, rel_err=rel, ok=ok))
     return results
 
 
@@ -1530,10 +1565,10 @@ class OneByteExperts(QuantizedExperts):
         weight, scales = self.one_byte()  # (n_experts, N, K), (n_experts, N)
         return (weight[idx].float() * scales[idx].float()[..., None]).to(dtype)
 
-    def gathered(self, x: Tensor, experts: Tensor) -> Tensor:
+    def gathered(self, x: Tensor, experts: Tensor, swiglu_out: bool = False) -> Tensor:
         if self.kernel is not None:
-            return self.kernel(x, experts, *self.one_byte())
-        return super().gathered(x, experts)
+            return self.kernel(x, experts, *self.one_byte(), swiglu_out=swiglu_out)
+        return super().gathered(x, experts, swiglu_out)
 
 
 class Int8Experts(OneByteExperts):

@@ -159,6 +159,12 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(gate) * up)
 
 
+def swiglu(gate_up: Tensor) -> Tensor:
+    """SiLU(gate) * up of an expert's w13 output (..., 2 * inter), its two halves: (..., inter)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class Experts(nn.Module):
     """n_experts linear layers of one shape, stacked: weight (n_experts, out_features, in_features),
     so that a decode step can read the rows of the experts it chose, by index. kernels.py has the
@@ -175,14 +181,16 @@ class Experts(nn.Module):
         (*idx.shape, out_features, in_features)."""
         return self.weight[idx].to(dtype)
 
-    def gathered(self, x: Tensor, experts: Tensor) -> Tensor:
+    def gathered(self, x: Tensor, experts: Tensor, swiglu_out: bool = False) -> Tensor:
         """x (M, 1 or k, in_features) through the experts (M, k) chosen for each token:
-        (M, k, out_features), reading only their weights. Without a kernel, multiply and sum,
-        which inductor compiles into one reduction reading the chosen rows where they lie
-        (`w[experts] @ x` would copy them first)."""
-        if self.kernel is not None:  # its sums come back in float32
-            return self.kernel(x, experts, self.weight)
-        return (self.weights(experts, x.dtype) * x[..., None, :]).sum(dim=-1)
+        (M, k, out_features), reading only their weights; swiglu_out: swiglu of that in x's dtype
+        (M, k, out_features / 2), which the kernel applies to its sums before storing them (one
+        launch less). Without a kernel, multiply and sum, which inductor compiles into one
+        reduction reading the chosen rows where they lie (`w[experts] @ x` would copy them)."""
+        if self.kernel is not None:  # its sums come back in float32 (swiglu_out's in x's dtype)
+            return self.kernel(x, experts, self.weight, swiglu_out=swiglu_out)
+        y = (self.weights(experts, x.dtype) * x[..., None, :]).sum(dim=-1)
+        return swiglu(y).to(x.dtype) if swiglu_out else y
 
 
 class MoEFeedForward(nn.Module):
@@ -213,8 +221,8 @@ class MoEFeedForward(nn.Module):
 
     def gathered(self, x: Tensor, experts: Tensor) -> Tensor:
         """Each token through its chosen experts, their weights read by index: (M, k, dim)."""
-        gate, up = self.w13.gathered(x[:, None, :], experts).chunk(2, dim=-1)  # (M, k, inter)
-        return self.w2.gathered((F.silu(gate) * up).to(x.dtype), experts)  # (M, k, dim)
+        h = self.w13.gathered(x[:, None, :], experts, swiglu_out=True)  # (M, k, inter)
+        return self.w2.gathered(h, experts)  # (M, k, dim)
 
     def grouped(self, x: Tensor, experts: Tensor) -> Tensor:
         """The (token, expert) pairs sorted by expert, then one grouped matmul per weight: each
@@ -228,9 +236,9 @@ class MoEFeedForward(nn.Module):
         ends = torch.searchsorted(experts.flatten()[order], ids, right=True).int()
         xs = x[order // k]  # (M * k, dim)
         w13 = self.w13.weights(..., x.dtype).transpose(1, 2)  # (n_experts, dim, 2 * inter)
-        gate, up = torch._grouped_mm(xs, w13, offs=ends).chunk(2, dim=-1)  # (M * k, inter)
+        h = swiglu(torch._grouped_mm(xs, w13, offs=ends))  # (M * k, inter)
         w2 = self.w2.weights(..., x.dtype).transpose(1, 2)  # (n_experts, inter, dim)
-        ys = torch._grouped_mm(F.silu(gate) * up, w2, offs=ends)  # (M * k, dim), sorted
+        ys = torch._grouped_mm(h, w2, offs=ends)  # (M * k, dim), sorted
         return torch.empty_like(ys).index_copy_(0, order, ys).view(M, k, -1)
 
     def looped(self, x: Tensor, experts: Tensor) -> Tensor:
@@ -238,8 +246,8 @@ class MoEFeedForward(nn.Module):
         expert read once, n_experts / k times the arithmetic. (M, k, dim)"""
         y = x.new_zeros(*experts.shape, x.shape[-1])  # (M, k, dim)
         for e in range(self.w13.n_experts):
-            gate, up = F.linear(x, self.w13.weights(e, x.dtype)).chunk(2, dim=-1)  # (M, inter)
-            h = F.linear(F.silu(gate) * up, self.w2.weights(e, x.dtype))  # (M, dim)
+            h = F.linear(swiglu(F.linear(x, self.w13.weights(e, x.dtype))),
+                         self.w2.weights(e, x.dtype))  # (M, dim)
             y = torch.where((experts == e)[..., None], h[:, None, :], y)
         return y
 
