@@ -167,7 +167,8 @@ def test_merging_keeps_every_kernel_check_case_apart(bench, monkeypatch):
     # the expert GEMV's cases on the CPU: its float64 reference stands in for the Triton kernel
     monkeypatch.setattr(kernels, "expert_matmul", lambda *a: kernels.expert_matmul_reference(*a).float())
     checks = kernels.check_expert_kernel("cpu", shapes=((5, 37, 300), (3, 16, 64)))
-    assert len(checks) == 2 * 3 * 3 * 2 and all(c["ok"] for c in checks)  # shapes, (tokens, k), dtypes, x
+    # shapes, (tokens, k), dtypes, x; and SwiGLU's cases where N is even
+    assert len(checks) == 2 * 3 * 3 * 2 + 3 * 3 and all(c["ok"] for c in checks)
     assert bench.merge_checks(checks) == checks  # one GPU's checks: no case taken for another
 
 
