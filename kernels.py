@@ -102,9 +102,10 @@ if triton is not None:
         (bf16, fp16: 8 to a 128-bit load); K = PER_WORD K_WORDS. Split s (program_id 1) takes
         words [s * WORDS_PER_SPLIT, (s + 1) * WORDS_PER_SPLIT). x_ptr is x's rows as they are, or
         (X16 given, PER_WORD 4) 16-bit activations of type X16 read as int64 words of four, a
-        word of x for a word of weights. SWIGLU (one split): an expert's 2 N rows are a gate
-        projection and then an up projection, and y[0, p, n] = SiLU(gate n) * up n, its two sums
-        scaled first: the feed-forward's activation in the GEMV, one launch less a layer."""
+        word of x for a word of weights. SWIGLU (one split): N is the outputs', an expert's 2 N
+        weight rows (and scales) are a gate projection and then an up projection, and
+        y[0, p, n] = SiLU(gate n) * up n, its two sums scaled first: the feed-forward's
+        activation in the GEMV, one launch less a layer."""
         pair = tl.program_id(2)
         expert = 0
         if ids_ptr is not None:
@@ -130,8 +131,9 @@ if triton is not None:
                             eviction_policy="evict_first")
             up_words = words
             if SWIGLU:  # the up rows, N rows below the gate rows
-                up_words = tl.load(w_ptr + N * K_WORDS + row_start[:, None] + c[None, :],
-                                   mask=ok, other=0, eviction_policy="evict_first")
+                up_start = (rows + expert * expert_rows + N).to(tl.int64) * K_WORDS
+                up_words = tl.load(w_ptr + up_start[:, None] + c[None, :], mask=ok, other=0,
+                                   eviction_policy="evict_first")
             if X16 is not None:
                 # x's words as a tile shaped like the weights' (each column repeated down the
                 # rows; the cache serves the repeats): loaded as rows, x would reach the weights'
@@ -162,7 +164,7 @@ if triton is not None:
 
     # A mixture's experts: one warp count per tile, as each new expert shape (two per model)
     # autotunes during the compile; 512 words too, as a bf16 word is half an int32 one. At most
-    # 32 accumulators a thread.
+    # 32 accumulators a thread (64 with SWIGLU's up rows).
     EXPERT_CONFIGS = [triton.Config(dict(BLOCK_N=n, BLOCK_WORDS=k), num_stages=3,
                                     num_warps=4 if n * k <= 2048 else 8)
                       for n in (4, 8, 16) for k in (128, 256, 512)]
@@ -1094,9 +1096,10 @@ def check_expert_kernel(device="cuda", shapes=EXPERT_CHECK_SHAPES) -> list:
                     y = expert_matmul(x, experts, weight, scales, swiglu_out)  # (M, k, N or N/2)
                     reference = expert_matmul_reference(x, experts, weight, scales, swiglu_out)
                     rel = relative_error(y, reference)
-                    # float32 sums; SwiGLU's output rounded to bf16
+                    # float32 sums; SwiGLU's output rounded to bf16: at most half a unit in the
+                    # last place (2**-9 to 2**-8 of a value), well under that over a whole output
                     ok = (y.shape == reference.shape == (M, k, N // (1 + swiglu_out))
-                          and rel < (1e-2 if swiglu_out else 1e-4))
+                          and rel < (3e-3 if swiglu_out else 1e-4))
                     results.append(dict(name=name + " swiglu" * swiglu_out, rows=M * rows,
                                         shape=[E, N, K], tokens=M, k=k, rel_err=rel, ok=ok))
     return results

@@ -190,7 +190,7 @@ class Experts(nn.Module):
         if self.kernel is not None:  # its sums come back in float32 (swiglu_out's in x's dtype)
             return self.kernel(x, experts, self.weight, swiglu_out=swiglu_out)
         y = (self.weights(experts, x.dtype) * x[..., None, :]).sum(dim=-1)
-        return swiglu(y).to(x.dtype) if swiglu_out else y
+        return swiglu(y) if swiglu_out else y
 
 
 class MoEFeedForward(nn.Module):
