@@ -1,6 +1,7 @@
 """kernels.py's Triton kernels against their PyTorch reference, run by Triton's CPU interpreter
-(the same kernel source the GPU compiles; the interpreter has no fp8, so fp8 weights are checked on
-the GPU by kernels.check_kernels, which scripts/bench.py runs first; speeds: BENCHMARKS.md).
+(the same kernel source the GPU compiles; fp8 weights go through the expert GEMV here, and through
+every kernel on the GPU in kernels.check_kernels, which scripts/bench.py runs first; speeds:
+BENCHMARKS.md).
 
 Each check runs as `TRITON_INTERPRET=1 python tests/test_kernels.py NAME` (the variable must be set
 before Triton is imported); conftest.py's interpreter_jobs starts them in the background when the
@@ -181,9 +182,15 @@ def check_dequantize():
                 assert torch.equal(out, reference.to(dtype)), (N, K, g, dtype)
 
 
-# The GEMV indexed by expert: float weights (PER_WORD 1; the interpreter has bf16 loads) and int8
-# words with scales. Each config takes one kind, input (x a row per token or per pair) and K split
-# in turn.
+def one_byte_experts(E: int, N: int, K: int) -> list:
+    """(weight, scales) of int8 (-128 too: every byte pattern) and fp8 experts (E, N, K)."""
+    fp8 = (torch.randn(E, N, K) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return [(torch.randint(-128, 128, (E, N, K), dtype=torch.int8), torch.rand(E, N) / 127),
+            (fp8, torch.rand(E, N) / 448)]
+
+
+# The GEMV indexed by expert: float weights (PER_WORD 1; the interpreter has bf16 loads), int8 and
+# fp8 words with scales, x a row per token or per pair, K whole or split.
 def check_expert_gemv():
     from kernels import (EXPERT_CONFIGS, expert_matmul_reference, gemv_input, relative_error,
                          scaled_gemv_kernel, words_per_split)
@@ -191,11 +198,12 @@ def check_expert_gemv():
     torch.manual_seed(0)
     for E, N, K in ((4, 32, 512), (5, 37, 300)):  # whole tiles (some configs); ragged ones
         kinds = [(torch.randn(E, N, K, dtype=dtype), None) for dtype in (torch.bfloat16, torch.float16)]
-        kinds.append((torch.randint(-128, 128, (E, N, K), dtype=torch.int8), torch.rand(E, N) / 127))
+        kinds += one_byte_experts(E, N, K)
         experts = torch.tensor([[3, 1], [1, 1]]) % E  # 2 tokens, top-2, one expert twice
         for c, config in enumerate(EXPERT_CONFIGS):
-            (weight, scales), rows = kinds[c % 3], 1 + c // 3 % 2  # rows 1: w13's input, 2: w2's
-            split_k = 1 + 2 * (c % 2)  # 3: K over 3 programs, each column counted once
+            # each kind in turn, once or twice with each input and each split
+            (weight, scales), rows = kinds[c % 4], 1 + (c + c // 4) % 2  # 1: w13's input, 2: w2's
+            split_k = 1 + 2 * (c // 4 % 2)  # 3: K over 3 programs, each column counted once
             per_word = 4 if scales is not None else 1
             x = torch.randn(2, rows, K, dtype=X_DTYPES[c // 3 % 3])
             reference = expert_matmul_reference(x, experts, weight, scales)  # (2, 2, N)
@@ -205,18 +213,18 @@ def check_expert_gemv():
             scaled_gemv_kernel[grid](x_read, weight.view(torch.int32) if per_word == 4 else weight,
                                      scales, experts, y, N, K // per_word,
                                      words_per_split(K, split_k) * 4 // per_word, 2 // rows,
-                                     PER_WORD=per_word, FP8=False, X16=x16, **config.kwargs)
+                                     PER_WORD=per_word, FP8=weight.dtype == torch.float8_e4m3fn,
+                                     X16=x16, **config.kwargs)
             error = relative_error(y.sum(0).view(2, 2, N), reference)
             assert error < 1e-6, (weight.dtype, x.dtype, N, K, rows, config, split_k, error)
     # SWIGLU: each expert's rows are gate then up; SiLU(gate) * up stored in x's dtype. Against the
     # same config's float32 sums (SWIGLU off, the same order of adds) through model.swiglu: within
     # one unit in the last place of a 16-bit output (the interpreter truncates where a GPU rounds)
     for E, N, K in ((4, 64, 512), (5, 74, 300)):  # 32 and 37 outputs a pair
-        kinds = [(torch.randn(E, N, K, dtype=torch.bfloat16), None),
-                 (torch.randint(-128, 128, (E, N, K), dtype=torch.int8), torch.rand(E, N) / 127)]
+        kinds = [(torch.randn(E, N, K, dtype=torch.bfloat16), None), *one_byte_experts(E, N, K)]
         experts = torch.tensor([[3, 1], [1, 1]]) % E
         for c, config in enumerate(EXPERT_CONFIGS):
-            (weight, scales), dtype = kinds[c % 2], X_DTYPES[c // 2 % 3]
+            (weight, scales), dtype = kinds[c % 3], X_DTYPES[c // 3 % 3]
             per_word = 4 if scales is not None else 1
             x = torch.randn(2, 1, K, dtype=dtype)  # a token for both its experts
             x_read, x16 = gemv_input(x, per_word)
@@ -228,7 +236,8 @@ def check_expert_gemv():
                 scaled_gemv_kernel[grid](x_read, weight.view(torch.int32) if per_word == 4 else weight,
                                          scales, experts, y, n_out, K // per_word,
                                          words_per_split(K, 1) * 4 // per_word, 2, PER_WORD=per_word,
-                                         FP8=False, X16=x16, SWIGLU=swiglu_out, **config.kwargs)
+                                         FP8=weight.dtype == torch.float8_e4m3fn, X16=x16,
+                                         SWIGLU=swiglu_out, **config.kwargs)
                 outputs.append(y)
             sums, y = outputs
             reference = expert_matmul_reference(x, experts, weight, scales, swiglu_out=True)
