@@ -102,8 +102,8 @@ if triton is not None:
         (bf16, fp16: 8 to a 128-bit load); K = PER_WORD K_WORDS. Split s (program_id 1) takes
         words [s * WORDS_PER_SPLIT, (s + 1) * WORDS_PER_SPLIT). x_ptr is x's rows as they are, or
         (X16 given, PER_WORD 4) 16-bit activations of type X16 read as int64 words of four, a
-        word of x for a word of weights. SWIGLU (one split): N is the outputs', an expert's 2 N
-        weight rows (and scales) are a gate projection and then an up projection, and
+        word of x for a word of weights. SWIGLU (one split): N counts the outputs; an expert's
+        2 N weight rows (and scales) are a gate projection and then an up projection, and
         y[0, p, n] = SiLU(gate n) * up n, its two sums scaled first: the feed-forward's
         activation in the GEMV, one launch less a layer."""
         pair = tl.program_id(2)
