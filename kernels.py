@@ -1132,6 +1132,22 @@ def check_router(device="cuda", tokens=(1, 5, 300)) -> list:
     return results
 
 
+def random_attention(H: int, KV: int, D: int, S: int, qk_norm: bool, cache_rows: int, device,
+                     dtype) -> tuple:
+    """For the attention kernels' checks: an attention layer of H query and KV kv heads of D
+    dimensions (q/k norm weights other than RMSNorm's ones, each its own, where qk_norm), its
+    rotary table of S slots, and a cache of cache_rows rows of random keys and values (earlier
+    tokens, and garbage past them)."""
+    args = ModelArgs(dim=H * D, n_layer=1, n_head=H, n_kv_heads=KV, head_dim=D, vocab_size=1,
+                     intermediate_size=1, qk_norm=qk_norm)
+    attention = Attention(args).to(device, dtype)
+    if qk_norm:
+        attention.q_norm.weight.data.uniform_(0.5, 1.5), attention.k_norm.weight.data.normal_()
+    cache = KVCache(cache_rows, KV, S, D, dtype, device)
+    cache.k.normal_(), cache.v.normal_()
+    return attention, rope_table(args, S).to(device), cache
+
+
 def check_decode_attention(device="cuda", dtype=torch.bfloat16) -> list:
     """The decode attention kernel against model.Attention's own path (rotary, cache write, SDPA
     under attention_mask) from the same cache: 4 rows (cache rows 1 to 4) at the first slot, the
@@ -1142,18 +1158,12 @@ def check_decode_attention(device="cuda", dtype=torch.bfloat16) -> list:
     results = []
     for H, KV, D, S, qk_norm in ((4, 4, 64, 40, False), (4, 2, 8, 24, False),
                                  (8, 2, 32, 300, True), (14, 2, 80, 520, False)):
-        args = ModelArgs(dim=H * D, n_layer=1, n_head=H, n_kv_heads=KV, head_dim=D,
-                         vocab_size=1, intermediate_size=1, qk_norm=qk_norm)
-        attention = Attention(args).to(device, dtype)
-        if qk_norm:  # weights other than RMSNorm's ones, each its own
-            attention.q_norm.weight.data.uniform_(0.5, 1.5), attention.k_norm.weight.data.normal_()
         pos = torch.tensor([0, SPLIT_SLOTS - 1, SPLIT_SLOTS, S - 1], device=device).clamp(max=S - 1)
         pos = pos[:, None]  # (B, 1)
         B = pos.shape[0]
-        rows = Rows(pos, rope_table(args, S).to(device)[pos], attention_mask(pos, S, dtype), row=1)
-        x = torch.randn(B, 1, args.dim, device=device, dtype=dtype)
-        cache = KVCache(B + 1, KV, S, D, dtype, device)
-        cache.k.normal_(), cache.v.normal_()  # earlier tokens (and garbage past each row's slot)
+        attention, rope, cache = random_attention(H, KV, D, S, qk_norm, B + 1, device, dtype)
+        rows = Rows(pos, rope[pos], attention_mask(pos, S, dtype), row=1)
+        x = torch.randn(B, 1, H * D, device=device, dtype=dtype)
         outputs = []
         for kernel in (None, decode_attention):
             attention.kv_cache, attention.decode_kernel = copy.deepcopy(cache), kernel
@@ -1181,17 +1191,11 @@ def check_chunk_attention(device="cuda", dtype=torch.bfloat16) -> list:
                                             (4, 2, 8, 24, False, 9, 16),
                                             (8, 4, 64, 300, True, 150, 96),
                                             (14, 2, 80, 136, False, 100, 70)):
-        args = ModelArgs(dim=H * D, n_layer=1, n_head=H, n_kv_heads=KV, head_dim=D,
-                         vocab_size=1, intermediate_size=1, qk_norm=qk_norm)
-        attention = Attention(args).to(device, dtype)
-        if qk_norm:  # weights other than RMSNorm's ones, each its own
-            attention.q_norm.weight.data.uniform_(0.5, 1.5), attention.k_norm.weight.data.normal_()
+        attention, rope, cache = random_attention(H, KV, D, S, qk_norm, 3, device, dtype)
         pos = torch.arange(start, start + C, device=device).clamp(max=S - 1)[None]  # (1, C)
-        rows = Rows(pos, rope_table(args, S).to(device)[pos], attention_mask(pos, S, dtype),
+        rows = Rows(pos, rope[pos], attention_mask(pos, S, dtype),
                     row=torch.tensor([1], device=device))
-        x = torch.randn(1, C, args.dim, device=device, dtype=dtype)
-        cache = KVCache(3, KV, S, D, dtype, device)
-        cache.k.normal_(), cache.v.normal_()  # earlier pieces (and garbage past the prompt)
+        x = torch.randn(1, C, H * D, device=device, dtype=dtype)
         outputs = []
         for kernel in (None, chunk_attention_op):
             attention.kv_cache, attention.chunk_kernel = copy.deepcopy(cache), kernel
