@@ -195,6 +195,20 @@ def check_expert_gemv():
     from kernels import (EXPERT_CONFIGS, expert_matmul_reference, gemv_input, relative_error,
                          scaled_gemv_kernel, words_per_split)
     from model import swiglu
+
+    def launch(x, weight, scales, experts, y, split_k, config, swiglu_out=False):
+        """scaled_gemv_kernel into y (split_k, pairs, outputs), launched as
+        kernels.expert_gemv_partials launches it."""
+        K, P, n_out = x.shape[-1], experts.numel(), y.shape[-1]
+        per_word = 4 if scales is not None else 1
+        x_read, x16 = gemv_input(x, per_word)
+        grid = (triton.cdiv(n_out, config.kwargs["BLOCK_N"]), split_k, P)
+        scaled_gemv_kernel[grid](x_read, weight.view(torch.int32) if per_word == 4 else weight,
+                                 scales, experts, y, n_out, K // per_word,
+                                 words_per_split(K, split_k) * 4 // per_word, P * K // x.numel(),
+                                 PER_WORD=per_word, FP8=weight.dtype == torch.float8_e4m3fn,
+                                 X16=x16, SWIGLU=swiglu_out, **config.kwargs)
+
     torch.manual_seed(0)
     for E, N, K in ((4, 32, 512), (5, 37, 300)):  # whole tiles (some configs); ragged ones
         kinds = [(torch.randn(E, N, K, dtype=dtype), None) for dtype in (torch.bfloat16, torch.float16)]
@@ -204,17 +218,10 @@ def check_expert_gemv():
             # each kind in turn, once or twice with each input and each split
             (weight, scales), rows = kinds[c % 4], 1 + (c + c // 4) % 2  # 1: w13's input, 2: w2's
             split_k = 1 + 2 * (c // 4 % 2)  # 3: K over 3 programs, each column counted once
-            per_word = 4 if scales is not None else 1
             x = torch.randn(2, rows, K, dtype=X_DTYPES[c // 3 % 3])
             reference = expert_matmul_reference(x, experts, weight, scales)  # (2, 2, N)
             y = torch.full((split_k, 4, N), float("nan"))  # poisoned: every element must be written
-            grid = (triton.cdiv(N, config.kwargs["BLOCK_N"]), split_k, 4)
-            x_read, x16 = gemv_input(x, per_word)
-            scaled_gemv_kernel[grid](x_read, weight.view(torch.int32) if per_word == 4 else weight,
-                                     scales, experts, y, N, K // per_word,
-                                     words_per_split(K, split_k) * 4 // per_word, 2 // rows,
-                                     PER_WORD=per_word, FP8=weight.dtype == torch.float8_e4m3fn,
-                                     X16=x16, **config.kwargs)
+            launch(x, weight, scales, experts, y, split_k, config)
             error = relative_error(y.sum(0).view(2, 2, N), reference)
             assert error < 1e-6, (weight.dtype, x.dtype, N, K, rows, config, split_k, error)
     # SWIGLU: each expert's rows are gate then up; SiLU(gate) * up stored in x's dtype. Against the
@@ -225,21 +232,12 @@ def check_expert_gemv():
         experts = torch.tensor([[3, 1], [1, 1]]) % E
         for c, config in enumerate(EXPERT_CONFIGS):
             (weight, scales), dtype = kinds[c % 3], X_DTYPES[c // 3 % 3]
-            per_word = 4 if scales is not None else 1
             x = torch.randn(2, 1, K, dtype=dtype)  # a token for both its experts
-            x_read, x16 = gemv_input(x, per_word)
-            outputs = []
-            for swiglu_out in (False, True):
-                n_out = N // (1 + swiglu_out)
-                y = torch.full((4, n_out), float("nan"), dtype=dtype if swiglu_out else torch.float32)
-                grid = (triton.cdiv(n_out, config.kwargs["BLOCK_N"]), 1, 4)
-                scaled_gemv_kernel[grid](x_read, weight.view(torch.int32) if per_word == 4 else weight,
-                                         scales, experts, y, n_out, K // per_word,
-                                         words_per_split(K, 1) * 4 // per_word, 2, PER_WORD=per_word,
-                                         FP8=weight.dtype == torch.float8_e4m3fn, X16=x16,
-                                         SWIGLU=swiglu_out, **config.kwargs)
-                outputs.append(y)
-            sums, y = outputs
+            sums = torch.full((1, 4, N), float("nan"))
+            launch(x, weight, scales, experts, sums, 1, config)
+            y = torch.full((1, 4, N // 2), float("nan"), dtype=dtype)
+            launch(x, weight, scales, experts, y, 1, config, swiglu_out=True)
+            sums, y = sums[0], y[0]
             reference = expert_matmul_reference(x, experts, weight, scales, swiglu_out=True)
             if dtype == torch.float32:
                 assert relative_error(y.view(2, 2, -1), reference) < 1e-6, (weight.dtype, N, K, config)
