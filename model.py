@@ -216,8 +216,13 @@ class MoEFeedForward(nn.Module):
         # chose, more (prefill, large batches) every expert once.
         few = experts.numel() <= self.w13.n_experts
         y = self.gathered(x, experts) if few else self.grouped(x, experts)  # (M, k, dim)
-        # weighted in float32, as the router's probabilities are
-        return (y * weights[..., None]).sum(dim=1).to(x.dtype).view(B, T, dim)
+        # Weighted in float32, as the router's probabilities are, and added term by term: compiled,
+        # the k terms fuse into the next kernel (the residual add and RMSNorm), where a sum over
+        # dim 1 would be a reduction kernel of its own, a launch a layer.
+        out = y[:, 0] * weights[:, :1]  # (M, dim)
+        for i in range(1, self.n_active):
+            out = out + y[:, i] * weights[:, i:i + 1]
+        return out.to(x.dtype).view(B, T, dim)
 
     def gathered(self, x: Tensor, experts: Tensor) -> Tensor:
         """Each token through its chosen experts, their weights read by index: (M, k, dim)."""
