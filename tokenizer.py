@@ -215,7 +215,7 @@ class SentencePieceTokenizer(Tokenizer):
         import sentencepiece
         try:
             self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
-        except Exception as e:  # sentencepiece raises a bare RuntimeError/OSError on junk files
+        except (RuntimeError, OSError) as e:  # what sentencepiece raises for a file it can't parse
             raise InputError(f"{path} is neither a tiktoken ranks file nor a sentencepiece model "
                              f"({e})") from None
         # sentencepiece reports a missing BOS/EOS as -1
