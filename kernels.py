@@ -26,7 +26,10 @@ cuBLAS multiplies.
 A mixture of experts decodes with the same GEMV indexed by expert: each (token, chosen expert)
 pair times that expert's weights (bf16, fp16 and float32 too, read as they are), one program per
 (row block, part of K, pair), so that even a few small experts (Qwen3-30B-A3B's 768 x 2048) give
-every SM weights to stream, and only the chosen experts' rows are read.
+every SM weights to stream, and only the chosen experts' rows are read. Prompts and batches of more
+(token, expert) pairs than experts take the grouped form: the pairs sorted by expert, one program
+per (expert, column block) walks its expert's rows, so each chosen one-byte expert is read once
+and converted in registers, where the PyTorch form writes every expert of the layer in bf16 first.
 
 One kernel is about attention, not weights: a decode token's rotary embedding, KV cache write and
 attention over its row's filled slots, one launch a layer where the compiled PyTorch path makes five
@@ -234,6 +237,43 @@ if triton is not None:
         acc *= tl.load(s_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[:, None]
         out = (tl.program_id(2) * M + rows[None, :]) * N + cols[:, None]  # (BLOCK_N, BLOCK_M)
         tl.store(y_ptr + out, acc, mask=(rows[None, :] < M) & (cols[:, None] < N))
+
+    @triton.jit
+    def grouped_mm_kernel(x_ptr, ends_ptr, w_ptr, s_ptr, y_ptr, N, K, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr = False):
+        """y[p, n] = sum over k of x[p, k] * w[e, n, k] * scales[e, n] for the rows p of expert
+        e = program_id(0), rows ends[e - 1] (0 for the first) to ends[e] of x, and BLOCK_N
+        outputs n (program_id 1). x (P, K) bf16 or fp16, the (token, expert) pairs sorted by
+        expert; w (n_experts, N, K) one-byte weights as weight_tile reads them, scales
+        (n_experts, N); y (P, N) in x's dtype. TMA: x_ptr and w_ptr are tensor descriptors of x
+        and of w as (n_experts N, K), blocks (BLOCK_M, BLOCK_K) and (BLOCK_N, BLOCK_K); the rows a
+        block reads past the expert's (the next expert's) reach only outputs left unwritten. An
+        expert that no pair chose costs its programs nothing; one of more than BLOCK_M rows walks
+        them block by block, its weights read again (from L2, where they still are)."""
+        e = tl.program_id(0)
+        start = tl.load(ends_ptr + e - 1, mask=e > 0, other=0)
+        end = tl.load(ends_ptr + e)
+        n0 = tl.program_id(1) * BLOCK_N
+        cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
+        scales = tl.load(s_ptr + e * N + cols, mask=cols < N, other=0.0).to(tl.float32)
+        for m0 in range(start, end, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # transposed: y^T = w x^T
+            for k0 in range(0, K, BLOCK_K):
+                if TMA:
+                    x = x_ptr.load([m0, k0])  # (BLOCK_M, BLOCK_K)
+                    w = weight_tile(w_ptr, s_ptr, e * N + n0, k0, N, K, False, BLOCK_N, BLOCK_K,
+                                    x.dtype, True)  # (BLOCK_N, BLOCK_K)
+                else:
+                    k = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+                    x = tl.load(x_ptr + rows[:, None] * K + k[None, :],
+                                mask=(rows[:, None] < end) & (k[None, :] < K), other=0.0)
+                    w = weight_tile(w_ptr + e.to(tl.int64) * N * K, s_ptr, n0, k0, N, K, False,
+                                    BLOCK_N, BLOCK_K, x.dtype)
+                acc = tl.dot(w, tl.trans(x), acc)  # (BLOCK_N, BLOCK_M)
+            acc *= scales[:, None]
+            tl.store(y_ptr + rows[None, :] * N + cols[:, None], acc.to(y_ptr.dtype.element_ty),
+                     mask=(rows[None, :] < end) & (cols[:, None] < N))
 
     # nibbles_as_bf16's PTX for two words ($8, $9): their low halves side by side in t0, their high
     # halves in t1; nibble j of both (j of t0, j - 4 of t1) shifted to bits 0-3 and 16-19, masked
@@ -880,6 +920,49 @@ def expert_matmul(x: Tensor, experts: Tensor, weight: Tensor,
     return added_parts(y).view(*experts.shape, N)
 
 
+# The grouped form of one-byte experts (prefills, decode batches of more pairs than experts), where
+# the PyTorch form dequantizes every expert of the layer into a bf16 copy for torch._grouped_mm.
+# Past MAX_WIDE_ROWS rows an expert on average, a long prompt's, that copy's cuBLAS matmul is the
+# faster (the dense layers' wide-route bound). GROUPED_TILE as MM_TILE; 64 columns deep past 64
+# rows, as WIDE_MM_TILE.
+GROUPED_TILE = dict(BLOCK_N=64, num_warps=4, num_stages=3)
+
+
+@torch.library.custom_op("blitz::grouped_expert_mm", mutates_args=())
+def grouped_expert_mm(xs: Tensor, ends: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
+    """Rows xs (P, K) bf16 or fp16, the (token, expert) pairs sorted by expert, through their
+    experts: ends (n_experts,) int32, where each expert's rows end; weight (n_experts, N, K) int8 or
+    float8_e4m3fn with scales (n_experts, N). (P, N) in xs's dtype: model.Experts.grouped's
+    product, each chosen expert's weights read once and converted in registers."""
+    (P, K), (n_experts, N, _) = xs.shape, weight.shape
+    assert weight.is_contiguous() and ends.dtype == torch.int32, "grouped_expert_mm: layout"
+    xs = xs.contiguous()
+    y = torch.empty(P, N, dtype=xs.dtype, device=xs.device)
+    block_m = min(128, mm_block_rows(-(-P // n_experts)))  # the rows of an expert on average
+    tile = dict(GROUPED_TILE, BLOCK_M=block_m, BLOCK_K=128 if block_m <= MAX_MM_ROWS else 64)
+    w, tma = weight.view(n_experts * N, K), False
+    if tma_loads(w) and xs.data_ptr() % 16 == 0 and K * xs.element_size() % 16 == 0:
+        xs = TensorDescriptor.from_tensor(xs, [tile["BLOCK_M"], tile["BLOCK_K"]])
+        w, tma = TensorDescriptor.from_tensor(w, [tile["BLOCK_N"], tile["BLOCK_K"]]), True
+    grid = (n_experts, triton.cdiv(N, tile["BLOCK_N"]))
+    grouped_mm_kernel[grid](xs, ends, w, scales, y, N, K, TMA=tma, **tile)
+    return y
+
+
+@grouped_expert_mm.register_fake
+def _(xs: Tensor, ends: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
+    return xs.new_empty(xs.shape[0], weight.shape[1])
+
+
+def grouped_expert_mm_reference(xs: Tensor, ends: Tensor, weight: Tensor,
+                                scales: Tensor) -> Tensor:
+    """The same product in float64 with PyTorch, expert by expert."""
+    starts = [0] + ends[:-1].tolist()
+    w = weight.float().double() * scales.double()[..., None]  # (n_experts, N, K)
+    return torch.cat([xs[a:b].double() @ w[e].T
+                      for e, (a, b) in enumerate(zip(starts, ends.tolist()))])
+
+
 def expert_matmul_reference(x: Tensor, experts: Tensor, weight: Tensor,
                             scales: Optional[Tensor] = None, swiglu_out: bool = False) -> Tensor:
     """The same product in float64 with PyTorch."""
@@ -1064,8 +1147,9 @@ def check_kernels(device="cuda") -> list:
                 # the same bits again (a race between a kernel's stages can stay under that)
                 ok = y.shape == (rows, 1, N) and rel < 1e-2 and torch.equal(linear(x, *weights), y)
                 results.append(dict(name=name, rows=rows, shape=[N, K], rel_err=rel, ok=ok))
-    return (results + check_expert_kernel(device) + check_router(device)
-            + check_decode_attention(device) + check_chunk_attention(device))
+    return (results + check_expert_kernel(device) + check_grouped_experts(device)
+            + check_router(device) + check_decode_attention(device)
+            + check_chunk_attention(device))
 
 
 # (experts, N, K): Qwen3-30B-A3B's w13 and w2, Mixtral-8x7B's w2 (split K) and a ragged one
@@ -1102,6 +1186,32 @@ def check_expert_kernel(device="cuda", shapes=EXPERT_CHECK_SHAPES) -> list:
                           and rel < (3e-3 if swiglu_out else 1e-4))
                     results.append(dict(name=name + " swiglu" * swiglu_out, rows=M * rows,
                                         shape=[E, N, K], tokens=M, k=k, rel_err=rel, ok=ok))
+    return results
+
+
+def check_grouped_experts(device="cuda") -> list:
+    """The grouped expert kernel against its float64 reference, int8 and fp8 experts, on
+    Qwen3-30B-A3B's w13 and w2 (128 experts) and Mixtral-8x7B's w2 (8), for a 5-token prompt, a
+    batch of 32 and a 32-row step with a 96-token chunk (blocks of 16 to 128 rows; an expert of
+    more rows than a block walks several), and a ragged shape; the same bits from a second call."""
+    torch.manual_seed(0)
+    results = []
+    for E, N, K, k in ((128, 1536, 2048, 8), (128, 2048, 768, 8), (8, 4096, 14336, 2),
+                       (5, 37, 300, 2)):
+        int8 = torch.randint(-127, 128, (E, N, K), dtype=torch.int8, device=device)
+        fp8 = (torch.randn(E, N, K, device=device) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+        for tokens in (5, 32, 128):
+            experts = torch.rand(tokens, E, device=device).topk(k).indices.flatten().sort().values
+            ends = torch.searchsorted(experts, torch.arange(E, device=device), right=True).int()
+            xs = torch.randn(experts.numel(), K, device=device, dtype=torch.bfloat16)
+            for name, weight, scales in (("int8", int8, torch.rand(E, N, device=device) / 127),
+                                         ("fp8", fp8, torch.rand(E, N, device=device) / 448)):
+                y = grouped_expert_mm(xs, ends, weight, scales)  # (P, N)
+                rel = relative_error(y, grouped_expert_mm_reference(xs, ends, weight, scales))
+                ok = (y.shape == (experts.numel(), N) and rel < 1e-2  # bf16 output rounding
+                      and torch.equal(grouped_expert_mm(xs, ends, weight, scales), y))
+                results.append(dict(name=f"grouped experts {name}", rows=experts.numel(),
+                                    shape=[E, N, K], tokens=tokens, k=k, rel_err=rel, ok=ok))
     return results
 
 
@@ -1553,15 +1663,17 @@ LINEARS = {"int8": Int8Linear, "int4": Int4Linear, "int4-gptq": Int4Linear, "fp8
 # Each gives weights(idx, dtype) as model.Experts does: the dequantized weights of experts idx,
 # written as plain tensor operations so that inductor fuses them into the model's reductions; and
 # gathered(x, experts) as model.Experts does, by the expert GEMV where prepare_for_device set
-# `kernel` (int8 and fp8 on CUDA; int4 keeps the PyTorch form).
+# `kernel` (int8 and fp8 on CUDA; int4 keeps the PyTorch form); and grouped(xs, ends), one-byte
+# experts by the grouped expert kernel where it set `grouped_kernel`, the others (and the longest
+# prompts) through their dequantized weights into torch._grouped_mm.
 
 class QuantizedExperts(nn.Module):
     def __init__(self, n_experts: int, in_features: int, out_features: int):
         super().__init__()
         self.n_experts, self.in_features, self.out_features = n_experts, in_features, out_features
-        self.kernel = None
+        self.kernel = self.grouped_kernel = None
 
-    gathered = Experts.gathered
+    gathered, grouped = Experts.gathered, Experts.grouped
 
 
 class OneByteExperts(QuantizedExperts):
@@ -1576,6 +1688,11 @@ class OneByteExperts(QuantizedExperts):
         if self.kernel is not None:
             return self.kernel(x, experts, *self.one_byte(), swiglu_out=swiglu_out)
         return super().gathered(x, experts, swiglu_out)
+
+    def grouped(self, xs: Tensor, ends: Tensor) -> Tensor:
+        if self.grouped_kernel is not None and xs.shape[0] <= MAX_WIDE_ROWS * self.n_experts:
+            return self.grouped_kernel(xs, ends, *self.one_byte())
+        return super().grouped(xs, ends)  # every expert dequantized, for torch._grouped_mm
 
 
 class Int8Experts(OneByteExperts):
@@ -1648,10 +1765,10 @@ def swap_linears(model: nn.Module, quantization: dict):
 def prepare_for_device(model: nn.Module):
     """After the model reached its device and dtype: pack int4 weights for tinygemm (CUDA, bfloat16,
     see TINYGEMM_MAX_ROWS) and lay them out for the Triton kernels (Int4Linear.use_triton), choose
-    the fp8 matmul, give float, int8 and fp8 experts on CUDA the expert GEMV, their routers the
-    router kernel and bf16 and fp16 attention the decode and chunk attention kernels, and on the
-    CPU route decode-sized inputs of the int8 and int4 layers to PyTorch's CPU kernels (where
-    cpu_kernels_usable)."""
+    the fp8 matmul, give float, int8 and fp8 experts on CUDA the expert GEMV (int8 and fp8 also
+    the grouped expert kernel), their routers the router kernel and bf16 and fp16 attention the
+    decode and chunk attention kernels, and on the CPU route decode-sized inputs of the int8 and
+    int4 layers to PyTorch's CPU kernels (where cpu_kernels_usable)."""
     dtype = model.tok_embeddings.weight.dtype  # the activations' dtype
     cpu_kernels = cpu_kernels_usable(dtype)
     attention_kernel = (DECODE_ATTENTION and triton is not None
@@ -1664,6 +1781,8 @@ def prepare_for_device(model: nn.Module):
         if (isinstance(module, (Experts, OneByteExperts)) and module.weight.is_cuda
                 and triton is not None and module.in_features % 4 == 0):  # int32 words
             module.kernel = expert_matmul
+            if isinstance(module, OneByteExperts) and dtype in MM_DTYPES:  # tl.dot's inputs
+                module.grouped_kernel = grouped_expert_mm
         # (an int4 layer's `weight` gives way to the words or tinygemm's copy: ask any parameter)
         on_gpu = (isinstance(module, (Int4Linear, Fp8Linear))
                   and next(module.parameters()).is_cuda)

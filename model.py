@@ -168,7 +168,7 @@ def swiglu(gate_up: Tensor) -> Tensor:
 class Experts(nn.Module):
     """n_experts linear layers of one shape, stacked: weight (n_experts, out_features, in_features),
     so that a decode step can read the rows of the experts it chose, by index. kernels.py has the
-    quantized kinds, which give weights() and gathered() alike."""
+    quantized kinds, which give weights(), gathered() and grouped() alike."""
 
     def __init__(self, n_experts: int, in_features: int, out_features: int):
         super().__init__()
@@ -191,6 +191,12 @@ class Experts(nn.Module):
             return self.kernel(x, experts, self.weight, swiglu_out=swiglu_out)
         y = (self.weights(experts, x.dtype) * x[..., None, :]).sum(dim=-1)
         return swiglu(y) if swiglu_out else y
+
+    def grouped(self, xs: Tensor, ends: Tensor) -> Tensor:
+        """Rows xs (P, in_features) bf16, the (token, expert) pairs sorted by expert, through
+        their experts, ends (n_experts,) int32 where each expert's rows end: (P, out_features),
+        each expert's weights read once."""
+        return torch._grouped_mm(xs, self.weights(..., xs.dtype).transpose(1, 2), offs=ends)
 
 
 class MoEFeedForward(nn.Module):
@@ -240,10 +246,8 @@ class MoEFeedForward(nn.Module):
         # where each expert's pairs end, (n_experts,)
         ends = torch.searchsorted(experts.flatten()[order], ids, right=True).int()
         xs = x[order // k]  # (M * k, dim)
-        w13 = self.w13.weights(..., x.dtype).transpose(1, 2)  # (n_experts, dim, 2 * inter)
-        h = swiglu(torch._grouped_mm(xs, w13, offs=ends))  # (M * k, inter)
-        w2 = self.w2.weights(..., x.dtype).transpose(1, 2)  # (n_experts, inter, dim)
-        ys = torch._grouped_mm(h, w2, offs=ends)  # (M * k, dim), sorted
+        h = swiglu(self.w13.grouped(xs, ends))  # (M * k, inter)
+        ys = self.w2.grouped(h, ends)  # (M * k, dim), sorted
         return torch.empty_like(ys).index_copy_(0, order, ys).view(M, k, -1)
 
     def looped(self, x: Tensor, experts: Tensor) -> Tensor:

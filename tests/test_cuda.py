@@ -200,3 +200,25 @@ def test_expert_gemv_and_router_in_a_compiled_cuda_graph_match_the_pytorch_form(
         for _ in range(3):  # warm-up, graph recording, replay
             rel = relative_error(compiled(x), pytorch_form)
             assert rel < 1e-2, f"{mode}: relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_grouped_expert_kernel_in_a_compiled_cuda_graph_matches_the_pytorch_form(mode):
+    """A decode batch of 8 tokens (16 pairs for 8 experts: the grouped form) through one-byte
+    experts: the grouped expert kernel (prepare_for_device gives it, in bf16) against the
+    dequantized copy's torch._grouped_mm, eager and in a compiled CUDA graph."""
+    from kernels import grouped_expert_mm, prepare_for_device, relative_error
+    from test_moe import moe_with_experts, tiny_model as tiny_moe
+    model = tiny_moe()
+    model.layers[0].feed_forward = moe = moe_with_experts(mode)
+    model = model.cuda().to(torch.bfloat16)
+    x = torch.randn(8, 1, moe.w13.in_features, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        pytorch_form = moe(x).double()
+        prepare_for_device(model)
+        assert moe.w13.grouped_kernel is moe.w2.grouped_kernel is grouped_expert_mm
+        assert relative_error(moe(x), pytorch_form) < 1e-2
+        compiled = torch.compile(moe, mode="reduce-overhead", fullgraph=True)
+        for _ in range(3):  # warm-up, graph recording, replay
+            rel = relative_error(compiled(x), pytorch_form)
+            assert rel < 1e-2, f"{mode}: relative error {rel:.2e}"

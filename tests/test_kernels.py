@@ -247,6 +247,42 @@ def check_expert_gemv():
             assert ((y.float() - unfused.float()).abs() <= ulp).all(), (weight.dtype, dtype, N, K, config)
 
 
+# The grouped expert kernel, as kernels.grouped_expert_mm launches it and with smaller blocks, on
+# pairs sorted by expert: experts chosen by none (the first, a middle one, the last), one of more
+# rows than a block (walked block by block), ragged N and K; plain loads, or x and the weights
+# through tensor descriptors (K a multiple of 16), whose blocks read the next expert's rows past an
+# expert's own. int8 weights; x in float32 (the interpreter's tl.dot and bf16, above). Every
+# output row written once: y starts as NaNs.
+def check_grouped_experts():
+    from kernels import (GROUPED_TILE, TensorDescriptor, grouped_expert_mm_reference,
+                         grouped_mm_kernel, relative_error)
+    torch.manual_seed(0)
+    checked = {"plain": 0, "TMA": 0}
+    for E, N, K in ((4, 64, 256), (5, 37, 300), (5, 37, 256)):
+        weight = torch.randint(-128, 128, (E, N, K), dtype=torch.int8)
+        scales = torch.rand(E, N) / 127
+        # E 4: 3, 0, 18 and 2 rows; E 5: 0, 3, 0, 18 and 2
+        experts = torch.tensor([0] * 3 + [2] * 18 + [3] * 2) + (E - 4)  # (23,) sorted
+        ends = torch.searchsorted(experts, torch.arange(E), right=True).int()
+        x = torch.randn(23, K)
+        reference = grouped_expert_mm_reference(x, ends, weight, scales)  # (23, N)
+        for tile in (dict(GROUPED_TILE, BLOCK_M=16, BLOCK_K=128),
+                     dict(BLOCK_N=16, BLOCK_M=32, BLOCK_K=64)):
+            for tma in (False, True) if K % 16 == 0 else (False,):
+                x_arg, w_arg = x, weight
+                if tma:
+                    x_arg = TensorDescriptor.from_tensor(x, [tile["BLOCK_M"], tile["BLOCK_K"]])
+                    w_arg = TensorDescriptor.from_tensor(weight.view(E * N, K),
+                                                         [tile["BLOCK_N"], tile["BLOCK_K"]])
+                y = torch.full((23, N), float("nan"))
+                grid = (E, triton.cdiv(N, tile["BLOCK_N"]))
+                grouped_mm_kernel[grid](x_arg, ends, w_arg, scales, y, N, K, TMA=tma, **tile)
+                error = relative_error(y, reference)
+                assert error < 1e-6, (E, N, K, tile, tma, error)
+                checked["TMA" if tma else "plain"] += 1
+    assert checked == {"plain": 6, "TMA": 4}, checked
+
+
 # The router kernel against its reference (kernels.check_router's cases); on rows of ties at the
 # edge of the top k, where any of the tied experts is right; then in the layer it serves: an MoE
 # feed-forward gives the same output with the kernel as with its PyTorch routing, Mixtral's way
@@ -380,7 +416,8 @@ def test_gemv_input_gives_aligned_words_of_any_one_row_view():
 
 INTERPRETER_CHECKS = {"scaled_gemv": check_scaled_gemv, "quantized_mm": check_quantized_mm,
                       "int4_mm": check_int4_mm, "dequantize": check_dequantize,
-                      "expert_gemv": check_expert_gemv, "router": check_router,
+                      "expert_gemv": check_expert_gemv, "grouped_experts": check_grouped_experts,
+                      "router": check_router,
                       "decode_attention": check_decode_attention,
                       "chunk_attention": check_chunk_attention}
 
@@ -413,6 +450,11 @@ def test_dequantized_weights_equal_the_reference_dequantization(interpreter_jobs
 @pytest.mark.slow
 def test_expert_gemv_kernel_matches_reference_for_each_weight_kind(interpreter_jobs):
     passed(interpreter_jobs, "expert_gemv")
+
+
+@pytest.mark.slow
+def test_grouped_expert_kernel_matches_reference_with_empty_and_many_row_experts(interpreter_jobs):
+    passed(interpreter_jobs, "grouped_experts")
 
 
 @pytest.mark.slow

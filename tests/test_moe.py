@@ -81,6 +81,31 @@ def test_gathered_form_through_an_expert_kernel_matches_the_pytorch_form(mode):
                                rtol=1e-5)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_grouped_form_through_the_grouped_expert_kernel_matches_the_pytorch_form(mode):
+    """On CUDA one-byte experts' `grouped_kernel` (kernels.grouped_expert_mm) computes the grouped
+    form up to MAX_WIDE_ROWS pairs an expert on average, the dequantized copy's torch._grouped_mm
+    past that; here its float64 reference stands in for it, counted."""
+    from kernels import MAX_WIDE_ROWS, grouped_expert_mm_reference
+    moe = moe_with_experts(mode).to(torch.bfloat16)
+    calls = []
+
+    def kernel(xs, ends, weight, scales):
+        calls.append(xs.shape[0])
+        return grouped_expert_mm_reference(xs, ends, weight, scales).to(xs.dtype)
+
+    for tokens, kernel_calls in ((15, [30, 30]), (MAX_WIDE_ROWS * 4 + 1, [])):  # 8 experts, top 2
+        x = torch.randn(tokens, TINY["dim"], dtype=torch.bfloat16)
+        experts = moe.gate(x).topk(2).indices  # (tokens, 2)
+        moe.w13.grouped_kernel = moe.w2.grouped_kernel = None
+        pytorch_form = moe.grouped(x, experts)  # (tokens, 2, dim): every expert dequantized
+        moe.w13.grouped_kernel = moe.w2.grouped_kernel = kernel
+        calls.clear()
+        torch.testing.assert_close(moe.grouped(x, experts), pytorch_form, atol=2e-2, rtol=2e-2)
+        assert calls == kernel_calls
+
+
 def test_speculative_greedy_matches_plain_greedy():
     """The target verifies k + 1 = 5 tokens per round (10 pairs: the grouped form) and decodes one
     (the gathered form); a noisy copy drafts."""
