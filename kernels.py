@@ -249,7 +249,7 @@ if triton is not None:
         and of w as (n_experts N, K), blocks (BLOCK_M, BLOCK_K) and (BLOCK_N, BLOCK_K); the rows a
         block reads past the expert's (the next expert's) reach only outputs left unwritten. An
         expert that no pair chose costs its programs nothing; one of more than BLOCK_M rows walks
-        them block by block, its weights read again (from L2, where they still are)."""
+        them block by block, reading its weight tiles again for each block."""
         e = tl.program_id(0)
         start = tl.load(ends_ptr + e - 1, mask=e > 0, other=0)
         end = tl.load(ends_ptr + e)
@@ -922,9 +922,10 @@ def expert_matmul(x: Tensor, experts: Tensor, weight: Tensor,
 
 # The grouped form of one-byte experts (prefills, decode batches of more pairs than experts), where
 # the PyTorch form dequantizes every expert of the layer into a bf16 copy for torch._grouped_mm.
-# Past MAX_WIDE_ROWS rows an expert on average, a long prompt's, that copy's cuBLAS matmul is the
-# faster (the dense layers' wide-route bound). GROUPED_TILE as MM_TILE; 64 columns deep past 64
-# rows, as WIDE_MM_TILE.
+# Past MAX_WIDE_ROWS rows an expert on average (long prompts) the copy stays: the dense layers'
+# bound, where cuBLAS takes over, not measured for experts (at 128 rows an expert the kernel took a
+# fifth of the copy's time or less, BENCHMARKS.md). GROUPED_TILE as MM_TILE; 64 columns deep past 64 rows,
+# as WIDE_MM_TILE.
 GROUPED_TILE = dict(BLOCK_N=64, num_warps=4, num_stages=3)
 
 
@@ -935,7 +936,8 @@ def grouped_expert_mm(xs: Tensor, ends: Tensor, weight: Tensor, scales: Tensor) 
     float8_e4m3fn with scales (n_experts, N). (P, N) in xs's dtype: model.Experts.grouped's
     product, each chosen expert's weights read once and converted in registers."""
     (P, K), (n_experts, N, _) = xs.shape, weight.shape
-    assert weight.is_contiguous() and ends.dtype == torch.int32, "grouped_expert_mm: layout"
+    assert (weight.is_contiguous() and scales.is_contiguous()
+            and ends.dtype == torch.int32), "grouped_expert_mm: layout"
     xs = xs.contiguous()
     y = torch.empty(P, N, dtype=xs.dtype, device=xs.device)
     block_m = min(128, mm_block_rows(-(-P // n_experts)))  # the rows of an expert on average
@@ -1192,15 +1194,16 @@ def check_expert_kernel(device="cuda", shapes=EXPERT_CHECK_SHAPES) -> list:
 def check_grouped_experts(device="cuda") -> list:
     """The grouped expert kernel against its float64 reference, int8 and fp8 experts, on
     Qwen3-30B-A3B's w13 and w2 (128 experts) and Mixtral-8x7B's w2 (8), for a 5-token prompt, a
-    batch of 32 and a 32-row step with a 96-token chunk (blocks of 16 to 128 rows; an expert of
-    more rows than a block walks several), and a ragged shape; the same bits from a second call."""
+    batch of 32 and a 32-row step with a 96-token chunk (blocks of 16 to 64 rows; an expert of more
+    rows than a block walks several), Mixtral's also for a 512-token prompt (blocks of 128 rows), and
+    a ragged shape; the same bits from a second call."""
     torch.manual_seed(0)
     results = []
     for E, N, K, k in ((128, 1536, 2048, 8), (128, 2048, 768, 8), (8, 4096, 14336, 2),
                        (5, 37, 300, 2)):
         int8 = torch.randint(-127, 128, (E, N, K), dtype=torch.int8, device=device)
         fp8 = (torch.randn(E, N, K, device=device) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
-        for tokens in (5, 32, 128):
+        for tokens in (5, 32, 128, 512) if E == 8 else (5, 32, 128):
             experts = torch.rand(tokens, E, device=device).topk(k).indices.flatten().sort().values
             ends = torch.searchsorted(experts, torch.arange(E, device=device), right=True).int()
             xs = torch.randn(experts.numel(), K, device=device, dtype=torch.bfloat16)
@@ -1781,7 +1784,9 @@ def prepare_for_device(model: nn.Module):
         if (isinstance(module, (Experts, OneByteExperts)) and module.weight.is_cuda
                 and triton is not None and module.in_features % 4 == 0):  # int32 words
             module.kernel = expert_matmul
-            if isinstance(module, OneByteExperts) and dtype in MM_DTYPES:  # tl.dot's inputs
+            # bf16: the grouped form's dtype (model.MoEFeedForward.grouped loops over the experts
+            # in others)
+            if isinstance(module, OneByteExperts) and dtype == torch.bfloat16:
                 module.grouped_kernel = grouped_expert_mm
         # (an int4 layer's `weight` gives way to the words or tinygemm's copy: ask any parameter)
         on_gpu = (isinstance(module, (Int4Linear, Fp8Linear))

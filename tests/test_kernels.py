@@ -248,24 +248,25 @@ def check_expert_gemv():
 
 
 # The grouped expert kernel, as kernels.grouped_expert_mm launches it and with smaller blocks, on
-# pairs sorted by expert: experts chosen by none (the first, a middle one, the last), one of more
-# rows than a block (walked block by block), ragged N and K; plain loads, or x and the weights
-# through tensor descriptors (K a multiple of 16), whose blocks read the next expert's rows past an
-# expert's own. int8 weights; x in float32 (the interpreter's tl.dot and bf16, above). Every
-# output row written once: y starts as NaNs.
+# pairs sorted by expert: experts chosen by none (the first, a middle one, the last), one of a
+# single row, one of more rows than a block (walked block by block), ragged N and K; plain loads,
+# or x and the weights through tensor descriptors (K a multiple of 16), whose blocks read the next
+# expert's rows past an expert's own. int8 weights; x in float32 (the interpreter's tl.dot and
+# bf16, above). Every output row written (y starts as NaNs), and by its own expert only: the
+# experts up to e alone leave the rows after theirs as they were.
 def check_grouped_experts():
     from kernels import (GROUPED_TILE, TensorDescriptor, grouped_expert_mm_reference,
                          grouped_mm_kernel, relative_error)
     torch.manual_seed(0)
     checked = {"plain": 0, "TMA": 0}
-    for E, N, K in ((4, 64, 256), (5, 37, 300), (5, 37, 256)):
+    for E, N, K, counts in ((4, 64, 256, [3, 0, 17, 1]), (6, 37, 300, [0, 3, 0, 17, 1, 0]),
+                            (6, 37, 256, [0, 3, 0, 17, 1, 0])):
         weight = torch.randint(-128, 128, (E, N, K), dtype=torch.int8)
         scales = torch.rand(E, N) / 127
-        # E 4: 3, 0, 18 and 2 rows; E 5: 0, 3, 0, 18 and 2
-        experts = torch.tensor([0] * 3 + [2] * 18 + [3] * 2) + (E - 4)  # (23,) sorted
-        ends = torch.searchsorted(experts, torch.arange(E), right=True).int()
-        x = torch.randn(23, K)
-        reference = grouped_expert_mm_reference(x, ends, weight, scales)  # (23, N)
+        ends = torch.tensor(counts).cumsum(0).int()  # (E,)
+        P = int(ends[-1])
+        x = torch.randn(P, K)
+        reference = grouped_expert_mm_reference(x, ends, weight, scales)  # (P, N)
         for tile in (dict(GROUPED_TILE, BLOCK_M=16, BLOCK_K=128),
                      dict(BLOCK_N=16, BLOCK_M=32, BLOCK_K=64)):
             for tma in (False, True) if K % 16 == 0 else (False,):
@@ -274,9 +275,11 @@ def check_grouped_experts():
                     x_arg = TensorDescriptor.from_tensor(x, [tile["BLOCK_M"], tile["BLOCK_K"]])
                     w_arg = TensorDescriptor.from_tensor(weight.view(E * N, K),
                                                          [tile["BLOCK_N"], tile["BLOCK_K"]])
-                y = torch.full((23, N), float("nan"))
-                grid = (E, triton.cdiv(N, tile["BLOCK_N"]))
-                grouped_mm_kernel[grid](x_arg, ends, w_arg, scales, y, N, K, TMA=tma, **tile)
+                for last in range(E):  # experts 0..last, then all of them
+                    y = torch.full((P, N), float("nan"))
+                    grid = (last + 1, triton.cdiv(N, tile["BLOCK_N"]))
+                    grouped_mm_kernel[grid](x_arg, ends, w_arg, scales, y, N, K, TMA=tma, **tile)
+                    assert y[int(ends[last]):].isnan().all(), (E, N, K, tile, tma, last)
                 error = relative_error(y, reference)
                 assert error < 1e-6, (E, N, K, tile, tma, error)
                 checked["TMA" if tma else "plain"] += 1

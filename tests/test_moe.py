@@ -95,7 +95,9 @@ def test_grouped_form_through_the_grouped_expert_kernel_matches_the_pytorch_form
         calls.append(xs.shape[0])
         return grouped_expert_mm_reference(xs, ends, weight, scales).to(xs.dtype)
 
-    for tokens, kernel_calls in ((15, [30, 30]), (MAX_WIDE_ROWS * 4 + 1, [])):  # 8 experts, top 2
+    # 8 experts, top 2: up to MAX_WIDE_ROWS pairs an expert on average through the kernel
+    for tokens, kernel_calls in ((15, [30, 30]), (MAX_WIDE_ROWS * 4, [MAX_WIDE_ROWS * 8] * 2),
+                                 (MAX_WIDE_ROWS * 4 + 1, [])):
         x = torch.randn(tokens, TINY["dim"], dtype=torch.bfloat16)
         experts = moe.gate(x).topk(2).indices  # (tokens, 2)
         moe.w13.grouped_kernel = moe.w2.grouped_kernel = None
