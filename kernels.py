@@ -924,8 +924,8 @@ def expert_matmul(x: Tensor, experts: Tensor, weight: Tensor,
 # the PyTorch form dequantizes every expert of the layer into a bf16 copy for torch._grouped_mm.
 # Past MAX_WIDE_ROWS rows an expert on average (long prompts) the copy stays: the dense layers'
 # bound, where cuBLAS takes over, not measured for experts (at 128 rows an expert the kernel took a
-# fifth of the copy's time or less, BENCHMARKS.md). GROUPED_TILE as MM_TILE; 64 columns deep past 64 rows,
-# as WIDE_MM_TILE.
+# fifth of the copy's time or less, BENCHMARKS.md). GROUPED_TILE as MM_TILE; 64 columns deep past
+# 64 rows, as WIDE_MM_TILE.
 GROUPED_TILE = dict(BLOCK_N=64, num_warps=4, num_stages=3)
 
 
