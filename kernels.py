@@ -771,11 +771,12 @@ def mm_block_rows(n_rows: int) -> int:
 MM_TMA = True
 
 
-def tma_loads(weight: Tensor) -> bool:
-    return (MM_TMA and TensorDescriptor is not None and weight.is_cuda
+def tma_loads(t: Tensor) -> bool:
+    """Whether the kernels read the 2-D tensor t (weights, or rows of x) through a descriptor."""
+    return (MM_TMA and TensorDescriptor is not None and t.is_cuda
             and torch.version.hip is None  # (ROCm numbers its GPUs' capabilities otherwise)
-            and torch.cuda.get_device_capability(weight.device)[0] >= 9
-            and weight.data_ptr() % 16 == 0 and weight.stride(0) * weight.element_size() % 16 == 0)
+            and torch.cuda.get_device_capability(t.device)[0] >= 9
+            and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0)
 
 
 @torch.library.custom_op("blitz::quantized_mm_partials", mutates_args=())
@@ -800,7 +801,7 @@ def quantized_mm_partials(x: Tensor, weight: Tensor, scales: Tensor, zeros: Opti
     tile = WIDE_MM_TILE if wide else dict(MM_TILE, BLOCK_M=mm_block_rows(M))
     w = (TensorDescriptor.from_tensor(weight, [tile["BLOCK_N"], tile["BLOCK_K"]]) if tma
          else weight)
-    x_tma = wide and tma and x.data_ptr() % 16 == 0 and K * x.element_size() % 16 == 0
+    x_tma = wide and tma and tma_loads(x)
     if x_tma:
         x = TensorDescriptor.from_tensor(x, [tile["BLOCK_M"], tile["BLOCK_K"]])
     grid = (triton.cdiv(M, tile["BLOCK_M"]), triton.cdiv(N, tile["BLOCK_N"]), split_k)
@@ -943,7 +944,7 @@ def grouped_expert_mm(xs: Tensor, ends: Tensor, weight: Tensor, scales: Tensor) 
     block_m = min(128, mm_block_rows(-(-P // n_experts)))  # the rows of an expert on average
     tile = dict(GROUPED_TILE, BLOCK_M=block_m, BLOCK_K=128 if block_m <= MAX_MM_ROWS else 64)
     w, tma = weight.view(n_experts * N, K), False
-    if tma_loads(w) and xs.data_ptr() % 16 == 0 and K * xs.element_size() % 16 == 0:
+    if tma_loads(w) and tma_loads(xs):
         xs = TensorDescriptor.from_tensor(xs, [tile["BLOCK_M"], tile["BLOCK_K"]])
         w, tma = TensorDescriptor.from_tensor(w, [tile["BLOCK_N"], tile["BLOCK_K"]]), True
     grid = (n_experts, triton.cdiv(N, tile["BLOCK_N"]))
