@@ -618,6 +618,12 @@ GEMV_TILE = dict(BLOCK_N=8, BLOCK_WORDS=256, num_warps=4, num_stages=1)
 # (BENCHMARKS.md has the measurements).
 SPLIT_MAX_ROWS, SPLIT_COLUMNS, MAX_SPLIT = 8192, 8192, 8
 SPLIT_ALIGN_WORDS = 256  # the GEMV's splits start on whole tiles (GEMV_TILE's BLOCK_WORDS divides it)
+# bf16 and fp16 weights (nn.Linear layers) at one row: the same kernel, a weight a word, on tiles of
+# two rows by 1024 columns (SPLIT_ALIGN_WORDS' columns), the fastest of 22 (2 to 16 rows x 256 to
+# 1024 columns x 4 or 8 warps) over Llama-2-7B's block layers on an H200: a pass in 3.24 ms where
+# cuBLAS takes 3.56 (94 against 86 % of copy; BENCHMARKS.md). False: PyTorch's matmul for them.
+FLOAT_GEMV_TILE = dict(BLOCK_N=2, BLOCK_WORDS=1024, num_warps=4, num_stages=1)
+FLOAT_GEMV = True
 
 
 def gemv_input(x: Tensor, per_word: int) -> tuple:
@@ -656,26 +662,30 @@ def added_parts(parts: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("blitz::scaled_gemv_partials", mutates_args=())
-def scaled_gemv_partials(x: Tensor, weight: Tensor, scales: Tensor, split_k: int) -> Tensor:
-    """x's K values times one-byte weights (N, K) (int8 or float8_e4m3fn, K a multiple of 4),
-    scaled per row: (split_k, N) partial sums, in x's dtype when split_k is 1, else in float32."""
+def scaled_gemv_partials(x: Tensor, weight: Tensor, scales: Optional[Tensor],
+                         split_k: int) -> Tensor:
+    """x's K values times weights (N, K): one-byte (int8 or float8_e4m3fn, K a multiple of 4)
+    scaled per row, or (scales None) bf16 or fp16. (split_k, N) partial sums, in x's dtype when
+    split_k is 1, else in float32."""
     N, K = weight.shape
     y = torch.empty(split_k, N, dtype=x.dtype if split_k == 1 else torch.float32, device=x.device)
-    x, x16 = gemv_input(x, 4)
-    scaled_gemv_kernel[(triton.cdiv(N, GEMV_TILE["BLOCK_N"]), split_k)](
-        x, weight.view(torch.int32), scales, None, y, N, K // 4, words_per_split(K, split_k), 1,
-        PER_WORD=4, FP8=weight.dtype == torch.float8_e4m3fn, X16=x16, **GEMV_TILE)
+    per_word, tile = (1, FLOAT_GEMV_TILE) if scales is None else (4, GEMV_TILE)
+    x, x16 = gemv_input(x, per_word)
+    scaled_gemv_kernel[(triton.cdiv(N, tile["BLOCK_N"]), split_k)](
+        x, weight if per_word == 1 else weight.view(torch.int32), scales, None, y, N,
+        K // per_word, words_per_split(K, split_k) * 4 // per_word, 1, PER_WORD=per_word,
+        FP8=weight.dtype == torch.float8_e4m3fn, X16=x16, **tile)
     return y
 
 
 @scaled_gemv_partials.register_fake
-def _(x: Tensor, weight: Tensor, scales: Tensor, split_k: int) -> Tensor:
+def _(x: Tensor, weight: Tensor, scales: Optional[Tensor], split_k: int) -> Tensor:
     return x.new_empty(split_k, weight.shape[0], dtype=x.dtype if split_k == 1 else torch.float32)
 
 
-def scaled_gemv(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
+def scaled_gemv(x: Tensor, weight: Tensor, scales: Optional[Tensor]) -> Tensor:
     """x (K,) or (1, ..., K) times int8 or float8_e4m3fn weight (N, K), scaled per output row by
-    scales (N,): (..., N) in x's dtype."""
+    scales (N,), or (scales None) times bf16 or fp16 weight (N, K): (..., N) in x's dtype."""
     N, K = weight.shape
     assert x.numel() == K and K % 4 == 0, (
         f"scaled_gemv takes one row of activations of a multiple of 4, got {tuple(x.shape)}")
@@ -1127,7 +1137,8 @@ def quantized_cases(N: int, K: int, device) -> list:
 
 def check_kernels(device="cuda") -> list:
     """The kernels against their float64 reference on Llama-2-7B's layer shapes and a ragged one,
-    for int8, fp8 and int4 weights at 1 row (the GEMV; int4: the small matmul), 8 and 33 rows (the
+    for bf16 weights at 1 row (the GEMV, FloatLinear's), for int8, fp8 and int4 weights at 1 row
+    (the GEMV; int4: the small matmul), 8 and 33 rows (the
     small matmul), 200 (one-byte weights: the small matmul in blocks of rows; int4: a dequantized
     copy into PyTorch's matmul) and 300 (a dequantized copy), then the expert GEMV, the router
     and the decode and chunk attention kernels: a list of {name, rows, shape, rel_err, ok} (the
@@ -1136,6 +1147,12 @@ def check_kernels(device="cuda") -> list:
     torch.manual_seed(0)
     results = []
     for N, K in ((12288, 4096), (4096, 11008), (32000, 4096), (37, 320)):
+        weight = torch.randn(N, K, device=device, dtype=torch.bfloat16)
+        x = torch.randn(1, 1, K, device=device, dtype=torch.bfloat16)
+        y = scaled_gemv(x, weight, None)  # (1, 1, N)
+        rel = relative_error(y, x.double() @ weight.double().T)
+        ok = y.shape == (1, 1, N) and rel < 1e-2 and torch.equal(scaled_gemv(x, weight, None), y)
+        results.append(dict(name="bf16", rows=1, shape=[N, K], rel_err=rel, ok=ok))
         for name, weights, reference_weights in quantized_cases(N, K, device):
             if name.startswith("int4"):
                 packed, *group = weights
@@ -1608,6 +1625,31 @@ class Fp8Linear(nn.Module):
                 * self.scale_bits.view(torch.float32)[:, None])
 
 
+
+class FloatLinear(nn.Linear):
+    """nn.Linear whose single rows on a GPU go through the GEMV (FLOAT_GEMV_TILE), faster there
+    than PyTorch's matmul; more rows (prompts, batches) keep PyTorch's. prepare_for_device puts
+    one in place of each nn.Linear of a dense bf16 or fp16 model on CUDA, over the same
+    parameters."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if kernel_route(x) != "gemv":
+            return super().forward(x)
+        y = scaled_gemv(x, self.weight, None)  # (..., N)
+        return y if self.bias is None else y + self.bias
+
+
+def use_float_gemv(model: nn.Module):
+    """Each nn.Linear of the model as a FloatLinear holding the same parameters (a tied output
+    layer stays tied)."""
+    for name, linear in list(model.named_modules()):
+        if type(linear) is nn.Linear:
+            layer = FloatLinear(linear.in_features, linear.out_features, linear.bias is not None,
+                                device="meta")
+            layer.weight, layer.bias = linear.weight, linear.bias
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer)
+
 # ---- CPU kernels ---------------------------------------------------------------------------------
 #
 # aten._weight_int8pack_mm (int8 weights (N, K), one scale per row) and
@@ -1770,13 +1812,19 @@ def prepare_for_device(model: nn.Module):
     """After the model reached its device and dtype: pack int4 weights for tinygemm (CUDA, bfloat16,
     see TINYGEMM_MAX_ROWS) and lay them out for the Triton kernels (Int4Linear.use_triton), choose
     the fp8 matmul, give float, int8 and fp8 experts on CUDA the expert GEMV (int8 and fp8 also
-    the grouped expert kernel), their routers the router kernel and bf16 and fp16 attention the
-    decode and chunk attention kernels, and on the CPU route decode-sized inputs of the int8 and
-    int4 layers to PyTorch's CPU kernels (where cpu_kernels_usable)."""
+    the grouped expert kernel), their routers the router kernel, bf16 and fp16 attention the
+    decode and chunk attention kernels and, in dense models, bf16 and fp16 linear layers the GEMV
+    (FloatLinear), and on the CPU route decode-sized inputs of the int8 and int4 layers to
+    PyTorch's CPU kernels (where cpu_kernels_usable)."""
     dtype = model.tok_embeddings.weight.dtype  # the activations' dtype
     cpu_kernels = cpu_kernels_usable(dtype)
-    attention_kernel = (DECODE_ATTENTION and triton is not None
-                        and model.tok_embeddings.weight.is_cuda and dtype in MM_DTYPES)
+    triton_16_bit = (triton is not None and model.tok_embeddings.weight.is_cuda
+                     and dtype in MM_DTYPES)
+    attention_kernel = DECODE_ATTENTION and triton_16_bit
+    # (mixtures of experts compile with coordinate-descent tuning, whose GEMVs take the RMSNorm
+    # before them in; not measured against this one)
+    if FLOAT_GEMV and triton_16_bit and not model.args.n_experts:
+        use_float_gemv(model)
     for module in model.modules():
         if isinstance(module, Attention) and attention_kernel:
             module.decode_kernel, module.chunk_kernel = decode_attention, chunk_attention_op

@@ -222,3 +222,25 @@ def test_grouped_expert_kernel_in_a_compiled_cuda_graph_matches_the_pytorch_form
         for _ in range(3):  # warm-up, graph recording, replay
             rel = relative_error(compiled(x), pytorch_form)
             assert rel < 1e-2, f"{mode}: relative error {rel:.2e}"
+
+
+def test_float_gemv_in_a_compiled_cuda_graph_matches_pytorch_matmul():
+    """A bf16 model's one-token decode step with a FloatLinear GEMV in place of each nn.Linear
+    (prepare_for_device puts them in) against the same step through PyTorch's matmul, eager and in
+    a compiled CUDA graph, within bf16 rounding."""
+    import torch.nn as nn
+    from kernels import FloatLinear, prepare_for_device, relative_error
+    model = tiny_model(attention_bias=True).cuda().to(torch.bfloat16)
+    model.setup_caches(1, 32)
+    prompt, token = torch.randint(0, 97, (1, 8), device="cuda"), torch.tensor([[5]], device="cuda")
+    position = torch.tensor([8], device="cuda")
+    with torch.no_grad():
+        model(prompt, torch.arange(8, device="cuda"))
+        pytorch_matmul = model(token, position).double()  # (1, 1, vocab)
+        prepare_for_device(model)
+        assert all(type(m) is FloatLinear for m in model.modules() if isinstance(m, nn.Linear))
+        assert relative_error(model(token, position), pytorch_matmul) < 1e-2
+        step = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+        for _ in range(3):  # warm-up, graph recording, replay
+            rel = relative_error(step(token, position), pytorch_matmul)
+            assert rel < 1e-2, f"relative error {rel:.2e}"

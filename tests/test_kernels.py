@@ -27,8 +27,8 @@ X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_scaled_gemv():
-    from kernels import (GEMV_TILE, gemv_input, relative_error, scaled_gemv_kernel,
-                         scaled_gemv_reference, words_per_split)
+    from kernels import (FLOAT_GEMV_TILE, GEMV_TILE, gemv_input, relative_error,
+                         scaled_gemv_kernel, scaled_gemv_reference, words_per_split)
     torch.manual_seed(0)
     checked = dict.fromkeys(X_DTYPES, 0)
     # Whole tiles, ragged rows and columns.
@@ -55,6 +55,20 @@ def check_scaled_gemv():
                 assert error < 1e-6, (N, K, tile, split_k, x.dtype, error)
                 checked[x.dtype] += 1
     assert min(checked.values()) >= 3, checked
+    # bf16 and fp16 weights, a weight a word, on the tile kernels.scaled_gemv_partials gives them:
+    # K ragged against it and shorter than it, an odd N (a last tile of one row), K split in parts
+    # of whole tiles (3 parts of 2048 columns, the last one short)
+    for (N, K), dtype, split_k in (((37, 1000), torch.bfloat16, 1), ((8, 300), torch.float16, 1),
+                                   ((5, 5000), torch.bfloat16, 3)):
+        w = torch.randn(N, K, dtype=dtype)
+        x = torch.randn(K, dtype=dtype)
+        reference = x.double() @ w.double().T  # (N,)
+        y = torch.full((split_k, N), float("nan"))
+        scaled_gemv_kernel[(triton.cdiv(N, FLOAT_GEMV_TILE["BLOCK_N"]), split_k)](
+            x, w, None, None, y, N, K, words_per_split(K, split_k) * 4, 1, PER_WORD=1, FP8=False,
+            X16=None, **FLOAT_GEMV_TILE)
+        error = relative_error(y.sum(0), reference)
+        assert error < 1e-6, (N, K, dtype, split_k, error)
 
 
 # The interpreter's tl.dot mishandles bfloat16 (NumPy has no such type), so x is float32 here;
@@ -415,6 +429,28 @@ def test_gemv_input_gives_aligned_words_of_any_one_row_view():
             words, _ = gemv_input(x, 4)
             assert words.dtype == torch.int64 and words.data_ptr() % 8 == 0
             assert torch.equal(words.view(dtype), x.reshape(-1))
+
+
+def test_float_linears_become_gemv_layers_over_the_same_parameters():
+    """use_float_gemv (prepare_for_device, for bf16 and fp16 models on CUDA) puts a FloatLinear in
+    place of each nn.Linear: the same Parameter objects (a tied output layer stays tied, the
+    state_dict's keys are the file's), and off a GPU the same outputs."""
+    import torch.nn as nn
+    from kernels import FloatLinear, use_float_gemv
+    from test_generate import tiny_model
+    model = tiny_model(tie_embeddings=True, attention_bias=True)
+    before = dict(model.named_parameters())
+    idx = torch.randint(0, 97, (2, 9))
+    model.setup_caches(2, 16)
+    with torch.no_grad():
+        expected = model(idx, torch.arange(9))
+        use_float_gemv(model)
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        assert len(linears) == 9 and all(type(m) is FloatLinear for m in linears)
+        assert model.output.weight is model.tok_embeddings.weight
+        after = dict(model.named_parameters())
+        assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+        assert torch.equal(model(idx, torch.arange(9)), expected)
 
 
 INTERPRETER_CHECKS = {"scaled_gemv": check_scaled_gemv, "quantized_mm": check_quantized_mm,
