@@ -1138,9 +1138,9 @@ def quantized_cases(N: int, K: int, device) -> list:
 def check_kernels(device="cuda") -> list:
     """The kernels against their float64 reference on Llama-2-7B's layer shapes and a ragged one,
     for bf16 weights at 1 row (the GEMV, FloatLinear's), for int8, fp8 and int4 weights at 1 row
-    (the GEMV; int4: the small matmul), 8 and 33 rows (the
-    small matmul), 200 (one-byte weights: the small matmul in blocks of rows; int4: a dequantized
-    copy into PyTorch's matmul) and 300 (a dequantized copy), then the expert GEMV, the router
+    (the GEMV; int4: the small matmul), 8 and 33 rows (the small matmul), 200 (one-byte weights:
+    the small matmul in blocks of rows; int4: a dequantized copy into PyTorch's matmul) and 300
+    (a dequantized copy), then the expert GEMV, the router
     and the decode and chunk attention kernels: a list of {name, rows, shape, rel_err, ok} (the
     expert GEMV's also tokens and k); a layer's ok also needs the same bits from a second call.
     scripts/bench.py runs this before timing anything."""
@@ -1625,15 +1625,17 @@ class Fp8Linear(nn.Module):
                 * self.scale_bits.view(torch.float32)[:, None])
 
 
-
 class FloatLinear(nn.Linear):
     """nn.Linear whose single rows on a GPU go through the GEMV (FLOAT_GEMV_TILE), faster there
     than PyTorch's matmul; more rows (prompts, batches) keep PyTorch's. prepare_for_device puts
     one in place of each nn.Linear of a dense bf16 or fp16 model on CUDA, over the same
-    parameters."""
+    parameters. The kernel reads a row-major weight in x's dtype; anything else (a transposed
+    weight, mixed dtypes) takes PyTorch's matmul, as F.linear takes any strides."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if kernel_route(x) != "gemv":
+        w = self.weight
+        if not (kernel_route(x) == "gemv" and x.dtype == w.dtype in MM_DTYPES
+                and w.is_contiguous()):
             return super().forward(x)
         y = scaled_gemv(x, self.weight, None)  # (..., N)
         return y if self.bias is None else y + self.bias
@@ -1649,6 +1651,7 @@ def use_float_gemv(model: nn.Module):
             layer.weight, layer.bias = linear.weight, linear.bias
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, layer)
+
 
 # ---- CPU kernels ---------------------------------------------------------------------------------
 #

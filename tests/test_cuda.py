@@ -224,13 +224,16 @@ def test_grouped_expert_kernel_in_a_compiled_cuda_graph_matches_the_pytorch_form
             assert rel < 1e-2, f"{mode}: relative error {rel:.2e}"
 
 
-def test_float_gemv_in_a_compiled_cuda_graph_matches_pytorch_matmul():
+def test_float_gemv_in_a_compiled_cuda_graph_matches_pytorch_matmul(monkeypatch):
     """A bf16 model's one-token decode step with a FloatLinear GEMV in place of each nn.Linear
-    (prepare_for_device puts them in) against the same step through PyTorch's matmul, eager and in
-    a compiled CUDA graph, within bf16 rounding."""
+    (prepare_for_device puts them in; every layer's row goes through it, w2's K of 8448 columns in
+    two parts) against the same step through PyTorch's matmul, eager and in a compiled CUDA graph,
+    within bf16 rounding. A mixture of experts keeps nn.Linear."""
     import torch.nn as nn
+    import kernels
     from kernels import FloatLinear, prepare_for_device, relative_error
-    model = tiny_model(attention_bias=True).cuda().to(torch.bfloat16)
+    from test_moe import tiny_model as tiny_moe
+    model = tiny_model(attention_bias=True, intermediate_size=8448).cuda().to(torch.bfloat16)
     model.setup_caches(1, 32)
     prompt, token = torch.randint(0, 97, (1, 8), device="cuda"), torch.tensor([[5]], device="cuda")
     position = torch.tensor([8], device="cuda")
@@ -238,9 +241,17 @@ def test_float_gemv_in_a_compiled_cuda_graph_matches_pytorch_matmul():
         model(prompt, torch.arange(8, device="cuda"))
         pytorch_matmul = model(token, position).double()  # (1, 1, vocab)
         prepare_for_device(model)
-        assert all(type(m) is FloatLinear for m in model.modules() if isinstance(m, nn.Linear))
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        assert linears and all(type(m) is FloatLinear for m in linears)
+        calls, gemv = [], kernels.scaled_gemv
+        monkeypatch.setattr(kernels, "scaled_gemv", lambda *args: calls.append(args) or gemv(*args))
         assert relative_error(model(token, position), pytorch_matmul) < 1e-2
+        assert len(calls) == len(linears)
+        monkeypatch.undo()
         step = torch.compile(model, mode="reduce-overhead", fullgraph=True)
         for _ in range(3):  # warm-up, graph recording, replay
             rel = relative_error(step(token, position), pytorch_matmul)
             assert rel < 1e-2, f"relative error {rel:.2e}"
+    moe = tiny_moe().cuda().to(torch.bfloat16)
+    prepare_for_device(moe)
+    assert not any(isinstance(m, FloatLinear) for m in moe.modules())
