@@ -621,7 +621,8 @@ SPLIT_ALIGN_WORDS = 256  # the GEMV's splits start on whole tiles (GEMV_TILE's B
 # bf16 and fp16 weights (nn.Linear layers) at one row: the same kernel, a weight a word, on tiles of
 # two rows by 1024 columns (SPLIT_ALIGN_WORDS' columns), the fastest of 22 (2 to 16 rows x 256 to
 # 1024 columns x 4 or 8 warps) over Llama-2-7B's block layers on an H200: a pass in 3.24 ms where
-# cuBLAS takes 3.56 (94 against 86 % of copy; BENCHMARKS.md). False: PyTorch's matmul for them.
+# cuBLAS takes 3.56 (94 against 86 % of copy; BENCHMARKS.md). False: PyTorch's matmul for them
+# (FloatLinear reads it at each call, or when compiled at the trace).
 FLOAT_GEMV_TILE = dict(BLOCK_N=2, BLOCK_WORDS=1024, num_warps=4, num_stages=1)
 FLOAT_GEMV = True
 
@@ -1634,7 +1635,7 @@ class FloatLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
-        if not (kernel_route(x) == "gemv" and x.dtype == w.dtype in MM_DTYPES
+        if not (FLOAT_GEMV and kernel_route(x) == "gemv" and x.dtype == w.dtype in MM_DTYPES
                 and w.is_contiguous()):
             return super().forward(x)
         y = scaled_gemv(x, self.weight, None)  # (..., N)

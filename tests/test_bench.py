@@ -306,6 +306,20 @@ def test_bench_all_without_four_gpus_is_one_error_line(tmp_path):
     assert_one_error_line(r.stderr, "4 GPUs", "--quick")
 
 
+def test_layer_benchmark_times_bf16_single_rows_by_cublas_and_by_the_gemv():
+    import torch.nn as nn
+    import kernels
+    bench_layers = load_script("bench_layers")
+    layers = [kernels.FloatLinear(8, 4, bias=False)]
+    seen = []
+    for name, set_up in bench_layers.paths(layers, 1):
+        set_up()
+        seen.append((name, kernels.FLOAT_GEMV))
+    assert seen == [("cublas", False), ("gemv", True)]  # the GEMV last: the flag left as it was
+    assert [name for name, _ in bench_layers.paths(layers, 8)] == [""]  # batches: cuBLAS alone
+    assert [name for name, _ in bench_layers.paths([nn.Linear(8, 4)], 1)] == [""]
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--precisions", "bf16", "int5"], ["unknown precision 'int5'"]),
     (["--rows", "1", "0"], ["--rows", ">= 1"]),
