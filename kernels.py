@@ -1141,10 +1141,10 @@ def check_kernels(device="cuda") -> list:
     for bf16 weights at 1 row (the GEMV, FloatLinear's), for int8, fp8 and int4 weights at 1 row
     (the GEMV; int4: the small matmul), 8 and 33 rows (the small matmul), 200 (one-byte weights:
     the small matmul in blocks of rows; int4: a dequantized copy into PyTorch's matmul) and 300
-    (a dequantized copy), then the expert GEMV, the router
-    and the decode and chunk attention kernels: a list of {name, rows, shape, rel_err, ok} (the
-    expert GEMV's also tokens and k); a layer's ok also needs the same bits from a second call.
-    scripts/bench.py runs this before timing anything."""
+    (a dequantized copy), then the expert GEMV, the router and the decode and chunk attention
+    kernels: a list of {name, rows, shape, rel_err, ok} (the expert GEMV's also tokens and k); a
+    layer's ok also needs the same bits from a second call. scripts/bench.py runs this before
+    timing anything."""
     torch.manual_seed(0)
     results = []
     for N, K in ((12288, 4096), (4096, 11008), (32000, 4096), (37, 320)):
@@ -1638,7 +1638,7 @@ class FloatLinear(nn.Linear):
         if not (FLOAT_GEMV and kernel_route(x) == "gemv" and x.dtype == w.dtype in MM_DTYPES
                 and w.is_contiguous()):
             return super().forward(x)
-        y = scaled_gemv(x, self.weight, None)  # (..., N)
+        y = scaled_gemv(x, w, None)  # (..., N)
         return y if self.bias is None else y + self.bias
 
 
