@@ -622,7 +622,7 @@ SPLIT_ALIGN_WORDS = 256  # the GEMV's splits start on whole tiles (GEMV_TILE's B
 # two rows by 1024 columns (SPLIT_ALIGN_WORDS' columns), the fastest of 22 (2 to 16 rows x 256 to
 # 1024 columns x 4 or 8 warps) over Llama-2-7B's block layers on an H200: a pass in 3.24 ms where
 # cuBLAS takes 3.56 (94 against 86 % of copy; BENCHMARKS.md). False: PyTorch's matmul for them
-# (FloatLinear reads it at each call, or when compiled at the trace).
+# (FloatLinear reads it at each call; a compiled step traces again when it changes).
 FLOAT_GEMV_TILE = dict(BLOCK_N=2, BLOCK_WORDS=1024, num_warps=4, num_stages=1)
 FLOAT_GEMV = True
 

@@ -306,9 +306,10 @@ def test_bench_all_without_four_gpus_is_one_error_line(tmp_path):
     assert_one_error_line(r.stderr, "4 GPUs", "--quick")
 
 
-def test_layer_benchmark_times_bf16_single_rows_by_cublas_and_by_the_gemv():
+def test_layer_benchmark_times_bf16_single_rows_by_cublas_and_by_the_gemv(monkeypatch):
     import torch.nn as nn
     import kernels
+    monkeypatch.setattr(kernels, "FLOAT_GEMV", True)  # restored after the test, whatever happens
     bench_layers = load_script("bench_layers")
     layers = [kernels.FloatLinear(8, 4, bias=False)]
     seen = []

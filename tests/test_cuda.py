@@ -243,6 +243,7 @@ def test_float_gemv_in_a_compiled_cuda_graph_matches_pytorch_matmul(monkeypatch)
         prepare_for_device(model)
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
         assert linears and all(type(m) is FloatLinear for m in linears)
+        assert kernels.split_k_for(*model.layers[0].feed_forward.w2.weight.shape) == 2
         calls, gemv = [], kernels.scaled_gemv
         monkeypatch.setattr(kernels, "scaled_gemv", lambda *args: calls.append(args) or gemv(*args))
         assert relative_error(model(token, position), pytorch_matmul) < 1e-2

@@ -453,6 +453,38 @@ def test_float_linears_become_gemv_layers_over_the_same_parameters():
         assert torch.equal(model(idx, torch.arange(9)), expected)
 
 
+def test_float_linear_takes_the_gemv_for_one_row_in_its_own_dtype_and_a_row_major_weight(
+        monkeypatch):
+    """FloatLinear's routing, with the GPU's route and GEMV stood in for (a CPU has neither): the
+    GEMV for one row of the weight's dtype (bf16, fp16) against a row-major weight while
+    kernels.FLOAT_GEMV is on; PyTorch's matmul for more rows, float32, a transposed weight or the
+    flag off."""
+    import kernels
+    calls = []
+    monkeypatch.setattr(kernels, "kernel_route", lambda x, *_: "gemv" if x.numel() == x.shape[-1]
+                        else None)
+    monkeypatch.setattr(kernels, "scaled_gemv",
+                        lambda x, w, s: calls.append(w) or torch.nn.functional.linear(x, w))
+
+    def took_gemv(dtype=torch.bfloat16, rows=1, transposed=False, flag=True) -> bool:
+        monkeypatch.setattr(kernels, "FLOAT_GEMV", flag)
+        layer = kernels.FloatLinear(16, 8, bias=True).to(dtype)
+        if transposed:
+            layer.weight = torch.nn.Parameter(layer.weight.detach().t().contiguous().t())
+        calls.clear()
+        x = torch.randn(rows, 16, dtype=dtype)
+        with torch.no_grad():
+            y = layer(x)
+            expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+            assert torch.allclose(y.float(), expected.float(), atol=2e-2)  # (bias added apart)
+        return len(calls) == 1
+    assert took_gemv() and took_gemv(torch.float16)
+    assert not took_gemv(rows=2)
+    assert not took_gemv(torch.float32)
+    assert not took_gemv(transposed=True)
+    assert not took_gemv(flag=False)
+
+
 INTERPRETER_CHECKS = {"scaled_gemv": check_scaled_gemv, "quantized_mm": check_quantized_mm,
                       "int4_mm": check_int4_mm, "dequantize": check_dequantize,
                       "expert_gemv": check_expert_gemv, "grouped_experts": check_grouped_experts,
