@@ -1177,6 +1177,14 @@ def check_kernels(device="cuda") -> list:
 EXPERT_CHECK_SHAPES = ((16, 1536, 2048), (16, 2048, 768), (4, 4096, 14336), (5, 37, 300))
 
 
+def random_one_byte_experts(E: int, N: int, K: int, device) -> tuple[Tensor, Tensor]:
+    """Random experts (E, N, K) for the checks below: int8 in [-127, 127], and fp8 over most of
+    e4m3's range."""
+    int8 = torch.randint(-127, 128, (E, N, K), dtype=torch.int8, device=device)
+    fp8 = (torch.randn(E, N, K, device=device) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return int8, fp8
+
+
 def check_expert_kernel(device="cuda", shapes=EXPERT_CHECK_SHAPES) -> list:
     """The expert GEMV against its float64 reference on `shapes`, for bf16, int8 and fp8 weights,
     a token's pairs (x one row; with SwiGLU too, N even) and their hidden rows (x a row per pair),
@@ -1186,8 +1194,7 @@ def check_expert_kernel(device="cuda", shapes=EXPERT_CHECK_SHAPES) -> list:
     results = []
     for E, N, K in shapes:
         bf16 = torch.randn(E, N, K, device=device, dtype=torch.bfloat16)
-        int8 = torch.randint(-127, 128, (E, N, K), dtype=torch.int8, device=device)
-        fp8 = (torch.randn(E, N, K, device=device) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+        int8, fp8 = random_one_byte_experts(E, N, K, device)
         for M, k in ((1, 2), (4, 2), (1, 8)):
             experts = torch.randint(0, E, (M, k), device=device)
             for name, weight, scales in (
@@ -1214,14 +1221,13 @@ def check_grouped_experts(device="cuda") -> list:
     """The grouped expert kernel against its float64 reference, int8 and fp8 experts, on
     Qwen3-30B-A3B's w13 and w2 (128 experts) and Mixtral-8x7B's w2 (8), for a 5-token prompt, a
     batch of 32 and a 32-row step with a 96-token chunk (blocks of 16 to 64 rows; an expert of more
-    rows than a block walks several), Mixtral's also for a 512-token prompt (blocks of 128 rows), and
-    a ragged shape; the same bits from a second call."""
+    rows than a block walks several), Mixtral's also for a 512-token prompt (blocks of 128 rows),
+    and a ragged shape; the same bits from a second call."""
     torch.manual_seed(0)
     results = []
     for E, N, K, k in ((128, 1536, 2048, 8), (128, 2048, 768, 8), (8, 4096, 14336, 2),
                        (5, 37, 300, 2)):
-        int8 = torch.randint(-127, 128, (E, N, K), dtype=torch.int8, device=device)
-        fp8 = (torch.randn(E, N, K, device=device) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+        int8, fp8 = random_one_byte_experts(E, N, K, device)
         for tokens in (5, 32, 128, 512) if E == 8 else (5, 32, 128):
             experts = torch.rand(tokens, E, device=device).topk(k).indices.flatten().sort().values
             ends = torch.searchsorted(experts, torch.arange(E, device=device), right=True).int()
