@@ -10,9 +10,9 @@ measurements). The GEMV reads the one-byte weights as int32 words of four (wide 
 (BLOCK_N rows, BLOCK_WORDS words) tile per step, converts each byte in registers, multiplies by the
 matching x values and accumulates in float32, reducing over K once at the end. bf16 and fp16 x are
 read alike, as int64 words of four values in the weights' tile layout, so that no exchange through
-shared memory (with its barriers) comes between a load and its multiplies. One tile serves every
-layer shape (GEMV_TILE). The weights are int8 (Int8Linear) or fp8 e4m3 (Fp8Linear), one scale per
-output row.
+shared memory (with its barriers) comes between a load and its multiplies. One tile for each kind
+of weight serves every layer shape (GEMV_TILES). The weights are int8 (Int8Linear) or fp8 e4m3
+(Fp8Linear), one scale per output row.
 
 With a few rows, the matmul keeps all of them in one tile, so each weight is still read once,
 converts the weights to bf16 in registers (int8 and fp8 exactly; int4, laid out at load as words
@@ -602,12 +602,15 @@ if triton is not None:
         tl.store(weights_ptr + row * K + j, chosen, mask=j < K)
         tl.store(experts_ptr + row * K + j, ids, mask=j < K)
 
-# The GEMV's tile: of 15 (8 to 32 rows x 64 to 256 words x 4 or 8 warps), one of the two fastest
-# over Llama-2-7B's five layer shapes together on an H200 (BENCHMARKS.md). One tile, not autotuned
-# per shape: timing single calls of a kernel this short picked a tile 23 % slower than the best for
-# one layer in one process, and a tile that changes from process to process changes the order of
-# the sums, so the outputs' last bits.
-GEMV_TILE = dict(BLOCK_N=8, BLOCK_WORDS=256, num_warps=4, num_stages=1)
+# The GEMV's tile for each kind of weight: of 32 (1 to 16 rows x 128 to 1024 words x 4 or 8 warps),
+# the fastest over Llama-2-7B's block layers on an H200 (BENCHMARKS.md): int8 at 4 rows x 512 words
+# (a pass 5 % faster than on fp8's tile; 3 % more tokens a second end to end), fp8 at 8 x 256 (on
+# int8's tile a pass takes 3 % longer). One tile a kind, not autotuned per shape: timing single
+# calls of a kernel this short picked a tile 23 % slower than the best for one layer in one
+# process, and a tile that changes from process to process changes the order of the sums, so the
+# outputs' last bits.
+GEMV_TILES = {torch.int8: dict(BLOCK_N=4, BLOCK_WORDS=512, num_warps=4, num_stages=1),
+              torch.float8_e4m3fn: dict(BLOCK_N=8, BLOCK_WORDS=256, num_warps=4, num_stages=1)}
 # A layer with few output rows and a long K (Llama-2-7B's down projection: 4096 x 11008) gives too
 # few programs to keep every SM's loads in flight, so its K is split into parts of at most
 # SPLIT_COLUMNS, one program each per row block, and the caller adds the partial sums: at most
@@ -617,13 +620,15 @@ GEMV_TILE = dict(BLOCK_N=8, BLOCK_WORDS=256, num_warps=4, num_stages=1)
 # block) or need one of their own, and no split of them was clearly faster end to end
 # (BENCHMARKS.md has the measurements).
 SPLIT_MAX_ROWS, SPLIT_COLUMNS, MAX_SPLIT = 8192, 8192, 8
-SPLIT_ALIGN_WORDS = 256  # the GEMV's splits start on whole tiles (GEMV_TILE's BLOCK_WORDS divides it)
+SPLIT_ALIGN_WORDS = 512  # the GEMV's splits start on whole tiles (each BLOCK_WORDS divides it)
 # bf16 and fp16 weights (nn.Linear layers) at one row: the same kernel, a weight a word, on tiles of
-# two rows by 1024 columns (SPLIT_ALIGN_WORDS' columns), the fastest of 22 (2 to 16 rows x 256 to
-# 1024 columns x 4 or 8 warps) over Llama-2-7B's block layers on an H200: a pass in 3.24 ms where
-# cuBLAS takes 3.56 (94 against 86 % of copy; BENCHMARKS.md). False: PyTorch's matmul for them
-# (FloatLinear reads it at each call; a compiled step traces again when it changes).
-FLOAT_GEMV_TILE = dict(BLOCK_N=2, BLOCK_WORDS=1024, num_warps=4, num_stages=1)
+# two rows by 1024 columns (half of SPLIT_ALIGN_WORDS' 2048 columns), the fastest of 22 (2 to 16
+# rows x 256 to 1024 columns x 4 or 8 warps) over Llama-2-7B's block layers on an H200: a pass in
+# 3.24 ms where cuBLAS takes 3.56 (94 against 86 % of copy; BENCHMARKS.md). FLOAT_GEMV False:
+# PyTorch's matmul for them (FloatLinear reads it at each call; a compiled step traces again when
+# it changes).
+GEMV_TILES[torch.bfloat16] = GEMV_TILES[torch.float16] = dict(BLOCK_N=2, BLOCK_WORDS=1024,
+                                                             num_warps=4, num_stages=1)
 FLOAT_GEMV = True
 
 
@@ -670,7 +675,7 @@ def scaled_gemv_partials(x: Tensor, weight: Tensor, scales: Optional[Tensor],
     split_k is 1, else in float32."""
     N, K = weight.shape
     y = torch.empty(split_k, N, dtype=x.dtype if split_k == 1 else torch.float32, device=x.device)
-    per_word, tile = (1, FLOAT_GEMV_TILE) if scales is None else (4, GEMV_TILE)
+    per_word, tile = 1 if scales is None else 4, GEMV_TILES[weight.dtype]
     x, x16 = gemv_input(x, per_word)
     scaled_gemv_kernel[(triton.cdiv(N, tile["BLOCK_N"]), split_k)](
         x, weight if per_word == 1 else weight.view(torch.int32), scales, None, y, N,
@@ -1633,9 +1638,9 @@ class Fp8Linear(nn.Module):
 
 
 class FloatLinear(nn.Linear):
-    """nn.Linear whose single rows on a GPU go through the GEMV (FLOAT_GEMV_TILE), faster there
+    """nn.Linear whose single rows on a GPU go through the GEMV (GEMV_TILES), faster there
     than PyTorch's matmul; more rows (prompts, batches) keep PyTorch's. prepare_for_device puts
-    one in place of each nn.Linear of a dense bf16 or fp16 model on CUDA, over the same
+    one in place of each nn.Linear of a bf16 or fp16 model on CUDA, over the same
     parameters. The kernel reads a row-major weight in x's dtype; anything else (a transposed
     weight, mixed dtypes) takes PyTorch's matmul, as F.linear takes any strides."""
 
@@ -1823,17 +1828,15 @@ def prepare_for_device(model: nn.Module):
     see TINYGEMM_MAX_ROWS) and lay them out for the Triton kernels (Int4Linear.use_triton), choose
     the fp8 matmul, give float, int8 and fp8 experts on CUDA the expert GEMV (int8 and fp8 also
     the grouped expert kernel), their routers the router kernel, bf16 and fp16 attention the
-    decode and chunk attention kernels and, in dense models, bf16 and fp16 linear layers the GEMV
-    (FloatLinear), and on the CPU route decode-sized inputs of the int8 and int4 layers to
+    decode and chunk attention kernels and bf16 and fp16 linear layers the GEMV (FloatLinear),
+    and on the CPU route decode-sized inputs of the int8 and int4 layers to
     PyTorch's CPU kernels (where cpu_kernels_usable)."""
     dtype = model.tok_embeddings.weight.dtype  # the activations' dtype
     cpu_kernels = cpu_kernels_usable(dtype)
     triton_16_bit = (triton is not None and model.tok_embeddings.weight.is_cuda
                      and dtype in MM_DTYPES)
     attention_kernel = DECODE_ATTENTION and triton_16_bit
-    # (mixtures of experts compile with coordinate-descent tuning, whose GEMVs take the RMSNorm
-    # before them in; not measured against this one)
-    if FLOAT_GEMV and triton_16_bit and not model.args.n_experts:
+    if FLOAT_GEMV and triton_16_bit:
         use_float_gemv(model)
     for module in model.modules():
         if isinstance(module, Attention) and attention_kernel:

@@ -27,7 +27,7 @@ X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_scaled_gemv():
-    from kernels import (FLOAT_GEMV_TILE, GEMV_TILE, gemv_input, relative_error,
+    from kernels import (GEMV_TILES, gemv_input, relative_error,
                          scaled_gemv_kernel, scaled_gemv_reference, words_per_split)
     torch.manual_seed(0)
     checked = dict.fromkeys(X_DTYPES, 0)
@@ -36,8 +36,10 @@ def check_scaled_gemv():
         # -128 too: every byte pattern is converted exactly.
         w = torch.randint(-128, 128, (N, K), dtype=torch.int8)
         scales = torch.rand(N) / 127
-        # the project's tile, launched as kernels.scaled_gemv launches it, and two others
-        tiles = [GEMV_TILE, dict(BLOCK_N=4, BLOCK_WORDS=64), dict(BLOCK_N=16, BLOCK_WORDS=128)]
+        # the project's int8 and fp8 tiles, launched as kernels.scaled_gemv launches them, and
+        # another
+        tiles = [GEMV_TILES[torch.int8], GEMV_TILES[torch.float8_e4m3fn],
+                 dict(BLOCK_N=16, BLOCK_WORDS=128)]
         for c, tile in enumerate(tiles):
             # K split over 3 programs (or fewer, then some add nothing): each word counted once.
             for split_k in (1, 3):
@@ -64,9 +66,10 @@ def check_scaled_gemv():
         x = torch.randn(K, dtype=dtype)
         reference = x.double() @ w.double().T  # (N,)
         y = torch.full((split_k, N), float("nan"))
-        scaled_gemv_kernel[(triton.cdiv(N, FLOAT_GEMV_TILE["BLOCK_N"]), split_k)](
+        tile = GEMV_TILES[dtype]
+        scaled_gemv_kernel[(triton.cdiv(N, tile["BLOCK_N"]), split_k)](
             x, w, None, None, y, N, K, words_per_split(K, split_k) * 4, 1, PER_WORD=1, FP8=False,
-            X16=None, **FLOAT_GEMV_TILE)
+            X16=None, **tile)
         error = relative_error(y.sum(0), reference)
         assert error < 1e-6, (N, K, dtype, split_k, error)
 
