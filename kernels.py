@@ -620,13 +620,16 @@ GEMV_TILES = {torch.int8: dict(BLOCK_N=4, BLOCK_WORDS=512, num_warps=4, num_stag
 # block) or need one of their own, and no split of them was clearly faster end to end
 # (BENCHMARKS.md has the measurements).
 SPLIT_MAX_ROWS, SPLIT_COLUMNS, MAX_SPLIT = 8192, 8192, 8
-SPLIT_ALIGN_WORDS = 512  # the GEMV's splits start on whole tiles (each BLOCK_WORDS divides it)
+# The GEMV's parts of a split K are multiples of SPLIT_ALIGN_WORDS int32 words (1024 bf16 columns):
+# whole tiles of fp8's and the float weights'. int8's tile is 512 words: a part of an odd number of
+# 256-word blocks ends in half a tile, whose other half's loads are masked off (Llama-2-7B's parts
+# are 1536 words, whole int8 tiles).
+SPLIT_ALIGN_WORDS = 256
 # bf16 and fp16 weights (nn.Linear layers) at one row: the same kernel, a weight a word, on tiles of
-# two rows by 1024 columns (half of SPLIT_ALIGN_WORDS' 2048 columns), the fastest of 22 (2 to 16
-# rows x 256 to 1024 columns x 4 or 8 warps) over Llama-2-7B's block layers on an H200: a pass in
-# 3.24 ms where cuBLAS takes 3.56 (94 against 86 % of copy; BENCHMARKS.md). FLOAT_GEMV False:
-# PyTorch's matmul for them (FloatLinear reads it at each call; a compiled step traces again when
-# it changes).
+# two rows by 1024 columns, the fastest of 22 (2 to 16 rows x 256 to 1024 columns x 4 or 8 warps)
+# over Llama-2-7B's block layers on an H200: a pass in 3.24 ms where cuBLAS takes 3.56 (94 against
+# 86 % of copy; BENCHMARKS.md). FLOAT_GEMV False: PyTorch's matmul for them (FloatLinear reads it
+# at each call; a compiled step traces again when it changes).
 GEMV_TILES[torch.bfloat16] = GEMV_TILES[torch.float16] = dict(BLOCK_N=2, BLOCK_WORDS=1024,
                                                              num_warps=4, num_stages=1)
 FLOAT_GEMV = True

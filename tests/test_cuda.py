@@ -228,7 +228,8 @@ def test_float_gemv_in_a_compiled_cuda_graph_matches_pytorch_matmul(monkeypatch)
     """A bf16 model's one-token decode step with a FloatLinear GEMV in place of each nn.Linear
     (prepare_for_device puts them in; every layer's row goes through it, w2's K of 8448 columns in
     two parts) against the same step through PyTorch's matmul, eager and in a compiled CUDA graph,
-    within bf16 rounding. A mixture of experts' attention projections and router get one too."""
+    within bf16 rounding. A mixture of experts' attention projections, router and output layer get
+    one too."""
     import torch.nn as nn
     import kernels
     from kernels import FloatLinear, prepare_for_device, relative_error

@@ -36,10 +36,10 @@ def check_scaled_gemv():
         # -128 too: every byte pattern is converted exactly.
         w = torch.randint(-128, 128, (N, K), dtype=torch.int8)
         scales = torch.rand(N) / 127
-        # the project's int8 and fp8 tiles, launched as kernels.scaled_gemv launches them, and
-        # another
+        # the project's int8 and fp8 tiles, launched as kernels.scaled_gemv launches them (int8's
+        # 512 words end a part of 768 in half a tile), and a narrow one
         tiles = [GEMV_TILES[torch.int8], GEMV_TILES[torch.float8_e4m3fn],
-                 dict(BLOCK_N=16, BLOCK_WORDS=128)]
+                 dict(BLOCK_N=4, BLOCK_WORDS=64)]
         for c, tile in enumerate(tiles):
             # K split over 3 programs (or fewer, then some add nothing): each word counted once.
             for split_k in (1, 3):
