@@ -44,8 +44,8 @@ def check_scaled_gemv():
             # K split over 3 programs (or fewer, then some add nothing): each word counted once.
             for split_k in (1, 3):
                 # every other x a view one value into its buffer (gemv_input copies a 16-bit
-                # one to whole words)
-                x = torch.randn(K + 1, dtype=X_DTYPES[(c + split_k) % 3])[c % 2:][:K]
+                # one to whole words); int8's tile split gets 16-bit x, read by the weights' mask
+                x = torch.randn(K + 1, dtype=X_DTYPES[(c + split_k + 1) % 3])[c % 2:][:K]
                 reference = scaled_gemv_reference(x, w, scales)  # (N,)
                 y = torch.full((split_k, N), float("nan"))  # poisoned: every element must be written
                 grid = (triton.cdiv(N, tile["BLOCK_N"]), split_k)
