@@ -622,8 +622,8 @@ GEMV_TILES = {torch.int8: dict(BLOCK_N=4, BLOCK_WORDS=512, num_warps=4, num_stag
 SPLIT_MAX_ROWS, SPLIT_COLUMNS, MAX_SPLIT = 8192, 8192, 8
 # The GEMV's parts of a split K are multiples of SPLIT_ALIGN_WORDS int32 words (1024 bf16 columns):
 # whole tiles of fp8's and the float weights'. int8's tile is 512 words: a part of an odd number of
-# 256-word blocks ends in half a tile, whose other half's loads are masked off (Llama-2-7B's parts
-# are 1536 words, whole int8 tiles).
+# 256-word blocks ends in half a tile, whose other half's loads are masked off (Llama-2-7B's down
+# projection splits at 1536 words, three whole int8 tiles).
 SPLIT_ALIGN_WORDS = 256
 # bf16 and fp16 weights (nn.Linear layers) at one row: the same kernel, a weight a word, on tiles of
 # two rows by 1024 columns, the fastest of 22 (2 to 16 rows x 256 to 1024 columns x 4 or 8 warps)
