@@ -608,9 +608,14 @@ if triton is not None:
 # int8's tile a pass takes 3 % longer). One tile a kind, not autotuned per shape: timing single
 # calls of a kernel this short picked a tile 23 % slower than the best for one layer in one
 # process, and a tile that changes from process to process changes the order of the sums, so the
-# outputs' last bits.
+# outputs' last bits. bf16 and fp16 weights (FloatLinear's nn.Linear layers at one row) go through
+# the same kernel, a weight a word, on tiles of two rows by 1024 columns, the fastest of 22 (2 to 16
+# rows x 256 to 1024 columns x 4 or 8 warps) over the same layers: a pass in 3.24 ms where cuBLAS
+# takes 3.56 (94 against 86 % of copy).
+FLOAT_GEMV_TILE = dict(BLOCK_N=2, BLOCK_WORDS=1024, num_warps=4, num_stages=1)
 GEMV_TILES = {torch.int8: dict(BLOCK_N=4, BLOCK_WORDS=512, num_warps=4, num_stages=1),
-              torch.float8_e4m3fn: dict(BLOCK_N=8, BLOCK_WORDS=256, num_warps=4, num_stages=1)}
+              torch.float8_e4m3fn: dict(BLOCK_N=8, BLOCK_WORDS=256, num_warps=4, num_stages=1),
+              torch.bfloat16: FLOAT_GEMV_TILE, torch.float16: FLOAT_GEMV_TILE}
 # A layer with few output rows and a long K (Llama-2-7B's down projection: 4096 x 11008) gives too
 # few programs to keep every SM's loads in flight, so its K is split into parts of at most
 # SPLIT_COLUMNS, one program each per row block, and the caller adds the partial sums: at most
@@ -625,13 +630,8 @@ SPLIT_MAX_ROWS, SPLIT_COLUMNS, MAX_SPLIT = 8192, 8192, 8
 # 256-word blocks ends in half a tile, whose other half's loads are masked off (Llama-2-7B's down
 # projection splits at 1536 words, three whole int8 tiles).
 SPLIT_ALIGN_WORDS = 256
-# bf16 and fp16 weights (nn.Linear layers) at one row: the same kernel, a weight a word, on tiles of
-# two rows by 1024 columns, the fastest of 22 (2 to 16 rows x 256 to 1024 columns x 4 or 8 warps)
-# over Llama-2-7B's block layers on an H200: a pass in 3.24 ms where cuBLAS takes 3.56 (94 against
-# 86 % of copy; BENCHMARKS.md). FLOAT_GEMV False: PyTorch's matmul for them (FloatLinear reads it
-# at each call; a compiled step traces again when it changes).
-GEMV_TILES[torch.bfloat16] = GEMV_TILES[torch.float16] = dict(BLOCK_N=2, BLOCK_WORDS=1024,
-                                                             num_warps=4, num_stages=1)
+# False: PyTorch's matmul for bf16 and fp16 single rows too (FloatLinear reads it at each call; a
+# compiled step traces again when it changes).
 FLOAT_GEMV = True
 
 
@@ -1832,8 +1832,8 @@ def prepare_for_device(model: nn.Module):
     the fp8 matmul, give float, int8 and fp8 experts on CUDA the expert GEMV (int8 and fp8 also
     the grouped expert kernel), their routers the router kernel, bf16 and fp16 attention the
     decode and chunk attention kernels and bf16 and fp16 linear layers the GEMV (FloatLinear),
-    and on the CPU route decode-sized inputs of the int8 and int4 layers to
-    PyTorch's CPU kernels (where cpu_kernels_usable)."""
+    and on the CPU route decode-sized inputs of the int8 and int4 layers to PyTorch's CPU kernels
+    (where cpu_kernels_usable)."""
     dtype = model.tok_embeddings.weight.dtype  # the activations' dtype
     cpu_kernels = cpu_kernels_usable(dtype)
     triton_16_bit = (triton is not None and model.tok_embeddings.weight.is_cuda
