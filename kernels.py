@@ -1831,15 +1831,19 @@ def prepare_for_device(model: nn.Module):
     see TINYGEMM_MAX_ROWS) and lay them out for the Triton kernels (Int4Linear.use_triton), choose
     the fp8 matmul, give float, int8 and fp8 experts on CUDA the expert GEMV (int8 and fp8 also
     the grouped expert kernel), their routers the router kernel, bf16 and fp16 attention the
-    decode and chunk attention kernels and bf16 and fp16 linear layers the GEMV (FloatLinear),
-    and on the CPU route decode-sized inputs of the int8 and int4 layers to PyTorch's CPU kernels
-    (where cpu_kernels_usable)."""
+    decode and chunk attention kernels and, in dense models, bf16 and fp16 linear layers the GEMV
+    (FloatLinear), and on the CPU route decode-sized inputs of the int8 and int4 layers to
+    PyTorch's CPU kernels (where cpu_kernels_usable)."""
     dtype = model.tok_embeddings.weight.dtype  # the activations' dtype
     cpu_kernels = cpu_kernels_usable(dtype)
     triton_16_bit = (triton is not None and model.tok_embeddings.weight.is_cuda
                      and dtype in MM_DTYPES)
     attention_kernel = DECODE_ATTENTION and triton_16_bit
-    if FLOAT_GEMV and triton_16_bit:
+    # Mixtures of experts keep nn.Linear: they compile with coordinate-descent tuning, whose GEMVs
+    # take the RMSNorm before them in, and so decode faster than with FloatLinear, though
+    # FloatLinear is faster layer by layer (H200, two rounds of alternating cells: Mixtral-8x7B
+    # +1.3-1.8 %, Qwen3-30B-A3B +1.9-7.3 %; BENCHMARKS.md).
+    if FLOAT_GEMV and triton_16_bit and not model.args.n_experts:
         use_float_gemv(model)
     for module in model.modules():
         if isinstance(module, Attention) and attention_kernel:
