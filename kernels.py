@@ -1643,7 +1643,7 @@ class Fp8Linear(nn.Module):
 class FloatLinear(nn.Linear):
     """nn.Linear whose single rows on a GPU go through the GEMV (GEMV_TILES), faster there
     than PyTorch's matmul; more rows (prompts, batches) keep PyTorch's. prepare_for_device puts
-    one in place of each nn.Linear of a bf16 or fp16 model on CUDA, over the same
+    one in place of each nn.Linear of a dense bf16 or fp16 model on CUDA, over the same
     parameters. The kernel reads a row-major weight in x's dtype; anything else (a transposed
     weight, mixed dtypes) takes PyTorch's matmul, as F.linear takes any strides."""
 
@@ -1839,10 +1839,10 @@ def prepare_for_device(model: nn.Module):
     triton_16_bit = (triton is not None and model.tok_embeddings.weight.is_cuda
                      and dtype in MM_DTYPES)
     attention_kernel = DECODE_ATTENTION and triton_16_bit
-    # Mixtures of experts keep nn.Linear: they compile with coordinate-descent tuning, whose GEMVs
-    # take the RMSNorm before them in, and so decode faster than with FloatLinear, though
-    # FloatLinear is faster layer by layer (H200, two rounds of alternating cells: Mixtral-8x7B
-    # +1.3-1.8 %, Qwen3-30B-A3B +1.9-7.3 %; BENCHMARKS.md).
+    # Mixtures of experts keep nn.Linear: with it they decode faster than with FloatLinear, though
+    # FloatLinear is faster than cuBLAS layer by layer (H200, two rounds of alternating cells:
+    # Mixtral-8x7B +1.3-1.9 %, Qwen3-30B-A3B +1.9-7.3 %; BENCHMARKS.md), presumably because they
+    # compile with coordinate-descent tuning, whose GEMVs have the preceding RMSNorm fused in.
     if FLOAT_GEMV and triton_16_bit and not model.args.n_experts:
         use_float_gemv(model)
     for module in model.modules():
