@@ -1126,12 +1126,19 @@ def scaled_gemv_reference(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
     return (x.double() @ weight.double().T) * scales.double()
 
 
+def random_one_byte(shape: tuple, device) -> tuple[Tensor, Tensor]:
+    """Random one-byte weights of `shape` for the checks: int8 in [-127, 127], and fp8 over most of
+    e4m3's range."""
+    int8 = torch.randint(-127, 128, shape, dtype=torch.int8, device=device)
+    fp8 = (torch.randn(shape, device=device) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return int8, fp8
+
+
 def quantized_cases(N: int, K: int, device) -> list:
     """(name, weights as the layer's forward takes them, the same weights as float64 (N, K)) for
     random int8, fp8 and int4 (groups of 32 and 128, where they divide K) weights."""
-    int8 = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=device)
+    int8, fp8 = random_one_byte((N, K), device)
     int8_scales = (torch.rand(N, device=device) / 127).to(torch.bfloat16)
-    fp8 = (torch.randn(N, K, device=device) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
     fp8_scales = torch.rand(N, device=device) / 448
     cases = [("int8", (int8, int8_scales), int8.double() * int8_scales.double()[:, None]),
              ("fp8", (fp8, fp8_scales), fp8.double() * fp8_scales.double()[:, None])]
@@ -1185,14 +1192,6 @@ def check_kernels(device="cuda") -> list:
 EXPERT_CHECK_SHAPES = ((16, 1536, 2048), (16, 2048, 768), (4, 4096, 14336), (5, 37, 300))
 
 
-def random_one_byte_experts(E: int, N: int, K: int, device) -> tuple[Tensor, Tensor]:
-    """Random experts (E, N, K) for the checks below: int8 in [-127, 127], and fp8 over most of
-    e4m3's range."""
-    int8 = torch.randint(-127, 128, (E, N, K), dtype=torch.int8, device=device)
-    fp8 = (torch.randn(E, N, K, device=device) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
-    return int8, fp8
-
-
 def check_expert_kernel(device="cuda", shapes=EXPERT_CHECK_SHAPES) -> list:
     """The expert GEMV against its float64 reference on `shapes`, for bf16, int8 and fp8 weights,
     a token's pairs (x one row; with SwiGLU too, N even) and their hidden rows (x a row per pair),
@@ -1202,7 +1201,7 @@ def check_expert_kernel(device="cuda", shapes=EXPERT_CHECK_SHAPES) -> list:
     results = []
     for E, N, K in shapes:
         bf16 = torch.randn(E, N, K, device=device, dtype=torch.bfloat16)
-        int8, fp8 = random_one_byte_experts(E, N, K, device)
+        int8, fp8 = random_one_byte((E, N, K), device)
         for M, k in ((1, 2), (4, 2), (1, 8)):
             experts = torch.randint(0, E, (M, k), device=device)
             for name, weight, scales in (
@@ -1235,7 +1234,7 @@ def check_grouped_experts(device="cuda") -> list:
     results = []
     for E, N, K, k in ((128, 1536, 2048, 8), (128, 2048, 768, 8), (8, 4096, 14336, 2),
                        (5, 37, 300, 2)):
-        int8, fp8 = random_one_byte_experts(E, N, K, device)
+        int8, fp8 = random_one_byte((E, N, K), device)
         for tokens in (5, 32, 128, 512) if E == 8 else (5, 32, 128):
             experts = torch.rand(tokens, E, device=device).topk(k).indices.flatten().sort().values
             ends = torch.searchsorted(experts, torch.arange(E, device=device), right=True).int()
