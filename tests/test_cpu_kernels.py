@@ -296,6 +296,23 @@ def test_prepare_for_device_leaves_float16_models_on_the_plain_path():
     assert not any(m.cpu_kernel for m in model.modules() if isinstance(m, kernels.Int8Linear))
 
 
+def test_only_models_whose_layers_all_take_one_row_through_the_gemv_count_as_such():
+    """kernels.gemv_at_one_row, which turns on inductor's dependent launches where the model runs
+    on a GPU: int8 and fp8 models, and float ones once their nn.Linear layers are FloatLinear;
+    not int4 (tinygemm takes its single rows), plain nn.Linear, or a mixture of experts."""
+    from test_moe import tiny_model as tiny_moe
+    assert kernels.gemv_at_one_row(quantized_model("int8", None))
+    assert kernels.gemv_at_one_row(quantized_model("fp8", None))
+    assert not kernels.gemv_at_one_row(quantized_model("int4", 32))
+    model = Transformer(ModelArgs(**TINY))
+    assert not kernels.gemv_at_one_row(model)
+    kernels.use_float_gemv(model)
+    assert kernels.gemv_at_one_row(model)
+    moe = tiny_moe()
+    kernels.use_float_gemv(moe)
+    assert not kernels.gemv_at_one_row(moe)
+
+
 @torch.no_grad()
 def test_compiled_layers_call_the_cpu_kernels_as_eager_does():
     """torch.compile (inductor's C++ backend, as generate.py --compile on the CPU) keeps the ops,

@@ -121,6 +121,40 @@ def test_one_byte_gemv_takes_each_activation_dtype_and_a_view_inside_a_word(dtyp
             assert y.dtype == dtype and rel < 1e-2, (name, start, rel)
 
 
+def test_gemv_launched_early_reads_the_x_that_the_kernel_just_before_it_writes(monkeypatch):
+    """On Hopper the one-row GEMV is a programmatic dependent launch that loads weights before
+    waiting for the kernel before it: in a CUDA graph replayed on new inputs, each GEMV (int8 and
+    bf16 weights; K whole and split) must still see the x that kernel has just written, whether a
+    plain PyTorch kernel or another GEMV (which lets it launch early) wrote it."""
+    import kernels
+    from kernels import random_one_byte, relative_error, scaled_gemv
+    monkeypatch.setattr(torch._inductor.config.triton, "enable_pdl", True)  # as prepare_for_device
+    torch.manual_seed(0)
+    for N, K in [(12288, 4096), (4096, 11008)]:
+        a = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        assert kernels.dependent_launch(a) == (kernels.on_hopper(a)
+                                               and kernels.GRID_DEPENDENCY_CONTROL)
+        int8, scales = random_one_byte((N, K), "cuda")[0], torch.rand(N, device="cuda") / 127
+        bf16 = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / 64
+        # (4096, N) bf16: its GEMV follows the first with no kernel between (the first K whole)
+        then = torch.randn(4096, N, device="cuda", dtype=torch.bfloat16) / 64
+        for weights, reference in (((int8, scales), int8.double() * scales.double()[:, None]),
+                                   ((bf16, None), bf16.double())):
+            def step():
+                x = scaled_gemv(a * 2, *weights)  # x written by a plain kernel just before
+                return x, scaled_gemv(x, then, None)
+            step()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                x, y = step()  # (1, N), (1, 4096)
+            for _ in range(5):
+                a.copy_(torch.randn_like(a))
+                graph.replay()
+                rel = relative_error(x, 2 * a.double() @ reference.T)
+                assert rel < 5e-3, (N, K, rel)
+                assert relative_error(y, x.double() @ then.double().T) < 5e-3, (N, K)
+
+
 @pytest.mark.parametrize("rows", [65, 160, 256])
 def test_one_byte_layer_compiled_past_the_small_matmul_rows_matches_eager(rows):
     """Past MAX_MM_ROWS the layer pads x to whole blocks of rows and drops the padding's results:
@@ -227,10 +261,13 @@ def test_grouped_expert_kernel_in_a_compiled_cuda_graph_matches_the_pytorch_form
 def test_float_gemv_in_a_compiled_cuda_graph_matches_pytorch_matmul(monkeypatch):
     """A bf16 model's one-token decode step with a FloatLinear GEMV in place of each nn.Linear
     (prepare_for_device puts them in; every layer's row goes through it, w2's K of 8448 columns in
-    two parts) against the same step through PyTorch's matmul, eager and in a compiled CUDA graph,
-    within bf16 rounding. A mixture of experts keeps nn.Linear."""
+    two parts) against the same step through PyTorch's matmul, eager and in a CUDA graph compiled
+    as generate.py compiles (on Hopper, the GEMVs and inductor's kernels programmatic dependent
+    launches), within bf16 rounding. A mixture of experts keeps nn.Linear."""
+    from argparse import Namespace
     import torch.nn as nn
     import kernels
+    from generate import compile_functions
     from kernels import FloatLinear, prepare_for_device, relative_error
     from test_moe import tiny_model as tiny_moe
     model = tiny_model(attention_bias=True, intermediate_size=8448).cuda().to(torch.bfloat16)
@@ -249,7 +286,9 @@ def test_float_gemv_in_a_compiled_cuda_graph_matches_pytorch_matmul(monkeypatch)
         assert relative_error(model(token, position), pytorch_matmul) < 1e-2
         assert len(calls) == len(linears)
         monkeypatch.undo()
-        step = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+        _, step = compile_functions(Namespace(compile=True, compile_prefill=False), model.args,
+                                    decode_step=model)
+        assert torch._inductor.config.triton.enable_pdl == kernels.PDL
         for _ in range(3):  # warm-up, graph recording, replay
             rel = relative_error(step(token, position), pytorch_matmul)
             assert rel < 1e-2, f"relative error {rel:.2e}"
