@@ -143,7 +143,8 @@ if triton is not None:
         last = tl.minimum(first + WORDS_PER_SPLIT, K_WORDS)
         acc = tl.zeros((BLOCK_N, BLOCK_WORDS), dtype=tl.float32)
         up_acc = tl.zeros((BLOCK_N, BLOCK_WORDS), dtype=tl.float32)  # SWIGLU's up rows
-        tl.static_assert(not PDL or (ids_ptr is None and not SWIGLU))  # (ids: the router's output)
+        # (an expert's rows depend on ids, the router's output, which only the wait makes safe)
+        tl.static_assert(not PDL or (ids_ptr is None and not SWIGLU))
         if PDL:
             words = weight_words(w_ptr, row_start, first, last, row_ok, BLOCK_WORDS)
             tl.extra.cuda.gdc_wait()  # the kernel before has written x
