@@ -46,6 +46,7 @@ import copy
 from typing import Optional
 
 import torch
+import torch._inductor.config as inductor_config
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -854,7 +855,6 @@ def dependent_launch(x: Tensor) -> bool:
     """Whether the kernels on x launch as programmatic dependent launches: PDL, a GPU of compute
     capability 9 or later, a Triton with grid dependency control, and inductor's kernels launched
     so too (prepare_for_device decides that for the model: the two pay together only)."""
-    import torch._inductor.config as inductor_config
     return (PDL and GRID_DEPENDENCY_CONTROL and on_hopper(x)
             and getattr(inductor_config.triton, "enable_pdl", False))
 
@@ -1118,19 +1118,18 @@ def decode_attention_op(qkv: Tensor, q_norm: Optional[Tensor], k_norm: Optional[
     if splits > 1:
         parts = torch.empty(B, n_head, splits, D_PAD, dtype=torch.float32, device=qkv.device)
         m, l = torch.empty(2, B, n_head, splits, dtype=torch.float32, device=qkv.device)
-    G = n_head // n_kv_heads
+    G, pdl = n_head // n_kv_heads, dependent_launch(qkv)
     decode_attention_kernel[(B * n_kv_heads, splits)](
         qkv, q_norm, k_norm, eps, rope.contiguous(), input_pos, k_cache, v_cache,
         y if splits == 1 else parts, m, l, qkv.stride(0), input_pos.stride(0), row, n_kv_heads,
         S, D ** -0.5, G=G, D=D, G_PAD=max(DOT_MIN_ROWS, triton.next_power_of_2(G)), D_PAD=D_PAD,
         NORM=q_norm is not None, SPLIT_SLOTS=SPLIT_SLOTS, SPLITS=splits,
-        BLOCK_S=ATTENTION_BLOCK_S, TRIGGER=splits == 1 and dependent_launch(qkv), num_warps=4,
-        num_stages=3)
+        BLOCK_S=ATTENTION_BLOCK_S, TRIGGER=splits == 1 and pdl, num_warps=4, num_stages=3)
     if splits > 1:
         attention_splits_kernel[(B * n_head,)](
             parts, m, l, y, input_pos, input_pos.stride(0), n_head, D=D, SPLITS=splits,
             SPLITS_PAD=triton.next_power_of_2(splits), SPLIT_SLOTS=SPLIT_SLOTS, D_PAD=D_PAD,
-            TRIGGER=dependent_launch(qkv))
+            TRIGGER=pdl)
     return y
 
 
@@ -1958,7 +1957,6 @@ def prepare_for_device(model: nn.Module):
     # tok/s with both, 394.4 with the GEMV's alone, 384.9 with inductor's alone; int4 g128
     # (tinygemm's single rows) -2 % with inductor's; mixtures of experts not measured
     # (BENCHMARKS.md). The option is the process's: the model prepared last sets it.
-    import torch._inductor.config as inductor_config
     if (triton is not None and model.tok_embeddings.weight.is_cuda
             and hasattr(inductor_config.triton, "enable_pdl")):  # (torch 2.9 and later)
         inductor_config.triton.enable_pdl = PDL and gemv_at_one_row(model)
