@@ -1957,8 +1957,8 @@ def prepare_for_device(model: nn.Module):
     # weights while it ends. H200, Llama-2-7B at batch 1: int8 +6 % with both; in one process 416.0
     # tok/s with both, 394.4 with the GEMV's alone, 384.9 with inductor's alone; int4 g128
     # (tinygemm's single rows) -2 % with inductor's; mixtures of experts +1.3-1.9 %, kept plain
-    # until checked against eager on a GPU so (BENCHMARKS.md). The option is the process's: the
-    # model prepared last sets it.
+    # until their compiled decode is checked against eager on a GPU with it (BENCHMARKS.md). The
+    # option is the process's: the model prepared last sets it.
     if (triton is not None and model.tok_embeddings.weight.is_cuda
             and hasattr(inductor_config.triton, "enable_pdl")):  # (torch 2.9 and later)
         inductor_config.triton.enable_pdl = PDL and gemv_at_one_row(model)
