@@ -844,11 +844,11 @@ def tma_loads(t: Tensor) -> bool:
 # kernel before it ends, its programs loading their first weight tile before they wait for that
 # kernel's output (x), so that memory stays busy across the boundary. The kernels before it let it
 # start early: the decode attention kernels at once, inductor's once they have loaded their inputs.
-# prepare_for_device turns inductor's option on for a model whose layers all take single rows
-# through the GEMV, and the GEMV launches so only then: the two pay together only. A pass of
-# Llama-2-7B's int8 layers back to back on an H200 took 9 % less time; decode: int8 +6 %, fp8
-# +4 %, bf16 +1 % (BENCHMARKS.md). The small matmul of decode batches keeps plain launches: launched
-# so, int8 at 8 rows ran 4 % slower than with inductor's alone. False: plain launches.
+# prepare_for_device turns inductor's option on where it pays (dependent_launches_pay), and the
+# GEMV launches so only then: the two pay together only. A pass of Llama-2-7B's int8 layers back
+# to back on an H200 took 9 % less time; decode: int8 +6 %, fp8 +4 %, bf16 +1 % (BENCHMARKS.md).
+# The small matmul of decode batches keeps plain launches: launched so, int8 at 8 rows ran 4 %
+# slower than with inductor's alone. False: plain launches.
 PDL = True
 
 
@@ -1718,14 +1718,18 @@ class FloatLinear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
-def gemv_at_one_row(model: nn.Module) -> bool:
-    """Whether every linear layer of a dense model's blocks takes a single row through the GEMV:
-    int8 and fp8 layers (fp8 weight-only), and bf16 and fp16 ones once they are FloatLinear."""
+def dependent_launches_pay(model: nn.Module) -> bool:
+    """Whether the model's kernels gain from launching as programmatic dependent launches (PDL):
+    a dense model whose blocks' linear layers all take a single row through the GEMV (int8, fp8
+    weight-only, and bf16 and fp16 ones once they are FloatLinear), or a mixture of experts with
+    float or int8 layers (their expert GEMV launches plainly). Not int4, whose single rows
+    tinygemm takes."""
     linears = [m for m in model.layers.modules()
                if isinstance(m, (nn.Linear, Int8Linear, Int4Linear, Fp8Linear))]
-    return (not model.args.n_experts and bool(linears)
-            and all(isinstance(m, (FloatLinear, Int8Linear)) or
-                    (isinstance(m, Fp8Linear) and not m.scaled_mm) for m in linears))
+    if model.args.n_experts:
+        return all(type(m) in (nn.Linear, Int8Linear) for m in linears)
+    return bool(linears) and all(isinstance(m, (FloatLinear, Int8Linear)) or
+                                 (isinstance(m, Fp8Linear) and not m.scaled_mm) for m in linears)
 
 
 def use_float_gemv(model: nn.Module):
@@ -1952,13 +1956,13 @@ def prepare_for_device(model: nn.Module):
             module.scaled_mm = (FP8_SCALED_MM and capability >= (9, 0) and dtype == torch.bfloat16
                                 and module.in_features % 16 == 0 and module.out_features % 16 == 0)
     # Inductor's kernels as programmatic dependent launches too (Hopper and later GPUs; elsewhere
-    # the option changes nothing) where the GEMV (PDL) takes every layer's single row: each lets
-    # the next kernel launch once it has loaded its inputs, so that the GEMV after it streams
-    # weights while it ends. H200, Llama-2-7B at batch 1: int8 +6 % with both; in one process 416.0
+    # the option changes nothing) where the GEMV (PDL) takes the dense layers' single rows: each
+    # lets the next kernel launch once it has loaded its inputs, so that the GEMV after it streams
+    # weights while it ends. H200 at batch 1: Llama-2-7B int8 +6 % with both; in one process 416.0
     # tok/s with both, 394.4 with the GEMV's alone, 384.9 with inductor's alone; int4 g128
-    # (tinygemm's single rows) -2 % with inductor's; mixtures of experts +1.3-1.9 %, kept plain
-    # until their compiled decode is checked against eager on a GPU with it (BENCHMARKS.md). The
-    # option is the process's: the model prepared last sets it.
+    # (tinygemm's single rows) -2 % with inductor's; Qwen3-30B-A3B bf16 +1.3 %, int8 +1.9 %,
+    # Mixtral-8x7B int8 +1.5 % (BENCHMARKS.md). The option is the process's: the model prepared
+    # last sets it.
     if (triton is not None and model.tok_embeddings.weight.is_cuda
             and hasattr(inductor_config.triton, "enable_pdl")):  # (torch 2.9 and later)
-        inductor_config.triton.enable_pdl = PDL and gemv_at_one_row(model)
+        inductor_config.triton.enable_pdl = PDL and dependent_launches_pay(model)

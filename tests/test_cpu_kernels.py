@@ -296,21 +296,24 @@ def test_prepare_for_device_leaves_float16_models_on_the_plain_path():
     assert not any(m.cpu_kernel for m in model.modules() if isinstance(m, kernels.Int8Linear))
 
 
-def test_only_models_whose_layers_all_take_one_row_through_the_gemv_count_as_such():
-    """kernels.gemv_at_one_row, which turns on inductor's dependent launches where the model runs
-    on a GPU: int8 and fp8 models, and float ones once their nn.Linear layers are FloatLinear;
-    not int4 (tinygemm takes its single rows), plain nn.Linear, or a mixture of experts."""
+def test_dependent_launches_pay_for_one_row_gemv_models_and_float_or_int8_mixtures():
+    """kernels.dependent_launches_pay, which turns on inductor's dependent launches where the model
+    runs on a GPU: int8 and fp8 models, float ones once their nn.Linear layers are FloatLinear, and
+    mixtures of experts in float or int8; not int4 (tinygemm takes its single rows) or plain
+    nn.Linear in a dense model."""
     from test_moe import tiny_model as tiny_moe
-    assert kernels.gemv_at_one_row(quantized_model("int8", None))
-    assert kernels.gemv_at_one_row(quantized_model("fp8", None))
-    assert not kernels.gemv_at_one_row(quantized_model("int4", 32))
+    assert kernels.dependent_launches_pay(quantized_model("int8", None))
+    assert kernels.dependent_launches_pay(quantized_model("fp8", None))
+    assert not kernels.dependent_launches_pay(quantized_model("int4", 32))
     model = Transformer(ModelArgs(**TINY))
-    assert not kernels.gemv_at_one_row(model)
+    assert not kernels.dependent_launches_pay(model)
     kernels.use_float_gemv(model)
-    assert kernels.gemv_at_one_row(model)
+    assert kernels.dependent_launches_pay(model)
+    assert kernels.dependent_launches_pay(tiny_moe())
     moe = tiny_moe()
-    kernels.use_float_gemv(moe)
-    assert not kernels.gemv_at_one_row(moe)
+    wo = moe.layers[0].attention.wo
+    moe.layers[0].attention.wo = kernels.Int4Linear(wo.in_features, wo.out_features, False, 32)
+    assert not kernels.dependent_launches_pay(moe)
 
 
 @torch.no_grad()

@@ -296,3 +296,43 @@ def test_float_gemv_in_a_compiled_cuda_graph_matches_pytorch_matmul(monkeypatch)
     prepare_for_device(moe)
     moe_linears = [m for m in moe.modules() if isinstance(m, nn.Linear)]
     assert moe_linears and all(type(m) is nn.Linear for m in moe_linears)
+
+
+def int8_mixture() -> torch.nn.Module:
+    """test_moe's tiny mixture with int8 attention projections and experts, as quantize.py
+    writes them (the router stays float)."""
+    from kernels import EXPERTS, Int8Linear
+    from quantize import quantize_weight
+    from test_moe import tiny_model as tiny_moe
+    model = tiny_moe()
+    for block in model.layers:
+        for parent, name in ((block.attention, "wqkv"), (block.attention, "wo"),
+                             (block.feed_forward, "w13"), (block.feed_forward, "w2")):
+            layer = getattr(parent, name)
+            if isinstance(layer, torch.nn.Linear):
+                quantized = Int8Linear(layer.in_features, layer.out_features, False)
+            else:
+                quantized = EXPERTS["int8"](layer.n_experts, layer.in_features, layer.out_features)
+            with torch.no_grad():
+                quantized.load_state_dict(quantize_weight("int8", layer.weight, None), assign=True)
+            setattr(parent, name, quantized)
+    return model
+
+
+def test_int8_mixture_compiled_decode_with_dependent_launches_matches_eager():
+    """On Hopper prepare_for_device launches an int8 mixture's inductor kernels and its attention
+    GEMVs as programmatic dependent launches, the expert GEMV and the router's top-k plainly:
+    replayed as a CUDA graph, the compiled decode gives eager's greedy tokens."""
+    import kernels
+    model = int8_mixture().cuda()  # float32 activations: no near-ties from rounding
+    kernels.prepare_for_device(model)
+    assert torch._inductor.config.triton.enable_pdl  # (it acts on Hopper and later only)
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (3, 11, 7)]
+    for rows in (prompts[:1], prompts):  # one row: the GEMVs; three: the small matmul
+        model.setup_caches(len(rows), 11 + 24)
+        eager = generate(model, rows, 24, Sampling(temperature=0)).tokens
+        decode = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+        for _ in range(3):  # warm-up, graph recording, replay
+            assert generate(model, rows, 24, Sampling(temperature=0),
+                            decode_fn=decode).tokens == eager
+        torch._dynamo.reset()
