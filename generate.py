@@ -672,10 +672,10 @@ def compile_functions(args, config: ModelArgs, prefill_step: Callable = prefill,
     installed over module globals."""
     import torch._inductor.config as inductor_config
     # Coordinate-descent tuning (inductor re-times its kernels' tiles around its first choice) for
-    # mixtures of experts only. On an H200 Mixtral-8x7B int8 decoded 4 % faster with it; dense
-    # Llama-2-7B bf16 decoded at 189-247 tok/s with it, a new speed each compile, and at 232-233
-    # without, int8 no faster with it (BENCHMARKS.md). The setting is the process's: what compiles
-    # later (a draft's step, the verify) takes it too.
+    # mixtures of experts only. On an H200 they decoded faster with it (Mixtral-8x7B int8 4 %,
+    # Qwen3-30B-A3B bf16 18 %, int8 10 %); dense Llama-2-7B bf16 decoded at 189-247 tok/s with it,
+    # a new speed each compile, and at 232-233 without, int8 no faster with it (BENCHMARKS.md). The
+    # setting is the process's: what compiles later (a draft's step, the verify) takes it too.
     inductor_config.coordinate_descent_tuning = config.n_experts > 0
     # The model's float constants (the norms' eps) as constants from the start: traced as symbols,
     # as a dynamic compile does by default, they fail a later pass, which traces the prefill again.
