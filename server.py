@@ -5,7 +5,7 @@
         -d '{"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 50}'
 
 Endpoints: POST /v1/chat/completions (the checkpoint's chat template), POST /v1/completions,
-GET /v1/models, GET /health, and GET / (a chat page, chat.html).
+GET /v1/models (and /v1/models/NAME), GET /health, and GET / (a chat page, chat.html).
 
 One scheduler thread owns the model. The KV cache has --max_batch_size rows; each request takes the
 lowest free row (its slot) and keeps it until it ends. Every row has its own cache position, so a
@@ -465,7 +465,7 @@ class CommonFields(BaseModel):
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0, le=2)  # None: 1
-    top_p: Optional[float] = Field(None, gt=0, le=1)  # None: 1
+    top_p: Optional[float] = Field(None, ge=0, le=1)  # None: 1; 0: the most likely token
     top_k: Optional[int] = Field(None, ge=1, le=CANDIDATES)  # extension: the k most likely
     seed: Optional[int] = None
     stop: Union[str, list[str], None] = None
@@ -484,7 +484,7 @@ class ChatRequest(CommonFields):
 
 
 class CompletionRequest(CommonFields):
-    prompt: Union[str, list[str]]
+    prompt: Union[str, list[str], list[int]]  # text, or token ids
 
 
 # OpenAI's API takes up to 4 stop strings. Each is looked for at every token, on the event loop
@@ -493,17 +493,24 @@ class CompletionRequest(CommonFields):
 MAX_STOPS, MAX_STOP_CHARS = 4, 100
 
 # field -> the values that leave the answer as this server gives it
-UNSUPPORTED = {"n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,),
+UNSUPPORTED = {"n": (1,), "best_of": (1,), "logprobs": (False,), "top_logprobs": (0,),
                "echo": (False,), "tools": ([],), "functions": ([],), "tool_choice": ("none",),
                "function_call": ("none",), "presence_penalty": (0,), "frequency_penalty": (0,),
                "logit_bias": ({},), "suffix": ("",), "response_format": ({"type": "text"},)}
 
 
 def check_supported(body: CommonFields):
+    # JSON's true is not 1 (n), nor 0 false (logprobs: 0 asks for the chosen tokens' logprobs)
+    def allowed(value, name) -> bool:
+        return any(value == v and isinstance(value, bool) == isinstance(v, bool)
+                   for v in UNSUPPORTED[name])
     for name, value in (body.model_extra or {}).items():
-        if name in UNSUPPORTED and value is not None and value not in UNSUPPORTED[name]:
+        if name in UNSUPPORTED and value is not None and not allowed(value, name):
             raise APIError(400, f"{name}={json.dumps(value)} is not supported by this server",
                            "unsupported_parameter", name)
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options goes with stream: true", "invalid_request",
+                       "stream_options")
 
 
 def message_text(message: Message) -> str:
@@ -601,8 +608,10 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
         return APIError(e.status_code, str(e.detail), headers=e.headers).response()
 
     async def authorize(request: Request):
-        given = request.headers.get("authorization", "").encode()
-        if api_key is not None and not secrets.compare_digest(given, f"Bearer {api_key}".encode()):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        # an authentication scheme's name has no case (RFC 9110): "bearer" is "Bearer"
+        if api_key is not None and not (scheme.lower() == "bearer" and
+                                        secrets.compare_digest(given.encode(), api_key.encode())):
             raise APIError(401, "invalid or missing API key (send the header Authorization: "
                            "Bearer KEY)", "invalid_api_key")
 
@@ -618,10 +627,18 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
             raise APIError(404, "no chat page: chat.html is missing beside server.py")
         return page
 
+    served = {"id": model_id, "object": "model", "created": created, "owned_by": "gpt-blitz"}
+
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models():
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
-                                            "owned_by": "gpt-blitz"}]}
+        return {"object": "list", "data": [served]}
+
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(authorize)])
+    async def one_model(name: str):
+        if name != model_id:
+            raise APIError(404, f"the model {name!r} does not exist: this server serves "
+                           f"{model_id!r}", "model_not_found", "model")
+        return served
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatRequest, request: Request):
@@ -635,6 +652,11 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
     async def completions(body: CompletionRequest, request: Request):
         check_supported(body)
         prompt = body.prompt
+        if prompt and all(type(i) is int for i in prompt):  # token ids
+            if not all(0 <= i < vocab_size for i in prompt):
+                raise APIError(400, f"token ids go from 0 to {vocab_size - 1}", "invalid_prompt",
+                               "prompt")
+            return await complete(request, body, lambda: prompt, False, body.max_tokens)
         if not isinstance(prompt, str):
             if len(prompt) != 1:
                 raise APIError(400, "one prompt per request (a list of prompts is n > 1)",
@@ -656,12 +678,16 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
         prompt = encode()
         if not prompt:
             raise APIError(400, "the prompt has no tokens", "empty_prompt")
+        where = "messages" if chat else "prompt"
         if max_tokens is None:
-            max_tokens = max(context - len(prompt), 1)  # all that fits
+            if len(prompt) >= context:  # not even one token fits
+                raise APIError(400, f"this server's context is {context} tokens, but the prompt "
+                               f"has {len(prompt)}", "context_length_exceeded", where)
+            max_tokens = context - len(prompt)  # all that fits
         if len(prompt) + max_tokens > context:
             raise APIError(400, f"this server's context is {context} tokens, but {len(prompt)} "
                            f"prompt tokens + {max_tokens} max_tokens = "
-                           f"{len(prompt) + max_tokens}", "context_length_exceeded")
+                           f"{len(prompt) + max_tokens}", "context_length_exceeded", where)
         queue = asyncio.Queue()
         job = Job(prompt, max_tokens, 1.0 if body.temperature is None else body.temperature,
                   body.top_k or vocab_size, 1.0 if body.top_p is None else body.top_p,

@@ -107,6 +107,18 @@ def test_max_tokens_ends_with_length_and_completions_continue_the_prompt(server,
     assert done.usage.prompt_tokens == len(reference.tokenizer.encode("The capital of France is"))
 
 
+def test_a_prompt_of_token_ids_and_top_p_zero_answer_as_the_text_and_greedy_do(server, reference):
+    complete = lambda **fields: client(server).completions.create(  # noqa: E731
+        model="SmolLM2-135M-Instruct", max_tokens=4, **fields).choices[0].text
+    text = "The capital of France is"
+    greedy = complete(prompt=text, temperature=0)
+    assert complete(prompt=reference.tokenizer.encode(text), temperature=0) == greedy
+    # top_p 0 keeps the most likely token alone, whatever the temperature
+    assert complete(prompt=text, temperature=1.5, top_p=0, seed=7) == greedy
+    with pytest.raises(openai.BadRequestError, match="token ids go from 0"):
+        complete(prompt=[1, 10**9])
+
+
 def test_stop_strings_cut_the_answer_also_across_tokens(server, reference):
     full = reference(QUESTION, 20)[0]  # "The capital of France is Paris."
     ids = reference.tokenizer.encode(full)
@@ -204,7 +216,8 @@ def test_errors_answer_with_openai_error_json_and_status(server):
     error = error_of(post("/v1/completions", json={"prompt": long, "max_tokens": 10}), 400)
     assert error["code"] == "context_length_exceeded" and f"{CONTEXT} tokens" in error["message"]
     error = error_of(post("/v1/completions", json={"prompt": long}), 400)  # no max_tokens
-    assert error["code"] == "context_length_exceeded"
+    assert error["code"] == "context_length_exceeded" and error["param"] == "prompt"
+    assert "max_tokens" not in error["message"]  # the client sent none
     with pytest.raises(openai.BadRequestError, match="context"):
         ask(server, max_tokens=CONTEXT)
     assert "JSON" in error_of(post("/v1/chat/completions", content=b"{\"messages\": ["), 400)[
@@ -231,11 +244,19 @@ def test_errors_answer_with_openai_error_json_and_status(server):
     for top_k in (1025, 10**20):
         error = error_of(post("/v1/completions", json={"prompt": "a", "top_k": top_k}), 400)
         assert error["param"] == "top_k"
-    for field, value in [("n", 2), ("logprobs", True), ("tools", [{"type": "function", "function":
-                                                                    {"name": "f"}}])]:
+    for field, value in [("n", 2), ("n", True), ("logprobs", True), ("tools", [{
+            "type": "function", "function": {"name": "f"}}])]:
         error = error_of(post("/v1/chat/completions", json={"messages": QUESTION, field: value}),
                          400)
         assert error["param"] == field and "not supported" in error["message"]
+    # logprobs 0 asks a completion for its chosen tokens' logprobs, which this server does not give
+    error = error_of(post("/v1/completions", json={"prompt": "a", "logprobs": 0}), 400)
+    assert error["param"] == "logprobs"
+    assert post("/v1/completions", json={"prompt": "a", "max_tokens": 1, "n": 1, "logprobs": None,
+                                         "presence_penalty": 0.0}).status_code == 200
+    error = error_of(post("/v1/chat/completions", json={"messages": QUESTION, "stream_options": {
+        "include_usage": True}}), 400)
+    assert error["param"] == "stream_options"
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client(server).chat.completions.create(model="gpt-4", messages=QUESTION)
     with pytest.raises(openai.AuthenticationError):
@@ -245,6 +266,13 @@ def test_errors_answer_with_openai_error_json_and_status(server):
     error_of(httpx.post(url + "/v1/chat/completions", content=b"{\"messages\": [",
                         headers={"Content-Type": "application/json"}), 401)
     assert [m.id for m in client(server).models.list()] == ["SmolLM2-135M-Instruct"]
+    assert client(server).models.retrieve("SmolLM2-135M-Instruct").id == "SmolLM2-135M-Instruct"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client(server).models.retrieve("gpt-4")
+    # an authentication scheme's name has no case
+    assert httpx.get(url + "/v1/models", headers={"Authorization": f"bearer {KEY}"}
+                     ).status_code == 200
+    error_of(httpx.get(url + "/v1/models", headers={"Authorization": f"Basic {KEY}"}), 401)
 
 
 def long_streams(server, n: int, http: httpx.Client) -> list:
