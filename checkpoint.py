@@ -483,6 +483,7 @@ def write_files(folder: Path, writers: dict, remove=()):
 def finish_write(folder: Path):
     """Carry out a written journal: rename the set's temp files into place, remove stale files."""
     journal = read_json(folder / JOURNAL)
+    check_journal(journal, folder / JOURNAL)
     umask = os.umask(0)
     os.umask(umask)
     for tmp, name in journal["rename"]:
@@ -492,6 +493,22 @@ def finish_write(folder: Path):
     for name in journal["remove"]:
         (folder / name).unlink(missing_ok=True)
     (folder / JOURNAL).unlink()
+
+
+def check_journal(journal: dict, path: Path):
+    """A journal names files of its own folder only, each temp file after the file it becomes
+    (write_files's names): a folder read as a checkpoint must not move or remove files elsewhere."""
+    def plain(name) -> bool:
+        return (isinstance(name, str) and name not in ("", ".", "..")
+                and "/" not in name and "\\" not in name)
+    renames, removes = journal.get("rename"), journal.get("remove")
+    if not (set(journal) == {"rename", "remove"} and isinstance(renames, list)
+            and isinstance(removes, list) and all(map(plain, removes))
+            and all(isinstance(pair, list) and len(pair) == 2 and all(map(plain, pair))
+                    and pair[0].startswith(f".{pair[1]}.") and pair[0].endswith(".tmp")
+                    for pair in renames)):
+        raise InputError(f"{path} is not a write journal of this project; remove it if no "
+                         "writer is running")
 
 
 def remove_orphans(folder: Path):

@@ -58,6 +58,27 @@ def test_a_write_killed_between_its_renames_is_completed_by_the_next_reader(tmp_
     assert not (tmp_path / JOURNAL).exists()
 
 
+@pytest.mark.parametrize("journal", [
+    {"rename": [], "remove": ["../victim.txt"]},  # a file outside the folder
+    {"rename": [["../victim.txt", "stolen.txt"]], "remove": []},
+    {"rename": [[".config.json.x.tmp", "../victim.txt"]], "remove": []},
+    {"rename": [["config.json", "model.safetensors"]], "remove": []},  # not a temp file
+    {}, {"rename": [["a"]], "remove": []}, {"rename": "x", "remove": []}])
+def test_a_journal_that_reaches_outside_its_folder_or_is_malformed_is_refused(tmp_path, journal):
+    """A folder read as a checkpoint is the user's input: its journal may only move its own
+    temp files into place and remove its own files."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (tmp_path / "victim.txt").write_text("keep me")
+    (folder / "config.json").write_text(json.dumps(CONFIG))
+    (folder / ".config.json.x.tmp").write_text("{}")
+    (folder / JOURNAL).write_text(json.dumps(journal))
+    with pytest.raises(InputError, match="not a write journal"):
+        read_checkpoint(folder)
+    assert (tmp_path / "victim.txt").read_text() == "keep me"
+    assert names(folder) == sorted([JOURNAL, ".config.json.x.tmp", "config.json"])
+
+
 def test_temp_files_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
     dead = 2 ** 22 + 12345  # above Linux's default pid_max: no such process
     orphan = tmp_path / f".model.safetensors.{socket.gethostname()}-{dead}.tmp"
