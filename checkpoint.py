@@ -433,14 +433,17 @@ def check_writable(path: Path, flag: str):
         raise InputError(f"{flag} {path}: folder {parent} is not writable")
 
 
-def check_output(path: Path, flag: str):
+def check_output(path: Path, flag: str, inputs=()):
     """A report (metrics, a trace, scores) is to be written at path: fail now if it cannot be, or
-    if it would replace a file of a checkpoint (say the config.json of the one being read)."""
+    if it would replace a file of a checkpoint (say the config.json of the one being read) or one
+    of the run's inputs (other files it reads or writes)."""
     check_writable(path, flag)
     folder = path.resolve().parent
     if path.name in checkpoint_files(folder):
         raise InputError(f"{flag} {path} would replace a file of the checkpoint in {folder}; "
                          "name another file")
+    if any(path.resolve() == Path(other).resolve() for other in inputs if other is not None):
+        raise InputError(f"{flag} {path} is also another file of this run; name another file")
 
 
 def write_files(folder: Path, writers: dict, remove=()):

@@ -447,7 +447,7 @@ def check_args(args, block_size: int):
         if not folder.is_dir():
             raise InputError(f"--include_path: folder {folder} does not exist")
     if args.output is not None:
-        check_output(args.output, "--output")
+        check_output(args.output, "--output", [args.text_file])
     args.device = check_device(args.device, "--device")
     args.dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.bfloat16 if args.device.type == "cuda" else torch.float32)

@@ -904,9 +904,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "--prompt_tokens or --random_weights")
     if (args.draft_checkpoint_path, args.speculate_ngram, args.speculate_k) != (None, None, None):
         check_speculation_args(args)
-    for flag in ("json", "profile"):
-        if getattr(args, flag) is not None:
-            check_output(getattr(args, flag), f"--{flag}")
+    if args.json is not None:
+        check_output(args.json, "--json")
+    if args.profile is not None:
+        check_output(args.profile, "--profile", [args.json])
     return args
 
 

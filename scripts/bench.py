@@ -66,7 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import generate  # noqa: E402
 import kernels  # noqa: E402
 import tp  # noqa: E402
-from checkpoint import (CONFIGS, InputError, check_writable, random_model, read_json,  # noqa: E402
+from checkpoint import (CONFIGS, InputError, check_output, random_model, read_json,  # noqa: E402
                         write_files)
 from model import ModelArgs  # noqa: E402
 
@@ -582,9 +582,11 @@ def check_args(args):
         raise InputError("give the cells one way: --models/--precisions/--batch_sizes/--max_new_tokens, --cells, or --suite")
     if min(args.samples, args.long_samples, args.prompt_tokens) < 1 or args.prefill_tokens < 0:
         raise InputError("--samples, --long_samples and --prompt_tokens must be >= 1, --prefill_tokens >= 0")
+    written = []
     for flag in ("out", "markdown", "plot"):
         if getattr(args, flag) is not None:
-            check_writable(getattr(args, flag), f"--{flag}")
+            check_output(getattr(args, flag), f"--{flag}", [*(args.merge or []), *written])
+            written.append(getattr(args, flag))
 
 
 def run(args):

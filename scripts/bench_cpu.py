@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import generate  # noqa: E402
 import tp  # noqa: E402
-from checkpoint import CONFIGS, InputError, random_model  # noqa: E402
+from checkpoint import CONFIGS, InputError, check_output, random_model  # noqa: E402
 from model import ModelArgs  # noqa: E402
 
 PROMPT_TOKENS = 5
@@ -133,6 +133,8 @@ def main(argv=None):
         if PROMPT_TOKENS + args.new_tokens > context:
             raise InputError(f"--new_tokens {args.new_tokens} and the {PROMPT_TOKENS}-token prompt "
                              f"do not fit {name}'s context of {context} tokens")
+    if args.out is not None:
+        check_output(args.out, "--out")
     args.precisions = list(dict.fromkeys(args.precisions))  # each once: a table row each
     torch.set_num_threads(args.threads)
     from tqdm import tqdm

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's mo
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench.py beside this file
 import bench  # noqa: E402
 import generate  # noqa: E402
-from checkpoint import InputError, check_device, check_writable  # noqa: E402
+from checkpoint import InputError, check_device, check_output  # noqa: E402
 
 ACCEPTANCE_RATES = (0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -142,7 +142,7 @@ def main(argv=None):
     if args.position + max(args.ks) + 1 > args.cache_length:
         raise InputError(f"--cache_length {args.cache_length} is too small for --position {args.position} and "
                          f"--ks up to {max(args.ks)}: a verify writes k + 1 slots from --position")
-    check_writable(args.out, "--out")
+    check_output(args.out, "--out")
     for spec in [f"{args.target}:bf16", *args.drafts]:
         name, _, precision = spec.partition(":")
         bench.check_cell(bench.Cell(name, precision or "bf16", 1, 1))  # a known config and precision

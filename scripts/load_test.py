@@ -46,7 +46,7 @@ import openai
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from checkpoint import InputError, check_writable  # noqa: E402
+from checkpoint import InputError, check_output  # noqa: E402
 from generate import write_json  # noqa: E402
 
 CALIBRATION = (8, 16)  # prompts of this many numbers measure the tokens of one
@@ -288,7 +288,7 @@ def check_args(args):
     if args.duration is not None and not 0 < args.duration < math.inf:
         raise InputError(f"--duration must be a positive number of seconds, got {args.duration}")
     if args.out is not None:
-        check_writable(args.out, "--out")
+        check_output(args.out, "--out")
 
 
 def main(argv=None):

@@ -253,6 +253,11 @@ def test_output_over_a_checkpoint_file_is_refused(tiny, flag, capsys):
     assert snapshot(tiny) == before
 
 
+def test_a_trace_over_the_metrics_file_is_refused(tiny, tmp_path, capsys):
+    refused_here("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN, "--json", tmp_path / "m.json",
+                 "--profile", tmp_path / "m.json", words=["--profile", "another file of this run"], capsys=capsys)
+
+
 def test_bug_keeps_its_traceback(tiny, monkeypatch):
     """Only bad input becomes an `error:` line; a bug inside the program (here, a ValueError where none is
     expected) must surface with its traceback, not be passed off as the user's mistake."""

@@ -202,6 +202,8 @@ def test_no_gpu_is_one_error_line(tmp_path, capsys, monkeypatch):
     (["--merge", "{tmp}/other.json"], ["not a bench.py result", "kernel_checks"]),
     (["--merge", "{tmp}/other.json", "--cells", "stories15M:bf16"], ["give it no cells"]),
     (["--markdown", "{tmp}/no/such/folder/r.md"], ["--markdown", "folder", "does not exist"]),
+    (["--merge", "{tmp}/r.json"], ["--out", "another file of this run"]),  # --out r.json: its input
+    (["--markdown", "{tmp}/r.json"], ["--markdown", "another file of this run"]),  # and --out's
 ])
 def test_bad_input_is_one_error_line(argv, words, bench, tmp_path, capsys):
     (tmp_path / "other.json").write_text(json.dumps(dict(card="x", rows=[])))

@@ -238,6 +238,7 @@ def test_generate_until_ignores_empty_stop_strings_and_hugging_faces_top_k_zero(
 def test_bad_input_gives_one_error_line(smollm2_checkpoint, tmp_path, monkeypatch, capsys):
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "text.txt").write_text("The capital of France is Paris. " * 20)
     cases = [
         (["--text_file", tmp_path / "nowhere.txt"], ["--text_file", "not found"]),
         (["--text_file", tmp_path / "empty.txt"], ["--text_file", "empty"]),
@@ -246,6 +247,8 @@ def test_bad_input_gives_one_error_line(smollm2_checkpoint, tmp_path, monkeypatc
         (["--max_seq_length", 100000], ["--max_seq_length", "8192"]),
         (["--output", tmp_path / "no/such/out.json"], ["--output", "does not exist"]),
         (["--output", smollm2_checkpoint / "config.json"], ["--output", "checkpoint"]),
+        (["--text_file", tmp_path / "text.txt", "--output", tmp_path / "text.txt"],
+         ["--output", "another file of this run"]),
         (["--max_seq_length", 0], ["--max_seq_length"]),  # not the default
         (["--max_seq_length", 8, "--stride", 0], ["--stride"]),
         (["--limit", 1], ["--limit 1"]),  # the text has tokens enough: the limit leaves one
