@@ -241,10 +241,16 @@ def read_weights(weights: Path) -> dict:
         if weights.suffix == ".safetensors":
             from safetensors.torch import load_file
             return load_file(weights)
-        return torch.load(weights, map_location="cpu", mmap=True, weights_only=True)
+        tensors = torch.load(weights, map_location="cpu", mmap=True, weights_only=True)
     # corrupt files raise many types (SafetensorError, pickle, zip): all user input
     except Exception as e:
-        raise InputError(f"cannot read weights {weights}: {type(e).__name__}: {e}") from None
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise InputError(f"cannot read weights {weights}: {type(e).__name__}: {first_line}"
+                         ) from None
+    if not (isinstance(tensors, dict) and all(isinstance(name, str) and isinstance(t, torch.Tensor)
+                                              for name, t in tensors.items())):
+        raise InputError(f"{weights} does not hold a state dict (tensor names to tensors)")
+    return tensors
 
 
 class WeightsFile:

@@ -289,11 +289,14 @@ def perplexity(em: EvalModel, ids: list, stride: int) -> dict:
                 bits_per_byte=nll / math.log(2) / max(predicted_bytes, 1), bytes=predicted_bytes)
 
 
-def text_ids(args, tokenizer) -> tuple[str, list]:
+def text_ids(args, tokenizer, vocab_size: int) -> tuple[str, list]:
     """The text to measure, as token ids cut to --limit; fails before any weights are loaded."""
     name, text = read_text(args.text_file)
     every = tokenizer.encode(text)
     ids = every[:args.limit]
+    if ids and max(ids) >= vocab_size:
+        raise InputError(f"the tokenizer gives id {max(ids)}, beyond the model's {vocab_size} "
+                         "tokens: the tokenizer is not this model's")
     if len(ids) < 2:
         cause = f"--limit {args.limit} leaves" if len(every) >= 2 else f"--text_file: {name} has"
         raise InputError(f"{cause} {len(ids)} token(s); perplexity needs at least 2")
@@ -469,7 +472,7 @@ def run(args) -> dict:
     tokenizer = load_tokenizer(ckpt.folder)
 
     # Everything that can fail on bad input is read before the weights.
-    text_name, ids = text_ids(args, tokenizer) if args.text_file or not args.tasks else (None, None)
+    text_name, ids = text_ids(args, tokenizer, ckpt.args.vocab_size) if args.text_file or not args.tasks else (None, None)
     if args.tasks:
         lm_eval, TaskManager = import_lm_eval(args.download)
         task_manager = task_index(TaskManager, tuple(str(p.resolve()) for p in args.include_path))

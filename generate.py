@@ -408,6 +408,9 @@ def main(argv=None):
     context, slack = (config.block_size, 0)
     if speculative:
         context, slack = speculation_limits(args, tokenizer, config)
+    if (args.prompt_tokens or 0) >= context:  # before drawing that many random ids
+        raise InputError(f"--prompt_tokens {args.prompt_tokens} leaves no room in the model's "
+                         f"context of {context} tokens")
     prompts = [[0]] if args.interactive else encode_prompts(args, tokenizer, config.vocab_size)
     longest = max(len(p) for p in prompts)
     if longest >= context:
@@ -712,6 +715,9 @@ def encode_prompts(args, tokenizer, vocab_size: int) -> list:
                        else tokenizer.encode(text))
         if not prompts[-1]:
             raise InputError(f"prompt {text!r} has no tokens (the model needs at least one)")
+        if max(prompts[-1]) >= vocab_size:
+            raise InputError(f"the tokenizer gives id {max(prompts[-1])}, beyond the model's "
+                             f"{vocab_size} tokens: the tokenizer is not this model's")
     return prompts
 
 

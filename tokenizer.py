@@ -177,6 +177,9 @@ class TiktokenTokenizer(Tokenizer):
         # the special tokens follow the ranks; tiktoken panics on a rank given twice
         if sorted(ranks.values()) != list(range(len(ranks))):
             raise InputError(f"{path}: the ranks must be 0 to {len(ranks) - 1}, one token each")
+        # byte-level BPE: every text splits into these at worst; tiktoken panics on a missing one
+        if not all(bytes([b]) in ranks for b in range(256)):
+            raise InputError(f"{path}: the ranks must hold each of the 256 single bytes")
         self.specials = {name: len(ranks) + i for i, name in enumerate(LLAMA3_SPECIALS)}
         self.enc = tiktoken.Encoding("llama3", pat_str=LLAMA3_PATTERN,
                                      mergeable_ranks=ranks, special_tokens=self.specials)

@@ -1,6 +1,7 @@
 """The scripts driven as a hostile user would: every bad input ends in exactly one `error: ...` line, exit
 status 1 and no traceback, found before any real work (no gigabytes allocated, no model run, nothing written),
 and the disk is left as it was. Most cases use a tiny random checkpoint with SmolLM2's real tokenizer."""
+import collections
 import hashlib
 import json
 import os
@@ -251,6 +252,30 @@ def test_output_over_a_checkpoint_file_is_refused(tiny, flag, capsys):
     refused_here("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN, flag, tiny / "config.json",
                  words=[flag, "checkpoint"], capsys=capsys)
     assert snapshot(tiny) == before
+
+
+@pytest.mark.parametrize("content", [[1, 2], {1: torch.zeros(1)}, {"x": 3}, "pickled global"],
+                         ids=["list", "int-key", "int-value", "pickled-global"])
+def test_a_pth_that_is_not_a_state_dict_is_one_error_line(tiny, content, capsys):
+    (tiny / "model.safetensors").unlink()
+    if content == "pickled global":  # weights_only refuses it, in a message of several lines
+        content = {"x": collections.OrderedDict}
+    torch.save(content, tiny / "model.pth")
+    refused_here("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN, words=["model.pth"],
+                 capsys=capsys)
+
+
+def test_a_tokenizer_beyond_the_models_vocabulary_is_refused(tiny, capsys):
+    from safetensors.torch import save_file
+    edit_json(tiny / "config.json", vocab_size=100)  # SmolLM2's tokenizer gives ids up to 49151
+    save_file(tiny_state({**TINY, "vocab_size": 100}), tiny / "model.safetensors")
+    refused_here("generate.py", "--checkpoint_path", tiny, "--prompt", "hello world", *GEN,
+                 words=["tokenizer", "100 tokens"], capsys=capsys)
+
+
+def test_prompt_tokens_beyond_the_context_are_refused_before_drawing_them(tiny, capsys):
+    refused_here("generate.py", "--checkpoint_path", tiny, "--prompt_tokens", 10**12, *GEN,
+                 words=["--prompt_tokens", "256 tokens"], capsys=capsys)
 
 
 def test_a_trace_over_the_metrics_file_is_refused(tiny, tmp_path, capsys):

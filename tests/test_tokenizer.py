@@ -219,7 +219,8 @@ def test_missing_or_bad_files(tmp_path):
     (b"IQ== 0\nthis line is junk\n", "line 2 is not"),
     (b"IQ== 0\nIg 1\n", "line 2: Ig is not base64"),
     (b"IQ== 0\nIg== 0\n", "ranks must be 0 to 1"),  # tiktoken itself would panic
-], ids=["junk", "bad-base64", "rank-twice"])
+    (b"IQ== 0\nIg== 1\n", "256 single bytes"),  # and here on the first byte it lacks
+], ids=["junk", "bad-base64", "rank-twice", "missing-bytes"])
 def test_malformed_tiktoken_file_is_refused_naming_the_line(tmp_path, content, message):
     (tmp_path / "tokenizer.model").write_bytes(content)
     with pytest.raises(InputError, match=message):
