@@ -89,6 +89,10 @@ def render_chat_template(template: str, messages: list[dict], bos_token: str,
             messages=messages, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token)
     except TemplateError as e:
         raise InputError(f"chat template error: {e}") from None
+    # The template is the checkpoint's code: what its expressions raise (1 / 0, "a" + 1, a bad
+    # strftime format, a macro calling itself forever) is the checkpoint's error.
+    except (ArithmeticError, LookupError, TypeError, ValueError, RecursionError) as e:
+        raise InputError(f"chat template error: {type(e).__name__}: {e}") from None
 
 
 class Tokenizer(ABC):

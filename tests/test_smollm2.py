@@ -125,3 +125,16 @@ def test_broken_tokenizer_files_give_one_error_line(broken, flags, words, smollm
     (tmp_path / broken).write_text("{ not json" if broken == "tokenizer.json" else
                                    json.dumps({**config, "chat_template": "{% if messages %}{{ messages[0]['content'] }"}))
     assert_input_error(["--checkpoint_path", tmp_path, "--device", "cpu", "--prompt", "Hi", *flags], *words)
+
+
+@pytest.mark.parametrize("template, raised", [
+    ("{{ 1 / 0 }}", "ZeroDivisionError"), ("{{ 'a' + 1 }}", "TypeError"),
+    ("{{ strftime_now(5) }}", "TypeError"), ("{{ raise_exception('no system role') }}", "no system role"),
+], ids=["division", "types", "strftime", "raise_exception"])
+def test_a_chat_template_that_raises_while_rendering_is_the_checkpoints_error(template, raised, smollm2_checkpoint,
+                                                                              tmp_path):
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).symlink_to(smollm2_checkpoint / name)
+    (tmp_path / "chat_template.jinja").write_text(template)
+    assert_input_error(["--checkpoint_path", tmp_path, "--device", "cpu", "--prompt", "Hi", "--chat"],
+                       "chat template error", raised)
