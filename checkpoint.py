@@ -102,7 +102,7 @@ def read_json(path: Path) -> dict:
         raise InputError(f"cannot read {path}: {e}") from None
     try:
         data = json.loads(text)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack
         raise InputError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise InputError(f"{path} holds a JSON {type(data).__name__}, not an object")
@@ -180,7 +180,7 @@ def check_quantization(record, args: ModelArgs, where):
         raise InputError(f"{where}: quantization format {version!r} is not {kernels.FORMAT}: "
                          "quantize the checkpoint again with this quantize.py")
     mode, groupsize = record.get("mode"), record.get("groupsize")
-    if mode not in kernels.LINEARS:
+    if not isinstance(mode, str) or mode not in kernels.LINEARS:
         raise InputError(f"{where}: unknown quantization mode {mode!r}")
     if (groupsize in kernels.GROUPSIZES) != (mode in kernels.INT4_MODES):
         raise InputError(f"{where}: groupsize {groupsize!r} does not suit mode {mode}")
@@ -191,7 +191,8 @@ def check_quantization(record, args: ModelArgs, where):
         linears = {name for name, m in Transformer(args).named_modules()
                    if isinstance(m, (nn.Linear, Experts))}
     layers, padded = record.get("layers"), record.get("padded", {})
-    if not isinstance(layers, list) or not set(layers) <= linears:
+    if not (isinstance(layers, list) and all(isinstance(name, str) for name in layers)
+            and set(layers) <= linears):
         raise InputError(f"{where}: quantized layers must be a list of this model's linear layers")
     if not isinstance(padded, dict) or not all(isinstance(v, list) and len(v) == 2 and
                                                all(type(k) is int and k > 0 for k in v)

@@ -392,6 +392,15 @@ def test_absurd_quantized_sidecar_is_refused_naming_the_file(tiny, capsys):
         edit_json(tiny / "model_int8.json", **change)
         refused_here("generate.py", "--checkpoint_path", tiny / "model_int8.pth", "--prompt", "hi", *GEN,
                      words=["model_int8.json"], capsys=capsys)
+    record = json.loads(good)["quantization"]
+    for change in ({"mode": ["int8"]}, {"layers": [["layers.0.attention.wqkv"]]}):  # lists can't be keys
+        (tiny / "model_int8.json").write_text(good)
+        edit_json(tiny / "model_int8.json", quantization={**record, **change})
+        refused_here("generate.py", "--checkpoint_path", tiny / "model_int8.pth", "--prompt", "hi", *GEN,
+                     words=["model_int8.json"], capsys=capsys)
+    (tiny / "model_int8.json").write_text("[" * 100_000 + "]" * 100_000)  # deeper than Python's stack
+    refused_here("generate.py", "--checkpoint_path", tiny / "model_int8.pth", "--prompt", "hi", *GEN,
+                 words=["model_int8.json", "not valid JSON"], capsys=capsys)
 
 
 @pytest.mark.parametrize("name, content", [
