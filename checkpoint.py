@@ -311,6 +311,12 @@ def load_model(ckpt: Checkpoint, device="cpu", dtype=None) -> Transformer:
     tensors = read_weights(ckpt.weights)
     check_tensors({name: t.shape for name, t in tensors.items()}, model,
                   f"{ckpt.weights} does not match {ckpt.config}")
+    for name, expected in model.state_dict().items():  # float weights may come in any float dtype
+        found = tensors.get(name)
+        if found is not None and (found.dtype != expected.dtype if not expected.is_floating_point()
+                                  else not found.is_floating_point()):
+            raise InputError(f"{ckpt.weights}: {name} is {found.dtype}, expected "
+                             f"{expected.dtype if not expected.is_floating_point() else 'floats'}")
     if ckpt.args.tie_embeddings:
         tensors["output.weight"] = tensors["tok_embeddings.weight"]
     model.load_state_dict(tensors, strict=True, assign=True)  # the tensors themselves: no copy

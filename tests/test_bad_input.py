@@ -265,6 +265,23 @@ def test_a_pth_that_is_not_a_state_dict_is_one_error_line(tiny, content, capsys)
                  capsys=capsys)
 
 
+def test_weights_of_the_wrong_kind_of_dtype_are_refused_naming_the_tensor(tiny, capsys):
+    """Float weights may come in any float dtype (they are converted); integers where floats
+    belong, or a quantized layer's integer weights stored as floats, would fail inside PyTorch."""
+    from safetensors.torch import load_file, save_file
+    state = load_file(tiny / "model.safetensors")
+    save_file({**state, "norm.weight": state["norm.weight"].to(torch.int8)}, tiny / "model.safetensors")
+    refused_here("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN, words=["norm.weight", "floats"],
+                 capsys=capsys)
+    save_file(state, tiny / "model.safetensors")
+    succeeds_here("quantize.py", "--checkpoint_path", tiny, "--mode", "int8")
+    quantized = torch.load(tiny / "model_int8.pth", weights_only=True)
+    name = "layers.0.attention.wqkv.weight"
+    torch.save({**quantized, name: quantized[name].float()}, tiny / "model_int8.pth")
+    refused_here("generate.py", "--checkpoint_path", tiny / "model_int8.pth", "--prompt", "hi", *GEN,
+                 words=[name, "torch.int8"], capsys=capsys)
+
+
 def test_a_tokenizer_beyond_the_models_vocabulary_is_refused(tiny, capsys):
     from safetensors.torch import save_file
     edit_json(tiny / "config.json", vocab_size=100)  # SmolLM2's tokenizer gives ids up to 49151
