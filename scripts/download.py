@@ -94,7 +94,8 @@ def explain(e: Exception, repo_id: str) -> str:
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return f"disk full while downloading {repo_id}"
     # Network errors come from httpx or requests depending on the huggingface_hub version.
-    network = type(e).__module__.split(".")[0] in ("httpx", "httpcore", "requests", "urllib3")
+    network = type(e).__module__.split(".")[0].startswith(("httpx", "httpcore", "requests",
+                                                           "urllib3"))  # httpx2 too
     if network or isinstance(e, (ConnectionError, TimeoutError)):
         return (f"cannot reach the Hugging Face Hub to download {repo_id} "
                 f"({type(e).__name__}: {e})")

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
+from urllib.parse import urlsplit
 
 import openai
 from tqdm import tqdm
@@ -276,6 +277,12 @@ def check_args(args):
     """Reject bad input up front, each with one clear sentence (raised as InputError)."""
     if not args.url.startswith(("http://", "https://")):
         raise InputError(f"--url {args.url!r} is not an http:// or https:// URL")
+    try:
+        host, _ = urlsplit(args.url).hostname, urlsplit(args.url).port  # each raises if malformed
+    except ValueError as e:
+        raise InputError(f"--url {args.url!r}: {e}") from None
+    if not host:
+        raise InputError(f"--url {args.url!r} names no host")
     if args.requests is not None and args.duration is not None:
         raise InputError("give --requests or --duration, not both")
     counts = [args.concurrency, args.prompt_tokens, args.max_tokens, args.processes]

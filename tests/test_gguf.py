@@ -321,6 +321,15 @@ def test_download_offline_is_one_line(tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
+def test_a_network_error_of_any_http_library_is_explained_and_a_bug_is_not():
+    explain = load_script("download").explain
+    for library in ("httpx", "httpx2", "requests"):
+        error = type("ConnectError", (Exception,), {"__module__": f"{library}._exceptions"})("refused")
+        assert "cannot reach the Hugging Face Hub" in explain(error, "org/model")
+    with pytest.raises(KeyError):
+        explain(KeyError("a bug"), "org/model")
+
+
 def test_prepare_stops_when_download_fails():
     r = subprocess.run(["bash", str(ROOT / "scripts/prepare.sh"), "no-such-org/no-such-model"],
                        capture_output=True, text=True, timeout=60,

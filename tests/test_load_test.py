@@ -89,6 +89,9 @@ def test_load_test_counts_the_requests_the_server_refuses(server, load_test, tmp
     (["--requests", "0"], "--requests"),
     (["--requests", "2", "--duration", "5"], "not both"),
     (["--url", "127.0.0.1:8000/v1"], "URL"),
+    (["--url", "http://[::1/v1"], "IPv6"),
+    (["--url", "http://127.0.0.1:99999/v1"], "Port out of range"),
+    (["--url", "http:///v1"], "no host"),
     (["--concurrency", "2", "--processes", "3"], "--processes 3"),
 ])
 def test_load_test_bad_flags_are_one_error_line(load_test, flags, words):
