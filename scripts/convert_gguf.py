@@ -354,8 +354,14 @@ def build_tokenizer(meta: dict, reader, path: Path):
         i = token_id(key)
         return None if i is None else tokens[i]
 
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", pre.get("add_bos", False)))
-    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
+    def typed(key, kind, default=None):
+        value = meta.get(key, default)
+        if value is not None and type(value) is not kind:
+            raise InputError(f"{path.name}: {key} must be a {kind.__name__}, got {value!r}")
+        return value
+
+    add_bos = typed("tokenizer.ggml.add_bos_token", bool, pre.get("add_bos", False))
+    add_eos = typed("tokenizer.ggml.add_eos_token", bool, False)
     bos, eos = token("bos"), token("eos")
     if (add_bos and bos is None) or (add_eos and eos is None):
         raise InputError(f"{path.name}: the tokenizer adds BOS/EOS but the file gives no valid id "
@@ -374,7 +380,7 @@ def build_tokenizer(meta: dict, reader, path: Path):
               "add_eos_token": add_eos, "bos_token": bos, "eos_token": eos,
               "unk_token": token("unknown"), "pad_token": token("padding"),
               "model_max_length": meta.get(f"{meta.get('general.architecture')}.context_length"),
-              "chat_template": meta.get("tokenizer.chat_template")}
+              "chat_template": typed("tokenizer.chat_template", str)}
     config = {k: v for k, v in config.items() if v is not None}
     # Instruct models often end a turn with a token other than EOS (Llama-3's <|eot_id|>): stop on
     # all of them.

@@ -169,7 +169,8 @@ def write_tiny_gguf(path: Path, arch: str, tensors=False, **settings):
     """A tiny GGUF: metadata enough to reach the architecture and tokenizer checks and, with
     tensors=True, random float32 weights of one tied layer, enough to convert and load. settings:
     model / pre (tokenizer; a list: stored as an array), block_count, head_count, rope_scaling (a
-    gguf.RopeScalingType), dtype (numpy's, of blk.0.attn_q.weight)."""
+    gguf.RopeScalingType), dtype (numpy's, of blk.0.attn_q.weight), extra (GGUFWriter method, key,
+    value) triples."""
     import gguf
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(settings.get("block_count", 1))
@@ -186,6 +187,8 @@ def write_tiny_gguf(path: Path, arch: str, tensors=False, **settings):
         w.add_tokenizer_pre(settings["pre"])
     if "rope_scaling" in settings:
         w.add_rope_scaling_type(settings["rope_scaling"])
+    for method, key, value in settings.get("extra", ()):
+        getattr(w, method)(key, value)
     if tensors:
         rng = np.random.default_rng(0)
         shapes = {"token_embd.weight": (len(TINY_TOKENS), TINY_DIM),
@@ -222,6 +225,19 @@ def test_unsupported_tokenizer(tmp_path, tokenizer, message):
     path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", tensors=True, **tokenizer)
     with pytest.raises(InputError, match=message):
         convert_gguf.convert(path, tmp_path / "out", torch.float32)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("add_uint32", "tokenizer.chat_template", 5), "tokenizer.chat_template must be a str"),
+    (("add_string", "tokenizer.ggml.add_bos_token", "no"), "add_bos_token must be a bool"),
+], ids=["template-number", "add-bos-string"])
+def test_tokenizer_metadata_of_the_wrong_type_is_refused_before_writing(tmp_path, extra, message):
+    """Else the checkpoint would be written and then refused by every load (a template that is not
+    text), or read the wrong way (the string "no" as true)."""
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", tensors=True, extra=[extra])
+    with pytest.raises(InputError, match=message):
+        load_script("convert_gguf").convert(path, tmp_path / "out", torch.float32)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_tensor_type_gguf_cannot_dequantize_is_refused_naming_it(tmp_path, capsys):
