@@ -72,6 +72,9 @@ def read_checkpoint(path) -> Checkpoint:
     if (folder / JOURNAL).is_file():
         finish_write(folder)  # a writer was killed between its renames: complete them
     if path.is_file():
+        if path.suffix not in (".safetensors", ".pth"):
+            raise InputError(f"{path} is not a weights file (.safetensors or .pth): give the "
+                             "checkpoint's folder or its weights file")
         weights = path
     elif path.is_dir() or path.name in WEIGHT_FILES and folder.is_dir():
         found = [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]

@@ -282,6 +282,12 @@ def test_weights_of_the_wrong_kind_of_dtype_are_refused_naming_the_tensor(tiny, 
                  words=[name, "torch.int8"], capsys=capsys)
 
 
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json"])
+def test_a_file_of_the_checkpoint_that_is_not_its_weights_is_refused_as_such(tiny, name, capsys):
+    refused_here("generate.py", "--checkpoint_path", tiny / name, "--prompt", "hi", *GEN,
+                 words=[name, "not a weights file"], capsys=capsys)
+
+
 def test_a_tokenizer_beyond_the_models_vocabulary_is_refused(tiny, capsys):
     from safetensors.torch import save_file
     edit_json(tiny / "config.json", vocab_size=100)  # SmolLM2's tokenizer gives ids up to 49151
