@@ -34,7 +34,8 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from checkpoint import (TOKENIZER_FILES, InputError, check_output_folder,  # noqa: E402
-                        empty_model, parse_config, read_json, save_checkpoint, unpermute)
+                        empty_model, parse_config, read_json, read_weights, save_checkpoint,
+                        unpermute)
 from model import ModelArgs  # noqa: E402
 
 SUPPORTED = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe")
@@ -328,24 +329,16 @@ def find_weights(hf_dir: Path) -> tuple[list[Path], str]:
                      "pytorch_model.bin[.index.json], original/consolidated.00.pth)")
 
 
-def load_torch(path: Path) -> dict:
-    # mmap: the file's pages are read lazily, only when a tensor is touched.
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # corrupt files raise many different error types: all bad input
-        raise InputError(f"cannot read {path}: {type(e).__name__}: {e}") from None
-
-
 def open_shard(path: Path) -> tuple[list[str], callable]:
     """(tensor names, get(name)) for one weights file; tensors are read one at a time on demand."""
     if path.suffix != ".safetensors":
-        state_dict = load_torch(path)
+        state_dict = read_weights(path)
         # clone() gives each tensor its own memory so the mapping can go once the shard is done.
         return list(state_dict), lambda name: state_dict.pop(name).clone()
     from safetensors import safe_open
     try:
         f = safe_open(str(path), framework="pt")  # checks the header covers the whole file
-    except Exception as e:  # as in load_torch
+    except Exception as e:  # as in checkpoint.read_weights
         raise InputError(f"cannot read {path}: {type(e).__name__}: {e}") from None
     return list(f.keys()), f.get_tensor
 
@@ -355,7 +348,7 @@ def read_hf_config(hf_dir: Path, files: list[Path], layout: str) -> ModelArgs:
         return hf_config_to_args(read_json(hf_dir / "config.json"), hf_dir / "config.json")
     params = files[0].parent / "params.json"
     if layout == "meta" and params.is_file():
-        shapes = {name: tuple(t.shape) for name, t in load_torch(files[0]).items()}  # mmap: no data
+        shapes = {name: tuple(t.shape) for name, t in read_weights(files[0]).items()}  # mmap: no data
         return meta_params_to_args(read_json(params), shapes, params)
     raise InputError(f"no config.json in {hf_dir}")
 

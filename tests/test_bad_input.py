@@ -479,6 +479,15 @@ def test_hf_converter_refuses_a_tensor_of_the_wrong_shape_naming_it(tiny_hf, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
+def test_hf_converter_refuses_a_pytorch_bin_that_is_not_a_state_dict(tiny_hf, tmp_path, capsys):
+    hf = hf_source(tiny_hf, tmp_path)
+    (hf / "model.safetensors").unlink()
+    torch.save([1, 2], hf / "pytorch_model.bin")
+    refused_here("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path,
+                 words=["pytorch_model.bin", "state dict"], capsys=capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
 def test_hf_converter_needs_force_to_overwrite_and_force_leaves_exactly_its_files(tiny_hf, tmp_path, capsys):
     hf = hf_source(tiny_hf, tmp_path)
     source = snapshot(hf)
