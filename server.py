@@ -448,8 +448,8 @@ class APIError(Exception):
         self.headers = headers
 
     def response(self) -> JSONResponse:
-        kind = {401: "authentication_error", 404: "not_found_error",
-                429: "rate_limit_error"}.get(self.status, "invalid_request_error")
+        # OpenAI's types: a wrong key or model is an invalid request too (its code says which)
+        kind = "rate_limit_error" if self.status == 429 else "invalid_request_error"
         error = dict(message=self.message, type=kind, param=self.param, code=self.code)
         return JSONResponse({"error": error}, self.status, headers=self.headers)
 

@@ -261,7 +261,8 @@ def test_errors_answer_with_openai_error_json_and_status(server):
         client(server).chat.completions.create(model="gpt-4", messages=QUESTION)
     with pytest.raises(openai.AuthenticationError):
         client(server, key="wrong").models.list()
-    error_of(httpx.get(url + "/v1/models"), 401)
+    error = error_of(httpx.get(url + "/v1/models"), 401)
+    assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")  # OpenAI's
     # without the key, a malformed body says nothing but that
     error_of(httpx.post(url + "/v1/chat/completions", content=b"{\"messages\": [",
                         headers={"Content-Type": "application/json"}), 401)
