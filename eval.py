@@ -472,7 +472,8 @@ def run(args) -> dict:
     tokenizer = load_tokenizer(ckpt.folder)
 
     # Everything that can fail on bad input is read before the weights.
-    text_name, ids = text_ids(args, tokenizer, ckpt.args.vocab_size) if args.text_file or not args.tasks else (None, None)
+    text_name, ids = (text_ids(args, tokenizer, ckpt.args.vocab_size) if args.text_file or not args.tasks
+                      else (None, None))
     if args.tasks:
         lm_eval, TaskManager = import_lm_eval(args.download)
         task_manager = task_index(TaskManager, tuple(str(p.resolve()) for p in args.include_path))
