@@ -409,8 +409,8 @@ def main(argv=None):
     if speculative:
         context, slack = speculation_limits(args, tokenizer, config)
     if (args.prompt_tokens or 0) >= context:  # before drawing that many random ids
-        raise InputError(f"--prompt_tokens {args.prompt_tokens} leaves no room in the model's "
-                         f"context of {context} tokens")
+        raise InputError(f"the prompt has {args.prompt_tokens} tokens but the model's context is "
+                         f"{context} tokens")
     prompts = [[0]] if args.interactive else encode_prompts(args, tokenizer, config.vocab_size)
     longest = max(len(p) for p in prompts)
     if longest >= context:

@@ -298,7 +298,7 @@ def test_a_tokenizer_beyond_the_models_vocabulary_is_refused(tiny, capsys):
 
 def test_prompt_tokens_beyond_the_context_are_refused_before_drawing_them(tiny, capsys):
     refused_here("generate.py", "--checkpoint_path", tiny, "--prompt_tokens", 10**12, *GEN,
-                 words=["--prompt_tokens", "256 tokens"], capsys=capsys)
+                 words=["1000000000000 tokens", "context is 256 tokens"], capsys=capsys)
 
 
 def test_a_trace_over_the_metrics_file_is_refused(tiny, tmp_path, capsys):
