@@ -653,9 +653,6 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
         check_supported(body)
         prompt = body.prompt
         if prompt and all(type(i) is int for i in prompt):  # token ids
-            if not all(0 <= i < vocab_size for i in prompt):
-                raise APIError(400, f"token ids go from 0 to {vocab_size - 1}", "invalid_prompt",
-                               "prompt")
             return await complete(request, body, lambda: prompt, False, body.max_tokens)
         if not isinstance(prompt, str):
             if len(prompt) != 1:
@@ -676,9 +673,12 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
             raise APIError(400, f"stop takes up to {MAX_STOPS} strings of 1 to {MAX_STOP_CHARS} "
                            "characters", "invalid_stop", "stop")
         prompt = encode()
+        where = "messages" if chat else "prompt"
         if not prompt:
             raise APIError(400, "the prompt has no tokens", "empty_prompt")
-        where = "messages" if chat else "prompt"
+        # given as ids, or a tokenizer that is not the model's: the forward would fail on them
+        if not all(0 <= i < vocab_size for i in prompt):
+            raise APIError(400, f"token ids go from 0 to {vocab_size - 1}", "invalid_prompt", where)
         if max_tokens is None:
             if len(prompt) >= context:  # not even one token fits
                 raise APIError(400, f"this server's context is {context} tokens, but the prompt "
