@@ -248,7 +248,7 @@ def read_weights(weights: Path) -> dict:
         tensors = torch.load(weights, map_location="cpu", mmap=True, weights_only=True)
     # corrupt files raise many types (SafetensorError, pickle, zip): all user input
     except Exception as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first_line = (str(e).strip().splitlines() or [""])[0]
         raise InputError(f"cannot read weights {weights}: {type(e).__name__}: {first_line}"
                          ) from None
     if not (isinstance(tensors, dict) and all(isinstance(name, str) and isinstance(t, torch.Tensor)

@@ -299,23 +299,18 @@ def test_float_gemv_in_a_compiled_cuda_graph_matches_pytorch_matmul(monkeypatch)
 
 
 def int8_mixture() -> torch.nn.Module:
-    """test_moe's tiny mixture with int8 attention projections and experts, as quantize.py
-    writes them (the router stays float)."""
-    from kernels import EXPERTS, Int8Linear
-    from quantize import quantize_weight
+    """test_moe's tiny mixture with int8 attention projections and experts, swapped and quantized
+    by the project's own code as quantize.py writes them (the router and output layer stay float)."""
+    from kernels import swap_linears
+    from quantize import linear_names, quantize_weight
     from test_moe import tiny_model as tiny_moe
     model = tiny_moe()
-    for block in model.layers:
-        for parent, name in ((block.attention, "wqkv"), (block.attention, "wo"),
-                             (block.feed_forward, "w13"), (block.feed_forward, "w2")):
-            layer = getattr(parent, name)
-            if isinstance(layer, torch.nn.Linear):
-                quantized = Int8Linear(layer.in_features, layer.out_features, False)
-            else:
-                quantized = EXPERTS["int8"](layer.n_experts, layer.in_features, layer.out_features)
-            with torch.no_grad():
-                quantized.load_state_dict(quantize_weight("int8", layer.weight, None), assign=True)
-            setattr(parent, name, quantized)
+    layers = linear_names(model.args, include_output=False)
+    weights = {name: model.get_submodule(name).weight for name in layers}
+    swap_linears(model, dict(mode="int8", groupsize=None, layers=layers))
+    with torch.no_grad():
+        for name, w in weights.items():
+            model.get_submodule(name).load_state_dict(quantize_weight("int8", w, None), assign=True)
     return model
 
 
