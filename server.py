@@ -40,7 +40,7 @@ from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Literal, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -474,7 +474,8 @@ class CommonFields(BaseModel):
 
 
 class Message(BaseModel):
-    role: str
+    # tool results ("tool", "function") belong to tool calls, which this server does not make
+    role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, list[dict], None] = None  # text, or parts {"type": "text", "text": ...}
 
 
@@ -643,7 +644,8 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatRequest, request: Request):
         check_supported(body)
-        messages = [{"role": unicode_text(m.role, "messages"),
+        # "developer": OpenAI's newer name for the system message, which templates know
+        messages = [{"role": "system" if m.role == "developer" else m.role,
                      "content": unicode_text(message_text(m), "messages")} for m in body.messages]
         return await complete(request, body, lambda: tokenizer.encode_chat(messages), True,
                               body.max_completion_tokens or body.max_tokens)

@@ -208,6 +208,16 @@ def test_a_tiny_temperature_samples_each_rows_argmax_not_noise():
     assert torch.equal(tokens, logits.argmax(-1, keepdim=True))
 
 
+def test_a_developer_message_is_the_system_message(server, reference):
+    """"developer", OpenAI's newer name for the system message, is rendered as one: the answer and
+    the prompt's length are those of the conversation with a system message."""
+    system = [{"role": "system", "content": "Answer in one word."}] + QUESTION
+    answer = ask(server, [dict(system[0], role="developer")] + QUESTION, max_tokens=4,
+                 temperature=0)
+    assert answer.choices[0].message.content == reference(system, 4)[0]
+    assert answer.usage.prompt_tokens == len(reference.tokenizer.encode_chat(system))
+
+
 def test_errors_answer_with_openai_error_json_and_status(server):
     url = server[0]
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
@@ -226,6 +236,10 @@ def test_errors_answer_with_openai_error_json_and_status(server):
                                                         "max_tokens": "many"}), 400)
     assert error["param"] == "max_tokens"
     error_of(post("/v1/chat/completions", json={"messages": "hello"}), 400)
+    for role in ("tool", "robot"):  # a tool's result answers a tool call, which none made here
+        error = error_of(post("/v1/chat/completions", json={"messages": [
+            {"role": role, "content": "42"}]}), 400)
+        assert error["param"] == "messages.0.role"
     # A lone surrogate is valid JSON ("\ud800") but not Unicode text: no tokenizer takes it.
     for path, body in [("/v1/completions", {"prompt": "Hi \ud800"}),
                        ("/v1/chat/completions", {"messages": [{"role": "user",
