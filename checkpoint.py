@@ -213,11 +213,13 @@ def empty_model(args: ModelArgs, quantization: Optional[dict] = None) -> Transfo
     return model
 
 
-def check_tensors(found: dict, model: nn.Module, what: str):
+def check_tensors(found: dict, model: nn.Module, what: str, dtypes: Optional[dict] = None):
     """found {name: shape} must be exactly the tensors of model's state_dict (a tied output layer is
     stored once, as the embedding; a stored copy is allowed), else an InputError naming the first
-    tensor that is missing, unexpected or of another shape."""
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    tensor that is missing, unexpected or of another shape; with dtypes {name: dtype}, or of the
+    wrong kind of dtype: float weights may come in any float dtype (they are converted), integer
+    ones (quantized weights, bit patterns) in exactly theirs."""
+    expected = model.state_dict()
     if model.args.tie_embeddings:
         del expected["output.weight"]
         found = {name: shape for name, shape in found.items() if name != "output.weight"}
@@ -226,9 +228,15 @@ def check_tensors(found: dict, model: nn.Module, what: str):
             raise InputError(f"{what}: {name} is missing")
         if name not in expected:
             raise InputError(f"{what}: unexpected tensor {name}")
-        if tuple(found[name]) != expected[name]:
+        want = expected[name]
+        if tuple(found[name]) != tuple(want.shape):
             raise InputError(f"{what}: {name} has shape {list(found[name])}, expected "
-                             f"{list(expected[name])}")
+                             f"{list(want.shape)}")
+        dtype = None if dtypes is None else dtypes[name]
+        if dtype is not None and not (dtype.is_floating_point if want.is_floating_point()
+                                      else dtype == want.dtype):
+            raise InputError(f"{what}: {name} is {dtype}, expected "
+                             f"{'floats' if want.is_floating_point() else want.dtype}")
 
 
 def unpermute(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
@@ -267,12 +275,17 @@ class WeightsFile:
         if weights.suffix != ".safetensors":
             self.file = read_weights(weights)
             self.shapes = {name: tuple(t.shape) for name, t in self.file.items()}
+            self.dtypes = {name: t.dtype for name, t in self.file.items()}
             return
         from safetensors import safe_open
         try:
             # checks the header and that the file covers every tensor
             self.file = safe_open(weights, "pt")
             self.shapes = {name: tuple(self.file.get_slice(name).get_shape())
+                           for name in self.file.keys()}
+            # An empty slice gives the torch dtype (safetensors names dtypes its own way); a 0-d
+            # tensor has no slice, and no model's tensor is 0-d (check_tensors refuses it).
+            self.dtypes = {name: self.file.get_slice(name)[:0].dtype if self.shapes[name] else None
                            for name in self.file.keys()}
         except Exception as e:  # as in read_weights
             raise InputError(f"cannot read weights {weights}: {type(e).__name__}: {e}") from None
@@ -313,13 +326,8 @@ def load_model(ckpt: Checkpoint, device="cpu", dtype=None) -> Transformer:
     model = empty_model(ckpt.args, ckpt.quantization)
     tensors = read_weights(ckpt.weights)
     check_tensors({name: t.shape for name, t in tensors.items()}, model,
-                  f"{ckpt.weights} does not match {ckpt.config}")
-    for name, expected in model.state_dict().items():  # float weights may come in any float dtype
-        found = tensors.get(name)
-        if found is not None and (found.dtype != expected.dtype if not expected.is_floating_point()
-                                  else not found.is_floating_point()):
-            raise InputError(f"{ckpt.weights}: {name} is {found.dtype}, expected "
-                             f"{expected.dtype if not expected.is_floating_point() else 'floats'}")
+                  f"{ckpt.weights} does not match {ckpt.config}",
+                  {name: t.dtype for name, t in tensors.items()})
     if ckpt.args.tie_embeddings:
         tensors["output.weight"] = tensors["tok_embeddings.weight"]
     model.load_state_dict(tensors, strict=True, assign=True)  # the tensors themselves: no copy

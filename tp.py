@@ -247,7 +247,7 @@ def load_shard(path, rank: int, world: int, device, dtype=None) -> Transformer:
     model = empty_shard(args, quantization, world)
     source = WeightsFile(ckpt.weights)
     check_tensors(source.shapes, empty_model(args, quantization),
-                  f"{ckpt.weights} does not match {ckpt.config}")
+                  f"{ckpt.weights} does not match {ckpt.config}", source.dtypes)
     state = {}
     # disable=None: the bar shows on a terminal only, never in logs or captured output.
     for name in tqdm(model.state_dict(), desc=f"loading part {rank + 1} of {world}", unit="tensor",

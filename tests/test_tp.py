@@ -140,6 +140,27 @@ def test_each_rank_holds_its_slice_of_every_expert_and_the_whole_router(tiny_che
                                whole.layers[0].feed_forward.w2.weights(..., torch.float32))
 
 
+def test_a_rank_refuses_weights_of_the_wrong_kind_of_dtype_naming_the_tensor(tiny_checkpoints, tmp_path):
+    """As one process does (load_model): a quantized layer's integer weights stored as floats, or integers where
+    floats belong, are refused before any slice is read; float weights of another float dtype load."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    import tp
+    quantized = torch.load(tiny_checkpoints["int8"], weights_only=True)
+    name = "layers.0.attention.wqkv.weight"
+    shutil.copytree(tiny_checkpoints["int8"].parent, tmp_path / "q")
+    torch.save({**quantized, name: quantized[name].float()}, tmp_path / "q" / "model_int8.pth")
+    with pytest.raises(InputError, match=f"{name} is torch.float32, expected torch.int8"):
+        tp.load_shard(tmp_path / "q" / "model_int8.pth", 0, 2, "cpu")
+    state = load_file(tiny_checkpoints["gqa"])
+    shutil.copytree(tiny_checkpoints["gqa"].parent, tmp_path / "f")
+    save_file({**state, "norm.weight": state["norm.weight"].to(torch.int8)}, tmp_path / "f" / "model.safetensors")
+    with pytest.raises(InputError, match="norm.weight is torch.int8, expected floats"):
+        tp.load_shard(tmp_path / "f", 1, 2, "cpu")
+    save_file({k: v.to(torch.float16) for k, v in state.items()}, tmp_path / "f" / "model.safetensors")
+    assert tp.load_shard(tmp_path / "f", 1, 2, "cpu").norm.weight.dtype == torch.float16
+
+
 def test_quantize_then_split_equals_split_then_quantize(tiny_checkpoints):
     """Every int4 layer (groups fall on the split), and int8's column-parallel layers (scales are per row): the
     stored tensors of a rank's part of the quantized file are those of its quantized float part. int8's
