@@ -209,8 +209,8 @@ def test_a_tiny_temperature_samples_each_rows_argmax_not_noise():
 
 
 def test_a_developer_message_is_the_system_message(server, reference):
-    """"developer", OpenAI's newer name for the system message, is rendered as one: the answer and
-    the prompt's length are those of the conversation with a system message."""
+    """A message of role "developer", OpenAI's newer name for the system message, is rendered as
+    one: the answer and the prompt's length are those of the conversation with a system message."""
     system = [{"role": "system", "content": "Answer in one word."}] + QUESTION
     answer = ask(server, [dict(system[0], role="developer")] + QUESTION, max_tokens=4,
                  temperature=0)
