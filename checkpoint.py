@@ -246,6 +246,13 @@ def unpermute(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
     return w.unflatten(0, (n_heads, 2, head_dim // 2)).transpose(1, 2).reshape(w.shape)
 
 
+def unreadable(weights: Path, e: Exception) -> InputError:
+    """The error for a weights file that its reader refused, in one line (weights_only's
+    UnpicklingError explains itself over several)."""
+    first_line = (str(e).strip().splitlines() or [""])[0]
+    return InputError(f"cannot read weights {weights}: {type(e).__name__}: {first_line}")
+
+
 def read_weights(weights: Path) -> dict:
     """Every tensor of a weights file: safetensors, or a .pth through torch.load(weights_only=True),
     memory-mapped so that pages are read as they are used."""
@@ -256,9 +263,7 @@ def read_weights(weights: Path) -> dict:
         tensors = torch.load(weights, map_location="cpu", mmap=True, weights_only=True)
     # corrupt files raise many types (SafetensorError, pickle, zip): all user input
     except Exception as e:
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        raise InputError(f"cannot read weights {weights}: {type(e).__name__}: {first_line}"
-                         ) from None
+        raise unreadable(weights, e) from None
     if not (isinstance(tensors, dict) and all(isinstance(name, str) and isinstance(t, torch.Tensor)
                                               for name, t in tensors.items())):
         raise InputError(f"{weights} does not hold a state dict (tensor names to tensors)")
@@ -288,7 +293,7 @@ class WeightsFile:
             self.dtypes = {name: self.file.get_slice(name)[:0].dtype if self.shapes[name] else None
                            for name in self.file.keys()}
         except Exception as e:  # as in read_weights
-            raise InputError(f"cannot read weights {weights}: {type(e).__name__}: {e}") from None
+            raise unreadable(weights, e) from None
 
     def part(self, name: str):
         return self.file[name] if isinstance(self.file, dict) else self.file.get_slice(name)

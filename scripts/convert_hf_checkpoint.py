@@ -35,7 +35,7 @@ from tqdm import tqdm  # noqa: E402
 
 from checkpoint import (TOKENIZER_FILES, InputError, check_output_folder,  # noqa: E402
                         empty_model, parse_config, read_json, read_weights, save_checkpoint,
-                        unpermute)
+                        unpermute, unreadable)
 from model import ModelArgs  # noqa: E402
 
 SUPPORTED = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe")
@@ -339,7 +339,7 @@ def open_shard(path: Path) -> tuple[list[str], callable]:
     try:
         f = safe_open(str(path), framework="pt")  # checks the header covers the whole file
     except Exception as e:  # as in checkpoint.read_weights
-        raise InputError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+        raise unreadable(path, e) from None
     return list(f.keys()), f.get_tensor
 
 

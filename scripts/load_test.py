@@ -278,7 +278,8 @@ def check_args(args):
     if not args.url.startswith(("http://", "https://")):
         raise InputError(f"--url {args.url!r} is not an http:// or https:// URL")
     try:
-        host, _ = urlsplit(args.url).hostname, urlsplit(args.url).port  # each raises if malformed
+        url = urlsplit(args.url)
+        host, _ = url.hostname, url.port  # each raises if malformed
     except ValueError as e:
         raise InputError(f"--url {args.url!r}: {e}") from None
     if not host:
