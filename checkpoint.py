@@ -22,6 +22,7 @@ lists the renames (and the stale files to remove), then they happen. A process k
 leaves the previous checkpoint (temp files only, removed by the next write) or a journal that the
 next reader or writer finishes: never weights without their config.
 """
+import argparse
 import json
 import math
 import os
@@ -41,6 +42,15 @@ from model import Experts, ModelArgs, Transformer
 class InputError(Exception):
     """Bad input from the user (a flag, a file, a prompt): printed as one `error:` line, exit 1.
     Anything else that goes wrong is a bug and keeps its traceback."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose complaints (an unknown flag, a value of the wrong type, a missing
+    required flag) are InputError like any other bad input, rather than its usage text and exit
+    status 2."""
+
+    def error(self, message: str):
+        raise InputError(f"{message} (see --help)")
 
 
 WEIGHT_FILES = ("model.safetensors", "model.pth")  # float weights, described by config.json

@@ -30,7 +30,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 import tp
-from checkpoint import InputError, check_device, check_output, load_model, read_checkpoint
+from checkpoint import (ArgumentParser, InputError, check_device, check_output, load_model,
+                        read_checkpoint)
 from generate import (Sampling, check_cache_fits, compile_functions, device_name, generate,
                       write_json)
 from model import Transformer
@@ -393,7 +394,7 @@ def run_tasks(em: EvalModel, lm_eval, task_manager, tasks: list, args) -> dict:
 # ---- the command line ----------------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Perplexity and lm-evaluation-harness tasks for a gpt-blitz checkpoint.")
     p.add_argument("--checkpoint_path", type=Path, required=True, help="checkpoint folder, or a "
                    "weights file in it (model_int8.pth etc. from quantize.py)")

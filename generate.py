@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import tp
-from checkpoint import (CONFIGS, InputError, check_device, check_output, load_model,
+from checkpoint import (CONFIGS, ArgumentParser, InputError, check_device, check_output, load_model,
                         random_model, read_checkpoint, write_files)
 from model import ModelArgs, MoEFeedForward, Transformer
 from tokenizer import TextStreamer, load_tokenizer
@@ -803,7 +803,7 @@ def load_proposer(args, config: ModelArgs, device: torch.device, sampling: Sampl
 
 # The flags that choose the model and how it runs: generate.py's, and server.py's through
 # argparse's `parents`.
-MODEL_FLAGS = argparse.ArgumentParser(add_help=False)
+MODEL_FLAGS = ArgumentParser(add_help=False)
 MODEL_FLAGS.add_argument("--checkpoint_path", type=Path,
                          help="checkpoint folder, or the weights file inside it")
 MODEL_FLAGS.add_argument("--random_weights", metavar="NAME",
@@ -838,8 +838,8 @@ def check_model_flags(args):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Generate text with a gpt-blitz checkpoint (or "
-                                "random weights, to benchmark).", parents=[MODEL_FLAGS])
+    p = ArgumentParser(description="Generate text with a gpt-blitz checkpoint (or random "
+                       "weights, to benchmark).", parents=[MODEL_FLAGS])
     p.add_argument("--prompt", action="append",
                    help="prompt text; repeat the flag for a batch of different prompts (default: "
                    "'Hello, my name is')")

@@ -56,9 +56,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from checkpoint import (TOKENIZER_FILES, WEIGHT_FILES, Checkpoint, InputError, WeightsFile,
-                        check_device, check_tensors, check_writable, empty_model, read_checkpoint,
-                        write_files)
+from checkpoint import (TOKENIZER_FILES, WEIGHT_FILES, ArgumentParser, Checkpoint, InputError,
+                        WeightsFile, check_device, check_tensors, check_writable, empty_model,
+                        read_checkpoint, write_files)
 from kernels import FORMAT, FP8_MAX, GROUPSIZES, INT4_MODES, int4_dequantize, layer_mode
 from model import (Experts, KVCache, ModelArgs, RMSNorm, Rows, Transformer, TransformerBlock,
                    attention_mask, rope_table)
@@ -470,10 +470,9 @@ def gptq_quantize_state_dict(source: WeightsFile, args: ModelArgs, groupsize: in
 # ---- the command line ----------------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Quantize a checkpoint's linear layers "
-                                "(weight-only); generate.py loads the result like "
-                                "any checkpoint. The top of quantize.py and "
-                                "kernels.py describe the formats.")
+    p = ArgumentParser(description="Quantize a checkpoint's linear layers (weight-only); "
+                       "generate.py loads the result like any checkpoint. The top of quantize.py "
+                       "and kernels.py describe the formats.")
     p.add_argument("--checkpoint_path", type=Path, required=True,
                    help="float checkpoint folder, or the weights file inside it")
     p.add_argument("--mode", default="int8",

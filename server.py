@@ -55,7 +55,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 import tp
-from checkpoint import CONFIGS, InputError, read_checkpoint
+from checkpoint import CONFIGS, ArgumentParser, InputError, read_checkpoint
 from generate import MODEL_FLAGS, check_model_flags, compile_functions, load_weights
 from model import ModelArgs, Transformer
 from tokenizer import TextStreamer, load_tokenizer
@@ -788,7 +788,7 @@ SPECULATION_FLAGS = ("--draft_checkpoint_path", "--speculate_ngram", "--speculat
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Serve a gpt-blitz checkpoint over an OpenAI-compatible HTTP API, many "
         "requests batched at once; under torchrun the model is split over the processes. "
         "Speculative decoding is not served (its flags are refused).",

@@ -66,8 +66,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import generate  # noqa: E402
 import kernels  # noqa: E402
 import tp  # noqa: E402
-from checkpoint import (CONFIGS, InputError, check_output, random_model, read_json,  # noqa: E402
-                        write_files)
+from checkpoint import (CONFIGS, ArgumentParser, InputError, check_output, random_model,  # noqa: E402
+                        read_json, write_files)
 from model import ModelArgs  # noqa: E402
 
 DEVICE = "cuda"  # the benchmark is for GPUs; tests point it at the CPU to check the code path
@@ -543,7 +543,7 @@ def run_merge(args):
 # ---- the command line ---------------------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     cells = p.add_argument_group("cells: a cross product of these four lists, or --cells, or --suite")
     cells.add_argument("--models", nargs="+", help="named configs of checkpoint.py (default Llama-2-7B)")
     cells.add_argument("--precisions", nargs="+", help="bf16 (default), int8, int4.gG, fp8, fp8-scaled_mm")

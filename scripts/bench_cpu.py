@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import generate  # noqa: E402
 import tp  # noqa: E402
-from checkpoint import CONFIGS, InputError, check_output, random_model  # noqa: E402
+from checkpoint import CONFIGS, ArgumentParser, InputError, check_output, random_model  # noqa: E402
 from model import ModelArgs  # noqa: E402
 
 PROMPT_TOKENS = 5
@@ -105,7 +105,7 @@ def markdown(result: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="CPU decode speed of int8 / int4 against float32")
+    p = ArgumentParser(description="CPU decode speed of int8 / int4 against float32")
     p.add_argument("--models", nargs="+", default=["SmolLM2-135M"],
                    help="named configs of checkpoint.py (default: SmolLM2-135M)")
     p.add_argument("--precisions", nargs="+", default=list(PRECISIONS),

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench.py beside this
 import kernels  # noqa: E402
 from bench import (BYTES_PER_GB, build, copy_bandwidth_gb_s, describe_check,  # noqa: E402
                    kernel_checks, parse_precision)
-from checkpoint import CONFIGS, InputError  # noqa: E402
+from checkpoint import CONFIGS, ArgumentParser, InputError  # noqa: E402
 
 LINEARS = (nn.Linear, kernels.Int8Linear, kernels.Int4Linear, kernels.Fp8Linear)
 
@@ -79,7 +79,7 @@ def paths(layers: list, rows: int):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="Llama-2-7B", choices=CONFIGS)
     p.add_argument("--precisions", nargs="+",
                    default=["bf16", "int8", "int4.g128", "int4.g32", "fp8"])

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's mo
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench.py beside this file
 import bench  # noqa: E402
 import generate  # noqa: E402
-from checkpoint import InputError, check_device, check_output  # noqa: E402
+from checkpoint import ArgumentParser, InputError, check_device, check_output  # noqa: E402
 
 ACCEPTANCE_RATES = (0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -123,7 +123,7 @@ def speedup_table(rows: list, target: str) -> list:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--target", default="Llama-2-7B", help="model.py config of the target (bfloat16)")
     p.add_argument("--drafts", nargs="+", default=["Llama-2-7B:int4.g128", "TinyLlama-1.1B:bf16"],
                    help="NAME:PRECISION of each draft (precisions as in bench.py)")

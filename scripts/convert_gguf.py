@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from checkpoint import (InputError, check_output_folder, check_tensors, empty_model,  # noqa: E402
-                        parse_config, save_checkpoint, unpermute)
+from checkpoint import (ArgumentParser, InputError, check_output_folder, check_tensors,  # noqa: E402
+                        empty_model, parse_config, save_checkpoint, unpermute)
 from model import ModelArgs, llama3_scale  # noqa: E402
 from tokenizer import LLAMA3_PATTERN  # noqa: E402
 
@@ -422,8 +422,8 @@ def convert(gguf_path: Path, out: Path, dtype: torch.dtype, force: bool = False)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gguf", type=Path, required=True, help="the .gguf file")
     parser.add_argument("--out", type=Path, required=True,
                         help="checkpoint folder to write, e.g. checkpoints/NAME")
@@ -434,8 +434,8 @@ def main(argv=None):
     parser.add_argument("--force", action="store_true",
                         help="replace the checkpoint OUT holds already: its files that this "
                              "conversion does not write (quantized copies too) are removed")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         convert(args.gguf, args.out, DTYPES[args.dtype], args.force)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -22,7 +22,6 @@ Two layout changes happen on the way:
     matrices are stacked, (n_experts, rows, columns). The pieces of one layer may live in
     different shards, so they wait in `pending` until the set is complete.
 """
-import argparse
 import os
 import re
 import sys
@@ -33,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from checkpoint import (TOKENIZER_FILES, InputError, check_output_folder,  # noqa: E402
-                        empty_model, parse_config, read_json, read_weights, save_checkpoint,
-                        unpermute, unreadable)
+from checkpoint import (TOKENIZER_FILES, ArgumentParser, InputError,  # noqa: E402
+                        check_output_folder, empty_model, parse_config, read_json, read_weights,
+                        save_checkpoint, unpermute, unreadable)
 from model import ModelArgs  # noqa: E402
 
 SUPPORTED = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe")
@@ -460,7 +459,7 @@ def run(opts) -> tuple[dict, list]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint_dir", type=Path, required=True,
                         help="where the gpt-blitz checkpoint goes, e.g. checkpoints/REPO")
     parser.add_argument("--hf_dir", type=Path, default=None,
@@ -469,8 +468,8 @@ def main(argv=None):
                         help="replace the checkpoint CHECKPOINT_DIR holds already: its files "
                              "that this conversion does not write (quantized copies too) are "
                              "removed; sub-folders such as hf/ are left alone")
-    opts = parser.parse_args(argv)
     try:
+        opts = parser.parse_args(argv)
         state_dict, copied = run(opts)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -7,14 +7,13 @@ Gated repos (Llama) need an access token: set HF_TOKEN or run `huggingface-cli l
 scripts/convert_hf_checkpoint.py then turns the raw files into a gpt-blitz checkpoint one folder
 up.
 """
-import argparse
 import errno
 import os
 import sys
 from pathlib import Path, PurePosixPath
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
-from checkpoint import TOKENIZER_FILES, InputError  # noqa: E402
+from checkpoint import TOKENIZER_FILES, ArgumentParser, InputError  # noqa: E402
 
 
 def choose_files(repo_files: list[str]) -> list[str]:
@@ -102,17 +101,16 @@ def explain(e: Exception, repo_id: str) -> str:
     raise e
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repo_id", required=True, help="e.g. meta-llama/Llama-2-7b-chat-hf")
     parser.add_argument("--out", help="folder for the raw HF files "
                                       "(default: checkpoints/REPO_ID/hf)")
-    args = parser.parse_args()
-    out = args.out or os.path.join("checkpoints", args.repo_id, "hf")
-
     from huggingface_hub.utils import logging as hub_logging
     hub_logging.set_verbosity_error()  # no per-retry warnings: a failure ends in the one line below
     try:
+        args = parser.parse_args(argv)
+        out = args.out or os.path.join("checkpoints", args.repo_id, "hf")
         check_out(Path(out))
         download(args.repo_id, out, token=os.environ.get("HF_TOKEN"))
     except InputError as e:

@@ -47,7 +47,7 @@ import openai
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from checkpoint import InputError, check_output  # noqa: E402
+from checkpoint import ArgumentParser, InputError, check_output  # noqa: E402
 from generate import write_json  # noqa: E402
 
 CALIBRATION = (8, 16)  # prompts of this many numbers measure the tokens of one
@@ -249,7 +249,7 @@ def report(result: dict):
 # ---- the command line ---------------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", default="http://127.0.0.1:8000/v1",
                    help="the server's API base URL (default http://127.0.0.1:8000/v1)")
     p.add_argument("--api_key", help="the server's --api_key, if it was started with one")

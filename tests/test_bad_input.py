@@ -159,6 +159,32 @@ def in_process(main, argv: list, monkeypatch, capsys) -> tuple[str, float]:
 
 # ---- generate.py: prompts ---------------------------------------------------------------------------
 
+# A flag argparse refuses, in every script: (script, argv, words its one line must hold; with an
+# unknown flag, argparse may first name a required flag that is missing)
+FLAGS_REFUSED = [
+    ("generate.py", ["--temperature", "warm"], ["--temperature", "invalid float value: 'warm'"]),
+    ("server.py", ["--port", "http"], ["--port", "invalid int value"]),
+    ("scripts/convert_gguf.py", ["--gguf", "x.gguf"], ["required: --out"]),
+    ("scripts/bench.py", ["--no_such_flag"], ["unrecognized arguments: --no_such_flag"]),
+] + [(script, ["--no_such_flag"], []) for script in (
+    "quantize.py", "eval.py", "scripts/bench_cpu.py", "scripts/bench_layers.py",
+    "scripts/bench_speculative.py", "scripts/convert_hf_checkpoint.py", "scripts/download.py",
+    "scripts/load_test.py")]
+
+
+def test_a_flag_argparse_refuses_is_one_error_line_and_exit_1_in_every_script():
+    """An unknown flag, a value of the wrong type, a required flag missing: one `error:` line
+    and exit status 1 like any other bad input (checkpoint.ArgumentParser), not argparse's usage
+    text and status 2. The scripts run side by side, each its own process."""
+    processes = [subprocess.Popen([sys.executable, script, *argv], cwd=ROOT, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for script, argv, _ in FLAGS_REFUSED]
+    for (script, _, words), process in zip(FLAGS_REFUSED, processes):
+        _, stderr = process.communicate(timeout=FAST_S * 3)
+        assert process.returncode == 1, (script, stderr[-2000:])
+        assert_one_error_line(stderr, *words, "(see --help)")
+
+
 def test_number_prompt_is_text_not_random_tokens(tiny, tmp_path):
     succeeds_here("generate.py", "--checkpoint_path", tiny, "--prompt", "2024", *GEN, "--json", tmp_path / "m.json")
     prompt_tokens = json.loads((tmp_path / "m.json").read_text())["samples"][0]["prompt_tokens"]
