@@ -10,6 +10,7 @@ step in flight. Read top to bottom: sampling, the generation loop, speculative d
 command line.
 """
 import argparse
+import gzip
 import json
 import math
 import os
@@ -528,7 +529,7 @@ def run_samples(args, prompts: list, generate_fn: Callable, tokenizer, max_new: 
         if streamer is not None:
             print(streamer.flush(), flush=True)
         if profiling:
-            prof.export_chrome_trace(str(args.profile))
+            write_trace(prof, args.profile)
         if len(prompts) > 1 and tokenizer is not None:
             for b, row in enumerate(gen.tokens):
                 print(f"[{b}] {tokenizer.decode(row)}")
@@ -613,8 +614,8 @@ def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: i
     """A conversation from the terminal until end of input. With --chat the chat template is
     rendered over every turn so far and the KV cache keeps what it already holds: only the new part
     of the conversation is prefilled. When the conversation outgrows the cache, its oldest turns are
-    dropped (a note says so). /clear starts over. Without --chat each line is a prompt of its
-    own."""
+    dropped (a note says so). /clear starts over; Ctrl-C stops an answer. Without --chat each line
+    is a prompt of its own."""
     if args.compile or args.compile_prefill:  # no answer's metrics count the compiling
         compiling_run(generate_fn, [[0]], min(max_new, 8))
     messages, in_cache = [], []  # the conversation; the token ids the KV cache holds, in order
@@ -652,8 +653,14 @@ def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: i
         def print_answer(new: list):
             if new[0] is not None and new[0] not in tokenizer.eos_ids:
                 print(streamer.put(new[0]), end="", flush=True)
-        gen = generate_fn([ids], min(max_new, max_seq - len(ids)), on_tokens=print_answer,
-                          cached=cached if args.chat else 0)
+        try:
+            gen = generate_fn([ids], min(max_new, max_seq - len(ids)), on_tokens=print_answer,
+                              cached=cached if args.chat else 0)
+        except KeyboardInterrupt:  # Ctrl-C stops the answer; the conversation goes on without it
+            print("\n(answer stopped)", file=sys.stderr)
+            messages.pop()
+            in_cache = []  # what the cache holds now is not known: prefill it all next time
+            continue
         print(streamer.flush(), flush=True)
         answer = gen.tokens[0]
         # The cache holds every token fed to the model: the prompt and each sampled token but the
@@ -723,6 +730,16 @@ def encode_prompts(args, tokenizer, vocab_size: int) -> list:
 
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def write_trace(prof, path: Path):
+    """The profiler's trace at path as JSON, written whole or not at all, gzip-compressed for a
+    name ending in .gz (export_chrome_trace would see the temp file's name)."""
+    def write(tmp: Path):
+        prof.export_chrome_trace(str(tmp))
+        if path.suffix == ".gz":
+            tmp.write_bytes(gzip.compress(tmp.read_bytes()))
+    write_files(path.parent, {path.name: write})
 
 
 def write_json(path: Path, data: dict):
@@ -815,8 +832,6 @@ MODEL_FLAGS.add_argument("--random_quantization", choices=tp.RANDOM_QUANTIZATION
                          "device")
 MODEL_FLAGS.add_argument("--compile", action="store_true",
                          help="compile the decode step (on a GPU: one CUDA graph)")
-MODEL_FLAGS.add_argument("--compile_prefill", action="store_true",
-                         help="also compile the prefill (dynamic shapes)")
 MODEL_FLAGS.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                          help="where the model runs (default: cuda when there is a GPU, else cpu)")
 MODEL_FLAGS.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
@@ -840,6 +855,8 @@ def check_model_flags(args):
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description="Generate text with a gpt-blitz checkpoint (or random "
                        "weights, to benchmark).", parents=[MODEL_FLAGS])
+    p.add_argument("--compile_prefill", action="store_true",
+                   help="also compile the prefill (dynamic shapes)")
     p.add_argument("--prompt", action="append",
                    help="prompt text; repeat the flag for a batch of different prompts (default: "
                    "'Hello, my name is')")
@@ -882,6 +899,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_model_flags(args)
     if not 0 <= args.temperature < math.inf:
         raise InputError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    # The logits are divided by it in float32: one too small for float32 (below ~1e-45) is 0 there,
+    # so greedy, as the server takes it, rather than 0 / 0.
+    args.temperature = torch.tensor(args.temperature, dtype=torch.float32).item()
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise InputError(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.top_k is not None and args.top_k < 1:

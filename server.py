@@ -14,11 +14,11 @@ step carries --prefill_chunk tokens of it through the same forward, which reads 
 for both. Its last token is its first decode step's input. A finished or cancelled request frees
 its row at once. The step runs row 0 alone when only it decodes and no prompt waits, else every
 row (with --compile, one CUDA graph for each kind of step), and samples each row with its own
-settings: a greedy request gets generate.py
---temperature 0's tokens whatever shares the batch, and a seeded one the same tokens on every run
-(its noise is a hash of its seed, position and token ids, not a draw from a shared generator), up
-to rounding: a row's logits are computed within batches of other sizes, and in bfloat16 another
-batch size can round a near-tie the other way.
+settings: a greedy request gets the tokens of generate.py's --temperature 0 whatever shares the
+batch, and a seeded one the same tokens on every run (its noise is a hash of its seed, position
+and token ids, not a draw from a shared generator), up to rounding: a row's logits are computed
+within batches of other sizes, and in bfloat16 another batch size can round a near-tie the other
+way.
 
 Under torchrun (tp.py) rank 0 serves HTTP and schedules; before each forward it broadcasts the
 step's inputs, and every rank runs the same forward. Not served: speculative decoding (it proposes
@@ -48,7 +48,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from torch import Tensor
@@ -485,7 +485,7 @@ class ChatRequest(CommonFields):
 
 
 class CompletionRequest(CommonFields):
-    prompt: Union[str, list[str], list[int]]  # text, or token ids
+    prompt: Union[str, list[str], list[StrictInt]]  # text, or token ids (true is no id)
 
 
 # OpenAI's API takes up to 4 stop strings. Each is looked for at every token, on the event loop
@@ -497,7 +497,8 @@ MAX_STOPS, MAX_STOP_CHARS = 4, 100
 UNSUPPORTED = {"n": (1,), "best_of": (1,), "logprobs": (False,), "top_logprobs": (0,),
                "echo": (False,), "tools": ([],), "functions": ([],), "tool_choice": ("none",),
                "function_call": ("none",), "presence_penalty": (0,), "frequency_penalty": (0,),
-               "logit_bias": ({},), "suffix": ("",), "response_format": ({"type": "text"},)}
+               "logit_bias": ({},), "suffix": ("",), "response_format": ({"type": "text"},),
+               "modalities": (["text"],), "audio": (), "min_p": (0,), "repetition_penalty": (1,)}
 
 
 def check_supported(body: CommonFields):
@@ -520,7 +521,10 @@ def message_text(message: Message) -> str:
     if any(part.get("type") != "text" for part in message.content):
         raise APIError(400, "only text content parts are supported", "unsupported_content",
                        "messages")
-    return "".join(str(part.get("text", "")) for part in message.content)
+    if not all(isinstance(part.get("text"), str) for part in message.content):
+        raise APIError(400, "a text content part's text must be a string", "invalid_request",
+                       "messages")
+    return "".join(part["text"] for part in message.content)
 
 
 def unicode_text(text: str, param: str) -> str:
@@ -654,7 +658,9 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
     async def completions(body: CompletionRequest, request: Request):
         check_supported(body)
         prompt = body.prompt
-        if prompt and all(type(i) is int for i in prompt):  # token ids
+        if isinstance(prompt, list) and not prompt:
+            raise APIError(400, "the prompt is an empty list", "invalid_request", "prompt")
+        if isinstance(prompt, list) and all(type(i) is int for i in prompt):  # token ids
             return await complete(request, body, lambda: prompt, False, body.max_tokens)
         if not isinstance(prompt, str):
             if len(prompt) != 1:
@@ -792,7 +798,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Serve a gpt-blitz checkpoint over an OpenAI-compatible HTTP API, many "
         "requests batched at once; under torchrun the model is split over the processes. "
         "Speculative decoding is not served (its flags are refused).",
-        parents=[MODEL_FLAGS], conflict_handler="resolve")
+        parents=[MODEL_FLAGS])
     # generate.py's flag, kept out of --help: it is refused below (the decode step prefills)
     p.add_argument("--compile_prefill", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -823,9 +829,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "inside the decode steps, which --compile compiles")
     check_model_flags(args)
     if min(args.max_batch_size, args.max_queue, args.prefill_chunk,
-           args.max_seq_length or 1) < 1:
+           1 if args.max_seq_length is None else args.max_seq_length) < 1:
         raise InputError("--max_batch_size, --max_queue, --prefill_chunk and --max_seq_length "
                          "must be >= 1")
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port {args.port} is not a TCP port (0 to 65535)")
+    # HTTP headers carry ASCII; an empty key would let "Authorization: Bearer" in
+    if args.api_key is not None and not (args.api_key.isascii() and args.api_key.isprintable()
+                                         and args.api_key.strip() == args.api_key != ""):
+        raise InputError("--api_key must be printable ASCII, not empty, with no spaces around it")
     return args
 
 
@@ -854,11 +866,14 @@ def main(argv=None):
     else:
         ckpt = read_checkpoint(args.checkpoint_path)
         tokenizer, config = load_tokenizer(ckpt.folder), ckpt.args
-        model_id = ckpt.folder.name
+        model_id = ckpt.folder.resolve().name  # (a folder given as "." has no name)
     context = args.max_seq_length or min(config.block_size, 4096)
     if context > config.block_size:
         raise InputError(f"--max_seq_length {context} is beyond the model's context of "
                          f"{config.block_size} tokens")
+    if args.prefill_chunk > context:
+        raise InputError(f"--prefill_chunk {args.prefill_chunk} is beyond the {context} slots of "
+                         "a row (--max_seq_length)")
     listener = listen(args.host, args.port) if tp.rank() == 0 else None  # rank 0 serves HTTP
     device = tp.start(args, config, args.device) if distributed else args.device
     model = load_weights(args, ckpt, config, device, args.max_batch_size, context)

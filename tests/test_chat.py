@@ -127,3 +127,23 @@ def test_interactive_chat_cli_answers_three_turns(smollm2_checkpoint):
     assert r.stdout.count("> ") == 5  # three answers, /clear, end of input
     assert r.stderr.count("new tokens, time to first token") == 3
     assert "(conversation cleared)" in r.stderr
+
+
+def test_ctrl_c_stops_an_answer_and_the_conversation_goes_on(smollm2_checkpoint):
+    """SIGINT while an answer streams (the terminal's Ctrl-C) ends that answer, not the session:
+    the next question is answered, and end of input still ends it with status 0."""
+    import signal
+    p = subprocess.Popen([sys.executable, "generate.py", "--checkpoint_path",
+                          str(smollm2_checkpoint), "--chat", "--interactive", "--temperature", "0",
+                          "--max_new_tokens", "2000", "--device", "cpu"], cwd=ROOT,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    p.stdin.write("Tell me a very long story about a dragon.\n")
+    p.stdin.flush()
+    assert p.stdout.read(2) == "> "  # the prompt; then the answer streams
+    assert p.stdout.read(1)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate("What is the capital of France?\n", timeout=600)
+    assert p.returncode == 0, stderr[-2000:]
+    assert "(answer stopped)" in stderr and "Traceback" not in stderr
+    assert "Paris" in stdout  # the second answer

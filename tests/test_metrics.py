@@ -57,3 +57,16 @@ def test_batch_metrics_count_rows_and_the_whole_batch(smollm2_checkpoint, tmp_pa
     total = sum(sample["new_tokens"])
     assert f"{total} new tokens over 2 rows" in stderr
     assert "tok/s over the batch" in stderr and "per row)" in stderr
+
+
+@pytest.mark.parametrize("name", ["trace.json", "trace.json.gz"])
+def test_a_profile_is_the_last_samples_trace_written_whole_and_gzipped_by_its_name(
+        smollm2_checkpoint, tmp_path, capsys, name):
+    import gzip
+    run_generate(["--checkpoint_path", smollm2_checkpoint, "--prompt", "Hi", "--max_new_tokens",
+                  "3", "--num_samples", "2", "--temperature", "0", "--device", "cpu", "--profile",
+                  tmp_path / name], capsys)
+    data = (tmp_path / name).read_bytes()
+    trace = json.loads(gzip.decompress(data) if name.endswith(".gz") else data)
+    assert trace["traceEvents"]
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no temp file left

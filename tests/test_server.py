@@ -16,7 +16,7 @@ import openai
 import pytest
 import torch
 
-from checkpoint import InputError, load_model, read_checkpoint, save_checkpoint
+from checkpoint import InputError, copier, load_model, read_checkpoint, save_checkpoint
 from conftest import ROOT, assert_one_error_line, run_script, serve
 from generate import Sampling, generate
 from model import ModelArgs, Transformer
@@ -236,6 +236,13 @@ def test_errors_answer_with_openai_error_json_and_status(server):
                                                         "max_tokens": "many"}), 400)
     assert error["param"] == "max_tokens"
     error_of(post("/v1/chat/completions", json={"messages": "hello"}), 400)
+    for part in ({"type": "text", "text": 5}, {"type": "text"}):  # no string to take as text
+        error = error_of(post("/v1/chat/completions", json={"messages": [
+            {"role": "user", "content": [part]}]}), 400)
+        assert error["param"] == "messages"
+    for prompt in ([], [True, False]):  # no prompt; JSON's true is no token id
+        error = error_of(post("/v1/completions", json={"prompt": prompt}), 400)
+        assert error["param"].startswith("prompt")
     for role in ("tool", "robot"):  # a tool's result answers a tool call, which none made here
         error = error_of(post("/v1/chat/completions", json={"messages": [
             {"role": role, "content": "42"}]}), 400)
@@ -259,7 +266,8 @@ def test_errors_answer_with_openai_error_json_and_status(server):
         error = error_of(post("/v1/completions", json={"prompt": "a", "top_k": top_k}), 400)
         assert error["param"] == "top_k"
     for field, value in [("n", 2), ("n", True), ("logprobs", True), ("tools", [{
-            "type": "function", "function": {"name": "f"}}])]:
+            "type": "function", "function": {"name": "f"}}]), ("modalities", ["text", "audio"]),
+            ("min_p", 0.1), ("repetition_penalty", 1.2)]:
         error = error_of(post("/v1/chat/completions", json={"messages": QUESTION, field: value}),
                          400)
         assert error["param"] == field and "not supported" in error["message"]
@@ -406,6 +414,24 @@ def test_compile_prefill_is_refused_since_prompts_ride_the_decode_steps(smollm2_
     assert "--compile " in offered and "--compile_prefill" not in offered  # not offered, then refused
 
 
+def test_flags_the_server_would_misuse_later_are_refused_at_once(smollm2_checkpoint):
+    """A port outside TCP's, an API key no header carries (or an empty one, which a bare
+    "Bearer" would match), --max_seq_length 0 (not taken as the default), a prompt chunk longer
+    than a row: each refused before the model loads. Parsing the server's flags leaves
+    generate.py's as they were (they share a parent parser)."""
+    import generate
+    import server
+    checkpoint = ["--checkpoint_path", str(smollm2_checkpoint), "--device", "cpu"]
+    for flags in (["--port", "70000"], ["--port", "-1"], ["--api_key", "k\xff"], ["--api_key", ""],
+                  ["--api_key", " k"], ["--max_seq_length", "0"]):
+        with pytest.raises(InputError, match=flags[0]):
+            parse_args(checkpoint + flags)
+    with pytest.raises(InputError, match="--prefill_chunk 65"):
+        server.main(checkpoint + ["--max_seq_length", "64", "--prefill_chunk", "65"])
+    assert parse_args(checkpoint + ["--api_key", "sk-1"]).api_key == "sk-1"
+    assert generate.parse_args(checkpoint + ["--compile_prefill"]).compile_prefill
+
+
 KEEP_ALIVE_WRAPPER = """import datetime, sys
 import torch.distributed.distributed_c10d as c10d
 c10d.default_pg_timeout = datetime.timedelta(seconds=4)  # a broadcast gives up after 4 s
@@ -446,7 +472,8 @@ def test_under_torchrun_two_processes_serve_the_greedy_answers_of_one(smollm2_ch
             p.normal_(1.0 if "norm" in name else 0.0, 0.3)  # peaked logits: no near-ties
     names = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
     save_checkpoint(tmp_path / "tiny", args, tiny.state_dict(),
-                    {n: smollm2_checkpoint / n for n in names if (smollm2_checkpoint / n).exists()})
+                    {n: copier(smollm2_checkpoint / n) for n in names
+                     if (smollm2_checkpoint / n).exists()})
     torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
     with serve(tmp_path / "server.log", "--checkpoint_path", tmp_path / "tiny", "--max_seq_length",
                64, "--prefill_chunk", 8, launch=torchrun, env=ONE_THREAD) as (url, proc):
