@@ -60,6 +60,7 @@ JOURNAL = ".checkpoint-write.json"
 MAX_PARAMETERS = 10 ** 13  # far above any released model; a config beyond it is a typo
 MAX_BLOCK_SIZE = 1 << 24
 MAX_LAYERS = 1_000  # the largest models have about 130
+NAME_MAX = 255  # bytes in a file name, on Linux's and most other file systems
 
 
 @dataclass
@@ -201,16 +202,22 @@ def check_quantization(record, args: ModelArgs, where):
         raise InputError(f"{where}: output layer mode {record['output_mode']!r} is neither int8 "
                          f"nor the mode {mode}")
     with torch.device("meta"):
-        linears = {name for name, m in Transformer(args).named_modules()
+        linears = {name: m for name, m in Transformer(args).named_modules()
                    if isinstance(m, (nn.Linear, Experts))}
-    layers, padded = record.get("layers"), record.get("padded", {})
+    layers = record.get("layers")
     if not (isinstance(layers, list) and all(isinstance(name, str) for name in layers)
-            and set(layers) <= linears):
+            and set(layers) <= set(linears)):
         raise InputError(f"{where}: quantized layers must be a list of this model's linear layers")
-    if not isinstance(padded, dict) or not all(isinstance(v, list) and len(v) == 2 and
-                                               all(type(k) is int and k > 0 for k in v)
-                                               for v in padded.values()):
-        raise InputError(f"{where}: 'padded' must map layers to [K, padded K]")
+    # int4 layers whose K is no whole number of groups, as quantize.py pads them: [K, padded K]
+    padding = {}
+    for name in layers:
+        k = linears[name].in_features
+        if kernels.layer_mode(record, name) in kernels.INT4_MODES and k % groupsize:
+            padding[name] = [k, -(-k // groupsize) * groupsize]
+    if record.get("padded", {}) != padding:
+        raise InputError(f"{where}: 'padded' does not give each int4 layer's K padded to whole "
+                         f"groups of {groupsize}: quantize the checkpoint again with this "
+                         "quantize.py")
 
 
 def empty_model(args: ModelArgs, quantization: Optional[dict] = None) -> Transformer:
@@ -256,11 +263,15 @@ def unpermute(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
     return w.unflatten(0, (n_heads, 2, head_dim // 2)).transpose(1, 2).reshape(w.shape)
 
 
+def one_line(e: Exception) -> str:
+    """An exception from a library as one line: its type and the first line of its message
+    (weights_only's UnpicklingError explains itself over several)."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
 def unreadable(weights: Path, e: Exception) -> InputError:
-    """The error for a weights file that its reader refused, in one line (weights_only's
-    UnpicklingError explains itself over several)."""
-    first_line = (str(e).strip().splitlines() or [""])[0]
-    return InputError(f"cannot read weights {weights}: {type(e).__name__}: {first_line}")
+    """The error for a weights file that its reader refused."""
+    return InputError(f"cannot read weights {weights}: {one_line(e)}")
 
 
 def read_weights(weights: Path) -> dict:
@@ -463,6 +474,8 @@ def randomize_(model: nn.Module, skip_layers=()) -> nn.Module:
 
 def check_writable(path: Path, flag: str):
     """A file is to be written at path: fail now, before the work, if it cannot be."""
+    if len(os.fsencode(temp_name(path.name))) > NAME_MAX:  # written first, then renamed
+        raise InputError(f"{flag} {path}: the file name is too long")
     parent = path.resolve().parent
     if path.is_dir():
         raise InputError(f"{flag} {path} is a folder; name the file to write")
@@ -496,19 +509,18 @@ def write_files(folder: Path, writers: dict, remove=()):
     if (folder / JOURNAL).is_file():
         finish_write(folder)
     remove_orphans(folder)
-    tag = f"{socket.gethostname()}-{os.getpid()}"
-    temps = {name: folder / f".{name}.{tag}.tmp" for name in writers}
+    temps = {name: folder / temp_name(name) for name in writers}
     # SIGTERM (kill, a scheduler's stop) ends the process through Python, so the cleanup below runs.
     previous = signal.signal(signal.SIGTERM, exit_on_sigterm) if is_main_thread() else None
     try:
         for name, write in writers.items():
             write(temps[name])
         journal = {"rename": [[temps[name].name, name] for name in writers], "remove": list(remove)}
-        tmp_journal = folder / f".{JOURNAL}.{tag}.tmp"
+        tmp_journal = folder / temp_name(JOURNAL)
         tmp_journal.write_text(json.dumps(journal))
         os.replace(tmp_journal, folder / JOURNAL)  # the moment the new set becomes the checkpoint
     except BaseException as e:
-        for tmp in [*temps.values(), folder / f".{JOURNAL}.{tag}.tmp"]:
+        for tmp in [*temps.values(), folder / temp_name(JOURNAL)]:
             tmp.unlink(missing_ok=True)
         if created and not any(folder.iterdir()):
             folder.rmdir()
@@ -522,19 +534,34 @@ def write_files(folder: Path, writers: dict, remove=()):
     finish_write(folder)
 
 
+def temp_name(name: str) -> str:
+    """The temp file write_files writes for `name`: its writer's host and pid in it, by which
+    remove_orphans finds those of writers that died."""
+    return f".{name}.{socket.gethostname()}-{os.getpid()}.tmp"
+
+
 def finish_write(folder: Path):
-    """Carry out a written journal: rename the set's temp files into place, remove stale files."""
-    journal = read_json(folder / JOURNAL)
+    """Carry out a written journal: rename the set's temp files into place, remove stale files.
+    Another process (a reader, the writer) may be carrying out the same journal: each step is
+    done by whichever gets there first."""
+    try:
+        journal = read_json(folder / JOURNAL)
+    except InputError:
+        if not (folder / JOURNAL).exists():  # carried out meanwhile
+            return
+        raise
     check_journal(journal, folder / JOURNAL)
     umask = os.umask(0)
     os.umask(umask)
     for tmp, name in journal["rename"]:
-        if (folder / tmp).exists():
+        try:
             os.chmod(folder / tmp, 0o666 & ~umask)  # temp files are private; a checkpoint is not
             os.replace(folder / tmp, folder / name)
+        except FileNotFoundError:  # renamed already
+            pass
     for name in journal["remove"]:
         (folder / name).unlink(missing_ok=True)
-    (folder / JOURNAL).unlink()
+    (folder / JOURNAL).unlink(missing_ok=True)
 
 
 def check_journal(journal: dict, path: Path):
@@ -602,12 +629,13 @@ def check_output_folder(folder: Path, flag: str, force: bool):
                          "--force to replace it")
 
 
-def save_checkpoint(folder: Path, args: ModelArgs, tensors: dict, copies: dict = None, force=False):
-    """Write a converted checkpoint as one set: model.safetensors, config.json and copies
-    {name: source file} (the tokenizer files). A folder that holds a checkpoint already is replaced
-    whole with force (its files that this set does not write are removed), else refused."""
+def save_checkpoint(folder: Path, args: ModelArgs, tensors: dict, others: dict = None,
+                    force=False):
+    """Write a converted checkpoint as one set: model.safetensors, config.json and others
+    {name: write(path)} (the tokenizer files; `copier` copies one). A folder that holds a
+    checkpoint already is replaced whole with force (its files that this set does not write are
+    removed), else refused."""
     from safetensors.torch import save_file
-    copies = copies or {}
     check_output_folder(folder, "output", force)
     old = checkpoint_files(folder)
     check_tensors({name: t.shape for name, t in tensors.items()}, empty_model(args),
@@ -617,7 +645,7 @@ def save_checkpoint(folder: Path, args: ModelArgs, tensors: dict, copies: dict =
     config = json.dumps({f.name: getattr(args, f.name) for f in fields(args)}, indent=2) + "\n"
     writers = {"model.safetensors": lambda tmp: save_file(stored, tmp),
                "config.json": lambda tmp: tmp.write_text(config),
-               **{name: copier(source) for name, source in copies.items()}}
+               **(others or {})}
     write_files(folder, writers, remove=[name for name in old if name not in writers])
 
 

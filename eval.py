@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 import tp
 from checkpoint import (ArgumentParser, InputError, check_device, check_output, load_model,
-                        read_checkpoint)
+                        one_line, read_checkpoint)
 from generate import (Sampling, check_cache_fits, compile_functions, device_name, generate,
                       write_json)
 from model import Transformer
@@ -72,6 +72,13 @@ class StopGeneration(Exception):
     away."""
 
 
+def empty_context_token(tokenizer) -> Optional[int]:
+    """The token that stands for an empty context: BOS, else the first end-of-sequence token."""
+    if tokenizer.bos_id is not None:
+        return tokenizer.bos_id
+    return tokenizer.eos_ids[0] if tokenizer.eos_ids else None
+
+
 class EvalModel:
     """A model and its tokenizer answering the three kinds of request lm-evaluation-harness
     makes, as plain Python (lm_eval is only needed to wrap this, see harness_model)."""
@@ -89,10 +96,9 @@ class EvalModel:
             argparse.Namespace(compile=compiled, compile_prefill=compiled), model.args)
         # What encode() puts before every text (BOS for Llama, nothing for SmolLM2), and the token
         # that stands for an empty context: BOS when the model has one, else its end of sequence, as
-        # lm-eval's HF model does.
+        # lm-eval's HF model does (None: neither; perplexity needs none, and run refuses tasks).
         self.special_prefix = tokenizer.encode("")
-        bos = tokenizer.bos_id
-        self.prefix_token = bos if bos is not None else tokenizer.eos_ids[0]
+        self.prefix_token = empty_context_token(tokenizer)
 
     def fit_cache(self, length: int):
         """Size the KV cache for sequences of up to `length` tokens: the next power of two, at most
@@ -331,13 +337,6 @@ def task_index(TaskManager, include_paths: tuple):
     return TaskManager(include_path=list(include_paths) or None)
 
 
-def one_line(e: Exception) -> str:
-    """An exception as one line (its type and the first line of its message), for errors from
-    libraries that raise many different types."""
-    message = str(e).splitlines()[0] if str(e) else ""
-    return f"{type(e).__name__}: {message}"
-
-
 def load_tasks(task_manager, names: list) -> list:
     """The tasks, groups and tags named, built with their data: an unknown name or unreachable
     data fails here, before the model loads. Returns the objects lm_eval.simple_evaluate takes in
@@ -473,9 +472,12 @@ def run(args) -> dict:
     tokenizer = load_tokenizer(ckpt.folder)
 
     # Everything that can fail on bad input is read before the weights.
-    text_name, ids = (text_ids(args, tokenizer, ckpt.args.vocab_size) if args.text_file or not args.tasks
-                      else (None, None))
+    text_name, ids = (text_ids(args, tokenizer, ckpt.args.vocab_size)
+                      if args.text_file or not args.tasks else (None, None))
     if args.tasks:
+        if empty_context_token(tokenizer) is None:
+            raise InputError("--tasks: the tokenizer has neither a beginning- nor an "
+                             "end-of-sequence token, one of which the tasks' empty contexts need")
         lm_eval, TaskManager = import_lm_eval(args.download)
         task_manager = task_index(TaskManager, tuple(str(p.resolve()) for p in args.include_path))
         tasks = load_tasks(task_manager, args.tasks)

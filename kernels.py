@@ -1540,8 +1540,10 @@ def int4_weights(packed: Tensor, scales: Tensor, zeros: Tensor, groupsize: int,
 # the weights as int4_words lays them out (in place of the file's): two copies of the weights in
 # memory. One copy: None, tinygemm for every input (a long prompt ~10x slower: BENCHMARKS.md), what
 # happens without Triton; or 0, the Triton kernels alone (Llama-2-7B's batch-1 decode on an H200:
-# as fast in groups of 128, 30 % slower in groups of 32 when last measured; BENCHMARKS.md).
+# 3 % slower in groups of 128, 29 % in groups of 32; BENCHMARKS.md).
 TINYGEMM_MAX_ROWS = 1
+# Per device type: (convert the stored (N, K / 2) nibble pairs to the op's layout, the matmul op).
+# tinygemm on CUDA; the CPU op shares its (q - 8) * scale + zero convention.
 INT4_KERNELS = {
     "cuda": (lambda packed, tiles: torch.ops.aten._convert_weight_to_int4pack(
                 packed.contiguous(), tiles),
@@ -1875,8 +1877,8 @@ EXPERTS = {"int8": Int8Experts, "int4": Int4Experts, "int4-gptq": Int4Experts, "
 
 
 def layer_mode(quantization: dict, layer: str) -> str:
-    """The mode of a layer the record lists. (Files written before output_mode existed quantized
-    the output layer, when they did, in the mode of the others.)"""
+    """The mode of a layer the record lists: the output layer's own where the record gives one,
+    else (it is quantized like the others) the record's mode."""
     if layer == "output" and quantization.get("output_mode"):
         return quantization["output_mode"]
     return quantization["mode"]

@@ -139,9 +139,6 @@ def quantize_int4(w: Tensor, groupsize: int) -> dict:
     return int4_tensors(q, scales, zeros)
 
 
-# Per device type: (convert the stored (N, K / 2) nibble pairs to the kernel's layout, the matmul
-# op). tinygemm on CUDA; the CPU op shares its (q - 8) * scale + zero convention and stands in for
-# it in CPU tests.
 # ---- fp8 -----------------------------------------------------------------------------------------
 
 def quantize_fp8(w: Tensor) -> dict:
@@ -366,7 +363,7 @@ def collect_hessians(linears: dict, run: Callable[[], None]) -> dict:
 
 def calibration_tokens(tokenizer, text: str, samples: int, seq_len: int) -> Tensor:
     """(n, seq_len) token ids: up to `samples` windows spread evenly over the text, apart from each
-    other (fewer if the text is short; a ValueError if it holds less than one). Each window starts
+    other (fewer if the text is short; an InputError if it holds less than one). Each window starts
     with BOS where the tokenizer adds one, as a prompt does."""
     ids = tokenizer.encode(text)
     bos = ids[:1] if ids and tokenizer.bos_id is not None and ids[0] == tokenizer.bos_id else []
@@ -384,7 +381,7 @@ def calibration_tokens(tokenizer, text: str, samples: int, seq_len: int) -> Tens
 def gptq_quantize_state_dict(source: WeightsFile, args: ModelArgs, groupsize: int,
                              output_mode: Optional[str], tokens: Tensor, damp: float = DEFAULT_DAMP,
                              act_order: bool = False, device="cpu", progress: bool = False):
-    """GPTQ int4 of a float checkpoint read tensor by tensor through get(name), one transformer
+    """GPTQ int4 of a float checkpoint (source) read tensor by tensor, one transformer
     block at a time: memory holds one block's float weights (float32), the calibration activations
     (samples, seq_len, dim) and the output built so far, never the float model. Returns what
     quantize_state_dict returns.

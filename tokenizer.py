@@ -20,7 +20,7 @@ from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from checkpoint import InputError, read_json
+from checkpoint import InputError, one_line, read_json
 
 # Llama-3 pre-tokenizer split (from Meta's reference tokenizer): contractions,
 # words with one leading non-letter, numbers in groups of <= 3, punctuation runs, whitespace.
@@ -92,7 +92,7 @@ def render_chat_template(template: str, messages: list[dict], bos_token: str,
     # The template is the checkpoint's code: what its expressions raise (1 / 0, "a" + 1, a bad
     # strftime format, a macro calling itself forever) is the checkpoint's error.
     except (ArithmeticError, LookupError, TypeError, ValueError, RecursionError) as e:
-        raise InputError(f"chat template error: {type(e).__name__}: {e}") from None
+        raise InputError(f"chat template error: {one_line(e)}") from None
 
 
 class Tokenizer(ABC):
@@ -137,7 +137,11 @@ class HFTokenizer(Tokenizer):
         from tokenizers import Tokenizer as HFTok
         try:
             self.tok = HFTok.from_file(str(folder / "tokenizer.json"))
-        except Exception as e:  # the Rust side raises a bare Exception for malformed files
+        except Exception as e:
+            # the Rust side raises a bare Exception for a malformed file; any other kind (but an
+            # unreadable file's OSError) is a bug
+            if type(e) is not Exception and not isinstance(e, OSError):
+                raise
             raise InputError(f"cannot read {folder / 'tokenizer.json'}: {e}") from None
         bos, eos = config.get("bos_token"), config.get("eos_token")
         self.bos_id = self.tok.token_to_id(bos) if bos else None
@@ -244,9 +248,13 @@ class SentencePieceTokenizer(Tokenizer):
         return "" if token_id is None else self.sp.id_to_piece(token_id)
 
     def _encode_special_text(self, text: str) -> list[int]:
-        # sentencepiece can't see "<s>" inside text, so split on the control pieces ourselves.
+        # sentencepiece can't see "<s>" inside text, so split on the control pieces ourselves
+        # (the longest first, where one begins another).
+        if not self.controls:
+            return self.sp.encode(text)
+        pieces = sorted(self.controls, key=len, reverse=True)
         ids = []
-        for part in re.split("(" + "|".join(map(re.escape, self.controls)) + ")", text):
+        for part in re.split("(" + "|".join(map(re.escape, pieces)) + ")", text):
             ids += ([self.controls[part]] if part in self.controls
                     else self.sp.encode(part) if part else [])
         return ids
@@ -259,9 +267,10 @@ class SentencePieceTokenizer(Tokenizer):
             if messages:
                 first = f"<<SYS>>\n{system}\n<</SYS>>\n\n{messages[0]['content'].strip()}"
                 messages = [{"role": messages[0]["role"], "content": first}] + messages[1:]
-        if not messages or messages[-1]["role"] != "user":
-            raise InputError("Llama-2 chat format needs the conversation to end with a user "
-                             "message")
+        roles = [m["role"] for m in messages]
+        if roles != ["user", "assistant"] * (len(roles) // 2) + ["user"]:
+            raise InputError("Llama-2 chat format needs user and assistant messages in turn, "
+                             "after an optional system message, ending with a user message")
         bos = [self.bos_id] if self.bos_id is not None else []
         ids = []
         for user, answer in zip(messages[0:-1:2], messages[1::2]):
@@ -287,8 +296,11 @@ def load_tokenizer(checkpoint_dir: Path) -> Tokenizer:
         tok = HFTokenizer(folder, config, template)
     elif (folder / "tokenizer.model").is_file():
         path = folder / "tokenizer.model"
-        with open(path, "rb") as f:
-            first_line = f.readline(4096).rstrip(b"\n")
+        try:
+            with open(path, "rb") as f:
+                first_line = f.readline(4096).rstrip(b"\n")
+        except OSError as e:  # e.g. no permission to read it
+            raise InputError(f"cannot read {path}: {e.strerror}") from None
         backend = TiktokenTokenizer if TIKTOKEN_LINE.match(first_line) else SentencePieceTokenizer
         tok = backend(path, template)
     else:

@@ -150,11 +150,11 @@ def shard_args(args: ModelArgs, world: int) -> ModelArgs:
 
 def vocab_per_rank(args: ModelArgs, world: int) -> int:
     """Output rows of each rank: the vocabulary split evenly, the last rank's share padded with
-    zero rows."""
+    zero rows; the whole vocabulary where the output layer is replicated (SHARD_OUTPUT off)."""
     return -(-args.vocab_size // world) if SHARD_OUTPUT else args.vocab_size
 
 
-def check_quantization(args: ModelArgs, quantization: Optional[dict], world: int):
+def check_split_groups(args: ModelArgs, quantization: Optional[dict], world: int):
     """int4 row-parallel layers are split along their input columns: each rank's share must be
     whole groups (one process may pad the columns to whole groups, as quantize.py does; a split
     cannot)."""
@@ -243,7 +243,7 @@ def load_shard(path, rank: int, world: int, device, dtype=None) -> Transformer:
     device."""
     ckpt = read_checkpoint(path)
     args, quantization = ckpt.args, ckpt.quantization
-    check_quantization(args, quantization, world)
+    check_split_groups(args, quantization, world)
     model = empty_shard(args, quantization, world)
     source = WeightsFile(ckpt.weights)
     check_tensors(source.shapes, empty_model(args, quantization),
@@ -294,7 +294,7 @@ def random_shard(name: str, precision: Optional[str], world: int, device, dtype)
     so memory never holds a float copy of the model. Every rank draws the same sequence (same seed,
     same shapes), so the replicated weights agree across ranks."""
     args, quantization = random_config(name, precision)
-    check_quantization(args, quantization, world)
+    check_split_groups(args, quantization, world)
     # Cast on meta: no float32 copy is ever allocated.
     model = empty_shard(args, quantization, world).to(dtype)
     model = model.to_empty(device=device)
@@ -379,7 +379,7 @@ def start(args, config: ModelArgs, device: torch.device) -> torch.device:
                          "the prompt")
     world = world_size()
     shard_args(config, world)
-    check_quantization(config, requested_quantization(args), world)
+    check_split_groups(config, requested_quantization(args), world)
     STARTED = True
     if rank() != 0:
         for output in ("json", "profile", "output"):  # rank 0 writes them

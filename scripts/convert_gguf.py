@@ -21,7 +21,6 @@ import argparse
 import json
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
@@ -29,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from checkpoint import (ArgumentParser, InputError, check_output_folder, check_tensors,  # noqa: E402
-                        empty_model, parse_config, save_checkpoint, unpermute)
+from checkpoint import (ArgumentParser, InputError, check_output_folder,  # noqa: E402
+                        check_tensors, empty_model, one_line, parse_config, save_checkpoint,
+                        unpermute)
 from model import ModelArgs, llama3_scale  # noqa: E402
 from tokenizer import LLAMA3_PATTERN  # noqa: E402
 
@@ -92,12 +92,14 @@ INT_KEYS = ("embedding_length", "block_count", "attention.head_count", "attentio
 
 def open_gguf(path: Path):
     import gguf
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not a GGUF file")
     if not path.is_file():
         raise InputError(f"no such file: {path}")
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # bad magic, truncated header, no permission: all bad input
-        raise InputError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+        raise InputError(f"{path} is not a readable GGUF file ({one_line(e)})") from None
 
 
 def read_metadata(reader) -> dict:
@@ -182,6 +184,7 @@ def rope_scaling(meta: dict, arch: str, tensors: dict, head_dim: int, rope_base:
     # llama.cpp stores Llama-3.1 scaling as one divisor per frequency
     from gguf.quants import dequantize
     t = tensors["rope_freqs.weight"]
+    check_convertible(t, path)
     divisors = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float64))
     original = meta.get(f"{arch}.rope.scaling.original_context_length", 8192)
     if type(original) is not int or original < 1:
@@ -226,6 +229,12 @@ def our_name(gguf_name: str):
 UNCONVERTIBLE_TYPES = ("F64", "I8", "I16", "I32", "I64", "Q8_1", "Q8_K", "Q1_0")
 
 
+def check_convertible(t, path: Path):
+    if t.tensor_type.name in UNCONVERTIBLE_TYPES:
+        raise InputError(f"{path.name}: {t.name} is of type {t.tensor_type.name}, which cannot be "
+                         "converted")
+
+
 def plan_tensors(reader, args: ModelArgs, path: Path) -> list:
     """(GGUF tensor, our name, fused group) for every tensor to convert. The shapes they will have
     are checked against the model first, from the header alone: a file that does not match its
@@ -240,9 +249,7 @@ def plan_tensors(reader, args: ModelArgs, path: Path) -> list:
                          f"tensors of {len(blocks)} blocks")
     shapes, parts = {}, {}  # parts: our fused name -> {group: shape}
     for t, name, group in plan:
-        if t.tensor_type.name in UNCONVERTIBLE_TYPES:
-            raise InputError(f"{path.name}: {t.name} is of type {t.tensor_type.name}, which cannot "
-                             "be converted")
+        check_convertible(t, path)
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first
         if group is None:
             shapes[name] = shape
@@ -292,8 +299,8 @@ def convert_weights(plan: list, args: ModelArgs, arch: str, dtype: torch.dtype) 
     for name, groups in parts.items():
         order = FUSE_ORDER[name.split(".", 2)[2]]
         # rows: q, k, v / gate, up
-        parts = [groups[g] for g in order]
-        state_dict[name] = torch.cat(parts, dim=rows_dim(parts[0].shape))
+        pieces = [groups[g] for g in order]
+        state_dict[name] = torch.cat(pieces, dim=rows_dim(pieces[0].shape))
     return state_dict
 
 
@@ -410,14 +417,11 @@ def convert(gguf_path: Path, out: Path, dtype: torch.dtype, force: bool = False)
           f"{args.n_head}/{args.n_kv_heads} heads, vocab {args.vocab_size}, tokenizer "
           f"pre={meta.get('tokenizer.ggml.pre', 'default')!r}")
     state_dict = convert_weights(plan, args, meta["general.architecture"], dtype)
-    # The tokenizer files go to a temporary folder first, then into out with the weights as one set.
-    with tempfile.TemporaryDirectory(prefix="convert_gguf-") as tmp:
-        copies = {name: Path(tmp) / name for name in
-                  ("tokenizer.json", "tokenizer_config.json", "generation_config.json")}
-        tokenizer.save(str(copies["tokenizer.json"]))
-        write_json(copies["tokenizer_config.json"], tok_config)
-        write_json(copies["generation_config.json"], gen_config)
-        save_checkpoint(out, args, state_dict, copies=copies, force=force)
+    # the tokenizer files in the same set as the weights
+    tokenizer_files = {"tokenizer.json": lambda path: tokenizer.save(str(path)),
+                       "tokenizer_config.json": lambda path: write_json(path, tok_config),
+                       "generation_config.json": lambda path: write_json(path, gen_config)}
+    save_checkpoint(out, args, state_dict, tokenizer_files, force=force)
     print(f"wrote {out}")
 
 

@@ -33,8 +33,8 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from checkpoint import (TOKENIZER_FILES, ArgumentParser, InputError,  # noqa: E402
-                        check_output_folder, empty_model, parse_config, read_json, read_weights,
-                        save_checkpoint, unpermute, unreadable)
+                        check_output_folder, copier, empty_model, parse_config, read_json,
+                        read_weights, save_checkpoint, unpermute, unreadable)
 from model import ModelArgs  # noqa: E402
 
 SUPPORTED = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe")
@@ -186,6 +186,8 @@ def hf_config_to_args(cfg: dict, where="config.json") -> ModelArgs:
     """ModelArgs from an HF config.json, every field checked by parse_config before any weight is
     read: a wrong type or an absurd size is one error naming the file."""
     model_type = cfg.get("model_type")
+    if model_type is None and {"dim", "n_layer"} <= cfg.keys():
+        raise InputError(f"{where} is a gpt-blitz config: that folder is converted already")
     if model_type not in SUPPORTED:
         raise InputError(f"unsupported model_type {model_type!r} in {where} "
                          f"(supported: {', '.join(SUPPORTED)})")
@@ -347,7 +349,8 @@ def read_hf_config(hf_dir: Path, files: list[Path], layout: str) -> ModelArgs:
         return hf_config_to_args(read_json(hf_dir / "config.json"), hf_dir / "config.json")
     params = files[0].parent / "params.json"
     if layout == "meta" and params.is_file():
-        shapes = {name: tuple(t.shape) for name, t in read_weights(files[0]).items()}  # mmap: no data
+        # mmap: no data read
+        shapes = {name: tuple(t.shape) for name, t in read_weights(files[0]).items()}
         return meta_params_to_args(read_json(params), shapes, params)
     raise InputError(f"no config.json in {hf_dir}")
 
@@ -443,18 +446,19 @@ def convert(files: list[Path], layout: str, args: ModelArgs) -> dict:
 def run(opts) -> tuple[dict, list]:
     """Convert as opts say; returns (the converted tensors, the tokenizer files copied)."""
     checkpoint_dir, hf_dir = opts.checkpoint_dir, opts.hf_dir or opts.checkpoint_dir / "hf"
+    if hf_dir.resolve() == checkpoint_dir.resolve():
+        raise InputError("--hf_dir must differ from --checkpoint_dir (the output would overwrite "
+                         "config.json)")
     check_output_folder(checkpoint_dir, "--checkpoint_dir", opts.force)
     if not hf_dir.is_dir():
         raise InputError(f"no HF checkpoint folder at {hf_dir} (download it with "
                          "scripts/download.py)")
-    if hf_dir.resolve() == checkpoint_dir.resolve():
-        raise InputError("--hf_dir must differ from --checkpoint_dir (the output would overwrite "
-                         "config.json)")
     files, layout = find_weights(hf_dir)
     args = read_hf_config(hf_dir, files, layout)
     copies = tokenizer_sources(hf_dir, layout)
     state_dict = convert(files, layout, args)
-    save_checkpoint(checkpoint_dir, args, state_dict, copies=copies, force=opts.force)
+    save_checkpoint(checkpoint_dir, args, state_dict,
+                    {name: copier(source) for name, source in copies.items()}, force=opts.force)
     return state_dict, list(copies)
 
 

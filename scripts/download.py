@@ -13,7 +13,7 @@ import sys
 from pathlib import Path, PurePosixPath
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
-from checkpoint import TOKENIZER_FILES, ArgumentParser, InputError  # noqa: E402
+from checkpoint import TOKENIZER_FILES, ArgumentParser, InputError, one_line  # noqa: E402
 
 
 def choose_files(repo_files: list[str]) -> list[str]:
@@ -97,7 +97,7 @@ def explain(e: Exception, repo_id: str) -> str:
                                                            "urllib3"))  # httpx2 too
     if network or isinstance(e, (ConnectionError, TimeoutError)):
         return (f"cannot reach the Hugging Face Hub to download {repo_id} "
-                f"({type(e).__name__}: {e})")
+                f"({one_line(e)})")
     raise e
 
 

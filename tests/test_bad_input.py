@@ -236,12 +236,21 @@ def test_non_finite_temperature_is_refused(tiny, value, capsys):
                  words=["--temperature"], capsys=capsys)
 
 
+def test_a_temperature_below_float32s_range_is_greedy_not_a_division_by_zero():
+    from generate import parse_args
+    flags = ["--random_weights", "stories15M", "--device", "cpu", "--temperature"]
+    assert parse_args(flags + ["1e-50"]).temperature == 0.0
+    assert parse_args(flags + ["1e-30"]).temperature > 0
+
+
 @pytest.mark.parametrize("flag, where", [
     ("--profile", "/proc/nonexistent/trace.json"),
     ("--profile", f"{UNWRITABLE}/trace.json"),
     ("--profile", "FILE/trace.json"),  # a folder that is a regular file
     ("--json", "DIR"),  # an existing directory
     ("--json", f"{UNWRITABLE}/m.json"),
+    ("--json", "m" * 245 + ".json"),  # a name that fits, but not with the temp file's tag
+    ("--profile", "t" * 300 + ".json"),  # a name longer than any file system takes
 ])
 def test_unwritable_output_is_refused_before_generating(tiny, tmp_path, flag, where, capsys):
     (tmp_path / "FILE").write_text("not a folder")
@@ -450,6 +459,20 @@ def test_absurd_quantized_sidecar_is_refused_naming_the_file(tiny, capsys):
     (tiny / "model_int8.json").write_text("[" * 100_000 + "]" * 100_000)  # deeper than Python's stack
     refused_here("generate.py", "--checkpoint_path", tiny / "model_int8.pth", "--prompt", "hi", *GEN,
                  words=["model_int8.json", "not valid JSON"], capsys=capsys)
+
+
+def test_an_int4_sidecar_whose_padding_does_not_fit_the_layers_is_refused(tiny, capsys):
+    """K of 64 in groups of 128: quantize.py pads those layers' K to 128 and records it; any other
+    record (none, a wrong width, a layer that is not padded) is refused, not met by an assert."""
+    succeeds_here("quantize.py", "--checkpoint_path", tiny, "--mode", "int4", "--groupsize", 128)
+    sidecar = next(tiny.glob("model_int4*.json"))
+    record = json.loads(sidecar.read_text())["quantization"]
+    assert record["padded"]["layers.0.attention.wqkv"] == [64, 128]
+    for padded in ({}, {**record["padded"], "layers.0.attention.wqkv": [64, 96]},
+                   {**record["padded"], "layers.0.feed_forward.w2": [128, 128]}, [1, 2]):
+        edit_json(sidecar, quantization={**record, "padded": padded})
+        refused_here("generate.py", "--checkpoint_path", sidecar.with_suffix(".pth"), "--prompt",
+                     "hi", *GEN, words=[sidecar.name, "padded"], capsys=capsys)
 
 
 @pytest.mark.parametrize("name, content", [

@@ -58,6 +58,29 @@ def test_a_write_killed_between_its_renames_is_completed_by_the_next_reader(tmp_
     assert not (tmp_path / JOURNAL).exists()
 
 
+def test_two_processes_carrying_out_one_journal_both_finish(tmp_path, monkeypatch):
+    """A reader may carry out a journal while its writer does: here the other one carries it out
+    whole just after this one has read it (so its temp file and the journal are gone), and then
+    a reader finds the journal gone between seeing it and reading it. Neither is an error."""
+    import checkpoint
+    (tmp_path / ".config.json.x.tmp").write_text(json.dumps(CONFIG))
+    (tmp_path / JOURNAL).write_text(json.dumps({"rename": [[".config.json.x.tmp", "config.json"]],
+                                                "remove": []}))
+    check_journal, others = checkpoint.check_journal, []
+
+    def then_the_other_process(journal, path):
+        check_journal(journal, path)
+        if not others:
+            others.append(path)
+            checkpoint.finish_write(tmp_path)
+
+    monkeypatch.setattr(checkpoint, "check_journal", then_the_other_process)
+    checkpoint.finish_write(tmp_path)
+    assert others and names(tmp_path) == ["config.json"]
+    checkpoint.finish_write(tmp_path)  # the journal gone
+    assert json.loads((tmp_path / "config.json").read_text()) == CONFIG
+
+
 @pytest.mark.parametrize("journal", [
     {"rename": [], "remove": ["../victim.txt"]},  # a file outside the folder
     {"rename": [["../victim.txt", "stolen.txt"]], "remove": []},

@@ -169,8 +169,8 @@ def write_tiny_gguf(path: Path, arch: str, tensors=False, **settings):
     """A tiny GGUF: metadata enough to reach the architecture and tokenizer checks and, with
     tensors=True, random float32 weights of one tied layer, enough to convert and load. settings:
     model / pre (tokenizer; a list: stored as an array), block_count, head_count, rope_scaling (a
-    gguf.RopeScalingType), dtype (numpy's, of blk.0.attn_q.weight), extra (GGUFWriter method, key,
-    value) triples."""
+    gguf.RopeScalingType), dtype (numpy's, of blk.0.attn_q.weight), rope_freqs (an array stored
+    as rope_freqs.weight), extra (GGUFWriter method, key, value) triples."""
     import gguf
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(settings.get("block_count", 1))
@@ -202,11 +202,28 @@ def write_tiny_gguf(path: Path, arch: str, tensors=False, **settings):
         for name, shape in shapes.items():  # numpy's shape: (out_features, in_features)
             dtype = settings.get("dtype", np.float32) if name == "blk.0.attn_q.weight" else np.float32
             w.add_tensor(name, rng.standard_normal(shape).astype(dtype))
+        if "rope_freqs" in settings:
+            w.add_tensor("rope_freqs.weight", settings["rope_freqs"])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def test_a_tokenizer_without_bos_or_eos_measures_perplexity_and_refuses_tasks(tmp_path, capsys):
+    """A converted GGUF may have neither token: perplexity needs none, eval.py's tasks (whose empty
+    contexts stand for one of them) are refused in one line before the weights load."""
+    from eval import main as eval_main
+    load_script("convert_gguf").convert(write_tiny_gguf(tmp_path / "tiny.gguf", "llama",
+                                                        tensors=True), tmp_path / "out",
+                                        torch.float32)
+    (tmp_path / "text.txt").write_text("ab a b " * 20)
+    argv = ["--checkpoint_path", tmp_path / "out", "--device", "cpu", "--max_seq_length", 16]
+    eval_main([str(a) for a in argv + ["--text_file", tmp_path / "text.txt", "--output",
+                                       tmp_path / "report.json"]])
+    assert json.loads((tmp_path / "report.json").read_text())["perplexity"]["perplexity"] > 1
+    main_error(eval_main, argv + ["--tasks", "capitals"], capsys, "--tasks", "end-of-sequence")
 
 
 def test_unsupported_architecture(tmp_path, capsys):
@@ -240,10 +257,15 @@ def test_tokenizer_metadata_of_the_wrong_type_is_refused_before_writing(tmp_path
     assert not (tmp_path / "out").exists()
 
 
-def test_a_tensor_type_gguf_cannot_dequantize_is_refused_naming_it(tmp_path, capsys):
-    path = write_tiny_gguf(tmp_path / "f64.gguf", "llama", tensors=True, dtype=np.float64)
+@pytest.mark.parametrize("settings, tensor", [
+    (dict(dtype=np.float64), "blk.0.attn_q.weight is of type F64"),
+    (dict(rope_freqs=np.ones(2, dtype=np.int32)), "rope_freqs.weight is of type I32"),
+], ids=["weight", "rope-freqs"])
+def test_a_tensor_type_gguf_cannot_dequantize_is_refused_naming_it(tmp_path, capsys, settings,
+                                                                  tensor):
+    path = write_tiny_gguf(tmp_path / "f64.gguf", "llama", tensors=True, **settings)
     line = convert_error(path, tmp_path / "out", capsys)
-    assert "blk.0.attn_q.weight is of type F64" in line
+    assert tensor in line
     assert not (tmp_path / "out").exists()
 
 
@@ -268,6 +290,10 @@ def test_absurd_metadata_is_refused_before_any_work(tmp_path, monkeypatch, metad
     with pytest.raises(InputError, match="huge.gguf"):
         convert_gguf.convert(path, tmp_path / "out", torch.float32)
     assert time.perf_counter() - start < 5
+
+
+def test_a_folder_given_as_the_gguf_file_is_refused_as_a_folder(tmp_path, capsys):
+    assert "is a folder, not a GGUF file" in convert_error(tmp_path, tmp_path / "out", capsys)
 
 
 def test_output_that_is_a_file_is_refused(tmp_path, capsys):

@@ -403,6 +403,22 @@ def test_model_parallel_consolidated_shards_refused(hf_models, tmp_path, capsys)
     assert "model-parallel" in run_main_expect_error(capsys, tmp_path / "hf", tmp_path / "out")
 
 
+def test_a_converted_folder_or_the_output_itself_as_the_hf_folder_is_refused_as_such(
+        smollm2_checkpoint, tmp_path, capsys):
+    """A gpt-blitz checkpoint given as --hf_dir is named as converted already; --hf_dir equal to
+    --checkpoint_dir is refused as that, even where the folder holds a checkpoint (which --force
+    would allow replacing)."""
+    line = run_main_expect_error(capsys, smollm2_checkpoint, tmp_path / "out")
+    assert "gpt-blitz config" in line and "converted already" in line
+    out = shutil.copytree(smollm2_checkpoint, tmp_path / "ckpt",
+                          ignore=shutil.ignore_patterns("*.safetensors"))
+    for flags in ((), ("--force",)):
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            run_converter(out, out, *flags)
+        assert_one_error_line(capsys.readouterr().err, "--hf_dir must differ")
+
+
 def config_only_source(folder: Path, **changes) -> Path:
     """An HF snapshot with the tiny config.json, changed, and a junk weights file: a refusal of the
     config must come before any tensor is read, or the junk would give another error."""

@@ -111,8 +111,10 @@ def test_sentencepiece_llama2_chat(sp_dir):
                 + [1] + sp.encode("[INST] Bye [/INST]"))
     assert tok.encode_chat(messages) == expected
     assert tok.encode_chat(messages[1:2]) == [1] + sp.encode("[INST] Hi [/INST]")
-    with pytest.raises(InputError):
-        tok.encode_chat(messages[:3])  # must end with a user turn
+    # turns out of order: ending with the answer, two user turns, a second system message
+    for wrong in (messages[:3], messages[1:2] * 2, messages[:2] + messages[:1] + messages[1:2]):
+        with pytest.raises(InputError, match="in turn"):
+            tok.encode_chat(wrong)
 
 
 def test_config_template_and_generation_config(sp_dir, tmp_path):

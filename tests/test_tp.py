@@ -188,11 +188,11 @@ def test_quantize_then_split_equals_split_then_quantize(tiny_checkpoints):
 def test_int4_groups_that_a_split_would_cut_are_refused():
     import tp
     args = ModelArgs(**{**TINY, "n_kv_heads": 2})  # wo: 64 input columns, 32 per rank
-    tp.check_quantization(args, {"groupsize": 32}, 2)
+    tp.check_split_groups(args, {"groupsize": 32}, 2)
     with pytest.raises(InputError, match="attention.wo's 64 input columns into 32 per process, "
                                          "which is not whole int4 groups of 64"):
-        tp.check_quantization(args, {"groupsize": 64}, 2)
-    tp.check_quantization(args, {"groupsize": 128}, 1)  # one process pads K to whole groups instead
+        tp.check_split_groups(args, {"groupsize": 64}, 2)
+    tp.check_split_groups(args, {"groupsize": 128}, 1)  # one process pads K to whole groups instead
 
 
 def test_random_quantized_weights_are_quantize_pys_layers_on_each_rank():
