@@ -4,8 +4,10 @@ load_tokenizer() looks at the files in a checkpoint folder and picks:
   tokenizer.json                          -> HF `tokenizers`
   tokenizer.model with "base64 rank" text -> Llama-3 style tiktoken
   tokenizer.model as a protobuf           -> sentencepiece (Llama-2 style)
-Every backend exposes the same encode / decode / encode_chat, so generate.py
-never needs to know which one it got.
+Every backend exposes the same encode / decode / encode_chat, so generate.py, eval.py and
+server.py never need to know which one they got. Text that spells a special token ("<|im_end|>")
+encodes as that token through tokenizer.json and through a chat template's rendered text, as
+transformers does; tiktoken's encode() and the built-in Llama-3 format keep it plain text.
 """
 import base64
 import binascii
