@@ -118,7 +118,8 @@ class Attention(nn.Module):
         ys = []
         for part, g in zip(qkv.split([g.input_pos.numel() for g in groups]), groups):
             B, T = g.input_pos.shape
-            if T == 1 and self.decode_kernel is not None:
+            # (a prompt's piece of one token, in a cache row chosen at run time, is no decode step)
+            if T == 1 and self.decode_kernel is not None and not isinstance(g.row, Tensor):
                 # q/k norm, rotary, cache write and attention in one kernel, reading qkv whole
                 ys.append(self.decode_kernel(self, part, g))  # (B, n_head * head_dim)
                 continue

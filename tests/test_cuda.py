@@ -71,9 +71,10 @@ def test_decode_attention_kernel_in_a_compiled_cuda_graph_matches_sdpa_at_each_r
             assert rel < 2e-2, f"step {t}: relative error {rel:.2e}"
 
 
-def test_server_steps_with_the_chunk_attention_kernel_in_a_compiled_cuda_graph_match_sdpa():
+@pytest.mark.parametrize("piece", [16, 1])
+def test_server_steps_with_the_chunk_attention_kernel_in_a_compiled_cuda_graph_match_sdpa(piece):
     """A server's steps: rows 0 and 1 decoding, a prompt prefilled into row 2 in three pieces of 16
-    tokens riding along, and row 2 decoding too, at the slot after its piece, as the server runs a
+    tokens (or of one: a one-token piece is no decode step) riding along, and row 2 decoding too, at the slot after its piece, as the server runs a
     prefilling row (its token dropped). The compiled step with the chunk and decode attention
     kernels (prepare_for_device gives them), recorded as a CUDA graph, against the eager step
     through SDPA: every row's logits at each step (warm-up, recording, replay; row 2's attend over
@@ -93,10 +94,10 @@ def test_server_steps_with_the_chunk_attention_kernel_in_a_compiled_cuda_graph_m
         for m in (model, reference):
             m.setup_caches(3, 64)
             m(ids[:2, :11], torch.arange(11, device="cuda"))  # rows 0 and 1: SDPA in both
-        for t, start in enumerate((0, 16, 32)):
-            pos = torch.tensor([[11 + t], [11 + t], [start + 16]], device="cuda")  # (3, 1)
-            slots = torch.arange(start, start + 16, device="cuda")[None]  # (1, 16)
-            chunk = (ids[2:, start:start + 16], slots, row)
+        for t, start in enumerate((0, piece, 2 * piece)):
+            pos = torch.tensor([[11 + t], [11 + t], [start + piece]], device="cuda")  # (3, 1)
+            slots = torch.arange(start, start + piece, device="cuda")[None]  # (1, piece)
+            chunk = (ids[2:, start:start + piece], slots, row)
             expected = reference(ids[:, 11 + t:12 + t], pos, chunk=chunk).double()
             logits = step(ids[:, 11 + t:12 + t], pos, chunk=chunk).double()
             assert relative_error(logits, expected) < 2e-2, t
