@@ -110,3 +110,29 @@ def test_chat_page_says_so_when_the_answer_is_empty_and_gives_the_question_back(
     expect(page.locator("#error")).to_contain_text("empty", timeout=ANSWER_MS)
     expect(page.locator("#input")).to_have_value("What is the capital of France?")
     expect(page.locator(".message")).to_have_count(0)
+
+
+def test_chat_page_says_when_an_answer_reached_max_tokens_and_sends_no_empty_settings(page):
+    ask(page, "What is the capital of France?", 2)
+    expect(page.locator("#error")).to_contain_text("max_tokens", timeout=ANSWER_MS)
+    expect(page.locator("#send")).to_be_visible(timeout=ANSWER_MS)
+    page.fill("#temperature", "")  # an emptied box: the server's default, not 0
+    page.fill("#max_tokens", "")
+    page.fill("#input", "Hello!")
+    with page.expect_request("**/v1/chat/completions") as request:
+        page.keyboard.press("Enter")
+    sent = json.loads(request.value.post_data)
+    assert "temperature" not in sent and "max_tokens" not in sent
+    page.click("#stop")
+    expect(page.locator("#send")).to_be_visible()
+
+
+def test_chat_page_says_so_when_a_stream_ends_before_the_server_finished_it(page):
+    def cut_off(route):  # the real server's stream without its last events
+        response = route.fetch()
+        body = response.text().split("data: [DONE]")[0]
+        route.fulfill(response=response, body=body.rsplit("data:", 1)[0])
+    page.route("**/v1/chat/completions", cut_off)
+    ask(page, "What is the capital of France?", 16)
+    expect(page.locator("#error")).to_contain_text("cut off", timeout=ANSWER_MS)
+    expect(page.locator("#send")).to_be_visible()
