@@ -941,8 +941,9 @@ def _(weight: Tensor, scales: Tensor, zeros: Optional[Tensor], groupsize: int,
 def kernel_route(x: Tensor, mm_rows: int = MAX_MM_ROWS) -> Optional[str]:
     """Which Triton kernel serves a quantized layer's input x (..., K), on a CUDA device with
     Triton installed and K a multiple of 4: "gemv" (one row), "mm" (up to mm_rows rows of bf16 or
-    fp16: MAX_MM_ROWS, or MAX_WIDE_ROWS for one-byte weights), "dequantize" (more rows); None:
-    PyTorch's path."""
+    fp16: MAX_MM_ROWS, or MAX_WIDE_ROWS for one-byte weights), "dequantize" (more than
+    MAX_MM_ROWS rows that "mm" does not take); None: PyTorch's path (off CUDA, or up to
+    MAX_MM_ROWS rows of another dtype)."""
     if triton is None or not x.is_cuda or x.shape[-1] % 4:
         return None
     rows = x.numel() // x.shape[-1]

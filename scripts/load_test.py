@@ -29,6 +29,7 @@ Reported (and written to --out as JSON):
 """
 import argparse
 import asyncio
+import json
 import math
 import multiprocessing
 import os
@@ -102,10 +103,16 @@ async def calibrate(args) -> tuple[str, int]:
     client = openai.AsyncOpenAI(base_url=args.url, api_key=args.api_key or "none", max_retries=0,
                                 timeout=600)
     try:
-        models = (await client.models.list()).data
-        if not models:
+        # read raw: a server that is not OpenAI's API (an HTML page) fails inside the client's parse
+        raw = await client.models.with_raw_response.list()
+        try:
+            models = json.loads(raw.http_response.text)["data"]
+            model = models[0]["id"] if models else None
+        except (ValueError, LookupError, TypeError):
+            raise InputError(f"the server at {client.base_url} does not answer GET /models as an "
+                             "OpenAI-compatible API") from None
+        if model is None:
             raise InputError(f"the server at {client.base_url} lists no models")
-        model = models[0].id
         counts = []
         for numbers in CALIBRATION:
             response = await client.completions.create(model=model, prompt=prompt(0, numbers),
@@ -125,7 +132,7 @@ async def calibrate(args) -> tuple[str, int]:
 
 def load(args) -> dict:
     """Run the clients in --processes processes (forked: they share this one's arguments), start
-    them together once each is connected, and merge what they measured."""
+    them together once each has started, and merge what they measured."""
     model, numbers = asyncio.run(calibrate(args))
     context = multiprocessing.get_context("fork")
     events, go = context.Queue(), context.Event()

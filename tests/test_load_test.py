@@ -106,3 +106,21 @@ def test_load_test_names_a_server_that_refuses_it(server, load_test):
 def test_load_test_names_a_server_it_cannot_reach(load_test):
     url = f"http://127.0.0.1:{free_port()}/v1"
     assert_one_error_line(refusal(load_test, "--url", url, "--requests", 1), "cannot reach")
+
+
+def test_load_test_names_a_server_that_is_not_an_openai_api(load_test, tmp_path):
+    """A web server that answers GET /v1/models with a page, not OpenAI's JSON."""
+    import functools
+    import http.server
+    import threading
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "models").write_text("<html>a web page</html>")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=tmp_path)
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{httpd.server_port}/v1"
+        try:
+            line = refusal(load_test, "--url", url, "--requests", 1)
+        finally:
+            httpd.shutdown()
+    assert_one_error_line(line, "OpenAI-compatible")
