@@ -208,12 +208,10 @@ def check_quantization(record, args: ModelArgs, where):
     if not (isinstance(layers, list) and all(isinstance(name, str) for name in layers)
             and set(layers) <= set(linears)):
         raise InputError(f"{where}: quantized layers must be a list of this model's linear layers")
-    # int4 layers whose K is no whole number of groups, as quantize.py pads them: [K, padded K]
-    padding = {}
+    padding = {}  # the record quantize.py writes for these layers
     for name in layers:
-        k = linears[name].in_features
-        if kernels.layer_mode(record, name) in kernels.INT4_MODES and k % groupsize:
-            padding[name] = [k, -(-k // groupsize) * groupsize]
+        if kernels.layer_mode(record, name) in kernels.INT4_MODES:
+            kernels.record_padding(padding, name, linears[name].in_features, groupsize)
     if record.get("padded", {}) != padding:
         raise InputError(f"{where}: 'padded' does not give each int4 layer's K padded to whole "
                          f"groups of {groupsize}: quantize the checkpoint again with this "

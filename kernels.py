@@ -1439,6 +1439,21 @@ def check_chunk_attention(device="cuda", dtype=torch.bfloat16) -> list:
 FORMAT = 1  # version of the layout above; checkpoint.py refuses versions it does not know
 INT4_MODES = ("int4", "int4-gptq")  # one file format, one layer
 GROUPSIZES = (32, 64, 128, 256)  # the group sizes tinygemm supports
+
+
+def int4_padded_k(in_features: int, groupsize: int) -> int:
+    """K rounded up to a whole number of groups (which also meets tinygemm's K % (16 *
+    inner_k_tiles))."""
+    return -(-in_features // groupsize) * groupsize
+
+
+def record_padding(padded: dict, layer: str, k: int, groupsize: int):
+    """Note in `padded` (the sidecar's record) an int4 layer whose K is no whole number of
+    groups."""
+    if int4_padded_k(k, groupsize) != k:
+        padded[layer] = [k, int4_padded_k(k, groupsize)]
+
+
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 # fp8 on CUDA (compute capability >= 9.0): True quantizes activations per token and calls
 # torch._scaled_mm (one fp8 tensor-core matmul); False converts the weight inside the compiled

@@ -59,7 +59,8 @@ from tqdm import tqdm
 from checkpoint import (TOKENIZER_FILES, WEIGHT_FILES, ArgumentParser, Checkpoint, InputError,
                         WeightsFile, check_device, check_tensors, check_writable, empty_model,
                         read_checkpoint, write_files)
-from kernels import FORMAT, FP8_MAX, GROUPSIZES, INT4_MODES, int4_dequantize, layer_mode
+from kernels import (FORMAT, FP8_MAX, GROUPSIZES, INT4_MODES, int4_dequantize, int4_padded_k,
+                     layer_mode, record_padding)
 from model import (Experts, KVCache, ModelArgs, RMSNorm, Rows, Transformer, TransformerBlock,
                    attention_mask, rope_table)
 from tokenizer import load_tokenizer
@@ -89,12 +90,6 @@ def quantize_int8(w: Tensor) -> dict:
 
 # ---- int4 ----------------------------------------------------------------------------------------
 # The pieces GPTQ reuses: it quantizes column by column with group parameters set as it goes.
-
-def int4_padded_k(in_features: int, groupsize: int) -> int:
-    """K rounded up to a whole number of groups (which also meets tinygemm's K % (16 *
-    inner_k_tiles))."""
-    return -(-in_features // groupsize) * groupsize
-
 
 def int4_group_params(w: Tensor) -> tuple[Tensor, Tensor]:
     """Scale and zero of each group of weights along the last dim of w (..., G), float32 (...,)
@@ -231,13 +226,6 @@ def quantized_config(args: ModelArgs, mode: str, groupsize: Optional[int],
                         groupsize=groupsize if mode in INT4_MODES else None,
                         output_mode=output_mode, layers=layers, padded=padded)
     return qargs, quantization
-
-
-def record_padding(padded: dict, layer: str, k: int, groupsize: int):
-    """Note in `padded` (the sidecar's record) an int4 layer whose K is no whole number of
-    groups."""
-    if int4_padded_k(k, groupsize) != k:
-        padded[layer] = [k, int4_padded_k(k, groupsize)]
 
 
 # ---- GPTQ: int4 with error compensation (Frantar et al. 2022) ------------------------------------

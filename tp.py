@@ -55,8 +55,7 @@ import kernels
 from checkpoint import (CONFIGS, InputError, WeightsFile, check_tensors, empty_model, randomize_,
                         read_checkpoint, to_device)
 from model import ModelArgs, Transformer
-from quantize import (DEFAULT_OUTPUT_MODE, linear_names, quantize_weight, quantized_config,
-                      record_padding)
+from quantize import DEFAULT_OUTPUT_MODE, linear_names, quantize_weight, quantized_config
 
 COLUMN_PARALLEL = ("attention.wqkv", "feed_forward.w13")  # and the output layer, when SHARD_OUTPUT
 ROW_PARALLEL = ("attention.wo", "feed_forward.w2")
@@ -282,8 +281,8 @@ def random_config(name: str, precision: Optional[str]) -> tuple[ModelArgs, Optio
         model = Transformer(args)
     for layer in layers:
         if kernels.layer_mode(quantization, layer) in kernels.INT4_MODES:
-            record_padding(quantization["padded"], layer, model.get_submodule(layer).in_features,
-                           groupsize)
+            kernels.record_padding(quantization["padded"], layer,
+                                   model.get_submodule(layer).in_features, groupsize)
     return qargs, quantization
 
 
