@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import signal
 import socket
 from dataclasses import dataclass, fields
@@ -275,18 +276,33 @@ def unreadable(weights: Path, e: Exception) -> InputError:
 def read_weights(weights: Path) -> dict:
     """Every tensor of a weights file: safetensors, or a .pth through torch.load(weights_only=True),
     memory-mapped so that pages are read as they are used."""
-    try:
-        if weights.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if weights.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
             return load_file(weights)
+        # SafetensorError: a header it cannot parse, or that the file does not cover (truncated,
+        # not safetensors); OSError: a folder, no permission
+        except (SafetensorError, OSError) as e:
+            raise unreadable(weights, e) from None
+    try:
         tensors = torch.load(weights, map_location="cpu", mmap=True, weights_only=True)
-    # corrupt files raise many types (SafetensorError, pickle, zip): all user input
-    except Exception as e:
+    # RuntimeError: not a zip (or an old non-zip .pth), truncated, a zip not laid out by
+    # torch.save; UnpicklingError: a global weights_only refuses, or a damaged data.pkl, as are
+    # EOFError and UnicodeDecodeError; OSError: a folder, no permission
+    except (RuntimeError, pickle.UnpicklingError, EOFError, UnicodeDecodeError, OSError) as e:
         raise unreadable(weights, e) from None
     if not (isinstance(tensors, dict) and all(isinstance(name, str) and isinstance(t, torch.Tensor)
                                               for name, t in tensors.items())):
         raise InputError(f"{weights} does not hold a state dict (tensor names to tensors)")
     return tensors
+
+
+# safetensors' names of the dtypes a checkpoint's tensors may have
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn,
+                      "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 class WeightsFile:
@@ -301,18 +317,20 @@ class WeightsFile:
             self.shapes = {name: tuple(t.shape) for name, t in self.file.items()}
             self.dtypes = {name: t.dtype for name, t in self.file.items()}
             return
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
         try:
             # checks the header and that the file covers every tensor
             self.file = safe_open(weights, "pt")
-            self.shapes = {name: tuple(self.file.get_slice(name).get_shape())
-                           for name in self.file.keys()}
-            # An empty slice gives the torch dtype (safetensors names dtypes its own way); a 0-d
-            # tensor has no slice, and no model's tensor is 0-d (check_tensors refuses it).
-            self.dtypes = {name: self.file.get_slice(name)[:0].dtype if self.shapes[name] else None
-                           for name in self.file.keys()}
-        except Exception as e:  # as in read_weights
+            slices = {name: self.file.get_slice(name) for name in self.file.keys()}
+        except (SafetensorError, OSError) as e:  # as in read_weights
             raise unreadable(weights, e) from None
+        self.shapes = {name: tuple(s.get_shape()) for name, s in slices.items()}
+        stored = {name: s.get_dtype() for name, s in slices.items()}
+        unknown = next((f"{name} is {d}" for name, d in stored.items()
+                        if d not in SAFETENSORS_DTYPES), None)
+        if unknown:  # F4, say: no model here reads one
+            raise InputError(f"{weights}: {unknown}, a dtype this project does not read")
+        self.dtypes = {name: SAFETENSORS_DTYPES[d] for name, d in stored.items()}
 
     def part(self, name: str):
         return self.file[name] if isinstance(self.file, dict) else self.file.get_slice(name)

@@ -346,11 +346,19 @@ def load_tasks(task_manager, names: list) -> list:
         raise InputError(f"--tasks: unknown task {', '.join(unknown)} (not an lm-eval task, "
                          "group, tag or task YAML file; `lm_eval ls tasks` lists them, "
                          "--include_path adds a folder of your own)")
+    import jinja2  # lm_eval's own dependencies
+    import yaml
+    from datasets.exceptions import DatasetsError
     built = []
     for name in names:
         try:
             loaded = task_manager.load([name])
-        except Exception as e:  # datasets raises many kinds: offline, missing files, bad configs
+        # OSError: data offline, not on the hub or missing (FileNotFoundError, ConnectionError,
+        # huggingface_hub's errors); DatasetsError, ValueError: data that does not parse, a setting
+        # lm_eval refuses; RuntimeError: a dataset script; ImportError: a !function's module;
+        # YAMLError, TemplateError: a task file's YAML or Jinja. Other kinds keep their traceback.
+        except (OSError, DatasetsError, ValueError, RuntimeError, ImportError, yaml.YAMLError,
+                jinja2.TemplateError) as e:
             raise InputError(f"--tasks: cannot load task {name}: {one_line(e)} (data is read "
                              "offline from local files and the Hugging Face cache; --download "
                              "allows the hub)") from None

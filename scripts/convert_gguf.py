@@ -98,7 +98,9 @@ def open_gguf(path: Path):
         raise InputError(f"no such file: {path}")
     try:
         return gguf.GGUFReader(path)
-    except Exception as e:  # bad magic, truncated header, no permission: all bad input
+    # ValueError: bad magic or version, an empty file, a truncated tensor, a name not UTF-8;
+    # IndexError: a header cut short; KeyError: a key twice; OSError: no permission
+    except (ValueError, IndexError, KeyError, OSError) as e:
         raise InputError(f"{path} is not a readable GGUF file ({one_line(e)})") from None
 
 
@@ -336,10 +338,21 @@ def build_tokenizer(meta: dict, reader, path: Path):
     if len(vocab) != len(tokens):
         raise InputError(f"{path.name}: the vocabulary has duplicate tokens")
 
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    # tokenizers answers a merge that is not two tokens with a TypeError, and one whose join is
+    # not a token with a Rust panic: both refused here
+    bad = next((m for m, pair in zip(merges, pairs)
+                if len(pair) != 2 or "".join(pair) not in vocab), None)
+    if bad is not None:
+        raise InputError(f"{path.name}: the merge {bad!r} is not two tokens that join into a token "
+                         "of the vocabulary")
     try:
-        bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges],
-                         ignore_merges=pre.get("ignore_merges", False))
-    except Exception as e:  # tokenizers raises a plain Exception for merges it cannot use
+        bpe = models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre.get("ignore_merges", False))
+    except Exception as e:
+        # the Rust side raises a bare Exception for a merge of tokens not in the vocabulary; any
+        # other kind is a bug
+        if type(e) is not Exception:
+            raise
         raise InputError(f"{path.name}: the BPE vocabulary does not load ({e})") from None
     tok = Tokenizer(bpe)
     tok.pre_tokenizer = pre_tokenizers.Sequence(

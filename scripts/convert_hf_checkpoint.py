@@ -336,10 +336,10 @@ def open_shard(path: Path) -> tuple[list[str], callable]:
         state_dict = read_weights(path)
         # clone() gives each tensor its own memory so the mapping can go once the shard is done.
         return list(state_dict), lambda name: state_dict.pop(name).clone()
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     try:
         f = safe_open(str(path), framework="pt")  # checks the header covers the whole file
-    except Exception as e:  # as in checkpoint.read_weights
+    except (SafetensorError, OSError) as e:  # as in checkpoint.read_weights
         raise unreadable(path, e) from None
     return list(f.keys()), f.get_tensor
 

@@ -1,11 +1,19 @@
-"""checkpoint.write_files: a set of files appears whole or not at all."""
+"""checkpoint.write_files: a set of files appears whole or not at all. read_weights and
+WeightsFile: a damaged weights file is one InputError, a bug inside the reader keeps its
+traceback."""
+import argparse
 import errno
+import io
 import json
 import socket
+import struct
+import zipfile
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
-from checkpoint import JOURNAL, InputError, read_checkpoint, write_files
+from checkpoint import JOURNAL, InputError, WeightsFile, read_checkpoint, read_weights, write_files
 
 CONFIG = {"dim": 8, "n_layer": 1, "n_head": 2, "vocab_size": 16, "intermediate_size": 8}
 
@@ -117,3 +125,72 @@ def test_a_write_that_fails_into_a_new_folder_leaves_no_folder(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write_files(tmp_path / "new", {"a.txt": interrupted})
     assert names(tmp_path) == []
+
+
+# ---- reading weights -----------------------------------------------------------------------------
+
+def weights_file(folder, suffix: str):
+    path = folder / f"model{suffix}"
+    tensors = {"w": torch.ones(4, 4)}
+    save_file(tensors, path) if suffix == ".safetensors" else torch.save(tensors, path)
+    return path
+
+
+def a_zip_not_written_by_torch() -> bytes:
+    data = io.BytesIO()
+    with zipfile.ZipFile(data, "w") as z:
+        z.writestr("notes.txt", "hello")
+    return data.getvalue()
+
+
+DAMAGE = {  # name: what the file becomes, given its bytes
+    "truncated": lambda data: data[:len(data) // 2],
+    "empty": lambda data: b"",
+    "text": lambda data: b"not weights",
+    "header-claims-more-than-the-file": lambda data: struct.pack("<Q", len(data)) + data[8:],
+    "zip-not-torch": lambda data: a_zip_not_written_by_torch(),
+}
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+@pytest.mark.parametrize("damage", [*DAMAGE, "folder"])
+def test_a_damaged_weights_file_is_an_input_error_for_both_readers(tmp_path, suffix, damage):
+    path = weights_file(tmp_path, suffix)
+    if damage == "folder":
+        path.unlink()
+        path.mkdir()
+    else:
+        path.write_bytes(DAMAGE[damage](path.read_bytes()))
+    for reader in (read_weights, WeightsFile):
+        with pytest.raises(InputError, match="cannot read weights"):
+            reader(path)
+
+
+def test_a_pth_holding_a_class_weights_only_refuses_is_an_input_error(tmp_path):
+    torch.save({"w": torch.ones(2), "args": argparse.Namespace(lr=1e-3)}, tmp_path / "model.pth")
+    with pytest.raises(InputError, match="cannot read weights .*UnpicklingError"):
+        read_weights(tmp_path / "model.pth")
+
+
+def broken(*args, **kwargs):
+    raise TypeError("a bug inside the library")
+
+
+@pytest.mark.parametrize("suffix, reader, library_call", [
+    (".safetensors", read_weights, "safetensors.torch.load_file"),
+    (".pth", read_weights, "torch.load"),
+    (".safetensors", WeightsFile, "safetensors.safe_open"),
+], ids=["safetensors-load_file", "torch.load", "safetensors-safe_open"])
+def test_a_bug_inside_the_weights_readers_keeps_its_traceback(tmp_path, monkeypatch, suffix, reader,
+                                                             library_call):
+    path = weights_file(tmp_path, suffix)
+    monkeypatch.setattr(library_call, broken)
+    with pytest.raises(TypeError, match="a bug inside the library"):
+        reader(path)
+
+
+def test_a_tensor_of_a_dtype_no_model_reads_is_an_input_error(tmp_path):
+    header = json.dumps({"w": {"dtype": "F4", "shape": [4], "data_offsets": [0, 2]}}).encode()
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0")
+    with pytest.raises(InputError, match="w is F4, a dtype this project does not read"):
+        WeightsFile(tmp_path / "model.safetensors")

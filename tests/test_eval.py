@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoint import load_model, read_checkpoint
+from checkpoint import InputError, load_model, read_checkpoint
 from conftest import ROOT, assert_one_error_line, main_error, run_script
-from eval import EvalModel, default_text, harness_model, main, perplexity, rolling_windows
+from eval import EvalModel, default_text, harness_model, load_tasks, main, perplexity, rolling_windows
 from generate import Sampling, generate
 from tokenizer import load_tokenizer
 
@@ -272,3 +272,33 @@ def test_missing_lm_eval_gives_one_error_line(smollm2_checkpoint, tmp_path):
                    env={"PYTHONPATH": str(tmp_path)})
     assert r.returncode == 1
     assert_one_error_line(r.stderr, "pip install lm_eval")
+
+
+def capitals_reading(tmp_path, data):
+    """lm-eval's index of one task: tests/data/capitals.yaml reading a data file of these bytes (None: no file)."""
+    from lm_eval.tasks import TaskManager
+    if data is not None:
+        (tmp_path / "data.jsonl").write_bytes(data)
+    task = (DATA / "capitals.yaml").read_text().replace("tests/data/capitals.jsonl", str(tmp_path / "data.jsonl"))
+    (tmp_path / "capitals.yaml").write_text(task)
+    return TaskManager(include_path=[str(tmp_path)], include_defaults=False)
+
+
+@pytest.mark.parametrize("data", [None, b'{"country": "France", "choices": [\n',
+                                  '{"country": "caf\xe9"}\n'.encode("latin-1")],
+                         ids=["missing", "not-json", "not-utf8"])
+def test_task_data_that_is_missing_or_does_not_parse_is_an_input_error(tmp_path, monkeypatch, data):
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(name, "1")  # what eval.py sets for itself; restored afterwards
+    with pytest.raises(InputError, match="cannot load task capitals"):
+        load_tasks(capitals_reading(tmp_path, data), ["capitals"])
+
+
+def test_a_bug_inside_lm_evals_task_loader_keeps_its_traceback(tmp_path, monkeypatch):
+    task_manager = capitals_reading(tmp_path, (DATA / "capitals.jsonl").read_bytes())
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug inside lm_eval")
+    monkeypatch.setattr(task_manager, "load", broken)
+    with pytest.raises(TypeError, match="a bug inside lm_eval"):
+        load_tasks(task_manager, ["capitals"])

@@ -168,9 +168,9 @@ TINY_DIM, TINY_FFN = 8, 16
 def write_tiny_gguf(path: Path, arch: str, tensors=False, **settings):
     """A tiny GGUF: metadata enough to reach the architecture and tokenizer checks and, with
     tensors=True, random float32 weights of one tied layer, enough to convert and load. settings:
-    model / pre (tokenizer; a list: stored as an array), block_count, head_count, rope_scaling (a
-    gguf.RopeScalingType), dtype (numpy's, of blk.0.attn_q.weight), rope_freqs (an array stored
-    as rope_freqs.weight), extra (GGUFWriter method, key, value) triples."""
+    model / pre (tokenizer; a list: stored as an array), merges, block_count, head_count,
+    rope_scaling (a gguf.RopeScalingType), dtype (numpy's, of blk.0.attn_q.weight), rope_freqs (an
+    array stored as rope_freqs.weight), extra (GGUFWriter method, key, value) triples."""
     import gguf
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(settings.get("block_count", 1))
@@ -180,7 +180,7 @@ def write_tiny_gguf(path: Path, arch: str, tensors=False, **settings):
     w.add_context_length(32)
     w.add_token_list(TINY_TOKENS)
     w.add_tokenizer_model(settings.get("model", "gpt2"))
-    w.add_token_merges(["a b"])
+    w.add_token_merges(settings.get("merges", ["a b"]))
     if isinstance(settings.get("pre"), list):
         w.add_array("tokenizer.ggml.pre", settings["pre"])
     elif "pre" in settings:
@@ -209,6 +209,46 @@ def write_tiny_gguf(path: Path, arch: str, tensors=False, **settings):
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+@pytest.mark.parametrize("cut", ["header", "tensor-data"])
+def test_a_truncated_gguf_file_is_one_error_line(tmp_path, capsys, cut):
+    path = write_tiny_gguf(tmp_path / "cut.gguf", "llama", tensors=True)
+    data = path.read_bytes()
+    path.write_bytes(data[:100] if cut == "header" else data[:-10])
+    assert "not a readable GGUF" in convert_error(path, tmp_path / "out", capsys)
+
+
+def test_a_bug_inside_the_gguf_reader_keeps_its_traceback(tmp_path, monkeypatch):
+    import gguf
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama")
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug inside GGUFReader")
+    monkeypatch.setattr(gguf, "GGUFReader", broken)
+    with pytest.raises(TypeError, match="a bug inside GGUFReader"):
+        load_script("convert_gguf").open_gguf(path)
+
+
+@pytest.mark.parametrize("merges, message", [
+    (["ab"], "the merge 'ab' is not two tokens"),  # tokenizers: a TypeError
+    (["b a"], "the merge 'b a' is not two tokens"),  # its join is no token; tokenizers: a panic
+    (["ab "], "the BPE vocabulary does not load"),  # "" is no token: tokenizers' bare Exception
+], ids=["one-part", "join-not-a-token", "part-not-a-token"])
+def test_merges_the_vocabulary_cannot_use_are_refused(tmp_path, capsys, merges, message):
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", tensors=True, merges=merges)
+    assert message in convert_error(path, tmp_path / "out", capsys)
+
+
+def test_a_bug_inside_the_bpe_builder_keeps_its_traceback(tmp_path, monkeypatch):
+    from tokenizers import models
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", tensors=True)
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug inside BPE")
+    monkeypatch.setattr(models, "BPE", broken)
+    with pytest.raises(TypeError, match="a bug inside BPE"):
+        load_script("convert_gguf").convert(path, tmp_path / "out", torch.float32)
 
 
 def test_a_tokenizer_without_bos_or_eos_measures_perplexity_and_refuses_tasks(tmp_path, capsys):

@@ -453,6 +453,24 @@ def test_absurd_config_is_refused_before_any_tensor(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("weights", [b"not weights", b""], ids=["text", "empty"])
+def test_a_damaged_safetensors_shard_is_one_error_line(weights, tmp_path, capsys):
+    source = config_only_source(tmp_path / "hf")  # a good config: the weights are read
+    (source / "model.safetensors").write_bytes(weights)
+    line = run_main_expect_error(capsys, source, tmp_path / "out")
+    assert "cannot read weights" in line and "model.safetensors" in line
+
+
+def test_a_bug_inside_the_safetensors_shard_reader_keeps_its_traceback(tmp_path, monkeypatch):
+    save_file({"w": torch.ones(2)}, tmp_path / "model.safetensors")
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug inside safe_open")
+    monkeypatch.setattr("safetensors.safe_open", broken)
+    with pytest.raises(TypeError, match="a bug inside safe_open"):
+        convert_hf.open_shard(tmp_path / "model.safetensors")
+
+
 @pytest.mark.parametrize("config, word", [
     (dict(num_attention_heads=0), "num_attention_heads"),
     (dict(hidden_size="64"), "hidden_size"),
