@@ -163,13 +163,33 @@ def test_failed_kernel_check_stops_before_measuring_and_is_recorded(bench, tmp_p
 
 
 def test_merging_keeps_every_kernel_check_case_apart(bench, monkeypatch):
+    """kernels.check_expert_kernel describes each case apart (weights, shape, x's rows, tokens, experts a token):
+    merging two GPUs' checks keeps every case, and a case that failed on one GPU fails alone."""
     import kernels
-    # the expert GEMV's cases on the CPU: its float64 reference stands in for the Triton kernel
-    monkeypatch.setattr(kernels, "expert_matmul", lambda *a: kernels.expert_matmul_reference(*a).float())
-    checks = kernels.check_expert_kernel("cpu", shapes=((5, 37, 300), (3, 16, 64)))
+    shapes = ((5, 37, 300), (3, 16, 64))
+
+    def checks(broken: bool) -> list:
+        """The expert GEMV's cases on the CPU, its float64 reference standing in for the Triton kernel; broken: 1 %
+        off in one case (int8 weights, 4 tokens of 2 experts, a hidden row per pair, shape (3, 16, 64))."""
+        def expert_matmul(x, experts, weight, scales, swiglu_out):
+            y = kernels.expert_matmul_reference(x, experts, weight, scales, swiglu_out).float()
+            off = broken and weight.dtype == torch.int8 and weight.shape[0] == 3 and x.shape[:2] == (4, 2)
+            return y * 1.01 if off else y
+        monkeypatch.setattr(kernels, "expert_matmul", expert_matmul)
+        return kernels.check_expert_kernel("cpu", shapes=shapes)
+
+    good, bad = checks(broken=False), checks(broken=True)
     # shapes, (tokens, k), dtypes, x; and SwiGLU's cases where N is even
-    assert len(checks) == 2 * 3 * 3 * 2 + 3 * 3 and all(c["ok"] for c in checks)
-    assert bench.merge_checks(checks) == checks  # one GPU's checks: no case taken for another
+    assert len(good) == len(bad) == 2 * 3 * 3 * 2 + 3 * 3 and all(c["ok"] for c in good)
+    failed = [c for c in bad if not c["ok"]]
+    assert [(c["name"], c["shape"], c["tokens"], c["rows"]) for c in failed] == [("experts int8", [3, 16, 64], 4, 8)]
+    assert bench.merge_checks(good) == good  # one GPU's checks: no case taken for another
+
+    def case(check: dict) -> dict:
+        return {key: value for key, value in check.items() if key not in ("ok", "rel_err")}
+    merged = bench.merge_checks(good + bad)  # the same cases from two GPUs
+    assert [case(c) for c in merged] == [case(c) for c in good]
+    assert [c for c in merged if not c["ok"]] == failed  # with the failing GPU's (larger) error
 
 
 def test_kernel_checks_are_plain_json_values(bench):
@@ -267,8 +287,7 @@ def test_merging_a_merged_result_again_changes_nothing(two_results, tmp_path, ca
 
 
 def test_plot_is_a_png_made_from_json_alone(two_results, tmp_path):
-    """The optional plot (matplotlib is a bench-only extra: skipped where it is not installed)."""
-    pytest.importorskip("matplotlib")
+    """The optional plot (matplotlib: a bench-only extra at run time, installed with requirements-test.txt)."""
     png = tmp_path / "all.png"
     r = run_script("scripts/bench.py", "--merge", *two_results, "--plot", png)
     assert r.returncode == 0, r.stderr

@@ -2,14 +2,16 @@
 import builtins
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import generate
-from checkpoint import load_model, read_checkpoint
+from checkpoint import copier, load_model, read_checkpoint, save_checkpoint
 from conftest import ROOT
 from generate import Sampling
+from model import ModelArgs, Transformer
 from tokenizer import load_tokenizer
 
 TURNS = ["My name is Bob.", "What is my name?", "Say it again."]
@@ -118,32 +120,83 @@ def test_cache_reuse_gives_the_tokens_of_a_fresh_prefill(smollm2):
     assert reused.tokens == fresh.tokens
 
 
-def test_interactive_chat_cli_answers_three_turns(smollm2_checkpoint):
-    r = subprocess.run([sys.executable, "generate.py", "--checkpoint_path", str(smollm2_checkpoint),
-                        "--chat", "--interactive", "--temperature", "0", "--max_new_tokens", "8",
-                        "--device", "cpu", "--metrics"], cwd=ROOT, capture_output=True, text=True,
-                       input="\n".join(TURNS) + "\n/clear\n", timeout=600)
+EQUALS, DASHES = "=" * 64, "-" * 64  # one token each in SmolLM2's vocabulary
+
+
+def said(text: str) -> int:
+    """How many of the two-token model's tokens the text holds."""
+    return text.count(EQUALS) + text.count(DASHES)
+
+
+@pytest.fixture(scope="module")
+def two_token_checkpoint(smollm2_checkpoint, tmp_path_factory) -> Path:
+    """A tiny model with SmolLM2's tokenizer and chat template that only ever says one of two
+    64-character tokens, so that its answers never end before --max_new_tokens: its final norm
+    keeps one feature of the hidden state, whose sign picks the one token that the output layer
+    scores above 0 (every other scores 0). A context of 1024 tokens."""
+    tokenizer = load_tokenizer(smollm2_checkpoint)
+    (equals,), (dashes,) = tokenizer.encode(EQUALS), tokenizer.encode(DASHES)
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=49152,
+                                  intermediate_size=128, block_size=1024))
+    with torch.no_grad():
+        model.norm.weight.zero_()[0] = 1
+        model.output.weight.zero_()[[equals, dashes], 0] = torch.tensor([1.0, -1.0])
+    folder = tmp_path_factory.mktemp("two_tokens") / "tiny"
+    names = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+    save_checkpoint(folder, model.args, model.state_dict(),
+                    {n: copier(smollm2_checkpoint / n) for n in names
+                     if (smollm2_checkpoint / n).exists()})
+    return folder
+
+
+def chat_command(checkpoint: Path, max_new_tokens: int, *flags) -> list:
+    return [sys.executable, "generate.py", "--checkpoint_path", str(checkpoint), "--chat",
+            "--interactive", "--temperature", "0", "--max_new_tokens", str(max_new_tokens),
+            "--device", "cpu", *flags]
+
+
+def test_interactive_chat_cli_answers_three_turns(two_token_checkpoint):
+    r = subprocess.run(chat_command(two_token_checkpoint, 8, "--metrics"), cwd=ROOT,
+                       capture_output=True, text=True, input="\n".join(TURNS) + "\n/clear\n",
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("> ") == 5  # three answers, /clear, end of input
+    assert said(r.stdout) == 3 * 8  # the answers, streamed
     assert r.stderr.count("new tokens, time to first token") == 3
     assert "(conversation cleared)" in r.stderr
 
 
-def test_ctrl_c_stops_an_answer_and_the_conversation_goes_on(smollm2_checkpoint):
+def test_ctrl_c_stops_an_answer_and_the_conversation_goes_on(two_token_checkpoint):
     """SIGINT while an answer streams (the terminal's Ctrl-C) ends that answer, not the session:
-    the next question is answered, and end of input still ends it with status 0."""
+    the next question is answered, and end of input still ends it with status 0. The first answer
+    cannot end before the signal: its 100 tokens of 64 characters do not fit in the output pipe,
+    shrunk to 4096 bytes, of which the test reads 3 bytes until then."""
+    import fcntl
     import signal
-    p = subprocess.Popen([sys.executable, "generate.py", "--checkpoint_path",
-                          str(smollm2_checkpoint), "--chat", "--interactive", "--temperature", "0",
-                          "--max_new_tokens", "2000", "--device", "cpu"], cwd=ROOT,
+    p = subprocess.Popen(chat_command(two_token_checkpoint, 100, "--metrics"), cwd=ROOT,
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-    p.stdin.write("Tell me a very long story about a dragon.\n")
-    p.stdin.flush()
-    assert p.stdout.read(2) == "> "  # the prompt; then the answer streams
-    assert p.stdout.read(1)
-    p.send_signal(signal.SIGINT)
-    stdout, stderr = p.communicate("What is the capital of France?\n", timeout=600)
+                         bufsize=0)  # unbuffered: a read takes no more than it asks from the pipe
+    try:
+        assert fcntl.fcntl(p.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096) == 4096
+        p.stdin.write(b"Tell me a very long story about a dragon.\n")
+        assert read_exactly(p.stdout, 2) == b"> "  # the prompt; then the answer streams
+        assert read_exactly(p.stdout, 1)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(b"What is the capital of France?\n", timeout=600)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    stdout, stderr = out.decode(), err.decode()
     assert p.returncode == 0, stderr[-2000:]
     assert "(answer stopped)" in stderr and "Traceback" not in stderr
-    assert "Paris" in stdout  # the second answer
+    assert stderr.count("new tokens, time to first token") == 1  # the second answer, whole
+    assert said(stdout.split("> ")[-2]) == 100  # between the second prompt and the last
+
+
+def read_exactly(stream, n: int) -> bytes:
+    data = b""
+    while len(data) < n and (piece := stream.read(n - len(data))):
+        data += piece
+    return data

@@ -5,6 +5,7 @@ import argparse
 import errno
 import io
 import json
+import os
 import socket
 import struct
 import zipfile
@@ -110,12 +111,20 @@ def test_a_journal_that_reaches_outside_its_folder_or_is_malformed_is_refused(tm
     assert names(folder) == sorted([JOURNAL, ".config.json.x.tmp", "config.json"])
 
 
-def test_temp_files_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
+def test_temp_files_of_a_killed_writer_are_removed_by_the_next_write_and_no_others(tmp_path):
+    """A temp file names its writer's host and pid (checkpoint.temp_name): the next write removes
+    those of a writer of this machine that is gone, and leaves those of a writer still running
+    (this process, in another thread say) and of one on another machine sharing the folder, whose
+    pid means nothing here."""
+    host = socket.gethostname()
     dead = 2 ** 22 + 12345  # above Linux's default pid_max: no such process
-    orphan = tmp_path / f".model.safetensors.{socket.gethostname()}-{dead}.tmp"
-    orphan.write_bytes(b"half a checkpoint")
+    orphan = f".model.safetensors.{host}-{dead}.tmp"
+    running = f".model_int8.pth.{host}-{os.getpid()}.tmp"  # as temp_name names this process's
+    elsewhere = f".model.safetensors.not-{host}-{dead}.tmp"  # another machine; no such pid here
+    for name in (orphan, running, elsewhere):
+        (tmp_path / name).write_bytes(b"half a checkpoint")
     write_files(tmp_path, {"a.txt": lambda p: p.write_text("a")})
-    assert names(tmp_path) == ["a.txt"]
+    assert names(tmp_path) == sorted([running, elsewhere, "a.txt"])
 
 
 def test_a_write_that_fails_into_a_new_folder_leaves_no_folder(tmp_path):

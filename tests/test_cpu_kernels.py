@@ -19,7 +19,9 @@ import quantize as Q
 from checkpoint import empty_model, randomize_, to_device
 from model import ModelArgs, Transformer
 
-pytestmark = pytest.mark.skipif(
+# The tests that run the kernels, or check that a model gets them, need a CPU they serve (AVX2,
+# AVX512); the others hold on any CPU.
+needs_cpu_kernels = pytest.mark.skipif(
     not kernels.cpu_kernels_usable(torch.float32),
     reason=f"CPU capability {torch.backends.cpu.get_cpu_capability()}: the layers keep their plain "
            "path here")
@@ -109,6 +111,7 @@ print("ok")
 """
 
 
+@needs_cpu_kernels
 def test_int8_op_is_right_on_every_shape_the_routing_lets_through_and_any_alignment():
     r = run_script("-c", ROUTED_SHAPES_CHECK)
     assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])
@@ -121,6 +124,7 @@ def test_int8_routing_refuses_k_that_the_op_gets_wrong():
 
 # ---- each layer against its dequantized reference ----------------------------------------------
 
+@needs_cpu_kernels
 @pytest.mark.parametrize("n, k", [(37, 208), (48, 64), (1, 16), (100, 96)])
 @pytest.mark.parametrize("rows", [1, 3, 32])
 @torch.no_grad()
@@ -142,6 +146,7 @@ def test_int8_cpu_kernel_matches_the_dequantized_reference(n, k, rows, plain_pat
     (100, 200, 128),  # K padded to 256
     (20, 256, 256),
 ], ids=["ragged", "whole", "one-output", "g128-padded", "g256"])
+@needs_cpu_kernels
 @pytest.mark.parametrize("rows", [1, 5, 128])
 @torch.no_grad()
 def test_int4_cpu_kernel_matches_the_dequantized_reference(n, k, groupsize, rows, monkeypatch):
@@ -162,6 +167,7 @@ def test_int4_cpu_kernel_matches_the_dequantized_reference(n, k, groupsize, rows
     (96, 128, 96, 32),  # quarters
     (208, 32, 224, 32),  # no group of 32 or more ends at 208: padded
 ])
+@needs_cpu_kernels
 @torch.no_grad()
 def test_int4_kernel_multiplies_no_padding_where_smaller_groups_end_at_k(k, groupsize, kernel_k,
                                                                           kernel_groupsize):
@@ -174,6 +180,7 @@ def test_int4_kernel_multiplies_no_padding_where_smaller_groups_end_at_k(k, grou
     assert relative_error(layer(x), rounded_x) < OUTPUT_ROUNDING
 
 
+@needs_cpu_kernels
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @torch.no_grad()
 def test_more_rows_than_the_limit_take_the_exact_plain_path(mode):
@@ -188,6 +195,7 @@ def test_more_rows_than_the_limit_take_the_exact_plain_path(mode):
     assert relative_error(layer(x), reference(layer, x)[0]) < 1e-5
 
 
+@needs_cpu_kernels
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @torch.no_grad()
 def test_bfloat16_layers_use_the_kernel_too(mode, monkeypatch):
@@ -249,6 +257,7 @@ def logits_of(model, idx=IDX) -> torch.Tensor:
     return torch.cat([prefill, step], dim=1)
 
 
+@needs_cpu_kernels
 @pytest.mark.parametrize("mode, groupsize", [("int8", None), ("int4", 32), ("int4", 64)],
                          ids=["int8", "int4-g32", "int4-g64"])
 def test_prepare_for_device_selects_the_cpu_kernels(mode, groupsize, monkeypatch):
@@ -288,8 +297,11 @@ def test_prepare_for_device_selects_the_cpu_kernels(mode, groupsize, monkeypatch
     assert all(torch.equal(routed_tensors[k], plain_tensors[k]) for k in plain_tensors)
 
 
-def test_prepare_for_device_leaves_float16_models_on_the_plain_path():
-    """The vectorized code serves bfloat16 (and float32 through it) only."""
+def test_prepare_for_device_leaves_float16_models_on_the_plain_path(monkeypatch):
+    """The vectorized code serves bfloat16 (and float32 through it) only: float16 stays plain even on
+    a CPU the kernels serve (any CPU here passes for one)."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert kernels.cpu_kernels_usable(torch.float32)
     model = quantized_model("int4", 32, torch.float16)
     assert all(m.kernel is None for m in model.modules() if isinstance(m, kernels.Int4Linear))
     model = quantized_model("int8", None, torch.float16)
@@ -316,6 +328,7 @@ def test_dependent_launches_pay_for_one_row_gemv_models_and_float_or_int8_mixtur
     assert not kernels.dependent_launches_pay(moe)
 
 
+@needs_cpu_kernels
 @torch.no_grad()
 def test_compiled_layers_call_the_cpu_kernels_as_eager_does():
     """torch.compile (inductor's C++ backend, as generate.py --compile on the CPU) keeps the ops,

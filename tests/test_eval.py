@@ -264,6 +264,36 @@ def test_bad_input_gives_one_error_line(smollm2_checkpoint, tmp_path, monkeypatc
         main_error(main, ["--checkpoint_path", smollm2_checkpoint, "--device", "cpu", *args], capsys, *words)
 
 
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random model with a word-level tokenizer (tests/test_generate.py's), 32 tokens of context."""
+    from test_generate import save_tiny_checkpoint
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("eval") / "tiny", block_size=32)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--num_fewshot", -1], ["--num_fewshot must be >= 0", "got -1"]),
+    (["--include_path", "{tmp}/no_such_tasks"], ["--include_path", "no_such_tasks", "does not exist"]),
+], ids=["negative-fewshot", "missing-include-path"])
+def test_bad_task_flags_give_one_error_line(args, words, tiny_checkpoint, tmp_path, capsys):
+    """Refused with the other flags' checks, before the model loads or lm-eval indexes its tasks."""
+    argv = ["--checkpoint_path", tiny_checkpoint, "--device", "cpu", "--tasks", "capitals",
+            *[str(a).format(tmp=tmp_path) for a in args]]
+    main_error(main, argv, capsys, *words)
+
+
+def test_a_task_continuation_longer_than_the_window_is_one_input_error(tiny_checkpoint):
+    """A continuation is scored whole in one window: one that does not fit --max_seq_length is the task's
+    error (one line), not a silently shortened score."""
+    ckpt = read_checkpoint(tiny_checkpoint)
+    model = EvalModel(load_model(ckpt, dtype=torch.float32), load_tokenizer(ckpt.folder), max_seq_length=8,
+                      batch_size=1)
+    assert len(model.loglikelihood([("w1 w2", " w3" * 8)], progress=False)) == 1  # 8 tokens fit
+    with pytest.raises(InputError) as e:
+        model.loglikelihood([("w1 w2", " w3" * 9)], progress=False)
+    assert_one_error_line(f"error: {e.value}", "continuation of 9 tokens", "--max_seq_length 8")
+
+
 def test_missing_lm_eval_gives_one_error_line(smollm2_checkpoint, tmp_path):
     blocked = tmp_path / "lm_eval"  # found first on PYTHONPATH: lm_eval as if it were not installed
     blocked.mkdir()

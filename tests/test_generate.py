@@ -1,9 +1,15 @@
-"""The model's cache and the generation loop, on tiny random models (no files needed)."""
+"""The model's cache and the generation loop, on tiny random models (no files needed); then
+generate.py's command line in this process, on such a model saved with a word-level tokenizer."""
+import json
+import math
+from pathlib import Path
+
 import pytest
 import torch
 
+import generate as G
 from generate import Sampling, generate, probabilities, sample
-from checkpoint import CONFIGS
+from checkpoint import CONFIGS, InputError, save_checkpoint
 from model import ModelArgs, Transformer
 
 TINY = dict(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=97, intermediate_size=96, block_size=128)
@@ -33,16 +39,45 @@ def test_cached_decode_matches_full_forward(ffn):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def llama3_frequency(freq: float, factor: float, low_freq_factor: float, high_freq_factor: float,
+                     original_max_position_embeddings: int) -> float:
+    """Llama-3.1's scaled rotary frequency (Meta's apply_scaling, transformers' "llama3" rope type):
+    wavelengths shorter than original / high_freq_factor kept, longer than original / low_freq_factor
+    divided by factor, and between them a blend, linear in original / wavelength."""
+    wavelength = 2 * math.pi / freq
+    if wavelength < original_max_position_embeddings / high_freq_factor:
+        return freq
+    if wavelength > original_max_position_embeddings / low_freq_factor:
+        return freq / factor
+    smooth = ((original_max_position_embeddings / wavelength - low_freq_factor)
+              / (high_freq_factor - low_freq_factor))
+    return (1 - smooth) * freq / factor + smooth * freq
+
+
 @torch.no_grad()
 def test_rope_scaling_changes_only_long_wavelengths():
-    args = ModelArgs(**TINY, rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                               original_max_position_embeddings=32))
+    # head_dim 16: 8 frequencies, wavelengths 6.3, 20, 63, 199, 628, ... tokens; thresholds 100 / 8 =
+    # 12.5 and 100 tokens: the first kept, two blended, five slowed 8 times
+    scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=8.0,
+                   original_max_position_embeddings=100)
     from model import rope_table
-    plain = rope_table(ModelArgs(**TINY), 100)
-    scaled = rope_table(args, 100)
-    # (positions, cos and sin, 1, head_dim): the first pair of columns turns fastest
-    torch.testing.assert_close(scaled[..., :2], plain[..., :2])  # the fastest frequency is kept
-    assert not torch.allclose(scaled[..., -2:], plain[..., -2:])  # the slowest is stretched
+    args = ModelArgs(**TINY, rope_scaling=scaling)
+    half = args.head_dim // 2
+    freqs = [args.rope_base ** (-i / half) for i in range(half)]
+    scaled = [llama3_frequency(f, **scaling) for f in freqs]
+    kinds = ["kept" if s == f else "slowed" if s == f / 8 else "blended" for f, s in zip(freqs, scaled)]
+    assert kinds == ["kept"] + ["blended"] * 2 + ["slowed"] * 5
+    positions = torch.arange(300, dtype=torch.float64)[:, None]
+    angles = positions * torch.tensor(scaled, dtype=torch.float64).repeat_interleave(2)  # (300, 16)
+    sign = torch.tensor([-1.0, 1.0], dtype=torch.float64).repeat(half)  # (-s0, s0, -s1, s1, ...)
+    expected = torch.stack([angles.cos(), sign * angles.sin()], dim=1)[:, :, None].float()
+    table = rope_table(args, 300)  # (positions, cos and sin, 1, head_dim): a pair of columns a frequency
+    torch.testing.assert_close(table, expected, atol=1e-6, rtol=0)
+    # and the table without scaling: the plain frequencies, which only the kept column shares
+    plain = rope_table(ModelArgs(**TINY), 300)
+    torch.testing.assert_close(plain[..., :2], table[..., :2])
+    assert all(not torch.allclose(plain[..., 2 * i:2 * i + 2], table[..., 2 * i:2 * i + 2])
+               for i in range(1, half))
 
 
 def greedy_alone(model, prompt, n):
@@ -183,3 +218,104 @@ def test_compiled_prefill_fills_the_cache_as_eager_for_every_prompt_length():
         torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=1e-5)
     assert counters["stats"]["unique_graphs"] == graphs + 1
     torch._dynamo.reset()
+
+
+# ---- generate.py's command line: main() in this process, on a tiny checkpoint -------------------
+
+def word_tokenizer(vocab_size: int = TINY["vocab_size"]):
+    """A tokenizer.json of words w0 .. w{vocab_size - 1}, split at spaces (w0 for unknown words),
+    without a chat template or special tokens (so no generation stops early)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tokenizer
+
+
+def save_tiny_checkpoint(folder: Path, **overrides) -> Path:
+    """tiny_model's weights as a checkpoint, with word_tokenizer's tokenizer.json."""
+    model = tiny_model(**overrides)
+    tokenizer = word_tokenizer(model.args.vocab_size)
+    save_checkpoint(folder, model.args, model.state_dict(),
+                    others={"tokenizer.json": lambda tmp: tokenizer.save(str(tmp))})
+    return folder
+
+
+CONTEXT = 32  # the tiny checkpoint's context, in tokens
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("generate") / "tiny", block_size=CONTEXT)
+
+
+PROMPT = "w1 w2 w3"  # 3 tokens
+
+
+def generate_here(capsys, checkpoint: Path, *flags) -> tuple[str, str]:
+    """generate.py --checkpoint_path checkpoint --prompt PROMPT on the CPU with flags, through its
+    main() in this process: (stdout, stderr)."""
+    capsys.readouterr()
+    G.main([str(a) for a in ("--checkpoint_path", checkpoint, "--prompt", PROMPT, "--device", "cpu",
+                             *flags)])
+    out = capsys.readouterr()
+    return out.out, out.err
+
+
+def test_new_tokens_past_the_context_are_cut_to_what_fits_with_a_note(tiny_checkpoint, tmp_path,
+                                                                       capsys):
+    context = CONTEXT
+    for asked, cut in ((context - 3 + 50, True), (context - 3, False)):  # 3 prompt tokens
+        metrics = tmp_path / f"{asked}.json"
+        _, err = generate_here(capsys, tiny_checkpoint, "--max_new_tokens", asked, "--temperature", 0,
+                               "--json", metrics)
+        sample = json.loads(metrics.read_text())["samples"][0]
+        assert sample["prompt_tokens"] == [3] and sample["new_tokens"] == [context - 3]
+        note = f"note: generating {context - 3} tokens, all that fit the {context}-token context"
+        assert (note in err.splitlines()) == cut, err
+
+
+def test_the_same_seed_samples_the_same_tokens_and_another_seed_others(tiny_checkpoint, capsys):
+    """Sampled at temperature 1 from a near-uniform distribution over 97 tokens: two seeds giving the
+    same 20 tokens would be a chance of 97 ** -20."""
+    def sampled(seed: int) -> str:
+        out, _ = generate_here(capsys, tiny_checkpoint, "--max_new_tokens", 20, "--temperature", 1,
+                               "--seed", seed)
+        assert len(out.split()) >= 20, out  # the prompt, then 20 words
+        return out
+    first = sampled(7)
+    assert sampled(7) == first
+    assert sampled(8) != first
+
+
+def test_a_batch_prints_each_row_once_and_greedy_rows_equal_the_single_rows_answer(tiny_checkpoint,
+                                                                                  capsys):
+    flags = ("--max_new_tokens", 12, "--temperature", 0)
+    single, _ = generate_here(capsys, tiny_checkpoint, *flags)
+    assert single.startswith(PROMPT)  # the prompt, then the answer streamed
+    answer = single.removeprefix(PROMPT).strip()
+    assert len(answer.split()) == 12, single
+    batch, _ = generate_here(capsys, tiny_checkpoint, *flags, "--batch_size", 3)
+    assert batch.splitlines() == [f"[{b}] {answer}" for b in range(3)]
+
+
+def test_bfloat16_weights_generate_and_a_step_reads_half_the_bytes_of_float32(tiny_checkpoint,
+                                                                             tmp_path, capsys):
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        out, _ = generate_here(capsys, tiny_checkpoint, "--max_new_tokens", 8, "--temperature", 0,
+                               "--dtype", dtype, "--json", tmp_path / f"{dtype}.json")
+        assert len(out.removeprefix(PROMPT).split()) == 8, out
+        results[dtype] = json.loads((tmp_path / f"{dtype}.json").read_text())
+    assert results["bfloat16"]["args"]["dtype"] == "torch.bfloat16"
+    assert results["bfloat16"]["samples"][0]["new_tokens"] == [8]
+    assert 2 * results["bfloat16"]["model_bytes"] == results["float32"]["model_bytes"]
+
+
+def test_chat_with_a_tokenizer_without_a_chat_template_is_one_error_line(tiny_checkpoint, capsys):
+    """The word-level tokenizer.json has no template (and the HF backend no built-in chat format): refused
+    before the model loads."""
+    with pytest.raises(InputError) as e:
+        generate_here(capsys, tiny_checkpoint, "--chat", "--max_new_tokens", 2)
+    message = str(e.value)
+    assert "\n" not in message and "no chat template" in message, message
+    assert "Loaded" not in capsys.readouterr().err

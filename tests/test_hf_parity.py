@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from checkpoint import InputError, load_model, read_checkpoint
 from conftest import ROOT, assert_one_error_line, load_script, run_script
-
-transformers = pytest.importorskip("transformers")
 
 SCRIPT = ROOT / "scripts" / "convert_hf_checkpoint.py"
 convert_hf = load_script("convert_hf_checkpoint")
@@ -347,33 +346,36 @@ def test_sliding_window_caps_block_size(capsys):
 
 # ---- bad inputs ----------------------------------------------------------------------------------
 
-def test_missing_dir_fails_cleanly(tmp_path):
-    result = run_script(SCRIPT, "--checkpoint_dir", tmp_path / "nope")
-    assert result.returncode == 1
-    assert_one_error_line(result.stderr, "no HF checkpoint folder")
+def test_missing_dir_fails_cleanly(tmp_path, capsys):
+    line = converter_error(capsys, "--checkpoint_dir", tmp_path / "nope")
+    assert "no HF checkpoint folder" in line
 
 
-def test_unsupported_model_type_fails_cleanly(hf_models, tmp_path):
+def test_unsupported_model_type_fails_cleanly(hf_models, tmp_path, capsys):
     _, hf_dir = hf_models("llama-gqa")
-    bad = tmp_path / "hf"
+    bad = tmp_path / "hf"  # the default --hf_dir, inside --checkpoint_dir
     shutil.copytree(hf_dir, bad)
     config = json.loads((bad / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
-    result = run_script(SCRIPT, "--checkpoint_dir", tmp_path)
-    assert result.returncode == 1
-    assert_one_error_line(result.stderr, "unsupported model_type", "gpt2")
+    line = converter_error(capsys, "--checkpoint_dir", tmp_path)
+    assert "unsupported model_type" in line and "gpt2" in line
     assert not (tmp_path / "model.safetensors").exists()
 
 
-def run_main_expect_error(capsys, hf_dir: Path, out: Path) -> str:
+def converter_error(capsys, *argv) -> str:
+    """The converter's main(argv) in this process on bad input: exit status 1 after one `error:` line,
+    which it returns (the command line itself: test_absurd_config_is_refused_before_any_tensor)."""
     capsys.readouterr()  # earlier output, such as a fixture saving an HF model
     with pytest.raises(SystemExit) as exit_info:
-        run_converter(hf_dir, out)
+        convert_hf.main([str(a) for a in argv])
     assert exit_info.value.code == 1
-    stderr = capsys.readouterr().err
-    assert_one_error_line(stderr)
+    return assert_one_error_line(capsys.readouterr().err)
+
+
+def run_main_expect_error(capsys, hf_dir: Path, out: Path) -> str:
+    line = converter_error(capsys, "--checkpoint_dir", out, "--hf_dir", hf_dir)
     assert not (out / "model.safetensors").exists()
-    return stderr
+    return line
 
 
 def test_missing_tensor_fails_cleanly(hf_models, tmp_path, capsys):
@@ -443,6 +445,8 @@ def test_unsupported_rope_type_is_refused(key, rope_type, tmp_path, capsys):
 
 
 def test_absurd_config_is_refused_before_any_tensor(tmp_path):
+    """The real command line (the other refusals run the converter's main() in this process), in a
+    process of its own: a billion layers built before the check would not end soon."""
     source = config_only_source(tmp_path / "hf", num_hidden_layers=1_000_000_000)
     start = time.perf_counter()
     result = run_script(SCRIPT, "--checkpoint_dir", tmp_path / "out", "--hf_dir", source,

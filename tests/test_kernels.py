@@ -9,15 +9,15 @@ session begins, and the tests below check their results."""
 import sys
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
+import triton  # requirements-test.txt: the interpreter below, and kernels.py's helpers
 
-triton = pytest.importorskip("triton", reason="Triton is installed with requirements-test.txt")
-numpy = pytest.importorskip("numpy")
 # Triton 3.6's interpreter passes scalar arguments as 1-element arrays, and NumPy 2.4 refuses int()
 # of those, so no kernel looping up to an argument runs in it there (requirements-test.txt's
-# mistral-common keeps NumPy < 2.4).
-pytestmark = pytest.mark.skipif(
+# mistral-common keeps NumPy < 2.4). The checks run in the interpreter only.
+in_the_interpreter = pytest.mark.skipif(
     tuple(map(int, numpy.__version__.split(".")[:2])) >= (2, 4),
     reason="Triton's interpreter fails on NumPy >= 2.4 (int() of a 1-element array)")
 
@@ -401,27 +401,55 @@ def test_int4_layer_laid_out_for_triton_dequantizes_to_the_same_weights():
     assert torch.equal(layer.dequantize(), before)
 
 
+def covers_k_in_whole_tiles(split: tuple, n_columns: int, align: int) -> bool:
+    """(parts, columns a part) covers K once in parts of whole `align` columns, none of them empty."""
+    parts, size = split
+    return parts >= 1 and size % align == 0 and (parts - 1) * size < n_columns <= parts * size
+
+
 def test_small_matmul_splits_k_until_the_grid_fills_the_gpu_and_wide_layers_stay_whole():
-    from kernels import mm_split, one_byte_split
-    # Llama-2-7B's layers on 132 SMs. One-byte weights, a decode batch of 32 to 64 rows (one block):
-    # about 4 programs an SM, at most 8 parts of whole 256 columns; fewer rows: parts of 1024.
-    assert one_byte_split(31, 12288, 4096, 132) == mm_split(4096) == (4, 1024)
-    assert one_byte_split(32, 12288, 4096, 132) == (2, 2048)
-    assert one_byte_split(32, 4096, 4096, 132) == (8, 512)
-    assert one_byte_split(32, 22016, 4096, 132) == (1, 4096)
-    assert one_byte_split(32, 4096, 11008, 132) == (8, 1536)  # 7 x 1536 + 256
-    # Blocks of rows (65-128 rows: one, 129-256: two): about 2 programs an SM, at most 4 parts.
-    for rows, wo_parts in ((128, 4), (256, 2)):
-        assert one_byte_split(rows, 4096, 4096, 132) == (wo_parts, 4096 // wo_parts)
-        assert one_byte_split(rows, 4096, 11008, 132)[0] == wo_parts
-        assert one_byte_split(rows, 12288, 4096, 132) == (1, 4096)
-        assert one_byte_split(rows, 22016, 4096, 132) == (1, 4096)
-    # parts of whole tiles (64 columns) that cover K once, none empty
-    assert one_byte_split(128, 4096, 11008, 132) == (4, 2752)
-    assert one_byte_split(128, 64, 300, 132) == (3, 128)  # 128 + 128 + 44
-    assert one_byte_split(128, 100, 768, 1) == (1, 768)  # off a GPU (one "SM"), 2 tiles: K whole
-    # int4: parts of at least 1024 columns, whatever the layer
-    assert mm_split(11008) == (8, 1536)
+    """kernels.py's promises for the split of K (the comments above MAX_MM_ROWS and WIDE_MAX_SPLIT),
+    over layer shapes, row counts and GPUs of 1 to 132 SMs: K covered once in parts of whole tiles;
+    int4 (mm_split) in at most MAX_SPLIT parts of at least MM_SPLIT_COLUMNS columns, as many as fit;
+    one-byte weights the same below MM_FILL_ROWS rows, from there about MM_PROGRAMS_PER_SM programs
+    an SM (one block of rows) or 2 (blocks of WIDE_MM_TILE's rows, at most WIDE_MAX_SPLIT parts):
+    never more than that, at least one an SM unless the split is near its most parts; and a wider
+    layer, or more rows, takes no more parts."""
+    from kernels import (MAX_MM_ROWS, MAX_SPLIT, MM_FILL_ROWS, MM_PROGRAMS_PER_SM, MM_SPLIT_ALIGN,
+                         MM_SPLIT_COLUMNS, MM_TILE, WIDE_MAX_SPLIT, WIDE_MM_TILE, mm_split,
+                         one_byte_split)
+    ks = (300, 768, 1000, 2048, 4096, 8448, 11008, 14336)
+    for k in ks:
+        parts, size = mm_split(k)
+        assert covers_k_in_whole_tiles((parts, size), k, MM_SPLIT_ALIGN), k
+        assert parts <= MAX_SPLIT and (parts == 1 or size >= MM_SPLIT_COLUMNS), k
+        assert parts > 1 or k < 2 * MM_SPLIT_COLUMNS, k  # split wherever two parts fit
+    widths = (64, 100, 1024, 4096, 11008, 12288, 14336, 22016, 28672)
+    for sms in (1, 8, 78, 132):
+        for k in ks:
+            for rows in (1, 8, MM_FILL_ROWS - 1):  # fewer rows keep the int4 parts
+                assert all(one_byte_split(rows, n, k, sms) == mm_split(k) for n in widths)
+            for rows in (MM_FILL_ROWS, 48, MAX_MM_ROWS, MAX_MM_ROWS + 1, 128, 129, 256):
+                one_block = rows <= MAX_MM_ROWS
+                align, most, per_sm = ((MM_SPLIT_ALIGN, MAX_SPLIT, MM_PROGRAMS_PER_SM) if one_block
+                                       else (WIDE_MM_TILE["BLOCK_K"], WIDE_MAX_SPLIT, 2))
+                splits = [one_byte_split(rows, n, k, sms) for n in widths]
+                for n, split in zip(widths, splits):
+                    case = (rows, n, k, sms, split)
+                    tiles = (-(-n // MM_TILE["BLOCK_N"]) if one_block else
+                             -(-rows // WIDE_MM_TILE["BLOCK_M"]) * -(-n // WIDE_MM_TILE["BLOCK_N"]))
+                    programs = tiles * split[0]
+                    assert covers_k_in_whole_tiles(split, k, align) and split[0] <= most, case
+                    assert programs <= max(tiles, per_sm * sms), case  # a wide layer stays whole
+                    assert programs >= sms or 2 * split[0] > min(most, k // align), case
+                parts = [p for p, _ in splits]
+                assert parts == sorted(parts, reverse=True), (rows, k, sms, splits)  # wider: fewer
+            wide = [one_byte_split(rows, 4096, k, sms)[0] for rows in (65, 128, 129, 256)]
+            assert wide == sorted(wide, reverse=True), (k, sms, wide)  # more blocks: fewer parts
+    # Llama-2-7B's layers at 32 rows on an H200's 132 SMs: the narrow ones split, the widest whole.
+    llama = [one_byte_split(32, n, k, 132)[0] for n, k in ((4096, 4096), (4096, 11008),
+                                                           (12288, 4096), (22016, 4096))]
+    assert min(llama[:2]) > 1 and llama[-1] == 1, llama
 
 
 def test_gemv_input_gives_aligned_words_of_any_one_row_view():
@@ -460,14 +488,18 @@ def test_float_linear_takes_the_gemv_for_one_row_in_its_own_dtype_and_a_row_majo
         monkeypatch):
     """FloatLinear's routing, with the GPU's route and GEMV stood in for (a CPU has neither): the
     GEMV for one row of the weight's dtype (bf16, fp16) against a row-major weight while
-    kernels.FLOAT_GEMV is on; PyTorch's matmul for more rows, float32, a transposed weight or the
-    flag off."""
+    kernels.FLOAT_GEMV is on, its output plus the bias; PyTorch's matmul for more rows, float32, a
+    transposed weight or the flag off."""
+    import torch.nn.functional as F
     import kernels
     calls = []
     monkeypatch.setattr(kernels, "kernel_route", lambda x, *_: "gemv" if x.numel() == x.shape[-1]
                         else None)
-    monkeypatch.setattr(kernels, "scaled_gemv",
-                        lambda x, w, s: calls.append(w) or torch.nn.functional.linear(x, w))
+
+    def gemv(x, w, scales):  # a result no matmul of these inputs gives
+        calls.append((w, scales))
+        return torch.full((*x.shape[:-1], w.shape[0]), 7.0, dtype=x.dtype)
+    monkeypatch.setattr(kernels, "scaled_gemv", gemv)
 
     def took_gemv(dtype=torch.bfloat16, rows=1, transposed=False, flag=True) -> bool:
         monkeypatch.setattr(kernels, "FLOAT_GEMV", flag)
@@ -478,9 +510,13 @@ def test_float_linear_takes_the_gemv_for_one_row_in_its_own_dtype_and_a_row_majo
         x = torch.randn(rows, 16, dtype=dtype)
         with torch.no_grad():
             y = layer(x)
-            expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
-            assert torch.allclose(y.float(), expected.float(), atol=2e-2)  # (bias added apart)
-        return len(calls) == 1
+            if not calls:  # PyTorch's matmul, as nn.Linear computes it
+                assert torch.equal(y, F.linear(x, layer.weight, layer.bias))
+                return False
+            # the layer's own weight, no scales; the GEMV's output with the bias added once
+            assert len(calls) == 1 and calls[0][0] is layer.weight and calls[0][1] is None
+            assert torch.equal(y, torch.full((rows, 8), 7.0, dtype=dtype) + layer.bias)
+            return True
     assert took_gemv() and took_gemv(torch.float16)
     assert not took_gemv(rows=2)
     assert not took_gemv(torch.float32)
@@ -502,47 +538,56 @@ def passed(interpreter_jobs, name: str):
 
 
 @pytest.mark.slow
+@in_the_interpreter
 def test_scaled_gemv_kernel_matches_reference_for_every_config(interpreter_jobs):
     passed(interpreter_jobs, "scaled_gemv")
 
 
 @pytest.mark.slow
+@in_the_interpreter
 def test_quantized_mm_kernel_matches_reference_for_decode_batches_of_int8(interpreter_jobs):
     passed(interpreter_jobs, "quantized_mm")
 
 
 @pytest.mark.slow
+@in_the_interpreter
 def test_int4_mm_kernel_matches_reference_for_every_group_size(interpreter_jobs):
     passed(interpreter_jobs, "int4_mm")
 
 
 @pytest.mark.slow
+@in_the_interpreter
 def test_dequantized_weights_equal_the_reference_dequantization(interpreter_jobs):
     passed(interpreter_jobs, "dequantize")
 
 
 @pytest.mark.slow
+@in_the_interpreter
 def test_expert_gemv_kernel_matches_reference_for_each_weight_kind(interpreter_jobs):
     passed(interpreter_jobs, "expert_gemv")
 
 
 @pytest.mark.slow
+@in_the_interpreter
 def test_grouped_expert_kernel_matches_reference_with_empty_and_many_row_experts(interpreter_jobs):
     passed(interpreter_jobs, "grouped_experts")
 
 
 @pytest.mark.slow
+@in_the_interpreter
 def test_router_kernel_chooses_the_experts_and_weights_of_the_pytorch_routing(interpreter_jobs):
     passed(interpreter_jobs, "router")
 
 
 @pytest.mark.slow
+@in_the_interpreter
 def test_decode_attention_kernel_equals_the_models_attention_and_each_row_its_alone_result(
         interpreter_jobs):
     passed(interpreter_jobs, "decode_attention")
 
 
 @pytest.mark.slow
+@in_the_interpreter
 def test_chunk_attention_kernel_equals_the_models_attention_and_prompts_their_alone_tokens(
         interpreter_jobs):
     passed(interpreter_jobs, "chunk_attention")

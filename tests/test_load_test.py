@@ -1,7 +1,8 @@
 """scripts/load_test.py against a real server.py (SmolLM2-135M on the CPU, on 127.0.0.1) for a few
 seconds: its JSON result counts every request once (those the server refuses as failed, by
 status), its percentiles are ordered, its token counts are the server's. Bad input is one line.
-Nothing here asserts a speed."""
+The refused requests are counted against server.py's app in this process, its scheduler held until
+every request has arrived (tests/test_server.py's stepped_server). Nothing here asserts a speed."""
 import json
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from conftest import assert_one_error_line, free_port, load_script, run_script, serve
 
 
-ROWS, QUEUE = 2, 3  # the server takes 5 requests at a time; 3 clients never hear 429
+ROWS, QUEUE = 2, 3  # a server takes 5 requests at a time; 3 clients never hear 429
 
 
 @pytest.fixture(scope="module")
@@ -72,16 +73,33 @@ def test_load_test_over_processes_sends_exactly_the_requests_asked(server, load_
     assert result["sent"] == result["finished"] == 5 and result["output_tokens"] == 10
 
 
-def test_load_test_counts_the_requests_the_server_refuses(server, load_test, tmp_path):
+def test_load_test_counts_the_requests_the_server_refuses(load_test, tmp_path):
+    """8 requests at once into a server of 2 rows and 3 places in its queue, in this process, whose
+    scheduler takes no step from the first of them until all 8 have arrived: 5 are taken, 3 hear
+    429 (queue full), and the report says so. Its answers never end before max_tokens."""
+    from concurrent.futures import ThreadPoolExecutor
+    from test_server import never_ending, stepped_server, wait_until
     out = tmp_path / "load.json"
-    load_test.main(["--url", f"{server}/v1", "--concurrency", "8", "--requests", "8",
-                    "--prompt_tokens", "12", "--max_tokens", "8", "--out", str(out)])
+    with stepped_server(*never_ending(ROWS), max_queue=QUEUE) as (url, gate):
+        with ThreadPoolExecutor(1) as pool:
+            done = pool.submit(load_test.main, [
+                "--url", f"{url}/v1", "--concurrency", "8", "--requests", "8", "--prompt_tokens",
+                "12", "--max_tokens", "8", "--out", str(out)])
+            try:
+                calibration = len(load_test.CALIBRATION)  # one request after another, first
+                for i in range(calibration):
+                    wait_until(lambda: len(gate.jobs) > i or done.done(), "a calibration request")
+                    assert not done.done(), done.result()
+                    gate.step_until(lambda: gate.ended(gate.jobs[i]))
+                wait_until(lambda: len(gate.jobs) + gate.refused == calibration + 8
+                           or done.done(), "the 8 requests")
+            finally:
+                gate.free()  # the answers run to their end
+            done.result(timeout=120)
     result = json.loads(out.read_text())
-    # 8 requests at once: 5 at most take the rows and the queue's places, the others hear 429
-    # (unless answers end before all have arrived: 8 tokens each make that unlikely).
-    assert result["sent"] == 8 and result["finished"] >= 1 and result["failed"] >= 1
-    assert result["finished"] + result["failed"] == 8
-    assert result["errors"] == {"429": result["failed"]}
+    assert result["sent"] == 8 and result["finished"] == ROWS + QUEUE
+    assert result["failed"] == 8 - ROWS - QUEUE and result["errors"] == {"429": result["failed"]}
+    assert result["finish_reasons"] == {"length": result["finished"]}
     assert result["output_tokens"] == 8 * result["finished"]  # refused requests count no tokens
 
 

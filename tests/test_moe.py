@@ -153,19 +153,29 @@ def test_eval_scores_are_the_models_own_log_probabilities():
 
 def test_decode_step_and_prefill_trace_as_one_graph_each():
     """No data-dependent control flow or host sync: the decode step compiles fullgraph (one CUDA
-    graph on a GPU), and so does a prefill of any length (the grouped form; torch._grouped_mm
-    traces in bfloat16)."""
+    graph on a GPU) once for every position, and so does a prefill once for any length that takes
+    the grouped form (more (token, expert) pairs than experts: 5 tokens and up here; fewer take the
+    gathered form, as a decode step does; torch._grouped_mm traces in bfloat16): two graphs in all,
+    no recompile."""
+    from torch._dynamo.utils import counters
     model = tiny_model().to(torch.bfloat16)
     model.setup_caches(1, 32)
 
     def step(idx, input_pos):
         return model(idx, input_pos)
+    torch._dynamo.reset()
+    graphs = counters["stats"]["unique_graphs"]  # counted over the whole process
     decode = torch.compile(step, backend="eager", fullgraph=True)
     prefill = torch.compile(step, backend="eager", fullgraph=True, dynamic=True)
-    with torch.no_grad():
-        prefill(torch.randint(0, 97, (1, 9)), torch.arange(9))
-        prefill(torch.randint(0, 97, (1, 13)), torch.arange(13))
-        decode(torch.tensor([[5]]), torch.tensor([13]))
+    try:
+        with torch.no_grad():
+            for T in (9, 13, 5):
+                prefill(torch.randint(0, 97, (1, T)), torch.arange(T))
+            for position in (13, 14, 20):
+                decode(torch.randint(0, 97, (1, 1)), torch.tensor([position]))
+        assert counters["stats"]["unique_graphs"] == graphs + 2
+    finally:
+        torch._dynamo.reset()
 
 
 # published sizes (model cards): total parameters, and those a token uses (its experts only)

@@ -1,15 +1,22 @@
 """server.py end to end: the real `openai` client against a real uvicorn server on 127.0.0.1 serving
 SmolLM2-135M (one server process for the module; its last test shuts it down with SIGTERM). Greedy
-answers are checked against generate.generate run in this process on the same model."""
+answers are checked against generate.generate run in this process on the same model. What depends
+on when requests come and go (a full queue, a client that leaves, requests that join others) is
+checked on server.py's app in this process over a tiny model, its scheduler stepping only when the
+test lets it (stepped_server): the same steps on any machine, however fast."""
 import asyncio
 import gc
 import json
+import math
 import os
 import random
 import re
 import signal
 import socket
+import threading
 import time
+from contextlib import contextmanager
+from typing import Callable
 
 import httpx
 import openai
@@ -17,17 +24,19 @@ import pytest
 import torch
 
 from checkpoint import InputError, copier, load_model, read_checkpoint, save_checkpoint
-from conftest import ROOT, assert_one_error_line, run_script, serve
+from conftest import ROOT, assert_one_error_line, main_error, run_script, serve
 from generate import Sampling, generate
+import server as server_module
+import tp
 from model import ModelArgs, Transformer
-from server import held_back, parse_args, sample_rows
+from server import (Job, RandomWeightsTokenizer, Scheduler, decode_rows, held_back, listen,
+                    make_app, parse_args, sample_rows)
 from tokenizer import load_tokenizer
 
 KEY = "test-key"
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # torchrun prints a note without it
 ROWS, QUEUE, CONTEXT = 4, 4, 256
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-STORY = [{"role": "user", "content": "Write a long story about a dragon."}]  # a long answer
 
 
 @pytest.fixture(scope="module")
@@ -107,14 +116,17 @@ def test_max_tokens_ends_with_length_and_completions_continue_the_prompt(server,
     assert done.usage.prompt_tokens == len(reference.tokenizer.encode("The capital of France is"))
 
 
-def test_a_prompt_of_token_ids_and_top_p_zero_answer_as_the_text_and_greedy_do(server, reference):
+def test_token_ids_top_p_zero_and_top_k_one_answer_as_the_text_and_greedy_do(server, reference):
     complete = lambda **fields: client(server).completions.create(  # noqa: E731
         model="SmolLM2-135M-Instruct", max_tokens=4, **fields).choices[0].text
     text = "The capital of France is"
     greedy = complete(prompt=text, temperature=0)
     assert complete(prompt=reference.tokenizer.encode(text), temperature=0) == greedy
-    # top_p 0 keeps the most likely token alone, whatever the temperature
-    assert complete(prompt=text, temperature=1.5, top_p=0, seed=7) == greedy
+    # This seed's draws at this temperature are not the greedy answer; top_p 0 and top_k 1 (an
+    # extension of OpenAI's API) each keep the most likely token alone, whatever the temperature.
+    assert complete(prompt=text, temperature=2, seed=7) != greedy
+    assert complete(prompt=text, temperature=2, top_p=0, seed=7) == greedy
+    assert complete(prompt=text, temperature=2, seed=7, extra_body={"top_k": 1}) == greedy
     with pytest.raises(openai.BadRequestError, match="token ids go from 0"):
         complete(prompt=[1, 10**9])
 
@@ -144,38 +156,6 @@ def test_held_back_is_the_longest_end_of_the_text_that_begins_a_stop_string():
         assert held_back(text, stops) == longest, (text, stops)
 
 
-def test_staggered_concurrent_greedy_requests_each_get_their_alone_answer(server, reference):
-    """Eight requests of different prompts and lengths arrive 0.1 s apart into four rows (four wait
-    for a row): each answer is generate.py's for its prompt alone. The first runs longest; the last
-    one's first token arrives before the first ends: it joined while the others were decoding."""
-    questions = ["Write a long story about a dragon.", "What is 2 + 2?",
-                 "Write a haiku about the sea.",
-                 "Who wrote Hamlet?", "Describe a cat in one sentence.", "What is the capital of "
-                 "Italy? Answer with one word, then explain how you know it in detail.", "Hi!",
-                 "List the planets of the solar system in order from the sun."]
-    lengths = [24, 4, 8, 3, 6, 5, 3, 6]
-    conversations = [[{"role": "user", "content": q}] for q in questions]
-
-    async def one(i: int) -> tuple[str, float, float]:
-        await asyncio.sleep(0.1 * i)
-        stream = await async_client(server).chat.completions.create(
-            model="SmolLM2-135M-Instruct", messages=conversations[i], max_tokens=lengths[i],
-            temperature=0, stream=True)
-        text, first = "", None
-        async for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                first = first or time.monotonic()
-                text += chunk.choices[0].delta.content
-        return text, first, time.monotonic()
-
-    async def all_of_them():
-        return await asyncio.gather(*(one(i) for i in range(len(questions))))
-    results = asyncio.run(all_of_them())
-    assert [text for text, _, _ in results] == [reference(c, n)[0]
-                                                for c, n in zip(conversations, lengths)]
-    assert results[-1][1] < results[0][2]
-
-
 def test_a_seeded_sampled_request_is_reproducible_whatever_runs_beside_it(server):
     fields = dict(max_tokens=12, temperature=1.0, top_p=0.95, seed=7)
     alone = ask(server, **fields).choices[0].message.content
@@ -195,6 +175,55 @@ def error_of(response: httpx.Response, status: int) -> dict:
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     return error
+
+
+def settings_distribution(logits: torch.Tensor, temperature: float, top_k: int,
+                          top_p: float) -> torch.Tensor:
+    """What a row with these settings draws from, computed the plain way: softmax(logits /
+    temperature) over the top_k most likely tokens, renormalized; of those, the fewest most likely
+    whose mass reaches top_p (the nucleus), renormalized. Float64, over the whole vocabulary."""
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    top = probs.argsort(descending=True)[:top_k]
+    kept, mass = torch.zeros_like(probs), 0.0
+    for token in top:
+        kept[token] = probs[token] / probs[top].sum()
+        mass += kept[token].item()
+        if mass >= top_p:
+            break
+    return kept / kept.sum()
+
+
+def test_each_sampled_row_draws_from_its_own_temperature_top_k_and_nucleus():
+    """One call samples the rows of five requests interleaved, each with its own settings and its
+    own logits over 8 tokens, each request drawing at N successive cache positions (its seed fixed,
+    as while it decodes). A token's frequency must be its probability under its request's settings
+    within 5 binomial standard deviations, sqrt(p (1 - p) / N) (about 0.0035 at p = 0.5: the
+    distributions differ from those of a temperature off by its square root by 5 to 11 of them):
+    a token outside the top_k or the nucleus (p = 0) is never drawn, and temperature 0 draws the
+    argmax, where a temperature of 1 would draw any token. The draws are a hash of seed and
+    position: the same every run."""
+    N, V = 20_000, 8
+    settings = [(0.5, V, 1.0), (1.5, 3, 1.0), (1.0, V, 0.75), (2.0, 5, 0.6), (0.0, V, 1.0)]
+    R = len(settings)
+    generator = torch.Generator().manual_seed(0)
+    base = torch.tensor([1.5, 0.0, 2.5, -1.0, 0.8, -2.0, 0.3, 1.1])
+    logits = torch.stack([base[torch.randperm(V, generator=generator)] for _ in settings])  # (R, V)
+    temperature, top_k, top_p = (torch.tensor(column).repeat(N) for column in zip(*settings))
+    tokens = sample_rows(logits.repeat(N, 1), position=torch.arange(N).repeat_interleave(R),
+                         temperature=temperature, top_k=top_k, top_p=top_p,
+                         seed=torch.arange(1000, 1000 + R).repeat(N))  # row i: request i % R
+    drawn = tokens.view(N, R).T  # (R, N)
+    for r, (t, k, p) in enumerate(settings):
+        if t == 0:
+            assert (drawn[r] == logits[r].argmax()).all()
+            continue
+        expected = settings_distribution(logits[r], t, k, p)
+        frequency = torch.bincount(drawn[r], minlength=V).double() / N
+        assert (frequency[expected == 0] == 0).all(), (r, frequency, expected)
+        tolerance = 5 * (expected * (1 - expected) / N).sqrt()
+        assert ((frequency - expected).abs() <= tolerance).all(), (r, frequency, expected)
+        if k < V or p < 1:  # the setting leaves tokens out: those must be the ones never drawn
+            assert 0 < (expected > 0).sum() < V
 
 
 def test_a_tiny_temperature_samples_each_rows_argmax_not_noise():
@@ -298,26 +327,150 @@ def test_errors_answer_with_openai_error_json_and_status(server):
     error_of(httpx.get(url + "/v1/models", headers={"Authorization": f"Basic {KEY}"}), 401)
 
 
-def long_streams(server, n: int, http: httpx.Client) -> list:
-    """n streaming requests that would run for a long time, each submitted (headers received):
-    (stream, its lines). The line iterators are kept: dropping one closes its connection."""
-    body = {"model": "SmolLM2-135M-Instruct", "messages": STORY, "max_tokens": 200,
-            "temperature": 0, "stream": True}
+# ---- in this process: a server whose scheduler steps only when the test lets it -----------------
+
+class StepGate:
+    """The scheduler's step function, server.decode_rows, run only as the test lets it once held
+    (the warm-up runs free): each step then waits for step(). Between two steps the scheduler
+    stands still, at the gate or without work, so what a test sees there is the same on any
+    machine, however fast. jobs: the jobs the scheduler accepted, in order; refused: how many it
+    refused (queue full)."""
+
+    def __init__(self):
+        self.scheduler = None
+        self.jobs, self.refused = [], 0
+        self.changed = threading.Condition()
+        self.allowed, self.started, self.finished, self.parked = math.inf, 0, 0, False
+
+    def __call__(self, *args):
+        with self.changed:
+            self.parked = True
+            self.changed.wait_for(lambda: self.started < self.allowed)
+            self.parked, self.started = False, self.started + 1
+        try:
+            return decode_rows(*args)
+        finally:
+            with self.changed:
+                self.finished += 1
+                self.changed.notify_all()
+
+    def hold(self):
+        with self.changed:
+            self.allowed = self.started
+
+    def free(self):
+        with self.changed:
+            self.allowed = math.inf
+            self.changed.notify_all()
+
+    def idle(self) -> bool:
+        """No job waits or holds a row: no step comes until a request does."""
+        with self.scheduler.changed:
+            return not self.scheduler.waiting and not any(self.scheduler.rows)
+
+    def settle(self):
+        """Wait until the scheduler stands still: at the gate, or without work."""
+        wait_until(lambda: self.parked or self.idle(), "the scheduler stands still")
+
+    def step(self):
+        """Let the scheduler take one step; return once it stands still again."""
+        self.settle()
+        with self.changed:
+            assert self.parked, "the scheduler has no step to take"
+            self.allowed = self.started + 1
+            self.changed.notify_all()
+            assert self.changed.wait_for(lambda: self.finished == self.allowed, timeout=60)
+        self.settle()
+
+    def ended(self, job: Job) -> bool:
+        """The job took a row and left it: its answer is complete, or it was cancelled."""
+        return job.admitted > 0 and all(j is not job for j in self.scheduler.rows)
+
+    def step_until(self, condition: Callable[[], bool], limit: int = 100):
+        self.settle()
+        for _ in range(limit):
+            if condition():
+                return
+            self.step()
+        assert condition(), f"not so after {limit} steps"
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout} s for: {what}"
+        time.sleep(0.002)
+
+
+@contextmanager
+def stepped_server(model: Transformer, tokenizer, eos_ids: list, max_queue: int,
+                   prefill_chunk: int = 32):
+    """server.py's app over `model` (its cache set up: rows and context) in this process, uvicorn
+    on a thread of its own, the scheduler stepping through a StepGate held from the first request
+    on. Yields (base URL, gate). Used by tests/test_load_test.py too."""
+    import uvicorn
+    gate = StepGate()
+    scheduler = Scheduler(model, eos_ids, max_queue, prefill_chunk, gate, static_chunks=False)
+    gate.scheduler, submit = scheduler, scheduler.submit
+
+    def recorded(job) -> bool:
+        accepted = submit(job)
+        if accepted:
+            gate.jobs.append(job)
+        else:
+            gate.refused += 1
+        return accepted
+    scheduler.submit = recorded
+    app = make_app(scheduler, tokenizer, "tiny", model.max_seq_length, None, None)
+    listener = listen("127.0.0.1", 0)
+    http = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10))
+    thread = threading.Thread(target=http.run, kwargs=dict(sockets=[listener]), daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: http.started or not thread.is_alive(), "uvicorn's start")
+        assert thread.is_alive()
+        gate.hold()
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", gate
+    finally:
+        gate.free()
+        http.should_exit = True
+        thread.join(timeout=60)
+        listener.close()
+        gc.unfreeze()  # the scheduler froze what its warm-up left alive: this process collects on
+
+
+def tiny_model(vocab_size: int, block_size: int) -> Transformer:
+    """A tiny random model, its weights peaked (no near-ties between the likeliest tokens, so a
+    greedy token is the same computed in a batch of any size)."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layer=2, n_head=4, n_kv_heads=2,
+                                  vocab_size=vocab_size, intermediate_size=128,
+                                  block_size=block_size))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if "norm" in name else 0.0, 0.3)
+    return model.eval()
+
+
+def never_ending(rows: int) -> tuple:
+    """(model, tokenizer, eos ids) of a server whose answers never end before their max_tokens:
+    --random_weights' byte tokenizer, which has no end of sequence, and a tiny model of 256 slots
+    a row."""
+    model = tiny_model(256, 256)
+    model.setup_caches(rows, 256)
+    return model, RandomWeightsTokenizer(), []
+
+
+def long_streams(http: httpx.Client, n: int) -> list:
+    """n streamed requests for 200 tokens each, submitted (headers received): (stream, response)."""
     streams = []
     for _ in range(n):
-        stream = http.stream("POST", "/v1/chat/completions", json=body)
+        stream = http.stream("POST", "/v1/completions", json={"prompt": "Once upon a time",
+                                                              "max_tokens": 200, "stream": True})
         response = stream.__enter__()
         assert response.status_code == 200
-        streams.append((stream, response.iter_lines()))
+        streams.append((stream, response))
     return streams
-
-
-def next_token(lines):
-    """Read a streamed answer up to its next token; fail if it ends first."""
-    for line in lines:
-        assert '"finish_reason": null' in line or not line, line
-        if '"delta": {"content": ' in line:
-            return
 
 
 def close(streams: list):
@@ -325,49 +478,143 @@ def close(streams: list):
         stream.__exit__(None, None, None)
 
 
-def test_a_full_queue_answers_429_with_retry_after(server):
-    with httpx.Client(base_url=server[0], headers={"Authorization": f"Bearer {KEY}"},
-                      timeout=60) as http:
-        streams = long_streams(server, ROWS, http)
+def answered(gate: StepGate, request: Callable[[], httpx.Response]) -> httpx.Response:
+    """request() (one answer, not streamed) on a thread, the scheduler stepping until the job it
+    submitted has ended; its response."""
+    from concurrent.futures import ThreadPoolExecutor
+    known = len(gate.jobs)
+    with ThreadPoolExecutor(1) as pool:
+        response = pool.submit(request)
         try:
-            for _, lines in streams:
-                next_token(lines)  # every row busy
-            streams += long_streams(server, QUEUE, http)  # the queue full
-            response = http.post("/v1/chat/completions", json={"messages": QUESTION})
+            wait_until(lambda: len(gate.jobs) > known or response.done(), "the request's arrival")
+            if len(gate.jobs) > known:
+                gate.step_until(lambda: gate.ended(gate.jobs[known]))
+        except BaseException:
+            gate.free()  # else the request's thread, which the pool waits for, waits on
+            raise
+        return response.result(timeout=60)
+
+
+def short_answer(http: httpx.Client, gate: StepGate) -> dict:
+    response = answered(gate, lambda: http.post("/v1/completions", json={"prompt": "Hi",
+                                                                         "max_tokens": 3}))
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]
+
+
+def busy(url: str) -> int:
+    health = httpx.get(url + "/health").json()
+    return health["requests_running"] + health["requests_waiting"]
+
+
+def test_a_full_queue_answers_429_with_retry_after():
+    """Every row and every place in the queue taken by answers that cannot end (the scheduler does
+    not step): one request more is refused with 429 and Retry-After; once they have gone, the next
+    request is answered."""
+    with (stepped_server(*never_ending(ROWS), max_queue=QUEUE) as (url, gate),
+          httpx.Client(base_url=url, timeout=60) as http):
+        streams = long_streams(http, ROWS + QUEUE)
+        try:
+            response = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3})
             assert error_of(response, 429)["code"] == "queue_full"
             assert response.headers["Retry-After"] == "1"
         finally:
             close(streams)
-    assert "Paris" in ask(server, max_tokens=12, temperature=0).choices[0].message.content
+        wait_until(lambda: all(job.cancelled for job in gate.jobs), "the streams' cancelling")
+        assert short_answer(http, gate)["finish_reason"] == "length"
 
 
-def busy(server) -> int:
-    health = httpx.get(server[0] + "/health").json()
-    return health["requests_running"] + health["requests_waiting"]
+def post_and_leave(url: str, body: dict) -> socket.socket:
+    """A client's POST of body to /v1/completions, its answer not streamed; close() the socket to
+    leave before the answer comes."""
+    data = json.dumps(body).encode()
+    host, port = url.removeprefix("http://").split(":")
+    connection = socket.create_connection((host, int(port)))
+    connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: "
+                       b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+    return connection
 
 
-def test_a_client_that_disconnects_frees_its_row_for_the_next_request(server):
-    """Every row busy for 200 tokens: a request can only be answered once a client that left has
-    freed its row, a non-streaming one (it timed out) and then a streaming one. The long answers
-    are alike, so had a row been freed by one ending, the others would have ended too."""
-    with httpx.Client(base_url=server[0], headers={"Authorization": f"Bearer {KEY}"},
-                      timeout=60) as http:
-        streams = long_streams(server, ROWS - 1, http)
+def test_a_client_that_disconnects_frees_its_row_for_the_next_request():
+    """Every row holds an answer of 200 tokens, which the few steps the test lets the scheduler
+    take cannot end (nor can the model end one: it has no end of sequence): a request can only be
+    answered once a client that left has freed its row, a non-streaming one, then a streaming
+    one."""
+    with (stepped_server(*never_ending(ROWS), max_queue=QUEUE) as (url, gate),
+          httpx.Client(base_url=url, timeout=60) as http):
+        rows = gate.scheduler.rows
+        streams = long_streams(http, ROWS - 1)
         try:
-            for _, lines in streams:
-                next_token(lines)  # each has its row
-            with pytest.raises(httpx.ReadTimeout):  # the last row's client gives up
-                http.post("/v1/chat/completions", timeout=3, json={
-                    "messages": STORY, "max_tokens": 200, "temperature": 0})
-            assert ask(server, max_tokens=3, temperature=0).choices[0].finish_reason == "length"
-            assert busy(server) == ROWS - 1  # the streams, still decoding
-            streams += long_streams(server, 1, http)
-            next_token(streams[-1][1])  # every row busy again
+            leaving = post_and_leave(url, {"prompt": "Once upon a time", "max_tokens": 200})
+            wait_until(lambda: len(gate.jobs) == ROWS, "the last request's arrival")
+            gate.step_until(lambda: all(rows))  # every row taken
+            leaving.close()
+            wait_until(lambda: gate.jobs[ROWS - 1].cancelled, "the server to see the client go")
+            assert short_answer(http, gate)["finish_reason"] == "length"
+            assert busy(url) == ROWS - 1  # the streams, still decoding
+            assert all(not job.cancelled and job.generated < 200 for job in gate.jobs[:ROWS - 1])
+            streams += long_streams(http, 1)
+            gate.step_until(lambda: all(rows))  # every row taken again
             close(streams[:1])
-            assert ask(server, max_tokens=3, temperature=0).choices[0].finish_reason == "length"
-            assert busy(server) == ROWS - 1
+            wait_until(lambda: gate.jobs[0].cancelled, "the server to see the stream closed")
+            assert short_answer(http, gate)["finish_reason"] == "length"
+            assert busy(url) == ROWS - 1
         finally:
             close(streams[1:])
+
+
+def test_requests_that_join_while_others_decode_each_get_their_alone_answer(smollm2_checkpoint):
+    """Eight chat requests of different prompts and lengths into four rows, one arriving at each
+    step (four wait for a row), streamed through the HTTP API by a tiny model with SmolLM2's
+    tokenizer: each answer is generate's greedy one for its conversation alone, and the last one's
+    first token is sampled while the first one still decodes: it joined while the others were
+    decoding. The scheduler steps only as the test lets it: the same steps on any machine."""
+    import copy
+    tokenizer = load_tokenizer(smollm2_checkpoint)
+    model = tiny_model(read_checkpoint(smollm2_checkpoint).args.vocab_size, 256)
+    alone = copy.deepcopy(model)
+    alone.setup_caches(1, 256)
+    model.setup_caches(ROWS, 256)
+    questions = ["Write a long story about a dragon.", "What is 2 + 2?",
+                 "Write a haiku about the sea.",
+                 "Who wrote Hamlet?", "Describe a cat in one sentence.", "What is the capital of "
+                 "Italy? Answer with one word, then explain how you know it in detail.", "Hi!",
+                 "List the planets of the solar system in order from the sun."]
+    lengths = [40, 4, 8, 3, 6, 5, 3, 6]
+    conversations = [[{"role": "user", "content": q}] for q in questions]
+    with stepped_server(model, tokenizer, tokenizer.eos_ids, max_queue=QUEUE) as (url, gate):
+        c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        rows, overlapped = gate.scheduler.rows, []
+
+        async def read(stream) -> str:
+            return "".join([chunk.choices[0].delta.content or "" async for chunk in stream
+                            if chunk.choices])
+
+        async def step():
+            await asyncio.to_thread(gate.step)
+            first, last = gate.jobs[0], gate.jobs[-1]
+            overlapped.append(len(gate.jobs) == len(questions) and last.computed > 0 and
+                              any(j is first for j in rows) and first.computed < first.max_tokens)
+
+        async def run() -> list:
+            readers = []
+            for conversation, n in zip(conversations, lengths):
+                readers.append(asyncio.create_task(read(await c.chat.completions.create(
+                    model="tiny", messages=conversation, max_tokens=n, temperature=0,
+                    stream=True))))
+                await step()
+            assert len(gate.scheduler.waiting) == len(questions) - ROWS
+            while not gate.idle():
+                await step()
+            return await asyncio.gather(*readers)
+        served = asyncio.run(run())
+    expected = []
+    for conversation, n in zip(conversations, lengths):
+        ids = tokenizer.encode_chat(conversation)
+        expected.append(tokenizer.decode(generate(alone, [ids], n, Sampling(temperature=0),
+                                                  tokenizer.eos_ids).tokens[0]))
+    assert served == expected
+    assert any(overlapped)
 
 
 def test_the_chat_page_is_served_at_the_root(server):
@@ -420,16 +667,39 @@ def test_flags_the_server_would_misuse_later_are_refused_at_once(smollm2_checkpo
     than a row: each refused before the model loads. Parsing the server's flags leaves
     generate.py's as they were (they share a parent parser)."""
     import generate
-    import server
     checkpoint = ["--checkpoint_path", str(smollm2_checkpoint), "--device", "cpu"]
     for flags in (["--port", "70000"], ["--port", "-1"], ["--api_key", "k\xff"], ["--api_key", ""],
                   ["--api_key", " k"], ["--max_seq_length", "0"]):
         with pytest.raises(InputError, match=flags[0]):
             parse_args(checkpoint + flags)
     with pytest.raises(InputError, match="--prefill_chunk 65"):
-        server.main(checkpoint + ["--max_seq_length", "64", "--prefill_chunk", "65"])
+        server_module.main(checkpoint + ["--max_seq_length", "64", "--prefill_chunk", "65"])
     assert parse_args(checkpoint + ["--api_key", "sk-1"]).api_key == "sk-1"
     assert generate.parse_args(checkpoint + ["--compile_prefill"]).compile_prefill
+
+
+def run_server_main(argv: list):
+    """server.py's command line as `python server.py` runs it, in this process."""
+    try:
+        server_module.main(argv)
+    except InputError as e:
+        tp.exit_with_error(e)
+
+
+def test_no_rows_queue_or_chunk_and_a_context_beyond_the_model_are_one_error_line(capsys,
+                                                                                  monkeypatch):
+    """--max_batch_size, --max_queue or --prefill_chunk of 0, or --max_seq_length beyond the model's
+    context (stories15M's: 256 tokens): each ends in one `error:` line naming it, before the server
+    listens or the model loads."""
+    def too_far(*args, **kwargs):
+        raise AssertionError("the server went on to listen or load the model")
+    monkeypatch.setattr(server_module, "listen", too_far)
+    monkeypatch.setattr(server_module, "load_weights", too_far)
+    model = ["--random_weights", "stories15M", "--device", "cpu"]
+    for flag in ("--max_batch_size", "--max_queue", "--prefill_chunk"):
+        main_error(run_server_main, model + [flag, 0], capsys, flag, "must be >= 1")
+    main_error(run_server_main, model + ["--max_seq_length", 257], capsys,
+               "--max_seq_length 257", "context of 256 tokens")
 
 
 KEEP_ALIVE_WRAPPER = """import datetime, sys
@@ -463,15 +733,9 @@ def test_under_torchrun_two_processes_serve_the_greedy_answers_of_one(smollm2_ch
                                                                        tmp_path):
     """A tiny model with SmolLM2's tokenizer split over 2 gloo processes: rank 0 schedules and
     serves, both ranks run every forward; answers arriving together equal generate.py's alone."""
-    args = ModelArgs(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=49152,
-                     intermediate_size=128, block_size=128)
-    torch.manual_seed(0)
-    tiny = Transformer(args)
-    with torch.no_grad():
-        for name, p in tiny.named_parameters():
-            p.normal_(1.0 if "norm" in name else 0.0, 0.3)  # peaked logits: no near-ties
+    tiny = tiny_model(49152, 128)
     names = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
-    save_checkpoint(tmp_path / "tiny", args, tiny.state_dict(),
+    save_checkpoint(tmp_path / "tiny", tiny.args, tiny.state_dict(),
                     {n: copier(smollm2_checkpoint / n) for n in names
                      if (smollm2_checkpoint / n).exists()})
     torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
@@ -515,9 +779,8 @@ def run_jobs(scheduler, jobs: list, arrivals: list):
         assert step < 500
 
 
-def greedy_job(prompt: list, max_tokens: int) -> "server.Job":
-    import server
-    job = server.Job(prompt, max_tokens, 0.0, 10**6, 1.0, 0, emit=None)
+def greedy_job(prompt: list, max_tokens: int) -> Job:
+    job = Job(prompt, max_tokens, 0.0, 10**6, 1.0, 0, emit=None)
     job.tokens, job.ended = [], False
 
     def emit(item):
@@ -541,7 +804,6 @@ def check_prompts_prefilled_inside_decode_steps(static_chunks: bool, chunk_kerne
     runs the Triton kernel in the interpreter): every request's greedy tokens are generate's for
     its prompt alone."""
     import copy
-    import server
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=97,
                                   intermediate_size=128, block_size=64)).eval()
@@ -552,7 +814,7 @@ def check_prompts_prefilled_inside_decode_steps(static_chunks: bool, chunk_kerne
     model.setup_caches(3, 64)  # three rows
     prompts = [torch.randint(1, 97, (n,)).tolist() for n in (3, 12, 1, 2, 10, 20, 30, 9)]
     jobs = [greedy_job(p, 6 + i) for i, p in enumerate(prompts)]
-    scheduler = server.Scheduler(model, [], 16, 8, server.decode_rows, static_chunks)
+    scheduler = Scheduler(model, [], 16, 8, decode_rows, static_chunks)
     with torch.inference_mode():
         run_jobs(scheduler, jobs, arrivals=[0, 0, 1, 3, 4, 4, 9, 12])
     for job in jobs:
@@ -570,7 +832,6 @@ def test_the_warm_up_compiles_everything_the_first_requests_run(monkeypatch):
     import copy
     import types
     from torch._dynamo.utils import counters
-    import server
     from generate import compile_functions
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=97,
@@ -583,8 +844,8 @@ def test_the_warm_up_compiles_everything_the_first_requests_run(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, mode, **kwargs: compile(fn, backend="eager",
                                                                              **kwargs))
     _, step_fn = compile_functions(types.SimpleNamespace(compile=True, compile_prefill=False),
-                                   model.args, decode_step=server.decode_rows, decode_dynamic=False)
-    scheduler = server.Scheduler(model, [], 8, 8, step_fn, static_chunks=True)
+                                   model.args, decode_step=decode_rows, decode_dynamic=False)
+    scheduler = Scheduler(model, [], 8, 8, step_fn, static_chunks=True)
     # 1: no prefill; 2 and 10 leave a one-token chunk; 12 and 20: chunks of 8 and the rest
     jobs = [greedy_job(torch.randint(1, 97, (n,)).tolist(), 6) for n in (3, 12, 1, 2, 10, 20)]
     with torch.inference_mode():
@@ -601,14 +862,13 @@ def test_what_the_warm_up_leaves_alive_is_out_of_the_collectors_view_before_the_
     """The model and the compiled steps live as long as the server: a full collection must not
     walk them (it holds the GIL, a stall in every stream), nor must the one at exit."""
     import types
-    import server
     from generate import compile_functions
     model = Transformer(ModelArgs(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=97,
                                   intermediate_size=128, block_size=64)).eval()
     model.setup_caches(3, 64)
     _, step_fn = compile_functions(types.SimpleNamespace(compile=False, compile_prefill=False),
-                                   model.args, decode_step=server.decode_rows, decode_dynamic=False)
-    scheduler = server.Scheduler(model, [], 8, 8, step_fn, static_chunks=False)
+                                   model.args, decode_step=decode_rows, decode_dynamic=False)
+    scheduler = Scheduler(model, [], 8, 8, step_fn, static_chunks=False)
     assert gc.get_freeze_count() == 0
     try:
         scheduler.start(lambda events: None)

@@ -67,6 +67,7 @@ def test_generate_cli_prints_the_answer_and_metrics(compile_flags, smollm2_check
     (["--random_weights", "stories15M", "--top_p", "0"], ["--top_p"]),
     (["--random_weights", "stories15M", "--top_p", "1.5"], ["--top_p"]),
     (["--random_weights", "stories15M", "--temperature", "-1"], ["--temperature"]),
+    (["--random_weights", "stories15M", "--top_k", "0"], ["--top_k must be >= 1", "got 0"]),
     (["--random_weights", "stories15M", "--speculate_k", "4"], ["--speculate_k needs"]),
     (["--random_weights", "stories15M", "--prompt", "hello"], ["needs a tokenizer"]),
     (["--random_weights", "stories15M", "--prompt_tokens", "0"], ["--prompt_tokens"]),
@@ -74,12 +75,20 @@ def test_generate_cli_prints_the_answer_and_metrics(compile_flags, smollm2_check
     (["--random_weights", "stories15M", "--interactive"], ["--interactive needs --checkpoint_path"]),
     (["--random_weights", "stories15M", "--device", "gpu0"], ["--device"]),
 ], ids=["missing-checkpoint", "unknown-name", "prompt-too-long", "top-p-zero", "top-p-above-one",
-        "negative-temperature", "speculative", "text-prompt-without-tokenizer", "zero-prompt-tokens", "json-folder-missing",
+        "negative-temperature", "top-k-zero", "speculative", "text-prompt-without-tokenizer", "zero-prompt-tokens", "json-folder-missing",
         "interactive-without-tokenizer", "unknown-device"])
 def test_bad_input_gives_one_error_line(args, words):
     """generate.main in this process: the InputError that generate.py prints as its one error line
     (test_corrupt_weights_give_one_error_line checks that line from the real command line)."""
     assert_input_error(["--device", "cpu", *args], *words)
+
+
+def test_cuda_without_a_gpu_gives_one_error_line(monkeypatch):
+    """checkpoint.check_device, before any model is made; a GPU machine passes for one without (the
+    build's answer to torch.cuda.is_available is all the check asks)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert_input_error(["--random_weights", "stories15M", "--device", "cuda"], "--device cuda",
+                       "sees no CUDA GPU")
 
 
 def assert_input_error(argv: list, *words):

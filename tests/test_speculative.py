@@ -11,7 +11,8 @@ import torch
 
 import quantize
 from conftest import assert_one_error_line, load_script, run_script
-from checkpoint import load_model, read_checkpoint, save_checkpoint
+from checkpoint import InputError, load_model, read_checkpoint, save_checkpoint
+from generate import main as generate_main
 from generate import (DraftModel, PromptLookup, Sampling, accept_drafts, compile_verify,
                       draft_one_token, generate, load_proposer, prefill, speculation_metrics,
                       speculative_generate, verify)
@@ -337,23 +338,31 @@ def permuted_tokenizer(source, folder, a: str = "Ġquick", b: str = "Ġbrown"):
 RANDOM_TARGET = ["--random_weights", "stories15M"]  # no weights are made before these errors
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("args, words", [
-    (RANDOM_TARGET + ["--speculate_ngram", "3", "--batch_size", "2"], ["one sequence at a time"]),
     (RANDOM_TARGET + ["--speculate_ngram", "3", "--speculate_k", "0"], ["--speculate_k must be >= 1"]),
     (RANDOM_TARGET + ["--speculate_ngram", "0"], ["--speculate_ngram must be >= 1"]),
     (RANDOM_TARGET + ["--speculate_ngram", "3", "--speculate_k", "300"], ["--speculate_k 300", "256-token context"]),
-    (RANDOM_TARGET + ["--speculate_k", "4"], ["--speculate_k needs"]),
-    (RANDOM_TARGET + ["--speculate_k", "0"], ["--speculate_k needs"]),  # 0 is given, not None
+    # --speculate_k without a proposer: tests/test_smollm2.py; 0 is given too, not None
+    (RANDOM_TARGET + ["--speculate_k", "0"], ["--speculate_k needs"]),
     (RANDOM_TARGET + ["--speculate_ngram", "3", "--draft_checkpoint_path", "SMOLLM2"], ["not both"]),
     (RANDOM_TARGET + ["--draft_checkpoint_path", "SMOLLM2"], ["vocabulary of 49152 tokens", "target 32000"]),
     (["--checkpoint_path", "SMOLLM2", "--draft_checkpoint_path", "PERMUTED"], ["tokenizes text differently"]),
-], ids=["batch", "k-zero", "ngram-zero", "k-over-context", "k-without-proposer",
-        "k-zero-without-proposer", "two-proposers", "other-vocabulary", "other-tokenizer"])
+], ids=["k-zero", "ngram-zero", "k-over-context", "k-zero-without-proposer", "two-proposers", "other-vocabulary",
+        "other-tokenizer"])
 def test_bad_speculation_input_gives_one_error_line(args, words, smollm2_checkpoint, tmp_path):
+    """generate.main in this process: the InputError that generate.py prints as its one error line (the command
+    line itself: test_speculation_for_a_batch_is_refused_in_one_line_by_the_command_line)."""
     paths = {"SMOLLM2": smollm2_checkpoint, "PERMUTED": tmp_path / "permuted"}
     if "PERMUTED" in args:
         permuted_tokenizer(smollm2_checkpoint, paths["PERMUTED"])
-    r = run_script("generate.py", "--device", "cpu", *[paths.get(a, a) for a in args], env=ONE_THREAD)
+    with pytest.raises(InputError) as e:
+        generate_main(["--device", "cpu", *[str(paths.get(a, a)) for a in args]])
+    assert_one_error_line(f"error: {e.value}", *words)
+
+
+@pytest.mark.slow
+def test_speculation_for_a_batch_is_refused_in_one_line_by_the_command_line():
+    r = run_script("generate.py", "--device", "cpu", *RANDOM_TARGET, "--speculate_ngram", "3", "--batch_size", "2",
+                   env=ONE_THREAD)
     assert r.returncode == 1
-    assert_one_error_line(r.stderr, *words)
+    assert_one_error_line(r.stderr, "one sequence at a time")

@@ -234,3 +234,15 @@ def test_chat_template_list_of_non_objects_is_refused(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": ["x"]}))
     with pytest.raises(InputError, match="chat_template"):
         load_tokenizer(tmp_path)
+
+
+def test_chat_with_a_tokenizer_json_and_no_chat_template_is_one_error_line(hf_dir, tmp_path):
+    """SmolLM2's tokenizer.json without its tokenizer_config.json (or a chat_template.jinja): no template,
+    and the HF backend has no built-in chat format (sentencepiece and tiktoken do), so --chat is refused."""
+    shutil.copy(hf_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    tok = load_tokenizer(tmp_path)
+    assert isinstance(tok, HFTokenizer) and tok.chat_template is None
+    with pytest.raises(InputError) as e:
+        tok.encode_chat(CHATS[0])
+    message = str(e.value)
+    assert "\n" not in message and "no chat template" in message and "tokenizer_config.json" in message, message

@@ -234,6 +234,24 @@ def test_random_quantization_goes_with_random_weights(tmp_path, capsys):
     assert_one_error_line(r.stderr, "--random_quantization goes with --random_weights")
 
 
+def test_interactive_under_torchrun_is_refused_in_one_line_before_the_processes_join(tmp_path, monkeypatch):
+    """generate.py --interactive under torchrun (its environment stood in for, in this process): every process
+    would need the prompt, so tp.start refuses it, every rank alike, before the process group forms."""
+    import generate
+    import tp
+    from test_generate import save_tiny_checkpoint  # a tokenizer: --interactive needs one
+    checkpoint = save_tiny_checkpoint(tmp_path / "tiny")
+    monkeypatch.setattr(generate.dist, "is_torchelastic_launched", lambda: True)
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(tp, "STARTED", False)
+    monkeypatch.setattr(tp, "init_process_group", lambda *_: pytest.fail("the processes joined"))
+    with pytest.raises(InputError) as e:
+        generate.main(["--checkpoint_path", str(checkpoint), "--interactive", "--device", "cpu"])
+    assert_one_error_line(f"error: {e.value}", "--interactive is not supported under torchrun")
+    assert not tp.STARTED  # so exit_with_error speaks for every rank, from rank 0
+
+
 def exits_with(monkeypatch, capfd, error, started: bool) -> tuple[int, str, str]:
     """tp.exit_with_error(error) as a process would end: (exit status, stdout, stderr). A message
     given to sys.exit is printed to stderr by the interpreter, which then exits 1."""
