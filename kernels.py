@@ -33,9 +33,12 @@ every SM weights to stream, and only the chosen experts' rows are read. Prompts 
 per (expert, column block) walks its expert's rows, so each chosen one-byte expert is read once
 and converted in registers, where the PyTorch form writes every expert of the layer in bf16 first.
 
-One kernel is about attention, not weights: a decode token's rotary embedding, KV cache write and
-attention over its row's filled slots, one launch a layer where the compiled PyTorch path makes five
-(model.Attention uses it on CUDA in bf16 and fp16, prepare_for_device gives it; prefills keep SDPA).
+Three kernels are not about weights. The decode attention kernel: a decode token's rotary
+embedding, KV cache write and attention over its row's filled slots, one launch a layer where the
+compiled PyTorch path makes five (model.Attention uses it on CUDA in bf16 and fp16,
+prepare_for_device gives it; prefills keep SDPA), its long rows split and combined by a second. The
+chunk attention kernel: a server's prompt chunk riding on a decode step. The router kernel: a
+mixture's softmax, top k and rescaling in one launch.
 
 The layers keep a plain PyTorch path (CPUs, GPUs without Triton), which is also the reference the
 kernels are checked against: `check_kernels` on the GPU (scripts/bench.py runs it first),
@@ -963,7 +966,8 @@ def expert_gemv_partials(x: Tensor, experts: Tensor, weight: Tensor, scales: Opt
     weight's rows are gate then up projections, and the result model.swiglu of the sums,
     (1, P, N / 2) in x's dtype."""
     P, (_, N, K) = experts.numel(), weight.shape
-    assert weight.is_contiguous() and P % x.shape[0] == 0, "expert_gemv: row-major weights"
+    assert weight.is_contiguous(), "expert_gemv: row-major weights"
+    assert P % x.shape[0] == 0, "expert_gemv: the same number of experts for every row"
     assert not swiglu_out or (split_k == 1 and N % 2 == 0), "expert_gemv: SwiGLU takes whole sums"
     per_word = 4 if weight.element_size() == 1 else 1
     n_out = N // 2 if swiglu_out else N
@@ -1091,7 +1095,7 @@ SPLIT_SLOTS, ATTENTION_BLOCK_S = 256, 32
 # tl.dot takes fewer than 16 rows (a kv head's few query heads) from Triton 3.5 on; before, 16.
 DOT_MIN_ROWS = 16 if triton is None or tuple(
     int(part) for part in triton.__version__.split(".")[:2]) < (3, 5) else 1
-# False keeps the compiled PyTorch path (SDPA) for decode too.
+# False keeps the compiled PyTorch path (SDPA) for decode steps and a server's prompt chunks too.
 DECODE_ATTENTION = True
 
 
@@ -1177,7 +1181,7 @@ def chunk_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, row: Tensor,
 
 @chunk_attention_op.register_fake
 def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, row: Tensor, input_pos: Tensor) -> Tensor:
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, as the kernel writes it
 
 
 def relative_error(y: Tensor, reference: Tensor) -> float:
@@ -1480,7 +1484,10 @@ def one_byte_linear(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
         return quantized_mm(x, weight, scales)
     if route == "dequantize":
         return F.linear(x, dequantized_copy(weight, scales, None, 1, x.dtype))
-    return (F.linear(x, weight.to(x.dtype)).float() * scales).to(x.dtype)
+    # float16 sums of the raw codes (up to 127, or 448 for fp8, times x) overflow long before the
+    # scaled output would: they are summed in float32
+    compute = torch.float32 if x.dtype == torch.float16 else x.dtype
+    return (F.linear(x.to(compute), weight.to(compute)).float() * scales).to(x.dtype)
 
 
 class Int8Linear(nn.Module):
@@ -1502,6 +1509,7 @@ class Int8Linear(nn.Module):
     def use_cpu_kernel(self):
         """Route inputs of up to CPU_INT8_MAX_ROWS rows to aten._weight_int8pack_mm (CPU tensors,
         K a multiple of 16: see int8_cpu_kernel_fits)."""
+        assert int8_cpu_kernel_fits(self.in_features), "the int8 CPU kernel needs K % 16 == 0"
         if self.weight.data_ptr() % CPU_ALIGNMENT:  # e.g. a tensor inside a memory-mapped file
             self.weight = frozen(self.weight.clone())  # at the allocator's alignment
         # The op scales by ones (exact in bfloat16); the float scales follow in x's dtype.
@@ -1676,7 +1684,9 @@ class Int4Linear(nn.Module):
             # (M, K_pad): zeros meet the zero weight columns
             x2 = F.pad(x2, (0, self.kernel_in_features - K))
         # (M, N_pad)
-        y = self.kernel(x2.contiguous(), self.packed, self.kernel_groupsize, self.scales_and_zeros)
+        # (the buffer follows a later module.to(dtype); the kernel takes x's)
+        y = self.kernel(x2.contiguous(), self.packed, self.kernel_groupsize,
+                        self.scales_and_zeros.to(x2.dtype))
         if y.shape[1] != N:
             y = y[:, :N]
         return y.to(x.dtype).reshape(*x.shape[:-1], N)
@@ -1693,7 +1703,7 @@ def fp8_scaled_mm(x: Tensor, w8: Tensor, w_scales: Tensor) -> Tensor:
     # w8.t() is column-major (K, N), the layout _scaled_mm wants for its second operand.
     y = torch._scaled_mm(x8, w8.t(), scale_a=x_scales, scale_b=w_scales[None, :],
                          out_dtype=x.dtype)  # (M, N)
-    return y.reshape(*x.shape[:-1], -1)
+    return y.reshape(*x.shape[:-1], w8.shape[0])
 
 
 class Fp8Linear(nn.Module):
@@ -1729,7 +1739,7 @@ class FloatLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
-        if not (FLOAT_GEMV and kernel_route(x) == "gemv" and x.dtype == w.dtype in MM_DTYPES
+        if not (FLOAT_GEMV and kernel_route(x) == "gemv" and x.dtype == w.dtype and w.dtype in MM_DTYPES
                 and w.is_contiguous()):
             return super().forward(x)
         y = scaled_gemv(x, w, None)  # (..., N)
@@ -1780,7 +1790,7 @@ def use_float_gemv(model: nn.Module):
 #         a weight off the allocator's alignment is copied at load time.
 #   int4: N padded to a multiple of 16 and K to whole groups (use_kernel does both).
 # Prefills of more rows than CPU_INT8_MAX_ROWS / CPU_INT4_MAX_ROWS are faster on the plain path
-# (MKL's float32 matmul on dequantized weights), which is also exact; the int4 layers keep the
+# (MKL's matmul on dequantized weights), exact in float32; the int4 layers keep the
 # file's tensors for it. Other CPUs (aarch64, x86 without AVX2) keep the plain path: untested there.
 # False keeps every CPU model on the plain path: float32-exact, and slower at decode than float32.
 CPU_KERNELS = True
@@ -1808,7 +1818,8 @@ def int8_cpu_linear(x: Tensor, weight: Tensor, unit_scales: Tensor, scales: Tens
     """x (..., K) float32 or bfloat16 times int8 weight (N, K) (K a multiple of 16), scaled per
     output row: (..., N) in x's dtype, by aten._weight_int8pack_mm in bfloat16."""
     N, K = weight.shape
-    x16 = x.reshape(-1, K).to(torch.bfloat16, copy=True)  # (M, K), fresh: aligned rows
+    # (M, K), fresh and row-major (a copy keeps a transposed x's strides otherwise): aligned rows
+    x16 = x.reshape(-1, K).to(torch.bfloat16, memory_format=torch.contiguous_format, copy=True)
     y = torch.ops.aten._weight_int8pack_mm(x16, weight, unit_scales)  # (M, N) bfloat16 sums
     return (y * scales).to(x.dtype).view(*x.shape[:-1], N)
 
@@ -1966,7 +1977,8 @@ def prepare_for_device(model: nn.Module):
             tinygemm_rows = TINYGEMM_MAX_ROWS if triton else None  # None: every input
             if module.kernel is None and dtype == torch.bfloat16 and tinygemm_rows != 0:
                 module.use_kernel("cuda", max_rows=tinygemm_rows)
-            if triton is not None and (module.kernel is None or module.kernel_max_rows is not None):
+            if (triton is not None and dtype in MM_DTYPES
+                    and (module.kernel is None or module.kernel_max_rows is not None)):
                 module.use_triton()
         elif isinstance(module, Fp8Linear) and on_gpu:
             # _scaled_mm: both matrix dims of the weight % 16, row-wise scales on 9.0+, bf16 output.

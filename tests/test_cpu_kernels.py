@@ -139,6 +139,33 @@ def test_int8_cpu_kernel_matches_the_dequantized_reference(n, k, rows, plain_pat
     assert relative_error(y, exact) < AGAINST_FLOAT32
 
 
+@needs_cpu_kernels
+@torch.no_grad()
+def test_int8_cpu_kernel_takes_a_transposed_input(plain_path_refused):
+    layer = int8_layer(48, 64)
+    layer.use_cpu_kernel()
+    x = torch.randn(64, 3).t()  # (3, 64), column-major
+    assert relative_error(layer(x), reference(layer, x)[1]) < OUTPUT_ROUNDING
+
+
+def test_the_int8_cpu_kernel_is_refused_a_k_it_gets_wrong():
+    with pytest.raises(AssertionError, match="K % 16"):
+        int8_layer(8, 40).use_cpu_kernel()
+
+
+@needs_cpu_kernels
+@torch.no_grad()
+def test_a_prepared_int4_layer_still_computes_after_moving_to_another_dtype():
+    layer = int4_layer(37, 208, 32)
+    layer.use_kernel("cpu", torch.bfloat16, kernels.CPU_INT4_MAX_ROWS)
+    x = inputs(3, 208)
+    expected = reference(layer, x)[0]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        layer.to(dtype)  # the scales buffer follows; the kernel keeps computing in bfloat16
+        y = layer(x.to(dtype))
+        assert y.dtype == dtype and relative_error(y, expected) < AGAINST_FLOAT32
+
+
 @pytest.mark.parametrize("n, k, groupsize", [
     (37, 208, 32),  # K padded to 224, N to 48
     (48, 64, 32),  # whole groups, N a multiple of 16

@@ -252,6 +252,30 @@ def test_int4_cpu_kernel_computes_q_minus_8_times_scale_plus_zero():
     assert relative_error(y, x @ wrong.view(n, k).t()) > 0.1
 
 
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+@torch.no_grad()
+def test_float16_activations_do_not_overflow_the_one_byte_plain_path(mode):
+    """The raw codes (up to 127, or 448) times x sum past float16's 65504 long before the scaled
+    output does: the plain path must not give inf where the output is small."""
+    linear = float_linear()
+    linear.weight[:, 0] = 0.1  # each row's largest weight: code 127 (int8) or 448 (fp8)
+    layer = quantized_linear(linear, mode)
+    x = torch.full((2, K), 0.05)
+    x[:, 0] = 600.0  # an outlier activation, as large models have: 600 x 127 > 65504
+    y = layer.half()(x.half())
+    expected = F.linear(x.double(), layer.dequantize().double(), linear.bias.detach().double())
+    assert torch.isfinite(y).all()
+    assert relative_error(y, expected) < 5e-3  # float16's output rounding
+
+
+def test_fp8_scaled_mm_takes_no_rows():
+    if not CPU_ROWWISE_SCALED_MM:
+        pytest.skip(f"torch {torch.__version__}: the CPU _scaled_mm takes per-tensor scales only")
+    torch.manual_seed(0)
+    w8 = torch.randn(16, 32).to(torch.float8_e4m3fn)
+    assert kernels.fp8_scaled_mm(torch.zeros(0, 32), w8, torch.ones(16)).shape == (0, 16)
+
+
 @pytest.mark.parametrize("groupsize, k", [(32, 256), (128, K), (256, K)],
                          ids=["g32", "g128-padded", "g256-padded"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
