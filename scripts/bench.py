@@ -348,7 +348,8 @@ def run_benchmark(args):
             print(checks_markdown(result["kernel_checks"]), flush=True)
         if failed:
             generate.write_json(args.out, result)
-            raise InputError(f"kernel check failed ({len(failed)} of {len(result['kernel_checks'])}): "
+            # a kernel that disagrees with its reference is a bug: a traceback, not a line
+            raise RuntimeError(f"kernel check failed ({len(failed)} of {len(result['kernel_checks'])}): "
                              + "; ".join(describe_check(c) for c in failed))
         result["copy_gb_s"] = copy_bandwidth_gb_s()
         print(f"{card}, torch {torch.__version__}, copy bandwidth {result['copy_gb_s']:.0f} GB/s", flush=True)

@@ -28,7 +28,8 @@ if (( gpus < PARTS )); then
   echo "error: suite '$SUITE' runs one process per GPU and needs $PARTS GPUs, this machine shows $gpus (bash scripts/bench_all.sh --quick needs 1)" >&2
   exit 1
 fi
-mkdir -p "$OUT"
+mkdir -p "$OUT" || exit 1
+rm -f "$OUT"/gpu*.json  # an earlier run's parts must not join this run's merge
 
 pids=()
 for (( i = 0; i < PARTS; i++ )); do

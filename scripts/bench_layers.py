@@ -99,7 +99,8 @@ def measure(args):
         raise InputError("the layer benchmark needs a CUDA GPU, and this PyTorch sees none")
     failed = [c for c in kernel_checks() if not c["ok"]]  # speeds of wrong kernels mean nothing
     if failed:
-        raise InputError("kernel check failed: " + "; ".join(describe_check(c) for c in failed))
+        # a kernel that disagrees with its reference is a bug: a traceback, not a line
+        raise RuntimeError("kernel check failed: " + "; ".join(describe_check(c) for c in failed))
     copy = copy_bandwidth_gb_s()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, copy {copy:.0f} GB/s")
     print("| precision | path | rows | ms a pass | GB/s | % of copy | rows/s | vs bf16 |")
@@ -114,10 +115,10 @@ def measure(args):
             for path, set_up in paths(layers, rows):
                 set_up()
                 ms = time_pass(layers, rows, args.repeats)
-                if precision == "bf16":
-                    bf16_ms[rows] = ms
                 gb_s = n_bytes / BYTES_PER_GB / (ms / 1e3)
                 versus = f"{bf16_ms[rows] / ms:.2f}x" if rows in bf16_ms else ""
+                if precision == "bf16":  # the baseline: the last bf16 path, the GEMV at one row
+                    bf16_ms[rows] = ms
                 print(f"| {precision} | {path} | {rows} | {ms:.3f} | {gb_s:.0f} | "
                       f"{100 * gb_s / copy:.1f} | {rows / ms * 1e3:.0f} | {versus} |", flush=True)
         del model, layers

@@ -150,6 +150,9 @@ def main(argv=None):
         if args.cache_length > block_size:
             raise InputError(f"--cache_length {args.cache_length} exceeds {name}'s {block_size}-token context")
     started, device = time.perf_counter(), check_device(args.device, "--device")
+    if device.type != "cuda" and not args.eager:
+        raise InputError(f"--device {args.device}: the step times are speeds on a CUDA GPU only "
+                         "(--eager runs the script elsewhere, as a check of the code)")
     bench.DEVICE = args.device  # bench.build makes its models there
     compiled = not args.eager
     # compile_functions also sets the compiler options generate.py uses; the draft step and the verify are
@@ -183,6 +186,8 @@ def report(rows: list, args, card: str):
         print("the target's decode step was not measured: no cost model")
         return
     decode = rows[0]["ms"]
+    if args.eager:
+        print("(--eager: a check of the script, not a speed result)")
     print(f"\n{card}, torch {torch.__version__}, cache position {args.position} of {args.cache_length}\n")
     print("| model | precision | step | ms | / target decode | first call (compile) |")
     print("|---|---|---|---|---|---|")

@@ -17,7 +17,14 @@ cd "$(dirname "$0")/.."
 # NVLink multicast (NVLS) stays off in NCCL, PyTorch and NVSHMEM: on a shared host a program that uses it can
 # put the GPUs out of service.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=1
-GPUS=${1:?usage: bench_tp.sh GPUS [MODEL PRECISION...]}
+PYTHON=${PYTHON:-python}
+usage="usage: bash scripts/bench_tp.sh GPUS [MODEL PRECISION...]"
+if [ $# -eq 0 ] || [ $# -eq 2 ]; then echo "error: $usage" >&2; exit 1; fi
+GPUS=$1
+case $GPUS in 1|2|4|8) ;; *) echo "error: GPUS must be 1, 2, 4 or 8 ($usage)" >&2; exit 1 ;; esac
+if ! "$PYTHON" -c "import sys, torch; sys.exit(torch.cuda.device_count() < $GPUS)"; then
+    echo "error: the tensor-parallel benchmark needs $GPUS CUDA GPUs on this machine" >&2; exit 1
+fi
 OUT=${OUT:-bench_tp}
 mkdir -p "$OUT"
 
@@ -25,9 +32,10 @@ cell() {  # MODEL PRECISION: one run under torchrun, then its row
     local model=$1 precision=$2 tag="$1.$2.gpus$GPUS${TP_OUTPUT:+.output-$TP_OUTPUT}"
     local quantization=()
     [ "$precision" != bf16 ] && quantization=(--random_quantization "$precision")
-    python -m torch.distributed.run --standalone --nproc_per_node="$GPUS" generate.py --compile --random_weights "$model" "${quantization[@]}" \
+    "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$GPUS" generate.py --compile --device cuda \
+        --random_weights "$model" "${quantization[@]}" \
         --prompt_tokens 5 --max_new_tokens 200 --num_samples 3 --json "$OUT/$tag.json" >/dev/null
-    python - "$OUT/$tag.json" "$model" "$precision" "$GPUS" "${TP_OUTPUT:-sharded}" <<'EOF'
+    "$PYTHON" - "$OUT/$tag.json" "$model" "$precision" "$GPUS" "${TP_OUTPUT:-sharded}" <<'EOF'
 import json, sys
 path, model, precision, gpus, output = sys.argv[1:]
 m = json.load(open(path))
@@ -49,7 +57,6 @@ else case $GPUS in
     4) cell Llama-2-7B bf16; cell Llama-2-7B int8; cell Llama-2-70B bf16; cell Llama-2-70B int8
        TP_OUTPUT=replicated cell Llama-2-7B bf16; TP_OUTPUT=replicated cell Llama-2-70B bf16 ;;
     8) cell Llama-2-70B bf16; cell Llama-2-70B int8; cell Llama-2-70B int4.g32; cell Llama-3.1-405B int8 ;;
-    *) echo "GPUS must be 1, 2, 4 or 8" >&2; exit 1 ;;
 esac
 fi
 echo "| model | precision | GPUs | output layer | decode tok/s | GB/s per GPU | GB per GPU per step | compile | card |"

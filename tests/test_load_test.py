@@ -121,6 +121,13 @@ def test_load_test_names_a_server_that_refuses_it(server, load_test):
     assert_one_error_line(refusal(load_test, "--url", url, "--requests", 1), "404", url)
 
 
+def test_a_load_test_in_which_no_request_finishes_fails_in_one_line(server, load_test, capsys):
+    """Prompts longer than the model's context: the server refuses every one (400), so nothing was
+    measured, and the run says so and exits 1 after its report."""
+    line = refusal(load_test, "--url", f"{server}/v1", "--requests", 2, "--prompt_tokens", 10_000)
+    assert_one_error_line(line, "no request finished", "400")
+
+
 def test_load_test_names_a_server_it_cannot_reach(load_test):
     url = f"http://127.0.0.1:{free_port()}/v1"
     assert_one_error_line(refusal(load_test, "--url", url, "--requests", 1), "cannot reach")

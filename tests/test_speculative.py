@@ -306,6 +306,14 @@ def test_bench_speculative_times_each_step_and_prints_the_expected_speedups(tmp_
     assert all(r["ms"] > 0 for r in rows)
     printed = capsys.readouterr().out
     assert "| stories15M int4.g32 | 2 |" in printed and "| prompt lookup (no GPU draft) | 2 |" in printed
+    assert "not a speed result" in printed
+
+
+def test_bench_speculative_refuses_to_time_a_cpu_as_a_speed_result(tmp_path):
+    bench = load_script("bench_speculative")
+    with pytest.raises(InputError, match="--device cpu: the step times are speeds on a CUDA GPU only"):
+        bench.main(["--device", "cpu", "--target", "stories15M", "--drafts", "stories15M:bf16", "--ks", "1",
+                    "--position", "8", "--cache_length", "16", "--out", str(tmp_path / "b.json")])
 
 
 @pytest.mark.slow
