@@ -1739,8 +1739,8 @@ class FloatLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
-        if not (FLOAT_GEMV and kernel_route(x) == "gemv" and x.dtype == w.dtype and w.dtype in MM_DTYPES
-                and w.is_contiguous()):
+        if not (FLOAT_GEMV and kernel_route(x) == "gemv" and x.dtype == w.dtype
+                and w.dtype in MM_DTYPES and w.is_contiguous()):
             return super().forward(x)
         y = scaled_gemv(x, w, None)  # (..., N)
         return y if self.bias is None else y + self.bias
