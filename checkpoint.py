@@ -203,17 +203,13 @@ def check_quantization(record, args: ModelArgs, where):
         raise InputError(f"{where}: output layer mode {record['output_mode']!r} is neither int8 "
                          f"nor the mode {mode}")
     with torch.device("meta"):
-        linears = {name: m for name, m in Transformer(args).named_modules()
-                   if isinstance(m, (nn.Linear, Experts))}
+        model = Transformer(args)
+    linears = {name for name, m in model.named_modules() if isinstance(m, (nn.Linear, Experts))}
     layers = record.get("layers")
     if not (isinstance(layers, list) and all(isinstance(name, str) for name in layers)
-            and set(layers) <= set(linears)):
+            and set(layers) <= linears):
         raise InputError(f"{where}: quantized layers must be a list of this model's linear layers")
-    padding = {}  # the record quantize.py writes for these layers
-    for name in layers:
-        if kernels.layer_mode(record, name) in kernels.INT4_MODES:
-            kernels.record_padding(padding, name, linears[name].in_features, groupsize)
-    if record.get("padded", {}) != padding:
+    if record.get("padded", {}) != kernels.padding_record(record, model):
         raise InputError(f"{where}: 'padded' does not give each int4 layer's K padded to whole "
                          f"groups of {groupsize}: quantize the checkpoint again with this "
                          "quantize.py")
@@ -526,17 +522,17 @@ def write_files(folder: Path, writers: dict, remove=()):
         finish_write(folder)
     remove_orphans(folder)
     temps = {name: folder / temp_name(name) for name in writers}
+    tmp_journal = folder / temp_name(JOURNAL)
     # SIGTERM (kill, a scheduler's stop) ends the process through Python, so the cleanup below runs.
     previous = signal.signal(signal.SIGTERM, exit_on_sigterm) if is_main_thread() else None
     try:
         for name, write in writers.items():
             write(temps[name])
         journal = {"rename": [[temps[name].name, name] for name in writers], "remove": list(remove)}
-        tmp_journal = folder / temp_name(JOURNAL)
         tmp_journal.write_text(json.dumps(journal))
         os.replace(tmp_journal, folder / JOURNAL)  # the moment the new set becomes the checkpoint
     except BaseException as e:
-        for tmp in [*temps.values(), folder / temp_name(JOURNAL)]:
+        for tmp in [*temps.values(), tmp_journal]:
             tmp.unlink(missing_ok=True)
         if created and not any(folder.iterdir()):
             folder.rmdir()

@@ -1458,6 +1458,17 @@ def record_padding(padded: dict, layer: str, k: int, groupsize: int):
         padded[layer] = [k, int4_padded_k(k, groupsize)]
 
 
+def padding_record(record: dict, model: nn.Module) -> dict:
+    """The `padded` record quantize.py writes for the layers a quantization record lists, those
+    of `model` (the meta device will do): each int4 layer whose K is no whole number of groups."""
+    padded = {}
+    for name in record["layers"]:
+        if layer_mode(record, name) in INT4_MODES:
+            record_padding(padded, name, model.get_submodule(name).in_features,
+                           record["groupsize"])
+    return padded
+
+
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 # fp8 on CUDA (compute capability >= 9.0): True quantizes activations per token and calls
 # torch._scaled_mm (one fp8 tensor-core matmul); False converts the weight inside the compiled

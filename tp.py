@@ -278,11 +278,7 @@ def random_config(name: str, precision: Optional[str]) -> tuple[ModelArgs, Optio
     layers = linear_names(args, include_output=True)
     qargs, quantization = quantized_config(args, mode, groupsize, DEFAULT_OUTPUT_MODE, layers, {})
     with torch.device("meta"):
-        model = Transformer(args)
-    for layer in layers:
-        if kernels.layer_mode(quantization, layer) in kernels.INT4_MODES:
-            kernels.record_padding(quantization["padded"], layer,
-                                   model.get_submodule(layer).in_features, groupsize)
+        quantization["padded"] = kernels.padding_record(quantization, Transformer(args))
     return qargs, quantization
 
 
