@@ -1523,8 +1523,11 @@ class Int8Linear(nn.Module):
         assert int8_cpu_kernel_fits(self.in_features), "the int8 CPU kernel needs K % 16 == 0"
         if self.weight.data_ptr() % CPU_ALIGNMENT:  # e.g. a tensor inside a memory-mapped file
             self.weight = frozen(self.weight.clone())  # at the allocator's alignment
-        # The op scales by ones (exact in bfloat16); the float scales follow in x's dtype.
-        self.unit_scales = torch.ones(self.out_features, dtype=torch.bfloat16)
+        # The op scales by ones (exact in bfloat16); the float scales follow in x's dtype. A buffer
+        # outside the state_dict, so that it follows the module's moves.
+        self.register_buffer("unit_scales", torch.ones(self.out_features, dtype=torch.bfloat16,
+                                                       device=self.weight.device),
+                             persistent=False)
         self.cpu_kernel = True
 
     def dequantize(self) -> Tensor:
@@ -1618,10 +1621,10 @@ class Int4Linear(nn.Module):
         self.kernel = None  # the int4 matmul op, once use_kernel() has repacked the weights for it
         self.kernel_dtype = None  # the dtype the kernel computes in, when not x's
         self.kernel_max_rows = None  # inputs of more rows take the other path
+        self.register_load_state_dict_post_hook(Int4Linear.repack_loaded_tensors)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.kernel is not None and (
-                self.kernel_max_rows is None or x.numel() <= self.kernel_max_rows * x.shape[-1]):
+        if self.kernel_serves(x.numel() // x.shape[-1]):
             y = self.kernel_forward(x)
         elif self.words is not None and x.is_cuda and x.dtype in MM_DTYPES:
             if self.padded_in_features != self.in_features:
@@ -1632,11 +1635,37 @@ class Int4Linear(nn.Module):
             y = F.linear(x, self.dequantize().to(x.dtype))
         return y if self.bias is None else y + self.bias
 
+    def kernel_serves(self, rows: int) -> bool:
+        """Inputs of this many rows go to the op use_kernel() packed the weights for."""
+        return self.kernel is not None and (self.kernel_max_rows is None
+                                            or rows <= self.kernel_max_rows)
+
     def dequantize(self) -> Tensor:
         """The weights as float32 (N, K), padding dropped: the reference for the kernels."""
-        packed = (self.weight if self.words is None
-                  else int4_pairs(self.words, self.padded_in_features))
-        return int4_weights(packed, self.scales, self.zeros, self.groupsize, self.in_features)
+        if self.kernel is not None and self.kernel_max_rows is None:
+            return self.kernel_weights()  # the packed copy replaced the file's tensors
+        return int4_weights(self.nibble_pairs(), self.scales, self.zeros, self.groupsize,
+                            self.in_features)
+
+    def nibble_pairs(self) -> Tensor:
+        """The file's nibble pairs (N, K_pad / 2), from wherever the layer holds them."""
+        return (self.weight if self.words is None
+                else int4_pairs(self.words, self.padded_in_features))
+
+    def kernel_weights(self) -> Tensor:
+        """dequantize() from the kernel's packed copy, whose layout is the op's own: the kernel
+        times the identity, with each group's scale 1 and zero 8, gives every nibble q exactly
+        (integers up to 15 in bfloat16); then (q - 8) * scale + zero as int4_weights computes it.
+        The identity (K, K) in bfloat16 and its product are transient copies."""
+        K, N = self.kernel_in_features, self.out_features
+        scales, zeros = self.scales_and_zeros.float().unbind(-1)  # (n_groups, N_pad) each
+        # (n_groups, N_pad, 2)
+        unit = torch.stack([torch.ones_like(scales), torch.full_like(scales, 8)], dim=-1)
+        eye = torch.eye(K, dtype=torch.bfloat16, device=self.packed.device)  # (K, K)
+        q = self.kernel(eye, self.packed, self.kernel_groupsize, unit.bfloat16())  # (K, N_pad)
+        q = q.t()[:N].unflatten(1, (-1, self.kernel_groupsize))  # (N, n_groups, G)
+        w = int4_dequantize(q, scales.t()[:N, :, None], zeros.t()[:N, :, None])
+        return w.flatten(1)[:, :self.in_features]
 
     def use_triton(self):
         """Lay the weights out for the Triton kernels (int4_words, once, on the device). They
@@ -1652,9 +1681,10 @@ class Int4Linear(nn.Module):
         Without max_rows the packed copy replaces the file's tensors (no second copy in memory)
         and the module's state_dict is no longer a checkpoint. With max_rows they stay, the
         packed copy is a buffer outside the state_dict, and inputs of more rows (prefills, and
-        batches on a GPU) take the other path: the Triton kernels (use_triton), or PyTorch's."""
+        batches on a GPU) take the other path: the Triton kernels (use_triton), or PyTorch's;
+        a later load_state_dict into the layer repacks the loaded tensors."""
         convert, kernel = INT4_KERNELS[device_type]
-        weight, scales, zeros = self.weight, self.scales, self.zeros
+        weight, scales, zeros = self.nibble_pairs(), self.scales, self.zeros
         groupsize, k = self.groupsize, self.padded_in_features
         # K padded to whole groups costs the kernel the padded columns (SmolLM2's 576 in groups of
         # 128: 640) and x a copy a call. Where half or a quarter of a group ends at K (the ops take
@@ -1685,6 +1715,14 @@ class Int4Linear(nn.Module):
             self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
         self.kernel, self.kernel_dtype, self.kernel_max_rows = kernel, dtype, max_rows
         self.kernel_groupsize, self.kernel_in_features = groupsize, k
+        self.kernel_device_type = device_type
+
+    def repack_loaded_tensors(self, incompatible_keys):
+        """load_state_dict's post hook: a packed copy beside the file's tensors (use_kernel with
+        max_rows) is made anew from the loaded ones, or the kernel would compute with the old.
+        Without max_rows the packed copy is the state_dict, and loads itself."""
+        if self.kernel is not None and self.kernel_max_rows is not None:
+            self.use_kernel(self.kernel_device_type, self.kernel_dtype, self.kernel_max_rows)
 
     def kernel_forward(self, x: Tensor) -> Tensor:
         K, N = self.in_features, self.out_features
@@ -1730,15 +1768,18 @@ class Fp8Linear(nn.Module):
         self.scaled_mm = False  # set by prepare_for_device
 
     def forward(self, x: Tensor) -> Tensor:
-        # (N, K), (N,)
-        w8, scales = self.weight.view(torch.float8_e4m3fn), self.scale_bits.view(torch.float32)
+        w8, scales = self.one_byte()  # (N, K), (N,)
         y = (fp8_scaled_mm(x, w8, scales) if self.scaled_mm
              else one_byte_linear(x, w8, scales))  # (..., N)
         return y if self.bias is None else y + self.bias
 
+    def one_byte(self) -> tuple[Tensor, Tensor]:
+        """The stored bit patterns as what they are: e4m3 weights and float32 scales."""
+        return self.weight.view(torch.float8_e4m3fn), self.scale_bits.view(torch.float32)
+
     def dequantize(self) -> Tensor:
-        return (self.weight.view(torch.float8_e4m3fn).float()
-                * self.scale_bits.view(torch.float32)[:, None])
+        w8, scales = self.one_byte()
+        return w8.float() * scales[:, None]
 
 
 class FloatLinear(nn.Linear):
@@ -1831,7 +1872,8 @@ def int8_cpu_linear(x: Tensor, weight: Tensor, unit_scales: Tensor, scales: Tens
     N, K = weight.shape
     # (M, K), fresh and row-major (a copy keeps a transposed x's strides otherwise): aligned rows
     x16 = x.reshape(-1, K).to(torch.bfloat16, memory_format=torch.contiguous_format, copy=True)
-    y = torch.ops.aten._weight_int8pack_mm(x16, weight, unit_scales)  # (M, N) bfloat16 sums
+    # (unit_scales follows a later module.to(dtype); the op takes bfloat16 ones)
+    y = torch.ops.aten._weight_int8pack_mm(x16, weight, unit_scales.to(torch.bfloat16))  # (M, N)
     return (y * scales).to(x.dtype).view(*x.shape[:-1], N)
 
 
@@ -1907,8 +1949,7 @@ class Fp8Experts(OneByteExperts):
         self.weight = frozen(torch.empty(n_experts, out_features, in_features, dtype=torch.uint8))
         self.scale_bits = frozen(torch.empty(n_experts, out_features, dtype=torch.int32))
 
-    def one_byte(self) -> tuple[Tensor, Tensor]:
-        return self.weight.view(torch.float8_e4m3fn), self.scale_bits.view(torch.float32)
+    one_byte = Fp8Linear.one_byte
 
 
 EXPERTS = {"int8": Int8Experts, "int4": Int4Experts, "int4-gptq": Int4Experts, "fp8": Fp8Experts}

@@ -47,8 +47,8 @@ def int8_layer(n: int, k: int) -> kernels.Int8Linear:
     return layer
 
 
-def int4_layer(n: int, k: int, groupsize: int) -> kernels.Int4Linear:
-    linear = float_linear(n, k)
+def int4_layer(n: int, k: int, groupsize: int, seed: int = 0) -> kernels.Int4Linear:
+    linear = float_linear(n, k, seed)
     layer = kernels.Int4Linear(k, n, True, groupsize=groupsize,
                                padded_in_features=Q.int4_padded_k(k, groupsize))
     tensors = Q.quantize_int4(linear.weight.detach(), groupsize)
@@ -153,17 +153,70 @@ def test_the_int8_cpu_kernel_is_refused_a_k_it_gets_wrong():
         int8_layer(8, 40).use_cpu_kernel()
 
 
+def file_layer(mode: str) -> torch.nn.Module:
+    return int8_layer(37, 208) if mode == "int8" else int4_layer(37, 208, 32)
+
+
+def prepared_layer(mode: str) -> torch.nn.Module:
+    """A layer as prepare_for_device leaves it on this CPU (int4: its packed copy beside the
+    file's tensors), or (int4-kernel-alone) use_kernel without max_rows: the packed copy only."""
+    layer = file_layer(mode)
+    if mode == "int8":
+        layer.use_cpu_kernel()
+    else:
+        layer.use_kernel("cpu", torch.bfloat16,
+                         None if mode == "int4-kernel-alone" else kernels.CPU_INT4_MAX_ROWS)
+    return layer
+
+
 @needs_cpu_kernels
+@pytest.mark.parametrize("mode", ["int8", "int4"])
 @torch.no_grad()
-def test_a_prepared_int4_layer_still_computes_after_moving_to_another_dtype():
-    layer = int4_layer(37, 208, 32)
-    layer.use_kernel("cpu", torch.bfloat16, kernels.CPU_INT4_MAX_ROWS)
+def test_a_prepared_layer_still_computes_after_moving_to_another_dtype(mode):
+    layer = prepared_layer(mode)
     x = inputs(3, 208)
     expected = reference(layer, x)[0]
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        layer.to(dtype)  # the scales buffer follows; the kernel keeps computing in bfloat16
+        # The derived buffers (unit scales, scales and zeros) follow: the ops take them in
+        # bfloat16 again. float16 takes the plain path.
+        layer.to(dtype)
         y = layer(x.to(dtype))
         assert y.dtype == dtype and relative_error(y, expected) < AGAINST_FLOAT32
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "int4-kernel-alone"])
+def test_every_tensor_a_prepared_layer_holds_follows_it_to_another_device(mode):
+    """What the preparation derives is a buffer or a parameter, never a plain attribute that
+    module.to() (a GPU, here the meta device) would leave behind; and the derived buffers are no
+    part of the state_dict, which stays the file's tensors."""
+    layer = prepared_layer(mode)
+    if mode != "int4-kernel-alone":  # (whose packed copy replaced the file's tensors)
+        assert layer.state_dict().keys() == file_layer(mode).state_dict().keys()
+    layer.to("meta")
+    held = [*layer.parameters(), *layer.buffers(),
+            *(v for v in vars(layer).values() if isinstance(v, torch.Tensor))]
+    assert held and all(t.is_meta for t in held)
+
+
+@pytest.mark.parametrize("assign", [False, True], ids=["copied", "assigned"])
+@pytest.mark.parametrize("triton_layout", [False, True], ids=["file-layout", "triton-layout"])
+@torch.no_grad()
+def test_a_prepared_int4_layer_computes_with_the_weights_loaded_into_it(triton_layout, assign,
+                                                                       monkeypatch):
+    """load_state_dict into a layer whose kernel has a packed copy beside the file's tensors (the
+    CPU's; with the Triton layout in their place, a GPU's tinygemm and Triton kernels) repacks
+    the loaded tensors."""
+    layer = int4_layer(37, 208, 32)
+    layer.use_kernel("cpu", torch.bfloat16, kernels.CPU_INT4_MAX_ROWS)
+    loaded = int4_layer(37, 208, 32, seed=1)
+    if triton_layout:
+        layer.use_triton()
+        loaded.use_triton()
+    layer.load_state_dict(loaded.state_dict(), strict=True, assign=assign)
+    x = inputs(3, 208)
+    expected = reference(loaded, x)[1]
+    monkeypatch.setattr(kernels.Int4Linear, "dequantize", lambda self: pytest.fail("dequantized"))
+    assert relative_error(layer(x), expected) < OUTPUT_ROUNDING
 
 
 @pytest.mark.parametrize("n, k, groupsize", [

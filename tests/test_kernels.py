@@ -389,15 +389,36 @@ def test_int4_words_put_column_16j_plus_c_in_nibble_j_of_word_c_and_give_the_pai
     assert torch.equal(int4_pairs(words, 576), packed)
 
 
-def test_int4_layer_laid_out_for_triton_dequantizes_to_the_same_weights():
+# Each state prepare_for_device leaves an int4 layer in: the Triton layout in place of the file's
+# nibble pairs (a GPU's float16 model), a kernel's packed copy beside them (the CPU), then the
+# Triton layout too (a GPU's bfloat16 model: tinygemm and the Triton kernels), or the packed copy
+# alone (a GPU without Triton). The CPU op stands in for tinygemm, whose layout differs.
+INT4_PREPARED_STATES = {
+    "triton": lambda layer: layer.use_triton(),
+    "kernel-beside-the-file-layout": lambda layer: layer.use_kernel("cpu", torch.bfloat16, 128),
+    "kernel-and-triton": lambda layer: (layer.use_kernel("cpu", torch.bfloat16, 1),
+                                        layer.use_triton()),
+    "kernel-alone": lambda layer: layer.use_kernel("cpu"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("state", INT4_PREPARED_STATES)
+def test_int4_layer_dequantizes_to_the_same_weights_in_every_prepared_state(state, dtype):
+    """dequantize(), the kernels' reference, gives the file's weights bit for bit whichever copy
+    of them the layer keeps: K of 300 padded to 320 (10 groups), N of 7 padded to 16 for the op."""
     from kernels import Int4Linear
     layer = Int4Linear(300, 7, False, groupsize=32, padded_in_features=320)
     layer.weight.random_(0, 256)
     layer.scales.uniform_(0.01, 0.1)
     layer.zeros.uniform_(-0.1, 0.1)
     before = layer.dequantize()
-    layer.use_triton()
-    assert not hasattr(layer, "weight") and layer.words.shape == (7, 48)
+    layer.to(dtype)
+    INT4_PREPARED_STATES[state](layer)
+    if state != "kernel-beside-the-file-layout":  # the file's nibble pairs gave way
+        assert not hasattr(layer, "weight")
+    if "triton" in state:
+        assert layer.words.shape == (7, 48)
     assert torch.equal(layer.dequantize(), before)
 
 
