@@ -406,9 +406,9 @@ def main(argv=None):
         ckpt = read_checkpoint(args.checkpoint_path)
         tokenizer, config = load_tokenizer(ckpt.folder), ckpt.args
     speculative = args.draft_checkpoint_path is not None or args.speculate_ngram is not None
-    context, slack = (config.block_size, 0)
+    context, slack, draft = config.block_size, 0, None
     if speculative:
-        context, slack = speculation_limits(args, tokenizer, config)
+        context, slack, draft = speculation_limits(args, tokenizer, config)
     if (args.prompt_tokens or 0) >= context:  # before drawing that many random ids
         raise InputError(f"the prompt has {args.prompt_tokens} tokens but the model's context is "
                          f"{context} tokens")
@@ -430,7 +430,7 @@ def main(argv=None):
     # Under torchrun the processes join here, after every check all ranks make alike (one error
     # line, rank 0's) and before what each meets on its own.
     device = tp.start(args, config, args.device) if distributed else args.device
-    model = load_weights(args, ckpt, config, device, batch_size, cache_length)
+    model = load_weights(args, ckpt, config, device, batch_size, cache_length, draft)
     prompts = prompts * args.batch_size
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
@@ -445,42 +445,44 @@ def main(argv=None):
         generate_fn = partial(speculative_generate, model, proposer, sampling=sampling,
                               eos_ids=eos_ids, prefill_fn=prefill_fn,
                               verify_fn=compile_verify() if args.compile else verify)
-    # The bytes of weights one decode step reads: every parameter once, except an untied embedding
-    # table, of which only the looked-up rows are read, and the experts no token chose.
-    model_bytes = sum(p.nbytes for p in model.parameters())
-    if not model.args.tie_embeddings:
-        model_bytes -= model.tok_embeddings.weight.nbytes
-    if model.args.n_experts:
-        model_bytes -= unchosen_expert_bytes(model, len(prompts))
+    # the tokens of a decode step, or of a speculative round's verify (the steps timed)
+    step_tokens = speculate_k(args) + 1 if speculative else len(prompts)
+    model_bytes = bytes_read_per_step(model, step_tokens)
     if args.interactive:
         return interactive(args, tokenizer, generate_fn, max_seq, max_new, model_bytes, device)
     run_samples(args, prompts, generate_fn, tokenizer, max_new, model_bytes, device, compiled)
 
 
 def check_cache_fits(config: ModelArgs, batch_size: int, cache_length: int, dtype: torch.dtype,
-                     device: torch.device):
-    """Refuse a KV cache larger than the device's free memory, before any weight loads (under
-    torchrun, after the processes joined: each GPU holds its rank's share of the KV heads, where
-    processes on a CPU share one memory)."""
+                     device: torch.device, draft: Optional[ModelArgs] = None):
+    """Refuse KV caches larger than the device's free memory, before any weight loads: the model's
+    and, given a draft model's config, the draft's (one row as long). Under torchrun, after the
+    processes joined: each GPU holds its rank's share of the model's KV heads and a whole draft,
+    where processes on a CPU share one memory."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    share = world if device.type == "cuda" else 1
     slots = -(-cache_length // 8) * 8  # setup_caches rounds up to a multiple of 8
-    share = dist.get_world_size() if dist.is_initialized() and device.type == "cuda" else 1
-    kv_heads = config.n_kv_heads // share
-    kv_bytes = 2 * config.n_layer * batch_size * kv_heads * slots * config.head_dim
+    caches = [(config, batch_size * config.n_kv_heads // share)]  # (model, its rows x KV heads)
+    if draft is not None:
+        caches.append((draft, world // share * draft.n_kv_heads))  # a whole draft in each process
+    kv_bytes = sum(2 * c.n_layer * heads * slots * c.head_dim for c, heads in caches)  # K and V
     kv_bytes *= torch.empty(0, dtype=dtype).element_size()
     free = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda"
             else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     if kv_bytes > free:
-        raise InputError(f"the KV cache for {batch_size} rows of {cache_length} tokens needs "
-                         f"{kv_bytes / 1e9:.1f} GB, more than the {free / 1e9:.1f} GB of free "
-                         f"memory on {device}")
+        drafts = "" if draft is None else ", the draft model's included,"
+        raise InputError(f"the KV cache for {batch_size} rows of {cache_length} tokens{drafts} "
+                         f"needs {kv_bytes / 1e9:.1f} GB, more than the {free / 1e9:.1f} GB of "
+                         f"free memory on {device}")
 
 
 def load_weights(args, ckpt, config: ModelArgs, device: torch.device, batch_size: int,
-                 cache_length: int) -> Transformer:
+                 cache_length: int, draft: Optional[ModelArgs] = None) -> Transformer:
     """The model the flags name (under torchrun this process's part, read from its slices) on its
     device, with a KV cache of batch_size rows of cache_length slots; a cache that would not fit the
-    free memory is refused before any weight loads."""
-    check_cache_fits(config, batch_size, cache_length, args.dtype, device)
+    free memory (with a draft's cache, given the draft's config) is refused before any weight
+    loads."""
+    check_cache_fits(config, batch_size, cache_length, args.dtype, device, draft)
     t0 = time.perf_counter()
     if dist.is_torchelastic_launched() or args.random_quantization:
         model = tp.load_model(args, device, args.dtype)
@@ -551,6 +553,18 @@ def run_samples(args, prompts: list, generate_fn: Callable, tokenizer, max_new: 
                                    model_bytes=model_bytes, compile_s=compile_s,
                                    tensor_parallel=world,  # model_bytes and GB/s are per GPU
                                    samples=results, average=summary))
+
+
+def bytes_read_per_step(model: Transformer, tokens: int) -> float:
+    """The bytes of weights one forward of `tokens` tokens reads (a decode step: one a row; a
+    speculative verify: k + 1): each tensor once (a tied output layer is the embedding table),
+    except the embedding table's, of which it reads the looked-up rows, and the experts no token
+    chose. A quantized layer names what its route for that many rows reads (weights_read)."""
+    read = {id(t): t for m in model.modules() if m is not model.tok_embeddings
+            for t in (m.weights_read(tokens) if hasattr(m, "weights_read")
+                      else m.parameters(recurse=False))}
+    weights = sum(t.nbytes for t in read.values())
+    return weights - unchosen_expert_bytes(model, tokens) if model.args.n_experts else weights
 
 
 def unchosen_expert_bytes(model: Transformer, batch_size: int) -> float:
@@ -713,7 +727,7 @@ def encode_prompts(args, tokenizer, vocab_size: int) -> list:
     if args.prompt_tokens is not None or tokenizer is None:
         return [torch.randint(0, vocab_size, (args.prompt_tokens or 5,)).tolist()]
     prompts = []
-    for text in args.prompt or ["Hello, my name is"]:
+    for text in args.prompt:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:  # bytes the terminal could not decode arrive as lone surrogates
@@ -787,19 +801,19 @@ def check_draft(path: Path, tokenizer, config: ModelArgs) -> ModelArgs:
     return draft.args
 
 
-def speculation_limits(args, tokenizer, config: ModelArgs) -> tuple[int, int]:
-    """(context, slack): the tokens a prompt and its generation may fill, and the cache slots beyond
-    them that a speculative round may write (k - 1: a round may start at the next-to-last token and
-    write k slots past it)."""
-    context = config.block_size
+def speculation_limits(args, tokenizer, config: ModelArgs) -> tuple[int, int, Optional[ModelArgs]]:
+    """(context, slack, draft): the tokens a prompt and its generation may fill, the cache slots
+    beyond them that a speculative round may write (k - 1: a round may start at the next-to-last
+    token and write k slots past it), and the draft model's config (None: prompt lookup)."""
+    context, draft = config.block_size, None
     if args.draft_checkpoint_path is not None:
-        context = min(context,
-                      check_draft(args.draft_checkpoint_path, tokenizer, config).block_size)
+        draft = check_draft(args.draft_checkpoint_path, tokenizer, config)
+        context = min(context, draft.block_size)
     slack = speculate_k(args) - 1
     if slack >= context - 1:
         raise InputError(f"--speculate_k {speculate_k(args)} does not fit the model's "
                          f"{context}-token context")
-    return context - slack, slack
+    return context - slack, slack, draft
 
 
 def load_proposer(args, config: ModelArgs, device: torch.device, sampling: Sampling,
@@ -817,6 +831,8 @@ def load_proposer(args, config: ModelArgs, device: torch.device, sampling: Sampl
           file=sys.stderr)
     return DraftModel(draft, k, sampling, step_fn, prefill_fn)
 
+
+DEFAULT_PROMPT = "Hello, my name is"
 
 # The flags that choose the model and how it runs: generate.py's, and server.py's through
 # argparse's `parents`.
@@ -859,7 +875,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also compile the prefill (dynamic shapes)")
     p.add_argument("--prompt", action="append",
                    help="prompt text; repeat the flag for a batch of different prompts (default: "
-                   "'Hello, my name is')")
+                   f"{DEFAULT_PROMPT!r})")
     p.add_argument("--prompt_tokens", type=int, metavar="N",
                    help="a synthetic prompt of N random tokens instead of text (default with "
                    "--random_weights: 5)")
@@ -934,6 +950,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         check_output(args.json, "--json")
     if args.profile is not None:
         check_output(args.profile, "--profile", [args.json])
+    if not (args.prompt or args.prompt_tokens is not None or args.random_weights
+            or args.interactive):
+        args.prompt = [DEFAULT_PROMPT]  # named here, so that the answer is printed after it
     return args
 
 

@@ -1477,8 +1477,8 @@ FP8_SCALED_MM = False
 
 
 def frozen(t: Tensor) -> nn.Parameter:
-    # Parameters rather than buffers: generate.py counts the bytes read per step over
-    # model.parameters().
+    # Parameters rather than buffers: a layer's parameters are what generate.py counts as the
+    # bytes it reads, where the layer names nothing else (weights_read).
     return nn.Parameter(t, requires_grad=False)
 
 
@@ -1516,6 +1516,11 @@ class Int8Linear(nn.Module):
         else:
             y = one_byte_linear(x, self.weight, self.scales)  # (..., N)
         return y if self.bias is None else y + self.bias
+
+    def weights_read(self, rows: int) -> list:
+        """The tensors a forward of `rows` rows reads (a decode step's bytes, generate.py)."""
+        unit_scales = [self.unit_scales] if self.cpu_kernel and rows <= CPU_INT8_MAX_ROWS else []
+        return [*self.parameters(recurse=False), *unit_scales]
 
     def use_cpu_kernel(self):
         """Route inputs of up to CPU_INT8_MAX_ROWS rows to aten._weight_int8pack_mm (CPU tensors,
@@ -1639,6 +1644,14 @@ class Int4Linear(nn.Module):
         """Inputs of this many rows go to the op use_kernel() packed the weights for."""
         return self.kernel is not None and (self.kernel_max_rows is None
                                             or rows <= self.kernel_max_rows)
+
+    def weights_read(self, rows: int) -> list:
+        """The tensors a forward of `rows` rows reads (a decode step's bytes, generate.py): the
+        kernel's packed copy where it serves them, else the parameters."""
+        if self.kernel_serves(rows):
+            bias = [] if self.bias is None else [self.bias]
+            return [self.packed, self.scales_and_zeros, *bias]
+        return list(self.parameters(recurse=False))
 
     def dequantize(self) -> Tensor:
         """The weights as float32 (N, K), padding dropped: the reference for the kernels."""

@@ -9,14 +9,15 @@ config it builds random-weight models (they decode at exactly the speed of real 
 and in each of --precisions, quantized by quantize.py's code (generate.py --random_quantization
 builds the same), and times generate.py's loop on a 5-token prompt. The precisions take turns,
 one sample each per round, so that a machine whose speed drifts (other work, clock changes) slows
-them alike; the table gives each one's median over --rounds rounds and its ratio to float32's
-median.
+them alike; the table gives each one's median over --rounds rounds, the spread of its samples
+and its ratio to float32's median.
 
-Columns: decode tok/s (new tokens after the first / time after the first token, batch 1); GB read
-per step (the weights, an untied embedding table aside, of which a step reads the looked-up rows;
-the KV cache is a few MB here and left out); GB/s (those bytes x steps per second) and its share of
-the machine's copy bandwidth (a 1 GiB memory copy, bytes read + written per second, in the same
-process and the same threads).
+Columns: decode tok/s (new tokens after the first / time after the first token, batch 1) and its
+slowest and fastest sample; GB read per step (generate.bytes_read_per_step: the tensors each
+layer's kernel reads, such as an int4 layer's copy packed for the CPU kernel, but no untied
+embedding table, of which a step reads the looked-up rows; the KV cache is a few MB here and left
+out); GB/s (those bytes x steps per second) and its share of the machine's copy bandwidth (a 1 GiB
+memory copy, bytes read + written per second, in the same process and the same threads).
 """
 import argparse
 import gc
@@ -56,11 +57,6 @@ def build(name: str, precision: str):
     return tp.random_shard(name, precision, 1, torch.device("cpu"), torch.float32)
 
 
-def bytes_per_step(model) -> int:
-    weights = sum(p.nbytes for p in model.parameters())
-    return weights if model.args.tie_embeddings else weights - model.tok_embeddings.weight.nbytes
-
-
 def bench_model(name: str, precisions: list, rounds: int, new_tokens: int, compiled: bool,
                 bar) -> list:
     """Rows of one named config: float32 first, then each precision."""
@@ -76,6 +72,7 @@ def bench_model(name: str, precisions: list, rounds: int, new_tokens: int, compi
         model.setup_caches(1, PROMPT_TOKENS + new_tokens)
         # untimed: first-call costs, and the compile
         generate.generate(model, prompt, 4, generate.Sampling(), decode_fn=decode[precision])
+        bar.update(1)
     for _ in range(rounds):
         for precision, model in models.items():
             gen = generate.generate(model, prompt, new_tokens, generate.Sampling(),
@@ -86,26 +83,29 @@ def bench_model(name: str, precisions: list, rounds: int, new_tokens: int, compi
     rows = []
     for precision, model in models.items():
         tok_s = statistics.median(samples[precision])
+        step_bytes = generate.bytes_read_per_step(model, 1)
         rows.append(dict(model=name, precision=precision, tok_s=tok_s, vs_float32=tok_s / base,
-                         gb_per_step=bytes_per_step(model) / 1e9,
-                         gb_s=bytes_per_step(model) * tok_s / 1e9, samples=samples[precision]))
+                         gb_per_step=step_bytes / 1e9, gb_s=step_bytes * tok_s / 1e9,
+                         samples=samples[precision]))
     del models
     gc.collect()
     return rows
 
 
 def markdown(result: dict) -> str:
-    lines = ["| model | precision | decode tok/s | × float32 | GB read per step | GB/s "
-             "| share of copy |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | precision | decode tok/s | min–max | × float32 | GB read per step "
+             "| GB/s | share of copy |", "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['model']} | {r['precision']} | {r['tok_s']:.1f} | "
+                     f"{min(r['samples']):.1f}–{max(r['samples']):.1f} | "
                      f"{r['vs_float32']:.2f} | {r['gb_per_step']:.3f} | {r['gb_s']:.1f} | "
                      f"{r['gb_s'] / result['copy_gb_s']:.0%} |")
     return "\n".join(lines)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = ArgumentParser(description="CPU decode speed of int8 / int4 against float32")
+    p = ArgumentParser(description="CPU decode speed of the quantized formats (int8, int4, fp8) "
+                       "against float32")
     p.add_argument("--models", nargs="+", default=["SmolLM2-135M"],
                    help="named configs of checkpoint.py (default: SmolLM2-135M)")
     p.add_argument("--precisions", nargs="+", default=list(PRECISIONS),
@@ -141,8 +141,9 @@ def main(argv=None):
     result = dict(cpu=torch.backends.cpu.get_cpu_capability(), threads=args.threads,
                   torch=torch.__version__, compiled=args.compile,
                   copy_gb_s=copy_bandwidth_gb_s(), rows=[])
-    with tqdm(total=len(args.models) * (1 + len(args.precisions)) * args.rounds, desc="samples",
-              disable=None) as bar:
+    # each model's untimed (compiling) run, then its samples
+    runs = len(args.models) * (1 + len(args.precisions)) * (1 + args.rounds)
+    with tqdm(total=runs, desc="runs", disable=None) as bar:
         for name in args.models:
             result["rows"] += bench_model(name, args.precisions, args.rounds, args.new_tokens,
                                           args.compile, bar)

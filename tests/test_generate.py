@@ -261,6 +261,19 @@ def generate_here(capsys, checkpoint: Path, *flags) -> tuple[str, str]:
     return out.out, out.err
 
 
+
+def test_no_prompt_flag_prints_and_answers_the_default_prompt(smollm2_checkpoint, capsys):
+    """Without --prompt the run is that of --prompt DEFAULT_PROMPT: the prompt, then its answer."""
+    flags = ["--checkpoint_path", str(smollm2_checkpoint), "--device", "cpu", "--max_new_tokens",
+             "4", "--temperature", "0"]
+    outputs = []
+    for prompt in ([], ["--prompt", G.DEFAULT_PROMPT]):
+        capsys.readouterr()
+        G.main(flags + prompt)
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+    assert outputs[0].startswith(G.DEFAULT_PROMPT) and len(outputs[0]) > len(G.DEFAULT_PROMPT) + 1
+
 def test_new_tokens_past_the_context_are_cut_to_what_fits_with_a_note(tiny_checkpoint, tmp_path,
                                                                        capsys):
     context = CONTEXT

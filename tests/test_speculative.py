@@ -5,6 +5,7 @@ probabilities), the compiled functions, and the command line with its errors."""
 import argparse
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -366,6 +367,26 @@ def test_bad_speculation_input_gives_one_error_line(args, words, smollm2_checkpo
     with pytest.raises(InputError) as e:
         generate_main(["--device", "cpu", *[str(paths.get(a, a)) for a in args]])
     assert_one_error_line(f"error: {e.value}", *words)
+
+
+def test_the_memory_check_counts_a_draft_models_kv_cache_too(smollm2_checkpoint, monkeypatch, capsys):
+    """A draft model allocates a KV cache as long as the target's: the check before any weights load counts both.
+    Prompt lookup, with no draft model, fits in the same memory."""
+    config = read_checkpoint(smollm2_checkpoint).args
+    # 4 prompt tokens, 4 new ones and the 3 slots a round of k = 4 may write past them: 11, rounded up to 16 slots;
+    # keys and values in float32
+    target_cache = 2 * config.n_layer * config.n_kv_heads * 16 * config.head_dim * 4
+    free_pages, sysconf = target_cache * 3 // 2 // os.sysconf("SC_PAGE_SIZE"), os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda name: free_pages if name == "SC_AVPHYS_PAGES"
+                        else sysconf(name))
+    flags = ["--checkpoint_path", str(smollm2_checkpoint), "--prompt_tokens", "4", "--max_new_tokens", "4",
+             "--speculate_k", "4", "--device", "cpu"]
+    generate_main([*flags, "--speculate_ngram", "2"])
+    capsys.readouterr()
+    with pytest.raises(InputError) as e:
+        generate_main([*flags, "--draft_checkpoint_path", str(smollm2_checkpoint)])
+    assert_one_error_line(f"error: {e.value}", "KV cache", "the draft model's included")
+    assert "Loaded" not in capsys.readouterr().err
 
 
 @pytest.mark.slow
