@@ -425,11 +425,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stride", type=int, default=None, help="perplexity: new tokens scored per "
                    "window after the first (default: half of --max_seq_length, so every token sees "
                    "at least half a context)")
-    p.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--batch_size", type=int, default=8,
+                   help="sequences per forward pass (default 8)")
     p.add_argument("--compile", action="store_true",
                    help="compile the forward pass (dynamic shapes) and the decode step")
     p.add_argument("--output", type=Path, help="write the results to this JSON file")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the model runs (default: cuda when there is a GPU, else cpu)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                    help="weights and activations (default: bfloat16 on GPU, float32 on CPU)")
     return p.parse_args(argv)

@@ -45,6 +45,7 @@ needs no GPU: `--merge all.json --plot all.png` plots a finished run anywhere.
 """
 import argparse
 import gc
+import importlib.util
 import itertools
 import json
 import os
@@ -66,8 +67,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import generate  # noqa: E402
 import kernels  # noqa: E402
 import tp  # noqa: E402
-from checkpoint import (CONFIGS, ArgumentParser, InputError, check_output, random_model,  # noqa: E402
-                        read_json, write_files)
+from checkpoint import (CONFIGS, ArgumentParser, InputError, check_output,  # noqa: E402
+                        check_output_folder, random_model, read_json, write_files)
 from model import ModelArgs  # noqa: E402
 
 DEVICE = "cuda"  # the benchmark is for GPUs; tests point it at the CPU to check the code path
@@ -143,9 +144,10 @@ def check_cell(cell: Cell, prompt_tokens: int = PROMPT_TOKENS):
 def cells_from_args(args) -> list:
     if args.suite is not None:
         parts = SUITES[args.suite]
-        if not 0 <= args.part < len(parts):
+        part = args.part or 0
+        if not 0 <= part < len(parts):
             raise InputError(f"--part must be in 0..{len(parts) - 1} for suite {args.suite!r}")
-        specs = parts[args.part]
+        specs = parts[part]
     elif args.cells is not None:
         specs = args.cells
     else:
@@ -213,13 +215,7 @@ def measure_decode(model, cell: Cell, samples: int, prefill_fn, decode_fn, promp
     t0 = time.perf_counter()
     run(min(cell.new_tokens, WARMUP_TOKENS))
     compile_s = time.perf_counter() - t0
-    # A step reads every weight once, except an untied embedding table, of which it reads the looked-up rows,
-    # and the experts no token chose.
-    weight_bytes = sum(p.nbytes for p in model.parameters())
-    if not model.args.tie_embeddings:
-        weight_bytes -= model.tok_embeddings.weight.nbytes
-    if model.args.n_experts:
-        weight_bytes -= generate.unchosen_expert_bytes(model, cell.batch_size)
+    weight_bytes = generate.bytes_read_per_step(model, cell.batch_size)
     kv_bytes = kv_bytes_per_step(model, cell.batch_size, prompt_tokens, cell.new_tokens)
     # generate.metrics turns "bytes read per step" into GB/s: here the weights and the filled KV cache.
     results = [generate.metrics(run(cell.new_tokens), weight_bytes + kv_bytes, device) for _ in range(samples)]
@@ -334,8 +330,7 @@ def compile_caches(folder: Optional[str]):
 
 def run_benchmark(args):
     cells = cells_from_args(args)
-    if args.plot:
-        require_matplotlib()  # before minutes of GPU work, not after
+    check_plot(args.plot, {cell.batch_size for cell in cells})  # before minutes of GPU work
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise InputError("the benchmark needs a CUDA GPU, and this PyTorch sees none (--merge works anywhere)")
     card = generate.device_name(torch.device(DEVICE))
@@ -476,12 +471,15 @@ def checks_markdown(checks: list) -> str:
     return "\n".join(lines)
 
 
-def require_matplotlib():
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+def check_plot(path: Optional[Path], batch_sizes: set):
+    """Refuse before the work a --plot that cannot be drawn (no matplotlib, no batch-1 cell)."""
+    if path is None:
+        return
+    if importlib.util.find_spec("matplotlib") is None:
         raise InputError("--plot needs matplotlib, a bench-only extra (pip install matplotlib), "
-                         "or plot elsewhere later: bench.py --merge RESULT.json --plot FILE.png") from None
+                         "or plot elsewhere later: bench.py --merge RESULT.json --plot FILE.png")
+    if 1 not in batch_sizes:
+        raise InputError("--plot draws batch-1 decode speeds, and no cell here has batch size 1")
 
 
 def plot(result: dict, path: Path):
@@ -491,8 +489,7 @@ def plot(result: dict, path: Path):
     matplotlib.use("Agg")  # no display on a benchmark machine
     import matplotlib.pyplot as plt
     rows = [r for r in result["rows"] if r["batch_size"] == 1]
-    if not rows:
-        raise InputError("--plot: no batch-1 rows to plot")
+    assert rows, "check_plot refuses a plot without batch-1 rows"
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for ax, name in zip(axes[0], models):
@@ -533,9 +530,8 @@ def report(result: dict, args):
 
 
 def run_merge(args):
-    if args.plot:
-        require_matplotlib()
     result = merge([read_result(p) for p in args.merge])
+    check_plot(args.plot, {row["batch_size"] for row in result["rows"]})
     if args.out:
         generate.write_json(args.out, result)
     report(result, args)
@@ -552,13 +548,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     cells.add_argument("--max_new_tokens", nargs="+", type=int, help="tokens generated per row (default 200; e.g. 200 4000)")
     cells.add_argument("--cells", nargs="+", metavar="MODEL:PRECISION:BATCH:NEW_TOKENS", help="exactly these cells")
     cells.add_argument("--suite", choices=SUITES, help="a predefined list of cells split into parts (bench_all.sh)")
-    cells.add_argument("--part", type=int, default=0, help="which part of --suite this process runs")
-    p.add_argument("--samples", type=int, default=5, help="timed samples per cell (after one untimed compiling run)")
-    p.add_argument("--long_samples", type=int, default=2, help=f"timed samples of cells of more than {LONG_CELL} new tokens")
+    cells.add_argument("--part", type=int, help="which part of --suite to run (default 0)")
+    p.add_argument("--samples", type=int, default=5,
+                   help="timed samples per cell, after one untimed compiling run (default 5)")
+    p.add_argument("--long_samples", type=int, default=2,
+                   help=f"timed samples of cells of more than {LONG_CELL} new tokens (default 2)")
     p.add_argument("--prompt_tokens", type=int, default=PROMPT_TOKENS,
                    help=f"prompt length of the decode samples (default {PROMPT_TOKENS}; a server's "
                         "prompt length: a static batch doing its rows' work)")
-    p.add_argument("--prefill_tokens", type=int, default=2048, help="prompt length of the prefill measurement (0: skip it)")
+    p.add_argument("--prefill_tokens", type=int, default=2048,
+                   help="prompt length of the prefill measurement (default 2048; 0: skip it)")
     p.add_argument("--compile_prefill", action="store_true", help="compile the prefill (default: eager, as generate.py)")
     p.add_argument("--second_compile", action="store_true", help="also time the first cell's compile in a fresh process with warm caches")
     p.add_argument("--skip_kernel_checks", action="store_true", help="don't run kernels.check_kernels first")
@@ -577,12 +576,17 @@ def check_args(args):
     """Reject bad combinations up front, each with one clear sentence (raised as InputError)."""
     lists = [flag for flag in ("models", "precisions", "batch_sizes", "max_new_tokens") if getattr(args, flag)]
     ways = bool(lists) + (args.cells is not None) + (args.suite is not None)
-    if args.merge and ways:
+    if args.merge and (ways or args.part is not None):
         raise InputError("--merge combines finished results: give it no cells")
     if ways > 1:
         raise InputError("give the cells one way: --models/--precisions/--batch_sizes/--max_new_tokens, --cells, or --suite")
     if min(args.samples, args.long_samples, args.prompt_tokens) < 1 or args.prefill_tokens < 0:
         raise InputError("--samples, --long_samples and --prompt_tokens must be >= 1, --prefill_tokens >= 0")
+    if args.part is not None and args.suite is None:
+        raise InputError("--part picks a part of --suite: give --suite too")
+    if args.cache_dir is not None:
+        # a folder compiling can write into; force: what it already holds is no concern
+        check_output_folder(Path(args.cache_dir), "--cache_dir", force=True)
     written = []
     for flag in ("out", "markdown", "plot"):
         if getattr(args, flag) is not None:

@@ -80,11 +80,18 @@ def paths(layers: list, rows: int):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="Llama-2-7B", choices=CONFIGS)
+    p.add_argument("--model", default="Llama-2-7B", choices=CONFIGS,
+                   help="named config of checkpoint.py whose layers are timed (default Llama-2-7B)")
     p.add_argument("--precisions", nargs="+",
-                   default=["bf16", "int8", "int4.g128", "int4.g32", "fp8"])
-    p.add_argument("--rows", nargs="+", type=int, default=[1, 8, 32, 2048])
-    p.add_argument("--repeats", type=int, default=10)
+                   default=["bf16", "int8", "int4.g128", "int4.g32", "fp8"],
+                   help="bf16, int8, int4.gG, fp8 or fp8-scaled_mm, as in bench.py (default: bf16 "
+                   "int8 int4.g128 int4.g32 fp8)")
+    p.add_argument("--rows", nargs="+", type=int, default=[1, 8, 32, 2048],
+                   help="rows a pass runs through each layer: a decode batch or a prompt's tokens "
+                   "(default: 1 8 32 2048)")
+    p.add_argument("--repeats", type=int, default=10,
+                   help="timed passes per precision and row count; the median is reported "
+                   "(default 10)")
     args = p.parse_args(argv)
     for precision in args.precisions:
         parse_precision(precision)  # unknown ones fail before anything is built

@@ -1,5 +1,6 @@
-"""The cost model of speculative decoding on a GPU: one target verify of k + 1 tokens against one plain decode step,
-and one draft step, from which the expected speedup at any acceptance rate follows.
+"""The cost model of speculative decoding on a GPU: one target verify of k + 1 tokens against one
+plain decode step, and one draft step, from which the expected speedup at any acceptance rate
+follows.
 
     python scripts/bench_speculative.py --out bench_speculative.json
 
@@ -123,19 +124,30 @@ def speedup_table(rows: list, target: str) -> list:
 
 
 def main(argv=None):
-    p = ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--target", default="Llama-2-7B", help="model.py config of the target (bfloat16)")
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--target", default="Llama-2-7B",
+                   help="the target: a named config of checkpoint.py, in bf16 (default Llama-2-7B)")
     p.add_argument("--drafts", nargs="+", default=["Llama-2-7B:int4.g128", "TinyLlama-1.1B:bf16"],
-                   help="NAME:PRECISION of each draft (precisions as in bench.py)")
-    p.add_argument("--ks", nargs="+", type=int, default=[4, 2, 8], help="drafts per round to time the verify for, the "
-                   "first before the drafts (each k is one more compiled graph: 1-1.5 min for a 7B target on an H100)")
-    p.add_argument("--position", type=int, default=256, help="cache slot of the timed step")
-    p.add_argument("--cache_length", type=int, default=512, help="cache slots (the verify attends over all of them)")
-    p.add_argument("--repeats", type=int, default=50)
-    p.add_argument("--time_budget_s", type=float, default=420, help="start no new measurement after this many seconds")
-    p.add_argument("--device", default="cuda")
+                   help="NAME:PRECISION of each draft, precisions as in bench.py "
+                   "(default: Llama-2-7B:int4.g128 TinyLlama-1.1B:bf16)")
+    p.add_argument("--ks", nargs="+", type=int, default=[4, 2, 8],
+                   help="drafts per round to time the verify for, the first before the drafts "
+                   "(default: 4 2 8; each k is one more compiled graph: 1-1.5 min for a 7B target "
+                   "on an H100)")
+    p.add_argument("--position", type=int, default=256,
+                   help="cache slot of the timed step (default 256)")
+    p.add_argument("--cache_length", type=int, default=512,
+                   help="cache slots, which the verify attends over (default 512)")
+    p.add_argument("--repeats", type=int, default=50,
+                   help="timed calls per step; the median is reported (default 50)")
+    p.add_argument("--time_budget_s", type=float, default=420,
+                   help="start no new measurement after this many seconds (default 420)")
+    p.add_argument("--device", default="cuda",
+                   help="where the models run (default cuda; a CPU only with --eager)")
     p.add_argument("--eager", action="store_true", help="no torch.compile (to check the script on a CPU)")
-    p.add_argument("--out", type=Path, default=Path("bench_speculative.json"))
+    p.add_argument("--out", type=Path, default=Path("bench_speculative.json"),
+                   help="the JSON result, rewritten after each measurement "
+                   "(default bench_speculative.json)")
     args = p.parse_args(argv)
     if min(args.ks) < 1 or args.position < 0 or args.repeats < 1:
         raise InputError("--ks and --repeats must be >= 1, --position >= 0")

@@ -463,7 +463,7 @@ def run(opts) -> tuple[dict, list]:
 
 
 def main(argv=None):
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint_dir", type=Path, required=True,
                         help="where the gpt-blitz checkpoint goes, e.g. checkpoints/REPO")
     parser.add_argument("--hf_dir", type=Path, default=None,

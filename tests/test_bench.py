@@ -222,6 +222,7 @@ def test_no_gpu_is_one_error_line(tmp_path, capsys, monkeypatch):
     (["--merge", "{tmp}/missing.json"], ["missing.json"]),
     (["--merge", "{tmp}/other.json"], ["not a bench.py result", "kernel_checks"]),
     (["--merge", "{tmp}/other.json", "--cells", "stories15M:bf16"], ["give it no cells"]),
+    (["--merge", "{tmp}/other.json", "--part", "1"], ["give it no cells"]),
     (["--markdown", "{tmp}/no/such/folder/r.md"], ["--markdown", "folder", "does not exist"]),
     (["--merge", "{tmp}/r.json"], ["--out", "another file of this run"]),  # --out r.json: its input
     (["--markdown", "{tmp}/r.json"], ["--markdown", "another file of this run"]),  # and --out's
@@ -231,6 +232,39 @@ def test_bad_input_is_one_error_line(argv, words, bench, tmp_path, capsys):
     code, _, err = run_main(bench, [a.format(tmp=tmp_path) for a in argv] + ["--out", tmp_path / "r.json"], capsys)
     assert code == 1
     assert_one_error_line(err, *words)
+
+
+@pytest.fixture
+def unmeasured(bench, monkeypatch):
+    """The CPU benchmark, failing the test if it measures or builds anything."""
+    monkeypatch.setattr(bench, "copy_bandwidth_gb_s", lambda: pytest.fail("measured, then refused"))
+    monkeypatch.setattr(bench, "build", lambda *_: pytest.fail("built a model, then refused"))
+    return bench
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--cells", "stories15M:bf16:2:4", "--plot", "{tmp}/p.png"], ["--plot", "batch size 1"]),
+    (["--cells", "stories15M:bf16:1:4", "--part", "1"], ["--part", "--suite"]),
+    (["--cells", "stories15M:bf16:1:4", "--cache_dir", "{tmp}/file"], ["--cache_dir", "is a file"]),
+])
+def test_bad_flags_are_refused_before_anything_is_measured(argv, words, unmeasured, tmp_path,
+                                                            capsys):
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "r.json"
+    argv = [a.format(tmp=tmp_path) for a in argv] + ["--out", out]
+    code, _, err = run_main(unmeasured, argv, capsys)
+    assert code == 1
+    assert_one_error_line(err, *words)
+    assert not out.exists()
+
+
+def test_plot_without_matplotlib_is_refused_before_anything_is_measured(unmeasured, tmp_path,
+                                                                        capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    argv = ["--cells", "stories15M:bf16:1:4", "--plot", tmp_path / "p.png"]
+    code, _, err = run_main(unmeasured, argv + ["--out", tmp_path / "r.json"], capsys)
+    assert code == 1
+    assert_one_error_line(err, "--plot needs matplotlib", "pip install matplotlib")
 
 
 # ---- merging several processes' results ----------------------------------------------------------------
@@ -303,9 +337,23 @@ def test_plot_without_matplotlib_is_one_error_line(two_results, bench, tmp_path,
     assert not (tmp_path / "p.png").exists()
 
 
+def test_merge_refuses_a_plot_without_batch_1_rows_before_writing_anything(two_results, tmp_path,
+                                                                           capsys):
+    result = json.loads(two_results[1].read_text())
+    batch_2 = tmp_path / "batch2.json"
+    rows = [r for r in result["rows"] if r["batch_size"] == 2]
+    batch_2.write_text(json.dumps(dict(result, rows=rows)))
+    out = tmp_path / "all.json"
+    argv = ["--merge", batch_2, "--out", out, "--plot", tmp_path / "p.png"]
+    code, _, err = run_main(load_script("bench"), argv, capsys)
+    assert code == 1
+    assert_one_error_line(err, "--plot", "batch size 1")
+    assert not out.exists()
+
+
 # ---- the whole matrix (scripts/bench_all.sh) ----------------------------------------------------------
 
-def test_suite_all_is_the_issue_matrix_in_four_parts(bench):
+def test_suite_all_is_the_benchmark_matrix_in_four_parts(bench):
     parts = bench.SUITES["all"]
     specs = [spec for part in parts for spec in part]
     cells = {bench.Cell.parse(s) for s in specs}
@@ -317,7 +365,8 @@ def test_suite_all_is_the_issue_matrix_in_four_parts(bench):
     assert len(parts) == 4 and len(specs) == len(cells) and cells == wanted
     for spec in (spec for suite in bench.SUITES.values() for part in suite for spec in part):
         bench.check_cell(bench.Cell.parse(spec))  # every suite's cells can run (bench_all.sh --quick's too)
-    assert parts[0][0] == f"{L2}:bf16:1:200"  # the second compile (bench_all.sh, part 0) times the issue's bf16 cell
+    # the second compile (bench_all.sh, part 0) times the headline bf16 cell
+    assert parts[0][0] == f"{L2}:bf16:1:200"
 
 
 def test_bench_all_without_four_gpus_is_one_error_line(tmp_path):
