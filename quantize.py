@@ -34,10 +34,11 @@ most sensitive to rounding: every mode quantizes it to int8 per channel by defau
 which costs next to nothing in accuracy; it can also stay in float or take the mode of the other
 layers.
 
-Files go next to the input unless --out says otherwise: model_int8.pth, model_int4.g32.pth,
-model_int4-gptq.g128.pth, model_fp8.pth (plain tensors, torch.save; loaded with weights_only=True),
-each with a sidecar config of the same stem (model_int8.json): the ModelArgs fields plus a
-"quantization" record, so that nothing is guessed from the file name. Both are written as one set.
+Files go next to the input unless --out says otherwise (another folder also gets copies of the
+tokenizer files): model_int8.pth, model_int4.g32.pth, model_int4-gptq.g128.pth, model_fp8.pth
+(plain tensors, torch.save; loaded with weights_only=True), each with a sidecar config of the same
+stem (model_int8.json): the ModelArgs fields plus a "quantization" record, so that nothing is
+guessed from the file name. They are written as one set.
 """
 import argparse
 import json
@@ -57,8 +58,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from checkpoint import (TOKENIZER_FILES, WEIGHT_FILES, ArgumentParser, Checkpoint, InputError,
-                        WeightsFile, check_device, check_tensors, check_writable, empty_model,
-                        read_checkpoint, write_files)
+                        WeightsFile, check_device, check_tensors, check_writable, copier,
+                        empty_model, read_checkpoint, write_files)
 from kernels import (FORMAT, FP8_MAX, GROUPSIZES, INT4_MODES, int4_dequantize, int4_padded_k,
                      layer_mode, record_padding)
 from model import (Experts, KVCache, ModelArgs, RMSNorm, Rows, Transformer, TransformerBlock,
@@ -478,8 +479,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path,
                    help="output weights file, a .pth (default: model_MODE.pth or "
                    "model_MODE.gSIZE.pth beside the input); its config goes beside it with "
-                   "the same stem and .json. Keep it in the checkpoint folder, where the "
-                   "tokenizer is")
+                   "the same stem and .json; in another folder, the checkpoint's tokenizer "
+                   "files are copied beside it")
     gptq = p.add_argument_group("int4-gptq", "GPTQ (Frantar et al. 2022) quantizes one transformer "
                                 "block at a time: memory holds one block's float weights and the "
                                 "calibration activations, never the whole float model")
@@ -572,6 +573,23 @@ def output_path(args, ckpt: Checkpoint) -> Path:
     return out
 
 
+def tokenizer_copies(ckpt: Checkpoint, out: Path) -> dict:
+    """The checkpoint's tokenizer files to write beside an --out in another folder, so that the
+    quantized file loads with its tokenizer ({name: writer}); refused before any work where that
+    folder holds a tokenizer file of its own that differs."""
+    if out.parent.resolve() == ckpt.folder.resolve():
+        return {}
+    copies = {}
+    for name in TOKENIZER_FILES:
+        source, there = ckpt.folder / name, out.parent / name
+        if there.exists() and not (source.is_file() and there.read_bytes() == source.read_bytes()):
+            raise InputError(f"--out {out}: its folder holds a {name} that is not the "
+                             "checkpoint's; write into the checkpoint's folder or another one")
+        if source.is_file() and not there.exists():
+            copies[name] = copier(source)
+    return copies
+
+
 def read_calibration(args, folder: Path) -> tuple[Tensor, str]:
     """The calibration token ids (samples, seq_len) for GPTQ and the name of their source."""
     if args.calibration_file is None:
@@ -600,6 +618,7 @@ def run(args):
         raise InputError("int4-gptq does not calibrate a mixture of experts (each expert would "
                          "need the tokens routed to it): use --mode int4, int8 or fp8")
     out = output_path(args, ckpt)
+    tokenizer_files = tokenizer_copies(ckpt, out)
     source = WeightsFile(ckpt.weights)
     if args.mode == "int4-gptq":
         if args.calibration_seq_len > ckpt.args.block_size:
@@ -626,7 +645,8 @@ def run(args):
     quantization["source"] = ckpt.weights.name
     config = json.dumps({**asdict(qconfig), "quantization": quantization}, indent=2) + "\n"
     write_files(out.parent, {out.name: lambda tmp: torch.save(state_dict, tmp),
-                             out.with_suffix(".json").name: lambda tmp: tmp.write_text(config)})
+                             out.with_suffix(".json").name: lambda tmp: tmp.write_text(config),
+                             **tokenizer_files})
     for pattern, (k, k_pad) in {re.sub(r"\.\d+\.", ".*.", name): ks
                                 for name, ks in quantization["padded"].items()}.items():
         print(f"padded: {pattern} K {k} -> {k_pad}")

@@ -596,6 +596,11 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
         except APIError as refused:
             return refused.response()
         errors = e.errors()
+        media = request.headers.get("content-type", "").split(";")[0].strip()
+        if errors[0]["loc"][:1] == ("body",) and not media.endswith(("/json", "+json")):
+            # FastAPI reads no other body as JSON: curl -d without -H sends a form
+            return APIError(400, "send the body as JSON, with the header Content-Type: "
+                            "application/json", "invalid_json").response()
         if errors[0]["type"] == "json_invalid":
             return APIError(400, f"the body is not valid JSON ({errors[0]['ctx']['error']})",
                             "invalid_json").response()
@@ -890,6 +895,10 @@ def main(argv=None):
     app = make_app(scheduler, tokenizer, model_id, context, args.api_key, page)
     # uvicorn finishes the open responses on SIGTERM, then raises the signal again: exit 0 then.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # uvicorn names no address for a socket it is given: say where (--port 0 picks a free one)
+    host, port = listener.getsockname()[:2]
+    print(f"serving {model_id} at http://{f'[{host}]' if ':' in host else host}:{port}/v1 (the "
+          "chat page at /) once the warm-up ends", file=sys.stderr, flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[listener])
 
 

@@ -2,7 +2,7 @@
 seconds: its JSON result counts every request once (those the server refuses as failed, by
 status), its percentiles are ordered, its token counts are the server's. Bad input is one line.
 The refused requests are counted against server.py's app in this process, its scheduler held until
-every request has arrived (tests/test_server.py's stepped_server). Nothing here asserts a speed."""
+every request has arrived (tests/stepped_server.py). Nothing here asserts a speed."""
 import json
 
 import pytest
@@ -78,7 +78,7 @@ def test_load_test_counts_the_requests_the_server_refuses(load_test, tmp_path):
     scheduler takes no step from the first of them until all 8 have arrived: 5 are taken, 3 hear
     429 (queue full), and the report says so. Its answers never end before max_tokens."""
     from concurrent.futures import ThreadPoolExecutor
-    from test_server import never_ending, stepped_server, wait_until
+    from stepped_server import never_ending, stepped_server, wait_until
     out = tmp_path / "load.json"
     with stepped_server(*never_ending(ROWS), max_queue=QUEUE) as (url, gate):
         with ThreadPoolExecutor(1) as pool:

@@ -529,7 +529,8 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(args, words, tiny_che
     (["--mode", "int4-gptq", "--groupsize", "48"], "--groupsize must be one of 32, 64, 128, 256"),
     (["--mode", "int4-gptq", "--damp", "-0.1"], "--damp must be a finite number >= 0, got -0.1"),
     (["--mode", "int4-gptq", "--calibration_seq_len", "0"], "must be at least 1"),
-    (["--mode", "int4-gptq", "--device", "gpu"], "--device gpu: not usable on this machine"),
+    (["--mode", "int4-gptq", "--device", "gpu"], "--device gpu: not a device name (cpu, cuda"),
+    (["--mode", "int4-gptq", "--device", "mps"], "--device mps: this PyTorch cannot use a mps"),
     (["--output_layer", "int4"], "--output_layer 'int4': choose one of int8, float (with --mode "
                                  "int8)"),
     (["--mode", "fp8", "--output_layer", "fp16"], "choose one of int8, float, fp8"),
@@ -587,6 +588,35 @@ def test_quantize_refuses_an_output_over_the_source_checkpoint(tiny_checkpoint, 
     assert set(snapshot(tmp_path)) - set(before) == {"float_int8.pth", "float_int8.json"}
     assert read_checkpoint(tmp_path / "float_int8.pth").quantization["source"] == "float.pth"
 
+
+
+def test_an_output_in_another_folder_gets_the_tokenizer_files(tiny_checkpoint, smollm2_checkpoint,
+                                                              tmp_path, capsys):
+    """--out in a folder of its own: the quantized file, its config and copies of the checkpoint's
+    tokenizer files, written as one set, so that it loads as a checkpoint with its tokenizer. A
+    folder holding another tokenizer is refused before any work, and left as it was."""
+    from tokenizer import load_tokenizer
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_checkpoint[0] / name, source / name)
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json")
+    for name in tokenizer_files:
+        shutil.copy(smollm2_checkpoint / name, source / name)
+    apart = tmp_path / "apart"
+    apart.mkdir()
+    Q.main(["--checkpoint_path", str(source), "--mode", "int8", "--out", str(apart / "q.pth")])
+    assert {p.name for p in apart.iterdir()} == {"q.pth", "q.json", *tokenizer_files}
+    for name in tokenizer_files:
+        assert (apart / name).read_bytes() == (source / name).read_bytes()
+    assert read_checkpoint(apart / "q.pth").quantization["mode"] == "int8"
+    assert load_tokenizer(apart).encode("Paris") == load_tokenizer(source).encode("Paris")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "tokenizer_config.json").write_text("{}")
+    quantize_error(["--checkpoint_path", source, "--mode", "int8", "--out", other / "q.pth"],
+                   capsys, "holds a tokenizer_config.json that is not the checkpoint's")
+    assert [p.name for p in other.iterdir()] == ["tokenizer_config.json"]
 
 # ---- 4 + 6. the real model: generate.py on a quantized file, perplexity per mode ---------------
 
