@@ -898,7 +898,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="sample among the k most likely tokens (default 200)")
     p.add_argument("--top_p", type=float, default=None,
                    help="nucleus sampling: keep the smallest set of tokens with this much "
-                   "probability")
+                   "probability (default: off)")
     p.add_argument("--seed", type=int, default=1234, help="random seed (default 1234)")
     p.add_argument("--profile", type=Path,
                    help="write a torch.profiler trace of the last sample to this path")

@@ -821,7 +821,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="prompt tokens prefilled with each decode step (with --compile every "
                    "step that carries a prompt computes this many): bounds how much a new "
                    "request slows the others' steps; larger chunks bring a prompt's first "
-                   "token sooner but slow the steps that carry them (default 32)")
+                   "token sooner but slow the steps that carry them (default 32; at most "
+                   "--max_seq_length)")
     args, unknown = p.parse_known_args(argv)
     if any(a.split("=")[0] in SPECULATION_FLAGS for a in unknown):
         raise InputError("the server does not do speculative decoding (it proposes tokens for one "

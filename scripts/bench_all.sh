@@ -22,6 +22,10 @@ fi
 # while the others time their decode loops (in one such run an int8 cell measured 12 % below its reruns).
 export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(( $(nproc) / PARTS ))}
 OUT=${1:-bench_out}
+if [[ "$OUT" == -* || $# -gt 1 ]]; then  # a flag where the output folder goes: not a folder to make
+  echo "error: usage: bash scripts/bench_all.sh [--quick] [OUT_DIR]" >&2
+  exit 1
+fi
 
 gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())') || exit 1
 if (( gpus < PARTS )); then

@@ -7,8 +7,9 @@
 set -euo pipefail
 
 if [ "$#" -ne 1 ]; then
-    echo "usage: bash scripts/prepare.sh REPO_ID   (e.g. meta-llama/Llama-2-7b-chat-hf)" >&2
-    exit 2
+    echo "error: give one Hugging Face repo id: bash scripts/prepare.sh REPO_ID (e.g." \
+        "meta-llama/Llama-2-7b-chat-hf)" >&2
+    exit 1
 fi
 REPO="$1"
 PYTHON="${PYTHON:-python}"

@@ -377,6 +377,15 @@ def test_bench_all_without_four_gpus_is_one_error_line(tmp_path):
     assert_one_error_line(r.stderr, "4 GPUs", "--quick")
 
 
+@pytest.mark.parametrize("args", [["--help"], ["out", "more"]])
+def test_bench_all_refuses_a_flag_or_a_second_folder_in_one_line(args):
+    r = subprocess.run(["bash", "scripts/bench_all.sh", *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 1
+    assert_one_error_line(r.stderr, "usage: bash scripts/bench_all.sh [--quick] [OUT_DIR]")
+    assert not (ROOT / args[0]).exists()
+
+
 def test_layer_benchmark_times_bf16_single_rows_by_cublas_and_by_the_gemv(monkeypatch):
     import torch.nn as nn
     import kernels

@@ -421,7 +421,8 @@ def test_prepare_stops_when_download_fails():
     assert_fails_with_one_line(r)  # set -e: the converter never ran after the failed download
     usage = subprocess.run(["bash", str(ROOT / "scripts/prepare.sh")], capture_output=True,
                            text=True, timeout=60)
-    assert usage.returncode != 0 and "usage:" in usage.stderr
+    assert_fails_with_one_line(usage)
+    assert "bash scripts/prepare.sh REPO_ID" in usage.stderr
 
 
 # ---- Qwen3, Qwen3-MoE and Mixtral, written in llama.cpp's layout -----------------------------
