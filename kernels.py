@@ -1585,6 +1585,11 @@ def int4_weights(packed: Tensor, scales: Tensor, zeros: Tensor, groupsize: int,
 # happens without Triton; or 0, the Triton kernels alone (Llama-2-7B's batch-1 decode on an H200:
 # 3 % slower in groups of 128, 29 % in groups of 32; BENCHMARKS.md).
 TINYGEMM_MAX_ROWS = 1
+# tinygemm's packing by group size: how many tiles of 16 columns of K it interleaves (8, 4 or 2; the
+# CPU op ignores it), 8 where not listed. One row on an H200, Llama-2-7B's block layers: groups of
+# 32 take 7-9 % less time on 2 tiles than on 8; 64, 128 and 256 are fastest on 8, or within 1 %
+# (BENCHMARKS.md). K must be a multiple of 16 times the tiles.
+TINYGEMM_INNER_K_TILES = {32: 2}
 # Per device type: (convert the stored (N, K / 2) nibble pairs to the op's layout, the matmul op).
 # tinygemm on CUDA; the CPU op shares its (q - 8) * scale + zero convention.
 INT4_KERNELS = {
@@ -1710,7 +1715,8 @@ class Int4Linear(nn.Module):
             scales, zeros = (t.repeat_interleave(parts, dim=1) for t in (scales, zeros))
             scales, zeros = scales[:, :k // groupsize], zeros[:, :k // groupsize]
         n_pad = -self.out_features % 16  # the CPU op needs N % 16 == 0, tinygemm N % 8 == 0
-        inner_k_tiles = next(t for t in (8, 4, 2) if k % (16 * t) == 0)
+        tiles = TINYGEMM_INNER_K_TILES.get(groupsize, 8)
+        inner_k_tiles = next(t for t in (tiles, 4, 2) if k % (16 * t) == 0)
         weight = F.pad(weight, (0, 0, 0, n_pad))  # (N_pad, K / 2)
         scales_and_zeros = torch.stack([scales, zeros], dim=-1)  # (N, n_groups, 2)
         scales_and_zeros = (F.pad(scales_and_zeros, (0, 0, 0, 0, 0, n_pad))

@@ -1040,16 +1040,21 @@ def test_gptq_reads_each_float_weight_once_and_holds_one_block_at_a_time(tiny_ch
 # ---- CUDA (run where a GPU exists) -------------------------------------------------------------
 
 @cuda
-@pytest.mark.parametrize("groupsize, k", [(32, 256), (128, K), (256, 1024)],
-                         ids=["g32", "g128-padded", "g256"])
+@pytest.mark.parametrize("groupsize, k", [(32, 256), (64, 320), (128, K), (256, 1024)],
+                         ids=["g32", "g64-k-of-5-groups", "g128-padded", "g256"])
 @torch.no_grad()
 def test_tinygemm_matches_the_dequantized_reference(groupsize, k):
     """Pins the nibble order of _convert_weight_to_int4pack's uint8 input and tinygemm's
-    convention."""
+    convention, for each group size's packing (kernels.TINYGEMM_INNER_K_TILES): the packed copy
+    holds every weight exactly, and the matmul agrees with the file's weights."""
     linear = float_linear(n=48, k=k).cuda()
     reference = quantized_linear(linear, "int4", groupsize).cuda().bfloat16()
     layer = quantized_linear(linear, "int4", groupsize).cuda().bfloat16()
     layer.use_kernel("cuda")
+    tiles = kernels.TINYGEMM_INNER_K_TILES.get(groupsize, 8)
+    if k % (16 * tiles) == 0:  # (N / 8, K / (16 tiles), 32, tiles / 2): the table's packing
+        assert layer.packed.shape[-1] == tiles // 2
+    assert torch.equal(layer.dequantize(), reference.dequantize())
     for m in (1, 7, 33):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         assert relative_error(layer(x), reference(x)) < 1e-2
