@@ -54,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from model import (Attention, Experts, KVCache, ModelArgs, MoEFeedForward, Rows,
+from model import (Attention, Experts, FeedForward, KVCache, ModelArgs, MoEFeedForward, Rows,
                    attention_mask, rope_table, route, swiglu)
 
 try:
@@ -126,10 +126,11 @@ if triton is not None:
         (bf16, fp16: 8 to a 128-bit load); K = PER_WORD K_WORDS. Split s (program_id 1) takes
         words [s * WORDS_PER_SPLIT, (s + 1) * WORDS_PER_SPLIT). x_ptr is x's rows as they are, or
         (X16 given, PER_WORD 4) 16-bit activations of type X16 read as int64 words of four, a
-        word of x for a word of weights. SWIGLU (one split): N counts the outputs; an expert's
-        2 N weight rows (and scales) are a gate projection and then an up projection, and
-        y[0, p, n] = SiLU(gate n) * up n, its two sums scaled first: the feed-forward's
-        activation in the GEMV, one launch less a layer. PDL (a plain GEMV launched as a
+        word of x for a word of weights. SWIGLU (one split): N counts the outputs; the 2 N
+        weight rows (an expert's, or the plain GEMV's) and their scales are a gate projection
+        and then an up projection, and y[0, p, n] = SiLU(gate n) * up n, its two sums scaled
+        first: the feed-forward's activation in the GEMV, one launch less a layer; a program
+        holds BLOCK_N gate rows and their BLOCK_N up rows. PDL (a plain GEMV launched as a
         programmatic dependent launch): the first weight tile is loaded before waiting for the
         kernel before this one, whose output x is, so that the weights stream while it ends."""
         pair = tl.program_id(2)
@@ -148,7 +149,7 @@ if triton is not None:
         acc = tl.zeros((BLOCK_N, BLOCK_WORDS), dtype=tl.float32)
         up_acc = tl.zeros((BLOCK_N, BLOCK_WORDS), dtype=tl.float32)  # SWIGLU's up rows
         # (an expert's rows depend on ids, the router's output, which only the wait makes safe)
-        tl.static_assert(not PDL or (ids_ptr is None and not SWIGLU))
+        tl.static_assert(not PDL or ids_ptr is None)
         if PDL:
             words = weight_words(w_ptr, row_start, first, last, row_ok, BLOCK_WORDS)
             tl.extra.cuda.gdc_wait()  # the kernel before has written x
@@ -709,39 +710,55 @@ def added_parts(parts: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("blitz::scaled_gemv_partials", mutates_args=())
-def scaled_gemv_partials(x: Tensor, weight: Tensor, scales: Optional[Tensor],
-                         split_k: int) -> Tensor:
+def scaled_gemv_partials(x: Tensor, weight: Tensor, scales: Optional[Tensor], split_k: int,
+                         swiglu_out: bool = False) -> Tensor:
     """x's K values times weights (N, K): one-byte (int8 or float8_e4m3fn, K a multiple of 4)
     scaled per row, or (scales None) bf16 or fp16. (split_k, N) partial sums, in x's dtype when
-    split_k is 1, else in float32."""
+    split_k is 1, else in float32. swiglu_out (split_k 1): the rows are gate then up projections,
+    and the result model.swiglu of the sums, (1, N / 2)."""
     N, K = weight.shape
-    y = torch.empty(split_k, N, dtype=x.dtype if split_k == 1 else torch.float32, device=x.device)
+    n_out = N // 2 if swiglu_out else N
+    y = torch.empty(split_k, n_out, dtype=x.dtype if split_k == 1 else torch.float32,
+                    device=x.device)
     per_word, tile = 1 if scales is None else 4, GEMV_TILES[weight.dtype]
+    if swiglu_out:  # BLOCK_N gate rows and their up rows: as many rows as the plain tile's
+        tile = dict(tile, BLOCK_N=tile["BLOCK_N"] // 2)
     x, x16 = gemv_input(x, per_word)
     pdl = dependent_launch(x)
-    scaled_gemv_kernel[(triton.cdiv(N, tile["BLOCK_N"]), split_k)](
-        x, weight if per_word == 1 else weight.view(torch.int32), scales, None, y, N,
+    scaled_gemv_kernel[(triton.cdiv(n_out, tile["BLOCK_N"]), split_k)](
+        x, weight if per_word == 1 else weight.view(torch.int32), scales, None, y, n_out,
         K // per_word, words_per_split(K, split_k) * 4 // per_word, 1, PER_WORD=per_word,
-        FP8=weight.dtype == torch.float8_e4m3fn, X16=x16, PDL=pdl,
+        FP8=weight.dtype == torch.float8_e4m3fn, X16=x16, SWIGLU=swiglu_out, PDL=pdl,
         **(dict(launch_pdl=True) if pdl else {}), **tile)
     return y
 
 
 @scaled_gemv_partials.register_fake
-def _(x: Tensor, weight: Tensor, scales: Optional[Tensor], split_k: int) -> Tensor:
-    return x.new_empty(split_k, weight.shape[0], dtype=x.dtype if split_k == 1 else torch.float32)
+def _(x: Tensor, weight: Tensor, scales: Optional[Tensor], split_k: int,
+      swiglu_out: bool = False) -> Tensor:
+    n_out = weight.shape[0] // 2 if swiglu_out else weight.shape[0]
+    return x.new_empty(split_k, n_out, dtype=x.dtype if split_k == 1 else torch.float32)
 
 
-def scaled_gemv(x: Tensor, weight: Tensor, scales: Optional[Tensor]) -> Tensor:
+def scaled_gemv(x: Tensor, weight: Tensor, scales: Optional[Tensor],
+                swiglu_out: bool = False) -> Tensor:
     """x (K,) or (1, ..., K) times int8 or float8_e4m3fn weight (N, K), scaled per output row by
-    scales (N,), or (scales None) times bf16 or fp16 weight (N, K): (..., N) in x's dtype."""
+    scales (N,), or (scales None) times bf16 or fp16 weight (N, K): (..., N) in x's dtype.
+    swiglu_out (K not split, gemv_takes_swiglu): model.swiglu of that, (..., N / 2)."""
     N, K = weight.shape
     assert x.numel() == K and K % 4 == 0, (
         f"scaled_gemv takes one row of activations of a multiple of 4, got {tuple(x.shape)}")
     split_k = split_k_for(N, K)
-    y = scaled_gemv_partials(x, weight, scales, split_k)  # (split_k, N)
-    y = added_parts(y).to(x.dtype)  # (N,)
-    return y.view(*x.shape[:-1], N)
+    assert not swiglu_out or gemv_takes_swiglu(weight), "scaled_gemv: SwiGLU takes whole sums"
+    y = scaled_gemv_partials(x, weight, scales, split_k, swiglu_out)  # (split_k, N or N / 2)
+    y = added_parts(y).to(x.dtype)  # (N or N / 2,)
+    return y.view(*x.shape[:-1], -1)
+
+
+def gemv_takes_swiglu(weight: Tensor) -> bool:
+    """Whether a feed-forward's w13 of this weight (N, K) can give SwiGLU's output from the GEMV:
+    K whole (not split: SwiGLU needs whole sums)."""
+    return weight.shape[0] % 2 == 0 and split_k_for(*weight.shape) == 1
 
 
 # Decode batches of 2 to MAX_MM_ROWS rows go to the small matmul, all rows in one block: each
@@ -1237,10 +1254,14 @@ def check_kernels(device="cuda") -> list:
         rel = relative_error(y, x.double() @ weight.double().T)
         ok = y.shape == (1, 1, N) and rel < 1e-2 and torch.equal(scaled_gemv(x, weight, None), y)
         results.append(dict(name="bf16", rows=1, shape=[N, K], rel_err=rel, ok=ok))
+        one_row = x
+        results += check_gemv_swiglu("bf16", one_row, (weight, None), weight.double())
         for name, weights, reference_weights in quantized_cases(N, K, device):
             if name.startswith("int4"):
                 packed, *group = weights
                 weights = (int4_words(packed), *group)
+            elif name == "int8":
+                results += check_gemv_swiglu(name, one_row, weights, reference_weights)
             for rows in (1, 8, 33, 200, 300):
                 x = torch.randn(rows, 1, K, device=device, dtype=torch.bfloat16)  # (rows, T, K)
                 linear = int4_triton_linear if name.startswith("int4") else one_byte_linear
@@ -1254,6 +1275,19 @@ def check_kernels(device="cuda") -> list:
     return (results + check_expert_kernel(device) + check_grouped_experts(device)
             + check_router(device) + check_decode_attention(device)
             + check_chunk_attention(device))
+
+
+def check_gemv_swiglu(name: str, x: Tensor, weights: tuple, reference_weights: Tensor) -> list:
+    """The GEMV with SwiGLU (a dense bf16 or int8 w13's single row) against model.swiglu of the
+    float64 product, where the layer takes it: a list of one result, or none."""
+    if not gemv_takes_swiglu(weights[0]):
+        return []
+    y = scaled_gemv(x, *weights, swiglu_out=True)  # (1, 1, N / 2)
+    rel = relative_error(y, swiglu(x.double() @ reference_weights.T))
+    # bf16's rounding of the output: at most half a unit in the last place of each value
+    ok = y.shape == (1, 1, weights[0].shape[0] // 2) and rel < 1e-2
+    return [dict(name=name + " swiglu", rows=1, shape=list(weights[0].shape), rel_err=rel,
+                 ok=ok and torch.equal(scaled_gemv(x, *weights, swiglu_out=True), y))]
 
 
 # (experts, N, K): Qwen3-30B-A3B's w13 and w2, Mixtral-8x7B's w2 (split K) and a ragged one
@@ -1516,6 +1550,11 @@ class Int8Linear(nn.Module):
         else:
             y = one_byte_linear(x, self.weight, self.scales)  # (..., N)
         return y if self.bias is None else y + self.bias
+
+    def gemv_operands(self, x: Tensor) -> Optional[tuple]:
+        """(weight, scales) as the GEMV takes them where x takes it (see swiglu_linear), else
+        None."""
+        return (self.weight, self.scales) if kernel_route(x) == "gemv" else None
 
     def weights_read(self, rows: int) -> list:
         """The tensors a forward of `rows` rows reads (a decode step's bytes, generate.py)."""
@@ -1809,12 +1848,33 @@ class FloatLinear(nn.Linear):
     weight, mixed dtypes) takes PyTorch's matmul, as F.linear takes any strides."""
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight
-        if not (FLOAT_GEMV and kernel_route(x) == "gemv" and x.dtype == w.dtype
-                and w.dtype in MM_DTYPES and w.is_contiguous()):
+        operands = self.gemv_operands(x)
+        if operands is None:
             return super().forward(x)
-        y = scaled_gemv(x, w, None)  # (..., N)
+        y = scaled_gemv(x, *operands)  # (..., N)
         return y if self.bias is None else y + self.bias
+
+    def gemv_operands(self, x: Tensor) -> Optional[tuple]:
+        """(weight, None) where x takes the GEMV, else None."""
+        w = self.weight
+        takes = (FLOAT_GEMV and kernel_route(x) == "gemv" and x.dtype == w.dtype
+                 and w.dtype in MM_DTYPES and w.is_contiguous())
+        return (w, None) if takes else None
+
+
+# False: a dense feed-forward's SiLU(gate) * up as a kernel of its own after w13's GEMV.
+GEMV_SWIGLU = True
+
+
+def swiglu_linear(w13: nn.Module, x: Tensor) -> Tensor:
+    """model.swiglu(w13(x)), a dense feed-forward's activation: a single row that takes the GEMV
+    gets it from w13's GEMV itself (one launch less a layer), other inputs as the model computes
+    them. prepare_for_device gives it to feed-forwards whose w13 has gemv_operands, no bias and
+    whole sums (gemv_takes_swiglu)."""
+    operands = w13.gemv_operands(x)
+    if operands is None:
+        return swiglu(w13(x))
+    return scaled_gemv(x, *operands, swiglu_out=True)
 
 
 def dependent_launches_pay(model: nn.Module) -> bool:
@@ -2008,9 +2068,10 @@ def prepare_for_device(model: nn.Module):
     the fp8 matmul, give float, int8 and fp8 experts on CUDA the expert GEMV (int8 and fp8 also
     the grouped expert kernel), their routers the router kernel, bf16 and fp16 attention the
     decode and chunk attention kernels and, in dense models, bf16 and fp16 linear layers the GEMV
-    (FloatLinear), and on the CPU route decode-sized inputs of the int8 and int4 layers to
-    PyTorch's CPU kernels (where cpu_kernels_usable). On a GPU, it also sets inductor's dependent
-    launches for the process (below)."""
+    (FloatLinear) and feed-forwards SwiGLU in w13's GEMV (swiglu_linear), and on the CPU route
+    decode-sized inputs of the int8 and int4 layers to PyTorch's CPU kernels (where
+    cpu_kernels_usable). On a GPU, it also sets inductor's dependent launches for the process
+    (below)."""
     dtype = model.tok_embeddings.weight.dtype  # the activations' dtype
     cpu_kernels = cpu_kernels_usable(dtype)
     triton_16_bit = (triton is not None and model.tok_embeddings.weight.is_cuda
@@ -2056,6 +2117,14 @@ def prepare_for_device(model: nn.Module):
             capability = torch.cuda.get_device_capability(module.weight.device)
             module.scaled_mm = (FP8_SCALED_MM and capability >= (9, 0) and dtype == torch.bfloat16
                                 and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+    for module in model.modules():  # the linear layers are what they will be now
+        # (fp8 layers keep SiLU(gate) * up apart: with it in the GEMV they decode 2.5 % slower,
+        # bf16 and int8 1.7 and 2.2 % faster; H200, BENCHMARKS.md)
+        if (isinstance(module, FeedForward) and GEMV_SWIGLU and triton is not None
+                and isinstance(module.w13, (FloatLinear, Int8Linear))
+                and module.w13.bias is None and module.w13.weight.is_cuda
+                and gemv_takes_swiglu(module.w13.weight)):
+            module.swiglu_kernel = swiglu_linear
     # Inductor's kernels as programmatic dependent launches too (Hopper and later GPUs; elsewhere
     # the option changes nothing) where the GEMV (PDL) takes the dense layers' single rows: each
     # lets the next kernel launch once it has loaded its inputs, so that the GEMV after it streams

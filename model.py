@@ -148,22 +148,24 @@ class Attention(nn.Module):
         return self.wo(y.view(*x.shape[:-1], -1))
 
 
+def swiglu(gate_up: Tensor) -> Tensor:
+    """SiLU(gate) * up of a w13 output (..., 2 * inter), its two halves: (..., inter)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         # gate (w1) and up (w3) fused into one matmul
         self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)
         self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
+        self.swiglu_kernel = None  # kernels.swiglu_linear, where prepare_for_device gives one
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
-
-
-def swiglu(gate_up: Tensor) -> Tensor:
-    """SiLU(gate) * up of an expert's w13 output (..., 2 * inter), its two halves: (..., inter)."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+        if self.swiglu_kernel is not None:  # SiLU(gate) * up inside w13's kernel
+            return self.w2(self.swiglu_kernel(self.w13, x))
+        return self.w2(swiglu(self.w13(x)))
 
 
 class Experts(nn.Module):

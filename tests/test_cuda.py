@@ -262,7 +262,7 @@ def test_grouped_expert_kernel_in_a_compiled_cuda_graph_matches_the_pytorch_form
 def test_float_gemv_in_a_compiled_cuda_graph_matches_pytorch_matmul(monkeypatch):
     """A bf16 model's one-token decode step with a FloatLinear GEMV in place of each nn.Linear
     (prepare_for_device puts them in; every layer's row goes through it, w2's K of 8448 columns in
-    two parts) against the same step through PyTorch's matmul, eager and in a CUDA graph compiled
+    two parts, w13's with SwiGLU) against the same step through PyTorch's matmul, eager and in a CUDA graph compiled
     as generate.py compiles (on Hopper, the GEMVs and inductor's kernels programmatic dependent
     launches), within bf16 rounding. A mixture of experts keeps nn.Linear."""
     from argparse import Namespace
@@ -283,9 +283,12 @@ def test_float_gemv_in_a_compiled_cuda_graph_matches_pytorch_matmul(monkeypatch)
         assert linears and all(type(m) is FloatLinear for m in linears)
         assert kernels.split_k_for(*model.layers[0].feed_forward.w2.weight.shape) == 2
         calls, gemv = [], kernels.scaled_gemv
-        monkeypatch.setattr(kernels, "scaled_gemv", lambda *args: calls.append(args) or gemv(*args))
+        monkeypatch.setattr(kernels, "scaled_gemv", lambda *args, **kwargs: calls.append(kwargs)
+                            or gemv(*args, **kwargs))
         assert relative_error(model(token, position), pytorch_matmul) < 1e-2
+        # w13's with SwiGLU in it, one a layer
         assert len(calls) == len(linears)
+        assert sum(call.get("swiglu_out", False) for call in calls) == len(model.layers)
         monkeypatch.undo()
         _, step = compile_functions(Namespace(compile=True, compile_prefill=False), model.args,
                                     decode_step=model)

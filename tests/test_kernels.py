@@ -72,6 +72,30 @@ def check_scaled_gemv():
             X16=None, **tile)
         error = relative_error(y.sum(0), reference)
         assert error < 1e-6, (N, K, dtype, split_k, error)
+    check_swiglu_in_the_gemv()
+
+
+# A dense feed-forward's w13 through kernels.swiglu_linear, as a GPU decode step takes it (the route
+# told it is one: a CPU has none): int8 and bf16 layers of 2 n rows (gate, then up), n ragged
+# against both tiles; SiLU(gate) * up of the float64 product, within bf16's rounding of the output.
+# Gate and up swapped, or paired with another output's row, would be off by far more.
+def check_swiglu_in_the_gemv():
+    import kernels
+    from model import swiglu
+    torch.manual_seed(0)
+    kernels.kernel_route = lambda x, *_: "gemv"  # (this process checks nothing else)
+    for n, K in ((37, 300), (64, 1024)):
+        int8 = kernels.Int8Linear(K, 2 * n, bias=False)
+        int8.weight.copy_(torch.randint(-128, 128, (2 * n, K), dtype=torch.int8))
+        int8.scales.copy_(torch.rand(2 * n) / 127)
+        bf16 = kernels.FloatLinear(K, 2 * n, bias=False).to(torch.bfloat16)
+        for layer in (int8, bf16):
+            x = torch.randn(1, 1, K, dtype=torch.bfloat16)
+            y = kernels.swiglu_linear(layer, x)  # (1, 1, n)
+            reference = swiglu(x.double() @ layer.dequantize().double().T if layer is not bf16
+                               else x.double() @ layer.weight.double().T)
+            error = kernels.relative_error(y, reference)
+            assert y.shape == (1, 1, n) and error < 1e-2, (type(layer), n, K, error)
 
 
 # The interpreter's tl.dot mishandles bfloat16 (NumPy has no such type), so x is float32 here;
