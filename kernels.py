@@ -14,7 +14,8 @@ shared memory (with its barriers) comes between a load and its multiplies. One t
 of weight serves every layer shape (GEMV_TILES). The weights are int8 (Int8Linear) or fp8 e4m3
 (Fp8Linear), one scale per output row. On Hopper and later GPUs, in a model whose layers all take
 single rows through it, the GEMV starts while the kernel before it ends and loads its first
-weights then (PDL below).
+weights then (PDL below). A dense feed-forward's w13 (bf16 or int8) gives SiLU(gate) * up from the
+same GEMV, one launch a layer less (swiglu_linear).
 
 With a few rows, the matmul keeps all of them in one tile, so each weight is still read once,
 converts the weights to bf16 in registers (int8 and fp8 exactly; int4, laid out at load as words
