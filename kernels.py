@@ -656,6 +656,11 @@ FLOAT_GEMV_TILE = dict(BLOCK_N=2, BLOCK_WORDS=1024, num_warps=4, num_stages=1)
 GEMV_TILES = {torch.int8: dict(BLOCK_N=4, BLOCK_WORDS=512, num_warps=4, num_stages=1),
               torch.float8_e4m3fn: dict(BLOCK_N=8, BLOCK_WORDS=256, num_warps=4, num_stages=1),
               torch.bfloat16: FLOAT_GEMV_TILE, torch.float16: FLOAT_GEMV_TILE}
+# The GEMV with SwiGLU (swiglu_linear): BLOCK_N gate rows and their BLOCK_N up rows, as many rows as
+# the plain tile's. Of 10 bf16 and 9 int8 tiles, these were the fastest end to end (one faster alone
+# was slower end to end; BENCHMARKS.md).
+SWIGLU_GEMV_TILES = {dtype: dict(tile, BLOCK_N=tile["BLOCK_N"] // 2)
+                     for dtype, tile in GEMV_TILES.items()}
 # A layer with few output rows and a long K (Llama-2-7B's down projection: 4096 x 11008) gives too
 # few programs to keep every SM's loads in flight, so its K is split into parts of at most
 # SPLIT_COLUMNS, one program each per row block, and the caller adds the partial sums: at most
@@ -721,9 +726,8 @@ def scaled_gemv_partials(x: Tensor, weight: Tensor, scales: Optional[Tensor], sp
     n_out = N // 2 if swiglu_out else N
     y = torch.empty(split_k, n_out, dtype=x.dtype if split_k == 1 else torch.float32,
                     device=x.device)
-    per_word, tile = 1 if scales is None else 4, GEMV_TILES[weight.dtype]
-    if swiglu_out:  # BLOCK_N gate rows and their up rows: as many rows as the plain tile's
-        tile = dict(tile, BLOCK_N=tile["BLOCK_N"] // 2)
+    per_word = 1 if scales is None else 4
+    tile = (SWIGLU_GEMV_TILES if swiglu_out else GEMV_TILES)[weight.dtype]
     x, x16 = gemv_input(x, per_word)
     pdl = dependent_launch(x)
     scaled_gemv_kernel[(triton.cdiv(n_out, tile["BLOCK_N"]), split_k)](
