@@ -1243,13 +1243,13 @@ def quantized_cases(N: int, K: int, device) -> list:
 
 def check_kernels(device="cuda") -> list:
     """The kernels against their float64 reference on Llama-2-7B's layer shapes and a ragged one,
-    for bf16 weights at 1 row (the GEMV, FloatLinear's), for int8, fp8 and int4 weights at 1 row
-    (the GEMV; int4: the small matmul), 8 and 33 rows (the small matmul), 200 (one-byte weights:
-    the small matmul in blocks of rows; int4: a dequantized copy into PyTorch's matmul) and 300
-    (a dequantized copy), then the expert GEMV, the router and the decode and chunk attention
-    kernels: a list of {name, rows, shape, rel_err, ok} (the expert GEMV's also tokens and k); a
-    layer's ok also needs the same bits from a second call. scripts/bench.py runs this before
-    timing anything."""
+    for bf16 weights at 1 row (the GEMV, FloatLinear's; and with SwiGLU, as a bf16 or int8 w13 of
+    the shape would take it), for int8, fp8 and int4 weights at 1 row (the GEMV; int4: the small
+    matmul), 8 and 33 rows (the small matmul), 200 (one-byte weights: the small matmul in blocks of
+    rows; int4: a dequantized copy into PyTorch's matmul) and 300 (a dequantized copy), then the
+    expert GEMV, the router and the decode and chunk attention kernels: a list of {name, rows,
+    shape, rel_err, ok} (the expert GEMV's also tokens and k); a layer's ok also needs the same bits
+    from a second call. scripts/bench.py runs this before timing anything."""
     torch.manual_seed(0)
     results = []
     for N, K in ((12288, 4096), (4096, 11008), (32000, 4096), (37, 320)):

@@ -262,9 +262,9 @@ def test_grouped_expert_kernel_in_a_compiled_cuda_graph_matches_the_pytorch_form
 def test_float_gemv_in_a_compiled_cuda_graph_matches_pytorch_matmul(monkeypatch):
     """A bf16 model's one-token decode step with a FloatLinear GEMV in place of each nn.Linear
     (prepare_for_device puts them in; every layer's row goes through it, w2's K of 8448 columns in
-    two parts, w13's with SwiGLU) against the same step through PyTorch's matmul, eager and in a CUDA graph compiled
-    as generate.py compiles (on Hopper, the GEMVs and inductor's kernels programmatic dependent
-    launches), within bf16 rounding. A mixture of experts keeps nn.Linear."""
+    two parts, w13's with SwiGLU) against the same step through PyTorch's matmul, eager and in a
+    CUDA graph compiled as generate.py compiles (on Hopper, the GEMVs and inductor's kernels
+    programmatic dependent launches), within bf16 rounding. A mixture of experts keeps nn.Linear."""
     from argparse import Namespace
     import torch.nn as nn
     import kernels

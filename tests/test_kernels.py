@@ -89,11 +89,10 @@ def check_swiglu_in_the_gemv():
         int8.weight.copy_(torch.randint(-128, 128, (2 * n, K), dtype=torch.int8))
         int8.scales.copy_(torch.rand(2 * n) / 127)
         bf16 = kernels.FloatLinear(K, 2 * n, bias=False).to(torch.bfloat16)
-        for layer in (int8, bf16):
+        for layer, weight in ((int8, int8.dequantize()), (bf16, bf16.weight)):
             x = torch.randn(1, 1, K, dtype=torch.bfloat16)
             y = kernels.swiglu_linear(layer, x)  # (1, 1, n)
-            reference = swiglu(x.double() @ layer.dequantize().double().T if layer is not bf16
-                               else x.double() @ layer.weight.double().T)
+            reference = swiglu(x.double() @ weight.double().T)  # (1, 1, n)
             error = kernels.relative_error(y, reference)
             assert y.shape == (1, 1, n) and error < 1e-2, (type(layer), n, K, error)
 
