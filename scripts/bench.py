@@ -539,6 +539,12 @@ def run_merge(args):
 
 # ---- the command line ---------------------------------------------------------------------------------
 
+# The flags of measuring and their defaults, filled in after parsing: --merge refuses those given.
+MEASURING_DEFAULTS = dict(samples=5, long_samples=2, prompt_tokens=PROMPT_TOKENS, prefill_tokens=2048,
+                          compile_prefill=False, second_compile=False, skip_kernel_checks=False,
+                          cache_dir=None)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.splitlines()[0])
     cells = p.add_argument_group("cells: a cross product of these four lists, or --cells, or --suite")
@@ -549,27 +555,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     cells.add_argument("--cells", nargs="+", metavar="MODEL:PRECISION:BATCH:NEW_TOKENS", help="exactly these cells")
     cells.add_argument("--suite", choices=SUITES, help="a predefined list of cells split into parts (bench_all.sh)")
     cells.add_argument("--part", type=int, help="which part of --suite to run (default 0)")
-    p.add_argument("--samples", type=int, default=5,
+    # (their defaults: MEASURING_DEFAULTS)
+    p.add_argument("--samples", type=int,
                    help="timed samples per cell, after one untimed compiling run (default 5)")
-    p.add_argument("--long_samples", type=int, default=2,
+    p.add_argument("--long_samples", type=int,
                    help=f"timed samples of cells of more than {LONG_CELL} new tokens (default 2)")
-    p.add_argument("--prompt_tokens", type=int, default=PROMPT_TOKENS,
+    p.add_argument("--prompt_tokens", type=int,
                    help=f"prompt length of the decode samples (default {PROMPT_TOKENS}; a server's "
                         "prompt length: a static batch doing its rows' work)")
-    p.add_argument("--prefill_tokens", type=int, default=2048,
+    p.add_argument("--prefill_tokens", type=int,
                    help="prompt length of the prefill measurement (default 2048; 0: skip it)")
-    p.add_argument("--compile_prefill", action="store_true", help="compile the prefill (default: eager, as generate.py)")
-    p.add_argument("--second_compile", action="store_true", help="also time the first cell's compile in a fresh process with warm caches")
-    p.add_argument("--skip_kernel_checks", action="store_true", help="don't run kernels.check_kernels first")
+    p.add_argument("--compile_prefill", action="store_true", default=None,
+                   help="compile the prefill (default: eager, as generate.py)")
+    p.add_argument("--second_compile", action="store_true", default=None,
+                   help="also time the first cell's compile in a fresh process with warm caches")
+    p.add_argument("--skip_kernel_checks", action="store_true", default=None,
+                   help="don't run kernels.check_kernels first")
     p.add_argument("--cache_dir", help="inductor/Triton compile caches (default: a fresh temporary folder)")
     p.add_argument("--merge", nargs="+", type=Path, metavar="JSON", help="combine these results instead of measuring (no GPU needed)")
     p.add_argument("--out", type=Path, help="the JSON result (default bench.json when measuring)")
     p.add_argument("--markdown", type=Path, help="also write the markdown table here")
     p.add_argument("--plot", type=Path, help="a PNG plot of batch-1 decode tok/s against the bandwidth limits (matplotlib)")
     args = p.parse_args(argv)
+    # the flags of measuring the user gave (check_args), then the defaults of the others
+    args.measuring = [f"--{flag}" for flag in MEASURING_DEFAULTS if getattr(args, flag) is not None]
+    for flag, default in MEASURING_DEFAULTS.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, default)
     if args.out is None and not args.merge:
         args.out = Path("bench.json")
     return args
+
 
 
 def check_args(args):
@@ -578,6 +594,9 @@ def check_args(args):
     ways = bool(lists) + (args.cells is not None) + (args.suite is not None)
     if args.merge and (ways or args.part is not None):
         raise InputError("--merge combines finished results: give it no cells")
+    if args.merge and args.measuring:
+        raise InputError(f"--merge combines finished results and measures nothing: leave out "
+                         f"{', '.join(args.measuring)}")
     if ways > 1:
         raise InputError("give the cells one way: --models/--precisions/--batch_sizes/--max_new_tokens, --cells, or --suite")
     if min(args.samples, args.long_samples, args.prompt_tokens) < 1 or args.prefill_tokens < 0:

@@ -223,6 +223,9 @@ def test_no_gpu_is_one_error_line(tmp_path, capsys, monkeypatch):
     (["--merge", "{tmp}/other.json"], ["not a bench.py result", "kernel_checks"]),
     (["--merge", "{tmp}/other.json", "--cells", "stories15M:bf16"], ["give it no cells"]),
     (["--merge", "{tmp}/other.json", "--part", "1"], ["give it no cells"]),
+    (["--merge", "{tmp}/other.json", "--samples", "3", "--skip_kernel_checks"],
+     ["measures nothing", "--samples, --skip_kernel_checks"]),
+    (["--merge", "{tmp}/other.json", "--prefill_tokens", "0"], ["measures nothing", "--prefill_tokens"]),
     (["--markdown", "{tmp}/no/such/folder/r.md"], ["--markdown", "folder", "does not exist"]),
     (["--merge", "{tmp}/r.json"], ["--out", "another file of this run"]),  # --out r.json: its input
     (["--markdown", "{tmp}/r.json"], ["--markdown", "another file of this run"]),  # and --out's
