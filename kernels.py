@@ -2093,6 +2093,13 @@ def prepare_for_device(model: nn.Module):
             module.decode_kernel, module.chunk_kernel = decode_attention, chunk_attention_op
         if isinstance(module, MoEFeedForward) and module.gate.weight.is_cuda and triton is not None:
             module.router_kernel = router_top_k
+        # (w13 is FloatLinear already, above; fp8 layers keep SiLU(gate) * up apart: with it in the
+        # GEMV they decode 2.5 % slower, bf16 and int8 1.7 and 2.2 % faster; H200, BENCHMARKS.md)
+        if (isinstance(module, FeedForward) and GEMV_SWIGLU and triton is not None
+                and isinstance(module.w13, (FloatLinear, Int8Linear))
+                and module.w13.bias is None and module.w13.weight.is_cuda
+                and gemv_takes_swiglu(module.w13.weight)):
+            module.swiglu_kernel = swiglu_linear
         if (isinstance(module, (Experts, OneByteExperts)) and module.weight.is_cuda
                 and triton is not None and module.in_features % 4 == 0):  # int32 words
             module.kernel = expert_matmul
@@ -2122,14 +2129,6 @@ def prepare_for_device(model: nn.Module):
             capability = torch.cuda.get_device_capability(module.weight.device)
             module.scaled_mm = (FP8_SCALED_MM and capability >= (9, 0) and dtype == torch.bfloat16
                                 and module.in_features % 16 == 0 and module.out_features % 16 == 0)
-    for module in model.modules():  # the linear layers are what they will be now
-        # (fp8 layers keep SiLU(gate) * up apart: with it in the GEMV they decode 2.5 % slower,
-        # bf16 and int8 1.7 and 2.2 % faster; H200, BENCHMARKS.md)
-        if (isinstance(module, FeedForward) and GEMV_SWIGLU and triton is not None
-                and isinstance(module.w13, (FloatLinear, Int8Linear))
-                and module.w13.bias is None and module.w13.weight.is_cuda
-                and gemv_takes_swiglu(module.w13.weight)):
-            module.swiglu_kernel = swiglu_linear
     # Inductor's kernels as programmatic dependent launches too (Hopper and later GPUs; elsewhere
     # the option changes nothing) where the GEMV (PDL) takes the dense layers' single rows: each
     # lets the next kernel launch once it has loaded its inputs, so that the GEMV after it streams

@@ -557,14 +557,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     cells.add_argument("--part", type=int, help="which part of --suite to run (default 0)")
     # (their defaults: MEASURING_DEFAULTS)
     p.add_argument("--samples", type=int,
-                   help="timed samples per cell, after one untimed compiling run (default 5)")
+                   help="timed samples per cell, after one untimed compiling run "
+                        f"(default {MEASURING_DEFAULTS['samples']})")
     p.add_argument("--long_samples", type=int,
-                   help=f"timed samples of cells of more than {LONG_CELL} new tokens (default 2)")
+                   help=f"timed samples of cells of more than {LONG_CELL} new tokens "
+                        f"(default {MEASURING_DEFAULTS['long_samples']})")
     p.add_argument("--prompt_tokens", type=int,
                    help=f"prompt length of the decode samples (default {PROMPT_TOKENS}; a server's "
                         "prompt length: a static batch doing its rows' work)")
     p.add_argument("--prefill_tokens", type=int,
-                   help="prompt length of the prefill measurement (default 2048; 0: skip it)")
+                   help="prompt length of the prefill measurement "
+                        f"(default {MEASURING_DEFAULTS['prefill_tokens']}; 0: skip it)")
     p.add_argument("--compile_prefill", action="store_true", default=None,
                    help="compile the prefill (default: eager, as generate.py)")
     p.add_argument("--second_compile", action="store_true", default=None,
@@ -585,7 +588,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.out is None and not args.merge:
         args.out = Path("bench.json")
     return args
-
 
 
 def check_args(args):
