@@ -507,6 +507,13 @@ def compiling_run(generate_fn: Callable, prompts: list, max_new: int) -> float:
     return compile_s
 
 
+def print_row0(streamer: TextStreamer, eos_ids, new: list):
+    """on_tokens for generate (bound with partial): row 0's text printed as it arrives, its
+    end-of-sequence token left out."""
+    if new[0] is not None and new[0] not in eos_ids:
+        print(streamer.put(new[0]), end="", flush=True)
+
+
 def run_samples(args, prompts: list, generate_fn: Callable, tokenizer, max_new: int,
                 model_bytes: int, device: torch.device, compiled: bool):
     """--num_samples timed generations of the same prompts (after one untimed compiling run), row 0
@@ -521,13 +528,10 @@ def run_samples(args, prompts: list, generate_fn: Callable, tokenizer, max_new: 
         streamer = TextStreamer(tokenizer) if tokenizer is not None and len(prompts) == 1 else None
         if streamer is not None and args.prompt and not args.chat:
             print(args.prompt[0], end="", flush=True)  # the answer continues the prompt's text
-
-        def print_row0(new: list):
-            if streamer is not None and new[0] is not None and new[0] not in tokenizer.eos_ids:
-                print(streamer.put(new[0]), end="", flush=True)
+        on_tokens = None if streamer is None else partial(print_row0, streamer, tokenizer.eos_ids)
         profiling = args.profile is not None and i == args.num_samples - 1
         with torch.profiler.profile() if profiling else nullcontext() as prof:
-            gen = generate_fn(prompts, max_new, on_tokens=print_row0)
+            gen = generate_fn(prompts, max_new, on_tokens=on_tokens)
         if streamer is not None:
             print(streamer.flush(), flush=True)
         if profiling:
@@ -663,12 +667,9 @@ def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: i
         while cached < min(len(in_cache), len(ids) - 1) and in_cache[cached] == ids[cached]:
             cached += 1
         streamer = TextStreamer(tokenizer)
-
-        def print_answer(new: list):
-            if new[0] is not None and new[0] not in tokenizer.eos_ids:
-                print(streamer.put(new[0]), end="", flush=True)
         try:
-            gen = generate_fn([ids], min(max_new, max_seq - len(ids)), on_tokens=print_answer,
+            gen = generate_fn([ids], min(max_new, max_seq - len(ids)),
+                              on_tokens=partial(print_row0, streamer, tokenizer.eos_ids),
                               cached=cached if args.chat else 0)
         except KeyboardInterrupt:  # Ctrl-C stops the answer; the conversation goes on without it
             print("\n(answer stopped)", file=sys.stderr)
