@@ -418,9 +418,6 @@ def main(argv=None):
         raise InputError(f"the prompt has {longest} tokens but the model's context is {context} "
                          "tokens")
     max_new = min(args.max_new_tokens, context - longest)
-    if max_new < args.max_new_tokens:
-        print(f"note: generating {max_new} tokens, all that fit the {context}-token context",
-              file=sys.stderr)
     # Interactive prompts are unknown up front: size the cache for a generous conversation turn, not
     # for the whole context (131k positions for Llama-3.1 would cost gigabytes and slow every decode
     # step).
@@ -448,6 +445,9 @@ def main(argv=None):
     # the tokens of a decode step, or of a speculative round's verify (the steps timed)
     step_tokens = speculate_k(args) + 1 if speculative else len(prompts)
     model_bytes = bytes_read_per_step(model, step_tokens)
+    if max_new < args.max_new_tokens:  # here, after every refusal: bad input prints one line
+        print(f"note: generating {max_new} tokens, all that fit the {context}-token context",
+              file=sys.stderr)
     if args.interactive:
         return interactive(args, tokenizer, generate_fn, max_seq, max_new, model_bytes, device)
     run_samples(args, prompts, generate_fn, tokenizer, max_new, model_bytes, device, compiled)

@@ -55,6 +55,19 @@ def main_error(main, argv, capsys, *words) -> str:
     return assert_one_error_line(capsys.readouterr().err, *words)
 
 
+def as_run(main):
+    """main(argv) of generate.py or server.py as their `__main__` runs it: an InputError ends in
+    tp.exit_with_error's one `error:` line and exit status 1 (for main_error to check)."""
+    def run(argv: list):
+        import tp
+        from checkpoint import InputError
+        try:
+            main(argv)
+        except InputError as e:
+            tp.exit_with_error(e)
+    return run
+
+
 def free_port() -> int:
     """A port of 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:

@@ -19,8 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import checkpoint
-from checkpoint import InputError, read_checkpoint, read_weights
-from conftest import ROOT, assert_one_error_line, load_script, main_error, run_script
+from checkpoint import read_checkpoint, read_weights
+from conftest import ROOT, as_run, assert_one_error_line, load_script, main_error, run_script
 
 TINY = dict(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=49152, intermediate_size=128, block_size=256)
 GEN = ("--max_new_tokens", 2, "--num_samples", 1, "--temperature", 0, "--device", "cpu")
@@ -117,12 +117,8 @@ def refused_here(script: str, *args, words=(), capsys) -> str:
     refused rather than about the command line: the one error line the script prints. generate.py's
     `__main__` prints the InputError its main() raises; quantize.py's and the converters' main() print it
     and exit 1. The real command lines give the same line: the subprocess cases of each script here."""
-    argv = [str(a) for a in args]
-    if script == "generate.py":
-        with pytest.raises(InputError) as e:
-            main_of(script)(argv)
-        return assert_one_error_line(f"error: {e.value}", *words)
-    return main_error(main_of(script), argv, capsys, *words)
+    main = main_of(script)
+    return main_error(as_run(main) if script == "generate.py" else main, args, capsys, *words)
 
 
 def main_of(script: str):
@@ -406,7 +402,7 @@ def test_a_bug_keeps_its_traceback_in_every_script(script, monkeypatch, capsys):
 def test_quantize_refuses_output_over_base_checkpoint(tiny, capsys):
     before = snapshot(tiny)
     refused_here("quantize.py", "--checkpoint_path", tiny, "--mode", "int8", "--out", tiny / "model.pth",
-                 capsys=capsys)
+                 words=["is named as a folder's float weights"], capsys=capsys)
     assert snapshot(tiny) == before
     succeeds_here("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN)
 
@@ -417,7 +413,8 @@ def test_quantize_refuses_output_over_its_source_weights(tiny):
     torch.save(load_file(tiny / "model.safetensors"), tiny / "model.pth")
     (tiny / "model.safetensors").unlink()
     before = snapshot(tiny)
-    refused("quantize.py", "--checkpoint_path", tiny, "--mode", "int8", "--out", tiny / "model.pth")
+    refused("quantize.py", "--checkpoint_path", tiny, "--mode", "int8", "--out", tiny / "model.pth",
+            words=["is the source checkpoint's weights"])
     assert snapshot(tiny) == before
 
 
@@ -638,5 +635,6 @@ def test_gguf_converter_needs_force_to_overwrite_and_force_leaves_exactly_its_fi
 
 def test_hf_converter_refuses_output_that_is_a_file(tiny_hf, tmp_path):
     (tmp_path / "out").write_text("a file, not a folder")
-    refused("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path / "out", "--hf_dir", tiny_hf)
+    refused("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path / "out", "--hf_dir", tiny_hf,
+            words=["is a file, not a folder"])
     assert (tmp_path / "out").read_text() == "a file, not a folder"

@@ -39,7 +39,9 @@ def test_bf16_logits_match_float32_reference():
 
 def test_every_kernel_matches_its_reference_on_gpu():
     from kernels import check_kernels
-    failures = [r for r in check_kernels("cuda") if not r["ok"]]
+    results = check_kernels("cuda")
+    assert len(results) > 200  # every kernel's cases (243 on an H200)
+    failures = [r for r in results if not r["ok"]]
     assert not failures, failures
 
 

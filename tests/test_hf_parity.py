@@ -208,7 +208,7 @@ def test_parity_check_would_catch_a_wrong_router_normalisation(hf_models, tmp_pa
 # ---- input formats convert identically -----------------------------------------------------------
 
 @pytest.mark.parametrize("family", ["llama-gqa", "qwen2-bias"])
-def test_sharded_safetensors(family, hf_models, tmp_path):
+def test_sharded_safetensors_convert_to_the_same_checkpoint(family, hf_models, tmp_path):
     hf, hf_dir = hf_models(family)
     sharded = tmp_path / "hf_sharded"
     hf.save_pretrained(sharded, max_shard_size="20KB")
@@ -235,7 +235,7 @@ def test_experts_stacked_as_transformers_5_holds_them(family, hf_models, tmp_pat
 
 
 @pytest.mark.parametrize("n_files", [1, 2], ids=["single-bin", "sharded-bin"])
-def test_pytorch_model_bin(n_files, hf_models, tmp_path):
+def test_pytorch_model_bin_files_convert_to_the_same_checkpoint(n_files, hf_models, tmp_path):
     hf, hf_dir = hf_models("llama-gqa")
     bin_dir = tmp_path / "hf_bin"
     hf.config.save_pretrained(bin_dir)
@@ -301,7 +301,7 @@ def write_meta_checkpoint(hf, folder: Path):
 
 @pytest.mark.parametrize("with_hf_config", [True, False],
                          ids=["with-config.json", "params.json-only"])
-def test_meta_consolidated(with_hf_config, hf_models, tmp_path):
+def test_meta_consolidated_weights_convert_to_the_same_checkpoint(with_hf_config, hf_models, tmp_path):
     hf, hf_dir = hf_models("llama-gqa")
     meta_dir = tmp_path / "hf_meta"
     write_meta_checkpoint(hf, meta_dir)

@@ -333,7 +333,9 @@ def check_grouped_experts():
 def check_router():
     import kernels
     from model import ModelArgs, MoEFeedForward
-    for check in kernels.check_router("cpu", tokens=(1, 5)):
+    checks = kernels.check_router("cpu", tokens=(1, 5))
+    assert len(checks) == 12  # 3 shapes x 2 token counts x rescaled or not
+    for check in checks:
         assert check["ok"], check
     torch.manual_seed(0)
     for n_experts, k in ((2, 2), (16, 4), (128, 8)):

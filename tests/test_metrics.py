@@ -127,5 +127,7 @@ def test_a_profile_is_the_last_samples_trace_written_whole_and_gzipped_by_its_na
                   tmp_path / name], capsys)
     data = (tmp_path / name).read_bytes()
     trace = json.loads(gzip.decompress(data) if name.endswith(".gz") else data)
-    assert trace["traceEvents"]
+    # one sample of two: its prefill and 2 decode steps, each a forward that embeds once
+    forwards = [e for e in trace["traceEvents"] if e.get("name") == "aten::embedding"]
+    assert len(forwards) == 3
     assert [p.name for p in tmp_path.iterdir()] == [name]  # no temp file left

@@ -535,7 +535,7 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(args, words, tiny_che
                                  "int8)"),
     (["--mode", "fp8", "--output_layer", "fp16"], "choose one of int8, float, fp8"),
 ])
-def test_more_bad_arguments(args, message):
+def test_bad_arguments_are_refused_before_any_file_is_read(args, message):
     """Checked before any file is read (the same check_args the command line runs, without a
     process each)."""
     with pytest.raises(InputError, match=re.escape(message)):

@@ -85,7 +85,7 @@ def streamed(server, messages=QUESTION, **fields) -> tuple[str, str, list]:
     return text, reasons[-1], chunks
 
 
-def test_chat_answers_paris_streamed_and_not_the_same_with_usage(server, reference):
+def test_chat_answers_paris_identically_streamed_and_not_with_usage(server, reference):
     answer = ask(server, max_tokens=20, temperature=0)
     text = answer.choices[0].message.content
     assert "Paris" in text

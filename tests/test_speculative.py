@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import quantize
-from conftest import assert_one_error_line, load_script, run_script
+from conftest import as_run, assert_one_error_line, load_script, main_error, run_script
 from checkpoint import InputError, load_model, read_checkpoint, save_checkpoint
 from generate import main as generate_main
 from generate import (DraftModel, PromptLookup, Sampling, accept_drafts, compile_verify,
@@ -358,15 +358,14 @@ RANDOM_TARGET = ["--random_weights", "stories15M"]  # no weights are made before
     (["--checkpoint_path", "SMOLLM2", "--draft_checkpoint_path", "PERMUTED"], ["tokenizes text differently"]),
 ], ids=["k-zero", "ngram-zero", "k-over-context", "k-zero-without-proposer", "two-proposers", "other-vocabulary",
         "other-tokenizer"])
-def test_bad_speculation_input_gives_one_error_line(args, words, smollm2_checkpoint, tmp_path):
-    """generate.main in this process: the InputError that generate.py prints as its one error line (the command
-    line itself: test_speculation_for_a_batch_is_refused_in_one_line_by_the_command_line)."""
+def test_bad_speculation_input_gives_one_error_line(args, words, smollm2_checkpoint, tmp_path, capsys):
+    """generate.py's command line run in this process, as its `__main__` runs it (the command line itself:
+    test_speculation_for_a_batch_is_refused_in_one_line_by_the_command_line)."""
     paths = {"SMOLLM2": smollm2_checkpoint, "PERMUTED": tmp_path / "permuted"}
     if "PERMUTED" in args:
         permuted_tokenizer(smollm2_checkpoint, paths["PERMUTED"])
-    with pytest.raises(InputError) as e:
-        generate_main(["--device", "cpu", *[str(paths.get(a, a)) for a in args]])
-    assert_one_error_line(f"error: {e.value}", *words)
+    main_error(as_run(generate_main), ["--device", "cpu", *[str(paths.get(a, a)) for a in args]], capsys,
+               *words)
 
 
 def test_the_memory_check_counts_a_draft_models_kv_cache_too(smollm2_checkpoint, monkeypatch, capsys):
@@ -382,11 +381,9 @@ def test_the_memory_check_counts_a_draft_models_kv_cache_too(smollm2_checkpoint,
     flags = ["--checkpoint_path", str(smollm2_checkpoint), "--prompt_tokens", "4", "--max_new_tokens", "4",
              "--speculate_k", "4", "--device", "cpu"]
     generate_main([*flags, "--speculate_ngram", "2"])
-    capsys.readouterr()
-    with pytest.raises(InputError) as e:
-        generate_main([*flags, "--draft_checkpoint_path", str(smollm2_checkpoint)])
-    assert_one_error_line(f"error: {e.value}", "KV cache", "the draft model's included")
-    assert "Loaded" not in capsys.readouterr().err
+    # one error line and nothing before it: no weights loaded
+    main_error(as_run(generate_main), [*flags, "--draft_checkpoint_path", str(smollm2_checkpoint)], capsys,
+               "KV cache", "the draft model's included")
 
 
 @pytest.mark.slow

@@ -189,7 +189,7 @@ BACKENDS = ["sp_dir", "tiktoken_dir", "hf_dir"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_round_trip(backend, request):
+def test_decode_of_encode_gives_the_text_back(backend, request):
     tok = load_tokenizer(request.getfixturevalue(backend))
     for text in TEXTS:
         assert tok.decode(strip_bos(tok, tok.encode(text))) == text
@@ -209,11 +209,11 @@ def test_streamer_never_breaks_characters(backend, request):
 
 # --- errors ------------------------------------------------------------------------------------
 
-def test_missing_or_bad_files(tmp_path):
+def test_a_missing_or_unreadable_tokenizer_is_an_input_error_naming_it(tmp_path):
     with pytest.raises(InputError, match=str(tmp_path)):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.model").write_bytes(b"\x00\x01 not a tokenizer")
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="tokenizer.model"):
         load_tokenizer(tmp_path)
 
 

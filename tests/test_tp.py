@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import QUIET, ROOT, TORCHRUN, assert_one_error_line, run_script
+from conftest import QUIET, ROOT, TORCHRUN, as_run, assert_one_error_line, main_error, run_script
 from checkpoint import CONFIGS as NAMED_CONFIGS
 from checkpoint import InputError, load_model, random_model, read_checkpoint, save_checkpoint
 from model import ModelArgs, Transformer
@@ -234,7 +234,8 @@ def test_random_quantization_goes_with_random_weights(tmp_path, capsys):
     assert_one_error_line(r.stderr, "--random_quantization goes with --random_weights")
 
 
-def test_interactive_under_torchrun_is_refused_in_one_line_before_the_processes_join(tmp_path, monkeypatch):
+def test_interactive_under_torchrun_is_refused_in_one_line_before_the_processes_join(tmp_path, monkeypatch,
+                                                                                      capsys):
     """generate.py --interactive under torchrun (its environment stood in for, in this process): every process
     would need the prompt, so tp.start refuses it, every rank alike, before the process group forms."""
     import generate
@@ -246,9 +247,8 @@ def test_interactive_under_torchrun_is_refused_in_one_line_before_the_processes_
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(tp, "STARTED", False)
     monkeypatch.setattr(tp, "init_process_group", lambda *_: pytest.fail("the processes joined"))
-    with pytest.raises(InputError) as e:
-        generate.main(["--checkpoint_path", str(checkpoint), "--interactive", "--device", "cpu"])
-    assert_one_error_line(f"error: {e.value}", "--interactive is not supported under torchrun")
+    main_error(as_run(generate.main), ["--checkpoint_path", checkpoint, "--interactive", "--device", "cpu"],
+               capsys, "--interactive is not supported under torchrun")
     assert not tp.STARTED  # so exit_with_error speaks for every rank, from rank 0
 
 
