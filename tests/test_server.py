@@ -21,10 +21,9 @@ import pytest
 import torch
 
 from checkpoint import InputError, copier, load_model, read_checkpoint, save_checkpoint
-from conftest import ROOT, assert_one_error_line, main_error, run_script, serve
+from conftest import ROOT, as_run, assert_one_error_line, main_error, run_script, serve
 from generate import Sampling, generate
 import server as server_module
-import tp
 from model import ModelArgs, Transformer
 from server import Job, Scheduler, decode_rows, held_back, parse_args, sample_rows
 from stepped_server import StepGate, never_ending, stepped_server, tiny_model, wait_until
@@ -552,14 +551,6 @@ def test_flags_the_server_would_misuse_later_are_refused_at_once(smollm2_checkpo
     assert generate.parse_args(checkpoint + ["--compile_prefill"]).compile_prefill
 
 
-def run_server_main(argv: list):
-    """server.py's command line as `python server.py` runs it, in this process."""
-    try:
-        server_module.main(argv)
-    except InputError as e:
-        tp.exit_with_error(e)
-
-
 def test_no_rows_queue_or_chunk_and_a_context_beyond_the_model_are_one_error_line(capsys,
                                                                                   monkeypatch):
     """--max_batch_size, --max_queue or --prefill_chunk of 0, or --max_seq_length beyond the model's
@@ -571,8 +562,8 @@ def test_no_rows_queue_or_chunk_and_a_context_beyond_the_model_are_one_error_lin
     monkeypatch.setattr(server_module, "load_weights", too_far)
     model = ["--random_weights", "stories15M", "--device", "cpu"]
     for flag in ("--max_batch_size", "--max_queue", "--prefill_chunk"):
-        main_error(run_server_main, model + [flag, 0], capsys, flag, "must be >= 1")
-    main_error(run_server_main, model + ["--max_seq_length", 257], capsys,
+        main_error(as_run(server_module.main), model + [flag, 0], capsys, flag, "must be >= 1")
+    main_error(as_run(server_module.main), model + ["--max_seq_length", 257], capsys,
                "--max_seq_length 257", "context of 256 tokens")
 
 
