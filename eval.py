@@ -101,11 +101,11 @@ class EvalModel:
         self.prefix_token = empty_context_token(tokenizer)
 
     def fit_cache(self, length: int):
-        """Size the KV cache for sequences of up to `length` tokens: the next power of two, at most
-        max_seq_length (setup_caches rounds it up to whole 8s; model.max_seq_length is the result).
-        Attention reads every slot of the cache, so short requests in a 2048-slot cache would spend
-        most of their time on empty slots. Requests come longest first, so a call reallocates only a
-        few times."""
+        """Size the KV cache for sequences of up to `length` tokens: the next power of two, at least
+        64 and at most max_seq_length (setup_caches rounds it up to whole 8s; model.max_seq_length
+        is the result). Attention reads every slot of the cache, so short requests in a 2048-slot
+        cache would spend most of their time on empty slots. Requests come longest first, so a call
+        reallocates only a few times."""
         size = min(self.max_seq_length, max(64, 1 << (length - 1).bit_length()))
         if size != self.cache_request:
             self.model.setup_caches(max_batch_size=self.batch_size, max_seq_length=size)

@@ -242,7 +242,7 @@ def accept_drafts(drafts: Tensor, draft_probs: Tensor,
 def verify(model: Transformer, tokens: Tensor, input_pos: Tensor, draft_probs: Tensor,
            s: Sampling) -> tuple[Tensor, Tensor]:
     """The target's check of k drafts in one forward. tokens (1, k + 1): the last token already
-    chosen, then the drafts, at cache slots input_pos (k + 1,); draft_probs (k, vocab) as in
+    chosen, then the drafts, at cache slots input_pos (1, k + 1); draft_probs (k, vocab) as in
     accept_drafts, which gives the result."""
     logits = model(tokens, input_pos)  # (1, k + 1, vocab)
     return accept_drafts(tokens[0, 1:], draft_probs, probabilities(logits[0], s))
@@ -516,8 +516,8 @@ def print_row0(streamer: TextStreamer, eos_ids, new: list):
 
 def run_samples(args, prompts: list, generate_fn: Callable, tokenizer, max_new: int,
                 model_bytes: int, device: torch.device, compiled: bool):
-    """--num_samples timed generations of the same prompts (after one untimed compiling run), row 0
-    streamed to the terminal, with their metrics."""
+    """--num_samples timed generations of the same prompts (after one untimed compiling run where
+    compiled), row 0 streamed to the terminal, with their metrics."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     # Under torchrun each process holds and reads its own part of the weights.
     where = (f"per {'GPU' if device.type == 'cuda' else 'process'}, tensor parallel over {world}"

@@ -657,8 +657,8 @@ GEMV_TILES = {torch.int8: dict(BLOCK_N=4, BLOCK_WORDS=512, num_warps=4, num_stag
               torch.float8_e4m3fn: dict(BLOCK_N=8, BLOCK_WORDS=256, num_warps=4, num_stages=1),
               torch.bfloat16: FLOAT_GEMV_TILE, torch.float16: FLOAT_GEMV_TILE}
 # The GEMV with SwiGLU (swiglu_linear): BLOCK_N gate rows and their BLOCK_N up rows, as many rows as
-# the plain tile's. Of 10 bf16 and 9 int8 tiles, these were the fastest end to end (one faster alone
-# was slower end to end; BENCHMARKS.md).
+# the plain tile's. Of 10 bf16 tiles this was the fastest end to end (one faster alone was slower
+# end to end), of 9 int8 tiles the fastest alone (BENCHMARKS.md).
 SWIGLU_GEMV_TILES = {dtype: dict(tile, BLOCK_N=tile["BLOCK_N"] // 2)
                      for dtype, tile in GEMV_TILES.items()}
 # A layer with few output rows and a long K (Llama-2-7B's down projection: 4096 x 11008) gives too
@@ -1510,8 +1510,9 @@ def padding_record(record: dict, model: nn.Module) -> dict:
 
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 # fp8 on CUDA (compute capability >= 9.0): True quantizes activations per token and calls
-# torch._scaled_mm (one fp8 tensor-core matmul); False converts the weight inside the compiled
-# matmul, which is faster at decode (BENCHMARKS.md).
+# torch._scaled_mm (one fp8 tensor-core matmul); False (the default) takes one_byte_linear as int8
+# does: on a GPU the Triton GEMV and small matmul. _scaled_mm measured slower at decode than
+# weight-only conversion (BENCHMARKS.md).
 FP8_SCALED_MM = False
 
 
@@ -2070,10 +2071,10 @@ def swap_linears(model: nn.Module, quantization: dict):
 def prepare_for_device(model: nn.Module):
     """After the model reached its device and dtype: pack int4 weights for tinygemm (CUDA, bfloat16,
     see TINYGEMM_MAX_ROWS) and lay them out for the Triton kernels (Int4Linear.use_triton), choose
-    the fp8 matmul, give float, int8 and fp8 experts on CUDA the expert GEMV (int8 and fp8 also
-    the grouped expert kernel), their routers the router kernel, bf16 and fp16 attention the
-    decode and chunk attention kernels and, in dense models, bf16 and fp16 linear layers the GEMV
-    (FloatLinear) and feed-forwards SwiGLU in w13's GEMV (swiglu_linear), and on the CPU route
+    the fp8 matmul, give float, int8 and fp8 experts on CUDA the expert GEMV (int8 and fp8 also the
+    grouped expert kernel, in bf16 models), their routers the router kernel, bf16 and fp16 attention
+    the decode and chunk attention kernels and, in dense models, bf16 and fp16 linear layers the
+    GEMV (FloatLinear) and feed-forwards SwiGLU in w13's GEMV (swiglu_linear), and on the CPU route
     decode-sized inputs of the int8 and int4 layers to PyTorch's CPU kernels (where
     cpu_kernels_usable). On a GPU, it also sets inductor's dependent launches for the process
     (below)."""

@@ -260,9 +260,9 @@ class Scheduler:
     def rows_run(self, last: int) -> int:
         """How many rows a decode step without a prompt's chunk runs when `last` is the highest
         decoding row: one, or all (a step with a chunk runs all). Each count is a compile of its
-        own; a step is memory-bound, so a few rows cost nearly what all do (a 7B model on an H200:
-        4.8 ms for one row, 5.5 ms for 32), except in a mixture of experts, where more rows choose
-        more experts to read."""
+        own; a step is memory-bound, so a few rows cost nearly what all do (Llama-2-7B int8 on an
+        H200: 3.5 ms a step for one row, 5.75 ms for 32; BENCHMARKS.md), except in a mixture of
+        experts, where more rows choose more experts to read."""
         return 1 if last == 0 else len(self.rows)
 
     def forward(self, idx: Tensor, input_pos: Tensor, chunk: Optional[tuple]) -> Tensor:

@@ -360,14 +360,14 @@ def parallelize(model: Transformer, rank: int, world: int, group: dist.ProcessGr
     return model
 
 
-# ---- generate.py's entry points ------------------------------------------------------------------
+# ---- the scripts' entry points ------------------------------------------------------------------
 
 def start(args, config: ModelArgs, device: torch.device) -> torch.device:
     """Under torchrun, before any weights are read: check that the model splits over the
     processes (every rank fails alike, and rank 0 says why), then join the process group. Returns
-    this rank's device. args: generate.py's or eval.py's command line, with checkpoint_path and,
-    where the script has them, random_weights, random_quantization, interactive, json, profile and
-    output."""
+    this rank's device. args: generate.py's, eval.py's or server.py's command line, with
+    checkpoint_path and, where the script has them, random_weights, random_quantization,
+    interactive, json, profile and output."""
     global STARTED
     if getattr(args, "interactive", False):
         raise InputError("--interactive is not supported under torchrun: every process would need "

@@ -290,15 +290,15 @@ def kernel_checks() -> list:
 
 
 def plain_check(check: dict) -> dict:
-    """A kernel check (name, ok, and whatever describes the case and its errors: shape, rows, max_rel_err, ...)
-    with JSON values: errors may come back as tensors, shapes as torch.Size."""
+    """A kernel check (name, ok, and whatever describes the case and its error: shape, rows, rel_err, ...)
+    with JSON values: a tensor becomes a list, anything else JSON cannot hold its str."""
     assert "name" in check and "ok" in check, f"kernels.check_kernels gave {check}: each check needs a name and ok"
     plain = json.loads(json.dumps(check, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
     return dict(plain, ok=bool(plain["ok"]))
 
 
 def is_error(key: str) -> bool:
-    """Which fields of a kernel check are errors (max_abs_err, rel_err, ...); the others name the case."""
+    """Which fields of a kernel check are errors (rel_err: a key containing "err"); the others name the case."""
     return "err" in key
 
 
