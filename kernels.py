@@ -661,14 +661,16 @@ GEMV_TILES = {torch.int8: dict(BLOCK_N=4, BLOCK_WORDS=512, num_warps=4, num_stag
 # end to end), of 9 int8 tiles the fastest alone (BENCHMARKS.md).
 SWIGLU_GEMV_TILES = {dtype: dict(tile, BLOCK_N=tile["BLOCK_N"] // 2)
                      for dtype, tile in GEMV_TILES.items()}
-# A layer with few output rows and a long K (Llama-2-7B's down projection: 4096 x 11008) gives too
-# few programs to keep every SM's loads in flight, so its K is split into parts of at most
-# SPLIT_COLUMNS, one program each per row block, and the caller adds the partial sums: at most
-# MAX_SPLIT terms, which torch.compile fuses into the next kernel. Layers with K up to
+# A layer of one-byte weights with few output rows and a long K (Llama-2-7B's down projection:
+# 4096 x 11008) gives too few programs to keep every SM's loads in flight, so its K is split into
+# parts of at most SPLIT_COLUMNS, one program each per row block, and the caller adds the partial
+# sums: at most MAX_SPLIT terms, which torch.compile fuses into the next kernel. Layers with K up to
 # SPLIT_COLUMNS (4096 x 4096) and those of more than SPLIT_MAX_ROWS rows stay whole: split, they
 # are faster alone, but their parts slow the next kernel (a residual add and RMSNorm runs in one
-# block) or need one of their own, and no split of them was clearly faster end to end
-# (BENCHMARKS.md has the measurements).
+# block) or need one of their own, and no split of them was clearly faster end to end. Float
+# weights (FloatLinear's) stay whole: twice the bytes a row on half the rows a tile, the down
+# projection makes twice int8's programs, and whole it decodes 1.4 % faster (bf16; int8 whole is
+# 2.6 % slower. BENCHMARKS.md has the measurements).
 SPLIT_MAX_ROWS, SPLIT_COLUMNS, MAX_SPLIT = 8192, 8192, 8
 # The GEMV's parts of a split K are multiples of SPLIT_ALIGN_WORDS int32 words (1024 bf16 columns):
 # whole tiles of fp8's and the float weights'. int8's tile is 512 words: a part of an odd number of
@@ -694,6 +696,12 @@ def gemv_input(x: Tensor, per_word: int) -> tuple:
 
 def split_k_for(n_rows: int, n_columns: int) -> int:
     return 1 if n_rows > SPLIT_MAX_ROWS else min(MAX_SPLIT, -(-n_columns // SPLIT_COLUMNS))
+
+
+def gemv_split_k(weight: Tensor) -> int:
+    """The parts the one-row GEMV splits this weight's K into: one-byte weights as split_k_for
+    says, float weights none."""
+    return split_k_for(*weight.shape) if weight.element_size() == 1 else 1
 
 
 def words_per_split(n_columns: int, split_k: int) -> int:
@@ -753,7 +761,7 @@ def scaled_gemv(x: Tensor, weight: Tensor, scales: Optional[Tensor],
     N, K = weight.shape
     assert x.numel() == K and K % 4 == 0, (
         f"scaled_gemv takes one row of activations of a multiple of 4, got {tuple(x.shape)}")
-    split_k = split_k_for(N, K)
+    split_k = gemv_split_k(weight)
     assert not swiglu_out or gemv_takes_swiglu(weight), "scaled_gemv: SwiGLU takes whole sums"
     y = scaled_gemv_partials(x, weight, scales, split_k, swiglu_out)  # (split_k, N or N / 2)
     y = added_parts(y).to(x.dtype)  # (N or N / 2,)
@@ -763,7 +771,7 @@ def scaled_gemv(x: Tensor, weight: Tensor, scales: Optional[Tensor],
 def gemv_takes_swiglu(weight: Tensor) -> bool:
     """Whether a feed-forward's w13 of this weight (N, K) can give SwiGLU's output from the GEMV:
     K whole (not split: SwiGLU needs whole sums)."""
-    return weight.shape[0] % 2 == 0 and split_k_for(*weight.shape) == 1
+    return weight.shape[0] % 2 == 0 and gemv_split_k(weight) == 1
 
 
 # Decode batches of 2 to MAX_MM_ROWS rows go to the small matmul, all rows in one block: each

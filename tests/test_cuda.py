@@ -126,8 +126,8 @@ def test_one_byte_gemv_takes_each_activation_dtype_and_a_view_inside_a_word(dtyp
 
 def test_gemv_launched_early_reads_the_x_that_the_kernel_just_before_it_writes(monkeypatch):
     """On Hopper the one-row GEMV is a programmatic dependent launch that loads weights before
-    waiting for the kernel before it: in a CUDA graph replayed on new inputs, each GEMV (int8 and
-    bf16 weights; K whole and split) must still see the x that kernel has just written, whether a
+    waiting for the kernel before it: in a CUDA graph replayed on new inputs, each GEMV (int8
+    weights, K whole and split; bf16 weights, whose K stays whole) must still see the x that kernel has just written, whether a
     plain PyTorch kernel or another GEMV (which lets it launch early) wrote it."""
     import kernels
     from kernels import random_one_byte, relative_error, scaled_gemv
@@ -263,8 +263,8 @@ def test_grouped_expert_kernel_in_a_compiled_cuda_graph_matches_the_pytorch_form
 
 def test_float_gemv_in_a_compiled_cuda_graph_matches_pytorch_matmul(monkeypatch):
     """A bf16 model's one-token decode step with a FloatLinear GEMV in place of each nn.Linear
-    (prepare_for_device puts them in; every layer's row goes through it, w2's K of 8448 columns in
-    two parts, w13's with SwiGLU) against the same step through PyTorch's matmul, eager and in a
+    (prepare_for_device puts them in; every layer's row goes through it, w2's K of 8448 columns
+    whole, as float weights stay, w13's with SwiGLU) against the same step through PyTorch's matmul, eager and in a
     CUDA graph compiled as generate.py compiles (on Hopper, the GEMVs and inductor's kernels
     programmatic dependent launches), within bf16 rounding. A mixture of experts keeps nn.Linear."""
     from argparse import Namespace
@@ -283,7 +283,7 @@ def test_float_gemv_in_a_compiled_cuda_graph_matches_pytorch_matmul(monkeypatch)
         prepare_for_device(model)
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
         assert linears and all(type(m) is FloatLinear for m in linears)
-        assert kernels.split_k_for(*model.layers[0].feed_forward.w2.weight.shape) == 2
+        assert kernels.gemv_split_k(model.layers[0].feed_forward.w2.weight) == 1
         calls, gemv = [], kernels.scaled_gemv
         monkeypatch.setattr(kernels, "scaled_gemv", lambda *args, **kwargs: calls.append(kwargs)
                             or gemv(*args, **kwargs))

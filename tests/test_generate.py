@@ -140,6 +140,19 @@ def test_sampling_draws_from_the_filtered_distribution():
     assert sample(logits, Sampling(temperature=0)).item() == 1
 
 
+def test_top_k_of_16_bit_logits_keeps_them_and_weighs_them_in_float32():
+    """A bf16 or fp16 model's logits go to top-k as they are (faster on a GPU than float32's); the
+    tokens kept and their probabilities are those of the logits in float32."""
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16):
+        logits = (torch.randn(3, 500) * 4).to(dtype)
+        s = Sampling(temperature=0.7, top_k=50)
+        probs = probabilities(logits, s)
+        assert probs.dtype == torch.float32
+        torch.testing.assert_close(probs, probabilities(logits.float(), s), atol=1e-6, rtol=0)
+        assert torch.equal(probs > 0, probabilities(logits.float(), s) > 0)
+
+
 @pytest.mark.parametrize("top_k", [None, 200])
 def test_a_tiny_temperature_samples_the_argmax_not_noise(top_k):
     """Logits divided by 1e-40 overflow to ±inf; the sampler must still put the mass on the argmax."""

@@ -453,6 +453,27 @@ def covers_k_in_whole_tiles(split: tuple, n_columns: int, align: int) -> bool:
     return parts >= 1 and size % align == 0 and (parts - 1) * size < n_columns <= parts * size
 
 
+def test_gemv_splits_long_rows_of_one_byte_weights_and_keeps_float_weights_whole():
+    """The one-row GEMV's parts of K (the comment above SPLIT_MAX_ROWS): a one-byte layer of few
+    rows and a long K (a down projection) in parts of at most SPLIT_COLUMNS, but never more than
+    MAX_SPLIT parts; K up to SPLIT_COLUMNS, more than SPLIT_MAX_ROWS rows, and float weights of any
+    shape whole; SwiGLU in w13's GEMV only where its sums are whole."""
+    from kernels import (MAX_SPLIT, SPLIT_COLUMNS, SPLIT_MAX_ROWS, gemv_split_k,
+                         gemv_takes_swiglu)
+    for n, k in ((4096, 11008), (4096, 14336), (5120, 13824), (8192, 28672), (64, 100000)):
+        for dtype in (torch.int8, torch.float8_e4m3fn):
+            parts = gemv_split_k(torch.empty(n, k, dtype=dtype, device="meta"))
+            assert 1 < parts <= MAX_SPLIT, (n, k, parts)
+            assert -(-k // parts) <= SPLIT_COLUMNS or parts == MAX_SPLIT, (n, k, parts)
+        for dtype in (torch.bfloat16, torch.float16):
+            assert gemv_split_k(torch.empty(n, k, dtype=dtype, device="meta")) == 1, (n, k)
+    for n, k in ((4096, 4096), (4096, SPLIT_COLUMNS), (SPLIT_MAX_ROWS + 1, 11008), (22016, 4096)):
+        assert gemv_split_k(torch.empty(n, k, dtype=torch.int8, device="meta")) == 1, (n, k)
+    assert gemv_takes_swiglu(torch.empty(22016, 4096, dtype=torch.int8, device="meta"))
+    assert gemv_takes_swiglu(torch.empty(2 * 4096, 11008, dtype=torch.bfloat16, device="meta"))
+    assert not gemv_takes_swiglu(torch.empty(2 * 4096, 11008, dtype=torch.int8, device="meta"))
+
+
 def test_small_matmul_splits_k_until_the_grid_fills_the_gpu_and_wide_layers_stay_whole():
     """kernels.py's promises for the split of K (the comments above MAX_MM_ROWS and WIDE_MAX_SPLIT),
     over layer shapes, row counts and GPUs of 1 to 132 SMs: K covered once in parts of whole tiles;
