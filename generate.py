@@ -61,7 +61,7 @@ def top_k_probabilities(logits: Tensor, s: Sampling) -> tuple[Tensor, Tensor]:
     """logits (B, vocab) -> the s.top_k most likely ids (B, k), unsorted (sorting is a kernel of
     its own), and their probabilities at s.temperature (B, k), float32."""
     # In the logits' own dtype: on a GPU, PyTorch's top-k of 16-bit values takes a third less time
-    # than of the same values in float32 (BENCHMARKS.md), and picks the same ones.
+    # than of the same values in float32 (BENCHMARKS.md), and picks the same values.
     top = torch.topk(logits, min(s.top_k, logits.size(-1)), sorted=False)
     return scaled_softmax(top.values.float(), s), top.indices
 

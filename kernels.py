@@ -669,8 +669,8 @@ SWIGLU_GEMV_TILES = {dtype: dict(tile, BLOCK_N=tile["BLOCK_N"] // 2)
 # are faster alone, but their parts slow the next kernel (a residual add and RMSNorm runs in one
 # block) or need one of their own, and no split of them was clearly faster end to end. Float
 # weights (FloatLinear's) stay whole: twice the bytes a row on half the rows a tile, the down
-# projection makes twice int8's programs, and whole it decodes 1.4 % faster (bf16; int8 whole is
-# 2.6 % slower. BENCHMARKS.md has the measurements).
+# projection makes twice int8's programs, and whole, bf16 models decode 0.8-1.4 % faster (int8's
+# down projection whole: 2.6 % slower; BENCHMARKS.md has the measurements).
 SPLIT_MAX_ROWS, SPLIT_COLUMNS, MAX_SPLIT = 8192, 8192, 8
 # The GEMV's parts of a split K are multiples of SPLIT_ALIGN_WORDS int32 words (1024 bf16 columns):
 # whole tiles of fp8's and the float weights'. int8's tile is 512 words: a part of an odd number of

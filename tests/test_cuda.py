@@ -127,8 +127,9 @@ def test_one_byte_gemv_takes_each_activation_dtype_and_a_view_inside_a_word(dtyp
 def test_gemv_launched_early_reads_the_x_that_the_kernel_just_before_it_writes(monkeypatch):
     """On Hopper the one-row GEMV is a programmatic dependent launch that loads weights before
     waiting for the kernel before it: in a CUDA graph replayed on new inputs, each GEMV (int8
-    weights, K whole and split; bf16 weights, whose K stays whole) must still see the x that kernel has just written, whether a
-    plain PyTorch kernel or another GEMV (which lets it launch early) wrote it."""
+    weights, K whole and split; bf16 weights, whose K stays whole) must still see the x that
+    kernel has just written, whether a plain PyTorch kernel or another GEMV (which lets it launch
+    early) wrote it."""
     import kernels
     from kernels import random_one_byte, relative_error, scaled_gemv
     monkeypatch.setattr(torch._inductor.config.triton, "enable_pdl", True)  # as prepare_for_device
@@ -264,9 +265,10 @@ def test_grouped_expert_kernel_in_a_compiled_cuda_graph_matches_the_pytorch_form
 def test_float_gemv_in_a_compiled_cuda_graph_matches_pytorch_matmul(monkeypatch):
     """A bf16 model's one-token decode step with a FloatLinear GEMV in place of each nn.Linear
     (prepare_for_device puts them in; every layer's row goes through it, w2's K of 8448 columns
-    whole, as float weights stay, w13's with SwiGLU) against the same step through PyTorch's matmul, eager and in a
-    CUDA graph compiled as generate.py compiles (on Hopper, the GEMVs and inductor's kernels
-    programmatic dependent launches), within bf16 rounding. A mixture of experts keeps nn.Linear."""
+    whole, as float weights stay, w13's with SwiGLU) against the same step through PyTorch's
+    matmul, eager and in a CUDA graph compiled as generate.py compiles (on Hopper, the GEMVs and
+    inductor's kernels programmatic dependent launches), within bf16 rounding. A mixture of
+    experts keeps nn.Linear."""
     from argparse import Namespace
     import torch.nn as nn
     import kernels

@@ -140,14 +140,22 @@ def test_sampling_draws_from_the_filtered_distribution():
     assert sample(logits, Sampling(temperature=0)).item() == 1
 
 
-def test_top_k_of_16_bit_logits_keeps_them_and_weighs_them_in_float32():
+def test_top_k_of_16_bit_logits_keeps_them_and_weighs_them_in_float32(monkeypatch):
     """A bf16 or fp16 model's logits go to top-k as they are (faster on a GPU than float32's); the
     tokens kept and their probabilities are those of the logits in float32."""
     torch.manual_seed(0)
+    topk, dtypes_seen = torch.topk, []
+
+    def recording_topk(x, *args, **kwargs):
+        dtypes_seen.append(x.dtype)
+        return topk(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "topk", recording_topk)
     for dtype in (torch.bfloat16, torch.float16):
         logits = (torch.randn(3, 500) * 4).to(dtype)
         s = Sampling(temperature=0.7, top_k=50)
         probs = probabilities(logits, s)
+        assert dtypes_seen[-1] == dtype
         assert probs.dtype == torch.float32
         torch.testing.assert_close(probs, probabilities(logits.float(), s), atol=1e-6, rtol=0)
         assert torch.equal(probs > 0, probabilities(logits.float(), s) > 0)
