@@ -378,45 +378,67 @@ if triton is not None:
     @triton.jit
     def int4_mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_PER_SPLIT,
                        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       TMA: tl.constexpr, PTX: tl.constexpr):
+                       TMA: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr = False):
         """y[s, m, n] = sum over split s's columns k of x[m, k] * w[n, k], as quantized_mm_kernel,
         for int4 weights as int4_words lays them out ((N, K_128 / 8) words, K_128 = K padded to
         whole 128-column chunks; w_ptr a tensor descriptor of them with blocks (BLOCK_N, 16) where
-        TMA) with group scales and zeros (N, K / GROUP): w = (q - 8) scale + zero. K_PER_SPLIT is
-        a multiple of 128. A chunk's words hold its 128 columns in 8 tiles of 16 (nibble j of word
-        c: column 16 j + c), so the tiles of a group (up to 128 columns) side by side are its
-        columns in order, the left operand of one dot. That dot multiplies the bits as they come,
-        128 + q; one dot of ones gives sum x, and scale (sum (128 + q) x - 136 sum x)
-        + zero sum x is the group's sum of w x, in float32 (no weight rounded to bf16)."""
+        TMA) with group scales and zeros (N, K / GROUP): w = (q - 8) scale + zero. K_PER_SPLIT is a
+        multiple of 128, and every split holds at least one chunk. A chunk's words hold its 128
+        columns in 8 tiles of 16 (nibble j of word c: column 16 j + c), so the tiles of a group (up
+        to 128 columns) side by side are its columns in order, the left operand of one dot. That dot
+        multiplies the bits as they come, 128 + q; one dot of ones gives sum x, and
+        scale (sum (128 + q) x - 136 sum x) + zero sum x is the group's sum of w x, in float32 (no
+        weight rounded to bf16). PDL (a programmatic dependent launch): the first chunk's words are loaded before
+        waiting for the kernel before this one, whose output x is."""
+        n0 = tl.program_id(0) * BLOCK_N
+        first = tl.program_id(1) * K_PER_SPLIT
+        # The first chunk apart from the loop, so that PDL's wait can come between its load and
+        # its sums while the loop's body stays unconditional: Triton stages the loop's loads ahead
+        # only so (BENCHMARKS.md).
+        words = int4_word_tile(w_ptr, n0, first, N, K, BLOCK_N, TMA)  # (BLOCK_N, 16)
+        if PDL:
+            tl.extra.cuda.gdc_wait()  # the kernel before has written x
+            tl.extra.cuda.gdc_launch_dependents()
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # transposed: y^T = w x^T
+        acc = int4_chunk(acc, words, x_ptr, s_ptr, z_ptr, first, n0, M, N, K, GROUP, BLOCK_M,
+                         BLOCK_N, PTX)
+        for k0 in range(first + 128, tl.minimum(first + K_PER_SPLIT, K), 128):
+            words = int4_word_tile(w_ptr, n0, k0, N, K, BLOCK_N, TMA)  # (BLOCK_N, 16)
+            acc = int4_chunk(acc, words, x_ptr, s_ptr, z_ptr, k0, n0, M, N, K, GROUP, BLOCK_M,
+                             BLOCK_N, PTX)
+        rows = tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+        cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
+        out = (tl.program_id(1) * M + rows[None, :]) * N + cols[:, None]  # (BLOCK_N, BLOCK_M)
+        tl.store(y_ptr + out, acc, mask=(rows[None, :] < M) & (cols < N)[:, None])
+
+    @triton.jit
+    def int4_chunk(acc, words, x_ptr, s_ptr, z_ptr, k0, n0, M, N, K, GROUP: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PTX: tl.constexpr):
+        """acc (BLOCK_N, BLOCK_M) plus the sums over chunk [k0, k0 + 128) of int4_mm_kernel's rows
+        [n0, n0 + BLOCK_N), from its words (BLOCK_N, 16)."""
         SUB: tl.constexpr = GROUP if GROUP < 128 else 128  # columns of a group within a chunk
         rows = tl.arange(0, BLOCK_M)  # (BLOCK_M,)
-        n0 = tl.program_id(0) * BLOCK_N
         cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
         col_ok = cols < N
-        first = tl.program_id(1) * K_PER_SPLIT
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # transposed: y^T = w x^T
         ones = tl.full((BLOCK_N, SUB), 1.0, x_ptr.dtype.element_ty)
-        for k0 in range(first, tl.minimum(first + K_PER_SPLIT, K), 128):
-            words = int4_word_tile(w_ptr, n0, k0, N, K, BLOCK_N, TMA)  # (BLOCK_N, 16)
-            w = nibbles_as_bf16(words, PTX)  # 8 x (BLOCK_N, 16): chunk columns 16 j + c
-            for i in tl.static_range(128 // SUB):  # the chunk's groups
-                a = side_by_side(w, i * SUB // 16, SUB // 16)  # (BLOCK_N, SUB) bits 128 + q
-                k = k0 + i * SUB + tl.arange(0, SUB)  # (SUB,)
-                # (BLOCK_M, SUB); columns past K read 0, so their weights' bits count nothing
-                x = tl.load(x_ptr + rows[:, None] * K + k[None, :],
-                            mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
-                wx = tl.dot(a.to(x.dtype), tl.trans(x))  # (BLOCK_N, BLOCK_M) sum (128 + q) x
-                x_sum = tl.dot(ones, tl.trans(x))  # (BLOCK_N, BLOCK_M), each row sum x
-                g = (k0 + i * SUB) // GROUP
-                g_ok = col_ok & (g < K // GROUP)
-                scale = tl.load(s_ptr + cols * (K // GROUP) + g, mask=g_ok,
-                                other=0.0).to(tl.float32)
-                zero = tl.load(z_ptr + cols * (K // GROUP) + g, mask=g_ok,
-                               other=0.0).to(tl.float32)
-                acc += scale[:, None] * wx
-                acc += (zero - 136.0 * scale)[:, None] * x_sum
-        out = (tl.program_id(1) * M + rows[None, :]) * N + cols[:, None]  # (BLOCK_N, BLOCK_M)
-        tl.store(y_ptr + out, acc, mask=(rows[None, :] < M) & col_ok[:, None])
+        w = nibbles_as_bf16(words, PTX)  # 8 x (BLOCK_N, 16): chunk columns 16 j + c
+        for i in tl.static_range(128 // SUB):  # the chunk's groups
+            a = side_by_side(w, i * SUB // 16, SUB // 16)  # (BLOCK_N, SUB) bits 128 + q
+            k = k0 + i * SUB + tl.arange(0, SUB)  # (SUB,)
+            # (BLOCK_M, SUB); columns past K read 0, so their weights' bits count nothing
+            x = tl.load(x_ptr + rows[:, None] * K + k[None, :],
+                        mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
+            wx = tl.dot(a.to(x.dtype), tl.trans(x))  # (BLOCK_N, BLOCK_M) sum (128 + q) x
+            # (BLOCK_N, BLOCK_M), each row sum x: a dot gives it in the accumulator's layout, where
+            # a tl.sum of x would need moving into it (slower: BENCHMARKS.md)
+            x_sum = tl.dot(ones, tl.trans(x))
+            g = (k0 + i * SUB) // GROUP
+            g_ok = col_ok & (g < K // GROUP)
+            scale = tl.load(s_ptr + cols * (K // GROUP) + g, mask=g_ok, other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + cols * (K // GROUP) + g, mask=g_ok, other=0.0).to(tl.float32)
+            acc += scale[:, None] * wx
+            acc += (zero - 136.0 * scale)[:, None] * x_sum
+        return acc
 
     @triton.jit
     def dequantize_kernel(w_ptr, s_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr,
@@ -907,9 +929,11 @@ def quantized_mm_partials(x: Tensor, weight: Tensor, scales: Tensor, zeros: Opti
     tma = tma_loads(weight)
     if zeros is not None:
         w = TensorDescriptor.from_tensor(weight, [INT4_MM_TILE["BLOCK_N"], 16]) if tma else weight
+        pdl = dependent_launch(x)
         int4_mm_kernel[(triton.cdiv(N, INT4_MM_TILE["BLOCK_N"]), split_k)](
             x, w, scales, zeros, y, M, N, K, columns_per_split, groupsize,
-            BLOCK_M=mm_block_rows(M), TMA=tma, PTX=torch.version.hip is None, **INT4_MM_TILE)
+            BLOCK_M=mm_block_rows(M), TMA=tma, PTX=torch.version.hip is None, PDL=pdl,
+            **(dict(launch_pdl=True) if pdl else {}), **INT4_MM_TILE)
         return y
     wide = M > MAX_MM_ROWS
     tile = WIDE_MM_TILE if wide else dict(MM_TILE, BLOCK_M=mm_block_rows(M))
@@ -1631,13 +1655,16 @@ def int4_weights(packed: Tensor, scales: Tensor, zeros: Tensor, groupsize: int,
     return w.flatten(-2)[..., :in_features]
 
 
-# On CUDA, tinygemm (aten._weight_int4pack_mm, on its own packed copy of the weights made at load
-# time) serves int4 inputs of up to TINYGEMM_MAX_ROWS rows, and the Triton kernels the rest, from
-# the weights as int4_words lays them out (in place of the file's): two copies of the weights in
-# memory. One copy: None, tinygemm for every input (a long prompt ~10x slower: BENCHMARKS.md), what
-# happens without Triton; or 0, the Triton kernels alone (Llama-2-7B's batch-1 decode on an H200:
-# 3 % slower in groups of 128, 29 % in groups of 32; BENCHMARKS.md).
-TINYGEMM_MAX_ROWS = 1
+# On CUDA the Triton kernels take int4 inputs from the weights as int4_words lays them out (in place
+# of the file's), and in groups of 32 and 64 tinygemm (aten._weight_int4pack_mm, on its own packed
+# copy of the weights made at load time) takes those of up to TINYGEMM_MAX_ROWS[groupsize] rows: two
+# copies of the weights in memory. Groups of 128 and 256 keep one: there a single row through the
+# Triton kernel, launched as a programmatic dependent launch, decodes Llama-2-7B on an H200 1-2 %
+# faster than through tinygemm, in 4.0 GB at peak where it takes 7.5 with tinygemm's copy; groups of
+# 32 and 64 decode 36 % and 16 % slower through it (a chunk takes four and two dots of each kind
+# where 128 takes one; BENCHMARKS.md). None: tinygemm for every input, one copy (a long prompt ~10x
+# slower), what happens without Triton.
+TINYGEMM_MAX_ROWS = {32: 1, 64: 1}
 # tinygemm's packing by group size: how many tiles of 16 columns of K it interleaves (8, 4 or 2; the
 # CPU op ignores it), 8 where not listed. One row on an H200, Llama-2-7B's block layers: groups of
 # 32 take 7-9 % less time on 2 tiles than on 8; 64, 128 and 256 are fastest on 8, or within 1 %
@@ -1894,15 +1921,17 @@ def swiglu_linear(w13: nn.Module, x: Tensor) -> Tensor:
 def dependent_launches_pay(model: nn.Module) -> bool:
     """Whether the model's kernels gain from launching as programmatic dependent launches (PDL):
     a dense model whose blocks' linear layers all take a single row through the GEMV (int8, fp8
-    weight-only, and bf16 and fp16 ones once they are FloatLinear), or a mixture of experts with
-    float or int8 layers (their expert GEMV launches plainly). Not int4, whose single rows
-    tinygemm takes."""
+    weight-only, and bf16 and fp16 ones once they are FloatLinear; int4 ones whose single rows take
+    the Triton kernel, which launches so too), or a mixture of experts with float or int8 layers
+    (their expert GEMV launches plainly). Not int4 whose single rows tinygemm takes."""
     linears = [m for m in model.layers.modules()
                if isinstance(m, (nn.Linear, Int8Linear, Int4Linear, Fp8Linear))]
     if model.args.n_experts:
         return all(type(m) in (nn.Linear, Int8Linear) for m in linears)
     return bool(linears) and all(isinstance(m, (FloatLinear, Int8Linear)) or
-                                 (isinstance(m, Fp8Linear) and not m.scaled_mm) for m in linears)
+                                 (isinstance(m, Fp8Linear) and not m.scaled_mm) or
+                                 (isinstance(m, Int4Linear) and m.kernel is None
+                                  and m.words is not None) for m in linears)
 
 
 def use_float_gemv(model: nn.Module):
@@ -2127,7 +2156,8 @@ def prepare_for_device(model: nn.Module):
         elif isinstance(module, Int4Linear) and on_cpu and module.kernel is None:
             module.use_kernel("cpu", torch.bfloat16, CPU_INT4_MAX_ROWS)
         elif isinstance(module, Int4Linear) and on_gpu and module.words is None:
-            tinygemm_rows = TINYGEMM_MAX_ROWS if triton else None  # None: every input
+            # without Triton, tinygemm takes every input (None)
+            tinygemm_rows = TINYGEMM_MAX_ROWS.get(module.groupsize, 0) if triton else None
             if module.kernel is None and dtype == torch.bfloat16 and tinygemm_rows != 0:
                 module.use_kernel("cuda", max_rows=tinygemm_rows)
             if (triton is not None and dtype in MM_DTYPES
@@ -2139,13 +2169,14 @@ def prepare_for_device(model: nn.Module):
             module.scaled_mm = (FP8_SCALED_MM and capability >= (9, 0) and dtype == torch.bfloat16
                                 and module.in_features % 16 == 0 and module.out_features % 16 == 0)
     # Inductor's kernels as programmatic dependent launches too (Hopper and later GPUs; elsewhere
-    # the option changes nothing) where the GEMV (PDL) takes the dense layers' single rows: each
-    # lets the next kernel launch once it has loaded its inputs, so that the GEMV after it streams
-    # weights while it ends. H200 at batch 1: Llama-2-7B int8 +6 % with both; in one process 416.0
-    # tok/s with both, 394.4 with the GEMV's alone, 384.9 with inductor's alone; int4 g128
-    # (tinygemm's single rows) -2 % with inductor's; Qwen3-30B-A3B bf16 +1.3 %, int8 +1.9 %,
-    # Mixtral-8x7B int8 +1.5 % (BENCHMARKS.md). The option is the process's: the model prepared
-    # last sets it.
+    # the option changes nothing) where the GEMV or int4's small matmul (PDL) takes the dense
+    # layers' single rows: each lets the next kernel launch once it has loaded its inputs, so that
+    # the GEMV after it streams weights while it ends. H200 at batch 1: Llama-2-7B int8 +6 % with
+    # both; in one process 416.0 tok/s with both, 394.4 with the GEMV's alone, 384.9 with inductor's
+    # alone; int4 g128 with tinygemm's single rows (as groups of 32 and 64 keep them) -2 % with
+    # inductor's, with its own kernel's +4 % at batch 8, -1.5 % at 32; Qwen3-30B-A3B bf16 +1.3 %,
+    # int8 +1.9 %, Mixtral-8x7B int8 +1.5 % (BENCHMARKS.md). The option is the process's: the model
+    # prepared last sets it.
     if (triton is not None and model.tok_embeddings.weight.is_cuda
             and hasattr(inductor_config.triton, "enable_pdl")):  # (torch 2.9 and later)
         inductor_config.triton.enable_pdl = PDL and dependent_launches_pay(model)

@@ -9,8 +9,8 @@ own kernels, no attention, no compile), as the median of --repeats passes. A pas
 model's linear weights, far more than the L2 cache holds, as a decode step does. Columns: ms a
 pass; GB/s = the layers' weight bytes / time, and that as a share of the copy bandwidth measured in
 this process (the ceiling of a memory-bound pass); rows/s = R / time; and against bf16 at the same
-R (at one row, bf16's GEMV). int4 up to 64 rows is timed twice: by tinygemm and by the Triton small
-matmul (`path`); bf16 at one row too: by cuBLAS and by the project's GEMV (kernels.FloatLinear).
+R (at one row, bf16's GEMV). int4 up to 64 rows is timed twice where tinygemm holds a copy (groups of
+32 and 64): by tinygemm and by the Triton small matmul (`path`); bf16 at one row too: by cuBLAS and by the project's GEMV (kernels.FloatLinear).
 The Triton kernels are checked against their reference first (kernels.check_kernels), as bench.py
 does: speeds of wrong kernels mean nothing.
 """
@@ -60,7 +60,7 @@ def time_pass(layers: list, rows: int, repeats: int) -> float:
 
 def paths(layers: list, rows: int):
     """(name, set-up) of each way the layers serve `rows` rows: int4 up to the small matmul's
-    MAX_MM_ROWS both by tinygemm and by Triton, whatever kernels.TINYGEMM_MAX_ROWS chooses; bf16
+    MAX_MM_ROWS both by tinygemm and by Triton where kernels.TINYGEMM_MAX_ROWS gives it a copy; bf16
     at one row both by cuBLAS and by the GEMV (FloatLinear), the GEMV last, which leaves
     kernels.FLOAT_GEMV as it was and is what the other precisions are compared with."""
     if rows == 1 and any(isinstance(layer, kernels.FloatLinear) for layer in layers):

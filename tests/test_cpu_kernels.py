@@ -391,12 +391,21 @@ def test_prepare_for_device_leaves_float16_models_on_the_plain_path(monkeypatch)
 def test_dependent_launches_pay_for_one_row_gemv_models_and_float_or_int8_mixtures():
     """kernels.dependent_launches_pay, which turns on inductor's dependent launches where the model
     runs on a GPU: int8 and fp8 models, float ones once their nn.Linear layers are FloatLinear, and
-    mixtures of experts in float or int8; not int4 (tinygemm takes its single rows) or plain
+    mixtures of experts in float or int8, int4 ones whose single rows take the Triton kernel; not
+    int4 whose single rows another op takes (tinygemm on a GPU, here its CPU twin) or plain
     nn.Linear in a dense model."""
     from test_moe import tiny_model as tiny_moe
     assert kernels.dependent_launches_pay(quantized_model("int8", None))
     assert kernels.dependent_launches_pay(quantized_model("fp8", None))
-    assert not kernels.dependent_launches_pay(quantized_model("int4", 32))
+    int4 = quantized_model("int4", 32)  # the CPU op's packed copy beside the file's tensors
+    assert not kernels.dependent_launches_pay(int4)
+    int4_layers = [m for m in int4.layers.modules() if isinstance(m, kernels.Int4Linear)]
+    for layer in int4_layers:  # the words beside the op's copy, as groups of 32 and 64 on a GPU
+        layer.use_triton()
+    assert not kernels.dependent_launches_pay(int4)
+    for layer in int4_layers:  # the words alone, as groups of 128 and 256 on a GPU
+        layer.kernel = None
+    assert kernels.dependent_launches_pay(int4)
     model = Transformer(ModelArgs(**TINY))
     assert not kernels.dependent_launches_pay(model)
     kernels.use_float_gemv(model)

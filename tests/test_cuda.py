@@ -159,6 +159,69 @@ def test_gemv_launched_early_reads_the_x_that_the_kernel_just_before_it_writes(m
                 assert relative_error(y, x.double() @ then.double().T) < 5e-3, (N, K)
 
 
+@pytest.mark.parametrize("rows", [1, 8])
+def test_int4_kernel_launched_early_reads_the_x_that_the_kernel_just_before_it_writes(rows,
+                                                                                   monkeypatch):
+    """int4's Triton kernel launches as a programmatic dependent launch too (single rows in groups
+    of 128 and 256 go through it), its first words loaded before the wait: in a CUDA graph
+    replayed on new inputs, each call must see the x that plain PyTorch kernels wrote before it
+    (K split in 4 and 8 parts); the next test gives it a writer that lets it start early."""
+    import kernels
+    from kernels import int4_triton_linear, int4_words, quantized_cases, relative_error
+    monkeypatch.setattr(torch._inductor.config.triton, "enable_pdl", True)  # as prepare_for_device
+    torch.manual_seed(0)
+    a = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+    assert kernels.dependent_launch(a) == (kernels.on_hopper(a) and kernels.GRID_DEPENDENCY_CONTROL)
+    # (12288, 4096), whose K the small matmul splits, then (4096, 12288) after it
+    (_, (packed, *first), reference), = [c for c in quantized_cases(12288, 4096, "cuda")
+                                         if c[0] == "int4 g128"]
+    (_, (then_packed, *then), then_reference), = [c for c in quantized_cases(4096, 12288, "cuda")
+                                                  if c[0] == "int4 g128"]
+    words, then_words = int4_words(packed), int4_words(then_packed)
+
+    def step():
+        x = int4_triton_linear(a * 2, words, *first)  # x written by a plain kernel just before
+        return x, int4_triton_linear(x / 64, then_words, *then)
+    step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        x, y = step()  # (rows, 12288), (rows, 4096)
+    for _ in range(5):
+        a.copy_(torch.randn_like(a))
+        graph.replay()
+        assert relative_error(x, 2 * a.double() @ reference.T) < 1e-2
+        assert relative_error(y, (x / 64).double() @ then_reference.T) < 1e-2
+
+
+def test_int4_kernel_launched_right_after_the_gemv_reads_the_x_the_gemv_writes(monkeypatch):
+    """The one-row GEMV lets the next kernel launch before it has written its output; int4's
+    kernel right after it (its single rows in groups of 128) must still wait for that output: in a
+    CUDA graph replayed on new inputs, its sums are those of the x the GEMV has just written."""
+    import kernels
+    from kernels import int4_triton_linear, int4_words, quantized_cases, relative_error, scaled_gemv
+    monkeypatch.setattr(torch._inductor.config.triton, "enable_pdl", True)  # as prepare_for_device
+    torch.manual_seed(0)
+    a = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    assert kernels.dependent_launch(a) == (kernels.on_hopper(a) and kernels.GRID_DEPENDENCY_CONTROL)
+    bf16 = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) / 64
+    (_, (packed, *int4), reference), = [c for c in quantized_cases(12288, 4096, "cuda")
+                                        if c[0] == "int4 g128"]
+    words = int4_words(packed)
+
+    def step():
+        h = scaled_gemv(a * 2, bf16, None)  # (1, 4096): the GEMV's output, no kernel after it
+        return h, int4_triton_linear(h, words, *int4)
+    step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        h, y = step()  # (1, 4096), (1, 12288)
+    for _ in range(5):
+        a.copy_(torch.randn_like(a))
+        graph.replay()
+        assert relative_error(h, 2 * a.double() @ bf16.double().T) < 1e-2
+        assert relative_error(y, h.double() @ reference.T) < 1e-2
+
+
 @pytest.mark.parametrize("rows", [65, 160, 256])
 def test_one_byte_layer_compiled_past_the_small_matmul_rows_matches_eager(rows):
     """Past MAX_MM_ROWS the layer pads x to whole blocks of rows and drops the padding's results:
