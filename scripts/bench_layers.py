@@ -9,8 +9,9 @@ own kernels, no attention, no compile), as the median of --repeats passes. A pas
 model's linear weights, far more than the L2 cache holds, as a decode step does. Columns: ms a
 pass; GB/s = the layers' weight bytes / time, and that as a share of the copy bandwidth measured in
 this process (the ceiling of a memory-bound pass); rows/s = R / time; and against bf16 at the same
-R (at one row, bf16's GEMV). int4 up to 64 rows is timed twice where tinygemm holds a copy (groups of
-32 and 64): by tinygemm and by the Triton small matmul (`path`); bf16 at one row too: by cuBLAS and by the project's GEMV (kernels.FloatLinear).
+R (at one row, bf16's GEMV). int4 up to 64 rows is timed twice where tinygemm holds a copy (groups
+of 32 and 64): by tinygemm and by the Triton small matmul (`path`); bf16 at one row too: by cuBLAS
+and by the project's GEMV (kernels.FloatLinear).
 The Triton kernels are checked against their reference first (kernels.check_kernels), as bench.py
 does: speeds of wrong kernels mean nothing.
 """
