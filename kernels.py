@@ -388,8 +388,8 @@ if triton is not None:
         to 128 columns) side by side are its columns in order, the left operand of one dot. That dot
         multiplies the bits as they come, 128 + q; one dot of ones gives sum x, and
         scale (sum (128 + q) x - 136 sum x) + zero sum x is the group's sum of w x, in float32 (no
-        weight rounded to bf16). PDL (a programmatic dependent launch): the first chunk's words are loaded before
-        waiting for the kernel before this one, whose output x is."""
+        weight rounded to bf16). PDL (a programmatic dependent launch): the first chunk's words are
+        loaded before waiting for the kernel before this one, whose output x is."""
         n0 = tl.program_id(0) * BLOCK_N
         first = tl.program_id(1) * K_PER_SPLIT
         # The first chunk apart from the loop, so that PDL's wait can come between its load and
