@@ -300,10 +300,11 @@ def test_int4_kernel_path_matches_the_dequantized_reference(groupsize, k, dtype)
 TINY = dict(dim=96, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=100, intermediate_size=160,
             block_size=64, attention_bias=True, tie_embeddings=True)
 # (mode, groupsize, --output_layer): every mode, and each kind of output layer: int8 (the default,
-# None), the mode's own (int4 g64, untied) and float (fp8, tied).
-FILE_CASES = [("int8", None, None), ("int4", 32, None), ("int4", 64, "int4"),
+# None), the mode's own (int4 g64, untied) and float (fp8, tied); int4 in groups of 32 and 64, which
+# keep tinygemm for single rows on a GPU, and of 128 (K of 96 and 160 padded), which does not.
+FILE_CASES = [("int8", None, None), ("int4", 32, None), ("int4", 64, "int4"), ("int4", 128, None),
               ("fp8", None, "float")]
-FILE_IDS = ["int8", "int4-g32", "int4-g64-output-int4", "fp8-output-float"]
+FILE_IDS = ["int8", "int4-g32", "int4-g64-output-int4", "int4-g128-padded", "fp8-output-float"]
 
 
 def output_mode(output_layer):
@@ -389,11 +390,14 @@ def test_sidecar_config_records_the_scheme(tiny_checkpoint, mode, groupsize, out
     assert q["format"] == kernels.FORMAT and q["mode"] == mode and q["groupsize"] == groupsize
     assert q["output_mode"] == output and q["source"] == "model.safetensors"
     assert len(q["layers"]) == 4 * TINY["n_layer"] + (output is not None)
-    # The padding is recorded per layer: dim 96 pads to 128 for g64; intermediate 160 pads to 192.
-    expected_pad = {} if groupsize != 64 else {
-        **{f"layers.{i}.{name}": [96, 128] for i in range(2)
-           for name in ("attention.wqkv", "attention.wo", "feed_forward.w13")},
-        **{f"layers.{i}.feed_forward.w2": [160, 192] for i in range(2)}, "output": [96, 128]}
+    # The padding is recorded per int4 layer whose K is not whole groups: dim 96 pads to 128 in
+    # groups of 64 and 128, intermediate 160 to 192 and 256 (in groups of 32 both are whole).
+    in_features = {**{f"layers.{i}.{name}": 96 for i in range(2)
+                      for name in ("attention.wqkv", "attention.wo", "feed_forward.w13")},
+                   **{f"layers.{i}.feed_forward.w2": 160 for i in range(2)},
+                   **({"output": 96} if output == "int4" else {})}
+    expected_pad = {layer: [k, -(-k // groupsize) * groupsize] for layer, k in in_features.items()
+                    if mode == "int4" and k % groupsize}
     assert q["padded"] == expected_pad
     assert read_checkpoint(path).args == ModelArgs(**{**TINY, "tie_embeddings": output is None})
     assert read_checkpoint(folder).args == ModelArgs(**TINY)  # config.json is untouched
@@ -1073,9 +1077,11 @@ def test_cpu_quantized_file_runs_on_cuda_in_bfloat16(tiny_checkpoint, mode, grou
     path = folder / out_name(mode, groupsize)
     cpu = logits_of(load_checkpoint(path, "cpu", torch.float32), IDX)
     model = load_checkpoint(path, "cuda", torch.bfloat16)
-    if mode == "int4":  # tinygemm for one row, the Triton kernels' layout for the rest
-        assert all(m.kernel is not None and m.words is not None for m in model.modules()
-                   if isinstance(m, kernels.Int4Linear))
+    if mode == "int4":  # the Triton kernels' layout; tinygemm's copy beside it for single rows
+        int4_layers = [m for m in model.modules() if isinstance(m, kernels.Int4Linear)]
+        tinygemm = kernels.TINYGEMM_MAX_ROWS.get(groupsize, 0) != 0  # else one copy of the weights
+        assert int4_layers and all(m.words is not None and (m.kernel is not None) == tinygemm
+                                   for m in int4_layers)
     if mode == "fp8":
         assert all(m.scaled_mm == scaled_mm for m in model.modules()
                    if isinstance(m, kernels.Fp8Linear))
