@@ -197,16 +197,6 @@ if triton is not None:
         out = (tl.program_id(1) * tl.num_programs(2) + pair) * N + rows
         tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
-    # A mixture's experts: one warp count per tile, as each new expert shape (two per model)
-    # autotunes during the compile; 512 words too, as a bf16 word is half an int32 one. At most
-    # 32 accumulators a thread (64 with SWIGLU's up rows).
-    EXPERT_CONFIGS = [triton.Config(dict(BLOCK_N=n, BLOCK_WORDS=k), num_stages=3,
-                                    num_warps=4 if n * k <= 2048 else 8)
-                      for n in (4, 8, 16) for k in (128, 256, 512)]
-    expert_gemv_tuned = triton.autotune(
-        configs=EXPERT_CONFIGS,
-        key=["N", "K_WORDS", "WORDS_PER_SPLIT", "PER_WORD", "FP8", "SWIGLU"])(scaled_gemv_kernel)
-
     @triton.jit
     def weight_tile(w_ptr, s_ptr, n0, k0, N, K, SCALED: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, dtype: tl.constexpr, TMA: tl.constexpr = False):
@@ -683,6 +673,18 @@ GEMV_TILES = {torch.int8: dict(BLOCK_N=4, BLOCK_WORDS=512, num_warps=4, num_stag
 # end to end), of 9 int8 tiles the fastest alone (BENCHMARKS.md).
 SWIGLU_GEMV_TILES = {dtype: dict(tile, BLOCK_N=tile["BLOCK_N"] // 2)
                      for dtype, tile in GEMV_TILES.items()}
+# A mixture's expert GEMV: a tile for each kind of weight (float ones a weight a word, one-byte ones
+# four) and each of an expert's layers (w13 with SwiGLU, w2). Of 9 (4 to 16 rows x 128 to 512 words
+# x 4 or 8 warps), each is the fastest or within 1.6 % of it on both Qwen3-30B-A3B's experts and
+# Mixtral-8x7B's, bf16 and int8 (one token; 48 or 32 layers' distinct weights in a CUDA graph; H200,
+# BENCHMARKS.md). Autotuned at compile time instead, by timing single calls, a layer took a slower
+# tile in 16 of 40 tunings (up to 10 % slower), a different one from process to process, and with
+# it the outputs' last bits. fp8 experts take int8's tiles (not timed). At most 16 accumulators a
+# thread (32 with SwiGLU's up rows).
+EXPERT_TILES = {(1, True): dict(BLOCK_N=8, BLOCK_WORDS=256, num_warps=4, num_stages=3),
+                (1, False): dict(BLOCK_N=8, BLOCK_WORDS=128, num_warps=4, num_stages=3),
+                (4, True): dict(BLOCK_N=4, BLOCK_WORDS=128, num_warps=4, num_stages=3),
+                (4, False): dict(BLOCK_N=8, BLOCK_WORDS=128, num_warps=4, num_stages=3)}
 # A layer of one-byte weights with few output rows and a long K (Llama-2-7B's down projection:
 # 4096 x 11008) gives too few programs to keep every SM's loads in flight, so its K is split into
 # parts of at most SPLIT_COLUMNS, one program each per row block, and the caller adds the partial
@@ -1027,14 +1029,13 @@ def expert_gemv_partials(x: Tensor, experts: Tensor, weight: Tensor, scales: Opt
     n_out = N // 2 if swiglu_out else N
     y = torch.empty(split_k, P, n_out, dtype=x.dtype if swiglu_out else torch.float32,
                     device=x.device)
-    grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]), split_k, P)  # noqa: E731
-    pairs_per_row = P // x.shape[0]
+    tile, pairs_per_row = EXPERT_TILES[per_word, swiglu_out], P // x.shape[0]
     x, x16 = gemv_input(x, per_word)
-    expert_gemv_tuned[grid](x, weight.view(torch.int32) if per_word == 4 else weight,
-                            scales, experts.contiguous(), y, n_out, K // per_word,
-                            words_per_split(K, split_k) * 4 // per_word, pairs_per_row,
-                            PER_WORD=per_word, FP8=weight.dtype == torch.float8_e4m3fn, X16=x16,
-                            SWIGLU=swiglu_out)
+    scaled_gemv_kernel[(triton.cdiv(n_out, tile["BLOCK_N"]), split_k, P)](
+        x, weight.view(torch.int32) if per_word == 4 else weight, scales, experts.contiguous(), y,
+        n_out, K // per_word, words_per_split(K, split_k) * 4 // per_word, pairs_per_row,
+        PER_WORD=per_word, FP8=weight.dtype == torch.float8_e4m3fn, X16=x16, SWIGLU=swiglu_out,
+        **tile)
     return y
 
 

@@ -229,62 +229,75 @@ def one_byte_experts(E: int, N: int, K: int) -> list:
             (fp8, torch.rand(E, N) / 448)]
 
 
-# The GEMV indexed by expert: float weights (PER_WORD 1; the interpreter has bf16 loads), int8 and
-# fp8 words with scales, x a row per token or per pair, K whole or split.
+# The GEMV indexed by expert, each of kernels.EXPERT_TILES on two kinds of weights: float weights
+# (PER_WORD 1; the interpreter has bf16 loads), int8 and fp8 words with scales, x a row per token or
+# per pair, K whole or split; then through the op (kernels.expert_matmul) on the tiles it takes.
 def check_expert_gemv():
-    from kernels import (EXPERT_CONFIGS, expert_matmul_reference, gemv_input, relative_error,
-                         scaled_gemv_kernel, words_per_split)
+    from kernels import (EXPERT_TILES, expert_matmul, expert_matmul_reference, gemv_input,
+                         relative_error, scaled_gemv_kernel, words_per_split)
     from model import swiglu
+    tiles = list(EXPERT_TILES.values())
 
-    def launch(x, weight, scales, experts, y, split_k, config, swiglu_out=False):
+    def launch(x, weight, scales, experts, y, split_k, tile, swiglu_out=False):
         """scaled_gemv_kernel into y (split_k, pairs, outputs), launched as
         kernels.expert_gemv_partials launches it."""
         K, P, n_out = x.shape[-1], experts.numel(), y.shape[-1]
         per_word = 4 if scales is not None else 1
         x_read, x16 = gemv_input(x, per_word)
-        grid = (triton.cdiv(n_out, config.kwargs["BLOCK_N"]), split_k, P)
+        grid = (triton.cdiv(n_out, tile["BLOCK_N"]), split_k, P)
         scaled_gemv_kernel[grid](x_read, weight.view(torch.int32) if per_word == 4 else weight,
                                  scales, experts, y, n_out, K // per_word,
                                  words_per_split(K, split_k) * 4 // per_word, P * K // x.numel(),
                                  PER_WORD=per_word, FP8=weight.dtype == torch.float8_e4m3fn,
-                                 X16=x16, SWIGLU=swiglu_out, **config.kwargs)
+                                 X16=x16, SWIGLU=swiglu_out, **tile)
 
     torch.manual_seed(0)
-    for E, N, K in ((4, 32, 512), (5, 37, 300)):  # whole tiles (some configs); ragged ones
+    for E, N, K in ((4, 32, 512), (5, 37, 300)):  # whole tiles (some tiles); ragged ones
         kinds = [(torch.randn(E, N, K, dtype=dtype), None) for dtype in (torch.bfloat16, torch.float16)]
         kinds += one_byte_experts(E, N, K)
         experts = torch.tensor([[3, 1], [1, 1]]) % E  # 2 tokens, top-2, one expert twice
-        for c, config in enumerate(EXPERT_CONFIGS):
-            # each kind in turn, once or twice with each input and each split
-            (weight, scales), rows = kinds[c % 4], 1 + (c + c // 4) % 2  # 1: w13's input, 2: w2's
-            split_k = 1 + 2 * (c // 4 % 2)  # 3: K over 3 programs, each column counted once
-            x = torch.randn(2, rows, K, dtype=X_DTYPES[c // 3 % 3])
+        for c in range(2 * len(kinds)):
+            # each kind on two tiles, once or twice with each input and each split
+            (weight, scales), tile = kinds[c % 4], tiles[(c + c // 4) % 4]
+            # rows 1: w13's input, 2: w2's; split 3: K over 3 programs, each column counted once
+            rows, split_k = 1 + (c + c // 4) % 2, 1 + 2 * (c // 4)
+            x = torch.randn(2, rows, K, dtype=X_DTYPES[c % 3])
             reference = expert_matmul_reference(x, experts, weight, scales)  # (2, 2, N)
             y = torch.full((split_k, 4, N), float("nan"))  # poisoned: every element must be written
-            launch(x, weight, scales, experts, y, split_k, config)
+            launch(x, weight, scales, experts, y, split_k, tile)
             error = relative_error(y.sum(0).view(2, 2, N), reference)
-            assert error < 1e-6, (weight.dtype, x.dtype, N, K, rows, config, split_k, error)
+            assert error < 1e-6, (weight.dtype, x.dtype, N, K, rows, tile, split_k, error)
     # SWIGLU: each expert's rows are gate then up; SiLU(gate) * up stored in x's dtype. Against the
-    # same config's float32 sums (SWIGLU off, the same order of adds) through model.swiglu: within
+    # same tile's float32 sums (SWIGLU off, the same order of adds) through model.swiglu: within
     # one unit in the last place of a 16-bit output (the interpreter truncates where a GPU rounds)
     for E, N, K in ((4, 64, 512), (5, 74, 300)):  # 32 and 37 outputs a pair
         kinds = [(torch.randn(E, N, K, dtype=torch.bfloat16), None), *one_byte_experts(E, N, K)]
         experts = torch.tensor([[3, 1], [1, 1]]) % E
-        for c, config in enumerate(EXPERT_CONFIGS):
-            (weight, scales), dtype = kinds[c % 3], X_DTYPES[c // 3 % 3]
+        for c, tile in enumerate((EXPERT_TILES[1, True], EXPERT_TILES[4, True]) * 3):
+            (weight, scales), dtype = kinds[c % 3], X_DTYPES[c // 2]
             x = torch.randn(2, 1, K, dtype=dtype)  # a token for both its experts
             sums = torch.full((1, 4, N), float("nan"))
-            launch(x, weight, scales, experts, sums, 1, config)
+            launch(x, weight, scales, experts, sums, 1, tile)
             y = torch.full((1, 4, N // 2), float("nan"), dtype=dtype)
-            launch(x, weight, scales, experts, y, 1, config, swiglu_out=True)
+            launch(x, weight, scales, experts, y, 1, tile, swiglu_out=True)
             sums, y = sums[0], y[0]
             reference = expert_matmul_reference(x, experts, weight, scales, swiglu_out=True)
             if dtype == torch.float32:
-                assert relative_error(y.view(2, 2, -1), reference) < 1e-6, (weight.dtype, N, K, config)
+                assert relative_error(y.view(2, 2, -1), reference) < 1e-6, (weight.dtype, N, K, tile)
                 continue
             unfused = swiglu(sums).to(dtype)  # (4, N / 2)
             ulp = torch.finfo(dtype).eps * torch.exp2(torch.log2(unfused.float().abs()).floor())
-            assert ((y.float() - unfused.float()).abs() <= ulp).all(), (weight.dtype, dtype, N, K, config)
+            assert ((y.float() - unfused.float()).abs() <= ulp).all(), (weight.dtype, dtype, N, K, tile)
+    # The op itself, on the tile it takes for each kind and layer: w13's shape and input (SwiGLU, a
+    # bf16 output), w2's (float32 sums)
+    for N, swiglu_out, rows, bound in ((74, True, 1, 1e-2), (37, False, 2, 1e-6)):
+        for weight, scales in ((torch.randn(5, N, 300, dtype=torch.bfloat16), None),
+                               *one_byte_experts(5, N, 300)):
+            x = torch.randn(2, rows, 300, dtype=torch.bfloat16)
+            y = expert_matmul(x, experts, weight, scales, swiglu_out=swiglu_out)
+            reference = expert_matmul_reference(x, experts, weight, scales, swiglu_out=swiglu_out)
+            assert y.shape == (2, 2, 37), y.shape
+            assert relative_error(y, reference) < bound, (weight.dtype, swiglu_out)
 
 
 # The grouped expert kernel, as kernels.grouped_expert_mm launches it and with smaller blocks, on
