@@ -257,7 +257,7 @@ def check_expert_gemv():
         kinds += one_byte_experts(E, N, K)
         experts = torch.tensor([[3, 1], [1, 1]]) % E  # 2 tokens, top-2, one expert twice
         for c in range(2 * len(kinds)):
-            # each kind on two tiles, once or twice with each input and each split
+            # each kind on two tiles, once with each input and each split
             (weight, scales), tile = kinds[c % 4], tiles[(c + c // 4) % 4]
             # rows 1: w13's input, 2: w2's; split 3: K over 3 programs, each column counted once
             rows, split_k = 1 + (c + c // 4) % 2, 1 + 2 * (c // 4)
