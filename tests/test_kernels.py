@@ -252,7 +252,9 @@ def check_expert_gemv():
                                  X16=x16, SWIGLU=swiglu_out, **tile)
 
     torch.manual_seed(0)
-    for E, N, K in ((4, 32, 512), (5, 37, 300)):  # whole tiles (some tiles); ragged ones
+    # whole tiles (some tiles); ragged ones; a K whose split in 3 leaves no part empty (parts are
+    # whole blocks of 1024 weights: SPLIT_ALIGN_WORDS words of one-byte weights)
+    for E, N, K in ((4, 32, 512), (5, 37, 300), (3, 20, 2100)):
         kinds = [(torch.randn(E, N, K, dtype=dtype), None) for dtype in (torch.bfloat16, torch.float16)]
         kinds += one_byte_experts(E, N, K)
         experts = torch.tensor([[3, 1], [1, 1]]) % E  # 2 tokens, top-2, one expert twice
