@@ -434,7 +434,7 @@ def main(argv=None):
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     compiled = args.compile or args.compile_prefill
-    prefill_fn, decode_fn = compile_functions(args, config) if compiled else (prefill, decode_one_token)
+    prefill_fn, decode_fn = compile_functions(args) if compiled else (prefill, decode_one_token)
     eos_ids = tokenizer.eos_ids if tokenizer is not None else []
     if not speculative:
         generate_fn = partial(generate, model, sampling=sampling, eos_ids=eos_ids,
@@ -691,28 +691,18 @@ def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: i
             print(describe(metrics(gen, model_bytes, device)), file=sys.stderr)
 
 
-def compile_functions(args, config: ModelArgs, prefill_step: Callable = prefill,
+def compile_functions(args, *, prefill_step: Callable = prefill,
                       decode_step: Callable = decode_one_token,
                       decode_dynamic: Optional[bool] = None):
     """The compiled prefill and decode step (server.py passes its own, and decode_dynamic=False: a
-    static graph for each row count) for a model of this config, kept as values rather than
-    installed over module globals."""
-    import torch._inductor.config as inductor_config
-    # Coordinate-descent tuning (inductor re-times its kernels' tiles around its first choice) for
-    # mixtures of experts only. On an H200 they decoded faster with it (Mixtral-8x7B int8 4 %,
-    # Qwen3-30B-A3B bf16 18 %, int8 10 %); dense Llama-2-7B bf16 decoded at 189-247 tok/s with it,
-    # a new speed each compile, and at 232-233 without, int8 no faster with it (BENCHMARKS.md). The
-    # setting is the process's: what compiles later (a draft's step, the verify) takes it too.
-    inductor_config.coordinate_descent_tuning = config.n_experts > 0
+    static graph for each row count), kept as values rather than installed over module globals."""
     # The model's float constants (the norms' eps) as constants from the start: traced as symbols,
     # as a dynamic compile does by default, they fail a later pass, which traces the prefill again.
     torch._dynamo.config.specialize_float = True
     decode_fn = (torch.compile(decode_step, mode="reduce-overhead", fullgraph=True,
                                dynamic=decode_dynamic) if args.compile else decode_step)
-    # not the prefill's: its time is in matrix multiplies, which the tuning does not touch
-    prefill_fn = torch.compile(prefill_step, fullgraph=True, dynamic=True,
-                               options={"coordinate_descent_tuning": False}
-                               ) if args.compile_prefill else prefill_step
+    prefill_fn = (torch.compile(prefill_step, fullgraph=True, dynamic=True)
+                  if args.compile_prefill else prefill_step)
     return prefill_fn, decode_fn
 
 

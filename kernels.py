@@ -47,6 +47,7 @@ tests/test_kernels.py in Triton's CPU interpreter. On the CPU, decode goes to Py
 weight-only int8 and int4 kernels (see "CPU kernels" below; tests/test_cpu_kernels.py).
 """
 import copy
+import functools
 from typing import Optional
 
 import torch
@@ -118,7 +119,8 @@ if triton is not None:
     def scaled_gemv_kernel(x_ptr, w_ptr, s_ptr, ids_ptr, y_ptr, N, K_WORDS, WORDS_PER_SPLIT,
                            PAIRS_PER_ROW, PER_WORD: tl.constexpr, FP8: tl.constexpr,
                            X16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_WORDS: tl.constexpr,
-                           SWIGLU: tl.constexpr = False, PDL: tl.constexpr = False):
+                           SWIGLU: tl.constexpr = False, PDL: tl.constexpr = False,
+                           LAUNCH_NEXT: tl.constexpr = False):
         """y[split, p, n] = scales[e, n] * sum over the split's columns k of x[r, k] * w[e, n, k]
         for BLOCK_N rows n (program_id 0) of pair p (program_id 2): expert e = ids[p] and x row
         r = p // PAIRS_PER_ROW (ids None: a plain GEMV, e = 0; scales None: no scaling).
@@ -133,7 +135,9 @@ if triton is not None:
         first: the feed-forward's activation in the GEMV, one launch less a layer; a program
         holds BLOCK_N gate rows and their BLOCK_N up rows. PDL (a plain GEMV launched as a
         programmatic dependent launch): the first weight tile is loaded before waiting for the
-        kernel before this one, whose output x is, so that the weights stream while it ends."""
+        kernel before this one, whose output x is, so that the weights stream while it ends; with
+        ids, only where they were written before that kernel started (expert_gemv_partials).
+        LAUNCH_NEXT (a plain launch): the next kernel may launch at this one's start."""
         pair = tl.program_id(2)
         expert = 0
         if ids_ptr is not None:
@@ -149,8 +153,10 @@ if triton is not None:
         last = tl.minimum(first + WORDS_PER_SPLIT, K_WORDS)
         acc = tl.zeros((BLOCK_N, BLOCK_WORDS), dtype=tl.float32)
         up_acc = tl.zeros((BLOCK_N, BLOCK_WORDS), dtype=tl.float32)  # SWIGLU's up rows
-        # (an expert's rows depend on ids, the router's output, which only the wait makes safe)
-        tl.static_assert(not PDL or ids_ptr is None)
+        # a dependent launch lets the next kernel launch only after its own wait
+        tl.static_assert(not (PDL and LAUNCH_NEXT))
+        if LAUNCH_NEXT:
+            tl.extra.cuda.gdc_launch_dependents()
         if PDL:
             words = weight_words(w_ptr, row_start, first, last, row_ok, BLOCK_WORDS)
             tl.extra.cuda.gdc_wait()  # the kernel before has written x
@@ -900,13 +906,16 @@ def tma_loads(t: Tensor) -> bool:
 # Programmatic dependent launch on Hopper and later GPUs: the one-row GEMV may start while the
 # kernel before it ends, its programs loading their first weight tile before they wait for that
 # kernel's output (x), so that memory stays busy across the boundary. The kernels before it let it
-# start early: the decode attention kernels at once, inductor's once they have loaded their inputs.
+# start early: the decode attention kernels and a mixture's w13 expert GEMV at once, inductor's once
+# they have loaded their inputs.
 # prepare_for_device turns inductor's option on where it pays (dependent_launches_pay), and the
 # GEMV launches so only then: the two pay together only. A pass of Llama-2-7B's int8 layers back
 # to back on an H200 took 9 % less time; decode: int8 +6 %, fp8 +4 %, bf16 +1 % (BENCHMARKS.md).
 # The small matmul of decode batches keeps plain launches: launched so, int8 at 8 rows ran 4 %
 # slower than with inductor's alone. False: plain launches.
 PDL = True
+# A mixture's w2 GEMV launched so too, right after w13's (expert_gemv_partials). False: plainly.
+EXPERT_PDL = True
 
 
 def dependent_launch(x: Tensor) -> bool:
@@ -1015,12 +1024,13 @@ def kernel_route(x: Tensor, mm_rows: int = MAX_MM_ROWS) -> Optional[str]:
 
 @torch.library.custom_op("blitz::expert_gemv_partials", mutates_args=())
 def expert_gemv_partials(x: Tensor, experts: Tensor, weight: Tensor, scales: Optional[Tensor],
-                         split_k: int, swiglu_out: bool = False) -> Tensor:
+                         split_k: int, swiglu_out: bool = False, ids_final: bool = False) -> Tensor:
     """Rows x (R, K) through experts (P,) (ids, P a multiple of R: pair p takes row p // (P / R)),
     weight (n_experts, N, K) bf16, fp16, float32, or int8 / float8_e4m3fn (K a multiple of 4) with
     scales (n_experts, N): (split_k, P, N) float32 partial sums. swiglu_out (split_k 1): the
     weight's rows are gate then up projections, and the result model.swiglu of the sums,
-    (1, P, N / 2) in x's dtype."""
+    (1, P, N / 2) in x's dtype. ids_final: the ids were written before the kernel just before
+    this one started (a mixture's w2, right after w13's launch)."""
     P, (_, N, K) = experts.numel(), weight.shape
     assert weight.is_contiguous(), "expert_gemv: row-major weights"
     assert P % x.shape[0] == 0, "expert_gemv: the same number of experts for every row"
@@ -1030,35 +1040,45 @@ def expert_gemv_partials(x: Tensor, experts: Tensor, weight: Tensor, scales: Opt
     y = torch.empty(split_k, P, n_out, dtype=x.dtype if swiglu_out else torch.float32,
                     device=x.device)
     tile, pairs_per_row = EXPERT_TILES[per_word, swiglu_out], P // x.shape[0]
+    # w13's GEMV, a plain launch (it reads the router's ids before anything else), lets w2's start
+    # at once; w2's ids were final before w13 started, so it loads them and its first weights
+    # before its wait (PDL), while w13 ends.
+    assert not (swiglu_out and ids_final), "expert_gemv: w13's ids are the router's latest output"
+    pdl = EXPERT_PDL and dependent_launch(x)
+    early = pdl and ids_final
     x, x16 = gemv_input(x, per_word)
     scaled_gemv_kernel[(triton.cdiv(n_out, tile["BLOCK_N"]), split_k, P)](
         x, weight.view(torch.int32) if per_word == 4 else weight, scales, experts.contiguous(), y,
         n_out, K // per_word, words_per_split(K, split_k) * 4 // per_word, pairs_per_row,
         PER_WORD=per_word, FP8=weight.dtype == torch.float8_e4m3fn, X16=x16, SWIGLU=swiglu_out,
+        PDL=early, LAUNCH_NEXT=pdl and swiglu_out, **(dict(launch_pdl=True) if early else {}),
         **tile)
     return y
 
 
 @expert_gemv_partials.register_fake
 def _(x: Tensor, experts: Tensor, weight: Tensor, scales: Optional[Tensor],
-      split_k: int, swiglu_out: bool = False) -> Tensor:
+      split_k: int, swiglu_out: bool = False, ids_final: bool = False) -> Tensor:
     N = weight.shape[1] // 2 if swiglu_out else weight.shape[1]
     dtype = x.dtype if swiglu_out else torch.float32
     return x.new_empty(split_k, experts.numel(), N, dtype=dtype)
 
 
 def expert_matmul(x: Tensor, experts: Tensor, weight: Tensor,
-                  scales: Optional[Tensor] = None, swiglu_out: bool = False) -> Tensor:
+                  scales: Optional[Tensor] = None, swiglu_out: bool = False,
+                  ids_final: bool = False) -> Tensor:
     """x (M, 1 or k, K) through the experts (M, k) chosen for each row: weight (n_experts, N, K),
     float or one-byte with scales (n_experts, N). (M, k, N) in float32; the split-K partial sums
     are added here, which torch.compile fuses into the next operation. swiglu_out: model.swiglu
-    of that, (M, k, N / 2) in x's dtype, from the one launch (K whole)."""
+    of that, (M, k, N / 2) in x's dtype, from the one launch (K whole). ids_final: as
+    expert_gemv_partials takes it (a mixture's w2, whose kernel prepare_for_device makes so)."""
     N, K = weight.shape[1:]
     if swiglu_out:
         y = expert_gemv_partials(x.reshape(-1, K), experts.flatten(), weight, scales, 1, True)
         return y.view(*experts.shape, N // 2)
-    y = expert_gemv_partials(x.reshape(-1, K), experts.flatten(), weight, scales,
-                             split_k_for(N, K))  # (split_k, M * k, N)
+    # (ids copied to be contiguous would be written just before the kernel: then it waits first)
+    y = expert_gemv_partials(x.reshape(-1, K), experts.flatten(), weight, scales, split_k_for(N, K),
+                             ids_final=ids_final and experts.is_contiguous())  # (split_k, M * k, N)
     return added_parts(y).view(*experts.shape, N)
 
 
@@ -1885,7 +1905,7 @@ class Fp8Linear(nn.Module):
 class FloatLinear(nn.Linear):
     """nn.Linear whose single rows on a GPU go through the GEMV (GEMV_TILES), faster there
     than PyTorch's matmul; more rows (prompts, batches) keep PyTorch's. prepare_for_device puts
-    one in place of each nn.Linear of a dense bf16 or fp16 model on CUDA, over the same
+    one in place of each nn.Linear of a bf16 or fp16 model on CUDA, over the same
     parameters. The kernel reads a row-major weight in x's dtype; anything else (a transposed
     weight, mixed dtypes) takes PyTorch's matmul, as F.linear takes any strides."""
 
@@ -1924,11 +1944,12 @@ def dependent_launches_pay(model: nn.Module) -> bool:
     a dense model whose blocks' linear layers all take a single row through the GEMV (int8, fp8
     weight-only, and bf16 and fp16 ones once they are FloatLinear; int4 ones whose single rows take
     the Triton kernel, which launches so too), or a mixture of experts with float or int8 layers
-    (their expert GEMV launches plainly). Not int4 whose single rows tinygemm takes."""
+    (w13's expert GEMV launches plainly, w2's as a dependent launch). Not int4 whose single rows
+    tinygemm takes."""
     linears = [m for m in model.layers.modules()
                if isinstance(m, (nn.Linear, Int8Linear, Int4Linear, Fp8Linear))]
     if model.args.n_experts:
-        return all(type(m) in (nn.Linear, Int8Linear) for m in linears)
+        return all(type(m) in (nn.Linear, FloatLinear, Int8Linear) for m in linears)
     return bool(linears) and all(isinstance(m, (FloatLinear, Int8Linear)) or
                                  (isinstance(m, Fp8Linear) and not m.scaled_mm) or
                                  (isinstance(m, Int4Linear) and m.kernel is None
@@ -2111,8 +2132,8 @@ def prepare_for_device(model: nn.Module):
     see TINYGEMM_MAX_ROWS) and lay them out for the Triton kernels (Int4Linear.use_triton), choose
     the fp8 matmul, give float, int8 and fp8 experts on CUDA the expert GEMV (int8 and fp8 also the
     grouped expert kernel, in bf16 models), their routers the router kernel, bf16 and fp16 attention
-    the decode and chunk attention kernels and, in dense models, bf16 and fp16 linear layers the
-    GEMV (FloatLinear) and feed-forwards SwiGLU in w13's GEMV (swiglu_linear), and on the CPU route
+    the decode and chunk attention kernels, bf16 and fp16 linear layers the GEMV (FloatLinear),
+    dense feed-forwards SwiGLU in w13's GEMV (swiglu_linear), and on the CPU route
     decode-sized inputs of the int8 and int4 layers to PyTorch's CPU kernels (where
     cpu_kernels_usable). On a GPU, it also sets inductor's dependent launches for the process
     (below)."""
@@ -2121,12 +2142,10 @@ def prepare_for_device(model: nn.Module):
     triton_16_bit = (triton is not None and model.tok_embeddings.weight.is_cuda
                      and dtype in MM_DTYPES)
     attention_kernel = DECODE_ATTENTION and triton_16_bit
-    # Mixtures of experts keep nn.Linear: with it they decode faster than with FloatLinear, though
-    # FloatLinear is faster than cuBLAS layer by layer (H200, two rounds of alternating cells:
-    # Mixtral-8x7B +1.3-1.9 %, Qwen3-30B-A3B +1.9-7.3 %; BENCHMARKS.md), presumably because they
-    # compile with coordinate-descent tuning, whose GEMVs have the preceding RMSNorm fused in.
-    if FLOAT_GEMV and triton_16_bit and not model.args.n_experts:
+    if FLOAT_GEMV and triton_16_bit:
         use_float_gemv(model)
+    # a mixture's w2 runs right after its w13 (expert_gemv_partials' ids_final)
+    second_layers = {id(m.w2) for m in model.modules() if isinstance(m, MoEFeedForward)}
     for module in model.modules():
         if isinstance(module, Attention) and attention_kernel:
             module.decode_kernel, module.chunk_kernel = decode_attention, chunk_attention_op
@@ -2141,7 +2160,8 @@ def prepare_for_device(model: nn.Module):
             module.swiglu_kernel = swiglu_linear
         if (isinstance(module, (Experts, OneByteExperts)) and module.weight.is_cuda
                 and triton is not None and module.in_features % 4 == 0):  # int32 words
-            module.kernel = expert_matmul
+            module.kernel = (functools.partial(expert_matmul, ids_final=True)
+                             if id(module) in second_layers else expert_matmul)
             # bf16: the grouped form's dtype (model.MoEFeedForward.grouped loops over the experts
             # in others)
             if isinstance(module, OneByteExperts) and dtype == torch.bfloat16:

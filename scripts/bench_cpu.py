@@ -67,7 +67,7 @@ def bench_model(name: str, precisions: list, rounds: int, new_tokens: int, compi
     # variants is per function and bounded: emptied for each config)
     torch._dynamo.reset()
     flags = argparse.Namespace(compile=compiled, compile_prefill=False)
-    decode = {p: generate.compile_functions(flags, m.args)[1] for p, m in models.items()}
+    decode = {p: generate.compile_functions(flags)[1] for p in models}
     for precision, model in models.items():
         model.setup_caches(1, PROMPT_TOKENS + new_tokens)
         # untimed: first-call costs, and the compile

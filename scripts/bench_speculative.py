@@ -169,8 +169,7 @@ def main(argv=None):
     compiled = not args.eager
     # compile_functions also sets the compiler options generate.py uses; the draft step and the verify are
     # compiled as generate.py's load_proposer and compile_verify compile them.
-    _, decode_fn = generate.compile_functions(argparse.Namespace(compile=compiled, compile_prefill=False),
-                                              bench.ModelArgs(**bench.CONFIGS[args.target]))
+    _, decode_fn = generate.compile_functions(argparse.Namespace(compile=compiled, compile_prefill=False))
     draft_fn = (torch.compile(generate.draft_one_token, mode="reduce-overhead", fullgraph=True) if compiled
                 else generate.draft_one_token)
     verify_fn = generate.compile_verify() if compiled else generate.verify

@@ -412,6 +412,8 @@ def test_dependent_launches_pay_for_one_row_gemv_models_and_float_or_int8_mixtur
     assert kernels.dependent_launches_pay(model)
     assert kernels.dependent_launches_pay(tiny_moe())
     moe = tiny_moe()
+    kernels.use_float_gemv(moe)  # as prepare_for_device does on a GPU
+    assert kernels.dependent_launches_pay(moe)
     wo = moe.layers[0].attention.wo
     moe.layers[0].attention.wo = kernels.Int4Linear(wo.in_features, wo.out_features, False, 32)
     assert not kernels.dependent_launches_pay(moe)

@@ -331,7 +331,7 @@ def test_float_gemv_in_a_compiled_cuda_graph_matches_pytorch_matmul(monkeypatch)
     whole, as float weights stay, w13's with SwiGLU) against the same step through PyTorch's
     matmul, eager and in a CUDA graph compiled as generate.py compiles (on Hopper, the GEMVs and
     inductor's kernels programmatic dependent launches), within bf16 rounding. A mixture of
-    experts keeps nn.Linear."""
+    experts' linear layers (attention, router, output) become FloatLinear too."""
     from argparse import Namespace
     import torch.nn as nn
     import kernels
@@ -357,7 +357,7 @@ def test_float_gemv_in_a_compiled_cuda_graph_matches_pytorch_matmul(monkeypatch)
         assert len(calls) == len(linears)
         assert sum(call.get("swiglu_out", False) for call in calls) == len(model.layers)
         monkeypatch.undo()
-        _, step = compile_functions(Namespace(compile=True, compile_prefill=False), model.args,
+        _, step = compile_functions(Namespace(compile=True, compile_prefill=False),
                                     decode_step=model)
         assert torch._inductor.config.triton.enable_pdl == kernels.PDL
         for _ in range(3):  # warm-up, graph recording, replay
@@ -366,7 +366,7 @@ def test_float_gemv_in_a_compiled_cuda_graph_matches_pytorch_matmul(monkeypatch)
     moe = tiny_moe().cuda().to(torch.bfloat16)
     prepare_for_device(moe)
     moe_linears = [m for m in moe.modules() if isinstance(m, nn.Linear)]
-    assert moe_linears and all(type(m) is nn.Linear for m in moe_linears)
+    assert moe_linears and all(type(m) is FloatLinear for m in moe_linears)
 
 
 def int8_mixture() -> torch.nn.Module:
@@ -386,13 +386,19 @@ def int8_mixture() -> torch.nn.Module:
 
 
 def test_int8_mixture_compiled_decode_with_dependent_launches_matches_eager():
-    """On Hopper prepare_for_device launches an int8 mixture's inductor kernels and its attention
-    GEMVs as programmatic dependent launches, the expert GEMV and the router's top-k plainly:
-    replayed as a CUDA graph, the compiled decode gives eager's greedy tokens."""
+    """On Hopper prepare_for_device launches an int8 mixture's inductor kernels, its attention
+    GEMVs and w2's expert GEMV (which reads the router's expert ids before its wait) as
+    programmatic dependent launches, w13's expert GEMV and the router's top-k plainly: replayed as
+    a CUDA graph, the compiled decode gives eager's greedy tokens."""
     import kernels
+    from model import MoEFeedForward
     model = int8_mixture().cuda()  # float32 activations: no near-ties from rounding
     kernels.prepare_for_device(model)
     assert torch._inductor.config.triton.enable_pdl  # (it acts on Hopper and later only)
+    for moe in (m for m in model.modules() if isinstance(m, MoEFeedForward)):
+        assert moe.w13.kernel is kernels.expert_matmul
+        assert moe.w2.kernel.func is kernels.expert_matmul and moe.w2.kernel.keywords == dict(
+            ids_final=True)
     prompts = [torch.randint(0, 97, (n,)).tolist() for n in (3, 11, 7)]
     for rows in (prompts[:1], prompts):  # one row: the GEMVs; three: the small matmul
         model.setup_caches(len(rows), 11 + 24)

@@ -9,7 +9,7 @@ import torch
 
 import generate as G
 from generate import Sampling, generate, probabilities, sample
-from checkpoint import CONFIGS, InputError, save_checkpoint
+from checkpoint import InputError, save_checkpoint
 from model import ModelArgs, Transformer
 
 TINY = dict(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=97, intermediate_size=96, block_size=128)
@@ -201,19 +201,6 @@ def test_a_prompt_chunk_riding_a_decode_step_leaves_each_row_its_alone_logits():
     torch.testing.assert_close(step[1, 0], alone[1][4], atol=1e-5, rtol=1e-5)
 
 
-def test_only_a_mixture_of_experts_compiles_with_coordinate_descent_tuning(monkeypatch):
-    import types
-    import torch._inductor.config as inductor_config
-    from generate import compile_functions
-    # restored after the test: the setting is the process's
-    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", None)
-    flags = types.SimpleNamespace(compile=False, compile_prefill=False)
-    for config, tuned in ((ModelArgs(**CONFIGS["Llama-2-7B"]), False),
-                          (ModelArgs(**CONFIGS["Mixtral-8x7B"]), True)):
-        compile_functions(flags, config)
-        assert inductor_config.coordinate_descent_tuning is tuned
-
-
 @torch.no_grad()
 def test_compiled_prefill_fills_the_cache_as_eager_for_every_prompt_length():
     """--compile_prefill: one dynamic compile serves prompts of several lengths, writing the cache and
@@ -224,8 +211,7 @@ def test_compiled_prefill_fills_the_cache_as_eager_for_every_prompt_length():
     model = tiny_model()
     torch._dynamo.reset()
     graphs = counters["stats"]["unique_graphs"]  # counted over the whole process
-    compiled, _ = compile_functions(types.SimpleNamespace(compile=False, compile_prefill=True),
-                                    model.args)
+    compiled, _ = compile_functions(types.SimpleNamespace(compile=False, compile_prefill=True))
     for T in (3, 11):
         idx = torch.randint(0, TINY["vocab_size"], (2, T))
         last = torch.tensor([T - 1, T - 2])  # each row's last real token

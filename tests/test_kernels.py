@@ -545,7 +545,7 @@ def test_gemv_input_gives_aligned_words_of_any_one_row_view():
 
 
 def test_float_linears_become_gemv_layers_over_the_same_parameters():
-    """use_float_gemv (prepare_for_device, for dense bf16 and fp16 models on CUDA) puts a
+    """use_float_gemv (prepare_for_device, for bf16 and fp16 models on CUDA) puts a
     FloatLinear in place of each nn.Linear: the same Parameter objects (a tied output layer stays
     tied, the state_dict's keys are the file's), and off a GPU the same outputs."""
     import torch.nn as nn

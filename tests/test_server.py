@@ -709,7 +709,7 @@ def test_the_warm_up_compiles_everything_the_first_requests_run(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, mode, **kwargs: compile(fn, backend="eager",
                                                                              **kwargs))
     _, step_fn = compile_functions(types.SimpleNamespace(compile=True, compile_prefill=False),
-                                   model.args, decode_step=decode_rows, decode_dynamic=False)
+                                   decode_step=decode_rows, decode_dynamic=False)
     scheduler = Scheduler(model, [], 8, 8, step_fn, static_chunks=True)
     # 1: no prefill; 2 and 10 leave a one-token chunk; 12 and 20: chunks of 8 and the rest
     jobs = [greedy_job(torch.randint(1, 97, (n,)).tolist(), 6) for n in (3, 12, 1, 2, 10, 20)]
@@ -732,7 +732,7 @@ def test_what_the_warm_up_leaves_alive_is_out_of_the_collectors_view_before_the_
                                   intermediate_size=128, block_size=64)).eval()
     model.setup_caches(3, 64)
     _, step_fn = compile_functions(types.SimpleNamespace(compile=False, compile_prefill=False),
-                                   model.args, decode_step=decode_rows, decode_dynamic=False)
+                                   decode_step=decode_rows, decode_dynamic=False)
     scheduler = Scheduler(model, [], 8, 8, step_fn, static_chunks=False)
     assert gc.get_freeze_count() == 0
     try:
