@@ -772,7 +772,7 @@ def scaled_gemv_partials(x: Tensor, weight: Tensor, scales: Optional[Tensor], sp
         x, weight if per_word == 1 else weight.view(torch.int32), scales, None, y, n_out,
         K // per_word, words_per_split(K, split_k) * 4 // per_word, 1, PER_WORD=per_word,
         FP8=weight.dtype == torch.float8_e4m3fn, X16=x16, SWIGLU=swiglu_out, PDL=pdl,
-        **(dict(launch_pdl=True) if pdl else {}), **tile)
+        **pdl_option(pdl), **tile)
     return y
 
 
@@ -926,6 +926,12 @@ def dependent_launch(x: Tensor) -> bool:
             and getattr(inductor_config.triton, "enable_pdl", False))
 
 
+def pdl_option(pdl: bool) -> dict:
+    """Triton's launch option for a programmatic dependent launch, given only for one: Tritons
+    without grid dependency control (before 3.4) know no such option."""
+    return dict(launch_pdl=True) if pdl else {}
+
+
 @torch.library.custom_op("blitz::quantized_mm_partials", mutates_args=())
 def quantized_mm_partials(x: Tensor, weight: Tensor, scales: Tensor, zeros: Optional[Tensor],
                           groupsize: int, split_k: int, columns_per_split: int) -> Tensor:
@@ -944,7 +950,7 @@ def quantized_mm_partials(x: Tensor, weight: Tensor, scales: Tensor, zeros: Opti
         int4_mm_kernel[(triton.cdiv(N, INT4_MM_TILE["BLOCK_N"]), split_k)](
             x, w, scales, zeros, y, M, N, K, columns_per_split, groupsize,
             BLOCK_M=mm_block_rows(M), TMA=tma, PTX=torch.version.hip is None, PDL=pdl,
-            **(dict(launch_pdl=True) if pdl else {}), **INT4_MM_TILE)
+            **pdl_option(pdl), **INT4_MM_TILE)
         return y
     wide = M > MAX_MM_ROWS
     tile = WIDE_MM_TILE if wide else dict(MM_TILE, BLOCK_M=mm_block_rows(M))
@@ -1051,8 +1057,7 @@ def expert_gemv_partials(x: Tensor, experts: Tensor, weight: Tensor, scales: Opt
         x, weight.view(torch.int32) if per_word == 4 else weight, scales, experts.contiguous(), y,
         n_out, K // per_word, words_per_split(K, split_k) * 4 // per_word, pairs_per_row,
         PER_WORD=per_word, FP8=weight.dtype == torch.float8_e4m3fn, X16=x16, SWIGLU=swiglu_out,
-        PDL=early, LAUNCH_NEXT=pdl and swiglu_out, **(dict(launch_pdl=True) if early else {}),
-        **tile)
+        PDL=early, LAUNCH_NEXT=pdl and swiglu_out, **pdl_option(early), **tile)
     return y
 
 
