@@ -1172,6 +1172,13 @@ def _(logits: Tensor, k: int, normalize: bool) -> tuple[Tensor, Tensor]:
 # its row has filled; a second kernel combines the parts. The parts depend on the cache's length
 # only, never on the batch: a row's result is the same whatever rows share its batch.
 SPLIT_SLOTS, ATTENTION_BLOCK_S = 256, 32
+# The decode kernel's tile. Where its programs (row, kv head, part) are no more than the GPU's SMs
+# (one row over a short cache), each has an SM to itself and takes 64 slots a loop step on 8 warps;
+# more programs (long caches, batches) share SMs, where 32 slots on 4 warps pack better. Between
+# the projections in a CUDA graph (H200), a layer took 0.5-1.7 us less on each of seven shapes of
+# few programs, and 19 and 34 % longer on the two past the SMs (BENCHMARKS.md).
+FEW_PROGRAMS_ATTENTION_TILE = dict(BLOCK_S=64, num_warps=8, num_stages=3)
+ATTENTION_TILE = dict(BLOCK_S=ATTENTION_BLOCK_S, num_warps=4, num_stages=3)
 # tl.dot takes fewer than 16 rows (a kv head's few query heads) from Triton 3.5 on; before, 16.
 DOT_MIN_ROWS = 16 if triton is None or tuple(
     int(part) for part in triton.__version__.split(".")[:2]) < (3, 5) else 1
@@ -1205,12 +1212,14 @@ def decode_attention_op(qkv: Tensor, q_norm: Optional[Tensor], k_norm: Optional[
         parts = torch.empty(B, n_head, splits, D_PAD, dtype=torch.float32, device=qkv.device)
         m, l = torch.empty(2, B, n_head, splits, dtype=torch.float32, device=qkv.device)
     G, pdl = n_head // n_kv_heads, dependent_launch(qkv)
+    few = B * n_kv_heads * splits <= sm_count(qkv.device.index)
+    tile = FEW_PROGRAMS_ATTENTION_TILE if few else ATTENTION_TILE
     decode_attention_kernel[(B * n_kv_heads, splits)](
         qkv, q_norm, k_norm, eps, rope.contiguous(), input_pos, k_cache, v_cache,
         y if splits == 1 else parts, m, l, qkv.stride(0), input_pos.stride(0), row, n_kv_heads,
         S, D ** -0.5, G=G, D=D, G_PAD=max(DOT_MIN_ROWS, triton.next_power_of_2(G)), D_PAD=D_PAD,
         NORM=q_norm is not None, SPLIT_SLOTS=SPLIT_SLOTS, SPLITS=splits,
-        BLOCK_S=ATTENTION_BLOCK_S, TRIGGER=splits == 1 and pdl, num_warps=4, num_stages=3)
+        TRIGGER=splits == 1 and pdl, **tile)
     if splits > 1:
         attention_splits_kernel[(B * n_head,)](
             parts, m, l, y, input_pos, input_pos.stride(0), n_head, D=D, SPLITS=splits,

@@ -373,15 +373,20 @@ def check_router():
 
 
 # The decode attention kernel in float32 (the interpreter's tl.dot, above) against the model's
-# own attention path, with a kv head's query heads padded to 16 rows (Triton before 3.5) and not;
+# own attention path, with a kv head's query heads padded to 16 rows (Triton before 3.5) and not,
+# on the tile of many programs and on that of few (the interpreter counts one SM: always many);
 # kernels.check_kernels runs the same comparison in bf16 on the GPU. Then each row of a batch
 # against the same row decoded alone, bit for bit.
 def check_decode_attention():
     import kernels
-    for min_rows in (16, kernels.DOT_MIN_ROWS):  # this Triton's own setting last
-        kernels.DOT_MIN_ROWS = min_rows
+    many_programs = kernels.ATTENTION_TILE
+    # this Triton's own settings last
+    for min_rows, tile in ((16, many_programs),
+                           (kernels.DOT_MIN_ROWS, kernels.FEW_PROGRAMS_ATTENTION_TILE),
+                           (kernels.DOT_MIN_ROWS, many_programs)):
+        kernels.DOT_MIN_ROWS, kernels.ATTENTION_TILE = min_rows, tile
         results = kernels.check_decode_attention("cpu", torch.float32)
-        assert len(results) == 12 and all(r["ok"] for r in results), (min_rows, results)
+        assert len(results) == 12 and all(r["ok"] for r in results), (min_rows, tile, results)
     check_decode_attention_rows_are_independent(kernels.decode_attention_op)
 
 
