@@ -63,20 +63,20 @@ def bench_model(name: str, precisions: list, rounds: int, new_tokens: int, compi
     models = {p: build(name, p) for p in ["float32", *precisions]}
     prompt = [torch.randint(0, models["float32"].args.vocab_size, (PROMPT_TOKENS,)).tolist()]
     samples = {p: [] for p in models}
-    # generate.py --compile's decode step, compiled once per model (dynamo's cache of compiled
-    # variants is per function and bounded: emptied for each config)
+    # generate.py --compile's decode step, one for every model: dynamo compiles it for each model
+    # it meets (its cache of compiled variants is per function and bounded: emptied for each config)
     torch._dynamo.reset()
-    flags = argparse.Namespace(compile=compiled, compile_prefill=False)
-    decode = {p: generate.compile_functions(flags)[1] for p in models}
+    _, decode = generate.compile_functions(argparse.Namespace(compile=compiled,
+                                                              compile_prefill=False))
     for precision, model in models.items():
         model.setup_caches(1, PROMPT_TOKENS + new_tokens)
         # untimed: first-call costs, and the compile
-        generate.generate(model, prompt, 4, generate.Sampling(), decode_fn=decode[precision])
+        generate.generate(model, prompt, 4, generate.Sampling(), decode_fn=decode)
         bar.update(1)
     for _ in range(rounds):
         for precision, model in models.items():
             gen = generate.generate(model, prompt, new_tokens, generate.Sampling(),
-                                    decode_fn=decode[precision])
+                                    decode_fn=decode)
             samples[precision].append(gen.decode_steps / gen.decode_s)
             bar.update(1)
     base = statistics.median(samples["float32"])
