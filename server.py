@@ -48,7 +48,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from torch import Tensor
@@ -454,26 +454,30 @@ class APIError(Exception):
         return JSONResponse({"error": error}, self.status, headers=self.headers)
 
 
+# The request's models are strict: a value of the wrong JSON type is a 400, as OpenAI's API answers
+# it ("5" is no 5, true no 1), not converted.
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
     include_usage: bool = False
 
 
 class CommonFields(BaseModel):
     """The fields /v1/completions and /v1/chat/completions share. Unknown fields are accepted and
     ignored, except those in UNSUPPORTED, which would change the answer."""
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0, le=2)  # None: 1
     top_p: Optional[float] = Field(None, ge=0, le=1)  # None: 1; 0: the most likely token
     top_k: Optional[int] = Field(None, ge=1, le=CANDIDATES)  # extension: the k most likely
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-2**63, lt=2**63)  # OpenAI's: an int64
     stop: Union[str, list[str], None] = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
 
 
 class Message(BaseModel):
+    model_config = ConfigDict(strict=True)
     # tool results ("tool", "function") belong to tool calls, which this server does not make
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, list[dict], None] = None  # text, or parts {"type": "text", "text": ...}
@@ -485,7 +489,7 @@ class ChatRequest(CommonFields):
 
 
 class CompletionRequest(CommonFields):
-    prompt: Union[str, list[str], list[StrictInt]]  # text, or token ids (true is no id)
+    prompt: Union[str, list[str], list[int]]  # text, or token ids
 
 
 # OpenAI's API takes up to 4 stop strings. Each is looked for at every token, on the event loop
@@ -589,12 +593,19 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
     async def api_error(request: Request, e: APIError):
         return e.response()
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, e: RequestValidationError):
-        try:  # the key first: FastAPI validates the body before the route's dependencies run
+    async def key_refused(request: Request) -> Optional[JSONResponse]:
+        """The answer to a request without the key, or None. A body's errors ask it first: FastAPI
+        reads the body before the route's dependencies (authorize) run."""
+        try:
             await authorize(request)
         except APIError as refused:
             return refused.response()
+        return None
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        if (refused := await key_refused(request)) is not None:
+            return refused
         errors = e.errors()
         media = request.headers.get("content-type", "").split(";")[0].strip()
         if errors[0]["loc"][:1] == ("body",) and not media.endswith(("/json", "+json")):
@@ -615,6 +626,10 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
+        if e.status_code == 400:  # a body FastAPI cannot parse (not UTF-8, nested too deep)
+            if (refused := await key_refused(request)) is not None:
+                return refused
+            return APIError(400, "the body could not be parsed as JSON", "invalid_json").response()
         return APIError(e.status_code, str(e.detail), headers=e.headers).response()
 
     async def authorize(request: Request):
@@ -685,10 +700,12 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
         if len(stops) > MAX_STOPS or not all(0 < len(stop) <= MAX_STOP_CHARS for stop in stops):
             raise APIError(400, f"stop takes up to {MAX_STOPS} strings of 1 to {MAX_STOP_CHARS} "
                            "characters", "invalid_stop", "stop")
-        prompt = encode()
+        # in a thread: a long prompt takes seconds to tokenize, while the event loop serves every
+        # stream
+        prompt = await asyncio.to_thread(encode)
         where = "messages" if chat else "prompt"
         if not prompt:
-            raise APIError(400, "the prompt has no tokens", "empty_prompt")
+            raise APIError(400, "the prompt has no tokens", "empty_prompt", where)
         # given as ids, or a tokenizer that is not the model's: the forward would fail on them
         if not all(0 <= i < vocab_size for i in prompt):
             raise APIError(400, f"token ids go from 0 to {vocab_size - 1}", "invalid_prompt", where)

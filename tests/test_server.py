@@ -12,6 +12,7 @@ import random
 import re
 import signal
 import socket
+import threading
 import time
 from typing import Callable
 
@@ -261,9 +262,25 @@ def test_errors_answer_with_openai_error_json_and_status(server):
     form = httpx.post(url + "/v1/completions", content=b'{"prompt": "a"}', headers={
         "Authorization": f"Bearer {KEY}", "Content-Type": "application/x-www-form-urlencoded"})
     assert "Content-Type: application/json" in error_of(form, 400)["message"]
-    error = error_of(post("/v1/chat/completions", json={"messages": QUESTION,
-                                                        "max_tokens": "many"}), 400)
-    assert error["param"] == "max_tokens"
+    # A value of the wrong JSON type is refused, not converted (OpenAI's API refuses them too)
+    for field, value in [("max_tokens", "many"), ("max_tokens", "5"), ("max_tokens", True),
+                         ("max_tokens", 5.0), ("temperature", "0.5"), ("temperature", True),
+                         ("top_k", True), ("stream", "yes"), ("seed", 1e18), ("seed", 2**70),
+                         ("stream_options", {"include_usage": "yes"})]:
+        error = error_of(post("/v1/chat/completions", json={"messages": QUESTION,
+                                                            field: value}), 400)
+        assert error["param"].startswith(field), (field, value, error)
+    assert post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 1,
+                                              "temperature": 1, "seed": -1}).status_code == 200
+    # a body that is no UTF-8 text, with the key: what is wrong; without it, only that
+    for key, status in ((KEY, 400), (None, 401)):
+        sent = {"Content-Type": "application/json"} | (key and {"Authorization": f"Bearer {key}"}
+                                                       or {})
+        error = error_of(httpx.post(url + "/v1/completions", content=b'{"prompt": "\xff"}',
+                                    headers=sent), status)
+        assert error["code"] == ("invalid_json" if key else "invalid_api_key"), error
+    error = error_of(post("/v1/completions", json={"prompt": ""}), 400)
+    assert (error["code"], error["param"]) == ("empty_prompt", "prompt")
     error_of(post("/v1/chat/completions", json={"messages": "hello"}), 400)
     for part in ({"type": "text", "text": 5}, {"type": "text"}):  # no string to take as text
         error = error_of(post("/v1/chat/completions", json={"messages": [
@@ -401,6 +418,35 @@ def post_and_leave(url: str, body: dict) -> socket.socket:
     connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: "
                        b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
     return connection
+
+
+def test_a_prompt_being_tokenized_leaves_the_server_answering_others():
+    """A prompt is tokenized off the event loop that serves every request (a long one takes
+    seconds): while one request's tokenizing is held up, the server still answers /health; then
+    that request is answered."""
+    from concurrent.futures import ThreadPoolExecutor
+    model, tokenizer, eos_ids = never_ending(ROWS)
+    entered, release = threading.Event(), threading.Event()
+
+    class HeldTokenizer(type(tokenizer)):
+        def encode(self, text: str) -> list:
+            if text == "held":
+                entered.set()
+                assert release.wait(60)
+            return super().encode(text)
+
+    with stepped_server(model, HeldTokenizer(), eos_ids, max_queue=QUEUE) as (url, gate):
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(lambda: httpx.post(url + "/v1/completions", timeout=60, json={
+                "prompt": "held", "max_tokens": 3}))
+            try:
+                assert entered.wait(60)
+                assert httpx.get(url + "/health", timeout=5).json()["status"] == "ok"
+            finally:
+                release.set()
+            wait_until(lambda: gate.jobs, "the held request's arrival")
+            gate.step_until(lambda: gate.ended(gate.jobs[0]))
+            assert held.result(timeout=60).json()["choices"][0]["finish_reason"] == "length"
 
 
 def test_a_client_that_disconnects_frees_its_row_for_the_next_request():
