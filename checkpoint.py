@@ -91,7 +91,12 @@ def read_checkpoint(path) -> Checkpoint:
     elif path.is_dir() or path.name in WEIGHT_FILES and folder.is_dir():
         found = [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
         if not found:
-            raise InputError(f"no weights ({' or '.join(WEIGHT_FILES)}) in {folder}")
+            # a Hugging Face snapshot's sharded weights, or the one download.py puts in hf/
+            unconverted = ((folder / "model.safetensors.index.json").is_file()
+                           or (folder / "hf").is_dir())
+            raise InputError(f"no weights ({' or '.join(WEIGHT_FILES)}) in {folder}" + (
+                " (a Hugging Face snapshot? convert it with scripts/convert_hf_checkpoint.py)"
+                if unconverted else ""))
         weights = found[0]
     else:
         raise InputError(f"checkpoint not found: {path}")
@@ -492,6 +497,11 @@ def check_writable(path: Path, flag: str):
     parent = path.resolve().parent
     if path.is_dir():
         raise InputError(f"{flag} {path} is a folder; name the file to write")
+    # (the file is written beside its place, then renamed there: that would put a regular file in
+    # place of a device such as /dev/null, a pipe or a link, not write through it)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise InputError(f"{flag} {path} is a link, a device or a pipe, not a regular file; name "
+                         "a file to write")
     if not parent.is_dir():
         raise InputError(f"{flag} {path}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):

@@ -449,10 +449,11 @@ def run(opts) -> tuple[dict, list]:
     if hf_dir.resolve() == checkpoint_dir.resolve():
         raise InputError("--hf_dir must differ from --checkpoint_dir (the output would overwrite "
                          "config.json)")
-    check_output_folder(checkpoint_dir, "--checkpoint_dir", opts.force)
-    if not hf_dir.is_dir():
+    if not hf_dir.is_dir():  # (before the output's check: a snapshot downloaded straight into
+        # --checkpoint_dir would be refused as a checkpoint to --force over)
         raise InputError(f"no HF checkpoint folder at {hf_dir} (download it with "
-                         "scripts/download.py)")
+                         "scripts/download.py, or name the snapshot's folder with --hf_dir)")
+    check_output_folder(checkpoint_dir, "--checkpoint_dir", opts.force)
     files, layout = find_weights(hf_dir)
     args = read_hf_config(hf_dir, files, layout)
     copies = tokenizer_sources(hf_dir, layout)

@@ -275,15 +275,27 @@ def test_a_temperature_below_float32s_range_is_greedy_not_a_division_by_zero():
     ("--json", f"{UNWRITABLE}/m.json"),
     ("--json", "m" * 245 + ".json"),  # a name that fits, but not with the temp file's tag
     ("--profile", "t" * 300 + ".json"),  # a name longer than any file system takes
+    ("--json", "PIPE"),  # not a regular file: the rename would replace it (as /dev/null)
+    ("--json", "LINK"),  # a link to a file: likewise the link
 ])
 def test_unwritable_output_is_refused_before_generating(tiny, tmp_path, flag, where, capsys):
     (tmp_path / "FILE").write_text("not a folder")
     (tmp_path / "DIR").mkdir()
+    os.mkfifo(tmp_path / "PIPE")
+    (tmp_path / "LINK").symlink_to(tmp_path / "FILE")
     before = snapshot(tmp_path)
     path = where if where.startswith("/") else tmp_path / where
     refused_here("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN, flag, path, words=[flag],
                  capsys=capsys)
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("left", ["model.safetensors.index.json", "hf"])
+def test_an_unconverted_hugging_face_snapshot_is_refused_naming_the_converter(tmp_path, left, capsys):
+    """A snapshot's sharded weights, or download.py's hf/ folder, where a checkpoint was expected."""
+    (tmp_path / left).mkdir() if left == "hf" else (tmp_path / left).write_text("{}")
+    refused_here("generate.py", "--checkpoint_path", tmp_path, "--prompt", "hi", *GEN,
+                 words=["no weights", "convert_hf_checkpoint.py"], capsys=capsys)
 
 
 @pytest.mark.parametrize("flags, words", [

@@ -351,6 +351,19 @@ def test_missing_dir_fails_cleanly(tmp_path, capsys):
     assert "no HF checkpoint folder" in line
 
 
+def test_a_snapshot_downloaded_into_the_checkpoint_dir_is_pointed_to_hf_dir(hf_models, tmp_path,
+                                                                           capsys):
+    """HF's files in --checkpoint_dir itself (no hf/ beneath): the converter names --hf_dir, not
+    --force (which the output folder's check would ask for) and leaves the folder as it was."""
+    _, hf_dir = hf_models("llama-gqa")
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(hf_dir, snapshot)
+    before = sorted(p.name for p in snapshot.iterdir())
+    line = converter_error(capsys, "--checkpoint_dir", snapshot)
+    assert "no HF checkpoint folder" in line and "--hf_dir" in line and "--force" not in line
+    assert sorted(p.name for p in snapshot.iterdir()) == before
+
+
 def test_unsupported_model_type_fails_cleanly(hf_models, tmp_path, capsys):
     _, hf_dir = hf_models("llama-gqa")
     bad = tmp_path / "hf"  # the default --hf_dir, inside --checkpoint_dir
