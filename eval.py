@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from itertools import groupby
 from pathlib import Path
 from typing import Optional
@@ -337,6 +338,12 @@ def task_index(TaskManager, include_paths: tuple):
     return TaskManager(include_path=list(include_paths) or None)
 
 
+def raised_in(e: BaseException, path_end: str) -> bool:
+    """Whether e was raised in a file whose path ends in path_end: an error of a kind too broad
+    to take for the user's everywhere (a KeyError), known by where it comes from."""
+    return traceback.extract_tb(e.__traceback__)[-1].filename.endswith(path_end)
+
+
 def load_tasks(task_manager, names: list) -> list:
     """The tasks, groups and tags named, built with their data: an unknown name or unreachable
     data fails here, before the model loads. Returns the objects lm_eval.simple_evaluate takes in
@@ -362,6 +369,11 @@ def load_tasks(task_manager, names: list) -> list:
             raise InputError(f"--tasks: cannot load task {name}: {one_line(e)} (data is read "
                              "offline from local files and the Hugging Face cache; --download "
                              "allows the hub)") from None
+        except KeyError as e:  # the task's file names a split that its data does not have
+            if not raised_in(e, os.path.join("datasets", "dataset_dict.py")):
+                raise
+            raise InputError(f"--tasks: cannot load task {name}: its data has no split "
+                             f"{e.args[0]!r} (the split its task file names)") from None
         top = loaded["groups"].get(name) or loaded["tasks"].get(name)
         # A tag stands for its tasks.
         built += [top] if top is not None else list(loaded["tasks"].values())
@@ -387,9 +399,17 @@ def harness_model(em: EvalModel):
 
 
 def run_tasks(em: EvalModel, lm_eval, task_manager, tasks: list, args) -> dict:
-    results = lm_eval.simple_evaluate(model=harness_model(em), tasks=tasks,
-                                      task_manager=task_manager, num_fewshot=args.num_fewshot,
-                                      limit=args.limit, log_samples=False)
+    try:
+        results = lm_eval.simple_evaluate(model=harness_model(em), tasks=tasks,
+                                          task_manager=task_manager, num_fewshot=args.num_fewshot,
+                                          limit=args.limit, log_samples=False)
+    except ValueError as e:  # random.sample's: more examples asked of a task than it holds
+        if not raised_in(e, os.sep + "random.py"):
+            raise
+        asked = ("the task's own num_fewshot" if args.num_fewshot is None
+                 else f"--num_fewshot {args.num_fewshot}")
+        raise InputError(f"--tasks: a task has fewer examples to draw than {asked} asks for"
+                         ) from None
     if results is None:  # not the reporting rank under torchrun
         return {}
     print(lm_eval.utils.make_table(results))

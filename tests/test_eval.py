@@ -324,6 +324,30 @@ def test_task_data_that_is_missing_or_does_not_parse_is_an_input_error(tmp_path,
         load_tasks(capitals_reading(tmp_path, data), ["capitals"])
 
 
+def test_a_task_file_naming_a_split_its_data_lacks_is_an_input_error(tmp_path):
+    task_manager = capitals_reading(tmp_path, (DATA / "capitals.jsonl").read_bytes())
+    task = (tmp_path / "capitals.yaml").read_text()
+    (tmp_path / "capitals.yaml").write_text(task.replace("test_split: test", "test_split: validation"))
+    with pytest.raises(InputError, match="cannot load task capitals: its data has no split 'validation'"):
+        load_tasks(task_manager, ["capitals"])
+
+
+def test_more_few_shot_examples_than_the_task_holds_ends_in_one_error_line(smollm2_checkpoint, monkeypatch,
+                                                                            capsys):
+    """lm-eval draws the examples once the model is loaded (so its loading line comes first): exit
+    status 1 after an `error:` line, no traceback."""
+    monkeypatch.chdir(ROOT)  # capitals.yaml's data file is relative to the repository
+    n = len((DATA / "capitals.jsonl").read_text().splitlines())
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in ["--checkpoint_path", smollm2_checkpoint, "--tasks", "capitals",
+                               "--include_path", "tests/data", "--limit", 1, "--num_fewshot", n + 1]])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (f"error: --tasks: a task has fewer examples to draw than "
+                                            f"--num_fewshot {n + 1} asks for")
+
+
 def test_a_bug_inside_lm_evals_task_loader_keeps_its_traceback(tmp_path, monkeypatch):
     task_manager = capitals_reading(tmp_path, (DATA / "capitals.jsonl").read_bytes())
 
