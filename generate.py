@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import tp
-from checkpoint import (CONFIGS, ArgumentParser, InputError, check_device, check_output, load_model,
-                        random_model, read_checkpoint, write_files)
+from checkpoint import (CONFIGS, ArgumentParser, InputError, check_device, check_output,
+                        empty_model, load_model, random_model, read_checkpoint, write_files)
 from model import ModelArgs, MoEFeedForward, Transformer
 from tokenizer import TextStreamer, load_tokenizer
 
@@ -456,11 +456,13 @@ def main(argv=None):
 
 
 def check_cache_fits(config: ModelArgs, batch_size: int, cache_length: int, dtype: torch.dtype,
-                     device: torch.device, draft: Optional[ModelArgs] = None):
+                     device: torch.device, draft: Optional[ModelArgs] = None,
+                     weight_bytes: int = 0):
     """Refuse KV caches larger than the device's free memory, before any weight loads: the model's
-    and, given a draft model's config, the draft's (one row as long). Under torchrun, after the
-    processes joined: each GPU holds its rank's share of the model's KV heads and a whole draft,
-    where processes on a CPU share one memory."""
+    and, given a draft model's config, the draft's (one row as long); weight_bytes: weights to be
+    made there too (random ones), counted with them. Under torchrun, after the processes joined:
+    each GPU holds its rank's share of the model's KV heads and a whole draft, where processes on a
+    CPU share one memory."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     share = world if device.type == "cuda" else 1
     slots = -(-cache_length // 8) * 8  # setup_caches rounds up to a multiple of 8
@@ -471,11 +473,13 @@ def check_cache_fits(config: ModelArgs, batch_size: int, cache_length: int, dtyp
     kv_bytes *= torch.empty(0, dtype=dtype).element_size()
     free = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda"
             else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    if kv_bytes > free:
+    if kv_bytes + weight_bytes > free:
         drafts = "" if draft is None else ", the draft model's included,"
-        raise InputError(f"the KV cache for {batch_size} rows of {cache_length} tokens{drafts} "
-                         f"needs {kv_bytes / 1e9:.1f} GB, more than the {free / 1e9:.1f} GB of "
-                         f"free memory on {device}")
+        weights = f"{weight_bytes / 1e9:.1f} GB of random weights and " if weight_bytes else ""
+        raise InputError(f"{weights}the KV cache for {batch_size} rows of {cache_length} "
+                         f"tokens{drafts} need{'' if weight_bytes else 's'} "
+                         f"{(kv_bytes + weight_bytes) / 1e9:.1f} GB, more than the "
+                         f"{free / 1e9:.1f} GB of free memory on {device}")
 
 
 def load_weights(args, ckpt, config: ModelArgs, device: torch.device, batch_size: int,
@@ -484,7 +488,12 @@ def load_weights(args, ckpt, config: ModelArgs, device: torch.device, batch_size
     device, with a KV cache of batch_size rows of cache_length slots; a cache that would not fit the
     free memory (with a draft's cache, given the draft's config) is refused before any weight
     loads."""
-    check_cache_fits(config, batch_size, cache_length, args.dtype, device, draft)
+    made_here = args.random_weights and not (dist.is_torchelastic_launched()
+                                             or args.random_quantization)
+    # (a random model is made whole on the device: a too large one would end the process there)
+    weight_bytes = (sum(p.numel() for p in empty_model(config).parameters())
+                    * torch.empty(0, dtype=args.dtype).element_size() if made_here else 0)
+    check_cache_fits(config, batch_size, cache_length, args.dtype, device, draft, weight_bytes)
     t0 = time.perf_counter()
     if dist.is_torchelastic_launched() or args.random_quantization:
         model = tp.load_model(args, device, args.dtype)

@@ -254,6 +254,13 @@ def test_batch_too_big_for_memory_is_refused_before_allocating(tiny):
             words=["KV cache", "memory"])
 
 
+def test_random_weights_too_big_for_memory_are_refused_before_allocating(capsys):
+    """A named config made at random on the device whole (0.8 TB in bf16: more than this machine's
+    memory): refused with the KV cache's check, where making it would end the process."""
+    refused_here("generate.py", "--random_weights", "Llama-3.1-405B", "--dtype", "bfloat16", "--prompt_tokens", 4,
+                 *GEN, words=["GB of random weights", "free memory"], capsys=capsys)
+
+
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_non_finite_temperature_is_refused(tiny, value, capsys):
     refused_here("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN[:4], "--temperature", value,
