@@ -663,12 +663,17 @@ def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: i
             print("(conversation cleared)", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": text})
-        ids = tokenizer.encode_chat(messages) if args.chat else tokenizer.encode(text)
-        while args.chat and len(ids) >= max_seq and len(messages) > 2:
-            messages = messages[2:]  # the oldest question and its answer
-            ids = tokenizer.encode_chat(messages)
-            print(f"(dropped the oldest turn: the conversation outgrew the {max_seq}-token cache)",
-                  file=sys.stderr)
+        try:
+            ids = tokenizer.encode_chat(messages) if args.chat else tokenizer.encode(text)
+            while args.chat and len(ids) >= max_seq and len(messages) > 2:
+                messages = messages[2:]  # the oldest question and its answer
+                ids = tokenizer.encode_chat(messages)
+                print(f"(dropped the oldest turn: the conversation outgrew the {max_seq}-token "
+                      "cache)", file=sys.stderr)
+        except InputError as e:  # a template that refuses this turn: skip it, keep the conversation
+            print(f"error: {e}", file=sys.stderr)
+            messages.pop()
+            continue
         if not ids or len(ids) >= max_seq:
             print(f"(skipped: the prompt has {len(ids)} tokens; 1 to {max_seq - 1} fit)",
                   file=sys.stderr)

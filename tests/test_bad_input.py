@@ -241,6 +241,22 @@ def test_interactive_non_utf8_line_is_reported_and_the_session_goes_on(tiny):
     assert len(errors) == 1 and "UTF-8" in errors[0], stderr  # one for the bad line, none for "hello"
 
 
+def test_interactive_turn_the_chat_template_refuses_is_reported_and_the_session_goes_on(tiny):
+    """A template that takes one question only: the second is refused in one line, /clear still
+    starts over, and the question after it is answered."""
+    edit_json(tiny / "tokenizer_config.json", chat_template=(
+        "{% if messages|length > 1 %}{{ raise_exception('one question at a time') }}{% endif %}"
+        "{% for m in messages %}{{ m.content }}{% endfor %}"))
+    r = subprocess.run([sys.executable, "generate.py", "--checkpoint_path", str(tiny), "--interactive", "--chat",
+                        *map(str, GEN)], cwd=ROOT, input=b"hi\nagain\n/clear\nthird\n", capture_output=True,
+                       timeout=HANG_S)
+    stderr = r.stderr.decode(errors="replace")
+    assert r.returncode == 0 and "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "one question at a time" in errors[0], stderr
+    assert "(conversation cleared)" in stderr
+
+
 # ---- generate.py: flags -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", ["mps", "meta"])
