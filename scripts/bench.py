@@ -378,6 +378,7 @@ def bench_rows(cells: list, args, cache_dir: str):
 # ---- merging and reporting ----------------------------------------------------------------------------
 
 RESULT_KEYS = ("card", "torch", "date", "copy_gb_s", "kernel_checks", "rows")
+ROW_KEYS, ROW_NUMBERS = ("model", "precision", "batch_size", "new_tokens"), ("tok_s", "gb_s")
 
 
 def read_result(path: Path) -> dict:
@@ -385,6 +386,12 @@ def read_result(path: Path) -> dict:
     missing = [k for k in RESULT_KEYS if k not in result]
     if missing:
         raise InputError(f"{path} is not a bench.py result (no {', '.join(missing)})")
+    rows = result["rows"] if isinstance(result["rows"], list) else [result["rows"]]
+    for i, row in enumerate(rows):  # (a file edited by hand, or cut short)
+        if not (isinstance(row, dict) and all(k in row for k in ROW_KEYS) and all(
+                type(row.get(k)) in (int, float) for k in ROW_NUMBERS)):
+            raise InputError(f"{path}: row {i} is not a measured cell (one has "
+                             f"{', '.join(ROW_KEYS + ROW_NUMBERS)}, the last two numbers)")
     return result
 
 

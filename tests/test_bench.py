@@ -224,6 +224,7 @@ def test_no_gpu_is_one_error_line(tmp_path, capsys, monkeypatch):
     (["--samples", "0"], ["--samples"]),
     (["--merge", "{tmp}/missing.json"], ["missing.json"]),
     (["--merge", "{tmp}/other.json"], ["not a bench.py result", "kernel_checks"]),
+    (["--merge", "{tmp}/cut.json"], ["cut.json: row 1 is not a measured cell"]),
     (["--merge", "{tmp}/other.json", "--cells", "stories15M:bf16"], ["give it no cells"]),
     (["--merge", "{tmp}/other.json", "--part", "1"], ["give it no cells"]),
     (["--merge", "{tmp}/other.json", "--samples", "3", "--skip_kernel_checks"],
@@ -235,6 +236,10 @@ def test_no_gpu_is_one_error_line(tmp_path, capsys, monkeypatch):
 ])
 def test_bad_input_is_one_error_line(argv, words, bench, tmp_path, capsys):
     (tmp_path / "other.json").write_text(json.dumps(dict(card="x", rows=[])))
+    cell = dict(model="stories15M", precision="bf16", batch_size=1, new_tokens=200, tok_s=1.0, gb_s=1.0)
+    (tmp_path / "cut.json").write_text(json.dumps(dict(  # a result whose second row lost its numbers
+        card="x", torch="2", date="2026-01-01", copy_gb_s=None, kernel_checks=[],
+        rows=[cell, {**cell, "tok_s": "fast"}])))
     code, _, err = run_main(bench, [a.format(tmp=tmp_path) for a in argv] + ["--out", tmp_path / "r.json"], capsys)
     assert code == 1
     assert_one_error_line(err, *words)
