@@ -449,8 +449,9 @@ def run(opts) -> tuple[dict, list]:
     if hf_dir.resolve() == checkpoint_dir.resolve():
         raise InputError("--hf_dir must differ from --checkpoint_dir (the output would overwrite "
                          "config.json)")
-    if not hf_dir.is_dir():  # (before the output's check: a snapshot downloaded straight into
-        # --checkpoint_dir would be refused as a checkpoint to --force over)
+    # before the output's check, which would take a snapshot downloaded into --checkpoint_dir
+    # itself for a checkpoint to --force over
+    if not hf_dir.is_dir():
         raise InputError(f"no HF checkpoint folder at {hf_dir} (download it with "
                          "scripts/download.py, or name the snapshot's folder with --hf_dir)")
     check_output_folder(checkpoint_dir, "--checkpoint_dir", opts.force)
