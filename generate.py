@@ -488,14 +488,13 @@ def load_weights(args, ckpt, config: ModelArgs, device: torch.device, batch_size
     device, with a KV cache of batch_size rows of cache_length slots; a cache that would not fit the
     free memory (with a draft's cache, given the draft's config) is refused before any weight
     loads."""
-    made_here = args.random_weights and not (dist.is_torchelastic_launched()
-                                             or args.random_quantization)
-    # (a random model is made whole on the device: a too large one would end the process there)
-    weight_bytes = (sum(p.numel() for p in empty_model(config).parameters())
-                    * torch.empty(0, dtype=args.dtype).element_size() if made_here else 0)
+    by_tp = dist.is_torchelastic_launched() or args.random_quantization  # tp.load_model's
+    # (a random model is made whole on the device: one too large would end the process there)
+    weight_bytes = (sum(p.nbytes for p in empty_model(config).to(args.dtype).parameters())
+                    if args.random_weights and not by_tp else 0)
     check_cache_fits(config, batch_size, cache_length, args.dtype, device, draft, weight_bytes)
     t0 = time.perf_counter()
-    if dist.is_torchelastic_launched() or args.random_quantization:
+    if by_tp:
         model = tp.load_model(args, device, args.dtype)
     elif args.random_weights:
         model = random_model(args.random_weights, device, args.dtype)
