@@ -34,12 +34,13 @@ every SM weights to stream, and only the chosen experts' rows are read. Prompts 
 per (expert, column block) walks its expert's rows, so each chosen one-byte expert is read once
 and converted in registers, where the PyTorch form writes every expert of the layer in bf16 first.
 
-Three kernels are not about weights. The decode attention kernel: a decode token's rotary
+Four kernels are not about weights. The decode attention kernel: a decode token's rotary
 embedding, KV cache write and attention over its row's filled slots, one launch a layer where the
 compiled PyTorch path makes five (model.Attention uses it on CUDA in bf16 and fp16,
 prepare_for_device gives it; prefills keep SDPA), its long rows split and combined by a second. The
 chunk attention kernel: a server's prompt chunk riding on a decode step. The router kernel: a
-mixture's softmax, top k and rescaling in one launch.
+mixture's softmax, top k and rescaling in one launch. The top-k kernel: sampling's top k of the
+vocabulary in two launches (generate.py calls top_k).
 
 The layers keep a plain PyTorch path (CPUs, GPUs without Triton), which is also the reference the
 kernels are checked against: `check_kernels` on the GPU (scripts/bench.py runs it first),
@@ -660,6 +661,52 @@ if triton is not None:
         tl.store(weights_ptr + row * K + j, chosen, mask=j < K)
         tl.store(experts_ptr + row * K + j, ids, mask=j < K)
 
+    @triton.jit
+    def top_k_kernel(values_ptr, ids_ptr, row_length, top_values_ptr, top_ids_ptr,
+                     K: tl.constexpr, KEY_BITS: tl.constexpr, TILE: tl.constexpr):
+        """Program (row, part) of values (M, row_length): the K largest values of the part's
+        columns [part * TILE, (part + 1) * TILE), and their ids, written to top (M, parts, K);
+        ties at the K-th value taken first come first. The ids are the values' columns, or
+        ids_ptr's entries where given (the second round). A part of fewer than K values fills the
+        rest with the lowest key (below -inf), id 0. The part is held in registers: the K-th
+        value's key (order_key) is found bit by bit from the top, a bit set where at least K keys
+        are at least the key with it set; then the keys above it, and as many equal to it as K
+        needs, go to their slots by a prefix sum."""
+        row, part = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        columns = part * TILE + tl.arange(0, TILE)
+        in_row = columns < row_length
+        x = tl.load(values_ptr + row * row_length + columns, mask=in_row)
+        key = tl.where(in_row, order_key(x, KEY_BITS), 0)
+        floor = tl.zeros((), tl.uint32)
+        for bit in tl.static_range(KEY_BITS - 1, -1, -1):
+            candidate = floor | (1 << bit)
+            floor = tl.where(tl.sum((key >= candidate).to(tl.int32), 0) >= K, candidate, floor)
+        above, tied = key > floor, key == floor
+        # (one prefix sum for both: a tile's counts fit in 16 bits each)
+        before = tl.cumsum(above.to(tl.int32) + (tied.to(tl.int32) << 16), 0)
+        n_above, tied_before = tl.sum(above.to(tl.int32), 0), before >> 16
+        slot = tl.where(above, (before & 0xFFFF) - 1, n_above + tied_before - 1)
+        if ids_ptr is None:
+            ids = columns.to(tl.int64)
+        else:
+            ids = tl.load(ids_ptr + row * row_length + columns, mask=in_row)
+        lowest = tl.full((), -1, tl.int16 if KEY_BITS == 16 else tl.int32)  # key 0's bits
+        x = tl.where(in_row, x, lowest.to(x.dtype, bitcast=True))
+        top = (row * tl.num_programs(1) + part) * K + slot
+        take = above | (tied & (slot < K))
+        tl.store(top_values_ptr + top, x, mask=take)
+        tl.store(top_ids_ptr + top, tl.where(in_row, ids, 0), mask=take)
+
+    @triton.jit
+    def order_key(x, KEY_BITS: tl.constexpr):
+        """16- or 32-bit floats -> unsigned keys (uint32) that order as the floats do: a negative
+        float's bits flipped whole (a larger magnitude, a smaller key), a positive one's sign bit
+        set."""
+        bits = x.to(tl.int16 if KEY_BITS == 16 else tl.int32, bitcast=True)
+        sign = tl.full((), 1 << (KEY_BITS - 1), tl.uint32)
+        unsigned = bits.to(tl.int32).to(tl.uint32, bitcast=True) & (2 * sign - 1)
+        return tl.where(bits < 0, unsigned ^ (2 * sign - 1), unsigned | sign)
+
 # The GEMV's tile for each kind of weight: of 32 (1 to 16 rows x 128 to 1024 words x 4 or 8 warps),
 # the fastest over Llama-2-7B's block layers on an H200 (BENCHMARKS.md): int8 at 4 rows x 512 words
 # (a pass 5 % faster than on fp8's tile; 3 % more tokens a second end to end), fp8 at 8 x 256 (on
@@ -1166,6 +1213,63 @@ def _(logits: Tensor, k: int, normalize: bool) -> tuple[Tensor, Tensor]:
             logits.new_empty(M, k, dtype=torch.int64))
 
 
+# Sampling's top k in two launches, where torch.topk makes ~20 (a radix select of several passes,
+# each a few kernels).
+TOP_K_TILE, TOP_K_MAX_TILE = 4096, 16384
+TOP_K_KERNEL = True  # False keeps torch.topk
+
+
+def top_k_tiles(vocab: int, k: int) -> tuple[int, int]:
+    """The first round's tile (the values of a row a program takes) and the second's (the first
+    round's winners of a row, k a tile), or (0, 0) where a tile would be past TOP_K_MAX_TILE."""
+    tile = max(TOP_K_TILE, triton.next_power_of_2(k))
+    if vocab <= tile:
+        return triton.next_power_of_2(vocab), 0
+    tile2 = triton.next_power_of_2(triton.cdiv(vocab, tile) * k)
+    return (tile, tile2) if max(tile, tile2) <= TOP_K_MAX_TILE else (0, 0)
+
+
+def top_k_warps(tile: int) -> int:
+    return min(16, max(4, tile // 512))
+
+
+@torch.library.custom_op("blitz::top_k", mutates_args=())
+def top_k_op(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """logits (M, vocab), k <= vocab -> the k largest values of each row (M, k), in the logits'
+    dtype, and their ids (M, k) int64, in no particular order: torch.topk(sorted=False)'s. Two
+    rounds where a row takes more than one tile: the top k of each tile (programs across the GPU),
+    then of their winners (top_k_tiles)."""
+    M, vocab = logits.shape
+    tile, tile2 = top_k_tiles(vocab, k)
+    parts = triton.cdiv(vocab, tile)
+    key_bits = logits.element_size() * 8
+    values = logits.new_empty(M, parts, k)
+    ids = torch.empty(M, parts, k, dtype=torch.int64, device=logits.device)
+    top_k_kernel[(M, parts)](logits.contiguous(), None, vocab, values, ids, K=k,
+                             KEY_BITS=key_bits, TILE=tile, num_warps=top_k_warps(tile))
+    if parts == 1:
+        return values.view(M, k), ids.view(M, k)
+    top_values, top_ids = logits.new_empty(M, 1, k), torch.empty_like(ids[:, :1])
+    top_k_kernel[(M, 1)](values, ids, parts * k, top_values, top_ids, K=k,
+                         KEY_BITS=key_bits, TILE=tile2, num_warps=top_k_warps(tile2))
+    return top_values.view(M, k), top_ids.view(M, k)
+
+
+@top_k_op.register_fake
+def _(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    M = logits.shape[0]
+    return logits.new_empty(M, k), logits.new_empty(M, k, dtype=torch.int64)
+
+
+def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """torch.topk(logits, k, sorted=False)'s values and ids for logits (M, vocab), by the kernel
+    on CUDA (where TOP_K_KERNEL)."""
+    if (TOP_K_KERNEL and triton is not None and logits.is_cuda
+            and top_k_tiles(logits.size(-1), k)[0]):
+        return top_k_op(logits, k)
+    return torch.topk(logits, k, sorted=False)
+
+
 # A decode token's attention, its rotary embedding and cache write in one kernel (inductor makes
 # five launches of them: RoPE of q, of k with k's cache write, v's cache write, the mask, cuDNN's
 # attention). Programs are (row, kv head, part of SPLIT_SLOTS slots), each reading only the slots
@@ -1314,9 +1418,9 @@ def check_kernels(device="cuda") -> list:
     the shape would take it), for int8, fp8 and int4 weights at 1 row (the GEMV; int4: the small
     matmul), 8 and 33 rows (the small matmul), 200 (one-byte weights: the small matmul in blocks of
     rows; int4: a dequantized copy into PyTorch's matmul) and 300 (a dequantized copy), then the
-    expert GEMV, the router and the decode and chunk attention kernels: a list of {name, rows,
-    shape, rel_err, ok} (the expert GEMV's also tokens and k); a layer's ok also needs the same bits
-    from a second call. scripts/bench.py runs this before timing anything."""
+    expert GEMV, the router, the decode and chunk attention kernels and sampling's top k: a list of
+    {name, rows, shape, rel_err, ok} (the expert GEMV's also tokens and k); a layer's ok also needs
+    the same bits from a second call. scripts/bench.py runs this before timing anything."""
     torch.manual_seed(0)
     results = []
     for N, K in ((12288, 4096), (4096, 11008), (32000, 4096), (37, 320)):
@@ -1346,7 +1450,7 @@ def check_kernels(device="cuda") -> list:
                 results.append(dict(name=name, rows=rows, shape=[N, K], rel_err=rel, ok=ok))
     return (results + check_expert_kernel(device) + check_grouped_experts(device)
             + check_router(device) + check_decode_attention(device)
-            + check_chunk_attention(device))
+            + check_chunk_attention(device) + check_top_k(device))
 
 
 def check_gemv_swiglu(name: str, x: Tensor, weights: tuple, reference_weights: Tensor) -> list:
@@ -1448,6 +1552,27 @@ def check_router(device="cuda", tokens=(1, 5, 300)) -> list:
                 ok = torch.equal(experts, reference_experts) and rel < 1e-6
                 results.append(dict(name="router" + " rescaled" * normalize, rows=M,
                                     shape=[n_experts, k], rel_err=rel, ok=ok))
+    return results
+
+
+def check_top_k(device="cuda", cases=((32000, 200, 1), (32000, 200, 8), (151936, 200, 1),
+                                         (128256, 50, 1), (4100, 300, 3))) -> list:
+    """Sampling's top-k kernel against torch.topk on (vocab, k, rows) cases, in bf16 and float32,
+    with ties across the k-th value (a row's first 50 values set to its (k - k // 10)-th largest):
+    the same values (as sets; neither sorts), and ids that hold them, no id twice."""
+    torch.manual_seed(0)
+    results = []
+    for vocab, k, M in cases:
+        for dtype in (torch.bfloat16, torch.float32):
+            logits = (torch.randn(M, vocab, device=device) * 3).to(dtype)
+            logits[:, :50] = logits.topk(k - k // 10).values[:, -1:]
+            values, ids = top_k_op(logits, k)
+            expected = torch.topk(logits, k).values
+            ok = (torch.equal(values.sort(-1).values, expected.sort(-1).values)
+                  and torch.equal(logits.gather(-1, ids), values)
+                  and all(len(set(row.tolist())) == k for row in ids))
+            results.append(dict(name="top-k " + str(dtype).split(".")[-1], rows=M,
+                                shape=[vocab, k], rel_err=0.0, ok=ok))
     return results
 
 

@@ -265,7 +265,8 @@ def interpreter_jobs() -> dict:
     each that file run as a script, started in the background when the session begins."""
     return {name: BACKGROUND.submit("tests/test_kernels.py", name, env={"TRITON_INTERPRET": "1"})
             for name in ("scaled_gemv", "quantized_mm", "int4_mm", "dequantize", "expert_gemv",
-                         "grouped_experts", "router", "decode_attention", "chunk_attention")}
+                         "grouped_experts", "router", "top_k", "decode_attention",
+                         "chunk_attention")}
 
 
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone")

@@ -372,6 +372,44 @@ def check_router():
         assert torch.allclose(ffn(x), routed_by_pytorch, rtol=1e-5, atol=1e-6), (n_experts, k)
 
 
+# Sampling's top-k kernel against torch.topk (kernels.check_top_k's cases, shrunk), then on edges: a
+# row of one value, k equal to the row, every value tied, -inf everywhere but a few; on tiles small
+# enough that rows take both rounds, a last tile shorter than k included (its slots filled with the
+# lowest key, never chosen), float16 too.
+def check_top_k():
+    import kernels
+    checks = kernels.check_top_k("cpu", cases=((3000, 200, 1), (1000, 7, 3)))
+    assert len(checks) == 4 and all(check["ok"] for check in checks), checks
+
+    def agrees(logits: torch.Tensor, k: int):
+        values, ids = kernels.top_k_op(logits, k)
+        assert values.shape == ids.shape == (logits.size(0), k) and ids.dtype == torch.int64
+        expected = torch.topk(logits, k).values
+        assert torch.equal(values.sort(-1).values, expected.sort(-1).values), (logits.shape, k)
+        assert torch.equal(logits.gather(-1, ids), values)
+        assert all(len(set(row.tolist())) == k for row in ids), ids  # no id twice
+
+    torch.manual_seed(0)
+    for tile in (64, kernels.TOP_K_TILE):
+        kernels.TOP_K_TILE = tile
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            agrees(torch.randn(2, 1).to(dtype), 1)
+            agrees(torch.randn(2, 100).to(dtype), 100)
+            agrees(torch.zeros(2, 300, dtype=dtype), 20)
+            masked = torch.full((2, 300), float("-inf"), dtype=dtype)
+            masked[:, [3, 150, 299]] = torch.tensor([1.0, -2.0, 0.5], dtype=dtype)
+            agrees(masked, 10)
+            agrees(torch.randn(5, 64 * 4 + 9).to(dtype), 30)  # a last tile of 9 values
+            agrees(-torch.rand(5, 64 * 4 + 9).to(dtype) - 1, 30)  # its filling below them all
+    # (the project's tile last:) Llama-2's vocabulary in 8 tiles, then their 1600 winners in one; a
+    # row of one tile takes one round; rows whose second round would pass TOP_K_MAX_TILE are left
+    # to torch.topk
+    assert kernels.TOP_K_TILE == 4096 and kernels.TOP_K_MAX_TILE == 16384
+    assert kernels.top_k_tiles(32000, 200) == (4096, 2048)
+    assert kernels.top_k_tiles(1000, 1000) == (1024, 0)
+    assert kernels.top_k_tiles(151936, 1000) == (0, 0) == kernels.top_k_tiles(32000, 5000)
+
+
 # The decode attention kernel in float32 (the interpreter's tl.dot, above) against the model's
 # own attention path, with a kv head's query heads padded to 16 rows (Triton before 3.5) and not,
 # on the tile of many programs and on that of few (the interpreter counts one SM: always many);
@@ -614,7 +652,7 @@ def test_float_linear_takes_the_gemv_for_one_row_in_its_own_dtype_and_a_row_majo
 INTERPRETER_CHECKS = {"scaled_gemv": check_scaled_gemv, "quantized_mm": check_quantized_mm,
                       "int4_mm": check_int4_mm, "dequantize": check_dequantize,
                       "expert_gemv": check_expert_gemv, "grouped_experts": check_grouped_experts,
-                      "router": check_router,
+                      "router": check_router, "top_k": check_top_k,
                       "decode_attention": check_decode_attention,
                       "chunk_attention": check_chunk_attention}
 
@@ -664,6 +702,12 @@ def test_grouped_expert_kernel_matches_reference_with_empty_and_many_row_experts
 @in_the_interpreter
 def test_router_kernel_chooses_the_experts_and_weights_of_the_pytorch_routing(interpreter_jobs):
     passed(interpreter_jobs, "router")
+
+
+@pytest.mark.slow
+@in_the_interpreter
+def test_top_k_kernel_gives_torch_topks_values_and_their_ids(interpreter_jobs):
+    passed(interpreter_jobs, "top_k")
 
 
 @pytest.mark.slow
