@@ -40,7 +40,7 @@ from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Optional, Union
+from typing import Annotated, Callable, Literal, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -48,7 +48,8 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator
+from pydantic_core import PydanticCustomError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from torch import Tensor
@@ -461,6 +462,17 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def one_of(forms: str) -> WrapValidator:
+    """For a field of several forms: a value that fits none is one error that names them, where
+    pydantic gives an error for each form, each placed at the form's name (prompt.list[int].0)."""
+    def validate(value, handler):
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("invalid_form", f"must be {forms}") from None
+    return WrapValidator(validate)
+
+
 class CommonFields(BaseModel):
     """The fields /v1/completions and /v1/chat/completions share. Unknown fields are accepted and
     ignored, except those in UNSUPPORTED, which would change the answer."""
@@ -471,7 +483,7 @@ class CommonFields(BaseModel):
     top_p: Optional[float] = Field(None, ge=0, le=1)  # None: 1; 0: the most likely token
     top_k: Optional[int] = Field(None, ge=1, le=CANDIDATES)  # extension: the k most likely
     seed: Optional[int] = Field(None, ge=-2**63, lt=2**63)  # OpenAI's: an int64
-    stop: Union[str, list[str], None] = None
+    stop: Annotated[Union[str, list[str], None], one_of("a string or a list of strings")] = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
 
@@ -480,7 +492,8 @@ class Message(BaseModel):
     model_config = ConfigDict(strict=True)
     # tool results ("tool", "function") belong to tool calls, which this server does not make
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[dict], None] = None  # text, or parts {"type": "text", "text": ...}
+    content: Annotated[Union[str, list[dict], None],  # text, or parts {"type": "text", "text": ...}
+                       one_of("a string or a list of parts")] = None
 
 
 class ChatRequest(CommonFields):
@@ -489,7 +502,9 @@ class ChatRequest(CommonFields):
 
 
 class CompletionRequest(CommonFields):
-    prompt: Union[str, list[str], list[int]]  # text, or token ids
+    # text or token ids, alone or in a list of one prompt
+    prompt: Annotated[Union[str, list[int], list[str], list[list[int]]],
+                      one_of("a string or a list of token ids, or a list of one of those")]
 
 
 # OpenAI's API takes up to 4 stop strings. Each is looked for at every token, on the event loop
@@ -678,15 +693,15 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
     async def completions(body: CompletionRequest, request: Request):
         check_supported(body)
         prompt = body.prompt
-        if isinstance(prompt, list) and not prompt:
-            raise APIError(400, "the prompt is an empty list", "invalid_request", "prompt")
-        if isinstance(prompt, list) and all(type(i) is int for i in prompt):  # token ids
-            return await complete(request, body, lambda: prompt, False, body.max_tokens)
-        if not isinstance(prompt, str):
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):  # prompts
             if len(prompt) != 1:
                 raise APIError(400, "one prompt per request (a list of prompts is n > 1)",
                                "unsupported_parameter", "prompt")
             prompt = prompt[0]
+        if isinstance(prompt, list):  # token ids
+            if not prompt:
+                raise APIError(400, "the prompt is an empty list", "invalid_request", "prompt")
+            return await complete(request, body, lambda: prompt, False, body.max_tokens)
         prompt = unicode_text(prompt, "prompt")
         return await complete(request, body, lambda: tokenizer.encode(prompt), False,
                               body.max_tokens)

@@ -118,7 +118,10 @@ def test_token_ids_top_p_zero_and_top_k_one_answer_as_the_text_and_greedy_do(ser
         model="SmolLM2-135M-Instruct", max_tokens=4, **fields).choices[0].text
     text = "The capital of France is"
     greedy = complete(prompt=text, temperature=0)
-    assert complete(prompt=reference.tokenizer.encode(text), temperature=0) == greedy
+    ids = reference.tokenizer.encode(text)
+    # a prompt alone, or in a list of one, as text or as token ids
+    for prompt in (ids, [text], [ids]):
+        assert complete(prompt=prompt, temperature=0) == greedy
     # This seed's draws at this temperature are not the greedy answer; top_p 0 and top_k 1 (an
     # extension of OpenAI's API) each keep the most likely token alone, whatever the temperature.
     assert complete(prompt=text, temperature=2, seed=7) != greedy
@@ -286,9 +289,16 @@ def test_errors_answer_with_openai_error_json_and_status(server):
         error = error_of(post("/v1/chat/completions", json={"messages": [
             {"role": "user", "content": [part]}]}), 400)
         assert error["param"] == "messages"
-    for prompt in ([], [True, False]):  # no prompt; JSON's true is no token id
+    for prompt in ([], [[]], [True, False], [[1, 2], "a"]):  # no prompt; true is no token id
         error = error_of(post("/v1/completions", json={"prompt": prompt}), 400)
-        assert error["param"].startswith("prompt")
+        assert error["param"] == "prompt", error
+    assert error["message"].count("prompt") == 1  # one error, not one for each form it could take
+    error = error_of(post("/v1/completions", json={"prompt": [[1, 2], [3]]}), 400)
+    assert error["code"] == "unsupported_parameter" and "one prompt" in error["message"]
+    error = error_of(post("/v1/chat/completions", json={"messages": [
+        {"role": "user", "content": 5}]}), 400)
+    assert (error["param"], error["message"]) == (
+        "messages.0.content", "messages.0.content: must be a string or a list of parts")
     for role in ("tool", "robot"):  # a tool's result answers a tool call, which none made here
         error = error_of(post("/v1/chat/completions", json={"messages": [
             {"role": role, "content": "42"}]}), 400)
@@ -302,6 +312,9 @@ def test_errors_answer_with_openai_error_json_and_status(server):
     for stop in ["", ["a", ""], ["a", "b", "c", "d", "e"], "x" * 101]:  # empty, 5, too long
         error = error_of(post("/v1/completions", json={"prompt": "a", "stop": stop}), 400)
         assert error["code"] == "invalid_stop" and error["param"] == "stop"
+    for stop in (5, ["a", 3]):
+        error = error_of(post("/v1/completions", json={"prompt": "a", "stop": stop}), 400)
+        assert error["param"] == "stop" and "a string or a list of strings" in error["message"]
     assert post("/v1/completions", json={"prompt": "a", "max_tokens": 1,
                                          "stop": ["a", "b", "c", "x" * 100]}).status_code == 200
     # OpenAI's API takes null for stream, as for the other optional fields.
