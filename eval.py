@@ -338,21 +338,43 @@ def task_index(TaskManager, include_paths: tuple):
     return TaskManager(include_path=list(include_paths) or None)
 
 
+def unparsed_task_files(folders: list) -> list:
+    """(path, why) for each task file (*.yaml) under the folders that is not YAML: lm-eval's index
+    passes over such a file without a word, so that the task it defines reads as unknown."""
+    import yaml  # lm_eval's own dependency
+
+    class TaskFile(yaml.SafeLoader):  # lm-eval's tags (!function) parse, unresolved
+        pass
+    TaskFile.add_multi_constructor("!", lambda loader, suffix, node: None)
+    unparsed = []
+    for path in sorted(p for folder in folders for p in Path(folder).glob("**/*.yaml")):
+        try:
+            yaml.load(path.read_text(encoding="utf-8"), TaskFile)
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark or e.context_mark
+            unparsed.append((path, f"line {mark.line + 1}: {e.problem or e.context}"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            unparsed.append((path, one_line(e)))
+    return unparsed
+
+
 def raised_in(e: BaseException, path_end: str) -> bool:
     """Whether e was raised in a file whose path ends in path_end: an error of a kind too broad
     to take for the user's everywhere (a KeyError), known by where it comes from."""
     return traceback.extract_tb(e.__traceback__)[-1].filename.endswith(path_end)
 
 
-def load_tasks(task_manager, names: list) -> list:
+def load_tasks(task_manager, names: list, include_paths: list = ()) -> list:
     """The tasks, groups and tags named, built with their data: an unknown name or unreachable
     data fails here, before the model loads. Returns the objects lm_eval.simple_evaluate takes in
     place of names."""
     unknown = [n for n in names if n not in task_manager.all_tasks and not Path(n).is_file()]
     if unknown:
+        unparsed = "".join(f"; {path} does not parse: {why}"
+                           for path, why in unparsed_task_files(include_paths))
         raise InputError(f"--tasks: unknown task {', '.join(unknown)} (not an lm-eval task, "
                          "group, tag or task YAML file; `lm_eval ls tasks` lists them, "
-                         "--include_path adds a folder of your own)")
+                         f"--include_path adds a folder of your own){unparsed}")
     import jinja2  # lm_eval's own dependencies
     import yaml
     from datasets.exceptions import DatasetsError
@@ -510,7 +532,7 @@ def run(args) -> dict:
                              "end-of-sequence token, one of which the tasks' empty contexts need")
         lm_eval, TaskManager = import_lm_eval(args.download)
         task_manager = task_index(TaskManager, tuple(str(p.resolve()) for p in args.include_path))
-        tasks = load_tasks(task_manager, args.tasks)
+        tasks = load_tasks(task_manager, args.tasks, args.include_path)
 
     device = args.device
     if tp.world_size() > 1:  # under torchrun: check the model splits, join the process group

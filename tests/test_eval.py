@@ -332,6 +332,22 @@ def test_a_task_file_naming_a_split_its_data_lacks_is_an_input_error(tmp_path):
         load_tasks(task_manager, ["capitals"])
 
 
+def test_a_task_file_that_is_not_yaml_is_named_when_its_task_reads_as_unknown(tmp_path):
+    """lm-eval's index passes over a task file that does not parse; the unknown task's error names
+    the file and where it breaks, and a file with lm-eval's own !function tag parses."""
+    task = (DATA / "capitals.yaml").read_text()
+    (tmp_path / "capitals.yaml").write_text(task + "metric_list: [unclosed\n")
+    (tmp_path / "fine.yaml").write_text("task: fine\nprocess_docs: !function utils.process\n")
+    from lm_eval.tasks import TaskManager
+    task_manager = TaskManager(include_path=[str(tmp_path)], include_defaults=False)
+    with pytest.raises(InputError) as e:
+        load_tasks(task_manager, ["capitals"], [tmp_path])
+    lines = len(task.splitlines()) + 2
+    assert str(e.value).endswith(f"; {tmp_path / 'capitals.yaml'} does not parse: line {lines}: "
+                                 "expected ',' or ']', but got '<stream end>'"), e.value
+    assert "fine.yaml" not in str(e.value)
+
+
 def test_more_few_shot_examples_than_the_task_holds_ends_in_one_error_line(smollm2_checkpoint, monkeypatch,
                                                                             capsys):
     """lm-eval draws the examples once the model is loaded (so its loading line comes first): exit
