@@ -820,6 +820,10 @@ def speculation_limits(args, tokenizer, config: ModelArgs) -> tuple[int, int, Op
     if slack >= context - 1:
         raise InputError(f"--speculate_k {speculate_k(args)} does not fit the model's "
                          f"{context}-token context")
+    if args.speculate_ngram is not None and args.speculate_ngram >= context:
+        # an n-gram and a token after it must fit in the context for a lookup to find one
+        raise InputError(f"--speculate_ngram {args.speculate_ngram} can never match in the "
+                         f"model's {context}-token context")
     return context - slack, slack, draft
 
 
