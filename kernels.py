@@ -682,7 +682,7 @@ if triton is not None:
             candidate = floor | (1 << bit)
             floor = tl.where(tl.sum((key >= candidate).to(tl.int32), 0) >= K, candidate, floor)
         above, tied = key > floor, key == floor
-        # (one prefix sum for both: a tile's counts fit in 16 bits each)
+        # (one prefix sum for both: a tile's counts, TOP_K_MAX_TILE at most, fit in 16 bits each)
         before = tl.cumsum(above.to(tl.int32) + (tied.to(tl.int32) << 16), 0)
         n_above, tied_before = tl.sum(above.to(tl.int32), 0), before >> 16
         slot = tl.where(above, (before & 0xFFFF) - 1, n_above + tied_before - 1)
@@ -1224,8 +1224,9 @@ def top_k_tiles(vocab: int, k: int) -> tuple[int, int]:
     round's winners of a row, k a tile), or (0, 0) where a tile would be past TOP_K_MAX_TILE."""
     tile = max(TOP_K_TILE, triton.next_power_of_2(k))
     if vocab <= tile:
-        return triton.next_power_of_2(vocab), 0
-    tile2 = triton.next_power_of_2(triton.cdiv(vocab, tile) * k)
+        tile, tile2 = triton.next_power_of_2(vocab), 0
+    else:
+        tile2 = triton.next_power_of_2(triton.cdiv(vocab, tile) * k)
     return (tile, tile2) if max(tile, tile2) <= TOP_K_MAX_TILE else (0, 0)
 
 
@@ -1264,7 +1265,7 @@ def _(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
 def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """torch.topk(logits, k, sorted=False)'s values and ids for logits (M, vocab), by the kernel
     on CUDA (where TOP_K_KERNEL)."""
-    if (TOP_K_KERNEL and triton is not None and logits.is_cuda
+    if (TOP_K_KERNEL and triton is not None and logits.is_cuda and k <= logits.size(-1)
             and top_k_tiles(logits.size(-1), k)[0]):
         return top_k_op(logits, k)
     return torch.topk(logits, k, sorted=False)
@@ -1559,7 +1560,7 @@ def check_top_k(device="cuda", cases=((32000, 200, 1), (32000, 200, 8), (151936,
                                          (128256, 50, 1), (4100, 300, 3))) -> list:
     """Sampling's top-k kernel against torch.topk on (vocab, k, rows) cases, in bf16 and float32,
     with ties across the k-th value (a row's first 50 values set to its (k - k // 10)-th largest):
-    the same values (as sets; neither sorts), and ids that hold them, no id twice."""
+    the same values (sorted, as the kernel does not), and ids that hold them, no id twice."""
     torch.manual_seed(0)
     results = []
     for vocab, k, M in cases:

@@ -402,12 +402,15 @@ def check_top_k():
             agrees(torch.randn(5, 64 * 4 + 9).to(dtype), 30)  # a last tile of 9 values
             agrees(-torch.rand(5, 64 * 4 + 9).to(dtype) - 1, 30)  # its filling below them all
     # (the project's tile last:) Llama-2's vocabulary in 8 tiles, then their 1600 winners in one; a
-    # row of one tile takes one round; rows whose second round would pass TOP_K_MAX_TILE are left
-    # to torch.topk
+    # row of one tile takes one round; rows whose tiles would pass TOP_K_MAX_TILE (where a tile's
+    # counts no longer fit the kernel's 16 bits) are left to torch.topk
     assert kernels.TOP_K_TILE == 4096 and kernels.TOP_K_MAX_TILE == 16384
     assert kernels.top_k_tiles(32000, 200) == (4096, 2048)
     assert kernels.top_k_tiles(1000, 1000) == (1024, 0)
     assert kernels.top_k_tiles(151936, 1000) == (0, 0) == kernels.top_k_tiles(32000, 5000)
+    # and rows of one tile past it (the top k of a whole vocabulary)
+    assert kernels.top_k_tiles(16384, 16384) == (16384, 0)
+    assert kernels.top_k_tiles(32000, 32000) == (0, 0) == kernels.top_k_tiles(151936, 151936)
 
 
 # The decode attention kernel in float32 (the interpreter's tl.dot, above) against the model's
