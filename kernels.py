@@ -1244,16 +1244,17 @@ def top_k_op(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     tile, tile2 = top_k_tiles(vocab, k)
     parts = triton.cdiv(vocab, tile)
     key_bits = logits.element_size() * 8
-    values = logits.new_empty(M, parts, k)
-    ids = torch.empty(M, parts, k, dtype=torch.int64, device=logits.device)
+    values = logits.new_empty(M, parts * k)  # (M, parts, k) as rows of the second round
+    ids = torch.empty(M, parts * k, dtype=torch.int64, device=logits.device)
     top_k_kernel[(M, parts)](logits.contiguous(), None, vocab, values, ids, K=k,
                              KEY_BITS=key_bits, TILE=tile, num_warps=top_k_warps(tile))
     if parts == 1:
-        return values.view(M, k), ids.view(M, k)
-    top_values, top_ids = logits.new_empty(M, 1, k), torch.empty_like(ids[:, :1])
+        return values, ids
+    top_values, top_ids = logits.new_empty(M, k), torch.empty(M, k, dtype=torch.int64,
+                                                              device=logits.device)
     top_k_kernel[(M, 1)](values, ids, parts * k, top_values, top_ids, K=k,
                          KEY_BITS=key_bits, TILE=tile2, num_warps=top_k_warps(tile2))
-    return top_values.view(M, k), top_ids.view(M, k)
+    return top_values, top_ids
 
 
 @top_k_op.register_fake
