@@ -45,6 +45,29 @@ def test_every_kernel_matches_its_reference_on_gpu():
     assert not failures, failures
 
 
+def test_compiled_sampling_with_the_top_k_kernel_draws_from_the_top_k_distribution(monkeypatch):
+    """generate.sample in a CUDA graph, its top k by kernels.top_k (two rounds over a 32000-token
+    vocabulary; torch.topk is not called): each of 20000 rows draws only from its top 2, in
+    proportion to their probabilities, as the CPU test of the same distribution asks."""
+    import kernels
+    from generate import sample
+    assert kernels.top_k_tiles(32000, 2)[1] > 0  # the second round runs
+
+    def not_called(*args, **kwargs):
+        raise AssertionError("torch.topk was called: the top-k kernel was not")
+    monkeypatch.setattr(torch, "topk", not_called)
+    logits = torch.full((32000,), -20.0)
+    logits[[7, 31000, 15000, 3]] = torch.log(torch.tensor([0.15, 0.5, 0.1, 0.25]))
+    rows = logits.to("cuda", torch.bfloat16).expand(20000, -1).contiguous()
+    draw = torch.compile(sample, mode="reduce-overhead", fullgraph=True)
+    torch.manual_seed(0)
+    for _ in range(3):  # warm-up, graph recording, replay
+        tokens = draw(rows, Sampling(temperature=1.0, top_k=2)).view(-1).cpu()
+    assert set(tokens.tolist()) == {31000, 3}
+    freq = (tokens == 31000).float().mean().item()
+    assert abs(freq - 2 / 3) < 0.015, freq
+
+
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_decode_attention_kernel_in_a_compiled_cuda_graph_matches_sdpa_at_each_rows_slot(qk_norm):
     """Rows decoding at different slots, with keys past each row's slot left over from a longer
