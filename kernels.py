@@ -1250,8 +1250,7 @@ def top_k_op(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
                              KEY_BITS=key_bits, TILE=tile, num_warps=top_k_warps(tile))
     if parts == 1:
         return values, ids
-    top_values, top_ids = logits.new_empty(M, k), torch.empty(M, k, dtype=torch.int64,
-                                                              device=logits.device)
+    top_values, top_ids = values.new_empty(M, k), ids.new_empty(M, k)
     top_k_kernel[(M, 1)](values, ids, parts * k, top_values, top_ids, K=k,
                          KEY_BITS=key_bits, TILE=tile2, num_warps=top_k_warps(tile2))
     return top_values, top_ids
@@ -1561,21 +1560,27 @@ def check_top_k(device="cuda", cases=((32000, 200, 1), (32000, 200, 8), (151936,
                                          (128256, 50, 1), (4100, 300, 3))) -> list:
     """Sampling's top-k kernel against torch.topk on (vocab, k, rows) cases, in bf16 and float32,
     with ties across the k-th value (a row's first 50 values set to its (k - k // 10)-th largest):
-    the same values (sorted, as the kernel does not), and ids that hold them, no id twice."""
+    each case's ok is top_k_agrees."""
     torch.manual_seed(0)
     results = []
     for vocab, k, M in cases:
         for dtype in (torch.bfloat16, torch.float32):
             logits = (torch.randn(M, vocab, device=device) * 3).to(dtype)
             logits[:, :50] = logits.topk(k - k // 10).values[:, -1:]
-            values, ids = top_k_op(logits, k)
-            expected = torch.topk(logits, k).values
-            ok = (torch.equal(values.sort(-1).values, expected.sort(-1).values)
-                  and torch.equal(logits.gather(-1, ids), values)
-                  and all(len(set(row.tolist())) == k for row in ids))
             results.append(dict(name="top-k " + str(dtype).split(".")[-1], rows=M,
-                                shape=[vocab, k], rel_err=0.0, ok=ok))
+                                shape=[vocab, k], rel_err=0.0, ok=top_k_agrees(logits, k)))
     return results
+
+
+def top_k_agrees(logits: Tensor, k: int) -> bool:
+    """Whether top_k_op gives torch.topk's values (sorted, as the kernel does not), (M, k) in the
+    logits' dtype, and int64 ids that hold them, no id twice."""
+    values, ids = top_k_op(logits, k)
+    return (values.shape == ids.shape == (logits.size(0), k) and values.dtype == logits.dtype
+            and ids.dtype == torch.int64
+            and torch.equal(values.sort(-1).values, torch.topk(logits, k).values.sort(-1).values)
+            and torch.equal(logits.gather(-1, ids), values)
+            and all(len(set(row.tolist())) == k for row in ids))
 
 
 def random_attention(H: int, KV: int, D: int, S: int, qk_norm: bool, cache_rows: int, device,
