@@ -27,6 +27,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import signal
 import socket
 from dataclasses import dataclass, fields
@@ -604,12 +605,31 @@ def check_journal(journal: dict, path: Path):
 
 
 def remove_orphans(folder: Path):
-    """Temp files of writers on this machine that died without cleaning up (SIGKILL)."""
+    """Temp files (and write_safetensors's folders) of writers on this machine that died without
+    cleaning up (SIGKILL)."""
     host = socket.gethostname()
     for tmp in folder.glob(f".*.{host}-*.tmp"):
         pid = tmp.name.rsplit("-", 1)[1].removesuffix(".tmp")
         if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-            tmp.unlink(missing_ok=True)
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+
+
+def write_safetensors(tensors: dict, tmp: Path):
+    """safetensors' save_file to tmp, a write_files temp file. save_file writes a temp file of its
+    own beside its target, under a random name that remove_orphans could not tell from a user's
+    file; so it writes inside a folder named as write_files names its temp files, which a kill
+    leaves for remove_orphans, and the finished file is renamed out of it."""
+    from safetensors.torch import save_file
+    scratch = tmp.parent / temp_name("safetensors")
+    scratch.mkdir()
+    try:
+        save_file(tensors, scratch / "weights")
+        os.replace(scratch / "weights", tmp)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def exit_on_sigterm(signum, frame):
@@ -658,7 +678,6 @@ def save_checkpoint(folder: Path, args: ModelArgs, tensors: dict, others: dict =
     {name: write(path)} (the tokenizer files; `copier` copies one). A folder that holds a
     checkpoint already is replaced whole with force (its files that this set does not write are
     removed), else refused."""
-    from safetensors.torch import save_file
     check_output_folder(folder, "output", force)
     old = checkpoint_files(folder)
     check_tensors({name: t.shape for name, t in tensors.items()}, empty_model(args),
@@ -666,7 +685,7 @@ def save_checkpoint(folder: Path, args: ModelArgs, tensors: dict, others: dict =
     stored = {k: v.contiguous() for k, v in tensors.items()
               if not (args.tie_embeddings and k == "output.weight")}
     config = json.dumps({f.name: getattr(args, f.name) for f in fields(args)}, indent=2) + "\n"
-    writers = {"model.safetensors": lambda tmp: save_file(stored, tmp),
+    writers = {"model.safetensors": lambda tmp: write_safetensors(stored, tmp),
                "config.json": lambda tmp: tmp.write_text(config),
                **(others or {})}
     write_files(folder, writers, remove=[name for name in old if name not in writers])

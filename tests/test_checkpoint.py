@@ -127,6 +127,42 @@ def test_temp_files_of_a_killed_writer_are_removed_by_the_next_write_and_no_othe
     assert names(tmp_path) == sorted([running, elsewhere, "a.txt"])
 
 
+KILLED_MID_SAVE = """
+import os, signal, sys
+from pathlib import Path
+import safetensors.torch, torch
+from checkpoint import write_files, write_safetensors
+
+def save_file(tensors, path):  # as safetensors 0.8 does: its own temp file beside the target
+    with open(os.path.join(os.path.dirname(path), ".tmpAbC123"), "wb") as f:
+        f.write(b"half of the weights")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+safetensors.torch.save_file = save_file
+write_files(Path(sys.argv[1]), {"model.safetensors": lambda p: write_safetensors({"w": torch.ones(2)}, p)})
+"""
+
+
+def test_safetensors_own_temp_file_of_a_killed_writer_goes_with_the_next_write(tmp_path):
+    """safetensors writes through a temp file of its own, under a random name beside its target;
+    write_safetensors gives it a folder that the next write knows to remove after a SIGKILL, and
+    a user's file of such a name is left alone."""
+    import subprocess
+    import sys
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / ".tmpUser1").write_text("the user's")
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_MID_SAVE, str(folder)],
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert killed.wait() == -9
+    left = [p for p in folder.iterdir() if p.name != ".tmpUser1"]
+    assert [p.name for p in left] == [f".safetensors.{socket.gethostname()}-{killed.pid}.tmp"]
+    assert [p.name for p in left[0].iterdir()] == [".tmpAbC123"]  # save_file's, inside it
+    write_files(folder, {"a.txt": lambda p: p.write_text("a")})
+    assert names(folder) == [".tmpUser1", "a.txt"]
+
+
 def test_a_write_that_fails_into_a_new_folder_leaves_no_folder(tmp_path):
     def interrupted(path):
         path.write_text("half")
