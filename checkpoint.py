@@ -646,10 +646,12 @@ def checkpoint_files(folder: Path) -> list:
     other files and sub-folders, such as a downloaded hf/ snapshot, are not part of it."""
     if not folder.is_dir():
         return []
-    # Other weights belong to it when a sidecar config describes them (quantize.py's outputs); a
-    # file of the user's own, such as a draft model's weights, is left alone.
-    quantized = [p.name for p in folder.glob("*.pth") if p.with_suffix(".json").is_file()]
-    sidecars = [name.removesuffix(".pth") + ".json" for name in quantized]
+    # Other weights belong to it when a sidecar config describes them (quantize.py's outputs, or
+    # any weights file read_checkpoint reads so); a file of the user's own, such as a draft
+    # model's weights, is left alone.
+    quantized = [p.name for suffix in ("*.pth", "*.safetensors") for p in folder.glob(suffix)
+                 if p.with_suffix(".json").is_file()]
+    sidecars = [Path(name).with_suffix(".json").name for name in quantized]
     names = ["config.json", *WEIGHT_FILES, *TOKENIZER_FILES, *quantized, *sidecars]
     return sorted({name for name in names if (folder / name).is_file()})
 

@@ -502,7 +502,12 @@ def check_args(args, block_size: int):
         if not folder.is_dir():
             raise InputError(f"--include_path: folder {folder} does not exist")
     if args.output is not None:
-        check_output(args.output, "--output", [args.text_file])
+        task_files = [Path(name) for name in args.tasks or () if Path(name).is_file()]
+        check_output(args.output, "--output", [args.text_file, *task_files])
+        for folder in args.include_path:  # its task files and their data are inputs too
+            if args.output.exists() and args.output.resolve().is_relative_to(folder.resolve()):
+                raise InputError(f"--output {args.output} is a file of --include_path {folder}; "
+                                 "name another file")
     args.device = check_device(args.device, "--device")
     args.dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.bfloat16 if args.device.type == "cuda" else torch.float32)

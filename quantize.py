@@ -552,18 +552,24 @@ def check_args(args):
 def output_path(args, ckpt: Checkpoint) -> Path:
     """Where the quantized weights go, checked before any work: never over the source checkpoint's
     files (model.pth / model.safetensors are float weights described by config.json, so a
-    quantized file of that name would hijack it; its sidecar must not replace config.json or a
-    tokenizer file), in a folder that exists and is writable."""
+    quantized file of that name would hijack it; its sidecar must not replace config.json, the
+    source's own config or a tokenizer file) nor over the calibration text, in a folder that
+    exists and is writable."""
     name = (f"model_{args.mode}.g{args.groupsize}.pth" if args.mode in INT4_MODES
             else f"model_{args.mode}.pth")
     out = args.out or ckpt.weights.parent / name
     sidecar = out.with_suffix(".json").name
+    written = (out.resolve(), out.with_suffix(".json").resolve())
     if out.resolve() == ckpt.weights.resolve():
         problem = "is the source checkpoint's weights"
     elif out.name in WEIGHT_FILES:
         problem = "is named as a folder's float weights (the ones config.json describes)"
     elif sidecar == "config.json" or sidecar in TOKENIZER_FILES:
         problem = f"would have its config written to {sidecar}, a file of the folder's own"
+    elif ckpt.config.resolve() in written:
+        problem = f"would have its config written over the source's config {ckpt.config.name}"
+    elif args.calibration_file is not None and args.calibration_file.resolve() in written:
+        problem = "would write over the calibration file"
     else:
         problem = None
     if problem is not None:

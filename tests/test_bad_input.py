@@ -341,10 +341,16 @@ def test_chat_with_random_weights_is_refused(capsys):
 
 
 @pytest.mark.parametrize("flag", ["--json", "--profile"])
-def test_output_over_a_checkpoint_file_is_refused(tiny, flag, capsys):
+@pytest.mark.parametrize("weights", ["model.safetensors", "weights.safetensors"])
+def test_output_over_a_checkpoint_file_is_refused(tiny, flag, weights, capsys):
+    """config.json, and weights of another name read with their config beside them (weights.json)."""
+    if weights != "model.safetensors":
+        (tiny / "model.safetensors").rename(tiny / weights)
+        (tiny / "config.json").rename(tiny / "weights.json")
     before = snapshot(tiny)
-    refused_here("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN, flag, tiny / "config.json",
-                 words=[flag, "checkpoint"], capsys=capsys)
+    for target in (tiny / weights, tiny / weights.replace(".safetensors", ".json").replace("model", "config")):
+        refused_here("generate.py", "--checkpoint_path", tiny / weights, "--prompt", "hi", *GEN, flag, target,
+                     words=[flag, "checkpoint"], capsys=capsys)
     assert snapshot(tiny) == before
 
 
@@ -451,6 +457,15 @@ def test_quantize_refuses_output_over_its_source_weights(tiny):
     refused("quantize.py", "--checkpoint_path", tiny, "--mode", "int8", "--out", tiny / "model.pth",
             words=["is the source checkpoint's weights"])
     assert snapshot(tiny) == before
+
+
+def test_quantize_refuses_output_over_its_calibration_file(tiny, tmp_path, capsys):
+    calibration = tmp_path / "calibration.json"  # a text that --out's sidecar would replace
+    calibration.write_text("The capital of France is Paris. " * 40)
+    before = calibration.read_text()
+    refused_here("quantize.py", "--checkpoint_path", tiny, "--mode", "int4-gptq", "--calibration_file", calibration,
+                 "--out", tmp_path / "calibration.pth", words=["would write over the calibration file"], capsys=capsys)
+    assert calibration.read_text() == before and not (tmp_path / "calibration.pth").exists()
 
 
 def test_quantize_default_output_leaves_float_checkpoint_loadable(tiny):

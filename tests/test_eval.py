@@ -239,6 +239,9 @@ def test_bad_input_gives_one_error_line(smollm2_checkpoint, tmp_path, monkeypatc
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     (tmp_path / "text.txt").write_text("The capital of France is Paris. " * 20)
+    (tmp_path / "tasks").mkdir()
+    for name in ("my_task.yaml", "data.jsonl"):  # a task file of the user's own and its data
+        (tmp_path / "tasks" / name).write_text("kept\n")
     cases = [
         (["--text_file", tmp_path / "nowhere.txt"], ["--text_file", "not found"]),
         (["--text_file", tmp_path / "empty.txt"], ["--text_file", "empty"]),
@@ -249,6 +252,10 @@ def test_bad_input_gives_one_error_line(smollm2_checkpoint, tmp_path, monkeypatc
         (["--output", smollm2_checkpoint / "config.json"], ["--output", "checkpoint"]),
         (["--text_file", tmp_path / "text.txt", "--output", tmp_path / "text.txt"],
          ["--output", "another file of this run"]),
+        (["--tasks", tmp_path / "tasks" / "my_task.yaml", "--output", tmp_path / "tasks" / "my_task.yaml"],
+         ["--output", "another file of this run"]),
+        (["--tasks", "my_task", "--include_path", tmp_path / "tasks", "--output", tmp_path / "tasks" / "data.jsonl"],
+         ["--output", "is a file of --include_path"]),
         (["--max_seq_length", 0], ["--max_seq_length"]),  # not the default
         (["--max_seq_length", 8, "--stride", 0], ["--stride"]),
         (["--limit", 1], ["--limit 1"]),  # the text has tokens enough: the limit leaves one
@@ -262,6 +269,7 @@ def test_bad_input_gives_one_error_line(smollm2_checkpoint, tmp_path, monkeypatc
         monkeypatch.setenv(name, "1")  # what eval.py sets for itself; restored afterwards
     for args, words in cases:  # in this process; the command line's own error line: the test below
         main_error(main, ["--checkpoint_path", smollm2_checkpoint, "--device", "cpu", *args], capsys, *words)
+    assert [p.read_text() for p in sorted((tmp_path / "tasks").iterdir())] == ["kept\n"] * 2
 
 
 @pytest.fixture(scope="module")

@@ -557,8 +557,9 @@ def snapshot(folder) -> dict:
 
 
 # (source, --out, words): names that would hijack the float checkpoint (read_checkpoint reads
-# model.pth and model.safetensors with config.json), a sidecar that would be config.json, and the
-# source itself, also through a link.
+# model.pth and model.safetensors with config.json), a sidecar that would be config.json or the
+# source's own config (weights.safetensors with weights.json), and the source itself, also through
+# a link.
 OVER_THE_SOURCE = [
     ("model.safetensors", "model.pth",
      ["is named as a folder's float weights", "the default model_int8.pth"]),
@@ -566,6 +567,8 @@ OVER_THE_SOURCE = [
     ("model.safetensors", "config.pth", ["would have its config written to config.json"]),
     ("model.safetensors", "tokenizer_config.pth",
      ["would have its config written to tokenizer_config.json"]),
+    ("weights.safetensors", "weights.pth",
+     ["would have its config written over the source's config weights.json"]),
     ("float.pth", "float.pth", ["is the source checkpoint's weights"]),
     ("float.pth", "alias.pth", ["is the source checkpoint's weights"]),
 ]
@@ -579,6 +582,8 @@ def test_quantize_refuses_an_output_over_the_source_checkpoint(tiny_checkpoint, 
     shutil.copy(folder / "config.json", tmp_path / "config.json")
     shutil.copy(folder / "config.json", tmp_path / "float.json")
     shutil.copy(folder / "model.safetensors", tmp_path / "model.safetensors")
+    shutil.copy(folder / "model.safetensors", tmp_path / "weights.safetensors")
+    shutil.copy(folder / "config.json", tmp_path / "weights.json")
     torch.save(read_weights(folder / "model.safetensors"), tmp_path / "float.pth")
     (tmp_path / "alias.pth").symlink_to(tmp_path / "float.pth")
     before = snapshot(tmp_path)
