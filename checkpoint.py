@@ -358,8 +358,9 @@ def check_device(name: str, flag: str) -> torch.device:
         return device
     try:
         torch.empty(1, device=device)  # other backends (mps, xpu, ...): is it usable here?
-    except (RuntimeError, AssertionError):  # a backend missing from the build asserts
-        # (PyTorch's message runs to a thousand characters of dispatch keys)
+    # A backend missing from the build asserts, or (hpu, privateuseone) imports a module it
+    # lacks; PyTorch's message runs to a thousand characters of dispatch keys.
+    except (RuntimeError, AssertionError, ModuleNotFoundError):
         raise InputError(f"{flag} {name}: this PyTorch cannot use a {device.type} device "
                          "here") from None
     return device

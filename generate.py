@@ -472,8 +472,7 @@ def check_cache_fits(config: ModelArgs, batch_size: int, cache_length: int, dtyp
         caches.append((draft, world // share * draft.n_kv_heads))  # a whole draft in each process
     kv_bytes = sum(2 * c.n_layer * heads * slots * c.head_dim for c, heads in caches)  # K and V
     kv_bytes *= torch.empty(0, dtype=dtype).element_size()
-    free = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda"
-            else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else host_memory_available()
     if kv_bytes + weight_bytes > free:
         drafts = "" if draft is None else ", the draft model's included,"
         weights = f"{weight_bytes / 1e9:.1f} GB of random weights and " if weight_bytes else ""
@@ -481,6 +480,20 @@ def check_cache_fits(config: ModelArgs, batch_size: int, cache_length: int, dtyp
                          f"tokens{drafts} need{'' if weight_bytes else 's'} "
                          f"{(kv_bytes + weight_bytes) / 1e9:.1f} GB, more than the "
                          f"{free / 1e9:.1f} GB of free memory on {device}")
+
+
+def host_memory_available() -> int:
+    """Bytes this machine's memory can give a process now: Linux's MemAvailable (free memory and
+    the page cache it would drop; free memory alone reads low on a machine that has read files),
+    elsewhere the free pages."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def load_weights(args, ckpt, config: ModelArgs, device: torch.device, batch_size: int,

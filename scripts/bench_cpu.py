@@ -31,7 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import generate  # noqa: E402
 import tp  # noqa: E402
-from checkpoint import CONFIGS, ArgumentParser, InputError, check_output, random_model  # noqa: E402
+from checkpoint import (CONFIGS, ArgumentParser, InputError, check_output, empty_model,  # noqa: E402
+                        random_model)
 from model import ModelArgs  # noqa: E402
 
 PROMPT_TOKENS = 5
@@ -129,10 +130,16 @@ def main(argv=None):
     if args.threads < 1 or args.rounds < 1 or args.new_tokens < 2:
         raise InputError("--threads and --rounds must be >= 1, --new_tokens >= 2")
     for name in args.models:
-        context = ModelArgs(**CONFIGS[name]).block_size
-        if PROMPT_TOKENS + args.new_tokens > context:
+        config = ModelArgs(**CONFIGS[name])
+        if PROMPT_TOKENS + args.new_tokens > config.block_size:
             raise InputError(f"--new_tokens {args.new_tokens} and the {PROMPT_TOKENS}-token prompt "
-                             f"do not fit {name}'s context of {context} tokens")
+                             f"do not fit {name}'s context of {config.block_size} tokens")
+        # a model's float32 weights and its quantized copies are held together (each copy well
+        # under half of the float32 bytes); too large for this machine, refused before making any
+        float32_bytes = sum(p.nbytes for p in empty_model(config).parameters())
+        generate.check_cache_fits(config, 1, PROMPT_TOKENS + args.new_tokens, torch.float32,
+                                  torch.device("cpu"), weight_bytes=int(
+                                      float32_bytes * (1 + len(set(args.precisions)) / 2)))
     if args.out is not None:
         check_output(args.out, "--out")
     args.precisions = list(dict.fromkeys(args.precisions))  # each once: a table row each

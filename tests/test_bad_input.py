@@ -259,7 +259,7 @@ def test_interactive_turn_the_chat_template_refuses_is_reported_and_the_session_
 
 # ---- generate.py: flags -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("device", ["mps", "meta"])
+@pytest.mark.parametrize("device", ["mps", "meta", "hpu", "privateuseone"])
 def test_device_this_machine_cannot_run_is_refused(tiny, device, capsys):
     refused_here("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN[:-2], "--device", device,
                  words=[device], capsys=capsys)
