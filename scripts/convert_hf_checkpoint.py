@@ -34,7 +34,7 @@ from tqdm import tqdm  # noqa: E402
 
 from checkpoint import (TOKENIZER_FILES, ArgumentParser, InputError,  # noqa: E402
                         check_output_folder, copier, empty_model, parse_config, read_json,
-                        read_weights, save_checkpoint, unpermute, unreadable)
+                        one_line, read_weights, save_checkpoint, unpermute, unreadable)
 from model import ModelArgs  # noqa: E402
 
 SUPPORTED = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe")
@@ -341,7 +341,13 @@ def open_shard(path: Path) -> tuple[list[str], callable]:
         f = safe_open(str(path), framework="pt")  # checks the header covers the whole file
     except (SafetensorError, OSError) as e:  # as in checkpoint.read_weights
         raise unreadable(path, e) from None
-    return list(f.keys()), f.get_tensor
+
+    def get(name):
+        try:
+            return f.get_tensor(name)
+        except SafetensorError as e:  # a dtype it makes no tensor of (F6_E2M3, ...)
+            raise InputError(f"cannot read {name} from {path}: {one_line(e)}") from None
+    return list(f.keys()), get
 
 
 def read_hf_config(hf_dir: Path, files: list[Path], layout: str) -> ModelArgs:
@@ -395,6 +401,10 @@ def convert(files: list[Path], layout: str, args: ModelArgs) -> dict:
             if dest not in expected or part is not None and part not in fused_parts(dest, args):
                 raise InputError(f"unexpected tensor {name}: the config describes no such weight")
             tensor = get(name)
+            if not tensor.is_floating_point():
+                raise InputError(f"{name} is {str(tensor.dtype).removeprefix('torch.')}: the "
+                                 "converter takes float weights (a quantized snapshot? convert "
+                                 "its float release, then quantize.py)")
             # Shapes checked before any reshaping, which would fail on a wrong one with an error of
             # its own.
             shape = expected[dest]
@@ -421,6 +431,10 @@ def convert(files: list[Path], layout: str, args: ModelArgs) -> dict:
                 if len(pieces) < len(order):
                     continue
                 del pending[dest]
+                dtypes = {pieces[p].dtype for p in order}
+                if len(dtypes) > 1 and any(d.itemsize == 1 for d in dtypes):  # cat cannot mix them
+                    raise InputError(f"the pieces of {dest} ({', '.join(map(str, order))}) come in "
+                                     f"different dtypes ({', '.join(sorted(map(str, dtypes)))})")
                 # (sum of the parts' rows, in_features) or (rows,)
                 tensor = torch.cat([pieces[p] for p in order])
                 if len(expected[dest]) == 3:  # experts: (n_experts, rows, in_features)

@@ -4,6 +4,7 @@ and the disk is left as it was. Most cases use a tiny random checkpoint with Smo
 import collections
 import hashlib
 import json
+import math
 import os
 import runpy
 import shutil
@@ -646,6 +647,49 @@ def test_hf_converter_refuses_a_tensor_of_the_wrong_shape_naming_it(tiny_hf, tmp
     tensors[name] = torch.zeros(shape)
     save_file(tensors, hf / "model.safetensors")
     refused_here("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path, words=[name], capsys=capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def with_dtype(path: Path, name: str, dtype: str, bits: int):
+    """Rewrite the safetensors file at path with tensor `name` declared as `dtype` of `bits` a value (zeros),
+    a type the safetensors library may have no tensor for: the header written by hand."""
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    data, blobs = raw[8 + size:], {}
+    for key, info in header.items():
+        if key != "__metadata__":
+            begin, end = info["data_offsets"]
+            blobs[key] = data[begin:end]
+    header[name]["dtype"] = dtype
+    blobs[name] = bytes(math.prod(header[name]["shape"]) * bits // 8)
+    offset = 0
+    for key in blobs:
+        header[key]["data_offsets"] = [offset, offset + len(blobs[key])]
+        offset += len(blobs[key])
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs.values()))
+
+
+@pytest.mark.parametrize("case, words", [
+    ("fp8-with-float", ["pieces of layers.0.attention.wqkv.weight", "different dtypes"]),
+    ("int8", ["model.layers.0.self_attn.q_proj.weight is int8", "float weights"]),
+    ("F6_E2M3", ["cannot read model.norm.weight", "F6_E2M3"]),
+])
+def test_hf_converter_refuses_weights_of_a_dtype_it_cannot_convert(tiny_hf, tmp_path, case, words, capsys):
+    """Pieces of one fused weight that torch.cat cannot join, integer weights, and a dtype the safetensors
+    library reads in its header but makes no tensor of."""
+    from safetensors.torch import load_file, save_file
+    hf = hf_source(tiny_hf, tmp_path)
+    if case == "F6_E2M3":
+        with_dtype(hf / "model.safetensors", "model.norm.weight", "F6_E2M3", 6)
+    else:
+        tensors = load_file(hf / "model.safetensors")
+        q = "model.layers.0.self_attn.q_proj.weight"
+        tensors[q] = tensors[q].to(torch.float8_e4m3fn if case == "fp8-with-float" else torch.int8)
+        save_file(tensors, hf / "model.safetensors")
+    refused_here("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path, words=words, capsys=capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
