@@ -110,7 +110,12 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def decode(self, ids: list[int]) -> str:
-        """Text of ids."""
+        """Text of ids. An id past the tokenizer's own (a model's vocabulary is often padded past
+        them, and a model may sample one) has no text: it adds nothing, as tokenizer.json's
+        decoder skips it."""
+
+    def known(self, ids: list[int]) -> list[int]:
+        return [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Prompt ids for a conversation, ending with the assistant's generation prompt."""
@@ -203,7 +208,7 @@ class TiktokenTokenizer(Tokenizer):
         return [self.bos_id] + self.enc.encode(text, disallowed_special=())
 
     def decode(self, ids: list[int]) -> str:
-        return self.enc.decode([int(i) for i in ids])  # invalid UTF-8 becomes U+FFFD
+        return self.enc.decode(self.known(ids))  # invalid UTF-8 becomes U+FFFD
 
     def _encode_special_text(self, text: str) -> list[int]:
         return self.enc.encode(text, allowed_special="all")
@@ -243,7 +248,7 @@ class SentencePieceTokenizer(Tokenizer):
         return ([self.bos_id] if self.bos_id is not None else []) + self.sp.encode(text)
 
     def decode(self, ids: list[int]) -> str:
-        return self.sp.decode([int(i) for i in ids])  # control tokens (BOS/EOS) decode to ""
+        return self.sp.decode(self.known(ids))  # control tokens (BOS/EOS) decode to ""
 
     def _token_str(self, token_id: int | None) -> str:
         # decode() drops control tokens, but a template needs their text ("<s>", "</s>").

@@ -196,6 +196,17 @@ def test_decode_of_encode_gives_the_text_back(backend, request):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_ids_past_the_tokenizers_own_decode_to_nothing(backend, request):
+    """A model's vocabulary padded past the tokenizer's ids (they may be sampled): no text, no error."""
+    tok = load_tokenizer(request.getfixturevalue(backend))
+    ids = strip_bos(tok, tok.encode(TEXTS[0]))
+    padded = [tok.vocab_size, *ids[:2], tok.vocab_size + 7, *ids[2:], 2 ** 31 - 1]
+    assert tok.decode(padded) == TEXTS[0]
+    streamer = TextStreamer(tok)
+    assert "".join([streamer.put(i) for i in padded] + [streamer.flush()]) == TEXTS[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_streamer_never_breaks_characters(backend, request):
     tok = load_tokenizer(request.getfixturevalue(backend))
     ids = strip_bos(tok, tok.encode(" ".join(TEXTS)))
