@@ -121,7 +121,12 @@ async def calibrate(args) -> tuple[str, int]:
         for numbers in CALIBRATION:
             response = await client.completions.create(model=model, prompt=prompt(0, numbers),
                                                        max_tokens=1, temperature=0)
-            counts.append(response.usage.prompt_tokens)
+            tokens = getattr(response.usage, "prompt_tokens", None)
+            if type(tokens) is not int:
+                raise InputError(f"the server at {client.base_url} gives no prompt_tokens count "
+                                 "in a completion's usage, by which the load test sizes its "
+                                 "prompts")
+            counts.append(tokens)
     except openai.APIConnectionError as e:
         raise InputError(f"cannot reach the server at {client.base_url}: {e}") from None
     except openai.APIStatusError as e:
@@ -130,6 +135,10 @@ async def calibrate(args) -> tuple[str, int]:
     finally:
         await client.close()
     short, long = counts
+    if long <= short:
+        raise InputError(f"the server at {args.url} counts {short} prompt tokens for "
+                         f"{CALIBRATION[0]} numbers and {long} for {CALIBRATION[1]}: its counts do "
+                         "not grow with the prompt, by which the load test sizes its prompts")
     per_number = (long - short) / (CALIBRATION[1] - CALIBRATION[0])
     return model, max(1, round(CALIBRATION[0] + (args.prompt_tokens - short) / per_number))
 

@@ -149,3 +149,43 @@ def test_load_test_names_a_server_that_is_not_an_openai_api(load_test, tmp_path)
         finally:
             httpd.shutdown()
     assert_one_error_line(line, "OpenAI-compatible")
+
+
+@pytest.mark.parametrize("usage, words", [
+    (None, ["gives no prompt_tokens count"]),
+    ({"prompt_tokens": "n/a", "completion_tokens": 1, "total_tokens": 13}, ["gives no prompt_tokens count"]),
+    ({"prompt_tokens": 12, "completion_tokens": 1, "total_tokens": 13}, ["do not grow with the prompt"]),
+], ids=["no-usage", "a-string", "the-same-for-every-prompt"])
+def test_load_test_names_a_server_whose_token_counts_it_cannot_use(load_test, usage, words):
+    """A server of OpenAI's API shape whose completions' usage is missing, not a number, or the same for every
+    prompt: the prompts cannot be sized by it."""
+    import http.server
+    import threading
+
+    class Server(http.server.BaseHTTPRequestHandler):
+        def answer(self, body: dict):
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self.answer({"object": "list", "data": [{"id": "m", "object": "model", "created": 0, "owned_by": "x"}]})
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.answer({"id": "c", "object": "text_completion", "created": 0, "model": "m", "usage": usage,
+                         "choices": [{"index": 0, "text": "1", "finish_reason": "length", "logprobs": None}]})
+
+        def log_message(self, *args):
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Server) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        try:
+            line = refusal(load_test, "--url", f"http://127.0.0.1:{httpd.server_port}/v1", "--requests", 1)
+        finally:
+            httpd.shutdown()
+    assert_one_error_line(line, *words)
