@@ -377,21 +377,41 @@ def bench_rows(cells: list, args, cache_dir: str):
 
 # ---- merging and reporting ----------------------------------------------------------------------------
 
-RESULT_KEYS = ("card", "torch", "date", "copy_gb_s", "kernel_checks", "rows")
-ROW_KEYS, ROW_NUMBERS = ("model", "precision", "batch_size", "new_tokens"), ("tok_s", "gb_s")
+# What --merge reads of a result and of its rows, and the JSON types each may have (a bool is no number
+# here): a file edited by hand, or cut short, is refused before anything is written.
+NUMBER, MAYBE_NUMBER, MAYBE_INT = (int, float), (int, float, type(None)), (int, type(None))
+RESULT_FIELDS = dict(card=(str,), torch=(str,), date=(str,), copy_gb_s=MAYBE_NUMBER, kernel_checks=(list,),
+                     rows=(list,))
+ROW_FIELDS = dict(model=(str,), precision=(str,), batch_size=(int,), new_tokens=(int,), tok_s=NUMBER, gb_s=NUMBER,
+                  weights_gb=NUMBER, kv_gb=NUMBER, mbu=NUMBER, limit_tok_s=NUMBER, copy_gb_s=NUMBER,
+                  ttft_ms=NUMBER, compile_s=NUMBER, second_compile_s=MAYBE_NUMBER, prefill_tokens=MAYBE_INT,
+                  prefill_tok_s=MAYBE_NUMBER, prefill_compiled=(bool,), peak_memory_gb=NUMBER)
+
+
+def wrong_fields(record, fields: dict) -> list:
+    """The fields of a JSON object that are missing or of a type `fields` does not allow."""
+    if not isinstance(record, dict):
+        return list(fields)
+    return [k for k, kinds in fields.items() if k not in record or type(record[k]) not in kinds]
 
 
 def read_result(path: Path) -> dict:
     result = read_json(path)  # an InputError naming the file if it is missing or not a JSON object
-    missing = [k for k in RESULT_KEYS if k not in result]
-    if missing:
-        raise InputError(f"{path} is not a bench.py result (no {', '.join(missing)})")
-    rows = result["rows"] if isinstance(result["rows"], list) else [result["rows"]]
-    for i, row in enumerate(rows):  # (a file edited by hand, or cut short)
-        if not (isinstance(row, dict) and all(k in row for k in ROW_KEYS) and all(
-                type(row.get(k)) in (int, float) for k in ROW_NUMBERS)):
-            raise InputError(f"{path}: row {i} is not a measured cell (one has "
-                             f"{', '.join(ROW_KEYS + ROW_NUMBERS)}, the last two numbers)")
+    wrong = wrong_fields(result, RESULT_FIELDS)
+    if wrong:
+        raise InputError(f"{path} is not a bench.py result ({', '.join(wrong)}: missing or not of its type)")
+    for i, row in enumerate(result["rows"]):
+        wrong = wrong_fields(row, ROW_FIELDS)
+        if not wrong and "prompt_tokens" in row and type(row["prompt_tokens"]) is not int:
+            wrong = ["prompt_tokens"]
+        if wrong:
+            raise InputError(f"{path}: row {i} is not a measured cell ({', '.join(wrong)}: missing or not "
+                             "of its type)")
+    for i, check in enumerate(result["kernel_checks"]):
+        if not (isinstance(check, dict) and type(check.get("ok")) is bool
+                and all(type(v) in NUMBER for k, v in check.items() if is_error(k))):
+            raise InputError(f"{path}: kernel check {i} is not a check (an object with ok true or false, its "
+                             "errors numbers)")
     return result
 
 

@@ -210,6 +210,12 @@ def test_no_gpu_is_one_error_line(tmp_path, capsys, monkeypatch):
     assert_one_error_line(err, "needs a CUDA GPU", "--merge")
 
 
+# a measured cell as bench.py writes it (what --merge reads of one)
+CELL = dict(model="stories15M", precision="bf16", batch_size=1, new_tokens=200, tok_s=1.0, gb_s=1.0, weights_gb=0.1,
+            kv_gb=0.0, mbu=0.5, limit_tok_s=2.0, copy_gb_s=2.0, ttft_ms=1.0, compile_s=1.0, second_compile_s=None,
+            prefill_tokens=None, prefill_tok_s=None, prefill_compiled=False, peak_memory_gb=0.1)
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--cells", "stories15M:int5"], ["unknown precision 'int5'"]),
     (["--cells", "stories15M:int4.g48"], ["unknown precision 'int4.g48'"]),
@@ -236,13 +242,52 @@ def test_no_gpu_is_one_error_line(tmp_path, capsys, monkeypatch):
 ])
 def test_bad_input_is_one_error_line(argv, words, bench, tmp_path, capsys):
     (tmp_path / "other.json").write_text(json.dumps(dict(card="x", rows=[])))
-    cell = dict(model="stories15M", precision="bf16", batch_size=1, new_tokens=200, tok_s=1.0, gb_s=1.0)
     (tmp_path / "cut.json").write_text(json.dumps(dict(  # a result whose second row lost its numbers
         card="x", torch="2", date="2026-01-01", copy_gb_s=None, kernel_checks=[],
-        rows=[cell, {**cell, "tok_s": "fast"}])))
+        rows=[CELL, {**CELL, "tok_s": "fast"}])))
     code, _, err = run_main(bench, [a.format(tmp=tmp_path) for a in argv] + ["--out", tmp_path / "r.json"], capsys)
     assert code == 1
     assert_one_error_line(err, *words)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (dict(card=["H100"]), ["not a bench.py result", "card"]),
+    (dict(date=20260101), ["not a bench.py result", "date"]),
+    (dict(copy_gb_s="3000"), ["not a bench.py result", "copy_gb_s"]),
+    (dict(rows={"0": CELL}), ["not a bench.py result", "rows"]),
+    (dict(kernel_checks=3), ["not a bench.py result", "kernel_checks"]),
+    (dict(kernel_checks=["ok"]), ["kernel check 0 is not a check"]),
+    (dict(kernel_checks=[{"name": "int8", "rel_err": 1e-3}]), ["kernel check 0 is not a check"]),
+    (dict(kernel_checks=[{"name": "int8", "rel_err": "small", "ok": True}]), ["kernel check 0 is not a check"]),
+    (dict(rows=[{**CELL, "copy_gb_s": None}]), ["row 0 is not a measured cell", "copy_gb_s"]),
+    (dict(rows=[{**CELL, "model": ["x"]}]), ["row 0 is not a measured cell", "model"]),
+    (dict(rows=[{**CELL, "batch_size": "1"}]), ["row 0 is not a measured cell", "batch_size"]),
+    (dict(rows=[{**CELL, "batch_size": True}]), ["row 0 is not a measured cell", "batch_size"]),
+    (dict(rows=[{k: v for k, v in CELL.items() if k != "weights_gb"}]), ["row 0 is not a measured cell", "weights_gb"]),
+    (dict(rows=[{**CELL, "prompt_tokens": 5.5}]), ["row 0 is not a measured cell", "prompt_tokens"]),
+], ids=["card-list", "date-int", "copy-string", "rows-object", "checks-int", "check-string", "check-without-ok",
+        "check-error-string", "row-copy-null", "row-model-list", "row-batch-string", "row-batch-bool",
+        "row-without-weights", "row-prompt-float"])
+def test_merge_of_a_hand_edited_result_is_one_error_line_and_writes_nothing(edit, words, bench, tmp_path, capsys):
+    good = dict(card="x", torch="2", date="2026-01-01", copy_gb_s=2.0, kernel_checks=[], rows=[CELL])
+    (tmp_path / "good.json").write_text(json.dumps(good))
+    (tmp_path / "edited.json").write_text(json.dumps({**good, **edit}))
+    code, _, err = run_main(bench, ["--merge", tmp_path / "good.json", tmp_path / "edited.json",
+                                    "--out", tmp_path / "o.json", "--markdown", tmp_path / "o.md"], capsys)
+    assert code == 1
+    assert_one_error_line(err, "edited.json", *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edited.json", "good.json"]
+
+
+def test_merge_of_a_complete_result_makes_its_table(bench, tmp_path, capsys):
+    """The control of the test above: the same two files, unedited, merge."""
+    good = dict(card="x", torch="2", date="2026-01-01", copy_gb_s=2.0, kernel_checks=[], rows=[CELL])
+    for name in ("good.json", "edited.json"):
+        (tmp_path / name).write_text(json.dumps(good))
+    code, out, _ = run_main(bench, ["--merge", tmp_path / "good.json", tmp_path / "edited.json",
+                                    "--out", tmp_path / "o.json", "--markdown", tmp_path / "o.md"], capsys)
+    assert code == 0 and len(json.loads((tmp_path / "o.json").read_text())["rows"]) == 2
+    assert "| stories15M | bf16 |" in (tmp_path / "o.md").read_text()
 
 
 @pytest.fixture
