@@ -548,10 +548,14 @@ def run_samples(args, prompts: list, generate_fn: Callable, tokenizer, max_new: 
              if world > 1 else f"on {device.type}")
     compile_s = compiling_run(generate_fn, prompts, max_new) if compiled else None
     results = []
+    echo = args.prompt and not args.chat  # the answer continues the prompt's text: both printed
     for i in range(args.num_samples):
-        streamer = TextStreamer(tokenizer) if tokenizer is not None and len(prompts) == 1 else None
-        if streamer is not None and args.prompt and not args.chat:
-            print(args.prompt[0], end="", flush=True)  # the answer continues the prompt's text
+        streamer = None
+        if tokenizer is not None and len(prompts) == 1:
+            streamer = TextStreamer(tokenizer)
+            if echo:
+                print(args.prompt[0], end="", flush=True)
+                streamer = TextStreamer.continuing(tokenizer, prompts[0])
         on_tokens = None if streamer is None else partial(print_row0, streamer, tokenizer.eos_ids)
         profiling = args.profile is not None and i == args.num_samples - 1
         with torch.profiler.profile() if profiling else nullcontext() as prof:
@@ -562,7 +566,13 @@ def run_samples(args, prompts: list, generate_fn: Callable, tokenizer, max_new: 
             write_trace(prof, args.profile)
         if len(prompts) > 1 and tokenizer is not None:
             for b, row in enumerate(gen.tokens):
-                print(f"[{b}] {tokenizer.decode(row)}")
+                if echo:  # (the --prompt texts, repeated --batch_size times)
+                    text = args.prompt[b % len(args.prompt)]
+                    streamer = TextStreamer.continuing(tokenizer, prompts[b])
+                    text += "".join(map(streamer.put, row)) + streamer.flush()
+                else:
+                    text = tokenizer.decode(row)
+                print(f"[{b}] {text}")
         m = metrics(gen, model_bytes, device)
         results.append(m)
         print(f"Sample {i}: {describe(m, f' ({where})' if world > 1 else '')}", file=sys.stderr)
@@ -751,7 +761,8 @@ def encode_prompts(args, tokenizer, vocab_size: int) -> list:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:  # bytes the terminal could not decode arrive as lone surrogates
-            raise InputError(f"--prompt {text!r} is not valid UTF-8 text") from None
+            raise InputError(f"--prompt {text.encode('utf-8', 'surrogateescape')!r} is not valid "
+                             "UTF-8 text") from None
         prompts.append(tokenizer.encode_chat([{"role": "user", "content": text}]) if args.chat
                        else tokenizer.encode(text))
         if not prompts[-1]:

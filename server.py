@@ -479,8 +479,9 @@ class CommonFields(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0, le=2)  # None: 1
-    top_p: Optional[float] = Field(None, ge=0, le=1)  # None: 1; 0: the most likely token
+    # (NaN, which JSON from Python clients may hold, is refused as not finite, not as out of range)
+    temperature: Optional[float] = Field(None, ge=0, le=2, allow_inf_nan=False)  # None: 1
+    top_p: Optional[float] = Field(None, ge=0, le=1, allow_inf_nan=False)  # None: 1; 0: greedy
     top_k: Optional[int] = Field(None, ge=1, le=CANDIDATES)  # extension: the k most likely
     seed: Optional[int] = Field(None, ge=-2**63, lt=2**63)  # OpenAI's: an int64
     stop: Annotated[Union[str, list[str], None], one_of("a string or a list of strings")] = None
@@ -739,8 +740,10 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
                   (secrets.randbits(32) if body.seed is None else body.seed) & 0xFFFFFFFF,
                   emit=queue.put_nowait)
         if not scheduler.submit(job):
-            raise APIError(429, f"the server is busy: {scheduler.max_queue} requests are waiting "
-                           "already", "queue_full", headers={"Retry-After": "1"})
+            queued = scheduler.max_queue
+            raise APIError(429, f"the server is busy: {queued} request"
+                           f"{'s are' if queued > 1 else ' is'} waiting already", "queue_full",
+                           headers={"Retry-After": "1"})
         head = dict(id=f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}",
                     object="chat.completion" if chat else "text_completion",
                     created=int(time.time()), model=model_id)
@@ -753,13 +756,13 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
             # A client that leaves ends the stream (Starlette listens for it), and the answer's end
             # cancels the job; the background task, run however the response ends, cancels one
             # whose stream never started.
-            return StreamingResponse(chunks(answer(job, queue, stops), head, chat, usage,
+            return StreamingResponse(chunks(answer(job, queue, stops, chat), head, chat, usage,
                                             include_usage), media_type="text/event-stream",
                                      background=BackgroundTask(scheduler.cancel, job))
         gone = asyncio.create_task(cancel_when_gone(request, job))  # a client that leaves
         text, n = "", 0
         try:
-            async for piece, reason, n in answer(job, queue, stops):
+            async for piece, reason, n in answer(job, queue, stops, chat):
                 text += piece
         finally:
             gone.cancel()
@@ -768,10 +771,13 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
         choice.update(dict(message=message) if chat else dict(text=text))
         return dict(head, choices=[choice], usage=usage(n))
 
-    async def answer(job: Job, queue: asyncio.Queue, stops: list):
+    async def answer(job: Job, queue: asyncio.Queue, stops: list, chat: bool):
         """(text, finish reason or None, tokens so far) as the job's tokens arrive. A stop string
-        ends the answer just before it, also when it spans tokens; the job ends with the answer."""
-        streamer, pending, n = TextStreamer(tokenizer), "", 0
+        ends the answer just before it, also when it spans tokens; the job ends with the answer.
+        A completion's text continues its prompt's; a chat answer is a message of its own."""
+        streamer = (TextStreamer(tokenizer) if chat
+                    else TextStreamer.continuing(tokenizer, job.prompt))
+        pending, n = "", 0
         try:
             while True:
                 item = await queue.get()

@@ -149,7 +149,8 @@ class HFTokenizer(Tokenizer):
             # unreadable file's OSError) is a bug
             if type(e) is not Exception and not isinstance(e, OSError):
                 raise
-            raise InputError(f"cannot read {folder / 'tokenizer.json'}: {e}") from None
+            raise InputError(f"cannot read {folder / 'tokenizer.json'} as a Hugging Face "
+                             f"tokenizers file: {e}") from None
         bos, eos = config.get("bos_token"), config.get("eos_token")
         self.bos_id = self.tok.token_to_id(bos) if bos else None
         self.eos_ids = ([self.tok.token_to_id(eos)]
@@ -332,6 +333,14 @@ class TextStreamer:
     tokenizer: Tokenizer
     ids: list = field(default_factory=list)  # one id of context + ids whose text is not out yet
     done: int = 0  # chars of decode(self.ids) already emitted
+
+    @classmethod
+    def continuing(cls, tokenizer: Tokenizer, prompt: list) -> "TextStreamer":
+        """A streamer of text that continues the prompt's (a completion; a chat answer is a message
+        of its own and starts bare): the prompt's last id is its first context, so that a
+        sentencepiece model's first piece keeps its leading space ("a time" + " there was")."""
+        last = [int(prompt[-1])]
+        return cls(tokenizer, last, len(tokenizer.decode(last)))
 
     def put(self, token_id: int) -> str:
         self.ids.append(int(token_id))

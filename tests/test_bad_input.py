@@ -229,7 +229,7 @@ def test_non_utf8_prompt_argument_is_refused(tiny, chat):
             *(["--chat"] if chat else []), *map(str, GEN)]
     r = subprocess.run(argv, cwd=ROOT, capture_output=True, timeout=HANG_S)
     assert r.returncode == 1
-    assert_one_error_line(r.stderr.decode(errors="replace"), "UTF-8")
+    assert_one_error_line(r.stderr.decode(errors="replace"), "UTF-8", r"b'caf\xe9'")  # the byte as it came
 
 
 def test_interactive_non_utf8_line_is_reported_and_the_session_goes_on(tiny):

@@ -315,7 +315,7 @@ def test_a_batch_prints_each_row_once_and_greedy_rows_equal_the_single_rows_answ
     answer = single.removeprefix(PROMPT).strip()
     assert len(answer.split()) == 12, single
     batch, _ = generate_here(capsys, tiny_checkpoint, *flags, "--batch_size", 3)
-    assert batch.splitlines() == [f"[{b}] {answer}" for b in range(3)]
+    assert batch.splitlines() == [f"[{b}] {single.rstrip()}" for b in range(3)]  # each its prompt, then the answer
 
 
 def test_bfloat16_weights_generate_and_a_step_reads_half_the_bytes_of_float32(tiny_checkpoint,

@@ -275,6 +275,9 @@ def test_errors_answer_with_openai_error_json_and_status(server):
         assert error["param"].startswith(field), (field, value, error)
     assert post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 1,
                                               "temperature": 1, "seed": -1}).status_code == 200
+    for field in ("temperature", "top_p"):  # NaN (Python's json writes it) is not finite, not out of range
+        error = error_of(post("/v1/completions", content=b'{"prompt": "a", "%s": NaN}' % field.encode()), 400)
+        assert error["param"] == field and "finite" in error["message"], error
     # a body that is no UTF-8 text, with the key: what is wrong; without it, only that
     for key, status in ((KEY, 400), (None, 401)):
         sent = {"Content-Type": "application/json"} | (key and {"Authorization": f"Bearer {key}"}

@@ -207,6 +207,19 @@ def test_ids_past_the_tokenizers_own_decode_to_nothing(backend, request):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_continuation_keeps_the_space_between_the_prompt_and_its_first_piece(backend, request):
+    """sentencepiece drops the leading space of a decode's first piece: a completion streamed after its
+    prompt takes the prompt's last id as context, and a chat answer (a message of its own) starts bare."""
+    tok = load_tokenizer(request.getfixturevalue(backend))
+    prompt, full = tok.encode("Once upon a time"), tok.encode("Once upon a time there was")
+    assert full[:len(prompt)] == prompt
+    streamer = TextStreamer.continuing(tok, prompt)
+    assert "".join(map(streamer.put, full[len(prompt):])) + streamer.flush() == " there was"
+    streamer = TextStreamer(tok)
+    assert "".join(map(streamer.put, full[len(prompt):])) + streamer.flush() in ("there was", " there was")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_streamer_never_breaks_characters(backend, request):
     tok = load_tokenizer(request.getfixturevalue(backend))
     ids = strip_bos(tok, tok.encode(" ".join(TEXTS)))
