@@ -52,7 +52,7 @@ def read_config(folder: Path, name: str) -> dict:
         token = config.get(key)
         if isinstance(token, dict):
             token = config[key] = token.get("content")
-        if token is not None and not isinstance(token, str):
+        if token is not None and not is_text(token):
             raise InputError(f"{path}: {key} must be a token's text, got {token!r}")
     ids = config.get("eos_token_id")
     if ids is not None and not all(type(i) is int
@@ -65,9 +65,21 @@ def read_config(folder: Path, name: str) -> dict:
                              "objects")
         config["chat_template"] = {t.get("name"): t.get("template")
                                    for t in template}.get("default")
-    if not isinstance(config.get("chat_template", ""), (str, type(None))):
+    if not (config.get("chat_template") is None or is_text(config["chat_template"])):
         raise InputError(f"{path}: chat_template must be text")
     return config
+
+
+def is_text(value) -> bool:
+    """A str that is Unicode text: JSON's escapes can write a lone surrogate (\\ud800), which no
+    tokenizer encodes."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def render_chat_template(template: str, messages: list[dict], bos_token: str,
@@ -87,14 +99,20 @@ def render_chat_template(template: str, messages: list[dict], bos_token: str,
     env.globals.update(raise_exception=raise_exception,
                        strftime_now=lambda f: datetime.now().strftime(f))
     try:
-        return env.from_string(template).render(
+        text = env.from_string(template).render(
             messages=messages, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token)
     except TemplateError as e:
         raise InputError(f"chat template error: {e}") from None
     # The template is the checkpoint's code: what its expressions raise (1 / 0, "a" + 1, a bad
-    # strftime format, a macro calling itself forever) is the checkpoint's error.
-    except (ArithmeticError, LookupError, TypeError, ValueError, RecursionError) as e:
+    # strftime format, a macro calling itself forever, a filter's argument jinja asserts on, as
+    # truncate(-1)) is the checkpoint's error.
+    except (ArithmeticError, LookupError, TypeError, ValueError, RecursionError,
+            AssertionError) as e:
         raise InputError(f"chat template error: {one_line(e)}") from None
+    if not is_text(text):
+        raise InputError("chat template error: it writes a lone surrogate (such as \"%c\" % "
+                         "55296), which is no text to tokenize")
+    return text
 
 
 class Tokenizer(ABC):

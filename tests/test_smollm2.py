@@ -136,10 +136,23 @@ def test_broken_tokenizer_files_give_one_error_line(broken, flags, words, smollm
     assert_input_error(["--checkpoint_path", tmp_path, "--device", "cpu", "--prompt", "Hi", *flags], *words)
 
 
+@pytest.mark.parametrize("key, value", [("eos_token", "\ud800"), ("bos_token", "\ud800"),
+                                        ("chat_template", "{{ messages }}\ud800")])
+def test_a_lone_surrogate_in_tokenizer_config_is_one_error_line(key, value, smollm2_checkpoint, tmp_path):
+    """JSON's escapes can write "\\ud800", which reads as no text: the config's fault, named."""
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        (tmp_path / name).symlink_to(smollm2_checkpoint / name)
+    config = json.loads((smollm2_checkpoint / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, key: value}))  # ascii: "\ud800"
+    assert_input_error(["--checkpoint_path", tmp_path, "--device", "cpu", "--prompt", "Hi", "--chat"],
+                       "tokenizer_config.json", key)
+
+
 @pytest.mark.parametrize("template, raised", [
     ("{{ 1 / 0 }}", "ZeroDivisionError"), ("{{ 'a' + 1 }}", "TypeError"),
     ("{{ strftime_now(5) }}", "TypeError"), ("{{ raise_exception('no system role') }}", "no system role"),
-], ids=["division", "types", "strftime", "raise_exception"])
+    ('{{ "ab"|truncate(-1) }}', "AssertionError"), ('{{ "%c" % 55296 }}', "lone surrogate"),
+], ids=["division", "types", "strftime", "raise_exception", "filter-asserts", "lone-surrogate"])
 def test_a_chat_template_that_raises_while_rendering_is_the_checkpoints_error(template, raised, smollm2_checkpoint,
                                                                               tmp_path):
     for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"):
