@@ -529,7 +529,8 @@ def write_files(folder: Path, writers: dict, remove=()):
     `remove`, stale files of an earlier set) is written, then carried out by finish_write. Killed
     before the journal, the folder is as it was; after it, the next reader or writer completes
     it."""
-    created = not folder.exists()  # a folder made here goes again if nothing is written into it
+    # folders made here (innermost first) go again if nothing is written into them
+    created = [path for path in (folder, *folder.parents) if not path.exists()]
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / JOURNAL).is_file():
         finish_write(folder)
@@ -547,8 +548,10 @@ def write_files(folder: Path, writers: dict, remove=()):
     except BaseException as e:
         for tmp in [*temps.values(), tmp_journal]:
             tmp.unlink(missing_ok=True)
-        if created and not any(folder.iterdir()):
-            folder.rmdir()
+        for made in created:
+            if any(made.iterdir()):
+                break
+            made.rmdir()
         if isinstance(e, OSError) and e.errno == 28:  # ENOSPC
             raise InputError(f"disk full while writing into {folder}: "
                              "nothing was changed") from None

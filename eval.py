@@ -498,6 +498,12 @@ def check_args(args, block_size: int):
             raise InputError(f"--{flag} must be >= 1, got {value}")
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise InputError(f"--num_fewshot must be >= 0, got {args.num_fewshot}")
+    ignored = [flag for flag, given in (("--num_fewshot", args.num_fewshot is not None),
+                                        ("--include_path", args.include_path),
+                                        ("--download", args.download)) if given]
+    if ignored and not args.tasks:
+        raise InputError(f"{', '.join(ignored)} set{'s' if len(ignored) == 1 else ''} up "
+                         "--tasks, and none is given (perplexity alone takes neither)")
     for folder in args.include_path:
         if not folder.is_dir():
             raise InputError(f"--include_path: folder {folder} does not exist")

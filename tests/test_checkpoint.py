@@ -170,6 +170,10 @@ def test_a_write_that_fails_into_a_new_folder_leaves_no_folder(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write_files(tmp_path / "new", {"a.txt": interrupted})
     assert names(tmp_path) == []
+    (tmp_path / "mine").mkdir()  # folders it made go, from the innermost up; others stay
+    with pytest.raises(KeyboardInterrupt):
+        write_files(tmp_path / "mine" / "new" / "deeper", {"a.txt": interrupted})
+    assert names(tmp_path) == ["mine"] and names(tmp_path / "mine") == []
 
 
 # ---- reading weights -----------------------------------------------------------------------------

@@ -290,6 +290,15 @@ def test_bad_task_flags_give_one_error_line(args, words, tiny_checkpoint, tmp_pa
     main_error(main, argv, capsys, *words)
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--num_fewshot", 3], ["--num_fewshot sets up --tasks"]),
+    (["--include_path", "{tmp}", "--download"], ["--include_path, --download set up --tasks"]),
+], ids=["fewshot", "include-path-and-download"])
+def test_task_flags_without_tasks_are_refused_not_ignored(args, words, tiny_checkpoint, tmp_path, capsys):
+    argv = ["--checkpoint_path", tiny_checkpoint, "--device", "cpu", *[str(a).format(tmp=tmp_path) for a in args]]
+    main_error(main, argv, capsys, *words)
+
+
 def test_a_task_continuation_longer_than_the_window_is_one_input_error(tiny_checkpoint):
     """A continuation is scored whole in one window: one that does not fit --max_seq_length is the task's
     error (one line), not a silently shortened score."""
