@@ -655,10 +655,10 @@ def describe_speculation(m: dict) -> str:
     if m["acceptance_rate"] is None:
         return "speculative decoding: no rounds (the first token ended the sample)"
     k = len(m["accepted_lengths"]) - 1
-    histogram = ", ".join(f"{n}: {count}" for n, count in enumerate(m["accepted_lengths"]))
+    histogram = ", ".join(f"{n}: {count}" for n, count in enumerate(m["accepted_lengths"]) if count)
     return (f"speculative decoding: {m['acceptance_rate']:.1%} of {k} drafts accepted, "
             f"{m['tokens_per_verify']:.2f} tokens per target forward, rounds by drafts kept "
-            f"{{{histogram}}}")
+            f"(those with any) {{{histogram}}}")
 
 
 def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: int,

@@ -5,7 +5,6 @@ probabilities), the compiled functions, and the command line with its errors."""
 import argparse
 import copy
 import json
-import os
 
 import pytest
 import torch
@@ -376,9 +375,8 @@ def test_the_memory_check_counts_a_draft_models_kv_cache_too(smollm2_checkpoint,
     # 4 prompt tokens, 4 new ones and the 3 slots a round of k = 4 may write past them: 11, rounded up to 16 slots;
     # keys and values in float32
     target_cache = 2 * config.n_layer * config.n_kv_heads * 16 * config.head_dim * 4
-    free_pages, sysconf = target_cache * 3 // 2 // os.sysconf("SC_PAGE_SIZE"), os.sysconf
-    monkeypatch.setattr(os, "sysconf", lambda name: free_pages if name == "SC_AVPHYS_PAGES"
-                        else sysconf(name))
+    import generate
+    monkeypatch.setattr(generate, "host_memory_available", lambda: target_cache * 3 // 2)
     flags = ["--checkpoint_path", str(smollm2_checkpoint), "--prompt_tokens", "4", "--max_new_tokens", "4",
              "--speculate_k", "4", "--device", "cpu"]
     generate_main([*flags, "--speculate_ngram", "2"])
