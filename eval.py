@@ -502,8 +502,8 @@ def check_args(args, block_size: int):
                                         ("--include_path", args.include_path),
                                         ("--download", args.download)) if given]
     if ignored and not args.tasks:
-        raise InputError(f"{', '.join(ignored)} set{'s' if len(ignored) == 1 else ''} up "
-                         "--tasks, and none is given (perplexity alone takes neither)")
+        raise InputError(f"{', '.join(ignored)} only set{'s' if len(ignored) == 1 else ''} up "
+                         "--tasks, and no --tasks is given")
     for folder in args.include_path:
         if not folder.is_dir():
             raise InputError(f"--include_path: folder {folder} does not exist")

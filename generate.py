@@ -658,7 +658,7 @@ def describe_speculation(m: dict) -> str:
     histogram = ", ".join(f"{n}: {count}" for n, count in enumerate(m["accepted_lengths"]) if count)
     return (f"speculative decoding: {m['acceptance_rate']:.1%} of {k} drafts accepted, "
             f"{m['tokens_per_verify']:.2f} tokens per target forward, rounds by drafts kept "
-            f"(those with any) {{{histogram}}}")
+            f"{{{histogram}}} (others: none)")
 
 
 def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: int,

@@ -133,6 +133,7 @@ class Tokenizer(ABC):
         decoder skips it."""
 
     def known(self, ids: list[int]) -> list[int]:
+        """The ids that have text in this tokenizer (decode's rule above)."""
         return [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
 
     def encode_chat(self, messages: list[dict]) -> list[int]:

@@ -291,8 +291,8 @@ def test_bad_task_flags_give_one_error_line(args, words, tiny_checkpoint, tmp_pa
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--num_fewshot", 3], ["--num_fewshot sets up --tasks"]),
-    (["--include_path", "{tmp}", "--download"], ["--include_path, --download set up --tasks"]),
+    (["--num_fewshot", 3], ["--num_fewshot only sets up --tasks"]),
+    (["--include_path", "{tmp}", "--download"], ["--include_path, --download only set up --tasks"]),
 ], ids=["fewshot", "include-path-and-download"])
 def test_task_flags_without_tasks_are_refused_not_ignored(args, words, tiny_checkpoint, tmp_path, capsys):
     argv = ["--checkpoint_path", tiny_checkpoint, "--device", "cpu", *[str(a).format(tmp=tmp_path) for a in args]]
