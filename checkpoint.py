@@ -21,6 +21,9 @@ Writes are sets: every file goes to a temp name first; once all are complete, a 
 lists the renames (and the stale files to remove), then they happen. A process killed mid-way
 leaves the previous checkpoint (temp files only, removed by the next write) or a journal that the
 next reader or writer finishes: never weights without their config.
+
+Also here, for every script: InputError and the ArgumentParser that prints it as one line,
+check_device, check_output (a report's path), write_files (any set of files) and one_line.
 """
 import argparse
 import json
@@ -104,7 +107,8 @@ def read_checkpoint(path) -> Checkpoint:
     config = (folder / "config.json" if weights.name in WEIGHT_FILES
               else weights.with_suffix(".json"))
     if not config.is_file():
-        raise InputError(f"no {config.name} in {folder}: convert the model with scripts/ first"
+        raise InputError(f"no {config.name} in {folder}: convert the model first "
+                         "(scripts/convert_hf_checkpoint.py or scripts/convert_gguf.py)"
                          if config.name == "config.json"
                          else f"{weights} has no config {config.name}")
     data = read_json(config)
@@ -208,8 +212,7 @@ def check_quantization(record, args: ModelArgs, where):
     if record.get("output_mode") not in (None, "int8", mode):
         raise InputError(f"{where}: output layer mode {record['output_mode']!r} is neither int8 "
                          f"nor the mode {mode}")
-    with torch.device("meta"):
-        model = Transformer(args)
+    model = empty_model(args)
     linears = {name for name, m in model.named_modules() if isinstance(m, (nn.Linear, Experts))}
     layers = record.get("layers")
     if not (isinstance(layers, list) and all(isinstance(name, str) for name in layers)
@@ -381,10 +384,10 @@ def load_model(ckpt: Checkpoint, device="cpu", dtype=None) -> Transformer:
 
 
 def to_device(model: Transformer, device, dtype) -> Transformer:
-    """The last step of loading a model or a rank's part of it: device and dtype (integer weights
+    """A loaded model (or a rank's part of it) onto its device: device and dtype (integer weights
     keep theirs), the tied output layer tied again (assign=True and to_empty replace the shared
-    parameter), the device's kernels chosen for quantized weights (repacked for them), experts
-    and decode attention."""
+    parameter), and kernels.prepare_for_device's choice of kernels for the device (quantized
+    layers repacked for theirs)."""
     model = model.to(device=device, dtype=dtype)
     if model.args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight

@@ -7,7 +7,7 @@ Decoding at batch 1 reads every weight once per token, so its speed is set by me
 the work here is to keep the GPU busy: `decode_one_token` is compiled into one CUDA graph, sampling
 happens on the device, and the host reads each token one step late so that it never waits on the
 step in flight. Read top to bottom: sampling, the generation loop, speculative decoding, the
-command line.
+command line, speculative decoding's set-up and the flags.
 """
 import argparse
 import gzip
@@ -33,7 +33,7 @@ import tp
 from checkpoint import (CONFIGS, ArgumentParser, InputError, check_device, check_output,
                         empty_model, load_model, random_model, read_checkpoint, write_files)
 from model import ModelArgs, MoEFeedForward, Transformer
-from tokenizer import TextStreamer, load_tokenizer
+from tokenizer import TextStreamer, is_text, load_tokenizer
 
 
 # ---- sampling (on the device, no host sync) ------------------------------------------------------
@@ -126,7 +126,8 @@ class Generation:
     prompt_tokens: list  # per row: the prompt's tokens that were prefilled
     ttft_s: float  # time to first token
     decode_s: float  # time for the remaining tokens
-    decode_steps: int  # forward passes after the prefill (each serves every row of the batch)
+    decode_steps: int  # forward passes after the prefill (each serves every row; speculating,
+    # the target's verifies)
     # speculative: [n] = rounds in which the target kept n drafts
     accepted_lengths: Optional[list] = None
 
@@ -446,7 +447,7 @@ def main(argv=None):
                               eos_ids=eos_ids, prefill_fn=prefill_fn,
                               verify_fn=compile_verify() if args.compile else verify)
     # the tokens of a decode step, or of a speculative round's verify (the steps timed)
-    step_tokens = speculate_k(args) + 1 if speculative else len(prompts)
+    step_tokens = speculate_k(args) + 1 if speculative else batch_size
     model_bytes = bytes_read_per_step(model, step_tokens)
     if max_new < args.max_new_tokens:  # here, after every refusal: bad input prints one line
         print(f"note: generating {max_new} tokens, all that fit the {context}-token context",
@@ -552,10 +553,10 @@ def run_samples(args, prompts: list, generate_fn: Callable, tokenizer, max_new: 
     for i in range(args.num_samples):
         streamer = None
         if tokenizer is not None and len(prompts) == 1:
-            streamer = TextStreamer(tokenizer)
+            streamer = (TextStreamer.continuing(tokenizer, prompts[0]) if echo
+                        else TextStreamer(tokenizer))
             if echo:
                 print(args.prompt[0], end="", flush=True)
-                streamer = TextStreamer.continuing(tokenizer, prompts[0])
         on_tokens = None if streamer is None else partial(print_row0, streamer, tokenizer.eos_ids)
         profiling = args.profile is not None and i == args.num_samples - 1
         with torch.profiler.profile() if profiling else nullcontext() as prof:
@@ -605,14 +606,14 @@ def bytes_read_per_step(model: Transformer, tokens: int) -> float:
     return weights - unchosen_expert_bytes(model, tokens) if model.args.n_experts else weights
 
 
-def unchosen_expert_bytes(model: Transformer, batch_size: int) -> float:
-    """The bytes of a mixture's experts that a decode step does not read: all but n_active_experts
-    of n_experts at batch 1; at batch B all but the distinct experts that B tokens routed uniformly
-    would choose, on average."""
+def unchosen_expert_bytes(model: Transformer, tokens: int) -> float:
+    """The bytes of a mixture's experts that a forward of `tokens` tokens (a decode step's rows, a
+    verify's k + 1) does not read: all but n_active_experts of n_experts for one token; for T all
+    but the distinct experts that T tokens routed uniformly would choose, on average."""
     args = model.args
     experts = sum(p.nbytes for m in model.modules() if isinstance(m, MoEFeedForward)
                   for p in [*m.w13.parameters(), *m.w2.parameters()])
-    chosen = 1 - (1 - args.n_active_experts / args.n_experts) ** batch_size
+    chosen = 1 - (1 - args.n_active_experts / args.n_experts) ** tokens
     return experts * (1 - chosen)
 
 
@@ -758,11 +759,9 @@ def encode_prompts(args, tokenizer, vocab_size: int) -> list:
         return [torch.randint(0, vocab_size, (args.prompt_tokens or 5,)).tolist()]
     prompts = []
     for text in args.prompt:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # bytes the terminal could not decode arrive as lone surrogates
+        if not is_text(text):  # bytes the terminal could not decode arrive as lone surrogates
             raise InputError(f"--prompt {text.encode('utf-8', 'surrogateescape')!r} is not valid "
-                             "UTF-8 text") from None
+                             "UTF-8 text")
         prompts.append(tokenizer.encode_chat([{"role": "user", "content": text}]) if args.chat
                        else tokenizer.encode(text))
         if not prompts[-1]:
@@ -867,6 +866,8 @@ def load_proposer(args, config: ModelArgs, device: torch.device, sampling: Sampl
     return DraftModel(draft, k, sampling, step_fn, prefill_fn)
 
 
+# ---- the flags -----------------------------------------------------------------------------------
+
 DEFAULT_PROMPT = "Hello, my name is"
 
 # The flags that choose the model and how it runs: generate.py's, and server.py's through
@@ -927,11 +928,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="new tokens per row (default 200)")
     p.add_argument("--batch_size", type=int, default=1,
                    help="repeat a single prompt this many times (default 1)")
-    p.add_argument("--temperature", type=float, default=0.8,
-                   help="0 decodes greedily (default 0.8)")
-    p.add_argument("--top_k", type=int, default=200,
-                   help="sample among the k most likely tokens (default 200)")
-    p.add_argument("--top_p", type=float, default=None,
+    p.add_argument("--temperature", type=float, default=Sampling.temperature,
+                   help=f"0 decodes greedily (default {Sampling.temperature})")
+    p.add_argument("--top_k", type=int, default=Sampling.top_k,
+                   help=f"sample among the k most likely tokens (default {Sampling.top_k})")
+    p.add_argument("--top_p", type=float, default=Sampling.top_p,
                    help="nucleus sampling: keep the smallest set of tokens with this much "
                    "probability (default: off)")
     p.add_argument("--seed", type=int, default=1234, help="random seed (default 1234)")

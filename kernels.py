@@ -94,7 +94,7 @@ if triton is not None:
             value = (((words >> (8 * j)) & 0xFF).to(tl.uint8)
                      .to(tl.float8e4nv, bitcast=True).to(tl.float32))
         else:  # byte j to the top, then an arithmetic shift down: one conversion instruction
-            # (small_int_to_float's two were no faster here: the GEMV waits on memory)
+            # (small_int_to_float's two instructions gain nothing: the GEMV waits on memory)
             value = ((words << (24 - 8 * j)) >> 24).to(tl.float32)
         return value
 
@@ -1085,9 +1085,10 @@ def expert_gemv_partials(x: Tensor, experts: Tensor, weight: Tensor, scales: Opt
     (1, P, N / 2) in x's dtype. ids_final: the ids were written before the kernel just before
     this one started (a mixture's w2, right after w13's launch)."""
     P, (_, N, K) = experts.numel(), weight.shape
-    assert weight.is_contiguous(), "expert_gemv: row-major weights"
-    assert P % x.shape[0] == 0, "expert_gemv: the same number of experts for every row"
-    assert not swiglu_out or (split_k == 1 and N % 2 == 0), "expert_gemv: SwiGLU takes whole sums"
+    assert weight.is_contiguous(), "expert_gemv_partials: row-major weights"
+    assert P % x.shape[0] == 0, "expert_gemv_partials: the same number of experts for every row"
+    assert not swiglu_out or (split_k == 1 and N % 2 == 0), (
+        "expert_gemv_partials: SwiGLU takes whole sums")
     per_word = 4 if weight.element_size() == 1 else 1
     n_out = N // 2 if swiglu_out else N
     y = torch.empty(split_k, P, n_out, dtype=x.dtype if swiglu_out else torch.float32,
@@ -1096,7 +1097,8 @@ def expert_gemv_partials(x: Tensor, experts: Tensor, weight: Tensor, scales: Opt
     # w13's GEMV, a plain launch (it reads the router's ids before anything else), lets w2's start
     # at once; w2's ids were final before w13 started, so it loads them and its first weights
     # before its wait (PDL), while w13 ends.
-    assert not (swiglu_out and ids_final), "expert_gemv: w13's ids are the router's latest output"
+    assert not (swiglu_out and ids_final), (
+        "expert_gemv_partials: w13's ids are the router's latest output")
     pdl = EXPERT_PDL and dependent_launch(x)
     early = pdl and ids_final
     x, x16 = gemv_input(x, per_word)

@@ -3,8 +3,10 @@ and with a mixture-of-experts feed-forward Mixtral and Qwen3-MoE.
 
 One forward serves prefill (many positions) and decode (one position): both write their keys and
 values into the preallocated cache at `input_pos` and attend over it with a mask. Everything here is
-ordinary PyTorch so that `torch.compile` can fuse it; generate.py owns compilation, checkpoint.py
-owns files.
+ordinary PyTorch so that `torch.compile` can fuse it; on a CUDA GPU kernels.prepare_for_device
+sets the attributes that hand a step's attention, SwiGLU, router and experts to kernels.py
+(decode_kernel, chunk_kernel, swiglu_kernel, router_kernel, Experts.kernel). checkpoint.py owns
+files.
 """
 import math
 from dataclasses import dataclass
@@ -349,8 +351,8 @@ class Transformer(nn.Module):
 def attention_mask(input_pos: Tensor, n_slots: int, dtype) -> Tensor:
     """Which cache slots a query sees: an additive mask (B, 1, T, S) in the activations' dtype,
     made once per forward rather than converted in every layer. Causal per row: the query at slot
-    input_pos[b, t] sees that row's slots 0..input_pos[b, t]. The decode attention kernel
-    (kernels.decode_attention, CUDA decode steps) applies the same rule itself."""
+    input_pos[b, t] sees that row's slots 0..input_pos[b, t]. The attention kernels of CUDA
+    steps (kernels.decode_attention, kernels.chunk_attention_op) apply the same rule themselves."""
     slots = torch.arange(n_slots, device=input_pos.device)  # (S,)
     allowed = slots <= input_pos[:, :, None]  # (B, T, S)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)

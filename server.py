@@ -59,7 +59,7 @@ import tp
 from checkpoint import CONFIGS, ArgumentParser, InputError, read_checkpoint
 from generate import MODEL_FLAGS, check_model_flags, compile_functions, load_weights
 from model import ModelArgs, Transformer
-from tokenizer import TextStreamer, load_tokenizer
+from tokenizer import TextStreamer, is_text, load_tokenizer
 
 
 # ---- sampling each row with its own settings (on the device, no host sync) ----------------------
@@ -550,11 +550,9 @@ def message_text(message: Message) -> str:
 def unicode_text(text: str, param: str) -> str:
     """text, refused if it holds a lone surrogate: JSON can escape one ("\\ud800"), but it is not
     Unicode text and no tokenizer takes it."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
+    if not is_text(text):
         raise APIError(400, "the text holds a lone surrogate (half of a UTF-16 pair), which is not "
-                       "Unicode text", "invalid_text", param) from None
+                       "Unicode text", "invalid_text", param)
     return text
 
 

@@ -116,7 +116,7 @@ def render_chat_template(template: str, messages: list[dict], bos_token: str,
 
 
 class Tokenizer(ABC):
-    """What generate.py sees. Subclasses fill in the fields and the abstract methods."""
+    """What the scripts see. Subclasses fill in the fields and the abstract methods."""
     bos_id: int | None = None
     eos_ids: list[int]            # every id that should stop generation
     vocab_size: int

@@ -277,8 +277,7 @@ def random_config(name: str, precision: Optional[str]) -> tuple[ModelArgs, Optio
     groupsize = int(group) if group else None
     layers = linear_names(args, include_output=True)
     qargs, quantization = quantized_config(args, mode, groupsize, DEFAULT_OUTPUT_MODE, layers, {})
-    with torch.device("meta"):
-        quantization["padded"] = kernels.padding_record(quantization, Transformer(args))
+    quantization["padded"] = kernels.padding_record(quantization, empty_model(args))
     return qargs, quantization
 
 
