@@ -99,8 +99,10 @@ def render_chat_template(template: str, messages: list[dict], bos_token: str,
     env.globals.update(raise_exception=raise_exception,
                        strftime_now=lambda f: datetime.now().strftime(f))
     try:
+        # tools and documents as transformers passes them when a request has none: defined, None
         text = env.from_string(template).render(
-            messages=messages, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token)
+            messages=messages, tools=None, documents=None, add_generation_prompt=True,
+            bos_token=bos_token, eos_token=eos_token)
     except TemplateError as e:
         raise InputError(f"chat template error: {e}") from None
     # The template is the checkpoint's code: what its expressions raise (1 / 0, "a" + 1, a bad
@@ -357,9 +359,15 @@ class TextStreamer:
     def continuing(cls, tokenizer: Tokenizer, prompt: list) -> "TextStreamer":
         """A streamer of text that continues the prompt's (a completion; a chat answer is a message
         of its own and starts bare): the prompt's last id is its first context, so that a
-        sentencepiece model's first piece keeps its leading space ("a time" + " there was")."""
-        last = [int(prompt[-1])]
-        return cls(tokenizer, last, len(tokenizer.decode(last)))
+        sentencepiece model's first piece keeps its leading space ("a time" + " there was"). A
+        prompt of token ids may end inside a character: the context then reaches back to where a
+        character starts (a few ids: a UTF-8 character is at most 4 bytes), and the cut character
+        is the completion's to write once its other bytes arrive."""
+        start = len(prompt) - 1
+        while start > max(0, len(prompt) - 8) and tokenizer.decode(prompt[start:])[:1] == "\ufffd":
+            start -= 1
+        context = [int(i) for i in prompt[start:]]
+        return cls(tokenizer, context, len(tokenizer.decode(context).rstrip("\ufffd")))
 
     def put(self, token_id: int) -> str:
         self.ids.append(int(token_id))

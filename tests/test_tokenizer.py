@@ -183,6 +183,16 @@ def test_hf_chat_matches_transformers(hf_pair):
         assert tok.encode_chat(messages) == list(ref)
 
 
+def test_a_template_sees_tools_and_documents_as_transformers_passes_them(hf_pair):
+    """A request without tools: transformers passes tools and documents as None (defined, none)."""
+    from tokenizer import render_chat_template
+    _, hf = hf_pair
+    template = "{% if tools is defined %}[tools]{% endif %}{% if documents is not none %}[docs]{% endif %}" \
+               "{{ messages[0]['content'] }}"
+    ref = hf.apply_chat_template(CHATS[0], chat_template=template, add_generation_prompt=True, tokenize=False)
+    assert render_chat_template(template, CHATS[0], "", "") == ref == "[tools]Hi there!"
+
+
 # --- all backends ------------------------------------------------------------------------------
 
 BACKENDS = ["sp_dir", "tiktoken_dir", "hf_dir"]
@@ -217,6 +227,19 @@ def test_a_continuation_keeps_the_space_between_the_prompt_and_its_first_piece(b
     assert "".join(map(streamer.put, full[len(prompt):])) + streamer.flush() == " there was"
     streamer = TextStreamer(tok)
     assert "".join(map(streamer.put, full[len(prompt):])) + streamer.flush() in ("there was", " there was")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_continuation_of_any_prefix_of_ids_writes_the_rest_of_the_text(backend, request):
+    """A prompt of token ids may end anywhere, inside a character too: the completion's text, after the
+    prompt's whole characters, is the rest of the text (the cut character included, written whole)."""
+    tok = load_tokenizer(request.getfixturevalue(backend))
+    for text in TEXTS[1:4]:
+        ids = strip_bos(tok, tok.encode(text))
+        for cut in range(1, len(ids)):
+            streamer = TextStreamer.continuing(tok, ids[:cut])
+            rest = "".join(map(streamer.put, ids[cut:])) + streamer.flush()
+            assert tok.decode(ids[:cut]).rstrip("\ufffd") + rest == text, (text, cut, rest)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
