@@ -93,8 +93,7 @@ class EvalModel:
         self.fit_cache(max_seq_length)
         # Dynamic shapes: rows and lengths change from batch to batch; one graph serves them all.
         self.forward = torch.compile(forward_logits, dynamic=True) if compiled else forward_logits
-        self.prefill_fn, self.decode_fn = compile_functions(
-            argparse.Namespace(compile=compiled, compile_prefill=compiled))
+        self.prefill_fn, self.decode_fn = compile_functions(compiled, compiled)
         # What encode() puts before every text (BOS for Llama, nothing for SmolLM2), and the token
         # that stands for an empty context: BOS when the model has one, else its end of sequence, as
         # lm-eval's HF model does (None: neither; perplexity needs none, and run refuses tasks).

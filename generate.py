@@ -436,7 +436,8 @@ def main(argv=None):
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     compiled = args.compile or args.compile_prefill
-    prefill_fn, decode_fn = compile_functions(args) if compiled else (prefill, decode_one_token)
+    prefill_fn, decode_fn = (compile_functions(args.compile, args.compile_prefill) if compiled
+                             else (prefill, decode_one_token))
     eos_ids = tokenizer.eos_ids if tokenizer is not None else []
     if not speculative:
         generate_fn = partial(generate, model, sampling=sampling, eos_ids=eos_ids,
@@ -729,18 +730,19 @@ def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: i
             print(describe(metrics(gen, model_bytes, device)), file=sys.stderr)
 
 
-def compile_functions(args, *, prefill_step: Callable = prefill,
-                      decode_step: Callable = decode_one_token,
+def compile_functions(compile_decode: bool, compile_prefill: bool, *,
+                      prefill_step: Callable = prefill, decode_step: Callable = decode_one_token,
                       decode_dynamic: Optional[bool] = None):
-    """The compiled prefill and decode step (server.py passes its own, and decode_dynamic=False: a
-    static graph for each row count), kept as values rather than installed over module globals."""
+    """The prefill and the decode step, each compiled if asked (server.py passes its own step, and
+    decode_dynamic=False: a static graph for each row count), handed back as values rather than
+    installed over module globals."""
     # The model's float constants (the norms' eps) as constants from the start: traced as symbols,
     # as a dynamic compile does by default, they fail a later pass, which traces the prefill again.
     torch._dynamo.config.specialize_float = True
     decode_fn = (torch.compile(decode_step, mode="reduce-overhead", fullgraph=True,
-                               dynamic=decode_dynamic) if args.compile else decode_step)
+                               dynamic=decode_dynamic) if compile_decode else decode_step)
     prefill_fn = (torch.compile(prefill_step, fullgraph=True, dynamic=True)
-                  if args.compile_prefill else prefill_step)
+                  if compile_prefill else prefill_step)
     return prefill_fn, decode_fn
 
 

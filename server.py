@@ -922,7 +922,8 @@ def main(argv=None):
     # The step compiles for one row and for B rows, and for B rows with a prompt's chunk, each
     # with static shapes: with the row count symbolic, a 7B step of 32 rows took 14.7 ms on an
     # H200, against 5.8 ms compiled for 32.
-    _, step_fn = compile_functions(args, decode_step=decode_rows, decode_dynamic=False)
+    _, step_fn = compile_functions(args.compile, False, decode_step=decode_rows,
+                                   decode_dynamic=False)
     if tp.rank() != 0:
         return follow(model, step_fn)
     scheduler = Scheduler(model, tokenizer.eos_ids, args.max_queue, args.prefill_chunk, step_fn,

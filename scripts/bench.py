@@ -247,7 +247,7 @@ def bench_cell(model, cell: Cell, samples: int, prefill_tokens: int, compile_pre
     t0 = time.perf_counter()
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()  # peak memory of decoding, not of building and quantizing
-    prefill_fn, decode_fn = generate.compile_functions(argparse.Namespace(compile=True, compile_prefill=compile_prefill))
+    prefill_fn, decode_fn = generate.compile_functions(True, compile_prefill)
     row = dict(model=cell.model, precision=cell.precision, batch_size=cell.batch_size, new_tokens=cell.new_tokens,
                **measure_decode(model, cell, samples, prefill_fn, decode_fn, prompt_tokens), second_compile_s=None,
                prefill_compiled=compile_prefill, prefill_tokens=None, prefill_ms=None, prefill_tok_s=None)

@@ -67,8 +67,7 @@ def bench_model(name: str, precisions: list, rounds: int, new_tokens: int, compi
     # generate.py --compile's decode step, one for every model: dynamo compiles it for each model
     # it meets (its cache of compiled variants is per function and bounded: emptied for each config)
     torch._dynamo.reset()
-    _, decode = generate.compile_functions(argparse.Namespace(compile=compiled,
-                                                              compile_prefill=False))
+    _, decode = generate.compile_functions(compiled, False)
     for precision, model in models.items():
         model.setup_caches(1, PROMPT_TOKENS + new_tokens)
         # untimed: first-call costs, and the compile

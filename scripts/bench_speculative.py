@@ -19,7 +19,6 @@ all k are kept (probability a^k: the last draft is fed back into the draft's cac
 plain decoding is E * decode / cost. Prompt lookup's drafts cost no GPU time. Not modelled: the host's one sync
 per round (measure tok/s with generate.py for that).
 """
-import argparse
 import statistics
 import sys
 import time
@@ -169,7 +168,7 @@ def main(argv=None):
     compiled = not args.eager
     # compile_functions also sets the compiler options generate.py uses; the draft step and the verify are
     # compiled as generate.py's load_proposer and compile_verify compile them.
-    _, decode_fn = generate.compile_functions(argparse.Namespace(compile=compiled, compile_prefill=False))
+    _, decode_fn = generate.compile_functions(compiled, False)
     draft_fn = (torch.compile(generate.draft_one_token, mode="reduce-overhead", fullgraph=True) if compiled
                 else generate.draft_one_token)
     verify_fn = generate.compile_verify() if compiled else generate.verify

@@ -354,7 +354,6 @@ def test_float_gemv_in_a_compiled_cuda_graph_matches_pytorch_matmul(monkeypatch)
     whole, as float weights stay, w13's with SwiGLU) against the same step through PyTorch's
     matmul, eager and in a CUDA graph compiled as generate.py compiles (on Hopper, the GEMVs and
     inductor's kernels programmatic dependent launches), within bf16 rounding."""
-    from argparse import Namespace
     import torch.nn as nn
     import kernels
     from generate import compile_functions
@@ -378,8 +377,7 @@ def test_float_gemv_in_a_compiled_cuda_graph_matches_pytorch_matmul(monkeypatch)
         assert len(calls) == len(linears)
         assert sum(call.get("swiglu_out", False) for call in calls) == len(model.layers)
         monkeypatch.undo()
-        _, step = compile_functions(Namespace(compile=True, compile_prefill=False),
-                                    decode_step=model)
+        _, step = compile_functions(True, False, decode_step=model)
         assert torch._inductor.config.triton.enable_pdl == kernels.PDL
         for _ in range(3):  # warm-up, graph recording, replay
             rel = relative_error(step(token, position), pytorch_matmul)
@@ -393,7 +391,6 @@ def test_bf16_mixture_compiled_decode_through_the_float_gemv_matches_eager():
     the same weights' step in float32 than PyTorch's own bf16 step is, give or take half of that
     (the order of the sums differs)."""
     import copy
-    from argparse import Namespace
     import torch.nn as nn
     from generate import compile_functions
     from kernels import FloatLinear, expert_matmul, prepare_for_device, relative_error
@@ -416,8 +413,7 @@ def test_bf16_mixture_compiled_decode_through_the_float_gemv_matches_eager():
         bound = 1.5 * pytorch_bf16
         eager = relative_error(model(token, position), float32)
         assert eager < bound, f"relative error {eager:.2e}, PyTorch's bf16 {pytorch_bf16:.2e}"
-        _, step = compile_functions(Namespace(compile=True, compile_prefill=False),
-                                    decode_step=model)
+        _, step = compile_functions(True, False, decode_step=model)
         for _ in range(3):  # warm-up, graph recording, replay
             rel = relative_error(step(token, position), float32)
             assert rel < bound, f"relative error {rel:.2e}, PyTorch's bf16 {pytorch_bf16:.2e}"

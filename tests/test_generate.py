@@ -205,13 +205,12 @@ def test_a_prompt_chunk_riding_a_decode_step_leaves_each_row_its_alone_logits():
 def test_compiled_prefill_fills_the_cache_as_eager_for_every_prompt_length():
     """--compile_prefill: one dynamic compile serves prompts of several lengths, writing the cache and
     choosing the first token as the eager prefill does."""
-    import types
     from torch._dynamo.utils import counters
     from generate import compile_functions, prefill
     model = tiny_model()
     torch._dynamo.reset()
     graphs = counters["stats"]["unique_graphs"]  # counted over the whole process
-    compiled, _ = compile_functions(types.SimpleNamespace(compile=False, compile_prefill=True))
+    compiled, _ = compile_functions(False, True)
     for T in (3, 11):
         idx = torch.randint(0, TINY["vocab_size"], (2, T))
         last = torch.tensor([T - 1, T - 2])  # each row's last real token

@@ -757,7 +757,6 @@ def test_the_warm_up_compiles_everything_the_first_requests_run(monkeypatch):
     when (its guards); the backend only what each graph becomes, so the graphs here are run by
     dynamo's eager backend: the same graphs, without inductor's half a minute of building them."""
     import copy
-    import types
     from torch._dynamo.utils import counters
     from generate import compile_functions
     torch.manual_seed(0)
@@ -770,8 +769,7 @@ def test_the_warm_up_compiles_everything_the_first_requests_run(monkeypatch):
     compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, mode, **kwargs: compile(fn, backend="eager",
                                                                              **kwargs))
-    _, step_fn = compile_functions(types.SimpleNamespace(compile=True, compile_prefill=False),
-                                   decode_step=decode_rows, decode_dynamic=False)
+    _, step_fn = compile_functions(True, False, decode_step=decode_rows, decode_dynamic=False)
     scheduler = Scheduler(model, [], 8, 8, step_fn, static_chunks=True)
     # 1: no prefill; 2 and 10 leave a one-token chunk; 12 and 20: chunks of 8 and the rest
     jobs = [greedy_job(torch.randint(1, 97, (n,)).tolist(), 6) for n in (3, 12, 1, 2, 10, 20)]
@@ -788,13 +786,11 @@ def test_the_warm_up_compiles_everything_the_first_requests_run(monkeypatch):
 def test_what_the_warm_up_leaves_alive_is_out_of_the_collectors_view_before_the_first_request():
     """The model and the compiled steps live as long as the server: a full collection must not
     walk them (it holds the GIL, a stall in every stream), nor must the one at exit."""
-    import types
     from generate import compile_functions
     model = Transformer(ModelArgs(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=97,
                                   intermediate_size=128, block_size=64)).eval()
     model.setup_caches(3, 64)
-    _, step_fn = compile_functions(types.SimpleNamespace(compile=False, compile_prefill=False),
-                                   decode_step=decode_rows, decode_dynamic=False)
+    _, step_fn = compile_functions(False, False, decode_step=decode_rows, decode_dynamic=False)
     scheduler = Scheduler(model, [], 8, 8, step_fn, static_chunks=False)
     assert gc.get_freeze_count() == 0
     try:
