@@ -617,11 +617,24 @@ def remove_orphans(folder: Path):
     host = socket.gethostname()
     for tmp in folder.glob(f".*.{host}-*.tmp"):
         pid = tmp.name.rsplit("-", 1)[1].removesuffix(".tmp")
-        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+        if pid.isdigit() and not process_exists(int(pid)):
             if tmp.is_dir() and not tmp.is_symlink():
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 tmp.unlink(missing_ok=True)
+
+
+def process_exists(pid: int) -> bool:
+    """Whether a process of this pid runs on this machine (signal 0 checks without sending)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    except OverflowError:  # beyond any pid
+        return False
+    return True
 
 
 def write_safetensors(tensors: dict, tmp: Path):
@@ -631,6 +644,7 @@ def write_safetensors(tensors: dict, tmp: Path):
     leaves for remove_orphans, and the finished file is renamed out of it."""
     from safetensors.torch import save_file
     scratch = tmp.parent / temp_name("safetensors")
+    shutil.rmtree(scratch, ignore_errors=True)  # a killed writer's of this host and pid (a restart)
     scratch.mkdir()
     try:
         save_file(tensors, scratch / "weights")

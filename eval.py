@@ -509,10 +509,13 @@ def check_args(args, block_size: int):
     if args.output is not None:
         task_files = [Path(name) for name in args.tasks or () if Path(name).is_file()]
         check_output(args.output, "--output", [args.text_file, *task_files])
-        for folder in args.include_path:  # its task files and their data are inputs too
-            if args.output.exists() and args.output.resolve().is_relative_to(folder.resolve()):
-                raise InputError(f"--output {args.output} is a file of --include_path {folder}; "
-                                 "name another file")
+        for folder in args.include_path:  # its task files, and the data files they name, are inputs
+            if args.output.exists() and args.output.resolve().is_relative_to(folder.resolve()) and (
+                    args.output.suffix in (".yaml", ".yml")
+                    or any(args.output.name in task.read_text(errors="replace")
+                           for task in folder.glob("**/*.y*ml"))):
+                raise InputError(f"--output {args.output} is a task file of --include_path "
+                                 f"{folder}, or data one names; name another file")
     args.device = check_device(args.device, "--device")
     args.dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.bfloat16 if args.device.type == "cuda" else torch.float32)

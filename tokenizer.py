@@ -13,6 +13,7 @@ import base64
 import binascii
 from abc import ABC, abstractmethod
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -354,6 +355,7 @@ class TextStreamer:
     tokenizer: Tokenizer
     ids: list = field(default_factory=list)  # one id of context + ids whose text is not out yet
     done: int = 0  # chars of decode(self.ids) already emitted
+    shown: str | None = None  # continuing: the prompt context's text, not emitted again
 
     @classmethod
     def continuing(cls, tokenizer: Tokenizer, prompt: list) -> "TextStreamer":
@@ -362,25 +364,32 @@ class TextStreamer:
         sentencepiece model's first piece keeps its leading space ("a time" + " there was"). A
         prompt of token ids may end inside a character: the context then reaches back to where a
         character starts (a few ids: a UTF-8 character is at most 4 bytes), and the cut character
-        is the completion's to write once its other bytes arrive."""
+        is the completion's to write once its other bytes arrive: the first text emitted is what
+        follows the longest start it shares with the context's."""
         start = len(prompt) - 1
         while start > max(0, len(prompt) - 8) and tokenizer.decode(prompt[start:])[:1] == "\ufffd":
             start -= 1
         context = [int(i) for i in prompt[start:]]
-        return cls(tokenizer, context, len(tokenizer.decode(context).rstrip("\ufffd")))
+        return cls(tokenizer, context, shown=tokenizer.decode(context))
 
     def put(self, token_id: int) -> str:
         self.ids.append(int(token_id))
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):
             return ""
-        new = text[self.done:]
-        self.ids = self.ids[-1:]
+        new = text[self.emitted(text):]
+        self.ids, self.shown = self.ids[-1:], None
         self.done = len(self.tokenizer.decode(self.ids))
         return new
 
     def flush(self) -> str:
         """Whatever is still held back (e.g. truly invalid bytes at the end), then reset."""
-        new = self.tokenizer.decode(self.ids)[self.done:] if self.ids else ""
-        self.ids, self.done = [], 0
+        text = self.tokenizer.decode(self.ids) if self.ids else ""
+        new = text[self.emitted(text):]
+        self.ids, self.done, self.shown = [], 0, None
         return new
+
+    def emitted(self, text: str) -> int:
+        """Chars of text, the decode of self.ids, that are out already: `done`, or before the first
+        text after a prompt's context, the start that text shares with the context's."""
+        return self.done if self.shown is None else len(os.path.commonprefix([self.shown, text]))

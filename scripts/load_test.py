@@ -136,7 +136,7 @@ async def calibrate(args) -> tuple[str, int]:
         await client.close()
     short, long = counts
     if long <= short:
-        raise InputError(f"the server at {args.url} counts {short} prompt tokens for "
+        raise InputError(f"the server at {client.base_url} counts {short} prompt tokens for "
                          f"{CALIBRATION[0]} numbers and {long} for {CALIBRATION[1]}: its counts do "
                          "not grow with the prompt, by which the load test sizes its prompts")
     per_number = (long - short) / (CALIBRATION[1] - CALIBRATION[0])

@@ -465,7 +465,8 @@ def test_quantize_refuses_output_over_its_calibration_file(tiny, tmp_path, capsy
     calibration.write_text("The capital of France is Paris. " * 40)
     before = calibration.read_text()
     refused_here("quantize.py", "--checkpoint_path", tiny, "--mode", "int4-gptq", "--calibration_file", calibration,
-                 "--out", tmp_path / "calibration.pth", words=["would write over the calibration file"], capsys=capsys)
+                 "--calibration_seq_len", 32, "--calibration_samples", 2, "--out", tmp_path / "calibration.pth",
+                 words=["would write over the calibration file"], capsys=capsys)
     assert calibration.read_text() == before and not (tmp_path / "calibration.pth").exists()
 
 

@@ -4,6 +4,7 @@ and dataset loader), generate_until's stop strings, and one-line errors for bad 
 SmolLM2-135M-Instruct."""
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -240,8 +241,12 @@ def test_bad_input_gives_one_error_line(smollm2_checkpoint, tmp_path, monkeypatc
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     (tmp_path / "text.txt").write_text("The capital of France is Paris. " * 20)
     (tmp_path / "tasks").mkdir()
-    for name in ("my_task.yaml", "data.jsonl"):  # a task file of the user's own and its data
-        (tmp_path / "tasks" / name).write_text("kept\n")
+    # a task of the user's own, its data, and results of an earlier run beside them
+    (tmp_path / "tasks" / "my_task.yaml").write_text((DATA / "capitals.yaml").read_text().replace(
+        "tests/data/capitals.jsonl", str(tmp_path / "tasks" / "data.jsonl")).replace("task: capitals", "task: my_task"))
+    shutil.copy(DATA / "capitals.jsonl", tmp_path / "tasks" / "data.jsonl")
+    inputs = {p.name: p.read_text() for p in (tmp_path / "tasks").iterdir()}
+    (tmp_path / "tasks" / "results.json").write_text("{}")
     cases = [
         (["--text_file", tmp_path / "nowhere.txt"], ["--text_file", "not found"]),
         (["--text_file", tmp_path / "empty.txt"], ["--text_file", "empty"]),
@@ -255,7 +260,7 @@ def test_bad_input_gives_one_error_line(smollm2_checkpoint, tmp_path, monkeypatc
         (["--tasks", tmp_path / "tasks" / "my_task.yaml", "--output", tmp_path / "tasks" / "my_task.yaml"],
          ["--output", "another file of this run"]),
         (["--tasks", "my_task", "--include_path", tmp_path / "tasks", "--output", tmp_path / "tasks" / "data.jsonl"],
-         ["--output", "is a file of --include_path"]),
+         ["--output", "is a task file of --include_path", "or data one names"]),
         (["--max_seq_length", 0], ["--max_seq_length"]),  # not the default
         (["--max_seq_length", 8, "--stride", 0], ["--stride"]),
         (["--limit", 1], ["--limit 1"]),  # the text has tokens enough: the limit leaves one
@@ -269,7 +274,7 @@ def test_bad_input_gives_one_error_line(smollm2_checkpoint, tmp_path, monkeypatc
         monkeypatch.setenv(name, "1")  # what eval.py sets for itself; restored afterwards
     for args, words in cases:  # in this process; the command line's own error line: the test below
         main_error(main, ["--checkpoint_path", smollm2_checkpoint, "--device", "cpu", *args], capsys, *words)
-    assert [p.read_text() for p in sorted((tmp_path / "tasks").iterdir())] == ["kept\n"] * 2
+    assert {name: (tmp_path / "tasks" / name).read_text() for name in inputs} == inputs
 
 
 @pytest.fixture(scope="module")
@@ -288,6 +293,20 @@ def test_bad_task_flags_give_one_error_line(args, words, tiny_checkpoint, tmp_pa
     argv = ["--checkpoint_path", tiny_checkpoint, "--device", "cpu", "--tasks", "capitals",
             *[str(a).format(tmp=tmp_path) for a in args]]
     main_error(main, argv, capsys, *words)
+
+
+def test_results_of_an_earlier_run_under_include_path_may_be_written_again(tiny_checkpoint, tmp_path):
+    """--output among the task files is refused only over a task file or data one names."""
+    from eval import check_args, parse_args
+    (tmp_path / "my_task.yaml").write_text("task: my_task\ndataset_kwargs: {data_files: {test: data.jsonl}}\n")
+    (tmp_path / "results.json").write_text("{}")
+    args = parse_args(["--checkpoint_path", str(tiny_checkpoint), "--tasks", "my_task", "--include_path",
+                       str(tmp_path), "--output", str(tmp_path / "results.json"), "--device", "cpu"])
+    check_args(args, 32)  # no InputError
+    args.output = tmp_path / "data.jsonl"
+    args.output.write_text("{}")
+    with pytest.raises(InputError, match="data one names"):
+        check_args(args, 32)
 
 
 @pytest.mark.parametrize("args, words", [

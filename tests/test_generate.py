@@ -317,6 +317,27 @@ def test_a_batch_prints_each_row_once_and_greedy_rows_equal_the_single_rows_answ
     assert batch.splitlines() == [f"[{b}] {single.rstrip()}" for b in range(3)]  # each its prompt, then the answer
 
 
+def test_a_sentencepiece_models_answer_keeps_the_space_after_the_prompt(tmp_path, capsys, monkeypatch):
+    """sentencepiece drops the leading space of a decode's first piece; the answer printed after its prompt
+    keeps it, alone and in a batch. Every token sampled is "▁there"."""
+    import importlib.util
+    import shutil
+    from tokenizer import load_tokenizer
+    data = Path(importlib.util.find_spec("mistral_common").submodule_search_locations[0]) / "data"
+    model = tiny_model(vocab_size=32000)
+    save_checkpoint(tmp_path / "sp", model.args, model.state_dict(),
+                    others={"tokenizer.model": lambda tmp: shutil.copy(data / "tokenizer.model.v1", tmp)})
+    there = load_tokenizer(tmp_path / "sp").encode("a there")[-1]
+    monkeypatch.setattr(G, "sample", lambda logits, s: torch.full((logits.shape[0], 1), there))
+    flags = ["--checkpoint_path", tmp_path / "sp", "--prompt", "Once upon a time", "--device", "cpu",
+             "--max_new_tokens", 3, "--num_samples", 1]
+    capsys.readouterr()
+    G.main([str(f) for f in flags])
+    assert capsys.readouterr().out.splitlines()[0] == "Once upon a time there there there"
+    G.main([str(f) for f in [*flags, "--batch_size", 2]])
+    assert capsys.readouterr().out.splitlines() == [f"[{b}] Once upon a time there there there" for b in range(2)]
+
+
 def test_bfloat16_weights_generate_and_a_step_reads_half_the_bytes_of_float32(tiny_checkpoint,
                                                                              tmp_path, capsys):
     results = {}

@@ -801,3 +801,31 @@ def test_what_the_warm_up_leaves_alive_is_out_of_the_collectors_view_before_the_
     finally:
         scheduler.stop()
         gc.unfreeze()  # this test process goes on collecting as before
+
+
+def test_a_sentencepiece_completion_keeps_the_space_after_its_prompt_and_a_chat_answer_starts_bare(
+        monkeypatch, tmp_path):
+    """sentencepiece drops the leading space of a decode's first piece: a completion's text continues its
+    prompt's (" there"), a chat answer is a message of its own ("there"). Every token sampled is "▁there"."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+    data = Path(importlib.util.find_spec("mistral_common").submodule_search_locations[0]) / "data"
+    shutil.copy(data / "tokenizer.model.v1", tmp_path / "tokenizer.model")
+    tokenizer = load_tokenizer(tmp_path)
+    there = tokenizer.encode("a there")[-1]
+    monkeypatch.setattr(server_module, "sample_rows",
+                        lambda logits, *settings: torch.full((logits.shape[0], 1), there, device=logits.device))
+    model = tiny_model(tokenizer.vocab_size, 64)
+    model.setup_caches(2, 64)
+    with stepped_server(model, tokenizer, tokenizer.eos_ids, 4) as (url, gate):
+        gate.free()
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        done = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=3, temperature=0)
+        assert done.choices[0].text == " there there there"
+        streamed = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=3, temperature=0,
+                                             stream=True)
+        assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == " there there there"
+        chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                              max_tokens=2, temperature=0)
+        assert chat.choices[0].message.content == "there there"

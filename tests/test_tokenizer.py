@@ -7,6 +7,7 @@ HF json:       SmolLM2's tokenizer, as transformers rebuilds it from the llm_smo
 import base64
 import importlib.util
 import json
+import os
 import shutil
 import struct
 import sys
@@ -232,14 +233,15 @@ def test_a_continuation_keeps_the_space_between_the_prompt_and_its_first_piece(b
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_continuation_of_any_prefix_of_ids_writes_the_rest_of_the_text(backend, request):
     """A prompt of token ids may end anywhere, inside a character too: the completion's text, after the
-    prompt's whole characters, is the rest of the text (the cut character included, written whole)."""
+    prompt's whole characters, is the rest of the text (the cut character included, written whole); a
+    prompt that ends in U+FFFD itself does not see it again."""
     tok = load_tokenizer(request.getfixturevalue(backend))
-    for text in TEXTS[1:4]:
+    for text in [*TEXTS[1:4], "price \ufffd there \ufffd"]:
         ids = strip_bos(tok, tok.encode(text))
         for cut in range(1, len(ids)):
             streamer = TextStreamer.continuing(tok, ids[:cut])
             rest = "".join(map(streamer.put, ids[cut:])) + streamer.flush()
-            assert tok.decode(ids[:cut]).rstrip("\ufffd") + rest == text, (text, cut, rest)
+            assert os.path.commonprefix([tok.decode(ids[:cut]), text]) + rest == text, (text, cut, rest)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
