@@ -644,7 +644,7 @@ def write_safetensors(tensors: dict, tmp: Path):
     leaves for remove_orphans, and the finished file is renamed out of it."""
     from safetensors.torch import save_file
     scratch = tmp.parent / temp_name("safetensors")
-    shutil.rmtree(scratch, ignore_errors=True)  # a killed writer's of this host and pid (a restart)
+    shutil.rmtree(scratch, ignore_errors=True)  # left by a killed writer of this host and pid
     scratch.mkdir()
     try:
         save_file(tensors, scratch / "weights")
