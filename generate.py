@@ -668,12 +668,14 @@ def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: i
                 model_bytes: int, device: torch.device):
     """A conversation from the terminal until end of input. With --chat the chat template is
     rendered over every turn so far and the KV cache keeps what it already holds: only the new part
-    of the conversation is prefilled. When the conversation outgrows the cache, its oldest turns are
-    dropped (a note says so). /clear starts over; Ctrl-C stops an answer. Without --chat each line
-    is a prompt of its own."""
+    of the conversation is prefilled. When the conversation leaves too little room in the cache for
+    an answer (max_new tokens, or half the cache if less), its oldest turns are dropped; an answer
+    cut short by the cache's end says so. /clear starts over; Ctrl-C stops an answer. Without --chat
+    each line is a prompt of its own."""
     if args.compile or args.compile_prefill:  # no answer's metrics count the compiling
         compiling_run(generate_fn, [[0]], min(max_new, 8))
     messages, in_cache = [], []  # the conversation; the token ids the KV cache holds, in order
+    kept_room = min(max_new, max_seq // 2)  # cache slots an answer keeps from a long conversation
     while True:
         try:
             text = input("> ")
@@ -691,11 +693,11 @@ def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: i
         messages.append({"role": "user", "content": text})
         try:
             ids = tokenizer.encode_chat(messages) if args.chat else tokenizer.encode(text)
-            while args.chat and len(ids) >= max_seq and len(messages) > 2:
+            while args.chat and len(ids) + kept_room > max_seq and len(messages) > 2:
                 messages = messages[2:]  # the oldest question and its answer
                 ids = tokenizer.encode_chat(messages)
-                print(f"(dropped the oldest turn: the conversation outgrew the {max_seq}-token "
-                      "cache)", file=sys.stderr)
+                print(f"(dropped the oldest turn: the conversation left too little room for an "
+                      f"answer in the {max_seq}-token cache)", file=sys.stderr)
         except InputError as e:  # a template that refuses this turn: skip it, keep the conversation
             print(f"error: {e}", file=sys.stderr)
             messages.pop()
@@ -709,8 +711,9 @@ def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: i
         while cached < min(len(in_cache), len(ids) - 1) and in_cache[cached] == ids[cached]:
             cached += 1
         streamer = TextStreamer(tokenizer)
+        room = min(max_new, max_seq - len(ids))
         try:
-            gen = generate_fn([ids], min(max_new, max_seq - len(ids)),
+            gen = generate_fn([ids], room,
                               on_tokens=partial(print_row0, streamer, tokenizer.eos_ids),
                               cached=cached if args.chat else 0)
         except KeyboardInterrupt:  # Ctrl-C stops the answer; the conversation goes on without it
@@ -720,6 +723,8 @@ def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: i
             continue
         print(streamer.flush(), flush=True)
         answer = gen.tokens[0]
+        if len(answer) == room < max_new:
+            print(f"(the answer stopped at the end of the {max_seq}-token cache)", file=sys.stderr)
         # The cache holds every token fed to the model: the prompt and each sampled token but the
         # last (an end-of-sequence token, when the answer ended with one, is not in `answer`).
         in_cache = ids + (answer if gen.generated > len(answer) else answer[:-1])

@@ -31,8 +31,10 @@ def converse(tokenizer, lines: list, monkeypatch, max_seq=4096, chat=True, compi
 
     def fake_generate(prompts, max_new, on_tokens=None, cached=0):
         asked.append((prompts[0], cached))
-        return generate.Generation([answer], len(answer) + 1, [len(prompts[0]) - cached], 0.1, 0.1,
-                                   len(answer))
+        tokens = answer[:max_new]
+        ended = len(tokens) < max_new  # room for its end-of-sequence token
+        return generate.Generation([tokens], len(tokens) + ended, [len(prompts[0]) - cached], 0.1,
+                                   0.1, len(tokens))
     feed = iter(lines)
 
     def fake_input(prompt=""):
@@ -82,6 +84,27 @@ def test_oldest_turns_are_dropped_when_the_conversation_outgrows_the_cache(smoll
     assert TURNS[2] in tokenizer.decode(asked[2][0])
     assert all(len(prompt) < max_seq for prompt, _ in asked)
     assert "dropped the oldest turn" in capsys.readouterr().err
+
+
+def test_oldest_turns_are_dropped_to_leave_room_for_a_whole_answer(smollm2, monkeypatch, capsys):
+    """The second question fits the cache with the first turn, but a 32-token answer would not."""
+    _, tokenizer = smollm2
+    two_turns = [{"role": "user", "content": TURNS[0]}, {"role": "assistant", "content": "Fine."},
+                 {"role": "user", "content": TURNS[1]}]
+    max_seq = len(tokenizer.encode_chat(two_turns)) + 8
+    asked = converse(tokenizer, TURNS[:2], monkeypatch, max_seq=max_seq)
+    assert asked[1][0] == tokenizer.encode_chat(two_turns[2:])
+    assert "dropped the oldest turn" in capsys.readouterr().err
+
+
+def test_an_answer_cut_short_by_the_end_of_the_cache_says_so(smollm2, monkeypatch, capsys):
+    """The stand-in's two-token answer fills the two slots left after the question."""
+    _, tokenizer = smollm2
+    question = tokenizer.encode_chat([{"role": "user", "content": TURNS[0]}])
+    converse(tokenizer, TURNS[:1], monkeypatch, max_seq=len(question) + 2)
+    assert "the answer stopped at the end of the" in capsys.readouterr().err
+    converse(tokenizer, TURNS[:1], monkeypatch, max_seq=len(question) + 3)
+    assert "stopped" not in capsys.readouterr().err
 
 
 def test_a_compiled_session_compiles_before_the_first_answer(smollm2, monkeypatch, capsys):
