@@ -143,6 +143,40 @@ def test_cache_reuse_gives_the_tokens_of_a_fresh_prefill(smollm2):
     assert reused.tokens == fresh.tokens
 
 
+def test_an_answer_cut_at_max_new_tokens_is_reused_without_its_unfed_last_token(smollm2, monkeypatch,
+                                                                               capsys):
+    """An answer cut at max_new_tokens ends on a token that was sampled but never fed to the model:
+    its cache slot holds nothing, so the next turn prefills from that token on, and answers as a
+    fresh prefill of the whole conversation does."""
+    model, tokenizer = smollm2
+    greedy, max_new = Sampling(temperature=0), 6
+    model.setup_caches(1, 512)
+    runs = []
+
+    def recording(prompts, max_new_tokens, on_tokens=None, cached=0):
+        gen = generate.generate(model, prompts, max_new_tokens, greedy, tokenizer.eos_ids,
+                                on_tokens=on_tokens, cached=cached)
+        runs.append((prompts[0], cached, gen))
+        return gen
+    feed = iter(TURNS[:2])
+
+    def two_questions(prompt=""):
+        try:
+            return next(feed)
+        except StopIteration:
+            raise EOFError from None
+    monkeypatch.setattr(builtins, "input", two_questions)
+    args = type("Args", (), dict(chat=True, metrics=False, compile=False, compile_prefill=False))()
+    generate.interactive(args, tokenizer, recording, 512, max_new, 1, torch.device("cpu"))
+    (first_ids, _, first), (ids, cached, second) = runs
+    answer = first.tokens[0]
+    assert len(answer) == first.generated == max_new  # cut: no end-of-sequence token
+    assert ids[:len(first_ids) + max_new] == first_ids + answer  # the conversation re-rendered
+    assert cached == len(first_ids) + max_new - 1
+    fresh = generate.generate(model, [ids], max_new, greedy, tokenizer.eos_ids)
+    assert second.tokens == fresh.tokens
+
+
 EQUALS, DASHES = "=" * 64, "-" * 64  # one token each in SmolLM2's vocabulary
 
 

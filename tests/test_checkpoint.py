@@ -7,6 +7,7 @@ import io
 import json
 import os
 import socket
+import stat
 import struct
 import zipfile
 
@@ -14,7 +15,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from checkpoint import JOURNAL, InputError, WeightsFile, read_checkpoint, read_weights, write_files
+import checkpoint
+import kernels
+from checkpoint import (JOURNAL, InputError, WeightsFile, check_tensors, empty_model, load_model,
+                        parse_config, read_checkpoint, read_weights, write_files, write_safetensors)
+from model import ModelArgs, Transformer
 
 CONFIG = {"dim": 8, "n_layer": 1, "n_head": 2, "vocab_size": 16, "intermediate_size": 8}
 
@@ -67,11 +72,37 @@ def test_a_write_killed_between_its_renames_is_completed_by_the_next_reader(tmp_
     assert not (tmp_path / JOURNAL).exists()
 
 
+def test_a_write_killed_between_its_renames_is_completed_before_the_next_write(tmp_path):
+    """Once its journal is written a set is the checkpoint: the next write into the folder carries the
+    journal out first, rather than take its temp files (their writer is gone) for orphans."""
+    tmp = f".config.json.{socket.gethostname()}-{2 ** 22 + 12345}.tmp"  # no such pid
+    (tmp_path / tmp).write_text(json.dumps(CONFIG))
+    (tmp_path / "stale.json").write_text("{}")
+    (tmp_path / JOURNAL).write_text(json.dumps({"rename": [[tmp, "config.json"]], "remove": ["stale.json"]}))
+    write_files(tmp_path, {"a.txt": lambda p: p.write_text("a")})
+    assert names(tmp_path) == ["a.txt", "config.json"]
+    assert json.loads((tmp_path / "config.json").read_text()) == CONFIG
+
+
+def test_written_files_get_the_permissions_of_the_umask_not_those_of_a_private_temp_file(tmp_path):
+    """A writer may make its temp file private (safetensors' own temp file is); the checkpoint's files
+    are readable as any file this process creates."""
+
+    def private(path):
+        path.write_text("a")
+        path.chmod(0o600)
+    write_files(tmp_path, {"a.txt": private,
+                           "model.safetensors": lambda p: write_safetensors({"w": torch.ones(2)}, p)})
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("a.txt", "model.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
+
+
 def test_two_processes_carrying_out_one_journal_both_finish(tmp_path, monkeypatch):
     """A reader may carry out a journal while its writer does: here the other one carries it out
     whole just after this one has read it (so its temp file and the journal are gone), and then
     a reader finds the journal gone between seeing it and reading it. Neither is an error."""
-    import checkpoint
     (tmp_path / ".config.json.x.tmp").write_text(json.dumps(CONFIG))
     (tmp_path / JOURNAL).write_text(json.dumps({"rename": [[".config.json.x.tmp", "config.json"]],
                                                 "remove": []}))
@@ -90,11 +121,22 @@ def test_two_processes_carrying_out_one_journal_both_finish(tmp_path, monkeypatc
     assert json.loads((tmp_path / "config.json").read_text()) == CONFIG
 
 
+def test_weights_of_another_shape_than_the_config_gives_are_an_input_error_naming_the_tensor(tmp_path):
+    """A config that does not describe its weights (a size edited, another model's file): one sentence
+    naming the first tensor of another shape, not load_state_dict's traceback."""
+    save_file(Transformer(ModelArgs(**CONFIG)).state_dict(), tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({**CONFIG, "intermediate_size": 16}))
+    with pytest.raises(InputError, match=r"layers\.0\.feed_forward\.w13\.weight has shape \[16, 8\], "
+                                         r"expected \[32, 8\]"):
+        load_model(read_checkpoint(tmp_path))
+
+
 @pytest.mark.parametrize("journal", [
     {"rename": [], "remove": ["../victim.txt"]},  # a file outside the folder
     {"rename": [["../victim.txt", "stolen.txt"]], "remove": []},
     {"rename": [[".config.json.x.tmp", "../victim.txt"]], "remove": []},
     {"rename": [["config.json", "model.safetensors"]], "remove": []},  # not a temp file
+    {"rename": [[".config.json.x.tmp", "model.safetensors"]], "remove": []},  # another file's temp file
     {}, {"rename": [["a"]], "remove": []}, {"rename": "x", "remove": []}])
 def test_a_journal_that_reaches_outside_its_folder_or_is_malformed_is_refused(tmp_path, journal):
     """A folder read as a checkpoint is the user's input: its journal may only move its own
@@ -125,6 +167,29 @@ def test_temp_files_of_a_killed_writer_are_removed_by_the_next_write_and_no_othe
         (tmp_path / name).write_bytes(b"half a checkpoint")
     write_files(tmp_path, {"a.txt": lambda p: p.write_text("a")})
     assert names(tmp_path) == sorted([running, elsewhere, "a.txt"])
+
+
+def test_temp_files_of_another_users_running_writer_and_what_orphan_links_point_to_are_kept(
+        tmp_path, monkeypatch):
+    """A pid that signal 0 may not reach (PermissionError) is another user's process: running, its temp
+    file stays. A dead writer's temp entry that is a link goes, the link itself and not its target."""
+    host = socket.gethostname()
+    theirs, dead = 2 ** 22 + 1, 2 ** 22 + 2
+    kill = os.kill
+
+    def other_users(pid, signal):
+        if pid == theirs:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        return kill(pid, signal)
+    monkeypatch.setattr(checkpoint.os, "kill", other_users)
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "keep.txt").write_text("the user's")
+    running = f".model.safetensors.{host}-{theirs}.tmp"
+    (tmp_path / running).write_text("half a checkpoint")
+    (tmp_path / f".safetensors.{host}-{dead}.tmp").symlink_to(tmp_path / "target")
+    write_files(tmp_path, {"a.txt": lambda p: p.write_text("a")})
+    assert names(tmp_path) == sorted([running, "a.txt", "target"])
+    assert (tmp_path / "target" / "keep.txt").read_text() == "the user's"
 
 
 KILLED_MID_SAVE = """
@@ -174,6 +239,49 @@ def test_a_write_that_fails_into_a_new_folder_leaves_no_folder(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write_files(tmp_path / "mine" / "new" / "deeper", {"a.txt": interrupted})
     assert names(tmp_path) == ["mine"] and names(tmp_path / "mine") == []
+
+
+def test_quantized_weights_must_come_in_their_own_integer_dtype_and_float_ones_in_a_float_dtype():
+    """Float weights are converted, so any float dtype will do; integer ones are bit patterns (int4's
+    nibble pairs would be read sign-extended from int8, an int8 weight widened to int32 would be
+    multiplied as it is), so only their own dtype will do, and no float weight comes as integers."""
+    record = {"format": kernels.FORMAT, "mode": "int4", "groupsize": 32, "layers": ["layers.0.attention.wo"]}
+    model = empty_model(ModelArgs(**{**CONFIG, "dim": 32}), record)
+    shapes = {name: t.shape for name, t in model.state_dict().items()}
+    dtypes = {name: t.dtype for name, t in model.state_dict().items()}
+    check_tensors(shapes, model, "model.pth", dtypes)
+    check_tensors(shapes, model, "model.pth", {**dtypes, "layers.0.attention.wqkv.weight": torch.float16})
+    for name, dtype, word in [("layers.0.attention.wo.weight", torch.int8, "torch.uint8"),
+                              ("layers.0.attention.wo.weight", torch.int32, "torch.uint8"),
+                              ("layers.0.attention.wqkv.weight", torch.int8, "floats")]:
+        with pytest.raises(InputError, match=f"model.pth: {name} is {dtype}, expected {word}"):
+            check_tensors(shapes, model, "model.pth", {**dtypes, name: dtype})
+
+
+LLAMA3_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"head_dim": 3}, "head_dim 3 even"),  # rotary turns pairs of columns
+    ({"n_kv_heads": 2, "n_head": 3, "dim": 12}, "n_head 3 must be a multiple of n_kv_heads 2"),
+    ({"rope_scaling": {**LLAMA3_SCALING, "high_freq_factor": 1.0}}, "rope_scaling"),  # blends by 1 / (high - low)
+    ({"norm_eps": 0}, "norm_eps must be a positive number"),
+    ({"rope_base": 0.0}, "rope_base must be a positive number"),
+    ({"block_size": 0}, "block_size must be a positive integer"),
+    ({"n_experts": 4, "n_active_experts": 5}, "n_active_experts 5 must be between 1 and n_experts 4"),
+], ids=["odd-head_dim", "heads", "rope-high-equals-low", "norm_eps-0", "rope_base-0", "block_size-0",
+        "more-active-than-experts"])
+def test_configs_no_model_can_run_are_refused_in_one_sentence(fields, words):
+    with pytest.raises(InputError, match=f"^config.json: .*{words}"):
+        parse_config({**CONFIG, **fields}, "config.json")
+
+
+def test_configs_at_the_limits_are_accepted():
+    """Every expert active (a dense mixture), one head of two columns, Llama-3.1's scaling."""
+    for fields in ({"n_experts": 4, "n_active_experts": 4}, {"n_head": 1, "dim": 2, "head_dim": 2},
+                   {"rope_scaling": LLAMA3_SCALING}):
+        args = parse_config({**CONFIG, **fields}, "config.json")
+        assert all(getattr(args, name) == value for name, value in fields.items())
 
 
 # ---- reading weights -----------------------------------------------------------------------------

@@ -170,6 +170,45 @@ def test_a_tiny_temperature_samples_the_argmax_not_noise(top_k):
     assert torch.equal(probs, torch.nn.functional.one_hot(logits.argmax(-1), 1000).float())
 
 
+@pytest.mark.parametrize("top_k", [None, 3])
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_temperature_divides_the_logits_before_the_softmax(temperature, top_k):
+    """A temperature above 1 flattens the distribution and one below 1 sharpens it: the probabilities
+    are softmax(logits / temperature), over the top k where there is one."""
+    logits = torch.log(torch.tensor([[0.15, 0.5, 0.1, 0.25]]))
+    expected = torch.softmax(logits / temperature, dim=-1)
+    if top_k is not None:  # the likeliest 3, renormalised: id 2 (0.1) is dropped
+        expected = expected.index_fill(-1, torch.tensor([2]), 0.0)
+        expected = expected / expected.sum()
+    torch.testing.assert_close(probabilities(logits, Sampling(temperature, top_k)), expected)
+
+
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_nucleus_probabilities_are_the_kept_tokens_renormalised(top_k):
+    """Speculative decoding weighs target against draft by these probabilities, so they must be the
+    distribution `sample` draws from: the nucleus's tokens renormalised to sum to 1, not their share of
+    the whole."""
+    logits = torch.log(torch.tensor([[0.15, 0.5, 0.1, 0.25], [0.8, 0.1, 0.05, 0.05]]))
+    probs = probabilities(logits, Sampling(temperature=1.0, top_k=top_k, top_p=0.7))
+    # row 0: 0.5 + 0.25 reach 0.7; row 1: 0.8 alone does
+    expected = torch.tensor([[0, 2 / 3, 0, 1 / 3], [1.0, 0, 0, 0]])
+    torch.testing.assert_close(probs, expected)
+
+
+def test_a_uniform_draw_of_exactly_zero_changes_no_choice(monkeypatch):
+    """torch.rand returns 0 with probability 2 ** -24 (for some id of a 128k vocabulary, about one
+    draw in 130). Then a one-hot distribution still gives its id (not id 0), and a draft the target
+    gives no probability is still rejected."""
+    from generate import accept_drafts, sample_from
+    monkeypatch.setattr(torch, "rand_like", lambda t, **kw: torch.zeros_like(t, **kw))
+    one_hot = torch.nn.functional.one_hot(torch.tensor([5, 2]), 8).float()
+    assert sample_from(one_hot).view(-1).tolist() == [5, 2]
+    draft = torch.nn.functional.one_hot(torch.tensor([3]), 8).float()  # (k = 1, vocab)
+    target = torch.full((2, 8), 1 / 7).index_fill_(1, torch.tensor([3]), 0.0)  # never 3
+    n, new = accept_drafts(torch.tensor([3]), draft, target)
+    assert n.item() == 0 and new[0].item() != 3
+
+
 @torch.no_grad()
 def test_last_logits_are_each_rows_column_of_the_full_forward():
     model = tiny_model()

@@ -118,6 +118,29 @@ def test_batch_metrics_count_rows_and_the_whole_batch(smollm2_checkpoint, tmp_pa
     assert "tok/s over the batch" in stderr and "per row)" in stderr
 
 
+def test_throughput_counts_the_tokens_after_the_prefill_and_bandwidth_one_read_per_forward():
+    """Each row's first token comes from the prefill (timed as the time to first token), so decode
+    throughput counts the rest; a decode step reads the weights once whatever its rows. Two rows: 5
+    new tokens, and 3 then an end token (9 sampled), after prompts of 4 and 6 tokens, in 4 steps."""
+    gen = generate.Generation(tokens=[[1] * 5, [2] * 3], generated=9, prompt_tokens=[4, 6],
+                              ttft_s=0.5, decode_s=2.0, decode_steps=4)
+    m = generate.metrics(gen, model_bytes=3e9, device=torch.device("cpu"))
+    assert m["new_tokens"] == [5, 3] and m["prompt_tokens"] == [4, 6]
+    assert m["prefill_tok_s"] == pytest.approx((4 + 6) / 0.5)
+    assert m["decode_tok_s"] == pytest.approx((9 - 2) / 2.0)
+    assert m["bandwidth_gb_s"] == pytest.approx(3 * 4 / 2.0)
+    assert "accepted_lengths" not in m
+
+
+def test_speculation_metrics_count_kept_drafts_and_the_targets_own_token_per_round():
+    """k = 3; rounds that kept 0, 2, 2 and 3 drafts: 7 of 12 drafts kept, and each round adds the
+    target's own token: 11 tokens in 4 verifies."""
+    m = generate.speculation_metrics([1, 0, 2, 1])
+    assert m["acceptance_rate"] == pytest.approx(7 / 12)
+    assert m["tokens_per_verify"] == pytest.approx(11 / 4)
+    assert generate.speculation_metrics([0, 0, 0, 0])["acceptance_rate"] is None  # no rounds
+
+
 @pytest.mark.parametrize("name", ["trace.json", "trace.json.gz"])
 def test_a_profile_is_the_last_samples_trace_written_whole_and_gzipped_by_its_name(
         smollm2_checkpoint, tmp_path, capsys, name):

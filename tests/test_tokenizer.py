@@ -194,6 +194,87 @@ def test_a_template_sees_tools_and_documents_as_transformers_passes_them(hf_pair
     assert render_chat_template(template, CHATS[0], "", "") == ref == "[tools]Hi there!"
 
 
+def test_a_templates_blocks_and_tojson_render_as_transformers_renders_them(hf_pair):
+    """Block tags on lines of their own leave no blank lines or indentation behind (trim_blocks and
+    lstrip_blocks), and tojson keeps non-ASCII text as it is: transformers' rendering, character for
+    character. (SmolLM2's own template strips whitespace itself, so it cannot tell.)"""
+    from tokenizer import render_chat_template
+    _, hf = hf_pair
+    template = ("{% for m in messages %}\n"
+                "    {% if m['role'] == 'user' %}\n"
+                "U: {{ m['content'] }}\n"
+                "    {% else %}\n"
+                "A: {{ m['content'] | tojson }}\n"
+                "    {% endif %}\n"
+                "{% endfor %}\n"
+                "{% if add_generation_prompt %}A:{% endif %}")
+    messages = CHATS[2]  # an answer in Chinese with an emoji
+    ref = hf.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False)
+    assert render_chat_template(template, messages, "", "") == ref
+    assert ref.startswith("U: Say hi in Chinese\nA: \"你好 🦙\"\nU: ")  # what the options do
+
+
+def test_a_template_writes_the_special_tokens_text_as_transformers_does(hf_pair, tmp_path):
+    """bos_token and eos_token in a template are the tokens' own text, which encodes back to their ids."""
+    d, hf = hf_pair
+    template = "{{ bos_token }}{{ messages[0]['content'] }}{{ eos_token }}"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(d / name, tmp_path / name)
+    (tmp_path / "chat_template.jinja").write_text(template)
+    tok = load_tokenizer(tmp_path)
+    ref = hf.apply_chat_template(CHATS[0], chat_template=template, add_generation_prompt=True, tokenize=True)
+    ref = ref["input_ids"] if not isinstance(ref, list) else ref
+    assert tok.encode_chat(CHATS[0]) == list(ref)
+    assert tok.encode_chat(CHATS[0])[-1] == tok.eos_ids[0]
+
+
+def test_chat_template_jinja_wins_over_the_configs_template_as_in_transformers(hf_pair, tmp_path):
+    """transformers 5 writes the template to chat_template.jinja; a config that still holds an older one
+    is overruled by the file, in transformers and here."""
+    from transformers import AutoTokenizer
+    d, _ = hf_pair
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(d / name, tmp_path / name)
+    (tmp_path / "chat_template.jinja").write_text("FILE {{ messages[0]['content'] }}")
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({**config, "chat_template": "CONFIG {{ messages[0]['content'] }}"}))
+    ref = AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(CHATS[0], tokenize=False)
+    tok = load_tokenizer(tmp_path)
+    assert tok.decode(tok.encode_chat(CHATS[0])) == ref == "FILE Hi there!"
+
+
+def test_special_tokens_written_as_objects_and_a_single_generation_eos_id_are_read(hf_pair, tmp_path):
+    """tokenizer_config.json may write a token as {"content": text, ...}; generation_config.json may give
+    one extra end-of-sequence id as a number rather than a list: both stop generation."""
+    d, hf = hf_pair
+    shutil.copy(d / "tokenizer.json", tmp_path / "tokenizer.json")
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    config["eos_token"] = {"content": hf.eos_token, "lstrip": False, "rstrip": False, "special": True}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert load_tokenizer(tmp_path).eos_ids == [hf.eos_token_id]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 7}))
+    assert load_tokenizer(tmp_path).eos_ids == [hf.eos_token_id, 7]
+
+
+def test_a_list_of_named_templates_uses_the_one_named_default(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(b"".join(base64.b64encode(bytes([b])) + b" %d\n" % b
+                                                        for b in range(256)))
+    templates = [{"name": "tool_use", "template": "TOOLS"}, {"name": "default", "template": "CHAT"},
+                 {"name": "rag", "template": "RAG"}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": templates}))
+    tok = load_tokenizer(tmp_path)
+    assert tok.chat_template == "CHAT"
+    assert tok.decode(tok.encode_chat(CHATS[0])) == "CHAT"
+
+
+def test_tiktoken_llama3_chat_strips_each_messages_surrounding_whitespace(tiktoken_dir):
+    """Meta's Llama-3 format strips every message's content."""
+    tok = load_tokenizer(tiktoken_dir)
+    padded = [{**m, "content": f"\n  {m['content']}  \n"} for m in CHATS[1]]
+    assert tok.encode_chat(padded) == tok.encode_chat(CHATS[1])
+
+
 # --- all backends ------------------------------------------------------------------------------
 
 BACKENDS = ["sp_dir", "tiktoken_dir", "hf_dir"]
