@@ -35,6 +35,13 @@ def converse(tokenizer, lines: list, monkeypatch, max_seq=4096, chat=True, compi
         ended = len(tokens) < max_new  # room for its end-of-sequence token
         return generate.Generation([tokens], len(tokens) + ended, [len(prompts[0]) - cached], 0.1,
                                    0.1, len(tokens))
+    interact(tokenizer, lines, monkeypatch, fake_generate, max_seq, 32, chat, compiled)
+    return asked
+
+
+def interact(tokenizer, lines: list, monkeypatch, generate_fn, max_seq: int, max_new: int,
+             chat=True, compiled=False):
+    """generate.interactive reading `lines` as the terminal's input, answering with generate_fn."""
     feed = iter(lines)
 
     def fake_input(prompt=""):
@@ -45,8 +52,7 @@ def converse(tokenizer, lines: list, monkeypatch, max_seq=4096, chat=True, compi
     monkeypatch.setattr(builtins, "input", fake_input)
     args = type("Args", (), dict(chat=chat, metrics=False, compile=compiled,
                                  compile_prefill=False))()
-    generate.interactive(args, tokenizer, fake_generate, max_seq, 32, 1, torch.device("cpu"))
-    return asked
+    generate.interactive(args, tokenizer, generate_fn, max_seq, max_new, 1, torch.device("cpu"))
 
 
 def test_each_turn_runs_the_whole_conversation_and_reuses_the_cache(smollm2, monkeypatch):
@@ -158,16 +164,7 @@ def test_an_answer_cut_at_max_new_tokens_is_reused_without_its_unfed_last_token(
                                 on_tokens=on_tokens, cached=cached)
         runs.append((prompts[0], cached, gen))
         return gen
-    feed = iter(TURNS[:2])
-
-    def two_questions(prompt=""):
-        try:
-            return next(feed)
-        except StopIteration:
-            raise EOFError from None
-    monkeypatch.setattr(builtins, "input", two_questions)
-    args = type("Args", (), dict(chat=True, metrics=False, compile=False, compile_prefill=False))()
-    generate.interactive(args, tokenizer, recording, 512, max_new, 1, torch.device("cpu"))
+    interact(tokenizer, TURNS[:2], monkeypatch, recording, 512, max_new)
     (first_ids, _, first), (ids, cached, second) = runs
     answer = first.tokens[0]
     assert len(answer) == first.generated == max_new  # cut: no end-of-sequence token
