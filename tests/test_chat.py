@@ -149,8 +149,7 @@ def test_cache_reuse_gives_the_tokens_of_a_fresh_prefill(smollm2):
     assert reused.tokens == fresh.tokens
 
 
-def test_an_answer_cut_at_max_new_tokens_is_reused_without_its_unfed_last_token(smollm2, monkeypatch,
-                                                                               capsys):
+def test_an_answer_cut_at_max_new_tokens_is_reused_without_its_unfed_last_token(smollm2, monkeypatch):
     """An answer cut at max_new_tokens ends on a token that was sampled but never fed to the model:
     its cache slot holds nothing, so the next turn prefills from that token on, and answers as a
     fresh prefill of the whole conversation does."""

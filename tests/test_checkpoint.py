@@ -22,6 +22,7 @@ from checkpoint import (JOURNAL, InputError, WeightsFile, check_tensors, empty_m
 from model import ModelArgs, Transformer
 
 CONFIG = {"dim": 8, "n_layer": 1, "n_head": 2, "vocab_size": 16, "intermediate_size": 8}
+DEAD_PID = 2 ** 22 + 12345  # above Linux's default pid_max: no such process
 
 
 def names(folder) -> list:
@@ -75,7 +76,7 @@ def test_a_write_killed_between_its_renames_is_completed_by_the_next_reader(tmp_
 def test_a_write_killed_between_its_renames_is_completed_before_the_next_write(tmp_path):
     """Once its journal is written a set is the checkpoint: the next write into the folder carries the
     journal out first, rather than take its temp files (their writer is gone) for orphans."""
-    tmp = f".config.json.{socket.gethostname()}-{2 ** 22 + 12345}.tmp"  # no such pid
+    tmp = f".config.json.{socket.gethostname()}-{DEAD_PID}.tmp"
     (tmp_path / tmp).write_text(json.dumps(CONFIG))
     (tmp_path / "stale.json").write_text("{}")
     (tmp_path / JOURNAL).write_text(json.dumps({"rename": [[tmp, "config.json"]], "remove": ["stale.json"]}))
@@ -159,10 +160,9 @@ def test_temp_files_of_a_killed_writer_are_removed_by_the_next_write_and_no_othe
     (this process, in another thread say) and of one on another machine sharing the folder, whose
     pid means nothing here."""
     host = socket.gethostname()
-    dead = 2 ** 22 + 12345  # above Linux's default pid_max: no such process
-    orphan = f".model.safetensors.{host}-{dead}.tmp"
+    orphan = f".model.safetensors.{host}-{DEAD_PID}.tmp"
     running = f".model_int8.pth.{host}-{os.getpid()}.tmp"  # as temp_name names this process's
-    elsewhere = f".model.safetensors.not-{host}-{dead}.tmp"  # another machine; no such pid here
+    elsewhere = f".model.safetensors.not-{host}-{DEAD_PID}.tmp"  # another machine; no such pid here
     for name in (orphan, running, elsewhere):
         (tmp_path / name).write_bytes(b"half a checkpoint")
     write_files(tmp_path, {"a.txt": lambda p: p.write_text("a")})
@@ -174,7 +174,7 @@ def test_temp_files_of_another_users_running_writer_and_what_orphan_links_point_
     """A pid that signal 0 may not reach (PermissionError) is another user's process: running, its temp
     file stays. A dead writer's temp entry that is a link goes, the link itself and not its target."""
     host = socket.gethostname()
-    theirs, dead = 2 ** 22 + 1, 2 ** 22 + 2
+    theirs = DEAD_PID + 1  # no such process either: signal 0 is made to answer as for another user's
     kill = os.kill
 
     def other_users(pid, signal):
@@ -186,7 +186,7 @@ def test_temp_files_of_another_users_running_writer_and_what_orphan_links_point_
     (tmp_path / "target" / "keep.txt").write_text("the user's")
     running = f".model.safetensors.{host}-{theirs}.tmp"
     (tmp_path / running).write_text("half a checkpoint")
-    (tmp_path / f".safetensors.{host}-{dead}.tmp").symlink_to(tmp_path / "target")
+    (tmp_path / f".safetensors.{host}-{DEAD_PID}.tmp").symlink_to(tmp_path / "target")
     write_files(tmp_path, {"a.txt": lambda p: p.write_text("a")})
     assert names(tmp_path) == sorted([running, "a.txt", "target"])
     assert (tmp_path / "target" / "keep.txt").read_text() == "the user's"
