@@ -870,7 +870,9 @@ MM_FILL_ROWS, MM_PROGRAMS_PER_SM = 32, 4
 # 16 to 128; 128 or 256 columns deep; 3 or 4 stages; 4 warps), the fastest over Llama-2-7B's four
 # layer shapes together for int8 and for fp8 at 8 and at 32 rows on an H200. Autotuned per shape,
 # the pick changed from process to process, and with it a batch's speed (int8 at 8 rows: 1963 to
-# 2357 tok/s) and the order of the sums (BENCHMARKS.md).
+# 2357 tok/s) and the order of the sums (BENCHMARKS.md). Both operands through descriptors (MM_TMA),
+# it gives the same bits on every call at these rows, where WIDE_MM_TILE's note below says Triton
+# 3.6 fails at 128 rows (5 calls on each Llama-2-7B layer shape at 8 and 32 rows, H200).
 MM_TILE = dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
 # int4's small matmul: one tile, the fastest of 36 configs (64 rows with 4 warps, 128 with 4 or 8;
 # 2, 3, 4 or 6 stages; 1, 2 or 4 times mm_split's parts) on each of Llama-2-7B's layer shapes at 1,
@@ -933,7 +935,10 @@ def mm_block_rows(n_rows: int) -> int:
 # the tensor memory accelerator (TMA) copies each tile into shared memory asynchronously, a few
 # tiles ahead of the tensor cores (num_stages), which plain loads, issued by the threads
 # themselves, do not (Llama-2-7B at 8 and 32 rows on an H200: int8 9-15 % less time a pass,
-# fp8 16-27 %; BENCHMARKS.md). A descriptor needs 16-byte aligned rows. False: plain loads.
+# fp8 16-27 %; BENCHMARKS.md). The one-byte kernel takes the rows of x so too, whatever their
+# number, and its threads then issue no loads for them (int8 and fp8 at 32 rows 3 % faster end to
+# end); int4's small matmul keeps plain loads for x (11 % slower with it at one row). A descriptor
+# needs 16-byte aligned rows. False: plain loads.
 MM_TMA = True
 
 
@@ -1003,7 +1008,7 @@ def quantized_mm_partials(x: Tensor, weight: Tensor, scales: Tensor, zeros: Opti
     tile = WIDE_MM_TILE if wide else dict(MM_TILE, BLOCK_M=mm_block_rows(M))
     w = (TensorDescriptor.from_tensor(weight, [tile["BLOCK_N"], tile["BLOCK_K"]]) if tma
          else weight)
-    x_tma = wide and tma and tma_loads(x)
+    x_tma = tma and tma_loads(x)
     if x_tma:
         x = TensorDescriptor.from_tensor(x, [tile["BLOCK_M"], tile["BLOCK_K"]])
     grid = (triton.cdiv(M, tile["BLOCK_M"]), triton.cdiv(N, tile["BLOCK_N"]), split_k)

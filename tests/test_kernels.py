@@ -103,7 +103,7 @@ def check_quantized_mm():
     from kernels import (MM_TILE, WIDE_MM_TILE, TensorDescriptor, mm_block_rows, quantized_mm,
                          quantized_mm_kernel, relative_error)
     torch.manual_seed(0)
-    checked = {"plain": 0, "TMA": 0, "blocks": 0, "x TMA": 0}
+    checked = {"plain": 0, "TMA": 0, "blocks": 0, "x TMA": 0, "one block, x TMA": 0}
     # A decode batch of M rows in one block, padded to 16, 64 and exactly 64 rows, with the
     # project's tile and two others (narrow and deep, wide); and wider inputs in blocks of rows,
     # the last one part-filled, with the wide tile's shape and a smaller block. int8 weights, K
@@ -121,7 +121,7 @@ def check_quantized_mm():
             for c, tile in enumerate(tiles):
                 tile = {"BLOCK_M": mm_block_rows(M), **tile}  # a small tile: all rows in one block
                 for split_k, tma in ((1, c % 2 == 1), (3, c % 2 == 0)):
-                    x_tma = tma and M > 64
+                    x_tma = tma and (M > 64 or c > 0)  # small blocks take both forms of x
                     w_arg = (TensorDescriptor.from_tensor(w, [tile["BLOCK_N"], tile["BLOCK_K"]])
                              if tma else w)
                     x_arg = (TensorDescriptor.from_tensor(x, [tile["BLOCK_M"], tile["BLOCK_K"]])
@@ -137,6 +137,7 @@ def check_quantized_mm():
                     checked["TMA" if tma else "plain"] += 1
                     checked["blocks"] += grid[0] > 1
                     checked["x TMA"] += x_tma
+                    checked["one block, x TMA"] += x_tma and grid[0] == 1
     assert min(checked.values()) >= 8, checked
     # As the layers call it (kernels.quantized_mm): past MAX_MM_ROWS rows, x padded to whole
     # blocks, the padding's rows dropped from the result; K whole (one SM, as off a GPU) or, for
