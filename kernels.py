@@ -870,9 +870,10 @@ MM_FILL_ROWS, MM_PROGRAMS_PER_SM = 32, 4
 # 16 to 128; 128 or 256 columns deep; 3 or 4 stages; 4 warps), the fastest over Llama-2-7B's four
 # layer shapes together for int8 and for fp8 at 8 and at 32 rows on an H200. Autotuned per shape,
 # the pick changed from process to process, and with it a batch's speed (int8 at 8 rows: 1963 to
-# 2357 tok/s) and the order of the sums (BENCHMARKS.md). Both operands through descriptors (MM_TMA),
-# it gives the same bits on every call at these rows, where WIDE_MM_TILE's note below says Triton
-# 3.6 fails at 128 rows (5 calls on each Llama-2-7B layer shape at 8 and 32 rows, H200).
+# 2357 tok/s) and the order of the sums (BENCHMARKS.md). With both operands through descriptors
+# (MM_TMA) this 128-deep, 3-stage tile, which Triton 3.6 miscompiles for blocks of 128 rows
+# (WIDE_MM_TILE's note below), gave the same bits on every call at these rows (5 calls on each
+# Llama-2-7B layer shape at 8 and 32 rows, H200; check_kernels asks it on every run of bench.py).
 MM_TILE = dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
 # int4's small matmul: one tile, the fastest of 36 configs (64 rows with 4 warps, 128 with 4 or 8;
 # 2, 3, 4 or 6 stages; 1, 2 or 4 times mm_split's parts) on each of Llama-2-7B's layer shapes at 1,
@@ -936,9 +937,9 @@ def mm_block_rows(n_rows: int) -> int:
 # tiles ahead of the tensor cores (num_stages), which plain loads, issued by the threads
 # themselves, do not (Llama-2-7B at 8 and 32 rows on an H200: int8 9-15 % less time a pass,
 # fp8 16-27 %; BENCHMARKS.md). The one-byte kernel takes the rows of x so too, whatever their
-# number, and its threads then issue no loads for them (int8 and fp8 at 32 rows 3 % faster end to
-# end); int4's small matmul keeps plain loads for x (11 % slower with it at one row). A descriptor
-# needs 16-byte aligned rows. False: plain loads.
+# number, and its threads then issue no loads for them (Llama-2-7B int8 and fp8 at 32 rows on an
+# H200: 3 % faster end to end); int4's small matmul keeps plain loads for x (11 % slower with it
+# at one row). A descriptor needs 16-byte aligned rows. False: plain loads.
 MM_TMA = True
 
 
