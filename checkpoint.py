@@ -26,6 +26,7 @@ Also here, for every script: InputError and the ArgumentParser that prints it as
 check_device, check_output (a report's path), write_files (any set of files) and one_line.
 """
 import argparse
+import errno
 import json
 import math
 import os
@@ -555,7 +556,7 @@ def write_files(folder: Path, writers: dict, remove=()):
             if any(made.iterdir()):
                 break
             made.rmdir()
-        if isinstance(e, OSError) and e.errno == 28:  # ENOSPC
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             raise InputError(f"disk full while writing into {folder}: "
                              "nothing was changed") from None
         raise
@@ -642,12 +643,18 @@ def write_safetensors(tensors: dict, tmp: Path):
     own beside its target, under a random name that remove_orphans could not tell from a user's
     file; so it writes inside a folder named as write_files names its temp files, which a kill
     leaves for remove_orphans, and the finished file is renamed out of it."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
     scratch = tmp.parent / temp_name("safetensors")
     shutil.rmtree(scratch, ignore_errors=True)  # left by a killed writer of this host and pid
     scratch.mkdir()
     try:
-        save_file(tensors, scratch / "weights")
+        try:
+            save_file(tensors, scratch / "weights")
+        except SafetensorError as e:  # the OS's errors come in its own type, errno in the text
+            if "(os error 28)" in str(e):  # ENOSPC: write_files says "disk full" in one line
+                raise OSError(errno.ENOSPC, str(e)) from None
+            raise
         os.replace(scratch / "weights", tmp)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -9,6 +9,7 @@ import os
 import socket
 import stat
 import struct
+import subprocess
 import zipfile
 
 import pytest
@@ -48,6 +49,29 @@ def test_a_full_disk_says_so_and_changes_nothing(tmp_path):
         write_files(tmp_path, {"b.txt": lambda p: p.write_text("b"), "a.txt": full})
     assert names(tmp_path) == ["a.txt"]  # no temp files, no half of the set
     assert (tmp_path / "a.txt").read_text() == "old a"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A file system of 64 KiB (a tmpfs: mounting one needs root), for a disk that really fills."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_checkpoint_that_fills_the_disk_says_so_in_one_line_and_leaves_nothing(small_disk):
+    """safetensors reports the OS's ENOSPC as a SafetensorError of its own: it is still a full
+    disk, not a bug."""
+    args = ModelArgs(dim=64, n_layer=2, n_head=2, vocab_size=512, intermediate_size=128)
+    tensors = Transformer(args).state_dict()  # ~0.6 MB of float32
+    with pytest.raises(InputError, match="disk full while writing into .*nothing was changed"):
+        checkpoint.save_checkpoint(small_disk / "out", args, tensors)
+    assert names(small_disk) == []  # neither the folder it made nor a temp file or folder
 
 
 def test_a_bug_in_a_writer_keeps_its_traceback_and_leaves_no_temp_files(tmp_path):
