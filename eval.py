@@ -363,10 +363,10 @@ def raised_in(e: BaseException, path_end: str) -> bool:
     return traceback.extract_tb(e.__traceback__)[-1].filename.endswith(path_end)
 
 
-def load_tasks(task_manager, names: list, include_paths: list = ()) -> list:
+def load_tasks(task_manager, names: list, include_paths: list = (), download: bool = False) -> list:
     """The tasks, groups and tags named, built with their data: an unknown name or unreachable
     data fails here, before the model loads. Returns the objects lm_eval.simple_evaluate takes in
-    place of names."""
+    place of names. download: --download's, for the hint an unreadable task's error gives."""
     unknown = [n for n in names if n not in task_manager.all_tasks and not Path(n).is_file()]
     if unknown:
         unparsed = "".join(f"; {path} does not parse: {why}"
@@ -387,9 +387,11 @@ def load_tasks(task_manager, names: list, include_paths: list = ()) -> list:
         # YAMLError, TemplateError: a task file's YAML or Jinja. Other kinds keep their traceback.
         except (OSError, DatasetsError, ValueError, RuntimeError, ImportError, yaml.YAMLError,
                 jinja2.TemplateError) as e:
+            where = ("local files, the Hugging Face cache and, with --download, the hub"
+                     if download else "local files and the Hugging Face cache; --download "
+                     "allows the hub")
             raise InputError(f"--tasks: cannot load task {name}: {one_line(e)} (data is read "
-                             "offline from local files and the Hugging Face cache; --download "
-                             "allows the hub)") from None
+                             f"from {where})") from None
         except KeyError as e:  # the task's file names a split that its data does not have
             if not raised_in(e, os.path.join("datasets", "dataset_dict.py")):
                 raise
@@ -545,7 +547,7 @@ def run(args) -> dict:
                              "end-of-sequence token, one of which the tasks' empty contexts need")
         lm_eval, TaskManager = import_lm_eval(args.download)
         task_manager = task_index(TaskManager, tuple(str(p.resolve()) for p in args.include_path))
-        tasks = load_tasks(task_manager, args.tasks, args.include_path)
+        tasks = load_tasks(task_manager, args.tasks, args.include_path, args.download)
 
     device = args.device
     if tp.world_size() > 1:  # under torchrun: check the model splits, join the process group

@@ -356,8 +356,19 @@ def capitals_reading(tmp_path, data):
 def test_task_data_that_is_missing_or_does_not_parse_is_an_input_error(tmp_path, monkeypatch, data):
     for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
         monkeypatch.setenv(name, "1")  # what eval.py sets for itself; restored afterwards
-    with pytest.raises(InputError, match="cannot load task capitals"):
+    with pytest.raises(InputError, match="cannot load task capitals") as e:
         load_tasks(capitals_reading(tmp_path, data), ["capitals"])
+    assert str(e.value).endswith("(data is read from local files and the Hugging Face cache; "
+                                 "--download allows the hub)")
+
+
+def test_task_data_missing_with_download_given_does_not_suggest_download(tmp_path, monkeypatch):
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    with pytest.raises(InputError, match="cannot load task capitals") as e:
+        load_tasks(capitals_reading(tmp_path, None), ["capitals"], download=True)
+    assert str(e.value).endswith("(data is read from local files, the Hugging Face cache and, with "
+                                 "--download, the hub)")
 
 
 def test_a_task_file_naming_a_split_its_data_lacks_is_an_input_error(tmp_path):
