@@ -20,6 +20,13 @@ DATA = ROOT / "tests" / "data"  # capitals.yaml: lm-eval's local `json` dataset 
 CAPITALS_CHOICES = 4
 
 
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """The Hugging Face libraries offline, as eval.py sets them for itself; restored afterwards."""
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+
+
 @pytest.fixture(scope="module")
 def smollm2_eval(smollm2_checkpoint):
     ckpt = read_checkpoint(smollm2_checkpoint)
@@ -135,13 +142,11 @@ def test_loglikelihoods_match_transformers(smollm2_eval, hf_smollm2):
 
 
 @pytest.mark.slow
-def test_capitals_task_runs_through_eval_py_clearly_above_chance(smollm2_checkpoint, tmp_path, monkeypatch,
-                                                                 capsys):
+def test_capitals_task_runs_through_eval_py_clearly_above_chance(offline_hub, smollm2_checkpoint, tmp_path,
+                                                                 monkeypatch, capsys):
     """lm-eval reads the task's questions from tests/data/capitals.jsonl (its own `json` dataset loader, offline),
     asks our model for the loglikelihood of each choice and scores the answers."""
     monkeypatch.chdir(ROOT)  # the task's data_files path is relative to the repository root
-    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
-        monkeypatch.setenv(name, "1")  # what eval.py sets for itself; restored afterwards
     eval_main(["--checkpoint_path", smollm2_checkpoint, "--tasks", "capitals", "--include_path", "tests/data",
                "--batch_size", 16, "--device", "cpu", "--output", tmp_path / "out.json"])
     stdout = capsys.readouterr().out
@@ -236,7 +241,7 @@ def test_generate_until_ignores_empty_stop_strings_and_hugging_faces_top_k_zero(
 # ---- 4. bad input -----------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_bad_input_gives_one_error_line(smollm2_checkpoint, tmp_path, monkeypatch, capsys):
+def test_bad_input_gives_one_error_line(offline_hub, smollm2_checkpoint, tmp_path, monkeypatch, capsys):
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     (tmp_path / "text.txt").write_text("The capital of France is Paris. " * 20)
@@ -270,8 +275,6 @@ def test_bad_input_gives_one_error_line(smollm2_checkpoint, tmp_path, monkeypatc
         (["--tasks", "capitals_missing", "--include_path", "tests/data"], ["cannot load task capitals_missing"]),
     ]
     monkeypatch.chdir(ROOT)
-    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
-        monkeypatch.setenv(name, "1")  # what eval.py sets for itself; restored afterwards
     for args, words in cases:  # in this process; the command line's own error line: the test below
         main_error(main, ["--checkpoint_path", smollm2_checkpoint, "--device", "cpu", *args], capsys, *words)
     assert {name: (tmp_path / "tasks" / name).read_text() for name in inputs} == inputs
@@ -353,18 +356,14 @@ def capitals_reading(tmp_path, data):
 @pytest.mark.parametrize("data", [None, b'{"country": "France", "choices": [\n',
                                   '{"country": "caf\xe9"}\n'.encode("latin-1")],
                          ids=["missing", "not-json", "not-utf8"])
-def test_task_data_that_is_missing_or_does_not_parse_is_an_input_error(tmp_path, monkeypatch, data):
-    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
-        monkeypatch.setenv(name, "1")  # what eval.py sets for itself; restored afterwards
+def test_task_data_that_is_missing_or_does_not_parse_is_an_input_error(offline_hub, tmp_path, data):
     with pytest.raises(InputError, match="cannot load task capitals") as e:
         load_tasks(capitals_reading(tmp_path, data), ["capitals"])
     assert str(e.value).endswith("(data is read from local files and the Hugging Face cache; "
                                  "--download allows the hub)")
 
 
-def test_task_data_missing_with_download_given_does_not_suggest_download(tmp_path, monkeypatch):
-    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
-        monkeypatch.setenv(name, "1")
+def test_task_data_missing_with_download_given_does_not_suggest_download(offline_hub, tmp_path):
     with pytest.raises(InputError, match="cannot load task capitals") as e:
         load_tasks(capitals_reading(tmp_path, None), ["capitals"], download=True)
     assert str(e.value).endswith("(data is read from local files, the Hugging Face cache and, with "
