@@ -86,8 +86,12 @@ def probabilities(logits: Tensor, s: Sampling) -> Tensor:
         probs = scaled_softmax(logits.float(), s)
     if s.top_p is not None:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Drop a token when the tokens more likely than it already cover top_p of the mass.
-        drop = sorted_probs.cumsum(-1) - sorted_probs > s.top_p
+        # The fewest most likely tokens whose mass reaches top_p, as transformers keeps them: a
+        # token goes when it and the tokens less likely than it hold at most 1 - top_p. Summed from
+        # the least likely up: summed from the top, the mass rounds to 1 before the tail's tokens,
+        # which top_p = 1 would then cut. The most likely token always stays.
+        tail = sorted_probs.flip(-1).cumsum(-1).flip(-1)  # (B, vocab)
+        drop = (tail <= 1 - s.top_p) & (torch.arange(probs.size(-1), device=probs.device) > 0)
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs

@@ -102,11 +102,12 @@ def sample_rows(logits: Tensor, position: Tensor, temperature: Tensor, top_k: Te
     k = ranked.shape[-1]
     ranks = torch.arange(k, device=logits.device)
     probs = torch.softmax(ranked.masked_fill(ranks >= top_k[:, None], -float("inf")), dim=-1)
-    # Drop a token when the tokens more likely than it already cover top_p of the mass. That mass
-    # is an exclusive prefix sum, taken as a matmul with a strictly upper-triangular matrix: on a
-    # GPU, inductor cannot fuse the argmax below into the split scan kernel a cumsum becomes.
-    before = probs @ torch.ones(k, k, device=logits.device).triu(1)  # (B, k)
-    probs = probs.masked_fill(before > top_p[:, None], 0.0)
+    # The nucleus as generate.probabilities keeps it: a token goes when it and the tokens less
+    # likely than it hold at most 1 - top_p; the most likely stays. That mass is a suffix sum, taken
+    # as a matmul with a lower-triangular matrix: on a GPU, inductor cannot fuse the argmax below
+    # into the split scan kernel a cumsum becomes.
+    tail = probs @ torch.ones(k, k, device=logits.device).tril()  # (B, k)
+    probs = probs.masked_fill((tail <= 1 - top_p[:, None]) & (ranks > 0), 0.0)
     drawn = order.gather(1, (probs / seeded_race(seed, position, order)).argmax(-1, keepdim=True))
     return torch.where(temperature[:, None] > 0, drawn, logits.argmax(dim=-1, keepdim=True))
 

@@ -195,6 +195,20 @@ def test_nucleus_probabilities_are_the_kept_tokens_renormalised(top_k):
     torch.testing.assert_close(probs, expected)
 
 
+@pytest.mark.parametrize("top_p", [0.25, 0.5, 0.75, 0.9, 1.0])
+def test_the_nucleus_is_the_one_transformers_keeps(top_p):
+    """The nucleus is the fewest most likely tokens whose mass reaches top_p, token for token what
+    transformers' TopPLogitsWarper keeps: also where a prefix holds top_p exactly ([0.5, 0.25, 0.25]
+    keeps one token at 0.5, two at 0.75), and at top_p 1 over a 32000-token vocabulary, whose mass
+    summed from the most likely token reaches 1 before its least likely tokens (all kept)."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+    torch.manual_seed(0)
+    boundary = torch.log(torch.tensor([0.5, 0.25, 0.25] + [0.0] * 31997))  # -inf past three
+    logits = torch.cat([boundary[None], torch.randn(3, 32000) * 3])  # (4, 32000)
+    kept = probabilities(logits, Sampling(temperature=1.0, top_k=None, top_p=top_p)) > 0
+    assert torch.equal(kept, TopPLogitsWarper(top_p)(None, logits.clone()) > -math.inf)
+
+
 def test_a_uniform_draw_of_exactly_zero_changes_no_choice(monkeypatch):
     """torch.rand returns 0 with probability 2 ** -24 (for some id of a 128k vocabulary, about one
     draw in 130). Then a one-hot distribution still gives its id (not id 0), and a draft the target

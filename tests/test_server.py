@@ -226,6 +226,18 @@ def test_each_sampled_row_draws_from_its_own_temperature_top_k_and_nucleus():
             assert 0 < (expected > 0).sum() < V
 
 
+def test_a_nucleus_that_reaches_top_p_exactly_takes_no_more_tokens():
+    """[0.5, 0.25, 0.25] at top_p 0.5: the most likely token alone reaches it, so it is the only one
+    drawn, as in generate.py and transformers; at 0.75, the first two, each drawn."""
+    N = 2000
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.25]])).repeat(N, 1)
+    for top_p, drawn in ((0.5, {0}), (0.75, {0, 1})):
+        tokens = sample_rows(logits, position=torch.arange(N), temperature=torch.ones(N),
+                             top_k=torch.full((N,), 3), top_p=torch.full((N,), top_p),
+                             seed=torch.zeros(N, dtype=torch.long))
+        assert set(tokens.view(-1).tolist()) == drawn, top_p
+
+
 def test_a_tiny_temperature_samples_each_rows_argmax_not_noise():
     """Logits divided by 1e-40 overflow to ±inf; each row's argmax must still win, as at 0."""
     torch.manual_seed(0)
