@@ -195,18 +195,29 @@ def test_nucleus_probabilities_are_the_kept_tokens_renormalised(top_k):
     torch.testing.assert_close(probs, expected)
 
 
-@pytest.mark.parametrize("top_p", [0.25, 0.5, 0.75, 0.9, 1.0])
-def test_the_nucleus_is_the_one_transformers_keeps(top_p):
-    """The nucleus is the fewest most likely tokens whose mass reaches top_p, token for token what
-    transformers' TopPLogitsWarper keeps: also where a prefix holds top_p exactly ([0.5, 0.25, 0.25]
-    keeps one token at 0.5, two at 0.75), and at top_p 1 over a 32000-token vocabulary, whose mass
-    summed from the most likely token reaches 1 before its least likely tokens (all kept)."""
-    from transformers.generation.logits_process import TopPLogitsWarper
+@pytest.mark.parametrize("temperature, top_k, top_p", [
+    (1.0, None, 0.25), (1.0, None, 0.5), (1.0, None, 0.75), (1.0, None, 0.9), (1.0, None, 1.0),
+    (0.7, 50, 0.9), (1.3, 200, None), (0.5, 3, 0.5)])
+def test_the_distribution_is_the_one_transformers_samples_from(temperature, top_k, top_p):
+    """What `sample` draws from is what transformers' warpers leave (the temperature, then the top
+    k, then the nucleus: the fewest most likely tokens whose mass reaches top_p), token for token:
+    also where a prefix holds top_p exactly ([0.5, 0.25, 0.25] keeps one token at 0.5, two at 0.75),
+    and at top_p 1 over a 32000-token vocabulary, whose mass summed from the most likely token
+    reaches 1 before its least likely tokens (all kept)."""
+    from transformers.generation.logits_process import (TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
     torch.manual_seed(0)
     boundary = torch.log(torch.tensor([0.5, 0.25, 0.25] + [0.0] * 31997))  # -inf past three
     logits = torch.cat([boundary[None], torch.randn(3, 32000) * 3])  # (4, 32000)
-    kept = probabilities(logits, Sampling(temperature=1.0, top_k=None, top_p=top_p)) > 0
-    assert torch.equal(kept, TopPLogitsWarper(top_p)(None, logits.clone()) > -math.inf)
+    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k is not None:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p is not None:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    expected = torch.softmax(scores, dim=-1)
+    probs = probabilities(logits, Sampling(temperature, top_k, top_p))
+    assert torch.equal(probs > 0, expected > 0)
+    torch.testing.assert_close(probs, expected, atol=1e-6, rtol=1e-5)
 
 
 def test_a_uniform_draw_of_exactly_zero_changes_no_choice(monkeypatch):
