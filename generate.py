@@ -945,8 +945,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top_k", type=int, default=Sampling.top_k,
                    help=f"sample among the k most likely tokens (default {Sampling.top_k})")
     p.add_argument("--top_p", type=float, default=Sampling.top_p,
-                   help="nucleus sampling: keep the smallest set of tokens with this much "
-                   "probability (default: off)")
+                   help="nucleus sampling: keep the fewest most likely tokens whose probability "
+                   "reaches this (default: off)")
     p.add_argument("--seed", type=int, default=1234, help="random seed (default 1234)")
     p.add_argument("--profile", type=Path,
                    help="write a torch.profiler trace of the last sample to this path")
