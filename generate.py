@@ -547,7 +547,8 @@ def print_row0(streamer: TextStreamer, eos_ids, new: list):
 def run_samples(args, prompts: list, generate_fn: Callable, tokenizer, max_new: int,
                 model_bytes: int, device: torch.device, compiled: bool):
     """--num_samples timed generations of the same prompts (after one untimed compiling run where
-    compiled), row 0 streamed to the terminal, with their metrics."""
+    compiled), with their metrics: a single row's text streamed to the terminal as it comes, a
+    batch's rows printed after each sample (no text without a tokenizer)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     # Under torchrun each process holds and reads its own part of the weights.
     where = (f"per {'GPU' if device.type == 'cuda' else 'process'}, tensor parallel over {world}"
@@ -595,15 +596,16 @@ def run_samples(args, prompts: list, generate_fn: Callable, tokenizer, max_new: 
         write_json(args.json, dict(args={k: str(v) for k, v in vars(args).items()},
                                    device=device_name(device), torch=torch.__version__,
                                    model_bytes=model_bytes, compile_s=compile_s,
-                                   tensor_parallel=world,  # model_bytes and GB/s are per GPU
+                                   # model_bytes and GB/s: per GPU (per process on a CPU)
+                                   tensor_parallel=world,
                                    samples=results, average=summary))
 
 
 def bytes_read_per_step(model: Transformer, tokens: int) -> float:
     """The bytes of weights one forward of `tokens` tokens reads (a decode step: one a row; a
-    speculative verify: k + 1): each tensor once (a tied output layer is the embedding table),
-    except the embedding table's, of which it reads the looked-up rows, and the experts no token
-    chose. A quantized layer names what its route for that many rows reads (weights_read)."""
+    speculative verify: k + 1): each tensor once (a tied embedding table as the output layer),
+    but not the embedding table's looked-up rows (a few KB) nor the experts no token chose. A
+    quantized layer names what its route for that many rows reads (weights_read)."""
     read = {id(t): t for m in model.modules() if m is not model.tok_embeddings
             for t in (m.weights_read(tokens) if hasattr(m, "weights_read")
                       else m.parameters(recurse=False))}
