@@ -1,7 +1,8 @@
 """Triton kernels for quantized weights (int8, fp8, int4), and the quantized linear layers: a
 weight-only GEMV (one row of activations), a small matmul (2 to 64 rows: decode batches,
-speculative verifies; one-byte weights up to 256 rows, in blocks: a server's prompt chunks, short
-prompts) and a dequantized copy of the weights for longer inputs (prefills).
+speculative verifies; int4's single rows too, which have no GEMV; one-byte weights up to 256
+rows, in blocks: a server's prompt chunks, short prompts) and a dequantized copy of the weights
+for longer inputs (prefills).
 
 At batch 1 a linear layer is a matrix-vector product: each weight is read once and used once, so
 the kernel's only job is to stream the weights at full memory bandwidth, which torch.compile's
@@ -210,8 +211,9 @@ if triton is not None:
         """Columns [k0, k0 + BLOCK_K) of one-byte weight rows [n0, n0 + BLOCK_N) (int8 or fp8,
         (N, K)), (BLOCK_N, BLOCK_K) in dtype, converted exactly, times their row's scale first
         where SCALED (in float32); w_ptr points at the weights, or (TMA) is a tensor descriptor of
-        them whose block is that tile. Rows past N and columns past K come back as
-        zeros."""
+        them whose block is that tile. Rows past N and columns past K come back as zeros; through
+        a descriptor, those past its own bounds (grouped_mm_kernel's spans every expert's rows: it
+        masks the rows past N at its store)."""
         cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         col_ok = cols < N
         if TMA:  # out-of-bounds bytes read as zeros: 0 in int8, +0.0 in fp8
@@ -964,8 +966,9 @@ def tma_loads(t: Tensor) -> bool:
 # prepare_for_device turns inductor's option on where it pays (dependent_launches_pay), and the
 # GEMV launches so only then: the two pay together only. A pass of Llama-2-7B's int8 layers back
 # to back on an H200 took 9 % less time; decode: int8 +6 %, fp8 +4 %, bf16 +1 % (BENCHMARKS.md).
-# The small matmul of decode batches keeps plain launches: launched so, int8 at 8 rows ran 4 %
-# slower than with inductor's alone. False: plain launches.
+# The one-byte small matmul of decode batches keeps plain launches: launched so, int8 at 8 rows ran
+# 4 % slower than with inductor's alone (int4's small matmul launches so: int4_mm_kernel). False:
+# plain launches.
 PDL = True
 # A mixture's w2 GEMV launched so too, right after w13's (expert_gemv_partials). False: plainly.
 EXPERT_PDL = True
@@ -1283,7 +1286,8 @@ def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
 # five launches of them: RoPE of q, of k with k's cache write, v's cache write, the mask, cuDNN's
 # attention). Programs are (row, kv head, part of SPLIT_SLOTS slots), each reading only the slots
 # its row has filled; a second kernel combines the parts. The parts depend on the cache's length
-# only, never on the batch: a row's result is the same whatever rows share its batch.
+# only, never on the batch; the tile (below) on how many programs there are, so a row decoded alone
+# and in a batch may differ in the last bits of its sums.
 SPLIT_SLOTS, ATTENTION_BLOCK_S = 256, 32
 # The decode kernel's tile. Where its programs (row, kv head, part) are no more than the GPU's SMs
 # (one row over a short cache), each has an SM to itself and takes 64 slots a loop step on 8 warps;
@@ -1427,9 +1431,10 @@ def check_kernels(device="cuda") -> list:
     the shape would take it), for int8, fp8 and int4 weights at 1 row (the GEMV; int4: the small
     matmul), 8 and 33 rows (the small matmul), 200 (one-byte weights: the small matmul in blocks of
     rows; int4: a dequantized copy into PyTorch's matmul) and 300 (a dequantized copy), then the
-    expert GEMV, the router, the decode and chunk attention kernels and sampling's top k: a list of
-    {name, rows, shape, rel_err, ok} (the expert GEMV's also tokens and k); a layer's ok also needs
-    the same bits from a second call. scripts/bench.py runs this before timing anything."""
+    expert GEMV, the grouped expert kernel, the router, the decode and chunk attention kernels and
+    sampling's top k: a list of {name, rows, shape, rel_err, ok} (the expert GEMV's also tokens
+    and k); a layer's ok also needs the same bits from a second call. scripts/bench.py runs this
+    before timing anything."""
     torch.manual_seed(0)
     results = []
     for N, K in ((12288, 4096), (4096, 11008), (32000, 4096), (37, 320)):
