@@ -897,7 +897,7 @@ MODEL_FLAGS.add_argument("--random_quantization", choices=tp.RANDOM_QUANTIZATION
                          "would (int4.g32: int4 in groups of 32), one layer at a time on the "
                          "device")
 MODEL_FLAGS.add_argument("--compile", action="store_true",
-                         help="compile the decode step (on a GPU: one CUDA graph)")
+                         help="compile the decode step (on a GPU, each step replays a CUDA graph)")
 MODEL_FLAGS.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                          help="where the model runs (default: cuda when there is a GPU, else cpu)")
 MODEL_FLAGS.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,

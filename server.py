@@ -9,16 +9,15 @@ GET /v1/models (and /v1/models/NAME), GET /health, and GET / (a chat page, chat.
 
 One scheduler thread owns the model. The KV cache has --max_batch_size rows; each request takes the
 lowest free row (its slot) and keeps it until it ends. Every row has its own cache position, so a
-new request's prompt is prefilled into its row while the other rows keep decoding: each decode
-step carries --prefill_chunk tokens of it through the same forward, which reads the weights once
-for both. Its last token is its first decode step's input. A finished or cancelled request frees
-its row at once. The step runs row 0 alone when only it decodes and no prompt waits, else every
-row (with --compile, one CUDA graph for each kind of step), and samples each row with its own
-settings: a greedy request gets the tokens of generate.py's --temperature 0 whatever shares the
-batch, and a seeded one the same tokens on every run (its noise is a hash of its seed, position
-and token ids, not a draw from a shared generator), up to rounding: a row's logits are computed
-within batches of other sizes, and in bfloat16 another batch size can round a near-tie the other
-way.
+new request's prompt is prefilled into its row while the other rows keep decoding: each decode step
+carries --prefill_chunk tokens of it through the same forward, which reads the weights once for
+both. Its last token is its first decode step's input. A finished or cancelled request frees its row
+at the next step. The step runs row 0 alone when only it decodes and no prompt waits, else every row
+(with --compile, one CUDA graph for each kind of step), and samples each row with its own settings:
+a greedy request gets the tokens of generate.py's --temperature 0 whatever shares the batch, and a
+seeded one the same tokens on every run (its noise is a hash of its seed, position and token ids,
+not a draw from a shared generator), up to rounding: a row's logits are computed within batches of
+other sizes, and in bfloat16 another batch size can round a near-tie the other way.
 
 Under torchrun (tp.py) rank 0 serves HTTP and schedules; before each forward it broadcasts the
 step's inputs, and every rank runs the same forward. Not served: speculative decoding (it proposes
@@ -79,8 +78,10 @@ def seeded_race(seed: Tensor, position: Tensor, ids: Tensor) -> Tensor:
     data, not an arange: inductor computes an arange's arithmetic in int32, where these constants
     overflow.)"""
     row = mix32(mix32(seed) ^ position)  # (B,)
-    bits = mix32((row[:, None] + ids * 0x9E3779B1) & 0xFFFFFFFF) >> 8  # (B, n), 24 random bits
-    uniform = (bits.float() + 0.5) / 2**24  # in (0, 1)
+    # 23 random bits (B, n): of 24, the largest plus 0.5 rounds to 2**24 in float32, so the uniform
+    # would reach 1 and the noise 0, and a dropped token's 0 / 0 (NaN) would win the argmax.
+    bits = mix32((row[:, None] + ids * 0x9E3779B1) & 0xFFFFFFFF) >> 9
+    uniform = (bits.float() + 0.5) / 2**23  # in (0, 1): at most 1 - 2**-24, exactly
     return -torch.log(uniform)
 
 
@@ -127,7 +128,7 @@ def decode_rows(model: Transformer, token: Tensor, input_pos: Tensor, temperatur
 # ---- the scheduler -------------------------------------------------------------------------------
 
 def to_device(values: list, device) -> Tensor:
-    """Host integers as a tensor on device, without waiting for the work queued there: a CUDA copy
+    """Host numbers as a tensor on device, without waiting for the work queued there: a CUDA copy
     from pageable memory (`torch.tensor(values, device=...)`) first waits for the stream to drain,
     one from pinned memory does not."""
     t = torch.tensor(values)

@@ -20,7 +20,8 @@ Reported (and written to --out as JSON):
   counts) over the wall time from the first request sent to the last one finished;
 - time to first token (TTFT): from sending a request to its first streamed text;
 - inter-token latency (ITL): the gaps between consecutive streamed text chunks of one answer (one
-  chunk a token, as server.py streams, except where a stop string holds text back);
+  chunk a token, as server.py streams, except where it holds text back: a stop string's possible
+  start, a character whose bytes span tokens);
 - p50 and p99 of each, in milliseconds. Requests the server refused (e.g. 429: queue full) or that
   failed are counted in `failed` and `errors`, and left out of the statistics;
 - client CPU: the busiest client process's CPU seconds over the wall time. Each process's clients

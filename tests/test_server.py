@@ -238,6 +238,19 @@ def test_a_nucleus_that_reaches_top_p_exactly_takes_no_more_tokens():
         assert set(tokens.view(-1).tolist()) == drawn, top_p
 
 
+def test_a_token_the_filters_drop_is_never_drawn_at_the_hashs_extremes():
+    """The race's noise is never 0, or a dropped token's 0 / 0 would win: a row (seed 1234, cache
+    slot 159) whose hash for token 20304 has all of its top 24 bits set, with 20304 the second most
+    likely token, draws token 7, the only one top_k 1 or top_p 0.5 leaves."""
+    V = 49152
+    logits = torch.zeros(1, V)
+    logits[0, 7], logits[0, 20304] = 10.0, 5.0
+    for top_k, top_p in ((1, 1.0), (V, 0.5)):
+        token = sample_rows(logits, torch.tensor([159]), torch.ones(1), torch.tensor([top_k]),
+                            torch.tensor([top_p]), torch.tensor([1234]))
+        assert token.item() == 7, (top_k, top_p)
+
+
 def test_a_tiny_temperature_samples_each_rows_argmax_not_noise():
     """Logits divided by 1e-40 overflow to ±inf; each row's argmax must still win, as at 0."""
     torch.manual_seed(0)
