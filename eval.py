@@ -2,7 +2,7 @@
 
     python eval.py --checkpoint_path checkpoints/REPO/model_int8.pth        # perplexity, pydoc text
     python eval.py --checkpoint_path checkpoints/REPO --text_file notes.txt --limit 4096
-    python eval.py --checkpoint_path checkpoints/REPO --compile --tasks hellaswag winogrande
+    python eval.py --checkpoint_path checkpoints/REPO --tasks hellaswag winogrande --download
     python eval.py --checkpoint_path checkpoints/REPO --tasks capitals --include_path tests/data
 
 --tasks needs lm-evaluation-harness (pip install lm_eval). Everything is scored by one batched loop
@@ -10,9 +10,9 @@ over the static-KV-cache model: a request is a token sequence of which the last 
 scored, given all the tokens before them. Rows of similar length share a forward pass, padded on
 the right (a row never attends to the slots after it), and one full-sequence forward returns every
 position's logits.
-Perplexity cuts long texts into overlapping windows of the model's context; lm-eval's loglikelihood
-requests are (context, continuation) pairs; its generate_until requests run generate.py's greedy
-loop and stop at the task's stop strings.
+Perplexity cuts long texts into overlapping windows of --max_seq_length tokens; lm-eval's
+loglikelihood requests are (context, continuation) pairs; its generate_until requests run
+generate.py's loop (greedy unless the task samples) and stop at the task's stop strings.
 """
 import argparse
 import functools
@@ -471,7 +471,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=8,
                    help="sequences per forward pass (default 8)")
     p.add_argument("--compile", action="store_true",
-                   help="compile the forward pass (dynamic shapes) and the decode step")
+                   help="compile the forward pass and the prefill (dynamic shapes) and the decode "
+                   "step")
     p.add_argument("--output", type=Path, help="write the results to this JSON file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where the model runs (default: cuda when there is a GPU, else cpu)")

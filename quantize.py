@@ -380,7 +380,8 @@ def gptq_quantize_state_dict(source: WeightsFile, args: ModelArgs, groupsize: in
     the four linears; and a forward through the block with its dequantized weights makes the next
     block's inputs, so that each block compensates the errors of those before it. An output layer
     of mode int4-gptq gets GPTQ too, on the final norm's output; one of int8 is rounded per
-    channel. Everything is computed in float32 on `device`; the files hold what RTN's hold."""
+    channel (where its weight is, the CPU). The blocks and GPTQ run in float32 on `device`; the
+    files hold what RTN's hold."""
     get = float_weights(source, args)
     layers = linear_names(args, include_output=output_mode is not None)
     quantized = {f"{layer}.weight" for layer in layers}
@@ -597,7 +598,8 @@ def tokenizer_copies(ckpt: Checkpoint, out: Path) -> dict:
 
 
 def read_calibration(args, folder: Path) -> tuple[Tensor, str]:
-    """The calibration token ids (samples, seq_len) for GPTQ and the name of their source."""
+    """The calibration token ids (at most samples rows of seq_len: fewer from a short text) for GPTQ
+    and the name of their source."""
     if args.calibration_file is None:
         import pydoc_data.topics
         text, source = "\n".join(pydoc_data.topics.topics.values()), "pydoc_data.topics"

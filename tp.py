@@ -19,11 +19,12 @@ the router is replicated, so every rank picks the same experts, and the one all-
 weighted sum of the experts' partial outputs.
 
 The token embedding is replicated: a step reads only the looked-up rows, so copies cost memory, not
-bandwidth. The output layer is split by vocabulary rows and its logits gathered (VocabParallel), so
-that each rank reads 1/world of it per token: of the bytes each rank reads per token, that saves
-about 1 % for Llama-2-70B on 4 GPUs and up to about 10 % for Llama-3-70B (128k vocabulary) on 8,
-for one more small collective per step. TP_OUTPUT=replicated in the environment keeps a whole copy
-on every rank instead, to measure the difference (scripts/bench_tp.sh).
+bandwidth. The output layer is split by vocabulary rows, each rank's logits padded with zeros to the
+whole vocabulary and summed by one all-reduce (VocabParallel), so that each rank reads 1/world of it
+per token: of the bytes each rank reads per token, that saves about 1 % for Llama-2-70B on 4 GPUs
+and up to about 10 % for Llama-3-70B (128k vocabulary) on 8, for one more small collective per step.
+TP_OUTPUT=replicated in the environment keeps a whole copy on every rank instead, to measure the
+difference (scripts/bench_tp.sh).
 
 Every rank ends each step with the same logits, bit for bit (an all-reduce hands every rank the
 same result: NVIDIA/nccl#855), and every rank seeds its generator alike, so all ranks sample the
