@@ -675,8 +675,8 @@ def checkpoint_files(folder: Path) -> list:
     if not folder.is_dir():
         return []
     # Other weights belong to it when a sidecar config describes them (quantize.py's outputs, or
-    # any weights file read_checkpoint reads so); a file of the user's own, such as a draft
-    # model's weights, is left alone.
+    # any weights file read_checkpoint reads so, a draft's included); files of the user's own that
+    # no config describes are left alone.
     quantized = [p.name for suffix in ("*.pth", "*.safetensors") for p in folder.glob(suffix)
                  if p.with_suffix(".json").is_file()]
     sidecars = [Path(name).with_suffix(".json").name for name in quantized]
@@ -696,6 +696,8 @@ def check_output_folder(folder: Path, flag: str, force: bool):
         raise InputError(f"{flag} {folder}: cannot create it, {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"{flag} {folder}: {existing} is not writable")
+    if (folder / JOURNAL).is_file():
+        finish_write(folder)  # a writer was killed between its renames: its set is complete
     old = checkpoint_files(folder)
     if old and not force:
         raise InputError(f"{folder} holds a checkpoint already ({', '.join(old[:3])}, ...): pass "

@@ -3,7 +3,8 @@
     python scripts/download.py --repo_id meta-llama/Llama-2-7b-chat-hf
         # -> checkpoints/meta-llama/Llama-2-7b-chat-hf/hf
 
-Gated repos (Llama) need an access token: set HF_TOKEN or run `huggingface-cli login` first.
+Gated repos (Llama) need an access token: set HF_TOKEN or run `hf auth login` (huggingface_hub
+before 0.34: `huggingface-cli login`) first.
 scripts/convert_hf_checkpoint.py then turns the raw files into a gpt-blitz checkpoint one folder
 up.
 """
@@ -80,7 +81,7 @@ def explain(e: Exception, repo_id: str) -> str:
     from huggingface_hub import errors
     if isinstance(e, errors.GatedRepoError):  # a subclass of RepositoryNotFoundError: first
         return (f"{repo_id} is gated: accept its license on huggingface.co, then set HF_TOKEN (or "
-                "run `huggingface-cli login`)")
+                "run `hf auth login`)")
     if isinstance(e, errors.RepositoryNotFoundError):
         return f"repo {repo_id} not found (or private: set HF_TOKEN)"
     if isinstance(e, (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError)):

