@@ -101,10 +101,19 @@ def sample_from(weights: Tensor) -> Tensor:
     """weights (B, vocab), non-negative, not necessarily summing to 1 -> one id per row drawn in
     proportion to them (B, 1). argmax(w / E) with E ~ Exp(1) is such a draw (an exponential race)
     and, unlike torch.multinomial, never synchronises with the host. A one-hot row always gives its
-    id. E = -log U, U uniform in (0, 1) (rand's 0 raised to the smallest float, so E is finite):
-    what inductor makes of exponential_, whose CPU kernel takes ~5x as long for a vocabulary."""
-    race = -torch.rand_like(weights).clamp_(min=torch.finfo(weights.dtype).tiny).log()
-    return (weights / race).argmax(dim=-1, keepdim=True)
+    id."""
+    return (weights / exponential_noise(weights)).argmax(dim=-1, keepdim=True)
+
+
+def exponential_noise(like: Tensor) -> Tensor:
+    """Exp(1) noise shaped like `like` (float32): E = -log(1 - V), V uniform in [0, 1) from two of
+    rand's 24-bit draws, so that E comes as near 0, where a rare token's chance is decided, as 48
+    bits allow: from one draw E stays above 6e-8, and a token under ~1e-7 of the mass would almost
+    never win. V is held in [the smallest float, 1 - 2**-24], so E is positive (a weight of 0 never
+    wins, not even as 0 / 0) and finite. (Inductor makes this of rand; exponential_'s CPU kernel
+    takes ~5x as long for a vocabulary.)"""
+    v = torch.rand_like(like) + torch.rand_like(like) * 2**-24
+    return -torch.log1p(-v.clamp_(min=torch.finfo(like.dtype).tiny, max=1 - 2**-24))
 
 
 def prefill(model: Transformer, idx: Tensor, input_pos: Tensor, last: Tensor, s: Sampling

@@ -78,11 +78,11 @@ def seeded_race(seed: Tensor, position: Tensor, ids: Tensor) -> Tensor:
     data, not an arange: inductor computes an arange's arithmetic in int32, where these constants
     overflow.)"""
     row = mix32(mix32(seed) ^ position)  # (B,)
-    # 23 random bits (B, n): of 24, the largest plus 0.5 rounds to 2**24 in float32, so the uniform
-    # would reach 1 and the noise 0, and a dropped token's 0 / 0 (NaN) would win the argmax.
-    bits = mix32((row[:, None] + ids * 0x9E3779B1) & 0xFFFFFFFF) >> 9
-    uniform = (bits.float() + 0.5) / 2**23  # in (0, 1): at most 1 - 2**-24, exactly
-    return -torch.log(uniform)
+    bits = mix32((row[:, None] + ids * 0x9E3779B1) & 0xFFFFFFFF)  # (B, n), 32 random bits
+    # E = -log(1 - V) as generate.exponential_noise makes it: fine near 0 (V's 32 bits kept), and
+    # V held below 1, so E is finite and positive (a dropped token's 0 / 0 would win the argmax).
+    v = ((bits.float() + 0.5) / 2**32).clamp_(max=1 - 2**-24)
+    return -torch.log1p(-v)
 
 
 # A sampled request draws from the CANDIDATES most likely tokens at most (top_k caps at it): their

@@ -220,6 +220,18 @@ def test_the_distribution_is_the_one_transformers_samples_from(temperature, top_
     torch.testing.assert_close(probs, expected, atol=1e-6, rtol=1e-5)
 
 
+def test_the_race_noise_is_exponential_and_fine_near_zero_where_rare_tokens_win():
+    """sample_from's Exp(1) noise is positive and finite, has mean 1, and is fine near 0, where a
+    rare token's chance is decided: 2**25 draws put about 33 below 1e-6, each a value of its own,
+    where from one float32 rand (24 bits) there are only 16 values there (multiples of 6e-8), so
+    that a token under ~1e-7 of the mass would almost never be drawn."""
+    torch.manual_seed(0)
+    noise = G.exponential_noise(torch.empty(2**25))
+    assert bool((noise > 0).all() and noise.isfinite().all())
+    assert abs(noise.mean().item() - 1) < 1e-3  # 6 standard errors
+    assert noise[noise < 1e-6].unique().numel() > 16
+
+
 def test_a_uniform_draw_of_exactly_zero_changes_no_choice(monkeypatch):
     """torch.rand returns 0 with probability 2 ** -24 (for some id of a 128k vocabulary, about one
     draw in 130). Then a one-hot distribution still gives its id (not id 0), and a draft the target
