@@ -972,11 +972,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"tokens proposed per target forward (default {DEFAULT_SPECULATE_K})")
     args = p.parse_args(argv)
     check_model_flags(args)
-    if not 0 <= args.temperature < math.inf:
-        raise InputError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     # The logits are divided by it in float32: one too small for float32 (below ~1e-45) is 0 there,
-    # so greedy, as the server takes it, rather than 0 / 0.
-    args.temperature = torch.tensor(args.temperature, dtype=torch.float32).item()
+    # so greedy, as the server takes it, rather than 0 / 0; one too large is inf there, and a -inf
+    # logit over it NaN.
+    given = args.temperature
+    args.temperature = torch.tensor(given, dtype=torch.float32).item()
+    if not 0 <= args.temperature < math.inf:
+        raise InputError(f"--temperature must be a number >= 0 that float32 holds, got {given}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise InputError(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.top_k is not None and args.top_k < 1:

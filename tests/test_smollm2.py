@@ -67,6 +67,7 @@ def test_generate_cli_prints_the_answer_and_metrics(compile_flags, smollm2_check
     (["--random_weights", "stories15M", "--top_p", "0"], ["--top_p"]),
     (["--random_weights", "stories15M", "--top_p", "1.5"], ["--top_p"]),
     (["--random_weights", "stories15M", "--temperature", "-1"], ["--temperature"]),
+    (["--random_weights", "stories15M", "--temperature", "1e39"], ["--temperature", "float32", "1e+39"]),
     (["--random_weights", "stories15M", "--top_k", "0"], ["--top_k must be >= 1", "got 0"]),
     (["--random_weights", "stories15M", "--speculate_k", "4"], ["--speculate_k needs"]),
     (["--random_weights", "stories15M", "--prompt", "hello"], ["needs a tokenizer"]),
@@ -75,7 +76,8 @@ def test_generate_cli_prints_the_answer_and_metrics(compile_flags, smollm2_check
     (["--random_weights", "stories15M", "--interactive"], ["--interactive needs --checkpoint_path"]),
     (["--random_weights", "stories15M", "--device", "gpu0"], ["--device"]),
 ], ids=["missing-checkpoint", "unknown-name", "prompt-too-long", "top-p-zero", "top-p-above-one",
-        "negative-temperature", "top-k-zero", "speculative", "text-prompt-without-tokenizer", "zero-prompt-tokens", "json-folder-missing",
+        "negative-temperature", "temperature-past-float32", "top-k-zero", "speculative",
+        "text-prompt-without-tokenizer", "zero-prompt-tokens", "json-folder-missing",
         "interactive-without-tokenizer", "unknown-device"])
 def test_bad_input_gives_one_error_line(args, words):
     """generate.main in this process: the InputError that generate.py prints as its one error line
