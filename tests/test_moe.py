@@ -36,12 +36,17 @@ def tiny_model(seed=0, **overrides) -> Transformer:
 
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("norm_topk_prob", [True, False])
-def test_gathered_grouped_and_looped_forms_agree(norm_topk_prob, dtype):
-    """bfloat16 prefills take torch._grouped_mm, other dtypes the loop over experts."""
-    moe = tiny_model(norm_topk_prob=norm_topk_prob).layers[0].feed_forward.to(dtype)
+@pytest.mark.parametrize("norm_topk_prob, widths", [(True, {}), (False, {}),
+                                                    (True, dict(dim=36, n_head=2, n_kv_heads=1)),
+                                                    (True, dict(intermediate_size=20))],
+                         ids=["norm_topk", "no-norm_topk", "dim-36", "intermediate-20"])
+def test_gathered_grouped_and_looped_forms_agree(norm_topk_prob, widths, dtype):
+    """bfloat16 prefills take torch._grouped_mm, other dtypes the loop over experts, and so do
+    widths whose bf16 rows are not whole 16 bytes (which torch._grouped_mm refuses)."""
+    moe = tiny_model(norm_topk_prob=norm_topk_prob, **widths).layers[0].feed_forward.to(dtype)
     assert isinstance(moe, MoEFeedForward)
-    x = torch.randn(3, 5, TINY["dim"], dtype=dtype)  # 15 tokens: more pairs than experts, grouped
+    dim = moe.w2.out_features
+    x = torch.randn(3, 5, dim, dtype=dtype)  # 15 tokens: more pairs than experts, grouped
     experts = moe.gate(x.view(15, -1)).topk(2).indices  # (15, 2)
     gathered = moe.gathered(x.view(15, -1), experts)  # (15, 2, dim)
     tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
