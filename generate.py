@@ -110,8 +110,8 @@ def exponential_noise(like: Tensor) -> Tensor:
     rand's 24-bit draws, so that E comes as near 0, where a rare token's chance is decided, as 48
     bits allow: from one draw E stays above 6e-8, and a token under ~1e-7 of the mass would almost
     never win. V is held in [the smallest float, 1 - 2**-24], so E is positive (a weight of 0 never
-    wins, not even as 0 / 0) and finite. (Inductor makes this of rand; exponential_'s CPU kernel
-    takes ~5x as long for a vocabulary.)"""
+    wins, not even as 0 / 0) and finite. (exponential_'s CPU kernel takes over twice as long for a
+    vocabulary: BENCHMARKS.md.)"""
     v = torch.rand_like(like) + torch.rand_like(like) * 2**-24
     return -torch.log1p(-v.clamp_(min=torch.finfo(like.dtype).tiny, max=1 - 2**-24))
 
