@@ -86,8 +86,7 @@ def read_checkpoint(path) -> Checkpoint:
     paths)."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
-    if (folder / JOURNAL).is_file():
-        finish_write(folder)  # a writer was killed between its renames: complete them
+    finish_write(folder)  # a writer killed between its renames: complete them
     if path.is_file():
         if path.suffix not in (".safetensors", ".pth"):
             raise InputError(f"{path} is not a weights file (.safetensors or .pth): give the "
@@ -536,8 +535,7 @@ def write_files(folder: Path, writers: dict, remove=()):
     # folders made here (innermost first) go again if nothing is written into them
     created = [path for path in (folder, *folder.parents) if not path.exists()]
     folder.mkdir(parents=True, exist_ok=True)
-    if (folder / JOURNAL).is_file():
-        finish_write(folder)
+    finish_write(folder)  # an earlier writer's, killed between its renames
     remove_orphans(folder)
     temps = {name: folder / temp_name(name) for name in writers}
     tmp_journal = folder / temp_name(JOURNAL)
@@ -573,9 +571,11 @@ def temp_name(name: str) -> str:
 
 
 def finish_write(folder: Path):
-    """Carry out a written journal: rename the set's temp files into place, remove stale files.
-    Another process (a reader, the writer) may be carrying out the same journal: each step is
-    done by whichever gets there first."""
+    """Carry out a written journal, if folder holds one: rename the set's temp files into place,
+    remove stale files. Another process (a reader, the writer) may be carrying out the same
+    journal: each step is done by whichever gets there first."""
+    if not (folder / JOURNAL).is_file():  # no write pending
+        return
     try:
         journal = read_json(folder / JOURNAL)
     except InputError:
@@ -696,8 +696,7 @@ def check_output_folder(folder: Path, flag: str, force: bool):
         raise InputError(f"{flag} {folder}: cannot create it, {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"{flag} {folder}: {existing} is not writable")
-    if (folder / JOURNAL).is_file():
-        finish_write(folder)  # a writer was killed between its renames: its set is complete
+    finish_write(folder)  # a writer killed between its renames: its set is complete
     old = checkpoint_files(folder)
     if old and not force:
         raise InputError(f"{folder} holds a checkpoint already ({', '.join(old[:3])}, ...): pass "

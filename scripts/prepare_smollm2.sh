@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"
 OUT=checkpoints/SmolLM2-135M-Instruct
-# A write journal there: a conversion was killed between its last renames; the next read of the
-# checkpoint completes them.
+# A write journal there (checkpoint.JOURNAL): a conversion was killed between its last renames; the
+# next read of the checkpoint completes them.
 if [ -f "$OUT/config.json" ] || [ -f "$OUT/.checkpoint-write.json" ]; then
     echo "$OUT is there already (delete it to convert again)"
     exit 0
