@@ -77,8 +77,9 @@ def seeded_race(seed: Tensor, position: Tensor, ids: Tensor) -> Tensor:
     token id, so a seeded request draws the same tokens whatever else is in the batch. (The ids are
     data, not an arange: inductor computes an arange's arithmetic in int32, where these constants
     overflow.)"""
-    row = mix32(mix32(seed) ^ position)  # (B,)
-    bits = mix32((row[:, None] + ids * 0x9E3779B1) & 0xFFFFFFFF)  # (B, n), 32 random bits
+    m = 0xFFFFFFFF
+    row = mix32(mix32(mix32(seed & m) ^ (seed >> 32) & m) ^ position)  # (B,): all 64 seed bits
+    bits = mix32((row[:, None] + ids * 0x9E3779B1) & m)  # (B, n), 32 random bits
     # E = -log(1 - V) as generate.exponential_noise makes it: fine near 0 (V's 32 bits kept), and
     # V held below 1, so E is finite and positive (a dropped token's 0 / 0 would win the argmax).
     v = ((bits.float() + 0.5) / 2**32).clamp_(max=1 - 2**-24)
@@ -538,6 +539,9 @@ def check_supported(body: CommonFields):
 
 
 def message_text(message: Message) -> str:
+    if message.content is None and message.role != "assistant":  # as OpenAI's API: only an
+        raise APIError(400, f"a {message.role} message needs content",  # answer's may be null
+                       "invalid_request", "messages")
     if message.content is None or isinstance(message.content, str):
         return message.content or ""
     if any(part.get("type") != "text" for part in message.content):
@@ -716,6 +720,7 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
         if len(stops) > MAX_STOPS or not all(0 < len(stop) <= MAX_STOP_CHARS for stop in stops):
             raise APIError(400, f"stop takes up to {MAX_STOPS} strings of 1 to {MAX_STOP_CHARS} "
                            "characters", "invalid_stop", "stop")
+        stops = [unicode_text(stop, "stop") for stop in stops]
         # in a thread: a long prompt takes seconds to tokenize, while the event loop serves every
         # stream
         prompt = await asyncio.to_thread(encode)
@@ -737,7 +742,7 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
         queue = asyncio.Queue()
         job = Job(prompt, max_tokens, 1.0 if body.temperature is None else body.temperature,
                   body.top_k or vocab_size, 1.0 if body.top_p is None else body.top_p,
-                  (secrets.randbits(32) if body.seed is None else body.seed) & 0xFFFFFFFF,
+                  secrets.randbits(63) if body.seed is None else body.seed,
                   emit=queue.put_nowait)
         if not scheduler.submit(job):
             queued = scheduler.max_queue

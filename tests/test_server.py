@@ -239,7 +239,7 @@ def test_a_nucleus_that_reaches_top_p_exactly_takes_no_more_tokens():
 
 
 def test_a_token_the_filters_drop_is_never_drawn_at_the_hashs_extremes():
-    """The race's noise is never 0, or a dropped token's 0 / 0 would win: a row (seed 1234, cache
+    """The race's noise is never 0, or a dropped token's 0 / 0 would win: a row (seed 4565951, cache
     slot 159) whose hash for token 20304 has all of its top 24 bits set, with 20304 the second most
     likely token, draws token 7, the only one top_k 1 or top_p 0.5 leaves."""
     V = 49152
@@ -247,8 +247,18 @@ def test_a_token_the_filters_drop_is_never_drawn_at_the_hashs_extremes():
     logits[0, 7], logits[0, 20304] = 10.0, 5.0
     for top_k, top_p in ((1, 1.0), (V, 0.5)):
         token = sample_rows(logits, torch.tensor([159]), torch.ones(1), torch.tensor([top_k]),
-                            torch.tensor([top_p]), torch.tensor([1234]))
+                            torch.tensor([top_p]), torch.tensor([4565951]))
         assert token.item() == 7, (top_k, top_p)
+
+
+def test_seeds_that_differ_only_in_their_high_bits_or_sign_draw_apart():
+    """A seed is an int64, as OpenAI's: seeds equal in their low 32 bits draw their own tokens."""
+    N, V = 64, 1000
+    seeds = torch.tensor([5, 5 + 2**32, 5 - 2**32, -1, 2**32 - 1, 2**63 - 1])
+    logits = torch.zeros(N, V)  # uniform: each draw is the hash's alone
+    draws = [sample_rows(logits, torch.arange(N), torch.ones(N), torch.full((N,), V),
+                         torch.ones(N), seed.repeat(N)).view(-1).tolist() for seed in seeds]
+    assert len({tuple(d) for d in draws}) == len(seeds)
 
 
 def test_a_tiny_temperature_samples_each_rows_argmax_not_noise():
@@ -327,6 +337,9 @@ def test_errors_answer_with_openai_error_json_and_status(server):
         {"role": "user", "content": 5}]}), 400)
     assert (error["param"], error["message"]) == (
         "messages.0.content", "messages.0.content: must be a string or a list of parts")
+    for message in ({"role": "user"}, {"role": "system", "content": None}):  # only an answer's
+        error = error_of(post("/v1/chat/completions", json={"messages": [message]}), 400)
+        assert error["param"] == "messages" and "needs content" in error["message"], error
     for role in ("tool", "robot"):  # a tool's result answers a tool call, which none made here
         error = error_of(post("/v1/chat/completions", json={"messages": [
             {"role": role, "content": "42"}]}), 400)
@@ -334,7 +347,8 @@ def test_errors_answer_with_openai_error_json_and_status(server):
     # A lone surrogate is valid JSON ("\ud800") but not Unicode text: no tokenizer takes it.
     for path, body in [("/v1/completions", {"prompt": "Hi \ud800"}),
                        ("/v1/chat/completions", {"messages": [{"role": "user",
-                                                               "content": "Hi \ud83d"}]})]:
+                                                               "content": "Hi \ud83d"}]}),
+                       ("/v1/completions", {"prompt": "Hi", "stop": ["a", "\ud800"]})]:
         escaped = json.dumps({**body, "max_tokens": 2}).encode()  # ASCII: the surrogate escaped
         assert error_of(post(path, content=escaped), 400)["code"] == "invalid_text"
     for stop in ["", ["a", ""], ["a", "b", "c", "d", "e"], "x" * 101]:  # empty, 5, too long
