@@ -60,7 +60,9 @@ def sample(logits: Tensor, s: Sampling) -> Tensor:
 
 def top_k_probabilities(logits: Tensor, s: Sampling) -> tuple[Tensor, Tensor]:
     """logits (B, vocab) -> the s.top_k most likely ids (B, k), unsorted (sorting is a kernel of
-    its own), and their probabilities at s.temperature (B, k), float32."""
+    its own), and their probabilities at s.temperature (B, k), float32. Exactly k: of tokens tied
+    for the k-th place (bfloat16 logits tie often), the kernel keeps some, where transformers'
+    top-k keeps them all; the mass that moves is the ties' share of the k-th value's, small."""
     # In the logits' own dtype: the same values are picked, and on a GPU in less time than in
     # float32 (PyTorch's top-k a third less, BENCHMARKS.md; the kernel's keys have half the bits).
     values, ids = kernels.top_k(logits, min(s.top_k, logits.size(-1)))
@@ -426,14 +428,15 @@ def main(argv=None):
     context, slack, draft = config.block_size, 0, None
     if speculative:
         context, slack, draft = speculation_limits(args, tokenizer, config)
+    room = f"{context} tokens" + (f" ({context + slack} less {slack} for speculation's drafts)"
+                                  if slack else "")
     if (args.prompt_tokens or 0) >= context:  # before drawing that many random ids
         raise InputError(f"the prompt has {args.prompt_tokens} tokens but the model's context is "
-                         f"{context} tokens")
+                         f"{room}")
     prompts = [[0]] if args.interactive else encode_prompts(args, tokenizer, config.vocab_size)
     longest = max(len(p) for p in prompts)
     if longest >= context:
-        raise InputError(f"the prompt has {longest} tokens but the model's context is {context} "
-                         "tokens")
+        raise InputError(f"the prompt has {longest} tokens but the model's context is {room}")
     max_new = min(args.max_new_tokens, context - longest)
     # Interactive prompts are unknown up front: size the cache for a generous conversation turn, not
     # for the whole context (131k positions for Llama-3.1 would cost gigabytes and slow every decode
@@ -464,7 +467,7 @@ def main(argv=None):
     step_tokens = speculate_k(args) + 1 if speculative else batch_size
     model_bytes = bytes_read_per_step(model, step_tokens)
     if max_new < args.max_new_tokens:  # here, after every refusal: bad input prints one line
-        print(f"note: generating {max_new} tokens, all that fit the {context}-token context",
+        print(f"note: generating {max_new} tokens, all that fit the model's context of {room}",
               file=sys.stderr)
     if args.interactive:
         return interactive(args, tokenizer, generate_fn, max_seq, max_new, model_bytes, device)

@@ -7,7 +7,8 @@ load_tokenizer() looks at the files in a checkpoint folder and picks:
 Every backend exposes the same encode / decode / encode_chat, so generate.py, eval.py and
 server.py never need to know which one they got. Text that spells a special token ("<|im_end|>")
 encodes as that token through tokenizer.json and through a chat template's rendered text, as
-transformers does; tiktoken's encode() and the built-in Llama-3 format keep it plain text.
+transformers does; the encode() of tiktoken and sentencepiece files and their built-in Llama-3 and
+Llama-2 formats keep it plain text.
 """
 import base64
 import binascii
@@ -348,9 +349,9 @@ class TextStreamer:
     """Turns generated ids into text one id at a time, never emitting half a character.
 
     Byte-level tokenizers split multi-byte characters across tokens; decoding such a prefix ends in
-    U+FFFD, so that text is held back until the bytes that complete it arrive. Only the last emitted
-    id is kept as context: that keeps each decode short while still letting sentencepiece render the
-    leading space of the next piece.
+    U+FFFD, so that text is held back until the bytes that complete it arrive. Of the emitted ids,
+    only a short tail is kept as context (`context`): that keeps each decode short while still
+    letting sentencepiece render the leading space of the next piece.
     """
     tokenizer: Tokenizer
     ids: list = field(default_factory=list)  # one id of context + ids whose text is not out yet
@@ -366,11 +367,22 @@ class TextStreamer:
         character starts (a few ids: a UTF-8 character is at most 4 bytes), and the cut character
         is the completion's to write once its other bytes arrive: the first text emitted is what
         follows the longest start it shares with the context's."""
-        start = len(prompt) - 1
-        while start > max(0, len(prompt) - 8) and tokenizer.decode(prompt[start:])[:1] == "\ufffd":
-            start -= 1
-        context = [int(i) for i in prompt[start:]]
+        context = cls.context(tokenizer, [int(i) for i in prompt])
         return cls(tokenizer, context, shown=tokenizer.decode(context))
+
+    @staticmethod
+    def context(tokenizer: Tokenizer, ids: list) -> list:
+        """The shortest tail of ids whose text starts a character and is not empty: the next ids
+        decode after it as after all of ids. After a lone byte (the end of a character of several
+        byte tokens) a byte-fallback decoder would render the next character's bytes as U+FFFD,
+        and after an id with no text (a control token) sentencepiece drops the next leading
+        space. A UTF-8 character is at most 4 bytes, so a few ids back suffice; failing that, the
+        last id."""
+        for start in range(len(ids) - 1, max(0, len(ids) - 8) - 1, -1):
+            text = tokenizer.decode(ids[start:])
+            if text and not text.startswith("\ufffd"):
+                return ids[start:]
+        return ids[-1:]
 
     def put(self, token_id: int) -> str:
         self.ids.append(int(token_id))
@@ -378,7 +390,7 @@ class TextStreamer:
         if text.endswith("\ufffd"):
             return ""
         new = text[self.emitted(text):]
-        self.ids, self.shown = self.ids[-1:], None
+        self.ids, self.shown = self.context(self.tokenizer, self.ids), None
         self.done = len(self.tokenizer.decode(self.ids))
         return new
 

@@ -365,7 +365,8 @@ def test_new_tokens_past_the_context_are_cut_to_what_fits_with_a_note(tiny_check
                                "--json", metrics)
         sample = json.loads(metrics.read_text())["samples"][0]
         assert sample["prompt_tokens"] == [3] and sample["new_tokens"] == [context - 3]
-        note = f"note: generating {context - 3} tokens, all that fit the {context}-token context"
+        note = (f"note: generating {context - 3} tokens, all that fit the model's context of "
+                f"{context} tokens")
         assert (note in err.splitlines()) == cut, err
 
 

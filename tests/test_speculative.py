@@ -351,12 +351,15 @@ RANDOM_TARGET = ["--random_weights", "stories15M"]  # no weights are made before
     (RANDOM_TARGET + ["--speculate_ngram", "0"], ["--speculate_ngram must be >= 1"]),
     (RANDOM_TARGET + ["--speculate_ngram", "256"], ["--speculate_ngram 256", "256-token context"]),
     (RANDOM_TARGET + ["--speculate_ngram", "3", "--speculate_k", "300"], ["--speculate_k 300", "256-token context"]),
+    # the drafts of a round are written past its last token: the context the text has is less
+    (RANDOM_TARGET + ["--speculate_ngram", "2", "--speculate_k", "3", "--prompt_tokens", "254"],
+     ["the prompt has 254 tokens", "context is 254 tokens (256 less 2 for speculation's drafts)"]),
     # --speculate_k without a proposer: tests/test_smollm2.py; 0 is given too, not None
     (RANDOM_TARGET + ["--speculate_k", "0"], ["--speculate_k needs"]),
     (RANDOM_TARGET + ["--speculate_ngram", "3", "--draft_checkpoint_path", "SMOLLM2"], ["not both"]),
     (RANDOM_TARGET + ["--draft_checkpoint_path", "SMOLLM2"], ["vocabulary of 49152 tokens", "target 32000"]),
     (["--checkpoint_path", "SMOLLM2", "--draft_checkpoint_path", "PERMUTED"], ["tokenizes text differently"]),
-], ids=["k-zero", "ngram-zero", "ngram-over-context", "k-over-context", "k-zero-without-proposer", "two-proposers", "other-vocabulary",
+], ids=["k-zero", "ngram-zero", "ngram-over-context", "k-over-context", "prompt-over-drafts-context", "k-zero-without-proposer", "two-proposers", "other-vocabulary",
         "other-tokenizer"])
 def test_bad_speculation_input_gives_one_error_line(args, words, smollm2_checkpoint, tmp_path, capsys):
     """generate.py's command line run in this process, as its `__main__` runs it (the command line itself:

@@ -88,6 +88,23 @@ def hf_dir(hf_pair):
     return hf_pair[0]
 
 
+@pytest.fixture(scope="module")
+def hf_byte_fallback_dir(tmp_path_factory, sp_dir):
+    """A Llama-2-style tokenizer.json (Metaspace and ByteFallback decoders), as transformers converts
+    the Llama-2 sentencepiece model: a character outside the vocabulary is its UTF-8 bytes, a token
+    each, and the ByteFallback decoder turns a run of byte tokens into text all at once."""
+    from transformers import AutoTokenizer
+    src = tmp_path_factory.mktemp("llama2_sentencepiece")
+    shutil.copy(sp_dir / "tokenizer.model", src / "tokenizer.model")
+    (src / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>"}))
+    d = tmp_path_factory.mktemp("hf_byte_fallback")
+    AutoTokenizer.from_pretrained(src).save_pretrained(d)
+    decoders = json.loads((d / "tokenizer.json").read_text())["decoder"]["decoders"]
+    assert {"type": "ByteFallback"} in decoders
+    return d
+
+
 def strip_bos(tok, ids):
     return ids[1:] if ids and ids[0] == tok.bos_id else ids
 
@@ -277,6 +294,9 @@ def test_tiktoken_llama3_chat_strips_each_messages_surrounding_whitespace(tiktok
 # --- all backends ------------------------------------------------------------------------------
 
 BACKENDS = ["sp_dir", "tiktoken_dir", "hf_dir"]
+# and Llama-2's tokenizer.json, which drops a text's leading space as transformers does (no round
+# trip), for what streaming must keep
+STREAMED = BACKENDS + ["hf_byte_fallback_dir"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -286,18 +306,19 @@ def test_decode_of_encode_gives_the_text_back(backend, request):
         assert tok.decode(strip_bos(tok, tok.encode(text))) == text
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", STREAMED)
 def test_ids_past_the_tokenizers_own_decode_to_nothing(backend, request):
-    """A model's vocabulary padded past the tokenizer's ids (they may be sampled): no text, no error."""
+    """A model's vocabulary padded past the tokenizer's ids (they may be sampled): no text, no error,
+    and streamed, the space of the piece after one is kept."""
     tok = load_tokenizer(request.getfixturevalue(backend))
     ids = strip_bos(tok, tok.encode(TEXTS[0]))
-    padded = [tok.vocab_size, *ids[:2], tok.vocab_size + 7, *ids[2:], 2 ** 31 - 1]
+    padded = [tok.vocab_size, ids[0], tok.vocab_size + 7, *ids[1:], 2 ** 31 - 1]
     assert tok.decode(padded) == TEXTS[0]
     streamer = TextStreamer(tok)
     assert "".join([streamer.put(i) for i in padded] + [streamer.flush()]) == TEXTS[0]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", STREAMED)
 def test_a_continuation_keeps_the_space_between_the_prompt_and_its_first_piece(backend, request):
     """sentencepiece drops the leading space of a decode's first piece: a completion streamed after its
     prompt takes the prompt's last id as context, and a chat answer (a message of its own) starts bare."""
@@ -310,7 +331,7 @@ def test_a_continuation_keeps_the_space_between_the_prompt_and_its_first_piece(b
     assert "".join(map(streamer.put, full[len(prompt):])) + streamer.flush() in ("there was", " there was")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", STREAMED)
 def test_a_continuation_of_any_prefix_of_ids_writes_the_rest_of_the_text(backend, request):
     """A prompt of token ids may end anywhere, inside a character too: the completion's text, after the
     prompt's whole characters, is the rest of the text (the cut character included, written whole); a
@@ -324,10 +345,12 @@ def test_a_continuation_of_any_prefix_of_ids_writes_the_rest_of_the_text(backend
             assert os.path.commonprefix([tok.decode(ids[:cut]), text]) + rest == text, (text, cut, rest)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", STREAMED)
 def test_streamer_never_breaks_characters(backend, request):
     tok = load_tokenizer(request.getfixturevalue(backend))
-    ids = strip_bos(tok, tok.encode(" ".join(TEXTS)))
+    # characters of several byte tokens each, one after another (Llama-2's vocabulary has none of
+    # these letters)
+    ids = strip_bos(tok, tok.encode(" ".join(TEXTS + ["Ye olde 𝔉𝔯𝔞𝔨𝔱𝔲𝔯 text"])))
     streamer = TextStreamer(tok)
     pieces = [streamer.put(i) for i in ids]
     pieces.append(streamer.flush())
