@@ -363,16 +363,18 @@ def attention_mask(input_pos: Tensor, n_slots: int, dtype) -> Tensor:
 def rope_table(args: ModelArgs, seq_len: int) -> Tensor:
     """Each position's cos and signed sin per query/key column, float32 (seq_len, 2, 1, head_dim):
     pair i (columns 2i, 2i + 1) turns by angle position * freq_i, so [p, 0] = (c0, c0, c1, c1, ...)
-    and [p, 1] = (-s0, s0, -s1, s1, ...); the 1 broadcasts over heads."""
-    exponents = torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim
-    freqs = 1.0 / (args.rope_base ** exponents)  # (head_dim // 2,) in float64
+    and [p, 1] = (-s0, s0, -s1, s1, ...); the 1 broadcasts over heads. In float32 throughout, as
+    Meta's and transformers' models compute it: an angle's rounding grows with the position (1e-3
+    at 32k), and a model is run best with the angles it was trained with."""
+    exponents = torch.arange(0, args.head_dim, 2, dtype=torch.float32) / args.head_dim
+    freqs = 1.0 / (args.rope_base ** exponents)  # (head_dim // 2,)
     if args.rope_scaling is not None:
         freqs = llama3_scale(freqs, **args.rope_scaling)
-    positions = torch.arange(seq_len, dtype=torch.float64)
+    positions = torch.arange(seq_len, dtype=torch.float32)
     angles = torch.outer(positions, freqs)  # (seq_len, head_dim // 2)
     cos = angles.cos().repeat_interleave(2, dim=-1)  # (seq_len, head_dim)
     sin = torch.stack([-angles.sin(), angles.sin()], dim=-1).flatten(1)  # (seq_len, head_dim)
-    return torch.stack([cos, sin], dim=1)[:, :, None].float()
+    return torch.stack([cos, sin], dim=1)[:, :, None]
 
 
 def llama3_scale(freqs: Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,

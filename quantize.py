@@ -57,9 +57,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from checkpoint import (TOKENIZER_FILES, WEIGHT_FILES, ArgumentParser, Checkpoint, InputError,
-                        WeightsFile, check_device, check_tensors, check_writable, copier,
-                        empty_model, read_checkpoint, write_files)
+from checkpoint import (JOURNAL, TOKENIZER_FILES, WEIGHT_FILES, ArgumentParser, Checkpoint,
+                        InputError, WeightsFile, check_device, check_tensors, check_writable,
+                        copier, empty_model, read_checkpoint, write_files)
 from kernels import (FORMAT, FP8_MAX, GROUPSIZES, INT4_MODES, int4_dequantize, int4_padded_k,
                      layer_mode, record_padding)
 from model import (Experts, KVCache, ModelArgs, RMSNorm, Rows, Transformer, TransformerBlock,
@@ -285,7 +285,11 @@ def gptq_int4(w: Tensor, hessian: Tensor, groupsize: int, damp: float = DEFAULT_
         perm = torch.arange(k_pad, device=W.device)
     group = (perm // groupsize).tolist()  # the file's group of each column, in processing order
     # dampening: a well-conditioned inverse for few samples
-    H.diagonal().add_(damp * H.diagonal().mean())
+    damping = damp * H.diagonal().mean()
+    if not damping.isfinite():
+        raise InputError(f"GPTQ: --damp {damp} overflows float32 (a damp that large is rounding to "
+                         "nearest: --mode int4)")
+    H.diagonal().add_(damping)
     L, info = torch.linalg.cholesky_ex(H)
     if info.item() == 0:
         # H^-1 = U^T U, (K_pad, K_pad)
@@ -358,7 +362,10 @@ def calibration_tokens(tokenizer, text: str, samples: int, seq_len: int) -> Tens
     bos = ids[:1] if ids and tokenizer.bos_id is not None and ids[0] == tokenizer.bos_id else []
     ids = ids[len(bos):]
     span = seq_len - len(bos)
-    n = min(samples, len(ids) // span) if span > 0 else 0
+    if span < 1:
+        raise InputError(f"--calibration_seq_len {seq_len} leaves no token after the BOS token each "
+                         "sample starts with")
+    n = min(samples, len(ids) // span)
     if n == 0:
         raise InputError(f"the calibration text has {len(ids)} tokens, fewer than one sample of "
                          f"--calibration_seq_len {seq_len}")
@@ -554,7 +561,7 @@ def output_path(args, ckpt: Checkpoint) -> Path:
     """Where the quantized weights go, checked before any work: never over the source checkpoint's
     files (model.pth / model.safetensors are float weights described by config.json, so a
     quantized file of that name would hijack it; its sidecar must not replace config.json, the
-    source's own config or a tokenizer file) nor over the calibration text, in a folder that
+    source's own config, another weights file's or a tokenizer file) nor over the calibration text, in a folder that
     exists and is writable."""
     name = (f"model_{args.mode}.g{args.groupsize}.pth" if args.mode in INT4_MODES
             else f"model_{args.mode}.pth")
@@ -565,10 +572,13 @@ def output_path(args, ckpt: Checkpoint) -> Path:
         problem = "is the source checkpoint's weights"
     elif out.name in WEIGHT_FILES:
         problem = "is named as a folder's float weights (the ones config.json describes)"
-    elif sidecar == "config.json" or sidecar in TOKENIZER_FILES:
+    elif sidecar in ("config.json", JOURNAL) or sidecar in TOKENIZER_FILES:
         problem = f"would have its config written to {sidecar}, a file of the folder's own"
     elif ckpt.config.resolve() in written:
         problem = f"would have its config written over the source's config {ckpt.config.name}"
+    elif out.with_suffix(".safetensors").is_file() and out.with_suffix(".json").is_file():
+        problem = (f"would have its config written over {sidecar}, the config of "
+                   f"{out.with_suffix('.safetensors').name}")
     elif args.calibration_file is not None and args.calibration_file.resolve() in written:
         problem = "would write over the calibration file"
     else:
@@ -634,6 +644,9 @@ def run(args):
                              f"model's block_size {ckpt.args.block_size}")
         # before the weights: fail at once
         tokens, calibration = read_calibration(args, ckpt.folder)
+        if tokens.max() >= ckpt.args.vocab_size:
+            raise InputError(f"the tokenizer gives id {tokens.max()}, beyond the model's "
+                             f"{ckpt.args.vocab_size} tokens: the tokenizer is not this model's")
         if len(tokens) < args.calibration_samples:
             print(f"calibration: the text holds {len(tokens)} samples of "
                   f"{args.calibration_seq_len} tokens, not {args.calibration_samples}")

@@ -164,10 +164,12 @@ def check_split_groups(args: ModelArgs, quantization: Optional[dict], world: int
     for layer, k in (("attention.wo", args.n_head * args.head_dim),
                      ("feed_forward.w2", args.intermediate_size)):
         if (k // world) % groupsize:
+            fits = [g for g in kernels.GROUPSIZES if (k // world) % g == 0]
+            instead = (f"use a group size that divides it ({', '.join(map(str, fits))}) or "
+                       if fits else "use ")
             raise InputError(f"tensor parallelism over {world} processes splits {layer}'s {k} "
                              f"input columns into {k // world} per process, which is not whole "
-                             f"int4 groups of {groupsize}: use a group size that divides "
-                             f"{k // world}, or another number of processes")
+                             f"int4 groups of {groupsize}: {instead}another number of processes")
 
 
 # ---- which part of each checkpoint tensor a rank holds -------------------------------------------

@@ -178,6 +178,11 @@ def rope_scaling(meta: dict, arch: str, tensors: dict, head_dim: int, rope_base:
     """None, or the Llama-3.1 scaling dict ModelArgs takes. Anything else is refused, not ignored:
     a model run with the wrong rotary frequencies still talks, just worse."""
     kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    # A factor without a type is linear scaling to llama.cpp (older files: rope.scale_linear);
+    # 0 or none is no scaling.
+    factor = meta.get(f"{arch}.rope.scaling.factor", meta.get(f"{arch}.rope.scale_linear", 0))
+    if kind == "none" and factor not in (0, 1):
+        kind = "linear"
     if kind != "none":  # linear, yarn, longrope: llama.cpp writes no type for Llama-3.1's scaling
         raise InputError(f"{path.name}: rope scaling type {kind!r} is not supported (gpt-blitz "
                          "implements plain rotary embeddings and Llama-3.1 scaling)")

@@ -277,8 +277,15 @@ def meta_params_to_args(params: dict, shapes: dict, where) -> ModelArgs:
     if "max_seq_len" not in params:
         print(f"note: {where} gives no context length; assuming block_size {block_size} "
               "(Llama-3 defaults)")
-    scaling = dict(factor=as_float(params.get("rope_scaling_factor", 8.0)), low_freq_factor=1.0,
-                   high_freq_factor=4.0, original_max_position_embeddings=8192)
+    factor = params.get("rope_scaling_factor")
+    if scaled and factor is None:
+        # Meta's params.json names no factor: Llama 3.1's is 8, but Llama 3.2's 1B and 3B (the only
+        # Llama 3 of these widths and depths) take 32, as their HF configs say.
+        factor = 32.0 if (params["dim"], params["n_layers"]) in ((2048, 16), (3072, 28)) else 8.0
+        print(f"note: {where} gives no rope_scaling_factor; assuming {factor:g} "
+              f"(Llama {'3.2' if factor == 32 else '3.1'}'s)")
+    scaling = dict(factor=as_float(factor), low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8192)
     return parse_config(dict(
         dim=params["dim"],
         n_layer=params["n_layers"],

@@ -72,7 +72,8 @@ def test_rope_scaling_changes_only_long_wavelengths():
     sign = torch.tensor([-1.0, 1.0], dtype=torch.float64).repeat(half)  # (-s0, s0, -s1, s1, ...)
     expected = torch.stack([angles.cos(), sign * angles.sin()], dim=1)[:, :, None].float()
     table = rope_table(args, 300)  # (positions, cos and sin, 1, head_dim): a pair of columns a frequency
-    torch.testing.assert_close(table, expected, atol=1e-6, rtol=0)
+    # (float32 angles, as transformers': their rounding, up to ~3e-5 here, is not the rule's)
+    torch.testing.assert_close(table, expected, atol=1e-4, rtol=0)
     # and the table without scaling: the plain frequencies, which only the kept column shares
     plain = rope_table(ModelArgs(**TINY), 300)
     torch.testing.assert_close(plain[..., :2], table[..., :2])

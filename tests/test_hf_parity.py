@@ -16,7 +16,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from checkpoint import InputError, load_model, read_checkpoint
+from checkpoint import CONFIGS, InputError, load_model, read_checkpoint
 from conftest import ROOT, assert_one_error_line, load_script, run_script
 
 SCRIPT = ROOT / "scripts" / "convert_hf_checkpoint.py"
@@ -135,6 +135,28 @@ def test_logits_match_transformers(family, hf_models, tmp_path):
     delta = (ours - ref).abs().max().item()
     print(f"{family}: max |delta| = {delta:.2e} (logits up to {ref.abs().max().item():.1f})")
     assert delta <= TOL, f"{family}: max |delta| {delta:.2e}"
+
+
+@pytest.mark.parametrize("scaling", [None, "Llama-3.2-1B"], ids=["plain", "llama3-scaled"])
+def test_the_rotary_table_is_transformers_at_every_position_of_a_long_context(scaling):
+    """cos and sin equal transformers' to the bit over 32k positions, where an angle computed in
+    another precision differs by ~1e-3: the logits' parity at the tests' short lengths holds at any
+    length."""
+    from model import ModelArgs, rope_table
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    c = dict(CONFIGS["Llama-3.2-1B"], rope_scaling=None if scaling is None else
+             CONFIGS[scaling]["rope_scaling"])
+    T = 32768
+    rope = {"rope_type": "default"} if scaling is None else {"rope_type": "llama3",
+                                                             **c["rope_scaling"]}
+    hf = LlamaRotaryEmbedding(transformers.LlamaConfig(
+        hidden_size=c["dim"], num_attention_heads=c["n_head"], max_position_embeddings=T,
+        rope_parameters={**rope, "rope_theta": c["rope_base"]}))
+    cos, sin = hf(torch.zeros(1, T, 1), torch.arange(T)[None])  # (1, T, head_dim): halves
+    table = rope_table(ModelArgs(**c), T)  # (T, 2, 1, head_dim): pairs (c0, c0, ...), (-s0, s0, ...)
+    half = table.shape[-1] // 2
+    assert torch.equal(table[:, 0, 0, 0::2], cos[0, :, :half])
+    assert torch.equal(table[:, 1, 0, 1::2], sin[0, :, :half])
 
 
 def test_parity_check_would_catch_rotate_half_rows(hf_models, tmp_path):
@@ -318,6 +340,22 @@ def test_meta_consolidated_weights_convert_to_the_same_checkpoint(with_hf_config
     for key in ("dim", "n_layer", "n_head", "n_kv_heads", "head_dim", "vocab_size",
                 "intermediate_size", "rope_base", "rope_scaling", "norm_eps", "tie_embeddings"):
         assert ca[key] == cb[key], key
+
+
+def test_meta_params_of_llama_3_2_take_its_rope_scaling_factor_32_and_3_1_its_8(capsys):
+    """Meta's params.json says use_scaled_rope and no factor: Llama 3.2's 1B and 3B take 32 (their
+    HF configs, and the project's named configs), Llama 3.1 8 (its 8B here)."""
+    for name in ("Llama-3.2-1B", "Llama-3.2-3B", "Llama-3.1-8B"):
+        c = CONFIGS[name]
+        params = dict(dim=c["dim"], n_layers=c["n_layer"], n_heads=c["n_head"], n_kv_heads=8,
+                      rope_theta=5e5, use_scaled_rope=True, max_seq_len=131072)
+        shapes = {"tok_embeddings.weight": (128256, c["dim"]),
+                  "layers.0.feed_forward.w1.weight": (c["intermediate_size"], c["dim"])}
+        args = convert_hf.meta_params_to_args(params, shapes, "params.json")
+        assert args.rope_scaling == c["rope_scaling"], name
+        assert f"assuming {c['rope_scaling']['factor']:g}" in capsys.readouterr().out
+    args = convert_hf.meta_params_to_args({**params, "rope_scaling_factor": 16}, shapes, "p")
+    assert args.rope_scaling["factor"] == 16  # one that params.json gives is taken
 
 
 # ---- config reading ------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import re
 import shutil
 import textwrap
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -557,9 +558,9 @@ def snapshot(folder) -> dict:
 
 
 # (source, --out, words): names that would hijack the float checkpoint (read_checkpoint reads
-# model.pth and model.safetensors with config.json), a sidecar that would be config.json or the
-# source's own config (weights.safetensors with weights.json), and the source itself, also through
-# a link.
+# model.pth and model.safetensors with config.json), a sidecar that would be config.json, the
+# source's own config (weights.safetensors with weights.json) or another weights file's, and the
+# source itself, also through a link.
 OVER_THE_SOURCE = [
     ("model.safetensors", "model.pth",
      ["is named as a folder's float weights", "the default model_int8.pth"]),
@@ -569,6 +570,11 @@ OVER_THE_SOURCE = [
      ["would have its config written to tokenizer_config.json"]),
     ("weights.safetensors", "weights.pth",
      ["would have its config written over the source's config weights.json"]),
+    # another checkpoint's config (weights.safetensors, weights.json: a draft beside the model)
+    ("model.safetensors", "weights.pth",
+     ["would have its config written over weights.json, the config of weights.safetensors"]),
+    ("model.safetensors", ".checkpoint-write.pth",  # the name of a write's journal
+     ["would have its config written to .checkpoint-write.json"]),
     ("float.pth", "float.pth", ["is the source checkpoint's weights"]),
     ("float.pth", "alias.pth", ["is the source checkpoint's weights"]),
 ]
@@ -756,6 +762,32 @@ def test_gptq_calibration_errors(case, words, smollm2_checkpoint, tmp_path, caps
         sorted(p.name for p in smollm2_checkpoint.iterdir())
 
 
+@pytest.mark.parametrize("tokenizer, words", [
+    ("tokenizer.json", ["the tokenizer gives id", "beyond the model's 100 tokens"]),
+    ("tokenizer.model", ["--calibration_seq_len 1 leaves no token after the BOS token"])],
+    ids=["another-models-tokenizer", "a-sample-of-bos-alone"])
+def test_gptq_calibration_the_model_cannot_take_is_one_error_line(tokenizer, words,
+                                                                  tiny_checkpoint,
+                                                                  smollm2_checkpoint, tmp_path,
+                                                                  capsys):
+    """Beside the tiny model's weights (100 tokens): SmolLM2's tokenizer, whose ids reach 49151;
+    and a Llama-2 sentencepiece model, which starts each sample with BOS, where --calibration_seq_len
+    1 leaves the text no room. Refused before any weights are read, nothing written."""
+    import importlib.util
+    folder, _ = tiny_checkpoint
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).symlink_to(folder / name)
+    sentencepiece = Path(importlib.util.find_spec("mistral_common").submodule_search_locations[0])
+    source = {"tokenizer.json": smollm2_checkpoint / "tokenizer.json",
+              "tokenizer.model": sentencepiece / "data" / "tokenizer.model.v1"}[tokenizer]
+    (tmp_path / tokenizer).symlink_to(source)
+    before = sorted(tmp_path.iterdir())
+    quantize_error(["--checkpoint_path", tmp_path, "--mode", "int4-gptq",
+                    "--calibration_seq_len", "1" if tokenizer == "tokenizer.model" else "16"],
+                   capsys, *words)
+    assert sorted(tmp_path.iterdir()) == before
+
+
 @pytest.mark.slow
 def test_generate_answers_from_a_gptq_checkpoint(smollm2_gptq, capsys):
     assert "Paris" in generate_answer(smollm2_gptq[0], capsys)
@@ -905,6 +937,8 @@ def test_gptq_refuses_a_hessian_it_cannot_invert():
     zero."""
     with pytest.raises(InputError, match="not positive definite with --damp 0.0: raise it"):
         Q.gptq_int4(torch.randn(8, 64), torch.ones(64, 64), 32, damp=0.0)
+    with pytest.raises(InputError, match="--damp 1e[+]308 overflows float32"):  # no raising helps
+        Q.gptq_int4(torch.randn(8, 64), torch.eye(64) * 2, 32, damp=1e308)
 
 
 def tiny_float(tiny_checkpoint) -> tuple[ModelArgs, WeightsFile]:

@@ -5,6 +5,7 @@ quantize-then-split against split-then-quantize, and then the real thing: 2 or 3
 Run as a script (by torchrun, from the tests below) this file is the worker that computes logits under TP."""
 import json
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -189,9 +190,14 @@ def test_int4_groups_that_a_split_would_cut_are_refused():
     import tp
     args = ModelArgs(**{**TINY, "n_kv_heads": 2})  # wo: 64 input columns, 32 per rank
     tp.check_split_groups(args, {"groupsize": 32}, 2)
-    with pytest.raises(InputError, match="attention.wo's 64 input columns into 32 per process, "
-                                         "which is not whole int4 groups of 64"):
+    with pytest.raises(InputError, match=r"attention.wo's 64 input columns into 32 per process, "
+                                         r"which is not whole int4 groups of 64: use a group size "
+                                         r"that divides it \(32\) or another number"):
         tp.check_split_groups(args, {"groupsize": 64}, 2)
+    # 48 a process: no group size of int4's divides it, so only another number of processes helps
+    with pytest.raises(InputError, match="48 per process, which is not whole int4 groups of 32: "
+                                         "use another number of processes"):
+        tp.check_split_groups(replace(args, intermediate_size=96), {"groupsize": 32}, 2)
     tp.check_split_groups(args, {"groupsize": 128}, 1)  # one process pads K to whole groups instead
 
 
