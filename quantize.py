@@ -284,8 +284,9 @@ def gptq_int4(w: Tensor, hessian: Tensor, groupsize: int, damp: float = DEFAULT_
         scales, zeros = W.new_zeros(N, n_groups), W.new_zeros(N, n_groups)
         perm = torch.arange(k_pad, device=W.device)
     group = (perm // groupsize).tolist()  # the file's group of each column, in processing order
-    # dampening: a well-conditioned inverse for few samples
-    damping = damp * H.diagonal().mean()
+    # dampening: a well-conditioned inverse for few samples; a fraction of the live inputs' mean,
+    # the dead ones' unit diagonal left out (64 padding columns of 640 raised it 50-fold)
+    damping = damp * (H.diagonal()[~dead].mean() if not dead.all() else 1.0)
     if not damping.isfinite():
         raise InputError(f"GPTQ: --damp {damp} overflows float32 (a damp that large is rounding to "
                          "nearest: --mode int4)")
@@ -363,8 +364,8 @@ def calibration_tokens(tokenizer, text: str, samples: int, seq_len: int) -> Tens
     ids = ids[len(bos):]
     span = seq_len - len(bos)
     if span < 1:
-        raise InputError(f"--calibration_seq_len {seq_len} leaves no token after the BOS token each "
-                         "sample starts with")
+        raise InputError(f"--calibration_seq_len {seq_len} leaves no token after the BOS token "
+                         "each sample starts with")
     n = min(samples, len(ids) // span)
     if n == 0:
         raise InputError(f"the calibration text has {len(ids)} tokens, fewer than one sample of "
@@ -561,8 +562,8 @@ def output_path(args, ckpt: Checkpoint) -> Path:
     """Where the quantized weights go, checked before any work: never over the source checkpoint's
     files (model.pth / model.safetensors are float weights described by config.json, so a
     quantized file of that name would hijack it; its sidecar must not replace config.json, the
-    source's own config, another weights file's or a tokenizer file) nor over the calibration text, in a folder that
-    exists and is writable."""
+    source's own config, another weights file's or a tokenizer file) nor over the calibration
+    text, in a folder that exists and is writable."""
     name = (f"model_{args.mode}.g{args.groupsize}.pth" if args.mode in INT4_MODES
             else f"model_{args.mode}.pth")
     out = args.out or ckpt.weights.parent / name
