@@ -419,8 +419,8 @@ def convert(files: list[Path], layout: str, args: ModelArgs) -> dict:
                 fits = tensor.shape == shape
             elif len(shape) == 1:  # a piece of a norm or a bias
                 fits = tensor.dim() == 1
-            else:  # a block of dest's rows
-                fits = tensor.dim() >= 2 and tensor.shape[-1] == shape[-1]
+            else:  # a block of dest's rows: a matrix, or for experts also a stack of them
+                fits = tensor.dim() in (2, len(shape)) and tensor.shape[-1] == shape[-1]
             if not fits:
                 raise InputError(f"{name} has shape {tuple(tensor.shape)}, which cannot be "
                                  f"{'part of ' if part else ''}{dest} {tuple(shape)}")

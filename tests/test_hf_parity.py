@@ -440,6 +440,23 @@ def test_missing_tensor_fails_cleanly(hf_models, tmp_path, capsys):
     assert "model.layers.1.self_attn.v_proj.bias" in line
 
 
+@pytest.mark.parametrize("name, shape", [("v_proj", (2, -1, 64)), ("q_proj", (-1, 1, 64))],
+                         ids=["v-in-two-blocks", "q-with-a-unit-axis"])
+def test_a_projection_of_three_dimensions_is_one_error_line(name, shape, hf_models, tmp_path,
+                                                            capsys):
+    """A dense q, k or v piece is a matrix: one of 3 dimensions is refused by its shape, not left
+    to fail where the pieces are joined."""
+    _, hf_dir = hf_models("llama-gqa")
+    bad = tmp_path / "hf"
+    shutil.copytree(hf_dir, bad)
+    sd = load_file(bad / "model.safetensors")
+    key = f"model.layers.0.self_attn.{name}.weight"
+    sd[key] = sd[key].reshape(shape).contiguous()
+    save_file(sd, bad / "model.safetensors")
+    line = run_main_expect_error(capsys, bad, tmp_path / "out")
+    assert key in line and "cannot be part of" in line
+
+
 def test_no_weights_fails_cleanly(hf_models, tmp_path, capsys):
     _, hf_dir = hf_models("llama-gqa")
     bad = tmp_path / "hf"
