@@ -284,9 +284,9 @@ def gptq_int4(w: Tensor, hessian: Tensor, groupsize: int, damp: float = DEFAULT_
         scales, zeros = W.new_zeros(N, n_groups), W.new_zeros(N, n_groups)
         perm = torch.arange(k_pad, device=W.device)
     group = (perm // groupsize).tolist()  # the file's group of each column, in processing order
-    # dampening: a well-conditioned inverse for few samples; a fraction of the live inputs' mean,
-    # the dead ones' unit diagonal left out (64 padding columns of 640 raised it 50-fold)
-    damping = damp * (H.diagonal()[~dead].mean() if not dead.all() else 1.0)
+    # dampening: a well-conditioned inverse for few samples, a fraction of the live inputs' mean
+    # (the dead ones' unit diagonal is no input's: 64 of 640 columns would raise it ~50-fold)
+    damping = damp * (H.diagonal()[~dead].mean() if not dead.all() else H.new_ones(()))
     if not damping.isfinite():
         raise InputError(f"GPTQ: --damp {damp} overflows float32 (a damp that large is rounding to "
                          "nearest: --mode int4)")
@@ -646,7 +646,7 @@ def run(args):
         # before the weights: fail at once
         tokens, calibration = read_calibration(args, ckpt.folder)
         if tokens.max() >= ckpt.args.vocab_size:
-            raise InputError(f"the tokenizer gives id {tokens.max()}, beyond the model's "
+            raise InputError(f"the tokenizer gives id {tokens.max().item()}, beyond the model's "
                              f"{ckpt.args.vocab_size} tokens: the tokenizer is not this model's")
         if len(tokens) < args.calibration_samples:
             print(f"calibration: the text holds {len(tokens)} samples of "

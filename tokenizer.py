@@ -354,7 +354,7 @@ class TextStreamer:
     letting sentencepiece render the leading space of the next piece.
     """
     tokenizer: Tokenizer
-    ids: list = field(default_factory=list)  # one id of context + ids whose text is not out yet
+    ids: list = field(default_factory=list)  # the context's ids + ids whose text is not out yet
     done: int = 0  # chars of decode(self.ids) already emitted
     shown: str | None = None  # continuing: the prompt context's text, not emitted again
 
