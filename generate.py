@@ -154,7 +154,8 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, sampling: S
     """Generate up to max_new_tokens for each prompt (lists of ids, any lengths). Every row starts
     at cache slot 0 and moves on at its own position, so prompts of different lengths are padded on
     the right (the padding sits after a row's real tokens, where they never look) and every row gets
-    the tokens it would get alone. on_tokens(one new id per row, None for rows that have ended) is
+    the tokens it would get alone, up to rounding (a matmul's last bits depend on its row count, so
+    a near-tie can go either way). on_tokens(one new id per row, None for rows that have ended) is
     called as tokens reach the host. cached: the first tokens of a single prompt that the KV cache
     holds already (a conversation's earlier turns): only the rest is prefilled."""
     device = model.tok_embeddings.weight.device
