@@ -158,10 +158,10 @@ def parse_config(data: dict, where) -> ModelArgs:
         optional = name in ("n_kv_heads", "head_dim")  # None: derived from the other fields
         if (value is not None or not optional) and (type(value) is not int or value < 1):
             raise InputError(f"{where}: {name} must be a positive integer, got {value!r}")
-    for name in ("rope_base", "norm_eps"):
-        value = data.get(name, 1.0)
-        if type(value) not in (int, float) or not 0 < value < math.inf:
-            raise InputError(f"{where}: {name} must be a positive number, got {value!r}")
+    for name, least in (("rope_base", 1), ("norm_eps", 0)):  # a base of 1 or less: no rotation
+        value = data.get(name, 2.0)
+        if not scalar(value) or not value > least:
+            raise InputError(f"{where}: {name} must be a number above {least}, got {value!r}")
     for name in ("n_experts", "n_active_experts"):
         value = data.get(name, 0)
         if type(value) is not int or value < 0:
@@ -172,7 +172,7 @@ def parse_config(data: dict, where) -> ModelArgs:
     scaling = data.get("rope_scaling")
     if scaling is not None and (
             not isinstance(scaling, dict) or sorted(scaling) != sorted(ROPE_SCALING_KEYS)
-            or any(type(v) not in (int, float) or not 0 < v < math.inf for v in scaling.values())
+            or any(not scalar(v) or v <= 0 for v in scaling.values())
             or scaling["high_freq_factor"] <= scaling["low_freq_factor"]):
         raise InputError(f"{where}: rope_scaling must be null or Llama-3.1's positive "
                          f"{', '.join(ROPE_SCALING_KEYS)}, got {scaling!r}")
@@ -197,6 +197,12 @@ def parse_config(data: dict, where) -> ModelArgs:
     return args
 
 
+def scalar(value) -> bool:
+    """A number torch takes as a scalar: an int within int64, or a finite float."""
+    return (type(value) is int and abs(value) < 2**63
+            or type(value) is float and math.isfinite(value))
+
+
 def check_quantization(record, args: ModelArgs, where):
     """A sidecar's quantization record: the format, mode and group size this code reads, and layers
     that are linear layers of this model."""
@@ -207,7 +213,7 @@ def check_quantization(record, args: ModelArgs, where):
     mode, groupsize = record.get("mode"), record.get("groupsize")
     if not isinstance(mode, str) or mode not in kernels.LINEARS:
         raise InputError(f"{where}: unknown quantization mode {mode!r}")
-    if (groupsize in kernels.GROUPSIZES) != (mode in kernels.INT4_MODES):
+    if (type(groupsize) is int and groupsize in kernels.GROUPSIZES) != (mode in kernels.INT4_MODES):
         raise InputError(f"{where}: groupsize {groupsize!r} does not suit mode {mode}")
     if record.get("output_mode") not in (None, "int8", mode):
         raise InputError(f"{where}: output layer mode {record['output_mode']!r} is neither int8 "
@@ -537,6 +543,9 @@ def write_files(folder: Path, writers: dict, remove=()):
     folder.mkdir(parents=True, exist_ok=True)
     finish_write(folder)  # an earlier writer's, killed between its renames
     remove_orphans(folder)
+    for name in writers:  # a rename onto a folder would fail halfway through the set
+        if (folder / name).is_dir():
+            raise InputError(f"{folder / name} is a folder, where the checkpoint writes a file")
     temps = {name: folder / temp_name(name) for name in writers}
     tmp_journal = folder / temp_name(JOURNAL)
     # SIGTERM (kill, a scheduler's stop) ends the process through Python, so the cleanup below runs.
@@ -548,6 +557,9 @@ def write_files(folder: Path, writers: dict, remove=()):
         tmp_journal.write_text(json.dumps(journal))
         os.replace(tmp_journal, folder / JOURNAL)  # the moment the new set becomes the checkpoint
     except BaseException as e:
+        if (folder / JOURNAL).is_file() and not tmp_journal.exists():  # interrupted after the
+            finish_write(folder)  # journal's rename: the new set is the checkpoint already
+            raise
         for tmp in [*temps.values(), tmp_journal]:
             tmp.unlink(missing_ok=True)
         for made in created:
@@ -585,15 +597,25 @@ def finish_write(folder: Path):
     check_journal(journal, folder / JOURNAL)
     umask = os.umask(0)
     os.umask(umask)
-    for tmp, name in journal["rename"]:
-        try:
-            os.chmod(folder / tmp, 0o666 & ~umask)  # temp files are private; a checkpoint is not
-            os.replace(folder / tmp, folder / name)
-        except FileNotFoundError:  # renamed already
-            pass
-    for name in journal["remove"]:
-        (folder / name).unlink(missing_ok=True)
-    (folder / JOURNAL).unlink(missing_ok=True)
+    try:
+        for tmp, name in journal["rename"]:
+            if (folder / tmp).is_symlink():  # chmod would reach the file it points to
+                raise InputError(f"{folder / JOURNAL}: {tmp} is a link, not a file a write made")
+            try:
+                os.chmod(folder / tmp, 0o666 & ~umask)  # temp files are private; a checkpoint isn't
+                os.replace(folder / tmp, folder / name)
+            except FileNotFoundError:  # renamed already
+                pass
+        for name in journal["remove"]:
+            (folder / name).unlink(missing_ok=True)
+        (folder / JOURNAL).unlink(missing_ok=True)
+    except OSError as e:
+        if not isinstance(e, PermissionError) and e.errno != errno.EROFS:
+            raise
+        # a read-only file system, or another user's folder
+        raise InputError(f"{folder} holds a write that was cut short ({JOURNAL}), which this "
+                         f"process may not finish ({e.strerror}): read the folder once as its "
+                         "owner, which finishes it") from None
 
 
 def check_journal(journal: dict, path: Path):

@@ -600,7 +600,8 @@ def tokenizer_copies(ckpt: Checkpoint, out: Path) -> dict:
     copies = {}
     for name in TOKENIZER_FILES:
         source, there = ckpt.folder / name, out.parent / name
-        if there.exists() and not (source.is_file() and there.read_bytes() == source.read_bytes()):
+        if there.exists() and not (source.is_file() and there.is_file()
+                                   and there.read_bytes() == source.read_bytes()):
             raise InputError(f"--out {out}: its folder holds a {name} that is not the "
                              "checkpoint's; write into the checkpoint's folder or another one")
         if source.is_file() and not there.exists():

@@ -604,6 +604,9 @@ def test_an_int4_sidecar_whose_padding_does_not_fit_the_layers_is_refused(tiny, 
         edit_json(sidecar, quantization={**record, "padded": padded})
         refused_here("generate.py", "--checkpoint_path", sidecar.with_suffix(".pth"), "--prompt",
                      "hi", *GEN, words=[sidecar.name, "padded"], capsys=capsys)
+    edit_json(sidecar, quantization={**record, "groupsize": 128.0})  # equal to 128, not an int
+    refused_here("generate.py", "--checkpoint_path", sidecar.with_suffix(".pth"), "--prompt", "hi",
+                 *GEN, words=[sidecar.name, "groupsize 128.0"], capsys=capsys)
 
 
 @pytest.mark.parametrize("name, content", [

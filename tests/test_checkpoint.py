@@ -192,6 +192,65 @@ def test_a_journal_that_reaches_outside_its_folder_or_is_malformed_is_refused(tm
     assert names(folder) == sorted([JOURNAL, ".config.json.x.tmp", "config.json"])
 
 
+def test_a_journal_whose_temp_file_is_a_link_is_refused_and_its_target_left_alone(tmp_path):
+    """Carrying out a journal makes its temp files readable: through a link that would chmod a
+    file anywhere (a private key made world-readable)."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    secret = tmp_path / "secret"
+    secret.write_text("key")
+    secret.chmod(0o600)
+    (folder / ".config.json.x.tmp").symlink_to(secret)
+    (folder / JOURNAL).write_text(json.dumps({"rename": [[".config.json.x.tmp", "config.json"]],
+                                              "remove": []}))
+    with pytest.raises(InputError, match=r"\.config\.json\.x\.tmp is a link"):
+        read_checkpoint(folder)
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert names(folder) == sorted([JOURNAL, ".config.json.x.tmp"])
+
+
+def test_a_write_interrupted_just_after_its_journal_lands_leaves_the_new_set(tmp_path, monkeypatch):
+    """SIGTERM or Ctrl-C between the journal's rename and the end of the write: the new set is the
+    checkpoint by then, so it is carried out, not cleaned away with the old one's files gone."""
+    write_files(tmp_path, {"config.json": lambda p: p.write_text("old"),
+                           "model.pth": lambda p: p.write_text("old")})
+    replace = os.replace
+
+    def interrupted(source, destination):
+        replace(source, destination)
+        if os.path.basename(destination) == JOURNAL:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(checkpoint.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_files(tmp_path, {"config.json": lambda p: p.write_text("new"),
+                               "model.safetensors": lambda p: p.write_text("new")},
+                    remove=["model.pth"])
+    assert names(tmp_path) == ["config.json", "model.safetensors"]
+    assert (tmp_path / "config.json").read_text() == "new"
+
+
+def test_a_folder_where_a_file_of_the_set_goes_is_refused_before_anything_is_written(tmp_path):
+    (tmp_path / "tokenizer.json").mkdir()
+    with pytest.raises(InputError, match="tokenizer.json is a folder, where the checkpoint writes"):
+        write_files(tmp_path, {"config.json": lambda p: p.write_text("{}"),
+                               "tokenizer.json": lambda p: p.write_text("{}")})
+    assert names(tmp_path) == ["tokenizer.json"]
+
+
+def test_a_cut_short_write_that_this_process_may_not_finish_is_one_error_line(tmp_path,
+                                                                             monkeypatch):
+    """A read-only folder, or another user's: the journal cannot be carried out by this reader."""
+    (tmp_path / ".config.json.x.tmp").write_text(json.dumps(CONFIG))
+    (tmp_path / JOURNAL).write_text(json.dumps({"rename": [[".config.json.x.tmp", "config.json"]],
+                                                "remove": []}))
+
+    def refused(path, mode):
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+    monkeypatch.setattr(checkpoint.os, "chmod", refused)
+    with pytest.raises(InputError, match="holds a write that was cut short .* not permitted"):
+        read_checkpoint(tmp_path)
+
+
 def test_temp_files_of_a_killed_writer_are_removed_by_the_next_write_and_no_others(tmp_path):
     """A temp file names its writer's host and pid (checkpoint.temp_name): the next write removes
     those of a writer of this machine that is gone, and leaves those of a writer still running
@@ -303,11 +362,16 @@ LLAMA3_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, ori
     ({"head_dim": 3}, "head_dim 3 even"),  # rotary turns pairs of columns
     ({"n_kv_heads": 2, "n_head": 3, "dim": 12}, "n_head 3 must be a multiple of n_kv_heads 2"),
     ({"rope_scaling": {**LLAMA3_SCALING, "high_freq_factor": 1.0}}, "rope_scaling"),  # blends by 1 / (high - low)
-    ({"norm_eps": 0}, "norm_eps must be a positive number"),
-    ({"rope_base": 0.0}, "rope_base must be a positive number"),
+    ({"norm_eps": 0}, "norm_eps must be a number above 0"),
+    ({"rope_base": 0.0}, "rope_base must be a number above 1"),
+    ({"rope_base": 5e-324}, "rope_base must be a number above 1"),  # frequencies of inf
+    ({"rope_base": 10**20}, "rope_base must be a number above 1"),  # an int beyond int64
+    ({"norm_eps": float("nan")}, "norm_eps must be a number above 0"),
+    ({"rope_scaling": {**LLAMA3_SCALING, "factor": 10**400}}, "rope_scaling"),
     ({"block_size": 0}, "block_size must be a positive integer"),
     ({"n_experts": 4, "n_active_experts": 5}, "n_active_experts 5 must be between 1 and n_experts 4"),
-], ids=["odd-head_dim", "heads", "rope-high-equals-low", "norm_eps-0", "rope_base-0", "block_size-0",
+], ids=["odd-head_dim", "heads", "rope-high-equals-low", "norm_eps-0", "rope_base-0", "rope_base-tiny",
+        "rope_base-beyond-int64", "norm_eps-nan", "rope-factor-beyond-float", "block_size-0",
         "more-active-than-experts"])
 def test_configs_no_model_can_run_are_refused_in_one_sentence(fields, words):
     with pytest.raises(InputError, match=f"^config.json: .*{words}"):

@@ -632,6 +632,10 @@ def test_an_output_in_another_folder_gets_the_tokenizer_files(tiny_checkpoint, s
     quantize_error(["--checkpoint_path", source, "--mode", "int8", "--out", other / "q.pth"],
                    capsys, "holds a tokenizer_config.json that is not the checkpoint's")
     assert [p.name for p in other.iterdir()] == ["tokenizer_config.json"]
+    (tmp_path / "with_a_folder" / "tokenizer.json").mkdir(parents=True)  # no file to compare
+    quantize_error(["--checkpoint_path", source, "--mode", "int8",
+                    "--out", tmp_path / "with_a_folder" / "q.pth"],
+                   capsys, "holds a tokenizer.json that is not the checkpoint's")
 
 # ---- 4 + 6. the real model: generate.py on a quantized file, perplexity per mode ---------------
 
