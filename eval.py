@@ -267,7 +267,7 @@ def default_text() -> tuple[str, str]:
 def read_text(path: Optional[Path]) -> tuple[str, str]:
     if path is None:
         return default_text()
-    if not path.is_file():
+    if path.is_dir() or not path.exists():  # a pipe or /dev/stdin reads as a file does
         raise InputError(f"--text_file: {path} {'is a folder' if path.is_dir() else 'not found'}")
     try:
         text = path.read_text(encoding="utf-8")
@@ -377,7 +377,7 @@ def load_tasks(task_manager, names: list, include_paths: list = (), download: bo
     import jinja2  # lm_eval's own dependencies
     import yaml
     from datasets.exceptions import DatasetsError
-    built = []
+    built, named_in = [], {}
     for name in names:
         try:
             loaded = task_manager.load([name])
@@ -397,6 +397,10 @@ def load_tasks(task_manager, names: list, include_paths: list = (), download: bo
                 raise
             raise InputError(f"--tasks: cannot load task {name}: its data has no split "
                              f"{e.args[0]!r} (the split its task file names)") from None
+        for task in loaded["tasks"]:  # lm_eval refuses a task that two names reach, when it runs
+            if named_in.setdefault(task, name) != name:
+                raise InputError(f"--tasks: {named_in[task]} and {name} both hold task {task}; "
+                                 "name it once")
         top = loaded["groups"].get(name) or loaded["tasks"].get(name)
         # A tag stands for its tasks.
         built += [top] if top is not None else list(loaded["tasks"].values())
@@ -489,6 +493,9 @@ def check_args(args, block_size: int):
     if not 2 <= args.max_seq_length <= block_size:
         raise InputError(f"--max_seq_length must be in 2..{block_size} (the model's context), got "
                          f"{args.max_seq_length}")
+    if args.stride is not None and args.tasks and not args.text_file:
+        raise InputError("--stride sets up the perplexity, which --tasks without --text_file does "
+                         "not measure")
     if args.stride is None:
         args.stride = max(1, args.max_seq_length // 2)
     if not 1 <= args.stride <= args.max_seq_length:

@@ -109,7 +109,7 @@ class Cell:
     def parse(cls, spec: str) -> "Cell":
         """MODEL:PRECISION[:BATCH[:NEW_TOKENS]], e.g. Llama-2-7B:int4.g128:1:4000."""
         parts = spec.split(":")
-        if not 2 <= len(parts) <= 4 or not all(p.isdigit() for p in parts[2:]):
+        if not 2 <= len(parts) <= 4 or not all(p.isascii() and p.isdigit() for p in parts[2:]):
             raise InputError(f"cell {spec!r} is not MODEL:PRECISION[:BATCH[:NEW_TOKENS]]")
         return cls(parts[0], parts[1], *map(int, parts[2:]))
 
@@ -437,7 +437,7 @@ def merge_checks(checks: list) -> list:
             merged[key] = dict(check)
             continue
         m = merged[key]
-        m.update({k: max(m[k], v) for k, v in check.items() if is_error(k)}, ok=m["ok"] and check["ok"])
+        m.update({k: max(m.get(k, v), v) for k, v in check.items() if is_error(k)}, ok=m["ok"] and check["ok"])
     return list(merged.values())
 
 

@@ -194,6 +194,11 @@ def test_merging_keeps_every_kernel_check_case_apart(bench, monkeypatch):
     merged = bench.merge_checks(good + bad)  # the same cases from two GPUs
     assert [case(c) for c in merged] == [case(c) for c in good]
     assert [c for c in merged if not c["ok"]] == failed  # with the failing GPU's (larger) error
+    # a case whose errors another version of the checks names otherwise: each error kept, the largest
+    other = [{**case(c), "max_abs_err": 1.0, "ok": c["ok"]} for c in good]  # no rel_err
+    merged = bench.merge_checks(other + good)
+    assert len(merged) == len(good)
+    assert all(c["max_abs_err"] == 1.0 and "rel_err" in c for c in merged)
 
 
 def test_kernel_checks_are_plain_json_values(bench):
@@ -221,6 +226,7 @@ CELL = dict(model="stories15M", precision="bf16", batch_size=1, new_tokens=200, 
     (["--cells", "stories15M:int4.g48"], ["unknown precision 'int4.g48'"]),
     (["--cells", "NoSuchModel:bf16"], ["unknown model name 'NoSuchModel'"]),
     (["--cells", "stories15M:bf16:one"], ["not MODEL:PRECISION[:BATCH[:NEW_TOKENS]]"]),
+    (["--cells", "stories15M:bf16:1:²"], ["not MODEL:PRECISION[:BATCH[:NEW_TOKENS]]"]),  # no int()
     (["--cells", "stories15M:bf16:1:300"], ["256-token context"]),
     (["--cells", "stories15M:bf16:1:200", "--prompt_tokens", "60"], ["60 + 200 tokens", "256-token context"]),
     (["--prompt_tokens", "0"], ["--prompt_tokens must be >= 1"]),

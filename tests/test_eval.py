@@ -4,7 +4,9 @@ and dataset loader), generate_until's stop strings, and one-line errors for bad 
 SmolLM2-135M-Instruct."""
 import json
 import math
+import os
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -125,7 +127,7 @@ def test_loglikelihoods_match_transformers(smollm2_eval, hf_smollm2):
     from lm_eval.api.instance import Instance
     lm = harness_model(smollm2_eval)
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(PAIRS)]
-    ours = lm.loglikelihood(requests)  # batches of 4 rows of different lengths: left padding
+    ours = lm.loglikelihood(requests)  # batches of 4 rows of different lengths: right padding
     tokenizer = smollm2_eval.tokenizer
     for (context, continuation), (logprob, greedy) in zip(PAIRS, ours):
         if context:
@@ -298,6 +300,27 @@ def test_bad_task_flags_give_one_error_line(args, words, tiny_checkpoint, tmp_pa
     main_error(main, argv, capsys, *words)
 
 
+def test_a_task_that_two_named_groups_or_tasks_both_hold_is_one_error_line(offline_hub, smollm2_checkpoint,
+                                                                          tmp_path, monkeypatch, capsys):
+    """lm-eval refuses a task reached from two names only once it runs, after the weights load: here
+    it is refused with the other task errors. The same name twice is one task, and runs."""
+    (tmp_path / "capitals_group.yaml").write_text("group: capitals_group\ntask: [capitals]\n")
+    monkeypatch.chdir(ROOT)
+    argv = ["--checkpoint_path", smollm2_checkpoint, "--device", "cpu", "--include_path", "tests/data",
+            "--include_path", tmp_path, "--tasks", "capitals_group", "capitals"]
+    main_error(main, argv, capsys, "capitals_group and capitals both hold task capitals", "name it once")
+
+
+def test_perplexity_reads_text_from_a_pipe(tiny_checkpoint, tmp_path, capsys):
+    """A pipe (`--text_file <(...)`, /dev/stdin) is no regular file, but it reads as one."""
+    fifo = tmp_path / "text"
+    os.mkfifo(fifo)
+    writer = subprocess.Popen(["sh", "-c", f"echo w1 w2 w3 w4 w5 > {fifo}"])
+    main(["--checkpoint_path", str(tiny_checkpoint), "--device", "cpu", "--text_file", str(fifo)])
+    writer.wait()
+    assert "perplexity" in capsys.readouterr().out
+
+
 def test_results_of_an_earlier_run_under_include_path_may_be_written_again(tiny_checkpoint, tmp_path):
     """--output among the task files is refused only over a task file or data one names."""
     from eval import check_args, parse_args
@@ -315,8 +338,9 @@ def test_results_of_an_earlier_run_under_include_path_may_be_written_again(tiny_
 @pytest.mark.parametrize("args, words", [
     (["--num_fewshot", 3], ["--num_fewshot only sets up --tasks"]),
     (["--include_path", "{tmp}", "--download"], ["--include_path, --download only set up --tasks"]),
-], ids=["fewshot", "include-path-and-download"])
-def test_task_flags_without_tasks_are_refused_not_ignored(args, words, tiny_checkpoint, tmp_path, capsys):
+    (["--tasks", "capitals", "--stride", 4], ["--stride sets up the perplexity"]),
+], ids=["fewshot", "include-path-and-download", "stride-without-a-text"])
+def test_flags_the_run_would_ignore_are_refused(args, words, tiny_checkpoint, tmp_path, capsys):
     argv = ["--checkpoint_path", tiny_checkpoint, "--device", "cpu", *[str(a).format(tmp=tmp_path) for a in args]]
     main_error(main, argv, capsys, *words)
 
