@@ -493,12 +493,13 @@ def check_args(args, block_size: int):
     if not 2 <= args.max_seq_length <= block_size:
         raise InputError(f"--max_seq_length must be in 2..{block_size} (the model's context), got "
                          f"{args.max_seq_length}")
-    if args.stride is not None and args.tasks and not args.text_file:
-        raise InputError("--stride sets up the perplexity, which --tasks without --text_file does "
-                         "not measure")
-    if args.stride is None:
+    if args.tasks and not args.text_file:  # no perplexity
+        if args.stride is not None:
+            raise InputError("--stride sets up the perplexity, which --tasks without --text_file "
+                             "does not measure")
+    elif args.stride is None:
         args.stride = max(1, args.max_seq_length // 2)
-    if not 1 <= args.stride <= args.max_seq_length:
+    elif not 1 <= args.stride <= args.max_seq_length:
         raise InputError(f"--stride must be in 1..{args.max_seq_length} (--max_seq_length), got "
                          f"{args.stride}")
     for flag in ("limit", "batch_size"):
