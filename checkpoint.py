@@ -158,7 +158,7 @@ def parse_config(data: dict, where) -> ModelArgs:
         optional = name in ("n_kv_heads", "head_dim")  # None: derived from the other fields
         if (value is not None or not optional) and (type(value) is not int or value < 1):
             raise InputError(f"{where}: {name} must be a positive integer, got {value!r}")
-    for name, least in (("rope_base", 1), ("norm_eps", 0)):  # a base of 1 or less: no rotation
+    for name, least in (("rope_base", 1), ("norm_eps", 0)):  # no model's base is 1 or less
         value = data.get(name, 2.0)
         if not scalar(value) or not value > least:
             raise InputError(f"{where}: {name} must be a number above {least}, got {value!r}")

@@ -308,17 +308,15 @@ def test_a_tensor_type_gguf_cannot_dequantize_is_refused_naming_it(tmp_path, cap
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("kind, settings", [
-    ("yarn", {}), ("linear", dict(extra=[("add_float32", "llama.rope.scaling.factor", 4.0)])),
-    ("linear", dict(extra=[("add_float32", "llama.rope.scale_linear", 4.0)]))],
+@pytest.mark.parametrize("kind, extra", [
+    ("yarn", []), ("linear", [("add_float32", "llama.rope.scaling.factor", 4.0)]),
+    ("linear", [("add_float32", "llama.rope.scale_linear", 4.0)])],
     ids=["yarn", "a-factor-without-a-type", "the-older-scale_linear"])
-def test_an_unsupported_rope_scaling_is_one_error_line_and_no_output(kind, settings, tmp_path,
-                                                                     capsys):
+def test_an_unsupported_rope_scaling_is_one_error_line_and_no_output(kind, extra, tmp_path, capsys):
     """A factor with no type is linear scaling, as llama.cpp reads it: refused, not dropped."""
     import gguf
-    if kind == "yarn":
-        settings = dict(rope_scaling=gguf.RopeScalingType.YARN)
-    path = write_tiny_gguf(tmp_path / "scaled.gguf", "llama", tensors=True, **settings)
+    typed = dict(rope_scaling=gguf.RopeScalingType.YARN) if kind == "yarn" else {}
+    path = write_tiny_gguf(tmp_path / "scaled.gguf", "llama", tensors=True, extra=extra, **typed)
     line = convert_error(path, tmp_path / "out", capsys)
     assert f"'{kind}'" in line and "scaled.gguf" in line
     assert not (tmp_path / "out").exists()

@@ -359,8 +359,8 @@ RANDOM_TARGET = ["--random_weights", "stories15M"]  # no weights are made before
     (RANDOM_TARGET + ["--speculate_ngram", "3", "--draft_checkpoint_path", "SMOLLM2"], ["not both"]),
     (RANDOM_TARGET + ["--draft_checkpoint_path", "SMOLLM2"], ["vocabulary of 49152 tokens", "target 32000"]),
     (["--checkpoint_path", "SMOLLM2", "--draft_checkpoint_path", "PERMUTED"], ["tokenizes text differently"]),
-], ids=["k-zero", "ngram-zero", "ngram-over-context", "k-over-context", "prompt-over-drafts-context", "k-zero-without-proposer", "two-proposers", "other-vocabulary",
-        "other-tokenizer"])
+], ids=["k-zero", "ngram-zero", "ngram-over-context", "k-over-context", "prompt-over-drafts-context",
+        "k-zero-without-proposer", "two-proposers", "other-vocabulary", "other-tokenizer"])
 def test_bad_speculation_input_gives_one_error_line(args, words, smollm2_checkpoint, tmp_path, capsys):
     """generate.py's command line run in this process, as its `__main__` runs it (the command line itself:
     test_speculation_for_a_batch_is_refused_in_one_line_by_the_command_line)."""

