@@ -710,7 +710,8 @@ def check_output_folder(folder: Path, flag: str, force: bool):
     """A checkpoint is to be written into folder: refuse now, before the work, a folder that could
     not be created or written, or that holds a checkpoint already and --force is not given."""
     if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
-        raise InputError(f"{flag} {folder} is a file, not a folder")
+        raise InputError(f"{flag} {folder} is "
+                         f"{'a file' if folder.exists() else 'a link to nothing'}, not a folder")
     existing = folder.absolute()
     while not existing.exists():
         existing = existing.parent

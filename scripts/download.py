@@ -56,7 +56,8 @@ def choose_files(repo_files: list[str]) -> list[str]:
 def check_out(out: Path):
     """Refuse now, before downloading, an --out that could not be created or written."""
     if (out.exists() or out.is_symlink()) and not out.is_dir():
-        raise InputError(f"--out {out} is a file, not a folder")
+        raise InputError(f"--out {out} is "
+                         f"{'a file' if out.exists() else 'a link to nothing'}, not a folder")
     existing = out.absolute()
     while not existing.exists():
         existing = existing.parent

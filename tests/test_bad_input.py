@@ -736,3 +736,6 @@ def test_hf_converter_refuses_output_that_is_a_file(tiny_hf, tmp_path):
     refused("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path / "out", "--hf_dir", tiny_hf,
             words=["is a file, not a folder"])
     assert (tmp_path / "out").read_text() == "a file, not a folder"
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    refused("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path / "dangling", "--hf_dir",
+            tiny_hf, words=["is a link to nothing, not a folder"])
