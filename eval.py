@@ -36,7 +36,7 @@ from checkpoint import (ArgumentParser, InputError, check_device, check_output, 
 from generate import (Sampling, check_cache_fits, compile_functions, device_name, generate,
                       write_json)
 from model import Transformer
-from tokenizer import load_tokenizer
+from tokenizer import check_ids_fit, load_tokenizer
 
 LM_EVAL_VERSION = "0.4.13"  # the version eval.py is tested with (requirements-test.txt)
 
@@ -301,9 +301,7 @@ def text_ids(args, tokenizer, vocab_size: int) -> tuple[str, list]:
     name, text = read_text(args.text_file)
     every = tokenizer.encode(text)
     ids = every[:args.limit]
-    if ids and max(ids) >= vocab_size:
-        raise InputError(f"the tokenizer gives id {max(ids)}, beyond the model's {vocab_size} "
-                         "tokens: the tokenizer is not this model's")
+    check_ids_fit(ids, vocab_size)
     if len(ids) < 2:
         cause = f"--limit {args.limit} leaves" if len(every) >= 2 else f"--text_file: {name} has"
         raise InputError(f"{cause} {len(ids)} token(s); perplexity needs at least 2")

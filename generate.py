@@ -33,7 +33,7 @@ import tp
 from checkpoint import (CONFIGS, ArgumentParser, InputError, check_device, check_output,
                         empty_model, load_model, random_model, read_checkpoint, write_files)
 from model import ModelArgs, MoEFeedForward, Transformer
-from tokenizer import TextStreamer, is_text, load_tokenizer
+from tokenizer import TextStreamer, check_ids_fit, is_text, load_tokenizer
 
 
 # ---- sampling (on the device, no host sync) ------------------------------------------------------
@@ -793,9 +793,7 @@ def encode_prompts(args, tokenizer, vocab_size: int) -> list:
                        else tokenizer.encode(text))
         if not prompts[-1]:
             raise InputError(f"prompt {text!r} has no tokens (the model needs at least one)")
-        if max(prompts[-1]) >= vocab_size:
-            raise InputError(f"the tokenizer gives id {max(prompts[-1])}, beyond the model's "
-                             f"{vocab_size} tokens: the tokenizer is not this model's")
+        check_ids_fit(prompts[-1], vocab_size)
     return prompts
 
 

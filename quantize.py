@@ -64,7 +64,7 @@ from kernels import (FORMAT, FP8_MAX, GROUPSIZES, INT4_MODES, int4_dequantize, i
                      layer_mode, record_padding)
 from model import (Experts, KVCache, ModelArgs, RMSNorm, Rows, Transformer, TransformerBlock,
                    attention_mask, rope_table)
-from tokenizer import load_tokenizer
+from tokenizer import check_ids_fit, load_tokenizer
 
 MODES = ("int8", "int4", "int4-gptq", "fp8")
 DEFAULT_GROUPSIZE = 32
@@ -646,9 +646,7 @@ def run(args):
                              f"model's block_size {ckpt.args.block_size}")
         # before the weights: fail at once
         tokens, calibration = read_calibration(args, ckpt.folder)
-        if tokens.max() >= ckpt.args.vocab_size:
-            raise InputError(f"the tokenizer gives id {tokens.max().item()}, beyond the model's "
-                             f"{ckpt.args.vocab_size} tokens: the tokenizer is not this model's")
+        check_ids_fit(tokens.flatten().tolist(), ckpt.args.vocab_size)
         if len(tokens) < args.calibration_samples:
             print(f"calibration: the text holds {len(tokens)} samples of "
                   f"{args.calibration_seq_len} tokens, not {args.calibration_samples}")

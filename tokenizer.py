@@ -72,6 +72,14 @@ def read_config(folder: Path, name: str) -> dict:
     return config
 
 
+def check_ids_fit(ids: list, vocab_size: int):
+    """Token ids a model of vocab_size tokens can embed: a tokenizer that gives more is another
+    model's."""
+    if ids and max(ids) >= vocab_size:
+        raise InputError(f"the tokenizer gives id {max(ids)}, beyond the model's {vocab_size} "
+                         "tokens: the tokenizer is not this model's")
+
+
 def is_text(value) -> bool:
     """A str that is Unicode text: JSON's escapes can write a lone surrogate (\\ud800), which no
     tokenizer encodes."""
@@ -367,12 +375,13 @@ class TextStreamer:
         character starts (a few ids: a UTF-8 character is at most 4 bytes), and the cut character
         is the completion's to write once its other bytes arrive: the first text emitted is what
         follows the longest start it shares with the context's."""
-        context = cls.context(tokenizer, [int(i) for i in prompt])
-        return cls(tokenizer, context, shown=tokenizer.decode(context))
+        context, text = cls.context(tokenizer, [int(i) for i in prompt])
+        return cls(tokenizer, context, shown=text)
 
     @staticmethod
-    def context(tokenizer: Tokenizer, ids: list) -> list:
-        """The shortest tail of ids whose text starts a character and is not empty: the next ids
+    def context(tokenizer: Tokenizer, ids: list) -> tuple[list, str]:
+        """The shortest tail of ids whose text starts a character and is not empty, and that text:
+        the next ids
         decode after it as after all of ids. After a lone byte (the end of a character of several
         byte tokens) a byte-fallback decoder would render the next character's bytes as U+FFFD,
         and after an id with no text (a control token) sentencepiece drops the next leading
@@ -381,8 +390,8 @@ class TextStreamer:
         for start in range(len(ids) - 1, max(0, len(ids) - 8) - 1, -1):
             text = tokenizer.decode(ids[start:])
             if text and not text.startswith("\ufffd"):
-                return ids[start:]
-        return ids[-1:]
+                return ids[start:], text
+        return ids[-1:], tokenizer.decode(ids[-1:])
 
     def put(self, token_id: int) -> str:
         self.ids.append(int(token_id))
@@ -390,8 +399,8 @@ class TextStreamer:
         if text.endswith("\ufffd"):
             return ""
         new = text[self.emitted(text):]
-        self.ids, self.shown = self.context(self.tokenizer, self.ids), None
-        self.done = len(self.tokenizer.decode(self.ids))
+        self.ids, context = self.context(self.tokenizer, self.ids)
+        self.done, self.shown = len(context), None
         return new
 
     def flush(self) -> str:
