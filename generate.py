@@ -939,7 +939,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    f"{DEFAULT_PROMPT!r})")
     p.add_argument("--prompt_tokens", type=int, metavar="N",
                    help="a synthetic prompt of N random tokens instead of text (default with "
-                   "--random_weights: 5)")
+                   "--random_weights: 5; there --prompt N says the same)")
     p.add_argument("--chat", action="store_true",
                    help="wrap each prompt in the model's chat template")
     p.add_argument("--metrics", action="store_true",
@@ -974,6 +974,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"tokens proposed per target forward (default {DEFAULT_SPECULATE_K})")
     args = p.parse_args(argv)
     check_model_flags(args)
+    if (args.random_weights and args.prompt_tokens is None and args.prompt
+            and len(args.prompt) == 1 and args.prompt[0].isdecimal()):
+        # random weights have no tokenizer to read text: a number is the prompt's length
+        args.prompt_tokens, args.prompt = int(args.prompt[0]), None
     # The logits are divided by it in float32: one too small for float32 (below ~1e-45) is 0 there,
     # so greedy, as the server takes it, rather than 0 / 0; one too large is inf there, and a -inf
     # logit over it NaN.

@@ -216,11 +216,17 @@ def test_number_prompt_is_text_not_random_tokens(tiny, tmp_path):
     assert len(prompt_tokens) == 1 and 0 < prompt_tokens[0] < 10, prompt_tokens
 
 
-def test_synthetic_prompt_has_its_own_flag(tmp_path):
-    succeeds_here("generate.py", "--random_weights", "stories15M", "--prompt_tokens", 7, "--max_new_tokens", 2,
+@pytest.mark.parametrize("flag", ["--prompt_tokens", "--prompt"])
+def test_synthetic_prompt_is_its_flag_or_a_number_prompt_with_random_weights(tmp_path, flag):
+    succeeds_here("generate.py", "--random_weights", "stories15M", flag, 7, "--max_new_tokens", 2,
                   "--num_samples", 1, "--device", "cpu", "--json", tmp_path / "m.json")
     sample = json.loads((tmp_path / "m.json").read_text())["samples"][0]
     assert sample["prompt_tokens"] == [7] and len(sample["new_tokens"]) == 1
+
+
+def test_text_prompt_with_random_weights_is_refused(capsys):
+    refused_here("generate.py", "--random_weights", "stories15M", "--prompt", "7 days", "--device", "cpu",
+                 words=["needs a tokenizer", "--prompt_tokens"], capsys=capsys)
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
