@@ -934,6 +934,13 @@ def mm_block_rows(n_rows: int) -> int:
     return max(16, triton.next_power_of_2(n_rows))  # tl.dot tiles are at least 16 rows
 
 
+def int4_block_rows(n_rows: int) -> int:
+    """A single row in a tile of one row where Triton allows it (tl.dot then compiles to the
+    mma.sync form, not a 16-row wgmma): Llama-2-7B int4 g128 4.5 % faster end to end on an H100
+    (BENCHMARKS.md). More rows keep tiles of 16 or more (fewer not timed)."""
+    return DOT_MIN_ROWS if n_rows == 1 else mm_block_rows(n_rows)
+
+
 # On Hopper and later GPUs the small matmul takes its weight tiles through a tensor descriptor:
 # the tensor memory accelerator (TMA) copies each tile into shared memory asynchronously, a few
 # tiles ahead of the tensor cores (num_stages), which plain loads, issued by the threads
@@ -1005,7 +1012,7 @@ def quantized_mm_partials(x: Tensor, weight: Tensor, scales: Tensor, zeros: Opti
         pdl = dependent_launch(x)
         int4_mm_kernel[(triton.cdiv(N, INT4_MM_TILE["BLOCK_N"]), split_k)](
             x, w, scales, zeros, y, M, N, K, columns_per_split, groupsize,
-            BLOCK_M=mm_block_rows(M), TMA=tma, PTX=torch.version.hip is None, PDL=pdl,
+            BLOCK_M=int4_block_rows(M), TMA=tma, PTX=torch.version.hip is None, PDL=pdl,
             **pdl_option(pdl), **INT4_MM_TILE)
         return y
     wide = M > MAX_MM_ROWS
