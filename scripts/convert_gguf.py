@@ -435,8 +435,9 @@ def sentencepiece_bpe(meta: dict, fields, tokens: list, types: list, vocab: dict
     """(tokenizers.Tokenizer, whether it adds BOS unless the file says) of a sentencepiece BPE:
     spaces become ▁ (and one goes in front of the text), then the adjacent pair of pieces whose
     join scores highest is merged, again and again; a character no piece holds becomes its UTF-8
-    bytes' pieces (<0x0A>). As tokenizers' merges: every split of a piece into two pieces, ranked
-    by the piece's score."""
+    bytes' pieces (<0x0A>), or the unknown piece. As tokenizers' merges: every split of a piece into
+    two pieces, ranked by the piece's score (equal scores by id, where sentencepiece merges the
+    leftmost pair first: real vocabularies tie only on their runs of ▁, where both agree)."""
     from tokenizers import Tokenizer, decoders, models, normalizers
     scores = fields["tokenizer.ggml.scores"].contents() \
         if "tokenizer.ggml.scores" in fields else None
@@ -449,20 +450,22 @@ def sentencepiece_bpe(meta: dict, fields, tokens: list, types: list, vocab: dict
                          "is not supported yet")
     # Only normal pieces merge: control, byte and unused pieces never come out of text.
     normal = {t for i, t in enumerate(tokens) if i >= len(types) or types[i] == NORMAL}
-    ranked = sorted((-scores[vocab[piece]], vocab[piece], vocab[piece[:i]], piece[:i], piece[i:])
-                    for piece in normal for i in range(1, len(piece))
-                    if piece[:i] in normal and piece[i:] in normal)
-    unknown = meta.get("tokenizer.ggml.unknown_token_id")
+    merges = [(piece[:i], piece[i:])
+              for piece in sorted(normal, key=lambda piece: (-scores[vocab[piece]], vocab[piece]))
+              for i in range(1, len(piece)) if piece[:i] in normal and piece[i:] in normal]
+    unknown = meta.get("tokenizer.ggml.unknown_token_id", 0)  # llama.cpp's default too
     if not (type(unknown) is int and 0 <= unknown < len(tokens)):
-        unknown = None
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(left, right) for *_, left, right in ranked],
-                               unk_token=None if unknown is None else tokens[unknown],
+        raise InputError(f"{path.name}: a sentencepiece vocabulary needs a valid "
+                         f"tokenizer.ggml.unknown_token_id, got {unknown!r}")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=tokens[unknown],
                                byte_fallback=True, fuse_unk=True))
     tok.normalizer = normalizers.Replace(" ", "▁")
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
                                      decoders.Fuse()])
     if typed(meta, "tokenizer.ggml.add_space_prefix", bool, path, True):
-        # text begins as if after a space, so that a word has the same pieces at the start
+        # Text begins as if after a space, so that a word has the same pieces at the start; so does
+        # text after a control or user-defined token, as llama.cpp reads it (sentencepiece itself
+        # reads no control token in text, and adds no space after a user-defined one).
         tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), tok.normalizer])
         tok.decoder = decoders.Sequence([tok.decoder, decoders.Strip(" ", 1, 0)])
     return tok, True

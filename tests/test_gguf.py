@@ -171,8 +171,8 @@ def write_tiny_gguf(path: Path, arch: str, tensors=False, **settings):
     model / pre (tokenizer; a list: stored as an array), merges, block_count, head_count,
     rope_scaling (a gguf.RopeScalingType), dtype (numpy's, of blk.0.attn_q.weight), rope_freqs (an
     array stored as rope_freqs.weight), extra (GGUFWriter method, key, value) triples; sentencepiece
-    (a tokenizer.model: its vocabulary as llama.cpp's converter writes it, scores (None: left out)
-    for its scores)."""
+    (a tokenizer.model: its vocabulary as llama.cpp's converter writes it; scores and unknown, the
+    unknown piece's id, in place of its own, None: left out)."""
     import gguf
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(settings.get("block_count", 1))
@@ -218,21 +218,23 @@ def write_tiny_gguf(path: Path, arch: str, tensors=False, **settings):
 
 
 def write_sentencepiece_vocabulary(w, model_file: Path, settings: dict) -> list:
-    """A sentencepiece model's pieces, scores and types, BOS / EOS / unknown ids, as llama.cpp's
-    converter writes them; returns the pieces."""
+    """A sentencepiece model's pieces, scores and types (sentencepiece's numbers are llama.cpp's),
+    BOS / EOS / unknown ids, as llama.cpp's converter writes them; returns the pieces."""
     import sentencepiece
+    from sentencepiece import sentencepiece_model_pb2
     sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
-    tokens = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
-    kinds = [(sp.is_unknown, 2), (sp.is_control, 3), (sp.is_unused, 5), (sp.is_byte, 6)]
+    proto = sentencepiece_model_pb2.ModelProto.FromString(sp.serialized_model_proto())
+    tokens = [piece.piece for piece in proto.pieces]
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
-    scores = settings.get("scores", [sp.get_score(i) for i in range(len(tokens))])
+    scores = settings.get("scores", [piece.score for piece in proto.pieces])
     if scores is not None:
         w.add_token_scores(scores)
-    w.add_token_types([next((t for is_kind, t in kinds if is_kind(i)), 1) for i in range(len(tokens))])
+    w.add_token_types([piece.type for piece in proto.pieces])
     w.add_bos_token_id(sp.bos_id())
     w.add_eos_token_id(sp.eos_id())
-    w.add_unk_token_id(sp.unk_id())
+    if settings.get("unknown", sp.unk_id()) is not None:
+        w.add_unk_token_id(settings.get("unknown", sp.unk_id()))
     return tokens
 
 
@@ -314,6 +316,7 @@ def test_an_unsupported_tokenizer_is_an_input_error_naming_it(tmp_path, tokenize
 MISTRAL_DATA = Path(importlib.util.find_spec("mistral_common").submodule_search_locations[0]) / "data"
 SENTENCEPIECE_V1 = MISTRAL_DATA / "tokenizer.model.v1"  # Llama-2's layout: 32000 pieces, byte fallback
 SENTENCEPIECE_V3 = MISTRAL_DATA / "mistral_instruct_tokenizer_240323.model.v3"  # [INST] a control piece
+SENTENCEPIECE_V7 = MISTRAL_DATA / "mistral_instruct_tokenizer_241114.model.v7"  # [REF] a user-defined one
 
 
 def convert_sentencepiece_gguf(model_file: Path, folder: Path):
@@ -339,13 +342,22 @@ def test_a_sentencepiece_vocabulary_reads_and_writes_text_as_sentencepiece_does(
         assert ours.decode(ids) == sp.decode(ids) == text, text[:80]
 
 
-def test_text_after_a_control_piece_starts_as_after_a_space_as_llama_cpp_reads_it(tmp_path):
-    """llama.cpp puts a space in front of the text and of every run of text after a control piece:
-    "[INST] Hi" is [INST], then " " + " Hi"."""
-    sp, ours = convert_sentencepiece_gguf(SENTENCEPIECE_V3, tmp_path)
-    inst, end = sp.piece_to_id("[INST]"), sp.piece_to_id("[/INST]")
-    assert sp.is_control(inst) and sp.is_control(end)
+def test_text_after_a_control_or_user_defined_piece_starts_as_after_a_space_as_llama_cpp_reads_it(tmp_path):
+    """llama.cpp puts a space in front of the text and of every run of text after a control or
+    user-defined piece: "[INST] Hi" is [INST], then " " + " Hi" (sentencepiece's own encode adds the
+    one in front)."""
+    sp, ours = convert_sentencepiece_gguf(SENTENCEPIECE_V7, tmp_path)
+    inst, end, ref = sp.piece_to_id("[INST]"), sp.piece_to_id("[/INST]"), sp.piece_to_id("[REF]")
+    assert sp.is_control(inst) and sp.is_control(end) and not sp.is_control(ref)
     assert ours.encode("[INST] Hi there [/INST]") == [sp.bos_id(), inst, *sp.encode(" Hi there "), end]
+    assert ours.encode("a [REF] b") == [sp.bos_id(), *sp.encode("a "), ref, *sp.encode(" b")]
+
+
+def test_a_sentencepiece_vocabulary_without_an_unknown_id_takes_piece_0_as_llama_cpp_does(tmp_path):
+    path = write_tiny_gguf(tmp_path / "spm.gguf", "llama", tensors=True, sentencepiece=SENTENCEPIECE_V1,
+                           unknown=None)
+    load_script("convert_gguf").convert(path, tmp_path / "out", torch.float32)
+    assert json.loads((tmp_path / "out" / "tokenizer.json").read_text())["model"]["unk_token"] == "<unk>"
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -353,7 +365,8 @@ def test_text_after_a_control_piece_starts_as_after_a_space_as_llama_cpp_reads_i
     (dict(scores=[0.5]), "needs tokenizer.ggml.scores, a finite number for each token"),
     (dict(extra=[("add_bool", "tokenizer.ggml.remove_extra_whitespaces", True)]),
      "removes extra whitespace is not supported"),
-], ids=["no-scores", "too-few-scores", "removes-whitespace"])
+    (dict(unknown=32000), "needs a valid tokenizer.ggml.unknown_token_id, got 32000"),
+], ids=["no-scores", "too-few-scores", "removes-whitespace", "unknown-past-the-vocabulary"])
 def test_a_sentencepiece_vocabulary_it_cannot_read_as_written_is_refused(tmp_path, settings, message):
     path = write_tiny_gguf(tmp_path / "spm.gguf", "llama", tensors=True, sentencepiece=SENTENCEPIECE_V1,
                            **settings)
