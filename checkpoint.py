@@ -706,9 +706,8 @@ def checkpoint_files(folder: Path) -> list:
     return sorted({name for name in names if (folder / name).is_file()})
 
 
-def check_output_folder(folder: Path, flag: str, force: bool):
-    """A checkpoint is to be written into folder: refuse now, before the work, a folder that could
-    not be created or written, or that holds a checkpoint already and --force is not given."""
+def check_folder_writable(folder: Path, flag: str):
+    """Refuse now, before the work, a folder that could not be created or written into."""
     if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
         raise InputError(f"{flag} {folder} is "
                          f"{'a file' if folder.exists() else 'a link to nothing'}, not a folder")
@@ -719,6 +718,12 @@ def check_output_folder(folder: Path, flag: str, force: bool):
         raise InputError(f"{flag} {folder}: cannot create it, {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"{flag} {folder}: {existing} is not writable")
+
+
+def check_output_folder(folder: Path, flag: str, force: bool):
+    """A checkpoint is to be written into folder: refuse now, before the work, a folder that could
+    not be created or written, or that holds a checkpoint already and --force is not given."""
+    check_folder_writable(folder, flag)
     finish_write(folder)  # a writer killed between its renames: its set is complete
     old = checkpoint_files(folder)
     if old and not force:

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path, PurePosixPath
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
-from checkpoint import TOKENIZER_FILES, ArgumentParser, InputError, one_line  # noqa: E402
+from checkpoint import (TOKENIZER_FILES, ArgumentParser, InputError,  # noqa: E402
+                        check_folder_writable, one_line)
 
 
 def choose_files(repo_files: list[str]) -> list[str]:
@@ -51,18 +52,6 @@ def choose_files(repo_files: list[str]) -> list[str]:
                          "original/consolidated*.pth)")
     extras = ("config.json",) + TOKENIZER_FILES
     return sorted(weights) + [f for f in extras if f in top and f not in weights]
-
-
-def check_out(out: Path):
-    """Refuse now, before downloading, an --out that could not be created or written."""
-    if (out.exists() or out.is_symlink()) and not out.is_dir():
-        raise InputError(f"--out {out} is "
-                         f"{'a file' if out.exists() else 'a link to nothing'}, not a folder")
-    existing = out.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"--out {out}: cannot create or write into {existing}")
 
 
 def download(repo_id: str, out: str, token) -> list[str]:
@@ -113,7 +102,7 @@ def main(argv=None):
     try:
         args = parser.parse_args(argv)
         out = args.out or os.path.join("checkpoints", args.repo_id, "hf")
-        check_out(Path(out))
+        check_folder_writable(Path(out), "--out")  # before the hub
         download(args.repo_id, out, token=os.environ.get("HF_TOKEN"))
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -503,12 +503,12 @@ def test_download_offline_is_one_line(tmp_path):
 
 
 def test_download_into_a_file_or_a_link_to_nothing_is_refused_before_the_hub(tmp_path):
-    check_out = load_script("download").check_out
+    check_out = load_script("download").check_folder_writable  # what main() asks before the hub
     (tmp_path / "file").write_text("mine")
     (tmp_path / "dangling").symlink_to(tmp_path / "gone")
     for name, what in (("file", "a file"), ("dangling", "a link to nothing")):
-        with pytest.raises(InputError, match=f"is {what}, not a folder"):
-            check_out(tmp_path / name)
+        with pytest.raises(InputError, match=f"--out {tmp_path / name} is {what}, not a folder"):
+            check_out(tmp_path / name, "--out")
 
 
 def test_a_network_error_of_any_http_library_is_explained_and_a_bug_is_not():
