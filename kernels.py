@@ -881,6 +881,12 @@ MM_TILE = dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
 # 2, 3, 4 or 6 stages; 1, 2 or 4 times mm_split's parts) on each of Llama-2-7B's layer shapes at 1,
 # 8 and 32 rows on an H200 (BENCHMARKS.md).
 INT4_MM_TILE = dict(BLOCK_N=64, num_warps=4, num_stages=3)
+# A single row (batch-1 decode; int4_tile) takes 16 weight rows on 1 warp: four times the programs
+# of INT4_MM_TILE's 64 rows on 4 warps, each with a quarter of the work. Llama-2-7B in groups of 128
+# on an H100: its 128 block layers 2.20-2.22 ms a pass against 2.42-2.46 (the fastest of 14 tiles:
+# 16 to 128 rows, 1 to 8 warps, 2 to 4 stages, K in parts of 512 to 2048 columns); end to end +4.2 %
+# from 64 rows on 4 warps to 32 on 2, and +2.3 % from there (BENCHMARKS.md). Not timed on an H200.
+INT4_ROW_TILE = dict(BLOCK_N=16, num_warps=1, num_stages=3)
 # Wider inputs of one-byte weights: blocks of 128 rows side by side, x through a tensor descriptor
 # as well, in whole blocks (x padded with zero rows). x by plain loads, a part-filled last block,
 # or K split in mm_split's parts were up to 1.6x slower (BENCHMARKS.md). 64 columns deep: with both
@@ -931,14 +937,21 @@ def sm_count(cuda_index: Optional[int]) -> int:
 
 
 def mm_block_rows(n_rows: int) -> int:
-    return max(16, triton.next_power_of_2(n_rows))  # tl.dot tiles are at least 16 rows
+    """The rows of x in a small matmul's tile: all of them, a power of two, at least 16. Triton 3.5
+    and later take fewer (DOT_MIN_ROWS), but batches of 4 and 8 rows in tiles of 4 and 8 were slower
+    on an H100 (a pass of Llama-2-7B's block layers: int4 +30 % and +5 %, fp8 at 8 rows +3 %; int8
+    -2 % at 4 rows, +2 % at 8; BENCHMARKS.md)."""
+    return max(16, triton.next_power_of_2(n_rows))
 
 
-def int4_block_rows(n_rows: int) -> int:
-    """A single row in a tile of one row where Triton allows it (tl.dot then compiles to the
-    mma.sync form, not a 16-row wgmma): Llama-2-7B int4 g128 4.5 % faster end to end on an H100
-    (BENCHMARKS.md). More rows keep tiles of 16 or more (fewer not timed)."""
-    return DOT_MIN_ROWS if n_rows == 1 else mm_block_rows(n_rows)
+def int4_tile(n_rows: int) -> dict:
+    """int4's small matmul tile for n_rows rows of x: INT4_ROW_TILE for a single row, in a tile
+    of one row where Triton allows it (tl.dot then compiles to the mma.sync form, not a 16-row
+    wgmma: Llama-2-7B int4 g128 4.5 % faster end to end on an H100; BENCHMARKS.md), else
+    INT4_MM_TILE with every row in one block."""
+    if n_rows == 1:
+        return dict(INT4_ROW_TILE, BLOCK_M=DOT_MIN_ROWS)
+    return dict(INT4_MM_TILE, BLOCK_M=mm_block_rows(n_rows))
 
 
 # On Hopper and later GPUs the small matmul takes its weight tiles through a tensor descriptor:
@@ -1008,12 +1021,12 @@ def quantized_mm_partials(x: Tensor, weight: Tensor, scales: Tensor, zeros: Opti
     y = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
     tma = tma_loads(weight)
     if zeros is not None:
-        w = TensorDescriptor.from_tensor(weight, [INT4_MM_TILE["BLOCK_N"], 16]) if tma else weight
+        tile = int4_tile(M)
+        w = TensorDescriptor.from_tensor(weight, [tile["BLOCK_N"], 16]) if tma else weight
         pdl = dependent_launch(x)
-        int4_mm_kernel[(triton.cdiv(N, INT4_MM_TILE["BLOCK_N"]), split_k)](
-            x, w, scales, zeros, y, M, N, K, columns_per_split, groupsize,
-            BLOCK_M=int4_block_rows(M), TMA=tma, PTX=torch.version.hip is None, PDL=pdl,
-            **pdl_option(pdl), **INT4_MM_TILE)
+        int4_mm_kernel[(triton.cdiv(N, tile["BLOCK_N"]), split_k)](
+            x, w, scales, zeros, y, M, N, K, columns_per_split, groupsize, TMA=tma,
+            PTX=torch.version.hip is None, PDL=pdl, **pdl_option(pdl), **tile)
         return y
     wide = M > MAX_MM_ROWS
     tile = WIDE_MM_TILE if wide else dict(MM_TILE, BLOCK_M=mm_block_rows(M))
@@ -1436,8 +1449,8 @@ def check_kernels(device="cuda") -> list:
     """The kernels against their float64 reference on Llama-2-7B's layer shapes and a ragged one,
     for bf16 weights at 1 row (the GEMV, FloatLinear's; and with SwiGLU, as a bf16 or int8 w13 of
     the shape would take it), for int8, fp8 and int4 weights at 1 row (the GEMV; int4: the small
-    matmul), 8 and 33 rows (the small matmul), 200 (one-byte weights: the small matmul in blocks of
-    rows; int4: a dequantized copy into PyTorch's matmul) and 300 (a dequantized copy), then the
+    matmul), 3, 8 and 33 rows (the small matmul), 200 (one-byte weights: the small matmul in blocks
+    of rows; int4: a dequantized copy into PyTorch's matmul) and 300 (a dequantized copy), then the
     expert GEMV, the grouped expert kernel, the router, the decode and chunk attention kernels and
     sampling's top k: a list of {name, rows, shape, rel_err, ok} (the expert GEMV's also tokens
     and k); a layer's ok also needs the same bits from a second call. scripts/bench.py runs this
@@ -1459,7 +1472,7 @@ def check_kernels(device="cuda") -> list:
                 weights = (int4_words(packed), *group)
             elif name == "int8":
                 results += check_gemv_swiglu(name, one_row, weights, reference_weights)
-            for rows in (1, 8, 33, 200, 300):
+            for rows in (1, 3, 8, 33, 200, 300):
                 x = torch.randn(rows, 1, K, device=device, dtype=torch.bfloat16)  # (rows, T, K)
                 linear = int4_triton_linear if name.startswith("int4") else one_byte_linear
                 y = linear(x, *weights)  # (rows, 1, N)

@@ -165,7 +165,7 @@ def check_quantized_mm():
 # kernels.check_kernels checks on the GPU). The kernel sums (128 + q) x and x in float32 and
 # subtracts 136 times the second: a relative error of a few 1e-6 against float64.
 def check_int4_mm():
-    from kernels import (INT4_MM_TILE, TensorDescriptor, int4_block_rows, int4_mm_kernel,
+    from kernels import (INT4_MM_TILE, TensorDescriptor, int4_tile, int4_mm_kernel,
                          int4_weights, int4_words, relative_error)
     torch.manual_seed(0)
     checked = dict.fromkeys((32, 64, 128, 256, "TMA"), 0)
@@ -185,7 +185,7 @@ def check_int4_mm():
                     y = torch.full((split_k, M, N), float("nan"))  # poisoned: all written
                     grid = (triton.cdiv(N, block_n), split_k)
                     int4_mm_kernel[grid](x, w, s, z, y, M, N, K, -(-K // split_k // 128) * 128, g,
-                                         BLOCK_M=int4_block_rows(M), BLOCK_N=block_n, TMA=tma,
+                                         BLOCK_M=int4_tile(M)["BLOCK_M"], BLOCK_N=block_n, TMA=tma,
                                          PTX=False, num_warps=INT4_MM_TILE["num_warps"])
                     error = relative_error(y.sum(0), reference)
                     assert error < 1e-5, (M, N, K, g, block_n, split_k, tma, error)
