@@ -37,7 +37,25 @@ from checkpoint import (TOKENIZER_FILES, ArgumentParser, InputError,  # noqa: E4
                         one_line, read_weights, save_checkpoint, unpermute, unreadable)
 from model import ModelArgs  # noqa: E402
 
-SUPPORTED = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe")
+# What transformers' config class of each family (LlamaConfig, MistralConfig, ...) gives the keys
+# read here that a config.json may leave out: a trimmed config reads as transformers reads it
+# (Mixtral's rotary base is 1e6, Mistral attends to a window of 4096 unless the file says null).
+QWEN_DEFAULTS = dict(rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=32768,
+                     use_sliding_window=False)
+FAMILY_DEFAULTS = {
+    "llama": dict(rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=2048),
+    "mistral": dict(rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=131072,
+                    sliding_window=4096),
+    "mixtral": dict(rope_theta=1e6, rms_norm_eps=1e-5, max_position_embeddings=131072,
+                    num_local_experts=8, num_experts_per_tok=2),
+    "qwen2": QWEN_DEFAULTS,
+    "qwen3": QWEN_DEFAULTS,
+    # num_experts (older files) and num_local_experts (transformers 5) name one field; the file's
+    # count wins
+    "qwen3_moe": dict(QWEN_DEFAULTS, num_local_experts=128, num_experts_per_tok=8,
+                      moe_intermediate_size=768, norm_topk_prob=False),
+}
+SUPPORTED = tuple(FAMILY_DEFAULTS)
 ROPE_TYPES = ("default", "llama3")  # the rotary embeddings model.py implements
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
@@ -168,7 +186,7 @@ def rope_settings(cfg: dict, where) -> tuple:
                              f"(gpt-blitz implements {' and '.join(ROPE_TYPES)})")
         found[key] = kind, rope
     parameters = found.get("rope_parameters", (None, {}))[1]
-    theta = parameters.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    theta = parameters.get("rope_theta", cfg["rope_theta"])
     llama3 = next((rope for kind, rope in found.values() if kind == "llama3"), None)
     if llama3 is None:
         return as_float(theta), None
@@ -191,6 +209,7 @@ def hf_config_to_args(cfg: dict, where="config.json") -> ModelArgs:
     if model_type not in SUPPORTED:
         raise InputError(f"unsupported model_type {model_type!r} in {where} "
                          f"(supported: {', '.join(SUPPORTED)})")
+    cfg = {**FAMILY_DEFAULTS[model_type], **cfg}
     if cfg.get("hidden_act", "silu") != "silu":
         raise InputError(f"unsupported hidden_act {cfg['hidden_act']!r} in {where} "
                          "(gpt-blitz uses silu)")
@@ -218,7 +237,7 @@ def hf_config_to_args(cfg: dict, where="config.json") -> ModelArgs:
         block_size=cfg.get("max_position_embeddings") or 2048,
         rope_base=rope_base,
         rope_scaling=rope_scaling,
-        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        norm_eps=cfg["rms_norm_eps"],
         attention_bias=model_type == "qwen2",  # Qwen2 always has q/k/v bias
         qk_norm=model_type in ("qwen3", "qwen3_moe"),
         tie_embeddings=cfg.get("tie_word_embeddings", False),
@@ -257,7 +276,7 @@ def experts_config(cfg: dict, model_type: str, where) -> dict:
     return dict(intermediate_size=cfg.get("moe_intermediate_size"),
                 n_experts=cfg.get("num_experts", cfg.get("num_local_experts")),
                 n_active_experts=cfg.get("num_experts_per_tok"),
-                norm_topk_prob=cfg.get("norm_topk_prob", False))
+                norm_topk_prob=cfg["norm_topk_prob"])
 
 
 def meta_params_to_args(params: dict, shapes: dict, where) -> ModelArgs:

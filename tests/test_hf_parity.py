@@ -7,6 +7,7 @@ pytorch_model.bin, Meta's consolidated.pth) converts to identical tensors, that 
 checkpoint is replaced only with --force, and that bad inputs end in one `error:` line.
 """
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -380,6 +381,32 @@ def test_sliding_window_caps_block_size(capsys):
     qwen = convert_hf.hf_config_to_args({**base, "model_type": "qwen2",
                                          "use_sliding_window": False})
     assert qwen.block_size == 32768 and qwen.attention_bias
+
+
+@pytest.mark.parametrize("family", convert_hf.SUPPORTED)
+def test_keys_a_config_leaves_out_read_as_transformers_fills_them(family):
+    """A config.json of the required keys alone: the rotary base, the norm's epsilon, the context
+    (a sliding window caps it), and a mixture's experts as transformers' own config class of the
+    family gives them."""
+    required = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
+                    intermediate_size=128)
+    hf = transformers.AutoConfig.for_model(family, **required)
+    args = convert_hf.hf_config_to_args({**required, "model_type": family})
+    assert args.rope_base == hf.rope_parameters["rope_theta"]
+    assert args.norm_eps == hf.rms_norm_eps
+    window = getattr(hf, "sliding_window", None)
+    if not getattr(hf, "use_sliding_window", True):
+        window = None
+    assert args.block_size == min(hf.max_position_embeddings, window or math.inf)
+    experts = getattr(hf, "num_local_experts", getattr(hf, "num_experts", 0))
+    assert (args.n_experts, args.n_active_experts) == (
+        experts, getattr(hf, "num_experts_per_tok", 0) if experts else 0)
+    if family == "qwen3_moe":
+        assert args.intermediate_size == hf.moe_intermediate_size
+        assert args.norm_topk_prob == hf.norm_topk_prob
+        # older files name the experts' count num_experts: the file's count wins over the default
+        older = {**required, "model_type": family, "num_experts": 16}
+        assert convert_hf.hf_config_to_args(older).n_experts == 16
 
 
 # ---- bad inputs ----------------------------------------------------------------------------------
