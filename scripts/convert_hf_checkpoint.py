@@ -50,8 +50,7 @@ FAMILY_DEFAULTS = {
                     num_local_experts=8, num_experts_per_tok=2),
     "qwen2": QWEN_DEFAULTS,
     "qwen3": QWEN_DEFAULTS,
-    # num_experts (older files) and num_local_experts (transformers 5) name one field; the file's
-    # count wins
+    # the experts' count under transformers 5's name: a file's num_experts wins too (experts_config)
     "qwen3_moe": dict(QWEN_DEFAULTS, num_local_experts=128, num_experts_per_tok=8,
                       moe_intermediate_size=768, norm_topk_prob=False),
 }
@@ -264,17 +263,17 @@ def hf_config_to_args(cfg: dict, where="config.json") -> ModelArgs:
 def experts_config(cfg: dict, model_type: str, where) -> dict:
     """The feed-forward fields of ModelArgs: one dense FFN, or Mixtral's / Qwen3-MoE's experts
     (every layer's: Qwen3-MoE configs that keep some layers dense are refused)."""
+    # one field, two names: num_experts (older files) and num_local_experts (transformers 5)
+    experts = cfg.get("num_experts", cfg.get("num_local_experts"))
     if model_type == "mixtral":
-        return dict(intermediate_size=cfg["intermediate_size"],
-                    n_experts=cfg.get("num_local_experts"),
+        return dict(intermediate_size=cfg["intermediate_size"], n_experts=experts,
                     n_active_experts=cfg.get("num_experts_per_tok"), norm_topk_prob=True)
     if model_type != "qwen3_moe":
         return dict(intermediate_size=cfg["intermediate_size"])
     if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
         raise InputError(f"{where}: dense layers among the experts' (mlp_only_layers, "
                          "decoder_sparse_step) are not supported")
-    return dict(intermediate_size=cfg.get("moe_intermediate_size"),
-                n_experts=cfg.get("num_experts", cfg.get("num_local_experts")),
+    return dict(intermediate_size=cfg.get("moe_intermediate_size"), n_experts=experts,
                 n_active_experts=cfg.get("num_experts_per_tok"),
                 norm_topk_prob=cfg["norm_topk_prob"])
 
