@@ -381,11 +381,11 @@ class TextStreamer:
     @staticmethod
     def context(tokenizer: Tokenizer, ids: list) -> tuple[list, str]:
         """The shortest tail of ids whose text starts a character and is not empty, and that text:
-        the next ids decode after it as after all of ids. After a lone byte (the end of a character of several
-        byte tokens) a byte-fallback decoder would render the next character's bytes as U+FFFD,
-        and after an id with no text (a control token) sentencepiece drops the next leading
-        space. A UTF-8 character is at most 4 bytes, so a few ids back suffice; failing that, the
-        last id."""
+        the next ids decode after it as after all of ids. After a lone byte (the end of a
+        character of several byte tokens) a byte-fallback decoder would render the next
+        character's bytes as U+FFFD, and after an id with no text (a control token) sentencepiece
+        drops the next leading space. A UTF-8 character is at most 4 bytes, so a few ids back
+        suffice; failing that, the last id."""
         for start in range(len(ids) - 1, max(0, len(ids) - 8) - 1, -1):
             text = tokenizer.decode(ids[start:])
             if text and not text.startswith("\ufffd"):
