@@ -429,7 +429,8 @@ if triton is not None:
                         mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
             wx = tl.dot(a.to(x.dtype), tl.trans(x))  # (BLOCK_N, BLOCK_M) sum (128 + q) x
             # (BLOCK_N, BLOCK_M), each row sum x: a dot gives it in the accumulator's layout, where
-            # a tl.sum of x would need moving into it (slower: BENCHMARKS.md)
+            # a tl.sum of x would need moving into it (slower; at one row, a scalar sum, no faster:
+            # BENCHMARKS.md)
             x_sum = tl.dot(ones, tl.trans(x))
             g = (k0 + i * SUB) // GROUP
             g_ok = col_ok & (g < K // GROUP)
@@ -884,8 +885,9 @@ INT4_MM_TILE = dict(BLOCK_N=64, num_warps=4, num_stages=3)
 # A single row (batch-1 decode; int4_tile) takes 16 weight rows on 1 warp: four times the programs
 # of INT4_MM_TILE's 64 rows on 4 warps, each with a quarter of the work. Llama-2-7B in groups of 128
 # on an H100: its 128 block layers 2.20-2.22 ms a pass against 2.42-2.46 (the fastest of 14 tiles:
-# 16 to 128 rows, 1 to 8 warps, 2 to 4 stages, K in parts of 512 to 2048 columns); end to end +4.2 %
-# from 64 rows on 4 warps to 32 on 2, and +2.3 % from there (BENCHMARKS.md). Not timed on an H200.
+# 16 to 128 rows, 1 to 8 warps, 2 to 4 stages, K in parts of 512 to 2048 columns; 6 stages, or
+# parts of 4096 or more, were slower still); end to end +4.2 % from 64 rows on 4 warps to 32 on 2,
+# and +2.3 % from there (BENCHMARKS.md). Not timed on an H200.
 INT4_ROW_TILE = dict(BLOCK_N=16, num_warps=1, num_stages=3)
 # Wider inputs of one-byte weights: blocks of 128 rows side by side, x through a tensor descriptor
 # as well, in whole blocks (x padded with zero rows). x by plain loads, a part-filled last block,
@@ -1860,10 +1862,11 @@ def int4_weights(packed: Tensor, scales: Tensor, zeros: Tensor, groupsize: int,
 # copy of the weights made at load time) takes those of up to TINYGEMM_MAX_ROWS[groupsize] rows: two
 # copies of the weights in memory. Groups of 128 and 256 keep one: there a single row through the
 # Triton kernel, launched as a programmatic dependent launch, decodes Llama-2-7B on an H200 1-2 %
-# faster than through tinygemm, in 4.0 GB at peak where it takes 7.5 with tinygemm's copy; groups of
-# 32 and 64 decode 36 % and 16 % slower through it (a chunk takes four and two dots of each kind
-# where 128 takes one; BENCHMARKS.md). None: tinygemm for every input, one copy (a long prompt ~10x
-# slower), what happens without Triton.
+# faster than through tinygemm (an H100: 3 % with both launched plainly), in 4.0 GB at peak where
+# it takes 7.5 with tinygemm's copy; groups of 32 and 64 decode 36 % and 16 % slower through it (a
+# chunk takes four and two dots of each kind where 128 takes one; in the tile of one row, groups of
+# 32 take 1.9x tinygemm's time on an H100; BENCHMARKS.md). None: tinygemm for every input, one copy
+# (a long prompt ~10x slower), what happens without Triton.
 TINYGEMM_MAX_ROWS = {32: 1, 64: 1}
 # tinygemm's packing by group size: how many tiles of 16 columns of K it interleaves (8, 4 or 2; the
 # CPU op ignores it), 8 where not listed. One row on an H200, Llama-2-7B's block layers: groups of
