@@ -967,11 +967,16 @@ def int4_tile(n_rows: int) -> dict:
 MM_TMA = True
 
 
+def on_nvidia(t: Tensor) -> bool:
+    """Whether t is on an NVIDIA GPU, where the kernels may run inline PTX (not on ROCm, nor in
+    Triton's CPU interpreter)."""
+    return t.is_cuda and torch.version.hip is None
+
+
 def on_hopper(t: Tensor) -> bool:
     """Whether t is on an NVIDIA GPU of compute capability 9 or later (ROCm numbers its GPUs'
     capabilities otherwise)."""
-    return (t.is_cuda and torch.version.hip is None
-            and torch.cuda.get_device_capability(t.device)[0] >= 9)
+    return on_nvidia(t) and torch.cuda.get_device_capability(t.device)[0] >= 9
 
 
 def tma_loads(t: Tensor) -> bool:
@@ -1028,7 +1033,7 @@ def quantized_mm_partials(x: Tensor, weight: Tensor, scales: Tensor, zeros: Opti
         pdl = dependent_launch(x)
         int4_mm_kernel[(triton.cdiv(N, tile["BLOCK_N"]), split_k)](
             x, w, scales, zeros, y, M, N, K, columns_per_split, groupsize, TMA=tma,
-            PTX=torch.version.hip is None, PDL=pdl, **pdl_option(pdl), **tile)
+            PTX=on_nvidia(x), PDL=pdl, **pdl_option(pdl), **tile)
         return y
     wide = M > MAX_MM_ROWS
     tile = WIDE_MM_TILE if wide else dict(MM_TILE, BLOCK_M=mm_block_rows(M))
@@ -1076,7 +1081,7 @@ def dequantized_copy(weight: Tensor, scales: Tensor, zeros: Optional[Tensor], gr
     out = torch.empty(N, K, dtype=dtype, device=weight.device)
     if zeros is not None:
         int4_dequantize_kernel[(triton.cdiv(N, 32), triton.cdiv(K, 128))](
-            weight, scales, zeros, out, N, K, groupsize, BLOCK_N=32, PTX=torch.version.hip is None)
+            weight, scales, zeros, out, N, K, groupsize, BLOCK_N=32, PTX=on_nvidia(weight))
     else:
         dequantize_kernel[(triton.cdiv(N, 32), triton.cdiv(K, 128))](
             weight, scales, out, N, K, BLOCK_N=32, BLOCK_K=128)

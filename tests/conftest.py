@@ -264,8 +264,8 @@ def interpreter_jobs() -> dict:
     """tests/test_kernels.py's checks of the Triton kernels in Triton's interpreter (10-15 s each),
     each that file run as a script, started in the background when the session begins."""
     return {name: BACKGROUND.submit("tests/test_kernels.py", name, env={"TRITON_INTERPRET": "1"})
-            for name in ("scaled_gemv", "quantized_mm", "int4_mm", "dequantize", "expert_gemv",
-                         "grouped_experts", "router", "top_k", "decode_attention",
+            for name in ("scaled_gemv", "quantized_mm", "int4_mm", "dequantize", "prefill_decode",
+                         "expert_gemv", "grouped_experts", "router", "top_k", "decode_attention",
                          "chunk_attention")}
 
 

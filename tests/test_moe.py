@@ -205,7 +205,31 @@ def test_named_configs_have_their_published_sizes(name):
     assert abs(active / published_active - 1) < 0.05, f"{active / 1e9:.2f}B active"
 
 
-def test_a_decode_step_reads_the_chosen_experts_only():
+def test_a_decode_step_reads_the_chosen_experts_only_and_a_prompt_each_expert_once(monkeypatch):
+    """What a forward reads, by the experts' weights() it asks for in every layer (w13 and w2): a
+    decode step the rows of its token's k experts, by index (the gathered form); a prompt of more
+    (token, expert) pairs than experts all the experts, once (the grouped form)."""
+    from model import Experts
+    model = tiny_model().to(torch.bfloat16)  # torch._grouped_mm takes bfloat16
+    model.setup_caches(1, 16)
+    asked, weights = [], Experts.weights
+
+    def spy(self, idx, dtype):
+        asked.append(idx)
+        return weights(self, idx, dtype)
+    monkeypatch.setattr(Experts, "weights", spy)
+    with torch.no_grad():
+        model(torch.randint(0, 97, (1, 9)), torch.arange(9))  # 18 pairs for 8 experts
+        assert len(asked) == 2 * TINY["n_layer"] and all(idx is Ellipsis for idx in asked)
+        asked.clear()
+        model(torch.randint(0, 97, (1, 1)), torch.tensor([9]))
+    assert len(asked) == 2 * TINY["n_layer"]
+    for idx in asked:  # the same k distinct experts for w13 and w2 of a layer
+        assert idx.shape == (1, TINY["n_active_experts"]) and len(set(idx.tolist()[0])) == 2
+    assert all(torch.equal(asked[i], asked[i + 1]) for i in range(0, len(asked), 2))
+
+
+def test_the_bytes_a_decode_step_reads_leave_out_the_unchosen_experts():
     model = tiny_model()  # float32: 8 experts of which 2 per token
     a = model.args
     expert_bytes = 4 * 3 * a.intermediate_size * a.dim  # one expert's w1, w2 and w3
