@@ -539,6 +539,25 @@ def test_unsupported_rope_type_is_refused(key, rope_type, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("changes, words", [
+    (dict(attention_bias=True), "attention_bias / mlp_bias on a llama model"),
+    (dict(mlp_bias=True), "attention_bias / mlp_bias on a llama model"),
+    (dict(model_type="qwen3", attention_bias=True), "attention_bias / mlp_bias on a qwen3 model"),
+    (dict(model_type="qwen2", mlp_bias=True), "attention_bias / mlp_bias on a qwen2 model"),
+    (dict(model_type="qwen3_moe", mlp_only_layers=[1]), "dense layers among the experts'"),
+    (dict(model_type="qwen3_moe", decoder_sparse_step=2), "dense layers among the experts'"),
+], ids=["llama-attention-bias", "llama-mlp-bias", "qwen3-attention-bias", "qwen2-mlp-bias",
+        "qwen3-moe-mlp-only-layers", "qwen3-moe-sparse-step"])
+def test_weights_model_py_has_no_place_for_are_refused_from_the_config(changes, words, tmp_path,
+                                                                       capsys):
+    """A bias on o_proj or the feed-forward (Llama's and Qwen3's attention_bias, any mlp_bias), or
+    a Qwen3-MoE that keeps some layers dense: refused from config.json, before any tensor."""
+    source = config_only_source(tmp_path / "hf", **changes)
+    line = run_main_expect_error(capsys, source, tmp_path / "out")
+    assert words in line and "config.json" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_absurd_config_is_refused_before_any_tensor(tmp_path):
     """The real command line (the other refusals run the converter's main() in this process), in a
     process of its own: a billion layers built before the check would not end soon."""
