@@ -233,8 +233,9 @@ def write_sentencepiece_vocabulary(w, model_file: Path, settings: dict) -> list:
     w.add_token_types([piece.type for piece in proto.pieces])
     w.add_bos_token_id(sp.bos_id())
     w.add_eos_token_id(sp.eos_id())
-    if settings.get("unknown", sp.unk_id()) is not None:
-        w.add_unk_token_id(settings.get("unknown", sp.unk_id()))
+    unknown = settings.get("unknown", sp.unk_id())
+    if unknown is not None:
+        w.add_unk_token_id(unknown)
     return tokens
 
 
