@@ -20,9 +20,10 @@ same GEMV, one launch a layer less (swiglu_linear).
 
 With a few rows, the matmul keeps all of them in one tile, so each weight is still read once,
 converts the weights to bf16 in registers (int8 and fp8 exactly; int4, laid out at load as words
-of eight nibbles, by bit operations, its groups' scales and zeros applied to the sums) and
-multiplies on the tensor cores (`tl.dot`); on Hopper and later GPUs the weight tiles arrive by
-asynchronous copies (TMA), a few tiles ahead. It replaces what torch.compile makes of the
+of eight nibbles in tiles that each program reads as one run of memory, by bit operations, its
+groups' scales and zeros applied to the sums) and multiplies on the tensor cores (`tl.dot`); on
+Hopper and later GPUs one-byte weight tiles arrive by asynchronous copies (TMA), a few tiles
+ahead. It replaces what torch.compile makes of the
 PyTorch path for a decode batch, aten._weight_int8pack_mm, whose CUDA kernel is far slower at a
 few rows. Longer inputs are compute-bound: one pass writes the layer's weights in bf16, and
 cuBLAS multiplies.
@@ -344,17 +345,15 @@ if triton is not None:
                     nibble_as_bf16(words, 6), nibble_as_bf16(words, 7))
 
     @triton.jit
-    def int4_word_tile(w_ptr, n0, k0, N, K, BLOCK_N: tl.constexpr, TMA: tl.constexpr = False):
-        """The 16 words of int4_words' layout (N, K_128 / 8) that hold columns [k0, k0 + 128) of
-        rows [n0, n0 + BLOCK_N), (BLOCK_N, 16); k0 a multiple of 128 below K. w_ptr points at the
-        words, or (TMA) is a tensor descriptor of them with that block. Rows past N read zeros."""
-        if TMA:  # out-of-bounds words read as zeros
-            return w_ptr.load([n0, k0 // 8])
-        else:
-            cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-            c = k0 // 8 + tl.arange(0, 16)  # (16,) word columns
-            return tl.load(w_ptr + cols.to(tl.int64)[:, None] * (tl.cdiv(K, 128) * 16) + c[None, :],
-                           mask=(cols < N)[:, None], other=0)
+    def int4_word_tile(w_ptr, n0, k0, N, K, BLOCK_N: tl.constexpr):
+        """The 16 words of int4_words' layout that hold columns [k0, k0 + 128) of rows
+        [n0, n0 + BLOCK_N), (BLOCK_N, 16): BLOCK_N / 16 of its 1 KB tiles; n0 a multiple of 16, k0
+        of 128 below K. Rows past N read zeros."""
+        cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        c = tl.arange(0, 16)  # (16,) words of a row in a tile
+        tile = (cols // 16).to(tl.int64) * tl.cdiv(K, 128) + k0 // 128  # (BLOCK_N,)
+        return tl.load(w_ptr + (tile * 256 + cols % 16 * 16)[:, None] + c[None, :],
+                       mask=(cols < N)[:, None], other=0)
 
     @triton.jit
     def side_by_side(w, first: tl.constexpr, n: tl.constexpr):
@@ -377,12 +376,12 @@ if triton is not None:
     @triton.jit
     def int4_mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_PER_SPLIT,
                        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       TMA: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr = False):
+                       PTX: tl.constexpr, PDL: tl.constexpr = False):
         """y[s, m, n] = sum over split s's columns k of x[m, k] * w[n, k], as quantized_mm_kernel,
-        for int4 weights as int4_words lays them out ((N, K_128 / 8) words, K_128 = K padded to
-        whole 128-column chunks; w_ptr a tensor descriptor of them with blocks (BLOCK_N, 16) where
-        TMA) with group scales and zeros (N, K / GROUP): w = (q - 8) scale + zero. K_PER_SPLIT is a
-        multiple of 128, and every split holds at least one chunk. A chunk's words hold its 128
+        for int4 weights as int4_words lays them out (tiles of 16 rows by a 128-column chunk, K
+        padded to whole chunks) with group scales and zeros (N, K / GROUP): w = (q - 8) scale +
+        zero. BLOCK_N is a multiple of 16; K_PER_SPLIT is a multiple of 128, and every split holds
+        at least one chunk. A chunk's words hold its 128
         columns in 8 tiles of 16 (nibble j of word c: column 16 j + c), so the tiles of a group (up
         to 128 columns) side by side are its columns in order, the left operand of one dot. That dot
         multiplies the bits as they come, 128 + q; one dot of ones gives sum x, and
@@ -394,7 +393,7 @@ if triton is not None:
         # The first chunk apart from the loop, so that PDL's wait can come between its load and
         # its sums while the loop's body stays unconditional: Triton stages the loop's loads ahead
         # only so (BENCHMARKS.md).
-        words = int4_word_tile(w_ptr, n0, first, N, K, BLOCK_N, TMA)  # (BLOCK_N, 16)
+        words = int4_word_tile(w_ptr, n0, first, N, K, BLOCK_N)  # (BLOCK_N, 16)
         if PDL:
             tl.extra.cuda.gdc_wait()  # the kernel before has written x
             tl.extra.cuda.gdc_launch_dependents()
@@ -402,7 +401,7 @@ if triton is not None:
         acc = int4_chunk(acc, words, x_ptr, s_ptr, z_ptr, first, n0, M, N, K, GROUP, BLOCK_M,
                          BLOCK_N, PTX)
         for k0 in range(first + 128, tl.minimum(first + K_PER_SPLIT, K), 128):
-            words = int4_word_tile(w_ptr, n0, k0, N, K, BLOCK_N, TMA)  # (BLOCK_N, 16)
+            words = int4_word_tile(w_ptr, n0, k0, N, K, BLOCK_N)  # (BLOCK_N, 16)
             acc = int4_chunk(acc, words, x_ptr, s_ptr, z_ptr, k0, n0, M, N, K, GROUP, BLOCK_M,
                              BLOCK_N, PTX)
         rows = tl.arange(0, BLOCK_M)  # (BLOCK_M,)
@@ -880,14 +879,16 @@ MM_FILL_ROWS, MM_PROGRAMS_PER_SM = 32, 4
 MM_TILE = dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
 # int4's small matmul: one tile, the fastest of 36 configs (64 rows with 4 warps, 128 with 4 or 8;
 # 2, 3, 4 or 6 stages; 1, 2 or 4 times mm_split's parts) on each of Llama-2-7B's layer shapes at 1,
-# 8 and 32 rows on an H200 (BENCHMARKS.md).
+# 8 and 32 rows on an H200 (BENCHMARKS.md); with the words in tiles, 4 stages or K in parts of 2048
+# columns took 3-5 % longer at 8 rows on an H100.
 INT4_MM_TILE = dict(BLOCK_N=64, num_warps=4, num_stages=3)
 # A single row (batch-1 decode; int4_tile) takes 16 weight rows on 1 warp: four times the programs
 # of INT4_MM_TILE's 64 rows on 4 warps, each with a quarter of the work. Llama-2-7B in groups of 128
-# on an H100: its 128 block layers 2.20-2.22 ms a pass against 2.42-2.46 (the fastest of 14 tiles:
-# 16 to 128 rows, 1 to 8 warps, 2 to 4 stages, K in parts of 512 to 2048 columns; 6 stages, or
-# parts of 4096 or more, were slower still); end to end +4.2 % from 64 rows on 4 warps to 32 on 2,
-# and +2.3 % from there (BENCHMARKS.md). Not timed on an H200.
+# on an H100: its 128 block layers 2.10-2.13 ms a pass against 2.55-2.57 (words in tiles; the
+# fastest of 7: 32 rows on 2 warps 2.19-2.20, 2 or 4 stages 2.17-2.27, K in parts of 512 or 2048
+# columns 2.17-2.19; before the tiles, the fastest of 14, 16 to 128 rows, 1 to 8 warps, 2 to 6
+# stages, parts of 512 columns to the whole K); end to end +4.2 % from 64 rows on 4 warps to 32 on
+# 2, and +2.3 % from there (BENCHMARKS.md). Not timed on an H200.
 INT4_ROW_TILE = dict(BLOCK_N=16, num_warps=1, num_stages=3)
 # Wider inputs of one-byte weights: blocks of 128 rows side by side, x through a tensor descriptor
 # as well, in whole blocks (x padded with zero rows). x by plain loads, a part-filled last block,
@@ -956,14 +957,17 @@ def int4_tile(n_rows: int) -> dict:
     return dict(INT4_MM_TILE, BLOCK_M=mm_block_rows(n_rows))
 
 
-# On Hopper and later GPUs the small matmul takes its weight tiles through a tensor descriptor:
-# the tensor memory accelerator (TMA) copies each tile into shared memory asynchronously, a few
-# tiles ahead of the tensor cores (num_stages), which plain loads, issued by the threads
-# themselves, do not (Llama-2-7B at 8 and 32 rows on an H200: int8 9-15 % less time a pass,
-# fp8 16-27 %; BENCHMARKS.md). The one-byte kernel takes the rows of x so too, whatever their
-# number, and its threads then issue no loads for them (Llama-2-7B int8 and fp8 at 32 rows on an
-# H200: 3 % faster end to end); int4's small matmul keeps plain loads for x (11 % slower with it
-# at one row). A descriptor needs 16-byte aligned rows. False: plain loads.
+# On Hopper and later GPUs the one-byte small matmul takes its weight tiles through a tensor
+# descriptor: the tensor memory accelerator (TMA) copies each tile into shared memory
+# asynchronously, a few tiles ahead of the tensor cores (num_stages), which plain loads, issued by
+# the threads themselves, do not (Llama-2-7B at 8 and 32 rows on an H200: int8 9-15 % less time a
+# pass, fp8 16-27 %; BENCHMARKS.md). It takes the rows of x so too, whatever their number, and its
+# threads then issue no loads for them (Llama-2-7B int8 and fp8 at 32 rows on an H200: 3 % faster
+# end to end). int4's small matmul reads by plain loads: its words, in 1 KB tiles that follow each
+# other along a program's part of K (int4_words), came faster so than through a descriptor (a pass
+# of Llama-2-7B's block layers on an H100: 2.11 against 2.17 ms at one row, 2.57 against 2.89 at 8
+# rows, those with its scales tiled too), and x (11 % slower through one at one row). A
+# descriptor needs 16-byte aligned rows. False: plain loads.
 MM_TMA = True
 
 
@@ -1021,20 +1025,19 @@ def quantized_mm_partials(x: Tensor, weight: Tensor, scales: Tensor, zeros: Opti
     """x (M, K) bf16 or fp16 times weight (N, K) int8 or float8_e4m3fn with scales (N,), M up to
     MAX_WIDE_ROWS, or (zeros given) int4 words as int4_words lays them out with group scales and
     zeros (N, K / groupsize), M up to MAX_MM_ROWS: (split_k, M, N) float32 partial sums."""
-    M, K, N = *x.shape, weight.shape[0]
+    M, K, N = *x.shape, scales.shape[0]
     assert M <= (MAX_MM_ROWS if zeros is not None else MAX_WIDE_ROWS), "quantized_mm: too many rows"
     assert weight.is_contiguous() and scales.is_contiguous(), "quantized_mm: row-major weights"
     x = x.contiguous()
     y = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
-    tma = tma_loads(weight)
     if zeros is not None:
         tile = int4_tile(M)
-        w = TensorDescriptor.from_tensor(weight, [tile["BLOCK_N"], 16]) if tma else weight
         pdl = dependent_launch(x)
         int4_mm_kernel[(triton.cdiv(N, tile["BLOCK_N"]), split_k)](
-            x, w, scales, zeros, y, M, N, K, columns_per_split, groupsize, TMA=tma,
+            x, weight, scales, zeros, y, M, N, K, columns_per_split, groupsize,
             PTX=on_nvidia(x), PDL=pdl, **pdl_option(pdl), **tile)
         return y
+    tma = tma_loads(weight)
     wide = M > MAX_MM_ROWS
     tile = WIDE_MM_TILE if wide else dict(MM_TILE, BLOCK_M=mm_block_rows(M))
     w = (TensorDescriptor.from_tensor(weight, [tile["BLOCK_N"], tile["BLOCK_K"]]) if tma
@@ -1051,7 +1054,7 @@ def quantized_mm_partials(x: Tensor, weight: Tensor, scales: Tensor, zeros: Opti
 @quantized_mm_partials.register_fake
 def _(x: Tensor, weight: Tensor, scales: Tensor, zeros: Optional[Tensor], groupsize: int,
       split_k: int, columns_per_split: int) -> Tensor:
-    return x.new_empty(split_k, x.shape[0], weight.shape[0], dtype=torch.float32)
+    return x.new_empty(split_k, x.shape[0], scales.shape[0], dtype=torch.float32)
 
 
 def quantized_mm(x: Tensor, weight: Tensor, scales: Tensor, zeros: Optional[Tensor] = None,
@@ -1059,7 +1062,7 @@ def quantized_mm(x: Tensor, weight: Tensor, scales: Tensor, zeros: Optional[Tens
     """x (..., K) (bf16 or fp16) times quantized weights as quantized_mm_partials takes them:
     (..., N) in x's dtype. The split-K partial sums are added here, which torch.compile fuses into
     the next operation."""
-    K, N = x.shape[-1], weight.shape[0]
+    K, N = x.shape[-1], scales.shape[0]
     rows = x.reshape(-1, K)
     M = rows.shape[0]
     if M > MAX_MM_ROWS and M % WIDE_MM_TILE["BLOCK_M"]:
@@ -1076,7 +1079,7 @@ def dequantized_copy(weight: Tensor, scales: Tensor, zeros: Optional[Tensor], gr
                      dtype: torch.dtype) -> Tensor:
     """The weights, as quantized_mm_partials takes them, dequantized to dtype: (N, K); int4's K
     is its groups' columns."""
-    N = weight.shape[0]
+    N = scales.shape[0]
     K = scales.shape[1] * groupsize if zeros is not None else weight.shape[1]
     out = torch.empty(N, K, dtype=dtype, device=weight.device)
     if zeros is not None:
@@ -1092,7 +1095,7 @@ def dequantized_copy(weight: Tensor, scales: Tensor, zeros: Optional[Tensor], gr
 def _(weight: Tensor, scales: Tensor, zeros: Optional[Tensor], groupsize: int,
       dtype: torch.dtype) -> Tensor:
     K = scales.shape[1] * groupsize if zeros is not None else weight.shape[1]
-    return weight.new_empty(weight.shape[0], K, dtype=dtype)
+    return weight.new_empty(scales.shape[0], K, dtype=dtype)
 
 
 def kernel_route(x: Tensor, mm_rows: int = MAX_MM_ROWS) -> Optional[str]:
@@ -1834,22 +1837,24 @@ def unpack_int4(packed: Tensor) -> Tensor:
 
 
 def int4_words(packed: Tensor) -> Tensor:
-    """Nibble pairs (N, K / 2) as int4_mm_kernel reads them: int32 words (N, K_128 / 8), K padded
-    with zero nibbles to K_128, whole chunks of 128 columns; in each chunk, word c holds column
-    16 j + c in bits 4 j to 4 j + 3 (j = 0 to 7), so that nibble j of 16 words is a run of 16
-    columns. Made once, on the device, when a model is prepared for it."""
-    N = packed.shape[0]
-    q = unpack_int4(F.pad(packed, (0, -packed.shape[1] % 64))).int()  # (N, K_128)
-    q = q.view(N, -1, 8, 16)  # (N, chunks, j, c)
-    words = sum(q[:, :, j] << (4 * j) for j in range(8))  # (N, chunks, 16); j = 7 wraps the sign
-    return words.view(N, -1)
+    """Nibble pairs (N, K / 2) as int4_mm_kernel reads them: int32 words (N_16 / 16, K_128 / 128,
+    16, 16), N padded with zero rows to N_16, whole tiles of 16 rows, and K with zero nibbles to
+    K_128, whole chunks of 128 columns. A tile's chunk is 16 rows of 16 words, one run of 1 KB, and
+    a tile's chunks follow each other in K's order, so a program streams its rows' part of K as
+    one run of memory. In a chunk, word c of a row holds column 16 j + c in bits 4 j to 4 j + 3
+    (j = 0 to 7), so that nibble j of 16 words is a run of 16 columns. Made once, on the device,
+    when a model is prepared for it."""
+    padded = F.pad(packed, (0, -packed.shape[1] % 64, 0, -packed.shape[0] % 16))
+    q = unpack_int4(padded).int()  # (N_16, K_128)
+    q = q.view(q.shape[0] // 16, 16, -1, 8, 16)  # (tiles, row, chunks, j, c)
+    words = sum(q[:, :, :, j] << (4 * j) for j in range(8))  # (tiles, row, chunks, c); j = 7 wraps
+    return words.transpose(1, 2).contiguous()  # (tiles, chunks, row, c)
 
 
-def int4_pairs(words: Tensor, k_pad: int) -> Tensor:
-    """int4_words' layout back to the file's nibble pairs (N, k_pad / 2)."""
-    N = words.shape[0]
-    q = torch.stack([words.view(N, -1, 16) >> (4 * j) & 0xF for j in range(8)], dim=2)
-    q = q.view(N, -1)[:, :k_pad]  # (N, k_pad) nibbles
+def int4_pairs(words: Tensor, n_rows: int, k_pad: int) -> Tensor:
+    """int4_words' layout back to the file's nibble pairs (n_rows, k_pad / 2)."""
+    q = torch.stack([words >> (4 * j) & 0xF for j in range(8)], dim=3)  # (tiles, chunks, row, j, c)
+    q = q.transpose(1, 2).reshape(-1, words.shape[1] * 128)[:n_rows, :k_pad]  # (n_rows, k_pad)
     return (q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8)
 
 
@@ -1956,7 +1961,7 @@ class Int4Linear(nn.Module):
     def nibble_pairs(self) -> Tensor:
         """The file's nibble pairs (N, K_pad / 2), from wherever the layer holds them."""
         return (self.weight if self.words is None
-                else int4_pairs(self.words, self.padded_in_features))
+                else int4_pairs(self.words, self.out_features, self.padded_in_features))
 
     def kernel_weights(self) -> Tensor:
         """dequantize() from the kernel's packed copy, whose layout is the op's own: the kernel

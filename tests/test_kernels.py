@@ -160,15 +160,16 @@ def check_quantized_mm():
 
 
 # int4 in int4_words' layout, 1 to 64 rows (MAX_MM_ROWS: two shapes), groups of 32 to 256 (several
-# groups in a 128-column chunk, one, part of one), K whole chunks or not, split over 3 programs or
-# not, plain loads or a tensor descriptor; the bits by Triton's arithmetic (the interpreter runs no PTX, which
-# kernels.check_kernels checks on the GPU). The kernel sums (128 + q) x and x in float32 and
-# subtracts 136 times the second: a relative error of a few 1e-6 against float64.
+# groups in a 128-column chunk, one, part of one), K whole chunks or not, N whole tiles of 16 rows
+# or not, blocks of 16 to 64 rows, split over 3 programs or not; the bits by Triton's arithmetic
+# (the interpreter runs no PTX, which kernels.check_kernels checks on the GPU). The kernel sums
+# (128 + q) x and x in float32 and subtracts 136 times the second: a relative error of a few 1e-6
+# against float64.
 def check_int4_mm():
-    from kernels import (INT4_MM_TILE, TensorDescriptor, int4_tile, int4_mm_kernel,
-                         int4_weights, int4_words, relative_error)
+    from kernels import (INT4_MM_TILE, int4_tile, int4_mm_kernel, int4_weights, int4_words,
+                         relative_error)
     torch.manual_seed(0)
-    checked = dict.fromkeys((32, 64, 128, 256, "TMA"), 0)
+    checked = dict.fromkeys((32, 64, 128, 256), 0)
     shapes = ((64, 1024), (100, 768), (37, 576))
     for M, mine in ((1, shapes), (2, shapes), (33, shapes), (64, shapes[::2])):
         for N, K in mine:
@@ -180,17 +181,15 @@ def check_int4_mm():
                     continue
                 s, z = (torch.rand(2, N, K // g) / 8).to(torch.bfloat16)
                 reference = x.double() @ int4_weights(packed, s, z, g, K).double().T  # (M, N)
-                for block_n, split_k, tma in ((32, 1, False), (64, 3, True), (16, 3, False)):
-                    w = TensorDescriptor.from_tensor(words, [block_n, 16]) if tma else words
+                for block_n, split_k in ((32, 1), (64, 3), (16, 3)):
                     y = torch.full((split_k, M, N), float("nan"))  # poisoned: all written
                     grid = (triton.cdiv(N, block_n), split_k)
-                    int4_mm_kernel[grid](x, w, s, z, y, M, N, K, -(-K // split_k // 128) * 128, g,
-                                         BLOCK_M=int4_tile(M)["BLOCK_M"], BLOCK_N=block_n, TMA=tma,
+                    int4_mm_kernel[grid](x, words, s, z, y, M, N, K, -(-K // split_k // 128) * 128,
+                                         g, BLOCK_M=int4_tile(M)["BLOCK_M"], BLOCK_N=block_n,
                                          PTX=False, num_warps=INT4_MM_TILE["num_warps"])
                     error = relative_error(y.sum(0), reference)
-                    assert error < 1e-5, (M, N, K, g, block_n, split_k, tma, error)
+                    assert error < 1e-5, (M, N, K, g, block_n, split_k, error)
                     checked[g] += 1
-                    checked["TMA"] += tma
     assert min(checked.values()) >= 6, checked
 
 
@@ -490,19 +489,24 @@ def check_decode_attention_rows_are_independent(attention):
         assert torch.equal(alone[:, 1 + b], batch[:, 1 + b]), b
 
 
-def test_int4_words_put_column_16j_plus_c_in_nibble_j_of_word_c_and_give_the_pairs_back():
+def test_int4_words_put_column_16j_plus_c_of_a_16_row_tile_in_nibble_j_of_word_c_and_give_the_pairs_back():
     from kernels import int4_pairs, int4_words, unpack_int4
     torch.manual_seed(0)
-    packed = torch.randint(0, 256, (5, 288), dtype=torch.uint8)  # K = 576: 4.5 chunks of 128
-    words = int4_words(packed)
-    assert words.dtype == torch.int32 and words.shape == (5, 5 * 16)
-    q = unpack_int4(packed).int()  # (5, 576) the columns in order
-    for column in (0, 1, 17, 127, 128, 200, 575):
-        chunk, j, c = column // 128, column % 128 // 16, column % 16
-        assert torch.equal(words[:, 16 * chunk + c] >> (4 * j) & 0xF, q[:, column]), column
-    # the last chunk's columns 64 to 127 (nibbles 4 to 7 of its words) are padding: zeros
-    assert torch.equal(words.view(5, -1, 16)[:, 4] >> 16, torch.zeros(5, 16, dtype=torch.int32))
-    assert torch.equal(int4_pairs(words, 576), packed)
+    packed = torch.randint(0, 256, (21, 288), dtype=torch.uint8)  # K = 576: 4.5 chunks of 128
+    words = int4_words(packed)  # 21 rows: 1.3 tiles of 16
+    assert words.dtype == torch.int32 and words.shape == (2, 5, 16, 16)
+    q = unpack_int4(packed).int()  # (21, 576) the columns in order
+    for row in (0, 5, 15, 16, 20):
+        for column in (0, 1, 17, 127, 128, 200, 575):
+            chunk, j, c = column // 128, column % 128 // 16, column % 16
+            word = words[row // 16, chunk, row % 16, c]
+            assert word >> (4 * j) & 0xF == q[row, column], (row, column)
+    # a tile's chunk is one run of 16 x 16 words, its chunks one after the other
+    assert words.flatten()[256 + 3] == words[0, 1, 0, 3]
+    # padding is zeros: the last chunk's columns 64 to 127 (nibbles 4 to 7), the rows past 21
+    assert torch.equal(words[:, 4] >> 16, torch.zeros(2, 16, 16, dtype=torch.int32))
+    assert torch.equal(words[1, :, 5:], torch.zeros(5, 11, 16, dtype=torch.int32))
+    assert torch.equal(int4_pairs(words, 21, 576), packed)
 
 
 # Each state prepare_for_device leaves an int4 layer in: the Triton layout in place of the file's
@@ -534,7 +538,7 @@ def test_int4_layer_dequantizes_to_the_same_weights_in_every_prepared_state(stat
     if state != "kernel-beside-the-file-layout":  # the file's nibble pairs gave way
         assert not hasattr(layer, "weight")
     if "triton" in state:
-        assert layer.words.shape == (7, 48)
+        assert layer.words.shape == (1, 3, 16, 16)  # 7 rows in a tile of 16, K in 3 chunks
     assert torch.equal(layer.dequantize(), before)
 
 
