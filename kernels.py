@@ -918,6 +918,24 @@ def mm_split(n_columns: int) -> tuple[int, int]:
     return whole_parts(n_columns, min(MAX_SPLIT, n_columns // MM_SPLIT_COLUMNS), MM_SPLIT_ALIGN)
 
 
+# int4's single row in a layer of more than SPLIT_MAX_ROWS rows takes K in parts of
+# INT4_WIDE_COLUMNS: such a layer's 16-row tiles fill the GPU with half the parts, each program's
+# run of K twice as long, and Llama-2-7B's w13 then fits on an H100 at once, where twice the
+# programs ran in 1.5 waves (its layers alone: 24.3-24.4 us a layer against 25.1-25.2; wqkv's
+# 15.9-16.2 against 15.8-16.7; end to end +1.0 %; BENCHMARKS.md).
+INT4_WIDE_COLUMNS = 2048
+
+
+def int4_split(n_rows: int, n_out: int, n_columns: int) -> tuple[int, int]:
+    """(number of K splits, columns per split) of int4's small matmul, n_rows rows of x by weights
+    (n_out, n_columns): mm_split's, but a single row of a layer of more than SPLIT_MAX_ROWS rows in
+    parts of INT4_WIDE_COLUMNS."""
+    if n_rows == 1 and n_out > SPLIT_MAX_ROWS:
+        return whole_parts(n_columns, min(MAX_SPLIT, n_columns // INT4_WIDE_COLUMNS),
+                           MM_SPLIT_ALIGN)
+    return mm_split(n_columns)
+
+
 def one_byte_split(n_rows: int, n_out: int, n_columns: int, n_sms: int) -> tuple[int, int]:
     """(number of K splits, columns per split) of the one-byte small matmul, n_rows rows of x (in
     whole blocks past MAX_MM_ROWS) by weights (n_out, n_columns), on a GPU of n_sms SMs."""
@@ -1068,7 +1086,7 @@ def quantized_mm(x: Tensor, weight: Tensor, scales: Tensor, zeros: Optional[Tens
     if M > MAX_MM_ROWS and M % WIDE_MM_TILE["BLOCK_M"]:
         # zero rows to whole blocks: a part-filled one ran slower
         rows = F.pad(rows, (0, 0, 0, -M % WIDE_MM_TILE["BLOCK_M"]))
-    split = (mm_split(K) if zeros is not None
+    split = (int4_split(rows.shape[0], N, K) if zeros is not None
              else one_byte_split(rows.shape[0], N, K, sm_count(x.device.index)))
     y = quantized_mm_partials(rows, weight, scales, zeros, groupsize, *split)[:, :M]
     return added_parts(y).to(x.dtype).view(*x.shape[:-1], N)

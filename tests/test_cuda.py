@@ -188,7 +188,8 @@ def test_int4_kernel_launched_early_reads_the_x_that_the_kernel_just_before_it_w
     """int4's Triton kernel launches as a programmatic dependent launch too (single rows in groups
     of 128 and 256 go through it), its first words loaded before the wait: in a CUDA graph
     replayed on new inputs, each call must see the x that plain PyTorch kernels wrote before it
-    (K split in 4 and 8 parts); the next test gives it a writer that lets it start early."""
+    (K split in 2 parts at one row or 4 at 8, then in 8); the next test gives it a writer that lets
+    it start early."""
     import kernels
     from kernels import int4_triton_linear, int4_words, quantized_cases, relative_error
     monkeypatch.setattr(torch._inductor.config.triton, "enable_pdl", True)  # as prepare_for_device

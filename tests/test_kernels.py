@@ -572,20 +572,28 @@ def test_gemv_splits_long_rows_of_one_byte_weights_and_keeps_float_weights_whole
 def test_small_matmul_splits_k_until_the_grid_fills_the_gpu_and_wide_layers_stay_whole():
     """kernels.py's promises for the split of K (the comments above MAX_MM_ROWS and WIDE_MAX_SPLIT),
     over layer shapes, row counts and GPUs of 1 to 132 SMs: K covered once in parts of whole tiles;
-    int4 (mm_split) in at most MAX_SPLIT parts of at least MM_SPLIT_COLUMNS columns, as many as fit;
-    one-byte weights the same below MM_FILL_ROWS rows, from there about MM_PROGRAMS_PER_SM programs
-    an SM (one block of rows) or 2 (blocks of WIDE_MM_TILE's rows, at most WIDE_MAX_SPLIT parts):
-    never more than that, at least one an SM unless the split is near its most parts; and a wider
-    layer, or more rows, takes no more parts."""
-    from kernels import (MAX_MM_ROWS, MAX_SPLIT, MM_FILL_ROWS, MM_PROGRAMS_PER_SM, MM_SPLIT_ALIGN,
-                         MM_SPLIT_COLUMNS, MM_TILE, WIDE_MAX_SPLIT, WIDE_MM_TILE, mm_split,
-                         one_byte_split)
+    int4 (mm_split) in at most MAX_SPLIT parts of at least MM_SPLIT_COLUMNS columns, as many as fit,
+    but a single row of a layer of more than SPLIT_MAX_ROWS rows in parts of INT4_WIDE_COLUMNS (half
+    as many where K holds them whole); one-byte weights the same below MM_FILL_ROWS rows, from there
+    about MM_PROGRAMS_PER_SM programs an SM (one block of rows) or 2 (blocks of WIDE_MM_TILE's rows,
+    at most WIDE_MAX_SPLIT parts): never more than that, at least one an SM unless the split is near
+    its most parts; and a wider layer, or more rows, takes no more parts."""
+    from kernels import (INT4_WIDE_COLUMNS, MAX_MM_ROWS, MAX_SPLIT, MM_FILL_ROWS, MM_PROGRAMS_PER_SM,
+                         MM_SPLIT_ALIGN, MM_SPLIT_COLUMNS, MM_TILE, SPLIT_MAX_ROWS, WIDE_MAX_SPLIT,
+                         WIDE_MM_TILE, int4_split, mm_split, one_byte_split)
     ks = (300, 768, 1000, 2048, 4096, 8448, 11008, 14336)
     for k in ks:
         parts, size = mm_split(k)
         assert covers_k_in_whole_tiles((parts, size), k, MM_SPLIT_ALIGN), k
         assert parts <= MAX_SPLIT and (parts == 1 or size >= MM_SPLIT_COLUMNS), k
         assert parts > 1 or k < 2 * MM_SPLIT_COLUMNS, k  # split wherever two parts fit
+        for rows, n in ((1, SPLIT_MAX_ROWS), (2, 22016), (8, 22016)):
+            assert int4_split(rows, n, k) == (parts, size), (rows, n, k)
+        wide = int4_split(1, SPLIT_MAX_ROWS + 1, k)
+        assert covers_k_in_whole_tiles(wide, k, MM_SPLIT_ALIGN) and wide[0] <= MAX_SPLIT, k
+        assert wide[0] == 1 or wide[1] >= INT4_WIDE_COLUMNS, (k, wide)
+        assert wide[0] > 1 or k < 2 * INT4_WIDE_COLUMNS, (k, wide)
+        assert wide[0] == (parts + 1) // 2 or parts == MAX_SPLIT, (k, parts, wide)
     widths = (64, 100, 1024, 4096, 11008, 12288, 14336, 22016, 28672)
     for sms in (1, 8, 78, 132):
         for k in ks:
