@@ -19,14 +19,13 @@ weights then (PDL below). A dense feed-forward's w13 (bf16 or int8) gives SiLU(g
 same GEMV, one launch a layer less (swiglu_linear).
 
 With a few rows, the matmul keeps all of them in one tile, so each weight is still read once,
-converts the weights to bf16 in registers (int8 and fp8 exactly; int4, laid out at load as words
-of eight nibbles in tiles that each program reads as one run of memory, by bit operations, its
-groups' scales and zeros applied to the sums) and multiplies on the tensor cores (`tl.dot`); on
-Hopper and later GPUs one-byte weight tiles arrive by asynchronous copies (TMA), a few tiles
-ahead. It replaces what torch.compile makes of the
-PyTorch path for a decode batch, aten._weight_int8pack_mm, whose CUDA kernel is far slower at a
-few rows. Longer inputs are compute-bound: one pass writes the layer's weights in bf16, and
-cuBLAS multiplies.
+converts the weights to bf16 in registers (int8 and fp8 exactly; int4, laid out at load as words of
+eight nibbles in tiles that each program reads as one run of memory, by bit operations, its groups'
+scales and zeros applied to the sums) and multiplies on the tensor cores (`tl.dot`); on Hopper and
+later GPUs one-byte weight tiles arrive by asynchronous copies (TMA), a few tiles ahead. It replaces
+what torch.compile makes of the PyTorch path for a decode batch, aten._weight_int8pack_mm, whose
+CUDA kernel is far slower at a few rows. Longer inputs are compute-bound: one pass writes the
+layer's weights in bf16, and cuBLAS multiplies.
 
 A mixture of experts decodes with the same GEMV indexed by expert: each (token, chosen expert)
 pair times that expert's weights (bf16, fp16 and float32 too, read as they are), one program per
@@ -381,13 +380,13 @@ if triton is not None:
         for int4 weights as int4_words lays them out (tiles of 16 rows by a 128-column chunk, K
         padded to whole chunks) with group scales and zeros (N, K / GROUP): w = (q - 8) scale +
         zero. BLOCK_N is a multiple of 16; K_PER_SPLIT is a multiple of 128, and every split holds
-        at least one chunk. A chunk's words hold its 128
-        columns in 8 tiles of 16 (nibble j of word c: column 16 j + c), so the tiles of a group (up
-        to 128 columns) side by side are its columns in order, the left operand of one dot. That dot
-        multiplies the bits as they come, 128 + q; one dot of ones gives sum x, and
-        scale (sum (128 + q) x - 136 sum x) + zero sum x is the group's sum of w x, in float32 (no
-        weight rounded to bf16). PDL (a programmatic dependent launch): the first chunk's words are
-        loaded before waiting for the kernel before this one, whose output x is."""
+        at least one chunk. A chunk's words hold its 128 columns in 8 tiles of 16 (nibble j of word
+        c: column 16 j + c), so the tiles of a group (up to 128 columns) side by side are its
+        columns in order, the left operand of one dot. That dot multiplies the bits as they come,
+        128 + q; one dot of ones gives sum x, and scale (sum (128 + q) x - 136 sum x) + zero sum x
+        is the group's sum of w x, in float32 (no weight rounded to bf16). PDL (a programmatic
+        dependent launch): the first chunk's words are loaded before waiting for the kernel before
+        this one, whose output x is."""
         n0 = tl.program_id(0) * BLOCK_N
         first = tl.program_id(1) * K_PER_SPLIT
         # The first chunk apart from the loop, so that PDL's wait can come between its load and
@@ -983,8 +982,8 @@ def int4_tile(n_rows: int) -> dict:
 # threads then issue no loads for them (Llama-2-7B int8 and fp8 at 32 rows on an H200: 3 % faster
 # end to end). int4's small matmul reads by plain loads: its words, in 1 KB tiles that follow each
 # other along a program's part of K (int4_words), came faster so than through a descriptor (a pass
-# of Llama-2-7B's block layers on an H100: 2.11 against 2.17 ms at one row, 2.57 against 2.89 at 8
-# rows, those with its scales tiled too), and x (11 % slower through one at one row). A
+# of Llama-2-7B's block layers on an H100: 2.11 against 2.17 ms at one row; at 8 rows, with the
+# scales in tiles too, 2.74 against 2.89), and x (11 % slower through one at one row). A
 # descriptor needs 16-byte aligned rows. False: plain loads.
 MM_TMA = True
 
