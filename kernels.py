@@ -912,9 +912,11 @@ def whole_parts(n_columns: int, split_k: int, align: int) -> tuple[int, int]:
     return -(-n_columns // per_split), per_split
 
 
-def mm_split(n_columns: int) -> tuple[int, int]:
-    """(number of K splits, columns per split) of the small matmul in parts of MM_SPLIT_COLUMNS."""
-    return whole_parts(n_columns, min(MAX_SPLIT, n_columns // MM_SPLIT_COLUMNS), MM_SPLIT_ALIGN)
+def mm_split(n_columns: int, part_columns: Optional[int] = None) -> tuple[int, int]:
+    """(number of K splits, columns per split) of the small matmul in at most MAX_SPLIT parts of at
+    least part_columns (MM_SPLIT_COLUMNS where not given)."""
+    part_columns = part_columns or MM_SPLIT_COLUMNS
+    return whole_parts(n_columns, min(MAX_SPLIT, n_columns // part_columns), MM_SPLIT_ALIGN)
 
 
 # int4's single row in a layer of more than SPLIT_MAX_ROWS rows takes K in parts of
@@ -929,10 +931,8 @@ def int4_split(n_rows: int, n_out: int, n_columns: int) -> tuple[int, int]:
     """(number of K splits, columns per split) of int4's small matmul, n_rows rows of x by weights
     (n_out, n_columns): mm_split's, but a single row of a layer of more than SPLIT_MAX_ROWS rows in
     parts of INT4_WIDE_COLUMNS."""
-    if n_rows == 1 and n_out > SPLIT_MAX_ROWS:
-        return whole_parts(n_columns, min(MAX_SPLIT, n_columns // INT4_WIDE_COLUMNS),
-                           MM_SPLIT_ALIGN)
-    return mm_split(n_columns)
+    wide_row = n_rows == 1 and n_out > SPLIT_MAX_ROWS
+    return mm_split(n_columns, INT4_WIDE_COLUMNS if wide_row else None)
 
 
 def one_byte_split(n_rows: int, n_out: int, n_columns: int, n_sms: int) -> tuple[int, int]:
