@@ -99,6 +99,39 @@ if triton is not None:
             value = ((words << (24 - 8 * j)) >> 24).to(tl.float32)
         return value
 
+    # word_weights' PTX for an int32 word ($4) of four fp8 e4m3 weights: the conversion of two at
+    # once to fp16 (compute capability 8.9 and later), then each fp16 to float32 (both exact).
+    FP8_PTX = tl.constexpr("""{
+        .reg .b16 lo, hi;
+        .reg .b32 h;
+        mov.b32 {lo, hi}, $4;
+        cvt.rn.f16x2.e4m3x2 h, lo;
+        mov.b32 {lo, hi}, h;
+        cvt.f32.f16 $0, lo;
+        cvt.f32.f16 $1, hi;
+        mov.b32 {lo, hi}, $4;
+        cvt.rn.f16x2.e4m3x2 h, hi;
+        mov.b32 {lo, hi}, h;
+        cvt.f32.f16 $2, lo;
+        cvt.f32.f16 $3, hi;
+        }""")
+
+    @triton.jit
+    def word_weights(words, PER_WORD: tl.constexpr, FP8: tl.constexpr, PTX: tl.constexpr):
+        """The PER_WORD weights of each loaded word as float32, a tuple of tensors shaped like
+        words: word_to_float's values, or fp8's by FP8_PTX (PTX, on Hopper and later GPUs): 237
+        instructions in the GEMV's loop where Triton's form, picking each byte out first, takes 325
+        (and int8's I2F 230), and a pass over Llama-2-7B's layers 7 % faster on an H200."""
+        if FP8 and PTX:
+            return tl.inline_asm_elementwise(
+                asm=FP8_PTX, constraints="=r,=r,=r,=r,r", args=[words], dtype=(tl.float32,) * 4,
+                is_pure=True, pack=1)
+        elif PER_WORD == 1:
+            return (words.to(tl.float32),)
+        else:
+            return (word_to_float(words, 0, PER_WORD, FP8), word_to_float(words, 1, PER_WORD, FP8),
+                    word_to_float(words, 2, PER_WORD, FP8), word_to_float(words, 3, PER_WORD, FP8))
+
     @triton.jit
     def half_to_float(x_words, j: tl.constexpr, X16: tl.constexpr):
         """Value j of each int64 word of four 16-bit activations of type X16 (tl.bfloat16 or
@@ -122,7 +155,7 @@ if triton is not None:
                            PAIRS_PER_ROW, PER_WORD: tl.constexpr, FP8: tl.constexpr,
                            X16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_WORDS: tl.constexpr,
                            SWIGLU: tl.constexpr = False, PDL: tl.constexpr = False,
-                           LAUNCH_NEXT: tl.constexpr = False):
+                           LAUNCH_NEXT: tl.constexpr = False, PTX: tl.constexpr = False):
         """y[split, p, n] = scales[e, n] * sum over the split's columns k of x[r, k] * w[e, n, k]
         for BLOCK_N rows n (program_id 0) of pair p (program_id 2): expert e = ids[p] and x row
         r = p // PAIRS_PER_ROW (ids None: a plain GEMV, e = 0; scales None: no scaling).
@@ -139,7 +172,8 @@ if triton is not None:
         programmatic dependent launch): the first weight tile is loaded before waiting for the
         kernel before this one, whose output x is, so that the weights stream while it ends; with
         ids, only where they were written before that kernel started (expert_gemv_partials).
-        LAUNCH_NEXT (a plain launch): the next kernel may launch at this one's start."""
+        LAUNCH_NEXT (a plain launch): the next kernel may launch at this one's start. PTX: fp8
+        weights converted by FP8_PTX (word_weights)."""
         pair = tl.program_id(2)
         expert = 0
         if ids_ptr is not None:
@@ -183,15 +217,16 @@ if triton is not None:
                 # layout through shared memory, two barriers a load (int8: 5-10 % slower a
                 # pass; float experts keep the row load, which is faster for them: BENCHMARKS.md).
                 x_words = tl.load(x_row + c[None, :], mask=ok, other=0)  # (BLOCK_N, BLOCK_WORDS)
+            ws = word_weights(words, PER_WORD, FP8, PTX)  # PER_WORD x (BLOCK_N, BLOCK_WORDS)
+            up_ws = word_weights(up_words, PER_WORD, FP8, PTX) if SWIGLU else ws
             for j in tl.static_range(PER_WORD):  # weight j of word c is column PER_WORD c + j
-                w = word_to_float(words, j, PER_WORD, FP8)  # (BLOCK_N, BLOCK_WORDS)
                 if X16 is not None:
                     x = half_to_float(x_words, j, X16)
                 else:
                     x = tl.load(x_row + PER_WORD * c + j, mask=c < last, other=0.0)[None, :]
-                acc += w * x.to(tl.float32)  # one reduction over k at the end
+                acc += ws[j] * x.to(tl.float32)  # one reduction over k at the end
                 if SWIGLU:
-                    up_acc += word_to_float(up_words, j, PER_WORD, FP8) * x.to(tl.float32)
+                    up_acc += up_ws[j] * x.to(tl.float32)
         y = tl.sum(acc, axis=1)  # (BLOCK_N,)
         if s_ptr is not None:
             y *= tl.load(s_ptr + expert * expert_rows + rows, mask=row_ok,
@@ -708,10 +743,10 @@ if triton is not None:
         unsigned = bits.to(tl.int32).to(tl.uint32, bitcast=True) & (2 * sign - 1)
         return tl.where(bits < 0, unsigned ^ (2 * sign - 1), unsigned | sign)
 
-# The GEMV's tile for each kind of weight: of 32 (1 to 16 rows x 128 to 1024 words x 4 or 8 warps),
-# the fastest over Llama-2-7B's block layers on an H200 (BENCHMARKS.md): int8 at 4 rows x 512 words
-# (a pass 5 % faster than on fp8's tile; 3 % more tokens a second end to end), fp8 at 8 x 256 (on
-# int8's tile a pass takes 3 % longer). One tile a kind, not autotuned per shape: timing single
+# The GEMV's tile for each kind of weight: one-byte weights at 4 rows x 512 words, of 32 (1 to 16
+# rows x 128 to 1024 words x 4 or 8 warps) the fastest for int8 over Llama-2-7B's block layers on an
+# H200, and of 6 for fp8 on an H100 once fp8 took its PTX conversion (a pass 4 % faster than on 8 x
+# 256, +0.6 % end to end; BENCHMARKS.md). One tile a kind, not autotuned per shape: timing single
 # calls of a kernel this short picked a tile 23 % slower than the best for one layer in one
 # process, and a tile that changes from process to process changes the order of the sums, so the
 # outputs' last bits. bf16 and fp16 weights (FloatLinear's nn.Linear layers at one row) go through
@@ -719,8 +754,8 @@ if triton is not None:
 # rows x 256 to 1024 columns x 4 or 8 warps) over the same layers: a pass in 3.24 ms where cuBLAS
 # takes 3.56 (94 against 86 % of copy).
 FLOAT_GEMV_TILE = dict(BLOCK_N=2, BLOCK_WORDS=1024, num_warps=4, num_stages=1)
-GEMV_TILES = {torch.int8: dict(BLOCK_N=4, BLOCK_WORDS=512, num_warps=4, num_stages=1),
-              torch.float8_e4m3fn: dict(BLOCK_N=8, BLOCK_WORDS=256, num_warps=4, num_stages=1),
+ONE_BYTE_GEMV_TILE = dict(BLOCK_N=4, BLOCK_WORDS=512, num_warps=4, num_stages=1)
+GEMV_TILES = {torch.int8: ONE_BYTE_GEMV_TILE, torch.float8_e4m3fn: ONE_BYTE_GEMV_TILE,
               torch.bfloat16: FLOAT_GEMV_TILE, torch.float16: FLOAT_GEMV_TILE}
 # The GEMV with SwiGLU (swiglu_linear): BLOCK_N gate rows and their BLOCK_N up rows, as many rows as
 # the plain tile's. Of 10 bf16 tiles this was the fastest end to end (one faster alone was slower
@@ -820,7 +855,7 @@ def scaled_gemv_partials(x: Tensor, weight: Tensor, scales: Optional[Tensor], sp
         x, weight if per_word == 1 else weight.view(torch.int32), scales, None, y, n_out,
         K // per_word, words_per_split(K, split_k) * 4 // per_word, 1, PER_WORD=per_word,
         FP8=weight.dtype == torch.float8_e4m3fn, X16=x16, SWIGLU=swiglu_out, PDL=pdl,
-        **pdl_option(pdl), **tile)
+        PTX=on_hopper(x), **pdl_option(pdl), **tile)
     return y
 
 
@@ -1162,7 +1197,8 @@ def expert_gemv_partials(x: Tensor, experts: Tensor, weight: Tensor, scales: Opt
         x, weight.view(torch.int32) if per_word == 4 else weight, scales, experts.contiguous(), y,
         n_out, K // per_word, words_per_split(K, split_k) * 4 // per_word, pairs_per_row,
         PER_WORD=per_word, FP8=weight.dtype == torch.float8_e4m3fn, X16=x16, SWIGLU=swiglu_out,
-        PDL=early, LAUNCH_NEXT=pdl and swiglu_out, **pdl_option(early), **tile)
+        PDL=early, LAUNCH_NEXT=pdl and swiglu_out, PTX=on_hopper(x),
+        **pdl_option(early), **tile)
     return y
 
 
@@ -2361,7 +2397,8 @@ def prepare_for_device(model: nn.Module):
         if isinstance(module, MoEFeedForward) and module.gate.weight.is_cuda and triton is not None:
             module.router_kernel = router_top_k
         # (w13 is FloatLinear already, above; fp8 layers keep SiLU(gate) * up apart: with it in the
-        # GEMV they decode 2.5 % slower, bf16 and int8 1.7 and 2.2 % faster; H200, BENCHMARKS.md)
+        # GEMV they decode 0.8 % slower on an H100 (2.5 % on an H200 before fp8's PTX conversion),
+        # bf16 and int8 1.7 and 2.2 % faster; BENCHMARKS.md)
         if (isinstance(module, FeedForward) and GEMV_SWIGLU and triton is not None
                 and isinstance(module.w13, (FloatLinear, Int8Linear))
                 and module.w13.bias is None and module.w13.weight.is_cuda
