@@ -86,12 +86,10 @@ if triton is not None:
         return (i + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
 
     @triton.jit
-    def word_to_float(words, j: tl.constexpr, PER_WORD: tl.constexpr, FP8: tl.constexpr):
-        """Weight j of each loaded word as float32: a float weight itself (PER_WORD 1), or byte j
-        of an int32 word (PER_WORD 4): an fp8 e4m3 bit pattern, or an int8 value."""
-        if PER_WORD == 1:
-            value = words.to(tl.float32)
-        elif FP8:
+    def byte_to_float(words, j: tl.constexpr, FP8: tl.constexpr):
+        """Byte j of each loaded int32 word as float32: an fp8 e4m3 bit pattern, or an int8
+        value."""
+        if FP8:
             value = (((words >> (8 * j)) & 0xFF).to(tl.uint8)
                      .to(tl.float8e4nv, bitcast=True).to(tl.float32))
         else:  # byte j to the top, then an arithmetic shift down: one conversion instruction
@@ -119,9 +117,10 @@ if triton is not None:
     @triton.jit
     def word_weights(words, PER_WORD: tl.constexpr, FP8: tl.constexpr, PTX: tl.constexpr):
         """The PER_WORD weights of each loaded word as float32, a tuple of tensors shaped like
-        words: word_to_float's values, or fp8's by FP8_PTX (PTX, on Hopper and later GPUs): 237
-        instructions in the GEMV's loop where Triton's form, picking each byte out first, takes 325
-        (and int8's I2F 230), and a pass over Llama-2-7B's layers 7 % faster on an H200."""
+        words: a float weight itself (PER_WORD 1), or the four bytes of an int32 word (PER_WORD 4)
+        by byte_to_float, or fp8's by FP8_PTX (PTX, on Hopper and later GPUs): 237 instructions in
+        the GEMV's loop where Triton's form, picking each byte out first, takes 325 (and int8's I2F
+        230), and a pass over Llama-2-7B's layers 7 % faster on an H200."""
         if FP8 and PTX:
             return tl.inline_asm_elementwise(
                 asm=FP8_PTX, constraints="=r,=r,=r,=r,r", args=[words], dtype=(tl.float32,) * 4,
@@ -129,8 +128,8 @@ if triton is not None:
         elif PER_WORD == 1:
             return (words.to(tl.float32),)
         else:
-            return (word_to_float(words, 0, PER_WORD, FP8), word_to_float(words, 1, PER_WORD, FP8),
-                    word_to_float(words, 2, PER_WORD, FP8), word_to_float(words, 3, PER_WORD, FP8))
+            return (byte_to_float(words, 0, FP8), byte_to_float(words, 1, FP8),
+                    byte_to_float(words, 2, FP8), byte_to_float(words, 3, FP8))
 
     @triton.jit
     def half_to_float(x_words, j: tl.constexpr, X16: tl.constexpr):
