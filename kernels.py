@@ -451,7 +451,6 @@ if triton is not None:
         rows = tl.arange(0, BLOCK_M)  # (BLOCK_M,)
         cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
         col_ok = cols < N
-        ones = tl.full((BLOCK_N, SUB), 1.0, x_ptr.dtype.element_ty)
         w = nibbles_as_bf16(words, PTX)  # 8 x (BLOCK_N, 16): chunk columns 16 j + c
         for i in tl.static_range(128 // SUB):  # the chunk's groups
             a = side_by_side(w, i * SUB // 16, SUB // 16)  # (BLOCK_N, SUB) bits 128 + q
@@ -460,10 +459,19 @@ if triton is not None:
             x = tl.load(x_ptr + rows[:, None] * K + k[None, :],
                         mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
             wx = tl.dot(a.to(x.dtype), tl.trans(x))  # (BLOCK_N, BLOCK_M) sum (128 + q) x
-            # (BLOCK_N, BLOCK_M), each row sum x: a dot gives it in the accumulator's layout, where
-            # a tl.sum of x would need moving into it (slower; at one row, a scalar sum, no faster:
-            # BENCHMARKS.md)
-            x_sum = tl.dot(ones, tl.trans(x))
+            # (BLOCK_N, BLOCK_M), each row's sum of x, from a dot of ones: in the accumulator's
+            # layout, where a tl.sum of x would need moving into it (slower; BENCHMARKS.md). A
+            # single row in groups of 128 or more takes the chunk's x as 8 rows of 16 columns: one
+            # 16-deep dot sums each, and a sum over the dot's 8 columns adds them up, where a
+            # 128-deep dot is 8 in a chain, each waiting on the one before (Llama-2-7B int4 g128
+            # 3.8 % faster end to end on an H100; smaller groups took more instructions so).
+            if BLOCK_M == 1 and SUB == 128:
+                piece = k0 + tl.arange(0, 8)[:, None] * 16 + tl.arange(0, 16)  # (8, 16)
+                x16 = tl.load(x_ptr + piece, mask=piece < K, other=0.0)  # (8, 16)
+                ones = tl.full((BLOCK_N, 16), 1.0, x.dtype)
+                x_sum = tl.sum(tl.dot(ones, tl.trans(x16)), axis=1)[:, None]  # (BLOCK_N, 1)
+            else:
+                x_sum = tl.dot(tl.full((BLOCK_N, SUB), 1.0, x.dtype), tl.trans(x))
             g = (k0 + i * SUB) // GROUP
             g_ok = col_ok & (g < K // GROUP)
             scale = tl.load(s_ptr + cols * (K // GROUP) + g, mask=g_ok, other=0.0).to(tl.float32)
