@@ -31,10 +31,10 @@ from torch import Tensor
 from tqdm import tqdm
 
 import tp
-from checkpoint import (ArgumentParser, InputError, check_device, check_output, load_model,
-                        one_line, read_checkpoint)
-from generate import (Sampling, check_cache_fits, compile_functions, device_name, generate,
-                      write_json)
+from checkpoint import (ArgumentParser, InputError, check_output, load_model, one_line,
+                        read_checkpoint)
+from generate import (DEVICE_FLAGS, Sampling, check_cache_fits, compile_functions, device_name,
+                      generate, resolve_device_flags, write_json)
 from model import Transformer
 from tokenizer import check_ids_fit, load_tokenizer
 
@@ -97,8 +97,10 @@ class EvalModel:
         # What encode() puts before every text (BOS for Llama, nothing for SmolLM2), and the token
         # that stands for an empty context: BOS when the model has one, else its end of sequence, as
         # lm-eval's HF model does (None: neither; perplexity needs none, and run refuses tasks).
-        self.special_prefix = tokenizer.encode("")
+        self.special_prefix = self.encode("")
         self.prefix_token = empty_context_token(tokenizer)
+        check_ids_fit([] if self.prefix_token is None else [self.prefix_token],
+                      model.args.vocab_size)
 
     def fit_cache(self, length: int):
         """Size the KV cache for sequences of up to `length` tokens: the next power of two, at least
@@ -111,9 +113,15 @@ class EvalModel:
             self.model.setup_caches(max_batch_size=self.batch_size, max_seq_length=size)
             self.cache_request = size
 
+    def encode(self, text: str) -> list:
+        """The tokenizer's ids for text, each one the model embeds."""
+        ids = self.tokenizer.encode(text)
+        check_ids_fit(ids, self.model.args.vocab_size)
+        return ids
+
     def encode_plain(self, text: str) -> list:
         """Token ids of text without the BOS that encode() adds for some tokenizers."""
-        ids = self.tokenizer.encode(text)
+        ids = self.encode(text)
         n = len(self.special_prefix)
         return ids[n:] if ids[:n] == self.special_prefix else ids
 
@@ -165,7 +173,7 @@ class EvalModel:
             # Spaces at the end of the context go with the continuation (" Paris", not "Paris"
             # after "is "), and the whole text is encoded at once, so the continuation's tokens are
             # the ones the model would read.
-            tokens = self.tokenizer.encode(context + continuation)
+            tokens = self.encode(context + continuation)
             n = len(tokens) - len(self.tokenizer.encode(context.rstrip()))
         else:  # nothing to condition on: the prefix token stands in
             tokens = [self.prefix_token] + self.encode_plain(context + continuation)
@@ -217,9 +225,12 @@ class EvalModel:
         until = kwargs.get("until") or []
         # Empty stop strings are dropped: "" would stop at once.
         until = [s for s in ([until] if isinstance(until, str) else until) if s]
-        max_new = min(int(kwargs.get("max_gen_toks", 256)), self.max_seq_length - 1)
+        asked = int(kwargs.get("max_gen_toks", 256))
+        if asked < 1:
+            raise InputError(f"a task asks for max_gen_toks {asked}: at least 1 token is needed")
+        max_new = min(asked, self.max_seq_length - 1)
         keep = self.max_seq_length - max_new  # contexts lose their beginning, never the end
-        prompts = [(self.tokenizer.encode(c) or [self.prefix_token])[-keep:] for c in contexts]
+        prompts = [(self.encode(c) or [self.prefix_token])[-keep:] for c in contexts]
         sampling = Sampling(temperature=0)
         temperature = kwargs.get("temperature", 1.0)
         if kwargs.get("do_sample") and temperature > 0:
@@ -447,7 +458,8 @@ def run_tasks(em: EvalModel, lm_eval, task_manager, tasks: list, args) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(
-        description="Perplexity and lm-evaluation-harness tasks for a gpt-blitz checkpoint.")
+        description="Perplexity and lm-evaluation-harness tasks for a gpt-blitz checkpoint.",
+        parents=[DEVICE_FLAGS])
     p.add_argument("--checkpoint_path", type=Path, required=True, help="checkpoint folder, or a "
                    "weights file in it (model_int8.pth etc. from quantize.py)")
     p.add_argument("--text_file", type=Path, help="UTF-8 text to measure perplexity on (default: "
@@ -476,10 +488,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compile the forward pass and the prefill (dynamic shapes) and the decode "
                    "step")
     p.add_argument("--output", type=Path, help="write the results to this JSON file")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where the model runs (default: cuda when there is a GPU, else cpu)")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
-                   help="weights and activations (default: bfloat16 on GPU, float32 on CPU)")
     return p.parse_args(argv)
 
 
@@ -525,9 +533,7 @@ def check_args(args, block_size: int):
                            for task in folder.glob("**/*.y*ml"))):
                 raise InputError(f"--output {args.output} is a task file of --include_path "
                                  f"{folder}, or data one names; name another file")
-    args.device = check_device(args.device, "--device")
-    args.dtype = getattr(torch, args.dtype) if args.dtype else (
-        torch.bfloat16 if args.device.type == "cuda" else torch.float32)
+    resolve_device_flags(args)
 
 
 def load_eval_model(args, ckpt, device: torch.device) -> Transformer:

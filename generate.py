@@ -158,6 +158,7 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, sampling: S
     a near-tie can go either way). on_tokens(one new id per row, None for rows that have ended) is
     called as tokens reach the host. cached: the first tokens of a single prompt that the KV cache
     holds already (a conversation's earlier turns): only the rest is prefilled."""
+    assert max_new_tokens >= 1, "the prefill samples one token: max_new_tokens must be at least 1"
     device = model.tok_embeddings.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
     idx = torch.tensor([p + [0] * (T - len(p)) for p in prompts], device=device)  # (B, T)
@@ -349,6 +350,7 @@ def speculative_generate(model: Transformer, proposer, prompts: list, max_new_to
     (prompt,) = prompts
     device = model.tok_embeddings.weight.device
     k, T = proposer.k, len(prompt)
+    assert max_new_tokens >= 1, "the prefill samples one token: max_new_tokens must be at least 1"
     assert T + max_new_tokens + k - 1 <= model.max_seq_length, (
         "setup_caches() too small: a round writes k slots ahead")
     idx = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
@@ -471,7 +473,8 @@ def main(argv=None):
         print(f"note: generating {max_new} tokens, all that fit the model's context of {room}",
               file=sys.stderr)
     if args.interactive:
-        return interactive(args, tokenizer, generate_fn, max_seq, max_new, model_bytes, device)
+        return interactive(args, tokenizer, generate_fn, max_seq, max_new, model_bytes, device,
+                           config.vocab_size)
     run_samples(args, prompts, generate_fn, tokenizer, max_new, model_bytes, device, compiled)
 
 
@@ -684,7 +687,7 @@ def describe_speculation(m: dict) -> str:
 
 
 def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: int,
-                model_bytes: int, device: torch.device):
+                model_bytes: int, device: torch.device, vocab_size: int):
     """A conversation from the terminal until end of input. With --chat the chat template is
     rendered over every turn so far and the KV cache keeps what it already holds: only the new part
     of the conversation is prefilled. When the conversation leaves too little room in the cache for
@@ -717,7 +720,8 @@ def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: i
                 ids = tokenizer.encode_chat(messages)
                 print(f"(dropped the oldest turn: the conversation left too little room for an "
                       f"answer in the {max_seq}-token cache)", file=sys.stderr)
-        except InputError as e:  # a template that refuses this turn: skip it, keep the conversation
+            check_ids_fit(ids, vocab_size)
+        except InputError as e:  # a turn refused (by the template, say): skip it, keep the rest
             print(f"error: {e}", file=sys.stderr)
             messages.pop()
             continue
@@ -761,9 +765,11 @@ def compile_functions(compile_decode: bool, compile_prefill: bool, *,
     """The prefill and the decode step, each compiled if asked (server.py passes its own step, and
     decode_dynamic=False: a static graph for each row count), handed back as values rather than
     installed over module globals."""
-    # The model's float constants (the norms' eps) as constants from the start: traced as symbols,
-    # as a dynamic compile does by default, they fail a later pass, which traces the prefill again.
-    torch._dynamo.config.specialize_float = True
+    if compile_decode or compile_prefill:
+        # The model's float constants (the norms' eps) as constants from the start: traced as
+        # symbols, as a dynamic compile does by default, they fail a later pass, which traces the
+        # prefill again.
+        torch._dynamo.config.specialize_float = True
     decode_fn = (torch.compile(decode_step, mode="reduce-overhead", fullgraph=True,
                                dynamic=decode_dynamic) if compile_decode else decode_step)
     prefill_fn = (torch.compile(prefill_step, fullgraph=True, dynamic=True)
@@ -895,8 +901,17 @@ def load_proposer(args, config: ModelArgs, device: torch.device, sampling: Sampl
 
 DEFAULT_PROMPT = "Hello, my name is"
 
-# The flags that choose the model and how it runs: generate.py's, and server.py's through
+# Where a model runs and in which dtype: generate.py's, server.py's and eval.py's, through
 # argparse's `parents`.
+DEVICE_FLAGS = ArgumentParser(add_help=False)
+DEVICE_FLAGS.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                          help="where the model runs (default: cuda when there is a GPU, else cpu)")
+DEVICE_FLAGS.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                          help="weights and activations (default: bfloat16 on a GPU, float32 on a "
+                          "CPU)")
+
+# The flags that choose the model and how it runs: generate.py's, and server.py's, with
+# DEVICE_FLAGS after them.
 MODEL_FLAGS = ArgumentParser(add_help=False)
 MODEL_FLAGS.add_argument("--checkpoint_path", type=Path,
                          help="checkpoint folder, or the weights file inside it")
@@ -909,11 +924,14 @@ MODEL_FLAGS.add_argument("--random_quantization", choices=tp.RANDOM_QUANTIZATION
                          "device")
 MODEL_FLAGS.add_argument("--compile", action="store_true",
                          help="compile the decode step (on a GPU, each step replays a CUDA graph)")
-MODEL_FLAGS.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                         help="where the model runs (default: cuda when there is a GPU, else cpu)")
-MODEL_FLAGS.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
-                         help="weights and activations (default: bfloat16 on a GPU, float32 on a "
-                         "CPU)")
+
+
+def resolve_device_flags(args):
+    """DEVICE_FLAGS in place: --device a torch.device this machine has, --dtype a torch.dtype."""
+    args.device = check_device(args.device, "--device")
+    args.dtype = getattr(torch, args.dtype) if args.dtype else (
+        torch.bfloat16 if args.device.type == "cuda" else torch.float32)
+
 
 def check_model_flags(args):
     """Check the MODEL_FLAGS of parsed args; resolve --device and --dtype in place."""
@@ -924,14 +942,12 @@ def check_model_flags(args):
     if args.random_quantization and not args.random_weights:
         raise InputError("--random_quantization goes with --random_weights (a checkpoint records "
                          "its own)")
-    args.device = check_device(args.device, "--device")
-    args.dtype = getattr(torch, args.dtype) if args.dtype else (
-        torch.bfloat16 if args.device.type == "cuda" else torch.float32)
+    resolve_device_flags(args)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description="Generate text with a gpt-blitz checkpoint (or random "
-                       "weights, to benchmark).", parents=[MODEL_FLAGS])
+                       "weights, to benchmark).", parents=[MODEL_FLAGS, DEVICE_FLAGS])
     p.add_argument("--compile_prefill", action="store_true",
                    help="also compile the prefill (dynamic shapes)")
     p.add_argument("--prompt", action="append",

@@ -192,6 +192,13 @@ def float_weights(source: WeightsFile, args: ModelArgs) -> Callable[[str], Tenso
     return get
 
 
+def unquantized_weights(get: Callable, args: ModelArgs, layers: list) -> dict:
+    """The weights that stay as they are (embedding, norms, biases): every one but the layers'."""
+    quantized = {f"{layer}.weight" for layer in layers}
+    return {name: get(name) for name in empty_model(args).state_dict()
+            if name not in quantized and not (name == "output.weight" and args.tie_embeddings)}
+
+
 def quantize_state_dict(source: WeightsFile, args: ModelArgs, mode: str, groupsize: Optional[int],
                         output_mode: Optional[str], progress: bool = False):
     """Quantize a float checkpoint read a tensor at a time, so no second float copy exists; the
@@ -200,10 +207,7 @@ def quantize_state_dict(source: WeightsFile, args: ModelArgs, mode: str, groupsi
     get = float_weights(source, args)
     layers = linear_names(args, include_output=output_mode is not None)
     qargs, quantization = quantized_config(args, mode, groupsize, output_mode, layers, {})
-    quantized = {f"{layer}.weight" for layer in layers}
-    kept = [name for name in empty_model(args).state_dict()  # embedding, norms, biases: as they are
-            if name not in quantized and not (name == "output.weight" and args.tie_embeddings)]
-    out = {name: get(name) for name in kept}
+    out = unquantized_weights(get, args, layers)
     # disable=None: the bar shows on a terminal only, never in logs or captured output.
     for layer in tqdm(layers, desc=f"quantizing to {mode}", unit="layer",
                       disable=None if progress else True):
@@ -392,10 +396,7 @@ def gptq_quantize_state_dict(source: WeightsFile, args: ModelArgs, groupsize: in
     files hold what RTN's hold."""
     get = float_weights(source, args)
     layers = linear_names(args, include_output=output_mode is not None)
-    quantized = {f"{layer}.weight" for layer in layers}
-    kept = [name for name in empty_model(args).state_dict()  # embedding, norms, biases: as they are
-            if name not in quantized and not (name == "output.weight" and args.tie_embeddings)]
-    out = {name: get(name) for name in kept}
+    out = unquantized_weights(get, args, layers)
     samples, seq_len = tokens.shape
     batch = max(1, GPTQ_TOKENS_PER_FORWARD // seq_len)  # samples per forward
     x = out["tok_embeddings.weight"][tokens].to(device, torch.float32)  # (samples, seq_len, dim)

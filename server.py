@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 import tp
 from checkpoint import CONFIGS, ArgumentParser, InputError, read_checkpoint
-from generate import MODEL_FLAGS, check_model_flags, compile_functions, load_weights
+from generate import DEVICE_FLAGS, MODEL_FLAGS, check_model_flags, compile_functions, load_weights
 from model import ModelArgs, Transformer
 from tokenizer import TextStreamer, is_text, load_tokenizer
 
@@ -846,7 +846,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Serve a gpt-blitz checkpoint over an OpenAI-compatible HTTP API, many "
         "requests batched at once; under torchrun the model is split over the processes. "
         "Speculative decoding is not served (its flags are refused).",
-        parents=[MODEL_FLAGS])
+        parents=[MODEL_FLAGS, DEVICE_FLAGS])
     # generate.py's flag, kept out of --help: it is refused below (the decode step prefills)
     p.add_argument("--compile_prefill", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

@@ -398,8 +398,8 @@ class TextStreamer:
         if text.endswith("\ufffd"):
             return ""
         new = text[self.emitted(text):]
-        self.ids, context = self.context(self.tokenizer, self.ids)
-        self.done, self.shown = len(context), None
+        self.ids, context_text = self.context(self.tokenizer, self.ids)
+        self.done, self.shown = len(context_text), None
         return new
 
     def flush(self) -> str:

@@ -23,7 +23,8 @@ def smollm2(smollm2_checkpoint):
     return load_model(ckpt, dtype=torch.float32), load_tokenizer(ckpt.folder)
 
 
-def converse(tokenizer, lines: list, monkeypatch, max_seq=4096, chat=True, compiled=False):
+def converse(tokenizer, lines: list, monkeypatch, max_seq=4096, chat=True, compiled=False,
+             vocab_size=None):
     """Run generate.interactive on `lines` of input with a stand-in model that answers "Fine." and
     records what it was asked: [(prompt ids, cached)] per turn."""
     asked = []
@@ -35,13 +36,14 @@ def converse(tokenizer, lines: list, monkeypatch, max_seq=4096, chat=True, compi
         ended = len(tokens) < max_new  # room for its end-of-sequence token
         return generate.Generation([tokens], len(tokens) + ended, [len(prompts[0]) - cached], 0.1,
                                    0.1, len(tokens))
-    interact(tokenizer, lines, monkeypatch, fake_generate, max_seq, 32, chat, compiled)
+    interact(tokenizer, lines, monkeypatch, fake_generate, max_seq, 32, chat, compiled, vocab_size)
     return asked
 
 
 def interact(tokenizer, lines: list, monkeypatch, generate_fn, max_seq: int, max_new: int,
-             chat=True, compiled=False):
-    """generate.interactive reading `lines` as the terminal's input, answering with generate_fn."""
+             chat=True, compiled=False, vocab_size=None):
+    """generate.interactive reading `lines` as the terminal's input, answering with generate_fn, for
+    a model of vocab_size tokens (the tokenizer's own by default)."""
     feed = iter(lines)
 
     def fake_input(prompt=""):
@@ -52,7 +54,8 @@ def interact(tokenizer, lines: list, monkeypatch, generate_fn, max_seq: int, max
     monkeypatch.setattr(builtins, "input", fake_input)
     args = type("Args", (), dict(chat=chat, metrics=False, compile=compiled,
                                  compile_prefill=False))()
-    generate.interactive(args, tokenizer, generate_fn, max_seq, max_new, 1, torch.device("cpu"))
+    generate.interactive(args, tokenizer, generate_fn, max_seq, max_new, 1, torch.device("cpu"),
+                         vocab_size or tokenizer.vocab_size)
 
 
 def test_each_turn_runs_the_whole_conversation_and_reuses_the_cache(smollm2, monkeypatch):
@@ -67,6 +70,17 @@ def test_each_turn_runs_the_whole_conversation_and_reuses_the_cache(smollm2, mon
     for (previous, _), (prompt, cached) in zip(asked, asked[1:]):
         assert 0 < cached < len(prompt)  # only the new part is prefilled
         assert prompt[:len(previous)] == previous  # the cached tokens are what the cache holds
+
+
+def test_a_line_beyond_the_models_vocabulary_is_refused_and_the_next_one_runs(smollm2, monkeypatch,
+                                                                             capsys):
+    _, tokenizer = smollm2
+    rare, common = "Zyzzyva quixotically", "the"
+    vocab_size = max(tokenizer.encode(rare))  # a model one token short of the rare line's ids
+    assert max(tokenizer.encode(common)) < vocab_size
+    asked = converse(tokenizer, [rare, common], monkeypatch, chat=False, vocab_size=vocab_size)
+    assert [prompt for prompt, _ in asked] == [tokenizer.encode(common)]
+    assert f"error: the tokenizer gives id {vocab_size}," in capsys.readouterr().err
 
 
 def test_clear_starts_the_conversation_over(smollm2, monkeypatch):

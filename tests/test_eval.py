@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -358,6 +359,48 @@ def test_a_task_continuation_longer_than_the_window_is_one_input_error(tiny_chec
     with pytest.raises(InputError) as e:
         model.loglikelihood([("w1 w2", " w3" * 9)], progress=False)
     assert_one_error_line(f"error: {e.value}", "continuation of 9 tokens", "--max_seq_length 8")
+
+
+@pytest.fixture
+def tiny_with_smollm2s_tokenizer(tiny_checkpoint, smollm2_checkpoint, tmp_path) -> Path:
+    """The tiny model (a vocabulary of a few dozen words) with SmolLM2's tokenizer, ids up to 49151."""
+    folder = Path(shutil.copytree(tiny_checkpoint, tmp_path / "tiny"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_checkpoint / name, folder / name)
+    return folder
+
+
+def test_a_task_whose_text_is_beyond_the_models_vocabulary_is_one_error_line(offline_hub,
+                                                                             tiny_with_smollm2s_tokenizer,
+                                                                             monkeypatch, capsys):
+    """Found once the model is loaded and the task's requests encoded (the loading line comes first)."""
+    monkeypatch.chdir(ROOT)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in ["--checkpoint_path", tiny_with_smollm2s_tokenizer, "--device", "cpu",
+                               "--tasks", "capitals", "--include_path", "tests/data", "--limit", 2]])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "Traceback" not in err, err
+    assert_one_error_line(err.strip().splitlines()[-1], "the tokenizer gives id", "not this model's")
+
+
+def test_generate_until_refuses_prompts_beyond_the_vocabulary_and_max_gen_toks_below_one(
+        tiny_checkpoint, tiny_with_smollm2s_tokenizer):
+    from lm_eval.api.instance import Instance
+
+    def generate_until(folder: Path, prompt: str, max_gen_toks: int) -> list:
+        ckpt = read_checkpoint(folder)
+        em = EvalModel(load_model(ckpt, dtype=torch.float32), load_tokenizer(folder), max_seq_length=16,
+                       batch_size=1)
+        request = Instance("generate_until", {}, (prompt, {"until": [], "max_gen_toks": max_gen_toks}), 0)
+        return harness_model(em).generate_until([request])
+
+    assert len(generate_until(tiny_checkpoint, "w1 w2", 1)) == 1  # the smallest request that runs
+    for folder, max_gen_toks, words in [(tiny_checkpoint, 0, ["max_gen_toks 0", "at least 1"]),
+                                        (tiny_with_smollm2s_tokenizer, 4, ["the tokenizer gives id"])]:
+        with pytest.raises(InputError) as e:
+            generate_until(folder, "The capital of France is", max_gen_toks)
+        assert_one_error_line(f"error: {e.value}", *words)
 
 
 def test_missing_lm_eval_gives_one_error_line(smollm2_checkpoint, tmp_path):

@@ -144,6 +144,16 @@ def test_generation_ends_mid_round_at_max_new_tokens_and_at_an_end_of_sequence_t
     assert ended_mid_round(gen)
 
 
+def test_one_new_token_is_the_prefills_and_none_is_a_callers_error():
+    target, prompt = peaked_model(seed=0, vocab_size=97), [5, 6, 7]
+    gen = speculate(target, DraftModel(copy.deepcopy(target), k=4, sampling=GREEDY), prompt, 1)
+    assert gen.tokens[0] == greedy(target, prompt, 1) and gen.generated == 1
+    with pytest.raises(AssertionError, match="max_new_tokens must be at least 1"):
+        greedy(target, prompt, 0)
+    with pytest.raises(AssertionError, match="max_new_tokens must be at least 1"):
+        speculate(target, DraftModel(copy.deepcopy(target), k=4, sampling=GREEDY), prompt, 0)
+
+
 @pytest.mark.slow
 def test_compiled_speculation_matches_eager_and_plain_greedy(tmp_path):
     """generate.py --compile's speculation: the draft step that load_proposer compiles, and
