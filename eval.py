@@ -508,6 +508,9 @@ def check_args(args, block_size: int):
     elif not 1 <= args.stride <= args.max_seq_length:
         raise InputError(f"--stride must be in 1..{args.max_seq_length} (--max_seq_length), got "
                          f"{args.stride}")
+    if args.limit is not None and args.tasks and args.text_file:
+        raise InputError("--limit counts a text's tokens and a task's examples: with both --tasks "
+                         "and --text_file, run them apart")
     for flag in ("limit", "batch_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -570,7 +573,7 @@ def run(args) -> dict:
     model = load_eval_model(args, ckpt, device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    print(f"Loaded {args.checkpoint_path} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    print(f"Loaded {ckpt.weights} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     em = EvalModel(model, tokenizer, args.max_seq_length, args.batch_size, args.compile)
 
     report = dict(checkpoint=str(args.checkpoint_path),

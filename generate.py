@@ -437,6 +437,8 @@ def main(argv=None):
         raise InputError(f"the prompt has {args.prompt_tokens} tokens but the model's context is "
                          f"{room}")
     prompts = [[0]] if args.interactive else encode_prompts(args, tokenizer, config.vocab_size)
+    if args.interactive and args.chat:  # no chat template: refused now rather than at every turn
+        tokenizer.encode_chat([{"role": "user", "content": DEFAULT_PROMPT}])
     longest = max(len(p) for p in prompts)
     if longest >= context:
         raise InputError(f"the prompt has {longest} tokens but the model's context is {room}")
@@ -538,7 +540,7 @@ def load_weights(args, ckpt, config: ModelArgs, device: torch.device, batch_size
         model = load_model(ckpt, device, args.dtype)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    print(f"Loaded {args.random_weights or args.checkpoint_path} in "
+    print(f"Loaded {args.random_weights or ckpt.weights} in "
           f"{time.perf_counter() - t0:.2f} s", file=sys.stderr)
     model.setup_caches(max_batch_size=batch_size, max_seq_length=cache_length)
     return model
@@ -609,7 +611,7 @@ def run_samples(args, prompts: list, generate_fn: Callable, tokenizer, max_new: 
             [sum(n) for n in zip(*(r["accepted_lengths"] for r in results))]))
         print(f"All {len(results)} samples: {describe_speculation(summary)}", file=sys.stderr)
     if args.json:
-        write_json(args.json, dict(args={k: str(v) for k, v in vars(args).items()},
+        write_json(args.json, dict(args=vars(args),
                                    device=device_name(device), torch=torch.__version__,
                                    model_bytes=model_bytes, compile_s=compile_s,
                                    # model_bytes and GB/s: per GPU (per process on a CPU)
@@ -708,6 +710,8 @@ def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: i
         except (UnicodeDecodeError, UnicodeEncodeError):  # skip the line, keep the conversation
             print("error: the input is not UTF-8 text", file=sys.stderr)
             continue
+        if not text.strip():  # an empty line asks nothing
+            continue
         if text.strip() == "/clear":
             messages, in_cache = [], []
             print("(conversation cleared)", file=sys.stderr)
@@ -786,8 +790,8 @@ def encode_prompts(args, tokenizer, vocab_size: int) -> list:
     """Token ids for each distinct prompt: the --prompt texts, or --prompt_tokens random ids
     (main repeats a single prompt --batch_size times)."""
     if args.prompt and tokenizer is None:
-        raise InputError("a text prompt needs a tokenizer: use --checkpoint_path, or "
-                         "--prompt_tokens N with --random_weights")
+        raise InputError("a text prompt needs a tokenizer (use --checkpoint_path); random weights "
+                         "take one prompt of N random tokens: --prompt N or --prompt_tokens N")
     if args.prompt_tokens is not None or tokenizer is None:
         return [torch.randint(0, vocab_size, (args.prompt_tokens or 5,)).tolist()]
     prompts = []
@@ -818,7 +822,7 @@ def write_trace(prof, path: Path):
 
 
 def write_json(path: Path, data: dict):
-    text = json.dumps(data, indent=2) + "\n"
+    text = json.dumps(data, indent=2, default=str) + "\n"  # paths, dtypes, devices: as text
     write_files(path.parent, {path.name: lambda tmp: tmp.write_text(text)})
 
 
@@ -888,11 +892,12 @@ def load_proposer(args, config: ModelArgs, device: torch.device, sampling: Sampl
     if args.speculate_ngram is not None:
         return PromptLookup(args.speculate_ngram, k, config.vocab_size, device)
     t0 = time.perf_counter()
-    draft = load_model(read_checkpoint(args.draft_checkpoint_path), device, args.dtype)
+    ckpt = read_checkpoint(args.draft_checkpoint_path)
+    draft = load_model(ckpt, device, args.dtype)
     draft.setup_caches(max_batch_size=1, max_seq_length=cache_length)
     step_fn = (torch.compile(draft_one_token, mode="reduce-overhead",
                              fullgraph=True) if args.compile else draft_one_token)
-    print(f"Loaded draft {args.draft_checkpoint_path} in {time.perf_counter() - t0:.2f} s",
+    print(f"Loaded draft {ckpt.weights} in {time.perf_counter() - t0:.2f} s",
           file=sys.stderr)
     return DraftModel(draft, k, sampling, step_fn, prefill_fn)
 
@@ -962,7 +967,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with --interactive: print each answer's metrics (timed runs always do)")
     p.add_argument("--interactive", action="store_true",
                    help="read prompts from the terminal and stream answers; with --chat a "
-                   "conversation that remembers its turns (/clear starts over)")
+                   "conversation that remembers its turns (/clear starts over) in a cache of the "
+                   "model's context up to 4096 tokens")
     p.add_argument("--num_samples", type=int, default=1,
                    help="timed generations of the same prompts (default 1)")
     p.add_argument("--max_new_tokens", type=int, default=200,
@@ -1044,3 +1050,6 @@ if __name__ == "__main__":
         main()
     except InputError as e:
         tp.exit_with_error(e)
+    except BrokenPipeError:  # the reader left (`| head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush
+        sys.exit(1)

@@ -676,7 +676,7 @@ def run(args):
     print(f"{args.mode}{f' g{args.groupsize}' if args.groupsize else ''}: "
           f"{len(quantization['layers'])} linear layers, output layer "
           f"{args.output_mode or 'kept in float'}; {size}; wrote {out} and "
-          f"{out.with_suffix('.json').name}")
+          f"{', '.join([out.with_suffix('.json').name, *tokenizer_files])}")
 
 
 def main(argv=None):

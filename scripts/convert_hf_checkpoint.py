@@ -522,8 +522,10 @@ def main(argv=None):
     n_bytes = sum(t.numel() * t.element_size() for t in state_dict.values())
     dtypes = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in state_dict.values()}))
     print(f"wrote {opts.checkpoint_dir / 'model.safetensors'} ({len(state_dict)} tensors, "
-          f"{n_bytes / 1e9:.2f} GB, {dtypes}) and config.json; tokenizer files: "
-          f"{', '.join(copied) or 'none found'}")
+          f"{n_bytes / 1e9:.2f} GB, {dtypes}) and {', '.join(['config.json', *copied])}")
+    if not {"tokenizer.json", "tokenizer.model"} & set(copied):
+        print(f"note: the snapshot has no tokenizer.json or tokenizer.model; text prompts need "
+              f"one of them in {opts.checkpoint_dir}", file=sys.stderr)
 
 
 if __name__ == "__main__":

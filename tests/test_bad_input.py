@@ -227,6 +227,8 @@ def test_synthetic_prompt_is_its_flag_or_a_number_prompt_with_random_weights(tmp
 def test_text_prompt_with_random_weights_is_refused(capsys):
     refused_here("generate.py", "--random_weights", "stories15M", "--prompt", "7 days", "--device", "cpu",
                  words=["needs a tokenizer", "--prompt_tokens"], capsys=capsys)
+    refused_here("generate.py", "--random_weights", "stories15M", "--prompt", "7", "--prompt", "8", "--device",
+                 "cpu", words=["random weights take one prompt of N random tokens"], capsys=capsys)
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
@@ -262,6 +264,12 @@ def test_interactive_turn_the_chat_template_refuses_is_reported_and_the_session_
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "one question at a time" in errors[0], stderr
     assert "(conversation cleared)" in stderr
+
+
+def test_interactive_chat_without_a_chat_template_is_refused_before_the_first_turn(tiny, capsys):
+    edit_json(tiny / "tokenizer_config.json", chat_template=None)
+    refused_here("generate.py", "--checkpoint_path", tiny, "--interactive", "--chat", *GEN,
+                 words=["no chat template"], capsys=capsys)
 
 
 # ---- generate.py: flags -----------------------------------------------------------------------------
@@ -723,6 +731,22 @@ def test_hf_converter_needs_force_to_overwrite_and_force_leaves_exactly_its_file
     succeeds_here("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path, "--force")
     assert set(snapshot(tmp_path)) == set(converted)  # the stale template is gone
     assert snapshot(hf) == source  # the source folder inside the output is left alone
+
+
+def test_hf_converter_names_the_files_it_wrote_and_notes_a_missing_tokenizer(tiny_hf, smollm2_checkpoint,
+                                                                            tmp_path, capsys):
+    hf = hf_source(tiny_hf, tmp_path)  # as save_pretrained writes a model: no tokenizer
+    capsys.readouterr()
+    succeeds_here("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path)
+    out = capsys.readouterr()
+    assert out.out.rstrip().endswith("and config.json, generation_config.json"), out.out
+    assert out.err.strip() == ("note: the snapshot has no tokenizer.json or tokenizer.model; text prompts "
+                               f"need one of them in {tmp_path}")
+    shutil.copy(smollm2_checkpoint / "tokenizer.json", hf / "tokenizer.json")
+    succeeds_here("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path, "--force")
+    out = capsys.readouterr()
+    assert out.out.rstrip().endswith("and config.json, tokenizer.json, generation_config.json"), out.out
+    assert not out.err
 
 
 @pytest.mark.slow

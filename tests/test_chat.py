@@ -83,6 +83,14 @@ def test_a_line_beyond_the_models_vocabulary_is_refused_and_the_next_one_runs(sm
     assert f"error: the tokenizer gives id {vocab_size}," in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "plain"])
+def test_empty_lines_ask_nothing(smollm2, monkeypatch, capsys, chat):
+    _, tokenizer = smollm2
+    asked = converse(tokenizer, ["", "   ", TURNS[0]], monkeypatch, chat=chat)
+    assert len(asked) == 1 and TURNS[0] in tokenizer.decode(asked[0][0])
+    assert "skipped" not in capsys.readouterr().err
+
+
 def test_clear_starts_the_conversation_over(smollm2, monkeypatch):
     _, tokenizer = smollm2
     asked = converse(tokenizer, [TURNS[0], "/clear", TURNS[1]], monkeypatch)

@@ -343,7 +343,8 @@ def test_results_of_an_earlier_run_under_include_path_may_be_written_again(tiny_
     (["--num_fewshot", 3], ["--num_fewshot only sets up --tasks"]),
     (["--include_path", "{tmp}", "--download"], ["--include_path, --download only set up --tasks"]),
     (["--tasks", "capitals", "--stride", 4], ["--stride sets up the perplexity"]),
-], ids=["fewshot", "include-path-and-download", "stride-without-a-text"])
+    (["--tasks", "capitals", "--text_file", "{tmp}/text", "--limit", 2], ["--limit counts", "run them apart"]),
+], ids=["fewshot", "include-path-and-download", "stride-without-a-text", "limit-for-a-text-and-tasks"])
 def test_flags_the_run_would_ignore_are_refused(args, words, tiny_checkpoint, tmp_path, capsys):
     argv = ["--checkpoint_path", tiny_checkpoint, "--device", "cpu", *[str(a).format(tmp=tmp_path) for a in args]]
     main_error(main, argv, capsys, *words)

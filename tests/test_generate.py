@@ -2,6 +2,8 @@
 generate.py's command line in this process, on such a model saved with a word-level tokenizer."""
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 import generate as G
 from generate import Sampling, generate, probabilities, sample
 from checkpoint import InputError, save_checkpoint
+from conftest import ROOT
 from model import ModelArgs, Transformer
 
 TINY = dict(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=97, intermediate_size=96, block_size=128)
@@ -344,6 +347,17 @@ def generate_here(capsys, checkpoint: Path, *flags) -> tuple[str, str]:
     return out.out, out.err
 
 
+def test_a_reader_that_leaves_early_ends_generation_quietly(tiny_checkpoint):
+    """`generate.py ... | head -c 3`: the pipe closes while samples are still being written."""
+    argv = [sys.executable, "generate.py", "--checkpoint_path", tiny_checkpoint, "--prompt", PROMPT,
+            "--device", "cpu", "--num_samples", 50, "--max_new_tokens", 8]
+    with subprocess.Popen([str(a) for a in argv], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as run:
+        assert len(run.stdout.read(3)) == 3
+        run.stdout.close()
+        stderr = run.stderr.read().decode()
+    assert run.returncode == 1 and "Traceback" not in stderr, stderr
+
 
 def test_no_prompt_flag_prints_and_answers_the_default_prompt(smollm2_checkpoint, capsys):
     """Without --prompt the run is that of --prompt DEFAULT_PROMPT: the prompt, then its answer."""
@@ -424,7 +438,9 @@ def test_bfloat16_weights_generate_and_a_step_reads_half_the_bytes_of_float32(ti
                                "--dtype", dtype, "--json", tmp_path / f"{dtype}.json")
         assert len(out.removeprefix(PROMPT).split()) == 8, out
         results[dtype] = json.loads((tmp_path / f"{dtype}.json").read_text())
-    assert results["bfloat16"]["args"]["dtype"] == "torch.bfloat16"
+    args = results["bfloat16"]["args"]  # the flags with JSON's types, paths and dtypes as text
+    assert args["dtype"] == "torch.bfloat16" and args["checkpoint_path"] == str(tiny_checkpoint)
+    assert (args["max_new_tokens"], args["temperature"], args["prompt"]) == (8, 0.0, [PROMPT])
     assert results["bfloat16"]["samples"][0]["new_tokens"] == [8]
     assert 2 * results["bfloat16"]["model_bytes"] == results["float32"]["model_bytes"]
 

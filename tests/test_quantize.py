@@ -620,8 +620,11 @@ def test_an_output_in_another_folder_gets_the_tokenizer_files(tiny_checkpoint, s
         shutil.copy(smollm2_checkpoint / name, source / name)
     apart = tmp_path / "apart"
     apart.mkdir()
+    capsys.readouterr()
     Q.main(["--checkpoint_path", str(source), "--mode", "int8", "--out", str(apart / "q.pth")])
     assert {p.name for p in apart.iterdir()} == {"q.pth", "q.json", *tokenizer_files}
+    assert capsys.readouterr().out.strip().endswith(  # the summary names every file written
+        f"wrote {apart / 'q.pth'} and q.json, tokenizer.json, tokenizer_config.json")
     for name in tokenizer_files:
         assert (apart / name).read_bytes() == (source / name).read_bytes()
     assert read_checkpoint(apart / "q.pth").quantization["mode"] == "int8"
