@@ -141,7 +141,8 @@ def to_device(values: list, device) -> Tensor:
 @dataclass(eq=False)  # a job is itself: found in the waiting queue by identity
 class Job:
     """One request as the scheduler sees it. `emit` hands the HTTP side each new token id, then one
-    finish reason ("stop" or "length"), through the scheduler's deliver."""
+    finish reason ("stop" or "length"), through the scheduler's deliver (or "stop" from the HTTP
+    side itself, for a client gone)."""
     prompt: list
     max_tokens: int
     temperature: float
@@ -149,7 +150,7 @@ class Job:
     top_p: float
     seed: int
     emit: Callable
-    cancelled: bool = False  # set by the HTTP side: a stop string, a client gone
+    cancelled: bool = False  # set by the HTTP side: a stop string, a client gone, the answer's end
     filled: int = 0  # prompt tokens prefilled: all but the last, the first decode step's input
     computed: int = 0  # tokens sampled on the device: emitted, or in the step in flight
     generated: int = 0  # tokens emitted
@@ -158,7 +159,8 @@ class Job:
 
 class Scheduler:
     """Owns the model and its cache: B rows for B requests. HTTP handlers submit and cancel jobs
-    from the event loop's thread; everything else happens on the scheduler's own thread. step_fn
+    (from the event loop's thread, or Starlette's thread pool for a stream's background task;
+    `changed` guards the queue); everything else happens on the scheduler's own thread. step_fn
     is decode_rows, compiled or not; compiled, every chunk is padded to --prefill_chunk tokens
     (static_chunks): one shape."""
 
@@ -252,7 +254,7 @@ class Scheduler:
         slots, which its first request overwrites."""
         device, B = self.temperature.device, len(self.rows)
         shapes = [(n, None) for n in sorted({self.rows_run(last) for last in range(B)})]
-        shapes.append((B, self.chunk_at(0, [0, 0])))
+        shapes.append((B, self.chunk_at(0, [0] * min(2, self.prefill_chunk))))
         with tqdm(shapes, desc="warm-up", unit="step") as bar:
             for n, chunk in bar:
                 bar.set_postfix_str(f"{n} rows" + (" and a prompt" if chunk else ""))
@@ -627,7 +629,7 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
         if (refused := await key_refused(request)) is not None:
             return refused
         errors = e.errors()
-        media = request.headers.get("content-type", "").split(";")[0].strip()
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if errors[0]["loc"][:1] == ("body",) and not media.endswith(("/json", "+json")):
             # FastAPI reads no other body as JSON: curl -d without -H sends a form
             return APIError(400, "send the body as JSON, with the header Content-Type: "
@@ -758,9 +760,9 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
                         total_tokens=len(prompt) + n)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            # A client that leaves ends the stream (Starlette listens for it), and the answer's end
-            # cancels the job; the background task, run however the response ends, cancels one
-            # whose stream never started.
+            # A client that leaves ends the stream (Starlette listens for it below ASGI 2.4, and
+            # uvicorn's HTTP scope says 2.3), and the answer's end cancels the job; the background
+            # task, run however the response ends, cancels one whose stream never started.
             return StreamingResponse(chunks(answer(job, queue, stops, chat), head, chat, usage,
                                             include_usage), media_type="text/event-stream",
                                      background=BackgroundTask(scheduler.cancel, job))
@@ -932,14 +934,20 @@ def main(argv=None):
     _, step_fn = compile_functions(args.compile, False, decode_step=decode_rows,
                                    decode_dynamic=False)
     if tp.rank() != 0:
+        # torchrun's SIGTERM (and a terminal's Ctrl-C) reaches every process at once: rank 0
+        # finishes the open answers first, then its end header stops this one.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         return follow(model, step_fn)
     scheduler = Scheduler(model, tokenizer.eos_ids, args.max_queue, args.prefill_chunk, step_fn,
                           static_chunks=args.compile)
     page_path = Path(__file__).with_name("chat.html")
     page = page_path.read_text() if page_path.is_file() else None
     app = make_app(scheduler, tokenizer, model_id, context, args.api_key, page)
-    # uvicorn finishes the open responses on SIGTERM, then raises the signal again: exit 0 then.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # uvicorn finishes the open responses on SIGTERM or Ctrl-C, then raises the signal again:
+    # exit 0 then.
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, lambda *_: sys.exit(0))
     # uvicorn names no address for a socket it is given: say where (--port 0 picks a free one)
     host, port = listener.getsockname()[:2]
     print(f"serving {model_id} at http://{f'[{host}]' if ':' in host else host}:{port}/v1 (the "

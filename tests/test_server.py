@@ -7,13 +7,12 @@ test lets it (stepped_server): the same steps on any machine, however fast."""
 import asyncio
 import gc
 import json
-import os
 import random
-import re
 import signal
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 import httpx
@@ -300,6 +299,10 @@ def test_errors_answer_with_openai_error_json_and_status(server):
     form = httpx.post(url + "/v1/completions", content=b'{"prompt": "a"}', headers={
         "Authorization": f"Bearer {KEY}", "Content-Type": "application/x-www-form-urlencoded"})
     assert "Content-Type: application/json" in error_of(form, 400)["message"]
+    # media types are case-insensitive: this one is JSON, and its error is the field's
+    error = error_of(httpx.post(url + "/v1/completions", json={"prompt": "a", "max_tokens": "5"},
+                                headers={**headers, "Content-Type": "Application/JSON"}), 400)
+    assert error["param"] == "max_tokens", error
     # A value of the wrong JSON type is refused, not converted (OpenAI's API refuses them too)
     for field, value in [("max_tokens", "many"), ("max_tokens", "5"), ("max_tokens", True),
                          ("max_tokens", 5.0), ("temperature", "0.5"), ("temperature", True),
@@ -694,19 +697,40 @@ def test_under_torchrun_an_idle_server_outlives_the_collectives_timeout(tmp_path
         assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
 
 
+@pytest.fixture(scope="module")
+def tiny_with_a_tokenizer(smollm2_checkpoint, tmp_path_factory) -> Path:
+    """A tiny model's checkpoint with SmolLM2's tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny") / "tiny"
+    tiny = tiny_model(49152, 128)
+    names = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+    save_checkpoint(folder, tiny.args, tiny.state_dict(),
+                    {n: copier(smollm2_checkpoint / n) for n in names
+                     if (smollm2_checkpoint / n).exists()})
+    return folder
+
+
+def test_ctrl_c_finishes_open_answers_and_exits_cleanly(tiny_with_a_tokenizer, tmp_path):
+    with serve(tmp_path / "server.log", "--checkpoint_path", tiny_with_a_tokenizer,
+               "--max_seq_length", 64, env=ONE_THREAD) as (url, proc):
+        stream = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0).completions.create(
+            model="tiny", prompt="Hello", max_tokens=40, temperature=0, stream=True)
+        first = next(iter(stream))
+        proc.send_signal(signal.SIGINT)
+        chunks = [first, *stream]
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+        assert proc.wait(timeout=60) == 0
+    assert "Traceback" not in (tmp_path / "server.log").read_text()
+
+
 @pytest.mark.slow
-def test_under_torchrun_two_processes_serve_the_greedy_answers_of_one(smollm2_checkpoint,
+def test_under_torchrun_two_processes_serve_the_greedy_answers_of_one(tiny_with_a_tokenizer,
                                                                        tmp_path):
     """A tiny model with SmolLM2's tokenizer split over 2 gloo processes: rank 0 schedules and
     serves, both ranks run every forward; answers arriving together equal generate.py's alone."""
-    tiny = tiny_model(49152, 128)
-    names = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
-    save_checkpoint(tmp_path / "tiny", tiny.args, tiny.state_dict(),
-                    {n: copier(smollm2_checkpoint / n) for n in names
-                     if (smollm2_checkpoint / n).exists()})
     torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
-    with serve(tmp_path / "server.log", "--checkpoint_path", tmp_path / "tiny", "--max_seq_length",
-               64, "--prefill_chunk", 8, launch=torchrun, env=ONE_THREAD) as (url, proc):
+    with serve(tmp_path / "server.log", "--checkpoint_path", tiny_with_a_tokenizer,
+               "--max_seq_length", 64, "--prefill_chunk", 8, launch=torchrun,
+               env=ONE_THREAD) as (url, proc):
         prompts = ["Hello there", "What is the capital of France?", "Tell me a joke"]
         c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
 
@@ -714,7 +738,7 @@ def test_under_torchrun_two_processes_serve_the_greedy_answers_of_one(smollm2_ch
             return await asyncio.gather(*(c.completions.create(
                 model="tiny", prompt=p, max_tokens=8, temperature=0) for p in prompts))
         served = [r.choices[0].text for r in asyncio.run(together())]
-        ckpt = read_checkpoint(tmp_path / "tiny")
+        ckpt = read_checkpoint(tiny_with_a_tokenizer)
         model, tokenizer = load_model(ckpt, dtype=torch.float32), load_tokenizer(ckpt.folder)
         alone = []
         for p in prompts:
@@ -723,10 +747,17 @@ def test_under_torchrun_two_processes_serve_the_greedy_answers_of_one(smollm2_ch
             tokens = generate(model, [ids], 8, Sampling(temperature=0), tokenizer.eos_ids).tokens[0]
             alone.append(tokenizer.decode(tokens))
         assert served == alone
-        # SIGTERM to rank 0 (uvicorn logs its id): it stops serving, then tells rank 1 to stop.
+        # Stopping torchrun (SIGTERM, as `kill` or a container's stop sends it) signals both ranks
+        # at once: rank 1 keeps stepping until rank 0 has finished the open answer.
+        stream = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0).completions.create(
+            model="tiny", prompt=prompts[0], max_tokens=40, temperature=0, stream=True)
+        first = next(iter(stream))
+        proc.send_signal(signal.SIGTERM)
+        chunks = [first, *stream]
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+        proc.wait(timeout=60)  # torchrun itself ends on a traceback of the signal it got
         log = (tmp_path / "server.log").read_text()
-        os.kill(int(re.search(r"Started server process \[(\d+)\]", log).group(1)), signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0, (tmp_path / "server.log").read_text()[-3000:]
+        assert "Finished server process" in log and "RuntimeError" not in log, log[-3000:]
 
 
 def run_jobs(scheduler, jobs: list, arrivals: list):
@@ -758,6 +789,19 @@ def greedy_job(prompt: list, max_tokens: int) -> Job:
     return job
 
 
+def model_and_alone(rows: int) -> tuple[Transformer, Transformer]:
+    """A tiny random model (97 tokens, 64 slots) with a cache of `rows` rows, and a copy of it with
+    one row, to run each prompt alone."""
+    import copy
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=97,
+                                  intermediate_size=128, block_size=64)).eval()
+    alone = copy.deepcopy(model)
+    alone.setup_caches(1, 64)
+    model.setup_caches(rows, 64)
+    return model, alone
+
+
 @pytest.mark.parametrize("static_chunks", [False, True], ids=["exact", "padded"])
 def test_prompts_prefilled_inside_decode_steps_give_each_request_its_alone_tokens(static_chunks):
     check_prompts_prefilled_inside_decode_steps(static_chunks)
@@ -769,15 +813,9 @@ def check_prompts_prefilled_inside_decode_steps(static_chunks: bool, chunk_kerne
     whichever row it got, through the model's attention or chunk_kernel (tests/test_kernels.py
     runs the Triton kernel in the interpreter): every request's greedy tokens are generate's for
     its prompt alone."""
-    import copy
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=97,
-                                  intermediate_size=128, block_size=64)).eval()
-    alone = copy.deepcopy(model)
+    model, alone = model_and_alone(rows=3)
     for layer in model.layers:
         layer.attention.chunk_kernel = chunk_kernel
-    alone.setup_caches(1, 64)
-    model.setup_caches(3, 64)  # three rows
     prompts = [torch.randint(1, 97, (n,)).tolist() for n in (3, 12, 1, 2, 10, 20, 30, 9)]
     jobs = [greedy_job(p, 6 + i) for i, p in enumerate(prompts)]
     scheduler = Scheduler(model, [], 16, 8, decode_rows, static_chunks)
@@ -795,15 +833,9 @@ def test_the_warm_up_compiles_everything_the_first_requests_run(monkeypatch):
     rows 0, 1 and 2, decoded together. Dynamo decides what compiles and
     when (its guards); the backend only what each graph becomes, so the graphs here are run by
     dynamo's eager backend: the same graphs, without inductor's half a minute of building them."""
-    import copy
     from torch._dynamo.utils import counters
     from generate import compile_functions
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=97,
-                                  intermediate_size=128, block_size=64)).eval()
-    alone = copy.deepcopy(model)
-    alone.setup_caches(1, 64)
-    model.setup_caches(3, 64)
+    model, alone = model_and_alone(rows=3)
     torch._dynamo.reset()
     compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, mode, **kwargs: compile(fn, backend="eager",
@@ -820,6 +852,19 @@ def test_the_warm_up_compiles_everything_the_first_requests_run(monkeypatch):
     assert counters["stats"]["unique_graphs"] == graphs
     for job in jobs:
         assert job.tokens == generate(alone, [job.prompt], 6, Sampling(temperature=0)).tokens[0]
+
+
+def test_the_warm_up_and_prompts_run_in_chunks_of_one_token():
+    """--prefill_chunk 1 with a compiled step: every chunk is padded to one token, the warm-up's
+    too."""
+    model, alone = model_and_alone(rows=2)
+    scheduler = Scheduler(model, [], 8, 1, decode_rows, static_chunks=True)
+    jobs = [greedy_job(torch.randint(1, 97, (n,)).tolist(), 4) for n in (5, 3)]
+    with torch.inference_mode():
+        scheduler.warm_up()
+        run_jobs(scheduler, jobs, arrivals=[0, 1])
+    for job in jobs:
+        assert job.tokens == generate(alone, [job.prompt], 4, Sampling(temperature=0)).tokens[0]
 
 
 def test_what_the_warm_up_leaves_alive_is_out_of_the_collectors_view_before_the_first_request():
@@ -848,7 +893,6 @@ def test_a_sentencepiece_completion_keeps_the_space_after_its_prompt_and_a_chat_
     prompt's (" there"), a chat answer is a message of its own ("there"). Every token sampled is "▁there"."""
     import importlib.util
     import shutil
-    from pathlib import Path
     data = Path(importlib.util.find_spec("mistral_common").submodule_search_locations[0]) / "data"
     shutil.copy(data / "tokenizer.model.v1", tmp_path / "tokenizer.model")
     tokenizer = load_tokenizer(tmp_path)
