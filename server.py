@@ -935,7 +935,8 @@ def main(argv=None):
                                    decode_dynamic=False)
     if tp.rank() != 0:
         # torchrun's SIGTERM (and a terminal's Ctrl-C) reaches every process at once: rank 0
-        # finishes the open answers first, then its end header stops this one.
+        # finishes the open answers first, then its end header stops this one (should rank 0 die
+        # instead, torchrun kills this one after its shutdown wait).
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         return follow(model, step_fn)
