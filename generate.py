@@ -611,7 +611,10 @@ def run_samples(args, prompts: list, generate_fn: Callable, tokenizer, max_new: 
             [sum(n) for n in zip(*(r["accepted_lengths"] for r in results))]))
         print(f"All {len(results)} samples: {describe_speculation(summary)}", file=sys.stderr)
     if args.json:
-        write_json(args.json, dict(args=vars(args),
+        # the flags as JSON has them; paths, the device and the dtype as their text
+        flags = {k: str(v) if isinstance(v, (Path, torch.device, torch.dtype)) else v
+                 for k, v in vars(args).items()}
+        write_json(args.json, dict(args=flags,
                                    device=device_name(device), torch=torch.__version__,
                                    model_bytes=model_bytes, compile_s=compile_s,
                                    # model_bytes and GB/s: per GPU (per process on a CPU)
@@ -822,7 +825,7 @@ def write_trace(prof, path: Path):
 
 
 def write_json(path: Path, data: dict):
-    text = json.dumps(data, indent=2, default=str) + "\n"  # paths, dtypes, devices: as text
+    text = json.dumps(data, indent=2) + "\n"
     write_files(path.parent, {path.name: lambda tmp: tmp.write_text(text)})
 
 

@@ -709,15 +709,21 @@ def tiny_with_a_tokenizer(smollm2_checkpoint, tmp_path_factory) -> Path:
     return folder
 
 
+def streamed_through_a_stop(url: str, proc, stop_signal) -> list:
+    """The chunks of a streamed completion of 40 tokens from the tiny model, stop_signal sent to
+    proc once the first chunk has arrived."""
+    stream = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0).completions.create(
+        model="tiny", prompt="Hello", max_tokens=40, temperature=0, stream=True)
+    first = next(iter(stream))
+    proc.send_signal(stop_signal)
+    return [first, *stream]
+
+
 def test_ctrl_c_finishes_open_answers_and_exits_cleanly(tiny_with_a_tokenizer, tmp_path):
     with serve(tmp_path / "server.log", "--checkpoint_path", tiny_with_a_tokenizer,
                "--max_seq_length", 64, env=ONE_THREAD) as (url, proc):
-        stream = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0).completions.create(
-            model="tiny", prompt="Hello", max_tokens=40, temperature=0, stream=True)
-        first = next(iter(stream))
-        proc.send_signal(signal.SIGINT)
-        chunks = [first, *stream]
-        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+        assert streamed_through_a_stop(url, proc, signal.SIGINT)[-1].choices[0].finish_reason in (
+            "stop", "length")
         assert proc.wait(timeout=60) == 0
     assert "Traceback" not in (tmp_path / "server.log").read_text()
 
@@ -749,12 +755,8 @@ def test_under_torchrun_two_processes_serve_the_greedy_answers_of_one(tiny_with_
         assert served == alone
         # Stopping torchrun (SIGTERM, as `kill` or a container's stop sends it) signals both ranks
         # at once: rank 1 keeps stepping until rank 0 has finished the open answer.
-        stream = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0).completions.create(
-            model="tiny", prompt=prompts[0], max_tokens=40, temperature=0, stream=True)
-        first = next(iter(stream))
-        proc.send_signal(signal.SIGTERM)
-        chunks = [first, *stream]
-        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+        assert streamed_through_a_stop(url, proc, signal.SIGTERM)[-1].choices[0].finish_reason in (
+            "stop", "length")
         proc.wait(timeout=60)  # torchrun itself ends on a traceback of the signal it got
         log = (tmp_path / "server.log").read_text()
         assert "Finished server process" in log and "RuntimeError" not in log, log[-3000:]
