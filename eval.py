@@ -603,6 +603,8 @@ def main(argv=None):
         run(parse_args(argv))
     except InputError as e:
         tp.exit_with_error(e)
+    except KeyboardInterrupt:  # Ctrl-C: an output being written removes its temp files as it
+        sys.exit(130)  # unwinds; 128 + SIGINT, as a shell reports a program it interrupted
 
 
 if __name__ == "__main__":

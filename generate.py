@@ -1056,3 +1056,5 @@ if __name__ == "__main__":
     except BrokenPipeError:  # the reader left (`| head`): stop quietly, as cat does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C: stop without a traceback, 128 + SIGINT as shells report it
+        sys.exit(130)

@@ -685,6 +685,8 @@ def main(argv=None):
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C: an output being written removes its temp files as it
+        sys.exit(130)  # unwinds; 128 + SIGINT, as a shell reports a program it interrupted
 
 
 if __name__ == "__main__":

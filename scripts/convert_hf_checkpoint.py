@@ -519,6 +519,8 @@ def main(argv=None):
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C: an output being written removes its temp files as it
+        sys.exit(130)  # unwinds; 128 + SIGINT, as a shell reports a program it interrupted
     n_bytes = sum(t.numel() * t.element_size() for t in state_dict.values())
     dtypes = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in state_dict.values()}))
     print(f"wrote {opts.checkpoint_dir / 'model.safetensors'} ({len(state_dict)} tensors, "
