@@ -161,15 +161,16 @@ def check_quantized_mm():
 
 # int4 in int4_words' layout, 1 to 64 rows (MAX_MM_ROWS: two shapes), groups of 32 to 256 (several
 # groups in a 128-column chunk, one, part of one), K whole chunks or not, N whole tiles of 16 rows
-# or not, blocks of 16 to 64 rows, split over 3 programs or not; the bits by Triton's arithmetic
+# or not, blocks of 16 to 64 rows, split over 3 programs or not, loads masked and (where the tiles
+# and chunks are whole) not; each group's scale and zero side by side; the bits by Triton's arithmetic
 # (the interpreter runs no PTX, which kernels.check_kernels checks on the GPU). The kernel sums
 # (128 + q) x and x in float32 and subtracts 136 times the second: a relative error of a few 1e-6
 # against float64.
 def check_int4_mm():
     from kernels import (INT4_MM_TILE, int4_tile, int4_mm_kernel, int4_weights, int4_words,
-                         relative_error)
+                         relative_error, scale_zero_pairs)
     torch.manual_seed(0)
-    checked = dict.fromkeys((32, 64, 128, 256), 0)
+    checked = dict.fromkeys([(g, even) for g in (32, 64, 128, 256) for even in (False, True)], 0)
     shapes = ((64, 1024), (100, 768), (37, 576))
     for M, mine in ((1, shapes), (2, shapes), (33, shapes), (64, shapes[::2])):
         for N, K in mine:
@@ -179,17 +180,20 @@ def check_int4_mm():
             for g in (32, 64, 128, 256):
                 if K % g:
                     continue
-                s, z = (torch.rand(2, N, K // g) / 8).to(torch.bfloat16)
+                s, z = scale_zero_pairs(*(torch.rand(2, N, K // g) / 8).to(torch.bfloat16))
                 reference = x.double() @ int4_weights(packed, s, z, g, K).double().T  # (M, N)
                 for block_n, split_k in ((32, 1), (64, 3), (16, 3)):
-                    y = torch.full((split_k, M, N), float("nan"))  # poisoned: all written
-                    grid = (triton.cdiv(N, block_n), split_k)
-                    int4_mm_kernel[grid](x, words, s, z, y, M, N, K, -(-K // split_k // 128) * 128,
-                                         g, BLOCK_M=int4_tile(M)["BLOCK_M"], BLOCK_N=block_n,
-                                         PTX=False, num_warps=INT4_MM_TILE["num_warps"])
-                    error = relative_error(y.sum(0), reference)
-                    assert error < 1e-5, (M, N, K, g, block_n, split_k, error)
-                    checked[g] += 1
+                    # without masks where the shape allows (what quantized_mm_partials chooses)
+                    for even in {False, N % block_n == 0 and K % 128 == 0}:
+                        y = torch.full((split_k, M, N), float("nan"))  # poisoned: all written
+                        grid = (triton.cdiv(N, block_n), split_k)
+                        int4_mm_kernel[grid](x, words, s, y, M, N, K, -(-K // split_k // 128) * 128,
+                                             g, BLOCK_M=int4_tile(M)["BLOCK_M"], BLOCK_N=block_n,
+                                             PTX=False, EVEN=even,
+                                             num_warps=INT4_MM_TILE["num_warps"])
+                        error = relative_error(y.sum(0), reference)
+                        assert error < 1e-5, (M, N, K, g, block_n, split_k, even, error)
+                        checked[g, even] += 1
     assert min(checked.values()) >= 6, checked
 
 
@@ -197,7 +201,8 @@ def check_int4_mm():
 # int4_words' layout), in float32 (exact) and float16 (rounded once; the interpreter's bfloat16
 # truncates, so kernels.check_kernels checks bfloat16 on the GPU).
 def check_dequantize():
-    from kernels import dequantize_kernel, int4_dequantize_kernel, int4_weights, int4_words
+    from kernels import (dequantize_kernel, int4_dequantize_kernel, int4_weights, int4_words,
+                         scale_zero_pairs)
     torch.manual_seed(0)
     # Tiles narrower and wider than a group, and wider than K.
     for N, K in ((64, 512), (37, 96)):
@@ -214,12 +219,12 @@ def check_dequantize():
         for g in (32, 64, 128, 256):
             if K % g:
                 continue
-            s, z = (torch.rand(2, N, K // g) / 8).to(torch.bfloat16)
+            s, z = scale_zero_pairs(*(torch.rand(2, N, K // g) / 8).to(torch.bfloat16))
             reference = int4_weights(packed, s, z, g, K)
             for dtype in (torch.float32, torch.float16):
                 out = torch.full((N, K), float("nan"), dtype=dtype)
                 int4_dequantize_kernel[(triton.cdiv(N, 16), triton.cdiv(K, 128))](
-                    int4_words(packed), s, z, out, N, K, g, BLOCK_N=16, PTX=False)
+                    int4_words(packed), s, out, N, K, g, BLOCK_N=16, PTX=False)
                 assert torch.equal(out, reference.to(dtype)), (N, K, g, dtype)
 
 
@@ -527,7 +532,7 @@ INT4_PREPARED_STATES = {
 def test_int4_layer_dequantizes_to_the_same_weights_in_every_prepared_state(state, dtype):
     """dequantize(), the kernels' reference, gives the file's weights bit for bit whichever copy
     of them the layer keeps: K of 300 padded to 320 (10 groups), N of 7 padded to 16 for the op."""
-    from kernels import Int4Linear
+    from kernels import Int4Linear, scale_zero_pairs
     layer = Int4Linear(300, 7, False, groupsize=32, padded_in_features=320)
     layer.weight.random_(0, 256)
     layer.scales.uniform_(0.01, 0.1)
@@ -539,6 +544,9 @@ def test_int4_layer_dequantizes_to_the_same_weights_in_every_prepared_state(stat
         assert not hasattr(layer, "weight")
     if "triton" in state:
         assert layer.words.shape == (1, 3, 16, 16)  # 7 rows in a tile of 16, K in 3 chunks
+        # a group's scale and zero side by side, as the kernels read them: no copy a call
+        assert all(t is held for t, held in zip(scale_zero_pairs(layer.scales, layer.zeros),
+                                                 (layer.scales, layer.zeros)))
     assert torch.equal(layer.dequantize(), before)
 
 
