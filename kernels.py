@@ -433,11 +433,10 @@ if triton is not None:
         multiple of BLOCK_N and K of 128, so that no load needs a mask. A chunk's words hold its
         128 columns in 8 tiles of 16 (nibble j of word c: column 16 j + c), so the tiles of a
         group (up to 128 columns) side by side are its columns in order, the left operand of one
-        dot. That dot multiplies the bits as they come,
-        128 + q; one dot of ones gives sum x, and scale (sum (128 + q) x - 136 sum x) + zero sum x
-        is the group's sum of w x, in float32 (no weight rounded to bf16). PDL (a programmatic
-        dependent launch): the first chunk's words are loaded before waiting for the kernel before
-        this one, whose output x is."""
+        dot. That dot multiplies the bits as they come, 128 + q; one dot of ones gives sum x, and
+        scale (sum (128 + q) x - 136 sum x) + zero sum x is the group's sum of w x, in float32 (no
+        weight rounded to bf16). PDL (a programmatic dependent launch): the first chunk's words
+        are loaded before waiting for the kernel before this one, whose output x is."""
         n0 = tl.program_id(0) * BLOCK_N
         first = tl.program_id(1) * K_PER_SPLIT
         # The first chunk apart from the loop, so that PDL's wait can come between its load and
@@ -488,9 +487,10 @@ if triton is not None:
             # 3.8 % faster end to end on an H100; smaller groups took more instructions so).
             if BLOCK_M == 1 and SUB == 128:
                 piece = k0 + tl.arange(0, 8)[:, None] * 16 + tl.arange(0, 16)  # (8, 16)
-                # (8, 16)
-                x16 = tl.load(x_ptr + piece) if EVEN else tl.load(x_ptr + piece, mask=piece < K,
-                                                                   other=0.0)
+                if EVEN:
+                    x16 = tl.load(x_ptr + piece)  # (8, 16)
+                else:
+                    x16 = tl.load(x_ptr + piece, mask=piece < K, other=0.0)
                 ones = tl.full((BLOCK_N, 16), 1.0, x.dtype)
                 x_sum = tl.sum(tl.dot(ones, tl.trans(x16)), axis=1)[:, None]  # (BLOCK_N, 1)
             else:
