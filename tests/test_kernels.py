@@ -550,6 +550,27 @@ def test_int4_layer_dequantizes_to_the_same_weights_in_every_prepared_state(stat
     assert torch.equal(layer.dequantize(), before)
 
 
+def test_int4_layers_laid_out_for_the_kernels_compile_to_their_eager_result():
+    """use_triton leaves a layer's scales and zeros two views of one tensor, parameters that share
+    storage: torch.compile takes them so, and gives what the eager layers give (here the path off
+    the GPU, a matmul by the dequantized weights), which the file's layout gave before, within
+    bfloat16's rounding (inductor may fuse the dequantization's multiply and add)."""
+    from kernels import Int4Linear, relative_error
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(*[Int4Linear(256, 256, False, groupsize=32) for _ in range(2)])
+    for layer in layers:
+        layer.weight.random_(0, 256)
+        layer.scales.uniform_(0.01, 0.1)
+        layer.zeros.uniform_(-0.1, 0.1)
+    layers.to(torch.bfloat16)
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    before = layers(x)
+    for layer in layers:
+        layer.use_triton()
+    assert torch.equal(layers(x), before)
+    assert relative_error(torch.compile(layers)(x), before) < 1e-2
+
+
 def covers_k_in_whole_tiles(split: tuple, n_columns: int, align: int) -> bool:
     """(parts, columns a part) covers K once in parts of whole `align` columns, none of them empty."""
     parts, size = split
