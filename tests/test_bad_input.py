@@ -515,6 +515,16 @@ def interruptible(argv: list, stdout, stderr=subprocess.PIPE) -> subprocess.Pope
         signal.signal(signal.SIGINT, previous)
 
 
+def has_mapped(p: subprocess.Popen, path) -> bool:
+    """Whether process p has the file at path mapped into its memory (it is reading it); False once p has
+    exited."""
+    try:
+        with open(f"/proc/{p.pid}/maps") as maps:
+            return str(path) in maps.read()
+    except OSError:  # it has exited
+        return False
+
+
 @pytest.mark.slow
 def test_ctrl_c_while_generating_exits_130_without_a_traceback(smollm2_checkpoint):
     p = interruptible(["generate.py", "--checkpoint_path", smollm2_checkpoint, "--prompt", "Once upon a time",
@@ -529,14 +539,7 @@ def test_ctrl_c_while_generating_exits_130_without_a_traceback(smollm2_checkpoin
 def test_ctrl_c_while_converting_exits_130_and_leaves_no_checkpoint(smollm2_gguf, tmp_path):
     out = tmp_path / "ckpt"
     p = interruptible(["scripts/convert_gguf.py", "--gguf", smollm2_gguf, "--out", out], subprocess.DEVNULL)
-
-    def reading_the_gguf() -> bool:
-        try:
-            with open(f"/proc/{p.pid}/maps") as maps:
-                return str(smollm2_gguf) in maps.read()
-        except OSError:  # it has exited
-            return False
-    while p.poll() is None and not reading_the_gguf():
+    while p.poll() is None and not has_mapped(p, smollm2_gguf):
         time.sleep(0.005)
     assert p.poll() is None, "convert_gguf.py finished before it could be stopped"
     p.send_signal(signal.SIGINT)
@@ -565,14 +568,7 @@ def test_quantize_killed_leaves_complete_output_or_none(smollm2_checkpoint, tmp_
     def output_begun() -> bool:
         return bool(set(os.listdir(folder)) - before)
 
-    def quantizing() -> bool:
-        try:
-            with open(f"/proc/{p.pid}/maps") as maps:
-                return source in maps.read()
-        except OSError:  # it has exited
-            return False
-
-    while p.poll() is None and not (quantizing() if when == "quantizing" else output_begun()):
+    while p.poll() is None and not (has_mapped(p, source) if when == "quantizing" else output_begun()):
         time.sleep(0.005)
     assert p.poll() is None, f"quantize.py finished (status {p.returncode}) before it could be stopped {when}"
     assert output_begun() == (when == "writing")
