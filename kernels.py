@@ -340,42 +340,56 @@ if triton is not None:
             tl.store(y_ptr + rows[None, :] * N + cols[:, None], acc.to(y_ptr.dtype.element_ty),
                      mask=(rows[None, :] < end) & (cols[:, None] < N))
 
-    # nibbles_as_bf16's PTX for two words ($8, $9): their low halves side by side in t0, their high
-    # halves in t1; nibble j of both (j of t0, j - 4 of t1) shifted to bits 0-3 and 16-19, masked
-    # and ORed with the bf16 bits of 128 by one lop3 into $j.
+    # nibbles_as_bf16's PTX for a pair of words ($8, $9; int4_words puts the two columns of each bf16
+    # pair side by side in a word): nibble j of each half shifted to bits 0-3 and 16-19, masked and
+    # ORed with the bf16 bits of 128 by one lop3 into $j ($8's nibbles for j < 4, $9's after).
     NIBBLES_PTX = tl.constexpr("""{
-        .reg .b32 t0, t1, u;
-        prmt.b32 t0, $8, $9, 0x5410;
-        prmt.b32 t1, $8, $9, 0x7632;
-        lop3.b32 $0, t0, 0x000F000F, 0x43004300, 0xEA;
-        shr.b32 u, t0, 4;  lop3.b32 $1, u, 0x000F000F, 0x43004300, 0xEA;
-        shr.b32 u, t0, 8;  lop3.b32 $2, u, 0x000F000F, 0x43004300, 0xEA;
-        shr.b32 u, t0, 12; lop3.b32 $3, u, 0x000F000F, 0x43004300, 0xEA;
-        lop3.b32 $4, t1, 0x000F000F, 0x43004300, 0xEA;
-        shr.b32 u, t1, 4;  lop3.b32 $5, u, 0x000F000F, 0x43004300, 0xEA;
-        shr.b32 u, t1, 8;  lop3.b32 $6, u, 0x000F000F, 0x43004300, 0xEA;
-        shr.b32 u, t1, 12; lop3.b32 $7, u, 0x000F000F, 0x43004300, 0xEA;
+        .reg .b32 u;
+        lop3.b32 $0, $8, 0x000F000F, 0x43004300, 0xEA;
+        shr.b32 u, $8, 4;  lop3.b32 $1, u, 0x000F000F, 0x43004300, 0xEA;
+        shr.b32 u, $8, 8;  lop3.b32 $2, u, 0x000F000F, 0x43004300, 0xEA;
+        shr.b32 u, $8, 12; lop3.b32 $3, u, 0x000F000F, 0x43004300, 0xEA;
+        lop3.b32 $4, $9, 0x000F000F, 0x43004300, 0xEA;
+        shr.b32 u, $9, 4;  lop3.b32 $5, u, 0x000F000F, 0x43004300, 0xEA;
+        shr.b32 u, $9, 8;  lop3.b32 $6, u, 0x000F000F, 0x43004300, 0xEA;
+        shr.b32 u, $9, 12; lop3.b32 $7, u, 0x000F000F, 0x43004300, 0xEA;
         }""")
 
     @triton.jit
-    def nibble_as_bf16(words, j: tl.constexpr):
-        return ((words >> (4 * j)) & 0xF | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    def nibble_as_bf16(words, shift: tl.constexpr):
+        return ((words >> shift) & 0xF | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+    @triton.jit
+    def paired_nibbles_as_bf16(words, j: tl.constexpr):
+        """Nibble j of the columns in int4_words' pairs of words as bf16, (BLOCK_N, 16): column
+        16 j + c at c, from bits 4 (j % 4) and 16 + 4 (j % 4) of word c - c % 2 + j // 4."""
+        first, second = tl.split(words.reshape(words.shape[0], 8, 2))  # (BLOCK_N, 8) each
+        if j < 4:
+            word = first
+        else:
+            word = second
+        shift: tl.constexpr = 4 * (j % 4)
+        pair = tl.join(nibble_as_bf16(word, shift), nibble_as_bf16(word, 16 + shift))
+        return pair.reshape(words.shape[0], 16)
 
     @triton.jit
     def nibbles_as_bf16(words, PTX: tl.constexpr):
-        """Nibble j (bits 4j to 4j + 3) of each int32 word as the bf16 128 + q, exactly: 0x4300 | q
-        is that bf16's bit pattern. A tuple of 8 tensors shaped like words. With PTX (NIBBLES_PTX),
-        two words at a time, both words' bf16s in one register, the pair the tensor cores take:
-        about one instruction a weight, where a conversion through float32 takes four or more.
-        Else the same bits by Triton's arithmetic (its CPU interpreter runs no PTX)."""
+        """Columns 16 j + c of a chunk in int4_words' layout, (BLOCK_N, 16) words, as 8 tensors of
+        bf16 128 + q (j = 0 to 7), exactly: 0x4300 | q is that bf16's bit pattern. With PTX
+        (NIBBLES_PTX) a pair of words at a time (Triton packs a thread's words c and c + 1, c even,
+        the pair int4_words lays out together; kernels.check_kernels would catch another pairing),
+        each output register the two columns of a bf16 pair the tensor cores take: about one
+        instruction a weight, where a conversion through float32 takes four or more. Else the same
+        bits by Triton's arithmetic (its CPU interpreter runs no PTX)."""
         if PTX:
             return tl.inline_asm_elementwise(
                 asm=NIBBLES_PTX, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r", args=[words],
                 dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
         else:
-            return (nibble_as_bf16(words, 0), nibble_as_bf16(words, 1), nibble_as_bf16(words, 2),
-                    nibble_as_bf16(words, 3), nibble_as_bf16(words, 4), nibble_as_bf16(words, 5),
-                    nibble_as_bf16(words, 6), nibble_as_bf16(words, 7))
+            return (paired_nibbles_as_bf16(words, 0), paired_nibbles_as_bf16(words, 1),
+                    paired_nibbles_as_bf16(words, 2), paired_nibbles_as_bf16(words, 3),
+                    paired_nibbles_as_bf16(words, 4), paired_nibbles_as_bf16(words, 5),
+                    paired_nibbles_as_bf16(words, 6), paired_nibbles_as_bf16(words, 7))
 
     @triton.jit
     def int4_word_tile(w_ptr, n0, k0, N, K, BLOCK_N: tl.constexpr, EVEN: tl.constexpr = False):
@@ -399,6 +413,9 @@ if triton is not None:
         pair = tl.load(pairs) if EVEN else tl.load(pairs, mask=mask, other=0)
         dtype: tl.constexpr = s_ptr.dtype.element_ty
         tl.static_assert(dtype.primitive_bitwidth == 16, "int4 scales and zeros: bf16 or fp16")
+        if dtype == tl.bfloat16:  # a bf16 is the top half of its float32: a shift, a mask
+            return ((pair << 16).to(tl.float32, bitcast=True),
+                    (pair & -65536).to(tl.float32, bitcast=True))
         scale = (pair & 0xFFFF).to(tl.uint16).to(dtype, bitcast=True).to(tl.float32)
         zero = (pair >> 16).to(tl.uint16).to(dtype, bitcast=True).to(tl.float32)
         return scale, zero
@@ -430,9 +447,9 @@ if triton is not None:
         padded to whole chunks) with group scales and zeros (N, K / GROUP), side by side in 4-byte
         words at s_ptr (scale_zero_pairs): w = (q - 8) scale + zero. BLOCK_N is a multiple of 16;
         K_PER_SPLIT is a multiple of 128, and every split holds at least one chunk; EVEN: N is a
-        multiple of BLOCK_N and K of 128, so that no load needs a mask. A chunk's words hold its
-        128 columns in 8 tiles of 16 (nibble j of word c: column 16 j + c), so the tiles of a
-        group (up to 128 columns) side by side are its columns in order, the left operand of one
+        multiple of BLOCK_N and K of 128, so that no load needs a mask. nibbles_as_bf16 makes a
+        chunk's words 8 tiles of 16 columns (tile j: columns 16 j to 16 j + 15), so the tiles of
+        a group (up to 128 columns) side by side are its columns in order, the left operand of one
         dot. That dot multiplies the bits as they come, 128 + q; one dot of ones gives sum x, and
         scale (sum (128 + q) x - 136 sum x) + zero sum x is the group's sum of w x, in float32 (no
         weight rounded to bf16). PDL (a programmatic dependent launch): the first chunk's words
@@ -484,13 +501,10 @@ if triton is not None:
             # single row in groups of 128 or more takes the chunk's x as 8 rows of 16 columns: one
             # 16-deep dot sums each, and a sum over the dot's 8 columns adds them up, where a
             # 128-deep dot is 8 in a chain, each waiting on the one before (Llama-2-7B int4 g128
-            # 3.8 % faster end to end on an H100; smaller groups took more instructions so).
+            # 3.8 % faster end to end on an H100; smaller groups took more instructions so). The 8
+            # rows are the loaded x reshaped, not a second load of it (3 % less time a pass).
             if BLOCK_M == 1 and SUB == 128:
-                piece = k0 + tl.arange(0, 8)[:, None] * 16 + tl.arange(0, 16)  # (8, 16)
-                if EVEN:
-                    x16 = tl.load(x_ptr + piece)  # (8, 16)
-                else:
-                    x16 = tl.load(x_ptr + piece, mask=piece < K, other=0.0)
+                x16 = tl.reshape(x, (8, 16))
                 ones = tl.full((BLOCK_N, 16), 1.0, x.dtype)
                 x_sum = tl.sum(tl.dot(ones, tl.trans(x16)), axis=1)[:, None]  # (BLOCK_N, 1)
             else:
@@ -1928,19 +1942,26 @@ def int4_words(packed: Tensor) -> Tensor:
     16, 16), N padded with zero rows to N_16, whole tiles of 16 rows, and K with zero nibbles to
     K_128, whole chunks of 128 columns. A tile's chunk is 16 rows of 16 words, one run of 1 KB, and
     a tile's chunks follow each other in K's order, so a program streams its rows' part of K as
-    one run of memory. In a chunk, word c of a row holds column 16 j + c in bits 4 j to 4 j + 3
-    (j = 0 to 7), so that nibble j of 16 words is a run of 16 columns. Made once, on the device,
-    when a model is prepared for it."""
+    one run of memory. In a chunk, a row's 16 words hold its 128 columns by pairs: column 16 j + 2t
+    + e (j and t 0 to 7, e 0 or 1) in bits 16 e + 4 (j % 4) of word 2t + j // 4. Words 2t and 2t +
+    1 hold columns 2t and 2t + 1 of each run of 16, the two of a pair in the halves of one word,
+    so that one lop3 makes the bf16 pair the tensor cores take, with no byte permute in the kernel.
+    Made once, on the device, when a model is prepared for it."""
     padded = F.pad(packed, (0, -packed.shape[1] % 64, 0, -packed.shape[0] % 16))
     q = unpack_int4(padded).int()  # (N_16, K_128)
-    q = q.view(q.shape[0] // 16, 16, -1, 8, 16)  # (tiles, row, chunks, j, c)
-    words = sum(q[:, :, :, j] << (4 * j) for j in range(8))  # (tiles, row, chunks, c); j = 7 wraps
-    return words.transpose(1, 2).contiguous()  # (tiles, chunks, row, c)
+    # (tiles, row, chunks, h, i, t, e): column 16 (4 h + i) + 2 t + e of a chunk
+    q = q.view(q.shape[0] // 16, 16, -1, 2, 4, 8, 2)
+    # (tiles, row, chunks, h, t); i = 3, e = 1 wraps
+    words = sum(q[..., i, :, e] << (16 * e + 4 * i) for i in range(4) for e in range(2))
+    words = words.transpose(-1, -2).flatten(-2)  # (tiles, row, chunks, 2 t + h)
+    return words.transpose(1, 2).contiguous()  # (tiles, chunks, row, 2 t + h)
 
 
 def int4_pairs(words: Tensor, n_rows: int, k_pad: int) -> Tensor:
     """int4_words' layout back to the file's nibble pairs (n_rows, k_pad / 2)."""
-    q = torch.stack([words >> (4 * j) & 0xF for j in range(8)], dim=3)  # (tiles, chunks, row, j, c)
+    w = words.unflatten(-1, (8, 2)).transpose(-1, -2)  # (tiles, chunks, row, h, t)
+    q = torch.stack([torch.stack([w >> (16 * e + 4 * i) & 0xF for e in range(2)], dim=-1)
+                     for i in range(4)], dim=4)  # (tiles, chunks, row, h, i, t, e)
     q = q.transpose(1, 2).reshape(-1, words.shape[1] * 128)[:n_rows, :k_pad]  # (n_rows, k_pad)
     return (q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8)
 

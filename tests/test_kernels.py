@@ -494,7 +494,7 @@ def check_decode_attention_rows_are_independent(attention):
         assert torch.equal(alone[:, 1 + b], batch[:, 1 + b]), b
 
 
-def test_int4_words_put_column_16j_plus_c_of_a_16_row_tile_in_nibble_j_of_word_c_and_give_the_pairs_back():
+def test_int4_words_put_each_column_pair_of_a_16_row_tile_in_two_words_and_give_the_pairs_back():
     from kernels import int4_pairs, int4_words, unpack_int4
     torch.manual_seed(0)
     packed = torch.randint(0, 256, (21, 288), dtype=torch.uint8)  # K = 576: 4.5 chunks of 128
@@ -502,14 +502,15 @@ def test_int4_words_put_column_16j_plus_c_of_a_16_row_tile_in_nibble_j_of_word_c
     assert words.dtype == torch.int32 and words.shape == (2, 5, 16, 16)
     q = unpack_int4(packed).int()  # (21, 576) the columns in order
     for row in (0, 5, 15, 16, 20):
-        for column in (0, 1, 17, 127, 128, 200, 575):
+        for column in (0, 1, 17, 66, 127, 128, 200, 575):
             chunk, j, c = column // 128, column % 128 // 16, column % 16
-            word = words[row // 16, chunk, row % 16, c]
-            assert word >> (4 * j) & 0xF == q[row, column], (row, column)
+            # columns 16 j + 2t and 16 j + 2t + 1 side by side: the two halves of word 2t + j // 4
+            word = words[row // 16, chunk, row % 16, c - c % 2 + j // 4]
+            assert word >> (16 * (c % 2) + 4 * (j % 4)) & 0xF == q[row, column], (row, column)
     # a tile's chunk is one run of 16 x 16 words, its chunks one after the other
     assert words.flatten()[256 + 3] == words[0, 1, 0, 3]
-    # padding is zeros: the last chunk's columns 64 to 127 (nibbles 4 to 7), the rows past 21
-    assert torch.equal(words[:, 4] >> 16, torch.zeros(2, 16, 16, dtype=torch.int32))
+    # padding is zeros: the last chunk's columns 64 to 127 (the odd words), the rows past 21
+    assert torch.equal(words[:, 4, :, 1::2], torch.zeros(2, 16, 8, dtype=torch.int32))
     assert torch.equal(words[1, :, 5:], torch.zeros(5, 11, 16, dtype=torch.int32))
     assert torch.equal(int4_pairs(words, 21, 576), packed)
 
