@@ -360,17 +360,11 @@ if triton is not None:
         return ((words >> shift) & 0xF | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
 
     @triton.jit
-    def paired_nibbles_as_bf16(words, j: tl.constexpr):
-        """Nibble j of the columns in int4_words' pairs of words as bf16, (BLOCK_N, 16): column
-        16 j + c at c, from bits 4 (j % 4) and 16 + 4 (j % 4) of word c - c % 2 + j // 4."""
-        first, second = tl.split(words.reshape(words.shape[0], 8, 2))  # (BLOCK_N, 8) each
-        if j < 4:
-            word = first
-        else:
-            word = second
-        shift: tl.constexpr = 4 * (j % 4)
+    def pair_as_bf16(word, shift: tl.constexpr):
+        """The nibbles at `shift` and 16 + shift of words (BLOCK_N, 8), word t holding columns 2t
+        and 2t + 1 in its halves (int4_words), as bf16 (BLOCK_N, 16): the pair side by side."""
         pair = tl.join(nibble_as_bf16(word, shift), nibble_as_bf16(word, 16 + shift))
-        return pair.reshape(words.shape[0], 16)
+        return pair.reshape(word.shape[0], 16)
 
     @triton.jit
     def nibbles_as_bf16(words, PTX: tl.constexpr):
@@ -385,11 +379,11 @@ if triton is not None:
             return tl.inline_asm_elementwise(
                 asm=NIBBLES_PTX, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r", args=[words],
                 dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
-        else:
-            return (paired_nibbles_as_bf16(words, 0), paired_nibbles_as_bf16(words, 1),
-                    paired_nibbles_as_bf16(words, 2), paired_nibbles_as_bf16(words, 3),
-                    paired_nibbles_as_bf16(words, 4), paired_nibbles_as_bf16(words, 5),
-                    paired_nibbles_as_bf16(words, 6), paired_nibbles_as_bf16(words, 7))
+        else:  # words 2t (columns 16 j + 2t and + 1 for j < 4) and 2t + 1 (j >= 4): (BLOCK_N, 8)
+            first, second = tl.split(words.reshape(words.shape[0], 8, 2))
+            return (pair_as_bf16(first, 0), pair_as_bf16(first, 4), pair_as_bf16(first, 8),
+                    pair_as_bf16(first, 12), pair_as_bf16(second, 0), pair_as_bf16(second, 4),
+                    pair_as_bf16(second, 8), pair_as_bf16(second, 12))
 
     @triton.jit
     def int4_word_tile(w_ptr, n0, k0, N, K, BLOCK_N: tl.constexpr, EVEN: tl.constexpr = False):
