@@ -1964,8 +1964,8 @@ def scale_zero_pairs(scales: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor]:
     """int4 group scales and zeros (N, n_groups) as the two halves of one (N, n_groups, 2) tensor,
     views, so that the Triton kernels read a group's scale and zero as one 4-byte word, one load
     where two were (Llama-2-7B int4 g128 on an H100: +1.2 % at batch 1 and 8; BENCHMARKS.md). They
-    come back as they are where they are halves so already. Made once, on the device, when a model
-    is prepared for it."""
+    come back as they are where they are halves so already, as the views of Int4Linear's
+    scale_zero (made once, on the device, when a model is prepared for it)."""
     G = scales.shape[-1]
     if (scales.dtype == zeros.dtype and scales.shape == zeros.shape == (scales.shape[0], G)
             and scales.stride() == zeros.stride() == (2 * G, 2) and scales.data_ptr() % 4 == 0
@@ -2050,7 +2050,7 @@ class Int4Linear(nn.Module):
             if self.padded_in_features != self.in_features:
                 # (..., K_pad): zeros meet the zero weight columns
                 x = F.pad(x, (0, self.padded_in_features - self.in_features))
-            y = int4_triton_linear(x, self.words, self.scales, self.zeros, self.groupsize)
+            y = int4_triton_linear(x, self.words, *self.group_scales_and_zeros(), self.groupsize)
         else:
             y = F.linear(x, self.dequantize().to(x.dtype))
         return y if self.bias is None else y + self.bias
@@ -2072,13 +2072,18 @@ class Int4Linear(nn.Module):
         """The weights as float32 (N, K), padding dropped: the reference for the kernels."""
         if self.kernel is not None and self.kernel_max_rows is None:
             return self.kernel_weights()  # the packed copy replaced the file's tensors
-        return int4_weights(self.nibble_pairs(), self.scales, self.zeros, self.groupsize,
+        return int4_weights(self.nibble_pairs(), *self.group_scales_and_zeros(), self.groupsize,
                             self.in_features)
 
     def nibble_pairs(self) -> Tensor:
         """The file's nibble pairs (N, K_pad / 2), from wherever the layer holds them."""
         return (self.weight if self.words is None
                 else int4_pairs(self.words, self.out_features, self.padded_in_features))
+
+    def group_scales_and_zeros(self) -> tuple[Tensor, Tensor]:
+        """The file's group scales and zeros (N, K_pad / groupsize) each, from wherever the layer
+        holds them."""
+        return (self.scales, self.zeros) if self.words is None else self.scale_zero.unbind(-1)
 
     def kernel_weights(self) -> Tensor:
         """dequantize() from the kernel's packed copy, whose layout is the op's own: the kernel
@@ -2097,11 +2102,16 @@ class Int4Linear(nn.Module):
 
     def use_triton(self):
         """Lay the weights out for the Triton kernels (int4_words, once, on the device), and the
-        scales and zeros side by side (scale_zero_pairs). The words replace the file's nibble
-        pairs, so the module's state_dict is no longer a checkpoint."""
+        scales and zeros side by side, scale_zero (N, K_pad / groupsize, 2): the kernels read a
+        group's two as one 4-byte word (scale_zero_pairs). They replace the file's tensors, so the
+        module's state_dict is no longer a checkpoint."""
         self.words = frozen(int4_words(self.weight))
-        self.scales, self.zeros = (frozen(t) for t in scale_zero_pairs(self.scales, self.zeros))
-        del self.weight
+        # One parameter, not two that view it: the zeros' view would start 2 bytes in, and
+        # torch.compile copies a GPU input that is not 16-byte aligned on every call, its CUDA
+        # graphs on every replay (Llama-2-7B int4 g128 on an H100: 287 tok/s so, 474 with the
+        # file's scales and zeros; BENCHMARKS.md).
+        self.scale_zero = frozen(torch.stack([self.scales, self.zeros.to(self.scales.dtype)], -1))
+        del self.weight, self.scales, self.zeros
 
     def use_kernel(self, device_type: str, dtype: Optional[torch.dtype] = None,
                    max_rows: Optional[int] = None):
@@ -2114,7 +2124,7 @@ class Int4Linear(nn.Module):
         batches on a GPU) take the other path: the Triton kernels (use_triton), or PyTorch's;
         a later load_state_dict into the layer repacks the loaded tensors."""
         convert, kernel = INT4_KERNELS[device_type]
-        weight, scales, zeros = self.nibble_pairs(), self.scales, self.zeros
+        weight, (scales, zeros) = self.nibble_pairs(), self.group_scales_and_zeros()
         groupsize, k = self.groupsize, self.padded_in_features
         # K padded to whole groups costs the kernel the padded columns (SmolLM2's 576 in groups of
         # 128: 640) and x a copy a call. Where half or a quarter of a group ends at K (the ops take

@@ -302,9 +302,9 @@ TINY = dict(dim=96, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=100, intermedi
 IDX = torch.randint(0, TINY["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(1))
 
 
-def quantized_model(mode: str, groupsize, dtype=torch.float32):
-    """TINY with random weights, quantized as quantize.py does, loaded onto the CPU the way
-    checkpoint.load_model does (to_device, hence prepare_for_device)."""
+def quantized_model(mode: str, groupsize, dtype=torch.float32, device="cpu"):
+    """TINY with random weights, quantized as quantize.py does, loaded onto the device (the CPU
+    unless given) the way checkpoint.load_model does (to_device, hence prepare_for_device)."""
     torch.manual_seed(0)
     args = ModelArgs(**TINY)
     with torch.no_grad():
@@ -324,7 +324,7 @@ def quantized_model(mode: str, groupsize, dtype=torch.float32):
     if qargs.tie_embeddings:
         tensors["output.weight"] = tensors["tok_embeddings.weight"]
     model.load_state_dict(tensors, strict=True, assign=True)
-    return to_device(model, "cpu", dtype)
+    return to_device(model, device, dtype)
 
 
 @torch.no_grad()

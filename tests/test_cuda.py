@@ -246,6 +246,18 @@ def test_int4_kernel_launched_right_after_the_gemv_reads_the_x_the_gemv_writes(m
         assert relative_error(y, h.double() @ reference.T) < 1e-2
 
 
+@pytest.mark.parametrize("mode, groupsize", [("int8", None), ("fp8", None), ("int4", 32),
+                                             ("int4", 128)])
+def test_a_quantized_model_prepared_for_the_gpu_holds_only_16_byte_aligned_tensors(mode, groupsize):
+    """torch.compile copies a GPU input that does not start on a 16-byte boundary on every call,
+    and its CUDA graphs on every replay: no parameter or buffer of a model prepared for the GPU
+    (prepare_for_device: int4's words, tinygemm's copy, scales and zeros side by side) is one."""
+    from test_cpu_kernels import quantized_model
+    model = quantized_model(mode, groupsize, torch.bfloat16, "cuda")
+    tensors = dict(model.named_parameters(), **dict(model.named_buffers()))
+    assert [name for name, t in tensors.items() if t.data_ptr() % 16] == []
+
+
 @pytest.mark.parametrize("rows", [65, 160, 256])
 def test_one_byte_layer_compiled_past_the_small_matmul_rows_matches_eager(rows):
     """Past MAX_MM_ROWS the layer pads x to whole blocks of rows and drops the padding's results:

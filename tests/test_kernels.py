@@ -546,16 +546,19 @@ def test_int4_layer_dequantizes_to_the_same_weights_in_every_prepared_state(stat
     if "triton" in state:
         assert layer.words.shape == (1, 3, 16, 16)  # 7 rows in a tile of 16, K in 3 chunks
         # a group's scale and zero side by side, as the kernels read them: no copy a call
-        assert all(t is held for t, held in zip(scale_zero_pairs(layer.scales, layer.zeros),
-                                                 (layer.scales, layer.zeros)))
+        scales, zeros = layer.scale_zero.unbind(-1)  # (7, 10) each
+        assert all(t is given for t, given in zip(scale_zero_pairs(scales, zeros), (scales, zeros)))
+        # and no parameter a view that starts past a 16-byte boundary: torch.compile copies such
+        # a GPU input on every call (two parameters, the zeros' view 2 bytes in, did so)
+        assert all(t.data_ptr() % 16 == 0 for t in layer.parameters())
     assert torch.equal(layer.dequantize(), before)
 
 
 def test_int4_layers_laid_out_for_the_kernels_compile_to_their_eager_result():
-    """use_triton leaves a layer's scales and zeros two views of one tensor, parameters that share
-    storage: torch.compile takes them so, and gives what the eager layers give (here the path off
-    the GPU, a matmul by the dequantized weights), which the file's layout gave before, within
-    bfloat16's rounding (inductor may fuse the dequantization's multiply and add)."""
+    """use_triton leaves a layer's scales and zeros side by side in one tensor, which the forward
+    splits into two views: torch.compile takes them so, and gives what the eager layers give
+    (here the path off the GPU, a matmul by the dequantized weights), which the file's layout gave
+    before, within bfloat16's rounding (inductor may fuse the dequantization's multiply and add)."""
     from kernels import Int4Linear, relative_error
     torch.manual_seed(0)
     layers = torch.nn.Sequential(*[Int4Linear(256, 256, False, groupsize=32) for _ in range(2)])
