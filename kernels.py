@@ -1960,6 +1960,12 @@ def int4_pairs(words: Tensor, n_rows: int, k_pad: int) -> Tensor:
     return (q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8)
 
 
+def scale_zero_words(scales: Tensor, zeros: Tensor) -> Tensor:
+    """int4 group scales and zeros (N, n_groups) side by side, (N, n_groups, 2) in the scales'
+    dtype: each group's two in the 4-byte word the Triton kernels read."""
+    return torch.stack([scales, zeros.to(scales.dtype)], dim=-1)
+
+
 def scale_zero_pairs(scales: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor]:
     """int4 group scales and zeros (N, n_groups) as the two halves of one (N, n_groups, 2) tensor,
     views, so that the Triton kernels read a group's scale and zero as one 4-byte word, one load
@@ -1971,7 +1977,7 @@ def scale_zero_pairs(scales: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor]:
             and scales.stride() == zeros.stride() == (2 * G, 2) and scales.data_ptr() % 4 == 0
             and zeros.data_ptr() == scales.data_ptr() + scales.element_size()):
         return scales, zeros
-    pairs = torch.stack([scales, zeros.to(scales.dtype)], dim=-1)  # (N, n_groups, 2)
+    pairs = scale_zero_words(scales, zeros)  # (N, n_groups, 2)
     return pairs[..., 0], pairs[..., 1]
 
 
@@ -2102,15 +2108,14 @@ class Int4Linear(nn.Module):
 
     def use_triton(self):
         """Lay the weights out for the Triton kernels (int4_words, once, on the device), and the
-        scales and zeros side by side, scale_zero (N, K_pad / groupsize, 2): the kernels read a
-        group's two as one 4-byte word (scale_zero_pairs). They replace the file's tensors, so the
-        module's state_dict is no longer a checkpoint."""
+        scales and zeros side by side, scale_zero (N, K_pad / groupsize, 2; scale_zero_words).
+        They replace the file's tensors, so the module's state_dict is no longer a checkpoint."""
         self.words = frozen(int4_words(self.weight))
         # One parameter, not two that view it: the zeros' view would start 2 bytes in, and
         # torch.compile copies a GPU input that is not 16-byte aligned on every call, its CUDA
         # graphs on every replay (Llama-2-7B int4 g128 on an H100: 287 tok/s so, 474 with the
         # file's scales and zeros; BENCHMARKS.md).
-        self.scale_zero = frozen(torch.stack([self.scales, self.zeros.to(self.scales.dtype)], -1))
+        self.scale_zero = frozen(scale_zero_words(self.scales, self.zeros))
         del self.weight, self.scales, self.zeros
 
     def use_kernel(self, device_type: str, dtype: Optional[torch.dtype] = None,
