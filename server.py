@@ -50,6 +50,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator
 from pydantic_core import PydanticCustomError
 from starlette.background import BackgroundTask
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from torch import Tensor
 from tqdm import tqdm
@@ -460,6 +461,35 @@ class APIError(Exception):
         return JSONResponse({"error": error}, self.status, headers=self.headers)
 
 
+class BodyLimit:
+    """ASGI middleware: a request body of more than `limit` bytes is answered 413, before the route
+    reads it where its Content-Length says so, else once that many bytes have come (a chunked body):
+    the route would parse it whole on the event loop, then tokenize it, before its prompt is found
+    too long for the context."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = APIError(413, f"the request body is over this server's limit of {self.limit} "
+                             "bytes", "request_too_large")
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await too_large.response()(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise too_large  # FastAPI answers it as its cause (http_error)
+            return message
+        await self.app(scope, counted, send)
+
+
 # The request's models are strict: a value of the wrong JSON type is a 400, as OpenAI's API answers
 # it ("5" is no 5, true no 1), not converted.
 class StreamOptions(BaseModel):
@@ -609,6 +639,8 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
         scheduler.stop()
 
     app = FastAPI(title="gpt-blitz", lifespan=lifespan)
+    # room for any prompt that fits the context, at a few bytes a token, many times over
+    app.add_middleware(BodyLimit, limit=max(1 << 20, 256 * context))
     created, vocab_size = int(time.time()), scheduler.model.args.vocab_size
 
     @app.exception_handler(APIError)
@@ -648,6 +680,8 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
+        if isinstance(e.__cause__, APIError):  # raised while FastAPI read the body (BodyLimit)
+            return e.__cause__.response()
         if e.status_code == 400:  # a body FastAPI cannot parse (not UTF-8, nested too deep)
             if (refused := await key_refused(request)) is not None:
                 return refused

@@ -402,6 +402,27 @@ def test_errors_answer_with_openai_error_json_and_status(server):
     error_of(httpx.get(url + "/v1/models", headers={"Authorization": f"Basic {KEY}"}), 401)
 
 
+def test_a_body_over_the_limit_answers_413_whether_its_length_is_declared_or_not(server):
+    url, limit = server[0], 1 << 20  # the floor, above 256 bytes for each of CONTEXT's tokens
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+
+    def body(n_bytes: int) -> bytes:  # a JSON completion request of exactly n_bytes
+        head, tail = b'{"prompt": "', b'", "max_tokens": 1}'
+        return head + b"word " * ((n_bytes - len(head) - len(tail)) // 5) + b"." * (
+            (n_bytes - len(head) - len(tail)) % 5) + tail
+    declared = httpx.post(url + "/v1/completions", content=body(limit + 1), headers=headers)
+    error = error_of(declared, 413)
+    assert error["code"] == "request_too_large" and f"{limit} bytes" in error["message"]
+    chunks = (piece for piece in [body(limit + 1)[:limit // 2], body(limit + 1)[limit // 2:]])
+    chunked = httpx.post(url + "/v1/completions", content=chunks, headers=headers)
+    assert "content-length" not in chunked.request.headers  # sent in chunks, its size unsaid
+    assert error_of(chunked, 413)["code"] == "request_too_large"
+    # at the limit, the body is read: its prompt is then too long for the context
+    error = error_of(httpx.post(url + "/v1/completions", content=body(limit), headers=headers,
+                                timeout=60), 400)
+    assert error["code"] == "context_length_exceeded"
+
+
 # ---- in this process: a server whose scheduler steps only when the test lets it -----------------
 
 def long_streams(http: httpx.Client, n: int) -> list:
