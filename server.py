@@ -639,7 +639,7 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
         scheduler.stop()
 
     app = FastAPI(title="gpt-blitz", lifespan=lifespan)
-    # room for any prompt that fits the context, at a few bytes a token, many times over
+    # a prompt that fits the context takes a few bytes a token: room for it many times over
     app.add_middleware(BodyLimit, limit=max(1 << 20, 256 * context))
     created, vocab_size = int(time.time()), scheduler.model.args.vocab_size
 
