@@ -457,13 +457,17 @@ if triton is not None:
         if PDL:
             tl.extra.cuda.gdc_wait()  # the kernel before has written x
             tl.extra.cuda.gdc_launch_dependents()
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # transposed: y^T = w x^T
+        # A single row in groups under 128 sums each 16-column block of a chunk apart (int4_chunk)
+        ACC_COLS: tl.constexpr = 8 if BLOCK_M == 1 and GROUP < 128 else BLOCK_M
+        acc = tl.zeros((BLOCK_N, ACC_COLS), dtype=tl.float32)  # transposed: y^T = w x^T
         acc = int4_chunk(acc, words, x_ptr, s_ptr, first, n0, M, N, K, GROUP, BLOCK_M, BLOCK_N,
                          PTX, EVEN)
         for k0 in range(first + 128, tl.minimum(first + K_PER_SPLIT, K), 128):
             words = int4_word_tile(w_ptr, n0, k0, N, K, BLOCK_N, EVEN)  # (BLOCK_N, 16)
             acc = int4_chunk(acc, words, x_ptr, s_ptr, k0, n0, M, N, K, GROUP, BLOCK_M, BLOCK_N,
                              PTX, EVEN)
+        if ACC_COLS != BLOCK_M:
+            acc = tl.sum(acc, axis=1)[:, None]  # (BLOCK_N, 1)
         rows = tl.arange(0, BLOCK_M)  # (BLOCK_M,)
         cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
         out = (tl.program_id(1) * M + rows[None, :]) * N + cols[:, None]  # (BLOCK_N, BLOCK_M)
@@ -474,12 +478,36 @@ if triton is not None:
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PTX: tl.constexpr,
                    EVEN: tl.constexpr):
         """acc (BLOCK_N, BLOCK_M) plus the sums over chunk [k0, k0 + 128) of int4_mm_kernel's rows
-        [n0, n0 + BLOCK_N), from its words (BLOCK_N, 16)."""
+        [n0, n0 + BLOCK_N), from its words (BLOCK_N, 16); a single row in groups under 128: acc
+        (BLOCK_N, 8) plus each 16-column block's sums, block b in column b."""
         SUB: tl.constexpr = GROUP if GROUP < 128 else 128  # columns of a group within a chunk
         rows = tl.arange(0, BLOCK_M)  # (BLOCK_M,)
         cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
         col_ok = cols < N
         w = nibbles_as_bf16(words, PTX)  # 8 x (BLOCK_N, 16): chunk columns 16 j + c
+        if BLOCK_M == 1 and SUB < 128:
+            # One dot for the chunk's groups: x's 128 columns as 8 columns of a block diagonal,
+            # so that the dot's 8 output columns (the tensor cores' narrowest) are the 16-column
+            # blocks' sums, each then scaled by its group's scale and zero, where a dot a group
+            # (and another for its sum of x) each filled one column of 8 (Llama-2-7B int4 g32
+            # 16 % faster end to end on an H100; BENCHMARKS.md).
+            k = k0 + tl.arange(0, 128)  # (128,)
+            x_ptrs = x_ptr + k[None, :]  # (1, 128)
+            x = tl.load(x_ptrs) if EVEN else tl.load(x_ptrs, mask=k[None, :] < K, other=0.0)
+            blocks = tl.arange(0, 8)  # (8,) the chunk's blocks of 16 columns
+            # (128, 8): column b holds x in block b's rows, zeros elsewhere
+            x_blocks = tl.where((tl.arange(0, 128) // 16)[:, None] == blocks[None, :],
+                                tl.trans(x), 0.0)
+            a = side_by_side(w, 0, 8)  # (BLOCK_N, 128) bits 128 + q
+            wx = tl.dot(a.to(x.dtype), x_blocks.to(x.dtype))  # (BLOCK_N, 8) sum (128 + q) x
+            ones = tl.full((BLOCK_N, 16), 1.0, x.dtype)
+            x_sum = tl.dot(ones, tl.trans(tl.reshape(x, (8, 16))))  # (BLOCK_N, 8) sum x
+            g = (k0 + 16 * blocks) // GROUP  # (8,) each block's group
+            scale, zero = scale_and_zero(s_ptr, cols[:, None] * (K // GROUP) + g[None, :],
+                                         col_ok[:, None] & (g < K // GROUP)[None, :], EVEN)
+            acc += scale * wx
+            acc += (zero - 136.0 * scale) * x_sum
+            return acc
         for i in tl.static_range(128 // SUB):  # the chunk's groups
             a = side_by_side(w, i * SUB // 16, SUB // 16)  # (BLOCK_N, SUB) bits 128 + q
             k = k0 + i * SUB + tl.arange(0, SUB)  # (SUB,)
@@ -1996,10 +2024,10 @@ def int4_weights(packed: Tensor, scales: Tensor, zeros: Tensor, groupsize: int,
 # copies of the weights in memory. Groups of 128 and 256 keep one: there a single row through the
 # Triton kernel, launched as a programmatic dependent launch, decodes Llama-2-7B on an H200 1-2 %
 # faster than through tinygemm (an H100: 3 % with both launched plainly), in 4.0 GB at peak where
-# it takes 7.5 with tinygemm's copy; groups of 32 and 64 decode 36 % and 16 % slower through it (a
-# chunk takes four and two dots of each kind where 128 takes one; in the tile of one row, groups of
-# 32 take 1.9x tinygemm's time on an H100; BENCHMARKS.md). None: tinygemm for every input, one copy
-# (a long prompt ~10x slower), what happens without Triton.
+# it takes 7.5 with tinygemm's copy; groups of 32 and 64 decode 12 % and 15 % slower through it on
+# an H100 (a single row's chunk scales its eight 16-column blocks' sums apart, a scale and zero
+# loaded for each, where groups of 128 scale one sum; BENCHMARKS.md). None: tinygemm for every
+# input, one copy (a long prompt ~10x slower), what happens without Triton.
 TINYGEMM_MAX_ROWS = {32: 1, 64: 1}
 # tinygemm's packing by group size: how many tiles of 16 columns of K it interleaves (8, 4 or 2; the
 # CPU op ignores it), 8 where not listed. One row on an H200, Llama-2-7B's block layers: groups of
