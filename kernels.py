@@ -16,7 +16,7 @@ of weight serves every layer shape (GEMV_TILES). The weights are int8 (Int8Linea
 (Fp8Linear), one scale per output row. On Hopper and later GPUs, in a model whose layers all take
 single rows through it, the GEMV starts while the kernel before it ends and loads its first
 weights then (PDL below). A dense feed-forward's w13 (bf16 or int8) gives SiLU(gate) * up from the
-same GEMV, one launch a layer less (swiglu_linear).
+same GEMV, one launch a layer less (swiglu_linear); an int4 one from int4's kernel alike.
 
 With a few rows, the matmul keeps all of them in one tile, so each weight is still read once,
 converts the weights to bf16 in registers (int8 and fp8 exactly; int4, laid out at load as words of
@@ -386,17 +386,17 @@ if triton is not None:
                     pair_as_bf16(second, 8), pair_as_bf16(second, 12))
 
     @triton.jit
-    def int4_word_tile(w_ptr, n0, k0, N, K, BLOCK_N: tl.constexpr, EVEN: tl.constexpr = False):
-        """The 16 words of int4_words' layout that hold columns [k0, k0 + 128) of rows
-        [n0, n0 + BLOCK_N), (BLOCK_N, 16): BLOCK_N / 16 of its 1 KB tiles; n0 a multiple of 16, k0
-        of 128 below K. Rows past N read zeros; EVEN: there are none (no mask)."""
-        cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    def int4_word_tile(w_ptr, cols, col_ok, k0, K, EVEN: tl.constexpr = False):
+        """The 16 words of int4_words' layout that hold columns [k0, k0 + 128) of the weight rows
+        (output features) cols (BLOCK_N,): (BLOCK_N, 16), runs of 8 or 16 rows from a multiple of
+        as many, each part or all of a 1 KB tile; k0 a multiple of 128 below K. Rows not col_ok
+        read zeros; EVEN: all are (no mask)."""
         c = tl.arange(0, 16)  # (16,) words of a row in a tile
         tile = (cols // 16).to(tl.int64) * tl.cdiv(K, 128) + k0 // 128  # (BLOCK_N,)
         words = w_ptr + (tile * 256 + cols % 16 * 16)[:, None] + c[None, :]
         if EVEN:
             return tl.load(words)
-        return tl.load(words, mask=(cols < N)[:, None], other=0)
+        return tl.load(words, mask=col_ok[:, None], other=0)
 
     @triton.jit
     def scale_and_zero(s_ptr, group, mask, EVEN: tl.constexpr = False):
@@ -435,7 +435,8 @@ if triton is not None:
     @triton.jit
     def int4_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, K_PER_SPLIT,
                        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       PTX: tl.constexpr, PDL: tl.constexpr = False, EVEN: tl.constexpr = False):
+                       PTX: tl.constexpr, PDL: tl.constexpr = False, EVEN: tl.constexpr = False,
+                       SWIGLU: tl.constexpr = False):
         """y[s, m, n] = sum over split s's columns k of x[m, k] * w[n, k], as quantized_mm_kernel,
         for int4 weights as int4_words lays them out (tiles of 16 rows by a 128-column chunk, K
         padded to whole chunks) with group scales and zeros (N, K / GROUP), side by side in 4-byte
@@ -447,43 +448,56 @@ if triton is not None:
         dot. That dot multiplies the bits as they come, 128 + q; one dot of ones gives sum x, and
         scale (sum (128 + q) x - 136 sum x) + zero sum x is the group's sum of w x, in float32 (no
         weight rounded to bf16). PDL (a programmatic dependent launch): the first chunk's words
-        are loaded before waiting for the kernel before this one, whose output x is."""
-        n0 = tl.program_id(0) * BLOCK_N
+        are loaded before waiting for the kernel before this one, whose output x is.
+        SWIGLU (one row, K whole): the weights are a feed-forward's w13, N gate rows then their N
+        up rows, and y (1, N) is model.swiglu of the sums, in y's dtype; a program takes
+        BLOCK_N / 2 gate rows and their up rows (EVEN: N a multiple of BLOCK_N / 2)."""
+        if SWIGLU:
+            HALF: tl.constexpr = BLOCK_N // 2
+            features = tl.program_id(0) * HALF + tl.arange(0, BLOCK_N) % HALF  # (BLOCK_N,)
+            cols = features + tl.arange(0, BLOCK_N) // HALF * N  # gate rows, then their up rows
+            col_ok = features < N
+        else:
+            cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) weight rows
+            col_ok = cols < N
         first = tl.program_id(1) * K_PER_SPLIT
         # The first chunk apart from the loop, so that PDL's wait can come between its load and
         # its sums while the loop's body stays unconditional: Triton stages the loop's loads ahead
         # only so (BENCHMARKS.md).
-        words = int4_word_tile(w_ptr, n0, first, N, K, BLOCK_N, EVEN)  # (BLOCK_N, 16)
+        words = int4_word_tile(w_ptr, cols, col_ok, first, K, EVEN)  # (BLOCK_N, 16)
         if PDL:
             tl.extra.cuda.gdc_wait()  # the kernel before has written x
             tl.extra.cuda.gdc_launch_dependents()
         # A single row in groups under 128 sums each 16-column block of a chunk apart (int4_chunk)
         ACC_COLS: tl.constexpr = 8 if BLOCK_M == 1 and GROUP < 128 else BLOCK_M
         acc = tl.zeros((BLOCK_N, ACC_COLS), dtype=tl.float32)  # transposed: y^T = w x^T
-        acc = int4_chunk(acc, words, x_ptr, s_ptr, first, n0, M, N, K, GROUP, BLOCK_M, BLOCK_N,
-                         PTX, EVEN)
+        acc = int4_chunk(acc, words, x_ptr, s_ptr, first, cols, col_ok, M, K, GROUP, BLOCK_M,
+                         BLOCK_N, PTX, EVEN)
         for k0 in range(first + 128, tl.minimum(first + K_PER_SPLIT, K), 128):
-            words = int4_word_tile(w_ptr, n0, k0, N, K, BLOCK_N, EVEN)  # (BLOCK_N, 16)
-            acc = int4_chunk(acc, words, x_ptr, s_ptr, k0, n0, M, N, K, GROUP, BLOCK_M, BLOCK_N,
-                             PTX, EVEN)
+            words = int4_word_tile(w_ptr, cols, col_ok, k0, K, EVEN)  # (BLOCK_N, 16)
+            acc = int4_chunk(acc, words, x_ptr, s_ptr, k0, cols, col_ok, M, K, GROUP, BLOCK_M,
+                             BLOCK_N, PTX, EVEN)
+        if SWIGLU:  # x's one row: its sums in acc's first column, zeros in any other
+            gate, up = tl.split(tl.trans(tl.reshape(tl.sum(acc, axis=1), (2, HALF))))  # (HALF,)
+            out = tl.program_id(0) * HALF + tl.arange(0, HALF)  # (HALF,)
+            tl.store(y_ptr + out, (gate * tl.sigmoid(gate) * up).to(y_ptr.dtype.element_ty),
+                     mask=out < N)
+            return
         if ACC_COLS != BLOCK_M:
             acc = tl.sum(acc, axis=1)[:, None]  # (BLOCK_N, 1)
         rows = tl.arange(0, BLOCK_M)  # (BLOCK_M,)
-        cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
         out = (tl.program_id(1) * M + rows[None, :]) * N + cols[:, None]  # (BLOCK_N, BLOCK_M)
-        tl.store(y_ptr + out, acc, mask=(rows[None, :] < M) & (cols < N)[:, None])
+        tl.store(y_ptr + out, acc, mask=(rows[None, :] < M) & col_ok[:, None])
 
     @triton.jit
-    def int4_chunk(acc, words, x_ptr, s_ptr, k0, n0, M, N, K, GROUP: tl.constexpr,
+    def int4_chunk(acc, words, x_ptr, s_ptr, k0, cols, col_ok, M, K, GROUP: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PTX: tl.constexpr,
                    EVEN: tl.constexpr):
-        """acc (BLOCK_N, BLOCK_M) plus the sums over chunk [k0, k0 + 128) of int4_mm_kernel's rows
-        [n0, n0 + BLOCK_N), from its words (BLOCK_N, 16); a single row in groups under 128: acc
-        (BLOCK_N, 8) plus each 16-column block's sums, block b in column b."""
+        """acc (BLOCK_N, BLOCK_M) plus the sums over chunk [k0, k0 + 128) of int4_mm_kernel's
+        weight rows cols (BLOCK_N,), from their words (BLOCK_N, 16); a single row in groups under
+        128: acc (BLOCK_N, 8) plus each 16-column block's sums, block b in column b."""
         SUB: tl.constexpr = GROUP if GROUP < 128 else 128  # columns of a group within a chunk
         rows = tl.arange(0, BLOCK_M)  # (BLOCK_M,)
-        cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
-        col_ok = cols < N
         w = nibbles_as_bf16(words, PTX)  # 8 x (BLOCK_N, 16): chunk columns 16 j + c
         if BLOCK_M == 1 and SUB < 128:
             # One dot for the chunk's groups: x's 128 columns as 8 columns of a block diagonal,
@@ -555,11 +569,11 @@ if triton is not None:
                                BLOCK_N: tl.constexpr, PTX: tl.constexpr):
         """out (N, K) = int4 weights as int4_words lays them out, (q - 8) scale + zero in float32
         (as int4_weights computes them; scales and zeros as int4_mm_kernel takes them), in out's
-        dtype: rows [n0, n0 + BLOCK_N) (program_id 0) of a 128-column chunk (program_id 1)."""
-        n0, k0 = tl.program_id(0) * BLOCK_N, tl.program_id(1) * 128
-        cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) weight rows
+        dtype: BLOCK_N rows (program_id 0) of a 128-column chunk (program_id 1)."""
+        k0 = tl.program_id(1) * 128
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) weight rows
         col_ok = cols < N
-        words = int4_word_tile(w_ptr, n0, k0, N, K, BLOCK_N)  # (BLOCK_N, 16)
+        words = int4_word_tile(w_ptr, cols, col_ok, k0, K)  # (BLOCK_N, 16)
         # (BLOCK_N, 128) bits 128 + q, the chunk's columns in order; q - 8 exactly in float32
         q = side_by_side(nibbles_as_bf16(words, PTX), 0, 8).to(tl.float32) - 136.0
         # the chunk's groups: (BLOCK_N, n) scales and zeros, n = 1 when a group spans the chunk
@@ -987,6 +1001,11 @@ INT4_MM_TILE = dict(BLOCK_N=64, num_warps=4, num_stages=3)
 # stages, parts of 512 columns to the whole K); end to end +4.2 % from 64 rows on 4 warps to 32 on
 # 2, and +2.3 % from there (BENCHMARKS.md). Not timed on an H200.
 INT4_ROW_TILE = dict(BLOCK_N=16, num_warps=1, num_stages=3)
+# A dense feed-forward's w13 with SwiGLU in its kernel (int4_swiglu_row) walks the whole K, twice
+# the chunks of the parts above, and keeps one more in flight: Llama-2-7B int4 g128 on an H100
+# decodes 0.7-1.5 % faster so than with SiLU(gate) * up apart; on 3 stages it was no faster (5 as
+# fast as 4, 6 slower; BENCHMARKS.md).
+INT4_SWIGLU_STAGES = 4
 # Wider inputs of one-byte weights: blocks of 128 rows side by side, x through a tensor descriptor
 # as well, in whole blocks (x padded with zero rows). x by plain loads, a part-filled last block,
 # or K split in mm_split's parts were up to 1.6x slower (BENCHMARKS.md). 64 columns deep: with both
@@ -1147,16 +1166,7 @@ def quantized_mm_partials(x: Tensor, weight: Tensor, scales: Tensor, zeros: Opti
     x = x.contiguous()
     y = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
     if zeros is not None:
-        tile = int4_tile(M)
-        pdl = dependent_launch(x)
-        scales, _ = scale_zero_pairs(scales, zeros)  # the kernel reads both through scales
-        # No masks where no tile reaches past N or K (EVEN): with the pairs, Llama-2-7B int4 g128
-        # 2.3 % faster at batch 1 on an H100, where the pairs alone gave 1.2 % (BENCHMARKS.md).
-        even = N % tile["BLOCK_N"] == 0 and K % 128 == 0
-        int4_mm_kernel[(triton.cdiv(N, tile["BLOCK_N"]), split_k)](
-            x, weight, scales, y, M, N, K, columns_per_split, groupsize, PTX=on_nvidia(x),
-            PDL=pdl, EVEN=even, **pdl_option(pdl), **tile)
-        return y
+        return int4_mm(x, weight, scales, zeros, groupsize, y, columns_per_split)
     assert scales.is_contiguous(), "quantized_mm: row-major weights"
     tma = tma_loads(weight)
     wide = M > MAX_MM_ROWS
@@ -1176,6 +1186,40 @@ def quantized_mm_partials(x: Tensor, weight: Tensor, scales: Tensor, zeros: Opti
 def _(x: Tensor, weight: Tensor, scales: Tensor, zeros: Optional[Tensor], groupsize: int,
       split_k: int, columns_per_split: int) -> Tensor:
     return x.new_empty(split_k, x.shape[0], scales.shape[0], dtype=torch.float32)
+
+
+def int4_mm(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, groupsize: int, y: Tensor,
+            columns_per_split: int, swiglu_out: bool = False) -> Tensor:
+    """y (split_k, M, N) = int4_mm_kernel's partial sums of x (M, K) times the words, or
+    (swiglu_out) y (1, N) its SwiGLU of a single row's whole sums."""
+    M, K = x.shape
+    N = y.shape[-1]
+    tile = dict(int4_tile(M), **(dict(num_stages=INT4_SWIGLU_STAGES) if swiglu_out else {}))
+    pdl = dependent_launch(x)
+    scales, _ = scale_zero_pairs(scales, zeros)  # the kernel reads both through scales
+    outputs = tile["BLOCK_N"] // 2 if swiglu_out else tile["BLOCK_N"]  # a program's
+    # No masks where no tile reaches past N or K (EVEN): with the pairs, Llama-2-7B int4 g128 2.3 %
+    # faster at batch 1 on an H100, where the pairs alone gave 1.2 % (BENCHMARKS.md).
+    even = N % outputs == 0 and K % 128 == 0
+    int4_mm_kernel[(triton.cdiv(N, outputs), y.shape[0])](
+        x, words, scales, y, M, N, K, columns_per_split, groupsize, PTX=on_nvidia(x), PDL=pdl,
+        EVEN=even, SWIGLU=swiglu_out, **pdl_option(pdl), **tile)
+    return y
+
+
+@torch.library.custom_op("blitz::int4_swiglu_row", mutates_args=())
+def int4_swiglu_row(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor,
+                    groupsize: int) -> Tensor:
+    """model.swiglu of x (1, K) bf16 or fp16 times a feed-forward's w13 (2 F, K) as
+    quantized_mm_partials takes int4 weights: (1, F) in x's dtype, from one kernel (K whole)."""
+    y = torch.empty(1, scales.shape[0] // 2, dtype=x.dtype, device=x.device)
+    return int4_mm(x.contiguous(), words, scales, zeros, groupsize, y,
+                   -(-x.shape[1] // 128) * 128, swiglu_out=True)
+
+
+@int4_swiglu_row.register_fake
+def _(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, groupsize: int) -> Tensor:
+    return x.new_empty(1, scales.shape[0] // 2)
 
 
 def quantized_mm(x: Tensor, weight: Tensor, scales: Tensor, zeros: Optional[Tensor] = None,
@@ -1579,15 +1623,15 @@ def quantized_cases(N: int, K: int, device) -> list:
 
 
 def check_kernels(device="cuda") -> list:
-    """The kernels against their float64 reference on Llama-2-7B's layer shapes and a ragged one,
-    for bf16 weights at 1 row (the GEMV, FloatLinear's; and with SwiGLU, as a bf16 or int8 w13 of
-    the shape would take it), for int8, fp8 and int4 weights at 1 row (the GEMV; int4: the small
-    matmul), 3, 8 and 33 rows (the small matmul), 200 (one-byte weights: the small matmul in blocks
-    of rows; int4: a dequantized copy into PyTorch's matmul) and 300 (a dequantized copy), then the
-    expert GEMV, the grouped expert kernel, the router, the decode and chunk attention kernels and
-    sampling's top k: a list of {name, rows, shape, rel_err, ok} (the expert GEMV's also tokens
-    and k); a layer's ok also needs the same bits from a second call. scripts/bench.py runs this
-    before timing anything."""
+    """The kernels against their float64 reference on Llama-2-7B's layer shapes and a ragged
+    one, for bf16 weights at 1 row (the GEMV, FloatLinear's; and with SwiGLU, as a bf16, int8 or
+    int4 w13 of the shape would take it), for int8, fp8 and int4 weights at 1 row (the GEMV;
+    int4: the small matmul), 3, 8 and 33 rows (the small matmul), 200 (one-byte weights: the
+    small matmul in blocks of rows; int4: a dequantized copy into PyTorch's matmul) and 300 (a
+    dequantized copy), then the expert GEMV, the grouped expert kernel, the router, the decode
+    and chunk attention kernels and sampling's top k: a list of {name, rows, shape, rel_err, ok}
+    (the expert GEMV's also tokens and k); a layer's ok also needs the same bits from a second
+    call. scripts/bench.py runs this before timing anything."""
     torch.manual_seed(0)
     results = []
     for N, K in ((12288, 4096), (4096, 11008), (32000, 4096), (37, 320)):
@@ -1603,7 +1647,7 @@ def check_kernels(device="cuda") -> list:
             if name.startswith("int4"):
                 packed, *group = weights
                 weights = (int4_words(packed), *group)
-            elif name == "int8":
+            if name == "int8" or name.startswith("int4"):
                 results += check_gemv_swiglu(name, one_row, weights, reference_weights)
             for rows in (1, 3, 8, 33, 200, 300):
                 x = torch.randn(rows, 1, K, device=device, dtype=torch.bfloat16)  # (rows, T, K)
@@ -1621,16 +1665,23 @@ def check_kernels(device="cuda") -> list:
 
 
 def check_gemv_swiglu(name: str, x: Tensor, weights: tuple, reference_weights: Tensor) -> list:
-    """The GEMV with SwiGLU (a dense bf16 or int8 w13's single row) against model.swiglu of the
-    float64 product, where the layer takes it: a list of one result, or none."""
-    if not gemv_takes_swiglu(weights[0]):
+    """The single-row kernel with SwiGLU (a dense bf16, int8 or int4 w13's: the GEMV's or
+    int4_swiglu_row) against model.swiglu of the float64 product, where the layer takes it: a list
+    of one result, or none."""
+    N = reference_weights.shape[0]
+    if name.startswith("int4") and N % 2 == 0:
+        def with_swiglu():  # (1, 1, N / 2)
+            return int4_swiglu_row(x.view(1, -1), *weights).view(1, 1, -1)
+    elif not name.startswith("int4") and gemv_takes_swiglu(weights[0]):
+        def with_swiglu():  # (1, 1, N / 2)
+            return scaled_gemv(x, *weights, swiglu_out=True)
+    else:
         return []
-    y = scaled_gemv(x, *weights, swiglu_out=True)  # (1, 1, N / 2)
+    y = with_swiglu()
     rel = relative_error(y, swiglu(x.double() @ reference_weights.T))
     # bf16's rounding of the output: at most half a unit in the last place of each value
-    ok = y.shape == (1, 1, weights[0].shape[0] // 2) and rel < 1e-2
-    return [dict(name=name + " swiglu", rows=1, shape=list(weights[0].shape), rel_err=rel,
-                 ok=ok and torch.equal(scaled_gemv(x, *weights, swiglu_out=True), y))]
+    ok = y.shape == (1, 1, N // 2) and rel < 1e-2 and torch.equal(with_swiglu(), y)
+    return [dict(name=name + " swiglu", rows=1, shape=[N, x.shape[-1]], rel_err=rel, ok=ok)]
 
 
 # (experts, N, K): Qwen3-30B-A3B's w13 and w2, Mixtral-8x7B's w2 (split K) and a ragged one
@@ -2089,6 +2140,14 @@ class Int4Linear(nn.Module):
             y = F.linear(x, self.dequantize().to(x.dtype))
         return y if self.bias is None else y + self.bias
 
+    def swiglu_operands(self, x: Tensor) -> Optional[tuple]:
+        """(words, scales, zeros, groupsize) as int4_swiglu_row takes them where x is a single row
+        that takes the Triton kernel (see swiglu_linear) with K as the file has it, else None."""
+        takes = (self.words is not None and not self.kernel_serves(1)
+                 and kernel_route(x) == "gemv" and x.dtype in MM_DTYPES
+                 and self.padded_in_features == self.in_features)
+        return (self.words, *self.group_scales_and_zeros(), self.groupsize) if takes else None
+
     def kernel_serves(self, rows: int) -> bool:
         """Inputs of this many rows go to the op use_kernel() packed the weights for."""
         return self.kernel is not None and (self.kernel_max_rows is None
@@ -2284,13 +2343,29 @@ GEMV_SWIGLU = True
 
 def swiglu_linear(w13: nn.Module, x: Tensor) -> Tensor:
     """model.swiglu(w13(x)), a dense feed-forward's activation: a single row that takes the GEMV
-    gets it from w13's GEMV itself (one launch less a layer), other inputs as the model computes
-    them. prepare_for_device gives it to feed-forwards whose w13 has gemv_operands, no bias and
-    whole sums (gemv_takes_swiglu)."""
+    (or int4's Triton kernel) gets it from w13's kernel itself (one launch less a layer), other
+    inputs as the model computes them. prepare_for_device gives it to feed-forwards whose w13
+    takes it (w13_takes_swiglu)."""
+    if isinstance(w13, Int4Linear):
+        operands = w13.swiglu_operands(x)
+        if operands is None:
+            return swiglu(w13(x))
+        return int4_swiglu_row(x.reshape(1, -1), *operands).view(*x.shape[:-1], -1)
     operands = w13.gemv_operands(x)
     if operands is None:
         return swiglu(w13(x))
     return scaled_gemv(x, *operands, swiglu_out=True)
+
+
+def w13_takes_swiglu(w13: nn.Module) -> bool:
+    """Whether a dense feed-forward's w13 on a GPU can give SwiGLU's output from its single-row
+    kernel (swiglu_linear): a FloatLinear or Int8Linear of whole sums (gemv_takes_swiglu), or an
+    Int4Linear (whose kernel then keeps K whole); no bias."""
+    if isinstance(w13, Int4Linear):
+        return (w13.bias is None and w13.out_features % 2 == 0
+                and next(w13.parameters()).is_cuda)
+    return (isinstance(w13, (FloatLinear, Int8Linear)) and w13.bias is None
+            and w13.weight.is_cuda and gemv_takes_swiglu(w13.weight))
 
 
 def dependent_launches_pay(model: nn.Module) -> bool:
@@ -2509,9 +2584,7 @@ def prepare_for_device(model: nn.Module):
         # GEMV they decode 0.8 % slower on an H100 (2.5 % on an H200 before fp8's PTX conversion),
         # bf16 and int8 1.7 and 2.2 % faster; BENCHMARKS.md)
         if (isinstance(module, FeedForward) and GEMV_SWIGLU and triton is not None
-                and isinstance(module.w13, (FloatLinear, Int8Linear))
-                and module.w13.bias is None and module.w13.weight.is_cuda
-                and gemv_takes_swiglu(module.w13.weight)):
+                and w13_takes_swiglu(module.w13)):
             module.swiglu_kernel = swiglu_linear
         if (isinstance(module, (Experts, OneByteExperts)) and module.weight.is_cuda
                 and triton is not None and module.in_features % 4 == 0):  # int32 words

@@ -397,6 +397,40 @@ def test_float_gemv_in_a_compiled_cuda_graph_matches_pytorch_matmul(monkeypatch)
             assert rel < 1e-2, f"relative error {rel:.2e}"
 
 
+def test_int4_w13_gives_swiglu_from_its_kernel_in_a_compiled_cuda_graph(monkeypatch):
+    """An int4 model's one-token decode step (fp16, groups of 32: its single rows through the
+    Triton kernel, K ragged against the kernel's chunks) with each dense w13 giving SiLU(gate) * up
+    from its kernel (int4_swiglu_row, one call a layer) against the same step with SwiGLU apart,
+    eager and in a CUDA graph compiled as generate.py compiles, within fp16 rounding."""
+    import kernels
+    from generate import compile_functions
+    from kernels import relative_error
+    from test_cpu_kernels import quantized_model
+    model = quantized_model("int4", 32, torch.float16, "cuda")
+    feed_forwards = [layer.feed_forward for layer in model.layers]
+    assert all(ff.swiglu_kernel is kernels.swiglu_linear for ff in feed_forwards)
+    model.setup_caches(1, 32)
+    prompt, token = torch.randint(0, 100, (1, 8), device="cuda"), torch.tensor([[5]], device="cuda")
+    position = torch.tensor([8], device="cuda")
+    with torch.no_grad():
+        model(prompt, torch.arange(8, device="cuda"))
+        for ff in feed_forwards:
+            ff.swiglu_kernel = None
+        apart = model(token, position).double()  # (1, 1, vocab)
+        for ff in feed_forwards:
+            ff.swiglu_kernel = kernels.swiglu_linear
+        calls, swiglu_row = [], kernels.int4_swiglu_row
+        monkeypatch.setattr(kernels, "int4_swiglu_row",
+                            lambda *args: calls.append(args) or swiglu_row(*args))
+        assert relative_error(model(token, position), apart) < 1e-2
+        assert len(calls) == len(feed_forwards)
+        monkeypatch.undo()
+        _, step = compile_functions(True, False, decode_step=model)
+        for _ in range(3):  # warm-up, graph recording, replay
+            rel = relative_error(step(token, position), apart)
+            assert rel < 1e-2, f"relative error {rel:.2e}"
+
+
 def test_bf16_mixture_compiled_decode_through_the_float_gemv_matches_eager():
     """A bf16 mixture's one-token step as prepare_for_device leaves it (attention, router and
     output through FloatLinear's GEMV, the experts through the expert GEMV, w2's launched early

@@ -76,21 +76,33 @@ def check_scaled_gemv():
 
 
 # A dense feed-forward's w13 through kernels.swiglu_linear, as a GPU decode step takes it (the route
-# told it is one: a CPU has none): int8 and bf16 layers of 2 n rows (gate, then up), n ragged
-# against both tiles; SiLU(gate) * up of the float64 product, within bf16's rounding of the output.
-# Gate and up swapped, or paired with another output's row, would be off by far more.
+# told it is one: a CPU has none): int8, bf16 and int4 layers of 2 n rows (gate, then up), n ragged
+# against the tiles (int4: 8 gate rows a program) and not; int4 in groups of 32 and 128, K whole
+# chunks and not; SiLU(gate) * up of the float64 product, within the output's rounding (x fp16 for
+# int4: the interpreter's tl.dot takes no bf16). Gate and up swapped, or paired with another
+# output's row, would be off by far more.
 def check_swiglu_in_the_gemv():
     import kernels
     from model import swiglu
     torch.manual_seed(0)
     kernels.kernel_route = lambda x, *_: "gemv"  # (this process checks nothing else)
-    for n, K in ((37, 300), (64, 1024)):
+    for n, K, groupsize in ((37, 320, 32), (64, 1024, 128)):
         int8 = kernels.Int8Linear(K, 2 * n, bias=False)
         int8.weight.copy_(torch.randint(-128, 128, (2 * n, K), dtype=torch.int8))
         int8.scales.copy_(torch.rand(2 * n) / 127)
         bf16 = kernels.FloatLinear(K, 2 * n, bias=False).to(torch.bfloat16)
-        for layer, weight in ((int8, int8.dequantize()), (bf16, bf16.weight)):
-            x = torch.randn(1, 1, K, dtype=torch.bfloat16)
+        int4 = kernels.Int4Linear(K, 2 * n, bias=False, groupsize=groupsize)
+        int4.weight.copy_(torch.randint(0, 256, int4.weight.shape, dtype=torch.uint8))
+        int4.scales.copy_(torch.rand(2 * n, K // groupsize) / 8)
+        int4.zeros.copy_(torch.randn(2 * n, K // groupsize) / 8)
+        int4_weight = int4.dequantize()
+        int4.use_triton()
+        for layer, weight, dtype in ((int8, int8.dequantize(), torch.bfloat16),
+                                     (bf16, bf16.weight, torch.bfloat16),
+                                     (int4, int4_weight, torch.float16)):
+            x = torch.randn(1, 1, K, dtype=dtype)
+            # int4: its kernel's SwiGLU, not the model's after it
+            assert layer is not int4 or int4.swiglu_operands(x) is not None
             y = kernels.swiglu_linear(layer, x)  # (1, 1, n)
             reference = swiglu(x.double() @ weight.double().T)  # (1, 1, n)
             error = kernels.relative_error(y, reference)
