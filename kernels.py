@@ -2337,7 +2337,7 @@ class FloatLinear(nn.Linear):
         return (w, None) if takes else None
 
 
-# False: a dense feed-forward's SiLU(gate) * up as a kernel of its own after w13's GEMV.
+# False: a dense feed-forward's SiLU(gate) * up as a kernel of its own after w13's.
 GEMV_SWIGLU = True
 
 
@@ -2562,7 +2562,7 @@ def prepare_for_device(model: nn.Module):
     the fp8 matmul, give float, int8 and fp8 experts on CUDA the expert GEMV (int8 and fp8 also the
     grouped expert kernel, in bf16 models), their routers the router kernel, bf16 and fp16 attention
     the decode and chunk attention kernels, bf16 and fp16 linear layers the GEMV (FloatLinear),
-    dense feed-forwards SwiGLU in w13's GEMV (swiglu_linear), and on the CPU route
+    dense feed-forwards SwiGLU in w13's kernel (swiglu_linear), and on the CPU route
     decode-sized inputs of the int8 and int4 layers to PyTorch's CPU kernels (where
     cpu_kernels_usable). On a GPU, it also sets inductor's dependent launches for the process
     (below)."""
@@ -2582,7 +2582,7 @@ def prepare_for_device(model: nn.Module):
             module.router_kernel = router_top_k
         # (w13 is FloatLinear already, above; fp8 layers keep SiLU(gate) * up apart: with it in the
         # GEMV they decode 0.8 % slower on an H100 (2.5 % on an H200 before fp8's PTX conversion),
-        # bf16 and int8 1.7 and 2.2 % faster; BENCHMARKS.md)
+        # bf16 and int8 1.7 and 2.2 % faster, int4 in its kernel 0.7-1.5 %; BENCHMARKS.md)
         if (isinstance(module, FeedForward) and GEMV_SWIGLU and triton is not None
                 and w13_takes_swiglu(module.w13)):
             module.swiglu_kernel = swiglu_linear
