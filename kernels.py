@@ -1040,7 +1040,8 @@ def mm_split(n_columns: int, part_columns: Optional[int] = None) -> tuple[int, i
 # INT4_WIDE_COLUMNS: such a layer's 16-row tiles fill the GPU with half the parts, each program's
 # run of K twice as long, and Llama-2-7B's w13 then fits on an H100 at once, where twice the
 # programs ran in 1.5 waves (its layers alone: 24.3-24.4 us a layer against 25.1-25.2; wqkv's
-# 15.9-16.2 against 15.8-16.7; end to end +1.0 %; BENCHMARKS.md).
+# 15.9-16.2 against 15.8-16.7; end to end +1.0 %; BENCHMARKS.md). A w13 that gives SwiGLU from its
+# kernel (int4_swiglu_row) walks K whole instead; wqkv with K whole was 2.6 % slower end to end.
 INT4_WIDE_COLUMNS = 2048
 
 
