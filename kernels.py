@@ -271,14 +271,19 @@ if triton is not None:
     @triton.jit
     def quantized_mm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, K_PER_SPLIT,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            TMA: tl.constexpr = False, X_TMA: tl.constexpr = False):
+                            TMA: tl.constexpr = False, X_TMA: tl.constexpr = False,
+                            PDL: tl.constexpr = False):
         """y[s, m, n] = sum over split s's columns k of x[m, k] * w[n, k] * scales[n], for the
         BLOCK_M rows of block program_id(0) and BLOCK_N outputs n (program_id 1); split s
         (program_id 2) takes columns [s K_PER_SPLIT, (s + 1) K_PER_SPLIT). x (M, K) bf16 or fp16,
         or (X_TMA) a tensor descriptor of it with blocks (BLOCK_M, BLOCK_K); w one-byte weights as
         weight_tile reads them, converted to x's dtype in registers for the tensor cores
         (`tl.dot`); the row scales multiply the sums. y float32 partial sums. The row blocks of a
-        weight tile are neighbours in the grid, so they run side by side and read it from L2."""
+        weight tile are neighbours in the grid, so they run side by side and read it from L2.
+        PDL (a programmatic dependent launch): the programs wait for the kernel before this one,
+        whose output x is, before any load, and let no kernel launch early (MM_PDL)."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         m0 = tl.program_id(0) * BLOCK_M
         rows = m0 + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
         n0 = tl.program_id(1) * BLOCK_N
@@ -1132,10 +1137,14 @@ def tma_loads(t: Tensor) -> bool:
 # prepare_for_device turns inductor's option on where it pays (dependent_launches_pay), and the
 # GEMV launches so only then: the two pay together only. A pass of Llama-2-7B's int8 layers back
 # to back on an H200 took 9 % less time; decode: int8 +6 %, fp8 +4 %, bf16 +1 % (BENCHMARKS.md).
-# The one-byte small matmul of decode batches keeps plain launches: launched so, int8 at 8 rows ran
-# 4 % slower than with inductor's alone (int4's small matmul launches so: int4_mm_kernel). False:
-# plain launches.
+# int4's small matmul launches so too (int4_mm_kernel). False: plain launches.
 PDL = True
+# The one-byte small matmul launches so from MM_FILL_ROWS rows, where one_byte_split splits K to
+# fill the GPU: its programs wait for x before any load and let no kernel launch early
+# (Llama-2-7B at 32 rows on an H100: int8 +2.2 to +2.6 %, fp8 +2.5 %). Fewer rows keep plain
+# launches: int8 at 8 and 16 rows ran 5 % slower so, 2 % with the first weight tile loaded before
+# the wait (BENCHMARKS.md). False: plain launches.
+MM_PDL = True
 # A mixture's w2 GEMV launched so too, right after w13's (expert_gemv_partials). False: plainly.
 EXPERT_PDL = True
 
@@ -1170,6 +1179,7 @@ def quantized_mm_partials(x: Tensor, weight: Tensor, scales: Tensor, zeros: Opti
         return int4_mm(x, weight, scales, zeros, groupsize, y, columns_per_split)
     assert scales.is_contiguous(), "quantized_mm: row-major weights"
     tma = tma_loads(weight)
+    pdl = MM_PDL and MM_FILL_ROWS <= M <= MAX_MM_ROWS and dependent_launch(x)
     wide = M > MAX_MM_ROWS
     tile = WIDE_MM_TILE if wide else dict(MM_TILE, BLOCK_M=mm_block_rows(M))
     w = (TensorDescriptor.from_tensor(weight, [tile["BLOCK_N"], tile["BLOCK_K"]]) if tma
@@ -1179,7 +1189,7 @@ def quantized_mm_partials(x: Tensor, weight: Tensor, scales: Tensor, zeros: Opti
         x = TensorDescriptor.from_tensor(x, [tile["BLOCK_M"], tile["BLOCK_K"]])
     grid = (triton.cdiv(M, tile["BLOCK_M"]), triton.cdiv(N, tile["BLOCK_N"]), split_k)
     quantized_mm_kernel[grid](x, w, scales, y, M, N, K, columns_per_split, TMA=tma,
-                              X_TMA=x_tma, **tile)
+                              X_TMA=x_tma, PDL=pdl, **pdl_option(pdl), **tile)
     return y
 
 

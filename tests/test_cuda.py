@@ -182,30 +182,35 @@ def test_gemv_launched_early_reads_the_x_that_the_kernel_just_before_it_writes(m
                 assert relative_error(y, x.double() @ then.double().T) < 5e-3, (N, K)
 
 
-@pytest.mark.parametrize("rows", [1, 8])
-def test_int4_kernel_launched_early_reads_the_x_that_the_kernel_just_before_it_writes(rows,
-                                                                                   monkeypatch):
-    """int4's Triton kernel launches as a programmatic dependent launch too (single rows in groups
-    of 128 and 256 go through it), its first words loaded before the wait: in a CUDA graph
-    replayed on new inputs, each call must see the x that plain PyTorch kernels wrote before it
-    (K split in 2 parts at one row or 4 at 8, then in 8); the next test gives it a writer that lets
-    it start early."""
+@pytest.mark.parametrize("kind, rows", [("int4 g128", 1), ("int4 g128", 8), ("int8", 32),
+                                        ("int8", 64), ("fp8", 32)])
+def test_quantized_kernel_launched_early_reads_the_x_that_the_kernel_just_before_it_writes(
+        kind, rows, monkeypatch):
+    """On Hopper int4's Triton kernel (single rows in groups of 128 and 256 go through it, and
+    batches), its first words loaded before its wait, and the one-byte small matmul of 32 to 64
+    rows, which waits before any load, are programmatic dependent launches: in a CUDA graph
+    replayed on new inputs, each call must see the x that plain PyTorch kernels wrote just before
+    it (K split in parts in both layers). The next test gives int4's kernel a writer that lets it
+    start early."""
     import kernels
-    from kernels import int4_triton_linear, int4_words, quantized_cases, relative_error
+    from kernels import (int4_triton_linear, int4_words, quantized_cases, quantized_mm,
+                         relative_error)
     monkeypatch.setattr(torch._inductor.config.triton, "enable_pdl", True)  # as prepare_for_device
     torch.manual_seed(0)
     a = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
     assert kernels.dependent_launch(a) == (kernels.on_hopper(a) and kernels.GRID_DEPENDENCY_CONTROL)
-    # (12288, 4096), whose K the small matmul splits, then (4096, 12288) after it
-    (_, (packed, *first), reference), = [c for c in quantized_cases(12288, 4096, "cuda")
-                                         if c[0] == "int4 g128"]
-    (_, (then_packed, *then), then_reference), = [c for c in quantized_cases(4096, 12288, "cuda")
-                                                  if c[0] == "int4 g128"]
-    words, then_words = int4_words(packed), int4_words(then_packed)
+    # (12288, 4096), then (4096, 12288) after it
+    (_, first, reference), (_, then, then_reference) = [
+        next(c for c in quantized_cases(*shape, "cuda") if c[0] == kind)
+        for shape in ((12288, 4096), (4096, 12288))]
+    layer = quantized_mm
+    if kind.startswith("int4"):  # the words as a CUDA int4 layer holds them
+        first, then = [(int4_words(packed), *rest) for packed, *rest in (first, then)]
+        layer = int4_triton_linear
 
     def step():
-        x = int4_triton_linear(a * 2, words, *first)  # x written by a plain kernel just before
-        return x, int4_triton_linear(x / 64, then_words, *then)
+        x = layer(a * 2, *first)  # x written by a plain kernel just before
+        return x, layer(x / 64, *then)
     step()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
