@@ -224,6 +224,9 @@ def check_quantization(record, args: ModelArgs, where):
     if not (isinstance(layers, list) and all(isinstance(name, str) for name in layers)
             and set(layers) <= linears):
         raise InputError(f"{where}: quantized layers must be a list of this model's linear layers")
+    if args.tie_embeddings and "output" in layers:  # quantize.py unties a quantized output layer
+        raise InputError(f"{where}: a quantized output layer cannot share the embeddings "
+                         "(tie_embeddings)")
     if record.get("padded", {}) != kernels.padding_record(record, model):
         raise InputError(f"{where}: 'padded' does not give each int4 layer's K padded to whole "
                          f"groups of {groupsize}: quantize the checkpoint again with this "
@@ -306,6 +309,13 @@ def read_weights(weights: Path) -> dict:
     if not (isinstance(tensors, dict) and all(isinstance(name, str) and isinstance(t, torch.Tensor)
                                               for name, t in tensors.items())):
         raise InputError(f"{weights} does not hold a state dict (tensor names to tensors)")
+    # torch.save keeps a tensor's device and layout: a meta tensor holds no data, a sparse one
+    # none that a layer reads
+    hollow = next((name for name, t in tensors.items()
+                   if t.is_meta or t.layout != torch.strided), None)
+    if hollow is not None:
+        raise InputError(f"{weights}: tensor {hollow} holds no dense data "
+                         f"({tensors[hollow].device.type}, {tensors[hollow].layout})")
     return tensors
 
 
@@ -566,7 +576,7 @@ def write_files(folder: Path, writers: dict, remove=()):
             if any(made.iterdir()):
                 break
             made.rmdir()
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        if disk_full(e):
             raise InputError(f"disk full while writing into {folder}: "
                              "nothing was changed") from None
         raise
@@ -574,6 +584,26 @@ def write_files(folder: Path, writers: dict, remove=()):
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     finish_write(folder)
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether e is the OS's ENOSPC: an OSError, or an error of a library's own raised while
+    handling one (torch.save writing through a Python file: write_pth) or giving its number in
+    its text (the Rust libraries safetensors and tokenizers)."""
+    while e is not None:
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC
+                or f"(os error {errno.ENOSPC})" in str(e)):
+            return True
+        e = e.__context__
+    return False
+
+
+def write_pth(tensors: dict, tmp: Path):
+    """torch.save to tmp, a write_files temp file, through a Python file: torch's own writer of a
+    path reports a full disk as an error that names no cause, where this one's holds the OSError
+    it was raised from."""
+    with open(tmp, "wb") as f:
+        torch.save(tensors, f)
 
 
 def temp_name(name: str) -> str:
@@ -665,18 +695,12 @@ def write_safetensors(tensors: dict, tmp: Path):
     own beside its target, under a random name that remove_orphans could not tell from a user's
     file; so it writes inside a folder named as write_files names its temp files, which a kill
     leaves for remove_orphans, and the finished file is renamed out of it."""
-    from safetensors import SafetensorError
     from safetensors.torch import save_file
     scratch = tmp.parent / temp_name("safetensors")
     shutil.rmtree(scratch, ignore_errors=True)  # left by a killed writer of this host and pid
     scratch.mkdir()
     try:
-        try:
-            save_file(tensors, scratch / "weights")
-        except SafetensorError as e:  # the OS's errors come in its own type, errno in the text
-            if "(os error 28)" in str(e):  # ENOSPC: write_files says "disk full" in one line
-                raise OSError(errno.ENOSPC, str(e)) from None
-            raise
+        save_file(tensors, scratch / "weights")  # a full disk: disk_full reads its error
         os.replace(scratch / "weights", tmp)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

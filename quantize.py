@@ -43,6 +43,7 @@ guessed from the file name. They are written as one set.
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -59,7 +60,7 @@ from tqdm import tqdm
 
 from checkpoint import (JOURNAL, TOKENIZER_FILES, WEIGHT_FILES, ArgumentParser, Checkpoint,
                         InputError, WeightsFile, check_device, check_tensors, check_writable,
-                        copier, empty_model, read_checkpoint, write_files)
+                        copier, empty_model, read_checkpoint, write_files, write_pth)
 from kernels import (FORMAT, FP8_MAX, GROUPSIZES, INT4_MODES, int4_dequantize, int4_padded_k,
                      layer_mode, record_padding)
 from model import (Experts, KVCache, ModelArgs, RMSNorm, Rows, Transformer, TransformerBlock,
@@ -601,6 +602,11 @@ def tokenizer_copies(ckpt: Checkpoint, out: Path) -> dict:
     copies = {}
     for name in TOKENIZER_FILES:
         source, there = ckpt.folder / name, out.parent / name
+        # read after the quantization: a file it cannot read is refused before it
+        closed = next((f for f in (source, there)
+                       if f.is_file() and not os.access(f, os.R_OK)), None)
+        if closed is not None:
+            raise InputError(f"cannot read {closed}: no permission")
         if there.exists() and not (source.is_file() and there.is_file()
                                    and there.read_bytes() == source.read_bytes()):
             raise InputError(f"--out {out}: its folder holds a {name} that is not the "
@@ -666,7 +672,7 @@ def run(args):
             source, ckpt.args, args.mode, args.groupsize, args.output_mode, progress=True)
     quantization["source"] = ckpt.weights.name
     config = json.dumps({**asdict(qconfig), "quantization": quantization}, indent=2) + "\n"
-    write_files(out.parent, {out.name: lambda tmp: torch.save(state_dict, tmp),
+    write_files(out.parent, {out.name: partial(write_pth, state_dict),
                              out.with_suffix(".json").name: lambda tmp: tmp.write_text(config),
                              **tokenizer_files})
     for pattern, (k, k_pad) in {re.sub(r"\.\d+\.", ".*.", name): ks

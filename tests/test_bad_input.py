@@ -380,6 +380,43 @@ def test_a_pth_that_is_not_a_state_dict_is_one_error_line(tiny, content, capsys)
                  capsys=capsys)
 
 
+@pytest.mark.parametrize("script", ["generate.py", "quantize.py"])
+@pytest.mark.parametrize("kind", ["meta", "sparse"])
+def test_a_pth_of_tensors_without_dense_data_is_refused_naming_the_tensor(tiny, kind, script, capsys):
+    """torch.save keeps a tensor's device and layout: weights saved from the meta device, or sparse, load
+    as such and would make an empty quantized file or fail inside PyTorch."""
+    from safetensors.torch import load_file
+    tensors = load_file(tiny / "model.safetensors")
+    name = "layers.0.attention.wo.weight"
+    tensors[name] = torch.empty(tensors[name].shape, device="meta") if kind == "meta" else tensors[name].to_sparse()
+    (tiny / "model.safetensors").unlink()
+    torch.save(tensors, tiny / "model.pth")
+    before = snapshot(tiny)
+    more = ["--prompt", "hi", *GEN] if script == "generate.py" else ["--mode", "int8"]
+    refused_here(script, "--checkpoint_path", tiny, *more, words=["model.pth", name, "no dense data"],
+                 capsys=capsys)
+    assert snapshot(tiny) == before
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "out"])
+def test_a_tokenizer_file_quantize_cannot_read_is_refused_before_any_work(tiny, tmp_path, where, monkeypatch,
+                                                                       capsys):
+    """quantize.py copies the tokenizer files beside an --out in another folder, or compares them with
+    those already there, after quantizing: one it may not read is refused first (no permission: os.access,
+    which root passes, so the test denies it)."""
+    import quantize
+    out = tmp_path / "elsewhere" / "q.pth"
+    out.parent.mkdir()
+    closed = (tiny if where == "checkpoint" else out.parent) / "tokenizer_config.json"
+    if where == "out":
+        shutil.copy(tiny / closed.name, closed)
+    monkeypatch.setattr(quantize.os, "access", lambda path, mode: Path(path) != closed)
+    before = snapshot(tmp_path)
+    refused_here("quantize.py", "--checkpoint_path", tiny, "--mode", "int8", "--out", out,
+                 words=[str(closed), "no permission"], capsys=capsys)
+    assert snapshot(tmp_path) == before
+
+
 def test_weights_of_the_wrong_kind_of_dtype_are_refused_naming_the_tensor(tiny, capsys):
     """Float weights may come in any float dtype (they are converted); integers where floats
     belong, or a quantized layer's integer weights stored as floats, would fail inside PyTorch."""
@@ -635,6 +672,11 @@ def test_absurd_quantized_sidecar_is_refused_naming_the_file(tiny, capsys):
         edit_json(tiny / "model_int8.json", quantization={**record, **change})
         refused_here("generate.py", "--checkpoint_path", tiny / "model_int8.pth", "--prompt", "hi", *GEN,
                      words=["model_int8.json"], capsys=capsys)
+    (tiny / "model_int8.json").write_text(good)
+    assert "output" in record["layers"]  # quantize.py quantizes it, untied
+    edit_json(tiny / "model_int8.json", tie_embeddings=True)
+    refused_here("generate.py", "--checkpoint_path", tiny / "model_int8.pth", "--prompt", "hi", *GEN,
+                 words=["model_int8.json", "tie_embeddings"], capsys=capsys)
     (tiny / "model_int8.json").write_text("[" * 100_000 + "]" * 100_000)  # deeper than Python's stack
     refused_here("generate.py", "--checkpoint_path", tiny / "model_int8.pth", "--prompt", "hi", *GEN,
                  words=["model_int8.json", "not valid JSON"], capsys=capsys)

@@ -74,6 +74,21 @@ def test_a_checkpoint_that_fills_the_disk_says_so_in_one_line_and_leaves_nothing
     assert names(small_disk) == []  # neither the folder it made nor a temp file or folder
 
 
+def test_a_pth_or_tokenizer_that_fills_the_disk_says_so_in_one_line_and_leaves_nothing(small_disk):
+    """torch.save (quantize.py's weights) and the tokenizers library (convert_gguf.py's
+    tokenizer.json) report the OS's ENOSPC in errors of their own: still a full disk, not a bug."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    tensors = Transformer(ModelArgs(dim=64, n_layer=2, n_head=2, vocab_size=512,
+                                    intermediate_size=128)).state_dict()  # ~0.6 MB of float32
+    words = Tokenizer(WordLevel({f"word{i}": i for i in range(20_000)}, unk_token="word0"))
+    for name, writer in (("model.pth", lambda tmp: checkpoint.write_pth(tensors, tmp)),
+                         ("tokenizer.json", lambda tmp: words.save(str(tmp)))):  # ~0.3 MB
+        with pytest.raises(InputError, match="disk full while writing into .*nothing was changed"):
+            write_files(small_disk / "out", {name: writer})
+        assert names(small_disk) == []
+
+
 def test_a_bug_in_a_writer_keeps_its_traceback_and_leaves_no_temp_files(tmp_path):
     def broken(path):
         path.write_text("x")
