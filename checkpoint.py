@@ -58,6 +58,18 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         raise InputError(f"{message} (see --help)")
 
+    def parse_known_args(self, args=None, namespace=None):
+        """argparse's, and then no path given holds a name longer than the file system takes (the
+        first look at it, Path.is_file say, would raise where it should find nothing)."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        for dest, value in vars(namespace).items():
+            for path in value if isinstance(value, list) else [value]:
+                if isinstance(path, Path) and any(len(os.fsencode(name)) > NAME_MAX
+                                                  for name in path.parts):
+                    raise InputError(f"--{dest} {path}: a name in it is longer than {NAME_MAX} "
+                                     "bytes")
+        return namespace, extras
+
 
 WEIGHT_FILES = ("model.safetensors", "model.pth")  # float weights, described by config.json
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",

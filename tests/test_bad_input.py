@@ -380,6 +380,19 @@ def test_a_pth_that_is_not_a_state_dict_is_one_error_line(tiny, content, capsys)
                  capsys=capsys)
 
 
+@pytest.mark.parametrize("script, flag, more", [
+    ("generate.py", "--checkpoint_path", ["--prompt", "hi"]), ("quantize.py", "--out", ["--mode", "int8"]),
+    ("scripts/convert_gguf.py", "--gguf", ["--out", "x"]), ("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", [])])
+def test_a_path_with_a_name_longer_than_the_file_system_takes_is_one_error_line(tiny, tmp_path, script, flag, more,
+                                                                                capsys):
+    """Python's Path.is_file raises (ENAMETOOLONG) where a name is over 255 bytes, rather than finding
+    nothing: every path flag is checked as the command line is read."""
+    long = tmp_path / ("y" * 300) / "x"
+    if script == "quantize.py":
+        more = ["--checkpoint_path", tiny, *more]
+    refused_here(script, flag, long, *more, words=[flag, "longer than 255 bytes"], capsys=capsys)
+
+
 @pytest.mark.parametrize("script", ["generate.py", "quantize.py"])
 @pytest.mark.parametrize("kind", ["meta", "sparse"])
 def test_a_pth_of_tensors_without_dense_data_is_refused_naming_the_tensor(tiny, kind, script, capsys):
