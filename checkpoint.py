@@ -523,6 +523,13 @@ def randomize_(model: nn.Module, skip_layers=()) -> nn.Module:
 
 # ---- writing -------------------------------------------------------------------------------------
 
+def check_readable(path: Path):
+    """A file the work reads only later (a tokenizer file copied after the weights): refused now
+    if this process may not read it."""
+    if not os.access(path, os.R_OK):
+        raise InputError(f"cannot read {path}: permission denied")
+
+
 def check_writable(path: Path, flag: str):
     """A file is to be written at path: fail now, before the work, if it cannot be."""
     if len(os.fsencode(temp_name(path.name))) > NAME_MAX:  # written first, then renamed

@@ -2357,14 +2357,12 @@ def swiglu_linear(w13: nn.Module, x: Tensor) -> Tensor:
     (or int4's Triton kernel) gets it from w13's kernel itself (one launch less a layer), other
     inputs as the model computes them. prepare_for_device gives it to feed-forwards whose w13
     takes it (w13_takes_swiglu)."""
-    if isinstance(w13, Int4Linear):
-        operands = w13.swiglu_operands(x)
-        if operands is None:
-            return swiglu(w13(x))
-        return int4_swiglu_row(x.reshape(1, -1), *operands).view(*x.shape[:-1], -1)
-    operands = w13.gemv_operands(x)
+    int4 = isinstance(w13, Int4Linear)
+    operands = w13.swiglu_operands(x) if int4 else w13.gemv_operands(x)
     if operands is None:
         return swiglu(w13(x))
+    if int4:
+        return int4_swiglu_row(x.reshape(1, -1), *operands).view(*x.shape[:-1], -1)
     return scaled_gemv(x, *operands, swiglu_out=True)
 
 

@@ -43,7 +43,6 @@ guessed from the file name. They are written as one set.
 import argparse
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -59,8 +58,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from checkpoint import (JOURNAL, TOKENIZER_FILES, WEIGHT_FILES, ArgumentParser, Checkpoint,
-                        InputError, WeightsFile, check_device, check_tensors, check_writable,
-                        copier, empty_model, read_checkpoint, write_files, write_pth)
+                        InputError, WeightsFile, check_device, check_readable, check_tensors,
+                        check_writable, copier, empty_model, read_checkpoint, write_files,
+                        write_pth)
 from kernels import (FORMAT, FP8_MAX, GROUPSIZES, INT4_MODES, int4_dequantize, int4_padded_k,
                      layer_mode, record_padding)
 from model import (Experts, KVCache, ModelArgs, RMSNorm, Rows, Transformer, TransformerBlock,
@@ -602,11 +602,9 @@ def tokenizer_copies(ckpt: Checkpoint, out: Path) -> dict:
     copies = {}
     for name in TOKENIZER_FILES:
         source, there = ckpt.folder / name, out.parent / name
-        # read after the quantization: a file it cannot read is refused before it
-        closed = next((f for f in (source, there)
-                       if f.is_file() and not os.access(f, os.R_OK)), None)
-        if closed is not None:
-            raise InputError(f"cannot read {closed}: no permission")
+        for f in (source, there):  # read after the quantization: refused before it
+            if f.is_file():
+                check_readable(f)
         if there.exists() and not (source.is_file() and there.is_file()
                                    and there.read_bytes() == source.read_bytes()):
             raise InputError(f"--out {out}: its folder holds a {name} that is not the "

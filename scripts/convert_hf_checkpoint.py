@@ -22,7 +22,6 @@ Two layout changes happen on the way:
     matrices are stacked, (n_experts, rows, columns). The pieces of one layer may live in
     different shards, so they wait in `pending` until the set is complete.
 """
-import os
 import re
 import sys
 from pathlib import Path
@@ -33,8 +32,9 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from checkpoint import (TOKENIZER_FILES, ArgumentParser, InputError,  # noqa: E402
-                        check_output_folder, copier, empty_model, parse_config, read_json,
-                        one_line, read_weights, save_checkpoint, unpermute, unreadable)
+                        check_output_folder, check_readable, copier, empty_model, parse_config,
+                        read_json, one_line, read_weights, save_checkpoint, unpermute,
+                        unreadable)
 from model import ModelArgs  # noqa: E402
 
 # What transformers' config class of each family (LlamaConfig, MistralConfig, ...) gives the keys
@@ -394,8 +394,7 @@ def tokenizer_sources(hf_dir: Path, layout: str) -> dict:
         if not source.is_file() and name == "tokenizer.model" and layout == "meta":
             source = hf_dir / "original" / name  # Llama-3's tiktoken file ships beside the .pth
         if source.is_file():
-            if not os.access(source, os.R_OK):
-                raise InputError(f"cannot read {source}: permission denied")
+            check_readable(source)
             sources[name] = source
     return sources
 

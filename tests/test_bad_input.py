@@ -417,16 +417,15 @@ def test_a_tokenizer_file_quantize_cannot_read_is_refused_before_any_work(tiny, 
     """quantize.py copies the tokenizer files beside an --out in another folder, or compares them with
     those already there, after quantizing: one it may not read is refused first (no permission: os.access,
     which root passes, so the test denies it)."""
-    import quantize
     out = tmp_path / "elsewhere" / "q.pth"
     out.parent.mkdir()
     closed = (tiny if where == "checkpoint" else out.parent) / "tokenizer_config.json"
     if where == "out":
         shutil.copy(tiny / closed.name, closed)
-    monkeypatch.setattr(quantize.os, "access", lambda path, mode: Path(path) != closed)
+    monkeypatch.setattr(checkpoint.os, "access", lambda path, mode: Path(path) != closed)
     before = snapshot(tmp_path)
     refused_here("quantize.py", "--checkpoint_path", tiny, "--mode", "int8", "--out", out,
-                 words=[str(closed), "no permission"], capsys=capsys)
+                 words=[str(closed), "permission denied"], capsys=capsys)
     assert snapshot(tmp_path) == before
 
 
