@@ -22,6 +22,7 @@ Two layout changes happen on the way:
     matrices are stacked, (n_experts, rows, columns). The pieces of one layer may live in
     different shards, so they wait in `pending` until the set is complete.
 """
+import os
 import re
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from checkpoint import (TOKENIZER_FILES, ArgumentParser, InputError,  # noqa: E402
+from checkpoint import (NAME_MAX, TOKENIZER_FILES, ArgumentParser, InputError,  # noqa: E402
                         check_output_folder, check_readable, copier, empty_model, parse_config,
                         read_json, one_line, read_weights, save_checkpoint, unpermute,
                         unreadable)
@@ -332,6 +333,12 @@ def find_weights(hf_dir: Path) -> tuple[list[Path], str]:
                     not all(isinstance(f, str) for f in weight_map.values()):
                 raise InputError(f"{index} lists no weights (its weight_map must map names to "
                                  "files)")
+            for name in weight_map.values():  # "model-00001-of-00002.safetensors" and the like
+                if name in ("", ".", "..") or Path(name).name != name or \
+                        len(os.fsencode(name)) > NAME_MAX:
+                    shown = repr(name) if len(name) <= 60 else repr(name[:60]) + "..."
+                    raise InputError(f"{index} lists shard {shown}: not the name of a file in "
+                                     f"{hf_dir} (one name of at most {NAME_MAX} bytes)")
             files = [hf_dir / f for f in sorted(set(weight_map.values()))]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
