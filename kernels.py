@@ -975,10 +975,11 @@ def gemv_takes_swiglu(weight: Tensor) -> bool:
 # Longer inputs (prefills) are compute-bound: a dequantized copy of the layer's weights in x's
 # dtype (one pass over them) feeds PyTorch's matmul. A layer of few output rows makes few tiles,
 # too few to keep every SM streaming weights, so the small matmul splits K into parts of at least
-# MM_SPLIT_COLUMNS (whole tiles of both small matmuls); one-byte weights from MM_FILL_ROWS rows
-# until the grid holds about MM_PROGRAMS_PER_SM programs an SM instead, so that the wider layers,
-# whose partial sums grow with the rows, take fewer parts (H200, Llama-2-7B at 32 rows: int8 +1.4 %
-# tok/s, fp8 +4.3 %; at 8 rows int8 -2.7 to -3.0 %, so fewer rows keep the parts; BENCHMARKS.md).
+# MM_SPLIT_COLUMNS (whole tiles of both small matmuls); from MM_FILL_ROWS rows until the grid holds
+# about MM_PROGRAMS_PER_SM programs an SM instead, so that the wider layers, whose partial sums grow
+# with the rows, take fewer parts and the narrower more (Llama-2-7B at 32 rows: int8 +1.4 % tok/s
+# and fp8 +4.3 % on an H200, int4 g128 +3.0 % on an H100; at 8 rows int8 -2.7 to -3.0 % and int4
+# -1.2 %, so fewer rows keep the parts; BENCHMARKS.md).
 MAX_MM_ROWS = 64
 MAX_WIDE_ROWS = 256
 MM_DTYPES = (torch.bfloat16, torch.float16)  # the activations the small matmul's tl.dot takes
@@ -996,7 +997,8 @@ MM_TILE = dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
 # int4's small matmul: one tile, the fastest of 36 configs (64 rows with 4 warps, 128 with 4 or 8;
 # 2, 3, 4 or 6 stages; 1, 2 or 4 times mm_split's parts) on each of Llama-2-7B's layer shapes at 1,
 # 8 and 32 rows on an H200 (BENCHMARKS.md); with the words in tiles, 4 stages or K in parts of 2048
-# columns took 3-5 % longer at 8 rows on an H100.
+# columns took 3-5 % longer at 8 rows on an H100, and at 32 rows on an H100 the rows in blocks of 16
+# (20-22 % longer a pass) or at most 96 registers a thread (14 %).
 INT4_MM_TILE = dict(BLOCK_N=64, num_warps=4, num_stages=3)
 # A single row (batch-1 decode; int4_tile) takes 16 weight rows on 1 warp: four times the programs
 # of INT4_MM_TILE's 64 rows on 4 warps, each with a quarter of the work. Llama-2-7B in groups of 128
@@ -1050,10 +1052,22 @@ def mm_split(n_columns: int, part_columns: Optional[int] = None) -> tuple[int, i
 INT4_WIDE_COLUMNS = 2048
 
 
-def int4_split(n_rows: int, n_out: int, n_columns: int) -> tuple[int, int]:
+def filling_split(n_out: int, n_columns: int, n_sms: int, block_n: int,
+                  align: int) -> tuple[int, int]:
+    """(number of K splits, columns per split: whole `align` columns) that give one block of rows
+    about MM_PROGRAMS_PER_SM programs an SM of n_sms, the weights (n_out, n_columns) in tiles of
+    block_n rows."""
+    tiles = -(-n_out // block_n)
+    return whole_parts(n_columns, min(MAX_SPLIT, MM_PROGRAMS_PER_SM * n_sms // tiles), align)
+
+
+def int4_split(n_rows: int, n_out: int, n_columns: int, n_sms: int) -> tuple[int, int]:
     """(number of K splits, columns per split) of int4's small matmul, n_rows rows of x by weights
-    (n_out, n_columns): mm_split's, but a single row of a layer of more than SPLIT_MAX_ROWS rows in
-    parts of INT4_WIDE_COLUMNS."""
+    (n_out, n_columns) on a GPU of n_sms SMs: mm_split's, but a single row of a layer of more than
+    SPLIT_MAX_ROWS rows in parts of INT4_WIDE_COLUMNS, and filling_split's from MM_FILL_ROWS
+    rows."""
+    if n_rows >= MM_FILL_ROWS:
+        return filling_split(n_out, n_columns, n_sms, INT4_MM_TILE["BLOCK_N"], 128)  # chunks
     wide_row = n_rows == 1 and n_out > SPLIT_MAX_ROWS
     return mm_split(n_columns, INT4_WIDE_COLUMNS if wide_row else None)
 
@@ -1063,10 +1077,8 @@ def one_byte_split(n_rows: int, n_out: int, n_columns: int, n_sms: int) -> tuple
     whole blocks past MAX_MM_ROWS) by weights (n_out, n_columns), on a GPU of n_sms SMs."""
     if n_rows < MM_FILL_ROWS:
         return mm_split(n_columns)
-    if n_rows <= MAX_MM_ROWS:  # one block of rows: about MM_PROGRAMS_PER_SM programs an SM
-        tiles = -(-n_out // MM_TILE["BLOCK_N"])
-        return whole_parts(n_columns, min(MAX_SPLIT, MM_PROGRAMS_PER_SM * n_sms // tiles),
-                           MM_SPLIT_ALIGN)
+    if n_rows <= MAX_MM_ROWS:  # one block of rows
+        return filling_split(n_out, n_columns, n_sms, MM_TILE["BLOCK_N"], MM_SPLIT_ALIGN)
     tiles = -(-n_rows // WIDE_MM_TILE["BLOCK_M"]) * -(-n_out // WIDE_MM_TILE["BLOCK_N"])
     return whole_parts(n_columns, min(WIDE_MAX_SPLIT, 2 * n_sms // tiles), WIDE_MM_TILE["BLOCK_K"])
 
@@ -1106,8 +1118,9 @@ def int4_tile(n_rows: int) -> dict:
 # end to end). int4's small matmul reads by plain loads: its words, in 1 KB tiles that follow each
 # other along a program's part of K (int4_words), came faster so than through a descriptor (a pass
 # of Llama-2-7B's block layers on an H100: 2.11 against 2.17 ms at one row; at 8 rows, with the
-# scales in tiles too, 2.74 against 2.89), and x (11 % slower through one at one row). A
-# descriptor needs 16-byte aligned rows. False: plain loads.
+# scales in tiles too, 2.74 against 2.89), and x (through one, 11 % slower at one row; Llama-2-7B
+# int4 g128 on an H100 3 % slower at batch 8, 1 % faster at 32). A descriptor needs 16-byte
+# aligned rows. False: plain loads.
 MM_TMA = True
 
 
@@ -1244,8 +1257,9 @@ def quantized_mm(x: Tensor, weight: Tensor, scales: Tensor, zeros: Optional[Tens
     if M > MAX_MM_ROWS and M % WIDE_MM_TILE["BLOCK_M"]:
         # zero rows to whole blocks: a part-filled one ran slower
         rows = F.pad(rows, (0, 0, 0, -M % WIDE_MM_TILE["BLOCK_M"]))
-    split = (int4_split(rows.shape[0], N, K) if zeros is not None
-             else one_byte_split(rows.shape[0], N, K, sm_count(x.device.index)))
+    n_sms = sm_count(x.device.index)
+    split = (int4_split(rows.shape[0], N, K, n_sms) if zeros is not None
+             else one_byte_split(rows.shape[0], N, K, n_sms))
     y = quantized_mm_partials(rows, weight, scales, zeros, groupsize, *split)[:, :M]
     return added_parts(y).to(x.dtype).view(*x.shape[:-1], N)
 

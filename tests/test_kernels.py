@@ -617,15 +617,17 @@ def test_gemv_splits_long_rows_of_one_byte_weights_and_keeps_float_weights_whole
 def test_small_matmul_splits_k_until_the_grid_fills_the_gpu_and_wide_layers_stay_whole():
     """kernels.py's promises for the split of K (the comments above MAX_MM_ROWS and WIDE_MAX_SPLIT),
     over layer shapes, row counts and GPUs of 1 to 132 SMs: K covered once in parts of whole tiles;
-    int4 (mm_split) in at most MAX_SPLIT parts of at least MM_SPLIT_COLUMNS columns, as many as fit,
-    but a single row of a layer of more than SPLIT_MAX_ROWS rows in parts of INT4_WIDE_COLUMNS (half
-    as many where K holds them whole); one-byte weights the same below MM_FILL_ROWS rows, from there
-    about MM_PROGRAMS_PER_SM programs an SM (one block of rows) or 2 (blocks of WIDE_MM_TILE's rows,
-    at most WIDE_MAX_SPLIT parts): never more than that, at least one an SM unless the split is near
-    its most parts; and a wider layer, or more rows, takes no more parts."""
-    from kernels import (INT4_WIDE_COLUMNS, MAX_MM_ROWS, MAX_SPLIT, MM_FILL_ROWS, MM_PROGRAMS_PER_SM,
-                         MM_SPLIT_ALIGN, MM_SPLIT_COLUMNS, MM_TILE, SPLIT_MAX_ROWS, WIDE_MAX_SPLIT,
-                         WIDE_MM_TILE, int4_split, mm_split, one_byte_split)
+    below MM_FILL_ROWS rows (mm_split) in at most MAX_SPLIT parts of at least MM_SPLIT_COLUMNS
+    columns, as many as fit, but int4's single row of a layer of more than SPLIT_MAX_ROWS rows in
+    parts of INT4_WIDE_COLUMNS (half as many where K holds them whole); from there, int4 (in whole
+    chunks of 128 columns) and one-byte weights alike, about MM_PROGRAMS_PER_SM programs an SM (one
+    block of rows) or, one-byte weights past MAX_MM_ROWS, 2 (blocks of WIDE_MM_TILE's rows, at most
+    WIDE_MAX_SPLIT parts): never more than that, at least one an SM unless the split is near its
+    most parts; and a wider layer, or more rows, takes no more parts."""
+    from kernels import (INT4_MM_TILE, INT4_WIDE_COLUMNS, MAX_MM_ROWS, MAX_SPLIT, MM_FILL_ROWS,
+                         MM_PROGRAMS_PER_SM, MM_SPLIT_ALIGN, MM_SPLIT_COLUMNS, MM_TILE,
+                         SPLIT_MAX_ROWS, WIDE_MAX_SPLIT, WIDE_MM_TILE, int4_split, mm_split,
+                         one_byte_split)
     ks = (300, 768, 1000, 2048, 4096, 8448, 11008, 14336)
     for k in ks:
         parts, size = mm_split(k)
@@ -633,8 +635,8 @@ def test_small_matmul_splits_k_until_the_grid_fills_the_gpu_and_wide_layers_stay
         assert parts <= MAX_SPLIT and (parts == 1 or size >= MM_SPLIT_COLUMNS), k
         assert parts > 1 or k < 2 * MM_SPLIT_COLUMNS, k  # split wherever two parts fit
         for rows, n in ((1, SPLIT_MAX_ROWS), (2, 22016), (8, 22016)):
-            assert int4_split(rows, n, k) == (parts, size), (rows, n, k)
-        wide = int4_split(1, SPLIT_MAX_ROWS + 1, k)
+            assert int4_split(rows, n, k, 132) == (parts, size), (rows, n, k)
+        wide = int4_split(1, SPLIT_MAX_ROWS + 1, k, 132)
         assert covers_k_in_whole_tiles(wide, k, MM_SPLIT_ALIGN) and wide[0] <= MAX_SPLIT, k
         assert wide[0] == 1 or wide[1] >= INT4_WIDE_COLUMNS, (k, wide)
         assert wide[0] > 1 or k < 2 * INT4_WIDE_COLUMNS, (k, wide)
@@ -642,29 +644,36 @@ def test_small_matmul_splits_k_until_the_grid_fills_the_gpu_and_wide_layers_stay
     widths = (64, 100, 1024, 4096, 11008, 12288, 14336, 22016, 28672)
     for sms in (1, 8, 78, 132):
         for k in ks:
-            for rows in (1, 8, MM_FILL_ROWS - 1):  # fewer rows keep the int4 parts
-                assert all(one_byte_split(rows, n, k, sms) == mm_split(k) for n in widths)
+            for rows in (2, 8, MM_FILL_ROWS - 1):  # fewer rows keep mm_split's parts
+                assert all(one_byte_split(rows, n, k, sms) == int4_split(rows, n, k, sms)
+                           == mm_split(k) for n in widths)
             for rows in (MM_FILL_ROWS, 48, MAX_MM_ROWS, MAX_MM_ROWS + 1, 128, 129, 256):
                 one_block = rows <= MAX_MM_ROWS
                 align, most, per_sm = ((MM_SPLIT_ALIGN, MAX_SPLIT, MM_PROGRAMS_PER_SM) if one_block
                                        else (WIDE_MM_TILE["BLOCK_K"], WIDE_MAX_SPLIT, 2))
-                splits = [one_byte_split(rows, n, k, sms) for n in widths]
-                for n, split in zip(widths, splits):
-                    case = (rows, n, k, sms, split)
-                    tiles = (-(-n // MM_TILE["BLOCK_N"]) if one_block else
-                             -(-rows // WIDE_MM_TILE["BLOCK_M"]) * -(-n // WIDE_MM_TILE["BLOCK_N"]))
-                    programs = tiles * split[0]
-                    assert covers_k_in_whole_tiles(split, k, align) and split[0] <= most, case
-                    assert programs <= max(tiles, per_sm * sms), case  # a wide layer stays whole
-                    assert programs >= sms or 2 * split[0] > min(most, k // align), case
-                parts = [p for p, _ in splits]
-                assert parts == sorted(parts, reverse=True), (rows, k, sms, splits)  # wider: fewer
+                kinds = [(one_byte_split, MM_TILE["BLOCK_N"], align)]
+                kinds += [(int4_split, INT4_MM_TILE["BLOCK_N"], 128)] if one_block else []
+                for split_of, block_n, align in kinds:
+                    splits = [split_of(rows, n, k, sms) for n in widths]
+                    for n, split in zip(widths, splits):
+                        case = (split_of.__name__, rows, n, k, sms, split)
+                        tiles = (-(-n // block_n) if one_block else
+                                 -(-rows // WIDE_MM_TILE["BLOCK_M"])
+                                 * -(-n // WIDE_MM_TILE["BLOCK_N"]))
+                        programs = tiles * split[0]
+                        assert covers_k_in_whole_tiles(split, k, align) and split[0] <= most, case
+                        assert programs <= max(tiles, per_sm * sms), case  # a wide layer: whole
+                        assert programs >= sms or 2 * split[0] > min(most, k // align), case
+                    parts = [p for p, _ in splits]
+                    # a wider layer takes no more parts
+                    assert parts == sorted(parts, reverse=True), (rows, k, sms, splits)
             wide = [one_byte_split(rows, 4096, k, sms)[0] for rows in (65, 128, 129, 256)]
             assert wide == sorted(wide, reverse=True), (k, sms, wide)  # more blocks: fewer parts
     # Llama-2-7B's layers at 32 rows on an H200's 132 SMs: the narrow ones split, the widest whole.
-    llama = [one_byte_split(32, n, k, 132)[0] for n, k in ((4096, 4096), (4096, 11008),
-                                                           (12288, 4096), (22016, 4096))]
-    assert min(llama[:2]) > 1 and llama[-1] == 1, llama
+    for split_of in (one_byte_split, int4_split):
+        llama = [split_of(32, n, k, 132)[0] for n, k in ((4096, 4096), (4096, 11008),
+                                                          (12288, 4096), (22016, 4096))]
+        assert min(llama[:2]) > 1 and llama[-1] == 1, (split_of.__name__, llama)
 
 
 def test_gemv_input_gives_aligned_words_of_any_one_row_view():
