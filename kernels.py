@@ -978,7 +978,7 @@ def gemv_takes_swiglu(weight: Tensor) -> bool:
 # MM_SPLIT_COLUMNS (whole tiles of both small matmuls); from MM_FILL_ROWS rows until the grid holds
 # about MM_PROGRAMS_PER_SM programs an SM instead, so that the wider layers, whose partial sums grow
 # with the rows, take fewer parts and the narrower more (Llama-2-7B at 32 rows: int8 +1.4 % tok/s
-# and fp8 +4.3 % on an H200, int4 g128 +3.0 % on an H100; at 8 rows int8 -2.7 to -3.0 % and int4
+# and fp8 +4.3 % on an H200, int4 g128 +3.0-3.1 % on an H100; at 8 rows int8 -2.7 to -3.0 % and int4
 # -1.2 %, so fewer rows keep the parts; BENCHMARKS.md).
 MAX_MM_ROWS = 64
 MAX_WIDE_ROWS = 256
@@ -997,8 +997,8 @@ MM_TILE = dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
 # int4's small matmul: one tile, the fastest of 36 configs (64 rows with 4 warps, 128 with 4 or 8;
 # 2, 3, 4 or 6 stages; 1, 2 or 4 times mm_split's parts) on each of Llama-2-7B's layer shapes at 1,
 # 8 and 32 rows on an H200 (BENCHMARKS.md); with the words in tiles, 4 stages or K in parts of 2048
-# columns took 3-5 % longer at 8 rows on an H100, and at 32 rows on an H100 the rows in blocks of 16
-# (20-22 % longer a pass) or at most 96 registers a thread (14 %).
+# columns took 3-5 % longer at 8 rows on an H100; at 32 rows on an H100 the rows in blocks of 16
+# took 20-22 % longer a pass, and at most 96 registers a thread 14 % longer.
 INT4_MM_TILE = dict(BLOCK_N=64, num_warps=4, num_stages=3)
 # A single row (batch-1 decode; int4_tile) takes 16 weight rows on 1 warp: four times the programs
 # of INT4_MM_TILE's 64 rows on 4 warps, each with a quarter of the work. Llama-2-7B in groups of 128
