@@ -64,8 +64,7 @@ class ArgumentParser(argparse.ArgumentParser):
         namespace, extras = super().parse_known_args(args, namespace)
         for dest, value in vars(namespace).items():
             for path in value if isinstance(value, list) else [value]:
-                if isinstance(path, Path) and any(len(os.fsencode(name)) > NAME_MAX
-                                                  for name in path.parts):
+                if isinstance(path, Path) and any(map(name_too_long, path.parts)):
                     raise InputError(f"--{dest} {path}: a name in it is longer than {NAME_MAX} "
                                      "bytes")
         return namespace, extras
@@ -79,6 +78,11 @@ MAX_PARAMETERS = 10 ** 13  # far above any released model; a config beyond it is
 MAX_BLOCK_SIZE = 1 << 24
 MAX_LAYERS = 1_000  # the largest models have about 130
 NAME_MAX = 255  # bytes in a file name, on Linux's and most other file systems
+
+
+def name_too_long(name: str) -> bool:
+    """Whether a file system would refuse `name` (one name, not a path) as longer than NAME_MAX."""
+    return len(os.fsencode(name)) > NAME_MAX
 
 
 @dataclass
@@ -532,7 +536,7 @@ def check_readable(path: Path):
 
 def check_writable(path: Path, flag: str):
     """A file is to be written at path: fail now, before the work, if it cannot be."""
-    if len(os.fsencode(temp_name(path.name))) > NAME_MAX:  # written first, then renamed
+    if name_too_long(temp_name(path.name)):  # written first, then renamed
         raise InputError(f"{flag} {path}: the file name is too long")
     parent = path.resolve().parent
     if path.is_dir():
