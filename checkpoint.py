@@ -34,6 +34,7 @@ import pickle
 import shutil
 import signal
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Optional
@@ -249,10 +250,28 @@ def check_quantization(record, args: ModelArgs, where):
                          "quantize.py")
 
 
+@contextmanager
+def on_meta():
+    """torch.device("meta"): modules made inside hold no memory. Ctrl-C is held until the block
+    ends: a KeyboardInterrupt landing while torch takes its device mode off the stack and puts it
+    back (each parameter's init does) loses the mode, and torch's RuntimeError on leaving the
+    block would replace the interrupt with a traceback."""
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda *_: held.append(1)) if is_main_thread() else None
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if held:
+        signal.raise_signal(signal.SIGINT)  # to the handler it was meant for, now outside torch
+
+
 def empty_model(args: ModelArgs, quantization: Optional[dict] = None) -> Transformer:
     """The model on the meta device (no memory), with the quantized layers that `quantization`
     lists swapped in: its state_dict is what a checkpoint of it must hold."""
-    with torch.device("meta"):
+    with on_meta():
         model = Transformer(args)
         if quantization is not None:
             kernels.swap_linears(model, quantization)
@@ -507,7 +526,7 @@ CONFIGS = {  # named shapes for --random_weights; real checkpoints carry their o
 def random_model(name: str, device, dtype) -> Transformer:
     """A named config of CONFIGS with random weights, made on the device: benchmarks need no
     download, and random weights decode at the speed of real ones."""
-    with torch.device("meta"):
+    with on_meta():
         model = Transformer(ModelArgs(**CONFIGS[name])).to(dtype)  # cast on meta: no float32 copy
     model = to_device(model.to_empty(device=device), device, dtype)
     return randomize_(model)

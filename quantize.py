@@ -59,11 +59,11 @@ from tqdm import tqdm
 
 from checkpoint import (JOURNAL, TOKENIZER_FILES, WEIGHT_FILES, ArgumentParser, Checkpoint,
                         InputError, WeightsFile, check_device, check_readable, check_tensors,
-                        check_writable, copier, empty_model, read_checkpoint, write_files,
-                        write_pth)
+                        check_writable, copier, empty_model, on_meta, read_checkpoint,
+                        write_files, write_pth)
 from kernels import (FORMAT, FP8_MAX, GROUPSIZES, INT4_MODES, int4_dequantize, int4_padded_k,
                      layer_mode, record_padding)
-from model import (Experts, KVCache, ModelArgs, RMSNorm, Rows, Transformer, TransformerBlock,
+from model import (Experts, KVCache, ModelArgs, RMSNorm, Rows, TransformerBlock,
                    attention_mask, rope_table)
 from tokenizer import check_ids_fit, load_tokenizer
 
@@ -159,8 +159,7 @@ def linear_names(args: ModelArgs, include_output: bool) -> list:
     """The layers to quantize: the linear layers and stacked experts. A mixture's router
     (feed_forward.gate) stays in float: it is a few kilobytes, and a rounding there picks other
     experts."""
-    with torch.device("meta"):
-        model = Transformer(args)
+    model = empty_model(args)
     return [name for name, m in model.named_modules()
             if isinstance(m, (nn.Linear, Experts)) and (include_output or name != "output")
             and not name.endswith("feed_forward.gate")]
@@ -430,7 +429,7 @@ def gptq_quantize_state_dict(source: WeightsFile, args: ModelArgs, groupsize: in
     for i in tqdm(range(args.n_layer), desc=f"GPTQ int4 g{groupsize}", unit="block",
                   disable=None if progress else True):
         prefix = f"layers.{i}."
-        with torch.device("meta"):
+        with on_meta():
             block = TransformerBlock(args)
         state = {k: out[prefix + k] if prefix + k in out else get(prefix + k)
                  for k in block.state_dict()}

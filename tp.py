@@ -53,8 +53,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 import kernels
-from checkpoint import (CONFIGS, InputError, WeightsFile, check_tensors, empty_model, randomize_,
-                        read_checkpoint, to_device)
+from checkpoint import (CONFIGS, InputError, WeightsFile, check_tensors, empty_model, on_meta,
+                        randomize_, read_checkpoint, to_device)
 from model import ModelArgs, Transformer
 from quantize import DEFAULT_OUTPUT_MODE, linear_names, quantize_weight, quantized_config
 
@@ -231,7 +231,7 @@ def read_part(source, dim: int, ranges: list, length: int) -> Tensor:
 def empty_shard(args: ModelArgs, quantization: Optional[dict], world: int) -> Transformer:
     """A rank's model on the meta device (no memory), quantized layers swapped in where
     `quantization` lists them."""
-    with torch.device("meta"):
+    with on_meta():
         model = Transformer(shard_args(args, world))
         if SHARD_OUTPUT and world > 1:
             model.output = nn.Linear(args.dim, vocab_per_rank(args, world), bias=False)

@@ -642,6 +642,20 @@ def test_quantize_killed_leaves_complete_output_or_none(smollm2_checkpoint, tmp_
         read_weights(folder / "model_int8.pth")  # whole: a truncated file is an InputError
 
 
+def test_ctrl_c_while_a_model_is_built_on_meta_is_raised_once_it_is_built():
+    """Ctrl-C that lands while torch takes its device mode off the stack and puts it back (each parameter's
+    init does) loses the mode, and torch's RuntimeError on leaving `with torch.device("meta")` replaces the
+    KeyboardInterrupt (a traceback and status 1 where Ctrl-C's 130 belongs): checkpoint.on_meta holds it
+    until the block ends, raises it then, and leaves no mode on the stack nor its own handler behind."""
+    handler, built = signal.getsignal(signal.SIGINT), []
+    with pytest.raises(KeyboardInterrupt):
+        with checkpoint.on_meta():
+            signal.raise_signal(signal.SIGINT)
+            built.append(torch.nn.Linear(8, 8))
+    assert built and built[0].weight.is_meta
+    assert torch._C._len_torch_function_stack() == 0 and signal.getsignal(signal.SIGINT) is handler
+
+
 # ---- config files: absurd values are refused before anything is built --------------------------------
 
 # id: (the change to config.json, words of the error line besides the file's name). A model of 10^9 layers
