@@ -20,13 +20,15 @@ got wrong ends as an InputError, which the scripts print as one `error:` line.
 Writes are sets: every file goes to a temp name first; once all are complete, a small journal
 lists the renames (and the stale files to remove), then they happen. A process killed mid-way
 leaves the previous checkpoint (temp files only, removed by the next write) or a journal that the
-next reader or writer finishes: never weights without their config.
+next reader or writer finishes: never weights without their config. A journal is renamed in and
+carried out under a lock on the folder: of two writers at once, the later set replaces the other.
 
 Also here, for every script: InputError and the ArgumentParser that prints it as one line,
 check_device, check_output (a report's path), write_files (any set of files) and one_line.
 """
 import argparse
 import errno
+import fcntl
 import json
 import math
 import os
@@ -587,7 +589,7 @@ def check_output(path: Path, flag: str, inputs=()):
 def write_files(folder: Path, writers: dict, remove=()):
     """Write a set of files into folder as one change. writers {name: write(path)}: each writes its
     file to the temp path it is given; once every one is complete, a journal of the renames (and of
-    `remove`, stale files of an earlier set) is written, then carried out by finish_write. Killed
+    `remove`, stale files of an earlier set) is written, renamed into place and carried out. Killed
     before the journal, the folder is as it was; after it, the next reader or writer completes
     it."""
     # folders made here (innermost first) go again if nothing is written into them
@@ -607,12 +609,12 @@ def write_files(folder: Path, writers: dict, remove=()):
             write(temps[name])
         journal = {"rename": [[temps[name].name, name] for name in writers], "remove": list(remove)}
         tmp_journal.write_text(json.dumps(journal))
-        os.replace(tmp_journal, folder / JOURNAL)  # the moment the new set becomes the checkpoint
+        with folder_lock(folder):  # another writer's journal would take the same name
+            os.replace(tmp_journal, folder / JOURNAL)  # the moment the new set is the checkpoint
+            carry_out_journal(folder)
     except BaseException as e:
-        if (folder / JOURNAL).is_file() and not tmp_journal.exists():  # interrupted after the
-            finish_write(folder)  # journal's rename: the new set is the checkpoint already
-            raise
-        for tmp in [*temps.values(), tmp_journal]:
+        finish_write(folder)  # interrupted after the journal's rename: the new set stands
+        for tmp in [*temps.values(), tmp_journal]:  # before it: this write's files go
             tmp.unlink(missing_ok=True)
         for made in created:
             if any(made.iterdir()):
@@ -625,7 +627,6 @@ def write_files(folder: Path, writers: dict, remove=()):
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    finish_write(folder)
 
 
 def disk_full(e: BaseException) -> bool:
@@ -655,32 +656,13 @@ def temp_name(name: str) -> str:
 
 
 def finish_write(folder: Path):
-    """Carry out a written journal, if folder holds one: rename the set's temp files into place,
-    remove stale files. Another process (a reader, the writer) may be carrying out the same
-    journal: each step is done by whichever gets there first."""
+    """Carry out the journal folder holds, if any: a writer's killed between its renames, or one
+    that another process (a reader, the writer) is carrying out now, which the lock waits for."""
     if not (folder / JOURNAL).is_file():  # no write pending
         return
     try:
-        journal = read_json(folder / JOURNAL)
-    except InputError:
-        if not (folder / JOURNAL).exists():  # carried out meanwhile
-            return
-        raise
-    check_journal(journal, folder / JOURNAL)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        for tmp, name in journal["rename"]:
-            if (folder / tmp).is_symlink():  # chmod would reach the file it points to
-                raise InputError(f"{folder / JOURNAL}: {tmp} is a link, not a file a write made")
-            try:
-                os.chmod(folder / tmp, 0o666 & ~umask)  # temp files are private; a checkpoint isn't
-                os.replace(folder / tmp, folder / name)
-            except FileNotFoundError:  # renamed already
-                pass
-        for name in journal["remove"]:
-            (folder / name).unlink(missing_ok=True)
-        (folder / JOURNAL).unlink(missing_ok=True)
+        with folder_lock(folder):
+            carry_out_journal(folder)
     except OSError as e:
         if not isinstance(e, PermissionError) and e.errno != errno.EROFS:
             raise
@@ -690,12 +672,62 @@ def finish_write(folder: Path):
                          "owner, which finishes it") from None
 
 
+NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # flock's "not here"
+
+
+@contextmanager
+def folder_lock(folder: Path):
+    """Held while a journal is renamed into folder and carried out. Every writer's journal has
+    one name: a second one renamed in while the first is carried out would be unlinked unread,
+    or its renames would mix with the first one's. flock on the folder itself: no lock file to
+    leave behind, and the kernel lets go of a killed holder's lock."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:  # a file system without locks (some network ones): writers that
+            if e.errno not in NO_LOCKS:  # run one at a time, as most do, need none
+                raise
+        yield
+    finally:
+        os.close(fd)  # and the lock with it
+
+
+def carry_out_journal(folder: Path):
+    """Rename the set's temp files into place, remove stale files, then the journal; under
+    folder_lock. A step done already (by a process killed after it) is skipped."""
+    if not (folder / JOURNAL).is_file():  # carried out by another process meanwhile
+        return
+    journal = read_json(folder / JOURNAL)
+    check_journal(journal, folder / JOURNAL)
+    umask = os.umask(0)
+    os.umask(umask)
+    for tmp, name in journal["rename"]:
+        if (folder / tmp).is_symlink():  # chmod would reach the file it points to
+            raise InputError(f"{folder / JOURNAL}: {tmp} is a link, not a file a write made")
+        try:
+            os.chmod(folder / tmp, 0o666 & ~umask)  # temp files are private; a checkpoint isn't
+            os.replace(folder / tmp, folder / name)
+        except FileNotFoundError:  # renamed already
+            pass
+    for name in journal["remove"]:
+        (folder / name).unlink(missing_ok=True)
+    (folder / JOURNAL).unlink(missing_ok=True)
+
+
 def check_journal(journal: dict, path: Path):
     """A journal names files of its own folder only, each temp file after the file it becomes
-    (write_files's names): a folder read as a checkpoint must not move or remove files elsewhere."""
+    (write_files's names): a folder read as a checkpoint must not move or remove files elsewhere,
+    nor a folder of its own (write_files never writes over one)."""
     def plain(name) -> bool:
-        return (isinstance(name, str) and name not in ("", ".", "..")
-                and "/" not in name and "\\" not in name)
+        if not (isinstance(name, str) and name not in ("", ".", "..")
+                and "/" not in name and "\\" not in name):
+            return False
+        try:
+            return not (name_too_long(name) or (path.parent / name).is_dir()
+                        and not (path.parent / name).is_symlink())
+        except UnicodeEncodeError:  # a lone surrogate: no file system's name
+            return False
     renames, removes = journal.get("rename"), journal.get("remove")
     if not (set(journal) == {"rename", "remove"} and isinstance(renames, list)
             and isinstance(removes, list) and all(map(plain, removes))

@@ -2,14 +2,17 @@
 WeightsFile: a damaged weights file is one InputError, a bug inside the reader keeps its
 traceback."""
 import argparse
+import contextlib
 import errno
 import io
 import json
+import multiprocessing
 import os
 import socket
 import stat
 import struct
 import subprocess
+import time
 import zipfile
 
 import pytest
@@ -153,26 +156,69 @@ def test_written_files_get_the_permissions_of_the_umask_not_those_of_a_private_t
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
 
 
-def test_two_processes_carrying_out_one_journal_both_finish(tmp_path, monkeypatch):
-    """A reader may carry out a journal while its writer does: here the other one carries it out
-    whole just after this one has read it (so its temp file and the journal are gone), and then
-    a reader finds the journal gone between seeing it and reading it. Neither is an error."""
+def test_a_journal_carried_out_by_another_process_meanwhile_is_no_error(tmp_path, monkeypatch):
+    """A reader may find a journal that another process (the writer, another reader) carries out
+    before this one holds the folder's lock: this one then finds nothing left to do."""
     (tmp_path / ".config.json.x.tmp").write_text(json.dumps(CONFIG))
     (tmp_path / JOURNAL).write_text(json.dumps({"rename": [[".config.json.x.tmp", "config.json"]],
                                                 "remove": []}))
-    check_journal, others = checkpoint.check_journal, []
+    folder_lock, others = checkpoint.folder_lock, []
 
-    def then_the_other_process(journal, path):
-        check_journal(journal, path)
+    @contextlib.contextmanager
+    def the_other_process_first(folder):
         if not others:
-            others.append(path)
-            checkpoint.finish_write(tmp_path)
+            others.append(folder)
+            checkpoint.finish_write(folder)
+        with folder_lock(folder):
+            yield
 
-    monkeypatch.setattr(checkpoint, "check_journal", then_the_other_process)
+    monkeypatch.setattr(checkpoint, "folder_lock", the_other_process_first)
     checkpoint.finish_write(tmp_path)
     assert others and names(tmp_path) == ["config.json"]
-    checkpoint.finish_write(tmp_path)  # the journal gone
     assert json.loads((tmp_path / "config.json").read_text()) == CONFIG
+
+
+def test_two_writers_at_once_leave_the_later_set_whole(tmp_path, monkeypatch):
+    """Every journal has one name. A second writer (another process) that renamed its journal in
+    while the first carried out its own mixed the sets (its renames between the first one's) or
+    lost its set (the first unlinked the journal unread, leaving its temp files). Here it is ready
+    to commit while the first one is between its renames: it waits for the folder's lock, and its
+    set replaces the first one whole."""
+    replace, parent, second = os.replace, os.getpid(), []
+
+    def write_set(text, delay=0.0):
+        write_files(tmp_path, {"a": lambda p: (time.sleep(delay), p.write_text(text)),
+                               "b": lambda p: p.write_text(text)})
+
+    def start_the_second_writer(path):  # the first one's last temp file: no lock is held yet
+        path.write_text("first")
+        second.append(multiprocessing.get_context("fork").Process(target=write_set,
+                                                                  args=("second", 1.0)))
+        second[0].start()
+        time.sleep(0.1)  # it has found no journal and writes its files
+
+    def slow_between_renames(source, destination):
+        replace(source, destination)
+        if os.getpid() == parent and os.path.basename(destination) == "a":
+            time.sleep(1.5)  # the second one's files are written: it commits now if it may
+    monkeypatch.setattr(checkpoint.os, "replace", slow_between_renames)
+    try:
+        write_files(tmp_path, {"a": lambda p: p.write_text("first"), "b": start_the_second_writer})
+        second[0].join(timeout=60)
+        assert second[0].exitcode == 0
+    finally:
+        second[0].kill()
+    assert names(tmp_path) == ["a", "b"]
+    assert [(tmp_path / name).read_text() for name in "ab"] == ["second", "second"]
+
+
+def test_a_file_system_without_locks_still_takes_a_write(tmp_path, monkeypatch):
+    """flock is refused on some network file systems: a lone writer there needs no lock."""
+    def no_locks_here(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(checkpoint.fcntl, "flock", no_locks_here)
+    write_files(tmp_path, {"a": lambda p: p.write_text("a")})
+    assert names(tmp_path) == ["a"]
 
 
 def test_weights_of_another_shape_than_the_config_gives_are_an_input_error_naming_the_tensor(tmp_path):
@@ -191,12 +237,15 @@ def test_weights_of_another_shape_than_the_config_gives_are_an_input_error_namin
     {"rename": [[".config.json.x.tmp", "../victim.txt"]], "remove": []},
     {"rename": [["config.json", "model.safetensors"]], "remove": []},  # not a temp file
     {"rename": [[".config.json.x.tmp", "model.safetensors"]], "remove": []},  # another file's temp file
+    {"rename": [], "remove": ["hf"]},  # a folder (a downloaded snapshot): write_files removes files
+    {"rename": [[".hf.x.tmp", "hf"]], "remove": []},
+    {"rename": [], "remove": ["x" * 256]}, {"rename": [], "remove": ["\ud800"]},  # no file's name
     {}, {"rename": [["a"]], "remove": []}, {"rename": "x", "remove": []}])
 def test_a_journal_that_reaches_outside_its_folder_or_is_malformed_is_refused(tmp_path, journal):
     """A folder read as a checkpoint is the user's input: its journal may only move its own
     temp files into place and remove its own files."""
     folder = tmp_path / "ckpt"
-    folder.mkdir()
+    (folder / "hf").mkdir(parents=True)
     (tmp_path / "victim.txt").write_text("keep me")
     (folder / "config.json").write_text(json.dumps(CONFIG))
     (folder / ".config.json.x.tmp").write_text("{}")
@@ -204,7 +253,7 @@ def test_a_journal_that_reaches_outside_its_folder_or_is_malformed_is_refused(tm
     with pytest.raises(InputError, match="not a write journal"):
         read_checkpoint(folder)
     assert (tmp_path / "victim.txt").read_text() == "keep me"
-    assert names(folder) == sorted([JOURNAL, ".config.json.x.tmp", "config.json"])
+    assert names(folder) == sorted([JOURNAL, ".config.json.x.tmp", "config.json", "hf"])
 
 
 def test_a_journal_whose_temp_file_is_a_link_is_refused_and_its_target_left_alone(tmp_path):
