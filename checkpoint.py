@@ -104,6 +104,12 @@ def read_checkpoint(path) -> Checkpoint:
     weights are read. `checkpoints/REPO/model.pth` finds model.safetensors too (gpt-fast's
     paths)."""
     path = Path(path)
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # a name that the file system took from another encoding
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")  # its bytes as \xff
+        raise InputError(f"{shown}: a path that is not UTF-8; torch, safetensors and the tokenizer "
+                         "libraries open files by UTF-8 names only: rename it") from None
     folder = path if path.is_dir() else path.parent
     finish_write(folder)  # a writer killed between its renames: complete them
     if path.is_file():

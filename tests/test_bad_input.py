@@ -272,6 +272,18 @@ def test_interactive_chat_without_a_chat_template_is_refused_before_the_first_tu
                  words=["no chat template"], capsys=capsys)
 
 
+@pytest.mark.parametrize("weights", ["model.safetensors", "model.pth"])
+def test_a_checkpoint_folder_named_in_another_encoding_than_utf8_is_refused(tiny, weights, capsys):
+    """A folder named in Latin-1 (the byte 0xff): torch.load, safetensors and tokenizers take UTF-8 names
+    only, and a .pth or the tokenizer ended in their UnicodeEncodeError's traceback."""
+    if weights == "model.pth":
+        torch.save(checkpoint.read_weights(tiny / "model.safetensors"), tiny / weights)
+        (tiny / "model.safetensors").unlink()
+    latin1 = tiny.rename(tiny.parent / os.fsdecode(b"tiny-\xff"))
+    refused_here("generate.py", "--checkpoint_path", latin1 / weights, "--prompt", "hi", *GEN,
+                 words=["tiny-\\xff", "not UTF-8", "rename it"], capsys=capsys)
+
+
 # ---- generate.py: flags -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", ["mps", "meta", "hpu", "privateuseone"])
