@@ -21,7 +21,7 @@ Writes are sets: every file goes to a temp name first; once all are complete, a 
 lists the renames (and the stale files to remove), then they happen. A process killed mid-way
 leaves the previous checkpoint (temp files only, removed by the next write) or a journal that the
 next reader or writer finishes: never weights without their config. A journal is renamed in and
-carried out under a lock on the folder: of two writers at once, the later set replaces the other.
+carried out under a lock on the folder: two writers on one machine take turns at their renames.
 
 Also here, for every script: InputError and the ArgumentParser that prints it as one line,
 check_device, check_output (a report's path), write_files (any set of files) and one_line.
@@ -259,21 +259,32 @@ def check_quantization(record, args: ModelArgs, where):
 
 
 @contextmanager
-def on_meta():
-    """torch.device("meta"): modules made inside hold no memory. Ctrl-C is held until the block
-    ends: a KeyboardInterrupt landing while torch takes its device mode off the stack and puts it
-    back (each parameter's init does) loses the mode, and torch's RuntimeError on leaving the
-    block would replace the interrupt with a traceback."""
+def signals_held(signums=(signal.SIGINT, signal.SIGTERM)):
+    """Ctrl-C and SIGTERM wait until the block ends, then go to the handlers they were meant for:
+    for steps that must not stop half-way. Only the main thread may set handlers, and one that
+    C code set (getsignal's None) could not be put back: then nothing is held."""
     held = []
-    previous = signal.signal(signal.SIGINT, lambda *_: held.append(1)) if is_main_thread() else None
+    previous = {s: signal.getsignal(s) for s in signums} if is_main_thread() else {}
+    previous = {s: handler for s, handler in previous.items() if handler is not None}
+    for s in previous:
+        signal.signal(s, lambda signum, frame: held.append(signum))
     try:
-        with torch.device("meta"):
-            yield
+        yield
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-    if held:
-        signal.raise_signal(signal.SIGINT)  # to the handler it was meant for, now outside torch
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in held:
+            signal.raise_signal(s)
+
+
+@contextmanager
+def on_meta():
+    """torch.device("meta"): modules made inside hold no memory. Signals are held: a
+    KeyboardInterrupt landing while torch takes its device mode off the stack and puts it back
+    (each parameter's init does) loses the mode, and torch's RuntimeError on leaving the block
+    would replace the interrupt with a traceback."""
+    with signals_held(), torch.device("meta"):
+        yield
 
 
 def empty_model(args: ModelArgs, quantization: Optional[dict] = None) -> Transformer:
@@ -610,17 +621,23 @@ def write_files(folder: Path, writers: dict, remove=()):
     tmp_journal = folder / temp_name(JOURNAL)
     # SIGTERM (kill, a scheduler's stop) ends the process through Python, so the cleanup below runs.
     previous = signal.signal(signal.SIGTERM, exit_on_sigterm) if is_main_thread() else None
+    journal_written = False
     try:
         for name, write in writers.items():
             write(temps[name])
         journal = {"rename": [[temps[name].name, name] for name in writers], "remove": list(remove)}
         tmp_journal.write_text(json.dumps(journal))
-        with folder_lock(folder):  # another writer's journal would take the same name
+        journal_written = True
+        # the lock: another writer's journal would take the same name
+        with signals_held(), folder_lock(folder):
+            carry_out_journal(folder)  # one whose writer was killed before carrying it out
             os.replace(tmp_journal, folder / JOURNAL)  # the moment the new set is the checkpoint
             carry_out_journal(folder)
     except BaseException as e:
-        finish_write(folder)  # interrupted after the journal's rename: the new set stands
-        for tmp in [*temps.values(), tmp_journal]:  # before it: this write's files go
+        if journal_written and not tmp_journal.exists():  # failed after the journal's rename:
+            finish_write(folder)  # the new set stands
+            raise
+        for tmp in [*temps.values(), tmp_journal]:
             tmp.unlink(missing_ok=True)
         for made in created:
             if any(made.iterdir()):
@@ -662,8 +679,8 @@ def temp_name(name: str) -> str:
 
 
 def finish_write(folder: Path):
-    """Carry out the journal folder holds, if any: a writer's killed between its renames, or one
-    that another process (a reader, the writer) is carrying out now, which the lock waits for."""
+    """Carry out the journal folder holds, if any: one whose writer was killed before its renames
+    were done, or one that another process is carrying out now (the lock waits for it)."""
     if not (folder / JOURNAL).is_file():  # no write pending
         return
     try:
@@ -686,7 +703,8 @@ def folder_lock(folder: Path):
     """Held while a journal is renamed into folder and carried out. Every writer's journal has
     one name: a second one renamed in while the first is carried out would be unlinked unread,
     or its renames would mix with the first one's. flock on the folder itself: no lock file to
-    leave behind, and the kernel lets go of a killed holder's lock."""
+    leave behind, and the kernel lets go of a killed holder's lock. It excludes processes of one
+    machine (on NFS, flock on a folder is the client's own)."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         try:
@@ -727,13 +745,15 @@ def check_journal(journal: dict, path: Path):
     nor a folder of its own (write_files never writes over one)."""
     def plain(name) -> bool:
         if not (isinstance(name, str) and name not in ("", ".", "..")
-                and "/" not in name and "\\" not in name):
+                and not any(c in name for c in "/\\\0")):
             return False
         try:
-            return not (name_too_long(name) or (path.parent / name).is_dir()
-                        and not (path.parent / name).is_symlink())
+            if name_too_long(name):
+                return False
         except UnicodeEncodeError:  # a lone surrogate: no file system's name
             return False
+        entry = path.parent / name
+        return not (entry.is_dir() and not entry.is_symlink())
     renames, removes = journal.get("rename"), journal.get("remove")
     if not (set(journal) == {"rename", "remove"} and isinstance(renames, list)
             and isinstance(removes, list) and all(map(plain, removes))

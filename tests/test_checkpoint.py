@@ -12,7 +12,6 @@ import socket
 import stat
 import struct
 import subprocess
-import time
 import zipfile
 
 import pytest
@@ -178,38 +177,58 @@ def test_a_journal_carried_out_by_another_process_meanwhile_is_no_error(tmp_path
     assert json.loads((tmp_path / "config.json").read_text()) == CONFIG
 
 
-def test_two_writers_at_once_leave_the_later_set_whole(tmp_path, monkeypatch):
-    """Every journal has one name. A second writer (another process) that renamed its journal in
-    while the first carried out its own mixed the sets (its renames between the first one's) or
-    lost its set (the first unlinked the journal unread, leaving its temp files). Here it is ready
-    to commit while the first one is between its renames: it waits for the folder's lock, and its
-    set replaces the first one whole."""
+def test_two_writers_at_once_take_turns_at_their_renames(tmp_path, monkeypatch):
+    """Every journal has one name. Without the folder's lock, a second writer (another process)
+    that looked for a pending journal just before the first one's landed renamed its own in while
+    the first carried out its own: the sets mixed (its renames between the first one's), or one
+    was lost (a journal unlinked unread, its temp files left). Here the second one is let go just
+    so: it waits for the lock, and its set replaces the first one whole."""
+    fork = multiprocessing.get_context("fork")
     replace, parent, second = os.replace, os.getpid(), []
+    go, at_commit, mid_renames = fork.Event(), fork.Event(), fork.Event()
 
-    def write_set(text, delay=0.0):
-        write_files(tmp_path, {"a": lambda p: (time.sleep(delay), p.write_text(text)),
-                               "b": lambda p: p.write_text(text)})
-
-    def start_the_second_writer(path):  # the first one's last temp file: no lock is held yet
-        path.write_text("first")
-        second.append(multiprocessing.get_context("fork").Process(target=write_set,
-                                                                  args=("second", 1.0)))
-        second[0].start()
-        time.sleep(0.1)  # it has found no journal and writes its files
-
-    def slow_between_renames(source, destination):
+    def in_turn(source, destination):
+        first, journal = os.getpid() == parent, os.path.basename(destination) == JOURNAL
+        if first and journal:  # the second one may commit before this journal lands
+            go.set()
+            at_commit.wait(timeout=1)  # the lock holds it back: the wait runs out
+        if not first and journal:  # its journal lands while the first one's renames are under way
+            at_commit.set()
+            mid_renames.wait(timeout=60)
         replace(source, destination)
-        if os.getpid() == parent and os.path.basename(destination) == "a":
-            time.sleep(1.5)  # the second one's files are written: it commits now if it may
-    monkeypatch.setattr(checkpoint.os, "replace", slow_between_renames)
+        if first and os.path.basename(destination) == "a":
+            mid_renames.set()
+            second[0].join(timeout=1)  # time to commit, were it not made to wait
+
+    def start_the_second_writer(path):  # the first one's last temp file
+        path.write_text("first")
+        second.append(fork.Process(target=write_files, args=(tmp_path, {
+            "a": lambda p: go.wait(timeout=60) and p.write_text("second"),
+            "b": lambda p: p.write_text("second")})))
+        second[0].start()
+    monkeypatch.setattr(checkpoint.os, "replace", in_turn)
     try:
         write_files(tmp_path, {"a": lambda p: p.write_text("first"), "b": start_the_second_writer})
         second[0].join(timeout=60)
         assert second[0].exitcode == 0
     finally:
-        second[0].kill()
+        for process in second:
+            process.kill()
     assert names(tmp_path) == ["a", "b"]
     assert [(tmp_path / name).read_text() for name in "ab"] == ["second", "second"]
+
+
+def test_a_journal_left_meanwhile_by_a_killed_writer_is_carried_out_before_the_next_one(tmp_path):
+    """A writer killed between its journal's rename and its renames leaves a set that is the
+    checkpoint already. A writer that found no journal when it began carries that one out before
+    it renames its own journal into place, rather than over it."""
+    def a_killed_writer_meanwhile(path):
+        path.write_text("b")
+        (tmp_path / ".c.otherhost-1.tmp").write_text("c")
+        (tmp_path / JOURNAL).write_text(json.dumps({"rename": [[".c.otherhost-1.tmp", "c"]],
+                                                    "remove": []}))
+    write_files(tmp_path, {"b": a_killed_writer_meanwhile})
+    assert names(tmp_path) == ["b", "c"]
 
 
 def test_a_file_system_without_locks_still_takes_a_write(tmp_path, monkeypatch):
@@ -240,6 +259,7 @@ def test_weights_of_another_shape_than_the_config_gives_are_an_input_error_namin
     {"rename": [], "remove": ["hf"]},  # a folder (a downloaded snapshot): write_files removes files
     {"rename": [[".hf.x.tmp", "hf"]], "remove": []},
     {"rename": [], "remove": ["x" * 256]}, {"rename": [], "remove": ["\ud800"]},  # no file's name
+    {"rename": [], "remove": ["a\0b"]},
     {}, {"rename": [["a"]], "remove": []}, {"rename": "x", "remove": []}])
 def test_a_journal_that_reaches_outside_its_folder_or_is_malformed_is_refused(tmp_path, journal):
     """A folder read as a checkpoint is the user's input: its journal may only move its own
