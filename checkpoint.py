@@ -628,7 +628,7 @@ def write_files(folder: Path, writers: dict, remove=()):
         journal = {"rename": [[temps[name].name, name] for name in writers], "remove": list(remove)}
         tmp_journal.write_text(json.dumps(journal))
         journal_written = True
-        # the lock: another writer's journal would take the same name
+        # one writer at a time (every journal has one name), no signal between the steps
         with signals_held(), folder_lock(folder):
             carry_out_journal(folder)  # one whose writer was killed before carrying it out
             os.replace(tmp_journal, folder / JOURNAL)  # the moment the new set is the checkpoint
