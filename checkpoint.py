@@ -88,6 +88,18 @@ def name_too_long(name: str) -> bool:
     return len(os.fsencode(name)) > NAME_MAX
 
 
+def is_file_name(name) -> bool:
+    """Whether name is one name a file could have in a folder: a string, no path, no NUL, at
+    most NAME_MAX bytes, encodable (names read from JSON may hold a lone surrogate)."""
+    if not (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name
+            and "\0" not in name):
+        return False
+    try:
+        return not name_too_long(name)
+    except UnicodeEncodeError:
+        return False
+
+
 @dataclass
 class Checkpoint:
     folder: Path
@@ -744,13 +756,7 @@ def check_journal(journal: dict, path: Path):
     (write_files's names): a folder read as a checkpoint must not move or remove files elsewhere,
     nor a folder of its own (write_files never writes over one)."""
     def plain(name) -> bool:
-        if not (isinstance(name, str) and name not in ("", ".", "..")
-                and not any(c in name for c in "/\\\0")):
-            return False
-        try:
-            if name_too_long(name):
-                return False
-        except UnicodeEncodeError:  # a lone surrogate: no file system's name
+        if not is_file_name(name) or "\\" in name:
             return False
         entry = path.parent / name
         return not (entry.is_dir() and not entry.is_symlink())

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from checkpoint import (NAME_MAX, TOKENIZER_FILES, ArgumentParser, InputError,  # noqa: E402
-                        check_output_folder, check_readable, copier, empty_model, name_too_long,
+                        check_output_folder, check_readable, copier, empty_model, is_file_name,
                         parse_config, read_json, one_line, read_weights, save_checkpoint,
                         unpermute, unreadable)
 from model import ModelArgs  # noqa: E402
@@ -333,7 +333,7 @@ def find_weights(hf_dir: Path) -> tuple[list[Path], str]:
                 raise InputError(f"{index} lists no weights (its weight_map must map names to "
                                  "files)")
             for name in weight_map.values():  # "model-00001-of-00002.safetensors" and the like
-                if name in ("", ".", "..") or Path(name).name != name or name_too_long(name):
+                if not is_file_name(name):
                     shown = repr(name) if len(name) <= 60 else repr(name[:60]) + "..."
                     raise InputError(f"{index} lists shard {shown}: not the name of a file in "
                                      f"{hf_dir} (one name of at most {NAME_MAX} bytes)")

@@ -782,12 +782,14 @@ def test_hf_converter_refuses_a_tensor_of_the_wrong_shape_naming_it(tiny_hf, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
-@pytest.mark.parametrize("shard", ["s" * 300 + ".safetensors", "../model.safetensors", "/etc/hostname", ""],
-                         ids=["name-too-long", "parent-folder", "absolute", "empty"])
+@pytest.mark.parametrize("shard", ["s" * 300 + ".safetensors", "../model.safetensors", "/etc/hostname", "",
+                                   "a\0b.safetensors", "\ud800.safetensors"],
+                         ids=["name-too-long", "parent-folder", "absolute", "empty", "nul", "lone-surrogate"])
 def test_hf_converter_refuses_an_index_naming_a_shard_that_is_no_file_name_in_the_folder(tiny_hf, tmp_path,
                                                                                        shard, capsys):
     """An index's weight_map maps tensor names to shard files beside it; a longer name than a file system
-    takes (which Python's is_file raises on), or a path leading elsewhere, is refused naming the index."""
+    takes (which Python's is_file raises on), a path leading elsewhere, a NUL byte or a lone surrogate (a
+    traceback on encoding) is refused naming the index."""
     hf = hf_source(tiny_hf, tmp_path)
     (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"model.norm.weight": shard}}))
     before = snapshot(tmp_path)
