@@ -1006,7 +1006,8 @@ INT4_MM_TILE = dict(BLOCK_N=64, num_warps=4, num_stages=3)
 # fastest of 7: 32 rows on 2 warps 2.19-2.20, 2 or 4 stages 2.17-2.27, K in parts of 512 or 2048
 # columns 2.17-2.19; before the tiles, the fastest of 14, 16 to 128 rows, 1 to 8 warps, 2 to 6
 # stages, parts of 512 columns to the whole K); end to end +4.2 % from 64 rows on 4 warps to 32 on
-# 2, and +2.3 % from there (BENCHMARKS.md). Not timed on an H200.
+# 2, and +2.3 % from there. Swept again on the kernel as it is (13 forms, w13's stages among them):
+# still the fastest end to end on an H100 (BENCHMARKS.md). Not timed on an H200.
 INT4_ROW_TILE = dict(BLOCK_N=16, num_warps=1, num_stages=3)
 # A dense feed-forward's w13 with SwiGLU in its kernel (int4_swiglu_row) walks the whole K, twice
 # the chunks of the parts above, and keeps one more in flight: Llama-2-7B int4 g128 on an H100
