@@ -345,9 +345,10 @@ if triton is not None:
             tl.store(y_ptr + rows[None, :] * N + cols[:, None], acc.to(y_ptr.dtype.element_ty),
                      mask=(rows[None, :] < end) & (cols[:, None] < N))
 
-    # nibbles_as_bf16's PTX for a pair of words ($8, $9; int4_words puts the two columns of each bf16
-    # pair side by side in a word): nibble j of each half shifted to bits 0-3 and 16-19, masked and
-    # ORed with the bf16 bits of 128 by one lop3 into $j ($8's nibbles for j < 4, $9's after).
+    # nibbles_as_bf16's PTX for a pair of words ($8, $9; int4_words puts the two columns of each
+    # bf16 pair side by side in a word): nibble j of each half shifted to bits 0-3 and 16-19,
+    # masked and ORed with the bf16 bits of 128 by one lop3 into $j ($8's nibbles for j < 4, $9's
+    # after).
     NIBBLES_PTX = tl.constexpr("""{
         .reg .b32 u;
         lop3.b32 $0, $8, 0x000F000F, 0x43004300, 0xEA;

@@ -391,9 +391,9 @@ def llama3_scale(freqs: Tensor, factor: float, low_freq_factor: float, high_freq
 
 def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
     """Rotate adjacent pairs (a, b) = (x[2i], x[2i+1]) by position-dependent angles (Meta's
-    interleaved layout) to (a cos - b sin, b cos + a sin), as x * cos + (b, a) * signed sin: the same
-    float32 products and sums, and half the operations of rotating the pairs apart (eager decode on
-    a CPU pays per operation). x (B, T, heads, head_dim), rope (B, T, 2, 1, head_dim)."""
+    interleaved layout) to (a cos - b sin, b cos + a sin), as x * cos + (b, a) * signed sin: the
+    same float32 products and sums, and half the operations of rotating the pairs apart (eager
+    decode on a CPU pays per operation). x (B, T, heads, head_dim), rope (B, T, 2, 1, head_dim)."""
     cos, sin = rope.unbind(2)  # (B, T, 1, head_dim) each
     x32 = x.float()
     swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
