@@ -385,12 +385,14 @@ class TextStreamer:
         character of several byte tokens) a byte-fallback decoder would render the next
         character's bytes as U+FFFD, and after an id with no text (a control token) sentencepiece
         drops the next leading space. A UTF-8 character is at most 4 bytes, so a few ids back
-        suffice; failing that, the last id."""
-        for start in range(len(ids) - 1, max(0, len(ids) - 8) - 1, -1):
+        suffice; failing that (ids that are only a character's first bytes, or no text), all of
+        those few: fewer would drop bytes that the next ids may complete."""
+        first = max(0, len(ids) - 8)
+        for start in range(len(ids) - 1, first - 1, -1):
             text = tokenizer.decode(ids[start:])
             if text and not text.startswith("\ufffd"):
                 return ids[start:], text
-        return ids[-1:], tokenizer.decode(ids[-1:])
+        return ids[first:], tokenizer.decode(ids[first:])
 
     def put(self, token_id: int) -> str:
         self.ids.append(int(token_id))

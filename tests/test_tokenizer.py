@@ -349,9 +349,10 @@ def test_a_continuation_keeps_the_space_between_the_prompt_and_its_first_piece(b
 def test_a_continuation_of_any_prefix_of_ids_writes_the_rest_of_the_text(backend, request):
     """A prompt of token ids may end anywhere, inside a character too: the completion's text, after the
     prompt's whole characters, is the rest of the text (the cut character included, written whole); a
-    prompt that ends in U+FFFD itself does not see it again."""
+    prompt that ends in U+FFFD itself does not see it again, and a prompt that is only the first bytes
+    of a character loses none of them."""
     tok = load_tokenizer(request.getfixturevalue(backend))
-    for text in [*TEXTS[1:4], "price \ufffd there \ufffd"]:
+    for text in [*TEXTS[1:4], "price \ufffd there \ufffd", "🦙🌟 llamas"]:
         ids = strip_bos(tok, tok.encode(text))
         for cut in range(1, len(ids)):
             streamer = TextStreamer.continuing(tok, ids[:cut])
