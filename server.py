@@ -553,7 +553,10 @@ UNSUPPORTED = {"n": (1,), "best_of": (1,), "logprobs": (False,), "top_logprobs":
                "echo": (False,), "tools": ([],), "functions": ([],), "tool_choice": ("none",),
                "function_call": ("none",), "presence_penalty": (0,), "frequency_penalty": (0,),
                "logit_bias": ({},), "suffix": ("",), "response_format": ({"type": "text"},),
-               "modalities": (["text"],), "audio": (), "min_p": (0,), "repetition_penalty": (1,)}
+               "modalities": (["text"],), "audio": (), "min_p": (0,), "repetition_penalty": (1,),
+               # vLLM's extensions, which clients written for it send
+               "min_tokens": (0,), "ignore_eos": (False,), "stop_token_ids": ([],),
+               "typical_p": (1,), "include_stop_str_in_output": (False,)}
 
 
 def check_supported(body: CommonFields):

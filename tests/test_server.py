@@ -371,7 +371,8 @@ def test_errors_answer_with_openai_error_json_and_status(server):
         assert error["param"] == "top_k"
     for field, value in [("n", 2), ("n", True), ("logprobs", True), ("tools", [{
             "type": "function", "function": {"name": "f"}}]), ("modalities", ["text", "audio"]),
-            ("min_p", 0.1), ("repetition_penalty", 1.2)]:
+            ("min_p", 0.1), ("repetition_penalty", 1.2), ("ignore_eos", True),
+            ("stop_token_ids", [2]), ("include_stop_str_in_output", True)]:
         error = error_of(post("/v1/chat/completions", json={"messages": QUESTION, field: value}),
                          400)
         assert error["param"] == field and "not supported" in error["message"]
