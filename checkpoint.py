@@ -116,12 +116,7 @@ def read_checkpoint(path) -> Checkpoint:
     weights are read. `checkpoints/REPO/model.pth` finds model.safetensors too (gpt-fast's
     paths)."""
     path = Path(path)
-    try:
-        str(path).encode("utf-8")
-    except UnicodeEncodeError:  # a name that the file system took from another encoding
-        shown = os.fsencode(path).decode("utf-8", "backslashreplace")  # its bytes as \xff
-        raise InputError(f"{shown}: a path that is not UTF-8; torch, safetensors and the tokenizer "
-                         "libraries open files by UTF-8 names only: rename it") from None
+    check_utf8(path)
     folder = path if path.is_dir() else path.parent
     finish_write(folder)  # a writer killed between its renames: complete them
     if path.is_file():
@@ -154,6 +149,18 @@ def read_checkpoint(path) -> Checkpoint:
     if quantization is not None:
         check_quantization(quantization, args, config)
     return Checkpoint(folder, weights, config, args, quantization)
+
+
+def check_utf8(path: Path, flag: str = ""):
+    """Refuse a path named in another encoding than UTF-8 (the file system took its bytes as they
+    came): torch, safetensors and the tokenizer libraries open files by UTF-8 names only."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")  # its bytes as \xff
+        raise InputError(f"{flag + ' ' if flag else ''}{shown}: a path that is not UTF-8; torch, "
+                         "safetensors and the tokenizer libraries open files by UTF-8 names only: "
+                         "rename it") from None
 
 
 def read_json(path: Path) -> dict:
@@ -426,6 +433,15 @@ class WeightsFile:
         return self.part(name)[:]
 
 
+def open_weights(ckpt: Checkpoint) -> WeightsFile:
+    """The checkpoint's weights file opened, its tensors (names, shapes, kinds of dtype) checked
+    against its config: a file that cannot load is refused before any tensor's data is read."""
+    source = WeightsFile(ckpt.weights)
+    check_tensors(source.shapes, empty_model(ckpt.args, ckpt.quantization),
+                  f"{ckpt.weights} does not match {ckpt.config}", source.dtypes)
+    return source
+
+
 def check_device(name: str, flag: str) -> torch.device:
     """A device this machine has, or an InputError naming the flag. CUDA is asked without touching a
     GPU (under torchrun every process checks before it picks its own)."""
@@ -586,8 +602,12 @@ def check_readable(path: Path):
 
 def check_writable(path: Path, flag: str):
     """A file is to be written at path: fail now, before the work, if it cannot be."""
+    check_utf8(path, flag)
     if name_too_long(temp_name(path.name)):  # written first, then renamed
         raise InputError(f"{flag} {path}: the file name is too long")
+    if path.name == JOURNAL:  # the writer would carry it out, then remove it
+        raise InputError(f"{flag} {path}: {JOURNAL} is the name of the journal this project "
+                         "writes beside its files; name another file")
     parent = path.resolve().parent
     if path.is_dir():
         raise InputError(f"{flag} {path} is a folder; name the file to write")
@@ -838,6 +858,7 @@ def checkpoint_files(folder: Path) -> list:
 
 def check_folder_writable(folder: Path, flag: str):
     """Refuse now, before the work, a folder that could not be created or written into."""
+    check_utf8(folder, flag)
     if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
         raise InputError(f"{flag} {folder} is "
                          f"{'a file' if folder.exists() else 'a link to nothing'}, not a folder")

@@ -31,7 +31,8 @@ from torch import Tensor
 import kernels
 import tp
 from checkpoint import (CONFIGS, ArgumentParser, InputError, check_device, check_output,
-                        empty_model, load_model, random_model, read_checkpoint, write_files)
+                        empty_model, load_model, open_weights, random_model, read_checkpoint,
+                        write_files)
 from model import ModelArgs, MoEFeedForward, Transformer
 from tokenizer import TextStreamer, check_ids_fit, is_text, load_tokenizer
 
@@ -852,13 +853,14 @@ def check_speculation_args(args):
 
 
 def check_draft(path: Path, tokenizer, config: ModelArgs) -> ModelArgs:
-    """The draft's config, once its vocabulary is known to be the target's (before any weights
-    load)."""
+    """The draft's config, once its vocabulary is known to be the target's and its weights file
+    to match its config (before any weights load: the target's come first)."""
     draft = read_checkpoint(path)
     if draft.args.vocab_size != config.vocab_size:
         raise InputError(f"the draft {path} has a vocabulary of {draft.args.vocab_size} tokens, "
                          f"the target {config.vocab_size}: speculative decoding needs a draft "
                          "with the target's tokenizer")
+    open_weights(draft)
     if tokenizer is None or not any((draft.folder / n).is_file() for n in ("tokenizer.json",
                                                                            "tokenizer.model")):
         # weights without tokenizer files: the vocabulary size is all there is to check

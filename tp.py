@@ -53,8 +53,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 import kernels
-from checkpoint import (CONFIGS, InputError, WeightsFile, check_tensors, empty_model, on_meta,
-                        randomize_, read_checkpoint, to_device)
+from checkpoint import (CONFIGS, InputError, empty_model, on_meta, open_weights, randomize_,
+                        read_checkpoint, to_device)
 from model import ModelArgs, Transformer
 from quantize import DEFAULT_OUTPUT_MODE, linear_names, quantize_weight, quantized_config
 
@@ -247,9 +247,7 @@ def load_shard(path, rank: int, world: int, device, dtype=None) -> Transformer:
     args, quantization = ckpt.args, ckpt.quantization
     check_split_groups(args, quantization, world)
     model = empty_shard(args, quantization, world)
-    source = WeightsFile(ckpt.weights)
-    check_tensors(source.shapes, empty_model(args, quantization),
-                  f"{ckpt.weights} does not match {ckpt.config}", source.dtypes)
+    source = open_weights(ckpt)
     state = {}
     # disable=None: the bar shows on a terminal only, never in logs or captured output.
     for name in tqdm(model.state_dict(), desc=f"loading part {rank + 1} of {world}", unit="tensor",

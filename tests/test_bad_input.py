@@ -327,6 +327,8 @@ def test_a_temperature_below_float32s_range_is_greedy_not_a_division_by_zero():
     ("--profile", "t" * 300 + ".json"),  # a name longer than any file system takes
     ("--json", "PIPE"),  # not a regular file: the rename would replace it (as /dev/null)
     ("--json", "LINK"),  # a link to a file: likewise the link
+    ("--profile", os.fsdecode(b"trace-\xfe.json")),  # not UTF-8: torch writes traces by UTF-8 names
+    ("--json", ".checkpoint-write.json"),  # the write journal's name: carried out, then removed
 ])
 def test_unwritable_output_is_refused_before_generating(tiny, tmp_path, flag, where, capsys):
     (tmp_path / "FILE").write_text("not a folder")

@@ -369,14 +369,22 @@ RANDOM_TARGET = ["--random_weights", "stories15M"]  # no weights are made before
     (RANDOM_TARGET + ["--speculate_ngram", "3", "--draft_checkpoint_path", "SMOLLM2"], ["not both"]),
     (RANDOM_TARGET + ["--draft_checkpoint_path", "SMOLLM2"], ["vocabulary of 49152 tokens", "target 32000"]),
     (["--checkpoint_path", "SMOLLM2", "--draft_checkpoint_path", "PERMUTED"], ["tokenizes text differently"]),
+    # refused before the target's weights load (no "Loaded" line before the error)
+    (["--checkpoint_path", "SMOLLM2", "--draft_checkpoint_path", "FEWER_LAYERS"],
+     ["does not match", "unexpected tensor layers."]),
 ], ids=["k-zero", "ngram-zero", "ngram-over-context", "k-over-context", "prompt-over-drafts-context",
-        "k-zero-without-proposer", "two-proposers", "other-vocabulary", "other-tokenizer"])
+        "k-zero-without-proposer", "two-proposers", "other-vocabulary", "other-tokenizer", "draft-weights-not-its-config"])
 def test_bad_speculation_input_gives_one_error_line(args, words, smollm2_checkpoint, tmp_path, capsys):
     """generate.py's command line run in this process, as its `__main__` runs it (the command line itself:
     test_speculation_for_a_batch_is_refused_in_one_line_by_the_command_line)."""
-    paths = {"SMOLLM2": smollm2_checkpoint, "PERMUTED": tmp_path / "permuted"}
+    paths = {"SMOLLM2": smollm2_checkpoint, "PERMUTED": tmp_path / "permuted", "FEWER_LAYERS": tmp_path / "fewer"}
     if "PERMUTED" in args:
         permuted_tokenizer(smollm2_checkpoint, paths["PERMUTED"])
+    if "FEWER_LAYERS" in args:  # the weights of 30 layers under a config of 2
+        paths["FEWER_LAYERS"].mkdir()
+        (paths["FEWER_LAYERS"] / "model.safetensors").symlink_to(smollm2_checkpoint / "model.safetensors")
+        config = json.loads((smollm2_checkpoint / "config.json").read_text())
+        (paths["FEWER_LAYERS"] / "config.json").write_text(json.dumps({**config, "n_layer": 2}))
     main_error(as_run(generate_main), ["--device", "cpu", *[str(paths.get(a, a)) for a in args]], capsys,
                *words)
 
