@@ -720,24 +720,28 @@ def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: i
             messages, in_cache = [], []
             print("(conversation cleared)", file=sys.stderr)
             continue
-        messages.append({"role": "user", "content": text})
+        # The conversation with this question, its oldest turns dropped if need be; it replaces
+        # `messages` only once the question is answered: a question skipped or stopped leaves the
+        # conversation as it was.
+        asked = messages + [{"role": "user", "content": text}]
         try:
-            ids = tokenizer.encode_chat(messages) if args.chat else tokenizer.encode(text)
-            while args.chat and len(ids) + kept_room > max_seq and len(messages) > 2:
-                messages = messages[2:]  # the oldest question and its answer
-                ids = tokenizer.encode_chat(messages)
-                print(f"(dropped the oldest turn: the conversation left too little room for an "
-                      f"answer in the {max_seq}-token cache)", file=sys.stderr)
+            ids = tokenizer.encode_chat(asked) if args.chat else tokenizer.encode(text)
+            while args.chat and len(ids) + kept_room > max_seq and len(asked) > 2:
+                asked = asked[2:]  # the oldest question and its answer
+                ids = tokenizer.encode_chat(asked)
             check_ids_fit(ids, vocab_size)
         except InputError as e:  # a turn refused (by the template, say): skip it, keep the rest
             print(f"error: {e}", file=sys.stderr)
-            messages.pop()
             continue
         if not ids or len(ids) >= max_seq:
             print(f"(skipped: the prompt has {len(ids)} tokens; 1 to {max_seq - 1} fit)",
                   file=sys.stderr)
-            messages.pop()
             continue
+        dropped = (len(messages) + 1 - len(asked)) // 2
+        if dropped:
+            print(f"(dropped the {'' if dropped == 1 else f'{dropped} '}oldest "
+                  f"turn{'' if dropped == 1 else 's'}: the conversation left too little room for "
+                  f"an answer in the {max_seq}-token cache)", file=sys.stderr)
         cached = 0  # the longest prefix the cache holds already; at least one token is prefilled
         while cached < min(len(in_cache), len(ids) - 1) and in_cache[cached] == ids[cached]:
             cached += 1
@@ -749,7 +753,6 @@ def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: i
                               cached=cached if args.chat else 0)
         except KeyboardInterrupt:  # Ctrl-C stops the answer; the conversation goes on without it
             print("\n(answer stopped)", file=sys.stderr)
-            messages.pop()
             in_cache = []  # what the cache holds now is not known: prefill it all next time
             continue
         print(streamer.flush(), flush=True)
@@ -760,9 +763,7 @@ def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: i
         # last (an end-of-sequence token, when the answer ended with one, is not in `answer`).
         in_cache = ids + (answer if gen.generated > len(answer) else answer[:-1])
         if args.chat:
-            messages.append({"role": "assistant", "content": tokenizer.decode(answer)})
-        else:
-            messages = []
+            messages = asked + [{"role": "assistant", "content": tokenizer.decode(answer)}]
         if args.metrics:
             print(describe(metrics(gen, model_bytes, device)), file=sys.stderr)
 

@@ -125,6 +125,21 @@ def test_oldest_turns_are_dropped_to_leave_room_for_a_whole_answer(smollm2, monk
     assert "dropped the oldest turn" in capsys.readouterr().err
 
 
+def test_a_question_too_long_for_the_cache_is_skipped_and_the_conversation_kept(smollm2, monkeypatch,
+                                                                                capsys):
+    """Dropping the oldest turns cannot make room for it: it is skipped, and the next question still
+    sees every earlier turn."""
+    _, tokenizer = smollm2
+    two_turns = [{"role": "user", "content": TURNS[0]}, {"role": "assistant", "content": "Fine."},
+                 {"role": "user", "content": TURNS[1]}]
+    max_seq = len(tokenizer.encode_chat(two_turns)) + 40  # room for a 32-token answer
+    asked = converse(tokenizer, [TURNS[0], "word " * 200, TURNS[1]], monkeypatch, max_seq=max_seq)
+    assert [prompt for prompt, _ in asked] == [tokenizer.encode_chat(two_turns[:1]),
+                                               tokenizer.encode_chat(two_turns)]
+    err = capsys.readouterr().err
+    assert "(skipped: the prompt has" in err and "dropped" not in err
+
+
 def test_an_answer_cut_short_by_the_end_of_the_cache_says_so(smollm2, monkeypatch, capsys):
     """The stand-in's two-token answer fills the two slots left after the question."""
     _, tokenizer = smollm2
