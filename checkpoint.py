@@ -699,9 +699,15 @@ def disk_full(e: BaseException) -> bool:
 def write_pth(tensors: dict, tmp: Path):
     """torch.save to tmp, a write_files temp file, through a Python file: torch's own writer of a
     path reports a full disk as an error that names no cause, where this one's holds the OSError
-    it was raised from."""
-    with open(tmp, "wb") as f:
-        torch.save(tensors, f)
+    it was raised from. A Ctrl-C or SIGTERM inside it, though, torch's writer buries under an
+    error of its own (closing a zip that was cut short): the signal is raised again in its place."""
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(tensors, f)
+    except RuntimeError as e:
+        if isinstance(e.__context__, (KeyboardInterrupt, SystemExit)):
+            raise e.__context__ from None
+        raise
 
 
 def temp_name(name: str) -> str:

@@ -583,13 +583,27 @@ def output_path(args, ckpt: Checkpoint) -> Path:
                    f"{out.with_suffix('.safetensors').name}")
     elif args.calibration_file is not None and args.calibration_file.resolve() in written:
         problem = "would write over the calibration file"
+    elif ((out.is_file() or out.with_suffix(".json").is_file())
+          and not is_quantized_config(out.with_suffix(".json"))):  # a quantized file is replaced
+        problem = (f"would write over {out.name} or {sidecar}, files that are not a quantized "
+                   "checkpoint's")
     else:
         problem = None
     if problem is not None:
-        raise InputError(f"--out {out} {problem}; choose another name, e.g. the default {name}")
+        raise InputError(f"--out {out} {problem}; choose another name" + (
+            f", e.g. the default {name}" if out.name != name else ""))
     check_writable(out, "--out")
     check_writable(out.with_suffix(".json"), "--out's config")
     return out
+
+
+def is_quantized_config(path: Path) -> bool:
+    """Whether path holds the config that quantize.py writes beside its weights."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and "quantization" in data
 
 
 def tokenizer_copies(ckpt: Checkpoint, out: Path) -> dict:

@@ -547,6 +547,19 @@ def test_quantize_refuses_output_over_its_calibration_file(tiny, tmp_path, capsy
     assert calibration.read_text() == before and not (tmp_path / "calibration.pth").exists()
 
 
+@pytest.mark.parametrize("mine", ["results.json", "results.pth"])
+def test_quantize_refuses_output_over_files_that_are_not_a_quantized_checkpoint(tiny, tmp_path, mine, capsys):
+    """--out results.pth writes results.json beside it: a user's own file of either name stays; a
+    quantized file and its config from an earlier run are replaced."""
+    (tmp_path / mine).write_text('{"my": "results"}')
+    before = snapshot(tmp_path)
+    refused_here("quantize.py", "--checkpoint_path", tiny, "--mode", "int8", "--out", tmp_path / "results.pth",
+                 words=["not a quantized checkpoint's", "choose another name, e.g. the default"], capsys=capsys)
+    assert snapshot(tmp_path) == before
+    for _ in range(2):
+        succeeds_here("quantize.py", "--checkpoint_path", tiny, "--mode", "int8", "--out", tmp_path / "q.pth")
+
+
 def test_quantize_default_output_leaves_float_checkpoint_loadable(tiny):
     succeeds_here("quantize.py", "--checkpoint_path", tiny, "--mode", "int8")
     assert (tiny / "model_int8.pth").is_file() and (tiny / "model_int8.json").is_file()

@@ -13,6 +13,7 @@ import stat
 import struct
 import subprocess
 import zipfile
+from functools import partial
 
 import pytest
 import torch
@@ -420,6 +421,23 @@ def test_a_write_that_fails_into_a_new_folder_leaves_no_folder(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write_files(tmp_path / "mine" / "new" / "deeper", {"a.txt": interrupted})
     assert names(tmp_path) == ["mine"] and names(tmp_path / "mine") == []
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), SystemExit(143)], ids=["ctrl-c", "sigterm"])
+def test_a_signal_inside_torch_save_stops_the_write_as_that_signal(tmp_path, monkeypatch, stop):
+    """torch's zip writer, cut short inside a tensor's record, raises a RuntimeError of its own
+    while it closes the file: the Ctrl-C (or SIGTERM's SystemExit) is what reaches the script,
+    which then exits 130 (143) without a traceback, and the folder is as it was."""
+    class CutShort(io.FileIO):
+        def write(self, data):
+            if self.tell() > 4096:  # inside the first tensor's data
+                raise stop
+            return super().write(data)
+    monkeypatch.setattr(checkpoint, "open", lambda path, mode: CutShort(path, mode), raising=False)
+    tensors = {"w": torch.zeros(64, 1024)}
+    with pytest.raises(type(stop)):
+        write_files(tmp_path, {"model.pth": partial(checkpoint.write_pth, tensors)})
+    assert names(tmp_path) == []
 
 
 def test_quantized_weights_must_come_in_their_own_integer_dtype_and_float_ones_in_a_float_dtype():
