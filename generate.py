@@ -501,7 +501,8 @@ def check_cache_fits(config: ModelArgs, batch_size: int, cache_length: int, dtyp
     if kv_bytes + weight_bytes > free:
         drafts = "" if draft is None else ", the draft model's included,"
         weights = f"{weight_bytes / 1e9:.1f} GB of random weights and " if weight_bytes else ""
-        raise InputError(f"{weights}the KV cache for {batch_size} rows of {cache_length} "
+        # processes on a CPU share its memory: under torchrun rank 0 speaks for all
+        raise (InputError if device.type == "cuda" else tp.AlikeOnEveryRank)(f"{weights}the KV cache for {batch_size} rows of {cache_length} "
                          f"tokens{drafts} need{'' if weight_bytes else 's'} "
                          f"{(kv_bytes + weight_bytes) / 1e9:.1f} GB, more than the "
                          f"{free / 1e9:.1f} GB of free memory on {device}")

@@ -87,13 +87,18 @@ def quiet_other_ranks():
 STARTED = False  # set by start(): from then on a rank's errors may be its own
 
 
+class AlikeOnEveryRank(InputError):
+    """Bad input that every rank meets alike even after start(): a check against the one memory
+    that the processes on a CPU share."""
+
+
 def exit_with_error(e: InputError):
     """One `error:` line and exit status 1. Before start() every rank checks the same input and
     fails alike, so rank 0 speaks for all; after it (its GPU, its slices) each rank says what it
-    met."""
+    met, unless the error is AlikeOnEveryRank."""
     if rank() == 0:
         print(f"error: {e}", file=sys.stderr)
-    elif STARTED:
+    elif STARTED and not isinstance(e, AlikeOnEveryRank):
         print(f"error: rank {rank()}: {e}", file=sys.__stderr__)
     else:
         # torchrun stops every process once one exits with an error: let rank 0, which met the
@@ -375,6 +380,8 @@ def start(args, config: ModelArgs, device: torch.device) -> torch.device:
     world = world_size()
     shard_args(config, world)
     check_split_groups(config, requested_quantization(args), world)
+    if not getattr(args, "random_weights", None):  # a weights file that cannot load, all alike
+        open_weights(read_checkpoint(args.checkpoint_path))
     STARTED = True
     if rank() != 0:
         for output in ("json", "profile", "output"):  # rank 0 writes them

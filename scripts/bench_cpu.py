@@ -166,3 +166,5 @@ if __name__ == "__main__":
         main()
     except InputError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: no result to keep; 128 + SIGINT, as shells report it
+        sys.exit(130)

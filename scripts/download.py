@@ -107,6 +107,8 @@ def main(argv=None):
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C: the hub's partial files resume on the next run; 128 +
+        sys.exit(130)  # SIGINT, as a shell reports a program it interrupted
     except Exception as e:  # explain() turns the failures a download can meet into one line
         print(f"error: {explain(e, args.repo_id)}", file=sys.stderr)
         sys.exit(1)

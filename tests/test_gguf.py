@@ -503,6 +503,16 @@ def test_download_offline_is_one_line(tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
+def test_ctrl_c_during_a_download_exits_130_without_a_traceback(tmp_path, monkeypatch, capsys):
+    download = load_script("download")
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(download, "download", interrupted)
+    with pytest.raises(SystemExit) as exited:
+        download.main(["--repo_id", "org/model", "--out", str(tmp_path / "hf")])
+    assert exited.value.code == 130 and capsys.readouterr().err == ""
+
+
 def test_download_into_a_file_or_a_link_to_nothing_is_refused_before_the_hub(tmp_path):
     check_out = load_script("download").check_folder_writable  # what main() asks before the hub
     (tmp_path / "file").write_text("mine")

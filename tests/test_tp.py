@@ -288,6 +288,41 @@ def test_exit_with_error_speaks_for_every_rank_from_rank_0_then_for_each_rank(mo
     for started in (False, True):
         assert exits_with(monkeypatch, capfd, error, started) == (
             1, "", "error: no GPU for local rank 1\n")
+    # A check against memory that the processes on a CPU share: rank 0 speaks for all after it too.
+    alike = tp.AlikeOnEveryRank("the KV cache needs more than the free memory on cpu")
+    assert exits_with(monkeypatch, capfd, alike, started=True)[2].startswith("error: the KV cache")
+    monkeypatch.setenv("RANK", "1")
+    assert exits_with(monkeypatch, capfd, alike, started=True) == (1, "", "")
+
+
+def test_the_kv_cache_check_is_alike_on_every_rank_on_a_cpu_and_each_ranks_own_on_a_gpu(monkeypatch):
+    import generate
+    import tp
+    args = ModelArgs(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=32, intermediate_size=64)
+    monkeypatch.setattr(generate, "host_memory_available", lambda: 1000)
+    with pytest.raises(tp.AlikeOnEveryRank, match="KV cache"):
+        generate.check_cache_fits(args, 1, 64, torch.bfloat16, torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1000, 0))
+    with pytest.raises(InputError, match="KV cache") as refused:
+        generate.check_cache_fits(args, 1, 64, torch.bfloat16, torch.device("cuda", 0))
+    assert not isinstance(refused.value, tp.AlikeOnEveryRank)
+
+
+def test_a_weights_file_that_cannot_load_is_refused_before_the_processes_join(tiny_checkpoints, tmp_path,
+                                                                              monkeypatch):
+    """Every rank reads the same file: its header is checked in tp.start, so that rank 0 speaks for all."""
+    import shutil
+    import tp
+    folder = shutil.copytree(tiny_checkpoints["mha"].parent, tmp_path / "cut")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    monkeypatch.setattr(tp, "STARTED", False)
+    monkeypatch.setattr(tp, "init_process_group", lambda *_: pytest.fail("the processes joined"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = type("Args", (), dict(checkpoint_path=folder))()
+    with pytest.raises(InputError, match="cannot read weights"):
+        tp.start(args, read_checkpoint(folder).args, torch.device("cpu"))
+    assert not tp.STARTED
 
 
 # ---- under torchrun ---------------------------------------------------------------------------------------
