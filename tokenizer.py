@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 
 from jinja2 import TemplateError
-from jinja2.ext import loopcontrols
+from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from checkpoint import InputError, one_line, read_json
@@ -92,6 +92,16 @@ def is_text(value) -> bool:
     return True
 
 
+class GenerationBlocks(Extension):
+    """transformers' `{% generation %}...{% endgeneration %}`, which marks an answer's tokens for a
+    training loss mask: rendered as what it holds."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 def render_chat_template(template: str, messages: list[dict], bos_token: str,
                          eos_token: str) -> str:
     """Render a HF chat template the way transformers does (sandboxed, trim/lstrip blocks)."""
@@ -104,7 +114,7 @@ def render_chat_template(template: str, messages: list[dict], bos_token: str,
                           sort_keys=sort_keys)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[loopcontrols])
+                                        extensions=[loopcontrols, GenerationBlocks])
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception,
                        strftime_now=lambda f: datetime.now().strftime(f))

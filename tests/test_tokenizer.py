@@ -245,6 +245,18 @@ def test_a_templates_blocks_and_tojson_render_as_transformers_renders_them(hf_pa
     assert ref.startswith("U: Say hi in Chinese\nA: \"你好 🦙\"\nU: ")  # what the options do
 
 
+def test_a_templates_generation_blocks_render_as_transformers_renders_them(hf_pair):
+    """{% generation %} marks an answer's tokens for training masks: the text is the block's own."""
+    from tokenizer import render_chat_template
+    _, hf = hf_pair
+    template = ("{% for m in messages %}{{ m['role'] }}: {% if m['role'] == 'assistant' %}{% generation %}"
+                "{{ m['content'] }}.{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}\n{% endfor %}")
+    messages = CHATS[2]
+    ref = hf.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False)
+    assert render_chat_template(template, messages, "", "") == ref
+    assert "assistant: 你好 🦙.user: " in ref  # (trim_blocks takes the newline after a block tag)
+
+
 def test_a_template_writes_the_special_tokens_text_as_transformers_does(hf_pair, tmp_path):
     """bos_token and eos_token in a template are the tokens' own text, which encodes back to their ids."""
     d, hf = hf_pair
