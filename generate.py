@@ -502,10 +502,11 @@ def check_cache_fits(config: ModelArgs, batch_size: int, cache_length: int, dtyp
         drafts = "" if draft is None else ", the draft model's included,"
         weights = f"{weight_bytes / 1e9:.1f} GB of random weights and " if weight_bytes else ""
         # processes on a CPU share its memory: under torchrun rank 0 speaks for all
-        raise (InputError if device.type == "cuda" else tp.AlikeOnEveryRank)(f"{weights}the KV cache for {batch_size} rows of {cache_length} "
-                         f"tokens{drafts} need{'' if weight_bytes else 's'} "
-                         f"{(kv_bytes + weight_bytes) / 1e9:.1f} GB, more than the "
-                         f"{free / 1e9:.1f} GB of free memory on {device}")
+        error = InputError if device.type == "cuda" else tp.AlikeOnEveryRank
+        raise error(f"{weights}the KV cache for {batch_size} rows of {cache_length} "
+                    f"tokens{drafts} need{'' if weight_bytes else 's'} "
+                    f"{(kv_bytes + weight_bytes) / 1e9:.1f} GB, more than the "
+                    f"{free / 1e9:.1f} GB of free memory on {device}")
 
 
 def host_memory_available() -> int:
