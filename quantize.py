@@ -60,7 +60,7 @@ from tqdm import tqdm
 from checkpoint import (JOURNAL, TOKENIZER_FILES, WEIGHT_FILES, ArgumentParser, Checkpoint,
                         InputError, WeightsFile, check_device, check_readable, check_tensors,
                         check_writable, copier, empty_model, on_meta, read_checkpoint,
-                        write_files, write_pth)
+                        read_json, write_files, write_pth)
 from kernels import (FORMAT, FP8_MAX, GROUPSIZES, INT4_MODES, int4_dequantize, int4_padded_k,
                      layer_mode, record_padding)
 from model import (Experts, KVCache, ModelArgs, RMSNorm, Rows, TransformerBlock,
@@ -600,10 +600,9 @@ def output_path(args, ckpt: Checkpoint) -> Path:
 def is_quantized_config(path: Path) -> bool:
     """Whether path holds the config that quantize.py writes beside its weights."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return "quantization" in read_json(path)
+    except InputError:  # not a file, not text, not a JSON object
         return False
-    return isinstance(data, dict) and "quantization" in data
 
 
 def tokenizer_copies(ckpt: Checkpoint, out: Path) -> dict:

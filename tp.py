@@ -379,21 +379,20 @@ def start(args, config: ModelArgs, device: torch.device) -> torch.device:
                          "the prompt")
     world = world_size()
     shard_args(config, world)
-    check_split_groups(config, requested_quantization(args), world)
-    if not getattr(args, "random_weights", None):  # a weights file that cannot load, all alike
-        open_weights(read_checkpoint(args.checkpoint_path))
+    if getattr(args, "random_weights", None):
+        quantization = random_config(args.random_weights,
+                                     getattr(args, "random_quantization", None))[1]
+    else:
+        ckpt = read_checkpoint(args.checkpoint_path)
+        open_weights(ckpt)  # a weights file that cannot load: every rank fails alike
+        quantization = ckpt.quantization
+    check_split_groups(config, quantization, world)
     STARTED = True
     if rank() != 0:
         for output in ("json", "profile", "output"):  # rank 0 writes them
             if hasattr(args, output):
                 setattr(args, output, None)
     return init_process_group(device)
-
-
-def requested_quantization(args) -> Optional[dict]:
-    if getattr(args, "random_weights", None):
-        return random_config(args.random_weights, getattr(args, "random_quantization", None))[1]
-    return read_checkpoint(args.checkpoint_path).quantization
 
 
 def load_model(args, device: torch.device, dtype) -> Transformer:
