@@ -271,7 +271,7 @@ class TiktokenTokenizer(Tokenizer):
 class SentencePieceTokenizer(Tokenizer):
     """Llama-2 / Mistral-v1 style tokenizer.model (sentencepiece protobuf)."""
 
-    def __init__(self, path: Path, chat_template: str | None):
+    def __init__(self, path: Path, chat_template: str | None, legacy: bool = True):
         import sentencepiece
         try:
             self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
@@ -285,6 +285,10 @@ class SentencePieceTokenizer(Tokenizer):
         self.chat_template = chat_template
         self.controls = {self.sp.id_to_piece(i): i for i in range(self.vocab_size)
                          if self.sp.is_control(i)}
+        # tokenizer_config.json's "legacy": false puts sentencepiece's word-start mark "▁" only
+        # before a chat text's first part, not again after each special token (transformers reads
+        # the flag so; without it every part is marked, as sentencepiece marks any text it encodes)
+        self.legacy = legacy
 
     def encode(self, text: str) -> list[int]:
         return ([self.bos_id] if self.bos_id is not None else []) + self.sp.encode(text)
@@ -303,10 +307,20 @@ class SentencePieceTokenizer(Tokenizer):
             return self.sp.encode(text)
         pieces = sorted(self.controls, key=len, reverse=True)
         ids = []
-        for part in re.split("(" + "|".join(map(re.escape, pieces)) + ")", text):
-            ids += ([self.controls[part]] if part in self.controls
-                    else self.sp.encode(part) if part else [])
+        for n, part in enumerate(re.split("(" + "|".join(map(re.escape, pieces)) + ")", text)):
+            if part in self.controls:
+                ids.append(self.controls[part])
+            elif part:
+                # a part that starts with a space is marked by it already, as transformers reads it
+                marked = (self.legacy or n == 0) and not part.startswith(" ")
+                ids += self.sp.encode(part) if marked else self._encode_unmarked(part)
         return ids
+
+    def _encode_unmarked(self, text: str) -> list[int]:
+        # sentencepiece marks the start of every text it encodes; behind the unknown token's text
+        # this text is no start, and the pieces of that text are cut off again
+        unk = self.sp.id_to_piece(self.sp.unk_id())
+        return self.sp.encode(unk + text)[len(self.sp.encode(unk)):]
 
     def _builtin_chat(self, messages: list[dict]) -> list[int]:
         # Meta's Llama-2 format: a system prompt is folded into the first user turn inside
@@ -350,8 +364,8 @@ def load_tokenizer(checkpoint_dir: Path) -> Tokenizer:
                 first_line = f.readline(4096).rstrip(b"\n")
         except OSError as e:  # e.g. no permission to read it
             raise InputError(f"cannot read {path}: {e.strerror}") from None
-        backend = TiktokenTokenizer if TIKTOKEN_LINE.match(first_line) else SentencePieceTokenizer
-        tok = backend(path, template)
+        tok = (TiktokenTokenizer(path, template) if TIKTOKEN_LINE.match(first_line)
+               else SentencePieceTokenizer(path, template, bool(config.get("legacy", True))))
     else:
         raise InputError(f"no tokenizer.json or tokenizer.model in {folder}")
     # Instruct models often stop on more ids than the tokenizer's own EOS (e.g. <|eot_id|>).

@@ -168,6 +168,25 @@ def test_config_template_and_generation_config(sp_dir, tmp_path):
         load_tokenizer(tmp_path).encode_chat(CHATS[0])
 
 
+@pytest.mark.parametrize("legacy", [True, False])
+@pytest.mark.parametrize("model", ["tokenizer.model.v1", "mistral_instruct_tokenizer_240323.model.v3"])
+def test_a_sentencepiece_chat_marks_the_words_after_special_tokens_as_transformers_does(
+        tmp_path, model, legacy):
+    # "legacy": false means no word-start "▁" after "<s>" ("[" not "▁["); v3's [INST] is itself a
+    # control piece
+    from transformers import AutoTokenizer
+    shutil.copy(package_dir("mistral_common") / "data" / model, tmp_path / "tokenizer.model")
+    template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+         "chat_template": template, "legacy": legacy}))
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    for messages in CHATS[:1] + CHATS[2:]:
+        expected = hf.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        assert load_tokenizer(tmp_path).encode_chat(messages) == expected
+
+
 # --- Llama-3 tiktoken --------------------------------------------------------------------------
 
 def test_tiktoken_llama3(tiktoken_dir):
