@@ -346,8 +346,12 @@ class SentencePieceTokenizer(Tokenizer):
 def load_tokenizer(checkpoint_dir: Path) -> Tokenizer:
     """Pick the backend from the tokenizer files in checkpoint_dir."""
     folder = Path(checkpoint_dir)
-    config = {**read_config(folder, "special_tokens_map.json"),
-              **read_config(folder, "tokenizer_config.json")}
+    config = read_config(folder, "tokenizer_config.json")
+    # A config without added_tokens_decoder (older transformers wrote it so) leaves its special
+    # tokens to special_tokens_map.json, which then wins, as in transformers
+    specials = read_config(folder, "special_tokens_map.json")
+    config = ({**specials, **config} if "added_tokens_decoder" in config
+              else {**config, **specials})
     # Newer transformers save the chat template as its own file; older ones put it in the config.
     template_file = folder / "chat_template.jinja"
     try:

@@ -319,6 +319,23 @@ def test_special_tokens_written_as_objects_and_a_single_generation_eos_id_are_re
     assert load_tokenizer(tmp_path).eos_ids == [hf.eos_token_id, 7]
 
 
+@pytest.mark.parametrize("added_tokens_decoder", [True, False])
+def test_special_tokens_map_wins_only_over_a_config_without_added_tokens_as_in_transformers(
+        hf_pair, tmp_path, added_tokens_decoder):
+    from transformers import AutoTokenizer
+    d, _ = hf_pair
+    shutil.copy(d / "tokenizer.json", tmp_path / "tokenizer.json")
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    config.pop("added_tokens_decoder", None)
+    if added_tokens_decoder:
+        config["added_tokens_decoder"] = {"0": dict(content="<|endoftext|>", lstrip=False, normalized=False,
+                                                    rstrip=False, single_word=False, special=True)}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|im_end|>"}))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    assert load_tokenizer(tmp_path).eos_ids == [hf.eos_token_id]
+
+
 def test_a_list_of_named_templates_uses_the_one_named_default(tiktoken_dir, tmp_path):
     shutil.copy(tiktoken_dir / "tokenizer.model", tmp_path / "tokenizer.model")
     templates = [{"name": "tool_use", "template": "TOOLS"}, {"name": "default", "template": "CHAT"},
