@@ -32,27 +32,28 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from checkpoint import (NAME_MAX, TOKENIZER_FILES, ArgumentParser, InputError,  # noqa: E402
-                        check_output_folder, check_readable, copier, empty_model, is_file_name,
-                        parse_config, read_json, one_line, read_weights, save_checkpoint,
-                        unpermute, unreadable)
+                        check_output_folder, check_readable, check_utf8, copier, empty_model,
+                        is_file_name, parse_config, read_json, one_line, read_weights,
+                        save_checkpoint, unpermute, unreadable)
 from model import ModelArgs  # noqa: E402
 
 # What transformers' config class of each family (LlamaConfig, MistralConfig, ...) gives the keys
 # read here that a config.json may leave out: a trimmed config reads as transformers reads it
-# (Mixtral's rotary base is 1e6, Mistral attends to a window of 4096 unless the file says null).
+# (Mixtral's rotary base is 1e6, Mistral attends to a window of 4096 unless the file says null;
+# Llama's key/value heads default to its query heads, the others' to a number of their own).
 QWEN_DEFAULTS = dict(rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=32768,
-                     use_sliding_window=False)
+                     use_sliding_window=False, num_key_value_heads=32)
 FAMILY_DEFAULTS = {
     "llama": dict(rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=2048),
     "mistral": dict(rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=131072,
-                    sliding_window=4096),
+                    sliding_window=4096, num_key_value_heads=8),
     "mixtral": dict(rope_theta=1e6, rms_norm_eps=1e-5, max_position_embeddings=131072,
-                    num_local_experts=8, num_experts_per_tok=2),
+                    num_local_experts=8, num_experts_per_tok=2, num_key_value_heads=8),
     "qwen2": QWEN_DEFAULTS,
-    "qwen3": QWEN_DEFAULTS,
+    "qwen3": dict(QWEN_DEFAULTS, head_dim=128),
     # the experts' count under transformers 5's name: a file's num_experts wins too (experts_config)
-    "qwen3_moe": dict(QWEN_DEFAULTS, num_local_experts=128, num_experts_per_tok=8,
-                      moe_intermediate_size=768, norm_topk_prob=False),
+    "qwen3_moe": dict(QWEN_DEFAULTS, num_key_value_heads=4, num_local_experts=128,
+                      num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=False),
 }
 SUPPORTED = tuple(FAMILY_DEFAULTS)
 ROPE_TYPES = ("default", "llama3")  # the rotary embeddings model.py implements
@@ -441,8 +442,8 @@ def convert(files: list[Path], layout: str, args: ModelArgs) -> dict:
                 fits = tensor.shape == shape
             elif len(shape) == 1:  # a piece of a norm or a bias
                 fits = tensor.dim() == 1
-            else:  # a block of dest's rows: a matrix, or for experts also a stack of them
-                fits = tensor.dim() in (2, len(shape)) and tensor.shape[-1] == shape[-1]
+            else:  # a block of dest's rows (for experts, one expert's matrix)
+                fits = tensor.dim() == 2 and tensor.shape[-1] == shape[-1]
             if not fits:
                 raise InputError(f"{name} has shape {tuple(tensor.shape)}, which cannot be "
                                  f"{'part of ' if part else ''}{dest} {tuple(shape)}")
@@ -497,6 +498,7 @@ def run(opts) -> tuple[dict, list]:
     if not hf_dir.is_dir():
         raise InputError(f"no HF checkpoint folder at {hf_dir} (download it with "
                          "scripts/download.py, or name the snapshot's folder with --hf_dir)")
+    check_utf8(hf_dir, "--hf_dir")
     check_output_folder(checkpoint_dir, "--checkpoint_dir", opts.force)
     files, layout = find_weights(hf_dir)
     args = read_hf_config(hf_dir, files, layout)

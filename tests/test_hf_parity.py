@@ -8,6 +8,7 @@ checkpoint is replaced only with --force, and that bad inputs end in one `error:
 """
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -386,12 +387,14 @@ def test_sliding_window_caps_block_size(capsys):
 @pytest.mark.parametrize("family", convert_hf.SUPPORTED)
 def test_keys_a_config_leaves_out_read_as_transformers_fills_them(family):
     """A config.json of the required keys alone: the rotary base, the norm's epsilon, the context
-    (a sliding window caps it), and a mixture's experts as transformers' own config class of the
-    family gives them."""
-    required = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
+    (a sliding window caps it), the key/value heads and head size, and a mixture's experts as
+    transformers' own config class of the family gives them."""
+    required = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=32, vocab_size=256,
                     intermediate_size=128)
     hf = transformers.AutoConfig.for_model(family, **required)
     args = convert_hf.hf_config_to_args({**required, "model_type": family})
+    assert args.n_kv_heads == hf.num_key_value_heads
+    assert args.head_dim == (getattr(hf, "head_dim", None) or 256 // 32)
     assert args.rope_base == hf.rope_parameters["rope_theta"]
     assert args.norm_eps == hf.rms_norm_eps
     window = getattr(hf, "sliding_window", None)
@@ -414,6 +417,18 @@ def test_keys_a_config_leaves_out_read_as_transformers_fills_them(family):
 def test_missing_dir_fails_cleanly(tmp_path, capsys):
     line = converter_error(capsys, "--checkpoint_dir", tmp_path / "nope")
     assert "no HF checkpoint folder" in line
+
+
+def test_an_hf_folder_named_in_another_encoding_than_utf8_is_refused(hf_models, tmp_path, capsys):
+    """A snapshot folder named in Latin-1 (the byte 0xff): torch.load opens files by UTF-8 names
+    only, and a pytorch_model.bin in it ended in its UnicodeEncodeError's traceback."""
+    hf, hf_dir = hf_models("llama-gqa")
+    latin1 = tmp_path / os.fsdecode(b"hf-\xff")
+    latin1.mkdir()
+    shutil.copy(hf_dir / "config.json", latin1 / "config.json")
+    torch.save(hf.state_dict(), latin1 / "pytorch_model.bin")
+    line = run_main_expect_error(capsys, latin1, tmp_path / "out")
+    assert "--hf_dir" in line and "hf-\\xff" in line and "not UTF-8" in line
 
 
 def test_a_snapshot_downloaded_into_the_checkpoint_dir_is_pointed_to_hf_dir(hf_models, tmp_path,
@@ -467,17 +482,19 @@ def test_missing_tensor_fails_cleanly(hf_models, tmp_path, capsys):
     assert "model.layers.1.self_attn.v_proj.bias" in line
 
 
-@pytest.mark.parametrize("name, shape", [("v_proj", (2, -1, 64)), ("q_proj", (-1, 1, 64))],
-                         ids=["v-in-two-blocks", "q-with-a-unit-axis"])
-def test_a_projection_of_three_dimensions_is_one_error_line(name, shape, hf_models, tmp_path,
-                                                            capsys):
-    """A dense q, k or v piece is a matrix: one of 3 dimensions is refused by its shape, not left
-    to fail where the pieces are joined."""
-    _, hf_dir = hf_models("llama-gqa")
+@pytest.mark.parametrize("family, name, shape", [
+    ("llama-gqa", "self_attn.v_proj", (2, -1, 64)), ("llama-gqa", "self_attn.q_proj", (-1, 1, 64)),
+    ("mixtral", "block_sparse_moe.experts.0.w1", (1, -1, 64))],
+    ids=["v-in-two-blocks", "q-with-a-unit-axis", "an-experts-w1-as-a-stack-of-one"])
+def test_a_projection_of_three_dimensions_is_one_error_line(family, name, shape, hf_models,
+                                                            tmp_path, capsys):
+    """A q, k or v piece, or one expert's matrix, is a matrix: one of 3 dimensions is refused by
+    its shape, not left to fail where the pieces are joined."""
+    _, hf_dir = hf_models(family)
     bad = tmp_path / "hf"
     shutil.copytree(hf_dir, bad)
     sd = load_file(bad / "model.safetensors")
-    key = f"model.layers.0.self_attn.{name}.weight"
+    key = f"model.layers.0.{name}.weight"
     sd[key] = sd[key].reshape(shape).contiguous()
     save_file(sd, bad / "model.safetensors")
     line = run_main_expect_error(capsys, bad, tmp_path / "out")
