@@ -1008,13 +1008,15 @@ def parse_args(argv=None) -> argparse.Namespace:
             and len(args.prompt) == 1 and args.prompt[0].isdecimal()):
         # random weights have no tokenizer to read text: a number is the prompt's length
         args.prompt_tokens, args.prompt = int(args.prompt[0]), None
-    # The logits are divided by it in float32: one too small for float32 (below ~1e-45) is 0 there,
-    # so greedy, as the server takes it, rather than 0 / 0; one too large is inf there, and a -inf
-    # logit over it NaN.
+    # The logits are divided by it in float32, and a compiled step on a GPU multiplies them by its
+    # reciprocal: one whose reciprocal float32 cannot hold (below ~3e-39) samples as greedy, as 0
+    # does, rather than as 0 * inf = NaN; one too large is inf there, and a -inf logit over it NaN.
     given = args.temperature
     args.temperature = torch.tensor(given, dtype=torch.float32).item()
     if not 0 <= args.temperature < math.inf:
         raise InputError(f"--temperature must be a number >= 0 that float32 holds, got {given}")
+    if args.temperature < 1 / torch.finfo(torch.float32).max:
+        args.temperature = 0.0
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise InputError(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.top_k is not None and args.top_k < 1:

@@ -101,7 +101,11 @@ def int4_group_params(w: Tensor) -> tuple[Tensor, Tensor]:
     # the clamp keeps constant groups finite
     scales = ((hi - lo) / 15).clamp(min=1e-8).to(torch.bfloat16).float()
     zeros = (lo + 8 * scales).to(torch.bfloat16).float()
-    return scales, zeros
+    # zero's rounding (up to |zero| / 512) moves a group that lies far from 0 for its width past
+    # the nibbles' range at one end by more than half a step: such a group takes a wider step
+    past = ((hi - zeros) / scales > 7.5) | ((zeros - lo) / scales > 8.5)
+    wider = torch.maximum((hi - zeros) / 7, (zeros - lo) / 8).to(torch.bfloat16).float()
+    return torch.where(past, wider, scales), zeros
 
 
 def int4_quantize(w: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:

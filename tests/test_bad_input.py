@@ -310,10 +310,15 @@ def test_non_finite_temperature_is_refused(tiny, value, capsys):
                  words=["--temperature"], capsys=capsys)
 
 
-def test_a_temperature_below_float32s_range_is_greedy_not_a_division_by_zero():
+def test_a_temperature_whose_reciprocal_float32_cannot_hold_is_greedy_not_nan():
+    """Below float32's range it would divide by 0; below ~3e-39 a compiled step on a GPU, which
+    multiplies by the reciprocal, would take 0 * inf for the likeliest logit."""
     from generate import parse_args
     flags = ["--random_weights", "stories15M", "--device", "cpu", "--temperature"]
     assert parse_args(flags + ["1e-50"]).temperature == 0.0
+    assert parse_args(flags + ["1e-40"]).temperature == 0.0
+    kept = parse_args(flags + ["3e-39"]).temperature  # its reciprocal ~3.3e38 fits
+    assert kept > 0 and torch.isfinite(torch.tensor(kept).reciprocal())
     assert parse_args(flags + ["1e-30"]).temperature > 0
 
 

@@ -203,6 +203,17 @@ def test_int4_rounds_against_the_stored_bfloat16_scale_and_zero():
     assert q.min() == 0 and q.max() == 15  # min and max of each group land on the end levels
 
 
+@pytest.mark.parametrize("offset", [1.0, -3.0, 100.0])
+def test_int4_keeps_a_group_far_from_zero_for_its_width_within_half_a_step(offset):
+    """A group of width 0.01 around 1, -3 or 100: zero's bfloat16 rounding is larger than the
+    step, and the levels must still reach both ends of the group."""
+    w = offset + torch.linspace(0, 0.01, 32).repeat(2, 1)  # (2, 32)
+    t = Q.quantize_int4(w, 32)
+    s, z = t["scales"].float()[:, None], t["zeros"].float()[:, None]  # (2, 1)
+    dequantized = (kernels.unpack_int4(t["weight"]).float() - 8) * s + z
+    assert ((dequantized - w).abs() / s).max() <= 0.5 + 1e-2
+
+
 # torch._scaled_mm on the CPU takes per-row scales from torch 2.13 on (per-tensor ones only
 # before): from there on the CPU case runs, and a torch that has lost them fails it.
 CPU_ROWWISE_SCALED_MM = torch.__version__ >= (2, 13)
