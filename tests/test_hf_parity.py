@@ -375,8 +375,9 @@ def test_old_and_new_rope_config_styles_agree():
 
 
 def test_sliding_window_caps_block_size(capsys):
-    base = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
-                intermediate_size=128, max_position_embeddings=32768, sliding_window=4096)
+    base = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                vocab_size=256, intermediate_size=128, max_position_embeddings=32768,
+                sliding_window=4096)
     assert convert_hf.hf_config_to_args({**base, "model_type": "mistral"}).block_size == 4096
     assert "sliding-window" in capsys.readouterr().out
     qwen = convert_hf.hf_config_to_args({**base, "model_type": "qwen2",
