@@ -402,15 +402,15 @@ def speculative_generate(model: Transformer, proposer, prompts: list, max_new_to
                       accepted_lengths)
 
 
-def speculation_metrics(accepted_lengths: list) -> dict:
+def speculation_metrics(accepted_lengths: list, round_tokens: int) -> dict:
     """Acceptance statistics of speculative rounds; accepted_lengths[n] counts the rounds that kept
-    n drafts."""
+    n drafts, round_tokens the tokens they gave: their kept drafts and the target's own token, less
+    those past an end-of-sequence token or max_new_tokens."""
     rounds, k = sum(accepted_lengths), len(accepted_lengths) - 1
     kept = sum(n * count for n, count in enumerate(accepted_lengths))
     return dict(acceptance_rate=kept / (k * rounds) if rounds else None,
-                # kept drafts + the target's own token
-                tokens_per_verify=(kept + rounds) / rounds if rounds else None,
-                accepted_lengths=accepted_lengths)
+                tokens_per_verify=round_tokens / rounds if rounds else None,
+                accepted_lengths=accepted_lengths, round_tokens=round_tokens)
 
 
 # ---- the command line ----------------------------------------------------------------------------
@@ -611,7 +611,8 @@ def run_samples(args, prompts: list, generate_fn: Callable, tokenizer, max_new: 
           f"{model_bytes / 1e9:.3f} GB of weights {where}", file=sys.stderr)
     if "accepted_lengths" in results[0]:  # pooled over the rounds of every sample
         summary.update(speculation_metrics(
-            [sum(n) for n in zip(*(r["accepted_lengths"] for r in results))]))
+            [sum(n) for n in zip(*(r["accepted_lengths"] for r in results))],
+            sum(r["round_tokens"] for r in results)))
         print(f"All {len(results)} samples: {describe_speculation(summary)}", file=sys.stderr)
     if args.json:
         # the flags as JSON has them; paths, the device and the dtype as their text
@@ -665,7 +666,8 @@ def metrics(gen: Generation, model_bytes: int, device: torch.device) -> dict:
         bandwidth_gb_s=model_bytes * gen.decode_steps / decode_s / 1e9,
         # GPU: allocated by PyTorch; CPU: the process's peak resident set
         peak_memory_gb=peak / 1e9,
-        **(speculation_metrics(gen.accepted_lengths) if gen.accepted_lengths is not None else {}),
+        **(speculation_metrics(gen.accepted_lengths, decode_tokens)
+           if gen.accepted_lengths is not None else {}),
     )
 
 

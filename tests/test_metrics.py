@@ -132,13 +132,24 @@ def test_throughput_counts_the_tokens_after_the_prefill_and_bandwidth_one_read_p
     assert "accepted_lengths" not in m
 
 
-def test_speculation_metrics_count_kept_drafts_and_the_targets_own_token_per_round():
+def test_speculation_metrics_count_kept_drafts_and_the_tokens_the_rounds_gave():
     """k = 3; rounds that kept 0, 2, 2 and 3 drafts: 7 of 12 drafts kept, and each round adds the
-    target's own token: 11 tokens in 4 verifies."""
-    m = generate.speculation_metrics([1, 0, 2, 1])
+    target's own token: 11 tokens in 4 verifies, or 9 where the last round's answer ended after
+    its second token."""
+    m = generate.speculation_metrics([1, 0, 2, 1], 11)
     assert m["acceptance_rate"] == pytest.approx(7 / 12)
     assert m["tokens_per_verify"] == pytest.approx(11 / 4)
-    assert generate.speculation_metrics([0, 0, 0, 0])["acceptance_rate"] is None  # no rounds
+    assert generate.speculation_metrics([1, 0, 2, 1], 9)["tokens_per_verify"] == pytest.approx(9 / 4)
+    assert generate.speculation_metrics([0, 0, 0, 0], 0)["acceptance_rate"] is None  # no rounds
+
+
+def test_a_speculative_samples_tokens_per_verify_counts_the_tokens_it_gave():
+    """An answer of 7 tokens (its end token among them) from the prefill and one round that kept
+    all 8 drafts: 6 tokens in 1 verify, not 9."""
+    gen = generate.Generation(tokens=[[1] * 6], generated=7, prompt_tokens=[4], ttft_s=0.5,
+                              decode_s=1.0, decode_steps=1, accepted_lengths=[0] * 8 + [1])
+    m = generate.metrics(gen, model_bytes=3e9, device=torch.device("cpu"))
+    assert m["acceptance_rate"] == 1.0 and m["tokens_per_verify"] == 6
 
 
 @pytest.mark.parametrize("name", ["trace.json", "trace.json.gz"])

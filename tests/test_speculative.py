@@ -126,7 +126,7 @@ def test_a_draft_identical_to_the_target_is_always_accepted(sampling):
     torch.manual_seed(1)
     gen = speculate(target, DraftModel(copy.deepcopy(target), k=4, sampling=sampling), [5, 6, 7], 30, sampling)
     assert len(gen.tokens[0]) == 30
-    assert speculation_metrics(gen.accepted_lengths)["acceptance_rate"] == 1.0, gen.accepted_lengths
+    assert speculation_metrics(gen.accepted_lengths, 29)["acceptance_rate"] == 1.0, gen.accepted_lengths
 
 
 def test_generation_ends_mid_round_at_max_new_tokens_and_at_an_end_of_sequence_token():
