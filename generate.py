@@ -449,12 +449,11 @@ def main(argv=None):
     # step).
     max_seq = min(context, 4096) if args.interactive else longest + max_new
     cache_length = max_seq + slack  # the target's and the draft's caches alike
-    batch_size = len(prompts) * args.batch_size  # several --prompt flags, or one repeated
+    batch_size = len(prompts)  # several --prompt flags, or one repeated
     # Under torchrun the processes join here, after every check all ranks make alike (one error
     # line, rank 0's) and before what each meets on its own.
     device = tp.start(args, config, args.device) if distributed else args.device
     model = load_weights(args, ckpt, config, device, batch_size, cache_length, draft)
-    prompts = prompts * args.batch_size
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     compiled = args.compile or args.compile_prefill
@@ -796,13 +795,16 @@ def compile_verify():
 
 
 def encode_prompts(args, tokenizer, vocab_size: int) -> list:
-    """Token ids for each distinct prompt: the --prompt texts, or --prompt_tokens random ids
-    (main repeats a single prompt --batch_size times)."""
+    """Token ids for each row of the batch: the --prompt texts (a single one repeated --batch_size
+    times), or --prompt_tokens random ids of a row's own, as a server's batch holds different
+    requests (a mixture's rows then choose their experts as independently as bytes_read_per_step
+    counts them; rows of one prompt choose alike)."""
     if args.prompt and tokenizer is None:
         raise InputError("a text prompt needs a tokenizer (use --checkpoint_path); random weights "
                          "take one prompt of N random tokens: --prompt N or --prompt_tokens N")
     if args.prompt_tokens is not None or tokenizer is None:
-        return [torch.randint(0, vocab_size, (args.prompt_tokens or 5,)).tolist()]
+        return [torch.randint(0, vocab_size, (args.prompt_tokens or 5,)).tolist()
+                for _ in range(args.batch_size)]
     prompts = []
     for text in args.prompt:
         if not is_text(text):  # bytes the terminal could not decode arrive as lone surrogates
@@ -813,7 +815,7 @@ def encode_prompts(args, tokenizer, vocab_size: int) -> list:
         if not prompts[-1]:
             raise InputError(f"prompt {text!r} has no tokens (the model needs at least one)")
         check_ids_fit(prompts[-1], vocab_size)
-    return prompts
+    return prompts * args.batch_size
 
 
 def device_name(device: torch.device) -> str:
@@ -984,7 +986,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_new_tokens", type=int, default=200,
                    help="new tokens per row (default 200)")
     p.add_argument("--batch_size", type=int, default=1,
-                   help="repeat a single prompt this many times (default 1)")
+                   help="rows of one prompt text, or of random prompts of their own (default 1)")
     p.add_argument("--temperature", type=float, default=Sampling.temperature,
                    help=f"0 decodes greedily (default {Sampling.temperature})")
     p.add_argument("--top_k", type=int, default=Sampling.top_k,

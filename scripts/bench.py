@@ -202,9 +202,11 @@ def kv_bytes_per_step(model, batch_size: int, prompt_tokens: int, new_tokens: in
 
 def measure_decode(model, cell: Cell, samples: int, prefill_fn, decode_fn, prompt_tokens: int) -> dict:
     """One untimed compiling run, then `samples` timed generations of cell.new_tokens tokens per row,
-    each row from the same prompt of prompt_tokens random tokens."""
+    each row from a prompt of its own of prompt_tokens random tokens (a mixture's rows then choose
+    experts as independently as generate.bytes_read_per_step counts them)."""
     device = torch.device(DEVICE)
-    prompts = [torch.randint(0, model.args.vocab_size, (prompt_tokens,)).tolist()] * cell.batch_size
+    prompts = [torch.randint(0, model.args.vocab_size, (prompt_tokens,)).tolist()
+               for _ in range(cell.batch_size)]
     # Sized for this generation (setup_caches rounds up to whole 8s): attention reads every slot of the
     # static cache at every step.
     model.setup_caches(cell.batch_size, prompt_tokens + cell.new_tokens)

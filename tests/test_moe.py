@@ -239,6 +239,34 @@ def test_the_bytes_a_decode_step_reads_leave_out_the_unchosen_experts():
     assert unchosen_expert_bytes(model, 3) == pytest.approx(a.n_layer * 3.375 * expert_bytes)
 
 
+def test_random_prompts_give_each_row_its_own_so_a_batchs_rows_choose_experts_as_counted(
+        monkeypatch):
+    """generate.py's random prompts (bench.py's alike): one of its own a row, as a server's batch
+    holds different requests. Rows of one prompt choose alike (8.5 distinct experts a step here,
+    where 8 rows choosing 2 of 64 independently choose 14.4), and bytes_read_per_step would count
+    experts no row read; rows of their own come within 15 % of that count."""
+    import argparse
+    import generate
+    import model as M
+    model, B, route, chosen = tiny_model(n_experts=64, n_layer=4), 8, M.route, []
+
+    def spy(logits, k, normalize):
+        weights, experts = route(logits, k, normalize)
+        chosen.append(experts)
+        return weights, experts
+    monkeypatch.setattr(M, "route", spy)
+    torch.manual_seed(1)
+    args = argparse.Namespace(prompt=None, prompt_tokens=5, batch_size=B)
+    prompts = generate.encode_prompts(args, None, TINY["vocab_size"])
+    assert len(prompts) == B and len({tuple(p) for p in prompts}) == B
+    model.setup_caches(B, 64)
+    generate.generate(model, prompts, 40, Sampling())
+    steps = [experts for experts in chosen if experts.shape[0] == B]  # (B, k) each: decode steps
+    distinct = sum(experts.unique().numel() for experts in steps) / len(steps)
+    counted = 64 * (1 - (1 - 2 / 64) ** B)
+    assert 0.85 * counted <= distinct <= 1.05 * counted, (distinct, counted)
+
+
 @pytest.mark.parametrize("fields, word", [
     (dict(n_experts=4, n_active_experts=0), "n_active_experts 0 must be between 1 and n_experts 4"),
     (dict(n_experts=4, n_active_experts=5), "n_active_experts 5 must be between 1"),
