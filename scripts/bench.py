@@ -15,8 +15,9 @@ on a CUDA GPU:
    at exactly the speed of real ones; consecutive cells of one model and precision share the build),
    quantized layer by layer with quantize.py's own code as generate.py --random_quantization builds them
    (tp.random_shard on one process), and runs generate.py's loop with the compiled decode
-   step: one untimed run (its time is the compile time), then --samples timed ones of a --prompt_tokens
-   prompt (--long_samples for cells of over 1000 new tokens), then a prefill of one --prefill_tokens prompt.
+   step: one untimed run (its time is the compile time), then --samples timed ones of --prompt_tokens
+   prompts, one a row (--long_samples for cells of over 1000 new tokens), then a prefill of one
+   --prefill_tokens prompt.
 
 Columns (medians over the samples):
 - prompt: the decode samples' prompt length (--prompt_tokens; 5, as gpt-fast's figures; a server's prompt
