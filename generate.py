@@ -449,7 +449,7 @@ def main(argv=None):
     # step).
     max_seq = min(context, 4096) if args.interactive else longest + max_new
     cache_length = max_seq + slack  # the target's and the draft's caches alike
-    batch_size = len(prompts)  # several --prompt flags, or one repeated
+    batch_size = len(prompts)  # a prompt a row: --prompt texts, one repeated, or random ones
     # Under torchrun the processes join here, after every check all ranks make alike (one error
     # line, rank 0's) and before what each meets on its own.
     device = tp.start(args, config, args.device) if distributed else args.device
