@@ -443,11 +443,15 @@ def main(argv=None):
     longest = max(len(p) for p in prompts)
     if longest >= context:
         raise InputError(f"the prompt has {longest} tokens but the model's context is {room}")
-    max_new = min(args.max_new_tokens, context - longest)
-    # Interactive prompts are unknown up front: size the cache for a generous conversation turn, not
-    # for the whole context (131k positions for Llama-3.1 would cost gigabytes and slow every decode
-    # step).
-    max_seq = min(context, 4096) if args.interactive else longest + max_new
+    if args.interactive:
+        # Interactive prompts are unknown up front: size the cache for a generous conversation
+        # turn, not for the whole context (131k positions for Llama-3.1 would cost gigabytes and
+        # slow every decode step).
+        max_seq = min(context, 4096)
+        max_new = min(args.max_new_tokens, max_seq - 1)
+    else:
+        max_new = min(args.max_new_tokens, context - longest)
+        max_seq = longest + max_new
     cache_length = max_seq + slack  # the target's and the draft's caches alike
     batch_size = len(prompts)  # a prompt a row: --prompt texts, one repeated, or random ones
     # Under torchrun the processes join here, after every check all ranks make alike (one error
@@ -472,7 +476,9 @@ def main(argv=None):
     step_tokens = speculate_k(args) + 1 if speculative else batch_size
     model_bytes = bytes_read_per_step(model, step_tokens)
     if max_new < args.max_new_tokens:  # here, after every refusal: bad input prints one line
-        print(f"note: generating {max_new} tokens, all that fit the model's context of {room}",
+        print(f"note: answers of at most {max_new} tokens, all that fit the {max_seq}-token cache"
+              if args.interactive else
+              f"note: generating {max_new} tokens, all that fit the model's context of {room}",
               file=sys.stderr)
     if args.interactive:
         return interactive(args, tokenizer, generate_fn, max_seq, max_new, model_bytes, device,
@@ -705,16 +711,19 @@ def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: i
     each line is a prompt of its own."""
     if args.compile or args.compile_prefill:  # no answer's metrics count the compiling
         compiling_run(generate_fn, [[0]], min(max_new, 8))
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 then read as lone
+        sys.stdin.reconfigure(errors="surrogateescape")  # surrogates, a line at a time (a strict
+        # decoder's error would lose every line of the read they came in)
     messages, in_cache = [], []  # the conversation; the token ids the KV cache holds, in order
     kept_room = min(max_new, max_seq // 2)  # cache slots an answer keeps from a long conversation
     while True:
         try:
             text = input("> ")
-            text.encode("utf-8")  # bytes that are not UTF-8 arrive as lone surrogates
+            text.encode("utf-8")  # raises for lone surrogates
         except (EOFError, KeyboardInterrupt):
             print()
             return
-        except (UnicodeDecodeError, UnicodeEncodeError):  # skip the line, keep the conversation
+        except UnicodeEncodeError:  # skip the line, keep the conversation
             print("error: the input is not UTF-8 text", file=sys.stderr)
             continue
         if not text.strip():  # an empty line asks nothing
@@ -723,52 +732,54 @@ def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: i
             messages, in_cache = [], []
             print("(conversation cleared)", file=sys.stderr)
             continue
-        # The conversation with this question, its oldest turns dropped if need be; it replaces
-        # `messages` only once the question is answered: a question skipped or stopped leaves the
-        # conversation as it was.
-        asked = messages + [{"role": "user", "content": text}]
-        try:
-            ids = tokenizer.encode_chat(asked) if args.chat else tokenizer.encode(text)
-            while args.chat and len(ids) + kept_room > max_seq and len(asked) > 2:
-                asked = asked[2:]  # the oldest question and its answer
-                ids = tokenizer.encode_chat(asked)
-            check_ids_fit(ids, vocab_size)
-        except InputError as e:  # a turn refused (by the template, say): skip it, keep the rest
-            print(f"error: {e}", file=sys.stderr)
-            continue
-        if not ids or len(ids) >= max_seq:
-            print(f"(skipped: the prompt has {len(ids)} tokens; 1 to {max_seq - 1} fit)",
-                  file=sys.stderr)
-            continue
-        dropped = (len(messages) + 1 - len(asked)) // 2
-        if dropped:
-            print(f"(dropped the {'' if dropped == 1 else f'{dropped} '}oldest "
-                  f"turn{'' if dropped == 1 else 's'}: the conversation left too little room for "
-                  f"an answer in the {max_seq}-token cache)", file=sys.stderr)
-        cached = 0  # the longest prefix the cache holds already; at least one token is prefilled
-        while cached < min(len(in_cache), len(ids) - 1) and in_cache[cached] == ids[cached]:
-            cached += 1
-        streamer = TextStreamer(tokenizer)
-        room = min(max_new, max_seq - len(ids))
-        try:
+        try:  # Ctrl-C from here on stops this turn, whether it is encoding or answering
+            # The conversation with this question, its oldest turns dropped if need be; it
+            # replaces `messages` only once the question is answered: a question skipped or
+            # stopped leaves the conversation as it was.
+            asked = messages + [{"role": "user", "content": text}]
+            try:
+                ids = tokenizer.encode_chat(asked) if args.chat else tokenizer.encode(text)
+                while args.chat and len(ids) + kept_room > max_seq and len(asked) > 2:
+                    asked = asked[2:]  # the oldest question and its answer
+                    ids = tokenizer.encode_chat(asked)
+                check_ids_fit(ids, vocab_size)
+            except InputError as e:  # a turn refused (by the template, say): skip it
+                print(f"error: {e}", file=sys.stderr)
+                continue
+            if not ids or len(ids) >= max_seq:
+                print(f"(skipped: the prompt has {len(ids)} tokens; 1 to {max_seq - 1} fit)",
+                      file=sys.stderr)
+                continue
+            dropped = (len(messages) + 1 - len(asked)) // 2
+            if dropped:
+                print(f"(dropped the {'' if dropped == 1 else f'{dropped} '}oldest "
+                      f"turn{'' if dropped == 1 else 's'}: the conversation left too little room "
+                      f"for an answer in the {max_seq}-token cache)", file=sys.stderr)
+            cached = 0  # the longest prefix the cache holds already; 1 token at least prefilled
+            while cached < min(len(in_cache), len(ids) - 1) and in_cache[cached] == ids[cached]:
+                cached += 1
+            streamer = TextStreamer(tokenizer)
+            room = min(max_new, max_seq - len(ids))
             gen = generate_fn([ids], room,
                               on_tokens=partial(print_row0, streamer, tokenizer.eos_ids),
                               cached=cached if args.chat else 0)
-        except KeyboardInterrupt:  # Ctrl-C stops the answer; the conversation goes on without it
-            print("\n(answer stopped)", file=sys.stderr)
+            print(streamer.flush(), flush=True)
+            answer = gen.tokens[0]
+            if len(answer) == room < max_new:
+                print(f"(the answer stopped at the end of the {max_seq}-token cache)",
+                      file=sys.stderr)
+            # The cache holds every token fed to the model: the prompt and each sampled token but
+            # the last (an end-of-sequence token, when the answer ended with one, is not in
+            # `answer`).
+            in_cache = ids + (answer if gen.generated > len(answer) else answer[:-1])
+            if args.chat:
+                messages = asked + [{"role": "assistant", "content": tokenizer.decode(answer)}]
+            if args.metrics:
+                print(describe(metrics(gen, model_bytes, device)), file=sys.stderr)
+        except KeyboardInterrupt:  # the conversation goes on without this turn
+            print(flush=True)  # ends the answer's line
+            print("(answer stopped)", file=sys.stderr)
             in_cache = []  # what the cache holds now is not known: prefill it all next time
-            continue
-        print(streamer.flush(), flush=True)
-        answer = gen.tokens[0]
-        if len(answer) == room < max_new:
-            print(f"(the answer stopped at the end of the {max_seq}-token cache)", file=sys.stderr)
-        # The cache holds every token fed to the model: the prompt and each sampled token but the
-        # last (an end-of-sequence token, when the answer ended with one, is not in `answer`).
-        in_cache = ids + (answer if gen.generated > len(answer) else answer[:-1])
-        if args.chat:
-            messages = asked + [{"role": "assistant", "content": tokenizer.decode(answer)}]
-        if args.metrics:
-            print(describe(metrics(gen, model_bytes, device)), file=sys.stderr)
 
 
 def compile_functions(compile_decode: bool, compile_prefill: bool, *,
@@ -1038,6 +1049,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.interactive and args.random_weights:
         raise InputError("--interactive needs --checkpoint_path (a tokenizer), not "
                          "--random_weights")
+    if args.interactive and sys.stdin is None:  # started with its input closed (`<&-`)
+        raise InputError("--interactive reads its prompts from standard input, which is closed")
     given_prompt_flags = (args.prompt, args.prompt_tokens is not None, args.json, args.profile,
                           args.num_samples > 1, args.batch_size > 1)
     if args.interactive and any(given_prompt_flags):

@@ -8,6 +8,7 @@ import math
 import os
 import runpy
 import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -240,14 +241,27 @@ def test_non_utf8_prompt_argument_is_refused(tiny, chat):
     assert_one_error_line(r.stderr.decode(errors="replace"), "UTF-8", r"b'caf\xe9'")  # the byte as it came
 
 
-def test_interactive_non_utf8_line_is_reported_and_the_session_goes_on(tiny):
-    r = subprocess.run([sys.executable, "generate.py", "--checkpoint_path", str(tiny), "--interactive", *map(str, GEN)],
-                       cwd=ROOT, input=b"caf\xe9\nhello\n", capture_output=True, timeout=HANG_S)
+@pytest.mark.parametrize("encoding", [None, "utf-8"])
+def test_interactive_non_utf8_line_is_reported_and_the_lines_around_it_are_answered(tiny, encoding):
+    """Under the C locale Python reads standard input leniently; PYTHONIOENCODING=utf-8 reads it
+    strictly, as a UTF-8 locale (en_US.UTF-8) does, where one bad byte failed the whole read."""
+    env = dict(os.environ, **({"PYTHONIOENCODING": encoding} if encoding else {}))
+    r = subprocess.run([sys.executable, "generate.py", "--checkpoint_path", str(tiny), "--interactive", "--metrics",
+                        *map(str, GEN)], cwd=ROOT, env=env, input=b"hi\ncaf\xe9\nhello\n", capture_output=True,
+                       timeout=HANG_S)
     stderr = r.stderr.decode(errors="replace")
     assert r.returncode == 0, stderr
     assert "Traceback" not in stderr
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "UTF-8" in errors[0], stderr  # one for the bad line, none for "hello"
+    assert len(errors) == 1 and "UTF-8" in errors[0], stderr  # one for the bad line
+    assert stderr.count("new tokens, time to first token") == 2, stderr  # "hi" and "hello" answered
+
+
+def test_interactive_with_standard_input_closed_is_refused():
+    r = subprocess.run(f"exec {shlex.quote(sys.executable)} generate.py --checkpoint_path checkpoints/none "
+                       "--interactive <&-", shell=True, cwd=ROOT, capture_output=True, timeout=HANG_S)
+    assert r.returncode == 1
+    assert_one_error_line(r.stderr.decode(errors="replace"), "standard input", "closed")
 
 
 def test_interactive_turn_the_chat_template_refuses_is_reported_and_the_session_goes_on(tiny):

@@ -150,6 +150,25 @@ def test_an_answer_cut_short_by_the_end_of_the_cache_says_so(smollm2, monkeypatc
     assert "stopped" not in capsys.readouterr().err
 
 
+def test_ctrl_c_while_a_question_is_encoded_stops_that_turn_only(smollm2, monkeypatch, capsys):
+    """A long question takes seconds to encode: Ctrl-C then stops that turn, as it stops an
+    answer, and the next question is asked without it."""
+    _, tokenizer = smollm2
+    encode_chat = tokenizer.encode_chat
+
+    def interrupted_first(messages):
+        if messages[-1]["content"] == TURNS[0]:
+            raise KeyboardInterrupt
+        return encode_chat(messages)
+    monkeypatch.setattr(tokenizer, "encode_chat", interrupted_first)
+    try:
+        asked = converse(tokenizer, TURNS[:2], monkeypatch)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C while encoding ended the conversation")
+    assert asked == [(encode_chat([{"role": "user", "content": TURNS[1]}]), 0)]
+    assert "(answer stopped)" in capsys.readouterr().err
+
+
 def test_a_compiled_session_compiles_before_the_first_answer(smollm2, monkeypatch, capsys):
     """--compile: one untimed warm-up first, so that no answer's metrics count the compiling."""
     _, tokenizer = smollm2
@@ -283,6 +302,7 @@ def test_ctrl_c_stops_an_answer_and_the_conversation_goes_on(two_token_checkpoin
     assert "(answer stopped)" in stderr and "Traceback" not in stderr
     assert stderr.count("new tokens, time to first token") == 1  # the second answer, whole
     assert said(stdout.split("> ")[-2]) == 100  # between the second prompt and the last
+    assert stdout.split("> ")[0].endswith("\n")  # the stopped answer's line ended before the prompt
 
 
 def read_exactly(stream, n: int) -> bytes:

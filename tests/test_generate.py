@@ -385,6 +385,23 @@ def test_new_tokens_past_the_context_are_cut_to_what_fits_with_a_note(tiny_check
         assert (note in err.splitlines()) == cut, err
 
 
+def test_interactive_answers_are_cut_to_the_conversation_cache_with_a_note(tmp_path, monkeypatch,
+                                                                          capsys):
+    """An interactive conversation's cache holds the context up to 4096 tokens, and an answer the
+    cache less its one-token question at most: that, not the whole context, is what the note
+    names."""
+    checkpoint = save_tiny_checkpoint(tmp_path / "long", block_size=8192)
+
+    def end_of_input(prompt=""):
+        raise EOFError
+    monkeypatch.setattr("builtins.input", end_of_input)
+    capsys.readouterr()
+    G.main(["--checkpoint_path", str(checkpoint), "--interactive", "--device", "cpu",
+            "--max_new_tokens", "100000"])
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == ["note: answers of at most 4095 tokens, all that fit the 4096-token cache"]
+
+
 def test_the_same_seed_samples_the_same_tokens_and_another_seed_others(tiny_checkpoint, capsys):
     """Sampled at temperature 1 from a near-uniform distribution over 97 tokens: two seeds giving the
     same 20 tokens would be a chance of 97 ** -20."""
