@@ -154,11 +154,24 @@ def test_a_speculative_samples_tokens_per_verify_counts_the_tokens_it_gave():
 
 @pytest.mark.parametrize("name", ["trace.json", "trace.json.gz"])
 def test_a_profile_is_the_last_samples_trace_written_whole_and_gzipped_by_its_name(
-        smollm2_checkpoint, tmp_path, capsys, name):
+        smollm2_checkpoint, tmp_path, capsys, monkeypatch, name):
     import gzip
+    generations, profiled_after = [], []  # profiled_after: generations done when profiling began
+    generate_fn, profile = generate.generate, torch.profiler.profile
+
+    def counted(*args, **kwargs):
+        generations.append(1)
+        return generate_fn(*args, **kwargs)
+
+    def counting_profile(*args, **kwargs):
+        profiled_after.append(len(generations))
+        return profile(*args, **kwargs)
+    monkeypatch.setattr(generate, "generate", counted)
+    monkeypatch.setattr(torch.profiler, "profile", counting_profile)
     run_generate(["--checkpoint_path", smollm2_checkpoint, "--prompt", "Hi", "--max_new_tokens",
                   "3", "--num_samples", "2", "--temperature", "0", "--device", "cpu", "--profile",
                   tmp_path / name], capsys)
+    assert profiled_after == [1] and len(generations) == 2  # the second sample alone
     data = (tmp_path / name).read_bytes()
     trace = json.loads(gzip.decompress(data) if name.endswith(".gz") else data)
     # one sample of two: its prefill and 2 decode steps, each a forward that embeds once

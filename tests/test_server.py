@@ -882,11 +882,18 @@ def test_the_warm_up_and_prompts_run_in_chunks_of_one_token():
     """--prefill_chunk 1 with a compiled step: every chunk is padded to one token, the warm-up's
     too."""
     model, alone = model_and_alone(rows=2)
-    scheduler = Scheduler(model, [], 8, 1, decode_rows, static_chunks=True)
+    chunks = []  # the shape of each chunk's ids, the warm-up's first
+
+    def step(*args):
+        if args[-1] is not None:
+            chunks.append(tuple(args[-1][0].shape))
+        return decode_rows(*args)
+    scheduler = Scheduler(model, [], 8, 1, step, static_chunks=True)
     jobs = [greedy_job(torch.randint(1, 97, (n,)).tolist(), 4) for n in (5, 3)]
     with torch.inference_mode():
         scheduler.warm_up()
         run_jobs(scheduler, jobs, arrivals=[0, 1])
+    assert chunks == [(1, 1)] * (3 + 4 + 2)  # the warm-up's 3 runs; 4 and 2 of the prompts' tokens
     for job in jobs:
         assert job.tokens == generate(alone, [job.prompt], 4, Sampling(temperature=0)).tokens[0]
 
