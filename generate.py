@@ -31,8 +31,7 @@ from torch import Tensor
 import kernels
 import tp
 from checkpoint import (CONFIGS, ArgumentParser, InputError, check_device, check_output,
-                        empty_model, load_model, open_weights, random_model, read_checkpoint,
-                        write_files)
+                        load_model, open_weights, random_model, read_checkpoint, write_files)
 from model import ModelArgs, MoEFeedForward, Transformer
 from tokenizer import TextStreamer, check_ids_fit, is_text, load_tokenizer
 
@@ -534,13 +533,16 @@ def load_weights(args, ckpt, config: ModelArgs, device: torch.device, batch_size
     device, with a KV cache of batch_size rows of cache_length slots; a cache that would not fit the
     free memory (with a draft's cache, given the draft's config) is refused before any weight
     loads."""
-    by_tp = dist.is_torchelastic_launched() or args.random_quantization  # tp.load_model's
-    # (a random model is made whole on the device: one too large would end the process there)
-    weight_bytes = (sum(p.nbytes for p in empty_model(config).to(args.dtype).parameters())
-                    if args.random_weights and not by_tp else 0)
+    weight_bytes = 0
+    if args.random_weights:  # made on the device, where a model too large would end the process
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        shard = tp.empty_shard(*tp.random_config(args.random_weights, args.random_quantization),
+                               world).to(args.dtype)  # on meta: sizes only
+        weight_bytes = sum(t.nbytes for t in [*shard.parameters(), *shard.buffers()])
+        weight_bytes *= 1 if device.type == "cuda" else world  # processes on a CPU share it
     check_cache_fits(config, batch_size, cache_length, args.dtype, device, draft, weight_bytes)
     t0 = time.perf_counter()
-    if by_tp:
+    if dist.is_torchelastic_launched() or args.random_quantization:  # tp.load_model's
         model = tp.load_model(args, device, args.dtype)
     elif args.random_weights:
         model = random_model(args.random_weights, device, args.dtype)

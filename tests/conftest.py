@@ -301,6 +301,9 @@ def torchrun_jobs(smollm2_checkpoint, tmp_path_factory) -> tuple[Path, dict]:
         "prompt past the context, 2 processes": torchrun_args(  # refused, by rank 0 alone
             2, "generate.py", "--random_weights", "stories15M", "--prompt_tokens", "300",
             "--max_new_tokens", "2"),
+        "random weights beyond memory, 2 processes": torchrun_args(  # refused, by rank 0 alone
+            2, "generate.py", "--random_weights", "Llama-3.1-405B", "--dtype", "bfloat16",
+            "--prompt_tokens", "4", "--max_new_tokens", "2"),
         "random weights, 2 processes": torchrun_args(
             2, "generate.py", "--random_weights", "stories15M", "--max_new_tokens", "4",
             "--num_samples", "1", "--json", folder / "random.json"),

@@ -311,11 +311,15 @@ def test_batch_too_big_for_memory_is_refused_before_allocating(tiny):
             words=["KV cache", "memory"])
 
 
-def test_random_weights_too_big_for_memory_are_refused_before_allocating(capsys):
-    """A named config made at random on the device whole (0.8 TB in bf16: more than this machine's
-    memory): refused with the KV cache's check, where making it would end the process."""
-    refused_here("generate.py", "--random_weights", "Llama-3.1-405B", "--dtype", "bfloat16", "--prompt_tokens", 4,
-                 *GEN, words=["GB of random weights", "free memory"], capsys=capsys)
+@pytest.mark.parametrize("quantization", [[], ["--random_quantization", "int8"]])
+def test_random_weights_too_big_for_memory_are_refused_before_allocating(capsys, quantization):
+    """A named config made at random on the device whole (0.8 TB in bf16, 0.4 TB in int8: more than
+    this machine's memory): refused with the KV cache's check, where making it would end the
+    process."""
+    error = refused_here("generate.py", "--random_weights", "Llama-3.1-405B", "--dtype", "bfloat16", *quantization,
+                         "--prompt_tokens", 4, *GEN, words=["GB of random weights", "free memory"], capsys=capsys)
+    gb = float(error.split("error: ")[1].split(" GB")[0])
+    assert 400 < gb < 450 if quantization else 800 < gb < 850, error
 
 
 @pytest.mark.parametrize("value", ["nan", "inf"])

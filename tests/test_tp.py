@@ -12,7 +12,7 @@ import torch
 
 from conftest import QUIET, ROOT, TORCHRUN, as_run, assert_one_error_line, main_error, run_script
 from checkpoint import CONFIGS as NAMED_CONFIGS
-from checkpoint import InputError, load_model, random_model, read_checkpoint, save_checkpoint
+from checkpoint import InputError, empty_model, load_model, random_model, read_checkpoint, save_checkpoint
 from model import ModelArgs, Transformer
 
 TINY = dict(dim=64, n_layer=2, n_head=4, vocab_size=97, intermediate_size=128, block_size=64)
@@ -410,6 +410,20 @@ def test_input_every_rank_checks_alike_is_refused_in_one_line_under_torchrun(tor
     assert r.returncode == 1
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "context is 256 tokens" in errors[0], r.stderr
+
+
+@pytest.mark.slow
+def test_random_weights_beyond_memory_under_torchrun_are_refused_counting_every_ranks_part(torchrun_jobs):
+    """Processes on a CPU share its memory: the ranks' halves of a 0.8 TB model are counted together
+    (each half is more than this machine holds too), before any rank makes its part."""
+    r = torchrun_jobs[1]["random weights beyond memory, 2 processes"].wait()
+    assert r.returncode == 1
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "GB of random weights" in errors[0], r.stderr
+    model = empty_model(ModelArgs(**NAMED_CONFIGS["Llama-3.1-405B"])).to(torch.bfloat16)
+    whole = sum(p.nbytes for p in model.parameters())
+    gb = float(errors[0].split("error: ")[1].split(" GB")[0])
+    assert gb == pytest.approx(whole / 1e9, rel=0.01), errors[0]
 
 
 @pytest.mark.slow
