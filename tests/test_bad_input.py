@@ -7,8 +7,8 @@ import json
 import math
 import os
 import runpy
-import shutil
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
