@@ -489,10 +489,10 @@ def check_cache_fits(config: ModelArgs, batch_size: int, cache_length: int, dtyp
                      device: torch.device, draft: Optional[ModelArgs] = None,
                      weight_bytes: int = 0):
     """Refuse KV caches larger than the device's free memory, before any weight loads: the model's
-    and, given a draft model's config, the draft's (one row as long); weight_bytes: weights to be
-    made there too (random ones), counted with them. Under torchrun, after the processes joined:
-    each GPU holds its rank's share of the model's KV heads and a whole draft, where processes on a
-    CPU share one memory."""
+    and, given a draft model's config, the draft's (one row as long); weight_bytes: weights this
+    process is to make there too (random ones), counted with them. Under torchrun, after the
+    processes joined: each GPU holds its rank's share of the model's KV heads and a whole draft,
+    where processes on a CPU share one memory."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     share = world if device.type == "cuda" else 1
     slots = -(-cache_length // 8) * 8  # setup_caches rounds up to a multiple of 8
@@ -501,6 +501,7 @@ def check_cache_fits(config: ModelArgs, batch_size: int, cache_length: int, dtyp
         caches.append((draft, world // share * draft.n_kv_heads))  # a whole draft in each process
     kv_bytes = sum(2 * c.n_layer * heads * slots * c.head_dim for c, heads in caches)  # K and V
     kv_bytes *= torch.empty(0, dtype=dtype).element_size()
+    weight_bytes *= world // share  # every process's on a CPU
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else host_memory_available()
     if kv_bytes + weight_bytes > free:
         drafts = "" if draft is None else ", the draft model's included,"
@@ -539,7 +540,6 @@ def load_weights(args, ckpt, config: ModelArgs, device: torch.device, batch_size
         shard = tp.empty_shard(*tp.random_config(args.random_weights, args.random_quantization),
                                world).to(args.dtype)  # on meta: sizes only
         weight_bytes = sum(t.nbytes for t in [*shard.parameters(), *shard.buffers()])
-        weight_bytes *= 1 if device.type == "cuda" else world  # processes on a CPU share it
     check_cache_fits(config, batch_size, cache_length, args.dtype, device, draft, weight_bytes)
     t0 = time.perf_counter()
     if dist.is_torchelastic_launched() or args.random_quantization:  # tp.load_model's
