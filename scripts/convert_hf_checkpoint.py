@@ -42,7 +42,7 @@ from model import ModelArgs  # noqa: E402
 # (Mixtral's rotary base is 1e6, Mistral attends to a window of 4096 unless the file says null;
 # Llama's key/value heads default to its query heads, the others' to a number of their own).
 QWEN_DEFAULTS = dict(rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=32768,
-                     use_sliding_window=False, num_key_value_heads=32)
+                     use_sliding_window=False, sliding_window=4096, num_key_value_heads=32)
 FAMILY_DEFAULTS = {
     "llama": dict(rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=2048),
     "mistral": dict(rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=131072,
@@ -246,7 +246,9 @@ def hf_config_to_args(cfg: dict, where="config.json") -> ModelArgs:
     # attends to everything, which matches only while the sequence fits in the window, so don't
     # allow longer ones.
     window = cfg.get("sliding_window")
-    layer_types = cfg.get("layer_types", ["sliding_attention"])
+    layer_types = cfg.get("layer_types")
+    if layer_types is None:  # left out, or null: transformers then derives them, and may slide
+        layer_types = ["sliding_attention"]
     if window is not None and (type(window) is not int or window < 1):
         raise InputError(f"{where}: sliding_window must be a positive integer or null, "
                          f"got {window!r}")

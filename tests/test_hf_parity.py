@@ -385,13 +385,18 @@ def test_sliding_window_caps_block_size(capsys):
     assert qwen.block_size == 32768 and qwen.attention_bias
 
 
+@pytest.mark.parametrize("sliding", [False, True])
 @pytest.mark.parametrize("family", convert_hf.SUPPORTED)
-def test_keys_a_config_leaves_out_read_as_transformers_fills_them(family):
+def test_keys_a_config_leaves_out_read_as_transformers_fills_them(family, sliding):
     """A config.json of the required keys alone: the rotary base, the norm's epsilon, the context
     (a sliding window caps it), the key/value heads and head size, and a mixture's experts as
-    transformers' own config class of the family gives them."""
+    transformers' own config class of the family gives them. With sliding, the file turns the
+    window on (Qwen's is off by default) and gives no size for it, and its layer_types are null:
+    transformers then takes its default window, so the context is capped there."""
     required = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=32, vocab_size=256,
                     intermediate_size=128)
+    if sliding:
+        required.update(use_sliding_window=True, layer_types=None)
     hf = transformers.AutoConfig.for_model(family, **required)
     args = convert_hf.hf_config_to_args({**required, "model_type": family})
     assert args.n_kv_heads == hf.num_key_value_heads
