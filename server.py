@@ -827,7 +827,7 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
                 item = await queue.get()
                 done = isinstance(item, str)
                 n += not done
-                pending += streamer.flush() if done else streamer.put(item)
+                pending += streamer.flush(cut=item == "length") if done else streamer.put(item)
                 cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
                 if cut >= 0:
                     yield pending[:cut], "stop", n

@@ -432,12 +432,14 @@ class TextStreamer:
         self.done, self.shown = len(context_text), None
         return new
 
-    def flush(self) -> str:
-        """Whatever is still held back (e.g. truly invalid bytes at the end), then reset."""
+    def flush(self, cut: bool = False) -> str:
+        """Whatever is still held back (e.g. truly invalid bytes at the end), then reset. cut: a
+        token limit ended the ids, so a U+FFFD that ends the text is a character whose other bytes
+        never came: left out (an answer read back as a message would carry it as text)."""
         text = self.tokenizer.decode(self.ids) if self.ids else ""
         new = text[self.emitted(text):]
         self.ids, self.done, self.shown = [], 0, None
-        return new
+        return new.rstrip("\ufffd") if cut else new
 
     def emitted(self, text: str) -> int:
         """Chars of text, the decode of self.ids, that are out already: `done`, or before the first

@@ -112,6 +112,19 @@ def test_max_tokens_ends_with_length_and_completions_continue_the_prompt(server,
     assert done.usage.prompt_tokens == len(reference.tokenizer.encode("The capital of France is"))
 
 
+def test_an_answer_that_max_tokens_cuts_inside_a_character_leaves_that_character_out(server,
+                                                                                   reference):
+    """SmolLM2 writes this emoji in three tokens: an answer cut inside one ends, streamed or not,
+    with the characters before it, not with U+FFFD (which a chat page would send back as text)."""
+    question = [{"role": "user", "content": "Write 5 emoji about food, only emoji."}]
+    cut, whole = next((n, text.rstrip("\ufffd")) for n in range(1, 12)
+                      for text in [reference(question, n)[0]]
+                      if text.endswith("\ufffd") and text.rstrip("\ufffd"))
+    answer = ask(server, question, max_tokens=cut, temperature=0).choices[0]
+    assert (answer.message.content, answer.finish_reason) == (whole, "length")
+    assert streamed(server, question, max_tokens=cut, temperature=0)[:2] == (whole, "length")
+
+
 def test_token_ids_top_p_zero_and_top_k_one_answer_as_the_text_and_greedy_do(server, reference):
     complete = lambda **fields: client(server).completions.create(  # noqa: E731
         model="SmolLM2-135M-Instruct", max_tokens=4, **fields).choices[0].text

@@ -422,6 +422,29 @@ def test_streamer_never_breaks_characters(backend, request):
     assert "" in pieces[:-1]  # some emoji/CJK char really was split over ids and held back
 
 
+@pytest.mark.parametrize("backend", STREAMED)
+def test_a_stream_that_a_token_limit_cut_leaves_out_the_character_it_cut(backend, request):
+    """Ids that end inside a character, flushed as cut by a token limit: the text up to that
+    character (at least what the ids before its first byte give), no U+FFFD; flushed plainly,
+    U+FFFD stands for the cut bytes, as a real one at the end stays."""
+    tok = load_tokenizer(request.getfixturevalue(backend))
+    full = "a 🦙🌟 llama"
+    ids = strip_bos(tok, tok.encode(full))
+    cuts = [n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd")]
+    assert cuts  # the emoji are several tokens each
+    for n in cuts:
+        whole = max(m for m in range(n) if not tok.decode(ids[:m]).endswith("\ufffd"))
+        streamer = TextStreamer(tok)
+        text = "".join(map(streamer.put, ids[:n])) + streamer.flush(cut=True)
+        assert full.startswith(text) and text.startswith(tok.decode(ids[:whole]))
+        streamer = TextStreamer(tok)
+        plain = "".join(map(streamer.put, ids[:n])) + streamer.flush()
+        assert plain.startswith(text) and set(plain[len(text):]) == {"\ufffd"}
+    real = strip_bos(tok, tok.encode("price \ufffd"))
+    streamer = TextStreamer(tok)
+    assert "".join(map(streamer.put, real)) + streamer.flush() == "price \ufffd"
+
+
 # --- errors ------------------------------------------------------------------------------------
 
 def test_a_missing_or_unreadable_tokenizer_is_an_input_error_naming_it(tmp_path):
