@@ -18,6 +18,7 @@ import argparse
 import functools
 import math
 import os
+import re
 import sys
 import time
 import traceback
@@ -281,7 +282,7 @@ def read_text(path: Optional[Path]) -> tuple[str, str]:
     if path.is_dir() or not path.exists():  # a pipe or /dev/stdin reads as a file does
         raise InputError(f"--text_file: {path} {'is a folder' if path.is_dir() else 'not found'}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is no text to score
     except UnicodeDecodeError as e:
         raise InputError(f"--text_file: {path} is not UTF-8 text ({e.reason} at byte "
                          f"{e.start})") from None
@@ -532,11 +533,17 @@ def check_args(args, block_size: int):
         for folder in args.include_path:  # its task files, and the data files they name, are inputs
             if args.output.exists() and args.output.resolve().is_relative_to(folder.resolve()) and (
                     args.output.suffix in (".yaml", ".yml")
-                    or any(args.output.name in task.read_text(errors="replace")
+                    or any(names_file(task.read_text(errors="replace"), args.output.name)
                            for task in folder.glob("**/*.y*ml"))):
                 raise InputError(f"--output {args.output} is a task file of --include_path "
                                  f"{folder}, or data one names; name another file")
     resolve_device_flags(args)
+
+
+def names_file(text: str, name: str) -> bool:
+    """Whether text (a task file) holds the file name whole: alone or at a path's end, not inside
+    a longer name (data.json in my_data.jsonl)."""
+    return re.search(rf"(?<![\w.-]){re.escape(name)}(?![\w.-])", text) is not None
 
 
 def load_eval_model(args, ckpt, device: torch.device) -> Transformer:

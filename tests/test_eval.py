@@ -312,6 +312,23 @@ def test_a_task_that_two_named_groups_or_tasks_both_hold_is_one_error_line(offli
     main_error(main, argv, capsys, "capitals_group and capitals both hold task capitals", "name it once")
 
 
+def test_a_byte_order_mark_is_not_text_to_score(tiny_checkpoint, tmp_path, capsys):
+    """A UTF-8 file that begins with a byte-order mark scores as the same file without one, and a
+    mark alone is an empty file."""
+    def measured(text: str) -> dict:
+        path = tmp_path / "text.txt"
+        path.write_bytes(text.encode("utf-8"))
+        main(["--checkpoint_path", str(tiny_checkpoint), "--device", "cpu", "--text_file", str(path),
+              "--output", str(tmp_path / "out.json")])
+        result = json.loads((tmp_path / "out.json").read_text())["perplexity"]
+        return {key: value for key, value in result.items() if key != "seconds"}
+    plain = measured("w1 w2 w3 w4 w5")
+    assert measured("\ufeffw1 w2 w3 w4 w5") == plain
+    (tmp_path / "mark.txt").write_bytes("\ufeff".encode("utf-8"))
+    main_error(main, ["--checkpoint_path", tiny_checkpoint, "--device", "cpu", "--text_file", tmp_path / "mark.txt"],
+               capsys, "--text_file", "empty")
+
+
 def test_perplexity_reads_text_from_a_pipe(tiny_checkpoint, tmp_path, capsys):
     """A pipe (`--text_file <(...)`, /dev/stdin) is no regular file, but it reads as one."""
     fifo = tmp_path / "text"
@@ -329,14 +346,15 @@ def test_results_of_an_earlier_run_under_include_path_may_be_written_again(tiny_
     """--output among the task files is refused only over a task file or data one names."""
     from eval import check_args, parse_args
     (tmp_path / "my_task.yaml").write_text("task: my_task\ndataset_kwargs: {data_files: {test: data.jsonl}}\n")
-    (tmp_path / "results.json").write_text("{}")
-    args = parse_args(["--checkpoint_path", str(tiny_checkpoint), "--tasks", "my_task", "--include_path",
-                       str(tmp_path), "--output", str(tmp_path / "results.json"), "--device", "cpu"])
-    check_args(args, 32)  # no InputError
-    args.output = tmp_path / "data.jsonl"
-    args.output.write_text("{}")
+
+    def check(output: str):
+        (tmp_path / output).write_text("{}")
+        check_args(parse_args(["--checkpoint_path", str(tiny_checkpoint), "--tasks", "my_task", "--include_path",
+                               str(tmp_path), "--output", str(tmp_path / output), "--device", "cpu"]), 32)
+    check("results.json")  # no InputError
+    check("data.json")  # a part of the data's name, not the name
     with pytest.raises(InputError, match="data one names"):
-        check_args(args, 32)
+        check("data.jsonl")
 
 
 @pytest.mark.parametrize("args, words", [
