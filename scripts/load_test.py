@@ -22,8 +22,10 @@ Reported (and written to --out as JSON):
 - inter-token latency (ITL): the gaps between consecutive streamed text chunks of one answer (one
   chunk a token, as server.py streams, except where it holds text back: a stop string's possible
   start, a character whose bytes span tokens);
-- p50 and p99 of each, in milliseconds. Requests the server refused (e.g. 429: queue full) or that
-  failed are counted in `failed` and `errors`, and left out of the statistics;
+- p50 and p99 of each, in milliseconds. Requests the server refused (e.g. 429: queue full; the
+  client then waits as its Retry-After asks before its next request) or that failed (a stream
+  that ended without its finish_reason or its usage, or with a chunk that is not JSON) are counted
+  in `failed` and `errors`, and left out of the statistics;
 - client CPU: the busiest client process's CPU seconds over the wall time. Each process's clients
   share one Python thread: near 100 %, the client, not the server, may be what limits the figures
   above (give more --processes).
@@ -62,6 +64,10 @@ CALIBRATION = (8, 16)  # prompts of this many numbers measure the tokens of one
 CLIENTS_PER_PROCESS = 8
 
 
+class BrokenStream(Exception):
+    """A stream that ended without what every answer of an OpenAI-compatible server carries."""
+
+
 @dataclass
 class Result:
     """One request: its timings (perf_counter seconds) and the server's token counts."""
@@ -86,7 +92,7 @@ def prompt(request: int, numbers: int) -> str:
 
 
 async def stream_request(client, model: str, text: str, max_tokens: int) -> Result:
-    result = Result(sent=time.perf_counter())
+    result, usage = Result(sent=time.perf_counter()), False
     stream = await client.completions.create(
         model=model, prompt=text, max_tokens=max_tokens, temperature=0, stream=True,
         stream_options={"include_usage": True})
@@ -98,7 +104,20 @@ async def stream_request(client, model: str, text: str, max_tokens: int) -> Resu
         if chunk.usage:  # the last chunk, asked for by include_usage
             result.prompt_tokens = chunk.usage.prompt_tokens
             result.completion_tokens = chunk.usage.completion_tokens
+            usage = True
+    if result.finish_reason is None:
+        raise BrokenStream("no finish_reason")  # e.g. a connection closed mid-answer
+    if not usage:
+        raise BrokenStream("no usage")  # its tokens would count as none
     return result
+
+
+def retry_after(e: openai.APIStatusError) -> float:
+    """The seconds a refused request's Retry-After header asks for (1 if it gives no number)."""
+    try:
+        return max(0.0, float(e.response.headers.get("retry-after", "1")))
+    except ValueError:
+        return 1.0
 
 
 async def calibrate(args) -> tuple[str, int]:
@@ -216,8 +235,14 @@ async def drive(args, model: str, numbers: int, clients: int, sent, go, events):
                 results.append(await stream_request(client, model, prompt(n, numbers),
                                                     args.max_tokens))
             except openai.APIError as e:  # e.g. 429 (the queue is full), a dropped connection
-                errors[str(e.status_code) if isinstance(e, openai.APIStatusError)
-                       else type(e).__name__] += 1
+                refused = isinstance(e, openai.APIStatusError)
+                errors[str(e.status_code) if refused else type(e).__name__] += 1
+                if refused and e.status_code == 429:  # sent again at once, it measures this loop
+                    await asyncio.sleep(min(retry_after(e), deadline - time.perf_counter()))
+            except BrokenStream as e:
+                errors[str(e)] += 1
+            except json.JSONDecodeError:  # a chunk that is not JSON
+                errors["chunk not JSON"] += 1
             events.put(("request", None))
 
     await asyncio.gather(*(client_loop() for _ in range(clients)))

@@ -3,7 +3,11 @@ seconds: its JSON result counts every request once (those the server refuses as 
 status), its percentiles are ordered, its token counts are the server's. Bad input is one line.
 The refused requests are counted against server.py's app in this process, its scheduler held until
 every request has arrived (tests/stepped_server.py). Nothing here asserts a speed."""
+import http.server
 import json
+import threading
+from contextlib import contextmanager
+from typing import Callable
 
 import pytest
 
@@ -136,8 +140,6 @@ def test_load_test_names_a_server_it_cannot_reach(load_test):
 def test_load_test_names_a_server_that_is_not_an_openai_api(load_test, tmp_path):
     """A web server that answers GET /v1/models with a page, not OpenAI's JSON."""
     import functools
-    import http.server
-    import threading
     (tmp_path / "v1").mkdir()
     (tmp_path / "v1" / "models").write_text("<html>a web page</html>")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=tmp_path)
@@ -151,6 +153,47 @@ def test_load_test_names_a_server_that_is_not_an_openai_api(load_test, tmp_path)
     assert_one_error_line(line, "OpenAI-compatible")
 
 
+class FakeAPI(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-shaped server that lists one model, "m", and answers each POST by its class's
+    `post(handler, body)`."""
+    post: Callable
+
+    def answer(self, body: dict, status: int = 200, headers: dict = {}):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        for name, value in {"Content-Type": "application/json", **headers}.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self.answer({"object": "list", "data": [{"id": "m", "object": "model", "created": 0, "owned_by": "x"}]})
+
+    def do_POST(self):
+        type(self).post(self, json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def fake_api(post: Callable):
+    """FakeAPI on a free port of 127.0.0.1, answering with post; yields its /v1 URL."""
+    handler = type("Handler", (FakeAPI,), {"post": staticmethod(post)})
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        try:
+            yield f"http://127.0.0.1:{httpd.server_port}/v1"
+        finally:
+            httpd.shutdown()
+
+
+def completion(usage, text="1", finish_reason="length") -> dict:
+    return {"id": "c", "object": "text_completion", "created": 0, "model": "m", "usage": usage,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
+
+
 @pytest.mark.parametrize("usage, words", [
     (None, ["gives no prompt_tokens count"]),
     ({"prompt_tokens": "n/a", "completion_tokens": 1, "total_tokens": 13}, ["gives no prompt_tokens count"]),
@@ -159,33 +202,50 @@ def test_load_test_names_a_server_that_is_not_an_openai_api(load_test, tmp_path)
 def test_load_test_names_a_server_whose_token_counts_it_cannot_use(load_test, usage, words):
     """A server of OpenAI's API shape whose completions' usage is missing, not a number, or the same for every
     prompt: the prompts cannot be sized by it."""
-    import http.server
-    import threading
-
-    class Server(http.server.BaseHTTPRequestHandler):
-        def answer(self, body: dict):
-            data = json.dumps(body).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self):
-            self.answer({"object": "list", "data": [{"id": "m", "object": "model", "created": 0, "owned_by": "x"}]})
-
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            self.answer({"id": "c", "object": "text_completion", "created": 0, "model": "m", "usage": usage,
-                         "choices": [{"index": 0, "text": "1", "finish_reason": "length", "logprobs": None}]})
-
-        def log_message(self, *args):
-            pass
-
-    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Server) as httpd:
-        threading.Thread(target=httpd.serve_forever, daemon=True).start()
-        try:
-            line = refusal(load_test, "--url", f"http://127.0.0.1:{httpd.server_port}/v1", "--requests", 1)
-        finally:
-            httpd.shutdown()
+    with fake_api(lambda handler, body: handler.answer(completion(usage))) as url:
+        line = refusal(load_test, "--url", url, "--requests", 1)
     assert_one_error_line(line, *words)
+
+
+def sized(body: dict) -> dict:
+    """A calibration request's usage: a token a number of the prompt."""
+    n = body["prompt"].count(",") + 1
+    return {"prompt_tokens": n, "completion_tokens": 1, "total_tokens": n + 1}
+
+
+@pytest.mark.parametrize("stream, error", [
+    ([completion(None, finish_reason=None)] * 2, "no finish_reason"),  # then the connection closes
+    ([completion(None), "[DONE]"], "no usage"),
+    (["{not json"], "chunk not JSON"),
+], ids=["cut-off", "without-usage", "not-json"])
+def test_load_test_counts_a_broken_stream_as_failed(load_test, tmp_path, stream, error):
+    """Streams that end without a finish_reason or a usage count, or carry a chunk that is not JSON:
+    each request failed, none finished (so the run ends in its one error line), and errors names why."""
+    def post(handler, body):
+        if not body.get("stream"):
+            return handler.answer(completion(sized(body)))
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.end_headers()
+        for event in stream:
+            handler.wfile.write(f"data: {event if isinstance(event, str) else json.dumps(event)}\n\n".encode())
+    out = tmp_path / "load.json"
+    with fake_api(post) as url:
+        line = refusal(load_test, "--url", url, "--requests", 2, "--prompt_tokens", 12, "--out", out)
+    assert_one_error_line(line, "no request finished")
+    result = json.loads(out.read_text())
+    assert (result["sent"], result["finished"], result["errors"]) == (2, 0, {error: 2})
+
+
+def test_a_client_that_hears_429_waits_as_retry_after_asks(load_test, tmp_path):
+    """A server that refuses every streamed request with Retry-After: 0.5: over 1.2 s a client sends
+    three requests (two on a slow machine), not as many as it can loop through."""
+    def post(handler, body):
+        if not body.get("stream"):
+            return handler.answer(completion(sized(body)))
+        handler.answer({"error": {"message": "queue full", "type": "x"}}, 429, {"Retry-After": "0.5"})
+    out = tmp_path / "load.json"
+    with fake_api(post) as url:
+        refusal(load_test, "--url", url, "--concurrency", 1, "--duration", 1.2, "--prompt_tokens", 12, "--out", out)
+    result = json.loads(out.read_text())
+    assert result["errors"] == {"429": result["sent"]} and 2 <= result["sent"] <= 3
