@@ -148,13 +148,12 @@ def cells_from_args(args) -> list:
         part = args.part or 0
         if not 0 <= part < len(parts):
             raise InputError(f"--part must be in 0..{len(parts) - 1} for suite {args.suite!r}")
-        specs = parts[part]
+        cells = [Cell.parse(s) for s in parts[part]]
     elif args.cells is not None:
-        specs = args.cells
+        cells = [Cell.parse(s) for s in args.cells]
     else:
-        specs = [f"{m}:{p}:{b}:{n}" for m in args.models or [L2] for p in args.precisions or ["bf16"]
+        cells = [Cell(m, p, b, n) for m in args.models or [L2] for p in args.precisions or ["bf16"]
                  for b in args.batch_sizes or [1] for n in args.max_new_tokens or [200]]
-    cells = [Cell.parse(s) for s in specs]
     for cell in cells:
         check_cell(cell, args.prompt_tokens)
     return cells
@@ -559,7 +558,16 @@ def report(result: dict, args):
 
 
 def run_merge(args):
-    result = merge([read_result(p) for p in args.merge])
+    results = [read_result(p) for p in args.merge]
+    seen = set()
+    for path, row in ((p, row) for p, r in zip(args.merge, results) for row in r["rows"]):
+        key = json.dumps(row, sort_keys=True)
+        if key in seen:  # the same measurement twice would count as two
+            raise InputError(f"--merge: {path} repeats a row of the inputs before it "
+                             f"({row['model']}:{row['precision']}:{row['batch_size']}:{row['new_tokens']}): "
+                             "a file given twice, or a merged file and one of its parts")
+        seen.add(key)
+    result = merge(results)
     check_plot(args.plot, {row["batch_size"] for row in result["rows"]})
     if args.out:
         generate.write_json(args.out, result)

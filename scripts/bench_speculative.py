@@ -19,6 +19,7 @@ all k are kept (probability a^k: the last draft is fed back into the draft's cac
 plain decoding is E * decode / cost. Prompt lookup's drafts cost no GPU time. Not modelled: the host's one sync
 per round (measure tok/s with generate.py for that).
 """
+import math
 import statistics
 import sys
 import time
@@ -150,6 +151,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if min(args.ks) < 1 or args.position < 0 or args.repeats < 1:
         raise InputError("--ks and --repeats must be >= 1, --position >= 0")
+    if not 0 < args.time_budget_s < math.inf:
+        raise InputError(f"--time_budget_s must be a positive number of seconds, got {args.time_budget_s}")
     if args.position + max(args.ks) + 1 > args.cache_length:
         raise InputError(f"--cache_length {args.cache_length} is too small for --position {args.position} and "
                          f"--ks up to {max(args.ks)}: a verify writes k + 1 slots from --position")

@@ -231,12 +231,14 @@ CELL = dict(model="stories15M", precision="bf16", batch_size=1, new_tokens=200, 
     (["--cells", "stories15M:bf16:1:200", "--prompt_tokens", "60"], ["60 + 200 tokens", "256-token context"]),
     (["--prompt_tokens", "0"], ["--prompt_tokens must be >= 1"]),
     (["--cells", "stories15M:bf16:0"], ["must be >= 1"]),
+    (["--models", "stories15M", "--batch_sizes", "-1"], ["stories15M:bf16:-1:200", "must be >= 1"]),
     (["--models", "stories15M", "--cells", "stories15M:bf16"], ["one way"]),
     (["--suite", "all", "--part", "4"], ["--part must be in 0..3"]),
     (["--samples", "0"], ["--samples"]),
     (["--merge", "{tmp}/missing.json"], ["missing.json"]),
     (["--merge", "{tmp}/other.json"], ["not a bench.py result", "kernel_checks"]),
     (["--merge", "{tmp}/cut.json"], ["cut.json: row 1 is not a measured cell"]),
+    (["--merge", "{tmp}/one.json", "{tmp}/one.json"], ["one.json repeats a row", "stories15M:bf16:1:200"]),
     (["--merge", "{tmp}/other.json", "--cells", "stories15M:bf16"], ["give it no cells"]),
     (["--merge", "{tmp}/other.json", "--part", "1"], ["give it no cells"]),
     (["--merge", "{tmp}/other.json", "--samples", "3", "--skip_kernel_checks"],
@@ -251,6 +253,8 @@ def test_bad_input_is_one_error_line(argv, words, bench, tmp_path, capsys):
     (tmp_path / "cut.json").write_text(json.dumps(dict(  # a result whose second row lost its numbers
         card="x", torch="2", date="2026-01-01", copy_gb_s=None, kernel_checks=[],
         rows=[CELL, {**CELL, "tok_s": "fast"}])))
+    (tmp_path / "one.json").write_text(json.dumps(dict(
+        card="x", torch="2", date="2026-01-01", copy_gb_s=None, kernel_checks=[], rows=[CELL])))
     code, _, err = run_main(bench, [a.format(tmp=tmp_path) for a in argv] + ["--out", tmp_path / "r.json"], capsys)
     assert code == 1
     assert_one_error_line(err, *words)
@@ -286,10 +290,10 @@ def test_merge_of_a_hand_edited_result_is_one_error_line_and_writes_nothing(edit
 
 
 def test_merge_of_a_complete_result_makes_its_table(bench, tmp_path, capsys):
-    """The control of the test above: the same two files, unedited, merge."""
+    """The control of the test above: the two files, unedited (one cell measured in two processes), merge."""
     good = dict(card="x", torch="2", date="2026-01-01", copy_gb_s=2.0, kernel_checks=[], rows=[CELL])
-    for name in ("good.json", "edited.json"):
-        (tmp_path / name).write_text(json.dumps(good))
+    for name, tok_s in (("good.json", 1.0), ("edited.json", 1.1)):
+        (tmp_path / name).write_text(json.dumps({**good, "rows": [{**CELL, "tok_s": tok_s}]}))
     code, out, _ = run_main(bench, ["--merge", tmp_path / "good.json", tmp_path / "edited.json",
                                     "--out", tmp_path / "o.json", "--markdown", tmp_path / "o.md"], capsys)
     assert code == 0 and len(json.loads((tmp_path / "o.json").read_text())["rows"]) == 2

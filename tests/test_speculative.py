@@ -326,6 +326,15 @@ def test_bench_speculative_refuses_to_time_a_cpu_as_a_speed_result(tmp_path):
                     "--position", "8", "--cache_length", "16", "--out", str(tmp_path / "b.json")])
 
 
+@pytest.mark.parametrize("budget", ["-1", "0", "nan", "inf"])
+def test_bench_speculative_refuses_a_time_budget_that_is_not_a_positive_number(tmp_path, budget):
+    """A budget of -1 (or nan) built every model, measured nothing and wrote no result, exit 0."""
+    bench = load_script("bench_speculative")
+    with pytest.raises(InputError, match=f"--time_budget_s must be a positive number of seconds, got {budget}"):
+        bench.main(["--device", "cpu", "--eager", "--target", "stories15M", "--drafts", "stories15M:bf16", "--ks", "1",
+                    "--position", "8", "--cache_length", "16", "--time_budget_s", budget, "--out", str(tmp_path / "b.json")])
+
+
 @pytest.mark.slow
 def test_generate_cli_speculates_with_a_quantized_draft(smollm2, tmp_path):
     metrics = tmp_path / "metrics.json"
