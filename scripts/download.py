@@ -10,12 +10,14 @@ up.
 """
 import errno
 import os
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 from checkpoint import (TOKENIZER_FILES, ArgumentParser, InputError,  # noqa: E402
-                        check_folder_writable, one_line)
+                        check_folder_writable, one_line, read_checkpoint)
 
 
 def choose_files(repo_files: list[str]) -> list[str]:
@@ -60,7 +62,7 @@ def download(repo_id: str, out: str, token) -> list[str]:
         files = choose_files(HfApi(token=token).list_repo_files(repo_id))
     except InputError as e:
         raise InputError(f"{repo_id}: {e}") from None
-    print(f"downloading {len(files)} files of {repo_id} into {out}:", " ".join(files))
+    print(f"downloading {len(files)} files of {repo_id} into {out}:", " ".join(files), flush=True)
     # allow_patterns are fnmatch patterns; exact names match only themselves.
     snapshot_download(repo_id, allow_patterns=files, local_dir=out, token=token)
     return files
@@ -78,7 +80,11 @@ def explain(e: Exception, repo_id: str) -> str:
         return (f"cannot download {repo_id}: offline (HF_HUB_OFFLINE is set, or the Hub is "
                 "unreachable)")
     if isinstance(e, errors.HfHubHTTPError):
-        return f"download of {repo_id} failed: {str(e).splitlines()[0]}"
+        status = getattr(e.response, "status_code", None)
+        if status == 401 and os.environ.get("HF_TOKEN"):
+            return f"the Hub refused HF_TOKEN (401: {e.server_message or 'not a valid token'})"
+        reason = f" ({e.server_message})" if e.server_message else ""
+        return f"download of {repo_id} failed: {str(e).splitlines()[0]}{reason}"
     if isinstance(e, errors.HFValidationError):  # a malformed repo id
         return f"{repo_id}: {e}"
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
@@ -92,6 +98,41 @@ def explain(e: Exception, repo_id: str) -> str:
     raise e
 
 
+def is_checkpoint(folder: Path) -> bool:
+    """Whether folder holds a converted gpt-blitz checkpoint (an HF snapshot's config does not read
+    as one)."""
+    try:
+        read_checkpoint(folder)
+        return True
+    except InputError:
+        return False
+
+
+@contextmanager
+def stopping_at_once(out: Path):
+    """Ctrl-C and SIGTERM end the download at once: the hub's download threads would first finish
+    the files they are on (minutes for a shard of several GB). The partial files this run began go
+    too: huggingface_hub 2 names them afresh in each run, so that none would be resumed."""
+    def partial_files() -> set:
+        return set(out.glob(".cache/huggingface/**/*.incomplete"))
+
+    def stop(signum, frame):
+        for path in partial_files() - before:
+            path.unlink(missing_ok=True)
+        os._exit(128 + signum)  # as a shell reports a program that a signal stopped
+
+    before = partial_files()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: h for s, h in previous.items() if h is not signal.SIG_IGN}  # a background job's
+    for s in previous:
+        signal.signal(s, stop)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def main(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repo_id", required=True, help="e.g. meta-llama/Llama-2-7b-chat-hf")
@@ -103,12 +144,16 @@ def main(argv=None):
         args = parser.parse_args(argv)
         out = args.out or os.path.join("checkpoints", args.repo_id, "hf")
         check_folder_writable(Path(out), "--out")  # before the hub
-        download(args.repo_id, out, token=os.environ.get("HF_TOKEN"))
+        if is_checkpoint(Path(out)):  # the HF files would replace its config and tokenizer
+            raise InputError(f"--out {out} holds a converted checkpoint: download the HF files "
+                             "into a folder of their own (by default checkpoints/REPO_ID/hf)")
+        with stopping_at_once(Path(out)):  # an empty HF_TOKEN is no token, as the hub reads it
+            download(args.repo_id, out, token=os.environ.get("HF_TOKEN") or None)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:  # Ctrl-C: the hub's partial files resume on the next run; 128 +
-        sys.exit(130)  # SIGINT, as a shell reports a program it interrupted
+    except KeyboardInterrupt:  # Ctrl-C before the download: 128 + SIGINT
+        sys.exit(130)
     except Exception as e:  # explain() turns the failures a download can meet into one line
         print(f"error: {explain(e, args.repo_id)}", file=sys.stderr)
         sys.exit(1)

@@ -44,6 +44,12 @@ def assert_one_error_line(stderr: str, *words) -> str:
     return lines[0]
 
 
+def assert_fails_with_one_line(r: subprocess.CompletedProcess, *words) -> str:
+    """A script run as a user runs it ended in exit status 1 and one `error:` line."""
+    assert r.returncode == 1, r.stderr[-2000:]
+    return assert_one_error_line(r.stderr, *words)
+
+
 def main_error(main, argv, capsys, *words) -> str:
     """A script's main(argv) on bad input, run in this process (no interpreter, torch or lm_eval
     start-up per case): it must exit with status 1 after exactly one `error:` line naming the

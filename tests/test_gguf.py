@@ -1,19 +1,15 @@
 """scripts/convert_gguf.py against transformers' own GGUF loader, on the real SmolLM2-135M-Instruct
 Q4_1 file; the converter's handling of existing output and bad metadata on tiny GGUF files written
-here; the download/prepare scripts' offline behaviour. The conversion and transformers' GGUF load
-take most of the time."""
+here. The conversion and transformers' GGUF load take most of the time."""
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, assert_one_error_line, load_script, main_error, run_script
+from conftest import assert_fails_with_one_line, load_script, main_error, run_script
 from checkpoint import InputError, load_model, read_checkpoint
 import model
 
@@ -137,11 +133,6 @@ def test_special_tokens_and_template(smollm2_checkpoint, gguf_meta, our_tokenize
 
 
 # ---- (e) output folder and bad input -------------------------------------------------------------
-
-def assert_fails_with_one_line(r) -> str:
-    assert r.returncode == 1, r.stderr[-2000:]
-    return assert_one_error_line(r.stderr)
-
 
 def convert_cli(gguf_file: Path, out: Path, *flags):
     return run_script("scripts/convert_gguf.py", "--gguf", gguf_file, "--out", out, *flags)
@@ -454,93 +445,6 @@ def test_llama3_rope_scaling_from_divisors():
     assert convert_gguf.llama3_scaling_from_divisors(divisors, 64, 5e5, 8192, "x") == scaling
     with pytest.raises(InputError, match="not Llama-3.1 rope scaling"):
         convert_gguf.llama3_scaling_from_divisors(divisors.flip(0), 64, 5e5, 8192, "x")
-
-
-# ---- download.py / prepare.sh --------------------------------------------------------------------
-
-def test_download_chooses_one_copy_of_the_weights_and_the_files_conversion_needs():
-    def choose(files):
-        return sorted(load_script("download").choose_files(files))  # order is irrelevant
-    tokenizer = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json"]
-    llama2 = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-              "model.safetensors.index.json", "pytorch_model-00001-of-00002.bin",
-              "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json", "config.json",
-              "generation_config.json", "README.md", "LICENSE.txt", ".gitattributes", *tokenizer]
-    assert choose(llama2) == sorted(["model-00001-of-00002.safetensors",
-                                     "model-00002-of-00002.safetensors",
-                                     "model.safetensors.index.json", "config.json",
-                                     "generation_config.json", *tokenizer])
-    bin_only = ["pytorch_model.bin", "training_args.bin", "config.json", "tokenizer.model",
-                "README.md"]
-    assert choose(bin_only) == sorted(["pytorch_model.bin", "config.json", "tokenizer.model"])
-    mistral = ["consolidated.safetensors", "model-00001-of-00001.safetensors",
-               "model.safetensors.index.json", "params.json", "tokenizer.model.v3", "config.json",
-               "tokenizer.json"]
-    assert choose(mistral) == sorted(["model-00001-of-00001.safetensors",
-                                      "model.safetensors.index.json", "config.json",
-                                      "tokenizer.json"])
-    llama3_original = ["original/consolidated.00.pth", "original/params.json",
-                       "original/tokenizer.model", "config.json", "tokenizer.json",
-                       "tokenizer_config.json", "chat_template.jinja"]
-    assert choose(llama3_original) == sorted(llama3_original)
-    # Older Meta repos keep consolidated.00.pth at the top; the converter reads it there too.
-    meta_top = ["consolidated.00.pth", "params.json", "tokenizer.model", "README.md"]
-    assert choose(meta_top) == sorted(["consolidated.00.pth", "params.json", "tokenizer.model"])
-    # Subfolder variants (onnx/, original/) never replace the top-level HF weights.
-    assert choose(["model.safetensors", "onnx/model.safetensors", "original/consolidated.00.pth",
-                   "config.json"]) == ["config.json", "model.safetensors"]
-    with pytest.raises(InputError, match="no model weights"):
-        choose(["README.md", "config.json"])
-    with pytest.raises(InputError, match="no model weights"):  # Mistral's own naming only
-        choose(["consolidated.safetensors", "params.json", "config.json"])
-
-
-def test_download_offline_is_one_line(tmp_path):
-    r = run_script("scripts/download.py", "--repo_id", "meta-llama/Llama-2-7b-chat-hf", "--out",
-                   tmp_path / "hf", env={"HF_HUB_OFFLINE": "1"}, timeout=60)
-    assert "offline" in assert_fails_with_one_line(r)
-    assert not (tmp_path / "hf").exists()
-
-
-def test_ctrl_c_during_a_download_exits_130_without_a_traceback(tmp_path, monkeypatch, capsys):
-    download = load_script("download")
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(download, "download", interrupted)
-    with pytest.raises(SystemExit) as exited:
-        download.main(["--repo_id", "org/model", "--out", str(tmp_path / "hf")])
-    assert exited.value.code == 130 and capsys.readouterr().err == ""
-
-
-def test_download_into_a_file_or_a_link_to_nothing_is_refused_before_the_hub(tmp_path):
-    check_out = load_script("download").check_folder_writable  # what main() asks before the hub
-    (tmp_path / "file").write_text("mine")
-    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
-    for name, what in (("file", "a file"), ("dangling", "a link to nothing")):
-        with pytest.raises(InputError, match=f"--out {tmp_path / name} is {what}, not a folder"):
-            check_out(tmp_path / name, "--out")
-
-
-def test_a_network_error_of_any_http_library_is_explained_and_a_bug_is_not():
-    explain = load_script("download").explain
-    for library in ("httpx", "httpx2", "requests"):
-        error = type("ConnectError", (Exception,), {"__module__": f"{library}._exceptions"})("refused")
-        assert "cannot reach the Hugging Face Hub" in explain(error, "org/model")
-    with pytest.raises(KeyError):
-        explain(KeyError("a bug"), "org/model")
-
-
-def test_prepare_stops_when_download_fails():
-    r = subprocess.run(["bash", str(ROOT / "scripts/prepare.sh"), "no-such-org/no-such-model"],
-                       capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable})
-    # set -e: the converter never ran after the failed download
-    assert "offline" in assert_fails_with_one_line(r)
-    usage = subprocess.run(["bash", str(ROOT / "scripts/prepare.sh")], capture_output=True,
-                           text=True, timeout=60)
-    assert_fails_with_one_line(usage)
-    assert "bash scripts/prepare.sh REPO_ID" in usage.stderr
 
 
 # ---- Qwen3, Qwen3-MoE and Mixtral, written in llama.cpp's layout -----------------------------
