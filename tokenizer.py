@@ -434,8 +434,9 @@ class TextStreamer:
 
     def flush(self, cut: bool = False) -> str:
         """Whatever is still held back (e.g. truly invalid bytes at the end), then reset. cut: a
-        token limit ended the ids, so a U+FFFD that ends the text is a character whose other bytes
-        never came: left out (an answer read back as a message would carry it as text)."""
+        token limit ended the ids, so a U+FFFD that ends the text is taken for a character whose
+        other bytes never came, and left out (an answer read back as a message would carry it as
+        text); the text cannot tell it from a U+FFFD of its own, which goes too."""
         text = self.tokenizer.decode(self.ids) if self.ids else ""
         new = text[self.emitted(text):]
         self.ids, self.done, self.shown = [], 0, None

@@ -563,7 +563,7 @@ def run_merge(args):
     for path, row in ((p, row) for p, r in zip(args.merge, results) for row in r["rows"]):
         key = json.dumps(row, sort_keys=True)
         if key in seen:  # the same measurement twice would count as two
-            raise InputError(f"--merge: {path} repeats a row of the inputs before it "
+            raise InputError(f"--merge: a row of {path} is in the inputs twice "
                              f"({row['model']}:{row['precision']}:{row['batch_size']}:{row['new_tokens']}): "
                              "a file given twice, or a merged file and one of its parts")
         seen.add(key)

@@ -246,12 +246,16 @@ def hf_config_to_args(cfg: dict, where="config.json") -> ModelArgs:
     # attends to everything, which matches only while the sequence fits in the window, so don't
     # allow longer ones.
     window = cfg.get("sliding_window")
-    layer_types = cfg.get("layer_types")
-    if layer_types is None:  # left out, or null: transformers then derives them, and may slide
-        layer_types = ["sliding_attention"]
     if window is not None and (type(window) is not int or window < 1):
         raise InputError(f"{where}: sliding_window must be a positive integer or null, "
                          f"got {window!r}")
+    layer_types = cfg.get("layer_types")
+    if layer_types is None:  # left out, or null: derived as transformers derives them
+        # Qwen2 and Qwen3 slide from layer max_window_layers on, the others in every layer
+        first = cfg.get("max_window_layers", 28) if model_type in ("qwen2", "qwen3") else 0
+        if type(first) is not int or first < 0:
+            raise InputError(f"{where}: max_window_layers must be an integer >= 0, got {first!r}")
+        layer_types = ["sliding_attention"] * (first < args.n_layer)
     if not isinstance(layer_types, list):
         raise InputError(f"{where}: layer_types must be a list, got {layer_types!r}")
     sliding = cfg.get("use_sliding_window", True) is not False

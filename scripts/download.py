@@ -62,6 +62,7 @@ def download(repo_id: str, out: str, token) -> list[str]:
         files = choose_files(HfApi(token=token).list_repo_files(repo_id))
     except InputError as e:
         raise InputError(f"{repo_id}: {e}") from None
+    # flushed now: a stop ends the process without flushing its output
     print(f"downloading {len(files)} files of {repo_id} into {out}:", " ".join(files), flush=True)
     # allow_patterns are fnmatch patterns; exact names match only themselves.
     snapshot_download(repo_id, allow_patterns=files, local_dir=out, token=token)
@@ -80,9 +81,9 @@ def explain(e: Exception, repo_id: str) -> str:
         return (f"cannot download {repo_id}: offline (HF_HUB_OFFLINE is set, or the Hub is "
                 "unreachable)")
     if isinstance(e, errors.HfHubHTTPError):
-        status = getattr(e.response, "status_code", None)
-        if status == 401 and os.environ.get("HF_TOKEN"):
-            return f"the Hub refused HF_TOKEN (401: {e.server_message or 'not a valid token'})"
+        if getattr(e.response, "status_code", None) == 401:  # gated and private repos are above
+            return ("the Hub refused the access token (HF_TOKEN, or the one `hf auth login` "
+                    f"saved): {e.server_message or 'not a valid token'}")
         reason = f" ({e.server_message})" if e.server_message else ""
         return f"download of {repo_id} failed: {str(e).splitlines()[0]}{reason}"
     if isinstance(e, errors.HFValidationError):  # a malformed repo id
@@ -123,7 +124,8 @@ def stopping_at_once(out: Path):
 
     before = partial_files()
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    previous = {s: h for s, h in previous.items() if h is not signal.SIG_IGN}  # a background job's
+    # a signal ignored (a background job's Ctrl-C) stays ignored
+    previous = {s: h for s, h in previous.items() if h is not signal.SIG_IGN}
     for s in previous:
         signal.signal(s, stop)
     try:

@@ -113,9 +113,10 @@ async def stream_request(client, model: str, text: str, max_tokens: int) -> Resu
 
 
 def retry_after(e: openai.APIStatusError) -> float:
-    """The seconds a refused request's Retry-After header asks for (1 if it gives no number)."""
+    """The seconds a refused request's Retry-After header asks for: 1 if it gives no number, at
+    most a minute (a server's "inf" would stop the client for good)."""
     try:
-        return max(0.0, float(e.response.headers.get("retry-after", "1")))
+        return min(60.0, max(0.0, float(e.response.headers.get("retry-after", "1"))))
     except ValueError:
         return 1.0
 
@@ -230,7 +231,10 @@ async def drive(args, model: str, numbers: int, clients: int, sent, go, events):
             return sent.value
 
     async def client_loop():
-        while time.perf_counter() < deadline and (n := next_request()) is not None:
+        pause = 0.0  # what a 429's Retry-After asks of this client's next request, if any
+        while time.perf_counter() + pause < deadline and (n := next_request()) is not None:
+            await asyncio.sleep(pause)
+            pause = 0.0
             try:
                 results.append(await stream_request(client, model, prompt(n, numbers),
                                                     args.max_tokens))
@@ -238,7 +242,7 @@ async def drive(args, model: str, numbers: int, clients: int, sent, go, events):
                 refused = isinstance(e, openai.APIStatusError)
                 errors[str(e.status_code) if refused else type(e).__name__] += 1
                 if refused and e.status_code == 429:  # sent again at once, it measures this loop
-                    await asyncio.sleep(min(retry_after(e), deadline - time.perf_counter()))
+                    pause = retry_after(e)
             except BrokenStream as e:
                 errors[str(e)] += 1
             except json.JSONDecodeError:  # a chunk that is not JSON

@@ -21,6 +21,7 @@ import pytest
 from checkpoint import InputError
 from conftest import ROOT, assert_fails_with_one_line, command, load_script, main_error, run_script
 
+
 def test_download_chooses_one_copy_of_the_weights_and_the_files_conversion_needs():
     def choose(files):
         return sorted(load_script("download").choose_files(files))  # order is irrelevant
@@ -173,8 +174,10 @@ def local_hub(root: Path, rate: float = 0):
     with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as hub:
         threading.Thread(target=hub.serve_forever, daemon=True).start()
         try:
+            # no token of this machine's (HF_TOKEN, or one `hf auth login` saved under HF_HOME)
             yield {"HF_ENDPOINT": f"http://127.0.0.1:{hub.server_port}", "HF_HUB_DISABLE_XET": "1",
-                   "HF_HUB_ETAG_TIMEOUT": "30", "HF_HUB_DOWNLOAD_TIMEOUT": "30"}
+                   "HF_HUB_ETAG_TIMEOUT": "30", "HF_HUB_DOWNLOAD_TIMEOUT": "30", "HF_TOKEN": "",
+                   "HF_HOME": str(root.parent / "hf-home")}
         finally:
             hub.shutdown()
 
@@ -208,7 +211,7 @@ def test_download_takes_the_files_conversion_needs_from_the_hub(repos, tmp_path)
 @pytest.mark.parametrize("token, words", [
     ("", []),  # an empty HF_TOKEN is no token: the public repo downloads
     (TOKEN, []),
-    ("hf_expired", ["error: the Hub refused HF_TOKEN", "Invalid credentials"]),
+    ("hf_expired", ["error: the Hub refused the access token", "Invalid credentials"]),
 ], ids=["empty", "valid", "refused"])
 def test_hf_token_empty_is_no_token_and_one_the_hub_refuses_is_named(repos, tmp_path, token, words):
     with local_hub(repos) as hub:

@@ -385,18 +385,19 @@ def test_sliding_window_caps_block_size(capsys):
     assert qwen.block_size == 32768 and qwen.attention_bias
 
 
-@pytest.mark.parametrize("sliding", [False, True])
+@pytest.mark.parametrize("sliding", [0, 1, 2], ids=["off", "from-layer-1", "from-layer-2"])
 @pytest.mark.parametrize("family", convert_hf.SUPPORTED)
 def test_keys_a_config_leaves_out_read_as_transformers_fills_them(family, sliding):
     """A config.json of the required keys alone: the rotary base, the norm's epsilon, the context
     (a sliding window caps it), the key/value heads and head size, and a mixture's experts as
     transformers' own config class of the family gives them. With sliding, the file turns the
     window on (Qwen's is off by default) and gives no size for it, and its layer_types are null:
-    transformers then takes its default window, so the context is capped there."""
+    transformers then takes its default window in the layers it derives as sliding (Qwen2's and
+    Qwen3's from max_window_layers: here one of two, or none), so the context is capped there."""
     required = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=32, vocab_size=256,
                     intermediate_size=128)
     if sliding:
-        required.update(use_sliding_window=True, layer_types=None)
+        required.update(use_sliding_window=True, layer_types=None, max_window_layers=sliding)
     hf = transformers.AutoConfig.for_model(family, **required)
     args = convert_hf.hf_config_to_args({**required, "model_type": family})
     assert args.n_kv_heads == hf.num_key_value_heads
@@ -404,7 +405,8 @@ def test_keys_a_config_leaves_out_read_as_transformers_fills_them(family, slidin
     assert args.rope_base == hf.rope_parameters["rope_theta"]
     assert args.norm_eps == hf.rms_norm_eps
     window = getattr(hf, "sliding_window", None)
-    if not getattr(hf, "use_sliding_window", True):
+    if (not getattr(hf, "use_sliding_window", True)
+            or "sliding_attention" not in (getattr(hf, "layer_types", None) or ["sliding_attention"])):
         window = None
     assert args.block_size == min(hf.max_position_embeddings, window or math.inf)
     experts = getattr(hf, "num_local_experts", getattr(hf, "num_experts", 0))

@@ -237,15 +237,31 @@ def test_load_test_counts_a_broken_stream_as_failed(load_test, tmp_path, stream,
     assert (result["sent"], result["finished"], result["errors"]) == (2, 0, {error: 2})
 
 
-def test_a_client_that_hears_429_waits_as_retry_after_asks(load_test, tmp_path):
-    """A server that refuses every streamed request with Retry-After: 0.5: over 1.2 s a client sends
-    three requests (two on a slow machine), not as many as it can loop through."""
+def refusing(retry_after: str) -> Callable:
+    """A server's POST that sizes the calibration prompts and refuses each streamed request: 429."""
     def post(handler, body):
         if not body.get("stream"):
             return handler.answer(completion(sized(body)))
-        handler.answer({"error": {"message": "queue full", "type": "x"}}, 429, {"Retry-After": "0.5"})
+        handler.answer({"error": {"message": "queue full", "type": "x"}}, 429, {"Retry-After": retry_after})
+    return post
+
+
+def test_a_client_that_hears_429_waits_as_retry_after_asks(load_test, tmp_path):
+    """A server that refuses every streamed request with Retry-After: 0.5: over 1.2 s a client sends
+    three requests (two on a slow machine), not as many as it can loop through."""
     out = tmp_path / "load.json"
-    with fake_api(post) as url:
+    with fake_api(refusing("0.5")) as url:
         refusal(load_test, "--url", url, "--concurrency", 1, "--duration", 1.2, "--prompt_tokens", 12, "--out", out)
     result = json.loads(out.read_text())
     assert result["errors"] == {"429": result["sent"]} and 2 <= result["sent"] <= 3
+
+
+@pytest.mark.parametrize("retry_after", ["30", "inf"])
+def test_a_429_to_the_last_request_is_not_waited_out(load_test, tmp_path, retry_after):
+    """The wait belongs to a next request: after the last one there is none, and the run's wall time
+    does not hold it."""
+    out = tmp_path / "load.json"
+    with fake_api(refusing(retry_after)) as url:
+        refusal(load_test, "--url", url, "--requests", 1, "--prompt_tokens", 12, "--out", out)
+    result = json.loads(out.read_text())
+    assert result["errors"] == {"429": 1} and result["wall_s"] < 10

@@ -332,7 +332,8 @@ def test_bench_speculative_refuses_a_time_budget_that_is_not_a_positive_number(t
     bench = load_script("bench_speculative")
     with pytest.raises(InputError, match=f"--time_budget_s must be a positive number of seconds, got {budget}"):
         bench.main(["--device", "cpu", "--eager", "--target", "stories15M", "--drafts", "stories15M:bf16", "--ks", "1",
-                    "--position", "8", "--cache_length", "16", "--time_budget_s", budget, "--out", str(tmp_path / "b.json")])
+                    "--position", "8", "--cache_length", "16", "--time_budget_s", budget,
+                    "--out", str(tmp_path / "b.json")])
 
 
 @pytest.mark.slow
