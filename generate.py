@@ -50,8 +50,8 @@ def sample(logits: Tensor, s: Sampling) -> Tensor:
     if s.temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     if s.top_k is not None and s == Sampling(s.temperature, s.top_k):
-        # Top-k and no other filter (every other field at its default): only the top k can be drawn,
-        # so race among them alone. Over the whole vocabulary, sampling took 1.5x as long for
+        # Top-k and no other filter (every other field at its default, so a new field's default must
+        # be "off"): only the top k can be drawn, so race among them alone. Over the whole vocabulary, sampling took 1.5x as long for
         # Llama-2's 32k tokens, 2.6x for a 152k vocabulary (BENCHMARKS.md).
         probs, ids = top_k_probabilities(logits, s)  # (B, k) each
         return ids.gather(-1, sample_from(probs))
@@ -1003,7 +1003,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=Sampling.temperature,
                    help=f"0 decodes greedily (default {Sampling.temperature})")
     p.add_argument("--top_k", type=int, default=Sampling.top_k,
-                   help=f"sample among the k most likely tokens (default {Sampling.top_k})")
+                   help=f"sample among the k most likely tokens (default {Sampling.top_k}; the "
+                   "vocabulary's size or more: every token)")
     p.add_argument("--top_p", type=float, default=Sampling.top_p,
                    help="nucleus sampling: keep the fewest most likely tokens whose probability "
                    "reaches this (default: off)")
