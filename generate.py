@@ -51,8 +51,9 @@ def sample(logits: Tensor, s: Sampling) -> Tensor:
         return logits.argmax(dim=-1, keepdim=True)
     if s.top_k is not None and s == Sampling(s.temperature, s.top_k):
         # Top-k and no other filter (every other field at its default, so a new field's default must
-        # be "off"): only the top k can be drawn, so race among them alone. Over the whole vocabulary, sampling took 1.5x as long for
-        # Llama-2's 32k tokens, 2.6x for a 152k vocabulary (BENCHMARKS.md).
+        # be "off"): only the top k can be drawn, so race among them alone. Over the whole
+        # vocabulary, sampling took 1.5x as long for Llama-2's 32k tokens, 2.6x for a 152k
+        # vocabulary (BENCHMARKS.md).
         probs, ids = top_k_probabilities(logits, s)  # (B, k) each
         return ids.gather(-1, sample_from(probs))
     return sample_from(probabilities(logits, s))

@@ -96,7 +96,8 @@ CANDIDATES = 1024
 def sample_rows(logits: Tensor, position: Tensor, temperature: Tensor, top_k: Tensor,
                 top_p: Tensor, seed: Tensor) -> Tensor:
     """logits (B, vocab) -> next token ids (B, 1), each row with its own temperature (0: greedy,
-    the argmax as in generate.sample), top_k (vocab: all CANDIDATES) and top_p (1: all) (B,)."""
+    the argmax as in generate.sample), top_k (vocab: the CANDIDATES most likely) and top_p (1:
+    all) (B,)."""
     B, V = logits.shape
     ranked, order = logits.float().topk(min(V, CANDIDATES), dim=-1)  # (B, k), most likely first
     # Scaled after subtracting the row's maximum: a tiny temperature then sends the others to -inf

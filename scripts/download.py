@@ -113,7 +113,7 @@ def is_checkpoint(folder: Path) -> bool:
 def stopping_at_once(out: Path):
     """Ctrl-C and SIGTERM end the download at once: the hub's download threads would first finish
     the files they are on (minutes for a shard of several GB). The partial files this run began go
-    too: huggingface_hub 2 names them afresh in each run, so that none would be resumed."""
+    too: huggingface_hub (2.4) names them afresh in each run, so that none would be resumed."""
     def partial_files() -> set:
         return set(out.glob(".cache/huggingface/**/*.incomplete"))
 
