@@ -39,7 +39,7 @@ from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Callable, Literal, Optional, Union
+from typing import Annotated, Callable, Literal, NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -93,11 +93,28 @@ def seeded_race(seed: Tensor, position: Tensor, ids: Tensor) -> Tensor:
 CANDIDATES = 1024
 
 
-def sample_rows(logits: Tensor, position: Tensor, temperature: Tensor, top_k: Tensor,
-                top_p: Tensor, seed: Tensor) -> Tensor:
-    """logits (B, vocab) -> next token ids (B, 1), each row with its own temperature (0: greedy,
-    the argmax as in generate.sample), top_k (vocab: the CANDIDATES most likely) and top_p (1:
-    all) (B,)."""
+class RowSettings(NamedTuple):
+    """How a row samples: a request's numbers in its Job, each a tensor (B,) of every row's in the
+    scheduler (int64 for an int, float32 for a float). A new option is a field here, its value for
+    a free row in FREE_ROW, a request field (CommonFields, read where the Job is made) and its rule
+    in sample_rows; the scheduler and torchrun's ranks carry every field as they are."""
+    temperature: float  # 0: greedy, the argmax as in generate.sample
+    top_k: int  # of the CANDIDATES most likely tokens
+    top_p: float  # the nucleus; 1: all
+    seed: int  # of the noise: a seeded request draws the same tokens on every run
+
+
+FREE_ROW = RowSettings(temperature=0.0, top_k=CANDIDATES, top_p=1.0, seed=0)
+
+
+def settings_dtype(value) -> torch.dtype:
+    """The dtype of a RowSettings field's tensor, from its value in FREE_ROW."""
+    return torch.long if isinstance(value, int) else torch.float32
+
+
+def sample_rows(logits: Tensor, position: Tensor, settings: RowSettings) -> Tensor:
+    """logits (B, vocab) -> next token ids (B, 1), each row as its settings (B,) say."""
+    temperature, top_k, top_p, seed = settings
     B, V = logits.shape
     ranked, order = logits.float().topk(min(V, CANDIDATES), dim=-1)  # (B, k), most likely first
     # Scaled after subtracting the row's maximum: a tiny temperature then sends the others to -inf
@@ -116,8 +133,7 @@ def sample_rows(logits: Tensor, position: Tensor, temperature: Tensor, top_k: Te
     return torch.where(temperature[:, None] > 0, drawn, logits.argmax(dim=-1, keepdim=True))
 
 
-def decode_rows(model: Transformer, token: Tensor, input_pos: Tensor, temperature: Tensor,
-                top_k: Tensor, top_p: Tensor, seed: Tensor,
+def decode_rows(model: Transformer, token: Tensor, input_pos: Tensor, settings: RowSettings,
                 chunk: Optional[tuple] = None) -> Tensor:
     """token (B, 1) at cache slots input_pos (B, 1), one per row -> next token (B, 1).
 
@@ -125,7 +141,7 @@ def decode_rows(model: Transformer, token: Tensor, input_pos: Tensor, temperatur
     forward in the request's cache row: every matmul reads the weights once for both. The row is
     an index tensor, not an int (which dynamo would specialize: a compile for each row)."""
     logits = model(token, input_pos, chunk=chunk)  # (B, 1, vocab)
-    return sample_rows(logits[:, -1], input_pos[:, 0], temperature, top_k, top_p, seed)
+    return sample_rows(logits[:, -1], input_pos[:, 0], settings)
 
 
 # ---- the scheduler -------------------------------------------------------------------------------
@@ -147,10 +163,7 @@ class Job:
     side itself, for a client gone)."""
     prompt: list
     max_tokens: int
-    temperature: float
-    top_k: int
-    top_p: float
-    seed: int
+    settings: RowSettings
     emit: Callable
     cancelled: bool = False  # set by the HTTP side: a stop string, a client gone, the answer's end
     filled: int = 0  # prompt tokens prefilled: all but the last, the first decode step's input
@@ -177,10 +190,8 @@ class Scheduler:
         self.changed = threading.Condition()  # guards waiting and stopping
         self.stopping = False
         # Each row's sampling settings, written when a job takes the row.
-        self.temperature = torch.zeros(B, device=device)
-        self.top_k = torch.full((B,), model.args.vocab_size, device=device)
-        self.top_p = torch.ones(B, device=device)
-        self.seed = torch.zeros(B, dtype=torch.long, device=device)
+        self.settings = RowSettings(*(torch.full((B,), v, dtype=settings_dtype(v), device=device)
+                                      for v in FREE_ROW))
         # Each row's last sampled token, the next decode step's input: it stays on the device.
         self.next_token = torch.zeros(B, 1, dtype=torch.long, device=device)
         self.in_flight = None  # the decode step whose tokens are not yet emitted (see step)
@@ -248,13 +259,13 @@ class Scheduler:
                         self.admit(r, self.waiting.popleft())
             self.step()
         if dist.is_initialized():  # the other ranks stop too
-            send_step(self.next_token[:0], self.next_token[:0], [], None)
+            send_step(self.next_token[:0], self.next_token[:0], FREE_ROW, None)
 
     def warm_up(self):
         """Compile the step for every number of rows it runs, with and without a prompt's chunk,
         and capture their CUDA graphs, before the first request. The chunk writes row 0's first
         slots, which its first request overwrites."""
-        device, B = self.temperature.device, len(self.rows)
+        device, B = self.next_token.device, len(self.rows)
         shapes = [(n, None) for n in sorted({self.rows_run(last) for last in range(B)})]
         shapes.append((B, self.chunk_at(0, [0] * min(2, self.prefill_chunk))))
         with tqdm(shapes, desc="warm-up", unit="step") as bar:
@@ -276,19 +287,21 @@ class Scheduler:
     def forward(self, idx: Tensor, input_pos: Tensor, chunk: Optional[tuple]) -> Tensor:
         """The step of the first n rows, idx (n, 1), with each row's sampling settings, and a
         prompt's chunk or None. Under torchrun every rank runs it."""
-        settings = [t[:idx.shape[0]] for t in (self.temperature, self.top_k, self.top_p, self.seed)]
+        settings = RowSettings(*(t[:idx.shape[0]] for t in self.settings))
         if dist.is_initialized():
             send_step(idx, input_pos, settings, chunk)
-        return self.step_fn(self.model, idx, input_pos, *settings, chunk)
+        return self.step_fn(self.model, idx, input_pos, settings, chunk)
 
     def admit(self, r: int, job: Job):
         self.rows[r] = job
         job.admitted = time.perf_counter()
         # Through pinned memory (to_device): a host number assigned to a CUDA tensor is copied
-        # from pageable memory, which waits for every queued step first.
-        device = self.temperature.device
-        self.temperature[r], self.top_p[r] = to_device([job.temperature, job.top_p], device)
-        self.top_k[r], self.seed[r] = to_device([job.top_k, job.seed], device)
+        # from pageable memory, which waits for every queued step first. One copy a dtype.
+        for dtype in (torch.long, torch.float32):
+            fields = [i for i, v in enumerate(FREE_ROW) if settings_dtype(v) == dtype]
+            values = to_device([job.settings[i] for i in fields], self.next_token.device)
+            for i, value in zip(fields, values):
+                self.settings[i][r] = value
 
     def step(self):
         """A decode step over the decoding rows, carrying the next chunk of the earliest admitted
@@ -360,8 +373,8 @@ class Scheduler:
         C = self.prefill_chunk if self.static_chunks else len(ids)
         last_slot = self.model.max_seq_length - 1
         slots = [min(start + i, last_slot) for i in range(C)]
-        both = to_device([ids + [0] * (C - len(ids)), slots], self.temperature.device)  # (2, C)
-        return both[:1], both[1:], to_device([r], self.temperature.device)
+        both = to_device([ids + [0] * (C - len(ids)), slots], self.next_token.device)  # (2, C)
+        return both[:1], both[1:], to_device([r], self.next_token.device)
 
     def take(self, r: int, token: int):
         """Hand a row's new token to its job (at the end of the step); free the row when the job
@@ -393,16 +406,19 @@ def hand_out(events: list):
 KEEP_ALIVE_S = 60
 
 
-def send_step(idx: Tensor, input_pos: Tensor, settings: list, chunk: Optional[tuple]):
+def send_step(idx: Tensor, input_pos: Tensor, settings: RowSettings, chunk: Optional[tuple]):
     """Rank 0: broadcast one step of the scheduler (its rows, their sampling settings and a prompt's
     chunk), or the end (no rows)."""
     b, C = idx.shape[0], 0 if chunk is None else chunk[0].shape[1]
     dist.broadcast(to_device([b, C], idx.device), 0)
     if not b:
         return
-    temperature, top_k, top_p, seed = settings
-    dist.broadcast(torch.cat([idx, input_pos, top_k[:, None], seed[:, None]], dim=1), 0)
-    dist.broadcast(torch.stack([temperature, top_p], dim=1), 0)
+    # two broadcasts: the int64 columns (the rows' tokens and slots, then the int settings), the
+    # float settings
+    ints = [t for t, v in zip(settings, FREE_ROW) if settings_dtype(v) == torch.long]
+    floats = [t for t, v in zip(settings, FREE_ROW) if settings_dtype(v) == torch.float32]
+    dist.broadcast(torch.stack([idx[:, 0], input_pos[:, 0], *ints], dim=1), 0)
+    dist.broadcast(torch.stack(floats, dim=1), 0)
     if C:
         dist.broadcast(torch.cat([chunk[0][0], chunk[1][0], chunk[2]]), 0)  # (2C + 1,)
 
@@ -430,18 +446,21 @@ def follow(model: Transformer, step_fn: Callable):
             continue
         if b == 0:
             return
-        ints = torch.empty(b, 4, dtype=torch.long, device=device)  # idx, input_pos, top_k, seed
-        floats = torch.empty(b, 2, device=device)  # temperature, top_p
+        dtypes = [settings_dtype(v) for v in FREE_ROW]
+        # idx, input_pos and the int settings; the float settings (send_step's order)
+        ints = torch.empty(b, 2 + dtypes.count(torch.long), dtype=torch.long, device=device)
+        floats = torch.empty(b, dtypes.count(torch.float32), device=device)
         dist.broadcast(ints, 0)
         dist.broadcast(floats, 0)
+        columns = {torch.long: iter(ints[:, 2:].unbind(1)), torch.float32: iter(floats.unbind(1))}
+        settings = RowSettings(*(next(columns[dtype]) for dtype in dtypes))
         chunk = None
         if C:
             sent = torch.empty(2 * C + 1, dtype=torch.long, device=device)
             dist.broadcast(sent, 0)
             chunk = (sent[None, :C], sent[None, C:2 * C], sent[2 * C:])
         with torch.inference_mode():
-            step_fn(model, ints[:, :1], ints[:, 1:2], floats[:, 0], ints[:, 2], floats[:, 1],
-                    ints[:, 3], chunk)
+            step_fn(model, ints[:, :1], ints[:, 1:2], settings, chunk)
 
 
 # ---- the HTTP side: OpenAI's requests, responses and errors --------------------------------------
@@ -780,10 +799,11 @@ def make_app(scheduler: Scheduler, tokenizer, model_id: str, context: int,
                            f"prompt tokens + {max_tokens} max_tokens = "
                            f"{len(prompt) + max_tokens}", "context_length_exceeded", where)
         queue = asyncio.Queue()
-        job = Job(prompt, max_tokens, 1.0 if body.temperature is None else body.temperature,
-                  body.top_k or vocab_size, 1.0 if body.top_p is None else body.top_p,
-                  secrets.randbits(63) if body.seed is None else body.seed,
-                  emit=queue.put_nowait)
+        settings = RowSettings(temperature=1.0 if body.temperature is None else body.temperature,
+                               top_k=body.top_k or CANDIDATES,
+                               top_p=1.0 if body.top_p is None else body.top_p,
+                               seed=secrets.randbits(63) if body.seed is None else body.seed)
+        job = Job(prompt, max_tokens, settings, emit=queue.put_nowait)
         if not scheduler.submit(job):
             queued = scheduler.max_queue
             raise APIError(429, f"the server is busy: {queued} request"

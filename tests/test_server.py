@@ -25,7 +25,7 @@ from conftest import ROOT, as_run, assert_one_error_line, main_error, run_script
 from generate import Sampling, generate
 import server as server_module
 from model import ModelArgs, Transformer
-from server import Job, Scheduler, decode_rows, held_back, parse_args, sample_rows
+from server import Job, RowSettings, Scheduler, decode_rows, held_back, parse_args, sample_rows
 from stepped_server import StepGate, never_ending, stepped_server, tiny_model, wait_until
 from tokenizer import load_tokenizer
 
@@ -222,8 +222,8 @@ def test_each_sampled_row_draws_from_its_own_temperature_top_k_and_nucleus():
     logits = torch.stack([base[torch.randperm(V, generator=generator)] for _ in settings])  # (R, V)
     temperature, top_k, top_p = (torch.tensor(column).repeat(N) for column in zip(*settings))
     tokens = sample_rows(logits.repeat(N, 1), position=torch.arange(N).repeat_interleave(R),
-                         temperature=temperature, top_k=top_k, top_p=top_p,
-                         seed=torch.arange(1000, 1000 + R).repeat(N))  # row i: request i % R
+                         settings=RowSettings(temperature=temperature, top_k=top_k, top_p=top_p,
+                                              seed=torch.arange(1000, 1000 + R).repeat(N)))  # row i: request i % R
     drawn = tokens.view(N, R).T  # (R, N)
     for r, (t, k, p) in enumerate(settings):
         if t == 0:
@@ -244,9 +244,9 @@ def test_a_nucleus_that_reaches_top_p_exactly_takes_no_more_tokens():
     N = 2000
     logits = torch.log(torch.tensor([[0.5, 0.25, 0.25]])).repeat(N, 1)
     for top_p, drawn in ((0.5, {0}), (0.75, {0, 1})):
-        tokens = sample_rows(logits, position=torch.arange(N), temperature=torch.ones(N),
-                             top_k=torch.full((N,), 3), top_p=torch.full((N,), top_p),
-                             seed=torch.zeros(N, dtype=torch.long))
+        tokens = sample_rows(logits, position=torch.arange(N), settings=RowSettings(
+            temperature=torch.ones(N), top_k=torch.full((N,), 3), top_p=torch.full((N,), top_p),
+            seed=torch.zeros(N, dtype=torch.long)))
         assert set(tokens.view(-1).tolist()) == drawn, top_p
 
 
@@ -258,8 +258,8 @@ def test_a_token_the_filters_drop_is_never_drawn_at_the_hashs_extremes():
     logits = torch.zeros(1, V)
     logits[0, 7], logits[0, 20304] = 10.0, 5.0
     for top_k, top_p in ((1, 1.0), (V, 0.5)):
-        token = sample_rows(logits, torch.tensor([159]), torch.ones(1), torch.tensor([top_k]),
-                            torch.tensor([top_p]), torch.tensor([4565951]))
+        token = sample_rows(logits, torch.tensor([159]), RowSettings(
+            torch.ones(1), torch.tensor([top_k]), torch.tensor([top_p]), torch.tensor([4565951])))
         assert token.item() == 7, (top_k, top_p)
 
 
@@ -268,8 +268,8 @@ def test_seeds_that_differ_only_in_their_high_bits_or_sign_draw_apart():
     N, V = 64, 1000
     seeds = torch.tensor([5, 5 + 2**32, 5 - 2**32, -1, 2**32 - 1, 2**63 - 1])
     logits = torch.zeros(N, V)  # uniform: each draw is the hash's alone
-    draws = [sample_rows(logits, torch.arange(N), torch.ones(N), torch.full((N,), V),
-                         torch.ones(N), seed.repeat(N)).view(-1).tolist() for seed in seeds]
+    draws = [sample_rows(logits, torch.arange(N), RowSettings(
+        torch.ones(N), torch.full((N,), V), torch.ones(N), seed.repeat(N))).view(-1).tolist() for seed in seeds]
     assert len({tuple(d) for d in draws}) == len(seeds)
 
 
@@ -278,9 +278,8 @@ def test_a_tiny_temperature_samples_each_rows_argmax_not_noise():
     torch.manual_seed(0)
     logits = torch.randn(3, 5000) * 5
     temperature = torch.tensor([1e-40, 1e-38, 0])
-    tokens = sample_rows(logits, position=torch.arange(3), temperature=temperature,
-                         top_k=torch.full((3,), 5000), top_p=torch.ones(3),
-                         seed=torch.arange(3))  # (3, 1)
+    tokens = sample_rows(logits, position=torch.arange(3), settings=RowSettings(
+        temperature=temperature, top_k=torch.full((3,), 5000), top_p=torch.ones(3), seed=torch.arange(3)))  # (3, 1)
     assert torch.equal(tokens, logits.argmax(-1, keepdim=True))
 
 
@@ -797,6 +796,30 @@ def test_under_torchrun_two_processes_serve_the_greedy_answers_of_one(tiny_with_
         assert "Finished server process" in log and "RuntimeError" not in log, log[-3000:]
 
 
+def test_torchrun_ranks_step_with_every_rows_settings_as_rank_0_sent_them(monkeypatch):
+    """send_step's broadcasts, replayed into follow (what the other ranks run): their step gets the
+    rows' tokens, slots and each field of each row's settings as rank 0's step had them, in its
+    dtype, whatever RowSettings holds; then the end."""
+    from types import SimpleNamespace
+    sent = []
+    monkeypatch.setattr(server_module.dist, "broadcast", lambda t, src: sent.append(t.clone()))
+    settings = RowSettings(temperature=torch.tensor([0.5, 1.5]), top_k=torch.tensor([3, 7]),
+                           top_p=torch.tensor([0.9, 1.0]), seed=torch.tensor([11, -2**62]))
+    idx, input_pos = torch.tensor([[4], [5]]), torch.tensor([[9], [12]])
+    server_module.send_step(idx, input_pos, settings, None)
+    server_module.send_step(idx[:0], input_pos[:0], server_module.FREE_ROW, None)  # the end
+    replay = iter(sent)
+    monkeypatch.setattr(server_module.dist, "broadcast", lambda t, src: t.copy_(next(replay)))
+    steps = []
+    model = SimpleNamespace(tok_embeddings=SimpleNamespace(weight=torch.zeros(1)))
+    server_module.follow(model, lambda model, *step: steps.append(step))
+    ((got_idx, got_pos, got, chunk),) = steps
+    assert torch.equal(got_idx, idx) and torch.equal(got_pos, input_pos) and chunk is None
+    assert type(got) is RowSettings
+    for name, value in settings._asdict().items():
+        assert getattr(got, name).dtype == value.dtype and torch.equal(getattr(got, name), value), name
+
+
 def run_jobs(scheduler, jobs: list, arrivals: list):
     """Submit each job at its step (arrivals), admit jobs into free rows as serve() does, and step
     until every job has ended."""
@@ -814,7 +837,7 @@ def run_jobs(scheduler, jobs: list, arrivals: list):
 
 
 def greedy_job(prompt: list, max_tokens: int) -> Job:
-    job = Job(prompt, max_tokens, 0.0, 10**6, 1.0, 0, emit=None)
+    job = Job(prompt, max_tokens, RowSettings(temperature=0.0, top_k=1024, top_p=1.0, seed=0), emit=None)
     job.tokens, job.ended = [], False
 
     def emit(item):
