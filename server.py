@@ -95,16 +95,16 @@ CANDIDATES = 1024
 
 class RowSettings(NamedTuple):
     """How a row samples: a request's numbers in its Job, each a tensor (B,) of every row's in the
-    scheduler (int64 for an int, float32 for a float). A new option is a field here, its value for
-    a free row in FREE_ROW, a request field (CommonFields, read where the Job is made) and its rule
+    scheduler (int64 for an int, float32 for a float). A new option is a field here, its default
+    what a free row holds, a request field (CommonFields, read where the Job is made) and its rule
     in sample_rows; the scheduler and torchrun's ranks carry every field as they are."""
-    temperature: float  # 0: greedy, the argmax as in generate.sample
-    top_k: int  # of the CANDIDATES most likely tokens
-    top_p: float  # the nucleus; 1: all
-    seed: int  # of the noise: a seeded request draws the same tokens on every run
+    temperature: float = 0.0  # 0: greedy, the argmax as in generate.sample
+    top_k: int = CANDIDATES  # of the CANDIDATES most likely tokens
+    top_p: float = 1.0  # the nucleus; 1: all
+    seed: int = 0  # of the noise: a seeded request draws the same tokens on every run
 
 
-FREE_ROW = RowSettings(temperature=0.0, top_k=CANDIDATES, top_p=1.0, seed=0)
+FREE_ROW = RowSettings()
 
 
 def settings_dtype(value) -> torch.dtype:
