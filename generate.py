@@ -537,9 +537,8 @@ def load_weights(args, ckpt, config: ModelArgs, device: torch.device, batch_size
     loads."""
     weight_bytes = 0
     if args.random_weights:  # made on the device, where a model too large would end the process
-        world = dist.get_world_size() if dist.is_initialized() else 1
         shard = tp.empty_shard(*tp.random_config(args.random_weights, args.random_quantization),
-                               world).to(args.dtype)  # on meta: sizes only
+                               tp.world_size()).to(args.dtype)  # on meta: sizes only
         weight_bytes = sum(t.nbytes for t in [*shard.parameters(), *shard.buffers()])
     check_cache_fits(config, batch_size, cache_length, args.dtype, device, draft, weight_bytes)
     t0 = time.perf_counter()

@@ -112,6 +112,12 @@ def settings_dtype(value) -> torch.dtype:
     return torch.long if isinstance(value, int) else torch.float32
 
 
+# The fields of each dtype, by index: a job's are copied to the device, and a step's broadcast to
+# torchrun's ranks, one tensor a dtype.
+FIELDS_BY_DTYPE = {dtype: [i for i, v in enumerate(FREE_ROW) if settings_dtype(v) == dtype]
+                   for dtype in (torch.long, torch.float32)}
+
+
 def sample_rows(logits: Tensor, position: Tensor, settings: RowSettings) -> Tensor:
     """logits (B, vocab) -> next token ids (B, 1), each row as its settings (B,) say."""
     temperature, top_k, top_p, seed = settings
@@ -297,8 +303,7 @@ class Scheduler:
         job.admitted = time.perf_counter()
         # Through pinned memory (to_device): a host number assigned to a CUDA tensor is copied
         # from pageable memory, which waits for every queued step first. One copy a dtype.
-        for dtype in (torch.long, torch.float32):
-            fields = [i for i, v in enumerate(FREE_ROW) if settings_dtype(v) == dtype]
+        for fields in FIELDS_BY_DTYPE.values():
             values = to_device([job.settings[i] for i in fields], self.next_token.device)
             for i, value in zip(fields, values):
                 self.settings[i][r] = value
@@ -415,8 +420,7 @@ def send_step(idx: Tensor, input_pos: Tensor, settings: RowSettings, chunk: Opti
         return
     # two broadcasts: the int64 columns (the rows' tokens and slots, then the int settings), the
     # float settings
-    ints = [t for t, v in zip(settings, FREE_ROW) if settings_dtype(v) == torch.long]
-    floats = [t for t, v in zip(settings, FREE_ROW) if settings_dtype(v) == torch.float32]
+    ints, floats = ([settings[i] for i in fields] for fields in FIELDS_BY_DTYPE.values())
     dist.broadcast(torch.stack([idx[:, 0], input_pos[:, 0], *ints], dim=1), 0)
     dist.broadcast(torch.stack(floats, dim=1), 0)
     if C:
@@ -446,14 +450,15 @@ def follow(model: Transformer, step_fn: Callable):
             continue
         if b == 0:
             return
-        dtypes = [settings_dtype(v) for v in FREE_ROW]
+        int_fields, float_fields = FIELDS_BY_DTYPE.values()
         # idx, input_pos and the int settings; the float settings (send_step's order)
-        ints = torch.empty(b, 2 + dtypes.count(torch.long), dtype=torch.long, device=device)
-        floats = torch.empty(b, dtypes.count(torch.float32), device=device)
+        ints = torch.empty(b, 2 + len(int_fields), dtype=torch.long, device=device)
+        floats = torch.empty(b, len(float_fields), device=device)
         dist.broadcast(ints, 0)
         dist.broadcast(floats, 0)
-        columns = {torch.long: iter(ints[:, 2:].unbind(1)), torch.float32: iter(floats.unbind(1))}
-        settings = RowSettings(*(next(columns[dtype]) for dtype in dtypes))
+        columns = {**dict(zip(int_fields, ints[:, 2:].unbind(1))),
+                   **dict(zip(float_fields, floats.unbind(1)))}
+        settings = RowSettings(*(columns[i] for i in range(len(FREE_ROW))))
         chunk = None
         if C:
             sent = torch.empty(2 * C + 1, dtype=torch.long, device=device)

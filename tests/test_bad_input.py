@@ -22,7 +22,8 @@ from torch.utils._pytree import tree_leaves
 
 import checkpoint
 from checkpoint import read_checkpoint, read_weights
-from conftest import ROOT, as_run, assert_one_error_line, load_script, main_error, run_script
+from conftest import (ROOT, as_run, assert_fails_with_one_line, assert_one_error_line, load_script, main_error,
+                      run_script)
 
 TINY = dict(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=49152, intermediate_size=128, block_size=256)
 GEN = ("--max_new_tokens", 2, "--num_samples", 1, "--temperature", 0, "--device", "cpu")
@@ -87,9 +88,7 @@ def snapshot(folder: Path) -> dict:
 
 def refused(*args, words=()) -> str:
     """A refusal from the real command line: exit status 1 after one `error:` line."""
-    r = run_script(*args, timeout=HANG_S)
-    assert r.returncode == 1, r.stderr[-2000:]
-    return assert_one_error_line(r.stderr, *words)
+    return assert_fails_with_one_line(run_script(*args, timeout=HANG_S), *words)
 
 
 def run_as_main(script: str, argv, monkeypatch, capsys) -> tuple[int, str]:
