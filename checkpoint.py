@@ -23,8 +23,9 @@ leaves the previous checkpoint (temp files only, removed by the next write) or a
 next reader or writer finishes: never weights without their config. A journal is renamed in and
 carried out under a lock on the folder: two writers on one machine take turns at their renames.
 
-Also here, for every script: InputError and the ArgumentParser that prints it as one line,
-check_device, check_output (a report's path), write_files (any set of files) and one_line.
+Also here, for every script: InputError, the ArgumentParser that raises it and script_exits,
+which prints it as one line; check_device, check_output (a report's path), write_files (any set of
+files) and one_line.
 """
 import argparse
 import errno
@@ -36,6 +37,8 @@ import pickle
 import shutil
 import signal
 import socket
+import sys
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -71,6 +74,27 @@ class ArgumentParser(argparse.ArgumentParser):
                     raise InputError(f"--{dest} {path}: a name in it is longer than {NAME_MAX} "
                                      "bytes")
         return namespace, extras
+
+
+@contextmanager
+def script_exits(report: Optional[Callable] = None):
+    """How every script ends on bad input or Ctrl-C. An InputError: one `error:` line and exit
+    status 1 (`report` says it and exits instead: tp.exit_with_error, for torchrun's ranks).
+    Ctrl-C: status 130, 128 + SIGINT as a shell reports a program it interrupted, with no traceback
+    (an output being written removes its temp files as the interrupt unwinds). A reader that left
+    (`| head`): stop quietly, as cat does. Anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except InputError as e:
+        if report is not None:
+            report(e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush
+        sys.exit(1)
 
 
 WEIGHT_FILES = ("model.safetensors", "model.pth")  # float weights, described by config.json
@@ -283,7 +307,8 @@ def signals_held(signums=(signal.SIGINT, signal.SIGTERM)):
     for steps that must not stop half-way. Only the main thread may set handlers, and one that
     C code set (getsignal's None) could not be put back: then nothing is held."""
     held = []
-    previous = {s: signal.getsignal(s) for s in signums} if is_main_thread() else {}
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.getsignal(s) for s in signums} if on_main_thread else {}
     previous = {s: handler for s, handler in previous.items() if handler is not None}
     for s in previous:
         signal.signal(s, lambda signum, frame: held.append(signum))
@@ -652,7 +677,8 @@ def write_files(folder: Path, writers: dict, remove=()):
     temps = {name: folder / temp_name(name) for name in writers}
     tmp_journal = folder / temp_name(JOURNAL)
     # SIGTERM (kill, a scheduler's stop) ends the process through Python, so the cleanup below runs.
-    previous = signal.signal(signal.SIGTERM, exit_on_sigterm) if is_main_thread() else None
+    on_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, exit_on_sigterm) if on_main_thread else None
     journal_written = False
     try:
         for name, write in writers.items():
@@ -840,11 +866,6 @@ def write_safetensors(tensors: dict, tmp: Path):
 
 def exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
-
-
-def is_main_thread() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
 
 
 def checkpoint_files(folder: Path) -> list:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import tp
 from checkpoint import (ArgumentParser, InputError, check_output, load_model, one_line,
-                        read_checkpoint)
+                        read_checkpoint, script_exits)
 from generate import (DEVICE_FLAGS, Sampling, check_cache_fits, compile_functions, device_name,
                       generate, resolve_device_flags, write_json)
 from model import Transformer
@@ -606,12 +606,8 @@ def main(argv=None):
     """One run of eval.py: bad input ends in one `error:` line (rank 0's under torchrun), exit 1."""
     if tp.world_size() > 1:
         tp.quiet_other_ranks()  # under torchrun only rank 0 prints
-    try:
+    with script_exits(tp.exit_with_error):
         run(parse_args(argv))
-    except InputError as e:
-        tp.exit_with_error(e)
-    except KeyboardInterrupt:  # Ctrl-C: an output being written removes its temp files as it
-        sys.exit(130)  # unwinds; 128 + SIGINT, as a shell reports a program it interrupted
 
 
 if __name__ == "__main__":

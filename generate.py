@@ -30,8 +30,8 @@ from torch import Tensor
 
 import kernels
 import tp
-from checkpoint import (CONFIGS, ArgumentParser, InputError, check_device, check_output,
-                        load_model, open_weights, random_model, read_checkpoint, write_files)
+from checkpoint import (CONFIGS, ArgumentParser, InputError, check_device, check_output, load_model,
+                        open_weights, random_model, read_checkpoint, script_exits, write_files)
 from model import ModelArgs, MoEFeedForward, Transformer
 from tokenizer import TextStreamer, check_ids_fit, is_text, load_tokenizer
 
@@ -445,8 +445,8 @@ def main(argv=None):
         raise InputError(f"the prompt has {longest} tokens but the model's context is {room}")
     if args.interactive:
         # Interactive prompts are unknown up front: size the cache for a generous conversation
-        # turn, not for the whole context (131k positions for Llama-3.1 would cost gigabytes and
-        # slow every decode step).
+        # turn, not for the whole context (131k positions for Llama-3.1 would cost gigabytes, and
+        # slow every decode step where PyTorch's attention attends over all of them).
         max_seq = min(context, 4096)
         max_new = min(args.max_new_tokens, max_seq - 1)
     else:
@@ -785,7 +785,7 @@ def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: i
 
 
 def compile_functions(compile_decode: bool, compile_prefill: bool, *,
-                      prefill_step: Callable = prefill, decode_step: Callable = decode_one_token,
+                      decode_step: Callable = decode_one_token,
                       decode_dynamic: Optional[bool] = None):
     """The prefill and the decode step, each compiled if asked (server.py passes its own step, and
     decode_dynamic=False: a static graph for each row count), handed back as values rather than
@@ -797,8 +797,8 @@ def compile_functions(compile_decode: bool, compile_prefill: bool, *,
         torch._dynamo.config.specialize_float = True
     decode_fn = (torch.compile(decode_step, mode="reduce-overhead", fullgraph=True,
                                dynamic=decode_dynamic) if compile_decode else decode_step)
-    prefill_fn = (torch.compile(prefill_step, fullgraph=True, dynamic=True)
-                  if compile_prefill else prefill_step)
+    prefill_fn = (torch.compile(prefill, fullgraph=True, dynamic=True) if compile_prefill
+                  else prefill)
     return prefill_fn, decode_fn
 
 
@@ -1076,12 +1076,5 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    try:
+    with script_exits(tp.exit_with_error):
         main()
-    except InputError as e:
-        tp.exit_with_error(e)
-    except BrokenPipeError:  # the reader left (`| head`): stop quietly, as cat does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush
-        sys.exit(1)
-    except KeyboardInterrupt:  # Ctrl-C: stop without a traceback, 128 + SIGINT as shells report it
-        sys.exit(130)

@@ -828,8 +828,8 @@ if triton is not None:
 
 # The GEMV's tile for each kind of weight: one-byte weights at 4 rows x 512 words, of 32 (1 to 16
 # rows x 128 to 1024 words x 4 or 8 warps) the fastest for int8 over Llama-2-7B's block layers on an
-# H200, and of 6 for fp8 on an H100 once fp8 took its PTX conversion (a pass 4 % faster than on 8 x
-# 256, +0.6 % end to end; BENCHMARKS.md). One tile a kind, not autotuned per shape: timing single
+# H200, and of 6 for fp8 (with its PTX conversion) on an H100 (a pass 4 % faster than on 8 x 256,
+# +0.6 % end to end; BENCHMARKS.md). One tile a kind, not autotuned per shape: timing single
 # calls of a kernel this short picked a tile 23 % slower than the best for one layer in one
 # process, and a tile that changes from process to process changes the order of the sums, so the
 # outputs' last bits. bf16 and fp16 weights (FloatLinear's nn.Linear layers at one row) go through
@@ -868,10 +868,11 @@ EXPERT_TILES = {(1, True): dict(BLOCK_N=8, BLOCK_WORDS=256, num_warps=4, num_sta
 # projection makes twice int8's programs, and whole, bf16 models decode 0.8-1.4 % faster (int8's
 # down projection whole: 2.6 % slower; BENCHMARKS.md has the measurements).
 SPLIT_MAX_ROWS, SPLIT_COLUMNS, MAX_SPLIT = 8192, 8192, 8
-# The GEMV's parts of a split K are multiples of SPLIT_ALIGN_WORDS int32 words (1024 bf16 columns):
-# whole tiles of fp8's and the float weights'. int8's tile is 512 words: a part of an odd number of
-# 256-word blocks ends in half a tile, whose other half's loads are masked off (Llama-2-7B's down
-# projection splits at 1536 words, three whole int8 tiles).
+# The GEMV's parts of a split K are multiples of SPLIT_ALIGN_WORDS int32 words (1024 one-byte
+# columns): whole tiles of the expert GEMV's, float experts included. The one-row GEMV's one-byte
+# tile (int8 and fp8) is 512 words: a part of an odd number of 256-word blocks ends in half a tile,
+# whose other half's loads are masked off (Llama-2-7B's down projection splits at 1536 words, three
+# whole tiles).
 SPLIT_ALIGN_WORDS = 256
 # False: PyTorch's matmul for bf16 and fp16 single rows too (FloatLinear reads it at each call; a
 # compiled step traces again when it changes).
@@ -1005,7 +1006,7 @@ INT4_MM_TILE = dict(BLOCK_N=64, num_warps=4, num_stages=3)
 # of INT4_MM_TILE's 64 rows on 4 warps, each with a quarter of the work. Llama-2-7B in groups of 128
 # on an H100: its 128 block layers 2.10-2.13 ms a pass against 2.55-2.57 (words in tiles; the
 # fastest of 7: 32 rows on 2 warps 2.19-2.20, 2 or 4 stages 2.17-2.27, K in parts of 512 or 2048
-# columns 2.17-2.19; before the tiles, the fastest of 14, 16 to 128 rows, 1 to 8 warps, 2 to 6
+# columns 2.17-2.19; on the untiled words, the fastest of 14, 16 to 128 rows, 1 to 8 warps, 2 to 6
 # stages, parts of 512 columns to the whole K); end to end +4.2 % from 64 rows on 4 warps to 32 on
 # 2, and +2.3 % from there. Swept again on the kernel as it is (13 forms, w13's stages among them):
 # still the fastest end to end on an H100 (BENCHMARKS.md). Not timed on an H200.
@@ -2606,8 +2607,8 @@ def prepare_for_device(model: nn.Module):
         if isinstance(module, MoEFeedForward) and module.gate.weight.is_cuda and triton is not None:
             module.router_kernel = router_top_k
         # (w13 is FloatLinear already, above; fp8 layers keep SiLU(gate) * up apart: with it in the
-        # GEMV they decode 0.8 % slower on an H100 (2.5 % on an H200 before fp8's PTX conversion),
-        # bf16 and int8 1.7 and 2.2 % faster, int4 in its kernel 0.7-1.5 %; BENCHMARKS.md)
+        # GEMV they decode 0.8 % slower on an H100, bf16 and int8 1.7 and 2.2 % faster, int4 in its
+        # kernel 0.7-1.5 %; BENCHMARKS.md)
         if (isinstance(module, FeedForward) and GEMV_SWIGLU and triton is not None
                 and w13_takes_swiglu(module.w13)):
             module.swiglu_kernel = swiglu_linear

@@ -304,7 +304,8 @@ class Transformer(nn.Module):
         """Allocate the KV cache and rotary table once; later forwards write into them in place.
         The slots are rounded up to a multiple of 8 (at most block_size): inductor's attention
         lowering aligns the mask's rows to 8, and an unaligned cache costs a mask copy in every
-        layer. The extra slots are never written and always masked."""
+        layer. No real token's query sees the extra slots (a server's padded chunk may write the
+        last one)."""
         max_seq_length = min(-(-max_seq_length // 8) * 8, self.args.block_size)
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
         dtype, device = self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device

@@ -44,7 +44,6 @@ import argparse
 import json
 import math
 import re
-import sys
 import time
 from dataclasses import asdict, replace
 from functools import partial
@@ -59,8 +58,8 @@ from tqdm import tqdm
 
 from checkpoint import (JOURNAL, TOKENIZER_FILES, WEIGHT_FILES, ArgumentParser, Checkpoint,
                         InputError, WeightsFile, check_device, check_readable, check_tensors,
-                        check_writable, copier, empty_model, on_meta, read_checkpoint,
-                        read_json, write_files, write_pth)
+                        check_writable, copier, empty_model, on_meta, read_checkpoint, read_json,
+                        script_exits, write_files, write_pth)
 from kernels import (FORMAT, FP8_MAX, GROUPSIZES, INT4_MODES, int4_dequantize, int4_padded_k,
                      layer_mode, record_padding)
 from model import (Experts, KVCache, ModelArgs, RMSNorm, Rows, TransformerBlock,
@@ -700,13 +699,8 @@ def run(args):
 
 
 def main(argv=None):
-    try:
+    with script_exits():
         run(parse_args(argv))
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:  # Ctrl-C: an output being written removes its temp files as it
-        sys.exit(130)  # unwinds; 128 + SIGINT, as a shell reports a program it interrupted
 
 
 if __name__ == "__main__":

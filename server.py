@@ -56,7 +56,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 import tp
-from checkpoint import CONFIGS, ArgumentParser, InputError, read_checkpoint
+from checkpoint import CONFIGS, ArgumentParser, InputError, read_checkpoint, script_exits
 from generate import DEVICE_FLAGS, MODEL_FLAGS, check_model_flags, compile_functions, load_weights
 from model import ModelArgs, Transformer
 from tokenizer import TextStreamer, is_text, load_tokenizer
@@ -152,7 +152,7 @@ def decode_rows(model: Transformer, token: Tensor, input_pos: Tensor, settings: 
 
 # ---- the scheduler -------------------------------------------------------------------------------
 
-def to_device(values: list, device) -> Tensor:
+def tensor_on(values: list, device) -> Tensor:
     """Host numbers as a tensor on device, without waiting for the work queued there: a CUDA copy
     from pageable memory (`torch.tensor(values, device=...)`) first waits for the stream to drain,
     one from pinned memory does not."""
@@ -247,7 +247,7 @@ class Scheduler:
     def serve(self):
         self.warm_up()
         if dist.is_initialized():  # the other ranks' warm-up is over too: no rows, C = 1
-            dist.broadcast(to_device([0, 1], self.next_token.device), 0)
+            dist.broadcast(tensor_on([0, 1], self.next_token.device), 0)
         freeze_long_lived()
         self.ready.set()
         while True:
@@ -255,7 +255,7 @@ class Scheduler:
                 while not (self.stopping or self.waiting or any(self.rows)):
                     if not self.changed.wait(KEEP_ALIVE_S) and dist.is_initialized():
                         # idle: the other ranks, waiting in a broadcast, would time out
-                        dist.broadcast(to_device([0, 2], self.next_token.device), 0)
+                        dist.broadcast(tensor_on([0, 2], self.next_token.device), 0)
                 if self.stopping:
                     break
                 for r in range(len(self.rows)):
@@ -280,7 +280,7 @@ class Scheduler:
                 for _ in range(3):  # CUDA graph trees: warm-up, capture, replay
                     # the live step's own input: a fresh tensor made in inference mode would
                     # differ from it in kind, and the step would compile again at the first request
-                    self.forward(self.next_token[:n], to_device([[0]] * n, device), chunk)
+                    self.forward(self.next_token[:n], tensor_on([[0]] * n, device), chunk)
 
     def rows_run(self, last: int) -> int:
         """How many rows a decode step without a prompt's chunk runs when `last` is the highest
@@ -301,10 +301,10 @@ class Scheduler:
     def admit(self, r: int, job: Job):
         self.rows[r] = job
         job.admitted = time.perf_counter()
-        # Through pinned memory (to_device): a host number assigned to a CUDA tensor is copied
+        # Through pinned memory (tensor_on): a host number assigned to a CUDA tensor is copied
         # from pageable memory, which waits for every queued step first. One copy a dtype.
         for fields in FIELDS_BY_DTYPE.values():
-            values = to_device([job.settings[i] for i in fields], self.next_token.device)
+            values = tensor_on([job.settings[i] for i in fields], self.next_token.device)
             for i, value in zip(fields, values):
                 self.settings[i][r] = value
 
@@ -344,12 +344,12 @@ class Scheduler:
         n = len(self.rows) if chunk or not decoding else self.rows_run(max(decoding))
         starting = [r for r in decoding if self.rows[r].computed == 0]
         if starting:  # a prompt's last token is its first decode step's input
-            firsts = to_device([self.rows[r].prompt[-1] for r in starting], device)
+            firsts = tensor_on([self.rows[r].prompt[-1] for r in starting], device)
             for i, r in enumerate(starting):
                 self.next_token[r, 0] = firsts[i]
         slots = [[len(j.prompt) - 1 + j.computed if r in decoding else j.filled if j else 0]
                  for r, j in enumerate(self.rows[:n])]
-        new = self.forward(self.next_token[:n], to_device(slots, device), chunk)  # (n, 1)
+        new = self.forward(self.next_token[:n], tensor_on(slots, device), chunk)  # (n, 1)
         # Copied out before the next step reuses the CUDA graph's output memory.
         self.next_token[:n] = new
         tokens, copied = new, None
@@ -378,8 +378,8 @@ class Scheduler:
         C = self.prefill_chunk if self.static_chunks else len(ids)
         last_slot = self.model.max_seq_length - 1
         slots = [min(start + i, last_slot) for i in range(C)]
-        both = to_device([ids + [0] * (C - len(ids)), slots], self.next_token.device)  # (2, C)
-        return both[:1], both[1:], to_device([r], self.next_token.device)
+        both = tensor_on([ids + [0] * (C - len(ids)), slots], self.next_token.device)  # (2, C)
+        return both[:1], both[1:], tensor_on([r], self.next_token.device)
 
     def take(self, r: int, token: int):
         """Hand a row's new token to its job (at the end of the step); free the row when the job
@@ -415,7 +415,7 @@ def send_step(idx: Tensor, input_pos: Tensor, settings: RowSettings, chunk: Opti
     """Rank 0: broadcast one step of the scheduler (its rows, their sampling settings and a prompt's
     chunk), or the end (no rows)."""
     b, C = idx.shape[0], 0 if chunk is None else chunk[0].shape[1]
-    dist.broadcast(to_device([b, C], idx.device), 0)
+    dist.broadcast(tensor_on([b, C], idx.device), 0)
     if not b:
         return
     # two broadcasts: the int64 columns (the rows' tokens and slots, then the int settings), the
@@ -923,8 +923,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="requests that may wait for a row; beyond, 429 (default 64)")
     p.add_argument("--max_seq_length", type=int,
                    help="cache slots per row: the longest prompt + max_tokens served (default: "
-                   "the model's context, at most 4096). Every decode step reads every slot: size "
-                   "it for the workload")
+                   "the model's context, at most 4096). The cache takes B times this, and on a "
+                   "CPU every decode step attends over every slot: size it for the workload")
     p.add_argument("--prefill_chunk", type=int, default=32,
                    help="prompt tokens prefilled with each decode step (with --compile every "
                    "step that carries a prompt computes this many): bounds how much a new "
@@ -1020,7 +1020,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
+    with script_exits(tp.exit_with_error):
         main()
-    except InputError as e:
-        tp.exit_with_error(e)

@@ -7,7 +7,7 @@
 
 A cell is MODEL:PRECISION:BATCH:NEW_TOKENS (precision: bf16, int8, int4.gG, fp8, fp8-scaled_mm). One process,
 on a CUDA GPU:
-1. runs kernels.check_kernels (each Triton kernel against its PyTorch reference) where kernels.py has it,
+1. runs kernels.check_kernels (each Triton kernel against its float64 PyTorch reference),
    and stops with an error if any disagrees: speeds of wrong kernels mean nothing;
 2. measures the device-to-device copy bandwidth (bytes read + bytes written per second), the practical
    ceiling of a memory-bound decode;
@@ -32,7 +32,7 @@ Columns (medians over the samples):
 - time to first token: of the decode samples' prompt.
 - compile: the untimed first run (compile + up to 200 tokens). 2nd compile (--second_compile, the first
   cell only): the same cell again in a fresh process sharing this one's compile caches.
-- peak memory: allocated during the decode samples, counted from after the build.
+- peak memory: allocated from after the build: the compiling run and the decode samples.
 
 Compile caches (inductor's FX-graph and autotune caches, Triton's kernels) go to a fresh temporary folder
 unless --cache_dir names one, so a first compile is cold whatever ran on the machine before; cells in one
@@ -69,7 +69,7 @@ import generate  # noqa: E402
 import kernels  # noqa: E402
 import tp  # noqa: E402
 from checkpoint import (CONFIGS, ArgumentParser, InputError, check_output,  # noqa: E402
-                        check_output_folder, random_model, read_json, write_files)
+                        check_output_folder, random_model, read_json, script_exits, write_files)
 from model import ModelArgs  # noqa: E402
 
 DEVICE = "cuda"  # the benchmark is for GPUs; tests point it at the CPU to check the code path
@@ -207,8 +207,7 @@ def measure_decode(model, cell: Cell, samples: int, prefill_fn, decode_fn, promp
     device = torch.device(DEVICE)
     prompts = [torch.randint(0, model.args.vocab_size, (prompt_tokens,)).tolist()
                for _ in range(cell.batch_size)]
-    # Sized for this generation (setup_caches rounds up to whole 8s): attention reads every slot of the
-    # static cache at every step.
+    # Sized for this generation (setup_caches rounds up to whole 8s): the cache's memory.
     model.setup_caches(cell.batch_size, prompt_tokens + cell.new_tokens)
 
     def run(new_tokens: int):
@@ -662,10 +661,8 @@ def run(args):
 
 def main(argv=None):
     """One run of bench.py: bad input ends in one `error:` line and exit status 1."""
-    try:
+    with script_exits():
         run(parse_args(argv))
-    except InputError as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

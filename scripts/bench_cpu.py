@@ -31,8 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import generate  # noqa: E402
 import tp  # noqa: E402
-from checkpoint import (CONFIGS, ArgumentParser, InputError, check_output, empty_model,  # noqa: E402
-                        random_model)
+from checkpoint import (CONFIGS, ArgumentParser, InputError, check_output,  # noqa: E402
+                        empty_model, random_model, script_exits)
 from model import ModelArgs  # noqa: E402
 
 PROMPT_TOKENS = 5
@@ -162,9 +162,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
+    with script_exits():
         main()
-    except InputError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C: no result to keep; 128 + SIGINT, as shells report it
-        sys.exit(130)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench.py beside this
 import kernels  # noqa: E402
 from bench import (BYTES_PER_GB, build, copy_bandwidth_gb_s, describe_check,  # noqa: E402
                    kernel_checks, parse_precision)
-from checkpoint import CONFIGS, ArgumentParser, InputError  # noqa: E402
+from checkpoint import CONFIGS, ArgumentParser, InputError, script_exits  # noqa: E402
 
 LINEARS = (nn.Linear, kernels.Int8Linear, kernels.Int4Linear, kernels.Fp8Linear)
 
@@ -135,10 +135,8 @@ def measure(args):
 
 def main(argv=None):
     """Bad input ends in one `error:` line and exit status 1."""
-    try:
+    with script_exits():
         measure(parse_args(argv))
-    except InputError as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's mo
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench.py beside this file
 import bench  # noqa: E402
 import generate  # noqa: E402
-from checkpoint import ArgumentParser, InputError, check_device, check_output  # noqa: E402
+from checkpoint import (ArgumentParser, InputError, check_device, check_output,  # noqa: E402
+                        script_exits)
 
 ACCEPTANCE_RATES = (0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -212,7 +213,5 @@ def report(rows: list, args, card: str):
 
 
 if __name__ == "__main__":
-    try:
+    with script_exits():
         main()
-    except InputError as e:
-        sys.exit(f"error: {e}")

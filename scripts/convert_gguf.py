@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from checkpoint import (ArgumentParser, InputError, check_output_folder,  # noqa: E402
                         check_tensors, empty_model, one_line, parse_config, save_checkpoint,
-                        unpermute)
+                        script_exits, unpermute)
 from model import ModelArgs, llama3_scale  # noqa: E402
 from tokenizer import LLAMA3_PATTERN  # noqa: E402
 
@@ -511,14 +511,9 @@ def main(argv=None):
     parser.add_argument("--force", action="store_true",
                         help="replace the checkpoint OUT holds already: its files that this "
                              "conversion does not write (quantized copies too) are removed")
-    try:
+    with script_exits():
         args = parser.parse_args(argv)
         convert(args.gguf, args.out, DTYPES[args.dtype], args.force)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:  # Ctrl-C: an output being written removes its temp files as it
-        sys.exit(130)  # unwinds; 128 + SIGINT, as a shell reports a program it interrupted
 
 
 if __name__ == "__main__":

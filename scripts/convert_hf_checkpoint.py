@@ -33,8 +33,8 @@ from tqdm import tqdm  # noqa: E402
 
 from checkpoint import (NAME_MAX, TOKENIZER_FILES, ArgumentParser, InputError,  # noqa: E402
                         check_output_folder, check_readable, check_utf8, copier, empty_model,
-                        is_file_name, parse_config, read_json, one_line, read_weights,
-                        save_checkpoint, unpermute, unreadable)
+                        is_file_name, one_line, parse_config, read_json, read_weights,
+                        save_checkpoint, script_exits, unpermute, unreadable)
 from model import ModelArgs  # noqa: E402
 
 # What transformers' config class of each family (LlamaConfig, MistralConfig, ...) gives the keys
@@ -525,14 +525,9 @@ def main(argv=None):
                         help="replace the checkpoint CHECKPOINT_DIR holds already: its files "
                              "that this conversion does not write (quantized copies too) are "
                              "removed; sub-folders such as hf/ are left alone")
-    try:
+    with script_exits():
         opts = parser.parse_args(argv)
         state_dict, copied = run(opts)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:  # Ctrl-C: an output being written removes its temp files as it
-        sys.exit(130)  # unwinds; 128 + SIGINT, as a shell reports a program it interrupted
     n_bytes = sum(t.numel() * t.element_size() for t in state_dict.values())
     dtypes = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in state_dict.values()}))
     print(f"wrote {opts.checkpoint_dir / 'model.safetensors'} ({len(state_dict)} tensors, "

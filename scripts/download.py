@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 from checkpoint import (TOKENIZER_FILES, ArgumentParser, InputError,  # noqa: E402
-                        check_folder_writable, one_line, read_checkpoint)
+                        check_folder_writable, one_line, read_checkpoint, script_exits)
 
 
 def choose_files(repo_files: list[str]) -> list[str]:
@@ -142,7 +142,7 @@ def main(argv=None):
                                       "(default: checkpoints/REPO_ID/hf)")
     from huggingface_hub.utils import logging as hub_logging
     hub_logging.set_verbosity_error()  # no per-retry warnings: a failure ends in the one line below
-    try:
+    with script_exits():
         args = parser.parse_args(argv)
         out = args.out or os.path.join("checkpoints", args.repo_id, "hf")
         check_folder_writable(Path(out), "--out")  # before the hub
@@ -150,15 +150,12 @@ def main(argv=None):
             raise InputError(f"--out {out} holds a converted checkpoint: download the HF files "
                              "into a folder of their own (by default checkpoints/REPO_ID/hf)")
         with stopping_at_once(Path(out)):  # an empty HF_TOKEN is no token, as the hub reads it
-            download(args.repo_id, out, token=os.environ.get("HF_TOKEN") or None)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:  # Ctrl-C before the download: 128 + SIGINT
-        sys.exit(130)
-    except Exception as e:  # explain() turns the failures a download can meet into one line
-        print(f"error: {explain(e, args.repo_id)}", file=sys.stderr)
-        sys.exit(1)
+            try:
+                download(args.repo_id, out, token=os.environ.get("HF_TOKEN") or None)
+            except InputError:
+                raise
+            except Exception as e:  # explain() makes the failures a download meets one line
+                raise InputError(explain(e, args.repo_id)) from None
     print(f"done: {out}")
 
 

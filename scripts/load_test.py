@@ -55,7 +55,7 @@ except ImportError:  # a test dependency (requirements-test.txt), not the projec
     openai = None
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from checkpoint import ArgumentParser, InputError, check_output  # noqa: E402
+from checkpoint import ArgumentParser, InputError, check_output, script_exits  # noqa: E402
 from generate import write_json  # noqa: E402
 
 CALIBRATION = (8, 16)  # prompts of this many numbers measure the tokens of one
@@ -351,15 +351,13 @@ def check_args(args):
 
 def main(argv=None):
     """One load test: bad input ends in one `error:` line and exit status 1."""
-    try:
+    with script_exits():
         args = parse_args(argv)
         if openai is None:
             raise InputError("the load test drives the server with the official openai client: "
                              "pip install openai")
         check_args(args)
         result = load(args)
-    except InputError as e:
-        sys.exit(f"error: {e}")
     report(result)
     if args.out is not None:
         write_json(args.out, result)

@@ -1,6 +1,7 @@
 """Shared fixtures: the real SmolLM2-135M-Instruct model, converted once per test session, and its
 transformers twin; the slow, self-contained commands that collected tests will need, started in the
 background when the session begins."""
+import http.server
 import importlib.util
 import os
 import queue
@@ -66,12 +67,22 @@ def as_run(main):
     tp.exit_with_error's one `error:` line and exit status 1 (for main_error to check)."""
     def run(argv: list):
         import tp
-        from checkpoint import InputError
-        try:
+        from checkpoint import script_exits
+        with script_exits(tp.exit_with_error):
             main(argv)
-        except InputError as e:
-            tp.exit_with_error(e)
     return run
+
+
+@contextmanager
+def http_server(handler):
+    """An HTTP server of handler (a BaseHTTPRequestHandler class) on a free port of 127.0.0.1, each
+    request in a thread of its own; yields the port."""
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            yield server.server_port
+        finally:
+            server.shutdown()
 
 
 def free_port() -> int:
@@ -322,6 +333,18 @@ def torchrun_jobs(smollm2_checkpoint, tmp_path_factory) -> tuple[Path, dict]:
 
 
 # ---- the real model ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Many small forwards run on one thread: on a busy 2-core machine two threads wait on each
+    other and make each forward many times slower (40x for the tiny models; the command lines get
+    OMP_NUM_THREADS=1, QUIET)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:

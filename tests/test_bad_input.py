@@ -27,7 +27,7 @@ from conftest import (ROOT, as_run, assert_fails_with_one_line, assert_one_error
 
 TINY = dict(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=49152, intermediate_size=128, block_size=256)
 GEN = ("--max_new_tokens", 2, "--num_samples", 1, "--temperature", 0, "--device", "cpu")
-HANG_S = 600  # a command still running then hangs (the old code did, for hours, on some of these); no run nears it
+HANG_S = 600  # a command still running then hangs (one waiting for input or a lock would, for hours); no run nears it
 UNWRITABLE = "/proc/self"  # an existing folder where no one, root included, may create a file (os.access says so too)
 
 
@@ -196,10 +196,28 @@ def test_a_flag_argparse_refuses_is_one_error_line_and_exit_1_in_every_script(sc
     assert_one_error_line(stderr, *words, "(see --help)")
 
 
+SCRIPTS = ["generate.py", "quantize.py", "eval.py", "server.py", "scripts/convert_gguf.py",
+           "scripts/convert_hf_checkpoint.py", "scripts/download.py", "scripts/bench.py", "scripts/bench_cpu.py",
+           "scripts/bench_layers.py", "scripts/bench_speculative.py", "scripts/load_test.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_ctrl_c_stops_every_script_with_status_130_and_no_traceback(script, monkeypatch, capsys):
+    """Ctrl-C as a script reads its flags (once it runs, it can be stopped no earlier) ends it through
+    checkpoint.script_exits: status 130 and nothing printed, where a KeyboardInterrupt reaching the interpreter
+    prints its traceback."""
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(checkpoint.ArgumentParser, "parse_known_args", ctrl_c)
+    try:
+        assert run_as_main(script, [], monkeypatch, capsys) == (130, "")
+    except KeyboardInterrupt:  # caught: left to propagate, it would stop the test session
+        pytest.fail(f"{script}: the KeyboardInterrupt reached the interpreter, which prints its traceback")
+
+
 def test_a_flag_argparse_refuses_is_one_error_line_and_exit_1_on_the_command_line():
     """Two real command lines, side by side, one of each way a script ends on bad input:
-    generate.py prints the line and exits 1 (tp.exit_with_error); bench_cpu.py hands it to
-    sys.exit, and the interpreter prints it and exits 1."""
+    generate.py's rank-aware tp.exit_with_error, and bench_cpu.py's plain script_exits."""
     cases = [case for case in FLAGS_REFUSED if case[0] in ("generate.py", "scripts/bench_cpu.py")]
     processes = [subprocess.Popen([sys.executable, script, *argv], cwd=ROOT, text=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)

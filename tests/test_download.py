@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 from contextlib import contextmanager
@@ -19,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from checkpoint import InputError
-from conftest import ROOT, assert_fails_with_one_line, command, load_script, main_error, run_script
+from conftest import (ROOT, assert_fails_with_one_line, command, http_server, load_script, main_error,
+                      run_script)
 
 
 def test_download_chooses_one_copy_of_the_weights_and_the_files_conversion_needs():
@@ -170,16 +170,11 @@ class LocalHub(http.server.BaseHTTPRequestHandler):
 @contextmanager
 def local_hub(root: Path, rate: float = 0):
     """LocalHub on a free port of 127.0.0.1; yields the environment that points the client at it."""
-    handler = type("Hub", (LocalHub,), {"root": root, "rate": rate})
-    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as hub:
-        threading.Thread(target=hub.serve_forever, daemon=True).start()
-        try:
-            # no token of this machine's (HF_TOKEN, or one `hf auth login` saved under HF_HOME)
-            yield {"HF_ENDPOINT": f"http://127.0.0.1:{hub.server_port}", "HF_HUB_DISABLE_XET": "1",
-                   "HF_HUB_ETAG_TIMEOUT": "30", "HF_HUB_DOWNLOAD_TIMEOUT": "30", "HF_TOKEN": "",
-                   "HF_HOME": str(root.parent / "hf-home")}
-        finally:
-            hub.shutdown()
+    with http_server(type("Hub", (LocalHub,), {"root": root, "rate": rate})) as port:
+        # no token of this machine's (HF_TOKEN, or one `hf auth login` saved under HF_HOME)
+        yield {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_DISABLE_XET": "1",
+               "HF_HUB_ETAG_TIMEOUT": "30", "HF_HUB_DOWNLOAD_TIMEOUT": "30", "HF_TOKEN": "",
+               "HF_HOME": str(root.parent / "hf-home")}
 
 
 @pytest.fixture

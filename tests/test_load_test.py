@@ -3,15 +3,16 @@ seconds: its JSON result counts every request once (those the server refuses as 
 status), its percentiles are ordered, its token counts are the server's. Bad input is one line.
 The refused requests are counted against server.py's app in this process, its scheduler held until
 every request has arrived (tests/stepped_server.py). Nothing here asserts a speed."""
+import contextlib
 import http.server
+import io
 import json
-import threading
 from contextlib import contextmanager
 from typing import Callable
 
 import pytest
 
-from conftest import assert_one_error_line, free_port, load_script, run_script, serve
+from conftest import assert_one_error_line, free_port, http_server, load_script, run_script, serve
 
 
 ROWS, QUEUE = 2, 3  # a server takes 5 requests at a time; 3 clients never hear 429
@@ -59,12 +60,15 @@ def load_test():
 
 
 def refusal(load_test, *flags) -> str:
-    """The message load_test.main exits with: sys.exit("error: ...") prints it to stderr as the
-    program's last words, exit status 1."""
-    with pytest.raises(SystemExit) as exit:
+    """What load_test.main prints to stderr as it exits with status 1: its one error line, printed
+    by checkpoint.script_exits, or by the interpreter for a sys.exit("error: ...")."""
+    err = io.StringIO()
+    with pytest.raises(SystemExit) as exit, contextlib.redirect_stderr(err):
         load_test.main([str(flag) for flag in flags])
-    assert isinstance(exit.value.code, str), exit.value.code
-    return exit.value.code
+    if isinstance(exit.value.code, str):  # sys.exit("error: ..."): the interpreter prints it
+        return exit.value.code
+    assert exit.value.code == 1, exit.value.code
+    return err.getvalue()
 
 
 def test_load_test_over_processes_sends_exactly_the_requests_asked(server, load_test, tmp_path):
@@ -142,14 +146,11 @@ def test_load_test_names_a_server_that_is_not_an_openai_api(load_test, tmp_path)
     import functools
     (tmp_path / "v1").mkdir()
     (tmp_path / "v1" / "models").write_text("<html>a web page</html>")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=tmp_path)
-    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as httpd:
-        threading.Thread(target=httpd.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{httpd.server_port}/v1"
-        try:
-            line = refusal(load_test, "--url", url, "--requests", 1)
-        finally:
-            httpd.shutdown()
+    class Files(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # a line a request on stderr, where the error line is checked
+            pass
+    with http_server(functools.partial(Files, directory=tmp_path)) as port:
+        line = refusal(load_test, "--url", f"http://127.0.0.1:{port}/v1", "--requests", 1)
     assert_one_error_line(line, "OpenAI-compatible")
 
 
@@ -180,13 +181,8 @@ class FakeAPI(http.server.BaseHTTPRequestHandler):
 @contextmanager
 def fake_api(post: Callable):
     """FakeAPI on a free port of 127.0.0.1, answering with post; yields its /v1 URL."""
-    handler = type("Handler", (FakeAPI,), {"post": staticmethod(post)})
-    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as httpd:
-        threading.Thread(target=httpd.serve_forever, daemon=True).start()
-        try:
-            yield f"http://127.0.0.1:{httpd.server_port}/v1"
-        finally:
-            httpd.shutdown()
+    with http_server(type("Handler", (FakeAPI,), {"post": staticmethod(post)})) as port:
+        yield f"http://127.0.0.1:{port}/v1"
 
 
 def completion(usage, text="1", finish_reason="length") -> dict:

@@ -16,13 +16,7 @@ TINY = dict(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=97, intermedia
             block_size=128, n_experts=8, n_active_experts=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Many small forwards: on a busy 2-core machine two threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small forwards
 
 
 def tiny_model(seed=0, **overrides) -> Transformer:

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from checkpoint import InputError, copier, load_model, read_checkpoint, save_checkpoint
-from conftest import ROOT, as_run, assert_one_error_line, main_error, run_script, serve
+from conftest import QUIET, ROOT, as_run, assert_one_error_line, main_error, run_script, serve
 from generate import Sampling, generate
 import server as server_module
 from model import ModelArgs, Transformer
@@ -30,7 +30,6 @@ from stepped_server import StepGate, never_ending, stepped_server, tiny_model, w
 from tokenizer import load_tokenizer
 
 KEY = "test-key"
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # torchrun prints a note without it
 ROWS, QUEUE, CONTEXT = 4, 4, 256
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -42,7 +41,7 @@ def server(smollm2_checkpoint, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     with serve(log, "--checkpoint_path", smollm2_checkpoint, "--api_key", KEY, "--max_batch_size",
                ROWS, "--max_queue", QUEUE, "--max_seq_length", CONTEXT, "--prefill_chunk", 32,
-               env=ONE_THREAD) as (url, proc):
+               env=QUIET) as (url, proc):
         yield url, proc, log
 
 
@@ -723,7 +722,7 @@ def test_under_torchrun_an_idle_server_outlives_the_collectives_timeout(tmp_path
     wrapper.write_text(KEEP_ALIVE_WRAPPER.format(root=str(ROOT)))
     torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", wrapper)
     with serve(tmp_path / "server.log", "--random_weights", "stories15M", "--max_seq_length", 32,
-               launch=torchrun, env=ONE_THREAD) as (url, proc):
+               launch=torchrun, env=QUIET) as (url, proc):
         c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         for _ in range(2):
             assert c.completions.create(model="stories15M", prompt="a", max_tokens=2).usage
@@ -755,7 +754,7 @@ def streamed_through_a_stop(url: str, proc, stop_signal) -> list:
 
 def test_ctrl_c_finishes_open_answers_and_exits_cleanly(tiny_with_a_tokenizer, tmp_path):
     with serve(tmp_path / "server.log", "--checkpoint_path", tiny_with_a_tokenizer,
-               "--max_seq_length", 64, env=ONE_THREAD) as (url, proc):
+               "--max_seq_length", 64, env=QUIET) as (url, proc):
         assert streamed_through_a_stop(url, proc, signal.SIGINT)[-1].choices[0].finish_reason in (
             "stop", "length")
         assert proc.wait(timeout=60) == 0
@@ -770,7 +769,7 @@ def test_under_torchrun_two_processes_serve_the_greedy_answers_of_one(tiny_with_
     torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
     with serve(tmp_path / "server.log", "--checkpoint_path", tiny_with_a_tokenizer,
                "--max_seq_length", 64, "--prefill_chunk", 8, launch=torchrun,
-               env=ONE_THREAD) as (url, proc):
+               env=QUIET) as (url, proc):
         prompts = ["Hello there", "What is the capital of France?", "Tell me a joke"]
         c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import quantize
-from conftest import as_run, assert_one_error_line, load_script, main_error, run_script
+from conftest import QUIET, as_run, assert_one_error_line, load_script, main_error, run_script
 from checkpoint import InputError, load_model, read_checkpoint, save_checkpoint
 from generate import main as generate_main
 from generate import (DraftModel, PromptLookup, Sampling, accept_drafts, compile_verify,
@@ -24,17 +24,7 @@ RANDOM = Sampling(temperature=1.0, top_k=None)
 QUESTION = "What is the capital of France?"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """This file's many small forwards run on one thread: on a busy 2-core machine two threads wait on each other
-    and make each forward many times slower (40x for the tiny models; the command lines get OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small forwards
 
 
 def peaked_model(seed: int, vocab_size: int = 16, sharpness: float = 6.0) -> Transformer:
@@ -342,7 +332,7 @@ def test_generate_cli_speculates_with_a_quantized_draft(smollm2, tmp_path):
     r = run_script("generate.py", "--checkpoint_path", smollm2["folder"], "--draft_checkpoint_path",
                    smollm2["folder"] / "model_int8.pth", "--speculate_k", "4", "--chat", "--prompt", QUESTION,
                    "--temperature", "0", "--max_new_tokens", "16", "--num_samples", "1", "--device", "cpu", "--json", metrics,
-                   env=ONE_THREAD)
+                   env=QUIET)
     assert r.returncode == 0, r.stderr[-3000:]
     assert smollm2["tokenizer"].decode(smollm2["answers"]["chat-eos"]) in r.stdout
     assert "drafts accepted" in r.stderr and "tokens per target forward" in r.stderr
@@ -419,6 +409,6 @@ def test_the_memory_check_counts_a_draft_models_kv_cache_too(smollm2_checkpoint,
 @pytest.mark.slow
 def test_speculation_for_a_batch_is_refused_in_one_line_by_the_command_line():
     r = run_script("generate.py", "--device", "cpu", *RANDOM_TARGET, "--speculate_ngram", "3", "--batch_size", "2",
-                   env=ONE_THREAD)
+                   env=QUIET)
     assert r.returncode == 1
     assert_one_error_line(r.stderr, "one sequence at a time")
