@@ -187,6 +187,16 @@ def test_chat_page_refuses_a_setting_that_is_not_a_number_and_sends_nothing(page
     assert requests == []
 
 
+def test_chat_page_sends_no_message_of_only_spaces_and_newlines(page):
+    requests = []
+    page.on("request", lambda r: requests.append(r) if "/v1/chat" in r.url else None)
+    ask(page, "   \n  ", 4)
+    page.click("#send")
+    page.wait_for_timeout(300)  # time for a request the page should not send
+    expect(page.locator(".message")).to_have_count(0)
+    assert requests == []
+
+
 def test_chat_page_new_chat_before_the_first_token_leaves_an_empty_box(page):
     """A question whose answer has not begun, then "New chat": the conversation and the question
     are gone (Stop, by contrast, gives the question back to be sent again)."""

@@ -232,9 +232,12 @@ def test_download_into_a_converted_checkpoint_is_refused_and_leaves_it_alone(tmp
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_download_stopped_mid_file_ends_at_once_and_leaves_no_partial_file(repos, tmp_path, signum):
     """64 MB at 4 MB/s: stopped a few MB in, the script exits within seconds (the hub's threads would
-    first finish the file: ~15 s), with 128 + the signal, and no partial file stays behind (the next
-    run would not resume it)."""
+    first finish the file: ~15 s), with 128 + the signal, and no partial file of its own stays behind (the
+    next run would not resume it); another run's stays. What it said it downloads was printed before."""
     out = tmp_path / "hf"
+    another_runs = out / ".cache" / "huggingface" / "download" / "other.incomplete"
+    another_runs.parent.mkdir(parents=True)
+    another_runs.write_bytes(b"x")
     with local_hub(repos, rate=4 << 20) as hub:
         argv, env = command(["scripts/download.py", "--repo_id", "org/big", "--out", out], hub)
         # as a shell starts it in the foreground: Ctrl-C's signal not ignored
@@ -248,10 +251,29 @@ def test_a_download_stopped_mid_file_ends_at_once_and_leaves_no_partial_file(rep
                 time.sleep(0.1)
             process.send_signal(signum)
             stopped = time.monotonic()
-            _, err = process.communicate(timeout=60)
+            said, err = process.communicate(timeout=60)
             took = time.monotonic() - stopped
         finally:
             process.kill()
     assert process.returncode == 128 + signum, err.decode()[-2000:]
     assert took < 5, f"the download ran on for {took:.1f} s after the signal"
-    assert list(out.glob("**/*.incomplete")) == [] and not (out / "model.safetensors").exists()
+    assert list(out.glob("**/*.incomplete")) == [another_runs] and not (out / "model.safetensors").exists()
+    assert b"of org/big into" in said, said
+
+
+def test_stopping_at_once_gives_the_handlers_back_and_leaves_an_ignored_signal_ignored(tmp_path):
+    """Its handlers hold only while the download runs, also when the download fails; and Ctrl-C ignored (a
+    background job's) stays ignored."""
+    stopping_at_once = load_script("download").stopping_at_once
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(OSError):
+        with stopping_at_once(tmp_path):
+            assert signal.getsignal(signal.SIGINT) not in before
+            raise OSError("the download failed")
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with stopping_at_once(tmp_path):
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before[0])

@@ -355,6 +355,9 @@ def test_results_of_an_earlier_run_under_include_path_may_be_written_again(tiny_
     check("data.json")  # a part of the data's name, not the name
     with pytest.raises(InputError, match="data one names"):
         check("data.jsonl")
+    from eval import names_file  # a name whole, alone or at a path's end; not inside a longer one
+    assert names_file("{test: data.jsonl}", "data.jsonl") and names_file("test: /x/data.jsonl", "data.jsonl")
+    assert not any(names_file(f"test: {other}", "data.jsonl") for other in ("my_data.jsonl", "data.jsonl.gz"))
 
 
 @pytest.mark.parametrize("args, words", [

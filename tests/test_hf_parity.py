@@ -383,9 +383,13 @@ def test_sliding_window_caps_block_size(capsys):
     qwen = convert_hf.hf_config_to_args({**base, "model_type": "qwen2",
                                          "use_sliding_window": False})
     assert qwen.block_size == 32768 and qwen.attention_bias
+    with pytest.raises(InputError, match="max_window_layers must be an integer"):
+        convert_hf.hf_config_to_args({**base, "model_type": "qwen2", "use_sliding_window": True,
+                                      "max_window_layers": None})
 
 
-@pytest.mark.parametrize("sliding", [0, 1, 2], ids=["off", "from-layer-1", "from-layer-2"])
+@pytest.mark.parametrize("sliding", [0, 1, 2, "unsaid"],
+                         ids=["off", "from-layer-1", "from-layer-2", "from-the-default"])
 @pytest.mark.parametrize("family", convert_hf.SUPPORTED)
 def test_keys_a_config_leaves_out_read_as_transformers_fills_them(family, sliding):
     """A config.json of the required keys alone: the rotary base, the norm's epsilon, the context
@@ -393,11 +397,14 @@ def test_keys_a_config_leaves_out_read_as_transformers_fills_them(family, slidin
     transformers' own config class of the family gives them. With sliding, the file turns the
     window on (Qwen's is off by default) and gives no size for it, and its layer_types are null:
     transformers then takes its default window in the layers it derives as sliding (Qwen2's and
-    Qwen3's from max_window_layers: here one of two, or none), so the context is capped there."""
+    Qwen3's from max_window_layers: here one of two, none, or, the file silent, from its default 28 on: none),
+    so the context is capped there."""
     required = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=32, vocab_size=256,
                     intermediate_size=128)
     if sliding:
-        required.update(use_sliding_window=True, layer_types=None, max_window_layers=sliding)
+        required.update(use_sliding_window=True, layer_types=None)
+    if sliding in (1, 2):
+        required.update(max_window_layers=sliding)
     hf = transformers.AutoConfig.for_model(family, **required)
     args = convert_hf.hf_config_to_args({**required, "model_type": family})
     assert args.n_kv_heads == hf.num_key_value_heads

@@ -6,10 +6,13 @@ every request has arrived (tests/stepped_server.py). Nothing here asserts a spee
 import contextlib
 import http.server
 import io
+import itertools
 import json
 from contextlib import contextmanager
-from typing import Callable
+from typing import Callable, Optional
 
+import httpx
+import openai
 import pytest
 
 from conftest import assert_one_error_line, free_port, http_server, load_script, run_script, serve
@@ -220,11 +223,7 @@ def test_load_test_counts_a_broken_stream_as_failed(load_test, tmp_path, stream,
     def post(handler, body):
         if not body.get("stream"):
             return handler.answer(completion(sized(body)))
-        handler.send_response(200)
-        handler.send_header("Content-Type", "text/event-stream")
-        handler.end_headers()
-        for event in stream:
-            handler.wfile.write(f"data: {event if isinstance(event, str) else json.dumps(event)}\n\n".encode())
+        send_stream(handler, stream)
     out = tmp_path / "load.json"
     with fake_api(post) as url:
         line = refusal(load_test, "--url", url, "--requests", 2, "--prompt_tokens", 12, "--out", out)
@@ -233,12 +232,27 @@ def test_load_test_counts_a_broken_stream_as_failed(load_test, tmp_path, stream,
     assert (result["sent"], result["finished"], result["errors"]) == (2, 0, {error: 2})
 
 
-def refusing(retry_after: str) -> Callable:
-    """A server's POST that sizes the calibration prompts and refuses each streamed request: 429."""
+def send_stream(handler, events: list):
+    """Server-sent events, each a JSON object or a string as it is."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/event-stream")
+    handler.end_headers()
+    for event in events:
+        handler.wfile.write(f"data: {event if isinstance(event, str) else json.dumps(event)}\n\n".encode())
+
+
+def refusing(retry_after: Optional[str], status: int = 429, first: Optional[int] = None) -> Callable:
+    """A server's POST that sizes the calibration prompts and refuses streamed requests with status and
+    Retry-After (none if None): every one, or the first `first`, then streams whole answers."""
+    streamed = itertools.count()
+
     def post(handler, body):
         if not body.get("stream"):
             return handler.answer(completion(sized(body)))
-        handler.answer({"error": {"message": "queue full", "type": "x"}}, 429, {"Retry-After": retry_after})
+        if first is None or next(streamed) < first:
+            headers = {} if retry_after is None else {"Retry-After": retry_after}
+            return handler.answer({"error": {"message": "refused", "type": "x"}}, status, headers)
+        send_stream(handler, [completion(sized(body)), "[DONE]"])
     return post
 
 
@@ -250,6 +264,35 @@ def test_a_client_that_hears_429_waits_as_retry_after_asks(load_test, tmp_path):
         refusal(load_test, "--url", url, "--concurrency", 1, "--duration", 1.2, "--prompt_tokens", 12, "--out", out)
     result = json.loads(out.read_text())
     assert result["errors"] == {"429": result["sent"]} and 2 <= result["sent"] <= 3
+
+
+def test_after_a_429_waited_out_a_client_sends_at_full_speed_again(load_test, tmp_path):
+    """A server that refuses the first streamed request with Retry-After: 0.5, then answers at once: the
+    client waits once, then sends one request after another (hundreds a second here, not two a second)."""
+    out = tmp_path / "load.json"
+    with fake_api(refusing("0.5", first=1)) as url:
+        load_test.main(["--url", url, "--concurrency", "1", "--duration", "1.5", "--prompt_tokens", "12",
+                        "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["errors"] == {"429": 1} and result["finished"] >= 8, result
+
+
+def test_only_a_429_makes_a_client_wait(load_test, tmp_path):
+    """Other refusals (a 500, with no Retry-After) are sent again at once: the load stays on the server."""
+    out = tmp_path / "load.json"
+    with fake_api(refusing(None, status=500)) as url:
+        refusal(load_test, "--url", url, "--concurrency", 1, "--duration", 1, "--prompt_tokens", 12, "--out", out)
+    result = json.loads(out.read_text())
+    assert result["errors"] == {"500": result["sent"]} and result["sent"] >= 8, result
+
+
+@pytest.mark.parametrize("header, seconds", [
+    ("0.5", 0.5), ("3600", 60), ("inf", 60), ("-5", 0), ("soon", 1), (None, 1)])
+def test_retry_after_is_the_servers_wait_within_a_minute_or_a_second_where_it_gives_no_number(
+        load_test, header, seconds):
+    response = httpx.Response(429, headers={} if header is None else {"Retry-After": header},
+                              request=httpx.Request("POST", "http://127.0.0.1/v1/completions"))
+    assert load_test.retry_after(openai.RateLimitError("busy", response=response, body=None)) == seconds
 
 
 @pytest.mark.parametrize("retry_after", ["30", "inf"])

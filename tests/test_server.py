@@ -181,6 +181,20 @@ def test_a_seeded_sampled_request_is_reproducible_whatever_runs_beside_it(server
     assert len(set(results)) > 1  # the seed matters
 
 
+def test_sampling_fields_left_out_take_openais_defaults_and_a_seed_left_out_draws_afresh(server):
+    """temperature 1, top_p 1 and every candidate (top_k) when a request leaves them out, as OpenAI's API
+    defines; and a request without a seed draws anew each time ("regenerate" gives another answer). Each
+    default is checked against a value that would answer otherwise with the same seed."""
+    story = [{"role": "user", "content": "Tell me a story about a dragon."}]
+    text = lambda **fields: ask(server, story, max_tokens=40, **fields).choices[0].message.content  # noqa: E731
+    assert text(seed=7) == text(seed=7, temperature=1.0) != text(seed=7, temperature=0)
+    hot = dict(seed=7, temperature=2)  # draws that reach beyond any nucleus or top 40
+    left_out = text(**hot)
+    assert left_out == text(**hot, top_p=1.0, extra_body={"top_k": server_module.CANDIDATES})
+    assert left_out not in (text(**hot, top_p=0.9), text(**hot, extra_body={"top_k": 40}))
+    assert text(temperature=2) != text(temperature=2)
+
+
 def error_of(response: httpx.Response, status: int) -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]
