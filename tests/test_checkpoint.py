@@ -462,6 +462,7 @@ LLAMA3_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, ori
 
 @pytest.mark.parametrize("fields, words", [
     ({"head_dim": 3}, "head_dim 3 even"),  # rotary turns pairs of columns
+    ({"n_head": 16, "n_kv_heads": 16}, "head_dim 0 even"),  # more heads than dim's columns, no head_dim
     ({"n_kv_heads": 2, "n_head": 3, "dim": 12}, "n_head 3 must be a multiple of n_kv_heads 2"),
     ({"rope_scaling": {**LLAMA3_SCALING, "high_freq_factor": 1.0}}, "rope_scaling"),  # blends by 1 / (high - low)
     ({"norm_eps": 0}, "norm_eps must be a number above 0"),
@@ -472,12 +473,20 @@ LLAMA3_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, ori
     ({"rope_scaling": {**LLAMA3_SCALING, "factor": 10**400}}, "rope_scaling"),
     ({"block_size": 0}, "block_size must be a positive integer"),
     ({"n_experts": 4, "n_active_experts": 5}, "n_active_experts 5 must be between 1 and n_experts 4"),
-], ids=["odd-head_dim", "heads", "rope-high-equals-low", "norm_eps-0", "rope_base-0", "rope_base-tiny",
+], ids=["odd-head_dim", "heads-beyond-dim", "heads", "rope-high-equals-low", "norm_eps-0", "rope_base-0", "rope_base-tiny",
         "rope_base-beyond-int64", "norm_eps-nan", "rope-factor-beyond-float", "block_size-0",
         "more-active-than-experts"])
 def test_configs_no_model_can_run_are_refused_in_one_sentence(fields, words):
     with pytest.raises(InputError, match=f"^config.json: .*{words}"):
         parse_config({**CONFIG, **fields}, "config.json")
+
+
+def test_a_tied_checkpoint_may_also_store_its_output_layer():
+    """Some exports keep lm_head's copy of a tied embedding: accepted (and read as the embedding)."""
+    model = empty_model(parse_config({**CONFIG, "tie_embeddings": True}, "config.json"))
+    found = {name: t.shape for name, t in model.state_dict().items()}
+    assert "output.weight" in found
+    check_tensors(found, model, "model.pth")
 
 
 def test_configs_at_the_limits_are_accepted():
@@ -555,3 +564,21 @@ def test_a_tensor_of_a_dtype_no_model_reads_is_an_input_error(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0")
     with pytest.raises(InputError, match="w is F4, a dtype this project does not read"):
         WeightsFile(tmp_path / "model.safetensors")
+
+
+def test_a_write_that_fails_before_its_journal_takes_effect_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    """The new set's temp files and its journal written, the lock on the folder fails (an I/O error): the
+    temp files and the journal go, and the old checkpoint stays as it was."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+
+    @contextlib.contextmanager
+    def failing_lock(folder):
+        raise OSError(errno.EIO, "Input/output error")
+        yield
+    monkeypatch.setattr(checkpoint, "folder_lock", failing_lock)
+    with pytest.raises(OSError, match="Input/output error"):
+        write_files(folder, {"model.safetensors": lambda p: p.write_bytes(b"new"),
+                             "config.json": lambda p: p.write_text('{"new": 1}')})
+    assert os.listdir(folder) == ["config.json"] and (folder / "config.json").read_text() == "{}"

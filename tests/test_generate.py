@@ -470,3 +470,20 @@ def test_chat_with_a_tokenizer_without_a_chat_template_is_one_error_line(tiny_ch
     message = str(e.value)
     assert "\n" not in message and "no chat template" in message, message
     assert "Loaded" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_a_nucleus_smaller_than_the_most_likely_token_keeps_that_token_alone(top_k):
+    logits = torch.log(torch.tensor([[0.15, 0.5, 0.1, 0.25]]))
+    assert torch.equal(probabilities(logits, Sampling(1.0, top_k, 1e-9)), torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
+
+
+def test_the_streamed_row_0_leaves_its_end_of_sequence_token_out(smollm2_checkpoint, capsys):
+    """generate.py's stream of a single row (and of --interactive's answers): the text of its tokens, not
+    the text of the token that ends it (<|im_end|>); a finished row (None) prints nothing."""
+    from tokenizer import TextStreamer, load_tokenizer
+    tokenizer = load_tokenizer(smollm2_checkpoint)
+    streamer = TextStreamer(tokenizer)
+    for token in [*tokenizer.encode("Hello there"), tokenizer.eos_ids[0], None]:
+        G.print_row0(streamer, tokenizer.eos_ids, [token, 7])
+    assert capsys.readouterr().out == "Hello there"
