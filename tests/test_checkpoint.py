@@ -473,8 +473,8 @@ LLAMA3_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, ori
     ({"rope_scaling": {**LLAMA3_SCALING, "factor": 10**400}}, "rope_scaling"),
     ({"block_size": 0}, "block_size must be a positive integer"),
     ({"n_experts": 4, "n_active_experts": 5}, "n_active_experts 5 must be between 1 and n_experts 4"),
-], ids=["odd-head_dim", "heads-beyond-dim", "heads", "rope-high-equals-low", "norm_eps-0", "rope_base-0", "rope_base-tiny",
-        "rope_base-beyond-int64", "norm_eps-nan", "rope-factor-beyond-float", "block_size-0",
+], ids=["odd-head_dim", "heads-beyond-dim", "heads", "rope-high-equals-low", "norm_eps-0", "rope_base-0",
+        "rope_base-tiny", "rope_base-beyond-int64", "norm_eps-nan", "rope-factor-beyond-float", "block_size-0",
         "more-active-than-experts"])
 def test_configs_no_model_can_run_are_refused_in_one_sentence(fields, words):
     with pytest.raises(InputError, match=f"^config.json: .*{words}"):

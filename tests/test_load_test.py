@@ -268,7 +268,8 @@ def test_a_client_that_hears_429_waits_as_retry_after_asks(load_test, tmp_path):
 
 def test_after_a_429_waited_out_a_client_sends_at_full_speed_again(load_test, tmp_path):
     """A server that refuses the first streamed request with Retry-After: 0.5, then answers at once: the
-    client waits once, then sends one request after another (hundreds a second here, not two a second)."""
+    client waits once, then sends one request after another (many in the run, where a wait before each would
+    allow three)."""
     out = tmp_path / "load.json"
     with fake_api(refusing("0.5", first=1)) as url:
         load_test.main(["--url", url, "--concurrency", "1", "--duration", "1.5", "--prompt_tokens", "12",
