@@ -156,10 +156,11 @@ def read_checkpoint(path) -> Checkpoint:
                            or (folder / "hf").is_dir())
             raise InputError(f"no weights ({' or '.join(WEIGHT_FILES)}) in {folder}" + (
                 " (a Hugging Face snapshot? convert it with scripts/convert_hf_checkpoint.py)"
-                if unconverted else ""))
+                if unconverted else weights_files_named(folder)))
         weights = found[0]
     else:
-        raise InputError(f"checkpoint not found: {path}")
+        raise InputError(f"checkpoint not found: {path}"
+                         + (weights_files_named(folder) if folder.is_dir() else ""))
     config = (folder / "config.json" if weights.name in WEIGHT_FILES
               else weights.with_suffix(".json"))
     if not config.is_file():
@@ -173,6 +174,18 @@ def read_checkpoint(path) -> Checkpoint:
     if quantization is not None:
         check_quantization(quantization, args, config)
     return Checkpoint(folder, weights, config, args, quantization)
+
+
+def weights_files_named(folder: Path) -> str:
+    """A hint naming the weights files a folder holds (quantize.py's, say, under names of their
+    own), or nothing where it holds none."""
+    try:
+        names = sorted(p.name for p in folder.iterdir()
+                       if p.suffix in (".safetensors", ".pth") and p.is_file())
+    except OSError:  # a folder this user may not list
+        return ""
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    return f"; it holds {shown}: give one of them" if names else ""
 
 
 def check_utf8(path: Path, flag: str = ""):

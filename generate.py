@@ -509,10 +509,10 @@ def check_cache_fits(config: ModelArgs, batch_size: int, cache_length: int, dtyp
         weights = f"{weight_bytes / 1e9:.1f} GB of random weights and " if weight_bytes else ""
         # processes on a CPU share its memory: under torchrun rank 0 speaks for all
         error = InputError if device.type == "cuda" else tp.AlikeOnEveryRank
-        raise error(f"{weights}the KV cache for {batch_size} rows of {cache_length} "
-                    f"tokens{drafts} need{'' if weight_bytes else 's'} "
-                    f"{(kv_bytes + weight_bytes) / 1e9:.1f} GB, more than the "
-                    f"{free / 1e9:.1f} GB of free memory on {device}")
+        rows = f"{batch_size} row{'s' * (batch_size > 1)}"
+        raise error(f"{weights}the KV cache for {rows} of {cache_length} tokens{drafts} "
+                    f"need{'' if weight_bytes else 's'} {(kv_bytes + weight_bytes) / 1e9:.1f} GB, "
+                    f"more than the {free / 1e9:.1f} GB of free memory on {device}")
 
 
 def host_memory_available() -> int:

@@ -690,7 +690,8 @@ def run(args):
                              **tokenizer_files})
     for pattern, (k, k_pad) in {re.sub(r"\.\d+\.", ".*.", name): ks
                                 for name, ks in quantization["padded"].items()}.items():
-        print(f"padded: {pattern} K {k} -> {k_pad}")
+        print(f"padded: {pattern} K {k} -> {k_pad} (zero columns, to whole groups of "
+              f"{args.groupsize})")
     size = f"{ckpt.weights.stat().st_size / 1e6:.1f} MB -> {out.stat().st_size / 1e6:.1f} MB"
     print(f"{args.mode}{f' g{args.groupsize}' if args.groupsize else ''}: "
           f"{len(quantization['layers'])} linear layers, output layer "

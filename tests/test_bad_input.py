@@ -325,7 +325,7 @@ def test_device_this_machine_cannot_run_is_refused(tiny, device, capsys):
 
 def test_batch_too_big_for_memory_is_refused_before_allocating(tiny):
     refused("generate.py", "--checkpoint_path", tiny, "--prompt", "hi", *GEN, "--batch_size", 10_000_000,
-            words=["KV cache", "memory"])
+            words=["KV cache for 10000000 rows of", "memory"])
 
 
 @pytest.mark.parametrize("quantization", [[], ["--random_quantization", "int8"]])
@@ -334,7 +334,8 @@ def test_random_weights_too_big_for_memory_are_refused_before_allocating(capsys,
     this machine's memory): refused with the KV cache's check, where making it would end the
     process."""
     error = refused_here("generate.py", "--random_weights", "Llama-3.1-405B", "--dtype", "bfloat16", *quantization,
-                         "--prompt_tokens", 4, *GEN, words=["GB of random weights", "free memory"], capsys=capsys)
+                         "--prompt_tokens", 4, *GEN, words=["GB of random weights and the KV cache for 1 row of 6 tokens need", "free memory"],
+                         capsys=capsys)
     gb = float(error.split("error: ")[1].split(" GB")[0])
     assert 400 < gb < 450 if quantization else 800 < gb < 850, error
 
@@ -388,6 +389,18 @@ def test_an_unconverted_hugging_face_snapshot_is_refused_naming_the_converter(tm
     (tmp_path / left).mkdir() if left == "hf" else (tmp_path / left).write_text("{}")
     refused_here("generate.py", "--checkpoint_path", tmp_path, "--prompt", "hi", *GEN,
                  words=["no weights", "convert_hf_checkpoint.py"], capsys=capsys)
+
+
+@pytest.mark.parametrize("given", [".", "model_int4.pth"], ids=["folder", "guessed-name"])
+def test_weights_not_found_names_the_weights_files_the_folder_holds(tmp_path, given, capsys):
+    """quantize.py's files have names of their own: a folder of them alone, or a guessed name beside them,
+    is refused naming them (no other files)."""
+    (tmp_path / "model_int8.pth").write_bytes(b"")
+    (tmp_path / "model_int4.g32.pth").write_bytes(b"")
+    (tmp_path / "model_int4.g32.json").write_text("{}")
+    line = refused_here("generate.py", "--checkpoint_path", tmp_path / given, "--prompt", "hi", *GEN,
+                        words=["it holds model_int4.g32.pth, model_int8.pth: give one of them"], capsys=capsys)
+    assert ".json" not in line
 
 
 @pytest.mark.parametrize("flags, words", [

@@ -455,6 +455,20 @@ def test_task_data_that_is_missing_or_does_not_parse_is_an_input_error(offline_h
                                  "--download allows the hub)")
 
 
+def test_task_data_missing_by_a_relative_path_names_the_folder_it_was_looked_for_in(offline_hub, tmp_path,
+                                                                                    monkeypatch):
+    """capitals.yaml's data_files is relative (tests/data/capitals.jsonl): run from another folder, the
+    error says where such paths start."""
+    from lm_eval.tasks import TaskManager
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "capitals.yaml").write_text((DATA / "capitals.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match="cannot load task capitals") as e:
+        load_tasks(TaskManager(include_path=[str(tmp_path / "tasks")], include_defaults=False), ["capitals"])
+    assert str(e.value).endswith(f"; relative data_files paths in a task file start from the folder eval.py "
+                                 f"runs in, {tmp_path})")
+
+
 def test_task_data_missing_with_download_given_does_not_suggest_download(offline_hub, tmp_path):
     with pytest.raises(InputError, match="cannot load task capitals") as e:
         load_tasks(capitals_reading(tmp_path, None), ["capitals"], download=True)

@@ -665,7 +665,7 @@ def test_generate_answers_from_a_quantized_checkpoint(smollm2_checkpoint, tmp_pa
     # SmolLM2's dim 576 is no multiple of 128: three of its four layer kinds are padded, and say so.
     printed = capsys.readouterr().out
     for layer in ("attention.wqkv", "attention.wo", "feed_forward.w13"):
-        assert f"padded: layers.*.{layer} K 576 -> 640" in printed
+        assert f"padded: layers.*.{layer} K 576 -> 640 (zero columns, to whole groups of 128)" in printed
     assert "feed_forward.w2" not in printed  # intermediate 1536 = 12 groups of 128
     assert "Paris" in generate_answer(folder / "model_int4.g128.pth", capsys)
 
