@@ -334,8 +334,8 @@ def test_random_weights_too_big_for_memory_are_refused_before_allocating(capsys,
     this machine's memory): refused with the KV cache's check, where making it would end the
     process."""
     error = refused_here("generate.py", "--random_weights", "Llama-3.1-405B", "--dtype", "bfloat16", *quantization,
-                         "--prompt_tokens", 4, *GEN, words=["GB of random weights and the KV cache for 1 row of 6 tokens need", "free memory"],
-                         capsys=capsys)
+                         "--prompt_tokens", 4, *GEN, capsys=capsys,
+                         words=["GB of random weights and the KV cache for 1 row of 6 tokens need", "free memory"])
     gb = float(error.split("error: ")[1].split(" GB")[0])
     assert 400 < gb < 450 if quantization else 800 < gb < 850, error
 
