@@ -98,6 +98,7 @@ def script_exits(report: Optional[Callable] = None):
 
 
 WEIGHT_FILES = ("model.safetensors", "model.pth")  # float weights, described by config.json
+WEIGHT_SUFFIXES = (".safetensors", ".pth")  # any weights file: float, or quantize.py's
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
 JOURNAL = ".checkpoint-write.json"
@@ -144,7 +145,7 @@ def read_checkpoint(path) -> Checkpoint:
     folder = path if path.is_dir() else path.parent
     finish_write(folder)  # a writer killed between its renames: complete them
     if path.is_file():
-        if path.suffix not in (".safetensors", ".pth"):
+        if path.suffix not in WEIGHT_SUFFIXES:
             raise InputError(f"{path} is not a weights file (.safetensors or .pth): give the "
                              "checkpoint's folder or its weights file")
         weights = path
@@ -181,7 +182,7 @@ def weights_files_named(folder: Path) -> str:
     own), or nothing where it holds none."""
     try:
         names = sorted(p.name for p in folder.iterdir()
-                       if p.suffix in (".safetensors", ".pth") and p.is_file())
+                       if p.suffix in WEIGHT_SUFFIXES and p.is_file())
     except OSError:  # a folder this user may not list
         return ""
     shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")

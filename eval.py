@@ -400,9 +400,10 @@ def load_tasks(task_manager, names: list, include_paths: list = (), download: bo
             where = ("local files, the Hugging Face cache and, with --download, the hub"
                      if download else "local files and the Hugging Face cache; --download "
                      "allows the hub")
-            if isinstance(e, FileNotFoundError) and os.path.join(os.getcwd(), "") in str(e):
+            cwd = os.getcwd()
+            if isinstance(e, FileNotFoundError) and os.path.join(cwd, "") in str(e):
                 where += ("; relative data_files paths in a task file start from the folder "
-                          f"eval.py runs in, {os.getcwd()}")
+                          f"eval.py runs in, {cwd}")
             raise InputError(f"--tasks: cannot load task {name}: {one_line(e)} (data is read "
                              f"from {where})") from None
         except KeyError as e:  # the task's file names a split that its data does not have
