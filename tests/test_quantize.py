@@ -182,6 +182,16 @@ def test_quantized_experts_match_their_dequantized_reference(mode, groupsize):
     torch.testing.assert_close(quantized(x[:, :1]), moe(x[:, :1]))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_int8_rounds_against_scales_stored_in_the_weights_dtype(dtype):
+    torch.manual_seed(0)
+    w = torch.randn(16, 64).to(dtype)
+    t = Q.quantize_int8(w)
+    assert t["scales"].dtype == dtype
+    scales = t["scales"].float()[:, None]  # (16, 1)
+    assert torch.equal(t["weight"], (w.float() / scales).round().clamp(-127, 127).to(torch.int8))
+
+
 def test_int4_nibbles_pack_two_to_a_byte_even_column_high():
     q = torch.tensor([[1, 2, 15, 0], [7, 8, 9, 10]], dtype=torch.uint8)
     packed = Q.pack_int4(q)
@@ -203,10 +213,10 @@ def test_int4_rounds_against_the_stored_bfloat16_scale_and_zero():
     assert q.min() == 0 and q.max() == 15  # min and max of each group land on the end levels
 
 
-@pytest.mark.parametrize("offset", [1.0, -3.0, 100.0])
+@pytest.mark.parametrize("offset", [1.0, -3.0, 100.0, 0.5, -0.5])
 def test_int4_keeps_a_group_far_from_zero_for_its_width_within_half_a_step(offset):
-    """A group of width 0.01 around 1, -3 or 100: zero's bfloat16 rounding is larger than the
-    step, and the levels must still reach both ends of the group."""
+    """A group of width 0.01 around 1, -3, 100, 0.5 or -0.5: zero's bfloat16 rounding is larger than
+    the step, and the levels must still reach both ends of the group."""
     w = offset + torch.linspace(0, 0.01, 32).repeat(2, 1)  # (2, 32)
     t = Q.quantize_int4(w, 32)
     s, z = t["scales"].float()[:, None], t["zeros"].float()[:, None]  # (2, 1)
@@ -545,6 +555,7 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(args, words, tiny_che
     (["--mode", "int4-gptq", "--groupsize", "48"], "--groupsize must be one of 32, 64, 128, 256"),
     (["--mode", "int4-gptq", "--damp", "-0.1"], "--damp must be a finite number >= 0, got -0.1"),
     (["--mode", "int4-gptq", "--calibration_seq_len", "0"], "must be at least 1"),
+    (["--mode", "int4-gptq", "--calibration_samples", "0"], "must be at least 1"),
     (["--mode", "int4-gptq", "--device", "gpu"], "--device gpu: not a device name (cpu, cuda"),
     (["--mode", "int4-gptq", "--device", "mps"], "--device mps: this PyTorch cannot use a mps"),
     (["--output_layer", "int4"], "--output_layer 'int4': choose one of int8, float (with --mode "
@@ -556,6 +567,13 @@ def test_bad_arguments_are_refused_before_any_file_is_read(args, message):
     process each)."""
     with pytest.raises(InputError, match=re.escape(message)):
         Q.run(Q.parse_args(["--checkpoint_path", str(ROOT / "does-not-matter"), *args]))
+
+
+@pytest.mark.parametrize("mode, groupsize", [("int4", Q.DEFAULT_GROUPSIZE),
+                                             ("int4-gptq", Q.GPTQ_DEFAULT_GROUPSIZE)])
+def test_each_int4_mode_has_its_own_default_groupsize(mode, groupsize):
+    assert Q.DEFAULT_GROUPSIZE != Q.GPTQ_DEFAULT_GROUPSIZE
+    assert Q.parse_args(["--checkpoint_path", "x", "--mode", mode]).groupsize == groupsize
 
 
 def snapshot(folder) -> dict:
@@ -588,6 +606,9 @@ OVER_THE_SOURCE = [
      ["would have its config written to .checkpoint-write.json"]),
     ("float.pth", "float.pth", ["is the source checkpoint's weights"]),
     ("float.pth", "alias.pth", ["is the source checkpoint's weights"]),
+    # a file of the user's own, with no config beside it
+    ("model.safetensors", "mine.pth",
+     ["would write over mine.pth or mine.json, files that are not a quantized checkpoint's"]),
 ]
 
 
@@ -603,6 +624,7 @@ def test_quantize_refuses_an_output_over_the_source_checkpoint(tiny_checkpoint, 
     shutil.copy(folder / "config.json", tmp_path / "weights.json")
     torch.save(read_weights(folder / "model.safetensors"), tmp_path / "float.pth")
     (tmp_path / "alias.pth").symlink_to(tmp_path / "float.pth")
+    (tmp_path / "mine.pth").write_bytes(b"not a checkpoint")
     before = snapshot(tmp_path)
     for source, out, words in OVER_THE_SOURCE:
         quantize_error(["--checkpoint_path", tmp_path / source, "--mode", "int8",
@@ -806,6 +828,16 @@ def test_gptq_calibration_the_model_cannot_take_is_one_error_line(tokenizer, wor
                           capsys, *words)
     assert "tensor(" not in line  # an id, written as a number
     assert sorted(tmp_path.iterdir()) == before
+
+
+def test_gptq_calibrates_on_samples_as_long_as_the_models_context(tmp_path):
+    from test_generate import save_tiny_checkpoint  # a word tokenizer: "w0 w1 ..." is a token a word
+    folder = save_tiny_checkpoint(tmp_path / "tiny", block_size=32)
+    (tmp_path / "calibration.txt").write_text(" ".join(f"w{i % 50}" for i in range(100)))
+    Q.main(["--checkpoint_path", str(folder), "--mode", "int4-gptq", "--calibration_file",
+            str(tmp_path / "calibration.txt"), "--calibration_seq_len", "32",
+            "--calibration_samples", "2", "--out", str(tmp_path / "q.pth")])
+    assert read_checkpoint(tmp_path / "q.pth").quantization["gptq"]["seq_len"] == 32
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ import sentencepiece
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from checkpoint import InputError  # noqa: E402
 from tokenizer import (HFTokenizer, SentencePieceTokenizer, TextStreamer,  # noqa: E402
-                       TiktokenTokenizer, load_tokenizer)
+                       TiktokenTokenizer, load_tokenizer, render_chat_template)
 
 TEXTS = [
     "Hello world",
@@ -36,6 +36,10 @@ CHATS = [
     [{"role": "user", "content": "Say hi in Chinese"}, {"role": "assistant", "content": "你好 🦙"},
      {"role": "user", "content": "And in French, with accents?"}],
 ]
+
+# Llama-2's chat format as a template: "<s>" and "</s>" are written as text
+INST_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                 "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
 
 
 def package_dir(name: str) -> Path:
@@ -134,8 +138,28 @@ def test_sentencepiece_matches_processor(sp_dir):
         assert tok.encode(text) == [1] + sp.encode(text)
 
 
-def test_sentencepiece_llama2_chat(sp_dir):
-    tok = load_tokenizer(sp_dir)
+def test_a_gguf_sentencepiece_vocabulary_encodes_as_the_processor_does_bos_included(sp_dir, gguf_sp_dir):
+    tok = load_tokenizer(gguf_sp_dir)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_dir / "tokenizer.model"))
+    assert isinstance(tok, HFTokenizer) and tok.bos_id == 1
+    for text in TEXTS:
+        assert tok.encode(text) == [1] + sp.encode(text)
+
+
+def test_a_template_that_writes_bos_gets_one_bos_from_a_tokenizer_that_adds_its_own(gguf_sp_dir, tmp_path):
+    shutil.copytree(gguf_sp_dir, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "chat_template.jinja").write_text("{{ bos_token }}[INST] {{ messages[0]['content'] }} [/INST]")
+    ids = load_tokenizer(tmp_path).encode_chat(CHATS[0])
+    assert ids[0] == 1 and ids.count(1) == 1
+
+
+def test_sentencepiece_llama2_chat(sp_dir, tmp_path):
+    # an instruct model's generation_config.json may add stop ids: the format still ends an answer
+    # with the tokenizer's own EOS
+    shutil.copy(sp_dir / "tokenizer.model", tmp_path / "tokenizer.model")
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    tok = load_tokenizer(tmp_path)
+    assert tok.eos_ids == [2, 7]
     sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_dir / "tokenizer.model"))
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
@@ -151,9 +175,7 @@ def test_sentencepiece_llama2_chat(sp_dir):
 
 def test_config_template_and_generation_config(sp_dir, tmp_path):
     shutil.copy(sp_dir / "tokenizer.model", tmp_path / "tokenizer.model")
-    template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
-                "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": INST_TEMPLATE}))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
     tok = load_tokenizer(tmp_path)
     assert tok.eos_ids == [2, 7]
@@ -176,15 +198,49 @@ def test_a_sentencepiece_chat_marks_the_words_after_special_tokens_as_transforme
     # control piece
     from transformers import AutoTokenizer
     shutil.copy(package_dir("mistral_common") / "data" / model, tmp_path / "tokenizer.model")
-    template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
-                "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-         "chat_template": template, "legacy": legacy}))
+         "chat_template": INST_TEMPLATE, "legacy": legacy}))
     hf = AutoTokenizer.from_pretrained(tmp_path)
     for messages in CHATS[:1] + CHATS[2:]:
         expected = hf.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
         assert load_tokenizer(tmp_path).encode_chat(messages) == expected
+
+
+@pytest.mark.parametrize("model", ["tokenizer.model.v1", "mistral_instruct_tokenizer_240323.model.v3"])
+def test_a_sentencepiece_config_without_legacy_marks_every_part_as_sentencepiece_does(tmp_path, model):
+    # transformers 4 read a missing "legacy" as true; transformers 5 reads it as false
+    shutil.copy(package_dir("mistral_common") / "data" / model, tmp_path / "tokenizer.model")
+    config = {"bos_token": "<s>", "eos_token": "</s>", "chat_template": INST_TEMPLATE}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    absent = [load_tokenizer(tmp_path).encode_chat(m) for m in CHATS]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": True}))
+    assert absent == [load_tokenizer(tmp_path).encode_chat(m) for m in CHATS]
+
+
+def sentencepiece_model(tmp_path, **options) -> Path:
+    """A small BPE sentencepiece model trained here, for ids and pieces no shipped model has."""
+    import io
+    text = ["the quick brown fox jumps over the lazy dog", "hello world, a small corpus of words"] * 50
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=model, vocab_size=60,
+                                             model_type="bpe", **options)
+    (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
+    return tmp_path
+
+
+def test_a_sentencepiece_bos_of_id_0_is_added(tmp_path):
+    tok = load_tokenizer(sentencepiece_model(tmp_path, bos_id=0, unk_id=1, eos_id=2, pad_id=-1))
+    assert tok.bos_id == 0 and tok.encode("hello")[0] == 0
+
+
+def test_a_control_piece_that_begins_another_is_not_matched_inside_the_longer_one(tmp_path):
+    sentencepiece_model(tmp_path, control_symbols=["<turn>", "<turn>user"])
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": "<turn>user{{ messages[0]['content'] }}<turn>"}))
+    tok = load_tokenizer(tmp_path)
+    ids = tok.encode_chat([{"role": "user", "content": "hello"}])
+    assert ids[0] == tok.controls["<turn>user"] and ids[-1] == tok.controls["<turn>"]
 
 
 # --- Llama-3 tiktoken --------------------------------------------------------------------------
@@ -223,6 +279,7 @@ def test_hf_matches_transformers(hf_pair):
     assert tok.vocab_size == len(hf)
     for text in TEXTS:
         assert tok.encode(text) == hf(text)["input_ids"]
+    assert tok.decode([hf.eos_token_id]) == hf.eos_token == "<|im_end|>"  # special tokens keep their text
 
 
 def test_hf_chat_matches_transformers(hf_pair):
@@ -236,7 +293,6 @@ def test_hf_chat_matches_transformers(hf_pair):
 
 def test_a_template_sees_tools_and_documents_as_transformers_passes_them(hf_pair):
     """A request without tools: transformers passes tools and documents as None (defined, none)."""
-    from tokenizer import render_chat_template
     _, hf = hf_pair
     template = "{% if tools is defined %}[tools]{% endif %}{% if documents is not none %}[docs]{% endif %}" \
                "{{ messages[0]['content'] }}"
@@ -248,7 +304,6 @@ def test_a_templates_blocks_and_tojson_render_as_transformers_renders_them(hf_pa
     """Block tags on lines of their own leave no blank lines or indentation behind (trim_blocks and
     lstrip_blocks), and tojson keeps non-ASCII text as it is: transformers' rendering, character for
     character. (SmolLM2's own template strips whitespace itself, so it cannot tell.)"""
-    from tokenizer import render_chat_template
     _, hf = hf_pair
     template = ("{% for m in messages %}\n"
                 "    {% if m['role'] == 'user' %}\n"
@@ -266,7 +321,6 @@ def test_a_templates_blocks_and_tojson_render_as_transformers_renders_them(hf_pa
 
 def test_a_templates_generation_blocks_render_as_transformers_renders_them(hf_pair):
     """{% generation %} marks an answer's tokens for training masks: the text is the block's own."""
-    from tokenizer import render_chat_template
     _, hf = hf_pair
     template = ("{% for m in messages %}{{ m['role'] }}: {% if m['role'] == 'assistant' %}{% generation %}"
                 "{{ m['content'] }}.{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}\n{% endfor %}")
@@ -445,6 +499,14 @@ def test_a_stream_that_a_token_limit_cut_leaves_out_the_character_it_cut(backend
     assert "".join(map(streamer.put, real)) + streamer.flush() == "price \ufffd"
 
 
+@pytest.mark.parametrize("backend", STREAMED)
+def test_text_after_a_real_replacement_character_streams_as_it_arrives(backend, request):
+    tok = load_tokenizer(request.getfixturevalue(backend))
+    ids = strip_bos(tok, tok.encode("price \ufffd there was a time"))
+    streamer = TextStreamer(tok)
+    assert "".join(map(streamer.put, ids)) == tok.decode(ids) and streamer.flush() == ""
+
+
 # --- errors ------------------------------------------------------------------------------------
 
 def test_a_missing_or_unreadable_tokenizer_is_an_input_error_naming_it(tmp_path):
@@ -465,6 +527,11 @@ def test_malformed_tiktoken_file_is_refused_naming_the_line(tmp_path, content, m
     (tmp_path / "tokenizer.model").write_bytes(content)
     with pytest.raises(InputError, match=message):
         load_tokenizer(tmp_path)
+
+
+def test_a_template_writing_a_lone_surrogate_is_an_input_error():
+    with pytest.raises(InputError, match="lone surrogate"):
+        render_chat_template("{{ '%c' % 55296 }}", CHATS[0], "", "")
 
 
 def test_chat_template_list_of_non_objects_is_refused(tmp_path):

@@ -44,14 +44,15 @@ def save_tiny(folder, seed: int = 0, **overrides):
 
 @pytest.fixture(scope="module")
 def tiny_checkpoints(tmp_path_factory) -> dict:
-    """{name: weights file} for every CONFIGS entry, the int4 copy of moe and the int8 / int4 copies of
-    gqa-bias-tied."""
+    """{name: weights file} for every CONFIGS entry, the int4 and int8 copies of moe and the int8 / int4 copies
+    of gqa-bias-tied."""
     import quantize
     root = tmp_path_factory.mktemp("tp")
     paths = {name: save_tiny(root / name, i, **cfg) / "model.safetensors" for i, (name, cfg) in enumerate(CONFIGS.items())}
-    paths["moe-int4"] = root / "moe" / "model_int4.pth"
-    quantize.main(["--checkpoint_path", str(paths["moe"]), "--mode", "int4", "--groupsize", "32",
-                   "--out", str(paths["moe-int4"])])
+    for mode, flags in (("int4", ["--groupsize", "32"]), ("int8", [])):
+        paths[f"moe-{mode}"] = root / "moe" / f"model_{mode}.pth"
+        quantize.main(["--checkpoint_path", str(paths["moe"]), "--mode", mode, *flags,
+                       "--out", str(paths[f"moe-{mode}"])])
     for mode, flags in QUANTIZED.items():
         out = root / "gqa-bias-tied" / f"model_{mode}.pth"
         quantize.main(["--checkpoint_path", str(paths["gqa-bias-tied"]), *flags, "--out", str(out)])
@@ -139,6 +140,12 @@ def test_each_rank_holds_its_slice_of_every_expert_and_the_whole_router(tiny_che
     w2 = [p.layers[0].feed_forward.w2.weights(..., torch.float32) for p in int4]
     torch.testing.assert_close(torch.cat(w2, dim=2),
                                whole.layers[0].feed_forward.w2.weights(..., torch.float32))
+    # int8's w2 is row-parallel: each rank's columns, with the scales of the whole rows
+    whole = load_model(read_checkpoint(tiny_checkpoints["moe-int8"])).layers[0].feed_forward.w2
+    halves = [tp.load_shard(tiny_checkpoints["moe-int8"], rank, 2, "cpu").layers[0].feed_forward.w2
+              for rank in range(2)]
+    assert torch.equal(torch.cat([h.weight for h in halves], dim=2), whole.weight)
+    assert all(torch.equal(h.scales, whole.scales) for h in halves)
 
 
 def test_a_rank_refuses_weights_of_the_wrong_kind_of_dtype_naming_the_tensor(tiny_checkpoints, tmp_path):
@@ -160,6 +167,14 @@ def test_a_rank_refuses_weights_of_the_wrong_kind_of_dtype_naming_the_tensor(tin
         tp.load_shard(tmp_path / "f", 1, 2, "cpu")
     save_file({k: v.to(torch.float16) for k, v in state.items()}, tmp_path / "f" / "model.safetensors")
     assert tp.load_shard(tmp_path / "f", 1, 2, "cpu").norm.weight.dtype == torch.float16
+
+
+def test_a_rank_loaded_in_bfloat16_keeps_its_quantized_weights_integer(tiny_checkpoints):
+    import tp
+    for mode, stored in (("int8", torch.int8), ("int4", torch.uint8)):
+        part = tp.load_shard(tiny_checkpoints[mode], 1, 2, "cpu", torch.bfloat16)
+        assert part.layers[0].attention.wqkv.weight.dtype == stored
+        assert part.norm.weight.dtype == torch.bfloat16
 
 
 def test_quantize_then_split_equals_split_then_quantize(tiny_checkpoints):
@@ -199,6 +214,9 @@ def test_int4_groups_that_a_split_would_cut_are_refused():
                                          "use another number of processes"):
         tp.check_split_groups(replace(args, intermediate_size=96), {"groupsize": 32}, 2)
     tp.check_split_groups(args, {"groupsize": 128}, 1)  # one process pads K to whole groups instead
+    # wo's input is the heads' width (4 heads of 24 here), not the model's
+    with pytest.raises(InputError, match="attention.wo's 96 input columns into 48 per process"):
+        tp.check_split_groups(replace(args, head_dim=24), {"groupsize": 32}, 2)
 
 
 def test_random_quantized_weights_are_quantize_pys_layers_on_each_rank():
@@ -323,6 +341,19 @@ def test_a_weights_file_that_cannot_load_is_refused_before_the_processes_join(ti
     with pytest.raises(InputError, match="cannot read weights"):
         tp.start(args, read_checkpoint(folder).args, torch.device("cpu"))
     assert not tp.STARTED
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_only_rank_0_keeps_the_files_it_was_asked_to_write(tiny_checkpoints, tmp_path, monkeypatch, rank):
+    import tp
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", str(rank)), ("LOCAL_RANK", str(rank))):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(tp, "STARTED", False)
+    monkeypatch.setattr(tp, "init_process_group", lambda device: device)
+    files = dict(json=tmp_path / "m.json", profile=tmp_path / "trace", output=tmp_path / "o.json")
+    args = type("Args", (), dict(checkpoint_path=tiny_checkpoints["mha"], **files))()
+    tp.start(args, read_checkpoint(tiny_checkpoints["mha"]).args, torch.device("cpu"))
+    assert {name: getattr(args, name) for name in files} == (files if rank == 0 else dict.fromkeys(files))
 
 
 # ---- under torchrun ---------------------------------------------------------------------------------------
