@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from checkpoint import InputError, load_model, read_checkpoint
 from conftest import ROOT, assert_one_error_line, main_error, run_script
-from eval import EvalModel, default_text, harness_model, load_tasks, main, perplexity, rolling_windows
+from eval import (EvalModel, check_args, default_text, harness_model, load_tasks, main, parse_args, perplexity,
+                  rolling_windows)
 from generate import Sampling, generate
 from tokenizer import load_tokenizer
 
@@ -369,6 +370,46 @@ def test_results_of_an_earlier_run_under_include_path_may_be_written_again(tiny_
 def test_flags_the_run_would_ignore_are_refused(args, words, tiny_checkpoint, tmp_path, capsys):
     argv = ["--checkpoint_path", tiny_checkpoint, "--device", "cpu", *[str(a).format(tmp=tmp_path) for a in args]]
     main_error(main, argv, capsys, *words)
+
+
+def checked(tmp_path, *flags, block_size: int = 32):
+    args = parse_args(["--checkpoint_path", str(tmp_path), "--device", "cpu", *map(str, flags)])
+    check_args(args, block_size)
+    return args
+
+
+def test_max_seq_length_defaults_to_the_models_context_at_most_2048(tmp_path):
+    assert checked(tmp_path, block_size=8192).max_seq_length == 2048
+    assert checked(tmp_path, block_size=32).max_seq_length == 32
+
+
+def test_a_max_seq_length_of_one_is_refused(tmp_path):
+    assert checked(tmp_path, "--max_seq_length", 2).max_seq_length == 2
+    with pytest.raises(InputError, match="--max_seq_length must be in 2..32"):
+        checked(tmp_path, "--max_seq_length", 1)
+
+
+def test_the_stride_defaults_to_half_the_window(tmp_path):
+    assert checked(tmp_path, "--max_seq_length", 32).stride == 16
+    assert checked(tmp_path, "--max_seq_length", 3).stride == 1
+
+
+def test_with_tasks_and_a_text_file_the_perplexity_still_gets_its_default_stride(tmp_path):
+    args = checked(tmp_path, "--tasks", "capitals", "--text_file", tmp_path / "text.txt", "--max_seq_length", 32)
+    assert args.stride == 16
+
+
+def test_a_stride_of_the_whole_window_is_allowed(tmp_path):
+    assert checked(tmp_path, "--max_seq_length", 32, "--stride", 32).stride == 32
+    with pytest.raises(InputError, match="--stride must be in 1..32"):
+        checked(tmp_path, "--max_seq_length", 32, "--stride", 33)
+
+
+@pytest.mark.parametrize("flag", ["--batch_size", "--limit"])
+def test_a_batch_size_or_limit_of_zero_is_refused(tmp_path, flag):
+    with pytest.raises(InputError, match=f"{flag} must be >= 1, got 0"):
+        checked(tmp_path, flag, 0)
+
 
 
 def test_a_task_continuation_longer_than_the_window_is_one_input_error(tiny_checkpoint):
