@@ -306,6 +306,49 @@ def test_compiled_prefill_fills_the_cache_as_eager_for_every_prompt_length():
     torch._dynamo.reset()
 
 
+# ---- before a model runs: the memory check, the prompts' rows, the flags, a step's bytes ----------
+
+def kv_bytes(config: ModelArgs, rows: int, slots: int) -> int:
+    """float32 K and V for rows x slots."""
+    return 2 * config.n_layer * rows * config.n_kv_heads * slots * config.head_dim * 4
+
+
+def test_the_memory_check_counts_every_rows_kv_cache_and_random_weights_with_it(monkeypatch):
+    config, cpu = ModelArgs(**TINY), torch.device("cpu")
+    monkeypatch.setattr(G, "host_memory_available", lambda: kv_bytes(config, 3, 16))
+    G.check_cache_fits(config, 3, 16, torch.float32, cpu)  # 3 rows fit
+    with pytest.raises(InputError, match="KV cache for 4 rows of 16 tokens"):
+        G.check_cache_fits(config, 4, 16, torch.float32, cpu)
+    monkeypatch.setattr(G, "host_memory_available", lambda: kv_bytes(config, 1, 16) + 1000)
+    G.check_cache_fits(config, 1, 16, torch.float32, cpu, weight_bytes=1000)  # exactly fits
+    with pytest.raises(InputError, match="random weights and the KV cache"):
+        G.check_cache_fits(config, 1, 16, torch.float32, cpu, weight_bytes=1001)
+
+
+def test_a_chat_prompt_is_the_users_turn_in_the_template(tmp_path):
+    from argparse import Namespace
+    from tokenizer import load_tokenizer
+    word_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    template = ("{% for m in messages %}{% if m['role'] == 'user' %}w7 {% else %}w8 {% endif %}"
+                "{{ m['content'] }} {% endfor %}w9")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    args = Namespace(prompt=["w1 w2"], prompt_tokens=None, batch_size=2, chat=True)
+    assert G.encode_prompts(args, load_tokenizer(tmp_path), TINY["vocab_size"]) == [[7, 1, 2, 9]] * 2
+
+
+def test_a_checkpoint_and_random_weights_together_are_refused(tmp_path):
+    with pytest.raises(InputError, match="exactly one of --checkpoint_path and --random_weights"):
+        G.parse_args(["--checkpoint_path", str(tmp_path), "--random_weights", "stories15M", "--device", "cpu"])
+
+
+def test_a_mixtures_step_of_one_token_reads_only_its_active_experts():
+    from model import MoEFeedForward
+    model = tiny_model(n_experts=8, n_active_experts=2)
+    experts = sum(p.nbytes for m in model.modules() if isinstance(m, MoEFeedForward)
+                  for p in [*m.w13.parameters(), *m.w2.parameters()])
+    rest = sum(p.nbytes for p in model.parameters()) - model.tok_embeddings.weight.nbytes - experts
+    assert G.bytes_read_per_step(model, 1) == pytest.approx(rest + experts * 2 / 8)
+
 # ---- generate.py's command line: main() in this process, on a tiny checkpoint -------------------
 
 def word_tokenizer(vocab_size: int = TINY["vocab_size"]):

@@ -89,7 +89,24 @@ def test_prompt_lookup_copies_what_followed_the_latest_earlier_occurrence():
     assert lookup.lookup([7, 1, 2, 1, 2]) == [1, 2, 1]
     lookup.prefill()
     assert lookup.lookup([4]) == [4, 4, 4]  # shorter than n
+    lookup.prefill()
+    assert lookup.lookup([1, 2, 3, 1, 2]) == [3, 1, 2]  # (1, 2) at the history's very start
+    # the n-gram that ended the history at one lookup is indexed once a token follows it
+    lookup = PromptLookup(n=2, k=2, vocab_size=100, device=torch.device("cpu"))
+    lookup.prefill()
+    history = [3, 4, 7, 3, 4]
+    assert lookup.lookup(history) == [7, 3]
+    history += [8, 3, 4]
+    assert lookup.lookup(history) == [8, 3]  # (3, 4) at 3, followed by 8: the latest
 
+
+def test_speculation_refuses_a_cache_without_room_for_a_rounds_k_minus_1_extra_slots():
+    target = peaked_model(seed=0, vocab_size=97)
+    prompt, new, k = [5, 6, 7], 13, 4
+    target.setup_caches(1, len(prompt) + new)  # 16 slots (a multiple of 8): no slack for the drafts
+    with pytest.raises(AssertionError, match="a round writes k slots ahead"):
+        speculative_generate(target, PromptLookup(2, k, 97, torch.device("cpu")), [prompt], new,
+                             Sampling(temperature=0))
 
 def test_accept_drafts_keeps_the_agreeing_prefix_then_takes_the_targets_token():
     vocab = 10
