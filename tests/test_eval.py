@@ -411,7 +411,6 @@ def test_a_batch_size_or_limit_of_zero_is_refused(tmp_path, flag):
         checked(tmp_path, flag, 0)
 
 
-
 def test_a_task_continuation_longer_than_the_window_is_one_input_error(tiny_checkpoint):
     """A continuation is scored whole in one window: one that does not fit --max_seq_length is the task's
     error (one line), not a silently shortened score."""

@@ -17,7 +17,7 @@ from tokenizer import load_tokenizer
 def tiny_long(tmp_path_factory):
     """The tiny random model with 512 tokens of context (more than the KV cache's 64-slot minimum)."""
     from test_generate import save_tiny_checkpoint
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("eval_gaps") / "tiny", block_size=512)
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("eval_requests") / "tiny", block_size=512)
 
 
 @pytest.fixture(autouse=True)

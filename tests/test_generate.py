@@ -349,6 +349,7 @@ def test_a_mixtures_step_of_one_token_reads_only_its_active_experts():
     rest = sum(p.nbytes for p in model.parameters()) - model.tok_embeddings.weight.nbytes - experts
     assert G.bytes_read_per_step(model, 1) == pytest.approx(rest + experts * 2 / 8)
 
+
 # ---- generate.py's command line: main() in this process, on a tiny checkpoint -------------------
 
 def word_tokenizer(vocab_size: int = TINY["vocab_size"]):

@@ -108,6 +108,7 @@ def test_speculation_refuses_a_cache_without_room_for_a_rounds_k_minus_1_extra_s
         speculative_generate(target, PromptLookup(2, k, 97, torch.device("cpu")), [prompt], new,
                              Sampling(temperature=0))
 
+
 def test_accept_drafts_keeps_the_agreeing_prefix_then_takes_the_targets_token():
     vocab = 10
     one_hot = lambda ids: torch.nn.functional.one_hot(torch.tensor(ids), vocab).float()
