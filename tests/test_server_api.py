@@ -11,6 +11,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from server import RandomWeightsTokenizer, make_app
+from test_server import error_of
 
 VOCAB, CONTEXT = 256, 32
 SCRIPT = "abcSTOPdef"
@@ -60,11 +61,11 @@ def scripted():
         yield http, scheduler
 
 
-def error_of(response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    return error
+def chunks_of(response) -> list:
+    """A streamed answer's JSON chunks, once it has ended with [DONE]."""
+    events = [event.removeprefix("data: ") for event in response.text.split("\n\n") if event]
+    assert events[-1] == "[DONE]"
+    return [json.loads(event) for event in events[:-1]]
 
 
 def test_max_tokens_of_zero_is_refused_as_a_field_error(scripted):
@@ -144,17 +145,14 @@ def test_include_usage_puts_a_null_usage_on_every_chunk_and_the_counts_on_the_la
     http, _ = scripted
     response = http.post("/v1/completions", json={
         "prompt": "hi", "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}})
-    events = [line.removeprefix("data: ") for line in response.text.split("\n\n") if line]
-    assert events[-1] == "[DONE]"
-    chunks = [json.loads(e) for e in events[:-1]]
+    chunks = chunks_of(response)
     assert all("usage" in c and c["usage"] is None for c in chunks[:-1]), chunks
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {
         "prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
     assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == "abc"
     # without include_usage, no chunk carries the field
     plain = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "stream": True})
-    assert all("usage" not in json.loads(e.removeprefix("data: "))
-               for e in plain.text.split("\n\n") if e and e != "data: [DONE]")
+    assert all("usage" not in chunk for chunk in chunks_of(plain))
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
@@ -163,8 +161,7 @@ def test_a_stop_string_at_the_very_start_of_the_answer_leaves_it_empty(scripted,
     response = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 8, "stop": "ab",
                                                   "stream": stream})
     if stream:
-        chunks = [json.loads(e.removeprefix("data: ")) for e in response.text.split("\n\n")
-                  if e and e != "data: [DONE]"]
+        chunks = chunks_of(response)
         text = "".join(c["choices"][0]["text"] for c in chunks)
         reason = chunks[-1]["choices"][0]["finish_reason"]
     else:
