@@ -112,7 +112,7 @@ async def stream_request(client, model: str, text: str, max_tokens: int) -> Resu
     return result
 
 
-def retry_after(e: openai.APIStatusError) -> float:
+def retry_after(e: "openai.APIStatusError") -> float:  # openai may be missing: the name is text
     """The seconds a refused request's Retry-After header asks for: 1 if it gives no number, at
     most a minute (a server's "inf" would stop the client for good)."""
     try:

@@ -8,6 +8,8 @@ import http.server
 import io
 import itertools
 import json
+import threading
+from collections import Counter
 from contextlib import contextmanager
 from typing import Callable, Optional
 
@@ -15,7 +17,8 @@ import httpx
 import openai
 import pytest
 
-from conftest import assert_one_error_line, free_port, http_server, load_script, run_script, serve
+from conftest import (assert_fails_with_one_line, assert_one_error_line, free_port, http_server, load_script,
+                      run_script, serve)
 
 
 ROWS, QUEUE = 2, 3  # a server takes 5 requests at a time; 3 clients never hear 429
@@ -60,6 +63,48 @@ def test_load_test_reports_every_request_and_ordered_percentiles(server, tmp_pat
 @pytest.fixture(scope="module")
 def load_test():
     return load_script("load_test")
+
+
+def test_load_test_sends_100_requests_unless_told_a_number_or_a_duration(load_test):
+    assert load_test.parse_args([]).requests == 100
+    assert load_test.parse_args(["--requests", "7"]).requests == 7
+    assert load_test.parse_args(["--duration", "5"]).requests is None
+
+
+def test_load_test_starts_a_client_process_for_each_8_clients_at_most_one_per_core(load_test, monkeypatch):
+    monkeypatch.setattr(load_test.os, "cpu_count", lambda: 4)
+    processes = {n: load_test.parse_args(["--concurrency", str(n)]).processes for n in (1, 8, 9, 17, 64)}
+    assert processes == {1: 1, 8: 1, 9: 2, 17: 3, 64: 4}
+    assert load_test.parse_args(["--concurrency", "64", "--processes", "2"]).processes == 2
+
+
+def test_percentile_interpolates_between_the_two_nearest_ranks(load_test):
+    assert load_test.percentile([40, 10, 30, 20], 50) == 25
+    assert load_test.percentile([0, 100], 25) == 25
+    assert load_test.percentile([0, 100], 99) == 99
+    assert load_test.percentile([7], 99) == 7
+
+
+def test_load_test_reports_p50_and_p99_of_time_to_first_token_and_of_the_gaps_between_chunks(load_test):
+    """101 answers sent at 0 s whose first chunks come after 0, 1, ..., 100 ms, then two more chunks 2 ms
+    and 3 ms apart; a request that was refused has no result and counts as failed."""
+    results = [load_test.Result(sent=0.0, chunk_times=[i / 1e3, (i + 2) / 1e3, (i + 5) / 1e3], prompt_tokens=40,
+                                completion_tokens=3, finish_reason="length") for i in range(101)]
+    args = load_test.parse_args(["--concurrency", "4"])
+    result = load_test.summary(args, "m", results, Counter({"429": 1}), 102, 2.0)
+    assert result["ttft_ms"] == {"p50": pytest.approx(50), "p99": pytest.approx(99)}
+    assert result["itl_ms"] == {"p50": pytest.approx(2.5), "p99": pytest.approx(3)}
+    assert result["itl_samples"] == 202
+    assert (result["sent"], result["finished"], result["failed"]) == (102, 101, 1)
+    assert result["output_tokens"] == 303 and result["output_tok_s"] == pytest.approx(303 / 2)
+
+
+def test_load_test_averages_the_prompt_tokens_of_the_finished_requests_only(load_test):
+    results = [load_test.Result(sent=0.0, chunk_times=[0.1], prompt_tokens=n, completion_tokens=1,
+                                finish_reason="length") for n in (30, 50)]
+    args = load_test.parse_args([])
+    result = load_test.summary(args, "m", results, Counter({"429": 2}), 4, 1.0)
+    assert result["prompt_tokens"] == 40 and result["requests_per_s"] == 2
 
 
 def refusal(load_test, *flags) -> str:
@@ -122,9 +167,18 @@ def test_load_test_counts_the_requests_the_server_refuses(load_test, tmp_path):
     (["--url", "http://127.0.0.1:99999/v1"], "Port out of range"),
     (["--url", "http:///v1"], "no host"),
     (["--concurrency", "2", "--processes", "3"], "--processes 3"),
+    (["--duration", "0"], "--duration must be a positive number"),
+    (["--duration", "inf"], "--duration must be a positive number"),
 ])
 def test_load_test_bad_flags_are_one_error_line(load_test, flags, words):
     assert_one_error_line(refusal(load_test, *flags), words)
+
+
+def test_load_test_without_the_openai_client_says_to_install_it(tmp_path):
+    """The openai client is an optional install: without it the script ends in one error line."""
+    (tmp_path / "openai.py").write_text("raise ImportError('no openai here')\n")
+    r = run_script("scripts/load_test.py", env={"PYTHONPATH": str(tmp_path)})
+    assert_fails_with_one_line(r, "pip install openai")
 
 
 def test_load_test_names_a_server_that_refuses_it(server, load_test):
@@ -305,3 +359,24 @@ def test_a_429_to_the_last_request_is_not_waited_out(load_test, tmp_path, retry_
         refusal(load_test, "--url", url, "--requests", 1, "--prompt_tokens", 12, "--out", out)
     result = json.loads(out.read_text())
     assert result["errors"] == {"429": 1} and result["wall_s"] < 10
+
+
+def test_clients_split_over_processes_all_send_at_once(load_test, tmp_path):
+    """3 clients over 2 processes: a server that answers only once 3 requests are open at the same time
+    (within 5 s; else it refuses them) answers every one."""
+    together = threading.Barrier(3, timeout=5)
+
+    def post(handler, body):
+        if not body.get("stream"):
+            return handler.answer(completion(sized(body)))
+        try:
+            together.wait()
+        except threading.BrokenBarrierError:
+            return handler.answer({"error": {"message": "alone", "type": "x"}}, 500)
+        send_stream(handler, [completion(sized(body)), "[DONE]"])
+    out = tmp_path / "load.json"
+    with fake_api(post) as url:
+        load_test.main(["--url", url, "--concurrency", "3", "--processes", "2", "--requests", "3",
+                        "--prompt_tokens", "12", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["client_processes"] == 2 and result["finished"] == 3 and result["errors"] == {}
