@@ -905,6 +905,8 @@ def check_folder_writable(folder: Path, flag: str):
                          f"{'a file' if folder.exists() else 'a link to nothing'}, not a folder")
     existing = folder.absolute()
     while not existing.exists():
+        if existing.is_symlink():  # mkdir(parents=True) would stop at it
+            raise InputError(f"{flag} {folder}: cannot create it, {existing} is a link to nothing")
         existing = existing.parent
     if not existing.is_dir():
         raise InputError(f"{flag} {folder}: cannot create it, {existing} is a file")

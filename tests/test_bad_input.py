@@ -959,7 +959,7 @@ def test_gguf_converter_needs_force_to_overwrite_and_force_leaves_exactly_its_fi
     assert set(snapshot(out)) == set(converted)
 
 
-def test_hf_converter_refuses_output_that_is_a_file(tiny_hf, tmp_path):
+def test_hf_converter_refuses_output_that_is_a_file_or_under_a_link_to_nothing(tiny_hf, tmp_path):
     (tmp_path / "out").write_text("a file, not a folder")
     refused("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path / "out", "--hf_dir", tiny_hf,
             words=["is a file, not a folder"])
@@ -967,3 +967,6 @@ def test_hf_converter_refuses_output_that_is_a_file(tiny_hf, tmp_path):
     (tmp_path / "dangling").symlink_to(tmp_path / "gone")
     refused("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path / "dangling", "--hf_dir",
             tiny_hf, words=["is a link to nothing, not a folder"])
+    refused("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path / "dangling" / "sub", "--hf_dir",
+            tiny_hf, words=["cannot create it", "dangling is a link to nothing"])
+    assert not (tmp_path / "gone").exists()
