@@ -101,6 +101,12 @@ def test_a_bug_in_a_writer_keeps_its_traceback_and_leaves_no_temp_files(tmp_path
     assert names(tmp_path) == []
 
 
+def test_a_gpt_fast_model_pth_path_finds_the_checkpoints_model_safetensors(tmp_path):
+    save_file(Transformer(ModelArgs(**CONFIG)).state_dict(), tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG))
+    assert read_checkpoint(tmp_path / "model.pth").weights == tmp_path / "model.safetensors"
+
+
 def test_a_write_killed_between_its_renames_is_completed_by_the_next_reader(tmp_path):
     """The journal is written once every temp file is complete: a process killed after it, while
     renaming, leaves a journal that read_checkpoint carries out before reading."""
@@ -113,6 +119,19 @@ def test_a_write_killed_between_its_renames_is_completed_by_the_next_reader(tmp_
     assert ckpt.args.dim == 8
     assert names(tmp_path) == ["config.json", "model.safetensors"]
     assert not (tmp_path / JOURNAL).exists()
+
+
+def test_a_journal_partly_carried_out_before_a_kill_is_finished_from_where_it_stopped(tmp_path):
+    """A process killed while it carried out a journal (the writer, or a reader finishing it) leaves
+    its renames and some of its removals done: the next reader skips those and does the rest."""
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "stale.json").write_text("{}")
+    (tmp_path / JOURNAL).write_text(json.dumps({
+        "rename": [[".model.safetensors.x.tmp", "model.safetensors"], [".config.json.x.tmp", "config.json"]],
+        "remove": ["model.pth", "stale.json"]}))
+    assert read_checkpoint(tmp_path).args.dim == 8
+    assert names(tmp_path) == ["config.json", "model.safetensors"]
 
 
 def test_a_write_killed_between_its_renames_is_completed_before_the_next_write(tmp_path):
@@ -257,6 +276,7 @@ def test_weights_of_another_shape_than_the_config_gives_are_an_input_error_namin
     {"rename": [[".config.json.x.tmp", "../victim.txt"]], "remove": []},
     {"rename": [["config.json", "model.safetensors"]], "remove": []},  # not a temp file
     {"rename": [[".config.json.x.tmp", "model.safetensors"]], "remove": []},  # another file's temp file
+    {"rename": [[".config.json.x", "config.json"]], "remove": []},  # not a temp file's name
     {"rename": [], "remove": ["hf"]},  # a folder (a downloaded snapshot): write_files removes files
     {"rename": [[".hf.x.tmp", "hf"]], "remove": []},
     {"rename": [], "remove": ["x" * 256]}, {"rename": [], "remove": ["\ud800"]},  # no file's name
@@ -275,6 +295,12 @@ def test_a_journal_that_reaches_outside_its_folder_or_is_malformed_is_refused(tm
         read_checkpoint(folder)
     assert (tmp_path / "victim.txt").read_text() == "keep me"
     assert names(folder) == sorted([JOURNAL, ".config.json.x.tmp", "config.json", "hf"])
+
+
+def test_a_file_name_may_have_up_to_name_max_bytes_counted_in_utf8():
+    assert checkpoint.is_file_name("x" * checkpoint.NAME_MAX)
+    assert not checkpoint.is_file_name("x" * (checkpoint.NAME_MAX + 1))
+    assert not checkpoint.is_file_name("é" * 128)  # 256 bytes
 
 
 def test_a_journal_whose_temp_file_is_a_link_is_refused_and_its_target_left_alone(tmp_path):
@@ -314,6 +340,13 @@ def test_a_write_interrupted_just_after_its_journal_lands_leaves_the_new_set(tmp
     assert (tmp_path / "config.json").read_text() == "new"
 
 
+def test_a_report_that_would_replace_another_file_of_its_run_is_refused(tmp_path):
+    (tmp_path / "prompts.txt").write_text("hi")
+    with pytest.raises(InputError, match=r"--out .*prompts\.txt is also another file of this run"):
+        checkpoint.check_output(tmp_path / "prompts.txt", "--out", inputs=[None, str(tmp_path / "prompts.txt")])
+    checkpoint.check_output(tmp_path / "report.json", "--out", inputs=[None, tmp_path / "prompts.txt"])
+
+
 def test_a_folder_where_a_file_of_the_set_goes_is_refused_before_anything_is_written(tmp_path):
     (tmp_path / "tokenizer.json").mkdir()
     with pytest.raises(InputError, match="tokenizer.json is a folder, where the checkpoint writes"):
@@ -322,30 +355,34 @@ def test_a_folder_where_a_file_of_the_set_goes_is_refused_before_anything_is_wri
     assert names(tmp_path) == ["tokenizer.json"]
 
 
-def test_a_cut_short_write_that_this_process_may_not_finish_is_one_error_line(tmp_path,
-                                                                             monkeypatch):
+@pytest.mark.parametrize("error, number, words", [
+    (PermissionError, errno.EPERM, "Operation not permitted"), (OSError, errno.EROFS, "Read-only file system")],
+    ids=["another-users-folder", "read-only-file-system"])
+def test_a_cut_short_write_that_this_process_may_not_finish_is_one_error_line(tmp_path, monkeypatch, error,
+                                                                             number, words):
     """A read-only folder, or another user's: the journal cannot be carried out by this reader."""
     (tmp_path / ".config.json.x.tmp").write_text(json.dumps(CONFIG))
     (tmp_path / JOURNAL).write_text(json.dumps({"rename": [[".config.json.x.tmp", "config.json"]],
                                                 "remove": []}))
 
     def refused(path, mode):
-        raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+        raise error(number, words, str(path))
     monkeypatch.setattr(checkpoint.os, "chmod", refused)
-    with pytest.raises(InputError, match="holds a write that was cut short .* not permitted"):
+    with pytest.raises(InputError, match=f"holds a write that was cut short .*{words}"):
         read_checkpoint(tmp_path)
 
 
 def test_temp_files_of_a_killed_writer_are_removed_by_the_next_write_and_no_others(tmp_path):
     """A temp file names its writer's host and pid (checkpoint.temp_name): the next write removes
-    those of a writer of this machine that is gone, and leaves those of a writer still running
-    (this process, in another thread say) and of one on another machine sharing the folder, whose
-    pid means nothing here."""
+    those of a writer of this machine that is gone (a pid beyond any is no process), and leaves
+    those of a writer still running (this process, in another thread say) and of one on another
+    machine sharing the folder, whose pid means nothing here."""
     host = socket.gethostname()
     orphan = f".model.safetensors.{host}-{DEAD_PID}.tmp"
     running = f".model_int8.pth.{host}-{os.getpid()}.tmp"  # as temp_name names this process's
     elsewhere = f".model.safetensors.not-{host}-{DEAD_PID}.tmp"  # another machine; no such pid here
-    for name in (orphan, running, elsewhere):
+    beyond = f".config.json.{host}-{2 ** 64}.tmp"
+    for name in (orphan, running, elsewhere, beyond):
         (tmp_path / name).write_bytes(b"half a checkpoint")
     write_files(tmp_path, {"a.txt": lambda p: p.write_text("a")})
     assert names(tmp_path) == sorted([running, elsewhere, "a.txt"])
@@ -408,6 +445,17 @@ def test_safetensors_own_temp_file_of_a_killed_writer_goes_with_the_next_write(t
     assert [p.name for p in left[0].iterdir()] == [".tmpAbC123"]  # save_file's, inside it
     write_files(folder, {"a.txt": lambda p: p.write_text("a")})
     assert names(folder) == [".tmpUser1", "a.txt"]
+
+
+def test_a_safetensors_write_leaves_only_its_file_even_where_a_killed_writer_of_its_pid_left_a_folder(tmp_path):
+    """pids are reused: a scratch folder that write_safetensors left under this process's host and pid
+    (remove_orphans takes it for a running writer's) is replaced, and the finished write leaves none."""
+    scratch = tmp_path / checkpoint.temp_name("safetensors")
+    scratch.mkdir()
+    (scratch / "weights").write_bytes(b"half of the weights")
+    write_files(tmp_path, {"model.safetensors": lambda p: write_safetensors({"w": torch.ones(2)}, p)})
+    assert names(tmp_path) == ["model.safetensors"]
+    assert read_weights(tmp_path / "model.safetensors")["w"].tolist() == [1.0, 1.0]
 
 
 def test_a_write_that_fails_into_a_new_folder_leaves_no_folder(tmp_path):
@@ -473,9 +521,11 @@ LLAMA3_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, ori
     ({"rope_scaling": {**LLAMA3_SCALING, "factor": 10**400}}, "rope_scaling"),
     ({"block_size": 0}, "block_size must be a positive integer"),
     ({"n_experts": 4, "n_active_experts": 5}, "n_active_experts 5 must be between 1 and n_experts 4"),
+    ({"n_layer": checkpoint.MAX_LAYERS + 1}, f"n_layer {checkpoint.MAX_LAYERS + 1} is beyond any model"),
+    ({"block_size": checkpoint.MAX_BLOCK_SIZE + 1}, f"block_size {checkpoint.MAX_BLOCK_SIZE + 1}: beyond any model"),
 ], ids=["odd-head_dim", "heads-beyond-dim", "heads", "rope-high-equals-low", "norm_eps-0", "rope_base-0",
         "rope_base-tiny", "rope_base-beyond-int64", "norm_eps-nan", "rope-factor-beyond-float", "block_size-0",
-        "more-active-than-experts"])
+        "more-active-than-experts", "n_layer-beyond-the-limit", "block_size-beyond-the-limit"])
 def test_configs_no_model_can_run_are_refused_in_one_sentence(fields, words):
     with pytest.raises(InputError, match=f"^config.json: .*{words}"):
         parse_config({**CONFIG, **fields}, "config.json")
@@ -489,12 +539,31 @@ def test_a_tied_checkpoint_may_also_store_its_output_layer():
     check_tensors(found, model, "model.pth")
 
 
+def test_a_tied_checkpoint_is_saved_with_its_output_layer_stored_once_as_the_embedding(tmp_path):
+    args = ModelArgs(**{**CONFIG, "tie_embeddings": True})
+    model = Transformer(args)
+    checkpoint.save_checkpoint(tmp_path / "ckpt", args, model.state_dict())
+    stored = read_weights(tmp_path / "ckpt" / "model.safetensors")
+    assert sorted(stored) == sorted(name for name in model.state_dict() if name != "output.weight")
+    loaded = load_model(read_checkpoint(tmp_path / "ckpt"))
+    assert loaded.output.weight is loaded.tok_embeddings.weight
+
+
 def test_configs_at_the_limits_are_accepted():
-    """Every expert active (a dense mixture), one head of two columns, Llama-3.1's scaling."""
+    """Every expert active (a dense mixture), one head of two columns, Llama-3.1's scaling, as many
+    layers as any model may have."""
     for fields in ({"n_experts": 4, "n_active_experts": 4}, {"n_head": 1, "dim": 2, "head_dim": 2},
-                   {"rope_scaling": LLAMA3_SCALING}):
+                   {"rope_scaling": LLAMA3_SCALING}, {"n_layer": checkpoint.MAX_LAYERS}):
         args = parse_config({**CONFIG, **fields}, "config.json")
         assert all(getattr(args, name) == value for name, value in fields.items())
+
+
+def test_a_gpu_index_is_checked_against_the_gpus_this_machine_has(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert checkpoint.check_device("cuda:1", "--device") == torch.device("cuda:1")
+    with pytest.raises(InputError, match="--device cuda:2: this machine has 2 GPUs"):
+        checkpoint.check_device("cuda:2", "--device")
 
 
 # ---- reading weights -----------------------------------------------------------------------------

@@ -260,6 +260,14 @@ def test_int4_kernel_multiplies_no_padding_where_smaller_groups_end_at_k(k, grou
     assert relative_error(layer(x), rounded_x) < OUTPUT_ROUNDING
 
 
+def test_an_int8_layer_counts_its_unit_scales_as_read_only_for_inputs_the_kernel_serves():
+    layer = int8_layer(37, 208)
+    layer.use_cpu_kernel()
+    served, plain = (layer.weights_read(rows) for rows in (kernels.CPU_INT8_MAX_ROWS, kernels.CPU_INT8_MAX_ROWS + 1))
+    assert any(t is layer.unit_scales for t in served)
+    assert not any(t is layer.unit_scales for t in plain)
+
+
 @needs_cpu_kernels
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @torch.no_grad()

@@ -2,6 +2,7 @@
 client (huggingface_hub) against a local server that answers as the Hub does (this machine may not
 reach the Hub), for what a download does with tokens, a converted checkpoint, and Ctrl-C or SIGTERM
 mid-file; offline, one error line."""
+import errno
 import hashlib
 import http.server
 import json
@@ -93,6 +94,30 @@ def test_a_network_error_of_any_http_library_is_explained_and_a_bug_is_not():
         assert "cannot reach the Hugging Face Hub" in explain(error, "org/model")
     with pytest.raises(KeyError):
         explain(KeyError("a bug"), "org/model")
+
+
+def test_a_gated_repo_is_named_as_gated_not_as_missing():
+    import httpx
+    from huggingface_hub import errors
+    response = httpx.Response(403, request=httpx.Request("GET", "https://huggingface.co/api/models/org/model"))
+    error = errors.GatedRepoError("Access to model org/model is restricted.", response=response)
+    line = load_script("download").explain(error, "org/model")
+    assert "org/model is gated" in line and "accept its license" in line and "HF_TOKEN" in line
+
+
+def test_a_disk_that_fills_during_a_download_is_explained_in_one_line():
+    error = OSError(errno.ENOSPC, "No space left on device")
+    assert load_script("download").explain(error, "org/model") == "disk full while downloading org/model"
+
+
+def test_download_goes_by_default_into_the_hf_folder_of_the_repos_checkpoint(tmp_path, monkeypatch, capsys):
+    download = load_script("download")
+    into = []
+    monkeypatch.setattr(download, "download", lambda repo_id, out, token: into.append(out))
+    monkeypatch.chdir(tmp_path)
+    download.main(["--repo_id", "org/model"])
+    assert into == [os.path.join("checkpoints", "org", "model", "hf")]
+    assert capsys.readouterr().out == f"done: {into[0]}\n"
 
 
 def test_prepare_stops_when_download_fails():

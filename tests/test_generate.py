@@ -250,6 +250,16 @@ def test_a_uniform_draw_of_exactly_zero_changes_no_choice(monkeypatch):
     assert n.item() == 0 and new[0].item() != 3
 
 
+def test_the_cache_rounds_its_slots_up_to_a_multiple_of_8_but_never_past_block_size():
+    model = tiny_model(block_size=60)
+    model.setup_caches(2, 13)
+    assert model.max_seq_length == 16 and model.rope.shape[0] == 16
+    assert model.layers[0].attention.kv_cache.k.shape == (2, TINY["n_kv_heads"], 16, model.args.head_dim)
+    model.setup_caches(1, 59)
+    assert model.max_seq_length == 60 and model.rope.shape[0] == 60
+    assert model.layers[0].attention.kv_cache.v.shape[2] == 60
+
+
 @torch.no_grad()
 def test_last_logits_are_each_rows_column_of_the_full_forward():
     model = tiny_model()

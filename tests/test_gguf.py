@@ -406,6 +406,23 @@ def test_an_unsupported_rope_scaling_is_one_error_line_and_no_output(kind, extra
     assert not (tmp_path / "out").exists()
 
 
+def test_a_rope_scaling_factor_of_1_is_no_scaling(tmp_path):
+    path = write_tiny_gguf(tmp_path / "unscaled.gguf", "llama", tensors=True,
+                           extra=[("add_float32", "llama.rope.scaling.factor", 1.0)])
+    load_script("convert_gguf").convert(path, tmp_path / "out", torch.float32)
+    assert read_checkpoint(tmp_path / "out").args.rope_scaling is None
+
+
+def test_generation_stops_at_every_end_token_the_gguf_names(tmp_path):
+    """An end of sequence (eos) and an end of turn (eot) token, as Llama-3's chat models have."""
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", tensors=True,
+                           extra=[("add_uint32", "tokenizer.ggml.eos_token_id", 1),
+                                  ("add_uint32", "tokenizer.ggml.eot_token_id", 2)])
+    load_script("convert_gguf").convert(path, tmp_path / "out", torch.float32)
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [1, 2]
+
+
 @pytest.mark.parametrize("metadata", [dict(head_count=0), dict(block_count=10 ** 9)],
                          ids=["zero-heads", "1e9-blocks"])
 def test_absurd_metadata_is_refused_before_any_work(tmp_path, monkeypatch, metadata):

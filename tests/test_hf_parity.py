@@ -161,6 +161,20 @@ def test_the_rotary_table_is_transformers_at_every_position_of_a_long_context(sc
     assert torch.equal(table[:, 1, 0, 1::2], sin[0, :, :half])
 
 
+def test_rms_norm_of_bfloat16_activations_is_transformers_to_the_bit():
+    """Normalised in float32, then rounded to bfloat16 before the bfloat16 weight scales it."""
+    from model import RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    torch.manual_seed(0)
+    ours, ref = RMSNorm(64, eps=1e-6).bfloat16(), LlamaRMSNorm(64, eps=1e-6).bfloat16()
+    with torch.no_grad():
+        ours.weight.copy_(1 + 0.5 * torch.randn(64))
+        ref.weight.copy_(ours.weight)
+        x = (10 * torch.randn(4, 7, 64)).bfloat16()
+        y = ours(x)
+        assert y.dtype == torch.bfloat16 and torch.equal(y, ref(x))
+
+
 def test_parity_check_would_catch_rotate_half_rows(hf_models, tmp_path):
     """Guard on the test itself: loading HF's q/k rows without un-permuting them must fail the
     tolerance."""

@@ -10,7 +10,7 @@ import torch
 from generate import (DraftModel, Sampling, generate, speculative_generate,
                       unchosen_expert_bytes)
 from checkpoint import CONFIGS
-from model import ModelArgs, MoEFeedForward, Transformer
+from model import ModelArgs, MoEFeedForward, Transformer, route
 
 TINY = dict(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=97, intermediate_size=48,
             block_size=128, n_experts=8, n_active_experts=2)
@@ -49,6 +49,36 @@ def test_gathered_grouped_and_looped_forms_agree(norm_topk_prob, widths, dtype):
     # ...and forward, which takes the gathered form token by token, the grouped one for all
     one_by_one = torch.cat([moe(x[:, t:t + 1]) for t in range(5)], dim=1)
     torch.testing.assert_close(moe(x), one_by_one, **tol)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_the_router_weighs_bfloat16_logits_in_float32(normalize):
+    logits = (3 * torch.randn(6, TINY["n_experts"], generator=torch.Generator().manual_seed(0))).bfloat16()
+    weights, experts = route(logits, TINY["n_active_experts"], normalize)
+    expected = torch.softmax(logits.float(), dim=-1).gather(1, experts)
+    if normalize:
+        expected = expected / expected.sum(dim=-1, keepdim=True)
+    assert weights.dtype == torch.float32 and torch.equal(weights, expected)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tokens", [1, 15], ids=["gathered", "grouped"])
+def test_a_bfloat16_mixture_hands_back_bfloat16(tokens):
+    moe = tiny_model().layers[0].feed_forward.to(torch.bfloat16)
+    x = torch.randn(1, tokens, TINY["dim"], dtype=torch.bfloat16)
+    assert moe(x).dtype == torch.bfloat16
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("widths", [dict(dim=36, n_head=2, n_kv_heads=1), dict(intermediate_size=20)],
+                         ids=["dim-36", "intermediate-20"])
+def test_bfloat16_experts_whose_rows_are_not_whole_16_bytes_take_the_loop(widths, monkeypatch):
+    """torch._grouped_mm takes rows of whole 16 bytes only: w13's (dim) and w2's (intermediate)."""
+    moe = tiny_model(**widths).layers[0].feed_forward.to(torch.bfloat16)
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: pytest.fail("torch._grouped_mm"))
+    x = torch.randn(15, moe.w13.in_features, dtype=torch.bfloat16)
+    experts = moe.gate(x).topk(2).indices  # (15, 2)
+    torch.testing.assert_close(moe.grouped(x, experts), moe.looped(x, experts))
 
 
 def moe_with_experts(mode: str) -> MoEFeedForward:

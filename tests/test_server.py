@@ -12,6 +12,7 @@ import signal
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -809,25 +810,32 @@ def test_under_torchrun_two_processes_serve_the_greedy_answers_of_one(tiny_with_
         assert "Finished server process" in log and "RuntimeError" not in log, log[-3000:]
 
 
-def test_torchrun_ranks_step_with_every_rows_settings_as_rank_0_sent_them(monkeypatch):
+@pytest.mark.parametrize("chunk", [None, (torch.tensor([[7, 8, 9]]), torch.tensor([[4, 5, 6]]), torch.tensor([1]))],
+                         ids=["decode", "and a chunk"])
+def test_torchrun_ranks_step_with_every_rows_settings_as_rank_0_sent_them(monkeypatch, chunk):
     """send_step's broadcasts, replayed into follow (what the other ranks run): their step gets the
     rows' tokens, slots and each field of each row's settings as rank 0's step had them, in its
-    dtype, whatever RowSettings holds; then the end."""
+    dtype, whatever RowSettings holds, and the prompt's chunk (ids, slots, cache row) it carried; then
+    the end."""
     from types import SimpleNamespace
     sent = []
     monkeypatch.setattr(server_module.dist, "broadcast", lambda t, src: sent.append(t.clone()))
     settings = RowSettings(temperature=torch.tensor([0.5, 1.5]), top_k=torch.tensor([3, 7]),
                            top_p=torch.tensor([0.9, 1.0]), seed=torch.tensor([11, -2**62]))
     idx, input_pos = torch.tensor([[4], [5]]), torch.tensor([[9], [12]])
-    server_module.send_step(idx, input_pos, settings, None)
+    server_module.send_step(idx, input_pos, settings, chunk)
     server_module.send_step(idx[:0], input_pos[:0], server_module.FREE_ROW, None)  # the end
     replay = iter(sent)
     monkeypatch.setattr(server_module.dist, "broadcast", lambda t, src: t.copy_(next(replay)))
     steps = []
     model = SimpleNamespace(tok_embeddings=SimpleNamespace(weight=torch.zeros(1)))
     server_module.follow(model, lambda model, *step: steps.append(step))
-    ((got_idx, got_pos, got, chunk),) = steps
-    assert torch.equal(got_idx, idx) and torch.equal(got_pos, input_pos) and chunk is None
+    ((got_idx, got_pos, got, got_chunk),) = steps
+    assert torch.equal(got_idx, idx) and torch.equal(got_pos, input_pos)
+    if chunk is None:
+        assert got_chunk is None
+    else:
+        assert all(torch.equal(got_part, part) for got_part, part in zip(got_chunk, chunk, strict=True))
     assert type(got) is RowSettings
     for name, value in settings._asdict().items():
         assert getattr(got, name).dtype == value.dtype and torch.equal(getattr(got, name), value), name
@@ -851,11 +859,11 @@ def run_jobs(scheduler, jobs: list, arrivals: list):
 
 def greedy_job(prompt: list, max_tokens: int) -> Job:
     job = Job(prompt, max_tokens, RowSettings(temperature=0.0, top_k=1024, top_p=1.0, seed=0), emit=None)
-    job.tokens, job.ended = [], False
+    job.tokens, job.ended, job.finish_reason = [], False, None
 
     def emit(item):
         if isinstance(item, str):
-            job.ended = True
+            job.ended, job.finish_reason = True, item
         else:
             job.tokens.append(item)
     job.emit = emit
@@ -945,6 +953,165 @@ def test_the_warm_up_and_prompts_run_in_chunks_of_one_token():
     assert chunks == [(1, 1)] * (3 + 4 + 2)  # the warm-up's 3 runs; 4 and 2 of the prompts' tokens
     for job in jobs:
         assert job.tokens == generate(alone, [job.prompt], 4, Sampling(temperature=0)).tokens[0]
+
+
+def recording(steps: list) -> Callable:
+    """decode_rows, appending each step's (rows run, their cache slots, the cache row of the prompt's chunk it carries
+    or None) to steps."""
+    def step(model, token, input_pos, settings, chunk=None):
+        steps.append((token.shape[0], input_pos.view(-1).tolist(), None if chunk is None else chunk[2].item()))
+        return decode_rows(model, token, input_pos, settings, chunk)
+    return step
+
+
+def test_a_request_ended_by_max_tokens_takes_one_step_a_token_and_no_more():
+    """A prompt of three tokens: one step prefills the first two, then one decode step for each of the 4 tokens, from
+    the prompt's last slot on; none after the fourth."""
+    model, alone = model_and_alone(rows=1)
+    steps, job = [], greedy_job([5, 6, 7], 4)
+    with torch.inference_mode():
+        run_jobs(Scheduler(model, [], 8, 8, recording(steps), static_chunks=False), [job], arrivals=[0])
+    assert steps == [(1, [2], 0), (1, [2], None), (1, [3], None), (1, [4], None), (1, [5], None)]
+    assert (job.tokens, job.finish_reason) == (generate(alone, [job.prompt], 4, Sampling(temperature=0)).tokens[0],
+                                               "length")
+
+
+def test_an_end_of_sequence_stops_a_request_and_its_row_passes_on_without_the_token_of_its_last_step():
+    """One row: the first request's third greedy token is an end of sequence, sampled while its next step is already
+    queued. It ends with "stop" after two tokens; the request waiting for its row then gets its alone tokens, not the
+    first one's step that came after the end."""
+    model, alone = model_and_alone(rows=1)
+    first, second = greedy_job([83, 50, 50, 5], 6), greedy_job([52, 77, 35, 20, 55, 89], 6)
+    greedy = lambda job, eos_ids=(): generate(alone, [job.prompt], job.max_tokens, Sampling(  # noqa: E731
+        temperature=0), eos_ids).tokens[0]
+    *before, eos = greedy(first)[:3]
+    assert eos not in before + greedy(second)
+    with torch.inference_mode():
+        run_jobs(Scheduler(model, [eos], 8, 8, decode_rows, static_chunks=False), [first, second], arrivals=[0, 0])
+    assert (first.tokens, first.finish_reason) == (before, "stop")
+    assert (second.tokens, second.finish_reason) == (greedy(second), "length")
+
+
+def test_prompts_are_prefilled_in_the_order_their_requests_took_a_row():
+    """Two rows: a request of 40 prompt tokens takes row 1 and is prefilled in 5 chunks of 8; one that takes row 0
+    while those are under way (its first request has ended) waits for the last of them before its own 3 chunks."""
+    model, alone = model_and_alone(rows=2)
+    steps = []
+    jobs = [greedy_job([5], 2)] + [greedy_job(torch.randint(1, 97, (n,)).tolist(), 3) for n in (40, 20)]
+    with torch.inference_mode():
+        run_jobs(Scheduler(model, [], 8, 8, recording(steps), static_chunks=False), jobs, arrivals=[0, 0, 0])
+    assert [row for _, _, row in steps if row is not None] == [1] * 5 + [0] * 3
+    for job in jobs:
+        assert job.tokens == generate(alone, [job.prompt], job.max_tokens, Sampling(temperature=0)).tokens[0]
+
+
+def test_a_padded_chunk_at_the_end_of_the_context_stays_inside_the_cache():
+    """64 slots, a compiled step's chunks of 6: a prompt of 63 tokens ends in a chunk of 2 (slots 60 and 61), whose
+    padding would run past the cache's last slot; it is answered as alone."""
+    model, alone = model_and_alone(rows=1)
+    job = greedy_job(torch.randint(1, 97, (63,)).tolist(), 1)
+    with torch.inference_mode():
+        run_jobs(Scheduler(model, [], 8, 6, decode_rows, static_chunks=True), [job], arrivals=[0])
+    assert job.tokens == generate(alone, [job.prompt], 1, Sampling(temperature=0)).tokens[0]
+
+
+def test_every_step_the_requests_take_has_a_shape_the_warm_up_ran():
+    """A compiled server compiles the steps of the warm-up: each later step must be one of them, in its rows and
+    whether it carries a prompt's chunk (row 0 alone without one, every row with one or when another row decodes),
+    and the warm-up must run each that requests take."""
+    model, alone = model_and_alone(rows=3)
+    steps = []
+    scheduler = Scheduler(model, [], 8, 8, recording(steps), static_chunks=True)
+    # row 0 alone; then a prompt prefilled while it decodes; then both decoding
+    jobs = [greedy_job([5], 12), greedy_job(torch.randint(1, 97, (20,)).tolist(), 4)]
+    with torch.inference_mode():
+        scheduler.warm_up()
+        warmed = {(n, row is not None) for n, _, row in steps}
+        steps.clear()
+        run_jobs(scheduler, jobs, arrivals=[0, 2])
+    assert {(n, row is not None) for n, _, row in steps} == warmed
+    for job in jobs:
+        assert job.tokens == generate(alone, [job.prompt], job.max_tokens, Sampling(temperature=0)).tokens[0]
+
+
+def test_each_request_samples_with_its_own_settings_whatever_shares_its_step():
+    """A greedy request and two seeded sampled ones, each of its own temperature, top_k and top_p, decoding in the
+    rows of one step: each draws the tokens it draws alone, the sampled ones other than the greedy tokens."""
+    model, alone = model_and_alone(rows=3)
+    settings = [RowSettings(0.0, 1024, 1.0, 0), RowSettings(1.0, 1024, 1.0, 3), RowSettings(0.8, 5, 0.9, 4)]
+
+    def jobs() -> list:
+        made = [greedy_job(prompt, 8) for prompt in ([5, 6], [7, 8, 9], [10])]
+        for job, row_settings in zip(made, settings):
+            job.settings = row_settings
+        return made
+    together, apart = jobs(), jobs()
+    with torch.inference_mode():
+        run_jobs(Scheduler(model, [], 8, 8, decode_rows, static_chunks=False), together, arrivals=[0, 0, 0])
+        for job in apart:
+            run_jobs(Scheduler(alone, [], 8, 8, decode_rows, static_chunks=False), [job], arrivals=[0])
+    assert [job.tokens for job in together] == [job.tokens for job in apart]
+    for job in together[1:]:
+        assert job.tokens != generate(alone, [job.prompt], 8, Sampling(temperature=0)).tokens[0]
+
+
+@contextmanager
+def gated_scheduler(rows: int):
+    """A Scheduler over model_and_alone's model serving on its own thread as the server's does, its steps through a
+    StepGate held once the warm-up is over, each step's events handed to the jobs there. Yields (scheduler, gate,
+    the model of one row)."""
+    model, alone = model_and_alone(rows)
+    gate = StepGate()
+    scheduler = gate.scheduler = Scheduler(model, [], 8, 8, gate, static_chunks=False)
+    scheduler.start(server_module.hand_out)
+    try:
+        assert scheduler.ready.wait(timeout=60)
+        gate.hold()
+        yield scheduler, gate, alone
+    finally:
+        gate.free()
+        scheduler.stop()
+        gc.unfreeze()  # the scheduler froze what its warm-up left alive: this process collects on
+
+
+def test_a_request_cancelled_while_its_prompt_is_prefilled_hands_its_row_to_the_next_at_the_next_step():
+    """One row: a request of 40 prompt tokens, cancelled after two of its five chunks, leaves the row before the step
+    that follows, which already prefills the request that waited; that one gets its alone tokens."""
+    with gated_scheduler(rows=1) as (scheduler, gate, alone):
+        cancelled, waiting = greedy_job(list(range(1, 41)), 4), greedy_job([7, 8, 9], 4)
+        assert scheduler.submit(cancelled)
+        gate.step()  # the first chunk; the scheduler waits inside the step of the second
+        scheduler.cancel(cancelled)
+        assert scheduler.submit(waiting)
+        gate.step()
+        assert scheduler.rows == [waiting]
+        gate.free()
+        wait_until(lambda: waiting.ended, "the waiting request's answer")
+    assert cancelled.tokens == [] and not cancelled.ended
+    assert waiting.tokens == generate(alone, [waiting.prompt], 4, Sampling(temperature=0)).tokens[0]
+
+
+def test_a_request_cancelled_while_a_step_runs_is_handed_no_token_after():
+    """The scheduler waits inside a step of a decoding request when the request is cancelled: that step ends with the
+    request's row free, and no token of it (nor any finish reason: the HTTP side gives the cancelled its own)."""
+    with gated_scheduler(rows=1) as (scheduler, gate, _):
+        job = greedy_job([5, 6, 7], 50)
+        assert scheduler.submit(job)
+        gate.step_until(lambda: len(job.tokens) >= 2)
+        tokens = list(job.tokens)
+        scheduler.cancel(job)
+        gate.step()
+        assert scheduler.rows == [None]
+        assert (job.tokens, job.ended) == (tokens, False)
+
+
+def test_stopping_an_idle_scheduler_ends_its_thread_at_once():
+    """Stop, as at a server's shutdown, wakes a scheduler waiting for requests: it does not wait out its keep-alive."""
+    with gated_scheduler(rows=1) as (scheduler, _, _):
+        stopping = threading.Thread(target=scheduler.stop)
+        stopping.start()
+        stopping.join(timeout=10)
+        assert not stopping.is_alive() and not scheduler.thread.is_alive()
 
 
 def test_what_the_warm_up_leaves_alive_is_out_of_the_collectors_view_before_the_first_request():
