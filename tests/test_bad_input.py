@@ -3,6 +3,7 @@ status 1 and no traceback, found before any real work (no gigabytes allocated, n
 and the disk is left as it was. Most cases use a tiny random checkpoint with SmolLM2's real tokenizer."""
 import collections
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -944,6 +945,13 @@ def test_hf_converter_names_the_files_it_wrote_and_notes_a_missing_tokenizer(tin
     succeeds_here("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path, "--force")
     out = capsys.readouterr()
     assert out.out.rstrip().endswith("and config.json, tokenizer.json, generation_config.json"), out.out
+    assert not out.err
+    (hf / "tokenizer.json").unlink()  # a sentencepiece model alone is a tokenizer too
+    spm = Path(importlib.util.find_spec("mistral_common").submodule_search_locations[0]) / "data/tokenizer.model.v1"
+    shutil.copy(spm, hf / "tokenizer.model")
+    succeeds_here("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path, "--force")
+    out = capsys.readouterr()
+    assert out.out.rstrip().endswith("and config.json, tokenizer.model, generation_config.json"), out.out
     assert not out.err
 
 

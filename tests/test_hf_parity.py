@@ -407,8 +407,8 @@ def test_sliding_window_caps_block_size(capsys):
 @pytest.mark.parametrize("family", convert_hf.SUPPORTED)
 def test_keys_a_config_leaves_out_read_as_transformers_fills_them(family, sliding):
     """A config.json of the required keys alone: the rotary base, the norm's epsilon, the context
-    (a sliding window caps it), the key/value heads and head size, and a mixture's experts as
-    transformers' own config class of the family gives them. With sliding, the file turns the
+    (a sliding window caps it), the key/value heads and head size, whether the output layer is tied,
+    and a mixture's experts as transformers' own config class of the family gives them. With sliding, the file turns the
     window on (Qwen's is off by default) and gives no size for it, and its layer_types are null:
     transformers then takes its default window in the layers it derives as sliding (Qwen2's and
     Qwen3's from max_window_layers: here one of two, none, or, the file silent, from its default 28 on: none),
@@ -425,6 +425,7 @@ def test_keys_a_config_leaves_out_read_as_transformers_fills_them(family, slidin
     assert args.head_dim == (getattr(hf, "head_dim", None) or 256 // 32)
     assert args.rope_base == hf.rope_parameters["rope_theta"]
     assert args.norm_eps == hf.rms_norm_eps
+    assert args.tie_embeddings == hf.tie_word_embeddings
     window = getattr(hf, "sliding_window", None)
     if (not getattr(hf, "use_sliding_window", True)
             or "sliding_attention" not in (getattr(hf, "layer_types", None) or ["sliding_attention"])):
