@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import assert_fails_with_one_line, load_script, main_error, run_script
 from checkpoint import InputError, load_model, read_checkpoint
@@ -161,7 +162,8 @@ def write_tiny_gguf(path: Path, arch: str, tensors=False, **settings):
     tensors=True, random float32 weights of one tied layer, enough to convert and load. settings:
     model / pre (tokenizer; a list: stored as an array), merges, block_count, head_count,
     rope_scaling (a gguf.RopeScalingType), dtype (numpy's, of blk.0.attn_q.weight), rope_freqs (an
-    array stored as rope_freqs.weight), extra (GGUFWriter method, key, value) triples; sentencepiece
+    array stored as rope_freqs.weight), extra (GGUFWriter method, key, value) triples; tokens (the
+    byte-level vocabulary, in place of TINY_TOKENS; tensors=False only); sentencepiece
     (a tokenizer.model: its vocabulary as llama.cpp's converter writes it; scores and unknown, the
     unknown piece's id, in place of its own, None: left out)."""
     import gguf
@@ -175,7 +177,8 @@ def write_tiny_gguf(path: Path, arch: str, tensors=False, **settings):
     if "sentencepiece" in settings:
         tokens = write_sentencepiece_vocabulary(w, settings["sentencepiece"], settings)
     else:
-        w.add_token_list(TINY_TOKENS)
+        tokens = settings.get("tokens", TINY_TOKENS)
+        w.add_token_list(tokens)
         w.add_tokenizer_model(settings.get("model", "gpt2"))
         w.add_token_merges(settings.get("merges", ["a b"]))
     if isinstance(settings.get("pre"), list):
@@ -421,6 +424,81 @@ def test_generation_stops_at_every_end_token_the_gguf_names(tmp_path):
     load_script("convert_gguf").convert(path, tmp_path / "out", torch.float32)
     generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [1, 2]
+
+
+def test_an_end_token_id_past_the_vocabulary_is_no_end_token(tmp_path):
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", tensors=True,
+                           extra=[("add_uint32", "tokenizer.ggml.eos_token_id", 1),
+                                  ("add_uint32", "tokenizer.ggml.eot_token_id", len(TINY_TOKENS))])
+    load_script("convert_gguf").convert(path, tmp_path / "out", torch.float32)
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == 1
+
+
+def test_bfloat16_output_holds_the_float32_weights_rounded_to_bfloat16(tmp_path):
+    convert_gguf = load_script("convert_gguf")
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", tensors=True)
+    convert_gguf.main(["--gguf", str(path), "--out", str(tmp_path / "f32")])
+    convert_gguf.main(["--gguf", str(path), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"])
+    full, rounded = (load_file(tmp_path / out / "model.safetensors") for out in ("f32", "bf16"))
+    assert full.keys() == rounded.keys()
+    for name, t in full.items():
+        assert t.dtype == torch.float32 and torch.equal(rounded[name], t.to(torch.bfloat16)), name
+
+
+def test_llama_3_1_rope_freqs_convert_to_its_scaling_with_the_files_original_context(tmp_path):
+    """One head of 8 dims, base 1e6: wavelengths 200, 6283 and 198692 tokens, so that an original
+    context of 4096 scales the second fully where 8192 would only blend it."""
+    scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=4096)
+    freqs = 1.0 / (1e6 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8))
+    divisors = (freqs / model.llama3_scale(freqs, **scaling)).float().numpy()
+    path = write_tiny_gguf(tmp_path / "scaled.gguf", "llama", tensors=True, head_count=1,
+                           rope_freqs=divisors,
+                           extra=[("add_float32", "llama.rope.freq_base", 1e6),
+                                  ("add_uint32", "llama.rope.scaling.original_context_length", 4096)])
+    load_script("convert_gguf").convert(path, tmp_path / "out", torch.float32)
+    assert read_checkpoint(tmp_path / "out").args.rope_scaling == scaling
+
+
+@pytest.mark.parametrize("key, words", [("llama.attention.value_length", "key and value head sizes differ"),
+                                        ("llama.rope.dimension_count", "partial rotary")],
+                         ids=["value-heads-narrower", "partial-rotary"])
+def test_head_geometry_model_py_lacks_is_one_error_line_and_no_output(key, words, tmp_path, capsys):
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", tensors=True, extra=[("add_uint32", key, 2)])
+    assert words in convert_error(path, tmp_path / "out", capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_float32_metadata_reads_as_the_decimal_its_authors_wrote_and_no_rope_base_as_10000(tmp_path):
+    convert_gguf = load_script("convert_gguf")
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama",
+                           extra=[("add_float32", "llama.attention.layer_norm_rms_epsilon", 1e-5)])
+    reader = convert_gguf.open_gguf(path)
+    meta = convert_gguf.read_metadata(reader)
+    assert meta["llama.attention.layer_norm_rms_epsilon"] != 1e-5  # float32's nearest value
+    args = convert_gguf.model_args(meta, reader, path)
+    assert args.norm_eps == 1e-5 and args.rope_base == 10000.0
+
+
+def gguf_tokenizer(path: Path):
+    convert_gguf = load_script("convert_gguf")
+    reader = convert_gguf.open_gguf(path)
+    return convert_gguf.build_tokenizer(convert_gguf.read_metadata(reader), reader, path)[0]
+
+
+@pytest.mark.parametrize("pre, pieces", [("qwen2", ["1", "2", "3"]), ("llama-bpe", ["123"])])
+def test_qwen2s_pre_tokenizer_cuts_every_digit_alone_where_llama_3s_keeps_three(pre, pieces, tmp_path):
+    path = write_tiny_gguf(tmp_path / "digits.gguf", "qwen3", pre=pre, tokens=["1", "2", "3", "12", "123"],
+                           merges=["1 2", "12 3"], extra=[("add_bool", "tokenizer.ggml.add_bos_token", False)])
+    assert gguf_tokenizer(path).encode("123", add_special_tokens=False).tokens == pieces
+
+
+def test_a_llama_3_vocabulary_adds_bos_unless_told_and_takes_a_whole_word_before_merging(tmp_path):
+    path = write_tiny_gguf(tmp_path / "llama3.gguf", "llama", pre="llama-bpe",
+                           tokens=["a", "b", "c", "ab", "abc", "<|begin_of_text|>"], merges=["a b"],
+                           extra=[("add_uint32", "tokenizer.ggml.bos_token_id", 5)])
+    assert gguf_tokenizer(path).encode("abc").tokens == ["<|begin_of_text|>", "abc"]
 
 
 @pytest.mark.parametrize("metadata", [dict(head_count=0), dict(block_count=10 ** 9)],

@@ -257,6 +257,17 @@ def test_sharded_safetensors_convert_to_the_same_checkpoint(family, hf_models, t
                            run_converter(sharded, tmp_path / "b"))
 
 
+def test_a_tied_models_files_that_also_hold_lm_head_convert_to_the_same_checkpoint(hf_models, tmp_path):
+    _, hf_dir = hf_models("qwen2-tied")
+    with_head = Path(shutil.copytree(hf_dir, tmp_path / "hf_with_head"))
+    state_dict = load_file(hf_dir / "model.safetensors")
+    assert "lm_head.weight" not in state_dict
+    state_dict["lm_head.weight"] = state_dict["model.embed_tokens.weight"].clone()
+    save_file(state_dict, with_head / "model.safetensors", metadata={"format": "pt"})
+    assert_same_checkpoint(run_converter(hf_dir, tmp_path / "a"),
+                           run_converter(with_head, tmp_path / "b"))
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen3-moe"])
 def test_experts_stacked_as_transformers_5_holds_them(family, hf_models, tmp_path):
     """The same weights named as transformers 5's modules hold them (mlp.experts.gate_up_proj
@@ -374,6 +385,26 @@ def test_meta_params_of_llama_3_2_take_its_rope_scaling_factor_32_and_3_1_its_8(
     assert args.rope_scaling["factor"] == 16  # one that params.json gives is taken
 
 
+def test_meta_params_without_context_or_epsilon_take_llama_3s_and_metas_defaults(capsys):
+    """No max_seq_len: Llama 3's context, or Llama 3.1's when the rope is scaled; no norm_eps: 1e-5,
+    the default of Meta's reference ModelArgs."""
+    shapes = {"tok_embeddings.weight": (256, 64), "layers.0.feed_forward.w1.weight": (128, 64)}
+    params = dict(dim=64, n_layers=2, n_heads=4)
+    plain = convert_hf.meta_params_to_args(params, shapes, "params.json")
+    scaled = convert_hf.meta_params_to_args({**params, "use_scaled_rope": True}, shapes, "params.json")
+    assert plain.block_size == CONFIGS["Llama-3-8B"]["block_size"] == 8192
+    assert scaled.block_size == CONFIGS["Llama-3.1-8B"]["block_size"] == 131072
+    assert plain.norm_eps == scaled.norm_eps == 1e-5
+
+
+def test_consolidated_weights_directly_in_the_snapshot_folder_convert_as_in_original(hf_models, tmp_path):
+    hf, _ = hf_models("llama-gqa")
+    write_meta_checkpoint(hf, tmp_path / "nested")
+    flat = Path(shutil.copytree(tmp_path / "nested" / "original", tmp_path / "flat"))
+    assert_same_checkpoint(run_converter(tmp_path / "nested", tmp_path / "a"),
+                           run_converter(flat, tmp_path / "b"))
+
+
 # ---- config reading ------------------------------------------------------------------------------
 
 def test_old_and_new_rope_config_styles_agree():
@@ -400,6 +431,36 @@ def test_sliding_window_caps_block_size(capsys):
     with pytest.raises(InputError, match="max_window_layers must be an integer"):
         convert_hf.hf_config_to_args({**base, "model_type": "qwen2", "use_sliding_window": True,
                                       "max_window_layers": None})
+
+
+@pytest.mark.parametrize("layer_types, max_window_layers", [
+    (["full_attention", "sliding_attention"], 28), (["full_attention", "full_attention"], 0)],
+    ids=["sliding-though-max_window_layers-says-none", "full-though-max_window_layers-says-all"])
+def test_layer_types_a_file_gives_decide_whether_its_window_caps_the_context(layer_types, max_window_layers):
+    """max_window_layers only derives the layer types a file leaves null, as transformers reads it."""
+    fields = {k: v for k, v in HF_CONFIG.items() if k != "model_type"}
+    fields.update(num_key_value_heads=4, use_sliding_window=True, sliding_window=64,
+                  max_window_layers=max_window_layers, layer_types=layer_types)
+    hf = transformers.Qwen2Config(**fields)
+    args = convert_hf.hf_config_to_args({**fields, "model_type": "qwen2"})
+    window = hf.sliding_window if "sliding_attention" in hf.layer_types else math.inf
+    assert args.block_size == min(hf.max_position_embeddings, window)
+
+
+@pytest.mark.parametrize("family", convert_hf.SUPPORTED)
+def test_without_a_window_the_context_is_the_familys_default_one_as_transformers_reads_it(family):
+    required = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=32, vocab_size=256,
+                    intermediate_size=128, sliding_window=None)
+    hf = transformers.AutoConfig.for_model(family, **required)
+    assert convert_hf.hf_config_to_args({**required, "model_type": family}).block_size \
+        == hf.max_position_embeddings
+
+
+@pytest.mark.parametrize("layer_types", [5, "sliding_attention"], ids=["number", "string"])
+def test_layer_types_that_are_not_a_list_are_refused_naming_the_key(layer_types, tmp_path, capsys):
+    source = config_only_source(tmp_path / "hf", model_type="mistral", num_key_value_heads=4,
+                                sliding_window=64, layer_types=layer_types)
+    assert "layer_types must be a list" in run_main_expect_error(capsys, source, tmp_path / "out")
 
 
 @pytest.mark.parametrize("sliding", [0, 1, 2, "unsaid"],

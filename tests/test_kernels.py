@@ -238,6 +238,35 @@ def check_dequantize():
                 int4_dequantize_kernel[(triton.cdiv(N, 16), triton.cdiv(K, 128))](
                     int4_words(packed), s, out, N, K, g, BLOCK_N=16, PTX=False)
                 assert torch.equal(out, reference.to(dtype)), (N, K, g, dtype)
+    check_int4_kernels_read_float16_scales_and_zeros()
+
+
+# A float16 model's int4 layers keep their group scales and zeros in float16 (a group's scale in
+# the low half of its 4-byte word, its zero in the high half; scale_and_zero reads bfloat16 ones
+# otherwise): the dequantized copy and the small matmul, one row and several, against int4_weights,
+# scales and zeros unlike each other. K of 320: two chunks and a half, in groups of 32 and 64.
+def check_int4_kernels_read_float16_scales_and_zeros():
+    from kernels import (int4_dequantize_kernel, int4_mm_kernel, int4_tile, int4_weights,
+                         int4_words, relative_error, scale_zero_pairs)
+    torch.manual_seed(0)
+    N, K = 21, 320
+    packed = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
+    for g in (32, 64):
+        s, z = scale_zero_pairs(torch.rand(N, K // g, dtype=torch.float16) / 8 + 0.01,
+                                torch.randn(N, K // g, dtype=torch.float16) / 8)
+        reference = int4_weights(packed, s, z, g, K)  # (N, K)
+        out = torch.full((N, K), float("nan"))
+        int4_dequantize_kernel[(triton.cdiv(N, 16), triton.cdiv(K, 128))](
+            int4_words(packed), s, out, N, K, g, BLOCK_N=16, PTX=False)
+        assert torch.equal(out, reference), g
+        for M in (1, 3):
+            x = torch.randn(M, K)
+            y = torch.full((1, M, N), float("nan"))
+            int4_mm_kernel[(triton.cdiv(N, 16), 1)](x, int4_words(packed), s, y, M, N, K, 384, g,
+                                                   BLOCK_M=int4_tile(M)["BLOCK_M"], BLOCK_N=16,
+                                                   PTX=False)
+            error = relative_error(y[0], x.double() @ reference.double().T)
+            assert error < 1e-5, (g, M, error)
 
 
 # A long prompt's rows (a dequantized copy into PyTorch's matmul, as kernels.kernel_route sends
@@ -475,6 +504,29 @@ def check_decode_attention():
         results = kernels.check_decode_attention("cpu", torch.float32)
         assert len(results) == 12 and all(r["ok"] for r in results), (min_rows, tile, results)
     check_decode_attention_rows_are_independent(kernels.decode_attention_op)
+    check_decode_attention_normalises_q_and_k_over_the_heads_own_width()
+
+
+# q/k norm on heads whose width the kernel pads (8 to tl.dot's 16, 24 to a power of two): the
+# RMS over the head's own D values, as model.RMSNorm takes it; the output and the new k and v in
+# the caches against the model's own path, a row at the first slot, a middle one and the last.
+def check_decode_attention_normalises_q_and_k_over_the_heads_own_width():
+    import copy
+    import kernels
+    from model import Rows, attention_mask
+    torch.manual_seed(0)
+    S = 24
+    pos = torch.tensor([[0], [9], [S - 1]])  # (B, 1)
+    for D in (8, 24):
+        attention, rope, cache = kernels.random_attention(4, 2, D, S, True, 4, "cpu", torch.float32)
+        rows = Rows(pos, rope[pos], attention_mask(pos, S, torch.float32), row=1)
+        x = torch.randn(3, 1, 4 * D)
+        outputs = []
+        for kernel in (None, kernels.decode_attention):
+            attention.kv_cache, attention.decode_kernel = copy.deepcopy(cache), kernel
+            outputs.append((attention(x, [rows]), attention.kv_cache.k, attention.kv_cache.v))
+        for name, reference, y in zip(("output", "k cache", "v cache"), *outputs):
+            assert kernels.relative_error(y, reference) < 1e-5, (D, name)
 
 
 # The chunk attention kernel in float32 against the model's own attention path over the request's
@@ -612,6 +664,19 @@ def test_gemv_splits_long_rows_of_one_byte_weights_and_keeps_float_weights_whole
     assert gemv_takes_swiglu(torch.empty(22016, 4096, dtype=torch.int8, device="meta"))
     assert gemv_takes_swiglu(torch.empty(2 * 4096, 11008, dtype=torch.bfloat16, device="meta"))
     assert not gemv_takes_swiglu(torch.empty(2 * 4096, 11008, dtype=torch.int8, device="meta"))
+
+
+def test_gemv_parts_of_k_cover_every_word_of_a_long_row_once():
+    """The one-row GEMV's split of a one-byte layer's long K (gemv_split_k, words_per_split): parts
+    of whole SPLIT_ALIGN_WORDS words, none empty, that reach K's last word, K a whole number of
+    aligned parts and not (four columns past one, a word short of one)."""
+    from kernels import SPLIT_ALIGN_WORDS, gemv_split_k, words_per_split
+    align = 4 * SPLIT_ALIGN_WORDS
+    for k in (8196, 11008, 3 * 8192 + 4, 4 * 8192 - 4, 14336, 28672, 7 * 8192 + 2 * align + 4):
+        parts = gemv_split_k(torch.empty(4096, k, dtype=torch.int8, device="meta"))
+        assert parts > 1, k
+        split = (parts, 4 * words_per_split(k, parts))
+        assert covers_k_in_whole_tiles(split, k, align), (k, split)
 
 
 def test_small_matmul_splits_k_until_the_grid_fills_the_gpu_and_wide_layers_stay_whole():
