@@ -496,11 +496,12 @@ def check_cache_fits(config: ModelArgs, batch_size: int, cache_length: int, dtyp
     where processes on a CPU share one memory."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     share = world if device.type == "cuda" else 1
-    slots = -(-cache_length // 8) * 8  # setup_caches rounds up to a multiple of 8
+    slots = -(-cache_length // 8) * 8  # setup_caches rounds up to a multiple of 8, to block_size
     caches = [(config, batch_size * config.n_kv_heads // share)]  # (model, its rows x KV heads)
     if draft is not None:
         caches.append((draft, world // share * draft.n_kv_heads))  # a whole draft in each process
-    kv_bytes = sum(2 * c.n_layer * heads * slots * c.head_dim for c, heads in caches)  # K and V
+    kv_bytes = sum(2 * c.n_layer * heads * min(slots, c.block_size) * c.head_dim  # K and V
+                   for c, heads in caches)
     kv_bytes *= torch.empty(0, dtype=dtype).element_size()
     weight_bytes *= world // share  # every process's on a CPU
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else host_memory_available()

@@ -335,6 +335,17 @@ def test_the_memory_check_counts_every_rows_kv_cache_and_random_weights_with_it(
         G.check_cache_fits(config, 1, 16, torch.float32, cpu, weight_bytes=1001)
 
 
+def test_the_memory_check_counts_the_slots_the_cache_will_have(monkeypatch):
+    """Rounded up to a multiple of 8 as setup_caches rounds them, but no more than block_size."""
+    config, cpu = ModelArgs(**{**TINY, "block_size": 60}), torch.device("cpu")
+    monkeypatch.setattr(G, "host_memory_available", lambda: kv_bytes(config, 1, 16))
+    G.check_cache_fits(config, 1, 9, torch.float32, cpu)  # 16 slots
+    with pytest.raises(InputError, match="KV cache for 1 row of 17 tokens"):
+        G.check_cache_fits(config, 1, 17, torch.float32, cpu)  # 24 slots
+    monkeypatch.setattr(G, "host_memory_available", lambda: kv_bytes(config, 1, 60))
+    G.check_cache_fits(config, 1, 59, torch.float32, cpu)  # 60 slots, not 64
+
+
 def test_a_chat_prompt_is_the_users_turn_in_the_template(tmp_path):
     from argparse import Namespace
     from tokenizer import load_tokenizer
