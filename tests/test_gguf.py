@@ -163,7 +163,7 @@ def write_tiny_gguf(path: Path, arch: str, tensors=False, **settings):
     model / pre (tokenizer; a list: stored as an array), merges, block_count, head_count,
     rope_scaling (a gguf.RopeScalingType), dtype (numpy's, of blk.0.attn_q.weight), rope_freqs (an
     array stored as rope_freqs.weight), extra (GGUFWriter method, key, value) triples; tokens (the
-    byte-level vocabulary, in place of TINY_TOKENS; tensors=False only); sentencepiece
+    byte-level vocabulary, in place of TINY_TOKENS); sentencepiece
     (a tokenizer.model: its vocabulary as llama.cpp's converter writes it; scores and unknown, the
     unknown piece's id, in place of its own, None: left out)."""
     import gguf
@@ -492,6 +492,27 @@ def test_qwen2s_pre_tokenizer_cuts_every_digit_alone_where_llama_3s_keeps_three(
     path = write_tiny_gguf(tmp_path / "digits.gguf", "qwen3", pre=pre, tokens=["1", "2", "3", "12", "123"],
                            merges=["1 2", "12 3"], extra=[("add_bool", "tokenizer.ggml.add_bos_token", False)])
     assert gguf_tokenizer(path).encode("123", add_special_tokens=False).tokens == pieces
+
+
+def test_control_and_user_defined_tokens_are_matched_whole_and_only_control_ones_are_special(tmp_path):
+    """llama.cpp's token types: a control token (an end of turn) and a user-defined one (a tool tag) are
+    never cut into pieces; decoding without special tokens drops the control one and keeps the other."""
+    path = write_tiny_gguf(tmp_path / "types.gguf", "llama", tokens=["a", "b", "ab", "<tool>", "<|end|>"],
+                           extra=[("add_array", "tokenizer.ggml.token_type", [1, 1, 1, 4, 3]),
+                                  ("add_bool", "tokenizer.ggml.add_bos_token", False)])
+    tok = gguf_tokenizer(path)
+    ids = tok.encode("ab<tool>b<|end|>").ids
+    assert ids == [2, 3, 1, 4]
+    assert tok.decode(ids, skip_special_tokens=True) == "ab<tool>b"
+
+
+def test_the_files_bos_id_goes_into_generation_config(tmp_path):
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", tensors=True,
+                           extra=[("add_uint32", "tokenizer.ggml.bos_token_id", 2),
+                                  ("add_uint32", "tokenizer.ggml.eos_token_id", 1)])
+    load_script("convert_gguf").convert(path, tmp_path / "out", torch.float32)
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (2, 1)
 
 
 def test_a_llama_3_vocabulary_adds_bos_unless_told_and_takes_a_whole_word_before_merging(tmp_path):
