@@ -24,33 +24,41 @@ def smollm2(smollm2_checkpoint):
 
 
 def converse(tokenizer, lines: list, monkeypatch, max_seq=4096, chat=True, compiled=False,
-             vocab_size=None):
-    """Run generate.interactive on `lines` of input with a stand-in model that answers "Fine." and
-    records what it was asked: [(prompt ids, cached)] per turn."""
+             vocab_size=None, max_new=32, stopped=()):
+    """Run generate.interactive on `lines` of input with a stand-in model that answers "Fine." (but
+    the answers of the runs numbered in `stopped`, which Ctrl-C stops) in at most max_new tokens,
+    and records what it was asked: [(prompt ids, cached)] per turn."""
     asked = []
     answer = tokenizer.encode("Fine.")[-2:]
 
     def fake_generate(prompts, max_new, on_tokens=None, cached=0):
         asked.append((prompts[0], cached))
+        if len(asked) - 1 in stopped:
+            raise KeyboardInterrupt
         tokens = answer[:max_new]
         ended = len(tokens) < max_new  # room for its end-of-sequence token
         return generate.Generation([tokens], len(tokens) + ended, [len(prompts[0]) - cached], 0.1,
                                    0.1, len(tokens))
-    interact(tokenizer, lines, monkeypatch, fake_generate, max_seq, 32, chat, compiled, vocab_size)
+    interact(tokenizer, lines, monkeypatch, fake_generate, max_seq, max_new, chat, compiled,
+             vocab_size)
     return asked
 
 
 def interact(tokenizer, lines: list, monkeypatch, generate_fn, max_seq: int, max_new: int,
              chat=True, compiled=False, vocab_size=None):
-    """generate.interactive reading `lines` as the terminal's input, answering with generate_fn, for
-    a model of vocab_size tokens (the tokenizer's own by default)."""
+    """generate.interactive reading `lines` as the terminal's input (an exception among them: what
+    that read raises, KeyboardInterrupt for a Ctrl-C), answering with generate_fn, for a model of
+    vocab_size tokens (the tokenizer's own by default)."""
     feed = iter(lines)
 
     def fake_input(prompt=""):
         try:
-            return next(feed)
+            line = next(feed)
         except StopIteration:
             raise EOFError from None
+        if isinstance(line, BaseException):
+            raise line
+        return line
     monkeypatch.setattr(builtins, "input", fake_input)
     args = type("Args", (), dict(chat=chat, metrics=False, compile=compiled,
                                  compile_prefill=False))()
@@ -148,6 +156,67 @@ def test_an_answer_cut_short_by_the_end_of_the_cache_says_so(smollm2, monkeypatc
     assert "the answer stopped at the end of the" in capsys.readouterr().err
     converse(tokenizer, TURNS[:1], monkeypatch, max_seq=len(question) + 3)
     assert "stopped" not in capsys.readouterr().err
+
+
+def test_an_answer_cut_at_max_new_tokens_is_not_said_to_stop_at_the_end_of_the_cache(smollm2, monkeypatch,
+                                                                                   capsys):
+    """The stand-in's two-token answer fills max_new_tokens of 2 with the cache far from full."""
+    _, tokenizer = smollm2
+    converse(tokenizer, TURNS[:1], monkeypatch, max_new=2)
+    assert "stopped" not in capsys.readouterr().err
+
+
+def test_earlier_turns_are_kept_while_they_leave_half_the_cache_for_a_longer_answer(smollm2, monkeypatch,
+                                                                                   capsys):
+    """Answers of up to 1000 tokens in a cache of twice the second question's conversation: an answer
+    longer than the cache's half does not push the first turn out."""
+    _, tokenizer = smollm2
+    two_turns = [{"role": "user", "content": TURNS[0]}, {"role": "assistant", "content": "Fine."},
+                 {"role": "user", "content": TURNS[1]}]
+    max_seq = 2 * len(tokenizer.encode_chat(two_turns))
+    asked = converse(tokenizer, TURNS[:2], monkeypatch, max_seq=max_seq, max_new=1000)
+    assert asked[1][0] == tokenizer.encode_chat(two_turns)
+    assert "dropped" not in capsys.readouterr().err
+
+
+def test_a_long_question_drops_as_many_oldest_turns_as_it_needs_and_says_how_many(smollm2, monkeypatch,
+                                                                                   capsys):
+    _, tokenizer = smollm2
+    long_question = "word " * 60
+    max_seq = len(tokenizer.encode_chat([{"role": "user", "content": long_question}])) + 32
+    asked = converse(tokenizer, [*TURNS[:2], long_question], monkeypatch, max_seq=max_seq)
+    assert asked[2][0] == tokenizer.encode_chat([{"role": "user", "content": long_question}])
+    assert "(dropped the 2 oldest turns:" in capsys.readouterr().err
+
+
+def test_the_next_turn_reuses_the_cache_up_to_the_end_of_an_answer_that_ended_itself(smollm2, monkeypatch):
+    """The stand-in's answer ends with an end-of-sequence token: each of its two tokens was fed to the
+    model, and is in the cache with the question before it."""
+    _, tokenizer = smollm2
+    asked = converse(tokenizer, TURNS[:2], monkeypatch)
+    (first, _), (_, cached) = asked
+    assert cached == len(first) + 2
+
+
+def test_after_a_stopped_answer_the_next_turn_prefills_the_whole_conversation(smollm2, monkeypatch, capsys):
+    """What the cache holds after Ctrl-C stopped an answer is not known: none of it is reused, and the
+    stopped question is not part of the conversation."""
+    _, tokenizer = smollm2
+    asked = converse(tokenizer, TURNS, monkeypatch, stopped=[1])
+    assert len(asked) == 3 and asked[2][1] == 0
+    third = tokenizer.decode(asked[2][0])
+    assert TURNS[0] in third and TURNS[1] not in third
+    assert "(answer stopped)" in capsys.readouterr().err
+
+
+def test_ctrl_c_at_the_prompt_ends_the_session_as_end_of_input_does(smollm2, monkeypatch, capsys):
+    _, tokenizer = smollm2
+    try:
+        asked = converse(tokenizer, [TURNS[0], KeyboardInterrupt(), TURNS[1]], monkeypatch)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C at the prompt raised out of the session")
+    assert len(asked) == 1
+    assert capsys.readouterr().out.endswith("\n")
 
 
 def test_ctrl_c_while_a_question_is_encoded_stops_that_turn_only(smollm2, monkeypatch, capsys):

@@ -450,12 +450,13 @@ def test_new_tokens_past_the_context_are_cut_to_what_fits_with_a_note(tiny_check
         assert (note in err.splitlines()) == cut, err
 
 
+@pytest.mark.parametrize("context, cache", [(8192, 4096), (CONTEXT, CONTEXT)])
 def test_interactive_answers_are_cut_to_the_conversation_cache_with_a_note(tmp_path, monkeypatch,
-                                                                          capsys):
+                                                                          capsys, context, cache):
     """An interactive conversation's cache holds the context up to 4096 tokens, and an answer the
     cache less its one-token question at most: that, not the whole context, is what the note
     names."""
-    checkpoint = save_tiny_checkpoint(tmp_path / "long", block_size=8192)
+    checkpoint = save_tiny_checkpoint(tmp_path / "long", block_size=context)
 
     def end_of_input(prompt=""):
         raise EOFError
@@ -464,7 +465,49 @@ def test_interactive_answers_are_cut_to_the_conversation_cache_with_a_note(tmp_p
     G.main(["--checkpoint_path", str(checkpoint), "--interactive", "--device", "cpu",
             "--max_new_tokens", "100000"])
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
-    assert notes == ["note: answers of at most 4095 tokens, all that fit the 4096-token cache"]
+    assert notes == [f"note: answers of at most {cache - 1} tokens, all that fit the {cache}-token cache"]
+
+
+def test_new_tokens_of_a_batch_are_cut_to_what_fits_after_its_longest_prompt(tiny_checkpoint, tmp_path, capsys):
+    metrics = tmp_path / "m.json"
+    _, err = generate_here(capsys, tiny_checkpoint, "--prompt", "w4", "--max_new_tokens", 100, "--temperature", 0,
+                           "--json", metrics)
+    sample = json.loads(metrics.read_text())["samples"][0]
+    assert sample["prompt_tokens"] == [3, 1] and sample["new_tokens"] == [CONTEXT - 3] * 2
+    assert f"note: generating {CONTEXT - 3} tokens, all that fit the model's context of {CONTEXT} tokens" in err
+
+
+def test_the_json_holds_the_run_every_sample_and_their_mean(tiny_checkpoint, tmp_path, capsys):
+    metrics = tmp_path / "m.json"
+    _, err = generate_here(capsys, tiny_checkpoint, "--max_new_tokens", 4, "--num_samples", 3, "--json", metrics)
+    data = json.loads(metrics.read_text())
+    assert (data["device"], data["torch"], data["tensor_parallel"]) == ("cpu", torch.__version__, 1)
+    assert data["compile_s"] is None and data["model_bytes"] > 0 and len(data["samples"]) == 3
+    for key in ("ttft_s", "decode_tok_s", "bandwidth_gb_s"):
+        assert data["average"][key] == pytest.approx(sum(s[key] for s in data["samples"]) / 3), key
+    average = data["average"]
+    assert (f"Average over 3 samples: decode {average['decode_tok_s']:.2f} tok/s, weights read "
+            f"{average['bandwidth_gb_s']:.1f} GB/s") in err
+
+
+def test_a_compiled_run_compiles_in_an_untimed_run_before_the_samples(tiny_checkpoint, tmp_path, capsys,
+                                                                      monkeypatch):
+    """--compile (eager functions standing in for the compiled ones): one more run than the samples, first,
+    that prints nothing and whose seconds the JSON gives apart as compile_s."""
+    runs, generate_fn = [], G.generate
+
+    def counted(*args, **kwargs):
+        runs.append(kwargs.get("on_tokens"))
+        return generate_fn(*args, **kwargs)
+    monkeypatch.setattr(G, "compile_functions", lambda *args, **kwargs: (G.prefill, G.decode_one_token))
+    monkeypatch.setattr(G, "generate", counted)
+    metrics = tmp_path / "m.json"
+    out, err = generate_here(capsys, tiny_checkpoint, "--compile", "--max_new_tokens", 2, "--num_samples", 2,
+                             "--json", metrics)
+    data = json.loads(metrics.read_text())
+    assert len(runs) == 3 and runs[0] is None and len(data["samples"]) == 2
+    assert data["compile_s"] > 0 and f"Compilation time: {data['compile_s']:.2f} s" in err
+    assert out.count(PROMPT) == 2
 
 
 def test_the_same_seed_samples_the_same_tokens_and_another_seed_others(tiny_checkpoint, capsys):
@@ -489,6 +532,22 @@ def test_a_batch_prints_each_row_once_and_greedy_rows_equal_the_single_rows_answ
     assert len(answer.split()) == 12, single
     batch, _ = generate_here(capsys, tiny_checkpoint, *flags, "--batch_size", 3)
     assert batch.splitlines() == [f"[{b}] {single.rstrip()}" for b in range(3)]  # each its prompt, then the answer
+
+
+def test_a_batch_of_prompts_prints_each_row_after_its_own_prompt(tiny_checkpoint, capsys):
+    out, _ = generate_here(capsys, tiny_checkpoint, "--prompt", "w4 w5", "--max_new_tokens", 2, "--temperature", 0)
+    rows = out.splitlines()
+    assert [row.split()[:-2] for row in rows] == [["[0]", *PROMPT.split()], ["[1]", "w4", "w5"]], out
+
+
+def test_a_chat_answer_is_printed_without_its_prompt(smollm2_checkpoint, capsys):
+    """The prompt is echoed where the answer continues its text, not where the answer is the assistant's turn."""
+    question = "What is the capital of France?"
+    capsys.readouterr()
+    G.main(["--checkpoint_path", str(smollm2_checkpoint), "--chat", "--prompt", question, "--max_new_tokens", "3",
+            "--temperature", "0", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert question not in out and out.strip(), out
 
 
 def test_a_sentencepiece_models_answer_keeps_the_space_after_the_prompt(tmp_path, capsys, monkeypatch):

@@ -152,6 +152,34 @@ def test_a_speculative_samples_tokens_per_verify_counts_the_tokens_it_gave():
     assert m["acceptance_rate"] == 1.0 and m["tokens_per_verify"] == 6
 
 
+def test_a_batchs_line_names_each_figure_in_its_unit_over_the_batch_and_per_row():
+    """The batch of test_throughput_counts_the_tokens_after_the_prefill_and_bandwidth_one_read_per_forward."""
+    gen = generate.Generation(tokens=[[1] * 5, [2] * 3], generated=9, prompt_tokens=[4, 6],
+                              ttft_s=0.5, decode_s=2.0, decode_steps=4)
+    line = generate.describe(generate.metrics(gen, model_bytes=3e9, device=torch.device("cpu")))
+    assert line.startswith("8 new tokens over 2 rows (3 to 5 per row), time to first token 500.0 ms, prefill "
+                           "20.0 tok/s, decode 3.50 tok/s over the batch (1.75 per row), weights read 6.0 GB/s, "
+                           "peak memory "), line
+
+
+def test_peak_memory_on_a_cpu_is_the_processs_peak_resident_set_in_gb():
+    import resource
+    gen = generate.Generation(tokens=[[1] * 5], generated=5, prompt_tokens=[4], ttft_s=0.5, decode_s=2.0,
+                              decode_steps=4)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = generate.metrics(gen, model_bytes=3e9, device=torch.device("cpu"))["peak_memory_gb"]
+    assert before / 1e9 <= peak <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def test_speculations_line_gives_the_acceptance_and_the_rounds_by_drafts_kept():
+    """The rounds of test_speculation_metrics_count_kept_drafts_and_the_tokens_the_rounds_gave; none kept 1."""
+    line = generate.describe_speculation(generate.speculation_metrics([1, 0, 2, 1], 11))
+    assert line == ("speculative decoding: 58.3% of 3 drafts accepted, 2.75 tokens per target forward, rounds "
+                    "by drafts kept {0: 1, 2: 2, 3: 1} (others: none)")
+    no_rounds = generate.describe_speculation(generate.speculation_metrics([0, 0, 0, 0], 0))
+    assert no_rounds == "speculative decoding: no rounds (the first token ended the sample)"
+
+
 @pytest.mark.parametrize("name", ["trace.json", "trace.json.gz"])
 def test_a_profile_is_the_last_samples_trace_written_whole_and_gzipped_by_its_name(
         smollm2_checkpoint, tmp_path, capsys, monkeypatch, name):

@@ -14,8 +14,8 @@ from conftest import QUIET, as_run, assert_one_error_line, load_script, main_err
 from checkpoint import InputError, load_model, read_checkpoint, save_checkpoint
 from generate import main as generate_main
 from generate import (DraftModel, PromptLookup, Sampling, accept_drafts, compile_verify,
-                      draft_one_token, generate, load_proposer, prefill, speculation_metrics,
-                      speculative_generate, verify)
+                      describe_speculation, draft_one_token, generate, load_proposer, prefill,
+                      speculation_metrics, speculative_generate, verify)
 from model import ModelArgs, Transformer
 from tokenizer import load_tokenizer
 
@@ -385,13 +385,16 @@ RANDOM_TARGET = ["--random_weights", "stories15M"]  # no weights are made before
     # --speculate_k without a proposer: tests/test_smollm2.py; 0 is given too, not None
     (RANDOM_TARGET + ["--speculate_k", "0"], ["--speculate_k needs"]),
     (RANDOM_TARGET + ["--speculate_ngram", "3", "--draft_checkpoint_path", "SMOLLM2"], ["not both"]),
+    (["--checkpoint_path", "SMOLLM2", "--speculate_ngram", "3", "--prompt", "Hi", "--prompt", "Hello"],
+     ["one sequence at a time"]),
     (RANDOM_TARGET + ["--draft_checkpoint_path", "SMOLLM2"], ["vocabulary of 49152 tokens", "target 32000"]),
     (["--checkpoint_path", "SMOLLM2", "--draft_checkpoint_path", "PERMUTED"], ["tokenizes text differently"]),
     # refused before the target's weights load (no "Loaded" line before the error)
     (["--checkpoint_path", "SMOLLM2", "--draft_checkpoint_path", "FEWER_LAYERS"],
      ["does not match", "unexpected tensor layers."]),
 ], ids=["k-zero", "ngram-zero", "ngram-over-context", "k-over-context", "prompt-over-drafts-context",
-        "k-zero-without-proposer", "two-proposers", "other-vocabulary", "other-tokenizer", "draft-weights-not-its-config"])
+        "k-zero-without-proposer", "two-proposers", "two-prompts", "other-vocabulary", "other-tokenizer",
+        "draft-weights-not-its-config"])
 def test_bad_speculation_input_gives_one_error_line(args, words, smollm2_checkpoint, tmp_path, capsys):
     """generate.py's command line run in this process, as its `__main__` runs it (the command line itself:
     test_speculation_for_a_batch_is_refused_in_one_line_by_the_command_line)."""
@@ -422,6 +425,45 @@ def test_the_memory_check_counts_a_draft_models_kv_cache_too(smollm2_checkpoint,
     # one error line and nothing before it: no weights loaded
     main_error(as_run(generate_main), [*flags, "--draft_checkpoint_path", str(smollm2_checkpoint)], capsys,
                "KV cache", "the draft model's included")
+
+
+def test_speculative_samples_give_their_rounds_and_the_average_pools_the_rounds_of_all(smollm2_checkpoint,
+                                                                                      tmp_path, capsys):
+    """Two greedy samples, alike: the average's rounds and tokens are twice a sample's."""
+    metrics = tmp_path / "m.json"
+    capsys.readouterr()
+    generate_main(["--checkpoint_path", str(smollm2_checkpoint), "--prompt", "one two one two one two",
+                   "--speculate_ngram", "1", "--speculate_k", "3", "--max_new_tokens", "8", "--num_samples", "2",
+                   "--temperature", "0", "--device", "cpu", "--json", str(metrics)])
+    data = json.loads(metrics.read_text())
+    first, second = data["samples"]
+    assert len(first["accepted_lengths"]) == 3 + 1 and first["accepted_lengths"] == second["accepted_lengths"]
+    assert first["round_tokens"] == first["new_tokens"][0] - 1  # all but the prefill's token
+    average = data["average"]
+    assert average["accepted_lengths"] == [2 * n for n in first["accepted_lengths"]]
+    assert average["round_tokens"] == 2 * first["round_tokens"]
+    assert average["tokens_per_verify"] == pytest.approx(first["tokens_per_verify"])
+    assert average["acceptance_rate"] == pytest.approx(first["acceptance_rate"])
+    assert f"All 2 samples: {describe_speculation(average)}" in capsys.readouterr().err
+
+
+def test_a_draft_with_a_shorter_context_than_the_targets_limits_the_generation(smollm2_checkpoint, tmp_path,
+                                                                                capsys):
+    """SmolLM2's weights as a draft of 16 tokens' context: the text may fill that, less the 2 slots a round
+    of 3 drafts writes past it."""
+    draft = tmp_path / "short"
+    draft.mkdir()
+    (draft / "model.safetensors").symlink_to(smollm2_checkpoint / "model.safetensors")
+    config = json.loads((smollm2_checkpoint / "config.json").read_text())
+    (draft / "config.json").write_text(json.dumps({**config, "block_size": 16}))
+    metrics = tmp_path / "m.json"
+    capsys.readouterr()
+    generate_main(["--checkpoint_path", str(smollm2_checkpoint), "--draft_checkpoint_path", str(draft),
+                   "--speculate_k", "3", "--prompt_tokens", "4", "--max_new_tokens", "100", "--temperature", "0",
+                   "--device", "cpu", "--json", str(metrics)])
+    assert json.loads(metrics.read_text())["samples"][0]["new_tokens"] == [10]
+    assert ("note: generating 10 tokens, all that fit the model's context of 14 tokens (16 less 2 for "
+            "speculation's drafts)") in capsys.readouterr().err
 
 
 @pytest.mark.slow
