@@ -416,23 +416,21 @@ def test_a_rope_scaling_factor_of_1_is_no_scaling(tmp_path):
     assert read_checkpoint(tmp_path / "out").args.rope_scaling is None
 
 
+def generation_config_of(tmp_path, **ids) -> dict:
+    """generation_config.json of a tiny GGUF converted, whose tokenizer.ggml.KEY_token_id are ids."""
+    extra = [("add_uint32", f"tokenizer.ggml.{key}_token_id", i) for key, i in ids.items()]
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", tensors=True, extra=extra)
+    load_script("convert_gguf").convert(path, tmp_path / "out", torch.float32)
+    return json.loads((tmp_path / "out" / "generation_config.json").read_text())
+
+
 def test_generation_stops_at_every_end_token_the_gguf_names(tmp_path):
     """An end of sequence (eos) and an end of turn (eot) token, as Llama-3's chat models have."""
-    path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", tensors=True,
-                           extra=[("add_uint32", "tokenizer.ggml.eos_token_id", 1),
-                                  ("add_uint32", "tokenizer.ggml.eot_token_id", 2)])
-    load_script("convert_gguf").convert(path, tmp_path / "out", torch.float32)
-    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
-    assert generation["eos_token_id"] == [1, 2]
+    assert generation_config_of(tmp_path, eos=1, eot=2)["eos_token_id"] == [1, 2]
 
 
 def test_an_end_token_id_past_the_vocabulary_is_no_end_token(tmp_path):
-    path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", tensors=True,
-                           extra=[("add_uint32", "tokenizer.ggml.eos_token_id", 1),
-                                  ("add_uint32", "tokenizer.ggml.eot_token_id", len(TINY_TOKENS))])
-    load_script("convert_gguf").convert(path, tmp_path / "out", torch.float32)
-    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
-    assert generation["eos_token_id"] == 1
+    assert generation_config_of(tmp_path, eos=1, eot=len(TINY_TOKENS))["eos_token_id"] == 1
 
 
 def test_bfloat16_output_holds_the_float32_weights_rounded_to_bfloat16(tmp_path):
@@ -507,11 +505,7 @@ def test_control_and_user_defined_tokens_are_matched_whole_and_only_control_ones
 
 
 def test_the_files_bos_id_goes_into_generation_config(tmp_path):
-    path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", tensors=True,
-                           extra=[("add_uint32", "tokenizer.ggml.bos_token_id", 2),
-                                  ("add_uint32", "tokenizer.ggml.eos_token_id", 1)])
-    load_script("convert_gguf").convert(path, tmp_path / "out", torch.float32)
-    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    generation = generation_config_of(tmp_path, bos=2, eos=1)
     assert (generation["bos_token_id"], generation["eos_token_id"]) == (2, 1)
 
 
