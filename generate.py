@@ -496,7 +496,7 @@ def check_cache_fits(config: ModelArgs, batch_size: int, cache_length: int, dtyp
     where processes on a CPU share one memory."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     share = world if device.type == "cuda" else 1
-    slots = -(-cache_length // 8) * 8  # setup_caches rounds up to a multiple of 8, to block_size
+    slots = -(-cache_length // 8) * 8  # as setup_caches rounds up (at most block_size, below)
     caches = [(config, batch_size * config.n_kv_heads // share)]  # (model, its rows x KV heads)
     if draft is not None:
         caches.append((draft, world // share * draft.n_kv_heads))  # a whole draft in each process
