@@ -241,7 +241,7 @@ def parse_config(data: dict, where) -> ModelArgs:
         if (value is not None or not optional) and (type(value) is not int or value < 1):
             raise InputError(f"{where}: {name} must be a positive integer, got {value!r}")
     for name, least in (("rope_base", 1), ("norm_eps", 0)):  # no model's base is 1 or less
-        value = data.get(name, 2.0)
+        value = data.get(name, getattr(ModelArgs, name))
         if not scalar(value) or not value > least:
             raise InputError(f"{where}: {name} must be a number above {least}, got {value!r}")
     for name in ("n_experts", "n_active_experts"):

@@ -142,8 +142,8 @@ class Generation:
     prompt_tokens: list  # per row: the prompt's tokens that were prefilled
     ttft_s: float  # time to first token
     decode_s: float  # time for the remaining tokens
-    decode_steps: int  # forward passes after the prefill (each serves every row; speculating,
-    # the target's verifies)
+    # forward passes after the prefill (each serves every row; speculating, the target's verifies)
+    decode_steps: int
     # speculative: [n] = rounds in which the target kept n drafts
     accepted_lengths: Optional[list] = None
 
@@ -543,7 +543,8 @@ def load_weights(args, ckpt, config: ModelArgs, device: torch.device, batch_size
         weight_bytes = sum(t.nbytes for t in [*shard.parameters(), *shard.buffers()])
     check_cache_fits(config, batch_size, cache_length, args.dtype, device, draft, weight_bytes)
     t0 = time.perf_counter()
-    if dist.is_torchelastic_launched() or args.random_quantization:  # tp.load_model's
+    # tp.py builds these: a rank's part of the model, or a randomly quantized one
+    if dist.is_torchelastic_launched() or args.random_quantization:
         model = tp.load_model(args, device, args.dtype)
     elif args.random_weights:
         model = random_model(args.random_weights, device, args.dtype)
@@ -708,15 +709,17 @@ def interactive(args, tokenizer, generate_fn: Callable, max_seq: int, max_new: i
                 model_bytes: int, device: torch.device, vocab_size: int):
     """A conversation from the terminal until end of input. With --chat the chat template is
     rendered over every turn so far and the KV cache keeps what it already holds: only the new part
-    of the conversation is prefilled. When the conversation leaves too little room in the cache for
-    an answer (max_new tokens, or half the cache if less), its oldest turns are dropped; an answer
-    cut short by the cache's end says so. /clear starts over; Ctrl-C stops an answer. Without --chat
-    each line is a prompt of its own."""
+    of the conversation is prefilled (speculating, all of it, so that the draft's cache holds it
+    too). When the conversation leaves too little room in the cache for an answer (max_new tokens,
+    or half the cache if less), its oldest turns are dropped; an answer cut short by the cache's end
+    says so. /clear starts over; Ctrl-C stops an answer. Without --chat each line is a prompt of
+    its own."""
     if args.compile or args.compile_prefill:  # no answer's metrics count the compiling
         compiling_run(generate_fn, [[0]], min(max_new, 8))
-    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 then read as lone
-        sys.stdin.reconfigure(errors="surrogateescape")  # surrogates, a line at a time (a strict
-        # decoder's error would lose every line of the read they came in)
+    # Bytes that are not UTF-8 read as lone surrogates, a line at a time: a strict decoder's error
+    # would lose every line of the read they came in.
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
     messages, in_cache = [], []  # the conversation; the token ids the KV cache holds, in order
     kept_room = min(max_new, max_seq // 2)  # cache slots an answer keeps from a long conversation
     while True:

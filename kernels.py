@@ -1008,8 +1008,7 @@ INT4_MM_TILE = dict(BLOCK_N=64, num_warps=4, num_stages=3)
 # fastest of 7: 32 rows on 2 warps 2.19-2.20, 2 or 4 stages 2.17-2.27, K in parts of 512 or 2048
 # columns 2.17-2.19; on the untiled words, the fastest of 14, 16 to 128 rows, 1 to 8 warps, 2 to 6
 # stages, parts of 512 columns to the whole K); end to end +4.2 % from 64 rows on 4 warps to 32 on
-# 2, and +2.3 % from there. Swept again on the kernel as it is (13 forms, w13's stages among them):
-# still the fastest end to end on an H100 (BENCHMARKS.md). Not timed on an H200.
+# 2, and +2.3 % from there (BENCHMARKS.md: the sweeps, and 13 forms on the kernel as it is).
 INT4_ROW_TILE = dict(BLOCK_N=16, num_warps=1, num_stages=3)
 # A dense feed-forward's w13 with SwiGLU in its kernel (int4_swiglu_row) walks the whole K, twice
 # the chunks of the parts above, and keeps one more in flight: Llama-2-7B int4 g128 on an H100
@@ -1158,8 +1157,8 @@ PDL = True
 # The one-byte small matmul launches so from MM_FILL_ROWS rows, where one_byte_split splits K to
 # fill the GPU: its programs wait for x before any load and let no kernel launch early
 # (Llama-2-7B at 32 rows on an H100: int8 +2.2 to +2.6 %, fp8 +2.5 %). Fewer rows keep plain
-# launches: int8 at 8 and 16 rows ran 5 % slower so, 2 % with the first weight tile loaded before
-# the wait (BENCHMARKS.md). False: plain launches.
+# launches: there a dependent launch is slower (int8 at 8 and 16 rows: 5 %; BENCHMARKS.md). False:
+# plain launches.
 MM_PDL = True
 # A mixture's w2 GEMV launched so too, right after w13's (expert_gemv_partials). False: plainly.
 EXPERT_PDL = True

@@ -128,9 +128,9 @@ class Attention(nn.Module):
             q, k, v = part.view(B, T, -1).split([q_dim, kv_dim, kv_dim], dim=-1)
             q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, n_head, head_dim)
             k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+            v = v.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
             if self.qk_norm:
                 q, k = self.q_norm(q), self.k_norm(k)
-            v = v.view(B, T, self.n_kv_heads, self.head_dim)
             q, k = apply_rope(q, g.rope), apply_rope(k, g.rope)
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
             k, v = self.kv_cache.update(g.input_pos, k, v, g.row)  # (B, n_kv_heads, S, head_dim)
@@ -147,7 +147,7 @@ class Attention(nn.Module):
             y = y.transpose(1, 2)  # (B, T, n_head, head_dim)
             ys.append(y.reshape(B * T, q_dim))  # (B * T, n_head * head_dim)
         y = ys[0] if len(ys) == 1 else torch.cat(ys)  # (N, n_head * head_dim)
-        return self.wo(y.view(*x.shape[:-1], -1))
+        return self.wo(y.view(*x.shape[:-1], -1))  # (..., dim)
 
 
 def swiglu(gate_up: Tensor) -> Tensor:
@@ -182,8 +182,8 @@ class Experts(nn.Module):
         self.kernel = None  # kernels.expert_matmul, where kernels.prepare_for_device gives one
 
     def weights(self, idx, dtype) -> Tensor:
-        """The weights of experts idx (a tensor of expert ids, or ... for all) in dtype:
-        (*idx.shape, out_features, in_features)."""
+        """The weights of experts idx (an expert id, a tensor of ids, or ... for all) in dtype:
+        idx's shape, then (out_features, in_features)."""
         return self.weight[idx].to(dtype)
 
     def gathered(self, x: Tensor, experts: Tensor, swiglu_out: bool = False) -> Tensor:

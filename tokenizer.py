@@ -172,8 +172,8 @@ class Tokenizer(ABC):
         return "" if token_id is None else self.decode([token_id])
 
     def _builtin_chat(self, messages: list[dict]) -> list[int]:
-        raise InputError("this tokenizer has no chat template "
-                         "(no chat_template in tokenizer_config.json)")
+        raise InputError("this tokenizer has no chat template (no chat_template.jinja, nor "
+                         "chat_template in tokenizer_config.json)")
 
     @abstractmethod
     def _encode_special_text(self, text: str) -> list[int]:

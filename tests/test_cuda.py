@@ -263,6 +263,22 @@ def test_a_quantized_model_prepared_for_the_gpu_holds_only_16_byte_aligned_tenso
     assert [name for name, t in tensors.items() if t.data_ptr() % 16] == []
 
 
+@pytest.mark.parametrize("groupsize, padded", [(32, 320), (128, 384)])
+def test_int4_layer_packed_for_tinygemm_dequantizes_to_the_files_weights(groupsize, padded):
+    """dequantize(), the kernels' reference, read back from tinygemm's own packed copy once it
+    has replaced the file's tensors (the op times the identity) gives the file's weights bit for
+    bit: K of 300 padded to whole groups, N of 7 padded to 16 for the op."""
+    from kernels import Int4Linear
+    layer = Int4Linear(300, 7, False, groupsize=groupsize, padded_in_features=padded)
+    layer.weight.random_(0, 256)
+    layer.scales.uniform_(0.01, 0.1)
+    layer.zeros.uniform_(-0.1, 0.1)
+    before = layer.dequantize()  # (7, 300)
+    layer.cuda().use_kernel("cuda")
+    assert not hasattr(layer, "weight") and layer.packed.is_cuda
+    assert torch.equal(layer.dequantize().cpu(), before)
+
+
 @pytest.mark.parametrize("rows", [65, 160, 256])
 def test_one_byte_layer_compiled_past_the_small_matmul_rows_matches_eager(rows):
     """Past MAX_MM_ROWS the layer pads x to whole blocks of rows and drops the padding's results:

@@ -550,4 +550,5 @@ def test_chat_with_a_tokenizer_json_and_no_chat_template_is_one_error_line(hf_di
     with pytest.raises(InputError) as e:
         tok.encode_chat(CHATS[0])
     message = str(e.value)
-    assert "\n" not in message and "no chat template" in message and "tokenizer_config.json" in message, message
+    assert "\n" not in message and "no chat template" in message, message
+    assert "chat_template.jinja" in message and "tokenizer_config.json" in message, message
