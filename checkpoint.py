@@ -147,7 +147,9 @@ def read_checkpoint(path) -> Checkpoint:
     if path.is_file():
         if path.suffix not in WEIGHT_SUFFIXES:
             raise InputError(f"{path} is not a weights file (.safetensors or .pth): give the "
-                             "checkpoint's folder or its weights file")
+                             "checkpoint's folder or its weights file" + (
+                                 " (a GGUF file: convert it with scripts/convert_gguf.py)"
+                                 if path.suffix == ".gguf" else ""))
         weights = path
     elif path.is_dir() or path.name in WEIGHT_FILES and folder.is_dir():
         found = [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
@@ -682,7 +684,10 @@ def write_files(folder: Path, writers: dict, remove=()):
     it."""
     # folders made here (innermost first) go again if nothing is written into them
     created = [path for path in (folder, *folder.parents) if not path.exists()]
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # where the up-front check can't tell: a file system of no folders (/proc)
+        raise InputError(f"cannot create {folder}: {e.strerror}") from None
     finish_write(folder)  # an earlier writer's, killed between its renames
     remove_orphans(folder)
     for name in writers:  # a rename onto a folder would fail halfway through the set

@@ -699,8 +699,8 @@ def describe_speculation(m: dict) -> str:
         return "speculative decoding: no rounds (the first token ended the sample)"
     k = len(m["accepted_lengths"]) - 1
     histogram = ", ".join(f"{n}: {count}" for n, count in enumerate(m["accepted_lengths"]) if count)
-    others = " (others: none)" if 0 in m["accepted_lengths"] else ""
-    return (f"speculative decoding: {m['acceptance_rate']:.1%} of {k} drafts accepted, "
+    others = " (none kept any other number)" if 0 in m["accepted_lengths"] else ""
+    return (f"speculative decoding, {k} drafts a round: {m['acceptance_rate']:.1%} accepted, "
             f"{m['tokens_per_verify']:.2f} tokens per target forward, rounds by drafts kept "
             f"{{{histogram}}}{others}")
 

@@ -520,6 +520,12 @@ def test_a_file_of_the_checkpoint_that_is_not_its_weights_is_refused_as_such(tin
                  words=[name, "not a weights file"], capsys=capsys)
 
 
+def test_a_gguf_file_given_as_the_checkpoint_is_refused_with_the_converter_named(tiny, capsys):
+    (tiny / "model.gguf").write_bytes(b"GGUF")
+    refused_here("generate.py", "--checkpoint_path", tiny / "model.gguf", "--prompt", "hi", *GEN,
+                 words=["not a weights file", "scripts/convert_gguf.py"], capsys=capsys)
+
+
 def test_a_tokenizer_beyond_the_models_vocabulary_is_refused(tiny, capsys):
     from safetensors.torch import save_file
     edit_json(tiny / "config.json", vocab_size=100)  # SmolLM2's tokenizer gives ids up to 49151

@@ -14,6 +14,7 @@ import struct
 import subprocess
 import zipfile
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -353,6 +354,14 @@ def test_a_folder_where_a_file_of_the_set_goes_is_refused_before_anything_is_wri
         write_files(tmp_path, {"config.json": lambda p: p.write_text("{}"),
                                "tokenizer.json": lambda p: p.write_text("{}")})
     assert names(tmp_path) == ["tokenizer.json"]
+
+
+def test_a_folder_the_file_system_will_not_create_is_one_error_line():
+    """/proc takes no new folders, which neither os.access nor the walk up to an existing folder
+    can tell beforehand: mkdir's failure is the error line (root's or another user's)."""
+    folder = Path("/proc/gpt-blitz-no-such-folder/sub")
+    with pytest.raises(InputError, match=f"cannot create {folder}: "):
+        write_files(folder, {"config.json": lambda p: p.write_text("{}")})
 
 
 @pytest.mark.parametrize("error, number, words", [

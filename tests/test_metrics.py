@@ -174,8 +174,8 @@ def test_peak_memory_on_a_cpu_is_the_processs_peak_resident_set_in_gb():
 def test_speculations_line_gives_the_acceptance_and_the_rounds_by_drafts_kept():
     """The rounds of test_speculation_metrics_count_kept_drafts_and_the_tokens_the_rounds_gave; none kept 1."""
     line = generate.describe_speculation(generate.speculation_metrics([1, 0, 2, 1], 11))
-    assert line == ("speculative decoding: 58.3% of 3 drafts accepted, 2.75 tokens per target forward, rounds "
-                    "by drafts kept {0: 1, 2: 2, 3: 1} (others: none)")
+    assert line == ("speculative decoding, 3 drafts a round: 58.3% accepted, 2.75 tokens per target forward, "
+                    "rounds by drafts kept {0: 1, 2: 2, 3: 1} (none kept any other number)")
     no_rounds = generate.describe_speculation(generate.speculation_metrics([0, 0, 0, 0], 0))
     assert no_rounds == "speculative decoding: no rounds (the first token ended the sample)"
 
