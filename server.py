@@ -968,6 +968,18 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server, but a second Ctrl-C while the open answers finish ends the process at once,
+    with status 130 and the answers cut off. uvicorn's own forced quit would cancel their tasks,
+    each logging a traceback, and leave the scheduler's thread stepping as Python shuts down."""
+
+    def handle_exit(self, sig, frame):
+        if self.should_exit and sig == signal.SIGINT:  # as uvicorn tells a forced quit
+            print("stopped at once: the open answers are cut off", file=sys.stderr, flush=True)
+            os._exit(130)
+        super().handle_exit(sig, frame)
+
+
 def main(argv=None):
     args = parse_args(argv)
     distributed = dist.is_torchelastic_launched()  # under torchrun: split the model
@@ -1016,7 +1028,7 @@ def main(argv=None):
     host, port = listener.getsockname()[:2]
     print(f"serving {model_id} at http://{f'[{host}]' if ':' in host else host}:{port}/v1 (the "
           "chat page at /) once the warm-up ends", file=sys.stderr, flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[listener])
+    Server(uvicorn.Config(app, log_level="info")).run(sockets=[listener])
 
 
 if __name__ == "__main__":

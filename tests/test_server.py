@@ -776,6 +776,31 @@ def test_ctrl_c_finishes_open_answers_and_exits_cleanly(tiny_with_a_tokenizer, t
     assert "Traceback" not in (tmp_path / "server.log").read_text()
 
 
+def test_a_second_ctrl_c_while_answers_finish_cuts_them_off_and_exits_at_once(tmp_path):
+    """SIGTERM starts the graceful stop; Ctrl-C during it, as uvicorn's log invites, quits at once:
+    status 130, the open answer cut off, no traceback (uvicorn's own forced quit logged one for
+    each open answer, then the process aborted). SmolLM2's shape with random weights never ends
+    an answer early: 480 tokens take seconds on a CPU."""
+    log = tmp_path / "server.log"
+    with serve(log, "--random_weights", "SmolLM2-135M", "--max_seq_length", 512,
+               env=QUIET) as (url, proc):
+        stream = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0).completions.create(
+            model="SmolLM2-135M", prompt="a", max_tokens=480, stream=True)
+        chunks = iter(stream)
+        next(chunks)
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while "Waiting for connections to close" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+        with pytest.raises(openai.APIError):
+            list(chunks)
+    text = log.read_text()
+    assert "stopped at once: the open answers are cut off" in text and "Traceback" not in text, text
+
+
 @pytest.mark.slow
 def test_under_torchrun_two_processes_serve_the_greedy_answers_of_one(tiny_with_a_tokenizer,
                                                                        tmp_path):
