@@ -432,17 +432,19 @@ def main(argv=None):
     context, slack, draft = config.block_size, 0, None
     if speculative:
         context, slack, draft = speculation_limits(args, tokenizer, config)
+    whose = ("the draft model's" if draft is not None and draft.block_size < config.block_size
+             else "the model's")
     room = f"{context} tokens" + (f" ({context + slack} less {slack} for speculation's drafts)"
                                   if slack else "")
     if (args.prompt_tokens or 0) >= context:  # before drawing that many random ids
-        raise InputError(f"the prompt has {args.prompt_tokens} tokens but the model's context is "
+        raise InputError(f"the prompt has {args.prompt_tokens} tokens but {whose} context is "
                          f"{room}")
     prompts = [[0]] if args.interactive else encode_prompts(args, tokenizer, config.vocab_size)
     if args.interactive and args.chat:  # no chat template: refused now rather than at every turn
         tokenizer.encode_chat([{"role": "user", "content": DEFAULT_PROMPT}])
     longest = max(len(p) for p in prompts)
     if longest >= context:
-        raise InputError(f"the prompt has {longest} tokens but the model's context is {room}")
+        raise InputError(f"the prompt has {longest} tokens but {whose} context is {room}")
     if args.interactive:
         # Interactive prompts are unknown up front: size the cache for a generous conversation
         # turn, not for the whole context (131k positions for Llama-3.1 would cost gigabytes, and
@@ -478,7 +480,7 @@ def main(argv=None):
     if max_new < args.max_new_tokens:  # here, after every refusal: bad input prints one line
         print(f"note: answers of at most {max_new} tokens, all that fit the {max_seq}-token cache"
               if args.interactive else
-              f"note: generating {max_new} tokens, all that fit the model's context of {room}",
+              f"note: generating {max_new} tokens, all that fit {whose} context of {room}",
               file=sys.stderr)
     if args.interactive:
         return interactive(args, tokenizer, generate_fn, max_seq, max_new, model_bytes, device,

@@ -462,8 +462,11 @@ def test_a_draft_with_a_shorter_context_than_the_targets_limits_the_generation(s
                    "--speculate_k", "3", "--prompt_tokens", "4", "--max_new_tokens", "100", "--temperature", "0",
                    "--device", "cpu", "--json", str(metrics)])
     assert json.loads(metrics.read_text())["samples"][0]["new_tokens"] == [10]
-    assert ("note: generating 10 tokens, all that fit the model's context of 14 tokens (16 less 2 for "
-            "speculation's drafts)") in capsys.readouterr().err
+    assert ("note: generating 10 tokens, all that fit the draft model's context of 14 tokens (16 less 2 "
+            "for speculation's drafts)") in capsys.readouterr().err
+    with pytest.raises(InputError, match=r"the prompt has 14 tokens but the draft model's context is 14 tokens"):
+        generate_main(["--checkpoint_path", str(smollm2_checkpoint), "--draft_checkpoint_path", str(draft),
+                       "--speculate_k", "3", "--prompt_tokens", "14", "--device", "cpu"])
 
 
 @pytest.mark.slow
