@@ -778,9 +778,9 @@ def test_ctrl_c_finishes_open_answers_and_exits_cleanly(tiny_with_a_tokenizer, t
 
 def test_a_second_ctrl_c_while_answers_finish_cuts_them_off_and_exits_at_once(tmp_path):
     """SIGTERM starts the graceful stop; Ctrl-C during it, as uvicorn's log invites, quits at once:
-    status 130, the open answer cut off, no traceback (uvicorn's own forced quit logged one for
-    each open answer, then the process aborted). SmolLM2's shape with random weights never ends
-    an answer early: 480 tokens take seconds on a CPU."""
+    status 130, the open answer cut off, no traceback (uvicorn's own forced quit logs one for each
+    open answer, and the process then aborts). SmolLM2's shape with random weights never ends an
+    answer early: 480 tokens take seconds on a CPU."""
     log = tmp_path / "server.log"
     with serve(log, "--random_weights", "SmolLM2-135M", "--max_seq_length", 512,
                env=QUIET) as (url, proc):
