@@ -141,7 +141,8 @@ class Attention(nn.Module):
                                       g.row, g.input_pos[0])  # (T, n_head, head_dim)
                 ys.append(y.reshape(T, q_dim))
                 continue
-            # enable_gqa: each group of query heads reads its shared kv head without copying.
+            # enable_gqa: query head h reads kv head h // (n_head // n_kv_heads), without copying
+            # (repeat_interleave over dim 1 would copy k and v into that order).
             gqa = self.n_head != self.n_kv_heads
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, enable_gqa=gqa)
             y = y.transpose(1, 2)  # (B, T, n_head, head_dim)
@@ -351,10 +352,12 @@ class Transformer(nn.Module):
 
 
 def attention_mask(input_pos: Tensor, n_slots: int, dtype) -> Tensor:
-    """Which cache slots a query sees: an additive mask (B, 1, T, S) in the activations' dtype,
-    made once per forward rather than converted in every layer. Causal per row: the query at slot
-    input_pos[b, t] sees that row's slots 0..input_pos[b, t]. The attention kernels of CUDA
-    steps (kernels.decode_attention, kernels.chunk_attention_op) apply the same rule themselves."""
+    """Which cache slots a query sees: an additive mask (B, 1, T, S) in the activations' dtype, 0
+    where it sees the slot and -inf where not (the 1 broadcasts over heads), made once per forward
+    rather than converted in every layer. Causal per row: the query at slot input_pos[b, t] sees
+    that row's slots 0..input_pos[b, t], its own among them, so no row of the softmax is all -inf.
+    The attention kernels of CUDA steps (kernels.decode_attention, kernels.chunk_attention_op)
+    apply the same rule themselves."""
     slots = torch.arange(n_slots, device=input_pos.device)  # (S,)
     allowed = slots <= input_pos[:, :, None]  # (B, T, S)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)

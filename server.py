@@ -107,15 +107,16 @@ class RowSettings(NamedTuple):
 FREE_ROW = RowSettings()
 
 
-def settings_dtype(value) -> torch.dtype:
-    """The dtype of a RowSettings field's tensor, from its value in FREE_ROW."""
-    return torch.long if isinstance(value, int) else torch.float32
+def settings_dtype(field: str) -> torch.dtype:
+    """The dtype of a RowSettings field's tensor, from the field's type (a float field whose
+    default is written 0 stays float32)."""
+    return torch.long if RowSettings.__annotations__[field] is int else torch.float32
 
 
 # The fields of each dtype, by index: a job's are copied to the device, and a step's broadcast to
 # torchrun's ranks, one tensor a dtype.
-FIELDS_BY_DTYPE = {dtype: [i for i, v in enumerate(FREE_ROW) if settings_dtype(v) == dtype]
-                   for dtype in (torch.long, torch.float32)}
+FIELDS_BY_DTYPE = {dtype: [i for i, f in enumerate(RowSettings._fields)
+                           if settings_dtype(f) == dtype] for dtype in (torch.long, torch.float32)}
 
 
 def sample_rows(logits: Tensor, position: Tensor, settings: RowSettings) -> Tensor:
@@ -196,8 +197,8 @@ class Scheduler:
         self.changed = threading.Condition()  # guards waiting and stopping
         self.stopping = False
         # Each row's sampling settings, written when a job takes the row.
-        self.settings = RowSettings(*(torch.full((B,), v, dtype=settings_dtype(v), device=device)
-                                      for v in FREE_ROW))
+        self.settings = RowSettings(*(torch.full((B,), v, dtype=settings_dtype(f), device=device)
+                                      for f, v in zip(RowSettings._fields, FREE_ROW)))
         # Each row's last sampled token, the next decode step's input: it stays on the device.
         self.next_token = torch.zeros(B, 1, dtype=torch.long, device=device)
         self.in_flight = None  # the decode step whose tokens are not yet emitted (see step)

@@ -551,6 +551,7 @@ def test_a_tied_checkpoint_may_also_store_its_output_layer():
 def test_a_tied_checkpoint_is_saved_with_its_output_layer_stored_once_as_the_embedding(tmp_path):
     args = ModelArgs(**{**CONFIG, "tie_embeddings": True})
     model = Transformer(args)
+    assert model.output.weight is model.tok_embeddings.weight  # tied as built, before any load
     checkpoint.save_checkpoint(tmp_path / "ckpt", args, model.state_dict())
     stored = read_weights(tmp_path / "ckpt" / "model.safetensors")
     assert sorted(stored) == sorted(name for name in model.state_dict() if name != "output.weight")

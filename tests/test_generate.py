@@ -338,10 +338,10 @@ def test_the_memory_check_counts_every_rows_kv_cache_and_random_weights_with_it(
 def test_the_memory_check_counts_the_slots_the_cache_will_have(monkeypatch):
     """Rounded up to a multiple of 8 as setup_caches rounds them, but no more than block_size."""
     config, cpu = ModelArgs(**{**TINY, "block_size": 60}), torch.device("cpu")
-    monkeypatch.setattr(G, "host_memory_available", lambda: kv_bytes(config, 1, 16))
+    monkeypatch.setattr(G, "host_memory_available", lambda: kv_bytes(config, 1, 20))
     G.check_cache_fits(config, 1, 9, torch.float32, cpu)  # 16 slots
     with pytest.raises(InputError, match="KV cache for 1 row of 17 tokens"):
-        G.check_cache_fits(config, 1, 17, torch.float32, cpu)  # 24 slots
+        G.check_cache_fits(config, 1, 17, torch.float32, cpu)  # 24 slots: 17 would fit
     monkeypatch.setattr(G, "host_memory_available", lambda: kv_bytes(config, 1, 60))
     G.check_cache_fits(config, 1, 59, torch.float32, cpu)  # 60 slots, not 64
 

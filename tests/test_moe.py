@@ -3,13 +3,14 @@ test_hf_parity.py, decoding and batching in test_generate.py): its forms agree, 
 graph, speculative decoding and eval.py take it unchanged, and the named configs have their
 published sizes."""
 import copy
+from dataclasses import asdict
 
 import pytest
 import torch
 
 from generate import (DraftModel, Sampling, generate, speculative_generate,
                       unchosen_expert_bytes)
-from checkpoint import CONFIGS
+from checkpoint import CONFIGS, parse_config
 from model import ModelArgs, MoEFeedForward, Transformer, route
 
 TINY = dict(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=97, intermediate_size=48,
@@ -227,6 +228,15 @@ def test_named_configs_have_their_published_sizes(name):
     published_total, published_active = PUBLISHED[name]
     assert abs(total / published_total - 1) < 0.02, f"{total / 1e9:.2f}B parameters"
     assert abs(active / published_active - 1) < 0.05, f"{active / 1e9:.2f}B active"
+
+
+@pytest.mark.parametrize("name", ["Mixtral-8x7B", "Mixtral-8x22B", "Qwen3-30B-A3B", "Qwen3-235B-A22B"])
+def test_named_mixtures_renormalize_the_chosen_experts_weights_as_the_published_models_do(name):
+    """Mixtral's router always does; Qwen3-MoE's config.json files say norm_topk_prob true. A named
+    config sets no field for it: the default (and a config.json without the field) must."""
+    assert ModelArgs(**CONFIGS[name]).norm_topk_prob is True
+    fields = {k: v for k, v in asdict(ModelArgs(**CONFIGS[name])).items() if k != "norm_topk_prob"}
+    assert parse_config(fields, "config.json").norm_topk_prob is True
 
 
 def test_a_decode_step_reads_the_chosen_experts_only_and_a_prompt_each_expert_once(monkeypatch):

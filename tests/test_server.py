@@ -26,7 +26,8 @@ from conftest import QUIET, ROOT, as_run, assert_one_error_line, main_error, run
 from generate import Sampling, generate
 import server as server_module
 from model import ModelArgs, Transformer
-from server import Job, RowSettings, Scheduler, decode_rows, held_back, parse_args, sample_rows
+from server import (FREE_ROW, Job, RowSettings, Scheduler, decode_rows, held_back, parse_args,
+                    sample_rows, settings_dtype)
 from stepped_server import StepGate, never_ending, stepped_server, tiny_model, wait_until
 from tokenizer import load_tokenizer
 
@@ -203,6 +204,27 @@ def error_of(response: httpx.Response, status: int) -> dict:
     return error
 
 
+def rows_settings(n: int, **columns) -> RowSettings:
+    """The settings of n rows: the columns given (tensors (n,)), a free row's value in the others,
+    so that these tests keep running when RowSettings gains a field."""
+    return RowSettings(*(columns.get(f, torch.full((n,), v, dtype=settings_dtype(f)))
+                         for f, v in zip(RowSettings._fields, FREE_ROW)))
+
+
+def test_a_settings_column_takes_its_dtype_from_the_fields_type_not_its_default(monkeypatch):
+    """A forker's new float option whose default is written 0 (an int) must still be a float32
+    column: an int64 one would store every request's 0.1 as 0 and quietly turn the option off."""
+    from typing import NamedTuple
+
+    class Settings(NamedTuple):
+        temperature: float = 0.0
+        top_k: int = 1024
+        min_p: float = 0
+
+    monkeypatch.setattr(server_module, "RowSettings", Settings)
+    assert [settings_dtype(f) for f in Settings._fields] == [torch.float32, torch.long, torch.float32]
+
+
 def settings_distribution(logits: torch.Tensor, temperature: float, top_k: int,
                           top_p: float) -> torch.Tensor:
     """What a row with these settings draws from, computed the plain way: softmax(logits /
@@ -236,8 +258,8 @@ def test_each_sampled_row_draws_from_its_own_temperature_top_k_and_nucleus():
     logits = torch.stack([base[torch.randperm(V, generator=generator)] for _ in settings])  # (R, V)
     temperature, top_k, top_p = (torch.tensor(column).repeat(N) for column in zip(*settings))
     tokens = sample_rows(logits.repeat(N, 1), position=torch.arange(N).repeat_interleave(R),
-                         settings=RowSettings(temperature=temperature, top_k=top_k, top_p=top_p,
-                                              seed=torch.arange(1000, 1000 + R).repeat(N)))  # row i: request i % R
+                         settings=rows_settings(R * N, temperature=temperature, top_k=top_k, top_p=top_p,
+                                                seed=torch.arange(1000, 1000 + R).repeat(N)))  # row i: request i % R
     drawn = tokens.view(N, R).T  # (R, N)
     for r, (t, k, p) in enumerate(settings):
         if t == 0:
@@ -258,9 +280,8 @@ def test_a_nucleus_that_reaches_top_p_exactly_takes_no_more_tokens():
     N = 2000
     logits = torch.log(torch.tensor([[0.5, 0.25, 0.25]])).repeat(N, 1)
     for top_p, drawn in ((0.5, {0}), (0.75, {0, 1})):
-        tokens = sample_rows(logits, position=torch.arange(N), settings=RowSettings(
-            temperature=torch.ones(N), top_k=torch.full((N,), 3), top_p=torch.full((N,), top_p),
-            seed=torch.zeros(N, dtype=torch.long)))
+        tokens = sample_rows(logits, position=torch.arange(N), settings=rows_settings(
+            N, temperature=torch.ones(N), top_k=torch.full((N,), 3), top_p=torch.full((N,), top_p)))
         assert set(tokens.view(-1).tolist()) == drawn, top_p
 
 
@@ -272,8 +293,9 @@ def test_a_token_the_filters_drop_is_never_drawn_at_the_hashs_extremes():
     logits = torch.zeros(1, V)
     logits[0, 7], logits[0, 20304] = 10.0, 5.0
     for top_k, top_p in ((1, 1.0), (V, 0.5)):
-        token = sample_rows(logits, torch.tensor([159]), RowSettings(
-            torch.ones(1), torch.tensor([top_k]), torch.tensor([top_p]), torch.tensor([4565951])))
+        token = sample_rows(logits, torch.tensor([159]), rows_settings(
+            1, temperature=torch.ones(1), top_k=torch.tensor([top_k]), top_p=torch.tensor([top_p]),
+            seed=torch.tensor([4565951])))
         assert token.item() == 7, (top_k, top_p)
 
 
@@ -282,8 +304,9 @@ def test_seeds_that_differ_only_in_their_high_bits_or_sign_draw_apart():
     N, V = 64, 1000
     seeds = torch.tensor([5, 5 + 2**32, 5 - 2**32, -1, 2**32 - 1, 2**63 - 1])
     logits = torch.zeros(N, V)  # uniform: each draw is the hash's alone
-    draws = [sample_rows(logits, torch.arange(N), RowSettings(
-        torch.ones(N), torch.full((N,), V), torch.ones(N), seed.repeat(N))).view(-1).tolist() for seed in seeds]
+    draws = [sample_rows(logits, torch.arange(N), rows_settings(
+        N, temperature=torch.ones(N), top_k=torch.full((N,), V), seed=seed.repeat(N))).view(-1).tolist()
+        for seed in seeds]
     assert len({tuple(d) for d in draws}) == len(seeds)
 
 
@@ -292,8 +315,8 @@ def test_a_tiny_temperature_samples_each_rows_argmax_not_noise():
     torch.manual_seed(0)
     logits = torch.randn(3, 5000) * 5
     temperature = torch.tensor([1e-40, 1e-38, 0])
-    tokens = sample_rows(logits, position=torch.arange(3), settings=RowSettings(
-        temperature=temperature, top_k=torch.full((3,), 5000), top_p=torch.ones(3), seed=torch.arange(3)))  # (3, 1)
+    tokens = sample_rows(logits, position=torch.arange(3), settings=rows_settings(
+        3, temperature=temperature, top_k=torch.full((3,), 5000), seed=torch.arange(3)))  # (3, 1)
     assert torch.equal(tokens, logits.argmax(-1, keepdim=True))
 
 
@@ -845,8 +868,8 @@ def test_torchrun_ranks_step_with_every_rows_settings_as_rank_0_sent_them(monkey
     from types import SimpleNamespace
     sent = []
     monkeypatch.setattr(server_module.dist, "broadcast", lambda t, src: sent.append(t.clone()))
-    settings = RowSettings(temperature=torch.tensor([0.5, 1.5]), top_k=torch.tensor([3, 7]),
-                           top_p=torch.tensor([0.9, 1.0]), seed=torch.tensor([11, -2**62]))
+    settings = rows_settings(2, temperature=torch.tensor([0.5, 1.5]), top_k=torch.tensor([3, 7]),
+                             top_p=torch.tensor([0.9, 1.0]), seed=torch.tensor([11, -2**62]))
     idx, input_pos = torch.tensor([[4], [5]]), torch.tensor([[9], [12]])
     server_module.send_step(idx, input_pos, settings, chunk)
     server_module.send_step(idx[:0], input_pos[:0], server_module.FREE_ROW, None)  # the end
@@ -883,7 +906,7 @@ def run_jobs(scheduler, jobs: list, arrivals: list):
 
 
 def greedy_job(prompt: list, max_tokens: int) -> Job:
-    job = Job(prompt, max_tokens, RowSettings(temperature=0.0, top_k=1024, top_p=1.0, seed=0), emit=None)
+    job = Job(prompt, max_tokens, FREE_ROW, emit=None)
     job.tokens, job.ended, job.finish_reason = [], False, None
 
     def emit(item):
@@ -1063,7 +1086,8 @@ def test_each_request_samples_with_its_own_settings_whatever_shares_its_step():
     """A greedy request and two seeded sampled ones, each of its own temperature, top_k and top_p, decoding in the
     rows of one step: each draws the tokens it draws alone, the sampled ones other than the greedy tokens."""
     model, alone = model_and_alone(rows=3)
-    settings = [RowSettings(0.0, 1024, 1.0, 0), RowSettings(1.0, 1024, 1.0, 3), RowSettings(0.8, 5, 0.9, 4)]
+    settings = [FREE_ROW, FREE_ROW._replace(temperature=1.0, seed=3),
+                FREE_ROW._replace(temperature=0.8, top_k=5, top_p=0.9, seed=4)]
 
     def jobs() -> list:
         made = [greedy_job(prompt, 8) for prompt in ([5, 6], [7, 8, 9], [10])]

@@ -435,6 +435,22 @@ def test_a_gpu_rank_needs_room_for_its_share_of_the_kv_cache_only(monkeypatch):
     generate.check_cache_fits(args, 1, 64, torch.bfloat16, gpu)  # two: half of it on each GPU
 
 
+def test_every_process_on_a_cpu_counts_its_own_whole_draft_cache(monkeypatch):
+    """A draft model is whole in each process: on a GPU each rank's own memory holds one, where
+    processes on a CPU share one memory, which must hold every process's draft cache."""
+    import generate
+    import tp
+    args = ModelArgs(dim=64, n_layer=2, n_head=4, n_kv_heads=2, vocab_size=32, intermediate_size=64)
+    cache = 2 * 2 * 1 * 2 * 64 * 16 * 2  # K and V, layers, rows, KV heads, slots, head_dim, bf16 bytes
+    monkeypatch.setattr(generate.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(generate.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(generate, "host_memory_available", lambda: 2 * cache)  # the model's and one draft's
+    with pytest.raises(tp.AlikeOnEveryRank, match="the draft model's included"):
+        generate.check_cache_fits(args, 1, 64, torch.bfloat16, torch.device("cpu"), draft=args)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (cache // 2 + cache, 0))
+    generate.check_cache_fits(args, 1, 64, torch.bfloat16, torch.device("cuda", 0), draft=args)
+
+
 @pytest.mark.slow
 def test_input_every_rank_checks_alike_is_refused_in_one_line_under_torchrun(torchrun_jobs):
     r = torchrun_jobs[1]["prompt past the context, 2 processes"].wait()
