@@ -514,6 +514,9 @@ def test_quantized_weights_must_come_in_their_own_integer_dtype_and_float_ones_i
             check_tensors(shapes, model, "model.pth", {**dtypes, name: dtype})
 
 
+# One layer of Llama-2-7B's: a vocabulary of 10**9 tokens keeps it under MAX_PARAMETERS (its
+# embedding and output layer 8.2e12 parameters), one of 2 * 10**9 does not.
+BIG_VOCABULARY = {"dim": 4096, "n_layer": 1, "n_head": 32, "intermediate_size": 11008, "block_size": 2048}
 LLAMA3_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
 
 
@@ -532,9 +535,11 @@ LLAMA3_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, ori
     ({"n_experts": 4, "n_active_experts": 5}, "n_active_experts 5 must be between 1 and n_experts 4"),
     ({"n_layer": checkpoint.MAX_LAYERS + 1}, f"n_layer {checkpoint.MAX_LAYERS + 1} is beyond any model"),
     ({"block_size": checkpoint.MAX_BLOCK_SIZE + 1}, f"block_size {checkpoint.MAX_BLOCK_SIZE + 1}: beyond any model"),
+    ({**BIG_VOCABULARY, "vocab_size": 2 * 10**9}, "1.64e\\+13 parameters and block_size 2048: beyond any model"),
 ], ids=["odd-head_dim", "heads-beyond-dim", "heads", "rope-high-equals-low", "norm_eps-0", "rope_base-0",
         "rope_base-tiny", "rope_base-beyond-int64", "norm_eps-nan", "rope-factor-beyond-float", "block_size-0",
-        "more-active-than-experts", "n_layer-beyond-the-limit", "block_size-beyond-the-limit"])
+        "more-active-than-experts", "n_layer-beyond-the-limit", "block_size-beyond-the-limit",
+        "embedding-and-output-beyond-the-parameter-limit"])
 def test_configs_no_model_can_run_are_refused_in_one_sentence(fields, words):
     with pytest.raises(InputError, match=f"^config.json: .*{words}"):
         parse_config({**CONFIG, **fields}, "config.json")
@@ -561,9 +566,10 @@ def test_a_tied_checkpoint_is_saved_with_its_output_layer_stored_once_as_the_emb
 
 def test_configs_at_the_limits_are_accepted():
     """Every expert active (a dense mixture), one head of two columns, Llama-3.1's scaling, as many
-    layers as any model may have."""
+    layers as any model may have, a vocabulary of a billion tokens."""
     for fields in ({"n_experts": 4, "n_active_experts": 4}, {"n_head": 1, "dim": 2, "head_dim": 2},
-                   {"rope_scaling": LLAMA3_SCALING}, {"n_layer": checkpoint.MAX_LAYERS}):
+                   {"rope_scaling": LLAMA3_SCALING}, {"n_layer": checkpoint.MAX_LAYERS},
+                   {**BIG_VOCABULARY, "vocab_size": 10**9}):
         args = parse_config({**CONFIG, **fields}, "config.json")
         assert all(getattr(args, name) == value for name, value in fields.items())
 

@@ -357,6 +357,15 @@ def test_a_chat_prompt_is_the_users_turn_in_the_template(tmp_path):
     assert G.encode_prompts(args, load_tokenizer(tmp_path), TINY["vocab_size"]) == [[7, 1, 2, 9]] * 2
 
 
+def test_a_prompt_of_no_tokens_is_refused_in_one_sentence(tmp_path):
+    from argparse import Namespace
+    from tokenizer import load_tokenizer
+    word_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    args = Namespace(prompt=[""], prompt_tokens=None, batch_size=1, chat=False)
+    with pytest.raises(InputError, match="^prompt '' has no tokens"):
+        G.encode_prompts(args, load_tokenizer(tmp_path), TINY["vocab_size"])
+
+
 def test_a_checkpoint_and_random_weights_together_are_refused(tmp_path):
     with pytest.raises(InputError, match="exactly one of --checkpoint_path and --random_weights"):
         G.parse_args(["--checkpoint_path", str(tmp_path), "--random_weights", "stories15M", "--device", "cpu"])

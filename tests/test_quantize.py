@@ -213,15 +213,39 @@ def test_int4_rounds_against_the_stored_bfloat16_scale_and_zero():
     assert q.min() == 0 and q.max() == 15  # min and max of each group land on the end levels
 
 
-@pytest.mark.parametrize("offset", [1.0, -3.0, 100.0, 0.5, -0.5])
-def test_int4_keeps_a_group_far_from_zero_for_its_width_within_half_a_step(offset):
-    """A group of width 0.01 around 1, -3, 100, 0.5 or -0.5: zero's bfloat16 rounding is larger than
-    the step, and the levels must still reach both ends of the group."""
-    w = offset + torch.linspace(0, 0.01, 32).repeat(2, 1)  # (2, 32)
+@pytest.mark.parametrize("offset, width", [(1.0, 0.01), (-3.0, 0.01), (100.0, 0.01), (0.5, 0.01),
+                                           (-0.5, 0.01), (100.0, 0.001), (-100.0, 0.05), (1000.0, 0.05)])
+def test_int4_keeps_a_group_far_from_zero_for_its_width_within_half_a_step(offset, width):
+    """A group narrow for its distance from 0: zero's bfloat16 rounding is larger than the step, and
+    the levels must still reach both ends of the group, each weight within half a step of its level
+    (the step wide enough for that, and no wider than it must be: measured in float64, which float32
+    weights of these sizes need)."""
+    w = offset + torch.linspace(0, width, 32).repeat(2, 1)  # (2, 32)
     t = Q.quantize_int4(w, 32)
-    s, z = t["scales"].float()[:, None], t["zeros"].float()[:, None]  # (2, 1)
-    dequantized = (kernels.unpack_int4(t["weight"]).float() - 8) * s + z
-    assert ((dequantized - w).abs() / s).max() <= 0.5 + 1e-2
+    s, z = t["scales"].double(), t["zeros"].double()  # (2, 1)
+    dequantized = (kernels.unpack_int4(t["weight"]).double() - 8) * s + z  # (2, 32)
+    assert ((dequantized - w.double()).abs() / s).max() <= 0.5
+
+
+def test_int8_scales_each_row_by_its_largest_weight_over_127_and_an_all_zero_row_by_1():
+    """Every row's largest weight takes level 127 (or -127): all 255 levels in use. A row of zeros
+    has nothing to scale: scale 1 and zeros, never a division by 0."""
+    w = torch.randn(64, 256, dtype=torch.bfloat16)
+    w[5] = 0
+    t = Q.quantize_int8(w)
+    assert torch.equal(t["scales"], torch.where(w.float().abs().amax(1) > 0,
+                                                w.float().abs().amax(1) / 127, 1.0).to(torch.bfloat16))
+    levels = t["weight"].abs().amax(1)
+    assert (levels[torch.arange(64) != 5] == 127).all() and levels[5] == 0 and t["scales"][5] == 1
+
+
+def test_int4_a_constant_group_keeps_a_positive_scale_and_dequantizes_to_its_value():
+    w = torch.tensor([[0.0] * 32 + [1.5] * 32])  # (1, 64): two constant groups
+    t = Q.quantize_int4(w, 32)
+    assert (t["scales"] > 0).all()
+    dequantized = (kernels.unpack_int4(t["weight"]).float() - 8) * t["scales"].float().repeat_interleave(32, 1) \
+        + t["zeros"].float().repeat_interleave(32, 1)
+    assert torch.equal(dequantized, w)
 
 
 # torch._scaled_mm on the CPU takes per-row scales from torch 2.13 on (per-tensor ones only

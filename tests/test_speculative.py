@@ -126,6 +126,18 @@ def test_accept_drafts_keeps_the_agreeing_prefix_then_takes_the_targets_token():
         assert n.item() == 0 and new[0].item() != 3
 
 
+def test_a_rejection_with_nothing_left_over_draws_from_the_target(monkeypatch):
+    """A target equal to the draft but for rounding (no token more likely under it) rarely rejects a
+    draft; when it does, max(0, p - q) is all zeros, and the token comes from the target itself,
+    never one the target rules out. The uniform draws are pinned at their largest value, so the draft
+    is rejected and the race's noise is the same for every token."""
+    monkeypatch.setattr(torch, "rand_like", lambda t: torch.full_like(t, 1 - 2**-24))
+    draft = torch.tensor([[0.0, 0.0, 1.0]])  # the draft was sure of token 2
+    target = torch.tensor([[0.0, 0.0, 1.0 - 2**-20], [0.0, 1.0, 0.0]])
+    n, new = accept_drafts(torch.tensor([2]), draft, target)
+    assert n.item() == 0 and new[0].item() == 2
+
+
 @pytest.mark.parametrize("sampling", [GREEDY, RANDOM], ids=["greedy", "temperature-1"])
 def test_a_draft_identical_to_the_target_is_always_accepted(sampling):
     """p = q at every position only if the draft's cache holds exactly the target's tokens: also after the rounds
