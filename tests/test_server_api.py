@@ -170,6 +170,15 @@ def test_a_stop_string_at_the_very_start_of_the_answer_leaves_it_empty(scripted,
     assert (text, reason) == ("", "stop")
 
 
+@pytest.mark.parametrize("stop", [["c", "bc"], ["bc", "c"]], ids=["shorter-first", "longer-first"])
+def test_of_two_stop_strings_the_one_that_begins_first_cuts_the_answer(scripted, stop):
+    """In "abc...", "bc" begins before "c" ends: the answer stops before "bc", whatever the order
+    the request lists them in."""
+    http, _ = scripted
+    answer = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 8, "stop": stop}).json()
+    assert (answer["choices"][0]["text"], answer["choices"][0]["finish_reason"]) == ("a", "stop")
+
+
 def test_usage_counts_the_tokens_generated_not_the_finish(scripted):
     http, _ = scripted
     stopped = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 8, "stop": "STOP"}

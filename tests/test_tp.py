@@ -89,12 +89,15 @@ def test_each_rank_gets_a_share_of_the_heads_kv_heads_and_ffn_width():
     assert (part.dim, part.head_dim, part.vocab_size) == (args.dim, args.head_dim, args.vocab_size)
 
 
-def test_heads_that_do_not_divide_are_refused_with_the_process_counts_that_fit():
+def test_heads_or_an_ffn_width_that_do_not_divide_are_refused_with_the_process_counts_that_fit():
     import tp
     smollm2 = ModelArgs(**NAMED_CONFIGS["SmolLM2-135M"])  # 9 heads, 3 KV heads
     with pytest.raises(InputError,
                        match=r"attention heads \(9\), KV heads \(3\).* splits over 1, 3 processes"):
         tp.shard_args(smollm2, 2)
+    odd_ffn = ModelArgs(dim=64, n_layer=1, n_head=4, n_kv_heads=2, vocab_size=32, intermediate_size=129)
+    with pytest.raises(InputError, match=r"FFN width \(129\) to divide by 2; this model splits over 1 processes"):
+        tp.shard_args(odd_ffn, 2)
 
 
 def test_the_ranks_parts_put_together_are_the_checkpoint(tiny_checkpoints):
