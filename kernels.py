@@ -212,9 +212,10 @@ if triton is not None:
                 up_words = weight_words(w_ptr, up_start, first + c0, last, row_ok, BLOCK_WORDS)
             if X16 is not None:
                 # x's words as a tile shaped like the weights' (each column repeated down the
-                # rows; the cache serves the repeats): loaded as rows, x would reach the weights'
-                # layout through shared memory, two barriers a load (int8: 5-10 % slower a
-                # pass; float experts keep the row load, which is faster for them: BENCHMARKS.md).
+                # rows; in the int8 tile's SASS for sm_90 a thread loads each of its words once,
+                # the repeats merged): loaded as rows, x would reach the weights' layout through
+                # shared memory, two barriers a load (int8: 5-10 % slower a pass; float experts
+                # keep the row load, which is faster for them: BENCHMARKS.md).
                 x_words = tl.load(x_row + c[None, :], mask=ok, other=0)  # (BLOCK_N, BLOCK_WORDS)
             ws = word_weights(words, PER_WORD, FP8, PTX)  # PER_WORD x (BLOCK_N, BLOCK_WORDS)
             up_ws = word_weights(up_words, PER_WORD, FP8, PTX) if SWIGLU else ws
