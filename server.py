@@ -113,6 +113,12 @@ def settings_dtype(field: str) -> torch.dtype:
     return torch.long if RowSettings.__annotations__[field] is int else torch.float32
 
 
+def free_rows(n: int, device=None) -> RowSettings:
+    """The settings of n free rows: each field a tensor (n,) of FREE_ROW's value, in its dtype."""
+    return RowSettings(*(torch.full((n,), v, dtype=settings_dtype(f), device=device)
+                         for f, v in zip(RowSettings._fields, FREE_ROW)))
+
+
 # The fields of each dtype, by index: a job's are copied to the device, and a step's broadcast to
 # torchrun's ranks, one tensor a dtype.
 FIELDS_BY_DTYPE = {dtype: [i for i, f in enumerate(RowSettings._fields)
@@ -197,8 +203,7 @@ class Scheduler:
         self.changed = threading.Condition()  # guards waiting and stopping
         self.stopping = False
         # Each row's sampling settings, written when a job takes the row.
-        self.settings = RowSettings(*(torch.full((B,), v, dtype=settings_dtype(f), device=device)
-                                      for f, v in zip(RowSettings._fields, FREE_ROW)))
+        self.settings = free_rows(B, device)
         # Each row's last sampled token, the next decode step's input: it stays on the device.
         self.next_token = torch.zeros(B, 1, dtype=torch.long, device=device)
         self.in_flight = None  # the decode step whose tokens are not yet emitted (see step)

@@ -207,8 +207,7 @@ def error_of(response: httpx.Response, status: int) -> dict:
 def rows_settings(n: int, **columns) -> RowSettings:
     """The settings of n rows: the columns given (tensors (n,)), a free row's value in the others,
     so that these tests keep running when RowSettings gains a field."""
-    return RowSettings(*(columns.get(f, torch.full((n,), v, dtype=settings_dtype(f)))
-                         for f, v in zip(RowSettings._fields, FREE_ROW)))
+    return server_module.free_rows(n)._replace(**columns)
 
 
 def test_a_settings_column_takes_its_dtype_from_the_fields_type_not_its_default(monkeypatch):
